@@ -1,0 +1,1 @@
+"""Shared plumbing: the `ansimi` command, the asyncio MQTT session, config, systemd notify."""

@@ -1,0 +1,3 @@
+from ansimi.cli import main
+
+main()

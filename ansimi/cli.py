@@ -1,0 +1,62 @@
+"""`ansimi`: one command, a subcommand per part, each imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+# subcommand -> "module:attribute" of a click command or group
+PARTS: dict[str, tuple[str, str]] = {
+    "device": ("device.cli:device", "run, enrol and test a device agent"),
+    "gateway": ("gateway.cli:gateway", "run the gateway (intake, store, forward, API)"),
+    "provision": ("provisioning.cli:provision", "installer's tools: site CA, devices, ACLs"),
+    "sim": ("simulator.cli:sim", "run simulated fleets and scenarios"),
+    "console": ("console.cli:console", "run the control-centre console"),
+    "demo": ("ansimi.demo:demo", "broker, gateway, receiver and a simulated fleet on one machine"),
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a part's CLI only when its subcommand runs, so `ansimi --help` stays fast
+    and one part's missing optional dependency never breaks another's."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(PARTS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in PARTS:
+            return None
+        target, help_text = PARTS[name]
+        module_name, attribute = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+
+            @click.command(name=name, help=f"{help_text} (not built yet)")
+            def missing() -> None:
+                raise click.ClickException(f"`ansimi {name}` is not part of this build yet")
+
+            return missing
+        command: click.Command = getattr(module, attribute)
+        command.help = command.help or help_text
+        command.short_help = help_text
+        return command
+
+
+@click.group(cls=LazyGroup)
+@click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
+def cli(verbose: int) -> None:
+    """Ansimi Edge: emergency bells, doorbells and store bells to control centres."""
+    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def main() -> None:
+    cli()

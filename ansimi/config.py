@@ -1,0 +1,69 @@
+"""Load TOML config files into pydantic models, with errors an installer can act on.
+
+Every error names the file, the key and the fix: "gateway.toml: key `forward.timeout_s`:
+Input should be greater than 0 (got -1). Fix: set a positive number of seconds."
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file is missing, not TOML, or has a bad value."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: " + "\n  ".join(problems))
+
+
+def _describe(error: ErrorDetails) -> str:
+    location = ".".join(str(part) for part in error["loc"] if part != "__root__")
+    kind = error["type"]
+    message = error["msg"]
+    if kind == "extra_forbidden":
+        fix = "remove it, or check its spelling against the example file"
+    elif kind == "missing":
+        fix = "add it (see the example file for its meaning)"
+    else:
+        got = error["input"]
+        shown = repr(got) if not isinstance(got, dict) else "a table"
+        fix = f"got {shown[:60]}; change it to a valid value (see the example file)"
+    where = f"key `{location}`" if location else "top level"
+    return f"{where}: {message}. Fix: {fix}"
+
+
+def parse_config(text: str, model: type[Model], path: Path) -> Model:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}. Fix: correct the syntax there"]) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(path, [_describe(e) for e in exc.errors()]) from None
+
+
+def load_config(path: Path, model: type[Model], *, missing_ok: bool = False) -> Model:
+    """Read and validate `path`; a missing file gives the defaults only if `missing_ok`."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if missing_ok:
+            return model()
+        raise ConfigError(
+            path, ["file not found. Fix: create it from the example file, or pass --config"]
+        ) from None
+    except PermissionError:
+        raise ConfigError(
+            path, ["cannot read it. Fix: make it readable by the service user"]
+        ) from None
+    return parse_config(text, model, path)

@@ -1,0 +1,43 @@
+"""systemd's notify protocol (READY=1, WATCHDOG=1) in a few lines of standard library.
+
+The watchdog ping runs on the event loop on purpose: a blocked loop misses its pings and
+systemd restarts the service, which is what we want for a device that must react.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+
+def notify(state: str) -> bool:
+    """Send one notification; returns False when not run under systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half of WATCHDOG_USEC in seconds, or None when no watchdog is configured."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2_000_000
+
+
+async def watchdog_pings() -> None:
+    """Ping systemd's watchdog from the event loop until cancelled."""
+    interval = watchdog_interval()
+    if interval is None:
+        return
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)

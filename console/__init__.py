@@ -1,0 +1,1 @@
+"""A reference control-centre receiver: live alerts page, acks, live video."""

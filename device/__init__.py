@@ -1,0 +1,1 @@
+"""The device agent: behaviour, MQTT link, durable outbox, video and config."""

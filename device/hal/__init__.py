@@ -1,0 +1,1 @@
+"""Hardware ports (buttons, indicator, camera, modem) with real and fake adapters."""

@@ -1,0 +1,1 @@
+"""The gateway: intake, store, forwarding, supervision and HTTP API."""

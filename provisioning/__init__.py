@@ -1,0 +1,1 @@
+"""The installer's CLI: site CA, device identities, config bundles, broker ACLs."""

@@ -1,0 +1,1 @@
+"""Fleets of real agents on fake hardware, scenarios, fault injection, reports."""

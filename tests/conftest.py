@@ -1,0 +1,23 @@
+"""Fixtures shared by every test folder: a real mosquitto on a free loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ansimi.broker import Mosquitto, MosquittoConfig, mosquitto_path
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A fresh broker for one test: MQTT v5 and 3.1.1, loopback only, anonymous."""
+    if mosquitto_path() is None:
+        pytest.fail("mosquitto is not installed: `apt-get install -y mosquitto` (.ci/run does)")
+    broker = Mosquitto(MosquittoConfig(state_dir=tmp_path / "broker"))
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

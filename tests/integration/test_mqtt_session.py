@@ -1,0 +1,93 @@
+"""The asyncio paho session against a real mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from ansimi.broker import Mosquitto
+from ansimi.mqtt import Message, Session, Settings
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue[Message] = asyncio.Queue()
+
+    def __call__(self, message: Message) -> None:
+        self.messages.put_nowait(message)
+
+
+def settings(broker: Mosquitto, client_id: str, **kw: object) -> Settings:
+    return Settings(host=broker.host, port=broker.port, client_id=client_id, **kw)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running(session: Session):  # type: ignore[no-untyped-def]
+    task = asyncio.create_task(session.run())
+    try:
+        await session.wait_connected(5)
+        yield session
+    finally:
+        await session.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_publish_qos1_reaches_subscriber_and_future_completes(mosquitto: Mosquitto) -> None:
+    inbox = Inbox()
+    async with (
+        running(Session(settings(mosquitto, "sub"), inbox)) as sub,
+        running(Session(settings(mosquitto, "pub"), lambda m: None)) as pub,
+    ):
+        granted = await sub.subscribe([("t/session/#", 1)])
+        assert granted == [1]
+        await asyncio.wait_for(pub.publish("t/session/a", b"hello", qos=1), 5)
+        got = await asyncio.wait_for(inbox.messages.get(), 5)
+        assert (got.topic, got.payload, got.qos) == ("t/session/a", b"hello", 1)
+
+
+async def test_many_sessions_share_one_loop_without_threads(mosquitto: Mosquitto) -> None:
+    import threading
+
+    before = threading.active_count()
+    inbox = Inbox()
+    sessions = [Session(settings(mosquitto, f"many-{i}"), inbox) for i in range(50)]
+    tasks = [asyncio.create_task(s.run()) for s in sessions]
+    try:
+        await asyncio.gather(*(s.wait_connected(10) for s in sessions))
+        # The executor used for connecting may keep a few idle workers, but never one per client.
+        assert threading.active_count() - before < 10
+        await sessions[0].subscribe([("t/many", 1)])
+        await asyncio.gather(
+            *(s.publish("t/many", str(i).encode()) for i, s in enumerate(sessions))
+        )
+        got = {(await asyncio.wait_for(inbox.messages.get(), 5)).payload for _ in sessions}
+        assert got == {str(i).encode() for i in range(50)}
+    finally:
+        for s in sessions:
+            await s.close()
+        for t in tasks:
+            t.cancel()
+
+
+async def test_session_reconnects_and_resubscribes_after_broker_restart(
+    mosquitto: Mosquitto,
+) -> None:
+    inbox = Inbox()
+    fast = {"backoff_min_s": 0.05, "backoff_max_s": 0.2, "persistent": False}
+    async with (
+        running(Session(settings(mosquitto, "sub-r", **fast), inbox)) as sub,
+        running(Session(settings(mosquitto, "pub-r", **fast), lambda m: None)) as pub,
+    ):
+        await sub.subscribe([("t/restart", 1)])
+        mosquitto.kill()
+        await asyncio.sleep(0.3)
+        assert not sub.connected
+        mosquitto.start()
+        await sub.wait_connected(10)
+        await pub.wait_connected(10)
+        await asyncio.sleep(0.2)  # the resubscribe is sent from the CONNACK callback
+        await asyncio.wait_for(pub.publish("t/restart", b"after"), 5)
+        got = await asyncio.wait_for(inbox.messages.get(), 5)
+        assert got.payload == b"after"
