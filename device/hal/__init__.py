@@ -1,1 +1,138 @@
 """Hardware ports (buttons, indicator, camera, modem) with real and fake adapters."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from device.hal.config import HardwareConfig
+from device.hal.ports import (
+    ButtonName,
+    Camera,
+    CameraUnavailable,
+    Frame,
+    HalError,
+    Indicator,
+    InputEvent,
+    InputName,
+    Inputs,
+    InputSink,
+    InvalidPhoneNumber,
+    Modem,
+    ModemError,
+    ModemInfo,
+    ModemRejected,
+    ModemTimeout,
+    Pattern,
+    PinError,
+)
+
+__all__ = [
+    "ButtonName",
+    "Camera",
+    "CameraUnavailable",
+    "Frame",
+    "HalError",
+    "Hardware",
+    "HardwareConfig",
+    "Indicator",
+    "InputEvent",
+    "InputName",
+    "InputSink",
+    "Inputs",
+    "InvalidPhoneNumber",
+    "Modem",
+    "ModemError",
+    "ModemInfo",
+    "ModemRejected",
+    "ModemTimeout",
+    "Pattern",
+    "PinError",
+    "build_hardware",
+]
+
+
+@dataclass
+class Hardware:
+    """Everything the agent may touch, behind the ports."""
+
+    inputs: Inputs
+    indicator: Indicator
+    camera: Camera | None
+    modem: Modem | None
+
+    async def aclose(self) -> None:
+        """Release everything (stop the camera, close modem, outputs and inputs)."""
+        if self.camera is not None:
+            self.camera.stop()
+        if self.modem is not None:
+            await self.modem.close()
+        self.indicator.close()
+        self.inputs.close()
+
+
+def build_hardware(
+    config: HardwareConfig,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    pin_factory: object | None = None,
+) -> Hardware:
+    """Real adapters for `driver = "gpiozero"`, fakes for `driver = "fake"`.
+
+    Adapter modules are imported here, not at the top, so that the simulator never imports
+    gpiozero or pyserial, and a Pi never imports the fakes.
+    """
+    if config.driver == "fake":
+        return _build_fakes(config)
+
+    from device.hal.camera import open_camera
+    from device.hal.gpio import GpiozeroIndicator, GpiozeroInputs
+    from device.hal.modem import SerialModem
+
+    inputs = GpiozeroInputs(config, loop, pin_factory)
+    try:
+        indicator = GpiozeroIndicator(config, pin_factory)
+    except BaseException:
+        inputs.close()
+        raise
+    try:
+        camera = (
+            None
+            if config.camera == "none"
+            else open_camera(
+                config.camera, config.camera_width, config.camera_height, config.camera_fps
+            )
+        )
+    except BaseException:
+        indicator.close()
+        inputs.close()
+        raise
+    modem = (
+        None
+        if config.modem_port is None
+        else SerialModem(
+            config.modem_port,
+            config.modem_baudrate,
+            timeout_s=config.modem_timeout_s,
+            rs485=config.modem_rs485,
+            sms_timeout_s=config.modem_sms_timeout_s,
+        )
+    )
+    return Hardware(inputs=inputs, indicator=indicator, camera=camera, modem=modem)
+
+
+def _build_fakes(config: HardwareConfig) -> Hardware:
+    from device.hal.camera import SyntheticCamera
+    from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
+
+    camera = (
+        None
+        if config.camera == "none"
+        else SyntheticCamera(config.camera_width, config.camera_height, config.camera_fps)
+    )
+    return Hardware(
+        inputs=FakeInputs(config.hold_repeat_s),
+        indicator=FakeIndicator(has_discreet_led=config.discreet_led_pin is not None),
+        camera=camera,
+        modem=None if config.modem_port is None else FakeModem(port=config.modem_port),
+    )

@@ -1,0 +1,154 @@
+"""The control centre's side of forwarding: the webhook the gateway POSTs events to.
+
+It checks the HMAC header (and its timestamp, so an old request cannot be replayed),
+keeps each event once by its idempotency key in SQLite, and hands new ones to listeners
+(the console page; `ansimi console --print` prints them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from protocol.forwarding import (
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    signature_matches,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedEvent:
+    event_id: str
+    device_id: str
+    district: str
+    type: str
+    ts_ms: int
+    body: dict[str, Any]
+    jws: str
+    received_ms: int
+
+
+class EventLog:
+    """Events this centre has accepted, each once."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, device_id TEXT,"
+            " district TEXT, type TEXT, ts_ms INTEGER, body TEXT, jws TEXT, received_ms INTEGER)"
+        )
+
+    def add(self, event: ReceivedEvent) -> bool:
+        """Keep the event; False if this centre already had it (a retry)."""
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.event_id,
+                event.device_id,
+                event.district,
+                event.type,
+                event.ts_ms,
+                json.dumps(event.body),
+                event.jws,
+                event.received_ms,
+            ),
+        )
+        return cursor.rowcount == 1
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    def ids(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT event_id FROM events ORDER BY received_ms")]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class Receiver:
+    def __init__(
+        self,
+        secret: str,
+        events: EventLog,
+        *,
+        max_skew_s: float = 300.0,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self._secret = secret
+        self.events = events
+        self._max_skew_ms = int(max_skew_s * 1000)
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self.listeners: list[Callable[[ReceivedEvent], None]] = []
+        self.refused = 0
+        self.duplicates = 0
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/events", self.handle)]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.content.read(MAX_BODY_BYTES + 1)
+        problem = self._check(request, body)
+        if problem is not None:
+            self.refused += 1
+            log.warning("receiver: refused a delivery: %s", problem)
+            return web.json_response(
+                {"error": problem}, status=401 if "signature" in problem else 400
+            )
+        data = json.loads(body)
+        event = ReceivedEvent(
+            event_id=str(data["event_id"]),
+            device_id=str(data["device_id"]),
+            district=str(data.get("district", "")),
+            type=str(data["type"]),
+            ts_ms=int(data["ts_ms"]),
+            body=dict(data["body"]),
+            jws=str(data["jws"]),
+            received_ms=self._clock_ms(),
+        )
+        if request.headers.get(IDEMPOTENCY_HEADER) != event.event_id:
+            self.refused += 1
+            return web.json_response({"error": "Idempotency-Key must be the event id"}, status=400)
+        if self.events.add(event):
+            for listener in self.listeners:
+                listener(event)
+        else:
+            self.duplicates += 1
+        return web.json_response({"ok": True, "event_id": event.event_id})
+
+    def _check(self, request: web.Request, body: bytes) -> str | None:
+        if len(body) > MAX_BODY_BYTES:
+            return "body too large"
+        timestamp = request.headers.get(TIMESTAMP_HEADER, "")
+        signature = request.headers.get(SIGNATURE_HEADER, "")
+        if not timestamp.isdigit() or abs(int(timestamp) - self._clock_ms()) > self._max_skew_ms:
+            return "timestamp missing or outside the allowed skew"
+        if not signature_matches(self._secret, timestamp, body, signature):
+            return "bad signature"
+        try:
+            data = json.loads(body)
+            for key in ("event_id", "device_id", "type", "ts_ms", "body", "jws"):
+                data[key]
+        except (ValueError, KeyError, TypeError):
+            return "malformed event"
+        return None
+
+    def app(self) -> web.Application:
+        application = web.Application(client_max_size=MAX_BODY_BYTES)
+        application.add_routes(self.routes())
+        return application

@@ -1,0 +1,65 @@
+"""The device's configuration: `/etc/ansimi/device.toml`, validated by pydantic.
+
+`device/device.example.toml` explains every option.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from device.hal.config import HardwareConfig
+from protocol.ids import DeviceId
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DeviceSection(_Section):
+    id: DeviceId = "bell-unset"
+    kind: Literal["bell", "doorbell", "store"] = "bell"
+    # the Ed25519 key made on this device at enrolment; never copied off it
+    key_file: Path = Path("/var/lib/ansimi/device/device.key")
+    state_dir: Path = Path("/var/lib/ansimi/device")
+    # no sound and no light an attacker could see; a store bell is silent unless told otherwise
+    silent: bool | None = None
+    # in silent mode, may a dim LED confirm that help is coming?
+    discreet_led: bool = False
+    firmware: Annotated[str, Field(max_length=64)] = "ansimi-edge 0.1.0"
+
+    @property
+    def is_silent(self) -> bool:
+        return self.kind == "store" if self.silent is None else self.silent
+
+
+class GatewaySection(_Section):
+    id: DeviceId = "gw-local"
+    # the gateway's Ed25519 public key (raw, base64url), received at enrolment
+    public_key: str = ""
+
+
+class MqttSection(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8883
+    version: Literal[5, 311] = 5
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
+
+
+class OutboxSection(_Section):
+    # first resend after this long without a `received` ack; doubles up to the maximum
+    resend_min_s: Annotated[float, Field(gt=0)] = 2.0
+    resend_max_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class DeviceConfig(_Section):
+    device: DeviceSection = DeviceSection()
+    gateway: GatewaySection = GatewaySection()
+    mqtt: MqttSection = MqttSection()
+    outbox: OutboxSection = OutboxSection()
+    hardware: HardwareConfig = HardwareConfig()

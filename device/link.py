@@ -1,0 +1,133 @@
+"""The device's MQTT link: signs everything that goes up, verifies everything that comes down.
+
+A message from the gateway counts only if it carries the gateway's signature, is
+addressed to this device, arrived on this device's own `down` topic and is fresher than
+anything before it. A forged or replayed ack changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ansimi.mqtt import Message as MqttMessage
+from ansimi.mqtt import Session, Settings, TlsFiles, Will
+from device.config import DeviceConfig
+from device.outbox import Outbox
+from protocol.envelope import open_for_device, seal
+from protocol.errors import ProtocolError, UnknownSigner
+from protocol.jws import Signer
+from protocol.messages import Body, Message, Status, build_message
+from protocol.replay import DEFAULT_WINDOW_MS, check_fresh
+from protocol.topics import down_filter, parse_topic, up_topic
+
+log = logging.getLogger(__name__)
+
+
+class Link:
+    def __init__(
+        self,
+        config: DeviceConfig,
+        signer: Signer,
+        gateway_key: Ed25519PublicKey,
+        outbox: Outbox,
+        on_down: Callable[[Message], None],
+        *,
+        on_connect: Callable[[], None] | None = None,
+        clock_ms: Callable[[], int] | None = None,
+        window_ms: int = DEFAULT_WINDOW_MS,
+    ) -> None:
+        self._config = config
+        self._device_id = config.device.id
+        self._signer = signer
+        self._gateway_id = config.gateway.id
+        self._gateway_key = gateway_key
+        self._outbox = outbox
+        self._on_down = on_down
+        self._on_connect_cb = on_connect
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._window_ms = window_ms
+        self.rejected: dict[str, int] = {}
+        m = config.mqtt
+        tls = TlsFiles(m.ca_file, m.cert_file, m.key_file) if m.ca_file is not None else None
+        self.session = Session(
+            Settings(
+                host=m.host,
+                port=m.port,
+                client_id=self._device_id,
+                version=m.version,
+                tls=tls,
+                will=Will(*self._sealed(Status(state="offline"))),
+            ),
+            self._on_message,
+            on_connect=self._connected,
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self.session.connected
+
+    def _sealed(self, body: Body, message_id: str | None = None) -> tuple[str, bytes]:
+        """The topic and signed bytes for `body`, with the next sequence number."""
+        message = build_message(
+            body,
+            device=self._device_id,
+            seq=self._outbox.next_seq(),
+            ts=self._clock_ms(),
+            id=message_id,
+        )
+        return up_topic(self._device_id, message.type), seal(message, self._signer).encode()
+
+    def send(self, body: Body, *, message_id: str | None = None) -> asyncio.Future[None]:
+        """Sign with a fresh sequence number and publish at QoS 1.
+
+        A resend keeps its message id but gets a new sequence number and timestamp, so an
+        alert that waited out a long outage is still fresh when it finally arrives.
+        """
+        topic, payload = self._sealed(body, message_id)
+        return self.session.publish(topic, payload)
+
+    async def run(self) -> None:
+        await self.session.run()
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    def _connected(self, session_present: bool) -> None:
+        task = asyncio.ensure_future(self._after_connect())
+        task.add_done_callback(_log_failure)
+
+    async def _after_connect(self) -> None:
+        await self.session.subscribe([(down_filter(self._device_id), 1)])
+        self.send(Status(state="online"))
+        if self._on_connect_cb is not None:
+            self._on_connect_cb()
+
+    def _resolve(self, kid: str) -> Ed25519PublicKey:
+        if kid != self._gateway_id:
+            raise UnknownSigner(f"{kid!r} is not this device's gateway ({self._gateway_id})")
+        return self._gateway_key
+
+    def _on_message(self, raw: MqttMessage) -> None:
+        try:
+            topic = parse_topic(raw.topic)
+            opened = open_for_device(raw.payload, self._resolve, self._device_id, topic)
+            msg = opened.message
+            check_fresh(
+                self._outbox.down_high_water, msg.seq, msg.ts, self._clock_ms(), self._window_ms
+            )
+        except ProtocolError as exc:
+            self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+            log.warning("link %s: ignored a downlink message: %s", self._device_id, exc.reason)
+            return
+        self._outbox.set_down_high_water(msg.seq)
+        self._on_down(msg)
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("link: after-connect step failed: %s", task.exception())

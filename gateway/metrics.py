@@ -1,0 +1,54 @@
+"""Prometheus metrics, one registry per gateway so that tests can run several in a process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from protocol.errors import REASONS
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rejected = Counter(
+            "ansimi_rejected_total",
+            "Uplink messages refused, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in (*REASONS, "revoked", "unknown_device", "internal"):
+            self.rejected.labels(reason)
+        self.accepted = Counter(
+            "ansimi_accepted_total",
+            "Uplink messages kept, by type",
+            ["type"],
+            registry=self.registry,
+        )
+        self.duplicates = Counter(
+            "ansimi_duplicates_total",
+            "Resent messages already kept: re-acked, not forwarded again",
+            registry=self.registry,
+        )
+        self.forwarded = Counter(
+            "ansimi_forwarded_total",
+            "Deliveries accepted by a control centre",
+            ["centre"],
+            registry=self.registry,
+        )
+        self.forward_failures = Counter(
+            "ansimi_forward_failures_total",
+            "Delivery attempts that failed and will be retried",
+            ["centre"],
+            registry=self.registry,
+        )
+        self.waiting = Gauge(
+            "ansimi_forward_waiting",
+            "Deliveries kept and not yet accepted by their centre",
+            registry=self.registry,
+        )
+        self.intake_batch = Histogram(
+            "ansimi_intake_batch_size",
+            "Messages committed per group commit",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=self.registry,
+        )

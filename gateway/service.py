@@ -1,0 +1,111 @@
+"""The gateway as one service: MQTT session, intake, forwarding, as named tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from ansimi import sdnotify
+from ansimi.mqtt import Message, Session, Settings, TlsFiles
+from gateway.config import GatewayConfig
+from gateway.downlink import Downlink
+from gateway.forward import Forwarder
+from gateway.intake import Intake, Registry
+from gateway.metrics import Metrics
+from gateway.store import Delivery, SqliteStore, Store
+from protocol.jws import Signer
+from protocol.keys import load_private_key
+from protocol.topics import UP_FILTER, shared_up_filter
+
+log = logging.getLogger(__name__)
+
+
+def mqtt_settings(config: GatewayConfig) -> Settings:
+    m = config.mqtt
+    tls = None
+    if m.ca_file is not None:
+        tls = TlsFiles(m.ca_file, m.cert_file, m.key_file)
+    return Settings(
+        host=m.host,
+        port=m.port,
+        client_id=m.client_id or config.id,
+        version=m.version,
+        tls=tls,
+    )
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        signer: Signer | None = None,
+        store: Store | None = None,
+        config_path: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.store: Store = store or SqliteStore(config.database)
+        self.metrics = Metrics()
+        self.registry = Registry(self.store)
+        if signer is None:
+            key = load_private_key(
+                config.signing_key, hint="run `ansimi provision init-site`, or set signing_key"
+            )
+            signer = Signer(config.id, key)
+        self.signer = signer
+        self.session = Session(mqtt_settings(config), self._on_message)
+        self.downlink = Downlink(
+            signer, lambda topic, payload: self.session.publish(topic, payload)
+        )
+        self.forwarder = Forwarder(
+            self.store,
+            config.centres,
+            config.forward,
+            self.metrics,
+            district_of=self._district_of,
+            on_first_delivery=self._on_first_delivery,
+        )
+        self.intake = Intake(
+            self.store,
+            self.registry,
+            self.downlink,
+            self.metrics,
+            route=config.centres_for,
+            window_ms=int(config.intake.window_s * 1000),
+            max_bytes=config.intake.max_message_bytes,
+            batch_max=config.intake.batch_max,
+            on_kept=lambda _items: self.forwarder.wake(),
+        )
+        self.ready = asyncio.Event()
+
+    def _on_message(self, message: Message) -> None:
+        self.intake.submit(message)
+
+    def _district_of(self, device_id: str) -> str:
+        device = self.registry.device(device_id)
+        return device.district if device is not None else ""
+
+    def _on_first_delivery(self, delivery: Delivery) -> None:
+        if delivery.type == "alert":
+            self.downlink.ack(delivery.device_id, delivery.event_id, "delivered")
+
+    def subscription(self) -> str:
+        group = self.config.mqtt.shared_group
+        return shared_up_filter(group) if group else UP_FILTER
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.session.run(), name="mqtt")
+                tasks.create_task(self.intake.run(), name="intake")
+                tasks.create_task(self.forwarder.run(), name="forward")
+                tasks.create_task(sdnotify.watchdog_pings(), name="watchdog")
+                await self.session.wait_connected()
+                await self.session.subscribe([(self.subscription(), 1)])
+                self.ready.set()
+                sdnotify.notify("READY=1")
+                log.info("gateway %s: listening on %s", self.config.id, self.subscription())
+        finally:
+            await self.session.close()
+            self.store.close()

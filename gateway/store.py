@@ -1,0 +1,380 @@
+"""The gateway's durable state, behind an interface narrow enough for a PostgreSQL twin.
+
+SQLite in WAL mode with `synchronous=FULL`: when `accept()` returns, the events are on
+disk, and only then may a `received` ack go out. One connection, used from one thread
+(the intake's writer), so group commit is simply "one transaction per batch".
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+DeviceKind = Literal["bell", "doorbell", "store"]
+EventState = Literal["received", "delivered", "acknowledged", "dispatched", "closed"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id   TEXT PRIMARY KEY,
+    public_key  TEXT NOT NULL,          -- Ed25519, raw, base64url
+    kind        TEXT NOT NULL,
+    district    TEXT NOT NULL,
+    label       TEXT NOT NULL DEFAULT '',
+    revoked     INTEGER NOT NULL DEFAULT 0,
+    high_water  INTEGER,                -- highest accepted uplink sequence number
+    created_ms  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    event_id    TEXT PRIMARY KEY,       -- the device's message id
+    device_id   TEXT NOT NULL REFERENCES devices(device_id),
+    seq         INTEGER NOT NULL,
+    type        TEXT NOT NULL,
+    ts_ms       INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    body        TEXT NOT NULL,          -- the typed body as JSON
+    jws         TEXT NOT NULL,          -- the device's signed original, for the centres
+    state       TEXT NOT NULL DEFAULT 'received'
+);
+CREATE INDEX IF NOT EXISTS events_by_state ON events(state, received_ms);
+CREATE TABLE IF NOT EXISTS outbox (
+    event_id        TEXT NOT NULL REFERENCES events(event_id),
+    centre          TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    last_error      TEXT,
+    delivered_ms    INTEGER,
+    PRIMARY KEY (event_id, centre)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_attempt_ms) WHERE delivered_ms IS NULL;
+CREATE TABLE IF NOT EXISTS stages (
+    event_id    TEXT NOT NULL REFERENCES events(event_id),
+    stage       TEXT NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    actor       TEXT NOT NULL,
+    PRIMARY KEY (event_id, stage)
+);
+"""
+
+
+class StoreError(Exception):
+    """Root of the store's errors."""
+
+
+class DuplicateDevice(StoreError, ValueError):
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"device {device_id} is already registered: choose another id")
+
+
+class UnknownEvent(StoreError, LookupError):
+    def __init__(self, event_id: str) -> None:
+        super().__init__(f"no event {event_id}")
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    device_id: str
+    public_key: str
+    kind: DeviceKind
+    district: str
+    label: str = ""
+    revoked: bool = False
+    high_water: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A verified uplink message, ready to be kept."""
+
+    event_id: str
+    device_id: str
+    seq: int
+    type: str
+    ts_ms: int
+    body_json: str
+    jws: str
+    centres: tuple[str, ...]  # where it must be forwarded
+    # Heartbeats and status only move the high-water mark: thousands a second must not
+    # grow the event table. Supervision keeps their news.
+    kept: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    event_id: str
+    centre: str
+    attempts: int
+    device_id: str
+    type: str
+    ts_ms: int
+    body_json: str
+    jws: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    device_id: str
+    type: str
+    ts_ms: int
+    received_ms: int
+    body_json: str
+    state: EventState
+    waiting: int  # deliveries not yet accepted by a centre
+
+
+class Store(Protocol):
+    """What the gateway needs from durable storage; SQLite now, PostgreSQL later."""
+
+    def add_device(self, device: Device, now_ms: int) -> None: ...
+    def device(self, device_id: str) -> Device | None: ...
+    def devices(self) -> list[Device]: ...
+    def revoke(self, device_id: str) -> bool: ...
+    def accept(self, batch: Sequence[Incoming], now_ms: int) -> list[bool]: ...
+    def due(self, now_ms: int, limit: int) -> list[Delivery]: ...
+    def delivered(self, event_id: str, centre: str, now_ms: int) -> bool: ...
+    def failed(self, event_id: str, centre: str, next_attempt_ms: int, error: str) -> None: ...
+    def set_stage(self, event_id: str, stage: EventState, now_ms: int, actor: str) -> bool: ...
+    def event(self, event_id: str) -> Event | None: ...
+    def events(self, state: EventState | None, limit: int) -> list[Event]: ...
+    def waiting_count(self) -> int: ...
+    def close(self) -> None: ...
+
+
+STAGE_ORDER: dict[str, int] = {
+    s: i for i, s in enumerate(("received", "delivered", "acknowledged", "dispatched", "closed"))
+}
+
+
+class SqliteStore:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection shared by the intake writer thread and the loop, serialised by
+        # a lock: SQLite allows one writer anyway, and this keeps the interface sync.
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Iterable[object] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    # ---- devices ------------------------------------------------------------------------
+
+    def add_device(self, device: Device, now_ms: int) -> None:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO devices (device_id, public_key, kind, district, label,"
+                    " revoked, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        device.device_id,
+                        device.public_key,
+                        device.kind,
+                        device.district,
+                        device.label,
+                        int(device.revoked),
+                        now_ms,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise DuplicateDevice(device.device_id) from None
+
+    _DEVICE_COLUMNS = "device_id, public_key, kind, district, label, revoked, high_water"
+
+    @staticmethod
+    def _device(row: tuple[Any, ...]) -> Device:
+        device_id, key, kind, district, label, revoked, high_water = row
+        return Device(
+            str(device_id),
+            str(key),
+            kind,
+            str(district),
+            str(label),
+            bool(revoked),
+            None if high_water is None else int(high_water),
+        )
+
+    def device(self, device_id: str) -> Device | None:
+        rows = self._query(
+            f"SELECT {self._DEVICE_COLUMNS} FROM devices WHERE device_id = ?",  # noqa: S608
+            (device_id,),
+        )
+        return self._device(rows[0]) if rows else None
+
+    def devices(self) -> list[Device]:
+        rows = self._query(f"SELECT {self._DEVICE_COLUMNS} FROM devices ORDER BY device_id")  # noqa: S608
+        return [self._device(r) for r in rows]
+
+    def revoke(self, device_id: str) -> bool:
+        with self._tx() as db:
+            return (
+                db.execute(
+                    "UPDATE devices SET revoked = 1 WHERE device_id = ?", (device_id,)
+                ).rowcount
+                == 1
+            )
+
+    # ---- intake -------------------------------------------------------------------------
+
+    def accept(self, batch: Sequence[Incoming], now_ms: int) -> list[bool]:
+        """Keep a batch in one transaction; per message, True if new, False if known.
+
+        A known event id is a resend of something already kept: nothing new is stored or
+        forwarded, but the caller re-acks it, because the device evidently missed the ack.
+        """
+        fresh: list[bool] = []
+        with self._tx() as db:
+            for item in batch:
+                db.execute(
+                    "UPDATE devices SET high_water = MAX(COALESCE(high_water, -1), ?)"
+                    " WHERE device_id = ?",
+                    (item.seq, item.device_id),
+                )
+                if not item.kept:
+                    fresh.append(True)
+                    continue
+                inserted = db.execute(
+                    "INSERT INTO events (event_id, device_id, seq, type, ts_ms, received_ms,"
+                    " body, jws) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (
+                        item.event_id,
+                        item.device_id,
+                        item.seq,
+                        item.type,
+                        item.ts_ms,
+                        now_ms,
+                        item.body_json,
+                        item.jws,
+                    ),
+                ).rowcount
+                if inserted:
+                    db.executemany(
+                        "INSERT INTO outbox (event_id, centre, next_attempt_ms) VALUES (?, ?, ?)",
+                        [(item.event_id, centre, now_ms) for centre in item.centres],
+                    )
+                fresh.append(bool(inserted))
+        return fresh
+
+    # ---- forwarding ---------------------------------------------------------------------
+
+    def due(self, now_ms: int, limit: int) -> list[Delivery]:
+        rows = self._query(
+            "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
+            " e.jws FROM outbox o JOIN events e USING (event_id)"
+            " WHERE o.delivered_ms IS NULL AND o.next_attempt_ms <= ?"
+            " ORDER BY o.next_attempt_ms LIMIT ?",
+            (now_ms, limit),
+        )
+        return [
+            Delivery(str(a), str(b), int(c), str(d), str(e), int(f), str(g), str(h))
+            for a, b, c, d, e, f, g, h in rows
+        ]
+
+    def delivered(self, event_id: str, centre: str, now_ms: int) -> bool:
+        """Mark one centre's delivery done; True if it is the event's first delivery."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET delivered_ms = ?, attempts = attempts + 1"
+                " WHERE event_id = ? AND centre = ? AND delivered_ms IS NULL",
+                (now_ms, event_id, centre),
+            )
+            first = db.execute(
+                "UPDATE events SET state = 'delivered' WHERE event_id = ? AND state = 'received'",
+                (event_id,),
+            ).rowcount
+            if first:
+                db.execute(
+                    "INSERT OR IGNORE INTO stages VALUES (?, 'delivered', ?, ?)",
+                    (event_id, now_ms, centre),
+                )
+        return bool(first)
+
+    def failed(self, event_id: str, centre: str, next_attempt_ms: int, error: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = ?, last_error = ?"
+                " WHERE event_id = ? AND centre = ?",
+                (next_attempt_ms, error[:500], event_id, centre),
+            )
+
+    def waiting_count(self) -> int:
+        rows = self._query("SELECT COUNT(*) FROM outbox WHERE delivered_ms IS NULL")
+        return int(rows[0][0])
+
+    # ---- operator stages ---------------------------------------------------
+
+    def next_down_seq(self, device_id: str) -> int:
+        with self._tx() as db:
+            row = db.execute(
+                "UPDATE devices SET down_seq = down_seq + 1 WHERE device_id = ? RETURNING down_seq",
+                (device_id,),
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"no device {device_id}")
+        return int(row[0])
+
+    def set_stage(self, event_id: str, stage: EventState, now_ms: int, actor: str) -> bool:
+        """Move an event forward to `stage`; False if it is already there or beyond."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM events WHERE event_id = ?", (event_id,)).fetchone()
+            if row is None:
+                raise UnknownEvent(event_id)
+            if STAGE_ORDER[row[0]] >= STAGE_ORDER[stage]:
+                return False
+            db.execute("UPDATE events SET state = ? WHERE event_id = ?", (stage, event_id))
+            db.execute(
+                "INSERT OR IGNORE INTO stages VALUES (?, ?, ?, ?)", (event_id, stage, now_ms, actor)
+            )
+        return True
+
+    _EVENT_SELECT = (
+        "SELECT e.event_id, e.device_id, e.type, e.ts_ms, e.received_ms, e.body, e.state,"
+        " (SELECT COUNT(*) FROM outbox o WHERE o.event_id = e.event_id"
+        "  AND o.delivered_ms IS NULL) FROM events e"
+    )
+
+    @staticmethod
+    def _event(row: tuple[Any, ...]) -> Event:
+        a, b, c, d, e, f, g, h = row
+        return Event(str(a), str(b), str(c), int(d), int(e), str(f), g, int(h))
+
+    def event(self, event_id: str) -> Event | None:
+        rows = self._query(self._EVENT_SELECT + " WHERE e.event_id = ?", (event_id,))
+        return self._event(rows[0]) if rows else None
+
+    def events(self, state: EventState | None, limit: int) -> list[Event]:
+        if state is None:
+            rows = self._query(
+                self._EVENT_SELECT + " ORDER BY e.received_ms DESC LIMIT ?", (limit,)
+            )
+        else:
+            rows = self._query(
+                self._EVENT_SELECT + " WHERE e.state = ? ORDER BY e.received_ms DESC LIMIT ?",
+                (state, limit),
+            )
+        return [self._event(r) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
