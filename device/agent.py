@@ -1,7 +1,10 @@
-"""The device agent: buttons in, signed alerts out, acks shown on the indicator.
+"""The device agent: the composition root that wires the parts and runs them.
 
-The agent is a stack of parts: hardware (ports), the durable outbox, the MQTT link, and
-the behaviour that decides what a press means. It runs as one TaskGroup of named tasks.
+Hardware (ports) feeds the behaviour (`device/behaviour.py`, the state machine that
+decides what a press means); its effects go to the durable outbox, the MQTT link and the
+indicator. Verified acks and commands come back through the link. Everything runs as one
+TaskGroup of named tasks on one event loop: no thread per device, so the simulator can run
+thousands of agents in a process.
 """
 
 from __future__ import annotations
@@ -11,24 +14,41 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ansimi import sdnotify
+from device.behaviour import Behaviour, BehaviourError, Effect, Send, Show
 from device.config import DeviceConfig
 from device.hal import Hardware
-from device.hal.ports import InputEvent, Pattern
+from device.hal.ports import HalError, InputEvent, Pattern
 from device.link import Link
 from device.outbox import Entry, Outbox
-from protocol.ids import new_message_id
+from device.sms import SmsFallback
 from protocol.jws import Signer
-from protocol.messages import AckMessage, Alert, Body, Cancel, Heartbeat, Message
+from protocol.messages import (
+    AckMessage,
+    Alert,
+    Cancel,
+    Command,
+    CommandMessage,
+    Heartbeat,
+    Message,
+)
 
 log = logging.getLogger(__name__)
 
 # Outbox bodies are stored as JSON; this is how they come back as models.
 OUTBOX_BODIES: dict[str, type[Alert] | type[Cancel]] = {"alert": Alert, "cancel": Cancel}
+# The modem may be busy with an SMS; a heartbeat does not wait for it longer than this.
+SIGNAL_TIMEOUT_S = 2.0
+
+
+def csq_percent(rssi: int | None) -> int | None:
+    """AT+CSQ rssi (0..31, about -113..-51 dBm) as the heartbeat's 0..100 link quality."""
+    return None if rssi is None else round(rssi * 100 / 31)
 
 
 class Agent:
@@ -41,57 +61,84 @@ class Agent:
         hardware: Hardware,
         outbox: Outbox | None = None,
         clock_ms: Callable[[], int] | None = None,
+        monotonic: Callable[[], float] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.device_id = config.device.id
         self.hardware = hardware
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._monotonic = monotonic or time.monotonic
         self._rng = rng or random.Random()
         self.outbox = outbox or Outbox(config.device.state_dir / "outbox.db")
+        self.behaviour = Behaviour(
+            config.device.kind, config.behaviour, silent=config.device.is_silent
+        )
         self.link = Link(
             config,
             signer,
             gateway_key,
             self.outbox,
             self._on_down,
-            on_connect=self._resend_all,
+            on_connect=self._link_up,
+            on_disconnect=self._link_down,
             clock_ms=self._clock_ms,
         )
-        self._started_at = time.monotonic()
+        self.sms = SmsFallback(
+            config,
+            hardware.modem,
+            self.outbox,
+            link_up=lambda: self.link.connected,
+            clock_ms=self._clock_ms,
+        )
+        self._started_at = self._monotonic()
         self._wake_resend = asyncio.Event()
-        self.ready = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+        self._link_quality: int | None = None
+        self.ready = asyncio.Event()  # set once connected to the broker
 
-    # ---- inputs -------------------------------------------------------------------------
+    # ---- inputs and the behaviour's effects ---------------------------------------------
 
     def on_input(self, event: InputEvent) -> None:
-        if event.input == "emergency" and event.kind == "pressed":
-            bell = "store" if self.config.device.kind == "store" else "emergency"
-            self.raise_alert(Alert(bell=bell, trigger="press", silent=self.config.device.is_silent))
+        try:
+            effects = self.behaviour.on_input(event, self._monotonic())
+        except BehaviourError:
+            # a bug in the rules must not stop the next press from working
+            log.exception("device %s: input %s %s refused", self.device_id, event.input, event.kind)
+            return
+        self._apply(effects)
 
-    def raise_alert(self, body: Alert | Cancel) -> str:
-        """Keep the message durably, then send it; returns its id."""
-        message_id = new_message_id()
-        type_name = "alert" if isinstance(body, Alert) else "cancel"
-        self.outbox.put(message_id, type_name, body.model_dump_json(), self._clock_ms())
-        self._show(Pattern.SENDING)
-        self._transmit(message_id, body)
-        return message_id
+    def _apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Send):
+                self._keep_and_send(effect)
+            elif isinstance(effect, Show):
+                self._show(effect.pattern)
 
-    # ---- sending ------------------------------------------------------------------------
+    def _keep_and_send(self, effect: Send) -> None:
+        """Commit to the outbox first, then publish: a crash in between loses nothing."""
+        type_name = "alert" if isinstance(effect.body, Alert) else "cancel"
+        now = self._clock_ms()
+        self.outbox.put(
+            effect.message_id, type_name, effect.body.model_dump_json(), now, sms=effect.sms
+        )
+        log.info("device %s: %s %s queued", self.device_id, type_name, effect.message_id)
+        self.link.send(effect.body, message_id=effect.message_id)
+        self.outbox.attempted(effect.message_id, now + self.resend_delay_ms(0))
 
-    def _transmit(self, message_id: str, body: Body) -> None:
-        self.link.send(body, message_id=message_id)
-        delay = self.config.outbox.resend_min_s
-        self.outbox.attempted(message_id, self._clock_ms() + int(delay * 1000))
+    def _show(self, pattern: Pattern) -> None:
+        d = self.config.device
+        self.hardware.indicator.show(
+            pattern, silent=self.behaviour.silent, discreet_led=d.discreet_led
+        )
 
-    def _resend_all(self) -> None:
-        self._wake_resend.set()
+    # ---- resending ----------------------------------------------------------------------
 
     def resend_delay_ms(self, attempts: int) -> int:
+        """Full jitter between the minimum and a ceiling that doubles with every attempt."""
         o = self.config.outbox
         ceiling = min(o.resend_max_s, o.resend_min_s * 2 ** min(attempts, 20))
-        return int(self._rng.uniform(o.resend_min_s, ceiling) * 1000)
+        return int(self._rng.uniform(o.resend_min_s, max(ceiling, o.resend_min_s)) * 1000)
 
     def _resend(self, entry: Entry) -> None:
         body = OUTBOX_BODIES[entry.type].model_validate_json(entry.body_json)
@@ -100,41 +147,99 @@ class Agent:
 
     async def _resend_loop(self) -> None:
         while True:
+            # after a (re)connect everything pending goes at once; otherwise what is due
             woken = self._wake_resend.is_set()
             self._wake_resend.clear()
             if self.link.connected:
-                now = self._clock_ms()
-                entries = self.outbox.pending() if woken else self.outbox.due(now)
+                entries = self.outbox.pending() if woken else self.outbox.due(self._clock_ms())
                 for entry in entries:
                     self._resend(entry)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_resend.wait(), 0.5)
 
+    # ---- link ---------------------------------------------------------------------------
+
+    def _link_up(self) -> None:
+        self.ready.set()
+        self._wake_resend.set()
+        self._apply(self.behaviour.on_link(True))
+
+    def _link_down(self) -> None:
+        log.warning("device %s: link to the broker lost", self.device_id)
+        self._apply(self.behaviour.on_link(False))
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            uptime_s=max(0, int(self._monotonic() - self._started_at)),
+            power="mains" if self.hardware.inputs.power_on_mains() else "battery",
+            link_quality=self._link_quality,
+            firmware=self.config.device.firmware,
+            outbox_depth=self.outbox.depth(),
+        )
+
+    async def send_heartbeat(self) -> None:
+        modem = self.hardware.modem
+        if modem is not None:
+            try:
+                rssi = await asyncio.wait_for(modem.signal_quality(), SIGNAL_TIMEOUT_S)
+                self._link_quality = csq_percent(rssi)
+            except (HalError, TimeoutError) as exc:
+                log.info("device %s: no signal quality from the modem: %s", self.device_id, exc)
+                self._link_quality = None
+        if self.link.connected:
+            self.link.send(self.heartbeat())
+
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.mqtt.heartbeat_s)
-            if self.link.connected:
-                self.link.send(
-                    Heartbeat(
-                        uptime_s=int(time.monotonic() - self._started_at),
-                        power="mains" if self.hardware.inputs.power_on_mains() else "battery",
-                        firmware=self.config.device.firmware,
-                        outbox_depth=self.outbox.depth(),
-                    )
-                )
+            await self.send_heartbeat()
 
     # ---- receiving ----------------------------------------------------------------------
 
     def _on_down(self, message: Message) -> None:
+        """A message the link has verified: the gateway's signature, this device, fresh."""
         if isinstance(message, AckMessage):
             ack = message.body
-            if ack.stage == "received":
-                self.outbox.received(ack.ref)
-            self._show(Pattern.OFF if ack.stage == "closed" else Pattern(ack.stage))
+            if ack.stage == "received" and self.outbox.received(ack.ref):
+                log.info("device %s: %s received by the gateway", self.device_id, ack.ref)
+            self._apply(self.behaviour.on_ack(ack))
+        elif isinstance(message, CommandMessage):
+            self.on_command(message.body)
 
-    def _show(self, pattern: Pattern) -> None:
-        d = self.config.device
-        self.hardware.indicator.show(pattern, silent=d.is_silent, discreet_led=d.discreet_led)
+    def on_command(self, command: Command) -> None:
+        name = command.name
+        if name == "ping":
+            self._spawn(self.send_heartbeat(), "ping")
+        elif name == "set_silent":
+            silent = command.args.get("silent")
+            if not isinstance(silent, bool):
+                log.warning("device %s: set_silent needs a boolean `silent`", self.device_id)
+                return
+            # until restart: device.toml holds the lasting setting
+            self.behaviour.set_silent(silent)
+            log.warning("device %s: silent mode %s by command", self.device_id, silent)
+        elif name == "selftest":
+            self._spawn(self.selftest(), "selftest")
+        else:
+            log.warning("device %s: command %s is not supported yet; ignored", self.device_id, name)
+
+    async def selftest(self) -> None:
+        """The remote self-test: show it (unless an incident is showing), probe, report."""
+        if self.behaviour.incident is None:
+            self._show(Pattern.SELFTEST)
+        modem = self.hardware.modem
+        if modem is not None:
+            try:
+                info = await modem.probe()
+                log.warning("device %s: selftest: modem ok=%s", self.device_id, info.ok)
+            except HalError as exc:
+                log.warning("device %s: selftest: modem failed: %s", self.device_id, exc)
+        await self.send_heartbeat()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.device_id} {name}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---- running ------------------------------------------------------------------------
 
@@ -145,11 +250,14 @@ class Agent:
                 tasks.create_task(self.link.run(), name="link")
                 tasks.create_task(self._resend_loop(), name="resend")
                 tasks.create_task(self._heartbeat_loop(), name="heartbeat")
+                tasks.create_task(self.sms.run(), name="sms")
                 tasks.create_task(sdnotify.watchdog_pings(), name="watchdog")
-                await self.link.session.wait_connected()
-                self.ready.set()
+                # Ready as soon as presses are taken and kept: a device whose network is down
+                # at boot must still run (outbox, SMS), not be restarted for a late start.
                 sdnotify.notify("READY=1")
         finally:
+            for task in self._background:
+                task.cancel()
             await self.link.close()
             await self.hardware.aclose()
             self.outbox.close()

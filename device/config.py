@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from device.hal.config import HardwareConfig
 from protocol.ids import DeviceId
@@ -57,9 +57,45 @@ class OutboxSection(_Section):
     resend_max_s: Annotated[float, Field(gt=0)] = 30.0
 
 
+class BehaviourSection(_Section):
+    """What a press means; `device/behaviour.py` explains the gestures."""
+
+    # holding the emergency button this long marks the alert urgent
+    long_press_s: Annotated[float, Field(gt=0)] = 3.0
+    # during an alert, holding the button this long and letting go sends `cancel`
+    cancel_hold_s: Annotated[float, Field(gt=0)] = 10.0
+    # keeping it held on to this long instead sends `duress`, while looking like a cancel
+    duress_hold_s: Annotated[float, Field(gt=0)] = 15.0
+    # an emergency this soon after a doorbell ring is linked to the ring
+    ring_link_s: Annotated[float, Field(ge=0)] = 120.0
+
+    @model_validator(mode="after")
+    def _holds_in_order(self) -> BehaviourSection:
+        # each gesture is a longer hold than the one before: otherwise one would hide another
+        if not self.long_press_s < self.cancel_hold_s < self.duress_hold_s:
+            raise ValueError(
+                "hold times must grow: long_press_s < cancel_hold_s < duress_hold_s "
+                f"(got {self.long_press_s:g}, {self.cancel_hold_s:g}, {self.duress_hold_s:g})"
+            )
+        return self
+
+
+# E.164-like, as the modem driver checks: an optional + and 3 to 16 digits.
+PhoneNumber = Annotated[str, Field(pattern=r"^\+?[0-9]{3,16}$")]
+
+
+class SmsSection(_Section):
+    # an alert not `received` this long while the link is down goes out by SMS as well
+    after_s: Annotated[float, Field(gt=0)] = 15.0
+    # who gets the SMS (personal data: never logged); empty means no SMS fallback
+    numbers: Annotated[list[PhoneNumber], Field(max_length=8)] = []
+
+
 class DeviceConfig(_Section):
     device: DeviceSection = DeviceSection()
     gateway: GatewaySection = GatewaySection()
     mqtt: MqttSection = MqttSection()
     outbox: OutboxSection = OutboxSection()
+    behaviour: BehaviourSection = BehaviourSection()
+    sms: SmsSection = SmsSection()
     hardware: HardwareConfig = HardwareConfig()

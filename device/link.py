@@ -38,6 +38,7 @@ class Link:
         on_down: Callable[[Message], None],
         *,
         on_connect: Callable[[], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
         clock_ms: Callable[[], int] | None = None,
         window_ms: int = DEFAULT_WINDOW_MS,
     ) -> None:
@@ -65,6 +66,7 @@ class Link:
             ),
             self._on_message,
             on_connect=self._connected,
+            on_disconnect=on_disconnect,
         )
 
     @property

@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     body            TEXT NOT NULL,      -- the typed body as JSON
     created_ms      INTEGER NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_ms INTEGER NOT NULL
+    next_attempt_ms INTEGER NOT NULL,
+    sms             INTEGER NOT NULL DEFAULT 0  -- SMS fallback: 0 no, 1 wanted, 2 done
 );
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
@@ -50,6 +51,10 @@ class Outbox:
         # FULL on a device; the simulator may pass NORMAL to fit thousands on one disk.
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        if "sms" not in columns:
+            # an outbox written by an older agent: keep its entries, add the column
+            self._db.execute("ALTER TABLE outbox ADD COLUMN sms INTEGER NOT NULL DEFAULT 0")
         self._seq = self._counter("seq_reserved")
         self._reserved = self._seq
 
@@ -81,12 +86,28 @@ class Outbox:
     def set_down_high_water(self, seq: int) -> None:
         self._set_counter("down_high_water", seq)
 
-    def put(self, message_id: str, type: str, body_json: str, now_ms: int) -> None:
+    def put(
+        self, message_id: str, type: str, body_json: str, now_ms: int, *, sms: bool = False
+    ) -> None:
+        """Commit a message before it is published; `sms`: it may need the SMS fallback."""
         self._db.execute(
-            "INSERT OR IGNORE INTO outbox (id, type, body, created_ms, next_attempt_ms)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (message_id, type, body_json, now_ms, now_ms),
+            "INSERT OR IGNORE INTO outbox (id, type, body, created_ms, next_attempt_ms, sms)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (message_id, type, body_json, now_ms, now_ms, 1 if sms else 0),
         )
+
+    def sms_due(self, created_before_ms: int) -> list[Entry]:
+        """Messages that want the SMS fallback, not yet done, older than the cut-off."""
+        rows = self._db.execute(
+            "SELECT id, type, body, created_ms, attempts, next_attempt_ms FROM outbox"
+            " WHERE sms = 1 AND created_ms <= ? ORDER BY created_ms",
+            (created_before_ms,),
+        ).fetchall()
+        return [Entry(*row) for row in rows]
+
+    def sms_done(self, message_id: str) -> None:
+        """The SMS fallback has had its go at this message: never again, even after a restart."""
+        self._db.execute("UPDATE outbox SET sms = 2 WHERE id = ?", (message_id,))
 
     def pending(self) -> list[Entry]:
         rows = self._db.execute(

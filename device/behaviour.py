@@ -1,0 +1,406 @@
+"""What a press means: the device's behaviour as one explicit state machine.
+
+The machine does no I/O. It takes input events, verified acks and link changes, and
+returns *effects* (`Send` a message, `Show` a pattern) for the agent to carry out. Time
+comes in as an argument (`now`, seconds on any monotonic clock) and hold lengths come
+from the hardware's `held_for`, so tests drive every rule without sleeping.
+
+## Incident states
+
+```
+ idle ──alert──▶ sent ──▶ received ──▶ delivered ──▶ acknowledged ──▶ dispatched
+   ▲               │  acks only move forward; a late or repeated ack changes nothing
+   │               ├── closed (ack) ────────────────────────────────────▶ cleared
+   │               ├── cancel / duress (gesture) ───────────────────────▶ cleared
+   └─ cleared ◀────┘                     cleared ──alert──▶ sent (a new incident)
+```
+`sent` is the issue's "alerting": the alert is out and the device waits for the gateway.
+Every active state also takes `coalesce` (one more press, same incident). `TRANSITIONS`
+below is the whole table; anything else raises `IllegalTransition`, naming the event and
+the state. The link (up or down) is tracked beside the incident, not inside it.
+
+## Gestures (hold lengths from `[behaviour]` in device.toml)
+
+- **Emergency button, no incident** (bell, store bell, a doorbell's emergency button): the
+  press sends the alert at once, on the edge. Held to `long_press_s` (3 s), the incident
+  becomes urgent.
+- **Emergency button during an incident**: the hold is judged when it is released (or
+  reaches the duress length), because it may be a cancel:
+  - shorter than `long_press_s`: one more press; `long_press_s` or more: a press, urgent;
+  - released after `cancel_hold_s` (10 s): `cancel` is sent;
+  - still held at `duress_hold_s` (15 s): `duress` is sent, an alert linked to the
+    incident. The device shows the cancel pattern at `cancel_hold_s` in both cases and
+    nothing more afterwards, not even later acks: whoever forced the cancel sees a cancel.
+- **Coalescing**: extra presses and urgency never open a new incident. They are counted,
+  and one update is sent (a new alert with `presses` = total so far, `urgent`, and
+  `linked_to` = the incident's first alert) once the previous message of the incident has
+  been `received`. A person pressing twenty times sends two or three messages, and the
+  centre learns the count. Updates are new messages because the gateway treats a known
+  message id as a resend and forwards nothing new.
+- **Doorbell button**: the press is a ring (`doorbell_ring`, not an emergency). Held to
+  `long_press_s`, it becomes an emergency linked to that ring; the emergency button within
+  `ring_link_s` of a ring is linked to the ring too.
+- **Tamper and mains power**: each change is an alert of its own (tamper, tamper_cleared,
+  power_loss, power_restored) outside the incident, shown on nothing.
+- **Silent mode** (store bells by default): alerts say `silent`, and every pattern is shown
+  with `silent=True`, which the indicator turns into no sound and no light.
+
+The incident lives in memory only: after a restart the device is idle, and its outbox
+still resends whatever the gateway has not acknowledged.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from device.config import BehaviourSection
+from device.hal.ports import ButtonName, InputEvent, Pattern
+from protocol.ids import new_message_id
+from protocol.messages import ACK_STAGES, Ack, Alert, Cancel
+
+log = logging.getLogger(__name__)
+
+DeviceKind = Literal["bell", "doorbell", "store"]
+Bell = Literal["emergency", "doorbell", "store"]
+BELL_OF: Final[Mapping[DeviceKind, Bell]] = {
+    "bell": "emergency",
+    "doorbell": "doorbell",
+    "store": "store",
+}
+
+
+class State(enum.StrEnum):
+    IDLE = "idle"
+    SENT = "sent"  # alerting: sent, waiting for the gateway
+    RECEIVED = "received"
+    DELIVERED = "delivered"
+    ACKNOWLEDGED = "acknowledged"
+    DISPATCHED = "dispatched"
+    CLEARED = "cleared"
+
+
+class Event(enum.StrEnum):
+    ALERT = "alert"
+    COALESCE = "coalesce"
+    RECEIVED = "received"
+    DELIVERED = "delivered"
+    ACKNOWLEDGED = "acknowledged"
+    DISPATCHED = "dispatched"
+    CLOSED = "closed"
+    CANCEL = "cancel"
+    DURESS = "duress"
+
+
+# An incident in progress, in the order acks move it.
+ACTIVE: Final = (State.SENT, State.RECEIVED, State.DELIVERED, State.ACKNOWLEDGED, State.DISPATCHED)
+
+
+def _table() -> dict[tuple[State, Event], State]:
+    table = {
+        (State.IDLE, Event.ALERT): State.SENT,
+        (State.CLEARED, Event.ALERT): State.SENT,
+    }
+    for rank, state in enumerate(ACTIVE):
+        for later in ACTIVE[rank + 1 :]:
+            table[state, Event(later.value)] = later  # an ack may skip stages, never go back
+        table[state, Event.COALESCE] = state
+        table[state, Event.CLOSED] = State.CLEARED
+        table[state, Event.CANCEL] = State.CLEARED
+        table[state, Event.DURESS] = State.CLEARED
+    return table
+
+
+TRANSITIONS: Final[Mapping[tuple[State, Event], State]] = _table()
+
+# What the person sees on entering a state (before the silent rule).
+PATTERN_OF: Final[Mapping[State, Pattern]] = {
+    State.SENT: Pattern.SENDING,
+    State.RECEIVED: Pattern.RECEIVED,
+    State.DELIVERED: Pattern.DELIVERED,
+    State.ACKNOWLEDGED: Pattern.ACKNOWLEDGED,
+    State.DISPATCHED: Pattern.DISPATCHED,
+}
+
+
+class BehaviourError(Exception):
+    """Root of this module's errors."""
+
+
+class IllegalTransition(BehaviourError, RuntimeError):
+    def __init__(self, event: Event, state: State) -> None:
+        allowed = sorted(e.value for s, e in TRANSITIONS if s == state)
+        super().__init__(
+            f"event {event.value!r} is not allowed in state {state.value!r} "
+            f"(allowed there: {', '.join(allowed) or 'nothing'})"
+        )
+        self.event = event
+        self.state = state
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Keep `body` in the outbox under `message_id`, then publish it."""
+
+    message_id: str
+    body: Alert | Cancel
+    # also by SMS if the gateway has not received it in time while the link is down
+    sms: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Show:
+    pattern: Pattern
+
+
+Effect = Send | Show
+
+
+@dataclass(slots=True)
+class Incident:
+    alert_id: str
+    presses: int = 1
+    urgent: bool = False
+    # what the centre has been told so far, and the message it may not have yet
+    told_presses: int = 1
+    told_urgent: bool = False
+    in_flight: str | None = None
+    message_ids: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Hold:
+    """One press of a button, from its edge to its release."""
+
+    opening: bool  # this press opened the incident (or rang the doorbell)
+    done: bool = False  # fully handled already; the release adds nothing
+    looks_cancelled: bool = False  # the cancel pattern is showing
+
+
+class Behaviour:
+    """The state machine of one device; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        kind: DeviceKind,
+        rules: BehaviourSection,
+        *,
+        silent: bool,
+        new_id: Callable[[], str] = new_message_id,
+    ) -> None:
+        self.kind = kind
+        self.bell: Bell = BELL_OF[kind]
+        self.rules = rules
+        self.silent = silent
+        self.link_up = False
+        self.state = State.IDLE
+        self.incident: Incident | None = None
+        self._new_id = new_id
+        self._holds: dict[ButtonName, Hold] = {}
+        self._last_ring: tuple[str, float] | None = None
+
+    # ---- inputs -------------------------------------------------------------------------
+
+    def on_input(self, event: InputEvent, now: float) -> list[Effect]:
+        if event.input == "tamper":
+            trigger: Literal["tamper", "tamper_cleared", "power_loss", "power_restored"] = (
+                "tamper" if event.kind == "opened" else "tamper_cleared"
+            )
+            return [self._event_alert(trigger)]
+        if event.input == "power":
+            return [
+                self._event_alert("power_loss" if event.kind == "power_lost" else "power_restored")
+            ]
+        if event.input == "doorbell" and self.kind == "doorbell":
+            return self._doorbell(event, now)
+        if event.input == "emergency" or event.input == "doorbell":
+            # a doorbell input on a bell that is not a doorbell: wired as a second panic button
+            return self._emergency(event, now)
+        return []
+
+    def _emergency(self, event: InputEvent, now: float) -> list[Effect]:
+        name: ButtonName = "emergency" if event.input == "emergency" else "doorbell"
+        if event.kind == "pressed":
+            if self.incident is None:
+                self._holds[name] = Hold(opening=True)
+                return self.alert(trigger="press", linked_to=self._recent_ring(now))
+            self._holds[name] = Hold(opening=False)
+            return []
+        hold = self._holds.get(name)
+        if hold is None:
+            return []  # its press came before a restart, or was already judged
+        if event.kind == "released":
+            del self._holds[name]
+        if hold.done or self.incident is None:
+            return []  # e.g. an operator closed the incident while the button was down
+        if hold.opening:
+            if event.held_for >= self.rules.long_press_s:
+                hold.done = True
+                return self.more(urgent=True, presses=0)
+            return []
+        return self._judge(hold, event)
+
+    def _judge(self, hold: Hold, event: InputEvent) -> list[Effect]:
+        """A press during an incident: more presses, urgency, cancel or duress."""
+        r = self.rules
+        if event.held_for >= r.duress_hold_s:
+            hold.done = True
+            return self.duress(already_shown=hold.looks_cancelled)
+        if event.kind == "held":
+            if event.held_for >= r.cancel_hold_s and not hold.looks_cancelled:
+                hold.looks_cancelled = True
+                return [Show(Pattern.CANCELLED)]
+            return []
+        # released
+        if event.held_for >= r.cancel_hold_s:
+            return self.cancel(already_shown=hold.looks_cancelled)
+        return self.more(urgent=event.held_for >= r.long_press_s, presses=1)
+
+    def _doorbell(self, event: InputEvent, now: float) -> list[Effect]:
+        if event.kind == "pressed":
+            ring_id = self._new_id()
+            self._last_ring = (ring_id, now)
+            self._holds["doorbell"] = Hold(opening=True)
+            body = Alert(bell="doorbell", trigger="doorbell_ring", silent=self.silent)
+            return [Send(ring_id, body), Show(Pattern.RING)]
+        hold = self._holds.get("doorbell")
+        if event.kind == "released":
+            self._holds.pop("doorbell", None)
+        if hold is None or hold.done or event.held_for < self.rules.long_press_s:
+            return []
+        hold.done = True
+        if self.incident is not None:
+            return self.more(urgent=False, presses=1)
+        # the long press is the emergency gesture itself, not a mark of urgency
+        return self.alert(trigger="long_press", linked_to=self._recent_ring(now))
+
+    def _recent_ring(self, now: float) -> str | None:
+        if self._last_ring is None:
+            return None
+        ring_id, at = self._last_ring
+        return ring_id if now - at <= self.rules.ring_link_s else None
+
+    def _event_alert(
+        self, trigger: Literal["tamper", "tamper_cleared", "power_loss", "power_restored"]
+    ) -> Send:
+        return Send(self._new_id(), Alert(bell=self.bell, trigger=trigger, silent=self.silent))
+
+    # ---- transitions (public so tests and the agent can drive them directly) --------------
+
+    def alert(
+        self, *, trigger: Literal["press", "long_press"], linked_to: str | None = None
+    ) -> list[Effect]:
+        """Open an incident: the first alert goes out at once."""
+        self._fire(Event.ALERT)
+        alert_id = self._new_id()
+        self.incident = Incident(alert_id, message_ids={alert_id}, in_flight=alert_id)
+        body = Alert(bell=self.bell, trigger=trigger, silent=self.silent, linked_to=linked_to)
+        return [Send(alert_id, body, sms=True), self._show_state()]
+
+    def more(self, *, urgent: bool, presses: int) -> list[Effect]:
+        """Fold more presses (and urgency) into the incident; report when nothing is in flight."""
+        self._fire(Event.COALESCE)
+        incident = self._active()
+        incident.presses += presses
+        incident.urgent = incident.urgent or urgent
+        return self._report(incident)
+
+    def cancel(self, *, already_shown: bool = False) -> list[Effect]:
+        self._fire(Event.CANCEL)
+        incident = self._end()
+        effects: list[Effect] = [Send(self._new_id(), Cancel(alert_id=incident.alert_id))]
+        return effects if already_shown else [*effects, Show(Pattern.CANCELLED)]
+
+    def duress(self, *, already_shown: bool = False) -> list[Effect]:
+        """Looks exactly like `cancel` here; tells the centre the person is under duress."""
+        self._fire(Event.DURESS)
+        incident = self._end()
+        # silent whatever the mode: whoever forced the cancel is standing next to the device
+        body = Alert(
+            bell=self.bell, trigger="duress", silent=True, urgent=True, linked_to=incident.alert_id
+        )
+        effects: list[Effect] = [Send(self._new_id(), body, sms=True)]
+        return effects if already_shown else [*effects, Show(Pattern.CANCELLED)]
+
+    # ---- acks and link --------------------------------------------------------------------
+
+    def on_ack(self, ack: Ack) -> list[Effect]:
+        """A verified ack. Acks for other messages, late or repeated ones change nothing."""
+        incident = self.incident
+        if incident is None or ack.ref not in incident.message_ids:
+            return []
+        effects: list[Effect] = []
+        if ack.stage == "received" and incident.in_flight == ack.ref:
+            incident.in_flight = None
+            effects += self._report(incident)
+        if ack.stage == "closed":
+            self._fire(Event.CLOSED)
+            self._end()
+            return [*effects, Show(Pattern.OFF)]
+        if _rank(ack.stage) <= _rank(self.state.value):
+            return effects
+        self._fire(Event(ack.stage))
+        if any(hold.looks_cancelled for hold in self._holds.values()):
+            return effects  # a cancel gesture is showing: keep showing exactly that
+        return [*effects, self._show_state()]
+
+    def on_link(self, up: bool) -> list[Effect]:
+        self.link_up = up
+        if self.incident is not None:
+            return []  # during an incident its own pattern matters more
+        return [Show(Pattern.OFF if up else Pattern.LINK_DOWN)]
+
+    def set_silent(self, silent: bool) -> None:
+        self.silent = silent
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _fire(self, event: Event) -> None:
+        target = TRANSITIONS.get((self.state, event))
+        if target is None:
+            raise IllegalTransition(event, self.state)
+        log.debug("behaviour: %s --%s--> %s", self.state.value, event.value, target.value)
+        self.state = target
+
+    def _active(self) -> Incident:
+        assert self.incident is not None  # every state that takes these events has one
+        return self.incident
+
+    def _end(self) -> Incident:
+        incident = self._active()
+        self.incident = None
+        return incident
+
+    def _report(self, incident: Incident) -> list[Effect]:
+        if incident.in_flight is not None:
+            return []  # told once the message in flight is received
+        if (incident.presses, incident.urgent) == (incident.told_presses, incident.told_urgent):
+            return []
+        trigger: Literal["press", "long_press"] = (
+            "long_press" if incident.urgent and not incident.told_urgent else "press"
+        )
+        update_id = self._new_id()
+        body = Alert(
+            bell=self.bell,
+            trigger=trigger,
+            silent=self.silent,
+            urgent=incident.urgent,
+            presses=incident.presses,
+            linked_to=incident.alert_id,
+        )
+        incident.told_presses, incident.told_urgent = incident.presses, incident.urgent
+        incident.in_flight = update_id
+        incident.message_ids.add(update_id)
+        return [Send(update_id, body)]
+
+    def _show_state(self) -> Show:
+        return Show(PATTERN_OF[self.state])
+
+
+def _rank(stage: str) -> int:
+    """Position of an ack stage (or incident state) on the way to `dispatched`; sent is -1."""
+    stages: tuple[str, ...] = ACK_STAGES
+    return stages.index(stage) if stage in stages else -1
