@@ -1,0 +1,313 @@
+"""`ansimi device ...`: run the agent, or check the hardware and the network around it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import shutil
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ansimi.config import ConfigError, load_config
+from device.config import DeviceConfig
+
+if TYPE_CHECKING:
+    from device.agent import Agent
+    from device.hal.ports import Camera, Modem
+    from protocol.jws import Signer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path("/etc/ansimi/device.toml")
+ENROL_HINT = "run `ansimi device enroll`"
+# The clock must be past this for signed timestamps to pass the gateway's window.
+SANE_YEAR = 2025
+CHECK_TIMEOUT_S = 10.0
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    help="device TOML file",
+)
+
+
+@click.group()
+def device() -> None:
+    """Run, enrol and test a device agent."""
+
+
+def _load(config_path: Path) -> DeviceConfig:
+    try:
+        return load_config(config_path, DeviceConfig)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _gateway_key(config: DeviceConfig, config_path: Path) -> Ed25519PublicKey:
+    from protocol.errors import Malformed
+    from protocol.keys import public_key_from_b64
+
+    try:
+        return public_key_from_b64(config.gateway.public_key)
+    except Malformed as exc:
+        raise click.ClickException(
+            f"{config_path}: key `gateway.public_key`: {exc}. Fix: set it to the gateway's "
+            f"public key from enrolment ({ENROL_HINT})"
+        ) from None
+
+
+@device.command()
+@config_option
+def run(config_path: Path) -> None:
+    """Run the agent until stopped (SIGTERM or Ctrl-C)."""
+    from protocol.errors import ProtocolError
+    from protocol.jws import Signer
+    from protocol.keys import load_private_key
+
+    config = _load(config_path)
+    try:
+        key = load_private_key(config.device.key_file, hint=ENROL_HINT)
+    except (ProtocolError, PermissionError) as exc:
+        raise click.ClickException(str(exc)) from None
+    signer = Signer(config.device.id, key)
+    gateway_key = _gateway_key(config, config_path)
+    asyncio.run(_run(config, signer, gateway_key))
+
+
+async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicKey) -> None:
+    from device.agent import Agent
+    from device.hal import HalError, build_hardware
+
+    loop = asyncio.get_running_loop()
+    try:
+        hardware = build_hardware(config.hardware, loop)
+    except HalError as exc:
+        raise click.ClickException(f"hardware: {exc}") from None
+    agent = Agent(config, signer=signer, gateway_key=gateway_key, hardware=hardware)
+    task = asyncio.current_task()
+    assert task is not None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    _desk_controls(agent, loop)
+    log.warning("device %s: agent starting (%s)", config.device.id, config.device.kind)
+    with contextlib.suppress(asyncio.CancelledError):
+        await agent.run()
+
+
+def _desk_controls(agent: Agent, loop: asyncio.AbstractEventLoop) -> None:
+    """With fake hardware (desk demos, tests), SIGUSR1 is a short press of the emergency
+    button: the one way to press a button in an agent running as its own process."""
+    from device.hal.fakes import FakeInputs
+
+    inputs = agent.hardware.inputs
+    if not isinstance(inputs, FakeInputs):
+        return
+
+    def press() -> None:
+        inputs.press("emergency")
+        inputs.release("emergency")
+
+    loop.add_signal_handler(signal.SIGUSR1, press)
+
+
+# ---- selftest ---------------------------------------------------------------------------
+
+Outcome = Literal["pass", "fail", "skip"]
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    outcome: Outcome
+    detail: str
+
+
+@device.command()
+@config_option
+def selftest(config_path: Path) -> None:
+    """Check LED, buzzer, buttons, camera, modem, broker and clock; exit 1 if any fails."""
+    from rich.console import Console
+    from rich.table import Table
+
+    config = _load(config_path)
+    checks = asyncio.run(run_selftest(config, config_path))
+    table = Table(title=f"ansimi device selftest: {config.device.id}")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail")
+    style = {"pass": "[green]PASS[/]", "fail": "[red]FAIL[/]", "skip": "[yellow]SKIP[/]"}
+    for check in checks:
+        table.add_row(check.name, style[check.outcome], check.detail)
+    Console(width=120).print(table)
+    if any(c.outcome == "fail" for c in checks):
+        raise SystemExit(1)
+
+
+async def _checked(name: str, probe: Callable[[], Awaitable[tuple[Outcome, str]]]) -> Check:
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            outcome, detail = await probe()
+    except TimeoutError:
+        return Check(name, "fail", f"no answer within {CHECK_TIMEOUT_S:g} s")
+    except Exception as exc:
+        return Check(name, "fail", f"{type(exc).__name__}: {exc}")
+    return Check(name, outcome, detail)
+
+
+async def run_selftest(config: DeviceConfig, config_path: Path) -> list[Check]:
+    from device.hal import HalError, build_hardware
+    from device.hal.ports import Pattern
+
+    checks: list[Check] = [await _checked("keys", lambda: _check_keys(config, config_path))]
+    hw = config.hardware
+    try:
+        hardware = build_hardware(hw, asyncio.get_running_loop())
+    except HalError as exc:
+        # one wrong pin stops every other hardware check: say which, and still check the rest
+        checks.append(Check("hardware", "fail", str(exc)))
+        hardware = None
+    if hardware is not None:
+        led = hw.led_pin is not None or hw.has_rgb_led or hw.driver == "fake"
+
+        async def indicator() -> tuple[Outcome, str]:
+            # audible on purpose: the installer is checking that it lights and beeps
+            hardware.indicator.show(Pattern.SELFTEST, silent=False)
+            return "pass", "selftest pattern shown: look and listen"
+
+        checks.append(
+            await _checked("led", indicator)
+            if led
+            else Check("led", "skip", "no led_pin or RGB pins configured")
+        )
+        checks.append(
+            Check("buzzer", "pass", f"GPIO{hw.buzzer_pin} set up")
+            if hw.buzzer_pin is not None or hw.driver == "fake"
+            else Check("buzzer", "skip", "no buzzer_pin configured")
+        )
+        checks.append(_check_buttons(config))
+        checks.append(await _checked("camera", lambda: _check_camera(hardware.camera)))
+        checks.append(await _checked("modem", lambda: _check_modem(hardware.modem, config)))
+        await hardware.aclose()
+    checks.append(await _checked("broker", lambda: _check_broker(config)))
+    checks.append(await _checked("clock", _check_clock))
+    return checks
+
+
+async def _check_keys(config: DeviceConfig, config_path: Path) -> tuple[Outcome, str]:
+    from protocol.keys import load_private_key
+
+    load_private_key(config.device.key_file, hint=ENROL_HINT)
+    try:
+        _gateway_key(config, config_path)
+    except click.ClickException as exc:
+        return "fail", exc.message
+    return "pass", f"device key {config.device.key_file} and gateway key readable"
+
+
+def _check_buttons(config: DeviceConfig) -> Check:
+    hw = config.hardware
+    kind = config.device.kind
+    if hw.emergency_pin is None and not (kind == "doorbell" and hw.doorbell_pin is not None):
+        return Check("buttons", "fail", "no emergency_pin: nothing can raise an alert")
+    if kind == "doorbell" and hw.doorbell_pin is None:
+        return Check("buttons", "fail", "a doorbell needs doorbell_pin")
+    pins = [f"{k}=GPIO{getattr(hw, k)}" for k in ("emergency_pin", "doorbell_pin", "tamper_pin")]
+    wired = [p for p in pins if not p.endswith("None")]
+    return Check(
+        "buttons", "pass", ", ".join(wired) + f"; long press {config.behaviour.long_press_s:g} s"
+    )
+
+
+async def _check_camera(camera: Camera | None) -> tuple[Outcome, str]:
+    if camera is None:
+        return "skip", "camera = none"
+    camera.start()
+    try:
+        frame = await camera.capture()
+    finally:
+        camera.stop()
+    return "pass", f"{camera.name}: one {frame.width}x{frame.height} frame"
+
+
+async def _check_modem(modem: Modem | None, config: DeviceConfig) -> tuple[Outcome, str]:
+    if modem is None:
+        sms = " (the SMS fallback needs one)" if config.sms.numbers else ""
+        return "skip", f"no modem_port{sms}"
+    info = await modem.probe()
+    signal_text = "unknown" if info.signal is None else f"{info.signal}/31"
+    if not info.ok:
+        return "fail", f"{info.model} answers but cannot send SMS (SIM not ready?)"
+    return "pass", f"{info.model}, signal {signal_text}"
+
+
+async def _check_broker(config: DeviceConfig) -> tuple[Outcome, str]:
+    from ansimi.mqtt import Session, Settings, TlsFiles
+
+    m = config.mqtt
+    tls = TlsFiles(m.ca_file, m.cert_file, m.key_file) if m.ca_file is not None else None
+    # Not the device's own client id: that would throw a running agent off the broker.
+    session = Session(
+        Settings(
+            host=m.host,
+            port=m.port,
+            client_id=f"{config.device.id}-selftest",
+            version=m.version,
+            persistent=False,
+            tls=tls,
+            backoff_max_s=1.0,
+        ),
+        lambda _message: None,
+    )
+    task = asyncio.create_task(session.run())
+    try:
+        await session.wait_connected(CHECK_TIMEOUT_S - 1)
+    except TimeoutError:
+        return "fail", f"cannot connect to {m.host}:{m.port} (see the log for why)"
+    finally:
+        await session.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return "pass", f"connected to {m.host}:{m.port}" + (" with TLS" if tls else "")
+
+
+async def _check_clock() -> tuple[Outcome, str]:
+    now = dt.datetime.now(dt.UTC)
+    if now.year < SANE_YEAR:
+        return "fail", f"clock says {now:%Y-%m-%d}: set the time (NTP) or the gateway refuses"
+    synced = await asyncio.to_thread(_ntp_synchronized)
+    if synced is False:
+        return "fail", f"{now:%Y-%m-%d %H:%M} UTC, but NTP is not synchronised (timedatectl)"
+    note = "NTP synchronised" if synced else "NTP state unknown"
+    return "pass", f"{now:%Y-%m-%d %H:%M} UTC, {note}"
+
+
+def _ntp_synchronized() -> bool | None:
+    """What systemd-timesyncd says, or None where it cannot tell (no systemd, a container)."""
+    timedatectl = shutil.which("timedatectl")
+    if timedatectl is None:
+        return None
+    try:
+        result = subprocess.run(
+            [timedatectl, "show", "-p", "NTPSynchronized", "--value"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    value = result.stdout.strip()
+    return {"yes": True, "no": False}.get(value) if result.returncode == 0 else None

@@ -1,0 +1,195 @@
+"""Helpers for the device integration tests: a site (gateway + centre), agent processes, a spy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ansimi.broker import Mosquitto, free_port
+from ansimi.mqtt import Message as MqttMessage
+from ansimi.mqtt import Session, Settings
+from console.receiver import EventLog, Receiver
+from gateway.config import Centre, GatewayConfig, MqttConfig
+from gateway.service import Gateway
+from gateway.store import Device
+from protocol.jws import Signer, verify
+from protocol.keys import generate_key, public_key_to_b64, save_private_key
+from protocol.messages import Message, parse_message
+
+SECRET = "centre-secret-for-tests"
+DEVICE_ID = "bell-0001"
+WAIT_S = 20.0  # generous: two cores shared with other test runs
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(*coros: Awaitable[None]) -> AsyncIterator[None]:
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        yield
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+@dataclass
+class Keys:
+    device_key: Ed25519PrivateKey
+    gateway: Signer
+
+    @classmethod
+    def new(cls) -> Keys:
+        return cls(generate_key(), Signer("gw-test", generate_key()))
+
+    @property
+    def device(self) -> Signer:
+        return Signer(DEVICE_ID, self.device_key)
+
+
+def write_device_config(tmp_path: Path, broker: Mosquitto, keys: Keys, extra: str = "") -> Path:
+    """A device.toml for a fake-hardware agent run as `ansimi device run`."""
+    state = tmp_path / "device"
+    state.mkdir(parents=True, exist_ok=True)
+    key_file = state / "device.key"
+    save_private_key(key_file, keys.device_key)
+    path = tmp_path / "device.toml"
+    path.write_text(
+        f"""
+[device]
+id = "{DEVICE_ID}"
+kind = "bell"
+key_file = "{key_file}"
+state_dir = "{state}"
+
+[gateway]
+id = "{keys.gateway.kid}"
+public_key = "{public_key_to_b64(keys.gateway.public_key)}"
+
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+heartbeat_s = 0.5
+
+[outbox]
+resend_min_s = 0.5
+resend_max_s = 1.0
+
+[hardware]
+driver = "fake"
+camera = "none"
+{extra}
+"""
+    )
+    return path
+
+
+def spawn_agent(
+    config_path: Path, log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ansimi", "-v", "device", "run", "--config", str(config_path)],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **(env or {})},
+        )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait(10)
+
+
+@dataclass
+class Seen:
+    topic: str
+    token: bytes
+    message: Message
+
+
+@dataclass
+class Spy:
+    """Sees every message to and from the device, verified with the right key."""
+
+    keys: Keys
+    seen: list[Seen] = field(default_factory=list)
+
+    def on_message(self, raw: MqttMessage) -> None:
+        signer = self.keys.gateway if "/down/" in raw.topic else self.keys.device
+        verified = verify(raw.payload, lambda kid: signer.public_key)
+        self.seen.append(Seen(raw.topic, raw.payload, parse_message(verified.payload)))
+
+    def of_type(self, type_name: str) -> list[Message]:
+        return [s.message for s in self.seen if s.message.type == type_name]
+
+    def tokens(self, type_name: str) -> list[Seen]:
+        return [s for s in self.seen if s.message.type == type_name]
+
+
+@contextlib.asynccontextmanager
+async def spying(broker: Mosquitto, keys: Keys) -> AsyncIterator[tuple[Spy, Session]]:
+    spy = Spy(keys)
+    session = Session(
+        Settings(host=broker.host, port=broker.port, client_id="spy", persistent=False),
+        spy.on_message,
+    )
+    async with running(session.run()):
+        await session.wait_connected(WAIT_S)
+        await session.subscribe([(f"ansimi/v1/{DEVICE_ID}/#", 1)])
+        yield spy, session
+
+
+@contextlib.asynccontextmanager
+async def http_receiver(tmp_path: Path) -> AsyncIterator[tuple[Receiver, int]]:
+    receiver = Receiver(SECRET, EventLog(tmp_path / "centre.db"))
+    runner = web.AppRunner(receiver.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield receiver, port
+    finally:
+        await runner.cleanup()
+        receiver.events.close()
+
+
+@contextlib.asynccontextmanager
+async def gateway_site(
+    tmp_path: Path, broker: Mosquitto, keys: Keys
+) -> AsyncIterator[tuple[Gateway, Receiver]]:
+    """The real gateway and a control-centre receiver, with the device enrolled."""
+    async with http_receiver(tmp_path) as (receiver, port):
+        config = GatewayConfig(
+            id=keys.gateway.kid,
+            database=tmp_path / "gateway" / "gateway.db",
+            mqtt=MqttConfig(host=broker.host, port=broker.port),
+            centres=[Centre(name="central", url=f"http://127.0.0.1:{port}/events", secret=SECRET)],
+        )
+        gateway = Gateway(config, signer=keys.gateway)
+        gateway.store.add_device(
+            Device(DEVICE_ID, public_key_to_b64(keys.device.public_key), "bell", "mapo", "bell"),
+            now_ms=0,
+        )
+        gateway.registry.reload()
+        async with running(gateway.run()):
+            await asyncio.wait_for(gateway.ready.wait(), WAIT_S)
+            yield gateway, receiver
