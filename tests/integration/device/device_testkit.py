@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,17 @@ from ansimi.broker import Mosquitto, free_port
 from ansimi.mqtt import Message as MqttMessage
 from ansimi.mqtt import Session, Settings
 from console.receiver import EventLog, Receiver
+from device.agent import Agent
+from device.config import DeviceConfig
+from device.hal import Hardware, Modem
+from device.hal.fakes import FakeIndicator, FakeInputs
 from gateway.config import Centre, GatewayConfig, MqttConfig
 from gateway.service import Gateway
 from gateway.store import Device
+from protocol.envelope import seal
 from protocol.jws import Signer, verify
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
-from protocol.messages import Message, parse_message
+from protocol.messages import Ack, Command, Message, build_message, parse_message
 
 SECRET = "centre-secret-for-tests"
 DEVICE_ID = "bell-0001"
@@ -99,6 +105,36 @@ camera = "none"
 """
     )
     return path
+
+
+def make_agent(
+    tmp_path: Path,
+    broker: Mosquitto,
+    keys: Keys,
+    *,
+    modem: Modem | None = None,
+    **sections: object,
+) -> Agent:
+    """An in-process agent on fake hardware; `sections` override config sections."""
+    config = DeviceConfig.model_validate(
+        {
+            "device": {"id": DEVICE_ID, "kind": "bell", "state_dir": tmp_path / "device"},
+            "gateway": {
+                "id": keys.gateway.kid,
+                "public_key": public_key_to_b64(keys.gateway.public_key),
+            },
+            "mqtt": {"host": broker.host, "port": broker.port, "heartbeat_s": 3600},
+            "outbox": {"resend_min_s": 0.5, "resend_max_s": 1.0},
+            **sections,
+        }
+    )
+    hardware = Hardware(inputs=FakeInputs(), indicator=FakeIndicator(), camera=None, modem=modem)
+    return Agent(config, signer=keys.device, gateway_key=keys.gateway.public_key, hardware=hardware)
+
+
+def down_token(signer: Signer, body: Ack | Command, seq: int, device: str = DEVICE_ID) -> bytes:
+    message = build_message(body, device=device, seq=seq, ts=time.time_ns() // 1_000_000)
+    return seal(message, signer).encode()
 
 
 def spawn_agent(

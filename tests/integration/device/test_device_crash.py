@@ -39,12 +39,11 @@ async def test_sigkill_between_publish_and_ack_then_restart_delivers_once(
     log = tmp_path / "agent.log"
     async with spying(mosquitto, keys) as (spy, session):
 
+        def statuses() -> list[str]:
+            return [m.body.state for m in spy.of_type("status") if isinstance(m, StatusMessage)]
+
         def online() -> int:
-            return sum(
-                1
-                for m in spy.of_type("status")
-                if isinstance(m, StatusMessage) and m.body.state == "online"
-            )
+            return statuses().count("online")
 
         agent = spawn_agent(config, log)
         try:
@@ -53,6 +52,8 @@ async def test_sigkill_between_publish_and_ack_then_restart_delivers_once(
             await eventually(lambda: len(spy.of_type("alert")) >= 1)
             agent.send_signal(signal.SIGKILL)
             agent.wait(10)
+            # the broker tells everyone, with the will the device left: retained `offline`
+            await eventually(lambda: "offline" in statuses())
         finally:
             stop(agent)
         first = spy.tokens("alert")[0]
