@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, PrivateAttr, model_validator
 
 from protocol.ids import DeviceId
 
@@ -60,6 +60,73 @@ class IntakeConfig(_Section):
     batch_max: Annotated[int, Field(ge=1, le=10_000)] = 500
 
 
+class SuperviseConfig(_Section):
+    # how often devices send a heartbeat (their device.toml `mqtt.heartbeat_s`)
+    heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
+    # a device is offline after this many heartbeat intervals without a word from it
+    missed: Annotated[int, Field(ge=1, le=100)] = 3
+    # how often overdue devices are looked for
+    tick_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+    @property
+    def timeout_ms(self) -> int:
+        return int(self.heartbeat_s * self.missed * 1000)
+
+
+class ApiToken(_Section):
+    # who holds the token (a centre or an operator desk): shown in logs and stage history
+    name: DeviceId
+    # operator: alerts and devices; admin: also registers and revokes devices
+    role: Literal["operator", "admin"] = "operator"
+    # the token itself, or (better) a file holding it, readable by the service only
+    token: Annotated[str, Field(min_length=16, repr=False)] | None = None
+    token_file: Path | None = None
+    _secret: str = PrivateAttr(default="")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiToken:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError(f"token {self.name}: set exactly one of token and token_file")
+        if self.token_file is not None:
+            try:
+                secret = self.token_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"token {self.name}: cannot read token_file {self.token_file} "
+                    f"({exc.strerror}): create it, readable by the service user"
+                ) from None
+            if len(secret) < 16:
+                raise ValueError(
+                    f"token {self.name}: {self.token_file} holds fewer than 16 characters: "
+                    "put a long random token there (`openssl rand -hex 32`)"
+                )
+            self._secret = secret
+        else:
+            self._secret = self.token or ""
+        return self
+
+    @property
+    def secret(self) -> str:
+        return self._secret
+
+
+class ApiConfig(_Section):
+    # the operator HTTP API (acks, devices, alerts, metrics); off unless tokens are set
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8480
+    tokens: list[ApiToken] = []
+
+    @model_validator(mode="after")
+    def _usable(self) -> ApiConfig:
+        if self.enabled and not self.tokens:
+            raise ValueError("the API is enabled but has no [[api.tokens]]: add at least one")
+        names = [t.name for t in self.tokens]
+        if len(names) != len(set(names)):
+            raise ValueError("two [[api.tokens]] share a name: give each its own")
+        return self
+
+
 class GatewayConfig(_Section):
     id: DeviceId = "gw-local"
     signing_key: Path = Path("/var/lib/ansimi/gateway/signing.key")
@@ -67,6 +134,8 @@ class GatewayConfig(_Section):
     mqtt: MqttConfig = MqttConfig()
     intake: IntakeConfig = IntakeConfig()
     forward: ForwardConfig = ForwardConfig()
+    supervise: SuperviseConfig = SuperviseConfig()
+    api: ApiConfig = ApiConfig()
     centres: list[Centre] = []
 
     @model_validator(mode="after")

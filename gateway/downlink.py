@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from protocol.envelope import seal
 from protocol.jws import Signer
-from protocol.messages import Ack, AckStage, Command, Rtc, build_message
+from protocol.messages import Ack, AckStage, Body, Command, Message, Rtc, build_message
 from protocol.topics import down_topic
 
 Publish = Callable[[str, bytes], "asyncio.Future[None]"]
@@ -34,11 +34,18 @@ class Downlink:
         self._last_seq = max(self._last_seq + 1, time.time_ns() // 1000)
         return self._last_seq
 
-    def send(self, device_id: str, body: Ack | Command | Rtc) -> asyncio.Future[None]:
+    def sealed(self, device_id: str, body: Body) -> tuple[Message, str]:
+        """A message about `device_id` signed by this gateway, with the next sequence number.
+
+        Also used for events the gateway makes itself (a device went offline): a control
+        centre checks them with the gateway's public key, as it checks devices' with theirs.
+        """
         message = build_message(body, device=device_id, seq=self._next_seq(), ts=self._clock_ms())
-        return self._publish(
-            down_topic(device_id, message.type), seal(message, self._signer).encode()
-        )
+        return message, seal(message, self._signer)
+
+    def send(self, device_id: str, body: Ack | Command | Rtc) -> asyncio.Future[None]:
+        message, token = self.sealed(device_id, body)
+        return self._publish(down_topic(device_id, message.type), token.encode())
 
     def ack(self, device_id: str, ref: str, stage: AckStage) -> asyncio.Future[None]:
         return self.send(device_id, Ack(ref=ref, stage=stage))

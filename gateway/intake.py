@@ -5,6 +5,30 @@ revoked, replay and time window, schema (parsed inside `open_from_device`). A re
 message is counted by reason and logged with the device id only; nothing escapes.
 
 Messages are processed in batches: one group commit per batch, then the `received` acks.
+
+Exact duplicates (a QoS 1 redelivery, or a resend whose ack was lost) are kept once and
+acked every time: the device keeps an alert until it sees `received`.
+
+Status `offline` is the device's MQTT last will, which the broker publishes for it after
+an unclean disconnect. The device signs it when it connects, so by the time it arrives
+its sequence number is old and its timestamp may be hours old: the seq and time-window
+checks cannot apply. It is still verified like every message (registered, not revoked,
+signed by the device, on its own topic), and then:
+- a retained copy is history, not news (the broker replays it to every new subscriber):
+  refused as stale;
+- a timestamp ahead of our clock beyond the window is refused: a will is never signed in
+  the future;
+- its sequence number must not be below that of the last will accepted from the device:
+  a will from an earlier run of the agent cannot be replayed after a later one was seen;
+  the same will, which the broker sends after every unclean disconnect of one run, passes;
+- it never moves the high-water mark and never counts as hearing from the device.
+Why that is safe: only the device's own broker identity may publish on its `up` topics
+(ACL on the certificate CN), so a replay needs the device's credentials or the broker.
+What a replayed will can do is mark an online device offline: the next heartbeat (at most
+one interval later) brings it back with an `online` event. The will only speeds up what
+the heartbeat timeout decides anyway; it can never hide an alert or suppress an event.
+"Newer than the last status seen" would not work: the agent signs its will once per run,
+before the `online` it sends at each connect, so every genuine will is older than that.
 """
 
 from __future__ import annotations
@@ -22,10 +46,12 @@ from ansimi.mqtt import Message as MqttMessage
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
 from gateway.store import Device, Incoming, Store
+from gateway.supervise import Supervisor
 from protocol.envelope import Opened, open_from_device
-from protocol.errors import ProtocolError, UnknownSigner
+from protocol.errors import Oversized, ProtocolError, Replay, Stale, UnknownSigner
 from protocol.jws import MAX_TOKEN_BYTES
 from protocol.keys import public_key_from_b64
+from protocol.messages import HeartbeatMessage, StatusMessage
 from protocol.replay import check_fresh
 from protocol.topics import parse_topic
 
@@ -35,6 +61,10 @@ log = logging.getLogger(__name__)
 ACKED_TYPES = frozenset({"alert", "cancel"})
 # Messages that become events (and are forwarded); the rest only move the high-water mark.
 KEPT_TYPES = frozenset({"alert", "cancel"})
+
+
+class UnknownDevice(UnknownSigner):
+    reason = "unknown_device"
 
 
 class Revoked(ProtocolError, PermissionError):
@@ -67,7 +97,7 @@ class Registry:
     def resolve(self, kid: str) -> Ed25519PublicKey:
         key = self._keys.get(kid)
         if key is None:
-            raise UnknownSigner(f"no registered device {kid!r}: enrol it with `ansimi provision`")
+            raise UnknownDevice(f"no registered device {kid!r}: enrol it with `ansimi provision`")
         return key
 
 
@@ -75,6 +105,14 @@ class Registry:
 class _Checked:
     opened: Opened
     device: Device
+    last_will: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    item: Incoming
+    fresh: bool
+    forwarded: bool
 
 
 class Intake:
@@ -91,6 +129,7 @@ class Intake:
         batch_max: int = 500,
         clock_ms: Callable[[], int] | None = None,
         on_kept: Callable[[list[Incoming]], None] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -102,8 +141,11 @@ class Intake:
         self._batch_max = batch_max
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._on_kept = on_kept
+        self._supervisor = supervisor
         self._queue: list[MqttMessage] = []
         self._wake = asyncio.Event()
+        # highest last-will sequence number accepted per device (see the module docstring)
+        self._will_floor: dict[str, int] = {}
         # SQLite commits (fsync) run here, so the loop keeps reading while a batch lands.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="intake-writer")
 
@@ -113,7 +155,6 @@ class Intake:
         self._wake.set()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 await self._wake.wait()
@@ -121,67 +162,149 @@ class Intake:
                 while self._queue:
                     batch = self._queue[: self._batch_max]
                     del self._queue[: self._batch_max]
-                    await self._process(batch, loop)
+                    await self.process(batch)
         finally:
             self._writer.shutdown(wait=True)
 
-    async def _process(self, batch: list[MqttMessage], loop: asyncio.AbstractEventLoop) -> None:
+    async def process(self, batch: list[MqttMessage]) -> None:
+        """Check, keep and ack one batch; never raises for anything a message contains."""
         now_ms = self._clock_ms()
         checked: list[_Checked] = []
+        in_batch: set[tuple[str, str]] = set()
         for message in batch:
             try:
-                checked.append(self._check(message, now_ms))
+                one = self._check(message, now_ms, in_batch)
             except ProtocolError as exc:
                 self._reject(message, exc)
+                continue
             except Exception:
                 # A bug here must cost one message, never the gateway.
                 self._metrics.rejected.labels("internal").inc()
                 log.exception("intake: unexpected error on %s", _device_of(message.topic))
-        if not checked:
-            return
-        incoming = [self._incoming(c) for c in checked]
-        fresh = await loop.run_in_executor(self._writer, self._store.accept, incoming, now_ms)
+                continue
+            checked.append(one)
+            in_batch.add((one.opened.message.device, one.opened.message.id))
+        # A last will followed in the same batch by news from its device is already out
+        # of date: the device has reconnected.
+        last_heard = {c.opened.message.device: i for i, c in enumerate(checked)}
+        wills = [
+            c.device.device_id
+            for i, c in enumerate(checked)
+            if c.last_will and last_heard[c.device.device_id] == i
+        ]
+        incoming = [self._incoming(c) for c in checked if not c.last_will]
+        if incoming:
+            await self._keep(incoming, now_ms)
+        if self._supervisor is not None:
+            for device_id in wills:
+                await self._supervisor.last_will(device_id)
+
+    async def _keep(self, incoming: list[Incoming], now_ms: int) -> None:
+        kept, came_online = await self._commit(incoming, now_ms)
         self._metrics.intake_batch.observe(len(incoming))
-        kept: list[Incoming] = []
-        for item, is_new in zip(incoming, fresh, strict=True):
-            if is_new:
+        forwarded: list[Incoming] = []
+        for one in kept:
+            item = one.item
+            if one.fresh:
                 self._metrics.accepted.labels(item.type).inc()
-                if item.kept:
-                    kept.append(item)
             else:
                 self._metrics.duplicates.inc()
+            if one.forwarded:
+                forwarded.append(item)
             if item.type in ACKED_TYPES:
                 self._downlink.ack(item.device_id, item.event_id, "received")
-        if kept and self._on_kept is not None:
-            self._on_kept(kept)
+            if self._supervisor is not None:
+                self._supervisor.heard(item.device_id, now_ms)
+        if self._supervisor is not None and came_online:
+            await self._supervisor.came_online(came_online)
+        if forwarded and self._on_kept is not None:
+            self._on_kept(forwarded)
 
-    def _check(self, message: MqttMessage, now_ms: int) -> _Checked:
+    async def _commit(self, incoming: list[Incoming], now_ms: int) -> tuple[list[_Kept], list[str]]:
+        """One group commit; if it fails, each message alone, so one bad row costs one message.
+
+        A message that cannot be kept is not acked: its device sends it again.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            done = await loop.run_in_executor(
+                self._writer, self._store.accept_batch, incoming, now_ms
+            )
+        except Exception:
+            self._metrics.store_errors.inc()
+            log.exception("intake: group commit of %d messages failed; one by one", len(incoming))
+        else:
+            kept = [
+                _Kept(item, fresh, fwd)
+                for item, fresh, fwd in zip(incoming, done.fresh, done.forwarded, strict=True)
+            ]
+            return kept, done.came_online
+        kept = []
+        came_online: list[str] = []
+        for item in incoming:
+            try:
+                alone = await loop.run_in_executor(
+                    self._writer, self._store.accept_batch, [item], now_ms
+                )
+            except Exception:
+                self._metrics.rejected.labels("internal").inc()
+                log.exception("intake: cannot keep a message from %s", item.device_id)
+                continue
+            kept.append(_Kept(item, alone.fresh[0], alone.forwarded[0]))
+            came_online += [d for d in alone.came_online if d not in came_online]
+        return kept, came_online
+
+    def _check(self, message: MqttMessage, now_ms: int, in_batch: set[tuple[str, str]]) -> _Checked:
+        if len(message.payload) > self._max_bytes:
+            # before anything else: a flood of huge payloads must cost nothing
+            raise Oversized(f"payload is {len(message.payload)} bytes, over {self._max_bytes}")
         topic = parse_topic(message.topic)
         opened = open_from_device(
             message.payload, self._registry.resolve, topic, max_bytes=self._max_bytes
         )
         msg = opened.message
         device = self._registry.device(msg.device)
-        assert device is not None  # resolve() found its key
+        if device is None:  # reloaded between resolve() and here
+            raise UnknownDevice(f"no registered device {msg.device!r}")
         if device.revoked:
             raise Revoked(f"device {msg.device} is revoked")
+        if isinstance(msg, StatusMessage) and msg.body.state == "offline":
+            self._check_last_will(message, msg, now_ms)
+            return _Checked(opened, device, last_will=True)
         high_water = self._registry.high_water.get(msg.device)
         try:
             check_fresh(high_water, msg.seq, msg.ts, now_ms, self._window_ms)
         except ProtocolError:
-            if msg.type in ACKED_TYPES and self._is_known(msg.id):
+            if msg.type in ACKED_TYPES and (
+                (msg.device, msg.id) in in_batch or self._is_known(msg.id, msg.device)
+            ):
                 # The device missed our ack and resent the very same message: ack again.
                 return _Checked(opened, device)
             raise
         self._registry.high_water[msg.device] = msg.seq
         return _Checked(opened, device)
 
-    def _is_known(self, event_id: str) -> bool:
-        return self._store.event(event_id) is not None
+    def _check_last_will(self, raw: MqttMessage, msg: StatusMessage, now_ms: int) -> None:
+        """The rules for a status `offline` (the last will): see the module docstring."""
+        if raw.retain:
+            raise Stale(f"retained status of {msg.device}: a copy from the past, not news")
+        if msg.ts > now_ms + self._window_ms:
+            raise Stale(f"status of {msg.device} is signed {msg.ts - now_ms} ms in the future")
+        floor = self._will_floor.get(msg.device)
+        if floor is not None and msg.seq < floor:
+            raise Replay(
+                f"last will of {msg.device} has seq {msg.seq}, below the {floor} of a later run"
+            )
+        self._will_floor[msg.device] = msg.seq
+
+    def _is_known(self, event_id: str, device_id: str) -> bool:
+        event = self._store.event(event_id)
+        return event is not None and event.device_id == device_id
 
     def _incoming(self, checked: _Checked) -> Incoming:
         msg = checked.opened.message
         kept = msg.type in KEPT_TYPES
+        power = msg.body.power if isinstance(msg, HeartbeatMessage) else None
         return Incoming(
             event_id=msg.id,
             device_id=msg.device,
@@ -190,8 +313,10 @@ class Intake:
             ts_ms=msg.ts,
             body_json=msg.body.model_dump_json(),
             jws=checked.opened.token,
-            centres=self._route(checked.device.district) if kept else (),
+            # a heartbeat may become a power event, so it carries its routing too
+            centres=self._route(checked.device.district) if kept or power else (),
             kept=kept,
+            power=power,
         )
 
     def _reject(self, message: MqttMessage, exc: ProtocolError) -> None:

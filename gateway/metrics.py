@@ -46,6 +46,24 @@ class Metrics:
             "Deliveries kept and not yet accepted by their centre",
             registry=self.registry,
         )
+        self.supervision = Counter(
+            "ansimi_supervision_events_total",
+            "Devices that went offline or came back online, as reported to the centres",
+            ["event"],
+            registry=self.registry,
+        )
+        for event in ("online", "offline"):
+            self.supervision.labels(event)
+        self.devices_watched = Gauge(
+            "ansimi_devices_watched",
+            "Devices this instance is timing heartbeats for",
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "ansimi_store_errors_total",
+            "Group commits that failed (their messages were retried one by one)",
+            registry=self.registry,
+        )
         self.intake_batch = Histogram(
             "ansimi_intake_batch_size",
             "Messages committed per group commit",

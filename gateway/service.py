@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from ansimi import sdnotify
@@ -14,6 +15,7 @@ from gateway.forward import Forwarder
 from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
 from gateway.store import Delivery, SqliteStore, Store
+from gateway.supervise import Supervisor
 from protocol.jws import Signer
 from protocol.keys import load_private_key
 from protocol.topics import UP_FILTER, shared_up_filter
@@ -54,7 +56,12 @@ class Gateway:
             )
             signer = Signer(config.id, key)
         self.signer = signer
-        self.session = Session(mqtt_settings(config), self._on_message)
+        self.session = Session(
+            mqtt_settings(config),
+            self._on_message,
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+        )
         self.downlink = Downlink(
             signer, lambda topic, payload: self.session.publish(topic, payload)
         )
@@ -66,6 +73,15 @@ class Gateway:
             district_of=self._district_of,
             on_first_delivery=self._on_first_delivery,
         )
+        self.supervisor = Supervisor(
+            self.store,
+            self.downlink,
+            self.metrics,
+            route_of=self._route_of,
+            timeout_ms=config.supervise.timeout_ms,
+            tick_s=config.supervise.tick_s,
+            on_event=self.forwarder.wake,
+        )
         self.intake = Intake(
             self.store,
             self.registry,
@@ -76,11 +92,24 @@ class Gateway:
             max_bytes=config.intake.max_message_bytes,
             batch_max=config.intake.batch_max,
             on_kept=lambda _items: self.forwarder.wake(),
+            supervisor=self.supervisor,
         )
         self.ready = asyncio.Event()
 
     def _on_message(self, message: Message) -> None:
         self.intake.submit(message)
+
+    def _on_connect(self, session_present: bool) -> None:
+        self.supervisor.resume(time.time_ns() // 1_000_000)
+
+    def _on_disconnect(self) -> None:
+        self.supervisor.pause()
+
+    def _route_of(self, device_id: str) -> tuple[str, ...] | None:
+        device = self.registry.device(device_id)
+        if device is None or device.revoked:
+            return None
+        return self.config.centres_for(device.district)
 
     def _district_of(self, device_id: str) -> str:
         device = self.registry.device(device_id)
@@ -100,6 +129,8 @@ class Gateway:
                 tasks.create_task(self.session.run(), name="mqtt")
                 tasks.create_task(self.intake.run(), name="intake")
                 tasks.create_task(self.forwarder.run(), name="forward")
+                self.supervisor.load(self.store.devices(), time.time_ns() // 1_000_000)
+                tasks.create_task(self.supervisor.run(), name="supervise")
                 tasks.create_task(sdnotify.watchdog_pings(), name="watchdog")
                 await self.session.wait_connected()
                 await self.session.subscribe([(self.subscription(), 1)])

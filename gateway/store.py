@@ -27,7 +27,10 @@ CREATE TABLE IF NOT EXISTS devices (
     label       TEXT NOT NULL DEFAULT '',
     revoked     INTEGER NOT NULL DEFAULT 0,
     high_water  INTEGER,                -- highest accepted uplink sequence number
-    created_ms  INTEGER NOT NULL
+    created_ms  INTEGER NOT NULL,
+    last_seen_ms INTEGER,               -- gateway clock when last heard from (any instance)
+    online      INTEGER,                -- NULL never heard from, 1 online, 0 offline
+    power       TEXT                    -- last reported power source: mains or battery
 );
 CREATE TABLE IF NOT EXISTS events (
     event_id    TEXT PRIMARY KEY,       -- the device's message id
@@ -61,6 +64,14 @@ CREATE TABLE IF NOT EXISTS stages (
 """
 
 
+# Columns added after the first release: an existing database gets them on open.
+_ADDED_DEVICE_COLUMNS = {
+    "last_seen_ms": "INTEGER",
+    "online": "INTEGER",
+    "power": "TEXT",
+}
+
+
 class StoreError(Exception):
     """Root of the store's errors."""
 
@@ -84,6 +95,9 @@ class Device:
     label: str = ""
     revoked: bool = False
     high_water: int | None = None
+    last_seen_ms: int | None = None
+    online: bool | None = None  # None: never heard from
+    power: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +115,17 @@ class Incoming:
     # Heartbeats and status only move the high-water mark: thousands a second must not
     # grow the event table. Supervision keeps their news.
     kept: bool = True
+    # A heartbeat's power source: a heartbeat that changes it is kept as a power event.
+    power: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What one group commit did, per message and per device."""
+
+    fresh: list[bool]  # not seen before (False: a resend, to be re-acked only)
+    forwarded: list[bool]  # became a new event with deliveries waiting
+    came_online: list[str]  # devices marked offline that were heard from again
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +160,11 @@ class Store(Protocol):
     def devices(self) -> list[Device]: ...
     def revoke(self, device_id: str) -> bool: ...
     def accept(self, batch: Sequence[Incoming], now_ms: int) -> list[bool]: ...
+    def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted: ...
+    def add_event(self, item: Incoming, now_ms: int) -> None: ...
+    def mark_offline(
+        self, items: Sequence[Incoming], seen_before_ms: int, now_ms: int
+    ) -> list[bool]: ...
     def due(self, now_ms: int, limit: int) -> list[Delivery]: ...
     def delivered(self, event_id: str, centre: str, now_ms: int) -> bool: ...
     def failed(self, event_id: str, centre: str, next_attempt_ms: int, error: str) -> None: ...
@@ -163,6 +193,14 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            present = {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}
+            for column, kind in _ADDED_DEVICE_COLUMNS.items():
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -200,11 +238,14 @@ class SqliteStore:
         except sqlite3.IntegrityError:
             raise DuplicateDevice(device.device_id) from None
 
-    _DEVICE_COLUMNS = "device_id, public_key, kind, district, label, revoked, high_water"
+    _DEVICE_COLUMNS = (
+        "device_id, public_key, kind, district, label, revoked, high_water,"
+        " last_seen_ms, online, power"
+    )
 
     @staticmethod
     def _device(row: tuple[Any, ...]) -> Device:
-        device_id, key, kind, district, label, revoked, high_water = row
+        device_id, key, kind, district, label, revoked, high_water, seen, online, power = row
         return Device(
             str(device_id),
             str(key),
@@ -213,6 +254,9 @@ class SqliteStore:
             str(label),
             bool(revoked),
             None if high_water is None else int(high_water),
+            None if seen is None else int(seen),
+            None if online is None else bool(online),
+            None if power is None else str(power),
         )
 
     def device(self, device_id: str) -> Device | None:
@@ -238,43 +282,95 @@ class SqliteStore:
     # ---- intake -------------------------------------------------------------------------
 
     def accept(self, batch: Sequence[Incoming], now_ms: int) -> list[bool]:
-        """Keep a batch in one transaction; per message, True if new, False if known.
+        """Keep a batch in one transaction; per message, True if new, False if known."""
+        return self.accept_batch(batch, now_ms).fresh
+
+    def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
+        """Keep a batch in one transaction (group commit) and note who was heard from.
 
         A known event id is a resend of something already kept: nothing new is stored or
         forwarded, but the caller re-acks it, because the device evidently missed the ack.
+        Every message also marks its device seen now; the supervisors of all gateway
+        instances read that, so heartbeats landing on another instance still count.
         """
         fresh: list[bool] = []
+        forwarded: list[bool] = []
+        came_online: list[str] = []
         with self._tx() as db:
             for item in batch:
+                row = db.execute(
+                    "SELECT online, power FROM devices WHERE device_id = ?", (item.device_id,)
+                ).fetchone()
+                was_online, old_power = row if row is not None else (None, None)
                 db.execute(
-                    "UPDATE devices SET high_water = MAX(COALESCE(high_water, -1), ?)"
-                    " WHERE device_id = ?",
-                    (item.seq, item.device_id),
+                    "UPDATE devices SET high_water = MAX(COALESCE(high_water, -1), ?),"
+                    " last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?), online = 1,"
+                    " power = COALESCE(?, power) WHERE device_id = ?",
+                    (item.seq, now_ms, item.power, item.device_id),
                 )
-                if not item.kept:
+                if was_online == 0 and item.device_id not in came_online:
+                    came_online.append(item.device_id)
+                power_changed = item.power is not None and old_power not in (None, item.power)
+                if not (item.kept or power_changed):
                     fresh.append(True)
+                    forwarded.append(False)
                     continue
-                inserted = db.execute(
-                    "INSERT INTO events (event_id, device_id, seq, type, ts_ms, received_ms,"
-                    " body, jws) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (
-                        item.event_id,
-                        item.device_id,
-                        item.seq,
-                        item.type,
-                        item.ts_ms,
-                        now_ms,
-                        item.body_json,
-                        item.jws,
-                    ),
+                inserted = self._insert_event(db, item, now_ms)
+                fresh.append(inserted)
+                forwarded.append(inserted and bool(item.centres))
+        return Accepted(fresh, forwarded, came_online)
+
+    @staticmethod
+    def _insert_event(db: sqlite3.Connection, item: Incoming, now_ms: int) -> bool:
+        inserted = db.execute(
+            "INSERT INTO events (event_id, device_id, seq, type, ts_ms, received_ms,"
+            " body, jws) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (
+                item.event_id,
+                item.device_id,
+                item.seq,
+                item.type,
+                item.ts_ms,
+                now_ms,
+                item.body_json,
+                item.jws,
+            ),
+        ).rowcount
+        if inserted:
+            db.executemany(
+                "INSERT INTO outbox (event_id, centre, next_attempt_ms) VALUES (?, ?, ?)",
+                [(item.event_id, centre, now_ms) for centre in item.centres],
+            )
+        return bool(inserted)
+
+    # ---- supervision --------------------------------------------------------------------
+
+    def add_event(self, item: Incoming, now_ms: int) -> None:
+        """Keep an event the gateway itself made; the device's high-water mark is untouched."""
+        with self._tx() as db:
+            self._insert_event(db, item, now_ms)
+
+    def mark_offline(
+        self, items: Sequence[Incoming], seen_before_ms: int, now_ms: int
+    ) -> list[bool]:
+        """Mark each item's device offline, keeping the item as its event, if still due.
+
+        Per item, False when the device is already offline or was heard from at or after
+        `seen_before_ms` (by any gateway instance sharing this store): then nothing is kept.
+        The check and the event are one transaction, so two instances never both report it.
+        """
+        went: list[bool] = []
+        with self._tx() as db:
+            for item in items:
+                changed = db.execute(
+                    "UPDATE devices SET online = 0 WHERE device_id = ? AND online = 1"
+                    " AND COALESCE(last_seen_ms, 0) < ?",
+                    (item.device_id, seen_before_ms),
                 ).rowcount
-                if inserted:
-                    db.executemany(
-                        "INSERT INTO outbox (event_id, centre, next_attempt_ms) VALUES (?, ?, ?)",
-                        [(item.event_id, centre, now_ms) for centre in item.centres],
-                    )
-                fresh.append(bool(inserted))
-        return fresh
+                if changed:
+                    self._insert_event(db, item, now_ms)
+                went.append(bool(changed))
+        return went
 
     # ---- forwarding ---------------------------------------------------------------------
 
@@ -323,16 +419,6 @@ class SqliteStore:
         return int(rows[0][0])
 
     # ---- operator stages ---------------------------------------------------
-
-    def next_down_seq(self, device_id: str) -> int:
-        with self._tx() as db:
-            row = db.execute(
-                "UPDATE devices SET down_seq = down_seq + 1 WHERE device_id = ? RETURNING down_seq",
-                (device_id,),
-            ).fetchone()
-        if row is None:
-            raise StoreError(f"no device {device_id}")
-        return int(row[0])
 
     def set_stage(self, event_id: str, stage: EventState, now_ms: int, actor: str) -> bool:
         """Move an event forward to `stage`; False if it is already there or beyond."""

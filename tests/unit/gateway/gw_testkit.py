@@ -1,0 +1,169 @@
+"""A gateway's insides on an in-memory store, a fake clock and a captured downlink.
+
+A plain module (not conftest) so the gateway tests import it by a name no other test tree
+uses. Keys are fixed, so failures reproduce byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ansimi.mqtt import Message as MqttMessage
+from gateway.downlink import Downlink
+from gateway.intake import Intake, Registry
+from gateway.metrics import Metrics
+from gateway.store import Device, SqliteStore
+from gateway.supervise import Supervisor
+from protocol.envelope import open_for_device, seal
+from protocol.jws import Signer
+from protocol.keys import public_key_to_b64
+from protocol.messages import AckMessage, Alert, Body, Heartbeat, build_message
+from protocol.topics import up_topic
+
+NOW = 1_800_000_000_000
+WINDOW_MS = 300_000
+TIMEOUT_MS = 30_000
+GATEWAY = "gw-test"
+GATEWAY_KEY = Ed25519PrivateKey.from_private_bytes(bytes([7]) * 32)
+# two registered devices in different districts, one revoked, one never registered
+KEYS = {
+    name: Ed25519PrivateKey.from_private_bytes(bytes([n]) * 32)
+    for n, name in enumerate(("bell-0001", "bell-0002", "bell-0003", "bell-0009"), start=1)
+}
+DISTRICTS = {"bell-0001": "mapo", "bell-0002": "gangnam", "bell-0003": "mapo"}
+ROUTES = {"mapo": ("central", "mapo"), "gangnam": ("central",)}
+ALERT = Alert(bell="emergency", trigger="press")
+
+
+def signer(device_id: str) -> Signer:
+    return Signer(device_id, KEYS[device_id])
+
+
+class Clock:
+    def __init__(self, ms: int = NOW) -> None:
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+@dataclass
+class Env:
+    clock: Clock
+    store: SqliteStore
+    registry: Registry
+    metrics: Metrics
+    downlink: Downlink
+    supervisor: Supervisor
+    intake: Intake
+    sent: list[tuple[str, bytes]] = field(default_factory=list)
+    woken: list[int] = field(default_factory=list)
+    seqs: dict[str, int] = field(default_factory=dict)
+
+    def acks(self) -> list[tuple[str, str, str]]:
+        """(device, alert id, stage) of every ack published, checked as a device would."""
+        out = []
+        for topic, payload in self.sent:
+            device_id = topic.split("/")[2]
+            opened = open_for_device(
+                payload, {GATEWAY: GATEWAY_KEY.public_key()}.__getitem__, device_id
+            )
+            assert isinstance(opened.message, AckMessage)
+            out.append((device_id, opened.message.body.ref, opened.message.body.stage))
+        return out
+
+    def message(
+        self,
+        body: Body,
+        device: str = "bell-0001",
+        *,
+        signed_by: str | None = None,
+        topic_device: str | None = None,
+        seq: int | None = None,
+        ts: int | None = None,
+        id: str | None = None,
+        retain: bool = False,
+    ) -> MqttMessage:
+        """A message about `device`, by default well formed and fresh."""
+        if seq is None:
+            seq = self.seqs.get(device, 0) + 1
+        self.seqs[device] = max(seq, self.seqs.get(device, 0))
+        msg = build_message(
+            body, device=device, seq=seq, ts=self.clock.ms if ts is None else ts, id=id
+        )
+        token = seal(msg, signer(signed_by or device))
+        return MqttMessage(up_topic(topic_device or device, msg.type), token.encode(), 1, retain)
+
+    async def feed(self, *messages: MqttMessage) -> None:
+        await self.intake.process(list(messages))
+
+    def rejected(self, reason: str | None = None) -> float:
+        if reason is not None:
+            value = self.metrics.registry.get_sample_value(
+                "ansimi_rejected_total", {"reason": reason}
+            )
+            return value or 0.0
+        return sum(
+            s.value
+            for m in self.metrics.registry.collect()
+            if m.name == "ansimi_rejected"
+            for s in m.samples
+            if s.name == "ansimi_rejected_total"
+        )
+
+    def event_count(self) -> int:
+        return len(self.store.events(None, 100_000))
+
+
+def make_env(clock: Clock | None = None) -> Env:
+    clock = clock or Clock()
+    store = SqliteStore(":memory:")
+    for device_id, district in DISTRICTS.items():
+        public = public_key_to_b64(KEYS[device_id].public_key())
+        store.add_device(Device(device_id, public, "bell", district), now_ms=0)
+    store.revoke("bell-0003")
+    registry = Registry(store)
+    metrics = Metrics()
+    sent: list[tuple[str, bytes]] = []
+    woken: list[int] = []
+
+    def publish(topic: str, payload: bytes) -> asyncio.Future[None]:
+        sent.append((topic, payload))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    downlink = Downlink(Signer(GATEWAY, GATEWAY_KEY), publish, clock_ms=clock)
+
+    def route_of(device_id: str) -> tuple[str, ...] | None:
+        device = registry.device(device_id)
+        return None if device is None or device.revoked else ROUTES[device.district]
+
+    supervisor = Supervisor(
+        store,
+        downlink,
+        metrics,
+        route_of=route_of,
+        timeout_ms=TIMEOUT_MS,
+        clock_ms=clock,
+        on_event=lambda: woken.append(1),
+    )
+    intake = Intake(
+        store,
+        registry,
+        downlink,
+        metrics,
+        route=ROUTES.__getitem__,
+        window_ms=WINDOW_MS,
+        clock_ms=clock,
+        on_kept=lambda items: woken.append(len(items)),
+        supervisor=supervisor,
+    )
+    return Env(clock, store, registry, metrics, downlink, supervisor, intake, sent, woken)
+
+
+def heartbeat(power: str = "mains") -> Heartbeat:
+    return Heartbeat(uptime_s=1, power=power, firmware="1.0")  # type: ignore[arg-type]

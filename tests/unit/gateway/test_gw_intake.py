@@ -1,0 +1,220 @@
+"""Intake: each refusal is counted under its reason and costs nothing; duplicates are re-acked."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+from gw_testkit import ALERT, NOW, WINDOW_MS, Env, heartbeat, make_env
+
+from ansimi.mqtt import Message as MqttMessage
+from gateway.store import Accepted, Incoming, SqliteStore
+from protocol.messages import Cancel, Status
+
+
+@pytest.fixture
+def env() -> Env:
+    return make_env()
+
+
+async def test_a_good_alert_is_kept_acked_and_routed_to_its_district(env: Env) -> None:
+    message = env.message(ALERT, id="alert-000001")
+    await env.feed(message)
+    (event,) = env.store.events(None, 10)
+    assert (event.event_id, event.device_id, event.type) == ("alert-000001", "bell-0001", "alert")
+    assert env.acks() == [("bell-0001", "alert-000001", "received")]
+    assert {d.centre for d in env.store.due(NOW, 10)} == {"central", "mapo"}
+    assert env.woken == [1]
+    assert env.rejected() == 0
+
+
+def _oversized(env: Env) -> MqttMessage:
+    good = env.message(ALERT)
+    return MqttMessage(good.topic, good.payload + b"A" * 17_000, 1)
+
+
+def _malformed(env: Env) -> MqttMessage:
+    return MqttMessage("ansimi/v1/bell-0001/up/alert", b"not a jws at all", 1)
+
+
+REFUSALS: list[tuple[str, Callable[[Env], MqttMessage]]] = [
+    ("unknown_device", lambda env: env.message(ALERT, device="bell-0009")),
+    ("revoked", lambda env: env.message(ALERT, device="bell-0003")),
+    ("stale", lambda env: env.message(ALERT, ts=NOW - WINDOW_MS - 1)),
+    ("stale", lambda env: env.message(ALERT, ts=NOW + WINDOW_MS + 1)),
+    ("oversized", _oversized),
+    ("malformed", _malformed),
+    # a valid message from bell-0002, published on bell-0001's topic
+    (
+        "topic_mismatch",
+        lambda env: env.message(ALERT, device="bell-0002", topic_device="bell-0001"),
+    ),
+    # about bell-0001, but signed by bell-0002 (a registered device speaking for another)
+    ("topic_mismatch", lambda env: env.message(ALERT, signed_by="bell-0002")),
+    # an alert on the heartbeat topic
+    (
+        "topic_mismatch",
+        lambda env: MqttMessage("ansimi/v1/bell-0001/up/heartbeat", env.message(ALERT).payload, 1),
+    ),
+    (
+        "bad_signature",
+        lambda env: MqttMessage(
+            env.message(ALERT).topic, env.message(ALERT).payload[:-4] + b"AAAA", 1
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("reason", "make"), REFUSALS, ids=[r for r, _ in REFUSALS])
+async def test_each_refusal_is_counted_by_reason_and_the_intake_carries_on(
+    env: Env, reason: str, make: Callable[[Env], MqttMessage]
+) -> None:
+    bad = make(env)
+    await env.feed(bad)
+    assert env.rejected(reason) == 1
+    assert env.rejected() == 1
+    assert env.event_count() == 0
+    assert env.acks() == []
+    assert env.store.waiting_count() == 0
+    # still running: the next good message goes through
+    good = env.message(ALERT)
+    await env.feed(good)
+    assert env.event_count() == 1
+    assert env.rejected() == 1
+
+
+async def test_a_replayed_sequence_number_is_refused(env: Env) -> None:
+    await env.feed(env.message(ALERT, seq=10))
+    await env.feed(env.message(ALERT, seq=10))
+    await env.feed(env.message(heartbeat(), seq=9))
+    assert env.rejected("replay") == 2
+    assert env.event_count() == 1
+
+
+async def test_an_exact_duplicate_is_re_acked_and_not_forwarded_again(env: Env) -> None:
+    original = env.message(ALERT, id="alert-dup-01")
+    await env.feed(original)
+    await env.feed(original)  # QoS 1 redelivery: same bytes, same seq
+    await env.feed(original, original)  # and twice in one batch
+    assert env.event_count() == 1
+    assert env.acks() == [("bell-0001", "alert-dup-01", "received")] * 4
+    assert len(env.store.due(NOW, 10)) == 2  # central and mapo, once each
+    assert env.woken == [1]  # the forwarder was woken for the first copy only
+    assert env.rejected() == 0
+    assert env.metrics.registry.get_sample_value("ansimi_duplicates_total") == 3
+
+
+async def test_a_resend_with_a_new_seq_is_re_acked_and_not_forwarded_again(env: Env) -> None:
+    await env.feed(env.message(ALERT, id="alert-resend"))
+    await env.feed(env.message(ALERT, id="alert-resend"))  # the device's resend: fresh seq
+    assert env.event_count() == 1
+    assert len(env.acks()) == 2
+    assert env.woken == [1]
+
+
+async def test_another_devices_replay_of_a_known_id_is_not_a_duplicate(env: Env) -> None:
+    await env.feed(env.message(ALERT, id="alert-of-0001"))
+    await env.feed(env.message(ALERT, device="bell-0002", seq=5))
+    await env.feed(
+        env.message(Cancel(alert_id="alert-of-0001"), device="bell-0002", seq=5, id="alert-of-0001")
+    )
+    assert env.rejected("replay") == 1
+    assert [a[0] for a in env.acks()] == ["bell-0001", "bell-0002"]
+
+
+async def test_a_message_that_breaks_the_store_costs_only_itself(env: Env) -> None:
+    poison = env.message(ALERT, id="poisoned-01")
+    good = env.message(ALERT, id="healthy-001")
+
+    class Fragile(SqliteStore):
+        def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
+            if any(i.event_id == "poisoned-01" for i in batch):
+                raise RuntimeError("disk trouble")
+            return super().accept_batch(batch, now_ms)
+
+    env.store.__class__ = Fragile
+    await env.feed(poison, good)
+    assert [e.event_id for e in env.store.events(None, 10)] == ["healthy-001"]
+    assert env.acks() == [("bell-0001", "healthy-001", "received")]
+    assert env.rejected("internal") == 1
+    assert env.metrics.registry.get_sample_value("ansimi_store_errors_total") == 1
+
+
+async def test_a_bug_in_a_check_costs_one_message(env: Env) -> None:
+    def broken(kid: str) -> object:
+        raise RuntimeError("bug")
+
+    env.registry.resolve = broken  # type: ignore[assignment,method-assign]
+    await env.feed(env.message(ALERT))
+    assert env.rejected("internal") == 1
+    assert env.event_count() == 0
+
+
+async def test_revocation_takes_effect_at_the_next_message(env: Env) -> None:
+    await env.feed(env.message(ALERT))
+    env.store.revoke("bell-0001")
+    env.registry.reload()
+    await env.feed(env.message(ALERT))
+    assert env.rejected("revoked") == 1
+    assert env.event_count() == 1
+
+
+# ---- the last will (status offline) --------------------------------------------------------
+
+
+async def _online(env: Env, device: str = "bell-0001") -> None:
+    await env.feed(env.message(heartbeat(), device=device))
+    assert env.store.device(device).online  # type: ignore[union-attr]
+
+
+async def test_the_last_will_is_accepted_though_its_seq_and_time_are_old(env: Env) -> None:
+    # signed at CONNECT an hour ago with seq 1; many messages have gone out since
+    will = env.message(Status(state="offline"), seq=1, ts=NOW - 3_600_000)
+    env.seqs["bell-0001"] = 50
+    await _online(env)
+    high_water = env.registry.high_water["bell-0001"]
+    await env.feed(will)
+    assert env.rejected() == 0
+    device = env.store.device("bell-0001")
+    assert device is not None and device.online is False
+    assert env.registry.high_water["bell-0001"] == high_water == device.high_water
+    (event,) = env.store.events(None, 10)
+    assert (event.type, event.body_json) == ("status", '{"state":"offline"}')
+    # the same will again (the next unclean disconnect of the same run) is fine
+    await _online(env)
+    await env.feed(will)
+    assert env.rejected() == 0
+
+
+async def test_a_retained_or_future_will_is_refused(env: Env) -> None:
+    await _online(env)
+    await env.feed(env.message(Status(state="offline"), seq=1, retain=True))
+    await env.feed(env.message(Status(state="offline"), seq=1, ts=NOW + WINDOW_MS + 1))
+    assert env.rejected("stale") == 2
+    assert env.store.device("bell-0001").online  # type: ignore[union-attr]
+
+
+async def test_a_will_from_an_earlier_run_is_refused_after_a_later_one(env: Env) -> None:
+    old_run = env.message(Status(state="offline"), seq=3, ts=NOW - 100_000)
+    new_run = env.message(Status(state="offline"), seq=40, ts=NOW - 50_000)
+    await _online(env)
+    await env.feed(new_run)
+    await _online(env)
+    await env.feed(old_run)
+    assert env.rejected("replay") == 1
+    assert env.store.device("bell-0001").online  # type: ignore[union-attr]
+
+
+async def test_a_will_followed_by_news_in_the_same_batch_is_out_of_date(env: Env) -> None:
+    await _online(env)
+    will = env.message(Status(state="offline"), seq=1)
+    await env.feed(will, env.message(Status(state="online")))
+    assert env.store.device("bell-0001").online  # type: ignore[union-attr]
+    assert env.event_count() == 0
+
+
+async def test_a_forged_will_is_refused(env: Env) -> None:
+    await _online(env)
+    await env.feed(env.message(Status(state="offline"), seq=1, signed_by="bell-0002"))
+    assert env.rejected("topic_mismatch") == 1
+    assert env.store.device("bell-0001").online  # type: ignore[union-attr]
