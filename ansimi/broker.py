@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -63,6 +64,9 @@ class MosquittoConfig:
     persistence: bool = True
     autosave_interval_s: int = 60
     max_queued_messages: int = 100_000
+    # Started as root, mosquitto drops to this user (its own default: `mosquitto`), which
+    # must be able to read its files and write `state_dir`.
+    user: str | None = None
     extra_lines: list[str] = field(default_factory=list)
 
     def render(self) -> str:
@@ -80,6 +84,7 @@ class MosquittoConfig:
             "log_type warning",
             "log_type notice",
             "connection_messages false",
+            *([f"user {self.user}"] if self.user else []),
             f"listener {self.port} {self.host}",
         ]
         if self.tls is not None:
@@ -113,6 +118,10 @@ class Mosquitto:
         self.config = config
         if config.port == 0:
             config.port = free_port(config.host)
+        if config.user is None and os.geteuid() == 0:
+            # A broker we start for tests or the demo writes into our own folders, which
+            # user `mosquitto` may not be able to enter: keep it running as us.
+            config.user = pwd.getpwuid(os.getuid()).pw_name
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.config_file = config.state_dir / "mosquitto.conf"
         self.log_file = config.state_dir / "mosquitto.log"

@@ -11,6 +11,7 @@ Business code never sees a paho object: it gets frozen `Message`s and awaits fut
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -164,6 +165,7 @@ class Session:
         self._subscriptions: list[tuple[str, int]] = []
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
+        self._disconnected = asyncio.Event()
         self._closing = False
         self._connect_result: asyncio.Future[None] | None = None
         self._background: set[asyncio.Future[list[int]]] = set()
@@ -233,11 +235,14 @@ class Session:
         return await self._send_subscribe(filters)
 
     async def close(self) -> None:
+        """Disconnect cleanly (DISCONNECT sent: the broker drops our will), then let go."""
         self._closing = True
-        self._lost.set()
         if self._client.is_connected():
             self._client.disconnect()
-        self._forget_socket()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._disconnected.wait(), 1.0)
+        self._abort_socket()
+        self._lost.set()
         for fut in self._pending.values():
             if not fut.done():
                 fut.cancel()
@@ -292,7 +297,16 @@ class Session:
             properties.SessionExpiryInterval = s.session_expiry_s if s.persistent else 0
         # The TCP connect and TLS handshake block, so they run on a worker thread; the
         # socket callbacks they trigger are marshalled back to the loop (`_on_loop`).
-        await loop.run_in_executor(None, self._blocking_connect, properties)
+        connecting = loop.run_in_executor(None, self._blocking_connect, properties)
+        try:
+            await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            # The worker thread finishes its connect regardless; close what it opens.
+            connecting.add_done_callback(lambda _done: self._abort_socket())
+            raise
+        if self._closing:
+            self._abort_socket()
+            return
         ticker = _Ticker.for_loop(loop)
         ticker.add(self._client)
         try:
@@ -319,12 +333,21 @@ class Session:
         if self._loop is not None:
             _Ticker.for_loop(self._loop).discard(self._client)
 
+    def _abort_socket(self) -> None:
+        self._forget_socket()
+        # paho has no public "drop the connection now"; closing its socket is what its own
+        # error paths do, and it reports through on_socket_close like any other close.
+        self._client._sock_close()
+
     def _on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
-        assert self._loop is not None
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # a late callback from a connect that outlived its loop
         if threading.get_ident() == self._loop_thread:
             fn(*args)
         else:
-            self._loop.call_soon_threadsafe(fn, *args)
+            with contextlib.suppress(RuntimeError):  # the loop closed since the check
+                loop.call_soon_threadsafe(fn, *args)
 
     def _socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         self._on_loop(self._add_reader, sock)
@@ -361,6 +384,7 @@ class Session:
                 )
             return
         self._connected.set()
+        self._disconnected.clear()
         if result is not None and not result.done():
             result.set_result(None)
         session_present = bool(getattr(flags, "session_present", False))
@@ -376,6 +400,7 @@ class Session:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._disconnected.set()
         self._forget_socket()
         self._lost.set()
         if was_connected and self._on_disconnect is not None:

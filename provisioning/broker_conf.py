@@ -1,0 +1,136 @@
+"""The broker's side of a site: its ACL file and its mosquitto configuration.
+
+Identity comes from the client certificate only. With `use_identity_as_username` mosquitto
+takes the certificate's CN as the username, and every ACL line here keys on it (`%u`). The
+client id (`%c`) is chosen by the client, so a device could claim another's: it appears in
+no rule, and `use_username_as_clientid` replaces it with the CN so that one device cannot
+knock another off the broker by connecting under its client id.
+
+Facts this relies on, checked against mosquitto 2.0.11 (tests/integration/provisioning):
+- A subscribe is always granted by the ACL file (also under v5); what a client may *read* is
+  checked per message, against the message's topic, when it is delivered. So a
+  `$share/<group>/ansimi/v1/+/up/#` subscription needs no rule of its own: the gateway's
+  `topic read ansimi/v1/+/up/#` covers what it delivers.
+- A user's own lines are checked before the patterns, and `deny` lines first of all, so a
+  `user <id>` block with `topic deny #` shuts a revoked identity out of every pattern.
+- SIGHUP re-reads the ACL file (also for clients already connected) and the CRL (for new
+  connections only; a live TLS session is never re-verified).
+"""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from ansimi.broker import BrokerTls, MosquittoConfig
+from provisioning.pki import check_identity
+
+TOPIC_ROOT: Final = "ansimi/v1"
+DEVICE_WRITE: Final = f"{TOPIC_ROOT}/%u/up/#"
+DEVICE_READ: Final = f"{TOPIC_ROOT}/%u/down/#"
+GATEWAY_READ: Final = f"{TOPIC_ROOT}/+/up/#"
+GATEWAY_WRITE: Final = f"{TOPIC_ROOT}/+/down/#"
+DEFAULT_PORT: Final = 8883
+
+
+def render_acl(gateway_ids: Sequence[str], revoked_ids: Iterable[str] = ()) -> str:
+    """The ACL file for a site: device patterns, one block per gateway, one per revoked id.
+
+    A revoked gateway keeps its block, but with a deny instead of its grants.
+    """
+    gateways = [check_identity(g, "gateway id") for g in gateway_ids]
+    revoked = sorted({check_identity(r, "revoked id") for r in revoked_ids})
+    lines = [
+        "# written by `ansimi provision`; edit the generator, not this file.",
+        "# Identity is the client certificate's CN (use_identity_as_username), so rules key on",
+        "# %u. The client id is chosen by the client and must never grant anything.",
+        "",
+        "# Every device: write only its own up topics, read only its own down topics.",
+        f"pattern write {DEVICE_WRITE}",
+        f"pattern read {DEVICE_READ}",
+    ]
+    for gateway in gateways:
+        lines += ["", f"user {gateway}"]
+        if gateway in revoked:
+            lines += ["# revoked", "topic deny #"]
+            continue
+        lines += [
+            "# reads every device's up topics, also through $share/<group>/... subscriptions",
+            "# (mosquitto checks the topic of each delivered message, not the filter)",
+            f"topic read {GATEWAY_READ}",
+            f"topic write {GATEWAY_WRITE}",
+        ]
+    devices = [r for r in revoked if r not in gateways]
+    if devices:
+        lines += [
+            "",
+            "# Revoked identities: a user's deny lines are checked before any pattern, so these",
+            "# clients can neither publish nor receive, even on a connection still open.",
+        ]
+        for identity in devices:
+            lines += [f"user {identity}", "topic deny #"]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerFiles:
+    """Where a site keeps what the broker reads."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    crl_file: Path
+    acl_file: Path
+    data_dir: Path
+
+
+def broker_config(
+    files: BrokerFiles,
+    *,
+    host: str = "0.0.0.0",
+    port: int = DEFAULT_PORT,
+    state_dir: Path | None = None,
+    run_as: str | None = None,
+) -> MosquittoConfig:
+    """The mosquitto configuration of a site's broker (`MosquittoConfig.render()` writes it).
+
+    `run_as` becomes mosquitto's `user` option: started as root, mosquitto otherwise drops
+    to user `mosquitto`, which must then be able to read the files (see `files.broker_owners`).
+    Tests pass their own user name so that a broker started by root stays root and can read
+    a site under a private temporary directory.
+    """
+    extra = [
+        "# A client's id is replaced by its certificate CN: no device can take over another's",
+        "# session, or disconnect it, by connecting with the other's client id.",
+        "use_username_as_clientid true",
+        "tls_version tlsv1.2",
+        "# Sessions of devices that never come back are dropped after a month.",
+        "persistent_client_expiration 30d",
+    ]
+    return MosquittoConfig(
+        # spelled out, so that ansimi.broker's keep-the-caller's-user default does not apply
+        user=run_as or "mosquitto",
+        state_dir=state_dir if state_dir is not None else files.data_dir,
+        port=port,
+        host=host,
+        tls=BrokerTls(
+            ca_file=files.ca_file,
+            cert_file=files.cert_file,
+            key_file=files.key_file,
+            require_certificate=True,
+            use_identity_as_username=True,
+            crl_file=files.crl_file,
+        ),
+        acl_file=files.acl_file,
+        allow_anonymous=False,
+        persistence=True,
+        extra_lines=extra,
+    )
+
+
+def current_user() -> str:
+    """The user to pass as `run_as` when a test or a demo starts the broker itself."""
+    return getpass.getuser()

@@ -1,0 +1,63 @@
+"""`ansimi provision ...` through the real top-level command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from ansimi.cli import cli
+from provisioning import pki
+from provisioning.site import Site
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["provision", *args])
+    return result.exit_code, result.output
+
+
+def test_init_site_json_then_again_changes_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "alpha"
+    code, out = _run("init-site", "--dir", str(target), "--port", "18883", "--json")
+    assert code == 0, out
+    made = json.loads(out)
+    assert made["created"] is True
+    assert made["site"]["gateway_id"] == "gw-alpha"
+    modes = {Path(f["path"]).name: f["mode"] for f in made["files"]}
+    assert modes["ca.key"] == "0600" and modes["gateway.key"] == "0600"
+
+    code, out = _run("init-site", "--dir", str(target), "--json")
+    assert code == 0 and json.loads(out)["created"] is False
+
+    code, out = _run("init-site", "--dir", str(target))
+    assert code == 0 and "Nothing changed" in out
+
+
+def test_init_site_prints_what_it_made(tmp_path: Path) -> None:
+    code, out = _run("init-site", "--dir", str(tmp_path / "alpha"), "--site", "north-1")
+    assert code == 0, out
+    assert "Created site north-1" in out and "gw-north-1" in out
+    assert "ca/ca.key" in out and "0600" in out
+
+
+def test_init_site_refuses_to_replace_without_force(tmp_path: Path) -> None:
+    target = tmp_path / "alpha"
+    assert _run("init-site", "--dir", str(target))[0] == 0
+    code, out = _run("init-site", "--dir", str(target), "--site", "beta")
+    assert code == 1 and "--force" in out
+    code, out = _run("init-site", "--dir", str(target), "--site", "beta", "--force", "--json")
+    assert code == 0 and json.loads(out)["site"]["name"] == "beta"
+
+
+def test_revoke_without_reload_reports_what_it_wrote(tmp_path: Path) -> None:
+    target = tmp_path / "alpha"
+    assert _run("init-site", "--dir", str(target))[0] == 0
+    cert = Site.open(target).issue_client_cert("bell-0001", pki.generate_key().public_key())
+    code, out = _run("revoke", "--dir", str(target), "bell-0001", "--no-reload", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert [r["serial"] for r in report["revoked"]] == [f"{cert.serial_number:X}"]
+    assert report["denied_identities"] == ["bell-0001"] and report["reloaded"] is False
+    code, out = _run("revoke", "--dir", str(target), "bell-0404", "--no-reload")
+    assert code == 1 and "issued no certificate" in out
