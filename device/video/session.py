@@ -1,0 +1,245 @@
+"""Live video sessions on the device: when to stream, and the offer/answer over MQTT.
+
+One session at a time (one camera). It starts on an emergency alert (if
+`start_on_emergency`), on a doorbell ring (if `start_on_ring`) or on the operator's
+`video_start` command, and stops on `video_stop`, on the gateway's `bye` or refusal, when
+nobody has watched for `idle_stop_s`, or after `max_duration_s`.
+
+Signalling rides the device's own signed messages: the offer goes up as an `rtc` message
+through the link's `send` (ICE candidates inside the SDP, gathered first), the gateway's
+signed answer comes back on `down/rtc`. The gateway reports its viewer count over a data
+channel the device opens, which is how the device knows whether anyone watches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+
+from ansimi.webrtc import enable_loopback_candidates, prefer_codecs, rtc_configuration
+from device.hal.ports import Camera, InputEvent
+from device.video.config import VideoConfig
+from device.video.track import CameraTrack
+from protocol.ids import new_message_id
+from protocol.messages import Alert, CommandMessage, Message, Rtc, RtcMessage
+
+log = logging.getLogger(__name__)
+
+SendRtc = Callable[[Rtc], object]
+TrackFactory = Callable[[], MediaStreamTrack]
+MAX_SDP = 10_000  # the wire contract's bound on Rtc.sdp
+# alert triggers that mean someone is in danger (not a ring, not housekeeping)
+EMERGENCY_TRIGGERS = frozenset({"press", "long_press", "duress", "tamper"})
+
+
+@dataclass(eq=False)
+class VideoSession:
+    id: str
+    reason: str
+    pc: RTCPeerConnection
+    track: MediaStreamTrack
+    started: float
+    last_watched: float
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    viewers: int = 0
+    ended: str | None = None
+
+
+class VideoManager:
+    """Runs the device's video sessions; the agent feeds it alerts, inputs and downlink."""
+
+    def __init__(
+        self,
+        config: VideoConfig,
+        camera: Camera | None,
+        send: SendRtc,
+        *,
+        track_factory: TrackFactory | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._camera = camera
+        self._send = send
+        self._clock = clock
+        if track_factory is None and camera is not None:
+            track_factory = lambda: CameraTrack(camera)  # noqa: E731
+        self._track_factory = track_factory
+        self.session: VideoSession | None = None
+        self.history: list[tuple[str, str]] = []  # (session id, why it ended), for tests/ops
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        if config.loopback_candidates:
+            enable_loopback_candidates()
+
+    @property
+    def available(self) -> bool:
+        return self._track_factory is not None
+
+    # ---- triggers (sync: called from the agent's handlers on the loop) ---------------
+
+    def on_alert(self, alert: Alert) -> None:
+        if alert.trigger == "doorbell_ring":
+            if self.config.start_on_ring:
+                self.start("doorbell ring")
+        elif alert.trigger in EMERGENCY_TRIGGERS and self.config.start_on_emergency:
+            self.start(f"emergency ({alert.trigger})")
+
+    def on_input(self, event: InputEvent) -> None:
+        if event.input == "doorbell" and event.kind == "pressed" and self.config.start_on_ring:
+            self.start("doorbell ring")
+
+    def on_down(self, message: Message) -> None:
+        """Video commands and the gateway's rtc answers; anything else is ignored."""
+        if isinstance(message, CommandMessage):
+            if message.body.name == "video_start":
+                self.start("operator command")
+            elif message.body.name == "video_stop":
+                self.stop("operator command")
+        elif isinstance(message, RtcMessage):
+            self._spawn(self._on_rtc(message.body))
+
+    def start(self, reason: str) -> None:
+        self._spawn(self._start(reason))
+
+    def stop(self, reason: str) -> None:
+        self._spawn(self._stop(reason, tell_gateway=True))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("video: a session step failed", exc_info=task.exception())
+
+    # ---- the session -----------------------------------------------------------------
+
+    async def _start(self, reason: str) -> None:
+        async with self._lock:
+            if self.session is not None:
+                log.info(
+                    "video: already streaming (%s); %s changes nothing", self.session.reason, reason
+                )
+                return
+            if self._track_factory is None:
+                log.warning("video: %s, but this device has no camera", reason)
+                return
+            if self._camera is not None:
+                self._camera.start()
+            pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
+            track = self._track_factory()
+            now = self._clock()
+            session = VideoSession(new_message_id(), reason, pc, track, now, now)
+            self.session = session
+            try:
+                transceiver = pc.addTransceiver(track, direction="sendonly")
+                prefer_codecs(transceiver, self.config.codecs)
+                channel = pc.createDataChannel("ansimi-video")
+                channel.on("message", lambda data: self._on_report(session, data))
+
+                @pc.on("connectionstatechange")
+                async def _on_state() -> None:
+                    if pc.connectionState == "failed":
+                        await self._stop("connection failed", tell_gateway=False, only=session)
+
+                # setLocalDescription gathers every candidate first: they ride in the SDP
+                await pc.setLocalDescription(await pc.createOffer())
+                sdp = pc.localDescription.sdp
+                if len(sdp) > MAX_SDP:
+                    raise ValueError(f"offer SDP is {len(sdp)} chars, over the {MAX_SDP} limit")
+                self._send(Rtc(kind="offer", session=session.id, sdp=sdp))
+            except Exception as exc:
+                log.error("video: could not offer a stream (%s): %s", reason, exc)
+                await self._close(session, f"offer failed: {exc}")
+                return
+            log.info("video: offered session %s (%s)", session.id, reason)
+        try:
+            await asyncio.wait_for(session.answered.wait(), self.config.answer_timeout_s)
+        except TimeoutError:
+            await self._stop("no answer from the gateway", tell_gateway=True, only=session)
+
+    async def _on_rtc(self, rtc: Rtc) -> None:
+        session = self.session
+        if session is None or rtc.session != session.id:
+            log.info("video: rtc %s for session %s, which is not current", rtc.kind, rtc.session)
+            return
+        if rtc.kind == "bye":
+            await self._stop(f"gateway: {rtc.reason or 'bye'}", tell_gateway=False, only=session)
+        elif rtc.kind == "answer" and rtc.sdp is None:
+            await self._stop(
+                f"refused: {rtc.reason or 'no reason'}", tell_gateway=False, only=session
+            )
+        elif rtc.kind == "answer" and rtc.sdp is not None and not session.answered.is_set():
+            session.answered.set()
+            try:
+                await session.pc.setRemoteDescription(RTCSessionDescription(rtc.sdp, "answer"))
+            except Exception as exc:
+                await self._stop(f"bad answer: {exc}", tell_gateway=True, only=session)
+
+    def _on_report(self, session: VideoSession, data: object) -> None:
+        try:
+            viewers = int(json.loads(data)["viewers"])  # type: ignore[arg-type]
+        except (ValueError, KeyError, TypeError):
+            return
+        session.viewers = viewers
+        if viewers > 0:
+            session.last_watched = self._clock()
+
+    async def _stop(
+        self, reason: str, *, tell_gateway: bool, only: VideoSession | None = None
+    ) -> None:
+        async with self._lock:
+            session = self.session
+            if session is None or (only is not None and session is not only):
+                return
+            if tell_gateway:
+                with contextlib.suppress(Exception):
+                    self._send(Rtc(kind="bye", session=session.id, reason=reason[:200]))
+            await self._close(session, reason)
+
+    async def _close(self, session: VideoSession, reason: str) -> None:
+        session.ended = reason
+        if self.session is session:
+            self.session = None
+        session.track.stop()
+        await session.pc.close()
+        if self._camera is not None:
+            self._camera.stop()
+        self.history.append((session.id, reason))
+        log.info("video: session %s ended: %s", session.id, reason)
+
+    def check_limits(self) -> None:
+        """Stop a session that ran too long or that nobody watched for `idle_stop_s`."""
+        session = self.session
+        if session is None:
+            return
+        now = self._clock()
+        if now - session.started >= self.config.max_duration_s:
+            self.stop(f"maximum duration ({self.config.max_duration_s:g} s) reached")
+        elif session.viewers == 0 and now - session.last_watched >= self.config.idle_stop_s:
+            self.stop(f"nobody watched for {self.config.idle_stop_s:g} s")
+
+    async def run(self) -> None:
+        """Enforce the limits once a second until cancelled; then end any session."""
+        try:
+            while True:
+                await asyncio.sleep(1.0)
+                self.check_limits()
+        finally:
+            session = self.session
+            if session is not None:
+                with contextlib.suppress(Exception):
+                    self._send(Rtc(kind="bye", session=session.id, reason="device stopping"))
+                await self._close(session, "device stopping")
+            for task in list(self._tasks):
+                task.cancel()

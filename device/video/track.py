@@ -1,0 +1,68 @@
+"""The camera port as an aiortc video track.
+
+A `Frame` is already planar yuv420p, the layout the encoders want, so a frame becomes an
+`av.VideoFrame` by three plane copies (no colour conversion, no numpy).
+"""
+
+from __future__ import annotations
+
+import av
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+
+from ansimi.webrtc import VIDEO_TIME_BASE
+from device.hal.ports import Camera, CameraUnavailable, Frame
+
+
+def to_video_frame(frame: Frame) -> av.VideoFrame:
+    w, h = frame.width, frame.height
+    video = av.VideoFrame(w, h, "yuv420p")
+    y_size, c_size = w * h, (w // 2) * (h // 2)
+    data = memoryview(frame.data)
+    offsets = (0, y_size, y_size + c_size)
+    for plane, start, size, width in zip(
+        video.planes, offsets, (y_size, c_size, c_size), (w, w // 2, w // 2), strict=True
+    ):
+        if plane.line_size == width:
+            plane.update(bytes(data[start : start + size]))
+        else:
+            # FFmpeg pads rows of some widths: copy row by row into the padded plane
+            rows = bytearray(plane.buffer_size)
+            for r in range(size // width):
+                rows[r * plane.line_size : r * plane.line_size + width] = data[
+                    start + r * width : start + (r + 1) * width
+                ]
+            plane.update(bytes(rows))
+    return video
+
+
+class CameraTrack(MediaStreamTrack):
+    """Frames from a `Camera`, timestamped on the camera's own clock (90 kHz).
+
+    The camera paces itself (`capture()` waits for the next frame), so unlike aiortc's
+    VideoStreamTrack this track adds no pacing of its own.
+    """
+
+    kind = "video"
+
+    def __init__(self, camera: Camera) -> None:
+        super().__init__()
+        self._camera = camera
+        self._t0: float | None = None
+        self.frames = 0
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        try:
+            frame = await self._camera.capture()
+        except CameraUnavailable:
+            self.stop()
+            raise MediaStreamError from None
+        if self._t0 is None:
+            self._t0 = frame.timestamp
+        video = to_video_frame(frame)
+        video.pts = int((frame.timestamp - self._t0) / VIDEO_TIME_BASE)
+        video.time_base = VIDEO_TIME_BASE
+        self.frames += 1
+        return video

@@ -1,0 +1,402 @@
+"""The video hub: one aiortc peer per device stream, recorded and relayed to viewers.
+
+Nothing is decoded or re-encoded here. The device's encoded frames are taken from the
+receiver (`ansimi.webrtc.tap_encoded`), written as they are to a crash-safe recording, and
+pushed into an `EncodedTrack` that `MediaRelay` fans out to each viewer's own peer
+connection (aiortc sends encoded packets without encoding). That is what lets one process
+carry dozens of streams (FIELD-NOTES: ~80 relayed pre-encoded streams vs ~32 re-encoded).
+
+Signalling: a device's signed `rtc` offer reaches `on_rtc` after intake has checked it
+(signature, known and not revoked device, replay); the answer, or a refusal with a
+`reason` and no sdp, goes back signed on the device's `down/rtc` topic. The hub tells the
+device how many people watch over a data channel the device opens, so the device can stop
+a stream nobody watches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc.contrib.media import MediaRelay
+from aiortc.sdp import SessionDescription
+
+from ansimi.webrtc import (
+    EncodedFrame,
+    EncodedTrack,
+    KeyframeGate,
+    VideoCodec,
+    codec_of,
+    enable_loopback_candidates,
+    prefer_codecs,
+    request_keyframe,
+    rtc_configuration,
+    tap_encoded,
+)
+from gateway.video.config import VideoConfig
+from gateway.video.evidence import SEAL_SUFFIX, seal_recording
+from gateway.video.recorder import Recorder
+from protocol.ids import new_message_id
+from protocol.jws import Signer
+from protocol.messages import Rtc
+
+log = logging.getLogger(__name__)
+
+SendRtc = Callable[[str, Rtc], object]
+MAX_SDP = 10_000  # the wire contract's bound on Rtc.sdp
+
+
+class VideoError(Exception):
+    """Root of the hub's errors; `reason` is terse enough for a wire reply or HTTP body."""
+
+    reason = "video_error"
+
+
+class DeviceOffline(VideoError, LookupError):
+    reason = "device_offline"
+
+
+class BadOffer(VideoError, ValueError):
+    reason = "bad_offer"
+
+
+class TooManyViewers(VideoError, RuntimeError):
+    reason = "too_many_viewers"
+
+
+@dataclass(eq=False)
+class Viewer:
+    id: str
+    device_id: str
+    pc: RTCPeerConnection
+    track: KeyframeGate
+    answer: str
+
+
+@dataclass(eq=False)
+class Stream:
+    device_id: str
+    session: str
+    pc: RTCPeerConnection
+    receiver: RTCRtpReceiver
+    codec: VideoCodec
+    recorder: Recorder
+    source: EncodedTrack = field(default_factory=EncodedTrack)
+    viewers: dict[str, Viewer] = field(default_factory=dict)
+    channel: RTCDataChannel | None = None
+    started: float = field(default_factory=time.monotonic)
+    frames: int = 0
+    first_frame: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+
+    def on_frame(self, frame: EncodedFrame) -> None:
+        self.frames += 1
+        self.first_frame.set()
+        self.recorder.write(frame)
+        if self.viewers:
+            self.source.push(frame)
+
+
+class VideoHub:
+    def __init__(
+        self,
+        config: VideoConfig,
+        send: SendRtc,
+        signer: Signer,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._send = send
+        self._signer = signer
+        self._clock = clock
+        self._relay = MediaRelay()
+        self.streams: dict[str, Stream] = {}
+        self._viewers: dict[str, Viewer] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.refused: dict[str, int] = {}
+        self.sealed: list[Path] = []
+        if config.loopback_candidates:
+            enable_loopback_candidates()
+
+    # ---- device side ---------------------------------------------------------------
+
+    def on_rtc(self, device_id: str, rtc: Rtc) -> None:
+        """Intake calls this, on the loop, for every accepted `rtc` message."""
+        task = asyncio.ensure_future(self.handle_rtc(device_id, rtc))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def handle_rtc(self, device_id: str, rtc: Rtc) -> None:
+        lock = self._locks.setdefault(device_id, asyncio.Lock())
+        async with lock:
+            try:
+                if rtc.kind == "offer":
+                    await self._on_offer(device_id, rtc)
+                elif rtc.kind == "bye":
+                    stream = self.streams.get(device_id)
+                    if stream is not None and stream.session == rtc.session:
+                        await self._end(stream, f"device said bye: {rtc.reason or 'no reason'}")
+                else:
+                    log.warning("video: %s sent an rtc answer; devices only offer", device_id)
+            except Exception:
+                # One device's bad stream must not take the hub (or intake) down.
+                log.exception("video: handling rtc %s from %s failed", rtc.kind, device_id)
+
+    def _refuse(self, device_id: str, session: str, reason: str, detail: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        log.warning("video: refused an offer from %s: %s", device_id, detail)
+        self._send(device_id, Rtc(kind="answer", session=session, reason=reason))
+
+    async def _on_offer(self, device_id: str, rtc: Rtc) -> None:
+        current = self.streams.get(device_id)
+        if current is not None:
+            if current.session == rtc.session:
+                return  # the same offer again (a resend): it has been answered
+            await self._end(current, "replaced by a new offer")
+        if len(self.streams) >= self.config.max_streams:
+            self._refuse(
+                device_id,
+                rtc.session,
+                f"too many streams: this gateway's cap of {self.config.max_streams} is reached",
+                f"{len(self.streams)} streams already",
+            )
+            return
+        assert rtc.sdp is not None  # the model requires an sdp on offers
+        pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(rtc.sdp, "offer"))
+            receivers = [t.receiver for t in pc.getTransceivers() if t.kind == "video"]
+            if len(receivers) != 1:
+                raise ValueError(f"{len(receivers)} video sections; exactly one is expected")
+            stem = self._recording_stem(device_id, rtc.session)
+            stream_box: list[Stream] = []
+            tap_encoded(receivers[0], lambda f: stream_box[0].on_frame(f) if stream_box else None)
+            await pc.setLocalDescription(await pc.createAnswer())
+            answer = pc.localDescription.sdp
+            codec = _negotiated_codec(answer)
+        except Exception as exc:
+            await pc.close()
+            self._refuse(device_id, rtc.session, "malformed sdp", f"{type(exc).__name__}: {exc}")
+            return
+        if len(answer) > MAX_SDP:
+            await pc.close()
+            self._refuse(device_id, rtc.session, "answer too long", f"{len(answer)} chars")
+            return
+        stream = Stream(device_id, rtc.session, pc, receivers[0], codec, Recorder(stem))
+        stream_box.append(stream)
+        self.streams[device_id] = stream
+
+        @pc.on("datachannel")
+        def _on_channel(channel: RTCDataChannel) -> None:
+            stream.channel = channel
+            self._report_viewers(stream)
+
+        @pc.on("connectionstatechange")
+        async def _on_state() -> None:
+            if pc.connectionState in ("failed", "closed") and not stream.closed:
+                await self._end(stream, f"connection {pc.connectionState}")
+
+        self._send(device_id, Rtc(kind="answer", session=rtc.session, sdp=answer))
+        log.info("video: stream from %s (%s, session %s)", device_id, codec, rtc.session)
+
+    def _recording_stem(self, device_id: str, session: str) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
+        return self.config.recordings_dir / device_id / f"{stamp}-{session}"
+
+    async def stop_stream(self, device_id: str, reason: str = "stopped by the gateway") -> bool:
+        stream = self.streams.get(device_id)
+        if stream is None:
+            return False
+        self._send(device_id, Rtc(kind="bye", session=stream.session, reason=reason[:200]))
+        await self._end(stream, reason)
+        return True
+
+    async def _end(self, stream: Stream, why: str) -> None:
+        if stream.closed:
+            return
+        stream.closed = True
+        if self.streams.get(stream.device_id) is stream:
+            del self.streams[stream.device_id]
+        for viewer in list(stream.viewers.values()):
+            await self._drop_viewer(viewer)
+        stream.source.stop()
+        await stream.pc.close()
+        path = stream.recorder.close()
+        log.info(
+            "video: stream from %s ended after %d frames: %s",
+            stream.device_id,
+            stream.frames,
+            why,
+        )
+        if path is not None:
+            # hashing a long recording reads it whole: keep the loop free meanwhile
+            seal = await asyncio.to_thread(
+                seal_recording,
+                path,
+                self._signer,
+                device=stream.device_id,
+                session=stream.session,
+                codec=stream.codec,
+                frames=stream.recorder.frames,
+                started=stream.recorder.started_at,
+                ended=self._clock(),
+            )
+            self.sealed.append(path)
+            log.info("video: sealed %s (%s)", path, seal.name)
+
+    # ---- viewers -------------------------------------------------------------------
+
+    async def add_viewer(self, device_id: str, offer_sdp: str) -> Viewer:
+        """Answer a viewer's SDP offer with the device's live stream; raises VideoError."""
+        stream = self.streams.get(device_id)
+        if stream is None:
+            raise DeviceOffline(f"device {device_id} has no live stream; send it video_start")
+        if len(stream.viewers) >= self.config.max_viewers:
+            raise TooManyViewers(
+                f"device {device_id} already has {len(stream.viewers)} viewers (the cap)"
+            )
+        pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
+        track = KeyframeGate(self._relay.subscribe(stream.source))
+        try:
+            transceiver = pc.addTransceiver(track, direction="sendonly")
+            # the viewer gets the device's own bytes, so it must take the device's codec
+            prefer_codecs(transceiver, [stream.codec])
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+                if transceiver.mid is None:
+                    raise ValueError("the offer has no video section")
+                await pc.setLocalDescription(await pc.createAnswer())
+            except Exception as exc:
+                raise BadOffer(
+                    f"viewer offer refused ({type(exc).__name__}: {exc}); it must be a valid "
+                    f"SDP offer that can receive {stream.codec} video"
+                ) from None
+        except BaseException:
+            track.stop()
+            await pc.close()
+            raise
+        if stream.closed:
+            track.stop()
+            await pc.close()
+            raise DeviceOffline(f"device {device_id}'s stream ended meanwhile")
+        viewer = Viewer(new_message_id(), device_id, pc, track, pc.localDescription.sdp)
+        stream.viewers[viewer.id] = viewer
+        self._viewers[viewer.id] = viewer
+
+        @pc.on("connectionstatechange")
+        async def _on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await self._drop_viewer(viewer)
+
+        self._report_viewers(stream)
+        # a fresh viewer starts at a keyframe: ask for one instead of waiting for the next
+        await request_keyframe(stream.receiver)
+        return viewer
+
+    async def remove_viewer(self, viewer_id: str) -> bool:
+        viewer = self._viewers.get(viewer_id)
+        if viewer is None:
+            return False
+        await self._drop_viewer(viewer)
+        return True
+
+    async def _drop_viewer(self, viewer: Viewer) -> None:
+        if self._viewers.pop(viewer.id, None) is None:
+            return
+        stream = self.streams.get(viewer.device_id)
+        if stream is not None:
+            stream.viewers.pop(viewer.id, None)
+            self._report_viewers(stream)
+        viewer.track.stop()
+        await viewer.pc.close()
+
+    def _report_viewers(self, stream: Stream) -> None:
+        channel = stream.channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(json.dumps({"viewers": len(stream.viewers)}))
+
+    # ---- housekeeping --------------------------------------------------------------
+
+    def sweep_recordings(self) -> list[Path]:
+        """Delete recordings (and seals) older than the retention period; returns them."""
+        days = self.config.retention_days
+        root = self.config.recordings_dir
+        if days <= 0 or not root.is_dir():
+            return []
+        cutoff = self._clock() - days * 86_400
+        active = {s.recorder.path for s in self.streams.values()}
+        removed = []
+        for path in root.glob("*/*"):
+            if path in active or not path.is_file():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+        if removed:
+            log.info("video: retention removed %d files older than %g days", len(removed), days)
+        return removed
+
+    async def run(self) -> None:
+        """Periodic work (viewer reports, retention) until cancelled; then close all."""
+        last_sweep = 0.0
+        try:
+            while True:
+                await asyncio.sleep(self.config.watch_report_s)
+                for stream in list(self.streams.values()):
+                    self._report_viewers(stream)
+                if time.monotonic() - last_sweep > 3600:
+                    last_sweep = time.monotonic()
+                    await asyncio.to_thread(self.sweep_recordings)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        for stream in list(self.streams.values()):
+            with contextlib.suppress(Exception):
+                self._send(
+                    stream.device_id,
+                    Rtc(kind="bye", session=stream.session, reason="gateway stopping"),
+                )
+            await self._end(stream, "gateway stopping")
+        for task in list(self._tasks):
+            task.cancel()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "streams": len(self.streams),
+            "viewers": len(self._viewers),
+            "refused": dict(self.refused),
+            "sealed": len(self.sealed),
+        }
+
+
+def _negotiated_codec(answer_sdp: str) -> VideoCodec:
+    for media in SessionDescription.parse(answer_sdp).media:
+        for codec in media.rtp.codecs:
+            found = codec_of(codec.mimeType)
+            if found is not None:
+                return found
+    raise ValueError("no H264 or VP8 in the negotiated answer")
+
+
+__all__ = [
+    "SEAL_SUFFIX",
+    "BadOffer",
+    "DeviceOffline",
+    "Stream",
+    "TooManyViewers",
+    "VideoError",
+    "VideoHub",
+    "Viewer",
+]

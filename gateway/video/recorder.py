@@ -1,0 +1,106 @@
+"""Record encoded frames as they arrive, without re-encoding, into a crash-safe file.
+
+H.264 goes into fragmented MP4 (`frag_keyframe+empty_moov+default_base_moof`): every
+keyframe closes a self-contained fragment, so a gateway killed mid-recording leaves a file
+that plays up to its last fragment. VP8 cannot go into MP4 with FFmpeg, so it goes into
+WebM (Matroska clusters are also readable up to a truncation).
+
+The container needs the stream's parameters (size, and for H.264 the SPS/PPS) before its
+header. They are read from the first keyframe, by opening that one frame as a tiny
+in-memory raw stream; frames before it are dropped (no decoder could use them anyway).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+import time
+from pathlib import Path
+from typing import Final
+
+import av
+
+from ansimi.webrtc import VIDEO_TIME_BASE, EncodedFrame, VideoCodec
+
+log = logging.getLogger(__name__)
+
+SUFFIX: Final[dict[VideoCodec, str]] = {"H264": ".mp4", "VP8": ".webm"}
+_MP4_FLAGS: Final = "frag_keyframe+empty_moov+default_base_moof"
+
+
+def _ivf(frame: EncodedFrame) -> bytes:
+    """A one-frame IVF file, so FFmpeg's ivf demuxer can probe a VP8 keyframe."""
+    # VP8 key frame header (RFC 6386 9.1): 3-byte tag, start code, then 14-bit sizes
+    width, height = struct.unpack_from("<HH", frame.data, 6)
+    header = struct.pack(
+        "<4sHH4sHHIIII", b"DKIF", 0, 32, b"VP80", width & 0x3FFF, height & 0x3FFF, 90_000, 1, 1, 0
+    )
+    return header + struct.pack("<IQ", len(frame.data), 0) + frame.data
+
+
+class Recorder:
+    """Writes one stream to `path_stem` + .mp4/.webm; `close()` finishes the file."""
+
+    def __init__(self, path_stem: Path) -> None:
+        self._stem = path_stem
+        self.path: Path | None = None
+        self.frames = 0
+        self.started_at: float | None = None
+        self._out: av.container.OutputContainer | None = None
+        self._stream: av.VideoStream | None = None
+        self._template: av.container.InputContainer | None = None
+        self._t0: int | None = None
+        self._last_pts = -1
+        self.closed = False
+
+    def write(self, frame: EncodedFrame) -> None:
+        if self.closed:
+            return
+        if self._out is None:
+            if not frame.keyframe:
+                return
+            self._open(frame)
+        assert self._out is not None and self._stream is not None
+        if self._t0 is None:
+            self._t0 = frame.timestamp
+        # RTP time wraps at 2**32 (13 h at 90 kHz); keep pts rising across the wrap
+        pts = (frame.timestamp - self._t0) % 2**32
+        if pts <= self._last_pts:
+            pts = self._last_pts + 1
+        self._last_pts = pts
+        packet = av.Packet(frame.data)
+        packet.pts = packet.dts = pts
+        packet.time_base = VIDEO_TIME_BASE
+        packet.is_keyframe = frame.keyframe
+        packet.stream = self._stream
+        self._out.mux(packet)
+        self.frames += 1
+
+    def _open(self, first: EncodedFrame) -> None:
+        raw = first.data if first.codec == "H264" else _ivf(first)
+        template = av.open(io.BytesIO(raw), format="h264" if first.codec == "H264" else "ivf")
+        assert isinstance(template, av.container.InputContainer)
+        self._template = template
+        source = template.streams.video[0]
+        self.path = self._stem.with_suffix(SUFFIX[first.codec])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        options = {"movflags": _MP4_FLAGS} if first.codec == "H264" else {}
+        self._out = av.open(str(self.path), "w", options=options)
+        self._stream = self._out.add_stream_from_template(source)
+        self._stream.time_base = VIDEO_TIME_BASE
+        self.started_at = time.time()
+        log.info("recording to %s (%s)", self.path, first.codec)
+
+    def close(self) -> Path | None:
+        """Finish the file; returns its path, or None if no keyframe ever came."""
+        if self.closed:
+            return self.path
+        self.closed = True
+        if self._out is not None:
+            try:
+                self._out.close()
+            finally:
+                if self._template is not None:
+                    self._template.close()
+        return self.path

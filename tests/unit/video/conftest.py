@@ -1,0 +1,131 @@
+"""In-memory video rig: a device's VideoManager and a gateway VideoHub, signalling directly.
+
+The same classes run over MQTT in tests/integration/video; here the signed transport is
+replaced by direct calls, so each test needs no broker and takes about a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from ansimi.webrtc import enable_loopback_candidates
+from device.hal.camera import SyntheticCamera
+from device.video import VideoConfig as DeviceVideo
+from device.video import VideoManager
+from gateway.video import VideoConfig as GatewayVideo
+from gateway.video import VideoHub
+from protocol.jws import Signer
+from protocol.keys import generate_key
+from protocol.messages import Command, Rtc, build_message
+
+DEVICE = "doorbell-0001"
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+@dataclass
+class Rig:
+    manager: VideoManager
+    hub: VideoHub
+    signer: Signer
+    to_device: list[Rtc] = field(default_factory=list)
+    to_gateway: list[Rtc] = field(default_factory=list)
+    seq: int = 0
+
+    def command(self, name: str) -> None:
+        self.seq += 1
+        msg = build_message(Command(name=name), device=DEVICE, seq=self.seq, ts=0)  # type: ignore[arg-type]
+        self.manager.on_down(msg)
+
+
+@contextlib.asynccontextmanager
+async def rig(
+    tmp_path: Path,
+    device: DeviceVideo | None = None,
+    gateway: GatewayVideo | None = None,
+    clock: Callable[[], float] | None = None,
+) -> AsyncIterator[Rig]:
+    enable_loopback_candidates()
+    signer = Signer("gw-test", generate_key())
+    camera = SyntheticCamera(320, 240, 15)
+    box: list[Rig] = []
+
+    def to_gateway(rtc: Rtc) -> None:
+        box[0].to_gateway.append(rtc)
+        box[0].hub.on_rtc(DEVICE, rtc)
+
+    def to_device(device_id: str, rtc: Rtc) -> None:
+        r = box[0]
+        r.to_device.append(rtc)
+        if device_id != DEVICE:
+            return  # another device: only recorded
+        r.seq += 1
+        r.manager.on_down(build_message(rtc, device=device_id, seq=r.seq, ts=0))
+
+    extra = {"clock": clock} if clock is not None else {}
+    manager = VideoManager(device or DeviceVideo(), camera, to_gateway, **extra)
+    hub = VideoHub(
+        gateway or GatewayVideo(recordings_dir=tmp_path / "recordings", watch_report_s=0.2),
+        to_device,
+        signer,
+    )
+    box.append(Rig(manager, hub, signer))
+    tasks = [asyncio.ensure_future(manager.run()), asyncio.ensure_future(hub.run())]
+    try:
+        yield box[0]
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class Watcher:
+    """A viewer: its own peer connection, counting decoded frames."""
+
+    def __init__(self) -> None:
+        self.pc = RTCPeerConnection()
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.frames = 0
+        self._task: asyncio.Task[None] | None = None
+
+        @self.pc.on("track")  # type: ignore[misc]
+        def _on_track(track: MediaStreamTrack) -> None:
+            self._task = asyncio.ensure_future(self._count(track))
+
+    async def _count(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                await track.recv()
+                self.frames += 1
+
+    async def offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        sdp: str = self.pc.localDescription.sdp
+        return sdp
+
+    async def answer(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+
+    async def close(self) -> None:
+        await self.pc.close()
+        if self._task is not None:
+            self._task.cancel()
+
+
+@pytest.fixture
+def watchers() -> list[Watcher]:
+    return []
