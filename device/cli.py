@@ -192,7 +192,11 @@ async def run_selftest(config: DeviceConfig, config_path: Path) -> list[Check]:
             else Check("led", "skip", "no led_pin or RGB pins configured")
         )
         checks.append(
-            Check("buzzer", "pass", f"GPIO{hw.buzzer_pin} set up")
+            Check(
+                "buzzer",
+                "pass",
+                "fake buzzer" if hw.buzzer_pin is None else f"GPIO{hw.buzzer_pin} set up",
+            )
             if hw.buzzer_pin is not None or hw.driver == "fake"
             else Check("buzzer", "skip", "no buzzer_pin configured")
         )
@@ -256,6 +260,12 @@ async def _check_broker(config: DeviceConfig) -> tuple[Outcome, str]:
     from ansimi.mqtt import Session, Settings, TlsFiles
 
     m = config.mqtt
+    try:
+        # a plain TCP connect first: says "refused" or "unreachable" at once, with the reason
+        _, writer = await asyncio.wait_for(asyncio.open_connection(m.host, m.port), 5)
+    except (OSError, TimeoutError) as exc:
+        return "fail", f"cannot reach {m.host}:{m.port}: {exc or 'timed out'}"
+    writer.close()
     tls = TlsFiles(m.ca_file, m.cert_file, m.key_file) if m.ca_file is not None else None
     # Not the device's own client id: that would throw a running agent off the broker.
     session = Session(

@@ -1,0 +1,84 @@
+"""`ansimi device run` refuses bad start-up input clearly; `ansimi device selftest` checks all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from device_testkit import Keys, write_device_config
+
+import device.cli
+from ansimi.broker import Mosquitto, free_port
+from ansimi.cli import cli
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def test_a_bad_config_stops_start_up_with_file_key_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "device.toml"
+    path.write_text('[behaviour]\nlong_press_s = -3\n[mqtt]\nhost = "127.0.0.1"\nprot = 1883\n')
+    code, output = invoke("device", "run", "--config", str(path))
+    assert code == 1
+    assert str(path) in output
+    assert "`behaviour.long_press_s`" in output and "`mqtt.prot`" in output
+    assert "Fix:" in output
+
+
+def test_hold_times_out_of_order_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "device.toml"
+    path.write_text("[behaviour]\ncancel_hold_s = 20\nduress_hold_s = 15\n")
+    code, output = invoke("device", "run", "--config", str(path))
+    assert code == 1
+    assert "long_press_s < cancel_hold_s < duress_hold_s" in output
+
+
+def test_a_missing_device_key_says_how_to_enrol(tmp_path: Path) -> None:
+    path = tmp_path / "device.toml"
+    path.write_text(f'[device]\nkey_file = "{tmp_path}/absent.key"\n')
+    code, output = invoke("device", "run", "--config", str(path))
+    assert code == 1
+    assert f"no key at {tmp_path}/absent.key" in output
+    assert "run `ansimi device enroll`" in output
+
+
+def test_a_missing_gateway_key_names_the_key(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    path = write_device_config(tmp_path, mosquitto, Keys.new())
+    path.write_text(path.read_text().replace("public_key = ", "# public_key = "))
+    code, output = invoke("device", "run", "--config", str(path))
+    assert code == 1
+    assert "`gateway.public_key`" in output and "Fix:" in output
+
+
+@pytest.fixture(autouse=True)
+def ntp_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the outcome must not hang on whether this test machine's clock is NTP-synchronised
+    monkeypatch.setattr(device.cli, "_ntp_synchronized", lambda: None)
+
+
+def test_selftest_passes_on_a_healthy_device(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    extra = 'modem_port = "fake"\n'
+    path = write_device_config(tmp_path, mosquitto, Keys.new(), extra=extra)
+    path.write_text(path.read_text().replace('camera = "none"', 'camera = "synthetic"'))
+    code, output = invoke("device", "selftest", "--config", str(path))
+    assert code == 0, output
+    for check in ("keys", "led", "buzzer", "buttons", "camera", "modem", "broker", "clock"):
+        row = next(line for line in output.splitlines() if f" {check} " in line)
+        assert "PASS" in row, row
+    assert "FAIL" not in output
+
+
+def test_selftest_fails_when_the_broker_is_unreachable(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    path = write_device_config(tmp_path, mosquitto, Keys.new())
+    path.write_text(path.read_text().replace(f"port = {mosquitto.port}", f"port = {free_port()}"))
+    code, output = invoke("device", "selftest", "--config", str(path))
+    assert code == 1
+    row = next(line for line in output.splitlines() if " broker " in line)
+    assert "FAIL" in row
+    camera = next(line for line in output.splitlines() if " camera " in line)
+    assert "SKIP" in camera
