@@ -163,7 +163,7 @@ class Store(Protocol):
     def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted: ...
     def add_event(self, item: Incoming, now_ms: int) -> None: ...
     def mark_offline(
-        self, items: Sequence[Incoming], seen_before_ms: int, now_ms: int
+        self, items: Sequence[Incoming], silent_since_ms: int, now_ms: int
     ) -> list[bool]: ...
     def due(self, now_ms: int, limit: int) -> list[Delivery]: ...
     def delivered(self, event_id: str, centre: str, now_ms: int) -> bool: ...
@@ -351,12 +351,12 @@ class SqliteStore:
             self._insert_event(db, item, now_ms)
 
     def mark_offline(
-        self, items: Sequence[Incoming], seen_before_ms: int, now_ms: int
+        self, items: Sequence[Incoming], silent_since_ms: int, now_ms: int
     ) -> list[bool]:
         """Mark each item's device offline, keeping the item as its event, if still due.
 
-        Per item, False when the device is already offline or was heard from at or after
-        `seen_before_ms` (by any gateway instance sharing this store): then nothing is kept.
+        Per item, False when the device is already offline or was heard from after
+        `silent_since_ms` (by any gateway instance sharing this store): then nothing is kept.
         The check and the event are one transaction, so two instances never both report it.
         """
         went: list[bool] = []
@@ -364,8 +364,8 @@ class SqliteStore:
             for item in items:
                 changed = db.execute(
                     "UPDATE devices SET online = 0 WHERE device_id = ? AND online = 1"
-                    " AND COALESCE(last_seen_ms, 0) < ?",
-                    (item.device_id, seen_before_ms),
+                    " AND COALESCE(last_seen_ms, 0) <= ?",
+                    (item.device_id, silent_since_ms),
                 ).rowcount
                 if changed:
                     self._insert_event(db, item, now_ms)

@@ -115,8 +115,8 @@ class Supervisor:
         """The broker published the device's last will: it is offline now; True if news."""
         self._deadline.pop(device_id, None)
         now_ms = self._clock_ms()
-        # "not seen since now": any device still marked online goes offline
-        went = await self._mark_offline([device_id], now_ms + 1, now_ms, "last will")
+        # silent since now: any device still marked online goes offline
+        went = await self._mark_offline([device_id], now_ms, now_ms, "last will")
         return bool(went)
 
     # ---- the broker connection --------------------------------------------------------
@@ -197,14 +197,14 @@ class Supervisor:
         )
 
     async def _mark_offline(
-        self, device_ids: list[str], seen_before_ms: int, now_ms: int, why: str
+        self, device_ids: list[str], silent_since_ms: int, now_ms: int, why: str
     ) -> list[str]:
         events = [e for e in (self._status_event(d, "offline") for d in device_ids) if e]
         if not events:
             return []
         loop = asyncio.get_running_loop()
         went = await loop.run_in_executor(
-            self._executor, self._store.mark_offline, events, seen_before_ms, now_ms
+            self._executor, self._store.mark_offline, events, silent_since_ms, now_ms
         )
         offline: list[str] = []
         refused: list[str] = []
