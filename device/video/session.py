@@ -25,11 +25,11 @@ from typing import Any
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 
 from ansimi.webrtc import enable_loopback_candidates, prefer_codecs, rtc_configuration
-from device.hal.ports import Camera, InputEvent
+from device.hal.ports import Camera
 from device.video.config import VideoConfig
 from device.video.track import CameraTrack
 from protocol.ids import new_message_id
-from protocol.messages import Alert, CommandMessage, Message, Rtc, RtcMessage
+from protocol.messages import Alert, Command, CommandMessage, Message, Rtc, RtcMessage
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +92,21 @@ class VideoManager:
         elif alert.trigger in EMERGENCY_TRIGGERS and self.config.start_on_emergency:
             self.start(f"emergency ({alert.trigger})")
 
-    def on_input(self, event: InputEvent) -> None:
-        if event.input == "doorbell" and event.kind == "pressed" and self.config.start_on_ring:
-            self.start("doorbell ring")
+    def on_command(self, command: Command) -> None:
+        if command.name == "video_start":
+            self.start("operator command")
+        elif command.name == "video_stop":
+            self.stop("operator command")
+
+    def on_rtc(self, rtc: Rtc) -> None:
+        self._spawn(self._on_rtc(rtc))
 
     def on_down(self, message: Message) -> None:
         """Video commands and the gateway's rtc answers; anything else is ignored."""
         if isinstance(message, CommandMessage):
-            if message.body.name == "video_start":
-                self.start("operator command")
-            elif message.body.name == "video_stop":
-                self.stop("operator command")
+            self.on_command(message.body)
         elif isinstance(message, RtcMessage):
-            self._spawn(self._on_rtc(message.body))
+            self.on_rtc(message.body)
 
     def start(self, reason: str) -> None:
         self._spawn(self._start(reason))

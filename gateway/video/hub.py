@@ -303,9 +303,9 @@ class VideoHub:
         await request_keyframe(stream.receiver)
         return viewer
 
-    async def remove_viewer(self, viewer_id: str) -> bool:
+    async def remove_viewer(self, viewer_id: str, device_id: str | None = None) -> bool:
         viewer = self._viewers.get(viewer_id)
-        if viewer is None:
+        if viewer is None or (device_id is not None and viewer.device_id != device_id):
             return False
         await self._drop_viewer(viewer)
         return True

@@ -1,0 +1,114 @@
+"""WHEP (RFC 9725) for live viewers: POST an SDP offer, get the answer; DELETE to leave.
+
+    POST   /whep/{device_id}              application/sdp offer -> 201, answer, Location
+    DELETE /whep/{device_id}/{viewer_id}  -> 200
+
+Every request needs `Authorization: Bearer <token>`, checked by the `authorize` callable
+the HTTP API passes in (the API owns its tokens). All ICE candidates are in the answer
+(aiortc gathers before answering), so trickle ICE (PATCH) is not offered: 405.
+Errors are short plain-text bodies; the detail goes to the gateway's log.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable, Iterable
+
+from aiohttp import web
+
+from gateway.video.hub import BadOffer, DeviceOffline, TooManyViewers, VideoHub
+from protocol.ids import DEVICE_ID_RE
+
+log = logging.getLogger(__name__)
+
+Authorize = Callable[[web.Request], bool]
+MAX_OFFER_BYTES = 64 * 1024
+
+
+def bearer(tokens: Iterable[str]) -> Authorize:
+    """An `authorize` that accepts any of `tokens` as `Authorization: Bearer <token>`."""
+    accepted = [t.encode() for t in tokens if t]
+
+    def check(request: web.Request) -> bool:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return False
+        # compare against every token, so timing says nothing about which one nearly matched
+        return any([hmac.compare_digest(given.strip().encode(), t) for t in accepted])
+
+    return check
+
+
+def _text(status: int, text: str, **headers: str) -> web.Response:
+    return web.Response(status=status, text=text + "\n", headers=headers)
+
+
+class Whep:
+    def __init__(self, hub: VideoHub, authorize: Authorize) -> None:
+        self._hub = hub
+        self._authorize = authorize
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/whep/{device_id}", self.post),
+            web.delete("/whep/{device_id}/{viewer_id}", self.delete),
+            web.patch("/whep/{device_id}/{viewer_id}", self.patch),
+        ]
+
+    def _denied(self, request: web.Request) -> web.Response | None:
+        if self._authorize(request):
+            return None
+        return _text(401, "a bearer token is required", **{"WWW-Authenticate": "Bearer"})
+
+    async def post(self, request: web.Request) -> web.Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        device_id = request.match_info["device_id"]
+        if not DEVICE_ID_RE.fullmatch(device_id):
+            return _text(404, "no such device")
+        if request.content_type != "application/sdp":
+            return _text(415, "send the SDP offer as application/sdp")
+        if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
+            return _text(413, "offer too large")
+        body = await request.content.read(MAX_OFFER_BYTES + 1)
+        if len(body) > MAX_OFFER_BYTES:
+            return _text(413, "offer too large")
+        try:
+            offer = body.decode("utf-8")
+            viewer = await self._hub.add_viewer(device_id, offer)
+        except DeviceOffline:
+            return _text(404, f"device {device_id} is not streaming; send it video_start")
+        except TooManyViewers:
+            return _text(503, "too many viewers for this device", **{"Retry-After": "10"})
+        except (BadOffer, UnicodeDecodeError) as exc:
+            log.info("whep: refused a viewer offer for %s: %s", device_id, exc)
+            return _text(400, "malformed SDP offer (it must receive H.264 or VP8 video)")
+        location = f"/whep/{device_id}/{viewer.id}"
+        return web.Response(
+            status=201,
+            text=viewer.answer,
+            content_type="application/sdp",
+            headers={"Location": location},
+        )
+
+    async def delete(self, request: web.Request) -> web.Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        if await self._hub.remove_viewer(
+            request.match_info["viewer_id"], request.match_info["device_id"]
+        ):
+            return _text(200, "closed")
+        return _text(404, "no such viewer")
+
+    async def patch(self, request: web.Request) -> web.Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        return _text(405, "trickle ICE is not supported: all candidates are in the answer")
+
+
+def whep_app(hub: VideoHub, authorize: Authorize) -> web.Application:
+    """A stand-alone app with the WHEP routes (the API mounts `Whep.routes()` instead)."""
+    app = web.Application(client_max_size=MAX_OFFER_BYTES)
+    app.add_routes(Whep(hub, authorize).routes())
+    return app
