@@ -79,7 +79,7 @@ class ApiToken(_Section):
     # operator: alerts and devices; admin: also registers and revokes devices
     role: Literal["operator", "admin"] = "operator"
     # the token itself, or (better) a file holding it, readable by the service only
-    token: Annotated[str, Field(min_length=16, repr=False)] | None = None
+    token: Annotated[str | None, Field(min_length=16, repr=False)] = None
     token_file: Path | None = None
     _secret: str = PrivateAttr(default="")
 

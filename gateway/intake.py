@@ -91,6 +91,16 @@ class Registry:
                     d.high_water, self.high_water.get(d.device_id, -1)
                 )
 
+    def refresh(self, device_id: str) -> None:
+        """Re-read one device (registered, revoked): in effect for its next message."""
+        device = self._store.device(device_id)
+        if device is None:
+            self._devices.pop(device_id, None)
+            self._keys.pop(device_id, None)
+            return
+        self._keys[device_id] = public_key_from_b64(device.public_key)
+        self._devices[device_id] = device
+
     def device(self, device_id: str) -> Device | None:
         return self._devices.get(device_id)
 

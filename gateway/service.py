@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ansimi import sdnotify
 from ansimi.mqtt import Message, Session, Settings, TlsFiles
+from gateway.api import Api
 from gateway.config import GatewayConfig
 from gateway.downlink import Downlink
 from gateway.forward import Forwarder
@@ -94,6 +95,14 @@ class Gateway:
             on_kept=lambda _items: self.forwarder.wake(),
             supervisor=self.supervisor,
         )
+        self.api = Api(
+            self.store,
+            self.registry,
+            self.downlink,
+            self.metrics,
+            config.api.tokens,
+            connected=lambda: self.session.connected,
+        )
         self.ready = asyncio.Event()
 
     def _on_message(self, message: Message) -> None:
@@ -132,6 +141,9 @@ class Gateway:
                 self.supervisor.load(self.store.devices(), time.time_ns() // 1_000_000)
                 tasks.create_task(self.supervisor.run(), name="supervise")
                 tasks.create_task(sdnotify.watchdog_pings(), name="watchdog")
+                if self.config.api.enabled:
+                    api = self.config.api
+                    tasks.create_task(self.api.serve(api.host, api.port), name="api")
                 await self.session.wait_connected()
                 await self.session.subscribe([(self.subscription(), 1)])
                 self.ready.set()

@@ -170,7 +170,10 @@ class Store(Protocol):
     def failed(self, event_id: str, centre: str, next_attempt_ms: int, error: str) -> None: ...
     def set_stage(self, event_id: str, stage: EventState, now_ms: int, actor: str) -> bool: ...
     def event(self, event_id: str) -> Event | None: ...
-    def events(self, state: EventState | None, limit: int) -> list[Event]: ...
+    def events(
+        self, state: EventState | None, limit: int, *, type: str | None = None
+    ) -> list[Event]: ...
+    def stages(self, event_id: str) -> list[tuple[str, int, str]]: ...
     def waiting_count(self) -> int: ...
     def close(self) -> None: ...
 
@@ -449,17 +452,24 @@ class SqliteStore:
         rows = self._query(self._EVENT_SELECT + " WHERE e.event_id = ?", (event_id,))
         return self._event(rows[0]) if rows else None
 
-    def events(self, state: EventState | None, limit: int) -> list[Event]:
-        if state is None:
-            rows = self._query(
-                self._EVENT_SELECT + " ORDER BY e.received_ms DESC LIMIT ?", (limit,)
-            )
-        else:
-            rows = self._query(
-                self._EVENT_SELECT + " WHERE e.state = ? ORDER BY e.received_ms DESC LIMIT ?",
-                (state, limit),
-            )
+    def events(
+        self, state: EventState | None, limit: int, *, type: str | None = None
+    ) -> list[Event]:
+        """Newest first; optionally only those in `state` and of `type`."""
+        where = " WHERE (? IS NULL OR e.state = ?) AND (? IS NULL OR e.type = ?)"
+        rows = self._query(
+            self._EVENT_SELECT + where + " ORDER BY e.received_ms DESC LIMIT ?",
+            (state, state, type, type, limit),
+        )
         return [self._event(r) for r in rows]
+
+    def stages(self, event_id: str) -> list[tuple[str, int, str]]:
+        """(stage, at_ms, actor) of an event, in order."""
+        rows = self._query(
+            "SELECT stage, at_ms, actor FROM stages WHERE event_id = ? ORDER BY at_ms",
+            (event_id,),
+        )
+        return [(str(a), int(b), str(c)) for a, b, c in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,459 @@
+"""The operator HTTP API: alert stages, devices, alerts, metrics, and admin routes.
+
+Control centres move an alert forward (`acknowledged`, `dispatched`, `closed`); each
+step is kept with who did it and sent to the bell as a signed ack. Reads: `/devices`,
+`/alerts?state=`, `/metrics` (Prometheus text). Admin routes register and revoke devices
+(revocation is in effect for the device's very next message).
+
+Authentication: `Authorization: Bearer <token>`, tokens from the config, each with a
+name (recorded as the actor of a stage) and a role: `operator` tokens reach the operator
+routes, `admin` tokens the admin routes, and neither reaches the other's. Every token is
+compared in constant time, all of them every time. `/healthz` and `/openapi.json` are
+public: they reveal nothing about devices or alerts.
+
+Other parts add routes with `add_routes()` (provisioning's enrolment endpoint, say) before
+the gateway starts; each route brings its OpenAPI operation, so the description served at
+`/openapi.json` always lists every route (a test holds it to that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+
+from gateway.config import ApiToken
+from gateway.downlink import Downlink
+from gateway.intake import Registry
+from gateway.metrics import Metrics
+from gateway.store import Device, DeviceKind, DuplicateDevice, Event, EventState, Store
+from protocol.errors import Malformed
+from protocol.ids import DeviceId
+from protocol.keys import public_key_from_b64
+
+log = logging.getLogger(__name__)
+
+Role = Literal["public", "operator", "admin"]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+
+# the stages an operator may move an alert to; `received`/`delivered` are the gateway's
+OPERATOR_STAGES: tuple[EventState, ...] = ("acknowledged", "dispatched", "closed")
+MAX_BODY_BYTES = 64 * 1024
+TOKEN_KEY: web.RequestKey[ApiToken] = web.RequestKey("token", ApiToken)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRoute:
+    """One route, who may call it, and its OpenAPI operation object."""
+
+    method: str
+    path: str
+    handler: Handler
+    role: Role
+    operation: dict[str, Any] = field(default_factory=dict)
+
+
+class NewDevice(BaseModel):
+    """POST /admin/devices: what provisioning registers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: DeviceId
+    public_key: Annotated[str, StringConstraints(min_length=43, max_length=43)]
+    kind: DeviceKind
+    district: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,40}$")]
+    label: Annotated[str, StringConstraints(max_length=200)] = ""
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _op(summary: str, responses: Iterable[int], **extra: Any) -> dict[str, Any]:
+    described = {
+        200: "OK",
+        201: "created",
+        400: "bad request",
+        401: "no or unknown token",
+        403: "token lacks the role",
+        404: "not found",
+        409: "conflict",
+        503: "not connected to the broker",
+    }
+    return {
+        "summary": summary,
+        "responses": {str(code): {"description": described[code]} for code in responses},
+        **extra,
+    }
+
+
+def _path_param(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+class Api:
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        downlink: Downlink,
+        metrics: Metrics,
+        tokens: Sequence[ApiToken],
+        *,
+        connected: Callable[[], bool] = lambda: True,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._downlink = downlink
+        self._metrics = metrics
+        self._tokens = [(t, t.secret.encode()) for t in tokens]
+        self._connected = connected
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._routes: list[ApiRoute] = []
+        self._roles: dict[tuple[str, str], Role] = {}
+        self.port: int | None = None  # the bound port, once serving
+        self.add_routes(self._own_routes())
+
+    # ---- extension ----------------------------------------------------------------------
+
+    def add_routes(self, routes: Iterable[ApiRoute]) -> None:
+        """Add routes (before `app()`); each must bring a summary and its responses."""
+        for route in routes:
+            key = (route.method.upper(), route.path)
+            if key in self._roles:
+                raise ValueError(f"{key[0]} {key[1]} is already a route of the API")
+            if "summary" not in route.operation or "responses" not in route.operation:
+                raise ValueError(
+                    f"{key[0]} {key[1]}: its OpenAPI operation needs a summary and responses"
+                )
+            self._routes.append(route)
+            self._roles[key] = route.role
+
+    @property
+    def routes(self) -> list[ApiRoute]:
+        return list(self._routes)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._authenticate], client_max_size=MAX_BODY_BYTES)
+        for route in self._routes:
+            app.router.add_route(route.method.upper(), route.path, route.handler)
+        return app
+
+    def openapi(self) -> dict[str, Any]:
+        paths: dict[str, dict[str, Any]] = {}
+        for route in self._routes:
+            operation = dict(route.operation)
+            if route.role != "public":
+                operation["security"] = [{route.role: []}]
+            paths.setdefault(route.path, {})[route.method.lower()] = operation
+        bearer = {"type": "http", "scheme": "bearer"}
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": "Ansimi Edge gateway API", "version": "1"},
+            "paths": paths,
+            "components": {
+                "securitySchemes": {
+                    "operator": {**bearer, "description": "an operator or centre token"},
+                    "admin": {**bearer, "description": "an admin (provisioning) token"},
+                }
+            },
+        }
+
+    async def serve(self, host: str, port: int) -> None:
+        """Serve until cancelled (a task in the gateway's TaskGroup)."""
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            self.port = int(runner.addresses[0][1])  # the real one when `port` is 0
+            log.info("api: listening on %s:%s", host, self.port)
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    # ---- authentication -----------------------------------------------------------------
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route
+        resource = route.resource
+        path = resource.canonical if resource is not None else ""
+        role = self._roles.get((route.method, path)) if resource is not None else None
+        if role is None or role == "public":
+            return await handler(request)  # public, or aiohttp's own 404/405
+        token = self._token_of(request)
+        if token is None:
+            return web.json_response(
+                {"error": "send Authorization: Bearer <token>"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="ansimi"'},
+            )
+        if token.role != role:
+            return _error(403, f"this route needs an {role} token")
+        request[TOKEN_KEY] = token
+        return await handler(request)
+
+    def _token_of(self, request: web.Request) -> ApiToken | None:
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            return None
+        offered = presented.strip().encode()
+        found = None
+        # every token compared every time, in constant time: no timing says which is close
+        for token, secret in self._tokens:
+            if hmac.compare_digest(offered, secret):
+                found = token
+        return found
+
+    # ---- handlers -----------------------------------------------------------------------
+
+    def _own_routes(self) -> list[ApiRoute]:
+        event_id = _path_param("event_id", "the alert's id (the device's message id)")
+        device_id = _path_param("device_id", "the device's id")
+        json_body = {"content": {"application/json": {"schema": {"type": "object"}}}}
+        routes = [
+            ApiRoute("GET", "/healthz", self.healthz, "public", _op("liveness", [200, 503])),
+            ApiRoute(
+                "GET", "/openapi.json", self.openapi_json, "public", _op("this description", [200])
+            ),
+            ApiRoute(
+                "GET",
+                "/metrics",
+                self.metrics,
+                "operator",
+                _op("Prometheus metrics", [200, 401, 403]),
+            ),
+            ApiRoute(
+                "GET",
+                "/devices",
+                self.devices,
+                "operator",
+                _op(
+                    "devices and their state",
+                    [200, 401, 403],
+                    parameters=[{"name": "limit", "in": "query", "schema": {"type": "integer"}}],
+                ),
+            ),
+            ApiRoute(
+                "GET",
+                "/alerts",
+                self.alerts,
+                "operator",
+                _op(
+                    "alerts, newest first",
+                    [200, 400, 401, 403],
+                    parameters=[
+                        {
+                            "name": "state",
+                            "in": "query",
+                            "schema": {"enum": list(get_args(EventState))},
+                        },
+                        {
+                            "name": "type",
+                            "in": "query",
+                            "schema": {"type": "string", "default": "alert"},
+                        },
+                        {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    ],
+                ),
+            ),
+            ApiRoute(
+                "GET",
+                "/alerts/{event_id}",
+                self.alert,
+                "operator",
+                _op("one alert with its stages", [200, 401, 403, 404], parameters=[event_id]),
+            ),
+        ]
+        for stage in OPERATOR_STAGES:
+            routes.append(
+                ApiRoute(
+                    "POST",
+                    f"/alerts/{{event_id}}/{stage}",
+                    self._stage_handler(stage),
+                    "operator",
+                    _op(
+                        f"move the alert to {stage} and tell the bell",
+                        [200, 401, 403, 404],
+                        parameters=[event_id],
+                    ),
+                )
+            )
+        routes += [
+            ApiRoute(
+                "POST",
+                "/admin/devices",
+                self.register,
+                "admin",
+                _op("register a device", [201, 400, 401, 403, 409], requestBody=json_body),
+            ),
+            ApiRoute(
+                "GET",
+                "/admin/devices/{device_id}",
+                self.admin_device,
+                "admin",
+                _op(
+                    "one device, with its public key", [200, 401, 403, 404], parameters=[device_id]
+                ),
+            ),
+            ApiRoute(
+                "POST",
+                "/admin/devices/{device_id}/revoke",
+                self.revoke,
+                "admin",
+                _op(
+                    "revoke a device: its next message is refused",
+                    [200, 401, 403, 404],
+                    parameters=[device_id],
+                ),
+            ),
+        ]
+        return routes
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        # SQLite may wait for the intake's commit (an fsync): not on the event loop
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        connected = self._connected()
+        return web.json_response(
+            {"ok": connected, "mqtt": "connected" if connected else "disconnected"},
+            status=200 if connected else 503,
+        )
+
+    async def openapi_json(self, request: web.Request) -> web.Response:
+        return web.json_response(self.openapi())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        waiting = await self._db(self._store.waiting_count)
+        self._metrics.waiting.set(waiting)
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def devices(self, request: web.Request) -> web.Response:
+        limit = _int_query(request, "limit", 10_000)
+        devices = await self._db(self._store.devices)
+        return web.json_response({"devices": [_device_json(d) for d in devices[:limit]]})
+
+    async def alerts(self, request: web.Request) -> web.Response:
+        state = request.query.get("state")
+        if state is not None and state not in get_args(EventState):
+            return _error(400, f"state must be one of {', '.join(get_args(EventState))}")
+        kind = request.query.get("type", "alert") or None
+        limit = _int_query(request, "limit", 500)
+        events = await self._db(lambda: self._store.events(state, limit, type=kind))  # type: ignore[arg-type]
+        return web.json_response({"alerts": [_event_json(e) for e in events]})
+
+    async def alert(self, request: web.Request) -> web.Response:
+        event_id = request.match_info["event_id"]
+        event = await self._db(self._store.event, event_id)
+        if event is None:
+            return _error(404, f"no alert {event_id}")
+        stages = await self._db(self._store.stages, event_id)
+        return web.json_response(
+            {
+                **_event_json(event),
+                "stages": [{"stage": s, "at_ms": at, "actor": who} for s, at, who in stages],
+            }
+        )
+
+    def _stage_handler(self, stage: EventState) -> Handler:
+        async def handle(request: web.Request) -> web.Response:
+            return await self.move(request, stage)
+
+        return handle
+
+    async def move(self, request: web.Request, stage: EventState) -> web.Response:
+        event_id = request.match_info["event_id"]
+        actor = request[TOKEN_KEY].name
+        event = await self._db(self._store.event, event_id)
+        if event is None:
+            return _error(404, f"no alert {event_id}")
+        moved = await self._db(self._store.set_stage, event_id, stage, self._clock_ms(), actor)
+        if moved:
+            log.info("api: %s moved %s (%s) to %s", actor, event_id, event.device_id, stage)
+            if event.type == "alert":
+                # fire and forget: paho queues it while the broker is away, and the
+                # stage is kept either way; the bell shows the furthest stage it sees
+                self._downlink.ack(event.device_id, event_id, stage)
+        current = await self._db(self._store.event, event_id)
+        return web.json_response(
+            {"event_id": event_id, "moved": moved, "state": current.state if current else stage}
+        )
+
+    async def register(self, request: web.Request) -> web.Response:
+        try:
+            new = NewDevice.model_validate_json(await request.read())
+            public_key_from_b64(new.public_key)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            return _error(400, f"{where}: {first['msg']}")
+        except Malformed as exc:
+            return _error(400, str(exc))
+        device = Device(new.id, new.public_key, new.kind, new.district, new.label)
+        try:
+            await self._db(self._store.add_device, device, self._clock_ms())
+        except DuplicateDevice as exc:
+            return _error(409, str(exc))
+        self._registry.refresh(new.id)
+        log.info("api: %s registered %s", request[TOKEN_KEY].name, new.id)
+        registered = await self._db(self._store.device, new.id)
+        assert registered is not None
+        return web.json_response(_device_json(registered, with_key=True), status=201)
+
+    async def admin_device(self, request: web.Request) -> web.Response:
+        device = await self._db(self._store.device, request.match_info["device_id"])
+        if device is None:
+            return _error(404, "no such device")
+        return web.json_response(_device_json(device, with_key=True))
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        device_id = request.match_info["device_id"]
+        if not await self._db(self._store.revoke, device_id):
+            return _error(404, "no such device")
+        # in effect for the device's very next message, on this instance at once
+        self._registry.refresh(device_id)
+        log.warning("api: %s revoked %s", request[TOKEN_KEY].name, device_id)
+        return web.json_response({"device_id": device_id, "revoked": True})
+
+
+def _int_query(request: web.Request, name: str, default: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit():
+        raise web.HTTPBadRequest(text=f"{name} must be a whole number")
+    return max(1, min(int(text), 100_000))
+
+
+def _device_json(device: Device, *, with_key: bool = False) -> dict[str, Any]:
+    data = asdict(device)
+    data["id"] = data.pop("device_id")
+    data.pop("high_water")
+    if not with_key:
+        data.pop("public_key")
+    return data
+
+
+def _event_json(event: Event) -> dict[str, Any]:
+    data = asdict(event)
+    data["body"] = json.loads(data.pop("body_json"))
+    return data

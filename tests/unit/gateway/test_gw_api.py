@@ -1,0 +1,222 @@
+"""The operator HTTP API against a gateway's insides (in-memory store, captured downlink)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from gw_testkit import ALERT, KEYS, Env, make_env
+
+from gateway.api import Api, ApiRoute
+from gateway.config import ApiToken
+from protocol.keys import public_key_to_b64
+
+OPERATOR = "operator-token-0123456789"
+ADMIN = "admin-token-0123456789abc"
+TOKENS = [
+    ApiToken(name="central", role="operator", token=OPERATOR),
+    ApiToken(name="installer", role="admin", token=ADMIN),
+]
+
+
+@dataclass
+class Site:
+    env: Env
+    api: Api
+    client: TestClient[web.Request, web.Application]
+    connected: list[bool]
+
+    async def call(
+        self, method: str, path: str, token: str | None = OPERATOR, **kw: object
+    ) -> tuple[int, object]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.client.request(method, path, headers=headers, **kw) as response:  # type: ignore[arg-type]
+            if response.content_type == "application/json":
+                return response.status, await response.json()
+            return response.status, await response.text()
+
+
+def extra_route() -> ApiRoute:
+    async def enrol(request: web.Request) -> web.Response:
+        return web.json_response({"enrolled": True})
+
+    return ApiRoute(
+        "POST",
+        "/enrol",
+        enrol,
+        "admin",
+        {"summary": "provisioning's enrolment", "responses": {"200": {"description": "OK"}}},
+    )
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[Site]:
+    env = make_env()
+    connected = [True]
+    api = Api(
+        env.store,
+        env.registry,
+        env.downlink,
+        env.metrics,
+        TOKENS,
+        connected=lambda: connected[0],
+        clock_ms=env.clock,
+    )
+    api.add_routes([extra_route()])  # as provisioning will, from its own module
+    async with TestClient(TestServer(api.app())) as client:
+        yield Site(env, api, client, connected)
+
+
+def described(api: Api) -> set[tuple[str, str]]:
+    return {
+        (method.upper(), path)
+        for path, operations in api.openapi()["paths"].items()
+        for method in operations
+    }
+
+
+async def test_openapi_describes_every_route_and_nothing_else(site: Site) -> None:
+    served = {
+        (route.method, route.resource.canonical)
+        for route in site.client.app.router.routes()  # type: ignore[union-attr]
+        if route.method != "HEAD" and route.resource is not None
+    }
+    assert served == described(site.api)
+    assert ("POST", "/enrol") in served
+    status, spec = await site.call("GET", "/openapi.json", token=None)
+    assert status == 200 and isinstance(spec, dict)
+    assert spec["paths"]["/admin/devices"]["post"]["security"] == [{"admin": []}]
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            assert operation["summary"] and operation["responses"]
+
+
+async def test_every_protected_route_refuses_a_missing_or_wrong_token(site: Site) -> None:
+    protected = [
+        (m, p.replace("{event_id}", "x").replace("{device_id}", "bell-0001"))
+        for m, p in described(site.api)
+        if p not in ("/healthz", "/openapi.json")
+    ]
+    assert len(protected) == 11
+    for method, path in protected:
+        for token in (None, "wrong-token-0123456789", OPERATOR[:-1]):
+            async with site.client.request(
+                method,
+                path,
+                headers={"Authorization": f"Bearer {token}"} if token else {},
+            ) as response:
+                assert response.status == 401, (method, path, token)
+                assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_operator_and_admin_tokens_do_not_cross(site: Site) -> None:
+    assert (await site.call("POST", "/admin/devices/bell-0001/revoke"))[0] == 403
+    assert (await site.call("POST", "/enrol"))[0] == 403
+    assert (await site.call("GET", "/devices", token=ADMIN))[0] == 403
+    assert (await site.call("POST", "/enrol", token=ADMIN)) == (200, {"enrolled": True})
+
+
+async def test_healthz_is_public_and_tells_the_broker_state(site: Site) -> None:
+    assert await site.call("GET", "/healthz", token=None) == (
+        200,
+        {"ok": True, "mqtt": "connected"},
+    )
+    site.connected[0] = False
+    assert (await site.call("GET", "/healthz", token=None))[0] == 503
+
+
+async def test_an_operator_moves_an_alert_forward_and_the_bell_is_told(site: Site) -> None:
+    env = site.env
+    await env.feed(env.message(ALERT, id="alert-api-01"))
+    env.sent.clear()
+    status, body = await site.call("POST", "/alerts/alert-api-01/acknowledged")
+    assert (status, body) == (
+        200,
+        {"event_id": "alert-api-01", "moved": True, "state": "acknowledged"},
+    )
+    assert env.acks() == [("bell-0001", "alert-api-01", "acknowledged")]
+    # again: nothing moves, the bell is not told twice
+    status, body = await site.call("POST", "/alerts/alert-api-01/acknowledged")
+    assert body == {"event_id": "alert-api-01", "moved": False, "state": "acknowledged"}
+    # skipping ahead is fine; going back is not
+    await site.call("POST", "/alerts/alert-api-01/closed")
+    status, body = await site.call("POST", "/alerts/alert-api-01/dispatched")
+    assert body == {"event_id": "alert-api-01", "moved": False, "state": "closed"}
+    assert [a[2] for a in env.acks()] == ["acknowledged", "closed"]
+    status, body = await site.call("GET", "/alerts/alert-api-01")
+    assert isinstance(body, dict)
+    assert [(s["stage"], s["actor"]) for s in body["stages"]] == [
+        ("acknowledged", "central"),
+        ("closed", "central"),
+    ]
+    assert (await site.call("POST", "/alerts/no-such-alert/closed"))[0] == 404
+
+
+async def test_alerts_are_listed_by_state(site: Site) -> None:
+    env = site.env
+    await env.feed(env.message(ALERT, id="alert-list-1"), env.message(ALERT, id="alert-list-2"))
+    await site.call("POST", "/alerts/alert-list-2/acknowledged")
+    _, received = await site.call("GET", "/alerts?state=received")
+    _, everything = await site.call("GET", "/alerts")
+    assert isinstance(received, dict) and isinstance(everything, dict)
+    assert [a["event_id"] for a in received["alerts"]] == ["alert-list-1"]
+    assert received["alerts"][0]["body"]["trigger"] == "press"
+    assert {a["event_id"] for a in everything["alerts"]} == {"alert-list-1", "alert-list-2"}
+    assert (await site.call("GET", "/alerts?state=lost"))[0] == 400
+    assert (await site.call("GET", "/alerts?limit=many"))[0] == 400
+
+
+async def test_metrics_and_devices(site: Site) -> None:
+    env = site.env
+    await env.feed(env.message(ALERT, device="bell-0009"))  # unknown: refused
+    status, text = await site.call("GET", "/metrics")
+    assert status == 200
+    assert 'ansimi_rejected_total{reason="unknown_device"} 1.0' in str(text)
+    _, body = await site.call("GET", "/devices")
+    assert isinstance(body, dict)
+    devices = {d["id"]: d for d in body["devices"]}
+    assert set(devices) == {"bell-0001", "bell-0002", "bell-0003"}
+    assert devices["bell-0003"]["revoked"] is True
+    assert "public_key" not in devices["bell-0001"]
+
+
+async def test_admin_registers_and_revokes_with_immediate_effect(site: Site) -> None:
+    env = site.env
+    new = {
+        "id": "bell-0009",
+        "public_key": public_key_to_b64(KEYS["bell-0009"].public_key()),
+        "kind": "bell",
+        "district": "gangnam",
+        "label": "test",
+    }
+    status, body = await site.call("POST", "/admin/devices", token=ADMIN, json=new)
+    assert status == 201 and isinstance(body, dict) and body["public_key"] == new["public_key"]
+    await env.feed(env.message(ALERT, device="bell-0009"))
+    assert env.event_count() == 1
+    assert (await site.call("POST", "/admin/devices", token=ADMIN, json=new))[0] == 409
+    bad = {**new, "id": "bell-0010", "public_key": "x" * 43}
+    assert (await site.call("POST", "/admin/devices", token=ADMIN, json=bad))[0] == 400
+    assert (await site.call("POST", "/admin/devices", token=ADMIN, data=b"{"))[0] == 400
+
+    status, body = await site.call("POST", "/admin/devices/bell-0009/revoke", token=ADMIN)
+    assert (status, body) == (200, {"device_id": "bell-0009", "revoked": True})
+    await env.feed(env.message(ALERT, device="bell-0009"))
+    assert env.rejected("revoked") == 1
+    assert env.event_count() == 1
+    _, body = await site.call("GET", "/admin/devices/bell-0009", token=ADMIN)
+    assert isinstance(body, dict) and body["revoked"] is True
+    assert (await site.call("GET", "/admin/devices/bell-0404", token=ADMIN))[0] == 404
+    assert (await site.call("POST", "/admin/devices/bell-0404/revoke", token=ADMIN))[0] == 404
+
+
+def test_an_added_route_must_be_described(site: Site) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response()
+
+    with pytest.raises(ValueError, match="summary and responses"):
+        site.api.add_routes([ApiRoute("GET", "/undocumented", handler, "operator")])
+    with pytest.raises(ValueError, match="already a route"):
+        site.api.add_routes([extra_route()])

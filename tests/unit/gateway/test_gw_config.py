@@ -1,0 +1,79 @@
+"""`ansimi gateway run --config`: a bad file stops start-up naming the file, the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ansimi.cli import cli
+from ansimi.config import ConfigError, load_config
+from gateway.config import GatewayConfig
+
+
+def run(config: Path) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["gateway", "run", "--config", str(config)])
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[intake]\nwindow_s = 0\n", "key `intake.window_s`"),
+        ("[supervise]\nmissed = 0\n", "key `supervise.missed`"),
+        ("[api]\nport = 70000\n", "key `api.port`"),
+        ("[api]\nenabled = true\n", "no [[api.tokens]]: add at least one"),
+        ('[[api.tokens]]\nname = "central"\n', "set exactly one of token and token_file"),
+        ('[[api.tokens]]\nname = "central"\ntoken = "short"\n', "key `api.tokens.0.token`"),
+        ("[mqtt]\nportt = 1\n", "key `mqtt.portt`: Extra inputs are not permitted"),
+        ("[api\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_value_stops_the_cli_with_file_key_and_fix(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(text)
+    code, output = run(config)
+    assert code == 1
+    assert str(config) in output
+    assert expected in output
+    assert "Fix:" in output
+    assert "Traceback" not in output
+
+
+def test_a_missing_file_or_key_is_named(tmp_path: Path) -> None:
+    code, output = run(tmp_path / "absent.toml")
+    assert code == 1 and "absent.toml: file not found. Fix: create it" in output
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'signing_key = "{tmp_path}/nokey"\ndatabase = "{tmp_path}/gw.db"\n')
+    code, output = run(config)
+    assert code == 1
+    assert f"no key at {tmp_path}/nokey" in output and "ansimi provision init-site" in output
+
+
+def test_tokens_come_from_a_file_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    secret = tmp_path / "central.token"
+    secret.write_text("a-long-random-token-from-a-file\n")
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[api]\nenabled = true\n[[api.tokens]]\nname = "central"\ntoken_file = "{secret}"\n'
+    )
+    loaded = load_config(config, GatewayConfig)
+    assert loaded.api.tokens[0].secret == "a-long-random-token-from-a-file"
+    assert "a-long-random" not in repr(loaded)  # secrets stay out of logs
+    secret.unlink()
+    with pytest.raises(ConfigError, match=r"cannot read token_file .*central.token"):
+        load_config(config, GatewayConfig)
+    secret.write_text("short")
+    with pytest.raises(ConfigError, match="fewer than 16 characters"):
+        load_config(config, GatewayConfig)
+
+
+def test_the_inline_token_is_not_in_the_repr() -> None:
+    config = GatewayConfig.model_validate(
+        {"api": {"tokens": [{"name": "central", "token": "inline-secret-0123456789"}]}}
+    )
+    assert "inline-secret" not in repr(config)
+    assert config.supervise.timeout_ms == 30_000
