@@ -23,7 +23,7 @@ import logging
 import queue
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import aioice.ice
 import av
@@ -36,24 +36,28 @@ from aiortc import (
     RTCRtpTransceiver,
 )
 from aiortc.mediastreams import MediaStreamError
-from pydantic import BaseModel, ConfigDict, Field
+
+from ansimi.webrtc_config import IceServer, VideoCodec
 
 log = logging.getLogger(__name__)
 
-VideoCodec = Literal["H264", "VP8"]
+__all__ = [
+    "EncodedFrame",
+    "EncodedTrack",
+    "IceServer",
+    "KeyframeGate",
+    "VideoCodec",
+    "enable_loopback_candidates",
+    "is_keyframe",
+    "prefer_codecs",
+    "request_keyframe",
+    "rtc_configuration",
+    "tap_encoded",
+]
+
 # RTP video clock (RFC 6184, RFC 7741): 90 kHz for both codecs.
 VIDEO_TIME_BASE: Final = fractions.Fraction(1, 90_000)
 LOOPBACK: Final = "127.0.0.1"
-
-
-class IceServer(BaseModel):
-    """One STUN or TURN server, as in the W3C RTCIceServer dictionary."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    urls: list[str] = Field(min_length=1)
-    username: str | None = None
-    credential: str | None = None
 
 
 def rtc_configuration(ice_servers: Sequence[IceServer] = ()) -> RTCConfiguration:

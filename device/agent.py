@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -36,7 +36,11 @@ from protocol.messages import (
     CommandMessage,
     Heartbeat,
     Message,
+    RtcMessage,
 )
+
+if TYPE_CHECKING:
+    from device.video.session import VideoManager
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,12 @@ class Agent:
             link_up=lambda: self.link.connected,
             clock_ms=self._clock_ms,
         )
+        # live video: doorbells with a camera only (aiortc and PyAV are imported only then)
+        self.video: VideoManager | None = None
+        if hardware.camera is not None and config.device.kind == "doorbell":
+            from device.video.session import VideoManager
+
+            self.video = VideoManager(config.video, hardware.camera, self.link.send)
         self._started_at = self._monotonic()
         self._wake_resend = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
@@ -125,6 +135,8 @@ class Agent:
         log.info("device %s: %s %s queued", self.device_id, type_name, effect.message_id)
         self.link.send(effect.body, message_id=effect.message_id)
         self.outbox.attempted(effect.message_id, now + self.resend_delay_ms(0))
+        if self.video is not None and isinstance(effect.body, Alert):
+            self.video.on_alert(effect.body)
 
     def _show(self, pattern: Pattern) -> None:
         d = self.config.device
@@ -205,6 +217,8 @@ class Agent:
             self._apply(self.behaviour.on_ack(ack))
         elif isinstance(message, CommandMessage):
             self.on_command(message.body)
+        elif isinstance(message, RtcMessage) and self.video is not None:
+            self.video.on_rtc(message.body)
 
     def on_command(self, command: Command) -> None:
         name = command.name
@@ -220,6 +234,8 @@ class Agent:
             log.warning("device %s: silent mode %s by command", self.device_id, silent)
         elif name == "selftest":
             self._spawn(self.selftest(), "selftest")
+        elif name in ("video_start", "video_stop") and self.video is not None:
+            self.video.on_command(command)
         else:
             log.warning("device %s: command %s is not supported yet; ignored", self.device_id, name)
 
@@ -251,6 +267,8 @@ class Agent:
                 tasks.create_task(self._resend_loop(), name="resend")
                 tasks.create_task(self._heartbeat_loop(), name="heartbeat")
                 tasks.create_task(self.sms.run(), name="sms")
+                if self.video is not None:
+                    tasks.create_task(self.video.run(), name="video")
                 tasks.create_task(sdnotify.watchdog_pings(), name="watchdog")
                 # Ready as soon as presses are taken and kept: a device whose network is down
                 # at boot must still run (outbox, SMS), not be restarted for a late start.

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from device.hal.config import HardwareConfig
+from device.video.config import VideoConfig
 from protocol.ids import DeviceId
 
 
@@ -99,3 +100,4 @@ class DeviceConfig(_Section):
     behaviour: BehaviourSection = BehaviourSection()
     sms: SmsSection = SmsSection()
     hardware: HardwareConfig = HardwareConfig()
+    video: VideoConfig = VideoConfig()

@@ -1,7 +1,5 @@
-"""Live video on the device: the camera as a WebRTC track, sessions signalled over MQTT."""
+"""Live video on the device: the camera as a WebRTC track, sessions signalled over MQTT.
 
-from device.video.config import VideoConfig
-from device.video.session import VideoManager, VideoSession
-from device.video.track import CameraTrack, to_video_frame
-
-__all__ = ["CameraTrack", "VideoConfig", "VideoManager", "VideoSession", "to_video_frame"]
+`config` is light (no aiortc import), so loading a device config stays cheap; `session`
+and `track` import aiortc and PyAV and are imported only where video runs.
+"""

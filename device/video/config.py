@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ansimi.webrtc import IceServer, VideoCodec
+from ansimi.webrtc_config import IceServer, VideoCodec
 
 
 class VideoConfig(BaseModel):

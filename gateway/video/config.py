@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ansimi.webrtc import IceServer
+from ansimi.webrtc_config import IceServer
 
 
 class VideoConfig(BaseModel):

@@ -18,10 +18,10 @@ from aiortc.mediastreams import MediaStreamError
 
 from ansimi.webrtc import enable_loopback_candidates
 from device.hal.camera import SyntheticCamera
-from device.video import VideoConfig as DeviceVideo
-from device.video import VideoManager
-from gateway.video import VideoConfig as GatewayVideo
-from gateway.video import VideoHub
+from device.video.config import VideoConfig as DeviceVideo
+from device.video.session import VideoManager
+from gateway.video.config import VideoConfig as GatewayVideo
+from gateway.video.hub import VideoHub
 from protocol.jws import Signer
 from protocol.keys import generate_key
 from protocol.messages import Command, Rtc, build_message

@@ -8,7 +8,9 @@ import av
 import pytest
 from conftest import DEVICE, Watcher, eventually, rig
 
-from gateway.video import BadOffer, DeviceOffline, VideoConfig, verify_seal
+from gateway.video.config import VideoConfig
+from gateway.video.evidence import verify_seal
+from gateway.video.hub import BadOffer, DeviceOffline
 from protocol.messages import Alert, Rtc
 
 

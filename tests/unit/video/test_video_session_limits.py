@@ -7,8 +7,8 @@ from pathlib import Path
 import av
 from conftest import DEVICE, Watcher, eventually, rig
 
-from device.video import VideoConfig
-from gateway.video import VideoConfig as GatewayConfig
+from device.video.config import VideoConfig
+from gateway.video.config import VideoConfig as GatewayConfig
 
 
 async def test_unwatched_stream_stops_after_idle_time(tmp_path: Path) -> None:
