@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, PrivateAttr, model_validator
 
+from gateway.video.config import VideoConfig
 from protocol.ids import DeviceId
 
 
@@ -136,6 +137,7 @@ class GatewayConfig(_Section):
     forward: ForwardConfig = ForwardConfig()
     supervise: SuperviseConfig = SuperviseConfig()
     api: ApiConfig = ApiConfig()
+    video: VideoConfig = VideoConfig()
     centres: list[Centre] = []
 
     @model_validator(mode="after")

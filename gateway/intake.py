@@ -51,7 +51,7 @@ from protocol.envelope import Opened, open_from_device
 from protocol.errors import Oversized, ProtocolError, Replay, Stale, UnknownSigner
 from protocol.jws import MAX_TOKEN_BYTES
 from protocol.keys import public_key_from_b64
-from protocol.messages import HeartbeatMessage, StatusMessage
+from protocol.messages import HeartbeatMessage, Rtc, StatusMessage
 from protocol.replay import check_fresh
 from protocol.topics import parse_topic
 
@@ -140,6 +140,7 @@ class Intake:
         clock_ms: Callable[[], int] | None = None,
         on_kept: Callable[[list[Incoming]], None] | None = None,
         supervisor: Supervisor | None = None,
+        on_rtc: Callable[[str, Rtc], None] | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -152,6 +153,8 @@ class Intake:
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._on_kept = on_kept
         self._supervisor = supervisor
+        # the video hub: rtc offers and byes, once checked and their high-water mark kept
+        self._on_rtc = on_rtc
         self._queue: list[MqttMessage] = []
         self._wake = asyncio.Event()
         # highest last-will sequence number accepted per device (see the module docstring)
@@ -223,6 +226,8 @@ class Intake:
                 forwarded.append(item)
             if item.type in ACKED_TYPES:
                 self._downlink.ack(item.device_id, item.event_id, "received")
+            if item.type == "rtc" and one.fresh and self._on_rtc is not None:
+                self._on_rtc(item.device_id, Rtc.model_validate_json(item.body_json))
             if self._supervisor is not None:
                 self._supervisor.heard(item.device_id, now_ms)
         if self._supervisor is not None and came_online:

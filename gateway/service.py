@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ansimi import sdnotify
 from ansimi.mqtt import Message, Session, Settings, TlsFiles
@@ -20,6 +21,9 @@ from gateway.supervise import Supervisor
 from protocol.jws import Signer
 from protocol.keys import load_private_key
 from protocol.topics import UP_FILTER, shared_up_filter
+
+if TYPE_CHECKING:
+    from gateway.video.hub import VideoHub
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,12 @@ class Gateway:
             tick_s=config.supervise.tick_s,
             on_event=self.forwarder.wake,
         )
+        # the video hub only when video is on: aiortc and PyAV are imported only then
+        self.video: VideoHub | None = None
+        if config.video.enabled:
+            from gateway.video.hub import VideoHub
+
+            self.video = VideoHub(config.video, self.downlink.send, signer)
         self.intake = Intake(
             self.store,
             self.registry,
@@ -94,6 +104,7 @@ class Gateway:
             batch_max=config.intake.batch_max,
             on_kept=lambda _items: self.forwarder.wake(),
             supervisor=self.supervisor,
+            on_rtc=self.video.on_rtc if self.video is not None else None,
         )
         self.api = Api(
             self.store,
@@ -103,6 +114,10 @@ class Gateway:
             config.api.tokens,
             connected=lambda: self.session.connected,
         )
+        if self.video is not None:
+            from gateway.video.whep import api_routes
+
+            self.api.add_routes(api_routes(self.video))
         self.ready = asyncio.Event()
 
     def _on_message(self, message: Message) -> None:
@@ -141,6 +156,8 @@ class Gateway:
                 self.supervisor.load(self.store.devices(), time.time_ns() // 1_000_000)
                 tasks.create_task(self.supervisor.run(), name="supervise")
                 tasks.create_task(sdnotify.watchdog_pings(), name="watchdog")
+                if self.video is not None:
+                    tasks.create_task(self.video.run(), name="video")
                 if self.config.api.enabled:
                     api = self.config.api
                     tasks.create_task(self.api.serve(api.host, api.port), name="api")

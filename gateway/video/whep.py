@@ -3,8 +3,9 @@
     POST   /whep/{device_id}              application/sdp offer -> 201, answer, Location
     DELETE /whep/{device_id}/{viewer_id}  -> 200
 
-Every request needs `Authorization: Bearer <token>`, checked by the `authorize` callable
-the HTTP API passes in (the API owns its tokens). All ICE candidates are in the answer
+Every request needs `Authorization: Bearer <token>`. Mounted in the gateway's HTTP API
+(`api_routes`), the API's middleware checks it: operator tokens. Stand-alone
+(`whep_app`), the `authorize` callable passed in checks it. All ICE candidates are in the answer
 (aiortc gathers before answering), so trickle ICE (PATCH) is not offered: 405.
 Errors are short plain-text bodies; the detail goes to the gateway's log.
 """
@@ -14,9 +15,11 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from aiohttp import web
 
+from gateway.api import ApiRoute
 from gateway.video.hub import BadOffer, DeviceOffline, TooManyViewers, VideoHub
 from protocol.ids import DEVICE_ID_RE
 
@@ -45,7 +48,7 @@ def _text(status: int, text: str, **headers: str) -> web.Response:
 
 
 class Whep:
-    def __init__(self, hub: VideoHub, authorize: Authorize) -> None:
+    def __init__(self, hub: VideoHub, authorize: Authorize | None = None) -> None:
         self._hub = hub
         self._authorize = authorize
 
@@ -57,7 +60,7 @@ class Whep:
         ]
 
     def _denied(self, request: web.Request) -> web.Response | None:
-        if self._authorize(request):
+        if self._authorize is None or self._authorize(request):
             return None
         return _text(401, "a bearer token is required", **{"WWW-Authenticate": "Bearer"})
 
@@ -112,3 +115,64 @@ def whep_app(hub: VideoHub, authorize: Authorize) -> web.Application:
     app = web.Application(client_max_size=MAX_OFFER_BYTES)
     app.add_routes(Whep(hub, authorize).routes())
     return app
+
+
+def _operation(summary: str, responses: dict[int, str], **extra: Any) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "responses": {str(code): {"description": text} for code, text in responses.items()},
+        **extra,
+    }
+
+
+def api_routes(hub: VideoHub) -> list[ApiRoute]:
+    """The WHEP routes for `gateway.api.Api.add_routes`: operator tokens, checked by the API."""
+    whep = Whep(hub)
+    device = {"name": "device_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    viewer = {"name": "viewer_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    sdp = {"content": {"application/sdp": {"schema": {"type": "string"}}}}
+    denied = {401: "no or unknown token", 403: "token lacks the role"}
+    return [
+        ApiRoute(
+            "POST",
+            "/whep/{device_id}",
+            whep.post,
+            "operator",
+            _operation(
+                "watch a device's live video (WHEP, RFC 9725): SDP offer in, SDP answer out",
+                {
+                    201: "the SDP answer; Location names the session for DELETE",
+                    400: "malformed SDP offer",
+                    **denied,
+                    404: "the device is not streaming",
+                    413: "offer too large",
+                    415: "not application/sdp",
+                    503: "too many viewers for this device",
+                },
+                parameters=[device],
+                requestBody={"required": True, **sdp},
+            ),
+        ),
+        ApiRoute(
+            "DELETE",
+            "/whep/{device_id}/{viewer_id}",
+            whep.delete,
+            "operator",
+            _operation(
+                "stop watching",
+                {200: "closed", **denied, 404: "no such viewer"},
+                parameters=[device, viewer],
+            ),
+        ),
+        ApiRoute(
+            "PATCH",
+            "/whep/{device_id}/{viewer_id}",
+            whep.patch,
+            "operator",
+            _operation(
+                "trickle ICE: not supported, all candidates are in the answer",
+                {**denied, 405: "not supported"},
+                parameters=[device, viewer],
+            ),
+        ),
+    ]
