@@ -28,6 +28,10 @@ class MqttConfig(_Section):
     # each instance needs its own, stable across restarts (its persistent session); empty
     # means the gateway id
     client_id: str = ""
+    # how long the broker keeps this instance's session (and queues its share of a shared
+    # subscription) while it is away: long enough to cover a restart, short because
+    # mosquitto keeps handing a dead instance its share until the session expires
+    session_expiry_s: Annotated[int, Field(ge=0, le=7 * 24 * 3600)] = 60
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None

@@ -37,6 +37,7 @@ def mqtt_settings(config: GatewayConfig) -> Settings:
         host=m.host,
         port=m.port,
         client_id=m.client_id or config.id,
+        session_expiry_s=m.session_expiry_s,
         version=m.version,
         tls=tls,
     )

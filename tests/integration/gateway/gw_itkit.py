@@ -1,0 +1,233 @@
+"""Crash tests' parts: a centre, gateway processes we can SIGKILL, real device agents.
+
+A plain module (not conftest) so the gateway integration tests import it by a name no
+other test tree uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from ansimi.broker import Mosquitto, free_port
+from console.receiver import EventLog, Receiver
+from device.agent import Agent
+from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection, OutboxSection
+from device.hal import Hardware
+from device.hal.fakes import FakeIndicator, FakeInputs
+from gateway.store import Device, SqliteStore
+from protocol.jws import Signer
+from protocol.keys import generate_key, public_key_to_b64, save_private_key
+
+SECRET = "centre-secret-for-tests"
+TOKEN = "operator-token-for-tests"
+WAIT_S = 30.0  # generous: two cores shared with the broker, agents and other test runs
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def centre(tmp_path: Path) -> AsyncIterator[tuple[Receiver, str]]:
+    """The reference control-centre receiver, on a free port; yields it and its URL."""
+    receiver = Receiver(SECRET, EventLog(tmp_path / "centre.db"))
+    runner = web.AppRunner(receiver.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield receiver, f"http://127.0.0.1:{port}/events"
+    finally:
+        await runner.cleanup()
+        receiver.events.close()
+
+
+def centre_alerts(tmp_path: Path) -> list[tuple[str, str]]:
+    """(event id, device id) of every alert the centre has, each row once by its key."""
+    with contextlib.closing(sqlite3.connect(tmp_path / "centre.db")) as db:
+        rows = db.execute("SELECT event_id, device_id FROM events WHERE type = 'alert'")
+        return [(str(a), str(b)) for a, b in rows]
+
+
+@dataclass
+class Fleet:
+    """The site's keys and its devices, registered in the gateway's database."""
+
+    tmp_path: Path
+    broker: Mosquitto
+    gateway: Signer
+    agents: list[Agent]
+
+    @classmethod
+    def create(cls, tmp_path: Path, broker: Mosquitto, count: int) -> Fleet:
+        gateway_key = generate_key()
+        (tmp_path / "gateway").mkdir(parents=True, exist_ok=True)
+        save_private_key(tmp_path / "gateway" / "signing.key", gateway_key)
+        gateway = Signer("gw-test", gateway_key)
+        store = SqliteStore(tmp_path / "gateway" / "gateway.db")
+        agents = []
+        for n in range(count):
+            device_id = f"bell-{n:04d}"
+            key = generate_key()
+            public = public_key_to_b64(key.public_key())
+            store.add_device(Device(device_id, public, "bell", "mapo"), now_ms=0)
+            config = DeviceConfig(
+                device=DeviceSection(id=device_id, kind="bell", state_dir=tmp_path / device_id),
+                gateway=GatewaySection(
+                    id=gateway.kid, public_key=public_key_to_b64(gateway.public_key)
+                ),
+                mqtt=MqttSection(host=broker.host, port=broker.port, heartbeat_s=1),
+                outbox=OutboxSection(resend_min_s=0.5, resend_max_s=2.0),
+            )
+            hardware = Hardware(FakeInputs(), FakeIndicator(), None, None)
+            agents.append(
+                Agent(
+                    config,
+                    signer=Signer(device_id, key),
+                    gateway_key=gateway.public_key,
+                    hardware=hardware,
+                )
+            )
+        store.close()
+        return cls(tmp_path, broker, gateway, agents)
+
+    def write_config(self, name: str, centre_url: str, api_port: int, **mqtt: object) -> Path:
+        """A gateway.toml for instance `name` (its own client id, the shared database)."""
+        mqtt_lines = "".join(f"{k} = {v!r}\n" for k, v in mqtt.items())
+        path = self.tmp_path / f"{name}.toml"
+        path.write_text(
+            f"""id = "gw-test"
+signing_key = "{self.tmp_path}/gateway/signing.key"
+database = "{self.tmp_path}/gateway/gateway.db"
+[mqtt]
+host = "{self.broker.host}"
+port = {self.broker.port}
+client_id = "{name}"
+{mqtt_lines}
+[supervise]
+heartbeat_s = 1.0
+[forward]
+backoff_min_s = 0.1
+backoff_max_s = 1.0
+[api]
+enabled = true
+port = {api_port}
+[[api.tokens]]
+name = "tests"
+token = "{TOKEN}"
+[[centres]]
+name = "central"
+url = "{centre_url}"
+secret = "{SECRET}"
+""".replace("'", '"')
+        )
+        return path
+
+    def press_all(self, agents: list[Agent] | None = None) -> None:
+        for agent in agents if agents is not None else self.agents:
+            inputs = agent.hardware.inputs
+            assert isinstance(inputs, FakeInputs)
+            inputs.press("emergency")
+            inputs.release("emergency")
+
+    def pending(self) -> int:
+        """Alerts still waiting in the devices' outboxes for a `received` ack."""
+        return sum(agent.outbox.depth() for agent in self.agents)
+
+
+class GatewayProcess:
+    """`python -m ansimi gateway run --config ...` as a child we can SIGKILL."""
+
+    def __init__(self, config: Path, api_port: int) -> None:
+        self.config = config
+        self.api_port = api_port
+        self.log = config.with_suffix(".log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ansimi",
+                    "-v",
+                    "gateway",
+                    "run",
+                    "--config",
+                    str(self.config),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    async def ready(self, timeout_s: float = WAIT_S) -> None:
+        """Until /healthz says it is connected to the broker."""
+        url = f"http://127.0.0.1:{self.api_port}/healthz"
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as http:
+            while True:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise AssertionError(f"gateway exited: {self.log.read_text()[-2000:]}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(url) as response:
+                        if response.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"gateway not ready: {self.log.read_text()[-2000:]}")
+                await asyncio.sleep(0.1)
+
+    def metrics_text(self) -> str:
+        """/metrics, read synchronously (the tests poll it between awaits)."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.api_port}/metrics",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return str(response.read().decode())
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, no last commit, exactly what a crash looks like."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@contextlib.asynccontextmanager
+async def agents_running(fleet: Fleet) -> AsyncIterator[None]:
+    tasks = [asyncio.create_task(a.run(), name=a.device_id) for a in fleet.agents]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(a.ready.wait() for a in fleet.agents)), WAIT_S)
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

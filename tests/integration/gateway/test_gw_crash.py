@@ -1,0 +1,161 @@
+"""Crashes with real parts: SIGKILL the gateway or the broker mid-burst; two instances.
+
+Nothing the devices send may be lost, whoever dies: every alert a bell sent reaches the
+control centre. The devices' outboxes and our acks carry it, not the broker (mosquitto's
+persistence is a periodic snapshot: a SIGKILL loses what it queued since).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gw_itkit import (
+    Fleet,
+    GatewayProcess,
+    agents_running,
+    centre,
+    centre_alerts,
+    eventually,
+)
+
+from ansimi.broker import Mosquitto, free_port
+from ansimi.config import load_config
+from device.agent import Agent
+from gateway.config import GatewayConfig
+from gateway.service import Gateway
+
+DEVICES = 12
+
+
+def record_alerts(agents: list[Agent]) -> set[str]:
+    """Ids of every alert the agents publish, resends included (the same id again)."""
+    sent: set[str] = set()
+    for agent in agents:
+        send = agent.link.send
+
+        def spy(
+            body: Any, *, message_id: str | None = None, _send: Callable[..., Any] = send
+        ) -> Any:
+            if type(body).__name__ == "Alert" and message_id is not None:
+                sent.add(message_id)
+            return _send(body, message_id=message_id)
+
+        agent.link.send = spy  # type: ignore[method-assign]
+    return sent
+
+
+def accepted(instance: GatewayProcess) -> float:
+    """Messages of any type this instance has kept, from its /metrics."""
+    text = instance.metrics_text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ansimi_accepted_total{")
+    )
+
+
+def all_arrived(tmp_path: Path, fleet: Fleet, sent: set[str]) -> Callable[[], bool]:
+    def check() -> bool:
+        arrived = centre_alerts(tmp_path)
+        return len(sent) >= DEVICES and {e for e, _ in arrived} == sent and fleet.pending() == 0
+
+    return check
+
+
+def assert_each_once(tmp_path: Path, sent: set[str]) -> None:
+    arrived = centre_alerts(tmp_path)
+    ids = [e for e, _ in arrived]
+    assert len(ids) == len(set(ids)) == len(sent)
+    assert set(ids) == sent
+    assert len({d for _, d in arrived}) == DEVICES  # one incident per bell
+
+
+async def test_sigkilled_gateway_restarts_and_every_alert_arrives_once(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    fleet = Fleet.create(tmp_path, mosquitto, DEVICES)
+    sent = record_alerts(fleet.agents)
+    async with centre(tmp_path) as (_receiver, url), agents_running(fleet):
+        api_port = free_port()
+        gateway = GatewayProcess(fleet.write_config("gw-a", url, api_port), api_port)
+        gateway.start()
+        try:
+            await gateway.ready()
+            half = DEVICES // 2
+            fleet.press_all(fleet.agents[:half])
+            await eventually(lambda: len(centre_alerts(tmp_path)) >= 1)
+            fleet.press_all(fleet.agents[half:])
+            # one turn of the loop: the publishes leave for the broker, and the gateway
+            # dies with them on the wire, in its queue or half committed
+            await asyncio.sleep(0)
+            gateway.kill()
+            in_flight = DEVICES - len(centre_alerts(tmp_path))
+            gateway.start()
+            await gateway.ready()
+            await eventually(all_arrived(tmp_path, fleet, sent))
+        finally:
+            gateway.stop()
+    assert in_flight > 0, "the kill came too late to test anything"
+    assert_each_once(tmp_path, sent)
+
+
+async def test_sigkilled_broker_loses_nothing(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    fleet = Fleet.create(tmp_path, mosquitto, DEVICES)
+    sent = record_alerts(fleet.agents)
+    async with centre(tmp_path) as (_receiver, url):
+        config = load_config(fleet.write_config("gw-a", url, 0), GatewayConfig)
+        gateway = Gateway(config)
+        task = asyncio.create_task(gateway.run())
+        try:
+            async with agents_running(fleet):
+                await asyncio.wait_for(gateway.ready.wait(), 30)
+                fleet.press_all()
+                await asyncio.sleep(0)  # the publishes leave for the broker
+                mosquitto.kill()  # alerts queued in the broker die with it
+                in_flight = fleet.pending()
+                await asyncio.sleep(0.5)
+                mosquitto.start()
+                await eventually(all_arrived(tmp_path, fleet, sent))
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert in_flight > 0, "the kill came too late to test anything"
+    assert_each_once(tmp_path, sent)
+
+
+async def test_two_instances_share_the_load_and_one_carries_on_alone(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    fleet = Fleet.create(tmp_path, mosquitto, DEVICES)
+    sent = record_alerts(fleet.agents)
+    async with centre(tmp_path) as (_receiver, url), agents_running(fleet):
+        instances = []
+        for name in ("gw-a", "gw-b"):
+            port = free_port()
+            # a short session: mosquitto hands a dead instance its share until it expires
+            path = fleet.write_config(name, url, port, session_expiry_s=1)
+            instances.append(GatewayProcess(path, port))
+        a, b = instances
+        try:
+            for instance in instances:
+                instance.start()
+            await asyncio.gather(a.ready(), b.ready())
+            half = DEVICES // 2
+            fleet.press_all(fleet.agents[:half])
+            await eventually(lambda: len(centre_alerts(tmp_path)) >= half)
+            # both instances take part: the shared subscription splits the uplink
+            for instance in instances:
+                await eventually(lambda i=instance: accepted(i) > 0)  # type: ignore[misc]
+            fleet.press_all(fleet.agents[half:])
+            await asyncio.sleep(0)
+            a.kill()
+            await eventually(all_arrived(tmp_path, fleet, sent))
+            assert b.process is not None and b.process.poll() is None
+        finally:
+            for instance in instances:
+                instance.stop()
+    assert_each_once(tmp_path, sent)
+    assert "Traceback" not in a.log.read_text() + b.log.read_text()
