@@ -1,12 +1,20 @@
 """The control centre's side of forwarding: the webhook the gateway POSTs events to.
 
-It checks the HMAC header (and its timestamp, so an old request cannot be replayed),
-keeps each event once by its idempotency key in SQLite, and hands new ones to listeners
-(the console page; `ansimi console --print` prints them).
+It checks the HMAC header (and its timestamp, so an old request cannot be replayed), then
+the device's own JWS signature with the key from the gateway's registry (`Directory`), and
+that the signed payload says what the delivery says; it keeps each event once by its
+idempotency key in SQLite, and hands new ones to listeners (the live page; `ansimi
+console --print` prints them).
+
+The HMAC proves the request came from our gateway; the JWS proves the device said it, so
+a compromised gateway or a leaked centre secret still cannot invent a press. Refusals are
+answered with a status the gateway retries (it retries every failure from its outbox), so
+a device enrolled a moment ago, whose key the console has not fetched yet, loses nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -18,12 +26,15 @@ from typing import Any
 
 from aiohttp import web
 
+from console.directory import Directory
+from protocol.errors import ProtocolError, UnknownSigner
 from protocol.forwarding import (
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     signature_matches,
 )
+from protocol.jws import verify
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,15 @@ class ReceivedEvent:
     body: dict[str, Any]
     jws: str
     received_ms: int
+    signer: str = ""  # the JWS kid that was checked: the device, or a gateway for status
+
+
+class Refused(Exception):
+    """A delivery the console will not keep; `status` is the HTTP answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 class EventLog:
@@ -77,8 +97,26 @@ class EventLog:
     def ids(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT event_id FROM events ORDER BY received_ms")]
 
+    def get(self, event_id: str) -> ReceivedEvent | None:
+        row = self._db.execute("SELECT * FROM events WHERE event_id = ?", (event_id,)).fetchone()
+        return _row_event(row) if row else None
+
+    def recent(self, since_ms: int, limit: int = 500) -> list[ReceivedEvent]:
+        rows = self._db.execute(
+            "SELECT * FROM events WHERE received_ms >= ? ORDER BY received_ms DESC LIMIT ?",
+            (since_ms, limit),
+        )
+        return [_row_event(r) for r in rows]
+
     def close(self) -> None:
         self._db.close()
+
+
+def _row_event(row: tuple[Any, ...]) -> ReceivedEvent:
+    event_id, device_id, district, type_, ts_ms, body, jws, received_ms = row
+    return ReceivedEvent(
+        event_id, device_id, district, type_, ts_ms, json.loads(body), jws, received_ms
+    )
 
 
 class Receiver:
@@ -87,11 +125,15 @@ class Receiver:
         secret: str,
         events: EventLog,
         *,
+        directory: Directory | None = None,
         max_skew_s: float = 300.0,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
+        """Without a `directory` only the HMAC is checked (a bare test receiver);
+        `ansimi console` always passes one."""
         self._secret = secret
         self.events = events
+        self.directory = directory
         self._max_skew_ms = int(max_skew_s * 1000)
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.listeners: list[Callable[[ReceivedEvent], None]] = []
@@ -124,12 +166,60 @@ class Receiver:
         if request.headers.get(IDEMPOTENCY_HEADER) != event.event_id:
             self.refused += 1
             return web.json_response({"error": "Idempotency-Key must be the event id"}, status=400)
+        if self.directory is not None:
+            try:
+                signer = await self._check_jws(event)
+            except Refused as exc:
+                self.refused += 1
+                # the device id is not personal data; the reason says what to fix
+                log.warning(
+                    "receiver: refused %s from %s: %s", event.event_id, event.device_id, exc
+                )
+                return web.json_response({"error": str(exc)}, status=exc.status)
+            event = dataclasses.replace(event, signer=signer)
         if self.events.add(event):
             for listener in self.listeners:
                 listener(event)
         else:
             self.duplicates += 1
         return web.json_response({"ok": True, "event_id": event.event_id})
+
+    async def _check_jws(self, event: ReceivedEvent) -> str:
+        """The device's own signature over exactly what the delivery says; the signer."""
+        assert self.directory is not None
+        directory = self.directory
+        try:
+            try:
+                verified = verify(event.jws, directory.key_for)
+            except UnknownSigner:
+                # enrolled since our last sync, perhaps: ask the registry once, then decide
+                await directory.sync(force=False)
+                verified = verify(event.jws, directory.key_for)
+        except UnknownSigner as exc:
+            # 503: the gateway keeps it and retries; the next sync may bring the key
+            raise Refused(503, "unknown signer: not in the console's copy of the registry") from exc
+        except ProtocolError as exc:
+            raise Refused(401, f"device signature: {exc}") from exc
+        try:
+            payload = json.loads(verified.payload)
+        except ValueError as exc:
+            raise Refused(400, "signed payload is not JSON") from exc
+        if not isinstance(payload, dict):
+            raise Refused(400, "signed payload is not a JSON object")
+        from_gateway = verified.kid in directory.gateway_keys
+        if verified.kid != event.device_id and not (from_gateway and event.type == "status"):
+            raise Refused(401, f"signed by {verified.kid}, not by the device {event.device_id}")
+        claimed = {
+            "id": event.event_id,
+            "device": event.device_id,
+            "type": event.type,
+            "ts": event.ts_ms,
+            "body": event.body,
+        }
+        for key, value in claimed.items():
+            if payload.get(key) != value:
+                raise Refused(400, f"delivery's {key} differs from the signed payload's")
+        return verified.kid
 
     def _check(self, request: web.Request, body: bytes) -> str | None:
         if len(body) > MAX_BODY_BYTES:

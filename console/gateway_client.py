@@ -1,0 +1,98 @@
+"""The console's calls to the gateway's operator API, with the console's own token.
+
+The browser never holds the gateway token: it talks to the console (session cookie,
+CSRF header), and the console talks to the gateway (bearer token), recording which
+operator asked. The gateway records the console's token name as the stage's actor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+STAGES = ("acknowledged", "dispatched", "closed")
+
+
+class GatewayError(Exception):
+    """A gateway call that did not succeed; `status` is what to answer the browser."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class WhepAnswer:
+    sdp: str
+    location: str  # the gateway's resource path: /whep/{device}/{viewer}
+
+
+class GatewayClient:
+    def __init__(self, base_url: str, token: str, *, timeout_s: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._http: aiohttp.ClientSession | None = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    async def devices(self) -> list[dict[str, Any]]:
+        """The registry, with public keys (`keys=1`)."""
+        async with self._session().get(f"{self.base_url}/devices?keys=1") as response:
+            if response.status != 200:
+                raise GatewayError(response.status, f"GET /devices: HTTP {response.status}")
+            data = await response.json()
+        devices = data.get("devices")
+        if not isinstance(devices, list):
+            raise GatewayError(502, "GET /devices: no devices list in the answer")
+        return [d for d in devices if isinstance(d, dict)]
+
+    async def move(self, event_id: str, stage: str) -> dict[str, Any]:
+        if stage not in STAGES:
+            raise GatewayError(404, f"no stage {stage}")
+        url = f"{self.base_url}/alerts/{event_id}/{stage}"
+        try:
+            async with self._session().post(url) as response:
+                if response.status == 404:
+                    raise GatewayError(404, "the gateway does not know this alert")
+                if response.status != 200:
+                    raise GatewayError(502, f"the gateway answered HTTP {response.status}")
+                result: dict[str, Any] = await response.json()
+                return result
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
+
+    async def whep_offer(self, device_id: str, offer: str) -> WhepAnswer:
+        url = f"{self.base_url}/whep/{device_id}"
+        try:
+            async with self._session().post(
+                url, data=offer.encode(), headers={"Content-Type": "application/sdp"}
+            ) as response:
+                text = await response.text()
+                if response.status != 201:
+                    raise GatewayError(
+                        response.status if response.status in (404, 503) else 502,
+                        text.strip()[:200] or f"HTTP {response.status}",
+                    )
+                return WhepAnswer(text, response.headers.get("Location", ""))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
+
+    async def whep_delete(self, location: str) -> None:
+        try:
+            async with self._session().delete(f"{self.base_url}{location}"):
+                pass
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("console: closing a viewer at the gateway failed: %s", exc)

@@ -1,0 +1,443 @@
+"""The console's web app: the gateway's webhook, the operators' live page and its API.
+
+    POST /events                       the gateway's webhook (HMAC + device JWS; receiver.py)
+    GET  /                             the page (static files, no external assets)
+    POST /api/login, /api/logout       sessions (HttpOnly, SameSite=Strict cookie)
+    GET  /api/me                       who is signed in, and the session's CSRF token
+    GET  /api/alerts                   active alerts and recent device events
+    GET  /api/stream                   server-sent events: each new event, each stage change
+    GET  /api/devices/{id}             a device's address: personal data, audited
+    POST /api/alerts/{id}/{stage}      acknowledged | dispatched | closed, via the gateway
+    POST /api/whep/{device}            live video: the SDP offer, proxied to the gateway
+    DELETE /api/whep/{device}/{viewer}
+    GET  /api/audit.csv                the audit log
+
+Every /api route but login needs a session; every POST and DELETE also needs the session's
+CSRF token in `X-CSRF-Token`. The gateway's token stays in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from console.directory import Directory
+from console.gateway_client import STAGES, GatewayClient, GatewayError
+from console.operators import Operators, Session, check_hash
+from console.receiver import ReceivedEvent, Receiver
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+COOKIE = "ansimi_session"
+CSRF_HEADER = "X-CSRF-Token"
+RECENT_MS = 7 * 24 * 3600 * 1000
+SSE_PING_S = 15.0
+STAGE_ORDER = ("delivered", "acknowledged", "dispatched", "closed")
+LOGIN_FAILURES_MAX = 5
+LOGIN_FAILURE_WINDOW_S = 300.0
+SESSION_KEY: web.RequestKey[Session] = web.RequestKey("session", Session)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "media-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'self'"
+)
+
+# Lower is more urgent. A person in danger first, then a ring or press, then the device
+# in trouble (tamper, power), then news that needs no action.
+_URGENCY = {
+    "duress": 0,
+    "long_press": 0,
+    "press": 1,
+    "doorbell_ring": 1,
+    "tamper": 2,
+    "power_loss": 3,
+    "tamper_cleared": 4,
+    "power_restored": 4,
+}
+ACTIVE_TRIGGERS = frozenset(t for t, u in _URGENCY.items() if u <= 3)
+
+
+def urgency(event: ReceivedEvent) -> int:
+    if event.type == "alert":
+        if event.body.get("urgent"):
+            return 0
+        return _URGENCY.get(str(event.body.get("trigger", "")), 1)
+    if event.type == "status":
+        return 3 if event.body.get("state") == "offline" else 4
+    if event.type == "heartbeat":
+        return 3 if event.body.get("power") == "battery" else 4
+    return 4
+
+
+def is_active_alert(event: ReceivedEvent) -> bool:
+    return event.type == "alert" and str(event.body.get("trigger", "")) in ACTIVE_TRIGGERS
+
+
+class Broadcast:
+    """Open pages, each with its own bounded queue; a page that cannot keep up is dropped
+    (its EventSource reconnects and reloads the list)."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self._queues: set[asyncio.Queue[str | None]] = set()
+        self._size = size
+
+    def open(self) -> asyncio.Queue[str | None]:
+        queue: asyncio.Queue[str | None] = asyncio.Queue(self._size)
+        self._queues.add(queue)
+        return queue
+
+    def close(self, queue: asyncio.Queue[str | None]) -> None:
+        self._queues.discard(queue)
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        frame = f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+        for queue in list(self._queues):
+            try:
+                queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                self._queues.discard(queue)
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+                queue.put_nowait(None)  # tells that page's stream to end
+
+
+@dataclass
+class _Viewer:
+    operator: str
+    device_id: str
+    location: str  # at the gateway
+
+
+class ConsoleApp:
+    def __init__(
+        self,
+        receiver: Receiver,
+        operators: Operators,
+        *,
+        directory: Directory | None = None,
+        gateway: GatewayClient | None = None,
+        secure_cookie: bool = False,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.receiver = receiver
+        self.operators = operators
+        self.directory = directory if directory is not None else receiver.directory
+        self.gateway = gateway
+        self.secure_cookie = secure_cookie
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self.broadcast = Broadcast()
+        self._viewers: dict[str, _Viewer] = {}
+        self._login_failures: dict[str, deque[float]] = {}
+        receiver.listeners.append(self._on_event)
+
+    # ---- the app ----------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
+        app.add_routes(self.receiver.routes())
+        app.add_routes(
+            [
+                web.get("/", self.index),
+                web.static("/static", STATIC, append_version=False),
+                web.post("/api/login", self.login),
+                web.post("/api/logout", self.logout),
+                web.get("/api/me", self.me),
+                web.get("/api/alerts", self.alerts),
+                web.get("/api/stream", self.stream),
+                web.get("/api/devices/{device_id}", self.device),
+                web.post("/api/alerts/{event_id}/{stage}", self.move),
+                web.post("/api/whep/{device_id}", self.whep_offer),
+                web.delete("/api/whep/{device_id}/{viewer_id}", self.whep_delete),
+                web.get("/api/audit.csv", self.audit_csv),
+            ]
+        )
+        app.on_shutdown.append(self._close_streams)
+        return app
+
+    async def _close_streams(self, app: web.Application) -> None:
+        self.broadcast.publish("bye", {})
+        for queue in list(self.broadcast._queues):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path.startswith("/api/") and path != "/api/login":
+            session = self.operators.session(request.cookies.get(COOKIE))
+            if session is None:
+                return web.json_response({"error": "sign in first"}, status=401)
+            if request.method not in ("GET", "HEAD", "OPTIONS"):
+                given = request.headers.get(CSRF_HEADER, "")
+                if not hmac.compare_digest(given.encode(), session.csrf.encode()):
+                    return web.json_response({"error": "missing or wrong CSRF token"}, status=403)
+            request[SESSION_KEY] = session
+        elif path == "/api/login" and not self._same_origin(request):
+            return web.json_response({"error": "cross-origin sign-in refused"}, status=403)
+        response = await handler(request)
+        if path != "/events":
+            response.headers.setdefault("Content-Security-Policy", CSP)
+            response.headers.setdefault("X-Content-Type-Options", "nosniff")
+            response.headers.setdefault("Referrer-Policy", "no-referrer")
+            response.headers.setdefault("X-Frame-Options", "DENY")
+            if path.startswith("/api/") or path == "/":
+                response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @staticmethod
+    def _same_origin(request: web.Request) -> bool:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True  # not a browser form post from elsewhere (curl, tests)
+        return origin in (f"http://{request.host}", f"https://{request.host}")
+
+    # ---- events -----------------------------------------------------------------------
+
+    def _on_event(self, event: ReceivedEvent) -> None:
+        self.broadcast.publish("event", self.event_json(event, []))
+
+    def event_json(self, event: ReceivedEvent, stages: list[dict[str, Any]]) -> dict[str, Any]:
+        info = self.directory.get(event.device_id) if self.directory is not None else None
+        stage = "delivered"
+        for mark in stages:
+            if STAGE_ORDER.index(mark["stage"]) > STAGE_ORDER.index(stage):
+                stage = mark["stage"]
+        return {
+            "event_id": event.event_id,
+            "device_id": event.device_id,
+            "type": event.type,
+            "body": event.body,
+            "district": event.district or (info.district if info else ""),
+            "kind": info.kind if info else "",
+            "label": info.label if info else "",
+            "ts_ms": event.ts_ms,
+            "received_ms": event.received_ms,
+            "urgency": urgency(event),
+            "active": is_active_alert(event),
+            "stage": stage,
+            "stages": stages,
+        }
+
+    # ---- pages and sessions -----------------------------------------------------------
+
+    async def index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html")
+
+    async def login(self, request: web.Request) -> web.Response:
+        try:
+            data = await request.json()
+            name = str(data["name"]).strip()
+            password = str(data["password"])
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": "send JSON {name, password}"}, status=400)
+        failures = self._login_failures.setdefault(name, deque(maxlen=LOGIN_FAILURES_MAX))
+        now = time.monotonic()
+        if len(failures) == LOGIN_FAILURES_MAX and now - failures[0] < LOGIN_FAILURE_WINDOW_S:
+            self.operators.audit(name, "login_refused", "console", why="too many failures")
+            return web.json_response({"error": "too many failed sign-ins; wait"}, status=429)
+        # scrypt takes tens of milliseconds: off the event loop, which carries the alerts
+        loop = asyncio.get_running_loop()
+        stored = self.operators.password_hash(name)
+        ok = await loop.run_in_executor(None, check_hash, password, stored)
+        if not ok:
+            failures.append(now)
+            self.operators.audit(name[:64], "login_failed", "console")
+            return web.json_response({"error": "wrong name or password"}, status=401)
+        failures.clear()
+        token, session = self.operators.open_session(name)
+        self.operators.audit(name, "login", "console")
+        response = web.json_response({"name": session.operator, "csrf": session.csrf})
+        response.set_cookie(
+            COOKIE,
+            token,
+            httponly=True,
+            samesite="Strict",
+            secure=self.secure_cookie,
+            path="/",
+        )
+        return response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        token = request.cookies.get(COOKIE, "")
+        self.operators.close_session(token)
+        self.operators.audit(request[SESSION_KEY].operator, "logout", "console")
+        response = web.json_response({"ok": True})
+        response.del_cookie(COOKIE, path="/")
+        return response
+
+    async def me(self, request: web.Request) -> web.Response:
+        session = request[SESSION_KEY]
+        return web.json_response(
+            {
+                "name": session.operator,
+                "csrf": session.csrf,
+                "video": self.gateway is not None,
+                "registry": {
+                    "devices": len(self.directory) if self.directory is not None else 0,
+                    "synced": bool(self.directory and self.directory.synced_ok),
+                },
+            }
+        )
+
+    # ---- alerts -----------------------------------------------------------------------
+
+    async def alerts(self, request: web.Request) -> web.Response:
+        since = self._clock_ms() - RECENT_MS
+        recent = self.receiver.events.recent(since, limit=2000)
+        stages = self.operators.stages([e.event_id for e in recent])
+        events = [self.event_json(e, stages.get(e.event_id, [])) for e in recent]
+        cancelled = {str(e["body"].get("alert_id")) for e in events if e["type"] == "cancel"}
+        for e in events:
+            e["cancelled"] = e["event_id"] in cancelled
+        active = [e for e in events if e["active"] and e["stage"] != "closed"]
+        active.sort(key=lambda e: (e["urgency"], e["stage"] != "delivered", e["received_ms"]))
+        others = [e for e in events if not e["active"]][:200]
+        return web.json_response({"alerts": active, "events": others})
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        session = request[SESSION_KEY]
+        token = request.cookies.get(COOKIE)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-store",
+                "X-Accel-Buffering": "no",  # a proxy in front must not hold events back
+            }
+        )
+        await response.prepare(request)
+        queue = self.broadcast.open()
+        try:
+            await response.write(b"retry: 2000\nevent: hello\ndata: {}\n\n")
+            while True:
+                try:
+                    frame = await asyncio.wait_for(queue.get(), SSE_PING_S)
+                except TimeoutError:
+                    # a comment keeps proxies from closing an idle stream, and a signed-out
+                    # or expired session stops receiving
+                    if self.operators.session(token) is None:
+                        break
+                    await response.write(b": ping\n\n")
+                    continue
+                if frame is None:
+                    break
+                await response.write(frame.encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.broadcast.close(queue)
+        log.debug("console: stream of %s ended", session.operator)
+        return response
+
+    async def device(self, request: web.Request) -> web.Response:
+        device_id = request.match_info["device_id"]
+        info = self.directory.get(device_id) if self.directory is not None else None
+        if info is None:
+            return web.json_response({"error": "no such device"}, status=404)
+        # an address is personal data: who looked, and when, is kept
+        self.operators.audit(
+            request[SESSION_KEY].operator,
+            "view_personal_data",
+            device_id,
+            fields=["address"],
+            present=info.address is not None,
+        )
+        return web.json_response(
+            {
+                "device_id": info.device_id,
+                "label": info.label,
+                "kind": info.kind,
+                "district": info.district,
+                "address": info.address,
+            }
+        )
+
+    async def move(self, request: web.Request) -> web.Response:
+        operator = request[SESSION_KEY].operator
+        event_id = request.match_info["event_id"]
+        stage = request.match_info["stage"]
+        event = self.receiver.events.get(event_id)
+        if stage not in STAGES or event is None or event.type != "alert":
+            return web.json_response({"error": "no such alert or stage"}, status=404)
+        if self.gateway is None:
+            return web.json_response({"error": "no gateway API configured (--gateway)"}, status=503)
+        try:
+            result = await self.gateway.move(event_id, stage)
+        except GatewayError as exc:
+            self.operators.audit(
+                operator, stage, event_id, device=event.device_id, ok=False, error=str(exc)
+            )
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        at = self.operators.set_stage(event_id, stage, operator)
+        self.operators.audit(operator, stage, event_id, device=event.device_id, ok=True)
+        log.info("console: %s moved %s (%s) to %s", operator, event_id, event.device_id, stage)
+        self.broadcast.publish(
+            "stage", {"event_id": event_id, "stage": stage, "operator": operator, "at_ms": at}
+        )
+        return web.json_response({"event_id": event_id, "stage": stage, "gateway": result})
+
+    # ---- video ------------------------------------------------------------------------
+
+    async def whep_offer(self, request: web.Request) -> web.Response:
+        operator = request[SESSION_KEY].operator
+        device_id = request.match_info["device_id"]
+        if self.gateway is None:
+            return web.Response(status=503, text="no gateway API configured\n")
+        if request.content_type != "application/sdp":
+            return web.Response(status=415, text="send the SDP offer as application/sdp\n")
+        offer = (await request.read()).decode("utf-8", errors="replace")
+        self.operators.audit(operator, "view_video", device_id)
+        try:
+            answer = await self.gateway.whep_offer(device_id, offer)
+        except GatewayError as exc:
+            self.operators.audit(operator, "view_video_failed", device_id, error=str(exc))
+            return web.Response(status=exc.status, text=f"{exc}\n")
+        viewer_id = secrets.token_urlsafe(12)
+        self._viewers[viewer_id] = _Viewer(operator, device_id, answer.location)
+        return web.Response(
+            status=201,
+            text=answer.sdp,
+            content_type="application/sdp",
+            headers={"Location": f"/api/whep/{device_id}/{viewer_id}"},
+        )
+
+    async def whep_delete(self, request: web.Request) -> web.Response:
+        operator = request[SESSION_KEY].operator
+        viewer = self._viewers.get(request.match_info["viewer_id"])
+        if viewer is None or viewer.operator != operator:
+            return web.Response(status=404, text="no such viewer\n")
+        del self._viewers[request.match_info["viewer_id"]]
+        if self.gateway is not None and viewer.location:
+            await self.gateway.whep_delete(viewer.location)
+        self.operators.audit(operator, "stop_video", viewer.device_id)
+        return web.Response(status=200, text="closed\n")
+
+    # ---- audit ------------------------------------------------------------------------
+
+    async def audit_csv(self, request: web.Request) -> web.Response:
+        operator = request[SESSION_KEY].operator
+        self.operators.audit(operator, "export_audit", "console")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        return web.Response(
+            text=self.operators.audit_csv(),
+            content_type="text/csv",
+            charset="utf-8",
+            headers={"Content-Disposition": f'attachment; filename="audit-{stamp}.csv"'},
+        )

@@ -1,0 +1,168 @@
+"""Signed deliveries as the gateway sends them, a fake gateway API, and a console on top.
+
+A plain module (not conftest) so these tests import it by a name no other test tree uses.
+Keys are fixed, so failures reproduce byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from console.directory import Directory
+from console.gateway_client import GatewayClient
+from console.operators import Operators
+from console.receiver import EventLog, Receiver
+from console.web import ConsoleApp
+from protocol.envelope import seal
+from protocol.forwarding import (
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    delivery_signature,
+)
+from protocol.jws import Signer
+from protocol.keys import public_key_to_b64
+from protocol.messages import Alert, Body, Status, build_message
+
+SECRET = "centre-secret-for-unit-tests"
+TOKEN = "console-operator-token-0123"
+DEVICE_KEY = Ed25519PrivateKey.from_private_bytes(bytes([1]) * 32)
+OTHER_KEY = Ed25519PrivateKey.from_private_bytes(bytes([2]) * 32)
+GATEWAY_KEY = Ed25519PrivateKey.from_private_bytes(bytes([9]) * 32)
+PASSWORD = "correct horse battery"
+PRESS = Alert(bell="emergency", trigger="press")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def registry_entry(device_id: str = "bell-0001", **extra: Any) -> dict[str, Any]:
+    return {
+        "id": device_id,
+        "kind": "bell",
+        "district": "mapo",
+        "label": "test bell",
+        "revoked": False,
+        "public_key": public_key_to_b64(DEVICE_KEY.public_key()),
+        **extra,
+    }
+
+
+def delivery(
+    body: Body = PRESS,
+    *,
+    device: str = "bell-0001",
+    key: Ed25519PrivateKey = DEVICE_KEY,
+    kid: str | None = None,
+    seq: int = 1,
+    tamper: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    message = build_message(body, device=device, seq=seq, ts=now_ms())
+    token = seal(message, Signer(kid or device, key))
+    data = {
+        "event_id": message.id,
+        "device_id": device,
+        "district": "mapo",
+        "type": message.type,
+        "ts_ms": message.ts,
+        "body": json.loads(message.body.model_dump_json()),
+        "jws": token,
+    }
+    data.update(tamper or {})
+    return data
+
+
+def status_delivery(state: str = "offline") -> dict[str, Any]:
+    return delivery(Status(state=state), key=GATEWAY_KEY, kid="gw-test")  # type: ignore[arg-type]
+
+
+def headers_for(data: dict[str, Any], secret: str = SECRET) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps(data).encode()
+    timestamp = str(now_ms())
+    return body, {
+        "Content-Type": "application/json",
+        IDEMPOTENCY_HEADER: str(data["event_id"]),
+        TIMESTAMP_HEADER: timestamp,
+        SIGNATURE_HEADER: delivery_signature(secret, timestamp, body),
+    }
+
+
+@dataclass
+class FakeGateway:
+    """The gateway's operator API as far as the console uses it."""
+
+    devices: list[dict[str, Any]] = field(default_factory=lambda: [registry_entry()])
+    moves: list[tuple[str, str]] = field(default_factory=list)
+    device_reads: int = 0
+    tokens_seen: list[str] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        async def devices(request: web.Request) -> web.Response:
+            self.device_reads += 1
+            self.tokens_seen.append(request.headers.get("Authorization", ""))
+            return web.json_response({"devices": self.devices})
+
+        async def move(request: web.Request) -> web.Response:
+            self.tokens_seen.append(request.headers.get("Authorization", ""))
+            self.moves.append((request.match_info["event_id"], request.match_info["stage"]))
+            return web.json_response({"moved": True, "state": request.match_info["stage"]})
+
+        app = web.Application()
+        app.add_routes([web.get("/devices", devices), web.post("/alerts/{event_id}/{stage}", move)])
+        return app
+
+
+@dataclass
+class Desk:
+    console: ConsoleApp
+    client: TestClient[web.Request, web.Application]
+    gateway: FakeGateway
+    csrf: str = ""
+
+    async def sign_in(self, name: str = "kim", password: str = PASSWORD) -> int:
+        async with self.client.post(
+            "/api/login", json={"name": name, "password": password}
+        ) as response:
+            if response.status == 200:
+                self.csrf = (await response.json())["csrf"]
+            return response.status
+
+    async def deliver(self, data: dict[str, Any], secret: str = SECRET) -> tuple[int, Any]:
+        body, headers = headers_for(data, secret)
+        async with self.client.post("/events", data=body, headers=headers) as response:
+            return response.status, await response.json()
+
+
+@asynccontextmanager
+async def desk(tmp_path: Path, gateway: FakeGateway | None = None) -> AsyncIterator[Desk]:
+    gateway = gateway or FakeGateway()
+    async with TestServer(gateway.app()) as gateway_server:
+        client_of_gateway = GatewayClient(str(gateway_server.make_url("")), TOKEN)
+        directory = Directory(
+            tmp_path / "console.db",
+            client_of_gateway.devices,
+            gateway_keys={"gw-test": GATEWAY_KEY.public_key()},
+            min_refresh_gap_s=0.0,
+        )
+        await directory.sync()
+        receiver = Receiver(SECRET, EventLog(tmp_path / "console.db"), directory=directory)
+        operators = Operators(tmp_path / "console.db")
+        operators.add("kim", PASSWORD)
+        console = ConsoleApp(receiver, operators, directory=directory, gateway=client_of_gateway)
+        async with TestClient(TestServer(console.app())) as client:
+            yield Desk(console, client, gateway)
+        await client_of_gateway.close()
+        receiver.events.close()
+        operators.close()
+        directory.close()

@@ -1,0 +1,99 @@
+"""The webhook: HMAC first, then the device's own signature over exactly what is delivered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from console_testkit import (
+    GATEWAY_KEY,
+    OTHER_KEY,
+    FakeGateway,
+    delivery,
+    desk,
+    registry_entry,
+    status_delivery,
+)
+
+from protocol.messages import Alert
+
+
+async def test_a_signed_press_is_kept_once_and_pushed(tmp_path: Path) -> None:
+    async with desk(tmp_path) as d:
+        pushed = []
+        d.console.receiver.listeners.append(pushed.append)
+        data = delivery()
+        assert (await d.deliver(data))[0] == 200
+        assert (await d.deliver(data))[0] == 200  # the gateway's retry: kept once
+        assert d.console.receiver.events.ids() == [data["event_id"]]
+        assert [e.event_id for e in pushed] == [data["event_id"]]
+        assert pushed[0].signer == "bell-0001"
+
+
+async def test_a_wrong_hmac_is_refused_before_anything_else(tmp_path: Path) -> None:
+    async with desk(tmp_path) as d:
+        status, body = await d.deliver(delivery(), secret="another-secret-entirely")
+        assert status == 401 and body["error"] == "bad signature"
+        assert d.console.receiver.events.count() == 0
+
+
+async def test_a_press_signed_with_another_key_is_refused(tmp_path: Path) -> None:
+    async with desk(tmp_path) as d:
+        status, body = await d.deliver(delivery(key=OTHER_KEY))
+        assert status == 401 and "does not verify" in body["error"]
+        assert d.console.receiver.events.count() == 0
+
+
+async def test_a_delivery_that_differs_from_the_signed_payload_is_refused(
+    tmp_path: Path,
+) -> None:
+    async with desk(tmp_path) as d:
+        quiet = Alert(bell="emergency", trigger="press", silent=True)
+        swapped = delivery(tamper={"body": {**delivery(quiet)["body"]}})
+        status, body = await d.deliver(swapped)
+        assert status == 400 and "body" in body["error"]
+        other_device = delivery(tamper={"device_id": "bell-0002"})
+        status, body = await d.deliver(other_device)
+        assert status == 401 and "not by the device" in body["error"]
+        assert d.console.receiver.events.count() == 0
+
+
+async def test_an_unknown_signer_fetches_the_registry_then_is_kept(tmp_path: Path) -> None:
+    gateway = FakeGateway()
+    async with desk(tmp_path, gateway) as d:
+        reads = gateway.device_reads
+        # enrolled after the console's last sync: the first delivery triggers a fetch
+        gateway.devices.append(registry_entry("bell-0002"))
+        assert (await d.deliver(delivery(device="bell-0002")))[0] == 200
+        assert gateway.device_reads == reads + 1
+
+
+async def test_a_signer_the_registry_does_not_know_is_deferred_not_dropped(
+    tmp_path: Path,
+) -> None:
+    async with desk(tmp_path) as d:
+        status, body = await d.deliver(delivery(device="bell-0404"))
+        # 503: the gateway keeps it in its outbox and tries again later
+        assert status == 503 and "unknown signer" in body["error"]
+
+
+async def test_status_events_are_checked_with_the_gateways_key(tmp_path: Path) -> None:
+    async with desk(tmp_path) as d:
+        assert (await d.deliver(status_delivery("offline")))[0] == 200
+        # the gateway's key signs status, never a press in a device's name
+        forged = delivery(key=GATEWAY_KEY, kid="gw-test")
+        status, _ = await d.deliver(forged)
+        assert status == 401
+
+
+async def test_the_registry_copy_survives_a_restart_without_the_gateway(
+    tmp_path: Path,
+) -> None:
+    from console.directory import Directory
+
+    async with desk(tmp_path):
+        pass
+    offline = Directory(tmp_path / "console.db", None)
+    assert offline.knows("bell-0001")
+    assert offline.get("bell-0001") is not None
+    assert offline.get("bell-0001").address is None  # type: ignore[union-attr]
+    offline.close()
