@@ -248,7 +248,10 @@ class Api:
                 _op(
                     "devices and their state",
                     [200, 401, 403],
-                    parameters=[{"name": "limit", "in": "query", "schema": {"type": "integer"}}],
+                    parameters=[
+                        {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                        {"name": "keys", "in": "query", "schema": {"enum": ["0", "1"]}},
+                    ],
                 ),
             ),
             ApiRoute(
@@ -350,7 +353,12 @@ class Api:
     async def devices(self, request: web.Request) -> web.Response:
         limit = _int_query(request, "limit", 10_000)
         devices = await self._db(self._store.devices)
-        return web.json_response({"devices": [_device_json(d) for d in devices[:limit]]})
+        # keys=1: the public keys too (not secret), so a control centre can check each
+        # device's own signature on what it is forwarded (console/directory.py)
+        with_key = request.query.get("keys") == "1"
+        return web.json_response(
+            {"devices": [_device_json(d, with_key=with_key) for d in devices[:limit]]}
+        )
 
     async def alerts(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
