@@ -1,0 +1,117 @@
+"""systemd: the gateway's unit and the broker's drop-in verify without a word; the real
+gateway process says READY=1 and keeps pinging the watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from gw_itkit import WAIT_S, Fleet, GatewayProcess
+
+from ansimi.broker import Mosquitto, free_port
+
+ROOT = Path(__file__).resolve().parents[3]
+UNIT = ROOT / "systemd" / "ansimi-gateway.service"
+DROP_IN = ROOT / "systemd" / "mosquitto-ansimi.conf"
+DEBIAN_MOSQUITTO = Path("/lib/systemd/system/mosquitto.service")
+
+
+def analyze() -> str:
+    found = shutil.which("systemd-analyze")
+    if found is None:
+        pytest.skip("systemd-analyze is not installed (Debian package `systemd`)")
+    return found
+
+
+def verify(unit: Path, unit_path: Path | None = None) -> str:
+    """All that `systemd-analyze verify` says; it exits 0 on warnings, so output is failure."""
+    env = dict(os.environ)
+    if unit_path is not None:
+        env["SYSTEMD_UNIT_PATH"] = f"{unit_path}:"  # trailing colon: and the usual places
+    result = subprocess.run(
+        [analyze(), "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+        cwd=unit.parent,
+    )
+    return f"rc={result.returncode}" * (result.returncode != 0) + result.stdout + result.stderr
+
+
+def with_existing_exec_start(text: str) -> str:
+    # verify needs ExecStart to name a file that exists here; everything else stays as is
+    binary = Path(sys.executable).parent / "ansimi"
+    assert binary.exists()
+    return re.sub(r"^ExecStart=\S+", f"ExecStart={binary}", text, count=1, flags=re.MULTILINE)
+
+
+def test_gateway_unit_is_hardened_and_verifies_without_a_single_warning(tmp_path: Path) -> None:
+    text = UNIT.read_text()
+    for option in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=always",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "StateDirectory=ansimi/gateway",
+        "PrivateTmp=yes",
+        "LimitNOFILE=65536",
+    ):
+        assert re.search(f"^{re.escape(option)}", text, re.MULTILINE), option
+    copy = tmp_path / UNIT.name
+    copy.write_text(with_existing_exec_start(text))
+    assert verify(copy) == ""
+
+
+def test_broker_drop_in_raises_the_open_file_limit_and_verifies(tmp_path: Path) -> None:
+    assert re.search(r"^LimitNOFILE=(\d+)$", DROP_IN.read_text(), re.MULTILINE)
+    broker = tmp_path / "mosquitto.service"
+    if DEBIAN_MOSQUITTO.exists():
+        broker.write_text(with_existing_exec_start(DEBIAN_MOSQUITTO.read_text()))
+    else:  # a stand-in with the same shape
+        broker.write_text(
+            with_existing_exec_start("[Service]\nType=notify\nExecStart=/usr/sbin/mosquitto\n")
+        )
+    drop_ins = tmp_path / "mosquitto.service.d"
+    drop_ins.mkdir()
+    shutil.copy(DROP_IN, drop_ins / "ansimi.conf")
+    assert verify(broker, tmp_path) == ""
+    # the control: verify does read the drop-in, so a broken one would have been reported
+    (drop_ins / "ansimi.conf").write_text("[Service]\nLimitNOFILE=lots\n")
+    assert "ansimi.conf" in verify(broker, tmp_path)
+
+
+async def test_gateway_process_sends_ready_and_watchdog_pings(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    fleet = Fleet.create(tmp_path, mosquitto, 0)
+    api_port = free_port()
+    gateway = GatewayProcess(
+        fleet.write_config("gw-a", "http://127.0.0.1:9/events", api_port), api_port
+    )
+    loop = asyncio.get_running_loop()
+    # a short folder: AF_UNIX paths are limited to 107 bytes
+    with (
+        tempfile.TemporaryDirectory(prefix="ansimi-gw-") as folder,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+    ):
+        sock.bind(f"{folder}/notify")
+        sock.setblocking(False)
+        gateway.start(env={"NOTIFY_SOCKET": f"{folder}/notify", "WATCHDOG_USEC": "400000"})
+        try:
+            got: list[str] = []
+            async with asyncio.timeout(WAIT_S):
+                while got.count("WATCHDOG=1") < 3 or "READY=1" not in got:
+                    got.append((await loop.sock_recv(sock, 4096)).decode())
+        finally:
+            gateway.stop()
