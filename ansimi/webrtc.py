@@ -12,6 +12,7 @@
 - Codec helpers: codec names, preference order, and keyframe detection for pass-through.
 - `EncodedTrack` and `tap_encoded`: move encoded frames (H.264 or VP8) through a process
   without decoding or re-encoding them: a gateway relays and records what the device sent.
+- `Watcher`: a receive-only peer that counts frames (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
     RTCIceServer,
+    RTCPeerConnection,
     RTCRtpReceiver,
     RTCRtpSender,
     RTCRtpTransceiver,
+    RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError
 
@@ -47,6 +50,7 @@ __all__ = [
     "IceServer",
     "KeyframeGate",
     "VideoCodec",
+    "Watcher",
     "enable_loopback_candidates",
     "is_keyframe",
     "prefer_codecs",
@@ -268,3 +272,56 @@ async def request_keyframe(receiver: RTCRtpReceiver) -> None:
     for source in receiver.getSynchronizationSources():
         with contextlib.suppress(Exception):
             await receiver._send_rtcp_pli(source.source)
+
+
+# -- a watching peer (tests, benchmarks, a console's server side) -----------------------
+
+
+class Watcher:
+    """A receive-only peer that counts the video frames it gets.
+
+    `decode=True` counts pictures aiortc decoded (proof that the video is real);
+    `decode=False` counts encoded frames without decoding them (cheap, for benchmarks).
+    `first_frame_at` is the event loop's time of the first frame.
+    """
+
+    def __init__(self, ice_servers: Sequence[IceServer] = (), *, decode: bool = True) -> None:
+        self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
+        self._transceiver = self.pc.addTransceiver("video", direction="recvonly")
+        self.decode = decode
+        self.frames = 0
+        self.first_frame_at: float | None = None
+        self.frame_event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        if decode:
+            self.pc.on("track", self._on_track)
+
+    def _count(self) -> None:
+        self.frames += 1
+        if self.first_frame_at is None:
+            self.first_frame_at = asyncio.get_running_loop().time()
+        self.frame_event.set()
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        self._task = asyncio.ensure_future(self._pull(track))
+
+    async def _pull(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                await track.recv()
+                self._count()
+
+    async def offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        sdp: str = self.pc.localDescription.sdp
+        return sdp
+
+    async def answer(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+        if not self.decode:
+            tap_encoded(self._transceiver.receiver, lambda _frame: self._count())
+
+    async def close(self) -> None:
+        await self.pc.close()
+        if self._task is not None:
+            self._task.cancel()

@@ -1,8 +1,10 @@
 """Record encoded frames as they arrive, without re-encoding, into a crash-safe file.
 
-H.264 goes into fragmented MP4 (`frag_keyframe+empty_moov+default_base_moof`): every
-keyframe closes a self-contained fragment, so a gateway killed mid-recording leaves a file
-that plays up to its last fragment. VP8 cannot go into MP4 with FFmpeg, so it goes into
+H.264 goes into fragmented MP4 (`frag_keyframe+empty_moov+default_base_moof`, and a
+fragment at least every second, flushed to the OS as written), so a gateway killed
+mid-recording leaves a file that plays up to its last fragment. Devices send keyframes
+rarely (x264's default interval is long), so cutting only at keyframes would leave
+minutes unwritten. VP8 cannot go into MP4 with FFmpeg, so it goes into
 WebM (Matroska clusters are also readable up to a truncation).
 
 The container needs the stream's parameters (size, and for H.264 the SPS/PPS) before its
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 
 SUFFIX: Final[dict[VideoCodec, str]] = {"H264": ".mp4", "VP8": ".webm"}
 _MP4_FLAGS: Final = "frag_keyframe+empty_moov+default_base_moof"
+# A crash loses at most the fragment being written: about this much video.
+_FRAGMENT_US: Final = 1_000_000
 
 
 def _ivf(frame: EncodedFrame) -> bytes:
@@ -85,7 +89,12 @@ class Recorder:
         source = template.streams.video[0]
         self.path = self._stem.with_suffix(SUFFIX[first.codec])
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        options = {"movflags": _MP4_FLAGS} if first.codec == "H264" else {}
+        options = {"flush_packets": "1"}  # hand every write to the OS, not to a 32 KB buffer
+        if first.codec == "H264":
+            # a fragment at each keyframe and at least every second, whichever comes first
+            options |= {"movflags": _MP4_FLAGS, "frag_duration": str(_FRAGMENT_US)}
+        else:
+            options |= {"cluster_time_limit": str(_FRAGMENT_US // 1000)}
         self._out = av.open(str(self.path), "w", options=options)
         self._stream = self._out.add_stream_from_template(source)
         self._stream.time_base = VIDEO_TIME_BASE

@@ -12,11 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
-
-from ansimi.webrtc import enable_loopback_candidates
+from ansimi.webrtc import Watcher, enable_loopback_candidates
 from device.hal.camera import SyntheticCamera
 from device.video.config import VideoConfig as DeviceVideo
 from device.video.session import VideoManager
@@ -27,6 +23,7 @@ from protocol.keys import generate_key
 from protocol.messages import Command, Rtc, build_message
 
 DEVICE = "doorbell-0001"
+__all__ = ["DEVICE", "Rig", "Watcher", "eventually", "rig"]
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -91,41 +88,3 @@ async def rig(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-class Watcher:
-    """A viewer: its own peer connection, counting decoded frames."""
-
-    def __init__(self) -> None:
-        self.pc = RTCPeerConnection()
-        self.pc.addTransceiver("video", direction="recvonly")
-        self.frames = 0
-        self._task: asyncio.Task[None] | None = None
-
-        @self.pc.on("track")  # type: ignore[misc]
-        def _on_track(track: MediaStreamTrack) -> None:
-            self._task = asyncio.ensure_future(self._count(track))
-
-    async def _count(self, track: MediaStreamTrack) -> None:
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                await track.recv()
-                self.frames += 1
-
-    async def offer(self) -> str:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        sdp: str = self.pc.localDescription.sdp
-        return sdp
-
-    async def answer(self, sdp: str) -> None:
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
-
-    async def close(self) -> None:
-        await self.pc.close()
-        if self._task is not None:
-            self._task.cancel()
-
-
-@pytest.fixture
-def watchers() -> list[Watcher]:
-    return []
