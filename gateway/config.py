@@ -8,8 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, PrivateAttr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    PrivateAttr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
+from gateway.districts import check_district
 from gateway.video.config import VideoConfig
 from protocol.ids import DeviceId
 
@@ -44,6 +54,69 @@ class Centre(_Section):
     secret: Annotated[str, Field(min_length=16)]
     # districts this centre serves; ["*"] is the central centre, which gets everything
     districts: list[str] = ["*"]
+    # CA bundle (PEM) that signs the centre's HTTPS certificate; unset: the system's CAs
+    ca_file: Path | None = None
+
+    @field_validator("districts")
+    @classmethod
+    def _known_districts(cls, districts: list[str]) -> list[str]:
+        return [check_district(d, allow_all=True) for d in districts]
+
+    def serves(self, district: str) -> bool:
+        return "*" in self.districts or district in self.districts
+
+
+_Hex = Annotated[str, StringConstraints(pattern=r"^[0-9A-Fa-f]+$")]
+
+
+class SiaReceiver(_Section):
+    """An existing alarm receiver fed SIA DC-09 over TCP: one more centre to the outbox."""
+
+    name: DeviceId
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)]
+    districts: list[str] = ["*"]
+    # SIA-DCS (letter codes: PA, HA, TA...) or ADM-CID (Contact ID numbers: E120, E121...)
+    format: Literal["SIA-DCS", "ADM-CID"] = "SIA-DCS"
+    # the account number the receiver knows this gateway by (3-16 hex digits)
+    account: Annotated[_Hex, Field(min_length=3, max_length=16)]
+    # per-device account numbers, where each bell is its own account at the receiver
+    accounts: dict[DeviceId, Annotated[_Hex, Field(min_length=3, max_length=16)]] = {}
+    # receiver and line numbers of the DC-09 header (R..., L...), 1-6 hex digits
+    receiver: Annotated[_Hex, Field(min_length=1, max_length=6)] | None = None
+    line: Annotated[_Hex, Field(min_length=1, max_length=6)] = "0"
+    # AES key (16, 24 or 32 characters); unset sends in clear
+    key: Annotated[str | None, Field(repr=False)] = None
+    # "ascii": the key's characters are the AES key bytes (pysiaalarm, Ajax panels);
+    # "hex": the key is hex digits (32, 48 or 64) to decode first, as DC-09 writes it
+    key_format: Literal["ascii", "hex"] = "ascii"
+    # seconds to wait for the receiver's ACK before the message counts as not delivered
+    ack_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+
+    @field_validator("districts")
+    @classmethod
+    def _known_districts(cls, districts: list[str]) -> list[str]:
+        return [check_district(d, allow_all=True) for d in districts]
+
+    @model_validator(mode="after")
+    def _key_fits(self) -> SiaReceiver:
+        if self.key is not None and len(self.aes_key or b"") not in (16, 24, 32):
+            raise ValueError(
+                f"sia {self.name}: key must give 16, 24 or 32 bytes "
+                f"({self.key_format}): check its length and key_format"
+            )
+        return self
+
+    @property
+    def aes_key(self) -> bytes | None:
+        if self.key is None:
+            return None
+        if self.key_format == "ascii":
+            return self.key.encode("ascii", "replace")
+        try:
+            return bytes.fromhex(self.key)
+        except ValueError:
+            return b""
 
     def serves(self, district: str) -> bool:
         return "*" in self.districts or district in self.districts
@@ -55,6 +128,10 @@ class ForwardConfig(_Section):
     backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
     # deliveries in flight at once per centre
     concurrency: Annotated[int, Field(ge=1, le=256)] = 16
+    # a centre failing this many attempts in a row is left alone (circuit open)...
+    breaker_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    # ...for this many seconds, then one probe decides whether it is back
+    breaker_open_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
 
 
 class IntakeConfig(_Section):
@@ -143,13 +220,17 @@ class GatewayConfig(_Section):
     api: ApiConfig = ApiConfig()
     video: VideoConfig = VideoConfig()
     centres: list[Centre] = []
+    sia: list[SiaReceiver] = []
 
     @model_validator(mode="after")
     def _names_unique(self) -> GatewayConfig:
-        names = [c.name for c in self.centres]
+        names = [c.name for c in self.centres] + [s.name for s in self.sia]
         if len(names) != len(set(names)):
-            raise ValueError("two [[centres]] share a name: give each centre its own name")
+            raise ValueError(
+                "two [[centres]] or [[sia]] share a name: give each centre its own name"
+            )
         return self
 
     def centres_for(self, district: str) -> tuple[str, ...]:
-        return tuple(c.name for c in self.centres if c.serves(district))
+        routes: list[Centre | SiaReceiver] = [*self.centres, *self.sia]
+        return tuple(c.name for c in routes if c.serves(district))

@@ -1,25 +1,39 @@
 """Forwarding: every kept event goes to its control centres, until each has said yes.
 
-The outbox lives in the store, so a restart resumes where it stopped. A delivery is an
-HTTPS POST of JSON carrying the device's original JWS, an `Idempotency-Key` (the event
-id, so a centre can drop our retries) and an HMAC-SHA256 of the body with the centre's
-secret. Failures back off exponentially with full jitter; nothing is ever dropped.
+The outbox lives in the store, so a restart resumes where it stopped. A delivery to an
+HTTPS centre is a POST of JSON carrying the device's original JWS, an `Idempotency-Key`
+(the event id, so a centre can drop our retries) and an HMAC-SHA256 of the body with the
+centre's secret; an SIA DC-09 alarm receiver is one more kind of centre (`gateway.sia`).
+
+Each centre has its own worker, concurrency limit and circuit breaker, so a centre that is
+down neither crowds the outbox query nor slows the others. Failures back off
+exponentially with full jitter; while a centre's circuit is open nothing is sent to it and
+its deliveries keep their place (their attempt counts do not grow), and when one probe
+succeeds everything that waited flows again. Nothing is ever dropped: a centre that
+refuses a request outright (HTTP 4xx other than 408 and 429) still gets it again, at the
+longest backoff, logged as an error and counted apart, because a human has to fix
+something (a secret, a URL) and then the alert must still arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import random
+import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
+from prometheus_client import Counter, Gauge
 
-from gateway.config import Centre, ForwardConfig
+from gateway.config import Centre, ForwardConfig, SiaReceiver
 from gateway.metrics import Metrics
 from gateway.store import Delivery, Store
 from protocol.forwarding import (
@@ -30,6 +44,12 @@ from protocol.forwarding import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Clock = Callable[[], int]
+
+# 4xx answers that mean "not now" rather than "never like this"
+TRANSIENT_4XX = frozenset({408, 429})
 
 
 def delivery_body(delivery: Delivery, district: str) -> bytes:
@@ -47,22 +67,180 @@ def delivery_body(delivery: Delivery, district: str) -> bytes:
     ).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one delivery attempt came to."""
+
+    error: str | None = None  # None: the centre has it
+    # the centre answered and refused this request: retrying soon would not help
+    permanent: bool = False
+    # the centre asked us to wait at least this long (Retry-After)
+    retry_after_ms: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+DELIVERED = Outcome()
+
+
+class Transport(Protocol):
+    """One centre's way of taking a delivery: HTTPS, SIA DC-09, or a test's fake."""
+
+    concurrency: int
+
+    async def send(self, delivery: Delivery, district: str) -> Outcome: ...
+    async def aclose(self) -> None: ...
+
+
+class HttpsCentre:
+    """POSTs to one centre's endpoint over its own connection pool and TLS settings."""
+
+    def __init__(self, centre: Centre, config: ForwardConfig, clock_ms: Clock) -> None:
+        self.centre = centre
+        self.concurrency = config.concurrency
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self._clock_ms = clock_ms
+        self._ssl: ssl.SSLContext | bool = True  # True: aiohttp's default, the system CAs
+        if centre.ca_file is not None:
+            # a private CA for this centre only; hostname checking stays on
+            self._ssl = ssl.create_default_context(cafile=str(centre.ca_file))
+        self._http: aiohttp.ClientSession | None = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=self.concurrency, ssl=self._ssl),
+            )
+        return self._http
+
+    async def send(self, delivery: Delivery, district: str) -> Outcome:
+        body = delivery_body(delivery, district)
+        timestamp = str(self._clock_ms())
+        headers = {
+            "Content-Type": "application/json",
+            IDEMPOTENCY_HEADER: delivery.event_id,
+            TIMESTAMP_HEADER: timestamp,
+            SIGNATURE_HEADER: delivery_signature(self.centre.secret, timestamp, body),
+        }
+        try:
+            async with self._session().post(
+                str(self.centre.url), data=body, headers=headers
+            ) as response:
+                status = response.status
+                if 200 <= status < 300:
+                    return DELIVERED
+                retry_after = _retry_after_ms(response.headers.get("Retry-After"))
+                permanent = 400 <= status < 500 and status not in TRANSIENT_4XX
+                return Outcome(f"HTTP {status}", permanent, retry_after)
+        except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
+            return Outcome(type(exc).__name__ + (f": {exc}" if str(exc) else ""))
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+
+def _retry_after_ms(value: str | None) -> int:
+    # only the seconds form: an HTTP date from a centre's clock is not worth trusting
+    if value is None or not value.strip().isdigit():
+        return 0
+    return min(int(value.strip()), 3600) * 1000
+
+
+class Circuit(enum.IntEnum):
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class CircuitBreaker:
+    """Closed, open, half-open, per endpoint; the clock is an argument, so tests need no sleep.
+
+    Closed: everything goes. After `failures` failed attempts in a row: open, nothing goes
+    for `open_ms`. Then half-open: one probe goes; its success closes the circuit, its
+    failure opens it again for another `open_ms`.
+    """
+
+    def __init__(self, failures: int, open_ms: int, clock_ms: Clock) -> None:
+        self._threshold = failures
+        self._open_ms = open_ms
+        self._clock_ms = clock_ms
+        self._failures = 0
+        self._opened_at: int | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> Circuit:
+        if self._opened_at is None:
+            return Circuit.CLOSED
+        if self._probing or self._clock_ms() >= self._opened_at + self._open_ms:
+            return Circuit.HALF_OPEN
+        return Circuit.OPEN
+
+    def retry_in_ms(self) -> int:
+        """How long until the circuit lets a probe through (0 if it would now)."""
+        if self._opened_at is None:
+            return 0
+        return max(0, self._opened_at + self._open_ms - self._clock_ms())
+
+    def allow(self) -> bool:
+        """May one attempt go now? In half-open, True once: that attempt is the probe."""
+        state = self.state
+        if state is Circuit.CLOSED:
+            return True
+        if state is Circuit.HALF_OPEN and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def success(self) -> bool:
+        """Record a success; True if that closed an open circuit."""
+        reopened = self._opened_at is not None
+        self._failures = 0
+        self._opened_at = None
+        self._probing = False
+        return reopened
+
+    def failure(self) -> bool:
+        """Record a failure; True if that opened the circuit (or kept it open after a probe)."""
+        self._failures += 1
+        if self._probing or (self._opened_at is None and self._failures >= self._threshold):
+            self._opened_at = self._clock_ms()
+            self._probing = False
+            return True
+        return False
+
+
+@dataclass(eq=False)
+class _Endpoint:
+    name: str
+    transport: Transport
+    breaker: CircuitBreaker
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    in_flight: set[str] = field(default_factory=set)
+
+
 class Forwarder:
     def __init__(
         self,
         store: Store,
-        centres: list[Centre],
+        centres: Sequence[Centre | SiaReceiver],
         config: ForwardConfig,
         metrics: Metrics,
         *,
         district_of: Callable[[str], str],
         on_first_delivery: Callable[[Delivery], Awaitable[None] | None],
         executor: Executor | None = None,
-        clock_ms: Callable[[], int] | None = None,
+        clock_ms: Clock | None = None,
         rng: random.Random | None = None,
+        transports: dict[str, Transport] | None = None,
+        poll_s: float = 0.5,
     ) -> None:
         self._store = store
-        self._centres = {c.name: c for c in centres}
         self._config = config
         self._metrics = metrics
         self._district_of = district_of
@@ -70,14 +248,54 @@ class Forwarder:
         self._executor = executor
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._rng = rng or random.Random()
-        self._wake = asyncio.Event()
-        self._in_flight: set[tuple[str, str]] = set()
-        self._slots = {name: asyncio.Semaphore(config.concurrency) for name in self._centres}
+        self._poll_s = poll_s
+        given = transports or {}
+        self._endpoints: dict[str, _Endpoint] = {}
+        for centre in centres:
+            transport = given.get(centre.name) or self._transport(centre)
+            breaker = CircuitBreaker(
+                config.breaker_failures, int(config.breaker_open_s * 1000), self._clock_ms
+            )
+            self._endpoints[centre.name] = _Endpoint(centre.name, transport, breaker)
         self._tasks: set[asyncio.Task[None]] = set()
+        registry = metrics.registry
+        self.refused = Counter(
+            "ansimi_forward_refused_total",
+            "Attempts a centre refused outright (HTTP 4xx but 408/429, SIA DUH): a config"
+            " problem to fix; still retried at the longest backoff, never dropped",
+            ["centre"],
+            registry=registry,
+        )
+        self.waiting_by_centre = Gauge(
+            "ansimi_forward_waiting_by_centre",
+            "Deliveries kept and not yet accepted, per centre",
+            ["centre"],
+            registry=registry,
+        )
+        self.circuit = Gauge(
+            "ansimi_forward_circuit_state",
+            "Per centre: 0 closed (sending), 1 half-open (probing), 2 open (resting)",
+            ["centre"],
+            registry=registry,
+        )
+        for name in self._endpoints:
+            self.refused.labels(name)
+            self.circuit.labels(name).set(0)
+
+    def _transport(self, centre: Centre | SiaReceiver) -> Transport:
+        if isinstance(centre, SiaReceiver):
+            from gateway.sia import SiaBridge  # sia builds on this module's Outcome
+
+            return SiaBridge(centre, clock_ms=self._clock_ms)
+        return HttpsCentre(centre, self._config, self._clock_ms)
+
+    def breaker(self, centre: str) -> CircuitBreaker:
+        return self._endpoints[centre].breaker
 
     def wake(self) -> None:
         """New events were kept: look at the outbox now rather than at the next tick."""
-        self._wake.set()
+        for endpoint in self._endpoints.values():
+            endpoint.wake.set()
 
     def backoff_ms(self, attempts: int) -> int:
         ceiling = min(
@@ -86,85 +304,143 @@ class Forwarder:
         return int(self._rng.uniform(self._config.backoff_min_s, max(ceiling, 0.001)) * 1000)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        timeout = aiohttp.ClientTimeout(total=self._config.timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
-            while True:
-                now = self._clock_ms()
-                due = await loop.run_in_executor(self._executor, self._store.due, now, 1000)
-                self._metrics.waiting.set(
-                    await loop.run_in_executor(self._executor, self._store.waiting_count)
-                )
-                for delivery in due:
-                    key = (delivery.event_id, delivery.centre)
-                    if key in self._in_flight:
-                        continue
-                    self._in_flight.add(key)
-                    task = asyncio.create_task(self._deliver(http, delivery))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.5)
-                self._wake.clear()
-
-    async def _deliver(self, http: aiohttp.ClientSession, delivery: Delivery) -> None:
-        loop = asyncio.get_running_loop()
-        key = (delivery.event_id, delivery.centre)
         try:
-            centre = self._centres.get(delivery.centre)
-            error: str | None
-            if centre is None:
-                error = f"centre {delivery.centre!r} is no longer configured"
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._gauges(), name="forward-gauges")
+                for endpoint in self._endpoints.values():
+                    tasks.create_task(self._serve(endpoint), name=f"forward-{endpoint.name}")
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            for endpoint in self._endpoints.values():
+                with contextlib.suppress(Exception):
+                    await endpoint.transport.aclose()
+
+    async def pump(self) -> int:
+        """One round for every centre, awaiting the attempts it started; for tests and tools.
+
+        Returns how many attempts it made. `run()` does the same rounds on its own.
+        """
+        before = set(self._tasks)
+        for endpoint in self._endpoints.values():
+            await self._start_due(endpoint)
+        started = [task for task in self._tasks if task not in before]
+        if started:
+            await asyncio.gather(*started)
+        return len(started)
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _gauges(self) -> None:
+        while True:
+            try:
+                counts = await self._db(self._store.waiting_by_centre)
+            except Exception:
+                log.exception("forward: cannot count waiting deliveries")
             else:
-                async with self._slots[centre.name]:
-                    error = await self._post(http, centre, delivery)
-            now = self._clock_ms()
-            if error is None:
-                first = await loop.run_in_executor(
-                    self._executor, self._store.delivered, delivery.event_id, delivery.centre, now
+                self._metrics.waiting.set(sum(counts.values()))
+                for name in self._endpoints:
+                    self.waiting_by_centre.labels(name).set(counts.get(name, 0))
+            for name, endpoint in self._endpoints.items():
+                self.circuit.labels(name).set(int(endpoint.breaker.state))
+            await asyncio.sleep(1.0)
+
+    async def _serve(self, endpoint: _Endpoint) -> None:
+        """One centre's worker: start due deliveries while its circuit and slots allow."""
+        while True:
+            endpoint.wake.clear()
+            try:
+                await self._start_due(endpoint)
+            except Exception:
+                # the store busy or failing: the next round tries again
+                log.exception("forward: cannot read the outbox for %s", endpoint.name)
+            wait_s = self._poll_s
+            if endpoint.breaker.state is Circuit.OPEN:
+                wait_s = min(wait_s, max(endpoint.breaker.retry_in_ms() / 1000, 0.01))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(endpoint.wake.wait(), wait_s)
+
+    async def _start_due(self, endpoint: _Endpoint) -> None:
+        free = endpoint.transport.concurrency - len(endpoint.in_flight)
+        if free <= 0 or endpoint.breaker.state is Circuit.OPEN:
+            return
+        # those in flight are still due in the store: ask for enough to see past them
+        due = await self._db(
+            self._store.due_for, endpoint.name, self._clock_ms(), free + len(endpoint.in_flight)
+        )
+        for delivery in due:
+            if delivery.event_id in endpoint.in_flight:
+                continue
+            if free <= 0 or not endpoint.breaker.allow():
+                break
+            free -= 1
+            endpoint.in_flight.add(delivery.event_id)
+            task = asyncio.create_task(self._deliver(endpoint, delivery))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, endpoint: _Endpoint, delivery: Delivery) -> None:
+        try:
+            try:
+                outcome = await endpoint.transport.send(
+                    delivery, self._district_of(delivery.device_id)
                 )
-                self._metrics.forwarded.labels(delivery.centre).inc()
-                if first:
-                    result = self._on_first_delivery(delivery)
-                    if result is not None:
-                        await result
+            except Exception as exc:
+                # a transport bug costs this attempt, never the worker or the delivery
+                log.exception("forward: %s to %s: bug", delivery.event_id, endpoint.name)
+                outcome = Outcome(f"internal error: {type(exc).__name__}")
+            await self._settle(endpoint, delivery, outcome)
+        except Exception:
+            log.exception("forward: cannot record the outcome for %s", endpoint.name)
+        finally:
+            endpoint.in_flight.discard(delivery.event_id)
+            endpoint.wake.set()
+
+    async def _settle(self, endpoint: _Endpoint, delivery: Delivery, outcome: Outcome) -> None:
+        now = self._clock_ms()
+        name = endpoint.name
+        if outcome.ok:
+            if endpoint.breaker.success():
+                log.warning("forward: %s answers again: circuit closed", name)
+            first = await self._db(self._store.delivered, delivery.event_id, name, now)
+            self._metrics.forwarded.labels(name).inc()
+            if first:
+                result = self._on_first_delivery(delivery)
+                if result is not None:
+                    await result
+            return
+        attempt = delivery.attempts + 1
+        if outcome.permanent:
+            # the endpoint is up (it answered): not a reason to open its circuit
+            endpoint.breaker.success()
+            self.refused.labels(name).inc()
+            retry_at = now + int(self._config.backoff_max_s * 1000)
+            log.error(
+                "forward: %s refused %s (attempt %d): %s; retrying every %.0f s until fixed",
+                name,
+                delivery.event_id,
+                attempt,
+                outcome.error,
+                self._config.backoff_max_s,
+            )
+        else:
+            self._metrics.forward_failures.labels(name).inc()
+            retry_at = now + max(self.backoff_ms(delivery.attempts), outcome.retry_after_ms)
+            if endpoint.breaker.failure():
+                log.warning(
+                    "forward: %s failing (%s): circuit open for %.1f s",
+                    name,
+                    outcome.error,
+                    self._config.breaker_open_s,
+                )
             else:
-                self._metrics.forward_failures.labels(delivery.centre).inc()
                 log.warning(
                     "forward: %s to %s failed (attempt %d): %s",
                     delivery.event_id,
-                    delivery.centre,
-                    delivery.attempts + 1,
-                    error,
+                    name,
+                    attempt,
+                    outcome.error,
                 )
-                retry_at = now + self.backoff_ms(delivery.attempts)
-                await loop.run_in_executor(
-                    self._executor,
-                    self._store.failed,
-                    delivery.event_id,
-                    delivery.centre,
-                    retry_at,
-                    error,
-                )
-        finally:
-            self._in_flight.discard(key)
-
-    async def _post(
-        self, http: aiohttp.ClientSession, centre: Centre, delivery: Delivery
-    ) -> str | None:
-        """One attempt; None on success, else what went wrong."""
-        body = delivery_body(delivery, self._district_of(delivery.device_id))
-        timestamp = str(self._clock_ms())
-        headers = {
-            "Content-Type": "application/json",
-            IDEMPOTENCY_HEADER: delivery.event_id,
-            TIMESTAMP_HEADER: timestamp,
-            SIGNATURE_HEADER: delivery_signature(centre.secret, timestamp, body),
-        }
-        try:
-            async with http.post(str(centre.url), data=body, headers=headers) as response:
-                if 200 <= response.status < 300:
-                    return None
-                return f"HTTP {response.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return type(exc).__name__ + (f": {exc}" if str(exc) else "")
+        assert outcome.error is not None
+        await self._db(self._store.failed, delivery.event_id, name, retry_at, outcome.error)

@@ -73,7 +73,7 @@ class Gateway:
         )
         self.forwarder = Forwarder(
             self.store,
-            config.centres,
+            [*config.centres, *config.sia],
             config.forward,
             self.metrics,
             district_of=self._district_of,

@@ -54,6 +54,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     PRIMARY KEY (event_id, centre)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_attempt_ms) WHERE delivered_ms IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_due_by_centre ON outbox(centre, next_attempt_ms)
+    WHERE delivered_ms IS NULL;
 CREATE TABLE IF NOT EXISTS stages (
     event_id    TEXT NOT NULL REFERENCES events(event_id),
     stage       TEXT NOT NULL,
@@ -152,6 +154,19 @@ class Event:
     waiting: int  # deliveries not yet accepted by a centre
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A delivery a centre has not accepted yet, for operators: why and until when."""
+
+    event_id: str
+    centre: str
+    device_id: str
+    type: str
+    attempts: int
+    next_attempt_ms: int
+    last_error: str | None
+
+
 class Store(Protocol):
     """What the gateway needs from durable storage; SQLite now, PostgreSQL later."""
 
@@ -175,6 +190,9 @@ class Store(Protocol):
     ) -> list[Event]: ...
     def stages(self, event_id: str) -> list[tuple[str, int, str]]: ...
     def waiting_count(self) -> int: ...
+    def due_for(self, centre: str, now_ms: int, limit: int) -> list[Delivery]: ...
+    def waiting(self, limit: int, *, centre: str | None = None) -> list[Waiting]: ...
+    def waiting_by_centre(self) -> dict[str, int]: ...
     def close(self) -> None: ...
 
 
@@ -420,6 +438,40 @@ class SqliteStore:
     def waiting_count(self) -> int:
         rows = self._query("SELECT COUNT(*) FROM outbox WHERE delivered_ms IS NULL")
         return int(rows[0][0])
+
+    def due_for(self, centre: str, now_ms: int, limit: int) -> list[Delivery]:
+        """`due()` for one centre: a centre that is down must not crowd out the others."""
+        rows = self._query(
+            "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
+            " e.jws FROM outbox o JOIN events e USING (event_id)"
+            " WHERE o.centre = ? AND o.delivered_ms IS NULL AND o.next_attempt_ms <= ?"
+            " ORDER BY o.next_attempt_ms LIMIT ?",
+            (centre, now_ms, limit),
+        )
+        return [
+            Delivery(str(a), str(b), int(c), str(d), str(e), int(f), str(g), str(h))
+            for a, b, c, d, e, f, g, h in rows
+        ]
+
+    def waiting(self, limit: int, *, centre: str | None = None) -> list[Waiting]:
+        """Deliveries not yet accepted, oldest retry first; optionally for one centre."""
+        rows = self._query(
+            "SELECT o.event_id, o.centre, e.device_id, e.type, o.attempts, o.next_attempt_ms,"
+            " o.last_error FROM outbox o JOIN events e USING (event_id)"
+            " WHERE o.delivered_ms IS NULL AND (? IS NULL OR o.centre = ?)"
+            " ORDER BY o.next_attempt_ms LIMIT ?",
+            (centre, centre, limit),
+        )
+        return [
+            Waiting(str(a), str(b), str(c), str(d), int(e), int(f), None if g is None else str(g))
+            for a, b, c, d, e, f, g in rows
+        ]
+
+    def waiting_by_centre(self) -> dict[str, int]:
+        rows = self._query(
+            "SELECT centre, COUNT(*) FROM outbox WHERE delivered_ms IS NULL GROUP BY centre"
+        )
+        return {str(c): int(n) for c, n in rows}
 
     # ---- operator stages ---------------------------------------------------
 

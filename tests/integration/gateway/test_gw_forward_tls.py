@@ -1,0 +1,255 @@
+"""Forwarding with real parts: mosquitto, the gateway, HTTPS with a real TLS handshake.
+
+The centre's certificate is issued for 127.0.0.1 by a CA made here with `cryptography`;
+the gateway trusts that CA through the centre's `ca_file` and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ansimi.broker import Mosquitto, free_port
+from ansimi.mqtt import Message, Session, Settings
+from console.receiver import EventLog, Receiver
+from gateway.config import Centre, ForwardConfig, GatewayConfig, MqttConfig
+from gateway.service import Gateway
+from gateway.store import Device
+from protocol.envelope import open_for_device, seal
+from protocol.jws import Signer
+from protocol.keys import generate_key, public_key_to_b64
+from protocol.messages import AckMessage, Alert, build_message
+from protocol.topics import up_topic
+
+SECRET = "centre-secret-for-tests"
+WAIT_S = 30.0  # two shared cores: generous, and still bounded
+DEVICE = "bell-0001"
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            await asyncio.sleep(0.05)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_ca_and_server_cert(folder: Path, cn: str = "test centre CA") -> tuple[Path, Path, Path]:
+    """A CA, and a server certificate it signs for 127.0.0.1; returns (ca, cert, key) files."""
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "ca.crt", folder / "server.crt", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+@contextlib.asynccontextmanager
+async def https_centre(receiver: Receiver, port: int, cert: Path, key: Path) -> AsyncIterator[None]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    runner = web.AppRunner(receiver.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class Phone:
+    """A device's MQTT side, without the agent: publishes signed alerts, collects acks."""
+
+    session: Session
+    signer: Signer
+    gateway_key: object
+    acks: list[tuple[str, str]] = field(default_factory=list)
+    seq: int = 0
+
+    def on_message(self, message: Message) -> None:
+        opened = open_for_device(
+            message.payload,
+            lambda kid: self.gateway_key,  # type: ignore[arg-type,return-value]
+            DEVICE,
+        )
+        assert isinstance(opened.message, AckMessage)
+        self.acks.append((opened.message.body.ref, opened.message.body.stage))
+
+    async def alert(self) -> str:
+        self.seq += 1
+        msg = build_message(
+            Alert(bell="emergency", trigger="press"),
+            device=DEVICE,
+            seq=self.seq,
+            ts=time.time_ns() // 1_000_000,
+        )
+        await self.session.publish(up_topic(DEVICE, "alert"), seal(msg, self.signer).encode())
+        return msg.id
+
+    def stage(self, stage: str) -> set[str]:
+        return {ref for ref, s in self.acks if s == stage}
+
+
+@contextlib.asynccontextmanager
+async def gateway_and_phone(
+    tmp_path: Path, broker: Mosquitto, centre: Centre
+) -> AsyncIterator[tuple[Gateway, Phone]]:
+    gateway_signer = Signer("gw-test", generate_key())
+    config = GatewayConfig(
+        id="gw-test",
+        database=tmp_path / "gateway" / "gateway.db",
+        mqtt=MqttConfig(host=broker.host, port=broker.port),
+        # short waits so that the test sees backoff and the circuit in seconds
+        forward=ForwardConfig(
+            timeout_s=2.0,
+            backoff_min_s=0.05,
+            backoff_max_s=0.5,
+            breaker_failures=3,
+            breaker_open_s=0.3,
+        ),
+        centres=[centre],
+    )
+    gateway = Gateway(config, signer=gateway_signer)
+    device_key = generate_key()
+    gateway.store.add_device(
+        Device(DEVICE, public_key_to_b64(device_key.public_key()), "bell", "mapo"), now_ms=0
+    )
+    gateway.registry.reload()
+    phone = Phone(
+        Session(Settings(broker.host, broker.port, client_id=DEVICE), lambda m: None),
+        Signer(DEVICE, device_key),
+        gateway_signer.public_key,
+    )
+    phone.session._on_message = phone.on_message
+    tasks = [asyncio.ensure_future(gateway.run()), asyncio.ensure_future(phone.session.run())]
+    try:
+        await asyncio.wait_for(gateway.ready.wait(), WAIT_S)
+        await phone.session.wait_connected(WAIT_S)
+        await phone.session.subscribe([(f"ansimi/v1/{DEVICE}/down/#", 1)])
+        yield gateway, phone
+    finally:
+        await phone.session.close()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def gauge(gateway: Gateway, name: str, labels: dict[str, str] | None = None) -> float:
+    return gateway.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+async def test_a_centre_down_for_a_while_then_up_over_tls_receives_everything(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    ca, cert, key = make_ca_and_server_cert(tmp_path / "pki")
+    port = free_port()
+    centre = Centre(
+        name="central", url=f"https://127.0.0.1:{port}/events", secret=SECRET, ca_file=ca
+    )
+    receiver = Receiver(SECRET, EventLog(tmp_path / "centre.db"))
+    async with gateway_and_phone(tmp_path, mosquitto, centre) as (gateway, phone):
+        sent = {await phone.alert() for _ in range(20)}
+        # kept and acked `received` although no centre answers
+        await eventually(lambda: phone.stage("received") == sent)
+        await eventually(lambda: gauge(gateway, "ansimi_forward_waiting") == 20)
+        assert gauge(gateway, "ansimi_forward_waiting_by_centre", {"centre": "central"}) == 20
+        waiting = gateway.store.waiting(100, centre="central")
+        assert {w.event_id for w in waiting} == sent
+        await eventually(lambda: gateway.forwarder.breaker("central").state.name == "OPEN")
+        assert not phone.stage("delivered")
+
+        async with https_centre(receiver, port, cert, key):
+            await eventually(lambda: receiver.events.count() == 20)
+            await eventually(lambda: phone.stage("delivered") == sent)
+            await eventually(lambda: gauge(gateway, "ansimi_forward_waiting") == 0)
+        assert set(receiver.events.ids()) == sent
+        assert receiver.refused == 0
+        # one `delivered` per alert, however many centres and attempts
+        assert len([1 for _, s in phone.acks if s == "delivered"]) == 20
+        assert gateway.forwarder.breaker("central").state.name == "CLOSED"
+    receiver.events.close()
+
+
+async def test_a_centre_whose_certificate_our_ca_did_not_sign_gets_nothing(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    trusted_ca, _, _ = make_ca_and_server_cert(tmp_path / "ours")
+    _, cert, key = make_ca_and_server_cert(tmp_path / "impostor", cn="another CA")
+    port = free_port()
+    centre = Centre(
+        name="central", url=f"https://127.0.0.1:{port}/events", secret=SECRET, ca_file=trusted_ca
+    )
+    receiver = Receiver(SECRET, EventLog(tmp_path / "centre.db"))
+    async with (
+        https_centre(receiver, port, cert, key),
+        gateway_and_phone(tmp_path, mosquitto, centre) as (gateway, phone),
+    ):
+        event_id = await phone.alert()
+        await eventually(lambda: bool(gateway.store.waiting(1)) and bool(phone.stage("received")))
+        await eventually(lambda: (gateway.store.waiting(1)[0].last_error or "") != "")
+        (waiting,) = gateway.store.waiting(10)
+        assert waiting.event_id == event_id
+        assert "certificate" in (waiting.last_error or "").lower()
+        assert receiver.events.count() == 0
+        assert not phone.stage("delivered")
+    receiver.events.close()

@@ -1,0 +1,260 @@
+"""Forwarding without a network: routing, the circuit breaker, retries, refusals, acks.
+
+A fake transport stands in for a centre and a fake clock for time, so every rule is
+checked with no sleeping; the real HTTPS path is in tests/integration/gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from gw_testkit import NOW, Clock
+from pydantic import ValidationError
+
+from ansimi.config import load_config
+from gateway.config import Centre, ForwardConfig, GatewayConfig
+from gateway.districts import SEOUL_DISTRICTS, UnknownDistrict, check_district
+from gateway.forward import DELIVERED, Circuit, CircuitBreaker, Forwarder, Outcome
+from gateway.metrics import Metrics
+from gateway.store import Delivery, Device, Incoming, SqliteStore
+
+ROOT = Path(__file__).resolve().parents[3]
+SECRET = "centre-secret-for-tests"
+
+
+@dataclass
+class FakeCentre:
+    """Answers each attempt with the next scripted outcome, then with `default`."""
+
+    script: list[Outcome] = field(default_factory=list)
+    default: Outcome = DELIVERED
+    concurrency: int = 4
+    seen: list[str] = field(default_factory=list)
+
+    async def send(self, delivery: Delivery, district: str) -> Outcome:
+        self.seen.append(delivery.event_id)
+        return self.script.pop(0) if self.script else self.default
+
+    async def aclose(self) -> None:
+        pass
+
+
+@dataclass
+class Rig:
+    clock: Clock
+    store: SqliteStore
+    metrics: Metrics
+    forwarder: Forwarder
+    centres: dict[str, FakeCentre]
+    first: list[str]
+
+    def keep(self, n: int, *, kind: str = "alert", start: int = 0) -> list[str]:
+        items = [
+            Incoming(
+                event_id=f"ev{start + i:04d}",
+                device_id="bell-0001",
+                seq=start + i + 1,
+                type=kind,
+                ts_ms=self.clock.ms,
+                body_json=json.dumps({"bell": "emergency", "trigger": "press"}),
+                jws="x.y.z",
+                centres=tuple(self.centres),
+            )
+            for i in range(n)
+        ]
+        self.store.accept_batch(items, self.clock.ms)
+        return [i.event_id for i in items]
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def rig(*names: str, **forward: float) -> Rig:
+    clock = Clock()
+    store = SqliteStore(":memory:")
+    store.add_device(Device("bell-0001", "k", "bell", "mapo"), now_ms=0)
+    metrics = Metrics()
+    centres = {name: FakeCentre() for name in names}
+    first: list[str] = []
+    config = ForwardConfig(
+        backoff_min_s=1.0,
+        backoff_max_s=60.0,
+        breaker_failures=3,
+        breaker_open_s=10.0,
+        **forward,  # type: ignore[arg-type]
+    )
+    forwarder = Forwarder(
+        store,
+        [Centre(name=n, url="https://127.0.0.1/events", secret=SECRET) for n in names],
+        config,
+        metrics,
+        district_of=lambda _device: "mapo",
+        on_first_delivery=lambda d: first.append(d.event_id),
+        clock_ms=clock,
+        rng=random.Random(4),
+        transports=dict(centres),  # type: ignore[arg-type]
+    )
+    return Rig(clock, store, metrics, forwarder, centres, first)
+
+
+# ---- districts and routing ---------------------------------------------------------------
+
+
+def test_seoul_has_25_districts_and_a_typo_gets_the_nearest_code() -> None:
+    assert len(SEOUL_DISTRICTS) == 25
+    assert check_district("gangnam") == "gangnam"
+    with pytest.raises(UnknownDistrict, match='did you mean "yeongdeungpo"'):
+        check_district("yongdeungpo")
+    with pytest.raises(UnknownDistrict, match="use a code from"):
+        check_district("busan-haeundae")
+    with pytest.raises(UnknownDistrict):
+        check_district("*")  # only a centre may serve everything
+
+
+def test_a_centre_with_a_misspelt_district_is_refused_with_a_hint() -> None:
+    with pytest.raises(ValidationError, match='unknown district "mappo": did you mean "mapo"'):
+        Centre(name="c", url="https://127.0.0.1/", secret=SECRET, districts=["mappo"])
+
+
+def test_the_routing_example_sends_each_district_to_its_centre_and_central() -> None:
+    config = load_config(ROOT / "gateway" / "routing.example.toml", GatewayConfig)
+    assert len(config.centres) == 26
+    for code in SEOUL_DISTRICTS:
+        assert config.centres_for(code) == ("central", code)
+
+
+# ---- circuit breaker ---------------------------------------------------------------------
+
+
+def test_breaker_opens_after_failures_in_a_row_and_probes_once_when_rested() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures=3, open_ms=10_000, clock_ms=clock)
+    assert breaker.allow() and breaker.state is Circuit.CLOSED
+    assert not breaker.failure() and not breaker.failure()
+    breaker.success()  # a success in between resets the count
+    assert not breaker.failure() and not breaker.failure()
+    assert breaker.failure()  # the third in a row opens it
+    assert breaker.state is Circuit.OPEN and not breaker.allow()
+    assert breaker.retry_in_ms() == 10_000
+
+    clock.ms += 9_999
+    assert not breaker.allow()
+    clock.ms += 1
+    assert breaker.state is Circuit.HALF_OPEN
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # only one at a time
+
+    assert breaker.failure()  # the probe failed: open again, for a full period
+    assert breaker.state is Circuit.OPEN and breaker.retry_in_ms() == 10_000
+
+    clock.ms += 10_000
+    assert breaker.allow()
+    assert breaker.success()  # the probe got through: closed
+    assert breaker.state is Circuit.CLOSED and breaker.allow() and breaker.allow()
+
+
+# ---- forwarding ----------------------------------------------------------------------------
+
+
+async def test_each_centre_gets_each_event_and_the_first_yes_acks_once() -> None:
+    r = rig("central", "mapo")
+    ids = r.keep(3)
+    assert await r.forwarder.pump() == 6
+    assert sorted(r.centres["central"].seen) == ids == sorted(r.centres["mapo"].seen)
+    assert sorted(r.first) == ids  # one `delivered` ack per alert, not per centre
+    assert r.store.waiting_count() == 0
+    assert await r.forwarder.pump() == 0
+    assert r.sample("ansimi_forwarded_total", {"centre": "mapo"}) == 3
+
+
+async def test_a_failed_attempt_waits_its_backoff_and_then_goes_again() -> None:
+    r = rig("central")
+    r.centres["central"].script = [Outcome("HTTP 503")]
+    (event_id,) = r.keep(1)
+    assert await r.forwarder.pump() == 1
+    (waiting,) = r.store.waiting(10)
+    assert (waiting.event_id, waiting.attempts, waiting.last_error) == (event_id, 1, "HTTP 503")
+    assert NOW + 1_000 <= waiting.next_attempt_ms <= NOW + 2_000  # min 1 s, doubled, jittered
+    assert await r.forwarder.pump() == 0  # not due yet
+    r.clock.ms = waiting.next_attempt_ms
+    assert await r.forwarder.pump() == 1
+    assert r.first == [event_id] and r.store.waiting_count() == 0
+    assert r.sample("ansimi_forward_failures_total", {"centre": "central"}) == 1
+
+
+async def test_retry_after_is_honoured_when_longer_than_the_backoff() -> None:
+    r = rig("central")
+    r.centres["central"].script = [Outcome("HTTP 429", retry_after_ms=30_000)]
+    r.keep(1)
+    await r.forwarder.pump()
+    (waiting,) = r.store.waiting(10)
+    assert waiting.next_attempt_ms == NOW + 30_000
+
+
+async def test_a_refusal_is_never_dropped_but_waits_the_longest_and_is_counted_apart() -> None:
+    r = rig("central")
+    r.centres["central"].default = Outcome("HTTP 401", permanent=True)
+    (event_id,) = r.keep(1)
+    for attempt in range(1, 5):
+        assert await r.forwarder.pump() == 1
+        (waiting,) = r.store.waiting(10)
+        assert waiting.attempts == attempt
+        assert waiting.next_attempt_ms == r.clock.ms + 60_000  # backoff_max, no jitter needed
+        r.clock.ms = waiting.next_attempt_ms
+    assert r.sample("ansimi_forward_refused_total", {"centre": "central"}) == 4
+    assert r.sample("ansimi_forward_failures_total", {"centre": "central"}) == 0
+    # the centre answers, so its circuit stays closed for everything else
+    assert r.forwarder.breaker("central").state is Circuit.CLOSED
+    r.centres["central"].default = DELIVERED  # someone fixed the secret
+    assert await r.forwarder.pump() == 1
+    assert r.first == [event_id] and r.store.waiting_count() == 0
+
+
+async def test_an_open_circuit_sends_nothing_and_keeps_every_delivery_in_place() -> None:
+    r = rig("central", "mapo")
+    down = r.centres["central"]
+    down.default = Outcome("ClientConnectorError")
+    down.concurrency = 1
+    r.keep(10)
+    # three failures in a row (one a round, concurrency 1, each retried once due) open it
+    for _ in range(3):
+        await r.forwarder.pump()
+        r.clock.ms += 2_001
+    assert r.forwarder.breaker("central").state is Circuit.OPEN
+    assert len(down.seen) == 3
+    # the other centre is not held back by the one that is down
+    r.clock.ms += 60_000
+    while await r.forwarder.pump():
+        pass
+    assert len(r.centres["mapo"].seen) == 10
+    assert len(down.seen) == 3 + 1  # rested 10 s: one probe, failed, open again
+    assert r.forwarder.breaker("central").state is Circuit.OPEN
+    assert r.store.waiting_by_centre() == {"central": 10}
+    attempts = {w.event_id: w.attempts for w in r.store.waiting(100)}
+    # the centre comes back: the next probe closes the circuit and everything flows
+    down.default = DELIVERED
+    r.clock.ms += 120_000
+    while await r.forwarder.pump():
+        pass
+    assert r.forwarder.breaker("central").state is Circuit.CLOSED
+    assert r.store.waiting_count() == 0
+    assert sorted(set(down.seen)) == sorted(attempts)
+    # while open, deliveries were not attempted, so their backoff did not grow
+    assert sum(attempts.values()) == 4
+
+
+async def test_a_transport_bug_costs_one_attempt_not_the_delivery() -> None:
+    r = rig("central")
+
+    async def broken(delivery: Delivery, district: str) -> Outcome:
+        raise RuntimeError("bug")
+
+    r.centres["central"].send = broken  # type: ignore[method-assign]
+    r.keep(1)
+    assert await r.forwarder.pump() == 1
+    (waiting,) = r.store.waiting(10)
+    assert waiting.last_error == "internal error: RuntimeError"
