@@ -403,12 +403,15 @@ class ConsoleApp:
         if request.content_type != "application/sdp":
             return web.Response(status=415, text="send the SDP offer as application/sdp\n")
         offer = (await request.read()).decode("utf-8", errors="replace")
-        self.operators.audit(operator, "view_video", device_id)
         try:
             answer = await self.gateway.whep_offer(device_id, offer)
         except GatewayError as exc:
-            self.operators.audit(operator, "view_video_failed", device_id, error=str(exc))
+            # 404 is "not streaming yet": the page asks again in a moment, nothing was seen
+            if exc.status != 404:
+                self.operators.audit(operator, "view_video_failed", device_id, error=str(exc))
             return web.Response(status=exc.status, text=f"{exc}\n")
+        # the stream is about to reach this operator's screen: that is the view to record
+        self.operators.audit(operator, "view_video", device_id)
         viewer_id = secrets.token_urlsafe(12)
         self._viewers[viewer_id] = _Viewer(operator, device_id, answer.location)
         return web.Response(

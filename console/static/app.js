@@ -416,9 +416,18 @@ async function openVideo(deviceId) {
       pc.addEventListener("icegatheringstatechange", done);
       setTimeout(resolve, 2000);
     });
-    const response = await api("POST", `/api/whep/${encodeURIComponent(deviceId)}`,
-      pc.localDescription.sdp, { "Content-Type": "application/sdp" });
-    const text = await response.text();
+    // A doorbell starts streaming when it raises the alert, a moment after the operator
+    // may already have clicked: while the gateway says "not streaming" (404), ask again.
+    const giveUp = Date.now() + 15000;
+    let response, text;
+    for (;;) {
+      response = await api("POST", `/api/whep/${encodeURIComponent(deviceId)}`,
+        pc.localDescription.sdp, { "Content-Type": "application/sdp" });
+      text = await response.text();
+      if (response.status !== 404 || Date.now() > giveUp || state.video?.pc !== pc) break;
+      await new Promise((r) => setTimeout(r, 300));
+    }
+    if (state.video?.pc !== pc) return;
     if (response.status !== 201) throw new Error(text.trim() || `HTTP ${response.status}`);
     if (state.video && state.video.pc === pc) state.video.location = response.headers.get("Location");
     await pc.setRemoteDescription({ type: "answer", sdp: text });

@@ -84,7 +84,7 @@ def delivery(
 
 
 def status_delivery(state: str = "offline") -> dict[str, Any]:
-    return delivery(Status(state=state), key=GATEWAY_KEY, kid="gw-test")  # type: ignore[arg-type]
+    return delivery(Status(state=state), key=GATEWAY_KEY, kid="gw-test")
 
 
 def headers_for(data: dict[str, Any], secret: str = SECRET) -> tuple[bytes, dict[str, str]]:

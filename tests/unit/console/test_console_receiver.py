@@ -14,12 +14,13 @@ from console_testkit import (
     status_delivery,
 )
 
+from console.receiver import ReceivedEvent
 from protocol.messages import Alert
 
 
 async def test_a_signed_press_is_kept_once_and_pushed(tmp_path: Path) -> None:
     async with desk(tmp_path) as d:
-        pushed = []
+        pushed: list[ReceivedEvent] = []
         d.console.receiver.listeners.append(pushed.append)
         data = delivery()
         assert (await d.deliver(data))[0] == 200

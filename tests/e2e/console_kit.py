@@ -1,0 +1,222 @@
+"""A whole site for browser tests and the console benchmark, with real parts only.
+
+A real mosquitto (given), the real Gateway (intake, store, forwarding, operator API, video
+hub), real device Agents on fake hardware (a bell and a doorbell with a synthetic camera),
+the real console app on a loopback port, and Debian's headless Chromium driven by
+Playwright. A plain module (not conftest), so `bench/console.py` can use it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from playwright.async_api import BrowserContext, Page, async_playwright
+
+from ansimi.broker import free_port
+from console.directory import Directory
+from console.gateway_client import GatewayClient
+from console.operators import Operators
+from console.receiver import EventLog, Receiver
+from console.web import ConsoleApp
+from device.agent import Agent
+from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection
+from device.hal import Hardware
+from device.hal.camera import SyntheticCamera
+from device.hal.fakes import FakeIndicator, FakeInputs
+from device.video.config import VideoConfig as DeviceVideo
+from gateway.config import ApiConfig, ApiToken, Centre, GatewayConfig, MqttConfig
+from gateway.service import Gateway
+from gateway.store import Device
+from gateway.video.config import VideoConfig as GatewayVideo
+from protocol.jws import Signer
+from protocol.keys import generate_key, public_key_to_b64
+
+SECRET = "centre-secret-for-browser-tests"
+TOKEN = "console-operator-token-for-e2e"
+OPERATOR = "kim"
+PASSWORD = "a long operator password"
+BELL = "bell-0001"
+DOORBELL = "doorbell-0001"
+CHROMIUM = "/usr/bin/chromium"
+# FIELD-NOTES (Browser): quiet on this machine; the last two let WebRTC use loopback
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
+OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "e2e"
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Poll `check` until it holds; generous, since many test runs share two cores."""
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Bell:
+    agent: Agent
+    inputs: FakeInputs
+    indicator: FakeIndicator
+
+    def press(self) -> int:
+        """Press and release the emergency button; the wall-clock time of the press."""
+        pressed = now_ms()
+        self.inputs.press("emergency")
+        self.inputs.release("emergency")
+        return pressed
+
+
+@dataclass
+class ConsoleSite:
+    gateway: Gateway
+    console: ConsoleApp
+    url: str
+    bells: dict[str, Bell]
+    received_ms: dict[str, int]  # event id -> when the console's webhook kept it
+
+    @property
+    def video(self) -> bool:
+        return any(r.path == "/whep/{device_id}" for r in self.gateway.api.routes)
+
+
+def _agent(
+    state: Path, device_id: str, kind: str, gateway_signer: Signer, mqtt_port: int
+) -> tuple[Bell, str]:
+    key = generate_key()
+    camera = SyntheticCamera(320, 240, 15) if kind == "doorbell" else None
+    hardware = Hardware(FakeInputs(), FakeIndicator(), camera, None)
+    agent = Agent(
+        DeviceConfig(
+            device=DeviceSection(id=device_id, kind=kind, state_dir=state / device_id),
+            gateway=GatewaySection(
+                id=gateway_signer.kid, public_key=public_key_to_b64(gateway_signer.public_key)
+            ),
+            mqtt=MqttSection(host="127.0.0.1", port=mqtt_port, heartbeat_s=5),
+            video=DeviceVideo(loopback_candidates=True),
+        ),
+        signer=Signer(device_id, key),
+        gateway_key=gateway_signer.public_key,
+        hardware=hardware,
+    )
+    assert isinstance(hardware.inputs, FakeInputs)
+    assert isinstance(hardware.indicator, FakeIndicator)
+    return Bell(agent, hardware.inputs, hardware.indicator), public_key_to_b64(key.public_key())
+
+
+@contextlib.asynccontextmanager
+async def console_site(state: Path, mqtt_port: int) -> AsyncIterator[ConsoleSite]:
+    console_port = free_port()
+    gateway_signer = Signer("gw-e2e", generate_key())
+    config = GatewayConfig(
+        id="gw-e2e",
+        database=state / "gateway" / "gateway.db",
+        mqtt=MqttConfig(host="127.0.0.1", port=mqtt_port),
+        api=ApiConfig(
+            enabled=True, port=0, tokens=[ApiToken(name="console", role="operator", token=TOKEN)]
+        ),
+        video=GatewayVideo(recordings_dir=state / "recordings", loopback_candidates=True),
+        centres=[
+            Centre(name="central", url=f"http://127.0.0.1:{console_port}/events", secret=SECRET)
+        ],
+    )
+    gateway = Gateway(config, signer=gateway_signer)
+    bells: dict[str, Bell] = {}
+    for device_id, kind, label in (
+        (BELL, "bell", "Mapo flat 3"),
+        (DOORBELL, "doorbell", "Mapo flat 3 door"),
+    ):
+        bell, key_b64 = _agent(state, device_id, kind, gateway_signer, mqtt_port)
+        bells[device_id] = bell
+        gateway.store.add_device(Device(device_id, key_b64, kind, "mapo", label), now_ms=0)  # type: ignore[arg-type]
+    gateway.registry.reload()
+
+    tasks = [asyncio.ensure_future(gateway.run())]
+    tasks += [asyncio.ensure_future(b.agent.run()) for b in bells.values()]
+    runner: web.AppRunner | None = None
+    client: GatewayClient | None = None
+    db = state / "console.db"
+    try:
+        await asyncio.wait_for(gateway.ready.wait(), 20)
+        await eventually(lambda: gateway.api.port is not None)
+        client = GatewayClient(f"http://127.0.0.1:{gateway.api.port}", TOKEN)
+        directory = Directory(
+            db, client.devices, gateway_keys={"gw-e2e": gateway_signer.public_key}
+        )
+        assert await directory.sync(), directory.last_error
+        receiver = Receiver(SECRET, EventLog(db), directory=directory)
+        operators = Operators(db)
+        operators.add(OPERATOR, PASSWORD)
+        console = ConsoleApp(receiver, operators, directory=directory, gateway=client)
+        received: dict[str, int] = {}
+        receiver.listeners.append(lambda e: received.__setitem__(e.event_id, now_ms()))
+        runner = web.AppRunner(console.app(), shutdown_timeout=1.0)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", console_port).start()
+        for bell in bells.values():
+            await asyncio.wait_for(bell.agent.ready.wait(), 20)
+        yield ConsoleSite(gateway, console, f"http://127.0.0.1:{console_port}", bells, received)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if client is not None:
+            await client.close()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@contextlib.asynccontextmanager
+async def chromium() -> AsyncIterator[BrowserContext]:
+    """Debian's Chromium with a fresh profile; never a downloaded browser."""
+    with tempfile.TemporaryDirectory(prefix="ansimi-chromium-") as profile:
+        async with async_playwright() as playwright:
+            context = await playwright.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+            )
+            try:
+                yield context
+            finally:
+                await context.close()
+
+
+async def signed_in_page(browser: BrowserContext, url: str, *, english: bool = True) -> Page:
+    """Signed in, live. In English by default: this machine has no Korean font, so Korean
+    screenshots would show empty boxes (a control room installs fonts-noto-cjk)."""
+    page: Page = await browser.new_page()
+    await page.goto(url)
+    await page.fill("#login-name", OPERATOR)
+    await page.fill("#login-password", PASSWORD)
+    await page.click("#login-button")
+    # the stream is open once the page has had its hello
+    await page.wait_for_selector("body[data-live='1']", timeout=20_000)
+    if english:
+        await page.click("#lang")
+    return page
+
+
+async def screenshot(page: Page, name: str) -> Path:
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    path = OUTPUT / f"{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    return path

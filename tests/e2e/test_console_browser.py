@@ -1,0 +1,136 @@
+"""The console in a real headless Chromium, against a real site (see console_kit.py).
+
+The issue's one timing target, a press on the page within 1 s, is asserted as measured
+from the press; every other wait is generous and bounded, because many test runs share
+this machine's two cores. Screenshots land in test-output/e2e/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from console_kit import (
+    BELL,
+    DOORBELL,
+    ConsoleSite,
+    chromium,
+    console_site,
+    eventually,
+    screenshot,
+    signed_in_page,
+)
+from playwright.async_api import BrowserContext
+
+from ansimi.broker import Mosquitto
+from device.hal.ports import Pattern
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def site(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[ConsoleSite]:
+    async with console_site(tmp_path, mosquitto.port) as s:
+        yield s
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[BrowserContext]:
+    if not Path("/usr/bin/chromium").exists():
+        pytest.fail("Debian's chromium is missing: `apt-get install -y chromium` (.ci/run does)")
+    async with chromium() as b:
+        yield b
+
+
+async def test_a_press_is_on_the_page_within_a_second_and_acknowledge_lights_the_bell(
+    site: ConsoleSite, browser: BrowserContext
+) -> None:
+    page = await signed_in_page(browser, site.url)
+    bell = site.bells[BELL]
+
+    pressed_ms = bell.press()
+    card = page.locator(f".alert[data-device-id='{BELL}']")
+    await card.wait_for(timeout=20_000)
+    shown_ms = int(await card.get_attribute("data-shown-ms") or 0)
+    # the issue's target, measured from the press to the card in the page's DOM
+    assert shown_ms - pressed_ms <= 1000, f"press to page took {shown_ms - pressed_ms} ms"
+    assert await card.locator(".district").inner_text() == "mapo"
+    assert await card.locator(".label").inner_text() == "Mapo flat 3"
+    assert await card.locator(".stage").get_attribute("class") == "stage delivered"
+    # the title flashes and a beep was made
+    assert "🔴" in await page.title()
+    await screenshot(page, "alert-arrived")
+
+    await card.locator("button.ack").click()
+    await eventually(lambda: any(p == Pattern.ACKNOWLEDGED for p, _ in bell.indicator.history))
+    await page.wait_for_selector(f".alert[data-device-id='{BELL}'][data-stage='acknowledged']")
+    await screenshot(page, "alert-acknowledged")
+
+    # the action and the address view are in the audit log, with who did them
+    rows = list(csv.DictReader(io.StringIO(site.console.operators.audit_csv())))
+    done = {(r["operator"], r["action"], r["target"]) for r in rows}
+    assert ("kim", "acknowledged", next(iter(site.received_ms))) in done
+    assert ("kim", "view_personal_data", BELL) in done
+
+
+async def test_dispatch_and_close_reach_the_bell_and_clear_the_page(
+    site: ConsoleSite, browser: BrowserContext
+) -> None:
+    page = await signed_in_page(browser, site.url)
+    bell = site.bells[BELL]
+    bell.press()
+    card = page.locator(f".alert[data-device-id='{BELL}']")
+    await card.wait_for(timeout=20_000)
+    await card.locator("button.dispatch").click()
+    await eventually(lambda: any(p == Pattern.DISPATCHED for p, _ in bell.indicator.history))
+    await card.locator("button.close").click()
+    await page.wait_for_selector("#no-alerts:not([hidden])", timeout=20_000)
+    assert await page.locator(".alert").count() == 0
+
+
+async def test_korean_and_english_toggle(site: ConsoleSite, browser: BrowserContext) -> None:
+    page = await signed_in_page(browser, site.url, english=False)
+    assert await page.locator("html").get_attribute("lang") == "ko"
+    assert await page.locator("[data-i18n='active_alerts']").inner_text() == "활성 경보"
+    await page.click("#lang")
+    assert await page.locator("[data-i18n='active_alerts']").inner_text() == "Active alerts"
+    await page.click("#lang")
+    assert await page.locator("[data-i18n='active_alerts']").inner_text() == "활성 경보"
+
+
+async def test_device_events_show_tamper_and_power(
+    site: ConsoleSite, browser: BrowserContext
+) -> None:
+    page = await signed_in_page(browser, site.url)
+    inputs = site.bells[BELL].inputs
+    inputs.open_tamper()
+    await page.locator(f".alert[data-device-id='{BELL}'].u2").wait_for(timeout=20_000)
+    inputs.lose_power()
+    await page.locator(f".alert[data-device-id='{BELL}'].u3").wait_for(timeout=20_000)
+    await screenshot(page, "tamper-and-power")
+
+
+async def test_the_door_camera_plays_in_the_page(
+    site: ConsoleSite, browser: BrowserContext
+) -> None:
+    if not site.video:
+        pytest.xfail("the gateway API offers no WHEP route (POST /whep/{device_id}) yet")
+    page = await signed_in_page(browser, site.url)
+    site.bells[DOORBELL].press()  # an emergency press on a doorbell starts its video
+    card = page.locator(f".alert[data-device-id='{DOORBELL}']")
+    await card.wait_for(timeout=20_000)
+    await card.locator("button.watch").click()
+    # polled from here: the page's CSP (script-src 'self') forbids wait_for_function's eval
+    async with asyncio.timeout(30):
+        while not await page.evaluate("document.getElementById('video').videoWidth > 0"):
+            await asyncio.sleep(0.05)
+    assert await page.evaluate("document.getElementById('video').videoWidth") == 320
+    await screenshot(page, "door-camera")
+    rows = list(csv.DictReader(io.StringIO(site.console.operators.audit_csv())))
+    assert ("kim", "view_video", DOORBELL) in {
+        (r["operator"], r["action"], r["target"]) for r in rows
+    }
