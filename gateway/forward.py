@@ -310,11 +310,15 @@ class Forwarder:
                 for endpoint in self._endpoints.values():
                     tasks.create_task(self._serve(endpoint), name=f"forward-{endpoint.name}")
         finally:
-            for task in list(self._tasks):
-                task.cancel()
-            for endpoint in self._endpoints.values():
-                with contextlib.suppress(Exception):
-                    await endpoint.transport.aclose()
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop attempts in flight (they stay in the outbox) and close connections."""
+        for task in list(self._tasks):
+            task.cancel()
+        for endpoint in self._endpoints.values():
+            with contextlib.suppress(Exception):
+                await endpoint.transport.aclose()
 
     async def pump(self) -> int:
         """One round for every centre, awaiting the attempts it started; for tests and tools.

@@ -154,9 +154,10 @@ def message_body(
     return f'"*{format}"{header}{encrypt_data(key, rest, pad)}'
 
 
-_RESPONSE = re.compile(
-    r'"\*?(?P<kind>ACK|NAK|DUH|RSP)"(?P<seq>\d{4})(?:[RLA][0-9A-Fa-f]*)*(?:#[0-9A-Fa-f]+)?\['
-)
+# Between the sequence number and `[` come receiver, line and account; receivers differ in
+# their order and spelling (pysiaalarm writes "L0R0", or "None" for an absent receiver),
+# and only the kind and the sequence number matter here.
+_RESPONSE = re.compile(r'"\*?(?P<kind>ACK|NAK|DUH|RSP)"(?P<seq>\d{4})[^\[\]"]{0,40}\[')
 _TIME = re.compile(r"_(\d{2}:\d{2}:\d{2},\d{2}-\d{2}-\d{4})")
 
 

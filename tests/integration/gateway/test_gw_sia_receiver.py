@@ -1,0 +1,166 @@
+"""The SIA DC-09 bridge against an independent receiver: pysiaalarm's, on a loopback port.
+
+The alerts go through the real outbox (SQLite) and the forwarder, as in the gateway; the
+receiver must accept each message (it ACKs only what decrypts, checks its CRC, its
+timestamp window and knows the code) and decode the event we meant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pysiaalarm import SIAAccount, SIAEvent
+from pysiaalarm.aio import SIAClient
+
+from ansimi.broker import free_port
+from gateway.config import ForwardConfig, SiaReceiver
+from gateway.forward import Forwarder
+from gateway.metrics import Metrics
+from gateway.sia import SiaBridge
+from gateway.store import Delivery, Device, Incoming, SqliteStore
+
+ACCOUNT = "1234"
+KEY = "0123456789ABCDEF"  # pysiaalarm takes the characters as the AES-128 key bytes
+
+
+@contextlib.asynccontextmanager
+async def pysia_receiver(port: int) -> AsyncIterator[list[SIAEvent]]:
+    received: list[SIAEvent] = []
+
+    async def on_event(event: SIAEvent) -> None:
+        received.append(event)
+
+    accounts = [SIAAccount(ACCOUNT, KEY), SIAAccount("5678", KEY)]
+    client = SIAClient("127.0.0.1", port, accounts, function=on_event)
+    await client.async_start()
+    try:
+        yield received
+    finally:
+        # pysiaalarm's handler notices our close on its next read: let it, so that stopping
+        # the server does not cancel it mid-close (asyncio would log that as an error)
+        await asyncio.sleep(0.05)
+        await client.async_stop()
+
+
+def keep(store: SqliteStore, items: list[tuple[str, str, dict[str, Any]]]) -> None:
+    now = time.time_ns() // 1_000_000
+    store.accept_batch(
+        [
+            Incoming(
+                event_id=f"ev{i:04d}",
+                device_id=device,
+                seq=i + 1,
+                type=kind,
+                ts_ms=now,
+                body_json=json.dumps(body),
+                jws="x.y.z",
+                centres=("monitoring",),
+            )
+            for i, (device, kind, body) in enumerate(items)
+        ],
+        now,
+    )
+
+
+def forwarder(store: SqliteStore, receiver: SiaReceiver, acked: list[str]) -> Forwarder:
+    return Forwarder(
+        store,
+        [receiver],
+        ForwardConfig(backoff_min_s=0.01, backoff_max_s=0.05),
+        Metrics(),
+        district_of=lambda _device: "mapo",
+        on_first_delivery=lambda d: acked.append(d.event_id),
+        rng=random.Random(1),
+    )
+
+
+def alert(trigger: str) -> dict[str, Any]:
+    return {"bell": "emergency", "trigger": trigger, "silent": False}
+
+
+SCENARIO: list[tuple[str, str, dict[str, Any]]] = [
+    ("bell-0001", "alert", alert("press")),
+    ("bell-0001", "alert", alert("duress")),
+    ("bell-0001", "cancel", {"alert_id": "ev0001"}),
+    ("bell-0002", "alert", alert("tamper")),
+    ("bell-0002", "alert", alert("power_loss")),
+    ("bell-0002", "alert", alert("power_restored")),
+]
+EXPECTED = [
+    (ACCOUNT, "PA"),  # panic
+    (ACCOUNT, "HA"),  # duress (hold-up)
+    (ACCOUNT, "OC"),  # cancel by user
+    ("5678", "TA"),  # tamper
+    ("5678", "AT"),  # AC power lost
+    ("5678", "AR"),  # AC power restored
+]
+
+
+@pytest.mark.parametrize("fmt", ["SIA-DCS", "ADM-CID"])
+async def test_pysiaalarm_accepts_our_encrypted_messages_and_decodes_each_event(
+    fmt: str,
+) -> None:
+    port = free_port()
+    store = SqliteStore(":memory:")
+    for device in ("bell-0001", "bell-0002"):
+        store.add_device(Device(device, "k", "bell", "mapo"), now_ms=0)
+    keep(store, SCENARIO)
+    receiver = SiaReceiver(
+        name="monitoring",
+        port=port,
+        format=fmt,  # type: ignore[arg-type]
+        account=ACCOUNT,
+        accounts={"bell-0002": "5678"},
+        receiver="1",
+        line="2",
+        key=KEY,
+        ack_timeout_s=5.0,
+    )
+    acked: list[str] = []
+    fwd = forwarder(store, receiver, acked)
+    async with pysia_receiver(port) as received:
+        while await fwd.pump():
+            pass
+        await fwd.aclose()
+    assert store.waiting_count() == 0
+    assert [(e.account, e.code) for e in received] == EXPECTED
+    assert all(e.encrypted and e.valid_message for e in received)
+    assert {e.receiver for e in received} == {"R1"} and {e.line for e in received} == {"L2"}
+    # a fresh sequence number per message
+    assert [e.sequence for e in received] == [f"{n:04d}" for n in range(1, 7)]
+    # each event's first delivery is reported (the gateway acks the alerts among them)
+    assert sorted(acked) == [f"ev{n:04d}" for n in range(6)]
+
+
+async def test_a_nak_for_our_clock_is_answered_with_the_receivers_time() -> None:
+    port = free_port()
+    receiver = SiaReceiver(name="monitoring", port=port, account=ACCOUNT, key=KEY)
+    # our clock is two minutes slow: outside pysiaalarm's window (40 s back, 20 s ahead)
+    bridge = SiaBridge(receiver, clock_ms=lambda: time.time_ns() // 1_000_000 - 120_000)
+    delivery = Delivery(
+        "ev0001", "monitoring", 0, "bell-0001", "alert", 0, json.dumps(alert("press")), "x"
+    )
+    async with pysia_receiver(port) as received:
+        outcome = await bridge.send(delivery, "mapo")
+        await bridge.aclose()
+    assert outcome.ok, outcome.error
+    assert [e.code for e in received] == ["PA"]  # only the resend was accepted
+    assert 115_000 <= bridge.offset_ms <= 125_000  # learnt from the NAK, in whole seconds
+
+
+async def test_a_receiver_that_is_not_there_leaves_the_alert_waiting() -> None:
+    receiver = SiaReceiver(name="monitoring", port=free_port(), account=ACCOUNT, key=KEY)
+    bridge = SiaBridge(receiver)
+    delivery = Delivery(
+        "ev0001", "monitoring", 0, "bell-0001", "alert", 0, json.dumps(alert("press")), "x"
+    )
+    outcome = await bridge.send(delivery, "mapo")
+    assert not outcome.ok and not outcome.permanent
+    assert "ConnectionRefusedError" in (outcome.error or "")
