@@ -12,15 +12,21 @@ import socket
 
 
 def notify(state: str) -> bool:
-    """Send one notification; returns False when not run under systemd."""
+    """Send one notification; False when not run under systemd or the reader is full."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(state.encode())
+    # Non-blocking: this runs on the event loop, and a reader that stops reading (a full
+    # datagram queue) must cost one lost notification, not a frozen loop.
+    flags = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    with socket.socket(socket.AF_UNIX, flags) as sock:
+        try:
+            sock.connect(address)
+            sock.send(state.encode())
+        except BlockingIOError:
+            return False
     return True
 
 
