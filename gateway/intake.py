@@ -63,6 +63,11 @@ ACKED_TYPES = frozenset({"alert", "cancel"})
 KEPT_TYPES = frozenset({"alert", "cancel"})
 
 
+# Refusals are logged once per device and reason in this interval; the metric counts all.
+LOG_EVERY_MS = 60_000
+LOG_KEYS_MAX = 10_000
+
+
 class UnknownDevice(UnknownSigner):
     reason = "unknown_device"
 
@@ -118,6 +123,14 @@ class _Checked:
     last_will: bool = False
 
 
+class _MaybeResent(Exception):
+    """Failed the replay check, but may be a resend of something kept: the store decides."""
+
+    def __init__(self, checked: _Checked, refusal: ProtocolError) -> None:
+        self.checked = checked
+        self.refusal = refusal
+
+
 @dataclass(frozen=True, slots=True)
 class _Kept:
     item: Incoming
@@ -159,6 +172,9 @@ class Intake:
         self._wake = asyncio.Event()
         # highest last-will sequence number accepted per device (see the module docstring)
         self._will_floor: dict[str, int] = {}
+        # (device, reason) -> (last logged at, refusals not logged since): a device that
+        # floods us with bad messages must not flood the log too
+        self._logged: dict[tuple[str, str], tuple[int, int]] = {}
         # SQLite commits (fsync) run here, so the loop keeps reading while a batch lands.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="intake-writer")
 
@@ -184,9 +200,13 @@ class Intake:
         now_ms = self._clock_ms()
         checked: list[_Checked] = []
         in_batch: set[tuple[str, str]] = set()
+        maybe: list[tuple[MqttMessage, _MaybeResent]] = []
         for message in batch:
             try:
                 one = self._check(message, now_ms, in_batch)
+            except _MaybeResent as resent:
+                maybe.append((message, resent))
+                continue
             except ProtocolError as exc:
                 self._reject(message, exc)
                 continue
@@ -197,6 +217,8 @@ class Intake:
                 continue
             checked.append(one)
             in_batch.add((one.opened.message.device, one.opened.message.id))
+        if maybe:
+            checked += await self._resent(maybe)
         # A last will followed in the same batch by news from its device is already out
         # of date: the device has reconnected.
         last_heard = {c.opened.message.device: i for i, c in enumerate(checked)}
@@ -211,6 +233,35 @@ class Intake:
         if self._supervisor is not None:
             for device_id in wills:
                 await self._supervisor.last_will(device_id)
+
+    async def _resent(self, maybe: list[tuple[MqttMessage, _MaybeResent]]) -> list[_Checked]:
+        """Those already kept are resends (to be re-acked); the rest are replays.
+
+        Looked up in the writer thread, all at once: the store's lock may be held by a
+        commit (an fsync), and the event loop must not wait for it.
+        """
+        pairs = [(r.checked.device.device_id, r.checked.opened.message.id) for _, r in maybe]
+        try:
+            known = await asyncio.get_running_loop().run_in_executor(
+                self._writer, self._known, pairs
+            )
+        except Exception:
+            log.exception("intake: cannot look up %d resent messages", len(maybe))
+            known = [False] * len(maybe)
+        resends = []
+        for (message, resent), is_known in zip(maybe, known, strict=True):
+            if is_known:
+                resends.append(resent.checked)  # the device missed our ack: ack again
+            else:
+                self._reject(message, resent.refusal)
+        return resends
+
+    def _known(self, pairs: list[tuple[str, str]]) -> list[bool]:
+        found = []
+        for device_id, event_id in pairs:
+            event = self._store.event(event_id)
+            found.append(event is not None and event.device_id == device_id)
+        return found
 
     async def _keep(self, incoming: list[Incoming], now_ms: int) -> None:
         kept, came_online = await self._commit(incoming, now_ms)
@@ -289,13 +340,12 @@ class Intake:
         high_water = self._registry.high_water.get(msg.device)
         try:
             check_fresh(high_water, msg.seq, msg.ts, now_ms, self._window_ms)
-        except ProtocolError:
-            if msg.type in ACKED_TYPES and (
-                (msg.device, msg.id) in in_batch or self._is_known(msg.id, msg.device)
-            ):
-                # The device missed our ack and resent the very same message: ack again.
-                return _Checked(opened, device)
-            raise
+        except ProtocolError as exc:
+            if msg.type not in ACKED_TYPES:
+                raise
+            if (msg.device, msg.id) in in_batch:
+                return _Checked(opened, device)  # twice in one batch: a QoS 1 redelivery
+            raise _MaybeResent(_Checked(opened, device), exc) from None
         self._registry.high_water[msg.device] = msg.seq
         return _Checked(opened, device)
 
@@ -311,10 +361,6 @@ class Intake:
                 f"last will of {msg.device} has seq {msg.seq}, below the {floor} of a later run"
             )
         self._will_floor[msg.device] = msg.seq
-
-    def _is_known(self, event_id: str, device_id: str) -> bool:
-        event = self._store.event(event_id)
-        return event is not None and event.device_id == device_id
 
     def _incoming(self, checked: _Checked) -> Incoming:
         msg = checked.opened.message
@@ -337,8 +383,19 @@ class Intake:
     def _reject(self, message: MqttMessage, exc: ProtocolError) -> None:
         self._metrics.rejected.labels(exc.reason).inc()
         # Only the device id from the topic: the payload may carry personal data.
-        log.warning("intake: refused a message from %s: %s", _device_of(message.topic), exc.reason)
-        log.debug("intake: refusal detail for %s: %s", _device_of(message.topic), exc)
+        device = _device_of(message.topic)
+        key = (device, exc.reason)
+        now_ms = self._clock_ms()
+        last, quiet = self._logged.get(key, (None, 0))
+        if last is not None and now_ms - last < LOG_EVERY_MS:
+            self._logged[key] = (last, quiet + 1)  # counted in the metric, not logged
+            return
+        if len(self._logged) >= LOG_KEYS_MAX:
+            self._logged.clear()
+        self._logged[key] = (now_ms, 0)
+        more = f" (and {quiet} more since the last report)" if quiet else ""
+        log.warning("intake: refused a message from %s: %s%s", device, exc.reason, more)
+        log.debug("intake: refusal detail for %s: %s", device, exc)
 
 
 def _device_of(topic: str) -> str:

@@ -218,3 +218,37 @@ async def test_a_forged_will_is_refused(env: Env) -> None:
     await env.feed(env.message(Status(state="offline"), seq=1, signed_by="bell-0002"))
     assert env.rejected("topic_mismatch") == 1
     assert env.store.device("bell-0001").online  # type: ignore[union-attr]
+
+
+async def test_resends_are_looked_up_off_the_event_loop(env: Env) -> None:
+    """The store's lock may be held by a commit (an fsync): the loop must not wait."""
+    import threading
+
+    original = env.message(ALERT, id="alert-thread")
+    await env.feed(original)
+    threads: list[str] = []
+    lookup = env.store.event
+
+    def spy(event_id: str) -> object:
+        threads.append(threading.current_thread().name)
+        return lookup(event_id)
+
+    env.store.event = spy  # type: ignore[method-assign,assignment]
+    await env.feed(original, env.message(ALERT, seq=1))  # a resend and a replay
+    assert threads and all(name.startswith("intake-writer") for name in threads)
+    assert env.rejected("replay") == 1
+    assert len(env.acks()) == 2
+
+
+async def test_a_flood_of_refusals_is_counted_in_full_and_logged_sparingly(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    junk = MqttMessage("ansimi/v1/bell-0002/up/alert", b"junk", 1)
+    await env.feed(*[junk] * 100)
+    assert env.rejected("malformed") == 100
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals == ["intake: refused a message from bell-0002: malformed"]
+    env.clock.ms += 60_000
+    await env.feed(junk)
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals[-1].endswith("malformed (and 99 more since the last report)")
