@@ -321,3 +321,8 @@ def _ntp_synchronized() -> bool | None:
         return None
     value = result.stdout.strip()
     return {"yes": True, "no": False}.get(value) if result.returncode == 0 else None
+
+
+from device.enroll import enroll_command  # noqa: E402 - its own module; registered here only
+
+device.add_command(enroll_command)

@@ -221,3 +221,8 @@ def _print_revoke(result: RevokeResult) -> None:
 
 def _print_json(data: dict[str, Any]) -> None:
     click.echo(json.dumps(data, indent=2))
+
+
+from provisioning.device_cli import device_group  # noqa: E402 - its own module
+
+provision.add_command(device_group)

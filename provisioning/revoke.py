@@ -374,6 +374,20 @@ def check_broker_can_read(pid: int, paths: Iterable[Path]) -> None:
 # ---- disconnecting a live client ------------------------------------------------------------
 
 
+def throwaway_context(site: Site, cn: str, lifetime: dt.timedelta) -> ssl.SSLContext:
+    """A TLS client context for identity `cn` with a short-lived certificate that exists only
+    in memory (and, for the instant ssl needs it, in a private temporary directory)."""
+    key = pki.generate_key(site.info.key_type)
+    cert = pki.issue_client_cert(site.ca(), cn, key.public_key(), lifetime=lifetime)
+    context = ssl.create_default_context(cafile=str(site.layout.ca_cert))
+    with tempfile.TemporaryDirectory(prefix="ansimi-tls-") as tmp:
+        key_file, cert_file = Path(tmp) / "client.key", Path(tmp) / "client.crt"
+        write_atomic(key_file, pki.key_to_pem(key), mode=0o600)
+        write_atomic(cert_file, pki.cert_to_pem(cert), mode=0o600)
+        context.load_cert_chain(str(cert_file), str(key_file))
+    return context
+
+
 def kick_identity(site: Site, cn: str, host: str, port: int, *, timeout_s: float = 5.0) -> None:
     """Close any live connection of identity `cn` by taking its session over.
 
@@ -383,16 +397,7 @@ def kick_identity(site: Site, cn: str, host: str, port: int, *, timeout_s: float
     needs it, in a private temporary directory), start a clean session so the revoked
     client's queued messages go too, and leave.
     """
-    ca = site.ca()
-    key = pki.generate_key(site.info.key_type)
-    cert = pki.issue_client_cert(ca, cn, key.public_key(), lifetime=KICK_CERT_LIFETIME)
-    context = ssl.create_default_context(cafile=str(site.layout.ca_cert))
-    with tempfile.TemporaryDirectory(prefix="ansimi-kick-") as tmp:
-        key_file, cert_file = Path(tmp) / "kick.key", Path(tmp) / "kick.crt"
-        write_atomic(key_file, pki.key_to_pem(key), mode=0o600)
-        write_atomic(cert_file, pki.cert_to_pem(cert), mode=0o600)
-        context.load_cert_chain(str(cert_file), str(key_file))
-
+    context = throwaway_context(site, cn, KICK_CERT_LIFETIME)
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=f"revoke-{cn}",

@@ -1,0 +1,204 @@
+"""The gateway's admin API, as the installer's CLI uses it (HTTPS, an admin bearer token).
+
+The token comes from `--admin-token-file`, `ANSIMI_ADMIN_TOKEN_FILE` or `ANSIMI_ADMIN_TOKEN`,
+never from a command-line argument, where `ps` and shell history would keep it. Errors
+carry the HTTP status and the gateway's own message, and never the token.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import json
+import os
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from provisioning.errors import ProvisioningError
+
+TIMEOUT_S: Final = 15.0
+TOKEN_ENV: Final = "ANSIMI_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
+TOKEN_FILE_ENV: Final = "ANSIMI_ADMIN_TOKEN_FILE"  # noqa: S105
+URL_ENV: Final = "ANSIMI_GATEWAY_URL"
+
+
+class GatewayUnreachable(ProvisioningError, ConnectionError):
+    """The gateway did not answer, or its HTTPS certificate is not trusted."""
+
+
+class GatewayRefused(ProvisioningError, RuntimeError):
+    """The gateway answered with an error: `status` and its message."""
+
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class AdminTokenMissing(ProvisioningError, LookupError):
+    pass
+
+
+def admin_token(token_file: Path | None) -> str:
+    path = token_file or (
+        Path(os.environ[TOKEN_FILE_ENV]) if TOKEN_FILE_ENV in os.environ else None
+    )
+    if path is not None:
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise AdminTokenMissing(
+                f"cannot read the admin token file {path} ({exc.strerror}): it holds the "
+                'gateway\'s admin token ([[api.tokens]] with role = "admin")'
+            ) from None
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise AdminTokenMissing(
+            f"no admin token: pass --admin-token-file, or set {TOKEN_FILE_ENV} or {TOKEN_ENV} "
+            '(the gateway\'s [[api.tokens]] entry with role = "admin")'
+        )
+    return token
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+    headers: Mapping[str, str]
+
+    def clock_skew_s(self, now: dt.datetime) -> float | None:
+        text = self.headers.get("Date")
+        if not text:
+            return None
+        try:
+            return (now - email.utils.parsedate_to_datetime(text)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+
+
+class AdminClient:
+    def __init__(self, base_url: str, token: str, *, ca_file: Path | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        if ca_file is not None and not ca_file.exists():
+            raise GatewayUnreachable(
+                f"no CA certificate at {ca_file}: pass --ca-file with the site's ca/ca.crt"
+            )
+        self._context = ssl.create_default_context(
+            cafile=str(ca_file) if ca_file is not None else None
+        )
+        self.ca_file = ca_file
+
+    def call(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None, *, auth: bool = True
+    ) -> Answer:
+        url = self.base_url + path
+        if not url.startswith(("https://", "http://")):
+            raise GatewayUnreachable(f"gateway URL {self.base_url!r} is not http(s)://")
+        headers = {"Accept": "application/json"}
+        if auth:
+            headers["Authorization"] = f"Bearer {self._token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 - http(s) checked above
+        context = self._context if url.startswith("https://") else None
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT_S, context=context) as reply:  # noqa: S310
+                return Answer(reply.status, _json(reply.read()), dict(reply.headers))
+        except urllib.error.HTTPError as exc:
+            return Answer(exc.code, _json(exc.read()), dict(exc.headers))
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ssl.SSLCertVerificationError):
+                raise GatewayUnreachable(
+                    f"the gateway at {self.base_url} is not trusted "
+                    f"({exc.reason.verify_message}): pass --ca-file with the site's ca/ca.crt"
+                ) from None
+            raise GatewayUnreachable(
+                f"cannot reach the gateway at {self.base_url}: {exc.reason}"
+            ) from None
+        except OSError as exc:
+            raise GatewayUnreachable(
+                f"cannot reach the gateway at {self.base_url}: {exc}"
+            ) from None
+
+    def ok(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        allow: tuple[int, ...] = (),
+    ) -> Answer:
+        answer = self.call(method, path, body)
+        if answer.status >= 400 and answer.status not in allow:
+            message = str(answer.body.get("error") or f"HTTP {answer.status}")
+            if answer.status == 401:
+                message += ": the admin token is not one the gateway knows"
+            elif answer.status == 403 and not answer.body.get("reason"):
+                message += ': use a token with role = "admin"'
+            raise GatewayRefused(answer.status, message, str(answer.body.get("reason", "")))
+        return answer
+
+    # ---- the routes ---------------------------------------------------------------------
+
+    def health(self) -> Answer:
+        return self.call("GET", "/healthz", auth=False)
+
+    def create_enrolment(
+        self,
+        device_id: str,
+        kind: str,
+        district: str,
+        label: str,
+        *,
+        ttl_s: int,
+        rotate: bool = False,
+    ) -> dict[str, Any]:
+        body = {
+            "device_id": device_id,
+            "kind": kind,
+            "district": district,
+            "label": label,
+            "ttl_s": ttl_s,
+            "rotate": rotate,
+        }
+        return self.ok("POST", "/admin/enrolments", body).body
+
+    def enrolments(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        query = "?" + urllib.parse.urlencode({"device_id": device_id}) if device_id else ""
+        records = self.ok("GET", "/admin/enrolments" + query).body.get("enrolments", [])
+        return list(records)
+
+    def cancel_enrolments(self, device_id: str) -> int:
+        body = self.ok("DELETE", f"/admin/enrolments/{_segment(device_id)}").body
+        return int(body.get("cancelled", 0))
+
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        answer = self.ok("GET", f"/admin/devices/{_segment(device_id)}", allow=(404,))
+        return None if answer.status == 404 else answer.body
+
+    def revoke_device(self, device_id: str) -> bool:
+        """True if the gateway knew the device (now revoked), False if it never enrolled."""
+        answer = self.ok("POST", f"/admin/devices/{_segment(device_id)}/revoke", allow=(404,))
+        return answer.status != 404
+
+
+def _segment(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+def _json(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data or b"{}")
+    except ValueError:
+        return {"error": data[:200].decode(errors="replace")}
+    return value if isinstance(value, dict) else {}
