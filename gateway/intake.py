@@ -77,27 +77,64 @@ class Revoked(ProtocolError, PermissionError):
 
 
 class Registry:
-    """Device keys and high-water marks, cached in memory in front of the store."""
+    """Device keys and high-water marks, cached in memory in front of the store.
+
+    With several gateway instances, another one may register or revoke a device, or
+    accept a device's newer messages: `watch()` re-reads the store now and then, off the
+    event loop, so this instance follows within that interval.
+    """
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self._devices: dict[str, Device] = {}
         self._keys: dict[str, Ed25519PublicKey] = {}
         self.high_water: dict[str, int] = {}
+        # bumped by refresh(): a reload that started before it must not undo it
+        self._generation = 0
         self.reload()
 
     def reload(self) -> None:
-        devices = self._store.devices()
-        self._devices = {d.device_id: d for d in devices}
-        self._keys = {d.device_id: public_key_from_b64(d.public_key) for d in devices}
-        for d in devices:
+        self._swap(self._load())
+
+    def _load(self) -> list[tuple[Device, Ed25519PublicKey]]:
+        """Read every device; keys already parsed are reused (runs in a worker thread)."""
+        keys = self._keys
+        devices = self._devices
+        loaded = []
+        for d in self._store.devices():
+            known = devices.get(d.device_id)
+            key = keys.get(d.device_id)
+            if key is None or known is None or known.public_key != d.public_key:
+                key = public_key_from_b64(d.public_key)
+            loaded.append((d, key))
+        return loaded
+
+    def _swap(self, loaded: list[tuple[Device, Ed25519PublicKey]]) -> None:
+        self._devices = {d.device_id: d for d, _ in loaded}
+        self._keys = {d.device_id: key for d, key in loaded}
+        for d, _ in loaded:
             if d.high_water is not None:
                 self.high_water[d.device_id] = max(
                     d.high_water, self.high_water.get(d.device_id, -1)
                 )
 
+    async def watch(self, interval_s: float) -> None:
+        """Reload every `interval_s` until cancelled; a failed reload waits for the next."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            generation = self._generation
+            try:
+                loaded = await loop.run_in_executor(None, self._load)
+            except Exception:
+                log.exception("registry: reload failed; keeping what we have")
+                continue
+            if generation == self._generation:
+                self._swap(loaded)
+
     def refresh(self, device_id: str) -> None:
         """Re-read one device (registered, revoked): in effect for its next message."""
+        self._generation += 1
         device = self._store.device(device_id)
         if device is None:
             self._devices.pop(device_id, None)

@@ -156,6 +156,9 @@ class Gateway:
                 tasks.create_task(self.forwarder.run(), name="forward")
                 self.supervisor.load(self.store.devices(), time.time_ns() // 1_000_000)
                 tasks.create_task(self.supervisor.run(), name="supervise")
+                if self.config.intake.registry_reload_s > 0:
+                    reload_s = self.config.intake.registry_reload_s
+                    tasks.create_task(self.registry.watch(reload_s), name="registry")
                 tasks.create_task(sdnotify.watchdog_pings(), name="watchdog")
                 if self.video is not None:
                     tasks.create_task(self.video.run(), name="video")

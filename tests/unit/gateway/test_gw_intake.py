@@ -252,3 +252,21 @@ async def test_a_flood_of_refusals_is_counted_in_full_and_logged_sparingly(
     await env.feed(junk)
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert refusals[-1].endswith("malformed (and 99 more since the last report)")
+
+
+async def test_the_registry_follows_another_instances_revocation(env: Env) -> None:
+    import asyncio
+
+    key_before = env.registry.resolve("bell-0001")
+    env.store.revoke("bell-0001")  # done through another gateway instance's API
+    assert not env.registry.device("bell-0001").revoked  # type: ignore[union-attr]
+    watch = asyncio.create_task(env.registry.watch(0))
+    try:
+        async with asyncio.timeout(10):
+            while not env.registry.device("bell-0001").revoked:  # type: ignore[union-attr]
+                await asyncio.sleep(0.01)
+    finally:
+        watch.cancel()
+    await env.feed(env.message(ALERT))
+    assert env.rejected("revoked") == 1
+    assert env.registry.resolve("bell-0001") is key_before  # keys are not parsed again
