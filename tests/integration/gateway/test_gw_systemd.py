@@ -113,5 +113,12 @@ async def test_gateway_process_sends_ready_and_watchdog_pings(
             async with asyncio.timeout(WAIT_S):
                 while got.count("WATCHDOG=1") < 3 or "READY=1" not in got:
                     got.append((await loop.sock_recv(sock, 4096)).decode())
+                # systemctl stop: SIGTERM, and a clean exit that says so
+                assert gateway.process is not None
+                gateway.process.terminate()
+                while "STOPPING=1" not in got:
+                    got.append((await loop.sock_recv(sock, 4096)).decode())
+            assert gateway.process.wait(WAIT_S) == 0
         finally:
             gateway.stop()
+    assert "Traceback" not in gateway.log.read_text()

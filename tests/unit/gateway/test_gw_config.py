@@ -53,6 +53,20 @@ def test_a_missing_file_or_key_is_named(tmp_path: Path) -> None:
     assert f"no key at {tmp_path}/nokey" in output and "ansimi provision init-site" in output
 
 
+def test_a_bad_key_file_or_database_path_is_named(tmp_path: Path) -> None:
+    key = tmp_path / "signing.key"
+    key.write_text("not a key")
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'signing_key = "{key}"\ndatabase = "{tmp_path}/gw.db"\n')
+    code, output = run(config)
+    assert code == 1 and f"key file {key}" in output and "Traceback" not in output
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config.write_text(f'database = "{blocker}/gw.db"\n')
+    code, output = run(config)
+    assert code == 1 and "cannot open the database" in output and "Fix:" in output
+
+
 def test_tokens_come_from_a_file_and_a_missing_one_is_named(tmp_path: Path) -> None:
     secret = tmp_path / "central.token"
     secret.write_text("a-long-random-token-from-a-file\n")
