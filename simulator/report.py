@@ -1,0 +1,373 @@
+"""Figures from a run, the pass/fail verdict, and the report: `summary.json` and `index.html`.
+
+Latencies are measured from the moment a message first left its device (for the alert a
+press opens, that is the press itself; a coalesced update leaves once the previous message
+is `received`) to the moment the device saw each ack stage, and to the moment the centre
+sink first accepted it. All on this machine's wall clock, whatever skew a device has.
+
+Per district, in EN 50136 terms: the transmission time of each alert (device to centre)
+as mean, 95th percentile and maximum, and availability as the share of the run each
+device spent connected, averaged over the district's devices. Class limits are left to
+the scenario's thresholds, where QA sets them.
+
+Plots need matplotlib (the `sim` extra); without it the HTML page has the tables only.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from simulator.run import Observed
+
+
+def distribution(values: Iterable[float]) -> dict[str, float | int | None]:
+    data = sorted(values)
+    if not data:
+        return {"count": 0, "mean": None, "p50": None, "p95": None, "p99": None, "max": None}
+
+    def pct(p: float) -> float:
+        # nearest rank: a value that really occurred
+        return data[max(0, math.ceil(p * len(data)) - 1)]
+
+    return {
+        "count": len(data),
+        "mean": round(statistics.fmean(data), 4),
+        "p50": round(pct(0.50), 4),
+        "p95": round(pct(0.95), 4),
+        "p99": round(pct(0.99), 4),
+        "max": round(data[-1], 4),
+    }
+
+
+def summarise(o: Observed) -> dict[str, Any]:
+    s = o.scenario
+    assert o.sink is not None
+    arrivals = o.sink.arrivals
+    records = list(o.records.values())
+    devices = {d.id: d for d in o.plan.devices}
+    lost = [r for r in records if r.id not in arrivals]
+    extra = sum(arrivals[r.id].deliveries - 1 for r in records if r.id in arrivals)
+    dup_events = sum(1 for r in records if r.id in arrivals and arrivals[r.id].deliveries > 1)
+    by_type: dict[str, int] = defaultdict(int)
+    for r in records:
+        by_type[r.trigger] += 1
+
+    def stage(name: str) -> list[float]:
+        return [r.acks[name] - r.sent_at for r in records if name in r.acks]
+
+    delivered = {r.id: arrivals[r.id].at - r.sent_at for r in records if r.id in arrivals}
+    offline = _offline_detection(o)
+    districts: dict[str, Any] = {}
+    per_district: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if r.id in delivered:
+            per_district[devices[r.device].district].append(delivered[r.id])
+    members: dict[str, list[str]] = defaultdict(list)
+    for d in o.plan.devices:
+        members[d.district].append(d.id)
+    for district in sorted(members):
+        times = distribution(per_district.get(district, []))
+        ids = members[district]
+        avail = [o.availability.get(i, 0.0) for i in ids]
+        districts[district] = {
+            "devices": len(ids),
+            "alerts": times["count"],
+            "transmission_mean_s": times["mean"],
+            "transmission_p95_s": times["p95"],
+            "transmission_max_s": times["max"],
+            "lost": sum(1 for r in lost if devices[r.device].district == district),
+            "availability": round(statistics.fmean(avail), 5) if avail else None,
+        }
+    summary: dict[str, Any] = {
+        "scenario": s.name,
+        "description": s.description,
+        "seed": s.seed,
+        "devices": len(o.plan.devices),
+        "mix": _count(d.kind for d in o.plan.devices),
+        "duration_s": s.scaled(s.duration_s),
+        "time_scale": s.time_scale,
+        "wall_s": round(o.end - o.t0, 2),
+        "actions": o.actions,
+        "alerts": {
+            "sent": len(records),
+            "by_trigger": dict(sorted(by_type.items())),
+            "received_on_device": sum(1 for r in records if "received" in r.acks),
+            "delivered_at_centre": len(delivered),
+            "delivered_ack_on_device": sum(1 for r in records if "delivered" in r.acks),
+            "acknowledged_on_device": sum(1 for r in records if "acknowledged" in r.acks),
+            "lost": len(lost),
+            "lost_ids": [r.id for r in lost[:20]],
+            "duplicate_deliveries": extra,
+            "events_delivered_twice_or_more": dup_events,
+            "resends": o.resends,
+            "left_in_device_outboxes": sum(o.outbox_left.values()),
+        },
+        "latency_s": {
+            "press_to_received": distribution(stage("received")),
+            "press_to_delivered": distribution(delivered.values()),
+            "press_to_delivered_ack": distribution(stage("delivered")),
+            "press_to_acknowledged": distribution(stage("acknowledged")),
+        },
+        "reconnect_after_broker_restart_s": [round(x, 3) for x in o.reconnect_s],
+        "offline_detection_s": distribution(offline.values()),
+        "offline_detected": f"{len(offline)}/{sum(len(p[2]) for p in o.partitions)}",
+        "districts": districts,
+        "heartbeats_sent": o.heartbeats,
+        "centre": {
+            "answered_503": o.sink.answered_503,
+            "refused": o.sink.receiver.refused,
+            "status_events": len(o.sink.statuses),
+        },
+        "agent_errors": o.agent_errors,
+        "downlink_rejected": o.rejected_downlink,
+        "clock_skewed_devices": len(o.skewed),
+        "faults": [
+            {
+                "at_s": round(m.at - o.t0, 3),
+                "label": m.label,
+                "until_s": None if m.until is None else round(m.until - o.t0, 3),
+            }
+            for m in o.marks
+        ],
+        "todo": s.todo,
+    }
+    failures = verdict(summary, s)
+    summary["failures"] = failures
+    summary["passed"] = not failures
+    return summary
+
+
+def _count(items: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for item in items:
+        out[item] += 1
+    return dict(out)
+
+
+def _offline_detection(o: Observed) -> dict[str, float]:
+    """Per partitioned device: from the cut to the centre hearing `offline` about it."""
+    assert o.sink is not None
+    found: dict[str, float] = {}
+    for start, end, targets in o.partitions:
+        wanted = set(targets)
+        for device, state, at in o.sink.statuses:
+            if state == "offline" and device in wanted and start <= at and device not in found:
+                found[device] = at - start
+        del end  # a detection after healing still counts: it measures the gateway's delay
+    return found
+
+
+def verdict(summary: dict[str, Any], s: Any) -> list[str]:
+    t = s.thresholds
+    fails: list[str] = []
+    a = summary["alerts"]
+    lat = summary["latency_s"]
+    if a["lost"] > t.max_lost:
+        fails.append(f"{a['lost']} alerts never reached the centre (allowed {t.max_lost})")
+    if summary["agent_errors"]:
+        fails.append(f"{summary['agent_errors']} agents stopped with an error")
+
+    def over(name: str, value: float | None, limit: float | None) -> None:
+        if limit is not None and value is not None and value > limit:
+            fails.append(f"{name} {value:.3f} s is over the threshold {limit:g} s")
+
+    over("press to received p95", lat["press_to_received"]["p95"], t.received_p95_s)
+    over("press to delivered p95", lat["press_to_delivered"]["p95"], t.delivered_p95_s)
+    over("press to delivered max", lat["press_to_delivered"]["max"], t.delivered_max_s)
+    over("press to acknowledged p95", lat["press_to_acknowledged"]["p95"], t.acknowledged_p95_s)
+    over("offline detection p95", summary["offline_detection_s"]["p95"], t.offline_detect_p95_s)
+    if t.reconnect_s is not None:
+        for x in summary["reconnect_after_broker_restart_s"]:
+            over("reconnect after broker restart", x, t.reconnect_s)
+        restarts = sum(1 for f in s.faults if f.type == "broker_restart")
+        if len(summary["reconnect_after_broker_restart_s"]) < restarts:
+            fails.append("not every device reconnected after a broker restart")
+    if t.max_duplicates is not None and a["duplicate_deliveries"] > t.max_duplicates:
+        fails.append(f"{a['duplicate_deliveries']} duplicate deliveries (max {t.max_duplicates})")
+    if t.acknowledged_p95_s is not None and s.operator.ack_after_s is not None:
+        missing = a["delivered_at_centre"] - a["acknowledged_on_device"]
+        alerts = sum(n for k, n in a["by_trigger"].items() if k != "cancel")
+        if a["acknowledged_on_device"] < alerts:
+            fails.append(f"{missing} alerts never showed `acknowledged` on their device")
+    if t.min_availability is not None:
+        for name, d in summary["districts"].items():
+            if d["availability"] is not None and d["availability"] < t.min_availability:
+                fails.append(
+                    f"district {name}: availability {d['availability']:.4f} "
+                    f"under {t.min_availability:g}"
+                )
+    return fails
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+
+def write(o: Observed, summary: dict[str, Any], report_dir: Path) -> list[Path]:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plots = _plots(o, report_dir)
+    (report_dir / "index.html").write_text(_html(summary, plots))
+    return [report_dir / "summary.json", report_dir / "index.html", *plots]
+
+
+def _plots(o: Observed, report_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    assert o.sink is not None
+    made: list[Path] = []
+    records = list(o.records.values())
+    series = {
+        "received (device)": [
+            r.acks["received"] - r.sent_at for r in records if "received" in r.acks
+        ],
+        "at the centre": [
+            o.sink.arrivals[r.id].at - r.sent_at for r in records if r.id in o.sink.arrivals
+        ],
+        "acknowledged (device)": [
+            r.acks["acknowledged"] - r.sent_at for r in records if "acknowledged" in r.acks
+        ],
+    }
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, values in series.items():
+        if values:
+            data = sorted(values)
+            ax.plot(data, [(i + 1) / len(data) for i in range(len(data))], label=label)
+    ax.set_xlabel("seconds from leaving the device")
+    ax.set_ylabel("share of alerts")
+    ax.set_title("Latency (cumulative)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    made.append(_save(fig, report_dir / "latency.png", plt))
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    sent = sorted(r.sent_at - o.t0 for r in records)
+    got = sorted(o.sink.arrivals[r.id].at - o.t0 for r in records if r.id in o.sink.arrivals)
+    if sent:
+        ax.step(sent, range(1, len(sent) + 1), where="post", label="sent by devices")
+    if got:
+        ax.step(got, range(1, len(got) + 1), where="post", label="at the centre")
+    ax2 = ax.twinx()
+    ax2.plot(
+        [t - o.t0 for t, _ in o.connected],
+        [n for _, n in o.connected],
+        color="grey",
+        alpha=0.5,
+        label="devices connected",
+    )
+    ax2.set_ylabel("devices connected")
+    ax2.set_ylim(0, max(len(o.plan.devices), 1) * 1.05)
+    for m in o.marks:
+        end = (m.until or m.at) - o.t0
+        ax.axvspan(m.at - o.t0, max(end, m.at - o.t0 + 0.1), color="red", alpha=0.15)
+        ax.text(m.at - o.t0, 0, m.label, rotation=90, va="bottom", fontsize=7)
+    ax.set_xlabel("seconds since start")
+    ax.set_ylabel("alerts (cumulative)")
+    ax.set_title("Timeline, faults shaded")
+    ax.legend(loc="upper left")
+    made.append(_save(fig, report_dir / "timeline.png", plt))
+
+    summary_districts = summarise_districts(o)
+    if summary_districts:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        names = list(summary_districts)
+        ax.bar(names, [summary_districts[n][0] for n in names], label="mean")
+        ax.plot(names, [summary_districts[n][1] for n in names], "kv", label="95th percentile")
+        ax.set_ylabel("transmission time, s")
+        ax.set_title("Per district")
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend()
+        made.append(_save(fig, report_dir / "districts.png", plt))
+    return made
+
+
+def summarise_districts(o: Observed) -> dict[str, tuple[float, float]]:
+    assert o.sink is not None
+    devices = {d.id: d.district for d in o.plan.devices}
+    per: dict[str, list[float]] = defaultdict(list)
+    for r in o.records.values():
+        if r.id in o.sink.arrivals:
+            per[devices[r.device]].append(o.sink.arrivals[r.id].at - r.sent_at)
+    out = {}
+    for name, values in sorted(per.items()):
+        d = distribution(values)
+        out[name] = (float(d["mean"] or 0), float(d["p95"] or 0))
+    return out
+
+
+def _save(fig: Any, path: Path, plt: Any) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _html(summary: dict[str, Any], plots: list[Path]) -> str:
+    e = html.escape
+    verdict_text = "PASSED" if summary["passed"] else "FAILED"
+    colour = "#1a7f37" if summary["passed"] else "#cf222e"
+    rows = "".join(
+        f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in summary["alerts"].items()
+    )
+    lat_rows = "".join(
+        f"<tr><td>{e(k)}</td>"
+        + "".join(
+            f"<td>{'' if v[c] is None else v[c]}</td>"
+            for c in ("count", "mean", "p50", "p95", "p99", "max")
+        )
+        + "</tr>"
+        for k, v in summary["latency_s"].items()
+    )
+    district_rows = "".join(
+        f"<tr><td>{e(name)}</td><td>{d['devices']}</td><td>{d['alerts']}</td>"
+        f"<td>{d['transmission_mean_s']}</td><td>{d['transmission_p95_s']}</td>"
+        f"<td>{d['transmission_max_s']}</td><td>{d['lost']}</td><td>{d['availability']}</td></tr>"
+        for name, d in summary["districts"].items()
+    )
+    faults = "".join(
+        f"<li>{f['at_s']} s: {e(f['label'])}"
+        + (f" (until {f['until_s']} s)" if f["until_s"] is not None else "")
+        + "</li>"
+        for f in summary["faults"]
+    )
+    failures = "".join(f"<li>{e(f)}</li>" for f in summary["failures"])
+    todo = "".join(f"<li>{e(t)}</li>" for t in summary["todo"])
+    images = "".join(f'<p><img src="{e(p.name)}" alt="{e(p.stem)}"></p>' for p in plots)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Simulation: {e(summary["scenario"])}</title>
+<style>body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2rem .5rem}}</style>
+</head><body>
+<h1>{e(summary["scenario"])}: <span style="color:{colour}">{verdict_text}</span></h1>
+<p>{e(summary["description"])}</p>
+<p>{summary["devices"]} devices {e(json.dumps(summary["mix"]))}, seed {summary["seed"]},
+{summary["duration_s"]:g} s scenario (time scale {summary["time_scale"]:g}),
+{summary["wall_s"]} s with the drain.</p>
+{f"<h2>Failures</h2><ul>{failures}</ul>" if failures else ""}
+<h2>Alerts</h2><table>{rows}</table>
+<h2>Latency (seconds from leaving the device)</h2>
+<table><tr><th></th><th>count</th><th>mean</th><th>p50</th><th>p95</th><th>p99</th><th>max</th>
+</tr>{lat_rows}</table>
+<p>Reconnect after broker restart: {summary["reconnect_after_broker_restart_s"]} s.
+Offline detection: {e(json.dumps(summary["offline_detection_s"]))}
+({summary["offline_detected"]} partitioned devices reported offline).</p>
+<h2>Districts (EN 50136 terms)</h2>
+<table><tr><th>district</th><th>devices</th><th>alerts</th><th>mean s</th><th>p95 s</th>
+<th>max s</th><th>lost</th><th>availability</th></tr>{district_rows}</table>
+<h2>Faults</h2><ul>{faults or "<li>none</li>"}</ul>
+{f"<h2>Not simulated yet</h2><ul>{todo}</ul>" if todo else ""}
+{images}
+</body></html>
+"""

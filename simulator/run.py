@@ -1,0 +1,580 @@
+"""One simulator run: broker, gateway process, centre sink, proxy, worker processes, faults.
+
+The gateway runs as its own process (`ansimi gateway run`), as in the field, so a SIGKILL
+is a real crash. The broker is mosquitto (`ansimi.broker`). The centre sink and the TCP
+proxy live in this process on its event loop; the agents live in worker processes.
+
+Every wait is bounded: start-up by `connect_timeout_s`, the scenario by its duration, the
+drain by `drain_s`, shutdown by fixed timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ansimi.broker import Mosquitto, MosquittoConfig, free_port
+from protocol.jws import Signer
+from protocol.keys import generate_key, public_key_to_b64, save_private_key
+from simulator import identities
+from simulator.proxy import FaultProxy
+from simulator.scenario import (
+    PROXIED,
+    BrokerRestart,
+    CentreDown,
+    ClockSkew,
+    GatewayKill,
+    Latency,
+    Partition,
+    Plan,
+    Scenario,
+    plan,
+)
+from simulator.sink import Sink
+
+log = logging.getLogger(__name__)
+
+GATEWAY_ID = "gw-sim"
+# lines from a worker can carry thousands of sends at once
+WORKER_LINE_LIMIT = 64 * 1024 * 1024
+
+
+class SimError(Exception):
+    """The run could not be set up (broker, gateway or workers did not come up)."""
+
+
+@dataclass(slots=True)
+class Record:
+    """One message a device sent that needs the centre: an alert or a cancel."""
+
+    id: str
+    device: str
+    type: str
+    trigger: str
+    sent_at: float
+    acks: dict[str, float] = field(default_factory=dict)  # stage -> first seen on the device
+
+
+@dataclass(slots=True)
+class Mark:
+    """Something the simulator did to the system, for the report's timeline."""
+
+    at: float
+    label: str
+    until: float | None = None
+
+
+@dataclass
+class Observed:
+    """Everything measured during a run; `simulator.report` turns it into figures."""
+
+    scenario: Scenario
+    plan: Plan
+    t0: float = 0.0
+    end: float = 0.0
+    records: dict[str, Record] = field(default_factory=dict)
+    marks: list[Mark] = field(default_factory=list)
+    connected: list[tuple[float, int]] = field(default_factory=list)  # (wall time, total)
+    reconnect_s: list[float] = field(default_factory=list)  # per broker restart
+    availability: dict[str, float] = field(default_factory=dict)
+    outbox_left: dict[str, int] = field(default_factory=dict)
+    heartbeats: int = 0
+    resends: int = 0
+    actions: int = 0
+    agent_errors: int = 0
+    rejected_downlink: int = 0
+    sink: Sink | None = None
+    skewed: dict[str, float] = field(default_factory=dict)  # device -> skew applied (s)
+    partitions: list[tuple[float, float, list[str]]] = field(default_factory=list)
+
+
+class _WorkerProc:
+    def __init__(self, process: asyncio.subprocess.Process, size: int) -> None:
+        self.process = process
+        self.size = size
+        self.connected = 0
+        self.last_at = 0.0  # when its latest counts were taken (wall clock)
+        self.heartbeats = 0
+        self.resends = 0
+        self.actions = 0
+        self.errors = 0
+        self.up = asyncio.Event()
+        self.result: dict[str, Any] | None = None
+        self.finished = asyncio.Event()
+
+    async def send(self, command: str) -> None:
+        assert self.process.stdin is not None
+        with contextlib.suppress(ConnectionError):
+            self.process.stdin.write(command.encode() + b"\n")
+            await self.process.stdin.drain()
+
+
+class Simulation:
+    def __init__(
+        self,
+        scenario: Scenario,
+        report_dir: Path,
+        *,
+        on_tick: Callable[[Simulation], None] | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.report_dir = report_dir
+        self.state = report_dir / "state"
+        self.on_tick = on_tick
+        self.plan = plan(scenario)
+        self.observed = Observed(scenario, self.plan)
+        self.devices = {d.id: d for d in self.plan.devices}
+        self.secret = secrets.token_urlsafe(24)
+        self.operator_token = secrets.token_urlsafe(24)
+        self.run_secret = identities.new_run_secret()
+        self.broker: Mosquitto | None = None
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.proxy: FaultProxy | None = None
+        self.sink: Sink | None = None
+        self.workers: list[_WorkerProc] = []
+        self.api_port = 0
+        self.phase = "starting"
+        self._background: set[asyncio.Task[Any]] = set()
+        self._faults: list[asyncio.Task[Any]] = []
+        self._http: aiohttp.ClientSession | None = None
+
+    # ---- counts for the live display --------------------------------------------------------
+
+    @property
+    def connected(self) -> int:
+        return sum(w.connected for w in self.workers)
+
+    def at_sink(self) -> int:
+        assert self.sink is not None
+        return sum(1 for r in self.observed.records if r in self.sink.arrivals)
+
+    def received(self) -> int:
+        return sum(1 for r in self.observed.records.values() if "received" in r.acks)
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    async def execute(self) -> Observed:
+        if self.state.exists():
+            shutil.rmtree(self.state)
+        (self.state / "gateway").mkdir(parents=True)
+        gateway_key = generate_key()
+        save_private_key(self.state / "gateway" / "signing.key", gateway_key)
+        self.gateway_public = public_key_to_b64(Signer(GATEWAY_ID, gateway_key).public_key)
+        identities.register(
+            self.state / "gateway" / "gateway.db", self.plan.devices, self.run_secret
+        )
+        self.broker = Mosquitto(MosquittoConfig(state_dir=self.state / "broker"))
+        await asyncio.to_thread(self.broker.start)
+        self.sink = Sink(self.secret, self.state / "centre.db")
+        self.observed.sink = self.sink
+        await self.sink.start()
+        self.sink.receiver.listeners.append(self._on_centre_event)
+        self._http = aiohttp.ClientSession()
+        try:
+            self.api_port = free_port()
+            (self.state / "gateway.toml").write_text(self._gateway_toml())
+            await self._start_gateway()
+            if self.scenario.needs_proxy:
+                self.proxy = FaultProxy(self.broker.host, self.broker.port)
+                await self.proxy.start()
+            await self._start_workers()
+            await self._run()
+        finally:
+            await self._teardown()
+        return self.observed
+
+    def _gateway_toml(self) -> str:
+        assert self.broker is not None and self.sink is not None
+        g = self.scenario.gateway
+        return f"""# written by `ansimi sim run`
+id = "{GATEWAY_ID}"
+signing_key = "{self.state / "gateway" / "signing.key"}"
+database = "{self.state / "gateway" / "gateway.db"}"
+
+[mqtt]
+host = "{self.broker.host}"
+port = {self.broker.port}
+
+[forward]
+backoff_min_s = {g.forward_backoff_min_s}
+backoff_max_s = {g.forward_backoff_max_s}
+breaker_failures = {g.breaker_failures}
+breaker_open_s = {g.breaker_open_s}
+
+[supervise]
+heartbeat_s = {self.scenario.device.heartbeat_s}
+missed = {g.missed}
+
+[api]
+enabled = true
+host = "127.0.0.1"
+port = {self.api_port}
+
+[[api.tokens]]
+name = "sim-operator"
+role = "operator"
+token = "{self.operator_token}"
+
+[[centres]]
+name = "central"
+url = "{self.sink.url}"
+secret = "{self.secret}"
+districts = ["*"]
+"""
+
+    async def _start_gateway(self) -> None:
+        self.gateway = self._spawn_gateway()
+        await self._gateway_healthy(30)
+
+    def _spawn_gateway(self) -> subprocess.Popen[bytes]:
+        log_file = (self.state / "gateway.log").open("ab")
+        try:
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ansimi",
+                    "gateway",
+                    "run",
+                    "--config",
+                    str(self.state / "gateway.toml"),
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=_child_env(),
+            )
+        finally:
+            log_file.close()
+
+    async def _gateway_healthy(self, timeout_s: float) -> None:
+        assert self._http is not None and self.gateway is not None
+        deadline = time.monotonic() + timeout_s
+        url = f"http://127.0.0.1:{self.api_port}/healthz"
+        while time.monotonic() < deadline:
+            if self.gateway.poll() is not None:
+                raise SimError(
+                    f"the gateway exited (code {self.gateway.returncode}): "
+                    f"see {self.state / 'gateway.log'}"
+                )
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+        raise SimError(
+            f"the gateway was not healthy in {timeout_s:g}s: see {self.state / 'gateway.log'}"
+        )
+
+    def _worker_count(self) -> int:
+        if self.scenario.workers is not None:
+            return self.scenario.workers
+        # one loop holds a few thousand agents comfortably; two cores, so two at most
+        return 1 if len(self.plan.devices) <= 2000 else 2
+
+    async def _start_workers(self) -> None:
+        assert self.broker is not None
+        count = min(self._worker_count(), len(self.plan.devices))
+        shares: list[list[Any]] = [[] for _ in range(count)]
+        owner: dict[str, int] = {}
+        for n, d in enumerate(self.plan.devices):
+            shares[n % count].append([d.id, d.kind, d.district])
+            owner[d.id] = n % count
+        steps: list[list[list[Any]]] = [[] for _ in range(count)]
+        for s in self.plan.steps:
+            steps[owner[s.device]].append([s.at, s.device, s.action, s.after_s, s.restore_s])
+        skews: list[list[list[Any]]] = [[] for _ in range(count)]
+        for index, fault in enumerate(self.scenario.faults):
+            if isinstance(fault, ClockSkew):
+                targets = self.plan.targets.get(index, [])
+                for w in range(count):
+                    mine = [t for t in targets if owner[t] == w]
+                    skews[w].append(
+                        [self.scenario.scaled(fault.at_s), mine, int(fault.skew_s * 1000)]
+                    )
+                for t in targets:
+                    self.observed.skewed[t] = fault.skew_s
+        # only the devices a network fault touches go through the proxy: the others keep a
+        # direct path, so a broker restart measures the agents, not the proxy
+        proxied = {
+            t
+            for i, f in enumerate(self.scenario.faults)
+            if f.type in PROXIED
+            for t in self.plan.targets.get(i, [])
+        }
+        settings = self.scenario.device.model_dump()
+        n = len(self.plan.devices)
+        connect_timeout = 20 + 2 * n / self.scenario.device.connect_rate
+        for w in range(count):
+            spec = {
+                "broker_host": self.broker.host,
+                "broker_port": self.broker.port,
+                "proxy_port": self.proxy.port if self.proxy else None,
+                "proxied": [d[0] for d in shares[w] if d[0] in proxied],
+                "mqtt_version": 5,
+                "gateway_id": GATEWAY_ID,
+                "gateway_public_key": self.gateway_public,
+                "run_secret": self.run_secret,
+                "seed": self.scenario.seed,
+                "state_dir": str(self.state / "devices"),
+                "device": settings,
+                "devices": shares[w],
+                "steps": steps[w],
+                "skews": skews[w],
+                "connect_timeout_s": connect_timeout,
+            }
+            path = self.state / f"worker-{w}.json"
+            path.write_text(json.dumps(spec))
+            log_file = (self.state / f"worker-{w}.log").open("ab")
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "simulator.worker",
+                    str(path),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=log_file,
+                    env=_child_env(),
+                    limit=WORKER_LINE_LIMIT,
+                )
+            finally:
+                log_file.close()
+            proc = _WorkerProc(process, len(shares[w]))
+            self.workers.append(proc)
+            self._spawn(self._read_worker(proc))
+        try:
+            async with asyncio.timeout(connect_timeout + 20):
+                for proc in self.workers:
+                    await proc.up.wait()
+        except TimeoutError:
+            raise SimError("worker processes did not report in time: see worker-*.log") from None
+
+    # ---- running ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        o = self.observed
+        s = self.scenario
+        o.t0 = time.time() + 0.5
+        for proc in self.workers:
+            await proc.send(f"start {o.t0}")
+        self._faults = [self._spawn(self._fault(i, f)) for i, f in enumerate(s.faults)]
+        self.phase = "scenario"
+        end = o.t0 + s.scaled(s.duration_s)
+        while time.time() < end:
+            self._tick()
+            await asyncio.sleep(0.25)
+        self.phase = "drain"
+        drain_end = time.time() + s.drain_s
+        while time.time() < drain_end and not self._settled():
+            self._tick()
+            await asyncio.sleep(0.25)
+        o.end = time.time()
+        self.phase = "stopping"
+        for proc in self.workers:
+            await proc.send("stop")
+        for proc in self.workers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.finished.wait(), 30)
+            if proc.result is not None:
+                o.availability.update(proc.result["availability"])
+                o.outbox_left.update(proc.result["outbox"])
+                o.rejected_downlink += int(proc.result["rejected"])
+        o.heartbeats = sum(w.heartbeats for w in self.workers)
+        o.resends = sum(w.resends for w in self.workers)
+        o.actions = sum(w.actions for w in self.workers)
+        o.agent_errors = sum(w.errors for w in self.workers)
+        self._tick()
+
+    def _settled(self) -> bool:
+        """Every alert at the centre, every fault over, and (if operators ack) every ack seen."""
+        assert self.sink is not None
+        if any(not t.done() for t in self._faults):
+            return False
+        for record in self.observed.records.values():
+            if record.id not in self.sink.arrivals or "received" not in record.acks:
+                return False
+            if (
+                self.scenario.operator.ack_after_s is not None
+                and record.type == "alert"
+                and "acknowledged" not in record.acks
+            ):
+                return False
+        return self.connected == len(self.plan.devices)
+
+    def _tick(self) -> None:
+        self.observed.connected.append((time.time(), self.connected))
+        if self.on_tick is not None:
+            self.on_tick(self)
+
+    async def _read_worker(self, proc: _WorkerProc) -> None:
+        assert proc.process.stdout is not None
+        records = self.observed.records
+        try:
+            while raw := await proc.process.stdout.readline():
+                line = json.loads(raw)
+                kind = line["kind"]
+                if kind == "up":
+                    proc.connected = line["connected"]
+                    proc.up.set()
+                elif kind == "progress":
+                    proc.connected = line["connected"]
+                    proc.last_at = line["at"]
+                    proc.heartbeats = line["heartbeats"]
+                    proc.resends = line["resends"]
+                    proc.actions = line["actions"]
+                    proc.errors = line["errors"]
+                    for mid, device, type_, trigger, at in line["sent"]:
+                        records[mid] = Record(mid, device, type_, trigger, at)
+                    for ref, stage, at in line["acks"]:
+                        record = records.get(ref)
+                        if record is not None and stage not in record.acks:
+                            record.acks[stage] = at
+                elif kind == "result":
+                    proc.result = line
+        finally:
+            proc.up.set()  # a worker that died must not keep start-up waiting
+            proc.finished.set()
+
+    # ---- faults -----------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _at(self, seconds: float) -> float:
+        when = self.observed.t0 + self.scenario.scaled(seconds)
+        await asyncio.sleep(max(0.0, when - time.time()))
+        return time.time()
+
+    async def _fault(self, index: int, fault: Any) -> None:
+        s = self.scenario
+        o = self.observed
+        targets = set(self.plan.targets.get(index, []))
+        if isinstance(fault, BrokerRestart):
+            assert self.broker is not None
+            start = await self._at(fault.at_s)
+            await asyncio.to_thread(self.broker.kill if fault.kill else self.broker.stop)
+            await asyncio.sleep(s.scaled(fault.down_s))
+            await asyncio.to_thread(self.broker.start)
+            up = time.time()
+            o.marks.append(Mark(start, "broker " + ("killed" if fault.kill else "stopped"), up))
+            await self._measure_reconnect(up)
+        elif isinstance(fault, GatewayKill):
+            assert self.gateway is not None
+            start = await self._at(fault.at_s)
+            self.gateway.kill()
+            await asyncio.to_thread(self.gateway.wait, 10)
+            await asyncio.sleep(s.scaled(fault.down_s))
+            await self._start_gateway()
+            o.marks.append(Mark(start, "gateway SIGKILL", time.time()))
+        elif isinstance(fault, Partition):
+            assert self.proxy is not None
+            start = await self._at(fault.at_s)
+            (self.proxy.drop if fault.mode == "drop" else self.proxy.hold)(targets)
+            await self._at(fault.at_s + fault.duration_s)
+            self.proxy.heal(targets)
+            label = f"partition ({fault.mode}) of {len(targets)} devices"
+            o.marks.append(Mark(start, label, time.time()))
+            o.partitions.append((start, time.time(), sorted(targets)))
+        elif isinstance(fault, Latency):
+            assert self.proxy is not None
+            start = await self._at(fault.at_s)
+            self.proxy.delay(targets, fault.delay_ms / 1000)
+            await self._at(fault.at_s + fault.duration_s)
+            self.proxy.delay(targets, 0)
+            o.marks.append(Mark(start, f"+{fault.delay_ms:g} ms on {len(targets)}", time.time()))
+        elif isinstance(fault, CentreDown):
+            assert self.sink is not None
+            start = await self._at(fault.at_s)
+            await self.sink.go_down(fault.mode)
+            await self._at(fault.at_s + fault.duration_s)
+            await self.sink.come_back()
+            o.marks.append(Mark(start, f"centre down ({fault.mode})", time.time()))
+        elif isinstance(fault, ClockSkew):
+            start = await self._at(fault.at_s)
+            o.marks.append(Mark(start, f"clock {fault.skew_s:+g}s on {len(targets)}"))
+
+    async def _measure_reconnect(self, up: float) -> None:
+        """Time from the broker listening again until every agent is connected again."""
+        n = len(self.plan.devices)
+        # first make sure the workers have seen the loss, then wait for all to come back
+        deadline = time.time() + max(self.scenario.drain_s, 30)
+        while time.time() < deadline:
+            await asyncio.sleep(0.05)
+            # a worker's count is fresh only if its line came after the broker was back
+            fresh = all(w.last_at >= up for w in self.workers)
+            if fresh and self.connected == n:
+                self.observed.reconnect_s.append(time.time() - up)
+                return
+
+    # ---- operators --------------------------------------------------------------------------
+
+    def _on_centre_event(self, event: Any) -> None:
+        delay = self.scenario.operator.ack_after_s
+        if delay is None or event.type != "alert":
+            return
+        self._spawn(self._operator_ack(event.event_id, delay))
+
+    async def _operator_ack(self, event_id: str, delay: float) -> None:
+        assert self._http is not None
+        await asyncio.sleep(delay)
+        url = f"http://127.0.0.1:{self.api_port}/alerts/{event_id}/acknowledged"
+        headers = {"Authorization": f"Bearer {self.operator_token}"}
+        deadline = time.monotonic() + max(30.0, self.scenario.drain_s)
+        while time.monotonic() < deadline:
+            # the gateway may be down (a crash scenario): try again until it answers
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with self._http.post(
+                    url, headers=headers, timeout=aiohttp.ClientTimeout(total=2)
+                ) as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.5)
+
+    # ---- teardown ---------------------------------------------------------------------------
+
+    async def _teardown(self) -> None:
+        for proc in self.workers:
+            if proc.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.process.kill()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.process.wait(), 5)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.gateway is not None and self.gateway.poll() is None:
+            self.gateway.terminate()
+            try:
+                await asyncio.to_thread(self.gateway.wait, 10)
+            except subprocess.TimeoutExpired:
+                self.gateway.kill()
+        if self.proxy is not None:
+            await self.proxy.close()
+        if self.sink is not None:
+            await self.sink.close()
+        if self._http is not None:
+            await self._http.close()
+        if self.broker is not None:
+            await asyncio.to_thread(self.broker.stop)
+
+
+def _child_env() -> dict[str, str]:
+    # our children are not the systemd service: they must not ping its watchdog
+    return {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}

@@ -1,0 +1,335 @@
+"""A worker process: its share of the fleet, each the real agent on fake hardware, one loop.
+
+Started by the simulator as `python -m simulator.worker SPEC.json`. It talks to the parent
+with lines: commands on stdin (`start <wall-time>`, `stop`), JSON on stdout (`up` once
+the agents are connected, `progress` four times a second with what was sent and acked
+since the last line, `result` at the end). No thread per device: agents are tasks, and
+their MQTT sessions share the loop's socket callbacks (`ansimi.mqtt`).
+
+Two hooks watch each agent without changing it: `agent.link.send` (what left the device,
+when) and `agent.behaviour.on_ack` (which verified acks it saw, when). Times are wall
+clock, so the parent can compare them with the centre's arrival times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device.agent import Agent
+from device.config import (
+    BehaviourSection,
+    DeviceConfig,
+    DeviceSection,
+    GatewaySection,
+    MqttSection,
+    OutboxSection,
+)
+from device.hal import Hardware
+from device.hal.fakes import FakeIndicator, FakeInputs
+from device.outbox import Outbox
+from protocol.jws import Signer
+from protocol.keys import public_key_from_b64
+from protocol.messages import Ack, Alert, Body, Cancel, Heartbeat
+from simulator.identities import device_key
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 0.25
+
+
+@dataclass
+class Watched:
+    agent: Agent
+    inputs: FakeInputs
+    district: str
+    connected_samples: int = 0
+
+
+@dataclass
+class Tally:
+    """What happened since the last progress line (and running totals)."""
+
+    sent: list[list[Any]] = field(default_factory=list)  # [id, device, type, trigger, t]
+    acks: list[list[Any]] = field(default_factory=list)  # [ref, stage, t]
+    first_sent: set[str] = field(default_factory=set)
+    resends: int = 0
+    heartbeats: int = 0
+    actions: int = 0
+    errors: int = 0
+
+
+class Worker:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.settings: dict[str, Any] = spec["device"]
+        self.tally = Tally()
+        self.skew_ms: dict[str, int] = {}
+        self.watched: dict[str, Watched] = {}
+        self.samples = 0
+        self.sampling = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._actions: set[asyncio.Task[None]] = set()
+        gateway_key = public_key_from_b64(spec["gateway_public_key"])
+        proxied = set(spec["proxied"])
+        for device_id, kind, district in spec["devices"]:
+            port = spec["proxy_port"] if device_id in proxied else spec["broker_port"]
+            self.watched[device_id] = self._make(device_id, kind, district, port, gateway_key)
+
+    def _make(
+        self, device_id: str, kind: str, district: str, port: int, gateway_key: Any
+    ) -> Watched:
+        s = self.settings
+        state_dir = Path(self.spec["state_dir"]) / device_id
+        config = DeviceConfig.model_validate(
+            {
+                "device": DeviceSection(id=device_id, kind=kind, state_dir=state_dir),
+                "gateway": GatewaySection(
+                    id=self.spec["gateway_id"], public_key=self.spec["gateway_public_key"]
+                ),
+                "mqtt": MqttSection(
+                    host=self.spec["broker_host"],
+                    port=port,
+                    version=self.spec["mqtt_version"],
+                    heartbeat_s=s["heartbeat_s"],
+                ),
+                "outbox": OutboxSection(
+                    resend_min_s=s["resend_min_s"], resend_max_s=s["resend_max_s"]
+                ),
+                "behaviour": BehaviourSection(
+                    long_press_s=s["long_press_s"],
+                    cancel_hold_s=s["cancel_hold_s"],
+                    duress_hold_s=s["duress_hold_s"],
+                ),
+            }
+        )
+        inputs = FakeInputs(s["hold_repeat_s"])
+        seed = int.from_bytes(hashlib.sha256(f"{self.spec['seed']}:{device_id}".encode()).digest())
+        agent = Agent(
+            config,
+            signer=Signer(device_id, device_key(self.spec["run_secret"], device_id)),
+            gateway_key=gateway_key,
+            hardware=Hardware(inputs, FakeIndicator(), None, None),
+            # NORMAL, not the device's FULL: thousands of outboxes on one disk would spend
+            # the run waiting on fsync. A simulated power cut is not what we test here.
+            outbox=Outbox(state_dir / "outbox.db", synchronous="NORMAL"),
+            clock_ms=self._clock_for(device_id),
+            rng=random.Random(seed),
+        )
+        self._hook(agent)
+        return Watched(agent, inputs, district)
+
+    def _clock_for(self, device_id: str) -> Callable[[], int]:
+        skew = self.skew_ms
+        return lambda: time.time_ns() // 1_000_000 + skew.get(device_id, 0)
+
+    def _hook(self, agent: Agent) -> None:
+        tally = self.tally
+        device_id = agent.device_id
+        send = agent.link.send
+        on_ack = agent.behaviour.on_ack
+
+        def watched_send(body: Body, *, message_id: str | None = None) -> asyncio.Future[None]:
+            if isinstance(body, Alert | Cancel) and message_id is not None:
+                if message_id in tally.first_sent:
+                    tally.resends += 1
+                else:
+                    tally.first_sent.add(message_id)
+                    kind = "alert" if isinstance(body, Alert) else "cancel"
+                    trigger = body.trigger if isinstance(body, Alert) else "cancel"
+                    tally.sent.append([message_id, device_id, kind, trigger, time.time()])
+            elif isinstance(body, Heartbeat):
+                tally.heartbeats += 1
+            return send(body, message_id=message_id)
+
+        def watched_ack(ack: Ack) -> Any:
+            tally.acks.append([ack.ref, ack.stage, time.time()])
+            return on_ack(ack)
+
+        agent.link.send = watched_send  # type: ignore[method-assign]
+        agent.behaviour.on_ack = watched_ack  # type: ignore[method-assign]
+
+    # ---- running --------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> int:
+        return sum(1 for w in self.watched.values() if w.agent.link.connected)
+
+    async def start_agents(self) -> None:
+        pause = 1.0 / self.settings["connect_rate"]
+        for device_id, w in self.watched.items():
+            self._tasks.append(asyncio.create_task(self._run_agent(w), name=device_id))
+            await asyncio.sleep(pause)
+
+    async def _run_agent(self, w: Watched) -> None:
+        try:
+            await w.agent.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.tally.errors += 1
+            log.exception("agent %s stopped", w.agent.device_id)
+
+    async def wait_connected(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        # polled: "connected" lives in each paho session, with no event to await across them
+        while self.connected < len(self.watched) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+
+    async def run_plan(self, t0: float) -> None:
+        for at, device_id, skew_ms in self.spec["skews"]:
+            self._spawn(self._skew(t0 + at, device_id, skew_ms))
+        for at, device_id, action, after_s, restore_s in self.spec["steps"]:
+            delay = t0 + at - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            w = self.watched[device_id]
+            self.tally.actions += 1
+            self._spawn(self._perform(w, action, after_s, restore_s))
+
+    async def _skew(self, when: float, device_ids: list[str], skew_ms: int) -> None:
+        await asyncio.sleep(max(0.0, when - time.time()))
+        for device_id in device_ids:
+            self.skew_ms[device_id] = skew_ms
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
+
+    async def _perform(self, w: Watched, action: str, after_s: float, restore_s: float) -> None:
+        s = self.settings
+        i = w.inputs
+        if action == "press":
+            await i.hold("emergency", 0.1)
+        elif action == "long_press":
+            await i.hold("emergency", s["long_press_s"] + 0.3)
+        elif action == "ring":
+            await i.hold("doorbell", 0.1)
+        elif action == "ring_emergency":
+            # the stalker rings; the person inside holds the doorbell's emergency gesture
+            await i.hold("doorbell", 0.1)
+            await asyncio.sleep(after_s)
+            await i.hold("doorbell", s["long_press_s"] + 0.3)
+        elif action in ("cancel", "duress"):
+            await i.hold("emergency", 0.1)
+            await asyncio.sleep(after_s)
+            hold = s["cancel_hold_s"] if action == "cancel" else s["duress_hold_s"]
+            await i.hold("emergency", hold + 0.3)
+        elif action == "tamper":
+            i.open_tamper()
+            await asyncio.sleep(restore_s)
+            i.close_tamper()
+        elif action == "power_loss":
+            i.lose_power()
+            await asyncio.sleep(restore_s)
+            i.restore_power()
+
+    def sample(self) -> None:
+        if not self.sampling:
+            return
+        self.samples += 1
+        for w in self.watched.values():
+            if w.agent.link.connected:
+                w.connected_samples += 1
+
+    def progress(self) -> dict[str, Any]:
+        t = self.tally
+        line = {
+            "kind": "progress",
+            "at": time.time(),
+            "connected": self.connected,
+            "sent": t.sent,
+            "acks": t.acks,
+            "actions": t.actions,
+            "resends": t.resends,
+            "heartbeats": t.heartbeats,
+            "errors": t.errors,
+        }
+        t.sent, t.acks = [], []
+        return line
+
+    def result(self) -> dict[str, Any]:
+        samples = max(self.samples, 1)
+        depth: dict[str, int] = {}
+        for device_id, w in self.watched.items():
+            with contextlib.suppress(Exception):  # an agent that died has closed its outbox
+                if n := w.agent.outbox.depth():
+                    depth[device_id] = n
+        return {
+            "kind": "result",
+            "availability": {d: w.connected_samples / samples for d, w in self.watched.items()},
+            "outbox": depth,
+            "rejected": sum(sum(w.agent.link.rejected.values()) for w in self.watched.values()),
+        }
+
+    async def stop(self) -> None:
+        for task in [*self._actions, *self._tasks]:
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*self._tasks, *self._actions, return_exceptions=True), 10
+            )
+
+
+def emit(line: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+async def _commands() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def main(spec_path: Path) -> None:
+    spec = json.loads(spec_path.read_text())
+    commands = await _commands()
+    worker = Worker(spec)
+    await worker.start_agents()
+    await worker.wait_connected(spec["connect_timeout_s"])
+    emit({"kind": "up", "connected": worker.connected, "total": len(worker.watched)})
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            worker.sample()
+            emit(worker.progress())
+
+    reporter = asyncio.create_task(report())
+    plan: asyncio.Task[None] | None = None
+    try:
+        # bounded by the parent: it always sends `stop` (or closes stdin) when it is done
+        while line := (await commands.readline()).decode().split():
+            if line[0] == "start":
+                worker.sampling = True
+                plan = asyncio.create_task(worker.run_plan(float(line[1])))
+            elif line[0] == "stop":
+                break
+        worker.sampling = False
+        if plan is not None:
+            plan.cancel()
+        reporter.cancel()
+        emit(worker.progress())
+        emit(worker.result())
+    finally:
+        await worker.stop()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=logging.ERROR, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
+    )
+    asyncio.run(main(Path(sys.argv[1])))

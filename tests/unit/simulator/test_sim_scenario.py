@@ -1,0 +1,104 @@
+"""Scenario files: validation with useful errors, and plans that repeat with their seed."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ansimi.config import ConfigError
+from simulator.scenario import load_scenario, plan
+
+SHIPPED = Path(__file__).parents[3] / "simulator" / "scenarios"
+
+BASE = """
+name = "t"
+duration_s = 60
+[fleet]
+count = 40
+mix = {bell = 2, doorbell = 1, store = 1}
+districts = {mapo = 3, gangnam = 1}
+[[events]]
+action = "press"
+rate_per_min = 30
+[[events]]
+action = "ring"
+count = 5
+[[faults]]
+type = "partition"
+at_s = 10
+duration_s = 5
+fraction = 0.25
+[[faults]]
+type = "partition"
+at_s = 20
+duration_s = 5
+districts = ["gangnam"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_same_seed_gives_the_same_plan(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    first, second = plan(load_scenario(path)), plan(load_scenario(path))
+    assert first == second
+    other = plan(load_scenario(path, seed=2))
+    assert other.steps != first.steps
+
+
+def test_the_fleet_follows_the_mix_and_the_districts(tmp_path: Path) -> None:
+    p = plan(load_scenario(write(tmp_path, BASE)))
+    assert Counter(d.kind for d in p.devices) == {"bell": 20, "doorbell": 10, "store": 10}
+    assert Counter(d.district for d in p.devices) == {"mapo": 30, "gangnam": 10}
+    assert len({d.id for d in p.devices}) == 40
+
+
+def test_rings_go_to_doorbells_only_and_fault_targets_are_chosen(tmp_path: Path) -> None:
+    p = plan(load_scenario(write(tmp_path, BASE)))
+    kinds = {d.id: d.kind for d in p.devices}
+    rings = [s for s in p.steps if s.action == "ring"]
+    assert len(rings) == 5 and all(kinds[s.device] == "doorbell" for s in rings)
+    assert all(0 <= s.at <= 60 for s in p.steps)
+    assert len(p.targets[0]) == 10
+    districts = {d.id: d.district for d in p.devices}
+    assert {districts[t] for t in p.targets[1]} == {"gangnam"} and len(p.targets[1]) == 10
+
+
+def test_time_scale_compresses_every_scenario_time(tmp_path: Path) -> None:
+    scenario = load_scenario(write(tmp_path, BASE), time_scale=0.1)
+    assert all(s.at <= 6.0 for s in plan(scenario).steps)
+    assert scenario.scaled(scenario.faults[0].at_s) == pytest.approx(1.0)
+
+
+def test_devices_override_the_fleet_size(tmp_path: Path) -> None:
+    assert len(plan(load_scenario(write(tmp_path, BASE), devices=7)).devices) == 7
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ("[fleet]\ndistricts = {mapoo = 1}", "mapo"),
+        ('[[events]]\naction = "press"', "exactly one of count and rate_per_min"),
+        ('[[faults]]\ntype = "meteor"\nat_s = 1', "faults.0"),
+        ("duration_s = -1", "duration_s"),
+    ],
+)
+def test_a_bad_file_names_the_key(tmp_path: Path, change: str, says: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_scenario(write(tmp_path, 'name = "bad"\n' + change + "\n"))
+    assert says in str(info.value)
+
+
+def test_every_shipped_scenario_loads_and_plans() -> None:
+    files = sorted(SHIPPED.glob("*.toml"))
+    assert len(files) >= 7
+    for path in files:
+        scenario = load_scenario(path)
+        assert scenario.description, path
+        plan(scenario)
