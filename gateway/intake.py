@@ -20,7 +20,8 @@ signed by the device, on its own topic), and then:
   the future;
 - its sequence number must not be below that of the last will accepted from the device:
   a will from an earlier run of the agent cannot be replayed after a later one was seen;
-  the same will, which the broker sends after every unclean disconnect of one run, passes;
+  the same will, which the broker sends after every unclean disconnect of one run, passes
+  (this floor lives in memory: after a gateway restart the first will is taken as it is);
 - it never moves the high-water mark and never counts as hearing from the device.
 Why that is safe: only the device's own broker identity may publish on its `up` topics
 (ACL on the certificate CN), so a replay needs the device's credentials or the broker.

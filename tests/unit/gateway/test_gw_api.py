@@ -200,6 +200,9 @@ async def test_admin_registers_and_revokes_with_immediate_effect(site: Site) -> 
     bad = {**new, "id": "bell-0010", "public_key": "x" * 43}
     assert (await site.call("POST", "/admin/devices", token=ADMIN, json=bad))[0] == 400
     assert (await site.call("POST", "/admin/devices", token=ADMIN, data=b"{"))[0] == 400
+    typo = {**new, "id": "bell-0010", "district": "gangnamm"}
+    status, body = await site.call("POST", "/admin/devices", token=ADMIN, json=typo)
+    assert status == 400 and 'did you mean "gangnam"' in str(body)
 
     status, body = await site.call("POST", "/admin/devices/bell-0009/revoke", token=ADMIN)
     assert (status, body) == (200, {"device_id": "bell-0009", "revoked": True})
