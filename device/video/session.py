@@ -136,14 +136,14 @@ class VideoManager:
             if self._track_factory is None:
                 log.warning("video: %s, but this device has no camera", reason)
                 return
-            if self._camera is not None:
-                self._camera.start()
             pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
             track = self._track_factory()
             now = self._clock()
             session = VideoSession(new_message_id(), reason, pc, track, now, now)
             self.session = session
             try:
+                if self._camera is not None:
+                    self._camera.start()
                 transceiver = pc.addTransceiver(track, direction="sendonly")
                 prefer_codecs(transceiver, self.config.codecs)
                 channel = pc.createDataChannel("ansimi-video")

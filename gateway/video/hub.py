@@ -100,7 +100,14 @@ class Stream:
     def on_frame(self, frame: EncodedFrame) -> None:
         self.frames += 1
         self.first_frame.set()
-        self.recorder.write(frame)
+        if not self.recorder.closed:
+            try:
+                self.recorder.write(frame)
+            except Exception:
+                # a full disk or a muxer error ends this recording, not the live stream
+                log.exception("video: recording %s failed; live video goes on", self.device_id)
+                with contextlib.suppress(Exception):
+                    self.recorder.close()
         if self.viewers:
             self.source.push(frame)
 
@@ -231,14 +238,22 @@ class VideoHub:
             await self._drop_viewer(viewer)
         stream.source.stop()
         await stream.pc.close()
-        path = stream.recorder.close()
+        try:
+            path = stream.recorder.close()
+        except Exception:
+            log.exception("video: finishing the recording of %s failed", stream.device_id)
+            path = stream.recorder.path
         log.info(
             "video: stream from %s ended after %d frames: %s",
             stream.device_id,
             stream.frames,
             why,
         )
-        if path is not None:
+        if path is not None and path.exists():
+            await self._seal(stream, path)
+
+    async def _seal(self, stream: Stream, path: Path) -> None:
+        try:
             # hashing a long recording reads it whole: keep the loop free meanwhile
             seal = await asyncio.to_thread(
                 seal_recording,
@@ -251,8 +266,11 @@ class VideoHub:
                 started=stream.recorder.started_at,
                 ended=self._clock(),
             )
-            self.sealed.append(path)
-            log.info("video: sealed %s (%s)", path, seal.name)
+        except OSError:
+            log.exception("video: could not seal %s: it stays unsealed", path)
+            return
+        self.sealed.append(path)
+        log.info("video: sealed %s (%s)", path, seal.name)
 
     # ---- viewers -------------------------------------------------------------------
 

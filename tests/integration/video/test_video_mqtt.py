@@ -44,6 +44,16 @@ async def test_video_start_records_relays_to_two_viewers_and_seals(
         await eventually(lambda: stream.frames >= 5)
         assert stream.codec == "H264"
 
+        # the API's bearer tokens guard the WHEP route
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{site.api}/whep/{DOORBELL}",
+                data="v=0\r\n",
+                headers={"Content-Type": "application/sdp", "Authorization": "Bearer wrong"},
+            ) as resp,
+        ):
+            assert resp.status == 401
         (one, _), (two, location) = await site.watch(), await site.watch()
         try:
             await eventually(lambda: one.frames >= 5 and two.frames >= 5)

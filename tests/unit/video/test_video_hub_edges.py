@@ -1,0 +1,92 @@
+"""Hub edge cases: resent and replacing offers, a failing recording, retention."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from conftest import DEVICE, Watcher, eventually, rig
+
+from gateway.video.config import VideoConfig
+from gateway.video.hub import VideoHub
+from protocol.jws import Signer
+from protocol.keys import generate_key
+from protocol.messages import Rtc
+
+
+async def test_a_resent_offer_is_answered_once_and_the_next_session_is_a_new_stream(
+    tmp_path: Path,
+) -> None:
+    async with rig(tmp_path) as r:
+        r.command("video_start")
+        await eventually(lambda: DEVICE in r.hub.streams)
+        first = r.hub.streams[DEVICE]
+        (offer,) = r.to_gateway
+        await r.hub.handle_rtc(DEVICE, offer)  # the same offer again: a resend
+        assert r.hub.streams[DEVICE] is first
+        assert [m.kind for m in r.to_device] == ["answer"]
+
+        # a new session: the old stream is ended and its recording sealed
+        await eventually(lambda: first.frames > 3)
+        r.command("video_stop")
+        await eventually(lambda: len(r.hub.sealed) == 1)
+        r.command("video_start")
+        await eventually(lambda: DEVICE in r.hub.streams and r.hub.streams[DEVICE] is not first)
+        await eventually(lambda: r.hub.streams[DEVICE].frames > 3)
+
+
+async def test_a_failing_recording_does_not_stop_live_video(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        r.command("video_start")
+        await eventually(lambda: DEVICE in r.hub.streams)
+        stream = r.hub.streams[DEVICE]
+        await eventually(lambda: stream.recorder.frames > 2)
+
+        def broken(frame: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        stream.recorder.write = broken  # type: ignore[method-assign]
+        w = Watcher()
+        try:
+            viewer = await r.hub.add_viewer(DEVICE, await w.offer())
+            await w.answer(viewer.answer)
+            await eventually(lambda: w.frames >= 5)
+        finally:
+            await w.close()
+        assert stream.recorder.closed
+        assert DEVICE in r.hub.streams
+
+
+def test_retention_removes_only_old_files(tmp_path: Path) -> None:
+    now = 1_000_000_000.0
+    hub = VideoHub(
+        VideoConfig(recordings_dir=tmp_path, retention_days=2),
+        lambda device, rtc: None,
+        Signer("gw-test", generate_key()),
+        clock=lambda: now,
+    )
+    old = tmp_path / DEVICE / "old.mp4"
+    old_seal = tmp_path / DEVICE / "old.mp4.seal.json"
+    fresh = tmp_path / DEVICE / "fresh.mp4"
+    old.parent.mkdir()
+    for path, age_days in ((old, 3), (old_seal, 3), (fresh, 1)):
+        path.write_bytes(b"x")
+        os.utime(path, (now - age_days * 86_400, now - age_days * 86_400))
+    assert sorted(hub.sweep_recordings()) == sorted([old, old_seal])
+    assert fresh.exists() and not old.exists()
+    forever = VideoHub(
+        VideoConfig(recordings_dir=tmp_path, retention_days=0),
+        lambda device, rtc: None,
+        Signer("gw-test", generate_key()),
+        clock=lambda: now + 10**9,
+    )
+    assert forever.sweep_recordings() == []
+    assert fresh.exists()
+
+
+async def test_a_bye_for_another_session_is_ignored(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        r.command("video_start")
+        await eventually(lambda: DEVICE in r.hub.streams)
+        await r.hub.handle_rtc(DEVICE, Rtc(kind="bye", session="someone-elses-session"))
+        assert DEVICE in r.hub.streams
