@@ -54,7 +54,8 @@ def _fail(message: str, code: int, as_json: bool) -> NoReturn:
     if as_json:
         click.echo(json.dumps({"ok": False, "error": message, "exit_code": code}, indent=2))
     else:
-        Console(stderr=True).print(f"[red]Error:[/] {message}", highlight=False)
+        # not rich: it would wrap the message at the terminal's width, mid-command
+        click.secho(f"Error: {message}", err=True, fg="red")
     sys.exit(code)
 
 

@@ -1,0 +1,388 @@
+"""Enrolment end to end: a real site CA, a real mosquitto with TLS, the real gateway with its
+API (and the enrolment routes) over HTTPS, and the real `ansimi` commands as subprocesses.
+
+The gateway serves its Api's app over HTTPS here with the broker's server certificate (its
+names are localhost and 127.0.0.1): the gateway's own `api.serve` has no TLS option yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import sqlite3
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from ansimi.broker import Mosquitto, free_port
+from ansimi.config import load_config
+from device.agent import Agent
+from device.config import DeviceConfig
+from device.enroll import EnrollError, Paths, enroll
+from device.hal import Hardware
+from device.hal.fakes import FakeIndicator, FakeInputs
+from gateway.config import ApiConfig, ApiToken, GatewayConfig, MqttConfig
+from gateway.enrol import Enrolment, EnrolmentInfo, EnrolmentStore, SiteSigner
+from gateway.service import Gateway
+from protocol.jws import Signer
+from protocol.keys import load_private_key, public_key_from_b64
+from provisioning.site import Site
+
+ADMIN = "admin-token-for-tests-0123456789"
+ANSIMI = str(Path(sys.executable).with_name("ansimi"))
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            await asyncio.sleep(0.05)
+
+
+class Clock:
+    """The gateway's enrolment clock: real time plus an offset a test can move."""
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def __call__(self) -> int:
+        return time.time_ns() // 1_000_000 + self.offset_ms
+
+
+@dataclass
+class Rig:
+    site: Site
+    broker: Mosquitto
+    gateway: Gateway
+    url: str
+    clock: Clock
+    tmp: Path
+    pid_file: Path
+
+    async def ansimi(
+        self, *args: str, stdin: str = "", extra_path: Path | None = None
+    ) -> tuple[int, str, str]:
+        env = {**os.environ, "ANSIMI_ADMIN_TOKEN": ADMIN}
+        if extra_path is not None:
+            env["PATH"] = f"{extra_path}:{env['PATH']}"
+        proc = await asyncio.create_subprocess_exec(
+            ANSIMI,
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 60)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    async def add(self, device_id: str, *extra: str) -> dict[str, object]:
+        qr = self.tmp / "labels"
+        qr.mkdir(exist_ok=True)
+        code, out, err = await self.ansimi(
+            "provision", "device", "add", "--type", "bell", "--district", "mapo",
+            "--label", "test bell", "--id", device_id, "--gateway", self.url,
+            "--dir", str(self.site.layout.root), "--qr-dir", str(qr), "--json", *extra,
+        )  # fmt: skip
+        assert code == 0, out + err
+        added: dict[str, object] = json.loads(out)
+        return added
+
+    async def enroll(self, token: str, where: Path, *extra: str) -> tuple[int, str, str]:
+        return await self.ansimi(
+            "device", "enroll", "--gateway", self.url, "--token", token,
+            "--ca-file", str(self.site.layout.ca_cert), "--state-dir", str(where),
+            "--config-out", str(where / "device.toml"), *extra,
+        )  # fmt: skip
+
+
+@pytest.fixture
+async def rig(site: Site, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Rig]:
+    lay = site.layout
+    database = tmp_path / "gateway" / "gateway.db"
+    config = GatewayConfig(
+        id=site.gateway_id,
+        signing_key=lay.gateway_key,
+        database=database,
+        mqtt=MqttConfig(
+            host=broker.host,
+            port=broker.port,
+            ca_file=lay.gateway_ca,
+            cert_file=lay.gateway_cert,
+            key_file=lay.gateway_tls_key,
+        ),
+        api=ApiConfig(tokens=[ApiToken(name="installer", role="admin", token=ADMIN)]),
+    )
+    gateway = Gateway(config)
+    clock = Clock()
+    tokens = EnrolmentStore(database)
+    enrolment = Enrolment(
+        tokens,
+        SiteSigner(lay.root),
+        EnrolmentInfo.from_site(lay.root),
+        refresh=gateway.registry.refresh,
+        clock_ms=clock,
+    )
+    # what the gateway service will do once its config names a site
+    gateway.api.add_routes(enrolment.routes())
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(str(lay.broker.cert_file), str(lay.broker.key_file))
+    runner = web.AppRunner(gateway.api.app(), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
+    assert broker.process is not None
+    pid_file = tmp_path / "mosquitto.pid"
+    pid_file.write_text(f"{broker.process.pid}\n")
+    task = asyncio.create_task(gateway.run())
+    try:
+        await asyncio.wait_for(gateway.ready.wait(), 10)
+        yield Rig(site, broker, gateway, f"https://127.0.0.1:{port}", clock, tmp_path, pid_file)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await runner.cleanup()
+        tokens.close()
+
+
+@contextlib.asynccontextmanager
+async def agent_from(config_path: Path) -> AsyncIterator[Agent]:
+    """The real agent, configured only by what `ansimi device enroll` wrote."""
+    config = load_config(config_path, DeviceConfig)
+    agent = Agent(
+        config,
+        signer=Signer(config.device.id, load_private_key(config.device.key_file)),
+        gateway_key=public_key_from_b64(config.gateway.public_key),
+        hardware=Hardware(FakeInputs(), FakeIndicator(), camera=None, modem=None),
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        yield agent
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def alerts_of(database: Path, device_id: str) -> int:
+    with sqlite3.connect(database) as db:
+        (count,) = db.execute(
+            "SELECT COUNT(*) FROM events WHERE device_id = ? AND type = 'alert'", (device_id,)
+        ).fetchone()
+    return int(count)
+
+
+def press(agent: Agent) -> None:
+    inputs = agent.hardware.inputs
+    assert isinstance(inputs, FakeInputs)
+    inputs.press("emergency")
+    inputs.release("emergency")
+
+
+async def test_an_enrolled_device_connects_publishes_and_the_gateway_receives_it(
+    rig: Rig,
+) -> None:
+    added = await rig.add("bell-0001")
+    assert Path(str(added["qr_png"])).read_bytes()[:4] == b"\x89PNG"
+    assert b"<svg" in Path(str(added["qr_svg"])).read_bytes()
+    device_dir = rig.tmp / "device"
+    code, out, err = await rig.enroll(str(added["token"]), device_dir)
+    assert code == 0, out + err
+    assert (device_dir / "device.key").stat().st_mode & 0o777 == 0o600
+
+    config = load_config(device_dir / "device.toml", DeviceConfig)
+    assert config.device.id == "bell-0001" and config.gateway.id == rig.site.gateway_id
+    assert (config.mqtt.host, config.mqtt.port) == (rig.broker.host, rig.broker.port)
+
+    database = rig.gateway.config.database
+    async with agent_from(device_dir / "device.toml") as agent:
+        await asyncio.wait_for(agent.ready.wait(), 10)
+        press(agent)
+        await eventually(lambda: alerts_of(database, "bell-0001") == 1)
+        # the gateway's signed `received` ack, checked by the device with the key it was given
+        await eventually(lambda: agent.outbox.depth() == 0)
+
+        code, out, err = await rig.ansimi(
+            "provision", "device", "check", "bell-0001", "--gateway", rig.url,
+            "--dir", str(rig.site.layout.root), "--device-config",
+            str(device_dir / "device.toml"), "--json",
+        )  # fmt: skip
+        report = json.loads(out)
+        results = {c["name"]: c["ok"] for c in report["checks"]}
+        assert code == 0, report
+        assert results["connect as the device"] and results["device key"]
+        assert results["broker TLS"] and results["certificate at the site CA"]
+
+    code, out, _ = await rig.ansimi(
+        "provision", "device", "list", "--gateway", rig.url,
+        "--dir", str(rig.site.layout.root), "--json",
+    )  # fmt: skip
+    assert code == 0
+    (listed,) = json.loads(out)["devices"]
+    assert (listed["id"], listed["state"], listed["district"]) == ("bell-0001", "enrolled", "mapo")
+
+
+async def test_an_expired_token_is_refused_and_nothing_is_written(rig: Rig) -> None:
+    added = await rig.add("bell-0002", "--ttl-hours", "1")
+    rig.clock.offset_ms = 3600 * 1000 + 1000
+    device_dir = rig.tmp / "device"
+    code, out, err = await rig.enroll(str(added["token"]), device_dir)
+    assert code == 3, out + err
+    assert "expired" in err
+    assert not (device_dir / "device.key").exists()
+    assert not (device_dir / "device.toml").exists()
+
+
+async def test_a_used_token_cannot_be_used_again(rig: Rig) -> None:
+    added = await rig.add("bell-0003")
+    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "first")
+    assert code == 0, out + err
+    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "second")
+    assert code == 3 and "used already" in err
+    assert not (rig.tmp / "second" / "device.key").exists()
+    # and the first device's key is the one the gateway holds
+    device = rig.gateway.store.device("bell-0003")
+    assert device is not None
+
+
+async def test_duplicate_ids_unknown_districts_and_a_missing_ca_are_explained(rig: Rig) -> None:
+    await rig.add("bell-0004")
+    code, out, err = await rig.ansimi(
+        "provision", "device", "add", "--type", "bell", "--district", "mapo", "--id",
+        "bell-0004", "--gateway", rig.url, "--dir", str(rig.site.layout.root),
+        "--qr-dir", str(rig.tmp / "labels"), "--force-label",
+    )  # fmt: skip
+    assert code == 3 and "bell-0004" in err and "choose another --id" in err
+    code, out, err = await rig.ansimi(
+        "provision", "device", "add", "--type", "store", "--district", "gangnum",
+        "--gateway", rig.url, "--dir", str(rig.site.layout.root),
+    )  # fmt: skip
+    assert code == 1 and 'did you mean "gangnam"' in err
+    # the device without the site CA cannot trust the gateway: it says what to pass
+    added = await rig.add("bell-0005")
+    code, out, err = await rig.ansimi(
+        "device", "enroll", "--gateway", rig.url, "--token", str(added["token"]),
+        "--state-dir", str(rig.tmp / "d5"), "--config-out", str(rig.tmp / "d5" / "device.toml"),
+    )  # fmt: skip
+    assert code == 4 and "--ca-file" in err
+    # nothing was used up: with the CA it works
+    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "d5")
+    assert code == 0, out + err
+
+
+async def test_a_device_clock_too_far_off_is_refused_before_the_token_is_spent(
+    rig: Rig,
+) -> None:
+    added = await rig.add("bell-0006")
+    where = rig.tmp / "d6"
+    paths = Paths(where, where, where / "device.toml")
+    ca = rig.site.layout.ca_cert.read_text()
+    late = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=10)
+    with pytest.raises(EnrollError, match="600 s ahead of the gateway"):
+        await asyncio.to_thread(
+            enroll, rig.url, str(added["token"]), paths, ca_pem=ca, now=lambda: late
+        )
+    assert not where.exists()
+    result = await asyncio.to_thread(enroll, rig.url, str(added["token"]), paths, ca_pem=ca)
+    assert result.device_id == "bell-0006"
+
+
+async def test_an_existing_key_is_kept_without_force(rig: Rig) -> None:
+    where = rig.tmp / "d7"
+    code, out, err = await rig.enroll(str((await rig.add("bell-0007"))["token"]), where)
+    assert code == 0, out + err
+    key_before = (where / "device.key").read_bytes()
+    second = await rig.add("bell-0008")
+    code, out, err = await rig.enroll(str(second["token"]), where)
+    assert code == 1 and "--force" in err
+    assert (where / "device.key").read_bytes() == key_before
+
+
+async def test_enrol_over_ssh_sends_the_token_on_stdin(rig: Rig) -> None:
+    bin_dir = rig.tmp / "bin"
+    bin_dir.mkdir()
+    record = rig.tmp / "ssh-argv"
+    # a fake ssh: records its arguments, then runs the remote command here (stdin passed on)
+    (bin_dir / "ssh").write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$@" > {record}\n'
+        'for last in "$@"; do :; done\n'
+        'exec sh -c "$last"\n'
+    )
+    (bin_dir / "ssh").chmod(0o755)
+    added = await rig.add("bell-0009")
+    token = str(added["token"])
+    where = rig.tmp / "remote"
+    code, out, err = await rig.ansimi(
+        "device", "enroll", "--ssh", "pi@bell-0009.local", "--gateway", rig.url,
+        "--token", token, "--ca-file", str(rig.site.layout.ca_cert),
+        "--state-dir", str(where), "--config-out", str(where / "device.toml"),
+        "--remote-ansimi", ANSIMI,
+        extra_path=bin_dir,
+    )  # fmt: skip
+    assert code == 0, out + err
+    argv = record.read_text().splitlines()
+    assert argv[:5] == ["-o", "BatchMode=yes", "-T", "pi@bell-0009.local", "--"]
+    assert "device enroll" in argv[5] and "--token -" in argv[5]
+    assert token not in record.read_text()
+    assert load_config(where / "device.toml", DeviceConfig).device.id == "bell-0009"
+
+
+async def test_offline_key_for_an_sd_card_warns_and_points_to_the_device_paths(
+    rig: Rig,
+) -> None:
+    added = await rig.add("bell-0010")
+    card = rig.tmp / "card"
+    code, out, err = await rig.ansimi(
+        "device", "enroll", "--gateway", rig.url, "--token", str(added["token"]),
+        "--ca-file", str(rig.site.layout.ca_cert), "--write-key-to", str(card),
+    )  # fmt: skip
+    assert code == 0, out + err
+    assert "WARNING" in err and "not on the device" in err
+    assert (card / "device.key").stat().st_mode & 0o777 == 0o600
+    config = load_config(card / "device.toml", DeviceConfig)
+    assert config.device.key_file == Path("/var/lib/ansimi/device/device.key")
+    assert config.mqtt.cert_file == Path("/var/lib/ansimi/device/device.crt")
+
+
+async def test_provision_device_revoke_cuts_the_device_off_within_10s(rig: Rig) -> None:
+    added = await rig.add("bell-0011")
+    device_dir = rig.tmp / "device"
+    code, out, err = await rig.enroll(str(added["token"]), device_dir)
+    assert code == 0, out + err
+    database = rig.gateway.config.database
+    async with agent_from(device_dir / "device.toml") as agent:
+        await asyncio.wait_for(agent.ready.wait(), 10)
+        press(agent)
+        await eventually(lambda: alerts_of(database, "bell-0011") == 1)
+
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        code, out, err = await rig.ansimi(
+            "provision", "device", "revoke", "bell-0011", "--dir", str(rig.site.layout.root),
+            "--gateway", rig.url, "--pid-file", str(rig.pid_file), "--json",
+        )  # fmt: skip
+        report = json.loads(out)
+        assert code == 0, report
+        assert report["revoked_at_gateway"] and report["broker_reloaded"]
+        assert report["kicked"] == ["bell-0011"]
+        await eventually(lambda: not agent.link.connected, 10.0)
+        assert loop.time() - start < 10.0
+
+        # it keeps trying, and is refused by the broker (the CRL) every time
+        press(agent)
+        await asyncio.sleep(2.0)
+        assert not agent.link.connected
+        assert alerts_of(database, "bell-0011") == 1
+        device = rig.gateway.store.device("bell-0011")
+        assert device is not None and device.revoked
