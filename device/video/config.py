@@ -24,6 +24,10 @@ class VideoConfig(BaseModel):
     answer_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     # codecs offered, best first: H.264 (a Pi encodes it in hardware), VP8 as the fallback
     codecs: list[VideoCodec] = Field(default=["H264", "VP8"], min_length=1)
+    # keep this many seconds before an alarm in the recording (0: off). The camera then runs
+    # and encodes all the time: use the Pi's hardware encoder (`h264_v4l2m2m`)
+    prealarm_s: Annotated[float, Field(ge=0, le=30)] = 0.0
+    prealarm_encoder: str = "libx264"
     # STUN/TURN servers for a device behind NAT; none by default
     ice_servers: list[IceServer] = []
     # also gather a 127.0.0.1 candidate: only when the gateway runs on the same host

@@ -27,6 +27,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from ansimi.webrtc import enable_loopback_candidates, prefer_codecs, rtc_configuration
 from device.hal.ports import Camera
 from device.video.config import VideoConfig
+from device.video.prealarm import Prealarm
 from device.video.track import CameraTrack
 from protocol.ids import new_message_id
 from protocol.messages import Alert, Command, CommandMessage, Message, Rtc, RtcMessage
@@ -66,12 +67,21 @@ class VideoManager:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self._camera = camera
         self._send = send
         self._clock = clock
+        self._codecs = list(config.codecs)
+        self.prealarm: Prealarm | None = None
         if track_factory is None and camera is not None:
-            track_factory = lambda: CameraTrack(camera)  # noqa: E731
+            if config.prealarm_s > 0:
+                # our encoder's H.264 goes out as it is: no VP8 then
+                self.prealarm = Prealarm(camera, config.prealarm_s, encoder=config.prealarm_encoder)
+                track_factory = self.prealarm.track
+                self._codecs = ["H264"]
+            else:
+                track_factory = lambda: CameraTrack(camera)  # noqa: E731
         self._track_factory = track_factory
+        # sessions start and stop the camera, unless the pre-alarm buffer keeps it running
+        self._session_camera = camera if self.prealarm is None else None
         self.session: VideoSession | None = None
         self.history: list[tuple[str, str]] = []  # (session id, why it ended), for tests/ops
         self._lock = asyncio.Lock()
@@ -142,10 +152,10 @@ class VideoManager:
             session = VideoSession(new_message_id(), reason, pc, track, now, now)
             self.session = session
             try:
-                if self._camera is not None:
-                    self._camera.start()
+                if self._session_camera is not None:
+                    self._session_camera.start()
                 transceiver = pc.addTransceiver(track, direction="sendonly")
-                prefer_codecs(transceiver, self.config.codecs)
+                prefer_codecs(transceiver, self._codecs)
                 channel = pc.createDataChannel("ansimi-video")
                 channel.on("message", lambda data: self._on_report(session, data))
 
@@ -215,8 +225,8 @@ class VideoManager:
             self.session = None
         session.track.stop()
         await session.pc.close()
-        if self._camera is not None:
-            self._camera.stop()
+        if self._session_camera is not None:
+            self._session_camera.stop()
         self.history.append((session.id, reason))
         log.info("video: session %s ended: %s", session.id, reason)
 
@@ -233,6 +243,7 @@ class VideoManager:
 
     async def run(self) -> None:
         """Enforce the limits once a second until cancelled; then end any session."""
+        buffering = asyncio.ensure_future(self.prealarm.run()) if self.prealarm else None
         try:
             while True:
                 await asyncio.sleep(1.0)
@@ -245,3 +256,7 @@ class VideoManager:
                 await self._close(session, "device stopping")
             for task in list(self._tasks):
                 task.cancel()
+            if buffering is not None:
+                buffering.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await buffering
