@@ -1,0 +1,56 @@
+"""Figures and verdicts from what a run observed: a lost alert always fails the run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from simulator.report import distribution, summarise
+from simulator.run import Observed, Record
+from simulator.scenario import Scenario, Thresholds, plan
+from simulator.sink import Arrival, Sink
+
+
+def test_distribution_uses_values_that_occurred() -> None:
+    d = distribution([0.1 * n for n in range(1, 21)])
+    assert d["count"] == 20 and d["p95"] == 1.9 and d["max"] == 2.0
+    assert distribution([])["p95"] is None
+
+
+def observed(tmp_path: Path, thresholds: Thresholds) -> Observed:
+    scenario = Scenario(name="t", thresholds=thresholds)
+    o = Observed(scenario, plan(scenario))
+    o.sink = Sink("a-secret-of-enough-length", tmp_path / "centre.db")
+    now = time.time()
+    o.t0, o.end = now - 5, now
+    device = o.plan.devices[0].id
+    for n in range(3):
+        o.records[f"msg-0000{n}"] = Record(
+            f"msg-0000{n}", device, "alert", "press", now - 4, {"received": now - 3.9}
+        )
+    # two of three reached the centre; one of those twice
+    o.sink.arrivals["msg-00000"] = Arrival(device, "alert", {}, now - 3.5, deliveries=2)
+    o.sink.arrivals["msg-00001"] = Arrival(device, "alert", {}, now - 3.0)
+    o.availability = {d.id: 1.0 for d in o.plan.devices}
+    return o
+
+
+def test_a_lost_alert_fails_the_run_and_is_named(tmp_path: Path) -> None:
+    summary = summarise(observed(tmp_path, Thresholds()))
+    a = summary["alerts"]
+    assert (a["sent"], a["delivered_at_centre"], a["lost"]) == (3, 2, 1)
+    assert a["lost_ids"] == ["msg-00002"] and a["duplicate_deliveries"] == 1
+    assert not summary["passed"]
+    assert "1 alerts never reached the centre" in summary["failures"][0]
+    assert summary["latency_s"]["press_to_delivered"]["max"] == 1.0
+    assert summary["districts"]["mapo"]["lost"] == 1
+
+
+def test_thresholds_fail_with_the_figure_and_the_limit(tmp_path: Path) -> None:
+    summary = summarise(
+        observed(tmp_path, Thresholds(max_lost=1, delivered_max_s=0.5, max_duplicates=0))
+    )
+    assert summary["failures"] == [
+        "press to delivered max 1.000 s is over the threshold 0.5 s",
+        "1 duplicate deliveries (max 0)",
+    ]
