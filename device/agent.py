@@ -130,11 +130,15 @@ class Agent:
         type_name = "alert" if isinstance(effect.body, Alert) else "cancel"
         now = self._clock_ms()
         self.outbox.put(
-            effect.message_id, type_name, effect.body.model_dump_json(), now, sms=effect.sms
+            effect.message_id,
+            type_name,
+            effect.body.model_dump_json(),
+            now,
+            sms=effect.sms,
+            resend_at_ms=now + self.resend_delay_ms(0),
         )
-        log.info("device %s: %s %s queued", self.device_id, type_name, effect.message_id)
         self.link.send(effect.body, message_id=effect.message_id)
-        self.outbox.attempted(effect.message_id, now + self.resend_delay_ms(0))
+        log.info("device %s: %s %s sent", self.device_id, type_name, effect.message_id)
         if self.video is not None and isinstance(effect.body, Alert):
             self.video.on_alert(effect.body)
 

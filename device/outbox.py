@@ -87,13 +87,25 @@ class Outbox:
         self._set_counter("down_high_water", seq)
 
     def put(
-        self, message_id: str, type: str, body_json: str, now_ms: int, *, sms: bool = False
+        self,
+        message_id: str,
+        type: str,
+        body_json: str,
+        now_ms: int,
+        *,
+        sms: bool = False,
+        resend_at_ms: int | None = None,
     ) -> None:
-        """Commit a message before it is published; `sms`: it may need the SMS fallback."""
+        """Commit a message before it is published; `sms`: it may need the SMS fallback.
+
+        `resend_at_ms` schedules the first resend in the same commit: on an SD card each
+        commit is an fsync of several milliseconds, and this one stands between a press
+        and its publish.
+        """
         self._db.execute(
             "INSERT OR IGNORE INTO outbox (id, type, body, created_ms, next_attempt_ms, sms)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (message_id, type, body_json, now_ms, now_ms, 1 if sms else 0),
+            (message_id, type, body_json, now_ms, resend_at_ms or now_ms, 1 if sms else 0),
         )
 
     def sms_due(self, created_before_ms: int) -> list[Entry]:
