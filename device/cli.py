@@ -8,6 +8,7 @@ import datetime as dt
 import logging
 import shutil
 import signal
+import sqlite3
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -89,13 +90,22 @@ def run(config_path: Path) -> None:
 async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicKey) -> None:
     from device.agent import Agent
     from device.hal import HalError, build_hardware
+    from device.outbox import Outbox
 
     loop = asyncio.get_running_loop()
     try:
         hardware = build_hardware(config.hardware, loop)
     except HalError as exc:
         raise click.ClickException(f"hardware: {exc}") from None
-    agent = Agent(config, signer=signer, gateway_key=gateway_key, hardware=hardware)
+    try:
+        outbox = Outbox(config.device.state_dir / "outbox.db")
+    except (OSError, sqlite3.Error) as exc:
+        await hardware.aclose()
+        raise click.ClickException(
+            f"cannot open the outbox in {config.device.state_dir}: {exc}. Fix: make "
+            "`device.state_dir` a folder the service user can write (StateDirectory=ansimi)"
+        ) from None
+    agent = Agent(config, signer=signer, gateway_key=gateway_key, hardware=hardware, outbox=outbox)
     task = asyncio.current_task()
     assert task is not None
     for signum in (signal.SIGTERM, signal.SIGINT):

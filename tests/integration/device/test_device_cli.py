@@ -82,3 +82,17 @@ def test_selftest_fails_when_the_broker_is_unreachable(
     assert "FAIL" in row
     camera = next(line for line in output.splitlines() if " camera " in line)
     assert "SKIP" in camera
+
+
+def test_an_unwritable_state_dir_names_the_key_and_the_fix(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    path = write_device_config(tmp_path, mosquitto, Keys.new())
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    text = path.read_text().replace(f'state_dir = "{tmp_path}/device"', f'state_dir = "{blocker}"')
+    path.write_text(text)
+    code, output = invoke("device", "run", "--config", str(path))
+    assert code == 1
+    assert f"cannot open the outbox in {blocker}" in output
+    assert "`device.state_dir`" in output

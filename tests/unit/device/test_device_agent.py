@@ -1,0 +1,56 @@
+"""Agent parts that need no broker: resend backoff, heartbeat contents."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from device.agent import Agent, csq_percent
+from device.config import DeviceConfig
+from device.hal import Hardware
+from device.hal.fakes import FakeIndicator, FakeInputs
+from protocol.jws import Signer
+from protocol.keys import generate_key
+
+
+def agent(tmp_path: Path, seed: int = 7) -> Agent:
+    config = DeviceConfig.model_validate(
+        {
+            "device": {"id": "bell-0001", "state_dir": tmp_path},
+            "outbox": {"resend_min_s": 2, "resend_max_s": 30},
+        }
+    )
+    gateway = Signer("gw-test", generate_key())
+    return Agent(
+        config,
+        signer=Signer("bell-0001", generate_key()),
+        gateway_key=gateway.public_key,
+        hardware=Hardware(FakeInputs(on_mains=False), FakeIndicator(), None, None),
+        rng=random.Random(seed),
+        monotonic=iter([100.0, 142.9]).__next__,
+    )
+
+
+def test_resends_back_off_exponentially_with_full_jitter_up_to_the_maximum(
+    tmp_path: Path,
+) -> None:
+    a = agent(tmp_path)
+    assert a.resend_delay_ms(0) == 2000  # the first resend: the minimum
+    for attempts, ceiling in ((1, 4000), (2, 8000), (3, 16000), (4, 30000), (40, 30000)):
+        delays = [a.resend_delay_ms(attempts) for _ in range(200)]
+        assert min(delays) >= 2000 and max(delays) <= ceiling
+        # jittered: a fleet that lost the gateway together does not come back in step
+        assert len(set(delays)) > 150
+        assert max(delays) > ceiling * 0.9
+
+
+def test_heartbeat_reports_battery_uptime_and_outbox_depth(tmp_path: Path) -> None:
+    a = agent(tmp_path)
+    a.outbox.put("alert-0001", "alert", "{}", 0)
+    beat = a.heartbeat()
+    assert (beat.power, beat.uptime_s, beat.outbox_depth) == ("battery", 42, 1)
+    assert beat.link_quality is None  # no modem, no signal figure
+
+
+def test_csq_becomes_a_percentage() -> None:
+    assert [csq_percent(v) for v in (None, 0, 15, 31)] == [None, 0, 48, 100]
