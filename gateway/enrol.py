@@ -58,8 +58,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from gateway.api import ApiRoute
+from gateway.api import Api, ApiRoute
 from gateway.districts import UnknownDistrict, check_district
+from gateway.intake import Registry
 from gateway.store import DeviceKind
 from protocol.ids import DeviceId
 from protocol.keys import public_key_to_b64
@@ -516,6 +517,10 @@ class Enrolment:
         # one enrolment at a time: two requests with one token must not both be signed
         self._lock = asyncio.Lock()
 
+    @property
+    def store(self) -> EnrolmentStore:
+        return self._store
+
     def routes(self) -> list[ApiRoute]:
         json_body = {"content": {"application/json": {"schema": {"type": "object"}}}}
         described = {
@@ -674,3 +679,28 @@ class Enrolment:
 
 def _record_json(pending: Pending, now_ms: int) -> dict[str, Any]:
     return {**asdict(pending), "state": pending.state(now_ms)}
+
+
+def attach(
+    api: Api,
+    registry: Registry,
+    database: Path,
+    site_dir: Path,
+    *,
+    clock_ms: Callable[[], int] | None = None,
+) -> Enrolment:
+    """Add the enrolment routes to a gateway's API, signing with the CA in `site_dir`.
+
+    The gateway service calls this before it serves, when its config names a site; the
+    token table goes into the gateway's own database (opened after its store, whose
+    `devices` table it writes).
+    """
+    enrolment = Enrolment(
+        EnrolmentStore(database),
+        SiteSigner(site_dir),
+        EnrolmentInfo.from_site(site_dir),
+        refresh=registry.refresh,
+        clock_ms=clock_ms,
+    )
+    api.add_routes(enrolment.routes())
+    return enrolment

@@ -371,6 +371,20 @@ def revoke_command(
     show_default=True,
     help="with --ssh: run on the device after the new key is in place ('' for none)",
 )
+@click.option(
+    "--device-config-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("/etc/ansimi/device.toml"),
+    show_default=True,
+    help="with --ssh: the device's config file",
+)
+@click.option(
+    "--device-state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/var/lib/ansimi/device"),
+    show_default=True,
+    help="with --ssh: where the device keeps its key and certificate",
+)
 @click.option("--finish", is_flag=True, help="revoke the old certificate once the new one works")
 @click.option("--wait", "wait_s", type=float, default=60.0, show_default=True)
 @click.option("--ttl-hours", type=click.FloatRange(1 / 60, 14 * 24), default=24.0)
@@ -382,6 +396,8 @@ def rotate_command(
     ssh_target: str | None,
     remote_ansimi: str,
     restart_command: str,
+    device_config_out: Path,
+    device_state_dir: Path,
     finish: bool,
     wait_s: float,
     ttl_hours: float,
@@ -438,8 +454,8 @@ def rotate_command(
             argv = ssh_command(
                 ssh_target,
                 client.base_url,
-                config_out=Path("/etc/ansimi/device.toml"),
-                state_dir=Path("/var/lib/ansimi/device"),
+                config_out=device_config_out,
+                state_dir=device_state_dir,
                 with_ca=bool(ca_pem),
                 force=True,
                 remote_ansimi=remote_ansimi,

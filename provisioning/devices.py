@@ -19,6 +19,7 @@ import datetime as dt
 import secrets
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -356,7 +357,11 @@ def finish_rotation(
 
 
 def run_remote_enrol(argv: Sequence[str], feed: str, timeout_s: float = 300.0) -> int:
-    done = subprocess.run(list(argv), input=feed.encode(), check=False, timeout=timeout_s)
+    """Run `argv` (ssh) with `feed` on its stdin; what it prints goes to our stderr, so that
+    our own stdout stays one JSON document under --json."""
+    done = subprocess.run(
+        list(argv), input=feed.encode(), stdout=sys.stderr, check=False, timeout=timeout_s
+    )
     return done.returncode
 
 

@@ -31,10 +31,11 @@ from device.enroll import EnrollError, Paths, enroll
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
 from gateway.config import ApiConfig, ApiToken, GatewayConfig, MqttConfig
-from gateway.enrol import Enrolment, EnrolmentInfo, EnrolmentStore, SiteSigner
+from gateway.enrol import attach
 from gateway.service import Gateway
 from protocol.jws import Signer
 from protocol.keys import load_private_key, public_key_from_b64
+from provisioning import pki
 from provisioning.site import Site
 
 ADMIN = "admin-token-for-tests-0123456789"
@@ -124,16 +125,8 @@ async def rig(site: Site, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Ri
     )
     gateway = Gateway(config)
     clock = Clock()
-    tokens = EnrolmentStore(database)
-    enrolment = Enrolment(
-        tokens,
-        SiteSigner(lay.root),
-        EnrolmentInfo.from_site(lay.root),
-        refresh=gateway.registry.refresh,
-        clock_ms=clock,
-    )
-    # what the gateway service will do once its config names a site
-    gateway.api.add_routes(enrolment.routes())
+    # what the gateway service does once its config names a site
+    enrolment = attach(gateway.api, gateway.registry, database, lay.root, clock_ms=clock)
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(str(lay.broker.cert_file), str(lay.broker.key_file))
     runner = web.AppRunner(gateway.api.app(), access_log=None)
@@ -152,7 +145,7 @@ async def rig(site: Site, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Ri
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await runner.cleanup()
-        tokens.close()
+        enrolment.store.close()
 
 
 @contextlib.asynccontextmanager
@@ -309,11 +302,12 @@ async def test_an_existing_key_is_kept_without_force(rig: Rig) -> None:
     assert (where / "device.key").read_bytes() == key_before
 
 
-async def test_enrol_over_ssh_sends_the_token_on_stdin(rig: Rig) -> None:
-    bin_dir = rig.tmp / "bin"
+def fake_ssh(where: Path) -> tuple[Path, Path]:
+    """A fake `ssh` on PATH: records its arguments, then runs the remote command here, with
+    its stdin passed on. Returns (its directory, the record file)."""
+    bin_dir = where / "bin"
     bin_dir.mkdir()
-    record = rig.tmp / "ssh-argv"
-    # a fake ssh: records its arguments, then runs the remote command here (stdin passed on)
+    record = where / "ssh-argv"
     (bin_dir / "ssh").write_text(
         "#!/bin/sh\n"
         f'printf "%s\\n" "$@" > {record}\n'
@@ -321,6 +315,11 @@ async def test_enrol_over_ssh_sends_the_token_on_stdin(rig: Rig) -> None:
         'exec sh -c "$last"\n'
     )
     (bin_dir / "ssh").chmod(0o755)
+    return bin_dir, record
+
+
+async def test_enrol_over_ssh_sends_the_token_on_stdin(rig: Rig) -> None:
+    bin_dir, record = fake_ssh(rig.tmp)
     added = await rig.add("bell-0009")
     token = str(added["token"])
     where = rig.tmp / "remote"
@@ -387,3 +386,65 @@ async def test_provision_device_revoke_cuts_the_device_off_within_10s(rig: Rig) 
         assert alerts_of(database, "bell-0011") == 1
         device = rig.gateway.store.device("bell-0011")
         assert device is not None and device.revoked
+
+
+async def test_rotation_makes_a_new_key_on_the_device_and_then_revokes_the_old_cert(
+    rig: Rig,
+) -> None:
+    added = await rig.add("bell-0012")
+    device_dir = rig.tmp / "device"
+    code, out, err = await rig.enroll(str(added["token"]), device_dir)
+    assert code == 0, out + err
+    old_key = (device_dir / "device.key").read_bytes()
+    (old_cert,) = [c for c in rig.site.issued() if pki.common_name(c) == "bell-0012"]
+    database = rig.gateway.config.database
+    bin_dir, _ = fake_ssh(rig.tmp)
+    async with agent_from(device_dir / "device.toml") as agent:
+        await asyncio.wait_for(agent.ready.wait(), 10)
+        rotate = asyncio.create_task(
+            rig.ansimi(
+                "provision",
+                "device",
+                "rotate",
+                "bell-0012",
+                "--dir",
+                str(rig.site.layout.root),
+                "--gateway",
+                rig.url,
+                "--ssh",
+                "pi@bell-0012.local",
+                "--remote-ansimi",
+                ANSIMI,
+                "--restart-command",
+                "",
+                "--device-config-out",
+                str(device_dir / "device.toml"),
+                "--device-state-dir",
+                str(device_dir),
+                "--pid-file",
+                str(rig.pid_file),
+                "--wait",
+                "30",
+                "--json",
+                extra_path=bin_dir,
+            )
+        )
+        # the new key is made on the "device" (here, through the fake ssh)
+        await eventually(lambda: (device_dir / "device.key").read_bytes() != old_key, 30)
+        # until the device is heard from with it, the old certificate stays valid
+        assert not rotate.done()
+        assert old_cert.serial_number not in {r.serial for r in rig.site.revocations().revoked}
+    # the agent restarted with the new key (what --restart-command does on a real device)
+    async with agent_from(device_dir / "device.toml") as agent:
+        await asyncio.wait_for(agent.ready.wait(), 10)
+        press(agent)
+        await eventually(lambda: alerts_of(database, "bell-0012") == 1)
+        code, out, err = await asyncio.wait_for(rotate, 40)
+        report = json.loads(out)
+        assert code == 0, out + err
+        assert report["revoked"] == [f"{old_cert.serial_number:X}"]
+        # the new certificate keeps working after the broker's reload
+        await asyncio.sleep(1.0)
+        assert agent.link.connected
+        press(agent)
+        await eventually(lambda: alerts_of(database, "bell-0012") == 2)
