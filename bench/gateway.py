@@ -1,0 +1,457 @@
+"""Alerts through the real gateway against raw MQTT on the same broker and client library.
+
+One run, everything on loopback, each part in its own process as in production:
+- a mosquitto on a free port;
+- baseline: a bare paho subscriber and a bare paho publisher (QoS 1, 300-byte payloads):
+  messages per second from first to last received;
+- the gateway (`gateway.service.Gateway`: shared subscription, verify, replay checks,
+  SQLite WAL with synchronous=FULL, signed `received` acks), no centres configured, so
+  forwarding costs nothing and the figure is intake's;
+- a load process with one MQTT connection per device (default 100), publishing alerts
+  signed beforehand with valid sequence numbers and timestamps for registered devices,
+  each device keeping a few alerts in flight; it times each alert from publish to its
+  `received` ack (press-to-ack without the device's own signing, ~20 us).
+It reports alerts/s, p50/p99 latency, and their ratio to the baseline.
+
+Run: .venv/bin/python bench/gateway.py [--devices 100] [--alerts 30000]
+(last line: one JSON object)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this file's own directory leads sys.path, and this file (named
+# "gateway") would shadow the package it measures.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import orjson  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+
+from ansimi.broker import Mosquitto, MosquittoConfig  # noqa: E402
+from ansimi.mqtt import Message, Session, Settings  # noqa: E402
+from protocol.envelope import open_for_device, seal  # noqa: E402
+from protocol.jws import Signer  # noqa: E402
+from protocol.keys import public_key_to_b64  # noqa: E402
+from protocol.messages import AckMessage, Alert, build_message  # noqa: E402
+from protocol.topics import down_topic, up_topic  # noqa: E402
+
+GATEWAY_ID = "gw-bench"
+PAYLOAD_BYTES = 300
+TIME_LIMIT_S = 25.0  # per phase: the whole run stays well under two minutes
+
+
+def key_for(name: str) -> Ed25519PrivateKey:
+    """Deterministic keys, so each process derives the same ones without passing secrets."""
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(name.encode()).digest())
+
+
+def device_ids(n: int) -> list[str]:
+    return [f"bell-{i:05d}" for i in range(n)]
+
+
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) of a process, from /proc; this one if None."""
+    fields = Path(f"/proc/{pid or 'self'}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+# ---- baseline: bare paho ------------------------------------------------------------------
+# The same MQTT stack as the gateway and the devices: paho driven from an asyncio loop
+# (`ansimi.mqtt.Session`), one process publishing, one subscribing, nothing else.
+
+
+async def _raw_sub(port: int, count: int) -> dict[str, Any]:
+    got = 0
+    first = last = 0.0
+    done = asyncio.Event()
+
+    def on_message(message: Message) -> None:
+        nonlocal got, first, last
+        last = time.perf_counter()
+        if got == 0:
+            first = last
+        got += 1
+        if got >= count:
+            done.set()
+
+    session = Session(Settings("127.0.0.1", port, "raw-sub", persistent=False), on_message)
+    task = asyncio.create_task(session.run())
+    await session.wait_connected(10)
+    await session.subscribe([("bench/raw", 1)])
+    print("ready", flush=True)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), TIME_LIMIT_S)
+    await session.close()
+    task.cancel()
+    return {"received": got, "msg_per_s": (got - 1) / max(last - first, 1e-9)}
+
+
+def raw_subscriber(port: int, count: int) -> None:
+    print(json.dumps(asyncio.run(_raw_sub(port, count))), flush=True)
+
+
+async def _raw_pub(port: int, count: int) -> None:
+    session = Session(Settings("127.0.0.1", port, "raw-pub", persistent=False), lambda m: None)
+    task = asyncio.create_task(session.run())
+    await session.wait_connected(10)
+    payload = os.urandom(PAYLOAD_BYTES // 2).hex().encode()
+    window = 1000  # QoS 1 messages awaiting their PUBACK at once
+    async with asyncio.timeout(TIME_LIMIT_S):
+        for start in range(0, count, window):
+            n = min(window, count - start)
+            await asyncio.gather(*(session.publish("bench/raw", payload) for _ in range(n)))
+    await session.close()
+    task.cancel()
+
+
+def raw_publisher(port: int, count: int) -> None:
+    asyncio.run(_raw_pub(port, count))
+
+
+# ---- the gateway --------------------------------------------------------------------------
+
+
+def prepare_gateway(state: Path, port: int, devices: list[str]) -> Path:
+    from gateway.store import Device, SqliteStore
+    from protocol.keys import save_private_key
+
+    state.mkdir(parents=True, exist_ok=True)
+    save_private_key(state / "signing.key", key_for(GATEWAY_ID))
+    store = SqliteStore(state / "gateway.db")
+    for device in devices:
+        public = public_key_to_b64(key_for(device).public_key())
+        store.add_device(Device(device, public, "bell", "mapo"), now_ms=0)
+    store.close()
+    config = state / "gateway.toml"
+    config.write_text(
+        f'id = "{GATEWAY_ID}"\nsigning_key = "{state / "signing.key"}"\n'
+        f'database = "{state / "gateway.db"}"\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
+    )
+    return config
+
+
+def run_gateway(config_path: Path, profile: Path | None) -> None:
+    from ansimi.config import load_config
+    from gateway.config import GatewayConfig
+    from gateway.service import Gateway
+
+    config = load_config(config_path, GatewayConfig)
+
+    async def main() -> None:
+        gateway = Gateway(config)
+        task = asyncio.create_task(gateway.run())
+        await asyncio.wait_for(gateway.ready.wait(), 10)
+        print("ready", flush=True)
+        # the parent closes our stdin when the run is over
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    if profile is None:
+        asyncio.run(main())
+        return
+    import cProfile
+
+    cProfile.runctx("asyncio.run(main())", globals(), {"main": main}, str(profile))
+
+
+# ---- the devices --------------------------------------------------------------------------
+
+
+def _ack_of(payload: bytes) -> tuple[str, str]:
+    """(ref, stage) of an ack, read without verifying: see `run_load` for the sample that is."""
+    body_b64 = payload.split(b".")[1]
+    data = orjson.loads(base64.urlsafe_b64decode(body_b64 + b"=" * (-len(body_b64) % 4)))
+    return data["body"]["ref"], data["body"]["stage"]
+
+
+async def _load(port: int, devices: list[str], per_device: int, window: int) -> dict[str, Any]:
+    gateway_key = key_for(GATEWAY_ID).public_key()
+    # sign everything first: the device's signing is not what is measured
+    now = time.time_ns() // 1_000_000
+    tokens: dict[str, list[tuple[str, bytes]]] = {}
+    for device in devices:
+        signer = Signer(device, key_for(device))
+        queue = []
+        for seq in range(1, per_device + 1):
+            msg = build_message(
+                Alert(bell="emergency", trigger="press"), device=device, seq=seq, ts=now
+            )
+            queue.append((msg.id, seal(msg, signer).encode()))
+        tokens[device] = queue
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+    verified = 0
+    total = len(devices) * per_device
+    finished = asyncio.Event()
+    sessions: dict[str, Session] = {}
+    cursor = dict.fromkeys(devices, 0)
+
+    def send_next(device: str) -> None:
+        i = cursor[device]
+        if i >= per_device:
+            return
+        cursor[device] = i + 1
+        alert_id, token = tokens[device][i]
+        sent_at[alert_id] = time.perf_counter()
+        sessions[device].publish(up_topic(device, "alert"), token)
+
+    def on_message(device: str) -> Any:
+        def handle(message: Message) -> None:
+            nonlocal verified
+            ref, stage = _ack_of(message.payload)
+            if stage != "received" or ref not in sent_at:
+                return
+            latencies.append(time.perf_counter() - sent_at.pop(ref))
+            if verified < 200:  # a sample is checked as the device would, signature and all
+                opened = open_for_device(message.payload, {GATEWAY_ID: gateway_key}.get, device)  # type: ignore[arg-type]
+                assert isinstance(opened.message, AckMessage)
+                verified += 1
+            if len(latencies) >= total:
+                finished.set()
+            send_next(device)
+
+        return handle
+
+    tasks = []
+    for device in devices:
+        # MQTT 3.1.1 on the load side only: it spares the load process paho's v5 property
+        # objects (CPU it would take from the gateway on two shared cores); the gateway's own
+        # connection stays v5 with its shared subscription, the broker translates
+        settings = Settings("127.0.0.1", port, client_id=device, version=311, persistent=False)
+        session = Session(settings, on_message(device))
+        sessions[device] = session
+        tasks.append(asyncio.create_task(session.run()))
+    for session in sessions.values():
+        await session.wait_connected(10)
+    await asyncio.gather(*(s.subscribe([(down_topic(d, "ack"), 1)]) for d, s in sessions.items()))
+    start = time.perf_counter()
+    cpu_start = cpu_s()
+    for device in devices:
+        for _ in range(window):
+            send_next(device)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(finished.wait(), TIME_LIMIT_S)
+    elapsed = time.perf_counter() - start
+    load_cpu = cpu_s() - cpu_start
+    for session in sessions.values():
+        await session.close()
+    for task in tasks:
+        task.cancel()
+    latencies.sort()
+    return {
+        "acked": len(latencies),
+        "sent": total,
+        "seconds": elapsed,
+        "alerts_per_s": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "max_ms": (latencies[-1] if latencies else float("nan")) * 1000,
+        "acks_verified": verified,
+        "load_cpu_s": load_cpu,
+    }
+
+
+def run_load(port: int, n_devices: int, per_device: int, window: int) -> None:
+    result = asyncio.run(_load(port, device_ids(n_devices), per_device, window))
+    print(json.dumps(result), flush=True)
+
+
+# ---- orchestration --------------------------------------------------------------------------
+
+
+def _child(*args: str, stdin: int | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), *args],
+        stdout=subprocess.PIPE,
+        stdin=stdin,
+        text=True,
+    )
+
+
+def _last_json(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=timeout_s)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if not lines:
+        raise SystemExit(f"child {proc.args!r} printed no result (exit {proc.returncode})")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def _wait_ready(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.kill()
+        raise SystemExit(f"child {proc.args!r} did not start: {line!r}")
+
+
+def baseline(port: int, count: int) -> dict[str, Any]:
+    sub = _child("--role", "raw-sub", "--port", str(port), "--count", str(count))
+    _wait_ready(sub)
+    pub = _child("--role", "raw-pub", "--port", str(port), "--count", str(count))
+    result = _last_json(sub, TIME_LIMIT_S + 10)
+    pub.wait(TIME_LIMIT_S)
+    return result
+
+
+def through_gateway(
+    state: Path,
+    broker: Mosquitto,
+    n_devices: int,
+    per_device: int,
+    window: int,
+    profile: Path | None,
+) -> dict[str, Any]:
+    port = broker.port
+    config = prepare_gateway(state, port, device_ids(n_devices))
+    args = ["--role", "gateway", "--config", str(config)]
+    if profile is not None:
+        args += ["--profile", str(profile)]
+    gateway = _child(*args, stdin=subprocess.PIPE)
+    try:
+        _wait_ready(gateway)
+        assert broker.process is not None
+        before = cpu_s(gateway.pid), cpu_s(broker.process.pid)
+        load = _child(
+            "--role",
+            "load",
+            "--port",
+            str(port),
+            "--devices",
+            str(n_devices),
+            "--count",
+            str(per_device),
+            "--window",
+            str(window),
+        )
+        result = _last_json(load, TIME_LIMIT_S + 30)
+        result["gateway_cpu_s"] = cpu_s(gateway.pid) - before[0]
+        result["broker_cpu_s"] = cpu_s(broker.process.pid) - before[1]
+        return result
+    finally:
+        assert gateway.stdin is not None
+        gateway.stdin.close()
+        try:
+            gateway.wait(15)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--role", default="main")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--count", type=int, default=0)
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--alerts", type=int, default=30_000, help="through the gateway")
+    parser.add_argument("--raw", type=int, default=100_000, help="baseline messages")
+    parser.add_argument("--window", type=int, default=2, help="alerts in flight per device")
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--profile", type=Path, help="cProfile the gateway into this file")
+    args = parser.parse_args()
+    if args.role == "raw-sub":
+        return raw_subscriber(args.port, args.count)
+    if args.role == "raw-pub":
+        return raw_publisher(args.port, args.count)
+    if args.role == "gateway":
+        return run_gateway(args.config, args.profile)
+    if args.role == "load":
+        return run_load(args.port, args.devices, args.count, args.window)
+
+    per_device = max(1, args.alerts // args.devices)
+    with tempfile.TemporaryDirectory(prefix="ansimi-bench-") as tmp:
+        state = Path(tmp)
+        broker = Mosquitto(MosquittoConfig(state_dir=state / "broker", persistence=False))
+        broker.start()
+        try:
+            raw = baseline(broker.port, args.raw)
+            print(f"baseline: {raw}", file=sys.stderr)
+            gw = through_gateway(
+                state / "gateway",
+                broker,
+                args.devices,
+                per_device,
+                args.window,
+                args.profile,
+            )
+        finally:
+            broker.stop()
+    ratio = gw["alerts_per_s"] / raw["msg_per_s"]
+    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores")
+    print(
+        f"baseline: paho QoS 1, {PAYLOAD_BYTES}-byte payloads, 1 publisher -> 1 subscriber: "
+        f"{raw['msg_per_s']:,.0f} msg/s ({raw['received']:,} messages)"
+    )
+    print(
+        f"gateway: {args.devices} device connections, {args.window} alerts in flight each, "
+        f"no centres: {gw['alerts_per_s']:,.0f} alerts/s "
+        f"({gw['acked']:,}/{gw['sent']:,} acked in {gw['seconds']:.1f} s)"
+    )
+    print(
+        f"press-to-ack latency: p50 {gw['p50_ms']:.1f} ms, p99 {gw['p99_ms']:.1f} ms, "
+        f"max {gw['max_ms']:.1f} ms; {gw['acks_verified']} acks signature-checked"
+    )
+    per_alert = {
+        k: gw[f"{k}_cpu_s"] / max(gw["acked"], 1) * 1e6 for k in ("gateway", "load", "broker")
+    }
+    print(
+        "CPU per alert: gateway {gateway:.0f} us, load {load:.0f} us, broker {broker:.0f} us"
+        " (2 cores: {budget:.0f} us of CPU per alert at 5,000/s)".format(**per_alert, budget=400)
+    )
+    print(f"ratio (goal >= 0.2, 5,000 alerts/s, p99 <= 50 ms): {ratio:.3f}")
+    print(
+        json.dumps(
+            {
+                "bench": "gateway",
+                "figures": {
+                    "alerts_per_s": round(gw["alerts_per_s"]),
+                    "p50_ms": round(gw["p50_ms"], 2),
+                    "p99_ms": round(gw["p99_ms"], 2),
+                    "max_ms": round(gw["max_ms"], 2),
+                    "acked": gw["acked"],
+                    "sent": gw["sent"],
+                    "devices": args.devices,
+                    "in_flight_per_device": args.window,
+                    "centres": 0,
+                    "gateway_cpu_us_per_alert": round(per_alert["gateway"]),
+                    "load_cpu_us_per_alert": round(per_alert["load"]),
+                    "broker_cpu_us_per_alert": round(per_alert["broker"]),
+                },
+                "baseline": {
+                    "msg_per_s": round(raw["msg_per_s"]),
+                    "messages": raw["received"],
+                    "payload_bytes": PAYLOAD_BYTES,
+                    "qos": 1,
+                },
+                "ratio": round(ratio, 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
