@@ -31,6 +31,7 @@ from ansimi.broker import Mosquitto, MosquittoConfig, free_port
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
 from simulator import identities
+from simulator.limits import raise_open_files
 from simulator.proxy import FaultProxy
 from simulator.scenario import (
     PROXIED,
@@ -177,6 +178,7 @@ class Simulation:
         identities.register(
             self.state / "gateway" / "gateway.db", self.plan.devices, self.run_secret
         )
+        raise_open_files()  # before mosquitto starts: it inherits the limit
         self.broker = Mosquitto(MosquittoConfig(state_dir=self.state / "broker"))
         await asyncio.to_thread(self.broker.start)
         self.sink = Sink(self.secret, self.state / "centre.db")
