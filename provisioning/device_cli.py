@@ -40,7 +40,7 @@ from provisioning.gateway_admin import (
     admin_token,
 )
 from provisioning.revoke import BrokerControl, SignalBroker, SystemdBroker
-from provisioning.site import Site, SiteLayout
+from provisioning.site import Site
 
 EXIT_OK: Final = 0
 EXIT_INPUT: Final = 1
@@ -84,7 +84,8 @@ def _client(
     if not url:
         raise click.UsageError(f"pass --gateway URL or set {URL_ENV}")
     if ca_file is None and site_dir is not None:
-        ca_file = SiteLayout(site_dir.absolute()).ca_cert
+        # a missing site says so (and how to fix it) rather than "no CA certificate"
+        ca_file = Site.open(site_dir).layout.ca_cert
     return AdminClient(url, admin_token(token_file), ca_file=ca_file)
 
 

@@ -45,6 +45,10 @@ class AdminTokenMissing(ProvisioningError, LookupError):
     pass
 
 
+class CaMissing(ProvisioningError, FileNotFoundError):
+    """No CA certificate to check the gateway's HTTPS certificate with: a local problem."""
+
+
 def admin_token(token_file: Path | None) -> str:
     path = token_file or (
         Path(os.environ[TOKEN_FILE_ENV]) if TOKEN_FILE_ENV in os.environ else None
@@ -88,12 +92,17 @@ class AdminClient:
         self.base_url = base_url.rstrip("/")
         self._token = token
         if ca_file is not None and not ca_file.exists():
-            raise GatewayUnreachable(
+            raise CaMissing(
                 f"no CA certificate at {ca_file}: pass --ca-file with the site's ca/ca.crt"
             )
-        self._context = ssl.create_default_context(
-            cafile=str(ca_file) if ca_file is not None else None
-        )
+        try:
+            self._context = ssl.create_default_context(
+                cafile=str(ca_file) if ca_file is not None else None
+            )
+        except ssl.SSLError:
+            raise CaMissing(
+                f"{ca_file} holds no PEM CA certificate: pass the site's ca/ca.crt"
+            ) from None
         self.ca_file = ca_file
 
     def call(

@@ -1,0 +1,156 @@
+"""`ansimi device enroll` and `ansimi provision device` without a gateway: what is decided
+before any request, the config it writes, the ssh command line, and the exit codes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ansimi.broker import free_port
+from ansimi.cli import cli
+from device.config import DeviceConfig
+from device.enroll import EnrollError, Paths, check_clock, enroll, render_config, ssh_command
+from provisioning.site import init_site
+
+NOW = dt.datetime(2026, 11, 24, 12, 0, 0, tzinfo=dt.UTC)
+
+
+def test_the_written_config_has_every_field_and_reads_back_the_same() -> None:
+    config = DeviceConfig.model_validate(
+        {
+            "device": {"id": "doorbell-0001", "kind": "doorbell", "silent": True},
+            "gateway": {"id": "gw-site", "public_key": "A" * 43},
+            "mqtt": {"host": "gw.example", "ca_file": "/var/lib/ansimi/device/ca.crt"},
+            "sms": {"numbers": ["+821000000000"]},
+            "video": {"ice_servers": [{"urls": ["turn:turn.example:3478"], "username": "d"}]},
+        }
+    )
+    text = render_config(config)
+    assert DeviceConfig.model_validate(tomllib.loads(text)) == config
+    # every section and every key is there, unset ones as comments
+    for section, values in config.model_dump().items():
+        assert f"[{section}]" in text
+        for key in values:
+            forms = (f"{key} =", f"# {key} (unset)", f"[[{section}.{key}]]")
+            assert any(form in text for form in forms), key
+
+
+def test_clock_checks_use_the_gateways_date_header() -> None:
+    header = {"Date": "Tue, 24 Nov 2026 12:00:00 GMT"}
+    check_clock(header, NOW + dt.timedelta(seconds=119), 120)
+    check_clock({}, NOW + dt.timedelta(days=3), 120)  # no header: nothing to compare
+    with pytest.raises(EnrollError, match="300 s behind the gateway's") as caught:
+        check_clock(header, NOW - dt.timedelta(seconds=300), 120)
+    assert caught.value.exit_code == 1 and "timedatectl" in str(caught.value)
+
+
+def test_refusals_before_any_request(tmp_path: Path) -> None:
+    paths = Paths(tmp_path, tmp_path, tmp_path / "device.toml")
+    with pytest.raises(EnrollError, match="https://") as caught:
+        enroll("http://gw:8443", "bell-0001.abc", paths)
+    assert caught.value.exit_code == 2
+    with pytest.raises(EnrollError, match="not an enrolment token"):
+        enroll("https://gw:8443", "abc", paths)
+    (tmp_path / "device.key").write_text("old key")
+    # the unreachable gateway is never asked: the existing key stops it first
+    with pytest.raises(EnrollError, match="--force"):
+        enroll(f"https://127.0.0.1:{free_port()}", "bell-0001.abc", paths)
+    assert (tmp_path / "device.key").read_text() == "old key"
+
+
+def test_an_unreachable_gateway_exits_4_and_writes_nothing(tmp_path: Path) -> None:
+    paths = Paths(tmp_path / "d", tmp_path / "d", tmp_path / "d" / "device.toml")
+    with pytest.raises(EnrollError, match="cannot reach the gateway") as caught:
+        enroll(f"https://127.0.0.1:{free_port()}", "bell-0001.abc", paths)
+    assert caught.value.exit_code == 4
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_ssh_command_quotes_for_the_remote_shell_and_carries_no_secret() -> None:
+    argv = ssh_command(
+        "pi@bell.local",
+        "https://gw:8443/a b",
+        config_out=Path("/etc/ansimi/device.toml"),
+        state_dir=Path("/var/lib/ansimi/my device"),
+        with_ca=True,
+        force=True,
+    )
+    assert argv[:6] == ["ssh", "-o", "BatchMode=yes", "-T", "pi@bell.local", "--"]
+    remote = shlex.split(argv[6])
+    assert remote[:3] == ["ansimi", "device", "enroll"]
+    assert remote[remote.index("--gateway") + 1] == "https://gw:8443/a b"
+    assert remote[remote.index("--state-dir") + 1] == "/var/lib/ansimi/my device"
+    assert remote[remote.index("--token") + 1] == "-"
+    assert remote[remote.index("--ca-file") + 1] == "-"
+    assert "--force" in remote
+
+
+def _provision(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["provision", "device", *args], env=env)
+    return result.exit_code, result.output
+
+
+def test_provision_errors_exit_with_their_codes(tmp_path: Path) -> None:
+    url = f"https://127.0.0.1:{free_port()}"
+    no_token = {"ANSIMI_ADMIN_TOKEN": "", "ANSIMI_ADMIN_TOKEN_FILE": ""}
+    code, out = _provision("list", "--gateway", url, "--json", env=no_token)
+    assert code == 1 and "admin token" in json.loads(out)["error"]
+
+    token = {"ANSIMI_ADMIN_TOKEN": "t" * 32}
+    code, out = _provision("list", "--gateway", url, "--json", env=token)
+    assert code == 4 and "cannot reach the gateway" in json.loads(out)["error"]
+
+    # an unknown district is refused before the gateway is asked anything
+    code, out = _provision(
+        "add", "--type", "bell", "--district", "yongsam", "--gateway", url, "--json", env=token
+    )
+    assert code == 1 and 'did you mean "yongsan"' in json.loads(out)["error"]
+
+    code, out = _provision(
+        "add", "--type", "bell", "--district", "mapo", "--id", "Bell 1", "--gateway", url,
+        "--json", env=token,
+    )  # fmt: skip
+    assert code == 1 and "device id" in json.loads(out)["error"]
+
+    code, out = _provision(
+        "add", "--type", "bell", "--district", "mapo", "--gateway", url, "--ca-file",
+        str(tmp_path / "nowhere.crt"), "--json", env=token,
+    )  # fmt: skip
+    assert code == 1 and "no CA certificate" in json.loads(out)["error"]
+
+    code, out = _provision(
+        "revoke", "bell-0001", "--dir", str(tmp_path / "nosite"), "--gateway", url,
+        "--json", env=token,
+    )  # fmt: skip
+    assert code == 1 and "no site" in json.loads(out)["error"]
+    code, out = _provision(
+        "list", "--gateway", url, "--ca-file", __file__, "--json", env=token,
+    )  # fmt: skip
+    assert code == 1 and "no PEM CA certificate" in json.loads(out)["error"]
+
+    code, out = _provision("list", env=token)
+    assert code == 2 and "--gateway" in out
+
+
+def test_a_label_that_cannot_be_written_stops_add_before_the_gateway(tmp_path: Path) -> None:
+    init_site(tmp_path / "site", site="unit", port=18883)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "bell-0001.png").write_bytes(b"an earlier label")
+    token = {"ANSIMI_ADMIN_TOKEN": "t" * 32}
+    common = ["--gateway", f"https://127.0.0.1:{free_port()}", "--dir", str(tmp_path / "site")]
+    code, out = _provision(
+        "add", "--type", "bell", "--district", "mapo", "--id", "bell-0001",
+        "--qr-dir", str(tmp_path / "labels"), *common, "--json", env=token,
+    )  # fmt: skip
+    assert code == 1 and "--force-label" in json.loads(out)["error"]
+    code, out = _provision(
+        "add", "--type", "bell", "--district", "mapo", "--qr-dir", str(tmp_path / "missing"),
+        *common, "--json", env=token,
+    )  # fmt: skip
+    assert code == 1 and "not a directory" in json.loads(out)["error"]
