@@ -13,9 +13,12 @@ import sqlite3
 from pathlib import Path
 
 from device_testkit import (
+    DEVICE_ID,
+    WAIT_S,
     Keys,
     eventually,
     gateway_site,
+    running,
     spawn_agent,
     spying,
     stop,
@@ -23,7 +26,28 @@ from device_testkit import (
 )
 
 from ansimi.broker import Mosquitto
-from protocol.messages import AlertMessage, StatusMessage
+from ansimi.mqtt import Message as MqttMessage
+from ansimi.mqtt import Session, Settings
+from protocol.jws import verify
+from protocol.messages import AlertMessage, StatusMessage, parse_message
+from protocol.topics import up_topic
+
+
+async def retained_status(broker: Mosquitto, keys: Keys) -> str:
+    """What a newcomer learns about the device: the retained status message."""
+    got: list[MqttMessage] = []
+    late = Session(
+        Settings(host=broker.host, port=broker.port, client_id="late", persistent=False),
+        got.append,
+    )
+    async with running(late.run()):
+        await late.wait_connected(WAIT_S)
+        await late.subscribe([(up_topic(DEVICE_ID, "status"), 1)])
+        await eventually(lambda: bool(got))
+    assert got[0].retain
+    message = parse_message(verify(got[0].payload, lambda kid: keys.device.public_key).payload)
+    assert isinstance(message, StatusMessage)
+    return message.body.state
 
 
 def outbox_ids(state: Path) -> list[str]:
@@ -54,6 +78,7 @@ async def test_sigkill_between_publish_and_ack_then_restart_delivers_once(
             agent.wait(10)
             # the broker tells everyone, with the will the device left: retained `offline`
             await eventually(lambda: "offline" in statuses())
+            assert await retained_status(mosquitto, keys) == "offline"
         finally:
             stop(agent)
         first = spy.tokens("alert")[0]
