@@ -1,21 +1,27 @@
-"""`ansimi demo`: broker, gateway, control-centre receiver and a few bells on one machine.
+"""`ansimi demo`: broker, gateway, control-centre console and a few bells on one machine.
 
-Each part runs as it would in the field: the gateway and the centre as their own
+Each part runs as it would in the field: the gateway and the console as their own
 processes (`ansimi gateway run`, `ansimi console`), the bells as real device agents on
-fake hardware. Presses happen every few seconds; what each bell shows and what reaches
-the centre is printed. Mosquitto where it is installed, else amqtt (MQTT 3.1.1 only,
-no shared subscriptions, so the gateway then uses a plain subscription).
+fake hardware (doorbells with a synthetic camera). The console's page is at
+http://127.0.0.1:8080; the demo creates an operator `demo` with a fresh password it
+prints, and gives the console an operator token for the gateway's API, so acknowledging
+on the page lights the bell, and a doorbell's video plays in the page. Presses happen
+every few seconds; what each bell shows and what reaches the centre is printed.
+Mosquitto where it is installed, else amqtt (MQTT 3.1.1 only, no shared subscriptions,
+so the gateway then uses a plain subscription).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import logging
 import os
 import secrets
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -54,7 +60,15 @@ async def broker(state: Path, kind: str) -> AsyncIterator[tuple[int, int]]:
         await embedded.shutdown()
 
 
-def gateway_toml(state: Path, mqtt_port: int, version: int, centre_url: str, secret: str) -> str:
+def gateway_toml(
+    state: Path,
+    mqtt_port: int,
+    version: int,
+    centre_url: str,
+    secret: str,
+    api_port: int,
+    api_token: str,
+) -> str:
     shared = "gateways" if version == 5 else ""
     return f"""# written by `ansimi demo`
 id = "gw-demo"
@@ -67,6 +81,23 @@ port = {mqtt_port}
 version = {version}
 shared_group = "{shared}"
 
+[api]
+enabled = true
+host = "127.0.0.1"
+port = {api_port}
+
+# the console's token: it calls the operator routes (stages, devices, WHEP) for its operators
+[[api.tokens]]
+name = "console"
+role = "operator"
+token = "{api_token}"
+
+[video]
+enabled = true
+recordings_dir = "{state / "gateway" / "recordings"}"
+# gateway, doorbells and the browser all on this machine
+loopback_candidates = true
+
 [[centres]]
 name = "central"
 url = "{centre_url}"
@@ -75,15 +106,52 @@ districts = ["*"]
 """
 
 
+def add_operator(centre_db: Path, name: str, password: str, log_file: Path) -> None:
+    """The console's own command, as an installer would run it (nothing imports console)."""
+    with log_file.open("ab") as handle:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ansimi",
+                "console",
+                "add-operator",
+                name,
+                "--db",
+                str(centre_db),
+            ],
+            check=True,
+            stdout=handle,
+            stderr=handle,
+            env={**os.environ, "ANSIMI_OPERATOR_PASSWORD": password},
+        )
+
+
+_children: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _stop_children() -> None:
+    # a safety net: however the demo ends, the gateway and console it started end too
+    for child in _children:
+        if child.poll() is None:
+            child.terminate()
+    for child in _children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(5)
+
+
 def spawn(args: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     handle = log_file.open("ab")
     try:
-        return subprocess.Popen(
+        child = subprocess.Popen(
             [sys.executable, "-m", "ansimi", *args],
             stdout=None,  # the centre prints what arrives: let people see it
             stderr=handle,
             env={**os.environ, **env},
         )
+        _children.append(child)
+        return child
     finally:
         handle.close()
 
@@ -99,23 +167,34 @@ async def run_demo(
     from device.agent import Agent
     from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection
     from device.hal import Hardware
+    from device.hal.camera import SyntheticCamera
     from device.hal.fakes import FakeIndicator, FakeInputs
+    from device.video.config import VideoConfig as DeviceVideo
     from gateway.store import Device, DeviceKind, SqliteStore
     from protocol.jws import Signer
     from protocol.keys import generate_key, public_key_to_b64, save_private_key
 
+    # ICE pair-by-pair chatter would bury what a newcomer wants to see
+    for noisy in ("aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if state.exists():
         shutil.rmtree(state)
     (state / "gateway").mkdir(parents=True)
     secret = secrets.token_urlsafe(24)
+    api_token = secrets.token_urlsafe(24)
+    # a fresh password each run, printed once: the demo's state is throwaway
+    operator_password = secrets.token_urlsafe(9)
     gateway_key = generate_key()
     save_private_key(state / "gateway" / "signing.key", gateway_key)
     gateway_signer = Signer("gw-demo", gateway_key)
 
     async with broker(state, broker_kind) as (mqtt_port, version):
         centre_url = f"http://127.0.0.1:{console_port}/events"
+        api_port = free_port()
         config_path = state / "gateway.toml"
-        config_path.write_text(gateway_toml(state, mqtt_port, version, centre_url, secret))
+        config_path.write_text(
+            gateway_toml(state, mqtt_port, version, centre_url, secret, api_port, api_token)
+        )
 
         store = SqliteStore(state / "gateway" / "gateway.db")
         agents: list[Agent] = []
@@ -125,8 +204,11 @@ async def run_demo(
             kind = next(kinds)
             device_id = f"{kind}-{n + 1:04d}"
             key = generate_key()
+            label = f"demo {kind} {n + 1}"
             store.add_device(
-                Device(device_id, public_key_to_b64(key.public_key()), kind, next(districts)),
+                Device(
+                    device_id, public_key_to_b64(key.public_key()), kind, next(districts), label
+                ),
                 now_ms=time.time_ns() // 1_000_000,
             )
             config = DeviceConfig(
@@ -135,8 +217,11 @@ async def run_demo(
                     id="gw-demo", public_key=public_key_to_b64(gateway_signer.public_key)
                 ),
                 mqtt=MqttSection(port=mqtt_port, version=version),
+                video=DeviceVideo(loopback_candidates=True),
             )
-            hardware = Hardware(FakeInputs(), FakeIndicator(), None, None)
+            # doorbells get a moving test picture: an emergency press starts their video
+            camera = SyntheticCamera(320, 240, 15) if kind == "doorbell" else None
+            hardware = Hardware(FakeInputs(), FakeIndicator(), camera, None)
             agents.append(
                 Agent(
                     config,
@@ -147,10 +232,23 @@ async def run_demo(
             )
         store.close()
 
-        env = {"ANSIMI_CENTRE_SECRET": secret}
+        env = {"ANSIMI_CENTRE_SECRET": secret, "ANSIMI_CONSOLE_GATEWAY_TOKEN": api_token}
         centre_db = state / "centre.db"
+        add_operator(centre_db, "demo", operator_password, state / "console.log")
         console = spawn(
-            ["console", "--listen", f"127.0.0.1:{console_port}", "--db", str(centre_db)],
+            [
+                "console",
+                "--listen",
+                f"127.0.0.1:{console_port}",
+                "--db",
+                str(centre_db),
+                "--gateway",
+                f"http://127.0.0.1:{api_port}",
+                "--gateway-key",
+                f"gw-demo={public_key_to_b64(gateway_signer.public_key)}",
+                "--sync-every",
+                "5",
+            ],
             state / "console.log",
             env,
         )
@@ -160,8 +258,12 @@ async def run_demo(
         tasks = [asyncio.create_task(a.run(), name=a.device_id) for a in agents]
         pressed = 0
         try:
-            await wait_for_port("127.0.0.1", console_port, 10)
-            await asyncio.gather(*(asyncio.wait_for(a.ready.wait(), 10) for a in agents))
+            await wait_for_port("127.0.0.1", console_port, 20)
+            await asyncio.gather(*(asyncio.wait_for(a.ready.wait(), 20) for a in agents))
+            click.echo(
+                f"[demo] console: open http://127.0.0.1:{console_port}/ and sign in as "
+                f"demo / {operator_password}"
+            )
             click.echo(f"[demo] {devices} bells connected; pressing one every {press_every_s:g}s")
             deadline = time.monotonic() + duration_s if duration_s > 0 else float("inf")
             shown: dict[str, int] = {a.device_id: 0 for a in agents}
@@ -210,9 +312,14 @@ def _print_indicators(agents: list[Any], shown: dict[str, int]) -> None:
 
 
 def _count(centre_db: Path) -> int:
+    """Press alerts the centre has kept (status and power news are not presses)."""
     try:
         with contextlib.closing(sqlite3.connect(centre_db)) as db:
-            return int(db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+            query = (
+                "SELECT COUNT(*) FROM events WHERE type = 'alert'"
+                " AND json_extract(body, '$.trigger') = 'press'"
+            )
+            return int(db.execute(query).fetchone()[0])
     except sqlite3.Error:
         return 0
 
@@ -241,7 +348,10 @@ def demo(
     broker_kind: str,
     state_dir: Path,
 ) -> None:
-    """Broker, gateway, control-centre receiver and simulated bells on this machine."""
+    """Broker, gateway, control-centre console and simulated bells on this machine."""
+    # SIGTERM as Ctrl-C: the demo then stops the gateway and console processes it started
+    # instead of leaving them running
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         code = asyncio.run(
             run_demo(state_dir.resolve(), devices, duration, console_port, press_every, broker_kind)

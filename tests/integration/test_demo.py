@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from ansimi.broker import free_port
+
+T = TypeVar("T")
 
 
 @pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
@@ -44,3 +52,97 @@ def test_demo_presses_arrive_at_the_centre(tmp_path: Path, broker: str) -> None:
     assert pressed >= 2
     assert arrived == pressed
     assert "bell shows: delivered" in result.stdout
+
+
+def test_demo_console_signs_in_and_acknowledge_reaches_the_bell(tmp_path: Path) -> None:
+    """What a newcomer does: open the console, sign in with the printed password, and
+    acknowledge an alert; the bell (in the demo's output) shows it."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ansimi",
+            "demo",
+            "--duration",
+            "20",
+            "--devices",
+            "3",
+            "--press-every",
+            "1.5",
+            "--console-port",
+            str(port),
+            "--broker",
+            "mosquitto",
+            "--state-dir",
+            str(tmp_path / "demo"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")))  # type: ignore[union-attr]
+    reader.start()
+    try:
+        password = _wait_for(lambda: _password_in(lines), 60, lines)
+        base = f"http://127.0.0.1:{port}"
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        me = _post_json(opener, f"{base}/api/login", {"name": "demo", "password": password})
+        csrf = me["csrf"]
+
+        def first_alert() -> str | None:
+            with opener.open(f"{base}/api/alerts", timeout=10) as response:
+                alerts = json.load(response)["alerts"]
+            return next((a["event_id"] for a in alerts if a["device_id"] == "bell-0001"), None)
+
+        event_id = _wait_for(first_alert, 30, lines)
+        request = urllib.request.Request(
+            f"{base}/api/alerts/{event_id}/acknowledged",
+            method="POST",
+            headers={"X-CSRF-Token": csrf},
+        )
+        with opener.open(request, timeout=10) as response:
+            assert json.load(response)["stage"] == "acknowledged"
+        _wait_for(
+            lambda: any("[bell-0001] bell shows: acknowledged" in x for x in lines), 30, lines
+        )
+        with opener.open(f"{base}/api/audit.csv", timeout=10) as response:
+            audit = response.read().decode()
+        assert f"demo,acknowledged,{event_id}" in audit
+    finally:
+        process.terminate()
+        process.wait(30)
+        reader.join(10)
+
+
+def _password_in(lines: list[str]) -> str | None:
+    for line in list(lines):
+        found = re.search(r"sign in as demo / (\S+)", line)
+        if found:
+            return found.group(1)
+    return None
+
+
+def _wait_for(check: Callable[[], T | None], timeout_s: float, lines: list[str]) -> T:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out; demo output so far:\n" + "".join(lines))
+
+
+def _post_json(
+    opener: urllib.request.OpenerDirector, url: str, data: dict[str, str]
+) -> dict[str, str]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(data).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with opener.open(request, timeout=10) as response:
+        result: dict[str, str] = json.load(response)
+        return result
