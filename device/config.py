@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -82,14 +83,26 @@ class BehaviourSection(_Section):
 
 
 # E.164-like, as the modem driver checks: an optional + and 3 to 16 digits.
-PhoneNumber = Annotated[str, Field(pattern=r"^\+?[0-9]{3,16}$")]
+PHONE_NUMBER = re.compile(r"\+?[0-9]{3,16}")
 
 
 class SmsSection(_Section):
     # an alert not `received` this long while the link is down goes out by SMS as well
     after_s: Annotated[float, Field(gt=0)] = 15.0
     # who gets the SMS (personal data: never logged); empty means no SMS fallback
-    numbers: Annotated[list[PhoneNumber], Field(max_length=8)] = []
+    numbers: Annotated[list[str], Field(max_length=8)] = []
+
+    @model_validator(mode="after")
+    def _numbers_valid(self) -> SmsSection:
+        # Checked here, not per item: a per-item error would quote the number in the
+        # start-up error, and so in the journal. This one names its position only.
+        for position, number in enumerate(self.numbers, start=1):
+            if not PHONE_NUMBER.fullmatch(number):
+                raise ValueError(
+                    f"numbers: entry {position} of {len(self.numbers)} is not a phone number "
+                    "in international form (+ then 3 to 16 digits, no spaces)"
+                )
+        return self
 
 
 class DeviceConfig(_Section):

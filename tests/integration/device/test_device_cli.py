@@ -96,3 +96,12 @@ def test_an_unwritable_state_dir_names_the_key_and_the_fix(
     assert code == 1
     assert f"cannot open the outbox in {blocker}" in output
     assert "`device.state_dir`" in output
+
+
+def test_a_bad_phone_number_is_refused_without_repeating_it(tmp_path: Path) -> None:
+    path = tmp_path / "device.toml"
+    path.write_text('[sms]\nnumbers = ["+821012345678", "010-9876-5432"]\n')
+    code, output = invoke("device", "run", "--config", str(path))
+    assert code == 1
+    assert "`sms`" in output and "entry 2 of 2" in output and "Fix:" in output
+    assert "9876" not in output and "12345678" not in output
