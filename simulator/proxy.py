@@ -7,7 +7,9 @@ client id is the device id), then pipes bytes both ways. Per device it can:
   and answers with resets;
 - hold: forward nothing either way while the sockets stay open (a black hole): keepalives
   go unanswered, so the device, the broker and the gateway's supervision must notice;
-- delay: add latency to every chunk, in both directions.
+- delay: add latency to every chunk, in both directions;
+- lose: with a probability per chunk, reset the connection. TCP itself never loses bytes,
+  so a lossy link shows MQTT what it finally shows above TCP: a dead connection.
 
 Plain TCP only: with TLS the CONNECT packet is encrypted, and the proxy would need the
 client id another way (one listening port per device group).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -88,13 +91,22 @@ class _Conn:
 
 
 class FaultProxy:
-    def __init__(self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        host: str = "127.0.0.1",
+        rng: random.Random | None = None,
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.host = host
         self.port = 0
         self.dropped: set[str] = set()
         self.held: set[str] = set()
         self.delay_s: dict[str, float] = {}
+        self.loss: dict[str, float] = {}
+        self.lost = 0
+        self._rng = rng or random.Random()
         self.connections = 0
         self.refused = 0
         self._conns: set[_Conn] = set()
@@ -138,6 +150,14 @@ class FaultProxy:
             else:
                 self.delay_s.pop(device, None)
 
+    def lose(self, devices: set[str], probability: float) -> None:
+        """Reset a connection of these devices with `probability` per chunk forwarded."""
+        for device in devices:
+            if probability > 0:
+                self.loss[device] = probability
+            else:
+                self.loss.pop(device, None)
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -180,6 +200,9 @@ class FaultProxy:
             while data := await src.read(65536):
                 await self._gate(conn.device)
                 if conn.device in self.dropped:
+                    break
+                if self._rng.random() < self.loss.get(conn.device, 0.0):
+                    self.lost += 1
                     break
                 delay = self.delay_s.get(conn.device)
                 if delay:

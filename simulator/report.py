@@ -7,7 +7,8 @@ sink first accepted it. All on this machine's wall clock, whatever skew a device
 
 Per district, in EN 50136 terms: the transmission time of each alert (device to centre)
 as mean, 95th percentile and maximum, and availability as the share of the run each
-device spent connected, averaged over the district's devices. Class limits are left to
+device had a working path to the broker (connected, and not cut off by a partition it may
+not have noticed yet), averaged over the district's devices. Class limits are left to
 the scenario's thresholds, where QA sets them.
 
 Plots need matplotlib (the `sim` extra); without it the HTML page has the tables only.
@@ -128,6 +129,7 @@ def summarise(o: Observed) -> dict[str, Any]:
         "agent_errors": o.agent_errors,
         "downlink_rejected": o.rejected_downlink,
         "clock_skewed_devices": len(o.skewed),
+        "links_reset_by_loss": o.links_lost,
         "faults": [
             {
                 "at_s": round(m.at - o.t0, 3),

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import secrets
 import shutil
 import subprocess
@@ -101,6 +102,7 @@ class Observed:
     sink: Sink | None = None
     skewed: dict[str, float] = field(default_factory=dict)  # device -> skew applied (s)
     partitions: list[tuple[float, float, list[str]]] = field(default_factory=list)
+    links_lost: int = 0  # connections the proxy reset for a lossy link
 
 
 class _WorkerProc:
@@ -151,6 +153,7 @@ class Simulation:
         self.phase = "starting"
         self._background: set[asyncio.Task[Any]] = set()
         self._faults: list[asyncio.Task[Any]] = []
+        self._owner: dict[str, int] = {}  # device -> index of the worker running it
         self._http: aiohttp.ClientSession | None = None
 
     # ---- counts for the live display --------------------------------------------------------
@@ -191,7 +194,9 @@ class Simulation:
             (self.state / "gateway.toml").write_text(self._gateway_toml())
             await self._start_gateway()
             if self.scenario.needs_proxy:
-                self.proxy = FaultProxy(self.broker.host, self.broker.port)
+                self.proxy = FaultProxy(
+                    self.broker.host, self.broker.port, rng=random.Random(self.scenario.seed)
+                )
                 await self.proxy.start()
             await self._start_workers()
             await self._run()
@@ -295,6 +300,7 @@ districts = ["*"]
         for n, d in enumerate(self.plan.devices):
             shares[n % count].append([d.id, d.kind, d.district])
             owner[d.id] = n % count
+        self._owner = owner
         steps: list[list[list[Any]]] = [[] for _ in range(count)]
         for s in self.plan.steps:
             steps[owner[s.device]].append([s.at, s.device, s.action, s.after_s, s.restore_s])
@@ -399,6 +405,7 @@ districts = ["*"]
         o.resends = sum(w.resends for w in self.workers)
         o.actions = sum(w.actions for w in self.workers)
         o.agent_errors = sum(w.errors for w in self.workers)
+        o.links_lost = self.proxy.lost if self.proxy is not None else 0
         self._tick()
 
     def _settled(self) -> bool:
@@ -489,8 +496,10 @@ districts = ["*"]
             assert self.proxy is not None
             start = await self._at(fault.at_s)
             (self.proxy.drop if fault.mode == "drop" else self.proxy.hold)(targets)
+            await self._tell_owners("cut", targets)
             await self._at(fault.at_s + fault.duration_s)
             self.proxy.heal(targets)
+            await self._tell_owners("heal", targets)
             label = f"partition ({fault.mode}) of {len(targets)} devices"
             o.marks.append(Mark(start, label, time.time()))
             o.partitions.append((start, time.time(), sorted(targets)))
@@ -498,9 +507,12 @@ districts = ["*"]
             assert self.proxy is not None
             start = await self._at(fault.at_s)
             self.proxy.delay(targets, fault.delay_ms / 1000)
+            self.proxy.lose(targets, fault.loss)
             await self._at(fault.at_s + fault.duration_s)
             self.proxy.delay(targets, 0)
-            o.marks.append(Mark(start, f"+{fault.delay_ms:g} ms on {len(targets)}", time.time()))
+            self.proxy.lose(targets, 0)
+            label = f"+{fault.delay_ms:g} ms, loss {fault.loss:g} on {len(targets)}"
+            o.marks.append(Mark(start, label, time.time()))
         elif isinstance(fault, CentreDown):
             assert self.sink is not None
             start = await self._at(fault.at_s)
@@ -511,6 +523,13 @@ districts = ["*"]
         elif isinstance(fault, ClockSkew):
             start = await self._at(fault.at_s)
             o.marks.append(Mark(start, f"clock {fault.skew_s:+g}s on {len(targets)}"))
+
+    async def _tell_owners(self, command: str, devices: set[str]) -> None:
+        """Availability counts a cut device as unavailable, whatever it believes."""
+        for w, proc in enumerate(self.workers):
+            mine = [d for d in devices if self._owner[d] == w]
+            if mine:
+                await proc.send(" ".join([command, *mine]))
 
     async def _measure_reconnect(self, up: float) -> None:
         """Time from the broker listening again until every agent is connected again."""

@@ -151,6 +151,8 @@ class Latency(_Model):
     duration_s: Seconds
     fraction: Fraction = 1.0
     delay_ms: Annotated[float, Field(ge=0, le=60_000)] = 200.0
+    # chance per chunk forwarded that the link fails and the connection is reset
+    loss: Annotated[float, Field(ge=0, le=0.5)] = 0.0
 
 
 class CentreDown(_Model):

@@ -79,6 +79,9 @@ class Worker:
         self.watched: dict[str, Watched] = {}
         self.samples = 0
         self.sampling = False
+        # devices whose network the simulator has cut: "connected" as they may believe they
+        # are (a black hole is noticed only at the next keepalive), their path is not there
+        self.cut: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._actions: set[asyncio.Task[None]] = set()
         gateway_key = public_key_from_b64(spec["gateway_public_key"])
@@ -246,8 +249,8 @@ class Worker:
         if not self.sampling:
             return
         self.samples += 1
-        for w in self.watched.values():
-            if w.agent.link.connected:
+        for device_id, w in self.watched.items():
+            if w.agent.link.connected and device_id not in self.cut:
                 w.connected_samples += 1
 
     def progress(self) -> dict[str, Any]:
@@ -324,6 +327,10 @@ async def main(spec_path: Path) -> None:
             if line[0] == "start":
                 worker.sampling = True
                 plan = asyncio.create_task(worker.run_plan(float(line[1])))
+            elif line[0] == "cut":
+                worker.cut |= set(line[1:])
+            elif line[0] == "heal":
+                worker.cut -= set(line[1:])
             elif line[0] == "stop":
                 break
         worker.sampling = False

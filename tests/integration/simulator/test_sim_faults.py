@@ -72,6 +72,7 @@ at_s = 1
 duration_s = 6
 fraction = 0.5
 delay_ms = 300
+loss = 0.05
 [[faults]]
 type = "clock_skew"
 fraction = 0.2
@@ -85,6 +86,7 @@ async def test_partitions_latency_and_clock_skew_lose_nothing(tmp_path: Path) ->
     summary = await simulate(scenario_file(tmp_path, NETWORK), tmp_path / "report")
     assert summary["passed"], summary["failures"]
     assert summary["clock_skewed_devices"] == 6
+    assert summary["links_reset_by_loss"] > 0
     # the black-holed devices fell silent: supervision told the centre about each of them
     detected, partitioned = map(int, summary["offline_detected"].split("/"))
     assert partitioned == 9 + 6 and detected >= 9
