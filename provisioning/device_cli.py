@@ -67,6 +67,8 @@ def _errors(as_json: bool) -> Iterator[None]:
         _fail(str(exc), EXIT_UNREACHABLE, as_json)
     except GatewayRefused as exc:
         _fail(f"the gateway refused: {exc}", EXIT_REFUSED, as_json)
+    except (ops.PartialRevocation, ops.RotationIncomplete) as exc:
+        _fail(str(exc), EXIT_PARTIAL, as_json)
     except (ProvisioningError, ProtocolError) as exc:
         _fail(str(exc), EXIT_INPUT, as_json)
 

@@ -32,7 +32,7 @@ import segno
 from gateway.districts import UnknownDistrict, check_district
 from protocol.ids import check_id
 from provisioning import pki
-from provisioning.errors import InvalidName, ProvisioningError
+from provisioning.errors import BrokerControlError, InvalidName, ProvisioningError
 from provisioning.files import write_atomic
 from provisioning.gateway_admin import AdminClient
 from provisioning.revoke import (
@@ -57,6 +57,10 @@ class LabelError(ProvisioningError, OSError):
 
 class RotationIncomplete(ProvisioningError, RuntimeError):
     pass
+
+
+class PartialRevocation(ProvisioningError, RuntimeError):
+    """Revoked at the gateway, not (yet) at the broker: running the command again finishes."""
 
 
 def check_new_id(device_id: str) -> str:
@@ -267,13 +271,21 @@ def revoke_device(
     at_gateway = client.revoke_device(device_id)
     if not any(pki.common_name(c) == device_id for c in site.issued()):
         return Revoked(device_id, cancelled, at_gateway, None)
-    result = revoke_certificate(
-        site.layout.root,
-        f"cn:{device_id}",
-        broker=broker,
-        broker_address=broker_address,
-        reason=reason or "revoked by `ansimi provision device revoke`",
-    )
+    try:
+        result = revoke_certificate(
+            site.layout.root,
+            f"cn:{device_id}",
+            broker=broker,
+            broker_address=broker_address,
+            reason=reason or "revoked by `ansimi provision device revoke`",
+        )
+    except BrokerControlError as exc:
+        # the gateway already refuses it, and the CRL and ACL are written: say what is left
+        raise PartialRevocation(
+            f"{device_id} is revoked at the gateway (its messages are refused) and its "
+            f"certificate is on the CRL, but the broker was not reloaded: {exc}. Fix that and "
+            "run this command again"
+        ) from None
     return Revoked(device_id, cancelled, at_gateway, result)
 
 

@@ -448,3 +448,22 @@ async def test_rotation_makes_a_new_key_on_the_device_and_then_revokes_the_old_c
         assert agent.link.connected
         press(agent)
         await eventually(lambda: alerts_of(database, "bell-0012") == 2)
+
+
+async def test_a_revoke_the_broker_missed_says_so_and_finishes_when_run_again(rig: Rig) -> None:
+    added = await rig.add("bell-0013")
+    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "d13")
+    assert code == 0, out + err
+    gone = rig.tmp / "gone.pid"
+    gone.write_text("4194303\n")  # above any pid this kernel hands out by default
+    args = ["provision", "device", "revoke", "bell-0013", "--dir", str(rig.site.layout.root)]
+    args += ["--gateway", rig.url, "--json"]
+    code, out, err = await rig.ansimi(*args, "--pid-file", str(gone))
+    assert code == 6, out + err
+    assert "run this command again" in json.loads(out)["error"]
+    device = rig.gateway.store.device("bell-0013")
+    assert device is not None and device.revoked
+    code, out, err = await rig.ansimi(*args, "--pid-file", str(rig.pid_file))
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["broker_reloaded"] and report["certificates_revoked"] == []
