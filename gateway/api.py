@@ -22,9 +22,11 @@ import asyncio
 import hmac
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from aiohttp import web
@@ -62,6 +64,25 @@ class ApiRoute:
     handler: Handler
     role: Role
     operation: dict[str, Any] = field(default_factory=dict)
+
+
+class ApiTlsError(ValueError):
+    """The API's certificate or key cannot be used."""
+
+
+def tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """The server side of HTTPS for the API; raises ApiTlsError naming the file and the fix."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert_file), str(key_file))
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise ApiTlsError(
+            f"api.cert_file {cert_file} / api.key_file {key_file}: cannot load them "
+            f"({reason}). Fix: point both at a readable PEM certificate chain and its key"
+        ) from None
+    return context
 
 
 class NewDevice(BaseModel):
@@ -178,12 +199,12 @@ class Api:
             },
         }
 
-    async def serve(self, host: str, port: int) -> None:
-        """Serve until cancelled (a task in the gateway's TaskGroup)."""
+    async def serve(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        """Serve until cancelled (a task in the gateway's TaskGroup); HTTPS with `tls`."""
         runner = web.AppRunner(self.app(), access_log=None)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, ssl_context=tls).start()
             self.port = int(runner.addresses[0][1])  # the real one when `port` is 0
             log.info("api: listening on %s:%s", host, self.port)
             await asyncio.Event().wait()

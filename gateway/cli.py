@@ -40,6 +40,7 @@ def gateway() -> None:
 )
 def run(config_path: Path) -> None:
     """Run the gateway until stopped."""
+    from gateway.api import ApiTlsError
     from gateway.service import Gateway
 
     try:
@@ -48,7 +49,7 @@ def run(config_path: Path) -> None:
         raise click.ClickException(str(exc)) from None
     try:
         service = Gateway(config, config_path=config_path)
-    except (FileNotFoundError, ProtocolError) as exc:  # no signing key, or not a key
+    except (FileNotFoundError, ProtocolError, ApiTlsError) as exc:  # keys, certificates
         raise click.ClickException(f"{config_path}: {exc}") from None
     except (OSError, sqlite3.Error) as exc:
         raise click.ClickException(

@@ -200,12 +200,18 @@ class ApiConfig(_Section):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8480
+    # HTTPS: this server's certificate chain and key (PEM); bearer tokens must not cross a
+    # network in clear, so set these unless the API stays on loopback or behind a proxy
+    cert_file: Path | None = None
+    key_file: Path | None = None
     tokens: list[ApiToken] = []
 
     @model_validator(mode="after")
     def _usable(self) -> ApiConfig:
         if self.enabled and not self.tokens:
             raise ValueError("the API is enabled but has no [[api.tokens]]: add at least one")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both api.cert_file and api.key_file for HTTPS, or neither")
         names = [t.name for t in self.tokens]
         if len(names) != len(set(names)):
             raise ValueError("two [[api.tokens]] share a name: give each its own")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ansimi import sdnotify
 from ansimi.mqtt import Message, Session, Settings, TlsFiles
-from gateway.api import Api
+from gateway.api import Api, tls_context
 from gateway.config import GatewayConfig
 from gateway.downlink import Downlink
 from gateway.forward import Forwarder
@@ -119,6 +119,11 @@ class Gateway:
             from gateway.video.whep import api_routes
 
             self.api.add_routes(api_routes(self.video))
+        # loaded now, so a bad certificate stops start-up with its name, not a task later
+        api = config.api
+        self.api_tls = None
+        if api.enabled and api.cert_file is not None and api.key_file is not None:
+            self.api_tls = tls_context(api.cert_file, api.key_file)
         self.ready = asyncio.Event()
 
     def _on_message(self, message: Message) -> None:
@@ -164,7 +169,7 @@ class Gateway:
                     tasks.create_task(self.video.run(), name="video")
                 if self.config.api.enabled:
                     api = self.config.api
-                    tasks.create_task(self.api.serve(api.host, api.port), name="api")
+                    tasks.create_task(self.api.serve(api.host, api.port, self.api_tls), name="api")
                 await self.session.wait_connected()
                 await self.session.subscribe([(self.subscription(), 1)])
                 self.ready.set()

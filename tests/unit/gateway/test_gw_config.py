@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from ansimi.cli import cli
 from ansimi.config import ConfigError, load_config
 from gateway.config import GatewayConfig
+from protocol.keys import generate_key, save_private_key
 
 
 def run(config: Path) -> tuple[int, str]:
@@ -27,6 +28,7 @@ def run(config: Path) -> tuple[int, str]:
         ('[[api.tokens]]\nname = "central"\n', "set exactly one of token and token_file"),
         ('[[api.tokens]]\nname = "central"\ntoken = "short"\n', "key `api.tokens.0.token`"),
         ("[mqtt]\nportt = 1\n", "key `mqtt.portt`: Extra inputs are not permitted"),
+        ('[api]\ncert_file = "/x.crt"\n', "set both api.cert_file and api.key_file"),
         ("[api\n", "not valid TOML"),
     ],
 )
@@ -65,6 +67,20 @@ def test_a_bad_key_file_or_database_path_is_named(tmp_path: Path) -> None:
     config.write_text(f'database = "{blocker}/gw.db"\n')
     code, output = run(config)
     assert code == 1 and "cannot open the database" in output and "Fix:" in output
+
+
+def test_an_api_certificate_that_cannot_be_loaded_stops_the_cli(tmp_path: Path) -> None:
+    key = tmp_path / "signing.key"
+    save_private_key(key, generate_key())
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'signing_key = "{key}"\ndatabase = "{tmp_path}/gw.db"\n[api]\nenabled = true\n'
+        f'cert_file = "{tmp_path}/api.crt"\nkey_file = "{tmp_path}/api.key"\n'
+        '[[api.tokens]]\nname = "central"\ntoken = "a-long-enough-token"\n'
+    )
+    code, output = run(config)
+    assert code == 1 and "api.cert_file" in output and "Fix:" in output
+    assert "Traceback" not in output
 
 
 def test_tokens_come_from_a_file_and_a_missing_one_is_named(tmp_path: Path) -> None:
