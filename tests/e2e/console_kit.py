@@ -31,7 +31,14 @@ from device.hal import Hardware
 from device.hal.camera import SyntheticCamera
 from device.hal.fakes import FakeIndicator, FakeInputs
 from device.video.config import VideoConfig as DeviceVideo
-from gateway.config import ApiConfig, ApiToken, Centre, GatewayConfig, MqttConfig
+from gateway.config import (
+    ApiConfig,
+    ApiToken,
+    Centre,
+    GatewayConfig,
+    MqttConfig,
+    SuperviseConfig,
+)
 from gateway.service import Gateway
 from gateway.store import Device
 from gateway.video.config import VideoConfig as GatewayVideo
@@ -57,6 +64,8 @@ CHROMIUM_ARGS = [
     "--allow-loopback-in-peer-connection",
     "--disable-features=WebRtcHideLocalIpsWithMdns",
 ]
+# short, so an offline device is noticed within seconds in a test
+HEARTBEAT_S = 1.0
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "e2e"
 
 
@@ -92,6 +101,14 @@ class ConsoleSite:
     url: str
     bells: dict[str, Bell]
     received_ms: dict[str, int]  # event id -> when the console's webhook kept it
+    tasks: dict[str, asyncio.Task[None]]
+
+    async def silence(self, device_id: str) -> None:
+        """Stop a device's agent, as if its power and battery died: no more heartbeats."""
+        task = self.tasks[device_id]
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     @property
     def video(self) -> bool:
@@ -110,7 +127,7 @@ def _agent(
             gateway=GatewaySection(
                 id=gateway_signer.kid, public_key=public_key_to_b64(gateway_signer.public_key)
             ),
-            mqtt=MqttSection(host="127.0.0.1", port=mqtt_port, heartbeat_s=5),
+            mqtt=MqttSection(host="127.0.0.1", port=mqtt_port, heartbeat_s=HEARTBEAT_S),
             video=DeviceVideo(loopback_candidates=True),
         ),
         signer=Signer(device_id, key),
@@ -134,6 +151,7 @@ async def console_site(state: Path, mqtt_port: int) -> AsyncIterator[ConsoleSite
             enabled=True, port=0, tokens=[ApiToken(name="console", role="operator", token=TOKEN)]
         ),
         video=GatewayVideo(recordings_dir=state / "recordings", loopback_candidates=True),
+        supervise=SuperviseConfig(heartbeat_s=HEARTBEAT_S, missed=3, tick_s=0.2),
         centres=[
             Centre(name="central", url=f"http://127.0.0.1:{console_port}/events", secret=SECRET)
         ],
@@ -149,8 +167,8 @@ async def console_site(state: Path, mqtt_port: int) -> AsyncIterator[ConsoleSite
         gateway.store.add_device(Device(device_id, key_b64, kind, "mapo", label), now_ms=0)  # type: ignore[arg-type]
     gateway.registry.reload()
 
-    tasks = [asyncio.ensure_future(gateway.run())]
-    tasks += [asyncio.ensure_future(b.agent.run()) for b in bells.values()]
+    agent_tasks = {d: asyncio.create_task(b.agent.run()) for d, b in bells.items()}
+    tasks = [asyncio.ensure_future(gateway.run()), *agent_tasks.values()]
     runner: web.AppRunner | None = None
     client: GatewayClient | None = None
     db = state / "console.db"
@@ -173,7 +191,8 @@ async def console_site(state: Path, mqtt_port: int) -> AsyncIterator[ConsoleSite
         await web.TCPSite(runner, "127.0.0.1", console_port).start()
         for bell in bells.values():
             await asyncio.wait_for(bell.agent.ready.wait(), 20)
-        yield ConsoleSite(gateway, console, f"http://127.0.0.1:{console_port}", bells, received)
+        url = f"http://127.0.0.1:{console_port}"
+        yield ConsoleSite(gateway, console, url, bells, received, agent_tasks)
     finally:
         if runner is not None:
             await runner.cleanup()

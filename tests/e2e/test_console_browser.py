@@ -114,6 +114,18 @@ async def test_device_events_show_tamper_and_power(
     await screenshot(page, "tamper-and-power")
 
 
+async def test_an_offline_device_shows_on_the_page(
+    site: ConsoleSite, browser: BrowserContext
+) -> None:
+    page = await signed_in_page(browser, site.url)
+    await site.silence(BELL)
+    # signed by the gateway, not the device: checked with the gateway's configured key
+    offline = page.locator(f"#events li[data-type='status'][data-device-id='{BELL}']")
+    await offline.wait_for(timeout=30_000)
+    assert "Device offline" in await offline.inner_text()
+    await screenshot(page, "device-offline")
+
+
 async def test_the_door_camera_plays_in_the_page(
     site: ConsoleSite, browser: BrowserContext
 ) -> None:
