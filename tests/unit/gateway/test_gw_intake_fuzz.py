@@ -43,9 +43,14 @@ def _valid(env: Env, body: Body, device: str, seq: int = 10**6) -> bytes:
 @st.composite
 def hostile(draw: st.DrawFn, env: Env) -> MqttMessage:
     body = draw(st.sampled_from(BODIES))
-    kind = draw(st.sampled_from(("random", "truncated", "flipped", "resigned")))
+    kind = draw(st.sampled_from(("random", "truncated", "flipped", "resigned", "oversized")))
     if kind == "random":
         return MqttMessage(draw(topics), draw(st.binary(max_size=2048)), 1)
+    if kind == "oversized":  # a valid message with more after it, past the size limit
+        padding = b"A" * (16 * 1024) + draw(st.binary(min_size=1, max_size=64))
+        return MqttMessage(
+            up_topic("bell-0001", "alert"), _valid(env, ALERT, "bell-0001") + padding, 1
+        )
     if kind == "resigned":
         # bell-0002 (registered) signs a message about bell-0001, or bell-0001's own
         # message is sent on bell-0002's topic: a device may speak only for itself
