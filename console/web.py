@@ -248,6 +248,8 @@ class ConsoleApp:
             password = str(data["password"])
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": "send JSON {name, password}"}, status=400)
+        if len(self._login_failures) > 10_000:  # made-up names must not grow it forever
+            self._login_failures.clear()
         failures = self._login_failures.setdefault(name, deque(maxlen=LOGIN_FAILURES_MAX))
         now = time.monotonic()
         if len(failures) == LOGIN_FAILURES_MAX and now - failures[0] < LOGIN_FAILURE_WINDOW_S:

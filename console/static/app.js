@@ -87,6 +87,10 @@ async function start() {
   $("login-form").addEventListener("submit", login);
   $("logout").addEventListener("click", logout);
   $("video-close").addEventListener("click", closeVideo);
+  // browsers allow sound only after a gesture: a page reopened with a live session has
+  // had none, so the first click or key anywhere unlocks the alarm sound
+  document.addEventListener("pointerdown", unlockAudio);
+  document.addEventListener("keydown", unlockAudio);
   applyLanguage();
   const me = await fetch("/api/me", { credentials: "same-origin" });
   if (me.ok) await signedIn(await me.json());

@@ -151,3 +151,13 @@ async def test_sign_out_ends_the_session(tmp_path: Path) -> None:
             assert r.status == 200
         async with d.client.get("/api/me") as r:
             assert r.status == 401
+
+
+async def test_repeated_failed_sign_ins_are_slowed_and_audited(tmp_path: Path) -> None:
+    async with desk(tmp_path) as d:
+        for _ in range(5):
+            assert await d.sign_in(password="wrong password!") == 401
+        # now even the right password waits
+        assert await d.sign_in() == 429
+        actions = [row[3] for row in d.console.operators.audit_rows()]
+        assert actions.count("login_failed") == 5 and "login_refused" in actions
