@@ -363,6 +363,15 @@ def enroll(
     )
 
 
+def split_label_url(url: str) -> tuple[str, str | None]:
+    """The QR label's text, `<gateway>/enrol#token=<token>`, as (gateway URL, token); any
+    other URL comes back as it is, with no token."""
+    base, _, fragment = url.partition("#")
+    if not fragment.startswith("token=") or not base.rstrip("/").endswith("/enrol"):
+        return url, None
+    return base.rstrip("/").removesuffix("/enrol"), fragment.removeprefix("token=")
+
+
 def ssh_command(
     target: str,
     gateway: str,
@@ -399,7 +408,11 @@ def ssh_command(
 
 @click.command("enroll")
 @click.option("--gateway", required=True, help="the gateway's HTTPS URL, e.g. https://gw:8443")
-@click.option("--token", required=True, help="the one-time enrolment token ('-': read stdin)")
+@click.option(
+    "--token",
+    help="the one-time enrolment token ('-': read stdin) [from --gateway if it is the label's "
+    "URL, .../enrol#token=...]",
+)
 @click.option(
     "--ca-file",
     help="the site CA certificate the gateway's HTTPS certificate is signed by ('-': stdin)",
@@ -428,7 +441,7 @@ def ssh_command(
 @click.option("--max-clock-skew", type=float, default=MAX_SKEW_S, show_default=True)
 def enroll_command(
     gateway: str,
-    token: str,
+    token: str | None,
     ca_file: str | None,
     config_out: Path,
     state_dir: Path,
@@ -441,6 +454,12 @@ def enroll_command(
     """Enrol this device: key made here, certificate from the gateway, config written."""
     if ssh_target and write_key_to:
         raise click.UsageError("--ssh and --write-key-to exclude each other")
+    gateway, from_label = split_label_url(gateway)
+    token = token or from_label
+    if not token:
+        raise click.UsageError(
+            "pass --token, or the label's URL (.../enrol#token=...) as --gateway"
+        )
     stdin_text = sys.stdin.read() if "-" in (token, ca_file) else ""
     if token == "-":  # noqa: S105 - '-' means stdin, not a password
         token, _, stdin_text = stdin_text.partition("\n")

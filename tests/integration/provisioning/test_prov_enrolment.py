@@ -238,7 +238,13 @@ async def test_an_expired_token_is_refused_and_nothing_is_written(rig: Rig) -> N
 
 async def test_a_used_token_cannot_be_used_again(rig: Rig) -> None:
     added = await rig.add("bell-0003")
-    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "first")
+    first = rig.tmp / "first"
+    # the QR label's URL alone is enough: it carries the gateway and the token
+    code, out, err = await rig.ansimi(
+        "device", "enroll", "--gateway", str(added["url"]),
+        "--ca-file", str(rig.site.layout.ca_cert), "--state-dir", str(first),
+        "--config-out", str(first / "device.toml"),
+    )  # fmt: skip
     assert code == 0, out + err
     code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "second")
     assert code == 3 and "used already" in err
@@ -386,6 +392,17 @@ async def test_provision_device_revoke_cuts_the_device_off_within_10s(rig: Rig) 
         assert alerts_of(database, "bell-0011") == 1
         device = rig.gateway.store.device("bell-0011")
         assert device is not None and device.revoked
+
+    code, out, err = await rig.ansimi(
+        "provision", "device", "check", "bell-0011", "--dir", str(rig.site.layout.root),
+        "--gateway", rig.url, "--device-config", str(device_dir / "device.toml"),
+    )  # fmt: skip
+    assert code == 5, out + err
+    assert "REVOKED" in out and "0 valid of 1 issued" in out
+    code, out, err = await rig.ansimi(
+        "provision", "device", "list", "--dir", str(rig.site.layout.root), "--gateway", rig.url
+    )
+    assert code == 0 and "bell-0011" in out and "revoked" in out
 
 
 async def test_rotation_makes_a_new_key_on_the_device_and_then_revokes_the_old_cert(

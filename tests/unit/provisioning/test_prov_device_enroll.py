@@ -15,7 +15,16 @@ from click.testing import CliRunner
 from ansimi.broker import free_port
 from ansimi.cli import cli
 from device.config import DeviceConfig
-from device.enroll import EnrollError, Paths, check_clock, enroll, render_config, ssh_command
+from device.enroll import (
+    EnrollError,
+    Paths,
+    check_clock,
+    enroll,
+    render_config,
+    split_label_url,
+    ssh_command,
+)
+from provisioning.devices import enrol_url
 from provisioning.site import init_site
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, 0, tzinfo=dt.UTC)
@@ -154,3 +163,10 @@ def test_a_label_that_cannot_be_written_stops_add_before_the_gateway(tmp_path: P
         *common, "--json", env=token,
     )  # fmt: skip
     assert code == 1 and "not a directory" in json.loads(out)["error"]
+
+
+def test_the_label_url_gives_the_gateway_and_the_token() -> None:
+    url = enrol_url("https://gw.example:8443/", "bell-0001.secret-part")
+    assert url == "https://gw.example:8443/enrol#token=bell-0001.secret-part"
+    assert split_label_url(url) == ("https://gw.example:8443", "bell-0001.secret-part")
+    assert split_label_url("https://gw.example:8443") == ("https://gw.example:8443", None)
