@@ -215,12 +215,16 @@ class Api:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.match_info.http_exception is not None:
+            return await handler(request)  # aiohttp's own 404/405: nothing to protect
         route = request.match_info.route
         resource = route.resource
         path = resource.canonical if resource is not None else ""
-        role = self._roles.get((route.method, path)) if resource is not None else None
-        if role is None or role == "public":
-            return await handler(request)  # public, or aiohttp's own 404/405
+        # fail closed: a route that did not come through add_routes() has no role and
+        # is treated as an admin route
+        role = self._roles.get((route.method, path), "admin")
+        if role == "public":
+            return await handler(request)
         token = self._token_of(request)
         if token is None:
             return web.json_response(

@@ -215,6 +215,22 @@ async def test_admin_registers_and_revokes_with_immediate_effect(site: Site) -> 
     assert (await site.call("POST", "/admin/devices/bell-0404/revoke", token=ADMIN))[0] == 404
 
 
+async def test_a_route_added_behind_the_apis_back_is_closed(site: Site) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="secret")
+
+    app = site.api.app()
+    app.router.add_get("/sneaky", handler)  # allow_head: HEAD /sneaky too
+    async with TestClient(TestServer(app)) as client:
+        for method in ("GET", "HEAD"):
+            async with client.request(method, "/sneaky") as response:
+                assert response.status == 401
+        async with client.get("/sneaky", headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+            assert r.status == 200
+        async with client.request("HEAD", "/devices") as response:
+            assert response.status == 405  # no HEAD route: aiohttp says so
+
+
 def test_an_added_route_must_be_described(site: Site) -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.Response()
