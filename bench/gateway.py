@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from protocol.topics import down_topic, up_topic  # noqa: E402
 GATEWAY_ID = "gw-bench"
 PAYLOAD_BYTES = 300
 TIME_LIMIT_S = 25.0  # per phase: the whole run stays well under two minutes
+PACED_S = 5.0  # the paced phase: latency when the gateway is not saturated
 
 
 def key_for(name: str) -> Ed25519PrivateKey:
@@ -132,7 +134,7 @@ def raw_publisher(port: int, count: int) -> None:
 # ---- the gateway --------------------------------------------------------------------------
 
 
-def prepare_gateway(state: Path, port: int, devices: list[str]) -> Path:
+def prepare_gateway(state: Path, port: int, devices: list[str], mqtt_version: int) -> Path:
     from gateway.store import Device, SqliteStore
     from protocol.keys import save_private_key
 
@@ -147,7 +149,7 @@ def prepare_gateway(state: Path, port: int, devices: list[str]) -> Path:
     config.write_text(
         f'id = "{GATEWAY_ID}"\nsigning_key = "{state / "signing.key"}"\n'
         f'database = "{state / "gateway.db"}"\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nversion = {mqtt_version}\n'
     )
     return config
 
@@ -188,95 +190,157 @@ def _ack_of(payload: bytes) -> tuple[str, str]:
     return data["body"]["ref"], data["body"]["stage"]
 
 
-async def _load(port: int, devices: list[str], per_device: int, window: int) -> dict[str, Any]:
-    gateway_key = key_for(GATEWAY_ID).public_key()
-    # sign everything first: the device's signing is not what is measured
-    now = time.time_ns() // 1_000_000
-    tokens: dict[str, list[tuple[str, bytes]]] = {}
-    for device in devices:
-        signer = Signer(device, key_for(device))
-        queue = []
-        for seq in range(1, per_device + 1):
-            msg = build_message(
-                Alert(bell="emergency", trigger="press"), device=device, seq=seq, ts=now
-            )
-            queue.append((msg.id, seal(msg, signer).encode()))
-        tokens[device] = queue
-    sent_at: dict[str, float] = {}
-    latencies: list[float] = []
-    verified = 0
-    total = len(devices) * per_device
-    finished = asyncio.Event()
-    sessions: dict[str, Session] = {}
-    cursor = dict.fromkeys(devices, 0)
+class Load:
+    """Device connections with alerts signed beforehand, timing each alert to its ack."""
 
-    def send_next(device: str) -> None:
-        i = cursor[device]
-        if i >= per_device:
-            return
-        cursor[device] = i + 1
-        alert_id, token = tokens[device][i]
-        sent_at[alert_id] = time.perf_counter()
-        sessions[device].publish(up_topic(device, "alert"), token)
+    def __init__(self, port: int, devices: list[str], per_device: int) -> None:
+        self.port = port
+        self.devices = devices
+        self.gateway_key = key_for(GATEWAY_ID).public_key()
+        # sign everything first: the device's own signing (~20 us) is not what is measured
+        now = time.time_ns() // 1_000_000
+        self.tokens: dict[str, list[tuple[str, bytes]]] = {}
+        for device in devices:
+            signer = Signer(device, key_for(device))
+            queue = []
+            for seq in range(1, per_device + 1):
+                msg = build_message(
+                    Alert(bell="emergency", trigger="press"), device=device, seq=seq, ts=now
+                )
+                queue.append((msg.id, seal(msg, signer).encode()))
+            self.tokens[device] = queue
+        self.cursor = dict.fromkeys(devices, 0)
+        self.sessions: dict[str, Session] = {}
+        self.sent_at: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.verified = 0
+        self.expected = 0
+        self.done = asyncio.Event()
+        self.closed_loop = False
+        self.limit = per_device  # alerts a device may have sent by the end of this phase
 
-    def on_message(device: str) -> Any:
+    async def connect(self) -> list[asyncio.Task[None]]:
+        tasks = []
+        for device in self.devices:
+            # MQTT 3.1.1 on the load side only: it spares the load process paho's v5
+            # property objects (CPU it would take from the gateway on two shared cores); the
+            # gateway's own connection is set apart (--gateway-mqtt), the broker translates
+            settings = Settings("127.0.0.1", self.port, device, version=311, persistent=False)
+            self.sessions[device] = Session(settings, self._handler(device))
+            tasks.append(asyncio.create_task(self.sessions[device].run()))
+        for session in self.sessions.values():
+            await session.wait_connected(10)
+        await asyncio.gather(
+            *(s.subscribe([(down_topic(d, "ack"), 1)]) for d, s in self.sessions.items())
+        )
+        return tasks
+
+    def send_next(self, device: str) -> bool:
+        i = self.cursor[device]
+        if i >= self.limit:
+            return False
+        self.cursor[device] = i + 1
+        alert_id, token = self.tokens[device][i]
+        self.sent_at[alert_id] = time.perf_counter()
+        self.sessions[device].publish(up_topic(device, "alert"), token)
+        return True
+
+    def _handler(self, device: str) -> Callable[[Message], None]:
         def handle(message: Message) -> None:
-            nonlocal verified
             ref, stage = _ack_of(message.payload)
-            if stage != "received" or ref not in sent_at:
+            sent = self.sent_at.pop(ref, None) if stage == "received" else None
+            if sent is None:
                 return
-            latencies.append(time.perf_counter() - sent_at.pop(ref))
-            if verified < 200:  # a sample is checked as the device would, signature and all
-                opened = open_for_device(message.payload, {GATEWAY_ID: gateway_key}.get, device)  # type: ignore[arg-type]
+            self.latencies.append(time.perf_counter() - sent)
+            if self.verified < 200:  # a sample is checked as the device would, signature too
+                keys = {GATEWAY_ID: self.gateway_key}
+                opened = open_for_device(message.payload, keys.__getitem__, device)
                 assert isinstance(opened.message, AckMessage)
-                verified += 1
-            if len(latencies) >= total:
-                finished.set()
-            send_next(device)
+                self.verified += 1
+            if len(self.latencies) >= self.expected:
+                self.done.set()
+            if self.closed_loop:
+                self.send_next(device)
 
         return handle
 
-    tasks = []
-    for device in devices:
-        # MQTT 3.1.1 on the load side only: it spares the load process paho's v5 property
-        # objects (CPU it would take from the gateway on two shared cores); the gateway's own
-        # connection stays v5 with its shared subscription, the broker translates
-        settings = Settings("127.0.0.1", port, client_id=device, version=311, persistent=False)
-        session = Session(settings, on_message(device))
-        sessions[device] = session
-        tasks.append(asyncio.create_task(session.run()))
-    for session in sessions.values():
-        await session.wait_connected(10)
-    await asyncio.gather(*(s.subscribe([(down_topic(d, "ack"), 1)]) for d, s in sessions.items()))
-    start = time.perf_counter()
-    cpu_start = cpu_s()
-    for device in devices:
-        for _ in range(window):
-            send_next(device)
+    def _phase_result(self, elapsed: float, cpu: float) -> dict[str, Any]:
+        latencies = sorted(self.latencies)
+        return {
+            "acked": len(latencies),
+            "sent": self.expected,
+            "seconds": elapsed,
+            "alerts_per_s": len(latencies) / elapsed,
+            "p50_ms": percentile(latencies, 0.50) * 1000,
+            "p99_ms": percentile(latencies, 0.99) * 1000,
+            "max_ms": (latencies[-1] if latencies else float("nan")) * 1000,
+            "load_cpu_s": cpu,
+        }
+
+    async def saturate(self, per_device: int, window: int) -> dict[str, Any]:
+        """Closed loop: each device keeps `window` alerts in flight, sending on each ack."""
+        self.latencies, self.done, self.closed_loop = [], asyncio.Event(), True
+        self.expected = len(self.devices) * per_device
+        self.limit = per_device
+        start, cpu = time.perf_counter(), cpu_s()
+        for device in self.devices:
+            for _ in range(window):
+                self.send_next(device)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.done.wait(), TIME_LIMIT_S)
+        return self._phase_result(time.perf_counter() - start, cpu_s() - cpu)
+
+    async def paced(self, rate: float, seconds: float) -> dict[str, Any]:
+        """Open loop: alerts at a steady `rate`, round robin over the devices."""
+        self.latencies, self.done, self.closed_loop = [], asyncio.Event(), False
+        self.expected = int(rate * seconds)
+        self.limit = len(next(iter(self.tokens.values())))
+        start, cpu = time.perf_counter(), cpu_s()
+        sent = 0
+        while sent < self.expected:
+            due = min(self.expected, int((time.perf_counter() - start) * rate) + 1)
+            while sent < due:
+                self.send_next(self.devices[sent % len(self.devices)])
+                sent += 1
+            await asyncio.sleep(0.002)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.done.wait(), 10)
+        result = self._phase_result(time.perf_counter() - start, cpu_s() - cpu)
+        result["rate"] = rate
+        return result
+
+
+async def _load(
+    port: int, devices: list[str], per_device: int, window: int, rate: float, paced_s: float
+) -> dict[str, Any]:
+    # enough for the paced phase at up to 10,000/s or the given rate
+    paced_per_device = int(max(rate, 10_000) * paced_s) // len(devices) + 1
+    load = Load(port, devices, per_device + paced_per_device)
+    tasks = await load.connect()
+    print("ready", flush=True)
+    result = await load.saturate(per_device, window)
+    print("saturated", flush=True)
+    # let the last of the saturating phase drain, so that it does not count in the next
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(finished.wait(), TIME_LIMIT_S)
-    elapsed = time.perf_counter() - start
-    load_cpu = cpu_s() - cpu_start
-    for session in sessions.values():
+        async with asyncio.timeout(10):
+            while load.sent_at:  # noqa: ASYNC110 - the ack handlers empty it; a poll is enough
+                await asyncio.sleep(0.05)
+    load.sent_at.clear()
+    # what an alert waits when the gateway is not the bottleneck: by default at half the
+    # rate it just sustained
+    result["paced"] = await load.paced(rate or result["alerts_per_s"] / 2, paced_s)
+    result["acks_verified"] = load.verified
+    for session in load.sessions.values():
         await session.close()
     for task in tasks:
         task.cancel()
-    latencies.sort()
-    return {
-        "acked": len(latencies),
-        "sent": total,
-        "seconds": elapsed,
-        "alerts_per_s": len(latencies) / elapsed,
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-        "max_ms": (latencies[-1] if latencies else float("nan")) * 1000,
-        "acks_verified": verified,
-        "load_cpu_s": load_cpu,
-    }
+    return result
 
 
-def run_load(port: int, n_devices: int, per_device: int, window: int) -> None:
-    result = asyncio.run(_load(port, device_ids(n_devices), per_device, window))
+def run_load(
+    port: int, n_devices: int, per_device: int, window: int, rate: float, paced_s: float
+) -> None:
+    result = asyncio.run(_load(port, device_ids(n_devices), per_device, window, rate, paced_s))
     print(json.dumps(result), flush=True)
 
 
@@ -301,10 +365,10 @@ def _last_json(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
     return result
 
 
-def _wait_ready(proc: subprocess.Popen[str]) -> None:
+def _wait_ready(proc: subprocess.Popen[str], word: str = "ready") -> None:
     assert proc.stdout is not None
     line = proc.stdout.readline()
-    if line.strip() != "ready":
+    if line.strip() != word:
         proc.kill()
         raise SystemExit(f"child {proc.args!r} did not start: {line!r}")
 
@@ -325,9 +389,11 @@ def through_gateway(
     per_device: int,
     window: int,
     profile: Path | None,
+    mqtt_version: int,
+    rate: float,
 ) -> dict[str, Any]:
     port = broker.port
-    config = prepare_gateway(state, port, device_ids(n_devices))
+    config = prepare_gateway(state, port, device_ids(n_devices), mqtt_version)
     args = ["--role", "gateway", "--config", str(config)]
     if profile is not None:
         args += ["--profile", str(profile)]
@@ -335,7 +401,7 @@ def through_gateway(
     try:
         _wait_ready(gateway)
         assert broker.process is not None
-        before = cpu_s(gateway.pid), cpu_s(broker.process.pid)
+        pids = gateway.pid, broker.process.pid
         load = _child(
             "--role",
             "load",
@@ -347,10 +413,17 @@ def through_gateway(
             str(per_device),
             "--window",
             str(window),
+            "--rate",
+            str(rate),
         )
+        # the load says when the saturating phase starts and ends: CPU is counted in between
+        _wait_ready(load)
+        before = [cpu_s(pid) for pid in pids]
+        _wait_ready(load, "saturated")
+        after = [cpu_s(pid) for pid in pids]
         result = _last_json(load, TIME_LIMIT_S + 30)
-        result["gateway_cpu_s"] = cpu_s(gateway.pid) - before[0]
-        result["broker_cpu_s"] = cpu_s(broker.process.pid) - before[1]
+        result["gateway_cpu_s"] = after[0] - before[0]
+        result["broker_cpu_s"] = after[1] - before[1]
         return result
     finally:
         assert gateway.stdin is not None
@@ -370,8 +443,21 @@ def main() -> None:
     parser.add_argument("--alerts", type=int, default=30_000, help="through the gateway")
     parser.add_argument("--raw", type=int, default=100_000, help="baseline messages")
     parser.add_argument("--window", type=int, default=2, help="alerts in flight per device")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        help="alerts/s of the paced phase (default: half the saturated rate)",
+    )
     parser.add_argument("--config", type=Path)
     parser.add_argument("--profile", type=Path, help="cProfile the gateway into this file")
+    parser.add_argument(
+        "--gateway-mqtt",
+        type=int,
+        choices=(5, 311),
+        default=5,
+        help="the gateway's MQTT version (its shared subscription works with both)",
+    )
     args = parser.parse_args()
     if args.role == "raw-sub":
         return raw_subscriber(args.port, args.count)
@@ -380,7 +466,7 @@ def main() -> None:
     if args.role == "gateway":
         return run_gateway(args.config, args.profile)
     if args.role == "load":
-        return run_load(args.port, args.devices, args.count, args.window)
+        return run_load(args.port, args.devices, args.count, args.window, args.rate, PACED_S)
 
     per_device = max(1, args.alerts // args.devices)
     with tempfile.TemporaryDirectory(prefix="ansimi-bench-") as tmp:
@@ -397,6 +483,8 @@ def main() -> None:
                 per_device,
                 args.window,
                 args.profile,
+                args.gateway_mqtt,
+                args.rate,
             )
         finally:
             broker.stop()
@@ -407,14 +495,21 @@ def main() -> None:
         f"{raw['msg_per_s']:,.0f} msg/s ({raw['received']:,} messages)"
     )
     print(
-        f"gateway: {args.devices} device connections, {args.window} alerts in flight each, "
-        f"no centres: {gw['alerts_per_s']:,.0f} alerts/s "
+        f"gateway (MQTT {args.gateway_mqtt}, no centres): {args.devices} device connections, "
+        f"{args.window} alerts in flight each: {gw['alerts_per_s']:,.0f} alerts/s "
         f"({gw['acked']:,}/{gw['sent']:,} acked in {gw['seconds']:.1f} s)"
     )
     print(
         f"press-to-ack latency: p50 {gw['p50_ms']:.1f} ms, p99 {gw['p99_ms']:.1f} ms, "
         f"max {gw['max_ms']:.1f} ms; {gw['acks_verified']} acks signature-checked"
     )
+    paced = gw.get("paced")
+    if paced:
+        print(
+            f"paced at {paced['rate']:,.0f} alerts/s: {paced['acked']:,}/{paced['sent']:,} acked, "
+            f"p50 {paced['p50_ms']:.1f} ms, p99 {paced['p99_ms']:.1f} ms, "
+            f"max {paced['max_ms']:.1f} ms"
+        )
     per_alert = {
         k: gw[f"{k}_cpu_s"] / max(gw["acked"], 1) * 1e6 for k in ("gateway", "load", "broker")
     }
@@ -437,6 +532,12 @@ def main() -> None:
                     "devices": args.devices,
                     "in_flight_per_device": args.window,
                     "centres": 0,
+                    "gateway_mqtt": args.gateway_mqtt,
+                    "paced": paced
+                    and {
+                        k: round(paced[k], 2)
+                        for k in ("rate", "acked", "sent", "p50_ms", "p99_ms", "max_ms")
+                    },
                     "gateway_cpu_us_per_alert": round(per_alert["gateway"]),
                     "load_cpu_us_per_alert": round(per_alert["load"]),
                     "broker_cpu_us_per_alert": round(per_alert["broker"]),
