@@ -280,6 +280,18 @@ class SiaBridge:
         self.offset_ms = offset
 
     async def _exchange(self, line: bytes) -> Response:
+        reused = self._writer is not None and not self._writer.is_closing()
+        try:
+            return await self._exchange_once(line)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            if not reused:
+                raise
+        # A receiver may close a connection that sat idle; we learn it only when we write.
+        # One more try on a fresh connection, so that this is not counted as a failure.
+        await self._drop()
+        return await self._exchange_once(line)
+
+    async def _exchange_once(self, line: bytes) -> Response:
         timeout = self.config.ack_timeout_s
         if self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await asyncio.wait_for(

@@ -23,7 +23,7 @@ from ansimi.broker import free_port
 from gateway.config import ForwardConfig, SiaReceiver
 from gateway.forward import Forwarder
 from gateway.metrics import Metrics
-from gateway.sia import SiaBridge
+from gateway.sia import SiaBridge, frame
 from gateway.store import Delivery, Device, Incoming, SqliteStore
 
 ACCOUNT = "1234"
@@ -164,3 +164,34 @@ async def test_a_receiver_that_is_not_there_leaves_the_alert_waiting() -> None:
     outcome = await bridge.send(delivery, "mapo")
     assert not outcome.ok and not outcome.permanent
     assert "ConnectionRefusedError" in (outcome.error or "")
+
+
+async def test_a_connection_the_receiver_closed_while_idle_is_replaced_at_once() -> None:
+    """A receiver that hangs up after each answer: the next message still goes first time."""
+    answered = 0
+
+    async def one_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        line = await reader.readuntil(b"\r")
+        seq = line[line.index(b'"', line.index(b'"') + 1) + 1 :][:4].decode()
+        writer.write(frame(f'"ACK"{seq}L0#{ACCOUNT}[]'))
+        await writer.drain()
+        answered += 1
+        writer.close()
+
+    server = await asyncio.start_server(one_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    bridge = SiaBridge(SiaReceiver(name="monitoring", port=port, account=ACCOUNT))
+    delivery = Delivery(
+        "ev0001", "monitoring", 0, "bell-0001", "alert", 0, json.dumps(alert("press")), "x"
+    )
+    try:
+        for _ in range(3):
+            outcome = await bridge.send(delivery, "mapo")
+            assert outcome.ok, outcome.error
+            await asyncio.sleep(0.05)  # let the hang-up reach us, as after an idle spell
+    finally:
+        await bridge.aclose()
+        server.close()
+        await server.wait_closed()
+    assert answered == 3
