@@ -66,6 +66,8 @@ CREATE TABLE IF NOT EXISTS stages (
 """
 
 
+BUSY_TIMEOUT_S = 30.0
+
 # Columns added after the first release: an existing database gets them on open.
 _ADDED_DEVICE_COLUMNS = {
     "last_seen_ms": "INTEGER",
@@ -208,7 +210,11 @@ class SqliteStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection shared by the intake writer thread and the loop, serialised by
         # a lock: SQLite allows one writer anyway, and this keeps the interface sync.
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        # Several gateway instances on one machine share this file: a writer waits for
+        # another's commit (an fsync, milliseconds) rather than failing after 5 s under load.
+        self._db = sqlite3.connect(
+            str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
+        )
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -221,7 +227,12 @@ class SqliteStore:
             present = {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}
             for column, kind in _ADDED_DEVICE_COLUMNS.items():
                 if column not in present:
-                    self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
+                    try:
+                        self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
+                    except sqlite3.OperationalError as exc:
+                        # another instance starting at the same moment added it first
+                        if "duplicate column" not in str(exc):
+                            raise
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -34,7 +34,7 @@ from protocol.keys import generate_key, public_key_to_b64, save_private_key
 
 SECRET = "centre-secret-for-tests"
 TOKEN = "operator-token-for-tests"
-WAIT_S = 30.0  # generous: two cores shared with the broker, agents and other test runs
+WAIT_S = 60.0  # generous: two cores shared with the broker, agents and other test runs
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = WAIT_S) -> None:

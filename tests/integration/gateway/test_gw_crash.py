@@ -159,3 +159,35 @@ async def test_two_instances_share_the_load_and_one_carries_on_alone(
                 instance.stop()
     assert_each_once(tmp_path, sent)
     assert "Traceback" not in a.log.read_text() + b.log.read_text()
+
+
+async def test_a_broker_outage_is_not_reported_as_every_bell_going_offline(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    fleet = Fleet.create(tmp_path, mosquitto, 3)
+    async with centre(tmp_path) as (_receiver, url):
+        config = load_config(fleet.write_config("gw-a", url, 0), GatewayConfig)
+        # silent for two heartbeats (2 s) is offline: a short test
+        supervise = config.supervise.model_copy(update={"missed": 2})
+        config = config.model_copy(update={"supervise": supervise})
+        timeout_s = config.supervise.timeout_ms / 1000
+        gateway = Gateway(config)
+        task = asyncio.create_task(gateway.run())
+        try:
+            async with agents_running(fleet):
+                await asyncio.wait_for(gateway.ready.wait(), 30)
+                await eventually(lambda: gateway.supervisor.watched() == 3)
+                mosquitto.kill()
+                await eventually(lambda: not gateway.session.connected)
+                # longer than any bell may stay silent: had supervision not paused with the
+                # gateway's own link, every bell would be reported offline by now
+                await asyncio.sleep(timeout_s + 1)
+                offline = gateway.metrics.registry.get_sample_value(
+                    "ansimi_supervision_events_total", {"event": "offline"}
+                )
+                assert offline == 0
+                assert all(d.online for d in gateway.store.devices())
+                mosquitto.start()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
