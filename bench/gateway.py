@@ -72,6 +72,23 @@ def cpu_s(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def verify_rate(seconds: float = 0.3) -> float:
+    """Ed25519 verifications per second now: how fast this machine is while we measure.
+
+    FIELD-NOTES has 16,000/s on an idle core of this kind of machine; a lower figure means
+    neighbours are taking CPU, and every other figure of the run shrinks with it.
+    """
+    key = key_for("speed")
+    public, data = key.public_key(), bytes(PAYLOAD_BYTES)
+    signature = key.sign(data)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(100):
+            public.verify(signature, data)
+        n += 100
+    return n / (time.perf_counter() - start)
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -469,6 +486,7 @@ def main() -> None:
         return run_load(args.port, args.devices, args.count, args.window, args.rate, PACED_S)
 
     per_device = max(1, args.alerts // args.devices)
+    speed_before = verify_rate()
     with tempfile.TemporaryDirectory(prefix="ansimi-bench-") as tmp:
         state = Path(tmp)
         broker = Mosquitto(MosquittoConfig(state_dir=state / "broker", persistence=False))
@@ -488,8 +506,13 @@ def main() -> None:
             )
         finally:
             broker.stop()
+    speed = (speed_before + verify_rate()) / 2
     ratio = gw["alerts_per_s"] / raw["msg_per_s"]
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores")
+    print(
+        f"machine speed now: {speed:,.0f} Ed25519 verify/s on one core "
+        f"(FIELD-NOTES: 16,000 when idle; lower means busy neighbours)"
+    )
     print(
         f"baseline: paho QoS 1, {PAYLOAD_BYTES}-byte payloads, 1 publisher -> 1 subscriber: "
         f"{raw['msg_per_s']:,.0f} msg/s ({raw['received']:,} messages)"
@@ -549,6 +572,7 @@ def main() -> None:
                     "qos": 1,
                 },
                 "ratio": round(ratio, 3),
+                "machine_verify_per_s": round(speed),
             }
         )
     )
