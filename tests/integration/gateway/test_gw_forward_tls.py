@@ -26,9 +26,16 @@ from ansimi.broker import Mosquitto, free_port
 from ansimi.mqtt import Message, Session, Settings
 from console.receiver import EventLog, Receiver
 from gateway.config import Centre, ForwardConfig, GatewayConfig, MqttConfig
+from gateway.forward import HttpsCentre, delivery_body
 from gateway.service import Gateway
-from gateway.store import Device
+from gateway.store import Delivery, Device
 from protocol.envelope import open_for_device, seal
+from protocol.forwarding import (
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    signature_matches,
+)
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
 from protocol.messages import AckMessage, Alert, build_message
@@ -253,3 +260,55 @@ async def test_a_centre_whose_certificate_our_ca_did_not_sign_gets_nothing(
         assert receiver.events.count() == 0
         assert not phone.stage("delivered")
     receiver.events.close()
+
+
+async def test_how_each_answer_of_a_centre_is_taken(tmp_path: Path) -> None:
+    """2xx delivered; 4xx refused for good except 408 and 429; 5xx and no answer retried."""
+    answers = iter(
+        [
+            web.Response(status=201),
+            web.Response(status=401),
+            web.Response(status=404),
+            web.Response(status=408),
+            web.Response(status=429, headers={"Retry-After": "7"}),
+            web.Response(status=503),
+        ]
+    )
+    seen: list[dict[str, str]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return next(answers)
+
+    app = web.Application()
+    app.router.add_post("/events", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    centre = Centre(name="central", url=f"http://127.0.0.1:{port}/events", secret=SECRET)
+    transport = HttpsCentre(centre, ForwardConfig(timeout_s=2.0), lambda: 1_800_000_000_000)
+    delivery = Delivery("ev0001", "central", 0, DEVICE, "alert", 0, '{"trigger":"press"}', "a.b.c")
+    try:
+        try:
+            outcomes = [await transport.send(delivery, "mapo") for _ in range(6)]
+        finally:
+            await runner.cleanup()
+        unreachable = await transport.send(delivery, "mapo")  # nobody listens any more
+    finally:
+        await transport.aclose()
+    assert [(o.ok, o.permanent) for o in outcomes] == [
+        (True, False),
+        (False, True),
+        (False, True),
+        (False, False),
+        (False, False),
+        (False, False),
+    ]
+    assert outcomes[4].retry_after_ms == 7_000
+    assert not unreachable.ok and not unreachable.permanent
+    # every attempt carries the idempotency key and a signature a centre can check
+    body = delivery_body(delivery, "mapo")
+    for headers in seen:
+        assert headers[IDEMPOTENCY_HEADER] == "ev0001"
+        assert signature_matches(SECRET, headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
