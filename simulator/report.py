@@ -125,6 +125,7 @@ def summarise(o: Observed) -> dict[str, Any]:
             "answered_503": o.sink.answered_503,
             "refused": o.sink.receiver.refused,
             "status_events": len(o.sink.statuses),
+            "offline_reports": sum(1 for _, state, _ in o.sink.statuses if state == "offline"),
         },
         "agent_errors": o.agent_errors,
         "downlink_rejected": o.rejected_downlink,
@@ -198,6 +199,9 @@ def verdict(summary: dict[str, Any], s: Any) -> list[str]:
         alerts = sum(n for k, n in a["by_trigger"].items() if k != "cancel")
         if a["acknowledged_on_device"] < alerts:
             fails.append(f"{missing} alerts never showed `acknowledged` on their device")
+    offline = summary["centre"]["offline_reports"]
+    if t.max_offline_reports is not None and offline > t.max_offline_reports:
+        fails.append(f"{offline} devices reported offline (max {t.max_offline_reports})")
     if t.min_availability is not None:
         for name, d in summary["districts"].items():
             if d["availability"] is not None and d["availability"] < t.min_availability:

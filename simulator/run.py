@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -51,6 +52,7 @@ from simulator.sink import Sink
 log = logging.getLogger(__name__)
 
 GATEWAY_ID = "gw-sim"
+DEVICES_PER_WORKER = 2500
 # lines from a worker can carry thousands of sends at once
 WORKER_LINE_LIMIT = 64 * 1024 * 1024
 
@@ -289,8 +291,9 @@ districts = ["*"]
     def _worker_count(self) -> int:
         if self.scenario.workers is not None:
             return self.scenario.workers
-        # one loop holds a few thousand agents comfortably; two cores, so two at most
-        return 1 if len(self.plan.devices) <= 2000 else 2
+        # one loop holds a few thousand agents; the bound is file descriptors: a socket and
+        # an outbox's three SQLite files per agent, under a 20,000 limit per process
+        return max(1, math.ceil(len(self.plan.devices) / DEVICES_PER_WORKER))
 
     async def _start_workers(self) -> None:
         assert self.broker is not None

@@ -188,6 +188,8 @@ class Thresholds(_Model):
     max_duplicates: Annotated[int, Field(ge=0)] | None = None
     reconnect_s: Seconds | None = None
     offline_detect_p95_s: Seconds | None = None
+    # `offline` status events the centre may receive (0 on a quiet night: nobody dropped)
+    max_offline_reports: Annotated[int, Field(ge=0)] | None = None
     # fraction of device-time connected, per district
     min_availability: Fraction | None = None
 

@@ -309,9 +309,11 @@ async def main(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     commands = await _commands()
     worker = Worker(spec)
-    await worker.start_agents()
-    await worker.wait_connected(spec["connect_timeout_s"])
-    emit({"kind": "up", "connected": worker.connected, "total": len(worker.watched)})
+
+    async def ramp() -> None:
+        await worker.start_agents()
+        await worker.wait_connected(spec["connect_timeout_s"])
+        emit({"kind": "up", "connected": worker.connected, "total": len(worker.watched)})
 
     async def report() -> None:
         while True:
@@ -319,7 +321,9 @@ async def main(spec_path: Path) -> None:
             worker.sample()
             emit(worker.progress())
 
+    # progress from the first agent on, and commands heard even during a slow ramp
     reporter = asyncio.create_task(report())
+    ramping = asyncio.create_task(ramp())
     plan: asyncio.Task[None] | None = None
     try:
         # bounded by the parent: it always sends `stop` (or closes stdin) when it is done
@@ -334,9 +338,9 @@ async def main(spec_path: Path) -> None:
             elif line[0] == "stop":
                 break
         worker.sampling = False
-        if plan is not None:
-            plan.cancel()
-        reporter.cancel()
+        for task in (ramping, plan, reporter):
+            if task is not None:
+                task.cancel()
         emit(worker.progress())
         emit(worker.result())
     finally:
