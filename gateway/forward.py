@@ -258,6 +258,10 @@ class Forwarder:
             )
             self._endpoints[centre.name] = _Endpoint(centre.name, transport, breaker)
         self._tasks: set[asyncio.Task[None]] = set()
+        # successes waiting to be recorded, in one transaction for as many as have come in
+        # meanwhile: one fsync per delivery would cap forwarding near the disk's commit rate
+        self._done: list[tuple[str, str, asyncio.Future[bool]]] = []
+        self._recorder: asyncio.Task[None] | None = None
         registry = metrics.registry
         self.refused = Counter(
             "ansimi_forward_refused_total",
@@ -316,6 +320,8 @@ class Forwarder:
         """Stop attempts in flight (they stay in the outbox) and close connections."""
         for task in list(self._tasks):
             task.cancel()
+        if self._recorder is not None:
+            self._recorder.cancel()
         for endpoint in self._endpoints.values():
             with contextlib.suppress(Exception):
                 await endpoint.transport.aclose()
@@ -332,6 +338,31 @@ class Forwarder:
         if started:
             await asyncio.gather(*started)
         return len(started)
+
+    async def _record_delivered(self, event_id: str, centre: str) -> bool:
+        """Mark a delivery done (group commit); True if it was the event's first."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._done.append((event_id, centre, done))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._record(), name="forward-record")
+        return await done
+
+    async def _record(self) -> None:
+        while self._done:
+            batch, self._done = self._done[:1000], self._done[1000:]
+            try:
+                firsts = await self._db(
+                    self._store.delivered_many, [(e, c) for e, c, _ in batch], self._clock_ms()
+                )
+            except Exception as exc:
+                # not recorded: each stays due and goes again (the centre drops the repeat)
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for (_, _, done), first in zip(batch, firsts, strict=True):
+                if not done.done():
+                    done.set_result(first)
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -407,7 +438,7 @@ class Forwarder:
         if outcome.ok:
             if endpoint.breaker.success():
                 log.warning("forward: %s answers again: circuit closed", name)
-            first = await self._db(self._store.delivered, delivery.event_id, name, now)
+            first = await self._record_delivered(delivery.event_id, name)
             self._metrics.forwarded.labels(name).inc()
             if first:
                 result = self._on_first_delivery(delivery)

@@ -193,6 +193,7 @@ class Store(Protocol):
     def stages(self, event_id: str) -> list[tuple[str, int, str]]: ...
     def waiting_count(self) -> int: ...
     def due_for(self, centre: str, now_ms: int, limit: int) -> list[Delivery]: ...
+    def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]: ...
     def waiting(self, limit: int, *, centre: str | None = None) -> list[Waiting]: ...
     def waiting_by_centre(self) -> dict[str, int]: ...
     def close(self) -> None: ...
@@ -422,20 +423,29 @@ class SqliteStore:
     def delivered(self, event_id: str, centre: str, now_ms: int) -> bool:
         """Mark one centre's delivery done; True if it is the event's first delivery."""
         with self._tx() as db:
+            return self._mark_delivered(db, event_id, centre, now_ms)
+
+    def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]:
+        """`delivered()` for many (event id, centre) pairs in one transaction (group commit)."""
+        with self._tx() as db:
+            return [self._mark_delivered(db, event_id, centre, now_ms) for event_id, centre in done]
+
+    @staticmethod
+    def _mark_delivered(db: sqlite3.Connection, event_id: str, centre: str, now_ms: int) -> bool:
+        db.execute(
+            "UPDATE outbox SET delivered_ms = ?, attempts = attempts + 1"
+            " WHERE event_id = ? AND centre = ? AND delivered_ms IS NULL",
+            (now_ms, event_id, centre),
+        )
+        first = db.execute(
+            "UPDATE events SET state = 'delivered' WHERE event_id = ? AND state = 'received'",
+            (event_id,),
+        ).rowcount
+        if first:
             db.execute(
-                "UPDATE outbox SET delivered_ms = ?, attempts = attempts + 1"
-                " WHERE event_id = ? AND centre = ? AND delivered_ms IS NULL",
-                (now_ms, event_id, centre),
+                "INSERT OR IGNORE INTO stages VALUES (?, 'delivered', ?, ?)",
+                (event_id, now_ms, centre),
             )
-            first = db.execute(
-                "UPDATE events SET state = 'delivered' WHERE event_id = ? AND state = 'received'",
-                (event_id,),
-            ).rowcount
-            if first:
-                db.execute(
-                    "INSERT OR IGNORE INTO stages VALUES (?, 'delivered', ?, ?)",
-                    (event_id, now_ms, centre),
-                )
         return bool(first)
 
     def failed(self, event_id: str, centre: str, next_attempt_ms: int, error: str) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +48,7 @@ class FakeCentre:
 @dataclass
 class Rig:
     clock: Clock
-    store: SqliteStore
+    store: CountingStore
     metrics: Metrics
     forwarder: Forwarder
     centres: dict[str, FakeCentre]
@@ -73,9 +75,24 @@ class Rig:
         return self.metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
 
+class CountingStore(SqliteStore):
+    """Counts group commits of deliveries; can be told to fail them."""
+
+    def __init__(self) -> None:
+        super().__init__(":memory:")
+        self.commits = 0
+        self.broken = False
+
+    def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]:
+        if self.broken:
+            raise sqlite3.OperationalError("disk I/O error")
+        self.commits += 1
+        return super().delivered_many(done, now_ms)
+
+
 def rig(*names: str, **forward: float) -> Rig:
     clock = Clock()
-    store = SqliteStore(":memory:")
+    store = CountingStore()
     store.add_device(Device("bell-0001", "k", "bell", "mapo"), now_ms=0)
     metrics = Metrics()
     centres = {name: FakeCentre() for name in names}
@@ -258,3 +275,24 @@ async def test_a_transport_bug_costs_one_attempt_not_the_delivery() -> None:
     assert await r.forwarder.pump() == 1
     (waiting,) = r.store.waiting(10)
     assert waiting.last_error == "internal error: RuntimeError"
+
+
+async def test_deliveries_that_succeed_together_are_recorded_in_one_commit() -> None:
+    r = rig("central", "mapo")
+    for centre in r.centres.values():
+        centre.concurrency = 50
+    ids = r.keep(50)
+    assert await r.forwarder.pump() == 100
+    assert r.store.waiting_count() == 0 and sorted(r.first) == ids
+    assert 1 <= r.store.commits <= 4  # not one fsync per delivery
+
+
+async def test_a_success_that_cannot_be_recorded_is_sent_again() -> None:
+    r = rig("central")
+    r.keep(3)
+    r.store.broken = True
+    assert await r.forwarder.pump() == 3
+    assert r.store.waiting_count() == 3 and r.first == []
+    r.store.broken = False
+    assert await r.forwarder.pump() == 3  # still due: the centre gets them again, drops them
+    assert r.store.waiting_count() == 0 and len(r.first) == 3
