@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 from ansimi.broker import Mosquitto, free_port
 from ansimi.mqtt import Message, Session, Settings
 from console.receiver import EventLog, Receiver
-from gateway.config import Centre, ForwardConfig, GatewayConfig, MqttConfig
+from gateway.config import Centre, ForwardConfig, GatewayConfig, MqttConfig, SiaReceiver
 from gateway.forward import HttpsCentre, delivery_body
 from gateway.service import Gateway
 from gateway.store import Delivery, Device
@@ -157,7 +157,10 @@ class Phone:
 
 @contextlib.asynccontextmanager
 async def gateway_and_phone(
-    tmp_path: Path, broker: Mosquitto, centre: Centre
+    tmp_path: Path,
+    broker: Mosquitto,
+    centre: Centre | None = None,
+    sia: list[SiaReceiver] | None = None,
 ) -> AsyncIterator[tuple[Gateway, Phone]]:
     gateway_signer = Signer("gw-test", generate_key())
     config = GatewayConfig(
@@ -172,7 +175,8 @@ async def gateway_and_phone(
             breaker_failures=3,
             breaker_open_s=0.3,
         ),
-        centres=[centre],
+        centres=[centre] if centre else [],
+        sia=sia or [],
     )
     gateway = Gateway(config, signer=gateway_signer)
     device_key = generate_key()

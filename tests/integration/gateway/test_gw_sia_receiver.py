@@ -13,13 +13,15 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pysiaalarm import SIAAccount, SIAEvent
 from pysiaalarm.aio import SIAClient
+from test_gw_forward_tls import eventually, gateway_and_phone
 
-from ansimi.broker import free_port
+from ansimi.broker import Mosquitto, free_port
 from gateway.config import ForwardConfig, SiaReceiver
 from gateway.forward import Forwarder
 from gateway.metrics import Metrics
@@ -195,3 +197,19 @@ async def test_a_connection_the_receiver_closed_while_idle_is_replaced_at_once()
         server.close()
         await server.wait_closed()
     assert answered == 3
+
+
+async def test_the_gateway_bridges_a_pressed_alert_to_the_alarm_receiver(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Over MQTT into the gateway, out of its outbox as SIA DC-09, back as `delivered`."""
+    port = free_port()
+    receiver = SiaReceiver(name="monitoring", port=port, account=ACCOUNT, key=KEY)
+    async with (
+        pysia_receiver(port) as received,
+        gateway_and_phone(tmp_path, mosquitto, sia=[receiver]) as (gateway, phone),
+    ):
+        alert_id = await phone.alert()
+        await eventually(lambda: phone.stage("delivered") == {alert_id})
+        assert [(e.account, e.code) for e in received] == [(ACCOUNT, "PA")]
+        assert gateway.store.waiting_count() == 0
