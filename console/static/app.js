@@ -65,7 +65,8 @@ function applyLanguage() {
 }
 
 async function api(method, path, body, headers = {}) {
-  const init = { method, headers: { ...headers }, credentials: "same-origin" };
+  // keepalive: a DELETE sent as the page closes still reaches the console
+  const init = { method, headers: { ...headers }, credentials: "same-origin", keepalive: true };
   if (method !== "GET") init.headers["X-CSRF-Token"] = state.csrf;
   if (body !== undefined && typeof body !== "string") {
     init.headers["Content-Type"] = "application/json";
@@ -91,6 +92,7 @@ async function start() {
   // had none, so the first click or key anywhere unlocks the alarm sound
   document.addEventListener("pointerdown", unlockAudio);
   document.addEventListener("keydown", unlockAudio);
+  window.addEventListener("pagehide", closeVideo); // leave the gateway's viewer slot free
   applyLanguage();
   const me = await fetch("/api/me", { credentials: "same-origin" });
   if (me.ok) await signedIn(await me.json());
@@ -250,6 +252,9 @@ function renderAlerts() {
     const stage = li.querySelector(".stage");
     stage.textContent = t("stage_" + a.stage);
     stage.classList.add(a.stage);
+    // who moved it, and when: on hover
+    stage.title = (a.stages || []).map((m) =>
+      `${t("stage_" + m.stage)}: ${m.operator} ${new Date(m.at_ms).toLocaleTimeString()}`).join("\n");
     li.querySelector(".age").dataset.ms = a.received_ms;
     li.querySelector(".label").textContent = a.label || a.kind || "";
     li.querySelector(".device").textContent = a.device_id;

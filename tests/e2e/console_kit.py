@@ -19,7 +19,6 @@ from pathlib import Path
 from aiohttp import web
 from playwright.async_api import BrowserContext, Page, async_playwright
 
-from ansimi.broker import free_port
 from console.directory import Directory
 from console.gateway_client import GatewayClient
 from console.operators import Operators
@@ -141,68 +140,72 @@ def _agent(
 
 @contextlib.asynccontextmanager
 async def console_site(state: Path, mqtt_port: int) -> AsyncIterator[ConsoleSite]:
-    console_port = free_port()
     gateway_signer = Signer("gw-e2e", generate_key())
-    config = GatewayConfig(
-        id="gw-e2e",
-        database=state / "gateway" / "gateway.db",
-        mqtt=MqttConfig(host="127.0.0.1", port=mqtt_port),
-        api=ApiConfig(
-            enabled=True, port=0, tokens=[ApiToken(name="console", role="operator", token=TOKEN)]
-        ),
-        video=GatewayVideo(recordings_dir=state / "recordings", loopback_candidates=True),
-        supervise=SuperviseConfig(heartbeat_s=HEARTBEAT_S, missed=3, tick_s=0.2),
-        centres=[
-            Centre(name="central", url=f"http://127.0.0.1:{console_port}/events", secret=SECRET)
-        ],
-    )
-    gateway = Gateway(config, signer=gateway_signer)
-    bells: dict[str, Bell] = {}
-    for device_id, kind, label in (
-        (BELL, "bell", "Mapo flat 3"),
-        (DOORBELL, "doorbell", "Mapo flat 3 door"),
-    ):
-        bell, key_b64 = _agent(state, device_id, kind, gateway_signer, mqtt_port)
-        bells[device_id] = bell
-        gateway.store.add_device(Device(device_id, key_b64, kind, "mapo", label), now_ms=0)  # type: ignore[arg-type]
-    gateway.registry.reload()
-
-    agent_tasks = {d: asyncio.create_task(b.agent.run()) for d, b in bells.items()}
-    tasks = [asyncio.ensure_future(gateway.run()), *agent_tasks.values()]
-    runner: web.AppRunner | None = None
-    client: GatewayClient | None = None
     db = state / "console.db"
+    # The console is bound first, on port 0, so its real port goes into the gateway's
+    # config: no window in which another process could take a port picked in advance.
+    # Its gateway client learns the API's port once the gateway listens.
+    client = GatewayClient("http://127.0.0.1:0", TOKEN)
+    directory = Directory(db, client.devices, gateway_keys={"gw-e2e": gateway_signer.public_key})
+    receiver = Receiver(SECRET, EventLog(db), directory=directory)
+    operators = Operators(db)
+    operators.add(OPERATOR, PASSWORD)
+    console = ConsoleApp(receiver, operators, directory=directory, gateway=client)
+    received: dict[str, int] = {}
+    receiver.listeners.append(lambda e: received.__setitem__(e.event_id, now_ms()))
+    runner = web.AppRunner(console.app(), shutdown_timeout=1.0)
+    await runner.setup()
+    tasks: list[asyncio.Task[None]] = []
     try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        console_port = int(runner.addresses[0][1])
+        config = GatewayConfig(
+            id="gw-e2e",
+            database=state / "gateway" / "gateway.db",
+            mqtt=MqttConfig(host="127.0.0.1", port=mqtt_port),
+            api=ApiConfig(
+                enabled=True,
+                port=0,
+                tokens=[ApiToken(name="console", role="operator", token=TOKEN)],
+            ),
+            video=GatewayVideo(recordings_dir=state / "recordings", loopback_candidates=True),
+            supervise=SuperviseConfig(heartbeat_s=HEARTBEAT_S, missed=3, tick_s=0.2),
+            centres=[
+                Centre(name="central", url=f"http://127.0.0.1:{console_port}/events", secret=SECRET)
+            ],
+        )
+        gateway = Gateway(config, signer=gateway_signer)
+        bells: dict[str, Bell] = {}
+        for device_id, kind, label in (
+            (BELL, "bell", "Mapo flat 3"),
+            (DOORBELL, "doorbell", "Mapo flat 3 door"),
+        ):
+            bell, key_b64 = _agent(state, device_id, kind, gateway_signer, mqtt_port)
+            bells[device_id] = bell
+            gateway.store.add_device(Device(device_id, key_b64, kind, "mapo", label), now_ms=0)  # type: ignore[arg-type]
+        gateway.registry.reload()
+        agent_tasks = {d: asyncio.create_task(b.agent.run()) for d, b in bells.items()}
+        tasks = [asyncio.create_task(gateway.run()), *agent_tasks.values()]
         await asyncio.wait_for(gateway.ready.wait(), 20)
         await eventually(lambda: gateway.api.port is not None)
-        client = GatewayClient(f"http://127.0.0.1:{gateway.api.port}", TOKEN)
-        directory = Directory(
-            db, client.devices, gateway_keys={"gw-e2e": gateway_signer.public_key}
-        )
+        client.base_url = f"http://127.0.0.1:{gateway.api.port}"
         assert await directory.sync(), directory.last_error
-        receiver = Receiver(SECRET, EventLog(db), directory=directory)
-        operators = Operators(db)
-        operators.add(OPERATOR, PASSWORD)
-        console = ConsoleApp(receiver, operators, directory=directory, gateway=client)
-        received: dict[str, int] = {}
-        receiver.listeners.append(lambda e: received.__setitem__(e.event_id, now_ms()))
-        runner = web.AppRunner(console.app(), shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", console_port).start()
         for bell in bells.values():
             await asyncio.wait_for(bell.agent.ready.wait(), 20)
         url = f"http://127.0.0.1:{console_port}"
         yield ConsoleSite(gateway, console, url, bells, received, agent_tasks)
     finally:
-        if runner is not None:
-            await runner.cleanup()
-        if client is not None:
-            await client.close()
+        await runner.cleanup()
+        await client.close()
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        receiver.events.close()
+        operators.close()
+        directory.close()
 
 
 @contextlib.asynccontextmanager
