@@ -264,6 +264,10 @@ async def run_demo(
                 f"[demo] console: open http://127.0.0.1:{console_port}/ and sign in as "
                 f"demo / {operator_password}"
             )
+            click.echo(
+                "[demo] acknowledge an alert there and watch its bell here; a doorbell's "
+                "alert has a button for its live camera"
+            )
             click.echo(f"[demo] {devices} bells connected; pressing one every {press_every_s:g}s")
             deadline = time.monotonic() + duration_s if duration_s > 0 else float("inf")
             shown: dict[str, int] = {a.device_id: 0 for a in agents}
