@@ -11,7 +11,7 @@ all: test
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev,demo]'
+	$(VENV)/bin/pip install -q -e '.[dev,demo,sim]'
 	touch $(STAMP)
 
 venv: $(STAMP)
