@@ -292,10 +292,13 @@ class ConsoleApp:
                 "name": session.operator,
                 "csrf": session.csrf,
                 "video": self.gateway is not None,
-                "registry": {
-                    "devices": len(self.directory) if self.directory is not None else 0,
-                    "synced": bool(self.directory and self.directory.synced_ok),
-                },
+                # None: no gateway configured, only the HMAC is checked
+                "registry": None
+                if self.directory is None
+                else {"devices": len(self.directory), "synced": self.directory.synced_ok},
+                # deliveries this console refused: the gateway keeps retrying them, but
+                # until the cause is fixed (a key, a secret) operators do not see them
+                "refused": self.receiver.refused,
             }
         )
 

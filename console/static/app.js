@@ -13,6 +13,8 @@ const TEXT = {
     lang_other: "English", new_alert: "새 경보!", wrong_login: "이름 또는 비밀번호가 틀립니다",
     stage_delivered: "미접수", stage_acknowledged: "접수됨", stage_dispatched: "출동",
     stage_closed: "종료", no_address: "주소 미등록", cancelled: "사용자 취소",
+    registry_stale: "장치 목록을 게이트웨이에서 받지 못했습니다: 새 장치의 경보를 확인할 수 없습니다",
+    refused: "건의 전달이 거부되었습니다 (콘솔 로그 확인)",
     video_connecting: "연결 중…", video_playing: "재생 중", video_failed: "영상 연결 실패",
     ago_s: "초 전", ago_m: "분 전", ago_h: "시간 전",
     t_press: "비상벨", t_long_press: "비상벨 (길게)", t_duress: "강압 신호",
@@ -31,6 +33,8 @@ const TEXT = {
     wrong_login: "Wrong name or password", stage_delivered: "new",
     stage_acknowledged: "acknowledged", stage_dispatched: "police dispatched",
     stage_closed: "closed", no_address: "no address on file", cancelled: "cancelled by user",
+    registry_stale: "the device list could not be fetched from the gateway: alerts from new devices cannot be verified",
+    refused: "deliveries refused (see the console's log)",
     video_connecting: "connecting…", video_playing: "playing", video_failed: "video failed",
     ago_s: "s ago", ago_m: "min ago", ago_h: "h ago",
     t_press: "Emergency bell", t_long_press: "Emergency bell (long press)", t_duress: "Duress",
@@ -51,6 +55,7 @@ const state = {
   flash: null,
   video: null, // {pc, location, device}
   cancelled: new Set(),
+  health: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -143,6 +148,22 @@ async function signedIn(me) {
   document.body.dataset.operator = me.name;
   await reload();
   connect();
+  showHealth(me);
+  if (!state.health) state.health = setInterval(checkHealth, 30000);
+}
+
+async function checkHealth() {
+  const response = await fetch("/api/me", { credentials: "same-origin" });
+  if (response.ok) showHealth(await response.json());
+}
+
+function showHealth(me) {
+  // what would keep alerts off this page must be on it
+  const problems = [];
+  if (me.registry && !me.registry.synced) problems.push(t("registry_stale"));
+  if (me.refused > 0) problems.push(`${me.refused} ${t("refused")}`);
+  $("warning").textContent = problems.join(" · ");
+  $("warning").hidden = problems.length === 0;
 }
 
 // ---- live events -----------------------------------------------------------------------

@@ -64,6 +64,7 @@ async def test_a_press_is_on_the_page_within_a_second_and_acknowledge_lights_the
     # the title flashes and a beep was made
     assert "🔴" in await page.title()
     assert await page.locator("body").get_attribute("data-beeps") == "1"
+    assert await page.locator("#warning").is_hidden()  # registry synced, nothing refused
     await screenshot(page, "alert-arrived")
 
     await card.locator("button.ack").click()

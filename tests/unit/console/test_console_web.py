@@ -161,3 +161,14 @@ async def test_repeated_failed_sign_ins_are_slowed_and_audited(tmp_path: Path) -
         assert await d.sign_in() == 429
         actions = [row[3] for row in d.console.operators.audit_rows()]
         assert actions.count("login_failed") == 5 and "login_refused" in actions
+
+
+async def test_the_page_learns_what_keeps_alerts_away(tmp_path: Path) -> None:
+    async with desk(tmp_path) as d:
+        await d.sign_in()
+        async with d.client.get("/api/me") as r:
+            me = await r.json()
+        assert me["registry"] == {"devices": 1, "synced": True} and me["refused"] == 0
+        await d.deliver(delivery(device="bell-0404"))  # a signer the registry lacks
+        async with d.client.get("/api/me") as r:
+            assert (await r.json())["refused"] == 1
