@@ -48,6 +48,7 @@ from simulator.limits import raise_open_files  # noqa: E402
 # each agent process: a socket per agent plus the interpreter's own; stays well under 20k
 PER_PROCESS = 2500
 TICK_S = 0.5
+RUN_LIMIT_S = 170.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -71,6 +72,7 @@ class Child:
     size: int
     connected: int = 0
     heartbeats: int = 0
+    by_device: dict[str, int] = field(default_factory=dict)  # heartbeats sent, per device
     up: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -84,6 +86,8 @@ class Child:
                     self.heartbeats = line.get("heartbeats", self.heartbeats)
                 if line["kind"] == "up":
                     self.up.set()
+                if line["kind"] == "result":
+                    self.by_device = line["heartbeats"]
         finally:
             self.up.set()
             self.done.set()
@@ -100,6 +104,7 @@ class Counter:
 
     def __init__(self, port: int) -> None:
         self.count = 0
+        self.by_device: dict[str, int] = {}
         self.session = Session(
             Settings(host="127.0.0.1", port=port, client_id="bench-counter", persistent=False),
             self._on_message,
@@ -107,10 +112,18 @@ class Counter:
 
     def _on_message(self, message: Any) -> None:
         self.count += 1
+        parts = message.topic.split("/")  # ansimi/v1/{device}/up/heartbeat, bench/{device}/...
+        device = parts[1] if parts[0] == "bench" else parts[2]
+        self.by_device[device] = self.by_device.get(device, 0) + 1
 
 
 async def phase(
-    name: str, args: argparse.Namespace, broker: Mosquitto, counter: Counter, state: Path
+    name: str,
+    args: argparse.Namespace,
+    broker: Mosquitto,
+    counter: Counter,
+    state: Path,
+    hold_s: float,
 ) -> dict[str, Any]:
     processes = max(1, math.ceil(args.agents / PER_PROCESS))
     sizes = [
@@ -192,7 +205,7 @@ async def phase(
     broker_cpu0 = cpu_seconds(broker.process.pid) if broker.process else 0.0
     t0 = time.monotonic()
     held = args.agents
-    while time.monotonic() - t0 < args.hold:
+    while time.monotonic() - t0 < hold_s:
         await asyncio.sleep(TICK_S)
         held = min(held, sum(c.connected for c in children))
     elapsed = time.monotonic() - t0
@@ -217,7 +230,12 @@ async def phase(
     while counter.count < sent and time.monotonic() < settle:  # noqa: ASYNC110 (a counter)
         await asyncio.sleep(0.1)
     received = counter.count
+    # per device: a QoS 1 heartbeat resent after a reconnect is counted twice by the
+    # subscriber, and must not hide another device's lost one
+    sent_by = {d: n for c in children for d, n in c.by_device.items()}
+    lost = sum(max(0, n - counter.by_device.get(d, 0)) for d, n in sent_by.items())
     counter.count = 0
+    counter.by_device = {}
     return {
         "devices": args.agents,
         "held": held,
@@ -231,7 +249,7 @@ async def phase(
         "broker_rss_kb_per_connection": round(broker_rss / 1024 / max(held, 1), 1),
         "heartbeats_sent": sent,
         "heartbeats_counted": received,
-        "heartbeats_lost": max(0, sent - received),
+        "heartbeats_lost": lost if sent_by else max(0, sent - received),
     }
 
 
@@ -249,9 +267,14 @@ async def bench(args: argparse.Namespace) -> None:
             await counter.session.subscribe(
                 [("ansimi/v1/+/up/heartbeat", 0), ("bench/+/heartbeat", 0)]
             )
-            figures = await phase("agents", args, broker, counter, state)
+            started = time.monotonic()
+            figures = await phase("agents", args, broker, counter, state, args.hold)
             print(f"agents:   {json.dumps(figures)}")
-            baseline = await phase("baseline", args, broker, counter, state)
+            # the whole run stays under three minutes: the baseline's hold gives way if needed
+            left = RUN_LIMIT_S - (time.monotonic() - started) - figures["ramp_s"] - args.heartbeat
+            baseline = await phase(
+                "baseline", args, broker, counter, state, max(5.0, min(args.hold, left - 20))
+            )
             print(f"baseline: {json.dumps(baseline)}")
         finally:
             await counter.session.close()
@@ -278,9 +301,13 @@ async def baseline_worker(count: int, offset: int, port: int, every_s: float, ra
     sent = 0
     payload = b"x" * 300  # about a signed heartbeat's size
 
+    by_device: dict[str, int] = {}
+
     def emit(kind: str) -> None:
         connected = sum(1 for s in sessions if s.connected)
-        line = {"kind": kind, "connected": connected, "heartbeats": sent}
+        line: dict[str, Any] = {"kind": kind, "connected": connected, "heartbeats": sent}
+        if kind == "result":
+            line["heartbeats"] = by_device
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
 
@@ -291,6 +318,8 @@ async def baseline_worker(count: int, offset: int, port: int, every_s: float, ra
             if session.connected:
                 session.publish(topic, payload)
                 sent += 1
+                device = topic.split("/")[1]
+                by_device[device] = by_device.get(device, 0) + 1
 
     for n in range(count):
         device = f"bare-{offset + n:05d}"
@@ -321,6 +350,7 @@ async def baseline_worker(count: int, offset: int, port: int, every_s: float, ra
     for task in tasks[1::2]:
         task.cancel()
     emit("progress")
+    emit("result")
     for session in sessions:
         await session.close()
     for task in tasks:

@@ -66,6 +66,7 @@ class Tally:
     first_sent: set[str] = field(default_factory=set)
     resends: int = 0
     heartbeats: int = 0
+    heartbeats_by_device: dict[str, int] = field(default_factory=dict)
     actions: int = 0
     errors: int = 0
 
@@ -160,6 +161,9 @@ class Worker:
                     tally.sent.append([message_id, device_id, kind, trigger, time.time()])
             elif isinstance(body, Heartbeat):
                 tally.heartbeats += 1
+                tally.heartbeats_by_device[device_id] = (
+                    tally.heartbeats_by_device.get(device_id, 0) + 1
+                )
             return send(body, message_id=message_id)
 
         def watched_ack(ack: Ack) -> Any:
@@ -280,6 +284,7 @@ class Worker:
             "kind": "result",
             "availability": {d: w.connected_samples / samples for d, w in self.watched.items()},
             "outbox": depth,
+            "heartbeats": self.tally.heartbeats_by_device,
             "rejected": sum(sum(w.agent.link.rejected.values()) for w in self.watched.values()),
         }
 
