@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -268,9 +268,8 @@ class Intake:
         incoming = [self._incoming(c) for c in checked if not c.last_will]
         if incoming:
             await self._keep(incoming, now_ms)
-        if self._supervisor is not None:
-            for device_id in wills:
-                await self._supervisor.last_will(device_id)
+        if self._supervisor is not None and wills:
+            await self._supervise(self._supervisor.last_will, wills)
 
     async def _resent(self, maybe: list[tuple[MqttMessage, _MaybeResent]]) -> list[_Checked]:
         """Those already kept are resends (to be re-acked); the rest are replays.
@@ -320,9 +319,18 @@ class Intake:
             if self._supervisor is not None:
                 self._supervisor.heard(item.device_id, now_ms)
         if self._supervisor is not None and came_online:
-            await self._supervisor.came_online(came_online)
+            await self._supervise(self._supervisor.came_online, came_online)
         if forwarded and self._on_kept is not None:
             self._on_kept(forwarded)
+
+    async def _supervise(
+        self, step: Callable[[list[str]], Awaitable[object]], device_ids: list[str]
+    ) -> None:
+        """News for supervision; its failure (the store full, say) must not stop intake."""
+        try:
+            await step(device_ids)
+        except Exception:
+            log.exception("intake: supervision of %s failed", ", ".join(device_ids[:5]))
 
     async def _commit(self, incoming: list[Incoming], now_ms: int) -> tuple[list[_Kept], list[str]]:
         """One group commit; if it fails, each message alone, so one bad row costs one message.

@@ -98,7 +98,7 @@ class Supervisor:
     def deadline(self, device_id: str) -> int | None:
         return self._deadline.get(device_id)
 
-    async def came_online(self, device_ids: Iterable[str]) -> None:
+    async def came_online(self, device_ids: list[str]) -> None:
         """Devices the store had marked offline were heard from: tell their centres."""
         events = [e for e in (self._status_event(d, "online") for d in device_ids) if e]
         if not events:
@@ -111,13 +111,14 @@ class Supervisor:
             log.info("supervise: %s is online again", event.device_id)
         self._notify()
 
-    async def last_will(self, device_id: str) -> bool:
-        """The broker published the device's last will: it is offline now; True if news."""
-        self._deadline.pop(device_id, None)
+    async def last_will(self, device_ids: list[str]) -> list[str]:
+        """The broker published these devices' last wills: offline now; returns those
+        that were online until now."""
+        for device_id in device_ids:
+            self._deadline.pop(device_id, None)
         now_ms = self._clock_ms()
         # silent since now: any device still marked online goes offline
-        went = await self._mark_offline([device_id], now_ms, now_ms, "last will")
-        return bool(went)
+        return await self._mark_offline(device_ids, now_ms, now_ms, "last will")
 
     # ---- the broker connection --------------------------------------------------------
 

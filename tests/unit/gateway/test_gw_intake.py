@@ -270,3 +270,16 @@ async def test_the_registry_follows_another_instances_revocation(env: Env) -> No
     await env.feed(env.message(ALERT))
     assert env.rejected("revoked") == 1
     assert env.registry.resolve("bell-0001") is key_before  # keys are not parsed again
+
+
+async def test_a_failing_supervision_step_does_not_stop_intake(env: Env) -> None:
+    await _online(env)
+
+    class Full(SqliteStore):
+        def mark_offline(self, items: Sequence[Incoming], since: int, now: int) -> list[bool]:
+            raise RuntimeError("disk full")
+
+    env.store.__class__ = Full
+    await env.feed(env.message(Status(state="offline"), seq=1))  # raises nothing
+    await env.feed(env.message(ALERT, id="after-failure"))
+    assert env.acks()[-1] == ("bell-0001", "after-failure", "received")
