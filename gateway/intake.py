@@ -229,7 +229,9 @@ class Intake:
                 while self._queue:
                     batch = self._queue[: self._batch_max]
                     del self._queue[: self._batch_max]
+                    self._metrics.intake_queue.set(len(self._queue))
                     await self.process(batch)
+                self._metrics.intake_queue.set(0)
         finally:
             self._writer.shutdown(wait=True)
 

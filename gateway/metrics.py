@@ -59,6 +59,11 @@ class Metrics:
             "Devices this instance is timing heartbeats for",
             registry=self.registry,
         )
+        self.intake_queue = Gauge(
+            "ansimi_intake_queue",
+            "Uplink messages received and not yet checked: a backlog that grows means overload",
+            registry=self.registry,
+        )
         self.store_errors = Counter(
             "ansimi_store_errors_total",
             "Group commits that failed (their messages were retried one by one)",

@@ -283,3 +283,28 @@ async def test_a_failing_supervision_step_does_not_stop_intake(env: Env) -> None
     await env.feed(env.message(Status(state="offline"), seq=1))  # raises nothing
     await env.feed(env.message(ALERT, id="after-failure"))
     assert env.acks()[-1] == ("bell-0001", "after-failure", "received")
+
+
+async def test_the_backlog_shows_in_a_metric(env: Env) -> None:
+    import asyncio
+
+    seen: list[float] = []
+    process = env.intake.process
+
+    async def spy(batch: list[MqttMessage]) -> None:
+        seen.append(env.metrics.registry.get_sample_value("ansimi_intake_queue") or 0.0)
+        await process(batch)
+
+    env.intake.process = spy  # type: ignore[method-assign]
+    env.intake._batch_max = 2
+    for _ in range(5):
+        env.intake.submit(env.message(heartbeat()))
+    runner = asyncio.create_task(env.intake.run())
+    try:
+        async with asyncio.timeout(10):
+            while len(seen) < 3 or env.metrics.registry.get_sample_value("ansimi_intake_queue"):
+                await asyncio.sleep(0.01)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert seen == [3.0, 1.0, 0.0]
