@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from conftest import DEVICE, Watcher, eventually, rig
 
 from gateway.video.config import VideoConfig
-from gateway.video.hub import VideoHub
+from gateway.video.hub import TooManyViewers, VideoHub
 from protocol.jws import Signer
 from protocol.keys import generate_key
 from protocol.messages import Rtc
@@ -90,3 +91,20 @@ async def test_a_bye_for_another_session_is_ignored(tmp_path: Path) -> None:
         await eventually(lambda: DEVICE in r.hub.streams)
         await r.hub.handle_rtc(DEVICE, Rtc(kind="bye", session="someone-elses-session"))
         assert DEVICE in r.hub.streams
+
+
+async def test_the_viewer_cap_refuses_one_more(tmp_path: Path) -> None:
+    config = VideoConfig(recordings_dir=tmp_path, max_viewers=1, watch_report_s=0.2)
+    async with rig(tmp_path, gateway=config) as r:
+        r.command("video_start")
+        await eventually(lambda: DEVICE in r.hub.streams)
+        one, two = Watcher(), Watcher()
+        try:
+            viewer = await r.hub.add_viewer(DEVICE, await one.offer())
+            await one.answer(viewer.answer)
+            with pytest.raises(TooManyViewers, match="already has 1 viewers"):
+                await r.hub.add_viewer(DEVICE, await two.offer())
+            await eventually(lambda: one.frames >= 3)
+        finally:
+            await one.close()
+            await two.close()
