@@ -23,11 +23,14 @@ import aiohttp
 from aiohttp import web
 
 from ansimi.broker import Mosquitto, free_port
+from ansimi.config import load_config
 from console.receiver import EventLog, Receiver
 from device.agent import Agent
 from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection, OutboxSection
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
+from gateway.config import GatewayConfig
+from gateway.service import Gateway
 from gateway.store import Device, SqliteStore
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
@@ -139,6 +142,15 @@ secret = "{SECRET}"
         )
         return path
 
+    def config(self, name: str, centre_url: str, **mqtt: object) -> GatewayConfig:
+        """The gateway.toml of `write_config`, loaded, with the API on any free port."""
+        return load_config(self.write_config(name, centre_url, 0, **mqtt), GatewayConfig)
+
+    def register(self, device: Device) -> None:
+        store = SqliteStore(self.tmp_path / "gateway" / "gateway.db")
+        store.add_device(device, now_ms=0)
+        store.close()
+
     def press_all(self, agents: list[Agent] | None = None) -> None:
         for agent in agents if agents is not None else self.agents:
             inputs = agent.hardware.inputs
@@ -221,6 +233,19 @@ class GatewayProcess:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@contextlib.asynccontextmanager
+async def gateway_running(config: GatewayConfig) -> AsyncIterator[Gateway]:
+    """The gateway in this process, subscribed and ready, until the block ends."""
+    gateway = Gateway(config)
+    task = asyncio.create_task(gateway.run())
+    try:
+        await asyncio.wait_for(gateway.ready.wait(), WAIT_S)
+        yield gateway
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 @contextlib.asynccontextmanager

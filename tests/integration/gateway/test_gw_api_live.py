@@ -3,18 +3,22 @@ dispatches and closes it over the gateway's HTTP API, and the bell shows each st
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import aiohttp
-from gw_itkit import TOKEN, Fleet, agents_running, centre, centre_alerts, eventually
+from gw_itkit import (
+    TOKEN,
+    Fleet,
+    agents_running,
+    centre,
+    centre_alerts,
+    eventually,
+    gateway_running,
+)
 
 from ansimi.broker import Mosquitto
-from ansimi.config import load_config
 from device.hal.fakes import FakeIndicator
 from device.hal.ports import Pattern
-from gateway.config import GatewayConfig
-from gateway.service import Gateway
 
 
 async def test_operator_stages_reach_the_bell(tmp_path: Path, mosquitto: Mosquitto) -> None:
@@ -22,34 +26,30 @@ async def test_operator_stages_reach_the_bell(tmp_path: Path, mosquitto: Mosquit
     (agent,) = fleet.agents
     indicator = agent.hardware.indicator
     assert isinstance(indicator, FakeIndicator)
-    async with centre(tmp_path) as (_receiver, url):
-        config = load_config(fleet.write_config("gw-a", url, 0), GatewayConfig)
-        gateway = Gateway(config)
-        task = asyncio.create_task(gateway.run())
-        try:
-            async with agents_running(fleet), aiohttp.ClientSession() as http:
-                await asyncio.wait_for(gateway.ready.wait(), 30)
-                await eventually(lambda: gateway.api.port is not None)
-                base = f"http://127.0.0.1:{gateway.api.port}"
-                auth = {"Authorization": f"Bearer {TOKEN}"}
-                fleet.press_all()
-                await eventually(lambda: len(centre_alerts(tmp_path)) == 1)
-                ((event_id, _),) = centre_alerts(tmp_path)
-                await eventually(lambda: indicator.history[-1][0] == Pattern.DELIVERED)
+    async with (
+        centre(tmp_path) as (_receiver, url),
+        gateway_running(fleet.config("gw-a", url)) as gateway,
+        agents_running(fleet),
+        aiohttp.ClientSession() as http,
+    ):
+        await eventually(lambda: gateway.api.port is not None)
+        base = f"http://127.0.0.1:{gateway.api.port}"
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        fleet.press_all()
+        await eventually(lambda: len(centre_alerts(tmp_path)) == 1)
+        ((event_id, _),) = centre_alerts(tmp_path)
+        await eventually(lambda: indicator.history[-1][0] == Pattern.DELIVERED)
 
-                for stage, shown in (
-                    ("acknowledged", Pattern.ACKNOWLEDGED),
-                    ("dispatched", Pattern.DISPATCHED),
-                    ("closed", Pattern.OFF),
-                ):
-                    async with http.post(f"{base}/alerts/{event_id}/{stage}", headers=auth) as r:
-                        assert r.status == 200
-                        assert (await r.json())["state"] == stage
-                    await eventually(
-                        lambda shown=shown: indicator.history[-1][0] == shown  # type: ignore[misc]
-                    )
-                async with http.post(f"{base}/alerts/{event_id}/closed") as r:
-                    assert r.status == 401  # and nobody without a token
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for stage, shown in (
+            ("acknowledged", Pattern.ACKNOWLEDGED),
+            ("dispatched", Pattern.DISPATCHED),
+            ("closed", Pattern.OFF),
+        ):
+            async with http.post(f"{base}/alerts/{event_id}/{stage}", headers=auth) as r:
+                assert r.status == 200
+                assert (await r.json())["state"] == stage
+            await eventually(
+                lambda shown=shown: indicator.history[-1][0] == shown  # type: ignore[misc]
+            )
+        async with http.post(f"{base}/alerts/{event_id}/closed") as r:
+            assert r.status == 401  # and nobody without a token

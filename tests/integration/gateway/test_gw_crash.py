@@ -19,13 +19,11 @@ from gw_itkit import (
     centre,
     centre_alerts,
     eventually,
+    gateway_running,
 )
 
 from ansimi.broker import Mosquitto, free_port
-from ansimi.config import load_config
 from device.agent import Agent
-from gateway.config import GatewayConfig
-from gateway.service import Gateway
 
 DEVICES = 12
 
@@ -105,23 +103,18 @@ async def test_sigkilled_gateway_restarts_and_every_alert_arrives_once(
 async def test_sigkilled_broker_loses_nothing(tmp_path: Path, mosquitto: Mosquitto) -> None:
     fleet = Fleet.create(tmp_path, mosquitto, DEVICES)
     sent = record_alerts(fleet.agents)
-    async with centre(tmp_path) as (_receiver, url):
-        config = load_config(fleet.write_config("gw-a", url, 0), GatewayConfig)
-        gateway = Gateway(config)
-        task = asyncio.create_task(gateway.run())
-        try:
-            async with agents_running(fleet):
-                await asyncio.wait_for(gateway.ready.wait(), 30)
-                fleet.press_all()
-                await asyncio.sleep(0)  # the publishes leave for the broker
-                mosquitto.kill()  # alerts queued in the broker die with it
-                in_flight = fleet.pending()
-                await asyncio.sleep(0.5)
-                mosquitto.start()
-                await eventually(all_arrived(tmp_path, fleet, sent))
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    async with (
+        centre(tmp_path) as (_receiver, url),
+        gateway_running(fleet.config("gw-a", url)),  # url is bound by then
+        agents_running(fleet),
+    ):
+        fleet.press_all()
+        await asyncio.sleep(0)  # the publishes leave for the broker
+        mosquitto.kill()  # alerts queued in the broker die with it
+        in_flight = fleet.pending()
+        await asyncio.sleep(0.5)
+        mosquitto.start()
+        await eventually(all_arrived(tmp_path, fleet, sent))
     assert in_flight > 0, "the kill came too late to test anything"
     assert_each_once(tmp_path, sent)
 
@@ -166,28 +159,21 @@ async def test_a_broker_outage_is_not_reported_as_every_bell_going_offline(
 ) -> None:
     fleet = Fleet.create(tmp_path, mosquitto, 3)
     async with centre(tmp_path) as (_receiver, url):
-        config = load_config(fleet.write_config("gw-a", url, 0), GatewayConfig)
+        config = fleet.config("gw-a", url)
         # silent for two heartbeats (2 s) is offline: a short test
         supervise = config.supervise.model_copy(update={"missed": 2})
         config = config.model_copy(update={"supervise": supervise})
         timeout_s = config.supervise.timeout_ms / 1000
-        gateway = Gateway(config)
-        task = asyncio.create_task(gateway.run())
-        try:
-            async with agents_running(fleet):
-                await asyncio.wait_for(gateway.ready.wait(), 30)
-                await eventually(lambda: gateway.supervisor.watched() == 3)
-                mosquitto.kill()
-                await eventually(lambda: not gateway.session.connected)
-                # longer than any bell may stay silent: had supervision not paused with the
-                # gateway's own link, every bell would be reported offline by now
-                await asyncio.sleep(timeout_s + 1)
-                offline = gateway.metrics.registry.get_sample_value(
-                    "ansimi_supervision_events_total", {"event": "offline"}
-                )
-                assert offline == 0
-                assert all(d.online for d in gateway.store.devices())
-                mosquitto.start()
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        async with gateway_running(config) as gateway, agents_running(fleet):
+            await eventually(lambda: gateway.supervisor.watched() == 3)
+            mosquitto.kill()
+            await eventually(lambda: not gateway.session.connected)
+            # longer than any bell may stay silent: had supervision not paused with the
+            # gateway's own link, every bell would be reported offline by now
+            await asyncio.sleep(timeout_s + 1)
+            offline = gateway.metrics.registry.get_sample_value(
+                "ansimi_supervision_events_total", {"event": "offline"}
+            )
+            assert offline == 0
+            assert all(d.online for d in gateway.store.devices())
+            mosquitto.start()

@@ -3,7 +3,6 @@ heartbeats stop), brought back; the centre gets status events signed by the gate
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import signal
@@ -13,12 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from gw_itkit import Fleet, centre, eventually
+from gw_itkit import Fleet, centre, eventually, gateway_running
 
 from ansimi.broker import Mosquitto
-from ansimi.config import load_config
-from gateway.config import GatewayConfig
-from gateway.service import Gateway
 from gateway.store import Device
 from protocol.envelope import open_envelope
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
@@ -73,37 +69,33 @@ async def test_last_will_silence_and_return_reach_the_centre_as_signed_status_ev
     fleet = Fleet.create(tmp_path, mosquitto, 0)
     config_path, device = device_config(tmp_path, fleet)
     async with centre(tmp_path) as (_receiver, url):
-        config = load_config(fleet.write_config("gw-a", url, 0), GatewayConfig)
-        gateway = Gateway(config)
-        gateway.store.add_device(device, now_ms=0)
-        gateway.registry.reload()
-        task = asyncio.create_task(gateway.run())
-        agent = spawn_device(config_path, tmp_path / "device.log")
-        try:
-            await asyncio.wait_for(gateway.ready.wait(), 30)
-            online = lambda: (gateway.store.device(DEVICE) or device).online  # noqa: E731
-            await eventually(lambda: online() is True)
-
-            agent.send_signal(signal.SIGKILL)  # the broker publishes its last will
-            agent.wait(10)
-            await eventually(lambda: states(tmp_path, fleet) == ["offline"])
-            assert "bell-0100 is offline (last will)" in caplog.text
-
+        fleet.register(device)
+        async with gateway_running(fleet.config("gw-a", url)) as gateway:
             agent = spawn_device(config_path, tmp_path / "device.log")
-            await eventually(lambda: states(tmp_path, fleet) == ["offline", "online"])
+            try:
+                online = lambda: (gateway.store.device(DEVICE) or device).online  # noqa: E731
+                await eventually(lambda: online() is True)
 
-            agent.send_signal(signal.SIGSTOP)  # frozen: connected, but silent
-            await eventually(lambda: states(tmp_path, fleet) == ["offline", "online", "offline"])
-            assert "bell-0100 is offline (silent)" in caplog.text
-            agent.send_signal(signal.SIGCONT)
-            await eventually(
-                lambda: states(tmp_path, fleet) == ["offline", "online", "offline", "online"]
-            )
-        finally:
-            agent.kill()
-            agent.wait(10)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+                agent.send_signal(signal.SIGKILL)  # the broker publishes its last will
+                agent.wait(10)
+                await eventually(lambda: states(tmp_path, fleet) == ["offline"])
+                assert "bell-0100 is offline (last will)" in caplog.text
+
+                agent = spawn_device(config_path, tmp_path / "device.log")
+                await eventually(lambda: states(tmp_path, fleet) == ["offline", "online"])
+
+                agent.send_signal(signal.SIGSTOP)  # frozen: connected, but silent
+                await eventually(
+                    lambda: states(tmp_path, fleet) == ["offline", "online", "offline"]
+                )
+                assert "bell-0100 is offline (silent)" in caplog.text
+                agent.send_signal(signal.SIGCONT)
+                await eventually(
+                    lambda: states(tmp_path, fleet) == ["offline", "online", "offline", "online"]
+                )
+            finally:
+                agent.kill()
+                agent.wait(10)
 
 
 def states(tmp_path: Path, fleet: Fleet) -> list[str]:
