@@ -473,6 +473,12 @@ def _bad_body(exc: ValidationError) -> web.Response:
     )
 
 
+_ED25519_ONLY: Final = (
+    "the CSR's key must be Ed25519: it also signs the device's messages "
+    "(`ansimi device enroll` makes one)"
+)
+
+
 def _check_csr_key(csr_pem: str) -> None:
     """Refuse a non-Ed25519 key before the CA signs (and records) anything."""
     try:
@@ -480,19 +486,13 @@ def _check_csr_key(csr_pem: str) -> None:
     except ValueError:
         return  # the signer says what is wrong with it
     if not isinstance(key, Ed25519PublicKey):
-        raise CsrRefused(
-            "the CSR's key must be Ed25519: it also signs the device's messages "
-            "(`ansimi device enroll` makes one)"
-        )
+        raise CsrRefused(_ED25519_ONLY)
 
 
 def _ed25519_key(cert: x509.Certificate) -> str:
     key = cert.public_key()
     if not isinstance(key, Ed25519PublicKey):
-        raise CsrRefused(
-            "the CSR's key must be Ed25519: it also signs the device's messages "
-            "(`ansimi device enroll` makes one)"
-        )
+        raise CsrRefused(_ED25519_ONLY)
     return public_key_to_b64(key)
 
 
@@ -570,7 +570,7 @@ class Enrolment:
             ApiRoute(
                 "GET",
                 "/admin/enrolments",
-                self.list,
+                self.records,
                 "admin",
                 op("enrolment records (never tokens)", ["200", "401", "403"]),
             ),
@@ -665,7 +665,7 @@ class Enrolment:
             {**_record_json(pending, self._clock_ms()), "token": token}, status=201
         )
 
-    async def list(self, request: web.Request) -> web.Response:
+    async def records(self, request: web.Request) -> web.Response:
         device_id = request.query.get("device_id")
         records = await self._run(self._store.records, device_id)
         now = self._clock_ms()

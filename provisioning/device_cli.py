@@ -212,7 +212,7 @@ def add_command(
             }
         )
         return
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(
         f"[green]Registered[/] [bold]{added.device_id}[/] ({added.kind}, {added.district})"
     )
@@ -271,7 +271,7 @@ def show_command(
     if as_json:
         _print_json({"ok": True, "device": view.as_json()})
         return
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(f"[bold]{view.device_id}[/]: {view.kind}, {view.district}, {view.state}")
     if view.label:
         console.print(f"label: {view.label}")
@@ -338,7 +338,7 @@ def revoke_command(
     if as_json:
         _print_json(report)
     else:
-        console = Console(highlight=False)
+        console = Console(highlight=False, soft_wrap=True)
         console.print(f"[green]Revoked[/] {device_id}")
         console.print(f"- unused tokens cancelled: {result.tokens_cancelled}")
         console.print(
@@ -438,7 +438,7 @@ def rotate_command(
                         }
                     )
                 else:
-                    console = Console(highlight=False)
+                    console = Console(highlight=False, soft_wrap=True)
                     console.print(
                         f"Rotation token for {device_id} (until {_when(rotation.expires_ms)}):"
                     )
@@ -492,7 +492,7 @@ def rotate_command(
             }
         )
     else:
-        Console(highlight=False).print(
+        Console(highlight=False, soft_wrap=True).print(
             f"[green]Rotated[/] {device_id}: now certificate {finished.new_serial}; "
             f"revoked {', '.join(finished.revoked) or 'nothing (no older certificate)'}"
         )

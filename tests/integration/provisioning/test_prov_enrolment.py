@@ -267,6 +267,17 @@ async def test_duplicate_ids_unknown_districts_and_a_missing_ca_are_explained(ri
         "--gateway", rig.url, "--dir", str(rig.site.layout.root),
     )  # fmt: skip
     assert code == 1 and 'did you mean "gangnam"' in err
+    # for people: the token, the label files and the command for the device (never wrapped:
+    # an installer copies them)
+    code, out, err = await rig.ansimi(
+        "provision", "device", "add", "--type", "doorbell", "--district", "jongno",
+        "--id", "doorbell-0001", "--label", "door", "--gateway", rig.url,
+        "--dir", str(rig.site.layout.root), "--qr-dir", str(rig.tmp / "labels"),
+    )  # fmt: skip
+    assert code == 0, out + err
+    assert "Registered doorbell-0001 (doorbell, jongno)" in out
+    assert "doorbell-0001." in out and "doorbell-0001.png" in out
+    assert f"ansimi device enroll --gateway {rig.url}" in out
     # the device without the site CA cannot trust the gateway: it says what to pass
     added = await rig.add("bell-0005")
     code, out, err = await rig.ansimi(
