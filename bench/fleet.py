@@ -49,6 +49,8 @@ from simulator.limits import raise_open_files  # noqa: E402
 PER_PROCESS = 2500
 TICK_S = 0.5
 RUN_LIMIT_S = 170.0
+STOP_S = 15.0
+RAMP_BATCH = 25  # devices started per pause: a per-device sleep drifts on a busy loop
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -189,12 +191,12 @@ async def phase(
         child = Child(process, size)
         children.append(child)
         asyncio.get_running_loop().create_task(child.read())
-    ramp_deadline = time.monotonic() + args.agents / args.rate + 40
+    ramp_deadline = time.monotonic() + args.agents / args.rate + 30
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(max(1.0, ramp_deadline - time.monotonic())):
             for child in children:
                 await child.up.wait()
-    ramp_s = time.monotonic() - (ramp_deadline - args.agents / args.rate - 40)
+    ramp_s = time.monotonic() - (ramp_deadline - args.agents / args.rate - 30)
     at_up = sum(c.connected for c in children)
     print(f"{name}: {at_up} connected after {ramp_s:.1f} s", flush=True)
     for child in children:
@@ -217,13 +219,15 @@ async def phase(
     broker_rss = rss_bytes(broker.process.pid) if broker.process else 0
     for child in children:
         await child.send("stop")
+    # all children stop together, within one bound; whoever is still busy is killed
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(STOP_S):
+            await asyncio.gather(*(c.done.wait() for c in children))
+            await asyncio.gather(*(c.process.wait() for c in children))
     for child in children:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(child.done.wait(), 30)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(child.process.wait(), 10)
         if child.process.returncode is None:
             child.process.kill()
+            await child.process.wait()
     sent = sum(c.heartbeats for c in children)
     # the last heartbeats may still be on their way through the broker
     settle = time.monotonic() + 5
@@ -327,7 +331,8 @@ async def baseline_worker(count: int, offset: int, port: int, every_s: float, ra
         sessions.append(session)
         tasks.append(asyncio.create_task(session.run()))
         tasks.append(asyncio.create_task(beat(session, f"bench/{device}/heartbeat")))
-        await asyncio.sleep(1 / rate)
+        if n % RAMP_BATCH == RAMP_BATCH - 1:
+            await asyncio.sleep(RAMP_BATCH / rate)
     deadline = time.monotonic() + 30
     # polled: each session knows whether it is connected; there is no fleet-wide event
     while sum(1 for s in sessions if s.connected) < count and time.monotonic() < deadline:  # noqa: ASYNC110
