@@ -59,6 +59,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from gateway.api import Api, ApiRoute
+from gateway.config import GatewayConfig
 from gateway.districts import UnknownDistrict, check_district
 from gateway.intake import Registry
 from gateway.store import DeviceKind
@@ -703,4 +704,39 @@ def attach(
         clock_ms=clock_ms,
     )
     api.add_routes(enrolment.routes())
+    return enrolment
+
+
+def site_of(config: GatewayConfig) -> Path | None:
+    """The site directory this gateway runs from: the one `ansimi provision init-site` made,
+    whose `gateway/gateway.key` is the gateway's signing key. None for any other layout."""
+    root = config.signing_key.absolute().parent.parent
+    if config.signing_key.name != "gateway.key" or not (root / "site.json").is_file():
+        return None
+    return root
+
+
+def attach_if_site(api: Api, registry: Registry, config: GatewayConfig) -> Enrolment | None:
+    """The gateway service's hook: serve enrolment when the gateway runs from a site
+    directory and its API is on. Its CA key must be readable by the gateway's user (see the
+    module docstring for what that costs); when it is not, enrolment stays off and says why,
+    and the gateway runs on."""
+    site_dir = site_of(config)
+    if site_dir is None or not config.api.enabled:
+        return None
+    from provisioning.errors import ProvisioningError
+    from provisioning.site import Site
+
+    try:
+        Site.open(site_dir).ca()
+    except (ProvisioningError, OSError) as exc:
+        log.warning("enrol: off, the site CA cannot be used: %s", exc)
+        return None
+    if config.api.cert_file is None:
+        log.warning(
+            "enrol: the API has no api.cert_file: devices enrol only over HTTPS, so none can "
+            "enrol until it has one"
+        )
+    enrolment = attach(api, registry, config.database, site_dir)
+    log.info("enrol: POST /enrol on, signing with the CA of %s", site_dir)
     return enrolment

@@ -13,6 +13,7 @@ from ansimi.mqtt import Message, Session, Settings, TlsFiles
 from gateway.api import Api, tls_context
 from gateway.config import GatewayConfig
 from gateway.downlink import Downlink
+from gateway.enrol import attach_if_site
 from gateway.forward import Forwarder
 from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
@@ -119,6 +120,8 @@ class Gateway:
             from gateway.video.whep import api_routes
 
             self.api.add_routes(api_routes(self.video))
+        # POST /enrol and its admin routes, when this gateway runs from a provisioning site
+        self.enrolment = attach_if_site(self.api, self.registry, config)
         # loaded now, so a bad certificate stops start-up with its name, not a task later
         api = config.api
         self.api_tls = None

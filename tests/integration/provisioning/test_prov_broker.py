@@ -103,7 +103,8 @@ async def test_a_certificate_from_another_ca_is_refused(broker: Mosquitto, ids: 
     async with running(settings(broker, stranger, "bell-0001"), connect=False) as client:
         with pytest.raises(TimeoutError):
             await client.session.wait_connected(2)
-    await wait_for_log(broker, "certificate verify failed")
+    # generous: on a loaded machine the first refused handshake can take a while
+    await wait_for_log(broker, "certificate verify failed", timeout_s=15)
 
 
 async def test_a_client_without_a_certificate_is_refused(
@@ -112,7 +113,7 @@ async def test_a_client_without_a_certificate_is_refused(
     async with running(settings(broker, ids.no_certificate(), "anon"), connect=False) as client:
         with pytest.raises(TimeoutError):
             await client.session.wait_connected(2)
-    await wait_for_log(broker, "peer did not return a certificate")
+    await wait_for_log(broker, "peer did not return a certificate", timeout_s=15)
 
 
 # ---- what a device may do --------------------------------------------------------------------

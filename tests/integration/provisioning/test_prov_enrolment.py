@@ -1,8 +1,6 @@
-"""Enrolment end to end: a real site CA, a real mosquitto with TLS, the real gateway with its
-API (and the enrolment routes) over HTTPS, and the real `ansimi` commands as subprocesses.
-
-The gateway serves its Api's app over HTTPS here with the broker's server certificate (its
-names are localhost and 127.0.0.1): the gateway's own `api.serve` has no TLS option yet.
+"""Enrolment end to end: a real site CA, a real mosquitto with TLS, the real gateway serving
+its API (with the enrolment routes it adds itself, running from the site) over HTTPS, and
+the real `ansimi` commands as subprocesses.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import datetime as dt
 import json
 import os
 import sqlite3
-import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from ansimi.broker import Mosquitto, free_port
 from ansimi.config import load_config
@@ -31,7 +27,6 @@ from device.enroll import EnrollError, Paths, enroll
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
 from gateway.config import ApiConfig, ApiToken, GatewayConfig, MqttConfig
-from gateway.enrol import attach
 from gateway.service import Gateway
 from protocol.jws import Signer
 from protocol.keys import load_private_key, public_key_from_b64
@@ -48,23 +43,12 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None
             await asyncio.sleep(0.05)
 
 
-class Clock:
-    """The gateway's enrolment clock: real time plus an offset a test can move."""
-
-    def __init__(self) -> None:
-        self.offset_ms = 0
-
-    def __call__(self) -> int:
-        return time.time_ns() // 1_000_000 + self.offset_ms
-
-
 @dataclass
 class Rig:
     site: Site
     broker: Mosquitto
     gateway: Gateway
     url: str
-    clock: Clock
     tmp: Path
     pid_file: Path
 
@@ -121,31 +105,32 @@ async def rig(site: Site, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Ri
             cert_file=lay.gateway_cert,
             key_file=lay.gateway_tls_key,
         ),
-        api=ApiConfig(tokens=[ApiToken(name="installer", role="admin", token=ADMIN)]),
+        api=ApiConfig(
+            enabled=True,
+            port=free_port(),
+            # the broker's certificate names localhost and 127.0.0.1, as this server needs
+            cert_file=lay.broker.cert_file,
+            key_file=lay.broker.key_file,
+            tokens=[ApiToken(name="installer", role="admin", token=ADMIN)],
+        ),
     )
     gateway = Gateway(config)
-    clock = Clock()
-    # what the gateway service does once its config names a site
-    enrolment = attach(gateway.api, gateway.registry, database, lay.root, clock_ms=clock)
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(str(lay.broker.cert_file), str(lay.broker.key_file))
-    runner = web.AppRunner(gateway.api.app(), access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
+    # running from the site directory, the gateway serves enrolment by itself
+    assert gateway.enrolment is not None
     assert broker.process is not None
     pid_file = tmp_path / "mosquitto.pid"
     pid_file.write_text(f"{broker.process.pid}\n")
     task = asyncio.create_task(gateway.run())
     try:
         await asyncio.wait_for(gateway.ready.wait(), 10)
-        yield Rig(site, broker, gateway, f"https://127.0.0.1:{port}", clock, tmp_path, pid_file)
+        await eventually(lambda: gateway.api.port is not None)
+        url = f"https://127.0.0.1:{gateway.api.port}"
+        yield Rig(site, broker, gateway, url, tmp_path, pid_file)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await runner.cleanup()
-        enrolment.store.close()
+        gateway.enrolment.store.close()
 
 
 @contextlib.asynccontextmanager
@@ -227,7 +212,12 @@ async def test_an_enrolled_device_connects_publishes_and_the_gateway_receives_it
 
 async def test_an_expired_token_is_refused_and_nothing_is_written(rig: Rig) -> None:
     added = await rig.add("bell-0002", "--ttl-hours", "1")
-    rig.clock.offset_ms = 3600 * 1000 + 1000
+    # an hour later: the record's expiry is in the past
+    with sqlite3.connect(rig.gateway.config.database) as db:
+        db.execute(
+            "UPDATE enrolments SET expires_ms = ? WHERE device_id = 'bell-0002'",
+            (time.time_ns() // 1_000_000 - 1000,),
+        )
     device_dir = rig.tmp / "device"
     code, out, err = await rig.enroll(str(added["token"]), device_dir)
     assert code == 3, out + err

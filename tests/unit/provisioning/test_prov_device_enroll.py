@@ -170,3 +170,49 @@ def test_the_label_url_gives_the_gateway_and_the_token() -> None:
     assert url == "https://gw.example:8443/enrol#token=bell-0001.secret-part"
     assert split_label_url(url) == ("https://gw.example:8443", "bell-0001.secret-part")
     assert split_label_url("https://gw.example:8443") == ("https://gw.example:8443", None)
+
+
+class FakeAdmin:
+    """The gateway's admin API as `add_device` uses it, recording what it was asked."""
+
+    base_url = "https://gw.example:8443"
+    ca_file = None
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+        self.cancelled: list[str] = []
+
+    def create_enrolment(
+        self, device_id: str, *args: object, **kwargs: object
+    ) -> dict[str, object]:
+        self.created.append(device_id)
+        return {"token": f"{device_id}.secret", "expires_ms": 1}
+
+    def cancel_enrolments(self, device_id: str) -> int:
+        self.cancelled.append(device_id)
+        return 1
+
+
+def test_add_cancels_the_token_when_the_label_cannot_be_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provisioning import devices
+
+    admin = FakeAdmin()
+    added = devices.add_device(
+        admin,  # type: ignore[arg-type]
+        "bell", "mapo", "", device_id="bell-0001", qr_dir=tmp_path,
+    )  # fmt: skip
+    assert added.qr_png.read_bytes()[:4] == b"\x89PNG" and added.qr_png.stat().st_mode & 0o077 == 0
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(devices.segno, "make", broken)
+    with pytest.raises(OSError, match="No space"):
+        devices.add_device(
+            admin,  # type: ignore[arg-type]
+            "bell", "mapo", "", device_id="bell-0002", qr_dir=tmp_path,
+        )  # fmt: skip
+    assert admin.created == ["bell-0001", "bell-0002"] and admin.cancelled == ["bell-0002"]
+    assert not list(tmp_path.glob("bell-0002*"))

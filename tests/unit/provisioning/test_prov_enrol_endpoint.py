@@ -257,3 +257,35 @@ async def test_cancelled_tokens_are_refused(env: Env) -> None:
     assert (status, body["cancelled"]) == (200, 1)
     status, body = await env.enrol(token)
     assert (status, body["reason"]) == (403, "cancelled")
+
+
+def test_the_gateway_serves_enrolment_only_when_it_runs_from_a_site(tmp_path: Path) -> None:
+    from gateway.config import ApiConfig, GatewayConfig
+    from gateway.enrol import attach_if_site, site_of
+
+    init_site(tmp_path / "site", site="unit", port=18883)
+    lay = Site.open(tmp_path / "site").layout
+    api_on = ApiConfig(enabled=True, tokens=[ApiToken(name="installer", role="admin", token=ADMIN)])
+    in_site = GatewayConfig(signing_key=lay.gateway_key, database=tmp_path / "g.db", api=api_on)
+    elsewhere = in_site.model_copy(update={"signing_key": tmp_path / "gateway" / "signing.key"})
+    api_off = in_site.model_copy(update={"api": ApiConfig()})
+    assert site_of(in_site) == lay.root
+    assert site_of(elsewhere) is None
+
+    store = SqliteStore(tmp_path / "g.db")
+    registry = Registry(store)
+
+    def api() -> Api:
+        loop = asyncio.new_event_loop()
+        downlink = Downlink(Signer("gw-unit", generate_key()), lambda t, p: loop.create_future())
+        loop.close()
+        return Api(store, registry, downlink, Metrics(), api_on.tokens)
+
+    assert attach_if_site(api(), registry, elsewhere) is None
+    assert attach_if_site(api(), registry, api_off) is None
+    with_site = api()
+    enrolment = attach_if_site(with_site, registry, in_site)
+    assert enrolment is not None
+    assert ("POST", "/enrol") in {(r.method, r.path) for r in with_site.routes}
+    enrolment.store.close()
+    store.close()
