@@ -34,6 +34,12 @@ Decisions, and what they cost:
   which does not exist until the device makes it; registering the device's *intent*
   (id, kind, district, label) with its token is the enrolment's own record.
 
+- **On when the gateway runs from a site.** `attach_if_site` (called by the gateway
+  service) adds these routes when the gateway's signing key is the `gateway/gateway.key` of
+  a site directory made by `ansimi provision init-site` and its API is enabled; devices
+  enrol only over HTTPS, so the API needs `api.cert_file`/`api.key_file` too. An explicit
+  `[enrol] site_dir` in gateway.toml would be clearer; this needs no new option meanwhile.
+
 Nothing here logs a token or a key: only device ids and why a request was refused.
 """
 
