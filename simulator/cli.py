@@ -76,6 +76,13 @@ def _resolve(scenario: str) -> Path:
 @click.option(
     "--workers", type=click.IntRange(1, 16), default=None, help="worker processes for the agents"
 )
+@click.option(
+    "--broker",
+    "broker_address",
+    default=None,
+    metavar="HOST:PORT",
+    help="use this running broker (plain MQTT, anonymous) instead of starting mosquitto",
+)
 @click.option("--live/--no-live", default=None, help="live progress (default: on a terminal)")
 def run(
     scenario_name: str,
@@ -84,6 +91,7 @@ def run(
     time_scale: float | None,
     seed: int | None,
     workers: int | None,
+    broker_address: str | None,
     live: bool | None,
 ) -> None:
     """Run a scenario; exit 1 if any alert is lost or a threshold fails."""
@@ -104,8 +112,14 @@ def run(
     console = Console(stderr=True)
     report_dir = report_dir.resolve()
     display = Display(console, live if live is not None else console.is_terminal)
-    simulation = Simulation(scenario, report_dir, on_tick=display.update)
+    broker = None
+    if broker_address is not None:
+        host, _, port = broker_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise click.BadParameter("expected HOST:PORT", param_hint="--broker")
+        broker = (host, int(port))
     try:
+        simulation = Simulation(scenario, report_dir, on_tick=display.update, broker=broker)
         with display:
             observed = asyncio.run(simulation.execute())
     except SimError as exc:

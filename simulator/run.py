@@ -135,7 +135,14 @@ class Simulation:
         report_dir: Path,
         *,
         on_tick: Callable[[Simulation], None] | None = None,
+        broker: tuple[str, int] | None = None,
     ) -> None:
+        """`broker`: an MQTT broker already running (plain TCP, anonymous) instead of ours."""
+        if broker is not None and any(f.type == "broker_restart" for f in scenario.faults):
+            raise SimError(
+                f"{scenario.name} restarts the broker, which needs the simulator's own: "
+                "run it without --broker"
+            )
         self.scenario = scenario
         self.report_dir = report_dir
         self.state = report_dir / "state"
@@ -147,6 +154,8 @@ class Simulation:
         self.operator_token = secrets.token_urlsafe(24)
         self.run_secret = identities.new_run_secret()
         self.broker: Mosquitto | None = None
+        self.broker_addr: tuple[str, int] = broker or ("127.0.0.1", 0)
+        self._own_broker = broker is None
         self.gateway: subprocess.Popen[bytes] | None = None
         self.proxy: FaultProxy | None = None
         self.sink: Sink | None = None
@@ -184,8 +193,10 @@ class Simulation:
             self.state / "gateway" / "gateway.db", self.plan.devices, self.run_secret
         )
         raise_open_files()  # before mosquitto starts: it inherits the limit
-        self.broker = Mosquitto(MosquittoConfig(state_dir=self.state / "broker"))
-        await asyncio.to_thread(self.broker.start)
+        if self._own_broker:
+            self.broker = Mosquitto(MosquittoConfig(state_dir=self.state / "broker"))
+            await asyncio.to_thread(self.broker.start)
+            self.broker_addr = (self.broker.host, self.broker.port)
         self.sink = Sink(self.secret, self.state / "centre.db")
         self.observed.sink = self.sink
         await self.sink.start()
@@ -196,9 +207,7 @@ class Simulation:
             (self.state / "gateway.toml").write_text(self._gateway_toml())
             await self._start_gateway()
             if self.scenario.needs_proxy:
-                self.proxy = FaultProxy(
-                    self.broker.host, self.broker.port, rng=random.Random(self.scenario.seed)
-                )
+                self.proxy = FaultProxy(*self.broker_addr, rng=random.Random(self.scenario.seed))
                 await self.proxy.start()
             await self._start_workers()
             await self._run()
@@ -207,7 +216,8 @@ class Simulation:
         return self.observed
 
     def _gateway_toml(self) -> str:
-        assert self.broker is not None and self.sink is not None
+        assert self.sink is not None
+        host, port = self.broker_addr
         g = self.scenario.gateway
         return f"""# written by `ansimi sim run`
 id = "{GATEWAY_ID}"
@@ -215,8 +225,8 @@ signing_key = "{self.state / "gateway" / "signing.key"}"
 database = "{self.state / "gateway" / "gateway.db"}"
 
 [mqtt]
-host = "{self.broker.host}"
-port = {self.broker.port}
+host = "{host}"
+port = {port}
 
 [forward]
 backoff_min_s = {g.forward_backoff_min_s}
@@ -296,7 +306,6 @@ districts = ["*"]
         return max(1, math.ceil(len(self.plan.devices) / DEVICES_PER_WORKER))
 
     async def _start_workers(self) -> None:
-        assert self.broker is not None
         count = min(self._worker_count(), len(self.plan.devices))
         shares: list[list[Any]] = [[] for _ in range(count)]
         owner: dict[str, int] = {}
@@ -331,8 +340,8 @@ districts = ["*"]
         connect_timeout = 20 + 2 * n / self.scenario.device.connect_rate
         for w in range(count):
             spec = {
-                "broker_host": self.broker.host,
-                "broker_port": self.broker.port,
+                "broker_host": self.broker_addr[0],
+                "broker_port": self.broker_addr[1],
                 "proxy_port": self.proxy.port if self.proxy else None,
                 "proxied": [d[0] for d in shares[w] if d[0] in proxied],
                 "mqtt_version": 5,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ansimi.broker import mosquitto_path
+from ansimi.broker import Mosquitto, mosquitto_path
 from simulator.cli import sim
 
 pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto")
@@ -58,3 +58,42 @@ def test_list_shows_the_shipped_scenarios() -> None:
     assert result.exit_code == 0
     for name in ("quiet-night", "gateway-crash", "centre-down-10min", "district-outage"):
         assert name in result.output
+
+
+def test_run_against_a_broker_already_running(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY.replace("{limit}", "30"))
+    report = tmp_path / "report"
+    result = CliRunner().invoke(
+        sim,
+        [
+            "run",
+            "--scenario",
+            str(scenario),
+            "--report",
+            str(report),
+            "--no-live",
+            "--broker",
+            f"{mosquitto.host}:{mosquitto.port}",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert not (report / "state" / "broker").exists()  # no mosquitto of its own
+    assert json.loads((report / "summary.json").read_text())["alerts"]["lost"] == 0
+
+
+def test_a_broker_restart_needs_the_simulators_own_broker(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        sim,
+        [
+            "run",
+            "--scenario",
+            "broker-restart-burst",
+            "--report",
+            str(tmp_path),
+            "--broker",
+            "127.0.0.1:1883",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "run it without --broker" in result.output
