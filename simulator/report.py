@@ -128,6 +128,8 @@ def summarise(o: Observed) -> dict[str, Any]:
             "offline_reports": sum(1 for _, state, _ in o.sink.statuses if state == "offline"),
         },
         "agent_errors": o.agent_errors,
+        "gateway_exit_code": o.gateway_exit,
+        "workers_failed": o.workers_failed,
         "downlink_rejected": o.rejected_downlink,
         "clock_skewed_devices": len(o.skewed),
         "links_reset_by_loss": o.links_lost,
@@ -176,6 +178,13 @@ def verdict(summary: dict[str, Any], s: Any) -> list[str]:
         fails.append(f"{a['lost']} alerts never reached the centre (allowed {t.max_lost})")
     if summary["agent_errors"]:
         fails.append(f"{summary['agent_errors']} agents stopped with an error")
+    if summary["gateway_exit_code"] is not None:
+        fails.append(
+            f"the gateway exited by itself (code {summary['gateway_exit_code']}): "
+            "see state/gateway.log"
+        )
+    if summary["workers_failed"]:
+        fails.append(f"{summary['workers_failed']} worker processes died: see state/worker-*.log")
 
     def over(name: str, value: float | None, limit: float | None) -> None:
         if limit is not None and value is not None and value > limit:

@@ -105,6 +105,8 @@ class Observed:
     skewed: dict[str, float] = field(default_factory=dict)  # device -> skew applied (s)
     partitions: list[tuple[float, float, list[str]]] = field(default_factory=list)
     links_lost: int = 0  # connections the proxy reset for a lossy link
+    gateway_exit: int | None = None  # the gateway ended on its own (not by a fault): its code
+    workers_failed: int = 0  # worker processes that never reported their result
 
 
 class _WorkerProc:
@@ -403,6 +405,8 @@ districts = ["*"]
             self._tick()
             await asyncio.sleep(0.25)
         o.end = time.time()
+        if self.gateway is not None:
+            o.gateway_exit = self.gateway.poll()
         self.phase = "stopping"
         for proc in self.workers:
             await proc.send("stop")
@@ -418,6 +422,7 @@ districts = ["*"]
         o.actions = sum(w.actions for w in self.workers)
         o.agent_errors = sum(w.errors for w in self.workers)
         o.links_lost = self.proxy.lost if self.proxy is not None else 0
+        o.workers_failed = sum(1 for w in self.workers if w.result is None)
         self._tick()
 
     def _settled(self) -> bool:

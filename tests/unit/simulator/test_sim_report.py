@@ -54,3 +54,11 @@ def test_thresholds_fail_with_the_figure_and_the_limit(tmp_path: Path) -> None:
         "press to delivered max 1.000 s is over the threshold 0.5 s",
         "1 duplicate deliveries (max 0)",
     ]
+
+
+def test_a_gateway_that_died_by_itself_or_a_dead_worker_fails_the_run(tmp_path: Path) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    o.gateway_exit, o.workers_failed = 1, 1
+    failures = summarise(o)["failures"]
+    assert "the gateway exited by itself (code 1): see state/gateway.log" in failures
+    assert "1 worker processes died: see state/worker-*.log" in failures
