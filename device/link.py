@@ -84,14 +84,16 @@ class Link:
         )
         return up_topic(self._device_id, message.type), seal(message, self._signer).encode()
 
-    def send(self, body: Body, *, message_id: str | None = None) -> asyncio.Future[None]:
+    def send(
+        self, body: Body, *, message_id: str | None = None, retain: bool = False
+    ) -> asyncio.Future[None]:
         """Sign with a fresh sequence number and publish at QoS 1.
 
         A resend keeps its message id but gets a new sequence number and timestamp, so an
         alert that waited out a long outage is still fresh when it finally arrives.
         """
         topic, payload = self._sealed(body, message_id)
-        return self.session.publish(topic, payload)
+        return self.session.publish(topic, payload, retain=retain)
 
     async def run(self) -> None:
         await self.session.run()
@@ -105,7 +107,9 @@ class Link:
 
     async def _after_connect(self) -> None:
         await self.session.subscribe([(down_filter(self._device_id), 1)])
-        self.send(Status(state="online"))
+        # Retained like the will, so the broker's retained state is the latest one, not
+        # the `offline` of some earlier disconnect.
+        self.send(Status(state="online"), retain=True)
         if self._on_connect_cb is not None:
             self._on_connect_cb()
 

@@ -72,6 +72,8 @@ async def test_sigkill_between_publish_and_ack_then_restart_delivers_once(
         agent = spawn_agent(config, log)
         try:
             await eventually(lambda: online() == 1)
+            # `online` is retained too, so the broker's retained state is the latest one
+            assert await retained_status(mosquitto, keys) == "online"
             agent.send_signal(signal.SIGUSR1)
             await eventually(lambda: len(spy.of_type("alert")) >= 1)
             agent.send_signal(signal.SIGKILL)
