@@ -151,7 +151,6 @@ class Simulation:
         self.on_tick = on_tick
         self.plan = plan(scenario)
         self.observed = Observed(scenario, self.plan)
-        self.devices = {d.id: d for d in self.plan.devices}
         self.secret = secrets.token_urlsafe(24)
         self.operator_token = secrets.token_urlsafe(24)
         self.run_secret = identities.new_run_secret()
@@ -410,9 +409,11 @@ districts = ["*"]
         self.phase = "stopping"
         for proc in self.workers:
             await proc.send("stop")
+        # all workers stop together within one bound; teardown kills whoever is still busy
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(p.finished.wait() for p in self.workers))
         for proc in self.workers:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.finished.wait(), 30)
             if proc.result is not None:
                 o.availability.update(proc.result["availability"])
                 o.outbox_left.update(proc.result["outbox"])
