@@ -281,7 +281,7 @@ def _plots(o: Observed, report_dir: Path) -> list[Path]:
         alpha=0.5,
         label="devices connected",
     )
-    ax2.set_ylabel("devices connected")
+    ax2.set_ylabel("devices connected (as each device sees it)")
     ax2.set_ylim(0, max(len(o.plan.devices), 1) * 1.05)
     for m in o.marks:
         end = (m.until or m.at) - o.t0

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ansimi.broker import mosquitto_path
-
 ROOT = Path(__file__).parents[3]
 
 
-@pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto")
+@pytest.mark.slow
 def test_fleet_bench_prints_figures_baseline_and_ratio() -> None:
     done = subprocess.run(
         [

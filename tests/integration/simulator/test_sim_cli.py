@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ansimi.broker import Mosquitto, mosquitto_path
+from ansimi.broker import Mosquitto
 from simulator.cli import sim
-
-pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto")
 
 TINY = """
 name = "tiny"

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from ansimi.broker import mosquitto_path
 from simulator.report import summarise
 from simulator.run import Simulation
 from simulator.scenario import load_scenario
 
 SHIPPED = Path(__file__).parents[3] / "simulator" / "scenarios"
 
-pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto")
+# like every test here that needs mosquitto, these fail (not skip) where it is missing
+pytestmark = pytest.mark.slow
 
 
 async def simulate(path: Path, report: Path, **overrides: Any) -> dict[str, Any]:
