@@ -461,6 +461,17 @@ async def test_rotation_makes_a_new_key_on_the_device_and_then_revokes_the_old_c
         report = json.loads(out)
         assert code == 0, out + err
         assert report["revoked"] == [f"{old_cert.serial_number:X}"]
+        code, out, err = await rig.ansimi(
+            "provision", "device", "show", "bell-0012", "--dir", str(rig.site.layout.root),
+            "--gateway", rig.url, "--json",
+        )  # fmt: skip
+        shown = json.loads(out)["device"]
+        assert code == 0 and shown["state"] == "enrolled"
+        assert {c["serial"]: c["revoked"] for c in shown["certificates"]} == {
+            f"{old_cert.serial_number:X}": True,
+            report["new_serial"]: False,
+        }
+        assert [e["rotate"] for e in shown["enrolments"]] == [True, False]
         # the new certificate keeps working after the broker's reload
         await asyncio.sleep(1.0)
         assert agent.link.connected
