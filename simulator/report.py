@@ -120,6 +120,7 @@ def summarise(o: Observed) -> dict[str, Any]:
         "offline_detection_s": distribution(offline.values()),
         "offline_detected": f"{len(offline)}/{sum(len(p[2]) for p in o.partitions)}",
         "districts": districts,
+        "video": _video(o),
         "heartbeats_sent": o.heartbeats,
         "centre": {
             "answered_503": o.sink.answered_503,
@@ -147,6 +148,17 @@ def summarise(o: Observed) -> dict[str, Any]:
     summary["failures"] = failures
     summary["passed"] = not failures
     return summary
+
+
+def _video(o: Observed) -> dict[str, Any]:
+    """Doorbell streams: offered, connected, and from the emergency to a connected stream."""
+    connected = [v for v in o.video if v[3] is not None]
+    return {
+        "offered": len(o.video),
+        "connected": len(connected),
+        "offer_to_connected_s": distribution(v[3] - v[2] for v in connected),
+        "alert_to_connected_s": distribution(v[3] - v[4] for v in connected if v[4]),
+    }
 
 
 def _count(items: Iterable[str]) -> dict[str, int]:
@@ -194,6 +206,12 @@ def verdict(summary: dict[str, Any], s: Any) -> list[str]:
     over("press to delivered p95", lat["press_to_delivered"]["p95"], t.delivered_p95_s)
     over("press to delivered max", lat["press_to_delivered"]["max"], t.delivered_max_s)
     over("press to acknowledged p95", lat["press_to_acknowledged"]["p95"], t.acknowledged_p95_s)
+    over("alert to video p95", summary["video"]["alert_to_connected_s"]["p95"], t.video_p95_s)
+    if t.video_p95_s is not None and summary["video"]["connected"] < summary["video"]["offered"]:
+        v = summary["video"]
+        fails.append(
+            f"{v['offered'] - v['connected']} of {v['offered']} video streams never connected"
+        )
     over("offline detection p95", summary["offline_detection_s"]["p95"], t.offline_detect_p95_s)
     if t.reconnect_s is not None:
         for x in summary["reconnect_after_broker_restart_s"]:
@@ -375,6 +393,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2rem .5re
 <h2>Latency (seconds from leaving the device)</h2>
 <table><tr><th></th><th>count</th><th>mean</th><th>p50</th><th>p95</th><th>p99</th><th>max</th>
 </tr>{lat_rows}</table>
+<p>Video: {e(json.dumps(summary["video"]))}</p>
 <p>Reconnect after broker restart: {summary["reconnect_after_broker_restart_s"]} s.
 Offline detection: {e(json.dumps(summary["offline_detection_s"]))}
 ({summary["offline_detected"]} partitioned devices reported offline).</p>

@@ -107,6 +107,8 @@ class Observed:
     links_lost: int = 0  # connections the proxy reset for a lossy link
     gateway_exit: int | None = None  # the gateway ended on its own (not by a fault): its code
     workers_failed: int = 0  # worker processes that never reported their result
+    # doorbell streams: [session, device, offered at, connected at, emergency sent at]
+    video: list[list[Any]] = field(default_factory=list)
 
 
 class _WorkerProc:
@@ -235,6 +237,12 @@ backoff_max_s = {g.forward_backoff_max_s}
 breaker_failures = {g.breaker_failures}
 breaker_open_s = {g.breaker_open_s}
 
+[video]
+# off unless the scenario streams: aiortc is then not even imported by the gateway
+enabled = {"true" if self.scenario.video.enabled else "false"}
+loopback_candidates = true
+recordings_dir = "{self.state / "recordings"}"
+
 [supervise]
 heartbeat_s = {self.scenario.device.heartbeat_s}
 missed = {g.missed}
@@ -356,6 +364,7 @@ districts = ["*"]
                 "steps": steps[w],
                 "skews": skews[w],
                 "connect_timeout_s": connect_timeout,
+                "video": self.scenario.video.model_dump(),
             }
             path = self.state / f"worker-{w}.json"
             path.write_text(json.dumps(spec))
@@ -418,6 +427,7 @@ districts = ["*"]
                 o.availability.update(proc.result["availability"])
                 o.outbox_left.update(proc.result["outbox"])
                 o.rejected_downlink += int(proc.result["rejected"])
+                o.video += proc.result.get("video", [])
         o.heartbeats = sum(w.heartbeats for w in self.workers)
         o.resends = sum(w.resends for w in self.workers)
         o.actions = sum(w.actions for w in self.workers)

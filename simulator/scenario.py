@@ -74,6 +74,19 @@ class GatewaySettings(_Model):
     missed: Annotated[int, Field(ge=1)] = 3
 
 
+class Video(_Model):
+    """Doorbell live video: simulated doorbells get a synthetic camera and stream to the
+    gateway's video hub over WebRTC on loopback when an emergency starts."""
+
+    enabled: bool = False
+    # small frames keep encoding cheap on a shared machine; the path is what is measured
+    width: Annotated[int, Field(ge=16, le=1280, multiple_of=2)] = 320
+    height: Annotated[int, Field(ge=16, le=720, multiple_of=2)] = 240
+    fps: Annotated[int, Field(ge=1, le=30)] = 10
+    # the device stops streaming when nobody has watched this long
+    idle_stop_s: Annotated[float, Field(gt=0)] = 5.0
+
+
 class Operator(_Model):
     # an operator acknowledges each alert this long after it reaches the centre (unset: never)
     ack_after_s: Seconds | None = None
@@ -182,6 +195,8 @@ class Thresholds(_Model):
     # alerts (and cancels) sent by a device that never reached the centre
     max_lost: Annotated[int, Field(ge=0)] = 0
     received_p95_s: Seconds | None = None
+    # emergency alert leaving a doorbell to its video stream connected at the gateway
+    video_p95_s: Seconds | None = None
     delivered_p95_s: Seconds | None = None
     delivered_max_s: Seconds | None = None
     acknowledged_p95_s: Seconds | None = None
@@ -208,6 +223,7 @@ class Scenario(_Model):
     device: DeviceSettings = DeviceSettings()
     gateway: GatewaySettings = GatewaySettings()
     operator: Operator = Operator()
+    video: Video = Video()
     events: list[Event] = []
     faults: list[Fault] = []
     thresholds: Thresholds = Thresholds()

@@ -38,6 +38,7 @@ from device.config import (
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
 from device.outbox import Outbox
+from device.video.config import VideoConfig
 from protocol.jws import Signer
 from protocol.keys import public_key_from_b64
 from protocol.messages import Ack, Alert, Body, Cancel, Heartbeat
@@ -45,6 +46,10 @@ from simulator.identities import device_key
 from simulator.limits import raise_open_files
 
 log = logging.getLogger(__name__)
+
+# what starts a doorbell's video (device/video/session.py says the same)
+EMERGENCY_TRIGGERS = frozenset({"press", "long_press", "duress", "tamper"})
+VIDEO_POLL_S = 0.02
 
 PROGRESS_EVERY_S = 0.25
 
@@ -67,6 +72,9 @@ class Tally:
     resends: int = 0
     heartbeats: int = 0
     heartbeats_by_device: dict[str, int] = field(default_factory=dict)
+    # video sessions: [session id, device, offered at, connected at or None]
+    video: list[list[Any]] = field(default_factory=list)
+    last_emergency: dict[str, float] = field(default_factory=dict)
     actions: int = 0
     errors: int = 0
 
@@ -111,6 +119,13 @@ class Worker:
                 "outbox": OutboxSection(
                     resend_min_s=s["resend_min_s"], resend_max_s=s["resend_max_s"]
                 ),
+                "video": VideoConfig(
+                    start_on_emergency=True,
+                    # gateway and devices share this host: a 127.0.0.1 candidate is needed
+                    loopback_candidates=True,
+                    codecs=["VP8"],
+                    idle_stop_s=(self.spec.get("video") or {}).get("idle_stop_s", 120.0),
+                ),
                 "behaviour": BehaviourSection(
                     long_press_s=s["long_press_s"],
                     cancel_hold_s=s["cancel_hold_s"],
@@ -119,12 +134,18 @@ class Worker:
             }
         )
         inputs = FakeInputs(s["hold_repeat_s"])
+        video = self.spec.get("video") or {}
+        camera = None
+        if kind == "doorbell" and video.get("enabled"):
+            from device.hal.camera import SyntheticCamera
+
+            camera = SyntheticCamera(video["width"], video["height"], video["fps"])
         seed = int.from_bytes(hashlib.sha256(f"{self.spec['seed']}:{device_id}".encode()).digest())
         agent = Agent(
             config,
             signer=Signer(device_id, device_key(self.spec["run_secret"], device_id)),
             gateway_key=gateway_key,
-            hardware=Hardware(inputs, FakeIndicator(), None, None),
+            hardware=Hardware(inputs, FakeIndicator(), camera, None),
             outbox=self._outbox(state_dir),
             clock_ms=self._clock_for(device_id),
             rng=random.Random(seed),
@@ -150,7 +171,9 @@ class Worker:
         send = agent.link.send
         on_ack = agent.behaviour.on_ack
 
-        def watched_send(body: Body, *, message_id: str | None = None) -> asyncio.Future[None]:
+        # passes everything through as it came: the link's signature may grow (it did: retain)
+        def watched_send(body: Body, *args: Any, **kwargs: Any) -> asyncio.Future[None]:
+            message_id = kwargs.get("message_id")
             if isinstance(body, Alert | Cancel) and message_id is not None:
                 if message_id in tally.first_sent:
                     tally.resends += 1
@@ -159,12 +182,14 @@ class Worker:
                     kind = "alert" if isinstance(body, Alert) else "cancel"
                     trigger = body.trigger if isinstance(body, Alert) else "cancel"
                     tally.sent.append([message_id, device_id, kind, trigger, time.time()])
+                    if trigger in EMERGENCY_TRIGGERS:
+                        tally.last_emergency[device_id] = time.time()
             elif isinstance(body, Heartbeat):
                 tally.heartbeats += 1
                 tally.heartbeats_by_device[device_id] = (
                     tally.heartbeats_by_device.get(device_id, 0) + 1
                 )
-            return send(body, message_id=message_id)
+            return send(body, *args, **kwargs)
 
         def watched_ack(ack: Ack) -> Any:
             tally.acks.append([ack.ref, ack.stage, time.time()])
@@ -251,6 +276,27 @@ class Worker:
             await asyncio.sleep(restore_s)
             i.restore_power()
 
+    async def watch_video(self) -> None:
+        """When each doorbell's stream is offered and when it connects (polled: aiortc's
+        state changes are the video manager's to handle, not ours to hook)."""
+        with_video = [w for w in self.watched.values() if w.agent.video is not None]
+        open_: dict[str, list[Any]] = {}
+        while with_video:
+            await asyncio.sleep(VIDEO_POLL_S)
+            for w in with_video:
+                assert w.agent.video is not None
+                session = w.agent.video.session
+                if session is None:
+                    continue
+                entry = open_.get(session.id)
+                if entry is None:
+                    since = self.tally.last_emergency.get(w.agent.device_id)
+                    entry = [session.id, w.agent.device_id, time.time(), None, since]
+                    open_[session.id] = entry
+                    self.tally.video.append(entry)
+                if entry[3] is None and session.pc.connectionState == "connected":
+                    entry[3] = time.time()
+
     def sample(self) -> None:
         if not self.sampling:
             return
@@ -287,6 +333,7 @@ class Worker:
             "availability": {d: w.connected_samples / samples for d, w in self.watched.items()},
             "outbox": depth,
             "heartbeats": self.tally.heartbeats_by_device,
+            "video": self.tally.video,
             "rejected": sum(sum(w.agent.link.rejected.values()) for w in self.watched.values()),
         }
 
@@ -330,6 +377,7 @@ async def main(spec_path: Path) -> None:
 
     # progress from the first agent on, and commands heard even during a slow ramp
     reporter = asyncio.create_task(report())
+    video = asyncio.create_task(worker.watch_video())
     ramping = asyncio.create_task(ramp())
     plan: asyncio.Task[None] | None = None
     try:
@@ -345,7 +393,7 @@ async def main(spec_path: Path) -> None:
             elif line[0] == "stop":
                 break
         worker.sampling = False
-        for task in (ramping, plan, reporter):
+        for task in (ramping, plan, reporter, video):
             if task is not None:
                 task.cancel()
         emit(worker.progress())

@@ -157,7 +157,9 @@ async def test_centre_down_ten_minutes_compressed(tmp_path: Path) -> None:
     assert summary["latency_s"]["press_to_delivered"]["max"] > 1
 
 
-async def test_stalker_at_the_door_is_acknowledged_on_the_doorbell(tmp_path: Path) -> None:
+async def test_stalker_at_the_door_streams_video_and_is_acknowledged_on_the_doorbell(
+    tmp_path: Path,
+) -> None:
     summary = await simulate(
         SHIPPED / "stalker-at-the-door.toml", tmp_path / "report", devices=10, time_scale=0.25
     )
@@ -165,4 +167,7 @@ async def test_stalker_at_the_door_is_acknowledged_on_the_doorbell(tmp_path: Pat
     alerts = summary["alerts"]
     assert alerts["by_trigger"].get("doorbell_ring", 0) > 0
     assert alerts["acknowledged_on_device"] == alerts["sent"]
-    assert (tmp_path / "report").exists()
+    # every emergency at a doorbell started live video, connected at the gateway's hub
+    video = summary["video"]
+    assert video["offered"] > 0 and video["connected"] == video["offered"]
+    assert any((tmp_path / "report" / "state" / "recordings").iterdir())
