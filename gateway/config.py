@@ -218,6 +218,12 @@ class ApiConfig(_Section):
         return self
 
 
+class EnrolConfig(_Section):
+    # the site folder `ansimi provision init-site` made: its CA signs enrolling devices'
+    # certificates (POST /enrol, needs the API); unset means no enrolment here
+    site_dir: Path | None = None
+
+
 class GatewayConfig(_Section):
     id: DeviceId = "gw-local"
     signing_key: Path = Path("/var/lib/ansimi/gateway/signing.key")
@@ -227,6 +233,7 @@ class GatewayConfig(_Section):
     forward: ForwardConfig = ForwardConfig()
     supervise: SuperviseConfig = SuperviseConfig()
     api: ApiConfig = ApiConfig()
+    enrol: EnrolConfig = EnrolConfig()
     video: VideoConfig = VideoConfig()
     centres: list[Centre] = []
     sia: list[SiaReceiver] = []

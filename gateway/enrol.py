@@ -713,21 +713,12 @@ def attach(
     return enrolment
 
 
-def site_of(config: GatewayConfig) -> Path | None:
-    """The site directory this gateway runs from: the one `ansimi provision init-site` made,
-    whose `gateway/gateway.key` is the gateway's signing key. None for any other layout."""
-    root = config.signing_key.absolute().parent.parent
-    if config.signing_key.name != "gateway.key" or not (root / "site.json").is_file():
-        return None
-    return root
-
-
 def attach_if_site(api: Api, registry: Registry, config: GatewayConfig) -> Enrolment | None:
-    """The gateway service's hook: serve enrolment when the gateway runs from a site
-    directory and its API is on. Its CA key must be readable by the gateway's user (see the
+    """The gateway service's hook: serve enrolment when `[enrol] site_dir` names a site
+    and the API is on. Its CA key must be readable by the gateway's user (see the
     module docstring for what that costs); when it is not, enrolment stays off and says why,
     and the gateway runs on."""
-    site_dir = site_of(config)
+    site_dir = config.enrol.site_dir
     if site_dir is None or not config.api.enabled:
         return None
     from provisioning.errors import ProvisioningError

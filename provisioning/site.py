@@ -134,6 +134,10 @@ class SiteLayout:
         return self.gateway_dir / "ca.crt"
 
     @property
+    def gateway_config(self) -> Path:
+        return self.gateway_dir / "gateway.toml"
+
+    @property
     def broker_dir(self) -> Path:
         return self.root / "broker"
 
@@ -169,6 +173,7 @@ class SiteLayout:
             self.gateway_cert,
             self.gateway_tls_key,
             self.gateway_ca,
+            self.gateway_config,
             self.broker_conf,
             b.ca_file,
             b.cert_file,
@@ -448,6 +453,31 @@ def _move_into_place(build: Path, root: Path, *, replace: bool) -> None:
         fsync_dir(root.parent)
 
 
+def gateway_toml(site: SiteLayout, info: SiteInfo) -> str:
+    """A gateway config for this site: its identity, keys and broker, enrolment on.
+
+    The API stays off until an installer adds tokens and an HTTPS certificate: a token
+    written here would be one more secret to move about.
+    """
+    host = "127.0.0.1" if info.listen_host in ("", "0.0.0.0", "::") else info.listen_host
+    return f"""# written by `ansimi provision init-site`; every option: gateway.example.toml
+id = "{info.gateway_id}"
+signing_key = "{site.gateway_key}"
+database = "/var/lib/ansimi/gateway/gateway.db"
+
+[mqtt]
+host = "{host}"
+port = {info.listen_port}
+ca_file = "{site.gateway_ca}"
+cert_file = "{site.gateway_cert}"
+key_file = "{site.gateway_tls_key}"
+
+[enrol]
+# devices enrol through POST /enrol once [api] is enabled with HTTPS and an admin token
+site_dir = "{site.root}"
+"""
+
+
 def _build(
     at: SiteLayout, final: SiteLayout, info: SiteInfo, now: dt.datetime | None
 ) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -476,7 +506,9 @@ def _build(
     pki.write_cert(at.gateway_cert, gateway_cert)
     pki.write_cert(at.gateway_ca, ca.cert)
     pki.write_cert(at.issued_path(gateway_cert.serial_number), gateway_cert)
+    write_atomic(at.gateway_config, gateway_toml(final, info).encode(), mode=0o600)
     made += [at.gateway_key, at.gateway_pub, at.gateway_tls_key, at.gateway_cert, at.gateway_ca]
+    made.append(at.gateway_config)
 
     broker = at.broker
     make_dir(at.broker_dir, mode=0o750 if files_owner else 0o700, owner=files_owner)

@@ -26,7 +26,7 @@ from device.config import DeviceConfig
 from device.enroll import EnrollError, Paths, enroll
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
-from gateway.config import ApiConfig, ApiToken, GatewayConfig, MqttConfig
+from gateway.config import ApiConfig, ApiToken, EnrolConfig, GatewayConfig, MqttConfig
 from gateway.service import Gateway
 from protocol.jws import Signer
 from protocol.keys import load_private_key, public_key_from_b64
@@ -98,6 +98,7 @@ async def rig(site: Site, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Ri
         id=site.gateway_id,
         signing_key=lay.gateway_key,
         database=database,
+        enrol=EnrolConfig(site_dir=lay.root),
         mqtt=MqttConfig(
             host=broker.host,
             port=broker.port,

@@ -259,18 +259,22 @@ async def test_cancelled_tokens_are_refused(env: Env) -> None:
     assert (status, body["reason"]) == (403, "cancelled")
 
 
-def test_the_gateway_serves_enrolment_only_when_it_runs_from_a_site(tmp_path: Path) -> None:
-    from gateway.config import ApiConfig, GatewayConfig
-    from gateway.enrol import attach_if_site, site_of
+def test_the_gateway_serves_enrolment_only_when_configured_with_a_site(tmp_path: Path) -> None:
+    from gateway.config import ApiConfig, EnrolConfig, GatewayConfig
+    from gateway.enrol import attach_if_site
 
     init_site(tmp_path / "site", site="unit", port=18883)
     lay = Site.open(tmp_path / "site").layout
     api_on = ApiConfig(enabled=True, tokens=[ApiToken(name="installer", role="admin", token=ADMIN)])
-    in_site = GatewayConfig(signing_key=lay.gateway_key, database=tmp_path / "g.db", api=api_on)
-    elsewhere = in_site.model_copy(update={"signing_key": tmp_path / "gateway" / "signing.key"})
+    in_site = GatewayConfig(
+        signing_key=lay.gateway_key,
+        database=tmp_path / "g.db",
+        api=api_on,
+        enrol=EnrolConfig(site_dir=lay.root),
+    )
+    elsewhere = in_site.model_copy(update={"enrol": EnrolConfig()})
+    not_a_site = in_site.model_copy(update={"enrol": EnrolConfig(site_dir=tmp_path)})
     api_off = in_site.model_copy(update={"api": ApiConfig()})
-    assert site_of(in_site) == lay.root
-    assert site_of(elsewhere) is None
 
     store = SqliteStore(tmp_path / "g.db")
     registry = Registry(store)
@@ -282,6 +286,7 @@ def test_the_gateway_serves_enrolment_only_when_it_runs_from_a_site(tmp_path: Pa
         return Api(store, registry, downlink, Metrics(), api_on.tokens)
 
     assert attach_if_site(api(), registry, elsewhere) is None
+    assert attach_if_site(api(), registry, not_a_site) is None
     assert attach_if_site(api(), registry, api_off) is None
     with_site = api()
     enrolment = attach_if_site(with_site, registry, in_site)

@@ -229,3 +229,20 @@ def test_a_target_that_is_both_an_id_and_a_serial_must_be_spelled_out(made: Site
         revoke.revoke_certificate(made.layout.root, lookalike)
     result = revoke.revoke_certificate(made.layout.root, f"cn:{lookalike}")
     assert result.denied_identities == [lookalike]
+
+
+def test_init_site_writes_a_gateway_config_that_loads_and_points_at_the_site(
+    tmp_path: Path,
+) -> None:
+    from ansimi.config import load_config
+    from gateway.config import GatewayConfig
+
+    init_site(tmp_path / "site", site="cfg", listen_host="0.0.0.0", port=18883)
+    layout = Site.open(tmp_path / "site").layout
+    config = load_config(layout.gateway_config, GatewayConfig)
+    assert config.signing_key == layout.gateway_key
+    assert config.enrol.site_dir == layout.root
+    assert (config.mqtt.host, config.mqtt.port) == ("127.0.0.1", 18883)
+    for path in (config.mqtt.ca_file, config.mqtt.cert_file, config.mqtt.key_file):
+        assert path is not None and path.is_file()
+    assert oct(layout.gateway_config.stat().st_mode & 0o777) == "0o600"
