@@ -131,6 +131,7 @@ def summarise(o: Observed) -> dict[str, Any]:
         "agent_errors": o.agent_errors,
         "gateway_exit_code": o.gateway_exit,
         "workers_failed": o.workers_failed,
+        "agents_never_ready": o.not_ready,
         "downlink_rejected": o.rejected_downlink,
         "clock_skewed_devices": len(o.skewed),
         "links_reset_by_loss": o.links_lost,
@@ -195,6 +196,8 @@ def verdict(summary: dict[str, Any], s: Any) -> list[str]:
             f"the gateway exited by itself (code {summary['gateway_exit_code']}): "
             "see state/gateway.log"
         )
+    if summary["agents_never_ready"]:
+        fails.append(f"{summary['agents_never_ready']} agents never became ready")
     if summary["workers_failed"]:
         fails.append(f"{summary['workers_failed']} worker processes died: see state/worker-*.log")
 

@@ -107,6 +107,7 @@ class Observed:
     links_lost: int = 0  # connections the proxy reset for a lossy link
     gateway_exit: int | None = None  # the gateway ended on its own (not by a fault): its code
     workers_failed: int = 0  # worker processes that never reported their result
+    not_ready: int = 0  # agents that never became ready (connected and subscribed)
     # doorbell streams: [session, device, offered at, connected at, emergency sent at]
     video: list[list[Any]] = field(default_factory=list)
 
@@ -428,6 +429,7 @@ districts = ["*"]
                 o.outbox_left.update(proc.result["outbox"])
                 o.rejected_downlink += int(proc.result["rejected"])
                 o.video += proc.result.get("video", [])
+                o.not_ready += int(proc.result.get("not_ready", 0))
         o.heartbeats = sum(w.heartbeats for w in self.workers)
         o.resends = sum(w.resends for w in self.workers)
         o.actions = sum(w.actions for w in self.workers)

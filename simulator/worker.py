@@ -334,6 +334,8 @@ class Worker:
             "outbox": depth,
             "heartbeats": self.tally.heartbeats_by_device,
             "video": self.tally.video,
+            # an agent whose link never finished its after-connect step (a broken hook, say)
+            "not_ready": sum(1 for w in self.watched.values() if not w.agent.ready.is_set()),
             "rejected": sum(sum(w.agent.link.rejected.values()) for w in self.watched.values()),
         }
 
