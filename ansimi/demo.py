@@ -259,6 +259,8 @@ async def run_demo(
         pressed = 0
         try:
             await wait_for_port("127.0.0.1", console_port, 20)
+            # presses before the gateway subscribes would wait out a device resend delay
+            await _gateway_ready(api_port, 60)
             await asyncio.gather(*(asyncio.wait_for(a.ready.wait(), 20) for a in agents))
             click.echo(
                 f"[demo] console: open http://127.0.0.1:{console_port}/ and sign in as "
@@ -285,7 +287,7 @@ async def run_demo(
                 click.echo(f"[{agent.device_id}] button pressed")
                 next_press = time.monotonic() + press_every_s
             # Let the last alerts land before counting.
-            settle = time.monotonic() + 10
+            settle = time.monotonic() + 20
             while time.monotonic() < settle and _count(centre_db) < pressed:
                 _print_indicators(agents, shown)
                 await asyncio.sleep(0.1)
@@ -304,6 +306,24 @@ async def run_demo(
             click.echo(f"[demo] some alerts did not arrive: see {state}/gateway.log", err=True)
             return 1
         return 0
+
+
+async def _gateway_ready(api_port: int, timeout_s: float) -> None:
+    """Until the gateway's /healthz says it is connected to the broker (it subscribes at
+    once after), bounded; a slow machine (aiortc loads with video on) gets its time."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{api_port}/healthz"
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(url) as response:
+                    if response.status == 200:
+                        await asyncio.sleep(0.2)  # its subscribe follows the connect
+                        return
+            await asyncio.sleep(0.1)
+    click.echo(f"[demo] the gateway is not ready after {timeout_s:g}s: pressing anyway", err=True)
 
 
 def _print_indicators(agents: list[Any], shown: dict[str, int]) -> None:

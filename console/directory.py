@@ -119,15 +119,17 @@ class Directory:
     async def sync(self, *, force: bool = True) -> bool:
         """Fetch the registry now; False if the gateway could not be asked.
 
-        Without `force`, a sync within `min_refresh_gap_s` of the last is skipped, so a
-        flood of events from unknown signers cannot turn into a flood of registry reads.
+        Without `force`, a sync within `min_refresh_gap_s` of the last good one is
+        skipped, so a flood of events from unknown signers cannot turn into a flood of
+        registry reads. After a failed sync (the gateway was not up yet) the next is not
+        held back: the lock still lets only one run at a time.
         """
         if self._fetch is None:
             return False
         async with self._lock:
             now = time.monotonic()
-            if not force and now - self._last_sync < self._min_gap_s:
-                return self.synced_ok
+            if not force and self.synced_ok and now - self._last_sync < self._min_gap_s:
+                return True
             self._last_sync = now
             try:
                 raw = await self._fetch()

@@ -98,3 +98,27 @@ async def test_the_registry_copy_survives_a_restart_without_the_gateway(
     assert offline.get("bell-0001") is not None
     assert offline.get("bell-0001").address is None  # type: ignore[union-attr]
     offline.close()
+
+
+async def test_after_a_failed_sync_an_unknown_signer_asks_again_at_once(
+    tmp_path: Path,
+) -> None:
+    from console.directory import Directory
+
+    calls: list[int] = []
+    entries = [registry_entry()]
+
+    async def fetch() -> list[dict[str, object]]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionRefusedError("the gateway is not up yet")
+        return entries
+
+    directory = Directory(tmp_path / "c.db", fetch, min_refresh_gap_s=60)
+    assert not await directory.sync()
+    # within the gap, but the last sync failed: it asks again
+    assert await directory.sync(force=False)
+    # within the gap after a good sync: held back
+    assert await directory.sync(force=False)
+    assert len(calls) == 2
+    directory.close()
