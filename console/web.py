@@ -107,6 +107,12 @@ class Broadcast:
     def __len__(self) -> int:
         return len(self._queues)
 
+    def end_all(self) -> None:
+        """Tell every open stream to finish (the console is shutting down)."""
+        for queue in list(self._queues):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+
     def publish(self, kind: str, data: dict[str, Any]) -> None:
         frame = f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
         for queue in list(self._queues):
@@ -173,10 +179,7 @@ class ConsoleApp:
         return app
 
     async def _close_streams(self, app: web.Application) -> None:
-        self.broadcast.publish("bye", {})
-        for queue in list(self.broadcast._queues):
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(None)
+        self.broadcast.end_all()
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -344,8 +347,8 @@ class ConsoleApp:
                 if frame is None:
                     break
                 await response.write(frame.encode())
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the page went away
         finally:
             self.broadcast.close(queue)
         log.debug("console: stream of %s ended", session.operator)
