@@ -1,11 +1,13 @@
-"""Who the devices are: keys, labels, districts and addresses, synced from the gateway.
+"""Who the devices are: keys, labels, kinds and districts, synced from the gateway.
 
 The receiver needs each device's public key to check the device's own signature, and the
-page needs a label, a kind, a district and (where the registry holds one) an address. The
-gateway's registry is the one source: `GET /devices?keys=1` with the console's operator
-token, fetched every `every_s` seconds and at once when an event names a device we do not
-know (it may have been enrolled a second ago). The last good copy is kept in the console's
-SQLite file, so a console restarted while the gateway is unreachable still verifies.
+page needs a label, a kind and a district. The gateway's registry is the one source:
+`GET /devices?keys=1` with the console's operator token, fetched every `every_s` seconds
+and at once when an event names a device we do not know (it may have been enrolled a
+second ago). The last good copy is kept in the console's SQLite file, so a console
+restarted while the gateway is unreachable still verifies. Only those fields are kept: a
+device's address is personal data, fetched per view from the gateway
+(`GET /devices/{id}/private`) and never stored here (docs/privacy.md).
 
 Status events (online, offline) are signed by the gateway itself; its public keys come
 from the console's configuration (`--gateway-key ID=KEY`), never from the network.
@@ -41,17 +43,16 @@ class DeviceInfo:
     district: str
     label: str
     revoked: bool
-    # Personal data: shown only to signed-in operators, each view audited. The gateway's
-    # registry may not carry it (older gateways): then None.
-    address: str | None
     public_key: str | None
 
 
+KEPT_FIELDS = ("id", "kind", "district", "label", "revoked", "public_key")
+
+
 def _info(raw: Mapping[str, Any]) -> DeviceInfo | None:
-    device_id = raw.get("id") or raw.get("device_id")
+    device_id = raw.get("id")
     if not isinstance(device_id, str):
         return None
-    address = raw.get("address")
     key = raw.get("public_key")
     return DeviceInfo(
         device_id=device_id,
@@ -59,7 +60,6 @@ def _info(raw: Mapping[str, Any]) -> DeviceInfo | None:
         district=str(raw.get("district", "")),
         label=str(raw.get("label", "")),
         revoked=bool(raw.get("revoked", False)),
-        address=address if isinstance(address, str) and address else None,
         public_key=key if isinstance(key, str) else None,
     )
 
@@ -149,7 +149,13 @@ class Directory:
             await self.sync()
             await asyncio.sleep(self.every_s)
 
-    def _install(self, raw: list[dict[str, Any]], *, persist: bool) -> None:
+    def _install(self, fetched: list[dict[str, Any]], *, persist: bool) -> None:
+        # whatever else a registry answer carries is not ours to keep
+        raw = [
+            {k: item[k] for k in KEPT_FIELDS if k in item}
+            | ({"id": item["device_id"]} if "device_id" in item else {})
+            for item in fetched
+        ]
         devices: dict[str, DeviceInfo] = {}
         keys: dict[str, Ed25519PublicKey] = {}
         for item in raw:
@@ -178,7 +184,7 @@ class Directory:
                 cursor.execute("DELETE FROM directory")
                 cursor.executemany(
                     "INSERT INTO directory VALUES (?, ?)",
-                    [(d, json.dumps(r)) for r in raw if (d := r.get("id") or r.get("device_id"))],
+                    [(d, json.dumps(r)) for r in raw if isinstance(d := r.get("id"), str)],
                 )
                 cursor.execute("COMMIT")
 

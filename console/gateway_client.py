@@ -59,6 +59,22 @@ class GatewayClient:
             raise GatewayError(502, "GET /devices: no devices list in the answer")
         return [d for d in devices if isinstance(d, dict)]
 
+    async def private(self, device_id: str) -> dict[str, Any] | None:
+        """A device's address and floor from `GET /devices/{id}/private` (the gateway logs
+        the read); None when the gateway has none for it, or none for our districts."""
+        url = f"{self.base_url}/devices/{device_id}/private"
+        try:
+            async with self._session().get(url) as response:
+                if response.status in (404, 405):  # 405: a gateway without the route
+                    return None
+                if response.status != 200:
+                    raise GatewayError(502, f"the gateway answered HTTP {response.status}")
+                data = await response.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
+        # only what the page shows: phone numbers and notes stay at the gateway
+        return {"address": str(data.get("address") or ""), "floor": str(data.get("floor") or "")}
+
     async def move(self, event_id: str, stage: str) -> dict[str, Any]:
         if stage not in STAGES:
             raise GatewayError(404, f"no stage {stage}")

@@ -355,17 +355,29 @@ class ConsoleApp:
         return response
 
     async def device(self, request: web.Request) -> web.Response:
+        """A device's address and floor, read from the gateway for this view only (the
+        console keeps no personal data); None where the gateway has none."""
         device_id = request.match_info["device_id"]
         info = self.directory.get(device_id) if self.directory is not None else None
         if info is None:
             return web.json_response({"error": "no such device"}, status=404)
-        # an address is personal data: who looked, and when, is kept
+        operator = request[SESSION_KEY].operator
+        private: dict[str, Any] | None = None
+        if self.gateway is not None:
+            try:
+                private = await self.gateway.private(device_id)
+            except GatewayError as exc:
+                self.operators.audit(
+                    operator, "view_personal_data_failed", device_id, error=str(exc)
+                )
+                return web.json_response({"error": str(exc)}, status=exc.status)
+        # an address is personal data: who looked, and when, is kept (never the address)
         self.operators.audit(
-            request[SESSION_KEY].operator,
+            operator,
             "view_personal_data",
             device_id,
-            fields=["address"],
-            present=info.address is not None,
+            fields=["address", "floor"],
+            present=private is not None,
         )
         return web.json_response(
             {
@@ -373,7 +385,8 @@ class ConsoleApp:
                 "label": info.label,
                 "kind": info.kind,
                 "district": info.district,
-                "address": info.address,
+                "address": private["address"] if private else None,
+                "floor": private["floor"] if private else None,
             }
         )
 

@@ -314,9 +314,10 @@ async function fetchAddress(deviceId) {
     const response = await fetch(`/api/devices/${encodeURIComponent(deviceId)}`,
       { credentials: "same-origin" });
     const info = response.ok ? await response.json() : { address: null };
-    state.addresses.set(deviceId, info.address ?? null);
+    const shown = info.address ? [info.address, info.floor].filter(Boolean).join(", ") : null;
+    state.addresses.set(deviceId, shown);
     for (const el of document.querySelectorAll(`.alert[data-device-id="${deviceId}"] .address`)) {
-      el.textContent = info.address ?? t("no_address");
+      el.textContent = shown ?? t("no_address");
     }
   } finally {
     pendingAddress.delete(deviceId);

@@ -103,6 +103,8 @@ class FakeGateway:
     """The gateway's operator API as far as the console uses it."""
 
     devices: list[dict[str, Any]] = field(default_factory=lambda: [registry_entry()])
+    # what GET /devices/{id}/private answers, per device (absent: 404)
+    private: dict[str, dict[str, Any]] = field(default_factory=dict)
     moves: list[tuple[str, str]] = field(default_factory=list)
     device_reads: int = 0
     tokens_seen: list[str] = field(default_factory=list)
@@ -118,8 +120,20 @@ class FakeGateway:
             self.moves.append((request.match_info["event_id"], request.match_info["stage"]))
             return web.json_response({"moved": True, "state": request.match_info["stage"]})
 
+        async def private(request: web.Request) -> web.Response:
+            data = self.private.get(request.match_info["device_id"])
+            if data is None:
+                return web.json_response({"error": "no personal data"}, status=404)
+            return web.json_response({"device_id": request.match_info["device_id"], **data})
+
         app = web.Application()
-        app.add_routes([web.get("/devices", devices), web.post("/alerts/{event_id}/{stage}", move)])
+        app.add_routes(
+            [
+                web.get("/devices", devices),
+                web.get("/devices/{device_id}/private", private),
+                web.post("/alerts/{event_id}/{stage}", move),
+            ]
+        )
         return app
 
 
