@@ -167,10 +167,20 @@ def key_source(
     return key_file, False
 
 
+INIT_HINT = "ansimi gateway privacy-key init --config FILE"
+
+
 def load_keyring(
-    key_file: Path, *, credential: str | None = None, env: Mapping[str, str] | None = None
+    key_file: Path,
+    *,
+    credential: str | None = None,
+    env: Mapping[str, str] | None = None,
+    init_hint: str = INIT_HINT,
 ) -> Keyring:
-    """The data keys, from the systemd credential if there is one, else from `key_file`."""
+    """The data keys, from the systemd credential if there is one, else from `key_file`.
+
+    `init_hint` is the command that makes the key, for the error when there is none.
+    """
     path, from_credential = key_source(key_file, credential, env)
     try:
         if not from_credential:
@@ -179,7 +189,7 @@ def load_keyring(
         text = path.read_text()
     except FileNotFoundError:
         raise KeyFileError(
-            f"no data key at {path}: create it with `ansimi privacy init --key-file {path}` "
+            f"no data key at {path}: create it with `{init_hint}` "
             "(or provide it with LoadCredential=)"
         ) from None
     except PermissionError:

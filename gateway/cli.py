@@ -29,8 +29,7 @@ def gateway() -> None:
     """Run the gateway (intake, store, forward, API)."""
 
 
-@gateway.command()
-@click.option(
+_config_option = click.option(
     "--config",
     "config_path",
     type=click.Path(path_type=Path),
@@ -38,8 +37,13 @@ def gateway() -> None:
     show_default=True,
     help="gateway TOML file",
 )
+
+
+@gateway.command()
+@_config_option
 def run(config_path: Path) -> None:
     """Run the gateway until stopped."""
+    from ansimi.privacy import KeyFileError
     from gateway.api import ApiTlsError
     from gateway.service import Gateway
 
@@ -49,7 +53,7 @@ def run(config_path: Path) -> None:
         raise click.ClickException(str(exc)) from None
     try:
         service = Gateway(config, config_path=config_path)
-    except (FileNotFoundError, ProtocolError, ApiTlsError) as exc:  # keys, certificates
+    except (FileNotFoundError, ProtocolError, ApiTlsError, KeyFileError) as exc:  # keys, certs
         raise click.ClickException(f"{config_path}: {exc}") from None
     except (OSError, sqlite3.Error) as exc:
         raise click.ClickException(
@@ -71,3 +75,56 @@ async def _serve(service: Gateway) -> None:
     except asyncio.CancelledError:
         sdnotify.notify("STOPPING=1")
         log.info("gateway: stopped")
+
+
+def _config_or_exit(config_path: Path) -> GatewayConfig:
+    try:
+        return load_config(config_path, GatewayConfig)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@gateway.group("privacy-key")
+def privacy_key() -> None:
+    """The data key sealing devices' personal data ([privacy] key_file)."""
+
+
+@privacy_key.command("init")
+@_config_option
+def privacy_key_init(config_path: Path) -> None:
+    """Make the site's data key (mode 0600); refuses to replace an existing one."""
+    from ansimi.privacy import PrivacyError, create_key_file
+
+    config = _config_or_exit(config_path)
+    try:
+        keyring = create_key_file(config.privacy.key_file)
+    except (PrivacyError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"data key {keyring.current.kid} written to {config.privacy.key_file} (mode 600)")
+
+
+@privacy_key.command("rotate")
+@_config_option
+def privacy_key_rotate(config_path: Path) -> None:
+    """Make a new data key and re-seal every device's personal data with it.
+
+    Run it with the gateway stopped, or on one instance: the others keep the old key in
+    memory until restarted, and could not open data re-sealed meanwhile.
+    """
+    from ansimi.privacy import PrivacyError, rotate
+    from gateway.private import Vault
+    from gateway.store import SqliteStore
+
+    config = _config_or_exit(config_path)
+    store = SqliteStore(config.database)
+    try:
+        kid, count = rotate(
+            config.privacy.key_file,
+            lambda keyring: Vault(store, None).reseal(keyring),
+            credential=config.privacy.credential,
+        )
+    except (PrivacyError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        store.close()
+    click.echo(f"data key {kid} now seals {count} device record(s); the old key is retired")

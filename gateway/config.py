@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -56,6 +57,8 @@ class Centre(_Section):
     districts: list[str] = ["*"]
     # CA bundle (PEM) that signs the centre's HTTPS certificate; unset: the system's CAs
     ca_file: Path | None = None
+    # forwarded events carry the device's address and floor (personal data) only if true
+    send_address: bool = False
 
     @field_validator("districts")
     @classmethod
@@ -158,11 +161,18 @@ class SuperviseConfig(_Section):
         return int(self.heartbeat_s * self.missed * 1000)
 
 
+def _check_districts(districts: list[str]) -> list[str]:
+    return [check_district(d, allow_all=True) for d in districts]
+
+
 class ApiToken(_Section):
     # who holds the token (a centre or an operator desk): shown in logs and stage history
     name: DeviceId
     # operator: alerts and devices; admin: also registers and revokes devices
     role: Literal["operator", "admin"] = "operator"
+    # districts whose devices' personal data (address, phone numbers) this operator may
+    # read; ["*"] is the central centre, which sees all
+    districts: Annotated[list[str], AfterValidator(_check_districts)] = ["*"]
     # the token itself, or (better) a file holding it, readable by the service only
     token: Annotated[str | None, Field(min_length=16, repr=False)] = None
     token_file: Path | None = None
@@ -189,6 +199,9 @@ class ApiToken(_Section):
         else:
             self._secret = self.token or ""
         return self
+
+    def sees(self, district: str) -> bool:
+        return "*" in self.districts or district in self.districts
 
     @property
     def secret(self) -> str:
@@ -224,6 +237,14 @@ class EnrolConfig(_Section):
     site_dir: Path | None = None
 
 
+class PrivacyConfig(_Section):
+    # the per-site data key sealing devices' personal data in the store: mode 0600, owned
+    # by the service user, not in the same backup as the database
+    key_file: Path = Path("/var/lib/ansimi/gateway/privacy.key")
+    # under systemd, LoadCredential=<this>:/path wins over key_file
+    credential: str = "privacy-key"
+
+
 class GatewayConfig(_Section):
     id: DeviceId = "gw-local"
     signing_key: Path = Path("/var/lib/ansimi/gateway/signing.key")
@@ -235,6 +256,7 @@ class GatewayConfig(_Section):
     api: ApiConfig = ApiConfig()
     enrol: EnrolConfig = EnrolConfig()
     video: VideoConfig = VideoConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     centres: list[Centre] = []
     sia: list[SiaReceiver] = []
 

@@ -52,19 +52,25 @@ Clock = Callable[[], int]
 TRANSIENT_4XX = frozenset({408, 429})
 
 
-def delivery_body(delivery: Delivery, district: str) -> bytes:
-    return json.dumps(
-        {
-            "event_id": delivery.event_id,
-            "device_id": delivery.device_id,
-            "district": district,
-            "type": delivery.type,
-            "ts_ms": delivery.ts_ms,
-            "body": json.loads(delivery.body_json),
-            "jws": delivery.jws,
-        },
-        separators=(",", ":"),
-    ).encode()
+def delivery_body(
+    delivery: Delivery, district: str, address: dict[str, str] | None = None
+) -> bytes:
+    data: dict[str, object] = {
+        "event_id": delivery.event_id,
+        "device_id": delivery.device_id,
+        "district": district,
+        "type": delivery.type,
+        "ts_ms": delivery.ts_ms,
+        "body": json.loads(delivery.body_json),
+        "jws": delivery.jws,
+    }
+    if address is not None:
+        # personal data: only for centres configured with send_address (gateway/private.py)
+        data["address"] = address
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+AddressOf = Callable[[str], Awaitable[dict[str, str] | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +103,16 @@ class Transport(Protocol):
 class HttpsCentre:
     """POSTs to one centre's endpoint over its own connection pool and TLS settings."""
 
-    def __init__(self, centre: Centre, config: ForwardConfig, clock_ms: Clock) -> None:
+    def __init__(
+        self,
+        centre: Centre,
+        config: ForwardConfig,
+        clock_ms: Clock,
+        address_of: AddressOf | None = None,
+    ) -> None:
         self.centre = centre
+        # asked only when the centre has send_address: the others never get the address
+        self._address_of = address_of if centre.send_address else None
         self.concurrency = config.concurrency
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self._clock_ms = clock_ms
@@ -117,7 +131,10 @@ class HttpsCentre:
         return self._http
 
     async def send(self, delivery: Delivery, district: str) -> Outcome:
-        body = delivery_body(delivery, district)
+        address = None
+        if self._address_of is not None:
+            address = await self._address_of(delivery.device_id)
+        body = delivery_body(delivery, district, address)
         timestamp = str(self._clock_ms())
         headers = {
             "Content-Type": "application/json",

@@ -14,9 +14,10 @@ from gateway.api import Api, tls_context
 from gateway.config import GatewayConfig
 from gateway.downlink import Downlink
 from gateway.enrol import attach_if_site
-from gateway.forward import Forwarder
+from gateway.forward import Forwarder, HttpsCentre, Transport
 from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
+from gateway.private import PrivateRoutes, Vault, open_vault
 from gateway.store import Delivery, SqliteStore, Store
 from gateway.supervise import Supervisor
 from protocol.jws import Signer
@@ -72,6 +73,15 @@ class Gateway:
         self.downlink = Downlink(
             signer, lambda topic, payload: self.session.publish(topic, payload)
         )
+        # personal data: sealed with the site's data key; without one the routes say 503
+        self.vault: Vault = open_vault(self.store, config.privacy)
+        clock_ms = lambda: time.time_ns() // 1_000_000  # noqa: E731
+        # centres allowed the address get it from the vault; the others never ask
+        addressed: dict[str, Transport] = {
+            c.name: HttpsCentre(c, config.forward, clock_ms, self.vault.address_of)
+            for c in config.centres
+            if c.send_address
+        }
         self.forwarder = Forwarder(
             self.store,
             [*config.centres, *config.sia],
@@ -79,6 +89,7 @@ class Gateway:
             self.metrics,
             district_of=self._district_of,
             on_first_delivery=self._on_first_delivery,
+            transports=addressed,
         )
         self.supervisor = Supervisor(
             self.store,
@@ -116,6 +127,7 @@ class Gateway:
             config.api.tokens,
             connected=lambda: self.session.connected,
         )
+        self.api.add_routes(PrivateRoutes(self.store, self.vault).routes())
         if self.video is not None:
             from gateway.video.whep import api_routes
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,13 @@ CREATE TABLE IF NOT EXISTS stages (
     at_ms       INTEGER NOT NULL,
     actor       TEXT NOT NULL,
     PRIMARY KEY (event_id, stage)
+);
+-- a device's personal data (address, floor, phone numbers, notes), only ever sealed
+-- (AES-GCM, ansimi/privacy.py) by the caller: this file never holds it in clear
+CREATE TABLE IF NOT EXISTS device_private (
+    device_id   TEXT PRIMARY KEY REFERENCES devices(device_id),
+    sealed      TEXT NOT NULL,
+    updated_ms  INTEGER NOT NULL
 );
 """
 
@@ -196,6 +203,11 @@ class Store(Protocol):
     def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]: ...
     def waiting(self, limit: int, *, centre: str | None = None) -> list[Waiting]: ...
     def waiting_by_centre(self) -> dict[str, int]: ...
+    # personal data: the store keeps and returns sealed text only, never plaintext
+    def set_private(self, device_id: str, sealed: str, now_ms: int) -> bool: ...
+    def private(self, device_id: str) -> str | None: ...
+    def reseal_private(self, reseal: Callable[[str, str], str]) -> int: ...
+    def forget_private(self, device_id: str) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -543,6 +555,44 @@ class SqliteStore:
             (event_id,),
         )
         return [(str(a), int(b), str(c)) for a, b, c in rows]
+
+    # ---- personal data (sealed) --------------------------------------------------------
+
+    def set_private(self, device_id: str, sealed: str, now_ms: int) -> bool:
+        """Keep a device's sealed personal data, replacing any; False if no such device."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)).fetchone():
+                db.execute(
+                    "INSERT INTO device_private VALUES (?, ?, ?) ON CONFLICT (device_id)"
+                    " DO UPDATE SET sealed = excluded.sealed, updated_ms = excluded.updated_ms",
+                    (device_id, sealed, now_ms),
+                )
+                return True
+        return False
+
+    def private(self, device_id: str) -> str | None:
+        rows = self._query("SELECT sealed FROM device_private WHERE device_id = ?", (device_id,))
+        return str(rows[0][0]) if rows else None
+
+    def reseal_private(self, reseal: Callable[[str, str], str]) -> int:
+        """Replace every sealed value by `reseal(device_id, sealed)`, all in one transaction.
+
+        For key rotation: an error half-way rolls every row back to the old key.
+        """
+        with self._tx() as db:
+            rows = db.execute("SELECT device_id, sealed FROM device_private").fetchall()
+            db.executemany(
+                "UPDATE device_private SET sealed = ? WHERE device_id = ?",
+                [(reseal(str(d), str(v)), d) for d, v in rows],
+            )
+        return len(rows)
+
+    def forget_private(self, device_id: str) -> bool:
+        with self._tx() as db:
+            return (
+                db.execute("DELETE FROM device_private WHERE device_id = ?", (device_id,)).rowcount
+                == 1
+            )
 
     def close(self) -> None:
         with self._lock:

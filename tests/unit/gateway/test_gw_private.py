@@ -1,0 +1,225 @@
+"""Personal data in the gateway: sealed at rest, set by admins, read by district, forwarded
+to centres that may have the address only."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from click.testing import CliRunner
+from gw_testkit import DISTRICTS, KEYS, make_env
+
+from ansimi.privacy import SealError, create_key_file, load_keyring
+from gateway.api import Api
+from gateway.cli import gateway
+from gateway.config import ApiToken, Centre, ForwardConfig, PrivacyConfig
+from gateway.forward import HttpsCentre
+from gateway.private import PrivateData, PrivateRoutes, Vault, open_vault
+from gateway.store import Delivery, Device, SqliteStore
+from protocol.keys import public_key_to_b64
+
+ADMIN = "admin-token-0123456789abc"
+CENTRAL = "central-token-0123456789"
+MAPO = "mapo-desk-token-01234567"
+GANGNAM = "gangnam-desk-token-0123"
+TOKENS = [
+    ApiToken(name="installer", role="admin", token=ADMIN),
+    ApiToken(name="central", role="operator", token=CENTRAL),
+    ApiToken(name="mapo-desk", role="operator", token=MAPO, districts=["mapo"]),
+    ApiToken(name="gangnam-desk", role="operator", token=GANGNAM, districts=["gangnam"]),
+]
+# the fixture's personal data: none of these strings may reach the disk in clear
+SECRETS = {
+    "address": "17 Seongmisan-ro 5-gil, Mapo-gu",
+    "floor": "4F-402",
+    "phones": [
+        {"role": "victim", "name": "Kim Haneul", "number": "+821055512345"},
+        {"role": "guardian", "name": "Park Jiwoo", "number": "+821066698765"},
+    ],
+    "notes": "door code 7391, call the sister first",
+}
+PLAINTEXTS = [
+    "Seongmisan",
+    "4F-402",
+    "Kim Haneul",
+    "Park Jiwoo",
+    "821055512345",
+    "821066698765",
+    "door code 7391",
+]
+
+
+@dataclass
+class Site:
+    store: SqliteStore
+    db_path: Path
+    vault: Vault
+    client: TestClient[web.Request, web.Application]
+
+    async def call(
+        self, method: str, path: str, token: str, body: object = None
+    ) -> tuple[int, dict[str, object]]:
+        headers = {"Authorization": f"Bearer {token}"}
+        kw = {} if body is None else {"json": body}
+        async with self.client.request(method, path, headers=headers, **kw) as response:  # type: ignore[arg-type]
+            return response.status, await response.json()
+
+
+def register(store: SqliteStore) -> None:
+    for device_id, district in DISTRICTS.items():
+        public = public_key_to_b64(KEYS[device_id].public_key())
+        store.add_device(Device(device_id, public, "bell", district), now_ms=0)
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    db_path = tmp_path / "gateway.db"
+    store = SqliteStore(db_path)
+    register(store)
+    env = make_env()
+    key_file = tmp_path / "privacy.key"
+    create_key_file(key_file)
+    vault = open_vault(store, PrivacyConfig(key_file=key_file))
+    api = Api(store, env.registry, env.downlink, env.metrics, TOKENS, clock_ms=env.clock)
+    api.add_routes(PrivateRoutes(store, vault, clock_ms=env.clock).routes())
+    async with TestClient(TestServer(api.app())) as client:
+        yield Site(store, db_path, vault, client)
+    store.close()
+
+
+def raw_bytes(db_path: Path) -> bytes:
+    # the database, its write-ahead log and anything else SQLite keeps beside it
+    return b"".join(p.read_bytes() for p in sorted(db_path.parent.glob(db_path.name + "*")))
+
+
+async def test_personal_data_is_sealed_in_the_raw_sqlite_file(site: Site) -> None:
+    status, answer = await site.call("POST", "/admin/devices/bell-0001/private", ADMIN, SECRETS)
+    assert (status, answer) == (200, {"device_id": "bell-0001", "stored": True})
+    raw = raw_bytes(site.db_path)
+    assert b"v1." in raw  # the sealed value is there...
+    for plain in PLAINTEXTS:  # ...and no plaintext, neither in the file nor in its WAL
+        assert plain.encode() not in raw, plain
+        assert plain.encode("utf-16-le") not in raw, plain
+    # and the same after a checkpoint moved the WAL into the main file
+    with sqlite3.connect(site.db_path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    raw = raw_bytes(site.db_path)
+    assert not [p for p in PLAINTEXTS if p.encode() in raw]
+
+
+async def test_operators_read_it_for_their_districts_only_and_admins_not_at_all(
+    site: Site,
+) -> None:
+    await site.call("POST", "/admin/devices/bell-0001/private", ADMIN, SECRETS)  # mapo
+    for token in (CENTRAL, MAPO):
+        status, answer = await site.call("GET", "/devices/bell-0001/private", token)
+        assert status == 200
+        assert answer["address"] == SECRETS["address"]
+        assert answer["phones"] == SECRETS["phones"]
+    status, answer = await site.call("GET", "/devices/bell-0001/private", GANGNAM)
+    assert status == 404 and "Seongmisan" not in json.dumps(answer)
+    # a device of no district of yours and no device at all look the same
+    assert (await site.call("GET", "/devices/bell-4242/private", GANGNAM))[0] == 404
+    assert (await site.call("GET", "/devices/bell-0001/private", ADMIN))[0] == 403
+    assert (await site.call("POST", "/admin/devices/bell-0001/private", MAPO, SECRETS))[0] == 403
+    assert (await site.call("GET", "/devices/bell-0002/private", CENTRAL))[0] == 404
+
+
+async def test_a_bad_body_is_refused_without_echoing_it(site: Site) -> None:
+    bad = {**SECRETS, "phones": [{"role": "victim", "number": "010-5551-2345 Kim"}]}
+    status, answer = await site.call("POST", "/admin/devices/bell-0001/private", ADMIN, bad)
+    assert status == 400
+    assert "5551" not in json.dumps(answer) and "phones.0.number" in str(answer["error"])
+    status, _ = await site.call("POST", "/admin/devices/bell-4242/private", ADMIN, SECRETS)
+    assert status == 404
+
+
+async def test_a_sealed_record_copied_onto_another_device_does_not_open(site: Site) -> None:
+    site.vault.put("bell-0001", PrivateData.model_validate(SECRETS), now_ms=1)
+    sealed = site.store.private("bell-0001")
+    assert sealed is not None
+    site.store.set_private("bell-0002", sealed, now_ms=2)
+    with pytest.raises(SealError):
+        site.vault.get("bell-0002")
+
+
+async def test_without_a_data_key_the_routes_say_503_and_the_log_names_the_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteStore(":memory:")
+    vault = open_vault(store, PrivacyConfig(key_file=tmp_path / "absent.key"))
+    assert not vault.available
+    assert "privacy-key init" in caplog.text and "absent.key" in caplog.text
+    env = make_env()
+    api = Api(env.store, env.registry, env.downlink, env.metrics, TOKENS)
+    api.add_routes(PrivateRoutes(env.store, vault).routes())
+    async with TestClient(TestServer(api.app())) as client:
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        async with client.post(
+            "/admin/devices/bell-0001/private", json=SECRETS, headers=headers
+        ) as response:
+            assert response.status == 503
+
+
+def test_cli_init_then_rotate_reseals_every_record(tmp_path: Path) -> None:
+    key_file = tmp_path / "privacy.key"
+    db_path = tmp_path / "gateway.db"
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'database = "{db_path}"\n[privacy]\nkey_file = "{key_file}"\n')
+    runner = CliRunner()
+    made = runner.invoke(gateway, ["privacy-key", "init", "--config", str(config)])
+    assert made.exit_code == 0, made.output
+    store = SqliteStore(db_path)
+    register(store)
+    vault = open_vault(store, PrivacyConfig(key_file=key_file))
+    vault.put("bell-0001", PrivateData.model_validate(SECRETS), now_ms=1)
+    old_kid = load_keyring(key_file).current.kid
+    again = runner.invoke(gateway, ["privacy-key", "init", "--config", str(config)])
+    assert again.exit_code != 0 and "already exists" in again.output
+    rotated = runner.invoke(gateway, ["privacy-key", "rotate", "--config", str(config)])
+    assert rotated.exit_code == 0, rotated.output
+    assert "1 device record" in rotated.output
+    ring = load_keyring(key_file)
+    assert [k.kid for k in ring.keys] != [old_kid] and len(ring.keys) == 1
+    sealed = store.private("bell-0001")
+    assert sealed is not None and ring.kid_of(sealed) == ring.current.kid
+    fresh = open_vault(store, PrivacyConfig(key_file=key_file))
+    got = fresh.get("bell-0001")
+    assert got is not None and got.address == SECRETS["address"]
+    store.close()
+
+
+async def test_only_centres_with_send_address_get_the_address(tmp_path: Path) -> None:
+    received: list[dict[str, object]] = []
+
+    async def events(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/events", events)
+    store = SqliteStore(":memory:")
+    register(store)
+    create_key_file(tmp_path / "privacy.key")
+    vault = open_vault(store, PrivacyConfig(key_file=tmp_path / "privacy.key"))
+    vault.put("bell-0001", PrivateData.model_validate(SECRETS), now_ms=1)
+    delivery = Delivery("ev-1", "central", 0, "bell-0001", "alert", 1, "{}", "jws")
+    async with TestServer(app) as server:
+        url = f"http://127.0.0.1:{server.port}/events"
+        secret = "s" * 16
+        for send_address in (True, False):
+            centre = Centre(name="central", url=url, secret=secret, send_address=send_address)
+            transport = HttpsCentre(centre, ForwardConfig(), lambda: 1, vault.address_of)
+            assert (await transport.send(delivery, "mapo")).ok
+            await transport.aclose()
+    with_address, without = received
+    assert with_address["address"] == {"address": SECRETS["address"], "floor": "4F-402"}
+    assert "address" not in without
+    assert "Kim Haneul" not in json.dumps(with_address)  # phones and notes never forwarded
+    store.close()
