@@ -65,7 +65,13 @@ class GatewayClient:
         url = f"{self.base_url}/devices/{device_id}/private"
         try:
             async with self._session().get(url) as response:
-                if response.status in (404, 405):  # 405: a gateway without the route
+                # 404: none recorded, or not our districts; 405: a gateway without the
+                # route; 503: a gateway without a data key. The page says "no address".
+                if response.status in (404, 405, 503):
+                    if response.status != 404:
+                        log.warning(
+                            "console: the gateway cannot give addresses (HTTP %s)", response.status
+                        )
                     return None
                 if response.status != 200:
                     raise GatewayError(502, f"the gateway answered HTTP {response.status}")
