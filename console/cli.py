@@ -107,6 +107,12 @@ def _gateway_keys(pairs: tuple[str, ...]) -> dict[str, Ed25519PublicKey]:
     metavar="ID=KEY",
     help="a gateway's public key (base64url), for the status events it signs; repeatable",
 )
+@click.option(
+    "--gateway-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="the site CA that signed the gateway API's certificate (for an https --gateway)",
+)
 @click.option("--sync-every", default=30.0, show_default=True, help="registry sync, seconds")
 @click.option("--tls-cert", type=click.Path(exists=True, path_type=Path), default=None)
 @click.option("--tls-key", type=click.Path(exists=True, path_type=Path), default=None)
@@ -126,6 +132,7 @@ def console(
     gateway_url: str,
     gateway_token_env: str,
     gateway_key_pairs: tuple[str, ...],
+    gateway_ca: Path | None,
     sync_every: float,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -151,7 +158,7 @@ def console(
                 f"--gateway is set, so ${gateway_token_env} must hold an operator token of "
                 "the gateway's [[api.tokens]] (16+ characters)"
             )
-        gateway = GatewayClient(gateway_url, token)
+        gateway = GatewayClient(gateway_url, token, ca_file=gateway_ca)
         directory = Directory(
             db,
             gateway.devices,

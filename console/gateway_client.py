@@ -8,7 +8,9 @@ operator asked. The gateway records the console's token name as the stage's acto
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -33,15 +35,31 @@ class WhepAnswer:
 
 
 class GatewayClient:
-    def __init__(self, base_url: str, token: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        ca_file: Path | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        """`ca_file`: the site CA that signed the gateway API's certificate (the API is
+        served over HTTPS with the site's own CA); None trusts the system's CAs."""
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._ssl: ssl.SSLContext | bool = True
+        if ca_file is not None:
+            self._ssl = ssl.create_default_context(cafile=str(ca_file))
         self._http: aiohttp.ClientSession | None = None
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+            self._http = aiohttp.ClientSession(
+                timeout=self._timeout,
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(ssl=self._ssl),
+            )
         return self._http
 
     async def close(self) -> None:
