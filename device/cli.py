@@ -10,6 +10,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +74,16 @@ def _gateway_key(config: DeviceConfig, config_path: Path) -> Ed25519PublicKey:
 @config_option
 def run(config_path: Path) -> None:
     """Run the agent until stopped (SIGTERM or Ctrl-C)."""
+    from device.private import DevicePrivacyError, with_sms_numbers
     from protocol.errors import ProtocolError
     from protocol.jws import Signer
     from protocol.keys import load_private_key
 
-    config = _load(config_path)
+    try:
+        # the sealed SMS numbers are opened in memory only, never written back in clear
+        config = with_sms_numbers(_load(config_path))
+    except DevicePrivacyError as exc:
+        raise click.ClickException(f"{config_path}: {exc}") from None
     try:
         key = load_private_key(config.device.key_file, hint=ENROL_HINT)
     except (ProtocolError, PermissionError) as exc:
@@ -257,7 +263,8 @@ async def _check_camera(camera: Camera | None) -> tuple[Outcome, str]:
 
 async def _check_modem(modem: Modem | None, config: DeviceConfig) -> tuple[Outcome, str]:
     if modem is None:
-        sms = " (the SMS fallback needs one)" if config.sms.numbers else ""
+        wanted = config.sms.numbers or config.sms.numbers_sealed
+        sms = " (the SMS fallback needs one)" if wanted else ""
         return "skip", f"no modem_port{sms}"
     info = await modem.probe()
     signal_text = "unknown" if info.signal is None else f"{info.signal}/31"
@@ -336,3 +343,48 @@ def _ntp_synchronized() -> bool | None:
 from device.enroll import enroll_command  # noqa: E402 - its own module; registered here only
 
 device.add_command(enroll_command)
+
+
+@device.command("set-sms-numbers")
+@config_option
+def set_sms_numbers_command(config_path: Path) -> None:
+    """Seal the SMS fallback numbers into the config: read one a line from standard input.
+
+    Not taken as arguments: those would stay in the shell's history and show in `ps`.
+    An empty input removes them (no SMS fallback).
+    """
+    from device.private import DevicePrivacyError, set_sms_numbers
+
+    config = _load(config_path)
+    stdin = sys.stdin
+    if stdin.isatty():
+        click.echo("SMS fallback numbers, one a line (+8210...), then Ctrl-D:", err=True)
+    try:
+        count = set_sms_numbers(config_path, config, stdin.read().splitlines())
+    except (DevicePrivacyError, OSError) as exc:
+        raise click.ClickException(f"{config_path}: {exc}") from None
+    click.echo(
+        f"{count} number(s) sealed in {config_path} with {config.device.data_key_file}; "
+        "restart the agent to use them"
+    )
+
+
+@device.command()
+@config_option
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+def wipe(config_path: Path, yes: bool) -> None:
+    """Remove this device's keys, config and outbox (before it leaves the home)."""
+    from device.private import wipe as wipe_device
+    from device.private import wipe_targets
+
+    config = _load(config_path)
+    targets = wipe_targets(config_path, config)
+    if not yes:
+        click.echo("This removes, for good:")
+        for path in targets:
+            click.echo(f"  {path}")
+        click.confirm("Wipe this device?", abort=True)
+    wiped = wipe_device(config_path, config)
+    for path in wiped.removed:
+        click.echo(f"removed {path}")
+    click.echo(f"wiped: {len(wiped.removed)} file(s) removed, {len(wiped.absent)} already absent")

@@ -25,6 +25,9 @@ class DeviceSection(_Section):
     kind: Literal["bell", "doorbell", "store"] = "bell"
     # the Ed25519 key made on this device at enrolment; never copied off it
     key_file: Path = Path("/var/lib/ansimi/device/device.key")
+    # the AES key sealing this device's personal data (the SMS numbers); 0600, made on
+    # first use by `ansimi device set-sms-numbers`
+    data_key_file: Path = Path("/var/lib/ansimi/device/privacy.key")
     state_dir: Path = Path("/var/lib/ansimi/device")
     # no sound and no light an attacker could see; a store bell is silent unless told otherwise
     silent: bool | None = None
@@ -91,6 +94,9 @@ class SmsSection(_Section):
     after_s: Annotated[float, Field(gt=0)] = 15.0
     # who gets the SMS (personal data: never logged); empty means no SMS fallback
     numbers: Annotated[list[str], Field(max_length=8)] = []
+    # the same, sealed with device.data_key_file (`ansimi device set-sms-numbers` writes
+    # it): the file then holds no number in clear. When set, it wins over `numbers`.
+    numbers_sealed: Annotated[str, Field(max_length=4096)] = ""
 
     @model_validator(mode="after")
     def _numbers_valid(self) -> SmsSection:
