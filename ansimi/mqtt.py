@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import sys
 import threading
@@ -367,6 +368,11 @@ class Session:
                 loop.call_soon_threadsafe(fn, *args)
 
     def _socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # MQTT packets are small and each is waited for: with Nagle on, one written right
+        # after another (a PUBACK, then the next publish) waits for the peer's delayed ACK,
+        # ~40 ms on Linux. bench/gateway.py: window-1 press-to-ack p50 58 -> 36 ms.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._on_loop(self._add_reader, sock)
 
     def _add_reader(self, sock: Any) -> None:

@@ -91,3 +91,13 @@ async def test_session_reconnects_and_resubscribes_after_broker_restart(
         await asyncio.wait_for(pub.publish("t/restart", b"after"), 5)
         got = await asyncio.wait_for(inbox.messages.get(), 5)
         assert got.payload == b"after"
+
+
+async def test_session_sockets_send_small_packets_at_once(mosquitto: Mosquitto) -> None:
+    """TCP_NODELAY: no ack held back ~40 ms by Nagle behind the peer's delayed ACK."""
+    import socket
+
+    async with running(Session(settings(mosquitto, "nodelay"), lambda m: None)) as session:
+        sock = session._client.socket()
+        assert sock is not None
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
