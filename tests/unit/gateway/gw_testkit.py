@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ansimi.mqtt import Message as MqttMessage
+from gateway.config import ApiToken
 from gateway.downlink import Downlink
 from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
@@ -36,6 +37,16 @@ KEYS = {
 DISTRICTS = {"bell-0001": "mapo", "bell-0002": "gangnam", "bell-0003": "mapo"}
 ROUTES = {"mapo": ("central", "mapo"), "gangnam": ("central",)}
 ALERT = Alert(bell="emergency", trigger="press")
+# API tokens for the personal-data tests: an installer, the central centre (all districts)
+# and a desk that serves gangnam only
+ADMIN = "admin-token-0123456789abc"
+CENTRAL = "central-token-0123456789"
+GANGNAM = "gangnam-desk-token-0123"
+PRIVACY_TOKENS = [
+    ApiToken(name="installer", role="admin", token=ADMIN),
+    ApiToken(name="central", role="operator", token=CENTRAL),
+    ApiToken(name="gangnam-desk", role="operator", token=GANGNAM, districts=["gangnam"]),
+]
 
 
 def signer(device_id: str) -> Signer:

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
-from gw_testkit import DISTRICTS, KEYS, make_env
+from gw_testkit import ADMIN, CENTRAL, DISTRICTS, GANGNAM, KEYS, PRIVACY_TOKENS, make_env
 
 from ansimi.privacy import SealError, create_key_file, load_keyring
 from gateway.api import Api
@@ -24,15 +24,10 @@ from gateway.private import PrivateData, PrivateRoutes, Vault, open_vault
 from gateway.store import Delivery, Device, SqliteStore
 from protocol.keys import public_key_to_b64
 
-ADMIN = "admin-token-0123456789abc"
-CENTRAL = "central-token-0123456789"
 MAPO = "mapo-desk-token-01234567"
-GANGNAM = "gangnam-desk-token-0123"
 TOKENS = [
-    ApiToken(name="installer", role="admin", token=ADMIN),
-    ApiToken(name="central", role="operator", token=CENTRAL),
+    *PRIVACY_TOKENS,
     ApiToken(name="mapo-desk", role="operator", token=MAPO, districts=["mapo"]),
-    ApiToken(name="gangnam-desk", role="operator", token=GANGNAM, districts=["gangnam"]),
 ]
 # the fixture's personal data: none of these strings may reach the disk in clear
 SECRETS = {
