@@ -128,3 +128,32 @@ def privacy_key_rotate(config_path: Path) -> None:
     finally:
         store.close()
     click.echo(f"data key {kid} now seals {count} device record(s); the old key is retired")
+
+
+@gateway.command()
+@_config_option
+@click.option(
+    "--days",
+    type=click.FloatRange(min=0, min_open=True),
+    help="closed longer ago than this [default: privacy.closed_events_days]",
+)
+@click.option("--dry-run", is_flag=True, help="count what would go; delete nothing")
+def purge(config_path: Path, days: float | None, dry_run: bool) -> None:
+    """Delete events closed more than N days ago (retention); open alerts are never purged."""
+    import time
+
+    from gateway.store import SqliteStore
+
+    config = _config_or_exit(config_path)
+    keep_days = config.privacy.closed_events_days if days is None else days
+    if keep_days == 0:
+        click.echo("privacy.closed_events_days is 0: events are kept forever; nothing purged")
+        return
+    cutoff_ms = time.time_ns() // 1_000_000 - int(keep_days * 86_400_000)
+    store = SqliteStore(config.database)
+    try:
+        count = store.purge_closed(cutoff_ms, dry_run=dry_run)
+    finally:
+        store.close()
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {count} event(s) closed more than {keep_days:g} day(s) ago")

@@ -243,6 +243,9 @@ class PrivacyConfig(_Section):
     key_file: Path = Path("/var/lib/ansimi/gateway/privacy.key")
     # under systemd, LoadCredential=<this>:/path wins over key_file
     credential: str = "privacy-key"
+    # `ansimi gateway purge` deletes events closed longer ago than this; an alert that is
+    # not closed is never purged; 0 keeps them forever
+    closed_events_days: Annotated[float, Field(ge=0)] = 365.0
 
 
 class GatewayConfig(_Section):

@@ -90,9 +90,6 @@ class Vault:
         plain = self._ring().open(sealed, table=TABLE, column=COLUMN, row=device_id)
         return PrivateData.model_validate_json(plain)
 
-    def forget(self, device_id: str) -> bool:
-        return self._store.forget_private(device_id)
-
     def reseal(self, keyring: Keyring) -> int:
         """Re-seal every device's data with `keyring`'s current key (for rotation)."""
 
@@ -132,9 +129,18 @@ def open_vault(store: Store, config: PrivacyConfig) -> Vault:
 
 
 class PrivateRoutes:
-    def __init__(self, store: Store, vault: Vault, clock_ms: Callable[[], int] | None = None):
+    def __init__(
+        self,
+        store: Store,
+        vault: Vault,
+        clock_ms: Callable[[], int] | None = None,
+        *,
+        on_revoked: Callable[[str], object] | None = None,
+    ) -> None:
         self._store = store
         self._vault = vault
+        # the intake's registry refresh, so a decommissioned device is refused at once
+        self._on_revoked = on_revoked
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
 
     def routes(self) -> list[ApiRoute]:
@@ -151,6 +157,17 @@ class PrivateRoutes:
                     [200, 400, 401, 403, 404, 503],
                     parameters=[device_id],
                     requestBody=body,
+                ),
+            ),
+            ApiRoute(
+                "POST",
+                "/admin/devices/{device_id}/decommission",
+                self.decommission,
+                "admin",
+                _op(
+                    "revoke a device and wipe its personal data; its events stay, anonymised",
+                    [200, 401, 403, 404],
+                    parameters=[device_id],
                 ),
             ),
             ApiRoute(
@@ -184,6 +201,15 @@ class PrivateRoutes:
             return _error(404, "no such device")
         log.info("api: %s set the personal data of %s", request[TOKEN_KEY].name, device_id)
         return web.json_response({"device_id": device_id, "stored": True})
+
+    async def decommission(self, request: web.Request) -> web.Response:
+        device_id = request.match_info["device_id"]
+        if not await self._db(self._store.decommission, device_id):
+            return _error(404, "no such device")
+        if self._on_revoked is not None:
+            self._on_revoked(device_id)  # refused from its very next message on
+        log.warning("api: %s decommissioned %s", request[TOKEN_KEY].name, device_id)
+        return web.json_response({"device_id": device_id, "decommissioned": True})
 
     async def get(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device_id"]

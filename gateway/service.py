@@ -127,7 +127,9 @@ class Gateway:
             config.api.tokens,
             connected=lambda: self.session.connected,
         )
-        self.api.add_routes(PrivateRoutes(self.store, self.vault).routes())
+        self.api.add_routes(
+            PrivateRoutes(self.store, self.vault, on_revoked=self.registry.refresh).routes()
+        )
         if self.video is not None:
             from gateway.video.whep import api_routes
 

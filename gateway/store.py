@@ -207,7 +207,8 @@ class Store(Protocol):
     def set_private(self, device_id: str, sealed: str, now_ms: int) -> bool: ...
     def private(self, device_id: str) -> str | None: ...
     def reseal_private(self, reseal: Callable[[str, str], str]) -> int: ...
-    def forget_private(self, device_id: str) -> bool: ...
+    def decommission(self, device_id: str) -> bool: ...
+    def purge_closed(self, closed_before_ms: int, *, dry_run: bool) -> int: ...
     def close(self) -> None: ...
 
 
@@ -587,12 +588,38 @@ class SqliteStore:
             )
         return len(rows)
 
-    def forget_private(self, device_id: str) -> bool:
+    def decommission(self, device_id: str) -> bool:
+        """Revoke a device and drop what was personal about it, in one transaction.
+
+        Its personal data goes and its label (free text an installer may have misused) is
+        emptied; its events stay under the bare device id: the anonymised history.
+        False if no such device.
+        """
         with self._tx() as db:
-            return (
-                db.execute("DELETE FROM device_private WHERE device_id = ?", (device_id,)).rowcount
-                == 1
-            )
+            found = db.execute(
+                "UPDATE devices SET revoked = 1, label = '' WHERE device_id = ?", (device_id,)
+            ).rowcount
+            db.execute("DELETE FROM device_private WHERE device_id = ?", (device_id,))
+        return found == 1
+
+    def purge_closed(self, closed_before_ms: int, *, dry_run: bool) -> int:
+        """Delete events closed before `closed_before_ms`, with their stages and deliveries.
+
+        Only `closed` events qualify, by when they were closed: an alert that is not
+        closed is never purged, however old. `dry_run` counts and deletes nothing.
+        """
+        chosen = (
+            "SELECT e.event_id FROM events e JOIN stages s"
+            " ON s.event_id = e.event_id AND s.stage = 'closed'"
+            " WHERE e.state = 'closed' AND s.at_ms < ?"
+        )
+        with self._tx() as db:
+            ids = [row[0] for row in db.execute(chosen, (closed_before_ms,)).fetchall()]
+            if not dry_run and ids:
+                rows = [(i,) for i in ids]
+                for table in ("outbox", "stages", "events"):
+                    db.executemany(f"DELETE FROM {table} WHERE event_id = ?", rows)  # noqa: S608
+        return len(ids)
 
     def close(self) -> None:
         with self._lock:
