@@ -1,4 +1,4 @@
-"""`ansimi provision device ...`: add, list, show, revoke, rotate, check.
+"""`ansimi provision device ...`: add, list, show, revoke, decommission, rotate, check.
 
 Where the gateway is: `--gateway URL` or `ANSIMI_GATEWAY_URL`; its admin token:
 `--admin-token-file`, `ANSIMI_ADMIN_TOKEN_FILE` or `ANSIMI_ADMIN_TOKEN` (never an argument);
@@ -148,7 +148,8 @@ SITE_DIR = click.option(
 
 @click.group("device")
 def device_group() -> None:
-    """Device identities: add (token + QR label), list, show, revoke, rotate, check."""
+    """Device identities: add (token + QR label), list, show, revoke, decommission, rotate,
+    check."""
 
 
 @device_group.command("add")
@@ -324,10 +325,22 @@ def revoke_command(
             broker_address=_address(broker_address),
             reason=reason,
         )
+    report = _revocation_report(result)
+    if as_json:
+        _print_json(report)
+    else:
+        console = Console(highlight=False, soft_wrap=True)
+        console.print(f"[green]Revoked[/] {device_id}")
+        _print_revocation(console, result)
+    if not result.complete:
+        sys.exit(EXIT_PARTIAL)
+
+
+def _revocation_report(result: ops.Revoked) -> dict[str, Any]:
     broker = result.broker
-    report = {
+    return {
         "ok": result.complete,
-        "device_id": device_id,
+        "device_id": result.device_id,
         "tokens_cancelled": result.tokens_cancelled,
         "revoked_at_gateway": result.at_gateway,
         "certificates_revoked": [f"{r.serial:X}" for r in broker.revoked] if broker else [],
@@ -335,31 +348,65 @@ def revoke_command(
         "kicked": broker.kicked if broker else [],
         "warnings": broker.warnings if broker else [],
     }
+
+
+def _print_revocation(console: Console, result: ops.Revoked) -> None:
+    broker = result.broker
+    console.print(f"- unused tokens cancelled: {result.tokens_cancelled}")
+    console.print(
+        "- gateway: its messages are refused"
+        if result.at_gateway
+        else "- gateway: it never enrolled"
+    )
+    if broker is None:
+        console.print("- broker: the CA never issued it a certificate")
+        return
+    for r in broker.revoked:
+        console.print(f"- certificate {r.serial:X} on the CRL")
+    if broker.reloaded:
+        console.print(
+            "- broker reloaded; live connection closed" if broker.kicked else "- broker reloaded"
+        )
+    for w in broker.warnings:
+        console.print(f"[yellow]Warning:[/] {w}")
+
+
+@device_group.command("decommission")
+@click.argument("device_id")
+@click.option("--dir", "site_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@broker_options
+@gateway_options
+def decommission_command(device_id: str, site_dir: Path, **options: Any) -> None:
+    """Take a device out of service for good: revoke it (as `revoke`) and wipe its personal
+    data (address, phone numbers, notes, label) at the gateway. Its events stay, under the
+    bare device id. On the device itself, run `ansimi device wipe`."""
+    # the same options as `revoke` (broker_options, gateway_options), taken as one bag
+    as_json = bool(options["as_json"])
+    with _errors(as_json):
+        client = _client(
+            options["gateway"], options["admin_token_file"], options["ca_file"], site_dir
+        )
+        result = ops.decommission_device(
+            client,
+            site_dir,
+            device_id,
+            broker=_broker(options["unit"], options["pid_file"], options["no_reload"]),
+            broker_address=_address(options["broker_address"]),
+        )
+    revoked = result.revoked
     if as_json:
-        _print_json(report)
+        _print_json({**_revocation_report(revoked), "wiped_at_gateway": result.wiped_at_gateway})
     else:
         console = Console(highlight=False, soft_wrap=True)
-        console.print(f"[green]Revoked[/] {device_id}")
-        console.print(f"- unused tokens cancelled: {result.tokens_cancelled}")
+        console.print(f"[green]Decommissioned[/] {device_id}")
+        _print_revocation(console, revoked)
         console.print(
-            "- gateway: its messages are refused"
-            if result.at_gateway
-            else "- gateway: it never enrolled"
+            "- gateway: personal data wiped; events kept under the device id"
+            if result.wiped_at_gateway
+            else "- gateway: it held nothing about it"
         )
-        if broker is None:
-            console.print("- broker: the CA never issued it a certificate")
-        else:
-            for r in broker.revoked:
-                console.print(f"- certificate {r.serial:X} on the CRL")
-            if broker.reloaded:
-                console.print(
-                    "- broker reloaded; live connection closed"
-                    if broker.kicked
-                    else "- broker reloaded"
-                )
-            for w in broker.warnings:
-                console.print(f"[yellow]Warning:[/] {w}")
-    if not result.complete:
+        console.print("- on the device: run `ansimi device wipe`")
+    if not revoked.complete:
         sys.exit(EXIT_PARTIAL)
 
 

@@ -289,6 +289,38 @@ def revoke_device(
     return Revoked(device_id, cancelled, at_gateway, result)
 
 
+# ---- decommission --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decommissioned:
+    revoked: Revoked
+    wiped_at_gateway: bool  # its personal data and label gone; False: the gateway never had it
+
+
+def decommission_device(
+    client: AdminClient,
+    site_dir: Path,
+    device_id: str,
+    *,
+    broker: BrokerControl | None,
+    broker_address: tuple[str, int] | None = None,
+) -> Decommissioned:
+    """Revoke everywhere (as `revoke`), then wipe the personal data the gateway holds.
+
+    The events stay at the gateway under the bare device id: the anonymised history.
+    """
+    revoked = revoke_device(
+        client,
+        site_dir,
+        device_id,
+        broker=broker,
+        broker_address=broker_address,
+        reason="decommissioned",
+    )
+    return Decommissioned(revoked, client.decommission_device(device_id))
+
+
 # ---- rotate --------------------------------------------------------------------------------
 
 

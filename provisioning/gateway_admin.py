@@ -200,6 +200,11 @@ class AdminClient:
         answer = self.ok("POST", f"/admin/devices/{_segment(device_id)}/revoke", allow=(404,))
         return answer.status != 404
 
+    def decommission_device(self, device_id: str) -> bool:
+        """Revoke and wipe the device's personal data at the gateway; False if unknown."""
+        path = f"/admin/devices/{_segment(device_id)}/decommission"
+        return self.ok("POST", path, allow=(404,)).status != 404
+
 
 def _segment(text: str) -> str:
     return urllib.parse.quote(text, safe="")

@@ -28,6 +28,7 @@ from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
 from gateway.config import ApiConfig, ApiToken, EnrolConfig, GatewayConfig, MqttConfig
 from gateway.service import Gateway
+from gateway.store import Incoming
 from protocol.jws import Signer
 from protocol.keys import load_private_key, public_key_from_b64
 from provisioning import pki
@@ -497,3 +498,26 @@ async def test_a_revoke_the_broker_missed_says_so_and_finishes_when_run_again(ri
     assert code == 0, out + err
     report = json.loads(out)
     assert report["broker_reloaded"] and report["certificates_revoked"] == []
+
+
+async def test_decommission_revokes_wipes_personal_data_and_keeps_the_events(rig: Rig) -> None:
+    added = await rig.add("bell-0014")
+    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "device")
+    assert code == 0, out + err
+    store = rig.gateway.store
+    # an alert in its history, and personal data (the store only ever holds it sealed)
+    alert = Incoming("alert-0014", "bell-0014", 1, "alert", 1, "{}", "jws", ())
+    store.add_event(alert, now_ms=1)
+    assert store.set_private("bell-0014", "v1.k.sealed", 1)
+    code, out, err = await rig.ansimi(
+        "provision", "device", "decommission", "bell-0014", "--dir", str(rig.site.layout.root),
+        "--gateway", rig.url, "--pid-file", str(rig.pid_file), "--json",
+    )  # fmt: skip
+    report = json.loads(out)
+    assert code == 0, report
+    assert report["revoked_at_gateway"] and report["wiped_at_gateway"]
+    assert report["certificates_revoked"]
+    device = store.device("bell-0014")
+    assert device is not None and device.revoked and device.label == ""
+    assert store.private("bell-0014") is None
+    assert store.event("alert-0014") is not None  # the anonymised history stays
