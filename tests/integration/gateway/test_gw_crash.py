@@ -34,12 +34,12 @@ def record_alerts(agents: list[Agent]) -> set[str]:
     for agent in agents:
         send = agent.link.send
 
-        def spy(
-            body: Any, *, message_id: str | None = None, _send: Callable[..., Any] = send
-        ) -> Any:
+        # every argument passed through: Link.send grows options (retain) over time
+        def spy(body: Any, *args: Any, _send: Callable[..., Any] = send, **kwargs: Any) -> Any:
+            message_id = kwargs.get("message_id")
             if type(body).__name__ == "Alert" and message_id is not None:
                 sent.add(message_id)
-            return _send(body, message_id=message_id)
+            return _send(body, *args, **kwargs)
 
         agent.link.send = spy  # type: ignore[method-assign]
     return sent
