@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
 from gw_testkit import ADMIN, CENTRAL, DISTRICTS, GANGNAM, KEYS, PRIVACY_TOKENS, make_env
 
-from ansimi.privacy import SealError, create_key_file, load_keyring
+from ansimi.privacy import KeyFileError, SealError, create_key_file, load_keyring
 from gateway.api import Api
 from gateway.cli import gateway
 from gateway.config import ApiToken, Centre, ForwardConfig, PrivacyConfig
@@ -218,3 +218,11 @@ async def test_only_centres_with_send_address_get_the_address(tmp_path: Path) ->
     assert "address" not in without
     assert "Kim Haneul" not in json.dumps(with_address)  # phones and notes never forwarded
     store.close()
+
+
+def test_a_data_key_others_can_read_stops_start_up_with_the_fix(tmp_path: Path) -> None:
+    key_file = tmp_path / "privacy.key"
+    create_key_file(key_file)
+    key_file.chmod(0o640)
+    with pytest.raises(KeyFileError, match=rf"chmod 600 {key_file}"):
+        open_vault(SqliteStore(":memory:"), PrivacyConfig(key_file=key_file))
