@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from ansimi.privacy import Keyring, key_source, load_keyring
+from ansimi.privacy import Keyring, PrivacyError, key_source, load_keyring
 from gateway.api import TOKEN_KEY, ApiRoute, _error, _op, _path_param
 from gateway.config import PrivacyConfig
 from gateway.store import Store
@@ -105,7 +105,13 @@ class Vault:
         """For forwarding to centres with `send_address`; None when there is none."""
         if self._keyring is None:
             return None
-        data = await asyncio.get_running_loop().run_in_executor(None, self.get, device_id)
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(None, self.get, device_id)
+        except (PrivacyError, ValueError) as exc:
+            # the alert must go out all the same: an address that cannot be opened costs
+            # the address, never the delivery (the error names the row, not the data)
+            log.error("privacy: forwarding %s without its address: %s", device_id, exc)
+            return None
         return None if data is None or not data.address else data.address_only()
 
 

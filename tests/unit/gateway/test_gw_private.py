@@ -226,3 +226,18 @@ def test_a_data_key_others_can_read_stops_start_up_with_the_fix(tmp_path: Path) 
     key_file.chmod(0o640)
     with pytest.raises(KeyFileError, match=rf"chmod 600 {key_file}"):
         open_vault(SqliteStore(":memory:"), PrivacyConfig(key_file=key_file))
+
+
+async def test_an_address_that_does_not_open_costs_the_address_not_the_alert(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.vault.put("bell-0001", PrivateData.model_validate(SECRETS), now_ms=1)
+    sealed = site.store.private("bell-0001")
+    assert sealed is not None
+    site.store.set_private("bell-0002", sealed, now_ms=2)  # moved: does not open there
+    assert await site.vault.address_of("bell-0002") is None
+    assert "forwarding bell-0002 without its address" in caplog.text
+    assert await site.vault.address_of("bell-0001") == {
+        "address": SECRETS["address"],
+        "floor": SECRETS["floor"],
+    }
