@@ -111,6 +111,7 @@ def _op(summary: str, responses: Iterable[int], **extra: Any) -> dict[str, Any]:
         403: "token lacks the role",
         404: "not found",
         409: "conflict",
+        500: "internal error (details in the gateway's log)",
         503: "not connected to the broker",
     }
     return {

@@ -183,7 +183,7 @@ class PrivateRoutes:
                 "operator",
                 _op(
                     "a device's personal data, for operators of its district (logged)",
-                    [200, 401, 403, 404, 503],
+                    [200, 401, 403, 404, 500, 503],
                     parameters=[device_id],
                 ),
             ),
@@ -228,7 +228,11 @@ class PrivateRoutes:
             return _error(404, "no such device in your districts")
         if not self._vault.available:
             return _error(503, "the gateway has no data key: see its log")
-        data = await self._db(self._vault.get, device_id)
+        try:
+            data = await self._db(self._vault.get, device_id)
+        except PrivacyError as exc:
+            log.error("api: personal data of %s: %s", device_id, exc)
+            return _error(500, "the record cannot be opened with this gateway's key: see its log")
         if data is None:
             return _error(404, "no personal data recorded for this device")
         log.info("api: %s read the personal data of %s", token.name, device_id)

@@ -241,3 +241,13 @@ async def test_an_address_that_does_not_open_costs_the_address_not_the_alert(
         "address": SECRETS["address"],
         "floor": SECRETS["floor"],
     }
+
+
+async def test_a_record_that_does_not_open_is_a_500_naming_no_data(site: Site) -> None:
+    site.vault.put("bell-0001", PrivateData.model_validate(SECRETS), now_ms=1)
+    sealed = site.store.private("bell-0001")
+    assert sealed is not None
+    site.store.set_private("bell-0002", sealed, now_ms=2)  # bell-0002 is in gangnam
+    status, answer = await site.call("GET", "/devices/bell-0002/private", CENTRAL)
+    assert status == 500 and "see its log" in str(answer["error"])
+    assert "Seongmisan" not in json.dumps(answer)
