@@ -84,6 +84,9 @@ class MosquittoConfig:
             "log_type warning",
             "log_type notice",
             "connection_messages false",
+            # MQTT packets are small and each is waited for: without this, an ack written
+            # after a publish waits ~40 ms behind the peer's delayed ACK (bench/gateway.py).
+            "set_tcp_nodelay true",
             *([f"user {self.user}"] if self.user else []),
             f"listener {self.port} {self.host}",
         ]

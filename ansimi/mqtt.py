@@ -426,6 +426,10 @@ class Session:
         self._disconnected.set()
         self._forget_socket()
         self._lost.set()
+        result = self._connect_result
+        if result is not None and not result.done():
+            # Closed before CONNACK: retry after the backoff, not after the CONNACK timeout.
+            result.set_exception(MqttError(f"connection closed before CONNACK: {reason}"))
         if was_connected and self._on_disconnect is not None:
             self._on_disconnect()
 

@@ -101,3 +101,40 @@ async def test_session_sockets_send_small_packets_at_once(mosquitto: Mosquitto) 
         sock = session._client.socket()
         assert sock is not None
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+async def test_a_peer_that_closes_before_connack_is_retried_after_the_backoff() -> None:
+    """A listener that accepts and hangs up: the session retries at its backoff, not after
+    waiting out the CONNACK timeout each time."""
+    accepted = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    session = Session(
+        Settings(
+            host="127.0.0.1",
+            port=port,
+            client_id="hang-up",
+            connect_timeout_s=5.0,
+            backoff_min_s=0.05,
+            backoff_max_s=0.1,
+        ),
+        lambda m: None,
+    )
+    task = asyncio.create_task(session.run())
+    try:
+        # With the CONNACK timeout (2 x 5 s) in the way there would be one attempt here.
+        async with asyncio.timeout(5):
+            while accepted < 3:
+                await asyncio.sleep(0.02)
+    finally:
+        await session.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        server.close()
