@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from ansimi_testkit import eventually
 from playwright.async_api import BrowserContext, Page, async_playwright
 
 from console.directory import Directory
@@ -66,13 +67,6 @@ CHROMIUM_ARGS = [
 # short, so an offline device is noticed within seconds in a test
 HEARTBEAT_S = 1.0
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "e2e"
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    """Poll `check` until it holds; generous, since many test runs share two cores."""
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.02)
 
 
 def now_ms() -> int:

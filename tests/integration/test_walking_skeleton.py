@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
+from ansimi_testkit import SECRET, centre, eventually, running
 
-from ansimi.broker import Mosquitto, free_port
+from ansimi.broker import Mosquitto
 from ansimi.mqtt import Session, Settings
-from console.receiver import EventLog, Receiver
+from console.receiver import Receiver
 from device.agent import Agent
 from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection
 from device.hal import Hardware
@@ -30,15 +29,6 @@ from protocol.keys import generate_key, public_key_to_b64
 from protocol.messages import Ack, build_message
 from protocol.topics import down_topic
 
-SECRET = "centre-secret-for-tests"
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Wait until `check()` holds, polling; fail with a timeout otherwise."""
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.02)
-
 
 @dataclass
 class Site:
@@ -48,33 +38,6 @@ class Site:
     indicator: FakeIndicator
     receiver: Receiver
     device_key_b64: str
-
-
-@contextlib.asynccontextmanager
-async def running(*coros: Awaitable[None]) -> AsyncIterator[None]:
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        yield
-    finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-
-
-@contextlib.asynccontextmanager
-async def http_receiver(tmp_path: Path) -> AsyncIterator[tuple[Receiver, int]]:
-    receiver = Receiver(SECRET, EventLog(tmp_path / "centre.db"))
-    runner = web.AppRunner(receiver.app())
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield receiver, port
-    finally:
-        await runner.cleanup()
-        receiver.events.close()
 
 
 def make_agent(tmp_path: Path, broker: Mosquitto, gateway_signer: Signer) -> tuple[Agent, str]:
@@ -99,12 +62,12 @@ def make_agent(tmp_path: Path, broker: Mosquitto, gateway_signer: Signer) -> tup
 @pytest.fixture
 async def site(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[Site]:
     gateway_signer = Signer("gw-test", generate_key())
-    async with http_receiver(tmp_path) as (receiver, port):
+    async with centre(tmp_path) as (receiver, url):
         config = GatewayConfig(
             id="gw-test",
             database=tmp_path / "gateway" / "gateway.db",
             mqtt=MqttConfig(host=mosquitto.host, port=mosquitto.port),
-            centres=[Centre(name="central", url=f"http://127.0.0.1:{port}/events", secret=SECRET)],
+            centres=[Centre(name="central", url=url, secret=SECRET)],
         )
         gateway = Gateway(config, signer=gateway_signer)
         agent, device_key_b64 = make_agent(tmp_path, mosquitto, gateway_signer)

@@ -9,17 +9,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
+from ansimi_testkit import SECRET, centre, running
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ansimi.broker import Mosquitto, free_port
+from ansimi.broker import Mosquitto
 from ansimi.mqtt import Message as MqttMessage
 from ansimi.mqtt import Session, Settings
-from console.receiver import EventLog, Receiver
+from console.receiver import Receiver
 from device.agent import Agent
 from device.config import DeviceConfig
 from device.hal import Hardware, Modem
@@ -32,28 +32,8 @@ from protocol.jws import Signer, verify
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
 from protocol.messages import Ack, Command, Message, build_message, parse_message
 
-SECRET = "centre-secret-for-tests"
 DEVICE_ID = "bell-0001"
 WAIT_S = 20.0  # generous: two cores shared with other test runs
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running(*coros: Awaitable[None]) -> AsyncIterator[None]:
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        yield
-    finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
 
 
 @dataclass
@@ -195,30 +175,16 @@ async def spying(broker: Mosquitto, keys: Keys) -> AsyncIterator[tuple[Spy, Sess
 
 
 @contextlib.asynccontextmanager
-async def http_receiver(tmp_path: Path) -> AsyncIterator[tuple[Receiver, int]]:
-    receiver = Receiver(SECRET, EventLog(tmp_path / "centre.db"))
-    runner = web.AppRunner(receiver.app())
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield receiver, port
-    finally:
-        await runner.cleanup()
-        receiver.events.close()
-
-
-@contextlib.asynccontextmanager
 async def gateway_site(
     tmp_path: Path, broker: Mosquitto, keys: Keys
 ) -> AsyncIterator[tuple[Gateway, Receiver]]:
     """The real gateway and a control-centre receiver, with the device enrolled."""
-    async with http_receiver(tmp_path) as (receiver, port):
+    async with centre(tmp_path) as (receiver, url):
         config = GatewayConfig(
             id=keys.gateway.kid,
             database=tmp_path / "gateway" / "gateway.db",
             mqtt=MqttConfig(host=broker.host, port=broker.port),
-            centres=[Centre(name="central", url=f"http://127.0.0.1:{port}/events", secret=SECRET)],
+            centres=[Centre(name="central", url=url, secret=SECRET)],
         )
         gateway = Gateway(config, signer=keys.gateway)
         gateway.store.add_device(

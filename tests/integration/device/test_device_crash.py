@@ -12,11 +12,11 @@ import signal
 import sqlite3
 from pathlib import Path
 
+from ansimi_testkit import eventually
 from device_testkit import (
     DEVICE_ID,
     WAIT_S,
     Keys,
-    eventually,
     gateway_site,
     running,
     spawn_agent,

@@ -15,16 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from device_testkit import (
-    DEVICE_ID,
-    WAIT_S,
-    Keys,
-    Spy,
-    down_token,
-    eventually,
-    running,
-    spying,
-)
+from ansimi_testkit import eventually
+from device_testkit import DEVICE_ID, WAIT_S, Keys, Spy, down_token, running, spying
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from ansimi.broker import Mosquitto

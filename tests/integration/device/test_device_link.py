@@ -7,17 +7,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from device_testkit import (
-    DEVICE_ID,
-    WAIT_S,
-    Keys,
-    Spy,
-    down_token,
-    eventually,
-    make_agent,
-    running,
-    spying,
-)
+from ansimi_testkit import eventually
+from device_testkit import DEVICE_ID, WAIT_S, Keys, Spy, down_token, make_agent, running, spying
 
 from ansimi.broker import Mosquitto
 from ansimi.mqtt import Session

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from device_testkit import Keys, eventually, gateway_site, make_agent, running
+from ansimi_testkit import eventually
+from device_testkit import Keys, gateway_site, make_agent, running
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
 from device.hal.fakes import FakeInputs, PtyModem

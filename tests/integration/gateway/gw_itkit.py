@@ -15,16 +15,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
+from ansimi_testkit import SECRET
 
-from ansimi.broker import Mosquitto, free_port
+from ansimi.broker import Mosquitto
 from ansimi.config import load_config
-from console.receiver import EventLog, Receiver
 from device.agent import Agent
 from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection, OutboxSection
 from device.hal import Hardware
@@ -35,30 +34,8 @@ from gateway.store import Device, SqliteStore
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
 
-SECRET = "centre-secret-for-tests"
 TOKEN = "operator-token-for-tests"
 WAIT_S = 60.0  # generous: two cores shared with the broker, agents and other test runs
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def centre(tmp_path: Path) -> AsyncIterator[tuple[Receiver, str]]:
-    """The reference control-centre receiver, on a free port; yields it and its URL."""
-    receiver = Receiver(SECRET, EventLog(tmp_path / "centre.db"))
-    runner = web.AppRunner(receiver.app())
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield receiver, f"http://127.0.0.1:{port}/events"
-    finally:
-        await runner.cleanup()
-        receiver.events.close()
 
 
 def centre_alerts(tmp_path: Path) -> list[tuple[str, str]]:

@@ -6,15 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiohttp
-from gw_itkit import (
-    TOKEN,
-    Fleet,
-    agents_running,
-    centre,
-    centre_alerts,
-    eventually,
-    gateway_running,
-)
+from ansimi_testkit import centre, eventually
+from gw_itkit import TOKEN, Fleet, agents_running, centre_alerts, gateway_running
 
 from ansimi.broker import Mosquitto
 from device.hal.fakes import FakeIndicator

@@ -12,15 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gw_itkit import (
-    Fleet,
-    GatewayProcess,
-    agents_running,
-    centre,
-    centre_alerts,
-    eventually,
-    gateway_running,
-)
+from ansimi_testkit import centre, eventually
+from gw_itkit import Fleet, GatewayProcess, agents_running, centre_alerts, gateway_running
 
 from ansimi.broker import Mosquitto, free_port
 from device.agent import Agent

@@ -12,11 +12,12 @@ import datetime as dt
 import ipaddress
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+from ansimi_testkit import eventually
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -44,12 +45,6 @@ from protocol.topics import up_topic
 SECRET = "centre-secret-for-tests"
 WAIT_S = 30.0  # two shared cores: generous, and still bounded
 DEVICE = "bell-0001"
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.05)
 
 
 def _name(cn: str) -> x509.Name:

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from gw_itkit import Fleet, centre, eventually, gateway_running
+from ansimi_testkit import centre, eventually
+from gw_itkit import Fleet, gateway_running
 
 from ansimi.broker import Mosquitto
 from gateway.store import Device

@@ -13,11 +13,12 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ansimi_testkit import eventually
 
 from ansimi.broker import Mosquitto, free_port
 from ansimi.config import load_config
@@ -36,12 +37,6 @@ from provisioning.site import Site
 
 ADMIN = "admin-token-for-tests-0123456789"
 ANSIMI = str(Path(sys.executable).with_name("ansimi"))
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.05)
 
 
 @dataclass

@@ -154,6 +154,8 @@ async def test_a_killed_recording_stays_playable(tmp_path: Path, mosquitto: Mosq
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         start_new_session=True,
+        # run as a program, the kit finds the shared test kit only through this
+        env={**os.environ, "PYTHONPATH": str(HERE.parents[1])},
     )
     try:
         assert child.stdout is not None

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from ansimi_testkit import eventually
 
 from ansimi.webrtc import Watcher
 from device.agent import Agent
@@ -33,12 +34,6 @@ from protocol.messages import Command
 
 DOORBELL = "doorbell-0001"
 TOKEN = "operator-token-for-video-tests"
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.02)
 
 
 @dataclass

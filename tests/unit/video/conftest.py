@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ansimi_testkit import eventually
+
 from ansimi.webrtc import Watcher, enable_loopback_candidates
 from device.hal.camera import SyntheticCamera
 from device.video.config import VideoConfig as DeviceVideo
@@ -24,12 +26,6 @@ from protocol.messages import Command, Rtc, build_message
 
 DEVICE = "doorbell-0001"
 __all__ = ["DEVICE", "Rig", "Watcher", "eventually", "rig"]
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.02)
 
 
 @dataclass

@@ -1,0 +1,57 @@
+"""Helpers every test folder shares (importable because tests/conftest.py's folder is on
+sys.path): bounded polling, running coroutines for a block, a control-centre receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from ansimi.broker import free_port
+from console.receiver import EventLog, Receiver
+
+SECRET = "centre-secret-for-tests"
+# Generous because two cores are shared by the broker, agents and other test runs; every
+# wait is still bounded, and a passing test returns as soon as its condition holds.
+WAIT_S = 60.0
+
+
+async def eventually(
+    check: Callable[[], bool], timeout_s: float = WAIT_S, interval_s: float = 0.02
+) -> None:
+    """Wait until `check()` holds, polling; TimeoutError after `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            await asyncio.sleep(interval_s)
+
+
+@contextlib.asynccontextmanager
+async def running(*coros: Awaitable[None]) -> AsyncIterator[None]:
+    """Run the coroutines as tasks for the block; cancel and await them after it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        yield
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+@contextlib.asynccontextmanager
+async def centre(tmp_path: Path, secret: str = SECRET) -> AsyncIterator[tuple[Receiver, str]]:
+    """The reference control-centre receiver on a free port; yields it and its URL."""
+    receiver = Receiver(secret, EventLog(tmp_path / "centre.db"))
+    runner = web.AppRunner(receiver.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield receiver, f"http://127.0.0.1:{port}/events"
+    finally:
+        await runner.cleanup()
+        receiver.events.close()
