@@ -139,21 +139,59 @@ def privacy_key_rotate(config_path: Path) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="count what would go; delete nothing")
 def purge(config_path: Path, days: float | None, dry_run: bool) -> None:
-    """Delete events closed more than N days ago (retention); open alerts are never purged."""
+    """Delete events closed more than N days ago, and recordings past [video] retention_days.
+
+    Open alerts are never purged; recordings on legal hold are kept.
+    """
     import time
 
     from gateway.store import SqliteStore
+    from gateway.video.retention import sweep
 
     config = _config_or_exit(config_path)
+    verb = "would delete" if dry_run else "deleted"
     keep_days = config.privacy.closed_events_days if days is None else days
     if keep_days == 0:
-        click.echo("privacy.closed_events_days is 0: events are kept forever; nothing purged")
-        return
-    cutoff_ms = time.time_ns() // 1_000_000 - int(keep_days * 86_400_000)
-    store = SqliteStore(config.database)
+        click.echo("privacy.closed_events_days is 0: events are kept forever; no event purged")
+    else:
+        cutoff_ms = time.time_ns() // 1_000_000 - int(keep_days * 86_400_000)
+        store = SqliteStore(config.database)
+        try:
+            count = store.purge_closed(cutoff_ms, dry_run=dry_run)
+        finally:
+            store.close()
+        click.echo(f"{verb} {count} event(s) closed more than {keep_days:g} day(s) ago")
+    video = config.video
+    files = sweep(video.recordings_dir, video.retention_days, time.time(), dry_run=dry_run)
+    click.echo(
+        f"{verb} {len(files)} recording file(s) older than {video.retention_days:g} day(s)"
+        " (held recordings are kept)"
+    )
+
+
+@gateway.command()
+@click.argument("recording", type=click.Path(path_type=Path))
+@click.option("--by", required=True, help="who orders the hold (case or officer reference)")
+@click.option("--reason", required=True, help="why it must be kept")
+def hold(recording: Path, by: str, reason: str) -> None:
+    """Put a sealed recording on legal hold: retention keeps it until released."""
+    from gateway.video.retention import HoldError, place_hold
+
     try:
-        count = store.purge_closed(cutoff_ms, dry_run=dry_run)
-    finally:
-        store.close()
-    verb = "would delete" if dry_run else "deleted"
-    click.echo(f"{verb} {count} event(s) closed more than {keep_days:g} day(s) ago")
+        held = place_hold(recording, by=by, reason=reason)
+    except HoldError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"on hold: {recording} ({held.name})")
+
+
+@gateway.command()
+@click.argument("recording", type=click.Path(path_type=Path))
+def release(recording: Path) -> None:
+    """Release a recording's legal hold; retention applies to it again."""
+    from gateway.video.retention import HoldError, release_hold
+
+    try:
+        release_hold(recording)
+    except HoldError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"released: {recording}")

@@ -44,6 +44,7 @@ from ansimi.webrtc import (
 from gateway.video.config import VideoConfig
 from gateway.video.evidence import SEAL_SUFFIX, seal_recording
 from gateway.video.recorder import Recorder
+from gateway.video.retention import sweep
 from protocol.ids import new_message_id
 from protocol.jws import Signer
 from protocol.messages import Rtc
@@ -346,24 +347,13 @@ class VideoHub:
     # ---- housekeeping --------------------------------------------------------------
 
     def sweep_recordings(self) -> list[Path]:
-        """Delete recordings (and seals) older than the retention period; returns them."""
-        days = self.config.retention_days
-        root = self.config.recordings_dir
-        if days <= 0 or not root.is_dir():
-            return []
-        cutoff = self._clock() - days * 86_400
-        active = {s.recorder.path for s in self.streams.values()}
-        removed = []
-        for path in root.glob("*/*"):
-            if path in active or not path.is_file():
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed.append(path)
-        if removed:
-            log.info("video: retention removed %d files older than %g days", len(removed), days)
-        return removed
+        """Delete recordings (and seals) past retention, except held ones; returns them."""
+        return sweep(
+            self.config.recordings_dir,
+            self.config.retention_days,
+            self._clock(),
+            active={s.recorder.path for s in self.streams.values()},
+        )
 
     async def run(self) -> None:
         """Periodic work (viewer reports, retention) until cancelled; then close all."""
