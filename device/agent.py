@@ -102,7 +102,10 @@ class Agent:
 
             self.video = VideoManager(config.video, hardware.camera, self.link.send)
         self._started_at = self._monotonic()
+        # The resend loop sleeps until the next entry is due; these wake it earlier: a new
+        # entry (its due time may be the nearest), or a (re)connect (everything goes now).
         self._wake_resend = asyncio.Event()
+        self._resend_all = False
         self._background: set[asyncio.Task[None]] = set()
         self._link_quality: int | None = None
         self.ready = asyncio.Event()  # set once connected to the broker
@@ -138,6 +141,7 @@ class Agent:
             resend_at_ms=now + self.resend_delay_ms(0),
         )
         self.link.send(effect.body, message_id=effect.message_id)
+        self._wake_resend.set()
         log.info("device %s: %s %s sent", self.device_id, type_name, effect.message_id)
         if self.video is not None and isinstance(effect.body, Alert):
             self.video.on_alert(effect.body)
@@ -164,19 +168,25 @@ class Agent:
     async def _resend_loop(self) -> None:
         while True:
             # after a (re)connect everything pending goes at once; otherwise what is due
-            woken = self._wake_resend.is_set()
             self._wake_resend.clear()
-            if self.link.connected:
-                entries = self.outbox.pending() if woken else self.outbox.due(self._clock_ms())
+            resend_all, self._resend_all = self._resend_all, False
+            connected = self.link.connected
+            if connected:
+                entries = self.outbox.pending() if resend_all else self.outbox.due(self._clock_ms())
                 for entry in entries:
                     self._resend(entry)
+            # No polling: thousands of idle simulated agents each querying SQLite twice a
+            # second cost half their CPU. While the link is down, only a reconnect helps.
+            next_ms = self.outbox.next_attempt_ms() if connected else None
+            timeout_s = None if next_ms is None else max(0.05, (next_ms - self._clock_ms()) / 1000)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_resend.wait(), 0.5)
+                await asyncio.wait_for(self._wake_resend.wait(), timeout_s)
 
     # ---- link ---------------------------------------------------------------------------
 
     def _link_up(self) -> None:
         self.ready.set()
+        self._resend_all = True
         self._wake_resend.set()
         self._apply(self.behaviour.on_link(True))
 

@@ -128,6 +128,11 @@ class Outbox:
         ).fetchall()
         return [Entry(*row) for row in rows]
 
+    def next_attempt_ms(self) -> int | None:
+        """When the earliest pending entry is next due; None when the outbox is empty."""
+        row = self._db.execute("SELECT MIN(next_attempt_ms) FROM outbox").fetchone()
+        return None if row[0] is None else int(row[0])
+
     def due(self, now_ms: int) -> list[Entry]:
         return [e for e in self.pending() if e.next_attempt_ms <= now_ms]
 

@@ -164,3 +164,30 @@ async def publish_command(
     session: Session, signer: Signer, command: Command, seq: int = 10**15
 ) -> None:
     await session.publish(down_topic(DEVICE_ID, "command"), down_token(signer, command, seq))
+
+
+async def test_an_unacknowledged_alert_is_resent_with_its_id_until_received(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    # No gateway: nobody acks. The resend loop sleeps until each entry is due (no polling)
+    # and must still wake for it, again and again, then stop once `received` verifies.
+    keys = Keys.new()
+    agent = make_agent(tmp_path, mosquitto, keys)
+    inputs = agent.hardware.inputs
+    assert isinstance(inputs, FakeInputs)
+    async with spying(mosquitto, keys) as (spy, session), running(agent.run()):
+        await asyncio.wait_for(agent.ready.wait(), WAIT_S)
+        inputs.press("emergency")
+        inputs.release("emergency")
+        await eventually(lambda: len(spy.of_type("alert")) >= 3)
+        ids = {m.id for m in spy.of_type("alert")}
+        assert len(ids) == 1
+        (alert_id,) = ids
+        await session.publish(
+            down_topic(DEVICE_ID, "ack"),
+            down_token(keys.gateway, Ack(ref=alert_id, stage="received"), seq=2**40),
+        )
+        await eventually(lambda: agent.outbox.depth() == 0)
+        sent = len(spy.of_type("alert"))
+        await asyncio.sleep(2.5)  # over two resend intervals (0.5-1 s): nothing more goes out
+        assert len(spy.of_type("alert")) == sent

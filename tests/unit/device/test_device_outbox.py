@@ -21,6 +21,20 @@ def test_put_schedules_the_first_resend_in_the_same_commit(tmp_path: Path) -> No
     assert [e.id for e in box.due(1_000)] == ["alert-0002"]
 
 
+def test_next_attempt_is_the_earliest_due_time_and_none_when_empty(tmp_path: Path) -> None:
+    # the agent's resend loop sleeps until this instead of polling the database
+    box = Outbox(tmp_path / "outbox.db")
+    assert box.next_attempt_ms() is None
+    box.put("alert-0001", "alert", "{}", 1_000, resend_at_ms=9_000)
+    box.put("alert-0002", "alert", "{}", 1_000, resend_at_ms=5_000)
+    assert box.next_attempt_ms() == 5_000
+    box.attempted("alert-0002", 12_000)
+    assert box.next_attempt_ms() == 9_000
+    box.received("alert-0001")
+    box.received("alert-0002")
+    assert box.next_attempt_ms() is None
+
+
 def test_sequence_numbers_never_repeat_across_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     box = Outbox(path)
