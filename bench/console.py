@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 # the site wiring is shared with the browser tests, which keep it next to them
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+sys.path[:0] = [str(ROOT / "tests" / "e2e"), str(ROOT / "tests")]
 
 from console_kit import (  # noqa: E402
     BELL,
