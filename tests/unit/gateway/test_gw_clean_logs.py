@@ -5,9 +5,9 @@ address, floor, phones and notes (admin API); the bell's alert goes by SMS throu
 real modem driver to a fake modem while the link is down, then reaches the gateway; the
 gateway forwards it to a centre that may have the address and to one that may not;
 operators read the personal data (one of them refused, by district), move the alert
-through its stages, and send a malformed update. Every logger is at DEBUG; everything
-logged (records, their arguments, stderr) is searched for the fixture's address, floor,
-numbers, names and notes.
+through its stages, and send a malformed update; a doorbell streams video to the hub and
+an operator watches it. Every logger is at DEBUG; everything logged (records, their
+arguments, stderr) is searched for the fixture's address, floor, numbers, names and notes.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
 from gw_testkit import ADMIN, ALERT, CENTRAL, GANGNAM, make_env
 from gw_testkit import PRIVACY_TOKENS as TOKENS
+from video_rig import DEVICE as DOORBELL
+from video_rig import Watcher, eventually, rig
 
 from ansimi.config import load_config
 from ansimi.privacy import create_key_file
@@ -98,6 +100,23 @@ async def device_side(tmp_path: Path) -> None:
         assert sorted(r.number for r in pty.received) == NUMBERS  # it did send to them
 
 
+async def video_side(tmp_path: Path) -> None:
+    """A doorbell streams on an operator's video_start; a viewer watches; it stops."""
+    async with rig(tmp_path) as r:
+        r.command("video_start")
+        await eventually(lambda: DOORBELL in r.hub.streams)
+        await eventually(lambda: r.hub.streams[DOORBELL].frames >= 5)
+        watcher = Watcher()
+        try:
+            viewer = await r.hub.add_viewer(DOORBELL, await watcher.offer())
+            await watcher.answer(viewer.answer)
+            await eventually(lambda: watcher.frames >= 3)
+        finally:
+            await watcher.close()
+        r.command("video_stop")
+        await eventually(lambda: DOORBELL not in r.hub.streams)
+
+
 async def test_a_whole_flow_at_debug_logs_no_personal_data(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -166,9 +185,11 @@ async def test_a_whole_flow_at_debug_logs_no_personal_data(
             assert await call("POST", f"/alerts/alert-0000001/{stage}", CENTRAL) == 200
 
     assert ("bell-0001", "alert-0000001", "closed") in env.acks()
+    await video_side(tmp_path)
     logged = everything_logged(caplog, capfd.readouterr().err)
     assert len(caplog.records) > 10  # the flow did log: the check is not vacuous
     assert "SMS fallback for alert alert-0000001: number 2 of 2 sent" in logged
     assert "read the personal data of bell-0001" in logged
+    assert any(r.name.startswith(("gateway.video", "device.video")) for r in caplog.records)
     leaked = [needle for needle in NEEDLES if needle in logged]
     assert leaked == []

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import DEVICE, Watcher, eventually, rig
+from video_rig import DEVICE, Watcher, eventually, rig
 
 from gateway.video.config import VideoConfig
 from gateway.video.hub import TooManyViewers, VideoHub

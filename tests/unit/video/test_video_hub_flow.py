@@ -6,7 +6,7 @@ from pathlib import Path
 
 import av
 import pytest
-from conftest import DEVICE, Watcher, eventually, rig
+from video_rig import DEVICE, Watcher, eventually, rig
 
 from gateway.video.config import VideoConfig
 from gateway.video.evidence import verify_seal

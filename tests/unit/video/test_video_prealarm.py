@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import av
-from conftest import DEVICE, eventually, rig
+from video_rig import DEVICE, eventually, rig
 
 from ansimi.webrtc import VIDEO_TIME_BASE, EncodedFrame
 from device.hal.camera import SyntheticCamera

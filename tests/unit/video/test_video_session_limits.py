@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import av
-from conftest import DEVICE, Watcher, eventually, rig
+from video_rig import DEVICE, Watcher, eventually, rig
 
 from device.video.config import VideoConfig
 from gateway.video.config import VideoConfig as GatewayConfig

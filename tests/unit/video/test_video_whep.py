@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import DEVICE, Rig, Watcher, eventually, rig
+from video_rig import DEVICE, Rig, Watcher, eventually, rig
 
 from ansimi.broker import free_port
 from gateway.video.whep import bearer, whep_app
