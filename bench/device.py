@@ -116,8 +116,8 @@ async def agent_press_to_puback(
     acked: asyncio.Queue[tuple[float, str, int]] = asyncio.Queue()
     send = agent.link.send
 
-    def timed_send(body, *, message_id=None):  # type: ignore[no-untyped-def]
-        future = send(body, message_id=message_id)
+    def timed_send(body, *, message_id=None, **options):  # type: ignore[no-untyped-def]
+        future = send(body, message_id=message_id, **options)
         if message_id is not None:
             future.add_done_callback(
                 lambda f: acked.put_nowait((time.perf_counter(), message_id, 0))
