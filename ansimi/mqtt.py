@@ -196,7 +196,8 @@ class Session:
         return self._connected.is_set()
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
-        await asyncio.wait_for(self._connected.wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await self._connected.wait()
 
     async def run(self) -> None:
         """Stay connected until `close()`; never returns otherwise."""
@@ -258,7 +259,8 @@ class Session:
         if self._client.is_connected():
             self._client.disconnect()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._disconnected.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._disconnected.wait()
         self._abort_socket()
         self._lost.set()
         for fut in self._pending.values():
@@ -327,8 +329,11 @@ class Session:
             return
         ticker = _Ticker.for_loop(loop)
         ticker.add(self._client)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when a
+        # cancellation arrives together with it, and the cancelled session then runs on.
         try:
-            await asyncio.wait_for(asyncio.shield(self._connect_result), s.connect_timeout_s * 2)
+            async with asyncio.timeout(s.connect_timeout_s * 2):
+                await asyncio.shield(self._connect_result)
         except TimeoutError:
             self._forget_socket()
             raise MqttError("no CONNACK from the broker in time") from None
@@ -458,7 +463,8 @@ class Session:
             raise NotConnected(f"subscribe failed: {paho.error_string(rc)}")
         waiter: asyncio.Future[list[int]] = loop.create_future()
         self._subscribe_waiters[mid] = waiter
-        return await asyncio.wait_for(waiter, self.settings.connect_timeout_s * 2)
+        async with asyncio.timeout(self.settings.connect_timeout_s * 2):
+            return await waiter
 
     def _handle_subscribe(
         self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Any

@@ -336,7 +336,8 @@ class ConsoleApp:
             await response.write(b"retry: 2000\nevent: hello\ndata: {}\n\n")
             while True:
                 try:
-                    frame = await asyncio.wait_for(queue.get(), SSE_PING_S)
+                    async with asyncio.timeout(SSE_PING_S):
+                        frame = await queue.get()
                 except TimeoutError:
                     # a comment keeps proxies from closing an idle stream, and a signed-out
                     # or expired session stops receiving

@@ -179,8 +179,10 @@ class Agent:
             # second cost half their CPU. While the link is down, only a reconnect helps.
             next_ms = self.outbox.next_attempt_ms() if connected else None
             timeout_s = None if next_ms is None else max(0.05, (next_ms - self._clock_ms()) / 1000)
+            # asyncio.timeout, not wait_for (which can swallow a cancellation in 3.11)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_resend.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await self._wake_resend.wait()
 
     # ---- link ---------------------------------------------------------------------------
 

@@ -410,8 +410,10 @@ class Forwarder:
             wait_s = self._poll_s
             if endpoint.breaker.state is Circuit.OPEN:
                 wait_s = min(wait_s, max(endpoint.breaker.retry_in_ms() / 1000, 0.01))
+            # asyncio.timeout, not wait_for (which can swallow a cancellation in 3.11)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(endpoint.wake.wait(), wait_s)
+                async with asyncio.timeout(wait_s):
+                    await endpoint.wake.wait()
 
     async def _start_due(self, endpoint: _Endpoint) -> None:
         free = endpoint.transport.concurrency - len(endpoint.in_flight)

@@ -176,7 +176,8 @@ class VideoManager:
                 return
             log.info("video: offered session %s (%s)", session.id, reason)
         try:
-            await asyncio.wait_for(session.answered.wait(), self.config.answer_timeout_s)
+            async with asyncio.timeout(self.config.answer_timeout_s):
+                await session.answered.wait()
         except TimeoutError:
             await self._stop("no answer from the gateway", tell_gateway=True, only=session)
 
