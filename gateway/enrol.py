@@ -52,8 +52,8 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, Protocol
@@ -68,7 +68,7 @@ from gateway.api import Api, ApiRoute
 from gateway.config import GatewayConfig
 from gateway.districts import UnknownDistrict, check_district
 from gateway.intake import Registry
-from gateway.store import DeviceKind
+from gateway.store import DeviceKind, transaction
 from protocol.ids import DeviceId
 from protocol.keys import public_key_to_b64
 
@@ -205,16 +205,8 @@ class EnrolmentStore:
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db, self._lock)
 
     _COLUMNS = (
         "device_id, kind, district, label, rotate, created_ms, expires_ms, used_ms,"
