@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from typing import Any
 
 import click
 
@@ -20,16 +21,24 @@ PARTS: dict[str, tuple[str, str]] = {
 
 
 class LazyGroup(click.Group):
-    """Imports a part's CLI only when its subcommand runs, so `ansimi --help` stays fast
-    and one part's missing optional dependency never breaks another's."""
+    """Imports a subcommand's module only when it runs, so `ansimi --help` stays fast, a
+    running agent does not carry the code of commands it never runs (memory is a goal on
+    a device), and one part's missing optional dependency never breaks another's.
+
+    `lazy`: subcommand -> ("module:attribute" of a click command, one-line help).
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(PARTS)
+        return sorted({*super().list_commands(ctx), *self.lazy})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in PARTS:
-            return None
-        target, help_text = PARTS[name]
+        if name not in self.lazy:
+            return super().get_command(ctx, name)
+        target, help_text = self.lazy[name]
         module_name, attribute = target.split(":")
         try:
             module = importlib.import_module(module_name)
@@ -48,7 +57,7 @@ class LazyGroup(click.Group):
         return command
 
 
-@click.group(cls=LazyGroup)
+@click.group(cls=LazyGroup, lazy=PARTS)
 @click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
 def cli(verbose: int) -> None:
     """Ansimi Edge: emergency bells, doorbells and store bells to control centres."""

@@ -242,7 +242,24 @@ class Session:
             done.set_result(None)
         else:
             self._pending[info.mid] = done
+        self._write_now()
         return done
+
+    def _write_now(self) -> None:
+        """Put queued packets on the wire now, not on the loop's next turn.
+
+        With an external loop, paho only asks for a writable-socket callback, so a publish
+        would wait for everything else the loop has ready (bench/device.py: ~0.1 ms of a
+        0.15 ms round trip). Like paho's own loop, do not write while paho is running one
+        of our callbacks: its write path takes that same lock to report a QoS 0 publish.
+        """
+        client = self._client
+        if threading.get_ident() != self._loop_thread or not client.want_write():
+            return
+        in_callback = client._in_callback_mutex
+        if in_callback.acquire(blocking=False):
+            in_callback.release()
+            client.loop_write()
 
     async def subscribe(self, filters: list[tuple[str, int]]) -> list[int]:
         """Subscribe now and after every reconnect; returns the broker's granted QoS."""
@@ -390,12 +407,24 @@ class Session:
             self._on_loop(self._loop.remove_reader, sock)
 
     def _register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._on_loop(self._add_writer, sock)
+        # paho has bytes to send. Try on the loop's next turn (publish() may have sent them
+        # already): watching the socket for writability costs two epoll_ctl calls a packet,
+        # and is needed only when the kernel's send buffer is full.
+        loop = self._loop
+        if loop is not None and threading.get_ident() == self._loop_thread:
+            loop.call_soon(self._write_or_watch, sock)
+        else:
+            self._on_loop(self._write_or_watch, sock)
 
-    def _add_writer(self, sock: Any) -> None:
+    def _write_or_watch(self, sock: Any) -> None:
         assert self._loop is not None
-        if sock.fileno() >= 0:
-            self._loop.add_writer(sock, self._client.loop_write)
+        fd: int = sock.fileno()
+        current = self._client.socket()
+        if fd < 0 or current is None or current.fileno() != fd:
+            return  # closed or replaced since
+        self._write_now()
+        if self._client.want_write():
+            self._loop.add_writer(fd, self._client.loop_write)
 
     def _unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         if self._loop is not None and sock.fileno() >= 0:

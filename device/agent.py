@@ -106,6 +106,7 @@ class Agent:
         # entry (its due time may be the nearest), or a (re)connect (everything goes now).
         self._wake_resend = asyncio.Event()
         self._resend_all = False
+        self._resend_wake_ms: int | None = None  # when the resend loop wakes by itself
         self._background: set[asyncio.Task[None]] = set()
         self._link_quality: int | None = None
         self.ready = asyncio.Event()  # set once connected to the broker
@@ -129,22 +130,32 @@ class Agent:
                 self._show(effect.pattern)
 
     def _keep_and_send(self, effect: Send) -> None:
-        """Commit to the outbox first, then publish: a crash in between loses nothing."""
+        """Commit to the outbox first, then publish: a crash in between loses nothing.
+        The fsync that makes it survive a power cut overlaps the publish's round trip."""
         type_name = "alert" if isinstance(effect.body, Alert) else "cancel"
         now = self._clock_ms()
+        resend_at_ms = now + self.resend_delay_ms(0)
         self.outbox.put(
             effect.message_id,
             type_name,
             effect.body.model_dump_json(),
             now,
             sms=effect.sms,
-            resend_at_ms=now + self.resend_delay_ms(0),
+            resend_at_ms=resend_at_ms,
         )
         self.link.send(effect.body, message_id=effect.message_id)
-        self._wake_resend.set()
+        self.outbox.sync_soon()
+        if self._resend_wake_ms is None or resend_at_ms < self._resend_wake_ms:
+            # the resend loop sleeps until an earlier time: it need not look again now
+            self._wake_resend.set()
         log.info("device %s: %s %s sent", self.device_id, type_name, effect.message_id)
         if self.video is not None and isinstance(effect.body, Alert):
             self.video.on_alert(effect.body)
+
+    async def outbox_synced(self, timeout_s: float = 30.0) -> None:
+        """Wait until every outbox commit so far would survive a power cut."""
+        if not await asyncio.to_thread(self.outbox.wait_synced, timeout_s):
+            raise TimeoutError(f"outbox not synced within {timeout_s} s")
 
     def _show(self, pattern: Pattern) -> None:
         d = self.config.device
@@ -178,6 +189,7 @@ class Agent:
             # No polling: thousands of idle simulated agents each querying SQLite twice a
             # second cost half their CPU. While the link is down, only a reconnect helps.
             next_ms = self.outbox.next_attempt_ms() if connected else None
+            self._resend_wake_ms = next_ms
             timeout_s = None if next_ms is None else max(0.05, (next_ms - self._clock_ms()) / 1000)
             # asyncio.timeout, not wait_for (which can swallow a cancellation in 3.11)
             with contextlib.suppress(TimeoutError):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ansimi.cli import LazyGroup
 from ansimi.config import ConfigError, load_config
 from device.config import DeviceConfig
 
@@ -45,7 +46,11 @@ config_option = click.option(
 )
 
 
-@click.group()
+@click.group(
+    cls=LazyGroup,
+    # enrolment needs X.509 and HTTP: ~1.5 MB a running agent would otherwise carry
+    lazy={"enroll": ("device.enroll:enroll_command", "enrol this device with the site")},
+)
 def device() -> None:
     """Run, enrol and test a device agent."""
 
@@ -107,9 +112,15 @@ async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicK
         outbox = Outbox(config.device.state_dir / "outbox.db")
     except (OSError, sqlite3.Error) as exc:
         await hardware.aclose()
+        if "locked" in str(exc):
+            fix = (
+                "another agent is running with this state_dir (stop it: systemctl stop "
+                "ansimi-device), or give each agent its own `device.state_dir`"
+            )
+        else:
+            fix = "make `device.state_dir` a folder the service user can write (StateDirectory=)"
         raise click.ClickException(
-            f"cannot open the outbox in {config.device.state_dir}: {exc}. Fix: make "
-            "`device.state_dir` a folder the service user can write (StateDirectory=ansimi)"
+            f"cannot open the outbox in {config.device.state_dir}: {exc}. Fix: {fix}"
         ) from None
     agent = Agent(config, signer=signer, gateway_key=gateway_key, hardware=hardware, outbox=outbox)
     task = asyncio.current_task()
@@ -338,11 +349,6 @@ def _ntp_synchronized() -> bool | None:
         return None
     value = result.stdout.strip()
     return {"yes": True, "no": False}.get(value) if result.returncode == 0 else None
-
-
-from device.enroll import enroll_command  # noqa: E402 - its own module; registered here only
-
-device.add_command(enroll_command)
 
 
 @device.command("set-sms-numbers")

@@ -157,9 +157,8 @@ class Worker:
         if self.spec.get("outbox_in_memory"):
             # the fleet benchmark: three file descriptors less per agent, and no disk
             return Outbox(":memory:")
-        # NORMAL, not the device's FULL: thousands of outboxes on one disk would spend the
-        # run waiting on fsync. A simulated power cut is not what the simulator tests.
-        return Outbox(state_dir / "outbox.db", synchronous="NORMAL")
+        # thousands of outboxes on one disk would spend the run waiting on fsync
+        return Outbox(state_dir / "outbox.db", power_safe=False)
 
     def _clock_for(self, device_id: str) -> Callable[[], int]:
         skew = self.skew_ms

@@ -85,7 +85,6 @@ def build_hardware(
     if config.driver == "fake":
         return _build_fakes(config)
 
-    from device.hal.camera import open_camera
     from device.hal.gpio import GpiozeroIndicator, GpiozeroInputs
     from device.hal.modem import SerialModem
 
@@ -96,13 +95,13 @@ def build_hardware(
         inputs.close()
         raise
     try:
-        camera = (
-            None
-            if config.camera == "none"
-            else open_camera(
+        camera = None
+        if config.camera != "none":
+            from device.hal.camera import open_camera
+
+            camera = open_camera(
                 config.camera, config.camera_width, config.camera_height, config.camera_fps
             )
-        )
     except BaseException:
         indicator.close()
         inputs.close()
@@ -122,14 +121,13 @@ def build_hardware(
 
 
 def _build_fakes(config: HardwareConfig) -> Hardware:
-    from device.hal.camera import SyntheticCamera
     from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
 
-    camera = (
-        None
-        if config.camera == "none"
-        else SyntheticCamera(config.camera_width, config.camera_height, config.camera_fps)
-    )
+    camera = None
+    if config.camera != "none":
+        from device.hal.camera import SyntheticCamera
+
+        camera = SyntheticCamera(config.camera_width, config.camera_height, config.camera_fps)
     return Hardware(
         inputs=FakeInputs(config.hold_repeat_s),
         indicator=FakeIndicator(has_discreet_led=config.discreet_led_pin is not None),

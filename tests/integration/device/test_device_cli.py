@@ -98,6 +98,21 @@ def test_an_unwritable_state_dir_names_the_key_and_the_fix(
     assert "`device.state_dir`" in output
 
 
+def test_a_second_agent_on_the_same_state_dir_is_told_what_to_do(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    from device.outbox import Outbox
+
+    path = write_device_config(tmp_path, mosquitto, Keys.new())
+    running = Outbox(tmp_path / "device" / "outbox.db")  # the first agent's hold on it
+    try:
+        code, output = invoke("device", "run", "--config", str(path))
+    finally:
+        running.close()
+    assert code == 1
+    assert "cannot open the outbox" in output and "another agent is running" in output
+
+
 def test_a_bad_phone_number_is_refused_without_repeating_it(tmp_path: Path) -> None:
     path = tmp_path / "device.toml"
     path.write_text('[sms]\nnumbers = ["+821012345678", "010-9876-5432"]\n')

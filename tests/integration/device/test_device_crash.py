@@ -29,7 +29,7 @@ from ansimi.broker import Mosquitto
 from ansimi.mqtt import Message as MqttMessage
 from ansimi.mqtt import Session, Settings
 from protocol.jws import verify
-from protocol.messages import AlertMessage, StatusMessage, parse_message
+from protocol.messages import AlertMessage, Heartbeat, StatusMessage, parse_message
 from protocol.topics import up_topic
 
 
@@ -90,6 +90,13 @@ async def test_sigkill_between_publish_and_ack_then_restart_delivers_once(
         # the outbox kept it through the kill
         assert outbox_ids(tmp_path / "device") == [alert_id]
         before = len(spy.of_type("alert"))
+        heartbeats_before = len(spy.of_type("heartbeat"))
+
+        def outbox_depth_reported() -> int | None:
+            # a running agent holds its outbox locked: it tells its depth in its heartbeat
+            beats = spy.of_type("heartbeat")[heartbeats_before:]
+            body = beats[-1].body if beats else None
+            return body.outbox_depth if isinstance(body, Heartbeat) else None
 
         async with gateway_site(tmp_path, mosquitto, keys) as (_gateway, receiver):
             agent = spawn_agent(config, log)
@@ -101,7 +108,7 @@ async def test_sigkill_between_publish_and_ack_then_restart_delivers_once(
                 again = spy.of_type("alert")[before:]
                 assert again and all(m.id == alert_id for m in again)
                 assert again[0].seq > first.message.seq
-                await eventually(lambda: outbox_ids(tmp_path / "device") == [])
+                await eventually(lambda: outbox_depth_reported() == 0)
 
                 # the first copy turning up late is a duplicate: re-acked, not forwarded
                 def received_acks() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -173,8 +174,7 @@ async def test_an_unacknowledged_alert_is_resent_with_its_id_until_received(
     # and must still wake for it, again and again, then stop once `received` verifies.
     keys = Keys.new()
     agent = make_agent(tmp_path, mosquitto, keys)
-    inputs = agent.hardware.inputs
-    assert isinstance(inputs, FakeInputs)
+    inputs, _ = parts(agent)
     async with spying(mosquitto, keys) as (spy, session), running(agent.run()):
         await asyncio.wait_for(agent.ready.wait(), WAIT_S)
         inputs.press("emergency")
@@ -191,3 +191,37 @@ async def test_an_unacknowledged_alert_is_resent_with_its_id_until_received(
         sent = len(spy.of_type("alert"))
         await asyncio.sleep(2.5)  # over two resend intervals (0.5-1 s): nothing more goes out
         assert len(spy.of_type("alert")) == sent
+
+
+async def test_the_alert_goes_out_while_its_outbox_fsync_is_still_running(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    # The row is written before the publish (a crash loses nothing); the fsync that makes
+    # it survive a power cut overlaps the round trip instead of delaying it.
+    keys = Keys.new()
+    agent = make_agent(tmp_path, mosquitto, keys)
+    inputs, _ = parts(agent)
+    disk_busy = threading.Event()
+    real_sync = agent.outbox.sync
+    wal = tmp_path / "device" / "outbox.db-wal"
+    synced: list[bytes] = []  # what the write-ahead log held when each fsync ran
+
+    def slow_sync() -> None:  # an SD card that takes its time
+        disk_busy.wait(WAIT_S)
+        synced.append(wal.read_bytes())
+        real_sync()
+
+    agent.outbox.sync = slow_sync  # type: ignore[method-assign]
+    async with spying(mosquitto, keys) as (spy, _session), running(agent.run()):
+        await asyncio.wait_for(agent.ready.wait(), WAIT_S)
+        inputs.press("emergency")
+        await eventually(lambda: len(spy.of_type("alert")) == 1)
+        waiting = asyncio.ensure_future(agent.outbox_synced())
+        await asyncio.sleep(0.2)
+        assert not waiting.done(), "the sync finished although the disk never answered"
+        assert synced == []
+        disk_busy.set()
+        await asyncio.wait_for(waiting, WAIT_S)
+        # the fsync covered the alert's row, written to the log before the publish
+        (alert,) = spy.of_type("alert")
+        assert synced and alert.id.encode() in synced[0]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from device.outbox import SEQ_BLOCK, Outbox
 
@@ -35,14 +38,77 @@ def test_next_attempt_is_the_earliest_due_time_and_none_when_empty(tmp_path: Pat
     assert box.next_attempt_ms() is None
 
 
+def _killed_after(path: Path, code: str) -> None:
+    """Run `code` against an outbox at `path` in a process that then SIGKILLs itself."""
+    script = (
+        "import os, signal, sys\n"
+        "from device.outbox import Outbox\n"
+        f"box = Outbox({str(path)!r})\n"
+        f"{code}\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == -9, done.stderr.decode()
+
+
 def test_sequence_numbers_never_repeat_across_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
-    box = Outbox(path)
-    used = [box.next_seq() for _ in range(5)]
-    # no close(): what a SIGKILL leaves behind
+    _killed_after(path, "print(max(box.next_seq() for _ in range(5)), flush=True)")
     again = Outbox(path)
-    assert again.next_seq() > max(used)
-    assert again.next_seq() <= max(used) + SEQ_BLOCK + 2
+    # the killed process used 1..5 of a reserved block: the next number starts a new block
+    assert SEQ_BLOCK + 1 <= again.next_seq() <= SEQ_BLOCK + 2
+
+
+def test_a_committed_entry_survives_a_kill_before_any_sync(tmp_path: Path) -> None:
+    # the row is written before the publish: a crashed agent resends it on restart
+    path = tmp_path / "outbox.db"
+    _killed_after(path, "box.put('alert-0001', 'alert', '{}', 5, resend_at_ms=9)")
+    (entry,) = Outbox(path).pending()
+    assert (entry.id, entry.created_ms, entry.next_attempt_ms) == ("alert-0001", 5, 9)
+
+
+def test_sync_flushes_the_write_ahead_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # power-cut safety is an fsync of the file the commit went to, not of something else
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    box.put("alert-0001", "alert", "{}", 5)
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    box.sync()
+    assert flushed == [f"{path}-wal"]
+    assert os.path.getsize(f"{path}-wal") > 0  # the committed row is in it
+    # a new block of sequence numbers is flushed before its first number is handed out
+    flushed.clear()
+    box.next_seq()
+    assert flushed == [f"{path}-wal"]
+    box.close()
+
+
+def test_without_power_safety_sync_does_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = Outbox(tmp_path / "outbox.db", power_safe=False)
+    monkeypatch.setattr(os, "fsync", lambda fd: pytest.fail("fsync called"))
+    box.put("alert-0001", "alert", "{}", 5)
+    box.sync()
+    box.next_seq()
+    assert box.depth() == 1
+
+
+def test_a_second_agent_on_the_same_outbox_is_refused(tmp_path: Path) -> None:
+    # two agents sharing a state_dir would hand out the same sequence numbers
+    path = tmp_path / "outbox.db"
+    first = Outbox(path)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        Outbox(path)
+    first.close()
+    Outbox(path).close()  # free again once the first has let go
 
 
 def test_sms_marks_survive_a_restart(tmp_path: Path) -> None:
@@ -56,20 +122,35 @@ def test_sms_marks_survive_a_restart(tmp_path: Path) -> None:
     assert Outbox(path).sms_due(10**12) == []
 
 
-def test_an_outbox_from_an_older_agent_is_upgraded_and_keeps_its_entries(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_sms_column", [False, True])
+def test_an_outbox_from_an_older_agent_is_upgraded_and_keeps_its_entries(
+    tmp_path: Path, with_sms_column: bool
+) -> None:
     path = tmp_path / "outbox.db"
+    sms_column = ", sms INTEGER NOT NULL DEFAULT 0" if with_sms_column else ""
     with sqlite3.connect(path) as db:
         db.execute(
             "CREATE TABLE outbox (id TEXT PRIMARY KEY, type TEXT NOT NULL, body TEXT NOT NULL,"
             " created_ms INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
-            " next_attempt_ms INTEGER NOT NULL)"
+            f" next_attempt_ms INTEGER NOT NULL{sms_column})"
         )
-        db.execute("INSERT INTO outbox VALUES ('alert-0001', 'alert', '{}', 5, 2, 5)")
+        db.execute(
+            "INSERT INTO outbox (id, type, body, created_ms, attempts, next_attempt_ms)"
+            " VALUES ('alert-0001', 'alert', '{}', 5, 2, 7)"
+        )
+        if with_sms_column:
+            db.execute("UPDATE outbox SET sms = 1")
     box = Outbox(path)
-    assert [e.id for e in box.pending()] == ["alert-0001"]
-    assert box.sms_due(10**12) == []  # not marked for SMS: it predates the fallback
+    (entry,) = box.pending()
+    assert (entry.id, entry.attempts, entry.next_attempt_ms) == ("alert-0001", 2, 7)
+    # marked for SMS only if the older agent had marked it; before the column, none was
+    assert [e.id for e in box.sms_due(10**12)] == (["alert-0001"] if with_sms_column else [])
     box.put("alert-0002", "alert", "{}", 6, sms=True)
-    assert [e.id for e in box.sms_due(10**12)] == ["alert-0002"]
+    assert "alert-0002" in [e.id for e in box.sms_due(10**12)]
+    box.close()
+    with sqlite3.connect(path) as db:
+        (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'outbox'").fetchone()
+    assert "WITHOUT ROWID" in sql
 
 
 def test_the_mqtt_session_loads_without_dnspython_which_stays_importable() -> None:

@@ -97,6 +97,7 @@ async def device_side(tmp_path: Path) -> None:
         sms = SmsFallback(config, modem, outbox, link_up=lambda: False, clock_ms=lambda: 5_000)
         await sms.check()
         await modem.close()
+        outbox.close()
         assert sorted(r.number for r in pty.received) == NUMBERS  # it did send to them
 
 
