@@ -49,6 +49,8 @@ from paho.mqtt.reasoncodes import ReasonCode  # noqa: E402
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[["Message"], None]
+# packets one session reads per readable event; the socket stays readable for the rest
+READ_PACKETS_PER_WAKEUP = 64
 ConnectHandler = Callable[[bool], None]
 
 
@@ -185,6 +187,7 @@ class Session:
         self._lost = asyncio.Event()
         self._disconnected = asyncio.Event()
         self._closing = False
+        self._reading_paused = False
         self._connect_result: asyncio.Future[None] | None = None
         self._background: set[asyncio.Future[list[int]]] = set()
         self._client = self._make_client()
@@ -399,8 +402,41 @@ class Session:
 
     def _add_reader(self, sock: Any) -> None:
         assert self._loop is not None
-        if sock.fileno() >= 0:
-            self._loop.add_reader(sock, self._client.loop_read)
+        if sock.fileno() >= 0 and not self._reading_paused:
+            self._loop.add_reader(sock, self._read)
+
+    def _read(self) -> None:
+        """paho's loop_read() reads as many packets as it has publishes awaiting a PUBACK,
+        whatever happens meanwhile. A paused reader must stop after the packet it is in, or
+        a gateway that acks while paused would take ever bigger gulps on each resume (its
+        acks' PUBACKs are not read while paused): so the same steps, checked per packet,
+        and a bounded number per wake-up so other sessions on the loop get their turn."""
+        client = self._client
+        for _ in range(READ_PACKETS_PER_WAKEUP):
+            if self._reading_paused or client.socket() is None:
+                return
+            rc = client._packet_read()
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                return
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                client._loop_rc_handle(rc)
+                return
+
+    def pause_reading(self) -> None:
+        """Read nothing more from the broker until `resume_reading()`: for a consumer that
+        has fallen behind. TCP flow control then holds the rest at the broker, so memory
+        stays bounded here. Writes (acks) go on. Keep pauses shorter than the keepalive:
+        the broker's ping responses wait too."""
+        self._reading_paused = True
+        sock = self._client.socket()
+        if sock is not None and self._loop is not None:
+            self._loop.remove_reader(sock)
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+        sock = self._client.socket()
+        if sock is not None and self._loop is not None:
+            self._add_reader(sock)
 
     def _socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         if self._loop is not None and sock.fileno() >= 0:

@@ -143,6 +143,10 @@ class IntakeConfig(_Section):
     max_message_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 16 * 1024
     # messages verified and committed together (group commit)
     batch_max: Annotated[int, Field(ge=1, le=10_000)] = 500
+    # received and not yet checked: at this many, reading from the broker pauses until
+    # half are done, so an overload queues at the broker (and in the devices' outboxes)
+    # instead of growing this process without bound
+    queue_max: Annotated[int, Field(ge=1, le=1_000_000)] = 5_000
     # re-read the device registry this often, to follow other instances' registrations,
     # revocations and high-water marks; 0: only at start and on this instance's admin calls
     registry_reload_s: Annotated[float, Field(ge=0)] = 10.0

@@ -188,6 +188,8 @@ class Intake:
         window_ms: int,
         max_bytes: int = MAX_TOKEN_BYTES,
         batch_max: int = 500,
+        queue_max: int = 5_000,
+        on_backlog: Callable[[bool], None] | None = None,
         clock_ms: Callable[[], int] | None = None,
         on_kept: Callable[[list[Incoming]], None] | None = None,
         supervisor: Supervisor | None = None,
@@ -208,6 +210,11 @@ class Intake:
         self._on_rtc = on_rtc
         self._queue: list[MqttMessage] = []
         self._wake = asyncio.Event()
+        # at queue_max messages waiting, on_backlog(True) (the gateway stops reading from
+        # the broker); at half of it, on_backlog(False)
+        self._queue_max = queue_max
+        self._on_backlog = on_backlog
+        self._behind = False
         # highest last-will sequence number accepted per device (see the module docstring)
         self._will_floor: dict[str, int] = {}
         # (device, reason) -> (last logged at, refusals not logged since): a device that
@@ -219,7 +226,23 @@ class Intake:
     def submit(self, message: MqttMessage) -> None:
         """Called for every uplink MQTT message, on the loop, without blocking."""
         self._queue.append(message)
+        if not self._behind and len(self._queue) >= self._queue_max:
+            self._set_behind(True)
         self._wake.set()
+
+    def _set_behind(self, behind: bool) -> None:
+        self._behind = behind
+        self._metrics.intake_paused.set(1 if behind else 0)
+        if behind:
+            log.warning(
+                "intake: %d messages waiting; reading from the broker paused until %d are left",
+                len(self._queue),
+                self._queue_max // 2,
+            )
+        else:
+            log.warning("intake: caught up (%d waiting); reading again", len(self._queue))
+        if self._on_backlog is not None:
+            self._on_backlog(behind)
 
     async def run(self) -> None:
         try:
@@ -231,6 +254,8 @@ class Intake:
                     del self._queue[: self._batch_max]
                     self._metrics.intake_queue.set(len(self._queue))
                     await self.process(batch)
+                    if self._behind and len(self._queue) <= self._queue_max // 2:
+                        self._set_behind(False)
                 self._metrics.intake_queue.set(0)
         finally:
             self._writer.shutdown(wait=True)

@@ -64,6 +64,11 @@ class Metrics:
             "Uplink messages received and not yet checked: a backlog that grows means overload",
             registry=self.registry,
         )
+        self.intake_paused = Gauge(
+            "ansimi_intake_paused",
+            "1 while reading from the broker is paused because the intake is behind",
+            registry=self.registry,
+        )
         self.store_errors = Counter(
             "ansimi_store_errors_total",
             "Group commits that failed (their messages were retried one by one)",

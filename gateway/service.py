@@ -115,6 +115,8 @@ class Gateway:
             window_ms=int(config.intake.window_s * 1000),
             max_bytes=config.intake.max_message_bytes,
             batch_max=config.intake.batch_max,
+            queue_max=config.intake.queue_max,
+            on_backlog=self._on_backlog,
             on_kept=lambda _items: self.forwarder.wake(),
             supervisor=self.supervisor,
             on_rtc=self.video.on_rtc if self.video is not None else None,
@@ -145,6 +147,12 @@ class Gateway:
 
     def _on_message(self, message: Message) -> None:
         self.intake.submit(message)
+
+    def _on_backlog(self, behind: bool) -> None:
+        if behind:
+            self.session.pause_reading()
+        else:
+            self.session.resume_reading()
 
     def _on_connect(self, session_present: bool) -> None:
         self.supervisor.resume(time.time_ns() // 1_000_000)

@@ -138,3 +138,30 @@ async def test_a_peer_that_closes_before_connack_is_retried_after_the_backoff() 
         with contextlib.suppress(asyncio.CancelledError):
             await task
         server.close()
+
+
+async def test_paused_reading_holds_messages_at_the_broker_until_resumed(
+    mosquitto: Mosquitto,
+) -> None:
+    # what the gateway does when its intake falls behind: nothing is read, nothing lost
+    inbox, writer_inbox = Inbox(), Inbox()
+    async with (
+        running(Session(settings(mosquitto, "slow-reader"), inbox)) as sub,
+        running(Session(settings(mosquitto, "writer"), writer_inbox)) as pub,
+    ):
+        await sub.subscribe([("t/paused", 1)])
+        await pub.subscribe([("t/other", 1)])
+        sub.pause_reading()
+        await asyncio.wait_for(
+            asyncio.gather(*(pub.publish("t/paused", str(i).encode()) for i in range(50))), 5
+        )
+        # the paused side still writes (the gateway's acks go out), but the broker's
+        # PUBACK for it waits to be read like everything else
+        own = sub.publish("t/other", b"x")
+        assert (await asyncio.wait_for(writer_inbox.messages.get(), 5)).payload == b"x"
+        await asyncio.sleep(0.5)
+        assert inbox.messages.empty() and not own.done()
+        sub.resume_reading()
+        got = [(await asyncio.wait_for(inbox.messages.get(), 5)).payload for _ in range(50)]
+        assert got == [str(i).encode() for i in range(50)]
+        await asyncio.wait_for(own, 5)

@@ -308,3 +308,29 @@ async def test_the_backlog_shows_in_a_metric(env: Env) -> None:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
     assert seen == [3.0, 1.0, 0.0]
+
+
+async def test_a_backlog_pauses_reading_until_half_of_it_is_done(env: Env) -> None:
+    import asyncio
+
+    calls: list[tuple[bool, int]] = []  # (behind, messages waiting then)
+    env.intake._on_backlog = lambda behind: calls.append((behind, len(env.intake._queue)))
+    env.intake._queue_max, env.intake._batch_max = 6, 2
+    for _ in range(5):
+        env.intake.submit(env.message(ALERT))
+    assert calls == []  # under the limit: nothing to say
+    env.intake.submit(env.message(ALERT))
+    assert calls == [(True, 6)]
+    assert env.metrics.registry.get_sample_value("ansimi_intake_paused") == 1.0
+    runner = asyncio.create_task(env.intake.run())
+    try:
+        async with asyncio.timeout(10):
+            while len(env.acks()) < 6:
+                await asyncio.sleep(0.01)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    # resumed once half was left (6 -> 4 -> 2 after two batches of two), not before
+    assert calls == [(True, 6), (False, 2)]
+    assert env.metrics.registry.get_sample_value("ansimi_intake_paused") == 0.0
+    assert [stage for _, _, stage in env.acks()] == ["received"] * 6  # nothing lost
