@@ -1,5 +1,6 @@
-"""systemd: the gateway's unit and the broker's drop-in verify without a word; the real
-gateway process says READY=1 and keeps pinging the watchdog."""
+"""systemd: the gateway's units (service, daily purge and its timer) and the broker's
+drop-in verify without a word; the real gateway process says READY=1 and keeps pinging
+the watchdog."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from ansimi.broker import Mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 UNIT = ROOT / "systemd" / "ansimi-gateway.service"
+PURGE = ROOT / "systemd" / "ansimi-purge.service"
+PURGE_TIMER = ROOT / "systemd" / "ansimi-purge.timer"
 DROP_IN = ROOT / "systemd" / "mosquitto-ansimi.conf"
 DEBIAN_MOSQUITTO = Path("/lib/systemd/system/mosquitto.service")
 
@@ -31,19 +34,22 @@ def analyze() -> str:
     return found
 
 
-def verify(unit: Path, unit_path: Path | None = None) -> str:
-    """All that `systemd-analyze verify` says; it exits 0 on warnings, so output is failure."""
+def verify(*units: Path, unit_path: Path | None = None) -> str:
+    """All that `systemd-analyze verify` says; it exits 0 on warnings, so output is failure.
+
+    It also loads the units these name (a timer's service) from their folder.
+    """
     env = dict(os.environ)
     if unit_path is not None:
         env["SYSTEMD_UNIT_PATH"] = f"{unit_path}:"  # trailing colon: and the usual places
     result = subprocess.run(
-        [analyze(), "verify", str(unit)],
+        [analyze(), "verify", *map(str, units)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
         env=env,
-        cwd=unit.parent,
+        cwd=units[0].parent,
     )
     return f"rc={result.returncode}" * (result.returncode != 0) + result.stdout + result.stderr
 
@@ -55,22 +61,45 @@ def with_existing_exec_start(text: str) -> str:
     return re.sub(r"^ExecStart=\S+", f"ExecStart={binary}", text, count=1, flags=re.MULTILINE)
 
 
-def test_gateway_unit_is_hardened_and_verifies_without_a_single_warning(tmp_path: Path) -> None:
-    text = UNIT.read_text()
-    for option in (
-        "Type=notify",
-        "WatchdogSec=",
-        "Restart=always",
-        "NoNewPrivileges=yes",
-        "ProtectSystem=strict",
-        "StateDirectory=ansimi/gateway",
-        "PrivateTmp=yes",
-        "LimitNOFILE=65536",
-    ):
+HARDENED = ("User=ansimi", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes")
+
+
+def installed(unit: Path, folder: Path) -> Path:
+    """A copy of `unit` in `folder` that verify accepts on this machine."""
+    copy = folder / unit.name
+    copy.write_text(with_existing_exec_start(unit.read_text()))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("unit", "options"),
+    [
+        (UNIT, ("Type=notify", "WatchdogSec=", "Restart=always", "LimitNOFILE=65536")),
+        # same user and state directory as the gateway: it deletes from the same store
+        (PURGE, ("Type=oneshot", "ExecStart=/opt/ansimi/.venv/bin/ansimi gateway purge ")),
+    ],
+    ids=lambda value: value.name if isinstance(value, Path) else None,
+)
+def test_unit_is_hardened_and_verifies_without_a_single_warning(
+    tmp_path: Path, unit: Path, options: tuple[str, ...]
+) -> None:
+    text = unit.read_text()
+    for option in (*options, *HARDENED, "StateDirectory=ansimi/gateway"):
         assert re.search(f"^{re.escape(option)}", text, re.MULTILINE), option
-    copy = tmp_path / UNIT.name
-    copy.write_text(with_existing_exec_start(text))
-    assert verify(copy) == ""
+    assert verify(installed(unit, tmp_path)) == ""
+
+
+def test_purge_timer_runs_the_purge_daily_and_both_verify(tmp_path: Path) -> None:
+    text = PURGE_TIMER.read_text()
+    for option in ("OnCalendar=", "Persistent=true", "WantedBy=timers.target"):
+        assert re.search(f"^{re.escape(option)}", text, re.MULTILINE), option
+    timer = installed(PURGE_TIMER, tmp_path)
+    service = installed(PURGE, tmp_path)
+    assert verify(timer, service) == ""
+    # the control: the timer alone loads its service, so it does name this one (verify
+    # is silent about a timer whose service does not exist)
+    service.write_text(service.read_text() + "Nicety=yes\n")
+    assert PURGE.name in verify(timer)
 
 
 def test_broker_drop_in_raises_the_open_file_limit_and_verifies(tmp_path: Path) -> None:
@@ -85,10 +114,10 @@ def test_broker_drop_in_raises_the_open_file_limit_and_verifies(tmp_path: Path) 
     drop_ins = tmp_path / "mosquitto.service.d"
     drop_ins.mkdir()
     shutil.copy(DROP_IN, drop_ins / "ansimi.conf")
-    assert verify(broker, tmp_path) == ""
+    assert verify(broker, unit_path=tmp_path) == ""
     # the control: verify does read the drop-in, so a broken one would have been reported
     (drop_ins / "ansimi.conf").write_text("[Service]\nLimitNOFILE=lots\n")
-    assert "ansimi.conf" in verify(broker, tmp_path)
+    assert "ansimi.conf" in verify(broker, unit_path=tmp_path)
 
 
 async def test_gateway_process_sends_ready_and_watchdog_pings(
