@@ -34,6 +34,9 @@ from protocol.keys import public_key_from_b64
 log = logging.getLogger(__name__)
 
 Fetch = Callable[[], Awaitable[list[dict[str, Any]]]]
+# The gateway accepts device timestamps up to this far from its clock (`[intake] window_s`
+# default): a message it accepted just before a revocation may be dated up to this later.
+INTAKE_WINDOW_MS = 300_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +47,11 @@ class DeviceInfo:
     label: str
     revoked: bool
     public_key: str | None
+    # gateway clock at revocation; None if not revoked or if the gateway did not keep it
+    revoked_ms: int | None = None
 
 
-KEPT_FIELDS = ("id", "kind", "district", "label", "revoked", "public_key")
+KEPT_FIELDS = ("id", "kind", "district", "label", "revoked", "revoked_ms", "public_key")
 
 
 def _info(raw: Mapping[str, Any]) -> DeviceInfo | None:
@@ -54,6 +59,7 @@ def _info(raw: Mapping[str, Any]) -> DeviceInfo | None:
     if not isinstance(device_id, str):
         return None
     key = raw.get("public_key")
+    revoked_ms = raw.get("revoked_ms")
     return DeviceInfo(
         device_id=device_id,
         kind=str(raw.get("kind", "")),
@@ -61,6 +67,7 @@ def _info(raw: Mapping[str, Any]) -> DeviceInfo | None:
         label=str(raw.get("label", "")),
         revoked=bool(raw.get("revoked", False)),
         public_key=key if isinstance(key, str) else None,
+        revoked_ms=revoked_ms if type(revoked_ms) is int else None,
     )
 
 
@@ -103,7 +110,11 @@ class Directory:
         return len(self._devices)
 
     def key_for(self, kid: str) -> Ed25519PublicKey:
-        """A `protocol.jws.verify` resolver: a device's key, or a configured gateway's."""
+        """A `protocol.jws.verify` resolver: a device's key, or a configured gateway's.
+
+        A revoked device's key too: what it signed before its revocation was accepted by
+        the gateway then, and may still be on its way (a centre that was down). Whether a
+        message is from before is the receiver's check (`signed_before_revocation`)."""
         if kid in self.gateway_keys:
             return self.gateway_keys[kid]
         key = self._keys.get(kid)
@@ -113,6 +124,16 @@ class Directory:
 
     def knows(self, kid: str) -> bool:
         return kid in self.gateway_keys or kid in self._keys
+
+    def signed_before_revocation(self, device_id: str, signed_ts_ms: int) -> bool:
+        """False for a revoked device unless the signed time is before its revocation
+        (allowing the gateway's intake window, within which it accepted device clocks)."""
+        info = self._devices.get(device_id)
+        if info is None or not info.revoked:
+            return True
+        if info.revoked_ms is None:
+            return False  # revoked at a time nobody kept: nothing can be shown to be before
+        return signed_ts_ms <= info.revoked_ms + INTAKE_WINDOW_MS
 
     # ---- sync -------------------------------------------------------------------------
 
@@ -163,7 +184,7 @@ class Directory:
             if info is None:
                 continue
             devices[info.device_id] = info
-            if info.public_key is not None and not info.revoked:
+            if info.public_key is not None:
                 try:
                     keys[info.device_id] = public_key_from_b64(info.public_key)
                 except Malformed:

@@ -219,6 +219,12 @@ class Receiver:
         for key, value in claimed.items():
             if payload.get(key) != value:
                 raise Refused(400, f"delivery's {key} differs from the signed payload's")
+        if not from_gateway and not directory.signed_before_revocation(
+            event.device_id, event.ts_ms
+        ):
+            # 403, not 503: no later sync changes this, and a retryable refusal would
+            # count against the centre's circuit breaker at the gateway
+            raise Refused(403, f"device {event.device_id} was revoked before this was signed")
         return verified.kid
 
     def _check(self, request: web.Request, body: bytes) -> str | None:

@@ -463,7 +463,7 @@ class Api:
 
     async def revoke(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device_id"]
-        if not await self._db(self._store.revoke, device_id):
+        if not await self._db(self._store.revoke, device_id, self._clock_ms()):
             return _error(404, "no such device")
         # in effect for the device's very next message, on this instance at once
         self._registry.refresh(device_id)

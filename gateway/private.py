@@ -210,7 +210,7 @@ class PrivateRoutes:
 
     async def decommission(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device_id"]
-        if not await self._db(self._store.decommission, device_id):
+        if not await self._db(self._store.decommission, device_id, self._clock_ms()):
             return _error(404, "no such device")
         if self._on_revoked is not None:
             self._on_revoked(device_id)  # refused from its very next message on

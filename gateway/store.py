@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS devices (
     district    TEXT NOT NULL,
     label       TEXT NOT NULL DEFAULT '',
     revoked     INTEGER NOT NULL DEFAULT 0,
+    revoked_ms  INTEGER,                -- gateway clock at revocation; NULL if not revoked
     high_water  INTEGER,                -- highest accepted uplink sequence number
     created_ms  INTEGER NOT NULL,
     last_seen_ms INTEGER,               -- gateway clock when last heard from (any instance)
@@ -74,9 +75,12 @@ CREATE TABLE IF NOT EXISTS device_private (
 
 
 BUSY_TIMEOUT_S = 30.0
+# revoking again keeps the first time: that is when the device stopped being trusted
+_REVOKE = "UPDATE devices SET revoked = 1, revoked_ms = COALESCE(revoked_ms, ?) WHERE device_id = ?"
 
 # Columns added after the first release: an existing database gets them on open.
 _ADDED_DEVICE_COLUMNS = {
+    "revoked_ms": "INTEGER",
     "last_seen_ms": "INTEGER",
     "online": "INTEGER",
     "power": "TEXT",
@@ -109,6 +113,9 @@ class Device:
     last_seen_ms: int | None = None
     online: bool | None = None  # None: never heard from
     power: str | None = None
+    # when it was revoked (gateway clock): everything it sent before was accepted then,
+    # so a centre still takes those; None if not revoked, or revoked before this was kept
+    revoked_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +189,7 @@ class Store(Protocol):
     def add_device(self, device: Device, now_ms: int) -> None: ...
     def device(self, device_id: str) -> Device | None: ...
     def devices(self) -> list[Device]: ...
-    def revoke(self, device_id: str) -> bool: ...
+    def revoke(self, device_id: str, now_ms: int) -> bool: ...
     def accept(self, batch: Sequence[Incoming], now_ms: int) -> list[bool]: ...
     def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted: ...
     def add_event(self, item: Incoming, now_ms: int) -> None: ...
@@ -207,7 +214,7 @@ class Store(Protocol):
     def set_private(self, device_id: str, sealed: str, now_ms: int) -> bool: ...
     def private(self, device_id: str) -> str | None: ...
     def reseal_private(self, reseal: Callable[[str, str], str]) -> int: ...
-    def decommission(self, device_id: str) -> bool: ...
+    def decommission(self, device_id: str, now_ms: int) -> bool: ...
     def purge_closed(self, closed_before_ms: int, *, dry_run: bool) -> int: ...
     def close(self) -> None: ...
 
@@ -292,12 +299,24 @@ class SqliteStore:
 
     _DEVICE_COLUMNS = (
         "device_id, public_key, kind, district, label, revoked, high_water,"
-        " last_seen_ms, online, power"
+        " last_seen_ms, online, power, revoked_ms"
     )
 
     @staticmethod
     def _device(row: tuple[Any, ...]) -> Device:
-        device_id, key, kind, district, label, revoked, high_water, seen, online, power = row
+        (
+            device_id,
+            key,
+            kind,
+            district,
+            label,
+            revoked,
+            high_water,
+            seen,
+            online,
+            power,
+            revoked_ms,
+        ) = row
         return Device(
             str(device_id),
             str(key),
@@ -309,6 +328,7 @@ class SqliteStore:
             None if seen is None else int(seen),
             None if online is None else bool(online),
             None if power is None else str(power),
+            None if revoked_ms is None else int(revoked_ms),
         )
 
     def device(self, device_id: str) -> Device | None:
@@ -322,14 +342,9 @@ class SqliteStore:
         rows = self._query(f"SELECT {self._DEVICE_COLUMNS} FROM devices ORDER BY device_id")  # noqa: S608
         return [self._device(r) for r in rows]
 
-    def revoke(self, device_id: str) -> bool:
+    def revoke(self, device_id: str, now_ms: int) -> bool:
         with self._tx() as db:
-            return (
-                db.execute(
-                    "UPDATE devices SET revoked = 1 WHERE device_id = ?", (device_id,)
-                ).rowcount
-                == 1
-            )
+            return db.execute(_REVOKE, (now_ms, device_id)).rowcount == 1
 
     # ---- intake -------------------------------------------------------------------------
 
@@ -594,7 +609,7 @@ class SqliteStore:
             )
         return len(rows)
 
-    def decommission(self, device_id: str) -> bool:
+    def decommission(self, device_id: str, now_ms: int) -> bool:
         """Revoke a device and drop what was personal about it, in one transaction.
 
         Its personal data goes and its label (free text an installer may have misused) is
@@ -602,9 +617,8 @@ class SqliteStore:
         False if no such device.
         """
         with self._tx() as db:
-            found = db.execute(
-                "UPDATE devices SET revoked = 1, label = '' WHERE device_id = ?", (device_id,)
-            ).rowcount
+            found = db.execute(_REVOKE, (now_ms, device_id)).rowcount
+            db.execute("UPDATE devices SET label = '' WHERE device_id = ?", (device_id,))
             db.execute("DELETE FROM device_private WHERE device_id = ?", (device_id,))
         return found == 1
 

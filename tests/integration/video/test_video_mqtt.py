@@ -105,7 +105,7 @@ async def test_offers_from_unknown_or_revoked_devices_never_reach_the_hub(
             ),
             now_ms=0,
         )
-        site.gateway.store.revoke("doorbell-0009")
+        site.gateway.store.revoke("doorbell-0009", 0)
         site.gateway.registry.reload()
         intruder = Session(
             Settings(host=mosquitto.host, port=mosquitto.port, client_id="intruder"),

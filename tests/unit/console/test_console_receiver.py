@@ -10,6 +10,7 @@ from console_testkit import (
     FakeGateway,
     delivery,
     desk,
+    now_ms,
     registry_entry,
     status_delivery,
 )
@@ -75,6 +76,35 @@ async def test_a_signer_the_registry_does_not_know_is_deferred_not_dropped(
         status, body = await d.deliver(delivery(device="bell-0404"))
         # 503: the gateway keeps it in its outbox and tries again later
         assert status == 503 and "unknown signer" in body["error"]
+
+
+async def test_a_revoked_devices_alert_signed_before_its_revocation_still_arrives(
+    tmp_path: Path,
+) -> None:
+    # pressed, then the bell revoked while the centre was down: the gateway accepted the
+    # alert before the revocation and retries it; the centre must still take it
+    signed_at = now_ms()
+    gateway = FakeGateway(devices=[registry_entry(revoked=True, revoked_ms=signed_at + 60_000)])
+    async with desk(tmp_path, gateway) as d:
+        before = delivery()
+        assert (await d.deliver(before))[0] == 200
+        assert d.console.receiver.events.ids() == [before["event_id"]]
+
+
+async def test_a_revoked_devices_later_signature_is_refused_for_good(tmp_path: Path) -> None:
+    revoked_at = now_ms() - 3_600_000  # an hour ago: far outside the gateway's window
+    gateway = FakeGateway(
+        devices=[
+            registry_entry(revoked=True, revoked_ms=revoked_at),
+            registry_entry("bell-0002", revoked=True),  # revoked when no time was kept
+        ]
+    )
+    async with desk(tmp_path, gateway) as d:
+        for device in ("bell-0001", "bell-0002"):
+            status, body = await d.deliver(delivery(device=device))
+            # 403, not 503: retrying cannot help, and must not trip the circuit breaker
+            assert status == 403 and "revoked before" in body["error"], body
+        assert d.console.receiver.events.count() == 0
 
 
 async def test_status_events_are_checked_with_the_gateways_key(tmp_path: Path) -> None:

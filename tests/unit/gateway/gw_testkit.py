@@ -135,7 +135,7 @@ def make_env(clock: Clock | None = None) -> Env:
     for device_id, district in DISTRICTS.items():
         public = public_key_to_b64(KEYS[device_id].public_key())
         store.add_device(Device(device_id, public, "bell", district), now_ms=0)
-    store.revoke("bell-0003")
+    store.revoke("bell-0003", 0)
     registry = Registry(store)
     metrics = Metrics()
     sent: list[tuple[str, bytes]] = []

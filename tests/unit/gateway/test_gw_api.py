@@ -211,6 +211,16 @@ async def test_admin_registers_and_revokes_with_immediate_effect(site: Site) -> 
     assert env.event_count() == 1
     _, body = await site.call("GET", "/admin/devices/bell-0009", token=ADMIN)
     assert isinstance(body, dict) and body["revoked"] is True
+    # when, so a centre can still take what the device signed before (console/directory.py)
+    revoked_at = env.clock()
+    assert body["revoked_ms"] == revoked_at
+    env.clock.ms += 5_000
+    await site.call("POST", "/admin/devices/bell-0009/revoke", token=ADMIN)  # again
+    _, listed = await site.call("GET", "/devices?keys=1")
+    assert isinstance(listed, dict)
+    (entry,) = [d for d in listed["devices"] if d["id"] == "bell-0009"]
+    assert entry["revoked_ms"] == revoked_at  # the first revocation counts
+    assert entry["public_key"] == new["public_key"]  # its key too, to check old signatures
     assert (await site.call("GET", "/admin/devices/bell-0404", token=ADMIN))[0] == 404
     assert (await site.call("POST", "/admin/devices/bell-0404/revoke", token=ADMIN))[0] == 404
 

@@ -201,7 +201,7 @@ async def test_five_thousand_devices_cost_one_entry_each_and_one_commit(env: Env
 
 async def test_a_revoked_device_is_not_reported(env: Env) -> None:
     await beat(env, "bell-0002")
-    env.store.revoke("bell-0002")
+    env.store.revoke("bell-0002", 0)
     env.registry.reload()
     env.clock.ms += TIMEOUT_MS
     assert await env.supervisor.tick(env.clock.ms) == []
