@@ -75,6 +75,8 @@ CREATE TABLE IF NOT EXISTS device_private (
 
 
 BUSY_TIMEOUT_S = 30.0
+# events deleted per transaction by purge_closed (see there)
+PURGE_BATCH = 1_000
 # revoking again keeps the first time: that is when the device stopped being trusted
 _REVOKE = "UPDATE devices SET revoked = 1, revoked_ms = COALESCE(revoked_ms, ?) WHERE device_id = ?"
 
@@ -627,19 +629,26 @@ class SqliteStore:
 
         Only `closed` events qualify, by when they were closed: an alert that is not
         closed is never purged, however old. `dry_run` counts and deletes nothing.
+        Deleted `PURGE_BATCH` events a transaction: a first purge of a year of events
+        must not hold the write lock long enough to stall the gateway's intake.
         """
         chosen = (
             "SELECT e.event_id FROM events e JOIN stages s"
             " ON s.event_id = e.event_id AND s.stage = 'closed'"
-            " WHERE e.state = 'closed' AND s.at_ms < ?"
+            " WHERE e.state = 'closed' AND s.at_ms < ? LIMIT ?"
         )
-        with self._tx() as db:
-            ids = [row[0] for row in db.execute(chosen, (closed_before_ms,)).fetchall()]
-            if not dry_run and ids:
+        if dry_run:
+            return len(self._query(chosen, (closed_before_ms, -1)))  # LIMIT -1: all
+        purged = 0
+        while True:
+            with self._tx() as db:
+                ids = [row[0] for row in db.execute(chosen, (closed_before_ms, PURGE_BATCH))]
                 rows = [(i,) for i in ids]
                 for table in ("outbox", "stages", "events"):
                     db.executemany(f"DELETE FROM {table} WHERE event_id = ?", rows)  # noqa: S608
-        return len(ids)
+            purged += len(ids)
+            if len(ids) < PURGE_BATCH:
+                return purged
 
     def close(self) -> None:
         with self._lock:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
 from gw_testkit import ADMIN, ALERT, PRIVACY_TOKENS, Env, make_env
 
 from ansimi.privacy import create_key_file
+from gateway import store as store_module
 from gateway.api import Api
 from gateway.cli import gateway
 from gateway.config import PrivacyConfig
@@ -40,6 +43,28 @@ async def test_only_closed_events_older_than_the_cutoff_go_and_dry_run_deletes_n
     # an alert never closed stays, however old
     assert env.store.purge_closed(now + 1000 * DAY_MS, dry_run=False) == 1
     assert {e.event_id for e in env.store.events(None, 100)} == {"old-open-0001"}
+
+
+async def test_a_long_purge_goes_in_short_transactions(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = make_env()
+    ids = [f"closed-{n:06d}" for n in range(7)]
+    await alerts(env, *ids, "still-open-01")
+    now = env.clock()
+    for event_id in ids:
+        env.store.set_stage(event_id, "closed", now - 40 * DAY_MS, "central")
+    monkeypatch.setattr(store_module, "PURGE_BATCH", 3)
+    transactions = 0
+    begin = store_module.transaction
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal transactions
+        transactions += 1
+        return begin(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "transaction", counted)
+    assert env.store.purge_closed(now, dry_run=False) == 7
+    assert transactions == 3  # 3 + 3 + 1: the lock is let go between them
+    assert {e.event_id for e in env.store.events(None, 100)} == {"still-open-01"}
 
 
 def test_purge_command_dry_run_then_for_real(tmp_path: Path) -> None:
