@@ -17,11 +17,13 @@ Exit codes, for scripts:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
@@ -79,39 +81,70 @@ def _when(ms: int | None) -> str:
     return f"{dt.datetime.fromtimestamp(ms / 1000, dt.UTC):%Y-%m-%d %H:%M} UTC"
 
 
-def _client(
-    gateway: str | None, token_file: Path | None, ca_file: Path | None, site_dir: Path | None
-) -> AdminClient:
-    url = gateway or os.environ.get(URL_ENV)
-    if not url:
-        raise click.UsageError(f"pass --gateway URL or set {URL_ENV}")
-    if ca_file is None and site_dir is not None:
-        # a missing site says so (and how to fix it) rather than "no CA certificate"
-        ca_file = Site.open(site_dir).layout.ca_cert
-    return AdminClient(url, admin_token(token_file), ca_file=ca_file)
-
-
-def _broker(unit: str, pid_file: Path | None, no_reload: bool) -> BrokerControl | None:
-    if no_reload:
-        return None
-    return SignalBroker.from_pid_file(pid_file) if pid_file else SystemdBroker(unit)
-
-
-def _address(text: str | None) -> tuple[str, int] | None:
-    if text is None:
-        return None
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise click.BadParameter(f"{text!r} is not HOST:PORT", param_hint="--broker")
-    return host.strip("[]"), int(port)
-
-
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def gateway_options(f: Any) -> Any:
-    f = click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")(f)
+@dataclass(frozen=True)
+class GatewayAccess:
+    """--gateway, --admin-token-file and --ca-file as given: the gateway to ask, and how."""
+
+    url: str | None
+    token_file: Path | None
+    ca_file: Path | None
+
+    def client(self, site_dir: Path | None) -> AdminClient:
+        url = self.url or os.environ.get(URL_ENV)
+        if not url:
+            raise click.UsageError(f"pass --gateway URL or set {URL_ENV}")
+        ca_file = self.ca_file
+        if ca_file is None and site_dir is not None:
+            # a missing site says so (and how to fix it) rather than "no CA certificate"
+            ca_file = Site.open(site_dir).layout.ca_cert
+        return AdminClient(url, admin_token(self.token_file), ca_file=ca_file)
+
+
+@dataclass(frozen=True)
+class BrokerAccess:
+    """--unit, --pid-file, --no-reload and --broker as given, checked only where a command
+    uses them: `rotate` handing out a token stops before it gets to the broker."""
+
+    unit: str
+    pid_file: Path | None
+    no_reload: bool
+    address_text: str | None
+
+    def control(self) -> BrokerControl | None:
+        if self.no_reload:
+            return None
+        return (
+            SignalBroker.from_pid_file(self.pid_file) if self.pid_file else SystemdBroker(self.unit)
+        )
+
+    def address(self) -> tuple[str, int] | None:
+        if self.address_text is None:
+            return None
+        host, _, port = self.address_text.rpartition(":")
+        if not host or not port.isdigit():
+            raise click.BadParameter(
+                f"{self.address_text!r} is not HOST:PORT", param_hint="--broker"
+            )
+        return host.strip("[]"), int(port)
+
+
+def gateway_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--gateway, --admin-token-file, --ca-file and --json. The command receives the first
+    three as one `gateway: GatewayAccess`, and `as_json`."""
+
+    @functools.wraps(command)
+    def with_gateway_access(
+        *, gateway: str | None, admin_token_file: Path | None, ca_file: Path | None, **params: Any
+    ) -> None:
+        command(gateway=GatewayAccess(gateway, admin_token_file, ca_file), **params)
+
+    f = click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")(
+        with_gateway_access
+    )
     f = click.option(
         "--ca-file",
         type=click.Path(dir_okay=False, path_type=Path),
@@ -126,8 +159,24 @@ def gateway_options(f: Any) -> Any:
     return f
 
 
-def broker_options(f: Any) -> Any:
-    f = click.option("--broker", "broker_address", help="HOST:PORT of the broker [the site's]")(f)
+def broker_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--unit, --pid-file, --no-reload and --broker; the command receives them as one
+    `broker: BrokerAccess`."""
+
+    @functools.wraps(command)
+    def with_broker_access(
+        *,
+        unit: str,
+        pid_file: Path | None,
+        no_reload: bool,
+        broker_address: str | None,
+        **params: Any,
+    ) -> None:
+        command(broker=BrokerAccess(unit, pid_file, no_reload, broker_address), **params)
+
+    f = click.option("--broker", "broker_address", help="HOST:PORT of the broker [the site's]")(
+        with_broker_access
+    )
     f = click.option("--no-reload", is_flag=True, help="only write the CRL and ACL")(f)
     f = click.option(
         "--pid-file",
@@ -138,11 +187,15 @@ def broker_options(f: Any) -> Any:
     return f
 
 
-SITE_DIR = click.option(
+site_dir_option = click.option(
     "--dir",
     "site_dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="the site directory (CA, issued certificates, broker files)",
+)
+# revoke, decommission and rotate write the site's CRL and ACL: they cannot go without it
+required_site_dir_option = click.option(
+    "--dir", "site_dir", required=True, type=click.Path(file_okay=False, path_type=Path)
 )
 
 
@@ -168,7 +221,7 @@ def device_group() -> None:
     help="where the QR label goes (<id>.png and <id>.svg, 0600: it holds the token)",
 )
 @click.option("--force-label", is_flag=True, help="overwrite an existing label file")
-@SITE_DIR
+@site_dir_option
 @gateway_options
 def add_command(
     kind: str,
@@ -179,14 +232,12 @@ def add_command(
     qr_dir: Path,
     force_label: bool,
     site_dir: Path | None,
-    gateway: str | None,
-    admin_token_file: Path | None,
-    ca_file: Path | None,
+    gateway: GatewayAccess,
     as_json: bool,
 ) -> None:
     """Register a device and print its one-time enrolment token and QR label."""
     with _errors(as_json):
-        client = _client(gateway, admin_token_file, ca_file, site_dir)
+        client = gateway.client(site_dir)
         added = ops.add_device(
             client,
             "doorbell" if kind == "doorbell" else "store" if kind == "store" else "bell",
@@ -225,18 +276,16 @@ def add_command(
 
 
 @device_group.command("list")
-@SITE_DIR
+@site_dir_option
 @gateway_options
 def list_command(
     site_dir: Path | None,
-    gateway: str | None,
-    admin_token_file: Path | None,
-    ca_file: Path | None,
+    gateway: GatewayAccess,
     as_json: bool,
 ) -> None:
     """Every device the gateway has an enrolment for, and its state."""
     with _errors(as_json):
-        client = _client(gateway, admin_token_file, ca_file, site_dir)
+        client = gateway.client(site_dir)
         views = ops.list_devices(client)
     if as_json:
         _print_json({"ok": True, "devices": [v.as_json() for v in views]})
@@ -252,19 +301,17 @@ def list_command(
 
 @device_group.command("show")
 @click.argument("device_id")
-@SITE_DIR
+@site_dir_option
 @gateway_options
 def show_command(
     device_id: str,
     site_dir: Path | None,
-    gateway: str | None,
-    admin_token_file: Path | None,
-    ca_file: Path | None,
+    gateway: GatewayAccess,
     as_json: bool,
 ) -> None:
     """One device: gateway record, enrolments, and (with --dir) its certificates."""
     with _errors(as_json):
-        client = _client(gateway, admin_token_file, ca_file, site_dir)
+        client = gateway.client(site_dir)
         site = Site.open(site_dir) if site_dir is not None else None
         view = ops.show_device(client, device_id, site)
     if view is None:
@@ -297,32 +344,27 @@ def show_command(
 @device_group.command("revoke")
 @click.argument("device_id")
 @click.option("--reason", default="", help="why (kept in ca/revocations.json)")
-@click.option("--dir", "site_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@required_site_dir_option
 @broker_options
 @gateway_options
 def revoke_command(
     device_id: str,
     reason: str,
     site_dir: Path,
-    unit: str,
-    pid_file: Path | None,
-    no_reload: bool,
-    broker_address: str | None,
-    gateway: str | None,
-    admin_token_file: Path | None,
-    ca_file: Path | None,
+    broker: BrokerAccess,
+    gateway: GatewayAccess,
     as_json: bool,
 ) -> None:
     """Revoke a device: its tokens, at the gateway (messages refused at once), and at the
     broker (certificate on the CRL, ACL deny, live session closed) within seconds."""
     with _errors(as_json):
-        client = _client(gateway, admin_token_file, ca_file, site_dir)
+        client = gateway.client(site_dir)
         result = ops.revoke_device(
             client,
             site_dir,
             device_id,
-            broker=_broker(unit, pid_file, no_reload),
-            broker_address=_address(broker_address),
+            broker=broker.control(),
+            broker_address=broker.address(),
             reason=reason,
         )
     report = _revocation_report(result)
@@ -373,25 +415,23 @@ def _print_revocation(console: Console, result: ops.Revoked) -> None:
 
 @device_group.command("decommission")
 @click.argument("device_id")
-@click.option("--dir", "site_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@required_site_dir_option
 @broker_options
 @gateway_options
-def decommission_command(device_id: str, site_dir: Path, **options: Any) -> None:
+def decommission_command(
+    device_id: str, site_dir: Path, broker: BrokerAccess, gateway: GatewayAccess, as_json: bool
+) -> None:
     """Take a device out of service for good: revoke it (as `revoke`) and wipe its personal
     data (address, phone numbers, notes, label) at the gateway. Its events stay, under the
     bare device id. On the device itself, run `ansimi device wipe`."""
-    # the same options as `revoke` (broker_options, gateway_options), taken as one bag
-    as_json = bool(options["as_json"])
     with _errors(as_json):
-        client = _client(
-            options["gateway"], options["admin_token_file"], options["ca_file"], site_dir
-        )
+        client = gateway.client(site_dir)
         result = ops.decommission_device(
             client,
             site_dir,
             device_id,
-            broker=_broker(options["unit"], options["pid_file"], options["no_reload"]),
-            broker_address=_address(options["broker_address"]),
+            broker=broker.control(),
+            broker_address=broker.address(),
         )
     revoked = result.revoked
     if as_json:
@@ -412,7 +452,7 @@ def decommission_command(device_id: str, site_dir: Path, **options: Any) -> None
 
 @device_group.command("rotate")
 @click.argument("device_id")
-@click.option("--dir", "site_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@required_site_dir_option
 @click.option("--ssh", "ssh_target", help="run the re-enrolment on the device (user@host)")
 @click.option("--remote-ansimi", default="ansimi", show_default=True)
 @click.option(
@@ -451,13 +491,8 @@ def rotate_command(
     finish: bool,
     wait_s: float,
     ttl_hours: float,
-    unit: str,
-    pid_file: Path | None,
-    no_reload: bool,
-    broker_address: str | None,
-    gateway: str | None,
-    admin_token_file: Path | None,
-    ca_file: Path | None,
+    broker: BrokerAccess,
+    gateway: GatewayAccess,
     as_json: bool,
 ) -> None:
     """Give a device a new key, made on the device; its old certificate is revoked only once
@@ -469,7 +504,7 @@ def rotate_command(
     from device.enroll import ssh_command
 
     with _errors(as_json):
-        client = _client(gateway, admin_token_file, ca_file, site_dir)
+        client = gateway.client(site_dir)
         Site.open(site_dir)
         if not finish:
             rotation = ops.start_rotation(client, device_id, ttl_s=int(ttl_hours * 3600))
@@ -524,8 +559,8 @@ def rotate_command(
             client,
             site_dir,
             device_id,
-            broker=_broker(unit, pid_file, no_reload),
-            broker_address=_address(broker_address),
+            broker=broker.control(),
+            broker_address=broker.address(),
             wait_s=wait_s,
         )
     if as_json:
@@ -547,7 +582,7 @@ def rotate_command(
 
 @device_group.command("check")
 @click.argument("device_id")
-@SITE_DIR
+@site_dir_option
 @click.option(
     "--device-config",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -558,15 +593,13 @@ def check_command(
     device_id: str,
     site_dir: Path | None,
     device_config: Path | None,
-    gateway: str | None,
-    admin_token_file: Path | None,
-    ca_file: Path | None,
+    gateway: GatewayAccess,
     as_json: bool,
 ) -> None:
     """A checklist for one device: gateway, registration, certificate, broker, and (with
     --device-config) a real connection with the device's own certificate."""
     with _errors(as_json):
-        client = _client(gateway, admin_token_file, ca_file, site_dir)
+        client = gateway.client(site_dir)
         site = Site.open(site_dir) if site_dir is not None else None
         checks = ops.check_device(client, device_id, site=site, device_config=device_config)
     failed = any(c.ok is False for c in checks)

@@ -70,6 +70,15 @@ class GpiozeroInputs:
         self._tamper: Any = None
         self._power: Any = None
         bounce = config.bounce_s or None
+
+        def open_input(device_class: Any, key: str, pin: int, **options: Any) -> Any:
+            """A gpiozero input on `pin` with the configured debounce and pin factory."""
+            return _make(
+                key,
+                pin,
+                partial(device_class, pin, bounce_time=bounce, pin_factory=pin_factory, **options),
+            )
+
         try:
             wired: tuple[tuple[ButtonName, str, int | None], ...] = (
                 ("emergency", "emergency_pin", config.emergency_pin),
@@ -78,45 +87,27 @@ class GpiozeroInputs:
             for name, key, pin in wired:
                 if pin is None:
                     continue
-                self._buttons[name] = _make(
+                self._buttons[name] = open_input(
+                    Button,
                     key,
                     pin,
-                    partial(
-                        Button,
-                        pin,
-                        pull_up=config.pull_up,
-                        bounce_time=bounce,
-                        hold_time=config.hold_repeat_s,
-                        hold_repeat=True,
-                        pin_factory=pin_factory,
-                    ),
+                    pull_up=config.pull_up,
+                    hold_time=config.hold_repeat_s,
+                    hold_repeat=True,
                 )
             if config.tamper_pin is not None:
                 # Active = switch closed = case shut. A cut wire reads as opened: fail loud.
-                self._tamper = _make(
-                    "tamper_pin",
-                    config.tamper_pin,
-                    partial(
-                        DigitalInputDevice,
-                        config.tamper_pin,
-                        pull_up=config.pull_up,
-                        bounce_time=bounce,
-                        pin_factory=pin_factory,
-                    ),
+                self._tamper = open_input(
+                    DigitalInputDevice, "tamper_pin", config.tamper_pin, pull_up=config.pull_up
                 )
             if config.power_sense_pin is not None:
                 # Active = on mains. The pull resistor pulls towards "no mains", so a broken
                 # sense wire reports power lost rather than hiding a real outage.
-                self._power = _make(
+                self._power = open_input(
+                    DigitalInputDevice,
                     "power_sense_pin",
                     config.power_sense_pin,
-                    partial(
-                        DigitalInputDevice,
-                        config.power_sense_pin,
-                        pull_up=not config.power_sense_active_high,
-                        bounce_time=bounce,
-                        pin_factory=pin_factory,
-                    ),
+                    pull_up=not config.power_sense_active_high,
                 )
         except BaseException:
             self.close()

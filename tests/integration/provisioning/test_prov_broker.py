@@ -8,12 +8,14 @@ proving that a permitted message on the same path does arrive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
 import socket
 import ssl
 import tempfile
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from ansimi.mqtt import MqttError, TlsFiles
 from provisioning import pki
 from provisioning.broker_conf import current_user
 from provisioning.errors import BrokerControlError
-from provisioning.revoke import SignalBroker, revoke_certificate
+from provisioning.revoke import RevokeResult, SignalBroker, revoke_certificate
 from provisioning.site import Site, init_site
 
 VERSIONS = [pytest.param(5, id="v5"), pytest.param(311, id="v311")]
@@ -38,6 +40,31 @@ def up(device: str, kind: str = "alert") -> str:
 
 def down(device: str, kind: str = "ack") -> str:
     return f"ansimi/v1/{device}/down/{kind}"
+
+
+@contextlib.asynccontextmanager
+async def gateway_and_devices(
+    broker: Mosquitto,
+    ids: Identities,
+    *device_ids: str,
+    version: int = 5,
+    tls_for: Mapping[str, TlsFiles] | None = None,
+) -> AsyncIterator[list[Client]]:
+    """The gateway, then each device under its own id, connected one after another. A device
+    named in `tls_for` connects with that certificate instead of a new one from the site CA."""
+    tls_for = tls_for or {}
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                running(settings(broker, ids.gateway(), "gateway", version))
+            )
+        ]
+        for device_id in device_ids:
+            tls = tls_for[device_id] if device_id in tls_for else ids.device(device_id)
+            clients.append(
+                await stack.enter_async_context(running(settings(broker, tls, device_id, version)))
+            )
+        yield clients
 
 
 async def receive(client: Client, timeout_s: float = 5.0) -> tuple[str, bytes]:
@@ -53,6 +80,22 @@ async def publish_denied(client: Client, topic: str, payload: bytes, version: in
             await asyncio.wait_for(sent, 5)
     else:
         await asyncio.wait_for(sent, 5)
+
+
+async def revoke_and_reload(
+    broker: Mosquitto, site: Site, serial_or_cn: str, *, kick: bool = True, reason: str = ""
+) -> RevokeResult:
+    """Revoke on the site and have the test broker reload (and, with `kick`, drop the revoked
+    client) by signal, as `ansimi provision revoke --pid-file` does."""
+    assert broker.process is not None
+    return await asyncio.to_thread(
+        revoke_certificate,
+        site.layout.root,
+        serial_or_cn,
+        broker=SignalBroker(broker.process.pid),
+        kick=kick,
+        reason=reason,
+    )
 
 
 async def until_disconnected(client: Client, limit_s: float) -> float:
@@ -71,10 +114,7 @@ async def until_disconnected(client: Client, limit_s: float) -> float:
 async def test_device_publishes_its_up_and_the_gateway_receives_it_and_acks(
     broker: Mosquitto, ids: Identities, version: int
 ) -> None:
-    async with (
-        running(settings(broker, ids.gateway(), "gateway", version)) as gw,
-        running(settings(broker, ids.device("bell-0001"), "bell-0001", version)) as dev,
-    ):
+    async with gateway_and_devices(broker, ids, "bell-0001", version=version) as (gw, dev):
         assert await gw.session.subscribe([(UP_ALL, 1)]) == [1]
         await dev.session.subscribe([("ansimi/v1/bell-0001/down/#", 1)])
         await asyncio.wait_for(dev.session.publish(up("bell-0001"), b"help"), 5)
@@ -89,10 +129,7 @@ async def test_gateway_receives_through_a_shared_subscription(
 ) -> None:
     # mosquitto checks read access on each delivered message's topic, so the gateway's
     # `topic read ansimi/v1/+/up/#` also covers $share/<group>/ansimi/v1/+/up/#
-    async with (
-        running(settings(broker, ids.gateway(), "gateway", version)) as gw,
-        running(settings(broker, ids.device("bell-0001"), "bell-0001", version)) as dev,
-    ):
+    async with gateway_and_devices(broker, ids, "bell-0001", version=version) as (gw, dev):
         await gw.session.subscribe([(f"$share/gateways/{UP_ALL}", 1)])
         await asyncio.wait_for(dev.session.publish(up("bell-0001"), b"help"), 5)
         assert await receive(gw) == (up("bell-0001"), b"help")
@@ -124,10 +161,7 @@ async def test_a_client_without_a_certificate_is_refused(
 async def test_a_device_cannot_publish_on_another_devices_up_topic(
     broker: Mosquitto, ids: Identities, version: int
 ) -> None:
-    async with (
-        running(settings(broker, ids.gateway(), "gateway", version)) as gw,
-        running(settings(broker, ids.device("bell-0001"), "bell-0001", version)) as a,
-    ):
+    async with gateway_and_devices(broker, ids, "bell-0001", version=version) as (gw, a):
         await gw.session.subscribe([(UP_ALL, 1)])
         await publish_denied(a, up("bell-0002"), b"forged", version)
         await asyncio.wait_for(a.session.publish(up("bell-0001"), b"proof"), 5)
@@ -141,9 +175,7 @@ async def test_a_device_cannot_forge_gateway_messages_to_another_device(
     broker: Mosquitto, ids: Identities, version: int
 ) -> None:
     async with (
-        running(settings(broker, ids.gateway(), "gateway", version)) as gw,
-        running(settings(broker, ids.device("bell-0001"), "bell-0001", version)) as a,
-        running(settings(broker, ids.device("bell-0002"), "bell-0002", version)) as b,
+        gateway_and_devices(broker, ids, "bell-0001", "bell-0002", version=version) as (gw, a, b),
     ):
         await b.session.subscribe([("ansimi/v1/bell-0002/down/#", 1)])
         await publish_denied(a, down("bell-0002"), b"fake ack", version)
@@ -158,9 +190,7 @@ async def test_a_device_reads_nothing_but_its_own_down_topic(
     broker: Mosquitto, ids: Identities, version: int
 ) -> None:
     async with (
-        running(settings(broker, ids.gateway(), "gateway", version)) as gw,
-        running(settings(broker, ids.device("bell-0001"), "bell-0001", version)) as a,
-        running(settings(broker, ids.device("bell-0002"), "bell-0002", version)) as b,
+        gateway_and_devices(broker, ids, "bell-0001", "bell-0002", version=version) as (gw, a, b),
     ):
         await gw.session.subscribe([(UP_ALL, 1)])
         await b.session.subscribe([("ansimi/v1/bell-0002/down/#", 1)])
@@ -195,10 +225,7 @@ async def test_a_device_reads_nothing_but_its_own_down_topic(
 async def test_a_device_cannot_take_over_another_by_its_client_id(
     broker: Mosquitto, ids: Identities
 ) -> None:
-    async with (
-        running(settings(broker, ids.gateway(), "gateway")) as gw,
-        running(settings(broker, ids.device("bell-0002"), "bell-0002")) as b,
-    ):
+    async with gateway_and_devices(broker, ids, "bell-0002") as (gw, b):
         await gw.session.subscribe([(UP_ALL, 1)])
         # bell-0001 claims bell-0002's client id; the broker uses its certificate CN instead
         async with running(settings(broker, ids.device("bell-0001"), "bell-0002")) as a:
@@ -218,25 +245,16 @@ async def test_a_revoked_device_is_cut_off_within_10s_and_refused_after(
     broker: Mosquitto, ids: Identities, site: Site, version: int
 ) -> None:
     a_tls = ids.device("bell-0001")
-    async with (
-        running(settings(broker, ids.gateway(), "gateway", version)) as gw,
-        running(settings(broker, a_tls, "bell-0001", version)) as a,
-        running(settings(broker, ids.device("bell-0002"), "bell-0002", version)) as b,
-    ):
+    async with gateway_and_devices(
+        broker, ids, "bell-0001", "bell-0002", version=version, tls_for={"bell-0001": a_tls}
+    ) as (gw, a, b):
         await gw.session.subscribe([(UP_ALL, 1)])
         await asyncio.wait_for(a.session.publish(up("bell-0001"), b"before"), 5)
         assert await receive(gw) == (up("bell-0001"), b"before")
 
         loop = asyncio.get_running_loop()
         start = loop.time()
-        assert broker.process is not None
-        result = await asyncio.to_thread(
-            revoke_certificate,
-            site.layout.root,
-            "bell-0001",
-            broker=SignalBroker(broker.process.pid),
-            reason="test",
-        )
+        result = await revoke_and_reload(broker, site, "bell-0001", reason="test")
         assert result.reloaded and result.kicked == ["bell-0001"], result.warnings
         assert result.complete
         await until_disconnected(a, 10.0)
@@ -262,20 +280,11 @@ async def test_reload_alone_keeps_a_live_connection_but_the_acl_silences_it(
 ) -> None:
     """What mosquitto 2.0.11 does on SIGHUP, and why revocation also kicks the client."""
     async with (
-        running(settings(broker, ids.gateway(), "gateway", version)) as gw,
-        running(settings(broker, ids.device("bell-0001"), "bell-0001", version)) as a,
-        running(settings(broker, ids.device("bell-0002"), "bell-0002", version)) as b,
+        gateway_and_devices(broker, ids, "bell-0001", "bell-0002", version=version) as (gw, a, b),
     ):
         await gw.session.subscribe([(UP_ALL, 1)])
         await a.session.subscribe([("ansimi/v1/bell-0001/down/#", 1)])
-        assert broker.process is not None
-        result = await asyncio.to_thread(
-            revoke_certificate,
-            site.layout.root,
-            "bell-0001",
-            broker=SignalBroker(broker.process.pid),
-            kick=False,
-        )
+        result = await revoke_and_reload(broker, site, "bell-0001", kick=False)
         assert result.reloaded and result.kicked == []
         await asyncio.sleep(1.0)
         # the CRL is re-read, but a TLS session already open is never re-verified...
@@ -297,17 +306,10 @@ async def test_revoking_one_serial_leaves_the_reenrolled_identity_working(
     assert old.cert_file is not None
     serial = pki.read_cert(old.cert_file).serial_number
     async with (
-        running(settings(broker, ids.gateway(), "gateway")) as gw,
-        running(settings(broker, old, "bell-0001")) as stale,
+        gateway_and_devices(broker, ids, "bell-0001", tls_for={"bell-0001": old}) as (gw, stale),
     ):
         await gw.session.subscribe([(UP_ALL, 1)])
-        assert broker.process is not None
-        result = await asyncio.to_thread(
-            revoke_certificate,
-            site.layout.root,
-            f"serial:{serial:X}",
-            broker=SignalBroker(broker.process.pid),
-        )
+        result = await revoke_and_reload(broker, site, f"serial:{serial:X}")
         assert result.denied_identities == [] and result.kicked == ["bell-0001"]
         await until_disconnected(stale, 10.0)
         async with running(settings(broker, new, "bell-0001")) as fresh:
@@ -352,11 +354,7 @@ async def test_as_root_the_broker_drops_to_mosquitto_and_reload_is_guarded() -> 
         assert _uid_of(pid) == pwd.getpwnam("mosquitto").pw_uid
         control = SignalBroker(pid)
 
-        async with (
-            running(settings(server, ids.gateway(), "gateway")) as gw,
-            running(settings(server, ids.device("bell-0001"), "bell-0001")) as a,
-            running(settings(server, ids.device("bell-0002"), "bell-0002")) as b,
-        ):
+        async with gateway_and_devices(server, ids, "bell-0001", "bell-0002") as (gw, a, b):
             await gw.session.subscribe([(UP_ALL, 1)])
             result = await asyncio.to_thread(
                 revoke_certificate, site.layout.root, "bell-0001", broker=control
@@ -437,11 +435,9 @@ async def test_a_p256_site_takes_p256_and_ed25519_devices(tmp_path: Path) -> Non
     server.start()
     try:
         p256_device = ids.device("bell-0001", key=pki.generate_key("p256"))
-        async with (
-            running(settings(server, ids.gateway(), "gateway")) as gw,
-            running(settings(server, p256_device, "bell-0001")) as a,
-            running(settings(server, ids.device("bell-0002"), "bell-0002")) as b,
-        ):
+        async with gateway_and_devices(
+            server, ids, "bell-0001", "bell-0002", tls_for={"bell-0001": p256_device}
+        ) as (gw, a, b):
             await gw.session.subscribe([(UP_ALL, 1)])
             await asyncio.wait_for(a.session.publish(up("bell-0001"), b"p256"), 5)
             assert await receive(gw) == (up("bell-0001"), b"p256")
