@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ansimi import sdnotify
-from device.behaviour import Behaviour, BehaviourError, Effect, Send, Show
+from device.behaviour import Behaviour, BehaviourError, Effect, Send, Show, SmsProgress
 from device.config import DeviceConfig
 from device.hal import Hardware
 from device.hal.ports import HalError, InputEvent, Pattern
@@ -37,6 +37,7 @@ from protocol.messages import (
     Heartbeat,
     Message,
     RtcMessage,
+    SecondaryPath,
 )
 
 if TYPE_CHECKING:
@@ -46,13 +47,6 @@ log = logging.getLogger(__name__)
 
 # Outbox bodies are stored as JSON; this is how they come back as models.
 OUTBOX_BODIES: dict[str, type[Alert] | type[Cancel]] = {"alert": Alert, "cancel": Cancel}
-# The modem may be busy with an SMS; a heartbeat does not wait for it longer than this.
-SIGNAL_TIMEOUT_S = 2.0
-
-
-def csq_percent(rssi: int | None) -> int | None:
-    """AT+CSQ rssi (0..31, about -113..-51 dBm) as the heartbeat's 0..100 link quality."""
-    return None if rssi is None else round(rssi * 100 / 31)
 
 
 class Agent:
@@ -92,8 +86,8 @@ class Agent:
             config,
             hardware.modem,
             self.outbox,
-            link_up=lambda: self.link.connected,
             clock_ms=self._clock_ms,
+            on_progress=self._on_sms,
         )
         # live video: doorbells with a camera only (aiortc and PyAV are imported only then)
         self.video: VideoManager | None = None
@@ -108,7 +102,7 @@ class Agent:
         self._resend_all = False
         self._resend_wake_ms: int | None = None  # when the resend loop wakes by itself
         self._background: set[asyncio.Task[None]] = set()
-        self._link_quality: int | None = None
+        self._secondary: SecondaryPath | None = None  # the SMS path, as last probed
         self.ready = asyncio.Event()  # set once connected to the broker
 
     # ---- inputs and the behaviour's effects ---------------------------------------------
@@ -204,6 +198,9 @@ class Agent:
         self._wake_resend.set()
         self._apply(self.behaviour.on_link(True))
 
+    def _on_sms(self, alert_id: str, progress: SmsProgress) -> None:
+        self._apply(self.behaviour.on_sms(alert_id, progress))
+
     def _link_down(self) -> None:
         log.warning("device %s: link to the broker lost", self.device_id)
         self._apply(self.behaviour.on_link(False))
@@ -212,20 +209,14 @@ class Agent:
         return Heartbeat(
             uptime_s=max(0, int(self._monotonic() - self._started_at)),
             power="mains" if self.hardware.inputs.power_on_mains() else "battery",
-            link_quality=self._link_quality,
+            link_quality=None if self._secondary is None else self._secondary.signal,
             firmware=self.config.device.firmware,
             outbox_depth=self.outbox.depth(),
+            secondary=self._secondary,
         )
 
     async def send_heartbeat(self) -> None:
-        modem = self.hardware.modem
-        if modem is not None:
-            try:
-                rssi = await asyncio.wait_for(modem.signal_quality(), SIGNAL_TIMEOUT_S)
-                self._link_quality = csq_percent(rssi)
-            except (HalError, TimeoutError) as exc:
-                log.info("device %s: no signal quality from the modem: %s", self.device_id, exc)
-                self._link_quality = None
+        self._secondary = await self.sms.health()
         if self.link.connected:
             self.link.send(self.heartbeat())
 
@@ -240,6 +231,7 @@ class Agent:
         """A message the link has verified: the gateway's signature, this device, fresh."""
         if isinstance(message, AckMessage):
             ack = message.body
+            self.sms.on_ack(ack)  # before the outbox forgets it: it may still need an SMS
             if ack.stage == "received" and self.outbox.received(ack.ref):
                 log.info("device %s: %s received by the gateway", self.device_id, ack.ref)
             self._apply(self.behaviour.on_ack(ack))

@@ -42,6 +42,10 @@ the state. The link (up or down) is tracked beside the incident, not inside it.
   `ring_link_s` of a ring is linked to the ring too.
 - **Tamper and mains power**: each change is an alert of its own (tamper, tamper_cleared,
   power_loss, power_restored) outside the incident, shown on nothing.
+- **SMS fallback** (`device/sms.py`): when an alert of the incident goes out by SMS, the
+  incident shows "trying SMS" and then "sent by SMS" instead of `sending` / `received`,
+  until the centre has it (`delivered` and beyond show as usual). An SMS for anything
+  outside the incident (a duress alert, which must look like a cancel) shows nothing.
 - **Silent mode** (store bells by default): alerts say `silent`, and every pattern is shown
   with `silent=True`, which the indicator turns into no sound and no light.
 
@@ -73,6 +77,11 @@ BELL_OF: Final[Mapping[DeviceKind, Bell]] = {
 }
 
 
+# What the SMS fallback reports for one alert, in the order it happens.
+SmsProgress = Literal["trying", "sent"]
+SMS_PROGRESS: Final[tuple[SmsProgress, ...]] = ("trying", "sent")
+
+
 class State(enum.StrEnum):
     IDLE = "idle"
     SENT = "sent"  # alerting: sent, waiting for the gateway
@@ -97,6 +106,8 @@ class Event(enum.StrEnum):
 
 # An incident in progress, in the order acks move it.
 ACTIVE: Final = (State.SENT, State.RECEIVED, State.DELIVERED, State.ACKNOWLEDGED, State.DISPATCHED)
+# States in which the centre does not have the alert yet: the SMS fallback's pattern wins.
+NOT_DELIVERED: Final = frozenset({State.SENT, State.RECEIVED})
 
 
 def _table() -> dict[tuple[State, Event], State]:
@@ -124,6 +135,10 @@ PATTERN_OF: Final[Mapping[State, Pattern]] = {
     State.ACKNOWLEDGED: Pattern.ACKNOWLEDGED,
     State.DISPATCHED: Pattern.DISPATCHED,
 }
+SMS_PATTERN_OF: Final[Mapping[SmsProgress, Pattern]] = {
+    "trying": Pattern.SMS_TRYING,
+    "sent": Pattern.SMS_SENT,
+}
 
 
 class BehaviourError(Exception):
@@ -147,7 +162,7 @@ class Send:
 
     message_id: str
     body: Alert | Cancel
-    # also by SMS if the gateway has not received it in time while the link is down
+    # also by SMS if the centre has not got it in time (`[sms]`, device/sms.py)
     sms: bool = False
 
 
@@ -169,6 +184,8 @@ class Incident:
     told_urgent: bool = False
     in_flight: str | None = None
     message_ids: set[str] = field(default_factory=set)
+    # how far the SMS fallback got with one of its messages (device/sms.py)
+    sms: SmsProgress | None = None
 
 
 @dataclass(slots=True)
@@ -347,6 +364,22 @@ class Behaviour:
             return effects  # a cancel gesture is showing: keep showing exactly that
         return [*effects, self._show_state()]
 
+    def on_sms(self, message_id: str, progress: SmsProgress) -> list[Effect]:
+        """The SMS fallback is sending `message_id` ("trying") or has sent it ("sent")."""
+        incident = self.incident
+        if incident is None or message_id not in incident.message_ids:
+            return []  # e.g. a duress alert: it must keep looking like a cancel
+        if incident.sms is not None and (
+            SMS_PROGRESS.index(progress) <= SMS_PROGRESS.index(incident.sms)
+        ):
+            return []  # progress only moves forward
+        incident.sms = progress
+        if self.state not in NOT_DELIVERED:
+            return []  # the centre has it already: that is the truth worth showing
+        if any(hold.looks_cancelled for hold in self._holds.values()):
+            return []  # a cancel gesture is showing: keep showing exactly that
+        return [self._show_state()]
+
     def on_link(self, up: bool) -> list[Effect]:
         self.link_up = up
         if self.incident is not None:
@@ -397,6 +430,9 @@ class Behaviour:
         return [Send(update_id, body)]
 
     def _show_state(self) -> Show:
+        incident = self.incident
+        if incident is not None and incident.sms is not None and self.state in NOT_DELIVERED:
+            return Show(SMS_PATTERN_OF[incident.sms])
         return Show(PATTERN_OF[self.state])
 
 

@@ -90,8 +90,12 @@ PHONE_NUMBER = re.compile(r"\+?[0-9]{3,16}")
 
 
 class SmsSection(_Section):
-    # an alert not `received` this long while the link is down goes out by SMS as well
+    # an alert the gateway has not `received` this long after the press goes out by SMS as
+    # well, whatever the link seems to be (a black-holed link looks up for a while)
     after_s: Annotated[float, Field(gt=0)] = 15.0
+    # an alert `received` but not `delivered` to a centre this long after the press goes out
+    # by SMS too, even while the link is up (the gateway may have no way to a centre)
+    undelivered_after_s: Annotated[float, Field(gt=0)] = 30.0
     # who gets the SMS (personal data: never logged); empty means no SMS fallback
     numbers: Annotated[list[str], Field(max_length=8)] = []
     # the same, sealed with device.data_key_file (`ansimi device set-sms-numbers` writes

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ansimi.privacy import Keyring, load_keyring, load_or_create
-from device.config import PHONE_NUMBER, DeviceConfig, SmsSection
+from device.config import PHONE_NUMBER, DeviceConfig
 
 PLACE_TABLE = "device.toml"
 PLACE_COLUMN = "sms.numbers"
@@ -50,7 +50,8 @@ def check_numbers(numbers: Sequence[str]) -> list[str]:
 def seal_numbers(config: DeviceConfig, numbers: Sequence[str], keyring: Keyring) -> DeviceConfig:
     """`config` with the numbers sealed and no number in clear."""
     sealed = keyring.seal(json.dumps(list(numbers)), **_place(config)) if numbers else ""
-    sms = SmsSection(after_s=config.sms.after_s, numbers=[], numbers_sealed=sealed)
+    # model_copy, not a new section: every other [sms] option stays as it was
+    sms = config.sms.model_copy(update={"numbers": [], "numbers_sealed": sealed})
     return config.model_copy(update={"sms": sms})
 
 
@@ -67,11 +68,7 @@ def with_sms_numbers(config: DeviceConfig) -> DeviceConfig:
             f"sms.numbers_sealed cannot be opened with {key_file}: {exc}. Fix: restore that "
             f"key file, or enter the numbers again with `{SET_HINT}`"
         ) from None
-    sms = SmsSection(
-        after_s=config.sms.after_s,
-        numbers=check_numbers(opened),
-        numbers_sealed=config.sms.numbers_sealed,
-    )
+    sms = config.sms.model_copy(update={"numbers": check_numbers(opened)})
     return config.model_copy(update={"sms": sms})
 
 

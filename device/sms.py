@@ -1,10 +1,20 @@
-"""SMS fallback: an alert the gateway has not received in time, while the link is down.
+"""SMS fallback: an alert the centre has not got in time goes out by SMS, counted from the press.
 
 The outbox marks which messages may need it (alerts that open an incident, and duress).
-Once such a message has waited `[sms] after_s` without a `received` ack and the MQTT link
-is down, each configured number gets one SMS with the device id, the alert id, its kind
-and its time: never an address. The alert stays in the outbox and still goes through
-MQTT when the link returns, so the centre sees it either way.
+Two rules, both timed from the press (the message's `created_ms`), never from a link change:
+a black-holed link looks up for tens of seconds, and a person in danger cannot wait for TCP.
+
+- not `received` by the gateway within `[sms] after_s` (15 s): by SMS, link up or not;
+- `received` but not `delivered` to a centre within `[sms] undelivered_after_s` (30 s): by
+  SMS too, even while MQTT is up (the gateway may have no way to a centre).
+
+Each configured number gets one SMS per alert, whichever rule comes first, with the device
+id, the alert id (so whoever gets both the SMS and the MQTT alert can tell they are one
+press), its kind and its time: never an address. The alert stays in the outbox and still
+goes through MQTT, so the centre sees it either way.
+
+Being "received" removes the alert from the outbox; this module keeps the few alerts that
+wait for `delivered` in memory (a restart forgets them: the outbox no longer holds them).
 
 Phone numbers are personal data: logs say "number 2 of 3", never the number itself.
 """
@@ -17,16 +27,20 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
+from device.behaviour import SmsProgress
 from device.config import DeviceConfig
 from device.hal.ports import HalError, Modem
 from device.outbox import Entry, Outbox
-from protocol.messages import Alert
+from protocol.messages import Ack, Alert, SecondaryPath
 
 log = logging.getLogger(__name__)
 
 # A number whose SMS failed is tried again on later checks, up to this many times in all.
 MAX_TRIES: Final = 3
 CHECK_EVERY_S: Final = 1.0
+# The modem may be busy with an SMS; a health probe does not wait for it longer than this.
+PROBE_TIMEOUT_S: Final = 2.0
+SET_NUMBERS_FIX: Final = "set them with `ansimi device set-sms-numbers`"
 
 _KIND: Final = {"emergency": "EMERGENCY", "doorbell": "DOORBELL EMERGENCY", "store": "ROBBERY"}
 
@@ -40,6 +54,11 @@ def sms_text(device_id: str, entry: Entry) -> str:
     return f"Ansimi {what}{urgent}: device {device_id}, alert {entry.id}, {at} UTC"
 
 
+def csq_percent(rssi: int | None) -> int | None:
+    """AT+CSQ rssi (0..31, about -113..-51 dBm) as the heartbeat's 0..100 link quality."""
+    return None if rssi is None else round(rssi * 100 / 31)
+
+
 class SmsFallback:
     def __init__(
         self,
@@ -47,19 +66,24 @@ class SmsFallback:
         modem: Modem | None,
         outbox: Outbox,
         *,
-        link_up: Callable[[], bool],
         clock_ms: Callable[[], int],
+        on_progress: Callable[[str, SmsProgress], None] | None = None,
     ) -> None:
         self._device_id = config.device.id
         self._after_ms = int(config.sms.after_s * 1000)
+        self._undelivered_after_ms = int(config.sms.undelivered_after_s * 1000)
         self._numbers = list(config.sms.numbers)
         self._modem = modem
         self._outbox = outbox
-        self._link_up = link_up
         self._clock_ms = clock_ms
+        # told when an alert's SMS starts ("trying") and when one number has it ("sent")
+        self._on_progress = on_progress
+        # received by the gateway, not yet delivered to a centre: alert id -> its entry
+        self._undelivered: dict[str, Entry] = {}
         # per alert: the numbers (by index) that have their SMS, and tries per number
         self._done: dict[str, set[int]] = {}
         self._tries: dict[tuple[str, int], int] = {}
+        self._last_health: SecondaryPath | None = None
         self.sent = 0
         self.failed = 0
 
@@ -67,18 +91,64 @@ class SmsFallback:
     def enabled(self) -> bool:
         return self._modem is not None and bool(self._numbers)
 
-    async def check(self) -> None:
-        """Send what is due now; returns at once while the link is up."""
-        if self._modem is None or not self._numbers or self._link_up():
+    def warn_if_disabled(self) -> None:
+        """Say at start-up, with the fix, why an alert would have no second path."""
+        if not self._numbers:
+            log.warning(
+                "device %s: no SMS numbers configured: an alert the centre cannot get by "
+                "MQTT has no fallback; %s",
+                self._device_id,
+                SET_NUMBERS_FIX,
+            )
+        elif self._modem is None:
+            log.warning(
+                "device %s: SMS numbers are configured but no modem: set "
+                "[hardware] modem_port in device.toml",
+                self._device_id,
+            )
+
+    # ---- acks -----------------------------------------------------------------------------
+
+    def on_ack(self, ack: Ack) -> None:
+        """Call before the outbox forgets a `received` message: it may still need an SMS."""
+        if ack.stage == "received":
+            if not self.enabled or ack.ref in self._undelivered:
+                return
+            # still marked "SMS wanted, not done" in the outbox: wait for `delivered`
+            for entry in self._outbox.sms_due(self._clock_ms()):
+                if entry.id == ack.ref:
+                    self._undelivered[entry.id] = entry
+                    return
             return
-        for entry in self._outbox.sms_due(self._clock_ms() - self._after_ms):
+        # delivered, or further still (acks may skip stages): a centre has it
+        if self._undelivered.pop(ack.ref, None) is not None:
+            self._forget(ack.ref)
+
+    # ---- sending --------------------------------------------------------------------------
+
+    def due(self) -> list[Entry]:
+        """What should go by SMS now: oldest press first, each alert once."""
+        now = self._clock_ms()
+        due = {e.id: e for e in self._outbox.sms_due(now - self._after_ms)}
+        cutoff = now - self._undelivered_after_ms
+        for entry in self._undelivered.values():
+            if entry.created_ms <= cutoff:
+                due.setdefault(entry.id, entry)
+        return sorted(due.values(), key=lambda e: e.created_ms)
+
+    async def check(self) -> None:
+        """Send what is due now, whatever the MQTT link seems to be."""
+        if self._modem is None or not self._numbers:
+            return
+        for entry in self.due():
             await self._send(self._modem, entry)
-            if self._link_up():
-                return  # the link is back: MQTT will carry the rest
 
     async def _send(self, modem: Modem, entry: Entry) -> None:
         text = sms_text(self._device_id, entry)
+        first_go = entry.id not in self._done
         done = self._done.setdefault(entry.id, set())
+        if first_go:
+            self._progress(entry.id, "trying")
         total = len(self._numbers)
         for index, number in enumerate(self._numbers):
             if index in done or self._tries.get((entry.id, index), 0) >= MAX_TRIES:
@@ -98,6 +168,8 @@ class SmsFallback:
                 )
                 continue
             self.sent += 1
+            if not done:
+                self._progress(entry.id, "sent")
             done.add(index)
             log.warning(
                 "SMS fallback for alert %s: number %d of %d sent (reference %d)",
@@ -110,12 +182,22 @@ class SmsFallback:
             i in done or self._tries.get((entry.id, i), 0) >= MAX_TRIES for i in range(total)
         )
         if finished:
+            # never again, even after a restart (if the outbox still holds it)
             self._outbox.sms_done(entry.id)
-            self._done.pop(entry.id, None)
-            for i in range(total):
-                self._tries.pop((entry.id, i), None)
+            self._undelivered.pop(entry.id, None)
+            self._forget(entry.id)
+
+    def _forget(self, alert_id: str) -> None:
+        self._done.pop(alert_id, None)
+        for i in range(len(self._numbers)):
+            self._tries.pop((alert_id, i), None)
+
+    def _progress(self, alert_id: str, progress: SmsProgress) -> None:
+        if self._on_progress is not None:
+            self._on_progress(alert_id, progress)
 
     async def run(self) -> None:
+        self.warn_if_disabled()
         if not self.enabled:
             return
         while True:
@@ -125,3 +207,31 @@ class SmsFallback:
                 # a modem bug must not take the agent down: the alert still goes by MQTT
                 log.exception("SMS fallback check failed")
             await asyncio.sleep(CHECK_EVERY_S)
+
+    # ---- health ---------------------------------------------------------------------------
+
+    async def health(self) -> SecondaryPath:
+        """The secondary path as the heartbeat reports it (AT+CPIN?, AT+CREG?, AT+CSQ)."""
+        numbers = len(self._numbers)
+        modem = self._modem
+        if modem is None:
+            return SecondaryPath(modem=False, numbers=numbers)
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                info = await modem.probe()
+        except TimeoutError:
+            # busy sending an SMS, most likely: busy is not broken, say what we knew
+            log.info("device %s: the modem is busy; health as last known", self._device_id)
+            return self._last_health or SecondaryPath(modem=True, numbers=numbers)
+        except HalError as exc:
+            log.warning("device %s: the modem does not answer: %s", self._device_id, exc)
+            self._last_health = SecondaryPath(modem=False, numbers=numbers)
+            return self._last_health
+        self._last_health = SecondaryPath(
+            modem=True,
+            sim=info.sim,
+            registered=info.registered,
+            signal=csq_percent(info.signal),
+            numbers=numbers,
+        )
+        return self._last_health

@@ -64,6 +64,34 @@ class Cancel(_Model):
     alert_id: MessageId
 
 
+class SecondaryPath(_Model):
+    """The SMS path's health, as the device found it for this heartbeat.
+
+    From the modem's AT+CPIN? (sim), AT+CREG? (registered) and AT+CSQ (signal, 0..100 like
+    `link_quality`), and the count of SMS numbers configured (never the numbers).
+    """
+
+    modem: bool  # a modem is configured and answered
+    sim: Literal["ready", "pin", "puk", "absent", "error", "unknown"] = "unknown"
+    registered: bool | None = None
+    signal: Percent | None = None
+    numbers: Annotated[int, Field(ge=0, le=8)] = 0
+
+    @property
+    def faults(self) -> tuple[str, ...]:
+        """Why an SMS could not go out now; empty when the path works."""
+        if not self.modem:
+            return ("no_modem",) if self.numbers else ("no_modem", "no_numbers")
+        faults = []
+        if self.sim != "ready":
+            faults.append(f"sim_{self.sim}")
+        if self.registered is False:
+            faults.append("not_registered")
+        if not self.numbers:
+            faults.append("no_numbers")
+        return tuple(faults)
+
+
 class Heartbeat(_Model):
     uptime_s: UInt63
     power: Literal["mains", "battery"]
@@ -71,10 +99,18 @@ class Heartbeat(_Model):
     link_quality: Percent | None = None
     firmware: Annotated[str, StringConstraints(max_length=64)]
     outbox_depth: UInt63 = 0
+    # Absent from agents that predate it (the gateway then judges nothing), and left out of
+    # the JSON when None, so their heartbeats serialise to exactly the bytes they signed.
+    secondary: SecondaryPath | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+# A device signs online/offline (its last will); the gateway signs the secondary path's
+# changes it derives from heartbeats (gateway/secondary.py), like its own offline events.
+StatusState = Literal["online", "offline", "secondary_path_down", "secondary_path_up"]
 
 
 class Status(_Model):
-    state: Literal["online", "offline"]
+    state: StatusState
 
 
 class Rtc(_Model):

@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import os
 import re
+import time
 import tty
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
 
@@ -200,6 +202,8 @@ class SentSms:
     number: str
     text: str
     reference: int
+    # the modem's clock (wall time unless given one) when it went out; not part of "which SMS"
+    at: float = field(default=0.0, compare=False)
 
 
 class FakeModem:
@@ -215,11 +219,16 @@ class FakeModem:
         model: str = "FAKE-MODEM",
         signal: int | None = 20,
         sim_ready: bool = True,
+        registered: bool = True,
         port: str = "fake",
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.model = model
         self.signal = signal
         self.sim_ready = sim_ready
+        self.registered = registered
+        # when each SMS was sent (the simulator measures press -> SMS with it)
+        self._clock = clock or time.time
         self.port = port
         self.sent: list[SentSms] = []
         self.closed = False
@@ -238,7 +247,13 @@ class FakeModem:
         self._failures.extend([(kind, cms_error, after_s)] * count)
 
     async def probe(self) -> ModemInfo:
-        return ModemInfo(model=self.model, ok=self.sim_ready, signal=self.signal)
+        return ModemInfo(
+            model=self.model,
+            ok=self.sim_ready,
+            signal=self.signal,
+            sim="ready" if self.sim_ready else "absent",
+            registered=self.registered,
+        )
 
     async def signal_quality(self) -> int | None:
         return self.signal
@@ -257,7 +272,7 @@ class FakeModem:
             raise ModemRejected(self.port, command, reply, cms_error=cms_error)
         # Real modems count message references modulo 256.
         self._reference = (self._reference + 1) % 256
-        self.sent.append(SentSms(number, prepared, self._reference))
+        self.sent.append(SentSms(number, prepared, self._reference, self._clock()))
         return self._reference
 
     async def close(self) -> None:
@@ -281,6 +296,8 @@ class PtyScript:
     # Interleave unsolicited +CMTI lines with answers.
     unsolicited: bool = False
     csq: str = "21,0"
+    # AT+CREG? answer: "0,1" registered on the home network, "0,2" searching, "0,3" denied
+    creg: str = "0,1"
     model: str = "ANSIMI-PTY"
     sim_ready: bool = True
     # Seconds before each answer.
@@ -426,6 +443,8 @@ class PtyModem:
                 self._final("+CME ERROR: 10")
         elif upper == "AT+CSQ":
             self._info(f"+CSQ: {script.csq}")
+        elif upper == "AT+CREG?":
+            self._info(f"+CREG: {script.creg}")
         elif match := _CMGS_CMD.fullmatch(line):
             if script.cmgs == "error":
                 self._final("ERROR")

@@ -26,6 +26,7 @@ GREEN: Final[RGB] = (0, 1, 0)
 BLUE: Final[RGB] = (0, 0, 1)
 YELLOW: Final[RGB] = (1, 1, 0)
 WHITE: Final[RGB] = (1, 1, 1)
+CYAN: Final[RGB] = (0, 1, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,10 @@ _: Final[None] = None  # a blank cell in the table
 # Beeps confirm each stage once; nothing beeps forever, so a frightened person is not also
 # deafened. The discreet LED never reveals link trouble or the doorbell: during a hold-up it
 # only tells the person that their alert is moving and, once steady, that help is coming.
+# The SMS fallback: red (trouble, the centre has not got it yet) blinking at 1 Hz while the
+# SMS goes out, without a beep; cyan (a person's phone has it) once sent, with a beep of
+# its own. Its discreet cells repeat "sending" and "received": a hold-up's attacker must not
+# learn that a second path exists, the person only that the alert is still moving.
 # fmt: off
 PATTERNS: Final[Mapping[Pattern, Look]] = {
     #                          colour  status LED          buzzer              discreet LED
@@ -75,6 +80,8 @@ PATTERNS: Final[Mapping[Pattern, Look]] = {
     Pattern.RING:         Look(BLUE,   Blink(0.2, 0.2, 5), Blink(0.3, 0.2, 2), _),
     Pattern.CANCELLED:    Look(WHITE,  Blink(0.3, 0.3, 2), Blink(0.5, 0.1, 1), Blink(0.1, 0.3, 2)),
     Pattern.SELFTEST:     Look(WHITE,  Blink(0.2, 0.2, 3), Blink(0.1, 0.1, 1), Blink(0.2, 0.2, 3)),
+    Pattern.SMS_TRYING:   Look(RED,    Blink(0.5, 0.5),    _,                  Blink(0.1, 2.9)),
+    Pattern.SMS_SENT:     Look(CYAN,   Blink(1.0, 0.5),    Blink(0.3, 0.1, 2), Blink(0.5, 2.5)),
 }
 # fmt: on
 

@@ -28,6 +28,7 @@ from device.hal.ports import (
     ModemInfo,
     ModemRejected,
     ModemTimeout,
+    SimState,
 )
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,11 @@ _NUMBER = re.compile(r"\+?[0-9]{3,16}")
 _FINAL_ERROR = re.compile(r"\+(CME|CMS) ERROR:\s*(.*)")
 _CSQ = re.compile(r"(\d+)\s*,\s*(\d+)")
 _CMGS = re.compile(r"\+CMGS:\s*(\d+)")
+# "+CREG: <n>,<stat>[,<lac>,<ci>]"; stat 1 is the home network, 5 roaming
+_CREG = re.compile(r"\s*\d+\s*,\s*(\d+)")
+_REGISTERED = frozenset({1, 5})
+# +CME ERROR codes of AT+CPIN? (3GPP TS 27.007 9.2): 10 SIM not inserted
+_SIM_NOT_INSERTED = 10
 
 # Characters of the GSM 03.38 default alphabet that are also ASCII, so they pass unchanged
 # through the modem's "IRA" (ASCII) character set. The extension table costs two septets.
@@ -95,6 +101,26 @@ def parse_csq(value: str) -> int | None:
         return None
     rssi = int(match.group(1))
     return rssi if 0 <= rssi <= 31 else None
+
+
+def parse_creg(value: str) -> bool | None:
+    """Registered (home or roaming) from an `AT+CREG?` answer ("0,1" -> True); garbage -> None."""
+    match = _CREG.match(value)
+    if match is None:
+        return None
+    return int(match.group(1)) in _REGISTERED
+
+
+def parse_cpin(value: str) -> SimState:
+    """The SIM state of an `AT+CPIN?` answer ("READY", "SIM PIN", "SIM PUK", ...)."""
+    value = value.strip().upper()
+    if value == "READY":
+        return "ready"
+    if "PUK" in value:
+        return "puk"
+    if "PIN" in value:
+        return "pin"
+    return "error"
 
 
 class _Timeout(Exception):
@@ -182,12 +208,25 @@ class SerialModem:
             model = lines[0] if lines else "unknown"
         except ModemRejected:
             model = "unknown"
+        sim: SimState
         try:
-            sim_ready = any("READY" in ln for ln in self._command("AT+CPIN?", prefix="+CPIN:"))
+            lines = self._command("AT+CPIN?", prefix="+CPIN:")
+            sim = parse_cpin(lines[0]) if lines else "unknown"
+        except ModemRejected as exc:
+            # No SIM, or a broken one: the modem works but cannot send.
+            sim = "absent" if exc.cme_error == _SIM_NOT_INSERTED else "error"
+        try:
+            lines = self._command("AT+CREG?", prefix="+CREG:")
+            registered = parse_creg(lines[0]) if lines else None
         except ModemRejected:
-            # No SIM, or one that wants a PIN: the modem works but cannot send.
-            sim_ready = False
-        return ModemInfo(model=model, ok=sim_ready, signal=self._signal_quality())
+            registered = None
+        return ModemInfo(
+            model=model,
+            ok=sim == "ready",
+            signal=self._signal_quality(),
+            sim=sim,
+            registered=registered,
+        )
 
     def _signal_quality(self) -> int | None:
         self._ensure_ready()

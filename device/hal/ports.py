@@ -64,6 +64,10 @@ class Pattern(enum.StrEnum):
     RING = "ring"
     CANCELLED = "cancelled"
     SELFTEST = "selftest"
+    # the alert has not reached the centre in time: the SMS fallback is sending it
+    SMS_TRYING = "sms_trying"
+    # the SMS fallback reached at least one number; MQTT still tries for the centre
+    SMS_SENT = "sms_sent"
 
 
 class Indicator(Protocol):
@@ -105,6 +109,10 @@ class Camera(Protocol):
         ...
 
 
+# AT+CPIN? as one word: READY, a PIN or PUK wanted, no SIM (+CME ERROR: 10), another error.
+SimState = Literal["ready", "pin", "puk", "absent", "error", "unknown"]
+
+
 @dataclass(frozen=True, slots=True)
 class ModemInfo:
     """What `Modem.probe` found out."""
@@ -114,6 +122,9 @@ class ModemInfo:
     ok: bool
     # AT+CSQ rssi 0..31 (higher is better), None when the modem does not know.
     signal: int | None
+    sim: SimState = "unknown"
+    # AT+CREG? on the home network or roaming; None when the modem does not say.
+    registered: bool | None = None
 
 
 class Modem(Protocol):

@@ -5,10 +5,15 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from device.agent import Agent, csq_percent
+import pytest
+
+from device.agent import Agent
 from device.config import DeviceConfig
 from device.hal import Hardware
-from device.hal.fakes import FakeIndicator, FakeInputs
+from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
+from device.hal.ports import InputEvent, Pattern
+from device.outbox import Outbox
+from device.sms import csq_percent
 from protocol.jws import Signer
 from protocol.keys import generate_key
 
@@ -54,3 +59,61 @@ def test_heartbeat_reports_battery_uptime_and_outbox_depth(tmp_path: Path) -> No
 
 def test_csq_becomes_a_percentage() -> None:
     assert [csq_percent(v) for v in (None, 0, 15, 31)] == [None, 0, 48, 100]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def sms_agent(tmp_path: Path, clock: Clock, *, silent: bool) -> tuple[Agent, FakeModem]:
+    config = DeviceConfig.model_validate(
+        {
+            "device": {"id": "bell-0001", "state_dir": tmp_path, "silent": silent},
+            "sms": {"after_s": 15, "numbers": ["+820000000001"]},
+        }
+    )
+    modem = FakeModem()
+    hardware = Hardware(FakeInputs(), FakeIndicator(has_discreet_led=False), None, modem)
+    gateway = Signer("gw-test", generate_key())
+    a = Agent(
+        config,
+        signer=Signer("bell-0001", generate_key()),
+        gateway_key=gateway.public_key,
+        hardware=hardware,
+        outbox=Outbox(":memory:"),
+        clock_ms=clock,
+    )
+    return a, modem
+
+
+@pytest.mark.parametrize("silent", [False, True])
+async def test_a_press_not_received_in_time_goes_by_sms_and_the_led_says_so(
+    tmp_path: Path, silent: bool
+) -> None:
+    clock = Clock()
+    a, modem = sms_agent(tmp_path, clock, silent=silent)
+    indicator = a.hardware.indicator
+    assert isinstance(indicator, FakeIndicator)
+    a.on_input(InputEvent("emergency", "pressed"))
+    clock.now += 14_999
+    await a.sms.check()
+    assert modem.sent == []
+    clock.now += 1
+    await a.sms.check()
+    (sms,) = modem.sent
+    (alert_id,) = [e.id for e in a.outbox.pending()]
+    assert alert_id in sms.text  # whoever gets the SMS and the alert can tell they are one
+    shown = [pattern for pattern, _ in indicator.history]
+    assert shown == [Pattern.SENDING, Pattern.SMS_TRYING, Pattern.SMS_SENT]
+    assert all(s == silent for _, s in indicator.history)
+    # silent mode shows nothing at all; audible, the LED tells the truth
+    assert indicator.led_lit is not silent
+    assert indicator.buzzer_sounding is not silent
+    clock.now += 60_000
+    await a.sms.check()
+    assert len(modem.sent) == 1  # once per alert
+    a.outbox.close()

@@ -286,3 +286,35 @@ def test_every_transition_in_the_table_happens_through_inputs_and_acks() -> None
                 assert b.state is State.SENT
                 seen.add((State.CLEARED, Event.ALERT))
     assert seen == set(TRANSITIONS)
+
+
+# ---- the SMS fallback's patterns -----------------------------------------------------------
+
+
+def test_sms_progress_shows_its_own_patterns_until_the_centre_has_the_alert() -> None:
+    b = machine()
+    (sent,) = sends(press(b))
+    assert shows(b.on_sms(sent.message_id, "trying")) == [Pattern.SMS_TRYING]
+    assert shows(b.on_sms(sent.message_id, "sent")) == [Pattern.SMS_SENT]
+    assert b.on_sms(sent.message_id, "trying") == []  # progress only moves forward
+    # the gateway has it now, the centre not yet: still "sent by SMS", the better news
+    assert shows(ack(b, sent.message_id, "received")) == [Pattern.SMS_SENT]
+    assert shows(ack(b, sent.message_id, "delivered")) == [Pattern.DELIVERED]
+    assert b.state is State.DELIVERED
+
+
+def test_sms_after_delivery_or_for_another_alert_shows_nothing() -> None:
+    b = machine()
+    (sent,) = sends(press(b))
+    ack(b, sent.message_id, "delivered")
+    assert b.on_sms(sent.message_id, "sent") == []  # the centre has it: keep showing that
+    assert b.on_sms("someone-else", "trying") == []
+
+
+def test_sms_for_a_duress_alert_keeps_looking_like_a_cancel() -> None:
+    b = machine()
+    press(b)
+    effects = hold(b, 15)
+    (duress,) = [s for s in sends(effects) if s.sms]
+    assert b.on_sms(duress.message_id, "trying") == []
+    assert b.on_sms(duress.message_id, "sent") == []

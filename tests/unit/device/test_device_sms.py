@@ -8,15 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from device.behaviour import SmsProgress
 from device.config import DeviceConfig
-from device.hal.fakes import PtyModem
+from device.hal.fakes import FakeModem, PtyModem
 from device.hal.modem import SerialModem
+from device.hal.ports import Modem
 from device.outbox import Outbox
 from device.sms import MAX_TRIES, SmsFallback
-from protocol.messages import Alert
+from protocol.messages import Ack, AckStage, Alert
 
 NUMBERS = ["+820000000001", "+820000000002"]
 AFTER_MS = 15_000
+UNDELIVERED_MS = 30_000
 T0 = 1_700_000_000_000
 
 
@@ -54,29 +57,48 @@ def outbox(tmp_path: Path) -> Outbox:
     return box
 
 
-def fallback(outbox: Outbox, modem: SerialModem, clock: Clock, link: list[bool]) -> SmsFallback:
+def fallback(
+    outbox: Outbox,
+    modem: Modem | None,
+    clock: Clock,
+    *,
+    numbers: list[str] = NUMBERS,
+    progress: list[tuple[str, SmsProgress]] | None = None,
+) -> SmsFallback:
     config = DeviceConfig.model_validate(
-        {"device": {"id": "store-0002"}, "sms": {"after_s": AFTER_MS / 1000, "numbers": NUMBERS}}
+        {
+            "device": {"id": "store-0002"},
+            "sms": {
+                "after_s": AFTER_MS / 1000,
+                "undelivered_after_s": UNDELIVERED_MS / 1000,
+                "numbers": numbers,
+            },
+        }
     )
-    return SmsFallback(config, modem, outbox, link_up=lambda: link[0], clock_ms=clock)
+    on_progress = None if progress is None else lambda i, p: progress.append((i, p))
+    return SmsFallback(config, modem, outbox, clock_ms=clock, on_progress=on_progress)
 
 
-async def test_an_alert_not_received_in_time_while_the_link_is_down_goes_by_sms_once(
+def acked(sms: SmsFallback, outbox: Outbox, ref: str, stage: AckStage) -> None:
+    """As the agent does: the SMS fallback hears the ack before the outbox drops the alert."""
+    ack = Ack(ref=ref, stage=stage)
+    sms.on_ack(ack)
+    if stage == "received":
+        outbox.received(ref)
+
+
+async def test_the_sms_timer_starts_at_the_press_whatever_the_link(
     pty: PtyModem, outbox: Outbox, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock, link = Clock(), [False]
+    # No link at all here: a black-holed link looks up, so only the press's time counts.
+    clock = Clock()
     modem = SerialModem(pty.port, timeout_s=5)
-    sms = fallback(outbox, modem, clock, link)
+    sms = fallback(outbox, modem, clock)
     clock.now = T0 + AFTER_MS - 1
     await sms.check()
     assert pty.received == []  # not yet due
 
     clock.now = T0 + AFTER_MS
-    link[0] = True
-    await sms.check()
-    assert pty.received == []  # due, but the link is up: MQTT carries it
-
-    link[0] = False
     with caplog.at_level(logging.DEBUG):
         await sms.check()
     assert [r.number for r in pty.received] == NUMBERS
@@ -90,7 +112,7 @@ async def test_an_alert_not_received_in_time_while_the_link_is_down_goes_by_sms_
     # once per alert, also for a fresh agent on the same outbox (after a restart)
     clock.now += 60_000
     await sms.check()
-    await fallback(outbox, modem, clock, link).check()
+    await fallback(outbox, modem, clock).check()
     assert len(pty.received) == 2
     # the alert itself stays in the outbox until the gateway receives it
     assert outbox.depth() == 2
@@ -100,10 +122,10 @@ async def test_an_alert_not_received_in_time_while_the_link_is_down_goes_by_sms_
 async def test_an_error_reply_is_retried_then_given_up(
     pty: PtyModem, outbox: Outbox, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock, link = Clock(), [False]
+    clock = Clock()
     clock.now = T0 + AFTER_MS
     modem = SerialModem(pty.port, timeout_s=5)
-    sms = fallback(outbox, modem, clock, link)
+    sms = fallback(outbox, modem, clock)
     pty.script.cmgs = "cms_error"
     with caplog.at_level(logging.DEBUG):
         for _ in range(MAX_TRIES):
@@ -123,10 +145,10 @@ async def test_an_error_reply_is_retried_then_given_up(
 async def test_a_failed_number_is_retried_while_the_others_are_not_sent_twice(
     pty: PtyModem, outbox: Outbox
 ) -> None:
-    clock, link = Clock(), [False]
+    clock = Clock()
     clock.now = T0 + AFTER_MS
     modem = SerialModem(pty.port, timeout_s=5)
-    sms = fallback(outbox, modem, clock, link)
+    sms = fallback(outbox, modem, clock)
     pty.script.cmgs = "error"  # ERROR instead of the > prompt, for every number
     await sms.check()
     assert sms.failed == 2
@@ -141,10 +163,10 @@ async def test_a_failed_number_is_retried_while_the_others_are_not_sent_twice(
 async def test_a_silent_modem_times_out_and_the_agent_carries_on(
     pty: PtyModem, outbox: Outbox, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock, link = Clock(), [False]
+    clock = Clock()
     clock.now = T0 + AFTER_MS
     modem = SerialModem(pty.port, timeout_s=0.3)
-    sms = fallback(outbox, modem, clock, link)
+    sms = fallback(outbox, modem, clock)
     pty.script.silent = True
     with caplog.at_level(logging.WARNING):
         await sms.check()
@@ -155,3 +177,127 @@ async def test_a_silent_modem_times_out_and_the_agent_carries_on(
     await sms.check()
     assert sorted(r.number for r in pty.received) == NUMBERS
     await modem.close()
+
+
+# ---- received but not delivered (#14 item 7), once per alert, progress, health ---------------
+
+
+async def test_received_but_not_delivered_in_time_goes_by_sms_even_with_the_link_up(
+    outbox: Outbox,
+) -> None:
+    clock, modem = Clock(), FakeModem()
+    sms = fallback(outbox, modem, clock)
+    clock.now = T0 + 2_000
+    acked(sms, outbox, "alert-000001", "received")  # the gateway has it: the link works
+    clock.now = T0 + UNDELIVERED_MS - 1
+    await sms.check()
+    assert modem.sent == []  # received in time: only the undelivered rule is left
+    clock.now = T0 + UNDELIVERED_MS
+    await sms.check()
+    assert [m.number for m in modem.sent] == NUMBERS
+    assert "alert-000001" in modem.sent[0].text
+    clock.now += 60_000
+    acked(sms, outbox, "alert-000001", "delivered")  # late: changes nothing
+    await sms.check()
+    assert len(modem.sent) == 2
+
+
+async def test_delivered_in_time_means_no_sms(outbox: Outbox) -> None:
+    clock, modem = Clock(), FakeModem()
+    sms = fallback(outbox, modem, clock)
+    clock.now = T0 + 2_000
+    acked(sms, outbox, "alert-000001", "received")
+    clock.now = T0 + 10_000
+    acked(sms, outbox, "alert-000001", "delivered")
+    clock.now = T0 + 10 * UNDELIVERED_MS
+    await sms.check()
+    assert modem.sent == []
+
+
+async def test_an_alert_goes_by_sms_once_whichever_rule_comes_first(outbox: Outbox) -> None:
+    clock, modem = Clock(), FakeModem()
+    sms = fallback(outbox, modem, clock)
+    clock.now = T0 + AFTER_MS
+    await sms.check()  # not received: by SMS
+    assert len(modem.sent) == 2
+    clock.now = T0 + AFTER_MS + 5_000
+    acked(sms, outbox, "alert-000001", "received")  # the link came back
+    clock.now = T0 + 3 * UNDELIVERED_MS  # and the centre still has not got it
+    await sms.check()
+    assert len(modem.sent) == 2
+
+
+async def test_a_number_that_failed_before_received_is_tried_again_while_undelivered(
+    outbox: Outbox,
+) -> None:
+    clock, modem = Clock(), FakeModem()
+    sms = fallback(outbox, modem, clock)
+    clock.now = T0 + AFTER_MS
+    modem.fail_next(1)  # the first number fails, the second gets it
+    await sms.check()
+    assert [m.number for m in modem.sent] == NUMBERS[1:]
+    acked(sms, outbox, "alert-000001", "received")
+    clock.now = T0 + UNDELIVERED_MS
+    await sms.check()
+    assert sorted(m.number for m in modem.sent) == NUMBERS  # each number once
+
+
+async def test_progress_is_told_once_per_step_and_only_for_what_went_out(
+    outbox: Outbox,
+) -> None:
+    clock, modem = Clock(), FakeModem()
+    progress: list[tuple[str, SmsProgress]] = []
+    sms = fallback(outbox, modem, clock, progress=progress)
+    clock.now = T0 + AFTER_MS
+    modem.fail_next(2)  # both numbers fail: trying, not sent
+    await sms.check()
+    assert progress == [("alert-000001", "trying")]
+    await sms.check()  # the retry sends
+    assert progress == [("alert-000001", "trying"), ("alert-000001", "sent")]
+    await sms.check()
+    assert len(progress) == 2
+
+
+async def test_health_reports_modem_sim_registration_signal_and_numbers(outbox: Outbox) -> None:
+    clock = Clock()
+    modem = FakeModem(signal=31, registered=False)
+    health = await fallback(outbox, modem, clock).health()
+    assert (health.modem, health.sim, health.registered, health.signal, health.numbers) == (
+        True,
+        "ready",
+        False,
+        100,
+        2,
+    )
+    assert health.faults == ("not_registered",)
+    modem.registered = True
+    assert (await fallback(outbox, modem, clock).health()).faults == ()
+    modem.sim_ready = False
+    assert (await fallback(outbox, modem, clock).health()).faults == ("sim_absent",)
+    no_modem = await fallback(outbox, None, clock).health()
+    assert (no_modem.modem, no_modem.faults) == (False, ("no_modem",))
+
+
+async def test_health_over_the_real_driver_reads_creg_and_cpin(
+    pty: PtyModem, outbox: Outbox
+) -> None:
+    modem = SerialModem(pty.port, timeout_s=5)
+    sms = fallback(outbox, modem, Clock())
+    assert (await sms.health()).faults == ()
+    pty.script.creg = "0,2"  # searching
+    pty.script.sim_ready = False
+    health = await sms.health()
+    assert (health.registered, health.sim) == (False, "absent")
+    assert "AT+CREG?" in pty.commands
+    await modem.close()
+
+
+async def test_no_numbers_is_said_at_start_with_the_fix_and_in_the_health(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    sms = fallback(outbox, FakeModem(), Clock(), numbers=[])
+    with caplog.at_level(logging.WARNING):
+        await sms.run()  # returns at once: nothing to send to
+    assert "no SMS numbers configured" in caplog.text
+    assert "ansimi device set-sms-numbers" in caplog.text
+    assert (await sms.health()).faults == ("no_numbers",)

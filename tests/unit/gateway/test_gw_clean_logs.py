@@ -94,7 +94,7 @@ async def device_side(tmp_path: Path) -> None:
     outbox.put("alert-0000001", "alert", ALERT.model_dump_json(), 1_000, sms=True)
     async with PtyModem() as pty:
         modem = SerialModem(pty.port, timeout_s=5)
-        sms = SmsFallback(config, modem, outbox, link_up=lambda: False, clock_ms=lambda: 5_000)
+        sms = SmsFallback(config, modem, outbox, clock_ms=lambda: 5_000)
         await sms.check()
         await modem.close()
         outbox.close()

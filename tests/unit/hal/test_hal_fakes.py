@@ -133,7 +133,7 @@ def test_fake_indicator_is_silent_when_silent(pattern: Pattern) -> None:
 
 async def test_fake_modem_records_and_fails_on_request() -> None:
     modem = FakeModem(signal=17)
-    assert await modem.probe() == ModemInfo("FAKE-MODEM", True, 17)
+    assert await modem.probe() == ModemInfo("FAKE-MODEM", True, 17, "ready", True)
     assert await modem.signal_quality() == 17
     modem.fail_next(2, "rejected", cms_error=500)
     modem.fail_next(1, "timeout")

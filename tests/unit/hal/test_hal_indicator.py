@@ -200,3 +200,13 @@ async def test_fake_indicator_agrees_with_the_real_one(
         assert fake.buzzer_sounding == ever_on(out[BUZZER]), pattern
         assert fake.discreet_lit == ever_on(out[DISCREET]), pattern
     assert fake.history == [(p, silent) for p in Pattern]
+
+
+def test_every_pattern_looks_or_sounds_different() -> None:
+    looks = {p: (PATTERNS[p].colour, PATTERNS[p].led, PATTERNS[p].beep) for p in Pattern}
+    assert len(set(looks.values())) == len(looks)
+    # a single-colour LED shows only the timing: the SMS fallback's patterns must differ there
+    # from every pattern an incident can show
+    for sms in (Pattern.SMS_TRYING, Pattern.SMS_SENT):
+        others = [p for p in Pattern if p is not sms]
+        assert all(PATTERNS[sms].led != PATTERNS[p].led for p in others), sms

@@ -12,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from device.hal.fakes import PtyModem, PtyScript, ReceivedSms
-from device.hal.modem import SMS_MAX_SEPTETS, SerialModem, parse_csq, prepare_sms_text
+from device.hal.modem import (
+    SMS_MAX_SEPTETS,
+    SerialModem,
+    parse_cpin,
+    parse_creg,
+    parse_csq,
+    prepare_sms_text,
+)
 from device.hal.ports import (
     InvalidPhoneNumber,
     ModemError,
@@ -41,7 +48,7 @@ async def modem(pty: PtyModem) -> AsyncIterator[SerialModem]:
 
 async def test_probe_initialises_and_reports(pty: PtyModem, modem: SerialModem) -> None:
     info = await modem.probe()
-    assert info == ModemInfo(model="ANSIMI-PTY", ok=True, signal=21)
+    assert info == ModemInfo(model="ANSIMI-PTY", ok=True, signal=21, sim="ready", registered=True)
     assert pty.commands[:3] == ["AT", "ATE0", "AT+CMGF=1"]
 
 
@@ -50,6 +57,22 @@ async def test_probe_without_a_ready_sim_is_not_ok(pty: PtyModem, modem: SerialM
     info = await modem.probe()
     assert not info.ok
     assert info.model == "ANSIMI-PTY"
+    assert info.sim == "absent"  # +CME ERROR: 10
+
+
+@pytest.mark.parametrize(
+    ("creg", "expected"),
+    [("0,1", True), ('2,5,"00C3","0012AB"', True), ("0,2", False), ("0,3", False), ("?", None)],
+)
+def test_creg_registered_at_home_or_roaming_only(creg: str, expected: bool | None) -> None:
+    assert parse_creg(creg) == expected
+
+
+@pytest.mark.parametrize(
+    ("cpin", "expected"), [("READY", "ready"), ("SIM PIN", "pin"), ("SIM PUK2", "puk")]
+)
+def test_cpin_states(cpin: str, expected: str) -> None:
+    assert parse_cpin(cpin) == expected
 
 
 @pytest.mark.parametrize(("csq", "expected"), [("21,0", 21), ("0,99", 0), ("99,99", None)])
@@ -91,7 +114,7 @@ async def test_echo_and_unsolicited_lines_are_tolerated(script: PtyScript) -> No
     async with PtyModem(script) as pty:
         modem = SerialModem(pty.port, timeout_s=TIMEOUT_S, sms_timeout_s=TIMEOUT_S)
         try:
-            assert await modem.probe() == ModemInfo("ANSIMI-PTY", True, 21)
+            assert await modem.probe() == ModemInfo("ANSIMI-PTY", True, 21, "ready", True)
             assert await modem.send_sms(NUMBER, text) == 1
             assert await modem.signal_quality() == 21
         finally:

@@ -5,7 +5,7 @@ A plain module (not conftest) so tests can import it by a name no other test tre
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import strategies as st
@@ -23,6 +23,7 @@ from protocol import (
     Status,
     build_message,
 )
+from protocol.messages import SecondaryPath, StatusState
 
 DEVICE = "bell-0001"
 GATEWAY = "gw-seoul-1"
@@ -64,8 +65,17 @@ heartbeats = st.builds(
     link_quality=percent,
     firmware=st.text(max_size=64),
     outbox_depth=uint63,
+    secondary=st.none()
+    | st.builds(
+        SecondaryPath,
+        modem=st.booleans(),
+        sim=st.sampled_from(["ready", "pin", "puk", "absent", "error", "unknown"]),
+        registered=st.none() | st.booleans(),
+        signal=percent,
+        numbers=st.integers(0, 8),
+    ),
 )
-statuses = st.builds(Status, state=st.sampled_from(["online", "offline"]))
+statuses = st.builds(Status, state=st.sampled_from(get_args(StatusState)))
 sdps = st.text(max_size=300)
 reasons = st.none() | st.text(max_size=200)
 rtcs = st.one_of(

@@ -363,3 +363,13 @@ def test_parse_random_bytes_raises_only_malformed(payload: bytes) -> None:
 def test_parse_random_json_raises_only_malformed(value: object) -> None:
     with contextlib.suppress(Malformed):
         parse_message(json.dumps(value).encode())
+
+
+def test_a_heartbeat_without_the_secondary_path_keeps_its_exact_bytes() -> None:
+    # an agent that predates the field: valid, and serialised to exactly what it signed
+    old = build_message(
+        Heartbeat(uptime_s=1, power="mains", firmware="0.1"), device="bell-0001", seq=1, ts=1
+    )
+    payload = dump_message(old)
+    assert b"secondary" not in payload
+    assert dump_message(parse_message(payload)) == payload
