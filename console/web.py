@@ -78,7 +78,8 @@ def urgency(event: ReceivedEvent) -> int:
             return 0
         return _URGENCY.get(str(event.body.get("trigger", "")), 1)
     if event.type == "status":
-        return 3 if event.body.get("state") == "offline" else 4
+        # a device gone quiet, or its SMS backup gone: trouble to look at, not news
+        return 3 if event.body.get("state") in ("offline", "secondary_path_down") else 4
     if event.type == "heartbeat":
         return 3 if event.body.get("power") == "battery" else 4
     return 4

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ansimi.mqtt import Message as MqttMessage
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
+from gateway.secondary import SecondaryPathWatch
 from gateway.store import Device, Incoming, Store
 from gateway.supervise import Supervisor
 from protocol.envelope import Opened, open_from_device
@@ -194,6 +195,7 @@ class Intake:
         on_kept: Callable[[list[Incoming]], None] | None = None,
         supervisor: Supervisor | None = None,
         on_rtc: Callable[[str, Rtc], None] | None = None,
+        secondary: SecondaryPathWatch | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -208,6 +210,8 @@ class Intake:
         self._supervisor = supervisor
         # the video hub: rtc offers and byes, once checked and their high-water mark kept
         self._on_rtc = on_rtc
+        # judges the SMS path's health each heartbeat carries (gateway/secondary.py)
+        self._secondary = secondary
         self._queue: list[MqttMessage] = []
         self._wake = asyncio.Event()
         # at queue_max messages waiting, on_backlog(True) (the gateway stops reading from
@@ -347,6 +351,15 @@ class Intake:
                 self._supervisor.heard(item.device_id, now_ms)
         if self._supervisor is not None and came_online:
             await self._supervise(self._supervisor.came_online, came_online)
+        if self._secondary is not None:
+            beats = [
+                (k.item.device_id, k.item.body_json) for k in kept if k.item.type == "heartbeat"
+            ]
+            try:
+                await self._secondary.heartbeats(beats)
+            except Exception:
+                # like supervision: its failure (the store full, say) must not stop intake
+                log.exception("intake: secondary path supervision failed")
         if forwarded and self._on_kept is not None:
             self._on_kept(forwarded)
 

@@ -18,6 +18,7 @@ from gateway.forward import Forwarder, HttpsCentre, Transport
 from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
 from gateway.private import PrivateRoutes, Vault, open_vault
+from gateway.secondary import SecondaryPathWatch
 from gateway.store import Delivery, SqliteStore, Store
 from gateway.supervise import Supervisor
 from protocol.jws import Signer
@@ -100,6 +101,13 @@ class Gateway:
             tick_s=config.supervise.tick_s,
             on_event=self.forwarder.wake,
         )
+        self.secondary = SecondaryPathWatch(
+            self.store,
+            self.downlink,
+            self.metrics,
+            route_of=self._route_of,
+            on_event=self.forwarder.wake,
+        )
         # the video hub only when video is on: aiortc and PyAV are imported only then
         self.video: VideoHub | None = None
         if config.video.enabled:
@@ -119,6 +127,7 @@ class Gateway:
             on_backlog=self._on_backlog,
             on_kept=lambda _items: self.forwarder.wake(),
             supervisor=self.supervisor,
+            secondary=self.secondary,
             on_rtc=self.video.on_rtc if self.video is not None else None,
         )
         self.api = Api(
@@ -185,6 +194,7 @@ class Gateway:
                 tasks.create_task(self.intake.run(), name="intake")
                 tasks.create_task(self.forwarder.run(), name="forward")
                 self.supervisor.load(self.store.devices(), time.time_ns() // 1_000_000)
+                self.secondary.load_from(self.store)
                 tasks.create_task(self.supervisor.run(), name="supervise")
                 if self.config.intake.registry_reload_s > 0:
                     reload_s = self.config.intake.registry_reload_s

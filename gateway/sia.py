@@ -73,6 +73,13 @@ ALERT_EVENTS: Final[dict[str, SiaEvent]] = {
 CANCEL_EVENT: Final = SiaEvent("OC", "E", 406)  # cancel by user
 OFFLINE_EVENT: Final = SiaEvent("YC", "E", 350)  # communication trouble
 ONLINE_EVENT: Final = SiaEvent("YK", "R", 350)  # communication restored
+# the backup path (SMS) of a device, as a panel reports its second line (gateway/secondary.py)
+STATUS_EVENTS: Final[dict[str, SiaEvent]] = {
+    "offline": OFFLINE_EVENT,
+    "online": ONLINE_EVENT,
+    "secondary_path_down": SiaEvent("LT", "E", 352),  # line trouble; telco 2 fault
+    "secondary_path_up": SiaEvent("LR", "R", 352),  # line restoral
+}
 
 
 def sia_event(type_: str, body: dict[str, object]) -> SiaEvent | None:
@@ -82,7 +89,7 @@ def sia_event(type_: str, body: dict[str, object]) -> SiaEvent | None:
     if type_ == "cancel":
         return CANCEL_EVENT
     if type_ == "status":
-        return OFFLINE_EVENT if body.get("state") == "offline" else ONLINE_EVENT
+        return STATUS_EVENTS.get(str(body.get("state")))
     if type_ == "heartbeat":  # kept only when the power source changed
         return ALERT_EVENTS["power_loss" if body.get("power") == "battery" else "power_restored"]
     return None

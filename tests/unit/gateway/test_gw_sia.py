@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from pydantic import ValidationError
@@ -20,6 +20,7 @@ from gateway.sia import (
     sia_event,
     timestamp,
 )
+from protocol.messages import StatusState
 
 AT_MS = 1_764_000_000_000  # 2025-11-24 16:00:00 UTC
 KEY = b"0123456789ABCDEF"
@@ -94,6 +95,13 @@ def test_every_alert_trigger_and_the_other_events_have_a_code() -> None:
     battery = sia_event("heartbeat", {"power": "battery"})
     assert battery is not None and battery.sia_code == "AT"
     assert sia_event("rtc", {}) is None
+
+
+def test_every_status_state_has_its_own_sia_event() -> None:
+    events = [sia_event("status", {"state": state}) for state in get_args(StatusState)]
+    assert None not in events and len(set(events)) == len(events)
+    down = sia_event("status", {"state": "secondary_path_down"})
+    assert down is not None and (down.sia_code, down.qualifier) == ("LT", "E")
 
 
 def _answer(body: str) -> bytes:
