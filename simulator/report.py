@@ -109,13 +109,20 @@ def summarise(o: Observed) -> dict[str, Any]:
             "events_delivered_twice_or_more": dup_events,
             "resends": o.resends,
             "left_in_device_outboxes": sum(o.outbox_left.values()),
+            "sms_sent": o.sms_sent,
         },
         "latency_s": {
             "press_to_received": distribution(stage("received")),
             "press_to_delivered": distribution(delivered.values()),
             "press_to_delivered_ack": distribution(stage("delivered")),
             "press_to_acknowledged": distribution(stage("acknowledged")),
+            "press_to_sms": distribution(o.sms[r.id] - r.sent_at for r in records if r.id in o.sms),
+            "press_to_link_dead": distribution(
+                dead - pressed for _, pressed, dead in o.link_dead if dead is not None
+            ),
         },
+        # presses on a black-holed link whose agent never found it dead before it healed
+        "dead_links_not_found": sum(1 for _, _, dead in o.link_dead if dead is None),
         "reconnect_after_broker_restart_s": [round(x, 3) for x in o.reconnect_s],
         "offline_detection_s": distribution(offline.values()),
         "offline_detected": f"{len(offline)}/{sum(len(p[2]) for p in o.partitions)}",
@@ -210,6 +217,16 @@ def verdict(summary: dict[str, Any], s: Any) -> list[str]:
     over("press to delivered max", lat["press_to_delivered"]["max"], t.delivered_max_s)
     over("press to acknowledged p95", lat["press_to_acknowledged"]["p95"], t.acknowledged_p95_s)
     over("alert to video p95", summary["video"]["alert_to_connected_s"]["p95"], t.video_p95_s)
+    over("press to SMS p95", lat["press_to_sms"]["p95"], t.press_to_sms_p95_s)
+    if t.press_to_sms_p95_s is not None and not lat["press_to_sms"]["count"]:
+        fails.append("no SMS was sent: the press-to-SMS threshold measured nothing")
+    over("press to link dead p95", lat["press_to_link_dead"]["p95"], t.press_to_link_dead_p95_s)
+    if t.press_to_link_dead_p95_s is not None:
+        missed = summary["dead_links_not_found"]
+        if missed:
+            fails.append(f"{missed} presses on a black-holed link never found it dead")
+        elif not lat["press_to_link_dead"]["count"]:
+            fails.append("no press landed on a black-holed link: nothing measured")
     if t.video_p95_s is not None and summary["video"]["connected"] < summary["video"]["offered"]:
         v = summary["video"]
         fails.append(
@@ -399,7 +416,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2rem .5re
 <p>Video: {e(json.dumps(summary["video"]))}</p>
 <p>Reconnect after broker restart: {summary["reconnect_after_broker_restart_s"]} s.
 Offline detection: {e(json.dumps(summary["offline_detection_s"]))}
-({summary["offline_detected"]} partitioned devices reported offline).</p>
+({summary["offline_detected"]} partitioned devices reported offline).
+Presses on a black-holed link never found dead: {summary["dead_links_not_found"]}.</p>
 <h2>Districts (EN 50136 terms)</h2>
 <table><tr><th>district</th><th>devices</th><th>alerts</th><th>mean s</th><th>p95 s</th>
 <th>max s</th><th>lost</th><th>availability</th></tr>{district_rows}</table>

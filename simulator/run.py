@@ -110,6 +110,10 @@ class Observed:
     not_ready: int = 0  # agents that never became ready (connected and subscribed)
     # doorbell streams: [session, device, offered at, connected at, emergency sent at]
     video: list[list[Any]] = field(default_factory=list)
+    sms: dict[str, float] = field(default_factory=dict)  # alert id -> its SMS went out
+    sms_sent: int = 0  # every SMS the fake modems sent
+    # presses on a cut link: (device, pressed at, link declared dead at or None if never)
+    link_dead: list[tuple[str, float, float | None]] = field(default_factory=list)
 
 
 class _WorkerProc:
@@ -430,6 +434,7 @@ districts = ["*"]
                 o.rejected_downlink += int(proc.result["rejected"])
                 o.video += proc.result.get("video", [])
                 o.not_ready += int(proc.result.get("not_ready", 0))
+                o.sms_sent += int(proc.result.get("sms_sent", 0))
         o.heartbeats = sum(w.heartbeats for w in self.workers)
         o.resends = sum(w.resends for w in self.workers)
         o.actions = sum(w.actions for w in self.workers)
@@ -482,6 +487,9 @@ districts = ["*"]
                         record = records.get(ref)
                         if record is not None and stage not in record.acks:
                             record.acks[stage] = at
+                    for ref, _device, at in line.get("sms", []):
+                        self.observed.sms.setdefault(ref, at)
+                    self.observed.link_dead += [tuple(x) for x in line.get("link_dead", [])]
                 elif kind == "result":
                     proc.result = line
         finally:

@@ -63,6 +63,8 @@ class DeviceSettings(_Model):
     hold_repeat_s: Annotated[float, Field(gt=0)] = 0.25
     # connections opened per second at start-up, so mosquitto is not hit by all at once
     connect_rate: Annotated[float, Field(gt=0)] = 500.0
+    # an alert the gateway has not received this long after the press goes out by SMS
+    sms_after_s: Annotated[float, Field(gt=0)] = 15.0
 
 
 class GatewaySettings(_Model):
@@ -207,6 +209,11 @@ class Thresholds(_Model):
     max_offline_reports: Annotated[int, Field(ge=0)] | None = None
     # fraction of device-time connected, per district
     min_availability: Fraction | None = None
+    # press to the SMS fallback's message leaving the (fake) modem
+    press_to_sms_p95_s: Seconds | None = None
+    # press on a black-holed link to the agent declaring that link dead; a press whose
+    # link was never found dead before it healed fails the run when this is set
+    press_to_link_dead_p95_s: Seconds | None = None
 
 
 class Scenario(_Model):

@@ -6,9 +6,12 @@ the agents are connected, `progress` four times a second with what was sent and 
 since the last line, `result` at the end). No thread per device: agents are tasks, and
 their MQTT sessions share the loop's socket callbacks (`ansimi.mqtt`).
 
-Two hooks watch each agent without changing it: `agent.link.send` (what left the device,
-when) and `agent.behaviour.on_ack` (which verified acks it saw, when). Times are wall
-clock, so the parent can compare them with the centre's arrival times.
+Hooks watch each agent without changing it: `agent.link.send` (what left the device,
+when), `agent.behaviour.on_ack` (which verified acks it saw, when), `agent.behaviour.on_sms`
+(when the SMS fallback got an alert out) and `agent.behaviour.on_link` (when the agent saw
+its link go down: for a press on a black-holed link, press -> link declared dead). Times
+are wall clock, so the parent can compare them with the centre's arrival times. Every
+agent has a fake modem (recording each SMS with its time) and one SMS number.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from device.agent import Agent
+from device.behaviour import SmsProgress
 from device.config import (
     BehaviourSection,
     DeviceConfig,
@@ -34,9 +38,10 @@ from device.config import (
     GatewaySection,
     MqttSection,
     OutboxSection,
+    SmsSection,
 )
 from device.hal import Hardware
-from device.hal.fakes import FakeIndicator, FakeInputs
+from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
 from device.outbox import Outbox
 from device.video.config import VideoConfig
 from protocol.jws import Signer
@@ -59,6 +64,7 @@ class Watched:
     agent: Agent
     inputs: FakeInputs
     district: str
+    modem: FakeModem
     connected_samples: int = 0
 
 
@@ -75,6 +81,10 @@ class Tally:
     # video sessions: [session id, device, offered at, connected at or None]
     video: list[list[Any]] = field(default_factory=list)
     last_emergency: dict[str, float] = field(default_factory=dict)
+    sms: list[list[Any]] = field(default_factory=list)  # [alert id, device, t]
+    # a press while the link was cut and the agent still believed it up:
+    # [device, pressed at, link declared dead at (None: healed before the agent noticed)]
+    link_dead: list[list[Any]] = field(default_factory=list)
     actions: int = 0
     errors: int = 0
 
@@ -91,16 +101,26 @@ class Worker:
         # devices whose network the simulator has cut: "connected" as they may believe they
         # are (a black hole is noticed only at the next keepalive), their path is not there
         self.cut: set[str] = set()
+        # cut devices pressed while their agent believed the link up: device -> press time
+        self.pressed_on_cut: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._actions: set[asyncio.Task[None]] = set()
         gateway_key = public_key_from_b64(spec["gateway_public_key"])
         proxied = set(spec["proxied"])
-        for device_id, kind, district in spec["devices"]:
+        for n, (device_id, kind, district) in enumerate(spec["devices"]):
             port = spec["proxy_port"] if device_id in proxied else spec["broker_port"]
-            self.watched[device_id] = self._make(device_id, kind, district, port, gateway_key)
+            self.watched[device_id] = self._make(
+                device_id, kind, district, port, gateway_key, f"+8210{n:08d}"
+            )
 
     def _make(
-        self, device_id: str, kind: str, district: str, port: int, gateway_key: Any
+        self,
+        device_id: str,
+        kind: str,
+        district: str,
+        port: int,
+        gateway_key: Any,
+        sms_number: str,
     ) -> Watched:
         s = self.settings
         state_dir = Path(self.spec["state_dir"]) / device_id
@@ -131,6 +151,8 @@ class Worker:
                     cancel_hold_s=s["cancel_hold_s"],
                     duress_hold_s=s["duress_hold_s"],
                 ),
+                # a made-up number per agent: the fake modem only records it
+                "sms": SmsSection(after_s=s["sms_after_s"], numbers=[sms_number]),
             }
         )
         inputs = FakeInputs(s["hold_repeat_s"])
@@ -140,18 +162,19 @@ class Worker:
             from device.hal.camera import SyntheticCamera
 
             camera = SyntheticCamera(video["width"], video["height"], video["fps"])
+        modem = FakeModem(port=f"fake-{device_id}")
         seed = int.from_bytes(hashlib.sha256(f"{self.spec['seed']}:{device_id}".encode()).digest())
         agent = Agent(
             config,
             signer=Signer(device_id, device_key(self.spec["run_secret"], device_id)),
             gateway_key=gateway_key,
-            hardware=Hardware(inputs, FakeIndicator(), camera, None),
+            hardware=Hardware(inputs, FakeIndicator(), camera, modem),
             outbox=self._outbox(state_dir),
             clock_ms=self._clock_for(device_id),
             rng=random.Random(seed),
         )
         self._hook(agent)
-        return Watched(agent, inputs, district)
+        return Watched(agent, inputs, district, modem)
 
     def _outbox(self, state_dir: Path) -> Outbox:
         if self.spec.get("outbox_in_memory"):
@@ -169,6 +192,9 @@ class Worker:
         device_id = agent.device_id
         send = agent.link.send
         on_ack = agent.behaviour.on_ack
+        on_sms = agent.behaviour.on_sms
+        on_link = agent.behaviour.on_link
+        pressed_on_cut = self.pressed_on_cut
 
         # passes everything through as it came: the link's signature may grow (it did: retain)
         def watched_send(body: Body, *args: Any, **kwargs: Any) -> asyncio.Future[None]:
@@ -183,6 +209,9 @@ class Worker:
                     tally.sent.append([message_id, device_id, kind, trigger, time.time()])
                     if trigger in EMERGENCY_TRIGGERS:
                         tally.last_emergency[device_id] = time.time()
+                    if device_id in self.cut and agent.link.connected:
+                        # a press on a dead link the agent has not noticed yet
+                        pressed_on_cut.setdefault(device_id, time.time())
             elif isinstance(body, Heartbeat):
                 tally.heartbeats += 1
                 tally.heartbeats_by_device[device_id] = (
@@ -194,8 +223,30 @@ class Worker:
             tally.acks.append([ack.ref, ack.stage, time.time()])
             return on_ack(ack)
 
+        def watched_sms(message_id: str, progress: SmsProgress) -> Any:
+            if progress == "sent":
+                tally.sms.append([message_id, device_id, time.time()])
+            return on_sms(message_id, progress)
+
+        # The agent's own view of its link going down. The MQTT session's "link declared
+        # dead" moment (its PUBACK probe) is the same instant: the session drops the socket
+        # and the agent hears the disconnect.
+        def watched_link(up: bool) -> Any:
+            if not up and (pressed := pressed_on_cut.pop(device_id, None)) is not None:
+                tally.link_dead.append([device_id, pressed, time.time()])
+            return on_link(up)
+
         agent.link.send = watched_send  # type: ignore[method-assign]
         agent.behaviour.on_ack = watched_ack  # type: ignore[method-assign]
+        agent.behaviour.on_sms = watched_sms  # type: ignore[method-assign]
+        agent.behaviour.on_link = watched_link  # type: ignore[method-assign]
+
+    def heal(self, device_ids: list[str]) -> None:
+        """The link works again: a press the agent never found dead is counted as such."""
+        self.cut -= set(device_ids)
+        for device_id in device_ids:
+            if (pressed := self.pressed_on_cut.pop(device_id, None)) is not None:
+                self.tally.link_dead.append([device_id, pressed, None])
 
     # ---- running --------------------------------------------------------------------------
 
@@ -316,8 +367,10 @@ class Worker:
             "resends": t.resends,
             "heartbeats": t.heartbeats,
             "errors": t.errors,
+            "sms": t.sms,
+            "link_dead": t.link_dead,
         }
-        t.sent, t.acks = [], []
+        t.sent, t.acks, t.sms, t.link_dead = [], [], [], []
         return line
 
     def result(self) -> dict[str, Any]:
@@ -336,6 +389,7 @@ class Worker:
             # an agent whose link never finished its after-connect step (a broken hook, say)
             "not_ready": sum(1 for w in self.watched.values() if not w.agent.ready.is_set()),
             "rejected": sum(sum(w.agent.link.rejected.values()) for w in self.watched.values()),
+            "sms_sent": sum(len(w.modem.sent) for w in self.watched.values()),
         }
 
     async def stop(self) -> None:
@@ -390,7 +444,7 @@ async def main(spec_path: Path) -> None:
             elif line[0] == "cut":
                 worker.cut |= set(line[1:])
             elif line[0] == "heal":
-                worker.cut -= set(line[1:])
+                worker.heal(line[1:])
             elif line[0] == "stop":
                 break
         worker.sampling = False

@@ -62,3 +62,34 @@ def test_a_gateway_that_died_by_itself_or_a_dead_worker_fails_the_run(tmp_path: 
     failures = summarise(o)["failures"]
     assert "the gateway exited by itself (code 1): see state/gateway.log" in failures
     assert "1 worker processes died: see state/worker-*.log" in failures
+
+
+def test_sms_and_dead_link_figures_are_measured_from_the_press(tmp_path: Path) -> None:
+    o = observed(
+        tmp_path, Thresholds(max_lost=1, press_to_sms_p95_s=15, press_to_link_dead_p95_s=6)
+    )
+    sent_at = o.records["msg-00000"].sent_at
+    o.sms = {"msg-00000": sent_at + 16.0, "someone-elses": sent_at}  # only our alerts count
+    o.sms_sent = 1
+    device = o.plan.devices[0].id
+    o.link_dead = [(device, 100.0, 104.5), (device, 200.0, None)]
+    summary = summarise(o)
+    assert summary["alerts"]["sms_sent"] == 1
+    lat = summary["latency_s"]
+    assert (lat["press_to_sms"]["count"], lat["press_to_sms"]["p95"]) == (1, 16.0)
+    assert (lat["press_to_link_dead"]["count"], lat["press_to_link_dead"]["max"]) == (1, 4.5)
+    assert summary["dead_links_not_found"] == 1
+    assert summary["failures"] == [
+        "press to SMS p95 16.000 s is over the threshold 15 s",
+        "1 presses on a black-holed link never found it dead",
+    ]
+
+
+def test_sms_and_dead_link_thresholds_fail_when_nothing_was_measured(tmp_path: Path) -> None:
+    o = observed(
+        tmp_path, Thresholds(max_lost=1, press_to_sms_p95_s=15, press_to_link_dead_p95_s=6)
+    )
+    assert summarise(o)["failures"] == [
+        "no SMS was sent: the press-to-SMS threshold measured nothing",
+        "no press landed on a black-holed link: nothing measured",
+    ]
