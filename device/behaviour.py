@@ -44,7 +44,8 @@ the state. The link (up or down) is tracked beside the incident, not inside it.
   power_loss, power_restored) outside the incident, shown on nothing.
 - **SMS fallback** (`device/sms.py`): when an alert of the incident goes out by SMS, the
   incident shows "trying SMS" and then "sent by SMS" instead of `sending` / `received`,
-  until the centre has it (`delivered` and beyond show as usual). An SMS for anything
+  until the centre has it (`delivered` and beyond show as usual); if no SMS could be sent,
+  it shows `sending` / `received` again. An SMS for anything
   outside the incident (a duress alert, which must look like a cancel) shows nothing.
 - **Silent mode** (store bells by default): alerts say `silent`, and every pattern is shown
   with `silent=True`, which the indicator turns into no sound and no light.
@@ -77,9 +78,9 @@ BELL_OF: Final[Mapping[DeviceKind, Bell]] = {
 }
 
 
-# What the SMS fallback reports for one alert, in the order it happens.
-SmsProgress = Literal["trying", "sent"]
-SMS_PROGRESS: Final[tuple[SmsProgress, ...]] = ("trying", "sent")
+# What the SMS fallback reports for one alert: "trying", then "sent" (a number has it) or
+# "failed" (every number failed every try; the alert still goes by MQTT).
+SmsProgress = Literal["trying", "sent", "failed"]
 
 
 class State(enum.StrEnum):
@@ -135,7 +136,8 @@ PATTERN_OF: Final[Mapping[State, Pattern]] = {
     State.ACKNOWLEDGED: Pattern.ACKNOWLEDGED,
     State.DISPATCHED: Pattern.DISPATCHED,
 }
-SMS_PATTERN_OF: Final[Mapping[SmsProgress, Pattern]] = {
+# "failed" has none: the incident's own pattern tells the truth again
+SMS_PATTERN_OF: Final[Mapping[SmsProgress | None, Pattern]] = {
     "trying": Pattern.SMS_TRYING,
     "sent": Pattern.SMS_SENT,
 }
@@ -369,10 +371,8 @@ class Behaviour:
         incident = self.incident
         if incident is None or message_id not in incident.message_ids:
             return []  # e.g. a duress alert: it must keep looking like a cancel
-        if incident.sms is not None and (
-            SMS_PROGRESS.index(progress) <= SMS_PROGRESS.index(incident.sms)
-        ):
-            return []  # progress only moves forward
+        if progress == incident.sms or incident.sms in ("sent", "failed"):
+            return []  # progress only moves forward, and "sent" or "failed" is the last word
         incident.sms = progress
         if self.state not in NOT_DELIVERED:
             return []  # the centre has it already: that is the truth worth showing
@@ -431,7 +431,7 @@ class Behaviour:
 
     def _show_state(self) -> Show:
         incident = self.incident
-        if incident is not None and incident.sms is not None and self.state in NOT_DELIVERED:
+        if incident is not None and incident.sms in SMS_PATTERN_OF and self.state in NOT_DELIVERED:
             return Show(SMS_PATTERN_OF[incident.sms])
         return Show(PATTERN_OF[self.state])
 

@@ -182,6 +182,8 @@ class SmsFallback:
             i in done or self._tries.get((entry.id, i), 0) >= MAX_TRIES for i in range(total)
         )
         if finished:
+            if not done:
+                self._progress(entry.id, "failed")
             # never again, even after a restart (if the outbox still holds it)
             self._outbox.sms_done(entry.id)
             self._undelivered.pop(entry.id, None)

@@ -318,3 +318,12 @@ def test_sms_for_a_duress_alert_keeps_looking_like_a_cancel() -> None:
     (duress,) = [s for s in sends(effects) if s.sms]
     assert b.on_sms(duress.message_id, "trying") == []
     assert b.on_sms(duress.message_id, "sent") == []
+
+
+def test_an_sms_that_could_not_be_sent_gives_the_incident_its_own_pattern_back() -> None:
+    b = machine()
+    (sent,) = sends(press(b))
+    b.on_sms(sent.message_id, "trying")
+    assert shows(b.on_sms(sent.message_id, "failed")) == [Pattern.SENDING]
+    assert b.on_sms(sent.message_id, "sent") == []  # "failed" is the last word
+    assert shows(ack(b, sent.message_id, "received")) == [Pattern.RECEIVED]

@@ -258,6 +258,17 @@ async def test_progress_is_told_once_per_step_and_only_for_what_went_out(
     assert len(progress) == 2
 
 
+async def test_progress_says_failed_when_every_number_failed_every_try(outbox: Outbox) -> None:
+    clock, modem = Clock(), FakeModem()
+    progress: list[tuple[str, SmsProgress]] = []
+    sms = fallback(outbox, modem, clock, progress=progress)
+    clock.now = T0 + AFTER_MS
+    modem.fail_next(MAX_TRIES * len(NUMBERS))
+    for _ in range(MAX_TRIES + 1):
+        await sms.check()
+    assert progress == [("alert-000001", "trying"), ("alert-000001", "failed")]
+
+
 async def test_health_reports_modem_sim_registration_signal_and_numbers(outbox: Outbox) -> None:
     clock = Clock()
     modem = FakeModem(signal=31, registered=False)
