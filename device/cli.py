@@ -272,6 +272,10 @@ async def _check_camera(camera: Camera | None) -> tuple[Outcome, str]:
     return "pass", f"{camera.name}: one {frame.width}x{frame.height} frame"
 
 
+# the modem works, but nobody would get an SMS: said beside the pass, with the fix
+NO_NUMBERS_HINT = "; no SMS numbers configured: set them with `ansimi device set-sms-numbers`"
+
+
 async def _check_modem(modem: Modem | None, config: DeviceConfig) -> tuple[Outcome, str]:
     if modem is None:
         wanted = config.sms.numbers or config.sms.numbers_sealed
@@ -280,8 +284,11 @@ async def _check_modem(modem: Modem | None, config: DeviceConfig) -> tuple[Outco
     info = await modem.probe()
     signal_text = "unknown" if info.signal is None else f"{info.signal}/31"
     if not info.ok:
-        return "fail", f"{info.model} answers but cannot send SMS (SIM not ready?)"
-    return "pass", f"{info.model}, signal {signal_text}"
+        return "fail", f"{info.model} answers but cannot send SMS (SIM {info.sim})"
+    if info.registered is False:
+        return "fail", f"{info.model}: SIM ready but not registered on a network (AT+CREG?)"
+    numbers = "" if config.sms.numbers or config.sms.numbers_sealed else NO_NUMBERS_HINT
+    return "pass", f"{info.model}, signal {signal_text}{numbers}"
 
 
 async def _check_broker(config: DeviceConfig) -> tuple[Outcome, str]:

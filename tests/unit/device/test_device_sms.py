@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from device.behaviour import SmsProgress
+from device.cli import _check_modem
 from device.config import DeviceConfig
 from device.hal.fakes import FakeModem, PtyModem
 from device.hal.modem import SerialModem
@@ -312,3 +313,14 @@ async def test_no_numbers_is_said_at_start_with_the_fix_and_in_the_health(
     assert "no SMS numbers configured" in caplog.text
     assert "ansimi device set-sms-numbers" in caplog.text
     assert (await sms.health()).faults == ("no_numbers",)
+
+
+async def test_selftest_says_when_the_modem_works_but_nobody_would_get_an_sms() -> None:
+    no_numbers = DeviceConfig()
+    outcome, text = await _check_modem(FakeModem(), no_numbers)
+    assert outcome == "pass" and "ansimi device set-sms-numbers" in text
+    with_numbers = DeviceConfig.model_validate({"sms": {"numbers": NUMBERS}})
+    outcome, text = await _check_modem(FakeModem(), with_numbers)
+    assert outcome == "pass" and "set-sms-numbers" not in text
+    outcome, text = await _check_modem(FakeModem(registered=False), with_numbers)
+    assert outcome == "fail" and "not registered" in text
