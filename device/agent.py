@@ -26,7 +26,7 @@ from device.hal import Hardware
 from device.hal.ports import HalError, InputEvent, Pattern
 from device.link import Link
 from device.outbox import Entry, Outbox
-from device.sms import SmsFallback
+from device.sms import UNDELIVERED_FILE, SmsFallback
 from protocol.jws import Signer
 from protocol.messages import (
     AckMessage,
@@ -88,6 +88,7 @@ class Agent:
             self.outbox,
             clock_ms=self._clock_ms,
             on_progress=self._on_sms,
+            undelivered_path=config.device.state_dir / UNDELIVERED_FILE,
         )
         # live video: doorbells with a camera only (aiortc and PyAV are imported only then)
         self.video: VideoManager | None = None

@@ -13,8 +13,11 @@ id, the alert id (so whoever gets both the SMS and the MQTT alert can tell they 
 press), its kind and its time: never an address. The alert stays in the outbox and still
 goes through MQTT, so the centre sees it either way.
 
-Being "received" removes the alert from the outbox; this module keeps the few alerts that
-wait for `delivered` in memory (a restart forgets them: the outbox no longer holds them).
+Being "received" removes the alert from the outbox, so the few alerts that wait for
+`delivered` are kept beside it, in a small file of their own (`UNDELIVERED_FILE` in the
+state dir): an agent restarted in those 30 s (a crash, the watchdog, a power cut) still
+sends the SMS the person needs. Written whole and renamed into place; fsynced when an
+alert is added (what must survive), not when one leaves (at worst, one SMS too many).
 
 Phone numbers are personal data: logs say "number 2 of 3", never the number itself.
 """
@@ -23,8 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
 from device.behaviour import SmsProgress
@@ -41,6 +47,10 @@ CHECK_EVERY_S: Final = 1.0
 # The modem may be busy with an SMS; a health probe does not wait for it longer than this.
 PROBE_TIMEOUT_S: Final = 2.0
 SET_NUMBERS_FIX: Final = "set them with `ansimi device set-sms-numbers`"
+# In the state dir, beside the outbox: alerts received but not yet delivered (see above).
+UNDELIVERED_FILE: Final = "sms-undelivered.json"
+# sms_due's cut-off meaning "whenever it was pressed" (a clock set back must not hide one)
+ANY_TIME_MS: Final = 2**63 - 1
 
 _KIND: Final = {"emergency": "EMERGENCY", "doorbell": "DOORBELL EMERGENCY", "store": "ROBBERY"}
 
@@ -68,7 +78,10 @@ class SmsFallback:
         *,
         clock_ms: Callable[[], int],
         on_progress: Callable[[str, SmsProgress], None] | None = None,
+        undelivered_path: Path | None = None,
     ) -> None:
+        """`undelivered_path`: where the alerts waiting for `delivered` survive a restart
+        (None: memory only, for tests that do not restart)."""
         self._device_id = config.device.id
         self._after_ms = int(config.sms.after_s * 1000)
         self._undelivered_after_ms = int(config.sms.undelivered_after_s * 1000)
@@ -79,7 +92,8 @@ class SmsFallback:
         # told when an alert's SMS starts ("trying") and when one number has it ("sent")
         self._on_progress = on_progress
         # received by the gateway, not yet delivered to a centre: alert id -> its entry
-        self._undelivered: dict[str, Entry] = {}
+        self._undelivered_path = undelivered_path
+        self._undelivered: dict[str, Entry] = self._load_undelivered()
         # per alert: the numbers (by index) that have their SMS, and tries per number
         self._done: dict[str, set[int]] = {}
         self._tries: dict[tuple[str, int], int] = {}
@@ -115,14 +129,56 @@ class SmsFallback:
             if not self.enabled or ack.ref in self._undelivered:
                 return
             # still marked "SMS wanted, not done" in the outbox: wait for `delivered`
-            for entry in self._outbox.sms_due(self._clock_ms()):
+            for entry in self._outbox.sms_due(ANY_TIME_MS):
                 if entry.id == ack.ref:
                     self._undelivered[entry.id] = entry
+                    self._save_undelivered(durable=True)
                     return
             return
         # delivered, or further still (acks may skip stages): a centre has it
         if self._undelivered.pop(ack.ref, None) is not None:
+            self._save_undelivered(durable=False)
             self._forget(ack.ref)
+
+    def _load_undelivered(self) -> dict[str, Entry]:
+        path = self._undelivered_path
+        if path is None or not path.exists():
+            return {}
+        try:
+            rows = json.loads(path.read_text())
+            entries = [Entry(i, t, body, int(created), 0, 0) for i, t, body, created in rows]
+        except (OSError, ValueError, TypeError) as exc:
+            # a torn or foreign file must not stop the agent: MQTT still carries the alerts
+            log.error("SMS fallback: cannot read %s, its alerts get no SMS: %s", path, exc)
+            return {}
+        return {entry.id: entry for entry in entries}
+
+    def _save_undelivered(self, *, durable: bool) -> None:
+        path = self._undelivered_path
+        if path is None:
+            return
+        rows = [[e.id, e.type, e.body_json, e.created_ms] for e in self._undelivered.values()]
+        try:
+            if not rows:
+                path.unlink(missing_ok=True)
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(path.name + ".new")
+            with temporary.open("w") as file:
+                json.dump(rows, file)
+                if durable:
+                    file.flush()
+                    os.fsync(file.fileno())
+            temporary.replace(path)
+            if durable:  # the rename itself must survive a power cut too
+                directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+        except OSError as exc:
+            # memory still holds them: only a restart in the next seconds would forget them
+            log.error("SMS fallback: cannot keep undelivered alerts in %s: %s", path, exc)
 
     # ---- sending --------------------------------------------------------------------------
 
@@ -186,7 +242,8 @@ class SmsFallback:
                 self._progress(entry.id, "failed")
             # never again, even after a restart (if the outbox still holds it)
             self._outbox.sms_done(entry.id)
-            self._undelivered.pop(entry.id, None)
+            if self._undelivered.pop(entry.id, None) is not None:
+                self._save_undelivered(durable=False)
             self._forget(entry.id)
 
     def _forget(self, alert_id: str) -> None:

@@ -15,7 +15,7 @@ from device.hal.fakes import FakeModem, PtyModem
 from device.hal.modem import SerialModem
 from device.hal.ports import Modem
 from device.outbox import Outbox
-from device.sms import MAX_TRIES, SmsFallback
+from device.sms import MAX_TRIES, UNDELIVERED_FILE, SmsFallback
 from protocol.messages import Ack, AckStage, Alert
 
 NUMBERS = ["+820000000001", "+820000000002"]
@@ -65,6 +65,7 @@ def fallback(
     *,
     numbers: list[str] = NUMBERS,
     progress: list[tuple[str, SmsProgress]] | None = None,
+    undelivered_path: Path | None = None,
 ) -> SmsFallback:
     config = DeviceConfig.model_validate(
         {
@@ -77,7 +78,14 @@ def fallback(
         }
     )
     on_progress = None if progress is None else lambda i, p: progress.append((i, p))
-    return SmsFallback(config, modem, outbox, clock_ms=clock, on_progress=on_progress)
+    return SmsFallback(
+        config,
+        modem,
+        outbox,
+        clock_ms=clock,
+        on_progress=on_progress,
+        undelivered_path=undelivered_path,
+    )
 
 
 def acked(sms: SmsFallback, outbox: Outbox, ref: str, stage: AckStage) -> None:
@@ -225,6 +233,51 @@ async def test_an_alert_goes_by_sms_once_whichever_rule_comes_first(outbox: Outb
     acked(sms, outbox, "alert-000001", "received")  # the link came back
     clock.now = T0 + 3 * UNDELIVERED_MS  # and the centre still has not got it
     await sms.check()
+    assert len(modem.sent) == 2
+
+
+async def test_an_alert_waiting_for_delivered_still_gets_its_sms_after_a_restart(
+    outbox: Outbox, tmp_path: Path
+) -> None:
+    # the outbox forgot the alert at `received`: only the fallback's own file still has it
+    clock, modem, path = Clock(), FakeModem(), tmp_path / UNDELIVERED_FILE
+    sms = fallback(outbox, modem, clock, undelivered_path=path)
+    clock.now = T0 + 2_000
+    acked(sms, outbox, "alert-000001", "received")
+    assert outbox.sms_due(clock.now) == []
+    clock.now = T0 + UNDELIVERED_MS  # the agent restarted meanwhile: a fresh fallback
+    await fallback(outbox, modem, clock, undelivered_path=path).check()
+    assert [m.number for m in modem.sent] == NUMBERS
+    assert "alert-000001" in modem.sent[0].text
+    clock.now += 60_000  # and restarted again: once per alert still
+    await fallback(outbox, modem, clock, undelivered_path=path).check()
+    assert len(modem.sent) == 2
+
+
+async def test_an_alert_delivered_before_a_restart_gets_no_sms_after_it(
+    outbox: Outbox, tmp_path: Path
+) -> None:
+    clock, modem, path = Clock(), FakeModem(), tmp_path / UNDELIVERED_FILE
+    sms = fallback(outbox, modem, clock, undelivered_path=path)
+    clock.now = T0 + 2_000
+    acked(sms, outbox, "alert-000001", "received")
+    acked(sms, outbox, "alert-000001", "delivered")
+    clock.now = T0 + 10 * UNDELIVERED_MS
+    await fallback(outbox, modem, clock, undelivered_path=path).check()
+    assert modem.sent == []
+
+
+async def test_a_torn_undelivered_file_is_said_and_the_agent_carries_on(
+    outbox: Outbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / UNDELIVERED_FILE
+    path.write_text('[["alert-000001", "al')  # a power cut mid-write of an older agent
+    clock, modem = Clock(), FakeModem()
+    with caplog.at_level(logging.ERROR):
+        sms = fallback(outbox, modem, clock, undelivered_path=path)
+    assert str(path) in caplog.text
+    clock.now = T0 + AFTER_MS
+    await sms.check()  # the outbox's alert still goes by SMS
     assert len(modem.sent) == 2
 
 
