@@ -46,7 +46,8 @@ the state. The link (up or down) is tracked beside the incident, not inside it.
   incident shows "trying SMS" and then "sent by SMS" instead of `sending` / `received`,
   until the centre has it (`delivered` and beyond show as usual); if no SMS could be sent,
   it shows `sending` / `received` again. An SMS for anything
-  outside the incident (a duress alert, which must look like a cancel) shows nothing.
+  outside the incident (a duress alert, which must look like a cancel) shows nothing, and
+  in silent mode no SMS shows anything: the incident's own pattern stays.
 - **Silent mode** (store bells by default): alerts say `silent`, and every pattern is shown
   with `silent=True`, which the indicator turns into no sound and no light.
 
@@ -374,6 +375,8 @@ class Behaviour:
         if progress == incident.sms or incident.sms in ("sent", "failed"):
             return []  # progress only moves forward, and "sent" or "failed" is the last word
         incident.sms = progress
+        if self.silent:
+            return []  # silent mode shows nothing of the second path (see _show_state)
         if self.state not in NOT_DELIVERED:
             return []  # the centre has it already: that is the truth worth showing
         if any(hold.looks_cancelled for hold in self._holds.values()):
@@ -431,7 +434,14 @@ class Behaviour:
 
     def _show_state(self) -> Show:
         incident = self.incident
-        if incident is not None and incident.sms in SMS_PATTERN_OF and self.state in NOT_DELIVERED:
+        # Silent: the discreet LED keeps telling the incident's own stage; a hold-up's
+        # attacker must not see anything change when an SMS leaves.
+        if (
+            incident is not None
+            and incident.sms in SMS_PATTERN_OF
+            and self.state in NOT_DELIVERED
+            and not self.silent
+        ):
             return Show(SMS_PATTERN_OF[incident.sms])
         return Show(PATTERN_OF[self.state])
 

@@ -65,8 +65,9 @@ _: Final[None] = None  # a blank cell in the table
 # only tells the person that their alert is moving and, once steady, that help is coming.
 # The SMS fallback: red (trouble, the centre has not got it yet) blinking at 1 Hz while the
 # SMS goes out, without a beep; cyan (a person's phone has it) once sent, with a beep of
-# its own. Its discreet cells repeat "sending" and "received": a hold-up's attacker must not
-# learn that a second path exists, the person only that the alert is still moving.
+# its own. Silent mode shows nothing of them (their discreet cells are blank, and the
+# behaviour keeps the incident's own pattern when silent): a hold-up's attacker must not
+# learn that a second path exists.
 # fmt: off
 PATTERNS: Final[Mapping[Pattern, Look]] = {
     #                          colour  status LED          buzzer              discreet LED
@@ -80,8 +81,8 @@ PATTERNS: Final[Mapping[Pattern, Look]] = {
     Pattern.RING:         Look(BLUE,   Blink(0.2, 0.2, 5), Blink(0.3, 0.2, 2), _),
     Pattern.CANCELLED:    Look(WHITE,  Blink(0.3, 0.3, 2), Blink(0.5, 0.1, 1), Blink(0.1, 0.3, 2)),
     Pattern.SELFTEST:     Look(WHITE,  Blink(0.2, 0.2, 3), Blink(0.1, 0.1, 1), Blink(0.2, 0.2, 3)),
-    Pattern.SMS_TRYING:   Look(RED,    Blink(0.5, 0.5),    _,                  Blink(0.1, 2.9)),
-    Pattern.SMS_SENT:     Look(CYAN,   Blink(1.0, 0.5),    Blink(0.3, 0.1, 2), Blink(0.5, 2.5)),
+    Pattern.SMS_TRYING:   Look(RED,    Blink(0.5, 0.5),    _,                  _),
+    Pattern.SMS_SENT:     Look(CYAN,   Blink(1.0, 0.5),    Blink(0.3, 0.1, 2), _),
 }
 # fmt: on
 

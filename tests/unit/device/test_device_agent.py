@@ -72,12 +72,18 @@ class Clock:
 def sms_agent(tmp_path: Path, clock: Clock, *, silent: bool) -> tuple[Agent, FakeModem]:
     config = DeviceConfig.model_validate(
         {
-            "device": {"id": "bell-0001", "state_dir": tmp_path, "silent": silent},
+            # a discreet LED allowed: silent mode must still show nothing of the SMS
+            "device": {
+                "id": "bell-0001",
+                "state_dir": tmp_path,
+                "silent": silent,
+                "discreet_led": True,
+            },
             "sms": {"after_s": 15, "numbers": ["+820000000001"]},
         }
     )
     modem = FakeModem()
-    hardware = Hardware(FakeInputs(), FakeIndicator(has_discreet_led=False), None, modem)
+    hardware = Hardware(FakeInputs(), FakeIndicator(), None, modem)
     gateway = Signer("gw-test", generate_key())
     a = Agent(
         config,
@@ -108,11 +114,15 @@ async def test_a_press_not_received_in_time_goes_by_sms_and_the_led_says_so(
     (alert_id,) = [e.id for e in a.outbox.pending()]
     assert alert_id in sms.text  # whoever gets the SMS and the alert can tell they are one
     shown = [pattern for pattern, _ in indicator.history]
-    assert shown == [Pattern.SENDING, Pattern.SMS_TRYING, Pattern.SMS_SENT]
     assert all(s == silent for _, s in indicator.history)
-    # silent mode shows nothing at all; audible, the LED tells the truth
-    assert indicator.led_lit is not silent
-    assert indicator.buzzer_sounding is not silent
+    if silent:
+        # nothing changes: the discreet LED still says "sending", the rest stays dark
+        assert shown == [Pattern.SENDING]
+        assert indicator.discreet_lit and not indicator.buzzer_sounding
+        assert indicator.current.led is None
+    else:
+        assert shown == [Pattern.SENDING, Pattern.SMS_TRYING, Pattern.SMS_SENT]
+        assert indicator.current.led is not None and indicator.buzzer_sounding
     clock.now += 60_000
     await a.sms.check()
     assert len(modem.sent) == 1  # once per alert

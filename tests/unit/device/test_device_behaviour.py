@@ -327,3 +327,12 @@ def test_an_sms_that_could_not_be_sent_gives_the_incident_its_own_pattern_back()
     assert shows(b.on_sms(sent.message_id, "failed")) == [Pattern.SENDING]
     assert b.on_sms(sent.message_id, "sent") == []  # "failed" is the last word
     assert shows(ack(b, sent.message_id, "received")) == [Pattern.RECEIVED]
+
+
+def test_in_silent_mode_the_sms_changes_nothing_shown() -> None:
+    b = machine("store", silent=True)
+    (sent,) = sends(press(b))
+    assert b.on_sms(sent.message_id, "trying") == []
+    assert b.on_sms(sent.message_id, "sent") == []
+    # the incident's own stages, as without an SMS: the discreet LED never goes back
+    assert shows(ack(b, sent.message_id, "received")) == [Pattern.RECEIVED]
