@@ -31,6 +31,7 @@ from typing import Final
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
 from gateway.store import Event, Incoming, Store
+from gateway.supervise import RouteOf
 from protocol.messages import Heartbeat, Status, StatusState
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,6 @@ DOWN: Final = "secondary_path_down"
 UP: Final = "secondary_path_up"
 # status events read at start-up to find the devices left down
 LOAD_LIMIT: Final = 100_000
-
-# Centres an event about this device goes to; None when the device is unknown or revoked.
-RouteOf = Callable[[str], "tuple[str, ...] | None"]
 
 
 def gateway_status_event(
