@@ -365,11 +365,18 @@ def test_parse_random_json_raises_only_malformed(value: object) -> None:
         parse_message(json.dumps(value).encode())
 
 
-def test_a_heartbeat_without_the_secondary_path_keeps_its_exact_bytes() -> None:
-    # an agent that predates the field: valid, and serialised to exactly what it signed
-    old = build_message(
-        Heartbeat(uptime_s=1, power="mains", firmware="0.1"), device="bell-0001", seq=1, ts=1
-    )
-    payload = dump_message(old)
-    assert b"secondary" not in payload
-    assert dump_message(parse_message(payload)) == payload
+# What an agent that predates `Heartbeat.secondary` sends, byte for byte (main before #23).
+OLD_AGENT_HEARTBEAT = (
+    b'{"v":1,"id":"hb-0000001","device":"bell-0001","seq":1,"ts":1,"type":"heartbeat",'
+    b'"body":{"uptime_s":1,"power":"mains","battery_pct":null,"link_quality":48,'
+    b'"firmware":"0.1","outbox_depth":2}}'
+)
+
+
+def test_an_old_agents_heartbeat_validates_and_keeps_its_exact_bytes() -> None:
+    msg = parse_message(OLD_AGENT_HEARTBEAT)
+    assert isinstance(msg, HeartbeatMessage) and msg.body.secondary is None
+    # what the gateway re-serialises (stores, forwards) is exactly what the agent signed
+    assert dump_message(msg) == OLD_AGENT_HEARTBEAT
+    body = OLD_AGENT_HEARTBEAT[OLD_AGENT_HEARTBEAT.index(b'{"uptime_s"') : -1]
+    assert msg.body.model_dump_json().encode() == body
