@@ -173,6 +173,8 @@ class Worker:
             clock_ms=self._clock_for(device_id),
             rng=random.Random(seed),
         )
+        # like the outbox: thousands of agents on one disk would spend the run on fsync
+        agent.sms.power_safe = False
         self._hook(agent)
         return Watched(agent, inputs, district, modem)
 
