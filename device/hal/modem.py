@@ -44,9 +44,11 @@ _NUMBER = re.compile(r"\+?[0-9]{3,16}")
 _FINAL_ERROR = re.compile(r"\+(CME|CMS) ERROR:\s*(.*)")
 _CSQ = re.compile(r"(\d+)\s*,\s*(\d+)")
 _CMGS = re.compile(r"\+CMGS:\s*(\d+)")
-# "+CREG: <n>,<stat>[,<lac>,<ci>]"; stat 1 is the home network, 5 roaming
+# "+CREG: <n>,<stat>[,<lac>,<ci>]"; 3GPP TS 27.007 7.2: every stat that can send an SMS,
+# home or roaming: 1/5 registered, 6/7 "SMS only", 9/10 "CSFB not preferred" (LTE modems).
+# 8 is "emergency services only": no SMS.
 _CREG = re.compile(r"\s*\d+\s*,\s*(\d+)")
-_REGISTERED = frozenset({1, 5})
+_REGISTERED = frozenset({1, 5, 6, 7, 9, 10})
 # +CME ERROR codes of AT+CPIN? (3GPP TS 27.007 9.2): 10 SIM not inserted
 _SIM_NOT_INSERTED = 10
 

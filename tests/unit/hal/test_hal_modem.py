@@ -62,7 +62,17 @@ async def test_probe_without_a_ready_sim_is_not_ok(pty: PtyModem, modem: SerialM
 
 @pytest.mark.parametrize(
     ("creg", "expected"),
-    [("0,1", True), ('2,5,"00C3","0012AB"', True), ("0,2", False), ("0,3", False), ("?", None)],
+    [
+        ("0,1", True),
+        ('2,5,"00C3","0012AB"', True),
+        ("0,6", True),  # registered for SMS only: exactly what the fallback needs
+        ("0,7", True),
+        ("0,10", True),  # an LTE modem, CS fallback not preferred: SMS still goes
+        ("0,2", False),
+        ("0,3", False),
+        ("0,8", False),  # emergency calls only
+        ("?", None),
+    ],
 )
 def test_creg_registered_at_home_or_roaming_only(creg: str, expected: bool | None) -> None:
     assert parse_creg(creg) == expected
