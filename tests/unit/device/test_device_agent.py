@@ -127,3 +127,16 @@ async def test_a_press_not_received_in_time_goes_by_sms_and_the_led_says_so(
     await a.sms.check()
     assert len(modem.sent) == 1  # once per alert
     a.outbox.close()
+
+
+async def test_a_link_that_looks_up_does_not_hold_the_sms_back(tmp_path: Path) -> None:
+    # a black-holed link: the session still believes it is connected, nothing passes
+    clock = Clock()
+    a, modem = sms_agent(tmp_path, clock, silent=False)
+    a.link.session._connected.set()
+    assert a.link.connected
+    a.on_input(InputEvent("emergency", "pressed"))
+    clock.now += 15_000  # after_s from the press, the link never reported down
+    await a.sms.check()
+    assert len(modem.sent) == 1
+    a.outbox.close()
