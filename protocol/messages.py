@@ -64,6 +64,12 @@ class Cancel(_Model):
     alert_id: MessageId
 
 
+# AT+CPIN? as one word: READY, a PIN or PUK wanted, no SIM (+CME ERROR: 10), another error.
+# One definition for the modem driver and the heartbeat: a state the driver can report
+# must always make a valid heartbeat.
+SimState = Literal["ready", "pin", "puk", "absent", "error", "unknown"]
+
+
 class SecondaryPath(_Model):
     """The SMS path's health, as the device found it for this heartbeat.
 
@@ -72,7 +78,7 @@ class SecondaryPath(_Model):
     """
 
     modem: bool  # a modem is configured and answered
-    sim: Literal["ready", "pin", "puk", "absent", "error", "unknown"] = "unknown"
+    sim: SimState = "unknown"
     registered: bool | None = None
     signal: Percent | None = None
     numbers: Annotated[int, Field(ge=0, le=8)] = 0

@@ -28,8 +28,8 @@ from device.hal.ports import (
     ModemInfo,
     ModemRejected,
     ModemTimeout,
-    SimState,
 )
+from protocol.messages import SimState
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from protocol.messages import SimState
+
 InputName = Literal["emergency", "doorbell", "tamper", "power"]
 ButtonName = Literal["emergency", "doorbell"]
 InputKind = Literal[
@@ -107,10 +109,6 @@ class Camera(Protocol):
     async def capture(self) -> Frame:
         """The next frame, paced to `fps`."""
         ...
-
-
-# AT+CPIN? as one word: READY, a PIN or PUK wanted, no SIM (+CME ERROR: 10), another error.
-SimState = Literal["ready", "pin", "puk", "absent", "error", "unknown"]
 
 
 @dataclass(frozen=True, slots=True)

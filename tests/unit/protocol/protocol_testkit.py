@@ -23,7 +23,7 @@ from protocol import (
     Status,
     build_message,
 )
-from protocol.messages import SecondaryPath, StatusState
+from protocol.messages import SecondaryPath, SimState, StatusState
 
 DEVICE = "bell-0001"
 GATEWAY = "gw-seoul-1"
@@ -69,7 +69,7 @@ heartbeats = st.builds(
     | st.builds(
         SecondaryPath,
         modem=st.booleans(),
-        sim=st.sampled_from(["ready", "pin", "puk", "absent", "error", "unknown"]),
+        sim=st.sampled_from(get_args(SimState)),
         registered=st.none() | st.booleans(),
         signal=percent,
         numbers=st.integers(0, 8),
