@@ -236,35 +236,30 @@ async def test_an_alert_goes_by_sms_once_whichever_rule_comes_first(outbox: Outb
     assert len(modem.sent) == 2
 
 
-async def test_an_alert_waiting_for_delivered_still_gets_its_sms_after_a_restart(
-    outbox: Outbox, tmp_path: Path
+@pytest.mark.parametrize("delivered_before_the_restart", [False, True])
+async def test_a_restart_keeps_the_alerts_still_waiting_for_delivered(
+    outbox: Outbox, tmp_path: Path, delivered_before_the_restart: bool
 ) -> None:
-    # the outbox forgot the alert at `received`: only the fallback's own file still has it
+    # the outbox forgets an alert at `received`: only the fallback's own file still has it
     clock, modem, path = Clock(), FakeModem(), tmp_path / UNDELIVERED_FILE
-    sms = fallback(outbox, modem, clock, undelivered_path=path)
+
+    def started() -> SmsFallback:
+        return fallback(outbox, modem, clock, undelivered_path=path)
+
+    sms = started()
     clock.now = T0 + 2_000
     acked(sms, outbox, "alert-000001", "received")
     assert outbox.sms_due(clock.now) == []
+    if delivered_before_the_restart:
+        acked(sms, outbox, "alert-000001", "delivered")
+    expected = [] if delivered_before_the_restart else NUMBERS
     clock.now = T0 + UNDELIVERED_MS  # the agent restarted meanwhile: a fresh fallback
-    await fallback(outbox, modem, clock, undelivered_path=path).check()
-    assert [m.number for m in modem.sent] == NUMBERS
-    assert "alert-000001" in modem.sent[0].text
+    await started().check()
+    assert [m.number for m in modem.sent] == expected
+    assert all("alert-000001" in m.text for m in modem.sent)
     clock.now += 60_000  # and restarted again: once per alert still
-    await fallback(outbox, modem, clock, undelivered_path=path).check()
-    assert len(modem.sent) == 2
-
-
-async def test_an_alert_delivered_before_a_restart_gets_no_sms_after_it(
-    outbox: Outbox, tmp_path: Path
-) -> None:
-    clock, modem, path = Clock(), FakeModem(), tmp_path / UNDELIVERED_FILE
-    sms = fallback(outbox, modem, clock, undelivered_path=path)
-    clock.now = T0 + 2_000
-    acked(sms, outbox, "alert-000001", "received")
-    acked(sms, outbox, "alert-000001", "delivered")
-    clock.now = T0 + 10 * UNDELIVERED_MS
-    await fallback(outbox, modem, clock, undelivered_path=path).check()
-    assert modem.sent == []
+    await started().check()
+    assert [m.number for m in modem.sent] == expected
 
 
 async def test_a_torn_undelivered_file_is_said_and_the_agent_carries_on(
