@@ -16,6 +16,7 @@ from device.outbox import Outbox
 from device.sms import csq_percent
 from protocol.jws import Signer
 from protocol.keys import generate_key
+from protocol.messages import Ack, build_message
 
 
 def agent(tmp_path: Path, seed: int = 7) -> Agent:
@@ -69,7 +70,9 @@ class Clock:
         return self.now
 
 
-def sms_agent(tmp_path: Path, clock: Clock, *, silent: bool) -> tuple[Agent, FakeModem]:
+def sms_agent(
+    tmp_path: Path, clock: Clock, *, silent: bool, outbox: Outbox | None = None
+) -> tuple[Agent, FakeModem]:
     config = DeviceConfig.model_validate(
         {
             # a discreet LED allowed: silent mode must still show nothing of the SMS
@@ -90,7 +93,7 @@ def sms_agent(tmp_path: Path, clock: Clock, *, silent: bool) -> tuple[Agent, Fak
         signer=Signer("bell-0001", generate_key()),
         gateway_key=gateway.public_key,
         hardware=hardware,
-        outbox=Outbox(":memory:"),
+        outbox=outbox or Outbox(":memory:"),
         clock_ms=clock,
     )
     return a, modem
@@ -140,3 +143,21 @@ async def test_a_link_that_looks_up_does_not_hold_the_sms_back(tmp_path: Path) -
     await a.sms.check()
     assert len(modem.sent) == 1
     a.outbox.close()
+
+
+async def test_an_agent_restarted_between_received_and_delivered_still_sends_the_sms(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    a, _ = sms_agent(tmp_path, clock, silent=False, outbox=Outbox(tmp_path / "outbox.db"))
+    a.on_input(InputEvent("emergency", "pressed"))
+    (alert_id,) = [e.id for e in a.outbox.pending()]
+    a._on_down(build_message(Ack(ref=alert_id, stage="received"), device="bell-0001", seq=1, ts=1))
+    assert a.outbox.depth() == 0  # the outbox has forgotten it
+    a.outbox.close()  # the agent restarts; the centre never gets the alert
+    clock.now += 30_000  # undelivered_after_s from the press
+    b, modem = sms_agent(tmp_path, clock, silent=False, outbox=Outbox(tmp_path / "outbox.db"))
+    await b.sms.check()
+    (sms,) = modem.sent
+    assert alert_id in sms.text
+    b.outbox.close()
