@@ -273,8 +273,9 @@ class SmsFallback:
 
     # ---- health ---------------------------------------------------------------------------
 
-    async def health(self) -> SecondaryPath:
-        """The secondary path as the heartbeat reports it (AT+CPIN?, AT+CREG?, AT+CSQ)."""
+    async def health(self) -> SecondaryPath | None:
+        """The secondary path as the heartbeat reports it (AT+CPIN?, AT+CREG?, AT+CSQ);
+        None while nothing is known (the modem busy before its first answer)."""
         numbers = len(self._numbers)
         modem = self._modem
         if modem is None:
@@ -283,9 +284,11 @@ class SmsFallback:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 info = await modem.probe()
         except TimeoutError:
-            # busy sending an SMS, most likely: busy is not broken, say what we knew
+            # Busy sending an SMS, most likely (a restarted agent's first minute): busy is
+            # not broken. Say what we knew, or nothing: a guess ("SIM unknown") would be a
+            # secondary_path_down at the centre while the modem is sending for a victim.
             log.info("device %s: the modem is busy; health as last known", self._device_id)
-            return self._last_health or SecondaryPath(modem=True, numbers=numbers)
+            return self._last_health
         except HalError as exc:
             log.warning("device %s: the modem does not answer: %s", self._device_id, exc)
             self._last_health = SecondaryPath(modem=False, numbers=numbers)

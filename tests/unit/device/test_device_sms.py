@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from device.cli import _check_modem
 from device.config import DeviceConfig
 from device.hal.fakes import FakeModem, PtyModem
 from device.hal.modem import SerialModem
-from device.hal.ports import Modem
+from device.hal.ports import Modem, ModemInfo
 from device.outbox import Outbox
 from device.sms import MAX_TRIES, UNDELIVERED_FILE, SmsFallback
 from protocol.messages import Ack, AckStage, Alert
@@ -336,6 +337,28 @@ async def test_health_reports_modem_sim_registration_signal_and_numbers(outbox: 
     assert (await fallback(outbox, modem, clock).health()).faults == ("sim_absent",)
     no_modem = await fallback(outbox, None, clock).health()
     assert (no_modem.modem, no_modem.faults) == (False, ("no_modem",))
+
+
+async def test_a_busy_modem_reports_what_was_known_never_a_guessed_fault(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    modem = FakeModem()
+    sms = fallback(outbox, modem, Clock())
+    answer = modem.probe
+    busy = asyncio.Event()
+
+    async def probe() -> ModemInfo:
+        await busy.wait()  # AT+CMGS holds the port for a while
+        return await answer()
+
+    monkeypatch.setattr(modem, "probe", probe)
+    monkeypatch.setattr("device.sms.PROBE_TIMEOUT_S", 0.01)
+    assert await sms.health() is None  # nothing known yet: the gateway judges nothing
+    busy.set()
+    known = await sms.health()
+    assert known is not None and known.faults == ()
+    busy.clear()
+    assert await sms.health() == known
 
 
 async def test_health_over_the_real_driver_reads_creg_and_cpin(
