@@ -74,7 +74,9 @@ class Heartbeat(_Model):
 
 
 class Status(_Model):
-    state: Literal["online", "offline"]
+    # online/offline: a device's, told by the gateway; disk_low/disk_ok: the gateway's own
+    # (gateway/health.py), signed by it about itself
+    state: Literal["online", "offline", "disk_low", "disk_ok"]
 
 
 class Rtc(_Model):
