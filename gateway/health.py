@@ -46,7 +46,7 @@ from ansimi.mqtt import Message as MqttMessage
 from gateway.forward import Failing
 from gateway.metrics import Metrics
 from gateway.store import Incoming, Store
-from protocol.errors import ProtocolError, Stale, UnknownSigner, clip
+from protocol.errors import ProtocolError, UnknownSigner, clip
 from protocol.jws import Signer
 from protocol.probe import open_probe, probe_sender, probe_topic, seal_probe
 
@@ -104,7 +104,8 @@ class IntakeProbe:
         registry = metrics.registry
         self.probes = Counter(
             "ansimi_intake_probes_total",
-            "Intake probes heard back: sent by this instance (own) or a sibling, or refused",
+            "Intake probes heard back: sent by this instance (own) or a sibling, too late to"
+            " count, or refused (not signed by this gateway)",
             ["result"],
             registry=registry,
         )
@@ -114,7 +115,7 @@ class IntakeProbe:
             ["action"],
             registry=registry,
         )
-        for result in ("own", "sibling", "refused"):
+        for result in ("own", "sibling", "late", "refused"):
             self.probes.labels(result)
         for action in ("resubscribe", "reconnect"):
             self.repairs.labels(action)
@@ -135,11 +136,14 @@ class IntakeProbe:
         now = self._clock_ms()
         try:
             probe = open_probe(message.payload, self._resolve, sender)
-            if abs(now - probe.ts) > self.deaf_after_ms:
-                # an old probe proves nothing about now (and a replay must not hide deafness)
-                raise Stale(f"a probe signed {now - probe.ts} ms ago")
         except ProtocolError as exc:
             self._refused(sender, exc, now)
+            return True
+        if abs(now - probe.ts) > self.deaf_after_ms:
+            # ours, but it proves nothing about now (it waited in a black-holed link, or is
+            # replayed): counted apart, not as a refusal, and it does not end a deafness
+            self.probes.labels("late").inc()
+            log.debug("health: a probe signed %d ms ago came back", now - probe.ts)
             return True
         self.probes.labels("own" if probe.instance == self._instance else "sibling").inc()
         if self._next_repair_ms is not None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import time
@@ -25,6 +26,7 @@ from ansimi_testkit import SECRET
 from gw_itkit import WAIT_S, Fleet, GatewayProcess, agents_running, centre_alerts
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
+from ansimi.mqtt import Message, Session, Settings
 from console.receiver import EventLog, Receiver
 from simulator.proxy import FaultProxy
 
@@ -152,10 +154,40 @@ async def test_a_black_holed_broker_link_is_red_within_15s_and_green_once_healed
             took, body = await until(gw, deaf, RED_WITHIN_S + 5)
             assert took <= RED_WITHIN_S, took
             assert body["ok"] is False and body["intake"]["silent_s"] >= 10
+            # still deaf a bound later: resubscribing did not help, so it reconnects
+            deadline = time.monotonic() + WAIT_S
+            while not re.search(r"intake deaf for [\d.]+ s: reconnect", gw.log.read_text()):
+                assert time.monotonic() < deadline, gw.log.read_text()[-3000:]
+                await asyncio.sleep(0.2)
             proxy.heal({"gw-a"})
             await until(gw, green, WAIT_S)
     finally:
         await proxy.close()
+
+
+async def test_session_reconnect_drops_the_link_and_it_comes_back_by_itself(
+    mosquitto: Mosquitto,
+) -> None:
+    got: asyncio.Queue[Message] = asyncio.Queue()
+    drops: list[int] = []
+    settings = Settings(
+        mosquitto.host, mosquitto.port, "reconnector", backoff_min_s=0.05, backoff_max_s=0.2
+    )
+    session = Session(settings, got.put_nowait, on_disconnect=lambda: drops.append(1))
+    task = asyncio.create_task(session.run())
+    try:
+        await session.wait_connected(WAIT_S)
+        await session.subscribe([("health-test/reconnect", 1)])
+        session.reconnect()
+        assert not session.connected and drops == [1]
+        await session.wait_connected(WAIT_S)
+        assert await session.resubscribe() == [1]
+        await asyncio.wait_for(session.publish("health-test/reconnect", b"back"), WAIT_S)
+        assert (await asyncio.wait_for(got.get(), WAIT_S)).payload == b"back"
+    finally:
+        await session.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_broker_restart_that_forgets_the_shared_subscription_is_repaired(
