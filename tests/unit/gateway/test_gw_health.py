@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import os
 import socket
+import sqlite3
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from gateway.forward import Failing
 from gateway.health import DiskState, DiskWatch, Health, IntakeProbe
 from gateway.intake import Intake
 from gateway.metrics import Metrics
-from gateway.store import Incoming, SqliteStore
+from gateway.store import Incoming, SqliteStore, transaction
 from protocol.envelope import open_envelope
 from protocol.jws import Signer
 from protocol.messages import Status, StatusMessage
@@ -463,3 +465,36 @@ async def test_watchdog_pings_stop_while_unhealthy_and_resume(
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def test_a_commit_that_fails_is_rolled_back_and_the_next_transaction_works() -> None:
+    """A COMMIT that fails (disk full; here a deferred foreign key) leaves SQLite's
+    transaction open: left so, every later BEGIN fails and the gateway is wedged."""
+    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA foreign_keys=ON")
+    db.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    db.execute(
+        "CREATE TABLE child (id INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)"
+    )
+    lock = threading.Lock()
+    with pytest.raises(sqlite3.IntegrityError), transaction(db, lock) as tx:
+        tx.execute("INSERT INTO child VALUES (1)")  # refused only at COMMIT
+    assert not db.in_transaction
+    with transaction(db, lock) as tx:
+        tx.execute("INSERT INTO parent VALUES (1)")
+    assert db.execute("SELECT COUNT(*) FROM parent").fetchone() == (1,)
+    assert db.execute("SELECT COUNT(*) FROM child").fetchone() == (0,)
+
+
+def test_free_bytes_is_the_file_systems_and_none_in_memory(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "gateway.db")
+    memory = SqliteStore(":memory:")
+    try:
+        stat = os.statvfs(tmp_path)
+        free = store.free_bytes()
+        assert free is not None
+        assert abs(free - stat.f_bavail * stat.f_frsize) < 64 * 1024 * 1024
+        assert memory.free_bytes() is None
+    finally:
+        store.close()
+        memory.close()
