@@ -6,7 +6,9 @@ The paths, and what a failure of each means:
   probes the gateway publishes to itself every `health.probe_s` (protocol/probe.py) on a
   topic its own uplink subscription must deliver. No probe heard for `health.intake_deaf_s`:
   the intake is *deaf*: /healthz answers 503 naming `intake`, and the systemd watchdog pings
-  stop, so systemd restarts the gateway after WatchdogSec if the repairs do not work first.
+  stop, so systemd restarts the gateway after WatchdogSec if the repairs do not work first;
+  also while the broker itself is down, where a restart costs nothing (acks follow commits,
+  the outbox is durable) and the unit never gives up restarting (StartLimitIntervalSec=0).
   The repairs, one per deafness interval while connected, alternately: resubscribe (a broker
   may keep our session and forget its shared subscription: FIELD-NOTES), then reconnect (a
   black-holed link looks connected until the keepalive gives up, ~2x keepalive).

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -246,7 +246,9 @@ STAGE_ORDER: dict[str, int] = {
 
 
 @contextmanager
-def transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[sqlite3.Connection]:
+def transaction(
+    db: sqlite3.Connection, lock: AbstractContextManager[Any]
+) -> Iterator[sqlite3.Connection]:
     """One write transaction on a connection shared under `lock` (BEGIN IMMEDIATE takes
     the write lock up front, so two writers wait instead of failing half-way)."""
     with lock:
@@ -685,14 +687,8 @@ class SqliteStore:
         with self._lock:
             self._db.execute("PRAGMA foreign_keys=OFF")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._insert_event(self._db, item, now_ms)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
+                with transaction(self._db, nullcontext()) as db:  # the lock is held already
+                    self._insert_event(db, item, now_ms)
             finally:
                 self._db.execute("PRAGMA foreign_keys=ON")
 
