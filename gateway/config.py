@@ -168,7 +168,7 @@ class SuperviseConfig(_Section):
 class HealthConfig(_Section):
     # seconds between the probes the gateway sends itself through the broker (gateway/health.py)
     probe_s: Annotated[float, Field(gt=0, le=60)] = 2.0
-    # no probe heard for this long: the intake is deaf (/healthz 503, watchdog pings stop)
+    # no probe heard for this long: the intake is deaf (/healthz 503; repairs; gateway/health.py)
     intake_deaf_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     # a centre failing for this long is reported (/healthz degraded, still 200)
     centre_down_s: Annotated[float, Field(gt=0, le=3600)] = 15.0

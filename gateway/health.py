@@ -5,13 +5,25 @@ The paths, and what a failure of each means:
 - **intake** (the broker, our subscription, our session, the loop): proven end to end by
   probes the gateway publishes to itself every `health.probe_s` (protocol/probe.py) on a
   topic its own uplink subscription must deliver. No probe heard for `health.intake_deaf_s`:
-  the intake is *deaf*: /healthz answers 503 naming `intake`, and the systemd watchdog pings
-  stop, so systemd restarts the gateway after WatchdogSec if the repairs do not work first;
-  also while the broker itself is down, where a restart costs nothing (acks follow commits,
-  the outbox is durable) and the unit never gives up restarting (StartLimitIntervalSec=0).
-  The repairs, one per deafness interval while connected, alternately: resubscribe (a broker
+  the intake is *deaf*, and /healthz answers 503 naming `intake` (and `mqtt` while the
+  broker connection is down): whatever the cause, alerts are not coming in.
+  The repair ladder, while connected, one rung per deafness interval: resubscribe (a broker
   may keep our session and forget its shared subscription: FIELD-NOTES), then reconnect (a
-  black-holed link looks connected until the keepalive gives up, ~2x keepalive).
+  black-holed link looks connected until the keepalive gives up, ~2x keepalive); then the
+  two again, alternately, until a probe is heard.
+  The systemd watchdog is a different question: not "is it broken?" but "would a restart of
+  the gateway help?". A restart interrupts forwarding the stored alerts to the centres, and
+  it brings back no broker. So the pings stop only where a restart can help:
+  - *connected yet deaf past the ladder*: the broker accepts our connection (so it is up),
+    resubscribe and reconnect were both tried, and a whole deafness interval of the
+    connection made since has passed without a probe: something in this process is wrong
+    (its session, or an intake that stopped reading: a full intake queue pauses reading
+    from the broker, so a wedged intake is deaf too). With WatchdogSec=30 that is a restart
+    ~1 min into the deafness.
+  - *the event loop blocked*: the pings run on it, so they stop by themselves.
+  While the broker is down or unreachable (not connected, or reconnecting), the pings go
+  on, deaf as we are: the session reconnects by itself, and meanwhile the gateway keeps
+  forwarding what it has stored. A connection coming back starts the count again.
   Several instances in one shared subscription group: the broker hands each probe to one
   member of the group, not necessarily to its sender. So hearing *any* probe of this gateway,
   this instance's or a sibling's, within the bound counts as this instance's intake being
@@ -60,6 +72,8 @@ DiskState = Literal["disk_low", "disk_ok"]
 
 # Refused probes are logged at most this often; the metric counts all.
 LOG_EVERY_MS = 60_000
+# resubscribe, reconnect: past both (and still deaf), a restart is the next repair
+LADDER_RUNGS = 2
 # Back to ok only above reserve x this: the hysteresis of the disk_low episode.
 DISK_RECOVER_FACTOR = 1.25
 
@@ -99,6 +113,9 @@ class IntakeProbe:
         self._started_ms: int | None = None
         self.heard_ms: int | None = None  # the last probe heard, own or a sibling's
         self._repairs = 0  # since the last probe heard
+        # since when the session has been connected (its connect hooks); None: not now
+        self._connected_since_ms: int | None = None
+        self._told_restart = False  # the watchdog's pings withheld: logged once per deafness
         self._next_repair_ms: int | None = None  # set while deaf
         self._repairing: asyncio.Task[None] | None = None
         self._log_refusal_after_ms = 0
@@ -157,6 +174,7 @@ class IntakeProbe:
         self.heard_ms = now if self.heard_ms is None else max(self.heard_ms, now)
         self._repairs = 0
         self._next_repair_ms = None
+        self._told_restart = False
         return True
 
     def _refused(self, sender: str, exc: ProtocolError, now: int) -> None:
@@ -177,6 +195,26 @@ class IntakeProbe:
     def proven(self, now: int) -> bool:
         """A probe was heard within the bound (at start-up: not yet proven, but not deaf)."""
         return self.heard_ms is not None and not self.deaf(now)
+
+    def connection_up(self, now: int) -> None:
+        """The session (re)connected: a deafness past the ladder counts from here."""
+        self._connected_since_ms = now
+
+    def connection_down(self) -> None:
+        self._connected_since_ms = None
+
+    def restart_may_help(self, now: int) -> bool:
+        """Connected, yet deaf after the repair ladder ran its course (the module docstring):
+        both rungs tried, and a whole deafness interval of the latest connection without a
+        probe. Never while disconnected or reconnecting: a restart brings back no broker."""
+        since = self._connected_since_ms
+        return (
+            self._connected()
+            and since is not None
+            and self._repairs >= LADDER_RUNGS
+            and self.deaf(now)
+            and now - since >= self.deaf_after_ms
+        )
 
     # ---- sending and repairing ---------------------------------------------------------
 
@@ -205,6 +243,13 @@ class IntakeProbe:
                 self._topic,
             )
             self._next_repair_ms = now
+        if self.restart_may_help(now) and not self._told_restart:
+            self._told_restart = True
+            log.error(
+                "health: connected, yet deaf for %.1f s after resubscribing and reconnecting:"
+                " watchdog pings withheld, so that systemd restarts the gateway",
+                self.silent_ms(now) / 1000,
+            )
         busy = self._repairing is not None and not self._repairing.done()
         if now < self._next_repair_ms or busy or not self._connected():
             return  # not connected: the session reconnects by itself; nothing to repair yet
@@ -406,8 +451,9 @@ class Health:
         }
 
     def watchdog_ok(self) -> bool:
-        """Ping systemd's watchdog? Not while the intake is deaf (see the module docstring)."""
-        return not self._probe.deaf(self._clock_ms())
+        """Ping systemd's watchdog? Yes unless a restart may help (the module docstring): not
+        merely deaf, which a broker outage is too."""
+        return not self._probe.restart_may_help(self._clock_ms())
 
     def report(self) -> Report:
         now = self._clock_ms()

@@ -1,8 +1,9 @@
 """The gateway as one service: MQTT session, intake, forwarding, as named tasks.
 
 Its health (gateway/health.py): the intake proves itself with probes the gateway sends
-itself; a deaf intake answers /healthz with 503 and stops the watchdog pings; a centre down
-or the disk low is degraded (200, reported). The rule for each path is written there.
+itself; a deaf intake answers /healthz with 503, and stops the watchdog pings only where a
+restart may help (connected, yet deaf past resubscribe and reconnect); a centre down or the
+disk low is degraded (200, reported). The rule for each path is written there.
 """
 
 from __future__ import annotations
@@ -192,10 +193,13 @@ class Gateway:
             self.session.resume_reading()
 
     def _on_connect(self, session_present: bool) -> None:
-        self.supervisor.resume(time.time_ns() // 1_000_000)
+        now_ms = time.time_ns() // 1_000_000
+        self.supervisor.resume(now_ms)
+        self.probe.connection_up(now_ms)
 
     def _on_disconnect(self) -> None:
         self.supervisor.pause()
+        self.probe.connection_down()
 
     def _route_of(self, device_id: str) -> tuple[str, ...] | None:
         device = self.registry.device(device_id)

@@ -66,6 +66,12 @@ def rig(instance: str = "gw-a") -> Rig:
     async def resubscribe() -> None:
         box[0].repairs.append("resubscribe")
 
+    def reconnect() -> None:
+        # as Session.reconnect: the connection drops now, and `run()` makes a new one later
+        box[0].repairs.append("reconnect")
+        box[0].connected[0] = False
+        probe.connection_down()
+
     probe = IntakeProbe(
         Signer(GATEWAY, GATEWAY_KEY),
         instance,
@@ -73,13 +79,20 @@ def rig(instance: str = "gw-a") -> Rig:
         metrics,
         connected=lambda: box[0].connected[0],
         resubscribe=resubscribe,
-        reconnect=lambda: box[0].repairs.append("reconnect"),
+        reconnect=reconnect,
         every_ms=EVERY_MS,
         deaf_after_ms=DEAF_MS,
         clock_ms=clock,
     )
+    probe.connection_up(clock.ms)
     box.append(Rig(clock, metrics, probe))
     return box[0]
+
+
+def reconnected(r: Rig) -> None:
+    """The session's connection is back (the gateway's on_connect hook)."""
+    r.connected[0] = True
+    r.probe.connection_up(r.clock.ms)
 
 
 async def tick(r: Rig) -> None:
@@ -209,6 +222,8 @@ async def test_deaf_after_the_bound_repairs_alternately_and_hears_again_by_itsel
     assert r.repairs == ["resubscribe"]
     r.clock.ms += EVERY_MS
     await tick(r)
+    assert r.repairs == ["resubscribe", "reconnect"] and not r.connected[0]
+    reconnected(r)
     r.clock.ms += DEAF_MS
     await tick(r)
     assert r.repairs == ["resubscribe", "reconnect", "resubscribe"]
@@ -253,13 +268,11 @@ async def test_a_siblings_probe_keeps_this_instance_alive() -> None:
 # ---- the report: one rule per path ---------------------------------------------------------
 
 
-def health(
-    r: Rig, failing: dict[str, Failing], connected: bool = True, disk: DiskWatch | None = None
-) -> Health:
+def health(r: Rig, failing: dict[str, Failing], disk: DiskWatch | None = None) -> Health:
     return Health(
         r.probe,
         r.metrics,
-        connected=lambda: connected,
+        connected=lambda: r.connected[0],
         centres=["central", "mapo"],
         failing_centres=lambda: failing,
         centre_down_after_ms=15_000,
@@ -268,7 +281,7 @@ def health(
     )
 
 
-async def test_deaf_intake_is_503_naming_it_and_stops_the_watchdog() -> None:
+async def test_deaf_intake_is_503_naming_it() -> None:
     r = rig()
     h = health(r, {})
     await tick(r)
@@ -281,8 +294,85 @@ async def test_deaf_intake_is_503_naming_it_and_stops_the_watchdog() -> None:
     report = h.report()
     assert (report.http_status, report.body["failing"]) == (503, ["intake"])
     assert report.body["ok"] is False and report.body["intake"]["ok"] is False
-    assert not h.watchdog_ok()
     assert r.sample("ansimi_health_status", {}) == 2
+    # deaf, but no repair tried yet: a restart is not the next step
+    assert h.watchdog_ok()
+
+
+async def deaf_past_the_ladder(r: Rig, h: Health) -> None:
+    """Heard, then deaf while connected: resubscribe, reconnect, connected again, and a
+    deafness interval of that connection to one tick short of its end; the watchdog is
+    asked at every step of the way."""
+    await tick(r)
+    r.heard_back()
+    while r.repairs != ["resubscribe"]:
+        r.clock.ms += EVERY_MS
+        await tick(r)
+        assert h.watchdog_ok()
+    while r.repairs != ["resubscribe", "reconnect"]:
+        r.clock.ms += EVERY_MS
+        await tick(r)
+        assert h.watchdog_ok()
+    r.clock.ms += 500  # the session's backoff
+    reconnected(r)
+    back = r.clock.ms
+    while r.clock.ms + EVERY_MS < back + DEAF_MS:
+        r.clock.ms += EVERY_MS
+        await tick(r)
+        assert h.watchdog_ok(), r.clock.ms - back
+        assert h.report().http_status == 503
+
+
+async def test_the_watchdog_stops_when_connected_yet_deaf_past_the_ladder(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    r = rig()
+    h = health(r, {})
+    await deaf_past_the_ladder(r, h)
+    r.clock.ms += EVERY_MS
+    await tick(r)
+    assert not h.watchdog_ok()  # a restart is the next repair: systemd's to make
+    r.clock.ms += EVERY_MS
+    await tick(r)
+    assert not h.watchdog_ok()
+    assert len([m for m in caplog.messages if "watchdog pings withheld" in m]) == 1
+    # a probe heard again (the last resubscribe worked): pings again, before any restart
+    r.sent.clear()
+    await tick(r)
+    r.heard_back()
+    assert h.watchdog_ok() and h.report().http_status == 200
+
+
+async def test_the_watchdog_keeps_pinging_while_the_broker_is_down_or_reconnecting() -> None:
+    r = rig()
+    h = health(r, {})
+    await deaf_past_the_ladder(r, h)
+    # the broker goes away just as the ladder ends: deaf and disconnected, for 10 minutes
+    r.connected[0] = False
+    r.probe.connection_down()
+    for _ in range(600_000 // EVERY_MS):
+        r.clock.ms += EVERY_MS
+        await tick(r)
+        assert h.watchdog_ok()
+    report = h.report()
+    assert (report.http_status, report.body["failing"]) == (503, ["mqtt", "intake"])
+    # back: deaf since long before, but the new connection gets its own deafness interval
+    reconnected(r)
+    back = r.clock.ms
+    while r.clock.ms + EVERY_MS < back + DEAF_MS:
+        await tick(r)
+        assert h.watchdog_ok(), r.clock.ms - back
+        r.clock.ms += EVERY_MS
+    # the session reconnecting again and again (its connections drop at once): pings go on
+    for _ in range(100):
+        r.connected[0] = False
+        r.probe.connection_down()
+        r.clock.ms += DEAF_MS
+        await tick(r)
+        assert h.watchdog_ok()
+        reconnected(r)
+        await tick(r)
+        assert h.watchdog_ok()
 
 
 async def test_a_centre_down_past_its_bound_is_degraded_200_and_the_watchdog_stays_green() -> None:
