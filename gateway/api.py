@@ -141,7 +141,7 @@ class Api:
         tokens: Sequence[ApiToken],
         *,
         connected: Callable[[], bool] = lambda: True,
-        health: Callable[[], tuple[int, dict[str, Any]]] | None = None,
+        health: Callable[[bool], tuple[int, dict[str, Any]]] | None = None,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self._store = store
@@ -150,8 +150,8 @@ class Api:
         self._metrics = metrics
         self._tokens = [(t, t.secret.encode()) for t in tokens]
         self._connected = connected
-        # (HTTP status, body) of every path's health (gateway/health.py); without it, the
-        # broker connection alone
+        # (HTTP status, body) of every path's health (gateway/health.py), with the details
+        # or not; without it, the broker connection alone
         self._health = health
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._routes: list[ApiRoute] = []
@@ -268,7 +268,8 @@ class Api:
                 "public",
                 _op(
                     "health of each path: 503 when the intake is deaf (names the path); 200"
-                    " with status degraded when a centre is down or the disk low",
+                    " with status degraded when a centre is down or the disk low; which"
+                    " centre, since when, and the disk's figures only with a token",
                     [200, 503],
                 ),
             ),
@@ -378,7 +379,8 @@ class Api:
 
     async def healthz(self, request: web.Request) -> web.Response:
         if self._health is not None:
-            status, body = self._health()
+            # a public route: the details only for a caller with a token (any role)
+            status, body = self._health(self._token_of(request) is not None)
             return web.json_response(body, status=status)
         connected = self._connected()
         return web.json_response(

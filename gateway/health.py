@@ -40,7 +40,8 @@ The paths, and what a failure of each means:
   `disk_ok`. Alerts are still accepted: the reserve is there so that they fit.
 
 Anything failing: 503. Degraded and nothing failing: 200 with `"status": "degraded"`.
-The body says which path, so a probe of /healthz tells an operator where to look.
+The body says which path, so a probe of /healthz tells an operator where to look; the
+details (which centre, since when, the disk's figures) only with an API token.
 """
 
 from __future__ import annotations
@@ -393,6 +394,14 @@ class Report:
     @property
     def http_status(self) -> int:
         return 503 if self.status == "failing" else 200
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """What anyone may read (/healthz is public): the status and the kinds of path at
+        fault. Which centre, since when, and the disk's figures are for token holders: a
+        centre out of reach is news an attacker could use too."""
+        degraded = sorted({path.split(":", 1)[0] for path in self.body["degraded"]})
+        return {k: self.body[k] for k in ("ok", "status", "failing")} | {"degraded": degraded}
 
 
 _STATUS_LEVEL: dict[Status, int] = {"ok": 0, "degraded": 1, "failing": 2}

@@ -235,9 +235,9 @@ class Gateway:
             kept=True,
         )
 
-    def _healthz(self) -> tuple[int, dict[str, Any]]:
+    def _healthz(self, detail: bool) -> tuple[int, dict[str, Any]]:
         report = self.health.report()
-        return report.http_status, report.body
+        return report.http_status, report.body if detail else report.summary
 
     def subscription(self) -> str:
         group = self.config.mqtt.shared_group

@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from ansimi_testkit import SECRET
-from gw_itkit import WAIT_S, Fleet, GatewayProcess, agents_running, centre_alerts
+from gw_itkit import TOKEN, WAIT_S, Fleet, GatewayProcess, agents_running, centre_alerts
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
 from ansimi.mqtt import Message, Session, Settings
@@ -93,23 +93,29 @@ async def gateway(
             assert "Traceback" not in process.log.read_text()
 
 
-async def healthz(gw: GatewayProcess) -> tuple[int, dict[str, Any]]:
+async def healthz(gw: GatewayProcess, *, detail: bool = True) -> tuple[int, dict[str, Any]]:
+    """/healthz, with the details an API token gets, or as anyone sees it."""
     url = f"http://127.0.0.1:{gw.api_port}/healthz"
+    headers = {"Authorization": f"Bearer {TOKEN}"} if detail else {}
     async with (
         aiohttp.ClientSession() as http,
-        http.get(url, timeout=aiohttp.ClientTimeout(total=3)) as response,
+        http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=3)) as response,
     ):
         return response.status, await response.json()
 
 
 async def until(
-    gw: GatewayProcess, holds: Callable[[int, dict[str, Any]], bool], timeout_s: float
+    gw: GatewayProcess,
+    holds: Callable[[int, dict[str, Any]], bool],
+    timeout_s: float,
+    *,
+    detail: bool = True,
 ) -> tuple[float, dict[str, Any]]:
     """Poll /healthz until `holds(status, body)`; the seconds it took, and the body."""
     start = time.monotonic()
     while True:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            status, body = await healthz(gw)
+            status, body = await healthz(gw, detail=detail)
             if holds(status, body):
                 return time.monotonic() - start, body
         if time.monotonic() - start > timeout_s:
@@ -240,6 +246,12 @@ async def test_a_centre_down_is_degraded_naming_it_and_clears_when_it_is_back(
         assert body["centres"]["central"]["ok"] is False
         assert body["centres"]["central"]["failing_since_ms"] <= time.time() * 1000
         assert 'ansimi_centre_down{centre="central"} 1.0' in gw.metrics_text()
+        # without a token: degraded by a centre, but not which one, since when, or why
+        status, public = await healthz(gw, detail=False)
+        assert (status, public) == (
+            200,
+            {"ok": True, "status": "degraded", "failing": [], "degraded": ["centre"]},
+        )
         await centre.start()
         await until(gw, green, WAIT_S)
         assert len(centre_alerts(tmp_path)) == 1

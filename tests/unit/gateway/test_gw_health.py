@@ -392,6 +392,13 @@ async def test_a_centre_down_past_its_bound_is_degraded_200_and_the_watchdog_sta
     assert report.body["centres"] == {
         "mapo": {"ok": False, "failing_since_ms": since, "error": "ClientConnectorError"}
     }
+    # what anyone may read of it: the kind of path, not which centre, since when or why
+    assert report.summary == {
+        "ok": True,
+        "status": "degraded",
+        "failing": [],
+        "degraded": ["centre"],
+    }
     assert h.watchdog_ok()
     assert r.sample("ansimi_centre_down", {"centre": "mapo"}) == 1
     assert r.sample("ansimi_centre_down", {"centre": "central"}) == 0
