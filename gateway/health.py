@@ -9,8 +9,9 @@ The paths, and what a failure of each means:
   broker connection is down): whatever the cause, alerts are not coming in.
   The repair ladder, while connected, one rung per deafness interval: resubscribe (a broker
   may keep our session and forget its shared subscription: FIELD-NOTES), then reconnect (a
-  black-holed link looks connected until the keepalive gives up, ~2x keepalive); then the
-  two again, alternately, until a probe is heard.
+  black-holed link looks connected until the keepalive gives up, ~2x keepalive); past
+  those, resubscribe at each interval until a probe is heard (no further reconnect: the
+  next rung is systemd's restart, below, and a new connection would postpone it).
   The systemd watchdog is a different question: not "is it broken?" but "would a restart of
   the gateway help?". A restart interrupts forwarding the stored alerts to the centres, and
   it brings back no broker. So the pings stop only where a restart can help:
@@ -255,7 +256,9 @@ class IntakeProbe:
         if now < self._next_repair_ms or busy or not self._connected():
             return  # not connected: the session reconnects by itself; nothing to repair yet
         self._next_repair_ms = now + self.deaf_after_ms
-        action = "resubscribe" if self._repairs % 2 == 0 else "reconnect"
+        # one reconnect only: another would give the new connection its own deafness
+        # interval, and keep the watchdog pinging past the ladder (restart_may_help)
+        action = "reconnect" if self._repairs == LADDER_RUNGS - 1 else "resubscribe"
         self._repairs += 1
         self.repairs.labels(action).inc()
         log.warning("health: intake deaf for %.1f s: %s", self.silent_ms(now) / 1000, action)
