@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from ansimi_testkit import SECRET
+from ansimi_testkit import SECRET, notified, notify_socket
 from gw_itkit import TOKEN, WAIT_S, Fleet, GatewayProcess, agents_running, centre_alerts
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
@@ -73,8 +73,11 @@ async def gateway(
     health: str = "",
     broker_port: int | None = None,
     quiet: bool = True,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
 ) -> AsyncIterator[GatewayProcess]:
-    """The real gateway process, ready (its intake proven by a probe heard back)."""
+    """The real gateway process, ready (its intake proven by a probe heard back) unless
+    not `wait_ready`."""
     api_port = free_port()
     path = fleet.write_config("gw-a", centre_url, api_port)
     text = path.read_text()
@@ -83,9 +86,10 @@ async def gateway(
     # top-level keys must come before the first table, [health] may come after the last
     path.write_text(f"{top}\n{text}\n[health]\n{health}\n")
     process = GatewayProcess(path, api_port)
-    process.start()
+    process.start(env=env)
     try:
-        await process.ready()
+        if wait_ready:
+            await process.ready()
         yield process
     finally:
         process.stop()
@@ -220,6 +224,90 @@ async def test_a_broker_restart_that_forgets_the_shared_subscription_is_repaired
                     assert time.monotonic() < deadline, gw.log.read_text()[-3000:]
                     await asyncio.sleep(0.2)
             await until(gw, green, WAIT_S)
+    finally:
+        broker.stop()
+
+
+# ---- the watchdog: pinging unless a restart may help (gateway/health.py) ----------------
+
+# a short deafness bound, so that the whole repair ladder (resubscribe at 2 s, reconnect at
+# 4 s, then a bound of the new connection) is over in ~7 s
+FAST_LADDER = "probe_s = 0.5\nintake_deaf_s = 2.0"
+LADDER_S = 10.0
+WATCHDOG_ENV = {"WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
+
+
+async def pings_within(sock: Any, seconds: float) -> int:
+    notified(sock)
+    await asyncio.sleep(seconds)
+    return notified(sock).count(b"WATCHDOG=1")
+
+
+async def test_the_watchdog_keeps_pinging_through_a_broker_outage(tmp_path: Path) -> None:
+    """A restart brings no broker back, and would interrupt forwarding: 503, but pings."""
+    broker = Mosquitto(MosquittoConfig(state_dir=tmp_path / "broker"))
+    broker.start()
+    try:
+        fleet = Fleet.create(tmp_path, broker, 0)
+        with notify_socket() as (path, sock):
+            async with (
+                sink(tmp_path) as centre,
+                gateway(
+                    fleet,
+                    centre.url,
+                    health=FAST_LADDER,
+                    env={"NOTIFY_SOCKET": path, **WATCHDOG_ENV},
+                ) as gw,
+            ):
+                assert await pings_within(sock, 1.0) >= 2
+                await asyncio.to_thread(broker.stop)
+                await until(gw, lambda s, b: s == 503 and b["mqtt"] == "disconnected", WAIT_S)
+                await asyncio.sleep(LADDER_S)  # deaf, well past the ladder's length
+                assert await pings_within(sock, 1.0) >= 2
+                assert deaf(*await healthz(gw))
+                await asyncio.to_thread(broker.start)
+                await until(gw, green, WAIT_S)
+                assert await pings_within(sock, 1.0) >= 2
+    finally:
+        broker.stop()
+
+
+async def test_connected_yet_deaf_past_the_ladder_stops_the_watchdog(tmp_path: Path) -> None:
+    """The broker takes our connection but drops our probes (an ACL that denies them):
+    resubscribe and reconnect do not help, so the pings stop and systemd would restart the
+    gateway. Once the broker delivers them again, the pings come back by themselves."""
+    acl = tmp_path / "acl"
+    deny = "topic deny ansimi/v1/gw-test/up/probe\n"
+    allow = "topic readwrite #\n"
+    acl.write_text(deny + allow)
+    broker = Mosquitto(MosquittoConfig(state_dir=tmp_path / "broker", acl_file=acl))
+    broker.start()
+    try:
+        fleet = Fleet.create(tmp_path, broker, 0)
+        with notify_socket() as (path, sock):
+            async with (
+                sink(tmp_path) as centre,
+                gateway(
+                    fleet,
+                    centre.url,
+                    health=FAST_LADDER,
+                    env={"NOTIFY_SOCKET": path, **WATCHDOG_ENV},
+                    wait_ready=False,
+                ) as gw,
+            ):
+                deadline = time.monotonic() + WAIT_S
+                while "watchdog pings withheld" not in gw.log.read_text():
+                    assert time.monotonic() < deadline, gw.log.read_text()[-3000:]
+                    await asyncio.sleep(0.2)
+                log = gw.log.read_text()
+                assert "intake deaf for" in log and ": reconnect" in log
+                assert await pings_within(sock, 2.0) == 0  # 10 intervals
+                status, body = await healthz(gw)
+                assert (status, body["mqtt"], body["failing"]) == (503, "connected", ["intake"])
+                acl.write_text(allow)
+                broker.reload()
+                await until(gw, green, WAIT_S)
+                assert await pings_within(sock, 1.0) >= 2
     finally:
         broker.stop()
 
