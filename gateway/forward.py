@@ -476,6 +476,7 @@ class Forwarder:
             task.add_done_callback(self._tasks.discard)
 
     async def _deliver(self, endpoint: _Endpoint, delivery: Delivery) -> None:
+        started_ms = self._clock_ms()
         try:
             try:
                 outcome = await endpoint.transport.send(
@@ -485,7 +486,7 @@ class Forwarder:
                 # a transport bug costs this attempt, never the worker or the delivery
                 log.exception("forward: %s to %s: bug", delivery.event_id, endpoint.name)
                 outcome = Outcome(f"internal error: {type(exc).__name__}")
-            await self._settle(endpoint, delivery, outcome)
+            await self._settle(endpoint, delivery, outcome, started_ms)
         except Exception:
             log.exception("forward: %s to %s: bug", delivery.event_id, endpoint.name)
         finally:
@@ -513,7 +514,9 @@ class Forwarder:
             endpoint.store_failures,
         )
 
-    async def _settle(self, endpoint: _Endpoint, delivery: Delivery, outcome: Outcome) -> None:
+    async def _settle(
+        self, endpoint: _Endpoint, delivery: Delivery, outcome: Outcome, started_ms: int
+    ) -> None:
         now = self._clock_ms()
         name = endpoint.name
         if outcome.ok:
@@ -536,7 +539,9 @@ class Forwarder:
             return
         attempt = delivery.attempts + 1
         assert outcome.error is not None
-        since = endpoint.failing.since_ms if endpoint.failing is not None else now
+        # failing since the first failed attempt began, not ended: a request that timed out
+        # must not push the centre's down report back by its timeout
+        since = endpoint.failing.since_ms if endpoint.failing is not None else started_ms
         endpoint.failing = Failing(since, outcome.error)
         if outcome.permanent:
             # the endpoint is up (it answered): not a reason to open its circuit

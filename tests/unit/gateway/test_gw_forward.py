@@ -348,3 +348,17 @@ async def test_a_failing_centre_says_since_when_until_it_takes_one_again() -> No
     r.clock.ms += 60_000
     await r.forwarder.pump()
     assert r.forwarder.failing() == {}
+
+
+async def test_a_centre_is_failing_since_its_first_failed_attempt_began() -> None:
+    r = rig("central")
+
+    async def times_out(delivery: Delivery, district: str) -> Outcome:
+        r.clock.ms += 5_000  # the request's timeout went by
+        return Outcome("TimeoutError")
+
+    r.centres["central"].send = times_out  # type: ignore[method-assign]
+    r.keep(1)
+    start = r.clock.ms
+    await r.forwarder.pump()
+    assert r.forwarder.failing()["central"].since_ms == start
