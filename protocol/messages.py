@@ -75,8 +75,11 @@ class Heartbeat(_Model):
 
 class Status(_Model):
     # online/offline: a device's, told by the gateway; disk_low/disk_ok: the gateway's own
-    # (gateway/health.py), signed by it about itself
+    # (gateway/health.py), signed by it about itself: never a device's (open_from_device)
     state: Literal["online", "offline", "disk_low", "disk_ok"]
+
+
+GATEWAY_STATES: Final[tuple[str, ...]] = ("disk_low", "disk_ok")
 
 
 class Rtc(_Model):

@@ -180,6 +180,24 @@ async def test_a_probe_not_from_this_gateway_now_is_refused_counted_and_proves_n
     )
 
 
+@pytest.mark.parametrize("state", ["disk_low", "disk_ok"])
+async def test_a_device_cannot_report_the_gateways_own_states(state: DiskState) -> None:
+    """disk_low/disk_ok are the gateway's, about itself: a bell's is refused, not kept."""
+    env = make_env()
+    intake = Intake(
+        env.store,
+        env.registry,
+        env.downlink,
+        env.metrics,
+        route=ROUTES.__getitem__,
+        window_ms=WINDOW_MS,
+        clock_ms=env.clock,
+    )
+    await intake.process([env.message(Status(state=state))])
+    assert env.event_count() == 0
+    assert env.rejected("topic_mismatch") == 1
+
+
 def test_a_late_probe_of_ours_proves_nothing_and_is_not_a_refusal() -> None:
     r = rig()
     late = seal_probe(Signer(GATEWAY, GATEWAY_KEY), "gw-a", r.clock.ms - DEAF_MS - 1)
