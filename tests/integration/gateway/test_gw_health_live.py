@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import time
@@ -237,15 +238,18 @@ LADDER_S = 10.0
 WATCHDOG_ENV = {"WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
 
 
-async def pings_within(sock: Any, seconds: float) -> int:
+async def pings_within(sock: socket.socket, seconds: float) -> int:
     notified(sock)
     await asyncio.sleep(seconds)
     return notified(sock).count(b"WATCHDOG=1")
 
 
-async def test_the_watchdog_keeps_pinging_through_a_broker_outage(tmp_path: Path) -> None:
-    """A restart brings no broker back, and would interrupt forwarding: 503, but pings."""
-    broker = Mosquitto(MosquittoConfig(state_dir=tmp_path / "broker"))
+@contextlib.asynccontextmanager
+async def watched(
+    tmp_path: Path, config: MosquittoConfig, *, wait_ready: bool = True
+) -> AsyncIterator[tuple[Mosquitto, GatewayProcess, socket.socket]]:
+    """A broker of our own, and the gateway on it, pinging a notify socket as systemd's."""
+    broker = Mosquitto(config)
     broker.start()
     try:
         fleet = Fleet.create(tmp_path, broker, 0)
@@ -257,19 +261,27 @@ async def test_the_watchdog_keeps_pinging_through_a_broker_outage(tmp_path: Path
                     centre.url,
                     health=FAST_LADDER,
                     env={"NOTIFY_SOCKET": path, **WATCHDOG_ENV},
+                    wait_ready=wait_ready,
                 ) as gw,
             ):
-                assert await pings_within(sock, 1.0) >= 2
-                await asyncio.to_thread(broker.stop)
-                await until(gw, lambda s, b: s == 503 and b["mqtt"] == "disconnected", WAIT_S)
-                await asyncio.sleep(LADDER_S)  # deaf, well past the ladder's length
-                assert await pings_within(sock, 1.0) >= 2
-                assert deaf(*await healthz(gw))
-                await asyncio.to_thread(broker.start)
-                await until(gw, green, WAIT_S)
-                assert await pings_within(sock, 1.0) >= 2
+                yield broker, gw, sock
     finally:
         broker.stop()
+
+
+async def test_the_watchdog_keeps_pinging_through_a_broker_outage(tmp_path: Path) -> None:
+    """A restart brings no broker back, and would interrupt forwarding: 503, but pings."""
+    config = MosquittoConfig(state_dir=tmp_path / "broker")
+    async with watched(tmp_path, config) as (broker, gw, sock):
+        assert await pings_within(sock, 1.0) >= 2
+        await asyncio.to_thread(broker.stop)
+        await until(gw, lambda s, b: s == 503 and b["mqtt"] == "disconnected", WAIT_S)
+        await asyncio.sleep(LADDER_S)  # deaf, well past the ladder's length
+        assert await pings_within(sock, 1.0) >= 2
+        assert deaf(*await healthz(gw))
+        await asyncio.to_thread(broker.start)
+        await until(gw, green, WAIT_S)
+        assert await pings_within(sock, 1.0) >= 2
 
 
 async def test_connected_yet_deaf_past_the_ladder_stops_the_watchdog(tmp_path: Path) -> None:
@@ -280,36 +292,21 @@ async def test_connected_yet_deaf_past_the_ladder_stops_the_watchdog(tmp_path: P
     deny = "topic deny ansimi/v1/gw-test/up/probe\n"
     allow = "topic readwrite #\n"
     acl.write_text(deny + allow)
-    broker = Mosquitto(MosquittoConfig(state_dir=tmp_path / "broker", acl_file=acl))
-    broker.start()
-    try:
-        fleet = Fleet.create(tmp_path, broker, 0)
-        with notify_socket() as (path, sock):
-            async with (
-                sink(tmp_path) as centre,
-                gateway(
-                    fleet,
-                    centre.url,
-                    health=FAST_LADDER,
-                    env={"NOTIFY_SOCKET": path, **WATCHDOG_ENV},
-                    wait_ready=False,
-                ) as gw,
-            ):
-                deadline = time.monotonic() + WAIT_S
-                while "watchdog pings withheld" not in gw.log.read_text():
-                    assert time.monotonic() < deadline, gw.log.read_text()[-3000:]
-                    await asyncio.sleep(0.2)
-                log = gw.log.read_text()
-                assert "intake deaf for" in log and ": reconnect" in log
-                assert await pings_within(sock, 2.0) == 0  # 10 intervals
-                status, body = await healthz(gw)
-                assert (status, body["mqtt"], body["failing"]) == (503, "connected", ["intake"])
-                acl.write_text(allow)
-                broker.reload()
-                await until(gw, green, WAIT_S)
-                assert await pings_within(sock, 1.0) >= 2
-    finally:
-        broker.stop()
+    config = MosquittoConfig(state_dir=tmp_path / "broker", acl_file=acl)
+    async with watched(tmp_path, config, wait_ready=False) as (broker, gw, sock):
+        deadline = time.monotonic() + WAIT_S
+        while "watchdog pings withheld" not in gw.log.read_text():
+            assert time.monotonic() < deadline, gw.log.read_text()[-3000:]
+            await asyncio.sleep(0.2)
+        log = gw.log.read_text()
+        assert "intake deaf for" in log and ": reconnect" in log
+        assert await pings_within(sock, 2.0) == 0  # 10 intervals
+        status, body = await healthz(gw)
+        assert (status, body["mqtt"], body["failing"]) == (503, "connected", ["intake"])
+        acl.write_text(allow)
+        broker.reload()
+        await until(gw, green, WAIT_S)
+        assert await pings_within(sock, 1.0) >= 2
 
 
 # ---- forwarding --------------------------------------------------------------------------

@@ -9,14 +9,14 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from ansimi_testkit import notified, notify_socket
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from gw_testkit import ALERT, GATEWAY, GATEWAY_KEY, ROUTES, WINDOW_MS, Clock, make_env
+from gw_testkit import ALERT, GATEWAY, GATEWAY_KEY, ROUTES, WINDOW_MS, Clock, Env, make_env
 
 from ansimi import sdnotify
 from ansimi.mqtt import Message as MqttMessage
@@ -112,10 +112,8 @@ async def hearing(r: Rig, ms: int) -> None:
 # ---- the probe on the intake's path --------------------------------------------------------
 
 
-async def test_a_probe_is_heard_back_and_is_neither_kept_nor_refused() -> None:
-    env = make_env()
-    r = rig()
-    intake = Intake(
+def intake_of(env: Env, on_probe: Callable[[MqttMessage], bool] | None = None) -> Intake:
+    return Intake(
         env.store,
         env.registry,
         env.downlink,
@@ -123,8 +121,14 @@ async def test_a_probe_is_heard_back_and_is_neither_kept_nor_refused() -> None:
         route=ROUTES.__getitem__,
         window_ms=WINDOW_MS,
         clock_ms=env.clock,
-        on_probe=r.probe.offer,
+        on_probe=on_probe,
     )
+
+
+async def test_a_probe_is_heard_back_and_is_neither_kept_nor_refused() -> None:
+    env = make_env()
+    r = rig()
+    intake = intake_of(env, on_probe=r.probe.offer)
     r.clock.ms = env.clock.ms
     await tick(r)
     ((topic, payload),) = r.sent
@@ -184,15 +188,7 @@ async def test_a_probe_not_from_this_gateway_now_is_refused_counted_and_proves_n
 async def test_a_device_cannot_report_the_gateways_own_states(state: DiskState) -> None:
     """disk_low/disk_ok are the gateway's, about itself: a bell's is refused, not kept."""
     env = make_env()
-    intake = Intake(
-        env.store,
-        env.registry,
-        env.downlink,
-        env.metrics,
-        route=ROUTES.__getitem__,
-        window_ms=WINDOW_MS,
-        clock_ms=env.clock,
-    )
+    intake = intake_of(env)
     await intake.process([env.message(Status(state=state))])
     assert env.event_count() == 0
     assert env.rejected("topic_mismatch") == 1
