@@ -19,8 +19,9 @@ The paths, and what a failure of each means:
     resubscribe and reconnect were both tried, and a whole deafness interval of the
     connection made since has passed without a probe: something in this process is wrong
     (its session, or an intake that stopped reading: a full intake queue pauses reading
-    from the broker, so a wedged intake is deaf too). With WatchdogSec=30 that is a restart
-    ~1 min into the deafness.
+    from the broker, so a wedged intake is deaf too once its queue fills; the probe is
+    taken before that queue, so a wedged writer with a short queue is not seen here).
+    With WatchdogSec=30 that is a restart ~1 min into the deafness.
   - *the event loop blocked*: the pings run on it, so they stop by themselves.
   While the broker is down or unreachable (not connected, or reconnecting), the pings go
   on, deaf as we are: the session reconnects by itself, and meanwhile the gateway keeps
