@@ -278,7 +278,13 @@ class IntakeProbe:
     async def run(self) -> None:
         try:
             while True:
-                await self.tick(self._clock_ms())
+                try:
+                    await self.tick(self._clock_ms())
+                except Exception:
+                    # a bug here must not end the probes (nor, in its task group, the gateway)
+                    log.exception(
+                        "health: probe round failed; next in %.1f s", self.every_ms / 1000
+                    )
                 await asyncio.sleep(self.every_ms / 1000)
         finally:
             if self._repairing is not None:

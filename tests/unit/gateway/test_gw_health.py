@@ -252,6 +252,42 @@ async def test_deaf_after_the_bound_repairs_alternately_and_hears_again_by_itsel
     assert r.repairs == ["resubscribe", "reconnect", "resubscribe", "resubscribe"]
 
 
+async def test_a_failed_probe_round_is_logged_and_the_next_one_goes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sent: list[str] = []
+
+    def publish(topic: str, payload: bytes) -> asyncio.Future[None]:
+        sent.append(topic)
+        if len(sent) == 1:
+            raise RuntimeError("a bug in the first round")
+        return asyncio.get_running_loop().create_future()
+
+    async def resubscribe() -> None:
+        pass
+
+    probe = IntakeProbe(
+        Signer(GATEWAY, GATEWAY_KEY),
+        "gw-a",
+        publish,
+        Metrics(),
+        connected=lambda: True,
+        resubscribe=resubscribe,
+        reconnect=lambda: None,
+        every_ms=10,
+        deaf_after_ms=1_000,
+    )
+    task = asyncio.create_task(probe.run())
+    try:
+        async with asyncio.timeout(10):
+            while len(sent) < 3:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert len([m for m in caplog.messages if "probe round failed" in m]) == 1
+
+
 async def test_while_disconnected_nothing_is_sent_or_repaired_but_it_is_deaf() -> None:
     r = rig()
     r.connected[0] = False
