@@ -537,3 +537,23 @@ class Session:
         waiter = self._subscribe_waiters.pop(mid, None)
         if waiter is not None and not waiter.done():
             waiter.set_result([r.value for r in reasons])
+
+    # ---- repair (used by the gateway's intake probe) ------------------------------------
+
+    async def resubscribe(self) -> list[int]:
+        """Send every subscription again now: a broker may keep a session yet forget one of
+        its subscriptions (mosquitto 2.0.11, a shared one across its restart: FIELD-NOTES)."""
+        if not self.connected:
+            raise NotConnected(f"mqtt {self.settings.client_id}: not connected")
+        return await self._send_subscribe(list(self._subscriptions))
+
+    def reconnect(self) -> None:
+        """Drop the connection now; `run()` connects again after its backoff. For a link
+        that looks up but carries nothing (black-holed): keepalive would take ~2x longer."""
+        was_connected = self._connected.is_set()
+        self._abort_socket()
+        self._connected.clear()
+        self._disconnected.set()
+        self._lost.set()
+        if was_connected and self._on_disconnect is not None:
+            self._on_disconnect()

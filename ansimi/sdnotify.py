@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Callable
 
 
 def notify(state: str) -> bool:
@@ -39,11 +40,16 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2_000_000
 
 
-async def watchdog_pings() -> None:
-    """Ping systemd's watchdog from the event loop until cancelled."""
+async def watchdog_pings(healthy: Callable[[], bool] | None = None) -> None:
+    """Ping systemd's watchdog from the event loop until cancelled.
+
+    With `healthy`, a ping goes only while it says True: a service that knows it is broken
+    in a way a restart may fix (the gateway's deaf intake) lets systemd restart it.
+    """
     interval = watchdog_interval()
     if interval is None:
         return
     while True:
-        notify("WATCHDOG=1")
+        if healthy is None or healthy():
+            notify("WATCHDOG=1")
         await asyncio.sleep(interval)

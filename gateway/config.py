@@ -165,6 +165,24 @@ class SuperviseConfig(_Section):
         return int(self.heartbeat_s * self.missed * 1000)
 
 
+class HealthConfig(_Section):
+    # seconds between the probes the gateway sends itself through the broker (gateway/health.py)
+    probe_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # no probe heard for this long: the intake is deaf (/healthz 503; repairs; gateway/health.py)
+    intake_deaf_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    # a centre failing for this long is reported (/healthz degraded, still 200)
+    centre_down_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+
+    @model_validator(mode="after")
+    def _hears_several(self) -> HealthConfig:
+        if self.intake_deaf_s < 2 * self.probe_s:
+            raise ValueError(
+                f"health.intake_deaf_s ({self.intake_deaf_s:g}) must be at least twice"
+                f" health.probe_s ({self.probe_s:g}): one late probe must not look deaf"
+            )
+        return self
+
+
 def _check_districts(districts: list[str]) -> list[str]:
     return [check_district(d, allow_all=True) for d in districts]
 
@@ -256,6 +274,8 @@ class GatewayConfig(_Section):
     id: DeviceId = "gw-local"
     signing_key: Path = Path("/var/lib/ansimi/gateway/signing.key")
     database: Path = Path("/var/lib/ansimi/gateway/gateway.db")
+    # free space kept for alerts on the database's file system: below it, a disk_low event
+    disk_reserve_mb: Annotated[float, Field(ge=0)] = 64.0
     mqtt: MqttConfig = MqttConfig()
     intake: IntakeConfig = IntakeConfig()
     forward: ForwardConfig = ForwardConfig()
@@ -264,6 +284,7 @@ class GatewayConfig(_Section):
     enrol: EnrolConfig = EnrolConfig()
     video: VideoConfig = VideoConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    health: HealthConfig = HealthConfig()
     centres: list[Centre] = []
     sia: list[SiaReceiver] = []
 

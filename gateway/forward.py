@@ -13,6 +13,15 @@ succeeds everything that waited flows again. Nothing is ever dropped: a centre t
 refuses a request outright (HTTP 4xx other than 408 and 429) still gets it again, at the
 longest backoff, logged as an error and counted apart, because a human has to fix
 something (a secret, a URL) and then the alert must still arrive.
+
+An outcome that cannot be recorded (the disk full, the database locked) is a failure too:
+the delivery stays due in the store, so the centre's worker rests for a backoff before it
+looks again, or it would resend the same alert as fast as the loop turns. Such a rest is
+counted per attempt and logged once per rest.
+
+Health: a centre failing (unreachable, or refusing) since its last success is reported by
+`failing()`, with since when and why; the gateway's health (gateway/health.py) shows one
+failing longer than its bound as degraded.
 """
 
 from __future__ import annotations
@@ -232,6 +241,14 @@ class CircuitBreaker:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class Failing:
+    """A centre that has not taken a delivery since `since_ms`: its latest error."""
+
+    since_ms: int
+    error: str
+
+
 @dataclass(eq=False)
 class _Endpoint:
     name: str
@@ -239,6 +256,11 @@ class _Endpoint:
     breaker: CircuitBreaker
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: set[str] = field(default_factory=set)
+    # outcomes the store could not record: nothing is started before `store_rest_until_ms`
+    store_failures: int = 0
+    store_rest_until_ms: int = 0
+    # since the first failed attempt after the last success (None: the last one succeeded)
+    failing: Failing | None = None
 
 
 class Forwarder:
@@ -299,8 +321,16 @@ class Forwarder:
             ["centre"],
             registry=registry,
         )
+        self.unrecorded = Counter(
+            "ansimi_forward_unrecorded_total",
+            "Delivery outcomes the store could not record (disk full?): the centre's worker"
+            " rests a backoff each time instead of resending at once",
+            ["centre"],
+            registry=registry,
+        )
         for name in self._endpoints:
             self.refused.labels(name)
+            self.unrecorded.labels(name)
             self.circuit.labels(name).set(0)
 
     def _transport(self, centre: Centre | SiaReceiver) -> Transport:
@@ -312,6 +342,10 @@ class Forwarder:
 
     def breaker(self, centre: str) -> CircuitBreaker:
         return self._endpoints[centre].breaker
+
+    def failing(self) -> dict[str, Failing]:
+        """Centres whose latest attempt failed, and since when they have been failing."""
+        return {n: e.failing for n, e in self._endpoints.items() if e.failing is not None}
 
     def wake(self) -> None:
         """New events were kept: look at the outbox now rather than at the next tick."""
@@ -410,6 +444,11 @@ class Forwarder:
             wait_s = self._poll_s
             if endpoint.breaker.state is Circuit.OPEN:
                 wait_s = min(wait_s, max(endpoint.breaker.retry_in_ms() / 1000, 0.01))
+            resting_ms = endpoint.store_rest_until_ms - self._clock_ms()
+            if resting_ms > 0:
+                # a wake-up (new events) must not cut the rest short: sleep it out
+                await asyncio.sleep(resting_ms / 1000)
+                continue
             # asyncio.timeout, not wait_for (which can swallow a cancellation in 3.11)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):
@@ -419,6 +458,8 @@ class Forwarder:
         free = endpoint.transport.concurrency - len(endpoint.in_flight)
         if free <= 0 or endpoint.breaker.state is Circuit.OPEN:
             return
+        if self._clock_ms() < endpoint.store_rest_until_ms:
+            return  # the store could not record the last outcomes: resting
         # those in flight are still due in the store: ask for enough to see past them
         due = await self._db(
             self._store.due_for, endpoint.name, self._clock_ms(), free + len(endpoint.in_flight)
@@ -435,6 +476,7 @@ class Forwarder:
             task.add_done_callback(self._tasks.discard)
 
     async def _deliver(self, endpoint: _Endpoint, delivery: Delivery) -> None:
+        started_ms = self._clock_ms()
         try:
             try:
                 outcome = await endpoint.transport.send(
@@ -444,20 +486,51 @@ class Forwarder:
                 # a transport bug costs this attempt, never the worker or the delivery
                 log.exception("forward: %s to %s: bug", delivery.event_id, endpoint.name)
                 outcome = Outcome(f"internal error: {type(exc).__name__}")
-            await self._settle(endpoint, delivery, outcome)
+            await self._settle(endpoint, delivery, outcome, started_ms)
         except Exception:
-            log.exception("forward: cannot record the outcome for %s", endpoint.name)
+            log.exception("forward: %s to %s: bug", delivery.event_id, endpoint.name)
         finally:
             endpoint.in_flight.discard(delivery.event_id)
             endpoint.wake.set()
 
-    async def _settle(self, endpoint: _Endpoint, delivery: Delivery, outcome: Outcome) -> None:
+    def _unrecorded(self, endpoint: _Endpoint, delivery: Delivery, exc: Exception) -> None:
+        """The store refused the outcome: it stays due, so rest a backoff before the next."""
+        self.unrecorded.labels(endpoint.name).inc()
+        now = self._clock_ms()
+        if now < endpoint.store_rest_until_ms:
+            return  # one of a round that failed together: already resting, already logged
+        rest_ms = self.backoff_ms(endpoint.store_failures)
+        endpoint.store_failures += 1
+        endpoint.store_rest_until_ms = now + rest_ms
+        log.error(
+            "forward: cannot record the outcome of %s to %s (%s: %s); resting %.1f s before"
+            " sending to %s again (failure %d in a row)",
+            delivery.event_id,
+            endpoint.name,
+            type(exc).__name__,
+            exc,
+            rest_ms / 1000,
+            endpoint.name,
+            endpoint.store_failures,
+        )
+
+    async def _settle(
+        self, endpoint: _Endpoint, delivery: Delivery, outcome: Outcome, started_ms: int
+    ) -> None:
         now = self._clock_ms()
         name = endpoint.name
         if outcome.ok:
+            if endpoint.failing is not None:
+                log.warning("forward: %s takes deliveries again", name)
+            endpoint.failing = None
             if endpoint.breaker.success():
                 log.warning("forward: %s answers again: circuit closed", name)
-            first = await self._record_delivered(delivery.event_id, name)
+            try:
+                first = await self._record_delivered(delivery.event_id, name)
+            except Exception as exc:
+                self._unrecorded(endpoint, delivery, exc)
+                return
+            endpoint.store_failures = 0
             self._metrics.forwarded.labels(name).inc()
             if first:
                 result = self._on_first_delivery(delivery)
@@ -465,6 +538,11 @@ class Forwarder:
                     await result
             return
         attempt = delivery.attempts + 1
+        assert outcome.error is not None
+        # failing since the first failed attempt began, not ended: a request that timed out
+        # must not push the centre's down report back by its timeout
+        since = endpoint.failing.since_ms if endpoint.failing is not None else started_ms
+        endpoint.failing = Failing(since, outcome.error)
         if outcome.permanent:
             # the endpoint is up (it answered): not a reason to open its circuit
             endpoint.breaker.success()
@@ -496,5 +574,9 @@ class Forwarder:
                     attempt,
                     outcome.error,
                 )
-        assert outcome.error is not None
-        await self._db(self._store.failed, delivery.event_id, name, retry_at, outcome.error)
+        try:
+            await self._db(self._store.failed, delivery.event_id, name, retry_at, outcome.error)
+        except Exception as exc:
+            self._unrecorded(endpoint, delivery, exc)
+        else:
+            endpoint.store_failures = 0

@@ -196,6 +196,7 @@ class Intake:
         supervisor: Supervisor | None = None,
         on_rtc: Callable[[str, Rtc], None] | None = None,
         secondary: SecondaryPathWatch | None = None,
+        on_probe: Callable[[MqttMessage], bool] | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -212,6 +213,8 @@ class Intake:
         self._on_rtc = on_rtc
         # judges the SMS path's health each heartbeat carries (gateway/secondary.py)
         self._secondary = secondary
+        # the gateway's intake probes (gateway/health.py): True when it took the message
+        self._on_probe = on_probe
         self._queue: list[MqttMessage] = []
         self._wake = asyncio.Event()
         # at queue_max messages waiting, on_backlog(True) (the gateway stops reading from
@@ -229,6 +232,8 @@ class Intake:
 
     def submit(self, message: MqttMessage) -> None:
         """Called for every uplink MQTT message, on the loop, without blocking."""
+        if self._on_probe is not None and self._on_probe(message):
+            return  # a probe: not a device's message, so not checked, kept or refused here
         self._queue.append(message)
         if not self._behind and len(self._queue) >= self._queue_max:
             self._set_behind(True)

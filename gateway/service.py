@@ -1,4 +1,10 @@
-"""The gateway as one service: MQTT session, intake, forwarding, as named tasks."""
+"""The gateway as one service: MQTT session, intake, forwarding, as named tasks.
+
+Its health (gateway/health.py): the intake proves itself with probes the gateway sends
+itself; a deaf intake answers /healthz with 503, and stops the watchdog pings only where a
+restart may help (connected, yet deaf past resubscribe and reconnect); a centre down or the
+disk low is degraded (200, reported). The rule for each path is written there.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ansimi import sdnotify
 from ansimi.mqtt import Message, Session, Settings, TlsFiles
@@ -15,14 +21,16 @@ from gateway.config import GatewayConfig
 from gateway.downlink import Downlink
 from gateway.enrol import attach_if_site
 from gateway.forward import Forwarder, HttpsCentre, Transport
+from gateway.health import DiskState, DiskWatch, Health, IntakeProbe
 from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
 from gateway.private import PrivateRoutes, Vault, open_vault
 from gateway.secondary import SecondaryPathWatch
-from gateway.store import Delivery, SqliteStore, Store
+from gateway.store import Delivery, Incoming, SqliteStore, Store
 from gateway.supervise import Supervisor
 from protocol.jws import Signer
 from protocol.keys import load_private_key
+from protocol.messages import Status
 from protocol.topics import UP_FILTER, shared_up_filter
 
 if TYPE_CHECKING:
@@ -114,6 +122,34 @@ class Gateway:
             from gateway.video.hub import VideoHub
 
             self.video = VideoHub(config.video, self.downlink.send, signer)
+        health = config.health
+        self.probe = IntakeProbe(
+            signer,
+            self.session.settings.client_id,
+            lambda topic, payload: self.session.publish(topic, payload, qos=0),
+            self.metrics,
+            connected=lambda: self.session.connected,
+            resubscribe=self.session.resubscribe,
+            reconnect=self.session.reconnect,
+            every_ms=int(health.probe_s * 1000),
+            deaf_after_ms=int(health.intake_deaf_s * 1000),
+        )
+        self.disk = DiskWatch(
+            self.store,
+            int(config.disk_reserve_mb * 1_000_000),
+            self.metrics,
+            make_event=self._site_event,
+            on_event=self.forwarder.wake,
+        )
+        self.health = Health(
+            self.probe,
+            self.metrics,
+            connected=lambda: self.session.connected,
+            centres=[c.name for c in config.centres] + [s.name for s in config.sia],
+            failing_centres=self.forwarder.failing,
+            centre_down_after_ms=int(health.centre_down_s * 1000),
+            disk=self.disk,
+        )
         self.intake = Intake(
             self.store,
             self.registry,
@@ -129,6 +165,7 @@ class Gateway:
             supervisor=self.supervisor,
             secondary=self.secondary,
             on_rtc=self.video.on_rtc if self.video is not None else None,
+            on_probe=self.probe.offer,
         )
         self.api = Api(
             self.store,
@@ -137,6 +174,7 @@ class Gateway:
             self.metrics,
             config.api.tokens,
             connected=lambda: self.session.connected,
+            health=self._healthz,
         )
         self.api.add_routes(
             PrivateRoutes(self.store, self.vault, on_revoked=self.registry.refresh).routes()
@@ -164,10 +202,13 @@ class Gateway:
             self.session.resume_reading()
 
     def _on_connect(self, session_present: bool) -> None:
-        self.supervisor.resume(time.time_ns() // 1_000_000)
+        now_ms = time.time_ns() // 1_000_000
+        self.supervisor.resume(now_ms)
+        self.probe.connection_up(now_ms)
 
     def _on_disconnect(self) -> None:
         self.supervisor.pause()
+        self.probe.connection_down()
 
     def _route_of(self, device_id: str) -> tuple[str, ...] | None:
         device = self.registry.device(device_id)
@@ -182,6 +223,30 @@ class Gateway:
     def _on_first_delivery(self, delivery: Delivery) -> None:
         if delivery.type == "alert":
             self.downlink.ack(delivery.device_id, delivery.event_id, "delivered")
+
+    def _site_event(self, state: DiskState) -> Incoming | None:
+        """A status event about the gateway itself, signed by it, as supervision makes a
+        device's (gateway/supervise.py): for the HTTPS centres, which check it with the
+        gateway's key; an SIA receiver has no code for it."""
+        centres = tuple(c.name for c in self.config.centres)
+        if not centres:
+            return None
+        message, token = self.downlink.sealed(self.config.id, Status(state=state))
+        return Incoming(
+            event_id=message.id,
+            device_id=self.config.id,
+            seq=message.seq,
+            type=message.type,
+            ts_ms=message.ts,
+            body_json=message.body.model_dump_json(),
+            jws=token,
+            centres=centres,
+            kept=True,
+        )
+
+    def _healthz(self, detail: bool) -> tuple[int, dict[str, Any]]:
+        report = self.health.report()
+        return report.http_status, report.body if detail else report.summary
 
     def subscription(self) -> str:
         group = self.config.mqtt.shared_group
@@ -199,7 +264,9 @@ class Gateway:
                 if self.config.intake.registry_reload_s > 0:
                     reload_s = self.config.intake.registry_reload_s
                     tasks.create_task(self.registry.watch(reload_s), name="registry")
-                tasks.create_task(sdnotify.watchdog_pings(), name="watchdog")
+                tasks.create_task(sdnotify.watchdog_pings(self.health.watchdog_ok), name="watchdog")
+                # also with no reserve (0): its WAL checkpoints keep the database file small
+                tasks.create_task(self.disk.run(), name="disk")
                 if self.video is not None:
                     tasks.create_task(self.video.run(), name="video")
                 if self.config.api.enabled:
@@ -207,6 +274,8 @@ class Gateway:
                     tasks.create_task(self.api.serve(api.host, api.port, self.api_tls), name="api")
                 await self.session.wait_connected()
                 await self.session.subscribe([(self.subscription(), 1)])
+                self.probe.start(time.time_ns() // 1_000_000)
+                tasks.create_task(self.probe.run(), name="probe")
                 self.ready.set()
                 sdnotify.notify("READY=1")
                 log.info("gateway %s: listening on %s", self.config.id, self.subscription())

@@ -3,14 +3,23 @@
 SQLite in WAL mode with `synchronous=FULL`: when `accept()` returns, the events are on
 disk, and only then may a `received` ack go out. One connection, used from one thread
 (the intake's writer), so group commit is simply "one transaction per batch".
+
+A nearly full disk must never wedge the gateway. SQLite's automatic checkpoints copy the
+WAL into the database but never shrink the WAL file, and below 1,000 pages they do not run
+at all, so the data can live in a WAL that cannot grow while the checkpoint that would
+empty it needs the database file to grow. So: `journal_size_limit` cuts the WAL back after
+every checkpoint, `checkpoint()` (TRUNCATE, run every minute and at every look while the
+disk is low: gateway/health.py) empties it, and a transaction whose COMMIT fails (disk
+full) is rolled back rather than left open, where it would make every later BEGIN fail.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -75,6 +84,11 @@ CREATE TABLE IF NOT EXISTS device_private (
 
 
 BUSY_TIMEOUT_S = 30.0
+# the WAL file is cut back to this after each checkpoint
+JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
+# a TRUNCATE checkpoint waits this long at most for other instances' readers (and holds our
+# connection meanwhile): a busy one is simply tried again at the next
+CHECKPOINT_BUSY_MS = 200
 # events deleted per transaction by purge_closed (see there)
 PURGE_BATCH = 1_000
 # revoking again keeps the first time: that is when the device stopped being trusted
@@ -218,6 +232,11 @@ class Store(Protocol):
     def reseal_private(self, reseal: Callable[[str, str], str]) -> int: ...
     def decommission(self, device_id: str, now_ms: int) -> bool: ...
     def purge_closed(self, closed_before_ms: int, *, dry_run: bool) -> int: ...
+    # the gateway's own events (disk_low): about no device
+    def add_site_event(self, item: Incoming, now_ms: int) -> None: ...
+    # free bytes where the data lives; None when that is not a local file system
+    def free_bytes(self) -> int | None: ...
+    def checkpoint(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -227,17 +246,22 @@ STAGE_ORDER: dict[str, int] = {
 
 
 @contextmanager
-def transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[sqlite3.Connection]:
+def transaction(
+    db: sqlite3.Connection, lock: AbstractContextManager[Any]
+) -> Iterator[sqlite3.Connection]:
     """One write transaction on a connection shared under `lock` (BEGIN IMMEDIATE takes
     the write lock up front, so two writers wait instead of failing half-way)."""
     with lock:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # also when COMMIT itself failed (disk full): a transaction left open would make
+            # every later BEGIN fail. SQLite may have rolled it back already (SQLITE_FULL).
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
 
 class SqliteStore:
@@ -255,6 +279,7 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._migrate()
@@ -649,6 +674,39 @@ class SqliteStore:
             purged += len(ids)
             if len(ids) < PURGE_BATCH:
                 return purged
+
+    # ---- the gateway's own events, and the disk --------------------------------------------
+
+    def add_site_event(self, item: Incoming, now_ms: int) -> None:
+        """Keep an event about the gateway itself (disk_low), forwarded like any other.
+
+        It names the gateway as its device, and the gateway is no device: the devices
+        reference is off for this one insert (a pragma that only changes between
+        transactions, hence under the lock around both).
+        """
+        with self._lock:
+            self._db.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with transaction(self._db, nullcontext()) as db:  # the lock is held already
+                    self._insert_event(db, item, now_ms)
+            finally:
+                self._db.execute("PRAGMA foreign_keys=ON")
+
+    def free_bytes(self) -> int | None:
+        if str(self.path) == ":memory:":
+            return None
+        stat = os.statvfs(self.path.parent)
+        return stat.f_bavail * stat.f_frsize
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and cut the WAL file to nothing, if no other
+        instance is reading; otherwise as much as it can, and the next call does the rest."""
+        with self._lock:
+            self._db.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
 
     def close(self) -> None:
         with self._lock:

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 from protocol.errors import Oversized, TopicMismatch
 from protocol.jws import MAX_TOKEN_BYTES, KeyResolver, Signer, verify
-from protocol.messages import DOWN_TYPES, UP_TYPES, Message, dump_message, parse_message
+from protocol.messages import (
+    DOWN_TYPES,
+    GATEWAY_STATES,
+    UP_TYPES,
+    Message,
+    StatusMessage,
+    dump_message,
+    parse_message,
+)
 from protocol.topics import Topic
 
 
@@ -59,6 +67,11 @@ def open_from_device(
         raise TopicMismatch(
             f"device {msg.device!r} sent a {msg.type!r} message; devices send only "
             f"{', '.join(UP_TYPES)}"
+        )
+    if isinstance(msg, StatusMessage) and msg.body.state in GATEWAY_STATES:
+        raise TopicMismatch(
+            f"device {msg.device!r} sent a status {msg.body.state!r}: a state only the"
+            " gateway reports"
         )
     if topic is not None:
         _match_topic(opened, topic, "up")

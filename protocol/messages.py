@@ -110,13 +110,24 @@ class Heartbeat(_Model):
     secondary: SecondaryPath | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
-# A device signs online/offline (its last will); the gateway signs the secondary path's
-# changes it derives from heartbeats (gateway/secondary.py), like its own offline events.
-StatusState = Literal["online", "offline", "secondary_path_down", "secondary_path_up"]
+# A device signs online/offline (its last will). The gateway signs the others about what it
+# derives: the secondary path's changes from heartbeats (gateway/secondary.py) and its own
+# disk (gateway/health.py); a device may never send those (protocol/envelope.py refuses them).
+StatusState = Literal[
+    "online", "offline", "secondary_path_down", "secondary_path_up", "disk_low", "disk_ok"
+]
 
 
 class Status(_Model):
     state: StatusState
+
+
+GATEWAY_STATES: Final[tuple[str, ...]] = (
+    "secondary_path_down",
+    "secondary_path_up",
+    "disk_low",
+    "disk_ok",
+)
 
 
 class Rtc(_Model):

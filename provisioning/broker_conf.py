@@ -62,6 +62,8 @@ def render_acl(gateway_ids: Sequence[str], revoked_ids: Iterable[str] = ()) -> s
             "# (mosquitto checks the topic of each delivered message, not the filter)",
             f"topic read {GATEWAY_READ}",
             f"topic write {GATEWAY_WRITE}",
+            "# its intake probe (protocol/probe.py), heard back through the read above",
+            f"topic write {TOPIC_ROOT}/{gateway}/up/probe",
         ]
     devices = [r for r in revoked if r not in gateways]
     if devices:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 from aiohttp import web
@@ -55,3 +57,25 @@ async def centre(tmp_path: Path, secret: str = SECRET) -> AsyncIterator[tuple[Re
     finally:
         await runner.cleanup()
         receiver.events.close()
+
+
+@contextlib.contextmanager
+def notify_socket() -> Iterator[tuple[str, socket.socket]]:
+    """A socket standing in for systemd's NOTIFY_SOCKET: its path and the socket to read
+    (non-blocking). In a short folder: AF_UNIX paths are limited to 107 bytes."""
+    with (
+        tempfile.TemporaryDirectory(prefix="ansimi-nt-") as folder,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+    ):
+        sock.bind(f"{folder}/notify")
+        sock.setblocking(False)
+        yield f"{folder}/notify", sock
+
+
+def notified(sock: socket.socket) -> list[bytes]:
+    """Every notification waiting on a notify_socket(), without waiting for more."""
+    got = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            got.append(sock.recv(4096))
+    return got

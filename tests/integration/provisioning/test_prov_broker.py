@@ -24,6 +24,7 @@ from prov_broker_kit import Client, Identities, running, settings, wait_for_log
 
 from ansimi.broker import Mosquitto, free_port
 from ansimi.mqtt import MqttError, TlsFiles
+from protocol.probe import probe_topic
 from provisioning import pki
 from provisioning.broker_conf import current_user
 from provisioning.errors import BrokerControlError
@@ -133,6 +134,20 @@ async def test_gateway_receives_through_a_shared_subscription(
         await gw.session.subscribe([(f"$share/gateways/{UP_ALL}", 1)])
         await asyncio.wait_for(dev.session.publish(up("bell-0001"), b"help"), 5)
         assert await receive(gw) == (up("bell-0001"), b"help")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_the_gateway_hears_its_own_probe_and_a_device_cannot_send_one(
+    broker: Mosquitto, site: Site, ids: Identities, version: int
+) -> None:
+    probe = probe_topic(site.gateway_id)
+    async with gateway_and_devices(broker, ids, "bell-0001", version=version) as (gw, dev):
+        await gw.session.subscribe([(f"$share/gateways/{UP_ALL}", 1)])
+        await publish_denied(dev, probe, b"forged probe", version)
+        await asyncio.wait_for(gw.session.publish(probe, b"probe"), 5)
+        # same subscriber: had the forgery gone through it would be first
+        assert await receive(gw) == (probe, b"probe")
+        await gw.nothing_more()
 
 
 async def test_a_certificate_from_another_ca_is_refused(broker: Mosquitto, ids: Identities) -> None:

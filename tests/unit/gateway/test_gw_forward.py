@@ -98,11 +98,13 @@ def rig(*names: str, **forward: float) -> Rig:
     centres = {name: FakeCentre() for name in names}
     first: list[str] = []
     config = ForwardConfig(
-        backoff_min_s=1.0,
-        backoff_max_s=60.0,
-        breaker_failures=3,
-        breaker_open_s=10.0,
-        **forward,  # type: ignore[arg-type]
+        **{  # type: ignore[arg-type]
+            "backoff_min_s": 1.0,
+            "backoff_max_s": 60.0,
+            "breaker_failures": 3,
+            "breaker_open_s": 10.0,
+            **forward,
+        }
     )
     forwarder = Forwarder(
         store,
@@ -287,12 +289,76 @@ async def test_deliveries_that_succeed_together_are_recorded_in_one_commit() -> 
     assert 1 <= r.store.commits <= 4  # not one fsync per delivery
 
 
-async def test_a_success_that_cannot_be_recorded_is_sent_again() -> None:
+async def test_a_success_that_cannot_be_recorded_rests_a_backoff_then_goes_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     r = rig("central")
     r.keep(3)
     r.store.broken = True
     assert await r.forwarder.pump() == 3
     assert r.store.waiting_count() == 3 and r.first == []
+    # still due in the store, but not sent again at once (it was ~500 times a second)
+    for _ in range(5):
+        assert await r.forwarder.pump() == 0
+    assert r.sample("ansimi_forward_unrecorded_total", {"centre": "central"}) == 3
+    # one log line for the three that failed together, not one per attempt
+    assert len([m for m in caplog.messages if "cannot record" in m]) == 1
+    r.clock.ms += 2_001  # the first rest: backoff_min 1 s, doubled, jittered
     r.store.broken = False
-    assert await r.forwarder.pump() == 3  # still due: the centre gets them again, drops them
+    assert await r.forwarder.pump() == 3  # the centre gets them again, drops the repeats
     assert r.store.waiting_count() == 0 and len(r.first) == 3
+
+
+async def test_a_failure_that_cannot_be_recorded_rests_longer_each_time() -> None:
+    r = rig("central", breaker_failures=100)  # the circuit is not what this is about
+    r.centres["central"].default = Outcome("HTTP 503")
+    r.keep(1)
+
+    def broken_failed(event_id: str, centre: str, next_attempt_ms: int, error: str) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    r.store.failed = broken_failed  # type: ignore[method-assign]
+    assert await r.forwarder.pump() == 1
+    rests = []
+    for _ in range(6):
+        start = r.clock.ms
+        for _ in range(1_000):  # bounded: 100 s of the fake clock, past backoff_max
+            if await r.forwarder.pump():
+                break
+            r.clock.ms += 100
+        else:
+            raise AssertionError("never sent again")
+        rests.append(r.clock.ms - start)
+    assert all(rest >= 1_000 for rest in rests)  # never again at once
+    assert rests[-1] > rests[0]  # exponential, like any failure's backoff
+    assert r.sample("ansimi_forward_unrecorded_total", {"centre": "central"}) == 7
+
+
+async def test_a_failing_centre_says_since_when_until_it_takes_one_again() -> None:
+    r = rig("central", "mapo")
+    r.centres["central"].script = [Outcome("HTTP 503"), Outcome("ClientConnectorError")]
+    r.keep(1)
+    start = r.clock.ms
+    await r.forwarder.pump()
+    assert list(r.forwarder.failing()) == ["central"]
+    r.clock.ms += 60_000
+    await r.forwarder.pump()
+    failing = r.forwarder.failing()["central"]
+    assert (failing.since_ms, failing.error) == (start, "ClientConnectorError")
+    r.clock.ms += 60_000
+    await r.forwarder.pump()
+    assert r.forwarder.failing() == {}
+
+
+async def test_a_centre_is_failing_since_its_first_failed_attempt_began() -> None:
+    r = rig("central")
+
+    async def times_out(delivery: Delivery, district: str) -> Outcome:
+        r.clock.ms += 5_000  # the request's timeout went by
+        return Outcome("TimeoutError")
+
+    r.centres["central"].send = times_out  # type: ignore[method-assign]
+    r.keep(1)
+    start = r.clock.ms
+    await r.forwarder.pump()
+    assert r.forwarder.failing()["central"].since_ms == start

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from protocol.probe import probe_topic
 from provisioning.broker_conf import BrokerFiles, broker_config, render_acl
 from provisioning.errors import InvalidName
 
@@ -35,6 +36,8 @@ def test_gateway_reads_all_up_and_writes_all_down_in_its_own_user_block() -> Non
         "user gw-alpha",
         "topic read ansimi/v1/+/up/#",
         "topic write ansimi/v1/+/down/#",
+        # its intake probe, on the topic protocol/probe.py builds
+        f"topic write {probe_topic('gw-alpha')}",
     ]
 
 
