@@ -23,7 +23,7 @@ from protocol import (
     Status,
     build_message,
 )
-from protocol.messages import SecondaryPath, SimState, StatusState
+from protocol.messages import GATEWAY_STATES, SecondaryPath, SimState, StatusState
 
 DEVICE = "bell-0001"
 GATEWAY = "gw-seoul-1"
@@ -120,4 +120,10 @@ def messages_of(body: st.SearchStrategy[Any]) -> st.SearchStrategy[Message]:
 
 
 messages = st.one_of([messages_of(b) for b in BODIES.values()])
-up_messages = st.one_of([messages_of(BODIES[t]) for t in UP_TYPES])
+# what a device may send: every type it sends, but no status only the gateway reports
+device_statuses = st.builds(
+    Status, state=st.sampled_from([s for s in get_args(StatusState) if s not in GATEWAY_STATES])
+)
+up_messages = st.one_of(
+    [messages_of(device_statuses if t == "status" else BODIES[t]) for t in UP_TYPES]
+)
