@@ -35,6 +35,7 @@ from protocol.forwarding import (
     signature_matches,
 )
 from protocol.jws import verify
+from protocol.numbers import Malformed, parse_whole
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +233,13 @@ class Receiver:
             return "body too large"
         timestamp = request.headers.get(TIMESTAMP_HEADER, "")
         signature = request.headers.get(SIGNATURE_HEADER, "")
-        if not timestamp.isdigit() or abs(int(timestamp) - self._clock_ms()) > self._max_skew_ms:
-            return "timestamp missing or outside the allowed skew"
+        try:
+            # strict ASCII: '²' passes isdigit() and then breaks int()
+            sent_ms = parse_whole(timestamp, TIMESTAMP_HEADER)
+        except Malformed:
+            return "timestamp missing or not a whole number"
+        if abs(sent_ms - self._clock_ms()) > self._max_skew_ms:
+            return "timestamp outside the allowed skew"
         if not signature_matches(self._secret, timestamp, body, signature):
             return "bad signature"
         try:

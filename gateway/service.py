@@ -128,6 +128,7 @@ class Gateway:
             self.metrics,
             config.api.tokens,
             connected=lambda: self.session.connected,
+            read_timeout_s=config.api.read_timeout_s,
         )
         self.api.add_routes(
             PrivateRoutes(self.store, self.vault, on_revoked=self.registry.refresh).routes()

@@ -8,10 +8,12 @@ import io
 import json
 from pathlib import Path
 
+import aiohttp
 import pytest
-from console_testkit import TOKEN, FakeGateway, delivery, desk, registry_entry
+from console_testkit import PASSWORD, TOKEN, FakeGateway, delivery, desk, registry_entry
 
 from console.operators import OperatorExists, Operators, hash_password, password_matches
+from console.web import LOGIN_FREE_FAILURES, login_delay_ms
 
 
 def test_passwords_are_salted_scrypt_and_checked() -> None:
@@ -166,13 +168,43 @@ async def test_sign_out_ends_the_session(tmp_path: Path) -> None:
 
 
 async def test_repeated_failed_sign_ins_are_slowed_and_audited(tmp_path: Path) -> None:
-    async with desk(tmp_path) as d:
-        for _ in range(5):
+    clock = [1_000_000]
+    async with desk(tmp_path, clock_ms=lambda: clock[0]) as d:
+        for _ in range(LOGIN_FREE_FAILURES):
             assert await d.sign_in(password="wrong password!") == 401
-        # now even the right password waits
-        assert await d.sign_in() == 429
+        # now even the right password waits, and is told for how long
+        async with d.client.post(
+            "/api/login", json={"name": "kim", "password": PASSWORD}
+        ) as response:
+            assert response.status == 429
+            first_wait_s = int(response.headers["Retry-After"])
+        clock[0] += first_wait_s * 1000
+        assert await d.sign_in(password="wrong password!") == 401
+        # the next wait is longer: a delay that grows, not a lock
+        async with d.client.post(
+            "/api/login", json={"name": "kim", "password": PASSWORD}
+        ) as response:
+            assert response.status == 429
+            assert int(response.headers["Retry-After"]) > first_wait_s
+        clock[0] += login_delay_ms(LOGIN_FREE_FAILURES + 1)
+        assert await d.sign_in() == 200
         actions = [row[3] for row in d.console.operators.audit_rows()]
-        assert actions.count("login_failed") == 5 and "login_refused" in actions
+        assert actions.count("login_failed") == LOGIN_FREE_FAILURES + 1
+        assert "login_refused" in actions
+
+
+async def test_nobody_elsewhere_can_lock_an_operator_out(tmp_path: Path) -> None:
+    """The failures of an attacker at another address do not slow the operator's desk."""
+    async with desk(tmp_path) as d:
+        attacker = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(connector=attacker) as elsewhere:
+            url = d.client.make_url("/api/login")
+            statuses = []
+            for _ in range(LOGIN_FREE_FAILURES + 3):
+                async with elsewhere.post(url, json={"name": "kim", "password": "guess!"}) as r:
+                    statuses.append(r.status)
+        assert statuses[-1] == 429  # the attacker is slowed down...
+        assert await d.sign_in() == 200  # ...the operator at their own desk is not
 
 
 async def test_the_page_learns_what_keeps_alerts_away(tmp_path: Path) -> None:
