@@ -111,7 +111,12 @@ class Session:
 def hash_password(password: str, salt: bytes | None = None) -> str:
     salt = salt if salt is not None else secrets.token_bytes(16)
     digest = hashlib.scrypt(
-        password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32
+        password.encode("utf-8", "surrogatepass"),
+        salt=salt,
+        n=SCRYPT_N,
+        r=SCRYPT_R,
+        p=SCRYPT_P,
+        dklen=32,
     )
     return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
 
@@ -122,7 +127,8 @@ def password_matches(password: str, stored: str) -> bool:
         if scheme != "scrypt":
             return False
         digest = hashlib.scrypt(
-            password.encode(),
+            # JSON may carry a lone surrogate ("\udcb2"): it must cost a check, not a 500
+            password.encode("utf-8", "surrogatepass"),
             salt=bytes.fromhex(salt_hex),
             n=int(n),
             r=int(r),
@@ -142,6 +148,10 @@ def check_hash(password: str, stored: str | None) -> bool:
     """`stored` None (no such operator) costs as long as a wrong password."""
     matches = password_matches(password, stored or _DUMMY_HASH)
     return stored is not None and matches
+
+
+def valid_name(name: str) -> bool:
+    return 1 <= len(name) <= 64 and set(name) <= NAME_CHARS
 
 
 def _sha(token: str) -> str:
@@ -165,7 +175,7 @@ class Operators:
     # ---- accounts ---------------------------------------------------------------------
 
     def add(self, name: str, password: str, districts: Sequence[str] = ALL_DISTRICTS) -> None:
-        if not (1 <= len(name) <= 64) or not set(name) <= NAME_CHARS:
+        if not valid_name(name):
             raise BadOperatorName(f"operator name {name!r}: use 1-64 of a-z, 0-9, '-', '_' and '.'")
         if len(password) < 10:
             raise WeakPassword("the password must have at least 10 characters")
@@ -214,7 +224,7 @@ class Operators:
         return tuple(str(row[0]).split(",")) if row else ()
 
     def session(self, token: str | None) -> Session | None:
-        if not token:
+        if not token or not token.isascii():  # ours are; a stray byte is no session, no 500
             return None
         now = self._clock_ms()
         key = _sha(token)

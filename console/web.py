@@ -42,7 +42,7 @@ from aiohttp import web
 from ansimi.httpguard import READ_TIMEOUT_S, SlowClientGuard, bad_path_id, check_app_routes
 from console.directory import Directory
 from console.gateway_client import STAGES, GatewayClient, GatewayError
-from console.operators import Operators, Session, check_hash
+from console.operators import Operators, Session, check_hash, valid_name
 from console.receiver import ReceivedEvent, Receiver
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,10 @@ class ConsoleApp:
                 return web.json_response({"error": "sign in first"}, status=401)
             if request.method not in ("GET", "HEAD", "OPTIONS"):
                 given = request.headers.get(CSRF_HEADER, "")
-                if not hmac.compare_digest(given.encode(), session.csrf.encode()):
+                # ASCII only: a byte outside it arrives as a lone surrogate (no 500 for it)
+                if not given.isascii() or not hmac.compare_digest(
+                    given.encode(), session.csrf.encode()
+                ):
                     return web.json_response({"error": "missing or wrong CSRF token"}, status=403)
             request[SESSION_KEY] = session
             problem = bad_path_id(request, also=ROUTE_WORDS)
@@ -311,6 +314,10 @@ class ConsoleApp:
             password = str(data["password"])
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": "send JSON {name, password}"}, status=400)
+        if not valid_name(name):
+            # no operator has it; it goes nowhere (SQL, the audit) as it is, and costs a
+            # wrong password's time like any unknown name
+            name = "(not a valid name)"
         # keyed on the name AND the address: failures from elsewhere never slow the
         # operator down at their own desk
         key = (name, request.remote or "")

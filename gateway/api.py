@@ -297,7 +297,9 @@ class Api:
 
     def _token_of(self, request: web.Request) -> ApiToken | None:
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not presented:
+        # tokens are ASCII; a header byte outside it (aiohttp hands it over as a lone
+        # surrogate, which cannot be encoded) is simply no token, not a 500
+        if scheme.lower() != "bearer" or not presented or not presented.isascii():
             return None
         offered = presented.strip().encode()
         found = None

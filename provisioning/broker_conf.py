@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from ansimi.broker import BrokerTls, MosquittoConfig
+from protocol.topics import MAX_PACKET_BYTES
 from provisioning.pki import check_identity
 
 TOPIC_ROOT: Final = "ansimi/v1"
@@ -109,6 +110,9 @@ def broker_config(
         "tls_version tlsv1.2",
         "# Sessions of devices that never come back are dropped after a month.",
         "persistent_client_expiration 30d",
+        "# No message bigger than the gateway reads (protocol/topics.py MAX_PACKET_BYTES): a",
+        "# 10 MB payload is dropped here, with its sender's connection, not carried onward.",
+        f"max_packet_size {MAX_PACKET_BYTES}",
     ]
     return MosquittoConfig(
         # spelled out, so that ansimi.broker's keep-the-caller's-user default does not apply

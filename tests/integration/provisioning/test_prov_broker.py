@@ -24,6 +24,8 @@ from prov_broker_kit import Client, Identities, running, settings, wait_for_log
 
 from ansimi.broker import Mosquitto, free_port
 from ansimi.mqtt import MqttError, TlsFiles
+from protocol.jws import MAX_TOKEN_BYTES
+from protocol.topics import MAX_PACKET_BYTES
 from provisioning import pki
 from provisioning.broker_conf import current_user
 from provisioning.errors import BrokerControlError
@@ -445,3 +447,35 @@ async def test_a_p256_site_takes_p256_and_ed25519_devices(tmp_path: Path) -> Non
             assert await receive(gw) == (up("bell-0002"), b"ed25519")
     finally:
         server.stop()
+
+
+# ---- message size ----------------------------------------------------------------------------
+
+
+async def test_the_broker_drops_a_payload_bigger_than_the_gateway_reads(
+    broker: Mosquitto, ids: Identities, tmp_path: Path
+) -> None:
+    """`mosquitto_pub` of an oversize payload with a device's own certificate: the broker
+    drops it (max_packet_size from protocol's limit), while one at the limit passes."""
+    tls = ids.device("bell-0007")
+    async with gateway_and_devices(broker, ids) as (gw,):
+        await gw.session.subscribe([(UP_ALL, 1)])
+
+        async def mosquitto_pub(size: int) -> None:
+            payload = tmp_path / f"payload-{size}"
+            payload.write_bytes(b"x" * size)
+            process = await asyncio.create_subprocess_exec(
+                "mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-V", "mqttv5",
+                "-i", "bell-0007", "--cafile", str(tls.ca_file), "--cert", str(tls.cert_file),
+                "--key", str(tls.key_file), "-q", "1", "-t", up("bell-0007"), "-f", str(payload),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            async with asyncio.timeout(10):
+                await process.wait()
+
+        await mosquitto_pub(MAX_TOKEN_BYTES)
+        topic, payload = await receive(gw)
+        assert topic == up("bell-0007") and len(payload) == MAX_TOKEN_BYTES
+        await mosquitto_pub(10 * 1024 * 1024)
+        await mosquitto_pub(MAX_PACKET_BYTES + 1)
+        await gw.nothing_more(within_s=1.0)
