@@ -287,7 +287,8 @@ def _write_broker_files(
     )
     files = site.layout.broker
     write_atomic(files.crl_file, pki.crl_to_pem(crl), owner=owner)
-    write_atomic(files.acl_file, render_acl([site.gateway_id], denied).encode(), owner=owner)
+    acl = render_acl([site.gateway_id], denied, site.diagnostics())  # installers' grants stay
+    write_atomic(files.acl_file, acl.encode(), owner=owner)
     # a CRL the broker cannot load costs the gateway its grants on reload: read it back
     written = pki.read_crl(files.crl_file)
     if not written.is_signature_valid(ca.key.public_key()):

@@ -109,7 +109,7 @@ def test_slow_clients_are_closed_and_others_still_served(site: Site) -> None:
     body = half_sent(
         site.console_port,
         b"POST /api/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 300\r\n\r\n{\"name\": \"kim\", ",
+        b'Content-Length: 300\r\n\r\n{"name": "kim", ',
     )
     assert site.console("GET", "/", None).status == 200
     assert closed_within(head, bound) <= bound
