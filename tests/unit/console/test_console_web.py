@@ -216,3 +216,110 @@ async def test_the_page_learns_what_keeps_alerts_away(tmp_path: Path) -> None:
         await d.deliver(delivery(device="bell-0404"))  # a signer the registry lacks
         async with d.client.get("/api/me") as r:
             assert (await r.json())["refused"] == 1
+
+
+def two_districts() -> FakeGateway:
+    return FakeGateway(devices=[registry_entry(), registry_entry("bell-0002", district="gangnam")])
+
+
+async def test_an_operator_sees_and_acts_only_in_their_districts(tmp_path: Path) -> None:
+    async with desk(tmp_path, two_districts(), districts={"lee": ["gangnam"]}) as d:
+        mapo = delivery()
+        gangnam = delivery(device="bell-0002", district="gangnam")
+        for data in (mapo, gangnam):
+            assert (await d.deliver(data))[0] == 200
+        await d.sign_in("lee")
+        headers = {"X-CSRF-Token": d.csrf}
+        async with d.client.get("/api/alerts") as r:
+            shown = await r.json()
+        assert [a["event_id"] for a in shown["alerts"]] == [gangnam["event_id"]]
+        refused = [
+            ("POST", f"/api/alerts/{mapo['event_id']}/dispatched"),
+            ("GET", "/api/devices/bell-0001"),
+            ("POST", "/api/whep/bell-0001"),  # live video of another district's door
+        ]
+        sdp = {**headers, "Content-Type": "application/sdp"}
+        for method, path in refused:
+            async with d.client.request(method, path, headers=sdp, data=b"v=0") as r:
+                assert r.status == 404, path
+                assert "bell-0001" not in await r.text() and mapo["event_id"] not in await r.text()
+        assert d.gateway.moves == []  # nothing reached the gateway
+        async with d.client.get("/api/audit.csv") as r:
+            assert r.status == 403  # names devices of every district
+        async with d.client.post(
+            f"/api/alerts/{gangnam['event_id']}/acknowledged", headers=headers
+        ) as r:
+            assert r.status == 200
+        refusals = [
+            (row[3], row[4])
+            for row in d.console.operators.audit_rows()
+            if "another district" in row[5]
+        ]
+        assert refusals == [
+            ("dispatched", mapo["event_id"]),
+            ("view_personal_data", "bell-0001"),
+            ("view_video", "bell-0001"),
+        ]
+
+
+async def test_a_page_streams_only_its_operators_districts(tmp_path: Path) -> None:
+    async with desk(tmp_path, two_districts(), districts={"lee": ["gangnam"]}) as d:
+        await d.sign_in("lee")
+        async with d.client.get("/api/stream") as stream:
+            await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 5)  # hello
+            mapo = delivery()
+            gangnam = delivery(device="bell-0002", district="gangnam")
+            await d.deliver(mapo)
+            await d.deliver(gangnam)
+            frame = await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 5)
+        assert gangnam["event_id"] in frame.decode() and mapo["event_id"] not in frame.decode()
+
+
+async def test_a_hostile_id_is_refused_and_audited_as_attempted(tmp_path: Path) -> None:
+    async with desk(tmp_path) as d:
+        await d.sign_in()
+        data = delivery()
+        await d.deliver(data)
+        attack = f"/api/whep/..%2Falerts%2F{data['event_id']}%2Fclosed"
+        async with d.client.post(
+            attack, data=b"v=0", headers={"X-CSRF-Token": d.csrf, "Content-Type": "application/sdp"}
+        ) as r:
+            assert r.status == 400
+        assert d.gateway.moves == []
+        row = d.console.operators.audit_rows()[-1]
+        assert row[2:5] == ("kim", "refused_request", "/api/whep/{device_id}")
+        detail = json.loads(row[5])
+        assert detail["method"] == "POST" and detail["path"] == attack
+
+
+async def test_the_gateway_client_quotes_every_path_segment(tmp_path: Path) -> None:
+    """The second wall: even an unchecked id stays one segment of the gateway's URL."""
+    async with desk(tmp_path) as d:
+        client = d.console.gateway
+        assert client is not None
+        url = client._url("whep", "../alerts/x/closed")
+        assert url.raw_path.endswith("/whep/..%2Falerts%2Fx%2Fclosed")
+
+
+def test_operators_from_before_districts_keep_all_and_new_ones_are_checked(tmp_path: Path) -> None:
+    import sqlite3
+
+    from console.operators import BadDistrict
+
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.execute(
+        "CREATE TABLE operators (name TEXT PRIMARY KEY, pw_hash TEXT NOT NULL,"
+        " created_ms INTEGER NOT NULL, disabled INTEGER NOT NULL DEFAULT 0)"
+    )
+    old.execute("INSERT INTO operators VALUES ('kim', ?, 0, 0)", (hash_password("x" * 12),))
+    old.commit()
+    old.close()
+    operators = Operators(tmp_path / "old.db")
+    _, session = operators.open_session("kim")
+    assert session.districts == ("*",) and session.sees("gangnam")
+    operators.add("lee", "y" * 12, ["mapo", "jongno"])
+    _, lee = operators.open_session("lee")
+    assert lee.sees("mapo") and not lee.sees("gangnam")
+    with pytest.raises(BadDistrict):
+        operators.add("park", "z" * 12, ["mapoo"])
+    operators.close()

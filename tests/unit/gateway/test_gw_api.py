@@ -16,9 +16,11 @@ from protocol.keys import public_key_to_b64
 
 OPERATOR = "operator-token-0123456789"
 ADMIN = "admin-token-0123456789abc"
+GANGNAM_DESK = "gangnam-desk-token-01234"
 TOKENS = [
     ApiToken(name="central", role="operator", token=OPERATOR),
     ApiToken(name="installer", role="admin", token=ADMIN),
+    ApiToken(name="gangnam-desk", role="operator", token=GANGNAM_DESK, districts=["gangnam"]),
 ]
 
 
@@ -249,3 +251,67 @@ def test_an_added_route_must_be_described(site: Site) -> None:
         site.api.add_routes([ApiRoute("GET", "/undocumented", handler, "operator")])
     with pytest.raises(ValueError, match="already a route"):
         site.api.add_routes([extra_route()])
+
+
+async def test_a_desk_sees_and_moves_only_its_own_districts(site: Site) -> None:
+    env = site.env
+    await env.feed(
+        env.message(ALERT, id="alert-mapo-01", device="bell-0001"),
+        env.message(ALERT, id="alert-gangnam-1", device="bell-0002"),
+    )
+    env.sent.clear()
+    # another district's alert does not exist for this desk: not shown, not moved
+    for method, path in [
+        ("GET", "/alerts/alert-mapo-01"),
+        ("POST", "/alerts/alert-mapo-01/dispatched"),
+    ]:
+        status, body = await site.call(method, path, GANGNAM_DESK)
+        assert (status, body) == (404, {"error": "not found in your districts"}), path
+    assert env.acks() == []
+    _, listed = await site.call("GET", "/alerts", GANGNAM_DESK)
+    assert isinstance(listed, dict)
+    assert [a["event_id"] for a in listed["alerts"]] == ["alert-gangnam-1"]
+    _, devices = await site.call("GET", "/devices", GANGNAM_DESK)
+    assert isinstance(devices, dict) and [d["id"] for d in devices["devices"]] == ["bell-0002"]
+    # its own district, it moves; the central token moves any
+    assert (await site.call("POST", "/alerts/alert-gangnam-1/dispatched", GANGNAM_DESK))[0] == 200
+    assert (await site.call("POST", "/alerts/alert-mapo-01/dispatched"))[0] == 200
+    assert env.acks() == [
+        ("bell-0002", "alert-gangnam-1", "dispatched"),
+        ("bell-0001", "alert-mapo-01", "dispatched"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/alerts/..%2Falerts%2Falert-api-01%2Fclosed", "/alerts/%C2%B2%C2%B2%C2%B2%C2%B2/closed",
+     "/admin/devices/BELL-0001", "/alerts/" + "a" * 65],
+)  # fmt: skip
+async def test_ids_breaking_their_grammar_are_refused_before_any_handler(
+    site: Site, path: str
+) -> None:
+    token = ADMIN if path.startswith("/admin") else OPERATOR
+    method = "POST" if path.endswith("/closed") else "GET"
+    status, body = await site.call(method, path, token)
+    assert status == 400 and isinstance(body, dict) and "is invalid" in body["error"]
+    assert (
+        'ansimi_api_refused_total{reason="bad_id"} 1.0' in (await site.call("GET", "/metrics"))[1]
+    )  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("limit", ["%C2%B2", "-1", "%D9%A3", "9" * 19, "1e3"])
+async def test_a_limit_that_is_not_ascii_digits_is_a_400_not_a_500(site: Site, limit: str) -> None:
+    for path in ("/alerts", "/devices"):
+        status, body = await site.call("GET", f"{path}?limit={limit}")
+        assert status == 400 and isinstance(body, dict) and "whole number" in body["error"]
+
+
+def test_a_route_taking_an_id_without_a_grammar_does_not_start(site: Site) -> None:
+    async def thing(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    site.api.add_routes(
+        [ApiRoute("GET", "/things/{thing}", thing, "operator", {"summary": "x", "responses": {}})]
+    )
+    with pytest.raises(ValueError, match="thing have no grammar"):
+        site.api.app()
