@@ -67,6 +67,9 @@ def test_no_route_lets_a_mapo_desk_see_or_touch_gangnam(site: Site) -> None:
     }
     secrets_of_gangnam = [GANGNAM_DOOR, site.alerts[GANGNAM_DOOR]]
     before = site.state_of(site.alerts[GANGNAM_DOOR])
+    walked = {path for _, path, _ in routes(site)}
+    # the personal-data and live-video routes are among those walked
+    assert {"/devices/{device_id}/private", "/whep/{device_id}"} <= walked
     for method, path, operation in routes(site):
         if role_of(operation) != "operator":
             continue  # admin routes: 403 for any desk (above); public ones hold no data
