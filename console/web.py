@@ -268,17 +268,14 @@ class ConsoleApp:
         info = self.directory.get(device_id) if self.directory is not None else None
         return info.district if info is not None else ""
 
-    def _out_of_district(
-        self, session: Session, action: str, target: str, district: str
-    ) -> web.Response | None:
-        """None when the operator serves `district`; else an audited 404 ("no such"), so
-        that ids of other districts cannot be told from ids that do not exist."""
+    def _outside_districts(self, session: Session, action: str, target: str, district: str) -> bool:
+        """True, audited, when the operator does not serve `district`. Callers then answer
+        exactly as for an id that does not exist, so the two cannot be told apart."""
         if session.sees(district):
-            return None
-        self.operators.audit(
-            session.operator, action, target, ok=False, why="another district", district=district
-        )
-        return web.json_response({"error": "not found in your districts"}, status=404)
+            return False
+        why = "another district" if district else "unknown device"
+        self.operators.audit(session.operator, action, target, ok=False, why=why, district=district)
+        return True
 
     def event_json(self, event: ReceivedEvent, stages: list[dict[str, Any]]) -> dict[str, Any]:
         info = self.directory.get(event.device_id) if self.directory is not None else None
@@ -446,12 +443,11 @@ class ConsoleApp:
         device_id = request.match_info["device_id"]
         info = self.directory.get(device_id) if self.directory is not None else None
         if info is None:
-            return web.json_response({"error": "no such device"}, status=404)
+            return web.json_response({"error": NO_DEVICE}, status=404)
         session = request[SESSION_KEY]
         operator = session.operator
-        refused = self._out_of_district(session, "view_personal_data", device_id, info.district)
-        if refused is not None:
-            return refused
+        if self._outside_districts(session, "view_personal_data", device_id, info.district):
+            return web.json_response({"error": NO_DEVICE}, status=404)
         private: dict[str, Any] | None = None
         if self.gateway is not None:
             try:
@@ -487,11 +483,10 @@ class ConsoleApp:
         stage = request.match_info["stage"]
         event = self.receiver.events.get(event_id)
         if stage not in STAGES or event is None or event.type != "alert":
-            return web.json_response({"error": "no such alert or stage"}, status=404)
+            return web.json_response({"error": NO_ALERT}, status=404)
         district = self.district_of(event.device_id, event)
-        refused = self._out_of_district(session, stage, event_id, district)
-        if refused is not None:
-            return refused
+        if self._outside_districts(session, stage, event_id, district):
+            return web.json_response({"error": NO_ALERT}, status=404)
         if self.gateway is None:
             return web.json_response({"error": "no gateway API configured (--gateway)"}, status=503)
         try:
@@ -517,11 +512,8 @@ class ConsoleApp:
         session = request[SESSION_KEY]
         operator = session.operator
         device_id = request.match_info["device_id"]
-        refused = self._out_of_district(
-            session, "view_video", device_id, self.district_of(device_id)
-        )
-        if refused is not None:
-            return refused
+        if self._outside_districts(session, "view_video", device_id, self.district_of(device_id)):
+            return web.Response(status=404, text=NO_VIDEO)
         if self.gateway is None:
             return web.Response(status=503, text="no gateway API configured\n")
         if request.content_type != "application/sdp":
@@ -531,8 +523,9 @@ class ConsoleApp:
             answer = await self.gateway.whep_offer(device_id, offer)
         except GatewayError as exc:
             # 404 is "not streaming yet": the page asks again in a moment, nothing was seen
-            if exc.status != 404:
-                self.operators.audit(operator, "view_video_failed", device_id, error=str(exc))
+            if exc.status == 404:
+                return web.Response(status=404, text=NO_VIDEO)
+            self.operators.audit(operator, "view_video_failed", device_id, error=str(exc))
             return web.Response(status=exc.status, text=f"{exc}\n")
         # the stream is about to reach this operator's screen: that is the view to record
         self.operators.audit(operator, "view_video", device_id)
@@ -579,6 +572,10 @@ class ConsoleApp:
 
 # path parameters that are the console's own words, checked by their handlers, not ids
 ROUTE_WORDS = ("stage",)
+# one answer each for "no such" and "not in your districts"
+NO_ALERT = "no such alert or stage"
+NO_DEVICE = "no such device"
+NO_VIDEO = "no live video for this device (yet)\n"
 
 
 def login_delay_ms(failures: int) -> int:

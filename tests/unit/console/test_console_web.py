@@ -239,10 +239,18 @@ async def test_an_operator_sees_and_acts_only_in_their_districts(tmp_path: Path)
             ("POST", "/api/whep/bell-0001"),  # live video of another district's door
         ]
         sdp = {**headers, "Content-Type": "application/sdp"}
-        for method, path in refused:
+        unknown = [
+            ("POST", "/api/alerts/no-such-alert-01/dispatched"),
+            ("GET", "/api/devices/bell-0404"),
+            ("POST", "/api/whep/bell-0404"),
+        ]
+        for (method, path), (_, unknown_path) in zip(refused, unknown, strict=True):
             async with d.client.request(method, path, headers=sdp, data=b"v=0") as r:
                 assert r.status == 404, path
-                assert "bell-0001" not in await r.text() and mapo["event_id"] not in await r.text()
+                answer = await r.text()
+                assert "bell-0001" not in answer and mapo["event_id"] not in answer
+            async with d.client.request(method, unknown_path, headers=sdp, data=b"v=0") as r:
+                assert (r.status, await r.text()) == (404, answer), "told apart from unknown"
         assert d.gateway.moves == []  # nothing reached the gateway
         async with d.client.get("/api/audit.csv") as r:
             assert r.status == 403  # names devices of every district

@@ -264,6 +264,7 @@ async def test_a_desk_sees_and_moves_only_its_own_districts(site: Site) -> None:
     for method, path in [
         ("GET", "/alerts/alert-mapo-01"),
         ("POST", "/alerts/alert-mapo-01/dispatched"),
+        ("GET", "/alerts/no-such-alert-01"),  # the same answer: nothing to probe
     ]:
         status, body = await site.call(method, path, GANGNAM_DESK)
         assert (status, body) == (404, {"error": "not found in your districts"}), path
