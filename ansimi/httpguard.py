@@ -42,6 +42,13 @@ def route_params(resource: web.AbstractResource) -> list[str]:
     return list(pattern.groupindex) if pattern is not None else []
 
 
+def route_template(request: web.Request) -> str:
+    """The template of the route a request matched (`/api/whep/{device_id}`): for logs and
+    the audit, where the raw path is the attacker's text."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "?"
+
+
 def check_app_routes(app: web.Application, also: Iterable[str] = ()) -> None:
     """Refuse an app with a path parameter no id grammar covers (a programming error)."""
     for resource in app.router.resources():

@@ -39,7 +39,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ansimi.httpguard import READ_TIMEOUT_S, SlowClientGuard, bad_path_id, check_app_routes
+from ansimi.httpguard import (
+    READ_TIMEOUT_S,
+    SlowClientGuard,
+    bad_path_id,
+    check_app_routes,
+    route_template,
+)
 from console.directory import Directory
 from console.gateway_client import STAGES, GatewayClient, GatewayError
 from console.operators import Operators, Session, check_hash, valid_name
@@ -229,7 +235,7 @@ class ConsoleApp:
                 self.operators.audit(
                     session.operator,
                     "refused_request",
-                    _route(request),
+                    route_template(request),
                     method=request.method,
                     path=request.raw_path[:200],
                     why=problem,
@@ -584,8 +590,3 @@ def login_delay_ms(failures: int) -> int:
     if extra < 0:
         return 0
     return min(LOGIN_DELAY_FIRST_MS << min(extra, 30), LOGIN_DELAY_MAX_MS)
-
-
-def _route(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else request.path[:200]

@@ -40,7 +40,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from ansimi.httpguard import READ_TIMEOUT_S, SlowClientGuard, bad_path_id, check_app_routes
+from ansimi.httpguard import (
+    READ_TIMEOUT_S,
+    SlowClientGuard,
+    bad_path_id,
+    check_app_routes,
+    route_template,
+)
 from gateway.config import ApiToken
 from gateway.districts import check_district
 from gateway.downlink import Downlink
@@ -264,7 +270,7 @@ class Api:
         problem = bad_path_id(request)
         if problem is not None:
             self._metrics.api_refused.labels("bad_id").inc()
-            log.info("api: refused %s %s: %s", *_route(request), problem)
+            log.info("api: refused %s %s: %s", request.method, route_template(request), problem)
             return _error(400, problem)
         token = request.get(TOKEN_KEY)
         names_a_device = {"device_id", "event_id"} & request.match_info.keys()
@@ -274,7 +280,10 @@ class Api:
                 if district is not None:
                     self._metrics.api_refused.labels("district").inc()
                     log.warning(
-                        "api: %s refused %s %s (another district)", token.name, *_route(request)
+                        "api: %s refused %s %s (another district)",
+                        token.name,
+                        request.method,
+                        route_template(request),
                     )
                 # one answer for "no such" and "not yours", whatever the route: a desk
                 # cannot probe which ids exist in other districts
@@ -283,7 +292,7 @@ class Api:
             return await handler(request)
         except _BadNumber as exc:
             self._metrics.api_refused.labels("bad_number").inc()
-            log.info("api: refused %s %s: %s", *_route(request), exc)
+            log.info("api: refused %s %s: %s", request.method, route_template(request), exc)
             return _error(400, str(exc))
 
     async def _district_of(self, params: Any) -> str | None:
@@ -566,12 +575,6 @@ def _int_query(request: web.Request, name: str, default: int) -> int:
 
 class _BadNumber(ValueError):
     """A query parameter that is not a whole number; the scope middleware answers 400."""
-
-
-def _route(request: web.Request) -> tuple[str, str]:
-    """Method and route template for logs: the template, never the raw (hostile) path."""
-    resource = request.match_info.route.resource
-    return request.method, resource.canonical if resource is not None else "?"
 
 
 def _device_json(device: Device, *, with_key: bool = False) -> dict[str, Any]:
