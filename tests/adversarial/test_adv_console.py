@@ -115,3 +115,26 @@ def test_slow_clients_are_closed_and_others_still_served(site: Site) -> None:
     assert closed_within(head, bound) <= bound
     assert closed_within(body, bound) <= bound
     site.sign_in("kim")
+
+
+def test_hostile_numbers_headers_and_bodies_get_answers_not_tracebacks(site: Site) -> None:
+    # issue 14: an unauthenticated `X-Ansimi-Timestamp: ²` on the webhook answered 500
+    for stamp in ("²", "-1", "9" * 40, "1e12", "٣"):
+        answer = site.console(
+            "POST", "/events", None, body=b"{}",
+            headers={"X-Ansimi-Timestamp": stamp.encode(), "X-Ansimi-Signature": "x"},
+        )  # fmt: skip
+        assert answer.status == 400, (stamp, answer.status, answer.text)
+    kim = site.sign_in("kim")
+    # header bytes as UTF-8 (http.client would send latin-1)
+    stranger = ("ansimi_session=²".encode(), "")
+    assert site.console("GET", "/api/me", stranger).status == 401  # type: ignore[arg-type]
+    bad_csrf = site.console("POST", "/api/logout", (kim[0], "²".encode()))  # type: ignore[arg-type]
+    assert bad_csrf.status == 403
+    for body in (b'{"name": "kim", "password": "\\udcb2"}', b'{"name": "\\udcb2", "password": "x"}',
+                 b'{"name": ["kim"], "password": 1}', b"{", b"x" * 70_000):  # fmt: skip
+        answer = site.console(
+            "POST", "/api/login", None, body=body, headers={"Content-Type": "application/json"}
+        )
+        assert answer.status in (400, 401, 413), (body[:30], answer.status, answer.text)
+    assert site.console("GET", "/api/me", kim).status == 200
