@@ -253,6 +253,17 @@ class ConsoleApp:
                 response.headers.setdefault("Cache-Control", "no-store")
         return response
 
+    def _forget_failures_beyond_bound(self) -> None:
+        """Keep the failure table bounded (made-up names and addresses) without forgetting
+        the pairs being slowed down: a flood of one-off failures must not free a guesser."""
+        if len(self._login_failures) <= LOGIN_KEYS_MAX:
+            return
+        for key, failures in list(self._login_failures.items()):
+            if failures.count < LOGIN_FREE_FAILURES:
+                del self._login_failures[key]
+        if len(self._login_failures) > LOGIN_KEYS_MAX:
+            self._login_failures.clear()  # that many pairs slowed down at once: start over
+
     @staticmethod
     def _same_origin(request: web.Request) -> bool:
         origin = request.headers.get("Origin")
@@ -324,10 +335,9 @@ class ConsoleApp:
         # keyed on the name AND the address: failures from elsewhere never slow the
         # operator down at their own desk
         key = (name, request.remote or "")
-        if len(self._login_failures) > LOGIN_KEYS_MAX:
-            self._login_failures.clear()
-        failures = self._login_failures.setdefault(key, _Failures())
         now = self._clock_ms()
+        self._forget_failures_beyond_bound()
+        failures = self._login_failures.setdefault(key, _Failures())
         if now < failures.next_ms:
             wait_s = -(-(failures.next_ms - now) // 1000)
             self.operators.audit(
@@ -338,13 +348,15 @@ class ConsoleApp:
                 status=429,
                 headers={"Retry-After": str(wait_s)},
             )
+        # counted as a failure before the check: the check is awaited, and guesses sent
+        # all at once must not all pass the delay above before the first failure counts
+        failures.count += 1
+        failures.next_ms = now + login_delay_ms(failures.count)
         # scrypt takes tens of milliseconds: off the event loop, which carries the alerts
         loop = asyncio.get_running_loop()
         stored = self.operators.password_hash(name)
         ok = await loop.run_in_executor(None, check_hash, password, stored)
         if not ok:
-            failures.count += 1
-            failures.next_ms = self._clock_ms() + login_delay_ms(failures.count)
             self.operators.audit(name[:64], "login_failed", "console")
             return web.json_response({"error": "wrong name or password"}, status=401)
         self._login_failures.pop(key, None)

@@ -207,6 +207,33 @@ async def test_nobody_elsewhere_can_lock_an_operator_out(tmp_path: Path) -> None
         assert await d.sign_in() == 200  # ...the operator at their own desk is not
 
 
+async def test_guesses_sent_all_at_once_are_slowed_like_guesses_in_a_row(tmp_path: Path) -> None:
+    """The password check is awaited (scrypt, off the loop): guesses sent together must not
+    all pass the delay check before the first failure is counted."""
+    async with desk(tmp_path, clock_ms=lambda: 1_000_000) as d:  # no time passes
+
+        async def guess() -> int:
+            async with d.client.post(
+                "/api/login", json={"name": "kim", "password": "wrong password!"}
+            ) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(guess() for _ in range(LOGIN_FREE_FAILURES + 10)))
+        assert sorted(statuses) == [401] * LOGIN_FREE_FAILURES + [429] * 10
+
+
+async def test_made_up_names_do_not_flush_the_delay_of_one_being_guessed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("console.web.LOGIN_KEYS_MAX", 20)
+    async with desk(tmp_path, clock_ms=lambda: 1_000_000) as d:
+        for _ in range(LOGIN_FREE_FAILURES):
+            assert await d.sign_in(password="wrong password!") == 401
+        for n in range(30):  # fills the table past its bound, one failure each
+            assert await d.sign_in(f"nobody-{n}", "wrong password!") == 401
+        assert await d.sign_in() == 429  # kim's guesser is still slowed down
+
+
 async def test_the_page_learns_what_keeps_alerts_away(tmp_path: Path) -> None:
     async with desk(tmp_path) as d:
         await d.sign_in()
