@@ -12,7 +12,8 @@ descriptor, memory) for good; a few hundred of them starve the server. `SlowClie
 closes a connection whose request head has not been read within `timeout_s` of the
 connection opening (or of the previous response, on a kept-alive connection), or whose
 body has not been read to its end within `timeout_s` of its head. A long answer (a server-
-sent event stream) is not limited: the client sent all it had to.
+sent event stream, a large download to a slow reader) is not limited: the client sent all
+it had to.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def bad_path_id(request: web.Request, also: Iterable[str] = ()) -> str | None:
     return None
 
 
+def _still_sending(connection: RequestHandler) -> bool:
+    transport = connection.transport
+    return transport is not None and transport.get_write_buffer_size() > 0
+
+
 @dataclass(slots=True)
 class _Open:
     since: float  # when the connection opened or last finished a request
@@ -127,6 +133,11 @@ class SlowClientGuard:
         for connection in connections:
             state = self._open.setdefault(connection, _Open(now))
             request = state.request
+            if request is None and _still_sending(connection):
+                # the handler is done but its answer is still going out to a slow reader
+                # (a large download): the next request's head is not due before it has
+                state.since = now
+                continue
             if request is None:
                 overdue, why = now - state.since > self.timeout_s, "head"
             else:

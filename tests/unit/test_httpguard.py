@@ -96,3 +96,63 @@ async def test_a_body_that_stops_coming_is_closed_and_a_whole_one_is_served(serv
     assert await is_closed(slow_reader)
     slow.close()
     fast.close()
+
+
+BIG = 16 * 1024 * 1024  # more than loopback's socket buffers hold: the answer waits on the client
+TICK = web.AppKey("tick", asyncio.Event)
+
+
+@pytest.fixture
+async def big_and_stream() -> AsyncIterator[Served]:
+    """A server with a large answer and an endless event stream, the guard's clock ours."""
+    now = [0.0]
+    closed: list[str] = []
+    guard = SlowClientGuard(10.0, clock=lambda: now[0], on_close=closed.append)
+    tick = asyncio.Event()
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * BIG)
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        while True:
+            await tick.wait()
+            tick.clear()
+            await response.write(b"data: tick\n\n")
+
+    app = web.Application(middlewares=[guard.middleware])
+    app.router.add_get("/big", big)
+    app.router.add_get("/stream", stream)
+    app[TICK] = tick
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield Served(guard, runner, int(runner.addresses[0][1]), now, closed)
+    await runner.cleanup()
+
+
+async def test_a_large_answer_read_slowly_is_not_cut_off(big_and_stream: Served) -> None:
+    """The client sent all it had to: a slow download is not a slow client's request."""
+    served = big_and_stream
+    reader, writer = await open_with(served, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    served.now[0] += 30.0  # the client has not read the body for "30 s"
+    assert served.sweep() == 0 and served.closed == []
+    body = await asyncio.wait_for(reader.readexactly(BIG), 30)
+    assert len(body) == BIG
+    writer.close()
+
+
+async def test_an_event_stream_outlives_the_bound(big_and_stream: Served) -> None:
+    served = big_and_stream
+    reader, writer = await open_with(served, b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    for _ in range(3):
+        served.now[0] += 60.0
+        assert served.sweep() == 0
+        served.runner.app[TICK].set()
+        assert b"data: tick" in await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+    assert served.closed == []
+    writer.close()
