@@ -534,6 +534,15 @@ class Api:
             return _error(400, f"{where}: {first['msg']}")
         except Malformed as exc:
             return _error(400, str(exc))
+        token = request[TOKEN_KEY]
+        if not token.sees(new.district):
+            # the path-id scope in `_scope` cannot see a district named in a body
+            self._metrics.api_refused.labels("district").inc()
+            log.warning("api: %s refused registering a device in %s", token.name, new.district)
+            return _error(
+                403,
+                f"district {new.district} is not one of this token's: {', '.join(token.districts)}",
+            )
         device = Device(new.id, new.public_key, new.kind, new.district, new.label)
         try:
             await self._db(self._store.add_device, device, self._clock_ms())

@@ -17,10 +17,12 @@ from protocol.keys import public_key_to_b64
 OPERATOR = "operator-token-0123456789"
 ADMIN = "admin-token-0123456789abc"
 GANGNAM_DESK = "gangnam-desk-token-01234"
+MAPO_ADMIN = "mapo-admin-token-0123456"
 TOKENS = [
     ApiToken(name="central", role="operator", token=OPERATOR),
     ApiToken(name="installer", role="admin", token=ADMIN),
     ApiToken(name="gangnam-desk", role="operator", token=GANGNAM_DESK, districts=["gangnam"]),
+    ApiToken(name="mapo-installer", role="admin", token=MAPO_ADMIN, districts=["mapo"]),
 ]
 
 
@@ -281,6 +283,22 @@ async def test_a_desk_sees_and_moves_only_its_own_districts(site: Site) -> None:
         ("bell-0002", "alert-gangnam-1", "dispatched"),
         ("bell-0001", "alert-mapo-01", "dispatched"),
     ]
+
+
+async def test_an_admin_registers_only_in_its_own_districts(site: Site) -> None:
+    new = {
+        "id": "bell-0009",
+        "public_key": public_key_to_b64(KEYS["bell-0009"].public_key()),
+        "kind": "bell",
+        "district": "gangnam",
+    }
+    status, body = await site.call("POST", "/admin/devices", token=MAPO_ADMIN, json=new)
+    assert status == 403 and "gangnam is not one of this token's: mapo" in str(body)
+    assert site.env.store.device("bell-0009") is None
+    status, _ = await site.call(
+        "POST", "/admin/devices", token=MAPO_ADMIN, json={**new, "district": "mapo"}
+    )
+    assert status == 201 and site.env.store.device("bell-0009") is not None
 
 
 @pytest.mark.parametrize(
