@@ -21,7 +21,7 @@ from pathlib import Path
 from provisioning import pki
 from provisioning.broker_conf import diagnostic_filter, render_acl
 from provisioning.files import broker_owners, write_atomic
-from provisioning.revoke import BrokerControl, _fully_revoked
+from provisioning.revoke import BrokerControl, fully_revoked_identities
 from provisioning.site import DIAGNOSTIC_PREFIX, DIAGNOSTICS_FILE, Site
 
 DIAGNOSTIC_DAYS = 7
@@ -62,7 +62,7 @@ def issue_diagnostic(
         owner = owners[0] if owners else None
         write_atomic(site.layout.root / DIAGNOSTICS_FILE, json.dumps(grants, indent=2).encode())
         revoked = {r.serial for r in site.revocations().revoked}
-        denied = _fully_revoked(site.issued(), revoked)
+        denied = fully_revoked_identities(site.issued(), revoked)
         acl = render_acl([site.gateway_id], denied, grants)
         write_atomic(site.layout.broker.acl_file, acl.encode(), owner=owner)
     out_dir.mkdir(parents=True, exist_ok=True)
