@@ -5,6 +5,7 @@ operator of another district; the video proxy's path traversal; slow clients."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 from adv_kit import GANGNAM_DOOR, MAPO_BELL, READ_TIMEOUT_S, Site, closed_within, half_sent
@@ -125,6 +126,13 @@ def test_hostile_numbers_headers_and_bodies_get_answers_not_tracebacks(site: Sit
             headers={"X-Ansimi-Timestamp": stamp.encode(), "X-Ansimi-Signature": "x"},
         )  # fmt: skip
         assert answer.status == 400, (stamp, answer.status, answer.text)
+    # a fresh timestamp and a signature outside ASCII: a wrong signature, not a 500
+    answer = site.console(
+        "POST", "/events", None, body=b"{}",
+        headers={"X-Ansimi-Timestamp": str(time.time_ns() // 1_000_000),
+                 "X-Ansimi-Signature": ("²" * 32).encode()},
+    )  # fmt: skip
+    assert answer.status == 401, (answer.status, answer.text)
     kim = site.sign_in("kim")
     # header bytes as UTF-8 (http.client would send latin-1)
     stranger = ("ansimi_session=²".encode(), "")
