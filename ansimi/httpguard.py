@@ -87,6 +87,7 @@ class _Open:
     since: float  # when the connection opened or last finished a request
     request: web.Request | None = None  # the request being handled, if any
     started: float = 0.0
+    served: bool = False  # it has had an answer: a wait for the next head is keep-alive
 
 
 class SlowClientGuard:
@@ -121,7 +122,7 @@ class SlowClientGuard:
         try:
             return await handler(request)
         finally:
-            state.request, state.since = None, self._clock()
+            state.request, state.since, state.served = None, self._clock(), True
 
     def sweep(self, connections: Iterable[RequestHandler]) -> int:
         """Close every connection overdue with its request's head or body; how many."""
@@ -139,18 +140,20 @@ class SlowClientGuard:
                 state.since = now
                 continue
             if request is None:
-                overdue, why = now - state.since > self.timeout_s, "head"
+                overdue = now - state.since > self.timeout_s
+                why = "idle" if state.served else "head"
             else:
                 body_done = request.content.is_eof()
                 overdue, why = not body_done and now - state.started > self.timeout_s, "body"
             if overdue:
-                peer = (
-                    connection.transport.get_extra_info("peername")
-                    if connection.transport
-                    else None
-                )
-                log.info("http: closed a connection from %s: request %s too slow", peer, why)
-                self._on_close(why)
+                if why == "idle":
+                    # a kept-alive connection its client no longer uses: closed, not counted
+                    # as a slow client (every client pool leaves some)
+                    log.debug("http: closed an idle kept-alive connection")
+                else:
+                    # no address in the log: it is personal data
+                    log.info("http: closed a connection: request %s too slow", why)
+                    self._on_close(why)
                 connection.force_close()
                 self._open.pop(connection, None)
                 closed += 1
