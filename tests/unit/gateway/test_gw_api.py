@@ -299,6 +299,14 @@ async def test_an_admin_registers_only_in_its_own_districts(site: Site) -> None:
         "POST", "/admin/devices", token=MAPO_ADMIN, json={**new, "district": "mapo"}
     )
     assert status == 201 and site.env.store.device("bell-0009") is not None
+    # another district's device, by its id in the path: as if it did not exist
+    for method, path in [
+        ("GET", "/admin/devices/bell-0002"),
+        ("POST", "/admin/devices/bell-0002/revoke"),
+    ]:
+        assert (await site.call(method, path, token=MAPO_ADMIN))[0] == 404, path
+    gangnam = site.env.store.device("bell-0002")
+    assert gangnam is not None and gangnam.district == "gangnam" and not gangnam.revoked
 
 
 @pytest.mark.parametrize(
