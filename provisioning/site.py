@@ -242,7 +242,7 @@ class Site:
         now: dt.datetime | None = None,
     ) -> x509.Certificate:
         """Issue and record a device's TLS client certificate (CN = device id)."""
-        self._refuse_gateway_id(common_name)
+        self._refuse_reserved_name(common_name)
         with self.lock():
             cert = pki.issue_client_cert(self.ca(), common_name, public_key, days, now=now)
             self.record_issued(cert)
@@ -256,14 +256,15 @@ class Site:
         *,
         now: dt.datetime | None = None,
     ) -> x509.Certificate:
-        self._refuse_gateway_id(expected_cn)
+        self._refuse_reserved_name(expected_cn)
         with self.lock():
             cert = pki.sign_csr(self.ca(), csr_pem, expected_cn, days, now=now)
             self.record_issued(cert)
         return cert
 
-    def _refuse_gateway_id(self, common_name: str) -> None:
-        # the gateway's CN reads every device's topics: no device may ever be issued it
+    def _refuse_reserved_name(self, common_name: str) -> None:
+        # the gateway's CN reads every device's topics, and a diagnostic identity's reads
+        # them too: no device may ever be issued either
         if common_name == self.gateway_id or common_name.startswith(GATEWAY_PREFIX):
             raise InvalidName(
                 f"{common_name!r} is reserved for gateways ('{GATEWAY_PREFIX}...'): "
