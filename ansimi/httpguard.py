@@ -2,7 +2,7 @@
 their grammar, and slow clients closed.
 
 Ids: every path parameter of every route must have a grammar in `protocol/ids.py`
-(`check_app_routes` refuses an app with one that has not), and `bad_path_id` tells a
+(`check_app_routes` refuses an app with one that has not), and `bad_request_id` tells a
 server's middleware which parameter of a request breaks its grammar, before any handler
 puts it in a URL, a file name or SQL.
 
@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from protocol.errors import Malformed
-from protocol.ids import check_path_id, unchecked_path_params
+from protocol.ids import PATH_ID_GRAMMARS, check_path_id, unchecked_path_params
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,17 @@ def check_app_routes(app: web.Application, also: Iterable[str] = ()) -> None:
             )
 
 
-def bad_path_id(request: web.Request, also: Iterable[str] = ()) -> str | None:
-    """Why one of the request's path ids breaks its grammar; None when all are valid.
+def bad_request_id(request: web.Request, also: Iterable[str] = ()) -> str | None:
+    """Why one of the request's ids breaks its grammar; None when all are valid.
 
-    Parameters in `also` are the server's own words (a stage name), checked by it.
+    Every path parameter is an id (but those in `also`, the server's own words such as a
+    stage name, which it checks itself); so is a query parameter named like one
+    (`?device_id=`): it reaches SQL as surely as a path id does.
     """
     skip = set(also)
-    for name, value in request.match_info.items():
-        if name in skip:
-            continue
+    path_ids = [(n, v) for n, v in request.match_info.items() if n not in skip]
+    query_ids = [(n, v) for n, v in request.query.items() if n in PATH_ID_GRAMMARS]
+    for name, value in path_ids + query_ids:
         try:
             check_path_id(name, value)
         except Malformed as exc:

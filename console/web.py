@@ -42,7 +42,7 @@ from aiohttp import web
 from ansimi.httpguard import (
     READ_TIMEOUT_S,
     SlowClientGuard,
-    bad_path_id,
+    bad_request_id,
     check_app_routes,
     route_template,
 )
@@ -229,7 +229,7 @@ class ConsoleApp:
                 ):
                     return web.json_response({"error": "missing or wrong CSRF token"}, status=403)
             request[SESSION_KEY] = session
-            problem = bad_path_id(request, also=ROUTE_WORDS)
+            problem = bad_request_id(request, also=ROUTE_WORDS)
             if problem is not None:
                 # what was attempted, by whom, on which route: the audit tells it as it was
                 self.operators.audit(

@@ -43,7 +43,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, V
 from ansimi.httpguard import (
     READ_TIMEOUT_S,
     SlowClientGuard,
-    bad_path_id,
+    bad_request_id,
     check_app_routes,
     route_template,
 )
@@ -267,7 +267,7 @@ class Api:
         """Ids in the path fit their grammar, and belong to the token's districts."""
         if request.match_info.http_exception is not None:
             return await handler(request)
-        problem = bad_path_id(request)
+        problem = bad_request_id(request)
         if problem is not None:
             self._metrics.api_refused.labels("bad_id").inc()
             log.info("api: refused %s %s: %s", request.method, route_template(request), problem)

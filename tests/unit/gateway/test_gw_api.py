@@ -342,3 +342,24 @@ def test_a_route_taking_an_id_without_a_grammar_does_not_start(site: Site) -> No
     )
     with pytest.raises(ValueError, match="thing have no grammar"):
         site.api.app()
+
+
+async def test_an_id_in_the_query_is_checked_like_one_in_the_path(site: Site) -> None:
+    """`GET /admin/enrolments?device_id=` (enrolment's records) hands its id to SQL."""
+    asked: list[str | None] = []
+
+    async def records(request: web.Request) -> web.Response:
+        asked.append(request.query.get("device_id"))
+        return web.json_response({})
+
+    site.api.add_routes(
+        [ApiRoute("GET", "/records", records, "admin", {"summary": "x", "responses": {}})]
+    )
+    async with TestClient(TestServer(site.api.app())) as client:
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        for query in ("device_id=..%2Fx", "device_id=bell-0001&device_id=%C2%B2"):
+            async with client.get(f"/records?{query}", headers=headers) as response:
+                assert response.status == 400 and "is invalid" in (await response.text())
+        async with client.get("/records?device_id=bell-0001", headers=headers) as response:
+            assert response.status == 200
+    assert asked == ["bell-0001"]  # only the valid one reached the handler
