@@ -19,7 +19,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,10 +103,17 @@ class EventLog:
         row = self._db.execute("SELECT * FROM events WHERE event_id = ?", (event_id,)).fetchone()
         return _row_event(row) if row else None
 
-    def recent(self, since_ms: int, limit: int = 500) -> list[ReceivedEvent]:
+    def recent(
+        self, since_ms: int, limit: int = 500, districts: Sequence[str] | None = None
+    ) -> list[ReceivedEvent]:
+        """The newest events since `since_ms`; with `districts`, only theirs and those that
+        name none (the caller places those by its registry), so that a busy district's
+        events do not push a quiet one's out of `limit`."""
+        wanted = None if districts is None else json.dumps(["", *districts])
         rows = self._db.execute(
-            "SELECT * FROM events WHERE received_ms >= ? ORDER BY received_ms DESC LIMIT ?",
-            (since_ms, limit),
+            "SELECT * FROM events WHERE received_ms >= ? AND (? IS NULL OR district IN"
+            " (SELECT value FROM json_each(?))) ORDER BY received_ms DESC LIMIT ?",
+            (since_ms, wanted, wanted, limit),
         )
         return [_row_event(r) for r in rows]
 

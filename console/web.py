@@ -57,6 +57,7 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "ansimi_session"
 CSRF_HEADER = "X-CSRF-Token"
 RECENT_MS = 7 * 24 * 3600 * 1000
+RECENT_LIMIT = 2000  # events of the last RECENT_MS a page loads, of its operator's districts
 SSE_PING_S = 15.0
 STAGE_ORDER = ("delivered", "acknowledged", "dispatched", "closed")
 # Sign-in failures of one name from one address: the first few are free, then each costs
@@ -403,9 +404,10 @@ class ConsoleApp:
     async def alerts(self, request: web.Request) -> web.Response:
         session = request[SESSION_KEY]
         since = self._clock_ms() - RECENT_MS
+        districts = None if session.sees_all else session.districts
         recent = [
             e
-            for e in self.receiver.events.recent(since, limit=2000)
+            for e in self.receiver.events.recent(since, RECENT_LIMIT, districts)
             if session.sees(self.district_of(e.device_id, e))
         ]
         stages = self.operators.stages([e.event_id for e in recent])

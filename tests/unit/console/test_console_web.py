@@ -297,6 +297,21 @@ async def test_an_operator_sees_and_acts_only_in_their_districts(tmp_path: Path)
         ]
 
 
+async def test_a_busy_district_does_not_push_a_quiet_ones_alerts_off_its_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("console.web.RECENT_LIMIT", 3)
+    async with desk(tmp_path, two_districts(), districts={"lee": ["gangnam"]}) as d:
+        gangnam = delivery(device="bell-0002", district="gangnam")
+        assert (await d.deliver(gangnam))[0] == 200
+        for seq in range(3):  # newer, and as many as a page loads
+            assert (await d.deliver(delivery(seq=seq + 1)))[0] == 200
+        await d.sign_in("lee")
+        async with d.client.get("/api/alerts") as r:
+            shown = await r.json()
+        assert [a["event_id"] for a in shown["alerts"]] == [gangnam["event_id"]]
+
+
 async def test_a_page_streams_only_its_operators_districts(tmp_path: Path) -> None:
     async with desk(tmp_path, two_districts(), districts={"lee": ["gangnam"]}) as d:
         await d.sign_in("lee")
