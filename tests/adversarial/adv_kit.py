@@ -3,7 +3,8 @@
 A real mosquitto, the real gateway (`python -m ansimi gateway run`), the real console
 (`python -m ansimi console`), two devices in two districts whose alerts are signed with
 their own keys and published with the stock `mosquitto_pub`, as an outsider would. Tokens:
-a central one (all districts, the console's), one per district desk, and an admin. Console
+a central one (all districts, the console's), one per district desk, an admin of all
+districts and one of mapo only. Console
 operators: `kim` (all districts) and `mapo-lee` (mapo only).
 
 Everything here is synchronous (subprocesses and blocking HTTP), so a module-scoped
@@ -40,6 +41,7 @@ TOKENS = {  # name -> (role, districts, token)
     "mapo-desk": ("operator", ["mapo"], "mapo-desk-token-for-adversarial"),
     "gangnam-desk": ("operator", ["gangnam"], "gangnam-desk-token-adversarial"),
     "admin": ("admin", ["*"], "admin-token-for-adversarial-tests"),
+    "mapo-admin": ("admin", ["mapo"], "mapo-admin-token-for-adversarial"),
 }
 MAPO_BELL = "bell-mapo-01"
 GANGNAM_DOOR = "door-gangnam-01"

@@ -71,17 +71,23 @@ def test_no_route_lets_a_mapo_desk_see_or_touch_gangnam(site: Site) -> None:
     # the personal-data and live-video routes are among those walked
     assert {"/devices/{device_id}/private", "/whep/{device_id}"} <= walked
     for method, path, operation in routes(site):
-        if role_of(operation) != "operator":
-            continue  # admin routes: 403 for any desk (above); public ones hold no data
+        role = role_of(operation)
+        if role == "public":
+            continue  # they hold no data
+        # each route with mapo's credential of its role: a desk, or an installer's token
+        who = "mapo-desk" if role == "operator" else "mapo-admin"
         body, headers = body_for(operation)
-        answer = site.gw(method, fill(path, gangnam), "mapo-desk", body=body, headers=headers)
+        answer = site.gw(method, fill(path, gangnam), who, body=body, headers=headers)
         assert answer.status < 500, (method, path, answer.status, answer.text)
         leaked = [s for s in secrets_of_gangnam if s in answer.text]
-        assert not leaked, f"{method} {path} showed a mapo desk {leaked}: {answer.text[:300]}"
+        assert not leaked, f"{method} {path} showed {who} {leaked}: {answer.text[:300]}"
         if "{" in path:
             assert answer.status in (403, 404), (method, path, answer.status)
-    # nothing moved, and the bell got no signed ack from a desk of another district
+    # nothing moved, and the bell got no signed ack from a desk of another district; the
+    # door is neither revoked nor decommissioned
     assert site.state_of(site.alerts[GANGNAM_DOOR]) == before
+    door = site.gw("GET", f"/admin/devices/{GANGNAM_DOOR}", "admin").json()
+    assert door["revoked"] is False, door
     # the same desk does reach its own district: the refusals above were about districts
     mine = site.gw("GET", f"/alerts/{site.alerts[MAPO_BELL]}", "mapo-desk")
     assert mine.status == 200 and mine.json()["device_id"] == MAPO_BELL
