@@ -61,17 +61,18 @@ def check_app_routes(app: web.Application, also: Iterable[str] = ()) -> None:
             )
 
 
-def bad_request_id(request: web.Request, also: Iterable[str] = ()) -> str | None:
+def bad_request_id(request: web.Request) -> str | None:
     """Why one of the request's ids breaks its grammar; None when all are valid.
 
-    Every path parameter is an id (but those in `also`, the server's own words such as a
-    stage name, which it checks itself); so is a query parameter named like one
-    (`?device_id=`): it reaches SQL as surely as a path id does.
+    The ids are the path parameters named after a grammar (`check_app_routes` has made
+    sure, at start, that a route has no others but the server's own words, such as a
+    stage name, which it checks itself; a static file's name is aiohttp's to check), and
+    the query parameters named so (`?device_id=`): those reach SQL as surely.
     """
-    skip = set(also)
-    path_ids = [(n, v) for n, v in request.match_info.items() if n not in skip]
-    query_ids = [(n, v) for n, v in request.query.items() if n in PATH_ID_GRAMMARS]
-    for name, value in path_ids + query_ids:
+    ids = [*request.match_info.items(), *request.query.items()]
+    for name, value in ids:
+        if name not in PATH_ID_GRAMMARS:
+            continue
         try:
             check_path_id(name, value)
         except Malformed as exc:

@@ -230,8 +230,13 @@ class ConsoleApp:
                 ):
                     return web.json_response({"error": "missing or wrong CSRF token"}, status=403)
             request[SESSION_KEY] = session
-            problem = bad_request_id(request, also=ROUTE_WORDS)
-            if problem is not None:
+        elif path == "/api/login" and not self._same_origin(request):
+            return web.json_response({"error": "cross-origin sign-in refused"}, status=403)
+        # every route's ids, after the credential check (a stranger learns nothing here)
+        problem = bad_request_id(request)
+        if problem is not None:
+            session = request.get(SESSION_KEY)
+            if session is not None:
                 # what was attempted, by whom, on which route: the audit tells it as it was
                 self.operators.audit(
                     session.operator,
@@ -241,9 +246,11 @@ class ConsoleApp:
                     path=request.raw_path[:200],
                     why=problem,
                 )
-                return web.json_response({"error": problem}, status=400)
-        elif path == "/api/login" and not self._same_origin(request):
-            return web.json_response({"error": "cross-origin sign-in refused"}, status=403)
+            else:
+                log.info(
+                    "console: refused %s %s: %s", request.method, route_template(request), problem
+                )
+            return web.json_response({"error": problem}, status=400)
         response = await handler(request)
         if path != "/events":
             response.headers.setdefault("Content-Security-Policy", CSP)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from console_testkit import PASSWORD, TOKEN, FakeGateway, delivery, desk, registry_entry
 
 from console.operators import OperatorExists, Operators, hash_password, password_matches
@@ -340,6 +342,29 @@ async def test_a_hostile_id_is_refused_and_audited_as_attempted(tmp_path: Path) 
         assert row[2:5] == ("kim", "refused_request", "/api/whep/{device_id}")
         detail = json.loads(row[5])
         assert detail["method"] == "POST" and detail["path"] == attack
+
+
+async def test_an_id_is_checked_on_every_route_not_only_behind_a_session(
+    tmp_path: Path,
+) -> None:
+    """A later route outside /api/ (a public page, a second webhook) gets the same check."""
+    async with desk(tmp_path) as d:
+        reached: list[str] = []
+
+        async def page(request: web.Request) -> web.Response:
+            reached.append(request.match_info["device_id"])
+            return web.Response(text="ok")
+
+        app = d.console.app()
+        app.router.add_get("/page/{device_id}", page)
+        async with TestClient(TestServer(app)) as client:
+            async with client.get("/page/..%2Fapi%2Faudit.csv") as r:
+                assert r.status == 400 and "is invalid" in (await r.text())
+            async with client.get("/page/bell-0001") as r:
+                assert r.status == 200
+            async with client.get("/static/app.js") as r:
+                assert r.status == 200  # a file name is not an id
+        assert reached == ["bell-0001"]
 
 
 async def test_the_gateway_client_quotes_every_path_segment(tmp_path: Path) -> None:
