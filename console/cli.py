@@ -22,6 +22,7 @@ import click
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ansimi.httpguard import READ_TIMEOUT_S
 from console.directory import Directory
 from console.gateway_client import GatewayClient
 from console.operators import OperatorError, Operators
@@ -56,7 +57,7 @@ async def _serve(
         async with asyncio.TaskGroup() as tasks:
             if directory is not None:
                 tasks.create_task(directory.run(), name="registry-sync")
-            await asyncio.Event().wait()
+            await console.guard.watch(runner)
     finally:
         await runner.cleanup()
         if console.gateway is not None:
@@ -122,6 +123,14 @@ def _gateway_keys(pairs: tuple[str, ...]) -> dict[str, Ed25519PublicKey]:
     help="mark the session cookie Secure (default: on with --tls-cert; set it behind a "
     "TLS-terminating proxy)",
 )
+@click.option(
+    "--read-timeout",
+    "read_timeout_s",
+    default=READ_TIMEOUT_S,
+    show_default=True,
+    type=click.FloatRange(min=0.1, max=300),
+    help="seconds a client has to send a request's head, and its body (slow clients)",
+)
 @click.option("--print/--no-print", "print_events", default=True, help="print each new event")
 @click.pass_context
 def console(
@@ -137,6 +146,7 @@ def console(
     tls_cert: Path | None,
     tls_key: Path | None,
     secure_cookie: bool | None,
+    read_timeout_s: float,
     print_events: bool,
 ) -> None:
     """Run the control-centre console: the gateway's webhook and the operators' page."""
@@ -179,6 +189,7 @@ def console(
         directory=directory,
         gateway=gateway,
         secure_cookie=secure_cookie if secure_cookie is not None else tls is not None,
+        read_timeout_s=read_timeout_s,
     )
     if not app.operators.names():
         click.echo(
@@ -199,16 +210,24 @@ def console(
     show_default=True,
     help="take the password from this environment variable instead of a prompt",
 )
-def add_operator(name: str, db: Path, password_env: str) -> None:
+@click.option(
+    "--district",
+    "districts",
+    multiple=True,
+    default=("*",),
+    show_default=True,
+    help="a district this operator serves (repeat for several); * is all (a central desk)",
+)
+def add_operator(name: str, db: Path, password_env: str, districts: tuple[str, ...]) -> None:
     """Create an operator account (password: prompt, or $ANSIMI_OPERATOR_PASSWORD)."""
     password = os.environ.get(password_env) or click.prompt(
         f"password for {name}", hide_input=True, confirmation_prompt=True
     )
     operators = Operators(db)
     try:
-        operators.add(name, password)
+        operators.add(name, password, districts)
     except OperatorError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         operators.close()
-    click.echo(f"operator {name} added to {db}")
+    click.echo(f"operator {name} ({', '.join(districts)}) added to {db}")

@@ -12,8 +12,10 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,13 @@ class GatewayClient:
             )
         return self._http
 
+    def _url(self, *segments: str) -> URL:
+        """The gateway URL of these path segments, each quoted whole: an id holding '/',
+        '..' or '%2F' stays one segment and cannot climb to another route. Callers check
+        ids against their grammar first (console/web.py); this is the second wall."""
+        path = "/".join(quote(segment, safe="") for segment in segments)
+        return URL(f"{self.base_url}/{path}", encoded=True)
+
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
@@ -80,7 +89,7 @@ class GatewayClient:
     async def private(self, device_id: str) -> dict[str, Any] | None:
         """A device's address and floor from `GET /devices/{id}/private` (the gateway logs
         the read); None when the gateway has none for it, or none for our districts."""
-        url = f"{self.base_url}/devices/{device_id}/private"
+        url = self._url("devices", device_id, "private")
         try:
             async with self._session().get(url) as response:
                 # 404: none recorded, or not our districts; 405: a gateway without the
@@ -102,7 +111,7 @@ class GatewayClient:
     async def move(self, event_id: str, stage: str) -> dict[str, Any]:
         if stage not in STAGES:
             raise GatewayError(404, f"no stage {stage}")
-        url = f"{self.base_url}/alerts/{event_id}/{stage}"
+        url = self._url("alerts", event_id, stage)
         try:
             async with self._session().post(url) as response:
                 if response.status == 404:
@@ -115,7 +124,7 @@ class GatewayClient:
             raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
 
     async def whep_offer(self, device_id: str, offer: str) -> WhepAnswer:
-        url = f"{self.base_url}/whep/{device_id}"
+        url = self._url("whep", device_id)
         try:
             async with self._session().post(
                 url, data=offer.encode(), headers={"Content-Type": "application/sdp"}
@@ -131,8 +140,13 @@ class GatewayClient:
             raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
 
     async def whep_delete(self, location: str) -> None:
+        """`location`: the gateway's own answer to the offer, `/whep/{device}/{viewer}`."""
+        parts = location.split("/")
+        if len(parts) != 4 or parts[:2] != ["", "whep"]:
+            log.warning("console: the gateway gave an unusable viewer location; not closing it")
+            return
         try:
-            async with self._session().delete(f"{self.base_url}{location}"):
+            async with self._session().delete(self._url(*parts[1:])):
                 pass
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.info("console: closing a viewer at the gateway failed: %s", exc)

@@ -8,6 +8,9 @@ Sessions: a 32-byte random token in an HttpOnly, SameSite=Strict cookie. Only it
 is stored, so a copy of the database does not hand out live sessions. Each session has its
 own CSRF token, which the page sends back in a header on every POST.
 
+Districts: each operator serves some districts (comma-separated codes, `*` for all, the
+central centre's desks); every view and action of the console is limited to them.
+
 Audit: every sign-in, every view of personal data (a device's address) or video, and every
 action, with who, when and what; exported as CSV. Rows are only ever added.
 """
@@ -22,10 +25,12 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gateway.districts import UnknownDistrict, check_district
 
 SCRYPT_N = 2**14
 SCRYPT_R = 8
@@ -38,7 +43,8 @@ CREATE TABLE IF NOT EXISTS operators (
     name        TEXT PRIMARY KEY,
     pw_hash     TEXT NOT NULL,       -- scrypt$n$r$p$salt_hex$hash_hex
     created_ms  INTEGER NOT NULL,
-    disabled    INTEGER NOT NULL DEFAULT 0
+    disabled    INTEGER NOT NULL DEFAULT 0,
+    districts   TEXT NOT NULL DEFAULT '*'  -- comma-separated district codes; * is all
 );
 CREATE TABLE IF NOT EXISTS sessions (
     token_sha256 TEXT PRIMARY KEY,
@@ -81,16 +87,36 @@ class OperatorExists(OperatorError, ValueError):
     pass
 
 
+class BadDistrict(OperatorError, ValueError):
+    pass
+
+
+ALL_DISTRICTS = ("*",)
+
+
 @dataclass(frozen=True, slots=True)
 class Session:
     operator: str
     csrf: str
+    districts: tuple[str, ...] = ALL_DISTRICTS
+
+    @property
+    def sees_all(self) -> bool:
+        return "*" in self.districts
+
+    def sees(self, district: str) -> bool:
+        return self.sees_all or district in self.districts
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
     salt = salt if salt is not None else secrets.token_bytes(16)
     digest = hashlib.scrypt(
-        password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32
+        password.encode("utf-8", "surrogatepass"),
+        salt=salt,
+        n=SCRYPT_N,
+        r=SCRYPT_R,
+        p=SCRYPT_P,
+        dklen=32,
     )
     return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
 
@@ -101,7 +127,8 @@ def password_matches(password: str, stored: str) -> bool:
         if scheme != "scrypt":
             return False
         digest = hashlib.scrypt(
-            password.encode(),
+            # JSON may carry a lone surrogate ("\udcb2"): it must cost a check, not a 500
+            password.encode("utf-8", "surrogatepass"),
             salt=bytes.fromhex(salt_hex),
             n=int(n),
             r=int(r),
@@ -123,6 +150,10 @@ def check_hash(password: str, stored: str | None) -> bool:
     return stored is not None and matches
 
 
+def valid_name(name: str) -> bool:
+    return 1 <= len(name) <= 64 and set(name) <= NAME_CHARS
+
+
 def _sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -132,23 +163,36 @@ class Operators:
         self._db = sqlite3.connect(str(path), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+
+    def _migrate(self) -> None:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(operators)")}
+        if "districts" not in columns:
+            # operators from before districts served all of them: keep it so, explicitly
+            self._db.execute("ALTER TABLE operators ADD COLUMN districts TEXT NOT NULL DEFAULT '*'")
 
     # ---- accounts ---------------------------------------------------------------------
 
-    def add(self, name: str, password: str) -> None:
-        if not (1 <= len(name) <= 64) or not set(name) <= NAME_CHARS:
+    def add(self, name: str, password: str, districts: Sequence[str] = ALL_DISTRICTS) -> None:
+        if not valid_name(name):
             raise BadOperatorName(f"operator name {name!r}: use 1-64 of a-z, 0-9, '-', '_' and '.'")
         if len(password) < 10:
             raise WeakPassword("the password must have at least 10 characters")
         try:
+            codes = [check_district(d, allow_all=True) for d in districts]
+        except UnknownDistrict as exc:
+            raise BadDistrict(str(exc)) from None
+        if not codes:
+            raise BadDistrict("an operator needs at least one district ('*' for all)")
+        try:
             self._db.execute(
-                "INSERT INTO operators (name, pw_hash, created_ms) VALUES (?, ?, ?)",
-                (name, hash_password(password), self._clock_ms()),
+                "INSERT INTO operators (name, pw_hash, created_ms, districts) VALUES (?, ?, ?, ?)",
+                (name, hash_password(password), self._clock_ms(), ",".join(codes)),
             )
         except sqlite3.IntegrityError:
             raise OperatorExists(f"operator {name} exists already: choose another name") from None
-        self.audit("console", "add_operator", name)
+        self.audit("console", "add_operator", name, districts=codes)
 
     def names(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT name FROM operators ORDER BY name")]
@@ -173,27 +217,31 @@ class Operators:
         self._db.execute(
             "INSERT INTO sessions VALUES (?, ?, ?, ?, ?)", (_sha(token), name, csrf, now, now)
         )
-        return token, Session(name, csrf)
+        return token, Session(name, csrf, self._districts(name))
+
+    def _districts(self, name: str) -> tuple[str, ...]:
+        row = self._db.execute("SELECT districts FROM operators WHERE name = ?", (name,)).fetchone()
+        return tuple(str(row[0]).split(",")) if row else ()
 
     def session(self, token: str | None) -> Session | None:
-        if not token:
+        if not token or not token.isascii():  # ours are; a stray byte is no session, no 500
             return None
         now = self._clock_ms()
         key = _sha(token)
         row = self._db.execute(
-            "SELECT s.operator, s.csrf, s.seen_ms FROM sessions s JOIN operators o"
+            "SELECT s.operator, s.csrf, s.seen_ms, o.districts FROM sessions s JOIN operators o"
             " ON o.name = s.operator WHERE s.token_sha256 = ? AND o.disabled = 0",
             (key,),
         ).fetchone()
         if row is None:
             return None
-        operator, csrf, seen_ms = row
+        operator, csrf, seen_ms, districts = row
         if now - seen_ms > SESSION_IDLE_S * 1000:
             self._db.execute("DELETE FROM sessions WHERE token_sha256 = ?", (key,))
             return None
         if now - seen_ms > 60_000:  # one write a minute per session, not one per request
             self._db.execute("UPDATE sessions SET seen_ms = ? WHERE token_sha256 = ?", (now, key))
-        return Session(operator, csrf)
+        return Session(operator, csrf, tuple(str(districts).split(",")))
 
     def close_session(self, token: str) -> None:
         self._db.execute("DELETE FROM sessions WHERE token_sha256 = ?", (_sha(token),))

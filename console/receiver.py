@@ -19,7 +19,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,9 @@ from protocol.forwarding import (
     TIMESTAMP_HEADER,
     signature_matches,
 )
+from protocol.ids import check_id, check_path_id
 from protocol.jws import verify
+from protocol.numbers import Malformed, parse_whole
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +103,17 @@ class EventLog:
         row = self._db.execute("SELECT * FROM events WHERE event_id = ?", (event_id,)).fetchone()
         return _row_event(row) if row else None
 
-    def recent(self, since_ms: int, limit: int = 500) -> list[ReceivedEvent]:
+    def recent(
+        self, since_ms: int, limit: int = 500, districts: Sequence[str] | None = None
+    ) -> list[ReceivedEvent]:
+        """The newest events since `since_ms`; with `districts`, only theirs and those that
+        name none (the caller places those by its registry), so that a busy district's
+        events do not push a quiet one's out of `limit`."""
+        wanted = None if districts is None else json.dumps(["", *districts])
         rows = self._db.execute(
-            "SELECT * FROM events WHERE received_ms >= ? ORDER BY received_ms DESC LIMIT ?",
-            (since_ms, limit),
+            "SELECT * FROM events WHERE received_ms >= ? AND (? IS NULL OR district IN"
+            " (SELECT value FROM json_each(?))) ORDER BY received_ms DESC LIMIT ?",
+            (since_ms, wanted, wanted, limit),
         )
         return [_row_event(r) for r in rows]
 
@@ -146,23 +155,18 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.content.read(MAX_BODY_BYTES + 1)
         problem = self._check(request, body)
+        if problem is None:
+            event_or_problem = self._event_of(body)
+            if isinstance(event_or_problem, str):
+                problem = event_or_problem
         if problem is not None:
             self.refused += 1
             log.warning("receiver: refused a delivery: %s", problem)
             return web.json_response(
                 {"error": problem}, status=401 if "signature" in problem else 400
             )
-        data = json.loads(body)
-        event = ReceivedEvent(
-            event_id=str(data["event_id"]),
-            device_id=str(data["device_id"]),
-            district=str(data.get("district", "")),
-            type=str(data["type"]),
-            ts_ms=int(data["ts_ms"]),
-            body=dict(data["body"]),
-            jws=str(data["jws"]),
-            received_ms=self._clock_ms(),
-        )
+        assert isinstance(event_or_problem, ReceivedEvent)
+        event = event_or_problem
         if request.headers.get(IDEMPOTENCY_HEADER) != event.event_id:
             self.refused += 1
             return web.json_response({"error": "Idempotency-Key must be the event id"}, status=400)
@@ -232,17 +236,37 @@ class Receiver:
             return "body too large"
         timestamp = request.headers.get(TIMESTAMP_HEADER, "")
         signature = request.headers.get(SIGNATURE_HEADER, "")
-        if not timestamp.isdigit() or abs(int(timestamp) - self._clock_ms()) > self._max_skew_ms:
-            return "timestamp missing or outside the allowed skew"
+        try:
+            # strict ASCII: '²' passes isdigit() and then breaks int()
+            sent_ms = parse_whole(timestamp, TIMESTAMP_HEADER)
+        except Malformed:
+            return "timestamp missing or not a whole number"
+        if abs(sent_ms - self._clock_ms()) > self._max_skew_ms:
+            return "timestamp outside the allowed skew"
         if not signature_matches(self._secret, timestamp, body, signature):
             return "bad signature"
+        return None
+
+    def _event_of(self, body: bytes) -> ReceivedEvent | str:
+        """The delivery's fields, each of its kind (ids in their grammar, the time a JSON
+        whole number), or what is wrong: even a signed delivery is a 400, never a 500."""
         try:
             data = json.loads(body)
-            for key in ("event_id", "device_id", "type", "ts_ms", "body", "jws"):
-                data[key]
-        except (ValueError, KeyError, TypeError):
-            return "malformed event"
-        return None
+            ts_ms, details = data["ts_ms"], data["body"]
+            if type(ts_ms) is not int or not isinstance(details, dict):
+                raise ValueError("ts_ms must be a whole number and body an object")
+            return ReceivedEvent(
+                event_id=check_path_id("event_id", data["event_id"]),
+                device_id=check_id(data["device_id"]),
+                district=str(data.get("district", "")),
+                type=str(data["type"]),
+                ts_ms=ts_ms,
+                body=details,
+                jws=str(data["jws"]),
+                received_ms=self._clock_ms(),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"malformed event: {exc}"
 
     def app(self) -> web.Application:
         application = web.Application(client_max_size=MAX_BODY_BYTES)

@@ -14,6 +14,13 @@
 
 Every /api route but login needs a session; every POST and DELETE also needs the session's
 CSRF token in `X-CSRF-Token`. The gateway's token stays in this process.
+
+Checked once, in the middleware, for every route: each id in the path fits its grammar
+(protocol/ids.py), or the request is refused (400) and the attempt audited as what it was.
+Every view and action is limited to the operator's districts: lists hold only theirs, and
+an id of another district is answered as unknown (404), audited. Sign-in failures slow
+down the next attempt of that name from that address (a growing delay, not a lock that a
+third party could trigger). Slow clients are closed (ansimi/httpguard.py).
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ import json
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +39,16 @@ from typing import Any
 
 from aiohttp import web
 
+from ansimi.httpguard import (
+    READ_TIMEOUT_S,
+    SlowClientGuard,
+    bad_request_id,
+    check_app_routes,
+    route_template,
+)
 from console.directory import Directory
 from console.gateway_client import STAGES, GatewayClient, GatewayError
-from console.operators import Operators, Session, check_hash
+from console.operators import Operators, Session, check_hash, valid_name
 from console.receiver import ReceivedEvent, Receiver
 
 log = logging.getLogger(__name__)
@@ -44,10 +57,15 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "ansimi_session"
 CSRF_HEADER = "X-CSRF-Token"
 RECENT_MS = 7 * 24 * 3600 * 1000
+RECENT_LIMIT = 2000  # events of the last RECENT_MS a page loads, of its operator's districts
 SSE_PING_S = 15.0
 STAGE_ORDER = ("delivered", "acknowledged", "dispatched", "closed")
-LOGIN_FAILURES_MAX = 5
-LOGIN_FAILURE_WINDOW_S = 300.0
+# Sign-in failures of one name from one address: the first few are free, then each costs
+# a wait that doubles, up to a cap; a success forgets them.
+LOGIN_FREE_FAILURES = 5
+LOGIN_DELAY_FIRST_MS = 1_000
+LOGIN_DELAY_MAX_MS = 5 * 60 * 1000
+LOGIN_KEYS_MAX = 10_000  # made-up names and addresses must not grow the table forever
 SESSION_KEY: web.RequestKey[Session] = web.RequestKey("session", Session)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -89,20 +107,25 @@ def is_active_alert(event: ReceivedEvent) -> bool:
     return event.type == "alert" and str(event.body.get("trigger", "")) in ACTIVE_TRIGGERS
 
 
+# a frame for the live page, with the district of what it is about (each page shows only
+# its operator's); None ends the stream
+Frame = tuple[str, str] | None
+
+
 class Broadcast:
     """Open pages, each with its own bounded queue; a page that cannot keep up is dropped
     (its EventSource reconnects and reloads the list)."""
 
     def __init__(self, size: int = 1000) -> None:
-        self._queues: set[asyncio.Queue[str | None]] = set()
+        self._queues: set[asyncio.Queue[Frame]] = set()
         self._size = size
 
-    def open(self) -> asyncio.Queue[str | None]:
-        queue: asyncio.Queue[str | None] = asyncio.Queue(self._size)
+    def open(self) -> asyncio.Queue[Frame]:
+        queue: asyncio.Queue[Frame] = asyncio.Queue(self._size)
         self._queues.add(queue)
         return queue
 
-    def close(self, queue: asyncio.Queue[str | None]) -> None:
+    def close(self, queue: asyncio.Queue[Frame]) -> None:
         self._queues.discard(queue)
 
     def __len__(self) -> int:
@@ -114,16 +137,22 @@ class Broadcast:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(None)
 
-    def publish(self, kind: str, data: dict[str, Any]) -> None:
+    def publish(self, kind: str, data: dict[str, Any], district: str) -> None:
         frame = f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
         for queue in list(self._queues):
             try:
-                queue.put_nowait(frame)
+                queue.put_nowait((district, frame))
             except asyncio.QueueFull:
                 self._queues.discard(queue)
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
                 queue.put_nowait(None)  # tells that page's stream to end
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    next_ms: int = 0  # no attempt before this
 
 
 @dataclass
@@ -143,6 +172,7 @@ class ConsoleApp:
         gateway: GatewayClient | None = None,
         secure_cookie: bool = False,
         clock_ms: Callable[[], int] | None = None,
+        read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
         self.receiver = receiver
         self.operators = operators
@@ -152,13 +182,16 @@ class ConsoleApp:
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.broadcast = Broadcast()
         self._viewers: dict[str, _Viewer] = {}
-        self._login_failures: dict[str, deque[float]] = {}
+        self._login_failures: dict[tuple[str, str], _Failures] = {}
+        self.guard = SlowClientGuard(read_timeout_s)
         receiver.listeners.append(self._on_event)
 
     # ---- the app ----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
+        app = web.Application(
+            middlewares=[self.guard.middleware, self._guard], client_max_size=64 * 1024
+        )
         app.add_routes(self.receiver.routes())
         app.add_routes(
             [
@@ -177,6 +210,7 @@ class ConsoleApp:
             ]
         )
         app.on_shutdown.append(self._close_streams)
+        check_app_routes(app, also=ROUTE_WORDS)  # a route taking an id nobody checks: no start
         return app
 
     async def _close_streams(self, app: web.Application) -> None:
@@ -191,11 +225,33 @@ class ConsoleApp:
                 return web.json_response({"error": "sign in first"}, status=401)
             if request.method not in ("GET", "HEAD", "OPTIONS"):
                 given = request.headers.get(CSRF_HEADER, "")
-                if not hmac.compare_digest(given.encode(), session.csrf.encode()):
+                # ASCII only: a byte outside it arrives as a lone surrogate (no 500 for it)
+                if not given.isascii() or not hmac.compare_digest(
+                    given.encode(), session.csrf.encode()
+                ):
                     return web.json_response({"error": "missing or wrong CSRF token"}, status=403)
             request[SESSION_KEY] = session
         elif path == "/api/login" and not self._same_origin(request):
             return web.json_response({"error": "cross-origin sign-in refused"}, status=403)
+        # every route's ids, after the credential check (a stranger learns nothing here)
+        problem = bad_request_id(request)
+        if problem is not None:
+            session = request.get(SESSION_KEY)
+            if session is not None:
+                # what was attempted, by whom, on which route: the audit tells it as it was
+                self.operators.audit(
+                    session.operator,
+                    "refused_request",
+                    route_template(request),
+                    method=request.method,
+                    path=request.raw_path[:200],
+                    why=problem,
+                )
+            else:
+                log.info(
+                    "console: refused %s %s: %s", request.method, route_template(request), problem
+                )
+            return web.json_response({"error": problem}, status=400)
         response = await handler(request)
         if path != "/events":
             response.headers.setdefault("Content-Security-Policy", CSP)
@@ -205,6 +261,17 @@ class ConsoleApp:
             if path.startswith("/api/") or path == "/":
                 response.headers.setdefault("Cache-Control", "no-store")
         return response
+
+    def _forget_failures_beyond_bound(self) -> None:
+        """Keep the failure table bounded (made-up names and addresses) without forgetting
+        the pairs being slowed down: a flood of one-off failures must not free a guesser."""
+        if len(self._login_failures) <= LOGIN_KEYS_MAX:
+            return
+        for key, failures in list(self._login_failures.items()):
+            if failures.count < LOGIN_FREE_FAILURES:
+                del self._login_failures[key]
+        if len(self._login_failures) > LOGIN_KEYS_MAX:
+            self._login_failures.clear()  # that many pairs slowed down at once: start over
 
     @staticmethod
     def _same_origin(request: web.Request) -> bool:
@@ -216,7 +283,25 @@ class ConsoleApp:
     # ---- events -----------------------------------------------------------------------
 
     def _on_event(self, event: ReceivedEvent) -> None:
-        self.broadcast.publish("event", self.event_json(event, []))
+        data = self.event_json(event, [])
+        self.broadcast.publish("event", data, data["district"])
+
+    def district_of(self, device_id: str, event: ReceivedEvent | None = None) -> str:
+        """The district of a device (as its event was forwarded, else the registry's);
+        "" when unknown, which only an all-districts operator sees."""
+        if event is not None and event.district:
+            return event.district
+        info = self.directory.get(device_id) if self.directory is not None else None
+        return info.district if info is not None else ""
+
+    def _outside_districts(self, session: Session, action: str, target: str, district: str) -> bool:
+        """True, audited, when the operator does not serve `district`. Callers then answer
+        exactly as for an id that does not exist, so the two cannot be told apart."""
+        if session.sees(district):
+            return False
+        why = "another district" if district else "unknown device"
+        self.operators.audit(session.operator, action, target, ok=False, why=why, district=district)
+        return True
 
     def event_json(self, event: ReceivedEvent, stages: list[dict[str, Any]]) -> dict[str, Any]:
         info = self.directory.get(event.device_id) if self.directory is not None else None
@@ -252,22 +337,38 @@ class ConsoleApp:
             password = str(data["password"])
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": "send JSON {name, password}"}, status=400)
-        if len(self._login_failures) > 10_000:  # made-up names must not grow it forever
-            self._login_failures.clear()
-        failures = self._login_failures.setdefault(name, deque(maxlen=LOGIN_FAILURES_MAX))
-        now = time.monotonic()
-        if len(failures) == LOGIN_FAILURES_MAX and now - failures[0] < LOGIN_FAILURE_WINDOW_S:
-            self.operators.audit(name, "login_refused", "console", why="too many failures")
-            return web.json_response({"error": "too many failed sign-ins; wait"}, status=429)
+        if not valid_name(name):
+            # no operator has it; it goes nowhere (SQL, the audit) as it is, and costs a
+            # wrong password's time like any unknown name
+            name = "(not a valid name)"
+        # keyed on the name AND the address: failures from elsewhere never slow the
+        # operator down at their own desk
+        key = (name, request.remote or "")
+        now = self._clock_ms()
+        self._forget_failures_beyond_bound()
+        failures = self._login_failures.setdefault(key, _Failures())
+        if now < failures.next_ms:
+            wait_s = -(-(failures.next_ms - now) // 1000)
+            self.operators.audit(
+                name[:64], "login_refused", "console", why="too soon", wait_s=wait_s
+            )
+            return web.json_response(
+                {"error": f"too many failed sign-ins from here; try again in {wait_s} s"},
+                status=429,
+                headers={"Retry-After": str(wait_s)},
+            )
+        # counted as a failure before the check: the check is awaited, and guesses sent
+        # all at once must not all pass the delay above before the first failure counts
+        failures.count += 1
+        failures.next_ms = now + login_delay_ms(failures.count)
         # scrypt takes tens of milliseconds: off the event loop, which carries the alerts
         loop = asyncio.get_running_loop()
         stored = self.operators.password_hash(name)
         ok = await loop.run_in_executor(None, check_hash, password, stored)
         if not ok:
-            failures.append(now)
             self.operators.audit(name[:64], "login_failed", "console")
             return web.json_response({"error": "wrong name or password"}, status=401)
-        failures.clear()
+        self._login_failures.pop(key, None)
         token, session = self.operators.open_session(name)
         self.operators.audit(name, "login", "console")
         response = web.json_response({"name": session.operator, "csrf": session.csrf})
@@ -309,8 +410,14 @@ class ConsoleApp:
     # ---- alerts -----------------------------------------------------------------------
 
     async def alerts(self, request: web.Request) -> web.Response:
+        session = request[SESSION_KEY]
         since = self._clock_ms() - RECENT_MS
-        recent = self.receiver.events.recent(since, limit=2000)
+        districts = None if session.sees_all else session.districts
+        recent = [
+            e
+            for e in self.receiver.events.recent(since, RECENT_LIMIT, districts)
+            if session.sees(self.district_of(e.device_id, e))
+        ]
         stages = self.operators.stages([e.event_id for e in recent])
         events = [self.event_json(e, stages.get(e.event_id, [])) for e in recent]
         cancelled = {str(e["body"].get("alert_id")) for e in events if e["type"] == "cancel"}
@@ -348,7 +455,9 @@ class ConsoleApp:
                     continue
                 if frame is None:
                     break
-                await response.write(frame.encode())
+                district, text = frame
+                if session.sees(district):
+                    await response.write(text.encode())
         except ConnectionResetError:
             pass  # the page went away
         finally:
@@ -362,8 +471,11 @@ class ConsoleApp:
         device_id = request.match_info["device_id"]
         info = self.directory.get(device_id) if self.directory is not None else None
         if info is None:
-            return web.json_response({"error": "no such device"}, status=404)
-        operator = request[SESSION_KEY].operator
+            return web.json_response({"error": NO_DEVICE}, status=404)
+        session = request[SESSION_KEY]
+        operator = session.operator
+        if self._outside_districts(session, "view_personal_data", device_id, info.district):
+            return web.json_response({"error": NO_DEVICE}, status=404)
         private: dict[str, Any] | None = None
         if self.gateway is not None:
             try:
@@ -393,12 +505,16 @@ class ConsoleApp:
         )
 
     async def move(self, request: web.Request) -> web.Response:
-        operator = request[SESSION_KEY].operator
+        session = request[SESSION_KEY]
+        operator = session.operator
         event_id = request.match_info["event_id"]
         stage = request.match_info["stage"]
         event = self.receiver.events.get(event_id)
         if stage not in STAGES or event is None or event.type != "alert":
-            return web.json_response({"error": "no such alert or stage"}, status=404)
+            return web.json_response({"error": NO_ALERT}, status=404)
+        district = self.district_of(event.device_id, event)
+        if self._outside_districts(session, stage, event_id, district):
+            return web.json_response({"error": NO_ALERT}, status=404)
         if self.gateway is None:
             return web.json_response({"error": "no gateway API configured (--gateway)"}, status=503)
         try:
@@ -412,15 +528,20 @@ class ConsoleApp:
         self.operators.audit(operator, stage, event_id, device=event.device_id, ok=True)
         log.info("console: %s moved %s (%s) to %s", operator, event_id, event.device_id, stage)
         self.broadcast.publish(
-            "stage", {"event_id": event_id, "stage": stage, "operator": operator, "at_ms": at}
+            "stage",
+            {"event_id": event_id, "stage": stage, "operator": operator, "at_ms": at},
+            district,
         )
         return web.json_response({"event_id": event_id, "stage": stage, "gateway": result})
 
     # ---- video ------------------------------------------------------------------------
 
     async def whep_offer(self, request: web.Request) -> web.Response:
-        operator = request[SESSION_KEY].operator
+        session = request[SESSION_KEY]
+        operator = session.operator
         device_id = request.match_info["device_id"]
+        if self._outside_districts(session, "view_video", device_id, self.district_of(device_id)):
+            return web.Response(status=404, text=NO_VIDEO)
         if self.gateway is None:
             return web.Response(status=503, text="no gateway API configured\n")
         if request.content_type != "application/sdp":
@@ -430,8 +551,9 @@ class ConsoleApp:
             answer = await self.gateway.whep_offer(device_id, offer)
         except GatewayError as exc:
             # 404 is "not streaming yet": the page asks again in a moment, nothing was seen
-            if exc.status != 404:
-                self.operators.audit(operator, "view_video_failed", device_id, error=str(exc))
+            if exc.status == 404:
+                return web.Response(status=404, text=NO_VIDEO)
+            self.operators.audit(operator, "view_video_failed", device_id, error=str(exc))
             return web.Response(status=exc.status, text=f"{exc}\n")
         # the stream is about to reach this operator's screen: that is the view to record
         self.operators.audit(operator, "view_video", device_id)
@@ -458,7 +580,14 @@ class ConsoleApp:
     # ---- audit ------------------------------------------------------------------------
 
     async def audit_csv(self, request: web.Request) -> web.Response:
-        operator = request[SESSION_KEY].operator
+        session = request[SESSION_KEY]
+        operator = session.operator
+        if not session.sees_all:
+            # the log names devices and alerts of every district: a supervisor's view
+            self.operators.audit(operator, "export_audit", "console", ok=False, why="districts")
+            return web.json_response(
+                {"error": "the audit log is for operators of all districts"}, status=403
+            )
         self.operators.audit(operator, "export_audit", "console")
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         return web.Response(
@@ -467,3 +596,19 @@ class ConsoleApp:
             charset="utf-8",
             headers={"Content-Disposition": f'attachment; filename="audit-{stamp}.csv"'},
         )
+
+
+# path parameters that are the console's own words, checked by their handlers, not ids
+ROUTE_WORDS = ("stage",)
+# one answer each for "no such" and "not in your districts"
+NO_ALERT = "no such alert or stage"
+NO_DEVICE = "no such device"
+NO_VIDEO = "no live video for this device (yet)\n"
+
+
+def login_delay_ms(failures: int) -> int:
+    """The wait after `failures` failed sign-ins in a row of one name from one address."""
+    extra = failures - LOGIN_FREE_FAILURES
+    if extra < 0:
+        return 0
+    return min(LOGIN_DELAY_FIRST_MS << min(extra, 30), LOGIN_DELAY_MAX_MS)

@@ -11,6 +11,12 @@ routes, `admin` tokens the admin routes, and neither reaches the other's. Every 
 compared in constant time, all of them every time. `/healthz` and `/openapi.json` are
 public: they reveal nothing about devices or alerts.
 
+Scope, checked in one place (the middleware) for every route: each id in a path must fit
+its grammar (protocol/ids.py; 400 otherwise), and a device or event id of a district the
+token does not serve is answered 404, as if it did not exist, whatever the route. Lists
+(`/devices`, `/alerts`) hold only the token's districts. Slow clients are closed
+(ansimi/httpguard.py).
+
 Other parts add routes with `add_routes()` (provisioning's enrolment endpoint, say) before
 the gateway starts; each route brings its OpenAPI operation, so the description served at
 `/openapi.json` always lists every route (a test holds it to that).
@@ -19,6 +25,7 @@ the gateway starts; each route brings its OpenAPI operation, so the description 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -33,6 +40,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError
 
+from ansimi.httpguard import (
+    READ_TIMEOUT_S,
+    SlowClientGuard,
+    bad_request_id,
+    check_app_routes,
+    route_template,
+)
 from gateway.config import ApiToken
 from gateway.districts import check_district
 from gateway.downlink import Downlink
@@ -42,6 +56,7 @@ from gateway.store import Device, DeviceKind, DuplicateDevice, Event, EventState
 from protocol.errors import Malformed
 from protocol.ids import DeviceId
 from protocol.keys import public_key_from_b64
+from protocol.numbers import parse_whole
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +67,7 @@ T = TypeVar("T")
 # the stages an operator may move an alert to; `received`/`delivered` are the gateway's
 OPERATOR_STAGES: tuple[EventState, ...] = ("acknowledged", "dispatched", "closed")
 MAX_BODY_BYTES = 64 * 1024
+MAX_LIMIT = 100_000  # the most rows a ?limit= may ask for
 TOKEN_KEY: web.RequestKey[ApiToken] = web.RequestKey("token", ApiToken)
 
 
@@ -143,6 +159,7 @@ class Api:
         connected: Callable[[], bool] = lambda: True,
         health: Callable[[bool], tuple[int, dict[str, Any]]] | None = None,
         clock_ms: Callable[[], int] | None = None,
+        read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -157,6 +174,9 @@ class Api:
         self._routes: list[ApiRoute] = []
         self._roles: dict[tuple[str, str], Role] = {}
         self.port: int | None = None  # the bound port, once serving
+        self.guard = SlowClientGuard(
+            read_timeout_s, on_close=lambda why: metrics.api_refused.labels(f"slow_{why}").inc()
+        )
         self.add_routes(self._own_routes())
 
     # ---- extension ----------------------------------------------------------------------
@@ -179,9 +199,13 @@ class Api:
         return list(self._routes)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._authenticate], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(
+            middlewares=[self.guard.middleware, self._authenticate, self._scope],
+            client_max_size=MAX_BODY_BYTES,
+        )
         for route in self._routes:
             app.router.add_route(route.method.upper(), route.path, route.handler)
+        check_app_routes(app)  # a route taking an id nobody checks does not start
         return app
 
     def openapi(self) -> dict[str, Any]:
@@ -212,7 +236,7 @@ class Api:
             await web.TCPSite(runner, host, port, ssl_context=tls).start()
             self.port = int(runner.addresses[0][1])  # the real one when `port` is 0
             log.info("api: listening on %s:%s", host, self.port)
-            await asyncio.Event().wait()
+            await self.guard.watch(runner)
         finally:
             await runner.cleanup()
 
@@ -242,9 +266,56 @@ class Api:
         request[TOKEN_KEY] = token
         return await handler(request)
 
+    @web.middleware
+    async def _scope(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Ids in the path fit their grammar, and belong to the token's districts."""
+        if request.match_info.http_exception is not None:
+            return await handler(request)
+        problem = bad_request_id(request)
+        if problem is not None:
+            self._metrics.api_refused.labels("bad_id").inc()
+            log.info("api: refused %s %s: %s", request.method, route_template(request), problem)
+            return _error(400, problem)
+        token = request.get(TOKEN_KEY)
+        names_a_device = {"device_id", "event_id"} & request.match_info.keys()
+        if token is not None and "*" not in token.districts and names_a_device:
+            district = await self._district_of(request.match_info)
+            if district is None or not token.sees(district):
+                if district is not None:
+                    self._metrics.api_refused.labels("district").inc()
+                    log.warning(
+                        "api: %s refused %s %s (another district)",
+                        token.name,
+                        request.method,
+                        route_template(request),
+                    )
+                # one answer for "no such" and "not yours", whatever the route: a desk
+                # cannot probe which ids exist in other districts
+                return _error(404, "not found in your districts")
+        try:
+            return await handler(request)
+        except _BadNumber as exc:
+            self._metrics.api_refused.labels("bad_number").inc()
+            log.info("api: refused %s %s: %s", request.method, route_template(request), exc)
+            return _error(400, str(exc))
+
+    async def _district_of(self, params: Any) -> str | None:
+        """The district of the device a path names (by device or event id); None if unknown."""
+        device_id = params.get("device_id")
+        event_id = params.get("event_id")
+        if device_id is None and event_id is not None:
+            event = await self._db(self._store.event, event_id)
+            device_id = event.device_id if event is not None else None
+        if device_id is None:
+            return None
+        device = await self._db(self._store.device, device_id)
+        return device.district if device is not None else None
+
     def _token_of(self, request: web.Request) -> ApiToken | None:
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not presented:
+        # tokens are ASCII; a header byte outside it (aiohttp hands it over as a lone
+        # surrogate, which cannot be encoded) is simply no token, not a 500
+        if scheme.lower() != "bearer" or not presented or not presented.isascii():
             return None
         offered = presented.strip().encode()
         found = None
@@ -399,7 +470,8 @@ class Api:
 
     async def devices(self, request: web.Request) -> web.Response:
         limit = _int_query(request, "limit", 10_000)
-        devices = await self._db(self._store.devices)
+        token = request[TOKEN_KEY]
+        devices = [d for d in await self._db(self._store.devices) if token.sees(d.district)]
         # keys=1: the public keys too (not secret), so a control centre can check each
         # device's own signature on what it is forwarded (console/directory.py)
         with_key = request.query.get("keys") == "1"
@@ -413,8 +485,26 @@ class Api:
             return _error(400, f"state must be one of {', '.join(get_args(EventState))}")
         kind = request.query.get("type", "alert") or None
         limit = _int_query(request, "limit", 500)
-        events = await self._db(lambda: self._store.events(state, limit, type=kind))  # type: ignore[arg-type]
+        token = request[TOKEN_KEY]
+        if "*" in token.districts:
+            events = await self._db(lambda: self._store.events(state, limit, type=kind))  # type: ignore[arg-type]
+        else:
+            events = await self._district_events(token, state, kind, limit)  # type: ignore[arg-type]
         return web.json_response({"alerts": [_event_json(e) for e in events]})
+
+    async def _district_events(
+        self, token: ApiToken, state: EventState | None, kind: str | None, limit: int
+    ) -> list[Event]:
+        """The newest `limit` events of the token's districts: pages of all events, filtered
+        (the store has no district column on events), growing until enough or none left."""
+        districts = {d.device_id: d.district for d in await self._db(self._store.devices)}
+        page = limit
+        while True:
+            events = await self._db(functools.partial(self._store.events, state, page, type=kind))
+            mine = [e for e in events if token.sees(districts.get(e.device_id, ""))]
+            if len(mine) >= limit or len(events) < page or page >= MAX_LIMIT * 8:
+                return mine[:limit]
+            page *= 4
 
     async def alert(self, request: web.Request) -> web.Response:
         event_id = request.match_info["event_id"]
@@ -463,6 +553,15 @@ class Api:
             return _error(400, f"{where}: {first['msg']}")
         except Malformed as exc:
             return _error(400, str(exc))
+        token = request[TOKEN_KEY]
+        if not token.sees(new.district):
+            # the path-id scope in `_scope` cannot see a district named in a body
+            self._metrics.api_refused.labels("district").inc()
+            log.warning("api: %s refused registering a device in %s", token.name, new.district)
+            return _error(
+                403,
+                f"district {new.district} is not one of this token's: {', '.join(token.districts)}",
+            )
         device = Device(new.id, new.public_key, new.kind, new.district, new.label)
         try:
             await self._db(self._store.add_device, device, self._clock_ms())
@@ -491,12 +590,19 @@ class Api:
 
 
 def _int_query(request: web.Request, name: str, default: int) -> int:
+    """A whole-number query parameter, clamped to [1, MAX_LIMIT]; 400 if not ASCII digits
+    (`?limit=²` passes `str.isdigit()` and then breaks `int()`)."""
     text = request.query.get(name)
     if text is None:
         return default
-    if not text.isdigit():
-        raise web.HTTPBadRequest(text=f"{name} must be a whole number")
-    return max(1, min(int(text), 100_000))
+    try:
+        return max(1, min(parse_whole(text, name), MAX_LIMIT))
+    except Malformed as exc:
+        raise _BadNumber(str(exc)) from None
+
+
+class _BadNumber(ValueError):
+    """A query parameter that is not a whole number; the scope middleware answers 400."""
 
 
 def _device_json(device: Device, *, with_key: bool = False) -> dict[str, Any]:

@@ -192,8 +192,8 @@ class ApiToken(_Section):
     name: DeviceId
     # operator: alerts and devices; admin: also registers and revokes devices
     role: Literal["operator", "admin"] = "operator"
-    # districts whose devices' personal data (address, phone numbers) this operator may
-    # read; ["*"] is the central centre, which sees all
+    # districts whose alerts, devices, video and personal data this token may see and act
+    # on; ["*"] is the central centre, which sees all
     districts: Annotated[list[str], AfterValidator(_check_districts)] = ["*"]
     # the token itself, or (better) a file holding it, readable by the service only
     token: Annotated[str | None, Field(min_length=16, repr=False)] = None
@@ -239,6 +239,8 @@ class ApiConfig(_Section):
     # network in clear, so set these unless the API stays on loopback or behind a proxy
     cert_file: Path | None = None
     key_file: Path | None = None
+    # a client must send a request's head, and its body, within this many seconds
+    read_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
     tokens: list[ApiToken] = []
 
     @model_validator(mode="after")

@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from gateway.api import Api, ApiRoute
+from gateway.api import TOKEN_KEY, Api, ApiRoute
 from gateway.config import GatewayConfig
 from gateway.districts import UnknownDistrict, check_district
 from gateway.intake import Registry
@@ -143,6 +143,13 @@ class NotEnrolled(EnrolmentError, LookupError):
             "use `ansimi provision device add` for a new one",
             "not-enrolled",
         )
+
+
+class OtherDistrict(EnrolmentError, PermissionError):
+    status = 403
+
+    def __init__(self, district: str) -> None:
+        super().__init__(f"district {district} is not one of this token's", "district")
 
 
 class CsrRefused(EnrolmentError, ValueError):
@@ -247,9 +254,11 @@ class EnrolmentStore:
         now_ms: int,
         ttl_s: int = DEFAULT_TTL_S,
         rotate: bool = False,
+        serves: Callable[[str], bool] = lambda _district: True,
     ) -> tuple[str, Pending]:
         """A new token for `device_id`; a new device's id must be free, a rotated one
-        enrolled and not revoked. A rotation keeps the device's kind, district and label."""
+        enrolled and not revoked. A rotation keeps the device's kind, district and label.
+        `serves`: whether the asking token serves a district (ApiToken.sees)."""
         token = new_token(device_id)
         with self._tx() as db:
             row = self._device_row(db, device_id)
@@ -259,7 +268,8 @@ class EnrolmentStore:
                 (device_id, now_ms),
             ).fetchone()
             if rotate:
-                if row is None:
+                # another district's device is answered as an unknown one
+                if row is None or not serves(row[2]):
                     raise NotEnrolled(device_id)
                 if row[4]:
                     raise TokenRefused("revoked")
@@ -270,6 +280,8 @@ class EnrolmentStore:
                     " AND used_ms IS NULL AND cancelled_ms IS NULL",
                     (now_ms, device_id),
                 )
+            elif not serves(district):
+                raise OtherDistrict(district)
             elif row is not None:
                 raise DuplicateEnrolment(device_id, "is already registered")
             elif live is not None:
@@ -655,6 +667,7 @@ class Enrolment:
                     now_ms=self._clock_ms(),
                     ttl_s=new.ttl_s,
                     rotate=new.rotate,
+                    serves=request[TOKEN_KEY].sees,
                 )
             )
         except EnrolmentError as exc:
@@ -668,7 +681,9 @@ class Enrolment:
         device_id = request.query.get("device_id")
         records = await self._run(self._store.records, device_id)
         now = self._clock_ms()
-        return web.json_response({"enrolments": [_record_json(r, now) for r in records]})
+        token = request[TOKEN_KEY]  # only its districts' records
+        listed = [_record_json(r, now) for r in records if token.sees(r.district)]
+        return web.json_response({"enrolments": listed})
 
     async def cancel(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device_id"]

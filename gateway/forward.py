@@ -51,6 +51,7 @@ from protocol.forwarding import (
     TIMESTAMP_HEADER,
     delivery_signature,
 )
+from protocol.numbers import Malformed, parse_whole
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +172,14 @@ class HttpsCentre:
 
 
 def _retry_after_ms(value: str | None) -> int:
-    # only the seconds form: an HTTP date from a centre's clock is not worth trusting
-    if value is None or not value.strip().isdigit():
+    # only the seconds form: an HTTP date from a centre's clock is not worth trusting;
+    # anything else (a date, '²', '-1') is ignored, the backoff applies
+    if value is None:
         return 0
-    return min(int(value.strip()), 3600) * 1000
+    try:
+        return min(parse_whole(value.strip(), "Retry-After"), 3600) * 1000
+    except Malformed:
+        return 0
 
 
 class Circuit(enum.IntEnum):

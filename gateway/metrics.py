@@ -74,6 +74,13 @@ class Metrics:
             "Group commits that failed (their messages were retried one by one)",
             registry=self.registry,
         )
+        self.api_refused = Counter(
+            "ansimi_api_refused_total",
+            "API requests refused before any handler: bad ids or numbers, slow clients, "
+            "other districts",
+            ["reason"],
+            registry=self.registry,
+        )
         self.intake_batch = Histogram(
             "ansimi_intake_batch_size",
             "Messages committed per group commit",

@@ -175,6 +175,7 @@ class Gateway:
             config.api.tokens,
             connected=lambda: self.session.connected,
             health=self._healthz,
+            read_timeout_s=config.api.read_timeout_s,
         )
         self.api.add_routes(
             PrivateRoutes(self.store, self.vault, on_revoked=self.registry.refresh).routes()

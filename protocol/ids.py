@@ -1,5 +1,8 @@
 """Identifier grammars: devices and signers, and message ids.
 
+Every id that comes from outside (a topic level, a URL path segment, a JSON field) is
+checked against these grammars at the boundary, before it reaches a URL, a path or SQL.
+
 One grammar for device ids and signer ids (``kid``), because a device signs as itself and
 its id also becomes an MQTT topic level, a certificate CN and a file name: lowercase letters,
 digits and hyphens only, so none of those places needs escaping.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable
 from typing import Annotated, Final
 
 from pydantic import StringConstraints
@@ -25,6 +29,15 @@ MessageId = Annotated[str, StringConstraints(pattern=MESSAGE_ID_PATTERN)]
 
 _ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
+# The grammar of each id a route may take in its path, by the parameter's name. An HTTP
+# boundary (gateway/api.py, console/web.py) refuses a route whose parameter is not named
+# here, so a new route cannot take an id nobody checks.
+PATH_ID_GRAMMARS: Final[dict[str, re.Pattern[str]]] = {
+    "device_id": DEVICE_ID_RE,
+    "event_id": MESSAGE_ID_RE,
+    "viewer_id": MESSAGE_ID_RE,
+}
+
 
 def check_id(value: str, what: str = "device id") -> str:
     """Return ``value`` if it is a valid device/signer id, else raise Malformed saying why."""
@@ -32,6 +45,29 @@ def check_id(value: str, what: str = "device id") -> str:
     if isinstance(value, str) and DEVICE_ID_RE.fullmatch(value):
         return value
     raise Malformed(f"{what} {clip(value)} is invalid: {_id_problem(value)}")
+
+
+def check_path_id(name: str, value: str) -> str:
+    """`value` of path parameter `name`, if its grammar accepts it; Malformed if not.
+
+    KeyError for a parameter with no grammar: a programming error, caught when the
+    routes are set up (see `unchecked_path_params`).
+    """
+    grammar = PATH_ID_GRAMMARS[name]
+    if isinstance(value, str) and grammar.fullmatch(value):
+        return value
+    if grammar is DEVICE_ID_RE:
+        check_id(value, name.replace("_", " "))
+    raise Malformed(
+        f"{name.replace('_', ' ')} {clip(value)} is invalid: use 8 to 64 of A-Z, a-z, 0-9, "
+        "'_' and '-'"
+    )
+
+
+def unchecked_path_params(names: Iterable[str], also: Iterable[str] = ()) -> list[str]:
+    """The parameter names among `names` with no id grammar (and not in `also`)."""
+    allowed = PATH_ID_GRAMMARS.keys() | set(also)
+    return sorted(n for n in names if n not in allowed)
 
 
 def _id_problem(value: object) -> str:

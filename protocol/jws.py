@@ -91,7 +91,7 @@ def verify(
         )
     header_b64, payload_b64, signature_b64 = segments
     cached_kid = _KID_BY_HEADER.get(header_b64)
-    header = b"" if cached_kid is not None else b64url_decode(header_b64, "JWS header")
+    header = b"" if cached_kid is not None else _decode_header(header_b64)
     payload = b64url_decode(payload_b64, "JWS payload")
     signature = b64url_decode(signature_b64, "JWS signature")
     kid = cached_kid if cached_kid is not None else _read_header(header_b64, header)
@@ -124,7 +124,7 @@ def peek_kid(token: str | bytes) -> str:
     header_b64 = raw.partition(b".")[0]
     kid = _KID_BY_HEADER.get(header_b64)
     if kid is None:
-        kid = _read_header(header_b64, b64url_decode(header_b64, "JWS header"))
+        kid = _read_header(header_b64, _decode_header(header_b64))
     return kid
 
 
@@ -143,6 +143,18 @@ def _to_bytes(token: str | bytes, max_bytes: int) -> bytes:
         ) from None
 
 
+def _decode_header(header_b64: bytes) -> bytes:
+    """The header segment decoded; text that is not one (`not.a.jws`) is told so plainly,
+    not with the base64 detail that happens to fail first."""
+    try:
+        return b64url_decode(header_b64, "JWS header")
+    except Malformed as exc:
+        raise Malformed(
+            f"token is not a JWS: its first segment must be the base64url of a JSON header "
+            f'such as {{"alg":"EdDSA","kid":...}} ({exc})'
+        ) from None
+
+
 def _read_header(header_b64: bytes, header: bytes) -> str:
     try:
         # the stdlib parser, because only it reports repeated names: {"alg":"none","alg":...}
@@ -151,7 +163,9 @@ def _read_header(header_b64: bytes, header: bytes) -> str:
     except Malformed:
         raise
     except (ValueError, RecursionError):
-        raise Malformed("JWS header is not valid UTF-8 JSON") from None
+        raise Malformed(
+            "token is not a JWS: its first segment decodes, but not to a UTF-8 JSON header"
+        ) from None
     if not isinstance(params, dict):
         raise Malformed("JWS header must be a JSON object")
     unsupported = params.keys() - _HEADER_PARAMS

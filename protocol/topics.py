@@ -12,9 +12,14 @@ from typing import Final, Literal
 
 from protocol.errors import Malformed, clip
 from protocol.ids import check_id
+from protocol.jws import MAX_TOKEN_BYTES
 from protocol.messages import DOWN_TYPES, UP_TYPES
 
 PREFIX: Final = "ansimi/v1"
+# The largest MQTT packet a site's broker takes (its `max_packet_size`): the largest token
+# the gateway reads, plus room for the PUBLISH header, the topic (under 100 bytes) and v5
+# properties. A bigger payload is dropped at the broker, never carried to the gateway.
+MAX_PACKET_BYTES: Final = MAX_TOKEN_BYTES + 1024
 UP_FILTER: Final = f"{PREFIX}/+/up/#"
 
 Direction = Literal["up", "down"]

@@ -20,12 +20,14 @@ Facts this relies on, checked against mosquitto 2.0.11 (tests/integration/provis
 from __future__ import annotations
 
 import getpass
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from ansimi.broker import BrokerTls, MosquittoConfig
+from protocol.ids import DEVICE_ID_RE
+from protocol.topics import MAX_PACKET_BYTES
 from provisioning.pki import check_identity
 
 TOPIC_ROOT: Final = "ansimi/v1"
@@ -36,10 +38,25 @@ GATEWAY_WRITE: Final = f"{TOPIC_ROOT}/+/down/#"
 DEFAULT_PORT: Final = 8883
 
 
-def render_acl(gateway_ids: Sequence[str], revoked_ids: Iterable[str] = ()) -> str:
-    """The ACL file for a site: device patterns, one block per gateway, one per revoked id.
+def diagnostic_filter(device_id: str | None) -> str:
+    """What a diagnostic identity may read: every device's up topics, or all of one device's
+    traffic (its up and down topics)."""
+    if device_id is None:
+        return GATEWAY_READ
+    return f"{TOPIC_ROOT}/{check_identity(device_id, 'device id')}/#"
 
-    A revoked gateway keeps its block, but with a deny instead of its grants.
+
+def render_acl(
+    gateway_ids: Sequence[str],
+    revoked_ids: Iterable[str] = (),
+    diagnostics: Mapping[str, str] | None = None,
+) -> str:
+    """The ACL file for a site: device patterns, one block per gateway, one per installer's
+    diagnostic identity (`diagnostics`: identity -> the topic filter it reads), one per
+    revoked id.
+
+    A revoked gateway keeps its block, but with a deny instead of its grants; a revoked
+    diagnostic identity is simply a revoked id.
     """
     gateways = [check_identity(g, "gateway id") for g in gateway_ids]
     revoked = sorted({check_identity(r, "revoked id") for r in revoked_ids})
@@ -65,6 +82,18 @@ def render_acl(gateway_ids: Sequence[str], revoked_ids: Iterable[str] = ()) -> s
             "# its intake probe (protocol/probe.py), heard back through the read above",
             f"topic write {TOPIC_ROOT}/{gateway}/up/probe",
         ]
+    for identity, readable in sorted((diagnostics or {}).items()):
+        identity = check_identity(identity, "diagnostic id")
+        if identity in revoked or not _is_filter_of_site(readable):
+            continue  # its deny block follows with the revoked ids
+        lines += [
+            "",
+            f"user {identity}",
+            "# an installer's read-only diagnostic identity: reads, never publishes. The deny",
+            "# line shuts it out of the device patterns above (its own up/down topics).",
+            f"topic deny {TOPIC_ROOT}/{identity}/#",
+            f"topic read {readable}",
+        ]
     devices = [r for r in revoked if r not in gateways]
     if devices:
         lines += [
@@ -75,6 +104,18 @@ def render_acl(gateway_ids: Sequence[str], revoked_ids: Iterable[str] = ()) -> s
         for identity in devices:
             lines += [f"user {identity}", "topic deny #"]
     return "\n".join(lines) + "\n"
+
+
+def _is_filter_of_site(readable: str) -> bool:
+    # only the two shapes `diagnostic_filter` makes: nothing may smuggle a write or a '#'
+    # at the root into the file
+    parts = readable.split("/")
+    return readable == GATEWAY_READ or (
+        len(parts) == 4
+        and "/".join(parts[:2]) == TOPIC_ROOT
+        and DEVICE_ID_RE.fullmatch(parts[2]) is not None
+        and parts[3] == "#"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +152,9 @@ def broker_config(
         "tls_version tlsv1.2",
         "# Sessions of devices that never come back are dropped after a month.",
         "persistent_client_expiration 30d",
+        "# No message bigger than the gateway reads (protocol/topics.py MAX_PACKET_BYTES): a",
+        "# 10 MB payload is dropped here, with its sender's connection, not carried onward.",
+        f"max_packet_size {MAX_PACKET_BYTES}",
     ]
     return MosquittoConfig(
         # spelled out, so that ansimi.broker's keep-the-caller's-user default does not apply

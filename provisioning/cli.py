@@ -178,6 +178,68 @@ def revoke_command(
         sys.exit(1)
 
 
+@provision.command("diagnostic")
+@DIR_OPTION
+@click.argument("name")
+@click.option("--device", "device_id", help="read only this device's topics [every device's up]")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--days", type=click.IntRange(1, 90), default=7, show_default=True)
+@click.option("--unit", default="mosquitto", show_default=True, help="the broker's systemd unit")
+@click.option("--pid-file", type=click.Path(path_type=Path), help="the broker's pid file")
+@click.option("--no-reload", is_flag=True, help="only write the certificate and the ACL")
+@JSON_OPTION
+def diagnostic_command(
+    directory: Path,
+    name: str,
+    device_id: str | None,
+    out_dir: Path,
+    days: int,
+    unit: str,
+    pid_file: Path | None,
+    no_reload: bool,
+    as_json: bool,
+) -> None:
+    """Issue a read-only diagnostic identity `diag-NAME` for `mosquitto_sub`.
+
+    Never watch a site with a device's own certificate: the broker gives the watcher the
+    device's client id and drops the device (its centres see it go offline). This identity
+    reads every device's up topics (or one device's topics with --device) and cannot publish.
+    """
+    from provisioning.diagnostic import issue_diagnostic
+
+    broker: BrokerControl | None = None
+    if not no_reload:
+        broker = SignalBroker.from_pid_file(pid_file) if pid_file else SystemdBroker(unit)
+    with _errors():
+        issued = issue_diagnostic(
+            directory, name, out_dir, device_id=device_id, days=days, broker=broker
+        )
+    command = (
+        f"mosquitto_sub -h HOST -p PORT --cafile {issued.ca_file} --cert {issued.cert_file} "
+        f"--key {issued.key_file} -V mqttv5 -v -t '{issued.reads}'"
+    )
+    if as_json:
+        _print_json(
+            {
+                "identity": issued.identity,
+                "reads": issued.reads,
+                "serial": serial_text(issued.serial),
+                "not_after": issued.not_after.isoformat(),
+                "cert_file": str(issued.cert_file),
+                "key_file": str(issued.key_file),
+                "ca_file": str(issued.ca_file),
+                "reloaded": issued.reloaded,
+                "command": command,
+            }
+        )
+        return
+    console = Console()
+    console.print(f"[green]Issued[/] {issued.identity} (reads {issued.reads}, until "
+                  f"{issued.not_after:%Y-%m-%d}); revoke with `ansimi provision revoke "
+                  f"--dir {directory} {issued.identity}`")  # fmt: skip
+    console.print(command, soft_wrap=True, markup=False)
+
+
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():

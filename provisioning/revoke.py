@@ -185,7 +185,7 @@ def revoke_certificate(
         write_atomic(
             site.layout.revocations_file, state.model_dump_json(indent=2).encode(), mode=0o600
         )
-        denied = _fully_revoked(issued, {r.serial for r in state.revoked})
+        denied = fully_revoked_identities(issued, {r.serial for r in state.revoked})
         _write_broker_files(site, state, denied, moment)
 
     result = RevokeResult(
@@ -263,7 +263,7 @@ def _by_cn(cn: str, issued: Sequence[x509.Certificate]) -> list[x509.Certificate
     return found
 
 
-def _fully_revoked(issued: Iterable[x509.Certificate], revoked: set[int]) -> list[str]:
+def fully_revoked_identities(issued: Iterable[x509.Certificate], revoked: set[int]) -> list[str]:
     """Identities all of whose certificates are revoked (one with a newer valid certificate,
     re-enrolled after a revocation by serial, keeps its grants)."""
     alive: set[str] = set()
@@ -287,7 +287,8 @@ def _write_broker_files(
     )
     files = site.layout.broker
     write_atomic(files.crl_file, pki.crl_to_pem(crl), owner=owner)
-    write_atomic(files.acl_file, render_acl([site.gateway_id], denied).encode(), owner=owner)
+    acl = render_acl([site.gateway_id], denied, site.diagnostics())  # installers' grants stay
+    write_atomic(files.acl_file, acl.encode(), owner=owner)
     # a CRL the broker cannot load costs the gateway its grants on reload: read it back
     written = pki.read_crl(files.crl_file)
     if not written.is_signature_valid(ca.key.public_key()):

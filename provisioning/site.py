@@ -18,6 +18,7 @@ certificate) takes --force.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import shutil
@@ -42,6 +43,10 @@ from provisioning.files import Owner, broker_owners, fsync_dir, locked, make_dir
 
 SITE_FILE: Final = "site.json"
 GATEWAY_PREFIX: Final = "gw-"
+# installers' read-only diagnostic identities (provisioning/diagnostic.py); no device may
+# be named so, so a diagnostic client id never equals a device's and never knocks it off
+DIAGNOSTIC_PREFIX: Final = "diag-"
+DIAGNOSTICS_FILE: Final = "diagnostics.json"
 _SLUG_RE: Final = re.compile(r"[^a-z0-9-]+")
 
 
@@ -237,7 +242,7 @@ class Site:
         now: dt.datetime | None = None,
     ) -> x509.Certificate:
         """Issue and record a device's TLS client certificate (CN = device id)."""
-        self._refuse_gateway_id(common_name)
+        self._refuse_reserved_name(common_name)
         with self.lock():
             cert = pki.issue_client_cert(self.ca(), common_name, public_key, days, now=now)
             self.record_issued(cert)
@@ -251,19 +256,38 @@ class Site:
         *,
         now: dt.datetime | None = None,
     ) -> x509.Certificate:
-        self._refuse_gateway_id(expected_cn)
+        self._refuse_reserved_name(expected_cn)
         with self.lock():
             cert = pki.sign_csr(self.ca(), csr_pem, expected_cn, days, now=now)
             self.record_issued(cert)
         return cert
 
-    def _refuse_gateway_id(self, common_name: str) -> None:
-        # the gateway's CN reads every device's topics: no device may ever be issued it
+    def _refuse_reserved_name(self, common_name: str) -> None:
+        # the gateway's CN reads every device's topics, and a diagnostic identity's reads
+        # them too: no device may ever be issued either
         if common_name == self.gateway_id or common_name.startswith(GATEWAY_PREFIX):
             raise InvalidName(
                 f"{common_name!r} is reserved for gateways ('{GATEWAY_PREFIX}...'): "
                 "choose another device id"
             )
+        if common_name.startswith(DIAGNOSTIC_PREFIX):
+            raise InvalidName(
+                f"{common_name!r} is reserved for diagnostic identities "
+                f"('{DIAGNOSTIC_PREFIX}...', `ansimi provision diagnostic`): choose another id"
+            )
+
+    def diagnostics(self) -> dict[str, str]:
+        """Installers' diagnostic identities and the topic filter each may read."""
+        path = self.layout.root / DIAGNOSTICS_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise ProvisioningError(
+                f"{path} is damaged ({exc}): restore it from a backup"
+            ) from None
+        return {str(k): str(v) for k, v in dict(data).items()}
 
     def record_issued(self, cert: x509.Certificate) -> None:
         """Keep a copy of every certificate the CA signs: revocation by CN finds them here."""

@@ -3,6 +3,8 @@
 set -euo pipefail
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+# the adversarial and broker tests attack with the stock clients, as an outsider would
+command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 # the console's browser tests drive Debian's chromium (never a downloaded browser)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

@@ -35,8 +35,8 @@ def bearer(tokens: Iterable[str]) -> Authorize:
 
     def check(request: web.Request) -> bool:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            return False
+        if scheme.lower() != "bearer" or not given or not given.isascii():
+            return False  # a non-ASCII byte cannot be any token (and must not be a 500)
         # compare against every token, so timing says nothing about which one nearly matched
         return any([hmac.compare_digest(given.strip().encode(), t) for t in accepted])
 

@@ -17,6 +17,7 @@ import ssl
 import tempfile
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,11 +25,14 @@ from prov_broker_kit import Client, Identities, running, settings, wait_for_log
 
 from ansimi.broker import Mosquitto, free_port
 from ansimi.mqtt import MqttError, TlsFiles
+from protocol.jws import MAX_TOKEN_BYTES
 from protocol.probe import probe_topic
+from protocol.topics import MAX_PACKET_BYTES
 from provisioning import pki
 from provisioning.broker_conf import current_user
-from provisioning.errors import BrokerControlError
-from provisioning.revoke import RevokeResult, SignalBroker, revoke_certificate
+from provisioning.diagnostic import issue_diagnostic
+from provisioning.errors import BrokerControlError, InvalidName
+from provisioning.revoke import SETTLE_S, RevokeResult, SignalBroker, revoke_certificate
 from provisioning.site import Site, init_site
 
 VERSIONS = [pytest.param(5, id="v5"), pytest.param(311, id="v311")]
@@ -460,3 +464,97 @@ async def test_a_p256_site_takes_p256_and_ed25519_devices(tmp_path: Path) -> Non
             assert await receive(gw) == (up("bell-0002"), b"ed25519")
     finally:
         server.stop()
+
+
+# ---- message size ----------------------------------------------------------------------------
+
+
+async def test_the_broker_drops_a_payload_bigger_than_the_gateway_reads(
+    broker: Mosquitto, ids: Identities, tmp_path: Path
+) -> None:
+    """`mosquitto_pub` of an oversize payload with a device's own certificate: the broker
+    drops it (max_packet_size from protocol's limit), while one at the limit passes."""
+    tls = ids.device("bell-0007")
+    async with gateway_and_devices(broker, ids) as (gw,):
+        await gw.session.subscribe([(UP_ALL, 1)])
+
+        async def mosquitto_pub(size: int) -> None:
+            payload = tmp_path / f"payload-{size}"
+            payload.write_bytes(b"x" * size)
+            process = await asyncio.create_subprocess_exec(
+                "mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-V", "mqttv5",
+                "-i", "bell-0007", "--cafile", str(tls.ca_file), "--cert", str(tls.cert_file),
+                "--key", str(tls.key_file), "-q", "1", "-t", up("bell-0007"), "-f", str(payload),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            async with asyncio.timeout(10):
+                await process.wait()
+
+        await mosquitto_pub(MAX_TOKEN_BYTES)
+        topic, payload = await receive(gw)
+        assert topic == up("bell-0007") and len(payload) == MAX_TOKEN_BYTES
+        await mosquitto_pub(10 * 1024 * 1024)
+        await mosquitto_pub(MAX_PACKET_BYTES + 1)
+        await gw.nothing_more(within_s=1.0)
+
+
+# ---- an installer's diagnostic identity --------------------------------------------------------
+
+
+async def _mosquitto(tool: str, tls: TlsFiles, broker: Mosquitto, *args: str) -> Any:
+    return await asyncio.create_subprocess_exec(
+        tool, "-h", broker.host, "-p", str(broker.port), "-V", "mqttv5", "--cafile",
+        str(tls.ca_file), "--cert", str(tls.cert_file), "--key", str(tls.key_file), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def test_a_diagnostic_identity_reads_everything_and_knocks_no_bell_off(
+    broker: Mosquitto, ids: Identities, site: Site, tmp_path: Path
+) -> None:
+    issued = issue_diagnostic(site.layout.root, "kim", tmp_path / "diag")
+    broker.reload()
+    await asyncio.sleep(SETTLE_S)
+    diag = TlsFiles(issued.ca_file, issued.cert_file, issued.key_file)
+    bell_tls = ids.device("bell-0001")
+    async with gateway_and_devices(broker, ids, "bell-0001", tls_for={"bell-0001": bell_tls}) as (
+        gw,
+        bell,
+    ):
+        await gw.session.subscribe([(UP_ALL, 1)])
+        await bell.session.subscribe([(down("bell-0001"), 1)])
+        # the installer watches, even claiming the bell's client id: the broker uses the CN
+        watcher = await _mosquitto(
+            "mosquitto_sub", diag, broker, "-i", "bell-0001", "-C", "1", "-W", "20", "-t", UP_ALL
+        )
+        # the bell presses until the watcher (which says nothing when it is subscribed) sees it
+        async with asyncio.timeout(20):
+            while watcher.returncode is None:
+                await asyncio.wait_for(bell.session.publish(up("bell-0001"), b"press"), 5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watcher.wait(), 0.3)
+        assert (await watcher.stdout.read()).strip() == b"press"  # type: ignore[union-attr]
+        assert bell.session.connected and bell.drops == 0
+        assert await receive(gw) == (up("bell-0001"), b"press")
+        # it never publishes: not as the bell, not to the bell, not on its own topics
+        for topic in (up("bell-0001"), down("bell-0001"), up("diag-kim")):
+            publisher = await _mosquitto("mosquitto_pub", diag, broker, "-q", "1", "-t", topic,
+                                         "-m", "forged")  # fmt: skip
+            async with asyncio.timeout(10):
+                await publisher.wait()
+        await asyncio.sleep(0.5)
+        for client in (gw, bell):
+            arrived = [client.inbox.get_nowait().payload for _ in range(client.inbox.qsize())]
+            assert b"forged" not in arrived  # only the bell's own presses reached anyone
+        assert bell.drops == 0
+        # what the docs warn against: watching with the bell's own certificate drops the bell
+        intruder = await _mosquitto("mosquitto_sub", bell_tls, broker, "-C", "1", "-W", "2",
+                                    "-t", down("bell-0001"))  # fmt: skip
+        async with asyncio.timeout(10):
+            await intruder.wait()
+        assert bell.drops >= 1
+
+
+def test_no_device_may_be_called_like_a_diagnostic_identity(site: Site) -> None:
+    with pytest.raises(InvalidName, match="reserved for diagnostic"):
+        site.issue_client_cert("diag-kim", pki.generate_key().public_key())

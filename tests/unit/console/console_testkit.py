@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,13 +67,14 @@ def delivery(
     kid: str | None = None,
     seq: int = 1,
     tamper: dict[str, Any] | None = None,
+    district: str = "mapo",
 ) -> dict[str, Any]:
     message = build_message(body, device=device, seq=seq, ts=now_ms())
     token = seal(message, Signer(kid or device, key))
     data = {
         "event_id": message.id,
         "device_id": device,
-        "district": "mapo",
+        "district": district,
         "type": message.type,
         "ts_ms": message.ts,
         "body": json.loads(message.body.model_dump_json()),
@@ -159,7 +160,15 @@ class Desk:
 
 
 @asynccontextmanager
-async def desk(tmp_path: Path, gateway: FakeGateway | None = None) -> AsyncIterator[Desk]:
+async def desk(
+    tmp_path: Path,
+    gateway: FakeGateway | None = None,
+    *,
+    clock_ms: Callable[[], int] | None = None,
+    districts: dict[str, list[str]] | None = None,
+) -> AsyncIterator[Desk]:
+    """A console on a fake gateway, with operator kim (all districts) and one operator per
+    entry of `districts` (name -> its districts), all with PASSWORD."""
     gateway = gateway or FakeGateway()
     async with TestServer(gateway.app()) as gateway_server:
         client_of_gateway = GatewayClient(str(gateway_server.make_url("")), TOKEN)
@@ -173,7 +182,11 @@ async def desk(tmp_path: Path, gateway: FakeGateway | None = None) -> AsyncItera
         receiver = Receiver(SECRET, EventLog(tmp_path / "console.db"), directory=directory)
         operators = Operators(tmp_path / "console.db")
         operators.add("kim", PASSWORD)
-        console = ConsoleApp(receiver, operators, directory=directory, gateway=client_of_gateway)
+        for name, served in (districts or {}).items():
+            operators.add(name, PASSWORD, served)
+        console = ConsoleApp(
+            receiver, operators, directory=directory, gateway=client_of_gateway, clock_ms=clock_ms
+        )
         async with TestClient(TestServer(console.app())) as client:
             yield Desk(console, client, gateway)
         await client_of_gateway.close()

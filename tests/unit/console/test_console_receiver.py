@@ -10,12 +10,14 @@ from console_testkit import (
     FakeGateway,
     delivery,
     desk,
+    headers_for,
     now_ms,
     registry_entry,
     status_delivery,
 )
 
 from console.receiver import ReceivedEvent
+from protocol.forwarding import SIGNATURE_HEADER
 from protocol.messages import Alert
 
 
@@ -152,3 +154,32 @@ async def test_after_a_failed_sync_an_unknown_signer_asks_again_at_once(
     assert await directory.sync(force=False)
     assert len(calls) == 2
     directory.close()
+
+
+async def test_a_signature_header_outside_ascii_is_a_wrong_signature_not_a_500(
+    tmp_path: Path,
+) -> None:
+    """Unauthenticated, like issue 14's '²' timestamp: compare_digest refuses non-ASCII str."""
+    async with desk(tmp_path) as d:
+        body, headers = headers_for(delivery())
+        headers[SIGNATURE_HEADER] = "²" * 64
+        async with d.client.post("/events", data=body, headers=headers) as response:
+            assert response.status == 401 and (await response.json())["error"] == "bad signature"
+        assert d.console.receiver.events.count() == 0
+
+
+async def test_a_signed_delivery_with_fields_of_the_wrong_kind_is_a_400(tmp_path: Path) -> None:
+    """Even with the right HMAC (the gateway's, or its secret's thief): numbers are JSON
+    whole numbers and ids fit their grammar before anything is kept, not a 500."""
+    async with desk(tmp_path) as d:
+        for tamper in (
+            {"ts_ms": "²"},
+            {"ts_ms": 1.5},
+            {"ts_ms": True},
+            {"event_id": "../../alerts"},
+            {"device_id": "BELL/0001"},
+            {"body": []},
+        ):
+            status, answer = await d.deliver(delivery(tamper=tamper))
+            assert status == 400 and "malformed event" in answer["error"], (tamper, answer)
+        assert d.console.receiver.events.count() == 0

@@ -8,10 +8,14 @@ import io
 import json
 from pathlib import Path
 
+import aiohttp
 import pytest
-from console_testkit import TOKEN, FakeGateway, delivery, desk, registry_entry
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from console_testkit import PASSWORD, TOKEN, FakeGateway, delivery, desk, registry_entry
 
 from console.operators import OperatorExists, Operators, hash_password, password_matches
+from console.web import LOGIN_FREE_FAILURES, login_delay_ms
 
 
 def test_passwords_are_salted_scrypt_and_checked() -> None:
@@ -166,13 +170,70 @@ async def test_sign_out_ends_the_session(tmp_path: Path) -> None:
 
 
 async def test_repeated_failed_sign_ins_are_slowed_and_audited(tmp_path: Path) -> None:
-    async with desk(tmp_path) as d:
-        for _ in range(5):
+    clock = [1_000_000]
+    async with desk(tmp_path, clock_ms=lambda: clock[0]) as d:
+        for _ in range(LOGIN_FREE_FAILURES):
             assert await d.sign_in(password="wrong password!") == 401
-        # now even the right password waits
-        assert await d.sign_in() == 429
+        # now even the right password waits, and is told for how long
+        async with d.client.post(
+            "/api/login", json={"name": "kim", "password": PASSWORD}
+        ) as response:
+            assert response.status == 429
+            first_wait_s = int(response.headers["Retry-After"])
+        clock[0] += first_wait_s * 1000
+        assert await d.sign_in(password="wrong password!") == 401
+        # the next wait is longer: a delay that grows, not a lock
+        async with d.client.post(
+            "/api/login", json={"name": "kim", "password": PASSWORD}
+        ) as response:
+            assert response.status == 429
+            assert int(response.headers["Retry-After"]) > first_wait_s
+        clock[0] += login_delay_ms(LOGIN_FREE_FAILURES + 1)
+        assert await d.sign_in() == 200
         actions = [row[3] for row in d.console.operators.audit_rows()]
-        assert actions.count("login_failed") == 5 and "login_refused" in actions
+        assert actions.count("login_failed") == LOGIN_FREE_FAILURES + 1
+        assert "login_refused" in actions
+
+
+async def test_nobody_elsewhere_can_lock_an_operator_out(tmp_path: Path) -> None:
+    """The failures of an attacker at another address do not slow the operator's desk."""
+    async with desk(tmp_path) as d:
+        attacker = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(connector=attacker) as elsewhere:
+            url = d.client.make_url("/api/login")
+            statuses = []
+            for _ in range(LOGIN_FREE_FAILURES + 3):
+                async with elsewhere.post(url, json={"name": "kim", "password": "guess!"}) as r:
+                    statuses.append(r.status)
+        assert statuses[-1] == 429  # the attacker is slowed down...
+        assert await d.sign_in() == 200  # ...the operator at their own desk is not
+
+
+async def test_guesses_sent_all_at_once_are_slowed_like_guesses_in_a_row(tmp_path: Path) -> None:
+    """The password check is awaited (scrypt, off the loop): guesses sent together must not
+    all pass the delay check before the first failure is counted."""
+    async with desk(tmp_path, clock_ms=lambda: 1_000_000) as d:  # no time passes
+
+        async def guess() -> int:
+            async with d.client.post(
+                "/api/login", json={"name": "kim", "password": "wrong password!"}
+            ) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(guess() for _ in range(LOGIN_FREE_FAILURES + 10)))
+        assert sorted(statuses) == [401] * LOGIN_FREE_FAILURES + [429] * 10
+
+
+async def test_made_up_names_do_not_flush_the_delay_of_one_being_guessed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("console.web.LOGIN_KEYS_MAX", 20)
+    async with desk(tmp_path, clock_ms=lambda: 1_000_000) as d:
+        for _ in range(LOGIN_FREE_FAILURES):
+            assert await d.sign_in(password="wrong password!") == 401
+        for n in range(30):  # fills the table past its bound, one failure each
+            assert await d.sign_in(f"nobody-{n}", "wrong password!") == 401
+        assert await d.sign_in() == 429  # kim's guesser is still slowed down
 
 
 async def test_the_page_learns_what_keeps_alerts_away(tmp_path: Path) -> None:
@@ -184,3 +245,156 @@ async def test_the_page_learns_what_keeps_alerts_away(tmp_path: Path) -> None:
         await d.deliver(delivery(device="bell-0404"))  # a signer the registry lacks
         async with d.client.get("/api/me") as r:
             assert (await r.json())["refused"] == 1
+
+
+def two_districts() -> FakeGateway:
+    return FakeGateway(devices=[registry_entry(), registry_entry("bell-0002", district="gangnam")])
+
+
+async def test_an_operator_sees_and_acts_only_in_their_districts(tmp_path: Path) -> None:
+    async with desk(tmp_path, two_districts(), districts={"lee": ["gangnam"]}) as d:
+        mapo = delivery()
+        gangnam = delivery(device="bell-0002", district="gangnam")
+        for data in (mapo, gangnam):
+            assert (await d.deliver(data))[0] == 200
+        await d.sign_in("lee")
+        headers = {"X-CSRF-Token": d.csrf}
+        async with d.client.get("/api/alerts") as r:
+            shown = await r.json()
+        assert [a["event_id"] for a in shown["alerts"]] == [gangnam["event_id"]]
+        refused = [
+            ("POST", f"/api/alerts/{mapo['event_id']}/dispatched"),
+            ("GET", "/api/devices/bell-0001"),
+            ("POST", "/api/whep/bell-0001"),  # live video of another district's door
+        ]
+        sdp = {**headers, "Content-Type": "application/sdp"}
+        unknown = [
+            ("POST", "/api/alerts/no-such-alert-01/dispatched"),
+            ("GET", "/api/devices/bell-0404"),
+            ("POST", "/api/whep/bell-0404"),
+        ]
+        for (method, path), (_, unknown_path) in zip(refused, unknown, strict=True):
+            async with d.client.request(method, path, headers=sdp, data=b"v=0") as r:
+                assert r.status == 404, path
+                answer = await r.text()
+                assert "bell-0001" not in answer and mapo["event_id"] not in answer
+            async with d.client.request(method, unknown_path, headers=sdp, data=b"v=0") as r:
+                assert (r.status, await r.text()) == (404, answer), "told apart from unknown"
+        assert d.gateway.moves == []  # nothing reached the gateway
+        async with d.client.get("/api/audit.csv") as r:
+            assert r.status == 403  # names devices of every district
+        async with d.client.post(
+            f"/api/alerts/{gangnam['event_id']}/acknowledged", headers=headers
+        ) as r:
+            assert r.status == 200
+        refusals = [
+            (row[3], row[4])
+            for row in d.console.operators.audit_rows()
+            if "another district" in row[5]
+        ]
+        assert refusals == [
+            ("dispatched", mapo["event_id"]),
+            ("view_personal_data", "bell-0001"),
+            ("view_video", "bell-0001"),
+        ]
+
+
+async def test_a_busy_district_does_not_push_a_quiet_ones_alerts_off_its_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("console.web.RECENT_LIMIT", 3)
+    async with desk(tmp_path, two_districts(), districts={"lee": ["gangnam"]}) as d:
+        gangnam = delivery(device="bell-0002", district="gangnam")
+        assert (await d.deliver(gangnam))[0] == 200
+        for seq in range(3):  # newer, and as many as a page loads
+            assert (await d.deliver(delivery(seq=seq + 1)))[0] == 200
+        await d.sign_in("lee")
+        async with d.client.get("/api/alerts") as r:
+            shown = await r.json()
+        assert [a["event_id"] for a in shown["alerts"]] == [gangnam["event_id"]]
+
+
+async def test_a_page_streams_only_its_operators_districts(tmp_path: Path) -> None:
+    async with desk(tmp_path, two_districts(), districts={"lee": ["gangnam"]}) as d:
+        await d.sign_in("lee")
+        async with d.client.get("/api/stream") as stream:
+            await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 5)  # hello
+            mapo = delivery()
+            gangnam = delivery(device="bell-0002", district="gangnam")
+            await d.deliver(mapo)
+            await d.deliver(gangnam)
+            frame = await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 5)
+        assert gangnam["event_id"] in frame.decode() and mapo["event_id"] not in frame.decode()
+
+
+async def test_a_hostile_id_is_refused_and_audited_as_attempted(tmp_path: Path) -> None:
+    async with desk(tmp_path) as d:
+        await d.sign_in()
+        data = delivery()
+        await d.deliver(data)
+        attack = f"/api/whep/..%2Falerts%2F{data['event_id']}%2Fclosed"
+        async with d.client.post(
+            attack, data=b"v=0", headers={"X-CSRF-Token": d.csrf, "Content-Type": "application/sdp"}
+        ) as r:
+            assert r.status == 400
+        assert d.gateway.moves == []
+        row = d.console.operators.audit_rows()[-1]
+        assert row[2:5] == ("kim", "refused_request", "/api/whep/{device_id}")
+        detail = json.loads(row[5])
+        assert detail["method"] == "POST" and detail["path"] == attack
+
+
+async def test_an_id_is_checked_on_every_route_not_only_behind_a_session(
+    tmp_path: Path,
+) -> None:
+    """A later route outside /api/ (a public page, a second webhook) gets the same check."""
+    async with desk(tmp_path) as d:
+        reached: list[str] = []
+
+        async def page(request: web.Request) -> web.Response:
+            reached.append(request.match_info["device_id"])
+            return web.Response(text="ok")
+
+        app = d.console.app()
+        app.router.add_get("/page/{device_id}", page)
+        async with TestClient(TestServer(app)) as client:
+            async with client.get("/page/..%2Fapi%2Faudit.csv") as r:
+                assert r.status == 400 and "is invalid" in (await r.text())
+            async with client.get("/page/bell-0001") as r:
+                assert r.status == 200
+            async with client.get("/static/app.js") as r:
+                assert r.status == 200  # a file name is not an id
+        assert reached == ["bell-0001"]
+
+
+async def test_the_gateway_client_quotes_every_path_segment(tmp_path: Path) -> None:
+    """The second wall: even an unchecked id stays one segment of the gateway's URL."""
+    async with desk(tmp_path) as d:
+        client = d.console.gateway
+        assert client is not None
+        url = client._url("whep", "../alerts/x/closed")
+        assert url.raw_path.endswith("/whep/..%2Falerts%2Fx%2Fclosed")
+
+
+def test_operators_from_before_districts_keep_all_and_new_ones_are_checked(tmp_path: Path) -> None:
+    import sqlite3
+
+    from console.operators import BadDistrict
+
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.execute(
+        "CREATE TABLE operators (name TEXT PRIMARY KEY, pw_hash TEXT NOT NULL,"
+        " created_ms INTEGER NOT NULL, disabled INTEGER NOT NULL DEFAULT 0)"
+    )
+    old.execute("INSERT INTO operators VALUES ('kim', ?, 0, 0)", (hash_password("x" * 12),))
+    old.commit()
+    old.close()
+    operators = Operators(tmp_path / "old.db")
+    _, session = operators.open_session("kim")
+    assert session.districts == ("*",) and session.sees("gangnam")
+    operators.add("lee", "y" * 12, ["mapo", "jongno"])
+    _, lee = operators.open_session("lee")
+    assert lee.sees("mapo") and not lee.sees("gangnam")
+    with pytest.raises(BadDistrict):
+        operators.add("park", "z" * 12, ["mapoo"])
+    operators.close()

@@ -16,9 +16,13 @@ from protocol.keys import public_key_to_b64
 
 OPERATOR = "operator-token-0123456789"
 ADMIN = "admin-token-0123456789abc"
+GANGNAM_DESK = "gangnam-desk-token-01234"
+MAPO_ADMIN = "mapo-admin-token-0123456"
 TOKENS = [
     ApiToken(name="central", role="operator", token=OPERATOR),
     ApiToken(name="installer", role="admin", token=ADMIN),
+    ApiToken(name="gangnam-desk", role="operator", token=GANGNAM_DESK, districts=["gangnam"]),
+    ApiToken(name="mapo-installer", role="admin", token=MAPO_ADMIN, districts=["mapo"]),
 ]
 
 
@@ -249,3 +253,113 @@ def test_an_added_route_must_be_described(site: Site) -> None:
         site.api.add_routes([ApiRoute("GET", "/undocumented", handler, "operator")])
     with pytest.raises(ValueError, match="already a route"):
         site.api.add_routes([extra_route()])
+
+
+async def test_a_desk_sees_and_moves_only_its_own_districts(site: Site) -> None:
+    env = site.env
+    await env.feed(
+        env.message(ALERT, id="alert-mapo-01", device="bell-0001"),
+        env.message(ALERT, id="alert-gangnam-1", device="bell-0002"),
+    )
+    env.sent.clear()
+    # another district's alert does not exist for this desk: not shown, not moved
+    for method, path in [
+        ("GET", "/alerts/alert-mapo-01"),
+        ("POST", "/alerts/alert-mapo-01/dispatched"),
+        ("GET", "/alerts/no-such-alert-01"),  # the same answer: nothing to probe
+    ]:
+        status, body = await site.call(method, path, GANGNAM_DESK)
+        assert (status, body) == (404, {"error": "not found in your districts"}), path
+    assert env.acks() == []
+    _, listed = await site.call("GET", "/alerts", GANGNAM_DESK)
+    assert isinstance(listed, dict)
+    assert [a["event_id"] for a in listed["alerts"]] == ["alert-gangnam-1"]
+    _, devices = await site.call("GET", "/devices", GANGNAM_DESK)
+    assert isinstance(devices, dict) and [d["id"] for d in devices["devices"]] == ["bell-0002"]
+    # its own district, it moves; the central token moves any
+    assert (await site.call("POST", "/alerts/alert-gangnam-1/dispatched", GANGNAM_DESK))[0] == 200
+    assert (await site.call("POST", "/alerts/alert-mapo-01/dispatched"))[0] == 200
+    assert env.acks() == [
+        ("bell-0002", "alert-gangnam-1", "dispatched"),
+        ("bell-0001", "alert-mapo-01", "dispatched"),
+    ]
+
+
+async def test_an_admin_registers_only_in_its_own_districts(site: Site) -> None:
+    new = {
+        "id": "bell-0009",
+        "public_key": public_key_to_b64(KEYS["bell-0009"].public_key()),
+        "kind": "bell",
+        "district": "gangnam",
+    }
+    status, body = await site.call("POST", "/admin/devices", token=MAPO_ADMIN, json=new)
+    assert status == 403 and "gangnam is not one of this token's: mapo" in str(body)
+    assert site.env.store.device("bell-0009") is None
+    status, _ = await site.call(
+        "POST", "/admin/devices", token=MAPO_ADMIN, json={**new, "district": "mapo"}
+    )
+    assert status == 201 and site.env.store.device("bell-0009") is not None
+    # another district's device, by its id in the path: as if it did not exist
+    for method, path in [
+        ("GET", "/admin/devices/bell-0002"),
+        ("POST", "/admin/devices/bell-0002/revoke"),
+    ]:
+        assert (await site.call(method, path, token=MAPO_ADMIN))[0] == 404, path
+    gangnam = site.env.store.device("bell-0002")
+    assert gangnam is not None and gangnam.district == "gangnam" and not gangnam.revoked
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/alerts/..%2Falerts%2Falert-api-01%2Fclosed", "/alerts/%C2%B2%C2%B2%C2%B2%C2%B2/closed",
+     "/admin/devices/BELL-0001", "/alerts/" + "a" * 65],
+)  # fmt: skip
+async def test_ids_breaking_their_grammar_are_refused_before_any_handler(
+    site: Site, path: str
+) -> None:
+    token = ADMIN if path.startswith("/admin") else OPERATOR
+    method = "POST" if path.endswith("/closed") else "GET"
+    status, body = await site.call(method, path, token)
+    assert status == 400 and isinstance(body, dict) and "is invalid" in body["error"]
+    assert (
+        'ansimi_api_refused_total{reason="bad_id"} 1.0' in (await site.call("GET", "/metrics"))[1]
+    )  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("limit", ["%C2%B2", "-1", "%D9%A3", "9" * 19, "1e3"])
+async def test_a_limit_that_is_not_ascii_digits_is_a_400_not_a_500(site: Site, limit: str) -> None:
+    for path in ("/alerts", "/devices"):
+        status, body = await site.call("GET", f"{path}?limit={limit}")
+        assert status == 400 and isinstance(body, dict) and "whole number" in body["error"]
+
+
+def test_a_route_taking_an_id_without_a_grammar_does_not_start(site: Site) -> None:
+    async def thing(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    site.api.add_routes(
+        [ApiRoute("GET", "/things/{thing}", thing, "operator", {"summary": "x", "responses": {}})]
+    )
+    with pytest.raises(ValueError, match="thing have no grammar"):
+        site.api.app()
+
+
+async def test_an_id_in_the_query_is_checked_like_one_in_the_path(site: Site) -> None:
+    """`GET /admin/enrolments?device_id=` (enrolment's records) hands its id to SQL."""
+    asked: list[str | None] = []
+
+    async def records(request: web.Request) -> web.Response:
+        asked.append(request.query.get("device_id"))
+        return web.json_response({})
+
+    site.api.add_routes(
+        [ApiRoute("GET", "/records", records, "admin", {"summary": "x", "responses": {}})]
+    )
+    async with TestClient(TestServer(site.api.app())) as client:
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        for query in ("device_id=..%2Fx", "device_id=bell-0001&device_id=%C2%B2"):
+            async with client.get(f"/records?{query}", headers=headers) as response:
+                assert response.status == 400 and "is invalid" in (await response.text())
+        async with client.get("/records?device_id=bell-0001", headers=headers) as response:
+            assert response.status == 200
+    assert asked == ["bell-0001"]  # only the valid one reached the handler

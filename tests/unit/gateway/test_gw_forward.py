@@ -362,3 +362,15 @@ async def test_a_centre_is_failing_since_its_first_failed_attempt_began() -> Non
     start = r.clock.ms
     await r.forwarder.pump()
     assert r.forwarder.failing()["central"].since_ms == start
+
+
+@pytest.mark.parametrize(
+    ("header", "wait_ms"),
+    [("²", 0), ("٣", 0), ("-1", 0), ("+5", 0), ("9" * 40, 0), ("Fri, 04 Dec 2026", 0),
+     (None, 0), (" 7 ", 7_000), ("99999", 3_600_000)],
+)  # fmt: skip
+def test_a_centres_retry_after_is_read_strictly(header: str | None, wait_ms: int) -> None:
+    """'²' passes str.isdigit() and then broke int(): a centre's header is never a bug."""
+    from gateway.forward import _retry_after_ms
+
+    assert _retry_after_ms(header) == wait_ms

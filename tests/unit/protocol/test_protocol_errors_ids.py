@@ -147,3 +147,23 @@ def test_new_message_id_is_valid_and_unique() -> None:
 def test_message_id_refuses(value: str) -> None:
     with pytest.raises(ValidationError):
         TypeAdapter(MessageId).validate_python(value)
+
+
+def test_path_ids_are_checked_by_their_own_grammar() -> None:
+    from protocol.ids import check_path_id, unchecked_path_params
+
+    assert check_path_id("device_id", "bell-0001") == "bell-0001"
+    assert check_path_id("event_id", "0123456789abcdef") == "0123456789abcdef"
+    for name, value in [
+        ("device_id", "../alerts/0123456789abcdef/closed"),
+        ("device_id", "..%2Falerts"),
+        ("event_id", "0123456789abcdef/closed"),
+        ("event_id", "\uff10" * 10),  # full-width digits
+        ("viewer_id", "x" * 65),
+        ("device_id", "bell-0001\n"),
+    ]:
+        with pytest.raises(Malformed, match=name.replace("_", " ")):
+            check_path_id(name, value)
+    with pytest.raises(KeyError):
+        check_path_id("name", "kim")
+    assert unchecked_path_params(["device_id", "stage", "file"], also=["stage"]) == ["file"]

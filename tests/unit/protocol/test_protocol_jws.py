@@ -443,3 +443,11 @@ def test_canonical_base64url_rule_is_re_encoding(text: str) -> None:
     if len(text) % 4 != 1:
         lenient = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         assert accepted == (b64(lenient) == text)
+
+
+@pytest.mark.parametrize("text", ["not.a.jws", "hello.world.again", "eyJ.e30.AA"])
+def test_text_that_is_no_jws_is_told_so(text: str, resolve: Resolve) -> None:
+    """Not the base64 detail that happens to fail first ('unused trailing bits')."""
+    with pytest.raises(Malformed, match="not a JWS: its first segment") as caught:
+        verify(text, resolve)
+    assert "trailing bits" not in str(caught.value).split("(")[0]

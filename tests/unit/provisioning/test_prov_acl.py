@@ -108,3 +108,36 @@ def test_broker_config_requires_a_certificate_and_takes_identity_from_it(tmp_pat
 def test_broker_config_runs_as_the_given_user_only_when_asked(tmp_path: Path) -> None:
     lines = broker_config(_files(tmp_path), run_as="tester").render().splitlines()
     assert "user tester" in lines
+
+
+def test_a_diagnostic_identity_only_reads_and_is_shut_out_of_the_device_patterns() -> None:
+    from provisioning.broker_conf import diagnostic_filter
+
+    grants = {"diag-kim": diagnostic_filter(None), "diag-lee": diagnostic_filter("bell-0001")}
+    rules = _rules(render_acl(["gw-alpha"], (), grants))
+    kim = rules[rules.index("user diag-kim") :][:3]
+    assert kim == [
+        "user diag-kim",
+        "topic deny ansimi/v1/diag-kim/#",
+        "topic read ansimi/v1/+/up/#",
+    ]
+    lee = rules[rules.index("user diag-lee") :][:3]
+    assert lee[2] == "topic read ansimi/v1/bell-0001/#"
+    assert not [r for r in rules if "diag" in r and ("write" in r or "readwrite" in r)]
+
+
+def test_a_revoked_or_damaged_diagnostic_grant_grants_nothing() -> None:
+    grants = {"diag-kim": "ansimi/v1/+/up/#", "diag-eve": "#", "diag-bob": "ansimi/v1/+/down/#"}
+    rules = _rules(render_acl(["gw-alpha"], ["diag-kim"], grants))
+    assert rules[rules.index("user diag-kim") + 1] == "topic deny #"
+    assert "user diag-eve" not in rules and "user diag-bob" not in rules
+
+
+def test_the_broker_takes_no_packet_bigger_than_the_gateway_reads(tmp_path: Path) -> None:
+    from protocol.jws import MAX_TOKEN_BYTES
+    from protocol.topics import MAX_PACKET_BYTES
+
+    files = BrokerFiles(*(tmp_path / n for n in ("ca", "crt", "key", "crl", "acl", "data")))
+    text = broker_config(files).render()
+    assert f"max_packet_size {MAX_PACKET_BYTES}" in text
+    assert MAX_TOKEN_BYTES < MAX_PACKET_BYTES <= MAX_TOKEN_BYTES + 1024

@@ -61,3 +61,32 @@ def test_revoke_without_reload_reports_what_it_wrote(tmp_path: Path) -> None:
     assert report["denied_identities"] == ["bell-0001"] and report["reloaded"] is False
     code, out = _run("revoke", "--dir", str(target), "bell-0404", "--no-reload")
     assert code == 1 and "issued no certificate" in out
+
+
+def test_diagnostic_issues_a_read_only_identity_that_a_revocation_keeps_in_the_acl(
+    tmp_path: Path,
+) -> None:
+    site_dir = tmp_path / "alpha"
+    assert _run("init-site", "--dir", str(site_dir), "--port", "18883")[0] == 0
+    code, out = _run(
+        "diagnostic", "--dir", str(site_dir), "kim", "--out", str(tmp_path / "kim"),
+        "--device", "bell-0001", "--no-reload", "--json",
+    )  # fmt: skip
+    assert code == 0, out
+    issued = json.loads(out)
+    assert issued["identity"] == "diag-kim" and issued["reads"] == "ansimi/v1/bell-0001/#"
+    assert "mosquitto_sub" in issued["command"] and issued["reloaded"] is False
+    cert = pki.read_cert(Path(issued["cert_file"]))
+    assert pki.common_name(cert) == "diag-kim"
+    acl = Site.open(site_dir).layout.broker.acl_file
+    assert "user diag-kim\n" in acl.read_text()
+    # another identity's revocation rewrites the ACL: the installer's grant stays
+    key = pki.generate_key()
+    Site.open(site_dir).issue_client_cert("bell-0002", key.public_key())
+    assert _run("revoke", "--dir", str(site_dir), "bell-0002", "--no-reload")[0] == 0
+    assert "topic read ansimi/v1/bell-0001/#" in acl.read_text()
+    # and its own revocation shuts it out
+    assert _run("revoke", "--dir", str(site_dir), "diag-kim", "--no-reload")[0] == 0
+    text = acl.read_text()
+    assert "topic read ansimi/v1/bell-0001/#" not in text
+    assert "user diag-kim\ntopic deny #" in text

@@ -29,6 +29,7 @@ from provisioning.site import Site, init_site
 
 ADMIN = "admin-secret-0123456789"
 OPERATOR = "operator-secret-0123456789"
+MAPO_ADMIN = "mapo-admin-secret-0123456"
 NOW = 1_800_000_000_000
 
 
@@ -99,6 +100,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         [
             ApiToken(name="installer", role="admin", token=ADMIN),
             ApiToken(name="desk", role="operator", token=OPERATOR),
+            ApiToken(name="mapo-installer", role="admin", token=MAPO_ADMIN, districts=["mapo"]),
         ],
         clock_ms=clock,
     )
@@ -294,3 +296,30 @@ def test_the_gateway_serves_enrolment_only_when_configured_with_a_site(tmp_path:
     assert ("POST", "/enrol") in {(r.method, r.path) for r in with_site.routes}
     enrolment.store.close()
     store.close()
+
+
+async def test_an_admin_of_one_district_enrols_and_rotates_only_there(env: Env) -> None:
+    """A rotation re-keys a device: with another district's, a mapo installer's token would
+    take that device's identity over."""
+    gangnam = await env.add("bell-0002", district="gangnam")
+    assert (await env.enrol(gangnam, "bell-0002"))[0] == 200
+
+    async def as_mapo(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        answer = await env.client.request(
+            method, path, json=body, headers={"Authorization": f"Bearer {MAPO_ADMIN}"}
+        )
+        return answer.status, await answer.json()
+
+    new = {"device_id": "bell-0003", "kind": "bell", "district": "gangnam"}
+    status, body = await as_mapo("POST", "/admin/enrolments", new)
+    assert status == 403 and "gangnam is not one of this token's" in body["error"]
+    # another district's device cannot be rotated: the same answer as for an unknown one
+    status, body = await as_mapo(
+        "POST", "/admin/enrolments", {"device_id": "bell-0002", "rotate": True}
+    )
+    assert status == 404 and "not enrolled" in body["error"]
+    assert [r.device_id for r in env.tokens.records(None)] == ["bell-0002"]  # nothing issued
+    # its own district, it may; and the list holds only its own district's records
+    assert (await as_mapo("POST", "/admin/enrolments", {**new, "district": "mapo"}))[0] == 201
+    status, listed = await as_mapo("GET", "/admin/enrolments")
+    assert status == 200 and [r["device_id"] for r in listed["enrolments"]] == ["bell-0003"]
