@@ -41,6 +41,7 @@ from protocol.forwarding import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     delivery_signature,
+    signed_body,
 )
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ def delivery_body(
         "district": district,
         "type": delivery.type,
         "ts_ms": delivery.ts_ms,
-        "body": json.loads(delivery.body_json),
+        # as the device signed it: our model would fill in defaults it left out
+        "body": signed_body(delivery.jws),
         "jws": delivery.jws,
     }
     if address is not None:
