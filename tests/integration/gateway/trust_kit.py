@@ -21,7 +21,7 @@ from aiohttp import web
 from ansimi_testkit import SECRET
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ansimi.broker import Mosquitto, free_port
+from ansimi.broker import Mosquitto
 from ansimi.mqtt import Message, Session, Settings
 from console.directory import Directory
 from console.receiver import EventLog, Receiver
