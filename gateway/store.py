@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_ms INTEGER NOT NULL,
     last_error      TEXT,
     delivered_ms    INTEGER,
+    -- set when the centre refused it outright (malformed, not authorised): parked, no
+    -- longer due, until an admin (or the next start) gives it another go
+    refused_ms      INTEGER,
     PRIMARY KEY (event_id, centre)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_attempt_ms) WHERE delivered_ms IS NULL;
@@ -81,11 +84,14 @@ PURGE_BATCH = 1_000
 _REVOKE = "UPDATE devices SET revoked = 1, revoked_ms = COALESCE(revoked_ms, ?) WHERE device_id = ?"
 
 # Columns added after the first release: an existing database gets them on open.
-_ADDED_DEVICE_COLUMNS = {
-    "revoked_ms": "INTEGER",
-    "last_seen_ms": "INTEGER",
-    "online": "INTEGER",
-    "power": "TEXT",
+_ADDED_COLUMNS = {
+    "devices": {
+        "revoked_ms": "INTEGER",
+        "last_seen_ms": "INTEGER",
+        "online": "INTEGER",
+        "power": "TEXT",
+    },
+    "outbox": {"refused_ms": "INTEGER"},
 }
 
 
@@ -183,6 +189,9 @@ class Waiting:
     attempts: int
     next_attempt_ms: int
     last_error: str | None
+    district: str = ""
+    # when the centre refused it outright; None while it is still retried
+    refused_ms: int | None = None
 
 
 class Store(Protocol):
@@ -201,6 +210,17 @@ class Store(Protocol):
     def due(self, now_ms: int, limit: int) -> list[Delivery]: ...
     def delivered(self, event_id: str, centre: str, now_ms: int) -> bool: ...
     def failed(self, event_id: str, centre: str, next_attempt_ms: int, error: str) -> None: ...
+    def reroute(self, route: Callable[[str], Sequence[str]], now_ms: int) -> int: ...
+    def refused(self, event_id: str, centre: str, now_ms: int, error: str) -> None: ...
+    def retry_refused(
+        self,
+        now_ms: int,
+        *,
+        centre: str | None = None,
+        event_id: str | None = None,
+        districts: Sequence[str] | None = None,
+    ) -> int: ...
+    def refused_by_centre(self) -> dict[str, int]: ...
     def set_stage(self, event_id: str, stage: EventState, now_ms: int, actor: str) -> bool: ...
     def event(self, event_id: str) -> Event | None: ...
     def events(
@@ -210,7 +230,14 @@ class Store(Protocol):
     def waiting_count(self) -> int: ...
     def due_for(self, centre: str, now_ms: int, limit: int) -> list[Delivery]: ...
     def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]: ...
-    def waiting(self, limit: int, *, centre: str | None = None) -> list[Waiting]: ...
+    def waiting(
+        self,
+        limit: int,
+        *,
+        centre: str | None = None,
+        refused: bool | None = None,
+        districts: Sequence[str] | None = None,
+    ) -> list[Waiting]: ...
     def waiting_by_centre(self) -> dict[str, int]: ...
     # personal data: the store keeps and returns sealed text only, never plaintext
     def set_private(self, device_id: str, sealed: str, now_ms: int) -> bool: ...
@@ -224,6 +251,24 @@ class Store(Protocol):
 STAGE_ORDER: dict[str, int] = {
     s: i for i, s in enumerate(("received", "delivered", "acknowledged", "dispatched", "closed"))
 }
+
+
+def _delivery_filter(
+    centre: str | None, event_id: str | None, districts: Sequence[str] | None
+) -> tuple[str, list[object]]:
+    """SQL conditions on outbox `o` and devices `d` (placeholders only), with their values."""
+    where = ""
+    args: list[object] = []
+    if centre is not None:
+        where += " AND o.centre = ?"
+        args.append(centre)
+    if event_id is not None:
+        where += " AND o.event_id = ?"
+        args.append(event_id)
+    if districts is not None:
+        where += f" AND d.district IN ({', '.join('?' * len(districts))})"
+        args += districts
+    return where, args
 
 
 @contextmanager
@@ -261,15 +306,16 @@ class SqliteStore:
 
     def _migrate(self) -> None:
         with self._lock:
-            present = {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}
-            for column, kind in _ADDED_DEVICE_COLUMNS.items():
-                if column not in present:
-                    try:
-                        self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
-                    except sqlite3.OperationalError as exc:
-                        # another instance starting at the same moment added it first
-                        if "duplicate column" not in str(exc):
-                            raise
+            for table, columns in _ADDED_COLUMNS.items():
+                present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for column, kind in columns.items():
+                    if column not in present:
+                        try:
+                            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                        except sqlite3.OperationalError as exc:
+                            # another instance starting at the same moment added it first
+                            if "duplicate column" not in str(exc):
+                                raise
 
     def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         return transaction(self._db, self._lock)
@@ -447,7 +493,7 @@ class SqliteStore:
         rows = self._query(
             "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
             " e.jws FROM outbox o JOIN events e USING (event_id)"
-            " WHERE o.delivered_ms IS NULL AND o.next_attempt_ms <= ?"
+            " WHERE o.delivered_ms IS NULL AND o.refused_ms IS NULL AND o.next_attempt_ms <= ?"
             " ORDER BY o.next_attempt_ms LIMIT ?",
             (now_ms, limit),
         )
@@ -492,6 +538,66 @@ class SqliteStore:
                 (next_attempt_ms, error[:500], event_id, centre),
             )
 
+    def reroute(self, route: Callable[[str], Sequence[str]], now_ms: int) -> int:
+        """Give every event no centre has accepted yet a delivery to each centre its
+        device's district has now (`route`); returns how many deliveries that added.
+
+        Deliveries are made when an event is kept, by the routing of that moment: an event
+        kept while its district had no centre, or whose centre has been renamed, would
+        otherwise wait for nobody.
+        """
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT e.event_id, d.district FROM events e JOIN devices d USING (device_id)"
+                " WHERE e.state = 'received'"
+            ).fetchall()
+            added = 0
+            for event_id, district in rows:
+                added += db.executemany(
+                    "INSERT OR IGNORE INTO outbox (event_id, centre, next_attempt_ms)"
+                    " VALUES (?, ?, ?)",
+                    [(event_id, centre, now_ms) for centre in route(str(district))],
+                ).rowcount
+        return added
+
+    def refused(self, event_id: str, centre: str, now_ms: int, error: str) -> None:
+        """Park a delivery the centre refused outright: kept and listed, no longer due."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, refused_ms = ?, last_error = ?"
+                " WHERE event_id = ? AND centre = ? AND delivered_ms IS NULL",
+                (now_ms, error[:500], event_id, centre),
+            )
+
+    def retry_refused(
+        self,
+        now_ms: int,
+        *,
+        centre: str | None = None,
+        event_id: str | None = None,
+        districts: Sequence[str] | None = None,
+    ) -> int:
+        """Make parked deliveries due now: all, or those of one centre, one event, or
+        devices in `districts`; returns how many."""
+        where, args = _delivery_filter(centre, event_id, districts)
+        with self._tx() as db:
+            parked = (
+                "SELECT o.rowid FROM outbox o JOIN events e USING (event_id)"
+                " JOIN devices d USING (device_id)"
+                " WHERE o.delivered_ms IS NULL AND o.refused_ms IS NOT NULL"
+            )
+            return db.execute(
+                f"UPDATE outbox SET refused_ms = NULL, next_attempt_ms = ? WHERE rowid IN ({parked}{where})",  # noqa: S608, E501
+                (now_ms, *args),
+            ).rowcount
+
+    def refused_by_centre(self) -> dict[str, int]:
+        rows = self._query(
+            "SELECT centre, COUNT(*) FROM outbox WHERE delivered_ms IS NULL"
+            " AND refused_ms IS NOT NULL GROUP BY centre"
+        )
+        return {str(c): int(n) for c, n in rows}
+
     def waiting_count(self) -> int:
         rows = self._query("SELECT COUNT(*) FROM outbox WHERE delivered_ms IS NULL")
         return int(rows[0][0])
@@ -501,7 +607,8 @@ class SqliteStore:
         rows = self._query(
             "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
             " e.jws FROM outbox o JOIN events e USING (event_id)"
-            " WHERE o.centre = ? AND o.delivered_ms IS NULL AND o.next_attempt_ms <= ?"
+            " WHERE o.centre = ? AND o.delivered_ms IS NULL AND o.refused_ms IS NULL"
+            " AND o.next_attempt_ms <= ?"
             " ORDER BY o.next_attempt_ms LIMIT ?",
             (centre, now_ms, limit),
         )
@@ -510,18 +617,42 @@ class SqliteStore:
             for a, b, c, d, e, f, g, h in rows
         ]
 
-    def waiting(self, limit: int, *, centre: str | None = None) -> list[Waiting]:
-        """Deliveries not yet accepted, oldest retry first; optionally for one centre."""
+    def waiting(
+        self,
+        limit: int,
+        *,
+        centre: str | None = None,
+        refused: bool | None = None,
+        districts: Sequence[str] | None = None,
+    ) -> list[Waiting]:
+        """Deliveries not yet accepted, oldest retry first; optionally for one centre, only
+        those refused (True) or still retried (False), and for devices in `districts`."""
+        where, args = _delivery_filter(centre, None, districts)
+        if refused is not None:
+            where += " AND o.refused_ms IS NOT NULL" if refused else " AND o.refused_ms IS NULL"
+        columns = (
+            "o.event_id, o.centre, e.device_id, e.type, o.attempts, o.next_attempt_ms,"
+            " o.last_error, d.district, o.refused_ms"
+        )
         rows = self._query(
-            "SELECT o.event_id, o.centre, e.device_id, e.type, o.attempts, o.next_attempt_ms,"
-            " o.last_error FROM outbox o JOIN events e USING (event_id)"
-            " WHERE o.delivered_ms IS NULL AND (? IS NULL OR o.centre = ?)"
+            f"SELECT {columns} FROM outbox o JOIN events e USING (event_id) JOIN devices d"  # noqa: S608
+            f" USING (device_id) WHERE o.delivered_ms IS NULL{where}"
             " ORDER BY o.next_attempt_ms LIMIT ?",
-            (centre, centre, limit),
+            (*args, limit),
         )
         return [
-            Waiting(str(a), str(b), str(c), str(d), int(e), int(f), None if g is None else str(g))
-            for a, b, c, d, e, f, g in rows
+            Waiting(
+                str(a),
+                str(b),
+                str(c),
+                str(d),
+                int(e),
+                int(f),
+                None if g is None else str(g),
+                str(h),
+                None if i is None else int(i),
+            )
+            for a, b, c, d, e, f, g, h, i in rows
         ]
 
     def waiting_by_centre(self) -> dict[str, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from gateway.store import Device, SqliteStore
+from gateway.store import Device, Incoming, SqliteStore
 
 FIRST_RELEASE_DEVICES = """
 CREATE TABLE devices (
@@ -32,3 +32,62 @@ def test_a_first_release_database_gets_the_supervision_columns(tmp_path: Path) -
     again = SqliteStore(path)  # and opening it again changes nothing
     assert again.device("bell-0001") is not None
     again.close()
+
+
+BEFORE_PARKING_OUTBOX = """
+CREATE TABLE outbox (
+    event_id        TEXT NOT NULL,
+    centre          TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    last_error      TEXT,
+    delivered_ms    INTEGER,
+    PRIMARY KEY (event_id, centre)
+);
+INSERT INTO outbox VALUES ('alert-old-0001', 'central', 3, 0, 'HTTP 400', NULL);
+"""
+
+
+def press(event_id: str, centres: tuple[str, ...], seq: int = 1) -> Incoming:
+    return Incoming(event_id, "bell-0001", seq, "alert", 0, "{}", "a.b.c", centres)
+
+
+def test_an_outbox_from_before_refusals_were_parked_gets_its_column(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(BEFORE_PARKING_OUTBOX)
+    store = SqliteStore(path)
+    store.add_device(Device("bell-0001", "key", "bell", "mapo"), now_ms=0)
+    store.add_event(press("alert-old-0001", ()), now_ms=0)
+    (waiting,) = store.waiting(10)
+    assert (waiting.event_id, waiting.refused_ms) == ("alert-old-0001", None)
+    store.refused("alert-old-0001", "central", 5, "HTTP 400: malformed")
+    assert store.due(10, 10) == [] and store.refused_by_centre() == {"central": 1}
+    store.close()
+
+
+def test_events_no_centre_has_yet_are_routed_by_the_routing_in_force() -> None:
+    store = SqliteStore(":memory:")
+    store.add_device(Device("bell-0001", "key", "bell", "mapo"), now_ms=0)
+    # kept while mapo had no destination (what a gateway without centres used to do)
+    store.accept_batch([press("alert-unrouted-1", ())], now_ms=0)
+    # kept for a centre since renamed, and one already delivered to it
+    store.accept_batch([press("alert-renamed-01", ("old-central",), 2)], now_ms=0)
+    store.accept_batch([press("alert-delivered1", ("old-central",), 3)], now_ms=0)
+    store.delivered("alert-delivered1", "old-central", now_ms=1)
+    assert [(d.event_id, d.centre) for d in store.due(10, 10)] == [
+        ("alert-renamed-01", "old-central")
+    ]
+
+    routes = {"mapo": ("central", "mapo")}
+    assert store.reroute(lambda district: routes[district], now_ms=20) == 4
+    due = {(d.event_id, d.centre) for d in store.due(20, 10)}
+    assert due == {
+        ("alert-unrouted-1", "central"),
+        ("alert-unrouted-1", "mapo"),
+        ("alert-renamed-01", "central"),
+        ("alert-renamed-01", "mapo"),
+        ("alert-renamed-01", "old-central"),  # kept: nothing is dropped
+    }
+    assert store.reroute(lambda district: routes[district], now_ms=30) == 0  # once is enough
+    store.close()
