@@ -27,11 +27,11 @@ from console.directory import Directory
 from console.receiver import EventLog, Receiver
 from gateway.config import Centre, ForwardConfig, GatewayConfig, MqttConfig
 from gateway.service import Gateway
-from gateway.store import Device
-from protocol.envelope import open_for_device
+from gateway.store import Device, SqliteStore
+from protocol.envelope import open_for_device, seal
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
-from protocol.messages import AckMessage
+from protocol.messages import AckMessage, Alert, build_message
 from protocol.topics import up_topic
 
 WAIT_S = 30.0  # two shared cores: generous, and still bounded
@@ -83,6 +83,12 @@ async def console_centre(tmp_path: Path, gateway: Gateway, port: int) -> AsyncIt
     registry the gateway really has (as `ansimi console` does over `GET /devices?keys=1`)."""
 
     async def fetch() -> list[dict[str, Any]]:
+        # the database, not this gateway object: the console outlives a gateway restart
+        store = SqliteStore(gateway.config.database)
+        try:
+            devices = store.devices()
+        finally:
+            store.close()
         return [
             {
                 "id": d.device_id,
@@ -91,7 +97,7 @@ async def console_centre(tmp_path: Path, gateway: Gateway, port: int) -> AsyncIt
                 "revoked": d.revoked,
                 "public_key": d.public_key,
             }
-            for d in gateway.store.devices()
+            for d in devices
         ]
 
     directory = Directory(
@@ -111,15 +117,22 @@ async def console_centre(tmp_path: Path, gateway: Gateway, port: int) -> AsyncIt
         directory.close()
 
 
-def gateway_config(tmp_path: Path, broker: Mosquitto, centre_port: int) -> GatewayConfig:
-    """A gateway config whose one centre (central, every district) is on `centre_port`."""
+def gateway_config(
+    tmp_path: Path,
+    broker: Mosquitto,
+    centre_port: int,
+    *,
+    name: str = "central",
+    secret: str = SECRET,
+) -> GatewayConfig:
+    """A gateway config whose one centre (every district) is on `centre_port`."""
     url = f"http://127.0.0.1:{centre_port}/events"
     return GatewayConfig(
         id=GATEWAY_ID,
         database=tmp_path / "gateway" / "gateway.db",
         mqtt=MqttConfig(host=broker.host, port=broker.port),
         forward=ForwardConfig(timeout_s=2.0, backoff_min_s=0.05, backoff_max_s=0.5),
-        centres=[Centre(name="central", url=url, secret=SECRET)],
+        centres=[Centre(name=name, url=url, secret=secret)],
     )
 
 
@@ -138,6 +151,14 @@ async def running_gateway(gateway: Gateway) -> AsyncIterator[Gateway]:
 
 def new_gateway(config: GatewayConfig, signer: Signer | None = None) -> Gateway:
     return Gateway(config, signer=signer or Signer(GATEWAY_ID, generate_key()))
+
+
+def alert(device_id: str, signer: Signer, seq: int) -> tuple[str, str]:
+    """A press signed by our own code: (its id, the token)."""
+    message = build_message(
+        Alert(bell="emergency", trigger="press"), device=device_id, seq=seq, ts=now_ms()
+    )
+    return message.id, seal(message, signer)
 
 
 def register(gateway: Gateway, device_id: str, public_key: Ed25519PublicKey) -> None:
