@@ -95,6 +95,12 @@ _ADDED_COLUMNS = {
 }
 
 
+# Refusals of `accept_batch`: an id that is another device's, as the message's own id or as
+# an id it names. Also the `reason` label of the intake's refusal metric.
+FOREIGN_ID = "foreign_id"
+FOREIGN_REF = "foreign_ref"
+
+
 class StoreError(Exception):
     """Root of the store's errors."""
 
@@ -143,6 +149,9 @@ class Incoming:
     kept: bool = True
     # A heartbeat's power source: a heartbeat that changes it is kept as a power event.
     power: str | None = None
+    # ids of other events this one names (a cancel's alert, an alert's `linked_to`): each
+    # must be the same device's (see `accept_batch`)
+    refs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +161,8 @@ class Accepted:
     fresh: list[bool]  # not seen before (False: a resend, to be re-acked only)
     forwarded: list[bool]  # became a new event with deliveries waiting
     came_online: list[str]  # devices marked offline that were heard from again
+    # why a message was refused (FOREIGN_ID, FOREIGN_REF), None if it was kept
+    refused: list[str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +262,18 @@ class Store(Protocol):
 STAGE_ORDER: dict[str, int] = {
     s: i for i, s in enumerate(("received", "delivered", "acknowledged", "dispatched", "closed"))
 }
+
+
+def _owners(db: sqlite3.Connection, event_ids: Sequence[str]) -> set[str]:
+    """The devices whose events these ids are (none for ids no event has)."""
+    if not event_ids:
+        return set()
+    marks = ", ".join("?" * len(event_ids))
+    rows = db.execute(
+        f"SELECT DISTINCT device_id FROM events WHERE event_id IN ({marks})",  # noqa: S608
+        tuple(event_ids),
+    )
+    return {str(row[0]) for row in rows}
 
 
 def _delivery_filter(
@@ -407,10 +430,19 @@ class SqliteStore:
         forwarded, but the caller re-acks it, because the device evidently missed the ack.
         Every message also marks its device seen now; the supervisors of all gateway
         instances read that, so heartbeats landing on another instance still count.
+
+        An event id belongs to one device (ids are site-wide: the API, the acks and the
+        centres' idempotency keys name an event by its id alone). A message whose id is
+        another device's event, or that names one (a cancel of another device's alert, an
+        alert linked to another device's event), is refused here, where ownership is
+        known and checked in the same transaction as the insert: nothing is kept, acked or
+        forwarded for it. An id named that no event has yet is let through: it belongs to
+        nobody, and the device's own alert may be on its way through another instance.
         """
         fresh: list[bool] = []
         forwarded: list[bool] = []
         came_online: list[str] = []
+        refused: list[str | None] = []
         with self._tx() as db:
             for item in batch:
                 row = db.execute(
@@ -429,11 +461,20 @@ class SqliteStore:
                 if not (item.kept or power_changed):
                     fresh.append(True)
                     forwarded.append(False)
+                    refused.append(None)
                     continue
-                inserted = self._insert_event(db, item, now_ms)
+                refusal = None
+                if _owners(db, item.refs) - {item.device_id}:
+                    refusal = FOREIGN_REF
+                    inserted = False
+                else:
+                    inserted = self._insert_event(db, item, now_ms)
+                    if not inserted and _owners(db, (item.event_id,)) != {item.device_id}:
+                        refusal = FOREIGN_ID
                 fresh.append(inserted)
                 forwarded.append(inserted and bool(item.centres))
-        return Accepted(fresh, forwarded, came_online)
+                refused.append(refusal)
+        return Accepted(fresh, forwarded, came_online, refused)
 
     @staticmethod
     def _insert_event(db: sqlite3.Connection, item: Incoming, now_ms: int) -> bool:

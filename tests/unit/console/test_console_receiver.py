@@ -7,6 +7,7 @@ from pathlib import Path
 from console_testkit import (
     GATEWAY_KEY,
     OTHER_KEY,
+    PRESS,
     FakeGateway,
     delivery,
     desk,
@@ -16,7 +17,10 @@ from console_testkit import (
 )
 
 from console.receiver import ReceivedEvent
-from protocol.messages import Alert
+from protocol.envelope import seal
+from protocol.jws import Signer
+from protocol.keys import public_key_to_b64
+from protocol.messages import Alert, Cancel, build_message
 
 
 async def test_a_signed_press_is_kept_once_and_pushed(tmp_path: Path) -> None:
@@ -152,3 +156,32 @@ async def test_after_a_failed_sync_an_unknown_signer_asks_again_at_once(
     assert await directory.sync(force=False)
     assert len(calls) == 2
     directory.close()
+
+
+async def test_a_cancel_or_an_id_of_another_devices_alert_is_refused(tmp_path: Path) -> None:
+    """Defence in depth: the gateway refuses these already (issue 14.2)."""
+    gateway = FakeGateway()
+    gateway.devices.append(
+        registry_entry("bell-0002", public_key=public_key_to_b64(OTHER_KEY.public_key()))
+    )
+    async with desk(tmp_path, gateway) as d:
+        await d.console.receiver.directory.sync()  # type: ignore[union-attr]
+        press = delivery()
+        assert (await d.deliver(press))[0] == 200
+        theirs = press["event_id"]
+        cancel = delivery(Cancel(alert_id=theirs), device="bell-0002", key=OTHER_KEY)
+        status, body = await d.deliver(cancel)
+        assert status == 403 and "another device" in body["error"]
+        linked = Alert(bell="emergency", trigger="duress", linked_to=theirs)
+        status, _ = await d.deliver(delivery(linked, device="bell-0002", key=OTHER_KEY))
+        assert status == 403
+        # a fresh press of bell-0002 under bell-0001's alert id, signed as such
+        reused = build_message(PRESS, device="bell-0002", seq=3, ts=now_ms(), id=theirs)
+        token = seal(reused, Signer("bell-0002", OTHER_KEY))
+        tamper = {"event_id": theirs, "ts_ms": reused.ts, "jws": token}
+        status, _ = await d.deliver(delivery(device="bell-0002", key=OTHER_KEY, tamper=tamper))
+        assert status == 403
+        assert d.console.receiver.events.ids() == [theirs]
+        # the owner's own cancel is kept
+        own = delivery(Cancel(alert_id=theirs), seq=2)
+        assert (await d.deliver(own))[0] == 200
