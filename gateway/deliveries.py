@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from gateway.api import TOKEN_KEY, ApiRoute, _error, _int_query, _op
 from gateway.config import ApiToken
 from gateway.store import Store
-from protocol.ids import DeviceId, MessageId
+from protocol.ids import DEVICE_ID_RE, DeviceId, MessageId
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,13 @@ class DeliveryRoutes:
         if state is not None and state not in STATES:
             return _error(400, f"state must be one of {', '.join(STATES)}")
         limit = _int_query(request, "limit", 500)
+        centre = request.query.get("centre")
+        if centre is not None and not DEVICE_ID_RE.fullmatch(centre):
+            return _error(400, "centre must be a centre's name (a-z, 0-9, '-')")
         waiting = await self._db(
             self._store.waiting,
             limit,
-            centre=request.query.get("centre"),
+            centre=centre,
             refused=None if state is None else state == "refused",
             districts=_districts(request[TOKEN_KEY]),
         )

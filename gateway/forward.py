@@ -381,7 +381,11 @@ class Forwarder:
 
     async def run(self) -> None:
         try:
-            await self.reroute()
+            try:
+                await self.reroute()
+            except Exception:
+                # the store failing at start: forward what is routed; the next start retries
+                log.exception("forward: cannot route again what no centre has yet")
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._gauges(), name="forward-gauges")
                 for endpoint in self._endpoints.values():
@@ -528,7 +532,6 @@ class Forwarder:
                     await result
             return
         attempt = delivery.attempts + 1
-        assert outcome.error is not None
         if outcome.permanent:
             # the endpoint is up (it answered): not a reason to open its circuit
             endpoint.breaker.success()
@@ -543,23 +546,25 @@ class Forwarder:
                 attempt,
                 outcome.error,
             )
-            await self._db(self._store.refused, delivery.event_id, name, now, outcome.error)
+            await self._db(self._store.refused, delivery.event_id, name, now, str(outcome.error))
             return
-        self._metrics.forward_failures.labels(name).inc()
-        retry_at = now + max(self.backoff_ms(delivery.attempts), outcome.retry_after_ms)
-        if endpoint.breaker.failure():
-            log.warning(
-                "forward: %s failing (%s): circuit open for %.1f s",
-                name,
-                outcome.error,
-                self._config.breaker_open_s,
-            )
         else:
-            log.warning(
-                "forward: %s to %s failed (attempt %d): %s",
-                delivery.event_id,
-                name,
-                attempt,
-                outcome.error,
-            )
+            self._metrics.forward_failures.labels(name).inc()
+            retry_at = now + max(self.backoff_ms(delivery.attempts), outcome.retry_after_ms)
+            if endpoint.breaker.failure():
+                log.warning(
+                    "forward: %s failing (%s): circuit open for %.1f s",
+                    name,
+                    outcome.error,
+                    self._config.breaker_open_s,
+                )
+            else:
+                log.warning(
+                    "forward: %s to %s failed (attempt %d): %s",
+                    delivery.event_id,
+                    name,
+                    attempt,
+                    outcome.error,
+                )
+        assert outcome.error is not None
         await self._db(self._store.failed, delivery.event_id, name, retry_at, outcome.error)

@@ -78,6 +78,7 @@ async def test_refused_deliveries_are_listed_with_their_reason_in_the_desks_dist
     (row,) = body["deliveries"]
     assert (row["last_error"], row["district"], row["attempts"]) == (REASON, "mapo", 1)
     assert (await desk.call("GET", "/deliveries?state=lost", CENTRAL))[0] == 400
+    assert (await desk.call("GET", "/deliveries?centre=..%2Fx", CENTRAL))[0] == 400
 
 
 async def test_an_admin_sends_refused_deliveries_again_only_in_its_districts(desk: Desk) -> None:
