@@ -378,6 +378,17 @@ class Forwarder:
         retried = await self._db(self._store.retry_refused, now)
         if retried:
             log.warning("forward: %d refused deliveries get another attempt at start", retried)
+        gone = {
+            centre: count
+            for centre, count in (await self._db(self._store.waiting_by_centre)).items()
+            if centre not in self._endpoints
+        }
+        if gone:
+            # kept (and listed by GET /deliveries), but nobody will send them: say so
+            log.warning(
+                "forward: deliveries wait for centres no longer in the config: %s",
+                ", ".join(f"{centre} ({count})" for centre, count in sorted(gone.items())),
+            )
 
     async def run(self) -> None:
         try:

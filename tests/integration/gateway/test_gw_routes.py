@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from ansimi_testkit import eventually
 from trust_kit import (
     alert,
@@ -25,7 +26,7 @@ DEVICE = "bell-route-01"
 
 
 async def test_an_alert_kept_for_a_centre_since_renamed_is_delivered_after_the_restart(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()
     device = Signer(DEVICE, generate_key())
@@ -41,6 +42,8 @@ async def test_an_alert_kept_for_a_centre_since_renamed_is_delivered_after_the_r
         async with console_centre(tmp_path, after, port) as receiver, running_gateway(after):
             await eventually(lambda: the_bell.stage("delivered") == {alert_id})
             assert receiver.events.ids() == [alert_id]
+    # the old name's delivery is kept, and the log says nobody will send it
+    assert "centres no longer in the config: old-central (1)" in caplog.text
 
 
 async def test_a_refused_delivery_is_parked_visible_and_delivered_after_the_fix(
