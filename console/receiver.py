@@ -10,9 +10,13 @@ The HMAC proves the request came from our gateway; the JWS proves the device sai
 a compromised gateway or a leaked centre secret still cannot invent a press. An event id
 belongs to one device: an event reusing the id of another device's event, or naming one
 (a cancel of another device's alert, an alert linked to another device's event), is
-refused here too, though the gateway already refuses it (defence in depth). Refusals are
-answered with a status the gateway retries (it retries every failure from its outbox), so
-a device enrolled a moment ago, whose key the console has not fetched yet, loses nothing.
+refused here too, though the gateway already refuses it (defence in depth).
+
+What a later attempt may change is answered 503, which the gateway retries from its
+outbox: a device enrolled a moment ago, whose key the console has not fetched yet, loses
+nothing. What no retry changes (a bad signature, a delivery that differs from what was
+signed, another device's id) is a 4xx with the reason in `{"error": ...}`: the gateway
+parks the delivery as refused with that reason, and shows it to its operators.
 """
 
 from __future__ import annotations
