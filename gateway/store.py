@@ -45,6 +45,13 @@ CREATE TABLE IF NOT EXISTS events (
     state       TEXT NOT NULL DEFAULT 'received'
 );
 CREATE INDEX IF NOT EXISTS events_by_state ON events(state, received_ms);
+-- whose every event id is: the device that first used it as its own message's id or named
+-- it (a cancel's alert_id, an alert's linked_to), also before the named event arrived (a
+-- cancel resent ahead of its alert). Kept when events are purged: an id stays its device's.
+CREATE TABLE IF NOT EXISTS event_ids (
+    event_id    TEXT PRIMARY KEY,
+    device_id   TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     event_id        TEXT NOT NULL REFERENCES events(event_id),
     centre          TEXT NOT NULL,
@@ -264,16 +271,37 @@ STAGE_ORDER: dict[str, int] = {
 }
 
 
-def _owners(db: sqlite3.Connection, event_ids: Sequence[str]) -> set[str]:
-    """The devices whose events these ids are (none for ids no event has)."""
+def _foreign(db: sqlite3.Connection, event_ids: Sequence[str], device_id: str) -> bool:
+    """Whether any of these ids is another device's (used or named by it first)."""
     if not event_ids:
-        return set()
+        return False
     marks = ", ".join("?" * len(event_ids))
-    rows = db.execute(
-        f"SELECT DISTINCT device_id FROM events WHERE event_id IN ({marks})",  # noqa: S608
-        tuple(event_ids),
+    # events too: an event kept by a gateway older than `event_ids` sharing this file
+    owned = f" WHERE event_id IN ({marks}) AND device_id != ?"
+    row = db.execute(
+        f"SELECT 1 FROM event_ids{owned} UNION ALL SELECT 1 FROM events{owned} LIMIT 1",  # noqa: S608
+        (*event_ids, device_id, *event_ids, device_id),
+    ).fetchone()
+    return row is not None
+
+
+def _claim(db: sqlite3.Connection, event_ids: Iterable[str], device_id: str) -> None:
+    """Make ids nobody has yet `device_id`'s (see the `event_ids` table)."""
+    db.executemany(
+        "INSERT OR IGNORE INTO event_ids (event_id, device_id) VALUES (?, ?)",
+        [(event_id, device_id) for event_id in event_ids],
     )
-    return {str(row[0]) for row in rows}
+
+
+# A database from before `event_ids`: each event's id is its device's, then what its cancels
+# and alerts named (an event's own device wins over a device that named its id).
+_BACKFILL_EVENT_IDS = (
+    "INSERT OR IGNORE INTO event_ids SELECT event_id, device_id FROM events",
+    "INSERT OR IGNORE INTO event_ids SELECT json_extract(body, '$.alert_id'), device_id"
+    " FROM events WHERE type = 'cancel' AND json_extract(body, '$.alert_id') IS NOT NULL",
+    "INSERT OR IGNORE INTO event_ids SELECT json_extract(body, '$.linked_to'), device_id"
+    " FROM events WHERE type = 'alert' AND json_extract(body, '$.linked_to') IS NOT NULL",
+)
 
 
 def _delivery_filter(
@@ -324,10 +352,18 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        had_ids = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'event_ids'"
+        ).fetchone()
         self._db.executescript(SCHEMA)
-        self._migrate()
+        self._migrate(backfill_ids=had_ids is None)
 
-    def _migrate(self) -> None:
+    def _migrate(self, *, backfill_ids: bool) -> None:
+        if backfill_ids:
+            # idempotent: another instance opening the same file at once does the same
+            with self._tx() as db:
+                for statement in _BACKFILL_EVENT_IDS:
+                    db.execute(statement)
         with self._lock:
             for table, columns in _ADDED_COLUMNS.items():
                 present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
@@ -436,8 +472,10 @@ class SqliteStore:
         another device's event, or that names one (a cancel of another device's alert, an
         alert linked to another device's event), is refused here, where ownership is
         known and checked in the same transaction as the insert: nothing is kept, acked or
-        forwarded for it. An id named that no event has yet is let through: it belongs to
-        nobody, and the device's own alert may be on its way through another instance.
+        forwarded for it. An id named that no event has yet is let through (the device's
+        own alert may be on its way, resent or through another instance) and becomes the
+        naming device's there and then: an event arriving later under that id from another
+        device is refused like any other reuse.
         """
         fresh: list[bool] = []
         forwarded: list[bool] = []
@@ -464,13 +502,13 @@ class SqliteStore:
                     refused.append(None)
                     continue
                 refusal = None
-                if _owners(db, item.refs) - {item.device_id}:
+                inserted = False
+                if _foreign(db, item.refs, item.device_id):
                     refusal = FOREIGN_REF
-                    inserted = False
+                elif _foreign(db, (item.event_id,), item.device_id):
+                    refusal = FOREIGN_ID
                 else:
                     inserted = self._insert_event(db, item, now_ms)
-                    if not inserted and _owners(db, (item.event_id,)) != {item.device_id}:
-                        refusal = FOREIGN_ID
                 fresh.append(inserted)
                 forwarded.append(inserted and bool(item.centres))
                 refused.append(refusal)
@@ -497,6 +535,7 @@ class SqliteStore:
                 "INSERT INTO outbox (event_id, centre, next_attempt_ms) VALUES (?, ?, ?)",
                 [(item.event_id, centre, now_ms) for centre in item.centres],
             )
+            _claim(db, (item.event_id, *item.refs), item.device_id)
         return bool(inserted)
 
     # ---- supervision --------------------------------------------------------------------

@@ -174,6 +174,26 @@ async def test_a_fresh_alert_reusing_another_devices_id_gets_no_ack(env: Env) ->
     assert env.acks()[-1] == ("bell-0001", "alert-race-01", "received")
 
 
+async def test_an_id_named_before_its_alert_arrived_stays_the_naming_devices(env: Env) -> None:
+    # bell-0001's cancel overtakes its alert (the alert is resent later, out of order)
+    early = Cancel(alert_id="alert-late-0001")
+    await env.feed(env.message(early, id="cancel-early-1"))
+    assert env.acks() == [("bell-0001", "cancel-early-1", "received")]
+    # meanwhile bell-0002 sends a fresh alert under that id, and links a duress to it
+    await env.feed(env.message(ALERT, device="bell-0002", id="alert-late-0001"))
+    assert env.rejected("foreign_id") == 1
+    linked = Alert(bell="emergency", trigger="duress", linked_to="alert-late-0001")
+    await env.feed(env.message(linked, device="bell-0002", id="duress-by-0002"))
+    assert env.rejected("foreign_ref") == 1
+    assert [a[0] for a in env.acks()] == ["bell-0001"]  # nothing acked to bell-0002
+    assert env.store.event("alert-late-0001") is None
+    # the alert the cancel named arrives: it is bell-0001's, kept and acked
+    await env.feed(env.message(ALERT, id="alert-late-0001"))
+    event = env.store.event("alert-late-0001")
+    assert event is not None and event.device_id == "bell-0001"
+    assert env.acks()[-1] == ("bell-0001", "alert-late-0001", "received")
+
+
 async def test_a_message_that_breaks_the_store_costs_only_itself(env: Env) -> None:
     poison = env.message(ALERT, id="poisoned-01")
     good = env.message(ALERT, id="healthy-001")

@@ -91,3 +91,29 @@ def test_events_no_centre_has_yet_are_routed_by_the_routing_in_force() -> None:
     }
     assert store.reroute(lambda district: routes[district], now_ms=30) == 0  # once is enough
     store.close()
+
+
+def test_a_database_from_before_event_ids_learns_whose_ids_are_whose(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    store = SqliteStore(path)
+    for device_id in ("bell-0001", "bell-0002"):
+        store.add_device(Device(device_id, "key", "bell", "mapo"), now_ms=0)
+    alert = Incoming(
+        "alert-kept-0001", "bell-0001", 1, "alert", 0, '{"linked_to":null}', "a.b.c", ()
+    )
+    named = '{"alert_id":"alert-late-0001"}'
+    cancel = Incoming("cancel-early-01", "bell-0001", 2, "cancel", 0, named, "a.b.c", ())
+    store.accept_batch([alert, cancel], now_ms=0)
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE event_ids")  # as a gateway before this release left it
+    store = SqliteStore(path)
+
+    def reuse(event_id: str, seq: int) -> str | None:
+        taken = Incoming(event_id, "bell-0002", seq, "alert", 0, "{}", "a.b.c", ())
+        return store.accept_batch([taken], now_ms=1).refused[0]
+
+    assert reuse("alert-kept-0001", 1) == "foreign_id"
+    assert reuse("alert-late-0001", 2) == "foreign_id"  # named by bell-0001's cancel
+    assert reuse("alert-free-0001", 3) is None
+    store.close()
