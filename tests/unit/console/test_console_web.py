@@ -9,9 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
-from console_testkit import TOKEN, FakeGateway, delivery, desk, registry_entry
+from console_testkit import OTHER_KEY, TOKEN, FakeGateway, delivery, desk, registry_entry
 
 from console.operators import OperatorExists, Operators, hash_password, password_matches
+from protocol.keys import public_key_to_b64
+from protocol.messages import Cancel
 
 
 def test_passwords_are_salted_scrypt_and_checked() -> None:
@@ -184,3 +186,30 @@ async def test_the_page_learns_what_keeps_alerts_away(tmp_path: Path) -> None:
         await d.deliver(delivery(device="bell-0404"))  # a signer the registry lacks
         async with d.client.get("/api/me") as r:
             assert (await r.json())["refused"] == 1
+
+
+async def test_a_cancel_marks_only_its_own_devices_alert_cancelled(tmp_path: Path) -> None:
+    """A cancel from bell-0002 naming an id that is not known yet (so the receiver cannot
+    tell whose it is) must not mark bell-0001's alert under that id cancelled."""
+    gateway = FakeGateway()
+    gateway.devices.append(
+        registry_entry("bell-0002", public_key=public_key_to_b64(OTHER_KEY.public_key()))
+    )
+    async with desk(tmp_path, gateway) as d:
+        await d.console.receiver.directory.sync()  # type: ignore[union-attr]
+        await d.sign_in()
+        press = delivery()
+        early = delivery(Cancel(alert_id=press["event_id"]), device="bell-0002", key=OTHER_KEY)
+        assert (await d.deliver(early))[0] == 200
+        assert (await d.deliver(press))[0] == 200
+
+        async def cancelled() -> bool:
+            async with d.client.get("/api/alerts") as r:
+                (alert,) = (await r.json())["alerts"]
+            assert alert["event_id"] == press["event_id"]
+            return bool(alert["cancelled"])
+
+        assert not await cancelled()
+        own = delivery(Cancel(alert_id=press["event_id"]), seq=2)
+        assert (await d.deliver(own))[0] == 200
+        assert await cancelled()
