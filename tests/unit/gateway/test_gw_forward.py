@@ -238,6 +238,20 @@ async def test_a_refusal_is_parked_listed_and_counted_not_retried_in_a_loop() ->
     assert r.first == [event_id] and r.store.waiting_count() == 0
 
 
+async def test_an_alert_one_centre_refuses_still_reaches_the_others() -> None:
+    r = rig("central", "mapo")
+    r.centres["central"].default = Outcome("HTTP 400: malformed", permanent=True)
+    (event_id,) = r.keep(1)
+    assert await r.forwarder.pump() == 2
+    assert r.centres["mapo"].seen == [event_id]
+    assert r.first == [event_id]  # the bell hears `delivered`
+    assert [(w.centre, w.refused_ms) for w in r.store.waiting(10)] == [("central", NOW)]
+    r.clock.ms += 3_600_000
+    assert await r.forwarder.pump() == 0  # neither sent again
+    assert r.sample("ansimi_forward_parked", {"centre": "central"}) == 1
+    assert r.sample("ansimi_forward_parked", {"centre": "mapo"}) == 0
+
+
 async def test_a_start_gives_every_parked_delivery_one_more_attempt() -> None:
     r = rig("central")
     r.centres["central"].default = Outcome("HTTP 401: bad signature", permanent=True)
