@@ -74,3 +74,34 @@ async def test_one_bell_cannot_cancel_link_to_or_reuse_another_bells_alert(
         for event_id in (cancel_id, linked_id):
             assert gateway.store.event(event_id) is None
         assert receiver.refused == 0
+
+
+async def test_an_id_named_by_a_cancel_that_overtook_its_alert_stays_its_bells(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    port = free_port()
+    gateway = new_gateway(gateway_config(tmp_path, mosquitto, port))
+    victim, other = Signer(VICTIM, generate_key()), Signer(OTHER, generate_key())
+    register(gateway, VICTIM, victim.public_key)
+    register(gateway, OTHER, other.public_key)
+    # the bell's cancel reaches the gateway before the alert it names has been kept
+    alert_id, token = alert(VICTIM, victim, 2)
+    early = build_message(Cancel(alert_id=alert_id), device=VICTIM, seq=1, ts=now_ms())
+    press = Alert(bell="emergency", trigger="press")
+    taken = build_message(press, device=OTHER, seq=1, ts=now_ms(), id=alert_id)
+    async with (
+        console_centre(tmp_path, gateway, port) as receiver,
+        running_gateway(gateway),
+        bell(mosquitto, VICTIM, gateway.signer.public_key) as victims_bell,
+        bell(mosquitto, OTHER, gateway.signer.public_key) as others_bell,
+    ):
+        await victims_bell.publish("cancel", seal(early, victim))
+        await eventually(lambda: receiver.events.get(early.id) is not None)
+        await others_bell.publish("alert", seal(taken, other))
+        await eventually(lambda: rejected(gateway, "foreign_id") == 1)
+        await victims_bell.publish("alert", token)
+        await eventually(lambda: victims_bell.stage("delivered") == {alert_id})
+        assert others_bell.acks == []
+        assert receiver.events.ids() == [early.id, alert_id]
+        kept = receiver.events.get(alert_id)
+        assert kept is not None and kept.device_id == VICTIM
