@@ -18,6 +18,7 @@ from trust_kit import (
 )
 
 from ansimi.broker import Mosquitto, free_port
+from gateway.service import Gateway
 from protocol.envelope import seal
 from protocol.jws import Signer
 from protocol.keys import generate_key
@@ -27,19 +28,25 @@ VICTIM = "bell-owner-01"
 OTHER = "bell-other-01"
 
 
-def rejected(gateway: object, reason: str) -> float:
-    registry = gateway.metrics.registry  # type: ignore[attr-defined]
+def rejected(gateway: Gateway, reason: str) -> float:
+    registry = gateway.metrics.registry
     return registry.get_sample_value("ansimi_rejected_total", {"reason": reason}) or 0.0
 
 
-async def test_one_bell_cannot_cancel_link_to_or_reuse_another_bells_alert(
-    tmp_path: Path, mosquitto: Mosquitto
-) -> None:
+def two_bells(tmp_path: Path, mosquitto: Mosquitto) -> tuple[int, Gateway, Signer, Signer]:
+    """A gateway (its centre on the port returned) with two bells, each with its own key."""
     port = free_port()
     gateway = new_gateway(gateway_config(tmp_path, mosquitto, port))
     victim, other = Signer(VICTIM, generate_key()), Signer(OTHER, generate_key())
     register(gateway, VICTIM, victim.public_key)
     register(gateway, OTHER, other.public_key)
+    return port, gateway, victim, other
+
+
+async def test_one_bell_cannot_cancel_link_to_or_reuse_another_bells_alert(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    port, gateway, victim, other = two_bells(tmp_path, mosquitto)
     alert_id, token = alert(VICTIM, victim, 1)
 
     def signed_by_other(body: Alert | Cancel, seq: int, id: str | None = None) -> tuple[str, str]:
@@ -79,11 +86,7 @@ async def test_one_bell_cannot_cancel_link_to_or_reuse_another_bells_alert(
 async def test_an_id_named_by_a_cancel_that_overtook_its_alert_stays_its_bells(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    port = free_port()
-    gateway = new_gateway(gateway_config(tmp_path, mosquitto, port))
-    victim, other = Signer(VICTIM, generate_key()), Signer(OTHER, generate_key())
-    register(gateway, VICTIM, victim.public_key)
-    register(gateway, OTHER, other.public_key)
+    port, gateway, victim, other = two_bells(tmp_path, mosquitto)
     # the bell's cancel reaches the gateway before the alert it names has been kept
     alert_id, token = alert(VICTIM, victim, 2)
     early = build_message(Cancel(alert_id=alert_id), device=VICTIM, seq=1, ts=now_ms())
