@@ -295,13 +295,14 @@ def _claim(db: sqlite3.Connection, event_ids: Iterable[str], device_id: str) -> 
 
 # A database from before `event_ids`: each event's id is its device's, then what its cancels
 # and alerts named (an event's own device wins over a device that named its id).
-_BACKFILL_EVENT_IDS = (
-    "INSERT OR IGNORE INTO event_ids SELECT event_id, device_id FROM events",
-    "INSERT OR IGNORE INTO event_ids SELECT json_extract(body, '$.alert_id'), device_id"
-    " FROM events WHERE type = 'cancel' AND json_extract(body, '$.alert_id') IS NOT NULL",
-    "INSERT OR IGNORE INTO event_ids SELECT json_extract(body, '$.linked_to'), device_id"
-    " FROM events WHERE type = 'alert' AND json_extract(body, '$.linked_to') IS NOT NULL",
+_BACKFILL_OWN_IDS = "INSERT OR IGNORE INTO event_ids SELECT event_id, device_id FROM events"
+# CASE, not AND: one row that is not JSON must not stop the gateway from starting
+_BACKFILL_NAMED_IDS = (
+    "INSERT OR IGNORE INTO event_ids SELECT named, device_id FROM (SELECT device_id,"
+    " json_extract(CASE WHEN json_valid(body) THEN body END, ?) AS named"
+    " FROM events WHERE type = ?) WHERE named IS NOT NULL"
 )
+_NAMED_IDS = (("$.alert_id", "cancel"), ("$.linked_to", "alert"))
 
 
 def _delivery_filter(
@@ -362,8 +363,8 @@ class SqliteStore:
         if backfill_ids:
             # idempotent: another instance opening the same file at once does the same
             with self._tx() as db:
-                for statement in _BACKFILL_EVENT_IDS:
-                    db.execute(statement)
+                db.execute(_BACKFILL_OWN_IDS)
+                db.executemany(_BACKFILL_NAMED_IDS, _NAMED_IDS)
         with self._lock:
             for table, columns in _ADDED_COLUMNS.items():
                 present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}

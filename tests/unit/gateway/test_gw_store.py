@@ -103,7 +103,8 @@ def test_a_database_from_before_event_ids_learns_whose_ids_are_whose(tmp_path: P
     )
     named = '{"alert_id":"alert-late-0001"}'
     cancel = Incoming("cancel-early-01", "bell-0001", 2, "cancel", 0, named, "a.b.c", ())
-    store.accept_batch([alert, cancel], now_ms=0)
+    odd = Incoming("cancel-odd-0001", "bell-0001", 3, "cancel", 0, "not json", "a.b.c", ())
+    store.accept_batch([alert, cancel, odd], now_ms=0)
     store.close()
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE event_ids")  # as a gateway before this release left it
