@@ -13,9 +13,10 @@ belongs to one device: an event reusing the id of another device's event, or nam
 refused here too, though the gateway already refuses it (defence in depth).
 
 What a later attempt may change is answered 503, which the gateway retries from its
-outbox: a device enrolled a moment ago, whose key the console has not fetched yet, loses
-nothing. What no retry changes (a bad signature, a delivery that differs from what was
-signed, another device's id) is a 4xx with the reason in `{"error": ...}`: the gateway
+outbox: a device enrolled a moment ago, whose key the console has not fetched yet, or a
+gateway whose clock is off by more than the allowed skew, loses nothing. What no retry
+changes (a bad signature, a delivery that differs from what was signed, another device's
+id) is a 4xx with the reason in `{"error": ...}`: the gateway
 parks the delivery as refused with that reason, and shows it to its operators.
 """
 
@@ -156,9 +157,12 @@ class Receiver:
         if problem is not None:
             self.refused += 1
             log.warning("receiver: refused a delivery: %s", problem)
-            return web.json_response(
-                {"error": problem}, status=401 if "signature" in problem else 400
-            )
+            status = 401 if "signature" in problem else 400
+            if "skew" in problem:
+                # the clocks, not these bytes: the same delivery goes through once they
+                # agree, so the gateway must retry it (a 4xx would park it for good)
+                status = 503
+            return web.json_response({"error": problem}, status=status)
         data = json.loads(body)
         event = ReceivedEvent(
             event_id=str(data["event_id"]),

@@ -42,6 +42,19 @@ async def test_a_wrong_hmac_is_refused_before_anything_else(tmp_path: Path) -> N
         assert d.console.receiver.events.count() == 0
 
 
+async def test_a_gateway_clock_off_by_more_than_the_skew_is_retried_not_refused(
+    tmp_path: Path,
+) -> None:
+    """503, not 4xx: the same delivery succeeds once the clocks agree, and the gateway
+    parks what a centre refuses with a 4xx until someone retries it by hand."""
+    async with desk(tmp_path) as d:
+        press = delivery()
+        status, body = await d.deliver(press, sent_ms=now_ms() - 600_000)
+        assert status == 503 and "skew" in body["error"]
+        assert d.console.receiver.events.count() == 0
+        assert (await d.deliver(press))[0] == 200  # the gateway's retry, clocks fixed
+
+
 async def test_a_press_signed_with_another_key_is_refused(tmp_path: Path) -> None:
     async with desk(tmp_path) as d:
         status, body = await d.deliver(delivery(key=OTHER_KEY))
