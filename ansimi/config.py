@@ -29,6 +29,10 @@ def _describe(error: ErrorDetails) -> str:
     location = ".".join(str(part) for part in error["loc"] if part != "__root__")
     kind = error["type"]
     message = error["msg"]
+    if "Fix:" in message:
+        # a check that knows its own fix (a rule across several keys) says it best
+        where = f"key `{location}`" if location else "top level"
+        return f"{where}: {message.removeprefix('Value error, ')}"
     if kind == "extra_forbidden":
         fix = "remove it, or check its spelling against the example file"
     elif kind == "missing":

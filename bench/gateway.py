@@ -5,8 +5,9 @@ One run, everything on loopback, each part in its own process as in production:
 - baseline: a bare paho subscriber and a bare paho publisher (QoS 1, 300-byte payloads):
   messages per second from first to last received;
 - the gateway (`gateway.service.Gateway`: shared subscription, verify, replay checks,
-  SQLite WAL with synchronous=FULL, signed `received` acks), no centres configured, so
-  forwarding costs nothing and the figure is intake's;
+  SQLite WAL with synchronous=FULL, signed `received` acks), with one central centre
+  nobody listens at (a gateway must route every district): each alert gets its outbox row,
+  the centre's circuit opens at once, so forwarding costs little and the figure is intake's;
 - a load process with one MQTT connection per device (default 100), publishing alerts
   signed beforehand with valid sequence numbers and timestamps for registered devices,
   each device keeping a few alerts in flight; it times each alert from publish to its
@@ -167,6 +168,9 @@ def prepare_gateway(state: Path, port: int, devices: list[str], mqtt_version: in
         f'id = "{GATEWAY_ID}"\nsigning_key = "{state / "signing.key"}"\n'
         f'database = "{state / "gateway.db"}"\n'
         f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nversion = {mqtt_version}\n'
+        # nobody listens on port 9 (discard) on loopback: the circuit opens at once
+        '[[centres]]\nname = "central"\nurl = "http://127.0.0.1:9/events"\n'
+        'secret = "bench-centre-secret-unused"\n'
     )
     return config
 
@@ -534,7 +538,7 @@ def main() -> None:
         f"{raw['msg_per_s']:,.0f} msg/s ({raw['received']:,} messages)"
     )
     print(
-        f"gateway (MQTT {args.gateway_mqtt}, no centres): {args.devices} device connections, "
+        f"gateway (MQTT {args.gateway_mqtt}, 1 unreachable centre): {args.devices} devices, "
         f"{args.window} alerts in flight each: {gw['alerts_per_s']:,.0f} alerts/s "
         f"({gw['acked']:,}/{gw['sent']:,} acked in {gw['seconds']:.1f} s)"
     )
@@ -570,7 +574,7 @@ def main() -> None:
                     "sent": gw["sent"],
                     "devices": args.devices,
                     "in_flight_per_device": args.window,
-                    "centres": 0,
+                    "centres": 1,
                     "gateway_mqtt": args.gateway_mqtt,
                     "broker_tcp_nodelay": not args.nagle,
                     "paced": paced

@@ -133,7 +133,7 @@ async def press_to_viewer(state: Path) -> list[float]:
     from device.hal import Hardware
     from device.hal.fakes import FakeIndicator, FakeInputs
     from device.video.config import VideoConfig as DeviceVideo
-    from gateway.config import ApiConfig, ApiToken, GatewayConfig, MqttConfig
+    from gateway.config import ApiConfig, ApiToken, Centre, GatewayConfig, MqttConfig
     from gateway.service import Gateway
     from gateway.store import Device
     from protocol.keys import public_key_to_b64
@@ -144,6 +144,8 @@ async def press_to_viewer(state: Path) -> list[float]:
     signer = Signer("gw-bench", generate_key())
     gateway = Gateway(
         GatewayConfig(
+            # every district needs a destination; nobody listens on port 9 on loopback
+            centres=[Centre(name="central", url="http://127.0.0.1:9/", secret="unused" * 4)],
             id="gw-bench",
             database=state / "gateway.db",
             mqtt=MqttConfig(host=broker.host, port=broker.port),

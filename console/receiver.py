@@ -7,9 +7,17 @@ idempotency key in SQLite, and hands new ones to listeners (the live page; `ansi
 console --print` prints them).
 
 The HMAC proves the request came from our gateway; the JWS proves the device said it, so
-a compromised gateway or a leaked centre secret still cannot invent a press. Refusals are
-answered with a status the gateway retries (it retries every failure from its outbox), so
-a device enrolled a moment ago, whose key the console has not fetched yet, loses nothing.
+a compromised gateway or a leaked centre secret still cannot invent a press. An event id
+belongs to one device: an event reusing the id of another device's event, or naming one
+(a cancel of another device's alert, an alert linked to another device's event), is
+refused here too, though the gateway already refuses it (defence in depth).
+
+What a later attempt may change is answered 503, which the gateway retries from its
+outbox: a device enrolled a moment ago, whose key the console has not fetched yet, or a
+gateway whose clock is off by more than the allowed skew, loses nothing. What no retry
+changes (a bad signature, a delivery that differs from what was signed, another device's
+id) is a 4xx with the reason in `{"error": ...}`: the gateway
+parks the delivery as refused with that reason, and shows it to its operators.
 """
 
 from __future__ import annotations
@@ -162,9 +170,12 @@ class Receiver:
         if problem is not None:
             self.refused += 1
             log.warning("receiver: refused a delivery: %s", problem)
-            return web.json_response(
-                {"error": problem}, status=401 if "signature" in problem else 400
-            )
+            status = 401 if "signature" in problem else 400
+            if "skew" in problem:
+                # the clocks, not these bytes: the same delivery goes through once they
+                # agree, so the gateway must retry it (a 4xx would park it for good)
+                status = 503
+            return web.json_response({"error": problem}, status=status)
         assert isinstance(event_or_problem, ReceivedEvent)
         event = event_or_problem
         if request.headers.get(IDEMPOTENCY_HEADER) != event.event_id:
@@ -181,6 +192,12 @@ class Receiver:
                 )
                 return web.json_response({"error": str(exc)}, status=exc.status)
             event = dataclasses.replace(event, signer=signer)
+        try:
+            self._check_ownership(event)
+        except Refused as exc:
+            self.refused += 1
+            log.warning("receiver: refused %s from %s: %s", event.event_id, event.device_id, exc)
+            return web.json_response({"error": str(exc)}, status=exc.status)
         if self.events.add(event):
             for listener in self.listeners:
                 listener(event)
@@ -230,6 +247,17 @@ class Receiver:
             # count against the centre's circuit breaker at the gateway
             raise Refused(403, f"device {event.device_id} was revoked before this was signed")
         return verified.kid
+
+    def _check_ownership(self, event: ReceivedEvent) -> None:
+        """Every id the event uses or names is its own device's, as far as we know them.
+
+        403, not 503: no retry changes whose event an id is."""
+        named = {"alert_id", "linked_to"} & event.body.keys()
+        refs = [event.body[key] for key in sorted(named) if isinstance(event.body[key], str)]
+        for event_id in (event.event_id, *refs):
+            known = self.events.get(event_id)
+            if known is not None and known.device_id != event.device_id:
+                raise Refused(403, f"{event_id} is an event of another device")
 
     def _check(self, request: web.Request, body: bytes) -> str | None:
         if len(body) > MAX_BODY_BYTES:

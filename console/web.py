@@ -420,9 +420,15 @@ class ConsoleApp:
         ]
         stages = self.operators.stages([e.event_id for e in recent])
         events = [self.event_json(e, stages.get(e.event_id, [])) for e in recent]
-        cancelled = {str(e["body"].get("alert_id")) for e in events if e["type"] == "cancel"}
+        # an alert id names the cancelling device's own alert: another device's cancel
+        # under the same id (arrived before the alert, so not refused) cancels nothing
+        cancelled = {
+            (e["device_id"], str(e["body"].get("alert_id")))
+            for e in events
+            if e["type"] == "cancel"
+        }
         for e in events:
-            e["cancelled"] = e["event_id"] in cancelled
+            e["cancelled"] = (e["device_id"], e["event_id"]) in cancelled
         active = [e for e in events if e["active"] and e["stage"] != "closed"]
         active.sort(key=lambda e: (e["urgency"], e["stage"] != "delivered", e["received_ms"]))
         others = [e for e in events if not e["active"]][:200]

@@ -5,6 +5,7 @@ Every option has a safe default; `gateway/gateway.example.toml` explains each on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.districts import check_district
+from gateway.districts import SEOUL_DISTRICTS, check_district
 from gateway.video.config import VideoConfig
 from protocol.ids import DeviceId
 
@@ -299,6 +300,29 @@ class GatewayConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _every_district_routed(self) -> GatewayConfig:
+        # an alert kept for a district nobody serves would be acked `received` and then
+        # wait for nobody: refuse to start instead
+        unrouted = [d for d in SEOUL_DISTRICTS if not self.centres_for(d)]
+        if not unrouted:
+            return self
+        if len(unrouted) == len(SEOUL_DISTRICTS):
+            where = "any district"
+        else:
+            where = ", ".join(unrouted[:5])
+            where += f" (and {len(unrouted) - 5} more)" if len(unrouted) > 5 else ""
+        raise ValueError(
+            f"[[centres]] and [[sia]]: none serves {where}, so alerts from there would be "
+            "acked and go nowhere. Fix: add the "
+            'central centre ([[centres]] with districts = ["*"]; see '
+            "gateway/routing.example.toml), or a centre for each district"
+        )
+
     def centres_for(self, district: str) -> tuple[str, ...]:
-        routes: list[Centre | SiaReceiver] = [*self.centres, *self.sia]
-        return tuple(c.name for c in routes if c.serves(district))
+        return routes_for([*self.centres, *self.sia], district)
+
+
+def routes_for(centres: Sequence[Centre | SiaReceiver], district: str) -> tuple[str, ...]:
+    """The names of the centres that get a district's events."""
+    return tuple(c.name for c in centres if c.serves(district))

@@ -9,10 +9,21 @@ Each centre has its own worker, concurrency limit and circuit breaker, so a cent
 down neither crowds the outbox query nor slows the others. Failures back off
 exponentially with full jitter; while a centre's circuit is open nothing is sent to it and
 its deliveries keep their place (their attempt counts do not grow), and when one probe
-succeeds everything that waited flows again. Nothing is ever dropped: a centre that
-refuses a request outright (HTTP 4xx other than 408 and 429) still gets it again, at the
-longest backoff, logged as an error and counted apart, because a human has to fix
-something (a secret, a URL) and then the alert must still arrive.
+succeeds everything that waited flows again.
+
+Nothing is ever dropped, and nothing loops unseen: a delivery a centre refuses outright
+(HTTP 4xx other than 408 and 429: malformed, not authorised; SIA DUH) is parked as
+refused, with the centre's reason, logged once as an error, counted
+(`ansimi_forward_refused_total`, `ansimi_forward_parked`) and listed by the API
+(`GET /deliveries?state=refused`). Sending the same bytes again would get the same answer,
+so it is not retried on a timer; a human fixes the cause (a secret, a URL, the centre's
+registry) and then `POST /admin/deliveries/retry`, or restarts the gateway after a config
+change: every start gives each parked delivery one more attempt. Meanwhile the bell sees no
+`delivered` and takes its fallback path (SMS).
+
+At start, every event no centre has accepted yet is routed again with the routing of the
+config in force, so an alert kept while its district had no centre (or a centre since
+renamed) is delivered as soon as a route exists.
 
 An outcome that cannot be recorded (the disk full, the database locked) is a failure too:
 the delivery stays due in the store, so the centre's worker rests for a backoff before it
@@ -42,7 +53,7 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 from prometheus_client import Counter, Gauge
 
-from gateway.config import Centre, ForwardConfig, SiaReceiver
+from gateway.config import Centre, ForwardConfig, SiaReceiver, routes_for
 from gateway.metrics import Metrics
 from gateway.store import Delivery, Store
 from protocol.forwarding import (
@@ -50,6 +61,7 @@ from protocol.forwarding import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     delivery_signature,
+    signed_body,
 )
 from protocol.numbers import Malformed, parse_whole
 
@@ -60,6 +72,8 @@ Clock = Callable[[], int]
 
 # 4xx answers that mean "not now" rather than "never like this"
 TRANSIENT_4XX = frozenset({408, 429})
+# characters of a centre's refusal kept as the reason
+REASON_MAX = 200
 
 
 def delivery_body(
@@ -71,7 +85,8 @@ def delivery_body(
         "district": district,
         "type": delivery.type,
         "ts_ms": delivery.ts_ms,
-        "body": json.loads(delivery.body_json),
+        # as the device signed it: our model would fill in defaults it left out
+        "body": signed_body(delivery.jws),
         "jws": delivery.jws,
     }
     if address is not None:
@@ -161,7 +176,8 @@ class HttpsCentre:
                     return DELIVERED
                 retry_after = _retry_after_ms(response.headers.get("Retry-After"))
                 permanent = 400 <= status < 500 and status not in TRANSIENT_4XX
-                return Outcome(f"HTTP {status}", permanent, retry_after)
+                reason = await _reason(response) if permanent else ""
+                return Outcome(f"HTTP {status}{reason}", permanent, retry_after)
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
             return Outcome(type(exc).__name__ + (f": {exc}" if str(exc) else ""))
 
@@ -169,6 +185,21 @@ class HttpsCentre:
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+
+async def _reason(response: aiohttp.ClientResponse) -> str:
+    """The centre's own words for a refusal (our console answers {"error": ...}), short and
+    printable, for the log and the deliveries listing."""
+    try:
+        text = (await response.content.read(REASON_MAX)).decode("utf-8", "replace")
+    except (aiohttp.ClientError, TimeoutError):
+        return ""
+    with contextlib.suppress(ValueError):
+        data = json.loads(text)
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            text = data["error"]
+    text = "".join(c if c.isprintable() else " " for c in text).strip()[:REASON_MAX]
+    return f": {text}" if text else ""
 
 
 def _retry_after_ms(value: str | None) -> int:
@@ -293,6 +324,7 @@ class Forwarder:
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._rng = rng or random.Random()
         self._poll_s = poll_s
+        self._centres = tuple(centres)
         given = transports or {}
         self._endpoints: dict[str, _Endpoint] = {}
         for centre in centres:
@@ -309,8 +341,15 @@ class Forwarder:
         registry = metrics.registry
         self.refused = Counter(
             "ansimi_forward_refused_total",
-            "Attempts a centre refused outright (HTTP 4xx but 408/429, SIA DUH): a config"
-            " problem to fix; still retried at the longest backoff, never dropped",
+            "Attempts a centre refused outright (HTTP 4xx but 408/429, SIA DUH): each is"
+            " parked as refused (see ansimi_forward_parked), kept, never dropped",
+            ["centre"],
+            registry=registry,
+        )
+        self.parked = Gauge(
+            "ansimi_forward_parked",
+            "Deliveries a centre refused, kept and waiting for a fix and a retry"
+            " (GET /deliveries?state=refused, POST /admin/deliveries/retry)",
             ["centre"],
             registry=registry,
         )
@@ -336,6 +375,7 @@ class Forwarder:
         for name in self._endpoints:
             self.refused.labels(name)
             self.unrecorded.labels(name)
+            self.parked.labels(name).set(0)
             self.circuit.labels(name).set(0)
 
     def _transport(self, centre: Centre | SiaReceiver) -> Transport:
@@ -363,8 +403,39 @@ class Forwarder:
         )
         return int(self._rng.uniform(self._config.backoff_min_s, max(ceiling, 0.001)) * 1000)
 
+    def route(self, district: str) -> tuple[str, ...]:
+        """The centres a district's events go to, by the config in force."""
+        return routes_for(self._centres, district)
+
+    async def reroute(self) -> None:
+        """Route again what no centre has accepted yet, and give refused deliveries one
+        more attempt: the config may have changed since (see the module docstring)."""
+        now = self._clock_ms()
+        added = await self._db(self._store.reroute, self.route, now)
+        if added:
+            log.warning("forward: %d deliveries added by the routing now in force", added)
+        retried = await self._db(self._store.retry_refused, now)
+        if retried:
+            log.warning("forward: %d refused deliveries get another attempt at start", retried)
+        gone = {
+            centre: count
+            for centre, count in (await self._db(self._store.waiting_by_centre)).items()
+            if centre not in self._endpoints
+        }
+        if gone:
+            # kept (and listed by GET /deliveries), but nobody will send them: say so
+            log.warning(
+                "forward: deliveries wait for centres no longer in the config: %s",
+                ", ".join(f"{centre} ({count})" for centre, count in sorted(gone.items())),
+            )
+
     async def run(self) -> None:
         try:
+            try:
+                await self.reroute()
+            except Exception:
+                # the store failing at start: forward what is routed; the next start retries
+                log.exception("forward: cannot route again what no centre has yet")
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._gauges(), name="forward-gauges")
                 for endpoint in self._endpoints.values():
@@ -433,6 +504,13 @@ class Forwarder:
                 self._metrics.waiting.set(sum(counts.values()))
                 for name in self._endpoints:
                     self.waiting_by_centre.labels(name).set(counts.get(name, 0))
+            try:
+                parked = await self._db(self._store.refused_by_centre)
+            except Exception:
+                log.exception("forward: cannot count refused deliveries")
+            else:
+                for name in self._endpoints:
+                    self.parked.labels(name).set(parked.get(name, 0))
             for name, endpoint in self._endpoints.items():
                 self.circuit.labels(name).set(int(endpoint.breaker.state))
             await asyncio.sleep(1.0)
@@ -552,15 +630,18 @@ class Forwarder:
             # the endpoint is up (it answered): not a reason to open its circuit
             endpoint.breaker.success()
             self.refused.labels(name).inc()
-            retry_at = now + int(self._config.backoff_max_s * 1000)
+            self.parked.labels(name).inc()
             log.error(
-                "forward: %s refused %s (attempt %d): %s; retrying every %.0f s until fixed",
+                "forward: %s refused %s of %s (attempt %d): %s; parked as refused until "
+                "POST /admin/deliveries/retry or a restart",
                 name,
                 delivery.event_id,
+                delivery.device_id,
                 attempt,
                 outcome.error,
-                self._config.backoff_max_s,
             )
+            await self._db(self._store.refused, delivery.event_id, name, now, str(outcome.error))
+            return
         else:
             self._metrics.forward_failures.labels(name).inc()
             retry_at = now + max(self.backoff_ms(delivery.attempts), outcome.retry_after_ms)

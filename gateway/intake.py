@@ -53,7 +53,7 @@ from protocol.envelope import Opened, open_from_device
 from protocol.errors import Oversized, ProtocolError, Replay, Stale, UnknownSigner
 from protocol.jws import MAX_TOKEN_BYTES
 from protocol.keys import public_key_from_b64
-from protocol.messages import HeartbeatMessage, Rtc, StatusMessage
+from protocol.messages import AlertMessage, CancelMessage, HeartbeatMessage, Rtc, StatusMessage
 from protocol.replay import check_fresh
 from protocol.topics import parse_topic
 
@@ -175,6 +175,8 @@ class _Kept:
     item: Incoming
     fresh: bool
     forwarded: bool
+    # the store refused it (an id of another device): not acked, not forwarded
+    refused: str | None = None
 
 
 class Intake:
@@ -342,6 +344,15 @@ class Intake:
         forwarded: list[Incoming] = []
         for one in kept:
             item = one.item
+            if self._supervisor is not None:
+                self._supervisor.heard(item.device_id, now_ms)  # signed by it: it is alive
+            if one.refused is not None:
+                self._refuse(
+                    item.device_id,
+                    one.refused,
+                    f"{item.type} {item.event_id} uses or names an event id of another device",
+                )
+                continue
             if one.fresh:
                 self._metrics.accepted.labels(item.type).inc()
             else:
@@ -352,8 +363,6 @@ class Intake:
                 self._downlink.ack(item.device_id, item.event_id, "received")
             if item.type == "rtc" and one.fresh and self._on_rtc is not None:
                 self._on_rtc(item.device_id, Rtc.model_validate_json(item.body_json))
-            if self._supervisor is not None:
-                self._supervisor.heard(item.device_id, now_ms)
         if self._supervisor is not None and came_online:
             await self._supervise(self._supervisor.came_online, came_online)
         if self._secondary is not None:
@@ -392,8 +401,10 @@ class Intake:
             log.exception("intake: group commit of %d messages failed; one by one", len(incoming))
         else:
             kept = [
-                _Kept(item, fresh, fwd)
-                for item, fresh, fwd in zip(incoming, done.fresh, done.forwarded, strict=True)
+                _Kept(item, fresh, fwd, refused)
+                for item, fresh, fwd, refused in zip(
+                    incoming, done.fresh, done.forwarded, done.refused, strict=True
+                )
             ]
             return kept, done.came_online
         kept = []
@@ -407,7 +418,7 @@ class Intake:
                 self._metrics.rejected.labels("internal").inc()
                 log.exception("intake: cannot keep a message from %s", item.device_id)
                 continue
-            kept.append(_Kept(item, alone.fresh[0], alone.forwarded[0]))
+            kept.append(_Kept(item, alone.fresh[0], alone.forwarded[0], alone.refused[0]))
             came_online += [d for d in alone.came_online if d not in came_online]
         return kept, came_online
 
@@ -457,6 +468,11 @@ class Intake:
         msg = checked.opened.message
         kept = msg.type in KEPT_TYPES
         power = msg.body.power if isinstance(msg, HeartbeatMessage) else None
+        refs: tuple[str, ...] = ()
+        if isinstance(msg, CancelMessage):
+            refs = (msg.body.alert_id,)
+        elif isinstance(msg, AlertMessage) and msg.body.linked_to is not None:
+            refs = (msg.body.linked_to,)
         return Incoming(
             event_id=msg.id,
             device_id=msg.device,
@@ -469,13 +485,17 @@ class Intake:
             centres=self._route(checked.device.district) if kept or power else (),
             kept=kept,
             power=power,
+            refs=refs,
         )
 
     def _reject(self, message: MqttMessage, exc: ProtocolError) -> None:
-        self._metrics.rejected.labels(exc.reason).inc()
         # Only the device id from the topic: the payload may carry personal data.
-        device = _device_of(message.topic)
-        key = (device, exc.reason)
+        self._refuse(_device_of(message.topic), exc.reason, str(exc))
+
+    def _refuse(self, device: str, reason: str, detail: str) -> None:
+        """Count a refusal; log it, at most once per device and reason an interval."""
+        self._metrics.rejected.labels(reason).inc()
+        key = (device, reason)
         now_ms = self._clock_ms()
         last, quiet = self._logged.get(key, (None, 0))
         if last is not None and now_ms - last < LOG_EVERY_MS:
@@ -485,8 +505,8 @@ class Intake:
             self._logged.clear()
         self._logged[key] = (now_ms, 0)
         more = f" (and {quiet} more since the last report)" if quiet else ""
-        log.warning("intake: refused a message from %s: %s%s", device, exc.reason, more)
-        log.debug("intake: refusal detail for %s: %s", device, exc)
+        log.warning("intake: refused a message from %s: %s%s", device, reason, more)
+        log.debug("intake: refusal detail for %s: %s", device, detail)
 
 
 def _device_of(topic: str) -> str:

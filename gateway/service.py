@@ -18,6 +18,7 @@ from ansimi import sdnotify
 from ansimi.mqtt import Message, Session, Settings, TlsFiles
 from gateway.api import Api, tls_context
 from gateway.config import GatewayConfig
+from gateway.deliveries import DeliveryRoutes
 from gateway.downlink import Downlink
 from gateway.enrol import attach_if_site
 from gateway.forward import Forwarder, HttpsCentre, Transport
@@ -180,6 +181,8 @@ class Gateway:
         self.api.add_routes(
             PrivateRoutes(self.store, self.vault, on_revoked=self.registry.refresh).routes()
         )
+        # deliveries a centre has not accepted: listed, and refused ones sent again
+        self.api.add_routes(DeliveryRoutes(self.store, self.forwarder.wake).routes())
         if self.video is not None:
             from gateway.video.whep import api_routes
 

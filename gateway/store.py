@@ -54,6 +54,13 @@ CREATE TABLE IF NOT EXISTS events (
     state       TEXT NOT NULL DEFAULT 'received'
 );
 CREATE INDEX IF NOT EXISTS events_by_state ON events(state, received_ms);
+-- whose every event id is: the device that first used it as its own message's id or named
+-- it (a cancel's alert_id, an alert's linked_to), also before the named event arrived (a
+-- cancel resent ahead of its alert). Kept when events are purged: an id stays its device's.
+CREATE TABLE IF NOT EXISTS event_ids (
+    event_id    TEXT PRIMARY KEY,
+    device_id   TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     event_id        TEXT NOT NULL REFERENCES events(event_id),
     centre          TEXT NOT NULL,
@@ -61,6 +68,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_ms INTEGER NOT NULL,
     last_error      TEXT,
     delivered_ms    INTEGER,
+    -- set when the centre refused it outright (malformed, not authorised): parked, no
+    -- longer due, until an admin (or the next start) gives it another go
+    refused_ms      INTEGER,
     PRIMARY KEY (event_id, centre)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_attempt_ms) WHERE delivered_ms IS NULL;
@@ -95,12 +105,21 @@ PURGE_BATCH = 1_000
 _REVOKE = "UPDATE devices SET revoked = 1, revoked_ms = COALESCE(revoked_ms, ?) WHERE device_id = ?"
 
 # Columns added after the first release: an existing database gets them on open.
-_ADDED_DEVICE_COLUMNS = {
-    "revoked_ms": "INTEGER",
-    "last_seen_ms": "INTEGER",
-    "online": "INTEGER",
-    "power": "TEXT",
+_ADDED_COLUMNS = {
+    "devices": {
+        "revoked_ms": "INTEGER",
+        "last_seen_ms": "INTEGER",
+        "online": "INTEGER",
+        "power": "TEXT",
+    },
+    "outbox": {"refused_ms": "INTEGER"},
 }
+
+
+# Refusals of `accept_batch`: an id that is another device's, as the message's own id or as
+# an id it names. Also the `reason` label of the intake's refusal metric.
+FOREIGN_ID = "foreign_id"
+FOREIGN_REF = "foreign_ref"
 
 
 class StoreError(Exception):
@@ -151,6 +170,9 @@ class Incoming:
     kept: bool = True
     # A heartbeat's power source: a heartbeat that changes it is kept as a power event.
     power: str | None = None
+    # ids of other events this one names (a cancel's alert, an alert's `linked_to`): each
+    # must be the same device's (see `accept_batch`)
+    refs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +182,8 @@ class Accepted:
     fresh: list[bool]  # not seen before (False: a resend, to be re-acked only)
     forwarded: list[bool]  # became a new event with deliveries waiting
     came_online: list[str]  # devices marked offline that were heard from again
+    # why a message was refused (FOREIGN_ID, FOREIGN_REF), None if it was kept
+    refused: list[str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +221,9 @@ class Waiting:
     attempts: int
     next_attempt_ms: int
     last_error: str | None
+    district: str = ""
+    # when the centre refused it outright; None while it is still retried
+    refused_ms: int | None = None
 
 
 class Store(Protocol):
@@ -215,6 +242,17 @@ class Store(Protocol):
     def due(self, now_ms: int, limit: int) -> list[Delivery]: ...
     def delivered(self, event_id: str, centre: str, now_ms: int) -> bool: ...
     def failed(self, event_id: str, centre: str, next_attempt_ms: int, error: str) -> None: ...
+    def reroute(self, route: Callable[[str], Sequence[str]], now_ms: int) -> int: ...
+    def refused(self, event_id: str, centre: str, now_ms: int, error: str) -> None: ...
+    def retry_refused(
+        self,
+        now_ms: int,
+        *,
+        centre: str | None = None,
+        event_id: str | None = None,
+        districts: Sequence[str] | None = None,
+    ) -> int: ...
+    def refused_by_centre(self) -> dict[str, int]: ...
     def set_stage(self, event_id: str, stage: EventState, now_ms: int, actor: str) -> bool: ...
     def event(self, event_id: str) -> Event | None: ...
     def events(
@@ -224,7 +262,14 @@ class Store(Protocol):
     def waiting_count(self) -> int: ...
     def due_for(self, centre: str, now_ms: int, limit: int) -> list[Delivery]: ...
     def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]: ...
-    def waiting(self, limit: int, *, centre: str | None = None) -> list[Waiting]: ...
+    def waiting(
+        self,
+        limit: int,
+        *,
+        centre: str | None = None,
+        refused: bool | None = None,
+        districts: Sequence[str] | None = None,
+    ) -> list[Waiting]: ...
     def waiting_by_centre(self) -> dict[str, int]: ...
     # personal data: the store keeps and returns sealed text only, never plaintext
     def set_private(self, device_id: str, sealed: str, now_ms: int) -> bool: ...
@@ -243,6 +288,58 @@ class Store(Protocol):
 STAGE_ORDER: dict[str, int] = {
     s: i for i, s in enumerate(("received", "delivered", "acknowledged", "dispatched", "closed"))
 }
+
+
+def _foreign(db: sqlite3.Connection, event_ids: Sequence[str], device_id: str) -> bool:
+    """Whether any of these ids is another device's (used or named by it first)."""
+    if not event_ids:
+        return False
+    marks = ", ".join("?" * len(event_ids))
+    # events too: an event kept by a gateway older than `event_ids` sharing this file
+    owned = f" WHERE event_id IN ({marks}) AND device_id != ?"
+    row = db.execute(
+        f"SELECT 1 FROM event_ids{owned} UNION ALL SELECT 1 FROM events{owned} LIMIT 1",  # noqa: S608
+        (*event_ids, device_id, *event_ids, device_id),
+    ).fetchone()
+    return row is not None
+
+
+def _claim(db: sqlite3.Connection, event_ids: Iterable[str], device_id: str) -> None:
+    """Make ids nobody has yet `device_id`'s (see the `event_ids` table)."""
+    db.executemany(
+        "INSERT OR IGNORE INTO event_ids (event_id, device_id) VALUES (?, ?)",
+        [(event_id, device_id) for event_id in event_ids],
+    )
+
+
+# A database from before `event_ids`: each event's id is its device's, then what its cancels
+# and alerts named (an event's own device wins over a device that named its id).
+_BACKFILL_OWN_IDS = "INSERT OR IGNORE INTO event_ids SELECT event_id, device_id FROM events"
+# CASE, not AND: one row that is not JSON must not stop the gateway from starting
+_BACKFILL_NAMED_IDS = (
+    "INSERT OR IGNORE INTO event_ids SELECT named, device_id FROM (SELECT device_id,"
+    " json_extract(CASE WHEN json_valid(body) THEN body END, ?) AS named"
+    " FROM events WHERE type = ?) WHERE named IS NOT NULL"
+)
+_NAMED_IDS = (("$.alert_id", "cancel"), ("$.linked_to", "alert"))
+
+
+def _delivery_filter(
+    centre: str | None, event_id: str | None, districts: Sequence[str] | None
+) -> tuple[str, list[object]]:
+    """SQL conditions on outbox `o` and devices `d` (placeholders only), with their values."""
+    where = ""
+    args: list[object] = []
+    if centre is not None:
+        where += " AND o.centre = ?"
+        args.append(centre)
+    if event_id is not None:
+        where += " AND o.event_id = ?"
+        args.append(event_id)
+    if districts is not None:
+        where += f" AND d.district IN ({', '.join('?' * len(districts))})"
+        args += districts
+    return where, args
 
 
 @contextmanager
@@ -281,20 +378,29 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         self._db.execute("PRAGMA foreign_keys=ON")
+        had_ids = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'event_ids'"
+        ).fetchone()
         self._db.executescript(SCHEMA)
-        self._migrate()
+        self._migrate(backfill_ids=had_ids is None)
 
-    def _migrate(self) -> None:
+    def _migrate(self, *, backfill_ids: bool) -> None:
+        if backfill_ids:
+            # idempotent: another instance opening the same file at once does the same
+            with self._tx() as db:
+                db.execute(_BACKFILL_OWN_IDS)
+                db.executemany(_BACKFILL_NAMED_IDS, _NAMED_IDS)
         with self._lock:
-            present = {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}
-            for column, kind in _ADDED_DEVICE_COLUMNS.items():
-                if column not in present:
-                    try:
-                        self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
-                    except sqlite3.OperationalError as exc:
-                        # another instance starting at the same moment added it first
-                        if "duplicate column" not in str(exc):
-                            raise
+            for table, columns in _ADDED_COLUMNS.items():
+                present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for column, kind in columns.items():
+                    if column not in present:
+                        try:
+                            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                        except sqlite3.OperationalError as exc:
+                            # another instance starting at the same moment added it first
+                            if "duplicate column" not in str(exc):
+                                raise
 
     def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         return transaction(self._db, self._lock)
@@ -386,10 +492,21 @@ class SqliteStore:
         forwarded, but the caller re-acks it, because the device evidently missed the ack.
         Every message also marks its device seen now; the supervisors of all gateway
         instances read that, so heartbeats landing on another instance still count.
+
+        An event id belongs to one device (ids are site-wide: the API, the acks and the
+        centres' idempotency keys name an event by its id alone). A message whose id is
+        another device's event, or that names one (a cancel of another device's alert, an
+        alert linked to another device's event), is refused here, where ownership is
+        known and checked in the same transaction as the insert: nothing is kept, acked or
+        forwarded for it. An id named that no event has yet is let through (the device's
+        own alert may be on its way, resent or through another instance) and becomes the
+        naming device's there and then: an event arriving later under that id from another
+        device is refused like any other reuse.
         """
         fresh: list[bool] = []
         forwarded: list[bool] = []
         came_online: list[str] = []
+        refused: list[str | None] = []
         with self._tx() as db:
             for item in batch:
                 row = db.execute(
@@ -408,11 +525,20 @@ class SqliteStore:
                 if not (item.kept or power_changed):
                     fresh.append(True)
                     forwarded.append(False)
+                    refused.append(None)
                     continue
-                inserted = self._insert_event(db, item, now_ms)
+                refusal = None
+                inserted = False
+                if _foreign(db, item.refs, item.device_id):
+                    refusal = FOREIGN_REF
+                elif _foreign(db, (item.event_id,), item.device_id):
+                    refusal = FOREIGN_ID
+                else:
+                    inserted = self._insert_event(db, item, now_ms)
                 fresh.append(inserted)
                 forwarded.append(inserted and bool(item.centres))
-        return Accepted(fresh, forwarded, came_online)
+                refused.append(refusal)
+        return Accepted(fresh, forwarded, came_online, refused)
 
     @staticmethod
     def _insert_event(db: sqlite3.Connection, item: Incoming, now_ms: int) -> bool:
@@ -435,6 +561,7 @@ class SqliteStore:
                 "INSERT INTO outbox (event_id, centre, next_attempt_ms) VALUES (?, ?, ?)",
                 [(item.event_id, centre, now_ms) for centre in item.centres],
             )
+            _claim(db, (item.event_id, *item.refs), item.device_id)
         return bool(inserted)
 
     # ---- supervision --------------------------------------------------------------------
@@ -472,7 +599,7 @@ class SqliteStore:
         rows = self._query(
             "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
             " e.jws FROM outbox o JOIN events e USING (event_id)"
-            " WHERE o.delivered_ms IS NULL AND o.next_attempt_ms <= ?"
+            " WHERE o.delivered_ms IS NULL AND o.refused_ms IS NULL AND o.next_attempt_ms <= ?"
             " ORDER BY o.next_attempt_ms LIMIT ?",
             (now_ms, limit),
         )
@@ -517,6 +644,66 @@ class SqliteStore:
                 (next_attempt_ms, error[:500], event_id, centre),
             )
 
+    def reroute(self, route: Callable[[str], Sequence[str]], now_ms: int) -> int:
+        """Give every event no centre has accepted yet a delivery to each centre its
+        device's district has now (`route`); returns how many deliveries that added.
+
+        Deliveries are made when an event is kept, by the routing of that moment: an event
+        kept while its district had no centre, or whose centre has been renamed, would
+        otherwise wait for nobody.
+        """
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT e.event_id, d.district FROM events e JOIN devices d USING (device_id)"
+                " WHERE e.state = 'received'"
+            ).fetchall()
+            added = 0
+            for event_id, district in rows:
+                added += db.executemany(
+                    "INSERT OR IGNORE INTO outbox (event_id, centre, next_attempt_ms)"
+                    " VALUES (?, ?, ?)",
+                    [(event_id, centre, now_ms) for centre in route(str(district))],
+                ).rowcount
+        return added
+
+    def refused(self, event_id: str, centre: str, now_ms: int, error: str) -> None:
+        """Park a delivery the centre refused outright: kept and listed, no longer due."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, refused_ms = ?, last_error = ?"
+                " WHERE event_id = ? AND centre = ? AND delivered_ms IS NULL",
+                (now_ms, error[:500], event_id, centre),
+            )
+
+    def retry_refused(
+        self,
+        now_ms: int,
+        *,
+        centre: str | None = None,
+        event_id: str | None = None,
+        districts: Sequence[str] | None = None,
+    ) -> int:
+        """Make parked deliveries due now: all, or those of one centre, one event, or
+        devices in `districts`; returns how many."""
+        where, args = _delivery_filter(centre, event_id, districts)
+        with self._tx() as db:
+            parked = (
+                "SELECT o.rowid FROM outbox o JOIN events e USING (event_id)"
+                " JOIN devices d USING (device_id)"
+                " WHERE o.delivered_ms IS NULL AND o.refused_ms IS NOT NULL"
+            )
+            return db.execute(
+                f"UPDATE outbox SET refused_ms = NULL, next_attempt_ms = ? WHERE rowid IN ({parked}{where})",  # noqa: S608, E501
+                (now_ms, *args),
+            ).rowcount
+
+    def refused_by_centre(self) -> dict[str, int]:
+        rows = self._query(
+            "SELECT centre, COUNT(*) FROM outbox WHERE delivered_ms IS NULL"
+            " AND refused_ms IS NOT NULL GROUP BY centre"
+        )
+        return {str(c): int(n) for c, n in rows}
+
     def waiting_count(self) -> int:
         rows = self._query("SELECT COUNT(*) FROM outbox WHERE delivered_ms IS NULL")
         return int(rows[0][0])
@@ -526,7 +713,8 @@ class SqliteStore:
         rows = self._query(
             "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
             " e.jws FROM outbox o JOIN events e USING (event_id)"
-            " WHERE o.centre = ? AND o.delivered_ms IS NULL AND o.next_attempt_ms <= ?"
+            " WHERE o.centre = ? AND o.delivered_ms IS NULL AND o.refused_ms IS NULL"
+            " AND o.next_attempt_ms <= ?"
             " ORDER BY o.next_attempt_ms LIMIT ?",
             (centre, now_ms, limit),
         )
@@ -535,18 +723,42 @@ class SqliteStore:
             for a, b, c, d, e, f, g, h in rows
         ]
 
-    def waiting(self, limit: int, *, centre: str | None = None) -> list[Waiting]:
-        """Deliveries not yet accepted, oldest retry first; optionally for one centre."""
+    def waiting(
+        self,
+        limit: int,
+        *,
+        centre: str | None = None,
+        refused: bool | None = None,
+        districts: Sequence[str] | None = None,
+    ) -> list[Waiting]:
+        """Deliveries not yet accepted, oldest retry first; optionally for one centre, only
+        those refused (True) or still retried (False), and for devices in `districts`."""
+        where, args = _delivery_filter(centre, None, districts)
+        if refused is not None:
+            where += " AND o.refused_ms IS NOT NULL" if refused else " AND o.refused_ms IS NULL"
+        columns = (
+            "o.event_id, o.centre, e.device_id, e.type, o.attempts, o.next_attempt_ms,"
+            " o.last_error, d.district, o.refused_ms"
+        )
         rows = self._query(
-            "SELECT o.event_id, o.centre, e.device_id, e.type, o.attempts, o.next_attempt_ms,"
-            " o.last_error FROM outbox o JOIN events e USING (event_id)"
-            " WHERE o.delivered_ms IS NULL AND (? IS NULL OR o.centre = ?)"
+            f"SELECT {columns} FROM outbox o JOIN events e USING (event_id) JOIN devices d"  # noqa: S608
+            f" USING (device_id) WHERE o.delivered_ms IS NULL{where}"
             " ORDER BY o.next_attempt_ms LIMIT ?",
-            (centre, centre, limit),
+            (*args, limit),
         )
         return [
-            Waiting(str(a), str(b), str(c), str(d), int(e), int(f), None if g is None else str(g))
-            for a, b, c, d, e, f, g in rows
+            Waiting(
+                str(a),
+                str(b),
+                str(c),
+                str(d),
+                int(e),
+                int(f),
+                None if g is None else str(g),
+                str(h),
+                None if i is None else int(i),
+            )
+            for a, b, c, d, e, f, g, h, i in rows
         ]
 
     def waiting_by_centre(self) -> dict[str, int]:

@@ -71,6 +71,11 @@ def provision() -> None:
     help="key type of the CA, broker and gateway TLS keys (a new site only)",
 )
 @click.option("--force", is_flag=True, help="replace an existing site: a new CA, re-enrol all")
+@click.option(
+    "--centre-url",
+    help="the central control centre's event endpoint, for every district's alerts "
+    "[the local console, http://127.0.0.1:8080/events]",
+)
 @JSON_OPTION
 def init_site_command(
     directory: Path,
@@ -80,6 +85,7 @@ def init_site_command(
     port: int | None,
     key_type: str,
     force: bool,
+    centre_url: str | None,
     as_json: bool,
 ) -> None:
     """Create a site: its CA, the gateway's identity and the broker's TLS, ACL and CRL.
@@ -96,6 +102,7 @@ def init_site_command(
             port=port,
             key_type="p256" if key_type == "p256" else "ed25519",
             force=force,
+            centre_url=centre_url,
         )
     if as_json:
         _print_json(_init_json(result))

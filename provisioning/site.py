@@ -21,8 +21,10 @@ import datetime as dt
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -380,12 +382,17 @@ def init_site(
     key_type: pki.KeyType = "ed25519",
     force: bool = False,
     now: dt.datetime | None = None,
+    centre_url: str | None = None,
 ) -> InitResult:
     """Create the site at `root`, or confirm that it is already there.
 
     Options left as None take their defaults for a new site and are not compared with an
     existing one; options given must match the existing site unless `force` replaces it.
+    `centre_url` is where the gateway's config sends every district's alerts (the central
+    centre); by default the local console (`ansimi console`), so that no alert is kept for
+    nobody. It is written into gateway.toml only, not compared with an existing site.
     """
+    centre = check_centre_url(centre_url or LOCAL_CONSOLE_URL)
     root = Path(root).absolute()
     name = site if site is not None else default_site_name(root)
     pki.check_identity(name, "site name")
@@ -432,7 +439,7 @@ def init_site(
         _remove_stale_builds(root)
         build = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         try:
-            files, notes = _build(SiteLayout(build), SiteLayout(root), info, now)
+            files, notes = _build(SiteLayout(build), SiteLayout(root), info, now, centre)
             _move_into_place(build, root, replace=existing is not None)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
@@ -477,8 +484,29 @@ def _move_into_place(build: Path, root: Path, *, replace: bool) -> None:
         fsync_dir(root.parent)
 
 
-def gateway_toml(site: SiteLayout, info: SiteInfo) -> str:
-    """A gateway config for this site: its identity, keys and broker, enrolment on.
+# The reference console on the gateway's machine, as the README starts it.
+LOCAL_CONSOLE_URL: Final = "http://127.0.0.1:8080/events"
+
+
+def check_centre_url(url: str) -> str:
+    """`url` if it can be a centre's endpoint in gateway.toml, else ProvisioningError."""
+    parsed = urllib.parse.urlsplit(url)
+    if (
+        parsed.scheme not in ("http", "https")
+        or not parsed.hostname
+        or any(c in url for c in '"\\')
+        or not url.isprintable()
+    ):
+        raise ProvisioningError(
+            f"centre URL {url[:80]!r} is not an http(s) URL: pass --centre-url "
+            "https://HOST/PATH (the control centre's event endpoint)"
+        )
+    return url
+
+
+def gateway_toml(site: SiteLayout, info: SiteInfo, centre_url: str, centre_secret: str) -> str:
+    """A gateway config for this site: its identity, keys and broker, enrolment on, and
+    one central centre for every district (a gateway with none refuses to start).
 
     The API stays off until an installer adds tokens and an HTTPS certificate: a token
     written here would be one more secret to move about.
@@ -499,11 +527,20 @@ key_file = "{site.gateway_tls_key}"
 [enrol]
 # devices enrol through POST /enrol once [api] is enabled with HTTPS and an admin token
 site_dir = "{site.root}"
+
+# Where alerts go: every district's to this central centre. By default the local console:
+# start it with ANSIMI_CENTRE_SECRET set to this secret (`ansimi console --listen
+# 127.0.0.1:8080`). Replace it with your control centres (gateway/routing.example.toml).
+[[centres]]
+name = "central"
+url = "{centre_url}"
+secret = "{centre_secret}"
+districts = ["*"]
 """
 
 
 def _build(
-    at: SiteLayout, final: SiteLayout, info: SiteInfo, now: dt.datetime | None
+    at: SiteLayout, final: SiteLayout, info: SiteInfo, now: dt.datetime | None, centre_url: str
 ) -> tuple[list[tuple[Path, int]], list[str]]:
     """Write a complete site into `at`, with paths inside its files pointing to `final`."""
     made: list[Path] = []
@@ -530,7 +567,8 @@ def _build(
     pki.write_cert(at.gateway_cert, gateway_cert)
     pki.write_cert(at.gateway_ca, ca.cert)
     pki.write_cert(at.issued_path(gateway_cert.serial_number), gateway_cert)
-    write_atomic(at.gateway_config, gateway_toml(final, info).encode(), mode=0o600)
+    toml = gateway_toml(final, info, centre_url, secrets.token_hex(32))
+    write_atomic(at.gateway_config, toml.encode(), mode=0o600)
     made += [at.gateway_key, at.gateway_pub, at.gateway_tls_key, at.gateway_cert, at.gateway_ca]
     made.append(at.gateway_config)
 
@@ -556,7 +594,11 @@ def _build(
     write_atomic(at.site_file, info.model_dump_json(indent=2).encode() + b"\n")
     made.append(at.site_file)
 
-    notes = [f"start the broker with: mosquitto -c {final.broker_conf}"]
+    notes = [
+        f"start the broker with: mosquitto -c {final.broker_conf}",
+        f"every district's alerts go to the central centre at {centre_url}; its HMAC secret "
+        f"is in {final.gateway_config} ([[centres]]): give the centre the same secret",
+    ]
     if os.geteuid() != 0:
         notes.append(
             "the broker's files belong to you: a mosquitto started as root drops to user "

@@ -14,11 +14,18 @@ from aiohttp import web
 
 from ansimi.broker import free_port
 from console.receiver import EventLog, Receiver
+from gateway.config import Centre
 
 SECRET = "centre-secret-for-tests"
 # Generous because two cores are shared by the broker, agents and other test runs; every
 # wait is still bounded, and a passing test returns as soon as its condition holds.
 WAIT_S = 60.0
+
+
+def nowhere_centre() -> Centre:
+    """A central centre for every district, where nobody listens: for a test gateway whose
+    forwarding is not the point (a gateway with no destination refuses to start)."""
+    return Centre(name="central", url=f"http://127.0.0.1:{free_port()}/events", secret=SECRET)
 
 
 async def eventually(

@@ -287,7 +287,9 @@ async def test_how_each_answer_of_a_centre_is_taken(tmp_path: Path) -> None:
     await web.TCPSite(runner, "127.0.0.1", port).start()
     centre = Centre(name="central", url=f"http://127.0.0.1:{port}/events", secret=SECRET)
     transport = HttpsCentre(centre, ForwardConfig(timeout_s=2.0), lambda: 1_800_000_000_000)
-    delivery = Delivery("ev0001", "central", 0, DEVICE, "alert", 0, '{"trigger":"press"}', "a.b.c")
+    press = build_message(Alert(bell="emergency", trigger="press"), device=DEVICE, seq=1, ts=0)
+    token = seal(press, Signer(DEVICE, generate_key()))
+    delivery = Delivery(press.id, "central", 0, DEVICE, "alert", 0, '{"trigger":"press"}', token)
     try:
         try:
             outcomes = [await transport.send(delivery, "mapo") for _ in range(6)]
@@ -309,5 +311,5 @@ async def test_how_each_answer_of_a_centre_is_taken(tmp_path: Path) -> None:
     # every attempt carries the idempotency key and a signature a centre can check
     body = delivery_body(delivery, "mapo")
     for headers in seen:
-        assert headers[IDEMPOTENCY_HEADER] == "ev0001"
+        assert headers[IDEMPOTENCY_HEADER] == press.id
         assert signature_matches(SECRET, headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])

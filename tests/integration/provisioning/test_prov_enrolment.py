@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from ansimi_testkit import eventually
+from ansimi_testkit import eventually, nowhere_centre
 
 from ansimi.broker import Mosquitto, free_port
 from ansimi.config import load_config
@@ -91,6 +91,7 @@ async def rig(site: Site, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Ri
     lay = site.layout
     database = tmp_path / "gateway" / "gateway.db"
     config = GatewayConfig(
+        centres=[nowhere_centre()],
         id=site.gateway_id,
         signing_key=lay.gateway_key,
         database=database,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from ansimi_testkit import eventually
+from ansimi_testkit import eventually, nowhere_centre
 
 from ansimi.webrtc import Watcher
 from device.agent import Agent
@@ -72,6 +72,7 @@ async def video_site(
 ) -> AsyncIterator[VideoSite]:
     gateway_signer = Signer("gw-test", generate_key())
     config = GatewayConfig(
+        centres=[nowhere_centre()],
         id="gw-test",
         database=state / "gateway" / "gateway.db",
         mqtt=MqttConfig(host=host, port=port),

@@ -88,9 +88,11 @@ def status_delivery(state: str = "offline") -> dict[str, Any]:
     return delivery(Status(state=state), key=GATEWAY_KEY, kid="gw-test")
 
 
-def headers_for(data: dict[str, Any], secret: str = SECRET) -> tuple[bytes, dict[str, str]]:
+def headers_for(
+    data: dict[str, Any], secret: str = SECRET, sent_ms: int | None = None
+) -> tuple[bytes, dict[str, str]]:
     body = json.dumps(data).encode()
-    timestamp = str(now_ms())
+    timestamp = str(now_ms() if sent_ms is None else sent_ms)
     return body, {
         "Content-Type": "application/json",
         IDEMPOTENCY_HEADER: str(data["event_id"]),
@@ -153,8 +155,11 @@ class Desk:
                 self.csrf = (await response.json())["csrf"]
             return response.status
 
-    async def deliver(self, data: dict[str, Any], secret: str = SECRET) -> tuple[int, Any]:
-        body, headers = headers_for(data, secret)
+    async def deliver(
+        self, data: dict[str, Any], secret: str = SECRET, sent_ms: int | None = None
+    ) -> tuple[int, Any]:
+        """POST as the gateway does, its clock at `sent_ms` (default: ours)."""
+        body, headers = headers_for(data, secret, sent_ms)
         async with self.client.post("/events", data=body, headers=headers) as response:
             return response.status, await response.json()
 

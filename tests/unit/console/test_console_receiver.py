@@ -7,6 +7,7 @@ from pathlib import Path
 from console_testkit import (
     GATEWAY_KEY,
     OTHER_KEY,
+    PRESS,
     FakeGateway,
     delivery,
     desk,
@@ -17,8 +18,11 @@ from console_testkit import (
 )
 
 from console.receiver import ReceivedEvent
+from protocol.envelope import seal
 from protocol.forwarding import SIGNATURE_HEADER
-from protocol.messages import Alert
+from protocol.jws import Signer
+from protocol.keys import public_key_to_b64
+from protocol.messages import Alert, Cancel, build_message
 
 
 async def test_a_signed_press_is_kept_once_and_pushed(tmp_path: Path) -> None:
@@ -38,6 +42,19 @@ async def test_a_wrong_hmac_is_refused_before_anything_else(tmp_path: Path) -> N
         status, body = await d.deliver(delivery(), secret="another-secret-entirely")
         assert status == 401 and body["error"] == "bad signature"
         assert d.console.receiver.events.count() == 0
+
+
+async def test_a_gateway_clock_off_by_more_than_the_skew_is_retried_not_refused(
+    tmp_path: Path,
+) -> None:
+    """503, not 4xx: the same delivery succeeds once the clocks agree, and the gateway
+    parks what a centre refuses with a 4xx until someone retries it by hand."""
+    async with desk(tmp_path) as d:
+        press = delivery()
+        status, body = await d.deliver(press, sent_ms=now_ms() - 600_000)
+        assert status == 503 and "skew" in body["error"]
+        assert d.console.receiver.events.count() == 0
+        assert (await d.deliver(press))[0] == 200  # the gateway's retry, clocks fixed
 
 
 async def test_a_press_signed_with_another_key_is_refused(tmp_path: Path) -> None:
@@ -183,3 +200,32 @@ async def test_a_signed_delivery_with_fields_of_the_wrong_kind_is_a_400(tmp_path
             status, answer = await d.deliver(delivery(tamper=tamper))
             assert status == 400 and "malformed event" in answer["error"], (tamper, answer)
         assert d.console.receiver.events.count() == 0
+
+
+async def test_a_cancel_or_an_id_of_another_devices_alert_is_refused(tmp_path: Path) -> None:
+    """Defence in depth: the gateway refuses these already (issue 14.2)."""
+    gateway = FakeGateway()
+    gateway.devices.append(
+        registry_entry("bell-0002", public_key=public_key_to_b64(OTHER_KEY.public_key()))
+    )
+    async with desk(tmp_path, gateway) as d:
+        await d.console.receiver.directory.sync()  # type: ignore[union-attr]
+        press = delivery()
+        assert (await d.deliver(press))[0] == 200
+        theirs = press["event_id"]
+        cancel = delivery(Cancel(alert_id=theirs), device="bell-0002", key=OTHER_KEY)
+        status, body = await d.deliver(cancel)
+        assert status == 403 and "another device" in body["error"]
+        linked = Alert(bell="emergency", trigger="duress", linked_to=theirs)
+        status, _ = await d.deliver(delivery(linked, device="bell-0002", key=OTHER_KEY))
+        assert status == 403
+        # a fresh press of bell-0002 under bell-0001's alert id, signed as such
+        reused = build_message(PRESS, device="bell-0002", seq=3, ts=now_ms(), id=theirs)
+        token = seal(reused, Signer("bell-0002", OTHER_KEY))
+        tamper = {"event_id": theirs, "ts_ms": reused.ts, "jws": token}
+        status, _ = await d.deliver(delivery(device="bell-0002", key=OTHER_KEY, tamper=tamper))
+        assert status == 403
+        assert d.console.receiver.events.ids() == [theirs]
+        # the owner's own cancel is kept
+        own = delivery(Cancel(alert_id=theirs), seq=2)
+        assert (await d.deliver(own))[0] == 200

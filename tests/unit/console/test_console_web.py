@@ -12,10 +12,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from console_testkit import PASSWORD, TOKEN, FakeGateway, delivery, desk, registry_entry
+from console_testkit import OTHER_KEY, PASSWORD, TOKEN, FakeGateway, delivery, desk, registry_entry
 
 from console.operators import OperatorExists, Operators, hash_password, password_matches
 from console.web import LOGIN_FREE_FAILURES, login_delay_ms
+from protocol.keys import public_key_to_b64
+from protocol.messages import Cancel
 
 
 def test_passwords_are_salted_scrypt_and_checked() -> None:
@@ -398,3 +400,30 @@ def test_operators_from_before_districts_keep_all_and_new_ones_are_checked(tmp_p
     with pytest.raises(BadDistrict):
         operators.add("park", "z" * 12, ["mapoo"])
     operators.close()
+
+
+async def test_a_cancel_marks_only_its_own_devices_alert_cancelled(tmp_path: Path) -> None:
+    """A cancel from bell-0002 naming an id that is not known yet (so the receiver cannot
+    tell whose it is) must not mark bell-0001's alert under that id cancelled."""
+    gateway = FakeGateway()
+    gateway.devices.append(
+        registry_entry("bell-0002", public_key=public_key_to_b64(OTHER_KEY.public_key()))
+    )
+    async with desk(tmp_path, gateway) as d:
+        await d.console.receiver.directory.sync()  # type: ignore[union-attr]
+        await d.sign_in()
+        press = delivery()
+        early = delivery(Cancel(alert_id=press["event_id"]), device="bell-0002", key=OTHER_KEY)
+        assert (await d.deliver(early))[0] == 200
+        assert (await d.deliver(press))[0] == 200
+
+        async def cancelled() -> bool:
+            async with d.client.get("/api/alerts") as r:
+                (alert,) = (await r.json())["alerts"]
+            assert alert["event_id"] == press["event_id"]
+            return bool(alert["cancelled"])
+
+        assert not await cancelled()
+        own = delivery(Cancel(alert_id=press["event_id"]), seq=2)
+        assert (await d.deliver(own))[0] == 200
+        assert await cancelled()

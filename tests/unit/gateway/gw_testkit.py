@@ -37,6 +37,11 @@ KEYS = {
 DISTRICTS = {"bell-0001": "mapo", "bell-0002": "gangnam", "bell-0003": "mapo"}
 ROUTES = {"mapo": ("central", "mapo"), "gangnam": ("central",)}
 ALERT = Alert(bell="emergency", trigger="press")
+# the one centre a gateway.toml needs so that every district has a destination
+CENTRAL_TOML = (
+    '\n[[centres]]\nname = "central"\nurl = "https://127.0.0.1/events"\n'
+    'secret = "centre-secret-for-tests"\n'
+)
 # API tokens for the personal-data tests: an installer, the central centre (all districts)
 # and a desk that serves gangnam only
 ADMIN = "admin-token-0123456789abc"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from gw_testkit import CENTRAL_TOML as CENTRAL
 
 from ansimi.cli import cli
 from ansimi.config import ConfigError, load_config
@@ -49,7 +50,9 @@ def test_a_missing_file_or_key_is_named(tmp_path: Path) -> None:
     code, output = run(tmp_path / "absent.toml")
     assert code == 1 and "absent.toml: file not found. Fix: create it" in output
     config = tmp_path / "gateway.toml"
-    config.write_text(f'signing_key = "{tmp_path}/nokey"\ndatabase = "{tmp_path}/gw.db"\n')
+    config.write_text(
+        f'signing_key = "{tmp_path}/nokey"\ndatabase = "{tmp_path}/gw.db"\n' + CENTRAL
+    )
     code, output = run(config)
     assert code == 1
     assert f"no key at {tmp_path}/nokey" in output and "ansimi provision init-site" in output
@@ -59,12 +62,12 @@ def test_a_bad_key_file_or_database_path_is_named(tmp_path: Path) -> None:
     key = tmp_path / "signing.key"
     key.write_text("not a key")
     config = tmp_path / "gateway.toml"
-    config.write_text(f'signing_key = "{key}"\ndatabase = "{tmp_path}/gw.db"\n')
+    config.write_text(f'signing_key = "{key}"\ndatabase = "{tmp_path}/gw.db"\n' + CENTRAL)
     code, output = run(config)
     assert code == 1 and f"key file {key}" in output and "Traceback" not in output
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    config.write_text(f'database = "{blocker}/gw.db"\n')
+    config.write_text(f'database = "{blocker}/gw.db"\n' + CENTRAL)
     code, output = run(config)
     assert code == 1 and "cannot open the database" in output and "Fix:" in output
 
@@ -76,7 +79,7 @@ def test_an_api_certificate_that_cannot_be_loaded_stops_the_cli(tmp_path: Path) 
     config.write_text(
         f'signing_key = "{key}"\ndatabase = "{tmp_path}/gw.db"\n[api]\nenabled = true\n'
         f'cert_file = "{tmp_path}/api.crt"\nkey_file = "{tmp_path}/api.key"\n'
-        '[[api.tokens]]\nname = "central"\ntoken = "a-long-enough-token"\n'
+        '[[api.tokens]]\nname = "central"\ntoken = "a-long-enough-token"\n' + CENTRAL
     )
     code, output = run(config)
     assert code == 1 and "api.cert_file" in output and "Fix:" in output
@@ -89,6 +92,7 @@ def test_tokens_come_from_a_file_and_a_missing_one_is_named(tmp_path: Path) -> N
     config = tmp_path / "gateway.toml"
     config.write_text(
         f'[api]\nenabled = true\n[[api.tokens]]\nname = "central"\ntoken_file = "{secret}"\n'
+        + CENTRAL
     )
     loaded = load_config(config, GatewayConfig)
     assert loaded.api.tokens[0].secret == "a-long-random-token-from-a-file"
@@ -103,7 +107,41 @@ def test_tokens_come_from_a_file_and_a_missing_one_is_named(tmp_path: Path) -> N
 
 def test_the_inline_token_is_not_in_the_repr() -> None:
     config = GatewayConfig.model_validate(
-        {"api": {"tokens": [{"name": "central", "token": "inline-secret-0123456789"}]}}
+        {
+            "api": {"tokens": [{"name": "central", "token": "inline-secret-0123456789"}]},
+            "centres": [{"name": "central", "url": "https://127.0.0.1/", "secret": "s" * 16}],
+        }
     )
     assert "inline-secret" not in repr(config)
     assert config.supervise.timeout_ms == 30_000
+
+
+@pytest.mark.parametrize(
+    ("centres", "unrouted"),
+    [
+        ("", "none serves any district"),
+        (
+            '[[centres]]\nname = "mapo"\nurl = "https://127.0.0.1/"\nsecret = "%s"\n'
+            'districts = ["mapo"]\n' % ("s" * 16),
+            "none serves jongno, jung, yongsan",
+        ),
+        (
+            '[[sia]]\nname = "monitoring"\nport = 12128\naccount = "1234"\n'
+            'districts = ["gangnam"]\n',
+            "none serves jongno",
+        ),
+    ],
+)
+def test_a_district_without_a_destination_stops_the_start(
+    tmp_path: Path, centres: str, unrouted: str
+) -> None:
+    """An alert from there would be acked `received` and wait for nobody (issue 14.7)."""
+    key = tmp_path / "signing.key"
+    save_private_key(key, generate_key())
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'signing_key = "{key}"\ndatabase = "{tmp_path}/gw.db"\n' + centres)
+    code, output = run(config)
+    assert code == 1 and str(config) in output and "Traceback" not in output
+    assert "[[centres]]" in output and unrouted in output
+    assert 'Fix: add the central centre ([[centres]] with districts = ["*"]' in output
+    assert not (tmp_path / "gw.db").exists()  # refused before anything was opened

@@ -214,21 +214,54 @@ async def test_retry_after_is_honoured_when_longer_than_the_backoff() -> None:
     assert waiting.next_attempt_ms == NOW + 30_000
 
 
-async def test_a_refusal_is_never_dropped_but_waits_the_longest_and_is_counted_apart() -> None:
+async def test_a_refusal_is_parked_listed_and_counted_not_retried_in_a_loop() -> None:
     r = rig("central")
-    r.centres["central"].default = Outcome("HTTP 401", permanent=True)
+    refusal = "HTTP 400: delivery's body differs from the signed payload's"
+    r.centres["central"].default = Outcome(refusal, permanent=True)
     (event_id,) = r.keep(1)
-    for attempt in range(1, 5):
-        assert await r.forwarder.pump() == 1
-        (waiting,) = r.store.waiting(10)
-        assert waiting.attempts == attempt
-        assert waiting.next_attempt_ms == r.clock.ms + 60_000  # backoff_max, no jitter needed
-        r.clock.ms = waiting.next_attempt_ms
-    assert r.sample("ansimi_forward_refused_total", {"centre": "central"}) == 4
+    assert await r.forwarder.pump() == 1
+    for _ in range(3):  # however long we wait, the same bytes are not sent again
+        r.clock.ms += 3_600_000
+        assert await r.forwarder.pump() == 0
+    assert r.centres["central"].seen == [event_id]
+    (parked,) = r.store.waiting(10, refused=True)
+    assert (parked.event_id, parked.attempts, parked.last_error) == (event_id, 1, refusal)
+    assert parked.refused_ms == NOW and parked.district == "mapo"
+    assert r.store.waiting(10, refused=False) == []
+    assert r.store.waiting_count() == 1  # kept, never dropped
+    assert r.sample("ansimi_forward_refused_total", {"centre": "central"}) == 1
+    assert r.sample("ansimi_forward_parked", {"centre": "central"}) == 1
     assert r.sample("ansimi_forward_failures_total", {"centre": "central"}) == 0
     # the centre answers, so its circuit stays closed for everything else
     assert r.forwarder.breaker("central").state is Circuit.CLOSED
-    r.centres["central"].default = DELIVERED  # someone fixed the secret
+    r.centres["central"].default = DELIVERED  # someone fixed the centre
+    assert r.store.retry_refused(r.clock.ms, centre="central") == 1
+    assert await r.forwarder.pump() == 1
+    assert r.first == [event_id] and r.store.waiting_count() == 0
+
+
+async def test_an_alert_one_centre_refuses_still_reaches_the_others() -> None:
+    r = rig("central", "mapo")
+    r.centres["central"].default = Outcome("HTTP 400: malformed", permanent=True)
+    (event_id,) = r.keep(1)
+    assert await r.forwarder.pump() == 2
+    assert r.centres["mapo"].seen == [event_id]
+    assert r.first == [event_id]  # the bell hears `delivered`
+    assert [(w.centre, w.refused_ms) for w in r.store.waiting(10)] == [("central", NOW)]
+    r.clock.ms += 3_600_000
+    assert await r.forwarder.pump() == 0  # neither sent again
+    assert r.sample("ansimi_forward_parked", {"centre": "central"}) == 1
+    assert r.sample("ansimi_forward_parked", {"centre": "mapo"}) == 0
+
+
+async def test_a_start_gives_every_parked_delivery_one_more_attempt() -> None:
+    r = rig("central")
+    r.centres["central"].default = Outcome("HTTP 401: bad signature", permanent=True)
+    (event_id,) = r.keep(1)
+    await r.forwarder.pump()
+    assert r.store.waiting(10, refused=True)
+    r.centres["central"].default = DELIVERED  # the secret was fixed in the config...
+    await r.forwarder.reroute()  # ...and the gateway restarted
     assert await r.forwarder.pump() == 1
     assert r.first == [event_id] and r.store.waiting_count() == 0
 

@@ -9,7 +9,7 @@ from gw_testkit import ALERT, NOW, WINDOW_MS, Env, heartbeat, make_env
 
 from ansimi.mqtt import Message as MqttMessage
 from gateway.store import Accepted, Incoming, SqliteStore
-from protocol.messages import Cancel, Status
+from protocol.messages import Alert, Cancel, Status
 
 
 @pytest.fixture
@@ -120,6 +120,78 @@ async def test_another_devices_replay_of_a_known_id_is_not_a_duplicate(env: Env)
     )
     assert env.rejected("replay") == 1
     assert [a[0] for a in env.acks()] == ["bell-0001", "bell-0002"]
+
+
+# ---- ids belong to one device (issue 14.2): bell-0001 and bell-0002 have their own keys ----
+
+
+async def test_a_cancel_of_another_devices_alert_is_refused_and_goes_nowhere(env: Env) -> None:
+    await env.feed(env.message(ALERT, id="alert-of-0001"))
+    env.woken.clear()
+    await env.feed(
+        env.message(Cancel(alert_id="alert-of-0001"), device="bell-0002", id="cancel-by-0002")
+    )
+    assert env.rejected("foreign_ref") == 1
+    assert env.store.event("cancel-by-0002") is None
+    assert [e.event_id for e in env.store.events(None, 10, type=None)] == ["alert-of-0001"]
+    assert env.acks() == [("bell-0001", "alert-of-0001", "received")]  # nothing for 0002
+    assert env.woken == []  # nothing to forward
+    # the owner's own cancel is kept, acked and forwarded
+    await env.feed(env.message(Cancel(alert_id="alert-of-0001"), id="cancel-by-0001"))
+    assert env.acks()[-1] == ("bell-0001", "cancel-by-0001", "received")
+    assert env.woken == [1]
+
+
+async def test_an_alert_linked_to_another_devices_event_is_refused(env: Env) -> None:
+    await env.feed(env.message(ALERT, id="alert-of-0001"))
+    linked = Alert(bell="emergency", trigger="duress", linked_to="alert-of-0001")
+    await env.feed(env.message(linked, device="bell-0002", id="duress-by-0002"))
+    assert env.rejected("foreign_ref") == 1
+    assert env.store.event("duress-by-0002") is None
+    assert [a[0] for a in env.acks()] == ["bell-0001"]
+    # linked to an id no event has yet: nobody's, so it is kept
+    await env.feed(
+        env.message(linked.model_copy(update={"linked_to": "not-seen-yet"}), "bell-0002")
+    )
+    assert [a[0] for a in env.acks()] == ["bell-0001", "bell-0002"]
+
+
+async def test_a_fresh_alert_reusing_another_devices_id_gets_no_ack(env: Env) -> None:
+    await env.feed(env.message(ALERT, id="alert-of-0001"))
+    # a fresh sequence number, so not a replay: only the id says it is someone else's
+    await env.feed(env.message(ALERT, device="bell-0002", id="alert-of-0001"))
+    assert env.rejected("foreign_id") == 1
+    assert env.acks() == [("bell-0001", "alert-of-0001", "received")]
+    event = env.store.event("alert-of-0001")
+    assert event is not None and event.device_id == "bell-0001"
+    assert env.metrics.registry.get_sample_value("ansimi_duplicates_total") == 0
+    # in one batch with the owner's alert, the first one keeps the id
+    await env.feed(
+        env.message(ALERT, id="alert-race-01"),
+        env.message(ALERT, device="bell-0002", id="alert-race-01"),
+    )
+    assert env.rejected("foreign_id") == 2
+    assert env.acks()[-1] == ("bell-0001", "alert-race-01", "received")
+
+
+async def test_an_id_named_before_its_alert_arrived_stays_the_naming_devices(env: Env) -> None:
+    # bell-0001's cancel overtakes its alert (the alert is resent later, out of order)
+    early = Cancel(alert_id="alert-late-0001")
+    await env.feed(env.message(early, id="cancel-early-1"))
+    assert env.acks() == [("bell-0001", "cancel-early-1", "received")]
+    # meanwhile bell-0002 sends a fresh alert under that id, and links a duress to it
+    await env.feed(env.message(ALERT, device="bell-0002", id="alert-late-0001"))
+    assert env.rejected("foreign_id") == 1
+    linked = Alert(bell="emergency", trigger="duress", linked_to="alert-late-0001")
+    await env.feed(env.message(linked, device="bell-0002", id="duress-by-0002"))
+    assert env.rejected("foreign_ref") == 1
+    assert [a[0] for a in env.acks()] == ["bell-0001"]  # nothing acked to bell-0002
+    assert env.store.event("alert-late-0001") is None
+    # the alert the cancel named arrives: it is bell-0001's, kept and acked
+    await env.feed(env.message(ALERT, id="alert-late-0001"))
+    event = env.store.event("alert-late-0001")
+    assert event is not None and event.device_id == "bell-0001"
+    assert env.acks()[-1] == ("bell-0001", "alert-late-0001", "received")
 
 
 async def test_a_message_that_breaks_the_store_costs_only_itself(env: Env) -> None:

@@ -13,7 +13,18 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
-from gw_testkit import ADMIN, CENTRAL, DISTRICTS, GANGNAM, KEYS, PRIVACY_TOKENS, make_env
+from gw_testkit import (
+    ADMIN,
+    ALERT,
+    CENTRAL,
+    CENTRAL_TOML,
+    DISTRICTS,
+    GANGNAM,
+    KEYS,
+    PRIVACY_TOKENS,
+    make_env,
+    signer,
+)
 
 from ansimi.privacy import KeyFileError, SealError, create_key_file, load_keyring
 from gateway.api import Api
@@ -22,7 +33,9 @@ from gateway.config import ApiToken, Centre, ForwardConfig, PrivacyConfig
 from gateway.forward import HttpsCentre
 from gateway.private import PrivateData, PrivateRoutes, Vault, open_vault
 from gateway.store import Delivery, Device, SqliteStore
+from protocol.envelope import seal
 from protocol.keys import public_key_to_b64
+from protocol.messages import build_message
 
 MAPO = "mapo-desk-token-01234567"
 TOKENS = [
@@ -166,7 +179,9 @@ def test_cli_init_then_rotate_reseals_every_record(tmp_path: Path) -> None:
     key_file = tmp_path / "privacy.key"
     db_path = tmp_path / "gateway.db"
     config = tmp_path / "gateway.toml"
-    config.write_text(f'database = "{db_path}"\n[privacy]\nkey_file = "{key_file}"\n')
+    config.write_text(
+        f'database = "{db_path}"\n[privacy]\nkey_file = "{key_file}"\n' + CENTRAL_TOML
+    )
     runner = CliRunner()
     made = runner.invoke(gateway, ["privacy-key", "init", "--config", str(config)])
     assert made.exit_code == 0, made.output
@@ -204,7 +219,9 @@ async def test_only_centres_with_send_address_get_the_address(tmp_path: Path) ->
     create_key_file(tmp_path / "privacy.key")
     vault = open_vault(store, PrivacyConfig(key_file=tmp_path / "privacy.key"))
     vault.put("bell-0001", PrivateData.model_validate(SECRETS), now_ms=1)
-    delivery = Delivery("ev-1", "central", 0, "bell-0001", "alert", 1, "{}", "jws")
+    press = build_message(ALERT, device="bell-0001", seq=1, ts=1)
+    token = seal(press, signer("bell-0001"))
+    delivery = Delivery(press.id, "central", 0, "bell-0001", "alert", 1, "{}", token)
     async with TestServer(app) as server:
         url = f"http://127.0.0.1:{server.port}/events"
         secret = "s" * 16

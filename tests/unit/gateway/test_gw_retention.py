@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
-from gw_testkit import ADMIN, ALERT, PRIVACY_TOKENS, Env, make_env
+from gw_testkit import ADMIN, ALERT, CENTRAL_TOML, PRIVACY_TOKENS, Env, make_env
 
 from ansimi.privacy import create_key_file
 from gateway import store as store_module
@@ -70,7 +70,7 @@ async def test_a_long_purge_goes_in_short_transactions(monkeypatch: pytest.Monke
 def test_purge_command_dry_run_then_for_real(tmp_path: Path) -> None:
     db = tmp_path / "gateway.db"
     config = tmp_path / "gateway.toml"
-    config.write_text(f'database = "{db}"\n[privacy]\nclosed_events_days = 30\n')
+    config.write_text(f'database = "{db}"\n[privacy]\nclosed_events_days = 30\n' + CENTRAL_TOML)
     store = SqliteStore(db)
     env = make_env()
     for device in env.store.devices():

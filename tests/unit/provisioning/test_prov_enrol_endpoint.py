@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from ansimi_testkit import nowhere_centre
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -269,6 +270,7 @@ def test_the_gateway_serves_enrolment_only_when_configured_with_a_site(tmp_path:
     lay = Site.open(tmp_path / "site").layout
     api_on = ApiConfig(enabled=True, tokens=[ApiToken(name="installer", role="admin", token=ADMIN)])
     in_site = GatewayConfig(
+        centres=[nowhere_centre()],
         signing_key=lay.gateway_key,
         database=tmp_path / "g.db",
         api=api_on,

@@ -11,7 +11,13 @@ from cryptography import x509
 
 from protocol.keys import load_private_key, public_key_from_b64
 from provisioning import pki, revoke, site
-from provisioning.errors import InvalidName, SiteExists, SiteNotFound, UnknownCertificate
+from provisioning.errors import (
+    InvalidName,
+    ProvisioningError,
+    SiteExists,
+    SiteNotFound,
+    UnknownCertificate,
+)
 from provisioning.site import Site, init_site
 
 
@@ -246,3 +252,22 @@ def test_init_site_writes_a_gateway_config_that_loads_and_points_at_the_site(
     for path in (config.mqtt.ca_file, config.mqtt.cert_file, config.mqtt.key_file):
         assert path is not None and path.is_file()
     assert oct(layout.gateway_config.stat().st_mode & 0o777) == "0o600"
+    # every district has a destination, or the gateway would refuse to start: the local
+    # console (as the README starts it), with a secret of its own
+    (central,) = config.centres
+    assert (str(central.url), central.districts) == (site.LOCAL_CONSOLE_URL, ["*"])
+    assert len(central.secret) == 64
+
+
+def test_init_site_sends_the_alerts_to_the_centre_it_is_given(tmp_path: Path) -> None:
+    from ansimi.config import load_config
+    from gateway.config import GatewayConfig
+
+    url = "https://central.example/ansimi/events"
+    made = init_site(tmp_path / "site", site="cfg", centre_url=url)
+    config = load_config(made.layout.gateway_config, GatewayConfig)
+    assert [str(c.url) for c in config.centres] == [url]
+    assert any(url in note for note in made.notes)
+    with pytest.raises(ProvisioningError, match="--centre-url"):
+        init_site(tmp_path / "other", site="cfg", centre_url='https://x.example/"\nid = "evil')
+    assert not (tmp_path / "other").exists()
