@@ -86,3 +86,10 @@ def notified(sock: socket.socket) -> list[bytes]:
         while True:
             got.append(sock.recv(4096))
     return got
+
+
+# the one centre a gateway.toml needs so that every district has a destination
+CENTRAL_TOML = (
+    '\n[[centres]]\nname = "central"\nurl = "https://127.0.0.1/events"\n'
+    'secret = "centre-secret-for-tests"\n'
+)

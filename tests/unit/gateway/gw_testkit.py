@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from ansimi_testkit import CENTRAL_TOML  # noqa: F401  (re-exported for the gateway tests)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ansimi.mqtt import Message as MqttMessage
@@ -37,11 +38,6 @@ KEYS = {
 DISTRICTS = {"bell-0001": "mapo", "bell-0002": "gangnam", "bell-0003": "mapo"}
 ROUTES = {"mapo": ("central", "mapo"), "gangnam": ("central",)}
 ALERT = Alert(bell="emergency", trigger="press")
-# the one centre a gateway.toml needs so that every district has a destination
-CENTRAL_TOML = (
-    '\n[[centres]]\nname = "central"\nurl = "https://127.0.0.1/events"\n'
-    'secret = "centre-secret-for-tests"\n'
-)
 # API tokens for the personal-data tests: an installer, the central centre (all districts)
 # and a desk that serves gangnam only
 ADMIN = "admin-token-0123456789abc"

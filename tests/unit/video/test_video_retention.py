@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from ansimi_testkit import CENTRAL_TOML
 from click.testing import CliRunner
 
 from ansimi.cli import cli
@@ -73,7 +74,7 @@ def test_cli_hold_then_purge_keeps_it(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text(
         f'database = "{tmp_path / "gateway.db"}"\n'
-        f'[video]\nrecordings_dir = "{rec_dir}"\nretention_days = 30\n'
+        f'[video]\nrecordings_dir = "{rec_dir}"\nretention_days = 30\n' + CENTRAL_TOML
     )
     runner = CliRunner()
     result = runner.invoke(
