@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS events (
     received_ms INTEGER NOT NULL,
     body        TEXT NOT NULL,          -- the typed body as JSON
     jws         TEXT NOT NULL,          -- the device's signed original, for the centres
-    state       TEXT NOT NULL DEFAULT 'received'
+    state       TEXT NOT NULL DEFAULT 'received',
+    clock_skew_ms INTEGER                -- device clock minus ours, if outside the window
 );
 CREATE INDEX IF NOT EXISTS events_by_state ON events(state, received_ms);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -81,11 +82,14 @@ PURGE_BATCH = 1_000
 _REVOKE = "UPDATE devices SET revoked = 1, revoked_ms = COALESCE(revoked_ms, ?) WHERE device_id = ?"
 
 # Columns added after the first release: an existing database gets them on open.
-_ADDED_DEVICE_COLUMNS = {
-    "revoked_ms": "INTEGER",
-    "last_seen_ms": "INTEGER",
-    "online": "INTEGER",
-    "power": "TEXT",
+_ADDED_COLUMNS = {
+    "devices": {
+        "revoked_ms": "INTEGER",
+        "last_seen_ms": "INTEGER",
+        "online": "INTEGER",
+        "power": "TEXT",
+    },
+    "events": {"clock_skew_ms": "INTEGER"},
 }
 
 
@@ -137,6 +141,9 @@ class Incoming:
     kept: bool = True
     # A heartbeat's power source: a heartbeat that changes it is kept as a power event.
     power: str | None = None
+    # the device's clock minus the gateway's when outside the window: kept and forwarded
+    # flagged with it (protocol.replay, rule 2); None when the clock was fine
+    clock_skew_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +165,7 @@ class Delivery:
     ts_ms: int
     body_json: str
     jws: str
+    clock_skew_ms: int | None = None  # see Incoming
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +234,12 @@ STAGE_ORDER: dict[str, int] = {
 }
 
 
+def _delivery(row: tuple[Any, ...]) -> Delivery:
+    a, b, c, d, e, f, g, h, skew = row
+    skew_ms = None if skew is None else int(skew)
+    return Delivery(str(a), str(b), int(c), str(d), str(e), int(f), str(g), str(h), skew_ms)
+
+
 @contextmanager
 def transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[sqlite3.Connection]:
     """One write transaction on a connection shared under `lock` (BEGIN IMMEDIATE takes
@@ -261,15 +275,16 @@ class SqliteStore:
 
     def _migrate(self) -> None:
         with self._lock:
-            present = {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}
-            for column, kind in _ADDED_DEVICE_COLUMNS.items():
-                if column not in present:
-                    try:
-                        self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
-                    except sqlite3.OperationalError as exc:
-                        # another instance starting at the same moment added it first
-                        if "duplicate column" not in str(exc):
-                            raise
+            for table, added in _ADDED_COLUMNS.items():
+                present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for column, kind in added.items():
+                    if column not in present:
+                        try:
+                            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                        except sqlite3.OperationalError as exc:
+                            # another instance starting at the same moment added it first
+                            if "duplicate column" not in str(exc):
+                                raise
 
     def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         return transaction(self._db, self._lock)
@@ -393,7 +408,7 @@ class SqliteStore:
     def _insert_event(db: sqlite3.Connection, item: Incoming, now_ms: int) -> bool:
         inserted = db.execute(
             "INSERT INTO events (event_id, device_id, seq, type, ts_ms, received_ms,"
-            " body, jws) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            " body, jws, clock_skew_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (
                 item.event_id,
                 item.device_id,
@@ -403,6 +418,7 @@ class SqliteStore:
                 now_ms,
                 item.body_json,
                 item.jws,
+                item.clock_skew_ms,
             ),
         ).rowcount
         if inserted:
@@ -446,15 +462,12 @@ class SqliteStore:
     def due(self, now_ms: int, limit: int) -> list[Delivery]:
         rows = self._query(
             "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
-            " e.jws FROM outbox o JOIN events e USING (event_id)"
+            " e.jws, e.clock_skew_ms FROM outbox o JOIN events e USING (event_id)"
             " WHERE o.delivered_ms IS NULL AND o.next_attempt_ms <= ?"
             " ORDER BY o.next_attempt_ms LIMIT ?",
             (now_ms, limit),
         )
-        return [
-            Delivery(str(a), str(b), int(c), str(d), str(e), int(f), str(g), str(h))
-            for a, b, c, d, e, f, g, h in rows
-        ]
+        return [_delivery(row) for row in rows]
 
     def delivered(self, event_id: str, centre: str, now_ms: int) -> bool:
         """Mark one centre's delivery done; True if it is the event's first delivery."""
@@ -500,15 +513,12 @@ class SqliteStore:
         """`due()` for one centre: a centre that is down must not crowd out the others."""
         rows = self._query(
             "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
-            " e.jws FROM outbox o JOIN events e USING (event_id)"
+            " e.jws, e.clock_skew_ms FROM outbox o JOIN events e USING (event_id)"
             " WHERE o.centre = ? AND o.delivered_ms IS NULL AND o.next_attempt_ms <= ?"
             " ORDER BY o.next_attempt_ms LIMIT ?",
             (centre, now_ms, limit),
         )
-        return [
-            Delivery(str(a), str(b), int(c), str(d), str(e), int(f), str(g), str(h))
-            for a, b, c, d, e, f, g, h in rows
-        ]
+        return [_delivery(row) for row in rows]
 
     def waiting(self, limit: int, *, centre: str | None = None) -> list[Waiting]:
         """Deliveries not yet accepted, oldest retry first; optionally for one centre."""

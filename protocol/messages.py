@@ -147,6 +147,9 @@ class Health(_Model):
     detail: Annotated[str, StringConstraints(max_length=200)] | None = None
 
 
+SyncReason = Literal["clock", "sequence"]
+
+
 class Sync(_Model):
     """The gateway's signed answer to a verified message it could not take as it was.
 
@@ -154,7 +157,7 @@ class Sync(_Model):
     """
 
     ref: MessageId  # the device's message that prompted it
-    reason: Literal["clock", "sequence"]
+    reason: SyncReason
     next_seq: UInt63  # the device's next uplink sequence number must be at least this
 
 
