@@ -101,7 +101,7 @@ def run(config_path: Path) -> None:
 async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicKey) -> None:
     from device.agent import Agent
     from device.hal import HalError, build_hardware
-    from device.outbox import Outbox
+    from device.outbox import Outbox, OutboxUnusable
 
     loop = asyncio.get_running_loop()
     try:
@@ -112,7 +112,12 @@ async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicK
         outbox = Outbox(config.device.state_dir / "outbox.db")
     except (OSError, sqlite3.Error) as exc:
         await hardware.aclose()
-        if "locked" in str(exc):
+        if isinstance(exc, OutboxUnusable):
+            fix = (
+                "let the service user write `device.state_dir` so the damaged file can be "
+                "moved aside, or move it aside by hand; the agent then starts a fresh outbox"
+            )
+        elif "locked" in str(exc):
             fix = (
                 "another agent is running with this state_dir (stop it: systemctl stop "
                 "ansimi-device), or give each agent its own `device.state_dir`"
