@@ -34,8 +34,10 @@ read from the damaged copy is imported, and `recovery` says what happened.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import struct
@@ -699,6 +701,7 @@ def _salvage(damaged: Path) -> tuple[list[tuple[object, ...]], dict[str, int]]:
     try:
         if damaged.exists():
             shutil.copyfile(damaged, work)
+            _pad_to_header_size(work)
         if os.path.exists(f"{damaged}-wal"):
             shutil.copyfile(f"{damaged}-wal", f"{work}-wal")
             _repair_wal(Path(f"{work}-wal"))
@@ -724,7 +727,77 @@ def _salvage(damaged: Path) -> tuple[list[tuple[object, ...]], dict[str, int]]:
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(f"{work}{suffix}")
+    # A page SQLite refuses as a whole may still hold whole entries: look for them in the
+    # frames it would have skipped (the latest writes, where the waiting alert is), never
+    # in older history, which could bring back alerts acked long ago.
+    for row in _entries_in_lost_frames(Path(f"{damaged}-wal")):
+        entries.setdefault(str(row[0]), row)
     return list(entries.values()), counters
+
+
+# An outbox row as SQLite lays it out: a record header ending in the serial types of the
+# four integer columns (one byte each: 1-6 sized integers, 8 and 9 the constants 0 and 1),
+# then the values: the id, the type and the JSON body, back to back, then the integers.
+_RAW_ENTRY: Final = re.compile(
+    rb"[\x01-\x06\x08\x09]{4}([A-Za-z0-9_-]{8,64})(alert|cancel|health)(?=\{)"
+)
+_INT_SIZES: Final = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8, 8: 0, 9: 0}
+
+
+def _entries_in_lost_frames(wal_path: Path) -> list[tuple[object, ...]]:
+    try:
+        wal = wal_path.read_bytes()
+    except FileNotFoundError:
+        return []
+    scan = _scan_wal(wal)
+    if scan is None:
+        return []
+    found = []
+    for offset in scan.lost:
+        found += _raw_entries(wal[offset + _FRAME_HEADER : offset + scan.frame_size])
+    return found
+
+
+def _raw_entries(page: bytes) -> list[tuple[object, ...]]:
+    """Whole, well-formed entries found in a page's bytes, whatever its B-tree says."""
+    rows = []
+    decoder = json.JSONDecoder()
+    for match in _RAW_ENTRY.finditer(page):
+        body_at = match.end()
+        try:
+            text = page[body_at : body_at + 4096].decode("utf-8", errors="replace")
+            _, length = decoder.raw_decode(text)
+        except ValueError:
+            continue
+        body = text[:length]
+        at = body_at + len(body.encode())
+        numbers = []
+        for serial in page[match.start() : match.start() + 4]:
+            size = _INT_SIZES.get(serial)
+            if size is None or at + size > len(page):
+                break
+            numbers.append(
+                int.from_bytes(page[at : at + size], "big", signed=True) if size else serial - 8
+            )
+            at += size
+        row = (match.group(1).decode(), match.group(2).decode(), body, *numbers)
+        if _well_formed(row):
+            rows.append(row)
+    return rows
+
+
+def _pad_to_header_size(path: Path) -> None:
+    """SQLite refuses a file shorter than its header says; zeros in place of the missing
+    pages let it read every page that is still there."""
+    with path.open("r+b") as file:
+        header = file.read(100)
+        if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+            return
+        (page_size,) = struct.unpack(">H", header[16:18])
+        (pages,) = struct.unpack(">I", header[28:32])
+        wanted = (65536 if page_size == 1 else page_size) * pages
+        if file.seek(0, os.SEEK_END) < wanted:
+            file.truncate(wanted)
 
 
 def _readable_rows(db: sqlite3.Connection) -> list[tuple[object, ...]]:
