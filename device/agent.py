@@ -349,10 +349,11 @@ class Agent:
 
     # ---- running ------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    def report_outbox_recovery(self) -> None:
+        """A damaged outbox found at start-up: what was lost cannot be known, that it
+        happened and how much was saved can."""
         recovery = self.outbox.recovery
         if recovery is not None:
-            # what was lost cannot be known: that it happened, and what was saved, can
             self.report(
                 Health(
                     event="outbox_recovered",
@@ -360,6 +361,9 @@ class Agent:
                     detail=f"{recovery.problem}; moved to {recovery.moved_to.name}"[:200],
                 )
             )
+
+    async def run(self) -> None:
+        self.report_outbox_recovery()
         self.hardware.inputs.start(self.on_input)
         try:
             async with asyncio.TaskGroup() as tasks:
