@@ -298,6 +298,8 @@ class Agent:
         off_by_ms = self.now_ms() - message.ts  # ours minus the gateway's, transit included
         if abs(off_by_ms) > CLOCK_TOLERANCE_MS:
             self.clock_offset_ms -= off_by_ms
+            # an alert pressed before keeps its age: the SMS fallback counts from the press
+            self.outbox.shift_times(-off_by_ms)
             log.warning(
                 "device %s: clock %+.1f s off the gateway's: corrected by an offset",
                 self.device_id,

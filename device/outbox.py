@@ -552,6 +552,25 @@ class Outbox:
                     message_id, attempts=int(row[0]) + 1, next_attempt_ms=next_attempt_ms
                 )
 
+    def shift_times(self, delta_ms: int) -> None:
+        """The agent's clock was corrected by `delta_ms`: move every entry's times with it,
+        so an entry's age (the SMS fallback counts from the press) stays what it was."""
+        for held in self._held.values():
+            held.created_ms += delta_ms
+            held.next_attempt_ms += delta_ms
+        shifted = self._write(
+            "UPDATE outbox SET created_ms = created_ms + ?, next_attempt_ms = next_attempt_ms + ?",
+            (delta_ms, delta_ms),
+        )
+        if shifted is None:
+            for entry in self.pending():
+                if entry.id not in self._held:
+                    self._hold_stored(
+                        entry.id,
+                        created_ms=entry.created_ms + delta_ms,
+                        next_attempt_ms=entry.next_attempt_ms + delta_ms,
+                    )
+
     def received(self, message_id: str) -> bool:
         """The gateway has kept it: drop it. False if it was not (or no longer) here."""
         held = self._held.pop(message_id, None) is not None

@@ -124,6 +124,9 @@ async def test_a_sync_corrects_the_clock_offset_and_the_bell_reports_it(tmp_path
     assert (health.event, health.skew_ms) == ("clock_corrected", TEN_MINUTES_MS)
     # the report waits in the outbox for `received`, like an alert
     assert {e.type for e in bell.agent.outbox.pending()} == {"alert", "health"}
+    # the alert keeps its age on the corrected clock: the SMS fallback counts from the press
+    (alert_entry,) = [e for e in bell.agent.outbox.pending() if e.id == alert_id]
+    assert alert_entry.created_ms == GATEWAY_NOW
     # and everything waiting goes again, signed with the corrected time
     assert bell.agent._resend_all
     for entry in bell.agent.outbox.pending():
