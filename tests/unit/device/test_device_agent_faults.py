@@ -7,9 +7,14 @@ session would; what the agent publishes is recorded on its way to the session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from test_device_outbox_faults import FullDisk
 
 from ansimi.mqtt import Message as MqttMessage
@@ -225,3 +230,53 @@ async def test_a_full_disk_during_presses_swallows_none_of_them(tmp_path: Path) 
     assert bell.alerts()[-1].body.presses == 8
     # the reports themselves were kept: on disk now
     assert not outbox.storage_failing
+
+
+@contextlib.contextmanager
+def tiny_disk(where: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem (tmpfs), or a skip where this runner may not mount one."""
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of `disk`; returns the file to delete to free them."""
+    filler = disk / "filler"
+    # unbuffered: the write that finds no room fails there, not at close
+    with filler.open("wb", buffering=0) as file, contextlib.suppress(OSError):
+        while True:
+            file.write(b"\0" * 4096)
+    return filler
+
+
+async def test_a_really_full_disk_during_presses_swallows_none_of_them(tmp_path: Path) -> None:
+    with tiny_disk(tmp_path / "disk") as disk:
+        outbox = Outbox(disk / "outbox.db")
+        bell = Bell(tmp_path, clock_ms=GATEWAY_NOW, outbox=outbox)
+        filler = fill(disk)
+        sent = 0
+        for _ in range(20):
+            bell.press()
+            await asyncio.sleep(0)
+            alert = bell.alerts()[-1]
+            sent += 1
+            assert alert.body.presses == sent
+            bell.down(Ack(ref=alert.id, stage="received"))
+        assert "storage_failed" in [h.event for h in bell.health()]
+        filler.unlink()
+        bell.press()
+        await asyncio.sleep(0)
+        assert bell.alerts()[-1].body.presses == sent + 1
+        assert [h.event for h in bell.health()] == ["storage_failed", "storage_restored"]
+        assert not outbox.storage_failing
+        outbox.close()
