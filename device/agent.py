@@ -305,7 +305,8 @@ class Agent:
                 self.device_id,
                 off_by_ms / 1000,
             )
-            if sync.reason == "clock":
+            # a sync for a lost counter may also find the clock far off: that is news too
+            if sync.reason == "clock" or abs(off_by_ms) > self.link.window_ms:
                 self.report(Health(event="clock_corrected", skew_ms=off_by_ms))
         self.outbox.raise_seq(sync.next_seq)
         # everything waiting goes again now, signed with the corrected time and numbers

@@ -164,6 +164,17 @@ async def test_a_sync_that_names_no_recent_message_of_ours_is_ignored(tmp_path: 
     assert bell.agent.outbox.next_seq() < 10**9
 
 
+async def test_a_sync_for_the_counter_that_finds_the_clock_far_off_reports_it(
+    tmp_path: Path,
+) -> None:
+    bell = Bell(tmp_path, clock_ms=GATEWAY_NOW - TEN_MINUTES_MS)
+    bell.press()
+    alert_id = bell.alerts()[0].id
+    bell.down(Sync(ref=alert_id, reason="sequence", next_seq=50))
+    assert bell.agent.now_ms() == GATEWAY_NOW
+    assert [(h.event, h.skew_ms) for h in bell.health()] == [("clock_corrected", -TEN_MINUTES_MS)]
+
+
 async def test_a_sync_within_the_tolerance_leaves_the_clock_alone(tmp_path: Path) -> None:
     bell = Bell(tmp_path, clock_ms=GATEWAY_NOW + 300)  # transit time, not a skew
     bell.press()
