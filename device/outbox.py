@@ -149,6 +149,14 @@ class OutboxUnusable(OSError):
     """The outbox is damaged and could not even be moved aside: a person must step in."""
 
 
+class _Damaged(Exception):
+    def __init__(self, problem: str, wal: bytes) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        # the log as found: closing the connection checkpoints and drops what it holds
+        self.wal = wal
+
+
 # Storage errors that mean the file itself is damaged (not locked, not unwritable).
 _CORRUPTION = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 
@@ -184,16 +192,20 @@ class Outbox:
         else:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            problem = _damage_before_open(path)
+            # SQLite takes an empty file for a new database; ours never leaves one behind
+            problem = "empty file" if path.exists() and path.stat().st_size == 0 else None
+            wal_found: bytes | None = None
             if problem is None:
                 try:
-                    self._db = self._connect(str(path))
+                    self._db = self._connect(str(path), check_wal=True)
+                except _Damaged as exc:
+                    problem, wal_found = exc.problem, exc.wal
                 except sqlite3.DatabaseError as exc:
                     if not _is_corruption(exc):
                         raise  # locked, or not writable: the caller says which
                     problem = str(exc)
             if problem is not None:
-                self.recovery = self._recover(path, problem)
+                self.recovery = self._recover(path, problem, wal_found)
         self._wal_fd: int | None = None
         # held while fsyncing (on the syncer thread too) and while closing the descriptor
         self._fd_lock = threading.Lock()
@@ -216,13 +228,22 @@ class Outbox:
         self._reserved = self._seq
         self._down_high_water = self._counter("down_high_water")
 
-    def _connect(self, path: str) -> sqlite3.Connection:
+    def _connect(self, path: str, *, check_wal: bool = False) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None)
         try:
             # One agent per outbox: held for good, the lock makes a second agent on the same
             # state_dir fail at start instead of reusing sequence numbers; and a commit takes
             # no lock calls (with WAL, the index lives in memory, not in an -shm file).
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            # The first read takes that lock (or fails: locked, not a database). Only then
+            # is the log checked: no other agent is writing it, and nothing was written yet,
+            # so frames SQLite would skip are still there to be found.
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            if check_wal:
+                wal = _read_wal(Path(path))
+                problem = _wal_damage(wal)
+                if problem is not None:
+                    raise _Damaged(problem, wal)
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL: a commit writes the WAL but does not fsync it; sync() does (see above)
             db.execute("PRAGMA synchronous=NORMAL")
@@ -264,7 +285,7 @@ class Outbox:
 
     # ---- a damaged file at start-up --------------------------------------------------------
 
-    def _recover(self, path: Path, problem: str) -> Recovery:
+    def _recover(self, path: Path, problem: str, wal_found: bytes | None = None) -> Recovery:
         """Move the damaged files aside, start afresh, import what can still be read."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         aside = path.with_name(f"{path.name}.damaged-{stamp}")
@@ -276,6 +297,8 @@ class Outbox:
             for suffix in ("", "-wal", "-shm"):
                 if os.path.lexists(f"{path}{suffix}"):
                     os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+            if wal_found is not None:
+                Path(f"{aside}-wal").write_bytes(wal_found)
             _fsync_dir(path.resolve().parent)
         except OSError as exc:
             raise OutboxUnusable(
@@ -676,15 +699,15 @@ def _scan_wal(wal: bytes) -> _WalScan | None:
     return _WalScan(lost, chain, big_endian, frame_size)
 
 
-def _damage_before_open(path: Path) -> str | None:
-    """What is wrong with the outbox files that SQLite would not say; None if nothing."""
-    if path.exists() and path.stat().st_size == 0 and not os.path.exists(f"{path}-wal"):
-        # SQLite takes an empty file for a new database; ours never leaves one behind
-        return "empty file"
+def _read_wal(path: Path) -> bytes:
     try:
-        wal = Path(f"{path}-wal").read_bytes()
+        return Path(f"{path}-wal").read_bytes()
     except FileNotFoundError:
-        return None
+        return b""
+
+
+def _wal_damage(wal: bytes) -> str | None:
+    """Frames of the outbox's log SQLite would skip in silence; None if there are none."""
     scan = _scan_wal(wal)
     if scan is not None and scan.lost:
         return f"{len(scan.lost)} write-ahead log frames damaged"
