@@ -192,18 +192,16 @@ class Outbox:
         else:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            # SQLite takes an empty file for a new database; ours never leaves one behind
-            problem = "empty file" if path.exists() and path.stat().st_size == 0 else None
+            problem: str | None = None
             wal_found: bytes | None = None
-            if problem is None:
-                try:
-                    self._db = self._connect(str(path), check_wal=True)
-                except _Damaged as exc:
-                    problem, wal_found = exc.problem, exc.wal
-                except sqlite3.DatabaseError as exc:
-                    if not _is_corruption(exc):
-                        raise  # locked, or not writable: the caller says which
-                    problem = str(exc)
+            try:
+                self._db = self._connect(str(path), check_existing=path.exists())
+            except _Damaged as exc:
+                problem, wal_found = exc.problem, exc.wal
+            except sqlite3.DatabaseError as exc:
+                if not _is_corruption(exc):
+                    raise  # locked, or not writable: the caller says which
+                problem = str(exc)
             if problem is not None:
                 self.recovery = self._recover(path, problem, wal_found)
         self._wal_fd: int | None = None
@@ -228,7 +226,7 @@ class Outbox:
         self._reserved = self._seq
         self._down_high_water = self._counter("down_high_water")
 
-    def _connect(self, path: str, *, check_wal: bool = False) -> sqlite3.Connection:
+    def _connect(self, path: str, *, check_existing: bool = False) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None)
         try:
             # One agent per outbox: held for good, the lock makes a second agent on the same
@@ -236,12 +234,15 @@ class Outbox:
             # no lock calls (with WAL, the index lives in memory, not in an -shm file).
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
             # The first read takes that lock (or fails: locked, not a database). Only then
-            # is the log checked: no other agent is writing it, and nothing was written yet,
-            # so frames SQLite would skip are still there to be found.
+            # are the files checked: no other agent is writing them, and nothing was written
+            # yet, so frames SQLite would skip are still there to be found.
             db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-            if check_wal:
+            if check_existing:
                 wal = _read_wal(Path(path))
                 problem = _wal_damage(wal)
+                if problem is None and os.path.getsize(path) == 0 and not wal:
+                    # SQLite takes an empty file for a new database; ours never leaves one
+                    problem = "empty file"
                 if problem is not None:
                     raise _Damaged(problem, wal)
             db.execute("PRAGMA journal_mode=WAL")
@@ -297,7 +298,7 @@ class Outbox:
             for suffix in ("", "-wal", "-shm"):
                 if os.path.lexists(f"{path}{suffix}"):
                     os.replace(f"{path}{suffix}", f"{aside}{suffix}")
-            if wal_found is not None:
+            if wal_found:
                 Path(f"{aside}-wal").write_bytes(wal_found)
             _fsync_dir(path.resolve().parent)
         except OSError as exc:

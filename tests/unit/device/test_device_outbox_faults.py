@@ -106,6 +106,7 @@ def test_an_empty_file_is_reported(tmp_path: Path) -> None:
     path.write_bytes(b"")
     box = Outbox(path)
     assert box.recovery is not None and box.recovery.problem == "empty file"
+    assert [p.name for p in _moved_aside(path)] == [box.recovery.moved_to.name]
 
 
 def test_a_truncated_file_gives_up_what_can_still_be_read(tmp_path: Path) -> None:
