@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_device_outbox_faults import FullDisk
+from device_faults_kit import FullDisk
 
 from ansimi.mqtt import Message as MqttMessage
 from device.agent import Agent

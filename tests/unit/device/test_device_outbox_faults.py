@@ -7,13 +7,12 @@ refusing writes with SQLite's own error (SQLITE_FULL), behind the same interface
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from device_faults_kit import FullDisk
 
 from device.outbox import SEQ_BLOCK, Outbox, OutboxUnusable
 from protocol.messages import Alert
@@ -152,31 +151,6 @@ def test_a_healthy_outbox_is_left_alone(tmp_path: Path) -> None:
 
 
 # ---- a full disk ------------------------------------------------------------------------------
-
-
-class FullDisk:
-    """The outbox's connection, refusing every write with SQLITE_FULL while `full`."""
-
-    WRITES = ("INSERT", "UPDATE", "DELETE", "BEGIN", "REPLACE")
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-        self.full = False
-
-    def _check(self, sql: str) -> None:
-        if self.full and sql.lstrip().upper().startswith(self.WRITES):
-            raise sqlite3.OperationalError("database or disk is full")
-
-    def execute(self, sql: str, args: Any = ()) -> sqlite3.Cursor:
-        self._check(sql)
-        return self._db.execute(sql, args)
-
-    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
-        self._check(sql)
-        return self._db.executemany(sql, rows)
-
-    def close(self) -> None:
-        self._db.close()
 
 
 def full_outbox(path: Path) -> tuple[Outbox, FullDisk, list[str | None]]:
