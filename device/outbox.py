@@ -237,6 +237,7 @@ class Outbox:
             # are the files checked: no other agent is writing them, and nothing was written
             # yet, so frames SQLite would skip are still there to be found.
             db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            wal = b""
             if check_existing:
                 wal = _read_wal(Path(path))
                 problem = _wal_damage(wal)
@@ -248,14 +249,15 @@ class Outbox:
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL: a commit writes the WAL but does not fsync it; sync() does (see above)
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(COUNTERS_TABLE)  # the first write: takes the lock, creates the WAL
+            db.execute(COUNTERS_TABLE)  # the first write of a new outbox: creates the WAL
             self._db = db
             self._create_or_upgrade_outbox()
             # cheap on a file this small, and the only way to find a damaged page before
             # the entry on it is needed
-            verdict = [row[0] for row in db.execute("PRAGMA quick_check")]
+            verdict = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
             if verdict != ["ok"]:
-                raise sqlite3.DatabaseError(f"integrity check failed: {verdict[0]}")
+                first = " ".join(verdict[0].split())  # one line, for the log and the report
+                raise _Damaged(f"integrity check failed: {first[:150]}", wal)
         except BaseException:
             db.close()
             raise

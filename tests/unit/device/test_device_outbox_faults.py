@@ -127,6 +127,25 @@ def test_a_truncated_file_gives_up_what_can_still_be_read(tmp_path: Path) -> Non
     assert set(salvaged) <= set(ids)
 
 
+def test_a_damaged_page_that_only_the_integrity_check_finds_is_recovered(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    ids = [f"alert-{n:06d}" for n in range(300)]
+    for n, message_id in enumerate(ids):
+        box.put(message_id, "alert", BODY, n)
+    box.close()
+    # cell pointers of one leaf page pointing nowhere: the file opens, reads may not
+    _damage(path, 5 * PAGE + 8, 5 * PAGE + 24)
+    box = Outbox(path)
+    assert box.recovery is not None
+    assert box.recovery.problem.startswith("integrity check failed")
+    assert "\n" not in box.recovery.problem
+    salvaged = {e.id for e in box.pending()}
+    assert 0 < len(salvaged) < len(ids) and salvaged <= set(ids)
+
+
 def test_an_outbox_that_cannot_be_moved_aside_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
