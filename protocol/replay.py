@@ -31,7 +31,7 @@ The rule, part of the wire contract:
    names an id the device no longer remembers and a number below its high-water mark, so it
    cannot be replayed against it. The device then (a) corrects its clock *offset* to the
    gateway's time (it never sets the system clock) and reports a `health` event
-   `clock_corrected` when the skew was the cause, (b) raises its sequence counter to at
+   `clock_corrected` when the skew was the cause or exceeded the window, (b) raises its sequence counter to at
    least `next_seq` and persists that before using it, and (c) signs every message still
    waiting in its outbox again, with the corrected time and new numbers, and resends it.
    A bell that lost its counter therefore gets its alert through within one round trip.
