@@ -13,7 +13,12 @@ Replay protection rests on the sequence number; the time window only flags (the 
 `protocol.replay`). A message with a fresh sequence number and a timestamp outside the
 window is kept and forwarded with its `clock_skew_ms`, and its device gets a `sync`; so
 does a device whose message is refused with a number below its high-water mark (it lost
-its counter). Syncs are limited to one per device every `SYNC_EVERY_MS`.
+its counter). Syncs are limited to one per device and slot every `SYNC_EVERY_MS`, the
+slot being what asked for it: `clock` (only a fresh sequence number, the device's own new
+signature, can ask for that one), `sequence` for a message dated inside the window, and
+`sequence-stale` for one dated outside it, which is what a replay of an old capture looks
+like. Replaying old messages can use up only that last slot: never the sync a bell that
+lost its counter (its messages carry the time) or its clock needs.
 
 Status `offline` is the device's MQTT last will, which the broker publishes for it after
 an unclean disconnect. The device signs it when it connects, so by the time it arrives
@@ -46,6 +51,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -68,8 +74,10 @@ log = logging.getLogger(__name__)
 ACKED_TYPES = frozenset({"alert", "cancel", "health"})
 # Messages that become events (and are forwarded); the rest only move the high-water mark.
 KEPT_TYPES = frozenset({"alert", "cancel", "health"})
-# At most one sync per device in this interval: a replayed flood must not become one to a bell.
+# At most one sync per device and slot (see the module docstring) in this interval: a
+# replayed flood must not become one to a bell.
 SYNC_EVERY_MS = 5_000
+SyncSlot = Literal["clock", "sequence", "sequence-stale"]
 
 
 # Refusals are logged once per device and reason in this interval; the metric counts all.
@@ -228,8 +236,8 @@ class Intake:
         # highest last-will sequence number accepted per device (see the module docstring)
         self._will_floor: dict[str, int] = {}
         # syncs a batch calls for (device -> the message and why), sent once it is kept
-        self._syncs: dict[str, tuple[Message, SyncReason]] = {}
-        self._last_sync_ms: dict[str, int] = {}
+        self._syncs: dict[tuple[str, SyncSlot], tuple[Message, SyncReason]] = {}
+        self._last_sync_ms: dict[tuple[str, SyncSlot], int] = {}
         # (device, reason) -> (last logged at, refusals not logged since): a device that
         # floods us with bad messages must not flood the log too
         self._logged: dict[tuple[str, str], tuple[int, int]] = {}
@@ -296,7 +304,7 @@ class Intake:
             checked.append(one)
             in_batch.add((one.opened.message.device, one.opened.message.id))
         if maybe:
-            checked += await self._resent(maybe)
+            checked += await self._resent(maybe, now_ms)
         # A last will followed in the same batch by news from its device is already out
         # of date: the device has reconnected.
         last_heard = {c.opened.message.device: i for i, c in enumerate(checked)}
@@ -312,7 +320,9 @@ class Intake:
             await self._supervise(self._supervisor.last_will, wills)
         self._send_syncs(now_ms)
 
-    async def _resent(self, maybe: list[tuple[MqttMessage, _MaybeResent]]) -> list[_Checked]:
+    async def _resent(
+        self, maybe: list[tuple[MqttMessage, _MaybeResent]], now_ms: int
+    ) -> list[_Checked]:
         """Those already kept are resends (to be re-acked); the rest are replays.
 
         Looked up in the writer thread, all at once: the store's lock may be held by a
@@ -331,7 +341,7 @@ class Intake:
             if is_known:
                 resends.append(resent.checked)  # the device missed our ack: ack again
             else:
-                self._want_sync_if_behind(resent.checked.opened.message)
+                self._want_sync_if_behind(resent.checked.opened.message, now_ms)
                 self._reject(message, resent.refusal)
         return resends
 
@@ -430,7 +440,7 @@ class Intake:
             check_sequence(high_water, msg.seq)
         except Replay as exc:
             if msg.type not in ACKED_TYPES:
-                self._want_sync_if_behind(msg)
+                self._want_sync_if_behind(msg, now_ms)
                 raise
             if (msg.device, msg.id) in in_batch:
                 return _Checked(opened, device)  # twice in one batch: a QoS 1 redelivery
@@ -440,26 +450,36 @@ class Intake:
         skew = clock_skew_ms(msg.ts, now_ms, self._window_ms)
         if skew is not None:
             self._metrics.clock_skewed.inc()
-            self._syncs[msg.device] = (msg, "clock")
+            self._want_sync(msg, "clock", now_ms)
         return _Checked(opened, device, clock_skew_ms=skew)
 
-    def _want_sync_if_behind(self, msg: Message) -> None:
+    def _want_sync_if_behind(self, msg: Message, now_ms: int) -> None:
         """A verified message refused as a replay: if its number is below the high-water
         mark, the device has lost its counter (an exact resend of the newest is not that)."""
         high_water = self._registry.high_water.get(msg.device)
         if high_water is not None and msg.seq < high_water:
-            self._syncs.setdefault(msg.device, (msg, "sequence"))
+            self._want_sync(msg, "sequence", now_ms)
+
+    def _want_sync(self, msg: Message, reason: SyncReason, now_ms: int) -> None:
+        """Queue a sync for this batch, one per device and slot: the latest-dated message
+        of the slot is the likeliest to be one the device still remembers (`ref`)."""
+        in_window = clock_skew_ms(msg.ts, now_ms, self._window_ms) is None
+        slot: SyncSlot = "sequence-stale" if reason == "sequence" and not in_window else reason
+        queued = self._syncs.get((msg.device, slot))
+        if queued is None or msg.ts >= queued[0].ts:
+            self._syncs[(msg.device, slot)] = (msg, reason)
 
     def _send_syncs(self, now_ms: int) -> None:
         """Tell each device this batch found behind its time or its counter where it stands;
-        one per device every SYNC_EVERY_MS (a replaying attacker must not spam a bell)."""
+        one per device and slot every SYNC_EVERY_MS (a replaying attacker must not spam a
+        bell, nor use up the sync a bell needs)."""
         syncs, self._syncs = self._syncs, {}
-        for device_id, (msg, reason) in syncs.items():
-            last = self._last_sync_ms.get(device_id)
+        for (device_id, slot), (msg, reason) in syncs.items():
+            last = self._last_sync_ms.get((device_id, slot))
             if last is not None and now_ms - last < SYNC_EVERY_MS:
                 self._metrics.syncs.labels("limited").inc()
                 continue
-            self._last_sync_ms[device_id] = now_ms
+            self._last_sync_ms[(device_id, slot)] = now_ms
             high_water = self._registry.high_water.get(device_id, msg.seq)
             self._downlink.send(
                 device_id, Sync(ref=msg.id, reason=reason, next_seq=sync_next_seq(high_water))

@@ -24,16 +24,19 @@ The rule, part of the wire contract:
    (`reason` "sequence": the device lost its counter, e.g. an outbox emptied, reset, moved
    aside or a new key on new hardware), it answers with a signed `sync`
    `{ref: <that message's id>, reason, next_seq: high-water mark + 1}`, at most one per device
-   every few seconds, so that replaying old messages cannot make it flood a bell. The
+   every few seconds and per slot (clock; sequence dated inside the window; sequence dated
+   outside it), so that replaying old messages cannot make it flood a bell, nor use up the
+   sync a bell that lost its counter or its clock needs. The
    envelope's `ts` is the gateway's clock. The device takes a sync whatever its own clock
    says, provided it is signed by its gateway, addressed to it, above its downlink
    high-water mark and `ref` names a message the device itself sent recently: an old sync
    names an id the device no longer remembers and a number below its high-water mark, so it
    cannot be replayed against it. The device then (a) corrects its clock *offset* to the
    gateway's time (it never sets the system clock) and reports a `health` event
-   `clock_corrected` when the skew was the cause or exceeded the window, (b) raises its sequence counter to at
-   least `next_seq` and persists that before using it, and (c) signs every message still
-   waiting in its outbox again, with the corrected time and new numbers, and resends it.
+   `clock_corrected` when the skew was the cause or exceeded the window, (b) raises its
+   sequence counter to at least `next_seq` and persists that before using it, and (c) signs
+   every message still waiting in its outbox again, with the corrected time and new
+   numbers, and resends it.
    A bell that lost its counter therefore gets its alert through within one round trip.
 4. **Downlink.** A device refuses a gateway message at or below its downlink high-water mark.
    Acks and syncs name a message the device made (`ref`), so they need no window; commands

@@ -182,3 +182,29 @@ async def test_the_counter_is_repaired_across_a_gateway_restart_and_a_key_rotati
     await again.feed(signed(sync.body.next_seq))
     assert again.acks() == [("bell-0001", "alert-newkey1", "received")]
     again.store.close()
+
+
+async def test_replays_of_old_captures_cannot_use_up_the_sync_a_bell_that_lost_its_counter_needs(
+    env: Env,
+) -> None:
+    await env.feed(env.message(heartbeat(), seq=5_000))
+    # an attacker with the device's broker identity replays messages captured long ago
+    # (dated then, outside the window), one every interval, to keep the limiter busy
+    captured = [env.message(heartbeat(), seq=n, ts=NOW - TEN_MINUTES_MS) for n in range(1, 4)]
+    await env.feed(captured[0])
+    # the bell lost its counter: its alert, dated now, is refused below the mark...
+    await env.feed(env.message(ALERT, id="alert-lost01", seq=2))
+    env.clock.ms += SYNC_EVERY_MS
+    # ...and in the same batch as another old replay, it still gets its sync
+    await env.feed(captured[1], env.message(ALERT, id="alert-lost01", seq=3, ts=env.clock.ms))
+    refs = [s.body.ref for s in env.syncs()]
+    assert refs.count("alert-lost01") == 2
+    assert all(s.body.next_seq == 5_001 for s in env.syncs())
+
+
+async def test_a_flood_of_replays_cannot_use_up_the_clock_sync(env: Env) -> None:
+    await env.feed(env.message(heartbeat(), seq=100))
+    await env.feed(env.message(heartbeat(), seq=50))  # a replay: a sequence sync
+    # only the device's own new signature (a fresh number) can ask for a clock sync
+    await env.feed(env.message(ALERT, id="alert-skew01", seq=101, ts=NOW + TEN_MINUTES_MS))
+    assert [(s.body.ref, s.body.reason) for s in env.syncs()][-1] == ("alert-skew01", "clock")
