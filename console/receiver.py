@@ -166,9 +166,15 @@ class Receiver:
         if request.headers.get(IDEMPOTENCY_HEADER) != event.event_id:
             self.refused += 1
             return web.json_response({"error": "Idempotency-Key must be the event id"}, status=400)
+        # The gateway flags a device clock outside its window with the skew (protocol.replay):
+        # the signed time minus it is when the gateway received the message.
+        skew = data.get("clock_skew_ms", 0)
+        if type(skew) is not int:
+            self.refused += 1
+            return web.json_response({"error": "clock_skew_ms is not an integer"}, status=400)
         if self.directory is not None:
             try:
-                signer = await self._check_jws(event)
+                signer = await self._check_jws(event, received_at_gateway_ms=event.ts_ms - skew)
             except Refused as exc:
                 self.refused += 1
                 # the device id is not personal data; the reason says what to fix
@@ -184,7 +190,7 @@ class Receiver:
             self.duplicates += 1
         return web.json_response({"ok": True, "event_id": event.event_id})
 
-    async def _check_jws(self, event: ReceivedEvent) -> str:
+    async def _check_jws(self, event: ReceivedEvent, *, received_at_gateway_ms: int) -> str:
         """The device's own signature over exactly what the delivery says; the signer."""
         assert self.directory is not None
         directory = self.directory
@@ -220,7 +226,7 @@ class Receiver:
             if payload.get(key) != value:
                 raise Refused(400, f"delivery's {key} differs from the signed payload's")
         if not from_gateway and not directory.signed_before_revocation(
-            event.device_id, event.ts_ms
+            event.device_id, received_at_gateway_ms
         ):
             # 403, not 503: no later sync changes this, and a retryable refusal would
             # count against the centre's circuit breaker at the gateway
