@@ -28,7 +28,8 @@ signed by the device, on its own topic), and then:
 - a retained copy is history, not news (the broker replays it to every new subscriber):
   refused as stale;
 - a timestamp ahead of our clock beyond the window is refused: a will is never signed in
-  the future;
+  the future (a bell whose clock runs that far ahead loses only the will's speed: its other
+  messages are kept, so the heartbeat timeout reports it offline);
 - its sequence number must not be below that of the last will accepted from the device:
   a will from an earlier run of the agent cannot be replayed after a later one was seen;
   the same will, which the broker sends after every unclean disconnect of one run, passes
