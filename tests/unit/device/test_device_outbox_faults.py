@@ -6,7 +6,9 @@ refusing writes with SQLite's own error (SQLITE_FULL), behind the same interface
 
 from __future__ import annotations
 
+import errno
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +228,48 @@ def test_a_raised_counter_is_on_disk_before_its_first_number_goes_out(tmp_path: 
     assert box.next_seq() == 7_002
     box.close()
     assert Outbox(path).next_seq() > 7_002
+
+
+# ---- what the agent's command says when the outbox cannot be opened ---------------------------
+
+
+def test_a_full_disk_at_start_is_not_blamed_on_permissions(tmp_path: Path) -> None:
+    from device.cli import outbox_fix
+
+    # a real SQLITE_FULL: the database may not grow past one page
+    db = sqlite3.connect(str(tmp_path / "small.db"))
+    db.execute("PRAGMA max_page_count = 1")
+    with pytest.raises(sqlite3.OperationalError) as full:
+        db.execute("CREATE TABLE t (x)")
+        db.execute("CREATE TABLE u (x)")
+    db.close()
+    assert "free space" in outbox_fix(full.value)
+    # damaged, and the copy of its log could not be written aside for want of room
+    try:
+        raise OutboxUnusable("damaged and cannot be moved aside") from OSError(
+            errno.ENOSPC, "No space left on device"
+        )
+    except OutboxUnusable as exc:
+        assert "free space" in outbox_fix(exc)
+    assert "state_dir" in outbox_fix(OSError(errno.EIO, "Input/output error"))
+    assert "check it" in outbox_fix(OSError(errno.EIO, "Input/output error"))
+
+
+def test_an_outbox_that_cannot_be_moved_aside_is_told_to_be_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from device.cli import outbox_fix
+
+    path = tmp_path / "outbox.db"
+    path.write_bytes(b"garbage" * 100)
+    monkeypatch.setattr(os, "replace", _refuse)
+    with pytest.raises(OutboxUnusable) as unusable:
+        Outbox(path)
+    fix = outbox_fix(unusable.value)
+    assert "moved aside" in fix and "free space" not in fix
+    # a plain permissions problem is one
+    assert "can write" in outbox_fix(PermissionError(errno.EACCES, "Permission denied"))
+
+
+def _refuse(src: object, dst: object) -> None:
+    raise PermissionError(errno.EACCES, "Permission denied")
