@@ -342,7 +342,7 @@ class Intake:
             if is_known:
                 resends.append(resent.checked)  # the device missed our ack: ack again
             else:
-                self._want_sync_if_behind(resent.checked.opened.message, now_ms)
+                self._want_sync_if_behind(message, resent.checked.opened.message, now_ms)
                 self._reject(message, resent.refusal)
         return resends
 
@@ -441,7 +441,7 @@ class Intake:
             check_sequence(high_water, msg.seq)
         except Replay as exc:
             if msg.type not in ACKED_TYPES:
-                self._want_sync_if_behind(msg, now_ms)
+                self._want_sync_if_behind(message, msg, now_ms)
                 raise
             if (msg.device, msg.id) in in_batch:
                 return _Checked(opened, device)  # twice in one batch: a QoS 1 redelivery
@@ -454,11 +454,12 @@ class Intake:
             self._want_sync(msg, "clock", now_ms)
         return _Checked(opened, device, clock_skew_ms=skew)
 
-    def _want_sync_if_behind(self, msg: Message, now_ms: int) -> None:
+    def _want_sync_if_behind(self, raw: MqttMessage, msg: Message, now_ms: int) -> None:
         """A verified message refused as a replay: if its number is below the high-water
-        mark, the device has lost its counter (an exact resend of the newest is not that)."""
+        mark, the device has lost its counter (an exact resend of the newest is not that,
+        nor a retained copy the broker replays to every new subscriber: history)."""
         high_water = self._registry.high_water.get(msg.device)
-        if high_water is not None and msg.seq < high_water:
+        if not raw.retain and high_water is not None and msg.seq < high_water:
             self._want_sync(msg, "sequence", now_ms)
 
     def _want_sync(self, msg: Message, reason: SyncReason, now_ms: int) -> None:

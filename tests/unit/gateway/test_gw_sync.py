@@ -32,7 +32,7 @@ from gateway.store import Device, SqliteStore
 from protocol.envelope import seal
 from protocol.jws import Signer
 from protocol.keys import public_key_to_b64
-from protocol.messages import build_message
+from protocol.messages import Status, build_message
 from protocol.topics import up_topic
 
 TEN_MINUTES_MS = 600_000
@@ -208,3 +208,13 @@ async def test_a_flood_of_replays_cannot_use_up_the_clock_sync(env: Env) -> None
     # only the device's own new signature (a fresh number) can ask for a clock sync
     await env.feed(env.message(ALERT, id="alert-skew01", seq=101, ts=NOW + TEN_MINUTES_MS))
     assert [(s.body.ref, s.body.reason) for s in env.syncs()][-1] == ("alert-skew01", "clock")
+
+
+async def test_a_retained_status_the_broker_replays_on_subscribe_gets_no_sync(env: Env) -> None:
+    # the bell's `online`, retained at its last connect, then newer heartbeats
+    online = env.message(Status(state="online"), seq=40, retain=True)
+    await env.feed(env.message(heartbeat(), seq=100))
+    # a gateway (re)subscribing gets the retained copy: history, not a lost counter
+    await env.feed(online)
+    assert env.rejected("replay") == 1
+    assert env.syncs() == []
