@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from ansimi_testkit import SECRET, eventually, running
 from device_testkit import DEVICE_ID, WAIT_S, Keys, make_agent
@@ -123,8 +124,9 @@ async def test_a_bell_ten_minutes_off_is_heard_flagged_and_then_in_the_window(
             assert gw.supervisor.deadline(DEVICE_ID) is not None
 
 
-async def test_a_bell_whose_outbox_was_deleted_gets_its_next_alert_through(
-    tmp_path: Path, mosquitto: Mosquitto
+@pytest.mark.parametrize("damage", ["deleted", "not a database"])
+async def test_a_bell_whose_outbox_was_lost_gets_its_next_alert_through(
+    tmp_path: Path, mosquitto: Mosquitto, damage: str
 ) -> None:
     keys = Keys.new()
     async with recording_centre() as (deliveries, url):
@@ -138,9 +140,11 @@ async def test_a_bell_whose_outbox_was_deleted_gets_its_next_alert_through(
                 await eventually(lambda: len(of_type(deliveries, "alert")) == 1, WAIT_S)
                 await eventually(lambda: first.outbox.depth() == 0, WAIT_S)
         # the gateway restarts (its high-water mark is on disk) and the bell's outbox is
-        # deleted: its sequence counter starts again from 1
+        # deleted or overwritten: its sequence counter starts again from 1
         for path in (tmp_path / "device").glob("outbox.db*"):
             path.unlink()
+        if damage == "not a database":  # overwritten: moved aside at start, and reported
+            (tmp_path / "device" / "outbox.db").write_bytes(b"overwritten by mistake\n" * 300)
         async with gateway(tmp_path, mosquitto, keys, url) as gw:
             assert gw.registry.high_water[DEVICE_ID] > 50_000
             second = make_agent(tmp_path, mosquitto, keys)
@@ -154,3 +158,11 @@ async def test_a_bell_whose_outbox_was_deleted_gets_its_next_alert_through(
                 "ansimi_rejected_total", {"reason": "replay"}
             )
             assert refused is not None and refused >= 1  # refused once, then synced
+            if damage == "not a database":
+                # the bell said so at start: the centre knows alerts may have been lost
+                await eventually(lambda: len(of_type(deliveries, "health")) == 1, WAIT_S)
+                (health,) = of_type(deliveries, "health")
+                assert (health["body"]["event"], health["body"]["salvaged"]) == (
+                    "outbox_recovered",
+                    0,
+                )
