@@ -34,6 +34,7 @@ read from the damaged copy is imported, and `recovery` says what happened.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from pydantic import ValidationError
 
@@ -111,29 +112,15 @@ class Entry:
 class _Held:
     """An entry the disk would not take (or not update): kept here until it can."""
 
-    id: str
-    type: str
-    body_json: str
-    created_ms: int
-    attempts: int
-    next_attempt_ms: int
+    entry: Entry
     sms: int  # as the column: 0 no, 1 wanted, 2 done
 
-    def entry(self) -> Entry:
-        return Entry(
-            self.id, self.type, self.body_json, self.created_ms, self.attempts, self.next_attempt_ms
-        )
+    def change(self, **fields: Any) -> None:  # Entry's integer fields
+        self.entry = dataclasses.replace(self.entry, **fields)
 
-    def row(self) -> tuple[str, str, str, int, int, int, int]:
-        return (
-            self.id,
-            self.type,
-            self.body_json,
-            self.created_ms,
-            self.attempts,
-            self.next_attempt_ms,
-            self.sms,
-        )
+    def row(self) -> tuple[object, ...]:
+        """As `_STORE_ENTRY` writes it."""
+        return (*dataclasses.astuple(self.entry), self.sms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,9 +365,8 @@ class Outbox:
             (message_id,),
         ).fetchone()
         if row is not None and message_id not in self._acked:
-            held = _Held(*row)
-            for name, value in changes.items():
-                setattr(held, name, value)
+            held = _Held(Entry(*row[:-1]), changes.pop("sms", row[-1]))
+            held.change(**changes)
             self._held[message_id] = held
 
     # ---- counters ----------------------------------------------------------------------
@@ -502,7 +488,7 @@ class Outbox:
         )
         if stored is None:
             self._held[message_id] = _Held(
-                message_id, type, body_json, now_ms, 0, next_ms, 1 if sms else 0
+                Entry(message_id, type, body_json, now_ms, 0, next_ms), 1 if sms else 0
             )
         return stored is not None
 
@@ -515,9 +501,9 @@ class Outbox:
         ).fetchall()
         entries = [Entry(*row) for row in rows if self._on_disk_only(row[0])]
         entries += [
-            h.entry()
+            h.entry
             for h in self._held.values()
-            if h.sms == 1 and h.created_ms <= created_before_ms
+            if h.sms == 1 and h.entry.created_ms <= created_before_ms
         ]
         return sorted(entries, key=lambda e: e.created_ms)
 
@@ -543,7 +529,7 @@ class Outbox:
         if not self._held and not self._acked:
             return [Entry(*row) for row in rows]
         entries = [Entry(*row) for row in rows if self._on_disk_only(row[0])]
-        entries += [h.entry() for h in self._held.values()]
+        entries += [h.entry for h in self._held.values()]
         return sorted(entries, key=lambda e: e.created_ms)
 
     def next_attempt_ms(self) -> int | None:
@@ -559,8 +545,7 @@ class Outbox:
     def attempted(self, message_id: str, next_attempt_ms: int) -> None:
         held = self._held.get(message_id)
         if held is not None:
-            held.attempts += 1
-            held.next_attempt_ms = next_attempt_ms
+            held.change(attempts=held.entry.attempts + 1, next_attempt_ms=next_attempt_ms)
             if self._failure is not None:
                 self._catch_up()  # the disk may have room again
             return
@@ -582,8 +567,10 @@ class Outbox:
         """The agent's clock was corrected by `delta_ms`: move every entry's times with it,
         so an entry's age (the SMS fallback counts from the press) stays what it was."""
         for held in self._held.values():
-            held.created_ms += delta_ms
-            held.next_attempt_ms += delta_ms
+            held.change(
+                created_ms=held.entry.created_ms + delta_ms,
+                next_attempt_ms=held.entry.next_attempt_ms + delta_ms,
+            )
         shifted = self._write(
             "UPDATE outbox SET created_ms = created_ms + ?, next_attempt_ms = next_attempt_ms + ?",
             (delta_ms, delta_ms),
