@@ -241,7 +241,14 @@ class Outbox:
             self._create_or_upgrade_outbox()
             # cheap on a file this small, and the only way to find a damaged page before
             # the entry on it is needed
-            verdict = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
+            try:
+                verdict = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
+            except sqlite3.DatabaseError as exc:
+                # the check may stop at the damage with an error instead of listing it:
+                # the same finding, and the log is kept as found all the same
+                if not _is_corruption(exc):
+                    raise
+                verdict = [str(exc)]
             if verdict != ["ok"]:
                 first = " ".join(verdict[0].split())  # one line, for the log and the report
                 raise _Damaged(f"integrity check failed: {first[:150]}", wal)
