@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from ansimi_testkit import SECRET, eventually, running
+from ansimi_testkit import SECRET, eventually, running, serving
 from device_testkit import DEVICE_ID, WAIT_S, Keys, make_agent
 
-from ansimi.broker import Mosquitto, free_port
+from ansimi.broker import Mosquitto
 from device.agent import Agent
 from device.hal.fakes import FakeInputs
 from gateway.config import Centre, GatewayConfig, MqttConfig
@@ -43,14 +43,8 @@ async def recording_centre() -> AsyncIterator[tuple[list[dict[str, Any]], str]]:
 
     app = web.Application()
     app.add_routes([web.post("/events", take)])
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield deliveries, f"http://127.0.0.1:{port}/events"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield deliveries, url
 
 
 @contextlib.asynccontextmanager
