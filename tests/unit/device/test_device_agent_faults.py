@@ -55,8 +55,15 @@ class Clock:
 class Bell:
     """An agent on fake hardware whose system clock the test sets, and its gateway's key."""
 
-    def __init__(self, tmp_path: Path, *, clock_ms: int, outbox: Outbox | None = None) -> None:
-        self.gateway = Signer("gw-test", generate_key())
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        clock_ms: int,
+        outbox: Outbox | None = None,
+        gateway: Signer | None = None,
+    ) -> None:
+        self.gateway = gateway or Signer("gw-test", generate_key())
         self.device = Signer(DEVICE, generate_key())
         config = DeviceConfig.model_validate(
             {
@@ -106,12 +113,15 @@ class Bell:
     def health(self) -> list[Health]:
         return [m.body for m in self.published if isinstance(m, HealthMessage)]
 
-    def down(self, body: Ack | Command | Sync, *, ts: int = GATEWAY_NOW) -> None:
-        """A gateway message, signed, arriving on this device's down topic."""
+    def down(self, body: Ack | Command | Sync, *, ts: int = GATEWAY_NOW) -> MqttMessage:
+        """A gateway message, signed, arriving on this device's down topic; returned, so
+        that a test can play it again as someone who captured it would."""
         self._down_seq += 1
         message: Message = build_message(body, device=DEVICE, seq=self._down_seq, ts=ts)
         token = seal(message, self.gateway).encode()
-        self.agent.link._on_message(MqttMessage(down_topic(DEVICE, message.type), token, 1))
+        raw = MqttMessage(down_topic(DEVICE, message.type), token, 1)
+        self.agent.link._on_message(raw)
+        return raw
 
 
 # ---- the clock ---------------------------------------------------------------------------
@@ -162,6 +172,25 @@ async def test_a_sync_that_names_no_recent_message_of_ours_is_ignored(tmp_path: 
     assert bell.link_rejected() == {"replay": 1}
     assert bell.agent.clock_offset_ms == 0
     assert bell.agent.outbox.next_seq() < 10**9
+
+
+async def test_a_captured_sync_played_again_changes_nothing(tmp_path: Path) -> None:
+    bell = Bell(tmp_path, clock_ms=GATEWAY_NOW + TEN_MINUTES_MS)
+    bell.press()
+    alert_id = bell.alerts()[0].id
+    captured = bell.down(Sync(ref=alert_id, reason="clock", next_seq=1))
+    assert bell.agent.now_ms() == GATEWAY_NOW
+    # an hour on, the bell's clock is right; the old sync, played again, would set it back
+    bell.clock.ms += 3_600_000
+    bell.agent.link._on_message(captured)
+    assert bell.link_rejected() == {"replay": 1}
+    assert bell.agent.now_ms() == GATEWAY_NOW + 3_600_000
+    # nor after a restart that lost the downlink high-water mark: the ref is forgotten
+    (tmp_path / "again").mkdir()
+    again = Bell(tmp_path / "again", clock_ms=GATEWAY_NOW + TEN_MINUTES_MS, gateway=bell.gateway)
+    again.agent.link._on_message(captured)
+    assert again.link_rejected() == {"replay": 1}
+    assert again.agent.clock_offset_ms == 0
 
 
 async def test_a_sync_for_the_counter_that_finds_the_clock_far_off_reports_it(
