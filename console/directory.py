@@ -34,8 +34,10 @@ from protocol.keys import public_key_from_b64
 log = logging.getLogger(__name__)
 
 Fetch = Callable[[], Awaitable[list[dict[str, Any]]]]
-# The gateway accepts device timestamps up to this far from its clock (`[intake] window_s`
-# default): a message it accepted just before a revocation may be dated up to this later.
+# A device timestamp up to this far from the gateway's clock (`[intake] window_s` default)
+# comes unflagged: a message it accepted just before a revocation may be dated up to this
+# later. Further off, the gateway flags it with `clock_skew_ms`, and the receiver passes
+# the gateway's own time of receipt instead (the signed time minus the skew).
 INTAKE_WINDOW_MS = 300_000
 
 
@@ -126,8 +128,9 @@ class Directory:
         return kid in self.gateway_keys or kid in self._keys
 
     def signed_before_revocation(self, device_id: str, signed_ts_ms: int) -> bool:
-        """False for a revoked device unless the signed time is before its revocation
-        (allowing the gateway's intake window, within which it accepted device clocks)."""
+        """False for a revoked device unless the message is from before its revocation:
+        `signed_ts_ms` is the device's time as the gateway received it (corrected by the
+        skew the gateway flagged), allowing the window within which clocks go unflagged."""
         info = self._devices.get(device_id)
         if info is None or not info.revoked:
             return True

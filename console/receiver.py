@@ -176,14 +176,14 @@ class Receiver:
                 # agree, so the gateway must retry it (a 4xx would park it for good)
                 status = 503
             return web.json_response({"error": problem}, status=status)
-        assert isinstance(event_or_problem, ReceivedEvent)
-        event = event_or_problem
+        assert not isinstance(event_or_problem, str)
+        event, skew = event_or_problem
         if request.headers.get(IDEMPOTENCY_HEADER) != event.event_id:
             self.refused += 1
             return web.json_response({"error": "Idempotency-Key must be the event id"}, status=400)
         if self.directory is not None:
             try:
-                signer = await self._check_jws(event)
+                signer = await self._check_jws(event, received_at_gateway_ms=event.ts_ms - skew)
             except Refused as exc:
                 self.refused += 1
                 # the device id is not personal data; the reason says what to fix
@@ -205,7 +205,7 @@ class Receiver:
             self.duplicates += 1
         return web.json_response({"ok": True, "event_id": event.event_id})
 
-    async def _check_jws(self, event: ReceivedEvent) -> str:
+    async def _check_jws(self, event: ReceivedEvent, *, received_at_gateway_ms: int) -> str:
         """The device's own signature over exactly what the delivery says; the signer."""
         assert self.directory is not None
         directory = self.directory
@@ -241,7 +241,7 @@ class Receiver:
             if payload.get(key) != value:
                 raise Refused(400, f"delivery's {key} differs from the signed payload's")
         if not from_gateway and not directory.signed_before_revocation(
-            event.device_id, event.ts_ms
+            event.device_id, received_at_gateway_ms
         ):
             # 403, not 503: no later sync changes this, and a retryable refusal would
             # count against the centre's circuit breaker at the gateway
@@ -275,15 +275,23 @@ class Receiver:
             return "bad signature"
         return None
 
-    def _event_of(self, body: bytes) -> ReceivedEvent | str:
+    def _event_of(self, body: bytes) -> tuple[ReceivedEvent, int] | str:
         """The delivery's fields, each of its kind (ids in their grammar, the time a JSON
-        whole number), or what is wrong: even a signed delivery is a 400, never a 500."""
+        whole number), with the device clock's skew the gateway flagged (0 if none), or what
+        is wrong: even a signed delivery is a 400, never a 500."""
         try:
             data = json.loads(body)
             ts_ms, details = data["ts_ms"], data["body"]
             if type(ts_ms) is not int or not isinstance(details, dict):
                 raise ValueError("ts_ms must be a whole number and body an object")
-            return ReceivedEvent(
+            # The gateway flags a device clock outside its window with the skew
+            # (protocol.replay): the signed time minus it is when the gateway received it.
+            skew = data.get("clock_skew_ms", 0)
+            if skew is None:
+                skew = 0
+            if type(skew) is not int:
+                raise ValueError("clock_skew_ms is not an integer")
+            event = ReceivedEvent(
                 event_id=check_path_id("event_id", data["event_id"]),
                 device_id=check_id(data["device_id"]),
                 district=str(data.get("district", "")),
@@ -295,6 +303,7 @@ class Receiver:
             )
         except (ValueError, KeyError, TypeError) as exc:
             return f"malformed event: {exc}"
+        return event, skew
 
     def app(self) -> web.Application:
         application = web.Application(client_max_size=MAX_BODY_BYTES)

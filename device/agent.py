@@ -5,6 +5,13 @@ decides what a press means); its effects go to the durable outbox, the MQTT link
 indicator. Verified acks and commands come back through the link. Everything runs as one
 TaskGroup of named tasks on one event loop: no thread per device, so the simulator can run
 thousands of agents in a process.
+
+Never mute on the bell's side. The agent's clock is the system clock plus an offset that
+the gateway's `sync` corrects (the system clock is never set); a sync also raises the
+sequence counter, and everything waiting is signed again and resent (`protocol.replay`).
+Storage that fails holds entries in memory and never stops a press going out. What the
+gateway should know about the bell itself (clock corrected, outbox recovered, storage
+failed or back) goes up as `health` messages, kept until `received` like alerts.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from device.config import DeviceConfig
 from device.hal import Hardware
 from device.hal.ports import HalError, InputEvent, Pattern
 from device.link import Link
-from device.outbox import Entry, Outbox
+from device.outbox import OUTBOX_BODIES, Entry, Outbox
 from device.sms import UNDELIVERED_FILE, SmsFallback
+from protocol.ids import new_message_id
 from protocol.jws import Signer
 from protocol.messages import (
     AckMessage,
@@ -34,10 +42,12 @@ from protocol.messages import (
     Cancel,
     Command,
     CommandMessage,
+    Health,
     Heartbeat,
     Message,
     RtcMessage,
     SecondaryPath,
+    SyncMessage,
 )
 
 if TYPE_CHECKING:
@@ -45,8 +55,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Outbox bodies are stored as JSON; this is how they come back as models.
-OUTBOX_BODIES: dict[str, type[Alert] | type[Cancel]] = {"alert": Alert, "cancel": Cancel}
+# A sync's time differs from ours by its transit at least: only more than this is corrected.
+CLOCK_TOLERANCE_MS = 2_000
+KEPT_TYPE_NAMES: dict[type[Alert] | type[Cancel] | type[Health], str] = {
+    model: name for name, model in OUTBOX_BODIES.items()
+}
 
 
 class Agent:
@@ -65,10 +78,14 @@ class Agent:
         self.config = config
         self.device_id = config.device.id
         self.hardware = hardware
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._system_clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        # what the gateway's sync says our clock is off by; the system clock is left alone
+        self.clock_offset_ms = 0
+        self._clock_ms = self.now_ms
         self._monotonic = monotonic or time.monotonic
         self._rng = rng or random.Random()
         self.outbox = outbox or Outbox(config.device.state_dir / "outbox.db")
+        self.outbox.on_storage = self._on_storage
         self.behaviour = Behaviour(
             config.device.kind, config.behaviour, silent=config.device.is_silent
         )
@@ -106,6 +123,10 @@ class Agent:
         self._secondary: SecondaryPath | None = None  # the SMS path, as last probed
         self.ready = asyncio.Event()  # set once connected to the broker
 
+    def now_ms(self) -> int:
+        """The agent's clock: the system's, corrected by the gateway's last sync."""
+        return self._system_clock_ms() + self.clock_offset_ms
+
     # ---- inputs and the behaviour's effects ---------------------------------------------
 
     def on_input(self, event: InputEvent) -> None:
@@ -119,33 +140,53 @@ class Agent:
 
     def _apply(self, effects: list[Effect]) -> None:
         for effect in effects:
-            if isinstance(effect, Send):
-                self._keep_and_send(effect)
-            elif isinstance(effect, Show):
-                self._show(effect.pattern)
+            try:
+                if isinstance(effect, Send):
+                    self._keep_and_send(effect.body, effect.message_id, sms=effect.sms)
+                elif isinstance(effect, Show):
+                    self._show(effect.pattern)
+            except Exception:
+                # one effect that fails (a bug, hardware) must not cost the ones after it,
+                # nor the next press: this runs in a hardware callback
+                log.exception("device %s: effect %s failed", self.device_id, effect)
 
-    def _keep_and_send(self, effect: Send) -> None:
+    def _keep_and_send(
+        self, body: Alert | Cancel | Health, message_id: str, *, sms: bool = False
+    ) -> None:
         """Commit to the outbox first, then publish: a crash in between loses nothing.
-        The fsync that makes it survive a power cut overlaps the publish's round trip."""
-        type_name = "alert" if isinstance(effect.body, Alert) else "cancel"
+        The fsync that makes it survive a power cut overlaps the publish's round trip.
+        Storage that refuses it holds it in memory: it goes out, and again until acked."""
+        type_name = KEPT_TYPE_NAMES[type(body)]
         now = self._clock_ms()
         resend_at_ms = now + self.resend_delay_ms(0)
         self.outbox.put(
-            effect.message_id,
-            type_name,
-            effect.body.model_dump_json(),
-            now,
-            sms=effect.sms,
-            resend_at_ms=resend_at_ms,
+            message_id, type_name, body.model_dump_json(), now, sms=sms, resend_at_ms=resend_at_ms
         )
-        self.link.send(effect.body, message_id=effect.message_id)
+        self.link.send(body, message_id=message_id)
         self.outbox.sync_soon()
         if self._resend_wake_ms is None or resend_at_ms < self._resend_wake_ms:
             # the resend loop sleeps until an earlier time: it need not look again now
             self._wake_resend.set()
-        log.info("device %s: %s %s sent", self.device_id, type_name, effect.message_id)
-        if self.video is not None and isinstance(effect.body, Alert):
-            self.video.on_alert(effect.body)
+        log.info("device %s: %s %s sent", self.device_id, type_name, message_id)
+        if self.video is not None and isinstance(body, Alert):
+            self.video.on_alert(body)
+
+    def report(self, health: Health) -> None:
+        """Tell the gateway (and through it the centres) about this bell itself."""
+        log.warning("device %s: reporting %s", self.device_id, health.event)
+        self._keep_and_send(health, new_message_id())
+
+    def _on_storage(self, problem: str | None) -> None:
+        health = (
+            Health(event="storage_restored")
+            if problem is None
+            else Health(event="storage_failed", detail=problem)
+        )
+        try:
+            # after the write that found it (a press, perhaps): that message goes first
+            asyncio.get_running_loop().call_soon(self.report, health)
+        except RuntimeError:  # no loop running (a test driving the agent by hand)
+            self.report(health)
 
     async def outbox_synced(self, timeout_s: float = 30.0) -> None:
         """Wait until every outbox commit so far would survive a power cut."""
@@ -167,6 +208,7 @@ class Agent:
         return int(self._rng.uniform(o.resend_min_s, max(ceiling, o.resend_min_s)) * 1000)
 
     def _resend(self, entry: Entry) -> None:
+        """Sign again (new sequence number, the corrected time) and publish."""
         body = OUTBOX_BODIES[entry.type].model_validate_json(entry.body_json)
         self.link.send(body, message_id=entry.id)
         self.outbox.attempted(entry.id, self._clock_ms() + self.resend_delay_ms(entry.attempts))
@@ -238,8 +280,31 @@ class Agent:
             self._apply(self.behaviour.on_ack(ack))
         elif isinstance(message, CommandMessage):
             self.on_command(message.body)
+        elif isinstance(message, SyncMessage):
+            self.on_sync(message)
         elif isinstance(message, RtcMessage) and self.video is not None:
             self.video.on_rtc(message.body)
+
+    def on_sync(self, message: SyncMessage) -> None:
+        """The gateway's time and the counter it expects (the rule: protocol.replay)."""
+        sync = message.body
+        off_by_ms = self.now_ms() - message.ts  # ours minus the gateway's, transit included
+        if abs(off_by_ms) > CLOCK_TOLERANCE_MS:
+            self.clock_offset_ms -= off_by_ms
+            # an alert pressed before keeps its age: the SMS fallback counts from the press
+            self.outbox.shift_times(-off_by_ms)
+            log.warning(
+                "device %s: clock %+.1f s off the gateway's: corrected by an offset",
+                self.device_id,
+                off_by_ms / 1000,
+            )
+            # a sync for a lost counter may also find the clock far off: that is news too
+            if sync.reason == "clock" or abs(off_by_ms) > self.link.window_ms:
+                self.report(Health(event="clock_corrected", skew_ms=off_by_ms))
+        self.outbox.raise_seq(sync.next_seq)
+        # everything waiting goes again now, signed with the corrected time and numbers
+        self._resend_all = True
+        self._wake_resend.set()
 
     def on_command(self, command: Command) -> None:
         name = command.name
@@ -280,7 +345,21 @@ class Agent:
 
     # ---- running ------------------------------------------------------------------------
 
+    def report_outbox_recovery(self) -> None:
+        """A damaged outbox found at start-up: what was lost cannot be known, that it
+        happened and how much was saved can."""
+        recovery = self.outbox.recovery
+        if recovery is not None:
+            self.report(
+                Health(
+                    event="outbox_recovered",
+                    salvaged=recovery.salvaged,
+                    detail=f"{recovery.problem}; moved to {recovery.moved_to.name}"[:200],
+                )
+            )
+
     async def run(self) -> None:
+        self.report_outbox_recovery()
         self.hardware.inputs.start(self.on_input)
         try:
             async with asyncio.TaskGroup() as tasks:

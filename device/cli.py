@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import logging
 import shutil
 import signal
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("/etc/ansimi/device.toml")
 ENROL_HINT = "run `ansimi device enroll`"
-# The clock must be past this for signed timestamps to pass the gateway's window.
+# A clock before this is plainly unset: the gateway keeps such a bell's messages but flags
+# every one, until its sync corrects the agent's offset (protocol.replay).
 SANE_YEAR = 2025
 CHECK_TIMEOUT_S = 10.0
 
@@ -98,6 +100,35 @@ def run(config_path: Path) -> None:
     asyncio.run(_run(config, signer, gateway_key))
 
 
+def outbox_fix(exc: OSError | sqlite3.Error) -> str:
+    """What to do about an outbox that cannot be opened, said from what actually failed."""
+    from device.outbox import OutboxUnusable  # late, like the rest of the agent
+
+    cause = exc.__cause__ if isinstance(exc, OutboxUnusable) else exc
+    if getattr(cause, "errno", None) == errno.ENOSPC or str(
+        getattr(cause, "sqlite_errorname", "")
+    ).startswith("SQLITE_FULL"):
+        return (
+            "free space on the disk that holds `device.state_dir` (df -h); systemd starts "
+            "the agent again, and it opens or creates its outbox once there is room"
+        )
+    if isinstance(exc, OutboxUnusable):
+        return (
+            "let the service user write `device.state_dir` so the damaged file can be "
+            "moved aside, or move it aside by hand; the agent then starts a fresh outbox"
+        )
+    if getattr(cause, "errno", None) == errno.EIO or str(
+        getattr(cause, "sqlite_errorname", "")
+    ).startswith("SQLITE_IOERR"):
+        return "the storage under `device.state_dir` fails to read or write: check it (dmesg)"
+    if "locked" in str(exc):
+        return (
+            "another agent is running with this state_dir (stop it: systemctl stop "
+            "ansimi-device), or give each agent its own `device.state_dir`"
+        )
+    return "make `device.state_dir` a folder the service user can write (StateDirectory=)"
+
+
 async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicKey) -> None:
     from device.agent import Agent
     from device.hal import HalError, build_hardware
@@ -112,15 +143,8 @@ async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicK
         outbox = Outbox(config.device.state_dir / "outbox.db")
     except (OSError, sqlite3.Error) as exc:
         await hardware.aclose()
-        if "locked" in str(exc):
-            fix = (
-                "another agent is running with this state_dir (stop it: systemctl stop "
-                "ansimi-device), or give each agent its own `device.state_dir`"
-            )
-        else:
-            fix = "make `device.state_dir` a folder the service user can write (StateDirectory=)"
         raise click.ClickException(
-            f"cannot open the outbox in {config.device.state_dir}: {exc}. Fix: {fix}"
+            f"cannot open the outbox in {config.device.state_dir}: {exc}. Fix: {outbox_fix(exc)}"
         ) from None
     agent = Agent(config, signer=signer, gateway_key=gateway_key, hardware=hardware, outbox=outbox)
     task = asyncio.current_task()
@@ -331,7 +355,7 @@ async def _check_broker(config: DeviceConfig) -> tuple[Outcome, str]:
 async def _check_clock() -> tuple[Outcome, str]:
     now = dt.datetime.now(dt.UTC)
     if now.year < SANE_YEAR:
-        return "fail", f"clock says {now:%Y-%m-%d}: set the time (NTP) or the gateway refuses"
+        return "fail", f"clock says {now:%Y-%m-%d}: set the time (NTP): the gateway flags it"
     synced = await asyncio.to_thread(_ntp_synchronized)
     if synced is False:
         return "fail", f"{now:%Y-%m-%d %H:%M} UTC, but NTP is not synchronised (timedatectl)"

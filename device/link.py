@@ -2,7 +2,9 @@
 
 A message from the gateway counts only if it carries the gateway's signature, is
 addressed to this device, arrived on this device's own `down` topic and is fresher than
-anything before it. A forged or replayed ack changes nothing.
+anything before it (`protocol.replay`, rule 4): acks and syncs must name a message this
+device sent, commands and rtc must also be inside the window of the device's (corrected)
+clock. A forged or replayed ack changes nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -19,13 +22,17 @@ from ansimi.mqtt import Session, Settings, TlsFiles, Will
 from device.config import DeviceConfig
 from device.outbox import Outbox
 from protocol.envelope import open_for_device, seal
-from protocol.errors import ProtocolError, UnknownSigner
+from protocol.errors import ProtocolError, Replay, UnknownSigner
 from protocol.jws import Signer
-from protocol.messages import Body, Message, Status, build_message
-from protocol.replay import DEFAULT_WINDOW_MS, check_fresh
+from protocol.messages import AckMessage, Body, Message, Status, SyncMessage, build_message
+from protocol.replay import DEFAULT_WINDOW_MS, check_sequence, check_window
 from protocol.topics import down_filter, parse_topic, up_topic
 
 log = logging.getLogger(__name__)
+
+# A sync must name one of this many messages sent last: enough for every message of a
+# long outage's resends, few enough that a sync from long ago names none of them.
+RECENT_IDS = 512
 
 
 class Link:
@@ -53,6 +60,7 @@ class Link:
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._window_ms = window_ms
         self.rejected: dict[str, int] = {}
+        self._recent: deque[str] = deque(maxlen=RECENT_IDS)  # ids signed lately, oldest first
         m = config.mqtt
         tls = TlsFiles(m.ca_file, m.cert_file, m.key_file) if m.ca_file is not None else None
         self.session = Session(
@@ -73,6 +81,10 @@ class Link:
     def connected(self) -> bool:
         return self.session.connected
 
+    @property
+    def window_ms(self) -> int:
+        return self._window_ms
+
     def _sealed(self, body: Body, message_id: str | None = None) -> tuple[str, bytes]:
         """The topic and signed bytes for `body`, with the next sequence number."""
         message = build_message(
@@ -82,6 +94,7 @@ class Link:
             ts=self._clock_ms(),
             id=message_id,
         )
+        self._recent.append(message.id)
         return up_topic(self._device_id, message.type), seal(message, self._signer).encode()
 
     def send(
@@ -123,9 +136,16 @@ class Link:
             topic = parse_topic(raw.topic)
             opened = open_for_device(raw.payload, self._resolve, self._device_id, topic)
             msg = opened.message
-            check_fresh(
-                self._outbox.down_high_water, msg.seq, msg.ts, self._clock_ms(), self._window_ms
-            )
+            check_sequence(self._outbox.down_high_water, msg.seq)
+            if isinstance(msg, SyncMessage):
+                # taken whatever our clock says, so it must answer something we sent lately
+                if msg.body.ref not in self._recent:
+                    raise Replay(
+                        f"sync about {msg.body.ref}, not a message this device sent lately"
+                    )
+            elif not isinstance(msg, AckMessage):
+                # an ack names a message of ours; a command names nothing: it needs the clock
+                check_window(msg.ts, self._clock_ms(), self._window_ms)
         except ProtocolError as exc:
             self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
             log.warning("link %s: ignored a downlink message: %s", self._device_id, exc.reason)

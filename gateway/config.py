@@ -139,7 +139,8 @@ class ForwardConfig(_Section):
 
 
 class IntakeConfig(_Section):
-    # a message whose timestamp is further than this from the gateway's clock is refused
+    # a timestamp further than this from the gateway's clock is flagged and synced, not
+    # refused (protocol.replay, rule 2)
     window_s: Annotated[float, Field(gt=0)] = 300.0
     max_message_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 16 * 1024
     # messages verified and committed together (group commit)

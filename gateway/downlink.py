@@ -1,4 +1,4 @@
-"""Signed gateway-to-device messages (acks, commands, rtc answers)."""
+"""Signed gateway-to-device messages (acks, commands, rtc answers, syncs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from protocol.envelope import seal
 from protocol.jws import Signer
-from protocol.messages import Ack, AckStage, Body, Command, Message, Rtc, build_message
+from protocol.messages import Ack, AckStage, Body, Command, Message, Rtc, Sync, build_message
 from protocol.topics import down_topic
 
 Publish = Callable[[str, bytes], "asyncio.Future[None]"]
@@ -43,7 +43,7 @@ class Downlink:
         message = build_message(body, device=device_id, seq=self._next_seq(), ts=self._clock_ms())
         return message, seal(message, self._signer)
 
-    def send(self, device_id: str, body: Ack | Command | Rtc) -> asyncio.Future[None]:
+    def send(self, device_id: str, body: Ack | Command | Rtc | Sync) -> asyncio.Future[None]:
         message, token = self.sealed(device_id, body)
         return self._publish(down_topic(device_id, message.type), token.encode())
 

@@ -89,6 +89,10 @@ def delivery_body(
         "body": signed_body(delivery.jws),
         "jws": delivery.jws,
     }
+    if delivery.clock_skew_ms is not None:
+        # the device's clock was this far off ours: metadata beside the signed payload,
+        # which stays exactly what the device signed (protocol.replay, rule 2)
+        data["clock_skew_ms"] = delivery.clock_skew_ms
     if address is not None:
         # personal data: only for centres configured with send_address (gateway/private.py)
         data["address"] = address

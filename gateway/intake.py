@@ -9,6 +9,17 @@ Messages are processed in batches: one group commit per batch, then the `receive
 Exact duplicates (a QoS 1 redelivery, or a resend whose ack was lost) are kept once and
 acked every time: the device keeps an alert until it sees `received`.
 
+Replay protection rests on the sequence number; the time window only flags (the rule is in
+`protocol.replay`). A message with a fresh sequence number and a timestamp outside the
+window is kept and forwarded with its `clock_skew_ms`, and its device gets a `sync`; so
+does a device whose message is refused with a number below its high-water mark (it lost
+its counter). Syncs are limited to one per device and slot every `SYNC_EVERY_MS`, the
+slot being what asked for it: `clock` (only a fresh sequence number, the device's own new
+signature, can ask for that one), `sequence` for a message dated inside the window, and
+`sequence-stale` for one dated outside it, which is what a replay of an old capture looks
+like. Replaying old messages can use up only that last slot: never the sync a bell that
+lost its counter (its messages carry the time) or its clock needs.
+
 Status `offline` is the device's MQTT last will, which the broker publishes for it after
 an unclean disconnect. The device signs it when it connects, so by the time it arrives
 its sequence number is old and its timestamp may be hours old: the seq and time-window
@@ -17,7 +28,8 @@ signed by the device, on its own topic), and then:
 - a retained copy is history, not news (the broker replays it to every new subscriber):
   refused as stale;
 - a timestamp ahead of our clock beyond the window is refused: a will is never signed in
-  the future;
+  the future (a bell whose clock runs that far ahead loses only the will's speed: its other
+  messages are kept, so the heartbeat timeout reports it offline);
 - its sequence number must not be below that of the last will accepted from the device:
   a will from an earlier run of the agent cannot be replayed after a later one was seen;
   the same will, which the broker sends after every unclean disconnect of one run, passes
@@ -40,6 +52,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -53,16 +66,29 @@ from protocol.envelope import Opened, open_from_device
 from protocol.errors import Oversized, ProtocolError, Replay, Stale, UnknownSigner
 from protocol.jws import MAX_TOKEN_BYTES
 from protocol.keys import public_key_from_b64
-from protocol.messages import AlertMessage, CancelMessage, HeartbeatMessage, Rtc, StatusMessage
-from protocol.replay import check_fresh
+from protocol.messages import (
+    AlertMessage,
+    CancelMessage,
+    HeartbeatMessage,
+    Message,
+    Rtc,
+    StatusMessage,
+    Sync,
+    SyncReason,
+)
+from protocol.replay import check_sequence, clock_skew_ms, sync_next_seq
 from protocol.topics import parse_topic
 
 log = logging.getLogger(__name__)
 
 # Messages the device keeps in its outbox until it sees `received` for them.
-ACKED_TYPES = frozenset({"alert", "cancel"})
+ACKED_TYPES = frozenset({"alert", "cancel", "health"})
 # Messages that become events (and are forwarded); the rest only move the high-water mark.
-KEPT_TYPES = frozenset({"alert", "cancel"})
+KEPT_TYPES = frozenset({"alert", "cancel", "health"})
+# At most one sync per device and slot (see the module docstring) in this interval: a
+# replayed flood must not become one to a bell.
+SYNC_EVERY_MS = 5_000
+SyncSlot = Literal["clock", "sequence", "sequence-stale"]
 
 
 # Refusals are logged once per device and reason in this interval; the metric counts all.
@@ -160,6 +186,8 @@ class _Checked:
     opened: Opened
     device: Device
     last_will: bool = False
+    # the device's clock minus ours when outside the window: kept, forwarded flagged
+    clock_skew_ms: int | None = None
 
 
 class _MaybeResent(Exception):
@@ -226,6 +254,9 @@ class Intake:
         self._behind = False
         # highest last-will sequence number accepted per device (see the module docstring)
         self._will_floor: dict[str, int] = {}
+        # syncs a batch calls for (device -> the message and why), sent once it is kept
+        self._syncs: dict[tuple[str, SyncSlot], tuple[Message, SyncReason]] = {}
+        self._last_sync_ms: dict[tuple[str, SyncSlot], int] = {}
         # (device, reason) -> (last logged at, refusals not logged since): a device that
         # floods us with bad messages must not flood the log too
         self._logged: dict[tuple[str, str], tuple[int, int]] = {}
@@ -294,7 +325,7 @@ class Intake:
             checked.append(one)
             in_batch.add((one.opened.message.device, one.opened.message.id))
         if maybe:
-            checked += await self._resent(maybe)
+            checked += await self._resent(maybe, now_ms)
         # A last will followed in the same batch by news from its device is already out
         # of date: the device has reconnected.
         last_heard = {c.opened.message.device: i for i, c in enumerate(checked)}
@@ -308,8 +339,11 @@ class Intake:
             await self._keep(incoming, now_ms)
         if self._supervisor is not None and wills:
             await self._supervise(self._supervisor.last_will, wills)
+        self._send_syncs(now_ms)
 
-    async def _resent(self, maybe: list[tuple[MqttMessage, _MaybeResent]]) -> list[_Checked]:
+    async def _resent(
+        self, maybe: list[tuple[MqttMessage, _MaybeResent]], now_ms: int
+    ) -> list[_Checked]:
         """Those already kept are resends (to be re-acked); the rest are replays.
 
         Looked up in the writer thread, all at once: the store's lock may be held by a
@@ -328,6 +362,7 @@ class Intake:
             if is_known:
                 resends.append(resent.checked)  # the device missed our ack: ack again
             else:
+                self._want_sync_if_behind(message, resent.checked.opened.message, now_ms)
                 self._reject(message, resent.refusal)
         return resends
 
@@ -441,15 +476,63 @@ class Intake:
             return _Checked(opened, device, last_will=True)
         high_water = self._registry.high_water.get(msg.device)
         try:
-            check_fresh(high_water, msg.seq, msg.ts, now_ms, self._window_ms)
-        except ProtocolError as exc:
+            check_sequence(high_water, msg.seq)
+        except Replay as exc:
             if msg.type not in ACKED_TYPES:
+                self._want_sync_if_behind(message, msg, now_ms)
                 raise
             if (msg.device, msg.id) in in_batch:
                 return _Checked(opened, device)  # twice in one batch: a QoS 1 redelivery
             raise _MaybeResent(_Checked(opened, device), exc) from None
         self._registry.high_water[msg.device] = msg.seq
-        return _Checked(opened, device)
+        # the clock flags, never silences: kept and forwarded with its skew, and a sync
+        skew = clock_skew_ms(msg.ts, now_ms, self._window_ms)
+        if skew is not None:
+            self._metrics.clock_skewed.inc()
+            self._want_sync(msg, "clock", now_ms)
+        return _Checked(opened, device, clock_skew_ms=skew)
+
+    def _want_sync_if_behind(self, raw: MqttMessage, msg: Message, now_ms: int) -> None:
+        """A verified message refused as a replay: if its number is below the high-water
+        mark, the device has lost its counter (an exact resend of the newest is not that,
+        nor a retained copy the broker replays to every new subscriber: history)."""
+        high_water = self._registry.high_water.get(msg.device)
+        if not raw.retain and high_water is not None and msg.seq < high_water:
+            self._want_sync(msg, "sequence", now_ms)
+
+    def _want_sync(self, msg: Message, reason: SyncReason, now_ms: int) -> None:
+        """Queue a sync for this batch, one per device and slot: the latest-dated message
+        of the slot is the likeliest to be one the device still remembers (`ref`)."""
+        in_window = clock_skew_ms(msg.ts, now_ms, self._window_ms) is None
+        slot: SyncSlot = "sequence-stale" if reason == "sequence" and not in_window else reason
+        queued = self._syncs.get((msg.device, slot))
+        if queued is None or msg.ts >= queued[0].ts:
+            self._syncs[(msg.device, slot)] = (msg, reason)
+
+    def _send_syncs(self, now_ms: int) -> None:
+        """Tell each device this batch found behind its time or its counter where it stands;
+        one per device and slot every SYNC_EVERY_MS (a replaying attacker must not spam a
+        bell, nor use up the sync a bell needs)."""
+        syncs, self._syncs = self._syncs, {}
+        for (device_id, slot), (msg, reason) in syncs.items():
+            last = self._last_sync_ms.get((device_id, slot))
+            if last is not None and now_ms - last < SYNC_EVERY_MS:
+                self._metrics.syncs.labels("limited").inc()
+                continue
+            self._last_sync_ms[(device_id, slot)] = now_ms
+            high_water = self._registry.high_water.get(device_id, msg.seq)
+            self._downlink.send(
+                device_id, Sync(ref=msg.id, reason=reason, next_seq=sync_next_seq(high_water))
+            )
+            self._metrics.syncs.labels(reason).inc()
+            log.warning(
+                "intake: sent %s a sync (%s): its %s",
+                device_id,
+                reason,
+                f"clock is {(msg.ts - now_ms) / 1000:+.1f} s off ours"
+                if reason == "clock"
+                else f"sequence number {msg.seq} is below our high-water mark {high_water}",
+            )
 
     def _check_last_will(self, raw: MqttMessage, msg: StatusMessage, now_ms: int) -> None:
         """The rules for a status `offline` (the last will): see the module docstring."""
@@ -486,6 +569,7 @@ class Intake:
             kept=kept,
             power=power,
             refs=refs,
+            clock_skew_ms=checked.clock_skew_ms,
         )
 
     def _reject(self, message: MqttMessage, exc: ProtocolError) -> None:

@@ -69,6 +69,19 @@ class Metrics:
             "1 while reading from the broker is paused because the intake is behind",
             registry=self.registry,
         )
+        self.clock_skewed = Counter(
+            "ansimi_clock_skewed_total",
+            "Uplink messages kept though their timestamp was outside the window (flagged)",
+            registry=self.registry,
+        )
+        self.syncs = Counter(
+            "ansimi_syncs_total",
+            "Syncs sent to devices, by reason (clock, sequence); limited: not sent, too soon",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("clock", "sequence", "limited"):
+            self.syncs.labels(reason)
         self.store_errors = Counter(
             "ansimi_store_errors_total",
             "Group commits that failed (their messages were retried one by one)",

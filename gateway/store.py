@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS events (
     received_ms INTEGER NOT NULL,
     body        TEXT NOT NULL,          -- the typed body as JSON
     jws         TEXT NOT NULL,          -- the device's signed original, for the centres
-    state       TEXT NOT NULL DEFAULT 'received'
+    state       TEXT NOT NULL DEFAULT 'received',
+    clock_skew_ms INTEGER                -- device clock minus ours, if outside the window
 );
 CREATE INDEX IF NOT EXISTS events_by_state ON events(state, received_ms);
 -- whose every event id is: the device that first used it as its own message's id or named
@@ -113,6 +114,7 @@ _ADDED_COLUMNS = {
         "power": "TEXT",
     },
     "outbox": {"refused_ms": "INTEGER"},
+    "events": {"clock_skew_ms": "INTEGER"},
 }
 
 
@@ -173,6 +175,9 @@ class Incoming:
     # ids of other events this one names (a cancel's alert, an alert's `linked_to`): each
     # must be the same device's (see `accept_batch`)
     refs: tuple[str, ...] = ()
+    # the device's clock minus the gateway's when outside the window: kept and forwarded
+    # flagged with it (protocol.replay, rule 2); None when the clock was fine
+    clock_skew_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +201,7 @@ class Delivery:
     ts_ms: int
     body_json: str
     jws: str
+    clock_skew_ms: int | None = None  # see Incoming
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +346,12 @@ def _delivery_filter(
         where += f" AND d.district IN ({', '.join('?' * len(districts))})"
         args += districts
     return where, args
+
+
+def _delivery(row: tuple[Any, ...]) -> Delivery:
+    a, b, c, d, e, f, g, h, skew = row
+    skew_ms = None if skew is None else int(skew)
+    return Delivery(str(a), str(b), int(c), str(d), str(e), int(f), str(g), str(h), skew_ms)
 
 
 @contextmanager
@@ -544,7 +556,7 @@ class SqliteStore:
     def _insert_event(db: sqlite3.Connection, item: Incoming, now_ms: int) -> bool:
         inserted = db.execute(
             "INSERT INTO events (event_id, device_id, seq, type, ts_ms, received_ms,"
-            " body, jws) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            " body, jws, clock_skew_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (
                 item.event_id,
                 item.device_id,
@@ -554,6 +566,7 @@ class SqliteStore:
                 now_ms,
                 item.body_json,
                 item.jws,
+                item.clock_skew_ms,
             ),
         ).rowcount
         if inserted:
@@ -598,15 +611,12 @@ class SqliteStore:
     def due(self, now_ms: int, limit: int) -> list[Delivery]:
         rows = self._query(
             "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
-            " e.jws FROM outbox o JOIN events e USING (event_id)"
+            " e.jws, e.clock_skew_ms FROM outbox o JOIN events e USING (event_id)"
             " WHERE o.delivered_ms IS NULL AND o.refused_ms IS NULL AND o.next_attempt_ms <= ?"
             " ORDER BY o.next_attempt_ms LIMIT ?",
             (now_ms, limit),
         )
-        return [
-            Delivery(str(a), str(b), int(c), str(d), str(e), int(f), str(g), str(h))
-            for a, b, c, d, e, f, g, h in rows
-        ]
+        return [_delivery(row) for row in rows]
 
     def delivered(self, event_id: str, centre: str, now_ms: int) -> bool:
         """Mark one centre's delivery done; True if it is the event's first delivery."""
@@ -712,16 +722,13 @@ class SqliteStore:
         """`due()` for one centre: a centre that is down must not crowd out the others."""
         rows = self._query(
             "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
-            " e.jws FROM outbox o JOIN events e USING (event_id)"
+            " e.jws, e.clock_skew_ms FROM outbox o JOIN events e USING (event_id)"
             " WHERE o.centre = ? AND o.delivered_ms IS NULL AND o.refused_ms IS NULL"
             " AND o.next_attempt_ms <= ?"
             " ORDER BY o.next_attempt_ms LIMIT ?",
             (centre, now_ms, limit),
         )
-        return [
-            Delivery(str(a), str(b), int(c), str(d), str(e), int(f), str(g), str(h))
-            for a, b, c, d, e, f, g, h in rows
-        ]
+        return [_delivery(row) for row in rows]
 
     def waiting(
         self,

@@ -185,7 +185,36 @@ class Command(_Model):
     args: Annotated[dict[ArgName, ArgValue], Field(max_length=16)] = Field(default_factory=dict)
 
 
-Body: TypeAlias = Alert | Cancel | Heartbeat | Status | Rtc | Ack | Command
+class Health(_Model):
+    """Something a device found wrong with itself, or put right: news for a person.
+
+    Kept by the device until `received`, kept and forwarded by the gateway like an alert.
+    """
+
+    event: Literal["clock_corrected", "outbox_recovered", "storage_failed", "storage_restored"]
+    # clock_corrected: the device's clock minus the gateway's, before the correction
+    skew_ms: Int64 | None = None
+    # outbox_recovered: entries imported from the damaged outbox (the rest were unreadable)
+    salvaged: UInt63 | None = None
+    # what went wrong, as the device's storage said it; no personal data
+    detail: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+
+SyncReason = Literal["clock", "sequence"]
+
+
+class Sync(_Model):
+    """The gateway's signed answer to a verified message it could not take as it was.
+
+    The envelope's `ts` is the gateway's clock. The rule is in `protocol.replay`.
+    """
+
+    ref: MessageId  # the device's message that prompted it
+    reason: SyncReason
+    next_seq: UInt63  # the device's next uplink sequence number must be at least this
+
+
+Body: TypeAlias = Alert | Cancel | Heartbeat | Status | Rtc | Ack | Command | Health | Sync
 
 # -- envelopes ---------------------------------------------------------------------------
 
@@ -237,6 +266,16 @@ class CommandMessage(Envelope):
     body: Command
 
 
+class HealthMessage(Envelope):
+    type: Literal["health"] = "health"
+    body: Health
+
+
+class SyncMessage(Envelope):
+    type: Literal["sync"] = "sync"
+    body: Sync
+
+
 Message = Annotated[
     AlertMessage
     | CancelMessage
@@ -244,7 +283,9 @@ Message = Annotated[
     | StatusMessage
     | RtcMessage
     | AckMessage
-    | CommandMessage,
+    | CommandMessage
+    | HealthMessage
+    | SyncMessage,
     Field(discriminator="type"),
 ]
 
@@ -256,9 +297,11 @@ MESSAGE_TYPES: Final[tuple[str, ...]] = (
     "rtc",
     "ack",
     "command",
+    "health",
+    "sync",
 )
-UP_TYPES: Final[tuple[str, ...]] = ("alert", "cancel", "heartbeat", "status", "rtc")
-DOWN_TYPES: Final[tuple[str, ...]] = ("ack", "command", "rtc")
+UP_TYPES: Final[tuple[str, ...]] = ("alert", "cancel", "heartbeat", "status", "rtc", "health")
+DOWN_TYPES: Final[tuple[str, ...]] = ("ack", "command", "rtc", "sync")
 
 _ENVELOPE_FOR: Final[dict[type[BaseModel], Callable[..., Message]]] = {
     Alert: AlertMessage,
@@ -268,6 +311,8 @@ _ENVELOPE_FOR: Final[dict[type[BaseModel], Callable[..., Message]]] = {
     Rtc: RtcMessage,
     Ack: AckMessage,
     Command: CommandMessage,
+    Health: HealthMessage,
+    Sync: SyncMessage,
 }
 
 _ADAPTER: Final[TypeAdapter[Message]] = TypeAdapter(Message)
@@ -353,6 +398,14 @@ def build_message(
 def build_message(
     body: Command, *, device: str, seq: int, ts: int, id: str | None = None
 ) -> CommandMessage: ...
+@overload
+def build_message(
+    body: Health, *, device: str, seq: int, ts: int, id: str | None = None
+) -> HealthMessage: ...
+@overload
+def build_message(
+    body: Sync, *, device: str, seq: int, ts: int, id: str | None = None
+) -> SyncMessage: ...
 def build_message(body: Body, *, device: str, seq: int, ts: int, id: str | None = None) -> Message:
     """Wrap a body in the envelope of its type; a fresh message id unless one is given."""
     try:

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,9 +93,11 @@ def make_agent(
     keys: Keys,
     *,
     modem: Modem | None = None,
+    clock_ms: Callable[[], int] | None = None,
     **sections: object,
 ) -> Agent:
-    """An in-process agent on fake hardware; `sections` override config sections."""
+    """An in-process agent on fake hardware; `sections` override config sections;
+    `clock_ms` stands in for its system clock."""
     config = DeviceConfig.model_validate(
         {
             "device": {"id": DEVICE_ID, "kind": "bell", "state_dir": tmp_path / "device"},
@@ -109,7 +111,13 @@ def make_agent(
         }
     )
     hardware = Hardware(inputs=FakeInputs(), indicator=FakeIndicator(), camera=None, modem=modem)
-    return Agent(config, signer=keys.device, gateway_key=keys.gateway.public_key, hardware=hardware)
+    return Agent(
+        config,
+        signer=keys.device,
+        gateway_key=keys.gateway.public_key,
+        hardware=hardware,
+        clock_ms=clock_ms,
+    )
 
 
 def down_token(signer: Signer, body: Ack | Command, seq: int, device: str = DEVICE_ID) -> bytes:

@@ -66,10 +66,11 @@ def delivery(
     key: Ed25519PrivateKey = DEVICE_KEY,
     kid: str | None = None,
     seq: int = 1,
+    ts: int | None = None,
     tamper: dict[str, Any] | None = None,
     district: str = "mapo",
 ) -> dict[str, Any]:
-    message = build_message(body, device=device, seq=seq, ts=now_ms())
+    message = build_message(body, device=device, seq=seq, ts=now_ms() if ts is None else ts)
     token = seal(message, Signer(kid or device, key))
     data = {
         "event_id": message.id,

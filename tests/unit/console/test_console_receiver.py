@@ -126,6 +126,25 @@ async def test_a_revoked_devices_later_signature_is_refused_for_good(tmp_path: P
         assert d.console.receiver.events.count() == 0
 
 
+async def test_a_revoked_bell_whose_clock_ran_ahead_is_judged_by_the_gateways_receipt(
+    tmp_path: Path,
+) -> None:
+    # the bell's clock was an hour ahead: the gateway kept its alert (flagged with the skew)
+    # a minute before the bell was revoked; the signed time alone says "after"
+    received_at = now_ms()
+    hour_ms = 3_600_000
+    gateway = FakeGateway(devices=[registry_entry(revoked=True, revoked_ms=received_at + 60_000)])
+    async with desk(tmp_path, gateway) as d:
+        ahead = delivery(ts=received_at + hour_ms)
+        unflagged = await d.deliver(ahead)
+        assert unflagged[0] == 403, unflagged  # without the gateway's flag: after revocation
+        assert (await d.deliver({**ahead, "clock_skew_ms": hour_ms}))[0] == 200
+        assert d.console.receiver.events.ids() == [ahead["event_id"]]
+        # a skew that is not a number is the gateway's bug, refused, never guessed at
+        status, body = await d.deliver(delivery(tamper={"clock_skew_ms": "soon"}))
+        assert status == 400 and "clock_skew_ms" in body["error"]
+
+
 async def test_status_events_are_checked_with_the_gateways_key(tmp_path: Path) -> None:
     async with desk(tmp_path) as d:
         assert (await d.deliver(status_delivery("offline")))[0] == 200

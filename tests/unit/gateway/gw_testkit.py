@@ -22,7 +22,15 @@ from gateway.supervise import Supervisor
 from protocol.envelope import open_for_device, seal
 from protocol.jws import Signer
 from protocol.keys import public_key_to_b64
-from protocol.messages import AckMessage, Alert, Body, Heartbeat, build_message
+from protocol.messages import (
+    AckMessage,
+    Alert,
+    Body,
+    Heartbeat,
+    Message,
+    SyncMessage,
+    build_message,
+)
 from protocol.topics import up_topic
 
 NOW = 1_800_000_000_000
@@ -75,17 +83,27 @@ class Env:
     woken: list[int] = field(default_factory=list)
     seqs: dict[str, int] = field(default_factory=dict)
 
-    def acks(self) -> list[tuple[str, str, str]]:
-        """(device, alert id, stage) of every ack published, checked as a device would."""
+    def published(self) -> list[Message]:
+        """Every message published to devices, checked as a device would."""
         out = []
         for topic, payload in self.sent:
             device_id = topic.split("/")[2]
             opened = open_for_device(
                 payload, {GATEWAY: GATEWAY_KEY.public_key()}.__getitem__, device_id
             )
-            assert isinstance(opened.message, AckMessage)
-            out.append((device_id, opened.message.body.ref, opened.message.body.stage))
+            out.append(opened.message)
         return out
+
+    def acks(self) -> list[tuple[str, str, str]]:
+        """(device, alert id, stage) of every ack published."""
+        return [
+            (m.device, m.body.ref, m.body.stage)
+            for m in self.published()
+            if isinstance(m, AckMessage)
+        ]
+
+    def syncs(self) -> list[SyncMessage]:
+        return [m for m in self.published() if isinstance(m, SyncMessage)]
 
     def message(
         self,
@@ -130,13 +148,15 @@ class Env:
         return len(self.store.events(None, 100_000))
 
 
-def make_env(clock: Clock | None = None) -> Env:
+def make_env(clock: Clock | None = None, store: SqliteStore | None = None) -> Env:
+    """A gateway's insides; given the `store` of an earlier one, a restart of that gateway."""
     clock = clock or Clock()
-    store = SqliteStore(":memory:")
-    for device_id, district in DISTRICTS.items():
-        public = public_key_to_b64(KEYS[device_id].public_key())
-        store.add_device(Device(device_id, public, "bell", district), now_ms=0)
-    store.revoke("bell-0003", 0)
+    if store is None:
+        store = SqliteStore(":memory:")
+        for device_id, district in DISTRICTS.items():
+            public = public_key_to_b64(KEYS[device_id].public_key())
+            store.add_device(Device(device_id, public, "bell", district), now_ms=0)
+        store.revoke("bell-0003", 0)
     registry = Registry(store)
     metrics = Metrics()
     sent: list[tuple[str, bytes]] = []

@@ -40,8 +40,6 @@ def _malformed(env: Env) -> MqttMessage:
 REFUSALS: list[tuple[str, Callable[[Env], MqttMessage]]] = [
     ("unknown_device", lambda env: env.message(ALERT, device="bell-0009")),
     ("revoked", lambda env: env.message(ALERT, device="bell-0003")),
-    ("stale", lambda env: env.message(ALERT, ts=NOW - WINDOW_MS - 1)),
-    ("stale", lambda env: env.message(ALERT, ts=NOW + WINDOW_MS + 1)),
     ("oversized", _oversized),
     ("malformed", _malformed),
     # a valid message from bell-0002, published on bell-0001's topic

@@ -17,10 +17,12 @@ from protocol import (
     Alert,
     Cancel,
     Command,
+    Health,
     Heartbeat,
     Message,
     Rtc,
     Status,
+    Sync,
     build_message,
 )
 from protocol.messages import GATEWAY_STATES, SecondaryPath, SimState, StatusState
@@ -97,6 +99,19 @@ commands = st.builds(
     name=st.sampled_from(["video_start", "video_stop", "selftest", "set_silent", "ping"]),
     args=st.dictionaries(st.text(min_size=1, max_size=32), arg_values, max_size=16),
 )
+int64 = st.integers(-(2**63), 2**63 - 1)
+healths = st.builds(
+    Health,
+    event=st.sampled_from(
+        ["clock_corrected", "outbox_recovered", "storage_failed", "storage_restored"]
+    ),
+    skew_ms=st.none() | int64,
+    salvaged=st.none() | uint63,
+    detail=st.none() | st.text(max_size=200),
+)
+syncs = st.builds(
+    Sync, ref=message_ids, reason=st.sampled_from(["clock", "sequence"]), next_seq=uint63
+)
 BODIES: dict[str, st.SearchStrategy[Any]] = {
     "alert": alerts,
     "cancel": cancels,
@@ -105,6 +120,8 @@ BODIES: dict[str, st.SearchStrategy[Any]] = {
     "rtc": rtcs,
     "ack": acks,
     "command": commands,
+    "health": healths,
+    "sync": syncs,
 }
 
 

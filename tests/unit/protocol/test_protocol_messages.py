@@ -24,6 +24,7 @@ from protocol import (
     Command,
     CommandMessage,
     Envelope,
+    HealthMessage,
     Heartbeat,
     HeartbeatMessage,
     Malformed,
@@ -33,6 +34,7 @@ from protocol import (
     Signer,
     Status,
     StatusMessage,
+    SyncMessage,
     build_message,
     dump_message,
     open_envelope,
@@ -59,6 +61,8 @@ def test_message_types_match_the_models() -> None:
         RtcMessage,
         AckMessage,
         CommandMessage,
+        HealthMessage,
+        SyncMessage,
     ]
     assert tuple(cls.model_fields["type"].default for cls in envelopes) == MESSAGE_TYPES
     assert set(get_args(get_args(Message)[0])) == set(envelopes)

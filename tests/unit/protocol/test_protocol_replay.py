@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import DEFAULT_WINDOW_MS, Replay, Stale, check_fresh
+from protocol import (
+    DEFAULT_WINDOW_MS,
+    Replay,
+    Stale,
+    check_fresh,
+    check_sequence,
+    clock_skew_ms,
+    sync_next_seq,
+)
 
 NOW = 1_732_460_000_000
 W = 300_000
@@ -61,3 +69,33 @@ def test_replay_is_reported_before_staleness() -> None:
 
 def test_default_window_is_five_minutes() -> None:
     assert DEFAULT_WINDOW_MS == 5 * 60 * 1000
+
+
+@pytest.mark.parametrize(
+    ("ts", "skew"),
+    [
+        (NOW, None),
+        (NOW - W, None),  # on the edge: inside
+        (NOW + W, None),
+        (NOW + W + 1, W + 1),  # ahead: positive
+        (NOW - 600_000, -600_000),  # ten minutes behind
+    ],
+)
+def test_a_skew_is_measured_only_outside_the_window(ts: int, skew: int | None) -> None:
+    assert clock_skew_ms(ts, NOW, W) == skew
+
+
+def test_the_sequence_alone_decides_a_replay_whatever_the_clock() -> None:
+    # rule 2: a fresh number with a wrong clock is not refused by the sequence check...
+    check_sequence(5, 6)
+    assert clock_skew_ms(0, NOW, W) == -NOW
+    # ...and a replayed number is refused however good its timestamp
+    with pytest.raises(Replay):
+        check_sequence(5, 5)
+
+
+def test_a_sync_asks_for_the_first_number_the_receiver_accepts() -> None:
+    high_water = 41
+    check_sequence(high_water, sync_next_seq(high_water))
+    with pytest.raises(Replay):
+        check_sequence(high_water, sync_next_seq(high_water) - 1)
