@@ -52,6 +52,9 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
+# the one refusal that is about the clocks, not the bytes (answered 503: see handle())
+OUTSIDE_SKEW = "timestamp outside the allowed skew"
+
 class ReceivedEvent:
     event_id: str
     device_id: str
@@ -171,7 +174,7 @@ class Receiver:
             self.refused += 1
             log.warning("receiver: refused a delivery: %s", problem)
             status = 401 if "signature" in problem else 400
-            if "skew" in problem:
+            if problem == OUTSIDE_SKEW:
                 # the clocks, not these bytes: the same delivery goes through once they
                 # agree, so the gateway must retry it (a 4xx would park it for good)
                 status = 503
@@ -270,7 +273,7 @@ class Receiver:
         except Malformed:
             return "timestamp missing or not a whole number"
         if abs(sent_ms - self._clock_ms()) > self._max_skew_ms:
-            return "timestamp outside the allowed skew"
+            return OUTSIDE_SKEW
         if not signature_matches(self._secret, timestamp, body, signature):
             return "bad signature"
         return None
