@@ -51,10 +51,11 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
 # the one refusal that is about the clocks, not the bytes (answered 503: see handle())
 OUTSIDE_SKEW = "timestamp outside the allowed skew"
 
+
+@dataclass(frozen=True, slots=True)
 class ReceivedEvent:
     event_id: str
     device_id: str
