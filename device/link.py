@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -21,7 +22,7 @@ from device.outbox import Outbox
 from protocol.envelope import open_for_device, seal
 from protocol.errors import ProtocolError, UnknownSigner
 from protocol.jws import Signer
-from protocol.messages import Body, Message, Status, build_message
+from protocol.messages import Alert, Body, Cancel, Message, Status, build_message
 from protocol.replay import DEFAULT_WINDOW_MS, check_fresh
 from protocol.topics import down_filter, parse_topic, up_topic
 
@@ -61,12 +62,19 @@ class Link:
                 port=m.port,
                 client_id=self._device_id,
                 version=m.version,
+                # The keepalive follows the heartbeat: with no press, a dead link is found
+                # within two heartbeats (the session probes a link quiet for this long).
+                keepalive_s=max(1, math.ceil(m.heartbeat_s)),
+                ack_timeout_s=config.link.ack_timeout_s,
+                other_addresses=config.link.other_addresses(),
                 tls=tls,
                 will=Will(*self._sealed(Status(state="offline"))),
             ),
             self._on_message,
             on_connect=self._connected,
             on_disconnect=on_disconnect,
+            # subscribed again by the session on every connect, before _connected runs
+            subscriptions=[(down_filter(self._device_id), 1)],
         )
 
     @property
@@ -93,7 +101,10 @@ class Link:
         alert that waited out a long outage is still fresh when it finally arrives.
         """
         topic, payload = self._sealed(body, message_id)
-        return self.session.publish(topic, payload, retain=retain)
+        # An alert (duress included) or a cancel is someone in danger: a missing PUBACK
+        # makes the session test the link at once instead of waiting for the keepalive.
+        urgent = isinstance(body, Alert | Cancel)
+        return self.session.publish(topic, payload, retain=retain, urgent=urgent)
 
     async def run(self) -> None:
         await self.session.run()
@@ -102,11 +113,8 @@ class Link:
         await self.session.close()
 
     def _connected(self, session_present: bool) -> None:
-        task = asyncio.ensure_future(self._after_connect())
-        task.add_done_callback(_log_failure)
-
-    async def _after_connect(self) -> None:
-        await self.session.subscribe([(down_filter(self._device_id), 1)])
+        # The session has already sent the SUBSCRIBE for our `down` topic on this
+        # connection, so no ack to what follows can overtake it.
         # Retained like the will, so the broker's retained state is the latest one, not
         # the `offline` of some earlier disconnect.
         self.send(Status(state="online"), retain=True)
@@ -132,8 +140,3 @@ class Link:
             return
         self._outbox.set_down_high_water(msg.seq)
         self._on_down(msg)
-
-
-def _log_failure(task: asyncio.Future[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("link: after-connect step failed: %s", task.exception())
