@@ -127,7 +127,7 @@ class Settings:
     # Nothing heard or sent this long: probe the link (MQTT's keepalive, sent in CONNECT).
     keepalive_s: int = 30
     # An urgent publish without its PUBACK this long makes the session probe the link; a
-    # probe without its PINGRESP this long (at most keepalive_s) declares the link dead.
+    # probe without its PINGRESP this long declares the link dead.
     ack_timeout_s: float = 3.0
     # Further brokers, tried in turn after (host, port) when a link is declared dead or a
     # connect fails; empty: always (host, port).
@@ -159,9 +159,10 @@ class LinkWatch:
 
     - An urgent publish whose PUBACK is not in within `ack_timeout_s` makes the link
       suspect; so does nothing heard, or nothing sent, for `idle_s` (the keepalive).
-    - A suspect link is probed with a PINGREQ. Its PINGRESP within `probe_s` clears it,
-      and forgives the PUBACKs that were late (a slow broker is not a dead link).
-      Otherwise the link is dead.
+    - A suspect link is probed with a PINGREQ. Its PINGRESP within `ack_timeout_s` clears
+      it, and forgives the PUBACKs that were late (a slow broker is not a dead link).
+      Otherwise the link is dead: `ack_timeout_s` after the probe, so a quiet dead link
+      is found within `idle_s + ack_timeout_s` of the last packet heard.
     """
 
     def __init__(self, ack_timeout_s: float, idle_s: float) -> None:
@@ -169,9 +170,9 @@ class LinkWatch:
             raise ValueError(f"ack_timeout_s and idle_s must be > 0: {ack_timeout_s}, {idle_s}")
         self.ack_timeout_s = ack_timeout_s
         self.idle_s = idle_s
-        # the probe's answer is awaited no longer than the keepalive: a dead link is then
-        # found within two keepalives of the last packet heard, as with MQTT's own rule
-        self.probe_s = min(ack_timeout_s, idle_s)
+        # Not shortened to a short keepalive: a slow but working link (300 ms a packet,
+        # queued behind others) must have the same time to answer as an urgent publish.
+        self.probe_s = ack_timeout_s
         self._expected: dict[int, float] = {}  # mid -> PUBACK due by
         self._last_in = 0.0
         self._last_out = 0.0

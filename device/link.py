@@ -62,9 +62,12 @@ class Link:
                 port=m.port,
                 client_id=self._device_id,
                 version=m.version,
-                # The keepalive follows the heartbeat: with no press, a dead link is found
-                # within two heartbeats (the session probes a link quiet for this long).
-                keepalive_s=max(1, math.ceil(m.heartbeat_s)),
+                # The keepalive follows the heartbeat: quiet for a heartbeat and the time its
+                # PUBACK may take, the link is probed, and found dead ack_timeout_s later
+                # (16 s with the defaults: within two heartbeats). Not the heartbeat alone:
+                # the broker drops a client quiet for 1.5 keepalives, too tight for a 1 s
+                # heartbeat on a slow link.
+                keepalive_s=math.ceil(m.heartbeat_s + config.link.ack_timeout_s),
                 ack_timeout_s=config.link.ack_timeout_s,
                 other_addresses=config.link.other_addresses(),
                 tls=tls,

@@ -43,15 +43,20 @@ other_brokers = ["10.0.0.2:8884", "[fd00::3]:8883"]
     )
     settings = link.session.settings
     assert settings.ack_timeout_s == 2.5
-    # a quiet link is probed after one heartbeat (rounded up to MQTT's whole seconds)
-    assert settings.keepalive_s == 8
+    # a link quiet for a heartbeat and its PUBACK's time is probed (in whole seconds)
+    assert settings.keepalive_s == 10
     assert settings.other_addresses == (("10.0.0.2", 8884), ("fd00::3", 8883))
     assert link.session.address == ("10.0.0.1", 8883)
 
 
-def test_defaults_give_one_address_and_a_three_second_bound(tmp_path: Path) -> None:
+def test_with_the_defaults_a_quiet_dead_link_is_found_within_two_heartbeats(
+    tmp_path: Path,
+) -> None:
     settings = link_for(tmp_path, "").session.settings
-    assert (settings.ack_timeout_s, settings.other_addresses, settings.keepalive_s) == (3.0, (), 10)
+    heartbeat_s = DeviceConfig().mqtt.heartbeat_s
+    # probed after a keepalive of quiet, dead ack_timeout_s later
+    assert settings.keepalive_s + settings.ack_timeout_s <= 2 * heartbeat_s
+    assert settings.other_addresses == ()  # one broker unless told
 
 
 @pytest.mark.parametrize(
