@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -638,7 +639,10 @@ class Session:
         if fd < 0 or current is None or current.fileno() != fd:
             return  # closed or replaced since
         self._write_now()
-        if self._client.want_write():
+        # A failed write (the broker just reset the connection) closes the socket inside
+        # _write_now, leaving its packets queued: watching the closed descriptor would
+        # raise from the selector.
+        if self._client.socket() is current and sock.fileno() == fd and self._client.want_write():
             self._loop.add_writer(fd, self._flush)
 
     def _unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
@@ -670,16 +674,23 @@ class Session:
         # here, before on_connect, so the SUBSCRIBE goes ahead of anything the caller
         # publishes on connect: a reply to that cannot overtake the subscription.
         if self._subscriptions:
-            waiter = self._subscribe_now(list(self._subscriptions))
-            waiter.add_done_callback(self._log_refused_subscriptions)
+            filters = list(self._subscriptions)
+            try:
+                waiter = self._subscribe_now(filters)
+            except NotConnected as exc:  # gone again already: the next connect retries
+                log.warning("mqtt %s: %s", self.settings.client_id, exc)
+            else:
+                waiter.add_done_callback(partial(self._log_refused_subscriptions, filters))
         session_present = bool(getattr(flags, "session_present", False))
         if self._on_connect is not None:
             self._on_connect(session_present)
 
-    def _log_refused_subscriptions(self, waiter: asyncio.Future[list[int]]) -> None:
+    def _log_refused_subscriptions(
+        self, filters: list[tuple[str, int]], waiter: asyncio.Future[list[int]]
+    ) -> None:
         if waiter.cancelled() or waiter.exception() is not None:
             return  # the connection went again; the next connect subscribes again
-        for (topic, _qos), granted in zip(self._subscriptions, waiter.result(), strict=False):
+        for (topic, _qos), granted in zip(filters, waiter.result(), strict=False):
             if granted >= 0x80:
                 log.warning(
                     "mqtt %s: the broker refused the subscription to %s (reason code %#x)",
