@@ -169,11 +169,10 @@ class LinkWatch:
     def __init__(self, ack_timeout_s: float, idle_s: float) -> None:
         if ack_timeout_s <= 0 or idle_s <= 0:
             raise ValueError(f"ack_timeout_s and idle_s must be > 0: {ack_timeout_s}, {idle_s}")
+        # One bound for a PUBACK and a PINGRESP, even below a short keepalive: a slow but
+        # working link (300 ms a packet, queued behind others) must have time to answer.
         self.ack_timeout_s = ack_timeout_s
         self.idle_s = idle_s
-        # Not shortened to a short keepalive: a slow but working link (300 ms a packet,
-        # queued behind others) must have the same time to answer as an urgent publish.
-        self.probe_s = ack_timeout_s
         self._expected: dict[int, float] = {}  # mid -> PUBACK due by
         self._last_in = 0.0
         self._last_out = 0.0
@@ -203,7 +202,7 @@ class LinkWatch:
         self._last_out = max(self._last_out, now)
 
     def probe_sent(self, now: float, reason: DeadReason) -> None:
-        self._probe_due = now + self.probe_s
+        self._probe_due = now + self.ack_timeout_s
         self._probe_reason = reason
 
     def answered(self, now: float) -> None:
@@ -216,7 +215,7 @@ class LinkWatch:
         """Reading was paused: what went unread is no evidence of a dead link."""
         self._last_in = max(self._last_in, now)
         if self._probe_due is not None:
-            self._probe_due = max(self._probe_due, now + self.probe_s)
+            self._probe_due = max(self._probe_due, now + self.ack_timeout_s)
 
     def due(self, now: float) -> tuple[Literal["probe", "dead"], DeadReason] | None:
         if self._probe_due is not None:
@@ -791,7 +790,7 @@ class Session:
         now = loop.time()
         if self._reading_paused:
             # the answers wait unread: judge nothing until reading resumes
-            self._watch_timer = loop.call_at(now + self._watch.probe_s, self._check_link)
+            self._watch_timer = loop.call_at(now + self._watch.ack_timeout_s, self._check_link)
             return
         verdict = self._watch.due(now)
         if verdict is not None and verdict[0] == "dead":
@@ -813,7 +812,7 @@ class Session:
             self.settings.client_id,
             event.address,
             why,
-            self._watch.probe_s,
+            self._watch.ack_timeout_s,
         )
         self._next_address()
         for listener in list(self._link_dead_listeners):
