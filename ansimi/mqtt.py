@@ -353,8 +353,8 @@ class Session:
             self._pending[info.mid] = done
             if urgent:
                 self._urgent.add(info.mid)
+                # one published while disconnected is watched from the next CONNACK on
                 if self.connected:
-                    # published while disconnected: watched from the next CONNACK on
                     self._watch.expect(info.mid, loop.time())
                     self._arm_watch()
         self._write_now()
