@@ -1,9 +1,17 @@
 """One asyncio MQTT session on top of paho, with no thread per client.
 
 paho does the protocol; the event loop does the waiting. paho's socket callbacks register
-its socket with the loop (`add_reader`/`add_writer`), and one shared ticker per loop calls
-`loop_misc()` for every session, so ten thousand simulated devices cost ten thousand
-sockets and one timer, not ten thousand threads (FIELD-NOTES: ~5 KB a connection).
+its socket with the loop (`add_reader`/`add_writer`), so ten thousand simulated devices
+cost ten thousand sockets, not ten thousand threads (FIELD-NOTES: ~5 KB a connection).
+
+The session, not paho, decides when the link is dead (`LinkWatch`): paho's keepalive
+notices a black-holed link only after twice the keepalive, and a publish without its
+PUBACK counts for nothing there. Here an urgent publish without its PUBACK, or a quiet
+link, is probed at once with a PINGREQ, and a probe left unanswered drops the connection
+and moves to the next broker address. Every (re)connect subscribes again to everything the
+session was asked to subscribe to, whatever `session_present` says: mosquitto 2.0.11
+restores a session across its restart but stops delivering its `$share/...` filters
+(FIELD-NOTES).
 
 Business code never sees a paho object: it gets frozen `Message`s and awaits futures.
 """
@@ -18,9 +26,10 @@ import socket
 import ssl
 import sys
 import threading
-import weakref
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +61,9 @@ MessageHandler = Callable[["Message"], None]
 # packets one session reads per readable event; the socket stays readable for the rest
 READ_PACKETS_PER_WAKEUP = 64
 ConnectHandler = Callable[[bool], None]
+LinkDeadListener = Callable[["LinkDead"], None]
+# why a link was declared dead: an urgent publish's PUBACK, or a quiet link, then no PINGRESP
+DeadReason = Literal["ack_timeout", "idle"]
 
 
 class MqttError(Exception):
@@ -113,7 +125,14 @@ class Settings:
     # A persistent session lets the broker keep QoS 1 messages for us while we are away.
     persistent: bool = True
     session_expiry_s: int = 7 * 24 * 3600
+    # Nothing heard or sent this long: probe the link (MQTT's keepalive, sent in CONNECT).
     keepalive_s: int = 30
+    # An urgent publish without its PUBACK this long makes the session probe the link; a
+    # probe without its PINGRESP this long declares the link dead.
+    ack_timeout_s: float = 3.0
+    # Further brokers, tried in turn after (host, port) when a link is declared dead or a
+    # connect fails; empty: always (host, port).
+    other_addresses: tuple[tuple[str, int], ...] = ()
     connect_timeout_s: float = 5.0
     tls: TlsFiles | None = None
     username: str | None = None
@@ -123,45 +142,104 @@ class Settings:
     backoff_max_s: float = 30.0
 
 
-class _Ticker:
-    """Calls `loop_misc()` once a second for every live session on one event loop."""
+@dataclass(frozen=True, slots=True)
+class LinkDead:
+    """The session gave up its link: what a caller measuring it needs (the simulator's
+    `latency_s.press_to_link_dead`). Listeners run synchronously at the declaration,
+    before the session reconnects."""
 
-    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticker] = (
-        weakref.WeakKeyDictionary()
-    )
+    at_s: float  # the event loop's clock (monotonic)
+    wall_s: float  # time.time() at the same moment, for reports
+    reason: DeadReason
+    address: str  # "host:port" given up; the session reconnects to the next one
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._clients: weakref.WeakSet[paho.Client] = weakref.WeakSet()
-        self._handle: asyncio.TimerHandle | None = None
 
-    @classmethod
-    def for_loop(cls, loop: asyncio.AbstractEventLoop) -> _Ticker:
-        ticker = cls._by_loop.get(loop)
-        if ticker is None:
-            ticker = cls._by_loop[loop] = cls(loop)
-        return ticker
+class LinkWatch:
+    """When to test the link and when to give it up. A functional core: no I/O, and time
+    is an argument, so the rules are tested without a broker or a sleep.
 
-    def add(self, client: paho.Client) -> None:
-        self._clients.add(client)
-        if self._handle is None:
-            self._handle = self._loop.call_later(1.0, self._tick)
+    - An urgent publish whose PUBACK is not in within `ack_timeout_s` makes the link
+      suspect; so does nothing heard, or nothing sent, for `idle_s` (the keepalive).
+    - A suspect link is probed with a PINGREQ. Its PINGRESP within `ack_timeout_s` clears
+      it, and forgives the PUBACKs that were late (a slow broker is not a dead link).
+      Otherwise the link is dead: `ack_timeout_s` after the probe, so a quiet dead link
+      is found within `idle_s + ack_timeout_s` of the last packet heard.
+    """
 
-    def discard(self, client: paho.Client) -> None:
-        self._clients.discard(client)
+    def __init__(self, ack_timeout_s: float, idle_s: float) -> None:
+        if ack_timeout_s <= 0 or idle_s <= 0:
+            raise ValueError(f"ack_timeout_s and idle_s must be > 0: {ack_timeout_s}, {idle_s}")
+        # One bound for a PUBACK and a PINGRESP, even below a short keepalive: a slow but
+        # working link (300 ms a packet, queued behind others) must have time to answer.
+        self.ack_timeout_s = ack_timeout_s
+        self.idle_s = idle_s
+        self._expected: dict[int, float] = {}  # mid -> PUBACK due by
+        self._last_in = 0.0
+        self._last_out = 0.0
+        self._probe_due: float | None = None
+        self._probe_reason: DeadReason = "idle"
 
-    def _tick(self) -> None:
-        for client in list(self._clients):
-            client.loop_misc()
-        self._handle = self._loop.call_later(1.0, self._tick) if self._clients else None
+    @property
+    def probing(self) -> bool:
+        return self._probe_due is not None
+
+    def connected(self, now: float) -> None:
+        self._last_in = self._last_out = now
+        self._expected.clear()
+        self._probe_due = None
+
+    def expect(self, mid: int, now: float) -> None:
+        """An urgent publish went out: its PUBACK is due within the bound."""
+        self._expected[mid] = now + self.ack_timeout_s
+
+    def acked(self, mid: int) -> None:
+        self._expected.pop(mid, None)
+
+    def heard(self, now: float) -> None:
+        self._last_in = max(self._last_in, now)
+
+    def sent(self, now: float) -> None:
+        self._last_out = max(self._last_out, now)
+
+    def probe_sent(self, now: float, reason: DeadReason) -> None:
+        self._probe_due = now + self.ack_timeout_s
+        self._probe_reason = reason
+
+    def answered(self, now: float) -> None:
+        """A PINGRESP: the round trip works now."""
+        self._probe_due = None
+        for mid in [mid for mid, due in self._expected.items() if due <= now]:
+            del self._expected[mid]
+
+    def resumed(self, now: float) -> None:
+        """Reading was paused: what went unread is no evidence of a dead link."""
+        self._last_in = max(self._last_in, now)
+        if self._probe_due is not None:
+            self._probe_due = max(self._probe_due, now + self.ack_timeout_s)
+
+    def due(self, now: float) -> tuple[Literal["probe", "dead"], DeadReason] | None:
+        if self._probe_due is not None:
+            return ("dead", self._probe_reason) if now >= self._probe_due else None
+        if any(due <= now for due in self._expected.values()):
+            return ("probe", "ack_timeout")
+        if now - self._last_in >= self.idle_s or now - self._last_out >= self.idle_s:
+            return ("probe", "idle")
+        return None
+
+    def next_check(self) -> float:
+        if self._probe_due is not None:
+            return self._probe_due
+        return min([min(self._last_in, self._last_out) + self.idle_s, *self._expected.values()])
 
 
 class Session:
     """An MQTT connection that keeps itself connected until closed.
 
     `run()` is the session's task: it connects, and after any loss waits a jittered,
-    exponentially growing delay and connects again. `publish()` returns a future that
-    completes when the broker has taken the message (PUBACK for QoS 1).
+    exponentially growing delay and connects again (at once after a link declared dead, or
+    `reconnect()`). `publish()` returns a future that completes when the broker has taken
+    the message (PUBACK for QoS 1). Every filter given to `subscribe()` (or `subscriptions`)
+    is subscribed again on every connect, before `on_connect` runs.
     """
 
     def __init__(
@@ -171,6 +249,7 @@ class Session:
         *,
         on_connect: ConnectHandler | None = None,
         on_disconnect: Callable[[], None] | None = None,
+        subscriptions: Sequence[tuple[str, int]] = (),
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
@@ -183,13 +262,20 @@ class Session:
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._subscribe_waiters: dict[int, asyncio.Future[list[int]]] = {}
         self._subscriptions: list[tuple[str, int]] = []
+        self._remember(subscriptions)
+        self._addresses = [(settings.host, settings.port), *settings.other_addresses]
+        self._address_index = 0
+        self._watch = LinkWatch(settings.ack_timeout_s, settings.keepalive_s)
+        self._watch_timer: asyncio.TimerHandle | None = None
+        self._urgent: set[int] = set()  # mids of urgent publishes still without a PUBACK
+        self._link_dead_listeners: list[LinkDeadListener] = []
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
         self._disconnected = asyncio.Event()
+        self._retry_now = asyncio.Event()
         self._closing = False
         self._reading_paused = False
         self._connect_result: asyncio.Future[None] | None = None
-        self._background: set[asyncio.Future[list[int]]] = set()
         self._client = self._make_client()
 
     # ---- public API -------------------------------------------------------------------
@@ -198,41 +284,61 @@ class Session:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """The broker this session connects (or is connected) to."""
+        return self._addresses[self._address_index]
+
     async def wait_connected(self, timeout_s: float | None = None) -> None:
         async with asyncio.timeout(timeout_s):
             await self._connected.wait()
+
+    def add_link_dead_listener(self, listener: LinkDeadListener) -> None:
+        """Call `listener(LinkDead)` each time this session declares its link dead."""
+        self._link_dead_listeners.append(listener)
 
     async def run(self) -> None:
         """Stay connected until `close()`; never returns otherwise."""
         self._bind_loop()
         delay = self.settings.backoff_min_s
         while not self._closing:
+            self._retry_now.clear()
             try:
                 await self._connect_once()
                 delay = self.settings.backoff_min_s
                 await self._lost.wait()
             except (OSError, ssl.SSLError, MqttError) as exc:
+                host, port = self.address
                 log.warning(
-                    "mqtt %s: cannot connect to %s:%s: %s",
-                    self.settings.client_id,
-                    self.settings.host,
-                    self.settings.port,
-                    exc,
+                    "mqtt %s: cannot connect to %s:%s: %s", self.settings.client_id, host, port, exc
                 )
+                # an unreachable broker: the next attempt goes to the next one, if any
+                self._next_address()
             if self._closing:
                 break
+            if self._retry_now.is_set():
+                continue  # a link declared dead, or reconnect(): no backoff
             # Full jitter keeps a fleet that lost the broker together from returning together.
-            await asyncio.sleep(self._rng.uniform(0, delay))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._rng.uniform(0, delay)):
+                    await self._retry_now.wait()
             delay = min(delay * 2, self.settings.backoff_max_s)
 
     def publish(
-        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        urgent: bool = False,
     ) -> asyncio.Future[None]:
         """Send now; the future completes when the broker has the message.
 
         A QoS 1 message published while disconnected waits in paho's queue and goes out
         on reconnect, so callers may publish at any time; their own outbox decides what
-        to do if the future never completes.
+        to do if the future never completes. An `urgent` QoS 1 message without its PUBACK
+        within `ack_timeout_s` makes the session test the link at once (`LinkWatch`).
         """
         loop = self._bind_loop()
         done: asyncio.Future[None] = loop.create_future()
@@ -245,6 +351,12 @@ class Session:
             done.set_result(None)
         else:
             self._pending[info.mid] = done
+            if urgent:
+                self._urgent.add(info.mid)
+                # one published while disconnected is watched from the next CONNACK on
+                if self.connected:
+                    self._watch.expect(info.mid, loop.time())
+                    self._arm_watch()
         self._write_now()
         return done
 
@@ -262,20 +374,40 @@ class Session:
         in_callback = client._in_callback_mutex
         if in_callback.acquire(blocking=False):
             in_callback.release()
-            client.loop_write()
+            self._flush()
+
+    def _flush(self) -> None:
+        self._client.loop_write()
+        if self._loop is not None:
+            self._watch.sent(self._loop.time())
 
     async def subscribe(self, filters: list[tuple[str, int]]) -> list[int]:
         """Subscribe now and after every reconnect; returns the broker's granted QoS."""
-        for entry in filters:
-            if entry not in self._subscriptions:
-                self._subscriptions.append(entry)
+        self._remember(filters)
         if not self.connected:
             raise NotConnected(f"mqtt {self.settings.client_id}: not connected")
         return await self._send_subscribe(filters)
 
+    async def resubscribe(self) -> list[int]:
+        """Subscribe again to every filter remembered, now; returns the granted QoS. For a
+        caller whose own probe shows that a subscription has stopped delivering."""
+        if not self.connected:
+            raise NotConnected(f"mqtt {self.settings.client_id}: not connected")
+        if not self._subscriptions:
+            return []
+        return await self._send_subscribe(list(self._subscriptions))
+
+    def reconnect(self) -> None:
+        """Drop the connection and connect again at once, without the backoff delay.
+
+        Runs on the loop's next turn: a caller may be inside one of paho's callbacks,
+        whose lock paho's disconnect path takes again."""
+        self._bind_loop().call_soon(self._drop_connection)
+
     async def close(self) -> None:
         """Disconnect cleanly (DISCONNECT sent: the broker drops our will), then let go."""
         self._closing = True
+        self._stop_watch()
         if self._client.is_connected():
             self._client.disconnect()
             with contextlib.suppress(TimeoutError):
@@ -283,10 +415,12 @@ class Session:
                     await self._disconnected.wait()
         self._abort_socket()
         self._lost.set()
+        self._retry_now.set()
         for fut in self._pending.values():
             if not fut.done():
                 fut.cancel()
         self._pending.clear()
+        self._urgent.clear()
 
     # ---- paho plumbing ----------------------------------------------------------------
 
@@ -326,10 +460,22 @@ class Session:
             self._loop_thread = threading.get_ident()
         return self._loop
 
+    def _remember(self, filters: Sequence[tuple[str, int]]) -> None:
+        for entry in filters:
+            if entry not in self._subscriptions:
+                self._subscriptions.append(entry)
+
+    def _next_address(self) -> None:
+        self._address_index = (self._address_index + 1) % len(self._addresses)
+
     async def _connect_once(self) -> None:
         loop = self._bind_loop()
         s = self.settings
         self._lost.clear()
+        # A socket left from the last attempt is closed here, on the loop thread, where it
+        # can be unwatched while its descriptor is still its own; left to paho, the worker
+        # thread's connect would close it.
+        self._abort_socket()
         self._connect_result = loop.create_future()
         properties = None
         if s.version == 5:
@@ -337,7 +483,7 @@ class Session:
             properties.SessionExpiryInterval = s.session_expiry_s if s.persistent else 0
         # The TCP connect and TLS handshake block, so they run on a worker thread; the
         # socket callbacks they trigger are marshalled back to the loop (`_on_loop`).
-        connecting = loop.run_in_executor(None, self._blocking_connect, properties)
+        connecting = loop.run_in_executor(None, self._blocking_connect, self.address, properties)
         try:
             await asyncio.shield(connecting)
         except asyncio.CancelledError:
@@ -347,40 +493,59 @@ class Session:
         if self._closing:
             self._abort_socket()
             return
-        ticker = _Ticker.for_loop(loop)
-        ticker.add(self._client)
         # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when a
         # cancellation arrives together with it, and the cancelled session then runs on.
         try:
             async with asyncio.timeout(s.connect_timeout_s * 2):
                 await asyncio.shield(self._connect_result)
         except TimeoutError:
-            self._forget_socket()
+            self._abort_socket()
             raise MqttError("no CONNACK from the broker in time") from None
 
-    def _blocking_connect(self, properties: Properties | None) -> None:
+    def _blocking_connect(self, address: tuple[str, int], properties: Properties | None) -> None:
         s = self.settings
         self._client.connect(
-            s.host,
-            s.port,
+            address[0],
+            address[1],
             keepalive=s.keepalive_s,
             clean_start=not s.persistent if s.version == 5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
         )
 
+    def _unwatch(self, sock: Any) -> None:
+        """Stop the loop watching `sock`. Only on the loop thread, before the socket is
+        closed: a closed socket has no descriptor to name (`ValueError: Invalid file
+        descriptor: -1`), and its old number may already belong to the next socket."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        fd = sock.fileno()
+        if fd >= 0:
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+
     def _forget_socket(self) -> None:
         sock = self._client.socket()
-        if sock is not None and self._loop is not None:
-            self._loop.remove_reader(sock)
-            self._loop.remove_writer(sock)
-        if self._loop is not None:
-            _Ticker.for_loop(self._loop).discard(self._client)
+        if sock is not None:
+            self._unwatch(sock)
 
     def _abort_socket(self) -> None:
-        self._forget_socket()
         # paho has no public "drop the connection now"; closing its socket is what its own
         # error paths do, and it reports through on_socket_close like any other close.
-        self._client._sock_close()
+        if self._client.socket() is not None:
+            self._forget_socket()
+            self._client._sock_close()
+
+    def _drop_connection(self) -> None:
+        self._retry_now.set()
+        if self._closing:
+            return
+        if self._client.socket() is not None:
+            # paho's own path for a lost connection: closes the socket, calls on_disconnect
+            self._client._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        result = self._connect_result
+        if result is not None and not result.done():
+            result.set_exception(MqttError("connection dropped before CONNACK"))
 
     def _on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
         loop = self._loop
@@ -402,8 +567,12 @@ class Session:
 
     def _add_reader(self, sock: Any) -> None:
         assert self._loop is not None
-        if sock.fileno() >= 0 and not self._reading_paused:
-            self._loop.add_reader(sock, self._read)
+        # from the connect's worker thread: the socket may be closed or replaced since
+        current = self._client.socket()
+        if current is None or current is not sock or current.fileno() < 0:
+            return
+        if not self._reading_paused:
+            self._loop.add_reader(current, self._read)
 
     def _read(self) -> None:
         """paho's loop_read() reads as many packets as it has publishes awaiting a PUBACK,
@@ -412,21 +581,26 @@ class Session:
         acks' PUBACKs are not read while paused): so the same steps, checked per packet,
         and a bounded number per wake-up so other sessions on the loop get their turn."""
         client = self._client
+        if self._loop is not None:
+            self._watch.heard(self._loop.time())
         for _ in range(READ_PACKETS_PER_WAKEUP):
             if self._reading_paused or client.socket() is None:
-                return
+                break
             rc = client._packet_read()
             if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-                return
+                break
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 client._loop_rc_handle(rc)
                 return
+        # paho clears its ping time when a PINGRESP arrives: the probe has its answer
+        if self._watch.probing and client._ping_t == 0 and self._loop is not None:
+            self._watch.answered(self._loop.time())
 
     def pause_reading(self) -> None:
         """Read nothing more from the broker until `resume_reading()`: for a consumer that
         has fallen behind. TCP flow control then holds the rest at the broker, so memory
-        stays bounded here. Writes (acks) go on. Keep pauses shorter than the keepalive:
-        the broker's ping responses wait too."""
+        stays bounded here. Writes (acks) go on; the link is not judged meanwhile, since
+        the broker's answers wait unread too."""
         self._reading_paused = True
         sock = self._client.socket()
         if sock is not None and self._loop is not None:
@@ -434,13 +608,18 @@ class Session:
 
     def resume_reading(self) -> None:
         self._reading_paused = False
+        if self._loop is not None:
+            self._watch.resumed(self._loop.time())
         sock = self._client.socket()
         if sock is not None and self._loop is not None:
             self._add_reader(sock)
 
     def _socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self._loop is not None and sock.fileno() >= 0:
-            self._on_loop(self._loop.remove_reader, sock)
+        # paho calls this just before it closes `sock`. Every close happens on the loop
+        # thread (see _connect_once); a removal queued from elsewhere would run after the
+        # close, on a socket with no descriptor left.
+        if threading.get_ident() == self._loop_thread:
+            self._unwatch(sock)
 
     def _register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho has bytes to send. Try on the loop's next turn (publish() may have sent them
@@ -459,12 +638,17 @@ class Session:
         if fd < 0 or current is None or current.fileno() != fd:
             return  # closed or replaced since
         self._write_now()
-        if self._client.want_write():
-            self._loop.add_writer(fd, self._client.loop_write)
+        # A failed write (the broker just reset the connection) closes the socket inside
+        # _write_now, leaving its packets queued: watching the closed descriptor would
+        # raise from the selector.
+        if self._client.socket() is current and sock.fileno() == fd and self._client.want_write():
+            self._loop.add_writer(fd, self._flush)
 
     def _unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self._loop is not None and sock.fileno() >= 0:
-            self._on_loop(self._loop.remove_writer, sock)
+        if self._loop is not None and threading.get_ident() == self._loop_thread:
+            fd = sock.fileno()
+            if fd >= 0:
+                self._loop.remove_writer(fd)
 
     def _handle_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
@@ -472,21 +656,47 @@ class Session:
         result = self._connect_result
         if reason.is_failure:
             if result is not None and not result.done():
-                result.set_exception(
-                    ConnectRefused(self.settings.host, self.settings.port, str(reason))
-                )
+                host, port = self.address
+                result.set_exception(ConnectRefused(host, port, str(reason)))
             return
         self._connected.set()
         self._disconnected.clear()
         if result is not None and not result.done():
             result.set_result(None)
+        loop = self._bind_loop()
+        now = loop.time()
+        self._watch.connected(now)
+        for mid in self._urgent:  # resent by paho now: their PUBACKs are due again
+            self._watch.expect(mid, now)
+        self._arm_watch()
+        # Every filter, whatever `session_present` says (see the module docstring). Sent
+        # here, before on_connect, so the SUBSCRIBE goes ahead of anything the caller
+        # publishes on connect: a reply to that cannot overtake the subscription.
+        if self._subscriptions:
+            filters = list(self._subscriptions)
+            try:
+                waiter = self._subscribe_now(filters)
+            except NotConnected as exc:  # gone again already: the next connect retries
+                log.warning("mqtt %s: %s", self.settings.client_id, exc)
+            else:
+                waiter.add_done_callback(partial(self._log_refused_subscriptions, filters))
         session_present = bool(getattr(flags, "session_present", False))
-        if self._subscriptions and not session_present:
-            task = asyncio.ensure_future(self._send_subscribe(list(self._subscriptions)))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
         if self._on_connect is not None:
             self._on_connect(session_present)
+
+    def _log_refused_subscriptions(
+        self, filters: list[tuple[str, int]], waiter: asyncio.Future[list[int]]
+    ) -> None:
+        if waiter.cancelled() or waiter.exception() is not None:
+            return  # the connection went again; the next connect subscribes again
+        for (topic, _qos), granted in zip(filters, waiter.result(), strict=False):
+            if granted >= 0x80:
+                log.warning(
+                    "mqtt %s: the broker refused the subscription to %s (reason code %#x)",
+                    self.settings.client_id,
+                    topic,
+                    granted,
+                )
 
     def _handle_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
@@ -495,7 +705,12 @@ class Session:
         self._connected.clear()
         self._disconnected.set()
         self._forget_socket()
+        self._stop_watch()
         self._lost.set()
+        for waiter in self._subscribe_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(NotConnected(f"connection lost before SUBACK: {reason}"))
+        self._subscribe_waiters.clear()
         result = self._connect_result
         if result is not None and not result.done():
             # Closed before CONNACK: retry after the backoff, not after the CONNACK timeout.
@@ -513,6 +728,9 @@ class Session:
     def _handle_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any
     ) -> None:
+        if self._urgent:
+            self._urgent.discard(mid)
+            self._watch.acked(mid)
         done = self._pending.pop(mid, None)
         if done is None or done.done():
             return
@@ -521,13 +739,18 @@ class Session:
         else:
             done.set_result(None)
 
-    async def _send_subscribe(self, filters: list[tuple[str, int]]) -> list[int]:
+    def _subscribe_now(self, filters: list[tuple[str, int]]) -> asyncio.Future[list[int]]:
         loop = self._bind_loop()
         rc, mid = self._client.subscribe(filters)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise NotConnected(f"subscribe failed: {paho.error_string(rc)}")
         waiter: asyncio.Future[list[int]] = loop.create_future()
         self._subscribe_waiters[mid] = waiter
+        self._write_now()
+        return waiter
+
+    async def _send_subscribe(self, filters: list[tuple[str, int]]) -> list[int]:
+        waiter = self._subscribe_now(filters)
         async with asyncio.timeout(self.settings.connect_timeout_s * 2):
             return await waiter
 
@@ -538,22 +761,63 @@ class Session:
         if waiter is not None and not waiter.done():
             waiter.set_result([r.value for r in reasons])
 
-    # ---- repair (used by the gateway's intake probe) ------------------------------------
+    # ---- the link watch (see LinkWatch) -------------------------------------------------
 
-    async def resubscribe(self) -> list[int]:
-        """Send every subscription again now: a broker may keep a session yet forget one of
-        its subscriptions (mosquitto 2.0.11, a shared one across its restart: FIELD-NOTES)."""
-        if not self.connected:
-            raise NotConnected(f"mqtt {self.settings.client_id}: not connected")
-        return await self._send_subscribe(list(self._subscriptions))
+    def _arm_watch(self) -> None:
+        """One timer per session, at the watch's next deadline. Deadlines only move later
+        as packets come and go, so a timer already due earlier is kept and re-arms itself."""
+        loop = self._loop
+        if loop is None or not self.connected:
+            return
+        when = self._watch.next_check()
+        timer = self._watch_timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        self._watch_timer = loop.call_at(when, self._check_link)
 
-    def reconnect(self) -> None:
-        """Drop the connection now; `run()` connects again after its backoff. For a link
-        that looks up but carries nothing (black-holed): keepalive would take ~2x longer."""
-        was_connected = self._connected.is_set()
-        self._abort_socket()
-        self._connected.clear()
-        self._disconnected.set()
-        self._lost.set()
-        if was_connected and self._on_disconnect is not None:
-            self._on_disconnect()
+    def _stop_watch(self) -> None:
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+            self._watch_timer = None
+
+    def _check_link(self) -> None:
+        self._watch_timer = None
+        loop = self._loop
+        if loop is None or not self.connected or self._closing:
+            return
+        now = loop.time()
+        if self._reading_paused:
+            # the answers wait unread: judge nothing until reading resumes
+            self._watch_timer = loop.call_at(now + self._watch.ack_timeout_s, self._check_link)
+            return
+        verdict = self._watch.due(now)
+        if verdict is not None and verdict[0] == "dead":
+            self._declare_dead(verdict[1], now)
+            return
+        if verdict is not None:
+            if self._client._send_pingreq() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return  # no socket any more: the disconnect path has it
+            self._watch.probe_sent(now, verdict[1])
+            self._write_now()
+        self._arm_watch()
+
+    def _declare_dead(self, reason: DeadReason, now: float) -> None:
+        host, port = self.address
+        event = LinkDead(at_s=now, wall_s=time.time(), reason=reason, address=f"{host}:{port}")
+        why = "an urgent publish had no PUBACK" if reason == "ack_timeout" else "a quiet link"
+        log.warning(
+            "mqtt %s: link to %s declared dead (%s, then no PINGRESP within %g s): reconnecting",
+            self.settings.client_id,
+            event.address,
+            why,
+            self._watch.ack_timeout_s,
+        )
+        self._next_address()
+        for listener in list(self._link_dead_listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("mqtt %s: link-dead listener failed", self.settings.client_id)
+        self._drop_connection()

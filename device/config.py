@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from device.hal.config import HardwareConfig
 from device.video.config import VideoConfig
@@ -54,6 +54,37 @@ class MqttSection(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
+
+
+def broker_address(text: str) -> tuple[str, int]:
+    """`host:port` (an IPv6 host in brackets, `[::1]:8883`) as (host, port)."""
+    host, colon, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or any(c.isspace() for c in host):
+        raise ValueError(f'{text!r} is not host:port (for example "10.0.0.2:8883")')
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    return host, int(port)
+
+
+class LinkSection(_Section):
+    """How the MQTT link finds out it is dead (`ansimi/mqtt.py`, LinkWatch)."""
+
+    # an alert, cancel or duress without its PUBACK this long makes the link test itself
+    # (PINGREQ); no answer within as long again and it is dropped and connected again
+    ack_timeout_s: Annotated[float, Field(gt=0)] = 3.0
+    # further brokers, "host:port", tried in turn after [mqtt] host and port
+    other_brokers: Annotated[list[str], Field(max_length=8)] = []
+
+    @field_validator("other_brokers")
+    @classmethod
+    def _addresses_valid(cls, value: list[str]) -> list[str]:
+        for text in value:
+            broker_address(text)
+        return value
+
+    def other_addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(broker_address(text) for text in self.other_brokers)
 
 
 class OutboxSection(_Section):
@@ -119,6 +150,7 @@ class DeviceConfig(_Section):
     device: DeviceSection = DeviceSection()
     gateway: GatewaySection = GatewaySection()
     mqtt: MqttSection = MqttSection()
+    link: LinkSection = LinkSection()
     outbox: OutboxSection = OutboxSection()
     behaviour: BehaviourSection = BehaviourSection()
     sms: SmsSection = SmsSection()

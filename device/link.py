@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,7 +25,16 @@ from device.outbox import Outbox
 from protocol.envelope import open_for_device, seal
 from protocol.errors import ProtocolError, Replay, UnknownSigner
 from protocol.jws import Signer
-from protocol.messages import AckMessage, Body, Message, Status, SyncMessage, build_message
+from protocol.messages import (
+    AckMessage,
+    Alert,
+    Body,
+    Cancel,
+    Message,
+    Status,
+    SyncMessage,
+    build_message,
+)
 from protocol.replay import DEFAULT_WINDOW_MS, check_sequence, check_window
 from protocol.topics import down_filter, parse_topic, up_topic
 
@@ -69,12 +79,22 @@ class Link:
                 port=m.port,
                 client_id=self._device_id,
                 version=m.version,
+                # The keepalive follows the heartbeat: quiet for a heartbeat and the time its
+                # PUBACK may take, the link is probed, and found dead ack_timeout_s later
+                # (16 s with the defaults: within two heartbeats). Not the heartbeat alone:
+                # the broker drops a client quiet for 1.5 keepalives, too tight for a 1 s
+                # heartbeat on a slow link.
+                keepalive_s=math.ceil(m.heartbeat_s + config.link.ack_timeout_s),
+                ack_timeout_s=config.link.ack_timeout_s,
+                other_addresses=config.link.other_addresses(),
                 tls=tls,
                 will=Will(*self._sealed(Status(state="offline"))),
             ),
             self._on_message,
             on_connect=self._connected,
             on_disconnect=on_disconnect,
+            # subscribed again by the session on every connect, before _connected runs
+            subscriptions=[(down_filter(self._device_id), 1)],
         )
 
     @property
@@ -106,7 +126,10 @@ class Link:
         alert that waited out a long outage is still fresh when it finally arrives.
         """
         topic, payload = self._sealed(body, message_id)
-        return self.session.publish(topic, payload, retain=retain)
+        # An alert (duress included) or a cancel is someone in danger: a missing PUBACK
+        # makes the session test the link at once instead of waiting for the keepalive.
+        urgent = isinstance(body, Alert | Cancel)
+        return self.session.publish(topic, payload, retain=retain, urgent=urgent)
 
     async def run(self) -> None:
         await self.session.run()
@@ -115,11 +138,8 @@ class Link:
         await self.session.close()
 
     def _connected(self, session_present: bool) -> None:
-        task = asyncio.ensure_future(self._after_connect())
-        task.add_done_callback(_log_failure)
-
-    async def _after_connect(self) -> None:
-        await self.session.subscribe([(down_filter(self._device_id), 1)])
+        # The session has already sent the SUBSCRIBE for our `down` topic on this
+        # connection, so no ack to what follows can overtake it.
         # Retained like the will, so the broker's retained state is the latest one, not
         # the `offline` of some earlier disconnect.
         self.send(Status(state="online"), retain=True)
@@ -152,8 +172,3 @@ class Link:
             return
         self._outbox.set_down_high_water(msg.seq)
         self._on_down(msg)
-
-
-def _log_failure(task: asyncio.Future[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("link: after-connect step failed: %s", task.exception())

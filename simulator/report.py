@@ -181,7 +181,12 @@ def _offline_detection(o: Observed) -> dict[str, float]:
     assert o.sink is not None
     found: dict[str, float] = {}
     for start, end, targets in o.partitions:
-        wanted = set(targets)
+        # A device already reported offline when the cut began (a lossy link reset it just
+        # before) leaves this cut nothing to detect; its next `offline` belongs to a later one.
+        last_before = {
+            d: state for d, state, at in sorted(o.sink.statuses, key=lambda x: x[2]) if at < start
+        }
+        wanted = {d for d in targets if last_before.get(d) != "offline"}
         for device, state, at in o.sink.statuses:
             if state == "offline" and device in wanted and start <= at and device not in found:
                 found[device] = at - start

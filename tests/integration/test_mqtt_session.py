@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
-from ansimi.broker import Mosquitto
-from ansimi.mqtt import Message, Session, Settings
+import paho.mqtt.publish as paho_publish
+import pytest
+from ansimi_testkit import eventually
+
+from ansimi.broker import Mosquitto, MosquittoConfig
+from ansimi.mqtt import LinkDead, Message, Session, Settings
+from simulator.proxy import FaultProxy
 
 
 class Inbox:
@@ -165,3 +175,211 @@ async def test_paused_reading_holds_messages_at_the_broker_until_resumed(
         got = [(await asyncio.wait_for(inbox.messages.get(), 5)).payload for _ in range(50)]
         assert got == [str(i).encode() for i in range(50)]
         await asyncio.wait_for(own, 5)
+
+
+# ---- subscriptions come back after a broker restart ------------------------------------
+
+
+async def publish_from_outside(broker: Mosquitto, topic: str, payload: str) -> None:
+    """Publish with paho's own blocking helper, not our Session: an independent client,
+    as `mosquitto_pub` would be (mosquitto-clients is not installed in CI)."""
+    await asyncio.to_thread(
+        paho_publish.single,
+        topic,
+        payload,
+        qos=1,
+        hostname=broker.host,
+        port=broker.port,
+        client_id="outside",
+    )
+
+
+async def saved_after(broker: Mosquitto, wall_s: float) -> None:
+    """Wait for an autosave of the broker's persistence file later than `wall_s`."""
+    db = broker.config.state_dir / "mosquitto.db"
+    await eventually(lambda: db.exists() and db.stat().st_mtime > wall_s, timeout_s=15)
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+async def test_a_shared_subscription_delivers_again_after_the_broker_restarts(
+    tmp_path: Path, stop: str
+) -> None:
+    """mosquitto 2.0.11 restores the persistent session (`session_present`) but no longer
+    delivers its `$share/...` filter: the session must subscribe again all the same."""
+    broker = Mosquitto(MosquittoConfig(state_dir=tmp_path / "broker", autosave_interval_s=1))
+    broker.start()
+    inbox = Inbox()
+    connects: list[bool] = []
+    session = Session(
+        settings(broker, "gw-like", backoff_min_s=0.05, backoff_max_s=0.2),
+        inbox,
+        on_connect=connects.append,
+    )
+    try:
+        async with running(session):
+            await session.subscribe([("$share/g/t/shared/#", 1)])
+            subscribed_at = time.time()
+            await publish_from_outside(broker, "t/shared/before", "1")
+            assert (await asyncio.wait_for(inbox.messages.get(), 10)).topic == "t/shared/before"
+            await saved_after(broker, subscribed_at)
+            if stop == "sigterm":
+                broker.stop()
+            else:
+                broker.kill()
+            broker.start()
+            await eventually(lambda: len(connects) == 2 and session.connected, timeout_s=15)
+            assert connects[1], "the broker kept the session: the case that went deaf"
+            await publish_from_outside(broker, "t/shared/after", "2")
+            got = await asyncio.wait_for(inbox.messages.get(), 10)
+            assert (got.topic, got.payload) == ("t/shared/after", b"2")
+    finally:
+        broker.stop()
+
+
+async def test_resubscribe_and_reconnect_on_request(mosquitto: Mosquitto) -> None:
+    """What the gateway's intake probe calls when its own probe goes unheard."""
+    inbox = Inbox()
+    connects: list[bool] = []
+    slow = {"backoff_min_s": 5.0, "backoff_max_s": 5.0}  # a backoff would show as a timeout
+    session = Session(settings(mosquitto, "asks", **slow), inbox, on_connect=connects.append)
+    async with running(session):
+        assert await session.resubscribe() == []
+        await session.subscribe([("t/asks/a", 1), ("t/asks/b", 0)])
+        assert await session.resubscribe() == [1, 0]
+        session.reconnect()
+        await eventually(lambda: len(connects) == 2 and session.connected, timeout_s=2)
+        await publish_from_outside(mosquitto, "t/asks/b", "x")
+        assert (await asyncio.wait_for(inbox.messages.get(), 5)).topic == "t/asks/b"
+
+
+# ---- a dead link found by the press itself -----------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def proxied(broker: Mosquitto) -> AsyncIterator[FaultProxy]:
+    proxy = FaultProxy(broker.host, broker.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+def watched_settings(port: int, client_id: str, **kw: object) -> Settings:
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "client_id": client_id,
+        "keepalive_s": 60,  # the press, not the keepalive, must find the dead link
+        "ack_timeout_s": 1.0,
+        "connect_timeout_s": 1.0,
+        "backoff_min_s": 0.05,
+        "backoff_max_s": 0.2,
+        **kw,
+    }
+    return Settings(**values)
+
+
+async def test_an_urgent_publish_on_a_black_holed_link_declares_it_dead(
+    mosquitto: Mosquitto,
+) -> None:
+    inbox = Inbox()
+    dead: list[LinkDead] = []
+    async with (
+        proxied(mosquitto) as proxy,
+        running(Session(settings(mosquitto, "listener"), inbox)) as listener,
+        running(Session(watched_settings(proxy.port, "bell-dead-1"), lambda m: None)) as bell,
+    ):
+        bell.add_link_dead_listener(dead.append)
+        await listener.subscribe([("t/press", 1)])
+        proxy.hold({"bell-dead-1"})
+        pressed_at = asyncio.get_running_loop().time()
+        delivered = bell.publish("t/press", b"alert", urgent=True)
+        # PUBACK missing for ack_timeout_s, then no PINGRESP for as long again
+        await eventually(lambda: bool(dead), timeout_s=15)
+        assert dead[0].reason == "ack_timeout"
+        assert dead[0].address == f"127.0.0.1:{proxy.port}"
+        assert dead[0].at_s - pressed_at >= 2 * 1.0
+        assert dead[0].at_s - pressed_at < 2 * 1.0 + 2.0
+        assert not delivered.done()
+        proxy.heal({"bell-dead-1"})
+        await asyncio.wait_for(delivered, 15)
+        assert (await asyncio.wait_for(inbox.messages.get(), 5)).payload == b"alert"
+
+
+async def test_a_link_answering_its_probes_stays_up(mosquitto: Mosquitto) -> None:
+    dead: list[LinkDead] = []
+    async with running(
+        Session(watched_settings(mosquitto.port, "bell-alive", keepalive_s=1), lambda m: None)
+    ) as bell:
+        bell.add_link_dead_listener(dead.append)
+        await asyncio.wait_for(bell.publish("t/alive", b"alert", urgent=True), 5)
+        # three keepalives: each quiet second is probed, and each probe is answered
+        await asyncio.sleep(3.5)
+        assert dead == [] and bell.connected
+
+
+async def test_a_quiet_black_holed_link_is_dead_a_keepalive_and_a_bound_later(
+    mosquitto: Mosquitto,
+) -> None:
+    dead: list[LinkDead] = []
+    async with (
+        proxied(mosquitto) as proxy,
+        running(
+            Session(watched_settings(proxy.port, "bell-quiet", keepalive_s=2), lambda m: None)
+        ) as bell,
+    ):
+        bell.add_link_dead_listener(dead.append)
+        cut_at = asyncio.get_running_loop().time()
+        proxy.hold({"bell-quiet"})
+        await eventually(lambda: bool(dead), timeout_s=15)
+        assert dead[0].reason == "idle"
+        # the probe after one keepalive of quiet, unanswered for ack_timeout_s (1 s): within
+        # two keepalives (the device's heartbeats), with the loop's slack
+        assert dead[0].at_s - cut_at <= 2 + 1 + 0.5
+
+
+async def test_a_dead_link_moves_to_the_next_broker_address(mosquitto: Mosquitto) -> None:
+    connects: list[bool] = []
+    dead: list[LinkDead] = []
+    async with proxied(mosquitto) as first, proxied(mosquitto) as second:
+        bell = Session(
+            watched_settings(
+                first.port, "bell-moves", other_addresses=(("127.0.0.1", second.port),)
+            ),
+            lambda m: None,
+            on_connect=connects.append,
+        )
+        async with running(bell):
+            bell.add_link_dead_listener(dead.append)
+            first.hold({"bell-moves"})
+            delivered = bell.publish("t/moves", b"alert", urgent=True)
+            # the second address carries it at once; the first is still black-holed
+            await asyncio.wait_for(delivered, 15)
+            assert [d.address for d in dead] == [f"127.0.0.1:{first.port}"]
+            assert bell.address == ("127.0.0.1", second.port)
+            assert second.connections == 1
+
+
+async def test_a_torn_down_socket_logs_no_traceback(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker that never answers CONNECT: each attempt's socket is torn down before the
+    next; none of it may reach the loop's exception handler (`remove_reader` on a closed
+    socket: `ValueError: Invalid file descriptor: -1`)."""
+    caplog.set_level(logging.WARNING)
+    async with proxied(mosquitto) as proxy:
+        proxy.hold({"bell-torn"})
+        settings_ = watched_settings(proxy.port, "bell-torn", connect_timeout_s=0.1)
+        session = Session(settings_, lambda m: None)
+        task = asyncio.create_task(session.run())
+        try:
+            # every attempt waits 2 x connect_timeout_s for its CONNACK, then starts again
+            await eventually(lambda: caplog.text.count("no CONNACK") >= 4, timeout_s=15)
+        finally:
+            await session.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []
+    assert "Invalid file descriptor" not in caplog.text

@@ -93,3 +93,22 @@ def test_sms_and_dead_link_thresholds_fail_when_nothing_was_measured(tmp_path: P
         "no SMS was sent: the press-to-SMS threshold measured nothing",
         "no press landed on a black-holed link: nothing measured",
     ]
+
+
+def test_a_device_offline_before_a_cut_is_not_detected_by_a_later_cut(tmp_path: Path) -> None:
+    """A device a lossy link reset just before the first cut, back only after it, and cut
+    again later: its `offline` in the second cut is that cut's detection, not a 6 s one
+    of the first (what made a simulator CI test flaky)."""
+    o = observed(tmp_path, Thresholds())
+    assert o.sink is not None
+    first, second = o.t0 + 2.0, o.t0 + 8.0
+    o.partitions = [(first, first + 5, ["dev-a", "dev-b"]), (second, second + 3, ["dev-a"])]
+    o.sink.statuses = [
+        ("dev-a", "offline", first - 0.02),
+        ("dev-b", "offline", first + 1.5),
+        ("dev-a", "online", first + 5.1),
+        ("dev-a", "offline", second + 0.01),
+    ]
+    summary = summarise(o)
+    assert summary["offline_detected"] == "2/3"
+    assert summary["offline_detection_s"]["max"] == 1.5
