@@ -89,7 +89,9 @@ class Bell:
         # what goes on the wire, as the broker would get it
         self.published: list[Message] = []
 
-        def publish(topic: str, payload: bytes, *, retain: bool = False) -> asyncio.Future[None]:
+        def publish(
+            topic: str, payload: bytes, *, retain: bool = False, urgent: bool = False
+        ) -> asyncio.Future[None]:
             verified = verify(payload, {DEVICE: self.device.public_key}.__getitem__)
             self.published.append(parse_message(verified.payload))
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
