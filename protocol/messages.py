@@ -16,9 +16,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import ErrorDetails
@@ -73,8 +75,39 @@ class Heartbeat(_Model):
     outbox_depth: UInt63 = 0
 
 
+# at most this many device ids in one district event: the signed token must stay under
+# MAX_TOKEN_BYTES whatever the ids; the count is always complete
+MAX_LISTED_DEVICES: Final = 150
+_DEVICE_EVENTS = ("online", "offline")
+
+
 class Status(_Model):
-    state: Literal["online", "offline"]
+    """A device's connection state, or (made by the gateway) many devices of a district.
+
+    `online`/`offline` are about the envelope's device and carry nothing else.
+    `district_outage`: `count` devices of `district` went offline together; `offline` lists
+    them. `district_restored`: most are back; `offline` lists those still offline. The
+    envelope's device is the one that tripped the outage (events are kept per device).
+    Unset fields are left out of the JSON, so the device states keep their bytes.
+    """
+
+    state: Literal["online", "offline", "district_outage", "district_restored"]
+    district: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    count: UInt63 | None = None
+    offline: Annotated[list[DeviceId], Field(max_length=MAX_LISTED_DEVICES)] | None = None
+
+    @model_validator(mode="after")
+    def _fields_fit_state(self) -> Status:
+        grouped = (self.district, self.count, self.offline)
+        if self.state in _DEVICE_EVENTS and any(f is not None for f in grouped):
+            raise ValueError(f"a status {self.state} carries no district, count or list")
+        if self.state not in _DEVICE_EVENTS and any(f is None for f in grouped):
+            raise ValueError(f"a status {self.state} needs district, count and offline")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class Rtc(_Model):

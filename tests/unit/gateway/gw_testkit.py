@@ -129,7 +129,7 @@ class Env:
         return len(self.store.events(None, 100_000))
 
 
-def make_env(clock: Clock | None = None) -> Env:
+def make_env(clock: Clock | None = None, *, will_grace_ms: int = 0) -> Env:
     clock = clock or Clock()
     store = SqliteStore(":memory:")
     for device_id, district in DISTRICTS.items():
@@ -159,6 +159,7 @@ def make_env(clock: Clock | None = None) -> Env:
         metrics,
         route_of=route_of,
         timeout_ms=TIMEOUT_MS,
+        will_grace_ms=will_grace_ms,
         clock_ms=clock,
         on_event=lambda: woken.append(1),
     )

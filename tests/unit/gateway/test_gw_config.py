@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from ansimi.cli import cli
 from ansimi.config import ConfigError, load_config
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, SuperviseConfig
 from protocol.keys import generate_key, save_private_key
 
 
@@ -107,3 +107,8 @@ def test_the_inline_token_is_not_in_the_repr() -> None:
     )
     assert "inline-secret" not in repr(config)
     assert config.supervise.timeout_ms == 30_000
+
+
+def test_the_will_grace_stays_short_of_the_silence_timeout() -> None:
+    assert SuperviseConfig(heartbeat_s=10, missed=3, will_grace_s=10).will_grace_ms == 10_000
+    assert SuperviseConfig(heartbeat_s=1, missed=3, will_grace_s=10).will_grace_ms == 1_500
