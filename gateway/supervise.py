@@ -245,7 +245,15 @@ class Supervisor:
                 wills.add(device_id)
             due[device_id] = now_ms - self.timeout_ms if will_at is None else will_at
         loop = asyncio.get_running_loop()
-        gone = await self._mark_offline(due, wills, now_ms, loop) if due else []
+        try:
+            gone = await self._mark_offline(due, wills, now_ms, loop) if due else []
+        except Exception:
+            # Our store failed (a full disk, say): then the intake cannot record heartbeats
+            # either, so their silence means nothing yet. As after a broker outage, each
+            # gets a full timeout again; the living are heard once the store works.
+            for device_id in due:
+                self._arm(device_id, now_ms + self.timeout_ms)
+            raise
         await self._tell_growth(now_ms, loop)
         return gone
 

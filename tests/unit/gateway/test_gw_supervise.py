@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 
 import pytest
@@ -300,3 +301,39 @@ async def test_a_device_heard_by_another_instance_during_the_grace_stays_online(
     assert await env.supervisor.tick(env.clock.ms) == []
     assert states(env) == []
     assert env.supervisor.deadline("bell-0001") == heard_at + TIMEOUT_MS
+
+
+class FailingStore(SqliteStore):
+    """The disk is full: nothing can be written until `healed`."""
+
+    healed = False
+
+    def mark_offline(
+        self, items: Sequence[Incoming], silent_since_ms: int, now_ms: int
+    ) -> list[bool]:
+        if not self.healed:
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().mark_offline(items, silent_since_ms, now_ms)
+
+
+async def test_a_store_that_cannot_write_loses_no_device_and_reports_no_false_outage(
+    env: Env,
+) -> None:
+    store = FailingStore(":memory:")
+    key = public_key_to_b64(generate_key().public_key())
+    store.add_device(Device("bell-0042", key, "bell", "mapo"), now_ms=0)
+    store.accept_batch(
+        [Incoming("hb-0042-0001", "bell-0042", 1, "heartbeat", NOW, "{}", "", (), kept=False)], NOW
+    )
+    sup = Supervisor(
+        store, env.downlink, env.metrics, route_of=lambda d: ("central",), timeout_ms=TIMEOUT_MS
+    )
+    sup.heard("bell-0042", NOW)
+    with pytest.raises(sqlite3.OperationalError):
+        await sup.tick(NOW + TIMEOUT_MS)
+    # still watched, a full timeout from the failure, not dropped and not due at once
+    assert sup.deadline("bell-0042") == NOW + 2 * TIMEOUT_MS
+    store.healed = True
+    assert await sup.tick(NOW + TIMEOUT_MS + 1_000) == []
+    # the device stayed silent after all: reported, once
+    assert await sup.tick(NOW + 2 * TIMEOUT_MS) == ["bell-0042"]
