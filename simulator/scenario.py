@@ -176,6 +176,40 @@ class CentreDown(_Model):
     mode: Literal["503", "refuse"] = "503"
 
 
+class GatewayDiskFull(_Model):
+    """The gateway's disk fills up, then is freed: its database lives on a small tmpfs the
+    simulator mounts (root only), filled with a file until `free_kb` is left."""
+
+    type: Literal["gateway_disk_full"]
+    at_s: Seconds
+    duration_s: Seconds
+    free_kb: Annotated[int, Field(ge=0)] = 0
+    disk_mb: Annotated[int, Field(ge=8, le=4096)] = 64
+
+
+class DeviceDiskFull(_Model):
+    """Some bells' disks fill up, then are freed: their state folders (the outbox) live on
+    one small tmpfs the simulator mounts (root only) and fills."""
+
+    type: Literal["device_disk_full"]
+    at_s: Seconds
+    duration_s: Seconds
+    fraction: Fraction = 0.1
+    disk_mb: Annotated[int, Field(ge=4, le=4096)] = 32
+
+
+class OutboxDamage(_Model):
+    """Some agents are stopped, their outbox deleted (`delete`: outbox.db and its WAL) or
+    damaged (`corrupt`: garbage over the end of outbox.db), and started again `down_s` later.
+    Alerts waiting in a destroyed outbox are reported apart, not as lost."""
+
+    type: Literal["outbox_damage"]
+    at_s: Seconds
+    fraction: Fraction = 0.1
+    mode: Literal["delete", "corrupt"] = "delete"
+    down_s: Seconds = 2.0
+
+
 class ClockSkew(_Model):
     type: Literal["clock_skew"]
     at_s: Seconds = 0.0
@@ -185,10 +219,20 @@ class ClockSkew(_Model):
 
 
 Fault = Annotated[
-    BrokerRestart | GatewayKill | Partition | Latency | CentreDown | ClockSkew,
+    BrokerRestart
+    | GatewayKill
+    | Partition
+    | Latency
+    | CentreDown
+    | ClockSkew
+    | GatewayDiskFull
+    | DeviceDiskFull
+    | OutboxDamage,
     Field(discriminator="type"),
 ]
 PROXIED = ("partition", "latency")
+# faults that need a tmpfs mounted (root): `needs_mount` says so before anything starts
+MOUNTED = ("gateway_disk_full", "device_disk_full")
 
 
 class Thresholds(_Model):
@@ -205,8 +249,20 @@ class Thresholds(_Model):
     offline_detect_p95_s: Seconds | None = None
     # `offline` status events the centre may receive (0 on a quiet night: nobody dropped)
     max_offline_reports: Annotated[int, Field(ge=0)] | None = None
+    # offline reports about one device in one of its outages (a partition it was in, its
+    # agent stopped): more is flapping. Always judged.
+    max_offline_per_outage: Annotated[int, Field(ge=1)] = 1
+    # offline reports about a device that had no outage then: a fleet the gateway stopped
+    # hearing, a bell it refused. Always judged.
+    max_false_offline: Annotated[int, Field(ge=0)] = 0
     # fraction of device-time connected, per district
     min_availability: Fraction | None = None
+
+
+class Broker(_Model):
+    # mosquitto's snapshot period: a restart "after the first autosave" (which brings back
+    # the persistent sessions, see FIELD-NOTES) needs the fault later than this (not scaled)
+    autosave_interval_s: Annotated[int, Field(ge=1, le=3600)] = 60
 
 
 class Scenario(_Model):
@@ -220,6 +276,7 @@ class Scenario(_Model):
     # one or more worker processes, each running its share of the agents on one event loop
     workers: Annotated[int, Field(ge=1, le=16)] | None = None
     fleet: Fleet = Fleet()
+    broker: Broker = Broker()
     device: DeviceSettings = DeviceSettings()
     gateway: GatewaySettings = GatewaySettings()
     operator: Operator = Operator()
@@ -236,6 +293,10 @@ class Scenario(_Model):
     @property
     def needs_proxy(self) -> bool:
         return any(f.type in PROXIED for f in self.faults)
+
+    @property
+    def needs_mount(self) -> bool:
+        return any(f.type in MOUNTED for f in self.faults)
 
 
 def load_scenario(path: Path, **overrides: Any) -> Scenario:
@@ -287,7 +348,8 @@ class Step:
 class Plan:
     devices: list[SimDevice]
     steps: list[Step]
-    # fault index -> the devices it touches (partition, latency, clock skew)
+    # fault index -> the devices it touches (partition, latency, clock skew, bell disks,
+    # outboxes)
     targets: dict[int, list[str]]
 
 
@@ -350,7 +412,7 @@ def plan(scenario: Scenario) -> Plan:
     for index, fault in enumerate(scenario.faults):
         if isinstance(fault, Partition) and fault.districts is not None:
             targets[index] = [d.id for d in devices if d.district in fault.districts]
-        elif isinstance(fault, Partition | Latency | ClockSkew):
+        elif isinstance(fault, Partition | Latency | ClockSkew | DeviceDiskFull | OutboxDamage):
             chosen = rng.sample(devices, round(len(devices) * fault.fraction))
             targets[index] = sorted(d.id for d in chosen)
     return Plan(devices, steps, targets)

@@ -36,8 +36,13 @@ class Sink:
     host: str = "127.0.0.1"
     port: int = 0
     arrivals: dict[str, Arrival] = field(default_factory=dict)
-    # (device id, state, wall time) of every status event: supervision's online/offline
+    # (device id, state, wall time) of every status event: supervision's online/offline;
+    # a device listed in a `district_outage` counts as reported offline then (once per outage)
     statuses: list[tuple[str, str, float]] = field(default_factory=list)
+    # (district, state, devices listed, wall time) of every district event
+    district_events: list[tuple[str, str, int, float]] = field(default_factory=list)
+    # district -> devices its open outage has listed so far
+    _listed: dict[str, set[str]] = field(default_factory=dict)
     answered_503: int = 0
     down: Literal["503", "refuse"] | None = None
 
@@ -83,8 +88,23 @@ class Sink:
         self.arrivals[event.event_id] = Arrival(
             event.device_id, event.type, event.body, time.time()
         )
-        if event.type == "status":
-            self.statuses.append((event.device_id, str(event.body.get("state")), time.time()))
+        if event.type != "status":
+            return
+        state = str(event.body.get("state"))
+        if state not in ("district_outage", "district_restored"):
+            self.statuses.append((event.device_id, state, time.time()))
+            return
+        district = str(event.body.get("district"))
+        offline = [str(d) for d in event.body.get("offline") or ()]
+        self.district_events.append((district, state, len(offline), time.time()))
+        if state == "district_restored":
+            self._listed.pop(district, None)
+            return
+        listed = self._listed.setdefault(district, set())
+        for device_id in offline:
+            if device_id not in listed:  # an update lists again those it already told
+                listed.add(device_id)
+                self.statuses.append((device_id, "offline", time.time()))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if self.down is not None:

@@ -77,6 +77,10 @@ class Tally:
     last_emergency: dict[str, float] = field(default_factory=dict)
     actions: int = 0
     errors: int = 0
+    # ids of alerts that were waiting in an outbox the simulator then destroyed
+    at_risk: list[str] = field(default_factory=list)
+    # [device, action, t] of every action done: each must make its device send something
+    performed: list[list[Any]] = field(default_factory=list)
 
 
 class Worker:
@@ -93,17 +97,24 @@ class Worker:
         self.cut: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._actions: set[asyncio.Task[None]] = set()
-        gateway_key = public_key_from_b64(spec["gateway_public_key"])
+        self._running: dict[str, asyncio.Task[None]] = {}  # device -> its agent's task
+        self.stopped: set[str] = set()  # agents the simulator has stopped for a while
+        self._gateway_key = public_key_from_b64(spec["gateway_public_key"])
         proxied = set(spec["proxied"])
+        self._small_disk = set(spec.get("small_disk_devices") or ())
+        # what it takes to start an agent again (after its outbox was damaged)
+        self._made: dict[str, tuple[str, str, int]] = {}
         for device_id, kind, district in spec["devices"]:
             port = spec["proxy_port"] if device_id in proxied else spec["broker_port"]
-            self.watched[device_id] = self._make(device_id, kind, district, port, gateway_key)
+            self._made[device_id] = (kind, district, port)
+            self.watched[device_id] = self._make(device_id, kind, district, port, self._gateway_key)
 
     def _make(
         self, device_id: str, kind: str, district: str, port: int, gateway_key: Any
     ) -> Watched:
         s = self.settings
-        state_dir = Path(self.spec["state_dir"]) / device_id
+        home = self.spec["small_disk_dir"] if device_id in self._small_disk else None
+        state_dir = Path(home or self.spec["state_dir"]) / device_id
         config = DeviceConfig.model_validate(
             {
                 "device": DeviceSection(id=device_id, kind=kind, state_dir=state_dir),
@@ -207,9 +218,51 @@ class Worker:
         # in small batches: a sleep per agent would drift far behind on a busy loop
         batch = max(1, round(self.settings["connect_rate"] / 20))
         for n, (device_id, w) in enumerate(self.watched.items(), start=1):
-            self._tasks.append(asyncio.create_task(self._run_agent(w), name=device_id))
+            self._start(device_id, w)
             if n % batch == 0:
                 await asyncio.sleep(batch / self.settings["connect_rate"])
+
+    def _start(self, device_id: str, w: Watched) -> None:
+        task = asyncio.create_task(self._run_agent(w), name=device_id)
+        self._tasks.append(task)
+        self._running[device_id] = task
+
+    async def damage(self, mode: str, down_s: float, device_ids: list[str]) -> None:
+        """Stop these agents, delete or corrupt their outboxes, start them again later.
+
+        As an operator's `systemctl stop`, a cleanup script and a start would: the agent
+        closes its outbox on the way out, the files are damaged while nobody holds them.
+        """
+        stopped = []
+        self.stopped |= set(device_ids)
+        for device_id in device_ids:
+            w = self.watched[device_id]
+            with contextlib.suppress(Exception):  # an agent that died has closed its outbox
+                self.tally.at_risk += [e.id for e in w.agent.outbox.pending()]
+            task = self._running.pop(device_id, None)
+            if task is not None:
+                task.cancel()
+                stopped.append(task)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*stopped, return_exceptions=True), 10)
+        for device_id in device_ids:
+            state_dir = self.watched[device_id].agent.config.device.state_dir
+            await asyncio.to_thread(damage_outbox, state_dir / "outbox.db", mode)
+        await asyncio.sleep(down_s)
+        self.stopped -= set(device_ids)
+        for device_id in device_ids:
+            kind, district, port = self._made[device_id]
+            old = self.watched[device_id]
+            try:
+                w = self._make(device_id, kind, district, port, self._gateway_key)
+            except Exception:
+                # as a service that will not start: counted, and the bell stays dead
+                self.tally.errors += 1
+                log.exception("agent %s cannot start after its outbox was %sd", device_id, mode)
+                continue
+            w.connected_samples = old.connected_samples
+            self.watched[device_id] = w
+            self._start(device_id, w)
 
     async def _run_agent(self, w: Watched) -> None:
         try:
@@ -233,8 +286,11 @@ class Worker:
             delay = t0 + at - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if device_id in self.stopped:
+                continue  # nobody presses a bell whose agent is not running: not counted
             w = self.watched[device_id]
             self.tally.actions += 1
+            self.tally.performed.append([device_id, action, time.time()])
             self._spawn(self._perform(w, action, after_s, restore_s))
 
     async def _skew(self, when: float, device_ids: list[str], skew_ms: int) -> None:
@@ -316,8 +372,10 @@ class Worker:
             "resends": t.resends,
             "heartbeats": t.heartbeats,
             "errors": t.errors,
+            "at_risk": t.at_risk,
+            "performed": t.performed,
         }
-        t.sent, t.acks = [], []
+        t.sent, t.acks, t.at_risk, t.performed = [], [], [], []
         return line
 
     def result(self) -> dict[str, Any]:
@@ -345,6 +403,21 @@ class Worker:
             await asyncio.wait_for(
                 asyncio.gather(*self._tasks, *self._actions, return_exceptions=True), 10
             )
+
+
+def damage_outbox(path: Path, mode: str) -> None:
+    """`delete`: the outbox and its WAL gone (a reset SD card, a wiped state folder).
+    `corrupt`: garbage over the end of the file, where the newest pages are."""
+    if mode == "delete":
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (path.parent / name).unlink()
+        return
+    size = path.stat().st_size
+    garbage = random.Random(size).randbytes(min(size // 2, 8192))
+    with path.open("r+b") as out:
+        out.seek(size - len(garbage))
+        out.write(garbage)
 
 
 def emit(line: dict[str, Any]) -> None:
@@ -381,6 +454,7 @@ async def main(spec_path: Path) -> None:
     video = asyncio.create_task(worker.watch_video())
     ramping = asyncio.create_task(ramp())
     plan: asyncio.Task[None] | None = None
+    damaging: list[asyncio.Task[None]] = []
     try:
         # bounded by the parent: it always sends `stop` (or closes stdin) when it is done
         while line := (await commands.readline()).decode().split():
@@ -391,10 +465,13 @@ async def main(spec_path: Path) -> None:
                 worker.cut |= set(line[1:])
             elif line[0] == "heal":
                 worker.cut -= set(line[1:])
+            elif line[0] == "damage":
+                mode, down_s, devices = line[1], float(line[2]), line[3:]
+                damaging.append(asyncio.create_task(worker.damage(mode, down_s, devices)))
             elif line[0] == "stop":
                 break
         worker.sampling = False
-        for task in (ramping, plan, reporter, video):
+        for task in (ramping, plan, reporter, video, *damaging):
             if task is not None:
                 task.cancel()
         emit(worker.progress())
