@@ -141,3 +141,16 @@ def test_a_press_after_which_the_device_sent_nothing_fails_the_run(tmp_path: Pat
         "1 presses (or other actions) never made their device send anything"
         in (summary["failures"][-1])
     )
+
+
+def test_a_device_with_its_own_card_listed_in_an_outage_counts_once(tmp_path: Path) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    assert o.sink is not None
+    ids = [d.id for d in o.plan.devices[:3]]
+    o.partitions.append((time.time() - 30, time.time(), ids))
+    status(o.sink, ids[0], {"state": "offline"}, 1)  # its own card, before the outage
+    outage = {"state": "district_outage", "district": "mapo", "count": 3, "offline": ids}
+    status(o.sink, ids[0], outage, 2)
+    summary = summarise(o)
+    assert summary["centre"]["offline_reports"] == 3
+    assert summary["offline_per_outage"]["max_reports_in_one_outage"] == 1
