@@ -628,7 +628,8 @@ districts = ["*"]
             down = s.scaled(fault.down_s)
             await self._tell_owners(f"damage {fault.mode} {down}", targets)
             await asyncio.sleep(down)
-            label = f"outbox {fault.mode}d on {len(targets)}, agents stopped"
+            done = {"delete": "deleted", "corrupt": "corrupted", "restart": "kept"}[fault.mode]
+            label = f"outbox {done} on {len(targets)}, agents stopped"
             o.marks.append(Mark(start, label, time.time()))
             o.stops.append((start, time.time(), sorted(targets)))
 

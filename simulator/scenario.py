@@ -200,14 +200,18 @@ class DeviceDiskFull(_Model):
 
 class OutboxDamage(_Model):
     """Some agents are stopped, their outbox deleted (`delete`: outbox.db and its WAL) or
-    damaged (`corrupt`: garbage over the end of outbox.db), and started again `down_s` later.
-    Alerts waiting in a destroyed outbox are reported apart, not as lost."""
+    damaged (`corrupt`: garbage over the end of outbox.db), or left alone (`restart`), and
+    started again `down_s` later. Alerts waiting in a destroyed outbox are reported apart,
+    not as lost."""
 
     type: Literal["outbox_damage"]
     at_s: Seconds
     fraction: Fraction = 0.1
-    mode: Literal["delete", "corrupt"] = "delete"
+    mode: Literal["delete", "corrupt", "restart"] = "delete"
     down_s: Seconds = 2.0
+    # the devices an earlier fault (its index in `faults`) touched, instead of `fraction`:
+    # a restart first makes the counter jump a block, as months of service would
+    same_devices_as: Annotated[int, Field(ge=0)] | None = None
 
 
 class ClockSkew(_Model):
@@ -410,7 +414,14 @@ def plan(scenario: Scenario) -> Plan:
     steps.sort(key=lambda s: s.at)
     targets: dict[int, list[str]] = {}
     for index, fault in enumerate(scenario.faults):
-        if isinstance(fault, Partition) and fault.districts is not None:
+        if isinstance(fault, OutboxDamage) and fault.same_devices_as is not None:
+            if fault.same_devices_as not in targets:
+                raise ValueError(
+                    f"{scenario.name}: fault {index} has same_devices_as = "
+                    f"{fault.same_devices_as}, which is not an earlier fault with devices"
+                )
+            targets[index] = targets[fault.same_devices_as]
+        elif isinstance(fault, Partition) and fault.districts is not None:
             targets[index] = [d.id for d in devices if d.district in fault.districts]
         elif isinstance(fault, Partition | Latency | ClockSkew | DeviceDiskFull | OutboxDamage):
             chosen = rng.sample(devices, round(len(devices) * fault.fraction))

@@ -407,7 +407,10 @@ class Worker:
 
 def damage_outbox(path: Path, mode: str) -> None:
     """`delete`: the outbox and its WAL gone (a reset SD card, a wiped state folder).
-    `corrupt`: garbage over the end of the file, where the newest pages are."""
+    `corrupt`: garbage over the end of the file, where the newest pages are.
+    `restart`: nothing (the agent is only stopped and started)."""
+    if mode == "restart":
+        return
     if mode == "delete":
         for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
             with contextlib.suppress(FileNotFoundError):
