@@ -161,6 +161,8 @@ class OutageRule:
     min_fraction: float = 0.2
     window_ms: int = 30_000
     restored_fraction: float = 0.8
+    # an outage that grows is told again at most this often
+    update_ms: int = 5_000
 
     def trips(self, count: int, district_size: int) -> bool:
         """`count` devices of a district of `district_size` offline within the window."""
@@ -192,6 +194,9 @@ class SuperviseConfig(_Section):
     outage_window_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
     # the outage ends (one `district_restored`) when this share of its devices is back
     outage_restored_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
+    # an outage that grows is told again at most this often (at most half a heartbeat:
+    # the rest of a district that went dark together follows within one interval)
+    outage_update_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     # false: every device's offline report goes out on its own, however many at once
     group_outages: bool = True
 
@@ -212,6 +217,7 @@ class SuperviseConfig(_Section):
             min_fraction=self.outage_min_fraction,
             window_ms=int(self.outage_window_s * 1000),
             restored_fraction=self.outage_restored_fraction,
+            update_ms=int(min(self.outage_update_s, self.heartbeat_s / 2) * 1000),
         )
 
 

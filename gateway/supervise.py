@@ -30,13 +30,15 @@ last-seen time the store knows.
 Mass outages: when many devices of one district go offline together (`OutageRule`: at
 least `min_devices`, or a share of the district, within `window_ms`), the centres get one
 `district_outage` status event (district, count, the list) instead of one card per bell;
-the ones after it in the same outage join it silently, and the centres get an updated
-`district_outage` at most once per window while it grows. When `restored_fraction` of
-its devices are back, one `district_restored` (with those still offline) ends it. Each
-device's own offline and online events are still kept in the store, unforwarded, and its
-state (online or not) is the store's as always: the API shows every device. The outage is
-this instance's memory: after a gateway restart the members that come back are reported
-one by one; with several instances each groups what it reports.
+the ones after it in the same outage join it, and the centres get an updated
+`district_outage` (the same district, a larger count) at most every `update_ms` while it
+grows: a district that went dark together falls silent over one heartbeat interval.
+When `restored_fraction` of its devices are back, one `district_restored` (with those
+still offline) ends it. Each device's own offline and online events are still kept in
+the store, unforwarded, and its state (online or not) is the store's as always: the API
+shows every device. The outage is this instance's memory: after a gateway restart the
+members that come back are reported one by one; with several instances each groups what
+it reports.
 
 Events: `status` events are `status` messages signed by the gateway (kid = gateway id),
 so a centre checks them like device messages, with the gateway's public key; they are
@@ -400,12 +402,12 @@ class Supervisor:
             await self._tell(outage, "district_outage", now_ms, loop)
 
     async def _tell_growth(self, now_ms: int, loop: asyncio.AbstractEventLoop) -> None:
-        """An outage that grew since the centres last heard: at most once per window."""
+        """An outage that grew since the centres last heard: at most once per `update_ms`."""
         if self._rule is None:
             return
         for outage in list(self._outages.values()):
             grew = len(outage.members) > outage.told_count
-            if grew and now_ms - outage.told_ms >= self._rule.window_ms:
+            if grew and now_ms - outage.told_ms >= self._rule.update_ms:
                 await self._tell(outage, "district_outage", now_ms, loop)
 
     async def _tell(

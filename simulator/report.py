@@ -229,7 +229,7 @@ def _offline_per_outage(o: Observed) -> dict[str, Any]:
     s = o.scenario
     allowance = s.device.heartbeat_s * s.gateway.missed + 10.0
     windows: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for start, end, devices in [*o.partitions, *o.stops]:
+    for start, end, devices in sorted([*o.partitions, *o.stops]):
         for device in devices:
             windows[device].append((start, end))
     counts: dict[tuple[str, int], int] = defaultdict(int)
@@ -237,10 +237,11 @@ def _offline_per_outage(o: Observed) -> dict[str, Any]:
     for device, state, at in o.sink.statuses:
         if state != "offline":
             continue
-        for n, (start, end) in enumerate(windows.get(device, ())):
-            if start <= at <= end + allowance:
-                counts[(device, n)] += 1
-                break
+        # the latest outage that had started: one that follows closely ends the previous
+        mine = windows.get(device, [])
+        n = bisect.bisect_right([start for start, _ in mine], at) - 1
+        if n >= 0 and at <= mine[n][1] + allowance:
+            counts[(device, n)] += 1
         else:
             false.append(device)
     flapping = sorted({d for (d, _), c in counts.items() if c > 1})

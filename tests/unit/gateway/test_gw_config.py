@@ -112,3 +112,9 @@ def test_the_inline_token_is_not_in_the_repr() -> None:
 def test_the_will_grace_stays_short_of_the_silence_timeout() -> None:
     assert SuperviseConfig(heartbeat_s=10, missed=3, will_grace_s=10).will_grace_ms == 10_000
     assert SuperviseConfig(heartbeat_s=1, missed=3, will_grace_s=10).will_grace_ms == 1_500
+
+
+def test_a_growing_outage_is_updated_at_least_twice_a_heartbeat() -> None:
+    rule = SuperviseConfig(heartbeat_s=1, outage_update_s=5).outage_rule()
+    assert rule is not None and rule.update_ms == 500
+    assert SuperviseConfig(group_outages=False).outage_rule() is None

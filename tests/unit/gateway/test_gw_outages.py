@@ -15,7 +15,9 @@ from gateway.supervise import Supervisor
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
 
-RULE = OutageRule(min_devices=10, min_fraction=0.2, window_ms=30_000, restored_fraction=0.8)
+RULE = OutageRule(
+    min_devices=10, min_fraction=0.2, window_ms=30_000, restored_fraction=0.8, update_ms=5_000
+)
 HEARTBEAT_MS = 10_000
 ROUTES = {"mapo": ("central", "mapo"), "jongno": ("central",)}
 
@@ -175,23 +177,24 @@ async def test_cards_sent_before_the_outage_opened_are_in_it_and_closed_by_their
     assert states(fleet.forwarded())[3:] == ["online"]
 
 
-async def test_an_outage_that_grows_is_told_again_once_per_window() -> None:
+async def test_an_outage_that_grows_is_told_again_at_most_every_update_interval() -> None:
     fleet = Fleet({"mapo": 100})
     mapo = fleet.districts["mapo"]
     await fleet.hear(mapo)
     fleet.silence(mapo[:10])
     await fleet.advance(TIMEOUT_MS + 1_000)
     assert states(fleet.forwarded()) == ["district_outage"]
-    fleet.silence(mapo[10:40])  # thirty more, a few seconds apart: one update, not thirty
-    for n in range(10, 40, 3):
-        fleet.silence(mapo[n : n + 3])
-        await fleet.advance(3_000)
-    await fleet.advance(TIMEOUT_MS + RULE.window_ms)
+    for n in range(10, 40):  # thirty more, one a second: not thirty updates
+        fleet.silence([mapo[n]])
+        await fleet.advance(1_000)
+    await fleet.advance(TIMEOUT_MS + RULE.update_ms)
     bodies = fleet.forwarded()
-    assert states(bodies) == ["district_outage", "district_outage"]
-    assert bodies[0]["count"] == 10 and bodies[1]["count"] == 40
+    counts = [b["count"] for b in bodies]
+    assert states(bodies) == ["district_outage"] * len(bodies)
+    assert counts[0] == 10 and counts[-1] == 40 and counts == sorted(counts)
+    assert len(bodies) <= 1 + 30 * 1_000 // RULE.update_ms + 1
     await fleet.advance(3 * RULE.window_ms)  # no growth: nothing more
-    assert len(fleet.forwarded()) == 2
+    assert len(fleet.forwarded()) == len(bodies)
 
 
 @pytest.mark.parametrize("rule", [None])

@@ -154,3 +154,17 @@ def test_a_device_with_its_own_card_listed_in_an_outage_counts_once(tmp_path: Pa
     summary = summarise(o)
     assert summary["centre"]["offline_reports"] == 3
     assert summary["offline_per_outage"]["max_reports_in_one_outage"] == 1
+
+
+def test_a_report_in_a_second_outage_belongs_to_it_not_to_the_first(tmp_path: Path) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    assert o.sink is not None
+    device = o.plan.devices[0].id
+    now = time.time()
+    o.partitions += [(now - 20, now - 15, [device]), (now - 12, now - 5, [device])]
+    status(o.sink, device, {"state": "offline"}, 1)  # both within the first's allowance
+    status(o.sink, device, {"state": "offline"}, 2)
+    o.sink.statuses[0] = (device, "offline", now - 17)
+    summary = summarise(o)
+    assert summary["offline_per_outage"]["outages_reported"] == 2
+    assert summary["passed"], summary["failures"]
