@@ -215,21 +215,38 @@ def _unheard(o: Observed) -> list[list[Any]]:
 
 # the worker stamps an action and the message it causes on one clock; this covers rounding
 CLOCK_SLACK_S = 0.01
+# how often workers sample each link (simulator.worker.PROGRESS_EVERY_S)
+SAMPLE_S = 0.25
+# a report of a link that went down comes at once (the will, after the grace): the tick
+# and forwarding after the link is back
+GAP_ALLOWANCE_S = 3.0
 
 
 def _offline_per_outage(o: Observed) -> dict[str, Any]:
     """Offline reports at the centre, per device and per outage the simulator caused.
 
-    A device's outages are the partitions it was in and the times its agent was stopped.
-    A report belongs to an outage from its start until a detection allowance after its
-    end (the timeout, the tick, forwarding); more than one there is flapping. A report in
-    no outage is false: the gateway stopped hearing a device that was there all along.
+    A device's outages are the partitions it was in, the times its agent was stopped (a
+    report may follow their end by the silence timeout, the tick and forwarding) and the
+    times its own link was down for at least the gateway's will grace (reported at once
+    by its last will). A report belongs to the outage that had started last; more than
+    one there is flapping. A report in no outage is false: the gateway reported a device
+    that was there all along, or one back within the grace (a reset it recovered from).
     """
     assert o.sink is not None
     s = o.scenario
-    allowance = s.device.heartbeat_s * s.gateway.missed + 10.0
+    silence = s.device.heartbeat_s * s.gateway.missed
+    grace = s.gateway.will_grace(s.device.heartbeat_s)
     windows: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for start, end, devices in sorted([*o.partitions, *o.stops]):
+    long_gaps = [
+        (start, end + GAP_ALLOWANCE_S, devices)
+        for start, end, devices in o.gaps
+        # sampled four times a second: a gap can look up to one sample shorter or longer
+        if end - start >= grace - 2 * SAMPLE_S
+    ]
+    cut = [
+        (start, end + silence + 10.0, devices) for start, end, devices in [*o.partitions, *o.stops]
+    ]
+    for start, end, devices in sorted([*cut, *long_gaps]):
         for device in devices:
             windows[device].append((start, end))
     counts: dict[tuple[str, int], int] = defaultdict(int)
@@ -240,7 +257,7 @@ def _offline_per_outage(o: Observed) -> dict[str, Any]:
         # the latest outage that had started: one that follows closely ends the previous
         mine = windows.get(device, [])
         n = bisect.bisect_right([start for start, _ in mine], at) - 1
-        if n >= 0 and at <= mine[n][1] + allowance:
+        if n >= 0 and at <= mine[n][1]:
             counts[(device, n)] += 1
         else:
             false.append(device)

@@ -114,6 +114,8 @@ class Observed:
     at_risk: set[str] = field(default_factory=set)
     # [device, action, wall time] of every action a worker did
     performed: list[list[Any]] = field(default_factory=list)
+    # (from, until, [device]): a device's link down, as the device saw it
+    gaps: list[tuple[float, float, list[str]]] = field(default_factory=list)
     links_lost: int = 0  # connections the proxy reset for a lossy link
     gateway_exit: int | None = None  # the gateway ended on its own (not by a fault): its code
     workers_failed: int = 0  # worker processes that never reported their result
@@ -296,6 +298,7 @@ recordings_dir = "{self.state / "recordings"}"
 [supervise]
 heartbeat_s = {self.scenario.device.heartbeat_s}
 missed = {g.missed}
+will_grace_s = {g.will_grace_s}
 
 [api]
 enabled = true
@@ -538,6 +541,7 @@ districts = ["*"]
                         records[mid] = Record(mid, device, type_, trigger, at)
                     self.observed.at_risk.update(line.get("at_risk", ()))
                     self.observed.performed += line.get("performed", [])
+                    self.observed.gaps += [(a, b, [d]) for d, a, b in line.get("gaps", [])]
                     for ref, stage, at in line["acks"]:
                         record = records.get(ref)
                         if record is not None and stage not in record.acks:

@@ -72,6 +72,13 @@ class GatewaySettings(_Model):
     breaker_open_s: Annotated[float, Field(gt=0)] = 2.0
     # offline after this many missed heartbeats
     missed: Annotated[int, Field(ge=1)] = 3
+    # after a last will, how long the gateway waits for the bell to reconnect (it caps
+    # this at half the silence timeout)
+    will_grace_s: Annotated[float, Field(ge=0)] = 10.0
+
+    def will_grace(self, heartbeat_s: float) -> float:
+        """The grace the gateway applies: a link down shorter than this is no outage."""
+        return min(self.will_grace_s, heartbeat_s * self.missed / 2)
 
 
 class Video(_Model):

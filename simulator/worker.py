@@ -81,6 +81,8 @@ class Tally:
     at_risk: list[str] = field(default_factory=list)
     # [device, action, t] of every action done: each must make its device send something
     performed: list[list[Any]] = field(default_factory=list)
+    # [device, from, until]: times the device's link was down, as the device saw it
+    gaps: list[list[Any]] = field(default_factory=list)
 
 
 class Worker:
@@ -99,6 +101,7 @@ class Worker:
         self._actions: set[asyncio.Task[None]] = set()
         self._running: dict[str, asyncio.Task[None]] = {}  # device -> its agent's task
         self.stopped: set[str] = set()  # agents the simulator has stopped for a while
+        self.down_since: dict[str, float] = {}  # device -> first sample its link was down
         self._gateway_key = public_key_from_b64(spec["gateway_public_key"])
         proxied = set(spec["proxied"])
         self._small_disk = set(spec.get("small_disk_devices") or ())
@@ -356,9 +359,21 @@ class Worker:
         if not self.sampling:
             return
         self.samples += 1
+        now = time.time()
         for device_id, w in self.watched.items():
-            if w.agent.link.connected and device_id not in self.cut:
+            up = w.agent.link.connected
+            if up and device_id not in self.cut:
                 w.connected_samples += 1
+            # the device's own view of its link: a reset it recovers from is a short gap
+            if not up:
+                self.down_since.setdefault(device_id, now)
+            elif (since := self.down_since.pop(device_id, None)) is not None:
+                self.tally.gaps.append([device_id, since, now])
+
+    def close_gaps(self) -> None:
+        now = time.time()
+        self.tally.gaps += [[d, since, now] for d, since in self.down_since.items()]
+        self.down_since.clear()
 
     def progress(self) -> dict[str, Any]:
         t = self.tally
@@ -374,8 +389,9 @@ class Worker:
             "errors": t.errors,
             "at_risk": t.at_risk,
             "performed": t.performed,
+            "gaps": t.gaps,
         }
-        t.sent, t.acks, t.at_risk, t.performed = [], [], [], []
+        t.sent, t.acks, t.at_risk, t.performed, t.gaps = [], [], [], [], []
         return line
 
     def result(self) -> dict[str, Any]:
@@ -474,6 +490,7 @@ async def main(spec_path: Path) -> None:
             elif line[0] == "stop":
                 break
         worker.sampling = False
+        worker.close_gaps()
         for task in (ramping, plan, reporter, video, *damaging):
             if task is not None:
                 task.cancel()

@@ -168,3 +168,20 @@ def test_a_report_in_a_second_outage_belongs_to_it_not_to_the_first(tmp_path: Pa
     summary = summarise(o)
     assert summary["offline_per_outage"]["outages_reported"] == 2
     assert summary["passed"], summary["failures"]
+
+
+def test_a_reset_the_device_recovered_from_within_the_grace_is_no_outage(
+    tmp_path: Path,
+) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    assert o.sink is not None
+    short, long = o.plan.devices[0].id, o.plan.devices[1].id
+    grace = o.scenario.gateway.will_grace(o.scenario.device.heartbeat_s)
+    now = time.time()
+    o.gaps += [(now - 10, now - 9.5, [short]), (now - 10, now - 10 + grace + 1, [long])]
+    status(o.sink, short, {"state": "offline"}, 1)
+    status(o.sink, long, {"state": "offline"}, 2)
+    o.sink.statuses[:] = [(d, s, now - 9) for d, s, _ in o.sink.statuses]
+    flaps = summarise(o)["offline_per_outage"]
+    assert flaps["false_ids"] == [short]
+    assert flaps["outages_reported"] == 1
