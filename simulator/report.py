@@ -215,8 +215,11 @@ def _unheard(o: Observed) -> list[list[Any]]:
 
 # the worker stamps an action and the message it causes on one clock; this covers rounding
 CLOCK_SLACK_S = 0.01
-# how often workers sample each link (simulator.worker.PROGRESS_EVERY_S)
-SAMPLE_S = 0.25
+# A link the device sees up again is not yet heard: it subscribes, then sends its online
+# (a round trip or two, more on a slow link), and the link is sampled four times a second.
+# So a gap this much shorter than the grace may still outlast it at the gateway; with a
+# grace under ~2 s (a one-second heartbeat) a flap and a slow reconnect look alike.
+RECONNECT_SLACK_S = 1.0
 # a report of a link that went down comes at once (the will, after the grace): the tick
 # and forwarding after the link is back
 GAP_ALLOWANCE_S = 3.0
@@ -240,8 +243,7 @@ def _offline_per_outage(o: Observed) -> dict[str, Any]:
     long_gaps = [
         (start, end + GAP_ALLOWANCE_S, devices)
         for start, end, devices in o.gaps
-        # sampled four times a second: a gap can look up to one sample shorter or longer
-        if end - start >= grace - 2 * SAMPLE_S
+        if end - start + RECONNECT_SLACK_S >= grace
     ]
     cut = [
         (start, end + silence + 10.0, devices) for start, end, devices in [*o.partitions, *o.stops]
