@@ -48,8 +48,8 @@ class Metrics:
         )
         self.supervision = Counter(
             "ansimi_supervision_events_total",
-            "Devices that went offline or came back online, and district outages opened and"
-            " restored, as reported to the centres",
+            "Devices that went offline or came back online (also those the centres hear of"
+            " as part of a district outage), and district outages told to the centres",
             ["event"],
             registry=self.registry,
         )

@@ -172,7 +172,7 @@ class Supervisor:
             outage = self._outage_of(device_id)
             if outage is not None:
                 outage.offline.discard(device_id)
-                if self._restored(outage):
+                if outage not in ended and self._restored(outage):
                     ended.append(outage)
             # inside an outage the centres hear it from the outage, not card by card
             quiet = outage is not None and device_id not in outage.alone

@@ -126,6 +126,18 @@ async def test_a_district_going_dark_is_one_outage_and_one_restoration() -> None
     assert states(fleet.forwarded()) == ["district_outage", "district_restored", "online"]
 
 
+async def test_most_of_an_outage_back_at_once_restores_it_once() -> None:
+    fleet = Fleet({"mapo": 30})
+    mapo = fleet.districts["mapo"]
+    await fleet.hear(mapo)
+    fleet.silence(mapo[:20])
+    await fleet.advance(TIMEOUT_MS + 5_000)
+    await fleet.hear(mapo[:19])  # one batch: past 80 % at the 16th, and three more
+    bodies = fleet.forwarded()
+    assert states(bodies) == ["district_outage", "district_restored"]
+    assert bodies[1]["offline"] == [mapo[19]]
+
+
 async def test_a_few_bells_going_offline_are_reported_one_by_one() -> None:
     fleet = Fleet({"mapo": 100})
     mapo = fleet.districts["mapo"]
