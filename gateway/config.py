@@ -6,6 +6,7 @@ Every option has a safe default; `gateway/gateway.example.toml` explains each on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -154,6 +155,29 @@ class IntakeConfig(_Section):
     registry_reload_s: Annotated[float, Field(ge=0)] = 10.0
 
 
+@dataclass(frozen=True, slots=True)
+class OutageRule:
+    """When offline reports of one district become one grouped event (see gateway/supervise.py)."""
+
+    min_devices: int = 10
+    min_fraction: float = 0.2
+    window_ms: int = 30_000
+    restored_fraction: float = 0.8
+    # an outage that grows is told again at most this often
+    update_ms: int = 5_000
+
+    def trips(self, count: int, district_size: int) -> bool:
+        """`count` devices of a district of `district_size` offline within the window."""
+        if count >= self.min_devices:
+            return True
+        # a share of a tiny district (one bell of three) is not yet a pattern
+        return count >= MIN_OUTAGE_DEVICES and count >= self.min_fraction * district_size
+
+
+# the fewest devices the share rule groups, whatever the district's size
+MIN_OUTAGE_DEVICES = 3
+
+
 class SuperviseConfig(_Section):
     # how often devices send a heartbeat (their device.toml `mqtt.heartbeat_s`)
     heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
@@ -161,10 +185,42 @@ class SuperviseConfig(_Section):
     missed: Annotated[int, Field(ge=1, le=100)] = 3
     # how often overdue devices are looked for
     tick_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    # after a device's last will, wait this long (at most half the silence timeout) for it
+    # to reconnect before reporting it offline: a reset it recovers from is not an outage
+    will_grace_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    # offline reports of one district become one `district_outage` event when at least
+    # this many devices of it go offline within `outage_window_s`...
+    outage_min_devices: Annotated[int, Field(ge=2)] = 10
+    # ...or at least this share of the district's devices (and at least three)
+    outage_min_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2
+    outage_window_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # the outage ends (one `district_restored`) when this share of its devices is back
+    outage_restored_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
+    # an outage that grows is told again at most this often (at most half a heartbeat:
+    # the rest of a district that went dark together follows within one interval)
+    outage_update_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    # false: every device's offline report goes out on its own, however many at once
+    group_outages: bool = True
 
     @property
     def timeout_ms(self) -> int:
         return int(self.heartbeat_s * self.missed * 1000)
+
+    @property
+    def will_grace_ms(self) -> int:
+        # at most half the silence timeout: a will must still tell an outage sooner
+        return min(int(self.will_grace_s * 1000), self.timeout_ms // 2)
+
+    def outage_rule(self) -> OutageRule | None:
+        if not self.group_outages:
+            return None
+        return OutageRule(
+            min_devices=self.outage_min_devices,
+            min_fraction=self.outage_min_fraction,
+            window_ms=int(self.outage_window_s * 1000),
+            restored_fraction=self.outage_restored_fraction,
+            update_ms=int(min(self.outage_update_s, self.heartbeat_s / 2) * 1000),
+        )
 
 
 class HealthConfig(_Section):

@@ -48,11 +48,12 @@ class Metrics:
         )
         self.supervision = Counter(
             "ansimi_supervision_events_total",
-            "Devices that went offline or came back online, as reported to the centres",
+            "Devices that went offline or came back online (also those the centres hear of"
+            " as part of a district outage), and district outages told to the centres",
             ["event"],
             registry=self.registry,
         )
-        for event in ("online", "offline"):
+        for event in ("online", "offline", "district_outage", "district_restored"):
             self.supervision.labels(event)
         self.devices_watched = Gauge(
             "ansimi_devices_watched",

@@ -107,6 +107,8 @@ class Gateway:
             self.metrics,
             route_of=self._route_of,
             timeout_ms=config.supervise.timeout_ms,
+            will_grace_ms=config.supervise.will_grace_ms,
+            outages=config.supervise.outage_rule(),
             tick_s=config.supervise.tick_s,
             on_event=self.forwarder.wake,
         )

@@ -1,26 +1,51 @@
 """Supervision: which devices are alive, told to the control centres as events.
 
-A device is offline when nothing has been heard from it for `missed` heartbeat intervals
-or its last will arrives, whichever comes first; heard from again, it is online.
+A device is offline when nothing has been heard from it for `missed` heartbeat intervals,
+or when its last will arrived and it did not reconnect within `will_grace_ms`; heard from
+again, it is online. One offline report per outage, one online report when it ends.
+
+Why the will waits (hysteresis): the broker publishes a device's will whenever one of its
+connections ends uncleanly, which includes a connection replaced by the device's own
+reconnect (session takeover: a half-open socket after a partition, a stale CONNECT a
+middlebox delivers late). Such a will arrives *after* the device is back; acted on at
+once it reported a bell offline (and online again) that was connected all along. So a
+will only schedules the offline report `will_grace_ms` later, and any word from the device
+in between cancels it. The grace is short of the silence timeout, so a will still beats
+the heartbeats in telling a real outage.
 
 Thousands of devices, no per-device timers: each watched device has one deadline in a
-dict and at most one entry in a min-heap. A message only moves the dict's deadline (O(1));
+dict and one live entry in a min-heap. A message only moves the dict's deadline (O(1));
 the tick, once a second, pops only the entries that are due, and an entry whose device was
-heard from since goes back at its new deadline. The clock is a parameter, so tests drive
-`tick()` with a fake one.
+heard from since goes back at its new deadline. A will brings a deadline forward: the
+new, earlier entry becomes the live one and the later one is skipped when it pops. The
+clock is a parameter, so tests drive `tick()` with a fake one.
 
 Several gateway instances each see only the messages the shared subscription hands them,
 so the store is the judge: every commit marks its devices seen, whichever instance made
 it, and going offline is a conditional update ("still online, not seen since the cutoff")
-in one transaction with its event. Exactly one instance reports it; a refused one re-arms
-at the last-seen time the store knows.
+in one transaction with its event. The cutoff is the timeout ago for silence and the
+will's arrival for a will. Exactly one instance reports it; a refused one re-arms at the
+last-seen time the store knows.
 
-Events: `status` events (online, offline) are `status` messages about the device signed by
-the gateway (kid = gateway id), so a centre checks them like device messages, with the
-gateway's public key; they are routed like the device's alerts. Power: a heartbeat that
-changes the power source is kept and forwarded as it is, signed by the device (see
-`Store.accept_batch`). Tamper: the device raises an alert (trigger `tamper`), forwarded
-as every alert is; supervision adds nothing to it.
+Mass outages: when many devices of one district go offline together (`OutageRule`: at
+least `min_devices`, or a share of the district, within `window_ms`), the centres get one
+`district_outage` status event (district, count, the list) instead of one card per bell;
+the ones after it in the same outage join it, and the centres get an updated
+`district_outage` (the same district, a larger count) at most every `update_ms` while it
+grows: a district that went dark together falls silent over one heartbeat interval.
+When `restored_fraction` of its devices are back, one `district_restored` (with those
+still offline) ends it. Each device's own offline and online events are still kept in
+the store, unforwarded, and its state (online or not) is the store's as always: the API
+shows every device. The outage is this instance's memory: after a gateway restart the
+members that come back are reported one by one; with several instances each groups what
+it reports.
+
+Events: `status` events are `status` messages signed by the gateway (kid = gateway id),
+so a centre checks them like device messages, with the gateway's public key; they are
+routed like the device's alerts (a district event like its first device's). Power: a
+heartbeat that changes the power source is kept and forwarded as it is, signed by the
+device (see `Store.accept_batch`). Tamper: the device raises an alert (trigger `tamper`),
+forwarded as every alert is; supervision adds nothing to it.
 
 While the gateway's own broker connection is down it hears nobody: supervision pauses,
 and on reconnect every deadline starts again from then, so a broker outage is not
@@ -35,17 +60,36 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
-from typing import Literal
+from dataclasses import dataclass, field
 
+from gateway.config import OutageRule
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
 from gateway.store import Device, Incoming, Store
-from protocol.messages import Status
+from protocol.errors import Oversized
+from protocol.messages import MAX_LISTED_DEVICES, Status
 
 log = logging.getLogger(__name__)
 
 # Centres an event about this device goes to; None when the device is unknown or revoked.
 RouteOf = Callable[[str], "tuple[str, ...] | None"]
+# which district each device is in, re-read from the store at most this often
+CENSUS_MAX_AGE_MS = 60_000
+
+
+@dataclass(eq=False)
+class _Outage:
+    """One district's devices gone offline together, as told to the centres."""
+
+    district: str
+    opener: str  # the device whose event carries it (events are kept per device)
+    members: set[str] = field(default_factory=set)  # every device in the outage
+    # members the centres had an offline card for before the outage opened: their online
+    # goes out on its own too, so no card stays open
+    alone: set[str] = field(default_factory=set)
+    offline: set[str] = field(default_factory=set)  # members not back yet
+    told_count: int = 0  # members when the centres were last told
+    told_ms: int = 0
 
 
 class Supervisor:
@@ -57,6 +101,8 @@ class Supervisor:
         *,
         route_of: RouteOf,
         timeout_ms: int,
+        will_grace_ms: int = 0,
+        outages: OutageRule | None = None,
         tick_s: float = 1.0,
         clock_ms: Callable[[], int] | None = None,
         executor: Executor | None = None,
@@ -67,14 +113,23 @@ class Supervisor:
         self._metrics = metrics
         self._route_of = route_of
         self.timeout_ms = timeout_ms
+        self.will_grace_ms = will_grace_ms
+        self._rule = outages
         self._tick_s = tick_s
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._executor = executor
         self._on_event = on_event
         self._deadline: dict[str, int] = {}  # watched device -> when it is overdue
-        self._heap: list[tuple[int, str]] = []  # at most one entry per device
-        self._queued: set[str] = set()  # devices with an entry in the heap
+        self._heap: list[tuple[int, str]] = []
+        # device -> time of its live heap entry; any other entry of it is stale
+        self._queued: dict[str, int] = {}
+        # device -> when its last will arrived, while the grace runs
+        self._will_at: dict[str, int] = {}
         self._paused = False
+        # district -> {device: when reported offline}, oldest first, within the window
+        self._recent: dict[str, dict[str, int]] = {}
+        self._outages: dict[str, _Outage] = {}  # open, by district
+        self._census: tuple[int, dict[str, str]] | None = None  # (read at, device -> district)
 
     # ---- what the intake tells us ---------------------------------------------------------
 
@@ -90,7 +145,11 @@ class Supervisor:
                 self._arm(device.device_id, seen + self.timeout_ms)
 
     def heard(self, device_id: str, now_ms: int) -> None:
-        self._arm(device_id, now_ms + self.timeout_ms)
+        if self._will_at.pop(device_id, None) is not None:
+            # back within the grace: the will was about a connection, not the device
+            self._schedule(device_id, now_ms + self.timeout_ms)
+        else:
+            self._arm(device_id, now_ms + self.timeout_ms)
 
     def watched(self) -> int:
         return len(self._deadline)
@@ -98,27 +157,51 @@ class Supervisor:
     def deadline(self, device_id: str) -> int | None:
         return self._deadline.get(device_id)
 
+    def outages(self) -> dict[str, set[str]]:
+        """Open district outages: district -> devices in it still offline."""
+        return {d: set(o.offline) for d, o in self._outages.items()}
+
     async def came_online(self, device_ids: list[str]) -> None:
         """Devices the store had marked offline were heard from: tell their centres."""
-        events = [e for e in (self._status_event(d, "online") for d in device_ids) if e]
-        if not events:
-            return
         now_ms = self._clock_ms()
+        events: list[Incoming] = []
+        ended: list[_Outage] = []
+        for device_id in device_ids:
+            for recent in self._recent.values():
+                recent.pop(device_id, None)
+            outage = self._outage_of(device_id)
+            if outage is not None:
+                outage.offline.discard(device_id)
+                if outage not in ended and self._restored(outage):
+                    ended.append(outage)
+            # inside an outage the centres hear it from the outage, not card by card
+            quiet = outage is not None and device_id not in outage.alone
+            event = self._status_event(device_id, Status(state="online"), quiet=quiet)
+            if event is not None:
+                events.append(event)
         loop = asyncio.get_running_loop()
         for event in events:
             await loop.run_in_executor(self._executor, self._store.add_event, event, now_ms)
             self._metrics.supervision.labels("online").inc()
             log.info("supervise: %s is online again", event.device_id)
-        self._notify()
+        for outage in ended:
+            del self._outages[outage.district]
+            await self._tell(outage, "district_restored", now_ms, loop)
+        if events or ended:
+            self._notify()
 
     async def last_will(self, device_ids: list[str]) -> list[str]:
-        """The broker published these devices' last wills: offline now; returns those
-        that were online until now."""
-        for device_id in device_ids:
-            self._deadline.pop(device_id, None)
+        """The broker published these devices' last wills: offline unless heard from within
+        the grace; returns those reported offline now (only without a grace)."""
         now_ms = self._clock_ms()
-        # silent since now: any device still marked online goes offline
-        return await self._mark_offline(device_ids, now_ms, now_ms, "last will")
+        for device_id in device_ids:
+            self._will_at[device_id] = now_ms
+            deadline = now_ms + self.will_grace_ms
+            current = self._deadline.get(device_id)
+            self._schedule(device_id, deadline if current is None else min(current, deadline))
+        if self.will_grace_ms > 0:
+            return []
+        return await self.tick(now_ms)
 
     # ---- the broker connection --------------------------------------------------------
 
@@ -131,9 +214,12 @@ class Supervisor:
         self._paused = False
         floor = now_ms + self.timeout_ms
         self._deadline = {d: max(t, floor) for d, t in self._deadline.items()}
+        # a will heard before the gap still stands, but a reconnect storm follows ours:
+        # the silence timeout decides now
+        self._will_at.clear()
         self._heap = [(t, d) for d, t in self._deadline.items()]
         heapq.heapify(self._heap)
-        self._queued = set(self._deadline)
+        self._queued = dict(self._deadline)
 
     # ---- time passing -------------------------------------------------------------------
 
@@ -141,21 +227,37 @@ class Supervisor:
         """Report every watched device that is overdue at `now_ms`; returns their ids."""
         if self._paused:
             return []
-        due: list[str] = []
+        # device -> the cutoff: offline only if not seen since then by any instance
+        due: dict[str, int] = {}
+        wills: set[str] = set()
         while self._heap and self._heap[0][0] <= now_ms:
-            _, device_id = heapq.heappop(self._heap)
-            self._queued.discard(device_id)
+            at, device_id = heapq.heappop(self._heap)
+            if self._queued.get(device_id) != at:
+                continue  # superseded by an earlier entry (a will)
+            del self._queued[device_id]
             deadline = self._deadline.get(device_id)
             if deadline is None:
-                continue  # went offline another way (last will) since it was queued
+                continue
             if deadline > now_ms:
                 self._push(device_id, deadline)  # heard from since: back in at its new time
                 continue
             del self._deadline[device_id]
-            due.append(device_id)
-        if not due:
-            return []
-        return await self._mark_offline(due, now_ms - self.timeout_ms, now_ms, "silent")
+            will_at = self._will_at.pop(device_id, None)
+            if will_at is not None:
+                wills.add(device_id)
+            due[device_id] = now_ms - self.timeout_ms if will_at is None else will_at
+        loop = asyncio.get_running_loop()
+        try:
+            gone = await self._mark_offline(due, wills, now_ms, loop) if due else []
+        except Exception:
+            # Our store failed (a full disk, say): then the intake cannot record heartbeats
+            # either, so their silence means nothing yet. As after a broker outage, each
+            # gets a full timeout again; the living are heard once the store works.
+            for device_id in due:
+                self._arm(device_id, now_ms + self.timeout_ms)
+            raise
+        await self._tell_growth(now_ms, loop)
+        return gone
 
     async def run(self) -> None:
         while True:
@@ -169,22 +271,29 @@ class Supervisor:
     # ---- inside -----------------------------------------------------------------------
 
     def _arm(self, device_id: str, deadline: int) -> None:
+        """Watch until `deadline`, unless already watched until later."""
         current = self._deadline.get(device_id)
         if current is not None and current >= deadline:
             return
+        self._schedule(device_id, deadline)
+
+    def _schedule(self, device_id: str, deadline: int) -> None:
+        """Watch until exactly `deadline`, earlier or later than before."""
         self._deadline[device_id] = deadline
-        if device_id not in self._queued:
+        queued = self._queued.get(device_id)
+        if queued is None or queued > deadline:
             self._push(device_id, deadline)
 
     def _push(self, device_id: str, deadline: int) -> None:
         heapq.heappush(self._heap, (deadline, device_id))
-        self._queued.add(device_id)
+        self._queued[device_id] = deadline
 
-    def _status_event(self, device_id: str, state: Literal["online", "offline"]) -> Incoming | None:
+    def _status_event(self, device_id: str, status: Status, *, quiet: bool) -> Incoming | None:
+        """The event for `status` about `device_id`; `quiet`: kept here, not forwarded."""
         centres = self._route_of(device_id)
         if centres is None:
             return None
-        message, token = self._downlink.sealed(device_id, Status(state=state))
+        message, token = self._downlink.sealed(device_id, status)
         return Incoming(
             event_id=message.id,
             device_id=device_id,
@@ -193,32 +302,163 @@ class Supervisor:
             ts_ms=message.ts,
             body_json=message.body.model_dump_json(),
             jws=token,
-            centres=centres,
+            centres=() if quiet else centres,
             kept=True,
         )
 
     async def _mark_offline(
-        self, device_ids: list[str], silent_since_ms: int, now_ms: int, why: str
+        self, due: dict[str, int], wills: set[str], now_ms: int, loop: asyncio.AbstractEventLoop
     ) -> list[str]:
-        events = [e for e in (self._status_event(d, "offline") for d in device_ids) if e]
-        if not events:
-            return []
-        loop = asyncio.get_running_loop()
-        went = await loop.run_in_executor(
-            self._executor, self._store.mark_offline, events, silent_since_ms, now_ms
-        )
+        districts = await self._districts(now_ms, loop) if self._rule is not None else {}
+        grouped = self._grouped(due, districts, now_ms)
+        by_cutoff: dict[int, list[Incoming]] = {}
+        for device_id, cutoff in due.items():
+            quiet = districts.get(device_id) in grouped
+            event = self._status_event(device_id, Status(state="offline"), quiet=quiet)
+            if event is not None:
+                by_cutoff.setdefault(cutoff, []).append(event)
         offline: list[str] = []
         refused: list[str] = []
-        for event, gone in zip(events, went, strict=True):
-            (offline if gone else refused).append(event.device_id)
+        for cutoff, events in by_cutoff.items():
+            went = await loop.run_in_executor(
+                self._executor, self._store.mark_offline, events, cutoff, now_ms
+            )
+            for event, gone in zip(events, went, strict=True):
+                (offline if gone else refused).append(event.device_id)
         for device_id in offline:
             self._metrics.supervision.labels("offline").inc()
+            why = "last will" if device_id in wills else "silent"
             log.info("supervise: %s is offline (%s)", device_id, why)
+        if self._rule is not None:
+            await self._group(offline, districts, grouped, now_ms, loop)
         if refused:
             await self._rearm(refused, loop)
         if offline:
             self._notify()
         return offline
+
+    def _grouped(self, due: dict[str, int], districts: dict[str, str], now_ms: int) -> set[str]:
+        """Districts whose offline reports in this round join an outage (open or opening)."""
+        if self._rule is None:
+            return set()
+        rule = self._rule
+        sizes: dict[str, int] = {}
+        for district in districts.values():
+            sizes[district] = sizes.get(district, 0) + 1
+        newly: dict[str, set[str]] = {}
+        for device_id in due:
+            if (home := districts.get(device_id)) is not None:
+                newly.setdefault(home, set()).add(device_id)
+        grouped: set[str] = set()
+        for district, devices in newly.items():
+            if district in self._outages:
+                grouped.add(district)
+                continue
+            recent = self._recent.setdefault(district, {})
+            for device_id, at in list(recent.items()):
+                if at > now_ms - rule.window_ms:
+                    break  # oldest first: the rest are within the window too
+                del recent[device_id]
+            if rule.trips(len(devices | recent.keys()), sizes.get(district, 0)):
+                grouped.add(district)
+        return grouped
+
+    async def _group(
+        self,
+        offline: list[str],
+        districts: dict[str, str],
+        grouped: set[str],
+        now_ms: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Open the outages of `grouped` districts and tell the centres; note the others."""
+        opened: list[_Outage] = []
+        for device_id in offline:
+            district = districts.get(device_id)
+            if district is None:
+                continue
+            recent = self._recent.setdefault(district, {})
+            if district not in grouped:
+                recent[device_id] = now_ms
+                continue
+            outage = self._outages.get(district)
+            if outage is None:
+                outage = _Outage(district, opener=device_id, told_ms=now_ms)
+                # those reported one by one just before it belong to it too
+                outage.members |= recent.keys()
+                outage.offline |= recent.keys()
+                outage.alone |= recent.keys()
+                recent.clear()
+                self._outages[district] = outage
+                opened.append(outage)
+            outage.members.add(device_id)
+            outage.offline.add(device_id)
+        for outage in opened:
+            log.warning(
+                "supervise: district %s outage, %d devices offline",
+                outage.district,
+                len(outage.offline),
+            )
+            await self._tell(outage, "district_outage", now_ms, loop)
+
+    async def _tell_growth(self, now_ms: int, loop: asyncio.AbstractEventLoop) -> None:
+        """An outage that grew since the centres last heard: at most once per `update_ms`."""
+        if self._rule is None:
+            return
+        for outage in list(self._outages.values()):
+            grew = len(outage.members) > outage.told_count
+            if grew and now_ms - outage.told_ms >= self._rule.update_ms:
+                await self._tell(outage, "district_outage", now_ms, loop)
+
+    async def _tell(
+        self,
+        outage: _Outage,
+        state: str,
+        now_ms: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        outage.told_count = len(outage.members)
+        outage.told_ms = now_ms
+        listed = sorted(outage.offline)[:MAX_LISTED_DEVICES]
+        while True:
+            status = Status.model_validate(
+                {
+                    "state": state,
+                    "district": outage.district,
+                    "count": len(outage.members),
+                    "offline": listed,
+                }
+            )
+            try:
+                event = self._status_event(outage.opener, status, quiet=False)
+                break
+            except Oversized:
+                # long device ids: the list is a courtesy, the count and the API are the truth
+                listed = listed[: len(listed) // 2]
+        if event is None:
+            return  # the opener was revoked since; its district's centres are unknown
+        await loop.run_in_executor(self._executor, self._store.add_event, event, now_ms)
+        self._metrics.supervision.labels(state).inc()
+        self._notify()
+
+    def _restored(self, outage: _Outage) -> bool:
+        assert self._rule is not None
+        back = len(outage.members) - len(outage.offline)
+        return back >= self._rule.restored_fraction * len(outage.members)
+
+    def _outage_of(self, device_id: str) -> _Outage | None:
+        for outage in self._outages.values():
+            if device_id in outage.members:
+                return outage
+        return None
+
+    async def _districts(self, now_ms: int, loop: asyncio.AbstractEventLoop) -> dict[str, str]:
+        """Device -> district for every device not revoked, re-read now and then."""
+        if self._census is None or now_ms - self._census[0] >= CENSUS_MAX_AGE_MS:
+            devices = await loop.run_in_executor(self._executor, self._store.devices)
+            districts = {d.device_id: d.district for d in devices if not d.revoked}
+            self._census = (now_ms, districts)
+        return self._census[1]
 
     async def _rearm(self, device_ids: list[str], loop: asyncio.AbstractEventLoop) -> None:
         """Another instance heard these devices (or already reported them): watch on."""

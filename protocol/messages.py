@@ -16,9 +16,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import ErrorDetails
@@ -111,15 +113,55 @@ class Heartbeat(_Model):
 
 
 # A device signs online/offline (its last will). The gateway signs the others about what it
-# derives: the secondary path's changes from heartbeats (gateway/secondary.py) and its own
-# disk (gateway/health.py); a device may never send those (protocol/envelope.py refuses them).
+# derives: the secondary path's changes from heartbeats (gateway/secondary.py), its own disk
+# (gateway/health.py) and mass outages (gateway/supervise.py); a device may never send
+# those (protocol/envelope.py refuses them: GATEWAY_STATES).
 StatusState = Literal[
-    "online", "offline", "secondary_path_down", "secondary_path_up", "disk_low", "disk_ok"
+    "online",
+    "offline",
+    "secondary_path_down",
+    "secondary_path_up",
+    "disk_low",
+    "disk_ok",
+    "district_outage",
+    "district_restored",
 ]
 
 
+# at most this many device ids in one district event: the signed token must stay under
+# MAX_TOKEN_BYTES whatever the ids; the count is always complete
+MAX_LISTED_DEVICES: Final = 150
+_GROUPED_STATES = ("district_outage", "district_restored")
+
+
 class Status(_Model):
+    """A device's connection state, or one the gateway derives and signs itself.
+
+    `online`/`offline` are about the envelope's device and carry nothing else; so do the
+    gateway's `secondary_path_*` (from heartbeats) and `disk_*` (its own disk).
+    `district_outage`: `count` devices of `district` went offline together; `offline` lists
+    them. `district_restored`: most are back; `offline` lists those still offline. The
+    envelope's device is the one that tripped the outage (events are kept per device).
+    Unset fields are left out of the JSON, so the other states keep their bytes.
+    """
+
     state: StatusState
+    district: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    count: UInt63 | None = None
+    offline: Annotated[list[DeviceId], Field(max_length=MAX_LISTED_DEVICES)] | None = None
+
+    @model_validator(mode="after")
+    def _fields_fit_state(self) -> Status:
+        grouped = (self.district, self.count, self.offline)
+        if self.state not in _GROUPED_STATES and any(f is not None for f in grouped):
+            raise ValueError(f"a status {self.state} carries no district, count or list")
+        if self.state in _GROUPED_STATES and any(f is None for f in grouped):
+            raise ValueError(f"a status {self.state} needs district, count and offline")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 GATEWAY_STATES: Final[tuple[str, ...]] = (
@@ -127,6 +169,8 @@ GATEWAY_STATES: Final[tuple[str, ...]] = (
     "secondary_path_up",
     "disk_low",
     "disk_ok",
+    "district_outage",
+    "district_restored",
 )
 
 

@@ -16,6 +16,7 @@ Plots need matplotlib (the `sim` extra); without it the HTML page has the tables
 
 from __future__ import annotations
 
+import bisect
 import html
 import json
 import math
@@ -53,7 +54,9 @@ def summarise(o: Observed) -> dict[str, Any]:
     arrivals = o.sink.arrivals
     records = list(o.records.values())
     devices = {d.id: d for d in o.plan.devices}
-    lost = [r for r in records if r.id not in arrivals]
+    # an alert waiting in an outbox the simulator destroyed is the fault's, not a loss
+    lost = [r for r in records if r.id not in arrivals and r.id not in o.at_risk]
+    lost_to_damage = sum(1 for r in records if r.id in o.at_risk and r.id not in arrivals)
     extra = sum(arrivals[r.id].deliveries - 1 for r in records if r.id in arrivals)
     dup_events = sum(1 for r in records if r.id in arrivals and arrivals[r.id].deliveries > 1)
     by_type: dict[str, int] = defaultdict(int)
@@ -65,6 +68,8 @@ def summarise(o: Observed) -> dict[str, Any]:
 
     delivered = {r.id: arrivals[r.id].at - r.sent_at for r in records if r.id in arrivals}
     offline = _offline_detection(o)
+    per_outage = _offline_per_outage(o)
+    unheard = _unheard(o)
     districts: dict[str, Any] = {}
     per_district: dict[str, list[float]] = defaultdict(list)
     for r in records:
@@ -105,6 +110,10 @@ def summarise(o: Observed) -> dict[str, Any]:
             "acknowledged_on_device": sum(1 for r in records if "acknowledged" in r.acks),
             "lost": len(lost),
             "lost_ids": [r.id for r in lost[:20]],
+            "lost_with_a_destroyed_outbox": lost_to_damage,
+            # a press (or any action) after which its device sent nothing at all
+            "actions_never_sent": len(unheard),
+            "actions_never_sent_examples": unheard[:10],
             "duplicate_deliveries": extra,
             "events_delivered_twice_or_more": dup_events,
             "resends": o.resends,
@@ -134,7 +143,12 @@ def summarise(o: Observed) -> dict[str, Any]:
             "refused": o.sink.receiver.refused,
             "status_events": len(o.sink.statuses),
             "offline_reports": sum(1 for _, state, _ in o.sink.statuses if state == "offline"),
+            "district_events": [
+                {"district": d, "state": state, "listed": n, "at_s": round(at - o.t0, 3)}
+                for d, state, n, at in o.sink.district_events
+            ],
         },
+        "offline_per_outage": per_outage,
         "agent_errors": o.agent_errors,
         "gateway_exit_code": o.gateway_exit,
         "workers_failed": o.workers_failed,
@@ -194,6 +208,84 @@ def _offline_detection(o: Observed) -> dict[str, float]:
     return found
 
 
+def _unheard(o: Observed) -> list[list[Any]]:
+    """Actions after which their device sent no alert or cancel at all (a swallowed press:
+    never sent, so never a record that could be counted lost)."""
+    sent: dict[str, list[float]] = defaultdict(list)
+    for r in o.records.values():
+        sent[r.device].append(r.sent_at)
+    for times in sent.values():
+        times.sort()
+    out = []
+    for device, action, at in o.performed:
+        times = sent.get(device, [])
+        # the press's own alert leaves after the press; a coalesced update later still
+        if bisect.bisect_left(times, at - CLOCK_SLACK_S) == len(times):
+            out.append([device, action, round(at - o.t0, 3)])
+    return out
+
+
+# the worker stamps an action and the message it causes on one clock; this covers rounding
+CLOCK_SLACK_S = 0.01
+# A link the device sees up again is not yet heard: it subscribes, then sends its online
+# (a round trip or two, more on a slow link), and the link is sampled four times a second.
+# So a gap this much shorter than the grace may still outlast it at the gateway; with a
+# grace under ~2 s (a one-second heartbeat) a flap and a slow reconnect look alike.
+RECONNECT_SLACK_S = 1.0
+# a report of a link that went down comes at once (the will, after the grace): the tick
+# and forwarding after the link is back
+GAP_ALLOWANCE_S = 3.0
+
+
+def _offline_per_outage(o: Observed) -> dict[str, Any]:
+    """Offline reports at the centre, per device and per outage the simulator caused.
+
+    A device's outages are the partitions it was in, the times its agent was stopped (a
+    report may follow their end by the silence timeout, the tick and forwarding) and the
+    times its own link was down for at least the gateway's will grace (reported at once
+    by its last will). A report belongs to the outage that had started last; more than
+    one there is flapping. A report in no outage is false: the gateway reported a device
+    that was there all along, or one back within the grace (a reset it recovered from).
+    """
+    assert o.sink is not None
+    s = o.scenario
+    silence = s.device.heartbeat_s * s.gateway.missed
+    grace = s.gateway.will_grace(s.device.heartbeat_s)
+    windows: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    long_gaps = [
+        (start, end + GAP_ALLOWANCE_S, devices)
+        for start, end, devices in o.gaps
+        if end - start + RECONNECT_SLACK_S >= grace
+    ]
+    cut = [
+        (start, end + silence + 10.0, devices) for start, end, devices in [*o.partitions, *o.stops]
+    ]
+    for start, end, devices in sorted([*cut, *long_gaps]):
+        for device in devices:
+            windows[device].append((start, end))
+    counts: dict[tuple[str, int], int] = defaultdict(int)
+    false: list[str] = []
+    for device, state, at in o.sink.statuses:
+        if state != "offline":
+            continue
+        # the latest outage that had started: one that follows closely ends the previous
+        mine = windows.get(device, [])
+        n = bisect.bisect_right([start for start, _ in mine], at) - 1
+        if n >= 0 and at <= mine[n][1]:
+            counts[(device, n)] += 1
+        else:
+            false.append(device)
+    flapping = sorted({d for (d, _), c in counts.items() if c > 1})
+    return {
+        "outages_reported": len(counts),
+        "max_reports_in_one_outage": max(counts.values(), default=0),
+        "flapping_devices": len(flapping),
+        "flapping_ids": flapping[:20],
+        "false_reports": len(false),
+        "false_ids": sorted(set(false))[:20],
+    }
+
+
 def verdict(summary: dict[str, Any], s: Any) -> list[str]:
     t = s.thresholds
     fails: list[str] = []
@@ -201,6 +293,11 @@ def verdict(summary: dict[str, Any], s: Any) -> list[str]:
     lat = summary["latency_s"]
     if a["lost"] > t.max_lost:
         fails.append(f"{a['lost']} alerts never reached the centre (allowed {t.max_lost})")
+    if a["actions_never_sent"]:
+        fails.append(
+            f"{a['actions_never_sent']} presses (or other actions) never made their device "
+            f"send anything, e.g. {a['actions_never_sent_examples'][:3]}"
+        )
     if summary["agent_errors"]:
         fails.append(f"{summary['agent_errors']} agents stopped with an error")
     if summary["gateway_exit_code"] is not None:
@@ -251,6 +348,18 @@ def verdict(summary: dict[str, Any], s: Any) -> list[str]:
         alerts = sum(n for k, n in a["by_trigger"].items() if k != "cancel")
         if a["acknowledged_on_device"] < alerts:
             fails.append(f"{missing} alerts never showed `acknowledged` on their device")
+    flaps = summary["offline_per_outage"]
+    if flaps["max_reports_in_one_outage"] > t.max_offline_per_outage:
+        fails.append(
+            f"{flaps['flapping_devices']} devices reported offline more than "
+            f"{t.max_offline_per_outage} times in one outage (flapping), "
+            f"e.g. {', '.join(flaps['flapping_ids'][:5])}"
+        )
+    if flaps["false_reports"] > t.max_false_offline:
+        fails.append(
+            f"{flaps['false_reports']} offline reports about devices that had no outage "
+            f"(max {t.max_false_offline}), e.g. {', '.join(flaps['false_ids'][:5])}"
+        )
     offline = summary["centre"]["offline_reports"]
     if t.max_offline_reports is not None and offline > t.max_offline_reports:
         fails.append(f"{offline} devices reported offline (max {t.max_offline_reports})")

@@ -33,6 +33,7 @@ from ansimi.broker import Mosquitto, MosquittoConfig, free_port
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
 from simulator import identities
+from simulator.disks import TmpDisk
 from simulator.limits import raise_open_files
 from simulator.proxy import FaultProxy
 from simulator.scenario import (
@@ -40,8 +41,11 @@ from simulator.scenario import (
     BrokerRestart,
     CentreDown,
     ClockSkew,
+    DeviceDiskFull,
+    GatewayDiskFull,
     GatewayKill,
     Latency,
+    OutboxDamage,
     Partition,
     Plan,
     Scenario,
@@ -104,6 +108,14 @@ class Observed:
     sink: Sink | None = None
     skewed: dict[str, float] = field(default_factory=dict)  # device -> skew applied (s)
     partitions: list[tuple[float, float, list[str]]] = field(default_factory=list)
+    # agents the simulator stopped (outbox damage): (from, until, devices), wall clock
+    stops: list[tuple[float, float, list[str]]] = field(default_factory=list)
+    # alerts waiting in an outbox the simulator destroyed: not lost by the system under test
+    at_risk: set[str] = field(default_factory=set)
+    # [device, action, wall time] of every action a worker did
+    performed: list[list[Any]] = field(default_factory=list)
+    # (from, until, [device]): a device's link down, as the device saw it
+    gaps: list[tuple[float, float, list[str]]] = field(default_factory=list)
     links_lost: int = 0  # connections the proxy reset for a lossy link
     gateway_exit: int | None = None  # the gateway ended on its own (not by a fault): its code
     workers_failed: int = 0  # worker processes that never reported their result
@@ -174,6 +186,10 @@ class Simulation:
         self._faults: list[asyncio.Task[Any]] = []
         self._owner: dict[str, int] = {}  # device -> index of the worker running it
         self._http: aiohttp.ClientSession | None = None
+        # small disks the disk-full faults fill: the gateway's database, some bells' state
+        self.gateway_disk: TmpDisk | None = None
+        self.device_disk: TmpDisk | None = None
+        self.database = self.state / "gateway" / "gateway.db"
 
     # ---- counts for the live display --------------------------------------------------------
 
@@ -197,12 +213,20 @@ class Simulation:
         gateway_key = generate_key()
         save_private_key(self.state / "gateway" / "signing.key", gateway_key)
         self.gateway_public = public_key_to_b64(Signer(GATEWAY_ID, gateway_key).public_key)
-        identities.register(
-            self.state / "gateway" / "gateway.db", self.plan.devices, self.run_secret
-        )
+        try:
+            self._mount_disks()
+            identities.register(self.database, self.plan.devices, self.run_secret)
+        except BaseException:
+            self._unmount_disks()  # a mount must not outlive a run that never started
+            raise
         raise_open_files()  # before mosquitto starts: it inherits the limit
         if self._own_broker:
-            self.broker = Mosquitto(MosquittoConfig(state_dir=self.state / "broker"))
+            self.broker = Mosquitto(
+                MosquittoConfig(
+                    state_dir=self.state / "broker",
+                    autosave_interval_s=self.scenario.broker.autosave_interval_s,
+                )
+            )
             await asyncio.to_thread(self.broker.start)
             self.broker_addr = (self.broker.host, self.broker.port)
         self.sink = Sink(self.secret, self.state / "centre.db")
@@ -223,6 +247,33 @@ class Simulation:
             await self._teardown()
         return self.observed
 
+    def _mount_disks(self) -> None:
+        """Before anything writes there: the disk-full faults' small disks, mounted."""
+        for fault in self.scenario.faults:
+            if isinstance(fault, GatewayDiskFull) and self.gateway_disk is None:
+                disk = TmpDisk(self.state / "gateway-disk", fault.disk_mb)
+                disk.mount()
+                self.gateway_disk = disk
+                self.database = disk.path / "gateway.db"
+            elif isinstance(fault, DeviceDiskFull) and self.device_disk is None:
+                disk = TmpDisk(self.state / "device-disk", fault.disk_mb)
+                disk.mount()
+                self.device_disk = disk
+
+    def _unmount_disks(self) -> None:
+        """After everyone stopped: keep the gateway's database for the report, then unmount."""
+        if self.gateway_disk is not None and self.gateway_disk.mounted:
+            self.gateway_disk.free()
+            for path in self.gateway_disk.path.glob("gateway.db*"):
+                with contextlib.suppress(OSError):
+                    shutil.copy2(path, self.state / "gateway" / path.name)
+        for disk in (self.gateway_disk, self.device_disk):
+            if disk is not None:
+                try:
+                    disk.unmount()
+                except Exception:
+                    log.exception("simulator: cannot unmount %s", disk.path)
+
     def _gateway_toml(self) -> str:
         assert self.sink is not None
         host, port = self.broker_addr
@@ -230,7 +281,7 @@ class Simulation:
         return f"""# written by `ansimi sim run`
 id = "{GATEWAY_ID}"
 signing_key = "{self.state / "gateway" / "signing.key"}"
-database = "{self.state / "gateway" / "gateway.db"}"
+database = "{self.database}"
 
 [mqtt]
 host = "{host}"
@@ -251,6 +302,7 @@ recordings_dir = "{self.state / "recordings"}"
 [supervise]
 heartbeat_s = {self.scenario.device.heartbeat_s}
 missed = {g.missed}
+will_grace_s = {g.will_grace_s}
 
 [api]
 enabled = true
@@ -349,6 +401,13 @@ districts = ["*"]
             if f.type in PROXIED
             for t in self.plan.targets.get(i, [])
         }
+        # the bells whose disk fills up keep their state on the small disk
+        small_disk = {
+            t
+            for i, f in enumerate(self.scenario.faults)
+            if isinstance(f, DeviceDiskFull)
+            for t in self.plan.targets.get(i, [])
+        }
         settings = self.scenario.device.model_dump()
         n = len(self.plan.devices)
         connect_timeout = 20 + 2 * n / self.scenario.device.connect_rate
@@ -364,6 +423,8 @@ districts = ["*"]
                 "run_secret": self.run_secret,
                 "seed": self.scenario.seed,
                 "state_dir": str(self.state / "devices"),
+                "small_disk_dir": str(self.device_disk.path) if self.device_disk else None,
+                "small_disk_devices": [d[0] for d in shares[w] if d[0] in small_disk],
                 "device": settings,
                 "devices": shares[w],
                 "steps": steps[w],
@@ -483,6 +544,9 @@ districts = ["*"]
                     proc.errors = line["errors"]
                     for mid, device, type_, trigger, at in line["sent"]:
                         records[mid] = Record(mid, device, type_, trigger, at)
+                    self.observed.at_risk.update(line.get("at_risk", ()))
+                    self.observed.performed += line.get("performed", [])
+                    self.observed.gaps += [(a, b, [d]) for d, a, b in line.get("gaps", [])]
                     for ref, stage, at in line["acks"]:
                         record = records.get(ref)
                         if record is not None and stage not in record.acks:
@@ -561,6 +625,25 @@ districts = ["*"]
         elif isinstance(fault, ClockSkew):
             start = await self._at(fault.at_s)
             o.marks.append(Mark(start, f"clock {fault.skew_s:+g}s on {len(targets)}"))
+        elif isinstance(fault, GatewayDiskFull | DeviceDiskFull):
+            disk = self.gateway_disk if isinstance(fault, GatewayDiskFull) else self.device_disk
+            assert disk is not None
+            free_kb = fault.free_kb if isinstance(fault, GatewayDiskFull) else 0
+            start = await self._at(fault.at_s)
+            await asyncio.to_thread(disk.fill, free_kb)
+            await self._at(fault.at_s + fault.duration_s)
+            disk.free()
+            whose = "gateway" if isinstance(fault, GatewayDiskFull) else f"{len(targets)} bells'"
+            o.marks.append(Mark(start, f"{whose} disk full", time.time()))
+        elif isinstance(fault, OutboxDamage):
+            start = await self._at(fault.at_s)
+            down = s.scaled(fault.down_s)
+            await self._tell_owners(f"damage {fault.mode} {down}", targets)
+            await asyncio.sleep(down)
+            done = {"delete": "deleted", "corrupt": "corrupted", "restart": "kept"}[fault.mode]
+            label = f"outbox {done} on {len(targets)}, agents stopped"
+            o.marks.append(Mark(start, label, time.time()))
+            o.stops.append((start, time.time(), sorted(targets)))
 
     async def _tell_owners(self, command: str, devices: set[str]) -> None:
         """Availability counts a cut device as unavailable, whatever it believes."""
@@ -632,6 +715,7 @@ districts = ["*"]
             await self._http.close()
         if self.broker is not None:
             await asyncio.to_thread(self.broker.stop)
+        self._unmount_disks()
 
 
 def _child_env() -> dict[str, str]:

@@ -74,6 +74,13 @@ class GatewaySettings(_Model):
     breaker_open_s: Annotated[float, Field(gt=0)] = 2.0
     # offline after this many missed heartbeats
     missed: Annotated[int, Field(ge=1)] = 3
+    # after a last will, how long the gateway waits for the bell to reconnect (it caps
+    # this at half the silence timeout)
+    will_grace_s: Annotated[float, Field(ge=0)] = 10.0
+
+    def will_grace(self, heartbeat_s: float) -> float:
+        """The grace the gateway applies: a link down shorter than this is no outage."""
+        return min(self.will_grace_s, heartbeat_s * self.missed / 2)
 
 
 class Video(_Model):
@@ -178,6 +185,44 @@ class CentreDown(_Model):
     mode: Literal["503", "refuse"] = "503"
 
 
+class GatewayDiskFull(_Model):
+    """The gateway's disk fills up, then is freed: its database lives on a small tmpfs the
+    simulator mounts (root only), filled with a file until `free_kb` is left."""
+
+    type: Literal["gateway_disk_full"]
+    at_s: Seconds
+    duration_s: Seconds
+    free_kb: Annotated[int, Field(ge=0)] = 0
+    disk_mb: Annotated[int, Field(ge=8, le=4096)] = 64
+
+
+class DeviceDiskFull(_Model):
+    """Some bells' disks fill up, then are freed: their state folders (the outbox) live on
+    one small tmpfs the simulator mounts (root only) and fills."""
+
+    type: Literal["device_disk_full"]
+    at_s: Seconds
+    duration_s: Seconds
+    fraction: Fraction = 0.1
+    disk_mb: Annotated[int, Field(ge=4, le=4096)] = 32
+
+
+class OutboxDamage(_Model):
+    """Some agents are stopped, their outbox deleted (`delete`: outbox.db and its WAL) or
+    damaged (`corrupt`: garbage over the end of outbox.db), or left alone (`restart`), and
+    started again `down_s` later. Alerts waiting in a destroyed outbox are reported apart,
+    not as lost."""
+
+    type: Literal["outbox_damage"]
+    at_s: Seconds
+    fraction: Fraction = 0.1
+    mode: Literal["delete", "corrupt", "restart"] = "delete"
+    down_s: Seconds = 2.0
+    # the devices an earlier fault (its index in `faults`) touched, instead of `fraction`:
+    # a restart first makes the counter jump a block, as months of service would
+    same_devices_as: Annotated[int, Field(ge=0)] | None = None
+
+
 class ClockSkew(_Model):
     type: Literal["clock_skew"]
     at_s: Seconds = 0.0
@@ -187,10 +232,20 @@ class ClockSkew(_Model):
 
 
 Fault = Annotated[
-    BrokerRestart | GatewayKill | Partition | Latency | CentreDown | ClockSkew,
+    BrokerRestart
+    | GatewayKill
+    | Partition
+    | Latency
+    | CentreDown
+    | ClockSkew
+    | GatewayDiskFull
+    | DeviceDiskFull
+    | OutboxDamage,
     Field(discriminator="type"),
 ]
 PROXIED = ("partition", "latency")
+# faults that need a tmpfs mounted (root): `needs_mount` says so before anything starts
+MOUNTED = ("gateway_disk_full", "device_disk_full")
 
 
 class Thresholds(_Model):
@@ -207,6 +262,12 @@ class Thresholds(_Model):
     offline_detect_p95_s: Seconds | None = None
     # `offline` status events the centre may receive (0 on a quiet night: nobody dropped)
     max_offline_reports: Annotated[int, Field(ge=0)] | None = None
+    # offline reports about one device in one of its outages (a partition it was in, its
+    # agent stopped): more is flapping. Always judged.
+    max_offline_per_outage: Annotated[int, Field(ge=1)] = 1
+    # offline reports about a device that had no outage then: a fleet the gateway stopped
+    # hearing, a bell it refused. Always judged.
+    max_false_offline: Annotated[int, Field(ge=0)] = 0
     # fraction of device-time connected, per district
     min_availability: Fraction | None = None
     # press to the SMS fallback's message leaving the (fake) modem
@@ -214,6 +275,12 @@ class Thresholds(_Model):
     # press on a black-holed link to the agent declaring that link dead; a press whose
     # link was never found dead before it healed fails the run when this is set
     press_to_link_dead_p95_s: Seconds | None = None
+
+
+class Broker(_Model):
+    # mosquitto's snapshot period: a restart "after the first autosave" (which brings back
+    # the persistent sessions, see FIELD-NOTES) needs the fault later than this (not scaled)
+    autosave_interval_s: Annotated[int, Field(ge=1, le=3600)] = 60
 
 
 class Scenario(_Model):
@@ -227,6 +294,7 @@ class Scenario(_Model):
     # one or more worker processes, each running its share of the agents on one event loop
     workers: Annotated[int, Field(ge=1, le=16)] | None = None
     fleet: Fleet = Fleet()
+    broker: Broker = Broker()
     device: DeviceSettings = DeviceSettings()
     gateway: GatewaySettings = GatewaySettings()
     operator: Operator = Operator()
@@ -243,6 +311,10 @@ class Scenario(_Model):
     @property
     def needs_proxy(self) -> bool:
         return any(f.type in PROXIED for f in self.faults)
+
+    @property
+    def needs_mount(self) -> bool:
+        return any(f.type in MOUNTED for f in self.faults)
 
 
 def load_scenario(path: Path, **overrides: Any) -> Scenario:
@@ -294,7 +366,8 @@ class Step:
 class Plan:
     devices: list[SimDevice]
     steps: list[Step]
-    # fault index -> the devices it touches (partition, latency, clock skew)
+    # fault index -> the devices it touches (partition, latency, clock skew, bell disks,
+    # outboxes)
     targets: dict[int, list[str]]
 
 
@@ -355,9 +428,16 @@ def plan(scenario: Scenario) -> Plan:
     steps.sort(key=lambda s: s.at)
     targets: dict[int, list[str]] = {}
     for index, fault in enumerate(scenario.faults):
-        if isinstance(fault, Partition) and fault.districts is not None:
+        if isinstance(fault, OutboxDamage) and fault.same_devices_as is not None:
+            if fault.same_devices_as not in targets:
+                raise ValueError(
+                    f"{scenario.name}: fault {index} has same_devices_as = "
+                    f"{fault.same_devices_as}, which is not an earlier fault with devices"
+                )
+            targets[index] = targets[fault.same_devices_as]
+        elif isinstance(fault, Partition) and fault.districts is not None:
             targets[index] = [d.id for d in devices if d.district in fault.districts]
-        elif isinstance(fault, Partition | Latency | ClockSkew):
+        elif isinstance(fault, Partition | Latency | ClockSkew | DeviceDiskFull | OutboxDamage):
             chosen = rng.sample(devices, round(len(devices) * fault.fraction))
             targets[index] = sorted(d.id for d in chosen)
     return Plan(devices, steps, targets)

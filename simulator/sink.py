@@ -36,8 +36,16 @@ class Sink:
     host: str = "127.0.0.1"
     port: int = 0
     arrivals: dict[str, Arrival] = field(default_factory=dict)
-    # (device id, state, wall time) of every status event: supervision's online/offline
+    # (device id, state, wall time) of every status event: supervision's online/offline;
+    # a device listed in a `district_outage` counts as reported offline then, unless the
+    # centre already had it offline (an earlier card, an earlier listing)
     statuses: list[tuple[str, str, float]] = field(default_factory=list)
+    # (district, state, devices listed, wall time) of every district event
+    district_events: list[tuple[str, str, int, float]] = field(default_factory=list)
+    # district -> devices its open outage has listed so far
+    _listed: dict[str, set[str]] = field(default_factory=dict)
+    # devices the centre was told are offline and not told back since
+    _down: set[str] = field(default_factory=set)
     answered_503: int = 0
     down: Literal["503", "refuse"] | None = None
 
@@ -83,8 +91,26 @@ class Sink:
         self.arrivals[event.event_id] = Arrival(
             event.device_id, event.type, event.body, time.time()
         )
-        if event.type == "status":
-            self.statuses.append((event.device_id, str(event.body.get("state")), time.time()))
+        if event.type != "status":
+            return
+        state = str(event.body.get("state"))
+        if state not in ("district_outage", "district_restored"):
+            self.statuses.append((event.device_id, state, time.time()))
+            (self._down.add if state == "offline" else self._down.discard)(event.device_id)
+            return
+        district = str(event.body.get("district"))
+        offline = [str(d) for d in event.body.get("offline") or ()]
+        self.district_events.append((district, state, len(offline), time.time()))
+        if state == "district_restored":
+            # those not listed as still offline are back (their online was the outage's)
+            self._down -= self._listed.pop(district, set()) - set(offline)
+            return
+        listed = self._listed.setdefault(district, set())
+        for device_id in offline:
+            listed.add(device_id)
+            if device_id not in self._down:  # an update lists again those it told
+                self._down.add(device_id)
+                self.statuses.append((device_id, "offline", time.time()))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if self.down is not None:

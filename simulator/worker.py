@@ -87,6 +87,12 @@ class Tally:
     link_dead: list[list[Any]] = field(default_factory=list)
     actions: int = 0
     errors: int = 0
+    # ids of alerts that were waiting in an outbox the simulator then destroyed
+    at_risk: list[str] = field(default_factory=list)
+    # [device, action, t] of every action done: each must make its device send something
+    performed: list[list[Any]] = field(default_factory=list)
+    # [device, from, until]: times the device's link was down, as the device saw it
+    gaps: list[list[Any]] = field(default_factory=list)
 
 
 class Worker:
@@ -105,12 +111,20 @@ class Worker:
         self.pressed_on_cut: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._actions: set[asyncio.Task[None]] = set()
-        gateway_key = public_key_from_b64(spec["gateway_public_key"])
+        self._running: dict[str, asyncio.Task[None]] = {}  # device -> its agent's task
+        self.stopped: set[str] = set()  # agents the simulator has stopped for a while
+        self.down_since: dict[str, float] = {}  # device -> first sample its link was down
+        self._gateway_key = public_key_from_b64(spec["gateway_public_key"])
         proxied = set(spec["proxied"])
+        self._small_disk = set(spec.get("small_disk_devices") or ())
+        # what it takes to start an agent again (after its outbox was damaged)
+        self._made: dict[str, tuple[str, str, int, str]] = {}
         for n, (device_id, kind, district) in enumerate(spec["devices"]):
             port = spec["proxy_port"] if device_id in proxied else spec["broker_port"]
+            sms_number = f"+8210{n:08d}"
+            self._made[device_id] = (kind, district, port, sms_number)
             self.watched[device_id] = self._make(
-                device_id, kind, district, port, gateway_key, f"+8210{n:08d}"
+                device_id, kind, district, port, self._gateway_key, sms_number
             )
 
     def _make(
@@ -123,7 +137,8 @@ class Worker:
         sms_number: str,
     ) -> Watched:
         s = self.settings
-        state_dir = Path(self.spec["state_dir"]) / device_id
+        home = self.spec["small_disk_dir"] if device_id in self._small_disk else None
+        state_dir = Path(home or self.spec["state_dir"]) / device_id
         config = DeviceConfig.model_validate(
             {
                 "device": DeviceSection(id=device_id, kind=kind, state_dir=state_dir),
@@ -260,9 +275,51 @@ class Worker:
         # in small batches: a sleep per agent would drift far behind on a busy loop
         batch = max(1, round(self.settings["connect_rate"] / 20))
         for n, (device_id, w) in enumerate(self.watched.items(), start=1):
-            self._tasks.append(asyncio.create_task(self._run_agent(w), name=device_id))
+            self._start(device_id, w)
             if n % batch == 0:
                 await asyncio.sleep(batch / self.settings["connect_rate"])
+
+    def _start(self, device_id: str, w: Watched) -> None:
+        task = asyncio.create_task(self._run_agent(w), name=device_id)
+        self._tasks.append(task)
+        self._running[device_id] = task
+
+    async def damage(self, mode: str, down_s: float, device_ids: list[str]) -> None:
+        """Stop these agents, delete or corrupt their outboxes, start them again later.
+
+        As an operator's `systemctl stop`, a cleanup script and a start would: the agent
+        closes its outbox on the way out, the files are damaged while nobody holds them.
+        """
+        stopped = []
+        self.stopped |= set(device_ids)
+        for device_id in device_ids:
+            w = self.watched[device_id]
+            with contextlib.suppress(Exception):  # an agent that died has closed its outbox
+                self.tally.at_risk += [e.id for e in w.agent.outbox.pending()]
+            task = self._running.pop(device_id, None)
+            if task is not None:
+                task.cancel()
+                stopped.append(task)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*stopped, return_exceptions=True), 10)
+        for device_id in device_ids:
+            state_dir = self.watched[device_id].agent.config.device.state_dir
+            await asyncio.to_thread(damage_outbox, state_dir / "outbox.db", mode)
+        await asyncio.sleep(down_s)
+        self.stopped -= set(device_ids)
+        for device_id in device_ids:
+            kind, district, port, sms_number = self._made[device_id]
+            old = self.watched[device_id]
+            try:
+                w = self._make(device_id, kind, district, port, self._gateway_key, sms_number)
+            except Exception:
+                # as a service that will not start: counted, and the bell stays dead
+                self.tally.errors += 1
+                log.exception("agent %s cannot start after its outbox was %sd", device_id, mode)
+                continue
+            w.connected_samples = old.connected_samples
+            self.watched[device_id] = w
+            self._start(device_id, w)
 
     async def _run_agent(self, w: Watched) -> None:
         try:
@@ -286,8 +343,11 @@ class Worker:
             delay = t0 + at - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if device_id in self.stopped:
+                continue  # nobody presses a bell whose agent is not running: not counted
             w = self.watched[device_id]
             self.tally.actions += 1
+            self.tally.performed.append([device_id, action, time.time()])
             self._spawn(self._perform(w, action, after_s, restore_s))
 
     async def _skew(self, when: float, device_ids: list[str], skew_ms: int) -> None:
@@ -353,9 +413,21 @@ class Worker:
         if not self.sampling:
             return
         self.samples += 1
+        now = time.time()
         for device_id, w in self.watched.items():
-            if w.agent.link.connected and device_id not in self.cut:
+            up = w.agent.link.connected
+            if up and device_id not in self.cut:
                 w.connected_samples += 1
+            # the device's own view of its link: a reset it recovers from is a short gap
+            if not up:
+                self.down_since.setdefault(device_id, now)
+            elif (since := self.down_since.pop(device_id, None)) is not None:
+                self.tally.gaps.append([device_id, since, now])
+
+    def close_gaps(self) -> None:
+        now = time.time()
+        self.tally.gaps += [[d, since, now] for d, since in self.down_since.items()]
+        self.down_since.clear()
 
     def progress(self) -> dict[str, Any]:
         t = self.tally
@@ -371,8 +443,12 @@ class Worker:
             "errors": t.errors,
             "sms": t.sms,
             "link_dead": t.link_dead,
+            "at_risk": t.at_risk,
+            "performed": t.performed,
+            "gaps": t.gaps,
         }
         t.sent, t.acks, t.sms, t.link_dead = [], [], [], []
+        t.at_risk, t.performed, t.gaps = [], [], []
         return line
 
     def result(self) -> dict[str, Any]:
@@ -401,6 +477,24 @@ class Worker:
             await asyncio.wait_for(
                 asyncio.gather(*self._tasks, *self._actions, return_exceptions=True), 10
             )
+
+
+def damage_outbox(path: Path, mode: str) -> None:
+    """`delete`: the outbox and its WAL gone (a reset SD card, a wiped state folder).
+    `corrupt`: garbage over the end of the file, where the newest pages are.
+    `restart`: nothing (the agent is only stopped and started)."""
+    if mode == "restart":
+        return
+    if mode == "delete":
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (path.parent / name).unlink()
+        return
+    size = path.stat().st_size
+    garbage = random.Random(size).randbytes(min(size // 2, 8192))
+    with path.open("r+b") as out:
+        out.seek(size - len(garbage))
+        out.write(garbage)
 
 
 def emit(line: dict[str, Any]) -> None:
@@ -437,6 +531,7 @@ async def main(spec_path: Path) -> None:
     video = asyncio.create_task(worker.watch_video())
     ramping = asyncio.create_task(ramp())
     plan: asyncio.Task[None] | None = None
+    damaging: list[asyncio.Task[None]] = []
     try:
         # bounded by the parent: it always sends `stop` (or closes stdin) when it is done
         while line := (await commands.readline()).decode().split():
@@ -447,10 +542,14 @@ async def main(spec_path: Path) -> None:
                 worker.cut |= set(line[1:])
             elif line[0] == "heal":
                 worker.heal(line[1:])
+            elif line[0] == "damage":
+                mode, down_s, devices = line[1], float(line[2]), line[3:]
+                damaging.append(asyncio.create_task(worker.damage(mode, down_s, devices)))
             elif line[0] == "stop":
                 break
         worker.sampling = False
-        for task in (ramping, plan, reporter, video):
+        worker.close_gaps()
+        for task in (ramping, plan, reporter, video, *damaging):
             if task is not None:
                 task.cancel()
         emit(worker.progress())

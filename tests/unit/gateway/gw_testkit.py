@@ -148,7 +148,9 @@ class Env:
         return len(self.store.events(None, 100_000))
 
 
-def make_env(clock: Clock | None = None, store: SqliteStore | None = None) -> Env:
+def make_env(
+    clock: Clock | None = None, store: SqliteStore | None = None, *, will_grace_ms: int = 0
+) -> Env:
     """A gateway's insides; given the `store` of an earlier one, a restart of that gateway."""
     clock = clock or Clock()
     if store is None:
@@ -180,6 +182,7 @@ def make_env(clock: Clock | None = None, store: SqliteStore | None = None) -> En
         metrics,
         route_of=route_of,
         timeout_ms=TIMEOUT_MS,
+        will_grace_ms=will_grace_ms,
         clock_ms=clock,
         on_event=lambda: woken.append(1),
     )

@@ -10,7 +10,7 @@ from gw_testkit import CENTRAL_TOML as CENTRAL
 
 from ansimi.cli import cli
 from ansimi.config import ConfigError, load_config
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, SuperviseConfig
 from protocol.keys import generate_key, save_private_key
 
 
@@ -145,3 +145,14 @@ def test_a_district_without_a_destination_stops_the_start(
     assert "[[centres]]" in output and unrouted in output
     assert 'Fix: add the central centre ([[centres]] with districts = ["*"]' in output
     assert not (tmp_path / "gw.db").exists()  # refused before anything was opened
+
+
+def test_the_will_grace_stays_short_of_the_silence_timeout() -> None:
+    assert SuperviseConfig(heartbeat_s=10, missed=3, will_grace_s=10).will_grace_ms == 10_000
+    assert SuperviseConfig(heartbeat_s=1, missed=3, will_grace_s=10).will_grace_ms == 1_500
+
+
+def test_a_growing_outage_is_updated_at_least_twice_a_heartbeat() -> None:
+    rule = SuperviseConfig(heartbeat_s=1, outage_update_s=5).outage_rule()
+    assert rule is not None and rule.update_ms == 500
+    assert SuperviseConfig(group_outages=False).outage_rule() is None

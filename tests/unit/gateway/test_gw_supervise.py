@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 
 import pytest
 from gw_testkit import GATEWAY, GATEWAY_KEY, NOW, TIMEOUT_MS, Env, heartbeat, make_env
 
+from ansimi.mqtt import Message as MqttMessage
 from gateway.store import Device, Event, Incoming, SqliteStore
 from gateway.supervise import Supervisor
 from protocol.envelope import open_envelope
@@ -206,3 +208,132 @@ async def test_a_revoked_device_is_not_reported(env: Env) -> None:
     env.clock.ms += TIMEOUT_MS
     assert await env.supervisor.tick(env.clock.ms) == []
     assert status_events(env) == []
+
+
+# ---- hysteresis: one offline report per outage ---------------------------------------------
+
+GRACE_MS = 5_000
+
+
+@pytest.fixture
+def graced() -> Env:
+    return make_env(will_grace_ms=GRACE_MS)
+
+
+def will(env: Env, device: str = "bell-0001") -> MqttMessage:
+    """The device's last will: signed at its start, published by the broker much later."""
+    return env.message(Status(state="offline"), device=device, seq=1, ts=NOW - 60_000)
+
+
+async def test_a_will_for_a_connection_the_device_has_already_replaced_reports_nothing(
+    graced: Env,
+) -> None:
+    """The healed-partition flap: after the outage was reported and the bell came back,
+    the will of a connection its reconnect replaced (a session takeover) arrives; the bell
+    reconnects again within a second. The centre must hear nothing more."""
+    env = graced
+    await beat(env)
+    env.clock.ms += TIMEOUT_MS
+    assert await env.supervisor.tick(env.clock.ms) == ["bell-0001"]
+    env.clock.ms += 20_000
+    await env.feed(env.message(Status(state="online")))
+    assert states(env) == ["offline", "online"]
+    env.clock.ms += 500
+    await env.feed(will(env))
+    env.clock.ms += 800  # kicked off by the takeover, back after its reconnect backoff
+    await env.feed(env.message(Status(state="online")))
+    for _ in range(TIMEOUT_MS // 1000 - 1):
+        env.clock.ms += 1_000
+        assert await env.supervisor.tick(env.clock.ms) == []
+    assert states(env) == ["offline", "online"]
+    assert env.store.device("bell-0001").online  # type: ignore[union-attr]
+
+
+async def test_a_reset_the_device_recovers_from_within_the_grace_is_not_an_outage(
+    graced: Env,
+) -> None:
+    env = graced
+    await beat(env)
+    env.clock.ms += 3_000
+    await env.feed(will(env))
+    env.clock.ms += GRACE_MS - 1
+    await beat(env)
+    env.clock.ms += 1
+    assert await env.supervisor.tick(env.clock.ms) == []
+    # and it is watched from its last word, by the heartbeat timeout as before
+    assert env.supervisor.deadline("bell-0001") == env.clock.ms - 1 + TIMEOUT_MS
+    env.clock.ms += TIMEOUT_MS
+    assert await env.supervisor.tick(env.clock.ms) == ["bell-0001"]
+    assert states(env) == ["offline"]
+
+
+async def test_a_will_not_followed_by_the_device_reports_it_after_the_grace(graced: Env) -> None:
+    env = graced
+    await beat(env)
+    env.clock.ms += 3_000
+    await env.feed(will(env))
+    assert states(env) == []
+    env.clock.ms += GRACE_MS - 1
+    assert await env.supervisor.tick(env.clock.ms) == []
+    env.clock.ms += 1
+    # long before the silence timeout: the will still speeds the report up
+    assert await env.supervisor.tick(env.clock.ms) == ["bell-0001"]
+    env.clock.ms += 2 * TIMEOUT_MS
+    assert await env.supervisor.tick(env.clock.ms) == []
+    assert states(env) == ["offline"]
+
+
+async def test_a_device_heard_by_another_instance_during_the_grace_stays_online(
+    graced: Env,
+) -> None:
+    env = graced
+    await beat(env)
+    env.clock.ms += 1_000
+    await env.feed(will(env))
+    env.clock.ms += 1_000
+    # its reconnect's first message went to instance B: only the store knows
+    env.store.accept_batch(
+        [Incoming("hb-elsewhere-01", "bell-0001", 99, "heartbeat", NOW, "{}", "", (), kept=False)],
+        env.clock.ms,
+    )
+    heard_at = env.clock.ms
+    env.clock.ms += GRACE_MS
+    assert await env.supervisor.tick(env.clock.ms) == []
+    assert states(env) == []
+    assert env.supervisor.deadline("bell-0001") == heard_at + TIMEOUT_MS
+
+
+class FailingStore(SqliteStore):
+    """The disk is full: nothing can be written until `healed`."""
+
+    healed = False
+
+    def mark_offline(
+        self, items: Sequence[Incoming], silent_since_ms: int, now_ms: int
+    ) -> list[bool]:
+        if not self.healed:
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().mark_offline(items, silent_since_ms, now_ms)
+
+
+async def test_a_store_that_cannot_write_loses_no_device_and_reports_no_false_outage(
+    env: Env,
+) -> None:
+    store = FailingStore(":memory:")
+    key = public_key_to_b64(generate_key().public_key())
+    store.add_device(Device("bell-0042", key, "bell", "mapo"), now_ms=0)
+    store.accept_batch(
+        [Incoming("hb-0042-0001", "bell-0042", 1, "heartbeat", NOW, "{}", "", (), kept=False)], NOW
+    )
+    sup = Supervisor(
+        store, env.downlink, env.metrics, route_of=lambda d: ("central",), timeout_ms=TIMEOUT_MS
+    )
+    sup.heard("bell-0042", NOW)
+    with pytest.raises(sqlite3.OperationalError):
+        await sup.tick(NOW + TIMEOUT_MS)
+    # still watched, a full timeout from the failure, not dropped and not due at once
+    assert sup.deadline("bell-0042") == NOW + 2 * TIMEOUT_MS
+    store.healed = True
+    assert await sup.tick(NOW + TIMEOUT_MS + 1_000) == []
+    # the device stayed silent after all: reported, once
+    assert await sup.tick(NOW + 2 * TIMEOUT_MS) == ["bell-0042"]

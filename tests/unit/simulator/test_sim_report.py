@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from console.receiver import ReceivedEvent
 from simulator.report import distribution, summarise
 from simulator.run import Observed, Record
 from simulator.scenario import Scenario, Thresholds, plan
@@ -112,3 +113,125 @@ def test_a_device_offline_before_a_cut_is_not_detected_by_a_later_cut(tmp_path: 
     summary = summarise(o)
     assert summary["offline_detected"] == "2/3"
     assert summary["offline_detection_s"]["max"] == 1.5
+
+
+def status(sink: Sink, device: str, body: dict[str, object], n: int) -> None:
+    """A status event arriving at the centre now, as the console's receiver hands it on."""
+    sink._arrived(ReceivedEvent(f"status-{n:04d}", device, "mapo", "status", 0, body, "jws", 0))
+
+
+def test_a_second_offline_report_in_one_outage_is_flapping_and_fails(tmp_path: Path) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    assert o.sink is not None
+    first, second = o.plan.devices[0].id, o.plan.devices[1].id
+    now = time.time()
+    o.partitions.append((now - 60, now - 1, [first, second]))
+    status(o.sink, first, {"state": "offline"}, 1)
+    status(o.sink, second, {"state": "offline"}, 2)
+    status(o.sink, first, {"state": "online"}, 3)
+    summary = summarise(o)
+    assert summary["offline_per_outage"]["max_reports_in_one_outage"] == 1
+    assert summary["passed"]
+    status(o.sink, first, {"state": "offline"}, 4)  # just after it was back
+    summary = summarise(o)
+    assert summary["offline_per_outage"]["flapping_ids"] == [first]
+    assert not summary["passed"]
+    assert "1 devices reported offline more than 1 times in one outage" in summary["failures"][0]
+
+
+def test_an_offline_report_about_a_device_without_an_outage_fails(tmp_path: Path) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    assert o.sink is not None
+    status(o.sink, o.plan.devices[2].id, {"state": "offline"}, 1)
+    summary = summarise(o)
+    assert summary["offline_per_outage"]["false_ids"] == [o.plan.devices[2].id]
+    assert any(
+        "1 offline reports about devices that had no outage" in f for f in summary["failures"]
+    )
+
+
+def test_a_district_outage_counts_once_per_listed_device_however_often_updated(
+    tmp_path: Path,
+) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    assert o.sink is not None
+    ids = [d.id for d in o.plan.devices[:4]]
+    o.partitions.append((time.time() - 30, time.time(), ids))
+    outage = {"state": "district_outage", "district": "mapo", "count": 3, "offline": ids[:3]}
+    status(o.sink, ids[0], outage, 1)
+    status(o.sink, ids[0], outage | {"count": 4, "offline": ids}, 2)  # it grew
+    summary = summarise(o)
+    assert summary["centre"]["offline_reports"] == 4
+    assert summary["offline_per_outage"]["outages_reported"] == 4
+    assert summary["passed"], summary["failures"]
+    assert [e["state"] for e in summary["centre"]["district_events"]] == ["district_outage"] * 2
+
+
+def test_an_alert_in_an_outbox_the_simulator_destroyed_is_not_counted_lost(
+    tmp_path: Path,
+) -> None:
+    o = observed(tmp_path, Thresholds())
+    o.at_risk.add("msg-00002")  # the one that never reached the centre
+    summary = summarise(o)
+    assert summary["alerts"]["lost"] == 0
+    assert summary["alerts"]["lost_with_a_destroyed_outbox"] == 1
+    assert summary["passed"], summary["failures"]
+
+
+def test_a_press_after_which_the_device_sent_nothing_fails_the_run(tmp_path: Path) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    device = o.plan.devices[0].id
+    sent_at = o.records["msg-00000"].sent_at
+    o.performed = [[device, "press", sent_at - 0.001]]  # its alert left right after
+    assert summarise(o)["passed"]
+    o.performed.append([device, "press", sent_at + 1])  # swallowed: nothing left after it
+    summary = summarise(o)
+    assert summary["alerts"]["actions_never_sent"] == 1
+    assert (
+        "1 presses (or other actions) never made their device send anything"
+        in (summary["failures"][-1])
+    )
+
+
+def test_a_device_with_its_own_card_listed_in_an_outage_counts_once(tmp_path: Path) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    assert o.sink is not None
+    ids = [d.id for d in o.plan.devices[:3]]
+    o.partitions.append((time.time() - 30, time.time(), ids))
+    status(o.sink, ids[0], {"state": "offline"}, 1)  # its own card, before the outage
+    outage = {"state": "district_outage", "district": "mapo", "count": 3, "offline": ids}
+    status(o.sink, ids[0], outage, 2)
+    summary = summarise(o)
+    assert summary["centre"]["offline_reports"] == 3
+    assert summary["offline_per_outage"]["max_reports_in_one_outage"] == 1
+
+
+def test_a_report_in_a_second_outage_belongs_to_it_not_to_the_first(tmp_path: Path) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    assert o.sink is not None
+    device = o.plan.devices[0].id
+    now = time.time()
+    o.partitions += [(now - 20, now - 15, [device]), (now - 12, now - 5, [device])]
+    status(o.sink, device, {"state": "offline"}, 1)  # both within the first's allowance
+    status(o.sink, device, {"state": "offline"}, 2)
+    o.sink.statuses[0] = (device, "offline", now - 17)
+    summary = summarise(o)
+    assert summary["offline_per_outage"]["outages_reported"] == 2
+    assert summary["passed"], summary["failures"]
+
+
+def test_a_reset_the_device_recovered_from_within_the_grace_is_no_outage(
+    tmp_path: Path,
+) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    assert o.sink is not None
+    short, long = o.plan.devices[0].id, o.plan.devices[1].id
+    grace = o.scenario.gateway.will_grace(o.scenario.device.heartbeat_s)
+    now = time.time()
+    o.gaps += [(now - 10, now - 9.5, [short]), (now - 10, now - 10 + grace + 1, [long])]
+    status(o.sink, short, {"state": "offline"}, 1)
+    status(o.sink, long, {"state": "offline"}, 2)
+    o.sink.statuses[:] = [(d, s, now - 9) for d, s, _ in o.sink.statuses]
+    flaps = summarise(o)["offline_per_outage"]
+    assert flaps["false_ids"] == [short]
+    assert flaps["outages_reported"] == 1

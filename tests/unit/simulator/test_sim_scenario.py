@@ -102,3 +102,35 @@ def test_every_shipped_scenario_loads_and_plans() -> None:
         scenario = load_scenario(path)
         assert scenario.description, path
         plan(scenario)
+
+
+DAMAGE = """
+name = "d"
+[fleet]
+count = 40
+[[faults]]
+type = "outbox_damage"
+at_s = 1
+fraction = 0.1
+mode = "restart"
+[[faults]]
+type = "outbox_damage"
+at_s = 5
+mode = "delete"
+same_devices_as = 0
+"""
+
+
+def test_a_fault_can_take_the_devices_of_an_earlier_one(tmp_path: Path) -> None:
+    p = plan(load_scenario(write(tmp_path, DAMAGE)))
+    assert len(p.targets[0]) == 4 and p.targets[1] == p.targets[0]
+    ahead = DAMAGE.replace("same_devices_as = 0", "same_devices_as = 1")
+    with pytest.raises(ValueError, match="same_devices_as = 1, which is not an earlier fault"):
+        plan(load_scenario(write(tmp_path, ahead)))
+
+
+def test_the_disk_faults_say_they_need_a_mount(tmp_path: Path) -> None:
+    text = DAMAGE + '[[faults]]\ntype = "device_disk_full"\nat_s = 2\nduration_s = 3\n'
+    scenario = load_scenario(write(tmp_path, text))
+    assert scenario.needs_mount and not load_scenario(write(tmp_path, DAMAGE)).needs_mount
+    assert len(plan(scenario).targets[2]) == 4
