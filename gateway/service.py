@@ -111,6 +111,7 @@ class Gateway:
             outages=config.supervise.outage_rule(),
             tick_s=config.supervise.tick_s,
             on_event=self.forwarder.wake,
+            per_account=[s.name for s in config.sia],
         )
         self.secondary = SecondaryPathWatch(
             self.store,

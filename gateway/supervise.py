@@ -58,7 +58,7 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -107,11 +107,15 @@ class Supervisor:
         clock_ms: Callable[[], int] | None = None,
         executor: Executor | None = None,
         on_event: Callable[[], None] | None = None,
+        per_account: Collection[str] = (),
     ) -> None:
         self._store = store
         self._downlink = downlink
         self._metrics = metrics
         self._route_of = route_of
+        # centres that work per device account (SIA DC-09 receivers): they cannot read a
+        # district event, so a bell's own offline/online still goes to them inside an outage
+        self._per_account = frozenset(per_account)
         self.timeout_ms = timeout_ms
         self.will_grace_ms = will_grace_ms
         self._rule = outages
@@ -289,10 +293,13 @@ class Supervisor:
         self._queued[device_id] = deadline
 
     def _status_event(self, device_id: str, status: Status, *, quiet: bool) -> Incoming | None:
-        """The event for `status` about `device_id`; `quiet`: kept here, not forwarded."""
+        """The event for `status` about `device_id`; `quiet`: inside a district outage, kept
+        here and forwarded only to the per-account centres (the others get the outage)."""
         centres = self._route_of(device_id)
         if centres is None:
             return None
+        if quiet:
+            centres = tuple(c for c in centres if c in self._per_account)
         message, token = self._downlink.sealed(device_id, status)
         return Incoming(
             event_id=message.id,
@@ -302,7 +309,7 @@ class Supervisor:
             ts_ms=message.ts,
             body_json=message.body.model_dump_json(),
             jws=token,
-            centres=() if quiet else centres,
+            centres=centres,
             kept=True,
         )
 

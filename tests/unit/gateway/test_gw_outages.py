@@ -25,7 +25,13 @@ ROUTES = {"mapo": ("central", "mapo"), "jongno": ("central",)}
 class Fleet:
     """Devices in a store and a supervisor watching them, driven as the intake would."""
 
-    def __init__(self, sizes: dict[str, int], rule: OutageRule | None = RULE) -> None:
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        rule: OutageRule | None = RULE,
+        routes: dict[str, tuple[str, ...]] = ROUTES,
+        per_account: tuple[str, ...] = (),
+    ) -> None:
         self.clock = Clock()
         self.store = SqliteStore(":memory:")
         key = public_key_to_b64(generate_key().public_key())
@@ -43,10 +49,11 @@ class Fleet:
             self.store,
             self.downlink,
             Metrics(),
-            route_of=lambda d: ROUTES[home[d]],
+            route_of=lambda d: routes[home[d]],
             timeout_ms=TIMEOUT_MS,
             outages=rule,
             clock_ms=self.clock,
+            per_account=per_account,
         )
         self._n = 0
         self.alive: set[str] = set()
@@ -124,6 +131,24 @@ async def test_a_district_going_dark_is_one_outage_and_one_restoration() -> None
     await fleet.advance(1_000)
     await fleet.hear([mapo[19]])
     assert states(fleet.forwarded()) == ["district_outage", "district_restored", "online"]
+
+
+async def test_a_dc09_receiver_still_gets_each_bells_offline_inside_an_outage() -> None:
+    """A SIA receiver works per account and cannot read a district event: the grouping is
+    for the centres that can, and the alarm receiver keeps its per-bell trouble signals."""
+    routes = {"mapo": ("central", "mapo-arc")}
+    fleet = Fleet({"mapo": 30}, routes=routes, per_account=("mapo-arc",))
+    mapo = fleet.districts["mapo"]
+    await fleet.hear(mapo)
+    fleet.silence(mapo[:20])
+    await fleet.advance(TIMEOUT_MS + 5_000)
+
+    def states_for(centre: str) -> list[str]:
+        due = fleet.store.due_for(centre, fleet.clock.ms + 1, 100_000)
+        return sorted(json.loads(d.body_json)["state"] for d in due)
+
+    assert states_for("central") == ["district_outage"]
+    assert states_for("mapo-arc") == ["district_outage"] + ["offline"] * 20
 
 
 async def test_most_of_an_outage_back_at_once_restores_it_once() -> None:

@@ -77,7 +77,16 @@ heartbeats = st.builds(
         numbers=st.integers(0, 8),
     ),
 )
-statuses = st.builds(Status, state=st.sampled_from(get_args(StatusState)))
+_GROUPED = ("district_outage", "district_restored")
+statuses = st.builds(
+    Status, state=st.sampled_from([s for s in get_args(StatusState) if s not in _GROUPED])
+) | st.builds(
+    Status,
+    state=st.sampled_from(_GROUPED),
+    district=st.sampled_from(["mapo", "gangnam"]),
+    count=st.integers(0, 10_000),
+    offline=st.lists(device_ids, max_size=5),
+)
 sdps = st.text(max_size=300)
 reasons = st.none() | st.text(max_size=200)
 rtcs = st.one_of(
