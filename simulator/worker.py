@@ -167,7 +167,12 @@ class Worker:
                     duress_hold_s=s["duress_hold_s"],
                 ),
                 # a made-up number per agent: the fake modem only records it
-                "sms": SmsSection(after_s=s["sms_after_s"], numbers=[sms_number]),
+                # the scenario's timer where it sets one (the fleet bench does not): the
+                # device's own default otherwise, never a copy of it here
+                "sms": SmsSection(
+                    numbers=[sms_number],
+                    **({"after_s": s["sms_after_s"]} if "sms_after_s" in s else {}),
+                ),
             }
         )
         inputs = FakeInputs(s["hold_repeat_s"])

@@ -23,11 +23,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from ansimi_testkit import SECRET, notified, notify_socket
+from ansimi_testkit import SECRET, eventually, notified, notify_socket
 from gw_itkit import TOKEN, WAIT_S, Fleet, GatewayProcess, agents_running, centre_alerts
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
-from ansimi.mqtt import Message, Session, Settings
 from console.receiver import EventLog, Receiver
 from simulator.proxy import FaultProxy
 
@@ -176,31 +175,6 @@ async def test_a_black_holed_broker_link_is_red_within_15s_and_green_once_healed
         await proxy.close()
 
 
-async def test_session_reconnect_drops_the_link_and_it_comes_back_by_itself(
-    mosquitto: Mosquitto,
-) -> None:
-    got: asyncio.Queue[Message] = asyncio.Queue()
-    drops: list[int] = []
-    settings = Settings(
-        mosquitto.host, mosquitto.port, "reconnector", backoff_min_s=0.05, backoff_max_s=0.2
-    )
-    session = Session(settings, got.put_nowait, on_disconnect=lambda: drops.append(1))
-    task = asyncio.create_task(session.run())
-    try:
-        await session.wait_connected(WAIT_S)
-        await session.subscribe([("health-test/reconnect", 1)])
-        session.reconnect()
-        assert not session.connected and drops == [1]
-        await session.wait_connected(WAIT_S)
-        assert await session.resubscribe() == [1]
-        await asyncio.wait_for(session.publish("health-test/reconnect", b"back"), WAIT_S)
-        assert (await asyncio.wait_for(got.get(), WAIT_S)).payload == b"back"
-    finally:
-        await session.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
 async def test_a_broker_restart_that_forgets_the_shared_subscription_is_repaired(
     tmp_path: Path,
 ) -> None:
@@ -339,7 +313,9 @@ async def test_a_centre_down_is_degraded_naming_it_and_clears_when_it_is_back(
         )
         await centre.start()
         await until(gw, green, WAIT_S)
-        assert len(centre_alerts(tmp_path)) == 1
+        # green once any delivery is taken (an online status may go first): the alert follows
+        # at its own backoff
+        await eventually(lambda: len(centre_alerts(tmp_path)) == 1, WAIT_S)
 
 
 # ---- the disk ----------------------------------------------------------------------------
