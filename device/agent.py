@@ -37,6 +37,7 @@ from device.sms import UNDELIVERED_FILE, SmsFallback
 from protocol.ids import new_message_id
 from protocol.jws import Signer
 from protocol.messages import (
+    Ack,
     AckMessage,
     Alert,
     Cancel,
@@ -122,6 +123,9 @@ class Agent:
         self._background: set[asyncio.Task[None]] = set()
         self._secondary: SecondaryPath | None = None  # the SMS path, as last probed
         self.ready = asyncio.Event()  # set once connected to the broker
+        # who else hears of each kept message and verified ack (the control socket)
+        self.on_sent: list[Callable[[str, Alert | Cancel | Health], None]] = []
+        self.on_ack: list[Callable[[Ack], None]] = []
 
     def now_ms(self) -> int:
         """The agent's clock: the system's, corrected by the gateway's last sync."""
@@ -168,6 +172,8 @@ class Agent:
             # the resend loop sleeps until an earlier time: it need not look again now
             self._wake_resend.set()
         log.info("device %s: %s %s sent", self.device_id, type_name, message_id)
+        for listener in self.on_sent:
+            listener(message_id, body)
         if self.video is not None and isinstance(body, Alert):
             self.video.on_alert(body)
 
@@ -278,6 +284,8 @@ class Agent:
             if ack.stage == "received" and self.outbox.received(ack.ref):
                 log.info("device %s: %s received by the gateway", self.device_id, ack.ref)
             self._apply(self.behaviour.on_ack(ack))
+            for listener in self.on_ack:
+                listener(ack)
         elif isinstance(message, CommandMessage):
             self.on_command(message.body)
         elif isinstance(message, SyncMessage):
