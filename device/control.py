@@ -139,6 +139,17 @@ class ControlServer:
             self._server = await asyncio.start_unix_server(
                 self._serve, path=str(self.path), limit=MAX_REQUEST_BYTES
             )
+            os.chmod(self.path, 0o600)
+        except OSError as exc:
+            # the installer's convenience must never stop a bell from running
+            log.warning(
+                "device %s: no control socket at %s (%s): `ansimi device press` and `status` "
+                "will not reach this agent; a shorter `device.state_dir` path (under 100 "
+                "characters) that the service user can write fixes it",
+                self.agent.device_id,
+                self.path,
+                exc,
+            )
         finally:
             os.umask(old_umask)
         return self
@@ -147,10 +158,15 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
         self.agent.on_sent.remove(self._sent)
         self.agent.on_ack.remove(self._acked)
+
+    @property
+    def watching(self) -> int:
+        """Presses whose stages are being told to a client now."""
+        return len(self._watches)
 
     # ---- what the agent tells ---------------------------------------------------------
 
@@ -187,7 +203,7 @@ class ControlServer:
             if isinstance(request, StatusRequest):
                 _write(writer, {"event": "status", **self.status()})
             else:
-                await self._press(request.gesture, writer)
+                await self._press(request.gesture, reader, writer)
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the installer's client went away: nothing to tell it any more
@@ -201,7 +217,9 @@ class ControlServer:
         log.warning("device %s: control request refused: %s", self.agent.device_id, reason)
         _write(writer, {"event": "error", "reason": reason})
 
-    async def _press(self, gesture: Gesture, writer: asyncio.StreamWriter) -> None:
+    async def _press(
+        self, gesture: Gesture, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         why_not = refusal(gesture, self.agent)
         if why_not is not None:
             self._refuse(writer, why_not)
@@ -218,10 +236,20 @@ class ControlServer:
             if watch.lines.empty():
                 _write(writer, {"event": "done", "detail": "the gesture sent nothing"})
                 return
-            # until the client hangs up: it knows which stage it waits for
-            while True:
-                _write(writer, await watch.lines.get())
-                await writer.drain()
+            # until the client hangs up (it knows which stage it waits for) or says more
+            # than its one line: a client gone before the next ack leaves no watch behind
+            hung_up = asyncio.ensure_future(reader.read(MAX_REQUEST_BYTES))
+            try:
+                while not hung_up.done():
+                    line = asyncio.ensure_future(watch.lines.get())
+                    await asyncio.wait({line, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+                    if not line.done():
+                        line.cancel()
+                        break
+                    _write(writer, line.result())
+                    await writer.drain()
+            finally:
+                hung_up.cancel()
         finally:
             self._watches.remove(watch)
 

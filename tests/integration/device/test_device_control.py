@@ -32,6 +32,7 @@ from ansimi.broker import Mosquitto
 from ansimi.cli import cli
 from device.control import ControlServer, socket_path
 from device.hal.fakes import FakeInputs
+from device.hal.ports import InputEvent
 
 
 async def ansimi(*args: str) -> asyncio.subprocess.Process:
@@ -170,3 +171,30 @@ async def test_gestures_go_in_as_input_events_with_the_device_s_hold_times(
     assert agent.behaviour.incident is not None and agent.behaviour.incident.urgent
     agent.outbox.close()
     assert not os.path.exists(path)
+
+
+async def test_a_client_that_hangs_up_leaves_no_watch_behind(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    agent = make_agent(tmp_path, mosquitto, Keys.new())
+    path = socket_path(tmp_path / "device")
+    async with ControlServer(agent, agent.on_input, path) as server:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b'{"op": "press"}\n')
+        assert json.loads(await reader.readline())["event"] == "sent"
+        assert server.watching == 1
+        writer.close()  # gone before any ack: no broker here, none will come
+        await eventually(lambda: server.watching == 0)
+    agent.outbox.close()
+
+
+async def test_a_socket_that_cannot_be_made_never_stops_the_agent(
+    tmp_path: Path, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = make_agent(tmp_path, mosquitto, Keys.new())
+    deep = tmp_path / ("d" * 120) / "control.sock"  # past AF_UNIX's 108 bytes
+    async with ControlServer(agent, agent.on_input, deep):
+        agent.on_input(InputEvent("emergency", "pressed"))  # the button works as ever
+        assert agent.outbox.depth() == 1
+    assert "no control socket at" in caplog.text and "shorter `device.state_dir`" in caplog.text
+    agent.outbox.close()
