@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from device_testkit import (
     write_device_config,
 )
 
-from ansimi.broker import Mosquitto
+from ansimi.broker import Mosquitto, MosquittoConfig, free_port
 from ansimi.cli import cli
 from device.control import ControlServer, socket_path
 from device.hal.fakes import FakeInputs
@@ -198,3 +199,34 @@ async def test_a_socket_that_cannot_be_made_never_stops_the_agent(
         assert agent.outbox.depth() == 1
     assert "no control socket at" in caplog.text and "shorter `device.state_dir`" in caplog.text
     agent.outbox.close()
+
+
+def test_a_socket_left_by_a_killed_agent_says_to_start_it(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    config = write_device_config(tmp_path, mosquitto, Keys.new())
+    left = socket.socket(socket.AF_UNIX)
+    left.bind(str(socket_path(tmp_path / "device")))
+    left.close()  # the file stays, nobody listens: as after a SIGKILL
+    result = CliRunner().invoke(cli, ["device", "status", "--config", str(config)])
+    assert result.exit_code == 1
+    assert "nobody listens on" in result.output
+    assert "systemctl start ansimi-device" in result.output
+
+
+async def test_a_press_that_gets_no_ack_in_time_says_where_to_look(tmp_path: Path) -> None:
+    broker = Mosquitto(MosquittoConfig(state_dir=tmp_path / "broker", port=free_port()))
+    config = write_device_config(tmp_path, broker, Keys.new())  # never started: link down
+    agent = spawn_agent(config, tmp_path / "agent.log")
+    try:
+        await eventually(socket_path(tmp_path / "device").exists)
+        press = await ansimi("device", "press", "--config", str(config), "--timeout", "1")
+        async with asyncio.timeout(WAIT_S):
+            output, _ = await press.communicate()
+    finally:
+        stop(agent)
+    text = output.decode()
+    assert press.returncode == 1, text
+    assert " sent " in text and " received " not in text
+    assert "not every alert reached `acknowledged` within 1 s" in text
+    assert "`ansimi device status`" in text
