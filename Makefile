@@ -36,9 +36,11 @@ bench: venv system-deps
 	@set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
 
 # The demo falls back to an embedded broker where mosquitto cannot be installed.
+# the console's port; PORT=0 picks a free one (a taken port stops the demo, saying so)
+PORT ?= 8080
 demo: venv
 	-@./scripts/system-deps.sh
-	$(VENV)/bin/ansimi -v demo
+	$(VENV)/bin/ansimi -v demo --port $(PORT)
 
 clean:
 	rm -rf $(VENV) demo-state test-output bench-output .pytest_cache .mypy_cache .ruff_cache

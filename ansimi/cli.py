@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import logging
-import sys
 from typing import Any
 
 import click
+
+from ansimi.logs import configure
 
 # subcommand -> "module:attribute" of a click command or group
 PARTS: dict[str, tuple[str, str]] = {
@@ -58,13 +58,19 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, lazy=PARTS)
-@click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
-def cli(verbose: int) -> None:
+@click.option(
+    "-v", "--verbose", count=True, help="-v: the agent's decisions too; -vv: debug (ansimi/logs.py)"
+)
+@click.option(
+    "--debug-log",
+    "debug_loggers",
+    multiple=True,
+    metavar="LOGGER",
+    help="debug output of one logger, e.g. ansimi.webrtc.wire for RTP/ICE/SDP detail",
+)
+def cli(verbose: int, debug_loggers: tuple[str, ...]) -> None:
     """Ansimi Edge: emergency bells, doorbells and store bells to control centres."""
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure(verbose, debug_loggers)
 
 
 def main() -> None:

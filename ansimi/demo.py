@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -91,6 +92,10 @@ port = {api_port}
 name = "console"
 role = "operator"
 token = "{api_token}"
+
+# the data key: the console shows each bell's (made-up) address
+[privacy]
+key_file = "{state / "gateway" / "privacy.key"}"
 
 [video]
 enabled = true
@@ -164,12 +169,14 @@ async def run_demo(
     press_every_s: float,
     broker_kind: str = "auto",
 ) -> int:
+    from ansimi.privacy import create_key_file
     from device.agent import Agent
     from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection
     from device.hal import Hardware
     from device.hal.camera import SyntheticCamera
     from device.hal.fakes import FakeIndicator, FakeInputs
     from device.video.config import VideoConfig as DeviceVideo
+    from gateway.private import PrivateData, Vault
     from gateway.store import Device, DeviceKind, SqliteStore
     from protocol.jws import Signer
     from protocol.keys import generate_key, public_key_to_b64, save_private_key
@@ -197,6 +204,7 @@ async def run_demo(
         )
 
         store = SqliteStore(state / "gateway" / "gateway.db")
+        vault = Vault(store, create_key_file(state / "gateway" / "privacy.key"))
         agents: list[Agent] = []
         districts = itertools.cycle(["mapo", "gangnam", "jongno", "songpa"])
         kinds: itertools.cycle[DeviceKind] = itertools.cycle(["bell", "store", "doorbell"])
@@ -205,12 +213,14 @@ async def run_demo(
             device_id = f"{kind}-{n + 1:04d}"
             key = generate_key()
             label = f"demo {kind} {n + 1}"
+            district = next(districts)
             store.add_device(
-                Device(
-                    device_id, public_key_to_b64(key.public_key()), kind, next(districts), label
-                ),
+                Device(device_id, public_key_to_b64(key.public_key()), kind, district, label),
                 now_ms=time.time_ns() // 1_000_000,
             )
+            # made up, sealed like a real one: the console shows it beside the alert
+            address = f"demo street {n + 1}, {district}-gu, Seoul"
+            vault.put(device_id, PrivateData(address=address, floor=str(n % 9 + 1)), 0)
             config = DeviceConfig(
                 device=DeviceSection(id=device_id, kind=kind, state_dir=state / device_id),
                 gateway=GatewaySection(
@@ -348,11 +358,37 @@ def _count(centre_db: Path) -> int:
         return 0
 
 
+def usable_port(port: int) -> int:
+    """The console's port: `port` if nothing listens there, a free one for 0. A taken
+    port stops the demo before it starts anything, saying what to do."""
+    if port == 0:
+        return free_port()
+    with socket.socket() as probe:
+        # as the console's server binds (SO_REUSEADDR): a port in TIME_WAIT is not "taken"
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise click.ClickException(
+                f"port {port} on 127.0.0.1 is taken ({exc.strerror}): stop the program that "
+                f"listens there (`ss -ltnp 'sport = :{port}'` names it), choose another with "
+                "--port N, or let the demo pick a free one with --port 0 (make demo PORT=0)"
+            ) from None
+    return port
+
+
 @click.command()
 @click.option("--devices", default=3, show_default=True, help="simulated bells")
 @click.option("--duration", default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
 @click.option("--press-every", default=3.0, show_default=True, help="seconds between presses")
-@click.option("--console-port", default=8080, show_default=True)
+@click.option(
+    "--port",
+    "--console-port",
+    "console_port",
+    default=8080,
+    show_default=True,
+    help="the console's port on 127.0.0.1; 0: a free one",
+)
 @click.option(
     "--broker",
     "broker_kind",
@@ -376,6 +412,7 @@ def demo(
     # SIGTERM as Ctrl-C: the demo then stops the gateway and console processes it started
     # instead of leaving them running
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    console_port = usable_port(console_port)  # before anything starts: fail fast
     try:
         code = asyncio.run(
             run_demo(state_dir.resolve(), devices, duration, console_port, press_every, broker_kind)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ansimi import sdnotify
+from ansimi.logs import DECISION
 from device.behaviour import Behaviour, BehaviourError, Effect, Send, Show, SmsProgress
 from device.config import DeviceConfig
 from device.hal import Hardware
@@ -37,7 +38,9 @@ from device.sms import UNDELIVERED_FILE, SmsFallback
 from protocol.ids import new_message_id
 from protocol.jws import Signer
 from protocol.messages import (
+    Ack,
     AckMessage,
+    AckStage,
     Alert,
     Cancel,
     Command,
@@ -57,6 +60,13 @@ log = logging.getLogger(__name__)
 
 # A sync's time differs from ours by its transit at least: only more than this is corrected.
 CLOCK_TOLERANCE_MS = 2_000
+STAGE_TEXT: dict[AckStage, str] = {
+    "received": "received by the gateway",
+    "delivered": "delivered to a control centre",
+    "acknowledged": "acknowledged by an operator",
+    "dispatched": "help dispatched",
+    "closed": "closed by the centre",
+}
 KEPT_TYPE_NAMES: dict[type[Alert] | type[Cancel] | type[Health], str] = {
     model: name for name, model in OUTBOX_BODIES.items()
 }
@@ -122,6 +132,9 @@ class Agent:
         self._background: set[asyncio.Task[None]] = set()
         self._secondary: SecondaryPath | None = None  # the SMS path, as last probed
         self.ready = asyncio.Event()  # set once connected to the broker
+        # who else hears of each kept message and verified ack (the control socket)
+        self.on_sent: list[Callable[[str, Alert | Cancel | Health], None]] = []
+        self.on_ack: list[Callable[[Ack], None]] = []
 
     def now_ms(self) -> int:
         """The agent's clock: the system's, corrected by the gateway's last sync."""
@@ -168,6 +181,8 @@ class Agent:
             # the resend loop sleeps until an earlier time: it need not look again now
             self._wake_resend.set()
         log.info("device %s: %s %s sent", self.device_id, type_name, message_id)
+        for listener in self.on_sent:
+            listener(message_id, body)
         if self.video is not None and isinstance(body, Alert):
             self.video.on_alert(body)
 
@@ -210,6 +225,14 @@ class Agent:
     def _resend(self, entry: Entry) -> None:
         """Sign again (new sequence number, the corrected time) and publish."""
         body = OUTBOX_BODIES[entry.type].model_validate_json(entry.body_json)
+        log.log(
+            DECISION,
+            "device %s: %s %s not received yet: sent again (attempt %d)",
+            self.device_id,
+            entry.type,
+            entry.id,
+            entry.attempts + 1,
+        )
         self.link.send(body, message_id=entry.id)
         self.outbox.attempted(entry.id, self._clock_ms() + self.resend_delay_ms(entry.attempts))
 
@@ -275,9 +298,13 @@ class Agent:
         if isinstance(message, AckMessage):
             ack = message.body
             self.sms.on_ack(ack)  # before the outbox forgets it: it may still need an SMS
-            if ack.stage == "received" and self.outbox.received(ack.ref):
-                log.info("device %s: %s received by the gateway", self.device_id, ack.ref)
+            if ack.stage != "received" or self.outbox.received(ack.ref):
+                # the alert's life for people: one line per stage (a repeated received ack,
+                # for a message already forgotten, is not news)
+                log.info("device %s: %s %s", self.device_id, ack.ref, STAGE_TEXT[ack.stage])
             self._apply(self.behaviour.on_ack(ack))
+            for listener in self.on_ack:
+                listener(ack)
         elif isinstance(message, CommandMessage):
             self.on_command(message.body)
         elif isinstance(message, SyncMessage):

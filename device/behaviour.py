@@ -63,6 +63,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from ansimi.logs import DECISION
 from device.config import BehaviourSection
 from device.hal.ports import ButtonName, InputEvent, Pattern
 from protocol.ids import new_message_id
@@ -398,7 +399,7 @@ class Behaviour:
         target = TRANSITIONS.get((self.state, event))
         if target is None:
             raise IllegalTransition(event, self.state)
-        log.debug("behaviour: %s --%s--> %s", self.state.value, event.value, target.value)
+        log.log(DECISION, "behaviour: %s --%s--> %s", self.state.value, event.value, target.value)
         self.state = target
 
     def _active(self) -> Incident:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ansimi.cli import LazyGroup
 from ansimi.config import ConfigError, load_config
 from device.config import DeviceConfig
+from protocol.messages import ACK_STAGES
 
 if TYPE_CHECKING:
     from device.agent import Agent
@@ -131,6 +132,7 @@ def outbox_fix(exc: OSError | sqlite3.Error) -> str:
 
 async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicKey) -> None:
     from device.agent import Agent
+    from device.control import ControlServer, socket_path
     from device.hal import HalError, build_hardware
     from device.outbox import Outbox
 
@@ -153,13 +155,15 @@ async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicK
         loop.add_signal_handler(signum, task.cancel)
     _desk_controls(agent, loop)
     log.warning("device %s: agent starting (%s)", config.device.id, config.device.kind)
+    control = ControlServer(agent, agent.on_input, socket_path(config.device.state_dir))
     with contextlib.suppress(asyncio.CancelledError):
-        await agent.run()
+        async with control:
+            await agent.run()
 
 
 def _desk_controls(agent: Agent, loop: asyncio.AbstractEventLoop) -> None:
     """With fake hardware (desk demos, tests), SIGUSR1 is a short press of the emergency
-    button: the one way to press a button in an agent running as its own process."""
+    button: the fallback to `ansimi device press` (the control socket)."""
     from device.hal.fakes import FakeInputs
 
     inputs = agent.hardware.inputs
@@ -171,6 +175,133 @@ def _desk_controls(agent: Agent, loop: asyncio.AbstractEventLoop) -> None:
         inputs.release("emergency")
 
     loop.add_signal_handler(signal.SIGUSR1, press)
+
+
+# ---- the installer's test press and status (device/control.py) -------------------------
+
+STAGE_RANK: dict[str, int] = {stage: rank for rank, stage in enumerate(ACK_STAGES)}
+
+
+@device.command()
+@config_option
+@click.option("--long", "gesture", flag_value="long", help="held to long_press_s: urgent")
+@click.option("--duress", "gesture", flag_value="duress", help="held to duress_hold_s")
+@click.option("--ring", "gesture", flag_value="ring", help="the doorbell button")
+@click.option("--cancel", "gesture", flag_value="cancel", help="held to cancel_hold_s")
+@click.option("--tamper", "gesture", flag_value="tamper", help="tamper switch opened, closed")
+@click.option(
+    "--until",
+    type=click.Choice(["received", "delivered", "acknowledged", "dispatched"]),
+    default="acknowledged",
+    show_default=True,
+    help="the stage each alert of the press must reach",
+)
+@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True)
+def press(config_path: Path, gesture: str | None, until: str, timeout_s: float) -> None:
+    """Press a button of the running agent and print each stage as it comes back.
+
+    The press goes in as the button's own input events, so it means exactly what a finger
+    would. Exit 0 once every alert reached --until, 1 if it did not in time.
+    """
+    from device.control import ControlUnavailable, request, socket_path
+
+    config = _load(config_path)
+    path = socket_path(config.device.state_dir)
+    waiting: dict[str, str] = {}  # message id -> the stage it must reach
+    started: list[int] = []
+
+    def on_line(line: dict[str, Any]) -> bool:
+        event = line.get("event")
+        if event == "error":
+            raise click.ClickException(f"the agent refused the press: {line.get('reason')}")
+        if event == "done":
+            click.echo(str(line.get("detail")))
+            return False
+        t_ms = int(line.get("t_ms", 0))
+        started[:] = started or [t_ms]
+        elapsed = f"+{(t_ms - started[0]) / 1000:.2f}s".rjust(8)
+        message_id = str(line.get("id"))
+        if event == "sent":
+            kind = line.get("type")
+            what = f"{kind} {line.get('trigger')}" if kind == "alert" else kind
+            urgent = " (urgent)" if line.get("urgent") else ""
+            click.echo(f"{_clock(t_ms)} {elapsed}  sent          {what}{urgent} {message_id}")
+            # only alerts go on to a centre and an operator; the rest end at the gateway
+            waiting[message_id] = until if kind == "alert" else "received"
+        elif event == "stage":
+            stage = str(line.get("stage"))
+            click.echo(f"{_clock(t_ms)} {elapsed}  {stage:<13} {message_id}")
+            wanted = waiting.get(message_id)
+            if wanted is not None and STAGE_RANK.get(stage, -1) >= STAGE_RANK[wanted]:
+                del waiting[message_id]
+        return bool(waiting)
+
+    async def go() -> None:
+        async with asyncio.timeout(timeout_s):
+            await request(path, {"op": "press", "gesture": gesture or "short"}, on_line)
+
+    try:
+        asyncio.run(go())
+    except ControlUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    except TimeoutError:
+        raise click.ClickException(
+            f"not every alert reached `{until}` within {timeout_s:g} s: see "
+            "`ansimi device status` (link, outbox) and the gateway's log"
+        ) from None
+    if waiting:
+        raise click.ClickException("the agent closed the connection before every stage came")
+
+
+def _clock(t_ms: int) -> str:
+    return dt.datetime.fromtimestamp(t_ms / 1000, dt.UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
+@device.command()
+@config_option
+def status(config_path: Path) -> None:
+    """What the running agent knows: link, last ack, outbox, power, firmware, SMS path."""
+    from device.control import ControlUnavailable, request, socket_path
+
+    config = _load(config_path)
+    answer: dict[str, Any] = {}
+
+    def on_line(line: dict[str, Any]) -> bool:
+        answer.update(line)
+        return False
+
+    try:
+        asyncio.run(request(socket_path(config.device.state_dir), {"op": "status"}, on_line))
+    except ControlUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    if answer.get("event") != "status":
+        raise click.ClickException(f"the agent answered: {answer.get('reason', answer)}")
+    last = answer["last_ack"]
+    sms = answer["sms"]
+    rows = {
+        "device": f"{answer['device']} ({answer['kind']})",
+        "link": answer["link"],
+        "last ack": "none since start"
+        if last is None
+        else f"{last['stage']} {last['id']} at {_clock(last['t_ms'])} UTC",
+        "outbox": f"{answer['outbox_depth']} waiting for the gateway",
+        "power": answer["power"],
+        "firmware": answer["firmware"],
+        "SMS path": "not probed yet (first heartbeat)" if sms is None else _sms_text(sms),
+        "incident": answer["incident"] or "none",
+    }
+    for name, value in rows.items():
+        click.echo(f"{name:<10} {value}")
+
+
+def _sms_text(sms: dict[str, Any]) -> str:
+    if not sms["modem"]:
+        return "no modem"
+    signal_text = "unknown" if sms["signal"] is None else f"{sms['signal']}%"
+    return (
+        f"modem ok, SIM {sms['sim']}, registered {sms['registered']}, signal {signal_text}, "
+        f"{sms['numbers']} number(s)"
+    )
 
 
 # ---- selftest ---------------------------------------------------------------------------

@@ -127,6 +127,8 @@ class SmsSection(_Section):
     # an alert `received` but not `delivered` to a centre this long after the press goes out
     # by SMS too, even while the link is up (the gateway may have no way to a centre)
     undelivered_after_s: Annotated[float, Field(gt=0)] = 30.0
+    # "pdu": in Korean (UCS-2, concatenated parts); "text": English ASCII in GSM text mode
+    mode: Literal["pdu", "text"] = "pdu"
     # who gets the SMS (personal data: never logged); empty means no SMS fallback
     numbers: Annotated[list[str], Field(max_length=8)] = []
     # the same, sealed with device.data_key_file (`ansimi device set-sms-numbers` writes

@@ -35,7 +35,7 @@ from typing import Final
 
 from device.behaviour import SmsProgress
 from device.config import DeviceConfig
-from device.hal.ports import HalError, Modem
+from device.hal.ports import HalError, Modem, SmsMode
 from device.outbox import Entry, Outbox
 from protocol.messages import Ack, Alert, SecondaryPath
 
@@ -53,15 +53,34 @@ UNDELIVERED_FILE: Final = "sms-undelivered.json"
 ANY_TIME_MS: Final = 2**63 - 1
 
 _KIND: Final = {"emergency": "EMERGENCY", "doorbell": "DOORBELL EMERGENCY", "store": "ROBBERY"}
+_KIND_KO: Final = {
+    "emergency": "비상벨 긴급 호출",
+    "doorbell": "초인종 비상 호출",
+    "store": "매장 강도 신고",
+}
+# Korea keeps one offset all year (no summer time)
+KST: Final = dt.timezone(dt.timedelta(hours=9), "KST")
 
 
-def sms_text(device_id: str, entry: Entry) -> str:
-    """One GSM 7-bit SMS, well under 160 characters: who, what, which alert, when."""
+def sms_text(device_id: str, entry: Entry, mode: SmsMode = "text") -> str:
+    """Who, what, which alert, when. `text` mode: one GSM 7-bit SMS in English, well under
+    160 characters. `pdu` mode: in Korean, with the alert id in the first part (67 UCS-2
+    characters) so a phone that shows parts apart still shows which alert it is."""
     alert = Alert.model_validate_json(entry.body_json)
+    urgent = alert.urgent or alert.trigger == "long_press"
+    if mode == "pdu":
+        what = "강요에 의한 취소(위험)" if alert.trigger == "duress" else _KIND_KO[alert.bell]
+        at = dt.datetime.fromtimestamp(entry.created_ms / 1000, KST)
+        return (
+            f"[안심] 알림 {entry.id}: {what}{' 긴급' if urgent else ''}, "
+            f"기기 {device_id}, {at:%Y-%m-%d %H:%M:%S} KST"
+        )
     what = "DURESS" if alert.trigger == "duress" else _KIND[alert.bell]
-    urgent = " urgent" if alert.urgent or alert.trigger == "long_press" else ""
-    at = dt.datetime.fromtimestamp(entry.created_ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-    return f"Ansimi {what}{urgent}: device {device_id}, alert {entry.id}, {at} UTC"
+    at_utc = dt.datetime.fromtimestamp(entry.created_ms / 1000, dt.UTC)
+    return (
+        f"Ansimi {what}{' urgent' if urgent else ''}: device {device_id}, alert {entry.id}, "
+        f"{at_utc:%Y-%m-%d %H:%M:%S} UTC"
+    )
 
 
 def csq_percent(rssi: int | None) -> int | None:
@@ -89,6 +108,7 @@ class SmsFallback:
         self._after_ms = int(config.sms.after_s * 1000)
         self._undelivered_after_ms = int(config.sms.undelivered_after_s * 1000)
         self._numbers = list(config.sms.numbers)
+        self._mode = config.sms.mode
         self._modem = modem
         self._outbox = outbox
         self._clock_ms = clock_ms
@@ -204,7 +224,7 @@ class SmsFallback:
             await self._send(self._modem, entry)
 
     async def _send(self, modem: Modem, entry: Entry) -> None:
-        text = sms_text(self._device_id, entry)
+        text = sms_text(self._device_id, entry, self._mode)
         first_go = entry.id not in self._done
         done = self._done.setdefault(entry.id, set())
         if first_go:
@@ -215,7 +235,7 @@ class SmsFallback:
                 continue
             self._tries[entry.id, index] = self._tries.get((entry.id, index), 0) + 1
             try:
-                ref = await modem.send_sms(number, text)
+                ref = await modem.send_sms(number, text, mode=self._mode)
             except HalError as exc:
                 # the modem's errors never include the number (see device/hal/modem.py)
                 self.failed += 1

@@ -35,6 +35,7 @@ from provisioning import pki
 from provisioning.errors import BrokerControlError, InvalidName, ProvisioningError
 from provisioning.files import write_atomic
 from provisioning.gateway_admin import AdminClient
+from provisioning.label import label_lines, label_png, label_svg
 from provisioning.revoke import (
     BrokerControl,
     RevokeResult,
@@ -144,12 +145,11 @@ def add_device(
     url = enrol_url(client.base_url, token)
     try:
         code = segno.make(url, error="m")
-        for path, kind_ in ((png, "png"), (svg, "svg")):
-            with tempfile.SpooledTemporaryFile() as buffer:
-                code.save(buffer, kind=kind_, scale=8, border=4)
-                buffer.seek(0)
-                # the label is the token: readable by the installer only
-                write_atomic(path, buffer.read(), mode=0o600)
+        # under the code, what the installer reads: which device, what it is, where
+        lines = label_lines(device_id, kind, district)
+        for path, data in ((png, label_png(code, lines)), (svg, label_svg(code, lines))):
+            # the label is the token: readable by the installer only
+            write_atomic(path, data, mode=0o600)
     except BaseException:
         client.cancel_enrolments(device_id)
         for path in (png, svg):

@@ -166,10 +166,154 @@ def summarise(o: Observed) -> dict[str, Any]:
         ],
         "todo": s.todo,
     }
+    summary["planned_vs_sent"] = _planned_vs_sent(o, unheard)
+    summary["video"]["doorbells_without_video"] = _no_video(o)
+    summary["checks"] = checks(summary, s)
     failures = verdict(summary, s)
     summary["failures"] = failures
     summary["passed"] = not failures
     return summary
+
+
+# a percentile of fewer samples than this is a few values' maximum, not a percentile
+FEW_SAMPLES = 20
+
+
+def checks(summary: dict[str, Any], s: Any) -> list[dict[str, Any]]:
+    """Every figure the verdict judges, beside its threshold, passing or not (QA reads
+    the margin, not only the verdict); `threshold` None: the scenario sets none."""
+    t = s.thresholds
+    a = summary["alerts"]
+    lat = summary["latency_s"]
+    video = summary["video"]
+    flaps = summary["offline_per_outage"]
+    rows: list[dict[str, Any]] = []
+
+    def row(
+        figure: str,
+        value: float | None,
+        threshold: float | None,
+        *,
+        unit: str = "",
+        samples: int | None = None,
+        at_least: bool = False,
+    ) -> None:
+        ok = None
+        if threshold is not None and value is not None:
+            ok = value >= threshold if at_least else value <= threshold
+        note = ""
+        if samples is not None and 0 < samples < FEW_SAMPLES:
+            note = f"only {samples} samples: this is about the worst of them, not a percentile"
+        elif samples == 0:
+            note = "nothing measured"
+        rows.append(
+            {
+                "figure": figure,
+                "value": value,
+                "unit": unit,
+                "threshold": threshold,
+                "limit": "at least" if at_least else "at most",
+                "ok": ok,
+                "note": note,
+            }
+        )
+
+    row("alerts lost", a["lost"], t.max_lost)
+    row("actions after which the device sent nothing", a["actions_never_sent"], 0)
+    for name, key, limit in (
+        ("press to received p95", "press_to_received", t.received_p95_s),
+        ("press to delivered p95", "press_to_delivered", t.delivered_p95_s),
+        ("press to acknowledged p95", "press_to_acknowledged", t.acknowledged_p95_s),
+        ("press to SMS p95", "press_to_sms", t.press_to_sms_p95_s),
+        ("press to link dead p95", "press_to_link_dead", t.press_to_link_dead_p95_s),
+    ):
+        row(name, lat[key]["p95"], limit, unit="s", samples=lat[key]["count"])
+    delivered = lat["press_to_delivered"]
+    row("press to delivered max", delivered["max"], t.delivered_max_s, unit="s")
+    alert_video = video["alert_to_connected_s"]
+    row(
+        "alert to video p95",
+        alert_video["p95"],
+        t.video_p95_s,
+        unit="s",
+        samples=alert_video["count"],
+    )
+    offline = summary["offline_detection_s"]
+    row(
+        "offline detection p95",
+        offline["p95"],
+        t.offline_detect_p95_s,
+        unit="s",
+        samples=offline["count"],
+    )
+    for n, seconds in enumerate(summary["reconnect_after_broker_restart_s"], start=1):
+        row(f"reconnect after broker restart {n}", seconds, t.reconnect_s, unit="s")
+    row("duplicate deliveries", a["duplicate_deliveries"], t.max_duplicates)
+    row(
+        "offline reports in one outage",
+        flaps["max_reports_in_one_outage"],
+        t.max_offline_per_outage,
+    )
+    row("offline reports without an outage", flaps["false_reports"], t.max_false_offline)
+    row("offline reports", summary["centre"]["offline_reports"], t.max_offline_reports)
+    for name, d in summary["districts"].items():
+        row(f"district {name} availability", d["availability"], t.min_availability, at_least=True)
+    return rows
+
+
+PLAN_REASONS = {
+    "not_done": "not done: its agent was stopped by a fault then (nobody presses a stopped "
+    "bell), or its worker died (see the failures)",
+    "silent": "done, but the device sent nothing after it: a failure",
+}
+
+
+def _planned_vs_sent(o: Observed, unheard: list[list[Any]]) -> list[dict[str, Any]]:
+    """Per kind of action: planned, done, and done with a message sent; why they differ.
+    Presses during an incident are coalesced into one update (device/behaviour.py), so a
+    kind's alerts (by_trigger) may be fewer than its presses: that is by design."""
+    planned = _count(step.action for step in o.plan.steps)
+    done = _count(action for _, action, _ in o.performed)
+    silent = _count(action for _, action, _ in unheard)
+    rows = []
+    for kind in sorted(planned.keys() | done.keys()):
+        p, d, q = planned.get(kind, 0), done.get(kind, 0), silent.get(kind, 0)
+        reasons = []
+        if d < p:
+            reasons.append(f"{p - d} {PLAN_REASONS['not_done']}")
+        if q:
+            reasons.append(f"{q} {PLAN_REASONS['silent']}")
+        rows.append(
+            {"kind": kind, "planned": p, "done": d, "sent": d - q, "reason": "; ".join(reasons)}
+        )
+    return rows
+
+
+def _no_video(o: Observed) -> list[dict[str, str]]:
+    """Each doorbell that offered no video, and why."""
+    from simulator.worker import EMERGENCY_TRIGGERS
+
+    offered = {v[1] for v in o.video}
+    triggers: dict[str, list[str]] = defaultdict(list)
+    for r in o.records.values():
+        triggers[r.device].append(r.trigger)
+    out = []
+    for d in o.plan.devices:
+        if d.kind != "doorbell" or d.id in offered:
+            continue
+        mine = triggers.get(d.id, [])
+        if not o.scenario.video.enabled:
+            why = "video is off in this scenario ([video] enabled = false)"
+        elif not mine:
+            why = "it sent no alert"
+        elif not any(t in EMERGENCY_TRIGGERS for t in mine):
+            why = "only rings: a ring offers no video, an emergency does"
+        elif d.id in {dev for _, _, devs in o.stops for dev in devs}:
+            why = "its agent was stopped by a fault"
+        else:
+            why = "an emergency was sent but no stream was offered: see state/worker-*.log"
+        out.append({"device": d.id, "alerts": ", ".join(mine) or "none", "why": why})
+    return out
 
 
 def _video(o: Observed) -> dict[str, Any]:
@@ -480,27 +624,116 @@ def _save(fig: Any, path: Path, plt: Any) -> Path:
     return path
 
 
+def _cell(value: Any) -> str:
+    """A value as table text: a list as its items, never a raw dict or list."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _table(headers: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{e(_cell(v))}</td>" for v in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+DISTRIBUTION = ("count", "mean", "p50", "p95", "p99", "max")
+
+
+def _few(d: dict[str, Any]) -> str:
+    n = d["count"]
+    return f"p95/p99 of {n} samples: read as the worst few" if 0 < n < FEW_SAMPLES else ""
+
+
 def _html(summary: dict[str, Any], plots: list[Path]) -> str:
     e = html.escape
     verdict_text = "PASSED" if summary["passed"] else "FAILED"
     colour = "#1a7f37" if summary["passed"] else "#cf222e"
-    rows = "".join(
-        f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in summary["alerts"].items()
+    result = {True: "pass", False: "FAIL", None: "no threshold"}
+    checks_table = _table(
+        ["figure", "value", "threshold", "result", "note"],
+        (
+            [
+                c["figure"],
+                "none"
+                if c["value"] is None
+                else f"{c['value']}{' ' + c['unit'] if c['unit'] else ''}",
+                ""
+                if c["threshold"] is None
+                else f"{c['limit']} {c['threshold']:g}{' ' + c['unit'] if c['unit'] else ''}",
+                result[c["ok"]],
+                c["note"],
+            ]
+            for c in summary["checks"]
+        ),
     )
-    lat_rows = "".join(
-        f"<tr><td>{e(k)}</td>"
-        + "".join(
-            f"<td>{'' if v[c] is None else v[c]}</td>"
-            for c in ("count", "mean", "p50", "p95", "p99", "max")
+    a = summary["alerts"]
+    alerts_table = _table(["figure", "value"], ([k, v] for k, v in a.items() if k != "by_trigger"))
+    trigger_table = _table(["trigger", "messages"], a["by_trigger"].items())
+    plan_table = _table(
+        ["kind", "planned", "done", "made its device send", "why they differ"],
+        (
+            [r["kind"], r["planned"], r["done"], r["sent"], r["reason"]]
+            for r in summary["planned_vs_sent"]
+        ),
+    )
+    lat_table = _table(
+        ["", *DISTRIBUTION, "note"],
+        ([k, *(v[c] for c in DISTRIBUTION), _few(v)] for k, v in summary["latency_s"].items()),
+    )
+    v = summary["video"]
+    video_table = _table(
+        ["streams", *DISTRIBUTION, "note"],
+        [
+            [
+                f"offered {v['offered']}, connected {v['connected']}",
+                *[""] * (len(DISTRIBUTION) + 1),
+            ],
+            *(
+                [name, *(v[key][c] for c in DISTRIBUTION), _few(v[key])]
+                for name, key in (
+                    ("offer to connected, s", "offer_to_connected_s"),
+                    ("alert to connected, s", "alert_to_connected_s"),
+                )
+            ),
+        ],
+    )
+    no_video = v["doorbells_without_video"]
+    no_video_table = (
+        _table(
+            ["doorbell", "its alerts", "why no video"],
+            ([d["device"], d["alerts"], d["why"]] for d in no_video),
         )
-        + "</tr>"
-        for k, v in summary["latency_s"].items()
+        if no_video
+        else "<p>Every doorbell offered video.</p>"
     )
-    district_rows = "".join(
-        f"<tr><td>{e(name)}</td><td>{d['devices']}</td><td>{d['alerts']}</td>"
-        f"<td>{d['transmission_mean_s']}</td><td>{d['transmission_p95_s']}</td>"
-        f"<td>{d['transmission_max_s']}</td><td>{d['lost']}</td><td>{d['availability']}</td></tr>"
-        for name, d in summary["districts"].items()
+    offline = summary["offline_detection_s"]
+    offline_table = _table(
+        ["partitioned devices reported offline", *DISTRIBUTION, "note"],
+        [[summary["offline_detected"], *(offline[c] for c in DISTRIBUTION), _few(offline)]],
+    )
+    district_table = _table(
+        ["district", "devices", "alerts", "mean s", "p95 s", "max s", "lost", "availability"],
+        (
+            [
+                name,
+                d["devices"],
+                d["alerts"],
+                d["transmission_mean_s"],
+                d["transmission_p95_s"],
+                d["transmission_max_s"],
+                d["lost"],
+                d["availability"],
+            ]
+            for name, d in summary["districts"].items()
+        ),
     )
     faults = "".join(
         f"<li>{f['at_s']} s: {e(f['label'])}"
@@ -511,6 +744,7 @@ def _html(summary: dict[str, Any], plots: list[Path]) -> str:
     failures = "".join(f"<li>{e(f)}</li>" for f in summary["failures"])
     todo = "".join(f"<li>{e(t)}</li>" for t in summary["todo"])
     images = "".join(f'<p><img src="{e(p.name)}" alt="{e(p.stem)}"></p>' for p in plots)
+    reconnect = _cell(summary["reconnect_after_broker_restart_s"]) or "no broker restart"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Simulation: {e(summary["scenario"])}</title>
@@ -519,22 +753,23 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2rem .5re
 </head><body>
 <h1>{e(summary["scenario"])}: <span style="color:{colour}">{verdict_text}</span></h1>
 <p>{e(summary["description"])}</p>
-<p>{summary["devices"]} devices {e(json.dumps(summary["mix"]))}, seed {summary["seed"]},
+<p>{summary["devices"]} devices ({e(_cell(summary["mix"]))}), seed {summary["seed"]},
 {summary["duration_s"]:g} s scenario (time scale {summary["time_scale"]:g}),
 {summary["wall_s"]} s with the drain.</p>
 {f"<h2>Failures</h2><ul>{failures}</ul>" if failures else ""}
-<h2>Alerts</h2><table>{rows}</table>
-<h2>Latency (seconds from leaving the device)</h2>
-<table><tr><th></th><th>count</th><th>mean</th><th>p50</th><th>p95</th><th>p99</th><th>max</th>
-</tr>{lat_rows}</table>
-<p>Video: {e(json.dumps(summary["video"]))}</p>
-<p>Reconnect after broker restart: {summary["reconnect_after_broker_restart_s"]} s.
-Offline detection: {e(json.dumps(summary["offline_detection_s"]))}
-({summary["offline_detected"]} partitioned devices reported offline).
+<h2>Figures and thresholds</h2>{checks_table}
+<h2>Planned and sent, per kind of action</h2>{plan_table}
+<p>Presses during an incident are coalesced into one update: fewer alerts than presses is
+by design.</p>
+<h2>Alerts</h2>{alerts_table}
+<h3>By trigger</h3>{trigger_table}
+<h2>Latency (seconds from leaving the device)</h2>{lat_table}
+<h2>Video</h2>{video_table}
+<h3>Doorbells that offered no video</h3>{no_video_table}
+<h2>Offline detection (seconds from the cut)</h2>{offline_table}
+<p>Reconnect after broker restart: {e(reconnect)} s.
 Presses on a black-holed link never found dead: {summary["dead_links_not_found"]}.</p>
-<h2>Districts (EN 50136 terms)</h2>
-<table><tr><th>district</th><th>devices</th><th>alerts</th><th>mean s</th><th>p95 s</th>
-<th>max s</th><th>lost</th><th>availability</th></tr>{district_rows}</table>
+<h2>Districts (EN 50136 terms)</h2>{district_table}
 <h2>Faults</h2><ul>{faults or "<li>none</li>"}</ul>
 {f"<h2>Not simulated yet</h2><ul>{todo}</ul>" if todo else ""}
 {images}

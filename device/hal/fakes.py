@@ -23,6 +23,7 @@ from typing import Literal
 
 from device.hal.indicator import DARK, Output, resolve
 from device.hal.modem import check_number, prepare_sms_text
+from device.hal.pdu import read_submit, submit_pdus
 from device.hal.ports import (
     ButtonName,
     InputEvent,
@@ -31,6 +32,7 @@ from device.hal.ports import (
     ModemRejected,
     ModemTimeout,
     Pattern,
+    SmsMode,
 )
 
 # --- inputs ---------------------------------------------------------------------------
@@ -204,6 +206,8 @@ class SentSms:
     reference: int
     # the modem's clock (wall time unless given one) when it went out; not part of "which SMS"
     at: float = field(default=0.0, compare=False)
+    # in PDU mode, the PDUs (hex) the modem would have been given, one per part
+    pdus: tuple[str, ...] = ()
 
 
 class FakeModem:
@@ -258,9 +262,10 @@ class FakeModem:
     async def signal_quality(self) -> int | None:
         return self.signal
 
-    async def send_sms(self, number: str, text: str) -> int:
+    async def send_sms(self, number: str, text: str, *, mode: SmsMode = "text") -> int:
         check_number(number)
-        prepared = prepare_sms_text(text)
+        # what the modem would send: the text as it is in PDU mode, 7-bit ASCII otherwise
+        prepared = text if mode == "pdu" else prepare_sms_text(text)
         command = 'AT+CMGS="…"'
         if self._failures:
             kind, cms_error, after_s = self._failures.popleft()
@@ -272,7 +277,9 @@ class FakeModem:
             raise ModemRejected(self.port, command, reply, cms_error=cms_error)
         # Real modems count message references modulo 256.
         self._reference = (self._reference + 1) % 256
-        self.sent.append(SentSms(number, prepared, self._reference, self._clock()))
+        pdus = () if mode == "text" else submit_pdus(number, text, self._reference)
+        hexes = tuple(pdu.hex for pdu in pdus)
+        self.sent.append(SentSms(number, prepared, self._reference, self._clock(), hexes))
         return self._reference
 
     async def close(self) -> None:
@@ -310,9 +317,14 @@ class ReceivedSms:
     text: str
     # The bytes that followed the > prompt, terminator included.
     raw: bytes
+    # PDU mode: the AT+CMGS length given, and the part of a concatenated message
+    pdu_length: int | None = None
+    part: tuple[int, int, int] | None = None
 
 
 _CMGS_CMD = re.compile(r'AT\+CMGS="(\+?[0-9]+)"', re.IGNORECASE)
+# PDU mode: AT+CMGS=<TPDU length in octets>
+_CMGS_PDU = re.compile(r"AT\+CMGS=([0-9]+)", re.IGNORECASE)
 
 
 class PtyModem:
@@ -404,7 +416,7 @@ class PtyModem:
                         self._send_bytes(payload[:-1])
                     if payload[-1] == 0x1A:
                         text = payload[:-1].decode("ascii", errors="replace")
-                        self.received.append(ReceivedSms(number, text, payload))
+                        self.received.append(self._read(number, text, payload))
                         await self._after_text()
                     number = None
                     continue
@@ -445,15 +457,26 @@ class PtyModem:
             self._info(f"+CSQ: {script.csq}")
         elif upper == "AT+CREG?":
             self._info(f"+CREG: {script.creg}")
-        elif match := _CMGS_CMD.fullmatch(line):
+        elif match := _CMGS_CMD.fullmatch(line) or _CMGS_PDU.fullmatch(line):
             if script.cmgs == "error":
                 self._final("ERROR")
             elif script.cmgs != "silent":
                 self._send("\r\n> ")
-                return match.group(1)
+                # a PDU's length is told from a number by its "=" (see _read)
+                return match.group(1) if match.re is _CMGS_CMD else "=" + match.group(1)
         else:
             self._final("ERROR")
         return None
+
+    @staticmethod
+    def _read(given: str, text: str, payload: bytes) -> ReceivedSms:
+        """`given`: the quoted number (text mode) or "=" and the TPDU length (PDU mode)."""
+        if not given.startswith("="):
+            return ReceivedSms(given, text, payload)
+        submitted = read_submit(text)
+        return ReceivedSms(
+            submitted.number, submitted.text, payload, int(given[1:]), submitted.part
+        )
 
     async def _after_text(self) -> None:
         script = self.script

@@ -22,12 +22,14 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from device.hal.pdu import Pdu, submit_pdus
 from device.hal.ports import (
     InvalidPhoneNumber,
     ModemError,
     ModemInfo,
     ModemRejected,
     ModemTimeout,
+    SmsMode,
 )
 from protocol.messages import SimState
 
@@ -150,6 +152,8 @@ class SerialModem:
         self._serial: Any = None
         self._rx = bytearray()
         self._ready = False
+        self._cmgf: int | None = None  # the message format last set (AT+CMGF)
+        self._concat_ref = 0  # ties the parts of one concatenated SMS together
         self._lock = asyncio.Lock()
         self._io_lock = threading.Lock()
 
@@ -164,9 +168,25 @@ class SerialModem:
     async def signal_quality(self) -> int | None:
         return await self._run(self._signal_quality)
 
-    async def send_sms(self, number: str, text: str) -> int:
-        """Send `text` (see `prepare_sms_text`) to `number`; returns the message reference."""
+    async def send_sms(self, number: str, text: str, *, mode: SmsMode = "text") -> int:
+        """Send `text` to `number`; returns the (first part's) message reference.
+
+        `mode="text"`: one GSM 7-bit SMS (see `prepare_sms_text`); `"pdu"`: the text as
+        it is, in UCS-2 and as many concatenated parts as it needs (`device/hal/pdu.py`).
+        """
         check_number(number)  # before the lock and the port: nothing is written for a bad one
+        if mode == "pdu":
+            self._concat_ref = (self._concat_ref + 1) % 256
+            pdus = submit_pdus(number, text, self._concat_ref)
+            refs = await self._run(self._send_pdus, pdus)
+            log.info(
+                "SMS sent via %s in PDU mode: references %s, %d characters in %d part(s)",
+                self.port,
+                refs,
+                len(text),
+                len(pdus),
+            )
+            return refs[0]
         prepared = prepare_sms_text(text)
         ref = await self._run(self._send_sms, number, prepared)
         log.info(
@@ -237,8 +257,29 @@ class SerialModem:
 
     def _send_sms(self, number: str, text: str) -> int:
         self._ensure_ready()
-        command = f'AT+CMGS="{number}"'
-        shown = 'AT+CMGS="…"'  # what errors and logs may say instead
+        self._message_format(1)
+        # what errors and logs may say instead of the command: no number
+        return self._submit(f'AT+CMGS="{number}"', 'AT+CMGS="…"', text.encode("ascii"))
+
+    def _send_pdus(self, pdus: list[Pdu]) -> list[int]:
+        self._ensure_ready()
+        self._message_format(0)
+        # the PDU's hex holds the number: only the command (a length) may be shown
+        return [
+            self._submit(
+                f"AT+CMGS={pdu.tpdu_octets}", f"AT+CMGS={pdu.tpdu_octets}", pdu.hex.encode()
+            )
+            for pdu in pdus
+        ]
+
+    def _message_format(self, cmgf: int) -> None:
+        """AT+CMGF: 1 text, 0 PDU; said only when it changes."""
+        if self._cmgf != cmgf:
+            self._command(f"AT+CMGF={cmgf}")
+            self._cmgf = cmgf
+
+    def _submit(self, command: str, shown: str, body: bytes) -> int:
+        """AT+CMGS: the command, its > prompt, the body and Ctrl-Z, the reference."""
         self._write(command)
         deadline = time.monotonic() + self._timeout_s
         try:
@@ -255,7 +296,7 @@ class SerialModem:
             self._serial.write(ESC)
             self._ready = False
             raise ModemTimeout(self.port, shown, self._timeout_s) from None
-        payload = text.encode("ascii") + CTRL_Z
+        payload = body + CTRL_Z
         self._serial.write(payload)
         deadline = time.monotonic() + self._sms_timeout_s
         ref: int | None = None
@@ -293,6 +334,7 @@ class SerialModem:
                 raise ModemTimeout(self.port, "AT", self._timeout_s) from None
         self._command("ATE0")
         self._command("AT+CMGF=1")
+        self._cmgf = 1
         try:
             # Text goes over the wire as ASCII (see prepare_sms_text); most modems default to
             # this, some (Quectel) to "GSM", where @ and $ mean other bytes.

@@ -14,6 +14,8 @@ from typing import Literal, Protocol
 
 from protocol.messages import SimState
 
+# AT+CMGF: "text" (GSM 7-bit, ASCII only) or "pdu" (UCS-2, any script)
+SmsMode = Literal["text", "pdu"]
 InputName = Literal["emergency", "doorbell", "tamper", "power"]
 ButtonName = Literal["emergency", "doorbell"]
 InputKind = Literal[
@@ -132,8 +134,11 @@ class Modem(Protocol):
 
     async def signal_quality(self) -> int | None: ...
 
-    async def send_sms(self, number: str, text: str) -> int:
-        """Send one SMS; returns the modem's message reference."""
+    async def send_sms(self, number: str, text: str, *, mode: SmsMode = "text") -> int:
+        """Send one SMS; returns the modem's message reference (the first part's).
+
+        `text`: ASCII in GSM 7-bit text mode; `pdu`: UCS-2 (Korean), split into
+        concatenated parts where it must be."""
         ...
 
     async def close(self) -> None: ...

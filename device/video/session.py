@@ -24,6 +24,7 @@ from typing import Any
 
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 
+from ansimi.logs import WIRE
 from ansimi.webrtc import enable_loopback_candidates, prefer_codecs, rtc_configuration
 from device.hal.ports import Camera
 from device.video.config import VideoConfig
@@ -33,6 +34,8 @@ from protocol.ids import new_message_id
 from protocol.messages import Alert, Command, CommandMessage, Message, Rtc, RtcMessage
 
 log = logging.getLogger(__name__)
+# SDP in full: only with `--debug-log ansimi.webrtc.wire` (ansimi/logs.py), never at -v
+wire_log = logging.getLogger(WIRE)
 
 SendRtc = Callable[[Rtc], object]
 TrackFactory = Callable[[], MediaStreamTrack]
@@ -169,6 +172,7 @@ class VideoManager:
                 sdp = pc.localDescription.sdp
                 if len(sdp) > MAX_SDP:
                     raise ValueError(f"offer SDP is {len(sdp)} chars, over the {MAX_SDP} limit")
+                wire_log.debug("video: session %s offer SDP:\n%s", session.id, sdp)
                 self._send(Rtc(kind="offer", session=session.id, sdp=sdp))
             except Exception as exc:
                 log.error("video: could not offer a stream (%s): %s", reason, exc)
@@ -194,6 +198,7 @@ class VideoManager:
             )
         elif rtc.kind == "answer" and rtc.sdp is not None and not session.answered.is_set():
             session.answered.set()
+            wire_log.debug("video: session %s answer SDP:\n%s", session.id, rtc.sdp)
             try:
                 await session.pc.setRemoteDescription(RTCSessionDescription(rtc.sdp, "answer"))
             except Exception as exc:

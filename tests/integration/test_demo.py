@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -14,8 +15,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from click.testing import CliRunner
 
 from ansimi.broker import free_port
+from ansimi.cli import cli
+from ansimi.demo import usable_port
 
 T = TypeVar("T")
 
@@ -34,8 +38,8 @@ def test_demo_presses_arrive_at_the_centre(tmp_path: Path, broker: str) -> None:
             "2",
             "--press-every",
             "1.5",
-            "--console-port",
-            str(free_port()),
+            "--port",
+            "0",  # a free one, picked by the demo
             "--broker",
             broker,
             "--state-dir",
@@ -52,6 +56,28 @@ def test_demo_presses_arrive_at_the_centre(tmp_path: Path, broker: str) -> None:
     assert pressed >= 2
     assert arrived == pressed
     assert "bell shows: delivered" in result.stdout
+    # the address printed is the port the console listens on, not the 0 asked for
+    shown = re.search(r"open http://127\.0\.0\.1:(\d+)/", result.stdout)
+    assert shown is not None and int(shown.group(1)) > 0, result.stdout
+
+
+def test_a_taken_port_stops_the_demo_before_it_starts_naming_the_fix(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(
+            cli, ["demo", "--port", str(port), "--state-dir", str(tmp_path / "demo")]
+        )
+    assert result.exit_code == 1
+    assert f"port {port} on 127.0.0.1 is taken" in result.output
+    assert "--port 0" in result.output and "ss -ltnp" in result.output
+    assert not (tmp_path / "demo").exists()  # nothing was started
+
+
+def test_port_0_is_a_free_port_and_a_free_port_is_kept() -> None:
+    port = usable_port(0)
+    assert port > 0 and usable_port(port) == port
 
 
 def test_demo_console_signs_in_and_acknowledge_reaches_the_bell(tmp_path: Path) -> None:
@@ -107,6 +133,10 @@ def test_demo_console_signs_in_and_acknowledge_reaches_the_bell(tmp_path: Path) 
         _wait_for(
             lambda: any("[bell-0001] bell shows: acknowledged" in x for x in lines), 30, lines
         )
+        # the privacy key is on: the operator sees the bell's address
+        with opener.open(f"{base}/api/devices/bell-0001", timeout=10) as response:
+            device = json.load(response)
+        assert "demo street 1" in json.dumps(device), device
         with opener.open(f"{base}/api/audit.csv", timeout=10) as response:
             audit = response.read().decode()
         assert f"demo,acknowledged,{event_id}" in audit

@@ -33,9 +33,11 @@ async def test_sms_while_the_link_is_down_and_mqtt_once_it_is_back(tmp_path: Pat
             inputs.press("emergency")
             inputs.release("emergency")
             (entry,) = agent.outbox.pending()
-            await eventually(lambda: len(pty.received) == 1)
-            assert pty.received[0].number == NUMBER
-            assert entry.id in pty.received[0].text
+            # in Korean by default: UCS-2 in PDU mode, here one SMS in two concatenated parts
+            await eventually(lambda: len(pty.received) == 2)
+            assert {r.number for r in pty.received} == {NUMBER}
+            assert [r.part[1:] for r in pty.received if r.part] == [(2, 1), (2, 2)]
+            assert entry.id in pty.received[0].text and "비상벨" in pty.received[0].text
             assert agent.outbox.depth() == 1  # still to go by MQTT
 
             broker.start()
@@ -45,4 +47,4 @@ async def test_sms_while_the_link_is_down_and_mqtt_once_it_is_back(tmp_path: Pat
                     await eventually(lambda: agent.outbox.depth() == 0)
             finally:
                 broker.stop()
-        assert len(pty.received) == 1  # once per alert
+        assert len(pty.received) == 2  # once per alert

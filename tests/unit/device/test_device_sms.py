@@ -67,6 +67,7 @@ def fallback(
     numbers: list[str] = NUMBERS,
     progress: list[tuple[str, SmsProgress]] | None = None,
     undelivered_path: Path | None = None,
+    mode: str = "pdu",
 ) -> SmsFallback:
     config = DeviceConfig.model_validate(
         {
@@ -75,6 +76,7 @@ def fallback(
                 "after_s": AFTER_MS / 1000,
                 "undelivered_after_s": UNDELIVERED_MS / 1000,
                 "numbers": numbers,
+                "mode": mode,
             },
         }
     )
@@ -113,9 +115,10 @@ async def test_the_sms_timer_starts_at_the_press_whatever_the_link(
         await sms.check()
     assert [r.number for r in pty.received] == NUMBERS
     text = pty.received[0].text
-    assert "store-0002" in text and "alert-000001" in text and "ROBBERY" in text
-    assert "2023-11-14 22:13:20 UTC" in text
-    assert len(text) <= 160
+    # Korean by default (PDU mode): the time in Korea's
+    assert "store-0002" in text and "alert-000001" in text and "매장 강도 신고" in text
+    assert "2023-11-15 07:13:20 KST" in text
+    assert len(text) <= 70 and pty.received[0].part is None  # one SMS, no parts
     for number in NUMBERS:
         assert number not in caplog.text  # personal data stays out of the logs
 
@@ -126,6 +129,19 @@ async def test_the_sms_timer_starts_at_the_press_whatever_the_link(
     assert len(pty.received) == 2
     # the alert itself stays in the outbox until the gateway receives it
     assert outbox.depth() == 2
+    await modem.close()
+
+
+async def test_text_mode_stays_for_modems_that_need_it(pty: PtyModem, outbox: Outbox) -> None:
+    clock = Clock()
+    clock.now = T0 + AFTER_MS
+    modem = SerialModem(pty.port, timeout_s=5)
+    await fallback(outbox, modem, clock, mode="text").check()
+    text = pty.received[0].text
+    assert "store-0002" in text and "alert-000001" in text and "ROBBERY" in text
+    assert "2023-11-14 22:13:20 UTC" in text
+    assert len(text) <= 160 and text.isascii()
+    assert 'AT+CMGS="' + NUMBERS[0] + '"' in pty.commands and "AT+CMGF=0" not in pty.commands
     await modem.close()
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from console.receiver import ReceivedEvent
-from simulator.report import distribution, summarise
+from simulator.report import distribution, summarise, write
 from simulator.run import Observed, Record
-from simulator.scenario import Scenario, Thresholds, plan
+from simulator.scenario import Plan, Scenario, Step, Thresholds, plan
 from simulator.sink import Arrival, Sink
 
 
@@ -235,3 +236,88 @@ def test_a_reset_the_device_recovered_from_within_the_grace_is_no_outage(
     flaps = summarise(o)["offline_per_outage"]
     assert flaps["false_ids"] == [short]
     assert flaps["outages_reported"] == 1
+
+
+# ---- the report for QA ---------------------------------------------------------------------
+
+
+def report_html(tmp_path: Path, o: Observed) -> tuple[dict[str, Any], str]:
+    summary = summarise(o)
+    write(o, summary, tmp_path / "report")
+    return summary, (tmp_path / "report" / "index.html").read_text()
+
+
+def test_every_figure_stands_beside_its_threshold_also_when_the_run_passes(
+    tmp_path: Path,
+) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1, delivered_max_s=5, received_p95_s=1))
+    summary, page = report_html(tmp_path, o)
+    assert summary["passed"]
+    rows = {c["figure"]: c for c in summary["checks"]}
+    assert rows["press to delivered max"] | {"note": ""} == {
+        "figure": "press to delivered max",
+        "value": 1.0,
+        "unit": "s",
+        "threshold": 5,
+        "limit": "at most",
+        "ok": True,
+        "note": "",
+    }
+    assert rows["alerts lost"]["value"] == 1 and rows["alerts lost"]["ok"] is True
+    assert rows["press to acknowledged p95"]["threshold"] is None  # shown, none set
+    assert rows["district mapo availability"]["limit"] == "at least"
+    assert "<td>press to delivered max</td><td>1.0 s</td><td>at most 5 s</td><td>pass</td>" in page
+
+
+def test_a_percentile_of_a_handful_of_samples_says_so(tmp_path: Path) -> None:
+    summary, page = report_html(tmp_path, observed(tmp_path, Thresholds(received_p95_s=1)))
+    (received,) = [c for c in summary["checks"] if c["figure"] == "press to received p95"]
+    assert received["note"].startswith("only 3 samples")
+    assert "p95/p99 of 3 samples" in page
+
+
+def test_no_raw_dictionaries_or_lists_in_the_page(tmp_path: Path) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    _, page = report_html(tmp_path, o)
+    body = page.split("</style>", 1)[1]
+    assert "{" not in body and "[" not in body, body
+    # by_trigger, video and offline detection are tables of their own
+    assert "<th>trigger</th><th>messages</th></tr><tr><td>press</td><td>3</td>" in body
+    assert "<th>streams</th>" in body and "<th>partitioned devices reported offline</th>" in body
+
+
+def test_planned_versus_sent_per_kind_gives_the_reason_for_a_difference(tmp_path: Path) -> None:
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    device = o.plan.devices[0].id
+    steps = [Step(1.0, device, "press"), Step(2.0, device, "press"), Step(3.0, device, "tamper")]
+    o.plan = Plan(o.plan.devices, steps, {})
+    first_sent = min(r.sent_at for r in o.records.values())
+    # one press made the alerts; a tamper came after them and sent nothing; one press not done
+    o.performed = [[device, "press", first_sent - 0.5], [device, "tamper", first_sent + 10]]
+    summary, page = report_html(tmp_path, o)
+    rows = {r["kind"]: r for r in summary["planned_vs_sent"]}
+    assert (rows["press"]["planned"], rows["press"]["done"], rows["press"]["sent"]) == (2, 1, 1)
+    assert rows["press"]["reason"].startswith("1 not done: its agent was stopped by a fault")
+    assert (rows["tamper"]["done"], rows["tamper"]["sent"]) == (1, 0)
+    assert "the device sent nothing after it" in rows["tamper"]["reason"]
+    assert "<td>tamper</td><td>1</td><td>1</td><td>0</td>" in page
+
+
+def test_a_doorbell_without_video_is_listed_with_the_reason(tmp_path: Path) -> None:
+    scenario = Scenario(
+        name="t", fleet={"count": 3, "mix": {"doorbell": 1.0}}, video={"enabled": True}
+    )
+    o = Observed(scenario, plan(scenario))
+    o.sink = Sink("a-secret-of-enough-length", tmp_path / "centre.db")
+    o.t0, o.end = 0.0, 10.0
+    rang, pressed, quiet = (d.id for d in o.plan.devices)
+    o.records["a-ring-000"] = Record("a-ring-000", rang, "alert", "doorbell_ring", 1.0)
+    o.records["a-press-00"] = Record("a-press-00", pressed, "alert", "press", 1.0)
+    o.video = [["session-1", pressed, 1.1, 1.3, 1.0]]
+    summary, page = report_html(tmp_path, o)
+    why = {d["device"]: d["why"] for d in summary["video"]["doorbells_without_video"]}
+    assert why == {
+        rang: "only rings: a ring offers no video, an emergency does",
+        quiet: "it sent no alert",
+    }
+    assert "only rings: a ring offers no video" in page
