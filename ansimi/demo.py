@@ -170,7 +170,7 @@ async def run_demo(
     from device.hal.camera import SyntheticCamera
     from device.hal.fakes import FakeIndicator, FakeInputs
     from device.video.config import VideoConfig as DeviceVideo
-    from gateway.store import Device, DeviceKind, SqliteStore
+    from gateway.store import Device, DeviceKind, SqliteDatabase
     from protocol.jws import Signer
     from protocol.keys import generate_key, public_key_to_b64, save_private_key
 
@@ -196,7 +196,7 @@ async def run_demo(
             gateway_toml(state, mqtt_port, version, centre_url, secret, api_port, api_token)
         )
 
-        store = SqliteStore(state / "gateway" / "gateway.db")
+        store = SqliteDatabase(state / "gateway" / "gateway.db")
         agents: list[Agent] = []
         districts = itertools.cycle(["mapo", "gangnam", "jongno", "songpa"])
         kinds: itertools.cycle[DeviceKind] = itertools.cycle(["bell", "store", "doorbell"])
