@@ -103,6 +103,10 @@ async def test_a_batch_is_kept_once_and_a_resend_is_known(store: Store) -> None:
     assert (done.fresh, done.forwarded, done.refused) == ([True, True], [True, True], [None, None])
     again = await store.accept_batch([item("alert-0001")], 200)
     assert (again.fresh, again.forwarded, again.refused) == ([False], [False], [None])
+    late = await store.accept_batch([item("alert-0000", seq=0, skew=-90_000)], 200)
+    assert late.fresh == [True]  # an older sequence number is kept: the mark does not go back
+    (skewed,) = [d for d in await store.due_for("mapo", 200, 10) if d.event_id == "alert-0000"]
+    assert skewed.clock_skew_ms == -90_000
     device = await store.device("bell-0001")
     assert device is not None
     assert (device.high_water, device.last_seen_ms, device.online) == (2, 200, True)
