@@ -177,7 +177,7 @@ async def console_site(state: Path, mqtt_port: int) -> AsyncIterator[ConsoleSite
         ):
             bell, key_b64 = _agent(state, device_id, kind, gateway_signer, mqtt_port)
             bells[device_id] = bell
-            gateway.store.database.add_device(
+            await gateway.store.add_device(
                 Device(device_id, key_b64, kind, "mapo", label), now_ms=0
             )  # type: ignore[arg-type]
         await gateway.registry.reload()

@@ -71,7 +71,7 @@ async def site(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[Site]:
         )
         gateway = Gateway(config, signer=gateway_signer)
         agent, device_key_b64 = make_agent(tmp_path, mosquitto, gateway_signer)
-        gateway.store.database.add_device(
+        await gateway.store.add_device(
             Device("bell-0001", device_key_b64, "bell", "mapo", "test bell"), now_ms=0
         )
         await gateway.registry.reload()

@@ -195,7 +195,7 @@ async def gateway_site(
             centres=[Centre(name="central", url=url, secret=SECRET)],
         )
         gateway = Gateway(config, signer=keys.gateway)
-        gateway.store.database.add_device(
+        await gateway.store.add_device(
             Device(DEVICE_ID, public_key_to_b64(keys.device.public_key), "bell", "mapo", "bell"),
             now_ms=0,
         )

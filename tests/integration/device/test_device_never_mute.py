@@ -61,7 +61,7 @@ async def gateway(
     gw = Gateway(config, signer=keys.gateway)
     if gw.store.database.device(DEVICE_ID) is None:
         public = public_key_to_b64(keys.device.public_key)
-        gw.store.database.add_device(Device(DEVICE_ID, public, "bell", "mapo", "bell"), now_ms=0)
+        await gw.store.add_device(Device(DEVICE_ID, public, "bell", "mapo", "bell"), now_ms=0)
         await gw.registry.reload()
     async with running(gw.run()):
         await asyncio.wait_for(gw.ready.wait(), WAIT_S)

@@ -175,7 +175,7 @@ async def gateway_and_phone(
     )
     gateway = Gateway(config, signer=gateway_signer)
     device_key = generate_key()
-    gateway.store.database.add_device(
+    await gateway.store.add_device(
         Device(DEVICE, public_key_to_b64(device_key.public_key()), "bell", "mapo"), now_ms=0
     )
     await gateway.registry.reload()

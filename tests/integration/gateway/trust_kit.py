@@ -162,7 +162,7 @@ def alert(device_id: str, signer: Signer, seq: int) -> tuple[str, str]:
 
 
 async def register(gateway: Gateway, device_id: str, public_key: Ed25519PublicKey) -> None:
-    gateway.store.database.add_device(
+    await gateway.store.add_device(
         Device(device_id, public_key_to_b64(public_key), "bell", "mapo"), now_ms=0
     )
     await gateway.registry.reload()

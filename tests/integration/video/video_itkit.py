@@ -102,7 +102,7 @@ async def video_site(
             modem=None,
         ),
     )
-    gateway.store.database.add_device(
+    await gateway.store.add_device(
         Device(DOORBELL, public_key_to_b64(device_key.public_key()), "doorbell", "mapo"),
         now_ms=0,
     )

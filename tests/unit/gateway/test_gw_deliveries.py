@@ -54,8 +54,8 @@ async def desk() -> AsyncIterator[Desk]:
         env.message(ALERT, "bell-0001", id="alert-mapo-01"),
         env.message(ALERT, "bell-0002", id="alert-gangnam-01"),
     )
-    env.store.database.refused("alert-mapo-01", "mapo", env.clock.ms, REASON)
-    env.store.database.refused("alert-gangnam-01", "central", env.clock.ms, REASON)
+    await env.store.refused("alert-mapo-01", "mapo", env.clock.ms, REASON)
+    await env.store.refused("alert-gangnam-01", "central", env.clock.ms, REASON)
     async with TestClient(TestServer(api.app())) as client:
         yield Desk(env, client, woken)
 

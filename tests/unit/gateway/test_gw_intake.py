@@ -222,7 +222,7 @@ async def test_a_bug_in_a_check_costs_one_message(env: Env) -> None:
 
 async def test_revocation_takes_effect_at_the_next_message(env: Env) -> None:
     await env.feed(env.message(ALERT))
-    env.store.database.revoke("bell-0001", 0)
+    await env.store.revoke("bell-0001", 0)
     await env.registry.reload()
     await env.feed(env.message(ALERT))
     assert env.rejected("revoked") == 1
@@ -329,7 +329,7 @@ async def test_the_registry_follows_another_instances_revocation(env: Env) -> No
     import asyncio
 
     key_before = env.registry.resolve("bell-0001")
-    env.store.database.revoke("bell-0001", 0)  # done through another gateway instance's API
+    await env.store.revoke("bell-0001", 0)  # done through another gateway instance's API
     assert not env.registry.device("bell-0001").revoked  # type: ignore[union-attr]
     watch = asyncio.create_task(env.registry.watch(0))
     try:

@@ -153,7 +153,7 @@ async def test_a_sealed_record_copied_onto_another_device_does_not_open(site: Si
     await site.vault.put("bell-0001", PrivateData.model_validate(SECRETS), now_ms=1)
     sealed = site.store.database.private("bell-0001")
     assert sealed is not None
-    site.store.database.set_private("bell-0002", sealed, now_ms=2)
+    await site.store.set_private("bell-0002", sealed, now_ms=2)
     with pytest.raises(SealError):
         await site.vault.get("bell-0002")
 
@@ -253,7 +253,7 @@ async def test_an_address_that_does_not_open_costs_the_address_not_the_alert(
     await site.vault.put("bell-0001", PrivateData.model_validate(SECRETS), now_ms=1)
     sealed = site.store.database.private("bell-0001")
     assert sealed is not None
-    site.store.database.set_private("bell-0002", sealed, now_ms=2)  # moved: does not open there
+    await site.store.set_private("bell-0002", sealed, now_ms=2)  # moved: does not open there
     assert await site.vault.address_of("bell-0002") is None
     assert "forwarding bell-0002 without its address" in caplog.text
     assert await site.vault.address_of("bell-0001") == {
@@ -266,7 +266,7 @@ async def test_a_record_that_does_not_open_is_a_500_naming_no_data(site: Site) -
     await site.vault.put("bell-0001", PrivateData.model_validate(SECRETS), now_ms=1)
     sealed = site.store.database.private("bell-0001")
     assert sealed is not None
-    site.store.database.set_private("bell-0002", sealed, now_ms=2)  # bell-0002 is in gangnam
+    await site.store.set_private("bell-0002", sealed, now_ms=2)  # bell-0002 is in gangnam
     status, answer = await site.call("GET", "/devices/bell-0002/private", CENTRAL)
     assert status == 500 and "see its log" in str(answer["error"])
     assert "Seongmisan" not in json.dumps(answer)

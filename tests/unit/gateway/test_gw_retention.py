@@ -31,9 +31,9 @@ async def test_only_closed_events_older_than_the_cutoff_go_and_dry_run_deletes_n
     env = await make_env()
     await alerts(env, "old-closed-01", "old-open-0001", "new-closed-01")
     now = env.clock()
-    env.store.database.set_stage("old-closed-01", "closed", now - 40 * DAY_MS, "central")
-    env.store.database.set_stage("old-open-0001", "dispatched", now - 400 * DAY_MS, "central")
-    env.store.database.set_stage("new-closed-01", "closed", now - 1 * DAY_MS, "central")
+    await env.store.set_stage("old-closed-01", "closed", now - 40 * DAY_MS, "central")
+    await env.store.set_stage("old-open-0001", "dispatched", now - 400 * DAY_MS, "central")
+    await env.store.set_stage("new-closed-01", "closed", now - 1 * DAY_MS, "central")
     cutoff = now - 30 * DAY_MS
     assert env.store.database.purge_closed(cutoff, dry_run=True) == 1
     assert env.event_count() == 3
@@ -52,7 +52,7 @@ async def test_a_long_purge_goes_in_short_transactions(monkeypatch: pytest.Monke
     await alerts(env, *ids, "still-open-01")
     now = env.clock()
     for event_id in ids:
-        env.store.database.set_stage(event_id, "closed", now - 40 * DAY_MS, "central")
+        await env.store.set_stage(event_id, "closed", now - 40 * DAY_MS, "central")
     monkeypatch.setattr(store_module, "PURGE_BATCH", 3)
     transactions = 0
     begin = store_module.transaction

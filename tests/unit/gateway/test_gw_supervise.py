@@ -205,7 +205,7 @@ async def test_five_thousand_devices_cost_one_entry_each_and_one_commit(env: Env
 
 async def test_a_revoked_device_is_not_reported(env: Env) -> None:
     await beat(env, "bell-0002")
-    env.store.database.revoke("bell-0002", 0)
+    await env.store.revoke("bell-0002", 0)
     await env.registry.reload()
     env.clock.ms += TIMEOUT_MS
     assert await env.supervisor.tick(env.clock.ms) == []
@@ -294,7 +294,7 @@ async def test_a_device_heard_by_another_instance_during_the_grace_stays_online(
     await env.feed(will(env))
     env.clock.ms += 1_000
     # its reconnect's first message went to instance B: only the store knows
-    env.store.database.accept_batch(
+    await env.store.accept_batch(
         [Incoming("hb-elsewhere-01", "bell-0001", 99, "heartbeat", NOW, "{}", "", (), kept=False)],
         env.clock.ms,
     )
