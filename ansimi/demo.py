@@ -214,13 +214,13 @@ async def run_demo(
             key = generate_key()
             label = f"demo {kind} {n + 1}"
             district = next(districts)
-            store.add_device(
+            await store.add_device(
                 Device(device_id, public_key_to_b64(key.public_key()), kind, district, label),
                 now_ms=time.time_ns() // 1_000_000,
             )
             # made up, sealed like a real one: the console shows it beside the alert
             address = f"demo street {n + 1}, {district}-gu, Seoul"
-            vault.put(device_id, PrivateData(address=address, floor=str(n % 9 + 1)), 0)
+            await vault.put(device_id, PrivateData(address=address, floor=str(n % 9 + 1)), 0)
             config = DeviceConfig(
                 device=DeviceSection(id=device_id, kind=kind, state_dir=state / device_id),
                 gateway=GatewaySection(
@@ -240,7 +240,7 @@ async def run_demo(
                     hardware=hardware,
                 )
             )
-        store.close()
+        await store.close()
 
         env = {"ANSIMI_CENTRE_SECRET": secret, "ANSIMI_CONSOLE_GATEWAY_TOKEN": api_token}
         centre_db = state / "centre.db"

@@ -153,12 +153,12 @@ def raw_publisher(port: int, count: int) -> None:
 
 
 def prepare_gateway(state: Path, port: int, devices: list[str], mqtt_version: int) -> Path:
-    from gateway.store import Device, SqliteStore
+    from gateway.store import Device, SqliteDatabase
     from protocol.keys import save_private_key
 
     state.mkdir(parents=True, exist_ok=True)
     save_private_key(state / "signing.key", key_for(GATEWAY_ID))
-    store = SqliteStore(state / "gateway.db")
+    store = SqliteDatabase(state / "gateway.db")
     for device in devices:
         public = public_key_to_b64(key_for(device).public_key())
         store.add_device(Device(device, public, "bell", "mapo"), now_ms=0)

@@ -167,11 +167,11 @@ async def press_to_viewer(state: Path) -> list[float]:
         gateway_key=signer.public_key,
         hardware=Hardware(inputs, FakeIndicator(), SyntheticCamera(WIDTH, HEIGHT, FPS), None),
     )
-    gateway.store.add_device(
+    await gateway.store.add_device(
         Device("doorbell-0001", public_key_to_b64(device_key.public_key()), "doorbell", "x"),
         now_ms=0,
     )
-    gateway.registry.reload()
+    await gateway.registry.reload()
     hub, video = gateway.video, agent.video
     assert hub is not None and video is not None
     tasks = [asyncio.ensure_future(gateway.run()), asyncio.ensure_future(agent.run())]

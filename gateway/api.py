@@ -24,8 +24,6 @@ the gateway starts; each route brings its OpenAPI operation, so the description 
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import hmac
 import json
 import logging
@@ -52,7 +50,7 @@ from gateway.districts import check_district
 from gateway.downlink import Downlink
 from gateway.intake import Registry
 from gateway.metrics import Metrics
-from gateway.store import Device, DeviceKind, DuplicateDevice, Event, EventState, Store
+from gateway.store import Device, DeviceKind, DuplicateDevice, Event, EventState, OperatorStore
 from protocol.errors import Malformed
 from protocol.ids import DeviceId
 from protocol.keys import public_key_from_b64
@@ -150,7 +148,7 @@ def _path_param(name: str, description: str) -> dict[str, Any]:
 class Api:
     def __init__(
         self,
-        store: Store,
+        store: OperatorStore,
         registry: Registry,
         downlink: Downlink,
         metrics: Metrics,
@@ -304,11 +302,11 @@ class Api:
         device_id = params.get("device_id")
         event_id = params.get("event_id")
         if device_id is None and event_id is not None:
-            event = await self._db(self._store.event, event_id)
+            event = await self._store.event(event_id)
             device_id = event.device_id if event is not None else None
         if device_id is None:
             return None
-        device = await self._db(self._store.device, device_id)
+        device = await self._store.device(device_id)
         return device.district if device is not None else None
 
     def _token_of(self, request: web.Request) -> ApiToken | None:
@@ -444,10 +442,6 @@ class Api:
         ]
         return routes
 
-    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
-        # SQLite may wait for the intake's commit (an fsync): not on the event loop
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
     async def healthz(self, request: web.Request) -> web.Response:
         if self._health is not None:
             # a public route: the details only for a caller with a token (any role)
@@ -463,7 +457,7 @@ class Api:
         return web.json_response(self.openapi())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        waiting = await self._db(self._store.waiting_count)
+        waiting = await self._store.waiting_count()
         self._metrics.waiting.set(waiting)
         body = generate_latest(self._metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -471,7 +465,7 @@ class Api:
     async def devices(self, request: web.Request) -> web.Response:
         limit = _int_query(request, "limit", 10_000)
         token = request[TOKEN_KEY]
-        devices = [d for d in await self._db(self._store.devices) if token.sees(d.district)]
+        devices = [d for d in await self._store.devices() if token.sees(d.district)]
         # keys=1: the public keys too (not secret), so a control centre can check each
         # device's own signature on what it is forwarded (console/directory.py)
         with_key = request.query.get("keys") == "1"
@@ -487,7 +481,7 @@ class Api:
         limit = _int_query(request, "limit", 500)
         token = request[TOKEN_KEY]
         if "*" in token.districts:
-            events = await self._db(lambda: self._store.events(state, limit, type=kind))  # type: ignore[arg-type]
+            events = await self._store.events(state, limit, type=kind)  # type: ignore[arg-type]
         else:
             events = await self._district_events(token, state, kind, limit)  # type: ignore[arg-type]
         return web.json_response({"alerts": [_event_json(e) for e in events]})
@@ -497,10 +491,10 @@ class Api:
     ) -> list[Event]:
         """The newest `limit` events of the token's districts: pages of all events, filtered
         (the store has no district column on events), growing until enough or none left."""
-        districts = {d.device_id: d.district for d in await self._db(self._store.devices)}
+        districts = {d.device_id: d.district for d in await self._store.devices()}
         page = limit
         while True:
-            events = await self._db(functools.partial(self._store.events, state, page, type=kind))
+            events = await self._store.events(state, page, type=kind)
             mine = [e for e in events if token.sees(districts.get(e.device_id, ""))]
             if len(mine) >= limit or len(events) < page or page >= MAX_LIMIT * 8:
                 return mine[:limit]
@@ -508,10 +502,10 @@ class Api:
 
     async def alert(self, request: web.Request) -> web.Response:
         event_id = request.match_info["event_id"]
-        event = await self._db(self._store.event, event_id)
+        event = await self._store.event(event_id)
         if event is None:
             return _error(404, f"no alert {event_id}")
-        stages = await self._db(self._store.stages, event_id)
+        stages = await self._store.stages(event_id)
         return web.json_response(
             {
                 **_event_json(event),
@@ -528,17 +522,17 @@ class Api:
     async def move(self, request: web.Request, stage: EventState) -> web.Response:
         event_id = request.match_info["event_id"]
         actor = request[TOKEN_KEY].name
-        event = await self._db(self._store.event, event_id)
+        event = await self._store.event(event_id)
         if event is None:
             return _error(404, f"no alert {event_id}")
-        moved = await self._db(self._store.set_stage, event_id, stage, self._clock_ms(), actor)
+        moved = await self._store.set_stage(event_id, stage, self._clock_ms(), actor)
         if moved:
             log.info("api: %s moved %s (%s) to %s", actor, event_id, event.device_id, stage)
             if event.type == "alert":
                 # fire and forget: paho queues it while the broker is away, and the
                 # stage is kept either way; the bell shows the furthest stage it sees
                 self._downlink.ack(event.device_id, event_id, stage)
-        current = await self._db(self._store.event, event_id)
+        current = await self._store.event(event_id)
         return web.json_response(
             {"event_id": event_id, "moved": moved, "state": current.state if current else stage}
         )
@@ -564,27 +558,27 @@ class Api:
             )
         device = Device(new.id, new.public_key, new.kind, new.district, new.label)
         try:
-            await self._db(self._store.add_device, device, self._clock_ms())
+            await self._store.add_device(device, self._clock_ms())
         except DuplicateDevice as exc:
             return _error(409, str(exc))
-        self._registry.refresh(new.id)
+        await self._registry.refresh(new.id)
         log.info("api: %s registered %s", request[TOKEN_KEY].name, new.id)
-        registered = await self._db(self._store.device, new.id)
+        registered = await self._store.device(new.id)
         assert registered is not None
         return web.json_response(_device_json(registered, with_key=True), status=201)
 
     async def admin_device(self, request: web.Request) -> web.Response:
-        device = await self._db(self._store.device, request.match_info["device_id"])
+        device = await self._store.device(request.match_info["device_id"])
         if device is None:
             return _error(404, "no such device")
         return web.json_response(_device_json(device, with_key=True))
 
     async def revoke(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device_id"]
-        if not await self._db(self._store.revoke, device_id, self._clock_ms()):
+        if not await self._store.revoke(device_id, self._clock_ms()):
             return _error(404, "no such device")
         # in effect for the device's very next message, on this instance at once
-        self._registry.refresh(device_id)
+        await self._registry.refresh(device_id)
         log.warning("api: %s revoked %s", request[TOKEN_KEY].name, device_id)
         return web.json_response({"device_id": device_id, "revoked": True})
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
 from ansimi import sdnotify
 from ansimi.config import ConfigError, load_config
 from gateway.config import GatewayConfig
+from gateway.store import Store, StoreError, open_store
 from protocol.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -55,10 +56,10 @@ def run(config_path: Path) -> None:
         service = Gateway(config, config_path=config_path)
     except (FileNotFoundError, ProtocolError, ApiTlsError, KeyFileError) as exc:  # keys, certs
         raise click.ClickException(f"{config_path}: {exc}") from None
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, StoreError) as exc:
         raise click.ClickException(
-            f"{config_path}: cannot open the database {config.database}: {exc}. Fix: make "
-            "its folder writable by the service user, or set `database` to another path"
+            f"{config_path}: cannot open the database {config.store_url}: {exc}. Fix: make "
+            "its folder writable by the service user, or set `store` to another path"
         ) from None
     asyncio.run(_serve(service))
 
@@ -82,6 +83,22 @@ def _config_or_exit(config_path: Path) -> GatewayConfig:
         return load_config(config_path, GatewayConfig)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+T = TypeVar("T")
+
+
+def _with_store(config: GatewayConfig, use: Callable[[Store], Awaitable[T]]) -> T:
+    """Open the gateway's store for one command's work, and close it again."""
+
+    async def run() -> T:
+        store = open_store(config.store_url)
+        try:
+            return await use(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 @gateway.group("privacy-key")
@@ -113,20 +130,16 @@ def privacy_key_rotate(config_path: Path) -> None:
     """
     from ansimi.privacy import PrivacyError, rotate
     from gateway.private import Vault
-    from gateway.store import SqliteStore
 
     config = _config_or_exit(config_path)
-    store = SqliteStore(config.database)
     try:
         kid, count = rotate(
             config.privacy.key_file,
-            lambda keyring: Vault(store, None).reseal(keyring),
+            lambda keyring: _with_store(config, lambda store: Vault(store, None).reseal(keyring)),
             credential=config.privacy.credential,
         )
-    except (PrivacyError, OSError) as exc:
+    except (PrivacyError, OSError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
-    finally:
-        store.close()
     click.echo(f"data key {kid} now seals {count} device record(s); the old key is retired")
 
 
@@ -145,7 +158,6 @@ def purge(config_path: Path, days: float | None, dry_run: bool) -> None:
     """
     import time
 
-    from gateway.store import SqliteStore
     from gateway.video.retention import sweep
 
     config = _config_or_exit(config_path)
@@ -155,11 +167,12 @@ def purge(config_path: Path, days: float | None, dry_run: bool) -> None:
         click.echo("privacy.closed_events_days is 0: events are kept forever; no event purged")
     else:
         cutoff_ms = time.time_ns() // 1_000_000 - int(keep_days * 86_400_000)
-        store = SqliteStore(config.database)
         try:
-            count = store.purge_closed(cutoff_ms, dry_run=dry_run)
-        finally:
-            store.close()
+            count = _with_store(
+                config, lambda store: store.purge_closed(cutoff_ms, dry_run=dry_run)
+            )
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
         click.echo(f"{verb} {count} event(s) closed more than {keep_days:g} day(s) ago")
     video = config.video
     files = sweep(video.recordings_dir, video.retention_days, time.time(), dry_run=dry_run)

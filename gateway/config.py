@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from gateway.districts import SEOUL_DISTRICTS, check_district
+from gateway.store import sqlite_path, sqlite_url
 from gateway.video.config import VideoConfig
 from protocol.ids import DeviceId
 
@@ -333,6 +334,9 @@ class PrivacyConfig(_Section):
 class GatewayConfig(_Section):
     id: DeviceId = "gw-local"
     signing_key: Path = Path("/var/lib/ansimi/gateway/signing.key")
+    # where the gateway's state lives, as a URL: sqlite:///<absolute path>
+    store: str = ""
+    # the older spelling: a plain SQLite path, read as sqlite://<path> when `store` is unset
     database: Path = Path("/var/lib/ansimi/gateway/gateway.db")
     # free space kept for alerts on the database's file system: below it, a disk_low event
     disk_reserve_mb: Annotated[float, Field(ge=0)] = 64.0
@@ -347,6 +351,22 @@ class GatewayConfig(_Section):
     health: HealthConfig = HealthConfig()
     centres: list[Centre] = []
     sia: list[SiaReceiver] = []
+
+    @model_validator(mode="after")
+    def _one_store(self) -> GatewayConfig:
+        if self.store and "database" in self.model_fields_set:
+            raise ValueError(
+                "`store` and `database` both name the gateway's store: keep `store` "
+                f'(database = "{self.database}" is store = "{sqlite_url(self.database)}")'
+            )
+        if self.store:
+            sqlite_path(self.store)  # BadStoreUrl (a ValueError) names the fix
+        return self
+
+    @property
+    def store_url(self) -> str:
+        """The store's URL: `store`, or the plain `database` path older configs give."""
+        return self.store or sqlite_url(self.database)
 
     @model_validator(mode="after")
     def _names_unique(self) -> GatewayConfig:

@@ -10,19 +10,18 @@ districts: a desk sees and retries only its own districts' deliveries.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gateway.api import TOKEN_KEY, ApiRoute, _error, _int_query, _op
 from gateway.config import ApiToken
-from gateway.store import Store
+from gateway.store import OperatorStore
 from protocol.ids import DEVICE_ID_RE, DeviceId, MessageId
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ def _districts(token: ApiToken) -> Sequence[str] | None:
 class DeliveryRoutes:
     def __init__(
         self,
-        store: Store,
+        store: OperatorStore,
         wake: Callable[[], None],
         *,
         clock_ms: Callable[[], int] | None = None,
@@ -87,10 +86,6 @@ class DeliveryRoutes:
             ),
         ]
 
-    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        # SQLite may wait for the intake's commit (an fsync): not on the event loop
-        return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
-
     async def listing(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
         if state is not None and state not in STATES:
@@ -99,8 +94,7 @@ class DeliveryRoutes:
         centre = request.query.get("centre")
         if centre is not None and not DEVICE_ID_RE.fullmatch(centre):
             return _error(400, "centre must be a centre's name (a-z, 0-9, '-')")
-        waiting = await self._db(
-            self._store.waiting,
+        waiting = await self._store.waiting(
             limit,
             centre=centre,
             refused=None if state is None else state == "refused",
@@ -120,8 +114,7 @@ class DeliveryRoutes:
             first = exc.errors(include_url=False, include_input=False)[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
             return _error(400, f"{where}: {first['msg']}")
-        retried = await self._db(
-            self._store.retry_refused,
+        retried = await self._store.retry_refused(
             self._clock_ms(),
             centre=wanted.centre,
             event_id=wanted.event_id,

@@ -24,12 +24,11 @@ Decisions, and what they cost:
   certificate for any id. A small signing service on a Unix socket, which only signs CSRs
   for ids with a live token, would keep the key out of the internet-facing process; it
   only needs to implement `CsrSigner`.
-- **The token and the device row change in one transaction.** The token table lives in the
-  gateway's own SQLite database, and completing an enrolment marks the token used and
-  inserts (or, for a rotation, re-keys) the device row in the same transaction: a crash
-  leaves either a used token and a registered device, or neither. This writes the store's
-  `devices` table directly (only its insert and its key column); a PostgreSQL store will
-  need the same two statements.
+- **The token and the device row change in one transaction.** The tokens live in the
+  gateway's store (its `EnrolmentStore` role), and completing an enrolment marks the token
+  used and inserts (or, for a rotation, re-keys) the device row in the same transaction: a
+  crash leaves either a used token and a registered device, or neither. A gateway given
+  another store enrols into that store.
 - **Admin routes live here too.** `POST /admin/devices` needs the device's public key,
   which does not exist until the device makes it; registering the device's *intent*
   (id, kind, district, label) with its token is the enrolment's own record.
@@ -46,17 +45,12 @@ Nothing here logs a token or a key: only device ids and why a request was refuse
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import secrets
-import sqlite3
-import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, Protocol
+from typing import Annotated, Any, Final, Protocol
 
 from aiohttp import web
 from cryptography import x509
@@ -67,338 +61,21 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from gateway.api import TOKEN_KEY, Api, ApiRoute
 from gateway.config import GatewayConfig
 from gateway.districts import UnknownDistrict, check_district
+from gateway.enrolments import (
+    DEFAULT_TTL_S,
+    CsrRefused,
+    EnrolmentError,
+    Pending,
+)
 from gateway.intake import Registry
-from gateway.store import DeviceKind, transaction
+from gateway.store import DeviceKind, EnrolmentStore
 from protocol.ids import DeviceId
 from protocol.keys import public_key_to_b64
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TTL_S: Final = 24 * 3600
 MAX_TTL_S: Final = 14 * 24 * 3600
 MAX_CSR_BYTES: Final = 8 * 1024
-
-SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS enrolments (
-    token_hash   TEXT PRIMARY KEY,      -- SHA-256 of the token, hex; never the token itself
-    device_id    TEXT NOT NULL,
-    kind         TEXT NOT NULL,
-    district     TEXT NOT NULL,
-    label        TEXT NOT NULL DEFAULT '',
-    rotate       INTEGER NOT NULL DEFAULT 0,  -- 1: a new key for a device already enrolled
-    created_ms   INTEGER NOT NULL,
-    expires_ms   INTEGER NOT NULL,
-    used_ms      INTEGER,
-    cancelled_ms INTEGER,
-    serial       TEXT                   -- the certificate it was traded for (hex)
-);
-CREATE INDEX IF NOT EXISTS enrolments_by_device ON enrolments(device_id, created_ms);
-"""
-
-Refusal = Literal["unknown", "expired", "used", "cancelled", "wrong-device", "revoked"]
-
-# what an installer (or the device's CLI, which shows it) can do about each refusal
-_REFUSALS: Final[dict[str, str]] = {
-    "unknown": "this enrolment token is not known here: check it was copied whole, and that "
-    "this is the gateway that issued it",
-    "expired": "this enrolment token has expired: ask for a new one "
-    "(`ansimi provision device add`, or `rotate` for an enrolled device)",
-    "used": "this enrolment token was used already: each token enrols once; ask for a new one",
-    "cancelled": "this enrolment token was cancelled: ask for a new one",
-    "wrong-device": "this enrolment token is for another device id: check the id on the label",
-    "revoked": "this device is revoked: it cannot be enrolled again under the same id",
-}
-
-
-class EnrolmentError(Exception):
-    """Root of this module's refusals; `status` is the HTTP status that carries it."""
-
-    status = 400
-
-    def __init__(self, message: str, reason: str = "bad-request") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class TokenRefused(EnrolmentError, PermissionError):
-    status = 403
-
-    def __init__(self, reason: Refusal) -> None:
-        super().__init__(_REFUSALS[reason], reason)
-
-
-class DuplicateEnrolment(EnrolmentError, ValueError):
-    status = 409
-
-    def __init__(self, device_id: str, why: str) -> None:
-        super().__init__(f"device {device_id} {why}: choose another --id", "duplicate")
-
-
-class NotEnrolled(EnrolmentError, LookupError):
-    status = 404
-
-    def __init__(self, device_id: str) -> None:
-        super().__init__(
-            f"device {device_id} is not enrolled: `rotate` needs an enrolled device; "
-            "use `ansimi provision device add` for a new one",
-            "not-enrolled",
-        )
-
-
-class OtherDistrict(EnrolmentError, PermissionError):
-    status = 403
-
-    def __init__(self, district: str) -> None:
-        super().__init__(f"district {district} is not one of this token's", "district")
-
-
-class CsrRefused(EnrolmentError, ValueError):
-    status = 422
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "csr")
-
-
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """One enrolment record (a token's metadata; never the token)."""
-
-    device_id: str
-    kind: DeviceKind
-    district: str
-    label: str
-    rotate: bool
-    created_ms: int
-    expires_ms: int
-    used_ms: int | None
-    cancelled_ms: int | None
-    serial: str | None
-
-    def state(self, now_ms: int) -> Literal["pending", "used", "cancelled", "expired"]:
-        if self.used_ms is not None:
-            return "used"
-        if self.cancelled_ms is not None:
-            return "cancelled"
-        return "pending" if now_ms < self.expires_ms else "expired"
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
-
-
-def new_token(device_id: str) -> str:
-    """`<device id>.<256 random bits>`: the device learns its id from the token (and the QR
-    label) alone, so the installer types nothing else on the device."""
-    return f"{device_id}.{secrets.token_urlsafe(32)}"
-
-
-def token_device(token: str) -> str:
-    """The device id a token names (its part before the first dot)."""
-    return token.partition(".")[0]
-
-
-class EnrolmentStore:
-    """The `enrolments` table, in the gateway's SQLite database (its own connection)."""
-
-    def __init__(self, path: Path | str) -> None:
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        # the gateway's store may be committing a batch: wait for it rather than fail
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self._db, self._lock)
-
-    _COLUMNS = (
-        "device_id, kind, district, label, rotate, created_ms, expires_ms, used_ms,"
-        " cancelled_ms, serial"
-    )
-
-    @staticmethod
-    def _pending(row: tuple[Any, ...]) -> Pending:
-        d, kind, district, label, rotate, created, expires, used, cancelled, serial = row
-        return Pending(
-            str(d),
-            kind,
-            str(district),
-            str(label),
-            bool(rotate),
-            int(created),
-            int(expires),
-            used,
-            cancelled,
-            serial,
-        )
-
-    @staticmethod
-    def _device_row(db: sqlite3.Connection, device_id: str) -> tuple[Any, ...] | None:
-        row: tuple[Any, ...] | None = db.execute(
-            "SELECT device_id, kind, district, label, revoked FROM devices WHERE device_id = ?",
-            (device_id,),
-        ).fetchone()
-        return row
-
-    def issue(
-        self,
-        device_id: str,
-        kind: DeviceKind,
-        district: str,
-        label: str,
-        *,
-        now_ms: int,
-        ttl_s: int = DEFAULT_TTL_S,
-        rotate: bool = False,
-        serves: Callable[[str], bool] = lambda _district: True,
-    ) -> tuple[str, Pending]:
-        """A new token for `device_id`; a new device's id must be free, a rotated one
-        enrolled and not revoked. A rotation keeps the device's kind, district and label.
-        `serves`: whether the asking token serves a district (ApiToken.sees)."""
-        token = new_token(device_id)
-        with self._tx() as db:
-            row = self._device_row(db, device_id)
-            live = db.execute(
-                "SELECT 1 FROM enrolments WHERE device_id = ? AND used_ms IS NULL"
-                " AND cancelled_ms IS NULL AND expires_ms > ?",
-                (device_id, now_ms),
-            ).fetchone()
-            if rotate:
-                # another district's device is answered as an unknown one
-                if row is None or not serves(row[2]):
-                    raise NotEnrolled(device_id)
-                if row[4]:
-                    raise TokenRefused("revoked")
-                kind, district, label = row[1], row[2], row[3]
-                # a fresh rotation token replaces one not yet used
-                db.execute(
-                    "UPDATE enrolments SET cancelled_ms = ? WHERE device_id = ?"
-                    " AND used_ms IS NULL AND cancelled_ms IS NULL",
-                    (now_ms, device_id),
-                )
-            elif not serves(district):
-                raise OtherDistrict(district)
-            elif row is not None:
-                raise DuplicateEnrolment(device_id, "is already registered")
-            elif live is not None:
-                raise DuplicateEnrolment(
-                    device_id,
-                    "already has an enrolment waiting (cancel it with "
-                    "`ansimi provision device revoke`, or let it expire)",
-                )
-            db.execute(
-                "INSERT INTO enrolments (token_hash, device_id, kind, district, label, rotate,"
-                " created_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    hash_token(token),
-                    device_id,
-                    kind,
-                    district,
-                    label,
-                    int(rotate),
-                    now_ms,
-                    now_ms + ttl_s * 1000,
-                ),
-            )
-        pending = Pending(
-            device_id,
-            kind,
-            district,
-            label,
-            rotate,
-            now_ms,
-            now_ms + ttl_s * 1000,
-            None,
-            None,
-            None,
-        )
-        return token, pending
-
-    def check(self, token: str, device_id: str, now_ms: int) -> Pending:
-        """The enrolment `token` opens for `device_id`, or TokenRefused saying why not."""
-        rows = self._query(
-            f"SELECT {self._COLUMNS} FROM enrolments WHERE token_hash = ?",  # noqa: S608
-            (hash_token(token),),
-        )
-        if not rows:
-            raise TokenRefused("unknown")
-        pending = self._pending(rows[0])
-        if pending.device_id != device_id:
-            raise TokenRefused("wrong-device")
-        state = pending.state(now_ms)
-        if state != "pending":
-            raise TokenRefused(state)
-        return pending
-
-    def complete(self, token: str, public_key_b64: str, serial: str, now_ms: int) -> Pending:
-        """Mark the token used and register (or re-key) its device, in one transaction."""
-        with self._tx() as db:
-            row = db.execute(
-                f"SELECT {self._COLUMNS} FROM enrolments WHERE token_hash = ?",  # noqa: S608
-                (hash_token(token),),
-            ).fetchone()
-            if row is None:
-                raise TokenRefused("unknown")
-            pending = self._pending(row)
-            state = pending.state(now_ms)
-            if state != "pending":  # another request got there first, or time ran out
-                raise TokenRefused(state)
-            db.execute(
-                "UPDATE enrolments SET used_ms = ?, serial = ? WHERE token_hash = ?",
-                (now_ms, serial, hash_token(token)),
-            )
-            device = self._device_row(db, pending.device_id)
-            if pending.rotate:
-                if device is None:
-                    raise NotEnrolled(pending.device_id)
-                if device[4]:
-                    raise TokenRefused("revoked")
-                db.execute(
-                    "UPDATE devices SET public_key = ? WHERE device_id = ?",
-                    (public_key_b64, pending.device_id),
-                )
-            else:
-                if device is not None:
-                    raise DuplicateEnrolment(pending.device_id, "is already registered")
-                db.execute(
-                    "INSERT INTO devices (device_id, public_key, kind, district, label,"
-                    " revoked, created_ms) VALUES (?, ?, ?, ?, ?, 0, ?)",
-                    (
-                        pending.device_id,
-                        public_key_b64,
-                        pending.kind,
-                        pending.district,
-                        pending.label,
-                        now_ms,
-                    ),
-                )
-        return pending
-
-    def cancel(self, device_id: str, now_ms: int) -> int:
-        """Cancel every unused token of `device_id`; how many there were."""
-        with self._tx() as db:
-            return db.execute(
-                "UPDATE enrolments SET cancelled_ms = ? WHERE device_id = ? AND used_ms IS NULL"
-                " AND cancelled_ms IS NULL",
-                (now_ms, device_id),
-            ).rowcount
-
-    def records(self, device_id: str | None = None) -> list[Pending]:
-        """Enrolment records, newest first (all devices, or one)."""
-        rows = self._query(
-            f"SELECT {self._COLUMNS} FROM enrolments"  # noqa: S608
-            " WHERE (? IS NULL OR device_id = ?) ORDER BY created_ms DESC, rowid DESC",
-            (device_id, device_id),
-        )
-        return [self._pending(r) for r in rows]
-
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
 
 
 # ---- signing -------------------------------------------------------------------------------
@@ -516,7 +193,7 @@ class Enrolment:
         signer: CsrSigner,
         info: EnrolmentInfo,
         *,
-        refresh: Callable[[str], None] = lambda _device_id: None,
+        refresh: Callable[[str], Awaitable[None]] | None = None,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self._store = store
@@ -598,10 +275,6 @@ class Enrolment:
             ),
         ]
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        # SQLite waits for the intake's fsync, the CA reads files: not on the event loop
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
     async def enrol(self, request: web.Request) -> web.Response:
         try:
             body = EnrolRequest.model_validate_json(await request.read())
@@ -610,21 +283,24 @@ class Enrolment:
         async with self._lock:
             try:
                 now = self._clock_ms()
-                await self._run(self._store.check, body.token, body.device_id, now)
+                await self._store.check_enrolment(body.token, body.device_id, now)
                 _check_csr_key(body.csr_pem)
                 try:
-                    cert = await self._run(self._signer.sign, body.csr_pem.encode(), body.device_id)
+                    # the CA reads its files: not on the event loop
+                    csr = body.csr_pem.encode()
+                    cert = await asyncio.to_thread(self._signer.sign, csr, body.device_id)
                 except ValueError as exc:  # provisioning's CsrRejected, InvalidName
                     raise CsrRefused(str(exc)) from None
                 key = _ed25519_key(cert)
                 serial = f"{cert.serial_number:X}"
-                pending = await self._run(
-                    self._store.complete, body.token, key, serial, self._clock_ms()
+                pending = await self._store.complete_enrolment(
+                    body.token, key, serial, self._clock_ms()
                 )
             except EnrolmentError as exc:
                 log.warning("enrol: refused %s: %s", body.device_id, exc.reason)
                 return _error(exc)
-        self._refresh(body.device_id)
+        if self._refresh is not None:
+            await self._refresh(body.device_id)
         log.info(
             "enrol: %s %s, certificate %s",
             body.device_id,
@@ -658,17 +334,15 @@ class Enrolment:
             except UnknownDistrict as exc:
                 return web.json_response({"error": str(exc), "reason": "district"}, status=400)
         try:
-            token, pending = await self._run(
-                lambda: self._store.issue(
-                    new.device_id,
-                    new.kind,
-                    new.district,
-                    new.label,
-                    now_ms=self._clock_ms(),
-                    ttl_s=new.ttl_s,
-                    rotate=new.rotate,
-                    serves=request[TOKEN_KEY].sees,
-                )
+            token, pending = await self._store.issue_enrolment(
+                new.device_id,
+                new.kind,
+                new.district,
+                new.label,
+                now_ms=self._clock_ms(),
+                ttl_s=new.ttl_s,
+                rotate=new.rotate,
+                serves=request[TOKEN_KEY].sees,
             )
         except EnrolmentError as exc:
             return _error(exc)
@@ -679,7 +353,7 @@ class Enrolment:
 
     async def records(self, request: web.Request) -> web.Response:
         device_id = request.query.get("device_id")
-        records = await self._run(self._store.records, device_id)
+        records = await self._store.enrolments(device_id)
         now = self._clock_ms()
         token = request[TOKEN_KEY]  # only its districts' records
         listed = [_record_json(r, now) for r in records if token.sees(r.district)]
@@ -687,7 +361,7 @@ class Enrolment:
 
     async def cancel(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device_id"]
-        count = await self._run(self._store.cancel, device_id, self._clock_ms())
+        count = await self._store.cancel_enrolments(device_id, self._clock_ms())
         return web.json_response({"device_id": device_id, "cancelled": count})
 
 
@@ -698,7 +372,7 @@ def _record_json(pending: Pending, now_ms: int) -> dict[str, Any]:
 def attach(
     api: Api,
     registry: Registry,
-    database: Path,
+    store: EnrolmentStore,
     site_dir: Path,
     *,
     clock_ms: Callable[[], int] | None = None,
@@ -706,11 +380,10 @@ def attach(
     """Add the enrolment routes to a gateway's API, signing with the CA in `site_dir`.
 
     The gateway service calls this before it serves, when its config names a site; the
-    token table goes into the gateway's own database (opened after its store, whose
-    `devices` table it writes).
+    tokens go into `store`, the gateway's own, beside the devices they register.
     """
     enrolment = Enrolment(
-        EnrolmentStore(database),
+        store,
         SiteSigner(site_dir),
         EnrolmentInfo.from_site(site_dir),
         refresh=registry.refresh,
@@ -720,7 +393,9 @@ def attach(
     return enrolment
 
 
-def attach_if_site(api: Api, registry: Registry, config: GatewayConfig) -> Enrolment | None:
+def attach_if_site(
+    api: Api, registry: Registry, store: EnrolmentStore, config: GatewayConfig
+) -> Enrolment | None:
     """The gateway service's hook: serve enrolment when `[enrol] site_dir` names a site
     and the API is on. Its CA key must be readable by the gateway's user (see the
     module docstring for what that costs); when it is not, enrolment stays off and says why,
@@ -741,6 +416,6 @@ def attach_if_site(api: Api, registry: Registry, config: GatewayConfig) -> Enrol
             "enrol: the API has no api.cert_file: devices enrol only over HTTPS, so none can "
             "enrol until it has one"
         )
-    enrolment = attach(api, registry, config.database, site_dir)
+    enrolment = attach(api, registry, store, site_dir)
     log.info("enrol: POST /enrol on, signing with the CA of %s", site_dir)
     return enrolment

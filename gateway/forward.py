@@ -46,16 +46,15 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import aiohttp
 from prometheus_client import Counter, Gauge
 
 from gateway.config import Centre, ForwardConfig, SiaReceiver, routes_for
 from gateway.metrics import Metrics
-from gateway.store import Delivery, Store
+from gateway.store import Delivery, ForwardStore
 from protocol.forwarding import (
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
@@ -306,14 +305,13 @@ class _Endpoint:
 class Forwarder:
     def __init__(
         self,
-        store: Store,
+        store: ForwardStore,
         centres: Sequence[Centre | SiaReceiver],
         config: ForwardConfig,
         metrics: Metrics,
         *,
         district_of: Callable[[str], str],
         on_first_delivery: Callable[[Delivery], Awaitable[None] | None],
-        executor: Executor | None = None,
         clock_ms: Clock | None = None,
         rng: random.Random | None = None,
         transports: dict[str, Transport] | None = None,
@@ -324,7 +322,6 @@ class Forwarder:
         self._metrics = metrics
         self._district_of = district_of
         self._on_first_delivery = on_first_delivery
-        self._executor = executor
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._rng = rng or random.Random()
         self._poll_s = poll_s
@@ -415,15 +412,15 @@ class Forwarder:
         """Route again what no centre has accepted yet, and give refused deliveries one
         more attempt: the config may have changed since (see the module docstring)."""
         now = self._clock_ms()
-        added = await self._db(self._store.reroute, self.route, now)
+        added = await self._store.reroute(self.route, now)
         if added:
             log.warning("forward: %d deliveries added by the routing now in force", added)
-        retried = await self._db(self._store.retry_refused, now)
+        retried = await self._store.retry_refused(now)
         if retried:
             log.warning("forward: %d refused deliveries get another attempt at start", retried)
         gone = {
             centre: count
-            for centre, count in (await self._db(self._store.waiting_by_centre)).items()
+            for centre, count in (await self._store.waiting_by_centre()).items()
             if centre not in self._endpoints
         }
         if gone:
@@ -482,8 +479,8 @@ class Forwarder:
         while self._done:
             batch, self._done = self._done[:1000], self._done[1000:]
             try:
-                firsts = await self._db(
-                    self._store.delivered_many, [(e, c) for e, c, _ in batch], self._clock_ms()
+                firsts = await self._store.delivered_many(
+                    [(e, c) for e, c, _ in batch], self._clock_ms()
                 )
             except Exception as exc:
                 # not recorded: each stays due and goes again (the centre drops the repeat)
@@ -495,13 +492,10 @@ class Forwarder:
                 if not done.done():
                     done.set_result(first)
 
-    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
     async def _gauges(self) -> None:
         while True:
             try:
-                counts = await self._db(self._store.waiting_by_centre)
+                counts = await self._store.waiting_by_centre()
             except Exception:
                 log.exception("forward: cannot count waiting deliveries")
             else:
@@ -509,7 +503,7 @@ class Forwarder:
                 for name in self._endpoints:
                     self.waiting_by_centre.labels(name).set(counts.get(name, 0))
             try:
-                parked = await self._db(self._store.refused_by_centre)
+                parked = await self._store.refused_by_centre()
             except Exception:
                 log.exception("forward: cannot count refused deliveries")
             else:
@@ -548,8 +542,8 @@ class Forwarder:
         if self._clock_ms() < endpoint.store_rest_until_ms:
             return  # the store could not record the last outcomes: resting
         # those in flight are still due in the store: ask for enough to see past them
-        due = await self._db(
-            self._store.due_for, endpoint.name, self._clock_ms(), free + len(endpoint.in_flight)
+        due = await self._store.due_for(
+            endpoint.name, self._clock_ms(), free + len(endpoint.in_flight)
         )
         for delivery in due:
             if delivery.event_id in endpoint.in_flight:
@@ -644,7 +638,7 @@ class Forwarder:
                 attempt,
                 outcome.error,
             )
-            await self._db(self._store.refused, delivery.event_id, name, now, str(outcome.error))
+            await self._store.refused(delivery.event_id, name, now, str(outcome.error))
             return
         else:
             self._metrics.forward_failures.labels(name).inc()
@@ -665,7 +659,7 @@ class Forwarder:
                     outcome.error,
                 )
         try:
-            await self._db(self._store.failed, delivery.event_id, name, retry_at, outcome.error)
+            await self._store.failed(delivery.event_id, name, retry_at, outcome.error)
         except Exception as exc:
             self._unrecorded(endpoint, delivery, exc)
         else:

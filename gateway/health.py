@@ -52,7 +52,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -62,7 +61,7 @@ from prometheus_client import Counter, Gauge
 from ansimi.mqtt import Message as MqttMessage
 from gateway.forward import Failing
 from gateway.metrics import Metrics
-from gateway.store import Incoming, Store
+from gateway.store import HealthStore, Incoming
 from protocol.errors import ProtocolError, UnknownSigner, clip
 from protocol.jws import Signer
 from protocol.probe import open_probe, probe_sender, probe_topic, seal_probe
@@ -308,7 +307,7 @@ class DiskWatch:
 
     def __init__(
         self,
-        store: Store,
+        store: HealthStore,
         reserve_bytes: int,
         metrics: Metrics,
         *,
@@ -316,7 +315,6 @@ class DiskWatch:
         on_event: Callable[[], None],
         every_s: float = 1.0,
         checkpoint_every_s: float = 60.0,
-        executor: Executor | None = None,
         clock_ms: Clock = _now_ms,
     ) -> None:
         self._store = store
@@ -325,7 +323,6 @@ class DiskWatch:
         self._on_event = on_event
         self._every_s = every_s
         self._checkpoint_every_ms = int(checkpoint_every_s * 1000)
-        self._executor = executor
         self._clock_ms = clock_ms
         self.free_bytes: int | None = None
         self.low_since_ms: int | None = None  # set while low
@@ -348,11 +345,8 @@ class DiskWatch:
     def low(self) -> bool:
         return self.low_since_ms is not None
 
-    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
     async def check(self, now: int) -> None:
-        free = await self._db(self._store.free_bytes)
+        free = await self._store.free_bytes()
         if free is None:
             return  # no file system under it (an in-memory store)
         self.free_bytes = int(free)
@@ -373,14 +367,14 @@ class DiskWatch:
         if self.low or now >= self._next_checkpoint_ms:
             # TRUNCATE gives the WAL's space back; while low, at every look
             self._next_checkpoint_ms = now + self._checkpoint_every_ms
-            await self._db(self._store.checkpoint)
+            await self._store.checkpoint()
 
     async def _tell(self, now: int) -> None:
         state: DiskState = "disk_low" if self.low else "disk_ok"
         event = self._make_event(state)
         if event is not None:
             try:
-                await self._db(self._store.add_site_event, event, now)
+                await self._store.add_site_event(event, now)
             except Exception as exc:
                 log.warning("health: cannot keep the %s event yet (%s): next look", state, exc)
                 return

@@ -50,7 +50,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,7 +59,7 @@ from ansimi.mqtt import Message as MqttMessage
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
 from gateway.secondary import SecondaryPathWatch
-from gateway.store import Device, Incoming, Store
+from gateway.store import Device, DeviceReader, Incoming, IntakeStore
 from gateway.supervise import Supervisor
 from protocol.envelope import Opened, open_from_device
 from protocol.errors import Oversized, ProtocolError, Replay, Stale, UnknownSigner
@@ -107,30 +106,29 @@ class Revoked(ProtocolError, PermissionError):
 class Registry:
     """Device keys and high-water marks, cached in memory in front of the store.
 
-    With several gateway instances, another one may register or revoke a device, or
-    accept a device's newer messages: `watch()` re-reads the store now and then, off the
-    event loop, so this instance follows within that interval.
+    Empty until `reload()`. With several gateway instances, another one may register or
+    revoke a device, or accept a device's newer messages: `watch()` re-reads the store now
+    and then, so this instance follows within that interval.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: DeviceReader) -> None:
         self._store = store
         self._devices: dict[str, Device] = {}
         self._keys: dict[str, Ed25519PublicKey] = {}
         self.high_water: dict[str, int] = {}
         # bumped by refresh(): a reload that started before it must not undo it
         self._generation = 0
-        self.reload()
 
-    def reload(self) -> None:
-        self._swap(self._load())
+    async def reload(self) -> None:
+        self._swap(self._parsed(await self._store.devices()))
 
-    def _load(self) -> list[tuple[Device, Ed25519PublicKey]]:
-        """Read every device; keys already parsed are reused (runs in a worker thread)."""
+    def _parsed(self, devices: list[Device]) -> list[tuple[Device, Ed25519PublicKey]]:
+        """Every device with its key; keys already parsed are reused."""
         keys = self._keys
-        devices = self._devices
+        known_devices = self._devices
         loaded = []
-        for d in self._store.devices():
-            known = devices.get(d.device_id)
+        for d in devices:
+            known = known_devices.get(d.device_id)
             key = keys.get(d.device_id)
             if key is None or known is None or known.public_key != d.public_key:
                 key = public_key_from_b64(d.public_key)
@@ -148,22 +146,21 @@ class Registry:
 
     async def watch(self, interval_s: float) -> None:
         """Reload every `interval_s` until cancelled; a failed reload waits for the next."""
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval_s)
             generation = self._generation
             try:
-                loaded = await loop.run_in_executor(None, self._load)
+                devices = await self._store.devices()
             except Exception:
                 log.exception("registry: reload failed; keeping what we have")
                 continue
             if generation == self._generation:
-                self._swap(loaded)
+                self._swap(self._parsed(devices))
 
-    def refresh(self, device_id: str) -> None:
+    async def refresh(self, device_id: str) -> None:
         """Re-read one device (registered, revoked): in effect for its next message."""
         self._generation += 1
-        device = self._store.device(device_id)
+        device = await self._store.device(device_id)
         if device is None:
             self._devices.pop(device_id, None)
             self._keys.pop(device_id, None)
@@ -210,7 +207,7 @@ class _Kept:
 class Intake:
     def __init__(
         self,
-        store: Store,
+        store: IntakeStore,
         registry: Registry,
         downlink: Downlink,
         metrics: Metrics,
@@ -260,8 +257,6 @@ class Intake:
         # (device, reason) -> (last logged at, refusals not logged since): a device that
         # floods us with bad messages must not flood the log too
         self._logged: dict[tuple[str, str], tuple[int, int]] = {}
-        # SQLite commits (fsync) run here, so the loop keeps reading while a batch lands.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="intake-writer")
 
     def submit(self, message: MqttMessage) -> None:
         """Called for every uplink MQTT message, on the loop, without blocking."""
@@ -287,20 +282,17 @@ class Intake:
             self._on_backlog(behind)
 
     async def run(self) -> None:
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._queue:
-                    batch = self._queue[: self._batch_max]
-                    del self._queue[: self._batch_max]
-                    self._metrics.intake_queue.set(len(self._queue))
-                    await self.process(batch)
-                    if self._behind and len(self._queue) <= self._queue_max // 2:
-                        self._set_behind(False)
-                self._metrics.intake_queue.set(0)
-        finally:
-            self._writer.shutdown(wait=True)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch = self._queue[: self._batch_max]
+                del self._queue[: self._batch_max]
+                self._metrics.intake_queue.set(len(self._queue))
+                await self.process(batch)
+                if self._behind and len(self._queue) <= self._queue_max // 2:
+                    self._set_behind(False)
+            self._metrics.intake_queue.set(0)
 
     async def process(self, batch: list[MqttMessage]) -> None:
         """Check, keep and ack one batch; never raises for anything a message contains."""
@@ -344,16 +336,10 @@ class Intake:
     async def _resent(
         self, maybe: list[tuple[MqttMessage, _MaybeResent]], now_ms: int
     ) -> list[_Checked]:
-        """Those already kept are resends (to be re-acked); the rest are replays.
-
-        Looked up in the writer thread, all at once: the store's lock may be held by a
-        commit (an fsync), and the event loop must not wait for it.
-        """
+        """Those already kept are resends (to be re-acked); the rest are replays."""
         pairs = [(r.checked.device.device_id, r.checked.opened.message.id) for _, r in maybe]
         try:
-            known = await asyncio.get_running_loop().run_in_executor(
-                self._writer, self._known, pairs
-            )
+            known = await self._known(pairs)
         except Exception:
             log.exception("intake: cannot look up %d resent messages", len(maybe))
             known = [False] * len(maybe)
@@ -366,10 +352,10 @@ class Intake:
                 self._reject(message, resent.refusal)
         return resends
 
-    def _known(self, pairs: list[tuple[str, str]]) -> list[bool]:
+    async def _known(self, pairs: list[tuple[str, str]]) -> list[bool]:
         found = []
         for device_id, event_id in pairs:
-            event = self._store.event(event_id)
+            event = await self._store.event(event_id)
             found.append(event is not None and event.device_id == device_id)
         return found
 
@@ -426,11 +412,8 @@ class Intake:
 
         A message that cannot be kept is not acked: its device sends it again.
         """
-        loop = asyncio.get_running_loop()
         try:
-            done = await loop.run_in_executor(
-                self._writer, self._store.accept_batch, incoming, now_ms
-            )
+            done = await self._store.accept_batch(incoming, now_ms)
         except Exception:
             self._metrics.store_errors.inc()
             log.exception("intake: group commit of %d messages failed; one by one", len(incoming))
@@ -446,9 +429,7 @@ class Intake:
         came_online: list[str] = []
         for item in incoming:
             try:
-                alone = await loop.run_in_executor(
-                    self._writer, self._store.accept_batch, [item], now_ms
-                )
+                alone = await self._store.accept_batch([item], now_ms)
             except Exception:
                 self._metrics.rejected.labels("internal").inc()
                 log.exception("intake: cannot keep a message from %s", item.device_id)

@@ -12,11 +12,10 @@ another device's row does not open.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -24,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from ansimi.privacy import Keyring, PrivacyError, key_source, load_keyring
 from gateway.api import TOKEN_KEY, ApiRoute, _error, _op, _path_param
 from gateway.config import PrivacyConfig
-from gateway.store import Store
+from gateway.store import PrivacyStore
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class NoDataKey(RuntimeError):
 class Vault:
     """Seal and open devices' personal data on top of the store."""
 
-    def __init__(self, store: Store, keyring: Keyring | None, problem: str = "") -> None:
+    def __init__(self, store: PrivacyStore, keyring: Keyring | None, problem: str = "") -> None:
         self._store = store
         self._keyring = keyring
         # why there is no keyring, for the 503 and the log: names the key file and the fix
@@ -77,27 +76,27 @@ class Vault:
             raise NoDataKey(self.problem)
         return self._keyring
 
-    def put(self, device_id: str, data: PrivateData, now_ms: int) -> bool:
+    async def put(self, device_id: str, data: PrivateData, now_ms: int) -> bool:
         sealed = self._ring().seal(
             data.model_dump_json(), table=TABLE, column=COLUMN, row=device_id
         )
-        return self._store.set_private(device_id, sealed, now_ms)
+        return await self._store.set_private(device_id, sealed, now_ms)
 
-    def get(self, device_id: str) -> PrivateData | None:
-        sealed = self._store.private(device_id)
+    async def get(self, device_id: str) -> PrivateData | None:
+        sealed = await self._store.private(device_id)
         if sealed is None:
             return None
         plain = self._ring().open(sealed, table=TABLE, column=COLUMN, row=device_id)
         return PrivateData.model_validate_json(plain)
 
-    def reseal(self, keyring: Keyring) -> int:
+    async def reseal(self, keyring: Keyring) -> int:
         """Re-seal every device's data with `keyring`'s current key (for rotation)."""
 
         def again(device_id: str, sealed: str) -> str:
             place = {"table": TABLE, "column": COLUMN, "row": device_id}
             return keyring.seal(keyring.open(sealed, **place), **place)
 
-        count = self._store.reseal_private(again)
+        count = await self._store.reseal_private(again)
         self._keyring = keyring
         return count
 
@@ -106,7 +105,7 @@ class Vault:
         if self._keyring is None:
             return None
         try:
-            data = await asyncio.get_running_loop().run_in_executor(None, self.get, device_id)
+            data = await self.get(device_id)
         except (PrivacyError, ValueError) as exc:
             # the alert must go out all the same: an address that cannot be opened costs
             # the address, never the delivery (the error names the row, not the data)
@@ -118,7 +117,7 @@ class Vault:
 INIT = "ansimi gateway privacy-key init --config /etc/ansimi/gateway.toml"
 
 
-def open_vault(store: Store, config: PrivacyConfig) -> Vault:
+def open_vault(store: PrivacyStore, config: PrivacyConfig) -> Vault:
     """The vault with the site's data key; without a key file, a vault that refuses.
 
     A missing key is not fatal (a gateway may hold no personal data), but it is said at
@@ -137,11 +136,11 @@ def open_vault(store: Store, config: PrivacyConfig) -> Vault:
 class PrivateRoutes:
     def __init__(
         self,
-        store: Store,
+        store: PrivacyStore,
         vault: Vault,
         clock_ms: Callable[[], int] | None = None,
         *,
-        on_revoked: Callable[[str], object] | None = None,
+        on_revoked: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._vault = vault
@@ -189,9 +188,6 @@ class PrivateRoutes:
             ),
         ]
 
-    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
     async def set(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device_id"]
         if not self._vault.available:
@@ -203,24 +199,24 @@ class PrivateRoutes:
             first = exc.errors(include_url=False, include_input=False)[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
             return _error(400, f"{where}: {first['msg']}")
-        if not await self._db(self._vault.put, device_id, data, self._clock_ms()):
+        if not await self._vault.put(device_id, data, self._clock_ms()):
             return _error(404, "no such device")
         log.info("api: %s set the personal data of %s", request[TOKEN_KEY].name, device_id)
         return web.json_response({"device_id": device_id, "stored": True})
 
     async def decommission(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device_id"]
-        if not await self._db(self._store.decommission, device_id, self._clock_ms()):
+        if not await self._store.decommission(device_id, self._clock_ms()):
             return _error(404, "no such device")
         if self._on_revoked is not None:
-            self._on_revoked(device_id)  # refused from its very next message on
+            await self._on_revoked(device_id)  # refused from its very next message on
         log.warning("api: %s decommissioned %s", request[TOKEN_KEY].name, device_id)
         return web.json_response({"device_id": device_id, "decommissioned": True})
 
     async def get(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device_id"]
         token = request[TOKEN_KEY]
-        device = await self._db(self._store.device, device_id)
+        device = await self._store.device(device_id)
         # one answer for "no such device" and "not your district": no probing for ids
         if device is None or not token.sees(device.district):
             if device is not None:
@@ -229,7 +225,7 @@ class PrivateRoutes:
         if not self._vault.available:
             return _error(503, "the gateway has no data key: see its log")
         try:
-            data = await self._db(self._vault.get, device_id)
+            data = await self._vault.get(device_id)
         except PrivacyError as exc:
             log.error("api: personal data of %s: %s", device_id, exc)
             return _error(500, "the record cannot be opened with this gateway's key: see its log")

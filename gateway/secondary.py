@@ -21,16 +21,14 @@ shared subscription hands it, so two instances may both report the same change.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor
 from typing import Final
 
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
-from gateway.store import Event, Incoming, Store
+from gateway.store import Event, Incoming, SupervisionStore
 from gateway.supervise import RouteOf
 from protocol.messages import Heartbeat, Status, StatusState
 
@@ -63,14 +61,13 @@ def gateway_status_event(
 class SecondaryPathWatch:
     def __init__(
         self,
-        store: Store,
+        store: SupervisionStore,
         downlink: Downlink,
         metrics: Metrics,
         *,
         route_of: RouteOf,
         confirm: int = 2,
         clock_ms: Callable[[], int] | None = None,
-        executor: Executor | None = None,
         on_event: Callable[[], None] | None = None,
     ) -> None:
         if confirm < 1:
@@ -81,7 +78,6 @@ class SecondaryPathWatch:
         self._route_of = route_of
         self._confirm = confirm
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
-        self._executor = executor
         self._on_event = on_event
         self._down: set[str] = set()  # told to the centres as down
         self._changing: dict[str, int] = {}  # heartbeats in a row that disagree with that
@@ -100,8 +96,8 @@ class SecondaryPathWatch:
                 if state == DOWN:
                     self._down.add(event.device_id)
 
-    def load_from(self, store: Store) -> None:
-        self.load(store.events(None, LOAD_LIMIT, type="status"))
+    async def load_from(self, store: SupervisionStore) -> None:
+        self.load(await store.events(None, LOAD_LIMIT, type="status"))
 
     def is_down(self, device_id: str) -> bool:
         return device_id in self._down
@@ -131,8 +127,7 @@ class SecondaryPathWatch:
         if centres is None:
             return False  # revoked or gone since the heartbeat: nobody to tell
         event = gateway_status_event(self._downlink, device_id, state, centres)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._store.add_event, event, self._clock_ms())
+        await self._store.add_event(event, self._clock_ms())
         if state == DOWN:
             self._down.add(device_id)
             log.warning(

@@ -27,7 +27,7 @@ from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
 from gateway.private import PrivateRoutes, Vault, open_vault
 from gateway.secondary import SecondaryPathWatch
-from gateway.store import Delivery, Incoming, SqliteStore, Store
+from gateway.store import Delivery, Incoming, Store, open_store
 from gateway.supervise import Supervisor
 from protocol.jws import Signer
 from protocol.keys import load_private_key
@@ -65,7 +65,7 @@ class Gateway:
         config_path: Path | None = None,
     ) -> None:
         self.config = config
-        self.store: Store = store or SqliteStore(config.database)
+        self.store: Store = store or open_store(config.store_url)
         self.metrics = Metrics()
         self.registry = Registry(self.store)
         if signer is None:
@@ -191,7 +191,7 @@ class Gateway:
 
             self.api.add_routes(api_routes(self.video))
         # POST /enrol and its admin routes, when this gateway runs from a provisioning site
-        self.enrolment = attach_if_site(self.api, self.registry, config)
+        self.enrolment = attach_if_site(self.api, self.registry, self.store, config)
         # loaded now, so a bad certificate stops start-up with its name, not a task later
         api = config.api
         self.api_tls = None
@@ -261,12 +261,14 @@ class Gateway:
 
     async def run(self) -> None:
         try:
+            # the devices' keys, before any message can arrive
+            await self.registry.reload()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.session.run(), name="mqtt")
                 tasks.create_task(self.intake.run(), name="intake")
                 tasks.create_task(self.forwarder.run(), name="forward")
-                self.supervisor.load(self.store.devices(), time.time_ns() // 1_000_000)
-                self.secondary.load_from(self.store)
+                self.supervisor.load(await self.store.devices(), time.time_ns() // 1_000_000)
+                await self.secondary.load_from(self.store)
                 tasks.create_task(self.supervisor.run(), name="supervise")
                 if self.config.intake.registry_reload_s > 0:
                     reload_s = self.config.intake.registry_reload_s
@@ -288,4 +290,4 @@ class Gateway:
                 log.info("gateway %s: listening on %s", self.config.id, self.subscription())
         finally:
             await self.session.close()
-            self.store.close()
+            await self.store.close()

@@ -1,8 +1,18 @@
 """The gateway's durable state, behind an interface narrow enough for a PostgreSQL twin.
 
-SQLite in WAL mode with `synchronous=FULL`: when `accept()` returns, the events are on
-disk, and only then may a `received` ack go out. One connection, used from one thread
-(the intake's writer), so group commit is simply "one transaction per batch".
+Callers see one `Protocol` per role (intake, forwarding, operator API, enrolment, privacy,
+supervision, health and site events), each async: `await store.accept_batch(...)`. The
+store is opened from a URL (`open_store("sqlite:///var/lib/ansimi/gateway/gateway.db")`),
+migrates its schema by numbered steps (`MIGRATIONS`, recorded in `schema_version`) and
+raises only `StoreError`s: a full disk (`StoreFull`) and a lock held too long
+(`StoreLocked`) stay distinguishable, a raw `sqlite3` error never reaches a caller.
+
+`SqliteStore` is the async edge; `SqliteDatabase` beneath it is the blocking SQLite work,
+run on the store's one dedicated thread (and used directly only by one-shot commands that
+have no event loop). SQLite in WAL mode with `synchronous=FULL`: when `accept_batch()`
+returns, the events are on disk, and only then may a `received` ack go out. One
+connection, used from that one thread, so group commit is simply "one transaction per
+batch".
 
 A nearly full disk must never wedge the gateway. SQLite's automatic checkpoints copy the
 WAL into the database but never shrink the WAL file, and below 1,000 pages they do not run
@@ -15,19 +25,39 @@ full) is rolled back rather than left open, where it would make every later BEGI
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar
+
+from gateway.enrolments import (
+    DEFAULT_TTL_S,
+    DuplicateEnrolment,
+    NotEnrolled,
+    OtherDistrict,
+    Pending,
+    TokenRefused,
+    hash_token,
+    new_token,
+)
+
+T = TypeVar("T")
+P = ParamSpec("P")
 
 DeviceKind = Literal["bell", "doorbell", "store"]
 EventState = Literal["received", "delivered", "acknowledged", "dispatched", "closed"]
 
-SCHEMA = """
+# The schema when versions began (migration 1); a database older than that gets what it
+# lacks from migrations 2 and 3.
+_SCHEMA_1 = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id   TEXT PRIMARY KEY,
     public_key  TEXT NOT NULL,          -- Ed25519, raw, base64url
@@ -105,7 +135,7 @@ PURGE_BATCH = 1_000
 # revoking again keeps the first time: that is when the device stopped being trusted
 _REVOKE = "UPDATE devices SET revoked = 1, revoked_ms = COALESCE(revoked_ms, ?) WHERE device_id = ?"
 
-# Columns added after the first release: an existing database gets them on open.
+# Columns added after the first release, before versions began (migration 2).
 _ADDED_COLUMNS = {
     "devices": {
         "revoked_ms": "INTEGER",
@@ -117,6 +147,25 @@ _ADDED_COLUMNS = {
     "events": {"clock_skew_ms": "INTEGER"},
 }
 
+# Enrolment's one-time tokens (gateway/enrol.py), kept only as their SHA-256 (migration 4;
+# a database enrolment wrote before that already has the table).
+_ENROLMENTS = """
+CREATE TABLE IF NOT EXISTS enrolments (
+    token_hash   TEXT PRIMARY KEY,      -- SHA-256 of the token, hex; never the token itself
+    device_id    TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    district     TEXT NOT NULL,
+    label        TEXT NOT NULL DEFAULT '',
+    rotate       INTEGER NOT NULL DEFAULT 0,  -- 1: a new key for a device already enrolled
+    created_ms   INTEGER NOT NULL,
+    expires_ms   INTEGER NOT NULL,
+    used_ms      INTEGER,
+    cancelled_ms INTEGER,
+    serial       TEXT                   -- the certificate it was traded for (hex)
+);
+CREATE INDEX IF NOT EXISTS enrolments_by_device ON enrolments(device_id, created_ms);
+"""
+
 
 # Refusals of `accept_batch`: an id that is another device's, as the message's own id or as
 # an id it names. Also the `reason` label of the intake's refusal metric.
@@ -125,7 +174,27 @@ FOREIGN_REF = "foreign_ref"
 
 
 class StoreError(Exception):
-    """Root of the store's errors."""
+    """Root of the store's errors: no engine's own error reaches a caller."""
+
+
+class StoreFull(StoreError, OSError):
+    """The disk under the store is full: nothing was written (the transaction rolled back)."""
+
+
+class StoreLocked(StoreError, TimeoutError):
+    """Another writer held the store longer than the store waits (`BUSY_TIMEOUT_S`)."""
+
+
+class StoreVersionError(StoreError, RuntimeError):
+    """The database was migrated by a newer gateway than this one."""
+
+
+class BadStoreUrl(StoreError, ValueError):
+    def __init__(self, url: str, why: str) -> None:
+        super().__init__(
+            f"store URL {url!r}: {why}. Fix: sqlite:///absolute/path/gateway.db "
+            "(or sqlite://:memory: for a throwaway store)"
+        )
 
 
 class DuplicateDevice(StoreError, ValueError):
@@ -232,25 +301,47 @@ class Waiting:
     refused_ms: int | None = None
 
 
-class Store(Protocol):
-    """What the gateway needs from durable storage; SQLite now, PostgreSQL later."""
+# ---- the interface, one protocol per role ---------------------------------------------------
+# Each caller is typed with the role it uses, so a second engine (PostgreSQL) knows exactly
+# what each part of the gateway needs, and the contract suite (tests/unit/gateway/
+# store_contract.py) checks every method for every engine.
 
-    def add_device(self, device: Device, now_ms: int) -> None: ...
-    def device(self, device_id: str) -> Device | None: ...
-    def devices(self) -> list[Device]: ...
-    def revoke(self, device_id: str, now_ms: int) -> bool: ...
-    def accept(self, batch: Sequence[Incoming], now_ms: int) -> list[bool]: ...
-    def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted: ...
-    def add_event(self, item: Incoming, now_ms: int) -> None: ...
-    def mark_offline(
+
+class DeviceReader(Protocol):
+    async def device(self, device_id: str) -> Device | None: ...
+    async def devices(self) -> list[Device]: ...
+
+
+class IntakeStore(DeviceReader, Protocol):
+    """Keeping what devices send (gateway/intake.py)."""
+
+    async def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted: ...
+    async def event(self, event_id: str) -> Event | None: ...
+
+
+class SupervisionStore(DeviceReader, Protocol):
+    """Offline, power and secondary-path events (gateway/supervise.py, secondary.py)."""
+
+    async def add_event(self, item: Incoming, now_ms: int) -> None: ...
+    async def mark_offline(
         self, items: Sequence[Incoming], silent_since_ms: int, now_ms: int
     ) -> list[bool]: ...
-    def due(self, now_ms: int, limit: int) -> list[Delivery]: ...
-    def delivered(self, event_id: str, centre: str, now_ms: int) -> bool: ...
-    def failed(self, event_id: str, centre: str, next_attempt_ms: int, error: str) -> None: ...
-    def reroute(self, route: Callable[[str], Sequence[str]], now_ms: int) -> int: ...
-    def refused(self, event_id: str, centre: str, now_ms: int, error: str) -> None: ...
-    def retry_refused(
+    async def events(
+        self, state: EventState | None, limit: int, *, type: str | None = None
+    ) -> list[Event]: ...
+
+
+class ForwardStore(Protocol):
+    """Deliveries to the centres (gateway/forward.py)."""
+
+    async def due_for(self, centre: str, now_ms: int, limit: int) -> list[Delivery]: ...
+    async def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]: ...
+    async def failed(
+        self, event_id: str, centre: str, next_attempt_ms: int, error: str
+    ) -> None: ...
+    async def refused(self, event_id: str, centre: str, now_ms: int, error: str) -> None: ...
+    async def reroute(self, route: Callable[[str], Sequence[str]], now_ms: int) -> int: ...
+    async def retry_refused(
         self,
         now_ms: int,
         *,
@@ -258,17 +349,25 @@ class Store(Protocol):
         event_id: str | None = None,
         districts: Sequence[str] | None = None,
     ) -> int: ...
-    def refused_by_centre(self) -> dict[str, int]: ...
-    def set_stage(self, event_id: str, stage: EventState, now_ms: int, actor: str) -> bool: ...
-    def event(self, event_id: str) -> Event | None: ...
-    def events(
+    async def waiting_by_centre(self) -> dict[str, int]: ...
+    async def refused_by_centre(self) -> dict[str, int]: ...
+
+
+class OperatorStore(DeviceReader, Protocol):
+    """The operator and admin API (gateway/api.py, deliveries.py)."""
+
+    async def add_device(self, device: Device, now_ms: int) -> None: ...
+    async def revoke(self, device_id: str, now_ms: int) -> bool: ...
+    async def event(self, event_id: str) -> Event | None: ...
+    async def events(
         self, state: EventState | None, limit: int, *, type: str | None = None
     ) -> list[Event]: ...
-    def stages(self, event_id: str) -> list[tuple[str, int, str]]: ...
-    def waiting_count(self) -> int: ...
-    def due_for(self, centre: str, now_ms: int, limit: int) -> list[Delivery]: ...
-    def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]: ...
-    def waiting(
+    async def stages(self, event_id: str) -> list[tuple[str, int, str]]: ...
+    async def set_stage(
+        self, event_id: str, stage: EventState, now_ms: int, actor: str
+    ) -> bool: ...
+    async def waiting_count(self) -> int: ...
+    async def waiting(
         self,
         limit: int,
         *,
@@ -276,19 +375,74 @@ class Store(Protocol):
         refused: bool | None = None,
         districts: Sequence[str] | None = None,
     ) -> list[Waiting]: ...
-    def waiting_by_centre(self) -> dict[str, int]: ...
-    # personal data: the store keeps and returns sealed text only, never plaintext
-    def set_private(self, device_id: str, sealed: str, now_ms: int) -> bool: ...
-    def private(self, device_id: str) -> str | None: ...
-    def reseal_private(self, reseal: Callable[[str, str], str]) -> int: ...
-    def decommission(self, device_id: str, now_ms: int) -> bool: ...
-    def purge_closed(self, closed_before_ms: int, *, dry_run: bool) -> int: ...
+    async def retry_refused(
+        self,
+        now_ms: int,
+        *,
+        centre: str | None = None,
+        event_id: str | None = None,
+        districts: Sequence[str] | None = None,
+    ) -> int: ...
+
+
+class EnrolmentStore(Protocol):
+    """One-time enrolment tokens and the device rows they create (gateway/enrol.py)."""
+
+    async def issue_enrolment(
+        self,
+        device_id: str,
+        kind: DeviceKind,
+        district: str,
+        label: str,
+        *,
+        now_ms: int,
+        ttl_s: int = DEFAULT_TTL_S,
+        rotate: bool = False,
+        serves: Callable[[str], bool] = lambda _district: True,
+    ) -> tuple[str, Pending]: ...
+    async def check_enrolment(self, token: str, device_id: str, now_ms: int) -> Pending: ...
+    async def complete_enrolment(
+        self, token: str, public_key_b64: str, serial: str, now_ms: int
+    ) -> Pending: ...
+    async def cancel_enrolments(self, device_id: str, now_ms: int) -> int: ...
+    async def enrolments(self, device_id: str | None = None) -> list[Pending]: ...
+
+
+class PrivacyStore(Protocol):
+    """Sealed personal data, decommissioning, retention (gateway/private.py, cli purge).
+    The store keeps and returns sealed text only, never plaintext."""
+
+    async def device(self, device_id: str) -> Device | None: ...
+    async def set_private(self, device_id: str, sealed: str, now_ms: int) -> bool: ...
+    async def private(self, device_id: str) -> str | None: ...
+    async def reseal_private(self, reseal: Callable[[str, str], str]) -> int: ...
+    async def decommission(self, device_id: str, now_ms: int) -> bool: ...
+    async def purge_closed(self, closed_before_ms: int, *, dry_run: bool) -> int: ...
+
+
+class HealthStore(Protocol):
+    """The disk and the gateway's own events (gateway/health.py)."""
+
     # the gateway's own events (disk_low): about no device
-    def add_site_event(self, item: Incoming, now_ms: int) -> None: ...
+    async def add_site_event(self, item: Incoming, now_ms: int) -> None: ...
     # free bytes where the data lives; None when that is not a local file system
-    def free_bytes(self) -> int | None: ...
-    def checkpoint(self) -> None: ...
-    def close(self) -> None: ...
+    async def free_bytes(self) -> int | None: ...
+    async def checkpoint(self) -> None: ...
+
+
+class Store(
+    IntakeStore,
+    SupervisionStore,
+    ForwardStore,
+    OperatorStore,
+    EnrolmentStore,
+    PrivacyStore,
+    HealthStore,
+    Protocol,
+):
+    """Every role: what the gateway service opens and hands out by role."""
+
+    async def close(self) -> None: ...
 
 
 STAGE_ORDER: dict[str, int] = {
@@ -373,74 +527,149 @@ def transaction(
             raise
 
 
-class SqliteStore:
+def _migrate_added_columns(db: sqlite3.Connection) -> None:
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for column, kind in columns.items():
+            if column not in present:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
+def _migrate_event_ids(db: sqlite3.Connection) -> None:
+    # idempotent: a database from before `event_ids` learns whose ids are whose
+    db.execute(_BACKFILL_OWN_IDS)
+    db.executemany(_BACKFILL_NAMED_IDS, _NAMED_IDS)
+
+
+def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
+    def run(db: sqlite3.Connection) -> None:
+        # statement by statement: executescript would COMMIT the migration's transaction
+        bare = re.sub(r"--[^\n]*", "", sql)  # comments may hold a ';'
+        for statement in bare.split(";"):
+            if statement.strip():
+                db.execute(statement)
+
+    return run
+
+
+# Numbered steps, each run once, in order, in one transaction with its version bump. A
+# database from before versions began (version 0) may hold any of them already, so each is
+# written to be a no-op there (IF NOT EXISTS, a column added only if missing, INSERT OR
+# IGNORE). Never edit a step that has shipped: add the next one.
+MIGRATIONS: Final[tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], ...]] = (
+    (1, "devices, events, event_ids, outbox, stages, device_private", _script(_SCHEMA_1)),
+    (2, "columns added after the first release", _migrate_added_columns),
+    (3, "event ids owned by the devices that used or named them", _migrate_event_ids),
+    (4, "enrolment tokens", _script(_ENROLMENTS)),
+)
+SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
+
+
+def _sqlite_code(exc: sqlite3.Error) -> int:
+    return int(getattr(exc, "sqlite_errorcode", 0)) & 0xFF
+
+
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_FULL = 5, 6, 13
+
+
+def store_error(exc: sqlite3.Error, where: object) -> StoreError:
+    """The store's error for an SQLite one: a full disk and a held lock by their codes (and by
+    their text, for an error raised without one)."""
+    text = f"{where}: {exc}"
+    code = _sqlite_code(exc)
+    if code == _SQLITE_FULL or "disk is full" in str(exc):
+        return StoreFull(f"{text}. Fix: free space on that file system")
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED) or "locked" in str(exc):
+        return StoreLocked(f"{text}: another process holds the database")
+    return StoreError(text)
+
+
+@contextmanager
+def _translated(where: object) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise store_error(exc, where) from exc
+
+
+class SqliteDatabase:
+    """The blocking SQLite work beneath `SqliteStore`; one-shot commands with no event loop
+    (`ansimi gateway purge`, the demo's and simulator's device registration) use it as is."""
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection shared by the intake writer thread and the loop, serialised by
-        # a lock: SQLite allows one writer anyway, and this keeps the interface sync.
-        # Several gateway instances on one machine share this file: a writer waits for
-        # another's commit (an fsync, milliseconds) rather than failing after 5 s under load.
-        self._db = sqlite3.connect(
-            str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
-        )
-        self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        had_ids = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'event_ids'"
-        ).fetchone()
-        self._db.executescript(SCHEMA)
-        self._migrate(backfill_ids=had_ids is None)
+        with _translated(self.path):
+            if str(path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            # One connection, serialised by a lock: SQLite allows one writer anyway.
+            # Several gateway instances on one machine share this file: a writer waits for
+            # another's commit (an fsync, milliseconds) rather than failing after 5 s under load.
+            self._db = sqlite3.connect(
+                str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
+            )
+            self._lock = threading.Lock()
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
 
-    def _migrate(self, *, backfill_ids: bool) -> None:
-        if backfill_ids:
-            # idempotent: another instance opening the same file at once does the same
-            with self._tx() as db:
-                db.execute(_BACKFILL_OWN_IDS)
-                db.executemany(_BACKFILL_NAMED_IDS, _NAMED_IDS)
+    def _migrate(self) -> None:
         with self._lock:
-            for table, columns in _ADDED_COLUMNS.items():
-                present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-                for column, kind in columns.items():
-                    if column not in present:
-                        try:
-                            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-                        except sqlite3.OperationalError as exc:
-                            # another instance starting at the same moment added it first
-                            if "duplicate column" not in str(exc):
-                                raise
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        for version, _what, step in MIGRATIONS:
+            # the version is read again inside each step's transaction: another instance
+            # opening the same file at once may have done the step first
+            with self._tx() as db:
+                if self._version(db) < version:
+                    step(db)
+                    db.execute("DELETE FROM schema_version")
+                    db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+        with self._lock:
+            found = self._version(self._db)
+        if found > SCHEMA_VERSION:
+            raise StoreVersionError(
+                f"{self.path}: schema version {found} was written by a newer gateway (this one "
+                f"knows up to {SCHEMA_VERSION}). Fix: run that newer gateway, or restore a backup"
+            )
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self._db, self._lock)
+    @staticmethod
+    def _version(db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    def schema_version(self) -> int:
+        with self._lock, _translated(self.path):
+            return self._version(self._db)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with _translated(self.path), transaction(self._db, self._lock) as db:
+            yield db
 
     def _query(self, sql: str, args: Iterable[object] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
+        with self._lock, _translated(self.path):
             return self._db.execute(sql, tuple(args)).fetchall()
 
     # ---- devices ------------------------------------------------------------------------
 
     def add_device(self, device: Device, now_ms: int) -> None:
-        try:
-            with self._tx() as db:
-                db.execute(
-                    "INSERT INTO devices (device_id, public_key, kind, district, label,"
-                    " revoked, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        device.device_id,
-                        device.public_key,
-                        device.kind,
-                        device.district,
-                        device.label,
-                        int(device.revoked),
-                        now_ms,
-                    ),
-                )
-        except sqlite3.IntegrityError:
-            raise DuplicateDevice(device.device_id) from None
+        with self._tx() as db:
+            if self._device_row(db, device.device_id) is not None:
+                raise DuplicateDevice(device.device_id)
+            db.execute(
+                "INSERT INTO devices (device_id, public_key, kind, district, label,"
+                " revoked, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    device.device_id,
+                    device.public_key,
+                    device.kind,
+                    device.district,
+                    device.label,
+                    int(device.revoked),
+                    now_ms,
+                ),
+            )
 
     _DEVICE_COLUMNS = (
         "device_id, public_key, kind, district, label, revoked, high_water,"
@@ -492,10 +721,6 @@ class SqliteStore:
             return db.execute(_REVOKE, (now_ms, device_id)).rowcount == 1
 
     # ---- intake -------------------------------------------------------------------------
-
-    def accept(self, batch: Sequence[Incoming], now_ms: int) -> list[bool]:
-        """Keep a batch in one transaction; per message, True if new, False if known."""
-        return self.accept_batch(batch, now_ms).fresh
 
     def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
         """Keep a batch in one transaction (group commit) and note who was heard from.
@@ -608,23 +833,9 @@ class SqliteStore:
 
     # ---- forwarding ---------------------------------------------------------------------
 
-    def due(self, now_ms: int, limit: int) -> list[Delivery]:
-        rows = self._query(
-            "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
-            " e.jws, e.clock_skew_ms FROM outbox o JOIN events e USING (event_id)"
-            " WHERE o.delivered_ms IS NULL AND o.refused_ms IS NULL AND o.next_attempt_ms <= ?"
-            " ORDER BY o.next_attempt_ms LIMIT ?",
-            (now_ms, limit),
-        )
-        return [_delivery(row) for row in rows]
-
-    def delivered(self, event_id: str, centre: str, now_ms: int) -> bool:
-        """Mark one centre's delivery done; True if it is the event's first delivery."""
-        with self._tx() as db:
-            return self._mark_delivered(db, event_id, centre, now_ms)
-
     def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]:
-        """`delivered()` for many (event id, centre) pairs in one transaction (group commit)."""
+        """Mark deliveries done, in one transaction (group commit); per (event id, centre)
+        pair, True if it is the event's first delivery."""
         with self._tx() as db:
             return [self._mark_delivered(db, event_id, centre, now_ms) for event_id, centre in done]
 
@@ -719,7 +930,8 @@ class SqliteStore:
         return int(rows[0][0])
 
     def due_for(self, centre: str, now_ms: int, limit: int) -> list[Delivery]:
-        """`due()` for one centre: a centre that is down must not crowd out the others."""
+        """Deliveries to `centre` due by `now_ms`, oldest first; asked per centre, because a
+        centre that is down must not crowd out the others."""
         rows = self._query(
             "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
             " e.jws, e.clock_skew_ms FROM outbox o JOIN events e USING (event_id)"
@@ -903,7 +1115,7 @@ class SqliteStore:
         reference is off for this one insert (a pragma that only changes between
         transactions, hence under the lock around both).
         """
-        with self._lock:
+        with self._lock, _translated(self.path):
             self._db.execute("PRAGMA foreign_keys=OFF")
             try:
                 with transaction(self._db, nullcontext()) as db:  # the lock is held already
@@ -920,7 +1132,7 @@ class SqliteStore:
     def checkpoint(self) -> None:
         """Copy the WAL into the database and cut the WAL file to nothing, if no other
         instance is reading; otherwise as much as it can, and the next call does the rest."""
-        with self._lock:
+        with self._lock, _translated(self.path):
             self._db.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -928,5 +1140,395 @@ class SqliteStore:
                 self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, _translated(self.path):
             self._db.close()
+
+    # ---- enrolment ----------------------------------------------------------------------
+    # The token and the device row change in one transaction: a crash leaves either a used
+    # token and a registered device, or neither.
+
+    _ENROLMENT_COLUMNS = (
+        "device_id, kind, district, label, rotate, created_ms, expires_ms, used_ms,"
+        " cancelled_ms, serial"
+    )
+
+    @staticmethod
+    def _pending(row: tuple[Any, ...]) -> Pending:
+        d, kind, district, label, rotate, created, expires, used, cancelled, serial = row
+        return Pending(
+            str(d),
+            kind,
+            str(district),
+            str(label),
+            bool(rotate),
+            int(created),
+            int(expires),
+            used,
+            cancelled,
+            serial,
+        )
+
+    @staticmethod
+    def _device_row(db: sqlite3.Connection, device_id: str) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = db.execute(
+            "SELECT device_id, kind, district, label, revoked FROM devices WHERE device_id = ?",
+            (device_id,),
+        ).fetchone()
+        return row
+
+    def issue_enrolment(
+        self,
+        device_id: str,
+        kind: DeviceKind,
+        district: str,
+        label: str,
+        *,
+        now_ms: int,
+        ttl_s: int = DEFAULT_TTL_S,
+        rotate: bool = False,
+        serves: Callable[[str], bool] = lambda _district: True,
+    ) -> tuple[str, Pending]:
+        """A new token for `device_id`; a new device's id must be free, a rotated one
+        enrolled and not revoked. A rotation keeps the device's kind, district and label.
+        `serves`: whether the asking token serves a district (ApiToken.sees)."""
+        token = new_token(device_id)
+        with self._tx() as db:
+            row = self._device_row(db, device_id)
+            live = db.execute(
+                "SELECT 1 FROM enrolments WHERE device_id = ? AND used_ms IS NULL"
+                " AND cancelled_ms IS NULL AND expires_ms > ?",
+                (device_id, now_ms),
+            ).fetchone()
+            if rotate:
+                # another district's device is answered as an unknown one
+                if row is None or not serves(row[2]):
+                    raise NotEnrolled(device_id)
+                if row[4]:
+                    raise TokenRefused("revoked")
+                kind, district, label = row[1], row[2], row[3]
+                # a fresh rotation token replaces one not yet used
+                db.execute(
+                    "UPDATE enrolments SET cancelled_ms = ? WHERE device_id = ?"
+                    " AND used_ms IS NULL AND cancelled_ms IS NULL",
+                    (now_ms, device_id),
+                )
+            elif not serves(district):
+                raise OtherDistrict(district)
+            elif row is not None:
+                raise DuplicateEnrolment(device_id, "is already registered")
+            elif live is not None:
+                raise DuplicateEnrolment(
+                    device_id,
+                    "already has an enrolment waiting (cancel it with "
+                    "`ansimi provision device revoke`, or let it expire)",
+                )
+            db.execute(
+                "INSERT INTO enrolments (token_hash, device_id, kind, district, label, rotate,"
+                " created_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    hash_token(token),
+                    device_id,
+                    kind,
+                    district,
+                    label,
+                    int(rotate),
+                    now_ms,
+                    now_ms + ttl_s * 1000,
+                ),
+            )
+        expires_ms = now_ms + ttl_s * 1000
+        pending = Pending(
+            device_id, kind, district, label, rotate, now_ms, expires_ms, None, None, None
+        )
+        return token, pending
+
+    def check_enrolment(self, token: str, device_id: str, now_ms: int) -> Pending:
+        """The enrolment `token` opens for `device_id`, or TokenRefused saying why not."""
+        rows = self._query(
+            f"SELECT {self._ENROLMENT_COLUMNS} FROM enrolments WHERE token_hash = ?",  # noqa: S608
+            (hash_token(token),),
+        )
+        if not rows:
+            raise TokenRefused("unknown")
+        pending = self._pending(rows[0])
+        if pending.device_id != device_id:
+            raise TokenRefused("wrong-device")
+        state = pending.state(now_ms)
+        if state != "pending":
+            raise TokenRefused(state)
+        return pending
+
+    def complete_enrolment(
+        self, token: str, public_key_b64: str, serial: str, now_ms: int
+    ) -> Pending:
+        """Mark the token used and register (or re-key) its device, in one transaction."""
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {self._ENROLMENT_COLUMNS} FROM enrolments WHERE token_hash = ?",  # noqa: S608
+                (hash_token(token),),
+            ).fetchone()
+            if row is None:
+                raise TokenRefused("unknown")
+            pending = self._pending(row)
+            state = pending.state(now_ms)
+            if state != "pending":  # another request got there first, or time ran out
+                raise TokenRefused(state)
+            db.execute(
+                "UPDATE enrolments SET used_ms = ?, serial = ? WHERE token_hash = ?",
+                (now_ms, serial, hash_token(token)),
+            )
+            device = self._device_row(db, pending.device_id)
+            if pending.rotate:
+                if device is None:
+                    raise NotEnrolled(pending.device_id)
+                if device[4]:
+                    raise TokenRefused("revoked")
+                db.execute(
+                    "UPDATE devices SET public_key = ? WHERE device_id = ?",
+                    (public_key_b64, pending.device_id),
+                )
+            else:
+                if device is not None:
+                    raise DuplicateEnrolment(pending.device_id, "is already registered")
+                db.execute(
+                    "INSERT INTO devices (device_id, public_key, kind, district, label,"
+                    " revoked, created_ms) VALUES (?, ?, ?, ?, ?, 0, ?)",
+                    (
+                        pending.device_id,
+                        public_key_b64,
+                        pending.kind,
+                        pending.district,
+                        pending.label,
+                        now_ms,
+                    ),
+                )
+        return pending
+
+    def cancel_enrolments(self, device_id: str, now_ms: int) -> int:
+        """Cancel every unused token of `device_id`; how many there were."""
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE enrolments SET cancelled_ms = ? WHERE device_id = ? AND used_ms IS NULL"
+                " AND cancelled_ms IS NULL",
+                (now_ms, device_id),
+            ).rowcount
+
+    def enrolments(self, device_id: str | None = None) -> list[Pending]:
+        """Enrolment records, newest first (all devices, or one)."""
+        rows = self._query(
+            f"SELECT {self._ENROLMENT_COLUMNS} FROM enrolments"  # noqa: S608
+            " WHERE (? IS NULL OR device_id = ?) ORDER BY created_ms DESC, rowid DESC",
+            (device_id, device_id),
+        )
+        return [self._pending(r) for r in rows]
+
+
+class SqliteStore:
+    """The async store on SQLite: every call runs on the store's one dedicated thread, so the
+    event loop never waits for a commit's fsync and SQLite's one connection is used from one
+    thread only. Errors come out as `StoreError`s (see `store_error`)."""
+
+    def __init__(self, database: SqliteDatabase | Path | str) -> None:
+        # a SqliteDatabase may be handed in (tests give one that fails on purpose)
+        self.database = (
+            database if isinstance(database, SqliteDatabase) else SqliteDatabase(database)
+        )
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="store")
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        call = functools.partial(fn, *args, **kwargs)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+        except sqlite3.Error as exc:  # raised below the database's own translation
+            raise store_error(exc, self.database.path) from exc
+
+    async def close(self) -> None:
+        await self._run(self.database.close)
+        self._thread.shutdown(wait=False)
+
+    # devices
+    async def add_device(self, device: Device, now_ms: int) -> None:
+        await self._run(self.database.add_device, device, now_ms)
+
+    async def device(self, device_id: str) -> Device | None:
+        return await self._run(self.database.device, device_id)
+
+    async def devices(self) -> list[Device]:
+        return await self._run(self.database.devices)
+
+    async def revoke(self, device_id: str, now_ms: int) -> bool:
+        return await self._run(self.database.revoke, device_id, now_ms)
+
+    # intake and supervision
+    async def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
+        return await self._run(self.database.accept_batch, batch, now_ms)
+
+    async def add_event(self, item: Incoming, now_ms: int) -> None:
+        await self._run(self.database.add_event, item, now_ms)
+
+    async def mark_offline(
+        self, items: Sequence[Incoming], silent_since_ms: int, now_ms: int
+    ) -> list[bool]:
+        return await self._run(self.database.mark_offline, items, silent_since_ms, now_ms)
+
+    # forwarding
+    async def due_for(self, centre: str, now_ms: int, limit: int) -> list[Delivery]:
+        return await self._run(self.database.due_for, centre, now_ms, limit)
+
+    async def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]:
+        return await self._run(self.database.delivered_many, done, now_ms)
+
+    async def failed(self, event_id: str, centre: str, next_attempt_ms: int, error: str) -> None:
+        await self._run(self.database.failed, event_id, centre, next_attempt_ms, error)
+
+    async def refused(self, event_id: str, centre: str, now_ms: int, error: str) -> None:
+        await self._run(self.database.refused, event_id, centre, now_ms, error)
+
+    async def reroute(self, route: Callable[[str], Sequence[str]], now_ms: int) -> int:
+        return await self._run(self.database.reroute, route, now_ms)
+
+    async def retry_refused(
+        self,
+        now_ms: int,
+        *,
+        centre: str | None = None,
+        event_id: str | None = None,
+        districts: Sequence[str] | None = None,
+    ) -> int:
+        return await self._run(
+            self.database.retry_refused,
+            now_ms,
+            centre=centre,
+            event_id=event_id,
+            districts=districts,
+        )
+
+    async def waiting_by_centre(self) -> dict[str, int]:
+        return await self._run(self.database.waiting_by_centre)
+
+    async def refused_by_centre(self) -> dict[str, int]:
+        return await self._run(self.database.refused_by_centre)
+
+    async def waiting_count(self) -> int:
+        return await self._run(self.database.waiting_count)
+
+    async def waiting(
+        self,
+        limit: int,
+        *,
+        centre: str | None = None,
+        refused: bool | None = None,
+        districts: Sequence[str] | None = None,
+    ) -> list[Waiting]:
+        return await self._run(
+            self.database.waiting, limit, centre=centre, refused=refused, districts=districts
+        )
+
+    # operator stages
+    async def event(self, event_id: str) -> Event | None:
+        return await self._run(self.database.event, event_id)
+
+    async def events(
+        self, state: EventState | None, limit: int, *, type: str | None = None
+    ) -> list[Event]:
+        return await self._run(self.database.events, state, limit, type=type)
+
+    async def stages(self, event_id: str) -> list[tuple[str, int, str]]:
+        return await self._run(self.database.stages, event_id)
+
+    async def set_stage(self, event_id: str, stage: EventState, now_ms: int, actor: str) -> bool:
+        return await self._run(self.database.set_stage, event_id, stage, now_ms, actor)
+
+    # enrolment
+    async def issue_enrolment(
+        self,
+        device_id: str,
+        kind: DeviceKind,
+        district: str,
+        label: str,
+        *,
+        now_ms: int,
+        ttl_s: int = DEFAULT_TTL_S,
+        rotate: bool = False,
+        serves: Callable[[str], bool] = lambda _district: True,
+    ) -> tuple[str, Pending]:
+        return await self._run(
+            self.database.issue_enrolment,
+            device_id,
+            kind,
+            district,
+            label,
+            now_ms=now_ms,
+            ttl_s=ttl_s,
+            rotate=rotate,
+            serves=serves,
+        )
+
+    async def check_enrolment(self, token: str, device_id: str, now_ms: int) -> Pending:
+        return await self._run(self.database.check_enrolment, token, device_id, now_ms)
+
+    async def complete_enrolment(
+        self, token: str, public_key_b64: str, serial: str, now_ms: int
+    ) -> Pending:
+        return await self._run(
+            self.database.complete_enrolment, token, public_key_b64, serial, now_ms
+        )
+
+    async def cancel_enrolments(self, device_id: str, now_ms: int) -> int:
+        return await self._run(self.database.cancel_enrolments, device_id, now_ms)
+
+    async def enrolments(self, device_id: str | None = None) -> list[Pending]:
+        return await self._run(self.database.enrolments, device_id)
+
+    # personal data
+    async def set_private(self, device_id: str, sealed: str, now_ms: int) -> bool:
+        return await self._run(self.database.set_private, device_id, sealed, now_ms)
+
+    async def private(self, device_id: str) -> str | None:
+        return await self._run(self.database.private, device_id)
+
+    async def reseal_private(self, reseal: Callable[[str, str], str]) -> int:
+        return await self._run(self.database.reseal_private, reseal)
+
+    async def decommission(self, device_id: str, now_ms: int) -> bool:
+        return await self._run(self.database.decommission, device_id, now_ms)
+
+    async def purge_closed(self, closed_before_ms: int, *, dry_run: bool) -> int:
+        return await self._run(self.database.purge_closed, closed_before_ms, dry_run=dry_run)
+
+    # health and the gateway's own events
+    async def add_site_event(self, item: Incoming, now_ms: int) -> None:
+        await self._run(self.database.add_site_event, item, now_ms)
+
+    async def free_bytes(self) -> int | None:
+        return await self._run(self.database.free_bytes)
+
+    async def checkpoint(self) -> None:
+        await self._run(self.database.checkpoint)
+
+
+SQLITE_URL_PREFIX: Final = "sqlite://"
+
+
+def sqlite_url(path: Path | str) -> str:
+    """The store URL of an SQLite file (what a plain `database = path` in gateway.toml means)."""
+    return f"{SQLITE_URL_PREFIX}{path}"
+
+
+def sqlite_path(url: str) -> Path:
+    """The file a `sqlite://` URL names: `sqlite:///var/lib/ansimi/gateway/gateway.db`."""
+    if not url.startswith(SQLITE_URL_PREFIX):
+        scheme = url.partition("://")[0] if "://" in url else ""
+        why = f"engine {scheme!r} is not available yet" if scheme else "no engine named"
+        raise BadStoreUrl(url, why)
+    path = url[len(SQLITE_URL_PREFIX) :]
+    if not path:
+        raise BadStoreUrl(url, "no file named")
+    if path != ":memory:" and not path.startswith("/"):
+        raise BadStoreUrl(url, "the path must be absolute")
+    return Path(path)
+
+
+def open_store(url: str) -> SqliteStore:
+    """The store a URL names; only SQLite for now (PostgreSQL is the next engine)."""
+    return SqliteStore(sqlite_path(url))

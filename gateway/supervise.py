@@ -59,13 +59,12 @@ import heapq
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from gateway.config import OutageRule
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
-from gateway.store import Device, Incoming, Store
+from gateway.store import Device, Incoming, SupervisionStore
 from protocol.errors import Oversized
 from protocol.messages import MAX_LISTED_DEVICES, Status
 
@@ -95,7 +94,7 @@ class _Outage:
 class Supervisor:
     def __init__(
         self,
-        store: Store,
+        store: SupervisionStore,
         downlink: Downlink,
         metrics: Metrics,
         *,
@@ -105,7 +104,6 @@ class Supervisor:
         outages: OutageRule | None = None,
         tick_s: float = 1.0,
         clock_ms: Callable[[], int] | None = None,
-        executor: Executor | None = None,
         on_event: Callable[[], None] | None = None,
         per_account: Collection[str] = (),
     ) -> None:
@@ -121,7 +119,6 @@ class Supervisor:
         self._rule = outages
         self._tick_s = tick_s
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
-        self._executor = executor
         self._on_event = on_event
         self._deadline: dict[str, int] = {}  # watched device -> when it is overdue
         self._heap: list[tuple[int, str]] = []
@@ -183,14 +180,13 @@ class Supervisor:
             event = self._status_event(device_id, Status(state="online"), quiet=quiet)
             if event is not None:
                 events.append(event)
-        loop = asyncio.get_running_loop()
         for event in events:
-            await loop.run_in_executor(self._executor, self._store.add_event, event, now_ms)
+            await self._store.add_event(event, now_ms)
             self._metrics.supervision.labels("online").inc()
             log.info("supervise: %s is online again", event.device_id)
         for outage in ended:
             del self._outages[outage.district]
-            await self._tell(outage, "district_restored", now_ms, loop)
+            await self._tell(outage, "district_restored", now_ms)
         if events or ended:
             self._notify()
 
@@ -250,9 +246,8 @@ class Supervisor:
             if will_at is not None:
                 wills.add(device_id)
             due[device_id] = now_ms - self.timeout_ms if will_at is None else will_at
-        loop = asyncio.get_running_loop()
         try:
-            gone = await self._mark_offline(due, wills, now_ms, loop) if due else []
+            gone = await self._mark_offline(due, wills, now_ms) if due else []
         except Exception:
             # Our store failed (a full disk, say): then the intake cannot record heartbeats
             # either, so their silence means nothing yet. As after a broker outage, each
@@ -260,7 +255,7 @@ class Supervisor:
             for device_id in due:
                 self._arm(device_id, now_ms + self.timeout_ms)
             raise
-        await self._tell_growth(now_ms, loop)
+        await self._tell_growth(now_ms)
         return gone
 
     async def run(self) -> None:
@@ -314,9 +309,12 @@ class Supervisor:
         )
 
     async def _mark_offline(
-        self, due: dict[str, int], wills: set[str], now_ms: int, loop: asyncio.AbstractEventLoop
+        self,
+        due: dict[str, int],
+        wills: set[str],
+        now_ms: int,
     ) -> list[str]:
-        districts = await self._districts(now_ms, loop) if self._rule is not None else {}
+        districts = await self._districts(now_ms) if self._rule is not None else {}
         grouped = self._grouped(due, districts, now_ms)
         by_cutoff: dict[int, list[Incoming]] = {}
         for device_id, cutoff in due.items():
@@ -327,9 +325,7 @@ class Supervisor:
         offline: list[str] = []
         refused: list[str] = []
         for cutoff, events in by_cutoff.items():
-            went = await loop.run_in_executor(
-                self._executor, self._store.mark_offline, events, cutoff, now_ms
-            )
+            went = await self._store.mark_offline(events, cutoff, now_ms)
             for event, gone in zip(events, went, strict=True):
                 (offline if gone else refused).append(event.device_id)
         for device_id in offline:
@@ -337,9 +333,9 @@ class Supervisor:
             why = "last will" if device_id in wills else "silent"
             log.info("supervise: %s is offline (%s)", device_id, why)
         if self._rule is not None:
-            await self._group(offline, districts, grouped, now_ms, loop)
+            await self._group(offline, districts, grouped, now_ms)
         if refused:
-            await self._rearm(refused, loop)
+            await self._rearm(refused)
         if offline:
             self._notify()
         return offline
@@ -376,7 +372,6 @@ class Supervisor:
         districts: dict[str, str],
         grouped: set[str],
         now_ms: int,
-        loop: asyncio.AbstractEventLoop,
     ) -> None:
         """Open the outages of `grouped` districts and tell the centres; note the others."""
         opened: list[_Outage] = []
@@ -406,23 +401,22 @@ class Supervisor:
                 outage.district,
                 len(outage.offline),
             )
-            await self._tell(outage, "district_outage", now_ms, loop)
+            await self._tell(outage, "district_outage", now_ms)
 
-    async def _tell_growth(self, now_ms: int, loop: asyncio.AbstractEventLoop) -> None:
+    async def _tell_growth(self, now_ms: int) -> None:
         """An outage that grew since the centres last heard: at most once per `update_ms`."""
         if self._rule is None:
             return
         for outage in list(self._outages.values()):
             grew = len(outage.members) > outage.told_count
             if grew and now_ms - outage.told_ms >= self._rule.update_ms:
-                await self._tell(outage, "district_outage", now_ms, loop)
+                await self._tell(outage, "district_outage", now_ms)
 
     async def _tell(
         self,
         outage: _Outage,
         state: str,
         now_ms: int,
-        loop: asyncio.AbstractEventLoop,
     ) -> None:
         outage.told_count = len(outage.members)
         outage.told_ms = now_ms
@@ -444,7 +438,7 @@ class Supervisor:
                 listed = listed[: len(listed) // 2]
         if event is None:
             return  # the opener was revoked since; its district's centres are unknown
-        await loop.run_in_executor(self._executor, self._store.add_event, event, now_ms)
+        await self._store.add_event(event, now_ms)
         self._metrics.supervision.labels(state).inc()
         self._notify()
 
@@ -459,18 +453,18 @@ class Supervisor:
                 return outage
         return None
 
-    async def _districts(self, now_ms: int, loop: asyncio.AbstractEventLoop) -> dict[str, str]:
+    async def _districts(self, now_ms: int) -> dict[str, str]:
         """Device -> district for every device not revoked, re-read now and then."""
         if self._census is None or now_ms - self._census[0] >= CENSUS_MAX_AGE_MS:
-            devices = await loop.run_in_executor(self._executor, self._store.devices)
+            devices = await self._store.devices()
             districts = {d.device_id: d.district for d in devices if not d.revoked}
             self._census = (now_ms, districts)
         return self._census[1]
 
-    async def _rearm(self, device_ids: list[str], loop: asyncio.AbstractEventLoop) -> None:
+    async def _rearm(self, device_ids: list[str]) -> None:
         """Another instance heard these devices (or already reported them): watch on."""
         for device_id in device_ids:
-            device = await loop.run_in_executor(self._executor, self._store.device, device_id)
+            device = await self._store.device(device_id)
             if device is not None and device.online and device.last_seen_ms is not None:
                 self._arm(device_id, device.last_seen_ms + self.timeout_ms)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.store import Device, SqliteStore
+from gateway.store import Device, SqliteDatabase
 from protocol.keys import public_key_to_b64
 from simulator.scenario import SimDevice
 
@@ -37,7 +37,7 @@ def device_key(run_secret: str, device_id: str) -> Ed25519PrivateKey:
 def register(database: Path, devices: Iterable[SimDevice], run_secret: str) -> int:
     """Put every device, with its public key, kind and district, into the gateway's store."""
     database.parent.mkdir(parents=True, exist_ok=True)
-    store = SqliteStore(database)
+    store = SqliteDatabase(database)
     now_ms = time.time_ns() // 1_000_000
     count = 0
     try:

@@ -28,7 +28,7 @@ from typing import Any
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
 from console.operators import Operators
-from gateway.store import Device, SqliteStore
+from gateway.store import Device, SqliteDatabase
 from protocol.envelope import seal
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
@@ -223,7 +223,7 @@ def attacked_site(root: Path) -> Iterator[Site]:
         (root / "gateway").mkdir(parents=True)
         gateway_key = generate_key()
         save_private_key(root / "gateway" / "signing.key", gateway_key)
-        store = SqliteStore(root / "gateway" / "gateway.db")
+        store = SqliteDatabase(root / "gateway" / "gateway.db")
         signers = {}
         for device_id, kind, district in (
             (MAPO_BELL, "bell", "mapo"),

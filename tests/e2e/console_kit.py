@@ -177,8 +177,10 @@ async def console_site(state: Path, mqtt_port: int) -> AsyncIterator[ConsoleSite
         ):
             bell, key_b64 = _agent(state, device_id, kind, gateway_signer, mqtt_port)
             bells[device_id] = bell
-            gateway.store.add_device(Device(device_id, key_b64, kind, "mapo", label), now_ms=0)  # type: ignore[arg-type]
-        gateway.registry.reload()
+            await gateway.store.add_device(
+                Device(device_id, key_b64, kind, "mapo", label), now_ms=0
+            )  # type: ignore[arg-type]
+        await gateway.registry.reload()
         agent_tasks = {d: asyncio.create_task(b.agent.run()) for d, b in bells.items()}
         tasks = [asyncio.create_task(gateway.run()), *agent_tasks.values()]
         await asyncio.wait_for(gateway.ready.wait(), 20)

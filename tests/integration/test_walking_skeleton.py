@@ -71,10 +71,10 @@ async def site(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[Site]:
         )
         gateway = Gateway(config, signer=gateway_signer)
         agent, device_key_b64 = make_agent(tmp_path, mosquitto, gateway_signer)
-        gateway.store.add_device(
+        await gateway.store.add_device(
             Device("bell-0001", device_key_b64, "bell", "mapo", "test bell"), now_ms=0
         )
-        gateway.registry.reload()
+        await gateway.registry.reload()
         async with running(gateway.run(), agent.run()):
             await asyncio.wait_for(gateway.ready.wait(), 10)
             await asyncio.wait_for(agent.ready.wait(), 10)

@@ -195,11 +195,11 @@ async def gateway_site(
             centres=[Centre(name="central", url=url, secret=SECRET)],
         )
         gateway = Gateway(config, signer=keys.gateway)
-        gateway.store.add_device(
+        await gateway.store.add_device(
             Device(DEVICE_ID, public_key_to_b64(keys.device.public_key), "bell", "mapo", "bell"),
             now_ms=0,
         )
-        gateway.registry.reload()
+        await gateway.registry.reload()
         async with running(gateway.run()):
             await asyncio.wait_for(gateway.ready.wait(), WAIT_S)
             yield gateway, receiver

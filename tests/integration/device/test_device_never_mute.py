@@ -59,10 +59,10 @@ async def gateway(
         centres=[Centre(name="central", url=centre_url, secret=SECRET)],
     )
     gw = Gateway(config, signer=keys.gateway)
-    if gw.store.device(DEVICE_ID) is None:
+    if gw.store.database.device(DEVICE_ID) is None:
         public = public_key_to_b64(keys.device.public_key)
-        gw.store.add_device(Device(DEVICE_ID, public, "bell", "mapo", "bell"), now_ms=0)
-        gw.registry.reload()
+        await gw.store.add_device(Device(DEVICE_ID, public, "bell", "mapo", "bell"), now_ms=0)
+        await gw.registry.reload()
     async with running(gw.run()):
         await asyncio.wait_for(gw.ready.wait(), WAIT_S)
         yield gw

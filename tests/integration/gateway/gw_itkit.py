@@ -30,7 +30,7 @@ from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
 from gateway.config import GatewayConfig
 from gateway.service import Gateway
-from gateway.store import Device, SqliteStore
+from gateway.store import Device, SqliteDatabase
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
 
@@ -60,7 +60,7 @@ class Fleet:
         (tmp_path / "gateway").mkdir(parents=True, exist_ok=True)
         save_private_key(tmp_path / "gateway" / "signing.key", gateway_key)
         gateway = Signer("gw-test", gateway_key)
-        store = SqliteStore(tmp_path / "gateway" / "gateway.db")
+        store = SqliteDatabase(tmp_path / "gateway" / "gateway.db")
         agents = []
         for n in range(count):
             device_id = f"bell-{n:04d}"
@@ -124,7 +124,7 @@ secret = "{SECRET}"
         return load_config(self.write_config(name, centre_url, 0, **mqtt), GatewayConfig)
 
     def register(self, device: Device) -> None:
-        store = SqliteStore(self.tmp_path / "gateway" / "gateway.db")
+        store = SqliteDatabase(self.tmp_path / "gateway" / "gateway.db")
         store.add_device(device, now_ms=0)
         store.close()
 

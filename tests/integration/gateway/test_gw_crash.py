@@ -168,5 +168,5 @@ async def test_a_broker_outage_is_not_reported_as_every_bell_going_offline(
                 "ansimi_supervision_events_total", {"event": "offline"}
             )
             assert offline == 0
-            assert all(d.online for d in gateway.store.devices())
+            assert all(d.online for d in gateway.store.database.devices())
             mosquitto.start()

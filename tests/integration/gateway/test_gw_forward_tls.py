@@ -175,10 +175,10 @@ async def gateway_and_phone(
     )
     gateway = Gateway(config, signer=gateway_signer)
     device_key = generate_key()
-    gateway.store.add_device(
+    await gateway.store.add_device(
         Device(DEVICE, public_key_to_b64(device_key.public_key()), "bell", "mapo"), now_ms=0
     )
-    gateway.registry.reload()
+    await gateway.registry.reload()
     phone = Phone(
         Session(Settings(broker.host, broker.port, client_id=DEVICE), lambda m: None),
         Signer(DEVICE, device_key),
@@ -219,7 +219,7 @@ async def test_a_centre_down_for_a_while_then_up_over_tls_receives_everything(
         await eventually(lambda: phone.stage("received") == sent)
         await eventually(lambda: gauge(gateway, "ansimi_forward_waiting") == 20)
         assert gauge(gateway, "ansimi_forward_waiting_by_centre", {"centre": "central"}) == 20
-        waiting = gateway.store.waiting(100, centre="central")
+        waiting = gateway.store.database.waiting(100, centre="central")
         assert {w.event_id for w in waiting} == sent
         await eventually(lambda: gateway.forwarder.breaker("central").state.name == "OPEN")
         assert not phone.stage("delivered")
@@ -251,9 +251,11 @@ async def test_a_centre_whose_certificate_our_ca_did_not_sign_gets_nothing(
         gateway_and_phone(tmp_path, mosquitto, centre) as (gateway, phone),
     ):
         event_id = await phone.alert()
-        await eventually(lambda: bool(gateway.store.waiting(1)) and bool(phone.stage("received")))
-        await eventually(lambda: (gateway.store.waiting(1)[0].last_error or "") != "")
-        (waiting,) = gateway.store.waiting(10)
+        await eventually(
+            lambda: bool(gateway.store.database.waiting(1)) and bool(phone.stage("received"))
+        )
+        await eventually(lambda: (gateway.store.database.waiting(1)[0].last_error or "") != "")
+        (waiting,) = gateway.store.database.waiting(10)
         assert waiting.event_id == event_id
         assert "certificate" in (waiting.last_error or "").lower()
         assert receiver.events.count() == 0

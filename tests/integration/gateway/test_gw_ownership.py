@@ -33,20 +33,20 @@ def rejected(gateway: Gateway, reason: str) -> float:
     return registry.get_sample_value("ansimi_rejected_total", {"reason": reason}) or 0.0
 
 
-def two_bells(tmp_path: Path, mosquitto: Mosquitto) -> tuple[int, Gateway, Signer, Signer]:
+async def two_bells(tmp_path: Path, mosquitto: Mosquitto) -> tuple[int, Gateway, Signer, Signer]:
     """A gateway (its centre on the port returned) with two bells, each with its own key."""
     port = free_port()
     gateway = new_gateway(gateway_config(tmp_path, mosquitto, port))
     victim, other = Signer(VICTIM, generate_key()), Signer(OTHER, generate_key())
-    register(gateway, VICTIM, victim.public_key)
-    register(gateway, OTHER, other.public_key)
+    await register(gateway, VICTIM, victim.public_key)
+    await register(gateway, OTHER, other.public_key)
     return port, gateway, victim, other
 
 
 async def test_one_bell_cannot_cancel_link_to_or_reuse_another_bells_alert(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    port, gateway, victim, other = two_bells(tmp_path, mosquitto)
+    port, gateway, victim, other = await two_bells(tmp_path, mosquitto)
     alert_id, token = alert(VICTIM, victim, 1)
 
     def signed_by_other(body: Alert | Cancel, seq: int, id: str | None = None) -> tuple[str, str]:
@@ -76,17 +76,17 @@ async def test_one_bell_cannot_cancel_link_to_or_reuse_another_bells_alert(
         await eventually(lambda: receiver.events.get(own_cancel.id) is not None)
         assert others_bell.acks == []  # nothing acked: not kept, not forwarded
         assert receiver.events.ids() == [alert_id, own_cancel.id]
-        kept = gateway.store.event(alert_id)
+        kept = gateway.store.database.event(alert_id)
         assert kept is not None and kept.device_id == VICTIM
         for event_id in (cancel_id, linked_id):
-            assert gateway.store.event(event_id) is None
+            assert gateway.store.database.event(event_id) is None
         assert receiver.refused == 0
 
 
 async def test_an_id_named_by_a_cancel_that_overtook_its_alert_stays_its_bells(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    port, gateway, victim, other = two_bells(tmp_path, mosquitto)
+    port, gateway, victim, other = await two_bells(tmp_path, mosquitto)
     # the bell's cancel reaches the gateway before the alert it names has been kept
     alert_id, token = alert(VICTIM, victim, 2)
     early = build_message(Cancel(alert_id=alert_id), device=VICTIM, seq=1, ts=now_ms())

@@ -30,7 +30,7 @@ async def test_an_alert_kept_for_a_centre_since_renamed_is_delivered_after_the_r
     port = free_port()
     device = Signer(DEVICE, generate_key())
     before = new_gateway(gateway_config(tmp_path, mosquitto, port, name="old-central"))
-    register(before, DEVICE, device.public_key)
+    await register(before, DEVICE, device.public_key)
     alert_id, token = alert(DEVICE, device, 1)
     async with bell(mosquitto, DEVICE, before.signer.public_key) as the_bell:
         async with running_gateway(before):
@@ -51,7 +51,7 @@ async def test_a_refused_delivery_is_parked_visible_and_delivered_after_the_fix(
     port = free_port()
     device = Signer(DEVICE, generate_key())
     wrong = new_gateway(gateway_config(tmp_path, mosquitto, port, secret="not-the-centres-secret"))
-    register(wrong, DEVICE, device.public_key)
+    await register(wrong, DEVICE, device.public_key)
     alert_id, token = alert(DEVICE, device, 1)
     async with (
         bell(mosquitto, DEVICE, wrong.signer.public_key) as the_bell,
@@ -59,8 +59,8 @@ async def test_a_refused_delivery_is_parked_visible_and_delivered_after_the_fix(
     ):
         async with running_gateway(wrong):
             await the_bell.publish("alert", token)
-            await eventually(lambda: bool(wrong.store.waiting(10, refused=True)))
-            (parked,) = wrong.store.waiting(10, refused=True)
+            await eventually(lambda: bool(wrong.store.database.waiting(10, refused=True)))
+            (parked,) = wrong.store.database.waiting(10, refused=True)
             assert parked.event_id == alert_id
             assert parked.last_error == "HTTP 401: bad signature"  # the centre's words
             refused = wrong.metrics.registry.get_sample_value(

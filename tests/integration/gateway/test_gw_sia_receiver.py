@@ -53,7 +53,7 @@ async def pysia_receiver(port: int) -> AsyncIterator[list[SIAEvent]]:
 
 def keep(store: SqliteStore, items: list[tuple[str, str, dict[str, Any]]]) -> None:
     now = time.time_ns() // 1_000_000
-    store.accept_batch(
+    store.database.accept_batch(
         [
             Incoming(
                 event_id=f"ev{i:04d}",
@@ -112,7 +112,7 @@ async def test_pysiaalarm_accepts_our_encrypted_messages_and_decodes_each_event(
     port = free_port()
     store = SqliteStore(":memory:")
     for device in ("bell-0001", "bell-0002"):
-        store.add_device(Device(device, "k", "bell", "mapo"), now_ms=0)
+        store.database.add_device(Device(device, "k", "bell", "mapo"), now_ms=0)
     keep(store, SCENARIO)
     receiver = SiaReceiver(
         name="monitoring",
@@ -131,7 +131,7 @@ async def test_pysiaalarm_accepts_our_encrypted_messages_and_decodes_each_event(
         while await fwd.pump():
             pass
         await fwd.aclose()
-    assert store.waiting_count() == 0
+    assert store.database.waiting_count() == 0
     assert [(e.account, e.code) for e in received] == EXPECTED
     assert all(e.encrypted and e.valid_message for e in received)
     assert {e.receiver for e in received} == {"R1"} and {e.line for e in received} == {"L2"}
@@ -212,4 +212,4 @@ async def test_the_gateway_bridges_a_pressed_alert_to_the_alarm_receiver(
         alert_id = await phone.alert()
         await eventually(lambda: phone.stage("delivered") == {alert_id})
         assert [(e.account, e.code) for e in received] == [(ACCOUNT, "PA")]
-        assert gateway.store.waiting_count() == 0
+        assert gateway.store.database.waiting_count() == 0

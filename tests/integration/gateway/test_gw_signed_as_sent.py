@@ -45,7 +45,7 @@ async def test_an_alert_without_its_defaulted_fields_reaches_a_real_console(
     key = OKPKey.generate_key("Ed25519")
     port = free_port()
     gateway = new_gateway(gateway_config(tmp_path, mosquitto, port))
-    register(gateway, DEVICE, key.public_key)  # type: ignore[arg-type]
+    await register(gateway, DEVICE, key.public_key)  # type: ignore[arg-type]
     # no silent, urgent, presses or linked_to: the defaults are the receiver's business
     signed_body = {"trigger": "press", "bell": "emergency"}
     alert_id = uuid.uuid4().hex

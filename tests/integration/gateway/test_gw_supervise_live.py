@@ -74,7 +74,7 @@ async def test_last_will_silence_and_return_reach_the_centre_as_signed_status_ev
         async with gateway_running(fleet.config("gw-a", url)) as gateway:
             agent = spawn_device(config_path, tmp_path / "device.log")
             try:
-                online = lambda: (gateway.store.device(DEVICE) or device).online  # noqa: E731
+                online = lambda: (gateway.store.database.device(DEVICE) or device).online  # noqa: E731
                 await eventually(lambda: online() is True)
 
                 agent.send_signal(signal.SIGKILL)  # the broker publishes its last will

@@ -27,7 +27,7 @@ from console.directory import Directory
 from console.receiver import EventLog, Receiver
 from gateway.config import Centre, ForwardConfig, GatewayConfig, MqttConfig
 from gateway.service import Gateway
-from gateway.store import Device, SqliteStore
+from gateway.store import Device, SqliteDatabase
 from protocol.envelope import open_for_device, seal
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
@@ -84,7 +84,7 @@ async def console_centre(tmp_path: Path, gateway: Gateway, port: int) -> AsyncIt
 
     async def fetch() -> list[dict[str, Any]]:
         # the database, not this gateway object: the console outlives a gateway restart
-        store = SqliteStore(gateway.config.database)
+        store = SqliteDatabase(gateway.config.database)
         try:
             devices = store.devices()
         finally:
@@ -161,11 +161,11 @@ def alert(device_id: str, signer: Signer, seq: int) -> tuple[str, str]:
     return message.id, seal(message, signer)
 
 
-def register(gateway: Gateway, device_id: str, public_key: Ed25519PublicKey) -> None:
-    gateway.store.add_device(
+async def register(gateway: Gateway, device_id: str, public_key: Ed25519PublicKey) -> None:
+    await gateway.store.add_device(
         Device(device_id, public_key_to_b64(public_key), "bell", "mapo"), now_ms=0
     )
-    gateway.registry.reload()
+    await gateway.registry.reload()
 
 
 @contextlib.asynccontextmanager

@@ -128,7 +128,6 @@ async def rig(site: Site, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Ri
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        gateway.enrolment.store.close()
 
 
 @contextlib.asynccontextmanager
@@ -238,7 +237,7 @@ async def test_a_used_token_cannot_be_used_again(rig: Rig) -> None:
     assert code == 3 and "used already" in err
     assert not (rig.tmp / "second" / "device.key").exists()
     # and the first device's key is the one the gateway holds
-    device = rig.gateway.store.device("bell-0003")
+    device = rig.gateway.store.database.device("bell-0003")
     assert device is not None
 
 
@@ -389,7 +388,7 @@ async def test_provision_device_revoke_cuts_the_device_off_within_10s(rig: Rig) 
         await asyncio.sleep(2.0)
         assert not agent.link.connected
         assert alerts_of(database, "bell-0011") == 1
-        device = rig.gateway.store.device("bell-0011")
+        device = rig.gateway.store.database.device("bell-0011")
         assert device is not None and device.revoked
 
     code, out, err = await rig.ansimi(
@@ -488,7 +487,7 @@ async def test_a_revoke_the_broker_missed_says_so_and_finishes_when_run_again(ri
     code, out, err = await rig.ansimi(*args, "--pid-file", str(gone))
     assert code == 6, out + err
     assert "run this command again" in json.loads(out)["error"]
-    device = rig.gateway.store.device("bell-0013")
+    device = rig.gateway.store.database.device("bell-0013")
     assert device is not None and device.revoked
     code, out, err = await rig.ansimi(*args, "--pid-file", str(rig.pid_file))
     assert code == 0, out + err
@@ -503,8 +502,8 @@ async def test_decommission_revokes_wipes_personal_data_and_keeps_the_events(rig
     store = rig.gateway.store
     # an alert in its history, and personal data (the store only ever holds it sealed)
     alert = Incoming("alert-0014", "bell-0014", 1, "alert", 1, "{}", "jws", ())
-    store.add_event(alert, now_ms=1)
-    assert store.set_private("bell-0014", "v1.k.sealed", 1)
+    store.database.add_event(alert, now_ms=1)
+    assert store.database.set_private("bell-0014", "v1.k.sealed", 1)
     code, out, err = await rig.ansimi(
         "provision", "device", "decommission", "bell-0014", "--dir", str(rig.site.layout.root),
         "--gateway", rig.url, "--pid-file", str(rig.pid_file), "--json",
@@ -513,7 +512,7 @@ async def test_decommission_revokes_wipes_personal_data_and_keeps_the_events(rig
     assert code == 0, report
     assert report["revoked_at_gateway"] and report["wiped_at_gateway"]
     assert report["certificates_revoked"]
-    device = store.device("bell-0014")
+    device = store.database.device("bell-0014")
     assert device is not None and device.revoked and device.label == ""
-    assert store.private("bell-0014") is None
-    assert store.event("alert-0014") is not None  # the anonymised history stays
+    assert store.database.private("bell-0014") is None
+    assert store.database.event("alert-0014") is not None  # the anonymised history stays

@@ -99,14 +99,14 @@ async def test_offers_from_unknown_or_revoked_devices_never_reach_the_hub(
         hub = site.gateway.video
         assert hub is not None
         revoked_key = generate_key()
-        site.gateway.store.add_device(
+        await site.gateway.store.add_device(
             Device(
                 "doorbell-0009", public_key_to_b64(revoked_key.public_key()), "doorbell", "mapo"
             ),
             now_ms=0,
         )
-        site.gateway.store.revoke("doorbell-0009", 0)
-        site.gateway.registry.reload()
+        await site.gateway.store.revoke("doorbell-0009", 0)
+        await site.gateway.registry.reload()
         intruder = Session(
             Settings(host=mosquitto.host, port=mosquitto.port, client_id="intruder"),
             lambda m: None,

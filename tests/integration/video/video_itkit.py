@@ -102,11 +102,11 @@ async def video_site(
             modem=None,
         ),
     )
-    gateway.store.add_device(
+    await gateway.store.add_device(
         Device(DOORBELL, public_key_to_b64(device_key.public_key()), "doorbell", "mapo"),
         now_ms=0,
     )
-    gateway.registry.reload()
+    await gateway.registry.reload()
     tasks = [asyncio.ensure_future(gateway.run()), asyncio.ensure_future(agent.run())]
     try:
         await asyncio.wait_for(gateway.ready.wait(), 10)

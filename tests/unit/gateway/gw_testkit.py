@@ -17,7 +17,7 @@ from gateway.config import ApiToken
 from gateway.downlink import Downlink
 from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
-from gateway.store import Device, SqliteStore
+from gateway.store import Delivery, Device, SqliteStore
 from gateway.supervise import Supervisor
 from protocol.envelope import open_for_device, seal
 from protocol.jws import Signer
@@ -145,10 +145,16 @@ class Env:
         )
 
     def event_count(self) -> int:
-        return len(self.store.events(None, 100_000))
+        return len(self.store.database.events(None, 100_000))
 
 
-def make_env(
+def due(store: SqliteStore, now_ms: int, limit: int = 100_000) -> list[Delivery]:
+    """Every delivery due by `now_ms`, whatever its centre (the forwarder asks per centre)."""
+    centres = sorted({w.centre for w in store.database.waiting(limit)})
+    return [d for c in centres for d in store.database.due_for(c, now_ms, limit)][:limit]
+
+
+async def make_env(
     clock: Clock | None = None, store: SqliteStore | None = None, *, will_grace_ms: int = 0
 ) -> Env:
     """A gateway's insides; given the `store` of an earlier one, a restart of that gateway."""
@@ -157,9 +163,10 @@ def make_env(
         store = SqliteStore(":memory:")
         for device_id, district in DISTRICTS.items():
             public = public_key_to_b64(KEYS[device_id].public_key())
-            store.add_device(Device(device_id, public, "bell", district), now_ms=0)
-        store.revoke("bell-0003", 0)
+            store.database.add_device(Device(device_id, public, "bell", district), now_ms=0)
+        store.database.revoke("bell-0003", 0)
     registry = Registry(store)
+    await registry.reload()
     metrics = Metrics()
     sent: list[tuple[str, bytes]] = []
     woken: list[int] = []

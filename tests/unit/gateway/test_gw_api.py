@@ -58,7 +58,7 @@ def extra_route() -> ApiRoute:
 
 @pytest.fixture
 async def site() -> AsyncIterator[Site]:
-    env = make_env()
+    env = await make_env()
     connected = [True]
     api = Api(
         env.store,
@@ -294,18 +294,18 @@ async def test_an_admin_registers_only_in_its_own_districts(site: Site) -> None:
     }
     status, body = await site.call("POST", "/admin/devices", token=MAPO_ADMIN, json=new)
     assert status == 403 and "gangnam is not one of this token's: mapo" in str(body)
-    assert site.env.store.device("bell-0009") is None
+    assert site.env.store.database.device("bell-0009") is None
     status, _ = await site.call(
         "POST", "/admin/devices", token=MAPO_ADMIN, json={**new, "district": "mapo"}
     )
-    assert status == 201 and site.env.store.device("bell-0009") is not None
+    assert status == 201 and site.env.store.database.device("bell-0009") is not None
     # another district's device, by its id in the path: as if it did not exist
     for method, path in [
         ("GET", "/admin/devices/bell-0002"),
         ("POST", "/admin/devices/bell-0002/revoke"),
     ]:
         assert (await site.call(method, path, token=MAPO_ADMIN))[0] == 404, path
-    gangnam = site.env.store.device("bell-0002")
+    gangnam = site.env.store.database.device("bell-0002")
     assert gangnam is not None and gangnam.district == "gangnam" and not gangnam.revoked
 
 

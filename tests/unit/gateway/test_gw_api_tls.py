@@ -30,7 +30,7 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
 
 async def test_the_api_speaks_https_with_the_configured_certificate(tmp_path: Path) -> None:
     cert_file, key_file = self_signed(tmp_path)
-    env = make_env()
+    env = await make_env()
     api = Api(
         env.store, env.registry, env.downlink, env.metrics, [ApiToken(name="ops", token=TOKEN)]
     )

@@ -22,7 +22,7 @@ from gateway.config import Centre, ForwardConfig, GatewayConfig
 from gateway.districts import SEOUL_DISTRICTS, UnknownDistrict, check_district
 from gateway.forward import DELIVERED, Circuit, CircuitBreaker, Forwarder, Outcome
 from gateway.metrics import Metrics
-from gateway.store import Delivery, Device, Incoming, SqliteStore
+from gateway.store import Delivery, Device, Incoming, SqliteStore, StoreError
 
 ROOT = Path(__file__).resolve().parents[3]
 SECRET = "centre-secret-for-tests"
@@ -68,7 +68,7 @@ class Rig:
             )
             for i in range(n)
         ]
-        self.store.accept_batch(items, self.clock.ms)
+        self.store.database.accept_batch(items, self.clock.ms)
         return [i.event_id for i in items]
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
@@ -83,17 +83,17 @@ class CountingStore(SqliteStore):
         self.commits = 0
         self.broken = False
 
-    def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]:
+    async def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]:
         if self.broken:
-            raise sqlite3.OperationalError("disk I/O error")
+            raise StoreError("disk I/O error")
         self.commits += 1
-        return super().delivered_many(done, now_ms)
+        return await super().delivered_many(done, now_ms)
 
 
 def rig(*names: str, **forward: float) -> Rig:
     clock = Clock()
     store = CountingStore()
-    store.add_device(Device("bell-0001", "k", "bell", "mapo"), now_ms=0)
+    store.database.add_device(Device("bell-0001", "k", "bell", "mapo"), now_ms=0)
     metrics = Metrics()
     centres = {name: FakeCentre() for name in names}
     first: list[str] = []
@@ -185,7 +185,7 @@ async def test_each_centre_gets_each_event_and_the_first_yes_acks_once() -> None
     assert await r.forwarder.pump() == 6
     assert sorted(r.centres["central"].seen) == ids == sorted(r.centres["mapo"].seen)
     assert sorted(r.first) == ids  # one `delivered` ack per alert, not per centre
-    assert r.store.waiting_count() == 0
+    assert r.store.database.waiting_count() == 0
     assert await r.forwarder.pump() == 0
     assert r.sample("ansimi_forwarded_total", {"centre": "mapo"}) == 3
 
@@ -195,13 +195,13 @@ async def test_a_failed_attempt_waits_its_backoff_and_then_goes_again() -> None:
     r.centres["central"].script = [Outcome("HTTP 503")]
     (event_id,) = r.keep(1)
     assert await r.forwarder.pump() == 1
-    (waiting,) = r.store.waiting(10)
+    (waiting,) = r.store.database.waiting(10)
     assert (waiting.event_id, waiting.attempts, waiting.last_error) == (event_id, 1, "HTTP 503")
     assert NOW + 1_000 <= waiting.next_attempt_ms <= NOW + 2_000  # min 1 s, doubled, jittered
     assert await r.forwarder.pump() == 0  # not due yet
     r.clock.ms = waiting.next_attempt_ms
     assert await r.forwarder.pump() == 1
-    assert r.first == [event_id] and r.store.waiting_count() == 0
+    assert r.first == [event_id] and r.store.database.waiting_count() == 0
     assert r.sample("ansimi_forward_failures_total", {"centre": "central"}) == 1
 
 
@@ -210,7 +210,7 @@ async def test_retry_after_is_honoured_when_longer_than_the_backoff() -> None:
     r.centres["central"].script = [Outcome("HTTP 429", retry_after_ms=30_000)]
     r.keep(1)
     await r.forwarder.pump()
-    (waiting,) = r.store.waiting(10)
+    (waiting,) = r.store.database.waiting(10)
     assert waiting.next_attempt_ms == NOW + 30_000
 
 
@@ -224,20 +224,20 @@ async def test_a_refusal_is_parked_listed_and_counted_not_retried_in_a_loop() ->
         r.clock.ms += 3_600_000
         assert await r.forwarder.pump() == 0
     assert r.centres["central"].seen == [event_id]
-    (parked,) = r.store.waiting(10, refused=True)
+    (parked,) = r.store.database.waiting(10, refused=True)
     assert (parked.event_id, parked.attempts, parked.last_error) == (event_id, 1, refusal)
     assert parked.refused_ms == NOW and parked.district == "mapo"
-    assert r.store.waiting(10, refused=False) == []
-    assert r.store.waiting_count() == 1  # kept, never dropped
+    assert r.store.database.waiting(10, refused=False) == []
+    assert r.store.database.waiting_count() == 1  # kept, never dropped
     assert r.sample("ansimi_forward_refused_total", {"centre": "central"}) == 1
     assert r.sample("ansimi_forward_parked", {"centre": "central"}) == 1
     assert r.sample("ansimi_forward_failures_total", {"centre": "central"}) == 0
     # the centre answers, so its circuit stays closed for everything else
     assert r.forwarder.breaker("central").state is Circuit.CLOSED
     r.centres["central"].default = DELIVERED  # someone fixed the centre
-    assert r.store.retry_refused(r.clock.ms, centre="central") == 1
+    assert r.store.database.retry_refused(r.clock.ms, centre="central") == 1
     assert await r.forwarder.pump() == 1
-    assert r.first == [event_id] and r.store.waiting_count() == 0
+    assert r.first == [event_id] and r.store.database.waiting_count() == 0
 
 
 async def test_an_alert_one_centre_refuses_still_reaches_the_others() -> None:
@@ -247,7 +247,7 @@ async def test_an_alert_one_centre_refuses_still_reaches_the_others() -> None:
     assert await r.forwarder.pump() == 2
     assert r.centres["mapo"].seen == [event_id]
     assert r.first == [event_id]  # the bell hears `delivered`
-    assert [(w.centre, w.refused_ms) for w in r.store.waiting(10)] == [("central", NOW)]
+    assert [(w.centre, w.refused_ms) for w in r.store.database.waiting(10)] == [("central", NOW)]
     r.clock.ms += 3_600_000
     assert await r.forwarder.pump() == 0  # neither sent again
     assert r.sample("ansimi_forward_parked", {"centre": "central"}) == 1
@@ -259,11 +259,11 @@ async def test_a_start_gives_every_parked_delivery_one_more_attempt() -> None:
     r.centres["central"].default = Outcome("HTTP 401: bad signature", permanent=True)
     (event_id,) = r.keep(1)
     await r.forwarder.pump()
-    assert r.store.waiting(10, refused=True)
+    assert r.store.database.waiting(10, refused=True)
     r.centres["central"].default = DELIVERED  # the secret was fixed in the config...
     await r.forwarder.reroute()  # ...and the gateway restarted
     assert await r.forwarder.pump() == 1
-    assert r.first == [event_id] and r.store.waiting_count() == 0
+    assert r.first == [event_id] and r.store.database.waiting_count() == 0
 
 
 async def test_an_open_circuit_sends_nothing_and_keeps_every_delivery_in_place() -> None:
@@ -285,15 +285,15 @@ async def test_an_open_circuit_sends_nothing_and_keeps_every_delivery_in_place()
     assert len(r.centres["mapo"].seen) == 10
     assert len(down.seen) == 3 + 1  # rested 10 s: one probe, failed, open again
     assert r.forwarder.breaker("central").state is Circuit.OPEN
-    assert r.store.waiting_by_centre() == {"central": 10}
-    attempts = {w.event_id: w.attempts for w in r.store.waiting(100)}
+    assert r.store.database.waiting_by_centre() == {"central": 10}
+    attempts = {w.event_id: w.attempts for w in r.store.database.waiting(100)}
     # the centre comes back: the next probe closes the circuit and everything flows
     down.default = DELIVERED
     r.clock.ms += 120_000
     while await r.forwarder.pump():
         pass
     assert r.forwarder.breaker("central").state is Circuit.CLOSED
-    assert r.store.waiting_count() == 0
+    assert r.store.database.waiting_count() == 0
     assert sorted(set(down.seen)) == sorted(attempts)
     # while open, deliveries were not attempted, so their backoff did not grow
     assert sum(attempts.values()) == 4
@@ -308,7 +308,7 @@ async def test_a_transport_bug_costs_one_attempt_not_the_delivery() -> None:
     r.centres["central"].send = broken  # type: ignore[method-assign]
     r.keep(1)
     assert await r.forwarder.pump() == 1
-    (waiting,) = r.store.waiting(10)
+    (waiting,) = r.store.database.waiting(10)
     assert waiting.last_error == "internal error: RuntimeError"
 
 
@@ -318,7 +318,7 @@ async def test_deliveries_that_succeed_together_are_recorded_in_one_commit() -> 
         centre.concurrency = 50
     ids = r.keep(50)
     assert await r.forwarder.pump() == 100
-    assert r.store.waiting_count() == 0 and sorted(r.first) == ids
+    assert r.store.database.waiting_count() == 0 and sorted(r.first) == ids
     assert 1 <= r.store.commits <= 4  # not one fsync per delivery
 
 
@@ -329,7 +329,7 @@ async def test_a_success_that_cannot_be_recorded_rests_a_backoff_then_goes_again
     r.keep(3)
     r.store.broken = True
     assert await r.forwarder.pump() == 3
-    assert r.store.waiting_count() == 3 and r.first == []
+    assert r.store.database.waiting_count() == 3 and r.first == []
     # still due in the store, but not sent again at once (it was ~500 times a second)
     for _ in range(5):
         assert await r.forwarder.pump() == 0
@@ -339,7 +339,7 @@ async def test_a_success_that_cannot_be_recorded_rests_a_backoff_then_goes_again
     r.clock.ms += 2_001  # the first rest: backoff_min 1 s, doubled, jittered
     r.store.broken = False
     assert await r.forwarder.pump() == 3  # the centre gets them again, drops the repeats
-    assert r.store.waiting_count() == 0 and len(r.first) == 3
+    assert r.store.database.waiting_count() == 0 and len(r.first) == 3
 
 
 async def test_a_failure_that_cannot_be_recorded_rests_longer_each_time() -> None:
@@ -350,7 +350,7 @@ async def test_a_failure_that_cannot_be_recorded_rests_longer_each_time() -> Non
     def broken_failed(event_id: str, centre: str, next_attempt_ms: int, error: str) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    r.store.failed = broken_failed  # type: ignore[method-assign]
+    r.store.database.failed = broken_failed  # type: ignore[method-assign]
     assert await r.forwarder.pump() == 1
     rests = []
     for _ in range(6):

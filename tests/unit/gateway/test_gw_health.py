@@ -25,7 +25,7 @@ from gateway.forward import Failing
 from gateway.health import DiskState, DiskWatch, Health, IntakeProbe
 from gateway.intake import Intake
 from gateway.metrics import Metrics
-from gateway.store import Incoming, SqliteStore, transaction
+from gateway.store import Incoming, SqliteStore, StoreFull, transaction
 from protocol.envelope import open_envelope
 from protocol.jws import Signer
 from protocol.messages import Status, StatusMessage
@@ -126,7 +126,7 @@ def intake_of(env: Env, on_probe: Callable[[MqttMessage], bool] | None = None) -
 
 
 async def test_a_probe_is_heard_back_and_is_neither_kept_nor_refused() -> None:
-    env = make_env()
+    env = await make_env()
     r = rig()
     intake = intake_of(env, on_probe=r.probe.offer)
     r.clock.ms = env.clock.ms
@@ -144,7 +144,7 @@ async def test_a_probe_is_heard_back_and_is_neither_kept_nor_refused() -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     # only the alert was kept; the probe was not taken for a device message (and refused)
-    assert [e.event_id for e in env.store.events(None, 10)] == ["alert-after-probe"]
+    assert [e.event_id for e in env.store.database.events(None, 10)] == ["alert-after-probe"]
     assert env.rejected() == 0
     assert r.probe.proven(r.clock.ms)
     assert r.sample("ansimi_intake_probes_total", {"result": "own"}) == 1
@@ -187,7 +187,7 @@ async def test_a_probe_not_from_this_gateway_now_is_refused_counted_and_proves_n
 @pytest.mark.parametrize("state", ["disk_low", "disk_ok"])
 async def test_a_device_cannot_report_the_gateways_own_states(state: DiskState) -> None:
     """disk_low/disk_ok are the gateway's, about itself: a bell's is refused, not kept."""
-    env = make_env()
+    env = await make_env()
     intake = intake_of(env)
     await intake.process([env.message(Status(state=state))])
     assert env.event_count() == 0
@@ -472,17 +472,17 @@ class SmallDisk(SqliteStore):
         self.refuse_events = False
         self.checkpoints = 0
 
-    def free_bytes(self) -> int | None:
+    async def free_bytes(self) -> int | None:
         return self.free
 
-    def add_site_event(self, item: Incoming, now_ms: int) -> None:
+    async def add_site_event(self, item: Incoming, now_ms: int) -> None:
         if self.refuse_events:
-            raise OSError(28, "No space left on device")
-        super().add_site_event(item, now_ms)
+            raise StoreFull("database or disk is full")
+        await super().add_site_event(item, now_ms)
 
-    def checkpoint(self) -> None:
+    async def checkpoint(self) -> None:
         self.checkpoints += 1
-        super().checkpoint()
+        await super().checkpoint()
 
 
 @contextlib.contextmanager
@@ -514,7 +514,7 @@ def disk_rig(tmp_path: Path) -> Iterator[tuple[SmallDisk, DiskWatch, list[DiskSt
     try:
         yield store, watch, made
     finally:
-        store.close()
+        store.database.close()
 
 
 async def test_one_disk_low_event_per_episode_with_hysteresis_forwarded_signed(
@@ -536,12 +536,14 @@ async def test_one_disk_low_event_per_episode_with_hysteresis_forwarded_signed(
         await watch.check(9)
         assert made == ["disk_low", "disk_ok"] and not watch.low
         # kept as events about the gateway, waiting for the centre, signed by the gateway
-        (first,) = [d for d in store.due_for("central", 10**15, 10) if "disk_low" in d.body_json]
+        (first,) = [
+            d for d in store.database.due_for("central", 10**15, 10) if "disk_low" in d.body_json
+        ]
         assert first.device_id == GATEWAY
         opened = open_envelope(first.jws, {GATEWAY: GATEWAY_KEY.public_key()}.__getitem__)
         assert isinstance(opened.message, StatusMessage)
         assert opened.message.body.state == "disk_low"
-        assert store.waiting_count() == 2
+        assert store.database.waiting_count() == 2
 
 
 async def test_an_event_the_store_cannot_keep_yet_is_tried_again_until_kept(
@@ -552,12 +554,12 @@ async def test_an_event_the_store_cannot_keep_yet_is_tried_again_until_kept(
         store.refuse_events = True
         await watch.check(1)
         await watch.check(2)
-        assert store.waiting_count() == 0 and watch.low
+        assert store.database.waiting_count() == 0 and watch.low
         store.refuse_events = False
         await watch.check(3)
         await watch.check(4)
         # made anew at each try (two refused), kept once, and then no more
-        assert made == ["disk_low"] * 3 and store.waiting_count() == 1
+        assert made == ["disk_low"] * 3 and store.database.waiting_count() == 1
         # while low, every look checkpoints (gives the WAL's space back)
         assert store.checkpoints == 4
 
@@ -566,16 +568,16 @@ def test_a_checkpoint_truncates_the_wal(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "gateway.db")
     try:
         for n in range(200):
-            store.add_site_event(
+            store.database.add_site_event(
                 Incoming(f"event-{n:06d}", GATEWAY, n, "status", 0, "{}", "x" * 2000, ("c",)), 0
             )
         wal = tmp_path / "gateway.db-wal"
         assert wal.stat().st_size > 400_000
-        store.checkpoint()
+        store.database.checkpoint()
         assert wal.stat().st_size == 0
-        assert store.waiting_count() == 200
+        assert store.database.waiting_count() == 200
     finally:
-        store.close()
+        store.database.close()
 
 
 # ---- the watchdog --------------------------------------------------------------------------
@@ -631,10 +633,10 @@ def test_free_bytes_is_the_file_systems_and_none_in_memory(tmp_path: Path) -> No
     memory = SqliteStore(":memory:")
     try:
         stat = os.statvfs(tmp_path)
-        free = store.free_bytes()
+        free = store.database.free_bytes()
         assert free is not None
         assert abs(free - stat.f_bavail * stat.f_frsize) < 64 * 1024 * 1024
-        assert memory.free_bytes() is None
+        assert memory.database.free_bytes() is None
     finally:
-        store.close()
-        memory.close()
+        store.database.close()
+        memory.database.close()

@@ -5,25 +5,25 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import pytest
-from gw_testkit import ALERT, NOW, WINDOW_MS, Env, heartbeat, make_env
+from gw_testkit import ALERT, NOW, WINDOW_MS, Env, due, heartbeat, make_env
 
 from ansimi.mqtt import Message as MqttMessage
-from gateway.store import Accepted, Incoming, SqliteStore
+from gateway.store import Accepted, Incoming, SqliteStore, StoreError, StoreFull
 from protocol.messages import Alert, Cancel, Status
 
 
 @pytest.fixture
-def env() -> Env:
-    return make_env()
+async def env() -> Env:
+    return await make_env()
 
 
 async def test_a_good_alert_is_kept_acked_and_routed_to_its_district(env: Env) -> None:
     message = env.message(ALERT, id="alert-000001")
     await env.feed(message)
-    (event,) = env.store.events(None, 10)
+    (event,) = env.store.database.events(None, 10)
     assert (event.event_id, event.device_id, event.type) == ("alert-000001", "bell-0001", "alert")
     assert env.acks() == [("bell-0001", "alert-000001", "received")]
-    assert {d.centre for d in env.store.due(NOW, 10)} == {"central", "mapo"}
+    assert {d.centre for d in due(env.store, NOW, 10)} == {"central", "mapo"}
     assert env.woken == [1]
     assert env.rejected() == 0
 
@@ -73,7 +73,7 @@ async def test_each_refusal_is_counted_by_reason_and_the_intake_carries_on(
     assert env.rejected() == 1
     assert env.event_count() == 0
     assert env.acks() == []
-    assert env.store.waiting_count() == 0
+    assert env.store.database.waiting_count() == 0
     # still running: the next good message goes through
     good = env.message(ALERT)
     await env.feed(good)
@@ -96,7 +96,7 @@ async def test_an_exact_duplicate_is_re_acked_and_not_forwarded_again(env: Env) 
     await env.feed(original, original)  # and twice in one batch
     assert env.event_count() == 1
     assert env.acks() == [("bell-0001", "alert-dup-01", "received")] * 4
-    assert len(env.store.due(NOW, 10)) == 2  # central and mapo, once each
+    assert len(due(env.store, NOW, 10)) == 2  # central and mapo, once each
     assert env.woken == [1]  # the forwarder was woken for the first copy only
     assert env.rejected() == 0
     assert env.metrics.registry.get_sample_value("ansimi_duplicates_total") == 3
@@ -130,8 +130,8 @@ async def test_a_cancel_of_another_devices_alert_is_refused_and_goes_nowhere(env
         env.message(Cancel(alert_id="alert-of-0001"), device="bell-0002", id="cancel-by-0002")
     )
     assert env.rejected("foreign_ref") == 1
-    assert env.store.event("cancel-by-0002") is None
-    assert [e.event_id for e in env.store.events(None, 10, type=None)] == ["alert-of-0001"]
+    assert env.store.database.event("cancel-by-0002") is None
+    assert [e.event_id for e in env.store.database.events(None, 10, type=None)] == ["alert-of-0001"]
     assert env.acks() == [("bell-0001", "alert-of-0001", "received")]  # nothing for 0002
     assert env.woken == []  # nothing to forward
     # the owner's own cancel is kept, acked and forwarded
@@ -145,7 +145,7 @@ async def test_an_alert_linked_to_another_devices_event_is_refused(env: Env) -> 
     linked = Alert(bell="emergency", trigger="duress", linked_to="alert-of-0001")
     await env.feed(env.message(linked, device="bell-0002", id="duress-by-0002"))
     assert env.rejected("foreign_ref") == 1
-    assert env.store.event("duress-by-0002") is None
+    assert env.store.database.event("duress-by-0002") is None
     assert [a[0] for a in env.acks()] == ["bell-0001"]
     # linked to an id no event has yet: nobody's, so it is kept
     await env.feed(
@@ -160,7 +160,7 @@ async def test_a_fresh_alert_reusing_another_devices_id_gets_no_ack(env: Env) ->
     await env.feed(env.message(ALERT, device="bell-0002", id="alert-of-0001"))
     assert env.rejected("foreign_id") == 1
     assert env.acks() == [("bell-0001", "alert-of-0001", "received")]
-    event = env.store.event("alert-of-0001")
+    event = env.store.database.event("alert-of-0001")
     assert event is not None and event.device_id == "bell-0001"
     assert env.metrics.registry.get_sample_value("ansimi_duplicates_total") == 0
     # in one batch with the owner's alert, the first one keeps the id
@@ -184,10 +184,10 @@ async def test_an_id_named_before_its_alert_arrived_stays_the_naming_devices(env
     await env.feed(env.message(linked, device="bell-0002", id="duress-by-0002"))
     assert env.rejected("foreign_ref") == 1
     assert [a[0] for a in env.acks()] == ["bell-0001"]  # nothing acked to bell-0002
-    assert env.store.event("alert-late-0001") is None
+    assert env.store.database.event("alert-late-0001") is None
     # the alert the cancel named arrives: it is bell-0001's, kept and acked
     await env.feed(env.message(ALERT, id="alert-late-0001"))
-    event = env.store.event("alert-late-0001")
+    event = env.store.database.event("alert-late-0001")
     assert event is not None and event.device_id == "bell-0001"
     assert env.acks()[-1] == ("bell-0001", "alert-late-0001", "received")
 
@@ -197,14 +197,14 @@ async def test_a_message_that_breaks_the_store_costs_only_itself(env: Env) -> No
     good = env.message(ALERT, id="healthy-001")
 
     class Fragile(SqliteStore):
-        def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
+        async def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
             if any(i.event_id == "poisoned-01" for i in batch):
-                raise RuntimeError("disk trouble")
-            return super().accept_batch(batch, now_ms)
+                raise StoreError("disk trouble")
+            return await super().accept_batch(batch, now_ms)
 
     env.store.__class__ = Fragile
     await env.feed(poison, good)
-    assert [e.event_id for e in env.store.events(None, 10)] == ["healthy-001"]
+    assert [e.event_id for e in env.store.database.events(None, 10)] == ["healthy-001"]
     assert env.acks() == [("bell-0001", "healthy-001", "received")]
     assert env.rejected("internal") == 1
     assert env.metrics.registry.get_sample_value("ansimi_store_errors_total") == 1
@@ -222,8 +222,8 @@ async def test_a_bug_in_a_check_costs_one_message(env: Env) -> None:
 
 async def test_revocation_takes_effect_at_the_next_message(env: Env) -> None:
     await env.feed(env.message(ALERT))
-    env.store.revoke("bell-0001", 0)
-    env.registry.reload()
+    await env.store.revoke("bell-0001", 0)
+    await env.registry.reload()
     await env.feed(env.message(ALERT))
     assert env.rejected("revoked") == 1
     assert env.event_count() == 1
@@ -234,7 +234,7 @@ async def test_revocation_takes_effect_at_the_next_message(env: Env) -> None:
 
 async def _online(env: Env, device: str = "bell-0001") -> None:
     await env.feed(env.message(heartbeat(), device=device))
-    assert env.store.device(device).online  # type: ignore[union-attr]
+    assert env.store.database.device(device).online  # type: ignore[union-attr]
 
 
 async def test_the_last_will_is_accepted_though_its_seq_and_time_are_old(env: Env) -> None:
@@ -245,10 +245,10 @@ async def test_the_last_will_is_accepted_though_its_seq_and_time_are_old(env: En
     high_water = env.registry.high_water["bell-0001"]
     await env.feed(will)
     assert env.rejected() == 0
-    device = env.store.device("bell-0001")
+    device = env.store.database.device("bell-0001")
     assert device is not None and device.online is False
     assert env.registry.high_water["bell-0001"] == high_water == device.high_water
-    (event,) = env.store.events(None, 10)
+    (event,) = env.store.database.events(None, 10)
     assert (event.type, event.body_json) == ("status", '{"state":"offline"}')
     # the same will again (the next unclean disconnect of the same run) is fine
     await _online(env)
@@ -261,7 +261,7 @@ async def test_a_retained_or_future_will_is_refused(env: Env) -> None:
     await env.feed(env.message(Status(state="offline"), seq=1, retain=True))
     await env.feed(env.message(Status(state="offline"), seq=1, ts=NOW + WINDOW_MS + 1))
     assert env.rejected("stale") == 2
-    assert env.store.device("bell-0001").online  # type: ignore[union-attr]
+    assert env.store.database.device("bell-0001").online  # type: ignore[union-attr]
 
 
 async def test_a_will_from_an_earlier_run_is_refused_after_a_later_one(env: Env) -> None:
@@ -272,14 +272,14 @@ async def test_a_will_from_an_earlier_run_is_refused_after_a_later_one(env: Env)
     await _online(env)
     await env.feed(old_run)
     assert env.rejected("replay") == 1
-    assert env.store.device("bell-0001").online  # type: ignore[union-attr]
+    assert env.store.database.device("bell-0001").online  # type: ignore[union-attr]
 
 
 async def test_a_will_followed_by_news_in_the_same_batch_is_out_of_date(env: Env) -> None:
     await _online(env)
     will = env.message(Status(state="offline"), seq=1)
     await env.feed(will, env.message(Status(state="online")))
-    assert env.store.device("bell-0001").online  # type: ignore[union-attr]
+    assert env.store.database.device("bell-0001").online  # type: ignore[union-attr]
     assert env.event_count() == 0
 
 
@@ -287,7 +287,7 @@ async def test_a_forged_will_is_refused(env: Env) -> None:
     await _online(env)
     await env.feed(env.message(Status(state="offline"), seq=1, signed_by="bell-0002"))
     assert env.rejected("topic_mismatch") == 1
-    assert env.store.device("bell-0001").online  # type: ignore[union-attr]
+    assert env.store.database.device("bell-0001").online  # type: ignore[union-attr]
 
 
 async def test_resends_are_looked_up_off_the_event_loop(env: Env) -> None:
@@ -297,15 +297,16 @@ async def test_resends_are_looked_up_off_the_event_loop(env: Env) -> None:
     original = env.message(ALERT, id="alert-thread")
     await env.feed(original)
     threads: list[str] = []
-    lookup = env.store.event
+    lookup = env.store.database.event
 
     def spy(event_id: str) -> object:
         threads.append(threading.current_thread().name)
         return lookup(event_id)
 
-    env.store.event = spy  # type: ignore[method-assign,assignment]
+    env.store.database.event = spy  # type: ignore[method-assign,assignment]
     await env.feed(original, env.message(ALERT, seq=1))  # a resend and a replay
-    assert threads and all(name.startswith("intake-writer") for name in threads)
+    # looked up on the store's own thread, never on the loop's
+    assert threads and all(name.startswith("store") for name in threads)
     assert env.rejected("replay") == 1
     assert len(env.acks()) == 2
 
@@ -328,7 +329,7 @@ async def test_the_registry_follows_another_instances_revocation(env: Env) -> No
     import asyncio
 
     key_before = env.registry.resolve("bell-0001")
-    env.store.revoke("bell-0001", 0)  # done through another gateway instance's API
+    await env.store.revoke("bell-0001", 0)  # done through another gateway instance's API
     assert not env.registry.device("bell-0001").revoked  # type: ignore[union-attr]
     watch = asyncio.create_task(env.registry.watch(0))
     try:
@@ -346,8 +347,8 @@ async def test_a_failing_supervision_step_does_not_stop_intake(env: Env) -> None
     await _online(env)
 
     class Full(SqliteStore):
-        def mark_offline(self, items: Sequence[Incoming], since: int, now: int) -> list[bool]:
-            raise RuntimeError("disk full")
+        async def mark_offline(self, items: Sequence[Incoming], since: int, now: int) -> list[bool]:
+            raise StoreFull("disk full")
 
     env.store.__class__ = Full
     await env.feed(env.message(Status(state="offline"), seq=1))  # raises nothing

@@ -79,8 +79,8 @@ def body_type(body: Body) -> str:
 
 
 def test_hostile_messages_are_all_refused_and_counted() -> None:
-    env = make_env()
     with asyncio.Runner() as runner:
+        env = runner.run(make_env())
 
         @settings(
             max_examples=400,
@@ -95,7 +95,7 @@ def test_hostile_messages_are_all_refused_and_counted() -> None:
             assert env.rejected() == before + len(batch)
             assert env.rejected("internal") == 0
             assert env.event_count() == 0
-            assert env.store.waiting_count() == 0
+            assert env.store.database.waiting_count() == 0
             assert env.sent == []
             assert env.woken == []
 

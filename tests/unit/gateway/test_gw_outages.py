@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from gw_testkit import NOW, TIMEOUT_MS, Clock
+from gw_testkit import NOW, TIMEOUT_MS, Clock, due
 
 from gateway.config import OutageRule
 from gateway.downlink import Downlink
@@ -40,7 +40,7 @@ class Fleet:
             ids = [f"{district}-{n:04d}" for n in range(size)]
             self.districts[district] = ids
             for device_id in ids:
-                self.store.add_device(Device(device_id, key, "bell", district), now_ms=0)
+                self.store.database.add_device(Device(device_id, key, "bell", district), now_ms=0)
         home = {d: district for district, ids in self.districts.items() for d in ids}
         self.downlink = Downlink(
             Signer("gw-test", generate_key()), lambda t, p: None, clock_ms=self.clock
@@ -66,7 +66,7 @@ class Fleet:
             Incoming(f"hb-{self._n:06d}-{d}", d, self._n, "heartbeat", NOW, "{}", "", (), False)
             for d in device_ids
         ]
-        came_online = self.store.accept_batch(batch, self.clock.ms).came_online
+        came_online = self.store.database.accept_batch(batch, self.clock.ms).came_online
         for device_id in device_ids:
             self.supervisor.heard(device_id, self.clock.ms)
         if came_online:
@@ -87,12 +87,14 @@ class Fleet:
 
     def forwarded(self) -> list[dict[str, object]]:
         """Status bodies the centres will get, oldest first (one per event, not per centre)."""
-        due = {d.event_id for d in self.store.due(self.clock.ms + 1, 100_000)}
-        events = reversed(self.store.events(None, 100_000))
-        return [json.loads(e.body_json) for e in events if e.type == "status" and e.event_id in due]
+        waiting = {d.event_id for d in due(self.store, self.clock.ms + 1, 100_000)}
+        events = reversed(self.store.database.events(None, 100_000))
+        return [
+            json.loads(e.body_json) for e in events if e.type == "status" and e.event_id in waiting
+        ]
 
     def kept_states(self, device_id: str) -> list[str]:
-        events = [e for e in self.store.events(None, 100_000) if e.device_id == device_id]
+        events = [e for e in self.store.database.events(None, 100_000) if e.device_id == device_id]
         return [json.loads(e.body_json)["state"] for e in reversed(events) if e.type == "status"]
 
 
@@ -115,7 +117,7 @@ async def test_a_district_going_dark_is_one_outage_and_one_restoration() -> None
         "offline": sorted(mapo[:20]),
     }
     # each bell's own state and event are kept, for the API and the history
-    assert all(fleet.store.device(d).online is False for d in mapo[:20])  # type: ignore[union-attr]
+    assert all(fleet.store.database.device(d).online is False for d in mapo[:20])  # type: ignore[union-attr]
     assert fleet.kept_states(mapo[5]) == ["offline"]
     assert fleet.supervisor.outages() == {"mapo": set(mapo[:20])}
     # 15 of 20 back: not yet most (80 %); the 16th is
@@ -143,12 +145,12 @@ async def test_a_dc09_receiver_still_gets_each_bells_offline_inside_an_outage() 
     fleet.silence(mapo[:20])
     await fleet.advance(TIMEOUT_MS + 5_000)
 
-    def states_for(centre: str) -> list[str]:
-        due = fleet.store.due_for(centre, fleet.clock.ms + 1, 100_000)
+    async def states_for(centre: str) -> list[str]:
+        due = await fleet.store.due_for(centre, fleet.clock.ms + 1, 100_000)
         return sorted(json.loads(d.body_json)["state"] for d in due)
 
-    assert states_for("central") == ["district_outage"]
-    assert states_for("mapo-arc") == ["district_outage"] + ["offline"] * 20
+    assert await states_for("central") == ["district_outage"]
+    assert await states_for("mapo-arc") == ["district_outage"] + ["offline"] * 20
 
 
 async def test_most_of_an_outage_back_at_once_restores_it_once() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from gateway.api import Api
 from gateway.cli import gateway
 from gateway.config import PrivacyConfig
 from gateway.private import PrivateData, PrivateRoutes, open_vault
-from gateway.store import Incoming, SqliteStore
+from gateway.store import Incoming, SqliteDatabase
 
 DAY_MS = 86_400_000
 
@@ -27,31 +28,31 @@ async def alerts(env: Env, *ids: str) -> None:
 
 
 async def test_only_closed_events_older_than_the_cutoff_go_and_dry_run_deletes_nothing() -> None:
-    env = make_env()
+    env = await make_env()
     await alerts(env, "old-closed-01", "old-open-0001", "new-closed-01")
     now = env.clock()
-    env.store.set_stage("old-closed-01", "closed", now - 40 * DAY_MS, "central")
-    env.store.set_stage("old-open-0001", "dispatched", now - 400 * DAY_MS, "central")
-    env.store.set_stage("new-closed-01", "closed", now - 1 * DAY_MS, "central")
+    await env.store.set_stage("old-closed-01", "closed", now - 40 * DAY_MS, "central")
+    await env.store.set_stage("old-open-0001", "dispatched", now - 400 * DAY_MS, "central")
+    await env.store.set_stage("new-closed-01", "closed", now - 1 * DAY_MS, "central")
     cutoff = now - 30 * DAY_MS
-    assert env.store.purge_closed(cutoff, dry_run=True) == 1
+    assert env.store.database.purge_closed(cutoff, dry_run=True) == 1
     assert env.event_count() == 3
-    assert env.store.purge_closed(cutoff, dry_run=False) == 1
-    left = {e.event_id for e in env.store.events(None, 100)}
+    assert env.store.database.purge_closed(cutoff, dry_run=False) == 1
+    left = {e.event_id for e in env.store.database.events(None, 100)}
     assert left == {"old-open-0001", "new-closed-01"}
-    assert env.store.stages("old-closed-01") == []
+    assert env.store.database.stages("old-closed-01") == []
     # an alert never closed stays, however old
-    assert env.store.purge_closed(now + 1000 * DAY_MS, dry_run=False) == 1
-    assert {e.event_id for e in env.store.events(None, 100)} == {"old-open-0001"}
+    assert env.store.database.purge_closed(now + 1000 * DAY_MS, dry_run=False) == 1
+    assert {e.event_id for e in env.store.database.events(None, 100)} == {"old-open-0001"}
 
 
 async def test_a_long_purge_goes_in_short_transactions(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = make_env()
+    env = await make_env()
     ids = [f"closed-{n:06d}" for n in range(7)]
     await alerts(env, *ids, "still-open-01")
     now = env.clock()
     for event_id in ids:
-        env.store.set_stage(event_id, "closed", now - 40 * DAY_MS, "central")
+        await env.store.set_stage(event_id, "closed", now - 40 * DAY_MS, "central")
     monkeypatch.setattr(store_module, "PURGE_BATCH", 3)
     transactions = 0
     begin = store_module.transaction
@@ -62,18 +63,19 @@ async def test_a_long_purge_goes_in_short_transactions(monkeypatch: pytest.Monke
         return begin(*args, **kwargs)
 
     monkeypatch.setattr(store_module, "transaction", counted)
-    assert env.store.purge_closed(now, dry_run=False) == 7
+    assert env.store.database.purge_closed(now, dry_run=False) == 7
     assert transactions == 3  # 3 + 3 + 1: the lock is let go between them
-    assert {e.event_id for e in env.store.events(None, 100)} == {"still-open-01"}
+    assert {e.event_id for e in env.store.database.events(None, 100)} == {"still-open-01"}
 
 
 def test_purge_command_dry_run_then_for_real(tmp_path: Path) -> None:
     db = tmp_path / "gateway.db"
     config = tmp_path / "gateway.toml"
     config.write_text(f'database = "{db}"\n[privacy]\nclosed_events_days = 30\n' + CENTRAL_TOML)
-    store = SqliteStore(db)
-    env = make_env()
-    for device in env.store.devices():
+    store = SqliteDatabase(db)
+    # the CLI runs its own event loop: this test has none running
+    env = asyncio.run(make_env())
+    for device in env.store.database.devices():
         store.add_device(device, now_ms=0)
     now = time.time_ns() // 1_000_000
     for event_id, closed_days_ago in (("closed-long-ago", 31), ("closed-yesterday", 1)):
@@ -96,21 +98,25 @@ def env_incoming(event_id: str) -> Incoming:
 async def test_decommission_revokes_wipes_private_data_and_keeps_anonymised_history(
     tmp_path: Path,
 ) -> None:
-    env = make_env()
+    env = await make_env()
     await alerts(env, "alert-kept-01")
     create_key_file(tmp_path / "privacy.key")
     vault = open_vault(env.store, PrivacyConfig(key_file=tmp_path / "privacy.key"))
-    vault.put("bell-0001", PrivateData(address="somewhere 1", notes="n"), now_ms=1)
+    await vault.put("bell-0001", PrivateData(address="somewhere 1", notes="n"), now_ms=1)
     refreshed: list[str] = []
+
+    async def refresh(device_id: str) -> None:
+        refreshed.append(device_id)
+
     api = Api(env.store, env.registry, env.downlink, env.metrics, PRIVACY_TOKENS)
-    api.add_routes(PrivateRoutes(env.store, vault, on_revoked=refreshed.append).routes())
+    api.add_routes(PrivateRoutes(env.store, vault, on_revoked=refresh).routes())
     async with TestClient(TestServer(api.app())) as client:
         headers = {"Authorization": f"Bearer {ADMIN}"}
         async with client.post("/admin/devices/bell-0001/decommission", headers=headers) as r:
             assert r.status == 200
         async with client.post("/admin/devices/bell-4242/decommission", headers=headers) as r:
             assert r.status == 404
-    device = env.store.device("bell-0001")
+    device = env.store.database.device("bell-0001")
     assert device is not None and device.revoked and device.label == ""
-    assert env.store.private("bell-0001") is None and refreshed == ["bell-0001"]
-    assert env.store.event("alert-kept-01") is not None  # the history stays
+    assert env.store.database.private("bell-0001") is None and refreshed == ["bell-0001"]
+    assert env.store.database.event("alert-kept-01") is not None  # the history stays

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from gw_testkit import GATEWAY, GATEWAY_KEY, ROUTES, WINDOW_MS, Env, make_env
+from gw_testkit import GATEWAY, GATEWAY_KEY, ROUTES, WINDOW_MS, Env, due, make_env
 
 from gateway.intake import Intake
 from gateway.secondary import DOWN, UP, SecondaryPathWatch
@@ -57,7 +57,7 @@ async def feed(env: Env, intake: Intake, *healths: SecondaryPath | None) -> None
 
 
 def secondary_events(env: Env) -> list[Event]:
-    events = reversed(env.store.events(None, 100_000, type="status"))
+    events = reversed(env.store.database.events(None, 100_000, type="status"))
     return [e for e in events if '"secondary_path_' in e.body_json]
 
 
@@ -66,8 +66,8 @@ def states(env: Env) -> list[str]:
 
 
 @pytest.fixture
-def env() -> Env:
-    return make_env()
+async def env() -> Env:
+    return await make_env()
 
 
 async def test_one_down_and_one_up_per_outage(env: Env) -> None:
@@ -91,7 +91,7 @@ async def test_the_events_are_signed_by_the_gateway_and_routed_like_the_device(e
     intake, _ = watched(env, confirm=1)
     await feed(env, intake, NO_NUMBERS)  # a bell with no SMS numbers has no second path
     (event,) = secondary_events(env)
-    deliveries = [d for d in env.store.due(env.clock.ms, 10) if d.event_id == event.event_id]
+    deliveries = [d for d in due(env.store, env.clock.ms, 10) if d.event_id == event.event_id]
     assert {d.centre for d in deliveries} == set(ROUTES["mapo"])  # bell-0001 is in mapo
     opened = open_envelope(deliveries[0].jws, {GATEWAY: GATEWAY_KEY.public_key()}.__getitem__)
     assert opened.kid == GATEWAY
@@ -116,7 +116,7 @@ async def test_a_restarted_gateway_does_not_report_the_same_outage_twice(env: En
     await feed(env, intake, SEARCHING)
     assert states(env) == [DOWN]
     intake, restarted = watched(env, confirm=1)
-    restarted.load_from(env.store)
+    await restarted.load_from(env.store)
     assert restarted.is_down("bell-0001")
     await feed(env, intake, SEARCHING, WORKING)
     assert states(env) == [DOWN, UP]

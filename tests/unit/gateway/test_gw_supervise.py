@@ -6,10 +6,10 @@ import sqlite3
 from collections.abc import Sequence
 
 import pytest
-from gw_testkit import GATEWAY, GATEWAY_KEY, NOW, TIMEOUT_MS, Env, heartbeat, make_env
+from gw_testkit import GATEWAY, GATEWAY_KEY, NOW, TIMEOUT_MS, Env, due, heartbeat, make_env
 
 from ansimi.mqtt import Message as MqttMessage
-from gateway.store import Device, Event, Incoming, SqliteStore
+from gateway.store import Device, Event, Incoming, SqliteDatabase, SqliteStore, StoreFull
 from gateway.supervise import Supervisor
 from protocol.envelope import open_envelope
 from protocol.keys import generate_key, public_key_to_b64
@@ -17,12 +17,12 @@ from protocol.messages import Status, StatusMessage
 
 
 @pytest.fixture
-def env() -> Env:
-    return make_env()
+async def env() -> Env:
+    return await make_env()
 
 
 def status_events(env: Env) -> list[Event]:
-    return [e for e in reversed(env.store.events(None, 100_000)) if e.type == "status"]
+    return [e for e in reversed(env.store.database.events(None, 100_000)) if e.type == "status"]
 
 
 def states(env: Env) -> list[str]:
@@ -55,7 +55,7 @@ async def test_silence_for_the_timeout_makes_a_device_offline(env: Env) -> None:
     assert await env.supervisor.tick(env.clock.ms) == []
     env.clock.ms += 1
     assert await env.supervisor.tick(env.clock.ms) == ["bell-0001"]
-    assert env.store.device("bell-0001").online is False  # type: ignore[union-attr]
+    assert env.store.database.device("bell-0001").online is False  # type: ignore[union-attr]
     assert states(env) == ["offline"]
     # reported once, however long the silence lasts
     env.clock.ms += 10 * TIMEOUT_MS
@@ -70,9 +70,9 @@ async def test_the_offline_event_is_signed_by_the_gateway_and_routed_like_an_ale
     env.clock.ms += TIMEOUT_MS
     await env.supervisor.tick(env.clock.ms)
     (event,) = status_events(env)
-    (delivery_centres) = {d.centre for d in env.store.due(env.clock.ms, 10)}
+    (delivery_centres) = {d.centre for d in due(env.store, env.clock.ms, 10)}
     assert delivery_centres == {"central", "mapo"}  # bell-0001 is in mapo
-    jws = env.store.due(env.clock.ms, 10)[0].jws
+    jws = due(env.store, env.clock.ms, 10)[0].jws
     opened = open_envelope(jws, {GATEWAY: GATEWAY_KEY.public_key()}.__getitem__)
     assert opened.kid == GATEWAY
     assert isinstance(opened.message, StatusMessage)
@@ -99,7 +99,7 @@ async def test_a_device_heard_again_is_online_again(env: Env) -> None:
     env.clock.ms += 5_000
     await env.feed(env.message(Status(state="online")))
     assert states(env) == ["offline", "online"]
-    assert env.store.device("bell-0001").online  # type: ignore[union-attr]
+    assert env.store.database.device("bell-0001").online  # type: ignore[union-attr]
     # and it is watched again
     env.clock.ms += TIMEOUT_MS
     assert await env.supervisor.tick(env.clock.ms) == ["bell-0001"]
@@ -117,12 +117,14 @@ async def test_a_power_change_is_forwarded_as_the_devices_own_heartbeat(env: Env
     await beat(env, power="mains")
     assert env.event_count() == 0
     await beat(env, power="battery")
-    (event,) = env.store.events(None, 10)
+    (event,) = env.store.database.events(None, 10)
     assert event.type == "heartbeat" and '"power":"battery"' in event.body_json
-    assert {d.centre for d in env.store.due(env.clock.ms, 10)} == {"central", "mapo"}
+    assert {d.centre for d in due(env.store, env.clock.ms, 10)} == {"central", "mapo"}
     await beat(env, power="battery")
     await beat(env, power="mains")
-    powers = sorted(e.body_json.split('"power":"')[1][:4] for e in env.store.events(None, 10))
+    powers = sorted(
+        e.body_json.split('"power":"')[1][:4] for e in env.store.database.events(None, 10)
+    )
     assert powers == ["batt", "main"]
 
 
@@ -143,7 +145,7 @@ async def test_start_up_watches_online_devices_from_now(env: Env) -> None:
     await beat(env)
     restarted = another_instance(env)
     env.clock.ms += 10 * TIMEOUT_MS  # the gateway was down a while
-    restarted.load(env.store.devices(), env.clock.ms)
+    restarted.load(env.store.database.devices(), env.clock.ms)
     assert restarted.watched() == 1
     assert await restarted.tick(env.clock.ms + TIMEOUT_MS - 1) == []
     assert await restarted.tick(env.clock.ms + TIMEOUT_MS) == ["bell-0001"]
@@ -154,7 +156,7 @@ async def test_two_instances_on_one_store_report_an_outage_once(env: Env) -> Non
     heartbeats to A); B must not call it offline while A still hears it."""
     await beat(env)
     b = another_instance(env)
-    b.load(env.store.devices(), env.clock.ms)
+    b.load(env.store.database.devices(), env.clock.ms)
     env.clock.ms += 20_000
     await beat(env)  # heard by A only
     env.clock.ms += 11_000
@@ -169,11 +171,11 @@ async def test_two_instances_on_one_store_report_an_outage_once(env: Env) -> Non
 class CountingStore(SqliteStore):
     calls: int = 0
 
-    def mark_offline(
+    async def mark_offline(
         self, items: Sequence[Incoming], silent_since_ms: int, now_ms: int
     ) -> list[bool]:
         CountingStore.calls += 1
-        return super().mark_offline(items, silent_since_ms, now_ms)
+        return await super().mark_offline(items, silent_since_ms, now_ms)
 
 
 async def test_five_thousand_devices_cost_one_entry_each_and_one_commit(env: Env) -> None:
@@ -181,8 +183,8 @@ async def test_five_thousand_devices_cost_one_entry_each_and_one_commit(env: Env
     devices = [f"bell-{n:05d}" for n in range(5_000)]
     key = public_key_to_b64(generate_key().public_key())
     for device_id in devices:
-        store.add_device(Device(device_id, key, "bell", "mapo"), now_ms=0)
-    store.accept_batch(
+        store.database.add_device(Device(device_id, key, "bell", "mapo"), now_ms=0)
+    store.database.accept_batch(
         [Incoming(f"hb-{d}", d, 1, "heartbeat", NOW, "{}", "", (), kept=False) for d in devices],
         NOW,
     )
@@ -197,14 +199,14 @@ async def test_five_thousand_devices_cost_one_entry_each_and_one_commit(env: Env
     gone = await sup.tick(NOW + 50_000 + TIMEOUT_MS)
     assert len(gone) == 5_000
     assert CountingStore.calls == 1
-    assert len(store.events(None, 10_000)) == 5_000
+    assert len(store.database.events(None, 10_000)) == 5_000
     assert sup.watched() == 0 and sup._heap == []
 
 
 async def test_a_revoked_device_is_not_reported(env: Env) -> None:
     await beat(env, "bell-0002")
-    env.store.revoke("bell-0002", 0)
-    env.registry.reload()
+    await env.store.revoke("bell-0002", 0)
+    await env.registry.reload()
     env.clock.ms += TIMEOUT_MS
     assert await env.supervisor.tick(env.clock.ms) == []
     assert status_events(env) == []
@@ -216,8 +218,8 @@ GRACE_MS = 5_000
 
 
 @pytest.fixture
-def graced() -> Env:
-    return make_env(will_grace_ms=GRACE_MS)
+async def graced() -> Env:
+    return await make_env(will_grace_ms=GRACE_MS)
 
 
 def will(env: Env, device: str = "bell-0001") -> MqttMessage:
@@ -246,7 +248,7 @@ async def test_a_will_for_a_connection_the_device_has_already_replaced_reports_n
         env.clock.ms += 1_000
         assert await env.supervisor.tick(env.clock.ms) == []
     assert states(env) == ["offline", "online"]
-    assert env.store.device("bell-0001").online  # type: ignore[union-attr]
+    assert env.store.database.device("bell-0001").online  # type: ignore[union-attr]
 
 
 async def test_a_reset_the_device_recovers_from_within_the_grace_is_not_an_outage(
@@ -292,7 +294,7 @@ async def test_a_device_heard_by_another_instance_during_the_grace_stays_online(
     await env.feed(will(env))
     env.clock.ms += 1_000
     # its reconnect's first message went to instance B: only the store knows
-    env.store.accept_batch(
+    await env.store.accept_batch(
         [Incoming("hb-elsewhere-01", "bell-0001", 99, "heartbeat", NOW, "{}", "", (), kept=False)],
         env.clock.ms,
     )
@@ -303,8 +305,9 @@ async def test_a_device_heard_by_another_instance_during_the_grace_stays_online(
     assert env.supervisor.deadline("bell-0001") == heard_at + TIMEOUT_MS
 
 
-class FailingStore(SqliteStore):
-    """The disk is full: nothing can be written until `healed`."""
+class FailingDatabase(SqliteDatabase):
+    """The disk is full: nothing can be written until `healed` (SQLite's own error, which
+    the store turns into its StoreFull)."""
 
     healed = False
 
@@ -319,21 +322,21 @@ class FailingStore(SqliteStore):
 async def test_a_store_that_cannot_write_loses_no_device_and_reports_no_false_outage(
     env: Env,
 ) -> None:
-    store = FailingStore(":memory:")
+    store = SqliteStore(FailingDatabase(":memory:"))
     key = public_key_to_b64(generate_key().public_key())
-    store.add_device(Device("bell-0042", key, "bell", "mapo"), now_ms=0)
-    store.accept_batch(
+    store.database.add_device(Device("bell-0042", key, "bell", "mapo"), now_ms=0)
+    store.database.accept_batch(
         [Incoming("hb-0042-0001", "bell-0042", 1, "heartbeat", NOW, "{}", "", (), kept=False)], NOW
     )
     sup = Supervisor(
         store, env.downlink, env.metrics, route_of=lambda d: ("central",), timeout_ms=TIMEOUT_MS
     )
     sup.heard("bell-0042", NOW)
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StoreFull):
         await sup.tick(NOW + TIMEOUT_MS)
     # still watched, a full timeout from the failure, not dropped and not due at once
     assert sup.deadline("bell-0042") == NOW + 2 * TIMEOUT_MS
-    store.healed = True
+    store.database.healed = True  # type: ignore[attr-defined]
     assert await sup.tick(NOW + TIMEOUT_MS + 1_000) == []
     # the device stayed silent after all: reported, once
     assert await sup.tick(NOW + 2 * TIMEOUT_MS) == ["bell-0042"]

@@ -20,12 +20,12 @@ from gw_testkit import (
     WINDOW_MS,
     Clock,
     Env,
+    due,
     heartbeat,
     make_env,
 )
 
 from ansimi.mqtt import Message as MqttMessage
-from gateway.enrol import EnrolmentStore
 from gateway.forward import delivery_body
 from gateway.intake import SYNC_EVERY_MS
 from gateway.store import Device, SqliteStore
@@ -39,8 +39,8 @@ TEN_MINUTES_MS = 600_000
 
 
 @pytest.fixture
-def env() -> Env:
-    return make_env()
+async def env() -> Env:
+    return await make_env()
 
 
 def skew_metric(env: Env) -> float:
@@ -60,7 +60,7 @@ async def test_a_skewed_alert_is_kept_acked_forwarded_flagged_and_answered_with_
     await env.feed(message)
     assert env.rejected() == 0
     assert env.acks() == [("bell-0001", "alert-skewed1", "received")]
-    deliveries = env.store.due(NOW, 10)
+    deliveries = due(env.store, NOW, 10)
     assert {d.centre for d in deliveries} == {"central", "mapo"}
     for delivery in deliveries:
         body = json.loads(delivery_body(delivery, "mapo"))
@@ -75,7 +75,7 @@ async def test_a_skewed_alert_is_kept_acked_forwarded_flagged_and_answered_with_
 
 async def test_an_alert_inside_the_window_carries_no_flag_and_gets_no_sync(env: Env) -> None:
     await env.feed(env.message(ALERT, ts=NOW - WINDOW_MS))
-    (delivery, _) = env.store.due(NOW, 10)
+    (delivery, _) = due(env.store, NOW, 10)
     assert "clock_skew_ms" not in json.loads(delivery_body(delivery, "mapo"))
     assert env.syncs() == []
 
@@ -84,10 +84,10 @@ async def test_a_skewed_bell_is_heard_so_its_going_away_is_reported(env: Env) ->
     # a bell never heard from is not watched: a skewed one must not stay unheard
     assert env.supervisor.deadline("bell-0001") is None
     await env.feed(env.message(heartbeat(), ts=NOW + TEN_MINUTES_MS))
-    device = env.store.device("bell-0001")
+    device = env.store.database.device("bell-0001")
     assert device is not None and device.online
     assert await env.supervisor.tick(NOW + TIMEOUT_MS + 1) == ["bell-0001"]
-    assert [(e.type, e.body_json) for e in env.store.events(None, 10)] == [
+    assert [(e.type, e.body_json) for e in env.store.database.events(None, 10)] == [
         ("status", '{"state":"offline"}')
     ]
 
@@ -120,7 +120,7 @@ async def test_a_bell_that_lost_its_counter_gets_its_alert_through_in_one_round_
     # the device raises its counter, signs the alert again and resends it
     await env.feed(env.message(ALERT, id="alert-after1", seq=sync.body.next_seq))
     assert env.acks() == [("bell-0001", "alert-after1", "received")]
-    assert [e.event_id for e in env.store.events(None, 10)] == ["alert-after1"]
+    assert [e.event_id for e in env.store.database.events(None, 10)] == ["alert-after1"]
 
 
 async def test_redeliveries_and_known_resends_get_no_sync(env: Env) -> None:
@@ -145,29 +145,28 @@ async def test_a_flood_of_replays_gets_one_sync_per_interval(env: Env) -> None:
     assert len(env.syncs()) == 1
 
 
-def _file_env(path: Path, clock: Clock) -> Env:
+async def _file_env(path: Path, clock: Clock) -> Env:
     store = SqliteStore(path)
-    if store.device("bell-0001") is None:
+    if store.database.device("bell-0001") is None:
         for device_id, district in DISTRICTS.items():
             public = public_key_to_b64(KEYS[device_id].public_key())
-            store.add_device(Device(device_id, public, "bell", district), now_ms=0)
-    return make_env(clock, store=store)
+            store.database.add_device(Device(device_id, public, "bell", district), now_ms=0)
+    return await make_env(clock, store=store)
 
 
 async def test_the_counter_is_repaired_across_a_gateway_restart_and_a_key_rotation(
     tmp_path: Path,
 ) -> None:
     clock = Clock()
-    first = _file_env(tmp_path / "gateway.db", clock)
+    first = await _file_env(tmp_path / "gateway.db", clock)
     await first.feed(first.message(ALERT, seq=7_000))
-    first.store.close()
     # a new key on new hardware (the same device id), with a fresh outbox: seq from 1
     new_key = Ed25519PrivateKey.from_private_bytes(bytes([42]) * 32)
-    enrolments = EnrolmentStore(tmp_path / "gateway.db")
-    token, _ = enrolments.issue("bell-0001", "bell", "mapo", "", now_ms=NOW, rotate=True)
-    enrolments.complete(token, public_key_to_b64(new_key.public_key()), "serial-2", NOW)
-    enrolments.close()
-    again = _file_env(tmp_path / "gateway.db", clock)  # the gateway restarted
+    store = first.store
+    token, _ = await store.issue_enrolment("bell-0001", "bell", "mapo", "", now_ms=NOW, rotate=True)
+    await store.complete_enrolment(token, public_key_to_b64(new_key.public_key()), "serial-2", NOW)
+    await store.close()
+    again = await _file_env(tmp_path / "gateway.db", clock)  # the gateway restarted
 
     def signed(seq: int) -> MqttMessage:
         msg = build_message(ALERT, device="bell-0001", seq=seq, ts=NOW, id="alert-newkey1")
@@ -181,7 +180,7 @@ async def test_the_counter_is_repaired_across_a_gateway_restart_and_a_key_rotati
     assert sync.body.next_seq == 7_001
     await again.feed(signed(sync.body.next_seq))
     assert again.acks() == [("bell-0001", "alert-newkey1", "received")]
-    again.store.close()
+    await again.store.close()
 
 
 async def test_replays_of_old_captures_cannot_use_up_the_sync_a_bell_that_lost_its_counter_needs(

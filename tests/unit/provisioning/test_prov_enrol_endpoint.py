@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway.api import Api
 from gateway.config import ApiToken
 from gateway.downlink import Downlink
-from gateway.enrol import Enrolment, EnrolmentInfo, EnrolmentStore, SiteSigner, hash_token
+from gateway.enrol import Enrolment, EnrolmentInfo, SiteSigner
+from gateway.enrolments import hash_token
 from gateway.intake import Registry
 from gateway.metrics import Metrics
 from gateway.store import SqliteStore
@@ -46,7 +47,7 @@ class Clock:
 class Env:
     client: TestClient[Any, Any]
     store: SqliteStore
-    tokens: EnrolmentStore
+    tokens: SqliteStore  # the same store: enrolment is one of its roles
     registry: Registry
     clock: Clock
     site: Site
@@ -82,7 +83,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     init_site(tmp_path / "site", site="unit", listen_host="127.0.0.1", port=18883)
     site = Site.open(tmp_path / "site")
     store = SqliteStore(tmp_path / "gateway.db")
-    tokens = EnrolmentStore(tmp_path / "gateway.db")
+    tokens = store
     registry = Registry(store)
     clock = Clock()
     signer = Signer(site.gateway_id, generate_key())
@@ -115,8 +116,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     api.add_routes(enrolment.routes())
     async with TestClient(TestServer(api.app())) as client:
         yield Env(client, store, tokens, registry, clock, site)
-    tokens.close()
-    store.close()
+    await store.close()
 
 
 async def test_a_token_enrols_its_device_once_with_the_key_from_the_csr(env: Env) -> None:
@@ -132,7 +132,7 @@ async def test_a_token_enrols_its_device_once_with_the_key_from_the_csr(env: Env
     assert body["broker"] == {"host": "127.0.0.1", "port": 18883}
     assert body["ca_pem"] == env.site.layout.ca_cert.read_text()
     # the device's message key is the CSR's key, and the gateway's registry knows it now
-    device = env.store.device("bell-0001")
+    device = env.store.database.device("bell-0001")
     assert device is not None
     assert device.public_key == public_key_to_b64(key.public_key())
     assert (device.kind, device.district, device.label) == ("bell", "mapo", "front door")
@@ -152,7 +152,7 @@ async def test_an_expired_token_is_refused_and_registers_nothing(env: Env) -> No
     env.clock.ms += 3600 * 1000 + 1
     status, body = await env.enrol(token)
     assert (status, body["reason"]) == (403, "expired")
-    assert env.store.device("bell-0001") is None
+    assert env.store.database.device("bell-0001") is None
 
 
 async def test_refusals_name_the_reason(env: Env) -> None:
@@ -161,7 +161,7 @@ async def test_refusals_name_the_reason(env: Env) -> None:
     assert (status, body["reason"]) == (403, "wrong-device")
     status, body = await env.enrol("bell-0001." + "x" * 43)
     assert (status, body["reason"]) == (403, "unknown")
-    assert env.store.device("bell-0001") is None
+    assert env.store.database.device("bell-0001") is None
 
 
 async def test_a_refused_csr_leaves_the_token_usable(env: Env) -> None:
@@ -213,7 +213,7 @@ async def test_rotation_rekeys_the_device_and_keeps_its_record(env: Env) -> None
     new_key = generate_key()
     status, answer = await env.enrol(body["token"], key=new_key)
     assert status == 200 and answer["rotated"] is True
-    device = env.store.device("bell-0001")
+    device = env.store.database.device("bell-0001")
     assert device is not None
     assert device.public_key == public_key_to_b64(new_key.public_key())
     assert (device.district, device.label) == ("mapo", "shop")
@@ -289,15 +289,15 @@ def test_the_gateway_serves_enrolment_only_when_configured_with_a_site(tmp_path:
         loop.close()
         return Api(store, registry, downlink, Metrics(), api_on.tokens)
 
-    assert attach_if_site(api(), registry, elsewhere) is None
-    assert attach_if_site(api(), registry, not_a_site) is None
-    assert attach_if_site(api(), registry, api_off) is None
+    assert attach_if_site(api(), registry, store, elsewhere) is None
+    assert attach_if_site(api(), registry, store, not_a_site) is None
+    assert attach_if_site(api(), registry, store, api_off) is None
     with_site = api()
-    enrolment = attach_if_site(with_site, registry, in_site)
+    enrolment = attach_if_site(with_site, registry, store, in_site)
     assert enrolment is not None
+    assert enrolment.store is store  # it enrols into the gateway's own store
     assert ("POST", "/enrol") in {(r.method, r.path) for r in with_site.routes}
-    enrolment.store.close()
-    store.close()
+    store.database.close()
 
 
 async def test_an_admin_of_one_district_enrols_and_rotates_only_there(env: Env) -> None:
@@ -320,7 +320,9 @@ async def test_an_admin_of_one_district_enrols_and_rotates_only_there(env: Env) 
         "POST", "/admin/enrolments", {"device_id": "bell-0002", "rotate": True}
     )
     assert status == 404 and "not enrolled" in body["error"]
-    assert [r.device_id for r in env.tokens.records(None)] == ["bell-0002"]  # nothing issued
+    assert [r.device_id for r in await env.tokens.enrolments(None)] == [
+        "bell-0002"
+    ]  # nothing issued
     # its own district, it may; and the list holds only its own district's records
     assert (await as_mapo("POST", "/admin/enrolments", {**new, "district": "mapo"}))[0] == 201
     status, listed = await as_mapo("GET", "/admin/enrolments")

@@ -1,0 +1,376 @@
+"""The store contract: what every store engine promises, through the roles' async methods.
+
+Parametrised by store factory: SQLite (in memory and on a file) today; a PostgreSQL store
+joins by adding its factory to `FACTORIES`, and must pass every test here unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.enrolments import DuplicateEnrolment, NotEnrolled, OtherDistrict, TokenRefused
+from gateway.store import (
+    FOREIGN_ID,
+    FOREIGN_REF,
+    Device,
+    DuplicateDevice,
+    Incoming,
+    Store,
+    UnknownEvent,
+    open_store,
+    sqlite_url,
+)
+
+StoreFactory = Callable[[Path], Awaitable[Store]]
+
+
+async def sqlite_in_memory(tmp_path: Path) -> Store:
+    return open_store("sqlite://:memory:")
+
+
+async def sqlite_on_a_file(tmp_path: Path) -> Store:
+    return open_store(sqlite_url(tmp_path / "gateway.db"))
+
+
+FACTORIES: dict[str, StoreFactory] = {
+    "sqlite-memory": sqlite_in_memory,
+    "sqlite-file": sqlite_on_a_file,
+}
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await FACTORIES[request.param](tmp_path)
+    for device_id, district in (("bell-0001", "mapo"), ("bell-0002", "gangnam")):
+        await opened.add_device(Device(device_id, f"key-{device_id}", "bell", district), 0)
+    yield opened
+    await opened.close()
+
+
+def item(
+    event_id: str,
+    device_id: str = "bell-0001",
+    seq: int = 1,
+    *,
+    type: str = "alert",
+    body: str = "{}",
+    centres: tuple[str, ...] = ("central", "mapo"),
+    kept: bool = True,
+    power: str | None = None,
+    refs: tuple[str, ...] = (),
+    skew: int | None = None,
+) -> Incoming:
+    return Incoming(
+        event_id,
+        device_id,
+        seq,
+        type,
+        1_000,
+        body,
+        f"jws-of-{event_id}",
+        centres,
+        kept,
+        power,
+        refs,
+        skew,
+    )
+
+
+# ---- devices (operator API, intake, supervision) ------------------------------------------
+
+
+async def test_devices_are_added_listed_and_revoked_once(store: Store) -> None:
+    with pytest.raises(DuplicateDevice):
+        await store.add_device(Device("bell-0001", "other", "bell", "mapo"), 5)
+    assert [d.device_id for d in await store.devices()] == ["bell-0001", "bell-0002"]
+    assert await store.device("bell-0009") is None
+    assert await store.revoke("bell-0001", 10)
+    assert await store.revoke("bell-0001", 20)  # again: still revoked, first time kept
+    device = await store.device("bell-0001")
+    assert device is not None and device.revoked and device.revoked_ms == 10
+    assert not await store.revoke("bell-0009", 30)
+
+
+# ---- intake ---------------------------------------------------------------------------------
+
+
+async def test_a_batch_is_kept_once_and_a_resend_is_known(store: Store) -> None:
+    done = await store.accept_batch([item("alert-0001"), item("alert-0002", seq=2)], 100)
+    assert (done.fresh, done.forwarded, done.refused) == ([True, True], [True, True], [None, None])
+    again = await store.accept_batch([item("alert-0001")], 200)
+    assert (again.fresh, again.forwarded, again.refused) == ([False], [False], [None])
+    late = await store.accept_batch([item("alert-0000", seq=0, skew=-90_000)], 200)
+    assert late.fresh == [True]  # an older sequence number is kept: the mark does not go back
+    (skewed,) = [d for d in await store.due_for("mapo", 200, 10) if d.event_id == "alert-0000"]
+    assert skewed.clock_skew_ms == -90_000
+    device = await store.device("bell-0001")
+    assert device is not None
+    assert (device.high_water, device.last_seen_ms, device.online) == (2, 200, True)
+    event = await store.event("alert-0001")
+    assert event is not None and (event.state, event.received_ms, event.waiting) == (
+        "received",
+        100,
+        2,
+    )
+
+
+async def test_heartbeats_move_the_mark_only_and_a_power_change_is_kept(store: Store) -> None:
+    beat = item("hb-0001", seq=5, type="heartbeat", kept=False, power="mains", centres=())
+    done = await store.accept_batch([beat], 100)
+    assert (done.fresh, done.forwarded) == ([True], [False])
+    assert await store.event("hb-0001") is None
+    device = await store.device("bell-0001")
+    assert device is not None and (device.high_water, device.power) == (5, "mains")
+    change = item("hb-0002", seq=6, type="heartbeat", kept=False, power="battery")
+    assert (await store.accept_batch([change], 200)).forwarded == [True]
+    assert await store.event("hb-0002") is not None
+
+
+async def test_an_id_is_its_first_devices_own_and_named_ids_are_claimed(store: Store) -> None:
+    await store.accept_batch([item("alert-mine-01")], 100)
+    # a cancel that names an alert not here yet claims that id for its device
+    cancel = item("cancel-0001", seq=2, type="cancel", refs=("alert-late-01",))
+    assert (await store.accept_batch([cancel], 100)).refused == [None]
+    stolen = item("alert-mine-01", "bell-0002", centres=("central",))
+    named = item("alert-late-01", "bell-0002", 2, centres=("central",))
+    naming = item("cancel-other1", "bell-0002", 3, type="cancel", refs=("alert-mine-01",))
+    done = await store.accept_batch([stolen, named, naming], 200)
+    assert done.refused == [FOREIGN_ID, FOREIGN_ID, FOREIGN_REF]
+    assert done.fresh == [False, False, False] and done.forwarded == [False, False, False]
+    event = await store.event("alert-mine-01")
+    assert event is not None and event.device_id == "bell-0001"
+    # the naming device's own alert arrives later under that id: its own
+    assert (await store.accept_batch([item("alert-late-01", seq=3)], 300)).refused == [None]
+
+
+# ---- supervision ----------------------------------------------------------------------------
+
+
+async def test_offline_is_marked_once_unless_heard_since(store: Store) -> None:
+    await store.accept_batch([item("hb-0001", type="heartbeat", kept=False)], 1_000)
+    offline = item("offline-0001", type="status", centres=("central",))
+    assert await store.mark_offline([offline], 500, 2_000) == [False]  # heard after 500
+    assert await store.mark_offline([offline], 1_000, 2_000) == [True]
+    again = item("offline-0002", type="status", centres=("central",))
+    assert await store.mark_offline([again], 1_000, 3_000) == [False]  # offline already
+    assert await store.event("offline-0002") is None
+    device = await store.device("bell-0001")
+    assert device is not None and device.online is False
+    back = await store.accept_batch([item("hb-0002", seq=2, type="heartbeat", kept=False)], 4_000)
+    assert back.came_online == ["bell-0001"]
+
+
+async def test_a_gateway_made_event_leaves_the_mark_alone(store: Store) -> None:
+    await store.add_event(item("online-0001", seq=99, type="status"), 100)
+    device = await store.device("bell-0001")
+    assert device is not None and device.high_water is None
+    statuses = await store.events(None, 10, type="status")
+    assert [e.event_id for e in statuses] == ["online-0001"]
+
+
+# ---- forwarding -----------------------------------------------------------------------------
+
+
+async def test_deliveries_are_due_per_centre_and_recorded_in_one_go(store: Store) -> None:
+    await store.accept_batch([item("alert-0001"), item("alert-0002", seq=2)], 100)
+    assert await store.due_for("central", 99, 10) == []
+    due = await store.due_for("central", 100, 10)
+    assert {d.event_id for d in due} == {"alert-0001", "alert-0002"}
+    assert due[0].jws == f"jws-of-{due[0].event_id}" and due[0].device_id == "bell-0001"
+    assert len(await store.due_for("central", 100, 1)) == 1
+    firsts = await store.delivered_many(
+        [("alert-0001", "central"), ("alert-0001", "mapo"), ("alert-0002", "central")], 150
+    )
+    assert firsts == [True, False, True]
+    assert [d.event_id for d in await store.due_for("mapo", 200, 10)] == ["alert-0002"]
+    assert await store.due_for("central", 200, 10) == []
+    assert await store.stages("alert-0001") == [("delivered", 150, "central")]
+    event = await store.event("alert-0001")
+    assert event is not None and (event.state, event.waiting) == ("delivered", 0)
+    assert await store.waiting_count() == 1
+    assert await store.waiting_by_centre() == {"mapo": 1}
+
+
+async def test_a_failure_waits_and_a_refusal_parks_until_retried(store: Store) -> None:
+    await store.accept_batch(
+        [item("alert-0001"), item("alert-2", "bell-0002", centres=("central",))], 100
+    )
+    await store.failed("alert-0001", "central", 5_000, "HTTP 503")
+    assert all(d.event_id != "alert-0001" for d in await store.due_for("central", 4_999, 10))
+    (retry,) = [d for d in await store.due_for("central", 5_000, 10) if d.event_id == "alert-0001"]
+    assert retry.attempts == 1
+    await store.refused("alert-0001", "mapo", 200, "HTTP 400: malformed")
+    await store.refused("alert-2", "central", 200, "HTTP 401")
+    assert await store.due_for("mapo", 10_000, 10) == []
+    assert await store.refused_by_centre() == {"central": 1, "mapo": 1}
+    (parked,) = await store.waiting(10, refused=True, districts=["mapo"])
+    assert (parked.event_id, parked.centre, parked.district) == ("alert-0001", "mapo", "mapo")
+    assert parked.refused_ms == 200 and parked.last_error == "HTTP 400: malformed"
+    assert {(w.event_id, w.centre) for w in await store.waiting(10, refused=False)} == {
+        ("alert-0001", "central")
+    }
+    assert await store.retry_refused(300, districts=["gangnam"]) == 1
+    assert await store.retry_refused(300, centre="central") == 0
+    assert await store.retry_refused(300, event_id="alert-0001") == 1
+    assert [d.event_id for d in await store.due_for("mapo", 300, 10)] == ["alert-0001"]
+    assert await store.refused_by_centre() == {}
+
+
+async def test_what_no_centre_has_is_routed_again_once(store: Store) -> None:
+    await store.accept_batch([item("alert-unrouted", centres=())], 100)
+    await store.accept_batch([item("alert-renamed", seq=2, centres=("old",))], 100)
+    await store.accept_batch([item("alert-delivered", seq=3, centres=("old",))], 100)
+    await store.delivered_many([("alert-delivered", "old")], 110)
+    routes = {"mapo": ("central", "mapo")}
+    assert await store.reroute(lambda district: routes[district], 200) == 4
+    assert {d.event_id for d in await store.due_for("central", 200, 10)} == {
+        "alert-unrouted",
+        "alert-renamed",
+    }
+    assert [d.event_id for d in await store.due_for("old", 200, 10)] == ["alert-renamed"]
+    assert await store.reroute(lambda district: routes[district], 300) == 0
+
+
+# ---- operator stages ------------------------------------------------------------------------
+
+
+async def test_stages_only_go_forward(store: Store) -> None:
+    await store.accept_batch([item("alert-0001")], 100)
+    await store.accept_batch([item("alert-0002", seq=2, type="cancel")], 150)
+    assert await store.set_stage("alert-0001", "dispatched", 200, "desk")
+    assert not await store.set_stage("alert-0001", "acknowledged", 300, "desk")
+    assert await store.stages("alert-0001") == [("dispatched", 200, "desk")]
+    with pytest.raises(UnknownEvent):
+        await store.set_stage("alert-none", "closed", 400, "desk")
+    assert [e.event_id for e in await store.events("dispatched", 10)] == ["alert-0001"]
+    assert [e.event_id for e in await store.events(None, 10, type="cancel")] == ["alert-0002"]
+    await store.accept_batch([item("alert-0003", seq=3)], 500)
+    assert [e.event_id for e in await store.events(None, 2)] == ["alert-0003", "alert-0002"]
+
+
+# ---- privacy and retention ------------------------------------------------------------------
+
+
+async def test_private_data_is_kept_resealed_and_wiped(store: Store) -> None:
+    assert not await store.set_private("bell-0009", "sealed-x", 1)
+    assert await store.set_private("bell-0001", "sealed-1", 1)
+    assert await store.set_private("bell-0002", "sealed-2", 1)
+    assert await store.private("bell-0001") == "sealed-1"
+    assert await store.reseal_private(lambda device_id, sealed: f"{sealed}+{device_id}") == 2
+    assert await store.private("bell-0002") == "sealed-2+bell-0002"
+    await store.accept_batch([item("alert-0001")], 100)
+    assert await store.decommission("bell-0001", 200)
+    assert not await store.decommission("bell-0009", 200)
+    device = await store.device("bell-0001")
+    assert device is not None and device.revoked and device.label == ""
+    assert await store.private("bell-0001") is None
+    assert await store.event("alert-0001") is not None  # the anonymised history stays
+
+
+async def test_only_events_closed_before_the_cutoff_are_purged(store: Store) -> None:
+    await store.accept_batch([item(f"alert-{n}", seq=n) for n in range(1, 5)], 100)
+    await store.set_stage("alert-1", "closed", 1_000, "desk")
+    await store.set_stage("alert-2", "closed", 5_000, "desk")
+    await store.set_stage("alert-3", "dispatched", 1_000, "desk")  # old, but not closed
+    assert await store.purge_closed(2_000, dry_run=True) == 1
+    assert await store.event("alert-1") is not None
+    assert await store.purge_closed(2_000, dry_run=False) == 1
+    assert await store.event("alert-1") is None and await store.stages("alert-1") == []
+    assert await store.event("alert-2") is not None and await store.event("alert-3") is not None
+    # a purged event's id stays its device's
+    reuse = item("alert-1", "bell-0002", 9, centres=("central",))
+    assert (await store.accept_batch([reuse], 6_000)).refused == [FOREIGN_ID]
+
+
+# ---- enrolment ------------------------------------------------------------------------------
+
+
+async def test_a_token_enrols_its_device_once(store: Store) -> None:
+    token, pending = await store.issue_enrolment("bell-0003", "store", "mapo", "shop", now_ms=0)
+    assert token.startswith("bell-0003.") and pending.state(1) == "pending"
+    with pytest.raises(DuplicateEnrolment):  # one live token per new device
+        await store.issue_enrolment("bell-0003", "store", "mapo", "", now_ms=1)
+    with pytest.raises(TokenRefused) as wrong:
+        await store.check_enrolment(token, "bell-0004", 1)
+    assert wrong.value.reason == "wrong-device"
+    with pytest.raises(TokenRefused) as unknown:
+        await store.check_enrolment("bell-0003.nothing-like-it", "bell-0003", 1)
+    assert unknown.value.reason == "unknown"
+    assert (await store.check_enrolment(token, "bell-0003", 1)).kind == "store"
+    done = await store.complete_enrolment(token, "key-3", "0A", 2)
+    assert done.device_id == "bell-0003"
+    device = await store.device("bell-0003")
+    assert device is not None and (device.public_key, device.kind, device.label) == (
+        "key-3",
+        "store",
+        "shop",
+    )
+    with pytest.raises(TokenRefused) as used:
+        await store.complete_enrolment(token, "key-other", "0B", 3)
+    assert used.value.reason == "used"
+    (record,) = await store.enrolments("bell-0003")
+    assert (record.serial, record.used_ms) == ("0A", 2)
+
+
+async def test_a_rotation_rekeys_an_enrolled_device_of_the_askers_districts(store: Store) -> None:
+    with pytest.raises(NotEnrolled):
+        await store.issue_enrolment("bell-0009", "bell", "", "", now_ms=0, rotate=True)
+    with pytest.raises(NotEnrolled):  # another district's device looks unknown
+        await store.issue_enrolment(
+            "bell-0002", "bell", "", "", now_ms=0, rotate=True, serves=lambda d: d == "mapo"
+        )
+    with pytest.raises(OtherDistrict):
+        await store.issue_enrolment(
+            "bell-0005", "bell", "gangnam", "", now_ms=0, serves=lambda d: d == "mapo"
+        )
+    with pytest.raises(DuplicateEnrolment):
+        await store.issue_enrolment("bell-0001", "bell", "mapo", "", now_ms=0)
+    first, _ = await store.issue_enrolment("bell-0001", "bell", "", "", now_ms=0, rotate=True)
+    second, pending = await store.issue_enrolment(
+        "bell-0001", "bell", "", "", now_ms=1, rotate=True
+    )
+    assert (pending.district, pending.rotate) == ("mapo", True)  # kept from the device
+    with pytest.raises(TokenRefused) as replaced:
+        await store.check_enrolment(first, "bell-0001", 2)
+    assert replaced.value.reason == "cancelled"
+    await store.complete_enrolment(second, "key-new", "0C", 3)
+    device = await store.device("bell-0001")
+    assert device is not None and device.public_key == "key-new"
+    await store.revoke("bell-0001", 4)
+    with pytest.raises(TokenRefused) as revoked:
+        await store.issue_enrolment("bell-0001", "bell", "", "", now_ms=5, rotate=True)
+    assert revoked.value.reason == "revoked"
+
+
+async def test_tokens_expire_and_are_cancelled(store: Store) -> None:
+    old, _ = await store.issue_enrolment("bell-0005", "bell", "mapo", "", now_ms=0, ttl_s=60)
+    with pytest.raises(TokenRefused) as expired:
+        await store.check_enrolment(old, "bell-0005", 60_000)
+    assert expired.value.reason == "expired"
+    live, _ = await store.issue_enrolment("bell-0005", "bell", "mapo", "", now_ms=60_000)
+    # every unused token: the expired one too
+    assert await store.cancel_enrolments("bell-0005", 61_000) == 2
+    assert await store.cancel_enrolments("bell-0005", 62_000) == 0
+    with pytest.raises(TokenRefused) as cancelled:
+        await store.complete_enrolment(live, "key-5", "0D", 63_000)
+    assert cancelled.value.reason == "cancelled"
+    assert await store.device("bell-0005") is None
+    records = await store.enrolments()
+    assert [r.created_ms for r in records] == [60_000, 0]  # newest first
+
+
+# ---- health and the gateway's own events ----------------------------------------------------
+
+
+async def test_a_site_event_is_kept_and_forwarded_without_a_device(store: Store) -> None:
+    body = json.dumps({"state": "disk_low"})
+    await store.add_site_event(item("disk-low-0001", "gw-local", type="status", body=body), 100)
+    (due,) = await store.due_for("central", 100, 10)
+    assert (due.device_id, due.body_json) == ("gw-local", body)
+    free = await store.free_bytes()
+    assert free is None or free > 0
+    await store.checkpoint()  # nothing to say, but it must not fail
