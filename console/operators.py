@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.districts import UnknownDistrict, check_district
+from ansimi.districts import UnknownDistrict, check_district
 
 SCRYPT_N = 2**14
 SCRYPT_R = 8

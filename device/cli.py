@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Literal
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ansimi.cli import LazyGroup
 from ansimi.config import ConfigError, load_config
+from ansimi.lazygroup import LazyGroup
 from device.config import DeviceConfig
 
 if TYPE_CHECKING:

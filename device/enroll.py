@@ -26,7 +26,6 @@ import datetime as dt
 import email.utils
 import json
 import os
-import shlex
 import ssl
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from cryptography.x509.oid import NameOID
 from ansimi.config import ConfigError, load_config
 from device.config import DeviceConfig
 from protocol.keys import generate_key, private_key_to_pem
+from siteca.remote import ssh_command
 
 DEFAULT_CONFIG_OUT: Final = Path("/etc/ansimi/device.toml")
 DEFAULT_STATE_DIR: Final = Path("/var/lib/ansimi/device")
@@ -370,40 +370,6 @@ def split_label_url(url: str) -> tuple[str, str | None]:
     if not fragment.startswith("token=") or not base.rstrip("/").endswith("/enrol"):
         return url, None
     return base.rstrip("/").removesuffix("/enrol"), fragment.removeprefix("token=")
-
-
-def ssh_command(
-    target: str,
-    gateway: str,
-    *,
-    config_out: Path,
-    state_dir: Path,
-    with_ca: bool,
-    force: bool,
-    remote_ansimi: str = "ansimi",
-    ssh: str = "ssh",
-) -> list[str]:
-    """The ssh command line that runs `ansimi device enroll` on the device; the token (and
-    the CA) go on stdin: `--token -`, `--ca-file -`."""
-    remote = [
-        remote_ansimi,
-        "device",
-        "enroll",
-        "--gateway",
-        gateway,
-        "--token",
-        "-",
-        "--config-out",
-        str(config_out),
-        "--state-dir",
-        str(state_dir),
-    ]
-    if with_ca:
-        remote += ["--ca-file", "-"]
-    if force:
-        remote.append("--force")
-    # ssh joins its arguments with spaces for the remote shell: quote them as one
-    return [ssh, "-o", "BatchMode=yes", "-T", target, "--", shlex.join(remote)]
 
 
 @click.command("enroll")

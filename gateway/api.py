@@ -40,6 +40,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError
 
+from ansimi.districts import check_district
 from ansimi.httpguard import (
     READ_TIMEOUT_S,
     SlowClientGuard,
@@ -48,7 +49,6 @@ from ansimi.httpguard import (
     route_template,
 )
 from gateway.config import ApiToken
-from gateway.districts import check_district
 from gateway.downlink import Downlink
 from gateway.intake import Registry
 from gateway.metrics import Metrics

@@ -64,9 +64,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from ansimi.districts import UnknownDistrict, check_district
 from gateway.api import TOKEN_KEY, Api, ApiRoute
 from gateway.config import GatewayConfig
-from gateway.districts import UnknownDistrict, check_district
 from gateway.intake import Registry
 from gateway.store import DeviceKind, transaction
 from protocol.ids import DeviceId
@@ -418,7 +418,7 @@ class SiteSigner:
     site_dir: Path
 
     def sign(self, csr_pem: bytes, device_id: str) -> x509.Certificate:
-        from provisioning.site import Site
+        from siteca.site import Site
 
         return Site.open(self.site_dir).sign_csr(csr_pem, device_id)
 
@@ -435,7 +435,7 @@ class EnrolmentInfo:
 
     @classmethod
     def from_site(cls, site_dir: Path, *, broker_host: str | None = None) -> EnrolmentInfo:
-        from provisioning.site import Site
+        from siteca.site import Site
 
         site = Site.open(site_dir)
         host = broker_host or (
@@ -728,8 +728,8 @@ def attach_if_site(api: Api, registry: Registry, config: GatewayConfig) -> Enrol
     site_dir = config.enrol.site_dir
     if site_dir is None or not config.api.enabled:
         return None
-    from provisioning.errors import ProvisioningError
-    from provisioning.site import Site
+    from siteca.errors import ProvisioningError
+    from siteca.site import Site
 
     try:
         Site.open(site_dir).ca()

@@ -332,7 +332,7 @@ districts = ["*"]
                 [
                     sys.executable,
                     "-m",
-                    "ansimi",
+                    "ansimi_edge",
                     "gateway",
                     "run",
                     "--config",

@@ -26,7 +26,7 @@ def test_demo_presses_arrive_at_the_centre(tmp_path: Path, broker: str) -> None:
         [
             sys.executable,
             "-m",
-            "ansimi",
+            "ansimi_edge",
             "demo",
             "--duration",
             "5",
@@ -62,7 +62,7 @@ def test_demo_console_signs_in_and_acknowledge_reaches_the_bell(tmp_path: Path) 
         [
             sys.executable,
             "-m",
-            "ansimi",
+            "ansimi_edge",
             "demo",
             "--duration",
             "20",

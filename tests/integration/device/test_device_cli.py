@@ -10,7 +10,7 @@ from device_testkit import Keys, write_device_config
 
 import device.cli
 from ansimi.broker import Mosquitto, free_port
-from ansimi.cli import cli
+from ansimi_edge.cli import cli
 
 
 def invoke(*args: str) -> tuple[int, str]:

@@ -32,8 +32,8 @@ from gateway.service import Gateway
 from gateway.store import Incoming
 from protocol.jws import Signer
 from protocol.keys import load_private_key, public_key_from_b64
-from provisioning import pki
-from provisioning.site import Site
+from siteca import pki
+from siteca.site import Site
 
 ADMIN = "admin-token-for-tests-0123456789"
 ANSIMI = str(Path(sys.executable).with_name("ansimi"))

@@ -18,8 +18,8 @@ from gw_testkit import NOW, Clock
 from pydantic import ValidationError
 
 from ansimi.config import load_config
+from ansimi.districts import SEOUL_DISTRICTS, UnknownDistrict, check_district
 from gateway.config import Centre, ForwardConfig, GatewayConfig
-from gateway.districts import SEOUL_DISTRICTS, UnknownDistrict, check_district
 from gateway.forward import DELIVERED, Circuit, CircuitBreaker, Forwarder, Outcome
 from gateway.metrics import Metrics
 from gateway.store import Delivery, Device, Incoming, SqliteStore

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from ansimi.broker import free_port
-from ansimi.cli import cli
+from ansimi_edge.cli import cli
 from device.config import DeviceConfig
 from device.enroll import (
     EnrollError,
@@ -22,10 +22,10 @@ from device.enroll import (
     enroll,
     render_config,
     split_label_url,
-    ssh_command,
 )
 from provisioning.devices import enrol_url
-from provisioning.site import init_site
+from siteca.remote import ssh_command
+from siteca.site import init_site
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, 0, tzinfo=dt.UTC)
 

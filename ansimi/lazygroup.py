@@ -1,23 +1,11 @@
-"""`ansimi`: one command, a subcommand per part, each imported only when used."""
+"""A click group whose subcommands are imported only when they run."""
 
 from __future__ import annotations
 
 import importlib
-import logging
-import sys
 from typing import Any
 
 import click
-
-# subcommand -> "module:attribute" of a click command or group
-PARTS: dict[str, tuple[str, str]] = {
-    "device": ("device.cli:device", "run, enrol and test a device agent"),
-    "gateway": ("gateway.cli:gateway", "run the gateway (intake, store, forward, API)"),
-    "provision": ("provisioning.cli:provision", "installer's tools: site CA, devices, ACLs"),
-    "sim": ("simulator.cli:sim", "run simulated fleets and scenarios"),
-    "console": ("console.cli:console", "run the control-centre console"),
-    "demo": ("ansimi.demo:demo", "broker, gateway, receiver and a simulated fleet on one machine"),
-}
 
 
 class LazyGroup(click.Group):
@@ -55,17 +43,3 @@ class LazyGroup(click.Group):
         command.help = command.help or help_text
         command.short_help = help_text
         return command
-
-
-@click.group(cls=LazyGroup, lazy=PARTS)
-@click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
-def cli(verbose: int) -> None:
-    """Ansimi Edge: emergency bells, doorbells and store bells to control centres."""
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
-def main() -> None:
-    cli()

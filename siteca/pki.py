@@ -30,8 +30,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol.errors import Malformed
 from protocol.ids import check_id
-from provisioning.errors import CsrRejected, InvalidName, PemError
-from provisioning.files import Owner, write_atomic
+from siteca.errors import CsrRejected, InvalidName, PemError
+from siteca.files import Owner, write_atomic
 
 KeyType = Literal["ed25519", "p256"]
 PrivateKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey

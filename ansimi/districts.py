@@ -47,7 +47,7 @@ class UnknownDistrict(ValueError):
     def __init__(self, name: str) -> None:
         self.name = name
         near = difflib.get_close_matches(name.lower(), SEOUL_DISTRICTS, n=1, cutoff=0.5)
-        hint = f'did you mean "{near[0]}"?' if near else "use a code from gateway/districts.py"
+        hint = f'did you mean "{near[0]}"?' if near else "use a code from ansimi/districts.py"
         super().__init__(f'unknown district "{name}": {hint}')
 
 
