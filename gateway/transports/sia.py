@@ -38,8 +38,8 @@ from typing import Final, Literal
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gateway.config import SiaReceiver
-from gateway.forward import DELIVERED, Outcome
 from gateway.store import Delivery
+from gateway.transports.base import DELIVERED, Outcome
 
 log = logging.getLogger(__name__)
 
