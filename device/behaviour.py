@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from device.config import BehaviourSection
+from device.errors import DeviceError
 from device.hal.ports import ButtonName, InputEvent, Pattern
 from protocol.ids import new_message_id
 from protocol.messages import ACK_STAGES, Ack, Alert, Cancel
@@ -144,7 +145,7 @@ SMS_PATTERN_OF: Final[Mapping[SmsProgress | None, Pattern]] = {
 }
 
 
-class BehaviourError(Exception):
+class BehaviourError(DeviceError):
     """Root of this module's errors."""
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import functools
 import json
 import os
 import ssl
@@ -36,7 +37,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, ParamSpec
 
 import click
 from cryptography import x509
@@ -46,6 +47,7 @@ from cryptography.x509.oid import NameOID
 
 from ansimi.config import ConfigError, load_config
 from device.config import DeviceConfig
+from device.errors import DeviceError
 from protocol.keys import generate_key, private_key_to_pem
 from siteca.remote import ssh_command
 
@@ -60,18 +62,41 @@ EXIT_LOCAL: Final = 1
 EXIT_REFUSED: Final = 3
 EXIT_UNREACHABLE: Final = 4
 
+P = ParamSpec("P")
 
-class EnrollError(click.ClickException):
-    """An error with the exit code it means (see the module docstring)."""
 
-    def __init__(self, message: str, code: int = EXIT_LOCAL) -> None:
+class EnrollError(DeviceError, RuntimeError):
+    """An enrolment that failed, with the exit code it means (see the module docstring)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_LOCAL) -> None:
         super().__init__(message)
-        self.code = code
+        self.exit_code = exit_code
+
+
+class _EnrollExit(click.ClickException):
+    """An EnrollError as click shows it and exits with it: the CLI edge."""
+
+    def __init__(self, error: EnrollError) -> None:
+        super().__init__(str(error))
+        self.code = error.exit_code
 
     # click exits with `exit_code`; a class attribute there, so a property here
     @property
     def exit_code(self) -> int:  # type: ignore[override]
         return self.code
+
+
+def _at_the_cli_edge(command: Callable[P, None]) -> Callable[P, None]:
+    """Domain errors stay domain errors below; only the command turns them into click's."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except EnrollError as exc:
+            raise _EnrollExit(exc) from exc
+
+    return run
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +430,7 @@ def split_label_url(url: str) -> tuple[str, str | None]:
     help="offline: make the key HERE and write every file into this directory (SD card)",
 )
 @click.option("--max-clock-skew", type=float, default=MAX_SKEW_S, show_default=True)
+@_at_the_cli_edge
 def enroll_command(
     gateway: str,
     token: str | None,

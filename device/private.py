@@ -19,13 +19,14 @@ from pathlib import Path
 
 from ansimi.privacy import Keyring, load_keyring, load_or_create
 from device.config import PHONE_NUMBER, DeviceConfig
+from device.errors import DeviceError
 
 PLACE_TABLE = "device.toml"
 PLACE_COLUMN = "sms.numbers"
 SET_HINT = "ansimi device set-sms-numbers"
 
 
-class DevicePrivacyError(ValueError):
+class DevicePrivacyError(DeviceError, ValueError):
     """Numbers that cannot be sealed or opened; the message names the file and the fix."""
 
 

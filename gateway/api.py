@@ -50,6 +50,7 @@ from ansimi.httpguard import (
 )
 from gateway.config import ApiToken
 from gateway.downlink import Downlink
+from gateway.errors import GatewayError
 from gateway.intake import Registry
 from gateway.metrics import Metrics
 from gateway.store import Device, DeviceKind, DuplicateDevice, Event, EventState, Store
@@ -82,7 +83,7 @@ class ApiRoute:
     operation: dict[str, Any] = field(default_factory=dict)
 
 
-class ApiTlsError(ValueError):
+class ApiTlsError(GatewayError, ValueError):
     """The API's certificate or key cannot be used."""
 
 

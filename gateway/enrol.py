@@ -67,6 +67,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from ansimi.districts import UnknownDistrict, check_district
 from gateway.api import TOKEN_KEY, Api, ApiRoute
 from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
 from gateway.intake import Registry
 from gateway.store import DeviceKind, transaction
 from protocol.ids import DeviceId
@@ -110,7 +111,7 @@ _REFUSALS: Final[dict[str, str]] = {
 }
 
 
-class EnrolmentError(Exception):
+class EnrolmentError(GatewayError):
     """Root of this module's refusals; `status` is the HTTP status that carries it."""
 
     status = 400

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from gateway.errors import GatewayError
+
 DeviceKind = Literal["bell", "doorbell", "store"]
 EventState = Literal["received", "delivered", "acknowledged", "dispatched", "closed"]
 
@@ -124,7 +126,7 @@ FOREIGN_ID = "foreign_id"
 FOREIGN_REF = "foreign_ref"
 
 
-class StoreError(Exception):
+class StoreError(GatewayError):
     """Root of the store's errors."""
 
 

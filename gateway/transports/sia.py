@@ -38,6 +38,7 @@ from typing import Final, Literal
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gateway.config import SiaReceiver
+from gateway.errors import GatewayError
 from gateway.store import Delivery
 from gateway.transports.base import DELIVERED, Outcome
 
@@ -168,7 +169,7 @@ _RESPONSE = re.compile(r'"\*?(?P<kind>ACK|NAK|DUH|RSP)"(?P<seq>\d{4})[^\[\]"]{0,
 _TIME = re.compile(r"_(\d{2}:\d{2}:\d{2},\d{2}-\d{2}-\d{4})")
 
 
-class BadResponse(ValueError):
+class BadResponse(GatewayError, ValueError):
     pass
 
 

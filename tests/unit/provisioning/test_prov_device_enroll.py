@@ -9,6 +9,7 @@ import shlex
 import tomllib
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -79,6 +80,19 @@ def test_an_unreachable_gateway_exits_4_and_writes_nothing(tmp_path: Path) -> No
         enroll(f"https://127.0.0.1:{free_port()}", "bell-0001.abc", paths)
     assert caught.value.exit_code == 4
     assert not (tmp_path / "d").exists()
+
+
+def test_the_enroll_command_turns_the_domain_error_into_its_exit_code(tmp_path: Path) -> None:
+    # the domain error is no click exception: the command converts it at its edge
+    assert not isinstance(EnrollError("x"), click.ClickException)
+    gateway = f"https://127.0.0.1:{free_port()}"
+    args = ["--gateway", gateway, "--token", "bell-0001.abc", "--state-dir", str(tmp_path)]
+    result = CliRunner().invoke(
+        cli, ["device", "enroll", *args, "--config-out", str(tmp_path / "device.toml")]
+    )
+    assert result.exit_code == 4, result.output
+    assert "cannot reach the gateway" in result.output
+    assert not isinstance(result.exception, EnrollError)
 
 
 def test_the_ssh_command_quotes_for_the_remote_shell_and_carries_no_secret() -> None:
