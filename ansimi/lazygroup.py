@@ -14,16 +14,26 @@ class LazyGroup(click.Group):
     a device), and one part's missing optional dependency never breaks another's.
 
     `lazy`: subcommand -> ("module:attribute" of a click command, one-line help).
+    `aliases`: old name -> subcommand, for a renamed command: it still runs, but is not
+    listed in the help.
     """
 
-    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        lazy: dict[str, tuple[str, str]],
+        aliases: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.lazy = lazy
+        self.aliases = aliases or {}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        name = self.aliases.get(name, name)
         if name not in self.lazy:
             return super().get_command(ctx, name)
         target, help_text = self.lazy[name]

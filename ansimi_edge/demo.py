@@ -196,6 +196,7 @@ async def run_demo(
     from protocol.jws import Signer
     from protocol.keys import generate_key, public_key_to_b64, save_private_key
     from provisioning.gateway_admin import AdminClient
+    from siteca.errors import ProvisioningError
 
     # ICE pair-by-pair chatter would bury what a newcomer wants to see
     for noisy in ("aioice", "aiortc"):
@@ -285,8 +286,12 @@ async def run_demo(
             # presses before the gateway subscribes would wait out a device resend delay
             await _gateway_ready(api_port, 60)
             admin = AdminClient(f"http://127.0.0.1:{api_port}", admin_token)
-            for registration in registrations:
-                await asyncio.to_thread(admin.register_device, *registration)
+            try:
+                for registration in registrations:
+                    await asyncio.to_thread(admin.register_device, *registration)
+            except ProvisioningError as exc:
+                click.echo(f"[demo] cannot register the bells: {exc}; see {state}/gateway.log")
+                return 1
             # the bells start once the gateway knows them: it refuses unknown devices
             tasks = [asyncio.create_task(a.run(), name=a.device_id) for a in agents]
             await asyncio.gather(*(asyncio.wait_for(a.ready.wait(), 20) for a in agents))

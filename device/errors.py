@@ -2,7 +2,7 @@
 
 Every error the device raises on purpose derives from `DeviceError` and from the builtin a
 caller would naturally catch. None is a click exception: the CLI turns them into exit codes
-at its edge (`device/enroll.py`'s command, for one).
+at its edge (`device/enrol.py`'s command, for one).
 """
 
 from __future__ import annotations

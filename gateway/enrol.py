@@ -487,7 +487,7 @@ def _bad_body(exc: ValidationError) -> web.Response:
 
 _ED25519_ONLY: Final = (
     "the CSR's key must be Ed25519: it also signs the device's messages "
-    "(`ansimi device enroll` makes one)"
+    "(`ansimi device enrol` makes one)"
 )
 
 

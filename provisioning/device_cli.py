@@ -501,7 +501,7 @@ def rotate_command(
     the gateway has heard from it with the new one.
 
     With --ssh all steps run now. Without, this prints a rotation token for
-    `ansimi device enroll --force` on the device; then run `rotate --finish`.
+    `ansimi device enrol --force` on the device; then run `rotate --finish`.
     """
     with _errors(as_json):
         client = gateway.client(site_dir)

@@ -90,7 +90,7 @@ def enrol_url(gateway: str, token: str) -> str:
 
 def device_command(gateway: str, *, ca: bool) -> str:
     """What the installer runs on the device (the token goes on stdin or after --token)."""
-    line = f"ansimi device enroll --gateway {gateway.rstrip('/')} --token <token>"
+    line = f"ansimi device enrol --gateway {gateway.rstrip('/')} --token <token>"
     return line + (" --ca-file ca.crt" if ca else "")
 
 
@@ -366,7 +366,7 @@ def finish_rotation(
     if not used:
         raise RotationIncomplete(
             f"{device_id} has not re-enrolled with a rotation token yet: run "
-            "`ansimi device enroll --force` on it with the token from `rotate`"
+            "`ansimi device enrol --force` on it with the token from `rotate`"
         )
     newest = max(used, key=lambda r: int(r["used_ms"]))
     new_serial = str(newest["serial"])

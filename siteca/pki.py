@@ -299,7 +299,7 @@ def sign_csr(
     except ValueError:
         raise CsrRejected(
             "not a PEM certificate signing request (expected '-----BEGIN CERTIFICATE "
-            "REQUEST-----'); create one with `ansimi device enroll`"
+            "REQUEST-----'); create one with `ansimi device enrol`"
         ) from None
     try:
         valid = csr.is_signature_valid

@@ -1,5 +1,5 @@
 """The command line that enrols a device over ssh: the installer's CLI (`ansimi provision
-device rotate --ssh`) and the device's own (`ansimi device enroll --ssh`) both run it, so it
+device rotate --ssh`) and the device's own (`ansimi device enrol --ssh`) both run it, so it
 lives below both."""
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ def ssh_command(
     remote_ansimi: str = "ansimi",
     ssh: str = "ssh",
 ) -> list[str]:
-    """The ssh command line that runs `ansimi device enroll` on the device; the token (and
+    """The ssh command line that runs `ansimi device enrol` on the device; the token (and
     the CA) go on stdin: `--token -`, `--ca-file -`."""
     remote = [
         remote_ansimi,
         "device",
+        # the command's first spelling, which it still answers to (a hidden alias): a device
+        # whose software predates the rename enrols too
         "enroll",
         "--gateway",
         gateway,

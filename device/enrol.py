@@ -1,4 +1,4 @@
-"""`ansimi device enroll`: make this device's key here, and trade a one-time token for its
+"""`ansimi device enrol`: make this device's key here, and trade a one-time token for its
 certificate.
 
 Run on the device, it checks the clock against the gateway (a device whose clock is off
@@ -216,7 +216,7 @@ def _toml_value(value: Any) -> str:
 
 def render_config(config: DeviceConfig) -> str:
     """Every field of `config` as TOML; unset optional keys appear commented out."""
-    lines = ["# written by `ansimi device enroll`; every option: device/device.example.toml"]
+    lines = ["# written by `ansimi device enrol`; every option: device/device.example.toml"]
     for section, values in config.model_dump(mode="json").items():
         lines += ["", f"[{section}]"]
         tables: list[tuple[str, list[dict[str, Any]]]] = []
@@ -397,7 +397,7 @@ def split_label_url(url: str) -> tuple[str, str | None]:
     return base.rstrip("/").removesuffix("/enrol"), fragment.removeprefix("token=")
 
 
-@click.command("enroll")
+@click.command("enrol")
 @click.option("--gateway", required=True, help="the gateway's HTTPS URL, e.g. https://gw:8443")
 @click.option(
     "--token",

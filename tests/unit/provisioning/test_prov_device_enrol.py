@@ -1,4 +1,4 @@
-"""`ansimi device enroll` and `ansimi provision device` without a gateway: what is decided
+"""`ansimi device enrol` and `ansimi provision device` without a gateway: what is decided
 before any request, the config it writes, the ssh command line, and the exit codes."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from ansimi.broker import free_port
 from ansimi_edge.cli import cli
 from device.config import DeviceConfig
-from device.enroll import (
+from device.enrol import (
     EnrollError,
     Paths,
     check_clock,
@@ -88,11 +88,18 @@ def test_the_enroll_command_turns_the_domain_error_into_its_exit_code(tmp_path: 
     gateway = f"https://127.0.0.1:{free_port()}"
     args = ["--gateway", gateway, "--token", "bell-0001.abc", "--state-dir", str(tmp_path)]
     result = CliRunner().invoke(
-        cli, ["device", "enroll", *args, "--config-out", str(tmp_path / "device.toml")]
+        cli, ["device", "enrol", *args, "--config-out", str(tmp_path / "device.toml")]
     )
     assert result.exit_code == 4, result.output
     assert "cannot reach the gateway" in result.output
     assert not isinstance(result.exception, EnrollError)
+
+
+def test_the_first_spelling_still_runs_the_command_but_is_not_listed() -> None:
+    listed = CliRunner().invoke(cli, ["device", "--help"])
+    assert "enrol " in listed.output and "enroll" not in listed.output
+    old = CliRunner().invoke(cli, ["device", "enroll", "--help"])
+    assert old.exit_code == 0 and "--gateway" in old.output
 
 
 def test_the_ssh_command_quotes_for_the_remote_shell_and_carries_no_secret() -> None:
