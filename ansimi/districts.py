@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 from typing import Final
 
+from ansimi.errors import AnsimiError
+
 # code -> Korean name, in the order of the city's official district numbering
 SEOUL_DISTRICTS: Final[dict[str, str]] = {
     "jongno": "종로구",
@@ -43,7 +45,7 @@ SEOUL_DISTRICTS: Final[dict[str, str]] = {
 ALL: Final = "*"
 
 
-class UnknownDistrict(ValueError):
+class UnknownDistrict(AnsimiError, ValueError):
     def __init__(self, name: str) -> None:
         self.name = name
         near = difflib.get_close_matches(name.lower(), SEOUL_DISTRICTS, n=1, cutoff=0.5)

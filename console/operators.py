@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ansimi.districts import UnknownDistrict, check_district
+from console.errors import ConsoleError
 
 SCRYPT_N = 2**14
 SCRYPT_R = 8
@@ -71,7 +72,7 @@ CREATE TABLE IF NOT EXISTS stages (
 """
 
 
-class OperatorError(Exception):
+class OperatorError(ConsoleError):
     """Root of the console's operator errors."""
 
 

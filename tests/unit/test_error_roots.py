@@ -14,18 +14,24 @@ import pkgutil
 import click
 import pytest
 
+from ansimi.errors import AnsimiError
+from console.errors import ConsoleError
 from device.errors import DeviceError
 from gateway.errors import GatewayError
 from protocol.errors import ProtocolError
+from simulator.errors import SimulatorError
 from siteca.errors import ProvisioningError
 
 ROOTS: dict[str, type[Exception]] = {
     "protocol": ProtocolError,
+    "ansimi": AnsimiError,
     "siteca": ProvisioningError,
     "device": DeviceError,
     "gateway": GatewayError,
     # the installer's CLI shares the root of the site library it is built on
     "provisioning": ProvisioningError,
+    "simulator": SimulatorError,
+    "console": ConsoleError,
 }
 
 
