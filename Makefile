@@ -42,4 +42,4 @@ demo: venv
 	$(VENV)/bin/ansimi -v demo
 
 clean:
-	rm -rf $(VENV) demo-state test-output bench-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-state test-output bench-output .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
