@@ -27,6 +27,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: venv
 	$(VENV)/bin/ruff format .
@@ -43,4 +44,4 @@ demo: venv
 	$(VENV)/bin/ansimi -v demo --port $(PORT)
 
 clean:
-	rm -rf $(VENV) demo-state test-output bench-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-state test-output bench-output .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -1,1 +1,1 @@
-"""Shared plumbing: the `ansimi` command, the asyncio MQTT session, config, systemd notify."""
+"""Shared plumbing: the asyncio MQTT session, config, broker files, districts, systemd notify."""

@@ -21,10 +21,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ansimi.errors import AnsimiError
+
 log = logging.getLogger(__name__)
 
 
-class BrokerError(RuntimeError):
+class BrokerError(AnsimiError, RuntimeError):
     """The broker could not be started or stopped."""
 
 

@@ -13,10 +13,12 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from ansimi.errors import AnsimiError
+
 Model = TypeVar("Model", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(AnsimiError, ValueError):
     """A config file is missing, not TOML, or has a bad value."""
 
     def __init__(self, path: Path, problems: list[str]) -> None:

@@ -33,6 +33,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+from ansimi.errors import AnsimiError
+
 
 def _import_paho_without_dnspython() -> None:
     """paho imports dnspython, when installed, only for `connect_srv`, which we never use;
@@ -66,7 +68,7 @@ LinkDeadListener = Callable[["LinkDead"], None]
 DeadReason = Literal["ack_timeout", "idle"]
 
 
-class MqttError(Exception):
+class MqttError(AnsimiError):
     """Root of this module's errors."""
 
 

@@ -28,13 +28,15 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ansimi.errors import AnsimiError
+
 PREFIX = "v1"
 NONCE_BYTES = 12
 KEY_BYTES = 32
 HEADER = "# ansimi privacy keyring: <key id> <base64url key>, current key first. Keep secret.\n"
 
 
-class PrivacyError(Exception):
+class PrivacyError(AnsimiError):
     """Root of the privacy module's errors."""
 
 

@@ -40,6 +40,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 
+from ansimi.errors import AnsimiError
 from ansimi.webrtc_config import IceServer, VideoCodec
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ class _TapQueue(queue.Queue[Any]):
 _DECODER_QUEUE: Final = "_RTCRtpReceiver__decoder_queue"
 
 
-class TapUnsupported(RuntimeError):
+class TapUnsupported(AnsimiError, RuntimeError):
     """This aiortc has no decoder queue where we expect it: pin aiortc to a tested version."""
 
 

@@ -17,12 +17,14 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from console.errors import ConsoleError
+
 log = logging.getLogger(__name__)
 
 STAGES = ("acknowledged", "dispatched", "closed")
 
 
-class GatewayError(Exception):
+class GatewayError(ConsoleError):
     """A gateway call that did not succeed; `status` is what to answer the browser."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.districts import UnknownDistrict, check_district
+from ansimi.districts import UnknownDistrict, check_district
+from console.errors import ConsoleError
 
 SCRYPT_N = 2**14
 SCRYPT_R = 8
@@ -71,7 +72,7 @@ CREATE TABLE IF NOT EXISTS stages (
 """
 
 
-class OperatorError(Exception):
+class OperatorError(ConsoleError):
     """Root of the console's operator errors."""
 
 

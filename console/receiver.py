@@ -35,6 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from console.directory import Directory
+from console.errors import ConsoleError
 from protocol.errors import ProtocolError, UnknownSigner
 from protocol.forwarding import (
     IDEMPOTENCY_HEADER,
@@ -68,7 +69,7 @@ class ReceivedEvent:
     signer: str = ""  # the JWS kid that was checked: the device, or a gateway for status
 
 
-class Refused(Exception):
+class Refused(ConsoleError):
     """A delivery the console will not keep; `status` is the HTTP answer."""
 
     def __init__(self, status: int, reason: str) -> None:

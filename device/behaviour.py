@@ -65,6 +65,7 @@ from typing import Final, Literal
 
 from ansimi.logs import DECISION
 from device.config import BehaviourSection
+from device.errors import DeviceError
 from device.hal.ports import ButtonName, InputEvent, Pattern
 from protocol.ids import new_message_id
 from protocol.messages import ACK_STAGES, Ack, Alert, Cancel
@@ -145,7 +146,7 @@ SMS_PATTERN_OF: Final[Mapping[SmsProgress | None, Pattern]] = {
 }
 
 
-class BehaviourError(Exception):
+class BehaviourError(DeviceError):
     """Root of this module's errors."""
 
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ansimi.cli import LazyGroup
 from ansimi.config import ConfigError, load_config
+from ansimi.lazygroup import LazyGroup
 from device.config import DeviceConfig
 from protocol.messages import ACK_STAGES
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("/etc/ansimi/device.toml")
-ENROL_HINT = "run `ansimi device enroll`"
+ENROL_HINT = "run `ansimi device enrol`"
 # A clock before this is plainly unset: the gateway keeps such a bell's messages but flags
 # every one, until its sync corrects the agent's offset (protocol.replay).
 SANE_YEAR = 2025
@@ -52,7 +52,9 @@ config_option = click.option(
 @click.group(
     cls=LazyGroup,
     # enrolment needs X.509 and HTTP: ~1.5 MB a running agent would otherwise carry
-    lazy={"enroll": ("device.enroll:enroll_command", "enrol this device with the site")},
+    lazy={"enrol": ("device.enrol:enroll_command", "enrol this device with the site")},
+    # the command's first spelling: scripts, labels and older installers' ssh still use it
+    aliases={"enroll": "enrol"},
 )
 def device() -> None:
     """Run, enrol and test a device agent."""

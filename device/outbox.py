@@ -51,6 +51,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
+from device.errors import DeviceError
 from protocol.ids import MESSAGE_ID_RE
 from protocol.messages import Alert, Cancel, Health
 
@@ -132,7 +133,7 @@ class Recovery:
     salvaged: int  # entries imported into the fresh outbox
 
 
-class OutboxUnusable(OSError):
+class OutboxUnusable(DeviceError, OSError):
     """The outbox is damaged and could not even be moved aside: a person must step in."""
 
 

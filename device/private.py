@@ -19,13 +19,14 @@ from pathlib import Path
 
 from ansimi.privacy import Keyring, load_keyring, load_or_create
 from device.config import PHONE_NUMBER, DeviceConfig
+from device.errors import DeviceError
 
 PLACE_TABLE = "device.toml"
 PLACE_COLUMN = "sms.numbers"
 SET_HINT = "ansimi device set-sms-numbers"
 
 
-class DevicePrivacyError(ValueError):
+class DevicePrivacyError(DeviceError, ValueError):
     """Numbers that cannot be sealed or opened; the message names the file and the fix."""
 
 
@@ -75,7 +76,7 @@ def with_sms_numbers(config: DeviceConfig) -> DeviceConfig:
 def set_sms_numbers(config_path: Path, config: DeviceConfig, numbers: Sequence[str]) -> int:
     """Seal `numbers` (made with the data key, created on first use) into `config_path`."""
     # imported here: enrolment's helpers pull in HTTP and PKI code the agent does not need
-    from device.enroll import install, render_config
+    from device.enrol import install, render_config
 
     cleaned = check_numbers(numbers)
     keyring = load_or_create(config.device.data_key_file)

@@ -38,6 +38,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError
 
+from ansimi.districts import check_district
 from ansimi.httpguard import (
     READ_TIMEOUT_S,
     SlowClientGuard,
@@ -46,8 +47,8 @@ from ansimi.httpguard import (
     route_template,
 )
 from gateway.config import ApiToken
-from gateway.districts import check_district
 from gateway.downlink import Downlink
+from gateway.errors import GatewayError
 from gateway.intake import Registry
 from gateway.metrics import Metrics
 from gateway.store import Device, DeviceKind, DuplicateDevice, Event, EventState, OperatorStore
@@ -80,7 +81,7 @@ class ApiRoute:
     operation: dict[str, Any] = field(default_factory=dict)
 
 
-class ApiTlsError(ValueError):
+class ApiTlsError(GatewayError, ValueError):
     """The API's certificate or key cannot be used."""
 
 

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.districts import SEOUL_DISTRICTS, check_district
+from ansimi.districts import SEOUL_DISTRICTS, check_district
 from gateway.store import sqlite_path, sqlite_url
 from gateway.video.config import VideoConfig
 from protocol.ids import DeviceId

@@ -58,9 +58,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from ansimi.districts import UnknownDistrict, check_district
 from gateway.api import TOKEN_KEY, Api, ApiRoute
 from gateway.config import GatewayConfig
-from gateway.districts import UnknownDistrict, check_district
 from gateway.enrolments import (
     DEFAULT_TTL_S,
     CsrRefused,
@@ -95,7 +95,7 @@ class SiteSigner:
     site_dir: Path
 
     def sign(self, csr_pem: bytes, device_id: str) -> x509.Certificate:
-        from provisioning.site import Site
+        from siteca.site import Site
 
         return Site.open(self.site_dir).sign_csr(csr_pem, device_id)
 
@@ -112,7 +112,7 @@ class EnrolmentInfo:
 
     @classmethod
     def from_site(cls, site_dir: Path, *, broker_host: str | None = None) -> EnrolmentInfo:
-        from provisioning.site import Site
+        from siteca.site import Site
 
         site = Site.open(site_dir)
         host = broker_host or (
@@ -163,7 +163,7 @@ def _bad_body(exc: ValidationError) -> web.Response:
 
 _ED25519_ONLY: Final = (
     "the CSR's key must be Ed25519: it also signs the device's messages "
-    "(`ansimi device enroll` makes one)"
+    "(`ansimi device enrol` makes one)"
 )
 
 
@@ -403,8 +403,8 @@ def attach_if_site(
     site_dir = config.enrol.site_dir
     if site_dir is None or not config.api.enabled:
         return None
-    from provisioning.errors import ProvisioningError
-    from provisioning.site import Site
+    from siteca.errors import ProvisioningError
+    from siteca.site import Site
 
     try:
         Site.open(site_dir).ca()

@@ -12,6 +12,8 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
+from gateway.errors import GatewayError
+
 if TYPE_CHECKING:
     from gateway.store import DeviceKind
 
@@ -32,7 +34,7 @@ _REFUSALS: Final[dict[str, str]] = {
 }
 
 
-class EnrolmentError(Exception):
+class EnrolmentError(GatewayError):
     """Root of this module's refusals; `status` is the HTTP status that carries it."""
 
     status = 400

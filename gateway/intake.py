@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ansimi.mqtt import Message as MqttMessage
 from gateway.downlink import Downlink
+from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.secondary import SecondaryPathWatch
 from gateway.store import Device, DeviceReader, Incoming, IntakeStore
@@ -95,11 +96,11 @@ LOG_EVERY_MS = 60_000
 LOG_KEYS_MAX = 10_000
 
 
-class UnknownDevice(UnknownSigner):
+class UnknownDevice(GatewayError, UnknownSigner):
     reason = "unknown_device"
 
 
-class Revoked(ProtocolError, PermissionError):
+class Revoked(GatewayError, ProtocolError, PermissionError):
     reason = "revoked"
 
 

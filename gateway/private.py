@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from ansimi.privacy import Keyring, PrivacyError, key_source, load_keyring
 from gateway.api import TOKEN_KEY, ApiRoute, _error, _op, _path_param
 from gateway.config import PrivacyConfig
+from gateway.errors import GatewayError
 from gateway.store import PrivacyStore
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class PrivateData(BaseModel):
         return {"address": self.address, "floor": self.floor}
 
 
-class NoDataKey(RuntimeError):
+class NoDataKey(GatewayError, RuntimeError):
     """Personal data is asked for while the gateway has no data key."""
 
 

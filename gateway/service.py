@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 from ansimi import sdnotify
 from ansimi.mqtt import Message, Session, Settings, TlsFiles
 from gateway.api import Api, tls_context
-from gateway.config import GatewayConfig
+from gateway.config import Centre, GatewayConfig, SiaReceiver
 from gateway.deliveries import DeliveryRoutes
 from gateway.downlink import Downlink
 from gateway.enrol import attach_if_site
-from gateway.forward import Forwarder, HttpsCentre, Transport
+from gateway.forward import Forwarder
 from gateway.health import DiskState, DiskWatch, Health, IntakeProbe
 from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
@@ -29,6 +29,7 @@ from gateway.private import PrivateRoutes, Vault, open_vault
 from gateway.secondary import SecondaryPathWatch
 from gateway.store import Delivery, Incoming, Store, open_store
 from gateway.supervise import Supervisor
+from gateway.transports import build_transports
 from protocol.jws import Signer
 from protocol.keys import load_private_key
 from protocol.messages import Status
@@ -86,20 +87,16 @@ class Gateway:
         # personal data: sealed with the site's data key; without one the routes say 503
         self.vault: Vault = open_vault(self.store, config.privacy)
         clock_ms = lambda: time.time_ns() // 1_000_000  # noqa: E731
-        # centres allowed the address get it from the vault; the others never ask
-        addressed: dict[str, Transport] = {
-            c.name: HttpsCentre(c, config.forward, clock_ms, self.vault.address_of)
-            for c in config.centres
-            if c.send_address
-        }
+        centres: list[Centre | SiaReceiver] = [*config.centres, *config.sia]
         self.forwarder = Forwarder(
             self.store,
-            [*config.centres, *config.sia],
+            centres,
             config.forward,
             self.metrics,
             district_of=self._district_of,
             on_first_delivery=self._on_first_delivery,
-            transports=addressed,
+            # centres allowed the address get it from the vault; the others never ask
+            transports=build_transports(centres, config.forward, clock_ms, self.vault.address_of),
         )
         self.supervisor = Supervisor(
             self.store,

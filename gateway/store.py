@@ -48,6 +48,7 @@ from gateway.enrolments import (
     hash_token,
     new_token,
 )
+from gateway.errors import GatewayError
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -173,7 +174,7 @@ FOREIGN_ID = "foreign_id"
 FOREIGN_REF = "foreign_ref"
 
 
-class StoreError(Exception):
+class StoreError(GatewayError):
     """Root of the store's errors: no engine's own error reaches a caller."""
 
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from protocol._b64 import b64url_decode, b64url_encode
 from protocol.errors import KeyFileMissing, Malformed, clip
 
-DEFAULT_HINT = "run `ansimi device enroll`"
+DEFAULT_HINT = "run `ansimi device enrol`"
 
 
 def generate_key() -> Ed25519PrivateKey:

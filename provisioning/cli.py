@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.table import Table
 
 from protocol.errors import ProtocolError
-from provisioning.errors import ProvisioningError
 from provisioning.revoke import (
     BrokerControl,
     RevokeResult,
@@ -26,7 +25,8 @@ from provisioning.revoke import (
     SystemdBroker,
     revoke_certificate,
 )
-from provisioning.site import InitResult, init_site, serial_text
+from siteca.errors import ProvisioningError
+from siteca.site import InitResult, init_site, serial_text
 
 DIR_OPTION = click.option(
     "--dir",

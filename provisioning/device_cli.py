@@ -33,7 +33,6 @@ from rich.table import Table
 
 from protocol.errors import ProtocolError
 from provisioning import devices as ops
-from provisioning.errors import ProvisioningError
 from provisioning.gateway_admin import (
     URL_ENV,
     AdminClient,
@@ -41,8 +40,11 @@ from provisioning.gateway_admin import (
     GatewayUnreachable,
     admin_token,
 )
+from provisioning.identity import DEVICE_IDENTITY_LOADER
 from provisioning.revoke import BrokerControl, SignalBroker, SystemdBroker
-from provisioning.site import Site
+from siteca.errors import ProvisioningError
+from siteca.remote import ssh_command
+from siteca.site import Site
 
 EXIT_OK: Final = 0
 EXIT_INPUT: Final = 1
@@ -499,10 +501,8 @@ def rotate_command(
     the gateway has heard from it with the new one.
 
     With --ssh all steps run now. Without, this prints a rotation token for
-    `ansimi device enroll --force` on the device; then run `rotate --finish`.
+    `ansimi device enrol --force` on the device; then run `rotate --finish`.
     """
-    from device.enroll import ssh_command
-
     with _errors(as_json):
         client = gateway.client(site_dir)
         Site.open(site_dir)
@@ -601,7 +601,13 @@ def check_command(
     with _errors(as_json):
         client = gateway.client(site_dir)
         site = Site.open(site_dir) if site_dir is not None else None
-        checks = ops.check_device(client, device_id, site=site, device_config=device_config)
+        checks = ops.check_device(
+            client,
+            device_id,
+            site=site,
+            device_config=device_config,
+            load_identity=click.get_current_context().meta.get(DEVICE_IDENTITY_LOADER),
+        )
     failed = any(c.ok is False for c in checks)
     if as_json:
         _print_json(

@@ -29,12 +29,10 @@ from typing import Any, Final, Literal
 
 import segno
 
-from gateway.districts import UnknownDistrict, check_district
+from ansimi.districts import UnknownDistrict, check_district
 from protocol.ids import check_id
-from provisioning import pki
-from provisioning.errors import BrokerControlError, InvalidName, ProvisioningError
-from provisioning.files import write_atomic
 from provisioning.gateway_admin import AdminClient
+from provisioning.identity import DeviceIdentityLoader
 from provisioning.label import label_lines, label_png, label_svg
 from provisioning.revoke import (
     BrokerControl,
@@ -42,7 +40,10 @@ from provisioning.revoke import (
     revoke_certificate,
     throwaway_context,
 )
-from provisioning.site import Site, serial_text
+from siteca import pki
+from siteca.errors import BrokerControlError, InvalidName, ProvisioningError
+from siteca.files import write_atomic
+from siteca.site import Site, serial_text
 
 Kind = Literal["bell", "doorbell", "store"]
 DEFAULT_TTL_S: Final = 24 * 3600
@@ -90,7 +91,7 @@ def enrol_url(gateway: str, token: str) -> str:
 
 def device_command(gateway: str, *, ca: bool) -> str:
     """What the installer runs on the device (the token goes on stdin or after --token)."""
-    line = f"ansimi device enroll --gateway {gateway.rstrip('/')} --token <token>"
+    line = f"ansimi device enrol --gateway {gateway.rstrip('/')} --token <token>"
     return line + (" --ca-file ca.crt" if ca else "")
 
 
@@ -365,7 +366,7 @@ def finish_rotation(
     if not used:
         raise RotationIncomplete(
             f"{device_id} has not re-enrolled with a rotation token yet: run "
-            "`ansimi device enroll --force` on it with the token from `rotate`"
+            "`ansimi device enrol --force` on it with the token from `rotate`"
         )
     newest = max(used, key=lambda r: int(r["used_ms"]))
     new_serial = str(newest["serial"])
@@ -486,11 +487,13 @@ def check_device(
     *,
     site: Site | None,
     device_config: Path | None,
+    load_identity: DeviceIdentityLoader | None = None,
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     timeout_s: float = 5.0,
 ) -> list[Check]:
-    from ansimi.config import ConfigError, load_config
-    from device.config import DeviceConfig
+    """`load_identity` reads `device_config` (the composition hands the device's own config
+    loader in: provisioning does not import the device)."""
+    from ansimi.config import ConfigError
     from protocol.keys import load_private_key, public_key_to_b64
 
     checks: list[Check] = []
@@ -550,15 +553,17 @@ def check_device(
             Check("connect as the device", None, "pass --device-config on the device to try")
         )
         return checks
+    if load_identity is None:
+        checks.append(Check("device config", False, "run through `ansimi provision`"))
+        return checks
     try:
-        config = load_config(device_config, DeviceConfig)
+        identity = load_identity(device_config)
     except ConfigError as exc:
         checks.append(Check("device config", False, str(exc)))
         return checks
-    m = config.mqtt
     key_ok = False
     try:
-        key = load_private_key(config.device.key_file)
+        key = load_private_key(identity.key_file)
         mine = public_key_to_b64(key.public_key())
         expected = (registered or {}).get("public_key")
         key_ok = expected == mine
@@ -571,17 +576,18 @@ def check_device(
         )
     except (ValueError, OSError) as exc:
         checks.append(Check("device key", False, str(exc)))
-    if m.ca_file is None or m.cert_file is None:
+    if identity.ca_file is None or identity.cert_file is None:
         checks.append(Check("connect as the device", False, "no mqtt.ca_file/cert_file"))
         return checks
     try:
-        context = ssl.create_default_context(cafile=str(m.ca_file))
-        context.load_cert_chain(str(m.cert_file), str(m.key_file or config.device.key_file))
+        context = ssl.create_default_context(cafile=str(identity.ca_file))
+        context.load_cert_chain(str(identity.cert_file), str(identity.tls_key_file))
     except (OSError, ssl.SSLError) as exc:
         checks.append(Check("connect as the device", False, f"its TLS files: {exc}"))
         return checks
-    problem = _mqtt_connect(m.host, m.port, context, config.device.id, timeout_s)
+    host, port = identity.broker
+    problem = _mqtt_connect(host, port, context, identity.device_id, timeout_s)
     checks.append(
-        Check("connect as the device", not problem, problem or f"accepted by {m.host}:{m.port}")
+        Check("connect as the device", not problem, problem or f"accepted by {host}:{port}")
     )
     return checks

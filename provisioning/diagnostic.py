@@ -18,11 +18,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioning import pki
-from provisioning.broker_conf import diagnostic_filter, render_acl
-from provisioning.files import broker_owners, write_atomic
 from provisioning.revoke import BrokerControl, fully_revoked_identities
-from provisioning.site import DIAGNOSTIC_PREFIX, DIAGNOSTICS_FILE, Site
+from siteca import pki
+from siteca.broker_conf import diagnostic_filter, render_acl
+from siteca.files import broker_owners, write_atomic
+from siteca.site import DIAGNOSTIC_PREFIX, DIAGNOSTICS_FILE, Site
 
 DIAGNOSTIC_DAYS = 7
 

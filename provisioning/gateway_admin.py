@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from provisioning.errors import ProvisioningError
+from siteca.errors import ProvisioningError
 
 TIMEOUT_S: Final = 15.0
 TOKEN_ENV: Final = "ANSIMI_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
@@ -190,6 +190,23 @@ class AdminClient:
     def cancel_enrolments(self, device_id: str) -> int:
         body = self.ok("DELETE", f"/admin/enrolments/{_segment(device_id)}").body
         return int(body.get("cancelled", 0))
+
+    def register_device(
+        self, device_id: str, public_key: str, kind: str, district: str, label: str = ""
+    ) -> None:
+        """Registers a device whose key was made elsewhere (the demo's, the simulator's)."""
+        body = {
+            "id": device_id,
+            "public_key": public_key,
+            "kind": kind,
+            "district": district,
+            "label": label,
+        }
+        self.ok("POST", "/admin/devices", body)
+
+    def set_private(self, device_id: str, data: dict[str, Any]) -> None:
+        """Sets a device's personal data (sealed by the gateway; admins cannot read it back)."""
+        self.ok("POST", f"/admin/devices/{_segment(device_id)}/private", data)
 
     def device(self, device_id: str) -> dict[str, Any] | None:
         answer = self.ok("GET", f"/admin/devices/{_segment(device_id)}", allow=(404,))

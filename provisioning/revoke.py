@@ -42,11 +42,11 @@ from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
-from provisioning import pki
-from provisioning.broker_conf import render_acl
-from provisioning.errors import BrokerControlError, InvalidName, UnknownCertificate
-from provisioning.files import broker_owners, write_atomic
-from provisioning.site import Revocation, RevocationList, Site, serial_text
+from siteca import pki
+from siteca.broker_conf import render_acl
+from siteca.errors import BrokerControlError, InvalidName, UnknownCertificate
+from siteca.files import broker_owners, write_atomic
+from siteca.site import Revocation, RevocationList, Site, serial_text
 
 # time for mosquitto to act on SIGHUP before we rely on it (it does so within milliseconds)
 SETTLE_S: Final = 0.5

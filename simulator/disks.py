@@ -16,11 +16,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from simulator.errors import SimulatorError
+
 FILLER = ".filler"
 CHUNK = 1024 * 1024
 
 
-class DiskError(Exception):
+class DiskError(SimulatorError):
     """A tmpfs could not be mounted (not root?) or unmounted."""
 
 

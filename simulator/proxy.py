@@ -23,13 +23,15 @@ import logging
 import random
 from dataclasses import dataclass, field
 
+from simulator.errors import SimulatorError
+
 log = logging.getLogger(__name__)
 
 CONNECT = 0x10
 MAX_CONNECT_BYTES = 64 * 1024
 
 
-class ProxyError(Exception):
+class ProxyError(SimulatorError):
     """A connection the proxy cannot carry (not MQTT, or a malformed CONNECT)."""
 
 

@@ -34,6 +34,7 @@ from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
 from simulator import identities
 from simulator.disks import TmpDisk
+from simulator.errors import SimulatorError
 from simulator.limits import raise_open_files
 from simulator.proxy import FaultProxy
 from simulator.scenario import (
@@ -61,7 +62,7 @@ DEVICES_PER_WORKER = 2500
 WORKER_LINE_LIMIT = 64 * 1024 * 1024
 
 
-class SimError(Exception):
+class SimError(SimulatorError):
     """The run could not be set up (broker, gateway or workers did not come up)."""
 
 
@@ -332,7 +333,7 @@ districts = ["*"]
                 [
                     sys.executable,
                     "-m",
-                    "ansimi",
+                    "ansimi_edge",
                     "gateway",
                     "run",
                     "--config",

@@ -38,14 +38,14 @@ class Fleet(_Model):
     count: Annotated[int, Field(ge=1, le=20_000)] = 10
     # relative weights of the device kinds
     mix: dict[Kind, Annotated[float, Field(ge=0)]] = {"bell": 1.0}
-    # relative weights of districts (Seoul district codes, see gateway/districts.py)
+    # relative weights of districts (Seoul district codes, see ansimi/districts.py)
     districts: dict[str, Annotated[float, Field(ge=0)]] = {"mapo": 1.0}
 
     @model_validator(mode="after")
     def _weights(self) -> Fleet:
         if sum(self.mix.values()) <= 0 or sum(self.districts.values()) <= 0:
             raise ValueError("mix and districts need at least one positive weight")
-        from gateway.districts import check_district
+        from ansimi.districts import check_district
 
         for district in self.districts:
             check_district(district)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from device.errors import DeviceError
 from protocol.messages import SimState
 
 # AT+CMGF: "text" (GSM 7-bit, ASCII only) or "pdu" (UCS-2, any script)
@@ -144,7 +145,7 @@ class Modem(Protocol):
     async def close(self) -> None: ...
 
 
-class HalError(Exception):
+class HalError(DeviceError):
     """Root of every hardware-layer error."""
 
 

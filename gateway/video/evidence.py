@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
+from gateway.errors import GatewayError
 from protocol.errors import ProtocolError
 from protocol.jws import KeyResolver, Signer, verify
 
@@ -21,7 +22,7 @@ SEAL_SUFFIX: Final = ".seal.json"
 _CHUNK: Final = 1 << 20
 
 
-class SealBroken(ValueError):
+class SealBroken(GatewayError, ValueError):
     """A recording does not match its seal (or the seal is not the gateway's)."""
 
 

@@ -41,6 +41,7 @@ from ansimi.webrtc import (
     rtc_configuration,
     tap_encoded,
 )
+from gateway.errors import GatewayError
 from gateway.video.config import VideoConfig
 from gateway.video.evidence import SEAL_SUFFIX, seal_recording
 from gateway.video.recorder import Recorder
@@ -55,7 +56,7 @@ SendRtc = Callable[[str, Rtc], object]
 MAX_SDP = 10_000  # the wire contract's bound on Rtc.sdp
 
 
-class VideoError(Exception):
+class VideoError(GatewayError):
     """Root of the hub's errors; `reason` is terse enough for a wire reply or HTTP body."""
 
     reason = "video_error"

@@ -17,6 +17,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Final
 
+from gateway.errors import GatewayError
 from gateway.video.evidence import SEAL_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 HOLD_SUFFIX: Final = ".hold.json"
 
 
-class HoldError(ValueError):
+class HoldError(GatewayError, ValueError):
     """A hold cannot be placed or released as asked."""
 
 

@@ -1,7 +1,7 @@
 """A whole site to attack, built once per test module with real parts only.
 
-A real mosquitto, the real gateway (`python -m ansimi gateway run`), the real console
-(`python -m ansimi console`), two devices in two districts whose alerts are signed with
+A real mosquitto, the real gateway (`python -m ansimi_edge gateway run`), the real console
+(`python -m ansimi_edge console`), two devices in two districts whose alerts are signed with
 their own keys and published with the stock `mosquitto_pub`, as an outsider would. Tokens:
 a central one (all districts, the console's), one per district desk, an admin of all
 districts and one of mapo only. Console
@@ -206,7 +206,7 @@ secret = "{SECRET}"
 def _spawn(root: Path, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     with (root / f"{name}.log").open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "ansimi", *args],
+            [sys.executable, "-m", "ansimi_edge", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -38,7 +38,7 @@ async def test_the_demo_console_shows_an_alert_and_a_doorbells_video(tmp_path: P
         pytest.fail("mosquitto is not installed: `apt-get install -y mosquitto`")
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "ansimi", "demo", "--duration", "60"),
+        *(sys.executable, "-m", "ansimi_edge", "demo", "--duration", "60"),
         *("--devices", "3", "--press-every", "1.5", "--console-port", str(port)),
         *("--broker", "mosquitto", "--state-dir", str(tmp_path / "demo")),
         stdout=asyncio.subprocess.PIPE,

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from ansimi.cli import cli
+from ansimi.demo import usable_port
 from click.testing import CliRunner
 
 from ansimi.broker import free_port
-from ansimi.cli import cli
-from ansimi.demo import usable_port
 
 T = TypeVar("T")
 
@@ -30,7 +30,7 @@ def test_demo_presses_arrive_at_the_centre(tmp_path: Path, broker: str) -> None:
         [
             sys.executable,
             "-m",
-            "ansimi",
+            "ansimi_edge",
             "demo",
             "--duration",
             "5",
@@ -88,7 +88,7 @@ def test_demo_console_signs_in_and_acknowledge_reaches_the_bell(tmp_path: Path) 
         [
             sys.executable,
             "-m",
-            "ansimi",
+            "ansimi_edge",
             "demo",
             "--duration",
             "20",

@@ -130,7 +130,16 @@ def spawn_agent(
 ) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "ansimi", "-v", "device", "run", "--config", str(config_path)],
+            [
+                sys.executable,
+                "-m",
+                "ansimi_edge",
+                "-v",
+                "device",
+                "run",
+                "--config",
+                str(config_path),
+            ],
             stdout=log,
             stderr=log,
             env={**os.environ, **(env or {})},

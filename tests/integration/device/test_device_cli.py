@@ -10,7 +10,7 @@ from device_testkit import Keys, write_device_config
 
 import device.cli
 from ansimi.broker import Mosquitto, free_port
-from ansimi.cli import cli
+from ansimi_edge.cli import cli
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -42,7 +42,7 @@ def test_a_missing_device_key_says_how_to_enrol(tmp_path: Path) -> None:
     code, output = invoke("device", "run", "--config", str(path))
     assert code == 1
     assert f"no key at {tmp_path}/absent.key" in output
-    assert "run `ansimi device enroll`" in output
+    assert "run `ansimi device enrol`" in output
 
 
 def test_a_missing_gateway_key_names_the_key(tmp_path: Path, mosquitto: Mosquitto) -> None:

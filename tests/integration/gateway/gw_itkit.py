@@ -141,7 +141,7 @@ secret = "{SECRET}"
 
 
 class GatewayProcess:
-    """`python -m ansimi gateway run --config ...` as a child we can SIGKILL."""
+    """`python -m ansimi_edge gateway run --config ...` as a child we can SIGKILL."""
 
     def __init__(self, config: Path, api_port: int) -> None:
         self.config = config
@@ -155,7 +155,7 @@ class GatewayProcess:
                 [
                     sys.executable,
                     "-m",
-                    "ansimi",
+                    "ansimi_edge",
                     "-v",
                     "gateway",
                     "run",

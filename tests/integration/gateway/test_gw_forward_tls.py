@@ -27,9 +27,9 @@ from ansimi.broker import Mosquitto, free_port
 from ansimi.mqtt import Message, Session, Settings
 from console.receiver import EventLog, Receiver
 from gateway.config import Centre, ForwardConfig, GatewayConfig, MqttConfig, SiaReceiver
-from gateway.forward import HttpsCentre, delivery_body
 from gateway.service import Gateway
 from gateway.store import Delivery, Device
+from gateway.transports.https import HttpsCentre, delivery_body
 from protocol.envelope import open_for_device, seal
 from protocol.forwarding import (
     IDEMPOTENCY_HEADER,

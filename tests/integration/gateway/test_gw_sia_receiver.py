@@ -25,8 +25,8 @@ from ansimi.broker import Mosquitto, free_port
 from gateway.config import ForwardConfig, SiaReceiver
 from gateway.forward import Forwarder
 from gateway.metrics import Metrics
-from gateway.sia import SiaBridge, frame
 from gateway.store import Delivery, Device, Incoming, SqliteStore
+from gateway.transports.sia import SiaBridge, frame
 
 ACCOUNT = "1234"
 KEY = "0123456789ABCDEF"  # pysiaalarm takes the characters as the AES-128 key bytes
@@ -80,6 +80,7 @@ def forwarder(store: SqliteStore, receiver: SiaReceiver, acked: list[str]) -> Fo
         district_of=lambda _device: "mapo",
         on_first_delivery=lambda d: acked.append(d.event_id),
         rng=random.Random(1),
+        transports={receiver.name: SiaBridge(receiver)},
     )
 
 

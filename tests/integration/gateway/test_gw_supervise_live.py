@@ -56,7 +56,7 @@ camera = "none"
 def spawn_device(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "ansimi", "device", "run", "--config", str(config)],
+            [sys.executable, "-m", "ansimi_edge", "device", "run", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

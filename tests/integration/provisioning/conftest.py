@@ -9,8 +9,8 @@ import pytest
 from prov_broker_kit import Identities
 
 from ansimi.broker import Mosquitto, free_port, mosquitto_path
-from provisioning.broker_conf import current_user
-from provisioning.site import Site, init_site
+from siteca.broker_conf import current_user
+from siteca.site import Site, init_site
 
 
 @pytest.fixture

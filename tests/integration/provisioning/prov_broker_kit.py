@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ansimi.broker import Mosquitto
 from ansimi.mqtt import Message, Session, Settings, TlsFiles
-from provisioning import pki
-from provisioning.site import Site
+from siteca import pki
+from siteca.site import Site
 
 
 @dataclass

@@ -28,12 +28,12 @@ from ansimi.mqtt import MqttError, TlsFiles
 from protocol.jws import MAX_TOKEN_BYTES
 from protocol.probe import probe_topic
 from protocol.topics import MAX_PACKET_BYTES
-from provisioning import pki
-from provisioning.broker_conf import current_user
 from provisioning.diagnostic import issue_diagnostic
-from provisioning.errors import BrokerControlError, InvalidName
 from provisioning.revoke import SETTLE_S, RevokeResult, SignalBroker, revoke_certificate
-from provisioning.site import Site, init_site
+from siteca import pki
+from siteca.broker_conf import current_user
+from siteca.errors import BrokerControlError, InvalidName
+from siteca.site import Site, init_site
 
 VERSIONS = [pytest.param(5, id="v5"), pytest.param(311, id="v311")]
 UP_ALL = "ansimi/v1/+/up/#"

@@ -24,7 +24,7 @@ from ansimi.broker import Mosquitto, free_port
 from ansimi.config import load_config
 from device.agent import Agent
 from device.config import DeviceConfig
-from device.enroll import EnrollError, Paths, enroll
+from device.enrol import EnrollError, Paths, enroll
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
 from gateway.config import ApiConfig, ApiToken, EnrolConfig, GatewayConfig, MqttConfig
@@ -32,8 +32,8 @@ from gateway.service import Gateway
 from gateway.store import Incoming
 from protocol.jws import Signer
 from protocol.keys import load_private_key, public_key_from_b64
-from provisioning import pki
-from provisioning.site import Site
+from siteca import pki
+from siteca.site import Site
 
 ADMIN = "admin-token-for-tests-0123456789"
 ANSIMI = str(Path(sys.executable).with_name("ansimi"))
@@ -80,7 +80,7 @@ class Rig:
 
     async def enroll(self, token: str, where: Path, *extra: str) -> tuple[int, str, str]:
         return await self.ansimi(
-            "device", "enroll", "--gateway", self.url, "--token", token,
+            "device", "enrol", "--gateway", self.url, "--token", token,
             "--ca-file", str(self.site.layout.ca_cert), "--state-dir", str(where),
             "--config-out", str(where / "device.toml"), *extra,
         )  # fmt: skip
@@ -132,7 +132,7 @@ async def rig(site: Site, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Ri
 
 @contextlib.asynccontextmanager
 async def agent_from(config_path: Path) -> AsyncIterator[Agent]:
-    """The real agent, configured only by what `ansimi device enroll` wrote."""
+    """The real agent, configured only by what `ansimi device enrol` wrote."""
     config = load_config(config_path, DeviceConfig)
     agent = Agent(
         config,
@@ -228,7 +228,7 @@ async def test_a_used_token_cannot_be_used_again(rig: Rig) -> None:
     first = rig.tmp / "first"
     # the QR label's URL alone is enough: it carries the gateway and the token
     code, out, err = await rig.ansimi(
-        "device", "enroll", "--gateway", str(added["url"]),
+        "device", "enrol", "--gateway", str(added["url"]),
         "--ca-file", str(rig.site.layout.ca_cert), "--state-dir", str(first),
         "--config-out", str(first / "device.toml"),
     )  # fmt: skip
@@ -264,11 +264,11 @@ async def test_duplicate_ids_unknown_districts_and_a_missing_ca_are_explained(ri
     assert code == 0, out + err
     assert "Registered doorbell-0001 (doorbell, jongno)" in out
     assert "doorbell-0001." in out and "doorbell-0001.png" in out
-    assert f"ansimi device enroll --gateway {rig.url}" in out
+    assert f"ansimi device enrol --gateway {rig.url}" in out
     # the device without the site CA cannot trust the gateway: it says what to pass
     added = await rig.add("bell-0005")
     code, out, err = await rig.ansimi(
-        "device", "enroll", "--gateway", rig.url, "--token", str(added["token"]),
+        "device", "enrol", "--gateway", rig.url, "--token", str(added["token"]),
         "--state-dir", str(rig.tmp / "d5"), "--config-out", str(rig.tmp / "d5" / "device.toml"),
     )  # fmt: skip
     assert code == 4 and "--ca-file" in err
@@ -328,7 +328,7 @@ async def test_enrol_over_ssh_sends_the_token_on_stdin(rig: Rig) -> None:
     token = str(added["token"])
     where = rig.tmp / "remote"
     code, out, err = await rig.ansimi(
-        "device", "enroll", "--ssh", "pi@bell-0009.local", "--gateway", rig.url,
+        "device", "enrol", "--ssh", "pi@bell-0009.local", "--gateway", rig.url,
         "--token", token, "--ca-file", str(rig.site.layout.ca_cert),
         "--state-dir", str(where), "--config-out", str(where / "device.toml"),
         "--remote-ansimi", ANSIMI,
@@ -348,7 +348,7 @@ async def test_offline_key_for_an_sd_card_warns_and_points_to_the_device_paths(
     added = await rig.add("bell-0010")
     card = rig.tmp / "card"
     code, out, err = await rig.ansimi(
-        "device", "enroll", "--gateway", rig.url, "--token", str(added["token"]),
+        "device", "enrol", "--gateway", rig.url, "--token", str(added["token"]),
         "--ca-file", str(rig.site.layout.ca_cert), "--write-key-to", str(card),
     )  # fmt: skip
     assert code == 0, out + err

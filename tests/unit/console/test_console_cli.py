@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ansimi.cli import cli
+from ansimi_edge.cli import cli
 from console.operators import Operators
 
 # unset, whatever the environment running the tests holds

@@ -12,7 +12,7 @@ from gw_testkit import make_env
 
 from gateway.api import Api, ApiTlsError, tls_context
 from gateway.config import ApiToken
-from provisioning.pki import create_ca, issue_server_cert, write_cert, write_private_key
+from siteca.pki import create_ca, issue_server_cert, write_cert, write_private_key
 
 TOKEN = "operator-token-0123456789"
 

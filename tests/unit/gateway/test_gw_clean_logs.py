@@ -35,8 +35,9 @@ from device.private import with_sms_numbers
 from device.sms import SmsFallback
 from gateway.api import Api
 from gateway.config import Centre, ForwardConfig, PrivacyConfig
-from gateway.forward import Forwarder, HttpsCentre, Transport
+from gateway.forward import Forwarder
 from gateway.private import PrivateRoutes, open_vault
+from gateway.transports import HttpsCentre, Transport
 
 NAME = "Choi Seoyeon"
 GUARDIAN = "Lee Minjun"

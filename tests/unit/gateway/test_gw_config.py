@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 from gw_testkit import CENTRAL_TOML as CENTRAL
 
-from ansimi.cli import cli
 from ansimi.config import ConfigError, load_config
+from ansimi_edge.cli import cli
 from gateway.config import GatewayConfig, SuperviseConfig
 from protocol.keys import generate_key, save_private_key
 

@@ -18,11 +18,12 @@ from gw_testkit import NOW, Clock
 from pydantic import ValidationError
 
 from ansimi.config import load_config
+from ansimi.districts import SEOUL_DISTRICTS, UnknownDistrict, check_district
 from gateway.config import Centre, ForwardConfig, GatewayConfig
-from gateway.districts import SEOUL_DISTRICTS, UnknownDistrict, check_district
-from gateway.forward import DELIVERED, Circuit, CircuitBreaker, Forwarder, Outcome
+from gateway.forward import Circuit, CircuitBreaker, Forwarder
 from gateway.metrics import Metrics
 from gateway.store import Delivery, Device, Incoming, SqliteStore, StoreError
+from gateway.transports import DELIVERED, Outcome
 
 ROOT = Path(__file__).resolve().parents[3]
 SECRET = "centre-secret-for-tests"
@@ -404,6 +405,6 @@ async def test_a_centre_is_failing_since_its_first_failed_attempt_began() -> Non
 )  # fmt: skip
 def test_a_centres_retry_after_is_read_strictly(header: str | None, wait_ms: int) -> None:
     """'²' passes str.isdigit() and then broke int(): a centre's header is never a bug."""
-    from gateway.forward import _retry_after_ms
+    from gateway.transports.https import _retry_after_ms
 
     assert _retry_after_ms(header) == wait_ms

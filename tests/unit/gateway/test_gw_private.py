@@ -31,9 +31,9 @@ from ansimi.privacy import KeyFileError, SealError, create_key_file, load_keyrin
 from gateway.api import Api
 from gateway.cli import gateway
 from gateway.config import ApiToken, Centre, ForwardConfig, PrivacyConfig
-from gateway.forward import HttpsCentre
 from gateway.private import PrivateData, PrivateRoutes, Vault, open_vault
 from gateway.store import Delivery, Device, SqliteStore
+from gateway.transports import HttpsCentre
 from protocol.envelope import seal
 from protocol.keys import public_key_to_b64
 from protocol.messages import build_message

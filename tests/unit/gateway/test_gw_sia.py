@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.config import Centre, GatewayConfig, SiaReceiver
-from gateway.sia import (
+from gateway.transports.sia import (
     ALERT_EVENTS,
     CANCEL_EVENT,
     BadResponse,

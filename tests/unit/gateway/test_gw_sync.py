@@ -26,9 +26,9 @@ from gw_testkit import (
 )
 
 from ansimi.mqtt import Message as MqttMessage
-from gateway.forward import delivery_body
 from gateway.intake import SYNC_EVERY_MS
 from gateway.store import Device, SqliteStore
+from gateway.transports.https import delivery_body
 from protocol.envelope import seal
 from protocol.jws import Signer
 from protocol.keys import public_key_to_b64

@@ -141,7 +141,7 @@ def test_missing_key_says_what_to_do(tmp_path: Path) -> None:
         load_private_key(path)
     assert isinstance(info.value, FileNotFoundError)
     assert isinstance(info.value, ProtocolError)
-    assert str(info.value) == f"no key at {path}: run `ansimi device enroll`"
+    assert str(info.value) == f"no key at {path}: run `ansimi device enrol`"
 
 
 def test_missing_key_custom_hint(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from protocol.probe import probe_topic
-from provisioning.broker_conf import BrokerFiles, broker_config, render_acl
-from provisioning.errors import InvalidName
+from siteca.broker_conf import BrokerFiles, broker_config, render_acl
+from siteca.errors import InvalidName
 
 
 def _rules(text: str) -> list[str]:
@@ -111,7 +111,7 @@ def test_broker_config_runs_as_the_given_user_only_when_asked(tmp_path: Path) ->
 
 
 def test_a_diagnostic_identity_only_reads_and_is_shut_out_of_the_device_patterns() -> None:
-    from provisioning.broker_conf import diagnostic_filter
+    from siteca.broker_conf import diagnostic_filter
 
     grants = {"diag-kim": diagnostic_filter(None), "diag-lee": diagnostic_filter("bell-0001")}
     rules = _rules(render_acl(["gw-alpha"], (), grants))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from ansimi.cli import cli
-from provisioning import pki
-from provisioning.site import Site
+from ansimi_edge.cli import cli
+from siteca import pki
+from siteca.site import Site
 
 
 def _run(*args: str) -> tuple[int, str]:

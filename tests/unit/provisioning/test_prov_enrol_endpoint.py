@@ -26,8 +26,8 @@ from gateway.metrics import Metrics
 from gateway.store import SqliteStore
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
-from provisioning import pki
-from provisioning.site import Site, init_site
+from siteca import pki
+from siteca.site import Site, init_site
 
 ADMIN = "admin-secret-0123456789"
 OPERATOR = "operator-secret-0123456789"

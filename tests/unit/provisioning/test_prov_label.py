@@ -10,7 +10,7 @@ import zlib
 import pytest
 import segno
 
-from gateway.districts import SEOUL_DISTRICTS
+from ansimi.districts import SEOUL_DISTRICTS
 from provisioning.label import (
     ADVANCE,
     BORDER,

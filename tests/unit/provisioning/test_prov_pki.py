@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning import pki
-from provisioning.errors import CsrRejected, InvalidName, PemError, ProvisioningError
+from siteca import pki
+from siteca.errors import CsrRejected, InvalidName, PemError, ProvisioningError
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
 

@@ -10,15 +10,16 @@ import pytest
 from cryptography import x509
 
 from protocol.keys import load_private_key, public_key_from_b64
-from provisioning import pki, revoke, site
-from provisioning.errors import (
+from provisioning import revoke
+from siteca import pki, site
+from siteca.errors import (
     InvalidName,
     ProvisioningError,
     SiteExists,
     SiteNotFound,
     UnknownCertificate,
 )
-from provisioning.site import Site, init_site
+from siteca.site import Site, init_site
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int, int]]:

@@ -9,7 +9,7 @@ import pytest
 from ansimi_testkit import CENTRAL_TOML
 from click.testing import CliRunner
 
-from ansimi.cli import cli
+from ansimi_edge.cli import cli
 from gateway.video.retention import HoldError, place_hold, release_hold, sweep
 
 NOW = 1_000_000_000.0

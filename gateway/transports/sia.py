@@ -38,8 +38,9 @@ from typing import Final, Literal
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gateway.config import SiaReceiver
-from gateway.forward import DELIVERED, Outcome
+from gateway.errors import GatewayError
 from gateway.store import Delivery
+from gateway.transports.base import DELIVERED, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ _RESPONSE = re.compile(r'"\*?(?P<kind>ACK|NAK|DUH|RSP)"(?P<seq>\d{4})[^\[\]"]{0,
 _TIME = re.compile(r"_(\d{2}:\d{2}:\d{2},\d{2}-\d{2}-\d{4})")
 
 
-class BadResponse(ValueError):
+class BadResponse(GatewayError, ValueError):
     pass
 
 

@@ -1,4 +1,4 @@
-"""`ansimi`: one command, a subcommand per part, each imported only when used."""
+"""A click group whose subcommands are imported only when they run."""
 
 from __future__ import annotations
 
@@ -7,18 +7,6 @@ from typing import Any
 
 import click
 
-from ansimi.logs import configure
-
-# subcommand -> "module:attribute" of a click command or group
-PARTS: dict[str, tuple[str, str]] = {
-    "device": ("device.cli:device", "run, enrol and test a device agent"),
-    "gateway": ("gateway.cli:gateway", "run the gateway (intake, store, forward, API)"),
-    "provision": ("provisioning.cli:provision", "installer's tools: site CA, devices, ACLs"),
-    "sim": ("simulator.cli:sim", "run simulated fleets and scenarios"),
-    "console": ("console.cli:console", "run the control-centre console"),
-    "demo": ("ansimi.demo:demo", "broker, gateway, receiver and a simulated fleet on one machine"),
-}
-
 
 class LazyGroup(click.Group):
     """Imports a subcommand's module only when it runs, so `ansimi --help` stays fast, a
@@ -26,16 +14,26 @@ class LazyGroup(click.Group):
     a device), and one part's missing optional dependency never breaks another's.
 
     `lazy`: subcommand -> ("module:attribute" of a click command, one-line help).
+    `aliases`: old name -> subcommand, for a renamed command: it still runs, but is not
+    listed in the help.
     """
 
-    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        lazy: dict[str, tuple[str, str]],
+        aliases: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.lazy = lazy
+        self.aliases = aliases or {}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        name = self.aliases.get(name, name)
         if name not in self.lazy:
             return super().get_command(ctx, name)
         target, help_text = self.lazy[name]
@@ -55,23 +53,3 @@ class LazyGroup(click.Group):
         command.help = command.help or help_text
         command.short_help = help_text
         return command
-
-
-@click.group(cls=LazyGroup, lazy=PARTS)
-@click.option(
-    "-v", "--verbose", count=True, help="-v: the agent's decisions too; -vv: debug (ansimi/logs.py)"
-)
-@click.option(
-    "--debug-log",
-    "debug_loggers",
-    multiple=True,
-    metavar="LOGGER",
-    help="debug output of one logger, e.g. ansimi.webrtc.wire for RTP/ICE/SDP detail",
-)
-def cli(verbose: int, debug_loggers: tuple[str, ...]) -> None:
-    """Ansimi Edge: emergency bells, doorbells and store bells to control centres."""
-    configure(verbose, debug_loggers)
-
-
-def main() -> None:
-    cli()

@@ -38,10 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ansimi.broker import MosquittoConfig
 from protocol.keys import generate_key as generate_signing_key
 from protocol.keys import public_key_to_b64, save_private_key
-from provisioning import pki
-from provisioning.broker_conf import DEFAULT_PORT, BrokerFiles, broker_config, render_acl
-from provisioning.errors import InvalidName, ProvisioningError, SiteExists, SiteNotFound
-from provisioning.files import Owner, broker_owners, fsync_dir, locked, make_dir, write_atomic
+from siteca import pki
+from siteca.broker_conf import DEFAULT_PORT, BrokerFiles, broker_config, render_acl
+from siteca.errors import InvalidName, ProvisioningError, SiteExists, SiteNotFound
+from siteca.files import Owner, broker_owners, fsync_dir, locked, make_dir, write_atomic
 
 SITE_FILE: Final = "site.json"
 GATEWAY_PREFIX: Final = "gw-"

@@ -1,4 +1,4 @@
-"""`ansimi device enroll`: make this device's key here, and trade a one-time token for its
+"""`ansimi device enrol`: make this device's key here, and trade a one-time token for its
 certificate.
 
 Run on the device, it checks the clock against the gateway (a device whose clock is off
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import functools
 import json
 import os
-import shlex
 import ssl
 import subprocess
 import sys
@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, ParamSpec
 
 import click
 from cryptography import x509
@@ -47,7 +47,9 @@ from cryptography.x509.oid import NameOID
 
 from ansimi.config import ConfigError, load_config
 from device.config import DeviceConfig
+from device.errors import DeviceError
 from protocol.keys import generate_key, private_key_to_pem
+from siteca.remote import ssh_command
 
 DEFAULT_CONFIG_OUT: Final = Path("/etc/ansimi/device.toml")
 DEFAULT_STATE_DIR: Final = Path("/var/lib/ansimi/device")
@@ -60,18 +62,41 @@ EXIT_LOCAL: Final = 1
 EXIT_REFUSED: Final = 3
 EXIT_UNREACHABLE: Final = 4
 
+P = ParamSpec("P")
 
-class EnrollError(click.ClickException):
-    """An error with the exit code it means (see the module docstring)."""
 
-    def __init__(self, message: str, code: int = EXIT_LOCAL) -> None:
+class EnrollError(DeviceError, RuntimeError):
+    """An enrolment that failed, with the exit code it means (see the module docstring)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_LOCAL) -> None:
         super().__init__(message)
-        self.code = code
+        self.exit_code = exit_code
+
+
+class _EnrollExit(click.ClickException):
+    """An EnrollError as click shows it and exits with it: the CLI edge."""
+
+    def __init__(self, error: EnrollError) -> None:
+        super().__init__(str(error))
+        self.code = error.exit_code
 
     # click exits with `exit_code`; a class attribute there, so a property here
     @property
     def exit_code(self) -> int:  # type: ignore[override]
         return self.code
+
+
+def _at_the_cli_edge(command: Callable[P, None]) -> Callable[P, None]:
+    """Domain errors stay domain errors below; only the command turns them into click's."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except EnrollError as exc:
+            raise _EnrollExit(exc) from exc
+
+    return run
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +216,7 @@ def _toml_value(value: Any) -> str:
 
 def render_config(config: DeviceConfig) -> str:
     """Every field of `config` as TOML; unset optional keys appear commented out."""
-    lines = ["# written by `ansimi device enroll`; every option: device/device.example.toml"]
+    lines = ["# written by `ansimi device enrol`; every option: device/device.example.toml"]
     for section, values in config.model_dump(mode="json").items():
         lines += ["", f"[{section}]"]
         tables: list[tuple[str, list[dict[str, Any]]]] = []
@@ -372,41 +397,7 @@ def split_label_url(url: str) -> tuple[str, str | None]:
     return base.rstrip("/").removesuffix("/enrol"), fragment.removeprefix("token=")
 
 
-def ssh_command(
-    target: str,
-    gateway: str,
-    *,
-    config_out: Path,
-    state_dir: Path,
-    with_ca: bool,
-    force: bool,
-    remote_ansimi: str = "ansimi",
-    ssh: str = "ssh",
-) -> list[str]:
-    """The ssh command line that runs `ansimi device enroll` on the device; the token (and
-    the CA) go on stdin: `--token -`, `--ca-file -`."""
-    remote = [
-        remote_ansimi,
-        "device",
-        "enroll",
-        "--gateway",
-        gateway,
-        "--token",
-        "-",
-        "--config-out",
-        str(config_out),
-        "--state-dir",
-        str(state_dir),
-    ]
-    if with_ca:
-        remote += ["--ca-file", "-"]
-    if force:
-        remote.append("--force")
-    # ssh joins its arguments with spaces for the remote shell: quote them as one
-    return [ssh, "-o", "BatchMode=yes", "-T", target, "--", shlex.join(remote)]
-
-
-@click.command("enroll")
+@click.command("enrol")
 @click.option("--gateway", required=True, help="the gateway's HTTPS URL, e.g. https://gw:8443")
 @click.option(
     "--token",
@@ -439,6 +430,7 @@ def ssh_command(
     help="offline: make the key HERE and write every file into this directory (SD card)",
 )
 @click.option("--max-clock-skew", type=float, default=MAX_SKEW_S, show_default=True)
+@_at_the_cli_edge
 def enroll_command(
     gateway: str,
     token: str | None,

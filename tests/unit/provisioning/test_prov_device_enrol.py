@@ -1,4 +1,4 @@
-"""`ansimi device enroll` and `ansimi provision device` without a gateway: what is decided
+"""`ansimi device enrol` and `ansimi provision device` without a gateway: what is decided
 before any request, the config it writes, the ssh command line, and the exit codes."""
 
 from __future__ import annotations
@@ -9,23 +9,24 @@ import shlex
 import tomllib
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from ansimi.broker import free_port
-from ansimi.cli import cli
+from ansimi_edge.cli import cli
 from device.config import DeviceConfig
-from device.enroll import (
+from device.enrol import (
     EnrollError,
     Paths,
     check_clock,
     enroll,
     render_config,
     split_label_url,
-    ssh_command,
 )
 from provisioning.devices import enrol_url
-from provisioning.site import init_site
+from siteca.remote import ssh_command
+from siteca.site import init_site
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -79,6 +80,26 @@ def test_an_unreachable_gateway_exits_4_and_writes_nothing(tmp_path: Path) -> No
         enroll(f"https://127.0.0.1:{free_port()}", "bell-0001.abc", paths)
     assert caught.value.exit_code == 4
     assert not (tmp_path / "d").exists()
+
+
+def test_the_enroll_command_turns_the_domain_error_into_its_exit_code(tmp_path: Path) -> None:
+    # the domain error is no click exception: the command converts it at its edge
+    assert not isinstance(EnrollError("x"), click.ClickException)
+    gateway = f"https://127.0.0.1:{free_port()}"
+    args = ["--gateway", gateway, "--token", "bell-0001.abc", "--state-dir", str(tmp_path)]
+    result = CliRunner().invoke(
+        cli, ["device", "enrol", *args, "--config-out", str(tmp_path / "device.toml")]
+    )
+    assert result.exit_code == 4, result.output
+    assert "cannot reach the gateway" in result.output
+    assert not isinstance(result.exception, EnrollError)
+
+
+def test_the_first_spelling_still_runs_the_command_but_is_not_listed() -> None:
+    listed = CliRunner().invoke(cli, ["device", "--help"])
+    assert "enrol " in listed.output and "enroll" not in listed.output
+    old = CliRunner().invoke(cli, ["device", "enroll", "--help"])
+    assert old.exit_code == 0 and "--gateway" in old.output
 
 
 def test_the_ssh_command_quotes_for_the_remote_shell_and_carries_no_secret() -> None:

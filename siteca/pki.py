@@ -30,8 +30,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol.errors import Malformed
 from protocol.ids import check_id
-from provisioning.errors import CsrRejected, InvalidName, PemError
-from provisioning.files import Owner, write_atomic
+from siteca.errors import CsrRejected, InvalidName, PemError
+from siteca.files import Owner, write_atomic
 
 KeyType = Literal["ed25519", "p256"]
 PrivateKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey
@@ -299,7 +299,7 @@ def sign_csr(
     except ValueError:
         raise CsrRejected(
             "not a PEM certificate signing request (expected '-----BEGIN CERTIFICATE "
-            "REQUEST-----'); create one with `ansimi device enroll`"
+            "REQUEST-----'); create one with `ansimi device enrol`"
         ) from None
     try:
         valid = csr.is_signature_valid

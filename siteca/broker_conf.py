@@ -28,7 +28,7 @@ from typing import Final
 from ansimi.broker import BrokerTls, MosquittoConfig
 from protocol.ids import DEVICE_ID_RE
 from protocol.topics import MAX_PACKET_BYTES
-from provisioning.pki import check_identity
+from siteca.pki import check_identity
 
 TOPIC_ROOT: Final = "ansimi/v1"
 DEVICE_WRITE: Final = f"{TOPIC_ROOT}/%u/up/#"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 from typing import Final
 
+from ansimi.errors import AnsimiError
+
 # code -> Korean name, in the order of the city's official district numbering
 SEOUL_DISTRICTS: Final[dict[str, str]] = {
     "jongno": "종로구",
@@ -43,11 +45,11 @@ SEOUL_DISTRICTS: Final[dict[str, str]] = {
 ALL: Final = "*"
 
 
-class UnknownDistrict(ValueError):
+class UnknownDistrict(AnsimiError, ValueError):
     def __init__(self, name: str) -> None:
         self.name = name
         near = difflib.get_close_matches(name.lower(), SEOUL_DISTRICTS, n=1, cutoff=0.5)
-        hint = f'did you mean "{near[0]}"?' if near else "use a code from gateway/districts.py"
+        hint = f'did you mean "{near[0]}"?' if near else "use a code from ansimi/districts.py"
         super().__init__(f'unknown district "{name}": {hint}')
 
 

@@ -28,14 +28,30 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port, mosquitto_path, wait_for_port
 
+if TYPE_CHECKING:  # imported when the demo runs: `ansimi --help` stays light
+    from device.agent import Agent
+    from device.behaviour import DeviceKind
+    from device.hal.fakes import FakeIndicator, FakeInputs
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DemoBell:
+    """A real agent and the fake buttons and LED it was built with, which the demo presses
+    and watches."""
+
+    agent: Agent
+    inputs: FakeInputs
+    indicator: FakeIndicator
 
 
 @contextlib.asynccontextmanager
@@ -69,6 +85,7 @@ def gateway_toml(
     secret: str,
     api_port: int,
     api_token: str,
+    admin_token: str,
 ) -> str:
     shared = "gateways" if version == 5 else ""
     return f"""# written by `ansimi demo`
@@ -92,6 +109,12 @@ port = {api_port}
 name = "console"
 role = "operator"
 token = "{api_token}"
+
+# the demo's own: it registers its bells as an installer would (POST /admin/devices)
+[[api.tokens]]
+name = "demo"
+role = "admin"
+token = "{admin_token}"
 
 # the data key: the console shows each bell's (made-up) address
 [privacy]
@@ -118,7 +141,7 @@ def add_operator(centre_db: Path, name: str, password: str, log_file: Path) -> N
             [
                 sys.executable,
                 "-m",
-                "ansimi",
+                "ansimi_edge",
                 "console",
                 "add-operator",
                 name,
@@ -150,7 +173,7 @@ def spawn(args: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Po
     handle = log_file.open("ab")
     try:
         child = subprocess.Popen(
-            [sys.executable, "-m", "ansimi", *args],
+            [sys.executable, "-m", "ansimi_edge", *args],
             stdout=None,  # the centre prints what arrives: let people see it
             stderr=handle,
             env={**os.environ, **env},
@@ -176,10 +199,10 @@ async def run_demo(
     from device.hal.camera import SyntheticCamera
     from device.hal.fakes import FakeIndicator, FakeInputs
     from device.video.config import VideoConfig as DeviceVideo
-    from gateway.private import PrivateData, Vault
-    from gateway.store import Device, DeviceKind, SqliteStore
     from protocol.jws import Signer
     from protocol.keys import generate_key, public_key_to_b64, save_private_key
+    from provisioning.gateway_admin import AdminClient
+    from siteca.errors import ProvisioningError
 
     # ICE pair-by-pair chatter would bury what a newcomer wants to see
     for noisy in ("aioice", "aiortc"):
@@ -189,6 +212,7 @@ async def run_demo(
     (state / "gateway").mkdir(parents=True)
     secret = secrets.token_urlsafe(24)
     api_token = secrets.token_urlsafe(24)
+    admin_token = secrets.token_urlsafe(24)
     # a fresh password each run, printed once: the demo's state is throwaway
     operator_password = secrets.token_urlsafe(9)
     gateway_key = generate_key()
@@ -200,12 +224,16 @@ async def run_demo(
         api_port = free_port()
         config_path = state / "gateway.toml"
         config_path.write_text(
-            gateway_toml(state, mqtt_port, version, centre_url, secret, api_port, api_token)
+            gateway_toml(
+                state, mqtt_port, version, centre_url, secret, api_port, api_token, admin_token
+            )
         )
 
-        store = SqliteStore(state / "gateway" / "gateway.db")
-        vault = Vault(store, create_key_file(state / "gateway" / "privacy.key"))
-        agents: list[Agent] = []
+        create_key_file(state / "gateway" / "privacy.key")
+        bells: list[DemoBell] = []
+        # the gateway learns them once it is up, over its admin API (see below)
+        registrations: list[tuple[str, str, str, str, str]] = []
+        addresses: list[tuple[str, dict[str, str]]] = []
         districts = itertools.cycle(["mapo", "gangnam", "jongno", "songpa"])
         kinds: itertools.cycle[DeviceKind] = itertools.cycle(["bell", "store", "doorbell"])
         for n in range(devices):
@@ -214,13 +242,12 @@ async def run_demo(
             key = generate_key()
             label = f"demo {kind} {n + 1}"
             district = next(districts)
-            await store.add_device(
-                Device(device_id, public_key_to_b64(key.public_key()), kind, district, label),
-                now_ms=time.time_ns() // 1_000_000,
+            registrations.append(
+                (device_id, public_key_to_b64(key.public_key()), kind, district, label)
             )
             # made up, sealed like a real one: the console shows it beside the alert
             address = f"demo street {n + 1}, {district}-gu, Seoul"
-            await vault.put(device_id, PrivateData(address=address, floor=str(n % 9 + 1)), 0)
+            addresses.append((device_id, {"address": address, "floor": str(n % 9 + 1)}))
             config = DeviceConfig(
                 device=DeviceSection(id=device_id, kind=kind, state_dir=state / device_id),
                 gateway=GatewaySection(
@@ -231,16 +258,15 @@ async def run_demo(
             )
             # doorbells get a moving test picture: an emergency press starts their video
             camera = SyntheticCamera(320, 240, 15) if kind == "doorbell" else None
-            hardware = Hardware(FakeInputs(), FakeIndicator(), camera, None)
-            agents.append(
-                Agent(
-                    config,
-                    signer=Signer(device_id, key),
-                    gateway_key=gateway_signer.public_key,
-                    hardware=hardware,
-                )
+            inputs, indicator = FakeInputs(), FakeIndicator()
+            agent = Agent(
+                config,
+                signer=Signer(device_id, key),
+                gateway_key=gateway_signer.public_key,
+                hardware=Hardware(inputs, indicator, camera, None),
             )
-        await store.close()
+            bells.append(DemoBell(agent, inputs, indicator))
+        agents = [bell.agent for bell in bells]
 
         env = {"ANSIMI_CENTRE_SECRET": secret, "ANSIMI_CONSOLE_GATEWAY_TOKEN": api_token}
         centre_db = state / "centre.db"
@@ -265,12 +291,23 @@ async def run_demo(
         gateway = spawn(
             ["-v", "gateway", "run", "--config", str(config_path)], state / "gateway.log", env
         )
-        tasks = [asyncio.create_task(a.run(), name=a.device_id) for a in agents]
+        tasks: list[asyncio.Task[None]] = []
         pressed = 0
         try:
             await wait_for_port("127.0.0.1", console_port, 20)
             # presses before the gateway subscribes would wait out a device resend delay
             await _gateway_ready(api_port, 60)
+            admin = AdminClient(f"http://127.0.0.1:{api_port}", admin_token)
+            try:
+                for registration in registrations:
+                    await asyncio.to_thread(admin.register_device, *registration)
+                for device_id, private in addresses:
+                    await asyncio.to_thread(admin.set_private, device_id, private)
+            except ProvisioningError as exc:
+                click.echo(f"[demo] cannot register the bells: {exc}; see {state}/gateway.log")
+                return 1
+            # the bells start once the gateway knows them: it refuses unknown devices
+            tasks = [asyncio.create_task(a.run(), name=a.device_id) for a in agents]
             await asyncio.gather(*(asyncio.wait_for(a.ready.wait(), 20) for a in agents))
             click.echo(
                 f"[demo] console: open http://127.0.0.1:{console_port}/ and sign in as "
@@ -284,24 +321,23 @@ async def run_demo(
             deadline = time.monotonic() + duration_s if duration_s > 0 else float("inf")
             shown: dict[str, int] = {a.device_id: 0 for a in agents}
             next_press = time.monotonic() + 1.0
-            for agent in itertools.cycle(agents):
+            for bell in itertools.cycle(bells):
                 while time.monotonic() < min(next_press, deadline):
-                    _print_indicators(agents, shown)
+                    _print_indicators(bells, shown)
                     await asyncio.sleep(0.1)
                 if time.monotonic() >= deadline:
                     break
-                inputs: Any = agent.hardware.inputs
-                inputs.press("emergency")
-                inputs.release("emergency")
+                bell.inputs.press("emergency")
+                bell.inputs.release("emergency")
                 pressed += 1
-                click.echo(f"[{agent.device_id}] button pressed")
+                click.echo(f"[{bell.agent.device_id}] button pressed")
                 next_press = time.monotonic() + press_every_s
             # Let the last alerts land before counting.
             settle = time.monotonic() + 20
             while time.monotonic() < settle and _count(centre_db) < pressed:
-                _print_indicators(agents, shown)
+                _print_indicators(bells, shown)
                 await asyncio.sleep(0.1)
-            _print_indicators(agents, shown)
+            _print_indicators(bells, shown)
         finally:
             for task in tasks:
                 task.cancel()
@@ -336,13 +372,14 @@ async def _gateway_ready(api_port: int, timeout_s: float) -> None:
     click.echo(f"[demo] the gateway is not ready after {timeout_s:g}s: pressing anyway", err=True)
 
 
-def _print_indicators(agents: list[Any], shown: dict[str, int]) -> None:
-    for agent in agents:
-        history = agent.hardware.indicator.history
-        for pattern, silent in history[shown[agent.device_id] :]:
+def _print_indicators(bells: list[DemoBell], shown: dict[str, int]) -> None:
+    for bell in bells:
+        device_id = bell.agent.device_id
+        history = bell.indicator.history
+        for pattern, silent in history[shown[device_id] :]:
             quiet = " (silent: nothing visible)" if silent else ""
-            click.echo(f"[{agent.device_id}] bell shows: {pattern}{quiet}")
-        shown[agent.device_id] = len(history)
+            click.echo(f"[{device_id}] bell shows: {pattern}{quiet}")
+        shown[device_id] = len(history)
 
 
 def _count(centre_db: Path) -> int:

@@ -1,3 +1,0 @@
-from ansimi.cli import main
-
-main()

@@ -1,0 +1,1 @@
+"""Composition: the `ansimi` command and the demo, on top of every other package."""

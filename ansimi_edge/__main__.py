@@ -1,0 +1,3 @@
+from ansimi_edge.cli import main
+
+main()

@@ -1,0 +1,11 @@
+"""The root error of the simulator.
+
+Every error this package raises on purpose derives from `SimulatorError` (and, where one fits, from
+the builtin a caller would naturally catch), so a caller can catch this package's alone.
+"""
+
+from __future__ import annotations
+
+
+class SimulatorError(Exception):
+    """Root of every error this package raises on purpose."""
