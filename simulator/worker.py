@@ -6,12 +6,11 @@ the agents are connected, `progress` four times a second with what was sent and 
 since the last line, `result` at the end). No thread per device: agents are tasks, and
 their MQTT sessions share the loop's socket callbacks (`ansimi.mqtt`).
 
-Hooks watch each agent without changing it: `agent.link.send` (what left the device,
-when), `agent.behaviour.on_ack` (which verified acks it saw, when), `agent.behaviour.on_sms`
-(when the SMS fallback got an alert out) and `agent.behaviour.on_link` (when the agent saw
-its link go down: for a press on a black-holed link, press -> link declared dead). Times
-are wall clock, so the parent can compare them with the centre's arrival times. Every
-agent has a fake modem (recording each SMS with its time) and one SMS number.
+Each agent is watched through its observer hook (`Watcher`, a `device.observer.
+AgentObserver`): what left the device and when, the verified acks it saw, the SMS fallback's
+progress and its link going down. Times are wall clock, so the parent can compare them
+with the centre's arrival times. Every agent has a fake modem (recording each SMS with its
+time) and one SMS number.
 """
 
 from __future__ import annotations
@@ -42,11 +41,12 @@ from device.config import (
 )
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
+from device.observer import AgentObserver
 from device.outbox import Outbox
 from device.video.config import VideoConfig
 from protocol.jws import Signer
 from protocol.keys import public_key_from_b64
-from protocol.messages import Ack, Alert, Body, Cancel, Heartbeat
+from protocol.messages import AckStage, Alert, Body, Cancel, Heartbeat
 from simulator.identities import device_key
 from simulator.limits import raise_open_files
 
@@ -93,6 +93,50 @@ class Tally:
     performed: list[list[Any]] = field(default_factory=list)
     # [device, from, until]: times the device's link was down, as the device saw it
     gaps: list[list[Any]] = field(default_factory=list)
+
+
+class Watcher(AgentObserver):
+    """One agent's events into the worker's tally: what left the device and when, which
+    verified acks it saw, when the SMS fallback got an alert out, and when the agent saw
+    its link go down (for a press on a black-holed link: press -> link declared dead)."""
+
+    def __init__(self, worker: Worker, device_id: str) -> None:
+        self.worker = worker
+        self.device_id = device_id
+
+    def sent(self, body: Body, message_id: str | None, published: asyncio.Future[None]) -> None:
+        tally, device_id = self.worker.tally, self.device_id
+        if isinstance(body, Alert | Cancel) and message_id is not None:
+            if message_id in tally.first_sent:
+                tally.resends += 1
+                return
+            tally.first_sent.add(message_id)
+            kind = "alert" if isinstance(body, Alert) else "cancel"
+            trigger = body.trigger if isinstance(body, Alert) else "cancel"
+            tally.sent.append([message_id, device_id, kind, trigger, time.time()])
+            if trigger in EMERGENCY_TRIGGERS:
+                tally.last_emergency[device_id] = time.time()
+            w = self.worker.watched.get(device_id)
+            if device_id in self.worker.cut and w is not None and w.agent.link.connected:
+                # a press on a dead link the agent has not noticed yet
+                self.worker.pressed_on_cut.setdefault(device_id, time.time())
+        elif isinstance(body, Heartbeat):
+            tally.heartbeats += 1
+            tally.heartbeats_by_device[device_id] = tally.heartbeats_by_device.get(device_id, 0) + 1
+
+    def acked(self, ref: str, stage: AckStage) -> None:
+        self.worker.tally.acks.append([ref, stage, time.time()])
+
+    def sms_progress(self, alert_id: str, progress: SmsProgress) -> None:
+        if progress == "sent":
+            self.worker.tally.sms.append([alert_id, self.device_id, time.time()])
+
+    def link_down(self) -> None:
+        # The MQTT session's "link declared dead" moment (its PUBACK probe) is the same
+        # instant: the session drops the socket and the agent hears the disconnect.
+        pressed = self.worker.pressed_on_cut.pop(self.device_id, None)
+        if pressed is not None:
+            self.worker.tally.link_dead.append([self.device_id, pressed, time.time()])
 
 
 class Worker:
@@ -187,10 +231,10 @@ class Worker:
             outbox=self._outbox(state_dir),
             clock_ms=self._clock_for(device_id),
             rng=random.Random(seed),
+            observer=Watcher(self, device_id),
         )
         # like the outbox: thousands of agents on one disk would spend the run on fsync
         agent.sms.power_safe = False
-        self._hook(agent)
         return Watched(agent, inputs, district, modem)
 
     def _outbox(self, state_dir: Path) -> Outbox:
@@ -203,60 +247,6 @@ class Worker:
     def _clock_for(self, device_id: str) -> Callable[[], int]:
         skew = self.skew_ms
         return lambda: time.time_ns() // 1_000_000 + skew.get(device_id, 0)
-
-    def _hook(self, agent: Agent) -> None:
-        tally = self.tally
-        device_id = agent.device_id
-        send = agent.link.send
-        on_ack = agent.behaviour.on_ack
-        on_sms = agent.behaviour.on_sms
-        on_link = agent.behaviour.on_link
-        pressed_on_cut = self.pressed_on_cut
-
-        # passes everything through as it came: the link's signature may grow (it did: retain)
-        def watched_send(body: Body, *args: Any, **kwargs: Any) -> asyncio.Future[None]:
-            message_id = kwargs.get("message_id")
-            if isinstance(body, Alert | Cancel) and message_id is not None:
-                if message_id in tally.first_sent:
-                    tally.resends += 1
-                else:
-                    tally.first_sent.add(message_id)
-                    kind = "alert" if isinstance(body, Alert) else "cancel"
-                    trigger = body.trigger if isinstance(body, Alert) else "cancel"
-                    tally.sent.append([message_id, device_id, kind, trigger, time.time()])
-                    if trigger in EMERGENCY_TRIGGERS:
-                        tally.last_emergency[device_id] = time.time()
-                    if device_id in self.cut and agent.link.connected:
-                        # a press on a dead link the agent has not noticed yet
-                        pressed_on_cut.setdefault(device_id, time.time())
-            elif isinstance(body, Heartbeat):
-                tally.heartbeats += 1
-                tally.heartbeats_by_device[device_id] = (
-                    tally.heartbeats_by_device.get(device_id, 0) + 1
-                )
-            return send(body, *args, **kwargs)
-
-        def watched_ack(ack: Ack) -> Any:
-            tally.acks.append([ack.ref, ack.stage, time.time()])
-            return on_ack(ack)
-
-        def watched_sms(message_id: str, progress: SmsProgress) -> Any:
-            if progress == "sent":
-                tally.sms.append([message_id, device_id, time.time()])
-            return on_sms(message_id, progress)
-
-        # The agent's own view of its link going down. The MQTT session's "link declared
-        # dead" moment (its PUBACK probe) is the same instant: the session drops the socket
-        # and the agent hears the disconnect.
-        def watched_link(up: bool) -> Any:
-            if not up and (pressed := pressed_on_cut.pop(device_id, None)) is not None:
-                tally.link_dead.append([device_id, pressed, time.time()])
-            return on_link(up)
-
-        agent.link.send = watched_send  # type: ignore[method-assign]
-        agent.behaviour.on_ack = watched_ack  # type: ignore[method-assign]
-        agent.behaviour.on_sms = watched_sms  # type: ignore[method-assign]
-        agent.behaviour.on_link = watched_link  # type: ignore[method-assign]
 
     def heal(self, device_ids: list[str]) -> None:
         """The link works again: a press the agent never found dead is counted as such."""
