@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from ansimi.config import ConfigError, load_config
+from ansimi.files import fsync_dir
 from device.config import DeviceConfig
 from protocol.keys import generate_key, private_key_to_pem
 
@@ -242,11 +243,7 @@ def install(files: list[tuple[Path, bytes, int]]) -> None:
     for tmp, path in staged:
         os.replace(tmp, path)
     for directory in {path.parent for _, path in staged}:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(directory)
 
 
 # ---- the enrolment -------------------------------------------------------------------------
