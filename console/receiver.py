@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from console.directory import Directory
+from protocol.clock import Clock, wall_ms
 from protocol.errors import ProtocolError, UnknownSigner
 from protocol.forwarding import (
     IDEMPOTENCY_HEADER,
@@ -148,7 +148,7 @@ class Receiver:
         *,
         directory: Directory | None = None,
         max_skew_s: float = 300.0,
-        clock_ms: Callable[[], int] | None = None,
+        clock_ms: Clock | None = None,
     ) -> None:
         """Without a `directory` only the HMAC is checked (a bare test receiver);
         `ansimi console` always passes one."""
@@ -156,7 +156,7 @@ class Receiver:
         self.events = events
         self.directory = directory
         self._max_skew_ms = int(max_skew_s * 1000)
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self.listeners: list[Callable[[ReceivedEvent], None]] = []
         self.refused = 0
         self.duplicates = 0

@@ -35,6 +35,7 @@ from device.link import Link
 from device.observer import AgentObserver
 from device.outbox import OUTBOX_BODIES, Entry, Outbox
 from device.sms import UNDELIVERED_FILE, SmsFallback
+from protocol.clock import Clock, wall_ms
 from protocol.ids import new_message_id
 from protocol.jws import Signer
 from protocol.messages import (
@@ -74,7 +75,7 @@ class Agent:
         gateway_key: Ed25519PublicKey,
         hardware: Hardware,
         outbox: Outbox | None = None,
-        clock_ms: Callable[[], int] | None = None,
+        clock_ms: Clock | None = None,
         monotonic: Callable[[], float] | None = None,
         rng: random.Random | None = None,
         observer: AgentObserver | None = None,
@@ -82,7 +83,7 @@ class Agent:
         self.config = config
         self.device_id = config.device.id
         self.hardware = hardware
-        self._system_clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._system_clock_ms = clock_ms or wall_ms
         # what the gateway's sync says our clock is off by; the system clock is left alone
         self.clock_offset_ms = 0
         self._clock_ms = self.now_ms

@@ -70,11 +70,10 @@ from typing import Final, Literal
 from device.config import BehaviourSection
 from device.hal.ports import ButtonName, InputEvent, Pattern
 from protocol.ids import new_message_id
-from protocol.messages import ACK_STAGES, Ack, Alert, Cancel
+from protocol.messages import ACK_STAGES, Ack, Alert, Cancel, DeviceKind
 
 log = logging.getLogger(__name__)
 
-DeviceKind = Literal["bell", "doorbell", "store"]
 Bell = Literal["emergency", "doorbell", "store"]
 BELL_OF: Final[Mapping[DeviceKind, Bell]] = {
     "bell": "emergency",

@@ -37,6 +37,7 @@ from device.behaviour import SmsProgress
 from device.config import DeviceConfig
 from device.hal.ports import HalError, Modem
 from device.outbox import Entry, Outbox
+from protocol.clock import Clock
 from protocol.messages import Ack, Alert, SecondaryPath
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class SmsFallback:
         modem: Modem | None,
         outbox: Outbox,
         *,
-        clock_ms: Callable[[], int],
+        clock_ms: Clock,
         on_progress: Callable[[str, SmsProgress], None] | None = None,
         undelivered_path: Path | None = None,
     ) -> None:

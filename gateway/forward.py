@@ -44,7 +44,6 @@ import json
 import logging
 import random
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from prometheus_client import Counter, Gauge
 from gateway.config import Centre, ForwardConfig, SiaReceiver, routes_for
 from gateway.metrics import Metrics
 from gateway.store import Delivery, Store
+from protocol.clock import Clock, wall_ms
 from protocol.forwarding import (
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
@@ -68,7 +68,6 @@ from protocol.numbers import Malformed, parse_whole
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Clock = Callable[[], int]
 
 # 4xx answers that mean "not now" rather than "never like this"
 TRANSIENT_4XX = frozenset({408, 429})
@@ -325,7 +324,7 @@ class Forwarder:
         self._district_of = district_of
         self._on_first_delivery = on_first_delivery
         self._executor = executor
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._rng = rng or random.Random()
         self._poll_s = poll_s
         self._centres = tuple(centres)

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-DeviceKind = Literal["bell", "doorbell", "store"]
+# re-exported: the store's callers name the kind from here
+from protocol.messages import DeviceKind as DeviceKind
+
 EventState = Literal["received", "delivered", "acknowledged", "dispatched", "closed"]
 
 SCHEMA = """

@@ -25,12 +25,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import segno
 
 from gateway.districts import UnknownDistrict, check_district
 from protocol.ids import check_id
+from protocol.messages import DeviceKind
 from provisioning import pki
 from provisioning.errors import BrokerControlError, InvalidName, ProvisioningError
 from provisioning.files import write_atomic
@@ -43,7 +44,7 @@ from provisioning.revoke import (
 )
 from provisioning.site import Site, serial_text
 
-Kind = Literal["bell", "doorbell", "store"]
+Kind = DeviceKind
 DEFAULT_TTL_S: Final = 24 * 3600
 
 

@@ -22,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ansimi.config import ConfigError, _describe
 from device.config import BehaviourSection, MqttSection, OutboxSection, SmsSection
+from protocol.messages import DEVICE_KINDS, DeviceKind
 
-Kind = Literal["bell", "doorbell", "store"]
-KINDS: tuple[Kind, ...] = ("bell", "doorbell", "store")
+Kind = DeviceKind
+KINDS = DEVICE_KINDS
 # More planned actions than this is a scenario mistake, not a load test: keeps every run bounded.
 MAX_ACTIONS = 200_000
 Seconds = Annotated[float, Field(ge=0)]
