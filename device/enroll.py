@@ -47,6 +47,7 @@ from cryptography.x509.oid import NameOID
 
 from ansimi.config import ConfigError, load_config
 from ansimi.files import fsync_dir
+from ansimi.tomlwrite import render_toml
 from device.config import DeviceConfig
 from protocol.keys import generate_key, private_key_to_pem
 
@@ -178,36 +179,12 @@ def make_csr(key: Ed25519PrivateKey, device_id: str) -> str:
 # ---- files ---------------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def render_config(config: DeviceConfig) -> str:
     """Every field of `config` as TOML; unset optional keys appear commented out."""
-    lines = ["# written by `ansimi device enroll`; every option: device/device.example.toml"]
-    for section, values in config.model_dump(mode="json").items():
-        lines += ["", f"[{section}]"]
-        tables: list[tuple[str, list[dict[str, Any]]]] = []
-        for key, value in values.items():
-            if value is None:
-                lines.append(f"# {key} (unset)")
-            elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-                tables.append((key, value))
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        for key, entries in tables:
-            for entry in entries:
-                lines += ["", f"[[{section}.{key}]]"]
-                lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items() if v is not None]
-    text = "\n".join(lines) + "\n"
+    text = render_toml(
+        config.model_dump(mode="json"),
+        header=["written by `ansimi device enroll`; every option: device/device.example.toml"],
+    )
     # what we write must read back as the same config, or the device would not start
     if DeviceConfig.model_validate(tomllib.loads(text)) != config:
         raise EnrollError("internal error: the written config does not read back the same")

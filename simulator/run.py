@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
+from ansimi.tomlwrite import render_toml
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
 from simulator import identities
@@ -297,48 +298,44 @@ class Simulation:
         assert self.sink is not None
         host, port = self.broker_addr
         g = self.scenario.gateway
-        return f"""# written by `ansimi sim run`
-id = "{GATEWAY_ID}"
-signing_key = "{self.state / "gateway" / "signing.key"}"
-database = "{self.database}"
-
-[mqtt]
-host = "{host}"
-port = {port}
-
-[forward]
-backoff_min_s = {g.forward_backoff_min_s}
-backoff_max_s = {g.forward_backoff_max_s}
-breaker_failures = {g.breaker_failures}
-breaker_open_s = {g.breaker_open_s}
-
-[video]
-# off unless the scenario streams: aiortc is then not even imported by the gateway
-enabled = {"true" if self.scenario.video.enabled else "false"}
-loopback_candidates = true
-recordings_dir = "{self.state / "recordings"}"
-
-[supervise]
-heartbeat_s = {self.scenario.device.heartbeat_s}
-missed = {g.missed}
-will_grace_s = {g.will_grace_s}
-
-[api]
-enabled = true
-host = "127.0.0.1"
-port = {self.api_port}
-
-[[api.tokens]]
-name = "sim-operator"
-role = "operator"
-token = "{self.operator_token}"
-
-[[centres]]
-name = "central"
-url = "{self.sink.url}"
-secret = "{self.secret}"
-districts = ["*"]
-"""
+        config = {
+            "id": GATEWAY_ID,
+            "signing_key": self.state / "gateway" / "signing.key",
+            "database": self.database,
+            "mqtt": {"host": host, "port": port},
+            "forward": {
+                "backoff_min_s": g.forward_backoff_min_s,
+                "backoff_max_s": g.forward_backoff_max_s,
+                "breaker_failures": g.breaker_failures,
+                "breaker_open_s": g.breaker_open_s,
+            },
+            "video": {
+                "enabled": self.scenario.video.enabled,
+                "loopback_candidates": True,
+                "recordings_dir": self.state / "recordings",
+            },
+            "supervise": {
+                "heartbeat_s": self.scenario.device.heartbeat_s,
+                "missed": g.missed,
+                "will_grace_s": g.will_grace_s,
+            },
+            "api": {
+                "enabled": True,
+                "host": "127.0.0.1",
+                "port": self.api_port,
+                "tokens": [
+                    {"name": "sim-operator", "role": "operator", "token": self.operator_token}
+                ],
+            },
+            "centres": [
+                {"name": "central", "url": self.sink.url, "secret": self.secret, "districts": ["*"]}
+            ],
+        }
+        return render_toml(
+            config,
+            header=["written by `ansimi sim run`"],
+            comments={"video": "off unless the scenario streams: aiortc is then not even imported"},
+        )
 
     async def _start_gateway(self) -> None:
         self.gateway = self._spawn_gateway()
