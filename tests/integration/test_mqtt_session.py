@@ -92,8 +92,7 @@ async def test_session_reconnects_and_resubscribes_after_broker_restart(
     ):
         await sub.subscribe([("t/restart", 1)])
         mosquitto.kill()
-        await asyncio.sleep(0.3)
-        assert not sub.connected
+        await eventually(lambda: not sub.connected, 5)
         mosquitto.start()
         await sub.wait_connected(10)
         await pub.wait_connected(10)
