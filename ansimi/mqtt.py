@@ -265,6 +265,9 @@ class Session:
         self._remember(subscriptions)
         self._addresses = [(settings.host, settings.port), *settings.other_addresses]
         self._address_index = 0
+        # connection attempts that failed (refused, unreachable), since the session began:
+        # what shows a client kept out (a revoked bell) is still trying and still refused
+        self.failed_connects = 0
         self._watch = LinkWatch(settings.ack_timeout_s, settings.keepalive_s)
         self._watch_timer: asyncio.TimerHandle | None = None
         self._urgent: set[int] = set()  # mids of urgent publishes still without a PUBACK
@@ -308,6 +311,7 @@ class Session:
                 delay = self.settings.backoff_min_s
                 await self._lost.wait()
             except (OSError, ssl.SSLError, MqttError) as exc:
+                self.failed_connects += 1
                 host, port = self.address
                 log.warning(
                     "mqtt %s: cannot connect to %s:%s: %s", self.settings.client_id, host, port, exc
