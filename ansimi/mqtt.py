@@ -178,6 +178,7 @@ class LinkWatch:
         self._last_out = 0.0
         self._probe_due: float | None = None
         self._probe_reason: DeadReason = "idle"
+        self.probes_answered = 0  # since the session began: a link tested and found alive
 
     @property
     def probing(self) -> bool:
@@ -208,6 +209,7 @@ class LinkWatch:
     def answered(self, now: float) -> None:
         """A PINGRESP: the round trip works now."""
         self._probe_due = None
+        self.probes_answered += 1
         for mid in [mid for mid, due in self._expected.items() if due <= now]:
             del self._expected[mid]
 
@@ -295,6 +297,11 @@ class Session:
     async def wait_connected(self, timeout_s: float | None = None) -> None:
         async with asyncio.timeout(timeout_s):
             await self._connected.wait()
+
+    @property
+    def probes_answered(self) -> int:
+        """Probes (PINGREQ) of this session's links that had their PINGRESP in time."""
+        return self._watch.probes_answered
 
     def add_link_dead_listener(self, listener: LinkDeadListener) -> None:
         """Call `listener(LinkDead)` each time this session declares its link dead."""

@@ -314,7 +314,7 @@ async def test_a_link_answering_its_probes_stays_up(mosquitto: Mosquitto) -> Non
         bell.add_link_dead_listener(dead.append)
         await asyncio.wait_for(bell.publish("t/alive", b"alert", urgent=True), 5)
         # three keepalives: each quiet second is probed, and each probe is answered
-        await asyncio.sleep(3.5)
+        await eventually(lambda: bell.probes_answered >= 3, 10)
         assert dead == [] and bell.connected
 
 
