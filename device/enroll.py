@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
-import json
 import os
 import shlex
 import ssl
 import subprocess
 import sys
 import tomllib
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,6 +44,7 @@ from cryptography.x509.oid import NameOID
 
 from ansimi.config import ConfigError, load_config
 from ansimi.files import fsync_dir
+from ansimi.jsonhttp import Unreachable, request_json
 from ansimi.tomlwrite import render_toml
 from device.config import DeviceConfig
 from protocol.keys import generate_key, private_key_to_pem
@@ -106,41 +104,27 @@ def _context(ca_pem: str | None) -> ssl.SSLContext:
 def _request(
     url: str, context: ssl.SSLContext, body: Mapping[str, Any] | None = None
 ) -> tuple[int, dict[str, Any], Mapping[str, str]]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(  # noqa: S310 - the caller checked the scheme
-        url,
-        data=data,
-        method="GET" if body is None else "POST",
-        headers={"Content-Type": "application/json", "Accept": "application/json"},
-    )
     try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S, context=context) as answer:  # noqa: S310 - https only, checked by the caller
-            return answer.status, _json(answer.read()), dict(answer.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, _json(exc.read()), dict(exc.headers)
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, ssl.SSLCertVerificationError):
+        answer = request_json(
+            "GET" if body is None else "POST",
+            url,
+            body,
+            context=context,
+            timeout_s=HTTP_TIMEOUT_S,
+        )
+    except Unreachable as exc:
+        if exc.untrusted:
             raise EnrollError(
-                f"the gateway at {url} is not trusted ({reason.verify_message}): pass "
+                f"the gateway at {url} is not trusted ({exc.reason}): pass "
                 "--ca-file with the site CA certificate (the site's ca/ca.crt, from the "
                 "installer)",
                 EXIT_UNREACHABLE,
             ) from None
         raise EnrollError(
-            f"cannot reach the gateway at {url}: {reason}. Check the network and the URL",
+            f"cannot reach the gateway at {url}: {exc.reason}. Check the network and the URL",
             EXIT_UNREACHABLE,
         ) from None
-    except (TimeoutError, OSError) as exc:
-        raise EnrollError(f"cannot reach the gateway at {url}: {exc}", EXIT_UNREACHABLE) from None
-
-
-def _json(data: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(data or b"{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+    return answer.status, answer.body, answer.headers
 
 
 def clock_skew_s(headers: Mapping[str, str], now: dt.datetime) -> float | None:
