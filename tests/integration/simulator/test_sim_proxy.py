@@ -97,7 +97,8 @@ async def test_hold_passes_nothing_until_healed_and_delay_adds_latency(
         await observer.subscribe([("t/held", 1)])
         proxy.hold({"sim-bell-00003"})
         held.publish("t/held", b"during the outage")
-        await asyncio.sleep(0.5)
+        # the publish has reached the proxy and is kept there (not a fixed wait)
+        await until(lambda: proxy.holding >= 1)
         assert seen == []
         proxy.heal({"sim-bell-00003"})
         await until(lambda: len(seen) == 1)
