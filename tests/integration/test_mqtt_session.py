@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -168,7 +169,9 @@ async def test_paused_reading_holds_messages_at_the_broker_until_resumed(
         # PUBACK for it waits to be read like everything else
         own = sub.publish("t/other", b"x")
         assert (await asyncio.wait_for(writer_inbox.messages.get(), 5)).payload == b"x"
-        await asyncio.sleep(0.5)
+        # the broker's packets are waiting at the socket (not a fixed wait): none is read
+        sock = sub._client.socket()
+        await eventually(lambda: bool(select.select([sock], [], [], 0)[0]), 5)
         assert inbox.messages.empty() and not own.done()
         sub.resume_reading()
         got = [(await asyncio.wait_for(inbox.messages.get(), 5)).payload for _ in range(50)]
