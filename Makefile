@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv system-deps demo test lint format bench clean
+.PHONY: all venv system-deps demo test test-fast lint format bench clean
 
 all: test
 
@@ -22,6 +22,11 @@ system-deps:
 
 test: venv system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast tier, while editing: unit tests only (no broker, no browser, no child processes
+# to wait for), under a minute. `make test` is still what CI runs and what a change must pass.
+test-fast: venv
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -180,6 +180,7 @@ class LinkWatch:
         self._last_out = 0.0
         self._probe_due: float | None = None
         self._probe_reason: DeadReason = "idle"
+        self.probes_answered = 0  # since the session began: a link tested and found alive
 
     @property
     def probing(self) -> bool:
@@ -210,6 +211,7 @@ class LinkWatch:
     def answered(self, now: float) -> None:
         """A PINGRESP: the round trip works now."""
         self._probe_due = None
+        self.probes_answered += 1
         for mid in [mid for mid, due in self._expected.items() if due <= now]:
             del self._expected[mid]
 
@@ -267,6 +269,9 @@ class Session:
         self._remember(subscriptions)
         self._addresses = [(settings.host, settings.port), *settings.other_addresses]
         self._address_index = 0
+        # connection attempts that failed (refused, unreachable), since the session began:
+        # what shows a client kept out (a revoked bell) is still trying and still refused
+        self.failed_connects = 0
         self._watch = LinkWatch(settings.ack_timeout_s, settings.keepalive_s)
         self._watch_timer: asyncio.TimerHandle | None = None
         self._urgent: set[int] = set()  # mids of urgent publishes still without a PUBACK
@@ -295,6 +300,11 @@ class Session:
         async with asyncio.timeout(timeout_s):
             await self._connected.wait()
 
+    @property
+    def probes_answered(self) -> int:
+        """Probes (PINGREQ) of this session's links that had their PINGRESP in time."""
+        return self._watch.probes_answered
+
     def add_link_dead_listener(self, listener: LinkDeadListener) -> None:
         """Call `listener(LinkDead)` each time this session declares its link dead."""
         self._link_dead_listeners.append(listener)
@@ -310,6 +320,7 @@ class Session:
                 delay = self.settings.backoff_min_s
                 await self._lost.wait()
             except (OSError, ssl.SSLError, MqttError) as exc:
+                self.failed_connects += 1
                 host, port = self.address
                 log.warning(
                     "mqtt %s: cannot connect to %s:%s: %s", self.settings.client_id, host, port, exc

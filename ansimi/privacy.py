@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ansimi.errors import AnsimiError
+from ansimi.files import write_atomic
 
 PREFIX = "v1"
 NONCE_BYTES = 12
@@ -204,15 +205,7 @@ def load_keyring(
 def write_keyring(path: Path, keyring: Keyring) -> None:
     """Write atomically with mode 0600: the file is never readable by others, not even briefly."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, keyring.render().encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+    write_atomic(path, keyring.render().encode(), mode=0o600)
 
 
 def create_key_file(path: Path) -> Keyring:

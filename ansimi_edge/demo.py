@@ -38,8 +38,8 @@ from ansimi.broker import Mosquitto, MosquittoConfig, free_port, mosquitto_path,
 
 if TYPE_CHECKING:  # imported when the demo runs: `ansimi --help` stays light
     from device.agent import Agent
-    from device.behaviour import DeviceKind
     from device.hal.fakes import FakeIndicator, FakeInputs
+    from protocol.messages import DeviceKind
 
 log = logging.getLogger(__name__)
 

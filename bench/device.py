@@ -44,9 +44,11 @@ from device.agent import Agent  # noqa: E402
 from device.config import DeviceConfig  # noqa: E402
 from device.hal import build_hardware  # noqa: E402
 from device.hal.config import HardwareConfig  # noqa: E402
+from device.observer import AgentObserver  # noqa: E402
+from device.outbox import Outbox  # noqa: E402
 from protocol.jws import Signer, verify  # noqa: E402
 from protocol.keys import generate_key, public_key_to_b64, save_private_key  # noqa: E402
-from protocol.messages import Ack, Alert, parse_message  # noqa: E402
+from protocol.messages import Ack, Alert, Body, parse_message  # noqa: E402
 
 SAMPLES = 1000
 WARMUP = 10
@@ -99,6 +101,42 @@ class Latencies:
     payload_bytes: int = 0
 
 
+class PublishTimer(AgentObserver):
+    """When the broker has each message the agent published (its PUBACK)."""
+
+    def __init__(self, acked: asyncio.Queue[tuple[float, str]]) -> None:
+        self.broker_has = acked
+
+    def sent(self, body: Body, message_id: str | None, published: asyncio.Future[None]) -> None:
+        if message_id is not None:
+            published.add_done_callback(
+                lambda _: self.broker_has.put_nowait((time.perf_counter(), message_id))
+            )
+
+
+class TimedOutbox(Outbox):
+    """The outbox, timing each commit of a press (the write the publish waits for)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.commits: list[float] = []
+
+    def put(
+        self,
+        message_id: str,
+        type: str,
+        body_json: str,
+        now_ms: int,
+        *,
+        sms: bool = False,
+        resend_at_ms: int | None = None,
+    ) -> bool:
+        begin = time.perf_counter()
+        kept = super().put(message_id, type, body_json, now_ms, sms=sms, resend_at_ms=resend_at_ms)
+        self.commits.append(time.perf_counter() - begin)
+        return kept
+
+
 async def press_and_publish_latencies(broker: Mosquitto, state: Path, samples: int) -> Latencies:
     """Interleaved rounds of: one press on the agent, one bare paho publish, one publish
     through `ansimi.mqtt.Session` alone (the agent's transport, without the agent), each
@@ -125,32 +163,18 @@ async def press_and_publish_latencies(broker: Mosquitto, state: Path, samples: i
     )
     factory = MockFactory()
     hardware = build_hardware(hw, asyncio.get_running_loop(), pin_factory=factory)
+    acked: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
+    outbox = TimedOutbox(config.device.state_dir / "outbox.db")
     agent = Agent(
         config,
         signer=Signer(DEVICE_ID, device_key),
         gateway_key=gateway.public_key,
         hardware=hardware,
+        outbox=outbox,
+        observer=PublishTimer(acked),
     )
     pin = factory.pin(BUTTON)
-    acked: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
-    send = agent.link.send
-
-    def timed_send(body, *, message_id=None, **options):  # type: ignore[no-untyped-def]
-        future = send(body, message_id=message_id, **options)
-        if message_id is not None:
-            future.add_done_callback(lambda f: acked.put_nowait((time.perf_counter(), message_id)))
-        return future
-
-    agent.link.send = timed_send  # type: ignore[method-assign]
-    put = agent.outbox.put
-    commits: list[float] = []
-
-    def timed_put(*args, **kwargs):  # type: ignore[no-untyped-def]
-        begin = time.perf_counter()
-        put(*args, **kwargs)
-        commits.append(time.perf_counter() - begin)
-
-    agent.outbox.put = timed_put  # type: ignore[method-assign]
+    commits = outbox.commits
     result = Latencies()
     # the bare publish carries as many bytes as a signed alert
     result.payload_bytes = len(agent.link._sealed(Alert(bell="emergency", trigger="press"))[1])

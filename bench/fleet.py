@@ -44,6 +44,20 @@ from ansimi.broker import Mosquitto, MosquittoConfig  # noqa: E402
 from ansimi.mqtt import Session, Settings  # noqa: E402
 from protocol.keys import generate_key, public_key_to_b64  # noqa: E402
 from simulator.limits import raise_open_files  # noqa: E402
+from simulator.messages import (  # noqa: E402
+    COMMAND,
+    WORKER_LINE,
+    Command,
+    Member,
+    Progress,
+    Result,
+    Start,
+    Stop,
+    Up,
+    WorkerSpec,
+    encode,
+)
+from simulator.scenario import DeviceSettings  # noqa: E402
 
 # each agent process: a socket per agent plus the interpreter's own; stays well under 20k
 PER_PROCESS = 2500
@@ -82,22 +96,23 @@ class Child:
         assert self.process.stdout is not None
         try:
             while raw := await self.process.stdout.readline():
-                line = json.loads(raw)
-                if line["kind"] in ("up", "progress"):
-                    self.connected = line["connected"]
-                    self.heartbeats = line.get("heartbeats", self.heartbeats)
-                if line["kind"] == "up":
+                line = WORKER_LINE.validate_json(raw)
+                if isinstance(line, Up):
+                    self.connected = line.connected
                     self.up.set()
-                if line["kind"] == "result":
-                    self.by_device = line["heartbeats"]
+                elif isinstance(line, Progress):
+                    self.connected = line.connected
+                    self.heartbeats = line.heartbeats
+                else:
+                    self.by_device = line.heartbeats
         finally:
             self.up.set()
             self.done.set()
 
-    async def send(self, command: str) -> None:
+    async def send(self, command: Command) -> None:
         assert self.process.stdin is not None
         with contextlib.suppress(ConnectionError):
-            self.process.stdin.write(command.encode() + b"\n")
+            self.process.stdin.write(encode(command))
             await self.process.stdin.drain()
 
 
@@ -138,35 +153,24 @@ async def phase(
     offset = 0
     for i, size in enumerate(sizes):
         if name == "agents":
-            spec = {
-                "broker_host": broker.host,
-                "broker_port": broker.port,
-                "proxy_port": None,
-                "proxied": [],
-                "mqtt_version": 5,
-                "gateway_id": "gw-bench",
-                "gateway_public_key": gateway_key,
-                "run_secret": "bench",
-                "seed": 1,
-                "state_dir": str(state / "devices"),
-                "outbox_in_memory": True,
-                "device": {
-                    "heartbeat_s": args.heartbeat,
-                    "resend_min_s": 1.0,
-                    "resend_max_s": 10.0,
-                    "long_press_s": 3.0,
-                    "cancel_hold_s": 10.0,
-                    "duress_hold_s": 15.0,
-                    "hold_repeat_s": 1.0,
-                    "connect_rate": rate,
-                },
-                "devices": [[f"bench-{offset + n:05d}", "bell", "mapo"] for n in range(size)],
-                "steps": [],
-                "skews": [],
-                "connect_timeout_s": args.agents / args.rate + 30,
-            }
+            spec = WorkerSpec(
+                broker_host=broker.host,
+                broker_port=broker.port,
+                gateway_id="gw-bench",
+                gateway_public_key=gateway_key,
+                run_secret="bench",
+                seed=1,
+                state_dir=state / "devices",
+                outbox_in_memory=True,
+                # the device's own defaults, but for the heartbeat and the ramp
+                device=DeviceSettings(
+                    heartbeat_s=args.heartbeat, hold_repeat_s=1.0, connect_rate=rate
+                ),
+                devices=[Member(f"bench-{offset + n:05d}", "bell", "mapo") for n in range(size)],
+                connect_timeout_s=args.agents / args.rate + 30,
+            )
             path = state / f"{name}-{i}.json"
-            path.write_text(json.dumps(spec))
+            path.write_text(spec.model_dump_json())
             command = [sys.executable, "-m", "simulator.worker", str(path)]
         else:
             command = [
@@ -200,7 +204,7 @@ async def phase(
     at_up = sum(c.connected for c in children)
     print(f"{name}: {at_up} connected after {ramp_s:.1f} s", flush=True)
     for child in children:
-        await child.send(f"start {time.time()}")
+        await child.send(Start(at=time.time()))
     await asyncio.sleep(args.heartbeat)  # one interval so every device has sent once
     pids = [c.process.pid for c in children]
     cpu0 = sum(cpu_seconds(p) for p in pids)
@@ -218,7 +222,7 @@ async def phase(
     rss = sum(rss_bytes(p) for p in pids)
     broker_rss = rss_bytes(broker.process.pid) if broker.process else 0
     for child in children:
-        await child.send("stop")
+        await child.send(Stop())
     # all children stop together, within one bound; whoever is still busy is killed
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(STOP_S):
@@ -307,13 +311,13 @@ async def baseline_worker(count: int, offset: int, port: int, every_s: float, ra
 
     by_device: dict[str, int] = {}
 
-    def emit(kind: str) -> None:
-        connected = sum(1 for s in sessions if s.connected)
-        line: dict[str, Any] = {"kind": kind, "connected": connected, "heartbeats": sent}
-        if kind == "result":
-            line["heartbeats"] = by_device
-        sys.stdout.write(json.dumps(line) + "\n")
+    # the same lines as the agents' workers (simulator.messages), so one reader serves both
+    def emit(line: Up | Progress | Result) -> None:
+        sys.stdout.buffer.write(encode(line))
         sys.stdout.flush()
+
+    def connected() -> int:
+        return sum(1 for s in sessions if s.connected)
 
     async def beat(session: Session, topic: str) -> None:
         nonlocal sent
@@ -337,7 +341,7 @@ async def baseline_worker(count: int, offset: int, port: int, every_s: float, ra
     # polled: each session knows whether it is connected; there is no fleet-wide event
     while sum(1 for s in sessions if s.connected) < count and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.1)
-    emit("up")
+    emit(Up(connected=connected(), total=count))
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -345,17 +349,17 @@ async def baseline_worker(count: int, offset: int, port: int, every_s: float, ra
     async def report() -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            emit("progress")
+            emit(Progress(at=time.time(), connected=connected(), heartbeats=sent))
 
     reporter = asyncio.create_task(report())
-    while line := (await reader.readline()).decode().split():
-        if line[0] == "stop":
+    while raw := await reader.readline():
+        if isinstance(COMMAND.validate_json(raw), Stop):
             break
     reporter.cancel()
     for task in tasks[1::2]:
         task.cancel()
-    emit("progress")
-    emit("result")
+    emit(Progress(at=time.time(), connected=connected(), heartbeats=sent))
+    emit(Result(availability={}, outbox={}, heartbeats=by_device))
     for session in sessions:
         await session.close()
     for task in tasks:

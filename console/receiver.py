@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from aiohttp import web
 
 from console.directory import Directory
 from console.errors import ConsoleError
+from protocol.clock import Clock, wall_ms
 from protocol.errors import ProtocolError, UnknownSigner
 from protocol.forwarding import (
     IDEMPOTENCY_HEADER,
@@ -149,7 +149,7 @@ class Receiver:
         *,
         directory: Directory | None = None,
         max_skew_s: float = 300.0,
-        clock_ms: Callable[[], int] | None = None,
+        clock_ms: Clock | None = None,
     ) -> None:
         """Without a `directory` only the HMAC is checked (a bare test receiver);
         `ansimi console` always passes one."""
@@ -157,7 +157,7 @@ class Receiver:
         self.events = events
         self.directory = directory
         self._max_skew_ms = int(max_skew_s * 1000)
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self.listeners: list[Callable[[ReceivedEvent], None]] = []
         self.refused = 0
         self.duplicates = 0

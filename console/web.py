@@ -50,6 +50,7 @@ from console.directory import Directory
 from console.gateway_client import STAGES, GatewayClient, GatewayError
 from console.operators import Operators, Session, check_hash, valid_name
 from console.receiver import ReceivedEvent, Receiver
+from protocol.clock import Clock, wall_ms
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class ConsoleApp:
         directory: Directory | None = None,
         gateway: GatewayClient | None = None,
         secure_cookie: bool = False,
-        clock_ms: Callable[[], int] | None = None,
+        clock_ms: Clock | None = None,
         read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
         self.receiver = receiver
@@ -179,7 +180,7 @@ class ConsoleApp:
         self.directory = directory if directory is not None else receiver.directory
         self.gateway = gateway
         self.secure_cookie = secure_cookie
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self.broadcast = Broadcast()
         self._viewers: dict[str, _Viewer] = {}
         self._login_failures: dict[tuple[str, str], _Failures] = {}

@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -33,8 +33,10 @@ from device.config import DeviceConfig
 from device.hal import Hardware
 from device.hal.ports import HalError, InputEvent, Pattern
 from device.link import Link
+from device.observer import AgentObserver
 from device.outbox import OUTBOX_BODIES, Entry, Outbox
 from device.sms import UNDELIVERED_FILE, SmsFallback
+from protocol.clock import Clock, wall_ms
 from protocol.ids import new_message_id
 from protocol.jws import Signer
 from protocol.messages import (
@@ -42,6 +44,7 @@ from protocol.messages import (
     AckMessage,
     AckStage,
     Alert,
+    Body,
     Cancel,
     Command,
     CommandMessage,
@@ -70,6 +73,7 @@ STAGE_TEXT: dict[AckStage, str] = {
 KEPT_TYPE_NAMES: dict[type[Alert] | type[Cancel] | type[Health], str] = {
     model: name for name, model in OUTBOX_BODIES.items()
 }
+EventArgs = ParamSpec("EventArgs")
 
 
 class Agent:
@@ -81,19 +85,21 @@ class Agent:
         gateway_key: Ed25519PublicKey,
         hardware: Hardware,
         outbox: Outbox | None = None,
-        clock_ms: Callable[[], int] | None = None,
+        clock_ms: Clock | None = None,
         monotonic: Callable[[], float] | None = None,
         rng: random.Random | None = None,
+        observer: AgentObserver | None = None,
     ) -> None:
         self.config = config
         self.device_id = config.device.id
         self.hardware = hardware
-        self._system_clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._system_clock_ms = clock_ms or wall_ms
         # what the gateway's sync says our clock is off by; the system clock is left alone
         self.clock_offset_ms = 0
         self._clock_ms = self.now_ms
         self._monotonic = monotonic or time.monotonic
         self._rng = rng or random.Random()
+        self._observer = observer or AgentObserver()
         self.outbox = outbox or Outbox(config.device.state_dir / "outbox.db")
         self.outbox.on_storage = self._on_storage
         self.behaviour = Behaviour(
@@ -109,6 +115,9 @@ class Agent:
             on_disconnect=self._link_down,
             clock_ms=self._clock_ms,
         )
+        self.link.session.add_link_dead_listener(
+            lambda dead: self._tell(self._observer.link_dead, dead)
+        )
         self.sms = SmsFallback(
             config,
             hardware.modem,
@@ -122,7 +131,7 @@ class Agent:
         if hardware.camera is not None and config.device.kind == "doorbell":
             from device.video.session import VideoManager
 
-            self.video = VideoManager(config.video, hardware.camera, self.link.send)
+            self.video = VideoManager(config.video, hardware.camera, self.send)
         self._started_at = self._monotonic()
         # The resend loop sleeps until the next entry is due; these wake it earlier: a new
         # entry (its due time may be the nearest), or a (re)connect (everything goes now).
@@ -139,6 +148,23 @@ class Agent:
     def now_ms(self) -> int:
         """The agent's clock: the system's, corrected by the gateway's last sync."""
         return self._system_clock_ms() + self.clock_offset_ms
+
+    def _tell(
+        self, event: Callable[EventArgs, None], *args: EventArgs.args, **kwargs: EventArgs.kwargs
+    ) -> None:
+        """Tell the observer; a failing observer must not cost the bell anything."""
+        try:
+            event(*args, **kwargs)
+        except Exception:
+            log.exception("device %s: observer failed at %s", self.device_id, event.__name__)
+
+    def send(
+        self, body: Body, *, message_id: str | None = None, retain: bool = False
+    ) -> asyncio.Future[None]:
+        """Everything the agent publishes goes here: the link signs and sends it."""
+        published = self.link.send(body, message_id=message_id, retain=retain)
+        self._tell(self._observer.sent, body, message_id, published)
+        return published
 
     # ---- inputs and the behaviour's effects ---------------------------------------------
 
@@ -175,7 +201,7 @@ class Agent:
         self.outbox.put(
             message_id, type_name, body.model_dump_json(), now, sms=sms, resend_at_ms=resend_at_ms
         )
-        self.link.send(body, message_id=message_id)
+        self.send(body, message_id=message_id)
         self.outbox.sync_soon()
         if self._resend_wake_ms is None or resend_at_ms < self._resend_wake_ms:
             # the resend loop sleeps until an earlier time: it need not look again now
@@ -213,6 +239,7 @@ class Agent:
         self.hardware.indicator.show(
             pattern, silent=self.behaviour.silent, discreet_led=d.discreet_led
         )
+        self._tell(self._observer.shown, pattern)
 
     # ---- resending ----------------------------------------------------------------------
 
@@ -233,7 +260,7 @@ class Agent:
             entry.id,
             entry.attempts + 1,
         )
-        self.link.send(body, message_id=entry.id)
+        self.send(body, message_id=entry.id)
         self.outbox.attempted(entry.id, self._clock_ms() + self.resend_delay_ms(entry.attempts))
 
     async def _resend_loop(self) -> None:
@@ -262,13 +289,16 @@ class Agent:
         self.ready.set()
         self._resend_all = True
         self._wake_resend.set()
+        self._tell(self._observer.link_up)
         self._apply(self.behaviour.on_link(True))
 
     def _on_sms(self, alert_id: str, progress: SmsProgress) -> None:
+        self._tell(self._observer.sms_progress, alert_id, progress)
         self._apply(self.behaviour.on_sms(alert_id, progress))
 
     def _link_down(self) -> None:
         log.warning("device %s: link to the broker lost", self.device_id)
+        self._tell(self._observer.link_down)
         self._apply(self.behaviour.on_link(False))
 
     def heartbeat(self) -> Heartbeat:
@@ -284,7 +314,7 @@ class Agent:
     async def send_heartbeat(self) -> None:
         self._secondary = await self.sms.health()
         if self.link.connected:
-            self.link.send(self.heartbeat())
+            self.send(self.heartbeat())
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -297,6 +327,7 @@ class Agent:
         """A message the link has verified: the gateway's signature, this device, fresh."""
         if isinstance(message, AckMessage):
             ack = message.body
+            self._tell(self._observer.acked, ack.ref, ack.stage)
             self.sms.on_ack(ack)  # before the outbox forgets it: it may still need an SMS
             if ack.stage != "received" or self.outbox.received(ack.ref):
                 # the alert's life for people: one line per stage (a repeated received ack,

@@ -21,6 +21,10 @@ the state. The link (up or down) is tracked beside the incident, not inside it.
 
 ## Gestures (hold lengths from `[behaviour]` in device.toml)
 
+`GESTURES` below is the emergency button's chart: one press, its phase and the hold length
+it has reached, to its next phase and what it means. docs/behaviour.md draws both charts
+(`python -m device.charts --write`; a test fails when the drawing is out of date).
+
 - **Emergency button, no incident** (bell, store bell, a doorbell's emergency button): the
   press sends the alert at once, on the edge. Held to `long_press_s` (3 s), the incident
   becomes urgent.
@@ -68,11 +72,10 @@ from device.config import BehaviourSection
 from device.errors import DeviceError
 from device.hal.ports import ButtonName, InputEvent, Pattern
 from protocol.ids import new_message_id
-from protocol.messages import ACK_STAGES, Ack, Alert, Cancel
+from protocol.messages import ACK_STAGES, Ack, Alert, Cancel, DeviceKind
 
 log = logging.getLogger(__name__)
 
-DeviceKind = Literal["bell", "doorbell", "store"]
 Bell = Literal["emergency", "doorbell", "store"]
 BELL_OF: Final[Mapping[DeviceKind, Bell]] = {
     "bell": "emergency",
@@ -146,6 +149,72 @@ SMS_PATTERN_OF: Final[Mapping[SmsProgress | None, Pattern]] = {
 }
 
 
+# ---- gestures: one press of the emergency button, from its edge to its release ----------
+
+
+class Phase(enum.StrEnum):
+    """Where one press of the emergency button stands."""
+
+    OPENING = "opening"  # this press opened the incident: its alert is out already
+    DURING = "during"  # a press during an incident, judged on release or at a hold length
+    LOOKS_CANCELLED = "looks_cancelled"  # held to cancel_hold_s: the cancel pattern shows
+    DONE = "done"  # judged: nothing more comes of this press
+
+
+class Mark(enum.StrEnum):
+    """What the button reports, by the hold lengths of `[behaviour]` it has reached."""
+
+    HELD_SHORT = "held_short"  # still down, under long_press_s
+    HELD_LONG = "held_long"  # still down, long_press_s or more
+    HELD_CANCEL = "held_cancel"  # still down, cancel_hold_s or more
+    HELD_DURESS = "held_duress"  # down for duress_hold_s (held or released)
+    RELEASED_SHORT = "released_short"
+    RELEASED_LONG = "released_long"
+    RELEASED_CANCEL = "released_cancel"
+
+
+class Gesture(enum.StrEnum):
+    """What a press means, once the table has judged it."""
+
+    NOTHING = "nothing"
+    URGENT = "urgent"  # the incident is urgent (the opening press, held)
+    PRESS = "press"  # one more press
+    URGENT_PRESS = "urgent_press"  # one more press, urgent
+    SHOW_CANCELLED = "show_cancelled"  # the cancel pattern, before the release decides
+    CANCEL = "cancel"
+    DURESS = "duress"  # looks like a cancel; tells the centre the person is forced
+
+
+def _gestures() -> dict[tuple[Phase, Mark], tuple[Phase, Gesture]]:
+    table: dict[tuple[Phase, Mark], tuple[Phase, Gesture]] = {
+        (Phase.OPENING, Mark.HELD_SHORT): (Phase.OPENING, Gesture.NOTHING),
+        (Phase.OPENING, Mark.RELEASED_SHORT): (Phase.DONE, Gesture.NOTHING),
+        (Phase.DURING, Mark.HELD_SHORT): (Phase.DURING, Gesture.NOTHING),
+        (Phase.DURING, Mark.HELD_LONG): (Phase.DURING, Gesture.NOTHING),
+        (Phase.DURING, Mark.HELD_CANCEL): (Phase.LOOKS_CANCELLED, Gesture.SHOW_CANCELLED),
+        (Phase.DURING, Mark.RELEASED_SHORT): (Phase.DONE, Gesture.PRESS),
+        (Phase.DURING, Mark.RELEASED_LONG): (Phase.DONE, Gesture.URGENT_PRESS),
+        (Phase.DURING, Mark.RELEASED_CANCEL): (Phase.DONE, Gesture.CANCEL),
+        (Phase.LOOKS_CANCELLED, Mark.HELD_CANCEL): (Phase.LOOKS_CANCELLED, Gesture.NOTHING),
+        (Phase.LOOKS_CANCELLED, Mark.RELEASED_CANCEL): (Phase.DONE, Gesture.CANCEL),
+    }
+    # the opening press held long makes its incident urgent, however long it goes on
+    for mark in (Mark.HELD_LONG, Mark.HELD_CANCEL, Mark.HELD_DURESS):
+        table[Phase.OPENING, mark] = (Phase.DONE, Gesture.URGENT)
+    for mark in (Mark.RELEASED_LONG, Mark.RELEASED_CANCEL):
+        table[Phase.OPENING, mark] = (Phase.DONE, Gesture.URGENT)
+    # duress as soon as the length is reached, whatever was shown before
+    for phase in (Phase.DURING, Phase.LOOKS_CANCELLED):
+        table[phase, Mark.HELD_DURESS] = (Phase.DONE, Gesture.DURESS)
+    return table
+
+
+# The whole gesture chart (docs/behaviour.md draws it). A hold only grows, so a mark the
+# table lacks for a phase (shorter than one already seen) cannot come from a button; if a
+# driver sends one anyway, the press changes nothing.
+GESTURES: Final[Mapping[tuple[Phase, Mark], tuple[Phase, Gesture]]] = _gestures()
+
+
 class BehaviourError(DeviceError):
     """Root of this module's errors."""
 
@@ -197,9 +266,8 @@ class Incident:
 class Hold:
     """One press of a button, from its edge to its release."""
 
-    opening: bool  # this press opened the incident (or rang the doorbell)
-    done: bool = False  # fully handled already; the release adds nothing
-    looks_cancelled: bool = False  # the cancel pattern is showing
+    phase: Phase  # OPENING: this press opened the incident (or rang the doorbell)
+    looks_cancelled: bool = False  # the cancel pattern is showing (until the release)
 
 
 class Behaviour:
@@ -247,53 +315,63 @@ class Behaviour:
         name: ButtonName = "emergency" if event.input == "emergency" else "doorbell"
         if event.kind == "pressed":
             if self.incident is None:
-                self._holds[name] = Hold(opening=True)
+                self._holds[name] = Hold(Phase.OPENING)
                 return self.alert(trigger="press", linked_to=self._recent_ring(now))
-            self._holds[name] = Hold(opening=False)
+            self._holds[name] = Hold(Phase.DURING)
             return []
         hold = self._holds.get(name)
         if hold is None:
             return []  # its press came before a restart, or was already judged
         if event.kind == "released":
             del self._holds[name]
-        if hold.done or self.incident is None:
+        if hold.phase is Phase.DONE or self.incident is None:
             return []  # e.g. an operator closed the incident while the button was down
-        if hold.opening:
-            if event.held_for >= self.rules.long_press_s:
-                hold.done = True
-                return self.more(urgent=True, presses=0)
-            return []
-        return self._judge(hold, event)
+        step = GESTURES.get((hold.phase, self._mark(event)))
+        if step is None:
+            return []  # a hold that got shorter: not from a button (see GESTURES)
+        hold.phase, gesture = step
+        return self._gesture(gesture, hold)
 
-    def _judge(self, hold: Hold, event: InputEvent) -> list[Effect]:
-        """A press during an incident: more presses, urgency, cancel or duress."""
-        r = self.rules
-        if event.held_for >= r.duress_hold_s:
-            hold.done = True
-            return self.duress(already_shown=hold.looks_cancelled)
-        if event.kind == "held":
-            if event.held_for >= r.cancel_hold_s and not hold.looks_cancelled:
-                hold.looks_cancelled = True
-                return [Show(Pattern.CANCELLED)]
-            return []
-        # released
-        if event.held_for >= r.cancel_hold_s:
+    def _mark(self, event: InputEvent) -> Mark:
+        r, held_for = self.rules, event.held_for
+        if held_for >= r.duress_hold_s:
+            return Mark.HELD_DURESS  # released or not: reaching it is the gesture
+        down = event.kind == "held"
+        if held_for >= r.cancel_hold_s:
+            return Mark.HELD_CANCEL if down else Mark.RELEASED_CANCEL
+        if held_for >= r.long_press_s:
+            return Mark.HELD_LONG if down else Mark.RELEASED_LONG
+        return Mark.HELD_SHORT if down else Mark.RELEASED_SHORT
+
+    def _gesture(self, gesture: Gesture, hold: Hold) -> list[Effect]:
+        if gesture is Gesture.URGENT:
+            return self.more(urgent=True, presses=0)
+        if gesture is Gesture.PRESS:
+            return self.more(urgent=False, presses=1)
+        if gesture is Gesture.URGENT_PRESS:
+            return self.more(urgent=True, presses=1)
+        if gesture is Gesture.SHOW_CANCELLED:
+            hold.looks_cancelled = True
+            return [Show(Pattern.CANCELLED)]
+        if gesture is Gesture.CANCEL:
             return self.cancel(already_shown=hold.looks_cancelled)
-        return self.more(urgent=event.held_for >= r.long_press_s, presses=1)
+        if gesture is Gesture.DURESS:
+            return self.duress(already_shown=hold.looks_cancelled)
+        return []
 
     def _doorbell(self, event: InputEvent, now: float) -> list[Effect]:
         if event.kind == "pressed":
             ring_id = self._new_id()
             self._last_ring = (ring_id, now)
-            self._holds["doorbell"] = Hold(opening=True)
+            self._holds["doorbell"] = Hold(Phase.OPENING)
             body = Alert(bell="doorbell", trigger="doorbell_ring", silent=self.silent)
             return [Send(ring_id, body), Show(Pattern.RING)]
         hold = self._holds.get("doorbell")
         if event.kind == "released":
             self._holds.pop("doorbell", None)
-        if hold is None or hold.done or event.held_for < self.rules.long_press_s:
+        if hold is None or hold.phase is Phase.DONE or event.held_for < self.rules.long_press_s:
             return []
-        hold.done = True
+        hold.phase = Phase.DONE
         if self.incident is not None:
             return self.more(urgent=False, presses=1)
         # the long press is the emergency gesture itself, not a mark of urgency

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from device.hal.config import HardwareConfig
 from device.video.config import VideoConfig
 from protocol.ids import DeviceId
+from protocol.messages import DeviceKind
 
 
 class _Section(BaseModel):
@@ -22,7 +23,7 @@ class _Section(BaseModel):
 
 class DeviceSection(_Section):
     id: DeviceId = "bell-unset"
-    kind: Literal["bell", "doorbell", "store"] = "bell"
+    kind: DeviceKind = "bell"
     # the Ed25519 key made on this device at enrolment; never copied off it
     key_file: Path = Path("/var/lib/ansimi/device/device.key")
     # the AES key sealing this device's personal data (the SMS numbers); 0600, made on

@@ -25,14 +25,11 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import functools
-import json
 import os
 import ssl
 import subprocess
 import sys
 import tomllib
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,6 +43,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from ansimi.config import ConfigError, load_config
+from ansimi.files import fsync_dir
+from ansimi.jsonhttp import Unreachable, request_json
+from ansimi.tomlwrite import render_toml
 from device.config import DeviceConfig
 from device.errors import DeviceError
 from protocol.keys import generate_key, private_key_to_pem
@@ -129,41 +129,27 @@ def _context(ca_pem: str | None) -> ssl.SSLContext:
 def _request(
     url: str, context: ssl.SSLContext, body: Mapping[str, Any] | None = None
 ) -> tuple[int, dict[str, Any], Mapping[str, str]]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(  # noqa: S310 - the caller checked the scheme
-        url,
-        data=data,
-        method="GET" if body is None else "POST",
-        headers={"Content-Type": "application/json", "Accept": "application/json"},
-    )
     try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S, context=context) as answer:  # noqa: S310 - https only, checked by the caller
-            return answer.status, _json(answer.read()), dict(answer.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, _json(exc.read()), dict(exc.headers)
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, ssl.SSLCertVerificationError):
+        answer = request_json(
+            "GET" if body is None else "POST",
+            url,
+            body,
+            context=context,
+            timeout_s=HTTP_TIMEOUT_S,
+        )
+    except Unreachable as exc:
+        if exc.untrusted:
             raise EnrollError(
-                f"the gateway at {url} is not trusted ({reason.verify_message}): pass "
+                f"the gateway at {url} is not trusted ({exc.reason}): pass "
                 "--ca-file with the site CA certificate (the site's ca/ca.crt, from the "
                 "installer)",
                 EXIT_UNREACHABLE,
             ) from None
         raise EnrollError(
-            f"cannot reach the gateway at {url}: {reason}. Check the network and the URL",
+            f"cannot reach the gateway at {url}: {exc.reason}. Check the network and the URL",
             EXIT_UNREACHABLE,
         ) from None
-    except (TimeoutError, OSError) as exc:
-        raise EnrollError(f"cannot reach the gateway at {url}: {exc}", EXIT_UNREACHABLE) from None
-
-
-def _json(data: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(data or b"{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+    return answer.status, answer.body, answer.headers
 
 
 def clock_skew_s(headers: Mapping[str, str], now: dt.datetime) -> float | None:
@@ -202,36 +188,12 @@ def make_csr(key: Ed25519PrivateKey, device_id: str) -> str:
 # ---- files ---------------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def render_config(config: DeviceConfig) -> str:
     """Every field of `config` as TOML; unset optional keys appear commented out."""
-    lines = ["# written by `ansimi device enrol`; every option: device/device.example.toml"]
-    for section, values in config.model_dump(mode="json").items():
-        lines += ["", f"[{section}]"]
-        tables: list[tuple[str, list[dict[str, Any]]]] = []
-        for key, value in values.items():
-            if value is None:
-                lines.append(f"# {key} (unset)")
-            elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-                tables.append((key, value))
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        for key, entries in tables:
-            for entry in entries:
-                lines += ["", f"[[{section}.{key}]]"]
-                lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items() if v is not None]
-    text = "\n".join(lines) + "\n"
+    text = render_toml(
+        config.model_dump(mode="json"),
+        header=["written by `ansimi device enrol`; every option: device/device.example.toml"],
+    )
     # what we write must read back as the same config, or the device would not start
     if DeviceConfig.model_validate(tomllib.loads(text)) != config:
         raise EnrollError("internal error: the written config does not read back the same")
@@ -267,11 +229,7 @@ def install(files: list[tuple[Path, bytes, int]]) -> None:
     for tmp, path in staged:
         os.replace(tmp, path)
     for directory in {path.parent for _, path in staged}:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(directory)
 
 
 # ---- the enrolment -------------------------------------------------------------------------

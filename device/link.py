@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -22,6 +21,7 @@ from ansimi.mqtt import Message as MqttMessage
 from ansimi.mqtt import Session, Settings, TlsFiles, Will
 from device.config import DeviceConfig
 from device.outbox import Outbox
+from protocol.clock import Clock, wall_ms
 from protocol.envelope import open_for_device, seal
 from protocol.errors import ProtocolError, Replay, UnknownSigner
 from protocol.jws import Signer
@@ -56,7 +56,7 @@ class Link:
         *,
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
-        clock_ms: Callable[[], int] | None = None,
+        clock_ms: Clock | None = None,
         window_ms: int = DEFAULT_WINDOW_MS,
     ) -> None:
         self._config = config
@@ -67,7 +67,7 @@ class Link:
         self._outbox = outbox
         self._on_down = on_down
         self._on_connect_cb = on_connect
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._window_ms = window_ms
         self.rejected: dict[str, int] = {}
         self._recent: deque[str] = deque(maxlen=RECENT_IDS)  # ids signed lately, oldest first

@@ -215,7 +215,9 @@ class Outbox:
         self._down_high_water = self._counter("down_high_water")
 
     def _connect(self, path: str, *, check_existing: bool = False) -> sqlite3.Connection:
-        db = sqlite3.connect(path, isolation_level=None)
+        # No busy wait: the only other holder of this file's lock is another agent, which
+        # keeps it for good; waiting SQLite's default 5 s would only delay the refusal.
+        db = sqlite3.connect(path, isolation_level=None, timeout=0)
         try:
             # One agent per outbox: held for good, the lock makes a second agent on the same
             # state_dir fail at start instead of reusing sequence numbers; and a commit takes

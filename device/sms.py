@@ -28,15 +28,16 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from ansimi.files import write_atomic
 from device.behaviour import SmsProgress
 from device.config import DeviceConfig
 from device.hal.ports import HalError, Modem, SmsMode
 from device.outbox import Entry, Outbox
+from protocol.clock import Clock
 from protocol.messages import Ack, Alert, SecondaryPath
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class SmsFallback:
         modem: Modem | None,
         outbox: Outbox,
         *,
-        clock_ms: Callable[[], int],
+        clock_ms: Clock,
         on_progress: Callable[[str, SmsProgress], None] | None = None,
         undelivered_path: Path | None = None,
     ) -> None:
@@ -187,19 +188,8 @@ class SmsFallback:
                 path.unlink(missing_ok=True)
                 return
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(path.name + ".new")
-            with temporary.open("w") as file:
-                json.dump(rows, file)
-                if durable:
-                    file.flush()
-                    os.fsync(file.fileno())
-            temporary.replace(path)
-            if durable:  # the rename itself must survive a power cut too
-                directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(directory)
-                finally:
-                    os.close(directory)
+            # the alerts' bodies: readable by the service only
+            write_atomic(path, json.dumps(rows).encode(), mode=0o600, durable=durable)
         except OSError as exc:
             # memory still holds them: only a restart in the next seconds would forget them
             log.error("SMS fallback: cannot keep undelivered alerts in %s: %s", path, exc)

@@ -41,7 +41,6 @@ import contextlib
 import enum
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -52,11 +51,11 @@ from gateway.config import Centre, ForwardConfig, SiaReceiver, routes_for
 from gateway.metrics import Metrics
 from gateway.store import Delivery, ForwardStore
 from gateway.transports import Outcome, Transport
+from protocol.clock import Clock, wall_ms
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Clock = Callable[[], int]
 
 
 class Circuit(enum.IntEnum):
@@ -165,7 +164,7 @@ class Forwarder:
         self._metrics = metrics
         self._district_of = district_of
         self._on_first_delivery = on_first_delivery
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._rng = rng or random.Random()
         self._poll_s = poll_s
         self._centres = tuple(centres)

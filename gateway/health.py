@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -62,13 +61,13 @@ from ansimi.mqtt import Message as MqttMessage
 from gateway.forward import Failing
 from gateway.metrics import Metrics
 from gateway.store import HealthStore, Incoming
+from protocol.clock import Clock, wall_ms
 from protocol.errors import ProtocolError, UnknownSigner, clip
 from protocol.jws import Signer
 from protocol.probe import open_probe, probe_sender, probe_topic, seal_probe
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], int]
 Status = Literal["ok", "degraded", "failing"]
 DiskState = Literal["disk_low", "disk_ok"]
 
@@ -78,10 +77,6 @@ LOG_EVERY_MS = 60_000
 LADDER_RUNGS = 2
 # Back to ok only above reserve x this: the hysteresis of the disk_low episode.
 DISK_RECOVER_FACTOR = 1.25
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class IntakeProbe:
@@ -99,7 +94,7 @@ class IntakeProbe:
         reconnect: Callable[[], None],
         every_ms: int,
         deaf_after_ms: int,
-        clock_ms: Clock = _now_ms,
+        clock_ms: Clock = wall_ms,
     ) -> None:
         self._signer = signer
         self._instance = instance
@@ -315,7 +310,7 @@ class DiskWatch:
         on_event: Callable[[], None],
         every_s: float = 1.0,
         checkpoint_every_s: float = 60.0,
-        clock_ms: Clock = _now_ms,
+        clock_ms: Clock = wall_ms,
     ) -> None:
         self._store = store
         self.reserve_bytes = reserve_bytes
@@ -424,7 +419,7 @@ class Health:
         failing_centres: Callable[[], Mapping[str, Failing]],
         centre_down_after_ms: int,
         disk: DiskWatch | None = None,
-        clock_ms: Clock = _now_ms,
+        clock_ms: Clock = wall_ms,
     ) -> None:
         self._probe = probe
         self._connected = connected

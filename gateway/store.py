@@ -50,10 +50,12 @@ from gateway.enrolments import (
 )
 from gateway.errors import GatewayError
 
+# re-exported: the store's callers name the kind from here
+from protocol.messages import DeviceKind as DeviceKind
+
 T = TypeVar("T")
 P = ParamSpec("P")
 
-DeviceKind = Literal["bell", "doorbell", "store"]
 EventState = Literal["received", "delivered", "acknowledged", "dispatched", "closed"]
 
 # The schema when versions began (migration 1); a database older than that gets what it

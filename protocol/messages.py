@@ -40,6 +40,11 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# What a device is: an emergency bell, a doorbell with a camera, a store's panic bell. The
+# one definition for the device, the gateway's records, provisioning and the simulator.
+DeviceKind = Literal["bell", "doorbell", "store"]
+DEVICE_KINDS: Final[tuple[DeviceKind, ...]] = ("bell", "doorbell", "store")
+
 # -- bodies ------------------------------------------------------------------------------
 
 

@@ -25,12 +25,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import segno
 
 from ansimi.districts import UnknownDistrict, check_district
 from protocol.ids import check_id
+from protocol.messages import DeviceKind
 from provisioning.gateway_admin import AdminClient
 from provisioning.identity import DeviceIdentityLoader
 from provisioning.label import label_lines, label_png, label_svg
@@ -45,7 +46,7 @@ from siteca.errors import BrokerControlError, InvalidName, ProvisioningError
 from siteca.files import write_atomic
 from siteca.site import Site, serial_text
 
-Kind = Literal["bell", "doorbell", "store"]
+Kind = DeviceKind
 DEFAULT_TTL_S: Final = 24 * 3600
 
 

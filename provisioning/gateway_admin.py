@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
-import json
 import os
 import ssl
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from ansimi.jsonhttp import Unreachable, request_json
 from siteca.errors import ProvisioningError
 
 TIMEOUT_S: Final = 15.0
@@ -111,33 +110,21 @@ class AdminClient:
         url = self.base_url + path
         if not url.startswith(("https://", "http://")):
             raise GatewayUnreachable(f"gateway URL {self.base_url!r} is not http(s)://")
-        headers = {"Accept": "application/json"}
-        if auth:
-            headers["Authorization"] = f"Bearer {self._token}"
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 - http(s) checked above
-        context = self._context if url.startswith("https://") else None
+        headers = {"Authorization": f"Bearer {self._token}"} if auth else {}
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S, context=context) as reply:  # noqa: S310
-                return Answer(reply.status, _json(reply.read()), dict(reply.headers))
-        except urllib.error.HTTPError as exc:
-            return Answer(exc.code, _json(exc.read()), dict(exc.headers))
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            answer = request_json(
+                method, url, body, headers=headers, context=self._context, timeout_s=TIMEOUT_S
+            )
+        except Unreachable as exc:
+            if exc.untrusted:
                 raise GatewayUnreachable(
-                    f"the gateway at {self.base_url} is not trusted "
-                    f"({exc.reason.verify_message}): pass --ca-file with the site's ca/ca.crt"
+                    f"the gateway at {self.base_url} is not trusted ({exc.reason}): pass "
+                    "--ca-file with the site's ca/ca.crt"
                 ) from None
             raise GatewayUnreachable(
                 f"cannot reach the gateway at {self.base_url}: {exc.reason}"
             ) from None
-        except OSError as exc:
-            raise GatewayUnreachable(
-                f"cannot reach the gateway at {self.base_url}: {exc}"
-            ) from None
+        return Answer(answer.status, answer.body, answer.headers)
 
     def ok(
         self,
@@ -225,11 +212,3 @@ class AdminClient:
 
 def _segment(text: str) -> str:
     return urllib.parse.quote(text, safe="")
-
-
-def _json(data: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(data or b"{}")
-    except ValueError:
-        return {"error": data[:200].decode(errors="replace")}
-    return value if isinstance(value, dict) else {}

@@ -111,6 +111,7 @@ class FaultProxy:
         self._rng = rng or random.Random()
         self.connections = 0
         self.refused = 0
+        self.holding = 0  # chunks read and kept back by a hold right now
         self._conns: set[_Conn] = set()
         self._changed = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -200,7 +201,12 @@ class FaultProxy:
     ) -> None:
         try:
             while data := await src.read(65536):
-                await self._gate(conn.device)
+                if conn.device in self.held:
+                    self.holding += 1
+                    try:
+                        await self._gate(conn.device)
+                    finally:
+                        self.holding -= 1
                 if conn.device in self.dropped:
                     break
                 if self._rng.random() < self.loss.get(conn.device, 0.0):

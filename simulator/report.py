@@ -318,12 +318,14 @@ def _no_video(o: Observed) -> list[dict[str, str]]:
 
 def _video(o: Observed) -> dict[str, Any]:
     """Doorbell streams: offered, connected, and from the emergency to a connected stream."""
-    connected = [v for v in o.video if v[3] is not None]
+    connected = [(v, v.connected_at) for v in o.video if v.connected_at is not None]
     return {
         "offered": len(o.video),
         "connected": len(connected),
-        "offer_to_connected_s": distribution(v[3] - v[2] for v in connected),
-        "alert_to_connected_s": distribution(v[3] - v[4] for v in connected if v[4]),
+        "offer_to_connected_s": distribution(at - v.offered_at for v, at in connected),
+        "alert_to_connected_s": distribution(
+            at - v.emergency_at for v, at in connected if v.emergency_at
+        ),
     }
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -30,12 +29,33 @@ from typing import Any
 import aiohttp
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
+from ansimi.tomlwrite import render_toml
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
 from simulator import identities
 from simulator.disks import TmpDisk
 from simulator.errors import SimulatorError
 from simulator.limits import raise_open_files
+from simulator.messages import (
+    WORKER_LINE,
+    Command,
+    Cut,
+    Damage,
+    Heal,
+    LinkDeadSeen,
+    Member,
+    Performed,
+    Progress,
+    Result,
+    Skew,
+    Start,
+    Step,
+    Stop,
+    Up,
+    VideoSeen,
+    WorkerSpec,
+    encode,
+)
 from simulator.proxy import FaultProxy
 from simulator.scenario import (
     PROXIED,
@@ -114,7 +134,7 @@ class Observed:
     # alerts waiting in an outbox the simulator destroyed: not lost by the system under test
     at_risk: set[str] = field(default_factory=set)
     # [device, action, wall time] of every action a worker did
-    performed: list[list[Any]] = field(default_factory=list)
+    performed: list[Performed] = field(default_factory=list)
     # (from, until, [device]): a device's link down, as the device saw it
     gaps: list[tuple[float, float, list[str]]] = field(default_factory=list)
     links_lost: int = 0  # connections the proxy reset for a lossy link
@@ -122,11 +142,11 @@ class Observed:
     workers_failed: int = 0  # worker processes that never reported their result
     not_ready: int = 0  # agents that never became ready (connected and subscribed)
     # doorbell streams: [session, device, offered at, connected at, emergency sent at]
-    video: list[list[Any]] = field(default_factory=list)
+    video: list[VideoSeen] = field(default_factory=list)
     sms: dict[str, float] = field(default_factory=dict)  # alert id -> its SMS went out
     sms_sent: int = 0  # every SMS the fake modems sent
     # presses on a cut link: (device, pressed at, link declared dead at or None if never)
-    link_dead: list[tuple[str, float, float | None]] = field(default_factory=list)
+    link_dead: list[LinkDeadSeen] = field(default_factory=list)
 
 
 class _WorkerProc:
@@ -140,13 +160,13 @@ class _WorkerProc:
         self.actions = 0
         self.errors = 0
         self.up = asyncio.Event()
-        self.result: dict[str, Any] | None = None
+        self.result: Result | None = None
         self.finished = asyncio.Event()
 
-    async def send(self, command: str) -> None:
+    async def send(self, command: Command) -> None:
         assert self.process.stdin is not None
         with contextlib.suppress(ConnectionError):
-            self.process.stdin.write(command.encode() + b"\n")
+            self.process.stdin.write(encode(command))
             await self.process.stdin.drain()
 
 
@@ -279,48 +299,44 @@ class Simulation:
         assert self.sink is not None
         host, port = self.broker_addr
         g = self.scenario.gateway
-        return f"""# written by `ansimi sim run`
-id = "{GATEWAY_ID}"
-signing_key = "{self.state / "gateway" / "signing.key"}"
-database = "{self.database}"
-
-[mqtt]
-host = "{host}"
-port = {port}
-
-[forward]
-backoff_min_s = {g.forward_backoff_min_s}
-backoff_max_s = {g.forward_backoff_max_s}
-breaker_failures = {g.breaker_failures}
-breaker_open_s = {g.breaker_open_s}
-
-[video]
-# off unless the scenario streams: aiortc is then not even imported by the gateway
-enabled = {"true" if self.scenario.video.enabled else "false"}
-loopback_candidates = true
-recordings_dir = "{self.state / "recordings"}"
-
-[supervise]
-heartbeat_s = {self.scenario.device.heartbeat_s}
-missed = {g.missed}
-will_grace_s = {g.will_grace_s}
-
-[api]
-enabled = true
-host = "127.0.0.1"
-port = {self.api_port}
-
-[[api.tokens]]
-name = "sim-operator"
-role = "operator"
-token = "{self.operator_token}"
-
-[[centres]]
-name = "central"
-url = "{self.sink.url}"
-secret = "{self.secret}"
-districts = ["*"]
-"""
+        config = {
+            "id": GATEWAY_ID,
+            "signing_key": self.state / "gateway" / "signing.key",
+            "database": self.database,
+            "mqtt": {"host": host, "port": port},
+            "forward": {
+                "backoff_min_s": g.forward_backoff_min_s,
+                "backoff_max_s": g.forward_backoff_max_s,
+                "breaker_failures": g.breaker_failures,
+                "breaker_open_s": g.breaker_open_s,
+            },
+            "video": {
+                "enabled": self.scenario.video.enabled,
+                "loopback_candidates": True,
+                "recordings_dir": self.state / "recordings",
+            },
+            "supervise": {
+                "heartbeat_s": self.scenario.device.heartbeat_s,
+                "missed": g.missed,
+                "will_grace_s": g.will_grace_s,
+            },
+            "api": {
+                "enabled": True,
+                "host": "127.0.0.1",
+                "port": self.api_port,
+                "tokens": [
+                    {"name": "sim-operator", "role": "operator", "token": self.operator_token}
+                ],
+            },
+            "centres": [
+                {"name": "central", "url": self.sink.url, "secret": self.secret, "districts": ["*"]}
+            ],
+        }
+        return render_toml(
+            config,
+            header=["written by `ansimi sim run`"],
+            comments={"video": "off unless the scenario streams: aiortc is then not even imported"},
+        )
 
     async def _start_gateway(self) -> None:
         self.gateway = self._spawn_gateway()
@@ -374,23 +390,23 @@ districts = ["*"]
 
     async def _start_workers(self) -> None:
         count = min(self._worker_count(), len(self.plan.devices))
-        shares: list[list[Any]] = [[] for _ in range(count)]
+        shares: list[list[Member]] = [[] for _ in range(count)]
         owner: dict[str, int] = {}
         for n, d in enumerate(self.plan.devices):
-            shares[n % count].append([d.id, d.kind, d.district])
+            shares[n % count].append(Member(d.id, d.kind, d.district))
             owner[d.id] = n % count
         self._owner = owner
-        steps: list[list[list[Any]]] = [[] for _ in range(count)]
+        steps: list[list[Step]] = [[] for _ in range(count)]
         for s in self.plan.steps:
-            steps[owner[s.device]].append([s.at, s.device, s.action, s.after_s, s.restore_s])
-        skews: list[list[list[Any]]] = [[] for _ in range(count)]
+            steps[owner[s.device]].append(Step(s.at, s.device, s.action, s.after_s, s.restore_s))
+        skews: list[list[Skew]] = [[] for _ in range(count)]
         for index, fault in enumerate(self.scenario.faults):
             if isinstance(fault, ClockSkew):
                 targets = self.plan.targets.get(index, [])
                 for w in range(count):
                     mine = [t for t in targets if owner[t] == w]
                     skews[w].append(
-                        [self.scenario.scaled(fault.at_s), mine, int(fault.skew_s * 1000)]
+                        Skew(self.scenario.scaled(fault.at_s), mine, int(fault.skew_s * 1000))
                     )
                 for t in targets:
                     self.observed.skewed[t] = fault.skew_s
@@ -409,32 +425,31 @@ districts = ["*"]
             if isinstance(f, DeviceDiskFull)
             for t in self.plan.targets.get(i, [])
         }
-        settings = self.scenario.device.model_dump()
         n = len(self.plan.devices)
         connect_timeout = 20 + 2 * n / self.scenario.device.connect_rate
         for w in range(count):
-            spec = {
-                "broker_host": self.broker_addr[0],
-                "broker_port": self.broker_addr[1],
-                "proxy_port": self.proxy.port if self.proxy else None,
-                "proxied": [d[0] for d in shares[w] if d[0] in proxied],
-                "mqtt_version": 5,
-                "gateway_id": GATEWAY_ID,
-                "gateway_public_key": self.gateway_public,
-                "run_secret": self.run_secret,
-                "seed": self.scenario.seed,
-                "state_dir": str(self.state / "devices"),
-                "small_disk_dir": str(self.device_disk.path) if self.device_disk else None,
-                "small_disk_devices": [d[0] for d in shares[w] if d[0] in small_disk],
-                "device": settings,
-                "devices": shares[w],
-                "steps": steps[w],
-                "skews": skews[w],
-                "connect_timeout_s": connect_timeout,
-                "video": self.scenario.video.model_dump(),
-            }
+            spec = WorkerSpec(
+                broker_host=self.broker_addr[0],
+                broker_port=self.broker_addr[1],
+                proxy_port=self.proxy.port if self.proxy else None,
+                proxied=[d.device_id for d in shares[w] if d.device_id in proxied],
+                mqtt_version=5,
+                gateway_id=GATEWAY_ID,
+                gateway_public_key=self.gateway_public,
+                run_secret=self.run_secret,
+                seed=self.scenario.seed,
+                state_dir=self.state / "devices",
+                small_disk_dir=self.device_disk.path if self.device_disk else None,
+                small_disk_devices=[d.device_id for d in shares[w] if d.device_id in small_disk],
+                device=self.scenario.device,
+                devices=shares[w],
+                steps=steps[w],
+                skews=skews[w],
+                connect_timeout_s=connect_timeout,
+                video=self.scenario.video,
+            )
             path = self.state / f"worker-{w}.json"
-            path.write_text(json.dumps(spec))
+            path.write_text(spec.model_dump_json())
             log_file = (self.state / f"worker-{w}.log").open("ab")
             try:
                 process = await asyncio.create_subprocess_exec(
@@ -467,7 +482,7 @@ districts = ["*"]
         s = self.scenario
         o.t0 = time.time() + 0.5
         for proc in self.workers:
-            await proc.send(f"start {o.t0}")
+            await proc.send(Start(at=o.t0))
         self._faults = [self._spawn(self._fault(i, f)) for i, f in enumerate(s.faults)]
         self.phase = "scenario"
         end = o.t0 + s.scaled(s.duration_s)
@@ -484,19 +499,19 @@ districts = ["*"]
             o.gateway_exit = self.gateway.poll()
         self.phase = "stopping"
         for proc in self.workers:
-            await proc.send("stop")
+            await proc.send(Stop())
         # all workers stop together within one bound; teardown kills whoever is still busy
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(30):
                 await asyncio.gather(*(p.finished.wait() for p in self.workers))
         for proc in self.workers:
             if proc.result is not None:
-                o.availability.update(proc.result["availability"])
-                o.outbox_left.update(proc.result["outbox"])
-                o.rejected_downlink += int(proc.result["rejected"])
-                o.video += proc.result.get("video", [])
-                o.not_ready += int(proc.result.get("not_ready", 0))
-                o.sms_sent += int(proc.result.get("sms_sent", 0))
+                o.availability.update(proc.result.availability)
+                o.outbox_left.update(proc.result.outbox)
+                o.rejected_downlink += proc.result.rejected
+                o.video += proc.result.video
+                o.not_ready += proc.result.not_ready
+                o.sms_sent += proc.result.sms_sent
         o.heartbeats = sum(w.heartbeats for w in self.workers)
         o.resends = sum(w.resends for w in self.workers)
         o.actions = sum(w.actions for w in self.workers)
@@ -531,31 +546,30 @@ districts = ["*"]
         records = self.observed.records
         try:
             while raw := await proc.process.stdout.readline():
-                line = json.loads(raw)
-                kind = line["kind"]
-                if kind == "up":
-                    proc.connected = line["connected"]
+                line = WORKER_LINE.validate_json(raw)
+                if isinstance(line, Up):
+                    proc.connected = line.connected
                     proc.up.set()
-                elif kind == "progress":
-                    proc.connected = line["connected"]
-                    proc.last_at = line["at"]
-                    proc.heartbeats = line["heartbeats"]
-                    proc.resends = line["resends"]
-                    proc.actions = line["actions"]
-                    proc.errors = line["errors"]
-                    for mid, device, type_, trigger, at in line["sent"]:
-                        records[mid] = Record(mid, device, type_, trigger, at)
-                    self.observed.at_risk.update(line.get("at_risk", ()))
-                    self.observed.performed += line.get("performed", [])
-                    self.observed.gaps += [(a, b, [d]) for d, a, b in line.get("gaps", [])]
-                    for ref, stage, at in line["acks"]:
-                        record = records.get(ref)
-                        if record is not None and stage not in record.acks:
-                            record.acks[stage] = at
-                    for ref, _device, at in line.get("sms", []):
-                        self.observed.sms.setdefault(ref, at)
-                    self.observed.link_dead += [tuple(x) for x in line.get("link_dead", [])]
-                elif kind == "result":
+                elif isinstance(line, Progress):
+                    proc.connected = line.connected
+                    proc.last_at = line.at
+                    proc.heartbeats = line.heartbeats
+                    proc.resends = line.resends
+                    proc.actions = line.actions
+                    proc.errors = line.errors
+                    for sent in line.sent:
+                        records[sent.message_id] = Record(*sent)
+                    self.observed.at_risk.update(line.at_risk)
+                    self.observed.performed += line.performed
+                    self.observed.gaps += [(g.since, g.until, [g.device_id]) for g in line.gaps]
+                    for ack in line.acks:
+                        record = records.get(ack.ref)
+                        if record is not None and ack.stage not in record.acks:
+                            record.acks[ack.stage] = ack.at
+                    for sms in line.sms:
+                        self.observed.sms.setdefault(sms.alert_id, sms.at)
+                    self.observed.link_dead += line.link_dead
+                else:
                     proc.result = line
         finally:
             proc.up.set()  # a worker that died must not keep start-up waiting
@@ -599,10 +613,10 @@ districts = ["*"]
             assert self.proxy is not None
             start = await self._at(fault.at_s)
             (self.proxy.drop if fault.mode == "drop" else self.proxy.hold)(targets)
-            await self._tell_owners("cut", targets)
+            await self._tell_owners(lambda mine: Cut(device_ids=mine), targets)
             await self._at(fault.at_s + fault.duration_s)
             self.proxy.heal(targets)
-            await self._tell_owners("heal", targets)
+            await self._tell_owners(lambda mine: Heal(device_ids=mine), targets)
             label = f"partition ({fault.mode}) of {len(targets)} devices"
             o.marks.append(Mark(start, label, time.time()))
             o.partitions.append((start, time.time(), sorted(targets)))
@@ -639,19 +653,23 @@ districts = ["*"]
         elif isinstance(fault, OutboxDamage):
             start = await self._at(fault.at_s)
             down = s.scaled(fault.down_s)
-            await self._tell_owners(f"damage {fault.mode} {down}", targets)
+            await self._tell_owners(
+                lambda mine: Damage(mode=fault.mode, down_s=down, device_ids=mine), targets
+            )
             await asyncio.sleep(down)
             done = {"delete": "deleted", "corrupt": "corrupted", "restart": "kept"}[fault.mode]
             label = f"outbox {done} on {len(targets)}, agents stopped"
             o.marks.append(Mark(start, label, time.time()))
             o.stops.append((start, time.time(), sorted(targets)))
 
-    async def _tell_owners(self, command: str, devices: set[str]) -> None:
+    async def _tell_owners(
+        self, command: Callable[[list[str]], Command], devices: set[str]
+    ) -> None:
         """Availability counts a cut device as unavailable, whatever it believes."""
         for w, proc in enumerate(self.workers):
             mine = [d for d in devices if self._owner[d] == w]
             if mine:
-                await proc.send(" ".join([command, *mine]))
+                await proc.send(command(mine))
 
     async def _measure_reconnect(self, up: float) -> None:
         """Time from the broker listening again until every agent is connected again."""

@@ -21,9 +21,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ansimi.config import ConfigError, _describe
+from device.config import BehaviourSection, MqttSection, OutboxSection, SmsSection
+from protocol.messages import DEVICE_KINDS, DeviceKind
 
-Kind = Literal["bell", "doorbell", "store"]
-KINDS: tuple[Kind, ...] = ("bell", "doorbell", "store")
+Kind = DeviceKind
+KINDS = DEVICE_KINDS
 # More planned actions than this is a scenario mistake, not a load test: keeps every run bounded.
 MAX_ACTIONS = 200_000
 Seconds = Annotated[float, Field(ge=0)]
@@ -52,19 +54,24 @@ class Fleet(_Model):
         return self
 
 
+def device_default(section: type[BaseModel], name: str) -> Any:
+    """The device's own default for a setting: the simulator keeps no copy that can drift."""
+    return section.model_fields[name].default
+
+
 class DeviceSettings(_Model):
-    heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
-    resend_min_s: Annotated[float, Field(gt=0)] = 1.0
-    resend_max_s: Annotated[float, Field(gt=0)] = 10.0
-    long_press_s: Annotated[float, Field(gt=0)] = 3.0
-    cancel_hold_s: Annotated[float, Field(gt=0)] = 10.0
-    duress_hold_s: Annotated[float, Field(gt=0)] = 15.0
+    heartbeat_s: Annotated[float, Field(gt=0)] = device_default(MqttSection, "heartbeat_s")
+    resend_min_s: Annotated[float, Field(gt=0)] = device_default(OutboxSection, "resend_min_s")
+    resend_max_s: Annotated[float, Field(gt=0)] = device_default(OutboxSection, "resend_max_s")
+    long_press_s: Annotated[float, Field(gt=0)] = device_default(BehaviourSection, "long_press_s")
+    cancel_hold_s: Annotated[float, Field(gt=0)] = device_default(BehaviourSection, "cancel_hold_s")
+    duress_hold_s: Annotated[float, Field(gt=0)] = device_default(BehaviourSection, "duress_hold_s")
     # how often a held button ticks (gpiozero's hold_repeat)
     hold_repeat_s: Annotated[float, Field(gt=0)] = 0.25
     # connections opened per second at start-up, so mosquitto is not hit by all at once
     connect_rate: Annotated[float, Field(gt=0)] = 500.0
     # an alert the gateway has not received this long after the press goes out by SMS
-    sms_after_s: Annotated[float, Field(gt=0)] = 15.0
+    sms_after_s: Annotated[float, Field(gt=0)] = device_default(SmsSection, "after_s")
 
 
 class GatewaySettings(_Model):

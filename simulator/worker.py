@@ -1,17 +1,17 @@
 """A worker process: its share of the fleet, each the real agent on fake hardware, one loop.
 
-Started by the simulator as `python -m simulator.worker SPEC.json`. It talks to the parent
-with lines: commands on stdin (`start <wall-time>`, `stop`), JSON on stdout (`up` once
-the agents are connected, `progress` four times a second with what was sent and acked
-since the last line, `result` at the end). No thread per device: agents are tasks, and
+Started by the simulator as `python -m simulator.worker SPEC.json` (a `WorkerSpec`). It
+talks to the parent in JSON lines, typed in `simulator.messages`: commands on stdin (start,
+cut, heal, damage, stop), lines on stdout (`up` once the agents are connected, `progress`
+four times a second with what was sent and acked since the last line, `result` at the
+end). No thread per device: agents are tasks, and
 their MQTT sessions share the loop's socket callbacks (`ansimi.mqtt`).
 
-Hooks watch each agent without changing it: `agent.link.send` (what left the device,
-when), `agent.behaviour.on_ack` (which verified acks it saw, when), `agent.behaviour.on_sms`
-(when the SMS fallback got an alert out) and `agent.behaviour.on_link` (when the agent saw
-its link go down: for a press on a black-holed link, press -> link declared dead). Times
-are wall clock, so the parent can compare them with the centre's arrival times. Every
-agent has a fake modem (recording each SMS with its time) and one SMS number.
+Each agent is watched through its observer hook (`Watcher`, a `device.observer.
+AgentObserver`): what left the device and when, the verified acks it saw, the SMS fallback's
+progress and its link going down. Times are wall clock, so the parent can compare them
+with the centre's arrival times. Every agent has a fake modem (recording each SMS with its
+time) and one SMS number.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import random
 import sys
@@ -27,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from device.agent import Agent
 from device.behaviour import SmsProgress
@@ -42,13 +41,35 @@ from device.config import (
 )
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
+from device.observer import AgentObserver
 from device.outbox import Outbox
 from device.video.config import VideoConfig
 from protocol.jws import Signer
 from protocol.keys import public_key_from_b64
-from protocol.messages import Ack, Alert, Body, Cancel, Heartbeat
+from protocol.messages import AckStage, Alert, Body, Cancel, Heartbeat
 from simulator.identities import device_key
 from simulator.limits import raise_open_files
+from simulator.messages import (
+    COMMAND,
+    AckSeen,
+    Cut,
+    Damage,
+    DamageMode,
+    Gap,
+    Heal,
+    LinkDeadSeen,
+    Performed,
+    Progress,
+    Result,
+    Sent,
+    SmsSent,
+    Start,
+    Stop,
+    Up,
+    VideoSeen,
+    WorkerSpec,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,33 +93,73 @@ class Watched:
 class Tally:
     """What happened since the last progress line (and running totals)."""
 
-    sent: list[list[Any]] = field(default_factory=list)  # [id, device, type, trigger, t]
-    acks: list[list[Any]] = field(default_factory=list)  # [ref, stage, t]
+    sent: list[Sent] = field(default_factory=list)
+    acks: list[AckSeen] = field(default_factory=list)
     first_sent: set[str] = field(default_factory=set)
     resends: int = 0
     heartbeats: int = 0
     heartbeats_by_device: dict[str, int] = field(default_factory=dict)
-    # video sessions: [session id, device, offered at, connected at or None]
+    # video sessions: [session id, device, offered at, connected at or None, emergency at]
     video: list[list[Any]] = field(default_factory=list)
     last_emergency: dict[str, float] = field(default_factory=dict)
-    sms: list[list[Any]] = field(default_factory=list)  # [alert id, device, t]
-    # a press while the link was cut and the agent still believed it up:
-    # [device, pressed at, link declared dead at (None: healed before the agent noticed)]
-    link_dead: list[list[Any]] = field(default_factory=list)
+    sms: list[SmsSent] = field(default_factory=list)
+    link_dead: list[LinkDeadSeen] = field(default_factory=list)
     actions: int = 0
     errors: int = 0
-    # ids of alerts that were waiting in an outbox the simulator then destroyed
     at_risk: list[str] = field(default_factory=list)
-    # [device, action, t] of every action done: each must make its device send something
-    performed: list[list[Any]] = field(default_factory=list)
-    # [device, from, until]: times the device's link was down, as the device saw it
-    gaps: list[list[Any]] = field(default_factory=list)
+    # every action done: each must make its device send something
+    performed: list[Performed] = field(default_factory=list)
+    gaps: list[Gap] = field(default_factory=list)
+
+
+class Watcher(AgentObserver):
+    """One agent's events into the worker's tally: what left the device and when, which
+    verified acks it saw, when the SMS fallback got an alert out, and when the agent saw
+    its link go down (for a press on a black-holed link: press -> link declared dead)."""
+
+    def __init__(self, worker: Worker, device_id: str) -> None:
+        self.worker = worker
+        self.device_id = device_id
+
+    def sent(self, body: Body, message_id: str | None, published: asyncio.Future[None]) -> None:
+        tally, device_id = self.worker.tally, self.device_id
+        if isinstance(body, Alert | Cancel) and message_id is not None:
+            if message_id in tally.first_sent:
+                tally.resends += 1
+                return
+            tally.first_sent.add(message_id)
+            kind: Literal["alert", "cancel"] = "alert" if isinstance(body, Alert) else "cancel"
+            trigger = body.trigger if isinstance(body, Alert) else "cancel"
+            tally.sent.append(Sent(message_id, device_id, kind, trigger, time.time()))
+            if trigger in EMERGENCY_TRIGGERS:
+                tally.last_emergency[device_id] = time.time()
+            w = self.worker.watched.get(device_id)
+            if device_id in self.worker.cut and w is not None and w.agent.link.connected:
+                # a press on a dead link the agent has not noticed yet
+                self.worker.pressed_on_cut.setdefault(device_id, time.time())
+        elif isinstance(body, Heartbeat):
+            tally.heartbeats += 1
+            tally.heartbeats_by_device[device_id] = tally.heartbeats_by_device.get(device_id, 0) + 1
+
+    def acked(self, ref: str, stage: AckStage) -> None:
+        self.worker.tally.acks.append(AckSeen(ref, stage, time.time()))
+
+    def sms_progress(self, alert_id: str, progress: SmsProgress) -> None:
+        if progress == "sent":
+            self.worker.tally.sms.append(SmsSent(alert_id, self.device_id, time.time()))
+
+    def link_down(self) -> None:
+        # The MQTT session's "link declared dead" moment (its PUBACK probe) is the same
+        # instant: the session drops the socket and the agent hears the disconnect.
+        pressed = self.worker.pressed_on_cut.pop(self.device_id, None)
+        if pressed is not None:
+            self.worker.tally.link_dead.append(LinkDeadSeen(self.device_id, pressed, time.time()))
 
 
 class Worker:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
-        self.settings: dict[str, Any] = spec["device"]
+        self.settings = spec.device
         self.tally = Tally()
         self.skew_ms: dict[str, int] = {}
         self.watched: dict[str, Watched] = {}
@@ -114,13 +175,13 @@ class Worker:
         self._running: dict[str, asyncio.Task[None]] = {}  # device -> its agent's task
         self.stopped: set[str] = set()  # agents the simulator has stopped for a while
         self.down_since: dict[str, float] = {}  # device -> first sample its link was down
-        self._gateway_key = public_key_from_b64(spec["gateway_public_key"])
-        proxied = set(spec["proxied"])
-        self._small_disk = set(spec.get("small_disk_devices") or ())
+        self._gateway_key = public_key_from_b64(spec.gateway_public_key)
+        proxied = set(spec.proxied)
+        self._small_disk = set(spec.small_disk_devices)
         # what it takes to start an agent again (after its outbox was damaged)
         self._made: dict[str, tuple[str, str, int, str]] = {}
-        for n, (device_id, kind, district) in enumerate(spec["devices"]):
-            port = spec["proxy_port"] if device_id in proxied else spec["broker_port"]
+        for n, (device_id, kind, district) in enumerate(spec.devices):
+            port = spec.proxy_port if device_id in proxied and spec.proxy_port else spec.broker_port
             sms_number = f"+8210{n:08d}"
             self._made[device_id] = (kind, district, port, sms_number)
             self.watched[device_id] = self._make(
@@ -137,69 +198,62 @@ class Worker:
         sms_number: str,
     ) -> Watched:
         s = self.settings
-        home = self.spec["small_disk_dir"] if device_id in self._small_disk else None
-        state_dir = Path(home or self.spec["state_dir"]) / device_id
+        home = self.spec.small_disk_dir if device_id in self._small_disk else None
+        state_dir = (home or self.spec.state_dir) / device_id
         config = DeviceConfig.model_validate(
             {
                 "device": DeviceSection(id=device_id, kind=kind, state_dir=state_dir),
                 "gateway": GatewaySection(
-                    id=self.spec["gateway_id"], public_key=self.spec["gateway_public_key"]
+                    id=self.spec.gateway_id, public_key=self.spec.gateway_public_key
                 ),
                 "mqtt": MqttSection(
-                    host=self.spec["broker_host"],
+                    host=self.spec.broker_host,
                     port=port,
-                    version=self.spec["mqtt_version"],
-                    heartbeat_s=s["heartbeat_s"],
+                    version=self.spec.mqtt_version,
+                    heartbeat_s=s.heartbeat_s,
                 ),
-                "outbox": OutboxSection(
-                    resend_min_s=s["resend_min_s"], resend_max_s=s["resend_max_s"]
-                ),
+                "outbox": OutboxSection(resend_min_s=s.resend_min_s, resend_max_s=s.resend_max_s),
                 "video": VideoConfig(
                     start_on_emergency=True,
                     # gateway and devices share this host: a 127.0.0.1 candidate is needed
                     loopback_candidates=True,
                     codecs=["VP8"],
-                    idle_stop_s=(self.spec.get("video") or {}).get("idle_stop_s", 120.0),
+                    idle_stop_s=self.spec.video.idle_stop_s,
                 ),
                 "behaviour": BehaviourSection(
-                    long_press_s=s["long_press_s"],
-                    cancel_hold_s=s["cancel_hold_s"],
-                    duress_hold_s=s["duress_hold_s"],
+                    long_press_s=s.long_press_s,
+                    cancel_hold_s=s.cancel_hold_s,
+                    duress_hold_s=s.duress_hold_s,
                 ),
                 # a made-up number per agent: the fake modem only records it
-                # the scenario's timer where it sets one (the fleet bench does not): the
-                # device's own default otherwise, never a copy of it here
-                "sms": SmsSection(
-                    numbers=[sms_number],
-                    **({"after_s": s["sms_after_s"]} if "sms_after_s" in s else {}),
-                ),
+                "sms": SmsSection(after_s=s.sms_after_s, numbers=[sms_number]),
             }
         )
-        inputs = FakeInputs(s["hold_repeat_s"])
-        video = self.spec.get("video") or {}
+        inputs = FakeInputs(s.hold_repeat_s)
+        video = self.spec.video
         camera = None
-        if kind == "doorbell" and video.get("enabled"):
+        if kind == "doorbell" and video.enabled:
             from device.hal.camera import SyntheticCamera
 
-            camera = SyntheticCamera(video["width"], video["height"], video["fps"])
+            camera = SyntheticCamera(video.width, video.height, video.fps)
         modem = FakeModem(port=f"fake-{device_id}")
-        seed = int.from_bytes(hashlib.sha256(f"{self.spec['seed']}:{device_id}".encode()).digest())
+        seed = int.from_bytes(hashlib.sha256(f"{self.spec.seed}:{device_id}".encode()).digest())
         agent = Agent(
             config,
-            signer=Signer(device_id, device_key(self.spec["run_secret"], device_id)),
+            signer=Signer(device_id, device_key(self.spec.run_secret, device_id)),
             gateway_key=gateway_key,
             hardware=Hardware(inputs, FakeIndicator(), camera, modem),
             outbox=self._outbox(state_dir),
             clock_ms=self._clock_for(device_id),
             rng=random.Random(seed),
+            observer=Watcher(self, device_id),
         )
         # like the outbox: thousands of agents on one disk would spend the run on fsync
         agent.sms.power_safe = False
-        self._hook(agent)
         return Watched(agent, inputs, district, modem)
 
     def _outbox(self, state_dir: Path) -> Outbox:
-        if self.spec.get("outbox_in_memory"):
+        if self.spec.outbox_in_memory:
             # the fleet benchmark: three file descriptors less per agent, and no disk
             return Outbox(":memory:")
         # thousands of outboxes on one disk would spend the run waiting on fsync
@@ -209,66 +263,12 @@ class Worker:
         skew = self.skew_ms
         return lambda: time.time_ns() // 1_000_000 + skew.get(device_id, 0)
 
-    def _hook(self, agent: Agent) -> None:
-        tally = self.tally
-        device_id = agent.device_id
-        send = agent.link.send
-        on_ack = agent.behaviour.on_ack
-        on_sms = agent.behaviour.on_sms
-        on_link = agent.behaviour.on_link
-        pressed_on_cut = self.pressed_on_cut
-
-        # passes everything through as it came: the link's signature may grow (it did: retain)
-        def watched_send(body: Body, *args: Any, **kwargs: Any) -> asyncio.Future[None]:
-            message_id = kwargs.get("message_id")
-            if isinstance(body, Alert | Cancel) and message_id is not None:
-                if message_id in tally.first_sent:
-                    tally.resends += 1
-                else:
-                    tally.first_sent.add(message_id)
-                    kind = "alert" if isinstance(body, Alert) else "cancel"
-                    trigger = body.trigger if isinstance(body, Alert) else "cancel"
-                    tally.sent.append([message_id, device_id, kind, trigger, time.time()])
-                    if trigger in EMERGENCY_TRIGGERS:
-                        tally.last_emergency[device_id] = time.time()
-                    if device_id in self.cut and agent.link.connected:
-                        # a press on a dead link the agent has not noticed yet
-                        pressed_on_cut.setdefault(device_id, time.time())
-            elif isinstance(body, Heartbeat):
-                tally.heartbeats += 1
-                tally.heartbeats_by_device[device_id] = (
-                    tally.heartbeats_by_device.get(device_id, 0) + 1
-                )
-            return send(body, *args, **kwargs)
-
-        def watched_ack(ack: Ack) -> Any:
-            tally.acks.append([ack.ref, ack.stage, time.time()])
-            return on_ack(ack)
-
-        def watched_sms(message_id: str, progress: SmsProgress) -> Any:
-            if progress == "sent":
-                tally.sms.append([message_id, device_id, time.time()])
-            return on_sms(message_id, progress)
-
-        # The agent's own view of its link going down. The MQTT session's "link declared
-        # dead" moment (its PUBACK probe) is the same instant: the session drops the socket
-        # and the agent hears the disconnect.
-        def watched_link(up: bool) -> Any:
-            if not up and (pressed := pressed_on_cut.pop(device_id, None)) is not None:
-                tally.link_dead.append([device_id, pressed, time.time()])
-            return on_link(up)
-
-        agent.link.send = watched_send  # type: ignore[method-assign]
-        agent.behaviour.on_ack = watched_ack  # type: ignore[method-assign]
-        agent.behaviour.on_sms = watched_sms  # type: ignore[method-assign]
-        agent.behaviour.on_link = watched_link  # type: ignore[method-assign]
-
     def heal(self, device_ids: list[str]) -> None:
         """The link works again: a press the agent never found dead is counted as such."""
         self.cut -= set(device_ids)
         for device_id in device_ids:
             if (pressed := self.pressed_on_cut.pop(device_id, None)) is not None:
-                self.tally.link_dead.append([device_id, pressed, None])
+                self.tally.link_dead.append(LinkDeadSeen(device_id, pressed, None))
 
     # ---- running --------------------------------------------------------------------------
 
@@ -278,18 +278,18 @@ class Worker:
 
     async def start_agents(self) -> None:
         # in small batches: a sleep per agent would drift far behind on a busy loop
-        batch = max(1, round(self.settings["connect_rate"] / 20))
+        batch = max(1, round(self.settings.connect_rate / 20))
         for n, (device_id, w) in enumerate(self.watched.items(), start=1):
             self._start(device_id, w)
             if n % batch == 0:
-                await asyncio.sleep(batch / self.settings["connect_rate"])
+                await asyncio.sleep(batch / self.settings.connect_rate)
 
     def _start(self, device_id: str, w: Watched) -> None:
         task = asyncio.create_task(self._run_agent(w), name=device_id)
         self._tasks.append(task)
         self._running[device_id] = task
 
-    async def damage(self, mode: str, down_s: float, device_ids: list[str]) -> None:
+    async def damage(self, mode: DamageMode, down_s: float, device_ids: list[str]) -> None:
         """Stop these agents, delete or corrupt their outboxes, start them again later.
 
         As an operator's `systemctl stop`, a cleanup script and a start would: the agent
@@ -342,9 +342,9 @@ class Worker:
             await asyncio.sleep(0.1)
 
     async def run_plan(self, t0: float) -> None:
-        for at, device_id, skew_ms in self.spec["skews"]:
-            self._spawn(self._skew(t0 + at, device_id, skew_ms))
-        for at, device_id, action, after_s, restore_s in self.spec["steps"]:
+        for skew in self.spec.skews:
+            self._spawn(self._skew(t0 + skew.at, skew.device_ids, skew.skew_ms))
+        for at, device_id, action, after_s, restore_s in self.spec.steps:
             delay = t0 + at - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -352,7 +352,7 @@ class Worker:
                 continue  # nobody presses a bell whose agent is not running: not counted
             w = self.watched[device_id]
             self.tally.actions += 1
-            self.tally.performed.append([device_id, action, time.time()])
+            self.tally.performed.append(Performed(device_id, action, time.time()))
             self._spawn(self._perform(w, action, after_s, restore_s))
 
     async def _skew(self, when: float, device_ids: list[str], skew_ms: int) -> None:
@@ -371,18 +371,18 @@ class Worker:
         if action == "press":
             await i.hold("emergency", 0.1)
         elif action == "long_press":
-            await i.hold("emergency", s["long_press_s"] + 0.3)
+            await i.hold("emergency", s.long_press_s + 0.3)
         elif action == "ring":
             await i.hold("doorbell", 0.1)
         elif action == "ring_emergency":
             # the stalker rings; the person inside holds the doorbell's emergency gesture
             await i.hold("doorbell", 0.1)
             await asyncio.sleep(after_s)
-            await i.hold("doorbell", s["long_press_s"] + 0.3)
+            await i.hold("doorbell", s.long_press_s + 0.3)
         elif action in ("cancel", "duress"):
             await i.hold("emergency", 0.1)
             await asyncio.sleep(after_s)
-            hold = s["cancel_hold_s"] if action == "cancel" else s["duress_hold_s"]
+            hold = s.cancel_hold_s if action == "cancel" else s.duress_hold_s
             await i.hold("emergency", hold + 0.3)
         elif action == "tamper":
             i.open_tamper()
@@ -427,53 +427,50 @@ class Worker:
             if not up:
                 self.down_since.setdefault(device_id, now)
             elif (since := self.down_since.pop(device_id, None)) is not None:
-                self.tally.gaps.append([device_id, since, now])
+                self.tally.gaps.append(Gap(device_id, since, now))
 
     def close_gaps(self) -> None:
         now = time.time()
-        self.tally.gaps += [[d, since, now] for d, since in self.down_since.items()]
+        self.tally.gaps += [Gap(d, since, now) for d, since in self.down_since.items()]
         self.down_since.clear()
 
-    def progress(self) -> dict[str, Any]:
+    def progress(self) -> Progress:
         t = self.tally
-        line = {
-            "kind": "progress",
-            "at": time.time(),
-            "connected": self.connected,
-            "sent": t.sent,
-            "acks": t.acks,
-            "actions": t.actions,
-            "resends": t.resends,
-            "heartbeats": t.heartbeats,
-            "errors": t.errors,
-            "sms": t.sms,
-            "link_dead": t.link_dead,
-            "at_risk": t.at_risk,
-            "performed": t.performed,
-            "gaps": t.gaps,
-        }
+        line = Progress(
+            at=time.time(),
+            connected=self.connected,
+            sent=t.sent,
+            acks=t.acks,
+            actions=t.actions,
+            resends=t.resends,
+            heartbeats=t.heartbeats,
+            errors=t.errors,
+            sms=t.sms,
+            link_dead=t.link_dead,
+            at_risk=t.at_risk,
+            performed=t.performed,
+            gaps=t.gaps,
+        )
         t.sent, t.acks, t.sms, t.link_dead = [], [], [], []
         t.at_risk, t.performed, t.gaps = [], [], []
         return line
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> Result:
         samples = max(self.samples, 1)
         depth: dict[str, int] = {}
         for device_id, w in self.watched.items():
             with contextlib.suppress(Exception):  # an agent that died has closed its outbox
                 if n := w.agent.outbox.depth():
                     depth[device_id] = n
-        return {
-            "kind": "result",
-            "availability": {d: w.connected_samples / samples for d, w in self.watched.items()},
-            "outbox": depth,
-            "heartbeats": self.tally.heartbeats_by_device,
-            "video": self.tally.video,
-            # an agent whose link never finished its after-connect step (a broken hook, say)
-            "not_ready": sum(1 for w in self.watched.values() if not w.agent.ready.is_set()),
-            "rejected": sum(sum(w.agent.link.rejected.values()) for w in self.watched.values()),
-            "sms_sent": sum(len(w.modem.sent) for w in self.watched.values()),
-        }
+        return Result(
+            availability={d: w.connected_samples / samples for d, w in self.watched.items()},
+            outbox=depth,
+            heartbeats=self.tally.heartbeats_by_device,
+            video=[VideoSeen(*entry) for entry in self.tally.video],
+            not_ready=sum(1 for w in self.watched.values() if not w.agent.ready.is_set()),
+            rejected=sum(sum(w.agent.link.rejected.values()) for w in self.watched.values()),
+            sms_sent=sum(len(w.modem.sent) for w in self.watched.values()),
+        )
 
     async def stop(self) -> None:
         for task in [*self._actions, *self._tasks]:
@@ -484,7 +481,7 @@ class Worker:
             )
 
 
-def damage_outbox(path: Path, mode: str) -> None:
+def damage_outbox(path: Path, mode: DamageMode) -> None:
     """`delete`: the outbox and its WAL gone (a reset SD card, a wiped state folder).
     `corrupt`: garbage over the end of the file, where the newest pages are.
     `restart`: nothing (the agent is only stopped and started)."""
@@ -502,8 +499,8 @@ def damage_outbox(path: Path, mode: str) -> None:
         out.write(garbage)
 
 
-def emit(line: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+def emit(line: Up | Progress | Result) -> None:
+    sys.stdout.buffer.write(encode(line))
     sys.stdout.flush()
 
 
@@ -516,14 +513,14 @@ async def _commands() -> asyncio.StreamReader:
 
 async def main(spec_path: Path) -> None:
     raise_open_files()
-    spec = json.loads(spec_path.read_text())
+    spec = WorkerSpec.model_validate_json(spec_path.read_text())
     commands = await _commands()
     worker = Worker(spec)
 
     async def ramp() -> None:
         await worker.start_agents()
-        await worker.wait_connected(spec["connect_timeout_s"])
-        emit({"kind": "up", "connected": worker.connected, "total": len(worker.watched)})
+        await worker.wait_connected(spec.connect_timeout_s)
+        emit(Up(connected=worker.connected, total=len(worker.watched)))
 
     async def report() -> None:
         while True:
@@ -539,18 +536,22 @@ async def main(spec_path: Path) -> None:
     damaging: list[asyncio.Task[None]] = []
     try:
         # bounded by the parent: it always sends `stop` (or closes stdin) when it is done
-        while line := (await commands.readline()).decode().split():
-            if line[0] == "start":
+        while raw := await commands.readline():
+            command = COMMAND.validate_json(raw)
+            if isinstance(command, Start):
                 worker.sampling = True
-                plan = asyncio.create_task(worker.run_plan(float(line[1])))
-            elif line[0] == "cut":
-                worker.cut |= set(line[1:])
-            elif line[0] == "heal":
-                worker.heal(line[1:])
-            elif line[0] == "damage":
-                mode, down_s, devices = line[1], float(line[2]), line[3:]
-                damaging.append(asyncio.create_task(worker.damage(mode, down_s, devices)))
-            elif line[0] == "stop":
+                plan = asyncio.create_task(worker.run_plan(command.at))
+            elif isinstance(command, Cut):
+                worker.cut |= set(command.device_ids)
+            elif isinstance(command, Heal):
+                worker.heal(command.device_ids)
+            elif isinstance(command, Damage):
+                damaging.append(
+                    asyncio.create_task(
+                        worker.damage(command.mode, command.down_s, command.device_ids)
+                    )
+                )
+            elif isinstance(command, Stop):
                 break
         worker.sampling = False
         worker.close_gaps()

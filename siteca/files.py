@@ -1,8 +1,9 @@
 """Writing files so that a crash or a second reader never sees half of one.
 
-Every file provisioning writes goes through `write_atomic`: a temporary file created with
-its final mode (a key is never readable by others, not even for a moment), flushed to disk,
-renamed over the target, and the directory entry flushed too. The broker re-reads the CRL
+Every file provisioning writes goes through `write_atomic` (`ansimi.files`, the suite's
+one atomic write): a temporary file created with its final mode (a key is never readable by
+others, not even for a moment), flushed to disk, renamed over the target, and the directory
+entry flushed too. The broker re-reads the CRL
 and ACL on SIGHUP at a moment we do not choose; it must only ever find a whole old file or
 a whole new one.
 """
@@ -13,46 +14,22 @@ import contextlib
 import fcntl
 import os
 import pwd
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from ansimi.files import Owner, fsync_dir, write_atomic
+
+__all__ = [
+    "BROKER_USER",
+    "Owner",
+    "broker_owners",
+    "fsync_dir",
+    "locked",
+    "make_dir",
+    "write_atomic",
+]
+
 BROKER_USER = "mosquitto"
-
-
-@dataclass(frozen=True, slots=True)
-class Owner:
-    uid: int
-    gid: int
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, owner: Owner | None = None) -> None:
-    """Replace `path` with `data`, created with `mode` (and `owner`) before any byte is in it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            # the umask may have narrowed the mode given to open(); the caller's mode wins
-            os.fchmod(handle.fileno(), mode)
-            if owner is not None:
-                os.fchown(handle.fileno(), owner.uid, owner.gid)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def make_dir(path: Path, *, mode: int, owner: Owner | None = None) -> None:

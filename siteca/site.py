@@ -36,6 +36,7 @@ from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ansimi.broker import MosquittoConfig
+from ansimi.tomlwrite import render_toml
 from protocol.keys import generate_key as generate_signing_key
 from protocol.keys import public_key_to_b64, save_private_key
 from siteca import pki
@@ -512,31 +513,34 @@ def gateway_toml(site: SiteLayout, info: SiteInfo, centre_url: str, centre_secre
     written here would be one more secret to move about.
     """
     host = "127.0.0.1" if info.listen_host in ("", "0.0.0.0", "::") else info.listen_host
-    return f"""# written by `ansimi provision init-site`; every option: gateway.example.toml
-id = "{info.gateway_id}"
-signing_key = "{site.gateway_key}"
-database = "/var/lib/ansimi/gateway/gateway.db"
-
-[mqtt]
-host = "{host}"
-port = {info.listen_port}
-ca_file = "{site.gateway_ca}"
-cert_file = "{site.gateway_cert}"
-key_file = "{site.gateway_tls_key}"
-
-[enrol]
-# devices enrol through POST /enrol once [api] is enabled with HTTPS and an admin token
-site_dir = "{site.root}"
-
-# Where alerts go: every district's to this central centre. By default the local console:
-# start it with ANSIMI_CENTRE_SECRET set to this secret (`ansimi console --listen
-# 127.0.0.1:8080`). Replace it with your control centres (gateway/routing.example.toml).
-[[centres]]
-name = "central"
-url = "{centre_url}"
-secret = "{centre_secret}"
-districts = ["*"]
-"""
+    config = {
+        "id": info.gateway_id,
+        "signing_key": site.gateway_key,
+        "database": "/var/lib/ansimi/gateway/gateway.db",
+        "mqtt": {
+            "host": host,
+            "port": info.listen_port,
+            "ca_file": site.gateway_ca,
+            "cert_file": site.gateway_cert,
+            "key_file": site.gateway_tls_key,
+        },
+        "enrol": {"site_dir": site.root},
+        "centres": [
+            {"name": "central", "url": centre_url, "secret": centre_secret, "districts": ["*"]}
+        ],
+    }
+    return render_toml(
+        config,
+        header=["written by `ansimi provision init-site`; every option: gateway.example.toml"],
+        comments={
+            "enrol": "devices enrol through POST /enrol once [api] is enabled with HTTPS and an "
+            "admin token",
+            "centres": "Where alerts go: every district's to this central centre. By default the "
+            "local console:\nstart it with ANSIMI_CENTRE_SECRET set to this secret (`ansimi "
+            "console --listen\n127.0.0.1:8080`). Replace it with your control centres "
+            "(gateway/routing.example.toml).",
+        },
+    )
 
 
 def _build(

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Final
 
+from ansimi.files import write_atomic
 from gateway.errors import GatewayError
 from protocol.errors import ProtocolError
 from protocol.jws import KeyResolver, Signer, verify
@@ -45,7 +45,8 @@ def _canonical(facts: dict[str, Any]) -> bytes:
 def seal_recording(recording: Path, signer: Signer, **facts: Any) -> Path:
     """Hash `recording`, sign the hash and `facts` (device, session, times...), write the sidecar.
 
-    The sidecar is written to a temporary name and renamed, so it is either whole or absent.
+    The sidecar is written atomically and flushed to disk (`ansimi.files.write_atomic`),
+    so it is either whole or absent, also after a power cut.
     """
     sealed = {
         **facts,
@@ -56,9 +57,8 @@ def seal_recording(recording: Path, signer: Signer, **facts: Any) -> Path:
     }
     document = {"facts": sealed, "jws": signer.sign(_canonical(sealed))}
     target = seal_path(recording)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, target)
+    # durable: a seal that a power cut loses or truncates leaves the recording unprovable
+    write_atomic(target, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
     return target
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from ansimi.cli import cli
-from ansimi.demo import usable_port
 from click.testing import CliRunner
 
 from ansimi.broker import free_port
+from ansimi_edge.cli import cli
+from ansimi_edge.demo import usable_port
 
 T = TypeVar("T")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -92,8 +93,7 @@ async def test_session_reconnects_and_resubscribes_after_broker_restart(
     ):
         await sub.subscribe([("t/restart", 1)])
         mosquitto.kill()
-        await asyncio.sleep(0.3)
-        assert not sub.connected
+        await eventually(lambda: not sub.connected, 5)
         mosquitto.start()
         await sub.wait_connected(10)
         await pub.wait_connected(10)
@@ -169,7 +169,9 @@ async def test_paused_reading_holds_messages_at_the_broker_until_resumed(
         # PUBACK for it waits to be read like everything else
         own = sub.publish("t/other", b"x")
         assert (await asyncio.wait_for(writer_inbox.messages.get(), 5)).payload == b"x"
-        await asyncio.sleep(0.5)
+        # the broker's packets are waiting at the socket (not a fixed wait): none is read
+        sock = sub._client.socket()
+        await eventually(lambda: bool(select.select([sock], [], [], 0)[0]), 5)
         assert inbox.messages.empty() and not own.done()
         sub.resume_reading()
         got = [(await asyncio.wait_for(inbox.messages.get(), 5)).payload for _ in range(50)]
@@ -315,7 +317,7 @@ async def test_a_link_answering_its_probes_stays_up(mosquitto: Mosquitto) -> Non
         bell.add_link_dead_listener(dead.append)
         await asyncio.wait_for(bell.publish("t/alive", b"alert", urgent=True), 5)
         # three keepalives: each quiet second is probed, and each probe is answered
-        await asyncio.sleep(3.5)
+        await eventually(lambda: bell.probes_answered >= 3, 10)
         assert dead == [] and bell.connected
 
 

@@ -47,8 +47,9 @@ def test_a_probe_answered_clears_the_suspicion_and_forgives_the_late_puback() ->
     watch.expect(mid=7, now=100.0)
     watch.probe_sent(103.0, "ack_timeout")
     watch.heard(103.5)
+    assert watch.probes_answered == 0
     watch.answered(103.5)
-    assert not watch.probing
+    assert not watch.probing and watch.probes_answered == 1
     # the broker is slow, not gone: the late PUBACK makes no second probe
     assert watch.due(104.0) is None
     # an urgent publish after the answer is watched again on its own

@@ -30,7 +30,7 @@ from device_testkit import (
 )
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
-from ansimi.cli import cli
+from ansimi_edge.cli import cli
 from device.control import ControlServer, socket_path
 from device.hal.fakes import FakeInputs
 from device.hal.ports import InputEvent

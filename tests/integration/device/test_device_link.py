@@ -189,7 +189,12 @@ async def test_an_unacknowledged_alert_is_resent_with_its_id_until_received(
         )
         await eventually(lambda: agent.outbox.depth() == 0)
         sent = len(spy.of_type("alert"))
-        await asyncio.sleep(2.5)  # over two resend intervals (0.5-1 s): nothing more goes out
+        # Not a fixed wait that proves nothing: the resend loop wakes at the entry's old due
+        # time, finds nothing due, and parks with no wake time of its own (only a new entry
+        # or a reconnect wakes it). Nothing can go out after that.
+        await eventually(
+            lambda: agent.outbox.next_attempt_ms() is None and agent._resend_wake_ms is None
+        )
         assert len(spy.of_type("alert")) == sent
 
 
@@ -206,7 +211,10 @@ async def test_the_alert_goes_out_while_its_outbox_fsync_is_still_running(
     wal = tmp_path / "device" / "outbox.db-wal"
     synced: list[bytes] = []  # what the write-ahead log held when each fsync ran
 
+    sync_started = threading.Event()
+
     def slow_sync() -> None:  # an SD card that takes its time
+        sync_started.set()
         disk_busy.wait(WAIT_S)
         synced.append(wal.read_bytes())
         real_sync()
@@ -217,7 +225,9 @@ async def test_the_alert_goes_out_while_its_outbox_fsync_is_still_running(
         inputs.press("emergency")
         await eventually(lambda: len(spy.of_type("alert")) == 1)
         waiting = asyncio.ensure_future(agent.outbox_synced())
-        await asyncio.sleep(0.2)
+        # the fsync has begun and hangs on the disk: the waiter must still be waiting
+        await asyncio.to_thread(sync_started.wait, WAIT_S)
+        await asyncio.sleep(0)  # the waiter's thread has had its chance to return
         assert not waiting.done(), "the sync finished although the disk never answered"
         assert synced == []
         disk_busy.set()

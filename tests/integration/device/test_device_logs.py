@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from device_testkit import DEVICE_ID, Keys, down_token, make_agent, running, spying
 
 from ansimi.broker import Mosquitto
-from ansimi.cli import cli
 from ansimi.logs import DECISION, OWN_PACKAGES, WIRE, WIRE_LIBRARIES, configure
+from ansimi_edge.cli import cli
 from device.hal.fakes import FakeInputs
 from protocol.messages import Ack
 from protocol.topics import down_topic

@@ -28,11 +28,13 @@ from device.agent import Agent
 from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection, OutboxSection
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
+from device.observer import AgentObserver
 from gateway.config import GatewayConfig
 from gateway.service import Gateway
 from gateway.store import Device, SqliteDatabase
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
+from protocol.messages import Alert, Body
 
 TOKEN = "operator-token-for-tests"
 WAIT_S = 60.0  # generous: two cores shared with the broker, agents and other test runs
@@ -45,6 +47,17 @@ def centre_alerts(tmp_path: Path) -> list[tuple[str, str]]:
         return [(str(a), str(b)) for a, b in rows]
 
 
+class AlertsSent(AgentObserver):
+    """Ids of every alert the agents publish, resends included (the same id again)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def sent(self, body: Body, message_id: str | None, published: asyncio.Future[None]) -> None:
+        if isinstance(body, Alert) and message_id is not None:
+            self.ids.add(message_id)
+
+
 @dataclass
 class Fleet:
     """The site's keys and its devices, registered in the gateway's database."""
@@ -53,6 +66,7 @@ class Fleet:
     broker: Mosquitto
     gateway: Signer
     agents: list[Agent]
+    alerts_sent: AlertsSent
 
     @classmethod
     def create(cls, tmp_path: Path, broker: Mosquitto, count: int) -> Fleet:
@@ -62,6 +76,7 @@ class Fleet:
         gateway = Signer("gw-test", gateway_key)
         store = SqliteDatabase(tmp_path / "gateway" / "gateway.db")
         agents = []
+        alerts_sent = AlertsSent()
         for n in range(count):
             device_id = f"bell-{n:04d}"
             key = generate_key()
@@ -82,10 +97,11 @@ class Fleet:
                     signer=Signer(device_id, key),
                     gateway_key=gateway.public_key,
                     hardware=hardware,
+                    observer=alerts_sent,
                 )
             )
         store.close()
-        return cls(tmp_path, broker, gateway, agents)
+        return cls(tmp_path, broker, gateway, agents, alerts_sent)
 
     def write_config(self, name: str, centre_url: str, api_port: int, **mqtt: object) -> Path:
         """A gateway.toml for instance `name` (its own client id, the shared database)."""

@@ -10,32 +10,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ansimi_testkit import centre, eventually
 from gw_itkit import Fleet, GatewayProcess, agents_running, centre_alerts, gateway_running
 
 from ansimi.broker import Mosquitto, free_port
-from device.agent import Agent
 
 DEVICES = 12
-
-
-def record_alerts(agents: list[Agent]) -> set[str]:
-    """Ids of every alert the agents publish, resends included (the same id again)."""
-    sent: set[str] = set()
-    for agent in agents:
-        send = agent.link.send
-
-        # every argument passed through: Link.send grows options (retain) over time
-        def spy(body: Any, *args: Any, _send: Callable[..., Any] = send, **kwargs: Any) -> Any:
-            message_id = kwargs.get("message_id")
-            if type(body).__name__ == "Alert" and message_id is not None:
-                sent.add(message_id)
-            return _send(body, *args, **kwargs)
-
-        agent.link.send = spy  # type: ignore[method-assign]
-    return sent
 
 
 def accepted(instance: GatewayProcess) -> float:
@@ -68,7 +49,7 @@ async def test_sigkilled_gateway_restarts_and_every_alert_arrives_once(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     fleet = Fleet.create(tmp_path, mosquitto, DEVICES)
-    sent = record_alerts(fleet.agents)
+    sent = fleet.alerts_sent.ids
     async with centre(tmp_path) as (_receiver, url), agents_running(fleet):
         api_port = free_port()
         gateway = GatewayProcess(fleet.write_config("gw-a", url, api_port), api_port)
@@ -95,7 +76,7 @@ async def test_sigkilled_gateway_restarts_and_every_alert_arrives_once(
 
 async def test_sigkilled_broker_loses_nothing(tmp_path: Path, mosquitto: Mosquitto) -> None:
     fleet = Fleet.create(tmp_path, mosquitto, DEVICES)
-    sent = record_alerts(fleet.agents)
+    sent = fleet.alerts_sent.ids
     async with (
         centre(tmp_path) as (_receiver, url),
         gateway_running(fleet.config("gw-a", url)),  # url is bound by then
@@ -116,7 +97,7 @@ async def test_two_instances_share_the_load_and_one_carries_on_alone(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     fleet = Fleet.create(tmp_path, mosquitto, DEVICES)
-    sent = record_alerts(fleet.agents)
+    sent = fleet.alerts_sent.ids
     async with centre(tmp_path) as (_receiver, url), agents_running(fleet):
         instances = []
         for name in ("gw-a", "gw-b"):

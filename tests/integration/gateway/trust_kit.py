@@ -47,9 +47,10 @@ class Bell:
     """A device's MQTT side without the agent: publishes signed tokens, collects acks."""
 
     device_id: str
-    session: Session
     gateway_key: Ed25519PublicKey
     acks: list[tuple[str, str]] = field(default_factory=list)
+    # made by `bell()` with `on_message` as its handler (not patched in afterwards)
+    session: Session = field(init=False)
 
     def on_message(self, message: Message) -> None:
         opened = open_for_device(message.payload, lambda kid: self.gateway_key, self.device_id)
@@ -172,12 +173,10 @@ async def register(gateway: Gateway, device_id: str, public_key: Ed25519PublicKe
 async def bell(
     broker: Mosquitto, device_id: str, gateway_key: Ed25519PublicKey
 ) -> AsyncIterator[Bell]:
-    the_bell = Bell(
-        device_id,
-        Session(Settings(broker.host, broker.port, client_id=device_id), lambda m: None),
-        gateway_key,
+    the_bell = Bell(device_id, gateway_key)
+    the_bell.session = Session(
+        Settings(broker.host, broker.port, client_id=device_id), the_bell.on_message
     )
-    the_bell.session._on_message = the_bell.on_message
     task = asyncio.ensure_future(the_bell.session.run())
     try:
         await the_bell.session.wait_connected(WAIT_S)

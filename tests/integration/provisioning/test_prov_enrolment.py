@@ -385,7 +385,8 @@ async def test_provision_device_revoke_cuts_the_device_off_within_10s(rig: Rig) 
 
         # it keeps trying, and is refused by the broker (the CRL) every time
         press(agent)
-        await asyncio.sleep(2.0)
+        refused = agent.link.session.failed_connects
+        await eventually(lambda: agent.link.session.failed_connects >= refused + 2, 10.0)
         assert not agent.link.connected
         assert alerts_of(database, "bell-0011") == 1
         device = rig.gateway.store.database.device("bell-0011")

@@ -12,6 +12,7 @@ from device.config import DeviceConfig
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
 from device.hal.ports import InputEvent, Pattern
+from device.observer import AgentObserver
 from device.outbox import Outbox
 from device.sms import csq_percent
 from protocol.jws import Signer
@@ -71,7 +72,12 @@ class Clock:
 
 
 def sms_agent(
-    tmp_path: Path, clock: Clock, *, silent: bool, outbox: Outbox | None = None
+    tmp_path: Path,
+    clock: Clock,
+    *,
+    silent: bool,
+    outbox: Outbox | None = None,
+    observer: AgentObserver | None = None,
 ) -> tuple[Agent, FakeModem]:
     config = DeviceConfig.model_validate(
         {
@@ -95,6 +101,7 @@ def sms_agent(
         hardware=hardware,
         outbox=outbox or Outbox(":memory:"),
         clock_ms=clock,
+        observer=observer,
     )
     return a, modem
 

@@ -111,6 +111,13 @@ def test_a_second_agent_on_the_same_outbox_is_refused(tmp_path: Path) -> None:
     Outbox(path).close()  # free again once the first has let go
 
 
+def test_a_locked_outbox_is_refused_at_once_not_after_a_busy_wait(tmp_path: Path) -> None:
+    # the lock is held for good by the other agent: waiting for it only delays the refusal
+    box = Outbox(tmp_path / "outbox.db")
+    assert box._db.execute("PRAGMA busy_timeout").fetchone() == (0,)
+    box.close()
+
+
 def test_sms_marks_survive_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     box = Outbox(path)

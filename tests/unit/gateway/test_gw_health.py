@@ -587,19 +587,31 @@ async def test_watchdog_pings_stop_while_unhealthy_and_resume(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     healthy = [True]
+    asked = [0]  # rounds the pinger has asked about the health
+
+    def check() -> bool:
+        asked[0] += 1
+        return healthy[0]
+
+    async def rounds(count: int) -> None:
+        until = asked[0] + count
+        async with asyncio.timeout(10):
+            while asked[0] < until:
+                await asyncio.sleep(0.005)
+
     loop = asyncio.get_running_loop()
     with notify_socket() as (path, sock):
         monkeypatch.setenv("NOTIFY_SOCKET", path)
         monkeypatch.setenv("WATCHDOG_USEC", "20000")
         monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
-        task = asyncio.create_task(sdnotify.watchdog_pings(lambda: healthy[0]))
+        task = asyncio.create_task(sdnotify.watchdog_pings(check))
         try:
             async with asyncio.timeout(10):
                 assert await loop.sock_recv(sock, 64) == b"WATCHDOG=1"
             healthy[0] = False
-            await asyncio.sleep(0.05)  # a ping may have been on its way
+            await rounds(1)  # a ping decided before has been sent by then
             notified(sock)
-            await asyncio.sleep(0.2)  # 20 intervals
+            await rounds(5)  # five rounds told "unhealthy", rather than a fixed wait
             assert notified(sock) == []
             healthy[0] = True
             async with asyncio.timeout(10):

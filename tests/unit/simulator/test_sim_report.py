@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from console.receiver import ReceivedEvent
+from simulator.messages import LinkDeadSeen, Performed
 from simulator.report import distribution, summarise, write
 from simulator.run import Observed, Record
 from simulator.scenario import Plan, Scenario, Step, Thresholds, plan
@@ -74,7 +75,7 @@ def test_sms_and_dead_link_figures_are_measured_from_the_press(tmp_path: Path) -
     o.sms = {"msg-00000": sent_at + 16.0, "someone-elses": sent_at}  # only our alerts count
     o.sms_sent = 1
     device = o.plan.devices[0].id
-    o.link_dead = [(device, 100.0, 104.5), (device, 200.0, None)]
+    o.link_dead = [LinkDeadSeen(device, 100.0, 104.5), LinkDeadSeen(device, 200.0, None)]
     summary = summarise(o)
     assert summary["alerts"]["sms_sent"] == 1
     lat = summary["latency_s"]
@@ -183,9 +184,9 @@ def test_a_press_after_which_the_device_sent_nothing_fails_the_run(tmp_path: Pat
     o = observed(tmp_path, Thresholds(max_lost=1))
     device = o.plan.devices[0].id
     sent_at = o.records["msg-00000"].sent_at
-    o.performed = [[device, "press", sent_at - 0.001]]  # its alert left right after
+    o.performed = [Performed(device, "press", sent_at - 0.001)]  # its alert left right after
     assert summarise(o)["passed"]
-    o.performed.append([device, "press", sent_at + 1])  # swallowed: nothing left after it
+    o.performed.append(Performed(device, "press", sent_at + 1))  # swallowed: nothing left after it
     summary = summarise(o)
     assert summary["alerts"]["actions_never_sent"] == 1
     assert (

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ansimi.config import ConfigError
-from simulator.scenario import load_scenario, plan
+from device.config import DeviceConfig
+from simulator.scenario import DeviceSettings, load_scenario, plan
 
 SHIPPED = Path(__file__).parents[3] / "simulator" / "scenarios"
 
@@ -134,3 +135,26 @@ def test_the_disk_faults_say_they_need_a_mount(tmp_path: Path) -> None:
     scenario = load_scenario(write(tmp_path, text))
     assert scenario.needs_mount and not load_scenario(write(tmp_path, DAMAGE)).needs_mount
     assert len(plan(scenario).targets[2]) == 4
+
+
+def test_the_agents_defaults_are_the_devices_own(tmp_path: Path) -> None:
+    # the simulator kept copies once, and they drifted (resend_min_s 1 here, 2 on the bell)
+    device = DeviceConfig.model_validate({"device": {"id": "bell-0001", "state_dir": tmp_path}})
+    settings = DeviceSettings()
+    assert (
+        settings.heartbeat_s,
+        settings.resend_min_s,
+        settings.resend_max_s,
+        settings.long_press_s,
+        settings.cancel_hold_s,
+        settings.duress_hold_s,
+        settings.sms_after_s,
+    ) == (
+        device.mqtt.heartbeat_s,
+        device.outbox.resend_min_s,
+        device.outbox.resend_max_s,
+        device.behaviour.long_press_s,
+        device.behaviour.cancel_hold_s,
+        device.behaviour.duress_hold_s,
+        device.sms.after_s,
+    )
