@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ansimi.errors import AnsimiError
+
 
 @dataclass(frozen=True, slots=True)
 class JsonAnswer:
@@ -24,7 +26,7 @@ class JsonAnswer:
     headers: Mapping[str, str]
 
 
-class Unreachable(ConnectionError):
+class Unreachable(AnsimiError, ConnectionError):
     """No answer: the network, the address, or a certificate we do not trust."""
 
     def __init__(self, url: str, reason: str, *, untrusted: bool = False) -> None:

@@ -14,8 +14,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import PurePath
 from typing import Any
 
+from ansimi.errors import AnsimiError
 
-class TomlWriteError(ValueError):
+
+class TomlWriteError(AnsimiError, ValueError):
     """A document that cannot be written as TOML (a type TOML has no form for)."""
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from device.config import BehaviourSection
+from device.errors import DeviceError
 from device.hal.ports import InputEvent, InputSink
 from protocol.messages import Ack, Alert, Cancel, Health
 
@@ -288,7 +289,7 @@ def _write(writer: asyncio.StreamWriter, line: dict[str, Any]) -> None:
 # ---- the client (the CLI's side) ----------------------------------------------------------
 
 
-class ControlUnavailable(ConnectionError):
+class ControlUnavailable(DeviceError, ConnectionError):
     """No agent answers on the control socket; the message says what to check."""
 
 

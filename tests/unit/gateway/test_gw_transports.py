@@ -24,7 +24,7 @@ def test_one_transport_per_centre_of_its_kind() -> None:
     assert isinstance(transports["monitoring"], SiaBridge)
 
 
-def test_the_forwarder_is_handed_a_transport_for_every_centre(tmp_path: Path) -> None:
+async def test_the_forwarder_is_handed_a_transport_for_every_centre(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "gateway.db")
     try:
         with pytest.raises(ValueError, match="monitoring"):
@@ -38,4 +38,4 @@ def test_the_forwarder_is_handed_a_transport_for_every_centre(tmp_path: Path) ->
                 transports=build_transports([HTTPS], ForwardConfig(), lambda: 0),
             )
     finally:
-        store.close()
+        await store.close()

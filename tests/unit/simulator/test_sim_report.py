@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from console.receiver import ReceivedEvent
-from simulator.messages import LinkDeadSeen, Performed
+from simulator.messages import LinkDeadSeen, Performed, VideoSeen
 from simulator.report import distribution, summarise, write
 from simulator.run import Observed, Record
 from simulator.scenario import Plan, Scenario, Step, Thresholds, plan
@@ -314,7 +314,7 @@ def test_a_doorbell_without_video_is_listed_with_the_reason(tmp_path: Path) -> N
     rang, pressed, quiet = (d.id for d in o.plan.devices)
     o.records["a-ring-000"] = Record("a-ring-000", rang, "alert", "doorbell_ring", 1.0)
     o.records["a-press-00"] = Record("a-press-00", pressed, "alert", "press", 1.0)
-    o.video = [["session-1", pressed, 1.1, 1.3, 1.0]]
+    o.video = [VideoSeen("session-1", pressed, 1.1, 1.3, 1.0)]
     summary, page = report_html(tmp_path, o)
     why = {d["device"]: d["why"] for d in summary["video"]["doorbells_without_video"]}
     assert why == {
