@@ -49,6 +49,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
+from ansimi.privacy import DataKey, Keyring
 from ansimi.webrtc import (
     VIDEO_TIME_BASE,
     Watcher,
@@ -224,6 +225,8 @@ async def serve_hub(port_file: Path, recordings: Path) -> None:
         config,
         lambda device, rtc: answers.__setitem__(device, rtc),
         Signer("gw-bench", generate_key()),
+        # recordings are encrypted as in production, so the figures include that cost
+        keyring=Keyring([DataKey.generate()]),
     )
 
     async def offer(request: web.Request) -> web.Response:

@@ -114,20 +114,28 @@ def privacy_key_rotate(config_path: Path) -> None:
     from ansimi.privacy import PrivacyError, rotate
     from gateway.private import Vault
     from gateway.store import SqliteStore
+    from gateway.video.encrypted import RecordingBroken, rewrap_all
 
     config = _config_or_exit(config_path)
     store = SqliteStore(config.database)
     try:
         kid, count = rotate(
             config.privacy.key_file,
-            lambda keyring: Vault(store, None).reseal(keyring),
+            # recordings keep their chunks: only each one's wrapped content key changes
+            lambda keyring: (
+                Vault(store, None).reseal(keyring)
+                + rewrap_all(config.video.recordings_dir, keyring)
+            ),
             credential=config.privacy.credential,
         )
-    except (PrivacyError, OSError) as exc:
+    except (PrivacyError, OSError, RecordingBroken) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         store.close()
-    click.echo(f"data key {kid} now seals {count} device record(s); the old key is retired")
+    click.echo(
+        f"data key {kid} now seals {count} device record(s) and recording(s); "
+        "the old key is retired"
+    )
 
 
 @gateway.command()

@@ -122,7 +122,9 @@ class Gateway:
         if config.video.enabled:
             from gateway.video.hub import VideoHub
 
-            self.video = VideoHub(config.video, self.downlink.send, signer)
+            self.video = VideoHub(
+                config.video, self.downlink.send, signer, keyring=self.vault.keyring
+            )
         health = config.health
         self.probe = IntakeProbe(
             signer,

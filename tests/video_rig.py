@@ -8,24 +8,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ansimi_testkit import eventually
 
+from ansimi.privacy import DataKey, Keyring
 from ansimi.webrtc import Watcher, enable_loopback_candidates
 from device.hal.camera import SyntheticCamera
 from device.video.config import VideoConfig as DeviceVideo
 from device.video.session import VideoManager
 from gateway.video.config import VideoConfig as GatewayVideo
+from gateway.video.encrypted import decrypt_to
 from gateway.video.hub import VideoHub
 from protocol.jws import Signer
 from protocol.keys import generate_key
 from protocol.messages import Command, Rtc, build_message
 
 DEVICE = "doorbell-0001"
-__all__ = ["DEVICE", "Rig", "Watcher", "eventually", "rig"]
+__all__ = ["DEVICE", "Rig", "Watcher", "eventually", "plaintext", "rig"]
+
+
+def plaintext(path: Path, keyring: Keyring) -> io.BytesIO:
+    """The decrypted recording at `path`, as a file PyAV can open (format="mp4")."""
+    plain = io.BytesIO()
+    decrypt_to(path, keyring, plain)
+    plain.seek(0)
+    return plain
 
 
 @dataclass
@@ -33,6 +44,7 @@ class Rig:
     manager: VideoManager
     hub: VideoHub
     signer: Signer
+    keyring: Keyring
     to_device: list[Rtc] = field(default_factory=list)
     to_gateway: list[Rtc] = field(default_factory=list)
     seq: int = 0
@@ -52,6 +64,7 @@ async def rig(
 ) -> AsyncIterator[Rig]:
     enable_loopback_candidates()
     signer = Signer("gw-test", generate_key())
+    keyring = Keyring([DataKey.generate()])
     camera = SyntheticCamera(320, 240, 15)
     box: list[Rig] = []
 
@@ -73,8 +86,9 @@ async def rig(
         gateway or GatewayVideo(recordings_dir=tmp_path / "recordings", watch_report_s=0.2),
         to_device,
         signer,
+        keyring=keyring,
     )
-    box.append(Rig(manager, hub, signer))
+    box.append(Rig(manager, hub, signer, keyring))
     tasks = [asyncio.ensure_future(manager.run()), asyncio.ensure_future(hub.run())]
     try:
         yield box[0]

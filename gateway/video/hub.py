@@ -29,6 +29,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpReceiver, RTCSession
 from aiortc.contrib.media import MediaRelay
 from aiortc.sdp import SessionDescription
 
+from ansimi.privacy import Keyring
 from ansimi.webrtc import (
     EncodedFrame,
     EncodedTrack,
@@ -42,6 +43,7 @@ from ansimi.webrtc import (
     tap_encoded,
 )
 from gateway.video.config import VideoConfig
+from gateway.video.encrypted import RecordingBroken
 from gateway.video.evidence import SEAL_SUFFIX, seal_recording
 from gateway.video.recorder import Recorder
 from gateway.video.retention import sweep
@@ -120,11 +122,19 @@ class VideoHub:
         send: SendRtc,
         signer: Signer,
         *,
+        keyring: Keyring | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self._send = send
         self._signer = signer
+        # recordings are encrypted under the site's data key; without one, live video only
+        self._keyring = keyring
+        if keyring is None:
+            log.warning(
+                "video: no data key, so nothing is recorded (video is personal data and is "
+                "never stored in clear). Fix: run `ansimi gateway privacy-key init`"
+            )
         self._clock = clock
         self._relay = MediaRelay()
         self.streams: dict[str, Stream] = {}
@@ -200,7 +210,9 @@ class VideoHub:
             await pc.close()
             self._refuse(device_id, rtc.session, "answer too long", f"{len(answer)} chars")
             return
-        stream = Stream(device_id, rtc.session, pc, receivers[0], codec, Recorder(stem))
+        stream = Stream(
+            device_id, rtc.session, pc, receivers[0], codec, Recorder(stem, self._keyring)
+        )
         stream_box.append(stream)
         self.streams[device_id] = stream
 
@@ -254,12 +266,14 @@ class VideoHub:
             await self._seal(stream, path)
 
     async def _seal(self, stream: Stream, path: Path) -> None:
+        assert self._keyring is not None  # a recording exists only with a data key
         try:
             # hashing a long recording reads it whole: keep the loop free meanwhile
             seal = await asyncio.to_thread(
                 seal_recording,
                 path,
                 self._signer,
+                self._keyring,
                 device=stream.device_id,
                 session=stream.session,
                 codec=stream.codec,
@@ -267,7 +281,7 @@ class VideoHub:
                 started=stream.recorder.started_at,
                 ended=self._clock(),
             )
-        except OSError:
+        except (OSError, RecordingBroken):
             log.exception("video: could not seal %s: it stays unsealed", path)
             return
         self.sealed.append(path)
