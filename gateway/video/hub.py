@@ -43,8 +43,9 @@ from ansimi.webrtc import (
     tap_encoded,
 )
 from gateway.video.config import VideoConfig
+from gateway.video.encrypted import SUFFIX as ENCRYPTED
 from gateway.video.encrypted import RecordingBroken
-from gateway.video.evidence import SEAL_SUFFIX, seal_recording
+from gateway.video.evidence import SEAL_SUFFIX, seal_path, seal_recording
 from gateway.video.recorder import Recorder
 from gateway.video.retention import sweep
 from protocol.ids import new_message_id
@@ -366,13 +367,46 @@ class VideoHub:
             self.config.recordings_dir,
             self.config.retention_days,
             self._clock(),
-            active={s.recorder.path for s in self.streams.values()},
+            active=self._active(),
         )
+
+    def seal_orphans(self) -> list[Path]:
+        """Seal recordings a crash left unsealed (as far as they read; `complete` false).
+
+        Run before any stream starts: every unsealed recording then belongs to a dead
+        process. One that does not open at all is logged and left for an operator.
+        """
+        root = self.config.recordings_dir
+        if self._keyring is None or not root.is_dir():
+            return []
+        done = []
+        for path in sorted(root.glob(f"*/*{ENCRYPTED}")):
+            if seal_path(path).exists() or path in self._active():
+                continue
+            try:
+                seal_recording(
+                    path,
+                    self._signer,
+                    self._keyring,
+                    device=path.parent.name,
+                    recovered_after_crash=True,
+                    ended=path.stat().st_mtime,
+                )
+            except (OSError, RecordingBroken):
+                log.exception("video: cannot seal the recording %s left by a crash", path)
+                continue
+            log.warning("video: sealed %s, left unfinished by a crash", path)
+            done.append(path)
+        return done
+
+    def _active(self) -> set[Path | None]:
+        return {s.recorder.path for s in self.streams.values()}
 
     async def run(self) -> None:
         """Periodic work (viewer reports, retention) until cancelled; then close all."""
         last_sweep = 0.0
         try:
+            self.sealed.extend(await asyncio.to_thread(self.seal_orphans))
             while True:
                 await asyncio.sleep(self.config.watch_report_s)
                 for stream in list(self.streams.values()):

@@ -19,8 +19,10 @@ from ansimi.broker import Mosquitto
 from ansimi.mqtt import Session, Settings
 from ansimi.privacy import Keyring, load_keyring
 from gateway.store import Device
+from gateway.video.config import VideoConfig as GatewayVideo
 from gateway.video.encrypted import check, decrypt_to
 from gateway.video.evidence import SealBroken, verify_seal
+from gateway.video.hub import VideoHub
 from protocol.envelope import seal
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
@@ -189,3 +191,14 @@ async def test_a_killed_recording_stays_decryptable_and_playable(
     opened = check(path, keyring)
     assert not opened.complete and opened.chunks >= 2
     assert decoded_frames(path, keyring) > 10
+    # the next start seals what the crash left, as far as it reads
+    restarted = Signer("gw-test", generate_key())
+    hub = VideoHub(
+        GatewayVideo(recordings_dir=path.parent.parent),
+        lambda device, rtc: None,
+        restarted,
+        keyring=keyring,
+    )
+    assert hub.seal_orphans() == [path]
+    assert verify_seal(path, lambda kid: restarted.public_key, keyring)["complete"] is False
+    assert hub.seal_orphans() == []
