@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
@@ -204,7 +204,7 @@ def _content_key(header: dict[str, Any], keyring: Keyring, where: Path) -> bytes
 
 def open_chunks(
     path: Path, keyring: Keyring, opened: list[Opened] | None = None
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """Decrypt `path` chunk by chunk, yielding plaintext; raises RecordingBroken.
 
     A torn last record (a crash while writing it) ends the iteration quietly, with
