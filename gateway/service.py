@@ -123,7 +123,11 @@ class Gateway:
             from gateway.video.hub import VideoHub
 
             self.video = VideoHub(
-                config.video, self.downlink.send, signer, keyring=self.vault.keyring
+                config.video,
+                self.downlink.send,
+                signer,
+                keyring=self.vault.keyring,
+                holders=self.store,
             )
         health = config.health
         self.probe = IntakeProbe(

@@ -91,6 +91,14 @@ CREATE TABLE IF NOT EXISTS device_private (
     sealed      TEXT NOT NULL,
     updated_ms  INTEGER NOT NULL
 );
+-- which gateway instance holds a device's live video stream (its [video] public_url), so
+-- a viewer reaching another instance is relayed from it
+CREATE TABLE IF NOT EXISTS video_streams (
+    device_id   TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    session     TEXT NOT NULL,
+    since_ms    INTEGER NOT NULL
+);
 """
 
 
@@ -287,6 +295,10 @@ class Store(Protocol):
     def add_site_event(self, item: Incoming, now_ms: int) -> None: ...
     # free bytes where the data lives; None when that is not a local file system
     def free_bytes(self) -> int | None: ...
+    def claim_stream(self, device_id: str, holder: str, session: str, now_ms: int) -> None: ...
+    def release_stream(self, device_id: str, holder: str, session: str) -> bool: ...
+    def release_streams_of(self, holder: str) -> int: ...
+    def stream_holder(self, device_id: str) -> str | None: ...
     def checkpoint(self) -> None: ...
     def close(self) -> None: ...
 
@@ -926,6 +938,36 @@ class SqliteStore:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             finally:
                 self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+
+    # ---- live video streams: which instance holds which -------------------------------
+
+    def claim_stream(self, device_id: str, holder: str, session: str, now_ms: int) -> None:
+        """`holder` now holds `device_id`'s stream (a newer offer replaces any other's)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO video_streams VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE"
+                " SET holder = excluded.holder, session = excluded.session,"
+                " since_ms = excluded.since_ms",
+                (device_id, holder, session, now_ms),
+            )
+
+    def release_stream(self, device_id: str, holder: str, session: str) -> bool:
+        """Forget the claim if it is still this holder's and session's (not a newer one)."""
+        with self._tx() as db:
+            gone = db.execute(
+                "DELETE FROM video_streams WHERE device_id = ? AND holder = ? AND session = ?",
+                (device_id, holder, session),
+            )
+            return gone.rowcount > 0
+
+    def release_streams_of(self, holder: str) -> int:
+        """At an instance's start: the streams it held before dying are gone with it."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM video_streams WHERE holder = ?", (holder,)).rowcount
+
+    def stream_holder(self, device_id: str) -> str | None:
+        rows = self._query("SELECT holder FROM video_streams WHERE device_id = ?", (device_id,))
+        return str(rows[0][0]) if rows else None
 
     def close(self) -> None:
         with self._lock:

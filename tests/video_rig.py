@@ -22,7 +22,7 @@ from device.video.config import VideoConfig as DeviceVideo
 from device.video.session import VideoManager
 from gateway.video.config import VideoConfig as GatewayVideo
 from gateway.video.encrypted import decrypt_to
-from gateway.video.hub import VideoHub
+from gateway.video.hub import StreamHolders, VideoHub
 from protocol.jws import Signer
 from protocol.keys import generate_key
 from protocol.messages import Command, Rtc, build_message
@@ -61,6 +61,7 @@ async def rig(
     device: DeviceVideo | None = None,
     gateway: GatewayVideo | None = None,
     clock: Callable[[], float] | None = None,
+    holders: StreamHolders | None = None,
 ) -> AsyncIterator[Rig]:
     enable_loopback_candidates()
     signer = Signer("gw-test", generate_key())
@@ -87,6 +88,7 @@ async def rig(
         to_device,
         signer,
         keyring=keyring,
+        holders=holders,
     )
     box.append(Rig(manager, hub, signer, keyring))
     tasks = [asyncio.ensure_future(manager.run()), asyncio.ensure_future(hub.run())]

@@ -11,6 +11,13 @@ Signalling: a device's signed `rtc` offer reaches `on_rtc` after intake has chec
 `reason` and no sdp, goes back signed on the device's `down/rtc` topic. The hub tells the
 device how many people watch over a data channel the device opens, so the device can stop
 a stream nobody watches.
+
+Several instances: each claims the streams it holds in the store (`claim_stream`, keyed
+by its `[video] public_url`). A viewer who reaches an instance that does not hold the
+device's stream is relayed: this instance becomes a WHEP viewer of the holder (passing on
+the viewer's own bearer token, so the holder checks the same rights) and fans that one
+upstream track out to its own viewers as it does a device's, without re-encoding. The
+relay ends with its last viewer or with the holder's stream.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import aiohttp
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from aiortc.sdp import SessionDescription
@@ -76,6 +84,18 @@ class TooManyViewers(VideoError, RuntimeError):
     reason = "too_many_viewers"
 
 
+class StreamHolders(Protocol):
+    """The store's record of which instance holds which live stream (gateway/store.py)."""
+
+    def claim_stream(self, device_id: str, holder: str, session: str, now_ms: int) -> None: ...
+    def release_stream(self, device_id: str, holder: str, session: str) -> bool: ...
+    def release_streams_of(self, holder: str) -> int: ...
+    def stream_holder(self, device_id: str) -> str | None: ...
+
+
+RELAY_TIMEOUT_S = 10.0
+
+
 @dataclass(eq=False)
 class Viewer:
     id: str
@@ -100,6 +120,9 @@ class Stream:
     frames: int = 0
     first_frame: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+    # a relay of another instance's stream: its WHEP session there, and the viewer's token
+    relayed_from: str | None = None
+    authorization: str | None = None
 
     def on_frame(self, frame: EncodedFrame) -> None:
         self.frames += 1
@@ -124,6 +147,7 @@ class VideoHub:
         signer: Signer,
         *,
         keyring: Keyring | None = None,
+        holders: StreamHolders | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -131,6 +155,12 @@ class VideoHub:
         self._signer = signer
         # recordings are encrypted under the site's data key; without one, live video only
         self._keyring = keyring
+        # shared with the other instances only when this one says where it can be reached
+        self._holders = holders if config.public_url else None
+        self._me = config.public_url.rstrip("/")
+        if self._holders is not None:
+            # whatever this instance held before a crash died with it
+            self._holders.release_streams_of(self._me)
         if keyring is None:
             log.warning(
                 "video: no data key, so nothing is recorded (video is personal data and is "
@@ -227,6 +257,14 @@ class VideoHub:
             if pc.connectionState in ("failed", "closed") and not stream.closed:
                 await self._end(stream, f"connection {pc.connectionState}")
 
+        if self._holders is not None:
+            await asyncio.to_thread(
+                self._holders.claim_stream,
+                device_id,
+                self._me,
+                rtc.session,
+                int(self._clock() * 1000),
+            )
         self._send(device_id, Rtc(kind="answer", session=rtc.session, sdp=answer))
         log.info("video: stream from %s (%s, session %s)", device_id, codec, rtc.session)
 
@@ -252,6 +290,15 @@ class VideoHub:
             await self._drop_viewer(viewer)
         stream.source.stop()
         await stream.pc.close()
+        if stream.relayed_from is not None:
+            await self._leave_upstream(stream)
+            log.info("video: relay of %s ended: %s", stream.device_id, why)
+            return
+        if self._holders is not None:
+            with contextlib.suppress(Exception):  # a stale claim only costs a failed relay
+                await asyncio.to_thread(
+                    self._holders.release_stream, stream.device_id, self._me, stream.session
+                )
         try:
             path = stream.recorder.close()
         except Exception:
@@ -290,9 +337,21 @@ class VideoHub:
 
     # ---- viewers -------------------------------------------------------------------
 
-    async def add_viewer(self, device_id: str, offer_sdp: str) -> Viewer:
-        """Answer a viewer's SDP offer with the device's live stream; raises VideoError."""
+    async def add_viewer(
+        self, device_id: str, offer_sdp: str, *, authorization: str | None = None
+    ) -> Viewer:
+        """Answer a viewer's SDP offer with the device's live stream; raises VideoError.
+
+        `authorization` (the viewer's `Authorization` header) is passed on to the instance
+        holding the stream when it is not this one.
+        """
         stream = self.streams.get(device_id)
+        if stream is None:
+            lock = self._locks.setdefault(device_id, asyncio.Lock())
+            async with lock:  # one relay per device, however many viewers arrive at once
+                stream = self.streams.get(device_id) or await self._relay_from_holder(
+                    device_id, authorization
+                )
         if stream is None:
             raise DeviceOffline(f"device {device_id} has no live stream; send it video_start")
         if len(stream.viewers) >= self.config.max_viewers:
@@ -337,6 +396,78 @@ class VideoHub:
         await request_keyframe(stream.receiver)
         return viewer
 
+    # ---- relays from the instance holding a stream ----------------------------------
+
+    async def _relay_from_holder(self, device_id: str, authorization: str | None) -> Stream | None:
+        """Become a WHEP viewer of the instance holding `device_id`'s stream; None if none."""
+        if self._holders is None:
+            return None
+        holder = await asyncio.to_thread(self._holders.stream_holder, device_id)
+        if holder is None or holder == self._me:
+            return None
+        if len(self.streams) >= self.config.max_streams:
+            raise TooManyViewers(f"this instance's cap of {self.config.max_streams} streams")
+        pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
+        receiver = pc.addTransceiver("video", direction="recvonly").receiver
+        box: list[Stream] = []
+        tap_encoded(receiver, lambda f: box[0].on_frame(f) if box else None)
+        headers = {"Content-Type": "application/sdp"}
+        if authorization:
+            headers["Authorization"] = authorization
+        try:
+            await pc.setLocalDescription(await pc.createOffer())
+            async with (
+                asyncio.timeout(RELAY_TIMEOUT_S),
+                aiohttp.ClientSession() as http,
+                http.post(
+                    f"{holder}/whep/{device_id}", data=pc.localDescription.sdp, headers=headers
+                ) as resp,
+            ):
+                answer = await resp.text()
+                if resp.status != 201:
+                    raise DeviceOffline(f"{holder} answered {resp.status}: {answer.strip()}")
+                location = resp.headers.get("Location", "")
+            await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+            codec = _negotiated_codec(answer)
+        except DeviceOffline as exc:
+            await pc.close()
+            log.warning("video: no relay of %s: %s", device_id, exc)
+            return None
+        except (OSError, TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            await pc.close()
+            log.warning("video: no relay of %s from %s: %s", device_id, holder, exc)
+            return None
+        stream = Stream(
+            device_id,
+            f"relay-{new_message_id()}",
+            pc,
+            receiver,
+            codec,
+            Recorder(Path(), None),  # the holder records; a relay never does
+            relayed_from=f"{holder}{location}",
+            authorization=authorization,
+        )
+        box.append(stream)
+        self.streams[device_id] = stream
+
+        @pc.on("connectionstatechange")
+        async def _on_state() -> None:
+            if pc.connectionState in ("failed", "closed") and not stream.closed:
+                await self._end(stream, f"upstream connection {pc.connectionState}")
+
+        log.info("video: relaying %s from %s", device_id, holder)
+        return stream
+
+    async def _leave_upstream(self, stream: Stream) -> None:
+        headers = {"Authorization": stream.authorization} if stream.authorization else {}
+        with contextlib.suppress(OSError, TimeoutError, aiohttp.ClientError):
+            async with (
+                asyncio.timeout(RELAY_TIMEOUT_S),
+                aiohttp.ClientSession() as http,
+                http.delete(str(stream.relayed_from), headers=headers),
+            ):
+                pass
+
     async def remove_viewer(self, viewer_id: str, device_id: str | None = None) -> bool:
         viewer = self._viewers.get(viewer_id)
         if viewer is None or (device_id is not None and viewer.device_id != device_id):
@@ -353,6 +484,8 @@ class VideoHub:
             self._report_viewers(stream)
         viewer.track.stop()
         await viewer.pc.close()
+        if stream is not None and stream.relayed_from is not None and not stream.viewers:
+            await self._end(stream, "its last viewer left")
 
     def _report_viewers(self, stream: Stream) -> None:
         channel = stream.channel

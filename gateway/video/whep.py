@@ -79,7 +79,9 @@ class Whep:
             return _text(413, "offer too large")
         try:
             offer = body.decode("utf-8")
-            viewer = await self._hub.add_viewer(device_id, offer)
+            viewer = await self._hub.add_viewer(
+                device_id, offer, authorization=request.headers.get("Authorization")
+            )
         except DeviceOffline:
             return _text(404, f"device {device_id} is not streaming; send it video_start")
         except TooManyViewers:
