@@ -156,3 +156,13 @@ class DeviceConfig(_Section):
     sms: SmsSection = SmsSection()
     hardware: HardwareConfig = HardwareConfig()
     video: VideoConfig = VideoConfig()
+
+    @model_validator(mode="after")
+    def _store_bells_stay_silent(self) -> DeviceConfig:
+        # a store bell is pressed during a robbery: a voice from it would endanger the clerk
+        if self.device.kind == "store" and self.video.talkback:
+            raise ValueError(
+                "[video] talkback: a store bell is silent and never has talk-back; "
+                "remove `talkback = true`"
+            )
+        return self

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from device.hal.config import HardwareConfig
 from device.hal.ports import (
+    AudioOutput,
     ButtonName,
     Camera,
     CameraUnavailable,
@@ -28,6 +29,7 @@ from device.hal.ports import (
 )
 
 __all__ = [
+    "AudioOutput",
     "ButtonName",
     "Camera",
     "CameraUnavailable",
@@ -60,6 +62,7 @@ class Hardware:
     indicator: Indicator
     camera: Camera | None
     modem: Modem | None
+    speaker: AudioOutput | None = None
 
     async def aclose(self) -> None:
         """Release everything (stop the camera, close modem, outputs and inputs)."""
@@ -117,10 +120,18 @@ def build_hardware(
             sms_timeout_s=config.modem_sms_timeout_s,
         )
     )
-    return Hardware(inputs=inputs, indicator=indicator, camera=camera, modem=modem)
+    speaker = None
+    if config.speaker == "alsa":
+        from device.hal.audio import AlsaAudioOutput
+
+        speaker = AlsaAudioOutput(config.speaker_device)
+    return Hardware(
+        inputs=inputs, indicator=indicator, camera=camera, modem=modem, speaker=speaker
+    )
 
 
 def _build_fakes(config: HardwareConfig) -> Hardware:
+    from device.hal.audio import FakeAudioOutput
     from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
 
     camera = None
@@ -133,4 +144,5 @@ def _build_fakes(config: HardwareConfig) -> Hardware:
         indicator=FakeIndicator(has_discreet_led=config.discreet_led_pin is not None),
         camera=camera,
         modem=None if config.modem_port is None else FakeModem(port=config.modem_port),
+        speaker=None if config.speaker == "none" else FakeAudioOutput(),
     )

@@ -32,3 +32,5 @@ class VideoConfig(BaseModel):
     ice_servers: list[IceServer] = []
     # also gather a 127.0.0.1 candidate: only when the gateway runs on the same host
     loopback_candidates: bool = False
+    # let an operator speak through the speaker ([hardware] speaker); never on a store bell
+    talkback: bool = False
