@@ -12,12 +12,14 @@ import io
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ansimi_testkit import eventually
 
 from ansimi.privacy import DataKey, Keyring
 from ansimi.webrtc import Watcher, enable_loopback_candidates
 from device.hal.camera import SyntheticCamera
+from device.hal.ports import AudioOutput
 from device.video.config import VideoConfig as DeviceVideo
 from device.video.session import VideoManager
 from gateway.video.config import VideoConfig as GatewayVideo
@@ -62,6 +64,7 @@ async def rig(
     gateway: GatewayVideo | None = None,
     clock: Callable[[], float] | None = None,
     holders: StreamHolders | None = None,
+    speaker: AudioOutput | None = None,
 ) -> AsyncIterator[Rig]:
     enable_loopback_candidates()
     signer = Signer("gw-test", generate_key())
@@ -81,7 +84,9 @@ async def rig(
         r.seq += 1
         r.manager.on_down(build_message(rtc, device=device_id, seq=r.seq, ts=0))
 
-    extra = {"clock": clock} if clock is not None else {}
+    extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
+    if speaker is not None:
+        extra["speaker"] = speaker
     manager = VideoManager(device or DeviceVideo(), camera, to_gateway, **extra)
     hub = VideoHub(
         gateway or GatewayVideo(recordings_dir=tmp_path / "recordings", watch_report_s=0.2),

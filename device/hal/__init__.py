@@ -125,9 +125,7 @@ def build_hardware(
         from device.hal.audio import AlsaAudioOutput
 
         speaker = AlsaAudioOutput(config.speaker_device)
-    return Hardware(
-        inputs=inputs, indicator=indicator, camera=camera, modem=modem, speaker=speaker
-    )
+    return Hardware(inputs=inputs, indicator=indicator, camera=camera, modem=modem, speaker=speaker)
 
 
 def _build_fakes(config: HardwareConfig) -> Hardware:

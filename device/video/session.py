@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
 
 from ansimi.webrtc import enable_loopback_candidates, prefer_codecs, rtc_configuration
-from device.hal.ports import Camera
+from device.hal.ports import AudioOutput, Camera, HalError
 from device.video.config import VideoConfig
 from device.video.prealarm import Prealarm
 from device.video.track import CameraTrack
@@ -64,9 +65,12 @@ class VideoManager:
         send: SendRtc,
         *,
         track_factory: TrackFactory | None = None,
+        speaker: AudioOutput | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`speaker`: where an operator's talk-back plays; None (the default) offers no audio."""
         self.config = config
+        self._speaker = speaker
         self._send = send
         self._clock = clock
         self._codecs = list(config.codecs)
@@ -158,6 +162,16 @@ class VideoManager:
                 prefer_codecs(transceiver, self._codecs)
                 channel = pc.createDataChannel("ansimi-video")
                 channel.on("message", lambda data: self._on_report(session, data))
+                if self._speaker is not None:
+                    # receive-only: the gateway sends silence until an operator talks
+                    pc.addTransceiver("audio", direction="recvonly")
+                    speaker = self._speaker
+                    pc.on(
+                        "track",
+                        lambda t: (
+                            self._spawn(self._play(t, speaker)) if t.kind == "audio" else None
+                        ),
+                    )
 
                 @pc.on("connectionstatechange")
                 async def _on_state() -> None:
@@ -198,6 +212,24 @@ class VideoManager:
                 await session.pc.setRemoteDescription(RTCSessionDescription(rtc.sdp, "answer"))
             except Exception as exc:
                 await self._stop(f"bad answer: {exc}", tell_gateway=True, only=session)
+
+    async def _play(self, track: MediaStreamTrack, speaker: AudioOutput) -> None:
+        """The operator's voice (decoded opus: 16-bit PCM) to the speaker, until the end."""
+        started = False
+        try:
+            while True:
+                frame = await track.recv()
+                if not started:
+                    speaker.start(frame.sample_rate, len(frame.layout.channels))  # type: ignore[union-attr]
+                    started = True
+                speaker.play(frame.to_ndarray().tobytes())  # type: ignore[union-attr]
+        except MediaStreamError:
+            pass
+        except HalError as exc:
+            log.error("video: talk-back cannot play: %s", exc)
+        finally:
+            if started:
+                speaker.stop()
 
     def _on_report(self, session: VideoSession, data: object) -> None:
         try:

@@ -27,14 +27,21 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc import (
+    MediaStreamTrack,
+    RTCDataChannel,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCSessionDescription,
+)
 from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 
 from ansimi.privacy import Keyring
@@ -50,6 +57,8 @@ from ansimi.webrtc import (
     rtc_configuration,
     tap_encoded,
 )
+from ansimi.webrtc_audio import TalkTrack
+from gateway.video import audit
 from gateway.video.config import VideoConfig
 from gateway.video.encrypted import SUFFIX as ENCRYPTED
 from gateway.video.encrypted import RecordingBroken
@@ -84,6 +93,14 @@ class TooManyViewers(VideoError, RuntimeError):
     reason = "too_many_viewers"
 
 
+class TalkbackOff(VideoError, PermissionError):
+    reason = "talkback_off"
+
+
+class NoSuchViewer(VideoError, LookupError):
+    reason = "no_such_viewer"
+
+
 class StreamHolders(Protocol):
     """The store's record of which instance holds which live stream (gateway/store.py)."""
 
@@ -94,6 +111,9 @@ class StreamHolders(Protocol):
 
 
 RELAY_TIMEOUT_S = 10.0
+# a push-to-talk grant ends by itself after this long: a stuck button or a closed tab must
+# not leave a voice channel open into someone's home
+TALK_GRANT_S = 30.0
 
 
 @dataclass(eq=False)
@@ -123,6 +143,10 @@ class Stream:
     # a relay of another instance's stream: its WHEP session there, and the viewer's token
     relayed_from: str | None = None
     authorization: str | None = None
+    # talk-back: present only if the device offered to receive audio (its talkback is on)
+    talk: TalkTrack | None = None
+    talker: str | None = None  # the viewer holding push-to-talk
+    talk_until: float = 0.0  # monotonic
 
     def on_frame(self, frame: EncodedFrame) -> None:
         self.frames += 1
@@ -227,6 +251,16 @@ class VideoHub:
             receivers = [t.receiver for t in pc.getTransceivers() if t.kind == "video"]
             if len(receivers) != 1:
                 raise ValueError(f"{len(receivers)} video sections; exactly one is expected")
+            audio = [t for t in pc.getTransceivers() if t.kind == "audio"]
+            if len(audio) > 1:
+                raise ValueError(f"{len(audio)} audio sections; at most one is expected")
+            talk = None
+            if audio:
+                # the device asks for audio only when its talk-back is on: it gets a track
+                # that is silent until an operator holds push-to-talk
+                talk = TalkTrack()
+                audio[0].sender.replaceTrack(talk)
+                audio[0].direction = "sendonly"
             stem = self._recording_stem(device_id, rtc.session)
             stream_box: list[Stream] = []
             tap_encoded(receivers[0], lambda f: stream_box[0].on_frame(f) if stream_box else None)
@@ -242,7 +276,13 @@ class VideoHub:
             self._refuse(device_id, rtc.session, "answer too long", f"{len(answer)} chars")
             return
         stream = Stream(
-            device_id, rtc.session, pc, receivers[0], codec, Recorder(stem, self._keyring)
+            device_id,
+            rtc.session,
+            pc,
+            receivers[0],
+            codec,
+            Recorder(stem, self._keyring),
+            talk=talk,
         )
         stream_box.append(stream)
         self.streams[device_id] = stream
@@ -289,6 +329,8 @@ class VideoHub:
         for viewer in list(stream.viewers.values()):
             await self._drop_viewer(viewer)
         stream.source.stop()
+        if stream.talk is not None:
+            stream.talk.stop()
         await stream.pc.close()
         if stream.relayed_from is not None:
             await self._leave_upstream(stream)
@@ -360,6 +402,10 @@ class VideoHub:
             )
         pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
         track = KeyframeGate(self._relay.subscribe(stream.source))
+        # the viewer's microphone, if its offer sends audio: heard only while it holds
+        # push-to-talk (talk()), and drained all the time so nothing piles up
+        voices: list[MediaStreamTrack] = []
+        pc.on("track", lambda t: voices.append(t) if t.kind == "audio" else None)
         try:
             transceiver = pc.addTransceiver(track, direction="sendonly")
             # the viewer gets the device's own bytes, so it must take the device's codec
@@ -385,6 +431,8 @@ class VideoHub:
         viewer = Viewer(new_message_id(), device_id, pc, track, pc.localDescription.sdp)
         stream.viewers[viewer.id] = viewer
         self._viewers[viewer.id] = viewer
+        for voice in voices:
+            self._spawn(self._hear(stream, viewer, voice))
 
         @pc.on("connectionstatechange")
         async def _on_state() -> None:
@@ -467,6 +515,59 @@ class VideoHub:
                 http.delete(str(stream.relayed_from), headers=headers),
             ):
                 pass
+
+    # ---- talk-back ------------------------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _hear(self, stream: Stream, viewer: Viewer, voice: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await voice.recv()
+                talk = stream.talk
+                if (
+                    talk is not None
+                    and stream.talker == viewer.id
+                    and time.monotonic() < stream.talk_until
+                ):
+                    talk.offer(frame)  # type: ignore[arg-type]
+
+    async def talk(
+        self, device_id: str, viewer_id: str, *, on: bool, operator: str, reason: str
+    ) -> None:
+        """Push-to-talk: `viewer_id`'s microphone to the doorbell's speaker, or stop it.
+
+        Each press is audited (operator, reason) before any sound passes. Raises
+        DeviceOffline, NoSuchViewer, TalkbackOff (the device has no talk-back).
+        """
+        stream = self.streams.get(device_id)
+        if stream is None:
+            raise DeviceOffline(f"device {device_id} has no live stream")
+        if viewer_id not in stream.viewers:
+            raise NoSuchViewer(f"viewer {viewer_id} does not watch {device_id}")
+        if stream.talk is None:
+            raise TalkbackOff(
+                f"device {device_id} has talk-back off (its [video] talkback), or is relayed"
+            )
+        if not on:
+            if stream.talker == viewer_id:
+                stream.talker, stream.talk_until = None, 0.0
+            return
+        await asyncio.to_thread(
+            audit.append,
+            self.config.recordings_dir,
+            "talkback",
+            operator=operator,
+            reason=reason,
+            device=device_id,
+            viewer=viewer_id,
+        )
+        # one voice at a time: the latest press takes over
+        stream.talker, stream.talk_until = viewer_id, time.monotonic() + TALK_GRANT_S
+        log.info("video: talk-back to %s opened", device_id)
 
     async def remove_viewer(self, viewer_id: str, device_id: str | None = None) -> bool:
         viewer = self._viewers.get(viewer_id)
