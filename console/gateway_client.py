@@ -139,6 +139,23 @@ class GatewayClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
 
+    async def whep_talk(self, location: str, *, on: bool, operator: str, reason: str) -> None:
+        """Push-to-talk at the gateway for the viewer at `location`; raises GatewayError."""
+        parts = location.split("/")
+        if len(parts) != 4 or parts[:2] != ["", "whep"]:
+            raise GatewayError(502, "the gateway gave an unusable viewer location")
+        body = {"on": on, "operator": operator, "reason": reason}
+        try:
+            async with self._session().post(self._url(*parts[1:], "talk"), json=body) as response:
+                if response.status != 200:
+                    text = (await response.text()).strip()[:200]
+                    raise GatewayError(
+                        response.status if response.status in (400, 404, 409) else 502,
+                        text or f"HTTP {response.status}",
+                    )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
+
     async def whep_delete(self, location: str) -> None:
         """`location`: the gateway's own answer to the offer, `/whep/{device}/{viewer}`."""
         parts = location.split("/")

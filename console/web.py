@@ -10,6 +10,7 @@
     POST /api/alerts/{id}/{stage}      acknowledged | dispatched | closed, via the gateway
     POST /api/whep/{device}            live video: the SDP offer, proxied to the gateway
     DELETE /api/whep/{device}/{viewer}
+    POST /api/whep/{device}/{viewer}/talk  push-to-talk {"on", "reason"}, audited
     GET  /api/audit.csv                the audit log
 
 Every /api route but login needs a session; every POST and DELETE also needs the session's
@@ -206,6 +207,7 @@ class ConsoleApp:
                 web.post("/api/alerts/{event_id}/{stage}", self.move),
                 web.post("/api/whep/{device_id}", self.whep_offer),
                 web.delete("/api/whep/{device_id}/{viewer_id}", self.whep_delete),
+                web.post("/api/whep/{device_id}/{viewer_id}/talk", self.whep_talk),
                 web.get("/api/audit.csv", self.audit_csv),
             ]
         )
@@ -582,6 +584,32 @@ class ConsoleApp:
             await self.gateway.whep_delete(viewer.location)
         self.operators.audit(operator, "stop_video", viewer.device_id)
         return web.Response(status=200, text="closed\n")
+
+    async def whep_talk(self, request: web.Request) -> web.Response:
+        """Push-to-talk to the door: each press audited here and at the gateway."""
+        operator = request[SESSION_KEY].operator
+        viewer = self._viewers.get(request.match_info["viewer_id"])
+        if viewer is None or viewer.operator != operator or self.gateway is None:
+            return web.Response(status=404, text="no such viewer\n")
+        try:
+            body = await request.json()
+            on = body["on"]
+            reason = str(body.get("reason", "")).strip()[:500]
+            if not isinstance(on, bool):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return web.Response(status=400, text='send {"on": true|false, "reason": ...}\n')
+        if on and not reason:
+            return web.Response(status=400, text="say why you speak to the door\n")
+        try:
+            await self.gateway.whep_talk(viewer.location, on=on, operator=operator, reason=reason)
+        except GatewayError as exc:
+            if on:
+                self.operators.audit(operator, "talkback_failed", viewer.device_id, error=str(exc))
+            return web.Response(status=exc.status, text=f"{exc}\n")
+        if on:
+            self.operators.audit(operator, "talkback", viewer.device_id, reason=reason)
+        return web.Response(status=200, text="talking\n" if on else "stopped\n")
 
     # ---- audit ------------------------------------------------------------------------
 

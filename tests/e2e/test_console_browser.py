@@ -7,6 +7,7 @@ this machine's two cores. Screenshots land in test-output/e2e/.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import csv
 import io
@@ -28,6 +29,7 @@ from playwright.async_api import BrowserContext
 
 from ansimi.broker import Mosquitto
 from device.hal.ports import Pattern
+from gateway.video import audit
 
 pytestmark = pytest.mark.slow
 
@@ -148,3 +150,46 @@ async def test_the_door_camera_plays_in_the_page(
     assert ("kim", "view_video", DOORBELL) in {
         (r["operator"], r["action"], r["target"]) for r in rows
     }
+
+
+def _loud(pcm: bytes) -> bool:
+    samples = array.array("h", pcm)
+    return bool(samples) and max(abs(x) for x in samples) > 1000
+
+
+async def test_push_to_talk_reaches_the_doorbell_speaker(
+    site: ConsoleSite, browser: BrowserContext
+) -> None:
+    """Chromium's fake microphone (a beep) through the desk's push-to-talk to the fake
+    speaker: heard only while the button is held, audited at the console and the gateway."""
+    speaker = site.bells[DOORBELL].speaker
+    assert speaker is not None
+    page = await signed_in_page(browser, site.url)
+    site.bells[DOORBELL].press()
+    card = page.locator(f".alert[data-device-id='{DOORBELL}']")
+    await card.wait_for(timeout=20_000)
+    await card.locator("button.watch").click()
+    async with asyncio.timeout(30):
+        while not await page.evaluate("document.getElementById('video').videoWidth > 0"):
+            await asyncio.sleep(0.05)
+    # before any press the door hears silence
+    await eventually(lambda: len(speaker.played) > 25, timeout_s=20)
+    assert not any(_loud(p) for p in speaker.played)
+    await page.fill("#talk-reason", "tell the visitor police are coming")
+    talk = page.locator("#talk")
+    await talk.dispatch_event("pointerdown")
+    await page.wait_for_selector("#talk[data-talking='1']", timeout=20_000)
+    await eventually(lambda: any(_loud(p) for p in speaker.played), timeout_s=20)
+    await talk.dispatch_event("pointerup")
+    await asyncio.sleep(1.0)  # what was in flight plays out
+    released = len(speaker.played)
+    await eventually(lambda: len(speaker.played) > released + 25, timeout_s=20)
+    assert not any(_loud(p) for p in speaker.played[released:])
+    rows = list(csv.DictReader(io.StringIO(site.console.operators.audit_csv())))
+    assert ("kim", "talkback", DOORBELL) in {
+        (r["operator"], r["action"], r["target"]) for r in rows
+    }
+    hub = site.gateway.video
+    assert hub is not None
+    entries = audit.read(hub.config.recordings_dir)
+    assert [(e["action"], e["operator"]) for e in entries] == [("talkback", "kim")]
