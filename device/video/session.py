@@ -24,9 +24,11 @@ from typing import Any
 
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from aiortc.stats import RTCRemoteInboundRtpStreamStats
 
 from ansimi.webrtc import enable_loopback_candidates, prefer_codecs, rtc_configuration
 from device.hal.ports import AudioOutput, Camera, HalError
+from device.video.adapt import LinkState, adapt
 from device.video.config import VideoConfig
 from device.video.prealarm import Prealarm
 from device.video.track import CameraTrack
@@ -53,6 +55,7 @@ class VideoSession:
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     viewers: int = 0
     ended: str | None = None
+    link: LinkState = field(default_factory=LinkState)
 
 
 class VideoManager:
@@ -263,6 +266,33 @@ class VideoManager:
         self.history.append((session.id, reason))
         log.info("video: session %s ended: %s", session.id, reason)
 
+    async def follow_link(self) -> None:
+        """Set the frame rate from the loss the gateway reports (RTCP receiver reports).
+
+        Only a live-encoded camera track can skip frames; the pre-alarm's own encoder keeps
+        its rate (aiortc's congestion feedback does not reach it either).
+        """
+        session = self.session
+        if session is None or not isinstance(session.track, CameraTrack):
+            return
+        stats = await session.pc.getStats()
+        lost = [
+            s.fractionLost / 256  # RFC 3550: fixed point, 8 bits
+            for s in stats.values()
+            if isinstance(s, RTCRemoteInboundRtpStreamStats) and s.kind == "video"
+        ]
+        if not lost:
+            return
+        before = session.link.divisor
+        session.link = adapt(session.link, max(lost), self._clock())
+        session.track.divisor = session.link.divisor
+        if session.link.divisor != before:
+            log.info(
+                "video: link loss %.0f %%: sending every %d camera frame(s)",
+                max(lost) * 100,
+                session.link.divisor,
+            )
+
     def check_limits(self) -> None:
         """Stop a session that ran too long or that nobody watched for `idle_stop_s`."""
         session = self.session
@@ -281,6 +311,10 @@ class VideoManager:
             while True:
                 await asyncio.sleep(1.0)
                 self.check_limits()
+                try:
+                    await self.follow_link()
+                except Exception:
+                    log.exception("video: reading the link's statistics failed")
         finally:
             session = self.session
             if session is not None:

@@ -50,12 +50,19 @@ class CameraTrack(MediaStreamTrack):
         self._camera = camera
         self._t0: float | None = None
         self.frames = 0
+        self._captured = 0
+        # send every `divisor`-th camera frame (device/video/adapt.py lowers the rate on loss)
+        self.divisor = 1
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
         try:
-            frame = await self._camera.capture()
+            while True:
+                frame = await self._camera.capture()
+                self._captured += 1
+                if self._captured % self.divisor == 0:
+                    break
         except CameraUnavailable:
             self.stop()
             raise MediaStreamError from None
