@@ -123,12 +123,12 @@ class GatewayClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
 
-    async def whep_offer(self, device_id: str, offer: str) -> WhepAnswer:
+    async def whep_offer(self, device_id: str, offer: str, operator: str = "") -> WhepAnswer:
+        """`operator`: who watches, for the gateway's audit if the door's microphone is on."""
         url = self._url("whep", device_id)
+        headers = {"Content-Type": "application/sdp", "X-Ansimi-Operator": operator}
         try:
-            async with self._session().post(
-                url, data=offer.encode(), headers={"Content-Type": "application/sdp"}
-            ) as response:
+            async with self._session().post(url, data=offer.encode(), headers=headers) as response:
                 text = await response.text()
                 if response.status != 201:
                     raise GatewayError(

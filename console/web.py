@@ -556,7 +556,7 @@ class ConsoleApp:
             return web.Response(status=415, text="send the SDP offer as application/sdp\n")
         offer = (await request.read()).decode("utf-8", errors="replace")
         try:
-            answer = await self.gateway.whep_offer(device_id, offer)
+            answer = await self.gateway.whep_offer(device_id, offer, operator)
         except GatewayError as exc:
             # 404 is "not streaming yet": the page asks again in a moment, nothing was seen
             if exc.status == 404:

@@ -114,8 +114,13 @@ class Agent:
 
             # the speaker only when talk-back is on (never on a store bell: config refuses it)
             speaker = hardware.speaker if config.video.talkback else None
+            microphone = hardware.microphone if config.video.microphone else None
             self.video = VideoManager(
-                config.video, hardware.camera, self.link.send, speaker=speaker
+                config.video,
+                hardware.camera,
+                self.link.send,
+                speaker=speaker,
+                microphone=microphone,
             )
         self._started_at = self._monotonic()
         # The resend loop sleeps until the next entry is due; these wake it earlier: a new

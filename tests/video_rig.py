@@ -19,7 +19,7 @@ from ansimi_testkit import eventually
 from ansimi.privacy import DataKey, Keyring
 from ansimi.webrtc import Watcher, enable_loopback_candidates
 from device.hal.camera import SyntheticCamera
-from device.hal.ports import AudioOutput
+from device.hal.ports import AudioInput, AudioOutput
 from device.video.config import VideoConfig as DeviceVideo
 from device.video.session import VideoManager
 from gateway.video.config import VideoConfig as GatewayVideo
@@ -65,6 +65,7 @@ async def rig(
     clock: Callable[[], float] | None = None,
     holders: StreamHolders | None = None,
     speaker: AudioOutput | None = None,
+    microphone: AudioInput | None = None,
 ) -> AsyncIterator[Rig]:
     enable_loopback_candidates()
     signer = Signer("gw-test", generate_key())
@@ -87,6 +88,8 @@ async def rig(
     extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
     if speaker is not None:
         extra["speaker"] = speaker
+    if microphone is not None and (device or DeviceVideo()).microphone:
+        extra["microphone"] = microphone
     manager = VideoManager(device or DeviceVideo(), camera, to_gateway, **extra)
     hub = VideoHub(
         gateway or GatewayVideo(recordings_dir=tmp_path / "recordings", watch_report_s=0.2),

@@ -442,9 +442,14 @@ async function openVideo(deviceId) {
   state.video = { pc, location: null, device: deviceId };
   pc.addTransceiver("video", { direction: "recvonly" });
   // a send slot for talk-back, empty until push-to-talk: the microphone is asked for then,
-  // and put in place without a new offer (WHEP has no renegotiation)
-  state.video.audio = pc.addTransceiver("audio", { direction: "sendonly" });
+  // and put in place without a new offer (WHEP has no renegotiation);
+  // both ways: the door's microphone comes back on it when the doorbell has one switched on
+  state.video.audio = pc.addTransceiver("audio", { direction: "sendrecv" });
   pc.ontrack = (ev) => {
+    if (ev.track.kind === "audio") {
+      $("door-audio").srcObject = new MediaStream([ev.track]);
+      return;
+    }
     video.srcObject = ev.streams[0] || new MediaStream([ev.track]);
     const mark = () => {
       video.dataset.firstFrameMs = String(Date.now());
@@ -528,6 +533,7 @@ function closeVideo() {
   v.pc.close();
   if (v.location) api("DELETE", v.location);
   $("video").srcObject = null;
+  $("door-audio").srcObject = null;
   $("video-panel").hidden = true;
 }
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from device.hal.config import HardwareConfig
 from device.hal.ports import (
+    AudioInput,
     AudioOutput,
     ButtonName,
     Camera,
@@ -29,6 +30,7 @@ from device.hal.ports import (
 )
 
 __all__ = [
+    "AudioInput",
     "AudioOutput",
     "ButtonName",
     "Camera",
@@ -63,6 +65,7 @@ class Hardware:
     camera: Camera | None
     modem: Modem | None
     speaker: AudioOutput | None = None
+    microphone: AudioInput | None = None
 
     async def aclose(self) -> None:
         """Release everything (stop the camera, close modem, outputs and inputs)."""
@@ -125,11 +128,23 @@ def build_hardware(
         from device.hal.audio import AlsaAudioOutput
 
         speaker = AlsaAudioOutput(config.speaker_device)
-    return Hardware(inputs=inputs, indicator=indicator, camera=camera, modem=modem, speaker=speaker)
+    microphone = None
+    if config.microphone == "alsa":
+        from device.hal.audio import AlsaMicrophone
+
+        microphone = AlsaMicrophone(config.microphone_device)
+    return Hardware(
+        inputs=inputs,
+        indicator=indicator,
+        camera=camera,
+        modem=modem,
+        speaker=speaker,
+        microphone=microphone,
+    )
 
 
 def _build_fakes(config: HardwareConfig) -> Hardware:
-    from device.hal.audio import FakeAudioOutput
+    from device.hal.audio import FakeAudioOutput, FakeMicrophone
     from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
 
     camera = None
@@ -143,4 +158,5 @@ def _build_fakes(config: HardwareConfig) -> Hardware:
         camera=camera,
         modem=None if config.modem_port is None else FakeModem(port=config.modem_port),
         speaker=None if config.speaker == "none" else FakeAudioOutput(),
+        microphone=None if config.microphone == "none" else FakeMicrophone(),
     )

@@ -76,6 +76,10 @@ class HardwareConfig(BaseModel):
     speaker: Literal["none", "alsa", "fake"] = "none"
     # ALSA device name of the speaker (`aplay -L` lists them).
     speaker_device: str = "default"
+    # Microphone for the desk to listen at the door: an ALSA device, a fake hum, or none.
+    microphone: Literal["none", "alsa", "fake"] = "none"
+    # ALSA device name of the microphone (`arecord -L` lists them).
+    microphone_device: str = "default"
 
     # Serial device or pyserial URL of the SMS modem (e.g. /dev/ttyUSB2); None: no modem.
     modem_port: str | None = None

@@ -125,6 +125,21 @@ class AudioOutput(Protocol):
     def stop(self) -> None: ...
 
 
+class AudioInput(Protocol):
+    """The doorbell's microphone, for the desk: 20 ms of 16-bit mono PCM at a time."""
+
+    name: str
+    sample_rate: int
+
+    def start(self) -> None: ...
+
+    async def read(self) -> bytes:
+        """The next 20 ms (sample_rate // 50 samples), paced by the device."""
+        ...
+
+    def stop(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ModemInfo:
     """What `Modem.probe` found out."""

@@ -34,3 +34,6 @@ class VideoConfig(BaseModel):
     loopback_candidates: bool = False
     # let an operator speak through the speaker ([hardware] speaker); never on a store bell
     talkback: bool = False
+    # let the desk hear the door through the microphone ([hardware] microphone); never on a
+    # store bell
+    microphone: bool = False

@@ -27,11 +27,11 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.stats import RTCRemoteInboundRtpStreamStats
 
 from ansimi.webrtc import enable_loopback_candidates, prefer_codecs, rtc_configuration
-from device.hal.ports import AudioOutput, Camera, HalError
+from device.hal.ports import AudioInput, AudioOutput, Camera, HalError
 from device.video.adapt import LinkState, adapt
 from device.video.config import VideoConfig
 from device.video.prealarm import Prealarm
-from device.video.track import CameraTrack
+from device.video.track import CameraTrack, MicrophoneTrack
 from protocol.ids import new_message_id
 from protocol.messages import Alert, Command, CommandMessage, Message, Rtc, RtcMessage
 
@@ -56,6 +56,7 @@ class VideoSession:
     viewers: int = 0
     ended: str | None = None
     link: LinkState = field(default_factory=LinkState)
+    microphone: MicrophoneTrack | None = None
 
 
 class VideoManager:
@@ -69,11 +70,14 @@ class VideoManager:
         *,
         track_factory: TrackFactory | None = None,
         speaker: AudioOutput | None = None,
+        microphone: AudioInput | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`speaker`: where an operator's talk-back plays; None (the default) offers no audio."""
+        """`speaker`: where an operator's talk-back plays; `microphone`: what the desk hears
+        at the door. None (the default) for both: the offer has no audio at all."""
         self.config = config
         self._speaker = speaker
+        self._microphone = microphone
         self._send = send
         self._clock = clock
         self._codecs = list(config.codecs)
@@ -165,9 +169,19 @@ class VideoManager:
                 prefer_codecs(transceiver, self._codecs)
                 channel = pc.createDataChannel("ansimi-video")
                 channel.on("message", lambda data: self._on_report(session, data))
+                if self._microphone is not None or self._speaker is not None:
+                    # the speaker receives (silence until an operator talks), the microphone
+                    # sends: one audio section, in the directions this device has
+                    session.microphone = (
+                        MicrophoneTrack(self._microphone) if self._microphone else None
+                    )
+                    direction = {
+                        (True, True): "sendrecv",
+                        (True, False): "sendonly",
+                        (False, True): "recvonly",
+                    }[(session.microphone is not None, self._speaker is not None)]
+                    pc.addTransceiver(session.microphone or "audio", direction=direction)
                 if self._speaker is not None:
-                    # receive-only: the gateway sends silence until an operator talks
-                    pc.addTransceiver("audio", direction="recvonly")
                     speaker = self._speaker
                     pc.on(
                         "track",
@@ -260,6 +274,8 @@ class VideoManager:
         if self.session is session:
             self.session = None
         session.track.stop()
+        if session.microphone is not None:
+            session.microphone.stop()
         await session.pc.close()
         if self._session_camera is not None:
             self._session_camera.stop()

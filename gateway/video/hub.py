@@ -147,6 +147,9 @@ class Stream:
     talk: TalkTrack | None = None
     talker: str | None = None  # the viewer holding push-to-talk
     talk_until: float = 0.0  # monotonic
+    # the door's microphone (the device sends audio only when its [video] microphone is on)
+    door_audio: bool = False
+    listeners: dict[str, TalkTrack] = field(default_factory=dict)  # viewer id -> its audio
 
     def on_frame(self, frame: EncodedFrame) -> None:
         self.frames += 1
@@ -246,6 +249,9 @@ class VideoHub:
             return
         assert rtc.sdp is not None  # the model requires an sdp on offers
         pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
+        # the door's microphone, when the device sends audio (its [video] microphone is on)
+        door: list[MediaStreamTrack] = []
+        pc.on("track", lambda t: door.append(t) if t.kind == "audio" else None)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(rtc.sdp, "offer"))
             receivers = [t.receiver for t in pc.getTransceivers() if t.kind == "video"]
@@ -255,12 +261,18 @@ class VideoHub:
             if len(audio) > 1:
                 raise ValueError(f"{len(audio)} audio sections; at most one is expected")
             talk = None
-            if audio:
-                # the device asks for audio only when its talk-back is on: it gets a track
+            offered = _audio_direction(rtc.sdp)
+            if audio and offered in ("recvonly", "sendrecv"):
+                # the device receives audio only when its talk-back is on: it gets a track
                 # that is silent until an operator holds push-to-talk
                 talk = TalkTrack()
                 audio[0].sender.replaceTrack(talk)
-                audio[0].direction = "sendonly"
+            if audio:
+                audio[0].direction = {
+                    "sendrecv": "sendrecv",
+                    "recvonly": "sendonly",
+                    "sendonly": "recvonly",
+                }.get(offered or "", "inactive")
             stem = self._recording_stem(device_id, rtc.session)
             stream_box: list[Stream] = []
             tap_encoded(receivers[0], lambda f: stream_box[0].on_frame(f) if stream_box else None)
@@ -286,6 +298,8 @@ class VideoHub:
         )
         stream_box.append(stream)
         self.streams[device_id] = stream
+        if door:
+            self._spawn(self._fan_out_door(stream, door[0]))
 
         @pc.on("datachannel")
         def _on_channel(channel: RTCDataChannel) -> None:
@@ -380,7 +394,12 @@ class VideoHub:
     # ---- viewers -------------------------------------------------------------------
 
     async def add_viewer(
-        self, device_id: str, offer_sdp: str, *, authorization: str | None = None
+        self,
+        device_id: str,
+        offer_sdp: str,
+        *,
+        authorization: str | None = None,
+        operator: str = "",
     ) -> Viewer:
         """Answer a viewer's SDP offer with the device's live stream; raises VideoError.
 
@@ -406,7 +425,11 @@ class VideoHub:
         # push-to-talk (talk()), and drained all the time so nothing piles up
         voices: list[MediaStreamTrack] = []
         pc.on("track", lambda t: voices.append(t) if t.kind == "audio" else None)
+        # the door's sound, if the device sends it and the viewer's offer takes audio
+        listener = TalkTrack() if stream.door_audio and "m=audio" in offer_sdp else None
         try:
+            if listener is not None:
+                pc.addTransceiver(listener, direction="sendrecv")
             transceiver = pc.addTransceiver(track, direction="sendonly")
             # the viewer gets the device's own bytes, so it must take the device's codec
             prefer_codecs(transceiver, [stream.codec])
@@ -422,10 +445,14 @@ class VideoHub:
                 ) from None
         except BaseException:
             track.stop()
+            if listener is not None:
+                listener.stop()
             await pc.close()
             raise
         if stream.closed:
             track.stop()
+            if listener is not None:
+                listener.stop()
             await pc.close()
             raise DeviceOffline(f"device {device_id}'s stream ended meanwhile")
         viewer = Viewer(new_message_id(), device_id, pc, track, pc.localDescription.sdp)
@@ -433,6 +460,17 @@ class VideoHub:
         self._viewers[viewer.id] = viewer
         for voice in voices:
             self._spawn(self._hear(stream, viewer, voice))
+        if listener is not None:
+            await asyncio.to_thread(
+                audit.append,
+                self.config.recordings_dir,
+                "listen",
+                operator=operator or "unnamed viewer",
+                reason="live view with the door's microphone",
+                device=device_id,
+                viewer=viewer.id,
+            )
+            stream.listeners[viewer.id] = listener
 
         @pc.on("connectionstatechange")
         async def _on_state() -> None:
@@ -523,6 +561,16 @@ class VideoHub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _fan_out_door(self, stream: Stream, door: MediaStreamTrack) -> None:
+        """The door's microphone to every viewer that listens; read always, so that
+        nothing piles up while nobody does."""
+        stream.door_audio = True
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await door.recv()
+                for listener in stream.listeners.values():
+                    listener.offer(frame)  # type: ignore[arg-type]
+
     async def _hear(self, stream: Stream, viewer: Viewer, voice: MediaStreamTrack) -> None:
         with contextlib.suppress(MediaStreamError):
             while True:
@@ -582,6 +630,9 @@ class VideoHub:
         stream = self.streams.get(viewer.device_id)
         if stream is not None:
             stream.viewers.pop(viewer.id, None)
+            listener = stream.listeners.pop(viewer.id, None)
+            if listener is not None:
+                listener.stop()
             self._report_viewers(stream)
         viewer.track.stop()
         await viewer.pc.close()
@@ -669,6 +720,14 @@ class VideoHub:
             "refused": dict(self.refused),
             "sealed": len(self.sealed),
         }
+
+
+def _audio_direction(sdp: str) -> str | None:
+    """The direction of the offer's audio section (from the offerer's side), if it has one."""
+    for media in SessionDescription.parse(sdp).media:
+        if media.kind == "audio":
+            return media.direction
+    return None
 
 
 def _negotiated_codec(answer_sdp: str) -> VideoCodec:

@@ -93,7 +93,11 @@ class Whep:
         try:
             offer = body.decode("utf-8")
             viewer = await self._hub.add_viewer(
-                device_id, offer, authorization=request.headers.get("Authorization")
+                device_id,
+                offer,
+                authorization=request.headers.get("Authorization"),
+                # who watches, for the audit of the door's microphone (a desk says)
+                operator=request.headers.get("X-Ansimi-Operator", "")[:100],
             )
         except DeviceOffline:
             return _text(404, f"device {device_id} is not streaming; send it video_start")

@@ -5,6 +5,7 @@ have it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import math
 import time
@@ -14,14 +15,22 @@ import av
 import numpy as np
 import pytest
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
 from video_rig import DEVICE, eventually, rig
 
 from ansimi.webrtc import rtc_configuration
-from device.config import DeviceConfig
-from device.hal.audio import FakeAudioOutput
+from device.agent import Agent
+from device.config import DeviceConfig, DeviceSection
+from device.hal import Hardware
+from device.hal.audio import FakeAudioOutput, FakeMicrophone
+from device.hal.camera import SyntheticCamera
+from device.hal.fakes import FakeIndicator, FakeInputs
 from device.video.config import VideoConfig
+from device.video.session import VideoManager
 from gateway.video import audit
 from gateway.video.hub import TalkbackOff
+from protocol.jws import Signer
+from protocol.keys import generate_key
 
 
 class Tone(MediaStreamTrack):
@@ -112,3 +121,65 @@ def test_a_store_bell_cannot_have_talkback() -> None:
     with pytest.raises(ValueError, match="store bell is silent"):
         DeviceConfig.model_validate({"device": {"kind": "store"}, "video": {"talkback": True}})
     DeviceConfig.model_validate({"device": {"kind": "doorbell"}, "video": {"talkback": True}})
+
+
+async def test_the_desk_hears_the_door_only_with_the_microphone_on(tmp_path: Path) -> None:
+    heard: list[float] = []
+
+    async def listen(track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                heard.append(loudness(frame.to_ndarray().tobytes()))
+
+    device = VideoConfig(talkback=True, microphone=True)
+    speaker = FakeAudioOutput()
+    async with rig(tmp_path, device=device, speaker=speaker, microphone=FakeMicrophone()) as r:
+        r.command("video_start")
+        await eventually(lambda: DEVICE in r.hub.streams and r.hub.streams[DEVICE].door_audio)
+        pc, offer = await viewer_with_microphone()
+        tasks: list[asyncio.Task[None]] = []
+        pc.on(
+            "track",
+            lambda t: tasks.append(asyncio.ensure_future(listen(t))) if t.kind == "audio" else None,
+        )
+        try:
+            viewer = await r.hub.add_viewer(DEVICE, offer, operator="kim")
+            await pc.setRemoteDescription(RTCSessionDescription(viewer.answer, "answer"))
+            await eventually(lambda: sum(1 for x in heard if x > 1000) >= 10, timeout_s=10)
+            (entry,) = audit.read(tmp_path / "recordings")
+            assert entry["action"] == "listen" and entry["operator"] == "kim"
+            # talk-back still works beside it (one audio section, both ways)
+            await r.hub.talk(DEVICE, viewer.id, on=True, operator="kim", reason="warn")
+            await eventually(lambda: any(loudness(p) > 1000 for p in speaker.played), timeout_s=10)
+        finally:
+            await pc.close()
+            for task in tasks:
+                task.cancel()
+
+
+def test_the_agent_wires_speaker_and_microphone_only_when_switched_on(tmp_path: Path) -> None:
+    def manager(video: VideoConfig, name: str) -> VideoManager:
+        agent = Agent(
+            DeviceConfig(
+                device=DeviceSection(id=DEVICE, kind="doorbell", state_dir=tmp_path / name),
+                video=video,
+            ),
+            signer=Signer(DEVICE, generate_key()),
+            gateway_key=generate_key().public_key(),
+            hardware=Hardware(
+                FakeInputs(),
+                FakeIndicator(),
+                SyntheticCamera(32, 32, 5),
+                None,
+                FakeAudioOutput(),
+                FakeMicrophone(),
+            ),
+        )
+        assert agent.video is not None
+        return agent.video
+
+    off = manager(VideoConfig(), "off")  # the defaults: hardware present, both off
+    assert off._speaker is None and off._microphone is None
+    on = manager(VideoConfig(talkback=True, microphone=True), "on")
+    assert on._speaker is not None and on._microphone is not None
