@@ -16,6 +16,8 @@ const TEXT = {
     registry_stale: "장치 목록을 게이트웨이에서 받지 못했습니다: 새 장치의 경보를 확인할 수 없습니다",
     refused: "건의 전달이 거부되었습니다 (콘솔 로그 확인)",
     video_connecting: "연결 중…", video_playing: "재생 중", video_failed: "영상 연결 실패",
+    recording: "녹화 보기", play_reason: "재생 이유", play: "재생",
+    no_recording: "녹화 없음", play_need_reason: "이유를 먼저 적어 주세요",
     talk: "눌러서 말하기", talk_reason: "말하는 이유", talking: "말하는 중…",
     talk_failed: "말하기 실패", talk_need_reason: "이유를 먼저 적어 주세요",
     ago_s: "초 전", ago_m: "분 전", ago_h: "시간 전",
@@ -38,6 +40,8 @@ const TEXT = {
     registry_stale: "the device list could not be fetched from the gateway: alerts from new devices cannot be verified",
     refused: "deliveries refused (see the console's log)",
     video_connecting: "connecting…", video_playing: "playing", video_failed: "video failed",
+    recording: "Recording", play_reason: "why you play it", play: "Play",
+    no_recording: "no recording", play_need_reason: "say why first",
     talk: "Hold to talk", talk_reason: "why you speak", talking: "talking…",
     talk_failed: "talk-back failed", talk_need_reason: "say why first",
     ago_s: "s ago", ago_m: "min ago", ago_h: "h ago",
@@ -305,6 +309,9 @@ function renderAlerts() {
       const watch = li.querySelector(".watch");
       watch.hidden = false;
       watch.addEventListener("click", () => openVideo(a.device_id));
+      const recording = li.querySelector(".recording");
+      recording.hidden = false;
+      recording.addEventListener("click", () => openRecording(a.event_id));
     }
     if (!li.dataset.shownMs) li.dataset.shownMs = a.shown_ms || (a.shown_ms = Date.now());
     return li;
@@ -485,6 +492,42 @@ async function openVideo(deviceId) {
   } catch (err) {
     status.textContent = `${t("video_failed")}: ${err.message}`;
     $("video-panel").dataset.error = err.message;
+  }
+}
+
+// ---- an alert's recording, with its timeline (audited playback) ---------------------------
+
+async function openRecording(eventId) {
+  $("recording-panel").hidden = false;
+  $("recording-alert").textContent = eventId;
+  const status = $("recording-status");
+  const timeline = $("recording-timeline");
+  const list = $("recording-list");
+  timeline.replaceChildren();
+  list.replaceChildren();
+  status.textContent = "…";
+  const response = await api("GET", `/api/alerts/${encodeURIComponent(eventId)}/recordings`);
+  const body = await response.json();
+  if (response.status !== 200) { status.textContent = body.error || `HTTP ${response.status}`; return; }
+  for (const step of body.timeline) {
+    const li = document.createElement("li");
+    li.textContent = `${new Date(step.at * 1000).toLocaleTimeString()} ${step.what} (${step.by})`;
+    timeline.append(li);
+  }
+  status.textContent = body.recordings.length ? "" : t("no_recording");
+  for (const r of body.recordings) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "play";
+    button.textContent = `${t("play")} ${new Date(r.started * 1000).toLocaleTimeString()}`;
+    button.addEventListener("click", () => {
+      const reason = $("recording-reason").value.trim();
+      if (!reason) { status.textContent = t("play_need_reason"); return; }
+      const q = new URLSearchParams({ index: String(r.index), reason });
+      $("recording").src = `/api/alerts/${encodeURIComponent(eventId)}/play?${q}`;
+      status.textContent = "";
+    });
+    list.append(button);
   }
 }
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from ansimi_testkit import eventually
 from playwright.async_api import BrowserContext, Page, async_playwright
 
+from ansimi.privacy import load_or_create
 from console.directory import Directory
 from console.gateway_client import GatewayClient
 from console.operators import Operators
@@ -38,6 +39,7 @@ from gateway.config import (
     Centre,
     GatewayConfig,
     MqttConfig,
+    PrivacyConfig,
     SuperviseConfig,
 )
 from gateway.service import Gateway
@@ -162,8 +164,12 @@ async def console_site(state: Path, mqtt_port: int) -> AsyncIterator[ConsoleSite
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         console_port = int(runner.addresses[0][1])
+        # recordings exist only under a data key
+        key_file = state / "gateway" / "privacy.key"
+        load_or_create(key_file)
         config = GatewayConfig(
             id="gw-e2e",
+            privacy=PrivacyConfig(key_file=key_file),
             database=state / "gateway" / "gateway.db",
             mqtt=MqttConfig(host="127.0.0.1", port=mqtt_port),
             api=ApiConfig(

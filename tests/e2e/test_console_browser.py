@@ -193,3 +193,31 @@ async def test_push_to_talk_reaches_the_doorbell_speaker(
     assert hub is not None
     entries = audit.read(hub.config.recordings_dir)
     assert [(e["action"], e["operator"]) for e in entries] == [("talkback", "kim")]
+
+
+async def test_the_alerts_recording_plays_on_the_desk_with_its_timeline(
+    site: ConsoleSite, browser: BrowserContext
+) -> None:
+    hub = site.gateway.video
+    assert hub is not None
+    page = await signed_in_page(browser, site.url)
+    site.bells[DOORBELL].press()
+    card = page.locator(f".alert[data-device-id='{DOORBELL}']")
+    await card.wait_for(timeout=20_000)
+    await eventually(lambda: DOORBELL in hub.streams and hub.streams[DOORBELL].frames > 30)
+    await hub.stop_stream(DOORBELL, "test: the press is over")
+    await eventually(lambda: len(hub.sealed) == 1, timeout_s=20)
+    await card.locator("button.recording").click()
+    play = page.locator("#recording-list button.play")
+    await play.wait_for(timeout=20_000)
+    assert "alert" in await page.locator("#recording-timeline").inner_text()
+    await page.fill("#recording-reason", "review for the police report")
+    await play.click()
+    async with asyncio.timeout(30):
+        while not await page.evaluate("document.getElementById('recording').videoWidth > 0"):
+            await asyncio.sleep(0.05)
+    await screenshot(page, "recording-playback")
+    rows = list(csv.DictReader(io.StringIO(site.console.operators.audit_csv())))
+    assert "play_recording" in {r["action"] for r in rows if r["operator"] == "kim"}
+    entries = audit.read(hub.config.recordings_dir)
+    assert ("playback", "kim") in {(e["action"], e["operator"]) for e in entries}
