@@ -15,6 +15,16 @@
    about two minutes. Both processes share this machine's cores, so the devices and viewers
    compete with the gateway: the figure is a lower bound for a gateway on its own machine.
 
+3. A lossy link: the same hub and LOSSY_STREAMS devices encoding the synthetic camera
+   live (aiortc's encoder, which follows the receiver's congestion feedback), each with a
+   viewer, in a child process whose every WebRTC datagram is dropped 5 % of the time and
+   else delayed 200 ms (ansimi/webrtc_link.py: netem needs a kernel module containers
+   often lack), and once more unshaped. Reported: offer to a viewer's first frame, and
+   the frames per second viewers receive. Loopback only.
+
+4. Encryption: CPU time of encrypting one stream's recording (a 1 Mbit/s H.264 stream in
+   one-second AES-256-GCM chunks, gateway/video/encrypted.py), as a share of one core.
+
 Run: .venv/bin/python bench/video.py   (last line: one JSON object)
 """
 
@@ -49,6 +59,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
+from ansimi.privacy import DataKey, Keyring
 from ansimi.webrtc import (
     VIDEO_TIME_BASE,
     Watcher,
@@ -57,6 +68,7 @@ from ansimi.webrtc import (
     prefer_codecs,
     rtc_configuration,
 )
+from ansimi.webrtc_link import impose_link
 from device.hal.camera import SyntheticCamera
 from device.video.track import CameraTrack, to_video_frame
 from gateway.video.config import VideoConfig
@@ -75,6 +87,9 @@ GOAL_FPS = 14.0
 CAPACITY_BUDGET_S = 100.0  # the latency part takes ~15 s more: about 2 minutes in all
 WARM_S, MEASURE_S = 3.0, 5.0
 TOKEN = "bench-video-operator-token"
+LOSSY_STREAMS = 4
+LOSSY_LOSS, LOSSY_DELAY_S = 0.05, 0.200
+LOSSY_MEASURE_S = 15.0
 
 
 async def until(check: Callable[[], bool], timeout_s: float, step_s: float = 0.005) -> None:
@@ -224,6 +239,8 @@ async def serve_hub(port_file: Path, recordings: Path) -> None:
         config,
         lambda device, rtc: answers.__setitem__(device, rtc),
         Signer("gw-bench", generate_key()),
+        # recordings are encrypted as in production, so the figures include that cost
+        keyring=Keyring([DataKey.generate()]),
     )
 
     async def offer(request: web.Request) -> web.Response:
@@ -413,6 +430,19 @@ async def run(state: Path) -> dict[str, Any]:
     print(f"streams relayed and recorded at >= {GOAL_FPS:g} fps ({WIDTH}x{HEIGHT} {FPS} fps):")
     best, steps = await capacity(state)
     print(f"  {best} streams (goal >= 60)")
+    link = f"{LOSSY_LOSS:.0%} loss, {LOSSY_DELAY_S * 1000:.0f} ms delay per datagram"
+    print(f"{LOSSY_STREAMS} live-encoded streams with a viewer each, clean loopback vs {link}:")
+    clean = await lossy_link(state, shaped=False)
+    lossy = await lossy_link(state, shaped=True)
+    for name, found in (("clean", clean), ("lossy", lossy)):
+        if found is not None:
+            print(
+                f"  {name}: first frame p50 {found['first_frame_p50_s']:.3f} s "
+                f"(max {found['first_frame_max_s']:.3f} s), viewers receive >= "
+                f"{found['viewer_fps_min']:.1f} fps (median {found['viewer_fps_median']:.1f})"
+            )
+    encryption = encryption_cpu_per_stream()
+    print(f"encrypting one 1 Mbit/s recording: {encryption * 100:.2f} % of a core")
     return {
         "bench": "video",
         "figures": {
@@ -421,6 +451,8 @@ async def run(state: Path) -> dict[str, Any]:
             "streams_relayed_and_recorded": best,
             "capacity_steps": steps,
             "trials": TRIALS,
+            "lossy_link": {"link": link, "clean": clean, "lossy": lossy},
+            "encryption_cpu_share_per_stream": round(encryption, 5),
         },
         "baseline": {
             "bare_aiortc_first_frame_p50_s": round(statistics.median(bare), 3),
@@ -431,10 +463,127 @@ async def run(state: Path) -> dict[str, Any]:
     }
 
 
+# ---- 3. a lossy link -------------------------------------------------------------------
+
+
+async def lossy_inner(out: Path, recordings: Path, *, shaped: bool) -> None:
+    """Hub, live-encoding devices and viewers in this process; figures to `out`."""
+    enable_loopback_candidates()
+    if shaped:
+        impose_link(LOSSY_LOSS, LOSSY_DELAY_S)
+    answers: dict[str, Rtc] = {}
+    hub = VideoHub(
+        VideoConfig(recordings_dir=recordings, loopback_candidates=True, retention_days=0),
+        lambda device, rtc: answers.__setitem__(device, rtc),
+        Signer("gw-bench", generate_key()),
+        keyring=Keyring([DataKey.generate()]),
+    )
+    peers: list[RTCPeerConnection] = []
+    watchers: list[Watcher] = []
+    first: list[float] = []
+    loop = asyncio.get_running_loop()
+    try:
+        for n in range(LOSSY_STREAMS):
+            device = f"doorbell-{n:04d}"
+            camera = SyntheticCamera(WIDTH, HEIGHT, FPS)
+            camera.start()
+            pc = RTCPeerConnection(rtc_configuration())
+            prefer_codecs(pc.addTransceiver(CameraTrack(camera), direction="sendonly"), ["H264"])
+            pc.createDataChannel("ansimi-video")
+            peers.append(pc)
+            t0 = loop.time()
+            await pc.setLocalDescription(await pc.createOffer())
+            await hub.handle_rtc(
+                device, Rtc(kind="offer", session=new_message_id(), sdp=pc.localDescription.sdp)
+            )
+            answer = answers.pop(device)
+            assert answer.sdp is not None, answer.reason
+            await pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
+            await until(lambda d=device: d in hub.streams and hub.streams[d].frames > 0, 30)  # type: ignore[misc]
+            watcher = Watcher(decode=False)
+            viewer = await hub.add_viewer(device, await watcher.offer())
+            await watcher.answer(viewer.answer)
+            watchers.append(watcher)
+            await until(lambda w=watcher: w.first_frame_at is not None, 30)  # type: ignore[misc]
+            assert watcher.first_frame_at is not None
+            first.append(watcher.first_frame_at - t0)
+        seen = [w.frames for w in watchers]
+        t0 = loop.time()
+        await asyncio.sleep(LOSSY_MEASURE_S)
+        dt = loop.time() - t0
+        fps = [(w.frames - s) / dt for w, s in zip(watchers, seen, strict=True)]
+        out.write_text(
+            json.dumps(
+                {
+                    "first_frame_p50_s": round(statistics.median(first), 3),
+                    "first_frame_max_s": round(max(first), 3),
+                    "viewer_fps_min": round(min(fps), 2),
+                    "viewer_fps_median": round(statistics.median(fps), 2),
+                }
+            )
+        )
+    finally:
+        for watcher in watchers:
+            await watcher.close()
+        for pc in peers:
+            await pc.close()
+        await hub.close()
+
+
+async def lossy_link(state: Path, *, shaped: bool) -> dict[str, Any] | None:
+    """Part 3 in a child process (the shaping is process-wide), with the poor link or not."""
+    out = state / f"lossy-{shaped}.json"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(HERE),
+        "--lossy-inner",
+        str(out),
+        str(state / f"recordings-lossy-{shaped}"),
+        *(["--shaped"] if shaped else []),
+    )
+    try:
+        async with asyncio.timeout(240):
+            await child.wait()
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    if not out.exists():
+        print("  failed: no figures (see the errors above)")
+        return None
+    figures: dict[str, Any] = json.loads(out.read_text())
+    return figures
+
+
+# ---- 4. encryption ----------------------------------------------------------------------
+
+
+def encryption_cpu_per_stream(seconds: int = 60, bitrate: int = 1_000_000) -> float:
+    """Share of one core that encrypting one stream's recording takes (chunk per second)."""
+    from gateway.video.encrypted import ChunkWriter
+
+    keyring = Keyring([DataKey.generate()])
+    second = os.urandom(bitrate // 8)
+    with tempfile.TemporaryDirectory(prefix="bench-enc-") as tmp:
+        writer = ChunkWriter(Path(tmp) / "r.mp4.enc", keyring, recording="r.mp4", codec="H264")
+        start = time.process_time()
+        for _ in range(seconds):
+            # the muxer writes in packet-sized pieces (flush_packets), about 15 a second
+            for piece in range(0, len(second), len(second) // 15):
+                writer.write(second[piece : piece + len(second) // 15])
+            writer.cut()
+        writer.close()
+        return (time.process_time() - start) / seconds
+
+
 def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     if len(sys.argv) == 4 and sys.argv[1] == "--hub-server":
         asyncio.run(serve_hub(Path(sys.argv[2]), Path(sys.argv[3])))
+        return
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--lossy-inner":
+        shaped = sys.argv[4:] == ["--shaped"]
+        asyncio.run(lossy_inner(Path(sys.argv[2]), Path(sys.argv[3]), shaped=shaped))
         return
     with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
         result = asyncio.run(run(Path(tmp)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,12 +126,12 @@ class GatewayClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
 
-    async def whep_offer(self, device_id: str, offer: str) -> WhepAnswer:
+    async def whep_offer(self, device_id: str, offer: str, operator: str = "") -> WhepAnswer:
+        """`operator`: who watches, for the gateway's audit if the door's microphone is on."""
         url = self._url("whep", device_id)
+        headers = {"Content-Type": "application/sdp", "X-Ansimi-Operator": operator}
         try:
-            async with self._session().post(
-                url, data=offer.encode(), headers={"Content-Type": "application/sdp"}
-            ) as response:
+            async with self._session().post(url, data=offer.encode(), headers=headers) as response:
                 text = await response.text()
                 if response.status != 201:
                     raise GatewayError(
@@ -140,6 +141,51 @@ class GatewayClient:
                 return WhepAnswer(text, response.headers.get("Location", ""))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
+
+    async def whep_talk(self, location: str, *, on: bool, operator: str, reason: str) -> None:
+        """Push-to-talk at the gateway for the viewer at `location`; raises GatewayError."""
+        parts = location.split("/")
+        if len(parts) != 4 or parts[:2] != ["", "whep"]:
+            raise GatewayError(502, "the gateway gave an unusable viewer location")
+        body = {"on": on, "operator": operator, "reason": reason}
+        try:
+            async with self._session().post(self._url(*parts[1:], "talk"), json=body) as response:
+                if response.status != 200:
+                    text = (await response.text()).strip()[:200]
+                    raise GatewayError(
+                        response.status if response.status in (400, 404, 409) else 502,
+                        text or f"HTTP {response.status}",
+                    )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
+
+    async def recordings(self, event_id: str) -> dict[str, Any]:
+        """An alert's recordings and timeline at the gateway (its playback API)."""
+        url = self._url("video", "events", event_id, "recordings")
+        try:
+            async with self._session().get(url) as response:
+                if response.status != 200:
+                    raise GatewayError(
+                        response.status if response.status in (404, 409, 503) else 502,
+                        f"recordings: HTTP {response.status}",
+                    )
+                data: dict[str, Any] = await response.json()
+                return data
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
+
+    def play(
+        self, event_id: str, index: int, operator: str, reason: str
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """The gateway's response streaming one recording (audited there); for `async with`.
+
+        No total timeout: a recording plays as long as it lasts; a stalled read still ends.
+        """
+        url = self._url("video", "events", event_id, "play").with_query(
+            index=str(index), operator=operator, reason=reason
+        )
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
+        return self._session().get(url, timeout=timeout)
 
     async def whep_delete(self, location: str) -> None:
         """`location`: the gateway's own answer to the offer, `/whep/{device}/{viewer}`."""

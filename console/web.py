@@ -10,6 +10,9 @@
     POST /api/alerts/{id}/{stage}      acknowledged | dispatched | closed, via the gateway
     POST /api/whep/{device}            live video: the SDP offer, proxied to the gateway
     DELETE /api/whep/{device}/{viewer}
+    POST /api/whep/{device}/{viewer}/talk  push-to-talk {"on", "reason"}, audited
+    GET  /api/alerts/{event}/recordings    an alert's doorbell recordings and timeline
+    GET  /api/alerts/{event}/play?index=&reason=  one recording, audited
     GET  /api/audit.csv                the audit log
 
 Every /api route but login needs a session; every POST and DELETE also needs the session's
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from ansimi.httpguard import (
@@ -207,6 +211,9 @@ class ConsoleApp:
                 web.post("/api/alerts/{event_id}/{stage}", self.move),
                 web.post("/api/whep/{device_id}", self.whep_offer),
                 web.delete("/api/whep/{device_id}/{viewer_id}", self.whep_delete),
+                web.post("/api/whep/{device_id}/{viewer_id}/talk", self.whep_talk),
+                web.get("/api/alerts/{event_id}/recordings", self.recordings),
+                web.get("/api/alerts/{event_id}/play", self.play_recording),
                 web.get("/api/audit.csv", self.audit_csv),
             ]
         )
@@ -555,7 +562,7 @@ class ConsoleApp:
             return web.Response(status=415, text="send the SDP offer as application/sdp\n")
         offer = (await request.read()).decode("utf-8", errors="replace")
         try:
-            answer = await self.gateway.whep_offer(device_id, offer)
+            answer = await self.gateway.whep_offer(device_id, offer, operator)
         except GatewayError as exc:
             # 404 is "not streaming yet": the page asks again in a moment, nothing was seen
             if exc.status == 404:
@@ -583,6 +590,103 @@ class ConsoleApp:
             await self.gateway.whep_delete(viewer.location)
         self.operators.audit(operator, "stop_video", viewer.device_id)
         return web.Response(status=200, text="closed\n")
+
+    async def whep_talk(self, request: web.Request) -> web.Response:
+        """Push-to-talk to the door: each press audited here and at the gateway."""
+        operator = request[SESSION_KEY].operator
+        viewer = self._viewers.get(request.match_info["viewer_id"])
+        if viewer is None or viewer.operator != operator or self.gateway is None:
+            return web.Response(status=404, text="no such viewer\n")
+        try:
+            body = await request.json()
+            on = body["on"]
+            reason = str(body.get("reason", "")).strip()[:500]
+            if not isinstance(on, bool):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return web.Response(status=400, text='send {"on": true|false, "reason": ...}\n')
+        if on and not reason:
+            return web.Response(status=400, text="say why you speak to the door\n")
+        try:
+            await self.gateway.whep_talk(viewer.location, on=on, operator=operator, reason=reason)
+        except GatewayError as exc:
+            if on:
+                self.operators.audit(operator, "talkback_failed", viewer.device_id, error=str(exc))
+            return web.Response(status=exc.status, text=f"{exc}\n")
+        if on:
+            self.operators.audit(operator, "talkback", viewer.device_id, reason=reason)
+        return web.Response(status=200, text="talking\n" if on else "stopped\n")
+
+    # ---- recordings -------------------------------------------------------------------
+
+    def _alert_in_scope(self, request: web.Request, action: str) -> ReceivedEvent | None:
+        session = request[SESSION_KEY]
+        event_id = request.match_info["event_id"]
+        event = self.receiver.events.get(event_id)
+        if event is None or event.type != "alert":
+            return None
+        district = self.district_of(event.device_id, event)
+        if self._outside_districts(session, action, event_id, district):
+            return None
+        return event
+
+    async def recordings(self, request: web.Request) -> web.Response:
+        event = self._alert_in_scope(request, "list_recordings")
+        if event is None:
+            return web.json_response({"error": NO_ALERT}, status=404)
+        if self.gateway is None:
+            return web.json_response({"error": "no gateway API configured"}, status=503)
+        try:
+            return web.json_response(await self.gateway.recordings(event.event_id))
+        except GatewayError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+
+    async def play_recording(self, request: web.Request) -> web.StreamResponse:
+        operator = request[SESSION_KEY].operator
+        event = self._alert_in_scope(request, "play_recording")
+        if event is None:
+            return web.json_response({"error": NO_ALERT}, status=404)
+        if self.gateway is None:
+            return web.json_response({"error": "no gateway API configured"}, status=503)
+        reason = request.query.get("reason", "").strip()[:500]
+        try:
+            index = int(request.query.get("index", "0"))
+        except ValueError:
+            return web.json_response({"error": "index is a whole number"}, status=400)
+        if not reason:
+            return web.json_response({"error": "say why you play the recording"}, status=400)
+        try:
+            async with self.gateway.play(event.event_id, index, operator, reason) as upstream:
+                if upstream.status != 200:
+                    return web.json_response(
+                        {"error": f"the gateway answered {upstream.status}"},
+                        status=upstream.status if upstream.status in (400, 404, 409) else 502,
+                    )
+                # the gateway has audited it too; here, who at this desk
+                self.operators.audit(
+                    operator,
+                    "play_recording",
+                    event.event_id,
+                    device=event.device_id,
+                    reason=reason,
+                    index=index,
+                )
+                response = web.StreamResponse(
+                    headers={"Content-Type": upstream.headers.get("Content-Type", "video/mp4")}
+                )
+                await response.prepare(request)
+                try:
+                    async for chunk in upstream.content.iter_chunked(64 * 1024):
+                        await response.write(chunk)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # started already: the page sees a cut recording; the reason goes here
+                    log.warning("console: a recording of %s broke off: %s", event.event_id, exc)
+                    return response
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("console: playing a recording of %s failed: %s", event.event_id, exc)
+            return web.json_response({"error": "the gateway is unreachable"}, status=502)
 
     # ---- audit ------------------------------------------------------------------------
 

@@ -131,7 +131,16 @@ class Agent:
         if hardware.camera is not None and config.device.kind == "doorbell":
             from device.video.session import VideoManager
 
-            self.video = VideoManager(config.video, hardware.camera, self.send)
+            # the speaker only when talk-back is on (never on a store bell: config refuses it)
+            speaker = hardware.speaker if config.video.talkback else None
+            microphone = hardware.microphone if config.video.microphone else None
+            self.video = VideoManager(
+                config.video,
+                hardware.camera,
+                self.send,
+                speaker=speaker,
+                microphone=microphone,
+            )
         self._started_at = self._monotonic()
         # The resend loop sleeps until the next entry is due; these wake it earlier: a new
         # entry (its due time may be the nearest), or a (re)connect (everything goes now).

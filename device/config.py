@@ -159,3 +159,14 @@ class DeviceConfig(_Section):
     sms: SmsSection = SmsSection()
     hardware: HardwareConfig = HardwareConfig()
     video: VideoConfig = VideoConfig()
+
+    @model_validator(mode="after")
+    def _store_bells_stay_silent(self) -> DeviceConfig:
+        # a store bell is pressed during a robbery: a voice from it would endanger the clerk
+        for option in ("talkback", "microphone"):
+            if self.device.kind == "store" and getattr(self.video, option):
+                raise ValueError(
+                    f"[video] {option}: a store bell is silent and never has talk-back "
+                    f"or a microphone; remove `{option} = true`"
+                )
+        return self

@@ -130,17 +130,25 @@ def privacy_key_rotate(config_path: Path) -> None:
     """
     from ansimi.privacy import PrivacyError, rotate
     from gateway.private import Vault
+    from gateway.video.encrypted import RecordingBroken, rewrap_all
 
     config = _config_or_exit(config_path)
     try:
         kid, count = rotate(
             config.privacy.key_file,
-            lambda keyring: _with_store(config, lambda store: Vault(store, None).reseal(keyring)),
+            # recordings keep their chunks: only each one's wrapped content key changes
+            lambda keyring: (
+                _with_store(config, lambda store: Vault(store, None).reseal(keyring))
+                + rewrap_all(config.video.recordings_dir, keyring)
+            ),
             credential=config.privacy.credential,
         )
-    except (PrivacyError, OSError, StoreError) as exc:
+    except (PrivacyError, OSError, StoreError, RecordingBroken) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"data key {kid} now seals {count} device record(s); the old key is retired")
+    click.echo(
+        f"data key {kid} now seals {count} device record(s) and recording(s); "
+        "the old key is retired"
+    )
 
 
 @gateway.command()
@@ -208,3 +216,63 @@ def release(recording: Path) -> None:
     except HoldError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"released: {recording}")
+
+
+@gateway.command("export-evidence")
+@click.argument("event_id")
+@_config_option
+@click.option("--operator", required=True, help="who exports (audited)")
+@click.option("--reason", required=True, help="why, e.g. the police case number (audited)")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="new folder for the export (must not exist)",
+)
+def export_evidence(
+    event_id: str, config_path: Path, operator: str, reason: str, out: Path
+) -> None:
+    """Export an event's doorbell recordings for the police, with a verification anyone can run.
+
+    EVENT_ID is the alert's id (the incident's first alert). The folder gets the playable
+    recordings, evidence.json signed by the gateway, its public key and VERIFY.txt with the
+    openssl and ffprobe commands that check them. The export is audited.
+    """
+    from ansimi.privacy import PrivacyError, load_keyring
+    from gateway.private import INIT
+    from gateway.video.audit import AuditError
+    from gateway.video.encrypted import RecordingBroken
+    from gateway.video.export import ExportError
+    from gateway.video.export import export_evidence as export
+    from protocol.keys import load_private_key
+
+    config = _config_or_exit(config_path)
+    try:
+        event = _with_store(config, lambda store: store.event(event_id))
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    if event is None:
+        raise click.ClickException(f"no event {event_id} in {config.store_url}")
+    try:
+        keyring = load_keyring(
+            config.privacy.key_file, credential=config.privacy.credential, init_hint=INIT
+        )
+        key = load_private_key(config.signing_key, hint="set signing_key in the gateway config")
+        done = export(
+            event={
+                "id": event.event_id,
+                "device": event.device_id,
+                "type": event.type,
+                "ts_ms": event.ts_ms,
+            },
+            root=config.video.recordings_dir,
+            out=out,
+            keyring=keyring,
+            key=key,
+            kid=config.id,
+            operator=operator,
+            reason=reason,
+        )
+    except (ExportError, AuditError, RecordingBroken, PrivacyError, ProtocolError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"exported to {done}; check it with the commands in {done / 'VERIFY.txt'}")

@@ -72,6 +72,11 @@ class Vault:
     def available(self) -> bool:
         return self._keyring is not None
 
+    @property
+    def keyring(self) -> Keyring | None:
+        """The site's data keys, for other personal data (recordings); None when off."""
+        return self._keyring
+
     def _ring(self) -> Keyring:
         if self._keyring is None:
             raise NoDataKey(self.problem)

@@ -122,7 +122,13 @@ class Gateway:
         if config.video.enabled:
             from gateway.video.hub import VideoHub
 
-            self.video = VideoHub(config.video, self.downlink.send, signer)
+            self.video = VideoHub(
+                config.video,
+                self.downlink.send,
+                signer,
+                keyring=self.vault.keyring,
+                holders=self.store,
+            )
         health = config.health
         self.probe = IntakeProbe(
             signer,
@@ -184,9 +190,21 @@ class Gateway:
         # deliveries a centre has not accepted: listed, and refused ones sent again
         self.api.add_routes(DeliveryRoutes(self.store, self.forwarder.wake).routes())
         if self.video is not None:
-            from gateway.video.whep import api_routes
+            from gateway.video import playback, whep
 
-            self.api.add_routes(api_routes(self.video))
+            self.api.add_routes(whep.api_routes(self.video))
+            public = signer.public_key
+            self.api.add_routes(
+                playback.api_routes(
+                    playback.Playback(
+                        config.video.recordings_dir,
+                        self.vault.keyring,
+                        lambda _kid: public,
+                        self.store.event,
+                        self.store.stages,
+                    )
+                )
+            )
         # POST /enrol and its admin routes, when this gateway runs from a provisioning site
         self.enrolment = attach_if_site(self.api, self.registry, self.store, config)
         # loaded now, so a bad certificate stops start-up with its name, not a task later

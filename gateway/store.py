@@ -152,6 +152,17 @@ _ADDED_COLUMNS = {
 
 # Enrolment's one-time tokens (gateway/enrol.py), kept only as their SHA-256 (migration 4;
 # a database enrolment wrote before that already has the table).
+# which gateway instance holds a device's live video stream (its [video] public_url), so a
+# viewer reaching another instance is relayed from it
+_VIDEO_STREAMS = """
+CREATE TABLE IF NOT EXISTS video_streams (
+    device_id   TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    session     TEXT NOT NULL,
+    since_ms    INTEGER NOT NULL
+);
+"""
+
 _ENROLMENTS = """
 CREATE TABLE IF NOT EXISTS enrolments (
     token_hash   TEXT PRIMARY KEY,      -- SHA-256 of the token, hex; never the token itself
@@ -433,6 +444,17 @@ class HealthStore(Protocol):
     async def checkpoint(self) -> None: ...
 
 
+class StreamStore(Protocol):
+    """Which gateway instance holds which live video stream (gateway/video/hub.py)."""
+
+    async def claim_stream(
+        self, device_id: str, holder: str, session: str, now_ms: int
+    ) -> None: ...
+    async def release_stream(self, device_id: str, holder: str, session: str) -> bool: ...
+    async def release_streams_of(self, holder: str) -> int: ...
+    async def stream_holder(self, device_id: str) -> str | None: ...
+
+
 class Store(
     IntakeStore,
     SupervisionStore,
@@ -441,6 +463,7 @@ class Store(
     EnrolmentStore,
     PrivacyStore,
     HealthStore,
+    StreamStore,
     Protocol,
 ):
     """Every role: what the gateway service opens and hands out by role."""
@@ -564,6 +587,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], .
     (2, "columns added after the first release", _migrate_added_columns),
     (3, "event ids owned by the devices that used or named them", _migrate_event_ids),
     (4, "enrolment tokens", _script(_ENROLMENTS)),
+    (5, "which instance holds which live video stream", _script(_VIDEO_STREAMS)),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -1142,6 +1166,36 @@ class SqliteDatabase:
             finally:
                 self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
 
+    # ---- live video streams: which instance holds which -------------------------------
+
+    def claim_stream(self, device_id: str, holder: str, session: str, now_ms: int) -> None:
+        """`holder` now holds `device_id`'s stream (a newer offer replaces any other's)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO video_streams VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE"
+                " SET holder = excluded.holder, session = excluded.session,"
+                " since_ms = excluded.since_ms",
+                (device_id, holder, session, now_ms),
+            )
+
+    def release_stream(self, device_id: str, holder: str, session: str) -> bool:
+        """Forget the claim if it is still this holder's and session's (not a newer one)."""
+        with self._tx() as db:
+            gone = db.execute(
+                "DELETE FROM video_streams WHERE device_id = ? AND holder = ? AND session = ?",
+                (device_id, holder, session),
+            )
+            return gone.rowcount > 0
+
+    def release_streams_of(self, holder: str) -> int:
+        """At an instance's start: the streams it held before dying are gone with it."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM video_streams WHERE holder = ?", (holder,)).rowcount
+
+    def stream_holder(self, device_id: str) -> str | None:
+        rows = self._query("SELECT holder FROM video_streams WHERE device_id = ?", (device_id,))
+        return str(rows[0][0]) if rows else None
+
     def close(self) -> None:
         with self._lock, _translated(self.path):
             self._db.close()
@@ -1508,6 +1562,18 @@ class SqliteStore:
 
     async def checkpoint(self) -> None:
         await self._run(self.database.checkpoint)
+
+    async def claim_stream(self, device_id: str, holder: str, session: str, now_ms: int) -> None:
+        await self._run(self.database.claim_stream, device_id, holder, session, now_ms)
+
+    async def release_stream(self, device_id: str, holder: str, session: str) -> bool:
+        return await self._run(self.database.release_stream, device_id, holder, session)
+
+    async def release_streams_of(self, holder: str) -> int:
+        return await self._run(self.database.release_streams_of, holder)
+
+    async def stream_holder(self, device_id: str) -> str | None:
+        return await self._run(self.database.stream_holder, device_id)
 
 
 SQLITE_URL_PREFIX: Final = "sqlite://"

@@ -8,24 +8,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ansimi_testkit import eventually
 
+from ansimi.privacy import DataKey, Keyring
 from ansimi.webrtc import Watcher, enable_loopback_candidates
 from device.hal.camera import SyntheticCamera
+from device.hal.ports import AudioInput, AudioOutput
 from device.video.config import VideoConfig as DeviceVideo
 from device.video.session import VideoManager
 from gateway.video.config import VideoConfig as GatewayVideo
-from gateway.video.hub import VideoHub
+from gateway.video.encrypted import decrypt_to
+from gateway.video.hub import StreamHolders, VideoHub
 from protocol.jws import Signer
 from protocol.keys import generate_key
 from protocol.messages import Command, Rtc, build_message
 
 DEVICE = "doorbell-0001"
-__all__ = ["DEVICE", "Rig", "Watcher", "eventually", "rig"]
+__all__ = ["DEVICE", "Rig", "Watcher", "eventually", "plaintext", "rig"]
+
+
+def plaintext(path: Path, keyring: Keyring) -> io.BytesIO:
+    """The decrypted recording at `path`, as a file PyAV can open (format="mp4")."""
+    plain = io.BytesIO()
+    decrypt_to(path, keyring, plain)
+    plain.seek(0)
+    return plain
 
 
 @dataclass
@@ -33,6 +46,7 @@ class Rig:
     manager: VideoManager
     hub: VideoHub
     signer: Signer
+    keyring: Keyring
     to_device: list[Rtc] = field(default_factory=list)
     to_gateway: list[Rtc] = field(default_factory=list)
     seq: int = 0
@@ -49,9 +63,13 @@ async def rig(
     device: DeviceVideo | None = None,
     gateway: GatewayVideo | None = None,
     clock: Callable[[], float] | None = None,
+    holders: StreamHolders | None = None,
+    speaker: AudioOutput | None = None,
+    microphone: AudioInput | None = None,
 ) -> AsyncIterator[Rig]:
     enable_loopback_candidates()
     signer = Signer("gw-test", generate_key())
+    keyring = Keyring([DataKey.generate()])
     camera = SyntheticCamera(320, 240, 15)
     box: list[Rig] = []
 
@@ -67,14 +85,20 @@ async def rig(
         r.seq += 1
         r.manager.on_down(build_message(rtc, device=device_id, seq=r.seq, ts=0))
 
-    extra = {"clock": clock} if clock is not None else {}
+    extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
+    if speaker is not None:
+        extra["speaker"] = speaker
+    if microphone is not None and (device or DeviceVideo()).microphone:
+        extra["microphone"] = microphone
     manager = VideoManager(device or DeviceVideo(), camera, to_gateway, **extra)
     hub = VideoHub(
         gateway or GatewayVideo(recordings_dir=tmp_path / "recordings", watch_report_s=0.2),
         to_device,
         signer,
+        keyring=keyring,
+        holders=holders,
     )
-    box.append(Rig(manager, hub, signer))
+    box.append(Rig(manager, hub, signer, keyring))
     tasks = [asyncio.ensure_future(manager.run()), asyncio.ensure_future(hub.run())]
     try:
         yield box[0]

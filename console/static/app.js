@@ -16,6 +16,10 @@ const TEXT = {
     registry_stale: "장치 목록을 게이트웨이에서 받지 못했습니다: 새 장치의 경보를 확인할 수 없습니다",
     refused: "건의 전달이 거부되었습니다 (콘솔 로그 확인)",
     video_connecting: "연결 중…", video_playing: "재생 중", video_failed: "영상 연결 실패",
+    recording: "녹화 보기", play_reason: "재생 이유", play: "재생",
+    no_recording: "녹화 없음", play_need_reason: "이유를 먼저 적어 주세요",
+    talk: "눌러서 말하기", talk_reason: "말하는 이유", talking: "말하는 중…",
+    talk_failed: "말하기 실패", talk_need_reason: "이유를 먼저 적어 주세요",
     ago_s: "초 전", ago_m: "분 전", ago_h: "시간 전",
     t_press: "비상벨", t_long_press: "비상벨 (길게)", t_duress: "강압 신호",
     t_doorbell_ring: "초인종", t_tamper: "장치 훼손", t_tamper_cleared: "훼손 해제",
@@ -36,6 +40,10 @@ const TEXT = {
     registry_stale: "the device list could not be fetched from the gateway: alerts from new devices cannot be verified",
     refused: "deliveries refused (see the console's log)",
     video_connecting: "connecting…", video_playing: "playing", video_failed: "video failed",
+    recording: "Recording", play_reason: "why you play it", play: "Play",
+    no_recording: "no recording", play_need_reason: "say why first",
+    talk: "Hold to talk", talk_reason: "why you speak", talking: "talking…",
+    talk_failed: "talk-back failed", talk_need_reason: "say why first",
     ago_s: "s ago", ago_m: "min ago", ago_h: "h ago",
     t_press: "Emergency bell", t_long_press: "Emergency bell (long press)", t_duress: "Duress",
     t_doorbell_ring: "Doorbell", t_tamper: "Tamper", t_tamper_cleared: "Tamper cleared",
@@ -64,6 +72,9 @@ const t = (key) => TEXT[state.lang][key] ?? TEXT.en[key] ?? key;
 function applyLanguage() {
   document.documentElement.lang = state.lang;
   for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+  for (const el of document.querySelectorAll("[data-i18n-placeholder]")) {
+    el.placeholder = t(el.dataset.i18nPlaceholder);
+  }
   $("lang").textContent = t("lang_other");
   if (!state.flash) document.title = t("title");
   renderAlerts();
@@ -93,6 +104,11 @@ async function start() {
   $("login-form").addEventListener("submit", login);
   $("logout").addEventListener("click", logout);
   $("video-close").addEventListener("click", closeVideo);
+  // push-to-talk: the microphone is live only while the button is held
+  $("talk").addEventListener("pointerdown", startTalk);
+  for (const end of ["pointerup", "pointerleave", "pointercancel"]) {
+    $("talk").addEventListener(end, stopTalk);
+  }
   // browsers allow sound only after a gesture: a page reopened with a live session has
   // had none, so the first click or key anywhere unlocks the alarm sound
   document.addEventListener("pointerdown", unlockAudio);
@@ -293,6 +309,9 @@ function renderAlerts() {
       const watch = li.querySelector(".watch");
       watch.hidden = false;
       watch.addEventListener("click", () => openVideo(a.device_id));
+      const recording = li.querySelector(".recording");
+      recording.hidden = false;
+      recording.addEventListener("click", () => openRecording(a.event_id));
     }
     if (!li.dataset.shownMs) li.dataset.shownMs = a.shown_ms || (a.shown_ms = Date.now());
     return li;
@@ -429,7 +448,15 @@ async function openVideo(deviceId) {
   const pc = new RTCPeerConnection({ iceServers: [] });
   state.video = { pc, location: null, device: deviceId };
   pc.addTransceiver("video", { direction: "recvonly" });
+  // a send slot for talk-back, empty until push-to-talk: the microphone is asked for then,
+  // and put in place without a new offer (WHEP has no renegotiation);
+  // both ways: the door's microphone comes back on it when the doorbell has one switched on
+  state.video.audio = pc.addTransceiver("audio", { direction: "sendrecv" });
   pc.ontrack = (ev) => {
+    if (ev.track.kind === "audio") {
+      $("door-audio").srcObject = new MediaStream([ev.track]);
+      return;
+    }
     video.srcObject = ev.streams[0] || new MediaStream([ev.track]);
     const mark = () => {
       video.dataset.firstFrameMs = String(Date.now());
@@ -468,13 +495,88 @@ async function openVideo(deviceId) {
   }
 }
 
+// ---- an alert's recording, with its timeline (audited playback) ---------------------------
+
+async function openRecording(eventId) {
+  $("recording-panel").hidden = false;
+  $("recording-alert").textContent = eventId;
+  const status = $("recording-status");
+  const timeline = $("recording-timeline");
+  const list = $("recording-list");
+  timeline.replaceChildren();
+  list.replaceChildren();
+  status.textContent = "…";
+  const response = await api("GET", `/api/alerts/${encodeURIComponent(eventId)}/recordings`);
+  const body = await response.json();
+  if (response.status !== 200) { status.textContent = body.error || `HTTP ${response.status}`; return; }
+  for (const step of body.timeline) {
+    const li = document.createElement("li");
+    li.textContent = `${new Date(step.at * 1000).toLocaleTimeString()} ${step.what} (${step.by})`;
+    timeline.append(li);
+  }
+  status.textContent = body.recordings.length ? "" : t("no_recording");
+  for (const r of body.recordings) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "play";
+    button.textContent = `${t("play")} ${new Date(r.started * 1000).toLocaleTimeString()}`;
+    button.addEventListener("click", () => {
+      const reason = $("recording-reason").value.trim();
+      if (!reason) { status.textContent = t("play_need_reason"); return; }
+      const q = new URLSearchParams({ index: String(r.index), reason });
+      $("recording").src = `/api/alerts/${encodeURIComponent(eventId)}/play?${q}`;
+      status.textContent = "";
+    });
+    list.append(button);
+  }
+}
+
+async function startTalk(ev) {
+  const v = state.video;
+  if (!v || !v.location || v.talking) return;
+  ev.preventDefault();
+  const reason = $("talk-reason").value.trim();
+  const status = $("video-status");
+  if (!reason) { status.textContent = t("talk_need_reason"); return; }
+  v.talking = true;
+  try {
+    if (!v.mic) {
+      const media = await navigator.mediaDevices.getUserMedia({ audio: true });
+      v.mic = media.getAudioTracks()[0];
+      await v.audio.sender.replaceTrack(v.mic);
+    }
+    v.mic.enabled = true;
+    const response = await api("POST", `${v.location}/talk`, { on: true, reason });
+    if (response.status !== 200) throw new Error((await response.text()).trim());
+    if (!v.talking) return stopTalk(); // released while the request was on its way
+    status.textContent = t("talking");
+    $("talk").dataset.talking = "1";
+  } catch (err) {
+    v.talking = false;
+    if (v.mic) v.mic.enabled = false;
+    status.textContent = `${t("talk_failed")}: ${err.message}`;
+  }
+}
+
+function stopTalk() {
+  const v = state.video;
+  if (!v || !v.talking) return;
+  v.talking = false;
+  if (v.mic) v.mic.enabled = false; // silence at once, whatever the network does
+  delete $("talk").dataset.talking;
+  $("video-status").textContent = t("video_playing");
+  if (v.location) api("POST", `${v.location}/talk`, { on: false });
+}
+
 function closeVideo() {
   const v = state.video;
   state.video = null;
   if (!v) return;
+  if (v.mic) v.mic.stop();
   v.pc.close();
   if (v.location) api("DELETE", v.location);
   $("video").srcObject = null;
+  $("door-audio").srcObject = null;
   $("video-panel").hidden = true;
 }
 

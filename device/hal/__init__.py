@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from device.hal.config import HardwareConfig
 from device.hal.ports import (
+    AudioInput,
+    AudioOutput,
     ButtonName,
     Camera,
     CameraUnavailable,
@@ -28,6 +30,8 @@ from device.hal.ports import (
 )
 
 __all__ = [
+    "AudioInput",
+    "AudioOutput",
     "ButtonName",
     "Camera",
     "CameraUnavailable",
@@ -60,6 +64,8 @@ class Hardware:
     indicator: Indicator
     camera: Camera | None
     modem: Modem | None
+    speaker: AudioOutput | None = None
+    microphone: AudioInput | None = None
 
     async def aclose(self) -> None:
         """Release everything (stop the camera, close modem, outputs and inputs)."""
@@ -117,10 +123,28 @@ def build_hardware(
             sms_timeout_s=config.modem_sms_timeout_s,
         )
     )
-    return Hardware(inputs=inputs, indicator=indicator, camera=camera, modem=modem)
+    speaker = None
+    if config.speaker == "alsa":
+        from device.hal.audio import AlsaAudioOutput
+
+        speaker = AlsaAudioOutput(config.speaker_device)
+    microphone = None
+    if config.microphone == "alsa":
+        from device.hal.audio import AlsaMicrophone
+
+        microphone = AlsaMicrophone(config.microphone_device)
+    return Hardware(
+        inputs=inputs,
+        indicator=indicator,
+        camera=camera,
+        modem=modem,
+        speaker=speaker,
+        microphone=microphone,
+    )
 
 
 def _build_fakes(config: HardwareConfig) -> Hardware:
+    from device.hal.audio import FakeAudioOutput, FakeMicrophone
     from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
 
     camera = None
@@ -133,4 +157,6 @@ def _build_fakes(config: HardwareConfig) -> Hardware:
         indicator=FakeIndicator(has_discreet_led=config.discreet_led_pin is not None),
         camera=camera,
         modem=None if config.modem_port is None else FakeModem(port=config.modem_port),
+        speaker=None if config.speaker == "none" else FakeAudioOutput(),
+        microphone=None if config.microphone == "none" else FakeMicrophone(),
     )

@@ -72,6 +72,14 @@ class HardwareConfig(BaseModel):
     camera_height: int = Field(default=480, ge=16, le=4096, multiple_of=2)
     # Frames per second.
     camera_fps: int = Field(default=15, ge=1, le=60)
+    # Speaker for an operator's talk-back: an ALSA device, a fake that records, or none.
+    speaker: Literal["none", "alsa", "fake"] = "none"
+    # ALSA device name of the speaker (`aplay -L` lists them).
+    speaker_device: str = "default"
+    # Microphone for the desk to listen at the door: an ALSA device, a fake hum, or none.
+    microphone: Literal["none", "alsa", "fake"] = "none"
+    # ALSA device name of the microphone (`arecord -L` lists them).
+    microphone_device: str = "default"
 
     # Serial device or pyserial URL of the SMS modem (e.g. /dev/ttyUSB2); None: no modem.
     modem_port: str | None = None

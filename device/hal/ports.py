@@ -114,6 +114,35 @@ class Camera(Protocol):
         ...
 
 
+class AudioOutput(Protocol):
+    """The doorbell's speaker, for an operator's talk-back: 16-bit signed PCM, interleaved."""
+
+    name: str
+
+    def start(self, sample_rate: int, channels: int) -> None: ...
+
+    def play(self, pcm: bytes) -> None:
+        """Queue `pcm` (whole frames) for playing; must not block the event loop for long."""
+        ...
+
+    def stop(self) -> None: ...
+
+
+class AudioInput(Protocol):
+    """The doorbell's microphone, for the desk: 20 ms of 16-bit mono PCM at a time."""
+
+    name: str
+    sample_rate: int
+
+    def start(self) -> None: ...
+
+    async def read(self) -> bytes:
+        """The next 20 ms (sample_rate // 50 samples), paced by the device."""
+        ...
+
+    def stop(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ModemInfo:
     """What `Modem.probe` found out."""
@@ -160,6 +189,10 @@ class PinError(HalError, OSError):
 
 class CameraUnavailable(HalError, RuntimeError):
     """The requested camera cannot be used; the message says how to fix it."""
+
+
+class AudioUnavailable(HalError, RuntimeError):
+    """No speaker can be opened (the message says which device and what to do)."""
 
 
 class ModemError(HalError, OSError):

@@ -32,3 +32,8 @@ class VideoConfig(BaseModel):
     ice_servers: list[IceServer] = []
     # also gather a 127.0.0.1 candidate: only when the gateway runs on the same host
     loopback_candidates: bool = False
+    # let an operator speak through the speaker ([hardware] speaker); never on a store bell
+    talkback: bool = False
+    # let the desk hear the door through the microphone ([hardware] microphone); never on a
+    # store bell
+    microphone: bool = False

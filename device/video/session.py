@@ -23,13 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from aiortc.stats import RTCRemoteInboundRtpStreamStats
 
 from ansimi.logs import WIRE
 from ansimi.webrtc import enable_loopback_candidates, prefer_codecs, rtc_configuration
-from device.hal.ports import Camera
+from device.hal.ports import AudioInput, AudioOutput, Camera, HalError
+from device.video.adapt import LinkState, adapt
 from device.video.config import VideoConfig
 from device.video.prealarm import Prealarm
-from device.video.track import CameraTrack
+from device.video.track import CameraTrack, MicrophoneTrack
 from protocol.ids import new_message_id
 from protocol.messages import Alert, Command, CommandMessage, Message, Rtc, RtcMessage
 
@@ -55,6 +58,8 @@ class VideoSession:
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     viewers: int = 0
     ended: str | None = None
+    link: LinkState = field(default_factory=LinkState)
+    microphone: MicrophoneTrack | None = None
 
 
 class VideoManager:
@@ -67,9 +72,15 @@ class VideoManager:
         send: SendRtc,
         *,
         track_factory: TrackFactory | None = None,
+        speaker: AudioOutput | None = None,
+        microphone: AudioInput | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`speaker`: where an operator's talk-back plays; `microphone`: what the desk hears
+        at the door. None (the default) for both: the offer has no audio at all."""
         self.config = config
+        self._speaker = speaker
+        self._microphone = microphone
         self._send = send
         self._clock = clock
         self._codecs = list(config.codecs)
@@ -161,6 +172,26 @@ class VideoManager:
                 prefer_codecs(transceiver, self._codecs)
                 channel = pc.createDataChannel("ansimi-video")
                 channel.on("message", lambda data: self._on_report(session, data))
+                if self._microphone is not None or self._speaker is not None:
+                    # the speaker receives (silence until an operator talks), the microphone
+                    # sends: one audio section, in the directions this device has
+                    session.microphone = (
+                        MicrophoneTrack(self._microphone) if self._microphone else None
+                    )
+                    direction = {
+                        (True, True): "sendrecv",
+                        (True, False): "sendonly",
+                        (False, True): "recvonly",
+                    }[(session.microphone is not None, self._speaker is not None)]
+                    pc.addTransceiver(session.microphone or "audio", direction=direction)
+                if self._speaker is not None:
+                    speaker = self._speaker
+                    pc.on(
+                        "track",
+                        lambda t: (
+                            self._spawn(self._play(t, speaker)) if t.kind == "audio" else None
+                        ),
+                    )
 
                 @pc.on("connectionstatechange")
                 async def _on_state() -> None:
@@ -204,6 +235,24 @@ class VideoManager:
             except Exception as exc:
                 await self._stop(f"bad answer: {exc}", tell_gateway=True, only=session)
 
+    async def _play(self, track: MediaStreamTrack, speaker: AudioOutput) -> None:
+        """The operator's voice (decoded opus: 16-bit PCM) to the speaker, until the end."""
+        started = False
+        try:
+            while True:
+                frame = await track.recv()
+                if not started:
+                    speaker.start(frame.sample_rate, len(frame.layout.channels))  # type: ignore[union-attr]
+                    started = True
+                speaker.play(frame.to_ndarray().tobytes())  # type: ignore[union-attr]
+        except MediaStreamError:
+            pass
+        except HalError as exc:
+            log.error("video: talk-back cannot play: %s", exc)
+        finally:
+            if started:
+                speaker.stop()
+
     def _on_report(self, session: VideoSession, data: object) -> None:
         try:
             viewers = int(json.loads(data)["viewers"])  # type: ignore[arg-type]
@@ -230,11 +279,40 @@ class VideoManager:
         if self.session is session:
             self.session = None
         session.track.stop()
+        if session.microphone is not None:
+            session.microphone.stop()
         await session.pc.close()
         if self._session_camera is not None:
             self._session_camera.stop()
         self.history.append((session.id, reason))
         log.info("video: session %s ended: %s", session.id, reason)
+
+    async def follow_link(self) -> None:
+        """Set the frame rate from the loss the gateway reports (RTCP receiver reports).
+
+        Only a live-encoded camera track can skip frames; the pre-alarm's own encoder keeps
+        its rate (aiortc's congestion feedback does not reach it either).
+        """
+        session = self.session
+        if session is None or not isinstance(session.track, CameraTrack):
+            return
+        stats = await session.pc.getStats()
+        lost = [
+            s.fractionLost / 256  # RFC 3550: fixed point, 8 bits
+            for s in stats.values()
+            if isinstance(s, RTCRemoteInboundRtpStreamStats) and s.kind == "video"
+        ]
+        if not lost:
+            return
+        before = session.link.divisor
+        session.link = adapt(session.link, max(lost), self._clock())
+        session.track.divisor = session.link.divisor
+        if session.link.divisor != before:
+            log.info(
+                "video: link loss %.0f %%: sending every %d camera frame(s)",
+                max(lost) * 100,
+                session.link.divisor,
+            )
 
     def check_limits(self) -> None:
         """Stop a session that ran too long or that nobody watched for `idle_stop_s`."""
@@ -254,6 +332,10 @@ class VideoManager:
             while True:
                 await asyncio.sleep(1.0)
                 self.check_limits()
+                try:
+                    await self.follow_link()
+                except Exception:
+                    log.exception("video: reading the link's statistics failed")
         finally:
             session = self.session
             if session is not None:

@@ -6,12 +6,14 @@ A `Frame` is already planar yuv420p, the layout the encoders want, so a frame be
 
 from __future__ import annotations
 
+import fractions
+
 import av
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from ansimi.webrtc import VIDEO_TIME_BASE
-from device.hal.ports import Camera, CameraUnavailable, Frame
+from device.hal.ports import AudioInput, Camera, CameraUnavailable, Frame, HalError
 
 
 def to_video_frame(frame: Frame) -> av.VideoFrame:
@@ -50,12 +52,19 @@ class CameraTrack(MediaStreamTrack):
         self._camera = camera
         self._t0: float | None = None
         self.frames = 0
+        self._captured = 0
+        # send every `divisor`-th camera frame (device/video/adapt.py lowers the rate on loss)
+        self.divisor = 1
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
         try:
-            frame = await self._camera.capture()
+            while True:
+                frame = await self._camera.capture()
+                self._captured += 1
+                if self._captured % self.divisor == 0:
+                    break
         except CameraUnavailable:
             self.stop()
             raise MediaStreamError from None
@@ -66,3 +75,37 @@ class CameraTrack(MediaStreamTrack):
         video.time_base = VIDEO_TIME_BASE
         self.frames += 1
         return video
+
+
+class MicrophoneTrack(MediaStreamTrack):
+    """The door's microphone as an audio track (16-bit mono, 20 ms frames, paced by it)."""
+
+    kind = "audio"
+
+    def __init__(self, microphone: AudioInput) -> None:
+        super().__init__()
+        self._microphone = microphone
+        self._pts = 0
+        self._time_base = fractions.Fraction(1, microphone.sample_rate)
+        microphone.start()
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        try:
+            pcm = await self._microphone.read()
+        except HalError:
+            self.stop()
+            raise MediaStreamError from None
+        frame = av.AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
+        frame.planes[0].update(pcm)
+        frame.sample_rate = self._microphone.sample_rate
+        frame.pts = self._pts
+        frame.time_base = self._time_base
+        self._pts += frame.samples
+        return frame
+
+    def stop(self) -> None:
+        if self.readyState == "live":
+            self._microphone.stop()
+        super().stop()

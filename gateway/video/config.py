@@ -27,3 +27,6 @@ class VideoConfig(BaseModel):
     loopback_candidates: bool = False
     # seconds between viewer-count reports to the device (it stops when nobody watches)
     watch_report_s: Annotated[float, Field(gt=0)] = 2.0
+    # this instance's API base URL as other instances reach it (https://gw-2.example:8443);
+    # set on every instance of a cluster so a viewer on any of them sees every stream
+    public_url: str = ""

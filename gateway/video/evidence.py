@@ -1,9 +1,12 @@
-"""Evidence seals: a recording's SHA-256, signed by the gateway, in a sidecar JSON file.
+"""Evidence seals: an encrypted recording's digests, signed by the gateway, in a sidecar.
 
 `<recording>.seal.json` holds the facts in the clear (so a person can read them) and a JWS
 (EdDSA, `kid` = gateway id) over exactly those facts, so any JOSE library and the
-gateway's public key can check it. `verify_seal` recomputes the hash from the file and
-raises if anything differs: one changed byte in the recording or the sidecar fails it.
+gateway's public key can check it. The facts name both digests of the encrypted
+recording (encrypted.py): the ciphertext of its chunks, and the plaintext they decrypt to,
+which is the byte-exact file an evidence export hands to the police. `verify_seal`
+decrypts and authenticates every chunk, recomputes both digests and raises if anything
+differs: one changed byte in the recording or the sidecar fails it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from ansimi.files import write_atomic
+from ansimi.privacy import Keyring
 from gateway.errors import GatewayError
+from gateway.video.encrypted import RecordingBroken, check
 from protocol.errors import ProtocolError
 from protocol.jws import KeyResolver, Signer, verify
 
@@ -42,17 +47,25 @@ def _canonical(facts: dict[str, Any]) -> bytes:
     return json.dumps(facts, sort_keys=True, separators=(",", ":")).encode()
 
 
-def seal_recording(recording: Path, signer: Signer, **facts: Any) -> Path:
-    """Hash `recording`, sign the hash and `facts` (device, session, times...), write the sidecar.
+def seal_recording(recording: Path, signer: Signer, keyring: Keyring, **facts: Any) -> Path:
+    """Check `recording`, sign its digests and `facts` (device, session, times...) in a sidecar.
 
-    The sidecar is written atomically and flushed to disk (`ansimi.files.write_atomic`),
-    so it is either whole or absent, also after a power cut.
+    An incomplete recording (the gateway died while writing it) is sealed as far as it
+    reads, with `complete` false. The sidecar is written atomically and flushed to disk
+    (`ansimi.files.write_atomic`), so it is either whole or absent, also after a power cut.
+    Raises RecordingBroken if a chunk does not open.
     """
+    opened = check(recording, keyring)
     sealed = {
         **facts,
         "file": recording.name,
-        "size": recording.stat().st_size,
-        "sha256": sha256_of(recording),
+        "recording": opened.recording,
+        "codec": opened.codec,
+        "chunks": opened.chunks,
+        "complete": opened.complete,
+        "ciphertext_sha256": opened.ciphertext_sha256,
+        "plaintext_sha256": opened.plaintext_sha256,
+        "plaintext_size": opened.plaintext_size,
         "gateway": signer.kid,
     }
     document = {"facts": sealed, "jws": signer.sign(_canonical(sealed))}
@@ -62,7 +75,7 @@ def seal_recording(recording: Path, signer: Signer, **facts: Any) -> Path:
     return target
 
 
-def verify_seal(recording: Path, resolve: KeyResolver) -> dict[str, Any]:
+def verify_seal(recording: Path, resolve: KeyResolver, keyring: Keyring) -> dict[str, Any]:
     """Return the sealed facts if `recording` is exactly what the gateway sealed; else raise."""
     where = seal_path(recording)
     try:
@@ -79,9 +92,16 @@ def verify_seal(recording: Path, resolve: KeyResolver) -> dict[str, Any]:
         raise SealBroken(f"{where}: the readable facts differ from the signed ones")
     if signed.get("file") != recording.name:
         raise SealBroken(f"{where}: seals {signed.get('file')!r}, not {recording.name!r}")
-    size = recording.stat().st_size
-    if size != signed.get("size"):
-        raise SealBroken(f"{recording}: {size} bytes, but {signed.get('size')} were sealed")
-    if sha256_of(recording) != signed.get("sha256"):
-        raise SealBroken(f"{recording}: SHA-256 differs from the sealed one: the file changed")
+    try:
+        opened = check(recording, keyring)
+    except (RecordingBroken, OSError) as exc:
+        raise SealBroken(str(exc)) from None
+    if opened.chunks != signed.get("chunks"):
+        raise SealBroken(
+            f"{recording}: {opened.chunks} chunks, but {signed.get('chunks')} were sealed"
+        )
+    if opened.ciphertext_sha256 != signed.get("ciphertext_sha256"):
+        raise SealBroken(f"{recording}: ciphertext SHA-256 differs from the sealed one")
+    if opened.plaintext_sha256 != signed.get("plaintext_sha256"):
+        raise SealBroken(f"{recording}: plaintext SHA-256 differs from the sealed one")
     return dict(signed)

@@ -11,6 +11,13 @@ Signalling: a device's signed `rtc` offer reaches `on_rtc` after intake has chec
 `reason` and no sdp, goes back signed on the device's `down/rtc` topic. The hub tells the
 device how many people watch over a data channel the device opens, so the device can stop
 a stream nobody watches.
+
+Several instances: each claims the streams it holds in the store (`claim_stream`, keyed
+by its `[video] public_url`). A viewer who reaches an instance that does not hold the
+device's stream is relayed: this instance becomes a WHEP viewer of the holder (passing on
+the viewer's own bearer token, so the holder checks the same rights) and fans that one
+upstream track out to its own viewers as it does a device's, without re-encoding. The
+relay ends with its last viewer or with the holder's stream.
 """
 
 from __future__ import annotations
@@ -20,15 +27,24 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+import aiohttp
+from aiortc import (
+    MediaStreamTrack,
+    RTCDataChannel,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCSessionDescription,
+)
 from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 
+from ansimi.privacy import Keyring
 from ansimi.webrtc import (
     EncodedFrame,
     EncodedTrack,
@@ -41,9 +57,14 @@ from ansimi.webrtc import (
     rtc_configuration,
     tap_encoded,
 )
+from ansimi.webrtc_audio import TalkTrack
 from gateway.errors import GatewayError
+from gateway.store import StreamStore
+from gateway.video import audit
 from gateway.video.config import VideoConfig
-from gateway.video.evidence import SEAL_SUFFIX, seal_recording
+from gateway.video.encrypted import SUFFIX as ENCRYPTED
+from gateway.video.encrypted import RecordingBroken
+from gateway.video.evidence import SEAL_SUFFIX, seal_path, seal_recording
 from gateway.video.recorder import Recorder
 from gateway.video.retention import sweep
 from protocol.ids import new_message_id
@@ -74,6 +95,24 @@ class TooManyViewers(VideoError, RuntimeError):
     reason = "too_many_viewers"
 
 
+class TalkbackOff(VideoError, PermissionError):
+    reason = "talkback_off"
+
+
+class NoSuchViewer(VideoError, LookupError):
+    reason = "no_such_viewer"
+
+
+# The store's record of which instance holds which live stream (gateway/store.py).
+StreamHolders = StreamStore
+
+
+RELAY_TIMEOUT_S = 10.0
+# a push-to-talk grant ends by itself after this long: a stuck button or a closed tab must
+# not leave a voice channel open into someone's home
+TALK_GRANT_S = 30.0
+
+
 @dataclass(eq=False)
 class Viewer:
     id: str
@@ -98,6 +137,16 @@ class Stream:
     frames: int = 0
     first_frame: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+    # a relay of another instance's stream: its WHEP session there, and the viewer's token
+    relayed_from: str | None = None
+    authorization: str | None = None
+    # talk-back: present only if the device offered to receive audio (its talkback is on)
+    talk: TalkTrack | None = None
+    talker: str | None = None  # the viewer holding push-to-talk
+    talk_until: float = 0.0  # monotonic
+    # the door's microphone (the device sends audio only when its [video] microphone is on)
+    door_audio: bool = False
+    listeners: dict[str, TalkTrack] = field(default_factory=dict)  # viewer id -> its audio
 
     def on_frame(self, frame: EncodedFrame) -> None:
         self.frames += 1
@@ -121,11 +170,23 @@ class VideoHub:
         send: SendRtc,
         signer: Signer,
         *,
+        keyring: Keyring | None = None,
+        holders: StreamHolders | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self._send = send
         self._signer = signer
+        # recordings are encrypted under the site's data key; without one, live video only
+        self._keyring = keyring
+        # shared with the other instances only when this one says where it can be reached
+        self._holders = holders if config.public_url else None
+        self._me = config.public_url.rstrip("/")
+        if keyring is None:
+            log.warning(
+                "video: no data key, so nothing is recorded (video is personal data and is "
+                "never stored in clear). Fix: run `ansimi gateway privacy-key init`"
+            )
         self._clock = clock
         self._relay = MediaRelay()
         self.streams: dict[str, Stream] = {}
@@ -182,11 +243,30 @@ class VideoHub:
             return
         assert rtc.sdp is not None  # the model requires an sdp on offers
         pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
+        # the door's microphone, when the device sends audio (its [video] microphone is on)
+        door: list[MediaStreamTrack] = []
+        pc.on("track", lambda t: door.append(t) if t.kind == "audio" else None)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(rtc.sdp, "offer"))
             receivers = [t.receiver for t in pc.getTransceivers() if t.kind == "video"]
             if len(receivers) != 1:
                 raise ValueError(f"{len(receivers)} video sections; exactly one is expected")
+            audio = [t for t in pc.getTransceivers() if t.kind == "audio"]
+            if len(audio) > 1:
+                raise ValueError(f"{len(audio)} audio sections; at most one is expected")
+            talk = None
+            offered = _audio_direction(rtc.sdp)
+            if audio and offered in ("recvonly", "sendrecv"):
+                # the device receives audio only when its talk-back is on: it gets a track
+                # that is silent until an operator holds push-to-talk
+                talk = TalkTrack()
+                audio[0].sender.replaceTrack(talk)
+            if audio:
+                audio[0].direction = {
+                    "sendrecv": "sendrecv",
+                    "recvonly": "sendonly",
+                    "sendonly": "recvonly",
+                }.get(offered or "", "inactive")
             stem = self._recording_stem(device_id, rtc.session)
             stream_box: list[Stream] = []
             tap_encoded(receivers[0], lambda f: stream_box[0].on_frame(f) if stream_box else None)
@@ -201,9 +281,19 @@ class VideoHub:
             await pc.close()
             self._refuse(device_id, rtc.session, "answer too long", f"{len(answer)} chars")
             return
-        stream = Stream(device_id, rtc.session, pc, receivers[0], codec, Recorder(stem))
+        stream = Stream(
+            device_id,
+            rtc.session,
+            pc,
+            receivers[0],
+            codec,
+            Recorder(stem, self._keyring),
+            talk=talk,
+        )
         stream_box.append(stream)
         self.streams[device_id] = stream
+        if door:
+            self._spawn(self._fan_out_door(stream, door[0]))
 
         @pc.on("datachannel")
         def _on_channel(channel: RTCDataChannel) -> None:
@@ -215,6 +305,10 @@ class VideoHub:
             if pc.connectionState in ("failed", "closed") and not stream.closed:
                 await self._end(stream, f"connection {pc.connectionState}")
 
+        if self._holders is not None:
+            await self._holders.claim_stream(
+                device_id, self._me, rtc.session, int(self._clock() * 1000)
+            )
         self._send(device_id, Rtc(kind="answer", session=rtc.session, sdp=answer))
         log.info("video: stream from %s (%s, session %s)", device_id, codec, rtc.session)
 
@@ -239,7 +333,16 @@ class VideoHub:
         for viewer in list(stream.viewers.values()):
             await self._drop_viewer(viewer)
         stream.source.stop()
+        if stream.talk is not None:
+            stream.talk.stop()
         await stream.pc.close()
+        if stream.relayed_from is not None:
+            await self._leave_upstream(stream)
+            log.info("video: relay of %s ended: %s", stream.device_id, why)
+            return
+        if self._holders is not None:
+            with contextlib.suppress(Exception):  # a stale claim only costs a failed relay
+                await self._holders.release_stream(stream.device_id, self._me, stream.session)
         try:
             path = stream.recorder.close()
         except Exception:
@@ -255,12 +358,14 @@ class VideoHub:
             await self._seal(stream, path)
 
     async def _seal(self, stream: Stream, path: Path) -> None:
+        assert self._keyring is not None  # a recording exists only with a data key
         try:
             # hashing a long recording reads it whole: keep the loop free meanwhile
             seal = await asyncio.to_thread(
                 seal_recording,
                 path,
                 self._signer,
+                self._keyring,
                 device=stream.device_id,
                 session=stream.session,
                 codec=stream.codec,
@@ -268,7 +373,7 @@ class VideoHub:
                 started=stream.recorder.started_at,
                 ended=self._clock(),
             )
-        except OSError:
+        except (OSError, RecordingBroken):
             log.exception("video: could not seal %s: it stays unsealed", path)
             return
         self.sealed.append(path)
@@ -276,9 +381,26 @@ class VideoHub:
 
     # ---- viewers -------------------------------------------------------------------
 
-    async def add_viewer(self, device_id: str, offer_sdp: str) -> Viewer:
-        """Answer a viewer's SDP offer with the device's live stream; raises VideoError."""
+    async def add_viewer(
+        self,
+        device_id: str,
+        offer_sdp: str,
+        *,
+        authorization: str | None = None,
+        operator: str = "",
+    ) -> Viewer:
+        """Answer a viewer's SDP offer with the device's live stream; raises VideoError.
+
+        `authorization` (the viewer's `Authorization` header) is passed on to the instance
+        holding the stream when it is not this one.
+        """
         stream = self.streams.get(device_id)
+        if stream is None:
+            lock = self._locks.setdefault(device_id, asyncio.Lock())
+            async with lock:  # one relay per device, however many viewers arrive at once
+                stream = self.streams.get(device_id) or await self._relay_from_holder(
+                    device_id, authorization
+                )
         if stream is None:
             raise DeviceOffline(f"device {device_id} has no live stream; send it video_start")
         if len(stream.viewers) >= self.config.max_viewers:
@@ -287,7 +409,15 @@ class VideoHub:
             )
         pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
         track = KeyframeGate(self._relay.subscribe(stream.source))
+        # the viewer's microphone, if its offer sends audio: heard only while it holds
+        # push-to-talk (talk()), and drained all the time so nothing piles up
+        voices: list[MediaStreamTrack] = []
+        pc.on("track", lambda t: voices.append(t) if t.kind == "audio" else None)
+        # the door's sound, if the device sends it and the viewer's offer takes audio
+        listener = TalkTrack() if stream.door_audio and "m=audio" in offer_sdp else None
         try:
+            if listener is not None:
+                pc.addTransceiver(listener, direction="sendrecv")
             transceiver = pc.addTransceiver(track, direction="sendonly")
             # the viewer gets the device's own bytes, so it must take the device's codec
             prefer_codecs(transceiver, [stream.codec])
@@ -303,15 +433,32 @@ class VideoHub:
                 ) from None
         except BaseException:
             track.stop()
+            if listener is not None:
+                listener.stop()
             await pc.close()
             raise
         if stream.closed:
             track.stop()
+            if listener is not None:
+                listener.stop()
             await pc.close()
             raise DeviceOffline(f"device {device_id}'s stream ended meanwhile")
         viewer = Viewer(new_message_id(), device_id, pc, track, pc.localDescription.sdp)
         stream.viewers[viewer.id] = viewer
         self._viewers[viewer.id] = viewer
+        for voice in voices:
+            self._spawn(self._hear(stream, viewer, voice))
+        if listener is not None:
+            await asyncio.to_thread(
+                audit.append,
+                self.config.recordings_dir,
+                "listen",
+                operator=operator or "unnamed viewer",
+                reason="live view with the door's microphone",
+                device=device_id,
+                viewer=viewer.id,
+            )
+            stream.listeners[viewer.id] = listener
 
         @pc.on("connectionstatechange")
         async def _on_state() -> None:
@@ -322,6 +469,141 @@ class VideoHub:
         # a fresh viewer starts at a keyframe: ask for one instead of waiting for the next
         await request_keyframe(stream.receiver)
         return viewer
+
+    # ---- relays from the instance holding a stream ----------------------------------
+
+    async def _relay_from_holder(self, device_id: str, authorization: str | None) -> Stream | None:
+        """Become a WHEP viewer of the instance holding `device_id`'s stream; None if none."""
+        if self._holders is None:
+            return None
+        holder = await self._holders.stream_holder(device_id)
+        if holder is None or holder == self._me:
+            return None
+        if len(self.streams) >= self.config.max_streams:
+            raise TooManyViewers(f"this instance's cap of {self.config.max_streams} streams")
+        pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
+        receiver = pc.addTransceiver("video", direction="recvonly").receiver
+        box: list[Stream] = []
+        tap_encoded(receiver, lambda f: box[0].on_frame(f) if box else None)
+        headers = {"Content-Type": "application/sdp"}
+        if authorization:
+            headers["Authorization"] = authorization
+        try:
+            await pc.setLocalDescription(await pc.createOffer())
+            async with (
+                asyncio.timeout(RELAY_TIMEOUT_S),
+                aiohttp.ClientSession() as http,
+                http.post(
+                    f"{holder}/whep/{device_id}", data=pc.localDescription.sdp, headers=headers
+                ) as resp,
+            ):
+                answer = await resp.text()
+                if resp.status != 201:
+                    raise DeviceOffline(f"{holder} answered {resp.status}: {answer.strip()}")
+                location = resp.headers.get("Location", "")
+            await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+            codec = _negotiated_codec(answer)
+        except DeviceOffline as exc:
+            await pc.close()
+            log.warning("video: no relay of %s: %s", device_id, exc)
+            return None
+        except (OSError, TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            await pc.close()
+            log.warning("video: no relay of %s from %s: %s", device_id, holder, exc)
+            return None
+        stream = Stream(
+            device_id,
+            f"relay-{new_message_id()}",
+            pc,
+            receiver,
+            codec,
+            Recorder(Path(), None),  # the holder records; a relay never does
+            relayed_from=f"{holder}{location}",
+            authorization=authorization,
+        )
+        box.append(stream)
+        self.streams[device_id] = stream
+
+        @pc.on("connectionstatechange")
+        async def _on_state() -> None:
+            if pc.connectionState in ("failed", "closed") and not stream.closed:
+                await self._end(stream, f"upstream connection {pc.connectionState}")
+
+        log.info("video: relaying %s from %s", device_id, holder)
+        return stream
+
+    async def _leave_upstream(self, stream: Stream) -> None:
+        headers = {"Authorization": stream.authorization} if stream.authorization else {}
+        with contextlib.suppress(OSError, TimeoutError, aiohttp.ClientError):
+            async with (
+                asyncio.timeout(RELAY_TIMEOUT_S),
+                aiohttp.ClientSession() as http,
+                http.delete(str(stream.relayed_from), headers=headers),
+            ):
+                pass
+
+    # ---- talk-back ------------------------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fan_out_door(self, stream: Stream, door: MediaStreamTrack) -> None:
+        """The door's microphone to every viewer that listens; read always, so that
+        nothing piles up while nobody does."""
+        stream.door_audio = True
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await door.recv()
+                for listener in stream.listeners.values():
+                    listener.offer(frame)  # type: ignore[arg-type]
+
+    async def _hear(self, stream: Stream, viewer: Viewer, voice: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await voice.recv()
+                talk = stream.talk
+                if (
+                    talk is not None
+                    and stream.talker == viewer.id
+                    and time.monotonic() < stream.talk_until
+                ):
+                    talk.offer(frame)  # type: ignore[arg-type]
+
+    async def talk(
+        self, device_id: str, viewer_id: str, *, on: bool, operator: str, reason: str
+    ) -> None:
+        """Push-to-talk: `viewer_id`'s microphone to the doorbell's speaker, or stop it.
+
+        Each press is audited (operator, reason) before any sound passes. Raises
+        DeviceOffline, NoSuchViewer, TalkbackOff (the device has no talk-back).
+        """
+        stream = self.streams.get(device_id)
+        if stream is None:
+            raise DeviceOffline(f"device {device_id} has no live stream")
+        if viewer_id not in stream.viewers:
+            raise NoSuchViewer(f"viewer {viewer_id} does not watch {device_id}")
+        if stream.talk is None:
+            raise TalkbackOff(
+                f"device {device_id} has talk-back off (its [video] talkback), or is relayed"
+            )
+        if not on:
+            if stream.talker == viewer_id:
+                stream.talker, stream.talk_until = None, 0.0
+            return
+        await asyncio.to_thread(
+            audit.append,
+            self.config.recordings_dir,
+            "talkback",
+            operator=operator,
+            reason=reason,
+            device=device_id,
+            viewer=viewer_id,
+        )
+        # one voice at a time: the latest press takes over
+        stream.talker, stream.talk_until = viewer_id, time.monotonic() + TALK_GRANT_S
+        log.info("video: talk-back to %s opened", device_id)
 
     async def remove_viewer(self, viewer_id: str, device_id: str | None = None) -> bool:
         viewer = self._viewers.get(viewer_id)
@@ -336,9 +618,14 @@ class VideoHub:
         stream = self.streams.get(viewer.device_id)
         if stream is not None:
             stream.viewers.pop(viewer.id, None)
+            listener = stream.listeners.pop(viewer.id, None)
+            if listener is not None:
+                listener.stop()
             self._report_viewers(stream)
         viewer.track.stop()
         await viewer.pc.close()
+        if stream is not None and stream.relayed_from is not None and not stream.viewers:
+            await self._end(stream, "its last viewer left")
 
     def _report_viewers(self, stream: Stream) -> None:
         channel = stream.channel
@@ -353,13 +640,49 @@ class VideoHub:
             self.config.recordings_dir,
             self.config.retention_days,
             self._clock(),
-            active={s.recorder.path for s in self.streams.values()},
+            active=self._active(),
         )
+
+    def seal_orphans(self) -> list[Path]:
+        """Seal recordings a crash left unsealed (as far as they read; `complete` false).
+
+        Run before any stream starts: every unsealed recording then belongs to a dead
+        process. One that does not open at all is logged and left for an operator.
+        """
+        root = self.config.recordings_dir
+        if self._keyring is None or not root.is_dir():
+            return []
+        done = []
+        for path in sorted(root.glob(f"*/*{ENCRYPTED}")):
+            if seal_path(path).exists() or path in self._active():
+                continue
+            try:
+                seal_recording(
+                    path,
+                    self._signer,
+                    self._keyring,
+                    device=path.parent.name,
+                    recovered_after_crash=True,
+                    ended=path.stat().st_mtime,
+                )
+            except (OSError, RecordingBroken):
+                log.exception("video: cannot seal the recording %s left by a crash", path)
+                continue
+            log.warning("video: sealed %s, left unfinished by a crash", path)
+            done.append(path)
+        return done
+
+    def _active(self) -> set[Path | None]:
+        return {s.recorder.path for s in self.streams.values()}
 
     async def run(self) -> None:
         """Periodic work (viewer reports, retention) until cancelled; then close all."""
         last_sweep = 0.0
         try:
+            if self._holders is not None:
+                # whatever this instance held before a crash died with it
+                await self._holders.release_streams_of(self._me)
+            self.sealed.extend(await asyncio.to_thread(self.seal_orphans))
             while True:
                 await asyncio.sleep(self.config.watch_report_s)
                 for stream in list(self.streams.values()):
@@ -388,6 +711,14 @@ class VideoHub:
             "refused": dict(self.refused),
             "sealed": len(self.sealed),
         }
+
+
+def _audio_direction(sdp: str) -> str | None:
+    """The direction of the offer's audio section (from the offerer's side), if it has one."""
+    for media in SessionDescription.parse(sdp).media:
+        if media.kind == "audio":
+            return media.direction
+    return None
 
 
 def _negotiated_codec(answer_sdp: str) -> VideoCodec:

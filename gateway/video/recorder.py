@@ -1,4 +1,4 @@
-"""Record encoded frames as they arrive, without re-encoding, into a crash-safe file.
+"""Record encoded frames as they arrive, without re-encoding, into a crash-safe encrypted file.
 
 H.264 goes into fragmented MP4 (`frag_keyframe+empty_moov+default_base_moof`, and a
 fragment at least every second, flushed to the OS as written), so a gateway killed
@@ -10,6 +10,11 @@ WebM (Matroska clusters are also readable up to a truncation).
 The container needs the stream's parameters (size, and for H.264 the SPS/PPS) before its
 header. They are read from the first keyframe, by opening that one frame as a tiny
 in-memory raw stream; frames before it are dropped (no decoder could use them anyway).
+
+The muxer never writes to disk itself: it writes into an `encrypted.ChunkWriter`, and the
+recorder cuts an encrypted chunk after each second of video, so a crash loses about two
+seconds at most (the fragment being muxed and the chunk being filled) and every chunk
+before stays readable.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ from typing import Final
 
 import av
 
+from ansimi.privacy import Keyring
 from ansimi.webrtc import VIDEO_TIME_BASE, EncodedFrame, VideoCodec
+from gateway.video.encrypted import SUFFIX as ENCRYPTED
+from gateway.video.encrypted import ChunkWriter
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +39,8 @@ SUFFIX: Final[dict[VideoCodec, str]] = {"H264": ".mp4", "VP8": ".webm"}
 _MP4_FLAGS: Final = "frag_keyframe+empty_moov+default_base_moof"
 # A crash loses at most the fragment being written: about this much video.
 _FRAGMENT_US: Final = 1_000_000
+# and an encrypted chunk is cut after this much video (RTP 90 kHz ticks)
+_CHUNK_TICKS: Final = 90_000
 
 
 def _ivf(frame: EncodedFrame) -> bytes:
@@ -44,11 +54,15 @@ def _ivf(frame: EncodedFrame) -> bytes:
 
 
 class Recorder:
-    """Writes one stream to `path_stem` + .mp4/.webm; `close()` finishes the file."""
+    """Writes one stream to `path_stem` + .mp4.enc/.webm.enc; `close()` finishes the file."""
 
-    def __init__(self, path_stem: Path) -> None:
+    def __init__(self, path_stem: Path, keyring: Keyring | None) -> None:
+        """Without a data key (`keyring` None) nothing is recorded: never video in clear."""
         self._stem = path_stem
+        self._keyring = keyring
         self.path: Path | None = None
+        self._sink: ChunkWriter | None = None
+        self._last_cut = 0
         self.frames = 0
         self.started_at: float | None = None
         self._out: av.container.OutputContainer | None = None
@@ -59,7 +73,7 @@ class Recorder:
         self.closed = False
 
     def write(self, frame: EncodedFrame) -> None:
-        if self.closed:
+        if self.closed or self._keyring is None:
             return
         if self._out is None:
             if not frame.keyframe:
@@ -80,6 +94,10 @@ class Recorder:
         packet.stream = self._stream
         self._out.mux(packet)
         self.frames += 1
+        if pts - self._last_cut >= _CHUNK_TICKS:
+            self._last_cut = pts
+            assert self._sink is not None
+            self._sink.cut()
 
     def _open(self, first: EncodedFrame) -> None:
         raw = first.data if first.codec == "H264" else _ivf(first)
@@ -87,15 +105,19 @@ class Recorder:
         assert isinstance(template, av.container.InputContainer)
         self._template = template
         source = template.streams.video[0]
-        self.path = self._stem.with_suffix(SUFFIX[first.codec])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        options = {"flush_packets": "1"}  # hand every write to the OS, not to a 32 KB buffer
+        assert self._keyring is not None
+        plain_name = self._stem.with_suffix(SUFFIX[first.codec]).name
+        self.path = self._stem.with_name(plain_name + ENCRYPTED)
+        self._sink = ChunkWriter(self.path, self._keyring, recording=plain_name, codec=first.codec)
+        # every write reaches the chunk writer at once, so a cut holds all video muxed so far
+        options = {"flush_packets": "1"}
         if first.codec == "H264":
             # a fragment at each keyframe and at least every second, whichever comes first
             options |= {"movflags": _MP4_FLAGS, "frag_duration": str(_FRAGMENT_US)}
         else:
             options |= {"cluster_time_limit": str(_FRAGMENT_US // 1000)}
-        self._out = av.open(str(self.path), "w", options=options)
+        container_format = "mp4" if first.codec == "H264" else "webm"
+        self._out = av.open(self._sink, "w", format=container_format, options=options)
         self._stream = self._out.add_stream_from_template(source)
         self._stream.time_base = VIDEO_TIME_BASE
         self.started_at = time.time()
@@ -107,9 +129,13 @@ class Recorder:
             return self.path
         self.closed = True
         if self._out is not None:
+            assert self._sink is not None
             try:
                 self._out.close()
+                self._sink.close()
             finally:
+                # a muxer that failed to finish leaves the file without its final chunk
+                self._sink.abandon()
                 if self._template is not None:
                     self._template.close()
         return self.path

@@ -2,6 +2,11 @@
 
     POST   /whep/{device_id}              application/sdp offer -> 201, answer, Location
     DELETE /whep/{device_id}/{viewer_id}  -> 200
+    POST   /whep/{device_id}/{viewer_id}/talk  {"on", "operator", "reason"} -> 200
+
+Talk-back: a viewer whose offer also sends audio (its microphone) is heard at the door only
+while it holds push-to-talk: `on: true` at the press (audited with operator and reason;
+it lapses by itself after 30 s), `on: false` at the release.
 
 Every request needs `Authorization: Bearer <token>`. Mounted in the gateway's HTTP API
 (`api_routes`), the API's middleware checks it: operator tokens. Stand-alone
@@ -20,7 +25,14 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api import ApiRoute
-from gateway.video.hub import BadOffer, DeviceOffline, TooManyViewers, VideoHub
+from gateway.video.hub import (
+    BadOffer,
+    DeviceOffline,
+    NoSuchViewer,
+    TalkbackOff,
+    TooManyViewers,
+    VideoHub,
+)
 from protocol.ids import DEVICE_ID_RE
 
 log = logging.getLogger(__name__)
@@ -57,6 +69,7 @@ class Whep:
             web.post("/whep/{device_id}", self.post),
             web.delete("/whep/{device_id}/{viewer_id}", self.delete),
             web.patch("/whep/{device_id}/{viewer_id}", self.patch),
+            web.post("/whep/{device_id}/{viewer_id}/talk", self.talk),
         ]
 
     def _denied(self, request: web.Request) -> web.Response | None:
@@ -79,7 +92,13 @@ class Whep:
             return _text(413, "offer too large")
         try:
             offer = body.decode("utf-8")
-            viewer = await self._hub.add_viewer(device_id, offer)
+            viewer = await self._hub.add_viewer(
+                device_id,
+                offer,
+                authorization=request.headers.get("Authorization"),
+                # who watches, for the audit of the door's microphone (a desk says)
+                operator=request.headers.get("X-Ansimi-Operator", "")[:100],
+            )
         except DeviceOffline:
             return _text(404, f"device {device_id} is not streaming; send it video_start")
         except TooManyViewers:
@@ -103,6 +122,34 @@ class Whep:
         ):
             return _text(200, "closed")
         return _text(404, "no such viewer")
+
+    async def talk(self, request: web.Request) -> web.Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        try:
+            body = await request.json()
+            on = body["on"]
+            operator = str(body.get("operator", "")).strip()[:100]
+            reason = str(body.get("reason", "")).strip()[:500]
+            if not isinstance(on, bool):
+                raise TypeError("on is true or false")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return _text(400, 'send JSON {"on": true|false, "operator": ..., "reason": ...}')
+        if on and (not operator or not reason):
+            return _text(400, "talk-back needs an operator and a reason: both are audited")
+        try:
+            await self._hub.talk(
+                request.match_info["device_id"],
+                request.match_info["viewer_id"],
+                on=on,
+                operator=operator,
+                reason=reason,
+            )
+        except (DeviceOffline, NoSuchViewer):
+            return _text(404, "no such viewer of a live stream")
+        except TalkbackOff:
+            return _text(409, "talk-back is off on this device")
+        return _text(200, "talking" if on else "stopped")
 
     async def patch(self, request: web.Request) -> web.Response:
         if (denied := self._denied(request)) is not None:
@@ -162,6 +209,27 @@ def api_routes(hub: VideoHub) -> list[ApiRoute]:
                 "stop watching",
                 {200: "closed", **denied, 404: "no such viewer"},
                 parameters=[device, viewer],
+            ),
+        ),
+        ApiRoute(
+            "POST",
+            "/whep/{device_id}/{viewer_id}/talk",
+            whep.talk,
+            "operator",
+            _operation(
+                "push-to-talk: the viewer's microphone to the doorbell's speaker (audited)",
+                {
+                    200: "talking, or stopped",
+                    400: "no operator or reason",
+                    **denied,
+                    404: "no such viewer",
+                    409: "talk-back is off on this device",
+                },
+                parameters=[device, viewer],
+                requestBody={
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
             ),
         ),
         ApiRoute(

@@ -20,6 +20,7 @@ from aiohttp import web
 from ansimi_testkit import eventually
 from playwright.async_api import BrowserContext, Page, async_playwright
 
+from ansimi.privacy import load_or_create
 from console.directory import Directory
 from console.gateway_client import GatewayClient
 from console.operators import Operators
@@ -28,6 +29,7 @@ from console.web import ConsoleApp
 from device.agent import Agent
 from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection
 from device.hal import Hardware
+from device.hal.audio import FakeAudioOutput
 from device.hal.camera import SyntheticCamera
 from device.hal.fakes import FakeIndicator, FakeInputs
 from device.video.config import VideoConfig as DeviceVideo
@@ -37,6 +39,7 @@ from gateway.config import (
     Centre,
     GatewayConfig,
     MqttConfig,
+    PrivacyConfig,
     SuperviseConfig,
 )
 from gateway.service import Gateway
@@ -63,6 +66,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--allow-loopback-in-peer-connection",
     "--disable-features=WebRtcHideLocalIpsWithMdns",
+    # a fake microphone (a beep) and no permission prompt: push-to-talk in a test
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
 ]
 # short, so an offline device is noticed within seconds in a test
 HEARTBEAT_S = 1.0
@@ -78,6 +84,7 @@ class Bell:
     agent: Agent
     inputs: FakeInputs
     indicator: FakeIndicator
+    speaker: FakeAudioOutput | None = None  # the doorbell's, with talk-back on
 
     def press(self) -> int:
         """Press and release the emergency button; the wall-clock time of the press."""
@@ -113,7 +120,9 @@ def _agent(
 ) -> tuple[Bell, str]:
     key = generate_key()
     camera = SyntheticCamera(320, 240, 15) if kind == "doorbell" else None
-    hardware = Hardware(FakeInputs(), FakeIndicator(), camera, None)
+    # the doorbell has a speaker and talk-back on, as a stalking victim's would
+    speaker = FakeAudioOutput() if kind == "doorbell" else None
+    hardware = Hardware(FakeInputs(), FakeIndicator(), camera, None, speaker)
     agent = Agent(
         DeviceConfig(
             device=DeviceSection(id=device_id, kind=kind, state_dir=state / device_id),
@@ -121,7 +130,7 @@ def _agent(
                 id=gateway_signer.kid, public_key=public_key_to_b64(gateway_signer.public_key)
             ),
             mqtt=MqttSection(host="127.0.0.1", port=mqtt_port, heartbeat_s=HEARTBEAT_S),
-            video=DeviceVideo(loopback_candidates=True),
+            video=DeviceVideo(loopback_candidates=True, talkback=speaker is not None),
         ),
         signer=Signer(device_id, key),
         gateway_key=gateway_signer.public_key,
@@ -129,7 +138,8 @@ def _agent(
     )
     assert isinstance(hardware.inputs, FakeInputs)
     assert isinstance(hardware.indicator, FakeIndicator)
-    return Bell(agent, hardware.inputs, hardware.indicator), public_key_to_b64(key.public_key())
+    bell = Bell(agent, hardware.inputs, hardware.indicator, speaker)
+    return bell, public_key_to_b64(key.public_key())
 
 
 @contextlib.asynccontextmanager
@@ -154,8 +164,12 @@ async def console_site(state: Path, mqtt_port: int) -> AsyncIterator[ConsoleSite
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         console_port = int(runner.addresses[0][1])
+        # recordings exist only under a data key
+        key_file = state / "gateway" / "privacy.key"
+        load_or_create(key_file)
         config = GatewayConfig(
             id="gw-e2e",
+            privacy=PrivacyConfig(key_file=key_file),
             database=state / "gateway" / "gateway.db",
             mqtt=MqttConfig(host="127.0.0.1", port=mqtt_port),
             api=ApiConfig(

@@ -7,6 +7,7 @@ this machine's two cores. Screenshots land in test-output/e2e/.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import csv
 import io
@@ -28,6 +29,7 @@ from playwright.async_api import BrowserContext
 
 from ansimi.broker import Mosquitto
 from device.hal.ports import Pattern
+from gateway.video import audit
 
 pytestmark = pytest.mark.slow
 
@@ -148,3 +150,74 @@ async def test_the_door_camera_plays_in_the_page(
     assert ("kim", "view_video", DOORBELL) in {
         (r["operator"], r["action"], r["target"]) for r in rows
     }
+
+
+def _loud(pcm: bytes) -> bool:
+    samples = array.array("h", pcm)
+    return bool(samples) and max(abs(x) for x in samples) > 1000
+
+
+async def test_push_to_talk_reaches_the_doorbell_speaker(
+    site: ConsoleSite, browser: BrowserContext
+) -> None:
+    """Chromium's fake microphone (a beep) through the desk's push-to-talk to the fake
+    speaker: heard only while the button is held, audited at the console and the gateway."""
+    speaker = site.bells[DOORBELL].speaker
+    assert speaker is not None
+    page = await signed_in_page(browser, site.url)
+    site.bells[DOORBELL].press()
+    card = page.locator(f".alert[data-device-id='{DOORBELL}']")
+    await card.wait_for(timeout=20_000)
+    await card.locator("button.watch").click()
+    async with asyncio.timeout(30):
+        while not await page.evaluate("document.getElementById('video').videoWidth > 0"):
+            await asyncio.sleep(0.05)
+    # before any press the door hears silence
+    await eventually(lambda: len(speaker.played) > 25, timeout_s=20)
+    assert not any(_loud(p) for p in speaker.played)
+    await page.fill("#talk-reason", "tell the visitor police are coming")
+    talk = page.locator("#talk")
+    await talk.dispatch_event("pointerdown")
+    await page.wait_for_selector("#talk[data-talking='1']", timeout=20_000)
+    await eventually(lambda: any(_loud(p) for p in speaker.played), timeout_s=20)
+    await talk.dispatch_event("pointerup")
+    await asyncio.sleep(1.0)  # what was in flight plays out
+    released = len(speaker.played)
+    await eventually(lambda: len(speaker.played) > released + 25, timeout_s=20)
+    assert not any(_loud(p) for p in speaker.played[released:])
+    rows = list(csv.DictReader(io.StringIO(site.console.operators.audit_csv())))
+    assert ("kim", "talkback", DOORBELL) in {
+        (r["operator"], r["action"], r["target"]) for r in rows
+    }
+    hub = site.gateway.video
+    assert hub is not None
+    entries = audit.read(hub.config.recordings_dir)
+    assert [(e["action"], e["operator"]) for e in entries] == [("talkback", "kim")]
+
+
+async def test_the_alerts_recording_plays_on_the_desk_with_its_timeline(
+    site: ConsoleSite, browser: BrowserContext
+) -> None:
+    hub = site.gateway.video
+    assert hub is not None
+    page = await signed_in_page(browser, site.url)
+    site.bells[DOORBELL].press()
+    card = page.locator(f".alert[data-device-id='{DOORBELL}']")
+    await card.wait_for(timeout=20_000)
+    await eventually(lambda: DOORBELL in hub.streams and hub.streams[DOORBELL].frames > 30)
+    await hub.stop_stream(DOORBELL, "test: the press is over")
+    await eventually(lambda: len(hub.sealed) == 1, timeout_s=20)
+    await card.locator("button.recording").click()
+    play = page.locator("#recording-list button.play")
+    await play.wait_for(timeout=20_000)
+    assert "alert" in await page.locator("#recording-timeline").inner_text()
+    await page.fill("#recording-reason", "review for the police report")
+    await play.click()
+    async with asyncio.timeout(30):
+        while not await page.evaluate("document.getElementById('recording').videoWidth > 0"):
+            await asyncio.sleep(0.05)
+    await screenshot(page, "recording-playback")
+    rows = list(csv.DictReader(io.StringIO(site.console.operators.audit_csv())))
+    assert "play_recording" in {r["action"] for r in rows if r["operator"] == "kim"}
+    entries = audit.read(hub.config.recordings_dir)
+    assert ("playback", "kim") in {(e["action"], e["operator"]) for e in entries}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import sys
@@ -16,8 +17,12 @@ from video_itkit import DOORBELL, TOKEN, eventually, video_site
 
 from ansimi.broker import Mosquitto
 from ansimi.mqtt import Session, Settings
+from ansimi.privacy import Keyring, load_keyring
 from gateway.store import Device
+from gateway.video.config import VideoConfig as GatewayVideo
+from gateway.video.encrypted import check, decrypt_to
 from gateway.video.evidence import SealBroken, verify_seal
+from gateway.video.hub import VideoHub
 from protocol.envelope import seal
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
@@ -27,8 +32,12 @@ from protocol.topics import up_topic
 HERE = Path(__file__).resolve().parent
 
 
-def decoded_frames(path: Path) -> int:
-    with av.open(str(path)) as container:
+def decoded_frames(path: Path, keyring: Keyring) -> int:
+    """Frames decoded from the plaintext of an encrypted recording (complete or not)."""
+    plain = io.BytesIO()
+    decrypt_to(path, keyring, plain)
+    plain.seek(0)
+    with av.open(plain, format="mp4") as container:
         return sum(1 for _ in container.decode(video=0))
 
 
@@ -71,14 +80,14 @@ async def test_video_start_records_relays_to_two_viewers_and_seals(
         site.command("video_stop")
         await eventually(lambda: len(hub.sealed) == 1)
         (path,) = hub.sealed
-        assert decoded_frames(path) > 0
-        facts = verify_seal(path, lambda kid: site.gateway_signer.public_key)
+        assert decoded_frames(path, site.keyring) > 0
+        facts = verify_seal(path, lambda kid: site.gateway_signer.public_key, site.keyring)
         assert facts["device"] == DOORBELL
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x40
         path.write_bytes(bytes(data))
         with pytest.raises(SealBroken):
-            verify_seal(path, lambda kid: site.gateway_signer.public_key)
+            verify_seal(path, lambda kid: site.gateway_signer.public_key, site.keyring)
 
 
 async def test_doorbell_emergency_press_starts_video(tmp_path: Path, mosquitto: Mosquitto) -> None:
@@ -145,7 +154,9 @@ async def test_offers_from_unknown_or_revoked_devices_never_reach_the_hub(
             runner.cancel()
 
 
-async def test_a_killed_recording_stays_playable(tmp_path: Path, mosquitto: Mosquitto) -> None:
+async def test_a_killed_recording_stays_decryptable_and_playable(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         str(HERE / "video_itkit.py"),
@@ -155,7 +166,12 @@ async def test_a_killed_recording_stays_playable(tmp_path: Path, mosquitto: Mosq
         stderr=asyncio.subprocess.DEVNULL,
         start_new_session=True,
         # run as a program, the kit finds the shared test kit only through this
-        env={**os.environ, "PYTHONPATH": str(HERE.parents[1])},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(HERE.parents[1]), os.environ.get("PYTHONPATH")) if p
+            ),
+        },
     )
     try:
         assert child.stdout is not None
@@ -171,4 +187,18 @@ async def test_a_killed_recording_stays_playable(tmp_path: Path, mosquitto: Mosq
             child.kill()
             await child.wait()
     assert child.returncode == -signal.SIGKILL
-    assert decoded_frames(path) > 10
+    keyring = load_keyring(tmp_path / "gateway" / "privacy.key")
+    opened = check(path, keyring)
+    assert not opened.complete and opened.chunks >= 2
+    assert decoded_frames(path, keyring) > 10
+    # the next start seals what the crash left, as far as it reads
+    restarted = Signer("gw-test", generate_key())
+    hub = VideoHub(
+        GatewayVideo(recordings_dir=path.parent.parent),
+        lambda device, rtc: None,
+        restarted,
+        keyring=keyring,
+    )
+    assert hub.seal_orphans() == [path]
+    assert verify_seal(path, lambda kid: restarted.public_key, keyring)["complete"] is False
+    assert hub.seal_orphans() == []

@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 from ansimi_testkit import eventually, nowhere_centre
 
+from ansimi.privacy import Keyring, load_or_create
 from ansimi.webrtc import Watcher
 from device.agent import Agent
 from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection
@@ -24,7 +25,7 @@ from device.hal import Hardware
 from device.hal.camera import SyntheticCamera
 from device.hal.fakes import FakeIndicator, FakeInputs
 from device.video.config import VideoConfig as DeviceVideo
-from gateway.config import ApiConfig, ApiToken, GatewayConfig, MqttConfig
+from gateway.config import ApiConfig, ApiToken, GatewayConfig, MqttConfig, PrivacyConfig
 from gateway.service import Gateway
 from gateway.store import Device
 from gateway.video.config import VideoConfig as GatewayVideo
@@ -42,6 +43,7 @@ class VideoSite:
     agent: Agent
     inputs: FakeInputs
     gateway_signer: Signer
+    keyring: Keyring
 
     @property
     def api(self) -> str:
@@ -71,7 +73,11 @@ async def video_site(
     state: Path, host: str, port: int, *, device: DeviceVideo | None = None
 ) -> AsyncIterator[VideoSite]:
     gateway_signer = Signer("gw-test", generate_key())
+    # recordings exist only under a data key; the killed-recording test reads this one back
+    key_file = state / "gateway" / "privacy.key"
+    keyring = load_or_create(key_file)
     config = GatewayConfig(
+        privacy=PrivacyConfig(key_file=key_file),
         centres=[nowhere_centre()],
         id="gw-test",
         database=state / "gateway" / "gateway.db",
@@ -112,7 +118,7 @@ async def video_site(
         await asyncio.wait_for(gateway.ready.wait(), 10)
         await asyncio.wait_for(agent.ready.wait(), 10)
         await eventually(lambda: gateway.api.port is not None)
-        yield VideoSite(gateway, agent, inputs, gateway_signer)
+        yield VideoSite(gateway, agent, inputs, gateway_signer, keyring)
     finally:
         for task in tasks:
             task.cancel()

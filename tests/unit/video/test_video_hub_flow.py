@@ -6,7 +6,7 @@ from pathlib import Path
 
 import av
 import pytest
-from video_rig import DEVICE, Watcher, eventually, rig
+from video_rig import DEVICE, Watcher, eventually, plaintext, rig
 
 from gateway.video.config import VideoConfig
 from gateway.video.evidence import verify_seal
@@ -41,10 +41,10 @@ async def test_video_start_streams_records_relays_and_seals(tmp_path: Path) -> N
         await eventually(lambda: DEVICE not in r.hub.streams and len(r.hub.sealed) == 1)
         assert r.manager.history[-1][1] == "operator command"
         (path,) = r.hub.sealed
-        with av.open(str(path)) as container:
+        with av.open(plaintext(path, r.keyring), format="mp4") as container:
             decoded = sum(1 for _ in container.decode(video=0))
         assert decoded > 0
-        facts = verify_seal(path, lambda kid: r.signer.public_key)
+        facts = verify_seal(path, lambda kid: r.signer.public_key, r.keyring)
         assert facts["device"] == DEVICE and facts["frames"] > 0
 
 

@@ -6,16 +6,17 @@ import asyncio
 from pathlib import Path
 
 import av
-from video_rig import DEVICE, eventually, rig
+from video_rig import DEVICE, eventually, plaintext, rig
 
+from ansimi.privacy import Keyring
 from ansimi.webrtc import VIDEO_TIME_BASE, EncodedFrame
 from device.hal.camera import SyntheticCamera
 from device.video.config import VideoConfig
 from device.video.prealarm import Prealarm
 
 
-def recorded_seconds(path: Path) -> float:
-    with av.open(str(path)) as container:
+def recorded_seconds(path: Path, keyring: Keyring) -> float:
+    with av.open(plaintext(path, keyring), format="mp4") as container:
         stream = container.streams.video[0]
         times = [float(frame.pts * stream.time_base) for frame in container.decode(stream)]
     return max(times) - min(times)
@@ -36,7 +37,7 @@ async def test_recording_includes_the_seconds_before_the_alarm(tmp_path: Path) -
         r.command("video_stop")
         await eventually(lambda: len(r.hub.sealed) == 1)
         (path,) = r.hub.sealed
-        assert recorded_seconds(path) >= 2.0
+        assert recorded_seconds(path, r.keyring) >= 2.0
 
 
 def test_the_buffer_keeps_whole_keyframe_intervals_covering_the_window() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import av
-from video_rig import DEVICE, Watcher, eventually, rig
+from video_rig import DEVICE, Watcher, eventually, plaintext, rig
 
 from device.video.config import VideoConfig
 from gateway.video.config import VideoConfig as GatewayConfig
@@ -70,6 +70,6 @@ async def test_vp8_when_h264_is_not_offered(tmp_path: Path) -> None:
         r.command("video_stop")
         await eventually(lambda: len(r.hub.sealed) == 1)
         (path,) = r.hub.sealed
-        assert path.suffix == ".webm"
-        with av.open(str(path)) as container:
+        assert path.name.endswith(".webm.enc")
+        with av.open(plaintext(path, r.keyring), format="webm") as container:
             assert sum(1 for _ in container.decode(video=0)) > 0

@@ -1,0 +1,113 @@
+"""Any viewer on any instance: two gateway instances share one store; the device streams to
+one, and a WHEP viewer on either sees its video (the other relays it)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from video_rig import DEVICE, Watcher, eventually, rig
+
+from ansimi.broker import free_port
+from gateway.store import SqliteStore
+from gateway.video.config import VideoConfig
+from gateway.video.hub import VideoHub
+from gateway.video.whep import bearer, whep_app
+from protocol.jws import Signer
+from protocol.keys import generate_key
+
+TOKEN = "viewer-token-for-tests"
+FIRST_FRAME_S = 10.0  # one bound for a viewer on either instance
+
+
+@contextlib.asynccontextmanager
+async def serve(hub: VideoHub, port: int) -> AsyncIterator[str]:
+    runner = web.AppRunner(whep_app(hub, bearer([TOKEN])))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def watch(base: str) -> tuple[Watcher, str]:
+    watcher = Watcher()
+    headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {TOKEN}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{base}/whep/{DEVICE}", data=await watcher.offer(), headers=headers) as resp,
+    ):
+        assert resp.status == 201, await resp.text()
+        await watcher.answer(await resp.text())
+        return watcher, resp.headers["Location"]
+
+
+async def test_a_viewer_on_either_instance_sees_the_stream(tmp_path: Path) -> None:
+    db = tmp_path / "gateway.db"
+    store_a, store_b = SqliteStore(db), SqliteStore(db)  # two instances, one shared store
+    port_a, port_b = free_port(), free_port()
+    url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
+    config_a = VideoConfig(recordings_dir=tmp_path / "a", public_url=url_a, watch_report_s=0.2)
+    hub_b = VideoHub(
+        VideoConfig(recordings_dir=tmp_path / "b", public_url=url_b, loopback_candidates=True),
+        lambda device, rtc: None,
+        Signer("gw-test", generate_key()),
+        holders=store_b,
+    )
+    viewers: list[Watcher] = []
+    try:
+        async with (
+            rig(tmp_path, gateway=config_a, holders=store_a) as r,
+            serve(r.hub, port_a),
+            serve(hub_b, port_b),
+        ):
+            r.command("video_start")
+            await eventually(lambda: DEVICE in r.hub.streams)
+            assert store_b.stream_holder(DEVICE) == url_a
+            on_a, _ = await watch(url_a)
+            on_b, location_b = await watch(url_b)
+            viewers += [on_a, on_b]
+            await eventually(lambda: on_a.frames >= 3, timeout_s=FIRST_FRAME_S)
+            await eventually(lambda: on_b.frames >= 3, timeout_s=FIRST_FRAME_S)
+            # B relays: one upstream viewer on A, B's own viewer on B; B records nothing
+            assert hub_b.streams[DEVICE].relayed_from is not None
+            assert r.hub.stats()["viewers"] == 2 and hub_b.stats()["viewers"] == 1
+            # the last viewer on B leaving ends the relay and its upstream session on A
+            async with (
+                aiohttp.ClientSession() as http,
+                http.delete(
+                    f"{url_b}{location_b}", headers={"Authorization": f"Bearer {TOKEN}"}
+                ) as resp,
+            ):
+                assert resp.status == 200
+            assert DEVICE not in hub_b.streams
+            await eventually(lambda: r.hub.stats()["viewers"] == 1)
+            # the device's stream ends: the claim goes with it
+            r.command("video_stop")
+            await eventually(lambda: store_b.stream_holder(DEVICE) is None)
+            assert not list((tmp_path / "b").glob("**/*.enc"))
+    finally:
+        for viewer in viewers:
+            await viewer.close()
+        await hub_b.close()
+        store_a.close()
+        store_b.close()
+
+
+async def test_a_claim_left_by_a_dead_instance_is_cleared_at_its_restart(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "gateway.db")
+    store.claim_stream(DEVICE, "http://127.0.0.1:1", "s-1", now_ms=0)
+    VideoHub(
+        VideoConfig(recordings_dir=tmp_path, public_url="http://127.0.0.1:1/"),
+        lambda device, rtc: None,
+        Signer("gw-test", generate_key()),
+        holders=store,
+    )
+    assert store.stream_holder(DEVICE) is None
+    store.close()
