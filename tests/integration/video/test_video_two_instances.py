@@ -3,6 +3,7 @@ one, and a WHEP viewer on either sees its video (the other relays it)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -67,7 +68,7 @@ async def test_a_viewer_on_either_instance_sees_the_stream(tmp_path: Path) -> No
         ):
             r.command("video_start")
             await eventually(lambda: DEVICE in r.hub.streams)
-            assert store_b.stream_holder(DEVICE) == url_a
+            assert await store_b.stream_holder(DEVICE) == url_a
             on_a, _ = await watch(url_a)
             on_b, location_b = await watch(url_b)
             viewers += [on_a, on_b]
@@ -88,26 +89,32 @@ async def test_a_viewer_on_either_instance_sees_the_stream(tmp_path: Path) -> No
             await eventually(lambda: r.hub.stats()["viewers"] == 1)
             # the device's stream ends: the claim goes with it
             r.command("video_stop")
-            await eventually(lambda: store_b.stream_holder(DEVICE) is None)
+            await eventually(lambda: store_b.database.stream_holder(DEVICE) is None)
             assert not list((tmp_path / "b").glob("**/*.enc"))
     finally:
         for viewer in viewers:
             await viewer.close()
         await hub_b.close()
-        store_a.close()
-        store_b.close()
+        await store_a.close()
+        await store_b.close()
 
 
 async def test_a_claim_left_by_a_dead_instance_is_cleared_at_its_restart(
     tmp_path: Path,
 ) -> None:
     store = SqliteStore(tmp_path / "gateway.db")
-    store.claim_stream(DEVICE, "http://127.0.0.1:1", "s-1", now_ms=0)
-    VideoHub(
+    await store.claim_stream(DEVICE, "http://127.0.0.1:1", "s-1", now_ms=0)
+    hub = VideoHub(
         VideoConfig(recordings_dir=tmp_path, public_url="http://127.0.0.1:1/"),
         lambda device, rtc: None,
         Signer("gw-test", generate_key()),
         holders=store,
     )
-    assert store.stream_holder(DEVICE) is None
-    store.close()
+    running = asyncio.create_task(hub.run())
+    try:
+        await eventually(lambda: store.database.stream_holder(DEVICE) is None)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await store.close()

@@ -191,7 +191,10 @@ async def test_cli_key_rotation_keeps_recordings_readable(tmp_path: Path) -> Non
         recorder.write(frame)
     path = recorder.close()
     assert path is not None
-    rotated = runner.invoke(gateway, ["privacy-key", "rotate", "--config", str(config)])
+    # the command runs its own event loop, as from a shell: not inside this test's
+    rotated = await asyncio.to_thread(
+        runner.invoke, gateway, ["privacy-key", "rotate", "--config", str(config)]
+    )
     assert rotated.exit_code == 0, rotated.output
     ring = load_keyring(key_file)
     assert len(ring.keys) == 1  # the old key is gone, and the recording still opens

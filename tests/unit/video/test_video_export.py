@@ -3,6 +3,7 @@ with openssl and ffprobe; every export audited; a tampered recording is not expo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from test_video_recorder import encoded_clip
 
 from ansimi.privacy import load_keyring
 from gateway.cli import gateway
-from gateway.store import Device, Incoming, SqliteStore
+from gateway.store import Device, Incoming, SqliteDatabase
 from gateway.video import audit
 from gateway.video.evidence import seal_recording
 from gateway.video.recorder import Recorder
@@ -45,7 +46,7 @@ def _setup(tmp_path: Path) -> tuple[Path, Path]:
 
 
 async def _record(tmp_path: Path, recordings: Path, at_s: float) -> Path:
-    store = SqliteStore(tmp_path / "gateway.db")
+    store = SqliteDatabase(tmp_path / "gateway.db")
     store.add_device(Device(DOORBELL, "k" * 43, "doorbell", "mapo"), now_ms=0)
     store.add_event(
         Incoming(EVENT, DOORBELL, 1, "alert", int(at_s * 1000), "{}", "a.b.c", ()), now_ms=0
@@ -62,8 +63,10 @@ async def _record(tmp_path: Path, recordings: Path, at_s: float) -> Path:
     return path
 
 
-def _export(config: Path, out: Path, *extra: str) -> tuple[int, str]:
-    result = CliRunner().invoke(
+async def _export(config: Path, out: Path, *extra: str) -> tuple[int, str]:
+    # the command runs its own event loop, as from a shell: not inside this test's
+    result = await asyncio.to_thread(
+        CliRunner().invoke,
         gateway,
         ["export-evidence", EVENT, "--config", str(config), "--out", str(out), *extra],
     )
@@ -90,12 +93,14 @@ async def recorded(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.skipif(not shutil.which("ffprobe"), reason="ffprobe (Debian ffmpeg) not installed")
-def test_export_verifies_with_openssl_and_plays_with_ffprobe(
+async def test_export_verifies_with_openssl_and_plays_with_ffprobe(
     tmp_path: Path, recorded: tuple[Path, Path]
 ) -> None:
     config, recordings = recorded
     out = tmp_path / "case-2026-0412"
-    code, output = _export(config, out, "--operator", "kim.desk", "--reason", "police case 0412")
+    code, output = await _export(
+        config, out, "--operator", "kim.desk", "--reason", "police case 0412"
+    )
     assert code == 0, output
     evidence = json.loads((out / "evidence.json").read_text())
     (recording,) = evidence["recordings"]
@@ -131,7 +136,7 @@ def test_export_verifies_with_openssl_and_plays_with_ffprobe(
 async def test_no_export_without_operator_and_reason(tmp_path: Path) -> None:
     config, recordings = _setup(tmp_path)
     await _record(tmp_path, recordings, time.time())
-    code, output = _export(config, tmp_path / "out", "--operator", " ", "--reason", "x")
+    code, output = await _export(config, tmp_path / "out", "--operator", " ", "--reason", "x")
     assert code != 0 and "audited" in output
     assert not (tmp_path / "out").exists() and audit.read(recordings) == []
 
@@ -142,7 +147,7 @@ async def test_a_tampered_recording_is_not_exported(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    code, output = _export(config, tmp_path / "out", "--operator", "kim", "--reason", "case")
+    code, output = await _export(config, tmp_path / "out", "--operator", "kim", "--reason", "case")
     assert code != 0 and "not exported" in output
     assert not (tmp_path / "out").exists() and audit.read(recordings) == []
 
@@ -163,7 +168,7 @@ async def test_a_recording_of_another_time_is_not_the_events(tmp_path: Path) -> 
         started=day_before,
         ended=day_before + 5,
     )
-    code, output = _export(config, tmp_path / "out", "--operator", "kim", "--reason", "case")
+    code, output = await _export(config, tmp_path / "out", "--operator", "kim", "--reason", "case")
     assert code != 0 and "no sealed recording" in output
 
 

@@ -19,7 +19,7 @@ from gateway.config import ApiToken
 from gateway.downlink import Downlink
 from gateway.intake import Registry
 from gateway.metrics import Metrics
-from gateway.store import Device, Incoming, SqliteStore
+from gateway.store import Device, Incoming, SqliteDatabase, SqliteStore
 from gateway.video import audit
 from gateway.video.encrypted import decrypt_to
 from gateway.video.evidence import seal_recording
@@ -45,12 +45,12 @@ Client = TestClient[web.Request, web.Application]
 @pytest.fixture
 async def desk(tmp_path: Path) -> AsyncIterator[tuple[Client, Path, str]]:
     now = time.time()
-    store = SqliteStore(":memory:")
-    store.add_device(Device(DOORBELL, "k" * 43, "doorbell", "mapo"), now_ms=0)
-    store.add_event(
+    database = SqliteDatabase(":memory:")
+    database.add_device(Device(DOORBELL, "k" * 43, "doorbell", "mapo"), now_ms=0)
+    database.add_event(
         Incoming(EVENT, DOORBELL, 1, "alert", int(now * 1000), "{}", "a.b.c", ()), now_ms=0
     )
-    store.set_stage(EVENT, "acknowledged", int(now * 1000) + 4000, "mapo-desk")
+    database.set_stage(EVENT, "acknowledged", int(now * 1000) + 4000, "mapo-desk")
     recorder = Recorder(tmp_path / DOORBELL / "rec", KEYRING)
     for frame in await encoded_clip("H264", 30):
         recorder.write(frame)
@@ -66,12 +66,13 @@ async def desk(tmp_path: Path) -> AsyncIterator[tuple[Client, Path, str]]:
     async def publish(topic: str, payload: bytes) -> None:
         return None
 
+    store = SqliteStore(database)  # the gateway's async store over it
     api = Api(store, Registry(store), Downlink(SIGNER, publish), Metrics(), TOKENS)
     playback = Playback(tmp_path, KEYRING, lambda kid: SIGNER.public_key, store.event, store.stages)
     api.add_routes(api_routes(playback))
     async with TestClient(TestServer(api.app())) as client:
         yield client, tmp_path, digest
-    store.close()
+    await store.close()
 
 
 def auth(token: str) -> dict[str, str]:
