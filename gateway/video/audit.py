@@ -19,12 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from gateway.errors import GatewayError
+
 AUDIT_FILE: Final = "audit.jsonl"
 GENESIS: Final = "0" * 64
 Action = Literal["export", "playback", "talkback", "listen"]
 
 
-class AuditError(ValueError):
+class AuditError(GatewayError, ValueError):
     """The audit log cannot be written, or its chain is broken (the message says where)."""
 
 

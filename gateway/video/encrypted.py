@@ -38,6 +38,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ansimi.privacy import Keyring, SealError
+from gateway.errors import GatewayError
 
 MAGIC: Final = b"ANSIMI-VIDEO-1\n"
 SUFFIX: Final = ".enc"
@@ -49,7 +50,7 @@ _LENGTH = struct.Struct(">I")
 _RECORD = struct.Struct(">IB")
 
 
-class RecordingBroken(ValueError):
+class RecordingBroken(GatewayError, ValueError):
     """An encrypted recording cannot be opened as written: altered, moved or unreadable."""
 
 

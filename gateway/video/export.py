@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ansimi.privacy import Keyring
+from gateway.errors import GatewayError
 from gateway.video import audit
 from gateway.video.encrypted import SUFFIX as ENCRYPTED
 from gateway.video.encrypted import decrypt_to
@@ -56,7 +57,7 @@ PUBLIC_KEY: Final = "gateway-public.pem"
 VERIFY: Final = "VERIFY.txt"
 
 
-class ExportError(ValueError):
+class ExportError(GatewayError, ValueError):
     """An export cannot be made as asked; the message says why and what to do."""
 
 

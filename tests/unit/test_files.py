@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from ansimi.files import write_atomic
+from ansimi.privacy import DataKey, Keyring
+from gateway.video.encrypted import ChunkWriter
 from gateway.video.evidence import seal_path, seal_recording
 from protocol.jws import Signer
 from protocol.keys import generate_key
@@ -72,9 +74,14 @@ def test_not_durable_skips_the_flushes_only(tmp_path: Path, flushed: list[Path])
 
 def test_an_evidence_seal_is_on_disk_when_sealed(tmp_path: Path, flushed: list[Path]) -> None:
     # it was renamed into place without a flush: a power cut could leave it empty
-    recording = tmp_path / "session.webm"
-    recording.write_bytes(b"frames")
-    sealed = seal_recording(recording, Signer("gw-test", generate_key()), device="bell-0001")
+    keyring = Keyring([DataKey.generate()])
+    recording = tmp_path / "session.webm.enc"
+    writer = ChunkWriter(recording, keyring, recording="session", codec="vp8")
+    writer.write(b"frames")
+    writer.close()
+    sealed = seal_recording(
+        recording, Signer("gw-test", generate_key()), keyring, device="bell-0001"
+    )
     assert sealed == seal_path(recording) and sealed.exists()
     assert flushed[-1] == tmp_path
     assert any(p.name.startswith(f".{sealed.name}.") for p in flushed)
