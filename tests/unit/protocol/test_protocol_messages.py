@@ -23,6 +23,7 @@ from protocol import (
     CancelMessage,
     Command,
     CommandMessage,
+    EscalationMessage,
     Envelope,
     HealthMessage,
     Heartbeat,
@@ -63,6 +64,7 @@ def test_message_types_match_the_models() -> None:
         CommandMessage,
         HealthMessage,
         SyncMessage,
+        EscalationMessage,
     ]
     assert tuple(cls.model_fields["type"].default for cls in envelopes) == MESSAGE_TYPES
     assert set(get_args(get_args(Message)[0])) == set(envelopes)
