@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, get_args
 
 from protocol.messages import Body, Escalation, Message
 
@@ -47,12 +47,28 @@ KINDS: Final[tuple[IncidentKind, ...]] = (
 DEFAULT_PRIORITIES: Final[Mapping[str, int]] = {k: i + 1 for i, k in enumerate(KINDS)}
 
 IncidentState = Literal["new", "acknowledged", "dispatched", "closed"]
-INCIDENT_STATES: Final[tuple[IncidentState, ...]] = ("new", "acknowledged", "dispatched", "closed")
+INCIDENT_STATES: Final[tuple[IncidentState, ...]] = get_args(IncidentState)
 Outcome = Literal["real", "false_alarm", "test", "cancelled_by_user", "duress"]
-OUTCOMES: Final[tuple[Outcome, ...]] = ("real", "false_alarm", "test", "cancelled_by_user", "duress")
+OUTCOMES: Final[tuple[Outcome, ...]] = (
+    "real",
+    "false_alarm",
+    "test",
+    "cancelled_by_user",
+    "duress",
+)
 
 # the alert's `bell` when a body leaves it out, from the registered device kind
 _BELL_OF_DEVICE: Final = {"bell": "emergency", "doorbell": "doorbell", "store": "store"}
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A body as a dict; {} for one that is not a JSON object (an older or foreign row must
+    never stop the event it belongs to from being kept)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind | None:
@@ -61,12 +77,7 @@ def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind 
     Never raises for what a body holds: the body was validated when kept, but a gateway's
     own event or an older row may leave fields out, which then take the protocol defaults.
     """
-    try:
-        body: Any = json.loads(body_json)
-    except ValueError:
-        return None
-    if not isinstance(body, dict):
-        return None
+    body = json_object(body_json)
     if event_type == "status":
         return "offline" if body.get("state") == "offline" else None
     if event_type == "heartbeat":  # kept only when its power source changed
@@ -86,7 +97,9 @@ def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind 
         return None
     if bell == "doorbell":
         # a ring made urgent on the bell is a visitor who became an emergency
-        return "doorbell_ring" if trigger == "doorbell_ring" and not urgent else "doorbell_emergency"
+        return (
+            "doorbell_ring" if trigger == "doorbell_ring" and not urgent else "doorbell_emergency"
+        )
     if bell == "store" and body.get("silent"):
         return "store_robbery"
     return "stalking_urgent" if urgent or trigger == "long_press" else "stalking"
