@@ -246,3 +246,34 @@ class Escalator:
             except Exception:
                 log.exception("escalation: a tick failed; trying again at the next")
             await asyncio.sleep(interval_s)
+
+
+def _steps(*names: str) -> tuple[ProcedureStep, ...]:
+    return tuple(ProcedureStep(n, *_STEP_TEXT[n]) for n in names)
+
+
+_STEP_TEXT: Final[Mapping[str, tuple[str, str]]] = {
+    "call_victim": ("피해자에게 전화하기", "Call the victim"),
+    "view_camera": ("현관 카메라 영상 보기", "View the door camera"),
+    "call_guardian": ("보호자에게 전화하기", "Call the guardian"),
+    "request_dispatch": ("경찰 출동 요청하기", "Request dispatch"),
+    "confirm_safe": ("안전 확인하기", "Confirm the person is safe"),
+    "check_device": ("기기 상태 확인하기", "Check the bell's state"),
+}
+_PERSON = _steps("call_victim", "call_guardian", "request_dispatch", "confirm_safe")
+# a duress press or a silent robbery: never call the phone first, it may give the victim away
+_SILENT = _steps("request_dispatch", "call_guardian", "confirm_safe")
+_DOOR = _steps("view_camera", "call_victim", "call_guardian", "request_dispatch", "confirm_safe")
+_DEVICE = _steps("check_device", "call_victim")
+# the checklist per kind when [[incidents.procedure]] does not name the kind
+DEFAULT_PROCEDURES: Final[Mapping[str, tuple[ProcedureStep, ...]]] = {
+    "duress": _SILENT,
+    "store_robbery": _SILENT,
+    "stalking_urgent": _PERSON,
+    "stalking": _PERSON,
+    "doorbell_emergency": _DOOR,
+    "tamper": _DEVICE,
+    "power_lost": _DEVICE,
+    "offline": _DEVICE,
+    "doorbell_ring": _steps("view_camera"),
+}
