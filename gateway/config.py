@@ -26,7 +26,7 @@ from gateway.districts import SEOUL_DISTRICTS, check_district
 from gateway.incidents import DEFAULT_PROCEDURES, IncidentKind, ProcedureStep
 from gateway.store import sqlite_path, sqlite_url
 from gateway.video.config import VideoConfig
-from protocol.ids import DeviceId
+from protocol.ids import STEP_NAME_PATTERN, DeviceId
 
 
 class _Section(BaseModel):
@@ -332,7 +332,7 @@ class PrivacyConfig(_Section):
     closed_events_days: Annotated[float, Field(ge=0)] = 365.0
 
 
-StepName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+StepName = Annotated[str, StringConstraints(pattern=STEP_NAME_PATTERN)]
 
 
 class ProcedureStepConfig(_Section):
@@ -373,6 +373,11 @@ class IncidentsConfig(_Section):
         if len(kinds) != len(set(kinds)):
             raise ValueError("two [[incidents.procedure]] share a kind: merge their steps")
         return self
+
+    def priority_of_kind(self) -> dict[str, int]:
+        """The configured priorities, by kind (the rest keep the default order)."""
+        configured: dict[str, int] = {kind: p for kind, p in self.priorities.items()}
+        return configured
 
     def after_s(self, priority: int) -> float:
         """Seconds before each escalation step of an incident of this priority."""

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, get_args
 
-from protocol.messages import Body, Escalation, Message
+from protocol.messages import AckStage, Body, Escalation, Message
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ DEFAULT_PRIORITIES: Final[Mapping[str, int]] = {k: i + 1 for i, k in enumerate(K
 IncidentState = Literal["new", "acknowledged", "dispatched", "closed"]
 INCIDENT_STATES: Final[tuple[IncidentState, ...]] = get_args(IncidentState)
 Outcome = Literal["real", "false_alarm", "test", "cancelled_by_user", "duress"]
+OperatorStage = Literal["acknowledged", "dispatched", "closed"]
 OUTCOMES: Final[tuple[Outcome, ...]] = (
     "real",
     "false_alarm",
@@ -277,3 +278,41 @@ DEFAULT_PROCEDURES: Final[Mapping[str, tuple[ProcedureStep, ...]]] = {
     "offline": _DEVICE,
     "doorbell_ring": _steps("view_camera"),
 }
+
+
+class StageStore(Protocol):
+    async def move_incident(
+        self, incident_id: str, stage: str, now_ms: int, actor: str, outcome: str | None = None
+    ) -> bool: ...
+
+
+class AckSender(Protocol):
+    def ack(self, device_id: str, ref: str, stage: AckStage) -> asyncio.Future[None]: ...
+
+
+async def move_incident(
+    store: StageStore,
+    downlink: AckSender,
+    incident: Incident,
+    stage: OperatorStage,
+    now_ms: int,
+    actor: str,
+    outcome: str | None = None,
+) -> bool:
+    """Move an incident forward and tell its bell: one ack per stage per incident, naming
+    its first alert (the ref the bell knows); False if it was there or beyond already."""
+    moved = await store.move_incident(incident.incident_id, stage, now_ms, actor, outcome)
+    if moved:
+        log.info(
+            "incident %s (%s, %s) moved to %s by %s%s",
+            incident.incident_id,
+            incident.device_id,
+            incident.kind,
+            stage,
+            actor,
+            f" ({outcome})" if outcome else "",
+        )
+        if incident.first_alert_id is not None:
+            # fire and forget, as for alerts: paho queues it while the broker is away
+            downlink.ack(incident.device_id, incident.first_alert_id, stage)
+    return moved

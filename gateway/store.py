@@ -417,7 +417,36 @@ class ForwardStore(Protocol):
     async def refused_by_centre(self) -> dict[str, int]: ...
 
 
-class OperatorStore(DeviceReader, Protocol):
+class IncidentStore(DeviceReader, Protocol):
+    """Incidents (docs/incidents.md): the operator API's reads and moves, and escalation.
+    The store opens them and attaches events itself, as it keeps each event."""
+
+    async def event(self, event_id: str) -> Event | None: ...
+    async def incidents(
+        self, state: str | None, limit: int, districts: Sequence[str] | None = None
+    ) -> list[Incident]: ...
+    async def incident(self, incident_id: str) -> Incident | None: ...
+    async def incident_of(self, event_id: str) -> str | None: ...
+    async def incident_history(self, incident_id: str) -> list[HistoryEntry]: ...
+    async def incident_ticks(self, incident_id: str) -> dict[str, tuple[int, str]]: ...
+    async def move_incident(
+        self, incident_id: str, stage: str, now_ms: int, actor: str, outcome: str | None = None
+    ) -> bool: ...
+    async def tick_procedure(
+        self, incident_id: str, step: str, now_ms: int, actor: str
+    ) -> bool: ...
+    async def escalation_candidates(self, max_level: int) -> list[Incident]: ...
+    async def escalate(
+        self,
+        incident_id: str,
+        level: int,
+        to: str,
+        event: tuple[str, int, int, str, str],
+        now_ms: int,
+    ) -> bool: ...
+
+
+class OperatorStore(IncidentStore, Protocol):
     """The operator and admin API (gateway/api.py, deliveries.py)."""
 
     async def add_device(self, device: Device, now_ms: int) -> None: ...
@@ -494,35 +523,7 @@ class HealthStore(Protocol):
     async def checkpoint(self) -> None: ...
 
 
-class IncidentStore(DeviceReader, Protocol):
-    """Incidents (docs/incidents.md): the operator API's reads and moves, and escalation.
-    The store opens them and attaches events itself, as it keeps each event."""
-
-    async def event(self, event_id: str) -> Event | None: ...
-    async def incidents(self, state: str | None, limit: int) -> list[Incident]: ...
-    async def incident(self, incident_id: str) -> Incident | None: ...
-    async def incident_of(self, event_id: str) -> str | None: ...
-    async def incident_history(self, incident_id: str) -> list[HistoryEntry]: ...
-    async def incident_ticks(self, incident_id: str) -> dict[str, tuple[int, str]]: ...
-    async def move_incident(
-        self, incident_id: str, stage: str, now_ms: int, actor: str, outcome: str | None = None
-    ) -> bool: ...
-    async def tick_procedure(
-        self, incident_id: str, step: str, now_ms: int, actor: str
-    ) -> bool: ...
-    async def escalation_candidates(self, max_level: int) -> list[Incident]: ...
-    async def escalate(
-        self,
-        incident_id: str,
-        level: int,
-        to: str,
-        event: tuple[str, int, int, str, str],
-        now_ms: int,
-    ) -> bool: ...
-
-
 class Store(
-    IncidentStore,
     IntakeStore,
     SupervisionStore,
     ForwardStore,
@@ -1008,11 +1009,16 @@ class SqliteDatabase:
         actor = "device" if item.type in ("alert", "cancel", "health", "heartbeat") else "gateway"
         _history(db, incident_id, now_ms, "event", actor, item.event_id, type=item.type, body=body)
 
-    def incidents(self, state: str | None, limit: int) -> list[Incident]:
+    def incidents(
+        self, state: str | None, limit: int, districts: Sequence[str] | None = None
+    ) -> list[Incident]:
         """By priority then age; `state` one of the incident states, `open` (all but
-        closed) or None (all)."""
+        closed) or None (all); `districts`: only theirs (None: every district)."""
         where = {None: "1", "open": "i.state != 'closed'"}.get(state, "i.state = ?")
-        args: tuple[object, ...] = () if state in (None, "open") else (state,)
+        args: list[object] = [] if state in (None, "open") else [state]
+        if districts is not None:
+            where += f" AND d.district IN ({', '.join('?' * len(districts))})"
+            args += districts
         rows = self._query(
             f"SELECT {_INCIDENT_COLUMNS} WHERE {where} ORDER BY i.priority, i.opened_ms LIMIT ?",
             (*args, limit),
@@ -1864,8 +1870,10 @@ class SqliteStore:
         return await self._run(self.database.free_bytes)
 
     # incidents
-    async def incidents(self, state: str | None, limit: int) -> list[Incident]:
-        return await self._run(self.database.incidents, state, limit)
+    async def incidents(
+        self, state: str | None, limit: int, districts: Sequence[str] | None = None
+    ) -> list[Incident]:
+        return await self._run(self.database.incidents, state, limit, districts)
 
     async def incident(self, incident_id: str) -> Incident | None:
         return await self._run(self.database.incident, incident_id)
