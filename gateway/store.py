@@ -966,6 +966,7 @@ class SqliteDatabase:
             "SELECT incident_id, priority FROM incidents WHERE device_id = ? AND state != 'closed'",
             (item.device_id,),
         ).fetchone()
+        priority = 0
         if found is None:
             if kind is None:
                 return
@@ -992,22 +993,19 @@ class SqliteDatabase:
                 " WHERE incident_id = ?",
                 (now_ms, first_alert, offline, incident_id),
             )
-            if kind is not None and self._priority(kind) < priority:
-                old = db.execute(
-                    "SELECT kind FROM incidents WHERE incident_id = ?", (incident_id,)
-                ).fetchone()[0]
-                db.execute(
-                    "UPDATE incidents SET kind = ?, priority = ? WHERE incident_id = ?",
-                    (kind, self._priority(kind), incident_id),
-                )
-                _history(
-                    db, incident_id, now_ms, "kind", "gateway", item.event_id, from_=old, to=kind
-                )
-        db.execute(
-            "INSERT OR IGNORE INTO incident_events VALUES (?, ?)", (item.event_id, incident_id)
-        )
+        _add_to_incident(db, item.event_id, incident_id)
         actor = "device" if item.type in ("alert", "cancel", "health", "heartbeat") else "gateway"
         _history(db, incident_id, now_ms, "event", actor, item.event_id, type=item.type, body=body)
+        if found is not None and kind is not None and self._priority(kind) < priority:
+            # a worse event came (a ring that became an emergency, duress): the incident is it
+            old = db.execute(
+                "SELECT kind FROM incidents WHERE incident_id = ?", (incident_id,)
+            ).fetchone()[0]
+            db.execute(
+                "UPDATE incidents SET kind = ?, priority = ? WHERE incident_id = ?",
+                (kind, self._priority(kind), incident_id),
+            )
+            _history(db, incident_id, now_ms, "kind", "gateway", item.event_id, from_=old, to=kind)
 
     def incidents(
         self, state: str | None, limit: int, districts: Sequence[str] | None = None
