@@ -105,6 +105,7 @@ class IncidentRoutes:
     def routes(self) -> list[ApiRoute]:
         incident_id = _path_param("incident_id", "the incident's id")
         step = _path_param("step", "a step of the incident's procedure")
+        json_body = {"content": {"application/json": {"schema": {"type": "object"}}}}
         routes = [
             ApiRoute(
                 "GET",
@@ -155,6 +156,7 @@ class IncidentRoutes:
                         + (' (body {"outcome": ...})' if stage == "closed" else ""),
                         [200, 400, 401, 403, 404, 409],
                         parameters=[incident_id],
+                        **({"requestBody": json_body} if stage == "closed" else {}),
                     ),
                 )
             )

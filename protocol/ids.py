@@ -63,6 +63,11 @@ def check_path_id(name: str, value: str) -> str:
         return value
     if grammar is DEVICE_ID_RE:
         check_id(value, name.replace("_", " "))
+    if grammar is STEP_NAME_RE:
+        raise Malformed(
+            f"{name.replace('_', ' ')} {clip(value)} is invalid: use 1 to 32 of a-z, 0-9 and"
+            " '_', starting with a letter"
+        )
     raise Malformed(
         f"{name.replace('_', ' ')} {clip(value)} is invalid: use 8 to 64 of A-Z, a-z, 0-9, "
         "'_' and '-'"
