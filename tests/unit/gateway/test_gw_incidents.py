@@ -18,6 +18,7 @@ from gateway.config import ApiToken, IncidentsConfig
 from gateway.forward import delivery_body
 from gateway.incident_api import IncidentRoutes
 from gateway.incidents import Escalator, classify
+from gateway.sia import ALERT_EVENTS, sia_event
 from protocol.envelope import open_envelope
 from protocol.messages import Alert, Cancel, EscalationMessage
 
@@ -270,3 +271,9 @@ async def test_escalation_survives_a_gateway_restart(desk: Desk) -> None:
     assert await escalator.tick() == 1
     (incident,) = await env.store.incidents("open", 10)
     assert incident.escalated_to == ("mapo", "central")
+
+
+def test_an_escalation_reaches_a_dc09_receiver_as_a_panic_or_a_duress() -> None:
+    step = {"incident": "a" * 26, "level": 1, "to": "monitoring", "priority": 4}
+    assert sia_event("escalation", {**step, "kind": "stalking"}) == ALERT_EVENTS["press"]
+    assert sia_event("escalation", {**step, "kind": "duress"}) == ALERT_EVENTS["duress"]
