@@ -24,7 +24,7 @@ from gateway.enrol import attach_if_site
 from gateway.forward import Forwarder, HttpsCentre, Transport
 from gateway.health import DiskState, DiskWatch, Health, IntakeProbe
 from gateway.incident_api import IncidentRoutes
-from gateway.incidents import Escalator
+from gateway.incidents import Escalator, Incident
 from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
 from gateway.private import PrivateRoutes, Vault, open_vault
@@ -194,7 +194,7 @@ class Gateway:
             self.downlink,
             config.incidents.escalation,
             config.incidents.after_s,
-            on_step=lambda _incident, _to: self.forwarder.wake(),
+            on_step=self._escalated,
         )
         self.api.add_routes(
             IncidentRoutes(
@@ -271,6 +271,10 @@ class Gateway:
             centres=centres,
             kept=True,
         )
+
+    def _escalated(self, _incident: Incident, centre: str) -> None:
+        self.metrics.escalations.labels(centre).inc()
+        self.forwarder.wake()  # the step's event is in the outbox: send it now
 
     def _healthz(self, detail: bool) -> tuple[int, dict[str, Any]]:
         report = self.health.report()

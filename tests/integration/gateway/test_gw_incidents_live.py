@@ -67,6 +67,10 @@ async def test_an_unacknowledged_incident_escalates_in_the_gateway(
             gateway.start()
             await gateway.ready()
             await eventually(lambda: len(centre_escalations(tmp_path)) == 2)
+            # the restarted process took the second step itself
+            assert 'ansimi_incident_escalations_total{centre="central"} 1.0' in (
+                gateway.metrics_text()
+            )
             (incident,) = await incidents()
             assert (incident["escalation_level"], incident["escalated_to"]) == (
                 2,
