@@ -134,6 +134,16 @@ class Incident:
     outcome: str | None = None
     # stage -> (at_ms, actor)
     stages: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    last_alert_id: str | None = None
+
+    @property
+    def bell_refs(self) -> tuple[str, ...]:
+        """The alert ids the bell's acks name: the first, and the newest if another. A bell
+        whose own incident ended (a cancel on the bell) while this one stayed open knows
+        only its newer alerts; a bell still in the first one ignores an id it does not
+        know, or takes it as the same incident's (both are its own alerts)."""
+        refs = (self.first_alert_id, self.last_alert_id)
+        return tuple(dict.fromkeys(r for r in refs if r is not None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +310,8 @@ async def move_incident(
     outcome: str | None = None,
 ) -> bool:
     """Move an incident forward and tell its bell: one ack per stage per incident, naming
-    its first alert (the ref the bell knows); False if it was there or beyond already."""
+    its first alert (the ref the bell knows), and its newest alert too when that is another
+    (`Incident.bell_refs`); False if it was there or beyond already."""
     moved = await store.move_incident(incident.incident_id, stage, now_ms, actor, outcome)
     if moved:
         log.info(
@@ -312,7 +323,7 @@ async def move_incident(
             actor,
             f" ({outcome})" if outcome else "",
         )
-        if incident.first_alert_id is not None:
+        for ref in incident.bell_refs:
             # fire and forget, as for alerts: paho queues it while the broker is away
-            downlink.ack(incident.device_id, incident.first_alert_id, stage)
+            downlink.ack(incident.device_id, ref, stage)
     return moved

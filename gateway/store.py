@@ -181,6 +181,7 @@ CREATE TABLE IF NOT EXISTS incidents (
     opened_ms        INTEGER NOT NULL,
     updated_ms       INTEGER NOT NULL,
     first_alert_id   TEXT,              -- the ref of the acks its bell gets
+    last_alert_id    TEXT,              -- and its newest alert's, if another (see move)
     events           INTEGER NOT NULL DEFAULT 0,
     offline          INTEGER NOT NULL DEFAULT 0,
     escalation_level INTEGER NOT NULL DEFAULT 0,
@@ -223,7 +224,7 @@ CREATE INDEX IF NOT EXISTS incident_history_by_incident ON incident_history(inci
 _INCIDENT_COLUMNS = (
     "i.incident_id, i.device_id, d.district, i.kind, i.priority, i.state, i.opened_ms,"
     " i.updated_ms, i.first_alert_id, i.events, i.offline, i.escalation_level,"
-    " i.escalated_to, i.outcome FROM incidents i JOIN devices d USING (device_id)"
+    " i.escalated_to, i.outcome, i.last_alert_id FROM incidents i JOIN devices d USING (device_id)"
 )
 # the incident states an operator moves to, in order
 INCIDENT_STAGE_ORDER: Final = {"new": 0, "acknowledged": 1, "dispatched": 2, "closed": 3}
@@ -605,7 +606,7 @@ def _delivery(row: tuple[Any, ...]) -> Delivery:
 
 
 def _incident(row: tuple[Any, ...], stages: dict[str, tuple[int, str]]) -> Incident:
-    a, b, c, d, e, f, g, h, i, j, k, level, to, outcome = row
+    a, b, c, d, e, f, g, h, i, j, k, level, to, outcome, last_alert = row
     return Incident(
         str(a),
         str(b),
@@ -622,6 +623,7 @@ def _incident(row: tuple[Any, ...], stages: dict[str, tuple[int, str]]) -> Incid
         tuple(json.loads(to)),
         None if outcome is None else str(outcome),
         stages,
+        None if last_alert is None else str(last_alert),
     )
 
 
@@ -973,7 +975,8 @@ class SqliteDatabase:
             incident_id = item.event_id
             db.execute(
                 "INSERT INTO incidents (incident_id, device_id, kind, priority, opened_ms,"
-                " updated_ms, first_alert_id, events, offline) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)",
+                " updated_ms, first_alert_id, last_alert_id, events, offline)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
                 (
                     incident_id,
                     item.device_id,
@@ -982,6 +985,7 @@ class SqliteDatabase:
                     now_ms,
                     now_ms,
                     first_alert,
+                    first_alert,
                     offline or 0,
                 ),
             )
@@ -989,9 +993,10 @@ class SqliteDatabase:
             incident_id, priority = str(found[0]), int(found[1])
             db.execute(
                 "UPDATE incidents SET updated_ms = MAX(updated_ms, ?), events = events + 1,"
-                " first_alert_id = COALESCE(first_alert_id, ?), offline = COALESCE(?, offline)"
+                " first_alert_id = COALESCE(first_alert_id, ?),"
+                " last_alert_id = COALESCE(?, last_alert_id), offline = COALESCE(?, offline)"
                 " WHERE incident_id = ?",
-                (now_ms, first_alert, offline, incident_id),
+                (now_ms, first_alert, first_alert, offline, incident_id),
             )
         _add_to_incident(db, item.event_id, incident_id)
         actor = "device" if item.type in ("alert", "cancel", "health", "heartbeat") else "gateway"

@@ -99,7 +99,8 @@ async def test_presses_make_one_incident_and_the_bell_one_ack_per_stage(desk: De
     await env.feed(
         env.message(ALERT), env.message(Alert(bell="emergency", trigger="press", presses=3))
     )
-    await env.feed(env.message(Alert(bell="emergency", trigger="long_press", urgent=True)))
+    urgent = Alert(bell="emergency", trigger="long_press", urgent=True)
+    await env.feed(env.message(urgent, id="alert-urgent-01"))
     status, listed = await desk.call("GET", "/incidents")
     assert status == 200
     (incident,) = listed["incidents"]
@@ -124,9 +125,12 @@ async def test_presses_make_one_incident_and_the_bell_one_ack_per_stage(desk: De
     assert desk.refused("bad_outcome") == 2
     status, closed = await desk.call("POST", f"{path}/closed", json={"outcome": "real"})
     assert status == 200 and (closed["state"], closed["outcome"]) == ("closed", "real")
+    # each stage once, to the first alert and to the newest (see the cancel test below)
     assert env.acks() == [
         ("bell-0001", first_id, "acknowledged"),
+        ("bell-0001", "alert-urgent-01", "acknowledged"),
         ("bell-0001", first_id, "closed"),
+        ("bell-0001", "alert-urgent-01", "closed"),
     ]
     _, alerts = await desk.call("GET", "/alerts")
     assert {a["state"] for a in alerts["alerts"]} == {"closed"}  # every press went with it
@@ -151,9 +155,27 @@ async def test_the_old_alert_route_moves_the_alerts_incident(desk: Desk) -> None
     env.sent.clear()
     assert (await desk.call("POST", f"/alerts/{later}/acknowledged"))[0] == 200
     # the bell hears it about the alert it knows the incident by
-    assert env.acks() == [("bell-0001", incident["first_alert_id"], "acknowledged")]
+    assert env.acks() == [
+        ("bell-0001", incident["first_alert_id"], "acknowledged"),
+        ("bell-0001", later, "acknowledged"),
+    ]
     _, moved = await desk.call("GET", f"/incidents/{incident['id']}")
     assert moved["state"] == "acknowledged"
+
+
+async def test_a_bell_pressed_again_after_its_own_cancel_hears_the_stage(desk: Desk) -> None:
+    # the bell ended its own incident with the cancel; its new press is a new incident on
+    # the bell, which knows only the new alert's id, while the desk's incident stays one
+    env = desk.env
+    await env.feed(env.message(ALERT, id="alert-before-1"))
+    await env.feed(env.message(Cancel(alert_id="alert-before-1")))
+    await env.feed(env.message(ALERT, id="alert-after-01"))
+    _, listed = await desk.call("GET", "/incidents")
+    (incident,) = listed["incidents"]
+    assert incident["events"] == 3
+    env.sent.clear()
+    await desk.call("POST", f"/incidents/{incident['id']}/acknowledged")
+    assert ("bell-0001", "alert-after-01", "acknowledged") in env.acks()
 
 
 async def test_a_ring_that_becomes_an_emergency_upgrades_and_a_cancel_attaches(desk: Desk) -> None:
