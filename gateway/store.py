@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar
 
@@ -321,6 +321,9 @@ class Accepted:
     came_online: list[str]  # devices marked offline that were heard from again
     # why a message was refused (FOREIGN_ID, FOREIGN_REF), None if it was kept
     refused: list[str | None]
+    # new alerts that joined an incident an operator has already moved on: alert id -> the
+    # incident's stage, which the bell must hear for that alert too (docs/incidents.md)
+    caught_up: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -887,6 +890,7 @@ class SqliteDatabase:
         forwarded: list[bool] = []
         came_online: list[str] = []
         refused: list[str | None] = []
+        caught_up: dict[str, str] = {}
         with self._tx() as db:
             for item in batch:
                 row = db.execute(
@@ -914,13 +918,19 @@ class SqliteDatabase:
                 elif _foreign(db, (item.event_id,), item.device_id):
                     refusal = FOREIGN_ID
                 else:
-                    inserted = self._insert_event(db, item, now_ms)
+                    inserted = self._insert_event(db, item, now_ms, caught_up)
                 fresh.append(inserted)
                 forwarded.append(inserted and bool(item.centres))
                 refused.append(refusal)
-        return Accepted(fresh, forwarded, came_online, refused)
+        return Accepted(fresh, forwarded, came_online, refused, caught_up)
 
-    def _insert_event(self, db: sqlite3.Connection, item: Incoming, now_ms: int) -> bool:
+    def _insert_event(
+        self,
+        db: sqlite3.Connection,
+        item: Incoming,
+        now_ms: int,
+        caught_up: dict[str, str] | None = None,
+    ) -> bool:
         inserted = db.execute(
             "INSERT INTO events (event_id, device_id, seq, type, ts_ms, received_ms,"
             " body, jws, clock_skew_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -942,36 +952,40 @@ class SqliteDatabase:
                 [(item.event_id, centre, now_ms) for centre in item.centres],
             )
             _claim(db, (item.event_id, *item.refs), item.device_id)
-            self._attach(db, item, now_ms)
+            stage = self._attach(db, item, now_ms)
+            if stage is not None and caught_up is not None:
+                caught_up[item.event_id] = stage
         return bool(inserted)
 
     # ---- incidents --------------------------------------------------------------------------
 
-    def _attach(self, db: sqlite3.Connection, item: Incoming, now_ms: int) -> None:
-        """Attach a new event to its bell's open incident, or open one if it is worth one.
+    def _attach(self, db: sqlite3.Connection, item: Incoming, now_ms: int) -> str | None:
+        """Attach a new event to its bell's open incident, or open one if it is worth one;
+        for an alert joining an incident already acknowledged or dispatched, that stage.
 
         In the transaction that keeps the event: an event acked to its bell is always on
         its incident. The gateway's own `escalation` events are attached by `escalate`.
         """
         if item.type == "escalation":
-            return
+            return None
         row = db.execute("SELECT kind FROM devices WHERE device_id = ?", (item.device_id,))
         device = row.fetchone()
         if device is None:
-            return  # an event about the gateway itself (disk_low): no bell, no incident
+            return None  # an event about the gateway itself (disk_low): no bell, no incident
         kind = classify(str(device[0]), item.type, item.body_json)
         body = json_object(item.body_json)
         connection = body.get("state") if item.type == "status" else None
         offline = {"offline": 1, "online": 0}.get(connection) if connection else None
         first_alert = item.event_id if item.type == "alert" else None
         found = db.execute(
-            "SELECT incident_id, priority FROM incidents WHERE device_id = ? AND state != 'closed'",
+            "SELECT incident_id, priority, state FROM incidents"
+            " WHERE device_id = ? AND state != 'closed'",
             (item.device_id,),
         ).fetchone()
         priority = 0
         if found is None:
             if kind is None:
-                return
+                return None
             incident_id = item.event_id
             db.execute(
                 "INSERT INTO incidents (incident_id, device_id, kind, priority, opened_ms,"
@@ -1011,6 +1025,8 @@ class SqliteDatabase:
                 (kind, self._priority(kind), incident_id),
             )
             _history(db, incident_id, now_ms, "kind", "gateway", item.event_id, from_=old, to=kind)
+        moved_on = found is not None and found[2] != "new"
+        return str(found[2]) if moved_on and item.type == "alert" else None
 
     def incidents(
         self, state: str | None, limit: int, districts: Sequence[str] | None = None

@@ -176,6 +176,14 @@ async def test_a_bell_pressed_again_after_its_own_cancel_hears_the_stage(desk: D
     env.sent.clear()
     await desk.call("POST", f"/incidents/{incident['id']}/acknowledged")
     assert ("bell-0001", "alert-after-01", "acknowledged") in env.acks()
+    # cancelled and pressed again once the desk has it: the new alert hears it at once
+    await env.feed(env.message(Cancel(alert_id="alert-after-01")))
+    env.sent.clear()
+    await env.feed(env.message(ALERT, id="alert-later-01"))
+    assert env.acks() == [
+        ("bell-0001", "alert-later-01", "received"),
+        ("bell-0001", "alert-later-01", "acknowledged"),
+    ]
 
 
 async def test_a_ring_that_becomes_an_emergency_upgrades_and_a_cancel_attaches(desk: Desk) -> None:

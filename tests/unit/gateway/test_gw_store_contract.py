@@ -436,6 +436,12 @@ async def test_stages_only_go_forward_and_a_tick_is_kept_once(store: Store) -> N
     await store.accept_batch([item("alert-0001", body=alert_body())], 100)
     assert await store.move_incident("alert-0001", "dispatched", 200, "desk")
     assert not await store.move_incident("alert-0001", "acknowledged", 300, "desk")
+    # an alert joining it now is told where the incident is; other events are not
+    joining = [
+        item("alert-0002", seq=2, body=alert_body()),
+        item("cancel-0001", seq=3, type="cancel"),
+    ]
+    assert (await store.accept_batch(joining, 350)).caught_up == {"alert-0002": "dispatched"}
     assert await store.tick_procedure("alert-0001", "call_victim", 400, "desk/kim")
     assert not await store.tick_procedure("alert-0001", "call_victim", 500, "desk/lee")
     assert await store.incident_ticks("alert-0001") == {"call_victim": (400, "desk/kim")}
