@@ -199,8 +199,24 @@ class IncidentRoutes:
             }
             for s in self._procedures.get(incident.kind, ())
         ]
+        device = await self._store.device(incident.device_id)
+        # the bell's state now, for the card (its personal data is GET
+        # /devices/{id}/private, audited per view: not here)
+        bell = (
+            None
+            if device is None
+            else {
+                "kind": device.kind,
+                "label": device.label,
+                "online": device.online,
+                "power": device.power,
+                "last_seen_ms": device.last_seen_ms,
+                "revoked": device.revoked,
+            }
+        )
         return {
             **incident_json(incident, self._next_escalation_ms(incident)),
+            "device": bell,
             "history": [_history_json(h) for h in history],
             "procedure": procedure,
         }

@@ -205,6 +205,14 @@ async def test_a_ring_that_becomes_an_emergency_upgrades_and_a_cancel_attaches(d
         ("event", "cancel"),
     ]
     assert full["procedure"][0]["step"] == "view_camera"
+    assert full["device"] == {
+        "kind": "bell",
+        "label": "",
+        "online": True,
+        "power": None,
+        "last_seen_ms": NOW,
+        "revoked": False,
+    }
 
 
 async def test_an_operator_sees_and_acts_on_their_districts_only(desk: Desk) -> None:
