@@ -6,20 +6,24 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from gw_testkit import ALERT, GATEWAY, GATEWAY_KEY, NOW, Env, make_env
+from gw_testkit import ALERT, CENTRAL_TOML, GATEWAY, GATEWAY_KEY, KEYS, NOW, Env, make_env
 
+from ansimi.config import ConfigError, load_config
 from gateway.api import Api
-from gateway.config import ApiToken, IncidentsConfig
+from gateway.config import ApiToken, GatewayConfig, IncidentsConfig
 from gateway.forward import delivery_body
 from gateway.incident_api import IncidentRoutes
 from gateway.incidents import Escalator, classify
 from gateway.sia import ALERT_EVENTS, sia_event
+from gateway.store import Device, SqliteStore
 from protocol.envelope import open_envelope
+from protocol.keys import public_key_to_b64
 from protocol.messages import Alert, Cancel, EscalationMessage
 
 CENTRAL = "central-token-0123456789"
@@ -315,3 +319,37 @@ def test_an_escalation_reaches_a_dc09_receiver_as_a_panic_or_a_duress() -> None:
     step = {"incident": "a" * 26, "level": 1, "to": "monitoring", "priority": 4}
     assert sia_event("escalation", {**step, "kind": "stalking"}) == ALERT_EVENTS["press"]
     assert sia_event("escalation", {**step, "kind": "duress"}) == ALERT_EVENTS["duress"]
+
+
+def test_the_escalation_chain_names_configured_centres(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('[incidents]\nescalation = ["central", "polise"]\n' + CENTRAL_TOML)
+    with pytest.raises(
+        ConfigError, match=r"'polise', which is no \[\[centres\]\].*Fix: use one of"
+    ):
+        load_config(path, GatewayConfig)
+    path.write_text("[incidents]\nescalate_after_s = { soon = 5.0 }\n" + CENTRAL_TOML)
+    with pytest.raises(ConfigError, match="escalate_after_s keys are"):
+        load_config(path, GatewayConfig)
+    path.write_text(
+        '[incidents]\nescalation = ["central"]\npriorities = { doorbell_ring = 1 }\n'
+        + 'escalate_after_s = { default = 90.0, "1" = 15.0 }\n'
+        + CENTRAL_TOML
+    )
+    incidents = load_config(path, GatewayConfig).incidents
+    assert (incidents.after_s(1), incidents.after_s(4)) == (15.0, 90.0)
+    assert incidents.priority_of_kind() == {"doorbell_ring": 1}
+
+
+async def test_configured_priorities_decide_the_kind_and_the_upgrade() -> None:
+    # a city that ranks a plain press above a long one (a made-up order, to see it obeyed)
+    store = SqliteStore(":memory:", {"stalking": 1, "stalking_urgent": 2})
+    public = public_key_to_b64(KEYS["bell-0001"].public_key())
+    store.database.add_device(Device("bell-0001", public, "bell", "mapo"), 0)
+    env = await make_env(store=store)
+    await env.feed(env.message(Alert(bell="emergency", trigger="long_press")))
+    (incident,) = await store.incidents("open", 10)
+    assert (incident.kind, incident.priority) == ("stalking_urgent", 2)
+    await env.feed(env.message(ALERT))
+    (incident,) = await store.incidents("open", 10)
+    assert (incident.kind, incident.priority) == ("stalking", 1)
