@@ -49,6 +49,7 @@ from ansimi.httpguard import (
 from gateway.config import ApiToken
 from gateway.downlink import Downlink
 from gateway.errors import GatewayError
+from gateway.incidents import OperatorStage, move_incident
 from gateway.intake import Registry
 from gateway.metrics import Metrics
 from gateway.store import Device, DeviceKind, DuplicateDevice, Event, EventState, OperatorStore
@@ -64,7 +65,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
 # the stages an operator may move an alert to; `received`/`delivered` are the gateway's
-OPERATOR_STAGES: tuple[EventState, ...] = ("acknowledged", "dispatched", "closed")
+OPERATOR_STAGES: tuple[OperatorStage, ...] = ("acknowledged", "dispatched", "closed")
 MAX_BODY_BYTES = 64 * 1024
 MAX_LIMIT = 100_000  # the most rows a ?limit= may ask for
 TOKEN_KEY: web.RequestKey[ApiToken] = web.RequestKey("token", ApiToken)
@@ -276,7 +277,7 @@ class Api:
             log.info("api: refused %s %s: %s", request.method, route_template(request), problem)
             return _error(400, problem)
         token = request.get(TOKEN_KEY)
-        names_a_device = {"device_id", "event_id"} & request.match_info.keys()
+        names_a_device = {"device_id", "event_id", "incident_id"} & request.match_info.keys()
         if token is not None and "*" not in token.districts and names_a_device:
             district = await self._district_of(request.match_info)
             if district is None or not token.sees(district):
@@ -299,9 +300,14 @@ class Api:
             return _error(400, str(exc))
 
     async def _district_of(self, params: Any) -> str | None:
-        """The district of the device a path names (by device or event id); None if unknown."""
+        """The district of the device a path names (by device, event or incident id); None if
+        unknown."""
         device_id = params.get("device_id")
         event_id = params.get("event_id")
+        incident_id = params.get("incident_id")
+        if device_id is None and incident_id is not None:
+            incident = await self._store.incident(incident_id)
+            device_id = incident.device_id if incident is not None else None
         if device_id is None and event_id is not None:
             event = await self._store.event(event_id)
             device_id = event.device_id if event is not None else None
@@ -514,20 +520,30 @@ class Api:
             }
         )
 
-    def _stage_handler(self, stage: EventState) -> Handler:
+    def _stage_handler(self, stage: OperatorStage) -> Handler:
         async def handle(request: web.Request) -> web.Response:
             return await self.move(request, stage)
 
         return handle
 
-    async def move(self, request: web.Request, stage: EventState) -> web.Response:
+    async def move(self, request: web.Request, stage: OperatorStage) -> web.Response:
         event_id = request.match_info["event_id"]
         actor = request[TOKEN_KEY].name
         event = await self._store.event(event_id)
         if event is None:
             return _error(404, f"no alert {event_id}")
-        moved = await self._store.set_stage(event_id, stage, self._clock_ms(), actor)
-        if moved:
+        incident_id = await self._store.incident_of(event_id)
+        incident = await self._store.incident(incident_id) if incident_id is not None else None
+        if incident is not None:
+            # the alert's incident moves, and all its events and the bell's ack with it
+            # (docs/incidents.md); closed here, with no outcome asked, counts as real
+            outcome = "real" if stage == "closed" else None
+            moved = await move_incident(
+                self._store, self._downlink, incident, stage, self._clock_ms(), actor, outcome
+            )
+        else:
+            moved = await self._store.set_stage(event_id, stage, self._clock_ms(), actor)
+        if incident is None and moved:
             log.info("api: %s moved %s (%s) to %s", actor, event_id, event.device_id, stage)
             if event.type == "alert":
                 # fire and forget: paho queues it while the broker is away, and the

@@ -23,9 +23,10 @@ from pydantic import (
 )
 
 from ansimi.districts import SEOUL_DISTRICTS, check_district
+from gateway.incidents import DEFAULT_PROCEDURES, IncidentKind, ProcedureStep
 from gateway.store import sqlite_path, sqlite_url
 from gateway.video.config import VideoConfig
-from protocol.ids import DeviceId
+from protocol.ids import STEP_NAME_PATTERN, DeviceId
 
 
 class _Section(BaseModel):
@@ -331,6 +332,65 @@ class PrivacyConfig(_Section):
     closed_events_days: Annotated[float, Field(ge=0)] = 365.0
 
 
+StepName = Annotated[str, StringConstraints(pattern=STEP_NAME_PATTERN)]
+
+
+class ProcedureStepConfig(_Section):
+    step: StepName  # its name in the API (POST /incidents/{id}/procedure/{step})
+    ko: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    en: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class ProcedureConfig(_Section):
+    kind: IncidentKind
+    steps: Annotated[list[ProcedureStepConfig], Field(min_length=1, max_length=32)]
+
+
+class IncidentsConfig(_Section):
+    # kind -> priority, 1 = highest; kinds not named keep the default order (docs/incidents.md)
+    priorities: dict[IncidentKind, Annotated[int, Field(ge=1, le=1000)]] = {}
+    # seconds an incident may stay unacknowledged before each escalation step: "default",
+    # or a priority ("1") for that priority alone
+    escalate_after_s: dict[str, Annotated[float, Field(gt=0)]] = {"default": 60.0}
+    # centre names ([[centres]] or [[sia]]), in order; empty: no escalation
+    escalation: list[str] = []
+    # the checklist per kind; a kind not listed keeps the built-in one
+    procedure: list[ProcedureConfig] = []
+
+    @field_validator("escalate_after_s")
+    @classmethod
+    def _keys_are_priorities(cls, after: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in after if k != "default" and not k.isdigit()]
+        if bad:
+            raise ValueError(
+                f'escalate_after_s keys are "default" or a priority such as "1", not {bad[0]!r}'
+            )
+        return after
+
+    @model_validator(mode="after")
+    def _one_procedure_per_kind(self) -> IncidentsConfig:
+        kinds = [p.kind for p in self.procedure]
+        if len(kinds) != len(set(kinds)):
+            raise ValueError("two [[incidents.procedure]] share a kind: merge their steps")
+        return self
+
+    def priority_of_kind(self) -> dict[str, int]:
+        """The configured priorities, by kind (the rest keep the default order)."""
+        configured: dict[str, int] = {kind: p for kind, p in self.priorities.items()}
+        return configured
+
+    def after_s(self, priority: int) -> float:
+        """Seconds before each escalation step of an incident of this priority."""
+        return self.escalate_after_s.get(str(priority), self.escalate_after_s.get("default", 60.0))
+
+    def procedures(self) -> dict[str, tuple[ProcedureStep, ...]]:
+        configured: dict[str, tuple[ProcedureStep, ...]] = {
+            p.kind: tuple(ProcedureStep(s.step, s.ko, s.en) for s in p.steps)
+            for p in self.procedure
+        }
+        return {**DEFAULT_PROCEDURES, **configured}
+
+
 class GatewayConfig(_Section):
     id: DeviceId = "gw-local"
     signing_key: Path = Path("/var/lib/ansimi/gateway/signing.key")
@@ -349,6 +409,7 @@ class GatewayConfig(_Section):
     video: VideoConfig = VideoConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     health: HealthConfig = HealthConfig()
+    incidents: IncidentsConfig = IncidentsConfig()
     centres: list[Centre] = []
     sia: list[SiaReceiver] = []
 
@@ -374,6 +435,17 @@ class GatewayConfig(_Section):
         if len(names) != len(set(names)):
             raise ValueError(
                 "two [[centres]] or [[sia]] share a name: give each centre its own name"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _escalation_names_centres(self) -> GatewayConfig:
+        names = {c.name for c in self.centres} | {s.name for s in self.sia}
+        unknown = [n for n in self.incidents.escalation if n not in names]
+        if unknown:
+            raise ValueError(
+                f"incidents.escalation names {unknown[0]!r}, which is no [[centres]] or [[sia]]"
+                f" name. Fix: use one of {', '.join(sorted(names)) or '(none configured)'}"
             )
         return self
 

@@ -67,6 +67,8 @@ from protocol.errors import Oversized, ProtocolError, Replay, Stale, UnknownSign
 from protocol.jws import MAX_TOKEN_BYTES
 from protocol.keys import public_key_from_b64
 from protocol.messages import (
+    ACK_STAGES,
+    AckStage,
     AlertMessage,
     CancelMessage,
     HeartbeatMessage,
@@ -203,6 +205,8 @@ class _Kept:
     forwarded: bool
     # the store refused it (an id of another device): not acked, not forwarded
     refused: str | None = None
+    # an alert that joined an incident an operator has moved on: that stage, for the bell
+    caught_up: AckStage | None = None
 
 
 class Intake:
@@ -383,6 +387,11 @@ class Intake:
                 forwarded.append(item)
             if item.type in ACKED_TYPES:
                 self._downlink.ack(item.device_id, item.event_id, "received")
+            if one.caught_up is not None:
+                # the desk acknowledged this bell's incident before this alert came: the
+                # bell hears it for this alert too (a bell pressed again after its own
+                # cancel knows only this one)
+                self._downlink.ack(item.device_id, item.event_id, one.caught_up)
             if item.type == "rtc" and one.fresh and self._on_rtc is not None:
                 self._on_rtc(item.device_id, Rtc.model_validate_json(item.body_json))
         if self._supervisor is not None and came_online:
@@ -420,7 +429,7 @@ class Intake:
             log.exception("intake: group commit of %d messages failed; one by one", len(incoming))
         else:
             kept = [
-                _Kept(item, fresh, fwd, refused)
+                _Kept(item, fresh, fwd, refused, _stage(done.caught_up.get(item.event_id)))
                 for item, fresh, fwd, refused in zip(
                     incoming, done.fresh, done.forwarded, done.refused, strict=True
                 )
@@ -435,7 +444,10 @@ class Intake:
                 self._metrics.rejected.labels("internal").inc()
                 log.exception("intake: cannot keep a message from %s", item.device_id)
                 continue
-            kept.append(_Kept(item, alone.fresh[0], alone.forwarded[0], alone.refused[0]))
+            caught_up = _stage(alone.caught_up.get(item.event_id))
+            kept.append(
+                _Kept(item, alone.fresh[0], alone.forwarded[0], alone.refused[0], caught_up)
+            )
             came_online += [d for d in alone.came_online if d not in came_online]
         return kept, came_online
 
@@ -573,6 +585,10 @@ class Intake:
         more = f" (and {quiet} more since the last report)" if quiet else ""
         log.warning("intake: refused a message from %s: %s%s", device, reason, more)
         log.debug("intake: refusal detail for %s: %s", device, detail)
+
+
+def _stage(stage: str | None) -> AckStage | None:
+    return next((s for s in ACK_STAGES if s == stage), None)
 
 
 def _device_of(topic: str) -> str:

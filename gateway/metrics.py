@@ -95,6 +95,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.escalations = Counter(
+            "ansimi_incident_escalations_total",
+            "Escalation steps taken for incidents nobody acknowledged in time, by centre",
+            ["centre"],
+            registry=self.registry,
+        )
         self.intake_batch = Histogram(
             "ansimi_intake_batch_size",
             "Messages committed per group commit",

@@ -23,6 +23,8 @@ from gateway.downlink import Downlink
 from gateway.enrol import attach_if_site
 from gateway.forward import Forwarder
 from gateway.health import DiskState, DiskWatch, Health, IntakeProbe
+from gateway.incident_api import IncidentRoutes
+from gateway.incidents import Escalator, Incident
 from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
 from gateway.private import PrivateRoutes, Vault, open_vault
@@ -66,7 +68,9 @@ class Gateway:
         config_path: Path | None = None,
     ) -> None:
         self.config = config
-        self.store: Store = store or open_store(config.store_url)
+        self.store: Store = store or open_store(
+            config.store_url, config.incidents.priority_of_kind()
+        )
         self.metrics = Metrics()
         self.registry = Registry(self.store)
         if signer is None:
@@ -187,6 +191,23 @@ class Gateway:
         self.api.add_routes(
             PrivateRoutes(self.store, self.vault, on_revoked=self.registry.refresh).routes()
         )
+        # incidents nobody acknowledged escalate along the chain, from the store's state
+        self.escalator = Escalator(
+            self.store,
+            self.downlink,
+            config.incidents.escalation,
+            config.incidents.after_s,
+            on_step=self._escalated,
+        )
+        self.api.add_routes(
+            IncidentRoutes(
+                self.store,
+                self.downlink,
+                self.metrics,
+                config.incidents.procedures(),
+                next_escalation_ms=self.escalator.due_ms,
+            ).routes()
+        )
         # deliveries a centre has not accepted: listed, and refused ones sent again
         self.api.add_routes(DeliveryRoutes(self.store, self.forwarder.wake).routes())
         if self.video is not None:
@@ -266,6 +287,10 @@ class Gateway:
             kept=True,
         )
 
+    def _escalated(self, _incident: Incident, centre: str) -> None:
+        self.metrics.escalations.labels(centre).inc()
+        self.forwarder.wake()  # the step's event is in the outbox: send it now
+
     def _healthz(self, detail: bool) -> tuple[int, dict[str, Any]]:
         report = self.health.report()
         return report.http_status, report.body if detail else report.summary
@@ -285,6 +310,7 @@ class Gateway:
                 self.supervisor.load(await self.store.devices(), time.time_ns() // 1_000_000)
                 await self.secondary.load_from(self.store)
                 tasks.create_task(self.supervisor.run(), name="supervise")
+                tasks.create_task(self.escalator.run(), name="escalation")
                 if self.config.intake.registry_reload_s > 0:
                     reload_s = self.config.intake.registry_reload_s
                     tasks.create_task(self.registry.watch(reload_s), name="registry")

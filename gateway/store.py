@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar
 
@@ -49,6 +50,7 @@ from gateway.enrolments import (
     new_token,
 )
 from gateway.errors import GatewayError
+from gateway.incidents import HistoryEntry, Incident, Priorities, classify, json_object
 
 # re-exported: the store's callers name the kind from here
 from protocol.messages import DeviceKind as DeviceKind
@@ -181,6 +183,67 @@ CREATE INDEX IF NOT EXISTS enrolments_by_device ON enrolments(device_id, created
 """
 
 
+# Incidents (gateway/incidents.py, docs/incidents.md; migration 5). At most one open
+# incident per bell, held by a partial unique index, so two instances cannot both open one.
+_INCIDENTS = """
+CREATE TABLE IF NOT EXISTS incidents (
+    incident_id      TEXT PRIMARY KEY,  -- the id of the event that opened it
+    device_id        TEXT NOT NULL REFERENCES devices(device_id),
+    kind             TEXT NOT NULL,
+    priority         INTEGER NOT NULL,  -- 1 = highest
+    state            TEXT NOT NULL DEFAULT 'new',
+    opened_ms        INTEGER NOT NULL,
+    updated_ms       INTEGER NOT NULL,
+    first_alert_id   TEXT,              -- the ref of the acks its bell gets
+    last_alert_id    TEXT,              -- and its newest alert's, if another (see move)
+    events           INTEGER NOT NULL DEFAULT 0,
+    offline          INTEGER NOT NULL DEFAULT 0,
+    escalation_level INTEGER NOT NULL DEFAULT 0,
+    escalated_to     TEXT NOT NULL DEFAULT '[]',  -- JSON list of centre names
+    outcome          TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS incidents_one_open ON incidents(device_id)
+    WHERE state != 'closed';
+CREATE INDEX IF NOT EXISTS incidents_by_state ON incidents(state, priority, opened_ms);
+CREATE TABLE IF NOT EXISTS incident_events (
+    event_id     TEXT PRIMARY KEY,
+    incident_id  TEXT NOT NULL REFERENCES incidents(incident_id)
+);
+CREATE INDEX IF NOT EXISTS incident_events_by_incident ON incident_events(incident_id);
+CREATE TABLE IF NOT EXISTS incident_stages (
+    incident_id  TEXT NOT NULL REFERENCES incidents(incident_id),
+    stage        TEXT NOT NULL,
+    at_ms        INTEGER NOT NULL,
+    actor        TEXT NOT NULL,
+    PRIMARY KEY (incident_id, stage)
+);
+CREATE TABLE IF NOT EXISTS incident_ticks (
+    incident_id  TEXT NOT NULL REFERENCES incidents(incident_id),
+    step         TEXT NOT NULL,
+    at_ms        INTEGER NOT NULL,
+    actor        TEXT NOT NULL,
+    PRIMARY KEY (incident_id, step)
+);
+-- the audit trail an operator reads: every event, stage, escalation, tick, kind upgrade
+CREATE TABLE IF NOT EXISTS incident_history (
+    incident_id  TEXT NOT NULL REFERENCES incidents(incident_id),
+    at_ms        INTEGER NOT NULL,
+    what         TEXT NOT NULL,
+    actor        TEXT NOT NULL,
+    event_id     TEXT,
+    detail       TEXT NOT NULL          -- JSON object
+);
+CREATE INDEX IF NOT EXISTS incident_history_by_incident ON incident_history(incident_id, at_ms);
+"""
+_INCIDENT_COLUMNS = (
+    "i.incident_id, i.device_id, d.district, i.kind, i.priority, i.state, i.opened_ms,"
+    " i.updated_ms, i.first_alert_id, i.events, i.offline, i.escalation_level,"
+    " i.escalated_to, i.outcome, i.last_alert_id FROM incidents i JOIN devices d USING (device_id)"
+)
+# the incident states an operator moves to, in order
+INCIDENT_STAGE_ORDER: Final = {"new": 0, "acknowledged": 1, "dispatched": 2, "closed": 3}
+
+
 # Refusals of `accept_batch`: an id that is another device's, as the message's own id or as
 # an id it names. Also the `reason` label of the intake's refusal metric.
 FOREIGN_ID = "foreign_id"
@@ -272,6 +335,9 @@ class Accepted:
     came_online: list[str]  # devices marked offline that were heard from again
     # why a message was refused (FOREIGN_ID, FOREIGN_REF), None if it was kept
     refused: list[str | None]
+    # new alerts that joined an incident an operator has already moved on: alert id -> the
+    # incident's stage, which the bell must hear for that alert too (docs/incidents.md)
+    caught_up: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +351,8 @@ class Delivery:
     body_json: str
     jws: str
     clock_skew_ms: int | None = None  # see Incoming
+    # the incident it belongs to, as (id, kind, priority) now; None for an event of none
+    incident: tuple[str, str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,7 +435,36 @@ class ForwardStore(Protocol):
     async def refused_by_centre(self) -> dict[str, int]: ...
 
 
-class OperatorStore(DeviceReader, Protocol):
+class IncidentStore(DeviceReader, Protocol):
+    """Incidents (docs/incidents.md): the operator API's reads and moves, and escalation.
+    The store opens them and attaches events itself, as it keeps each event."""
+
+    async def event(self, event_id: str) -> Event | None: ...
+    async def incidents(
+        self, state: str | None, limit: int, districts: Sequence[str] | None = None
+    ) -> list[Incident]: ...
+    async def incident(self, incident_id: str) -> Incident | None: ...
+    async def incident_of(self, event_id: str) -> str | None: ...
+    async def incident_history(self, incident_id: str) -> list[HistoryEntry]: ...
+    async def incident_ticks(self, incident_id: str) -> dict[str, tuple[int, str]]: ...
+    async def move_incident(
+        self, incident_id: str, stage: str, now_ms: int, actor: str, outcome: str | None = None
+    ) -> bool: ...
+    async def tick_procedure(
+        self, incident_id: str, step: str, now_ms: int, actor: str
+    ) -> bool: ...
+    async def escalation_candidates(self, max_level: int) -> list[Incident]: ...
+    async def escalate(
+        self,
+        incident_id: str,
+        level: int,
+        to: str,
+        event: tuple[str, int, int, str, str],
+        now_ms: int,
+    ) -> bool: ...
+
+
+class OperatorStore(IncidentStore, Protocol):
     """The operator and admin API (gateway/api.py, deliveries.py)."""
 
     async def add_device(self, device: Device, now_ms: int) -> None: ...
@@ -529,9 +626,55 @@ def _delivery_filter(
 
 
 def _delivery(row: tuple[Any, ...]) -> Delivery:
-    a, b, c, d, e, f, g, h, skew = row
+    a, b, c, d, e, f, g, h, skew, incident_id, kind, priority = row
     skew_ms = None if skew is None else int(skew)
-    return Delivery(str(a), str(b), int(c), str(d), str(e), int(f), str(g), str(h), skew_ms)
+    incident = None if incident_id is None else (str(incident_id), str(kind), int(priority))
+    return Delivery(
+        str(a), str(b), int(c), str(d), str(e), int(f), str(g), str(h), skew_ms, incident
+    )
+
+
+def _incident(row: tuple[Any, ...], stages: dict[str, tuple[int, str]]) -> Incident:
+    a, b, c, d, e, f, g, h, i, j, k, level, to, outcome, last_alert = row
+    return Incident(
+        str(a),
+        str(b),
+        str(c),
+        str(d),
+        int(e),
+        f,
+        int(g),
+        int(h),
+        None if i is None else str(i),
+        int(j),
+        bool(k),
+        int(level),
+        tuple(json.loads(to)),
+        None if outcome is None else str(outcome),
+        stages,
+        None if last_alert is None else str(last_alert),
+    )
+
+
+def _add_to_incident(db: sqlite3.Connection, event_id: str, incident_id: str) -> None:
+    db.execute("INSERT OR IGNORE INTO incident_events VALUES (?, ?)", (event_id, incident_id))
+
+
+def _history(
+    db: sqlite3.Connection,
+    incident_id: str,
+    at_ms: int,
+    what: str,
+    actor: str,
+    event_id: str | None,
+    **detail: Any,
+) -> None:
+    if "from_" in detail:
+        detail["from"] = detail.pop("from_")
+    db.execute(
+        "INSERT INTO incident_history VALUES (?, ?, ?, ?, ?, ?)",
+        (incident_id, at_ms, what, actor, event_id, json.dumps(detail, separators=(",", ":"))),
+    )
 
 
 @contextmanager
@@ -588,6 +731,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], .
     (3, "event ids owned by the devices that used or named them", _migrate_event_ids),
     (4, "enrolment tokens", _script(_ENROLMENTS)),
     (5, "which instance holds which live video stream", _script(_VIDEO_STREAMS)),
+    (6, "incidents, their events, stages, procedure ticks and history", _script(_INCIDENTS)),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -623,8 +767,10 @@ class SqliteDatabase:
     """The blocking SQLite work beneath `SqliteStore`; one-shot commands with no event loop
     (`ansimi gateway purge`, the demo's and simulator's device registration) use it as is."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, priorities: Mapping[str, int] | None = None) -> None:
         self.path = Path(path)
+        # an attached event upgrades its incident when its kind is more urgent by these
+        self._priority = Priorities(priorities)
         with _translated(self.path):
             if str(path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -771,6 +917,7 @@ class SqliteDatabase:
         forwarded: list[bool] = []
         came_online: list[str] = []
         refused: list[str | None] = []
+        caught_up: dict[str, str] = {}
         with self._tx() as db:
             for item in batch:
                 row = db.execute(
@@ -798,14 +945,19 @@ class SqliteDatabase:
                 elif _foreign(db, (item.event_id,), item.device_id):
                     refusal = FOREIGN_ID
                 else:
-                    inserted = self._insert_event(db, item, now_ms)
+                    inserted = self._insert_event(db, item, now_ms, caught_up)
                 fresh.append(inserted)
                 forwarded.append(inserted and bool(item.centres))
                 refused.append(refusal)
-        return Accepted(fresh, forwarded, came_online, refused)
+        return Accepted(fresh, forwarded, came_online, refused, caught_up)
 
-    @staticmethod
-    def _insert_event(db: sqlite3.Connection, item: Incoming, now_ms: int) -> bool:
+    def _insert_event(
+        self,
+        db: sqlite3.Connection,
+        item: Incoming,
+        now_ms: int,
+        caught_up: dict[str, str] | None = None,
+    ) -> bool:
         inserted = db.execute(
             "INSERT INTO events (event_id, device_id, seq, type, ts_ms, received_ms,"
             " body, jws, clock_skew_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -827,7 +979,233 @@ class SqliteDatabase:
                 [(item.event_id, centre, now_ms) for centre in item.centres],
             )
             _claim(db, (item.event_id, *item.refs), item.device_id)
+            stage = self._attach(db, item, now_ms)
+            if stage is not None and caught_up is not None:
+                caught_up[item.event_id] = stage
         return bool(inserted)
+
+    # ---- incidents --------------------------------------------------------------------------
+
+    def _attach(self, db: sqlite3.Connection, item: Incoming, now_ms: int) -> str | None:
+        """Attach a new event to its bell's open incident, or open one if it is worth one;
+        for an alert joining an incident already acknowledged or dispatched, that stage.
+
+        In the transaction that keeps the event: an event acked to its bell is always on
+        its incident. The gateway's own `escalation` events are attached by `escalate`.
+        """
+        if item.type == "escalation":
+            return None
+        row = db.execute("SELECT kind FROM devices WHERE device_id = ?", (item.device_id,))
+        device = row.fetchone()
+        if device is None:
+            return None  # an event about the gateway itself (disk_low): no bell, no incident
+        kind = classify(str(device[0]), item.type, item.body_json)
+        body = json_object(item.body_json)
+        connection = body.get("state") if item.type == "status" else None
+        offline = {"offline": 1, "online": 0}.get(connection) if connection else None
+        first_alert = item.event_id if item.type == "alert" else None
+        found = db.execute(
+            "SELECT incident_id, priority, state FROM incidents"
+            " WHERE device_id = ? AND state != 'closed'",
+            (item.device_id,),
+        ).fetchone()
+        priority = 0
+        if found is None:
+            if kind is None:
+                return None
+            incident_id = item.event_id
+            db.execute(
+                "INSERT INTO incidents (incident_id, device_id, kind, priority, opened_ms,"
+                " updated_ms, first_alert_id, last_alert_id, events, offline)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+                (
+                    incident_id,
+                    item.device_id,
+                    kind,
+                    self._priority(kind),
+                    now_ms,
+                    now_ms,
+                    first_alert,
+                    first_alert,
+                    offline or 0,
+                ),
+            )
+        else:
+            incident_id, priority = str(found[0]), int(found[1])
+            db.execute(
+                "UPDATE incidents SET updated_ms = MAX(updated_ms, ?), events = events + 1,"
+                " first_alert_id = COALESCE(first_alert_id, ?),"
+                " last_alert_id = COALESCE(?, last_alert_id), offline = COALESCE(?, offline)"
+                " WHERE incident_id = ?",
+                (now_ms, first_alert, first_alert, offline, incident_id),
+            )
+        _add_to_incident(db, item.event_id, incident_id)
+        actor = "device" if item.type in ("alert", "cancel", "health", "heartbeat") else "gateway"
+        _history(db, incident_id, now_ms, "event", actor, item.event_id, type=item.type, body=body)
+        if found is not None and kind is not None and self._priority(kind) < priority:
+            # a worse event came (a ring that became an emergency, duress): the incident is it
+            old = db.execute(
+                "SELECT kind FROM incidents WHERE incident_id = ?", (incident_id,)
+            ).fetchone()[0]
+            db.execute(
+                "UPDATE incidents SET kind = ?, priority = ? WHERE incident_id = ?",
+                (kind, self._priority(kind), incident_id),
+            )
+            _history(db, incident_id, now_ms, "kind", "gateway", item.event_id, from_=old, to=kind)
+        moved_on = found is not None and found[2] != "new"
+        return str(found[2]) if moved_on and item.type == "alert" else None
+
+    def incidents(
+        self, state: str | None, limit: int, districts: Sequence[str] | None = None
+    ) -> list[Incident]:
+        """By priority then age; `state` one of the incident states, `open` (all but
+        closed) or None (all); `districts`: only theirs (None: every district)."""
+        where = {None: "1", "open": "i.state != 'closed'"}.get(state, "i.state = ?")
+        args: list[object] = [] if state in (None, "open") else [state]
+        if districts is not None:
+            where += f" AND d.district IN ({', '.join('?' * len(districts))})"
+            args += districts
+        rows = self._query(
+            f"SELECT {_INCIDENT_COLUMNS} WHERE {where} ORDER BY i.priority, i.opened_ms LIMIT ?",
+            (*args, limit),
+        )
+        return self._with_stages(rows)
+
+    def _with_stages(self, rows: list[tuple[Any, ...]]) -> list[Incident]:
+        stages: dict[str, dict[str, tuple[int, str]]] = {str(r[0]): {} for r in rows}
+        if rows:
+            marks = ", ".join("?" * len(stages))
+            for incident_id, stage, at_ms, actor in self._query(
+                f"SELECT incident_id, stage, at_ms, actor FROM incident_stages"  # noqa: S608
+                f" WHERE incident_id IN ({marks}) ORDER BY at_ms",
+                stages,
+            ):
+                stages[str(incident_id)][str(stage)] = (int(at_ms), str(actor))
+        return [_incident(r, stages[str(r[0])]) for r in rows]
+
+    def incident(self, incident_id: str) -> Incident | None:
+        rows = self._query(f"SELECT {_INCIDENT_COLUMNS} WHERE i.incident_id = ?", (incident_id,))
+        found = self._with_stages(rows)
+        return found[0] if found else None
+
+    def incident_of(self, event_id: str) -> str | None:
+        """The incident an event is attached to, if any."""
+        rows = self._query(
+            "SELECT incident_id FROM incident_events WHERE event_id = ?", (event_id,)
+        )
+        return str(rows[0][0]) if rows else None
+
+    def incident_history(self, incident_id: str) -> list[HistoryEntry]:
+        rows = self._query(
+            "SELECT at_ms, what, actor, event_id, detail FROM incident_history"
+            " WHERE incident_id = ? ORDER BY at_ms, rowid",
+            (incident_id,),
+        )
+        return [HistoryEntry(int(a), w, str(who), e, json.loads(d)) for a, w, who, e, d in rows]
+
+    def incident_ticks(self, incident_id: str) -> dict[str, tuple[int, str]]:
+        rows = self._query(
+            "SELECT step, at_ms, actor FROM incident_ticks WHERE incident_id = ?", (incident_id,)
+        )
+        return {str(s): (int(a), str(who)) for s, a, who in rows}
+
+    def move_incident(
+        self, incident_id: str, stage: str, now_ms: int, actor: str, outcome: str | None = None
+    ) -> bool:
+        """Move an incident forward to `stage` (closed with its outcome), and its events'
+        states with it; False if it is already there or beyond."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state FROM incidents WHERE incident_id = ?", (incident_id,)
+            ).fetchone()
+            if row is None:
+                raise UnknownEvent(incident_id)
+            if INCIDENT_STAGE_ORDER[row[0]] >= INCIDENT_STAGE_ORDER[stage]:
+                return False
+            db.execute(
+                "UPDATE incidents SET state = ?, outcome = COALESCE(?, outcome), updated_ms = ?"
+                " WHERE incident_id = ?",
+                (stage, outcome, now_ms, incident_id),
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO incident_stages VALUES (?, ?, ?, ?)",
+                (incident_id, stage, now_ms, actor),
+            )
+            extra = {"outcome": outcome} if outcome is not None else {}
+            _history(db, incident_id, now_ms, "stage", actor, None, stage=stage, **extra)
+            # its events follow, so the per-event views (/alerts) agree with the incident
+            attached = db.execute(
+                "SELECT e.event_id, e.state FROM incident_events ie JOIN events e"
+                " USING (event_id) WHERE ie.incident_id = ?",
+                (incident_id,),
+            ).fetchall()
+            events = [str(e) for e, st in attached if STAGE_ORDER[st] < STAGE_ORDER[stage]]
+            db.executemany(
+                "UPDATE events SET state = ? WHERE event_id = ?", [(stage, e) for e in events]
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO stages VALUES (?, ?, ?, ?)",
+                [(e, stage, now_ms, actor) for e in events],
+            )
+        return True
+
+    def tick_procedure(self, incident_id: str, step: str, now_ms: int, actor: str) -> bool:
+        """Tick a checklist step; False if it was ticked already (the first tick stays)."""
+        with self._tx() as db:
+            ticked = db.execute(
+                "INSERT OR IGNORE INTO incident_ticks VALUES (?, ?, ?, ?)",
+                (incident_id, step, now_ms, actor),
+            ).rowcount
+            if ticked:
+                db.execute(
+                    "UPDATE incidents SET updated_ms = MAX(updated_ms, ?) WHERE incident_id = ?",
+                    (now_ms, incident_id),
+                )
+                _history(db, incident_id, now_ms, "procedure", actor, None, step=step, done=True)
+        return bool(ticked)
+
+    def escalation_candidates(self, max_level: int) -> list[Incident]:
+        """Incidents nobody acknowledged whose chain is not used up."""
+        rows = self._query(
+            f"SELECT {_INCIDENT_COLUMNS} WHERE i.state = 'new' AND i.escalation_level < ?"
+            " ORDER BY i.priority, i.opened_ms",
+            (max_level,),
+        )
+        return self._with_stages(rows)
+
+    def escalate(
+        self,
+        incident_id: str,
+        level: int,
+        to: str,
+        event: tuple[str, int, int, str, str],
+        now_ms: int,
+    ) -> bool:
+        """Take escalation step `level` to centre `to`, keeping `event` (id, seq, ts, body,
+        token: the gateway-signed `escalation`) forwarded to `to` alone. Only if the incident
+        is still unacknowledged at level - 1: with several instances, one takes each step."""
+        event_id, seq, ts_ms, body_json, token = event
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT device_id, escalated_to FROM incidents WHERE incident_id = ?"
+                " AND state = 'new' AND escalation_level = ?",
+                (incident_id, level - 1),
+            ).fetchone()
+            if row is None:
+                return False
+            device_id, escalated_to = str(row[0]), [*json.loads(row[1]), to]
+            db.execute(
+                "UPDATE incidents SET escalation_level = ?, escalated_to = ?,"
+                " updated_ms = MAX(updated_ms, ?), events = events + 1 WHERE incident_id = ?",
+                (level, json.dumps(escalated_to), now_ms, incident_id),
+            )
+            item = Incoming(event_id, device_id, seq, "escalation", ts_ms, body_json, token, (to,))
+            self._insert_event(db, item, now_ms)
+            db.execute(
+                "INSERT OR IGNORE INTO incident_events VALUES (?, ?)", (event_id, incident_id)
+            )
+            _history(db, incident_id, now_ms, "escalation", "gateway", event_id, level=level, to=to)
+        return True
 
     # ---- supervision --------------------------------------------------------------------
 
@@ -961,7 +1339,10 @@ class SqliteDatabase:
         centre that is down must not crowd out the others."""
         rows = self._query(
             "SELECT o.event_id, o.centre, o.attempts, e.device_id, e.type, e.ts_ms, e.body,"
-            " e.jws, e.clock_skew_ms FROM outbox o JOIN events e USING (event_id)"
+            " e.jws, e.clock_skew_ms, i.incident_id, i.kind, i.priority"
+            " FROM outbox o JOIN events e USING (event_id)"
+            " LEFT JOIN incident_events ie ON ie.event_id = o.event_id"
+            " LEFT JOIN incidents i ON i.incident_id = ie.incident_id"
             " WHERE o.centre = ? AND o.delivered_ms IS NULL AND o.refused_ms IS NULL"
             " AND o.next_attempt_ms <= ?"
             " ORDER BY o.next_attempt_ms LIMIT ?",
@@ -1385,10 +1766,14 @@ class SqliteStore:
     event loop never waits for a commit's fsync and SQLite's one connection is used from one
     thread only. Errors come out as `StoreError`s (see `store_error`)."""
 
-    def __init__(self, database: SqliteDatabase | Path | str) -> None:
+    def __init__(
+        self, database: SqliteDatabase | Path | str, priorities: Mapping[str, int] | None = None
+    ) -> None:
         # a SqliteDatabase may be handed in (tests give one that fails on purpose)
         self.database = (
-            database if isinstance(database, SqliteDatabase) else SqliteDatabase(database)
+            database
+            if isinstance(database, SqliteDatabase)
+            else SqliteDatabase(database, priorities)
         )
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="store")
 
@@ -1560,6 +1945,47 @@ class SqliteStore:
     async def free_bytes(self) -> int | None:
         return await self._run(self.database.free_bytes)
 
+    # incidents
+    async def incidents(
+        self, state: str | None, limit: int, districts: Sequence[str] | None = None
+    ) -> list[Incident]:
+        return await self._run(self.database.incidents, state, limit, districts)
+
+    async def incident(self, incident_id: str) -> Incident | None:
+        return await self._run(self.database.incident, incident_id)
+
+    async def incident_of(self, event_id: str) -> str | None:
+        return await self._run(self.database.incident_of, event_id)
+
+    async def incident_history(self, incident_id: str) -> list[HistoryEntry]:
+        return await self._run(self.database.incident_history, incident_id)
+
+    async def incident_ticks(self, incident_id: str) -> dict[str, tuple[int, str]]:
+        return await self._run(self.database.incident_ticks, incident_id)
+
+    async def move_incident(
+        self, incident_id: str, stage: str, now_ms: int, actor: str, outcome: str | None = None
+    ) -> bool:
+        return await self._run(
+            self.database.move_incident, incident_id, stage, now_ms, actor, outcome
+        )
+
+    async def tick_procedure(self, incident_id: str, step: str, now_ms: int, actor: str) -> bool:
+        return await self._run(self.database.tick_procedure, incident_id, step, now_ms, actor)
+
+    async def escalation_candidates(self, max_level: int) -> list[Incident]:
+        return await self._run(self.database.escalation_candidates, max_level)
+
+    async def escalate(
+        self,
+        incident_id: str,
+        level: int,
+        to: str,
+        event: tuple[str, int, int, str, str],
+        now_ms: int,
+    ) -> bool:
+        return await self._run(self.database.escalate, incident_id, level, to, event, now_ms)
+
     async def checkpoint(self) -> None:
         await self._run(self.database.checkpoint)
 
@@ -1598,6 +2024,7 @@ def sqlite_path(url: str) -> Path:
     return Path(path)
 
 
-def open_store(url: str) -> SqliteStore:
-    """The store a URL names; only SQLite for now (PostgreSQL is the next engine)."""
-    return SqliteStore(sqlite_path(url))
+def open_store(url: str, priorities: Mapping[str, int] | None = None) -> SqliteStore:
+    """The store a URL names; only SQLite for now (PostgreSQL is the next engine).
+    `priorities`: incident kind -> priority ([incidents] priorities; defaults otherwise)."""
+    return SqliteStore(sqlite_path(url), priorities)

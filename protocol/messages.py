@@ -263,7 +263,23 @@ class Sync(_Model):
     next_seq: UInt63  # the device's next uplink sequence number must be at least this
 
 
-Body: TypeAlias = Alert | Cancel | Heartbeat | Status | Rtc | Ack | Command | Health | Sync
+class Escalation(_Model):
+    """An incident nobody acknowledged in time, told to the next centre of the chain.
+
+    Signed by the gateway about the bell (the envelope's device); a device may never send
+    it (GATEWAY_TYPES, refused by protocol/envelope.py). docs/incidents.md has the rules.
+    """
+
+    incident: MessageId
+    level: Annotated[int, Field(ge=1, le=64)]  # the chain's step, 1 = first
+    to: Annotated[str, StringConstraints(min_length=1, max_length=64)]  # the centre's name
+    kind: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    priority: Annotated[int, Field(ge=1, le=1000)]
+
+
+Body: TypeAlias = (
+    Alert | Cancel | Heartbeat | Status | Rtc | Ack | Command | Health | Sync | Escalation
+)
 
 # -- envelopes ---------------------------------------------------------------------------
 
@@ -325,6 +341,11 @@ class SyncMessage(Envelope):
     body: Sync
 
 
+class EscalationMessage(Envelope):
+    type: Literal["escalation"] = "escalation"
+    body: Escalation
+
+
 Message = Annotated[
     AlertMessage
     | CancelMessage
@@ -334,7 +355,8 @@ Message = Annotated[
     | AckMessage
     | CommandMessage
     | HealthMessage
-    | SyncMessage,
+    | SyncMessage
+    | EscalationMessage,
     Field(discriminator="type"),
 ]
 
@@ -348,9 +370,13 @@ MESSAGE_TYPES: Final[tuple[str, ...]] = (
     "command",
     "health",
     "sync",
+    "escalation",
 )
 UP_TYPES: Final[tuple[str, ...]] = ("alert", "cancel", "heartbeat", "status", "rtc", "health")
 DOWN_TYPES: Final[tuple[str, ...]] = ("ack", "command", "rtc", "sync")
+# signed by the gateway for the centres only: neither up nor down, so a device can neither
+# send one (open_from_device) nor be sent one (open_for_device)
+GATEWAY_TYPES: Final[tuple[str, ...]] = ("escalation",)
 
 _ENVELOPE_FOR: Final[dict[type[BaseModel], Callable[..., Message]]] = {
     Alert: AlertMessage,
@@ -362,6 +388,7 @@ _ENVELOPE_FOR: Final[dict[type[BaseModel], Callable[..., Message]]] = {
     Command: CommandMessage,
     Health: HealthMessage,
     Sync: SyncMessage,
+    Escalation: EscalationMessage,
 }
 
 _ADAPTER: Final[TypeAdapter[Message]] = TypeAdapter(Message)
@@ -455,6 +482,10 @@ def build_message(
 def build_message(
     body: Sync, *, device: str, seq: int, ts: int, id: str | None = None
 ) -> SyncMessage: ...
+@overload
+def build_message(
+    body: Escalation, *, device: str, seq: int, ts: int, id: str | None = None
+) -> EscalationMessage: ...
 def build_message(body: Body, *, device: str, seq: int, ts: int, id: str | None = None) -> Message:
     """Wrap a body in the envelope of its type; a fresh message id unless one is given."""
     try:

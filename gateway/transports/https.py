@@ -48,6 +48,9 @@ def delivery_body(
         # the device's clock was this far off ours: metadata beside the signed payload,
         # which stays exactly what the device signed (protocol.replay, rule 2)
         data["clock_skew_ms"] = delivery.clock_skew_ms
+    if delivery.incident is not None:
+        # the incident it belongs to, as now (docs/incidents.md): beside the signed payload
+        data["incident_id"], data["kind"], data["priority"] = delivery.incident
     if address is not None:
         # personal data: only for centres configured with send_address (gateway/private.py)
         data["address"] = address

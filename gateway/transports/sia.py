@@ -93,6 +93,8 @@ def sia_event(type_: str, body: dict[str, object]) -> SiaEvent | None:
         return STATUS_EVENTS.get(str(body.get("state")))
     if type_ == "heartbeat":  # kept only when the power source changed
         return ALERT_EVENTS["power_loss" if body.get("power") == "battery" else "power_restored"]
+    if type_ == "escalation":  # an incident nobody acknowledged, on this receiver's desk now
+        return ALERT_EVENTS["duress" if body.get("kind") == "duress" else "press"]
     return None
 
 

@@ -42,7 +42,14 @@ def role_of(operation: dict[str, Any]) -> str:
 
 
 def test_every_route_refuses_no_token_and_the_wrong_role(site: Site) -> None:
-    ids = {"device_id": MAPO_BELL, "event_id": site.alerts[MAPO_BELL], "viewer_id": VIEWER}
+    ids = {
+        "device_id": MAPO_BELL,
+        "event_id": site.alerts[MAPO_BELL],
+        "viewer_id": VIEWER,
+        # the bell's one alert opened its incident, which goes by that alert's id
+        "incident_id": site.alerts[MAPO_BELL],
+        "step": "call_victim",
+    }
     checked = 0
     for method, path, operation in routes(site):
         role = role_of(operation)
@@ -64,6 +71,8 @@ def test_no_route_lets_a_mapo_desk_see_or_touch_gangnam(site: Site) -> None:
         "device_id": GANGNAM_DOOR,
         "event_id": site.alerts[GANGNAM_DOOR],
         "viewer_id": VIEWER,
+        "incident_id": site.alerts[GANGNAM_DOOR],
+        "step": "view_camera",
     }
     secrets_of_gangnam = [GANGNAM_DOOR, site.alerts[GANGNAM_DOOR]]
     before = site.state_of(site.alerts[GANGNAM_DOOR])

@@ -161,7 +161,9 @@ async def test_an_operator_moves_an_alert_forward_and_the_bell_is_told(site: Sit
 
 async def test_alerts_are_listed_by_state(site: Site) -> None:
     env = site.env
-    await env.feed(env.message(ALERT, id="alert-list-1"), env.message(ALERT, id="alert-list-2"))
+    # two bells: one bell's alerts are one incident, acknowledged together
+    second = env.message(ALERT, "bell-0002", id="alert-list-2")
+    await env.feed(env.message(ALERT, id="alert-list-1"), second)
     await site.call("POST", "/alerts/alert-list-2/acknowledged")
     _, received = await site.call("GET", "/alerts?state=received")
     _, everything = await site.call("GET", "/alerts")

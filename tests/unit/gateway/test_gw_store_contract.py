@@ -374,3 +374,99 @@ async def test_a_site_event_is_kept_and_forwarded_without_a_device(store: Store)
     free = await store.free_bytes()
     assert free is None or free > 0
     await store.checkpoint()  # nothing to say, but it must not fail
+
+
+# ---- incidents ------------------------------------------------------------------------------
+
+
+def alert_body(trigger: str = "press", **flags: bool) -> str:
+    return json.dumps({"bell": "emergency", "trigger": trigger, **flags})
+
+
+async def test_a_bells_events_make_one_incident_until_it_is_closed(store: Store) -> None:
+    await store.accept_batch([item("alert-0001", body=alert_body())], 100)
+    heard = item("health-0001", seq=2, type="health", body='{"event":"clock_corrected"}')
+    urgent = item("alert-0002", seq=3, body=alert_body("long_press"))
+    other = item("alert-0003", "bell-0002", 1, body=alert_body(), centres=("central",))
+    await store.accept_batch([heard, urgent, other], 200)
+    (first, second) = await store.incidents("open", 10)
+    # the other bell's plain press is less urgent than this bell's long press
+    assert (first.device_id, second.device_id) == ("bell-0001", "bell-0002")
+    assert (first.incident_id, first.first_alert_id, first.events) == ("alert-0001",) * 2 + (3,)
+    assert (first.kind, first.priority, first.updated_ms) == ("stalking_urgent", 3, 200)
+    assert await store.incident_of("alert-0002") == "alert-0001"
+    history = await store.incident_history("alert-0001")
+    assert [(h.what, h.event_id) for h in history] == [
+        ("event", "alert-0001"),
+        ("event", "health-0001"),
+        ("event", "alert-0002"),
+        ("kind", "alert-0002"),
+    ]
+    assert await store.incidents("open", 10, ["gangnam"]) == [second]
+    assert await store.move_incident("alert-0001", "closed", 300, "desk", "false_alarm")
+    for event_id in ("alert-0001", "health-0001", "alert-0002"):
+        event = await store.event(event_id)
+        assert event is not None and event.state == "closed"
+    await store.accept_batch([item("alert-0004", seq=4, body=alert_body())], 400)
+    assert await store.incident_of("alert-0004") == "alert-0004"  # a new incident
+    closed = await store.incident("alert-0001")
+    assert closed is not None and (closed.state, closed.outcome) == ("closed", "false_alarm")
+    assert closed.stages == {"closed": (300, "desk")}
+
+
+async def test_only_incident_worthy_events_open_one_and_offline_attaches(store: Store) -> None:
+    restored = item("alert-0001", body=alert_body("power_restored"))
+    await store.accept_batch([restored], 100)
+    assert await store.incidents(None, 10) == []
+    gone = item("status-0001", seq=2, type="status", body='{"state":"offline"}')
+    assert await store.mark_offline([gone], 150, 150) == [True]
+    (incident,) = await store.incidents("new", 10)
+    assert (incident.kind, incident.offline, incident.first_alert_id) == ("offline", True, None)
+    await store.accept_batch([item("alert-0002", seq=3, body=alert_body("duress"))], 200)
+    (incident,) = await store.incidents("open", 10)
+    assert (incident.kind, incident.priority, incident.first_alert_id) == (
+        "duress",
+        1,
+        "alert-0002",
+    )
+    assert incident.offline  # the last connection state attached; the alert is no status
+
+
+async def test_stages_only_go_forward_and_a_tick_is_kept_once(store: Store) -> None:
+    await store.accept_batch([item("alert-0001", body=alert_body())], 100)
+    assert await store.move_incident("alert-0001", "dispatched", 200, "desk")
+    assert not await store.move_incident("alert-0001", "acknowledged", 300, "desk")
+    # an alert joining it now is told where the incident is; other events are not
+    joining = [
+        item("alert-0002", seq=2, body=alert_body()),
+        item("cancel-0001", seq=3, type="cancel"),
+    ]
+    assert (await store.accept_batch(joining, 350)).caught_up == {"alert-0002": "dispatched"}
+    assert await store.tick_procedure("alert-0001", "call_victim", 400, "desk/kim")
+    assert not await store.tick_procedure("alert-0001", "call_victim", 500, "desk/lee")
+    assert await store.incident_ticks("alert-0001") == {"call_victim": (400, "desk/kim")}
+    with pytest.raises(UnknownEvent):
+        await store.move_incident("no-such-incident", "closed", 600, "desk")
+
+
+async def test_an_escalation_step_is_taken_once_and_forwarded_to_its_centre(store: Store) -> None:
+    await store.accept_batch([item("alert-0001", body=alert_body())], 100)
+    assert [i.incident_id for i in await store.escalation_candidates(2)] == ["alert-0001"]
+    step = ("esc-00000001", 7, 150, '{"level":1}', "jws-of-esc")
+    assert await store.escalate("alert-0001", 1, "police", step, 160)
+    # another instance that read the same level loses
+    assert not await store.escalate("alert-0001", 1, "police", ("esc-00000002", *step[1:]), 170)
+    incident = await store.incident("alert-0001")
+    assert incident is not None
+    assert (incident.escalation_level, incident.escalated_to) == (1, ("police",))
+    (delivery,) = await store.due_for("police", 200, 10)
+    assert (delivery.event_id, delivery.type, delivery.incident) == (
+        "esc-00000001",
+        "escalation",
+        ("alert-0001", "stalking", 4),
+    )
+    (alert,) = await store.due_for("mapo", 200, 10)
+    assert alert.incident == ("alert-0001", "stalking", 4)
+    await store.move_incident("alert-0001", "acknowledged", 300, "desk")
+    assert await store.escalation_candidates(2) == []
+    assert not await store.escalate("alert-0001", 2, "police", ("esc-00000003", *step[1:]), 400)

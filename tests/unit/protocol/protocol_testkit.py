@@ -25,7 +25,13 @@ from protocol import (
     Sync,
     build_message,
 )
-from protocol.messages import GATEWAY_STATES, SecondaryPath, SimState, StatusState
+from protocol.messages import (
+    GATEWAY_STATES,
+    Escalation,
+    SecondaryPath,
+    SimState,
+    StatusState,
+)
 
 DEVICE = "bell-0001"
 GATEWAY = "gw-seoul-1"
@@ -121,6 +127,14 @@ healths = st.builds(
 syncs = st.builds(
     Sync, ref=message_ids, reason=st.sampled_from(["clock", "sequence"]), next_seq=uint63
 )
+escalations = st.builds(
+    Escalation,
+    incident=message_ids,
+    level=st.integers(1, 64),
+    to=st.text(min_size=1, max_size=64),
+    kind=st.text(min_size=1, max_size=32),
+    priority=st.integers(1, 1000),
+)
 BODIES: dict[str, st.SearchStrategy[Any]] = {
     "alert": alerts,
     "cancel": cancels,
@@ -131,6 +145,7 @@ BODIES: dict[str, st.SearchStrategy[Any]] = {
     "command": commands,
     "health": healths,
     "sync": syncs,
+    "escalation": escalations,
 }
 
 

@@ -15,6 +15,7 @@ from protocol import (
     Alert,
     BadSignature,
     Command,
+    Escalation,
     Heartbeat,
     Malformed,
     Message,
@@ -84,6 +85,18 @@ def test_device_may_not_send_down_types(resolve: Resolve) -> None:
     signer = Signer(DEVICE, DEVICE_KEY)
     with pytest.raises(TopicMismatch, match="devices send only"):
         open_from_device(seal(ack(), signer), resolve)
+
+
+def test_escalation_is_the_gateways_alone(
+    device_signer: Signer, gateway_signer: Signer, resolve: Resolve
+) -> None:
+    # a bell that could send its own escalation could fake one to any centre of the chain
+    body = Escalation(incident="a" * 32, level=1, to="central", kind="duress", priority=1)
+    escalation = build_message(body, device=DEVICE, seq=2, ts=TS)
+    with pytest.raises(TopicMismatch, match="devices send only"):
+        open_from_device(seal(escalation, device_signer), resolve)
+    with pytest.raises(TopicMismatch, match="it sends only"):
+        open_for_device(seal(escalation, gateway_signer), resolve, DEVICE)
 
 
 @pytest.mark.parametrize(

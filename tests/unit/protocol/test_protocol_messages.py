@@ -24,6 +24,7 @@ from protocol import (
     Command,
     CommandMessage,
     Envelope,
+    EscalationMessage,
     HealthMessage,
     Heartbeat,
     HeartbeatMessage,
@@ -63,6 +64,7 @@ def test_message_types_match_the_models() -> None:
         CommandMessage,
         HealthMessage,
         SyncMessage,
+        EscalationMessage,
     ]
     assert tuple(cls.model_fields["type"].default for cls in envelopes) == MESSAGE_TYPES
     assert set(get_args(get_args(Message)[0])) == set(envelopes)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from protocol import (
     DOWN_TYPES,
+    GATEWAY_TYPES,
     MESSAGE_TYPES,
     PREFIX,
     UP_FILTER,
@@ -25,8 +26,9 @@ device_ids = st.from_regex(r"[a-z0-9][a-z0-9-]{2,63}", fullmatch=True)
 
 
 def test_type_lists() -> None:
-    assert set(UP_TYPES) | set(DOWN_TYPES) == set(MESSAGE_TYPES)
+    assert set(UP_TYPES) | set(DOWN_TYPES) | set(GATEWAY_TYPES) == set(MESSAGE_TYPES)
     assert set(UP_TYPES) & set(DOWN_TYPES) == {"rtc"}
+    assert not set(GATEWAY_TYPES) & (set(UP_TYPES) | set(DOWN_TYPES))
 
 
 def test_topic_strings() -> None:

@@ -1,0 +1,329 @@
+"""Incidents: one per bell in trouble, the unit an operator handles (docs/incidents.md).
+
+What this module decides, without any I/O: which kind of incident an event is (`classify`),
+how urgent each kind is (`Priorities`), and when an unacknowledged incident takes its next
+escalation step (`Escalator`, driven by an injected clock). The store keeps incidents and
+attaches events to them in the same transaction that keeps the event (gateway/store.py), so
+an incident never misses an event that was acked to its bell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, Protocol, get_args
+
+from protocol.messages import AckStage, Body, Escalation, Message
+
+log = logging.getLogger(__name__)
+
+IncidentKind = Literal[
+    "duress",
+    "store_robbery",
+    "stalking_urgent",
+    "stalking",
+    "doorbell_emergency",
+    "tamper",
+    "power_lost",
+    "offline",
+    "doorbell_ring",
+]
+# worst first: the default priorities are these positions, 1 = highest
+KINDS: Final[tuple[IncidentKind, ...]] = (
+    "duress",
+    "store_robbery",
+    "stalking_urgent",
+    "stalking",
+    "doorbell_emergency",
+    "tamper",
+    "power_lost",
+    "offline",
+    "doorbell_ring",
+)
+DEFAULT_PRIORITIES: Final[Mapping[str, int]] = {k: i + 1 for i, k in enumerate(KINDS)}
+
+IncidentState = Literal["new", "acknowledged", "dispatched", "closed"]
+INCIDENT_STATES: Final[tuple[IncidentState, ...]] = get_args(IncidentState)
+Outcome = Literal["real", "false_alarm", "test", "cancelled_by_user", "duress"]
+OperatorStage = Literal["acknowledged", "dispatched", "closed"]
+OUTCOMES: Final[tuple[Outcome, ...]] = (
+    "real",
+    "false_alarm",
+    "test",
+    "cancelled_by_user",
+    "duress",
+)
+
+# the alert's `bell` when a body leaves it out, from the registered device kind
+_BELL_OF_DEVICE: Final = {"bell": "emergency", "doorbell": "doorbell", "store": "store"}
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A body as a dict; {} for one that is not a JSON object (an older or foreign row must
+    never stop the event it belongs to from being kept)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind | None:
+    """The incident kind an event opens, or None for an event that only attaches.
+
+    Never raises for what a body holds: the body was validated when kept, but a gateway's
+    own event or an older row may leave fields out, which then take the protocol defaults.
+    """
+    body = json_object(body_json)
+    if event_type == "status":
+        return "offline" if body.get("state") == "offline" else None
+    if event_type == "heartbeat":  # kept only when its power source changed
+        return "power_lost" if body.get("power") == "battery" else None
+    if event_type != "alert":
+        return None
+    trigger = body.get("trigger", "press")
+    bell = body.get("bell") or _BELL_OF_DEVICE.get(device_kind, "emergency")
+    urgent = bool(body.get("urgent"))
+    if trigger == "duress":
+        return "duress"
+    if trigger == "tamper":
+        return "tamper"
+    if trigger == "power_loss":
+        return "power_lost"
+    if trigger in ("tamper_cleared", "power_restored"):
+        return None
+    if bell == "doorbell":
+        # a ring made urgent on the bell is a visitor who became an emergency
+        return (
+            "doorbell_ring" if trigger == "doorbell_ring" and not urgent else "doorbell_emergency"
+        )
+    if bell == "store" and body.get("silent"):
+        return "store_robbery"
+    return "stalking_urgent" if urgent or trigger == "long_press" else "stalking"
+
+
+class Priorities:
+    """Kind -> priority (1 = highest), the configured ones over the default order."""
+
+    def __init__(self, configured: Mapping[str, int] | None = None) -> None:
+        self._of = {**DEFAULT_PRIORITIES, **(configured or {})}
+
+    def __call__(self, kind: str) -> int:
+        return self._of.get(kind, len(KINDS) + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    incident_id: str
+    device_id: str
+    district: str
+    kind: str
+    priority: int
+    state: IncidentState
+    opened_ms: int
+    updated_ms: int
+    first_alert_id: str | None
+    events: int
+    offline: bool
+    escalation_level: int
+    escalated_to: tuple[str, ...]
+    outcome: str | None = None
+    # stage -> (at_ms, actor)
+    stages: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    last_alert_id: str | None = None
+
+    @property
+    def bell_refs(self) -> tuple[str, ...]:
+        """The alert ids the bell's acks name: the first, and the newest if another. A bell
+        whose own incident ended (a cancel on the bell) while this one stayed open knows
+        only its newer alerts; a bell still in the first one ignores an id it does not
+        know, or takes it as the same incident's (both are its own alerts)."""
+        refs = (self.first_alert_id, self.last_alert_id)
+        return tuple(dict.fromkeys(r for r in refs if r is not None))
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    at_ms: int
+    what: Literal["event", "stage", "escalation", "procedure", "kind"]
+    actor: str
+    event_id: str | None
+    detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcedureStep:
+    step: str
+    ko: str
+    en: str
+
+
+class EscalationStore(Protocol):
+    async def escalation_candidates(self, max_level: int) -> list[Incident]: ...
+    async def escalate(
+        self,
+        incident_id: str,
+        level: int,
+        to: str,
+        event: tuple[str, int, int, str, str],
+        now_ms: int,
+    ) -> bool: ...
+
+
+class Sealer(Protocol):
+    def sealed(self, device_id: str, body: Body) -> tuple[Message, str]: ...
+
+
+class Escalator:
+    """Escalates incidents nobody acknowledged, one chain step per `after_s(priority)`.
+
+    Step n (1-based) is due at opened + n x after: the deadline follows from what the store
+    holds (opened_ms, escalation_level), so a restarted gateway continues where it was, and
+    the step is taken by a conditional update on the level, so with several instances
+    exactly one takes it. Each step is a gateway-signed `escalation` event about the bell,
+    forwarded to the step's centre only.
+    """
+
+    def __init__(
+        self,
+        store: EscalationStore,
+        sealer: Sealer,
+        chain: Sequence[str],
+        after_s: Callable[[int], float],
+        *,
+        clock_ms: Callable[[], int] | None = None,
+        on_step: Callable[[Incident, str], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._sealer = sealer
+        self._chain = tuple(chain)
+        self._after_s = after_s
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._on_step = on_step
+
+    def due_ms(self, incident: Incident) -> int | None:
+        """When its next step is due; None when the chain is used up."""
+        if incident.escalation_level >= len(self._chain):
+            return None
+        after_ms = int(self._after_s(incident.priority) * 1000)
+        return incident.opened_ms + (incident.escalation_level + 1) * after_ms
+
+    async def tick(self) -> int:
+        """Take every step that is due now; the number taken."""
+        if not self._chain:
+            return 0
+        now_ms = self._clock_ms()
+        taken = 0
+        for incident in await self._store.escalation_candidates(len(self._chain)):
+            due = self.due_ms(incident)
+            if due is None or due > now_ms:
+                continue
+            level = incident.escalation_level + 1
+            to = self._chain[level - 1]
+            message, token = self._sealer.sealed(
+                incident.device_id,
+                Escalation(
+                    incident=incident.incident_id,
+                    level=level,
+                    to=to,
+                    kind=incident.kind,
+                    priority=incident.priority,
+                ),
+            )
+            event = (message.id, message.seq, message.ts, message.body.model_dump_json(), token)
+            if await self._store.escalate(incident.incident_id, level, to, event, now_ms):
+                taken += 1
+                log.warning(
+                    "incident %s (%s, %s) not acknowledged: escalated to %s (step %d)",
+                    incident.incident_id,
+                    incident.device_id,
+                    incident.kind,
+                    to,
+                    level,
+                )
+                if self._on_step is not None:
+                    self._on_step(incident, to)
+        return taken
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        """Tick every `interval_s` until cancelled; a failed tick waits for the next."""
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("escalation: a tick failed; trying again at the next")
+            await asyncio.sleep(interval_s)
+
+
+def _steps(*names: str) -> tuple[ProcedureStep, ...]:
+    return tuple(ProcedureStep(n, *_STEP_TEXT[n]) for n in names)
+
+
+_STEP_TEXT: Final[Mapping[str, tuple[str, str]]] = {
+    "call_victim": ("피해자에게 전화하기", "Call the victim"),
+    "view_camera": ("현관 카메라 영상 보기", "View the door camera"),
+    "call_guardian": ("보호자에게 전화하기", "Call the guardian"),
+    "request_dispatch": ("경찰 출동 요청하기", "Request dispatch"),
+    "confirm_safe": ("안전 확인하기", "Confirm the person is safe"),
+    "check_device": ("기기 상태 확인하기", "Check the bell's state"),
+}
+_PERSON = _steps("call_victim", "call_guardian", "request_dispatch", "confirm_safe")
+# a duress press or a silent robbery: never call the phone first, it may give the victim away
+_SILENT = _steps("request_dispatch", "call_guardian", "confirm_safe")
+_DOOR = _steps("view_camera", "call_victim", "call_guardian", "request_dispatch", "confirm_safe")
+_DEVICE = _steps("check_device", "call_victim")
+# the checklist per kind when [[incidents.procedure]] does not name the kind
+DEFAULT_PROCEDURES: Final[Mapping[str, tuple[ProcedureStep, ...]]] = {
+    "duress": _SILENT,
+    "store_robbery": _SILENT,
+    "stalking_urgent": _PERSON,
+    "stalking": _PERSON,
+    "doorbell_emergency": _DOOR,
+    "tamper": _DEVICE,
+    "power_lost": _DEVICE,
+    "offline": _DEVICE,
+    "doorbell_ring": _steps("view_camera"),
+}
+
+
+class StageStore(Protocol):
+    async def move_incident(
+        self, incident_id: str, stage: str, now_ms: int, actor: str, outcome: str | None = None
+    ) -> bool: ...
+
+
+class AckSender(Protocol):
+    def ack(self, device_id: str, ref: str, stage: AckStage) -> asyncio.Future[None]: ...
+
+
+async def move_incident(
+    store: StageStore,
+    downlink: AckSender,
+    incident: Incident,
+    stage: OperatorStage,
+    now_ms: int,
+    actor: str,
+    outcome: str | None = None,
+) -> bool:
+    """Move an incident forward and tell its bell: one ack per stage per incident, naming
+    its first alert (the ref the bell knows), and its newest alert too when that is another
+    (`Incident.bell_refs`); False if it was there or beyond already."""
+    moved = await store.move_incident(incident.incident_id, stage, now_ms, actor, outcome)
+    if moved:
+        log.info(
+            "incident %s (%s, %s) moved to %s by %s%s",
+            incident.incident_id,
+            incident.device_id,
+            incident.kind,
+            stage,
+            actor,
+            f" ({outcome})" if outcome else "",
+        )
+        for ref in incident.bell_refs:
+            # fire and forget, as for alerts: paho queues it while the broker is away
+            downlink.ack(incident.device_id, ref, stage)
+    return moved
