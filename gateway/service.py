@@ -65,7 +65,9 @@ class Gateway:
         config_path: Path | None = None,
     ) -> None:
         self.config = config
-        self.store: Store = store or open_store(config.store_url)
+        self.store: Store = store or open_store(
+            config.store_url, password_file=config.store_password_file
+        )
         self.metrics = Metrics()
         self.registry = Registry(self.store)
         if signer is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import os
 import re
 import sqlite3
@@ -36,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar
 
 from gateway.enrolments import (
@@ -189,11 +191,19 @@ class StoreVersionError(StoreError, RuntimeError):
     """The database was migrated by a newer gateway than this one."""
 
 
+class StoreUnavailable(StoreError, ConnectionError):
+    """No connection to the database server (lost, refused, or not the primary any more):
+    nothing was kept, or a commit's outcome is unknown. Every store call is safe to repeat;
+    the store reconnects by itself."""
+
+
 class BadStoreUrl(StoreError, ValueError):
-    def __init__(self, url: str, why: str) -> None:
+    def __init__(self, url: str, why: str, *, message: str | None = None) -> None:
         super().__init__(
-            f"store URL {url!r}: {why}. Fix: sqlite:///absolute/path/gateway.db "
-            "(or sqlite://:memory: for a throwaway store)"
+            message
+            or f"store URL {url!r}: {why}. Fix: sqlite:///absolute/path/gateway.db "
+            "(or sqlite://:memory: for a throwaway store), or "
+            "postgresql://user@host:5432/database for a cluster"
         )
 
 
@@ -484,25 +494,38 @@ _BACKFILL_NAMED_IDS = (
 _NAMED_IDS = (("$.alert_id", "cancel"), ("$.linked_to", "alert"))
 
 
-def _delivery_filter(
-    centre: str | None, event_id: str | None, districts: Sequence[str] | None
+def delivery_filter(
+    centre: str | None,
+    event_id: str | None,
+    districts: Sequence[str] | None,
+    *,
+    first: int | None = None,
 ) -> tuple[str, list[object]]:
-    """SQL conditions on outbox `o` and devices `d` (placeholders only), with their values."""
+    """SQL conditions on outbox `o` and devices `d` (placeholders only), with their values.
+    Placeholders are SQLite's `?`, or PostgreSQL's `$n` numbered from `first`."""
     where = ""
     args: list[object] = []
+
+    def mark() -> str:
+        return "?" if first is None else f"${first + len(args) - 1}"
+
     if centre is not None:
-        where += " AND o.centre = ?"
         args.append(centre)
+        where += f" AND o.centre = {mark()}"
     if event_id is not None:
-        where += " AND o.event_id = ?"
         args.append(event_id)
+        where += f" AND o.event_id = {mark()}"
     if districts is not None:
-        where += f" AND d.district IN ({', '.join('?' * len(districts))})"
-        args += districts
+        marks = []
+        for district in districts:
+            args.append(district)
+            marks.append(mark())
+        # no district at all matches nothing (PostgreSQL has no empty IN list)
+        where += f" AND d.district IN ({', '.join(marks)})" if marks else " AND 1 = 0"
     return where, args
 
 
-def _delivery(row: tuple[Any, ...]) -> Delivery:
+def delivery_from_row(row: tuple[Any, ...]) -> Delivery:
     a, b, c, d, e, f, g, h, skew = row
     skew_ms = None if skew is None else int(skew)
     return Delivery(str(a), str(b), int(c), str(d), str(e), int(f), str(g), str(h), skew_ms)
@@ -906,7 +929,7 @@ class SqliteDatabase:
     ) -> int:
         """Make parked deliveries due now: all, or those of one centre, one event, or
         devices in `districts`; returns how many."""
-        where, args = _delivery_filter(centre, event_id, districts)
+        where, args = delivery_filter(centre, event_id, districts)
         with self._tx() as db:
             parked = (
                 "SELECT o.rowid FROM outbox o JOIN events e USING (event_id)"
@@ -940,7 +963,7 @@ class SqliteDatabase:
             " ORDER BY o.next_attempt_ms LIMIT ?",
             (centre, now_ms, limit),
         )
-        return [_delivery(row) for row in rows]
+        return [delivery_from_row(row) for row in rows]
 
     def waiting(
         self,
@@ -952,7 +975,7 @@ class SqliteDatabase:
     ) -> list[Waiting]:
         """Deliveries not yet accepted, oldest retry first; optionally for one centre, only
         those refused (True) or still retried (False), and for devices in `districts`."""
-        where, args = _delivery_filter(centre, None, districts)
+        where, args = delivery_filter(centre, None, districts)
         if refused is not None:
             where += " AND o.refused_ms IS NOT NULL" if refused else " AND o.refused_ms IS NULL"
         columns = (
@@ -1507,6 +1530,11 @@ class SqliteStore:
         await self._run(self.database.checkpoint)
 
 
+# row shapes shared with the PostgreSQL store (gateway/store_pg.py): same columns, same order
+device_from_row = SqliteDatabase._device
+event_from_row = SqliteDatabase._event
+pending_from_row = SqliteDatabase._pending
+
 SQLITE_URL_PREFIX: Final = "sqlite://"
 
 
@@ -1519,7 +1547,7 @@ def sqlite_path(url: str) -> Path:
     """The file a `sqlite://` URL names: `sqlite:///var/lib/ansimi/gateway/gateway.db`."""
     if not url.startswith(SQLITE_URL_PREFIX):
         scheme = url.partition("://")[0] if "://" in url else ""
-        why = f"engine {scheme!r} is not available yet" if scheme else "no engine named"
+        why = f"engine {scheme!r} is not available" if scheme else "no engine named"
         raise BadStoreUrl(url, why)
     path = url[len(SQLITE_URL_PREFIX) :]
     if not path:
@@ -1529,6 +1557,37 @@ def sqlite_path(url: str) -> Path:
     return Path(path)
 
 
-def open_store(url: str) -> SqliteStore:
-    """The store a URL names; only SQLite for now (PostgreSQL is the next engine)."""
+def _is_postgres(url: str) -> bool:
+    return url.partition("://")[0] in ("postgresql", "postgres") and "://" in url
+
+
+def _postgres() -> ModuleType:
+    """gateway.store_pg, imported only where PostgreSQL is used: asyncpg is an extra."""
+    try:
+        return importlib.import_module("gateway.store_pg")
+    except ModuleNotFoundError as exc:
+        if exc.name != "asyncpg":
+            raise
+        raise StoreError(
+            "a postgresql:// store needs asyncpg. Fix: pip install 'ansimi-edge[postgres]'"
+        ) from exc
+
+
+def check_store_url(url: str) -> None:
+    """Raise BadStoreUrl (naming the fix) unless `url` names a store this gateway can open."""
+    if _is_postgres(url):
+        _postgres().check_postgres_url(url)
+    else:
+        sqlite_path(url)
+
+
+def open_store(url: str, *, password_file: Path | None = None) -> Store:
+    """The store a URL names: `sqlite:///path` (the default, one machine) or
+    `postgresql://user@host1:5432,host2:5432/db?target_session_attrs=read-write` (gateways
+    on several hosts). PostgreSQL's password comes from `password_file` or the systemd
+    credential `store-password`, never from the URL."""
+    if _is_postgres(url):
+        pg = _postgres()
+        store: Store = pg.PostgresStore(url, password=pg.read_password(password_file))
+        return store
     return SqliteStore(sqlite_path(url))

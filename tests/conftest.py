@@ -1,4 +1,4 @@
-"""Fixtures shared by every test folder: a real mosquitto on a free loopback port."""
+"""Fixtures shared by every test folder: a real mosquitto, a real PostgreSQL, on loopback."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pg_testkit import PgServer, postgres_bin
 
 from ansimi.broker import Mosquitto, MosquittoConfig, mosquitto_path
 
@@ -21,3 +22,26 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+def new_postgres() -> PgServer:
+    """A new, started PostgreSQL; skips only when the server is not installed."""
+    bin = postgres_bin()
+    if bin is None:
+        pytest.skip(
+            "PostgreSQL server binaries absent (/usr/lib/postgresql/*/bin/postgres): "
+            "`apt-get install -y postgresql` (scripts/system-deps.sh does)"
+        )
+    server = PgServer.create(bin)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    """One PostgreSQL for the session; a test takes its own database (`new_database`)."""
+    server = new_postgres()
+    try:
+        yield server
+    finally:
+        server.remove()

@@ -1,7 +1,7 @@
 """The store contract: what every store engine promises, through the roles' async methods.
 
-Parametrised by store factory: SQLite (in memory and on a file) today; a PostgreSQL store
-joins by adding its factory to `FACTORIES`, and must pass every test here unchanged.
+Parametrised by store factory: SQLite (in memory and on a file) and PostgreSQL (a real
+server the session starts, a fresh database per test); every engine passes every test here.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from pg_testkit import PgServer
 
 from gateway.enrolments import DuplicateEnrolment, NotEnrolled, OtherDistrict, TokenRefused
 from gateway.store import (
@@ -25,26 +26,32 @@ from gateway.store import (
     sqlite_url,
 )
 
-StoreFactory = Callable[[Path], Awaitable[Store]]
+StoreFactory = Callable[[pytest.FixtureRequest, Path], Awaitable[Store]]
 
 
-async def sqlite_in_memory(tmp_path: Path) -> Store:
+async def sqlite_in_memory(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return open_store("sqlite://:memory:")
 
 
-async def sqlite_on_a_file(tmp_path: Path) -> Store:
+async def sqlite_on_a_file(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return open_store(sqlite_url(tmp_path / "gateway.db"))
+
+
+async def postgresql(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    server: PgServer = request.getfixturevalue("postgres")
+    return open_store(server.new_database())
 
 
 FACTORIES: dict[str, StoreFactory] = {
     "sqlite-memory": sqlite_in_memory,
     "sqlite-file": sqlite_on_a_file,
+    "postgresql": postgresql,
 }
 
 
 @pytest.fixture(params=sorted(FACTORIES))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await FACTORIES[request.param](tmp_path)
+    opened = await FACTORIES[request.param](request, tmp_path)
     for device_id, district in (("bell-0001", "mapo"), ("bell-0002", "gangnam")):
         await opened.add_device(Device(device_id, f"key-{device_id}", "bell", district), 0)
     yield opened
