@@ -265,8 +265,14 @@ def postgres_url_problem(url: str) -> str | None:
 
 
 def _password_hint(url: str) -> str:
+    # the URL shown without its password, nor its query (which may hold one)
+    parts = urlsplit(url)
+    user, _, hosts = parts.netloc.rpartition("@")
+    user = user.partition(":")[0]
+    hidden = f"{parts.scheme}://{user}{'@' if user else ''}{hosts}{parts.path}"
+    hidden += "?..." if parts.query else ""
     return (
-        f"store URL {url!r} holds a password: gateway.toml is no place for it. Fix: remove it "
+        f"store URL {hidden!r} holds a password: gateway.toml is no place for it. Fix: remove it "
         "from `store`, and put it in a file of mode 0600 named by `store_password_file`, or in "
         f"the systemd credential `{PASSWORD_CREDENTIAL}` (LoadCredential=)"
     )

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,57 @@ class PgServer:
         name = f"t{random.getrandbits(48):012x}"
         self.psql(f"CREATE DATABASE {name}")
         return self.url(name)
+
+    def standby(self) -> PgServer:
+        """A streaming standby of this (running) server, started, on a port of its own."""
+        folder = Path(tempfile.mkdtemp(prefix="ansimi-pg-standby-", dir="/tmp"))
+        if os.getuid() == 0:
+            shutil.chown(folder, "postgres", "postgres")
+        standby = PgServer(self.bin, folder, free_low_port())
+        subprocess.run(
+            _as_postgres(
+                self.bin / "pg_basebackup",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                SUPERUSER,
+                "-D",
+                standby.data,
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ),
+            check=True,
+            capture_output=True,
+        )
+        with (standby.data / "postgresql.conf").open("a") as conf:
+            conf.write(f"port = {standby.port}\nunix_socket_directories = '{folder}'\n")
+        standby.start()
+        return standby
+
+    def wait_for_replay(self, timeout_s: float = 10.0) -> None:
+        """Until this standby has replayed all it has been sent (the test's rows are there)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            lag = self.psql(
+                "SELECT pg_last_wal_receive_lsn() IS NOT NULL"
+                " AND pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()"
+            )
+            if lag.strip() == "t":
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"standby on {self.port} did not catch up in {timeout_s} s")
+
+    def promote(self) -> None:
+        subprocess.run(
+            _as_postgres(self.bin / "pg_ctl", "-D", self.data, "-w", "promote"),
+            check=True,
+            capture_output=True,
+        )
 
     def remove(self) -> None:
         self.stop("immediate")
