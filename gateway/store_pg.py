@@ -26,6 +26,7 @@ import asyncio
 import os
 import random
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final, TypeVar
@@ -313,6 +314,7 @@ class PostgresStore:
         claim_ms: int = CLAIM_MS,
         reconnect_budget_s: float = RECONNECT_BUDGET_S,
         pool_size: int = 4,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         check_postgres_url(url)
         self.url = url
@@ -320,6 +322,12 @@ class PostgresStore:
         self._claim_ms = claim_ms
         self._reconnect_budget_s = reconnect_budget_s
         self._pool_size = pool_size
+        self._clock = clock
+        # reconnecting: since when the server has been unreachable (None: it is not), when
+        # the next call may try again, and the backoff's next wait
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        self._delay = RECONNECT_FIRST_S
         # names this instance's forwarding claims; readable by an operator looking at them
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
         self._pool: asyncpg.Pool | None = None
@@ -352,22 +360,41 @@ class PostgresStore:
     async def _with_connection(
         self, pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awaitable[T]]
     ) -> T:
-        """Run `work` on a pooled connection. Connecting is retried with backoff (nothing was
-        sent yet); once `work` has begun, a lost connection is StoreUnavailable at once (a
-        commit's outcome is unknown then; every caller's work is safe to do again)."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._reconnect_budget_s
-        delay = RECONNECT_FIRST_S
+        """Run `work` on a pooled connection.
+
+        Connecting is retried with backoff for up to `reconnect_budget_s` (nothing was sent
+        yet), long enough to ride a promotion. A store that used up that budget is *down*:
+        until its next try (backoff, up to RECONNECT_MAX_S) every call fails at once, so the
+        intake's one-by-one fallback after a failed group commit does not wait the budget
+        per message. Once `work` has begun, a lost connection is StoreUnavailable at once
+        (a commit's outcome is unknown then; every caller's work is safe to do again).
+        """
+        now = self._clock()
+        if self._down_since is not None and now < self._next_try:
+            raise StoreUnavailable(
+                f"{self._where}: unreachable for {now - self._down_since:.1f} s, not tried "
+                f"again for {self._next_try - now:.1f} s. The store reconnects by itself"
+            )
+        # a store already down tries once; a healthy one rides out a short outage
+        budget = 0.0 if self._down_since is not None else self._reconnect_budget_s
+        waited = 0.0
         while True:
             try:
                 connection = await pool.acquire()
             except Exception as exc:
                 error = pg_error(exc, self._where)
-                if not isinstance(error, StoreUnavailable) or loop.time() + delay > give_up:
+                if not isinstance(error, StoreUnavailable):
                     raise error or exc from exc
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, RECONNECT_MAX_S)
+                if waited + self._delay > budget:
+                    self._went_down()
+                    raise error from exc
+                pause = self._delay * random.uniform(0.5, 1.0)
+                await asyncio.sleep(pause)
+                waited += pause
+                self._delay = min(self._delay * 2, RECONNECT_MAX_S)
                 continue
+            self._down_since = None
+            self._delay = RECONNECT_FIRST_S
             try:
                 return await work(connection)
             except Exception as exc:
@@ -380,6 +407,13 @@ class PostgresStore:
                 raise error from exc
             finally:
                 await pool.release(connection)
+
+    def _went_down(self) -> None:
+        now = self._clock()
+        if self._down_since is None:
+            self._down_since = now
+        self._next_try = now + self._delay
+        self._delay = min(self._delay * 2, RECONNECT_MAX_S)
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         return await self._with_connection(await self._ready(), work)
