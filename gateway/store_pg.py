@@ -28,6 +28,7 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -223,6 +224,72 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.ReadOnlySQLTransactionError,  # a primary demoted to a standby under us
     asyncpg.exceptions.InternalClientError,  # no host matched target_session_attrs
 )
+
+
+def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:
+    """Rows as columns, for `unnest($1::type[], ...)`: one array a column."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
+
+
+@dataclass
+class _Decided:
+    """What a batch does, decided in order before anything is written (see `_decide`)."""
+
+    fresh: list[bool] = field(default_factory=list)
+    refused: list[str | None] = field(default_factory=list)
+    came_online: list[str] = field(default_factory=list)
+    insert: list[int] = field(default_factory=list)  # positions of events to keep
+    # per device: (device id, highest sequence number, last power reported), one row each
+    # (an UPDATE ... FROM joining one row twice would apply only one of them)
+    device_updates: dict[str, tuple[str, int, str | None]] = field(default_factory=dict)
+
+
+def _decide(
+    batch: Sequence[Incoming],
+    devices: dict[str, tuple[bool | None, str | None]],
+    owners: dict[str, str],
+    known: set[str],
+) -> _Decided:
+    """SqliteDatabase.accept_batch's decisions, message by message, on the rows read first:
+    `devices` (online, power), `owners` (event_ids) and `known` event ids are updated as each
+    message would have changed them, so a later message sees what an earlier one did."""
+    decided = _Decided()
+    for position, item in enumerate(batch):
+        was_online, old_power = devices.get(item.device_id, (None, None))
+        if item.device_id in devices:
+            devices[item.device_id] = (True, old_power if item.power is None else item.power)
+        _, seq, power = decided.device_updates.get(item.device_id, (item.device_id, item.seq, None))
+        decided.device_updates[item.device_id] = (
+            item.device_id,
+            max(seq, item.seq),
+            power if item.power is None else item.power,
+        )
+        if was_online is False and item.device_id not in decided.came_online:
+            decided.came_online.append(item.device_id)
+        power_changed = item.power is not None and old_power not in (None, item.power)
+        if not (item.kept or power_changed):
+            decided.fresh.append(True)
+            decided.refused.append(None)
+            continue
+        foreign = {
+            i
+            for i in (item.event_id, *item.refs)
+            if owners.get(i, item.device_id) != item.device_id
+        }
+        refusal = None
+        if foreign & set(item.refs):
+            refusal = FOREIGN_REF
+        elif item.event_id in foreign:
+            refusal = FOREIGN_ID
+        inserted = refusal is None and item.event_id not in known
+        if inserted:
+            known.add(item.event_id)
+            decided.insert.append(position)
+            for named in (item.event_id, *item.refs):
+                owners.setdefault(named, item.device_id)
+        decided.fresh.append(inserted)
+        decided.refused.append(refusal)
+    return decided
 
 
 def _count(status: str) -> int:
@@ -505,62 +572,125 @@ class PostgresStore:
     # ---- intake and supervision --------------------------------------------------------------
 
     async def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
-        """As `SqliteDatabase.accept_batch`, in one transaction (group commit)."""
+        """As `SqliteDatabase.accept_batch`, in one transaction (group commit), and in four
+        round trips whatever the batch's size: the rows it depends on are read (and the
+        devices locked) first, the batch is decided in order here exactly as SQLite decides
+        it message by message, and what it keeps is written in one statement per table."""
 
         async def work(db: asyncpg.Connection) -> Accepted:
             # every device row of the batch locked up front, in one order: two instances
             # taking batches of the same devices wait for each other instead of deadlocking
-            await db.execute(
-                "SELECT 1 FROM devices WHERE device_id = ANY($1::text[])"
+            rows = await db.fetch(
+                "SELECT device_id, online, power FROM devices WHERE device_id = ANY($1::text[])"
                 " ORDER BY device_id FOR UPDATE",
                 sorted({item.device_id for item in batch}),
             )
-            fresh: list[bool] = []
-            forwarded: list[bool] = []
-            came_online: list[str] = []
-            refused: list[str | None] = []
-            for item in batch:
-                before = await db.fetchrow(
-                    "WITH old AS (SELECT online, power FROM devices WHERE device_id = $4)"
-                    " UPDATE devices SET high_water = GREATEST(COALESCE(high_water, -1), $1),"
-                    " last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $2), online = TRUE,"
-                    " power = COALESCE($3, power) WHERE device_id = $4"
-                    " RETURNING (SELECT online FROM old), (SELECT power FROM old)",
-                    item.seq,
-                    now_ms,
-                    item.power,
-                    item.device_id,
+            devices: dict[str, tuple[bool | None, str | None]] = {
+                r["device_id"]: (r["online"], r["power"]) for r in rows
+            }
+            ids = sorted({i for item in batch for i in (item.event_id, *item.refs)})
+            owners = {
+                r["event_id"]: r["device_id"]
+                for r in await db.fetch(
+                    "SELECT event_id, device_id FROM event_ids WHERE event_id = ANY($1::text[])",
+                    ids,
                 )
-                was_online, old_power = (before[0], before[1]) if before else (None, None)
-                if was_online is False and item.device_id not in came_online:
-                    came_online.append(item.device_id)
-                power_changed = item.power is not None and old_power not in (None, item.power)
-                if not (item.kept or power_changed):
-                    fresh.append(True)
-                    forwarded.append(False)
-                    refused.append(None)
-                    continue
-                refusal = await self._refusal(db, item)
-                inserted = refusal is None and await self._insert_event(db, item, now_ms)
-                fresh.append(inserted)
-                forwarded.append(inserted and bool(item.centres))
-                refused.append(refusal)
-            return Accepted(fresh, forwarded, came_online, refused)
+            }
+            known = {
+                r["event_id"]
+                for r in await db.fetch(
+                    "SELECT event_id FROM events WHERE event_id = ANY($1::text[])",
+                    [item.event_id for item in batch],
+                )
+            }
+            decided = _decide(batch, devices, owners, known)
+            kept = await self._insert_events(db, [batch[i] for i in decided.insert], now_ms)
+            await db.execute(
+                "UPDATE devices d SET high_water = GREATEST(COALESCE(d.high_water, -1), u.seq),"
+                " last_seen_ms = GREATEST(COALESCE(d.last_seen_ms, 0), $4), online = TRUE,"
+                " power = COALESCE(u.power, d.power)"
+                " FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(device_id, seq, power)"
+                " WHERE d.device_id = u.device_id",
+                *_columns(list(decided.device_updates.values()), 3),
+                now_ms,
+            )
+            inserting = set(decided.insert)
+            # an event another instance kept meanwhile is a resend after all
+            fresh = [
+                batch[i].event_id in kept if i in inserting else new
+                for i, new in enumerate(decided.fresh)
+            ]
+            forwarded = [
+                i in inserting and fresh[i] and bool(item.centres) for i, item in enumerate(batch)
+            ]
+            return Accepted(fresh, forwarded, decided.came_online, decided.refused)
 
         return await self._tx(work)
 
     @staticmethod
-    async def _refusal(db: asyncpg.Connection, item: Incoming) -> str | None:
-        """FOREIGN_REF or FOREIGN_ID when an id it names, or its own, is another device's."""
-        rows = await db.fetch(
-            "SELECT event_id FROM event_ids WHERE event_id = ANY($1::text[]) AND device_id <> $2",
-            [*item.refs, item.event_id],
-            item.device_id,
+    async def _insert_events(
+        db: asyncpg.Connection, items: Sequence[Incoming], now_ms: int
+    ) -> set[str]:
+        """Insert these events, their deliveries and their ids' ownership in one statement;
+        the ids actually inserted (another instance may have kept one meanwhile)."""
+        if not items:
+            return set()
+        events = _columns(
+            [
+                (
+                    i.event_id,
+                    i.device_id,
+                    i.seq,
+                    i.type,
+                    i.ts_ms,
+                    i.body_json,
+                    i.jws,
+                    i.clock_skew_ms,
+                )
+                for i in items
+            ],
+            8,
         )
-        foreign = {row[0] for row in rows}
-        if foreign & set(item.refs):
-            return FOREIGN_REF
-        return FOREIGN_ID if item.event_id in foreign else None
+        deliveries = _columns([(i.event_id, c) for i in items for c in i.centres], 2)
+        claims = _columns(
+            [(i.event_id, named, i.device_id) for i in items for named in (i.event_id, *i.refs)],
+            3,
+        )
+        rows = await db.fetch(
+            """
+            WITH kept AS (
+                INSERT INTO events (event_id, device_id, seq, type, ts_ms, received_ms, body,
+                                    jws, clock_skew_ms)
+                SELECT e.event_id, e.device_id, e.seq, e.type, e.ts_ms, $9, e.body, e.jws, e.skew
+                FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[],
+                            $6::text[], $7::text[], $8::bigint[])
+                     WITH ORDINALITY AS e(event_id, device_id, seq, type, ts_ms, body, jws,
+                                          skew, n)
+                ORDER BY e.n
+                ON CONFLICT DO NOTHING RETURNING event_id
+            ), deliveries AS (
+                INSERT INTO outbox (event_id, centre, next_attempt_ms)
+                SELECT o.event_id, o.centre, $9
+                FROM unnest($10::text[], $11::text[]) AS o(event_id, centre)
+                JOIN kept USING (event_id)
+            ), owned AS (
+                -- in batch order: an id two of the batch's events name is the first one's
+                INSERT INTO event_ids (event_id, device_id)
+                SELECT DISTINCT ON (c.named) c.named, c.device_id
+                FROM unnest($12::text[], $13::text[], $14::text[]) WITH ORDINALITY
+                     AS c(event_id, named, device_id, n)
+                JOIN kept USING (event_id)
+                ORDER BY c.named, c.n
+                ON CONFLICT DO NOTHING
+            )
+            SELECT event_id FROM kept
+            """,
+            *events,
+            now_ms,
+            *deliveries,
+            *claims,
+        )
+        return {r["event_id"] for r in rows}
 
     @staticmethod
     async def _insert_event(db: asyncpg.Connection, item: Incoming, now_ms: int) -> bool:

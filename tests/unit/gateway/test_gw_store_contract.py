@@ -154,6 +154,35 @@ async def test_an_id_is_its_first_devices_own_and_named_ids_are_claimed(store: S
     assert (await store.accept_batch([item("alert-late-01", seq=3)], 300)).refused == [None]
 
 
+async def test_a_batch_is_decided_in_order_as_one_message_after_another(store: Store) -> None:
+    beat = item("hb-1", seq=1, type="heartbeat", kept=False, power="mains", centres=())
+    await store.accept_batch([beat], 100)
+    assert await store.mark_offline([item("off-1", type="status", centres=())], 100, 150) == [True]
+    batch = [
+        # power changes against the stored mains: kept; the next one against this one: not
+        item("hb-2", seq=2, type="heartbeat", kept=False, power="battery", centres=("central",)),
+        item("hb-3", seq=3, type="heartbeat", kept=False, power="battery", centres=("central",)),
+        item("alert-a", seq=4),
+        item("alert-a", seq=4),  # the same message twice in one batch: a resend
+        # an id named by an earlier message of the batch is that device's already
+        item("cancel-b", "bell-0002", 1, type="cancel", refs=("alert-x",), centres=("central",)),
+        item("alert-x", seq=5),
+    ]
+    done = await store.accept_batch(batch, 200)
+    assert done.came_online == ["bell-0001"]
+    assert done.fresh == [True, True, True, False, True, False]
+    assert done.forwarded == [True, False, True, False, True, False]
+    assert done.refused == [None, None, None, None, None, FOREIGN_ID]
+    assert await store.event("hb-2") is not None and await store.event("hb-3") is None
+    first, second = await store.device("bell-0001"), await store.device("bell-0002")
+    assert first is not None and (first.high_water, first.power, first.online) == (
+        5,
+        "battery",
+        True,
+    )
+    assert second is not None and (second.high_water, second.last_seen_ms) == (1, 200)
+
+
 # ---- supervision ----------------------------------------------------------------------------
 
 
