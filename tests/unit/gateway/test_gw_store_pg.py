@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from conftest import new_postgres
 from gw_testkit import CENTRAL_TOML
@@ -15,15 +16,19 @@ from pg_testkit import PgServer
 
 from ansimi.config import ConfigError, load_config
 from gateway.config import GatewayConfig
+from gateway.enrolments import TokenRefused
 from gateway.store import (
     BadStoreUrl,
     Device,
     Incoming,
+    StoreError,
+    StoreFull,
+    StoreLocked,
     StoreUnavailable,
     StoreVersionError,
     open_store,
 )
-from gateway.store_pg import PG_SCHEMA_VERSION, PostgresStore, read_password
+from gateway.store_pg import PG_SCHEMA_VERSION, PostgresStore, pg_error, read_password
 
 
 def alert(n: int, device_id: str = "bell-0001") -> Incoming:
@@ -207,3 +212,22 @@ def test_the_password_comes_from_the_credential_before_the_file(tmp_path: Path) 
     assert read_password(None, {}) is None
     with pytest.raises(Exception, match="store_password_file"):
         read_password(tmp_path / "missing", {})
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def test_driver_errors_become_the_store_errors_callers_handle() -> None:
+    assert isinstance(pg_error(asyncpg.DiskFullError("no space"), "db"), StoreFull)
+    assert isinstance(pg_error(asyncpg.DeadlockDetectedError("deadlock"), "db"), StoreLocked)
+    for lost in (
+        ConnectionRefusedError(111, "refused"),
+        asyncpg.ConnectionDoesNotExistError("closed in the middle"),
+        asyncpg.AdminShutdownError("terminating connection"),
+        asyncpg.ReadOnlySQLTransactionError("read-only transaction"),  # demoted primary
+    ):
+        assert isinstance(pg_error(lost, "db"), StoreUnavailable), lost
+    other = pg_error(asyncpg.UndefinedTableError("no such table"), "db")
+    assert type(other) is StoreError and "db" in str(other)
+    # a decision, not a failure: it goes through as it is
+    assert pg_error(TokenRefused("used"), "db") is None
