@@ -615,6 +615,51 @@ def _translated(where: object) -> Iterator[None]:
         raise store_error(exc, where) from exc
 
 
+def enrolment_for(
+    device_id: str,
+    device: tuple[DeviceKind, str, str, bool] | None,
+    live: bool,
+    asked: tuple[DeviceKind, str, str],
+    *,
+    rotate: bool,
+    serves: Callable[[str], bool],
+) -> tuple[DeviceKind, str, str]:
+    """Whether a token may be issued, decided the same on every engine: the (kind, district,
+    label) it enrols, or the refusal. `device`: the enrolled device's (kind, district, label,
+    revoked), None if there is none; `live`: an unused, unexpired token waits for it;
+    `asked`: what a new device's token asks for (a rotation keeps the device's own)."""
+    if rotate:
+        # another district's device is answered as an unknown one
+        if device is None or not serves(device[1]):
+            raise NotEnrolled(device_id)
+        if device[3]:
+            raise TokenRefused("revoked")
+        return device[0], device[1], device[2]
+    if not serves(asked[1]):
+        raise OtherDistrict(asked[1])
+    if device is not None:
+        raise DuplicateEnrolment(device_id, "is already registered")
+    if live:
+        raise DuplicateEnrolment(
+            device_id,
+            "already has an enrolment waiting (cancel it with "
+            "`ansimi provision device revoke`, or let it expire)",
+        )
+    return asked
+
+
+def check_completion(pending: Pending, revoked: bool | None) -> None:
+    """Whether a used token's device may be registered (or re-keyed), on every engine;
+    `revoked`: the device's flag, None if it is not enrolled."""
+    if pending.rotate:
+        if revoked is None:
+            raise NotEnrolled(pending.device_id)
+        if revoked:
+            raise TokenRefused("revoked")
+    elif revoked is not None:
+        raise DuplicateEnrolment(pending.device_id, "is already registered")
+
+
 class SqliteDatabase:
     """The blocking SQLite work beneath `SqliteStore`; one-shot commands with no event loop
     (`ansimi gateway purge`, the demo's and simulator's device registration) use it as is."""
@@ -1222,28 +1267,20 @@ class SqliteDatabase:
                 " AND cancelled_ms IS NULL AND expires_ms > ?",
                 (device_id, now_ms),
             ).fetchone()
+            kind, district, label = enrolment_for(
+                device_id,
+                None if row is None else (row[1], row[2], row[3], bool(row[4])),
+                live is not None,
+                (kind, district, label),
+                rotate=rotate,
+                serves=serves,
+            )
             if rotate:
-                # another district's device is answered as an unknown one
-                if row is None or not serves(row[2]):
-                    raise NotEnrolled(device_id)
-                if row[4]:
-                    raise TokenRefused("revoked")
-                kind, district, label = row[1], row[2], row[3]
                 # a fresh rotation token replaces one not yet used
                 db.execute(
                     "UPDATE enrolments SET cancelled_ms = ? WHERE device_id = ?"
                     " AND used_ms IS NULL AND cancelled_ms IS NULL",
                     (now_ms, device_id),
-                )
-            elif not serves(district):
-                raise OtherDistrict(district)
-            elif row is not None:
-                raise DuplicateEnrolment(device_id, "is already registered")
-            elif live is not None:
-                raise DuplicateEnrolment(
-                    device_id,
-                    "already has an enrolment waiting (cancel it with "
-                    "`ansimi provision device revoke`, or let it expire)",
                 )
             db.execute(
                 "INSERT INTO enrolments (token_hash, device_id, kind, district, label, rotate,"
@@ -1301,18 +1338,13 @@ class SqliteDatabase:
                 (now_ms, serial, hash_token(token)),
             )
             device = self._device_row(db, pending.device_id)
+            check_completion(pending, None if device is None else bool(device[4]))
             if pending.rotate:
-                if device is None:
-                    raise NotEnrolled(pending.device_id)
-                if device[4]:
-                    raise TokenRefused("revoked")
                 db.execute(
                     "UPDATE devices SET public_key = ? WHERE device_id = ?",
                     (public_key_b64, pending.device_id),
                 )
             else:
-                if device is not None:
-                    raise DuplicateEnrolment(pending.device_id, "is already registered")
                 db.execute(
                     "INSERT INTO devices (device_id, public_key, kind, district, label,"
                     " revoked, created_ms) VALUES (?, ?, ?, ?, ?, 0, ?)",

@@ -38,10 +38,7 @@ import asyncpg
 from ansimi.privacy import key_source
 from gateway.enrolments import (
     DEFAULT_TTL_S,
-    DuplicateEnrolment,
     EnrolmentError,
-    NotEnrolled,
-    OtherDistrict,
     Pending,
     TokenRefused,
     hash_token,
@@ -56,6 +53,7 @@ from gateway.store import (
     BadStoreUrl,
     Delivery,
     Device,
+    DeviceKind,
     DuplicateDevice,
     Event,
     EventState,
@@ -67,9 +65,11 @@ from gateway.store import (
     StoreVersionError,
     UnknownEvent,
     Waiting,
+    check_completion,
     delivery_filter,
     delivery_from_row,
     device_from_row,
+    enrolment_for,
     event_from_row,
     pending_from_row,
 )
@@ -1048,7 +1048,7 @@ class PostgresStore:
     async def issue_enrolment(
         self,
         device_id: str,
-        kind: str,
+        kind: DeviceKind,
         district: str,
         label: str,
         *,
@@ -1059,7 +1059,7 @@ class PostgresStore:
     ) -> tuple[str, Pending]:
         token = new_token(device_id)
 
-        async def work(db: asyncpg.Connection) -> tuple[str, str, str]:
+        async def work(db: asyncpg.Connection) -> tuple[DeviceKind, str, str]:
             await self._lock_device(db, device_id)
             row = await db.fetchrow(
                 "SELECT kind, district, label, revoked FROM devices WHERE device_id = $1",
@@ -1071,28 +1071,21 @@ class PostgresStore:
                 device_id,
                 now_ms,
             )
-            chosen = (kind, district, label)
+            chosen = enrolment_for(
+                device_id,
+                None if row is None else tuple(row),  # (kind, district, label, revoked)
+                live is not None,
+                (kind, district, label),
+                rotate=rotate,
+                serves=serves,
+            )
             if rotate:
-                if row is None or not serves(row["district"]):
-                    raise NotEnrolled(device_id)
-                if row["revoked"]:
-                    raise TokenRefused("revoked")
-                chosen = (row["kind"], row["district"], row["label"])
+                # a fresh rotation token replaces one not yet used
                 await db.execute(
                     "UPDATE enrolments SET cancelled_ms = $1 WHERE device_id = $2"
                     " AND used_ms IS NULL AND cancelled_ms IS NULL",
                     now_ms,
                     device_id,
-                )
-            elif not serves(district):
-                raise OtherDistrict(district)
-            elif row is not None:
-                raise DuplicateEnrolment(device_id, "is already registered")
-            elif live is not None:
-                raise DuplicateEnrolment(
-                    device_id,
-                    "already has an enrolment waiting (cancel it with "
-                    "`ansimi provision device revoke`, or let it expire)",
                 )
             await db.execute(
                 "INSERT INTO enrolments (token_hash, device_id, kind, district, label, rotate,"
@@ -1109,7 +1102,7 @@ class PostgresStore:
         kept_kind, kept_district, kept_label = await self._tx(work)
         pending = Pending(
             device_id,
-            kept_kind,  # type: ignore[arg-type]  # a DeviceKind: checked when it was stored
+            kept_kind,
             kept_district,
             kept_label,
             rotate,
@@ -1161,19 +1154,14 @@ class PostgresStore:
             revoked = await db.fetchval(
                 "SELECT revoked FROM devices WHERE device_id = $1", pending.device_id
             )
+            check_completion(pending, revoked)
             if pending.rotate:
-                if revoked is None:
-                    raise NotEnrolled(pending.device_id)
-                if revoked:
-                    raise TokenRefused("revoked")
                 await db.execute(
                     "UPDATE devices SET public_key = $1 WHERE device_id = $2",
                     public_key_b64,
                     pending.device_id,
                 )
             else:
-                if revoked is not None:
-                    raise DuplicateEnrolment(pending.device_id, "is already registered")
                 await db.execute(
                     "INSERT INTO devices (device_id, public_key, kind, district, label,"
                     " revoked, created_ms) VALUES ($1, $2, $3, $4, $5, FALSE, $6)",
