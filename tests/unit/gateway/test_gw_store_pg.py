@@ -5,20 +5,25 @@ PostgreSQL (tests/pg_testkit.py); the shared contract is test_gw_store_contract.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 import pytest
 from conftest import new_postgres
-from gw_testkit import CENTRAL_TOML
+from gw_testkit import CENTRAL_TOML, NOW, Clock
 from pg_testkit import PgServer
 
 from ansimi.config import ConfigError, load_config
-from gateway.config import GatewayConfig
+from gateway.config import Centre, ForwardConfig, GatewayConfig
 from gateway.enrolments import TokenRefused
+from gateway.forward import DELIVERED, Forwarder, Outcome
+from gateway.metrics import Metrics
 from gateway.store import (
     BadStoreUrl,
+    Delivery,
     Device,
     Incoming,
     StoreError,
@@ -71,6 +76,55 @@ async def test_two_instances_claim_disjoint_deliveries(
     # an instance asking again gets its own claims back, never the other's
     again = {d.event_id for d in await first.due_for("central", 100, 40)}
     assert taken[0] <= again and not again & taken[1]
+
+
+@dataclass
+class CountingCentre:
+    """A centre that takes everything, after a yield so two forwarders' sends interleave."""
+
+    concurrency: int = 4
+    seen: list[str] = field(default_factory=list)
+
+    async def send(self, delivery: Delivery, district: str) -> Outcome:
+        await asyncio.sleep(0)
+        self.seen.append(delivery.event_id)
+        return DELIVERED
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_two_gateways_forward_one_outbox_each_alert_once(
+    two_instances: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """The forwarders of two gateway instances on one database: the centre hears each alert
+    from one of them, and both take a share."""
+    stores = two_instances
+    await stores[0].accept_batch([alert(n) for n in range(1, 61)], NOW)
+    centre = CountingCentre()
+    forwarders = [
+        Forwarder(
+            store,
+            [Centre(name="central", url="https://127.0.0.1/events", secret="s" * 24)],
+            ForwardConfig(),
+            Metrics(),
+            district_of=lambda _device: "mapo",
+            on_first_delivery=lambda _delivery: None,
+            clock_ms=Clock(),
+            rng=random.Random(seed),
+            transports={"central": centre},  # type: ignore[dict-item]
+        )
+        for seed, store in enumerate(stores)
+    ]
+    sent = [0, 0]
+    for _ in range(30):  # bounded: 60 deliveries, at most 4 in flight per forwarder
+        counts = await asyncio.gather(*(f.pump() for f in forwarders))
+        sent = [a + b for a, b in zip(sent, counts, strict=True)]
+        if await stores[0].waiting_count() == 0:
+            break
+    assert await stores[0].waiting_count() == 0
+    assert sorted(centre.seen) == [f"alert-{n:04d}" for n in range(1, 61)]  # each once
+    assert all(sent), sent
 
 
 async def test_a_claim_ends_with_the_outcome_or_lapses(
