@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pg_testkit import PgServer, postgres_bin
+from pg_testkit import PgServer, new_postgres
 
 from ansimi.broker import Mosquitto, MosquittoConfig, mosquitto_path
 
@@ -22,19 +22,6 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
-
-
-def new_postgres() -> PgServer:
-    """A new, started PostgreSQL; skips only when the server is not installed."""
-    bin = postgres_bin()
-    if bin is None:
-        pytest.skip(
-            "PostgreSQL server binaries absent (/usr/lib/postgresql/*/bin/postgres): "
-            "`apt-get install -y postgresql` (scripts/system-deps.sh does)"
-        )
-    server = PgServer.create(bin)
-    server.start()
-    return server
 
 
 @pytest.fixture(scope="session")

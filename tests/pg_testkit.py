@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 SUPERUSER = "ansimi"
 
 
@@ -41,6 +43,19 @@ def free_low_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port between 20000 and 32000 on 127.0.0.1")
+
+
+def new_postgres() -> PgServer:
+    """A new, started PostgreSQL; skips only when the server is not installed."""
+    bin = postgres_bin()
+    if bin is None:
+        pytest.skip(
+            "PostgreSQL server binaries absent (/usr/lib/postgresql/*/bin/postgres): "
+            "`apt-get install -y postgresql` (scripts/system-deps.sh does)"
+        )
+    server = PgServer.create(bin)
+    server.start()
+    return server
 
 
 def _as_postgres(*argv: str | Path) -> list[str]:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from conftest import new_postgres
 from gw_testkit import CENTRAL_TOML, NOW, Clock
-from pg_testkit import PgServer
+from pg_testkit import PgServer, new_postgres
 
 from ansimi.config import ConfigError, load_config
 from gateway.config import Centre, ForwardConfig, GatewayConfig
