@@ -777,34 +777,47 @@ class PostgresStore:
         return [delivery_from_row(tuple(row)) for row in rows]
 
     async def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]:
+        """Mark deliveries done in one transaction (group commit), in two round trips; per
+        (event id, centre) pair, True if it is the event's first delivery (the first pair
+        of an event in `done` is, as on SQLite)."""
+        event_ids, centres = _columns(done, 2)
+
         async def work(db: asyncpg.Connection) -> list[bool]:
-            firsts: list[bool] = []
-            for event_id, centre in done:
-                await db.execute(
-                    "UPDATE outbox SET delivered_ms = $1, attempts = attempts + 1,"
-                    " claimed_by = NULL WHERE event_id = $2 AND centre = $3"
-                    " AND delivered_ms IS NULL",
-                    now_ms,
-                    event_id,
-                    centre,
+            # the events locked in one order: two instances recording deliveries of the
+            # same events (to different centres) wait for each other, never deadlock
+            await db.execute(
+                "SELECT 1 FROM events WHERE event_id = ANY($1::text[]) ORDER BY event_id"
+                " FOR UPDATE",
+                event_ids,
+            )
+            rows = await db.fetch(
+                """
+                WITH pairs AS (
+                    SELECT * FROM unnest($2::text[], $3::text[]) WITH ORDINALITY
+                        AS p(event_id, centre, n)
+                ), sent AS (
+                    UPDATE outbox o SET delivered_ms = $1, attempts = o.attempts + 1,
+                                        claimed_by = NULL
+                    FROM pairs WHERE o.event_id = pairs.event_id AND o.centre = pairs.centre
+                      AND o.delivered_ms IS NULL
+                ), firsts AS (
+                    UPDATE events e SET state = 'delivered'
+                    FROM (SELECT DISTINCT ON (event_id) event_id, centre, n FROM pairs
+                          ORDER BY event_id, n) AS first
+                    WHERE e.event_id = first.event_id AND e.state = 'received'
+                    RETURNING e.event_id, first.centre, first.n
+                ), staged AS (
+                    INSERT INTO stages SELECT event_id, 'delivered', $1, centre FROM firsts
+                    ON CONFLICT DO NOTHING
                 )
-                first = _count(
-                    await db.execute(
-                        "UPDATE events SET state = 'delivered' WHERE event_id = $1"
-                        " AND state = 'received'",
-                        event_id,
-                    )
-                )
-                if first:
-                    await db.execute(
-                        "INSERT INTO stages VALUES ($1, 'delivered', $2, $3)"
-                        " ON CONFLICT DO NOTHING",
-                        event_id,
-                        now_ms,
-                        centre,
-                    )
-                firsts.append(bool(first))
-            return firsts
+                SELECT n FROM firsts
+                """,
+                now_ms,
+                event_ids,
+                centres,
+            )
+            first = {int(row["n"]) for row in rows}
+            return [n in first for n in range(1, len(done) + 1)]
 
         return await self._tx(work)
 
