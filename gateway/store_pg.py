@@ -198,22 +198,6 @@ _EVENT_SELECT = (
     " (SELECT COUNT(*) FROM outbox o WHERE o.event_id = e.event_id"
     "  AND o.delivered_ms IS NULL) FROM events e"
 )
-# one statement: the event, its deliveries and its ids' ownership, or nothing if it is known
-_INSERT_EVENT = """
-WITH kept AS (
-    INSERT INTO events (event_id, device_id, seq, type, ts_ms, received_ms, body, jws,
-                        clock_skew_ms)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING RETURNING event_id
-), deliveries AS (
-    INSERT INTO outbox (event_id, centre, next_attempt_ms)
-    SELECT kept.event_id, centre, $6 FROM kept, unnest($10::text[]) AS centre
-), owned AS (
-    INSERT INTO event_ids (event_id, device_id)
-    SELECT DISTINCT id, $2 FROM kept, unnest($11::text[]) AS id ON CONFLICT DO NOTHING
-)
-SELECT COUNT(*) FROM kept
-"""
-
 # errors that mean "no usable connection to a primary": try again, elsewhere if need be
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
@@ -692,27 +676,9 @@ class PostgresStore:
         )
         return {r["event_id"] for r in rows}
 
-    @staticmethod
-    async def _insert_event(db: asyncpg.Connection, item: Incoming, now_ms: int) -> bool:
-        kept = await db.fetchval(
-            _INSERT_EVENT,
-            item.event_id,
-            item.device_id,
-            item.seq,
-            item.type,
-            item.ts_ms,
-            now_ms,
-            item.body_json,
-            item.jws,
-            item.clock_skew_ms,
-            list(item.centres),
-            [item.event_id, *item.refs],
-        )
-        return bool(kept)
-
     async def add_event(self, item: Incoming, now_ms: int) -> None:
         async def work(db: asyncpg.Connection) -> None:
-            await self._insert_event(db, item, now_ms)
+            await self._insert_events(db, [item], now_ms)
 
         await self._tx(work)
 
@@ -731,7 +697,7 @@ class PostgresStore:
                     )
                 )
                 if changed:
-                    await self._insert_event(db, item, now_ms)
+                    await self._insert_events(db, [item], now_ms)
                 went.append(bool(changed))
             return went
 
