@@ -1,11 +1,12 @@
-"""The gateway's durable state, behind an interface narrow enough for a PostgreSQL twin.
+"""The gateway's durable state, behind one interface: SQLite here, PostgreSQL in store_pg.py.
 
 Callers see one `Protocol` per role (intake, forwarding, operator API, enrolment, privacy,
 supervision, health and site events), each async: `await store.accept_batch(...)`. The
 store is opened from a URL (`open_store("sqlite:///var/lib/ansimi/gateway/gateway.db")`),
 migrates its schema by numbered steps (`MIGRATIONS`, recorded in `schema_version`) and
-raises only `StoreError`s: a full disk (`StoreFull`) and a lock held too long
-(`StoreLocked`) stay distinguishable, a raw `sqlite3` error never reaches a caller.
+raises only `StoreError`s: a full disk (`StoreFull`), a lock held too long (`StoreLocked`)
+and a lost database server (`StoreUnavailable`, PostgreSQL) stay distinguishable, a raw
+engine error never reaches a caller.
 
 `SqliteStore` is the async edge; `SqliteDatabase` beneath it is the blocking SQLite work,
 run on the store's one dedicated thread (and used directly only by one-shot commands that
