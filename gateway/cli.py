@@ -92,7 +92,7 @@ def _with_store(config: GatewayConfig, use: Callable[[Store], Awaitable[T]]) -> 
     """Open the gateway's store for one command's work, and close it again."""
 
     async def run() -> T:
-        store = open_store(config.store_url)
+        store = open_store(config.store_url, password_file=config.store_password_file)
         try:
             return await use(store)
         finally:

@@ -24,7 +24,7 @@ from pydantic import (
 
 from ansimi.districts import SEOUL_DISTRICTS, check_district
 from gateway.incidents import DEFAULT_PROCEDURES, IncidentKind, ProcedureStep
-from gateway.store import sqlite_path, sqlite_url
+from gateway.store import check_store_url, sqlite_url
 from gateway.video.config import VideoConfig
 from protocol.ids import STEP_NAME_PATTERN, DeviceId
 
@@ -394,8 +394,12 @@ class IncidentsConfig(_Section):
 class GatewayConfig(_Section):
     id: DeviceId = "gw-local"
     signing_key: Path = Path("/var/lib/ansimi/gateway/signing.key")
-    # where the gateway's state lives, as a URL: sqlite:///<absolute path>
+    # where the gateway's state lives, as a URL: sqlite:///<absolute path>, or
+    # postgresql://user@host:port/db for gateways on several hosts
     store: str = ""
+    # a postgresql:// store's password, in a file of mode 0600 (never in the URL); the
+    # systemd credential `store-password` wins over it
+    store_password_file: Path | None = None
     # the older spelling: a plain SQLite path, read as sqlite://<path> when `store` is unset
     database: Path = Path("/var/lib/ansimi/gateway/gateway.db")
     # free space kept for alerts on the database's file system: below it, a disk_low event
@@ -421,7 +425,7 @@ class GatewayConfig(_Section):
                 f'(database = "{self.database}" is store = "{sqlite_url(self.database)}")'
             )
         if self.store:
-            sqlite_path(self.store)  # BadStoreUrl (a ValueError) names the fix
+            check_store_url(self.store)  # BadStoreUrl (a ValueError) names the fix
         return self
 
     @property

@@ -69,7 +69,9 @@ class Gateway:
     ) -> None:
         self.config = config
         self.store: Store = store or open_store(
-            config.store_url, config.incidents.priority_of_kind()
+            config.store_url,
+            config.incidents.priority_of_kind(),
+            password_file=config.store_password_file,
         )
         self.metrics = Metrics()
         self.registry = Registry(self.store)

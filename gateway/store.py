@@ -1,11 +1,12 @@
-"""The gateway's durable state, behind an interface narrow enough for a PostgreSQL twin.
+"""The gateway's durable state, behind one interface: SQLite here, PostgreSQL in store_pg.py.
 
 Callers see one `Protocol` per role (intake, forwarding, operator API, enrolment, privacy,
 supervision, health and site events), each async: `await store.accept_batch(...)`. The
 store is opened from a URL (`open_store("sqlite:///var/lib/ansimi/gateway/gateway.db")`),
 migrates its schema by numbered steps (`MIGRATIONS`, recorded in `schema_version`) and
-raises only `StoreError`s: a full disk (`StoreFull`) and a lock held too long
-(`StoreLocked`) stay distinguishable, a raw `sqlite3` error never reaches a caller.
+raises only `StoreError`s: a full disk (`StoreFull`), a lock held too long (`StoreLocked`)
+and a lost database server (`StoreUnavailable`, PostgreSQL) stay distinguishable, a raw
+engine error never reaches a caller.
 
 `SqliteStore` is the async edge; `SqliteDatabase` beneath it is the blocking SQLite work,
 run on the store's one dedicated thread (and used directly only by one-shot commands that
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import json
 import os
 import re
@@ -37,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar
 
 from gateway.enrolments import (
@@ -266,11 +269,19 @@ class StoreVersionError(StoreError, RuntimeError):
     """The database was migrated by a newer gateway than this one."""
 
 
+class StoreUnavailable(StoreError, ConnectionError):
+    """No connection to the database server (lost, refused, or not the primary any more):
+    nothing was kept, or a commit's outcome is unknown. Every store call is safe to repeat;
+    the store reconnects by itself."""
+
+
 class BadStoreUrl(StoreError, ValueError):
-    def __init__(self, url: str, why: str) -> None:
+    def __init__(self, url: str, why: str, *, message: str | None = None) -> None:
         super().__init__(
-            f"store URL {url!r}: {why}. Fix: sqlite:///absolute/path/gateway.db "
-            "(or sqlite://:memory: for a throwaway store)"
+            message
+            or f"store URL {url!r}: {why}. Fix: sqlite:///absolute/path/gateway.db "
+            "(or sqlite://:memory: for a throwaway store), or "
+            "postgresql://user@host:5432/database for a cluster"
         )
 
 
@@ -607,28 +618,45 @@ _BACKFILL_NAMED_IDS = (
 _NAMED_IDS = (("$.alert_id", "cancel"), ("$.linked_to", "alert"))
 
 
-def _delivery_filter(
-    centre: str | None, event_id: str | None, districts: Sequence[str] | None
+def delivery_filter(
+    centre: str | None,
+    event_id: str | None,
+    districts: Sequence[str] | None,
+    *,
+    first: int | None = None,
 ) -> tuple[str, list[object]]:
-    """SQL conditions on outbox `o` and devices `d` (placeholders only), with their values."""
+    """SQL conditions on outbox `o` and devices `d` (placeholders only), with their values.
+    Placeholders are SQLite's `?`, or PostgreSQL's `$n` numbered from `first`."""
     where = ""
     args: list[object] = []
+
+    def mark() -> str:
+        return "?" if first is None else f"${first + len(args) - 1}"
+
     if centre is not None:
-        where += " AND o.centre = ?"
         args.append(centre)
+        where += f" AND o.centre = {mark()}"
     if event_id is not None:
-        where += " AND o.event_id = ?"
         args.append(event_id)
+        where += f" AND o.event_id = {mark()}"
     if districts is not None:
-        where += f" AND d.district IN ({', '.join('?' * len(districts))})"
-        args += districts
+        marks = []
+        for district in districts:
+            args.append(district)
+            marks.append(mark())
+        # no district at all matches nothing (PostgreSQL has no empty IN list)
+        where += f" AND d.district IN ({', '.join(marks)})" if marks else " AND 1 = 0"
     return where, args
 
 
-def _delivery(row: tuple[Any, ...]) -> Delivery:
-    a, b, c, d, e, f, g, h, skew, incident_id, kind, priority = row
+def delivery_from_row(row: tuple[Any, ...]) -> Delivery:
+    # the incident's columns come last; an engine that has no incidents yet gives none
+    a, b, c, d, e, f, g, h, skew, *incident_cols = row
+    incident_id, kind, priority = incident_cols or (None, None, None)
     skew_ms = None if skew is None else int(skew)
-    incident = None if incident_id is None else (str(incident_id), str(kind), int(priority))
+    incident = None
+    if incident_id is not None and priority is not None:
+        incident = (str(incident_id), str(kind), int(priority))
     return Delivery(
         str(a), str(b), int(c), str(d), str(e), int(f), str(g), str(h), skew_ms, incident
     )
@@ -761,6 +789,51 @@ def _translated(where: object) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise store_error(exc, where) from exc
+
+
+def enrolment_for(
+    device_id: str,
+    device: tuple[DeviceKind, str, str, bool] | None,
+    live: bool,
+    asked: tuple[DeviceKind, str, str],
+    *,
+    rotate: bool,
+    serves: Callable[[str], bool],
+) -> tuple[DeviceKind, str, str]:
+    """Whether a token may be issued, decided the same on every engine: the (kind, district,
+    label) it enrols, or the refusal. `device`: the enrolled device's (kind, district, label,
+    revoked), None if there is none; `live`: an unused, unexpired token waits for it;
+    `asked`: what a new device's token asks for (a rotation keeps the device's own)."""
+    if rotate:
+        # another district's device is answered as an unknown one
+        if device is None or not serves(device[1]):
+            raise NotEnrolled(device_id)
+        if device[3]:
+            raise TokenRefused("revoked")
+        return device[0], device[1], device[2]
+    if not serves(asked[1]):
+        raise OtherDistrict(asked[1])
+    if device is not None:
+        raise DuplicateEnrolment(device_id, "is already registered")
+    if live:
+        raise DuplicateEnrolment(
+            device_id,
+            "already has an enrolment waiting (cancel it with "
+            "`ansimi provision device revoke`, or let it expire)",
+        )
+    return asked
+
+
+def check_completion(pending: Pending, revoked: bool | None) -> None:
+    """Whether a used token's device may be registered (or re-keyed), on every engine;
+    `revoked`: the device's flag, None if it is not enrolled."""
+    if pending.rotate:
+        if revoked is None:
+            raise NotEnrolled(pending.device_id)
+        if revoked:
+            raise TokenRefused("revoked")
+    elif revoked is not None:
+        raise DuplicateEnrolment(pending.device_id, "is already registered")
 
 
 class SqliteDatabase:
@@ -1311,7 +1384,7 @@ class SqliteDatabase:
     ) -> int:
         """Make parked deliveries due now: all, or those of one centre, one event, or
         devices in `districts`; returns how many."""
-        where, args = _delivery_filter(centre, event_id, districts)
+        where, args = delivery_filter(centre, event_id, districts)
         with self._tx() as db:
             parked = (
                 "SELECT o.rowid FROM outbox o JOIN events e USING (event_id)"
@@ -1348,7 +1421,7 @@ class SqliteDatabase:
             " ORDER BY o.next_attempt_ms LIMIT ?",
             (centre, now_ms, limit),
         )
-        return [_delivery(row) for row in rows]
+        return [delivery_from_row(row) for row in rows]
 
     def waiting(
         self,
@@ -1360,7 +1433,7 @@ class SqliteDatabase:
     ) -> list[Waiting]:
         """Deliveries not yet accepted, oldest retry first; optionally for one centre, only
         those refused (True) or still retried (False), and for devices in `districts`."""
-        where, args = _delivery_filter(centre, None, districts)
+        where, args = delivery_filter(centre, None, districts)
         if refused is not None:
             where += " AND o.refused_ms IS NOT NULL" if refused else " AND o.refused_ms IS NULL"
         columns = (
@@ -1637,28 +1710,20 @@ class SqliteDatabase:
                 " AND cancelled_ms IS NULL AND expires_ms > ?",
                 (device_id, now_ms),
             ).fetchone()
+            kind, district, label = enrolment_for(
+                device_id,
+                None if row is None else (row[1], row[2], row[3], bool(row[4])),
+                live is not None,
+                (kind, district, label),
+                rotate=rotate,
+                serves=serves,
+            )
             if rotate:
-                # another district's device is answered as an unknown one
-                if row is None or not serves(row[2]):
-                    raise NotEnrolled(device_id)
-                if row[4]:
-                    raise TokenRefused("revoked")
-                kind, district, label = row[1], row[2], row[3]
                 # a fresh rotation token replaces one not yet used
                 db.execute(
                     "UPDATE enrolments SET cancelled_ms = ? WHERE device_id = ?"
                     " AND used_ms IS NULL AND cancelled_ms IS NULL",
                     (now_ms, device_id),
-                )
-            elif not serves(district):
-                raise OtherDistrict(district)
-            elif row is not None:
-                raise DuplicateEnrolment(device_id, "is already registered")
-            elif live is not None:
-                raise DuplicateEnrolment(
-                    device_id,
-                    "already has an enrolment waiting (cancel it with "
-                    "`ansimi provision device revoke`, or let it expire)",
                 )
             db.execute(
                 "INSERT INTO enrolments (token_hash, device_id, kind, district, label, rotate,"
@@ -1716,18 +1781,13 @@ class SqliteDatabase:
                 (now_ms, serial, hash_token(token)),
             )
             device = self._device_row(db, pending.device_id)
+            check_completion(pending, None if device is None else bool(device[4]))
             if pending.rotate:
-                if device is None:
-                    raise NotEnrolled(pending.device_id)
-                if device[4]:
-                    raise TokenRefused("revoked")
                 db.execute(
                     "UPDATE devices SET public_key = ? WHERE device_id = ?",
                     (public_key_b64, pending.device_id),
                 )
             else:
-                if device is not None:
-                    raise DuplicateEnrolment(pending.device_id, "is already registered")
                 db.execute(
                     "INSERT INTO devices (device_id, public_key, kind, district, label,"
                     " revoked, created_ms) VALUES (?, ?, ?, ?, ?, 0, ?)",
@@ -2002,6 +2062,11 @@ class SqliteStore:
         return await self._run(self.database.stream_holder, device_id)
 
 
+# row shapes shared with the PostgreSQL store (gateway/store_pg.py): same columns, same order
+device_from_row = SqliteDatabase._device
+event_from_row = SqliteDatabase._event
+pending_from_row = SqliteDatabase._pending
+
 SQLITE_URL_PREFIX: Final = "sqlite://"
 
 
@@ -2014,7 +2079,7 @@ def sqlite_path(url: str) -> Path:
     """The file a `sqlite://` URL names: `sqlite:///var/lib/ansimi/gateway/gateway.db`."""
     if not url.startswith(SQLITE_URL_PREFIX):
         scheme = url.partition("://")[0] if "://" in url else ""
-        why = f"engine {scheme!r} is not available yet" if scheme else "no engine named"
+        why = f"engine {scheme!r} is not available" if scheme else "no engine named"
         raise BadStoreUrl(url, why)
     path = url[len(SQLITE_URL_PREFIX) :]
     if not path:
@@ -2024,7 +2089,43 @@ def sqlite_path(url: str) -> Path:
     return Path(path)
 
 
-def open_store(url: str, priorities: Mapping[str, int] | None = None) -> SqliteStore:
-    """The store a URL names; only SQLite for now (PostgreSQL is the next engine).
-    `priorities`: incident kind -> priority ([incidents] priorities; defaults otherwise)."""
+def _is_postgres(url: str) -> bool:
+    return url.partition("://")[0] in ("postgresql", "postgres") and "://" in url
+
+
+def _postgres() -> ModuleType:
+    """gateway.store_pg, imported only where PostgreSQL is used: asyncpg is an extra."""
+    try:
+        return importlib.import_module("gateway.store_pg")
+    except ModuleNotFoundError as exc:
+        if exc.name != "asyncpg":
+            raise
+        raise StoreError(
+            "a postgresql:// store needs asyncpg. Fix: pip install 'ansimi-edge[postgres]'"
+        ) from exc
+
+
+def check_store_url(url: str) -> None:
+    """Raise BadStoreUrl (naming the fix) unless `url` names a store this gateway can open."""
+    if _is_postgres(url):
+        _postgres().check_postgres_url(url)
+    else:
+        sqlite_path(url)
+
+
+def open_store(
+    url: str,
+    priorities: Mapping[str, int] | None = None,
+    *,
+    password_file: Path | None = None,
+) -> Store:
+    """The store a URL names: `sqlite:///path` (the default, one machine) or
+    `postgresql://user@host1:5432,host2:5432/db?target_session_attrs=read-write` (gateways
+    on several hosts). PostgreSQL's password comes from `password_file` or the systemd
+    credential `store-password`, never from the URL. `priorities`: incident kind ->
+    priority ([incidents] priorities; defaults otherwise)."""
+    if _is_postgres(url):
+        pg = _postgres()
+        store: Store = pg.PostgresStore(url, password=pg.read_password(password_file))
+        return store
     return SqliteStore(sqlite_path(url), priorities)

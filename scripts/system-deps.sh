@@ -10,6 +10,8 @@ command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 # evidence exports are checked with ffprobe, as the police would check them
 command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
+# the store contract suite runs against a real PostgreSQL server (gateway/store_pg.py)
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "missing Debian packages: ${missing[*]}; install them with: sudo apt-get install -y ${missing[*]}" >&2

@@ -1,4 +1,4 @@
-"""Fixtures shared by every test folder: a real mosquitto on a free loopback port."""
+"""Fixtures shared by every test folder: a real mosquitto, a real PostgreSQL, on loopback."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pg_testkit import PgServer, new_postgres
 
 from ansimi.broker import Mosquitto, MosquittoConfig, mosquitto_path
 
@@ -21,3 +22,13 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    """One PostgreSQL for the session; a test takes its own database (`new_database`)."""
+    server = new_postgres()
+    try:
+        yield server
+    finally:
+        server.remove()

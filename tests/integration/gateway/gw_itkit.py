@@ -31,7 +31,7 @@ from device.hal.fakes import FakeIndicator, FakeInputs
 from device.observer import AgentObserver
 from gateway.config import GatewayConfig
 from gateway.service import Gateway
-from gateway.store import Device, SqliteDatabase
+from gateway.store import Device, SqliteDatabase, open_store
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
 from protocol.messages import Alert, Body
@@ -67,6 +67,8 @@ class Fleet:
     gateway: Signer
     agents: list[Agent]
     alerts_sent: AlertsSent
+    # the gateways' store when not the SQLite file (see `move_to`)
+    store_url: str | None = None
 
     @classmethod
     def create(cls, tmp_path: Path, broker: Mosquitto, count: int) -> Fleet:
@@ -103,14 +105,28 @@ class Fleet:
         store.close()
         return cls(tmp_path, broker, gateway, agents, alerts_sent)
 
+    async def move_to(self, store_url: str) -> None:
+        """Register the devices in the store at `store_url` (PostgreSQL) and have the
+        gateway configs name it instead of the SQLite file."""
+        database = SqliteDatabase(self.tmp_path / "gateway" / "gateway.db")
+        store = open_store(store_url)
+        try:
+            for device in database.devices():
+                await store.add_device(device, now_ms=0)
+        finally:
+            database.close()
+            await store.close()
+        self.store_url = store_url
+
     def write_config(self, name: str, centre_url: str, api_port: int, **mqtt: object) -> Path:
         """A gateway.toml for instance `name` (its own client id, the shared database)."""
         mqtt_lines = "".join(f"{k} = {v!r}\n" for k, v in mqtt.items())
+        where = self.store_url or f"sqlite://{self.tmp_path}/gateway/gateway.db"
         path = self.tmp_path / f"{name}.toml"
         path.write_text(
             f"""id = "gw-test"
 signing_key = "{self.tmp_path}/gateway/signing.key"
-database = "{self.tmp_path}/gateway/gateway.db"
+store = "{where}"
 [mqtt]
 host = "{self.broker.host}"
 port = {self.broker.port}

@@ -11,10 +11,13 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from ansimi_testkit import centre, eventually
 from gw_itkit import Fleet, GatewayProcess, agents_running, centre_alerts, gateway_running
+from pg_testkit import PgServer
 
 from ansimi.broker import Mosquitto, free_port
+from gateway.store import open_store
 
 DEVICES = 12
 
@@ -93,10 +96,16 @@ async def test_sigkilled_broker_loses_nothing(tmp_path: Path, mosquitto: Mosquit
     assert_each_once(tmp_path, sent)
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 async def test_two_instances_share_the_load_and_one_carries_on_alone(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto, engine: str, request: pytest.FixtureRequest
 ) -> None:
+    """Two instances on one store: the SQLite file of one host, or PostgreSQL (as gateways
+    on several hosts share it: their forwarders claim disjoint deliveries)."""
     fleet = Fleet.create(tmp_path, mosquitto, DEVICES)
+    if engine == "postgresql":
+        server: PgServer = request.getfixturevalue("postgres")
+        await fleet.move_to(server.new_database())
     sent = fleet.alerts_sent.ids
     async with centre(tmp_path) as (_receiver, url), agents_running(fleet):
         instances = []
@@ -126,6 +135,11 @@ async def test_two_instances_share_the_load_and_one_carries_on_alone(
                 instance.stop()
     assert_each_once(tmp_path, sent)
     assert "Traceback" not in a.log.read_text() + b.log.read_text()
+    if fleet.store_url is not None:  # kept there, not in the SQLite file beside it
+        store = open_store(fleet.store_url)
+        kept = {e.event_id for e in await store.events(None, 10 * DEVICES, type="alert")}
+        await store.close()
+        assert kept == sent
 
 
 async def test_a_broker_outage_is_not_reported_as_every_bell_going_offline(

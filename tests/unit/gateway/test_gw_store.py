@@ -297,7 +297,7 @@ def test_a_store_url_names_an_sqlite_file() -> None:
     )
     assert sqlite_path("sqlite://:memory:") == Path(":memory:")
     for bad, why in (
-        ("postgresql://db.example/ansimi", "'postgresql' is not available"),
+        ("mysql://db.example/ansimi", "'mysql' is not available"),
         ("sqlite://gateway.db", "must be absolute"),
         ("sqlite://", "no file named"),
         ("/var/lib/ansimi/gateway/gateway.db", "no engine named"),

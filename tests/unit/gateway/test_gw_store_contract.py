@@ -1,7 +1,7 @@
 """The store contract: what every store engine promises, through the roles' async methods.
 
-Parametrised by store factory: SQLite (in memory and on a file) today; a PostgreSQL store
-joins by adding its factory to `FACTORIES`, and must pass every test here unchanged.
+Parametrised by store factory: SQLite (in memory and on a file) and PostgreSQL (a real
+server the session starts, a fresh database per test); every engine passes every test here.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from pg_testkit import PgServer
 
 from gateway.enrolments import DuplicateEnrolment, NotEnrolled, OtherDistrict, TokenRefused
 from gateway.store import (
@@ -25,26 +26,32 @@ from gateway.store import (
     sqlite_url,
 )
 
-StoreFactory = Callable[[Path], Awaitable[Store]]
+StoreFactory = Callable[[pytest.FixtureRequest, Path], Awaitable[Store]]
 
 
-async def sqlite_in_memory(tmp_path: Path) -> Store:
+async def sqlite_in_memory(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return open_store("sqlite://:memory:")
 
 
-async def sqlite_on_a_file(tmp_path: Path) -> Store:
+async def sqlite_on_a_file(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return open_store(sqlite_url(tmp_path / "gateway.db"))
+
+
+async def postgresql(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    server: PgServer = request.getfixturevalue("postgres")
+    return open_store(server.new_database())
 
 
 FACTORIES: dict[str, StoreFactory] = {
     "sqlite-memory": sqlite_in_memory,
     "sqlite-file": sqlite_on_a_file,
+    "postgresql": postgresql,
 }
 
 
 @pytest.fixture(params=sorted(FACTORIES))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await FACTORIES[request.param](tmp_path)
+    opened = await FACTORIES[request.param](request, tmp_path)
     for device_id, district in (("bell-0001", "mapo"), ("bell-0002", "gangnam")):
         await opened.add_device(Device(device_id, f"key-{device_id}", "bell", district), 0)
     yield opened
@@ -145,6 +152,35 @@ async def test_an_id_is_its_first_devices_own_and_named_ids_are_claimed(store: S
     assert event is not None and event.device_id == "bell-0001"
     # the naming device's own alert arrives later under that id: its own
     assert (await store.accept_batch([item("alert-late-01", seq=3)], 300)).refused == [None]
+
+
+async def test_a_batch_is_decided_in_order_as_one_message_after_another(store: Store) -> None:
+    beat = item("hb-1", seq=1, type="heartbeat", kept=False, power="mains", centres=())
+    await store.accept_batch([beat], 100)
+    assert await store.mark_offline([item("off-1", type="status", centres=())], 100, 150) == [True]
+    batch = [
+        # power changes against the stored mains: kept; the next one against this one: not
+        item("hb-2", seq=2, type="heartbeat", kept=False, power="battery", centres=("central",)),
+        item("hb-3", seq=3, type="heartbeat", kept=False, power="battery", centres=("central",)),
+        item("alert-a", seq=4),
+        item("alert-a", seq=4),  # the same message twice in one batch: a resend
+        # an id named by an earlier message of the batch is that device's already
+        item("cancel-b", "bell-0002", 1, type="cancel", refs=("alert-x",), centres=("central",)),
+        item("alert-x", seq=5),
+    ]
+    done = await store.accept_batch(batch, 200)
+    assert done.came_online == ["bell-0001"]
+    assert done.fresh == [True, True, True, False, True, False]
+    assert done.forwarded == [True, False, True, False, True, False]
+    assert done.refused == [None, None, None, None, None, FOREIGN_ID]
+    assert await store.event("hb-2") is not None and await store.event("hb-3") is None
+    first, second = await store.device("bell-0001"), await store.device("bell-0002")
+    assert first is not None and (first.high_water, first.power, first.online) == (
+        5,
+        "battery",
+        True,
+    )
+    assert second is not None and (second.high_water, second.last_seen_ms) == (1, 200)
 
 
 # ---- supervision ----------------------------------------------------------------------------

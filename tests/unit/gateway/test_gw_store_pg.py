@@ -1,0 +1,286 @@
+"""What the PostgreSQL store does beyond the contract: instances sharing one outbox, losing
+the server and a primary, migrations, and where its password comes from. Against a real
+PostgreSQL (tests/pg_testkit.py); the shared contract is test_gw_store_contract.py."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import pytest
+from gw_testkit import CENTRAL_TOML, NOW, Clock
+from pg_testkit import PgServer, new_postgres
+
+from ansimi.config import ConfigError, load_config
+from gateway.config import Centre, ForwardConfig, GatewayConfig
+from gateway.enrolments import TokenRefused
+from gateway.forward import DELIVERED, Forwarder, Outcome
+from gateway.metrics import Metrics
+from gateway.store import (
+    BadStoreUrl,
+    Delivery,
+    Device,
+    Incoming,
+    StoreError,
+    StoreFull,
+    StoreLocked,
+    StoreUnavailable,
+    StoreVersionError,
+    open_store,
+)
+from gateway.store_pg import PG_SCHEMA_VERSION, PostgresStore, pg_error, read_password
+
+
+def alert(n: int, device_id: str = "bell-0001") -> Incoming:
+    return Incoming(f"alert-{n:04d}", device_id, n, "alert", 1_000, "{}", f"jws-{n}", ("central",))
+
+
+async def opened(url: str, **options: object) -> PostgresStore:
+    store = PostgresStore(url, **options)  # type: ignore[arg-type]
+    await store.add_device(Device("bell-0001", "key", "bell", "mapo"), 0)
+    return store
+
+
+@pytest.fixture
+async def two_instances(postgres: PgServer) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two gateway instances' stores on one database, as on two hosts."""
+    url = postgres.new_database()
+    first = await opened(url)
+    second = PostgresStore(url)
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def test_two_instances_claim_disjoint_deliveries(
+    two_instances: tuple[PostgresStore, PostgresStore],
+) -> None:
+    first, second = two_instances
+    await first.accept_batch([alert(n) for n in range(1, 41)], 100)
+    # both ask at once, in rounds, as two forwarders would
+    taken: list[set[str]] = [set(), set()]
+    for _ in range(3):
+        got = await asyncio.gather(
+            first.due_for("central", 100, 8), second.due_for("central", 100, 8)
+        )
+        for mine, deliveries in zip(taken, got, strict=True):
+            mine.update(d.event_id for d in deliveries)
+    assert taken[0] and taken[1]
+    assert not taken[0] & taken[1]
+    assert len(taken[0] | taken[1]) == len(taken[0]) + len(taken[1])
+    # an instance asking again gets its own claims back, never the other's
+    again = {d.event_id for d in await first.due_for("central", 100, 40)}
+    assert taken[0] <= again and not again & taken[1]
+
+
+@dataclass
+class CountingCentre:
+    """A centre that takes everything, after a yield so two forwarders' sends interleave."""
+
+    concurrency: int = 4
+    seen: list[str] = field(default_factory=list)
+
+    async def send(self, delivery: Delivery, district: str) -> Outcome:
+        await asyncio.sleep(0)
+        self.seen.append(delivery.event_id)
+        return DELIVERED
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_two_gateways_forward_one_outbox_each_alert_once(
+    two_instances: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """The forwarders of two gateway instances on one database: the centre hears each alert
+    from one of them, and both take a share."""
+    stores = two_instances
+    await stores[0].accept_batch([alert(n) for n in range(1, 61)], NOW)
+    centre = CountingCentre()
+    forwarders = [
+        Forwarder(
+            store,
+            [Centre(name="central", url="https://127.0.0.1/events", secret="s" * 24)],
+            ForwardConfig(),
+            Metrics(),
+            district_of=lambda _device: "mapo",
+            on_first_delivery=lambda _delivery: None,
+            clock_ms=Clock(),
+            rng=random.Random(seed),
+            transports={"central": centre},  # type: ignore[dict-item]
+        )
+        for seed, store in enumerate(stores)
+    ]
+    sent = [0, 0]
+    for _ in range(30):  # bounded: 60 deliveries, at most 4 in flight per forwarder
+        counts = await asyncio.gather(*(f.pump() for f in forwarders))
+        sent = [a + b for a, b in zip(sent, counts, strict=True)]
+        if await stores[0].waiting_count() == 0:
+            break
+    assert await stores[0].waiting_count() == 0
+    assert sorted(centre.seen) == [f"alert-{n:04d}" for n in range(1, 61)]  # each once
+    assert all(sent), sent
+
+
+async def test_a_claim_ends_with_the_outcome_or_lapses(
+    two_instances: tuple[PostgresStore, PostgresStore],
+) -> None:
+    first, second = two_instances
+    await first.accept_batch([alert(1), alert(2)], 100)
+    assert len(await first.due_for("central", 100, 10)) == 2
+    assert await second.due_for("central", 100, 10) == []
+    # a failed attempt frees the row for whichever instance comes at the next attempt
+    await first.failed("alert-0001", "central", 500, "HTTP 503")
+    assert [d.event_id for d in await second.due_for("central", 500, 10)] == ["alert-0001"]
+    # the first instance dies holding alert-0002: after the claim lapses the second sends it
+    assert all(d.event_id != "alert-0002" for d in await second.due_for("central", 60_099, 10))
+    lapsed = await second.due_for("central", 60_100, 10)
+    assert "alert-0002" in {d.event_id for d in lapsed}
+
+
+async def test_migrations_are_recorded_and_a_newer_schema_is_refused(postgres: PgServer) -> None:
+    url = postgres.new_database()
+    store = await opened(url)
+    assert await store.schema_version() == PG_SCHEMA_VERSION
+    await store.close()
+    again = PostgresStore(url)
+    assert await again.device("bell-0001") is not None  # migrated once, data kept
+    await again.close()
+    database = url.rsplit("/", 1)[1]
+    postgres.psql(f"UPDATE schema_version SET version = {PG_SCHEMA_VERSION + 1}", database)
+    newer = PostgresStore(url)
+    with pytest.raises(StoreVersionError, match="newer gateway"):
+        await newer.devices()
+    await newer.close()
+
+
+@pytest.fixture
+def own_server() -> Iterator[PgServer]:
+    """A server of this test's own, to stop and start without disturbing the others."""
+    server = new_postgres()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+async def test_the_store_recovers_by_itself_when_the_server_comes_back(
+    own_server: PgServer,
+) -> None:
+    clock = [1_000.0]
+    store = await opened(own_server.url(), reconnect_budget_s=0.3, clock=lambda: clock[0])
+    await store.accept_batch([alert(1)], 100)
+    own_server.stop()
+    # the pooled connection is found lost (in use or when taken), then the reconnect budget
+    # is spent: the store is down. Until its backoff has passed, a call then fails at once
+    # instead of waiting the budget again (the intake's one-by-one fallback would wait it
+    # per message)
+    errors: list[StoreUnavailable] = []
+    for _ in range(3):
+        with pytest.raises(StoreUnavailable) as lost:
+            await store.accept_batch([alert(2)], 200)
+        errors.append(lost.value)
+        if "not tried again" in str(lost.value):
+            break
+    assert "not tried again" in str(errors[-1]) and len(errors) > 1
+    assert all(isinstance(e, ConnectionError) for e in errors)  # what the intake catches
+    own_server.start()
+    clock[0] += 5.0
+    # no reopen, no reset: the first call after the backoff reconnects
+    done = await store.accept_batch([alert(2)], 300)
+    assert done.fresh == [True]
+    assert {e.event_id for e in await store.events(None, 10)} == {"alert-0001", "alert-0002"}
+    await store.close()
+
+
+async def test_a_failover_to_the_standby_is_followed_by_itself(own_server: PgServer) -> None:
+    """Primary and streaming standby; the primary is killed and the standby promoted: the
+    store, given both hosts, writes on the new primary with no help."""
+    standby = own_server.standby()
+    try:
+        url = (
+            f"postgresql://ansimi@127.0.0.1:{own_server.port},127.0.0.1:{standby.port}/postgres"
+            "?target_session_attrs=read-write"
+        )
+        store = await opened(url, reconnect_budget_s=3.0)
+        await store.accept_batch([alert(1)], 100)
+        standby.wait_for_replay()
+        own_server.stop("immediate")  # as a crash: no shutdown checkpoint handed over
+        standby.promote()
+        done = await _retried(lambda: store.accept_batch([alert(2)], 200))
+        assert done.fresh == [True]
+        assert {e.event_id for e in await store.events(None, 10)} == {"alert-0001", "alert-0002"}
+        await store.close()
+    finally:
+        standby.remove()
+
+
+async def _retried(call: object, attempts: int = 5) -> object:
+    """As the intake does: a batch that met StoreUnavailable is handed in again."""
+    for _ in range(attempts - 1):
+        try:
+            return await call()  # type: ignore[operator]
+        except StoreUnavailable:
+            continue
+    return await call()  # type: ignore[operator]
+
+
+# ---- the URL and the password ---------------------------------------------------------------
+
+
+def test_a_password_in_the_url_is_refused_naming_the_key_and_the_fix(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('store = "postgresql://ansimi:hunter2@db1:5432/ansimi"\n' + CENTRAL_TOML)
+    with pytest.raises(ConfigError) as refused:
+        load_config(config, GatewayConfig)
+    text = str(refused.value)
+    assert str(config) in text and "`store`" in text and "store_password_file" in text
+    assert "hunter2" not in text  # the refusal must not spread the secret to the logs
+    with pytest.raises(BadStoreUrl, match="holds a password") as in_query:
+        open_store("postgresql://ansimi@db1/ansimi?password=hunter2")
+    assert "hunter2" not in str(in_query.value)
+    for bad, why in (("postgresql:///ansimi", "no host"), ("postgresql://db1:5432", "no database")):
+        with pytest.raises(BadStoreUrl, match=why):
+            open_store(bad)
+    good = tmp_path / "good.toml"
+    good.write_text(
+        'store = "postgresql://ansimi@db1:5432,db2:5432/ansimi?target_session_attrs=read-write"'
+        f'\nstore_password_file = "{tmp_path}/pw"\n' + CENTRAL_TOML
+    )
+    assert load_config(good, GatewayConfig).store_password_file == tmp_path / "pw"
+
+
+def test_the_password_comes_from_the_credential_before_the_file(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("from-file\n")
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "store-password").write_text("from-systemd\n")
+    assert read_password(tmp_path / "pw", {}) == "from-file"
+    assert read_password(tmp_path / "pw", {"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}) == (
+        "from-systemd"
+    )
+    assert read_password(None, {}) is None
+    with pytest.raises(Exception, match="store_password_file"):
+        read_password(tmp_path / "missing", {})
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def test_driver_errors_become_the_store_errors_callers_handle() -> None:
+    assert isinstance(pg_error(asyncpg.DiskFullError("no space"), "db"), StoreFull)
+    assert isinstance(pg_error(asyncpg.DeadlockDetectedError("deadlock"), "db"), StoreLocked)
+    for lost in (
+        ConnectionRefusedError(111, "refused"),
+        asyncpg.ConnectionDoesNotExistError("closed in the middle"),
+        asyncpg.AdminShutdownError("terminating connection"),
+        asyncpg.ReadOnlySQLTransactionError("read-only transaction"),  # demoted primary
+    ):
+        assert isinstance(pg_error(lost, "db"), StoreUnavailable), lost
+    other = pg_error(asyncpg.UndefinedTableError("no such table"), "db")
+    assert type(other) is StoreError and "db" in str(other)
+    # a decision, not a failure: it goes through as it is
+    assert pg_error(TokenRefused("used"), "db") is None
