@@ -36,6 +36,7 @@ PATH_ID_GRAMMARS: Final[dict[str, re.Pattern[str]]] = {
     "device_id": DEVICE_ID_RE,
     "event_id": MESSAGE_ID_RE,
     "viewer_id": MESSAGE_ID_RE,
+    "incident_id": MESSAGE_ID_RE,  # opaque to clients; today the opening event's id
 }
 
 
