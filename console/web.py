@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -78,10 +79,23 @@ SESSION_KEY: web.RequestKey[Session] = web.RequestKey("session", Session)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:{tiles}; "
     "media-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
     "form-action 'self'"
 )
+
+
+def content_policy(tile_url: str) -> str:
+    """The page's CSP; the map's tile server, when there is one, is the one other origin
+    images may come from ({s}.tiles.example: any of its subdomains)."""
+    if not tile_url:
+        return CSP.format(tiles="")
+    parts = urlsplit(tile_url)
+    host = parts.netloc
+    if host.startswith("{s}."):
+        host = "*." + host.removeprefix("{s}.")
+    return CSP.format(tiles=f" {parts.scheme}://{host}")
+
 
 # Lower is more urgent. A person in danger first, then a ring or press, then the device
 # in trouble (tamper, power), then news that needs no action.
@@ -187,6 +201,7 @@ class ConsoleApp:
         the districts' outlines only (a city runs its own tile server, or has none)."""
         self.receiver = receiver
         self.tile_url = tile_url
+        self.csp = content_policy(tile_url)
         self.operators = operators
         self.directory = directory if directory is not None else receiver.directory
         self.gateway = gateway
@@ -270,7 +285,7 @@ class ConsoleApp:
             return web.json_response({"error": problem}, status=400)
         response = await handler(request)
         if path != "/events":
-            response.headers.setdefault("Content-Security-Policy", CSP)
+            response.headers.setdefault("Content-Security-Policy", self.csp)
             response.headers.setdefault("X-Content-Type-Options", "nosniff")
             response.headers.setdefault("Referrer-Policy", "no-referrer")
             response.headers.setdefault("X-Frame-Options", "DENY")
