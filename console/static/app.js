@@ -34,6 +34,9 @@ const TEXT = {
     t_power_loss: "정전", t_power_restored: "전원 복구", t_offline: "장치 오프라인",
     t_online: "장치 온라인", t_battery: "배터리 전원", t_mains: "상용 전원",
     t_cancel: "경보 취소", t_escalation: "상향 보고", urgent: "긴급", silent: "무음",
+    t_secondary_path_down: "예비 경로(SMS) 불가", t_secondary_path_up: "예비 경로(SMS) 복구",
+    t_disk_low: "게이트웨이 디스크 부족", t_disk_ok: "게이트웨이 디스크 정상",
+    t_district_outage: "구역 장애", t_district_restored: "구역 복구",
   },
   en: {
     title: "Ansimi control console", offline: "disconnected", online: "live",
@@ -68,6 +71,9 @@ const TEXT = {
     t_power_loss: "Power lost", t_power_restored: "Power restored", t_offline: "Device offline",
     t_online: "Device online", t_battery: "On battery", t_mains: "On mains power",
     t_cancel: "Alert cancelled", t_escalation: "Escalation", urgent: "URGENT", silent: "silent",
+    t_secondary_path_down: "Backup path (SMS) down", t_secondary_path_up: "Backup path (SMS) back",
+    t_disk_low: "Gateway disk low", t_disk_ok: "Gateway disk ok",
+    t_district_outage: "District outage", t_district_restored: "District restored",
   },
 };
 
@@ -186,6 +192,7 @@ async function logout() {
   state.incidents.clear();
   state.details.clear();
   state.devices.clear();
+  drawMap(); // no incident of the last operator stays on the map
   showSignIn();
 }
 
@@ -655,6 +662,7 @@ function setUpMap() {
     const response = await fetch("/static/vendor/seoul/districts.geojson");
     if (response.ok) districts.addData(await response.json());
     districts.addTo(map);
+    if (!state.tileUrl) map.fitBounds(districts.getBounds()); // the whole city in view
     $("map").dataset.fallback = "1";
     drawMap();
   };
@@ -664,26 +672,41 @@ function setUpMap() {
   } else {
     showOutlines();
   }
-  state.map = { map, markers: L.layerGroup().addTo(map), districts };
+  state.map = { map, markers: new Map(), districts };
 }
 
 function drawMap() {
   const m = state.map;
   if (!m) return;
-  m.markers.clearLayers();
+  // one marker per located open incident, kept while it is open (made again, Leaflet's
+  // permanent labels of removed markers would pile up)
   const hot = new Set();
+  const wanted = new Set();
   for (const i of sortedIncidents()) {
     const device = state.devices.get(i.device_id);
     hot.add((i.district || "").toLowerCase());
     if (!device || typeof device.lat !== "number" || typeof device.lon !== "number") continue;
+    const words = `${ICONS[i.kind] || "●"} ${t("k_" + i.kind)} · ${device.label || i.device_id}`;
+    const key = `${i.id}|${i.kind}`;
+    wanted.add(key);
+    const kept = m.markers.get(key);
+    if (kept) {
+      kept.setTooltipContent(words);
+      continue;
+    }
     const marker = L.circleMarker([device.lat, device.lon], {
-      radius: 10 - Math.min(i.priority, 6) / 2 + 4, className: `marker k-${i.kind}`,
+      radius: 14 - Math.min(i.priority, 8), className: `marker k-${i.kind}`,
     });
-    marker.bindTooltip(`${ICONS[i.kind] || "●"} ${t("k_" + i.kind)} · ${device.label || i.device_id}`,
-      { permanent: true, direction: "right", className: "marker-label" });
-    marker.addTo(m.markers);
+    marker.bindTooltip(words, { permanent: true, direction: "right", className: "marker-label" });
+    marker.addTo(m.map);
     const el = marker.getElement && marker.getElement();
     if (el) el.dataset.incident = i.id;
+    m.markers.set(key, marker);
+  }
+  for (const [key, marker] of m.markers) {
+    if (wanted.has(key)) continue;
+    marker.remove();
+    m.markers.delete(key);
   }
   // the districts with an open incident stand out, located or not
   m.districts.eachLayer((layer) => {
