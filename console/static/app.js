@@ -334,6 +334,7 @@ function renderIncidents() {
 function renderCard(template, i) {
   const li = template.content.firstElementChild.cloneNode(true);
   li.dataset.id = i.id;
+  li.dataset.eventId = i.first_alert_id; // the alert that opened it (the bench finds it so)
   li.dataset.deviceId = i.device_id;
   li.dataset.kind = i.kind;
   li.dataset.priority = String(i.priority);
