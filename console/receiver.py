@@ -75,6 +75,7 @@ class ReceivedEvent:
 
 # what a gateway signs itself about a bell: its connection state, an incident's escalation
 GATEWAY_EVENT_TYPES = frozenset({"status", "escalation"})
+GATEWAY_ONLY_TYPES = frozenset({"escalation"})  # never signed by a device
 # a kind is the gateway's word, shown as the page's own words: a word, nothing else
 _KIND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
 MAX_PRIORITY = 99
@@ -309,6 +310,9 @@ class Receiver:
             from_gateway and event.type in GATEWAY_EVENT_TYPES
         ):
             raise Refused(401, f"signed by {verified.kid}, not by the device {event.device_id}")
+        if event.type in GATEWAY_ONLY_TYPES and not from_gateway:
+            # a bell cannot escalate its own incident (the gateway refuses it too)
+            raise Refused(401, f"a {event.type} event is the gateway's, not a device's")
         claimed = {
             "id": event.event_id,
             "device": event.device_id,

@@ -8,16 +8,19 @@ from pathlib import Path
 from typing import Any
 
 from console_testkit import (
+    DEVICE_KEY,
     GATEWAY_KEY,
     PRESS,
     Desk,
     FakeGateway,
     delivery,
     desk,
+    now_ms,
     registry_entry,
 )
 
 from console.receiver import EventLog
+from protocol.jws import Signer
 from protocol.messages import Alert, Cancel, Heartbeat, Status
 
 DURESS = Alert(bell="emergency", trigger="duress")
@@ -238,3 +241,42 @@ async def test_a_cancel_marks_its_incident(tmp_path: Path) -> None:
         await d.deliver(delivery(Cancel(alert_id=alert["event_id"]), seq=2))
         (card,) = (await listed(d))["incidents"]
         assert card["cancelled"] and card["events"] == 2
+
+
+def escalation_delivery(signer_kid: str, key: Any, level: int = 1) -> dict[str, Any]:
+    """A gateway's escalation step as docs/incidents.md describes it (its own message
+    type, signed by the gateway), about bell-0001's incident A."""
+    body = {"incident": INCIDENT_A, "level": level, "to": "central", "kind": "stalking"}
+    payload = {
+        "v": 1,
+        "id": f"esc-{level:08d}-{signer_kid}",
+        "device": "bell-0001",
+        "type": "escalation",
+        "ts": now_ms(),
+        "seq": 0,
+        "body": body,
+    }
+    return {
+        "event_id": payload["id"],
+        "device_id": "bell-0001",
+        "district": "mapo",
+        "type": "escalation",
+        "ts_ms": payload["ts"],
+        "body": body,
+        "jws": Signer(signer_kid, key).sign(json.dumps(payload).encode()),
+        "incident_id": INCIDENT_A,
+        "kind": "stalking",
+        "priority": 4,
+    }
+
+
+async def test_an_escalation_is_the_gateways_to_sign_and_marks_its_card(tmp_path: Path) -> None:
+    async with desk(tmp_path, FakeGateway()) as d:
+        await d.sign_in()
+        await d.deliver(delivery(PRESS, incident=(INCIDENT_A, "stalking", 4)))
+        # the bell's own key: refused, whatever it claims
+        status, answer = await d.deliver(escalation_delivery("bell-0001", DEVICE_KEY))
+        assert status == 401 and "gateway's" in answer["error"]
+        assert (await d.deliver(escalation_delivery("gw-test", GATEWAY_KEY)))[0] == 200
+        (card,) = (await listed(d))["incidents"]
+        assert (card["escalation_level"], card["escalated_to"]) == (1, ["central"])
