@@ -602,10 +602,15 @@ class ConsoleApp:
             except GatewayError as exc:
                 log.warning("console: the gateway's incidents are unavailable: %s", exc)
                 summaries = None
-            by_id = {str(s.get("id")): s for s in summaries or []}
-            for incident in found:
-                if incident.id in by_id:
-                    merge_gateway(incident, by_id[incident.id])
+            if summaries is not None:
+                by_id = {str(s.get("id")): s for s in summaries}
+                for incident in found:
+                    if incident.id in by_id:
+                        merge_gateway(incident, by_id[incident.id])
+                    elif not incident.grouped_by_console:
+                        # the gateway owns it and has it open no more: closed at another
+                        # desk, or by the gateway itself
+                        incident.move("closed", incident.opened_ms, "gateway")
         return [i for i in found if session.sees(i.district)], loose
 
     async def _incident_of(self, request: web.Request, action: str) -> Incident | None:
@@ -613,21 +618,14 @@ class ConsoleApp:
         when not, and answered as unknown)."""
         session = request[SESSION_KEY]
         incident_id = request.match_info["incident_id"]
-        found, _ = await self._incidents_with(session, incident_id)
+        # grouped over all districts: the operator's districts are checked next, audited
+        everyone, _ = await self._incidents(Session(session.operator, session.csrf))
+        found = next((i for i in everyone if i.id == incident_id), None)
         if found is None:
             return None
         if self._outside_districts(session, action, incident_id, found.district):
             return None
         return found
-
-    async def _incidents_with(
-        self, session: Session, incident_id: str
-    ) -> tuple[Incident | None, list[Incident]]:
-        # grouped over all districts: the check of the operator's comes after, audited
-        everyone = Session(session.operator, session.csrf)
-        found, _ = await self._incidents(everyone)
-        match = next((i for i in found if i.id == incident_id), None)
-        return match, found
 
     async def incidents(self, request: web.Request) -> web.Response:
         session = request[SESSION_KEY]

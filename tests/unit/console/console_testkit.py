@@ -123,6 +123,7 @@ class FakeGateway:
     incident_calls: list[tuple[str, str, str, str | None]] = field(default_factory=list)
     # False: a gateway older than incidents (its incident routes do not exist)
     has_incidents: bool = True
+    listing_status: int = 200  # what GET /incidents answers (500: a gateway in trouble)
 
     def open_incident(
         self,
@@ -165,6 +166,8 @@ class FakeGateway:
             return {k: v for k, v in incident.items() if k not in ("history", "procedure")}
 
         async def listing(request: web.Request) -> web.Response:
+            if self.listing_status != 200:
+                return web.json_response({"error": "trouble"}, status=self.listing_status)
             return web.json_response(
                 [summary(i) for i in self.incidents.values() if i["state"] != "closed"]
             )

@@ -55,6 +55,8 @@ async def test_events_of_one_incident_make_one_card_and_priority_orders_the_queu
     tmp_path: Path,
 ) -> None:
     gateway = two_bells()
+    gateway.open_incident(INCIDENT_A)
+    gateway.open_incident(INCIDENT_B, "bell-0002", "duress", 1)
     async with desk(tmp_path, gateway) as d:
         await d.sign_in()
         incident = (INCIDENT_A, "stalking", 4)
@@ -271,7 +273,9 @@ def escalation_delivery(signer_kid: str, key: Any, level: int = 1) -> dict[str, 
 
 
 async def test_an_escalation_is_the_gateways_to_sign_and_marks_its_card(tmp_path: Path) -> None:
-    async with desk(tmp_path, FakeGateway()) as d:
+    gateway = FakeGateway()
+    gateway.open_incident(INCIDENT_A)
+    async with desk(tmp_path, gateway) as d:
         await d.sign_in()
         await d.deliver(delivery(PRESS, incident=(INCIDENT_A, "stalking", 4)))
         # the bell's own key: refused, whatever it claims
@@ -280,3 +284,18 @@ async def test_an_escalation_is_the_gateways_to_sign_and_marks_its_card(tmp_path
         assert (await d.deliver(escalation_delivery("gw-test", GATEWAY_KEY)))[0] == 200
         (card,) = (await listed(d))["incidents"]
         assert (card["escalation_level"], card["escalated_to"]) == (1, ["central"])
+
+
+async def test_an_incident_the_gateway_closed_elsewhere_leaves_the_desk(tmp_path: Path) -> None:
+    gateway = FakeGateway()
+    gateway.open_incident(INCIDENT_A)
+    async with desk(tmp_path, gateway) as d:
+        await d.sign_in()
+        await d.deliver(delivery(PRESS, incident=(INCIDENT_A, "stalking", 4)))
+        # a gateway that cannot answer closes nothing: the card stays
+        gateway.listing_status = 500
+        assert len((await listed(d))["incidents"]) == 1
+        gateway.listing_status = 200
+        # another desk closed it at the gateway: no event reaches this console for that
+        gateway.incidents[INCIDENT_A].update(state="closed", outcome="false_alarm")
+        assert (await listed(d))["incidents"] == []
