@@ -111,6 +111,11 @@ districts = ["*"]
 """
 
 
+# near each demo district's centre: the desk's map places the made-up bells there
+DEMO_PLACES = {"mapo": (37.56, 126.91), "gangnam": (37.50, 127.05),
+               "jongno": (37.59, 126.98), "songpa": (37.50, 127.11)}  # fmt: skip
+
+
 def add_operator(centre_db: Path, name: str, password: str, log_file: Path) -> None:
     """The console's own command, as an installer would run it (nothing imports console)."""
     with log_file.open("ab") as handle:
@@ -176,7 +181,7 @@ async def run_demo(
     from device.hal.camera import SyntheticCamera
     from device.hal.fakes import FakeIndicator, FakeInputs
     from device.video.config import VideoConfig as DeviceVideo
-    from gateway.private import PrivateData, Vault
+    from gateway.private import Phone, PrivateData, Vault
     from gateway.store import Device, DeviceKind, SqliteStore
     from protocol.jws import Signer
     from protocol.keys import generate_key, public_key_to_b64, save_private_key
@@ -220,7 +225,10 @@ async def run_demo(
             )
             # made up, sealed like a real one: the console shows it beside the alert
             address = f"demo street {n + 1}, {district}-gu, Seoul"
-            await vault.put(device_id, PrivateData(address=address, floor=str(n % 9 + 1)), 0)
+            lat, lon = DEMO_PLACES[district]
+            where = {"lat": lat + n * 0.003, "lon": lon, "floor": str(n % 9 + 1)}
+            phones = [Phone(role="victim", number=f"+8210000{n + 1:05d}")]
+            await vault.put(device_id, PrivateData(address=address, phones=phones, **where), 0)
             config = DeviceConfig(
                 device=DeviceSection(id=device_id, kind=kind, state_dir=state / device_id),
                 gateway=GatewaySection(
