@@ -687,7 +687,9 @@ function drawMap() {
     const device = state.devices.get(i.device_id);
     hot.add((i.district || "").toLowerCase());
     if (!device || typeof device.lat !== "number" || typeof device.lon !== "number") continue;
-    const words = `${ICONS[i.kind] || "●"} ${t("k_" + i.kind)} · ${device.label || i.device_id}`;
+    // an element, not a string: Leaflet puts a string in as HTML, and a label is not ours
+    const words = document.createElement("span");
+    words.textContent = `${ICONS[i.kind] || "●"} ${t("k_" + i.kind)} · ${device.label || i.device_id}`;
     const key = `${i.id}|${i.kind}`;
     wanted.add(key);
     const kept = m.markers.get(key);

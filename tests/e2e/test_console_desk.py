@@ -52,7 +52,8 @@ RING_ALERT = Alert(bell="doorbell", trigger="doorbell_ring")
 def site_gateway() -> FakeGateway:
     gateway = FakeGateway(
         devices=[
-            registry_entry(BELL, label="Mapo flat 3"),
+            # markup in a label is text wherever the page shows it (the map's labels too)
+            registry_entry(BELL, label="Mapo flat 3 <b id='injected'>!</b>"),
             registry_entry(STORE, kind="store", label="Mapo corner shop"),
             registry_entry(DOOR, kind="doorbell", label="Mapo flat 5 door"),
             registry_entry(FAR, district="gangnam", label="Gangnam flat 1"),
@@ -218,6 +219,8 @@ async def test_the_map_shows_an_incident_over_the_district_outlines(
     await marker.wait_for(timeout=20_000)
     label = page.locator("#map .marker-label", has_text="Mapo flat 3")
     assert "Stalking bell" in await label.inner_text()
+    assert "<b id='injected'>" in await label.inner_text()
+    assert await page.locator("#injected").count() == 0
     # the districts with an open incident stand out, with or without a location
     assert await page.locator("#map path.district-outline.hot").count() == 2  # mapo, gangnam
 
