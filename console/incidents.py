@@ -206,6 +206,10 @@ def merge_gateway(incident: Incident, summary: Mapping[str, Any]) -> None:
     """What the gateway knows of an incident beyond the events this console received:
     its stage (another desk may have moved it), escalation (its steps are forwarded to
     other centres), offline, kind and priority now."""
+    opened = summary.get("opened_ms")
+    if type(opened) is int and 0 < opened < incident.opened_ms:
+        # its first event may have reached this console late (or before it started)
+        incident.opened_ms = opened
     kind, priority = summary.get("kind"), summary.get("priority")
     if isinstance(kind, str) and type(priority) is int and priority < incident.priority:
         incident.kind, incident.priority = kind, priority

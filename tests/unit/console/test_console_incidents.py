@@ -182,9 +182,14 @@ async def test_escalation_from_the_gateway_marks_the_card(tmp_path: Path) -> Non
         await d.sign_in()
         await d.deliver(delivery(PRESS, incident=(INCIDENT_A, "stalking", 4)))
         assert (await listed(d))["incidents"][0]["escalation_level"] == 0
-        gateway.incidents[INCIDENT_A].update(escalation_level=1, escalated_to=["central"])
+        opened_ms = (await listed(d))["incidents"][0]["opened_ms"]
+        gateway.incidents[INCIDENT_A].update(
+            escalation_level=1, escalated_to=["central"], opened_ms=opened_ms - 60_000
+        )
         (card,) = (await listed(d))["incidents"]
         assert (card["escalation_level"], card["escalated_to"]) == (1, ["central"])
+        # the timer counts from when the gateway opened it, not when this console heard
+        assert card["opened_ms"] == opened_ms - 60_000
 
 
 async def test_malformed_incident_fields_refuse_the_delivery(tmp_path: Path) -> None:
