@@ -142,7 +142,7 @@ class GatewayClient:
             if exc.status == 404:
                 return None
             raise
-        if isinstance(found, dict):  # tolerate {"incidents": [...]}
+        if isinstance(found, dict):  # {"incidents": [...]}, docs/incidents.md
             found = found.get("incidents")
         if not isinstance(found, list):
             raise GatewayError(502, "GET /incidents: no list in the answer")

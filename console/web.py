@@ -36,7 +36,6 @@ import contextlib
 import hmac
 import json
 import logging
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -657,6 +656,8 @@ class ConsoleApp:
                 for key in ("history", "procedure"):
                     if isinstance(from_gateway.get(key), list):
                         detail[key] = from_gateway[key]
+                if isinstance(from_gateway.get("device"), dict):
+                    detail["device"] = from_gateway["device"]  # the bell's state now
         return web.json_response({**found.json(), **detail})
 
     async def move_incident(self, request: web.Request) -> web.Response:
@@ -711,9 +712,7 @@ class ConsoleApp:
         the operator and the time (the audit's own)."""
         session = request[SESSION_KEY]
         operator = session.operator
-        step = request.match_info["step"]
-        if not _STEP_NAME.fullmatch(step):
-            return web.json_response({"error": "no such step"}, status=404)
+        step = request.match_info["step"]  # its grammar checked with every path id
         found = await self._incident_of(request, "procedure_step")
         if found is None:
             return web.json_response({"error": NO_INCIDENT}, status=404)
@@ -831,15 +830,12 @@ class ConsoleApp:
 
 
 # path parameters that are the console's own words, checked by their handlers, not ids
-ROUTE_WORDS = ("stage", "step")
+ROUTE_WORDS = ("stage",)
 # one answer each for "no such" and "not in your districts"
 NO_ALERT = "no such alert or stage"
 NO_DEVICE = "no such device"
 NO_INCIDENT = "no such incident"
 NO_VIDEO = "no live video for this device (yet)\n"
-
-
-_STEP_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 
 def _history(incident: Incident) -> list[dict[str, Any]]:
@@ -850,7 +846,7 @@ def _history(incident: Incident) -> list[dict[str, Any]]:
             "what": "event",
             "actor": "gateway" if e.signer and e.signer != e.device_id else "device",
             "event_id": e.event_id,
-            "detail": {"type": e.type, **e.body},
+            "detail": {"type": e.type, "body": e.body},  # as the gateway's history has it
         }
         for e in incident.events
     ]

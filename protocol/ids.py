@@ -23,6 +23,9 @@ DEVICE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{2,63}$"
 DEVICE_ID_RE: Final = re.compile(DEVICE_ID_PATTERN)
 MESSAGE_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{8,64}$"
 MESSAGE_ID_RE: Final = re.compile(MESSAGE_ID_PATTERN)
+# a procedure step's name (docs/incidents.md), as configured and as in a path
+STEP_NAME_PATTERN: Final = r"^[a-z][a-z0-9_]{0,31}$"
+STEP_NAME_RE: Final = re.compile(STEP_NAME_PATTERN)
 
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 MessageId = Annotated[str, StringConstraints(pattern=MESSAGE_ID_PATTERN)]
@@ -36,7 +39,8 @@ PATH_ID_GRAMMARS: Final[dict[str, re.Pattern[str]]] = {
     "device_id": DEVICE_ID_RE,
     "event_id": MESSAGE_ID_RE,
     "viewer_id": MESSAGE_ID_RE,
-    "incident_id": MESSAGE_ID_RE,  # opaque to clients; today the opening event's id
+    "incident_id": MESSAGE_ID_RE,
+    "step": STEP_NAME_RE,
 }
 
 
@@ -59,6 +63,11 @@ def check_path_id(name: str, value: str) -> str:
         return value
     if grammar is DEVICE_ID_RE:
         check_id(value, name.replace("_", " "))
+    if grammar is STEP_NAME_RE:
+        raise Malformed(
+            f"{name.replace('_', ' ')} {clip(value)} is invalid: use 1 to 32 of a-z, 0-9 and"
+            " '_', starting with a letter"
+        )
     raise Malformed(
         f"{name.replace('_', ' ')} {clip(value)} is invalid: use 8 to 64 of A-Z, a-z, 0-9, "
         "'_' and '-'"

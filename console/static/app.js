@@ -420,7 +420,11 @@ function showDevice(li, i) {
   const notes = li.querySelector(".notes");
   notes.textContent = device.notes || "";
   notes.hidden = !device.notes;
-  const now = device.now || {};
+  // the bell's state now: the gateway's (it hears every heartbeat) where it says, else
+  // what this console last received
+  const fromGateway = (state.details.get(i.id) || {}).device;
+  const now = fromGateway ? { online: fromGateway.online, power: fromGateway.power,
+    last_heard_ms: fromGateway.last_seen_ms } : (device.now || {});
   const parts = [];
   if (now.online === true) parts.push(t("now_online"));
   if (now.online === false) parts.push(t("now_offline"));
@@ -469,7 +473,7 @@ function showDetail(li, i) {
     const item = document.createElement("li");
     const d = h.detail || {};
     let what = t("h_" + h.what);
-    if (h.what === "event") what = eventWords({ type: d.type, body: d });
+    if (h.what === "event") what = eventWords({ type: d.type, body: d.body || {} });
     if (h.what === "stage") what = `${t("h_stage")}: ${t("stage_" + d.stage)}${d.outcome ? " (" + t("o_" + d.outcome) + ")" : ""}`;
     if (h.what === "escalation") what = `${t("h_escalation")} ${d.level}: ${d.to}`;
     if (h.what === "procedure") what = `${t("h_procedure")}: ${d.step}`;

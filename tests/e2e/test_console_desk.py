@@ -33,6 +33,7 @@ from console_testkit import (
     FakeGateway,
     delivery,
     desk,
+    now_ms,
     registry_entry,
 )
 
@@ -72,10 +73,12 @@ def site_gateway() -> FakeGateway:
             }
         },
     )
-    gateway.open_incident(STALKING, BELL, "stalking", 4)
-    gateway.open_incident(ROBBERY, STORE, "store_robbery", 2)
-    gateway.open_incident(RING, DOOR, "doorbell_ring", 9)
-    gateway.open_incident(GANGNAM, FAR, "stalking", 4, district="gangnam")
+    # opened in this order, a millisecond apart: the queue's age order is not left to chance
+    at = now_ms()
+    gateway.open_incident(STALKING, BELL, "stalking", 4, opened_ms=at)
+    gateway.open_incident(ROBBERY, STORE, "store_robbery", 2, opened_ms=at + 1)
+    gateway.open_incident(RING, DOOR, "doorbell_ring", 9, opened_ms=at + 2)
+    gateway.open_incident(GANGNAM, FAR, "stalking", 4, district="gangnam", opened_ms=at + 3)
     return gateway
 
 

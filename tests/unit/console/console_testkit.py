@@ -134,8 +134,11 @@ class FakeGateway:
         *,
         district: str = "mapo",
         procedure: tuple[str, ...] = ("call_victim", "request_dispatch"),
+        opened_ms: int | None = None,
     ) -> dict[str, Any]:
-        """An open incident as the gateway would hold it, with a checklist of `procedure`."""
+        """An open incident as the gateway would hold it, with a checklist of `procedure`,
+        opened at `opened_ms` (default: now)."""
+        opened_ms = now_ms() if opened_ms is None else opened_ms
         incident: dict[str, Any] = {
             "id": incident_id,
             "device_id": device_id,
@@ -143,8 +146,8 @@ class FakeGateway:
             "kind": kind,
             "priority": priority,
             "state": "new",
-            "opened_ms": now_ms(),
-            "updated_ms": now_ms(),
+            "opened_ms": opened_ms,
+            "updated_ms": opened_ms,
             "first_alert_id": incident_id,
             "events": 1,
             "offline": False,
@@ -168,9 +171,8 @@ class FakeGateway:
         async def listing(request: web.Request) -> web.Response:
             if self.listing_status != 200:
                 return web.json_response({"error": "trouble"}, status=self.listing_status)
-            return web.json_response(
-                [summary(i) for i in self.incidents.values() if i["state"] != "closed"]
-            )
+            open_ = [summary(i) for i in self.incidents.values() if i["state"] != "closed"]
+            return web.json_response({"incidents": open_})
 
         async def one(request: web.Request) -> web.Response:
             incident = self.incidents.get(request.match_info["incident_id"])

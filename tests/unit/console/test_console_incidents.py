@@ -138,11 +138,16 @@ async def test_a_procedure_tick_reaches_the_gateway_and_the_audit(tmp_path: Path
         async with d.client.get(f"/api/incidents/{INCIDENT_A}") as r:
             detail = await r.json()
         assert [p["step"] for p in detail["procedure"]] == ["call_victim", "request_dispatch"]
+        assert [h["detail"]["type"] for h in detail["history"]] == []  # the gateway's own
+        gateway.incidents[INCIDENT_A]["device"] = {"online": False, "power": "battery"}
+        async with d.client.get(f"/api/incidents/{INCIDENT_A}") as r:
+            assert (await r.json())["device"] == {"online": False, "power": "battery"}
         status, after = await post(d, f"/api/incidents/{INCIDENT_A}/procedure/call_victim")
         assert status == 200 and after["procedure"][0]["done"]["actor"] == "kim"
         # a step the kind's procedure does not have: the gateway's 404, nothing audited as done
         assert (await post(d, f"/api/incidents/{INCIDENT_A}/procedure/dance"))[0] == 404
-        assert (await post(d, f"/api/incidents/{INCIDENT_A}/procedure/Bad-Step"))[0] == 404
+        # a name outside the step grammar never reaches the gateway (protocol/ids.py)
+        assert (await post(d, f"/api/incidents/{INCIDENT_A}/procedure/Bad-Step"))[0] == 400
         ticks = [
             (row[2], json.loads(row[5])["step"], json.loads(row[5])["ok"])
             for row in d.console.operators.audit_rows()
