@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -134,6 +134,11 @@ districts = ["*"]
 """
 
 
+# near each demo district's centre: the desk's map places the made-up bells there
+DEMO_PLACES = {"mapo": (37.56, 126.91), "gangnam": (37.50, 127.05),
+               "jongno": (37.59, 126.98), "songpa": (37.50, 127.11)}  # fmt: skip
+
+
 def add_operator(centre_db: Path, name: str, password: str, log_file: Path) -> None:
     """The console's own command, as an installer would run it (nothing imports console)."""
     with log_file.open("ab") as handle:
@@ -233,7 +238,7 @@ async def run_demo(
         bells: list[DemoBell] = []
         # the gateway learns them once it is up, over its admin API (see below)
         registrations: list[tuple[str, str, str, str, str]] = []
-        addresses: list[tuple[str, dict[str, str]]] = []
+        addresses: list[tuple[str, dict[str, Any]]] = []
         districts = itertools.cycle(["mapo", "gangnam", "jongno", "songpa"])
         kinds: itertools.cycle[DeviceKind] = itertools.cycle(["bell", "store", "doorbell"])
         for n in range(devices):
@@ -247,7 +252,19 @@ async def run_demo(
             )
             # made up, sealed like a real one: the console shows it beside the alert
             address = f"demo street {n + 1}, {district}-gu, Seoul"
-            addresses.append((device_id, {"address": address, "floor": str(n % 9 + 1)}))
+            lat, lon = DEMO_PLACES[district]
+            addresses.append(
+                (
+                    device_id,
+                    {
+                        "address": address,
+                        "floor": str(n % 9 + 1),
+                        "lat": lat + n * 0.003,
+                        "lon": lon,
+                        "phones": [{"role": "victim", "number": f"+8210000{n + 1:05d}"}],
+                    },
+                )
+            )
             config = DeviceConfig(
                 device=DeviceSection(id=device_id, kind=kind, state_dir=state / device_id),
                 gateway=GatewaySection(

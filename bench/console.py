@@ -84,6 +84,8 @@ async def new_event(site: ConsoleSite, known: set[str], device_id: str) -> str:
 async def close_alert(page: Page, site: ConsoleSite, event_id: str, device_id: str) -> None:
     card = page.locator(f".alert[data-event-id='{event_id}']")
     await card.locator("button.close").click()
+    await card.locator(".outcome select").select_option("test")  # closing asks why
+    await card.locator("button.confirm-close").click()
     await card.wait_for(state="detached", timeout=20_000)
     agent = site.bells[device_id].agent
     await eventually(lambda: agent.behaviour.state.value in ("idle", "cleared"), 20)

@@ -17,6 +17,7 @@ import contextlib
 import os
 import ssl
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 from aiohttp import web
@@ -114,6 +115,12 @@ def _gateway_keys(pairs: tuple[str, ...]) -> dict[str, Ed25519PublicKey]:
     default=None,
     help="the site CA that signed the gateway API's certificate (for an https --gateway)",
 )
+@click.option(
+    "--tile-url",
+    default="",
+    help="the map's tile server, e.g. https://tiles.example.org/{z}/{x}/{y}.png (a city's "
+    "own); empty: the map shows Seoul's district outlines, shipped with the console",
+)
 @click.option("--sync-every", default=30.0, show_default=True, help="registry sync, seconds")
 @click.option("--tls-cert", type=click.Path(exists=True, path_type=Path), default=None)
 @click.option("--tls-key", type=click.Path(exists=True, path_type=Path), default=None)
@@ -142,6 +149,7 @@ def console(
     gateway_token_env: str,
     gateway_key_pairs: tuple[str, ...],
     gateway_ca: Path | None,
+    tile_url: str,
     sync_every: float,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -158,6 +166,7 @@ def console(
             f"${secret_env} must hold the centre's HMAC secret (16+ characters), the same "
             "value as the gateway's [[centres]] secret for this centre"
         )
+    check_tile_url(tile_url)
     gateway: GatewayClient | None = None
     directory: Directory | None = None
     keys = _gateway_keys(gateway_key_pairs)
@@ -190,6 +199,7 @@ def console(
         gateway=gateway,
         secure_cookie=secure_cookie if secure_cookie is not None else tls is not None,
         read_timeout_s=read_timeout_s,
+        tile_url=tile_url,
     )
     if not app.operators.names():
         click.echo(
@@ -197,6 +207,20 @@ def console(
         )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(host or "127.0.0.1", int(port), app, tls))
+
+
+def check_tile_url(tile_url: str) -> None:
+    """A tile URL the map can use, or a ClickException naming the option and the fix."""
+    if not tile_url:
+        return
+    parts = urlsplit(tile_url)
+    missing = [p for p in ("{z}", "{x}", "{y}") if p not in tile_url]
+    if parts.scheme not in ("http", "https") or not parts.netloc or missing:
+        raise click.ClickException(
+            f"--tile-url {tile_url!r} is not a tile template: give an http(s) URL with "
+            "{z}, {x} and {y}, e.g. https://tiles.example.org/{z}/{x}/{y}.png, or leave it "
+            "empty for the district outlines"
+        )
 
 
 @console.command("add-operator")

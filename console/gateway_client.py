@@ -23,6 +23,10 @@ from console.errors import ConsoleError
 log = logging.getLogger(__name__)
 
 STAGES = ("acknowledged", "dispatched", "closed")
+# why an incident was closed (the gateway refuses a close without one)
+OUTCOMES = ("real", "false_alarm", "test", "cancelled_by_user", "duress")
+# the gateway records "<token name>/<operator>" as the actor of what the console asks
+OPERATOR_HEADER = "X-Ansimi-Operator"
 
 
 class GatewayError(ConsoleError):
@@ -90,8 +94,9 @@ class GatewayClient:
         return [d for d in devices if isinstance(d, dict)]
 
     async def private(self, device_id: str) -> dict[str, Any] | None:
-        """A device's address and floor from `GET /devices/{id}/private` (the gateway logs
-        the read); None when the gateway has none for it, or none for our districts."""
+        """A device's personal data from `GET /devices/{id}/private` (the gateway logs the
+        read), as `private_view` keeps it; None when the gateway has none for it, or none
+        for our districts."""
         url = self._url("devices", device_id, "private")
         try:
             async with self._session().get(url) as response:
@@ -108,8 +113,68 @@ class GatewayClient:
                 data = await response.json()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
-        # only what the page shows: phone numbers and notes stay at the gateway
-        return {"address": str(data.get("address") or ""), "floor": str(data.get("floor") or "")}
+        return private_view(data)
+
+    async def _call(
+        self, method: str, path: tuple[str, ...], *, operator: str = "", body: Any = None
+    ) -> Any:
+        """One JSON call of the incident API; GatewayError with what to answer the browser
+        (404 unknown or not ours, 409 already at that stage, 400 refused, 502 otherwise)."""
+        headers = {OPERATOR_HEADER: operator} if operator else {}
+        try:
+            async with self._session().request(
+                method, self._url(*path), json=body, headers=headers
+            ) as response:
+                if response.status in (400, 404, 409):
+                    text = (await response.text()).strip()[:200]
+                    raise GatewayError(response.status, f"the gateway refused it: {text}")
+                if response.status == 405:
+                    raise GatewayError(404, "the gateway has no incident routes (too old)")
+                if response.status != 200:
+                    raise GatewayError(502, f"the gateway answered HTTP {response.status}")
+                return await response.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise GatewayError(502, f"the gateway is unreachable ({type(exc).__name__})") from exc
+
+    async def incidents(self) -> list[dict[str, Any]] | None:
+        """The open incidents of our districts (`GET /incidents?state=open`); None from a
+        gateway without incidents, whose events the console groups itself."""
+        try:
+            found = await self._call("GET", ("incidents",))
+        except GatewayError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if isinstance(found, dict):  # {"incidents": [...]}, docs/incidents.md
+            found = found.get("incidents")
+        if not isinstance(found, list):
+            raise GatewayError(502, "GET /incidents: no list in the answer")
+        return [i for i in found if isinstance(i, dict)]
+
+    async def incident(self, incident_id: str) -> dict[str, Any]:
+        """One incident with its history and procedure (checklist)."""
+        found = await self._call("GET", ("incidents", incident_id))
+        if not isinstance(found, dict):
+            raise GatewayError(502, "GET /incidents/{id}: not an object")
+        return found
+
+    async def move_incident(
+        self, incident_id: str, stage: str, operator: str, outcome: str | None = None
+    ) -> dict[str, Any]:
+        if stage not in STAGES:
+            raise GatewayError(404, f"no stage {stage}")
+        body = {"outcome": outcome} if outcome is not None else {}
+        result = await self._call(
+            "POST", ("incidents", incident_id, stage), operator=operator, body=body
+        )
+        return result if isinstance(result, dict) else {}
+
+    async def tick(self, incident_id: str, step: str, operator: str) -> dict[str, Any]:
+        """Tick one step of the incident's procedure; the incident as it is now."""
+        result = await self._call(
+            "POST", ("incidents", incident_id, "procedure", step), operator=operator
+        )
+        return result if isinstance(result, dict) else {}
 
     async def move(self, event_id: str, stage: str) -> dict[str, Any]:
         if stage not in STAGES:
@@ -198,3 +263,36 @@ class GatewayClient:
                 pass
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.info("console: closing a viewer at the gateway failed: %s", exc)
+
+
+def private_view(data: dict[str, Any]) -> dict[str, Any]:
+    """What the operator's card shows of a bell's personal data, each field of its kind
+    whatever the gateway sent: the address and floor, the phone numbers (victim's first),
+    the notes, and the location when both coordinates are numbers on the globe."""
+    phones = [
+        {
+            "role": str(p.get("role") or "other"),
+            "name": str(p.get("name") or ""),
+            "number": str(p.get("number") or ""),
+        }
+        for p in data.get("phones") or []
+        if isinstance(p, dict) and p.get("number")
+    ]
+    phones.sort(key=lambda p: p["role"] != "victim")
+    lat, lon = data.get("lat"), data.get("lon")
+    located = (
+        isinstance(lat, int | float)
+        and isinstance(lon, int | float)
+        and not isinstance(lat, bool)
+        and not isinstance(lon, bool)
+        and -90 <= lat <= 90
+        and -180 <= lon <= 180
+    )
+    return {
+        "address": str(data.get("address") or ""),
+        "floor": str(data.get("floor") or ""),
+        "phones": phones,
+        "notes": str(data.get("notes") or ""),
+        "lat": float(lat) if located else None,  # type: ignore[arg-type]
+        "lon": float(lon) if located else None,  # type: ignore[arg-type]
+    }

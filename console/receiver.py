@@ -67,6 +67,25 @@ class ReceivedEvent:
     jws: str
     received_ms: int
     signer: str = ""  # the JWS kid that was checked: the device, or a gateway for status
+    # the gateway's incident this event belongs to, beside the JWS (not signed by the
+    # device: the gateway groups); empty from a gateway older than incidents
+    incident_id: str = ""
+    kind: str = ""  # the incident's kind (duress, store_robbery, ...) as the gateway says
+    priority: int = 0  # the incident's priority, 1 = most urgent; 0 = not given
+
+
+# what a gateway signs itself about a bell: its connection state, an incident's escalation
+GATEWAY_EVENT_TYPES = frozenset({"status", "escalation"})
+GATEWAY_ONLY_TYPES = frozenset({"escalation"})  # never signed by a device
+# a kind is the gateway's word, shown as the page's own words: a word, nothing else
+_KIND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
+MAX_PRIORITY = 99
+# added after the first release: an older console.db gets them on open
+_INCIDENT_COLUMNS = {
+    "incident_id": "TEXT DEFAULT ''",
+    "kind": "TEXT DEFAULT ''",
+    "priority": "INTEGER DEFAULT 0",
+}
 
 
 class Refused(ConsoleError):
@@ -88,11 +107,17 @@ class EventLog:
             "CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, device_id TEXT,"
             " district TEXT, type TEXT, ts_ms INTEGER, body TEXT, jws TEXT, received_ms INTEGER)"
         )
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        for column, declaration in _INCIDENT_COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE events ADD COLUMN {column} {declaration}")
 
     def add(self, event: ReceivedEvent) -> bool:
         """Keep the event; False if this centre already had it (a retry)."""
         cursor = self._db.execute(
-            "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO events (event_id, device_id, district, type, ts_ms, body,"
+            " jws, received_ms, incident_id, kind, priority)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 event.event_id,
                 event.device_id,
@@ -102,6 +127,9 @@ class EventLog:
                 json.dumps(event.body),
                 event.jws,
                 event.received_ms,
+                event.incident_id,
+                event.kind,
+                event.priority,
             ),
         )
         return cursor.rowcount == 1
@@ -113,7 +141,10 @@ class EventLog:
         return [r[0] for r in self._db.execute("SELECT event_id FROM events ORDER BY received_ms")]
 
     def get(self, event_id: str) -> ReceivedEvent | None:
-        row = self._db.execute("SELECT * FROM events WHERE event_id = ?", (event_id,)).fetchone()
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM events WHERE event_id = ?",  # noqa: S608 (constant)
+            (event_id,),
+        ).fetchone()
         return _row_event(row) if row else None
 
     def recent(
@@ -124,9 +155,19 @@ class EventLog:
         events do not push a quiet one's out of `limit`."""
         wanted = None if districts is None else json.dumps(["", *districts])
         rows = self._db.execute(
-            "SELECT * FROM events WHERE received_ms >= ? AND (? IS NULL OR district IN"
+            f"SELECT {_COLUMNS} FROM events WHERE received_ms >= ?"  # noqa: S608 (constant)
+            " AND (? IS NULL OR district IN"
             " (SELECT value FROM json_each(?))) ORDER BY received_ms DESC LIMIT ?",
             (since_ms, wanted, wanted, limit),
+        )
+        return [_row_event(r) for r in rows]
+
+    def of_device(self, device_id: str, limit: int = 200) -> list[ReceivedEvent]:
+        """A device's newest events, newest first (its state now: last heard, power)."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM events WHERE device_id = ?"  # noqa: S608 (constant)
+            " ORDER BY received_ms DESC LIMIT ?",
+            (device_id, limit),
         )
         return [_row_event(r) for r in rows]
 
@@ -134,11 +175,44 @@ class EventLog:
         self._db.close()
 
 
+_COLUMNS = (
+    "event_id, device_id, district, type, ts_ms, body, jws, received_ms, incident_id, kind,"
+    " priority"
+)
+
+
 def _row_event(row: tuple[Any, ...]) -> ReceivedEvent:
-    event_id, device_id, district, type_, ts_ms, body, jws, received_ms = row
+    event_id, device_id, district, type_, ts_ms, body, jws, received_ms = row[:8]
+    incident_id, kind, priority = row[8:]
     return ReceivedEvent(
-        event_id, device_id, district, type_, ts_ms, json.loads(body), jws, received_ms
+        event_id,
+        device_id,
+        district,
+        type_,
+        ts_ms,
+        json.loads(body),
+        jws,
+        received_ms,
+        incident_id=incident_id or "",
+        kind=kind or "",
+        priority=priority or 0,
     )
+
+
+def incident_fields(data: dict[str, Any]) -> tuple[str, str, int]:
+    """The incident id, kind and priority the gateway put beside the JWS; ("", "", 0)
+    from a gateway older than incidents. ValueError for a value of the wrong kind: a
+    delivery is refused as malformed rather than shown under a made-up card."""
+    incident_id = data.get("incident_id") or ""
+    kind = data.get("kind") or ""
+    priority = data.get("priority") or 0
+    if incident_id:
+        incident_id = check_path_id("incident_id", incident_id)
+    if not isinstance(kind, str) or len(kind) > 32 or not set(kind) <= _KIND_CHARS:
+        raise ValueError("kind must be a lower-case word")
+    if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be a whole number from 1 to {MAX_PRIORITY}")
+    return incident_id, kind, priority
 
 
 class Receiver:
@@ -233,8 +307,13 @@ class Receiver:
         if not isinstance(payload, dict):
             raise Refused(400, "signed payload is not a JSON object")
         from_gateway = verified.kid in directory.gateway_keys
-        if verified.kid != event.device_id and not (from_gateway and event.type == "status"):
+        if verified.kid != event.device_id and not (
+            from_gateway and event.type in GATEWAY_EVENT_TYPES
+        ):
             raise Refused(401, f"signed by {verified.kid}, not by the device {event.device_id}")
+        if event.type in GATEWAY_ONLY_TYPES and not from_gateway:
+            # a bell cannot escalate its own incident (the gateway refuses it too)
+            raise Refused(401, f"a {event.type} event is the gateway's, not a device's")
         claimed = {
             "id": event.event_id,
             "device": event.device_id,
@@ -296,6 +375,7 @@ class Receiver:
                 skew = 0
             if type(skew) is not int:
                 raise ValueError("clock_skew_ms is not an integer")
+            incident_id, kind, priority = incident_fields(data)
             event = ReceivedEvent(
                 event_id=check_path_id("event_id", data["event_id"]),
                 device_id=check_id(data["device_id"]),
@@ -305,6 +385,9 @@ class Receiver:
                 body=details,
                 jws=str(data["jws"]),
                 received_ms=self._clock_ms(),
+                incident_id=incident_id,
+                kind=kind,
+                priority=priority,
             )
         except (ValueError, KeyError, TypeError) as exc:
             return f"malformed event: {exc}"

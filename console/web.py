@@ -4,9 +4,15 @@
     GET  /                             the page (static files, no external assets)
     POST /api/login, /api/logout       sessions (HttpOnly, SameSite=Strict cookie)
     GET  /api/me                       who is signed in, and the session's CSRF token
-    GET  /api/alerts                   active alerts and recent device events
+    GET  /api/incidents                open incidents (one card each) and recent device events
+    GET  /api/incidents/{id}           one incident's history and procedure (checklist)
+    POST /api/incidents/{id}/{stage}   acknowledged | dispatched | closed ({"outcome"}), via
+                                       the gateway's incident routes
+    POST /api/incidents/{id}/procedure/{step}   a checklist step ticked, audited
+    GET  /api/alerts                   active alerts and recent device events (before incidents)
     GET  /api/stream                   server-sent events: each new event, each stage change
-    GET  /api/devices/{id}             a device's address: personal data, audited
+    GET  /api/devices/{id}             a device's address, phones, notes, location (personal
+                                       data, audited) and its state now
     POST /api/alerts/{id}/{stage}      acknowledged | dispatched | closed, via the gateway
     POST /api/whep/{device}            live video: the SDP offer, proxied to the gateway
     DELETE /api/whep/{device}/{viewer}
@@ -39,6 +45,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -51,7 +58,8 @@ from ansimi.httpguard import (
     route_template,
 )
 from console.directory import Directory
-from console.gateway_client import STAGES, GatewayClient, GatewayError
+from console.gateway_client import OUTCOMES, STAGES, GatewayClient, GatewayError
+from console.incidents import Incident, group, merge_gateway, queue_order
 from console.operators import Operators, Session, check_hash, valid_name
 from console.receiver import ReceivedEvent, Receiver
 from protocol.clock import Clock, wall_ms
@@ -75,10 +83,23 @@ SESSION_KEY: web.RequestKey[Session] = web.RequestKey("session", Session)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:{tiles}; "
     "media-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
     "form-action 'self'"
 )
+
+
+def content_policy(tile_url: str) -> str:
+    """The page's CSP; the map's tile server, when there is one, is the one other origin
+    images may come from ({s}.tiles.example: any of its subdomains)."""
+    if not tile_url:
+        return CSP.format(tiles="")
+    parts = urlsplit(tile_url)
+    host = parts.netloc
+    if host.startswith("{s}."):
+        host = "*." + host.removeprefix("{s}.")
+    return CSP.format(tiles=f" {parts.scheme}://{host}")
+
 
 # Lower is more urgent. A person in danger first, then a ring or press, then the device
 # in trouble (tamper, power), then news that needs no action.
@@ -178,8 +199,13 @@ class ConsoleApp:
         secure_cookie: bool = False,
         clock_ms: Clock | None = None,
         read_timeout_s: float = READ_TIMEOUT_S,
+        tile_url: str = "",
     ) -> None:
+        """`tile_url`: the map's tile server ({z}/{x}/{y} template); empty: the map shows
+        the districts' outlines only (a city runs its own tile server, or has none)."""
         self.receiver = receiver
+        self.tile_url = tile_url
+        self.csp = content_policy(tile_url)
         self.operators = operators
         self.directory = directory if directory is not None else receiver.directory
         self.gateway = gateway
@@ -205,6 +231,10 @@ class ConsoleApp:
                 web.post("/api/login", self.login),
                 web.post("/api/logout", self.logout),
                 web.get("/api/me", self.me),
+                web.get("/api/incidents", self.incidents),
+                web.get("/api/incidents/{incident_id}", self.incident),
+                web.post("/api/incidents/{incident_id}/procedure/{step}", self.tick),
+                web.post("/api/incidents/{incident_id}/{stage}", self.move_incident),
                 web.get("/api/alerts", self.alerts),
                 web.get("/api/stream", self.stream),
                 web.get("/api/devices/{device_id}", self.device),
@@ -262,7 +292,7 @@ class ConsoleApp:
             return web.json_response({"error": problem}, status=400)
         response = await handler(request)
         if path != "/events":
-            response.headers.setdefault("Content-Security-Policy", CSP)
+            response.headers.setdefault("Content-Security-Policy", self.csp)
             response.headers.setdefault("X-Content-Type-Options", "nosniff")
             response.headers.setdefault("Referrer-Policy", "no-referrer")
             response.headers.setdefault("X-Frame-Options", "DENY")
@@ -331,6 +361,7 @@ class ConsoleApp:
             "active": is_active_alert(event),
             "stage": stage,
             "stages": stages,
+            "incident_id": event.incident_id,
         }
 
     # ---- pages and sessions -----------------------------------------------------------
@@ -412,6 +443,7 @@ class ConsoleApp:
                 # deliveries this console refused: the gateway keeps retrying them, but
                 # until the cause is fixed (a key, a secret) operators do not see them
                 "refused": self.receiver.refused,
+                "tile_url": self.tile_url,
             }
         )
 
@@ -499,12 +531,12 @@ class ConsoleApp:
                     operator, "view_personal_data_failed", device_id, error=str(exc)
                 )
                 return web.json_response({"error": str(exc)}, status=exc.status)
-        # an address is personal data: who looked, and when, is kept (never the address)
+        # personal data: who looked, and when, is kept (never the data itself)
         self.operators.audit(
             operator,
             "view_personal_data",
             device_id,
-            fields=["address", "floor"],
+            fields=["address", "floor", "phones", "notes", "location"],
             present=private is not None,
         )
         return web.json_response(
@@ -513,10 +545,203 @@ class ConsoleApp:
                 "label": info.label,
                 "kind": info.kind,
                 "district": info.district,
-                "address": private["address"] if private else None,
-                "floor": private["floor"] if private else None,
+                **(private or {"address": None, "floor": None, "phones": [], "notes": ""}),
+                "now": self.device_now(device_id),
             }
         )
+
+    def device_now(self, device_id: str) -> dict[str, Any]:
+        """The bell's state as this console last heard it: online or offline (the
+        gateway's status), mains or battery (its heartbeats and power alerts), when."""
+        online: bool | None = None
+        power: str | None = None
+        last_heard_ms: int | None = None
+        for event in self.receiver.events.of_device(device_id):  # newest first
+            body = event.body
+            if event.signer == device_id or event.type != "status":
+                last_heard_ms = last_heard_ms or event.received_ms
+            if (
+                online is None
+                and event.type == "status"
+                and body.get("state")
+                in (
+                    "online",
+                    "offline",
+                )
+            ):
+                online = body.get("state") == "online"
+            if power is None:
+                if event.type == "heartbeat" and body.get("power") in ("mains", "battery"):
+                    power = str(body["power"])
+                elif event.type == "alert" and body.get("trigger") == "power_loss":
+                    power = "battery"
+                elif event.type == "alert" and body.get("trigger") == "power_restored":
+                    power = "mains"
+        if online is None and last_heard_ms is not None:
+            online = True  # heard from, and no offline since
+        return {"online": online, "power": power, "last_heard_ms": last_heard_ms}
+
+    # ---- incidents --------------------------------------------------------------------
+
+    async def _incidents(self, session: Session) -> tuple[list[Incident], list[ReceivedEvent]]:
+        """The operator's incidents, from the events this console received, with what the
+        gateway knows beyond them (stages from other desks, escalation); and the events
+        that belong to no incident."""
+        since = self._clock_ms() - RECENT_MS
+        districts = None if session.sees_all else session.districts
+        recent = [
+            e
+            for e in self.receiver.events.recent(since, RECENT_LIMIT, districts)
+            if session.sees(self.district_of(e.device_id, e))
+        ]
+        device_ids = {e.device_id for e in recent}
+        kinds: dict[str, str] = {}
+        districts_of: dict[str, str] = {}
+        for device_id in device_ids:
+            info = self.directory.get(device_id) if self.directory is not None else None
+            if info is not None:
+                kinds[device_id], districts_of[device_id] = info.kind, info.district
+        ids = {e.incident_id or e.event_id for e in recent}
+        found, loose = group(recent, kinds, self.operators.stages(sorted(ids)), districts_of)
+        if self.gateway is not None and any(not i.grouped_by_console for i in found):
+            try:
+                summaries = await self.gateway.incidents()
+            except GatewayError as exc:
+                log.warning("console: the gateway's incidents are unavailable: %s", exc)
+                summaries = None
+            if summaries is not None:
+                by_id = {str(s.get("id")): s for s in summaries}
+                for incident in found:
+                    if incident.id in by_id:
+                        merge_gateway(incident, by_id[incident.id])
+                    elif not incident.grouped_by_console:
+                        # the gateway owns it and has it open no more: closed at another
+                        # desk, or by the gateway itself
+                        incident.move("closed", incident.opened_ms, "gateway")
+        return [i for i in found if session.sees(i.district)], loose
+
+    async def _incident_of(self, request: web.Request, action: str) -> Incident | None:
+        """The incident named in the path, if the operator serves its district (audited
+        when not, and answered as unknown)."""
+        session = request[SESSION_KEY]
+        incident_id = request.match_info["incident_id"]
+        # grouped over all districts: the operator's districts are checked next, audited
+        everyone, _ = await self._incidents(Session(session.operator, session.csrf))
+        found = next((i for i in everyone if i.id == incident_id), None)
+        if found is None:
+            return None
+        if self._outside_districts(session, action, incident_id, found.district):
+            return None
+        return found
+
+    async def incidents(self, request: web.Request) -> web.Response:
+        session = request[SESSION_KEY]
+        found, loose = await self._incidents(session)
+        open_ = sorted((i for i in found if i.state != "closed"), key=queue_order)
+        events = sorted(loose, key=lambda e: e.received_ms, reverse=True)[:200]
+        stages = self.operators.stages([e.event_id for e in events])
+        return web.json_response(
+            {
+                "incidents": [i.json() for i in open_],
+                "events": [self.event_json(e, stages.get(e.event_id, [])) for e in events],
+            }
+        )
+
+    async def incident(self, request: web.Request) -> web.Response:
+        """One incident: its summary, its history and its procedure (the gateway's; from
+        this console's own records for a gateway without incidents)."""
+        found = await self._incident_of(request, "view_incident")
+        if found is None:
+            return web.json_response({"error": NO_INCIDENT}, status=404)
+        detail: dict[str, Any] = {"history": _history(found), "procedure": []}
+        if self.gateway is not None and not found.grouped_by_console:
+            try:
+                from_gateway = await self.gateway.incident(found.id)
+            except GatewayError as exc:
+                log.warning("console: incident %s from the gateway: %s", found.id, exc)
+            else:
+                merge_gateway(found, from_gateway)
+                for key in ("history", "procedure"):
+                    if isinstance(from_gateway.get(key), list):
+                        detail[key] = from_gateway[key]
+                if isinstance(from_gateway.get("device"), dict):
+                    detail["device"] = from_gateway["device"]  # the bell's state now
+        return web.json_response({**found.json(), **detail})
+
+    async def move_incident(self, request: web.Request) -> web.Response:
+        session = request[SESSION_KEY]
+        operator = session.operator
+        stage = request.match_info["stage"]
+        if stage not in STAGES:
+            return web.json_response({"error": NO_INCIDENT}, status=404)
+        outcome: str | None = None
+        if stage == "closed":
+            try:
+                outcome = (await request.json())["outcome"]
+            except (ValueError, KeyError, TypeError):
+                outcome = None
+            if outcome not in OUTCOMES:
+                return web.json_response(
+                    {"error": f"closing needs an outcome, one of {', '.join(OUTCOMES)}"},
+                    status=400,
+                )
+        found = await self._incident_of(request, stage)
+        if found is None:
+            return web.json_response({"error": NO_INCIDENT}, status=404)
+        if self.gateway is None:
+            return web.json_response({"error": "no gateway API configured (--gateway)"}, status=503)
+        try:
+            if found.grouped_by_console:
+                # a gateway without incidents: its alert route moves the bell's alert
+                result = await self.gateway.move(found.first_alert_id, stage)
+            else:
+                result = await self.gateway.move_incident(found.id, stage, operator, outcome)
+        except GatewayError as exc:
+            self.operators.audit(
+                operator, stage, found.id, device=found.device_id, ok=False, error=str(exc)
+            )
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        at = self.operators.set_stage(found.id, stage, operator)
+        self.operators.audit(
+            operator, stage, found.id, device=found.device_id, ok=True, outcome=outcome
+        )
+        log.info(
+            "console: %s moved incident %s (%s) to %s", operator, found.id, found.device_id, stage
+        )
+        self.broadcast.publish(
+            "incident_stage",
+            {"id": found.id, "stage": stage, "operator": operator, "at_ms": at},
+            found.district,
+        )
+        return web.json_response({"id": found.id, "stage": stage, "gateway": result})
+
+    async def tick(self, request: web.Request) -> web.Response:
+        """A procedure step done: ticked at the gateway, and in this console's audit with
+        the operator and the time (the audit's own)."""
+        session = request[SESSION_KEY]
+        operator = session.operator
+        step = request.match_info["step"]  # its grammar checked with every path id
+        found = await self._incident_of(request, "procedure_step")
+        if found is None:
+            return web.json_response({"error": NO_INCIDENT}, status=404)
+        if self.gateway is None or found.grouped_by_console:
+            return web.json_response(
+                {"error": "procedures need a gateway with incidents"}, status=503
+            )
+        try:
+            result = await self.gateway.tick(found.id, step, operator)
+        except GatewayError as exc:
+            self.operators.audit(
+                operator, "procedure_step", found.id, step=step, ok=False, error=str(exc)
+            )
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        self.operators.audit(
+            operator, "procedure_step", found.id, step=step, device=found.device_id, ok=True
+        )
+        self.broadcast.publish(
+            "incident_tick", {"id": found.id, "step": step, "operator": operator}, found.district
+        )
+        return web.json_response(result)
 
     async def move(self, request: web.Request) -> web.Response:
         session = request[SESSION_KEY]
@@ -714,7 +939,27 @@ ROUTE_WORDS = ("stage",)
 # one answer each for "no such" and "not in your districts"
 NO_ALERT = "no such alert or stage"
 NO_DEVICE = "no such device"
+NO_INCIDENT = "no such incident"
 NO_VIDEO = "no live video for this device (yet)\n"
+
+
+def _history(incident: Incident) -> list[dict[str, Any]]:
+    """An incident's history from this console's own records: its events and stages."""
+    entries: list[dict[str, Any]] = [
+        {
+            "at_ms": e.received_ms,
+            "what": "event",
+            "actor": "gateway" if e.signer and e.signer != e.device_id else "device",
+            "event_id": e.event_id,
+            "detail": {"type": e.type, "body": e.body},  # as the gateway's history has it
+        }
+        for e in incident.events
+    ]
+    entries += [
+        {"at_ms": m["at_ms"], "what": "stage", "actor": m["actor"], "detail": {"stage": s}}
+        for s, m in incident.stages.items()
+    ]
+    return sorted(entries, key=lambda h: int(h["at_ms"]))
 
 
 def login_delay_ms(failures: int) -> int:

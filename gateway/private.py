@@ -50,6 +50,9 @@ class PrivateData(BaseModel):
     floor: Annotated[str, StringConstraints(max_length=20)] = ""
     phones: Annotated[list[Phone], Field(max_length=10)] = []
     notes: Annotated[str, StringConstraints(max_length=2000)] = ""
+    # where the bell is, for the desk's map; sealed with the address
+    lat: Annotated[float, Field(ge=-90, le=90)] | None = None
+    lon: Annotated[float, Field(ge=-180, le=180)] | None = None
 
     def address_only(self) -> dict[str, str]:
         return {"address": self.address, "floor": self.floor}

@@ -3,16 +3,25 @@
 // token), door-camera video over WHEP through the console. No external assets.
 "use strict";
 
+// One language per page: every word the page shows comes from here.
 const TEXT = {
   ko: {
     title: "Ansimi 관제 콘솔", offline: "연결 끊김", online: "실시간", audit: "감사 기록 CSV",
     logout: "로그아웃", signin: "운영자 로그인", name: "이름", password: "비밀번호",
-    signin_button: "로그인", active_alerts: "활성 경보", no_alerts: "활성 경보가 없습니다",
+    signin_button: "로그인", open_incidents: "진행 중 사건", no_incidents: "진행 중인 사건이 없습니다",
+    ack_hint: "A: 맨 위 사건 접수",
     live_video: "실시간 영상", close_video: "영상 닫기", device_events: "장치 이벤트",
-    acknowledge: "접수", dispatch: "경찰 출동", close: "종료", watch: "현관 영상 보기",
-    lang_other: "English", new_alert: "새 경보!", wrong_login: "이름 또는 비밀번호가 틀립니다",
-    stage_delivered: "미접수", stage_acknowledged: "접수됨", stage_dispatched: "출동",
+    acknowledge: "접수", dispatch: "출동 요청", close: "종료", watch: "현관 영상 보기",
+    outcome: "종료 사유", outcome_pick: "선택…", close_confirm: "종료 확인",
+    o_real: "실제 긴급 상황", o_false_alarm: "오경보", o_test: "시험",
+    o_cancelled_by_user: "사용자 취소", o_duress: "강압 상황",
+    history: "사건 기록", procedure: "절차", escalated: "상향 보고", map_attribution: "구 경계",
+    lang_other: "English", new_alert: "새 사건!", wrong_login: "이름 또는 비밀번호가 틀립니다",
+    stage_new: "미접수", stage_acknowledged: "접수됨", stage_dispatched: "출동",
     stage_closed: "종료", no_address: "주소 미등록", cancelled: "사용자 취소",
+    floor: "층", victim: "피해자", guardian: "보호자", other: "연락처",
+    now_online: "온라인", now_offline: "오프라인", now_mains: "상용 전원", now_battery: "배터리",
+    now_heard: "마지막 수신", now_unknown: "상태 미상", presses: "회 누름",
     registry_stale: "장치 목록을 게이트웨이에서 받지 못했습니다: 새 장치의 경보를 확인할 수 없습니다",
     refused: "건의 전달이 거부되었습니다 (콘솔 로그 확인)",
     video_connecting: "연결 중…", video_playing: "재생 중", video_failed: "영상 연결 실패",
@@ -21,22 +30,38 @@ const TEXT = {
     talk: "눌러서 말하기", talk_reason: "말하는 이유", talking: "말하는 중…",
     talk_failed: "말하기 실패", talk_need_reason: "이유를 먼저 적어 주세요",
     ago_s: "초 전", ago_m: "분 전", ago_h: "시간 전",
+    k_duress: "강압 신호", k_store_robbery: "매장 강도 (무음)", k_stalking_urgent: "스토킹 비상벨 (긴급)",
+    k_stalking: "스토킹 비상벨", k_doorbell_emergency: "초인종 비상", k_tamper: "장치 훼손",
+    k_power_lost: "정전", k_offline: "장치 오프라인", k_doorbell_ring: "초인종",
+    h_event: "이벤트", h_stage: "단계", h_escalation: "상향 보고", h_procedure: "절차", h_kind: "유형 변경",
     t_press: "비상벨", t_long_press: "비상벨 (길게)", t_duress: "강압 신호",
     t_doorbell_ring: "초인종", t_tamper: "장치 훼손", t_tamper_cleared: "훼손 해제",
     t_power_loss: "정전", t_power_restored: "전원 복구", t_offline: "장치 오프라인",
     t_online: "장치 온라인", t_battery: "배터리 전원", t_mains: "상용 전원",
-    t_cancel: "경보 취소", urgent: "긴급", silent: "무음",
+    t_cancel: "경보 취소", t_escalation: "상향 보고", urgent: "긴급", silent: "무음",
+    t_secondary_path_down: "예비 경로(SMS) 불가", t_secondary_path_up: "예비 경로(SMS) 복구",
+    t_disk_low: "게이트웨이 디스크 부족", t_disk_ok: "게이트웨이 디스크 정상",
+    t_district_outage: "구역 장애", t_district_restored: "구역 복구",
   },
   en: {
     title: "Ansimi control console", offline: "disconnected", online: "live",
     audit: "Audit log CSV", logout: "Sign out", signin: "Operator sign-in", name: "Name",
-    password: "Password", signin_button: "Sign in", active_alerts: "Active alerts",
-    no_alerts: "No active alerts", live_video: "Live video", close_video: "Close video",
-    device_events: "Device events", acknowledge: "Acknowledge", dispatch: "Dispatch police",
-    close: "Close", watch: "Watch door camera", lang_other: "한국어", new_alert: "NEW ALERT!",
-    wrong_login: "Wrong name or password", stage_delivered: "new",
-    stage_acknowledged: "acknowledged", stage_dispatched: "police dispatched",
+    password: "Password", signin_button: "Sign in", open_incidents: "Open incidents",
+    no_incidents: "No open incidents", ack_hint: "A: acknowledge the top incident",
+    live_video: "Live video", close_video: "Close video",
+    device_events: "Device events", acknowledge: "Acknowledge", dispatch: "Request dispatch",
+    close: "Close", watch: "Watch door camera", outcome: "Outcome", outcome_pick: "choose…",
+    close_confirm: "Confirm close", o_real: "Real emergency", o_false_alarm: "False alarm",
+    o_test: "Test", o_cancelled_by_user: "Cancelled by user", o_duress: "Duress",
+    history: "Incident history", procedure: "Procedure", escalated: "escalated",
+    map_attribution: "District outlines",
+    lang_other: "한국어", new_alert: "NEW INCIDENT!",
+    wrong_login: "Wrong name or password", stage_new: "new",
+    stage_acknowledged: "acknowledged", stage_dispatched: "dispatched",
     stage_closed: "closed", no_address: "no address on file", cancelled: "cancelled by user",
+    floor: "floor", victim: "victim", guardian: "guardian", other: "contact",
+    now_online: "online", now_offline: "offline", now_mains: "mains", now_battery: "battery",
+    now_heard: "last heard", now_unknown: "state unknown", presses: "presses",
     registry_stale: "the device list could not be fetched from the gateway: alerts from new devices cannot be verified",
     refused: "deliveries refused (see the console's log)",
     video_connecting: "connecting…", video_playing: "playing", video_failed: "video failed",
@@ -45,29 +70,58 @@ const TEXT = {
     talk: "Hold to talk", talk_reason: "why you speak", talking: "talking…",
     talk_failed: "talk-back failed", talk_need_reason: "say why first",
     ago_s: "s ago", ago_m: "min ago", ago_h: "h ago",
+    k_duress: "Duress", k_store_robbery: "Store robbery (silent)",
+    k_stalking_urgent: "Stalking bell (urgent)", k_stalking: "Stalking bell",
+    k_doorbell_emergency: "Doorbell emergency", k_tamper: "Tamper", k_power_lost: "Power lost",
+    k_offline: "Bell offline", k_doorbell_ring: "Doorbell ring",
+    h_event: "event", h_stage: "stage", h_escalation: "escalation", h_procedure: "procedure",
+    h_kind: "kind changed",
     t_press: "Emergency bell", t_long_press: "Emergency bell (long press)", t_duress: "Duress",
     t_doorbell_ring: "Doorbell", t_tamper: "Tamper", t_tamper_cleared: "Tamper cleared",
     t_power_loss: "Power lost", t_power_restored: "Power restored", t_offline: "Device offline",
     t_online: "Device online", t_battery: "On battery", t_mains: "On mains power",
-    t_cancel: "Alert cancelled", urgent: "URGENT", silent: "silent",
+    t_cancel: "Alert cancelled", t_escalation: "Escalation", urgent: "URGENT", silent: "silent",
+    t_secondary_path_down: "Backup path (SMS) down", t_secondary_path_up: "Backup path (SMS) back",
+    t_disk_low: "Gateway disk low", t_disk_ok: "Gateway disk ok",
+    t_district_outage: "District outage", t_district_restored: "District restored",
   },
 };
+
+// Each kind's mark, told apart without colour too: a shape and its words. Colours in app.css.
+const ICONS = {
+  duress: "⚠", store_robbery: "◆", stalking_urgent: "▲", stalking: "△",
+  doorbell_emergency: "⌂!", tamper: "✂", power_lost: "⚡", offline: "⊘", doorbell_ring: "⌂",
+};
+// The alarm by priority: more urgent is higher, faster, more tones, repeated sooner.
+function soundOf(priority) {
+  if (priority <= 2) return { name: "critical", tones: [988, 740, 988, 740], every_ms: 4000 };
+  if (priority <= 5) return { name: "high", tones: [880, 660], every_ms: 8000 };
+  return { name: "low", tones: [523], every_ms: 15000 };
+}
 
 const state = {
   lang: localStorage.getItem("ansimi.lang") || "ko",
   csrf: "",
-  alerts: new Map(), // event_id -> alert json
-  addresses: new Map(), // device_id -> address | null (fetched once per page load)
+  incidents: new Map(), // incident id -> summary (GET /api/incidents)
+  details: new Map(), // incident id -> {history, procedure}, refetched when it changes
+  devices: new Map(), // device id -> its card data (personal, audited): once per page load
+  closing: new Set(), // incident ids whose outcome form is open
+  historyOpen: new Set(),
   source: null,
   audio: null,
   flash: null,
+  alarm: null, // the repeating sound while an incident is unacknowledged
   video: null, // {pc, location, device}
-  cancelled: new Set(),
   health: null,
+  map: null, // {map, layer, markers, districts}
+  tileUrl: "",
+  reloading: null,
 };
 
 const $ = (id) => document.getElementById(id);
 const t = (key) => TEXT[state.lang][key] ?? TEXT.en[key] ?? key;
+const locale = () => (state.lang === "ko" ? "ko-KR" : "en-GB");
+const timeOf = (ms) => new Date(ms).toLocaleTimeString(locale());
 
 function applyLanguage() {
   document.documentElement.lang = state.lang;
@@ -77,7 +131,9 @@ function applyLanguage() {
   }
   $("lang").textContent = t("lang_other");
   if (!state.flash) document.title = t("title");
-  renderAlerts();
+  renderIncidents();
+  for (const li of $("events").children) li.querySelector(".what").textContent = eventWords(li.event);
+  for (const li of $("events").children) li.querySelector("time").textContent = timeOf(li.event.received_ms);
 }
 
 async function api(method, path, body, headers = {}) {
@@ -113,12 +169,13 @@ async function start() {
   // had none, so the first click or key anywhere unlocks the alarm sound
   document.addEventListener("pointerdown", unlockAudio);
   document.addEventListener("keydown", unlockAudio);
+  document.addEventListener("keydown", shortcut);
   window.addEventListener("pagehide", closeVideo); // leave the gateway's viewer slot free
   applyLanguage();
   const me = await fetch("/api/me", { credentials: "same-origin" });
   if (me.ok) await signedIn(await me.json());
   else showSignIn();
-  setInterval(tickAges, 1000);
+  setInterval(tickTimers, 1000);
 }
 
 function showSignIn() {
@@ -149,19 +206,24 @@ async function logout() {
   await api("POST", "/api/logout");
   if (state.source) state.source.close();
   closeVideo();
-  state.alerts.clear();
-  state.addresses.clear();
+  stopAlarm();
+  state.incidents.clear();
+  state.details.clear();
+  state.devices.clear();
+  drawMap(); // no incident of the last operator stays on the map
   showSignIn();
 }
 
 async function signedIn(me) {
   state.csrf = me.csrf;
+  state.tileUrl = me.tile_url || "";
   $("who").textContent = me.name;
   $("signin").hidden = true;
   $("desk").hidden = false;
   $("logout").hidden = false;
   $("audit").hidden = false;
   document.body.dataset.operator = me.name;
+  setUpMap();
   await reload();
   connect();
   showHealth(me);
@@ -185,14 +247,37 @@ function showHealth(me) {
 // ---- live events -----------------------------------------------------------------------
 
 async function reload() {
-  const response = await fetch("/api/alerts", { credentials: "same-origin" });
+  const response = await fetch("/api/incidents", { credentials: "same-origin" });
   if (response.status === 401) return showSignIn();
   const data = await response.json();
-  state.alerts.clear();
-  for (const a of data.alerts) state.alerts.set(a.event_id, a);
+  const before = new Set(state.incidents.keys());
+  const first = state.incidents.size === 0 && !document.body.dataset.loaded;
+  const previous = new Map(state.incidents);
+  state.incidents.clear();
+  for (const i of data.incidents) {
+    const was = previous.get(i.id);
+    i.shown_ms = was ? was.shown_ms : Date.now();
+    // what changed since the last look is fetched again: history, checklist
+    if (!was || was.updated_ms !== i.updated_ms || was.state !== i.state
+      || was.escalation_level !== i.escalation_level) state.details.delete(i.id);
+    state.incidents.set(i.id, i);
+  }
   $("events").replaceChildren();
   for (const e of data.events.slice().reverse()) addDeviceEvent(e);
-  renderAlerts();
+  document.body.dataset.loaded = "1";
+  renderIncidents();
+  const fresh = data.incidents.filter((i) => !before.has(i.id));
+  if (!first && fresh.length) announce(fresh[0]);
+  updateAlarm();
+}
+
+function scheduleReload() {
+  // a burst of events (three presses, an offline) is one fetch of the grouped list
+  if (state.reloading) return;
+  state.reloading = setTimeout(async () => {
+    state.reloading = null;
+    await reload();
+  }, 50);
 }
 
 function connect() {
@@ -203,8 +288,14 @@ function connect() {
     setLink(true);
     document.body.dataset.live = "1";
   });
-  source.addEventListener("event", (msg) => onEvent(JSON.parse(msg.data)));
-  source.addEventListener("stage", (msg) => onStage(JSON.parse(msg.data)));
+  source.addEventListener("event", () => scheduleReload());
+  for (const kind of ["incident_stage", "incident_tick", "stage"]) {
+    source.addEventListener(kind, (msg) => {
+      const data = JSON.parse(msg.data);
+      if (data.id) state.details.delete(data.id);
+      scheduleReload();
+    });
+  }
   source.onerror = async () => {
     setLink(false);
     // it reconnects by itself; what happened meanwhile comes from a fresh list
@@ -223,167 +314,299 @@ function setLink(up) {
   el.textContent = t(el.dataset.i18n);
 }
 
-function onEvent(e) {
-  if (e.type === "cancel") state.cancelled.add(String(e.body.alert_id));
-  if (e.active) {
-    if (state.alerts.has(e.event_id)) return;
-    e.fresh = true;
-    state.alerts.set(e.event_id, e);
-    renderAlerts();
-    announce(e);
-  } else {
-    addDeviceEvent(e);
-    if (e.type === "cancel") renderAlerts();
-  }
-}
-
-function onStage(s) {
-  const a = state.alerts.get(s.event_id);
-  if (!a) return;
-  const order = ["delivered", "acknowledged", "dispatched", "closed"];
-  if (order.indexOf(s.stage) > order.indexOf(a.stage)) a.stage = s.stage;
-  a.stages = [...(a.stages || []), s];
-  if (a.stage === "closed") state.alerts.delete(s.event_id);
-  renderAlerts();
-}
-
 // ---- rendering -------------------------------------------------------------------------
 
-function whatOf(e) {
-  if (e.type === "alert") return t("t_" + e.body.trigger);
-  if (e.type === "status") return t("t_" + e.body.state);
-  if (e.type === "heartbeat") return t("t_" + e.body.power);
-  if (e.type === "cancel") return t("t_cancel");
-  return e.type;
-}
-
-function sortKey(a) {
-  return [a.urgency, a.stage === "delivered" ? 0 : 1, a.received_ms];
+function eventWords(e) {
+  let what = e.type;
+  if (e.type === "alert") what = t("t_" + e.body.trigger);
+  if (e.type === "status") what = t("t_" + e.body.state);
+  if (e.type === "heartbeat") what = t("t_" + e.body.power);
+  if (e.type === "cancel") what = t("t_cancel");
+  if (e.type === "escalation") what = t("t_escalation");
+  if (e.device_id) what += ` · ${e.label || e.device_id} (${e.device_id}) · ${e.district || "—"}`;
+  return what;
 }
 
 function compare(x, y) {
-  const a = sortKey(x), b = sortKey(y);
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return a[i] - b[i];
-  return 0;
+  // the desk's order: priority (1 first), then the oldest
+  return x.priority - y.priority || x.opened_ms - y.opened_ms || (x.id < y.id ? -1 : 1);
 }
 
-function renderAlerts() {
+function sortedIncidents() {
+  return [...state.incidents.values()].filter((i) => i.state !== "closed").sort(compare);
+}
+
+function renderIncidents() {
   const list = $("alerts");
   if (!list) return;
-  const alerts = [...state.alerts.values()].filter((a) => a.stage !== "closed").sort(compare);
+  const incidents = sortedIncidents();
   const template = $("alert-template");
-  const items = alerts.map((a) => {
-    const li = template.content.firstElementChild.cloneNode(true);
-    li.dataset.eventId = a.event_id;
-    li.dataset.deviceId = a.device_id;
-    li.dataset.stage = a.stage;
-    li.classList.add("u" + a.urgency);
-    if (a.fresh) li.classList.add("fresh");
-    if (a.cancelled || state.cancelled.has(a.event_id)) li.classList.add("cancelled");
-    for (const el of li.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
-    let what = whatOf(a);
-    if (a.body.urgent) what = `${t("urgent")} · ${what}`;
-    if (a.body.silent) what += ` (${t("silent")})`;
-    if (a.body.presses > 1) what += ` ×${a.body.presses}`;
-    li.querySelector(".what").textContent = what;
-    const stage = li.querySelector(".stage");
-    stage.textContent = t("stage_" + a.stage);
-    stage.classList.add(a.stage);
-    // who moved it, and when: on hover
-    stage.title = (a.stages || []).map((m) =>
-      `${t("stage_" + m.stage)}: ${m.operator} ${new Date(m.at_ms).toLocaleTimeString()}`).join("\n");
-    li.querySelector(".age").dataset.ms = a.received_ms;
-    li.querySelector(".label").textContent = a.label || a.kind || "";
-    li.querySelector(".device").textContent = a.device_id;
-    li.querySelector(".district").textContent = a.district || "—";
-    const address = state.addresses.get(a.device_id);
-    li.querySelector(".address").textContent =
-      address === undefined ? "…" : address === null ? t("no_address") : address;
-    if (address === undefined) fetchAddress(a.device_id);
-    li.querySelector(".ack").disabled = a.stage !== "delivered";
-    li.querySelector(".dispatch").disabled = a.stage === "dispatched";
-    for (const button of li.querySelectorAll(".act")) {
-      button.addEventListener("click", () => act(a, button.dataset.stage, li));
-    }
-    if (a.kind === "doorbell") {
-      const watch = li.querySelector(".watch");
-      watch.hidden = false;
-      watch.addEventListener("click", () => openVideo(a.device_id));
-      const recording = li.querySelector(".recording");
-      recording.hidden = false;
-      recording.addEventListener("click", () => openRecording(a.event_id));
-    }
-    if (!li.dataset.shownMs) li.dataset.shownMs = a.shown_ms || (a.shown_ms = Date.now());
-    return li;
-  });
-  for (const a of alerts) a.fresh = false;
+  const items = incidents.map((i) => renderCard(template, i));
   list.replaceChildren(...items);
-  $("alert-count").textContent = String(alerts.length);
-  $("no-alerts").hidden = alerts.length > 0;
-  tickAges();
+  $("alert-count").textContent = String(incidents.length);
+  $("no-alerts").hidden = incidents.length > 0;
+  tickTimers();
+  drawMap();
 }
 
-const pendingAddress = new Set();
+function renderCard(template, i) {
+  const li = template.content.firstElementChild.cloneNode(true);
+  li.dataset.id = i.id;
+  li.dataset.eventId = i.first_alert_id; // the alert that opened it (the bench finds it so)
+  li.dataset.deviceId = i.device_id;
+  li.dataset.kind = i.kind;
+  li.dataset.priority = String(i.priority);
+  li.dataset.stage = i.state;
+  li.dataset.shownMs = String(i.shown_ms);
+  li.classList.add("k-" + i.kind);
+  if (i.cancelled) li.classList.add("cancelled");
+  for (const el of li.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+  li.querySelector(".icon").textContent = ICONS[i.kind] || "●";
+  let what = t("k_" + i.kind);
+  if (i.presses > 1) what += ` · ${i.presses}${state.lang === "ko" ? "" : " "}${t("presses")}`;
+  if (i.cancelled) what += ` · ${t("cancelled")}`;
+  li.querySelector(".what").textContent = what;
+  const stage = li.querySelector(".stage");
+  stage.textContent = t("stage_" + i.state);
+  stage.classList.add(i.state);
+  stage.title = Object.entries(i.stages || {}).map(([name, m]) =>
+    `${t("stage_" + name)}: ${m.actor} ${timeOf(m.at_ms)}`).join("\n");
+  if (i.escalation_level > 0) {
+    const mark = li.querySelector(".escalation");
+    mark.hidden = false;
+    mark.textContent = `⇧ ${t("escalated")} ${i.escalation_level}: ${i.escalated_to.join(" → ")}`;
+  }
+  li.querySelector(".offline-mark").hidden = !i.offline;
+  li.querySelector(".timer").dataset.ms = String(i.opened_ms);
+  li.querySelector(".district").textContent = i.district || "—";
+  li.querySelector(".device").textContent = i.device_id;
+  showDevice(li, i);
+  showDetail(li, i);
+  const ack = li.querySelector(".ack");
+  ack.disabled = i.state !== "new";
+  li.querySelector(".dispatch").disabled = i.state === "dispatched";
+  ack.addEventListener("click", () => act(i, "acknowledged", li));
+  li.querySelector(".dispatch").addEventListener("click", () => act(i, "dispatched", li));
+  const form = li.querySelector(".outcome");
+  form.hidden = !state.closing.has(i.id);
+  li.querySelector(".close").addEventListener("click", () => {
+    // closing asks why: the outcome is the incident's record
+    state.closing.add(i.id);
+    form.hidden = false;
+    form.querySelector("select").focus();
+  });
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const outcome = form.querySelector("select").value;
+    if (outcome) act(i, "closed", li, { outcome });
+  });
+  const history = li.querySelector(".history");
+  history.open = state.historyOpen.has(i.id);
+  history.addEventListener("toggle", () => {
+    if (history.open) state.historyOpen.add(i.id); else state.historyOpen.delete(i.id);
+  });
+  const device = state.devices.get(i.device_id);
+  if ((device && device.kind === "doorbell") || i.kind.startsWith("doorbell")) {
+    const watch = li.querySelector(".watch");
+    watch.hidden = false;
+    watch.addEventListener("click", () => openVideo(i.device_id));
+    // the incident's recording (pre-alarm, then live), keyed on the alert that opened it
+    const recording = li.querySelector(".recording");
+    recording.hidden = false;
+    recording.addEventListener("click", () => openRecording(i.first_alert_id));
+  }
+  return li;
+}
 
-async function fetchAddress(deviceId) {
+function showDevice(li, i) {
+  const device = state.devices.get(i.device_id);
+  if (device === undefined) {
+    li.querySelector(".address").textContent = "…";
+    fetchDevice(i.device_id);
+    return;
+  }
+  li.querySelector(".label").textContent = device.label || device.kind || "";
+  li.querySelector(".address").textContent = addressOf(device);
+  const phones = li.querySelector(".phones");
+  phones.replaceChildren(...(device.phones || []).map((p) => {
+    const item = document.createElement("li");
+    item.className = "phone " + p.role;
+    const role = document.createElement("span");
+    role.textContent = `${t(p.role)}${p.name ? " " + p.name : ""}`;
+    const number = document.createElement("a");
+    number.href = `tel:${p.number}`;
+    number.textContent = p.number;
+    item.append(role, " ", number);
+    return item;
+  }));
+  const notes = li.querySelector(".notes");
+  notes.textContent = device.notes || "";
+  notes.hidden = !device.notes;
+  // the bell's state now: the gateway's (it hears every heartbeat) where it says, else
+  // what this console last received
+  const fromGateway = (state.details.get(i.id) || {}).device;
+  const now = fromGateway ? { online: fromGateway.online, power: fromGateway.power,
+    last_heard_ms: fromGateway.last_seen_ms } : (device.now || {});
+  const parts = [];
+  if (now.online === true) parts.push(t("now_online"));
+  if (now.online === false) parts.push(t("now_offline"));
+  if (now.power) parts.push(t("now_" + now.power));
+  if (now.last_heard_ms) parts.push(`${t("now_heard")} ${timeOf(now.last_heard_ms)}`);
+  li.querySelector(".now").textContent = parts.join(" · ") || t("now_unknown");
+}
+
+function addressOf(device) {
+  // "17 Seongmisan-ro, 4F-402" or "서울 마포구 … 4층": a floor is a floor, not ", 15"
+  if (!device.address) return t("no_address");
+  if (!device.floor) return device.address;
+  const floor = /^-?[0-9]+$/.test(device.floor)
+    ? (state.lang === "ko" ? `${device.floor}${t("floor")}` : `${t("floor")} ${device.floor}`)
+    : device.floor;
+  return `${device.address} (${floor})`;
+}
+
+function showDetail(li, i) {
+  const detail = state.details.get(i.id);
+  if (detail === undefined) {
+    fetchDetail(i.id);
+    return;
+  }
+  const steps = li.querySelector(".procedure");
+  steps.replaceChildren(...(detail.procedure || []).map((p) => {
+    const item = document.createElement("li");
+    item.dataset.step = p.step;
+    const label = document.createElement("label");
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.checked = Boolean(p.done);
+    box.disabled = Boolean(p.done);
+    box.addEventListener("change", () => tick(i, p.step, li));
+    label.append(box, " ", p[state.lang] || p.en || p.step);
+    item.append(label);
+    if (p.done) {
+      const who = document.createElement("small");
+      who.textContent = ` ${p.done.actor} ${timeOf(p.done.at_ms)}`;
+      item.append(who);
+    }
+    return item;
+  }));
+  const history = li.querySelector(".history ol");
+  history.replaceChildren(...(detail.history || []).map((h) => {
+    const item = document.createElement("li");
+    const d = h.detail || {};
+    let what = t("h_" + h.what);
+    if (h.what === "event") what = eventWords({ type: d.type, body: d.body || {} });
+    if (h.what === "stage") what = `${t("h_stage")}: ${t("stage_" + d.stage)}${d.outcome ? " (" + t("o_" + d.outcome) + ")" : ""}`;
+    if (h.what === "escalation") what = `${t("h_escalation")} ${d.level}: ${d.to}`;
+    if (h.what === "procedure") what = `${t("h_procedure")}: ${d.step}`;
+    if (h.what === "kind") what = `${t("h_kind")}: ${t("k_" + d.from)} → ${t("k_" + d.to)}`;
+    item.textContent = `${timeOf(h.at_ms)} ${what} · ${h.actor}`;
+    return item;
+  }));
+}
+
+const pending = new Set();
+
+async function once(key, work) {
+  if (pending.has(key)) return;
+  pending.add(key);
+  try { await work(); } finally { pending.delete(key); }
+}
+
+function fetchDevice(deviceId) {
   // personal data, fetched only for a signed-in operator; the console audits each view
-  if (pendingAddress.has(deviceId)) return;
-  pendingAddress.add(deviceId);
-  try {
+  return once("d:" + deviceId, async () => {
     const response = await fetch(`/api/devices/${encodeURIComponent(deviceId)}`,
       { credentials: "same-origin" });
-    const info = response.ok ? await response.json() : { address: null };
-    const shown = info.address ? [info.address, info.floor].filter(Boolean).join(", ") : null;
-    state.addresses.set(deviceId, shown);
-    for (const el of document.querySelectorAll(`.alert[data-device-id="${deviceId}"] .address`)) {
-      el.textContent = shown ?? t("no_address");
-    }
-  } finally {
-    pendingAddress.delete(deviceId);
-  }
+    state.devices.set(deviceId, response.ok ? await response.json() : { address: null });
+    renderIncidents();
+  });
+}
+
+function fetchDetail(id) {
+  return once("i:" + id, async () => {
+    const response = await fetch(`/api/incidents/${encodeURIComponent(id)}`,
+      { credentials: "same-origin" });
+    state.details.set(id, response.ok ? await response.json() : { history: [], procedure: [] });
+    renderIncidents();
+  });
 }
 
 function addDeviceEvent(e) {
   const li = document.createElement("li");
+  li.event = e;
   li.className = "u" + e.urgency;
   li.dataset.type = e.type;
   li.dataset.deviceId = e.device_id;
   const time = document.createElement("time");
-  time.textContent = new Date(e.received_ms).toLocaleTimeString();
+  time.textContent = timeOf(e.received_ms);
   const what = document.createElement("span");
   what.className = "what";
-  what.textContent = `${whatOf(e)} · ${e.label || e.device_id} (${e.device_id}) · ${e.district || "—"}`;
+  what.textContent = eventWords(e);
   li.append(time, what);
   $("events").prepend(li);
   while ($("events").children.length > 200) $("events").lastChild.remove();
 }
 
-function tickAges() {
+function tickTimers() {
+  // the time since the press, on every open incident: mm:ss, then h:mm:ss
   const now = Date.now();
-  for (const el of document.querySelectorAll(".age[data-ms]")) {
-    const s = Math.max(0, Math.round((now - Number(el.dataset.ms)) / 1000));
-    el.textContent = s < 60 ? `${s}${t("ago_s")}`
-      : s < 3600 ? `${Math.floor(s / 60)}${t("ago_m")}` : `${Math.floor(s / 3600)}${t("ago_h")}`;
+  for (const el of document.querySelectorAll(".timer[data-ms]")) {
+    const s = Math.max(0, Math.floor((now - Number(el.dataset.ms)) / 1000));
+    const hh = Math.floor(s / 3600), mm = Math.floor((s % 3600) / 60), ss = s % 60;
+    const two = (n) => String(n).padStart(2, "0");
+    el.textContent = hh ? `${hh}:${two(mm)}:${two(ss)}` : `${two(mm)}:${two(ss)}`;
+    el.dateTime = `PT${s}S`;
   }
 }
 
 // ---- actions ---------------------------------------------------------------------------
 
-async function act(alert, stage, li) {
+async function act(incident, stage, li, body) {
   const error = li.querySelector(".error");
   error.textContent = "";
   for (const b of li.querySelectorAll("button")) b.disabled = true;
-  const response = await api("POST", `/api/alerts/${encodeURIComponent(alert.event_id)}/${stage}`);
+  const response = await api("POST",
+    `/api/incidents/${encodeURIComponent(incident.id)}/${stage}`, body ?? {});
   if (!response.ok) {
     let message = `HTTP ${response.status}`;
     try { message = (await response.json()).error; } catch (_) { /* not JSON */ }
     error.textContent = message;
-    renderAlerts();
+    for (const b of li.querySelectorAll("button")) b.disabled = false;
     return;
   }
   stopFlash();
+  state.closing.delete(incident.id);
   // the stage also comes back over the stream (to every page); apply it here at once
-  onStage({ event_id: alert.event_id, stage, operator: $("who").textContent, at_ms: Date.now() });
+  incident.state = stage;
+  state.details.delete(incident.id);
+  renderIncidents();
+  updateAlarm();
+  scheduleReload();
+}
+
+async function tick(incident, step, li) {
+  const response = await api("POST",
+    `/api/incidents/${encodeURIComponent(incident.id)}/procedure/${encodeURIComponent(step)}`);
+  if (!response.ok) {
+    let message = `HTTP ${response.status}`;
+    try { message = (await response.json()).error; } catch (_) { /* not JSON */ }
+    li.querySelector(".error").textContent = message;
+  }
+  state.details.delete(incident.id);
+  renderIncidents();
+}
+
+function shortcut(ev) {
+  // A acknowledges the most urgent incident not yet acknowledged (never while typing)
+  if (ev.key !== "a" && ev.key !== "A") return;
+  if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+  if (ev.target.closest && ev.target.closest("input, select, textarea")) return;
+  if ($("desk").hidden) return;
+  const top = sortedIncidents().find((i) => i.state === "new");
+  if (!top) return;
+  const li = document.querySelector(`.incident[data-id="${CSS.escape(top.id)}"]`);
+  if (li) { ev.preventDefault(); act(top, "acknowledged", li); }
 }
 
 // ---- sound and title flash ---------------------------------------------------------------
@@ -395,12 +618,14 @@ function unlockAudio() {
   } catch (_) { state.audio = null; }
 }
 
-function beep() {
-  // two short tones made here: no sound file to ship or fetch
+function beep(sound) {
+  // tones made here: no sound file to ship or fetch
+  document.body.dataset.beeps = String(Number(document.body.dataset.beeps || 0) + 1);
+  document.body.dataset.sound = sound.name;
   const ctx = state.audio;
   if (!ctx) return;
   const now = ctx.currentTime;
-  for (const [i, freq] of [[0, 880], [1, 660], [2, 880]]) {
+  sound.tones.forEach((freq, i) => {
     const osc = ctx.createOscillator();
     const gain = ctx.createGain();
     osc.type = "square";
@@ -411,27 +636,113 @@ function beep() {
     osc.connect(gain).connect(ctx.destination);
     osc.start(now + i * 0.25);
     osc.stop(now + i * 0.25 + 0.22);
-  }
-  document.body.dataset.beeps = String(Number(document.body.dataset.beeps || 0) + 1);
+  });
 }
 
-function announce(alert) {
-  beep();
+function updateAlarm() {
+  // the sound of the most urgent unacknowledged incident, again and again until it is
+  // acknowledged; silent when every incident has been
+  const waiting = sortedIncidents().find((i) => i.state === "new");
+  const sound = waiting ? soundOf(waiting.priority) : null;
+  if (state.alarm && (!sound || state.alarm.name !== sound.name)) stopAlarm();
+  if (sound && !state.alarm) {
+    state.alarm = { name: sound.name, timer: setInterval(() => beep(sound), sound.every_ms) };
+  }
+  document.body.dataset.alarm = sound ? sound.name : "";
+}
+
+function stopAlarm() {
+  if (state.alarm) clearInterval(state.alarm.timer);
+  state.alarm = null;
+}
+
+function announce(incident) {
+  beep(soundOf(incident.priority));
   stopFlash();
   let on = false;
   let count = 0;
+  const words = t("k_" + incident.kind);
   state.flash = setInterval(() => {
     on = !on;
-    document.title = on ? `🔴 ${t("new_alert")} ${whatOf(alert)}` : t("title");
+    document.title = on ? `🔴 ${t("new_alert")} ${words}` : t("title");
     if (++count >= 30) stopFlash();
   }, 500);
-  document.title = `🔴 ${t("new_alert")} ${whatOf(alert)}`;
+  document.title = `🔴 ${t("new_alert")} ${words}`;
 }
 
 function stopFlash() {
   if (state.flash) clearInterval(state.flash);
   state.flash = null;
   document.title = t("title");
+}
+
+// ---- the map ---------------------------------------------------------------------------
+
+function setUpMap() {
+  if (state.map || typeof L === "undefined") return;
+  const map = L.map("map", { zoomControl: true, attributionControl: false })
+    .setView([37.5665, 126.978], 11);
+  const districts = L.geoJSON(null, { className: "district-outline", style: () => ({}) });
+  const showOutlines = async () => {
+    // where no tiles are reachable: Seoul's 25 districts, shipped with the page
+    if (map.hasLayer(districts)) return;
+    const response = await fetch("/static/vendor/seoul/districts.geojson");
+    if (response.ok) districts.addData(await response.json());
+    districts.addTo(map);
+    if (!state.tileUrl) map.fitBounds(districts.getBounds()); // the whole city in view
+    $("map").dataset.fallback = "1";
+    drawMap();
+  };
+  if (state.tileUrl) {
+    const tiles = L.tileLayer(state.tileUrl, { maxZoom: 19 }).addTo(map);
+    tiles.once("tileerror", showOutlines);
+  } else {
+    showOutlines();
+  }
+  state.map = { map, markers: new Map(), districts };
+}
+
+function drawMap() {
+  const m = state.map;
+  if (!m) return;
+  // one marker per located open incident, kept while it is open (made again, Leaflet's
+  // permanent labels of removed markers would pile up)
+  const hot = new Set();
+  const wanted = new Set();
+  for (const i of sortedIncidents()) {
+    const device = state.devices.get(i.device_id);
+    hot.add((i.district || "").toLowerCase());
+    if (!device || typeof device.lat !== "number" || typeof device.lon !== "number") continue;
+    // an element, not a string: Leaflet puts a string in as HTML, and a label is not ours
+    const words = document.createElement("span");
+    words.textContent = `${ICONS[i.kind] || "●"} ${t("k_" + i.kind)} · ${device.label || i.device_id}`;
+    const key = `${i.id}|${i.kind}`;
+    wanted.add(key);
+    const kept = m.markers.get(key);
+    if (kept) {
+      kept.setTooltipContent(words);
+      continue;
+    }
+    const marker = L.circleMarker([device.lat, device.lon], {
+      radius: 14 - Math.min(i.priority, 8), className: `marker k-${i.kind}`,
+    });
+    marker.bindTooltip(words, { permanent: true, direction: "right", className: "marker-label" });
+    marker.addTo(m.map);
+    const el = marker.getElement && marker.getElement();
+    if (el) el.dataset.incident = i.id;
+    m.markers.set(key, marker);
+  }
+  for (const [key, marker] of m.markers) {
+    if (wanted.has(key)) continue;
+    marker.remove();
+    m.markers.delete(key);
+  }
+  // the districts with an open incident stand out, located or not
+  m.districts.eachLayer((layer) => {
+    const name = String(layer.feature.properties.name_eng || "").toLowerCase();
+    const el = layer.getElement && layer.getElement();
+    if (el) el.classList.toggle("hot", [...hot].some((d) => d && name.startsWith(d)));
+  });
 }
 
 // ---- live video (WHEP through the console) -------------------------------------------------
@@ -490,7 +801,8 @@ async function openVideo(deviceId) {
     if (state.video && state.video.pc === pc) state.video.location = response.headers.get("Location");
     await pc.setRemoteDescription({ type: "answer", sdp: text });
   } catch (err) {
-    status.textContent = `${t("video_failed")}: ${err.message}`;
+    status.textContent = t("video_failed");
+    status.title = err.message; // the browser's own words: on hover, not in the page's language
     $("video-panel").dataset.error = err.message;
   }
 }

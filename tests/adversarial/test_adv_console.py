@@ -42,7 +42,8 @@ def sdp_if_video(path: str) -> dict[str, object]:
 
 def test_every_route_needs_its_credential(site: Site, tmp_path: Path) -> None:
     ids = {"device_id": MAPO_BELL, "event_id": site.alerts[MAPO_BELL], "stage": "acknowledged",
-           "viewer_id": VIEWER}  # fmt: skip
+           "viewer_id": VIEWER, "incident_id": site.alerts[MAPO_BELL],
+           "step": "call_victim"}  # fmt: skip
     operator = site.sign_in("mapo-lee")
     walked = 0
     for method, path in console_routes(tmp_path):
@@ -66,8 +67,10 @@ def test_no_route_lets_a_mapo_operator_see_or_touch_gangnam(site: Site, tmp_path
     assert site.console("GET", f"/api/devices/{GANGNAM_DOOR}", kim).status == 200
     before = site.state_of(gangnam_alert)
     lee = site.sign_in("mapo-lee")
+    # this gateway groups no incidents: the console names each by its bell's first alert
     gangnam = {"device_id": GANGNAM_DOOR, "event_id": gangnam_alert, "stage": "dispatched",
-               "viewer_id": VIEWER}  # fmt: skip
+               "viewer_id": VIEWER, "incident_id": gangnam_alert,
+               "step": "call_victim"}  # fmt: skip
     for method, path in console_routes(tmp_path):
         if not path.startswith("/api/") or path in ("/api/login", "/api/logout"):
             continue
@@ -85,6 +88,11 @@ def test_no_route_lets_a_mapo_operator_see_or_touch_gangnam(site: Site, tmp_path
     audit = site.console("GET", "/api/audit.csv", kim).text
     assert re.search(r"mapo-lee,dispatched," + gangnam_alert + r",.*another district", audit)
     assert re.search(r"mapo-lee,view_video," + GANGNAM_DOOR + r",.*another district", audit)
+    assert re.search(r"mapo-lee,view_incident," + gangnam_alert + r",.*another district", audit)
+    assert re.search(r"mapo-lee,procedure_step," + gangnam_alert + r",.*another district", audit)
+    # and the incident list holds mapo's only
+    incidents = site.console("GET", "/api/incidents", lee).json()["incidents"]
+    assert [i["device_id"] for i in incidents] == [MAPO_BELL]
 
 
 def test_the_video_proxy_cannot_be_walked_to_another_gateway_route(site: Site) -> None:

@@ -233,8 +233,8 @@ async def chromium() -> AsyncIterator[BrowserContext]:
 
 
 async def signed_in_page(browser: BrowserContext, url: str, *, english: bool = True) -> Page:
-    """Signed in, live. In English by default: this machine has no Korean font, so Korean
-    screenshots would show empty boxes (a control room installs fonts-noto-cjk)."""
+    """Signed in, live. In English by default (Korean needs fonts-noto-cjk, which
+    scripts/system-deps.sh installs; test_console_desk.py takes the Korean screenshot)."""
     page: Page = await browser.new_page()
     await page.goto(url)
     await page.fill("#login-name", OPERATOR)

@@ -62,22 +62,28 @@ async def test_a_press_is_on_the_page_within_a_second_and_acknowledge_lights_the
     assert shown_ms - pressed_ms <= 1000, f"press to page took {shown_ms - pressed_ms} ms"
     assert await card.locator(".district").inner_text() == "mapo"
     assert await card.locator(".label").inner_text() == "Mapo flat 3"
-    assert await card.locator(".stage").get_attribute("class") == "stage delivered"
-    # the title flashes and a beep was made
+    assert await card.locator(".stage").get_attribute("class") == "stage new"
+    assert await card.get_attribute("data-kind") == "stalking"
+    # the title flashes, the alarm sounded, and it repeats until the incident is acknowledged
     assert "🔴" in await page.title()
-    assert await page.locator("body").get_attribute("data-beeps") == "1"
+    assert int(await page.locator("body").get_attribute("data-beeps") or 0) >= 1
+    assert await page.locator("body").get_attribute("data-alarm") == "high"
     assert await page.locator("#warning").is_hidden()  # registry synced, nothing refused
     await screenshot(page, "alert-arrived")
 
+    incident_id = await card.get_attribute("data-id")
     await card.locator("button.ack").click()
     await eventually(lambda: any(p == Pattern.ACKNOWLEDGED for p, _ in bell.indicator.history))
     await page.wait_for_selector(f".alert[data-device-id='{BELL}'][data-stage='acknowledged']")
+    assert await page.locator("body").get_attribute("data-alarm") == ""  # acknowledged: quiet
     await screenshot(page, "alert-acknowledged")
 
     # the action and the address view are in the audit log, with who did them
     rows = list(csv.DictReader(io.StringIO(site.console.operators.audit_csv())))
     done = {(r["operator"], r["action"], r["target"]) for r in rows}
-    assert ("kim", "acknowledged", next(iter(site.received_ms))) in done
+    # the incident is named by its first alert (this gateway groups none itself)
+    assert incident_id in site.received_ms
+    assert ("kim", "acknowledged", incident_id) in done
     assert ("kim", "view_personal_data", BELL) in done
 
 
@@ -92,6 +98,9 @@ async def test_dispatch_and_close_reach_the_bell_and_clear_the_page(
     await card.locator("button.dispatch").click()
     await eventually(lambda: any(p == Pattern.DISPATCHED for p, _ in bell.indicator.history))
     await card.locator("button.close").click()
+    # closing asks for an outcome first
+    await card.locator(".outcome select").select_option("false_alarm")
+    await card.locator("button.confirm-close").click()
     await page.wait_for_selector("#no-alerts:not([hidden])", timeout=20_000)
     assert await page.locator(".alert").count() == 0
 
@@ -99,11 +108,12 @@ async def test_dispatch_and_close_reach_the_bell_and_clear_the_page(
 async def test_korean_and_english_toggle(site: ConsoleSite, browser: BrowserContext) -> None:
     page = await signed_in_page(browser, site.url, english=False)
     assert await page.locator("html").get_attribute("lang") == "ko"
-    assert await page.locator("[data-i18n='active_alerts']").inner_text() == "활성 경보"
+    heading = page.locator("[data-i18n='open_incidents']")
+    assert await heading.inner_text() == "진행 중 사건"
     await page.click("#lang")
-    assert await page.locator("[data-i18n='active_alerts']").inner_text() == "Active alerts"
+    assert await heading.inner_text() == "Open incidents"
     await page.click("#lang")
-    assert await page.locator("[data-i18n='active_alerts']").inner_text() == "활성 경보"
+    assert await heading.inner_text() == "진행 중 사건"
 
 
 async def test_device_events_show_tamper_and_power(
@@ -112,9 +122,16 @@ async def test_device_events_show_tamper_and_power(
     page = await signed_in_page(browser, site.url)
     inputs = site.bells[BELL].inputs
     inputs.open_tamper()
-    await page.locator(f".alert[data-device-id='{BELL}'].u2").wait_for(timeout=20_000)
+    card = page.locator(f".alert[data-device-id='{BELL}']")
+    await page.locator(f".alert[data-device-id='{BELL}'][data-kind='tamper']").wait_for(
+        timeout=20_000
+    )
     inputs.lose_power()
-    await page.locator(f".alert[data-device-id='{BELL}'].u3").wait_for(timeout=20_000)
+    # the same bell's power loss joins its open incident: in its history, not a second card
+    await card.locator(".history li", has_text="Power lost").wait_for(
+        state="attached", timeout=20_000
+    )
+    assert await page.locator(".alert").count() == 1
     await screenshot(page, "tamper-and-power")
 
 
@@ -123,10 +140,12 @@ async def test_an_offline_device_shows_on_the_page(
 ) -> None:
     page = await signed_in_page(browser, site.url)
     await site.silence(BELL)
-    # signed by the gateway, not the device: checked with the gateway's configured key
-    offline = page.locator(f"#events li[data-type='status'][data-device-id='{BELL}']")
+    # signed by the gateway, not the device: checked with the gateway's configured key;
+    # a bell gone offline is an incident of its own kind
+    offline = page.locator(f".alert[data-device-id='{BELL}'][data-kind='offline']")
     await offline.wait_for(timeout=30_000)
-    assert "Device offline" in await offline.inner_text()
+    assert "Bell offline" in await offline.locator(".what").inner_text()
+    assert await offline.locator(".icon").inner_text() == "⊘"
     await screenshot(page, "device-offline")
 
 

@@ -69,7 +69,10 @@ def delivery(
     ts: int | None = None,
     tamper: dict[str, Any] | None = None,
     district: str = "mapo",
+    incident: tuple[str, str, int] | None = None,
 ) -> dict[str, Any]:
+    """A delivery as the gateway POSTs it; `incident`: the (id, kind, priority) a gateway
+    with incidents puts beside the JWS (docs/incidents.md)."""
     message = build_message(body, device=device, seq=seq, ts=now_ms() if ts is None else ts)
     token = seal(message, Signer(kid or device, key))
     data = {
@@ -81,6 +84,8 @@ def delivery(
         "body": json.loads(message.body.model_dump_json()),
         "jws": token,
     }
+    if incident is not None:
+        data["incident_id"], data["kind"], data["priority"] = incident
     data.update(tamper or {})
     return data
 
@@ -112,6 +117,106 @@ class FakeGateway:
     moves: list[tuple[str, str]] = field(default_factory=list)
     device_reads: int = 0
     tokens_seen: list[str] = field(default_factory=list)
+    # incidents as GET /incidents/{id} answers them (docs/incidents.md), by id
+    incidents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # (incident id, stage or "procedure/<step>", X-Ansimi-Operator, outcome) as received
+    incident_calls: list[tuple[str, str, str, str | None]] = field(default_factory=list)
+    # False: a gateway older than incidents (its incident routes do not exist)
+    has_incidents: bool = True
+    listing_status: int = 200  # what GET /incidents answers (500: a gateway in trouble)
+
+    def open_incident(
+        self,
+        incident_id: str,
+        device_id: str = "bell-0001",
+        kind: str = "stalking",
+        priority: int = 4,
+        *,
+        district: str = "mapo",
+        procedure: tuple[str, ...] = ("call_victim", "request_dispatch"),
+        opened_ms: int | None = None,
+    ) -> dict[str, Any]:
+        """An open incident as the gateway would hold it, with a checklist of `procedure`,
+        opened at `opened_ms` (default: now)."""
+        opened_ms = now_ms() if opened_ms is None else opened_ms
+        incident: dict[str, Any] = {
+            "id": incident_id,
+            "device_id": device_id,
+            "district": district,
+            "kind": kind,
+            "priority": priority,
+            "state": "new",
+            "opened_ms": opened_ms,
+            "updated_ms": opened_ms,
+            "first_alert_id": incident_id,
+            "events": 1,
+            "offline": False,
+            "escalation_level": 0,
+            "escalated_to": [],
+            "outcome": None,
+            "stages": {},
+            "history": [],
+            "procedure": [
+                {"step": step, "ko": f"{step} (ko)", "en": step.replace("_", " "), "done": None}
+                for step in procedure
+            ],
+        }
+        self.incidents[incident_id] = incident
+        return incident
+
+    def _incident_routes(self) -> list[web.RouteDef]:
+        def summary(incident: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in incident.items() if k not in ("history", "procedure")}
+
+        async def listing(request: web.Request) -> web.Response:
+            if self.listing_status != 200:
+                return web.json_response({"error": "trouble"}, status=self.listing_status)
+            open_ = [summary(i) for i in self.incidents.values() if i["state"] != "closed"]
+            return web.json_response({"incidents": open_})
+
+        async def one(request: web.Request) -> web.Response:
+            incident = self.incidents.get(request.match_info["incident_id"])
+            if incident is None:
+                return web.json_response({"error": "no such incident"}, status=404)
+            return web.json_response(incident)
+
+        async def move(request: web.Request) -> web.Response:
+            incident = self.incidents.get(request.match_info["incident_id"])
+            stage = request.match_info["stage"]
+            operator = request.headers.get("X-Ansimi-Operator", "")
+            body = await request.json() if request.can_read_body else {}
+            outcome = body.get("outcome")
+            self.incident_calls.append(
+                (request.match_info["incident_id"], stage, operator, outcome)
+            )
+            if incident is None:
+                return web.json_response({"error": "no such incident"}, status=404)
+            if stage == "closed" and outcome is None:
+                return web.json_response({"error": "closing needs an outcome"}, status=400)
+            incident["state"] = stage
+            incident["stages"][stage] = {"at_ms": now_ms(), "actor": f"console/{operator}"}
+            incident["outcome"] = outcome
+            return web.json_response(summary(incident))
+
+        async def tick(request: web.Request) -> web.Response:
+            incident = self.incidents.get(request.match_info["incident_id"])
+            step = request.match_info["step"]
+            operator = request.headers.get("X-Ansimi-Operator", "")
+            self.incident_calls.append(
+                (request.match_info["incident_id"], f"procedure/{step}", operator, None)
+            )
+            todo = [p for p in (incident or {}).get("procedure", []) if p["step"] == step]
+            if incident is None or not todo:
+                return web.json_response({"error": "no such step"}, status=404)
+            todo[0]["done"] = todo[0]["done"] or {"at_ms": now_ms(), "actor": operator}
+            return web.json_response(incident)
+
+        return [
+            web.get("/incidents", listing),
+            web.get("/incidents/{incident_id}", one),
+            web.post("/incidents/{incident_id}/procedure/{step}", tick),
+            web.post("/incidents/{incident_id}/{stage}", move),
+        ]
 
     def app(self) -> web.Application:
         async def devices(request: web.Request) -> web.Response:
@@ -138,6 +243,8 @@ class FakeGateway:
                 web.post("/alerts/{event_id}/{stage}", move),
             ]
         )
+        if self.has_incidents:
+            app.add_routes(self._incident_routes())
         return app
 
 

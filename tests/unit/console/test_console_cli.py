@@ -59,6 +59,11 @@ def test_add_operator_from_a_prompt_and_refusals(tmp_path: Path) -> None:
             ["--gateway-key", "gw-1"],
             "GATEWAY_ID=BASE64_PUBLIC_KEY",
         ),
+        (
+            {"ANSIMI_CENTRE_SECRET": "s" * 20},
+            ["--tile-url", "tiles.example.org/z/x/y.png"],
+            "--tile-url",
+        ),
     ],
 )
 def test_start_up_says_what_is_missing(
@@ -67,3 +72,14 @@ def test_start_up_says_what_is_missing(
     result = CliRunner().invoke(cli, ["console", "--db", str(tmp_path / "c.db"), *extra], env=env)
     assert result.exit_code != 0
     assert message in result.output
+
+
+def test_the_page_may_load_tiles_from_the_configured_server_only() -> None:
+    from console.web import content_policy
+
+    assert "img-src 'self' data:;" in content_policy("")
+    policy = content_policy("https://{s}.tiles.example.org/{z}/{x}/{y}.png")
+    assert "img-src 'self' data: https://*.tiles.example.org;" in policy
+    assert "https://tiles.city.example:8443;" in content_policy(
+        "https://tiles.city.example:8443/{z}/{x}/{y}.png"
+    )

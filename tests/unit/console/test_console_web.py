@@ -117,8 +117,13 @@ async def test_an_address_view_is_audited_and_never_stored(tmp_path: Path) -> No
             "bell-0002": {
                 "address": "Mapo-gu 1-2",
                 "floor": "3",
-                "phones": [{"number": "+821012345678"}],
+                "phones": [
+                    {"role": "guardian", "number": "+821099998888"},
+                    {"role": "victim", "number": "+821012345678"},
+                ],
                 "notes": "door code 1234",
+                "lat": 37.5663,
+                "lon": 126.9019,
             }
         },
     )
@@ -129,8 +134,10 @@ async def test_an_address_view_is_audited_and_never_stored(tmp_path: Path) -> No
         async with d.client.get("/api/devices/bell-0002") as r:
             shown = await r.json()
         assert (shown["address"], shown["floor"]) == ("Mapo-gu 1-2", "3")
-        # phone numbers and notes stay at the gateway
-        assert "+821012345678" not in json.dumps(shown) and "1234" not in json.dumps(shown)
+        # what the operator needs on the card (issue 17): the victim's number first
+        assert [p["number"] for p in shown["phones"]] == ["+821012345678", "+821099998888"]
+        assert shown["notes"] == "door code 1234"
+        assert (shown["lat"], shown["lon"]) == (37.5663, 126.9019)
         async with d.client.get("/api/audit.csv") as r:
             assert r.content_type == "text/csv"
             rows = list(csv.DictReader(io.StringIO(await r.text())))
@@ -142,7 +149,9 @@ async def test_an_address_view_is_audited_and_never_stored(tmp_path: Path) -> No
     # registry's answer carried one
     for name in ("console.db", "console.db-wal"):
         if (tmp_path / name).exists():
-            assert b"Mapo-gu" not in (tmp_path / name).read_bytes()
+            kept = (tmp_path / name).read_bytes()
+            assert b"Mapo-gu" not in kept and b"+821012345678" not in kept
+            assert b"door code" not in kept
 
 
 async def test_a_new_event_reaches_an_open_page_at_once(tmp_path: Path) -> None:

@@ -270,3 +270,14 @@ async def test_a_record_that_does_not_open_is_a_500_naming_no_data(site: Site) -
     status, answer = await site.call("GET", "/devices/bell-0002/private", CENTRAL)
     assert status == 500 and "see its log" in str(answer["error"])
     assert "Seongmisan" not in json.dumps(answer)
+
+
+def test_a_bells_location_is_kept_with_its_address_and_checked() -> None:
+    """The desk's map reads lat/lon from the private data (issue 17); off the globe is
+    refused like any other bad field, and a bell without one has none."""
+    located = PrivateData.model_validate({**SECRETS, "lat": 37.5663, "lon": 126.9019})
+    assert (located.lat, located.lon) == (37.5663, 126.9019)
+    assert PrivateData.model_validate(SECRETS).lat is None
+    for bad in ({"lat": 91.0, "lon": 0.0}, {"lat": 0.0, "lon": -181.0}, {"lat": "north"}):
+        with pytest.raises(ValueError):
+            PrivateData.model_validate({**SECRETS, **bad})
