@@ -52,6 +52,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import orjson  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from nacl.bindings import crypto_sign_open  # noqa: E402
 
 from ansimi.broker import Mosquitto, MosquittoConfig  # noqa: E402
 from ansimi.mqtt import Message, Session, Settings  # noqa: E402
@@ -104,9 +105,11 @@ def verify_rate(seconds: float = 0.3) -> float:
     return n / (time.perf_counter() - start)
 
 
-def crypto_floor_us(seconds: float = 0.3) -> tuple[float, float]:
-    """(verify, sign) in CPU microseconds with the gateway's Ed25519 library: the work no
-    gateway can skip per alert. CPU time, so a busy neighbour slows it like the gateway."""
+def crypto_floor_us(seconds: float = 0.3) -> tuple[float, float, float]:
+    """(verify, sign, OpenSSL's verify) in CPU microseconds with the gateway's Ed25519 calls
+    (protocol/jws.py: libsodium's verify, `cryptography`'s sign): the work no gateway can
+    skip per alert. CPU time, so a busy neighbour slows it like the gateway. OpenSSL's
+    verify, which the gateway used before, for comparison."""
     key = key_for("floor")
     public, data = key.public_key(), bytes(PAYLOAD_BYTES)
     signature = key.sign(data)
@@ -119,7 +122,11 @@ def crypto_floor_us(seconds: float = 0.3) -> tuple[float, float]:
             n += 100
         return (time.process_time() - start) / n * 1e6
 
-    return per_call(lambda: public.verify(signature, data)), per_call(lambda: key.sign(data))
+    return (
+        per_call(lambda: crypto_sign_open(signature + data, public.public_bytes_raw())),
+        per_call(lambda: key.sign(data)),
+        per_call(lambda: public.verify(signature, data)),
+    )
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -648,8 +655,9 @@ def main() -> None:
             broker.stop()
     speed = (speed_before + verify_rate()) / 2
     floor_after = crypto_floor_us()
-    verify_us = (floor_before[0] + floor_after[0]) / 2
-    sign_us = (floor_before[1] + floor_after[1]) / 2
+    verify_us, sign_us, openssl_verify_us = (
+        (b + a) / 2 for b, a in zip(floor_before, floor_after, strict=True)
+    )
     ratio = gw["alerts_per_s"] / raw["msg_per_s"]
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores")
     print(
@@ -686,8 +694,9 @@ def main() -> None:
     )
     alert_floor_ratio = (verify_us + sign_us) / max(per_alert["gateway"], 1e-9)
     print(
-        f"crypto floor (cryptography, CPU on one core): verify {verify_us:.1f} us, "
-        f"sign {sign_us:.1f} us; alert: {verify_us + sign_us:.0f} / {per_alert['gateway']:.0f}"
+        f"crypto floor (CPU on one core): verify {verify_us:.1f} us (libsodium; OpenSSL "
+        f"{openssl_verify_us:.1f} us), sign {sign_us:.1f} us; "
+        f"alert: {verify_us + sign_us:.0f} / {per_alert['gateway']:.0f}"
         f" us = crypto_floor_ratio {alert_floor_ratio:.2f} (goal >= 0.5)"
     )
     beats = gw.get("heartbeats", 0)
@@ -737,6 +746,7 @@ def main() -> None:
                 "crypto_floor": {
                     "verify_us": round(verify_us, 1),
                     "sign_us": round(sign_us, 1),
+                    "openssl_verify_us": round(openssl_verify_us, 1),
                     "alert_ratio": round(alert_floor_ratio, 3),
                     "heartbeat_ratio": round(beat_floor_ratio, 3) if beats else None,
                 },
