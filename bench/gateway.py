@@ -191,7 +191,9 @@ def raw_publisher(port: int, count: int) -> None:
 # ---- the gateway --------------------------------------------------------------------------
 
 
-def prepare_gateway(state: Path, port: int, devices: list[str], mqtt_version: int) -> Path:
+def prepare_gateway(
+    state: Path, port: int, devices: list[str], mqtt_version: int, instances: int
+) -> list[Path]:
     from gateway.store import Device, SqliteDatabase
     from protocol.keys import save_private_key
 
@@ -205,16 +207,22 @@ def prepare_gateway(state: Path, port: int, devices: list[str], mqtt_version: in
         public = public_key_to_b64(key_for(device).public_key())
         store.add_device(Device(device, public, "bell", "mapo"), now_ms=0)
     store.close()
-    config = state / "gateway.toml"
-    config.write_text(
-        f'id = "{GATEWAY_ID}"\nsigning_key = "{state / "signing.key"}"\n'
-        f'database = "{state / "gateway.db"}"\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nversion = {mqtt_version}\n'
-        # nobody listens on port 9 (discard) on loopback: the circuit opens at once
-        '[[centres]]\nname = "central"\nurl = "http://127.0.0.1:9/events"\n'
-        'secret = "bench-centre-secret-unused"\n'
-    )
-    return config
+    configs = []
+    # several instances: one gateway id, one database, a client id each, splitting the
+    # uplink through the shared subscription
+    for i in range(instances):
+        config = state / f"gateway-{i}.toml"
+        config.write_text(
+            f'id = "{GATEWAY_ID}"\nsigning_key = "{state / "signing.key"}"\n'
+            f'database = "{state / "gateway.db"}"\n'
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nversion = {mqtt_version}\n'
+            f'client_id = "{GATEWAY_ID}-{i}"\n'
+            # nobody listens on port 9 (discard) on loopback: the circuit opens at once
+            '[[centres]]\nname = "central"\nurl = "http://127.0.0.1:9/events"\n'
+            'secret = "bench-centre-secret-unused"\n'
+        )
+        configs.append(config)
+    return configs
 
 
 def run_gateway(config_path: Path, profile: Path | None) -> None:
@@ -523,18 +531,22 @@ def through_gateway(
     mqtt_version: int,
     rate: float,
     n_beats: int,
+    instances: int,
 ) -> dict[str, Any]:
     port = broker.port
     devices = device_ids(n_devices) + heartbeat_ids(n_beats)
-    config = prepare_gateway(state, port, devices, mqtt_version)
-    args = ["--role", "gateway", "--config", str(config)]
-    if profile is not None:
-        args += ["--profile", str(profile)]
-    gateway = _child(*args, stdin=subprocess.PIPE)
+    gateways = []
+    for i, config in enumerate(prepare_gateway(state, port, devices, mqtt_version, instances)):
+        args = ["--role", "gateway", "--config", str(config)]
+        if profile is not None and i == 0:
+            args += ["--profile", str(profile)]
+        gateways.append(_child(*args, stdin=subprocess.PIPE))
     try:
-        _wait_ready(gateway)
+        for gateway in gateways:
+            _wait_ready(gateway)
         assert broker.process is not None
-        pids = gateway.pid, broker.process.pid
+        gateway_pids = [g.pid for g in gateways]
+        pids = broker.process.pid, *gateway_pids
         load = _child(
             "--role",
             "load",
@@ -559,21 +571,23 @@ def through_gateway(
         beats_cpu = 0.0
         if n_beats:
             _wait_ready(load, "heartbeats")
-            beats_before = cpu_s(pids[0])
+            beats_before = sum(cpu_s(pid) for pid in gateway_pids)
             _wait_ready(load, "heartbeats-done")
-            beats_cpu = cpu_s(pids[0]) - beats_before
+            beats_cpu = sum(cpu_s(pid) for pid in gateway_pids) - beats_before
         result = _last_json(load, TIME_LIMIT_S + 30)
-        result["gateway_cpu_s"] = after[0] - before[0]
-        result["broker_cpu_s"] = after[1] - before[1]
+        result["broker_cpu_s"] = after[0] - before[0]
+        result["gateway_cpu_s"] = sum(after[1:]) - sum(before[1:])  # all instances
         result["heartbeat_gateway_cpu_s"] = beats_cpu
         return result
     finally:
-        assert gateway.stdin is not None
-        gateway.stdin.close()
-        try:
-            gateway.wait(15)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
+        for gateway in gateways:
+            assert gateway.stdin is not None
+            gateway.stdin.close()
+        for gateway in gateways:
+            try:
+                gateway.wait(15)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
 
 
 def main() -> None:
@@ -596,6 +610,12 @@ def main() -> None:
         type=int,
         default=10_000,
         help="devices of the heartbeat phase, one heartbeat each in 10 s (0: no such phase)",
+    )
+    parser.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="gateway processes splitting the uplink (shared subscription, one database)",
     )
     parser.add_argument("--config", type=Path)
     parser.add_argument("--profile", type=Path, help="cProfile the gateway into this file")
@@ -650,6 +670,7 @@ def main() -> None:
                 args.gateway_mqtt,
                 args.rate,
                 args.hb_devices,
+                args.gateways,
             )
         finally:
             broker.stop()
@@ -670,7 +691,8 @@ def main() -> None:
         f"{raw['msg_per_s']:,.0f} msg/s ({raw['received']:,} messages)"
     )
     print(
-        f"gateway (MQTT {args.gateway_mqtt}, 1 unreachable centre): {args.devices} devices, "
+        f"gateway x{args.gateways} (MQTT {args.gateway_mqtt}, 1 unreachable centre): "
+        f"{args.devices} devices, "
         f"{args.window} alerts in flight each: {gw['alerts_per_s']:,.0f} alerts/s "
         f"({gw['acked']:,}/{gw['sent']:,} acked in {gw['seconds']:.1f} s)"
     )
@@ -726,6 +748,7 @@ def main() -> None:
                     "in_flight_per_device": args.window,
                     "centres": 1,
                     "gateway_mqtt": args.gateway_mqtt,
+                    "gateways": args.gateways,
                     "broker_tcp_nodelay": not args.nagle,
                     "paced": paced
                     and {
