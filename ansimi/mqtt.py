@@ -27,7 +27,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -282,6 +282,10 @@ class Session:
         self._retry_now = asyncio.Event()
         self._closing = False
         self._reading_paused = False
+        # inside batched_writes(): publishes queue, and go out together at its end
+        self._writes_held = 0
+        # the descriptor the loop watches for writability, if any (see _write_or_watch)
+        self._write_watched: int | None = None
         self._connect_result: asyncio.Future[None] | None = None
         self._client = self._make_client()
 
@@ -370,8 +374,22 @@ class Session:
                 if self.connected:
                     self._watch.expect(info.mid, loop.time())
                     self._arm_watch()
-        self._write_now()
+        if not self._writes_held:
+            self._write_now()
         return done
+
+    @contextlib.contextmanager
+    def batched_writes(self) -> Iterator[None]:
+        """Publishes made inside go out together when it ends: one write pass for a batch
+        of acks instead of one per ack (paho's write path, with its lock and callbacks,
+        cost a gateway more per ack than the send itself; bench/gateway.py)."""
+        self._writes_held += 1
+        try:
+            yield
+        finally:
+            self._writes_held -= 1
+            if not self._writes_held:
+                self._write_now()
 
     def _write_now(self) -> None:
         """Put queued packets on the wire now, not on the loop's next turn.
@@ -536,6 +554,7 @@ class Session:
         if fd >= 0:
             loop.remove_reader(fd)
             loop.remove_writer(fd)
+        self._write_watched = None
 
     def _forget_socket(self) -> None:
         sock = self._client.socket()
@@ -656,12 +675,16 @@ class Session:
         # raise from the selector.
         if self._client.socket() is current and sock.fileno() == fd and self._client.want_write():
             self._loop.add_writer(fd, self._flush)
+            self._write_watched = fd
 
     def _unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # paho says so after every write that empties its queue: only a descriptor we did
+        # watch needs the selector call (a gateway's every ack paid for one otherwise)
         if self._loop is not None and threading.get_ident() == self._loop_thread:
             fd = sock.fileno()
-            if fd >= 0:
+            if fd >= 0 and fd == self._write_watched:
                 self._loop.remove_writer(fd)
+                self._write_watched = None
 
     def _handle_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any

@@ -12,9 +12,18 @@ One run, everything on loopback, each part in its own process as in production:
   signed beforehand with valid sequence numbers and timestamps for registered devices,
   each device keeping a few alerts in flight; it times each alert from publish to its
   `received` ack (press-to-ack without the device's own signing, ~20 us).
-It reports alerts/s, p50/p99 latency, and their ratio to the baseline.
+It reports alerts/s, p50/p99 latency, and their ratio to the baseline. Then a heartbeat
+phase: 10,000 more registered devices (default) each send one heartbeat within their real
+interval (10 s), spread evenly over the load's connections; the gateway's CPU per heartbeat
+and its CPU share are measured until a sentinel alert on every connection is acked (each
+connection's messages arrive in order, so every heartbeat is kept by then).
 
-Run: .venv/bin/python bench/gateway.py [--devices 100] [--alerts 30000]
+The crypto floor: one Ed25519 verify and one sign with the library the gateway uses, timed
+in this process (CPU time, one core) before and after the run. `crypto_floor_ratio` is that
+floor over the gateway's CPU per message: for an alert verify + sign (its `received` ack),
+for a heartbeat the verify alone (no ack). 1.0 would be a gateway that does nothing else.
+
+Run: .venv/bin/python bench/gateway.py [--devices 100] [--alerts 30000] [--hb-devices 10000]
 (last line: one JSON object)
 """
 
@@ -43,19 +52,21 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import orjson  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from nacl.bindings import crypto_sign_open  # noqa: E402
 
 from ansimi.broker import Mosquitto, MosquittoConfig  # noqa: E402
 from ansimi.mqtt import Message, Session, Settings  # noqa: E402
 from protocol.envelope import open_for_device, seal  # noqa: E402
 from protocol.jws import Signer  # noqa: E402
 from protocol.keys import public_key_to_b64  # noqa: E402
-from protocol.messages import AckMessage, Alert, build_message  # noqa: E402
+from protocol.messages import AckMessage, Alert, Heartbeat, build_message  # noqa: E402
 from protocol.topics import down_topic, up_topic  # noqa: E402
 
 GATEWAY_ID = "gw-bench"
 PAYLOAD_BYTES = 300
 TIME_LIMIT_S = 25.0  # per phase: the whole run stays well under two minutes
 PACED_S = 5.0  # the paced phase: latency when the gateway is not saturated
+HEARTBEAT_INTERVAL_S = 10.0  # a bell's heartbeat interval (device.toml mqtt.heartbeat_s)
 
 
 def key_for(name: str) -> Ed25519PrivateKey:
@@ -65,6 +76,10 @@ def key_for(name: str) -> Ed25519PrivateKey:
 
 def device_ids(n: int) -> list[str]:
     return [f"bell-{i:05d}" for i in range(n)]
+
+
+def heartbeat_ids(n: int) -> list[str]:
+    return [f"beat-{i:05d}" for i in range(n)]
 
 
 def cpu_s(pid: int | None = None) -> float:
@@ -88,6 +103,30 @@ def verify_rate(seconds: float = 0.3) -> float:
             public.verify(signature, data)
         n += 100
     return n / (time.perf_counter() - start)
+
+
+def crypto_floor_us(seconds: float = 0.3) -> tuple[float, float, float]:
+    """(verify, sign, OpenSSL's verify) in CPU microseconds with the gateway's Ed25519 calls
+    (protocol/jws.py: libsodium's verify, `cryptography`'s sign): the work no gateway can
+    skip per alert. CPU time, so a busy neighbour slows it like the gateway. OpenSSL's
+    verify, which the gateway used before, for comparison."""
+    key = key_for("floor")
+    public, data = key.public_key(), bytes(PAYLOAD_BYTES)
+    signature = key.sign(data)
+
+    def per_call(fn: Callable[[], object]) -> float:
+        n, start = 0, time.process_time()
+        while time.process_time() - start < seconds:
+            for _ in range(100):
+                fn()
+            n += 100
+        return (time.process_time() - start) / n * 1e6
+
+    return (
+        per_call(lambda: crypto_sign_open(signature + data, public.public_bytes_raw())),
+        per_call(lambda: key.sign(data)),
+        per_call(lambda: public.verify(signature, data)),
+    )
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -152,27 +191,38 @@ def raw_publisher(port: int, count: int) -> None:
 # ---- the gateway --------------------------------------------------------------------------
 
 
-def prepare_gateway(state: Path, port: int, devices: list[str], mqtt_version: int) -> Path:
+def prepare_gateway(
+    state: Path, port: int, devices: list[str], mqtt_version: int, instances: int
+) -> list[Path]:
     from gateway.store import Device, SqliteDatabase
     from protocol.keys import save_private_key
 
     state.mkdir(parents=True, exist_ok=True)
     save_private_key(state / "signing.key", key_for(GATEWAY_ID))
     store = SqliteDatabase(state / "gateway.db")
+    # set-up only: ten thousand registrations need not wait for ten thousand fsyncs (the
+    # gateway opens the file afterwards with its own synchronous=FULL)
+    store._db.execute("PRAGMA synchronous=OFF")
     for device in devices:
         public = public_key_to_b64(key_for(device).public_key())
         store.add_device(Device(device, public, "bell", "mapo"), now_ms=0)
     store.close()
-    config = state / "gateway.toml"
-    config.write_text(
-        f'id = "{GATEWAY_ID}"\nsigning_key = "{state / "signing.key"}"\n'
-        f'database = "{state / "gateway.db"}"\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nversion = {mqtt_version}\n'
-        # nobody listens on port 9 (discard) on loopback: the circuit opens at once
-        '[[centres]]\nname = "central"\nurl = "http://127.0.0.1:9/events"\n'
-        'secret = "bench-centre-secret-unused"\n'
-    )
-    return config
+    configs = []
+    # several instances: one gateway id, one database, a client id each, splitting the
+    # uplink through the shared subscription
+    for i in range(instances):
+        config = state / f"gateway-{i}.toml"
+        config.write_text(
+            f'id = "{GATEWAY_ID}"\nsigning_key = "{state / "signing.key"}"\n'
+            f'database = "{state / "gateway.db"}"\n'
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nversion = {mqtt_version}\n'
+            f'client_id = "{GATEWAY_ID}-{i}"\n'
+            # nobody listens on port 9 (discard) on loopback: the circuit opens at once
+            '[[centres]]\nname = "central"\nurl = "http://127.0.0.1:9/events"\n'
+            'secret = "bench-centre-secret-unused"\n'
+        )
+        configs.append(config)
+    return configs
 
 
 def run_gateway(config_path: Path, profile: Path | None) -> None:
@@ -333,13 +383,56 @@ class Load:
         result["rate"] = rate
         return result
 
+    async def heartbeats(self, tokens: list[tuple[str, bytes]], interval_s: float) -> float:
+        """Each (device, token) once within `interval_s`, evenly paced, spread over the
+        connections (the bench's broker has no ACL); then one sentinel alert per connection,
+        after its heartbeats: once every sentinel is acked, every heartbeat has been kept.
+        Returns the seconds from the first heartbeat to the last sentinel's ack."""
+        sessions = list(self.sessions.values())
+        rate = len(tokens) / interval_s
+        self.latencies, self.done, self.closed_loop = [], asyncio.Event(), False
+        start, sent = time.perf_counter(), 0
+        while sent < len(tokens):
+            due = min(len(tokens), int((time.perf_counter() - start) * rate) + 1)
+            while sent < due:
+                device, token = tokens[sent]
+                sessions[sent % len(sessions)].publish(up_topic(device, "heartbeat"), token)
+                sent += 1
+            await asyncio.sleep(0.002)
+        self.expected = len(self.devices)
+        self.limit = len(next(iter(self.tokens.values())))
+        for device in self.devices:
+            self.send_next(device)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.done.wait(), 30)
+        if len(self.latencies) < self.expected:
+            raise SystemExit("heartbeat phase: the sentinel alerts were not all acked")
+        return time.perf_counter() - start
+
+
+def sealed_heartbeats(devices: list[str]) -> list[tuple[str, bytes]]:
+    """One signed heartbeat per device, as an agent sends it (seq 1, the time now)."""
+    now = time.time_ns() // 1_000_000
+    beat = Heartbeat(uptime_s=3600, power="mains", link_quality=80, firmware="bench")
+    return [
+        (d, seal(build_message(beat, device=d, seq=1, ts=now), Signer(d, key_for(d))).encode())
+        for d in devices
+    ]
+
 
 async def _load(
-    port: int, devices: list[str], per_device: int, window: int, rate: float, paced_s: float
+    port: int,
+    devices: list[str],
+    per_device: int,
+    window: int,
+    rate: float,
+    paced_s: float,
+    beat_devices: list[str],
 ) -> dict[str, Any]:
-    # enough for the paced phase at up to 10,000/s or the given rate
-    paced_per_device = int(max(rate, 10_000) * paced_s) // len(devices) + 1
+    # enough for the paced phase at up to 10,000/s or the given rate, and the sentinels
+    paced_per_device = int(max(rate, 10_000) * paced_s) // len(devices) + 2
     load = Load(port, devices, per_device + paced_per_device)
+    beats = sealed_heartbeats(beat_devices)
     tasks = await load.connect()
     print("ready", flush=True)
     result = await load.saturate(per_device, window)
@@ -354,6 +447,12 @@ async def _load(
     # rate it just sustained
     result["paced"] = await load.paced(rate or result["alerts_per_s"] / 2, paced_s)
     result["acks_verified"] = load.verified
+    if beats:
+        load.sent_at.clear()
+        print("heartbeats", flush=True)
+        result["heartbeat_s"] = await load.heartbeats(beats, HEARTBEAT_INTERVAL_S)
+        print("heartbeats-done", flush=True)
+        result["heartbeats"] = len(beats)
     for session in load.sessions.values():
         await session.close()
     for task in tasks:
@@ -362,9 +461,25 @@ async def _load(
 
 
 def run_load(
-    port: int, n_devices: int, per_device: int, window: int, rate: float, paced_s: float
+    port: int,
+    n_devices: int,
+    per_device: int,
+    window: int,
+    rate: float,
+    paced_s: float,
+    n_beats: int,
 ) -> None:
-    result = asyncio.run(_load(port, device_ids(n_devices), per_device, window, rate, paced_s))
+    result = asyncio.run(
+        _load(
+            port,
+            device_ids(n_devices),
+            per_device,
+            window,
+            rate,
+            paced_s,
+            heartbeat_ids(n_beats),
+        )
+    )
     print(json.dumps(result), flush=True)
 
 
@@ -415,17 +530,23 @@ def through_gateway(
     profile: Path | None,
     mqtt_version: int,
     rate: float,
+    n_beats: int,
+    instances: int,
 ) -> dict[str, Any]:
     port = broker.port
-    config = prepare_gateway(state, port, device_ids(n_devices), mqtt_version)
-    args = ["--role", "gateway", "--config", str(config)]
-    if profile is not None:
-        args += ["--profile", str(profile)]
-    gateway = _child(*args, stdin=subprocess.PIPE)
+    devices = device_ids(n_devices) + heartbeat_ids(n_beats)
+    gateways = []
+    for i, config in enumerate(prepare_gateway(state, port, devices, mqtt_version, instances)):
+        args = ["--role", "gateway", "--config", str(config)]
+        if profile is not None and i == 0:
+            args += ["--profile", str(profile)]
+        gateways.append(_child(*args, stdin=subprocess.PIPE))
     try:
-        _wait_ready(gateway)
+        for gateway in gateways:
+            _wait_ready(gateway)
         assert broker.process is not None
-        pids = gateway.pid, broker.process.pid
+        gateway_pids = [g.pid for g in gateways]
+        pids = broker.process.pid, *gateway_pids
         load = _child(
             "--role",
             "load",
@@ -439,23 +560,34 @@ def through_gateway(
             str(window),
             "--rate",
             str(rate),
+            "--hb-devices",
+            str(n_beats),
         )
         # the load says when the saturating phase starts and ends: CPU is counted in between
         _wait_ready(load)
         before = [cpu_s(pid) for pid in pids]
         _wait_ready(load, "saturated")
         after = [cpu_s(pid) for pid in pids]
+        beats_cpu = 0.0
+        if n_beats:
+            _wait_ready(load, "heartbeats")
+            beats_before = sum(cpu_s(pid) for pid in gateway_pids)
+            _wait_ready(load, "heartbeats-done")
+            beats_cpu = sum(cpu_s(pid) for pid in gateway_pids) - beats_before
         result = _last_json(load, TIME_LIMIT_S + 30)
-        result["gateway_cpu_s"] = after[0] - before[0]
-        result["broker_cpu_s"] = after[1] - before[1]
+        result["broker_cpu_s"] = after[0] - before[0]
+        result["gateway_cpu_s"] = sum(after[1:]) - sum(before[1:])  # all instances
+        result["heartbeat_gateway_cpu_s"] = beats_cpu
         return result
     finally:
-        assert gateway.stdin is not None
-        gateway.stdin.close()
-        try:
-            gateway.wait(15)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
+        for gateway in gateways:
+            assert gateway.stdin is not None
+            gateway.stdin.close()
+        for gateway in gateways:
+            try:
+                gateway.wait(15)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
 
 
 def main() -> None:
@@ -472,6 +604,18 @@ def main() -> None:
         type=float,
         default=0,
         help="alerts/s of the paced phase (default: half the saturated rate)",
+    )
+    parser.add_argument(
+        "--hb-devices",
+        type=int,
+        default=10_000,
+        help="devices of the heartbeat phase, one heartbeat each in 10 s (0: no such phase)",
+    )
+    parser.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="gateway processes splitting the uplink (shared subscription, one database)",
     )
     parser.add_argument("--config", type=Path)
     parser.add_argument("--profile", type=Path, help="cProfile the gateway into this file")
@@ -493,10 +637,13 @@ def main() -> None:
     if args.role == "gateway":
         return run_gateway(args.config, args.profile)
     if args.role == "load":
-        return run_load(args.port, args.devices, args.count, args.window, args.rate, PACED_S)
+        return run_load(
+            args.port, args.devices, args.count, args.window, args.rate, PACED_S, args.hb_devices
+        )
 
     per_device = max(1, args.alerts // args.devices)
     speed_before = verify_rate()
+    floor_before = crypto_floor_us()
     with tempfile.TemporaryDirectory(prefix="ansimi-bench-") as tmp:
         state = Path(tmp)
         broker = Mosquitto(
@@ -522,10 +669,16 @@ def main() -> None:
                 args.profile,
                 args.gateway_mqtt,
                 args.rate,
+                args.hb_devices,
+                args.gateways,
             )
         finally:
             broker.stop()
     speed = (speed_before + verify_rate()) / 2
+    floor_after = crypto_floor_us()
+    verify_us, sign_us, openssl_verify_us = (
+        (b + a) / 2 for b, a in zip(floor_before, floor_after, strict=True)
+    )
     ratio = gw["alerts_per_s"] / raw["msg_per_s"]
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores")
     print(
@@ -538,7 +691,8 @@ def main() -> None:
         f"{raw['msg_per_s']:,.0f} msg/s ({raw['received']:,} messages)"
     )
     print(
-        f"gateway (MQTT {args.gateway_mqtt}, 1 unreachable centre): {args.devices} devices, "
+        f"gateway x{args.gateways} (MQTT {args.gateway_mqtt}, 1 unreachable centre): "
+        f"{args.devices} devices, "
         f"{args.window} alerts in flight each: {gw['alerts_per_s']:,.0f} alerts/s "
         f"({gw['acked']:,}/{gw['sent']:,} acked in {gw['seconds']:.1f} s)"
     )
@@ -560,7 +714,25 @@ def main() -> None:
         "CPU per alert: gateway {gateway:.0f} us, load {load:.0f} us, broker {broker:.0f} us"
         " (2 cores: {budget:.0f} us of CPU per alert at 5,000/s)".format(**per_alert, budget=400)
     )
-    print(f"ratio (goal >= 0.2, 5,000 alerts/s, p99 <= 50 ms): {ratio:.3f}")
+    alert_floor_ratio = (verify_us + sign_us) / max(per_alert["gateway"], 1e-9)
+    print(
+        f"crypto floor (CPU on one core): verify {verify_us:.1f} us (libsodium; OpenSSL "
+        f"{openssl_verify_us:.1f} us), sign {sign_us:.1f} us; "
+        f"alert: {verify_us + sign_us:.0f} / {per_alert['gateway']:.0f}"
+        f" us = crypto_floor_ratio {alert_floor_ratio:.2f} (goal >= 0.5)"
+    )
+    beats = gw.get("heartbeats", 0)
+    beat_us = gw["heartbeat_gateway_cpu_s"] / beats * 1e6 if beats else float("nan")
+    beat_floor_ratio = verify_us / beat_us if beats else float("nan")
+    if beats:
+        share = gw["heartbeat_gateway_cpu_s"] / gw["heartbeat_s"]
+        print(
+            f"heartbeats: {beats:,} devices, one each in {HEARTBEAT_INTERVAL_S:.0f} s: "
+            f"gateway {beat_us:.0f} us each, {share:.0%}"
+            f" of a core over {gw['heartbeat_s']:.1f} s (with {args.devices} sentinel alerts); "
+            f"crypto_floor_ratio {beat_floor_ratio:.2f} (goal >= 0.5)"
+        )
+    print(f"ratio (goal >= 0.5, 5,000 alerts/s, p99 <= 50 ms): {ratio:.3f}")
     print(
         json.dumps(
             {
@@ -576,6 +748,7 @@ def main() -> None:
                     "in_flight_per_device": args.window,
                     "centres": 1,
                     "gateway_mqtt": args.gateway_mqtt,
+                    "gateways": args.gateways,
                     "broker_tcp_nodelay": not args.nagle,
                     "paced": paced
                     and {
@@ -593,6 +766,20 @@ def main() -> None:
                     "qos": 1,
                 },
                 "ratio": round(ratio, 3),
+                "crypto_floor": {
+                    "verify_us": round(verify_us, 1),
+                    "sign_us": round(sign_us, 1),
+                    "openssl_verify_us": round(openssl_verify_us, 1),
+                    "alert_ratio": round(alert_floor_ratio, 3),
+                    "heartbeat_ratio": round(beat_floor_ratio, 3) if beats else None,
+                },
+                "heartbeats": beats
+                and {
+                    "devices": beats,
+                    "interval_s": HEARTBEAT_INTERVAL_S,
+                    "gateway_cpu_us_per_heartbeat": round(beat_us),
+                    "gateway_cpu_share": round(share, 3),
+                },
                 "machine_verify_per_s": round(speed),
             }
         )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from protocol.envelope import seal
 from protocol.jws import Signer
@@ -23,12 +25,25 @@ class Downlink:
     """
 
     def __init__(
-        self, signer: Signer, publish: Publish, *, clock_ms: Callable[[], int] | None = None
+        self,
+        signer: Signer,
+        publish: Publish,
+        *,
+        clock_ms: Callable[[], int] | None = None,
+        batched_writes: Callable[[], AbstractContextManager[None]] | None = None,
     ) -> None:
         self._signer = signer
         self._publish = publish
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._batched_writes = batched_writes
         self._last_seq = 0
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Messages sent inside leave together at its end (the MQTT session's
+        `batched_writes`): for the acks of one intake batch."""
+        if self._batched_writes is None:
+            return contextlib.nullcontext()
+        return self._batched_writes()
 
     def _next_seq(self) -> int:
         self._last_seq = max(self._last_seq + 1, time.time_ns() // 1000)

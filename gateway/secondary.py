@@ -102,11 +102,11 @@ class SecondaryPathWatch:
     def is_down(self, device_id: str) -> bool:
         return device_id in self._down
 
-    async def heartbeats(self, beats: list[tuple[str, str]]) -> None:
-        """(device id, heartbeat body JSON) of heartbeats just kept, oldest first."""
+    async def heartbeats(self, beats: list[tuple[str, Heartbeat]]) -> None:
+        """(device id, heartbeat body) of heartbeats just kept, oldest first."""
         changed = False
-        for device_id, body_json in beats:
-            health = Heartbeat.model_validate_json(body_json).secondary
+        for device_id, body in beats:
+            health = body.secondary
             if health is None:
                 continue  # an agent that predates the field: nothing to judge
             faults = health.faults

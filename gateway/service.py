@@ -88,7 +88,9 @@ class Gateway:
             on_disconnect=self._on_disconnect,
         )
         self.downlink = Downlink(
-            signer, lambda topic, payload: self.session.publish(topic, payload)
+            signer,
+            lambda topic, payload: self.session.publish(topic, payload),
+            batched_writes=self.session.batched_writes,
         )
         # personal data: sealed with the site's data key; without one the routes say 503
         self.vault: Vault = open_vault(self.store, config.privacy)

@@ -113,6 +113,57 @@ async def test_session_sockets_send_small_packets_at_once(mosquitto: Mosquitto) 
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
 
 
+async def test_batched_publishes_leave_in_one_write_pass(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway's acks of one batch: one pass through paho's write path (its lock and
+    callbacks cost more than the send), and each still reaches its subscriber."""
+    inbox = Inbox()
+    async with (
+        running(Session(settings(mosquitto, "batch-sub"), inbox)) as sub,
+        running(Session(settings(mosquitto, "batch-pub"), lambda m: None)) as pub,
+    ):
+        await sub.subscribe([("t/batch/#", 1)])
+        passes = 0
+        loop_write = pub._client.loop_write
+
+        def counted() -> Any:
+            nonlocal passes
+            passes += 1
+            return loop_write()
+
+        monkeypatch.setattr(pub._client, "loop_write", counted)
+        with pub.batched_writes():
+            sent = [pub.publish(f"t/batch/{i}", str(i).encode()) for i in range(20)]
+            assert passes == 0  # held until the batch ends
+        assert passes == 1
+        await asyncio.wait_for(asyncio.gather(*sent), 5)
+        got = {(await asyncio.wait_for(inbox.messages.get(), 5)).payload for _ in range(20)}
+        assert got == {str(i).encode() for i in range(20)}
+
+
+async def test_a_write_that_empties_the_queue_costs_no_selector_call(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paho reports every write that empties its queue; the loop watches the socket for
+    writability only when the kernel's buffer was full, so only then is there a watch to
+    remove (a gateway paid an epoll call per ack)."""
+    async with running(Session(settings(mosquitto, "unwatch"), lambda m: None)) as session:
+        loop = asyncio.get_running_loop()
+        removed: list[object] = []
+        remove_writer = loop.remove_writer
+
+        def counted(fd: Any) -> bool:
+            removed.append(fd)
+            return remove_writer(fd)
+
+        monkeypatch.setattr(loop, "remove_writer", counted)
+        await asyncio.wait_for(
+            asyncio.gather(*(session.publish("t/unwatch", b"x") for _ in range(10))), 5
+        )
+        assert removed == []
+
+
 async def test_a_peer_that_closes_before_connack_is_retried_after_the_backoff() -> None:
     """A listener that accepts and hangs up: the session retries at its backoff, not after
     waiting out the CONNACK timeout each time."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from gw_testkit import ALERT, NOW, WINDOW_MS, Env, due, heartbeat, make_env
@@ -87,6 +88,23 @@ async def test_a_replayed_sequence_number_is_refused(env: Env) -> None:
     await env.feed(env.message(heartbeat(), seq=9))
     assert env.rejected("replay") == 2
     assert env.event_count() == 1
+
+
+async def test_the_acks_of_a_batch_leave_together(env: Env) -> None:
+    """The acks of one batch are published while the downlink holds its writes, and let
+    go once after the last (the MQTT session then writes them in one pass)."""
+    batches: list[tuple[int, int]] = []
+
+    @contextlib.contextmanager
+    def batched_writes() -> Iterator[None]:
+        before = len(env.sent)
+        yield
+        batches.append((before, len(env.sent)))
+
+    env.downlink._batched_writes = batched_writes
+    await env.feed(*(env.message(ALERT, id=f"alert-batch-{i}") for i in range(3)))
+    assert len(env.acks()) == 3
+    assert batches == [(0, 3)]
 
 
 async def test_an_exact_duplicate_is_re_acked_and_not_forwarded_again(env: Env) -> None:

@@ -117,6 +117,32 @@ def test_cached_header_gives_the_same_answers(device_signer: Signer, resolve: Re
         verify(tampered, resolve)
 
 
+def test_only_verified_headers_are_cached(device_signer: Signer, resolve: Resolve) -> None:
+    """A header is remembered once its signature verifies: a flood of forged or unknown
+    signers' headers cannot fill the cache, nor push the fleet's headers out of it."""
+    forged = forge({"alg": "EdDSA", "kid": DEVICE}, key=GATEWAY_KEY)  # the wrong key
+    with pytest.raises(BadSignature):
+        verify(forged, resolve)
+    unknown = forge({"alg": "EdDSA", "kid": "stranger"})
+    with pytest.raises(UnknownSigner):
+        verify(unknown, lambda kid: {DEVICE: DEVICE_KEY.public_key()}[kid])
+    assert not _KID_BY_HEADER
+    token = device_signer.sign(PAYLOAD)
+    verify(token, resolve)
+    assert list(_KID_BY_HEADER.values()) == [DEVICE]
+
+
+def test_a_fleet_larger_than_4096_stays_cached() -> None:
+    """Every device's heartbeat passes the gateway: a cache smaller than the fleet was
+    emptied again and again, and each header parsed again (4,096 was the old bound)."""
+    key = DEVICE_KEY.public_key()
+    signers = [f"bell-{i:05d}" for i in range(5_000)]
+    tokens = [forge({"alg": "EdDSA", "kid": kid}) for kid in signers]
+    for token in tokens:
+        verify(token, lambda _kid: key)
+    assert len(_KID_BY_HEADER) == len(signers)
+
+
 # -- interop with an independent JOSE implementation ---------------------------------------
 
 
