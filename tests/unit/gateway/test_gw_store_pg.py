@@ -18,7 +18,7 @@ from pg_testkit import PgServer, new_postgres
 from ansimi.config import ConfigError, load_config
 from gateway.config import Centre, ForwardConfig, GatewayConfig
 from gateway.enrolments import TokenRefused
-from gateway.forward import DELIVERED, Forwarder, Outcome
+from gateway.forward import Forwarder
 from gateway.metrics import Metrics
 from gateway.store import (
     BadStoreUrl,
@@ -33,6 +33,7 @@ from gateway.store import (
     open_store,
 )
 from gateway.store_pg import PG_SCHEMA_VERSION, PostgresStore, pg_error, read_password
+from gateway.transports import DELIVERED, Outcome
 
 
 def alert(n: int, device_id: str = "bell-0001") -> Incoming:
