@@ -51,6 +51,51 @@ class MqttConfig(_Section):
     key_file: Path | None = None
 
 
+class UplinkConfig(_Section):
+    """Where the devices' messages come from (gateway/uplink.py)."""
+
+    # "mqtt": the [mqtt] session's subscription (mosquitto); "amqp": a quorum queue bound to
+    # amq.topic, consumed over AMQP (a RabbitMQ cluster, whose $share delivers nothing)
+    kind: Literal["mqtt", "amqp"] = "mqtt"
+    # amqp://<user>@<host>:<port>/<vhost>, without the password (that is in password_file)
+    amqp_url: str = ""
+    password_file: Path | None = None
+    # the queue every instance consumes; one per site
+    queue: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,200}$")] = "ansimi-uplink"
+    # messages the broker hands this instance ahead of the intake
+    prefetch: Annotated[int, Field(ge=1, le=10_000)] = 200
+    _password: str = PrivateAttr(default="")
+
+    @model_validator(mode="after")
+    def _amqp_complete(self) -> UplinkConfig:
+        if self.kind != "amqp":
+            return self
+        if not self.amqp_url.startswith(("amqp://", "amqps://")):
+            raise ValueError(
+                'uplink.amqp_url: kind = "amqp" needs amqp://<user>@<host>:<port>/ '
+                "(the RabbitMQ node the gateway consumes from)"
+            )
+        if ":" in self.amqp_url.split("://", 1)[1].split("@", 1)[0] and "@" in self.amqp_url:
+            raise ValueError(
+                "uplink.amqp_url holds a password: remove it and put it in a file named "
+                "by uplink.password_file"
+            )
+        if self.password_file is not None:
+            try:
+                self._password = self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"uplink.password_file: cannot read {self.password_file} "
+                    f"({exc.strerror}): write the AMQP password there (`ansimi provision "
+                    "rabbitmq` makes it) or fix the path"
+                ) from exc
+        return self
+
+    @property
+    def password(self) -> str:
+        return self._password
+
+
 class Centre(_Section):
     name: DeviceId
     url: HttpUrl
@@ -341,6 +386,7 @@ class GatewayConfig(_Section):
     # free space kept for alerts on the database's file system: below it, a disk_low event
     disk_reserve_mb: Annotated[float, Field(ge=0)] = 64.0
     mqtt: MqttConfig = MqttConfig()
+    uplink: UplinkConfig = UplinkConfig()
     intake: IntakeConfig = IntakeConfig()
     forward: ForwardConfig = ForwardConfig()
     supervise: SuperviseConfig = SuperviseConfig()
