@@ -7,6 +7,7 @@ taking the uplink from the AMQP quorum queue and acking over MQTT, a receiving c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from ansimi_testkit import SECRET, centre, eventually, running
 from rabbit_kit import RabbitNode, rabbit_cluster
 
-from ansimi.mqtt import Message, Session, Settings, TlsFiles
+from ansimi.mqtt import Message, MqttError, Session, Settings, TlsFiles
 from console.receiver import Receiver
 from device.agent import Agent
 from device.config import DeviceConfig, DeviceSection, GatewaySection, LinkSection, MqttSection
@@ -25,8 +26,10 @@ from device.hal.ports import Pattern
 from gateway.config import Centre, GatewayConfig, MqttConfig, UplinkConfig
 from gateway.service import Gateway
 from gateway.store import Device
+from gateway.uplink import AmqpUplink
 from protocol.jws import Signer
 from protocol.keys import generate_key, load_private_key, public_key_to_b64
+from protocol.topics import down_topic, up_topic
 from provisioning import pki
 from provisioning.rabbitmq import rabbit_files, sync
 from provisioning.revoke import revoke_certificate
@@ -186,18 +189,7 @@ async def test_a_revoked_bell_is_disconnected_and_cannot_log_in_again(
     tls = tls_identity(site, target, tmp_path / "tls")
     await asyncio.to_thread(sync, site, node.ctl())
     heard: list[Message] = []
-    settings = Settings(
-        host="127.0.0.1",
-        port=node.mqtt_port,
-        client_id=target,
-        version=311,
-        tls=tls,
-        persistent=False,
-        connect_timeout_s=2.0,
-        backoff_min_s=0.05,
-        backoff_max_s=0.2,
-    )
-    session = Session(settings, heard.append)
+    session = Session(bell_settings(node, target, tls), heard.append)
     async with running(session.run()):
         await session.wait_connected(10)
         assert target in node.ctl().users()
@@ -213,3 +205,53 @@ async def test_a_revoked_bell_is_disconnected_and_cannot_log_in_again(
         await eventually(lambda: not session.connected, timeout_s=10)
         await asyncio.sleep(1.0)
         assert not session.connected
+
+
+def bell_settings(node: RabbitNode, client_id: str, tls: TlsFiles) -> Settings:
+    """Fast reconnects, so a refused client retries (and is refused) many times per test."""
+    return Settings(
+        host="127.0.0.1",
+        port=node.mqtt_port,
+        client_id=client_id,
+        version=311,
+        tls=tls,
+        persistent=False,
+        connect_timeout_s=2.0,
+        backoff_min_s=0.05,
+        backoff_max_s=0.2,
+    )
+
+
+async def test_a_bell_writes_only_its_own_up_topics(
+    site: Site, node: RabbitNode, tmp_path: Path
+) -> None:
+    """MQTT 3.1.1 has no reason codes: a refused publish closes the connection, and nothing
+    reaches the uplink queue; the permitted publish before it proves the path works."""
+    bell = "bell-0011"
+    tls = tls_identity(site, bell, tmp_path / "tls")
+    await asyncio.to_thread(sync, site, node.ctl())
+    uplink: list[Message] = []
+    consumer = AmqpUplink(
+        f"amqp://{site.gateway_id}@127.0.0.1:{node.amqp_port}/",
+        uplink.append,
+        password=rabbit_files(site).gateway_password.read_text().strip(),
+    )
+    drops: list[int] = []
+    session = Session(
+        bell_settings(node, bell, tls), lambda m: None, on_disconnect=lambda: drops.append(1)
+    )
+    async with running(consumer.run(), session.run()):
+        await asyncio.wait_for(consumer.start(), 10)
+        await session.wait_connected(10)
+        await session.publish(up_topic(bell, "alert"), b"own")
+        await eventually(lambda: [m.payload for m in uplink] == [b"own"], timeout_s=10)
+        assert not drops
+
+        # QoS 0: a refused QoS 1 message would be sent again at each reconnect
+        for n, forged in enumerate((up_topic("bell-0001", "alert"), down_topic(bell, "ack")), 1):
+            await session.wait_connected(10)
+            with contextlib.suppress(MqttError):
+                await session.publish(forged, b"forged", qos=0)
+            await eventually(lambda n=n: len(drops) >= n, timeout_s=10)
+        await asyncio.sleep(0.5)
+        assert [m.payload for m in uplink] == [b"own"]
