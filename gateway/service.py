@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ansimi import sdnotify
+from ansimi.config import broker_address
 from ansimi.mqtt import Message, Session, Settings, TlsFiles
 from gateway.api import Api, tls_context
 from gateway.config import GatewayConfig
@@ -54,6 +55,7 @@ def mqtt_settings(config: GatewayConfig) -> Settings:
         session_expiry_s=m.session_expiry_s,
         version=m.version,
         tls=tls,
+        other_addresses=m.other_addresses(),
     )
 
 
@@ -305,7 +307,12 @@ def make_uplink(
     u = config.uplink
     if u.kind == "amqp":
         return AmqpUplink(
-            u.amqp_url, on_message, password=u.password, queue=u.queue, prefetch=u.prefetch
+            u.amqp_url,
+            on_message,
+            other_nodes=[broker_address(n) for n in u.other_nodes],
+            password=u.password,
+            queue=u.queue,
+            prefetch=u.prefetch,
         )
     group = config.mqtt.shared_group
     return MqttUplink(session, shared_up_filter(group) if group else UP_FILTER)

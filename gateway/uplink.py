@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
 from ansimi.mqtt import Message, Session
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 AMQ_TOPIC: Final = "amq.topic"
 RECONNECT_MIN_S: Final = 0.5
 RECONNECT_MAX_S: Final = 15.0
+CONNECT_TIMEOUT_S: Final = 10.0
 
 
 _TO_AMQP: Final = str.maketrans("/.+", "./*")
@@ -129,6 +130,7 @@ class AmqpUplink:
         url: str,
         on_message: Callable[[Message], None],
         *,
+        other_nodes: Sequence[tuple[str, int]] = (),
         password: str = "",
         queue: str = "ansimi-uplink",
         prefetch: int = 200,
@@ -137,7 +139,10 @@ class AmqpUplink:
 
         parsed = URL(url)
         # the password comes from its file: a URL with one would put it in logs and the TOML
-        self._url = parsed.with_password(password) if password else parsed
+        first = parsed.with_password(password) if password else parsed
+        # a cluster's other nodes, same user and vhost, tried in turn when one is lost
+        self._urls = [first, *(first.with_host(h).with_port(p) for h, p in other_nodes)]
+        self._url_index = 0
         self._shown = str(parsed.with_password(None))
         self._on_message = on_message
         self._queue_name = queue
@@ -147,6 +152,7 @@ class AmqpUplink:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._paused = False
+        self._lost = asyncio.Event()
         self._consuming = asyncio.Event()
         self._closing = False
 
@@ -166,33 +172,43 @@ class AmqpUplink:
 
         delay = RECONNECT_MIN_S
         while not self._closing:
+            url = self._urls[self._url_index]
+            self._shown = str(url.with_password(None))
             try:
-                connection = await aio_pika.connect(self._url)
+                connection = await aio_pika.connect(url, timeout=CONNECT_TIMEOUT_S)
             except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
                 log.warning("uplink: cannot reach %s: %s; again in %.1fs", self._shown, exc, delay)
+                self._url_index = (self._url_index + 1) % len(self._urls)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
             self._connection = connection
+            # aio-pika's closed() waits for our own close only: a reset connection (its node
+            # killed) is told through close_callbacks, and so is a closed channel
+            lost = self._lost = asyncio.Event()
+            connection.close_callbacks.add(_setter(lost))
             try:
                 await self._declare_and_consume()
                 delay = RECONNECT_MIN_S
                 log.info("uplink: consuming %s", self.describe())
-                await connection.closed()
+                await lost.wait()
             except (OSError, aio_pika.exceptions.AMQPError) as exc:
                 log.warning("uplink: %s lost: %s", self._shown, exc)
             finally:
                 self._consuming.clear()
                 self._consumer_tag = None
-                if not connection.is_closed:
-                    await connection.close()
+                await _close(connection)
             if not self._closing:
                 log.warning("uplink: connection to %s closed; reconnecting", self._shown)
+                self._url_index = (self._url_index + 1) % len(self._urls)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
 
     async def _declare_and_consume(self) -> None:
         assert self._connection is not None
         channel = await self._connection.channel()
+        lost = self._lost
+        # a channel the broker closed (its queue gone, say) stops deliveries: start again
+        channel.close_callbacks.add(lambda *_: lost.set() if self._channel is channel else None)
         # bounds what the broker hands this instance ahead of the intake: the rest waits in
         # the replicated queue for whichever instance asks first
         await channel.set_qos(prefetch_count=self._prefetch)
@@ -217,8 +233,8 @@ class AmqpUplink:
 
     async def resubscribe(self) -> object:
         """Declare, bind and consume again on a fresh channel (the probe's first repair)."""
-        if self._connection is None or self._connection.is_closed:
-            return None
+        if not self.connected:
+            return None  # run() declares and consumes again once reconnected
         old = self._channel
         self._consuming.clear()
         self._consumer_tag = None
@@ -228,8 +244,7 @@ class AmqpUplink:
         return None
 
     def reconnect(self) -> None:
-        if self._connection is not None and not self._connection.is_closed:
-            asyncio.get_running_loop().create_task(self._connection.close())
+        self._lost.set()  # run() closes this connection and dials the next node
 
     def pause_reading(self) -> None:
         self._paused = True
@@ -251,8 +266,23 @@ class AmqpUplink:
 
     async def close(self) -> None:
         self._closing = True
-        if self._connection is not None and not self._connection.is_closed:
-            await self._connection.close()
+        self._lost.set()
+        if self._connection is not None:
+            await _close(self._connection)
+
+
+def _setter(event: asyncio.Event) -> Callable[..., None]:
+    """A close callback (aio-pika passes the closer and the reason) that sets `event`."""
+    return lambda *_: event.set()
+
+
+async def _close(connection: AbstractConnection) -> None:
+    """Close, bounded: a connection whose node is gone may never answer the close."""
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            await connection.close()
+    except Exception as exc:
+        log.debug("uplink: close: %s", exc)
 
 
 async def _quietly(cancel: Awaitable[object]) -> None:

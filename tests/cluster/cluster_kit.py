@@ -38,8 +38,10 @@ def tls_identity(site: Site, cn: str, where: Path) -> TlsFiles:
     return TlsFiles(site.layout.ca_cert, where / f"{cn}.crt", where / f"{cn}.key")
 
 
-def gateway_config(site: Site, first: RabbitNode, url: str, db: Path) -> GatewayConfig:
+def gateway_config(site: Site, nodes: Sequence[RabbitNode], url: str, db: Path) -> GatewayConfig:
+    """The gateway on the first node, the others to fall back on (MQTT and AMQP)."""
     lay = site.layout
+    first, *others = nodes
     return GatewayConfig(
         id=site.gateway_id,
         signing_key=lay.gateway_key,
@@ -53,11 +55,13 @@ def gateway_config(site: Site, first: RabbitNode, url: str, db: Path) -> Gateway
             ca_file=lay.gateway_ca,
             cert_file=lay.gateway_cert,
             key_file=lay.gateway_tls_key,
+            other_brokers=[f"127.0.0.1:{n.mqtt_port}" for n in others],
         ),
         uplink=UplinkConfig(
             kind="amqp",
             amqp_url=f"amqp://{site.gateway_id}@127.0.0.1:{first.amqp_port}/",
             password_file=rabbit_files(site).gateway_password,
+            other_nodes=[f"127.0.0.1:{n.amqp_port}" for n in others],
         ),
         centres=[Centre(name="central", url=url, secret=SECRET)],
     )
@@ -126,17 +130,14 @@ async def site_running(
     site: Site,
     nodes: Sequence[RabbitNode],
     tmp: Path,
-    *,
-    gateway_node: RabbitNode | None = None,
-    bell_nodes: Sequence[RabbitNode] | None = None,
 ) -> AsyncIterator[Running]:
-    """The gateway on `gateway_node` (the first), the bells dialling `bell_nodes` in turn."""
+    """The gateway and the bells, each dialling `nodes` in turn (the first first)."""
     signer = Signer(site.gateway_id, load_private_key(site.layout.gateway_key))
-    made = {b: make_bell(site, b, bell_nodes or nodes, signer, tmp) for b in BELLS}
+    made = {b: make_bell(site, b, nodes, signer, tmp) for b in BELLS}
     # the certificates above are issued: now the broker's users, as an installer would
     await asyncio.to_thread(sync, site, nodes[0].ctl())
     async with centre(tmp) as (receiver, url):
-        config = gateway_config(site, gateway_node or nodes[0], url, tmp / "gateway.db")
+        config = gateway_config(site, nodes, url, tmp / "gateway.db")
         gateway = Gateway(config, signer=signer)
         for _bell, device in made.values():
             await gateway.store.add_device(device, now_ms=0)

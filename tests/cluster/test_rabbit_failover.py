@@ -1,8 +1,8 @@
 """A three-node RabbitMQ cluster on this machine: SIGKILL of the bells' node while pressing.
 
-Bells dial node 2 first (then 3, then 1: `[link] other_brokers`); the gateway consumes the
-uplink quorum queue on node 1 and acks over MQTT on node 1. Out of scope here: the loss of
-the gateway's own node (its [mqtt] and [uplink] name one node each).
+Everything dials node 2 first, then 3, then 1: the bells (`[link] other_brokers`) and the
+gateway (`[mqtt] other_brokers` for its acks and probes, `[uplink] other_nodes` for the
+quorum queue, declared on node 2 so led from there until the kill).
 """
 
 from __future__ import annotations
@@ -35,20 +35,17 @@ def nodes(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sequ
 
 @pytest.fixture
 async def live(site: Site, nodes: Sequence[RabbitNode], tmp_path: Path) -> AsyncIterator[Running]:
-    # bells: node 2 first; the gateway: node 1 (site_running gives each bell the others)
-    bell_order = [nodes[1], nodes[2], nodes[0]]
-    async for it in site_running(
-        site, nodes, tmp_path, gateway_node=nodes[0], bell_nodes=bell_order
-    ):
+    async for it in site_running(site, [nodes[1], nodes[2], nodes[0]], tmp_path):
         yield it
 
 
-async def test_sigkill_of_the_bells_node_loses_no_alert_and_bells_move_by_themselves(
+async def test_sigkill_of_the_node_everyone_is_on_loses_no_alert_and_all_move_by_themselves(
     live: Running, nodes: Sequence[RabbitNode]
 ) -> None:
     killed = nodes[1]
     bells = list(live.bells.values())
     assert all(b.agent.link.session.address[1] == killed.mqtt_port for b in bells)
+    assert live.gateway.session.address[1] == killed.mqtt_port
     for bell in bells:
         press(bell)
     await eventually(lambda: len(alert_ids(live.receiver)) == len(BELLS), timeout_s=30)
@@ -64,6 +61,9 @@ async def test_sigkill_of_the_bells_node_loses_no_alert_and_bells_move_by_themse
     await eventually(lambda: len(alert_ids(live.receiver)) == pressed, timeout_s=90)
     ids = alert_ids(live.receiver)
     assert len(set(ids)) == pressed  # each accepted once
+    gateway = live.gateway
+    await eventually(lambda: gateway.session.connected and gateway.uplink.connected, 60)
+    assert gateway.session.address[1] != killed.mqtt_port
     for bell in bells:
         await eventually(lambda b=bell: b.agent.link.connected, timeout_s=60)
         assert bell.agent.link.session.address[1] != killed.mqtt_port
