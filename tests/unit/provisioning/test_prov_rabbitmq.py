@@ -72,3 +72,22 @@ def test_the_conf_is_mutual_tls_with_cn_login_and_quorum_sessions(tmp_path: Path
     assert conf["mqtt.durable_queue_type"] == "quorum"
     assert conf["mqtt.listeners.tcp"] == "none"
     assert conf["cluster_formation.classic_config.nodes.2"] == "rabbit@b"
+
+
+def test_provision_rabbitmq_conf_writes_the_files_and_a_private_password(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from provisioning.cli import provision
+    from provisioning.rabbitmq import rabbit_files
+
+    init_site(tmp_path / "site", site="test", listen_host="127.0.0.1", port=8883)
+    result = CliRunner().invoke(provision, ["rabbitmq", "conf", "--dir", str(tmp_path / "site")])
+    assert result.exit_code == 0, result.output
+    files = rabbit_files(Site.open(tmp_path / "site"))
+    assert files.conf.read_text() == render_rabbitmq_conf(Site.open(tmp_path / "site"))
+    assert files.gateway_password.stat().st_mode & 0o077 == 0
+    assert files.definitions.stat().st_mode & 0o077 == 0
+    # the password is kept: a second run must not lock the running gateway out
+    first = files.gateway_password.read_text()
+    CliRunner().invoke(provision, ["rabbitmq", "conf", "--dir", str(tmp_path / "site")])
+    assert files.gateway_password.read_text() == first
