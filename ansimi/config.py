@@ -73,3 +73,15 @@ def load_config(path: Path, model: type[Model], *, missing_ok: bool = False) -> 
             path, ["cannot read it. Fix: make it readable by the service user"]
         ) from None
     return parse_config(text, model, path)
+
+
+# a broker's address in a config file; the device's and the gateway's lists of brokers
+def broker_address(text: str) -> tuple[str, int]:
+    """`host:port` (an IPv6 host in brackets, `[::1]:8883`) as (host, port)."""
+    host, colon, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or any(c.isspace() for c in host):
+        raise ValueError(f'{text!r} is not host:port (for example "10.0.0.2:8883")')
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    return host, int(port)

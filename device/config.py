@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ansimi.config import broker_address
 from device.hal.config import HardwareConfig
 from device.video.config import VideoConfig
 from protocol.ids import DeviceId
@@ -55,17 +56,6 @@ class MqttSection(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
-
-
-def broker_address(text: str) -> tuple[str, int]:
-    """`host:port` (an IPv6 host in brackets, `[::1]:8883`) as (host, port)."""
-    host, colon, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not colon or not host or any(c.isspace() for c in host):
-        raise ValueError(f'{text!r} is not host:port (for example "10.0.0.2:8883")')
-    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
-    return host, int(port)
 
 
 class LinkSection(_Section):

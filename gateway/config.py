@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from ansimi.config import broker_address
 from ansimi.districts import SEOUL_DISTRICTS, check_district
 from gateway.incidents import DEFAULT_PROCEDURES, IncidentKind, ProcedureStep
 from gateway.store import check_store_url, sqlite_url
@@ -50,6 +51,72 @@ class MqttConfig(_Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    # further brokers, "host:port", tried in turn after host and port (a cluster's nodes)
+    other_brokers: Annotated[list[str], Field(max_length=8)] = []
+
+    @field_validator("other_brokers")
+    @classmethod
+    def _addresses_valid(cls, value: list[str]) -> list[str]:
+        for text in value:
+            broker_address(text)
+        return value
+
+    def other_addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(broker_address(text) for text in self.other_brokers)
+
+
+class UplinkConfig(_Section):
+    """Where the devices' messages come from (gateway/uplink.py)."""
+
+    # "mqtt": the [mqtt] session's subscription (mosquitto); "amqp": a quorum queue bound to
+    # amq.topic, consumed over AMQP (a RabbitMQ cluster, whose $share delivers nothing)
+    kind: Literal["mqtt", "amqp"] = "mqtt"
+    # amqp://<user>@<host>:<port>/<vhost>, without the password (that is in password_file)
+    amqp_url: str = ""
+    password_file: Path | None = None
+    # further nodes, "host:port", tried in turn when amqp_url's node is lost (same user)
+    other_nodes: Annotated[list[str], Field(max_length=8)] = []
+    # the queue every instance consumes; one per site
+    queue: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,200}$")] = "ansimi-uplink"
+    # messages the broker hands this instance ahead of the intake
+    prefetch: Annotated[int, Field(ge=1, le=10_000)] = 200
+    _password: str = PrivateAttr(default="")
+
+    @field_validator("other_nodes")
+    @classmethod
+    def _nodes_valid(cls, value: list[str]) -> list[str]:
+        for text in value:
+            broker_address(text)
+        return value
+
+    @model_validator(mode="after")
+    def _amqp_complete(self) -> UplinkConfig:
+        if self.kind != "amqp":
+            return self
+        if not self.amqp_url.startswith(("amqp://", "amqps://")):
+            raise ValueError(
+                'uplink.amqp_url: kind = "amqp" needs amqp://<user>@<host>:<port>/ '
+                "(the RabbitMQ node the gateway consumes from)"
+            )
+        if ":" in self.amqp_url.split("://", 1)[1].split("@", 1)[0] and "@" in self.amqp_url:
+            raise ValueError(
+                "uplink.amqp_url holds a password: remove it and put it in a file named "
+                "by uplink.password_file"
+            )
+        if self.password_file is not None:
+            try:
+                self._password = self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"uplink.password_file: cannot read {self.password_file} "
+                    f"({exc.strerror}): write the AMQP password there (`ansimi provision "
+                    "rabbitmq` makes it) or fix the path"
+                ) from exc
+        return self
+
+    @property
+    def password(self) -> str:
+        return self._password
 
 
 class Centre(_Section):
@@ -405,6 +472,7 @@ class GatewayConfig(_Section):
     # free space kept for alerts on the database's file system: below it, a disk_low event
     disk_reserve_mb: Annotated[float, Field(ge=0)] = 64.0
     mqtt: MqttConfig = MqttConfig()
+    uplink: UplinkConfig = UplinkConfig()
     intake: IntakeConfig = IntakeConfig()
     forward: ForwardConfig = ForwardConfig()
     supervise: SuperviseConfig = SuperviseConfig()

@@ -4,9 +4,11 @@ The paths, and what a failure of each means:
 
 - **intake** (the broker, our subscription, our session, the loop): proven end to end by
   probes the gateway publishes to itself every `health.probe_s` (protocol/probe.py) on a
-  topic its own uplink subscription must deliver. No probe heard for `health.intake_deaf_s`:
-  the intake is *deaf*, and /healthz answers 503 naming `intake` (and `mqtt` while the
-  broker connection is down): whatever the cause, alerts are not coming in.
+  topic its own uplink must deliver (gateway/uplink.py: the MQTT subscription, or the AMQP
+  queue on a RabbitMQ cluster; the probe goes out over MQTT either way, so it proves both).
+  No probe heard for `health.intake_deaf_s`: the intake is *deaf*, and /healthz answers
+  503 naming `intake` (and `mqtt` while the broker connection is down): whatever the
+  cause, alerts are not coming in.
   The repair ladder, while connected, one rung per deafness interval: resubscribe (a broker
   may keep our session and forget its shared subscription: FIELD-NOTES), then reconnect (a
   black-holed link looks connected until the keepalive gives up, ~2x keepalive); past

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ansimi import sdnotify
+from ansimi.config import broker_address
 from ansimi.mqtt import Message, Session, Settings, TlsFiles
 from gateway.api import Api, tls_context
 from gateway.config import Centre, GatewayConfig, SiaReceiver
@@ -32,6 +34,7 @@ from gateway.secondary import SecondaryPathWatch
 from gateway.store import Delivery, Incoming, Store, open_store
 from gateway.supervise import Supervisor
 from gateway.transports import build_transports
+from gateway.uplink import AmqpUplink, MqttUplink, Uplink
 from protocol.jws import Signer
 from protocol.keys import load_private_key
 from protocol.messages import Status
@@ -55,6 +58,7 @@ def mqtt_settings(config: GatewayConfig) -> Settings:
         session_expiry_s=m.session_expiry_s,
         version=m.version,
         tls=tls,
+        other_addresses=m.other_addresses(),
     )
 
 
@@ -87,6 +91,7 @@ class Gateway:
             on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
         )
+        self.uplink = make_uplink(config, self.session, self._on_message)
         self.downlink = Downlink(
             signer,
             lambda topic, payload: self.session.publish(topic, payload),
@@ -143,9 +148,10 @@ class Gateway:
             self.session.settings.client_id,
             lambda topic, payload: self.session.publish(topic, payload, qos=0),
             self.metrics,
-            connected=lambda: self.session.connected,
-            resubscribe=self.session.resubscribe,
-            reconnect=self.session.reconnect,
+            # published over MQTT, heard through the uplink: both must work
+            connected=self._connected,
+            resubscribe=self.uplink.resubscribe,
+            reconnect=self.uplink.reconnect,
             every_ms=int(health.probe_s * 1000),
             deaf_after_ms=int(health.intake_deaf_s * 1000),
         )
@@ -159,7 +165,7 @@ class Gateway:
         self.health = Health(
             self.probe,
             self.metrics,
-            connected=lambda: self.session.connected,
+            connected=self._connected,
             centres=[c.name for c in config.centres] + [s.name for s in config.sia],
             failing_centres=self.forwarder.failing,
             centre_down_after_ms=int(health.centre_down_s * 1000),
@@ -242,11 +248,14 @@ class Gateway:
     def _on_message(self, message: Message) -> None:
         self.intake.submit(message)
 
+    def _connected(self) -> bool:
+        return self.session.connected and self.uplink.connected
+
     def _on_backlog(self, behind: bool) -> None:
         if behind:
-            self.session.pause_reading()
+            self.uplink.pause_reading()
         else:
-            self.session.resume_reading()
+            self.uplink.resume_reading()
 
     def _on_connect(self, session_present: bool) -> None:
         now_ms = time.time_ns() // 1_000_000
@@ -299,16 +308,13 @@ class Gateway:
         report = self.health.report()
         return report.http_status, report.body if detail else report.summary
 
-    def subscription(self) -> str:
-        group = self.config.mqtt.shared_group
-        return shared_up_filter(group) if group else UP_FILTER
-
     async def run(self) -> None:
         try:
             # the devices' keys, before any message can arrive
             await self.registry.reload()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.session.run(), name="mqtt")
+                tasks.create_task(self.uplink.run(), name="uplink")
                 tasks.create_task(self.intake.run(), name="intake")
                 tasks.create_task(self.forwarder.run(), name="forward")
                 self.supervisor.load(await self.store.devices(), time.time_ns() // 1_000_000)
@@ -327,12 +333,31 @@ class Gateway:
                     api = self.config.api
                     tasks.create_task(self.api.serve(api.host, api.port, self.api_tls), name="api")
                 await self.session.wait_connected()
-                await self.session.subscribe([(self.subscription(), 1)])
+                await self.uplink.start()
                 self.probe.start(time.time_ns() // 1_000_000)
                 tasks.create_task(self.probe.run(), name="probe")
                 self.ready.set()
                 sdnotify.notify("READY=1")
-                log.info("gateway %s: listening on %s", self.config.id, self.subscription())
+                log.info("gateway %s: listening on %s", self.config.id, self.uplink.describe())
         finally:
+            await self.uplink.close()
             await self.session.close()
             await self.store.close()
+
+
+def make_uplink(
+    config: GatewayConfig, session: Session, on_message: Callable[[Message], None]
+) -> Uplink:
+    """The uplink `[uplink] kind` names: the session's subscription, or a RabbitMQ queue."""
+    u = config.uplink
+    if u.kind == "amqp":
+        return AmqpUplink(
+            u.amqp_url,
+            on_message,
+            other_nodes=[broker_address(n) for n in u.other_nodes],
+            password=u.password,
+            queue=u.queue,
+            prefetch=u.prefetch,
+        )
+    group = config.mqtt.shared_group
+    return MqttUplink(session, shared_up_filter(group) if group else UP_FILTER)

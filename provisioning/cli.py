@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from protocol.errors import ProtocolError
+from provisioning.rabbitmq_cli import rabbitmq as _rabbitmq_group
 from provisioning.revoke import (
     BrokerControl,
     RevokeResult,
@@ -295,3 +296,7 @@ def _print_json(data: dict[str, Any]) -> None:
 from provisioning.device_cli import device_group  # noqa: E402 - its own module
 
 provision.add_command(device_group)
+
+
+# the RabbitMQ cluster's side: its own module (provisioning/rabbitmq_cli.py)
+provision.add_command(_rabbitmq_group)
