@@ -506,3 +506,20 @@ async def test_an_escalation_step_is_taken_once_and_forwarded_to_its_centre(stor
     await store.move_incident("alert-0001", "acknowledged", 300, "desk")
     assert await store.escalation_candidates(2) == []
     assert not await store.escalate("alert-0001", 2, "police", ("esc-00000003", *step[1:]), 400)
+
+
+# ---- live video streams (which instance holds a device's stream) ---------------------------
+
+
+async def test_a_stream_is_its_newest_claimants_until_that_one_releases_it(store: Store) -> None:
+    await store.claim_stream("bell-0001", "http://a", "s-1", 100)
+    await store.claim_stream("bell-0002", "http://a", "s-2", 100)
+    assert await store.stream_holder("bell-0001") == "http://a"
+    await store.claim_stream("bell-0001", "http://b", "s-3", 200)  # a newer offer elsewhere
+    assert not await store.release_stream("bell-0001", "http://a", "s-1")  # not the old one's
+    assert await store.stream_holder("bell-0001") == "http://b"
+    assert await store.release_stream("bell-0001", "http://b", "s-3")
+    assert await store.stream_holder("bell-0001") is None
+    # an instance starting again drops what it held before it died
+    assert await store.release_streams_of("http://a") == 1
+    assert await store.stream_holder("bell-0002") is None
