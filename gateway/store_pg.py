@@ -367,6 +367,88 @@ async def _history(
     )
 
 
+@dataclass
+class _OpenIncident:
+    """A bell's open incident as `_attach` reads it and as its events leave it."""
+
+    device_id: str
+    incident_id: str
+    kind: str
+    priority: int
+    state: str
+    updated_ms: int
+    events: int
+    first_alert_id: str | None
+    last_alert_id: str | None
+    offline: bool
+    events_added: int = 0  # by the events being attached now
+
+
+@dataclass
+class _Attached:
+    attached: list[tuple[str, str]] = field(default_factory=list)  # (event id, incident id)
+    # (incident id, what, actor, event id, detail), in the order SQLite writes them
+    history: list[tuple[str, str, str, str, str]] = field(default_factory=list)
+    caught_up: dict[str, str] = field(default_factory=dict)
+
+
+def _decide_incidents(
+    items: Sequence[Incoming],
+    device_kinds: Mapping[str, str],
+    open_now: dict[str, _OpenIncident],
+    priority: Callable[[str], int],
+    now_ms: int,
+) -> _Attached:
+    """SqliteDatabase._attach, event after event, on the incidents read first: `open_now`
+    (by device) is changed as each event would change it, so the next sees it."""
+    done = _Attached()
+    for item in items:
+        device_kind = device_kinds.get(item.device_id)
+        if device_kind is None:
+            continue  # an event about the gateway itself (disk_low): no bell, no incident
+        kind = classify(device_kind, item.type, item.body_json)
+        body = json_object(item.body_json)
+        connection = body.get("state") if item.type == "status" else None
+        offline = {"offline": True, "online": False}.get(connection) if connection else None
+        first_alert = item.event_id if item.type == "alert" else None
+        found = open_now.get(item.device_id)
+        if found is None:
+            if kind is None:
+                continue
+            incident = open_now[item.device_id] = _OpenIncident(
+                item.device_id,
+                item.event_id,
+                kind,
+                priority(kind),
+                "new",
+                now_ms,
+                0,
+                first_alert,
+                first_alert,
+                bool(offline),
+            )
+        else:
+            incident = found
+            incident.updated_ms = max(incident.updated_ms, now_ms)
+            incident.first_alert_id = incident.first_alert_id or first_alert
+            incident.last_alert_id = first_alert or incident.last_alert_id
+            incident.offline = incident.offline if offline is None else offline
+        incident.events += 1
+        incident.events_added += 1
+        done.attached.append((item.event_id, incident.incident_id))
+        actor = "device" if item.type in ("alert", "cancel", "health", "heartbeat") else "gateway"
+        detail = history_detail({"type": item.type, "body": body})
+        done.history.append((incident.incident_id, "event", actor, item.event_id, detail))
+        if found is not None and kind is not None and priority(kind) < incident.priority:
+            # a worse event came (a ring that became an emergency, duress): the incident is it
+            detail = history_detail({"from": incident.kind, "to": kind})
+            done.history.append((incident.incident_id, "kind", "gateway", item.event_id, detail))
+            incident.kind, incident.priority = kind, priority(kind)
+        if found is not None and found.state != "new" and item.type == "alert":
+            done.caught_up[item.event_id] = found.state
+    return done
+
+
 def _count(status: str) -> int:
     """The row count of a command status (`UPDATE 3`, `INSERT 0 2`)."""
     return int(status.rsplit(" ", 1)[-1])
@@ -777,94 +859,89 @@ class PostgresStore:
             *claims,
         )
         kept = {r["event_id"] for r in rows}
-        for item in items:  # in order: a batch's first event opens the incident the next joins
-            if item.event_id in kept:
-                stage = await self._attach(db, item, now_ms)
-                if stage is not None and caught_up is not None:
-                    caught_up[item.event_id] = stage
+        await self._attach([i for i in items if i.event_id in kept], db, now_ms, caught_up)
         return kept
 
     # ---- incidents -------------------------------------------------------------------------
 
-    async def _attach(self, db: asyncpg.Connection, item: Incoming, now_ms: int) -> str | None:
-        """As `SqliteDatabase._attach`: attach a kept event to its bell's open incident, or
-        open one if it is worth one; for an alert joining an incident already acknowledged
-        or dispatched, that stage. The device row is locked first (accept_batch has it
-        already), so two instances attaching events of one bell take turns."""
-        if item.type == "escalation":
-            return None  # attached by `escalate`
-        device_kind = await db.fetchval(
-            "SELECT kind FROM devices WHERE device_id = $1 FOR UPDATE", item.device_id
-        )
-        if device_kind is None:
-            return None  # an event about the gateway itself (disk_low): no bell, no incident
-        kind = classify(str(device_kind), item.type, item.body_json)
-        body = json_object(item.body_json)
-        connection = body.get("state") if item.type == "status" else None
-        offline = {"offline": True, "online": False}.get(connection) if connection else None
-        first_alert = item.event_id if item.type == "alert" else None
-        found = await db.fetchrow(
-            "SELECT incident_id, priority, state, kind FROM incidents"
-            " WHERE device_id = $1 AND state != 'closed' FOR UPDATE",
-            item.device_id,
-        )
-        if found is None:
-            if kind is None:
-                return None
-            incident_id = item.event_id
-            await db.execute(
-                "INSERT INTO incidents (incident_id, device_id, kind, priority, opened_ms,"
-                " updated_ms, first_alert_id, last_alert_id, events, offline)"
-                " VALUES ($1, $2, $3, $4, $5, $5, $6, $6, 1, $7)",
-                incident_id,
-                item.device_id,
-                kind,
-                self._priority(kind),
-                now_ms,
-                first_alert,
-                bool(offline),
+    async def _attach(
+        self,
+        items: Sequence[Incoming],
+        db: asyncpg.Connection,
+        now_ms: int,
+        caught_up: dict[str, str] | None,
+    ) -> None:
+        """As `SqliteDatabase._attach` for each kept event in order, in the transaction that
+        keeps them and in a fixed number of round trips: the bells' rows (locked, in one
+        order: accept_batch holds them already) and open incidents are read first, the
+        events are decided one after another here (`_decide_incidents`), and what changed
+        is written in one statement a table."""
+        items = [i for i in items if i.type != "escalation"]  # attached by `escalate`
+        if not items:
+            return
+        kinds = {
+            r["device_id"]: str(r["kind"])
+            for r in await db.fetch(
+                "SELECT device_id, kind FROM devices WHERE device_id = ANY($1::text[])"
+                " ORDER BY device_id FOR UPDATE",
+                sorted({i.device_id for i in items}),
             )
-        else:
-            incident_id = str(found["incident_id"])
-            await db.execute(
-                "UPDATE incidents SET updated_ms = GREATEST(updated_ms, $1), events = events + 1,"
-                " first_alert_id = COALESCE(first_alert_id, $2),"
-                " last_alert_id = COALESCE($2, last_alert_id), offline = COALESCE($3, offline)"
-                " WHERE incident_id = $4",
-                now_ms,
-                first_alert,
-                offline,
-                incident_id,
+        }
+        open_now = {
+            r["device_id"]: _OpenIncident(**dict(r))
+            for r in await db.fetch(
+                "SELECT device_id, incident_id, kind, priority, state, updated_ms, events,"
+                " first_alert_id, last_alert_id, offline FROM incidents"
+                " WHERE device_id = ANY($1::text[]) AND state != 'closed' FOR UPDATE",
+                list(kinds),
             )
+        }
+        decided = _decide_incidents(items, kinds, open_now, self._priority, now_ms)
+        if caught_up is not None:
+            caught_up.update(decided.caught_up)
+        touched = [i for i in open_now.values() if i.events_added]
+        rows = [
+            (
+                i.incident_id,
+                i.device_id,
+                i.kind,
+                i.priority,
+                i.updated_ms,
+                i.events,
+                i.first_alert_id,
+                i.last_alert_id,
+                i.offline,
+            )
+            for i in touched
+        ]
         await db.execute(
-            "INSERT INTO incident_events VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            item.event_id,
-            incident_id,
+            "INSERT INTO incidents (incident_id, device_id, kind, priority, opened_ms,"
+            " updated_ms, first_alert_id, last_alert_id, events, offline)"
+            " SELECT u.incident_id, u.device_id, u.kind, u.priority, u.updated_ms, u.updated_ms,"
+            "  u.first_alert_id, u.last_alert_id, u.events, u.offline"
+            " FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[],"
+            "  $6::int[], $7::text[], $8::text[], $9::boolean[]) AS u(incident_id, device_id,"
+            "  kind, priority, updated_ms, events, first_alert_id, last_alert_id, offline)"
+            " ON CONFLICT (incident_id) DO UPDATE SET kind = excluded.kind,"
+            " priority = excluded.priority, updated_ms = excluded.updated_ms,"
+            " events = excluded.events, first_alert_id = excluded.first_alert_id,"
+            " last_alert_id = excluded.last_alert_id, offline = excluded.offline",
+            *_columns(rows, 9),
         )
-        actor = "device" if item.type in ("alert", "cancel", "health", "heartbeat") else "gateway"
-        await _history(
-            db, incident_id, now_ms, "event", actor, item.event_id, type=item.type, body=body
+        await db.execute(
+            "INSERT INTO incident_events SELECT * FROM unnest($1::text[], $2::text[])"
+            " ON CONFLICT DO NOTHING",
+            *_columns(decided.attached, 2),
         )
-        if found is not None and kind is not None and self._priority(kind) < found["priority"]:
-            # a worse event came (a ring that became an emergency, duress): the incident is it
-            await db.execute(
-                "UPDATE incidents SET kind = $1, priority = $2 WHERE incident_id = $3",
-                kind,
-                self._priority(kind),
-                incident_id,
-            )
-            await _history(
-                db,
-                incident_id,
-                now_ms,
-                "kind",
-                "gateway",
-                item.event_id,
-                from_=found["kind"],
-                to=kind,
-            )
-        moved_on = found is not None and found["state"] != "new"
-        return str(found["state"]) if moved_on and item.type == "alert" else None
+        await db.execute(
+            "INSERT INTO incident_history (incident_id, at_ms, what, actor, event_id, detail)"
+            " SELECT h.incident_id, $1, h.what, h.actor, h.event_id, h.detail"
+            " FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])"
+            "  WITH ORDINALITY AS h(incident_id, what, actor, event_id, detail, n)"
+            " ORDER BY h.n",
+            now_ms,
+            *_columns(decided.history, 5),
+        )
 
     async def incidents(
         self, state: str | None, limit: int, districts: Sequence[str] | None = None
