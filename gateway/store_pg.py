@@ -8,7 +8,8 @@ test_gw_store_contract.py runs both), on asyncpg:
   (`store_password_file`) or the systemd credential `store-password`.
 - **Numbered migrations** like SQLite's (`PG_MIGRATIONS`, recorded in `schema_version`), each
   run in one transaction under an advisory lock, so gateways starting together migrate once.
-- **Group commit**: `accept_batch` is one transaction per batch, as on SQLite.
+- **Group commit**: `accept_batch` is one transaction per batch, as on SQLite, incidents
+  opened and attached in it.
 - **Shared forwarding**: `due_for` claims the rows it returns (`FOR UPDATE SKIP LOCKED`, then
   a lease of `claim_ms` recorded in the row), so gateways on several hosts forwarding the same
   outbox each get other deliveries. A claim ends with the delivery's outcome (delivered,

@@ -450,6 +450,24 @@ async def test_a_bells_events_make_one_incident_until_it_is_closed(store: Store)
     assert closed.stages == {"closed": (300, "desk")}
 
 
+async def test_an_incident_opened_in_a_batch_is_joined_by_the_batchs_next_events(
+    store: Store,
+) -> None:
+    pressed = item("alert-0001", body=alert_body())
+    duress = item("alert-0002", seq=2, body=alert_body("duress"))
+    await store.accept_batch([pressed, duress], 100)
+    (incident,) = await store.incidents("open", 10)
+    assert (incident.incident_id, incident.events, incident.kind) == ("alert-0001", 2, "duress")
+    assert incident.first_alert_id == "alert-0001" and incident.last_alert_id == "alert-0002"
+    history = await store.incident_history("alert-0001")
+    assert [(h.what, h.event_id) for h in history] == [
+        ("event", "alert-0001"),
+        ("event", "alert-0002"),
+        ("kind", "alert-0002"),
+    ]
+    assert history[-1].detail == {"from": "stalking", "to": "duress"}
+
+
 async def test_only_incident_worthy_events_open_one_and_offline_attaches(store: Store) -> None:
     restored = item("alert-0001", body=alert_body("power_restored"))
     await store.accept_batch([restored], 100)
