@@ -238,7 +238,7 @@ CREATE TABLE IF NOT EXISTS incident_history (
 );
 CREATE INDEX IF NOT EXISTS incident_history_by_incident ON incident_history(incident_id, at_ms);
 """
-_INCIDENT_COLUMNS = (
+INCIDENT_COLUMNS = (
     "i.incident_id, i.device_id, d.district, i.kind, i.priority, i.state, i.opened_ms,"
     " i.updated_ms, i.first_alert_id, i.events, i.offline, i.escalation_level,"
     " i.escalated_to, i.outcome, i.last_alert_id FROM incidents i JOIN devices d USING (device_id)"
@@ -650,9 +650,8 @@ def delivery_filter(
 
 
 def delivery_from_row(row: tuple[Any, ...]) -> Delivery:
-    # the incident's columns come last; an engine that has no incidents yet gives none
-    a, b, c, d, e, f, g, h, skew, *incident_cols = row
-    incident_id, kind, priority = incident_cols or (None, None, None)
+    # the incident's columns come last (LEFT JOINed: NULL for an event on no incident)
+    a, b, c, d, e, f, g, h, skew, incident_id, kind, priority = row
     skew_ms = None if skew is None else int(skew)
     incident = None
     if incident_id is not None and priority is not None:
@@ -662,7 +661,7 @@ def delivery_from_row(row: tuple[Any, ...]) -> Delivery:
     )
 
 
-def _incident(row: tuple[Any, ...], stages: dict[str, tuple[int, str]]) -> Incident:
+def incident_from_row(row: tuple[Any, ...], stages: dict[str, tuple[int, str]]) -> Incident:
     a, b, c, d, e, f, g, h, i, j, k, level, to, outcome, last_alert = row
     return Incident(
         str(a),
@@ -697,12 +696,17 @@ def _history(
     event_id: str | None,
     **detail: Any,
 ) -> None:
-    if "from_" in detail:
-        detail["from"] = detail.pop("from_")
     db.execute(
         "INSERT INTO incident_history VALUES (?, ?, ?, ?, ?, ?)",
-        (incident_id, at_ms, what, actor, event_id, json.dumps(detail, separators=(",", ":"))),
+        (incident_id, at_ms, what, actor, event_id, history_detail(detail)),
     )
+
+
+def history_detail(detail: dict[str, Any]) -> str:
+    """An incident_history row's detail as stored (`from_`: a keyword Python reserves)."""
+    if "from_" in detail:
+        detail["from"] = detail.pop("from_")
+    return json.dumps(detail, separators=(",", ":"))
 
 
 @contextmanager
@@ -1139,7 +1143,7 @@ class SqliteDatabase:
             where += f" AND d.district IN ({', '.join('?' * len(districts))})"
             args += districts
         rows = self._query(
-            f"SELECT {_INCIDENT_COLUMNS} WHERE {where} ORDER BY i.priority, i.opened_ms LIMIT ?",
+            f"SELECT {INCIDENT_COLUMNS} WHERE {where} ORDER BY i.priority, i.opened_ms LIMIT ?",
             (*args, limit),
         )
         return self._with_stages(rows)
@@ -1154,10 +1158,10 @@ class SqliteDatabase:
                 stages,
             ):
                 stages[str(incident_id)][str(stage)] = (int(at_ms), str(actor))
-        return [_incident(r, stages[str(r[0])]) for r in rows]
+        return [incident_from_row(r, stages[str(r[0])]) for r in rows]
 
     def incident(self, incident_id: str) -> Incident | None:
-        rows = self._query(f"SELECT {_INCIDENT_COLUMNS} WHERE i.incident_id = ?", (incident_id,))
+        rows = self._query(f"SELECT {INCIDENT_COLUMNS} WHERE i.incident_id = ?", (incident_id,))
         found = self._with_stages(rows)
         return found[0] if found else None
 
@@ -1240,7 +1244,7 @@ class SqliteDatabase:
     def escalation_candidates(self, max_level: int) -> list[Incident]:
         """Incidents nobody acknowledged whose chain is not used up."""
         rows = self._query(
-            f"SELECT {_INCIDENT_COLUMNS} WHERE i.state = 'new' AND i.escalation_level < ?"
+            f"SELECT {INCIDENT_COLUMNS} WHERE i.state = 'new' AND i.escalation_level < ?"
             " ORDER BY i.priority, i.opened_ms",
             (max_level,),
         )
@@ -2126,6 +2130,8 @@ def open_store(
     priority ([incidents] priorities; defaults otherwise)."""
     if _is_postgres(url):
         pg = _postgres()
-        store: Store = pg.PostgresStore(url, password=pg.read_password(password_file))
+        store: Store = pg.PostgresStore(
+            url, password=pg.read_password(password_file), priorities=priorities
+        )
         return store
     return SqliteStore(sqlite_path(url), priorities)

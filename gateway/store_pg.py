@@ -8,7 +8,8 @@ test_gw_store_contract.py runs both), on asyncpg:
   (`store_password_file`) or the systemd credential `store-password`.
 - **Numbered migrations** like SQLite's (`PG_MIGRATIONS`, recorded in `schema_version`), each
   run in one transaction under an advisory lock, so gateways starting together migrate once.
-- **Group commit**: `accept_batch` is one transaction per batch, as on SQLite.
+- **Group commit**: `accept_batch` is one transaction per batch, as on SQLite, incidents
+  opened and attached in it.
 - **Shared forwarding**: `due_for` claims the rows it returns (`FOR UPDATE SKIP LOCKED`, then
   a lease of `claim_ms` recorded in the row), so gateways on several hosts forwarding the same
   outbox each get other deliveries. A claim ends with the delivery's outcome (delivered,
@@ -23,6 +24,7 @@ test_gw_store_contract.py runs both), on asyncpg:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import socket
@@ -44,9 +46,12 @@ from gateway.enrolments import (
     hash_token,
     new_token,
 )
+from gateway.incidents import HistoryEntry, Incident, Priorities, classify, json_object
 from gateway.store import (
     FOREIGN_ID,
     FOREIGN_REF,
+    INCIDENT_COLUMNS,
+    INCIDENT_STAGE_ORDER,
     PURGE_BATCH,
     STAGE_ORDER,
     Accepted,
@@ -71,6 +76,8 @@ from gateway.store import (
     device_from_row,
     enrolment_for,
     event_from_row,
+    history_detail,
+    incident_from_row,
     pending_from_row,
 )
 
@@ -174,11 +181,75 @@ ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
 ALTER TABLE outbox ADD COLUMN claim_until_ms BIGINT;
 """
 
+# Incidents, as SQLite's migration 6 (gateway/incidents.py, docs/incidents.md). At most one
+# open incident per bell, held by a partial unique index, so two instances cannot both open one.
+_INCIDENTS = """
+CREATE TABLE incidents (
+    incident_id      TEXT PRIMARY KEY,
+    device_id        TEXT NOT NULL REFERENCES devices(device_id),
+    kind             TEXT NOT NULL,
+    priority         INTEGER NOT NULL,
+    state            TEXT NOT NULL DEFAULT 'new',
+    opened_ms        BIGINT NOT NULL,
+    updated_ms       BIGINT NOT NULL,
+    first_alert_id   TEXT,
+    last_alert_id    TEXT,
+    events           INTEGER NOT NULL DEFAULT 0,
+    offline          BOOLEAN NOT NULL DEFAULT FALSE,
+    escalation_level INTEGER NOT NULL DEFAULT 0,
+    escalated_to     TEXT NOT NULL DEFAULT '[]',
+    outcome          TEXT
+);
+CREATE UNIQUE INDEX incidents_one_open ON incidents(device_id) WHERE state != 'closed';
+CREATE INDEX incidents_by_state ON incidents(state, priority, opened_ms);
+CREATE TABLE incident_events (
+    event_id     TEXT PRIMARY KEY,
+    incident_id  TEXT NOT NULL REFERENCES incidents(incident_id)
+);
+CREATE INDEX incident_events_by_incident ON incident_events(incident_id);
+CREATE TABLE incident_stages (
+    incident_id  TEXT NOT NULL REFERENCES incidents(incident_id),
+    stage        TEXT NOT NULL,
+    at_ms        BIGINT NOT NULL,
+    actor        TEXT NOT NULL,
+    PRIMARY KEY (incident_id, stage)
+);
+CREATE TABLE incident_ticks (
+    incident_id  TEXT NOT NULL REFERENCES incidents(incident_id),
+    step         TEXT NOT NULL,
+    at_ms        BIGINT NOT NULL,
+    actor        TEXT NOT NULL,
+    PRIMARY KEY (incident_id, step)
+);
+CREATE TABLE incident_history (
+    incident_id  TEXT NOT NULL REFERENCES incidents(incident_id),
+    at_ms        BIGINT NOT NULL,
+    what         TEXT NOT NULL,
+    actor        TEXT NOT NULL,
+    event_id     TEXT,
+    detail       TEXT NOT NULL,
+    kept_order   BIGINT GENERATED ALWAYS AS IDENTITY  -- SQLite's rowid: entries of one ms in order
+);
+CREATE INDEX incident_history_by_incident ON incident_history(incident_id, at_ms);
+"""
+
+# which gateway instance holds a device's live video stream, as SQLite's migration 5
+_VIDEO_STREAMS = """
+CREATE TABLE video_streams (
+    device_id   TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    session     TEXT NOT NULL,
+    since_ms    BIGINT NOT NULL
+);
+"""
+
 # Numbered like SQLite's MIGRATIONS (never edit one that has shipped: add the next). Version 1
 # is SQLite's version 4 in PostgreSQL's types: no PostgreSQL store predates it.
 PG_MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (1, "the schema of SQLite's version 4", _SCHEMA_1),
     (2, "forwarding claims shared by the instances", _CLAIMS),
+    (3, "incidents", _INCIDENTS),
+    (4, "live video stream claims", _VIDEO_STREAMS),
 )
 PG_SCHEMA_VERSION: Final = PG_MIGRATIONS[-1][0]
 
@@ -276,6 +347,109 @@ def _decide(
     return decided
 
 
+async def _history(
+    db: asyncpg.Connection,
+    incident_id: str,
+    at_ms: int,
+    what: str,
+    actor: str,
+    event_id: str | None,
+    **detail: object,
+) -> None:
+    await db.execute(
+        "INSERT INTO incident_history (incident_id, at_ms, what, actor, event_id, detail)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        incident_id,
+        at_ms,
+        what,
+        actor,
+        event_id,
+        history_detail(detail),
+    )
+
+
+@dataclass
+class _OpenIncident:
+    """A bell's open incident as `_attach` reads it and as its events leave it."""
+
+    device_id: str
+    incident_id: str
+    kind: str
+    priority: int
+    state: str
+    updated_ms: int
+    events: int
+    first_alert_id: str | None
+    last_alert_id: str | None
+    offline: bool
+    events_added: int = 0  # by the events being attached now
+
+
+@dataclass
+class _Attached:
+    attached: list[tuple[str, str]] = field(default_factory=list)  # (event id, incident id)
+    # (incident id, what, actor, event id, detail), in the order SQLite writes them
+    history: list[tuple[str, str, str, str, str]] = field(default_factory=list)
+    caught_up: dict[str, str] = field(default_factory=dict)
+
+
+def _decide_incidents(
+    items: Sequence[Incoming],
+    device_kinds: Mapping[str, str],
+    open_now: dict[str, _OpenIncident],
+    priority: Callable[[str], int],
+    now_ms: int,
+) -> _Attached:
+    """SqliteDatabase._attach, event after event, on the incidents read first: `open_now`
+    (by device) is changed as each event would change it, so the next sees it."""
+    done = _Attached()
+    for item in items:
+        device_kind = device_kinds.get(item.device_id)
+        if device_kind is None:
+            continue  # an event about the gateway itself (disk_low): no bell, no incident
+        kind = classify(device_kind, item.type, item.body_json)
+        body = json_object(item.body_json)
+        connection = body.get("state") if item.type == "status" else None
+        offline = {"offline": True, "online": False}.get(connection) if connection else None
+        first_alert = item.event_id if item.type == "alert" else None
+        found = open_now.get(item.device_id)
+        if found is None:
+            if kind is None:
+                continue
+            incident = open_now[item.device_id] = _OpenIncident(
+                item.device_id,
+                item.event_id,
+                kind,
+                priority(kind),
+                "new",
+                now_ms,
+                0,
+                first_alert,
+                first_alert,
+                bool(offline),
+            )
+        else:
+            incident = found
+            incident.updated_ms = max(incident.updated_ms, now_ms)
+            incident.first_alert_id = incident.first_alert_id or first_alert
+            incident.last_alert_id = first_alert or incident.last_alert_id
+            incident.offline = incident.offline if offline is None else offline
+        incident.events += 1
+        incident.events_added += 1
+        done.attached.append((item.event_id, incident.incident_id))
+        actor = "device" if item.type in ("alert", "cancel", "health", "heartbeat") else "gateway"
+        detail = history_detail({"type": item.type, "body": body})
+        done.history.append((incident.incident_id, "event", actor, item.event_id, detail))
+        if found is not None and kind is not None and priority(kind) < incident.priority:
+            # a worse event came (a ring that became an emergency, duress): the incident is it
+            detail = history_detail({"from": incident.kind, "to": kind})
+            done.history.append((incident.incident_id, "kind", "gateway", item.event_id, detail))
+            incident.kind, incident.priority = kind, priority(kind)
+        if found is not None and found.state != "new" and item.type == "alert":
+            done.caught_up[item.event_id] = found.state
+    return done
+
+
 def _count(status: str) -> int:
     """The row count of a command status (`UPDATE 3`, `INSERT 0 2`)."""
     return int(status.rsplit(" ", 1)[-1])
@@ -362,6 +536,7 @@ class PostgresStore:
         url: str,
         *,
         password: str | None = None,
+        priorities: Mapping[str, int] | None = None,
         claim_ms: int = CLAIM_MS,
         reconnect_budget_s: float = RECONNECT_BUDGET_S,
         pool_size: int = 4,
@@ -371,6 +546,8 @@ class PostgresStore:
         self.url = url
         self._password = password
         self._claim_ms = claim_ms
+        # an attached event upgrades its incident when its kind is more urgent by these
+        self._priority = Priorities(priorities)
         self._reconnect_budget_s = reconnect_budget_s
         self._pool_size = pool_size
         self._clock = clock
@@ -588,7 +765,10 @@ class PostgresStore:
                 )
             }
             decided = _decide(batch, devices, owners, known)
-            kept = await self._insert_events(db, [batch[i] for i in decided.insert], now_ms)
+            caught_up: dict[str, str] = {}
+            kept = await self._insert_events(
+                db, [batch[i] for i in decided.insert], now_ms, caught_up
+            )
             await db.execute(
                 "UPDATE devices d SET high_water = GREATEST(COALESCE(d.high_water, -1), u.seq),"
                 " last_seen_ms = GREATEST(COALESCE(d.last_seen_ms, 0), $4), online = TRUE,"
@@ -607,16 +787,21 @@ class PostgresStore:
             forwarded = [
                 i in inserting and fresh[i] and bool(item.centres) for i, item in enumerate(batch)
             ]
-            return Accepted(fresh, forwarded, decided.came_online, decided.refused)
+            return Accepted(fresh, forwarded, decided.came_online, decided.refused, caught_up)
 
         return await self._tx(work)
 
-    @staticmethod
     async def _insert_events(
-        db: asyncpg.Connection, items: Sequence[Incoming], now_ms: int
+        self,
+        db: asyncpg.Connection,
+        items: Sequence[Incoming],
+        now_ms: int,
+        caught_up: dict[str, str] | None = None,
     ) -> set[str]:
-        """Insert these events, their deliveries and their ids' ownership in one statement;
-        the ids actually inserted (another instance may have kept one meanwhile)."""
+        """Insert these events, their deliveries and their ids' ownership in one statement,
+        then attach each one kept to its incident (`_attach`), in the same transaction; the
+        ids actually inserted (another instance may have kept one meanwhile). `caught_up`
+        gets the stage of an incident an alert joined that the desk has moved on."""
         if not items:
             return set()
         events = _columns(
@@ -674,7 +859,288 @@ class PostgresStore:
             *deliveries,
             *claims,
         )
-        return {r["event_id"] for r in rows}
+        kept = {r["event_id"] for r in rows}
+        await self._attach([i for i in items if i.event_id in kept], db, now_ms, caught_up)
+        return kept
+
+    # ---- incidents -------------------------------------------------------------------------
+
+    async def _attach(
+        self,
+        items: Sequence[Incoming],
+        db: asyncpg.Connection,
+        now_ms: int,
+        caught_up: dict[str, str] | None,
+    ) -> None:
+        """As `SqliteDatabase._attach` for each kept event in order, in the transaction that
+        keeps them and in a fixed number of round trips: the bells' rows (locked, in one
+        order: accept_batch holds them already) and open incidents are read first, the
+        events are decided one after another here (`_decide_incidents`), and what changed
+        is written in one statement a table."""
+        items = [i for i in items if i.type != "escalation"]  # attached by `escalate`
+        if not items:
+            return
+        kinds = {
+            r["device_id"]: str(r["kind"])
+            for r in await db.fetch(
+                "SELECT device_id, kind FROM devices WHERE device_id = ANY($1::text[])"
+                " ORDER BY device_id FOR UPDATE",
+                sorted({i.device_id for i in items}),
+            )
+        }
+        open_now = {
+            r["device_id"]: _OpenIncident(**dict(r))
+            for r in await db.fetch(
+                "SELECT device_id, incident_id, kind, priority, state, updated_ms, events,"
+                " first_alert_id, last_alert_id, offline FROM incidents"
+                " WHERE device_id = ANY($1::text[]) AND state != 'closed' FOR UPDATE",
+                list(kinds),
+            )
+        }
+        decided = _decide_incidents(items, kinds, open_now, self._priority, now_ms)
+        if caught_up is not None:
+            caught_up.update(decided.caught_up)
+        touched = [i for i in open_now.values() if i.events_added]
+        rows = [
+            (
+                i.incident_id,
+                i.device_id,
+                i.kind,
+                i.priority,
+                i.updated_ms,
+                i.events,
+                i.first_alert_id,
+                i.last_alert_id,
+                i.offline,
+            )
+            for i in touched
+        ]
+        await db.execute(
+            "INSERT INTO incidents (incident_id, device_id, kind, priority, opened_ms,"
+            " updated_ms, first_alert_id, last_alert_id, events, offline)"
+            " SELECT u.incident_id, u.device_id, u.kind, u.priority, u.updated_ms, u.updated_ms,"
+            "  u.first_alert_id, u.last_alert_id, u.events, u.offline"
+            " FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[],"
+            "  $6::int[], $7::text[], $8::text[], $9::boolean[]) AS u(incident_id, device_id,"
+            "  kind, priority, updated_ms, events, first_alert_id, last_alert_id, offline)"
+            " ON CONFLICT (incident_id) DO UPDATE SET kind = excluded.kind,"
+            " priority = excluded.priority, updated_ms = excluded.updated_ms,"
+            " events = excluded.events, first_alert_id = excluded.first_alert_id,"
+            " last_alert_id = excluded.last_alert_id, offline = excluded.offline",
+            *_columns(rows, 9),
+        )
+        await db.execute(
+            "INSERT INTO incident_events SELECT * FROM unnest($1::text[], $2::text[])"
+            " ON CONFLICT DO NOTHING",
+            *_columns(decided.attached, 2),
+        )
+        await db.execute(
+            "INSERT INTO incident_history (incident_id, at_ms, what, actor, event_id, detail)"
+            " SELECT h.incident_id, $1, h.what, h.actor, h.event_id, h.detail"
+            " FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])"
+            "  WITH ORDINALITY AS h(incident_id, what, actor, event_id, detail, n)"
+            " ORDER BY h.n",
+            now_ms,
+            *_columns(decided.history, 5),
+        )
+
+    async def incidents(
+        self, state: str | None, limit: int, districts: Sequence[str] | None = None
+    ) -> list[Incident]:
+        """By priority then age; `state` one of the incident states, `open` (all but
+        closed) or None (all); `districts`: only theirs (None: every district)."""
+        conditions: list[str] = []
+        args: list[object] = []
+        if state == "open":
+            conditions.append("i.state != 'closed'")
+        elif state is not None:
+            args.append(state)
+            conditions.append(f"i.state = ${len(args)}")
+        if districts is not None:
+            args.append(list(districts))
+            conditions.append(f"d.district = ANY(${len(args)}::text[])")
+        args.append(limit)
+        where = " AND ".join(conditions) or "TRUE"
+        rows = await self._fetch(
+            f"SELECT {INCIDENT_COLUMNS} WHERE {where}"
+            f" ORDER BY i.priority, i.opened_ms LIMIT ${len(args)}",
+            *args,
+        )
+        return await self._with_stages(rows)
+
+    async def _with_stages(self, rows: Sequence[asyncpg.Record]) -> list[Incident]:
+        stages: dict[str, dict[str, tuple[int, str]]] = {str(r[0]): {} for r in rows}
+        if rows:
+            for incident_id, stage, at_ms, actor in await self._fetch(
+                "SELECT incident_id, stage, at_ms, actor FROM incident_stages"
+                " WHERE incident_id = ANY($1::text[]) ORDER BY at_ms",
+                list(stages),
+            ):
+                stages[str(incident_id)][str(stage)] = (int(at_ms), str(actor))
+        return [incident_from_row(tuple(r), stages[str(r[0])]) for r in rows]
+
+    async def incident(self, incident_id: str) -> Incident | None:
+        rows = await self._fetch(
+            f"SELECT {INCIDENT_COLUMNS} WHERE i.incident_id = $1",
+            incident_id,
+        )
+        found = await self._with_stages(rows)
+        return found[0] if found else None
+
+    async def incident_of(self, event_id: str) -> str | None:
+        rows = await self._fetch(
+            "SELECT incident_id FROM incident_events WHERE event_id = $1", event_id
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def incident_history(self, incident_id: str) -> list[HistoryEntry]:
+        rows = await self._fetch(
+            "SELECT at_ms, what, actor, event_id, detail FROM incident_history"
+            " WHERE incident_id = $1 ORDER BY at_ms, kept_order",
+            incident_id,
+        )
+        return [HistoryEntry(int(a), w, str(who), e, json.loads(d)) for a, w, who, e, d in rows]
+
+    async def incident_ticks(self, incident_id: str) -> dict[str, tuple[int, str]]:
+        rows = await self._fetch(
+            "SELECT step, at_ms, actor FROM incident_ticks WHERE incident_id = $1", incident_id
+        )
+        return {str(s): (int(a), str(who)) for s, a, who in rows}
+
+    async def move_incident(
+        self, incident_id: str, stage: str, now_ms: int, actor: str, outcome: str | None = None
+    ) -> bool:
+        """As `SqliteDatabase.move_incident`: forward to `stage` with its events, in one
+        transaction; False if it is already there or beyond."""
+
+        async def work(db: asyncpg.Connection) -> bool:
+            state = await db.fetchval(
+                "SELECT state FROM incidents WHERE incident_id = $1 FOR UPDATE", incident_id
+            )
+            if state is None:
+                raise UnknownEvent(incident_id)
+            if INCIDENT_STAGE_ORDER[state] >= INCIDENT_STAGE_ORDER[stage]:
+                return False
+            await db.execute(
+                "UPDATE incidents SET state = $1, outcome = COALESCE($2, outcome),"
+                " updated_ms = $3 WHERE incident_id = $4",
+                stage,
+                outcome,
+                now_ms,
+                incident_id,
+            )
+            await db.execute(
+                "INSERT INTO incident_stages VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                incident_id,
+                stage,
+                now_ms,
+                actor,
+            )
+            extra = {"outcome": outcome} if outcome is not None else {}
+            await _history(db, incident_id, now_ms, "stage", actor, None, stage=stage, **extra)
+            # its events follow, so the per-event views (/alerts) agree with the incident;
+            # locked in event id order, as delivered_many locks them, so neither deadlocks
+            attached = await db.fetch(
+                "SELECT e.event_id, e.state FROM incident_events ie JOIN events e"
+                " USING (event_id) WHERE ie.incident_id = $1 ORDER BY e.event_id FOR UPDATE OF e",
+                incident_id,
+            )
+            events = [
+                str(r["event_id"]) for r in attached if STAGE_ORDER[r["state"]] < STAGE_ORDER[stage]
+            ]
+            await db.execute(
+                "UPDATE events SET state = $1 WHERE event_id = ANY($2::text[])", stage, events
+            )
+            await db.execute(
+                "INSERT INTO stages SELECT e, $2, $3, $4 FROM unnest($1::text[]) AS e"
+                " ON CONFLICT DO NOTHING",
+                events,
+                stage,
+                now_ms,
+                actor,
+            )
+            return True
+
+        return await self._tx(work)
+
+    async def tick_procedure(self, incident_id: str, step: str, now_ms: int, actor: str) -> bool:
+        """Tick a checklist step; False if it was ticked already (the first tick stays)."""
+
+        async def work(db: asyncpg.Connection) -> bool:
+            ticked = _count(
+                await db.execute(
+                    "INSERT INTO incident_ticks VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    incident_id,
+                    step,
+                    now_ms,
+                    actor,
+                )
+            )
+            if ticked:
+                await db.execute(
+                    "UPDATE incidents SET updated_ms = GREATEST(updated_ms, $1)"
+                    " WHERE incident_id = $2",
+                    now_ms,
+                    incident_id,
+                )
+                await _history(
+                    db, incident_id, now_ms, "procedure", actor, None, step=step, done=True
+                )
+            return bool(ticked)
+
+        return await self._tx(work)
+
+    async def escalation_candidates(self, max_level: int) -> list[Incident]:
+        """Incidents nobody acknowledged whose chain is not used up."""
+        rows = await self._fetch(
+            f"SELECT {INCIDENT_COLUMNS} WHERE i.state = 'new' AND i.escalation_level < $1"
+            " ORDER BY i.priority, i.opened_ms",
+            max_level,
+        )
+        return await self._with_stages(rows)
+
+    async def escalate(
+        self,
+        incident_id: str,
+        level: int,
+        to: str,
+        event: tuple[str, int, int, str, str],
+        now_ms: int,
+    ) -> bool:
+        """As `SqliteDatabase.escalate`. The step is one conditional UPDATE (still new, at
+        level - 1): an instance that waited on another's step finds the row moved on and
+        takes none, so with several instances one takes each step."""
+        event_id, seq, ts_ms, body_json, token = event
+
+        async def work(db: asyncpg.Connection) -> bool:
+            row = await db.fetchrow(
+                "UPDATE incidents SET escalation_level = $2,"
+                " escalated_to = (escalated_to::jsonb || to_jsonb($3::text))::text,"
+                " updated_ms = GREATEST(updated_ms, $4), events = events + 1"
+                " WHERE incident_id = $1 AND state = 'new' AND escalation_level = $2 - 1"
+                " RETURNING device_id",
+                incident_id,
+                level,
+                to,
+                now_ms,
+            )
+            if row is None:
+                return False
+            item = Incoming(
+                event_id, str(row[0]), seq, "escalation", ts_ms, body_json, token, (to,)
+            )
+            await self._insert_events(db, [item], now_ms)
+            await db.execute(
+                "INSERT INTO incident_events VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                event_id,
+                incident_id,
+            )
+            await _history(
+                db, incident_id, now_ms, "escalation", "gateway", event_id, level=level, to=to
+            )
+            return True
+
+        return await self._tx(work)
 
     async def add_event(self, item: Incoming, now_ms: int) -> None:
         async def work(db: asyncpg.Connection) -> None:
@@ -730,8 +1196,10 @@ class PostgresStore:
                 RETURNING o.event_id, o.centre, o.attempts, o.next_attempt_ms, o.kept_order
             )
             SELECT c.event_id, c.centre, c.attempts, e.device_id, e.type, e.ts_ms, e.body,
-                   e.jws, e.clock_skew_ms
+                   e.jws, e.clock_skew_ms, i.incident_id, i.kind, i.priority
             FROM claimed c JOIN events e USING (event_id)
+            LEFT JOIN incident_events ie ON ie.event_id = c.event_id
+            LEFT JOIN incidents i ON i.incident_id = ie.incident_id
             ORDER BY c.next_attempt_ms, c.kept_order
             """,
             centre,
@@ -1171,3 +1639,35 @@ class PostgresStore:
             device_id,
         )
         return [pending_from_row(tuple(r)) for r in rows]
+
+    # ---- live video streams: which instance holds which -----------------------------------
+
+    async def claim_stream(self, device_id: str, holder: str, session: str, now_ms: int) -> None:
+        """`holder` now holds `device_id`'s stream (a newer offer replaces any other's)."""
+        await self._execute(
+            "INSERT INTO video_streams VALUES ($1, $2, $3, $4) ON CONFLICT (device_id) DO UPDATE"
+            " SET holder = excluded.holder, session = excluded.session,"
+            " since_ms = excluded.since_ms",
+            device_id,
+            holder,
+            session,
+            now_ms,
+        )
+
+    async def release_stream(self, device_id: str, holder: str, session: str) -> bool:
+        """Forget the claim if it is still this holder's and session's (not a newer one)."""
+        gone = await self._execute(
+            "DELETE FROM video_streams WHERE device_id = $1 AND holder = $2 AND session = $3",
+            device_id,
+            holder,
+            session,
+        )
+        return gone > 0
+
+    async def release_streams_of(self, holder: str) -> int:
+        """At an instance's start: the streams it held before dying are gone with it."""
+        return await self._execute("DELETE FROM video_streams WHERE holder = $1", holder)
+
+    async def stream_holder(self, device_id: str) -> str | None:
+        rows = await self._fetch("SELECT holder FROM video_streams WHERE device_id = $1", device_id)
+        return str(rows[0][0]) if rows else None

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from ansimi_testkit import centre, eventually
 from gw_itkit import TOKEN, Fleet, GatewayProcess, agents_running, centre_alerts
+from pg_testkit import PgServer
 
 from ansimi.broker import Mosquitto, free_port
 from device.hal.fakes import FakeIndicator
@@ -23,10 +25,14 @@ def centre_escalations(tmp_path: Path) -> list[str]:
         return [str(r[0]) for r in rows]
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 async def test_an_unacknowledged_incident_escalates_in_the_gateway(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto, engine: str, request: pytest.FixtureRequest
 ) -> None:
     fleet = Fleet.create(tmp_path, mosquitto, 1)
+    if engine == "postgresql":
+        server: PgServer = request.getfixturevalue("postgres")
+        await fleet.move_to(server.new_database())
     (agent,) = fleet.agents
     indicator = agent.hardware.indicator
     assert isinstance(indicator, FakeIndicator)

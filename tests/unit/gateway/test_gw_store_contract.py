@@ -450,6 +450,24 @@ async def test_a_bells_events_make_one_incident_until_it_is_closed(store: Store)
     assert closed.stages == {"closed": (300, "desk")}
 
 
+async def test_an_incident_opened_in_a_batch_is_joined_by_the_batchs_next_events(
+    store: Store,
+) -> None:
+    pressed = item("alert-0001", body=alert_body())
+    duress = item("alert-0002", seq=2, body=alert_body("duress"))
+    await store.accept_batch([pressed, duress], 100)
+    (incident,) = await store.incidents("open", 10)
+    assert (incident.incident_id, incident.events, incident.kind) == ("alert-0001", 2, "duress")
+    assert incident.first_alert_id == "alert-0001" and incident.last_alert_id == "alert-0002"
+    history = await store.incident_history("alert-0001")
+    assert [(h.what, h.event_id) for h in history] == [
+        ("event", "alert-0001"),
+        ("event", "alert-0002"),
+        ("kind", "alert-0002"),
+    ]
+    assert history[-1].detail == {"from": "stalking", "to": "duress"}
+
+
 async def test_only_incident_worthy_events_open_one_and_offline_attaches(store: Store) -> None:
     restored = item("alert-0001", body=alert_body("power_restored"))
     await store.accept_batch([restored], 100)
@@ -506,3 +524,20 @@ async def test_an_escalation_step_is_taken_once_and_forwarded_to_its_centre(stor
     await store.move_incident("alert-0001", "acknowledged", 300, "desk")
     assert await store.escalation_candidates(2) == []
     assert not await store.escalate("alert-0001", 2, "police", ("esc-00000003", *step[1:]), 400)
+
+
+# ---- live video streams (which instance holds a device's stream) ---------------------------
+
+
+async def test_a_stream_is_its_newest_claimants_until_that_one_releases_it(store: Store) -> None:
+    await store.claim_stream("bell-0001", "http://a", "s-1", 100)
+    await store.claim_stream("bell-0002", "http://a", "s-2", 100)
+    assert await store.stream_holder("bell-0001") == "http://a"
+    await store.claim_stream("bell-0001", "http://b", "s-3", 200)  # a newer offer elsewhere
+    assert not await store.release_stream("bell-0001", "http://a", "s-1")  # not the old one's
+    assert await store.stream_holder("bell-0001") == "http://b"
+    assert await store.release_stream("bell-0001", "http://b", "s-3")
+    assert await store.stream_holder("bell-0001") is None
+    # an instance starting again drops what it held before it died
+    assert await store.release_streams_of("http://a") == 1
+    assert await store.stream_holder("bell-0002") is None

@@ -78,6 +78,48 @@ async def test_two_instances_claim_disjoint_deliveries(
     assert taken[0] <= again and not again & taken[1]
 
 
+def pressed(n: int, device_id: str = "bell-0001") -> Incoming:
+    body = '{"bell":"emergency","trigger":"press"}'
+    return Incoming(f"alert-{n:04d}", device_id, n, "alert", 1_000, body, f"jws-{n}", ("central",))
+
+
+async def test_configured_priorities_reach_the_postgresql_store(postgres: PgServer) -> None:
+    store = open_store(postgres.new_database(), {"stalking": 2})
+    try:
+        await store.add_device(Device("bell-0001", "key", "bell", "mapo"), 0)
+        await store.accept_batch([pressed(1)], 100)
+        (incident,) = await store.incidents("open", 10)
+        assert (incident.kind, incident.priority) == ("stalking", 2)
+    finally:
+        await store.close()
+
+
+async def test_two_instances_open_one_incident_per_bell_and_take_each_step_once(
+    two_instances: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Alerts of one bell kept by two instances at once join one incident; both escalating
+    it at once, exactly one takes the step (the conditional update, not a read then a write)."""
+    stores = two_instances
+    for round_ in range(5):  # bounded: a few rounds to give the race its chances
+        n = 2 * round_ + 1
+        await asyncio.gather(
+            stores[0].accept_batch([pressed(n)], 100), stores[1].accept_batch([pressed(n + 1)], 100)
+        )
+        (incident,) = await stores[0].incidents("open", 10)
+        attached = {await stores[1].incident_of(f"alert-{i:04d}") for i in (n, n + 1)}
+        assert attached == {incident.incident_id}
+        steps = [(f"esc-{n}-{i}", 1, 150, '{"level":1}', "jws-of-esc") for i in (0, 1)]
+        taken = await asyncio.gather(
+            *(
+                store.escalate(incident.incident_id, 1, "police", step, 160)
+                for store, step in zip(stores, steps, strict=True)
+            )
+        )
+        assert sorted(taken) == [False, True]
+        await stores[0].move_incident(incident.incident_id, "closed", 200, "desk", "test")
+    assert len(await stores[0].due_for("police", 300, 100)) == 5
+
+
 @dataclass
 class CountingCentre:
     """A centre that takes everything, after a yield so two forwarders' sends interleave."""
