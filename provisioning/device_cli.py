@@ -34,6 +34,8 @@ from rich.table import Table
 from protocol.errors import ProtocolError
 from provisioning import devices as ops
 from provisioning.gateway_admin import (
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
     URL_ENV,
     AdminClient,
     GatewayRefused,
@@ -96,14 +98,22 @@ class GatewayAccess:
     ca_file: Path | None
 
     def client(self, site_dir: Path | None) -> AdminClient:
-        url = self.url or os.environ.get(URL_ENV)
+        # a missing site says so (and how to fix it) rather than "no CA certificate"
+        site = Site.open(site_dir) if site_dir is not None else None
+        url = self.url or os.environ.get(URL_ENV) or (site.info.api_url if site else None)
         if not url:
-            raise click.UsageError(f"pass --gateway URL or set {URL_ENV}")
-        ca_file = self.ca_file
-        if ca_file is None and site_dir is not None:
-            # a missing site says so (and how to fix it) rather than "no CA certificate"
-            ca_file = Site.open(site_dir).layout.ca_cert
-        return AdminClient(url, admin_token(self.token_file), ca_file=ca_file)
+            raise click.UsageError(
+                f"pass --gateway URL or set {URL_ENV}, or --dir SITE on the gateway's machine"
+            )
+        ca_file = self.ca_file or (site.layout.ca_cert if site else None)
+        token_file = self.token_file
+        if token_file is None and site is not None and not _token_in_environment():
+            token_file = site.layout.admin_token
+        return AdminClient(url, admin_token(token_file), ca_file=ca_file)
+
+
+def _token_in_environment() -> bool:
+    return bool(os.environ.get(TOKEN_FILE_ENV) or os.environ.get(TOKEN_ENV))
 
 
 @dataclass(frozen=True)
