@@ -6,6 +6,7 @@ are the package's own, whose messages already say what to do; they exit with sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -158,6 +159,29 @@ def api_cert_command(directory: Path) -> None:
         f"wrote {site.layout.api_cert} (valid until {cert.not_valid_after_utc:%Y-%m-%d}) and "
         f"its key; restart the gateway to serve it"
     )
+
+
+@provision.command("doctor")
+@DIR_OPTION
+@JSON_OPTION
+def doctor_command(directory: Path, as_json: bool) -> None:
+    """Check a site end to end: certificates, file modes, broker (mutual TLS), the gateway's
+    API and each centre. Prints a checklist; exit status 0 when every check passes, else 1."""
+    from provisioning.doctor import check_site
+
+    with _errors():
+        checks = check_site(directory)
+    if as_json:
+        _print_json(
+            {"ok": all(c.ok for c in checks), "checks": [dataclasses.asdict(c) for c in checks]}
+        )
+    else:
+        for check in checks:
+            mark = "[green]pass[/]" if check.ok else "[red]FAIL[/]"
+            Console().print(f"{mark} [bold]{check.name}[/]: ", end="")
+            Console().print(check.detail, markup=False, soft_wrap=True)
+    if not all(c.ok for c in checks):
+        sys.exit(1)
 
 
 @provision.command("revoke")
