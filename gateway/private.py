@@ -41,6 +41,15 @@ class Phone(BaseModel):
     number: Annotated[str, StringConstraints(pattern=r"^\+?[0-9]{3,16}$")]
 
 
+class Location(BaseModel):
+    """Where the door is (WGS 84 degrees), for the responders' map."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lat: Annotated[float, Field(ge=-90, le=90)]
+    lon: Annotated[float, Field(ge=-180, le=180)]
+
+
 class PrivateData(BaseModel):
     """What an installer records about the home a bell protects."""
 
@@ -48,6 +57,7 @@ class PrivateData(BaseModel):
 
     address: Annotated[str, StringConstraints(max_length=300)] = ""
     floor: Annotated[str, StringConstraints(max_length=20)] = ""
+    location: Location | None = None
     phones: Annotated[list[Phone], Field(max_length=10)] = []
     notes: Annotated[str, StringConstraints(max_length=2000)] = ""
 

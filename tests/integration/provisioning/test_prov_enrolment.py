@@ -22,12 +22,20 @@ from ansimi_testkit import eventually, nowhere_centre
 
 from ansimi.broker import Mosquitto, free_port
 from ansimi.config import load_config
+from ansimi.privacy import create_key_file
 from device.agent import Agent
 from device.config import DeviceConfig
 from device.enrol import EnrollError, Paths, enroll
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
-from gateway.config import ApiConfig, ApiToken, EnrolConfig, GatewayConfig, MqttConfig
+from gateway.config import (
+    ApiConfig,
+    ApiToken,
+    EnrolConfig,
+    GatewayConfig,
+    MqttConfig,
+    PrivacyConfig,
+)
 from gateway.service import Gateway
 from gateway.store import Incoming
 from protocol.jws import Signer
@@ -36,6 +44,7 @@ from siteca import pki
 from siteca.site import Site
 
 ADMIN = "admin-token-for-tests-0123456789"
+OPERATOR = "mapo-desk-token-for-tests-012345"
 ANSIMI = str(Path(sys.executable).with_name("ansimi"))
 
 
@@ -109,9 +118,14 @@ async def rig(site: Site, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Ri
             # the broker's certificate names localhost and 127.0.0.1, as this server needs
             cert_file=lay.broker.cert_file,
             key_file=lay.broker.key_file,
-            tokens=[ApiToken(name="installer", role="admin", token=ADMIN)],
+            tokens=[
+                ApiToken(name="installer", role="admin", token=ADMIN),
+                ApiToken(name="mapo-desk", role="operator", districts=["mapo"], token=OPERATOR),
+            ],
         ),
+        privacy=PrivacyConfig(key_file=tmp_path / "privacy.key"),
     )
+    create_key_file(config.privacy.key_file)
     gateway = Gateway(config)
     # running from the site directory, the gateway serves enrolment by itself
     assert gateway.enrolment is not None
@@ -517,3 +531,53 @@ async def test_decommission_revokes_wipes_personal_data_and_keeps_the_events(rig
     assert device is not None and device.revoked and device.label == ""
     assert store.database.private("bell-0014") is None
     assert store.database.event("alert-0014") is not None  # the anonymised history stays
+
+
+async def test_personal_data_goes_in_on_stdin_and_an_operator_of_the_district_reads_it(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # issue 19: the victim's address and phones could only be set with curl to a route found
+    # in /openapi.json; they must never be on a command line (shell history, ps)
+    added = await rig.add("bell-0015")
+    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "device")
+    assert code == 0, out + err
+    site = str(rig.site.layout.root)
+    record = {
+        "address": "12 Sejong-daero, Jung-gu",
+        "floor": "3",
+        "location": {"lat": 37.5665, "lon": 126.978},
+        "phones": [{"role": "victim", "number": "+821012345678"}],
+    }
+    caplog.set_level("INFO", logger="gateway.private")
+    code, out, err = await rig.ansimi(
+        "provision", "device", "set-private", "bell-0015", "--dir", site, "--gateway", rig.url,
+        stdin=json.dumps(record),
+    )  # fmt: skip
+    assert code == 0, out + err
+    assert "installer set the personal data of bell-0015" in caplog.text
+    # an admin cannot read it back: the district's operator can, and is logged doing so
+    token_file = rig.tmp / "mapo-desk.token"
+    token_file.write_text(OPERATOR)
+    code, out, err = await rig.ansimi(
+        "provision", "device", "show-private", "bell-0015", "--dir", site, "--gateway", rig.url,
+        "--operator-token-file", str(token_file),
+    )  # fmt: skip
+    assert code == 0, out + err
+    shown = json.loads(out)
+    assert {k: shown[k] for k in ("address", "floor", "location")} == {
+        k: record[k] for k in ("address", "floor", "location")
+    }
+    assert "mapo-desk read the personal data of bell-0015" in caplog.text
+
+
+async def test_personal_data_that_cannot_be_stored_is_refused_naming_the_fix(rig: Rig) -> None:
+    await rig.add("bell-0016")
+    site = str(rig.site.layout.root)
+    args = ("provision", "device", "set-private", "bell-0016", "--dir", site, "--gateway", rig.url)
+    code, _out, err = await rig.ansimi(*args, stdin="address: 12 Sejong-daero")
+    assert code == 1 and "not JSON" in err and '"phones": [{"role"' in err
+    code, _out, err = await rig.ansimi(
+        *args, stdin=json.dumps({"location": {"lat": 137, "lon": 1}})
+    )
+    assert code == 3 and "location.lat" in err
+    assert "Sejong" not in err  # the input is never echoed
