@@ -58,7 +58,7 @@ class Rig:
     pid_file: Path
 
     async def ansimi(
-        self, *args: str, stdin: str = "", extra_path: Path | None = None
+        self, *args: str, stdin: str = "", extra_path: Path | None = None, cwd: Path | None = None
     ) -> tuple[int, str, str]:
         env = {**os.environ, "ANSIMI_ADMIN_TOKEN": ADMIN}
         if extra_path is not None:
@@ -70,6 +70,7 @@ class Rig:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
+            cwd=cwd,
         )
         out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 60)
         assert proc.returncode is not None
@@ -581,3 +582,36 @@ async def test_personal_data_that_cannot_be_stored_is_refused_naming_the_fix(rig
     )
     assert code == 3 and "location.lat" in err
     assert "Sejong" not in err  # the input is never echoed
+
+
+async def test_a_doorbell_enrolled_with_a_relative_state_dir_passes_its_selftest(
+    rig: Rig,
+) -> None:
+    # issue 19: a relative --state-dir went into device.toml as it was, a fresh doorbell
+    # failed selftest ("a doorbell needs doorbell_pin"), a PC got the gpiozero driver, and a
+    # device key readable by others passed
+    added = await rig.add("door-0017", "--type", "doorbell")
+    where = rig.tmp / "installer"
+    where.mkdir()
+    code, out, err = await rig.ansimi(
+        "device", "enrol", "--gateway", rig.url, "--token", str(added["token"]),
+        "--ca-file", str(rig.site.layout.ca_cert), "--state-dir", "state",
+        "--config-out", "device.toml", cwd=where,
+    )  # fmt: skip
+    assert code == 0, out + err
+    assert 'driver = "fake"' in err and "not a Raspberry Pi" in err
+    config = load_config(where / "device.toml", DeviceConfig)
+    assert config.device.state_dir == where / "state"
+    assert config.device.key_file == where / "state" / "device.key"
+    assert config.mqtt.ca_file == where / "state" / "ca.crt"
+    assert config.hardware.driver == "fake" and config.hardware.doorbell_pin == 27
+    selftest = ("device", "selftest", "--config", str(where / "device.toml"))
+    code, out, err = await rig.ansimi(*selftest)
+    assert code == 0, out + err
+    config.device.key_file.chmod(0o644)
+    code, out, err = await rig.ansimi(*selftest)
+    assert code == 1, out
+    from device.cli import run_selftest
+
+    (keys,) = [c for c in await run_selftest(config, where / "device.toml") if c.name == "keys"]
+    assert keys.outcome == "fail" and f"chmod 600 {config.device.key_file}" in keys.detail
