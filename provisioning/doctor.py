@@ -129,28 +129,28 @@ def _broker(site: Site, timeout_s: float) -> Check:
             context.wrap_socket(raw, server_hostname=host) as tls,
         ):
             # TLS 1.3 sends the broker's verdict on our certificate after the handshake:
-            # an MQTT CONNECT then its CONNACK (or a reset) shows it
+            # an MQTT answer (or a reset) shows it. The CONNECT names a protocol level no
+            # broker speaks, so it is refused before any session: a real CONNECT with this
+            # identity would take over the gateway's client id (use_username_as_clientid)
+            # and knock the running gateway off
             tls.sendall(_MQTT_PROBE)
             answer = tls.recv(4)
-            tls.sendall(_MQTT_DISCONNECT)
     except (OSError, ssl.SSLError) as exc:
         return Check(name, False, f"{exc}: start it with `mosquitto -c {layout.broker_conf}`")
     if answer[:1] != b"\x20":
         return Check(name, False, "the broker did not answer MQTT: is it the site's broker?")
-    if answer[3:4] != b"\x00":
-        return Check(
-            name, False, f"the broker refused the gateway's identity: see {layout.broker.acl_file}"
-        )
-    return Check(name, True, "TLS handshake and MQTT CONNACK")
+    if answer[3:4] != _UNACCEPTABLE_VERSION:
+        return Check(name, False, f"unexpected CONNACK {answer.hex()}: is it the site's broker?")
+    return Check(name, True, "TLS both ways, and the broker answers MQTT")
 
 
-# MQTT 3.1.1 CONNECT, clean session, keepalive 5 s, under a client id no device or gateway
-# may have (diag- is reserved: site.DIAGNOSTIC_PREFIX), so it never knocks one off
+# an MQTT CONNECT at protocol level 0x7F (none), which the broker answers with CONNACK
+# "unacceptable protocol version" (1) and a close; the client id is a reserved diagnostic one
 _PROBE_ID: Final = (DIAGNOSTIC_PREFIX + "doctor").encode()
 _MQTT_PROBE: Final = bytes(
-    [0x10, 12 + len(_PROBE_ID), 0, 4, *b"MQTT", 4, 0x02, 0, 5, 0, len(_PROBE_ID), *_PROBE_ID]
+    [0x10, 12 + len(_PROBE_ID), 0, 4, *b"MQTT", 0x7F, 0x02, 0, 5, 0, len(_PROBE_ID), *_PROBE_ID]
 )
-_MQTT_DISCONNECT: Final = b"\xe0\x00"
+_UNACCEPTABLE_VERSION: Final = b"\x01"
 
 
 def _api(site: Site, config: dict[str, Any], timeout_s: float) -> Check:
