@@ -635,6 +635,8 @@ def gateway_toml(site: SiteLayout, info: SiteInfo, centre_url: str, centre_secre
         header=["written by `ansimi provision init-site`; every option: gateway.example.toml"],
         comments={
             "api": "The operator API, HTTPS from the site CA (renew: `ansimi provision api-cert`)."
+            "\nOn loopback: for devices enrolling over the network, set host to an address they "
+            "reach\n(the certificate names localhost, 127.0.0.1 and every --broker-name)."
             "\nThe central token sees every district. A district's own operator desk: make a "
             "token\nfile (`openssl rand -hex 32 > FILE; chmod 600 FILE`) and add, after the "
             'others:\n[[api.tokens]]\nname = "mapo-desk"\nrole = "operator"\n'
