@@ -259,8 +259,7 @@ async def run_demo(
                     {
                         "address": address,
                         "floor": str(n % 9 + 1),
-                        "lat": lat + n * 0.003,
-                        "lon": lon,
+                        "location": {"lat": lat + n * 0.003, "lon": lon},
                         "phones": [{"role": "victim", "number": f"+8210000{n + 1:05d}"}],
                     },
                 )

@@ -279,7 +279,10 @@ def private_view(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(p, dict) and p.get("number")
     ]
     phones.sort(key=lambda p: p["role"] != "victim")
-    lat, lon = data.get("lat"), data.get("lon")
+    location = data.get("location")
+    lat, lon = (
+        (location.get("lat"), location.get("lon")) if isinstance(location, dict) else (None, None)
+    )
     located = (
         isinstance(lat, int | float)
         and isinstance(lon, int | float)

@@ -56,6 +56,15 @@ DEFAULT_STATE_DIR: Final = Path("/var/lib/ansimi/device")
 # The gateway refuses messages more than 300 s (its default window) from its clock; refuse
 # well inside that, and leave room for the Date header's one-second resolution.
 MAX_SKEW_S: Final = 120.0
+# the reference wiring (device.example.toml): the panic button on GPIO17 and a doorbell's
+# bell push on GPIO27, the same on every supported board (the Pi's 40-pin header)
+DEFAULT_PINS: Final[Mapping[str, Mapping[str, int]]] = {
+    "bell": {"emergency_pin": 17},
+    "store": {"emergency_pin": 17},
+    "doorbell": {"emergency_pin": 17, "doorbell_pin": 27},
+}
+# what the kernel says the board is; absent on a PC
+BOARD_MODEL_FILE: Final = Path("/proc/device-tree/model")
 HTTP_TIMEOUT_S: Final = 15.0
 
 EXIT_LOCAL: Final = 1
@@ -242,6 +251,28 @@ class Enrolled:
     config_path: Path
     key_path: Path
     rotated: bool
+    warnings: tuple[str, ...] = ()
+
+
+def board_model(path: Path = BOARD_MODEL_FILE) -> str:
+    """The board's model as the device tree names it ("Raspberry Pi 4 Model B..."), or ""."""
+    try:
+        return path.read_bytes().rstrip(b"\x00").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def hardware_for(kind: str, model: str) -> tuple[dict[str, Any], str | None]:
+    """A new device's [hardware]: real pins on a Raspberry Pi, fakes elsewhere (with the
+    warning that says so), and the pins its kind needs."""
+    pins = dict(DEFAULT_PINS.get(kind, DEFAULT_PINS["bell"]))
+    if model.startswith("Raspberry Pi"):
+        return {"driver": "gpiozero", **pins}, None
+    return {"driver": "fake", **pins}, (
+        f"this machine is not a Raspberry Pi ({model or 'no board model'}): device.toml uses "
+        'driver = "fake" (no buttons, LED or buzzer are driven). On the bell itself it is '
+        '"gpiozero"; set [hardware] driver by hand if this board has GPIO'
+    )
 
 
 def enroll(
@@ -254,7 +285,9 @@ def enroll(
     max_skew_s: float = MAX_SKEW_S,
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     insecure_http: bool = False,
+    model: str | None = None,
 ) -> Enrolled:
+    """`model`: the board's (board_model() when None), which picks the driver."""
     gateway = gateway.rstrip("/")
     if not gateway.startswith("https://") and not insecure_http:
         raise EnrollError(
@@ -297,6 +330,7 @@ def enroll(
     if status != 200:
         message = answer.get("error") or f"HTTP {status}"
         raise EnrollError(f"the gateway refused the enrolment: {message}", EXIT_REFUSED)
+    warning = None
     try:
         cert_pem = str(answer["cert_pem"])
         issued_ca = str(answer["ca_pem"])
@@ -307,6 +341,7 @@ def enroll(
                 "id": device_id,
                 "kind": answer["kind"],
                 "key_file": str(paths.key(here=False)),
+                "data_key_file": str(paths.on_device / "privacy.key"),
                 "state_dir": str(paths.on_device),
             },
             "gateway": {"id": answer["gateway_id"], "public_key": answer["gateway_public_key"]},
@@ -318,6 +353,11 @@ def enroll(
                 "key_file": str(paths.key(here=False)),
             },
         }
+        if existing is None:
+            # a rotation keeps the wiring the installer has; a new device gets its kind's
+            sections["hardware"], warning = hardware_for(
+                str(answer["kind"]), board_model() if model is None else model
+            )
         base = (existing or DeviceConfig()).model_dump(mode="json")
         for name, values in sections.items():
             base[name] = {**base[name], **values}
@@ -343,6 +383,7 @@ def enroll(
         paths.config_out,
         key_path,
         bool(answer.get("rotated")),
+        (warning,) if warning else (),
     )
 
 
@@ -450,6 +491,11 @@ def enroll_command(
         sys.exit(done.returncode)
 
     if write_key_to is not None:
+        if not state_dir.is_absolute():
+            raise click.UsageError(
+                f"--state-dir {state_dir} is relative: with --write-key-to give the absolute "
+                f"path the files will have on the device (e.g. {DEFAULT_STATE_DIR})"
+            )
         paths = Paths(write_key_to, state_dir, write_key_to / "device.toml")
         click.secho(
             f"WARNING: the device key is being made on THIS computer, not on the device. It "
@@ -459,11 +505,14 @@ def enroll_command(
             err=True,
         )
     else:
-        paths = Paths(state_dir, state_dir, config_out)
+        # device.toml is read by a service whose working directory is not this one
+        paths = Paths(state_dir.absolute(), state_dir.absolute(), config_out.absolute())
     result = enroll(gateway, token, paths, ca_pem=ca_pem, force=force, max_skew_s=max_clock_skew)
     what = "re-keyed (rotation)" if result.rotated else "enrolled"
     click.echo(f"{result.device_id} {what}: certificate {result.serial}")
     click.echo(f"config: {result.config_path}; key: {result.key_path} (0600)")
+    for warning in result.warnings:
+        click.secho(f"WARNING: {warning}", fg="yellow", err=True)
     if write_key_to is not None:
         click.echo(
             f"copy {write_key_to}/device.key, device.crt, ca.crt to {state_dir} and "

@@ -41,6 +41,15 @@ class Phone(BaseModel):
     number: Annotated[str, StringConstraints(pattern=r"^\+?[0-9]{3,16}$")]
 
 
+class Location(BaseModel):
+    """Where the door is (WGS 84 degrees), for the responders' map."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lat: Annotated[float, Field(ge=-90, le=90)]
+    lon: Annotated[float, Field(ge=-180, le=180)]
+
+
 class PrivateData(BaseModel):
     """What an installer records about the home a bell protects."""
 
@@ -48,11 +57,10 @@ class PrivateData(BaseModel):
 
     address: Annotated[str, StringConstraints(max_length=300)] = ""
     floor: Annotated[str, StringConstraints(max_length=20)] = ""
+    # where the bell is, for the desk's map; sealed with the address
+    location: Location | None = None
     phones: Annotated[list[Phone], Field(max_length=10)] = []
     notes: Annotated[str, StringConstraints(max_length=2000)] = ""
-    # where the bell is, for the desk's map; sealed with the address
-    lat: Annotated[float, Field(ge=-90, le=90)] | None = None
-    lon: Annotated[float, Field(ge=-180, le=180)] | None = None
 
     def address_only(self) -> dict[str, str]:
         return {"address": self.address, "floor": self.floor}

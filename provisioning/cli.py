@@ -6,6 +6,7 @@ are the package's own, whose messages already say what to do; they exit with sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from provisioning.revoke import (
     revoke_certificate,
 )
 from siteca.errors import ProvisioningError
-from siteca.site import InitResult, init_site, serial_text
+from siteca.site import InitResult, Site, init_site, serial_text
 
 DIR_OPTION = click.option(
     "--dir",
@@ -77,6 +78,13 @@ def provision() -> None:
     help="the central control centre's event endpoint, for every district's alerts "
     "[the local console, http://127.0.0.1:8080/events]",
 )
+@click.option(
+    "--system",
+    is_flag=True,
+    help="installed system-wide: the gateway's database and recordings in "
+    "/var/lib/ansimi/gateway [DIR/state]",
+)
+@click.option("--api-port", type=click.IntRange(1, 65535), help="the operator API's port [8480]")
 @JSON_OPTION
 def init_site_command(
     directory: Path,
@@ -87,9 +95,12 @@ def init_site_command(
     key_type: str,
     force: bool,
     centre_url: str | None,
+    system: bool,
+    api_port: int | None,
     as_json: bool,
 ) -> None:
-    """Create a site: its CA, the gateway's identity and the broker's TLS, ACL and CRL.
+    """Create a site: its CA, the gateway's identity and config, the broker's TLS, ACL and
+    CRL, the operator API's HTTPS certificate and tokens, and the data key.
 
     Running it again changes nothing. The site is built beside DIR and moved into place in
     one step, so an interrupted run leaves no half-made site.
@@ -104,6 +115,8 @@ def init_site_command(
             key_type="p256" if key_type == "p256" else "ed25519",
             force=force,
             centre_url=centre_url,
+            system=system,
+            api_port=api_port,
         )
     if as_json:
         _print_json(_init_json(result))
@@ -123,7 +136,7 @@ def init_site_command(
     else:
         console.print(f"[yellow]Nothing changed:[/] {result.notes[0]}")
     for note in result.notes[1:] if not result.created else result.notes:
-        console.print(f"- {note}")
+        console.print(f"- {note}", markup=False)  # notes name [[centres]], not markup
 
 
 def _init_json(result: InitResult) -> dict[str, Any]:
@@ -134,6 +147,42 @@ def _init_json(result: InitResult) -> dict[str, Any]:
         "files": [{"path": str(p), "mode": f"{m:04o}"} for p, m in result.files],
         "notes": result.notes,
     }
+
+
+@provision.command("api-cert")
+@DIR_OPTION
+def api_cert_command(directory: Path) -> None:
+    """Renew the operator API's HTTPS certificate from the site CA; restart the gateway."""
+    with _errors():
+        site = Site.open(directory)
+        cert = site.renew_api_cert()
+    click.echo(
+        f"wrote {site.layout.api_cert} (valid until {cert.not_valid_after_utc:%Y-%m-%d}) and "
+        f"its key; restart the gateway to serve it"
+    )
+
+
+@provision.command("doctor")
+@DIR_OPTION
+@JSON_OPTION
+def doctor_command(directory: Path, as_json: bool) -> None:
+    """Check a site end to end: certificates, file modes, broker (mutual TLS), the gateway's
+    API and each centre. Prints a checklist; exit status 0 when every check passes, else 1."""
+    from provisioning.doctor import check_site
+
+    with _errors():
+        checks = check_site(directory)
+    if as_json:
+        _print_json(
+            {"ok": all(c.ok for c in checks), "checks": [dataclasses.asdict(c) for c in checks]}
+        )
+    else:
+        for check in checks:
+            mark = "[green]pass[/]" if check.ok else "[red]FAIL[/]"
+            Console().print(f"{mark} [bold]{check.name}[/]: ", end="")
+            Console().print(check.detail, markup=False, soft_wrap=True)
+    if not all(c.ok for c in checks):
+        sys.exit(1)
 
 
 @provision.command("revoke")

@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from rich.table import Table
 from protocol.errors import ProtocolError
 from provisioning import devices as ops
 from provisioning.gateway_admin import (
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
     URL_ENV,
     AdminClient,
     GatewayRefused,
@@ -44,7 +47,7 @@ from provisioning.identity import DEVICE_IDENTITY_LOADER
 from provisioning.revoke import BrokerControl, SignalBroker, SystemdBroker
 from siteca.errors import ProvisioningError
 from siteca.remote import ssh_command
-from siteca.site import Site
+from siteca.site import CENTRAL_TOKEN_HOLDER, Site
 
 EXIT_OK: Final = 0
 EXIT_INPUT: Final = 1
@@ -96,14 +99,38 @@ class GatewayAccess:
     ca_file: Path | None
 
     def client(self, site_dir: Path | None) -> AdminClient:
-        url = self.url or os.environ.get(URL_ENV)
+        # a missing site says so (and how to fix it) rather than "no CA certificate"
+        site = Site.open(site_dir) if site_dir is not None else None
+        url = self._url(site)
+        ca_file = self.ca_file or (site.layout.ca_cert if site else None)
+        token_file = self.token_file
+        if token_file is None and site is not None and not _token_in_environment():
+            token_file = site.layout.admin_token
+        return AdminClient(url, admin_token(token_file), ca_file=ca_file)
+
+    def _url(self, site: Site | None) -> str:
+        url = self.url or os.environ.get(URL_ENV) or (site.info.api_url if site else None)
         if not url:
-            raise click.UsageError(f"pass --gateway URL or set {URL_ENV}")
-        ca_file = self.ca_file
-        if ca_file is None and site_dir is not None:
-            # a missing site says so (and how to fix it) rather than "no CA certificate"
-            ca_file = Site.open(site_dir).layout.ca_cert
-        return AdminClient(url, admin_token(self.token_file), ca_file=ca_file)
+            raise click.UsageError(
+                f"pass --gateway URL or set {URL_ENV}, or --dir SITE on the gateway's machine"
+            )
+        return url
+
+    def operator_client(self, site_dir: Path | None, token_file: Path | None) -> AdminClient:
+        """The same gateway, asked with an operator's token: --operator-token-file, else the
+        site's central operator token."""
+        if token_file is None:
+            if site_dir is None:
+                raise click.UsageError("pass --operator-token-file, or --dir SITE")
+            token_file = Site.open(site_dir).layout.token_file(CENTRAL_TOKEN_HOLDER)
+        site = Site.open(site_dir) if site_dir is not None else None
+        url = self._url(site)
+        ca_file = self.ca_file or (site.layout.ca_cert if site else None)
+        return AdminClient(url, admin_token(token_file), ca_file=ca_file, role="operator")
+
+
+def _token_in_environment() -> bool:
+    return bool(os.environ.get(TOKEN_FILE_ENV) or os.environ.get(TOKEN_ENV))
 
 
 @dataclass(frozen=True)
@@ -578,6 +605,63 @@ def rotate_command(
             f"[green]Rotated[/] {device_id}: now certificate {finished.new_serial}; "
             f"revoked {', '.join(finished.revoked) or 'nothing (no older certificate)'}"
         )
+
+
+@device_group.command("set-private")
+@click.argument("device_id")
+@site_dir_option
+@gateway_options
+def set_private_command(
+    device_id: str, site_dir: Path | None, gateway: GatewayAccess, as_json: bool
+) -> None:
+    """Record the address, floor, location and phone numbers of the home DEVICE_ID protects.
+
+    Read as JSON from stdin, or asked for one by one at a terminal: never from arguments,
+    which land in the shell's history. The gateway seals them and logs who set them; an
+    admin cannot read them back (`show-private` asks with an operator's token).
+    """
+    from provisioning.private_input import from_json, from_prompts
+
+    with _errors(as_json):
+        if sys.stdin.isatty():
+            data = from_prompts(lambda question, default: click.prompt(
+                question, default=default, show_default=bool(default), err=True
+            ))  # fmt: skip
+        else:
+            data = from_json(sys.stdin.read())
+        gateway.client(site_dir).set_private(device_id, data)
+    if as_json:
+        _print_json({"ok": True, "device_id": device_id, "fields": sorted(data)})
+    else:
+        click.echo(f"stored the personal data of {device_id} ({', '.join(sorted(data))})")
+
+
+@device_group.command("show-private")
+@click.argument("device_id")
+@site_dir_option
+@click.option(
+    "--operator-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="an operator token of the device's district [the site's central token with --dir]",
+)
+@gateway_options
+def show_private_command(
+    device_id: str,
+    site_dir: Path | None,
+    operator_token_file: Path | None,
+    gateway: GatewayAccess,
+    as_json: bool,
+) -> None:
+    """Show DEVICE_ID's personal data, as an operator of its district sees it.
+
+    Admin tokens cannot read personal data back, by design: this asks with an operator's
+    token (GET /devices/{id}/private), and the gateway logs the read under that token's name.
+    """
+    with _errors(as_json):
+        client = gateway.operator_client(site_dir, operator_token_file)
+        path = f"/devices/{urllib.parse.quote(device_id, safe='')}/private"
+        answer = client.ok("GET", path)
+    _print_json(answer.body)
 
 
 @device_group.command("check")

@@ -87,9 +87,13 @@ class Answer:
 
 
 class AdminClient:
-    def __init__(self, base_url: str, token: str, *, ca_file: Path | None = None) -> None:
+    def __init__(
+        self, base_url: str, token: str, *, ca_file: Path | None = None, role: str = "admin"
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self._token = token
+        # whose token this is, for the message when the gateway does not know it
+        self.role = role
         if ca_file is not None and not ca_file.exists():
             raise CaMissing(
                 f"no CA certificate at {ca_file}: pass --ca-file with the site's ca/ca.crt"
@@ -138,9 +142,9 @@ class AdminClient:
         if answer.status >= 400 and answer.status not in allow:
             message = str(answer.body.get("error") or f"HTTP {answer.status}")
             if answer.status == 401:
-                message += ": the admin token is not one the gateway knows"
+                message += f": the {self.role} token is not one the gateway knows"
             elif answer.status == 403 and not answer.body.get("reason"):
-                message += ': use a token with role = "admin"'
+                message += f': use a token with role = "{self.role}"'
             raise GatewayRefused(answer.status, message, str(answer.body.get("reason", "")))
         return answer
 

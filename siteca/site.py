@@ -11,6 +11,10 @@ certificate) takes --force.
     DIR/ca/revocations.json       what was revoked, when and why; the CRL is built from it
     DIR/gateway/gateway.key, .pub the gateway's Ed25519 signing key (acks) and its public half
     DIR/gateway/mqtt.crt, .key    the gateway's TLS client identity (CN = gateway id)
+    DIR/gateway/api.crt, .key     the operator API's HTTPS certificate (`provision api-cert`)
+    DIR/gateway/tokens/*.token    the API's bearer tokens: admin, and the central operator's
+    DIR/gateway/privacy.key       the data key sealing personal data (out of the db's backup)
+    DIR/state/                    the gateway's database and recordings (--system: /var/lib)
     DIR/broker/...                server cert and key, ca.crt, crl.pem, acl, mosquitto.conf,
                                   data/ (persistence): everything mosquitto reads
 """
@@ -36,6 +40,7 @@ from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ansimi.broker import MosquittoConfig
+from ansimi.privacy import create_key_file
 from ansimi.tomlwrite import render_toml
 from protocol.keys import generate_key as generate_signing_key
 from protocol.keys import public_key_to_b64, save_private_key
@@ -50,6 +55,13 @@ GATEWAY_PREFIX: Final = "gw-"
 # be named so, so a diagnostic client id never equals a device's and never knocks it off
 DIAGNOSTIC_PREFIX: Final = "diag-"
 DIAGNOSTICS_FILE: Final = "diagnostics.json"
+# the operator API: on loopback by default, where the installer's CLI on this machine finds it
+API_PORT: Final = 8480
+ADMIN_TOKEN_HOLDER: Final = "admin"  # noqa: S105 - a holder's name, not a secret
+CENTRAL_TOKEN_HOLDER: Final = "central"  # noqa: S105
+# where a system-wide install keeps the gateway's database and recordings (systemd's
+# StateDirectory in systemd/ansimi-gateway.service)
+SYSTEM_STATE_DIR: Final = Path("/var/lib/ansimi/gateway")
 _SLUG_RE: Final = re.compile(r"[^a-z0-9-]+")
 
 
@@ -66,7 +78,19 @@ class SiteInfo(BaseModel):
     broker_names: tuple[str, ...] = ()
     listen_host: str = "0.0.0.0"
     listen_port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
+    # the operator API's port on this machine (HTTPS, loopback)
+    api_port: int = Field(default=API_PORT, ge=1, le=65535)
+    # the gateway's database and recordings: under the site, or the system's state directory
+    system_state: bool = False
     created_at: dt.datetime
+
+    @property
+    def api_url(self) -> str:
+        """Where the installer's CLI on the gateway's machine reaches the operator API."""
+        return f"https://127.0.0.1:{self.api_port}"
+
+    def state_dir(self, layout: SiteLayout) -> Path:
+        return SYSTEM_STATE_DIR if self.system_state else layout.state_dir
 
 
 class Revocation(BaseModel):
@@ -144,6 +168,33 @@ class SiteLayout:
     @property
     def gateway_config(self) -> Path:
         return self.gateway_dir / "gateway.toml"
+
+    @property
+    def api_cert(self) -> Path:
+        return self.gateway_dir / "api.crt"
+
+    @property
+    def api_key(self) -> Path:
+        return self.gateway_dir / "api.key"
+
+    @property
+    def tokens_dir(self) -> Path:
+        return self.gateway_dir / "tokens"
+
+    def token_file(self, holder: str) -> Path:
+        return self.tokens_dir / f"{holder}.token"
+
+    @property
+    def admin_token(self) -> Path:
+        return self.token_file(ADMIN_TOKEN_HOLDER)
+
+    @property
+    def data_key(self) -> Path:
+        return self.gateway_dir / "privacy.key"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
 
     @property
     def broker_dir(self) -> Path:
@@ -321,6 +372,12 @@ class Site:
             run_as=run_as,
         )
 
+    def renew_api_cert(self, *, now: dt.datetime | None = None) -> x509.Certificate:
+        """A new HTTPS key and certificate for the operator API, from the site CA, in place
+        of the old ones (restart the gateway to serve them)."""
+        with self.lock():
+            return _write_api_cert(self.layout, self.ca(), self.info, now)
+
     def local_broker_address(self) -> tuple[str, int]:
         """Where a tool on this machine dials the site's broker."""
         host = self.info.listen_host
@@ -384,6 +441,8 @@ def init_site(
     force: bool = False,
     now: dt.datetime | None = None,
     centre_url: str | None = None,
+    system: bool = False,
+    api_port: int | None = None,
 ) -> InitResult:
     """Create the site at `root`, or confirm that it is already there.
 
@@ -392,6 +451,8 @@ def init_site(
     `centre_url` is where the gateway's config sends every district's alerts (the central
     centre); by default the local console (`ansimi console`), so that no alert is kept for
     nobody. It is written into gateway.toml only, not compared with an existing site.
+    `system` keeps the gateway's database and recordings in /var/lib/ansimi/gateway (a
+    system-wide install) instead of DIR/state.
     """
     centre = check_centre_url(centre_url or LOCAL_CONSOLE_URL)
     root = Path(root).absolute()
@@ -412,6 +473,8 @@ def init_site(
                 ),
                 "listen address": (listen_host, existing.listen_host),
                 "port": (port, existing.listen_port),
+                "API port": (api_port, existing.api_port),
+                "--system": (system or None, existing.system_state or None),
             }
             differs = [k for k, (new, old) in wanted.items() if new is not None and new != old]
             if differs:
@@ -435,6 +498,8 @@ def init_site(
             broker_names=names,
             listen_host=listen_host if listen_host is not None else "0.0.0.0",
             listen_port=port if port is not None else DEFAULT_PORT,
+            api_port=api_port if api_port is not None else API_PORT,
+            system_state=system,
             created_at=now if now is not None else dt.datetime.now(dt.UTC),
         )
         _remove_stale_builds(root)
@@ -448,6 +513,17 @@ def init_site(
     if existing is not None:
         notes.insert(0, f"replaced site {existing.name!r}: enrol every device again")
     return InitResult(created=True, site=info, layout=SiteLayout(root), files=files, notes=notes)
+
+
+def _write_api_cert(
+    layout: SiteLayout, ca: pki.CertAuthority, info: SiteInfo, now: dt.datetime | None
+) -> x509.Certificate:
+    # the names devices dial for the broker are the gateway machine's: the API answers there
+    # too (enrolment), besides localhost and 127.0.0.1 for the installer's CLI
+    key, cert = pki.issue_server_cert(ca, info.broker_names, key_type=info.key_type, now=now)
+    pki.write_private_key(layout.api_key, key)
+    pki.write_cert(layout.api_cert, cert)
+    return cert
 
 
 def _existing(root: Path) -> SiteInfo | None:
@@ -506,17 +582,19 @@ def check_centre_url(url: str) -> str:
 
 
 def gateway_toml(site: SiteLayout, info: SiteInfo, centre_url: str, centre_secret: str) -> str:
-    """A gateway config for this site: its identity, keys and broker, enrolment on, and
-    one central centre for every district (a gateway with none refuses to start).
+    """A gateway config for this site: its identity, keys and broker, its state, the
+    operator API on loopback with HTTPS and the site's token files, enrolment on, and one
+    central centre for every district (a gateway with none refuses to start).
 
-    The API stays off until an installer adds tokens and an HTTPS certificate: a token
-    written here would be one more secret to move about.
+    Tokens are named by file, never written in here: the config can be shown or copied
+    without handing out an admin's access.
     """
     host = "127.0.0.1" if info.listen_host in ("", "0.0.0.0", "::") else info.listen_host
+    state = info.state_dir(site)
     config = {
         "id": info.gateway_id,
         "signing_key": site.gateway_key,
-        "database": "/var/lib/ansimi/gateway/gateway.db",
+        "store": f"sqlite://{state / 'gateway.db'}",
         "mqtt": {
             "host": host,
             "port": info.listen_port,
@@ -524,7 +602,30 @@ def gateway_toml(site: SiteLayout, info: SiteInfo, centre_url: str, centre_secre
             "cert_file": site.gateway_cert,
             "key_file": site.gateway_tls_key,
         },
+        "api": {
+            "enabled": True,
+            "host": "127.0.0.1",
+            "port": info.api_port,
+            "cert_file": site.api_cert,
+            "key_file": site.api_key,
+            "tokens": [
+                {
+                    "name": ADMIN_TOKEN_HOLDER,
+                    "role": "admin",
+                    "districts": ["*"],
+                    "token_file": site.admin_token,
+                },
+                {
+                    "name": CENTRAL_TOKEN_HOLDER,
+                    "role": "operator",
+                    "districts": ["*"],
+                    "token_file": site.token_file(CENTRAL_TOKEN_HOLDER),
+                },
+            ],
+        },
+        "privacy": {"key_file": site.data_key},
         "enrol": {"site_dir": site.root},
+        "video": {"recordings_dir": state / "recordings"},
         "centres": [
             {"name": "central", "url": centre_url, "secret": centre_secret, "districts": ["*"]}
         ],
@@ -533,8 +634,14 @@ def gateway_toml(site: SiteLayout, info: SiteInfo, centre_url: str, centre_secre
         config,
         header=["written by `ansimi provision init-site`; every option: gateway.example.toml"],
         comments={
-            "enrol": "devices enrol through POST /enrol once [api] is enabled with HTTPS and an "
-            "admin token",
+            "api": "The operator API, HTTPS from the site CA (renew: `ansimi provision api-cert`)."
+            "\nOn loopback: for devices enrolling over the network, set host to an address they "
+            "reach\n(the certificate names localhost, 127.0.0.1 and every --broker-name)."
+            "\nThe central token sees every district. A district's own operator desk: make a "
+            "token\nfile (`openssl rand -hex 32 > FILE; chmod 600 FILE`) and add, after the "
+            'others:\n[[api.tokens]]\nname = "mapo-desk"\nrole = "operator"\n'
+            'districts = ["mapo"]\ntoken_file = "FILE"',
+            "enrol": "devices enrol through POST /enrol on the API above (HTTPS, admin token)",
             "centres": "Where alerts go: every district's to this central centre. By default the "
             "local console:\nstart it with ANSIMI_CENTRE_SECRET set to this secret (`ansimi "
             "console --listen\n127.0.0.1:8080`). Replace it with your control centres "
@@ -571,10 +678,21 @@ def _build(
     pki.write_cert(at.gateway_cert, gateway_cert)
     pki.write_cert(at.gateway_ca, ca.cert)
     pki.write_cert(at.issued_path(gateway_cert.serial_number), gateway_cert)
+    _write_api_cert(at, ca, info, now)
+    make_dir(at.tokens_dir, mode=0o700)
+    for holder in (ADMIN_TOKEN_HOLDER, CENTRAL_TOKEN_HOLDER):
+        write_atomic(at.token_file(holder), (secrets.token_hex(32) + "\n").encode(), mode=0o600)
+    create_key_file(at.data_key)
+    if not info.system_state:
+        # the systemd unit makes the system's state directory; a site's own is made here
+        make_dir(at.state_dir, mode=0o700)
     toml = gateway_toml(final, info, centre_url, secrets.token_hex(32))
     write_atomic(at.gateway_config, toml.encode(), mode=0o600)
     made += [at.gateway_key, at.gateway_pub, at.gateway_tls_key, at.gateway_cert, at.gateway_ca]
-    made.append(at.gateway_config)
+    made += [at.api_cert, at.api_key, at.admin_token, at.token_file(CENTRAL_TOKEN_HOLDER)]
+    made += [at.data_key, at.gateway_config]
+    if not info.system_state:
+        made.append(at.state_dir)
 
     broker = at.broker
     make_dir(at.broker_dir, mode=0o750 if files_owner else 0o700, owner=files_owner)
@@ -600,6 +718,10 @@ def _build(
 
     notes = [
         f"start the broker with: mosquitto -c {final.broker_conf}",
+        f"start the gateway with: ansimi gateway run --config {final.gateway_config}",
+        f"the operator API: {info.api_url} (HTTPS from the site CA); admin token in "
+        f"{final.admin_token}, the central operator's in "
+        f"{final.token_file(CENTRAL_TOKEN_HOLDER)}",
         f"every district's alerts go to the central centre at {centre_url}; its HMAC secret "
         f"is in {final.gateway_config} ([[centres]]): give the centre the same secret",
     ]

@@ -68,8 +68,7 @@ def site_gateway() -> FakeGateway:
                     {"role": "victim", "name": "Kim", "number": "+821055512345"},
                 ],
                 "notes": "door code 7391",
-                "lat": 37.5638,
-                "lon": 126.9084,
+                "location": {"lat": 37.5638, "lon": 126.9084},
             }
         },
     )

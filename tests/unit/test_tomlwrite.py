@@ -47,4 +47,8 @@ def test_a_site_in_a_folder_with_a_quote_gets_a_gateway_config_that_loads(
     config = tomllib.loads(text)
     assert config["enrol"]["site_dir"] == str(site.root)
     assert config["centres"][0]["secret"] == 'a-long-se"cret\\-for-tests'
+    # the API's tokens are named by file, read when the config loads
+    site.tokens_dir.mkdir(parents=True)
+    for token in config["api"]["tokens"]:
+        Path(token["token_file"]).write_text("a-token-of-sixteen-or-more")
     GatewayConfig.model_validate(config)

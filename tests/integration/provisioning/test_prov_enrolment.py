@@ -22,12 +22,20 @@ from ansimi_testkit import eventually, nowhere_centre
 
 from ansimi.broker import Mosquitto, free_port
 from ansimi.config import load_config
+from ansimi.privacy import create_key_file
 from device.agent import Agent
 from device.config import DeviceConfig
 from device.enrol import EnrollError, Paths, enroll
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
-from gateway.config import ApiConfig, ApiToken, EnrolConfig, GatewayConfig, MqttConfig
+from gateway.config import (
+    ApiConfig,
+    ApiToken,
+    EnrolConfig,
+    GatewayConfig,
+    MqttConfig,
+    PrivacyConfig,
+)
 from gateway.service import Gateway
 from gateway.store import Incoming
 from protocol.jws import Signer
@@ -36,6 +44,7 @@ from siteca import pki
 from siteca.site import Site
 
 ADMIN = "admin-token-for-tests-0123456789"
+OPERATOR = "mapo-desk-token-for-tests-012345"
 ANSIMI = str(Path(sys.executable).with_name("ansimi"))
 
 
@@ -49,7 +58,7 @@ class Rig:
     pid_file: Path
 
     async def ansimi(
-        self, *args: str, stdin: str = "", extra_path: Path | None = None
+        self, *args: str, stdin: str = "", extra_path: Path | None = None, cwd: Path | None = None
     ) -> tuple[int, str, str]:
         env = {**os.environ, "ANSIMI_ADMIN_TOKEN": ADMIN}
         if extra_path is not None:
@@ -61,6 +70,7 @@ class Rig:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
+            cwd=cwd,
         )
         out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 60)
         assert proc.returncode is not None
@@ -109,9 +119,14 @@ async def rig(site: Site, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Ri
             # the broker's certificate names localhost and 127.0.0.1, as this server needs
             cert_file=lay.broker.cert_file,
             key_file=lay.broker.key_file,
-            tokens=[ApiToken(name="installer", role="admin", token=ADMIN)],
+            tokens=[
+                ApiToken(name="installer", role="admin", token=ADMIN),
+                ApiToken(name="mapo-desk", role="operator", districts=["mapo"], token=OPERATOR),
+            ],
         ),
+        privacy=PrivacyConfig(key_file=tmp_path / "privacy.key"),
     )
+    create_key_file(config.privacy.key_file)
     gateway = Gateway(config)
     # running from the site directory, the gateway serves enrolment by itself
     assert gateway.enrolment is not None
@@ -517,3 +532,86 @@ async def test_decommission_revokes_wipes_personal_data_and_keeps_the_events(rig
     assert device is not None and device.revoked and device.label == ""
     assert store.database.private("bell-0014") is None
     assert store.database.event("alert-0014") is not None  # the anonymised history stays
+
+
+async def test_personal_data_goes_in_on_stdin_and_an_operator_of_the_district_reads_it(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # issue 19: the victim's address and phones could only be set with curl to a route found
+    # in /openapi.json; they must never be on a command line (shell history, ps)
+    added = await rig.add("bell-0015")
+    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "device")
+    assert code == 0, out + err
+    site = str(rig.site.layout.root)
+    record = {
+        "address": "12 Sejong-daero, Jung-gu",
+        "floor": "3",
+        "location": {"lat": 37.5665, "lon": 126.978},
+        "phones": [{"role": "victim", "number": "+821012345678"}],
+    }
+    caplog.set_level("INFO", logger="gateway.private")
+    code, out, err = await rig.ansimi(
+        "provision", "device", "set-private", "bell-0015", "--dir", site, "--gateway", rig.url,
+        stdin=json.dumps(record),
+    )  # fmt: skip
+    assert code == 0, out + err
+    assert "installer set the personal data of bell-0015" in caplog.text
+    # an admin cannot read it back: the district's operator can, and is logged doing so
+    token_file = rig.tmp / "mapo-desk.token"
+    token_file.write_text(OPERATOR)
+    code, out, err = await rig.ansimi(
+        "provision", "device", "show-private", "bell-0015", "--dir", site, "--gateway", rig.url,
+        "--operator-token-file", str(token_file),
+    )  # fmt: skip
+    assert code == 0, out + err
+    shown = json.loads(out)
+    assert {k: shown[k] for k in ("address", "floor", "location")} == {
+        k: record[k] for k in ("address", "floor", "location")
+    }
+    assert "mapo-desk read the personal data of bell-0015" in caplog.text
+
+
+async def test_personal_data_that_cannot_be_stored_is_refused_naming_the_fix(rig: Rig) -> None:
+    await rig.add("bell-0016")
+    site = str(rig.site.layout.root)
+    args = ("provision", "device", "set-private", "bell-0016", "--dir", site, "--gateway", rig.url)
+    code, _out, err = await rig.ansimi(*args, stdin="address: 12 Sejong-daero")
+    assert code == 1 and "not JSON" in err and '"phones": [{"role"' in err
+    code, _out, err = await rig.ansimi(
+        *args, stdin=json.dumps({"location": {"lat": 137, "lon": 1}})
+    )
+    assert code == 3 and "location.lat" in err
+    assert "Sejong" not in err  # the input is never echoed
+
+
+async def test_a_doorbell_enrolled_with_a_relative_state_dir_passes_its_selftest(
+    rig: Rig,
+) -> None:
+    # issue 19: a relative --state-dir went into device.toml as it was, a fresh doorbell
+    # failed selftest ("a doorbell needs doorbell_pin"), a PC got the gpiozero driver, and a
+    # device key readable by others passed
+    added = await rig.add("door-0017", "--type", "doorbell")
+    where = rig.tmp / "installer"
+    where.mkdir()
+    code, out, err = await rig.ansimi(
+        "device", "enrol", "--gateway", rig.url, "--token", str(added["token"]),
+        "--ca-file", str(rig.site.layout.ca_cert), "--state-dir", "state",
+        "--config-out", "device.toml", cwd=where,
+    )  # fmt: skip
+    assert code == 0, out + err
+    assert 'driver = "fake"' in err and "not a Raspberry Pi" in err
+    config = load_config(where / "device.toml", DeviceConfig)
+    assert config.device.state_dir == where / "state"
+    assert config.device.key_file == where / "state" / "device.key"
+    assert config.mqtt.ca_file == where / "state" / "ca.crt"
+    assert config.hardware.driver == "fake" and config.hardware.doorbell_pin == 27
+    selftest = ("device", "selftest", "--config", str(where / "device.toml"))
+    code, out, err = await rig.ansimi(*selftest)
+    assert code == 0, out + err
+    config.device.key_file.chmod(0o644)
+    code, out, err = await rig.ansimi(*selftest)
+    assert code == 1, out
+    from device.cli import run_selftest
+
+    (keys,) = [c for c in await run_selftest(config, where / "device.toml") if c.name == "keys"]
+    assert keys.outcome == "fail" and f"chmod 600 {config.device.key_file}" in keys.detail

@@ -122,8 +122,7 @@ async def test_an_address_view_is_audited_and_never_stored(tmp_path: Path) -> No
                     {"role": "victim", "number": "+821012345678"},
                 ],
                 "notes": "door code 1234",
-                "lat": 37.5663,
-                "lon": 126.9019,
+                "location": {"lat": 37.5663, "lon": 126.9019},
             }
         },
     )

@@ -273,11 +273,13 @@ async def test_a_record_that_does_not_open_is_a_500_naming_no_data(site: Site) -
 
 
 def test_a_bells_location_is_kept_with_its_address_and_checked() -> None:
-    """The desk's map reads lat/lon from the private data (issue 17); off the globe is
+    """The desk's map reads the location from the private data (issue 17); off the globe is
     refused like any other bad field, and a bell without one has none."""
-    located = PrivateData.model_validate({**SECRETS, "lat": 37.5663, "lon": 126.9019})
-    assert (located.lat, located.lon) == (37.5663, 126.9019)
-    assert PrivateData.model_validate(SECRETS).lat is None
+    where = {"location": {"lat": 37.5663, "lon": 126.9019}}
+    located = PrivateData.model_validate({**SECRETS, **where})
+    assert located.location is not None
+    assert (located.location.lat, located.location.lon) == (37.5663, 126.9019)
+    assert PrivateData.model_validate(SECRETS).location is None
     for bad in ({"lat": 91.0, "lon": 0.0}, {"lat": 0.0, "lon": -181.0}, {"lat": "north"}):
         with pytest.raises(ValueError):
-            PrivateData.model_validate({**SECRETS, **bad})
+            PrivateData.model_validate({**SECRETS, "location": bad})

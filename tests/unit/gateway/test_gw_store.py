@@ -323,3 +323,22 @@ def test_gateway_toml_names_the_store_by_url_or_by_the_older_plain_path(tmp_path
     relative.write_text('store = "sqlite://gateway.db"\n' + central)
     with pytest.raises(ConfigError, match="must be absolute"):
         load_config(relative, GatewayConfig)
+
+
+def test_a_new_database_and_its_journal_are_readable_by_the_service_alone(
+    tmp_path: Path,
+) -> None:
+    # issue 19: the gateway database (alerts, sealed personal data) was created 0644
+    import os
+
+    old = os.umask(0o022)
+    try:
+        database = store_module.SqliteDatabase(tmp_path / "state" / "gateway.db")
+    finally:
+        os.umask(old)
+    try:
+        made = sorted((tmp_path / "state").iterdir())
+        assert [p.name for p in made] == ["gateway.db", "gateway.db-shm", "gateway.db-wal"]
+        assert {p.name: p.stat().st_mode & 0o777 for p in made} == {p.name: 0o600 for p in made}
+    finally:
+        database.close()

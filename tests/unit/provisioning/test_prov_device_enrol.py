@@ -237,3 +237,34 @@ def test_add_cancels_the_token_when_the_label_cannot_be_made(
         )  # fmt: skip
     assert admin.created == ["bell-0001", "bell-0002"] and admin.cancelled == ["bell-0002"]
     assert not list(tmp_path.glob("bell-0002*"))
+
+
+def test_the_driver_follows_the_board_and_each_kind_gets_the_pins_it_needs(
+    tmp_path: Path,
+) -> None:
+    from device.enrol import board_model, hardware_for
+    from device.hal.config import HardwareConfig
+
+    model = tmp_path / "model"
+    model.write_bytes(b"Raspberry Pi 4 Model B Rev 1.4\x00")
+    assert board_model(model) == "Raspberry Pi 4 Model B Rev 1.4"
+    assert board_model(tmp_path / "absent") == ""
+    on_pi, warning = hardware_for("doorbell", board_model(model))
+    assert warning is None and on_pi["driver"] == "gpiozero"
+    assert HardwareConfig.model_validate(on_pi).doorbell_pin is not None
+    on_pc, warning = hardware_for("bell", "")
+    assert on_pc["driver"] == "fake" and warning is not None and "Raspberry Pi" in warning
+    assert HardwareConfig.model_validate(on_pc).emergency_pin is not None
+
+
+def test_an_offline_key_with_a_relative_state_dir_is_refused_naming_the_device_path(
+    tmp_path: Path,
+) -> None:
+    # device.toml would name paths relative to wherever the agent happens to start
+    result = CliRunner().invoke(
+        cli,
+        ["device", "enrol", "--gateway", "https://127.0.0.1:1", "--token", "bell-0001.abc",
+         "--state-dir", "state", "--write-key-to", str(tmp_path / "sd")],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "--state-dir state is relative" in result.output
+    assert "/var/lib/ansimi/device" in result.output and not (tmp_path / "sd").exists()

@@ -272,3 +272,76 @@ def test_init_site_sends_the_alerts_to_the_centre_it_is_given(tmp_path: Path) ->
     with pytest.raises(ProvisioningError, match="--centre-url"):
         init_site(tmp_path / "other", site="cfg", centre_url='https://x.example/"\nid = "evil')
     assert not (tmp_path / "other").exists()
+
+
+def test_init_site_writes_everything_a_gateway_needs_to_run_its_api_over_https(
+    tmp_path: Path,
+) -> None:
+    # issue 19: the API had to be enabled by hand, with a token and an openssl certificate,
+    # and the database and recordings stayed under /var/lib whatever the site
+    from ansimi.config import load_config
+    from ansimi.privacy import load_keyring
+    from gateway.config import GatewayConfig
+
+    made = init_site(tmp_path / "site", site="api", broker_names=["gw.api.example"])
+    layout = made.layout
+    config = load_config(layout.gateway_config, GatewayConfig)
+    api = config.api
+    assert api.enabled and (api.cert_file, api.key_file) == (layout.api_cert, layout.api_key)
+    ca = pki.read_cert(layout.ca_cert)
+    cert = pki.read_cert(layout.api_cert)
+    pki.verify_issued_by(ca, cert)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "gw.api.example" in names.get_values_for_type(x509.DNSName)
+    roles = {t.name: (t.role, t.districts) for t in api.tokens}
+    assert roles == {"admin": ("admin", ["*"]), "central": ("operator", ["*"])}
+    secrets_ = [t.secret for t in api.tokens]
+    assert len(set(secrets_)) == 2 and all(len(s) >= 32 for s in secrets_)
+    for path in (layout.api_key, layout.admin_token, layout.data_key):
+        assert _mode(path) == 0o600, path
+    assert len(load_keyring(config.privacy.key_file).keys) == 1
+    assert config.store_url == f"sqlite://{layout.root / 'state' / 'gateway.db'}"
+    assert config.video.recordings_dir == layout.root / "state" / "recordings"
+    assert _mode(layout.state_dir) == 0o700
+    assert made.site.api_url == "https://127.0.0.1:8480"
+
+
+def test_a_system_site_keeps_the_gateway_state_in_var_lib(tmp_path: Path) -> None:
+    from ansimi.config import load_config
+    from gateway.config import GatewayConfig
+
+    made = init_site(tmp_path / "site", site="sys", system=True, api_port=9443)
+    config = load_config(made.layout.gateway_config, GatewayConfig)
+    assert config.store_url == "sqlite:///var/lib/ansimi/gateway/gateway.db"
+    assert config.video.recordings_dir == Path("/var/lib/ansimi/gateway/recordings")
+    assert config.api.port == 9443 and not made.layout.state_dir.exists()
+    with pytest.raises(SiteExists, match="API port"):
+        init_site(made.layout.root, api_port=8480)
+    assert not init_site(made.layout.root, system=True).created
+
+
+def test_api_cert_renews_the_https_certificate_from_the_site_ca(tmp_path: Path) -> None:
+    made = init_site(tmp_path / "site", site="renew")
+    before = pki.read_cert(made.layout.api_cert)
+    renewed = Site.open(made.layout.root).renew_api_cert()
+    assert pki.read_cert(made.layout.api_cert).serial_number == renewed.serial_number
+    assert renewed.serial_number != before.serial_number
+    pki.verify_issued_by(pki.read_cert(made.layout.ca_cert), renewed)
+    assert _mode(made.layout.api_key) == 0o600
+
+
+def test_device_commands_with_the_site_find_its_gateway_and_admin_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # issue 19: `provision device add` as the README wrote it failed with "pass --gateway URL"
+    import click
+
+    from provisioning.device_cli import GatewayAccess
+
+    for name in ("ANSIMI_GATEWAY_URL", "ANSIMI_ADMIN_TOKEN", "ANSIMI_ADMIN_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    made = init_site(tmp_path / "site", site="cli", api_port=9444)
+    client = GatewayAccess(None, None, None).client(made.layout.root)
+    assert client.base_url == "https://127.0.0.1:9444"
+    with pytest.raises(click.UsageError, match="--dir SITE"):
+        GatewayAccess(None, None, None).client(None)
