@@ -59,6 +59,9 @@ class Alert(_Model):
         "duress",
         "power_loss",
         "power_restored",
+        # a test press (scheduled or asked for by the gateway): travels the whole path to the
+        # centres and back as `delivered`, marked as a test everywhere, never escalated
+        "test",
     ]
     silent: bool = False
     urgent: bool = False
@@ -230,7 +233,7 @@ ArgName = Annotated[str, StringConstraints(min_length=1, max_length=32)]
 
 
 class Command(_Model):
-    name: Literal["video_start", "video_stop", "selftest", "set_silent", "ping"]
+    name: Literal["video_start", "video_stop", "selftest", "set_silent", "ping", "test_press"]
     args: Annotated[dict[ArgName, ArgValue], Field(max_length=16)] = Field(default_factory=dict)
 
 
