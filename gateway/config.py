@@ -331,6 +331,12 @@ class PrivacyConfig(_Section):
     closed_events_days: Annotated[float, Field(ge=0)] = 365.0
 
 
+class TestPressConfig(_Section):
+    # a bell's test press not `received` (asked for) or not `delivered` within this long
+    # becomes a test_failed maintenance event for its district (gateway/testwatch.py)
+    complete_within_s: Annotated[float, Field(gt=0)] = 600.0
+
+
 class GatewayConfig(_Section):
     id: DeviceId = "gw-local"
     signing_key: Path = Path("/var/lib/ansimi/gateway/signing.key")
@@ -349,6 +355,7 @@ class GatewayConfig(_Section):
     video: VideoConfig = VideoConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     health: HealthConfig = HealthConfig()
+    test_press: TestPressConfig = TestPressConfig()
     centres: list[Centre] = []
     sia: list[SiaReceiver] = []
 

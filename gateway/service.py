@@ -29,6 +29,7 @@ from gateway.private import PrivateRoutes, Vault, open_vault
 from gateway.secondary import SecondaryPathWatch
 from gateway.store import Delivery, Incoming, Store, open_store
 from gateway.supervise import Supervisor
+from gateway.testwatch import TestWatch
 from gateway.transports import build_transports
 from protocol.jws import Signer
 from protocol.keys import load_private_key
@@ -117,6 +118,14 @@ class Gateway:
             route_of=self._route_of,
             on_event=self.forwarder.wake,
         )
+        self.tests = TestWatch(
+            self.store,
+            self.downlink,
+            self.metrics,
+            route_of=self._route_of,
+            complete_within_ms=int(config.test_press.complete_within_s * 1000),
+            on_event=self.forwarder.wake,
+        )
         # the video hub only when video is on: aiortc and PyAV are imported only then
         self.video: VideoHub | None = None
         if config.video.enabled:
@@ -168,7 +177,7 @@ class Gateway:
             batch_max=config.intake.batch_max,
             queue_max=config.intake.queue_max,
             on_backlog=self._on_backlog,
-            on_kept=lambda _items: self.forwarder.wake(),
+            on_kept=self._on_kept,
             supervisor=self.supervisor,
             secondary=self.secondary,
             on_rtc=self.video.on_rtc if self.video is not None else None,
@@ -242,9 +251,14 @@ class Gateway:
         device = self.registry.device(device_id)
         return device.district if device is not None else ""
 
+    def _on_kept(self, items: list[Incoming]) -> None:
+        self.tests.kept(items)
+        self.forwarder.wake()
+
     def _on_first_delivery(self, delivery: Delivery) -> None:
         if delivery.type == "alert":
             self.downlink.ack(delivery.device_id, delivery.event_id, "delivered")
+            self.tests.delivered(delivery.event_id)
 
     def _site_event(self, state: DiskState) -> Incoming | None:
         """A status event about the gateway itself, signed by it, as supervision makes a
@@ -285,6 +299,7 @@ class Gateway:
                 self.supervisor.load(await self.store.devices(), time.time_ns() // 1_000_000)
                 await self.secondary.load_from(self.store)
                 tasks.create_task(self.supervisor.run(), name="supervise")
+                tasks.create_task(self.tests.run(), name="test presses")
                 if self.config.intake.registry_reload_s > 0:
                     reload_s = self.config.intake.registry_reload_s
                     tasks.create_task(self.registry.watch(reload_s), name="registry")

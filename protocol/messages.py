@@ -133,7 +133,12 @@ StatusState = Literal[
     "disk_ok",
     "district_outage",
     "district_restored",
+    # maintenance: the device's test press did not complete; `stage` says where it stopped
+    "test_failed",
 ]
+# where a test press stopped: `link` no `received` (device, network, broker, gateway intake),
+# `centre` received but not `delivered` (routing or the centres)
+TestStage = Literal["link", "centre"]
 
 
 # at most this many device ids in one district event: the signed token must stay under
@@ -157,9 +162,12 @@ class Status(_Model):
     district: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     count: UInt63 | None = None
     offline: Annotated[list[DeviceId], Field(max_length=MAX_LISTED_DEVICES)] | None = None
+    stage: TestStage | None = None
 
     @model_validator(mode="after")
     def _fields_fit_state(self) -> Status:
+        if (self.state == "test_failed") != (self.stage is not None):
+            raise ValueError("a status test_failed, and only it, carries the stage it stopped at")
         grouped = (self.district, self.count, self.offline)
         if self.state not in _GROUPED_STATES and any(f is not None for f in grouped):
             raise ValueError(f"a status {self.state} carries no district, count or list")
@@ -179,6 +187,7 @@ GATEWAY_STATES: Final[tuple[str, ...]] = (
     "disk_ok",
     "district_outage",
     "district_restored",
+    "test_failed",
 )
 
 

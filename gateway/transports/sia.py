@@ -83,6 +83,8 @@ STATUS_EVENTS: Final[dict[str, SiaEvent]] = {
     "online": ONLINE_EVENT,
     "secondary_path_down": SiaEvent("LT", "E", 352),  # line trouble; telco 2 fault
     "secondary_path_up": SiaEvent("LR", "R", 352),  # line restoral
+    # a bell whose own test did not come through: service required / system trouble
+    "test_failed": SiaEvent("YX", "E", 300),
 }
 
 

@@ -1,0 +1,140 @@
+"""Test presses followed to the end: a bell whose test does not come through is found by it.
+
+A test press (an alert with `trigger = "test"`, device/testpress.py) proves the whole path
+when it comes back `delivered`. The gateway follows each one it knows of:
+- one it asked for (`test_press` command): expected `received` within the deadline;
+- one it kept: expected delivered to a centre within the deadline.
+A test past its deadline becomes a `test_failed` status about the device, signed by the gateway
+and kept for the device's centres like `offline` (gateway/supervise.py), naming the stage it
+stopped at: `link` (never reached the gateway) or `centre` (reached it, not the centres).
+
+Memory holds only the tests under way. Limit: after a gateway restart the tests under way are
+forgotten (a lost test is reported by the next one, a period later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from prometheus_client import Counter
+
+from gateway.downlink import Downlink
+from gateway.metrics import Metrics
+from gateway.secondary import gateway_status_event
+from gateway.store import Incoming, SupervisionStore
+from gateway.supervise import RouteOf
+from protocol.messages import Alert, Status, TestStage
+
+log = logging.getLogger(__name__)
+
+TICK_S: Final = 30.0
+
+
+@dataclass(slots=True)
+class _Under:
+    device_id: str
+    due_ms: int
+    event_id: str | None  # None: asked for, not yet received
+
+
+class TestWatch:
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self,
+        store: SupervisionStore,
+        downlink: Downlink,
+        metrics: Metrics,
+        *,
+        route_of: RouteOf,
+        complete_within_ms: int,
+        clock_ms: Callable[[], int] | None = None,
+        on_event: Callable[[], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._downlink = downlink
+        self._route_of = route_of
+        self._within_ms = complete_within_ms
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._on_event = on_event
+        self._asked: dict[str, _Under] = {}  # device id -> a test asked for, not received
+        self._kept: dict[str, _Under] = {}  # event id -> a test received, not delivered
+        self.outcomes = Counter(
+            "ansimi_test_presses_total",
+            "Test presses that came through (passed) or stopped at a stage (link, centre)",
+            ["outcome"],
+            registry=metrics.registry,
+        )
+        for outcome in ("passed", "link", "centre"):
+            self.outcomes.labels(outcome)
+
+    def asked(self, device_id: str) -> None:
+        """A `test_press` command went to the device: its alert should come back in time."""
+        self._asked[device_id] = _Under(device_id, self._clock_ms() + self._within_ms, None)
+
+    def kept(self, items: Iterable[Incoming]) -> None:
+        """Events just kept for the centres: the test presses among them are under way."""
+        for item in items:
+            if item.type != "alert" or item.event_id in self._kept:
+                continue
+            if Alert.model_validate_json(item.body_json).trigger != "test":
+                continue
+            self._asked.pop(item.device_id, None)
+            due = self._clock_ms() + self._within_ms
+            self._kept[item.event_id] = _Under(item.device_id, due, item.event_id)
+
+    def delivered(self, event_id: str) -> None:
+        """The first centre took the event: a test among them has proven the path."""
+        test = self._kept.pop(event_id, None)
+        if test is not None:
+            self.outcomes.labels("passed").inc()
+            log.info("test press of %s (%s) delivered: path proven", test.device_id, event_id)
+
+    def under_way(self) -> int:
+        return len(self._asked) + len(self._kept)
+
+    async def tick(self) -> None:
+        now = self._clock_ms()
+        late: list[tuple[_Under, TestStage]] = [
+            *((t, "link") for t in self._asked.values() if t.due_ms <= now),
+            *((t, "centre") for t in self._kept.values() if t.due_ms <= now),
+        ]
+        told = False
+        for test, stage in late:
+            # forgotten first: a store that fails must not report the same test every tick
+            if test.event_id is None:
+                del self._asked[test.device_id]
+            else:
+                del self._kept[test.event_id]
+            told |= await self._report(test, stage)
+        if told and self._on_event is not None:
+            self._on_event()
+
+    async def _report(self, test: _Under, stage: TestStage) -> bool:
+        self.outcomes.labels(stage).inc()
+        log.warning(
+            "test press of %s stopped at the %s (%s): maintenance needed",
+            test.device_id,
+            stage,
+            test.event_id or "asked, never received",
+        )
+        centres = self._route_of(test.device_id)
+        if not centres:
+            return False  # revoked or routed nowhere: nobody to tell
+        status = Status(state="test_failed", stage=stage)
+        event = gateway_status_event(self._downlink, test.device_id, status, centres)
+        await self._store.add_event(event, self._clock_ms())
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("test presses: maintenance event not kept")

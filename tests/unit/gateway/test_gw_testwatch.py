@@ -1,0 +1,119 @@
+"""Test presses followed to the end: late ones become maintenance events naming the stage."""
+
+from __future__ import annotations
+
+import pytest
+from gw_testkit import GATEWAY, GATEWAY_KEY, ROUTES, WINDOW_MS, Env, due, make_env
+
+from gateway.intake import Intake
+from gateway.testwatch import TestWatch
+from protocol.envelope import open_envelope
+from protocol.messages import Alert, Status, StatusMessage
+
+WITHIN_MS = 600_000
+TEST = Alert(bell="emergency", trigger="test")
+
+
+def watched(env: Env) -> tuple[Intake, TestWatch]:
+    """The env's intake again, telling a test watch what it keeps (as the service does)."""
+
+    def route(device_id: str) -> tuple[str, ...] | None:
+        device = env.registry.device(device_id)
+        return None if device is None or device.revoked else ROUTES[device.district]
+
+    watch = TestWatch(
+        env.store,
+        env.downlink,
+        env.metrics,
+        route_of=route,
+        complete_within_ms=WITHIN_MS,
+        clock_ms=env.clock,
+        on_event=lambda: env.woken.append(-1),
+    )
+    intake = Intake(
+        env.store,
+        env.registry,
+        env.downlink,
+        env.metrics,
+        route=ROUTES.__getitem__,
+        window_ms=WINDOW_MS,
+        clock_ms=env.clock,
+        on_kept=watch.kept,
+    )
+    return intake, watch
+
+
+def failed(env: Env) -> list[StatusMessage]:
+    found = []
+    for delivery in due(env.store, env.clock.ms):
+        if delivery.type != "status":
+            continue  # the device's own alert, signed by it
+        opened = open_envelope(delivery.jws, {GATEWAY: GATEWAY_KEY.public_key()}.__getitem__)
+        message = opened.message
+        if isinstance(message, StatusMessage) and message.body.state == "test_failed":
+            found.append(message)
+    return found
+
+
+def outcome(env: Env, name: str) -> float | None:
+    return env.metrics.registry.get_sample_value("ansimi_test_presses_total", {"outcome": name})
+
+
+@pytest.fixture
+async def env() -> Env:
+    return await make_env()
+
+
+async def test_a_test_delivered_in_time_passes_and_tells_nobody(env: Env) -> None:
+    intake, watch = watched(env)
+    message = env.message(TEST)
+    await intake.process([message])
+    assert watch.under_way() == 1
+    (delivery,) = {d.event_id for d in due(env.store, env.clock.ms)}
+    watch.delivered(delivery)
+    env.clock.ms += WITHIN_MS
+    await watch.tick()
+    assert failed(env) == [] and outcome(env, "passed") == 1.0 and watch.under_way() == 0
+
+
+async def test_a_test_received_and_never_delivered_stopped_at_the_centre(env: Env) -> None:
+    intake, watch = watched(env)
+    await intake.process([env.message(TEST)])
+    env.clock.ms += WITHIN_MS - 1
+    await watch.tick()
+    assert failed(env) == []
+    env.clock.ms += 1
+    await watch.tick()
+    await watch.tick()  # told once
+    messages = failed(env)
+    # one event per centre of the bell's district, signed by the gateway, about the bell
+    assert len(messages) == len(ROUTES["mapo"]) and len({m.id for m in messages}) == 1
+    assert messages[0].device == "bell-0001"
+    assert messages[0].body == Status(state="test_failed", stage="centre")
+    assert outcome(env, "centre") == 1.0 and -1 in env.woken
+
+
+async def test_a_test_asked_for_and_never_received_stopped_at_the_link(env: Env) -> None:
+    _, watch = watched(env)
+    watch.asked("bell-0001")
+    env.clock.ms += WITHIN_MS
+    await watch.tick()
+    (message, *_) = failed(env)
+    assert message.body == Status(state="test_failed", stage="link")
+    assert outcome(env, "link") == 1.0
+
+
+async def test_a_test_asked_for_that_arrives_is_followed_to_the_centre_instead(env: Env) -> None:
+    intake, watch = watched(env)
+    watch.asked("bell-0001")
+    env.clock.ms += WITHIN_MS - 1
+    await intake.process([env.message(TEST)])
+    env.clock.ms += 1
+    await watch.tick()
+    assert failed(env) == [] and watch.under_way() == 1
+
+
+async def test_other_alerts_are_not_followed(env: Env) -> None:
+    intake, watch = watched(env)
+    await intake.process([env.message(Alert(bell="emergency", trigger="press"))])
+    assert watch.under_way() == 0
