@@ -21,14 +21,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
+from aiohttp import web
 from prometheus_client import Counter
 
+from gateway.api import TOKEN_KEY, ApiRoute, _error, _op, _path_param
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
 from gateway.secondary import gateway_status_event
 from gateway.store import Incoming, SupervisionStore
 from gateway.supervise import RouteOf
-from protocol.messages import Alert, Status, TestStage
+from protocol.messages import Alert, Command, Status, TestStage
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,38 @@ class TestWatch:
         if test is not None:
             self.outcomes.labels("passed").inc()
             log.info("test press of %s (%s) delivered: path proven", test.device_id, event_id)
+
+    def routes(self) -> list[ApiRoute]:
+        return [
+            ApiRoute(
+                "POST",
+                "/admin/devices/{device_id}/test-press",
+                self.ask,
+                "admin",
+                _op(
+                    "ask the bell for a test press now; a test that does not come through in"
+                    " time becomes a test_failed event for its district",
+                    [200, 401, 403, 404],
+                    parameters=[_path_param("device_id", "the device's id")],
+                ),
+            )
+        ]
+
+    async def ask(self, request: web.Request) -> web.Response:
+        device_id = request.match_info["device_id"]
+        if not self.request(device_id):
+            return _error(404, "no such device (or revoked)")
+        log.warning("api: %s asked %s for a test press", request[TOKEN_KEY].name, device_id)
+        return web.json_response({"device_id": device_id, "asked": True})
+
+    def request(self, device_id: str) -> bool:
+        """Send the bell a `test_press` command and follow it; False for no such bell."""
+        if not self._route_of(device_id):
+            return False
+        # followed from now: a command the device never gets is a test stopped at the link
+        self.asked(device_id)
+        self._downlink.send(device_id, Command(name="test_press"))
+        return True
 
     def under_way(self) -> int:
         return len(self._asked) + len(self._kept)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from gw_testkit import GATEWAY, GATEWAY_KEY, ROUTES, WINDOW_MS, Env, due, make_env
 
+from gateway.api import Api
+from gateway.config import ApiToken
 from gateway.intake import Intake
 from gateway.testwatch import TestWatch
 from protocol.envelope import open_envelope
-from protocol.messages import Alert, Status, StatusMessage
+from protocol.messages import Alert, CommandMessage, Status, StatusMessage
 
 WITHIN_MS = 600_000
 TEST = Alert(bell="emergency", trigger="test")
@@ -117,3 +120,28 @@ async def test_other_alerts_are_not_followed(env: Env) -> None:
     intake, watch = watched(env)
     await intake.process([env.message(Alert(bell="emergency", trigger="press"))])
     assert watch.under_way() == 0
+
+
+async def test_an_admin_asks_a_bell_for_a_test_press_through_the_api(env: Env) -> None:
+    _, watch = watched(env)
+    admin, operator = "admin-token-0123456789", "operator-token-0123456"
+    tokens = [
+        ApiToken(name="installer", role="admin", token=admin),
+        ApiToken(name="desk", role="operator", token=operator),
+    ]
+    api = Api(env.store, env.registry, env.downlink, env.metrics, tokens, connected=lambda: True)
+    api.add_routes(watch.routes())
+    async with TestClient(TestServer(api.app())) as client:
+
+        async def ask(device_id: str, token: str) -> int:
+            path = f"/admin/devices/{device_id}/test-press"
+            headers = {"Authorization": f"Bearer {token}"}
+            async with client.post(path, headers=headers) as response:
+                return response.status
+
+        assert await ask("bell-0001", operator) == 403
+        assert await ask("bell-0003", admin) == 404  # revoked
+        assert await ask("bell-0001", admin) == 200
+    (command,) = [m for m in env.published() if isinstance(m, CommandMessage)]
+    assert (command.device, command.body.name) == ("bell-0001", "test_press")
+    assert watch.under_way() == 1
