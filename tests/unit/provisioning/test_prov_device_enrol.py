@@ -237,3 +237,10 @@ def test_add_cancels_the_token_when_the_label_cannot_be_made(
         )  # fmt: skip
     assert admin.created == ["bell-0001", "bell-0002"] and admin.cancelled == ["bell-0002"]
     assert not list(tmp_path.glob("bell-0002*"))
+
+
+def test_test_press_asks_the_gateway_and_says_when_it_cannot() -> None:
+    url = f"https://127.0.0.1:{free_port()}"
+    token = {"ANSIMI_ADMIN_TOKEN": "t" * 32}
+    code, out = _provision("test-press", "bell-0001", "--gateway", url, "--json", env=token)
+    assert code == 4 and "cannot reach the gateway" in json.loads(out)["error"]
