@@ -337,6 +337,12 @@ class TestPressConfig(_Section):
     complete_within_s: Annotated[float, Field(gt=0)] = 600.0
 
 
+class FleetConfig(_Section):
+    # a device whose heartbeat clock is this far off the gateway's is flagged (gateway/
+    # fleethealth.py); below [intake] window_s, so it is found before its messages are
+    clock_drift_flag_s: Annotated[float, Field(gt=0)] = 60.0
+
+
 class GatewayConfig(_Section):
     id: DeviceId = "gw-local"
     signing_key: Path = Path("/var/lib/ansimi/gateway/signing.key")
@@ -356,8 +362,19 @@ class GatewayConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     health: HealthConfig = HealthConfig()
     test_press: TestPressConfig = TestPressConfig()
+    fleet: FleetConfig = FleetConfig()
     centres: list[Centre] = []
     sia: list[SiaReceiver] = []
+
+    @model_validator(mode="after")
+    def _drift_flagged_inside_the_window(self) -> GatewayConfig:
+        if self.fleet.clock_drift_flag_s >= self.intake.window_s:
+            raise ValueError(
+                f"[fleet] clock_drift_flag_s ({self.fleet.clock_drift_flag_s}) must be below"
+                f" [intake] window_s ({self.intake.window_s}): a drift is flagged before the"
+                " device's messages leave the replay window"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_store(self) -> GatewayConfig:

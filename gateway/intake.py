@@ -225,6 +225,7 @@ class Intake:
         on_rtc: Callable[[str, Rtc], None] | None = None,
         secondary: SecondaryPathWatch | None = None,
         on_probe: Callable[[MqttMessage], bool] | None = None,
+        on_heartbeats: Callable[[list[Incoming]], None] | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -243,6 +244,8 @@ class Intake:
         self._secondary = secondary
         # the gateway's intake probes (gateway/health.py): True when it took the message
         self._on_probe = on_probe
+        # each device's last health and clock drift (gateway/fleethealth.py)
+        self._on_heartbeats = on_heartbeats
         self._queue: list[MqttMessage] = []
         self._wake = asyncio.Event()
         # at queue_max messages waiting, on_backlog(True) (the gateway stops reading from
@@ -396,6 +399,10 @@ class Intake:
             except Exception:
                 # like supervision: its failure (the store full, say) must not stop intake
                 log.exception("intake: secondary path supervision failed")
+        if self._on_heartbeats is not None:
+            heartbeats = [k.item for k in kept if k.item.type == "heartbeat"]
+            if heartbeats:
+                self._on_heartbeats(heartbeats)
         if forwarded and self._on_kept is not None:
             self._on_kept(forwarded)
 

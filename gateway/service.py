@@ -21,6 +21,7 @@ from gateway.config import Centre, GatewayConfig, SiaReceiver
 from gateway.deliveries import DeliveryRoutes
 from gateway.downlink import Downlink
 from gateway.enrol import attach_if_site
+from gateway.fleethealth import FleetHealth
 from gateway.forward import Forwarder
 from gateway.health import DiskState, DiskWatch, Health, IntakeProbe
 from gateway.intake import Intake, Registry
@@ -118,6 +119,12 @@ class Gateway:
             route_of=self._route_of,
             on_event=self.forwarder.wake,
         )
+        self.fleet = FleetHealth(
+            self.metrics,
+            district_of=self._district_of,
+            drift_flag_ms=int(config.fleet.clock_drift_flag_s * 1000),
+            clock_ms=clock_ms,
+        )
         self.tests = TestWatch(
             self.store,
             self.downlink,
@@ -182,6 +189,7 @@ class Gateway:
             secondary=self.secondary,
             on_rtc=self.video.on_rtc if self.video is not None else None,
             on_probe=self.probe.offer,
+            on_heartbeats=self.fleet.heartbeats,
         )
         self.api = Api(
             self.store,
