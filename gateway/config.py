@@ -341,6 +341,9 @@ class FleetConfig(_Section):
     # a device whose heartbeat clock is this far off the gateway's is flagged (gateway/
     # fleethealth.py); below [intake] window_s, so it is found before its messages are
     clock_drift_flag_s: Annotated[float, Field(gt=0)] = 60.0
+    # a certificate (device, site CA, the gateway's) this close to expiry and not renewed is
+    # a cert_expiring event (gateway/certwatch.py; needs [enrol] site_dir)
+    cert_warn_days: Annotated[float, Field(gt=0)] = 30.0
 
 
 class GatewayConfig(_Section):

@@ -9,6 +9,7 @@ disk low is degraded (200, reported). The rule for each path is written there.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ansimi import sdnotify
 from ansimi.mqtt import Message, Session, Settings, TlsFiles
 from gateway.api import Api, tls_context
+from gateway.certwatch import CertWatch, site_certificates
 from gateway.config import Centre, GatewayConfig, SiaReceiver
 from gateway.deliveries import DeliveryRoutes
 from gateway.downlink import Downlink
@@ -131,6 +133,17 @@ class Gateway:
             self.metrics,
             route_of=self._route_of,
             complete_within_ms=int(config.test_press.complete_within_s * 1000),
+            on_event=self.forwarder.wake,
+        )
+        self.certs = CertWatch(
+            self.store,
+            self.downlink,
+            self.metrics,
+            gateway_id=config.id,
+            route_of=self._route_of,
+            district_of=self._district_of,
+            site_centres=tuple(c.name for c in config.centres),
+            warn_days=config.fleet.cert_warn_days,
             on_event=self.forwarder.wake,
         )
         # the video hub only when video is on: aiortc and PyAV are imported only then
@@ -309,6 +322,10 @@ class Gateway:
                 await self.secondary.load_from(self.store)
                 tasks.create_task(self.supervisor.run(), name="supervise")
                 tasks.create_task(self.tests.run(), name="test presses")
+                site_dir, api_cert = self.config.enrol.site_dir, self.config.api.cert_file
+                if site_dir is not None:
+                    read = functools.partial(site_certificates, site_dir, api_cert)
+                    tasks.create_task(self.certs.run(read), name="certificates")
                 if self.config.intake.registry_reload_s > 0:
                     reload_s = self.config.intake.registry_reload_s
                     tasks.create_task(self.registry.watch(reload_s), name="registry")

@@ -135,6 +135,9 @@ StatusState = Literal[
     "district_restored",
     # maintenance: the device's test press did not complete; `stage` says where it stopped
     "test_failed",
+    # a certificate (the device's, or the site CA's / the gateway's own, about the gateway)
+    # within the warning days of expiry and not renewed (gateway/certwatch.py)
+    "cert_expiring",
 ]
 # where a test press stopped: `link` no `received` (device, network, broker, gateway intake),
 # `centre` received but not `delivered` (routing or the centres)
@@ -188,6 +191,7 @@ GATEWAY_STATES: Final[tuple[str, ...]] = (
     "district_outage",
     "district_restored",
     "test_failed",
+    "cert_expiring",
 )
 
 

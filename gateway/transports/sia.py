@@ -83,8 +83,11 @@ STATUS_EVENTS: Final[dict[str, SiaEvent]] = {
     "online": ONLINE_EVENT,
     "secondary_path_down": SiaEvent("LT", "E", 352),  # line trouble; telco 2 fault
     "secondary_path_up": SiaEvent("LR", "R", 352),  # line restoral
-    # a bell whose own test did not come through: service required / system trouble
-    "test_failed": SiaEvent("YX", "E", 300),
+    # a bell whose own test did not come through: communications trouble / failure to
+    # communicate an event
+    "test_failed": SiaEvent("YS", "E", 354),
+    # service required, on the device's account: a renewal to see to before it goes dark
+    "cert_expiring": SiaEvent("YX", "E", 300),
 }
 
 
