@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
+from aiohttp import web
 from cryptography import x509
 from prometheus_client import Gauge
 
+from gateway.api import TOKEN_KEY, ApiRoute, _op
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
 from gateway.secondary import gateway_status_event
@@ -166,6 +168,38 @@ class CertWatch:
         )
         await self._store.add_site_event(event, now)
         return True
+
+    def routes(self) -> list[ApiRoute]:
+        return [
+            ApiRoute(
+                "GET",
+                "/certificates",
+                self.listing,
+                "operator",
+                _op(
+                    "certificates in use and when each expires, soonest first (own districts)",
+                    [200, 401, 403],
+                ),
+            )
+        ]
+
+    async def listing(self, request: web.Request) -> web.Response:
+        rows = [
+            {
+                "subject": c.subject,
+                "kind": c.kind,
+                "district": self._district_of(c.subject) if c.kind == "device" else "",
+                "serial": c.serial,
+                "not_after_ms": c.not_after_ms,
+                "alarmed": c.serial in self._told,
+            }
+            for c in sorted(self.known, key=lambda c: c.not_after_ms)
+        ]
+        # a district's desk sees its own bells' and the site's certificates
+        districts = request[TOKEN_KEY].districts
+        if "*" not in districts:
+            rows = [r for r in rows if r["district"] in ("", *districts)]
+        return web.json_response({"certificates": rows})
 
     async def run(self, read: Callable[[], list[CertExpiry]]) -> None:
         while True:

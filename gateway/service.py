@@ -220,6 +220,7 @@ class Gateway:
         # deliveries a centre has not accepted: listed, and refused ones sent again
         self.api.add_routes(DeliveryRoutes(self.store, self.forwarder.wake).routes())
         self.api.add_routes(self.tests.routes())
+        self.api.add_routes(self.certs.routes())
         if self.video is not None:
             from gateway.video import playback, whep
 

@@ -6,10 +6,13 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 from gw_testkit import DISTRICTS, GATEWAY, GATEWAY_KEY, ROUTES, Env, make_env
 
+from gateway.api import Api
 from gateway.certwatch import DAY_MS, CertWatch, site_certificates
+from gateway.config import ApiToken
 from protocol.envelope import open_envelope
 from protocol.messages import StatusMessage
 from siteca import pki
@@ -112,3 +115,36 @@ async def test_the_site_ca_and_the_api_certificate_are_alarmed_about_the_gateway
         (site.gateway_id, "gateway"),
     }
     assert alarms(env) == [(GATEWAY, "central")] * 3
+
+
+async def test_the_certificates_are_listed_soonest_first_to_each_desk_its_own(
+    env: Env, site: Site
+) -> None:
+    issue(site, "bell-0001", 40)  # mapo
+    issue(site, "bell-0002", 30)
+    watch = make_watch(env)
+    await watch.check(site_certificates(site.layout.root, None))
+    everyone, mapo = "operator-token-0123456", "mapo-desk-token-012345"
+    tokens = [
+        ApiToken(name="central", role="operator", token=everyone),
+        ApiToken(name="mapo-desk", role="operator", token=mapo, districts=["mapo"]),
+    ]
+    api = Api(env.store, env.registry, env.downlink, env.metrics, tokens, connected=lambda: True)
+    api.add_routes(watch.routes())
+    async with TestClient(TestServer(api.app())) as client:
+
+        async def listed(token: str) -> list[tuple[str, str]]:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with client.get("/certificates", headers=headers) as response:
+                assert response.status == 200
+                rows = (await response.json())["certificates"]
+            assert [r["not_after_ms"] for r in rows] == sorted(r["not_after_ms"] for r in rows)
+            return [(r["subject"], r["kind"]) for r in rows]
+
+        every = await listed(everyone)
+        assert {s for s, k in every if k == "device"} == {"bell-0001", "bell-0002"}
+        own = await listed(mapo)
+        assert {s for s, k in own if k == "device"} == {
+            d for d in ("bell-0001", "bell-0002") if DISTRICTS[d] == "mapo"
+        }
+        assert {k for _, k in own} >= {"site_ca", "gateway"}
