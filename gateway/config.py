@@ -335,6 +335,9 @@ class TestPressConfig(_Section):
     # a bell's test press not `received` (asked for) or not `delivered` within this long
     # becomes a test_failed maintenance event for its district (gateway/testwatch.py)
     complete_within_s: Annotated[float, Field(gt=0)] = 600.0
+    # the devices' [test_press] every_days: a bell with no test for this long (and the time
+    # above) is a test_failed at the link; 0: scheduled tests are not expected
+    every_days: Annotated[int, Field(ge=0, le=28)] = 7
 
 
 class FleetConfig(_Section):

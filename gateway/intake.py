@@ -120,6 +120,10 @@ class Registry:
         # bumped by refresh(): a reload that started before it must not undo it
         self._generation = 0
 
+    def device_ids(self) -> list[str]:
+        """Every device known and not revoked, as last loaded."""
+        return [d for d, device in self._devices.items() if not device.revoked]
+
     async def reload(self) -> None:
         self._swap(self._parsed(await self._store.devices()))
 

@@ -133,6 +133,8 @@ class Gateway:
             self.metrics,
             route_of=self._route_of,
             complete_within_ms=int(config.test_press.complete_within_s * 1000),
+            period_ms=config.test_press.every_days * 86_400_000 or None,
+            devices=self.registry.device_ids,
             on_event=self.forwarder.wake,
         )
         self.certs = CertWatch(

@@ -4,6 +4,8 @@ A test press (an alert with `trigger = "test"`, device/testpress.py) proves the 
 when it comes back `delivered`. The gateway follows each one it knows of:
 - one it asked for (`test_press` command): expected `received` within the deadline;
 - one it kept: expected delivered to a centre within the deadline.
+- every device: a test of its own at least once a period (its schedule, ansimi/testpress.py),
+  counted from the last test seen, or from the gateway's start.
 A test past its deadline becomes a `test_failed` status about the device, signed by the gateway
 and kept for the device's centres like `offline` (gateway/supervise.py), naming the stage it
 stopped at: `link` (never reached the gateway) or `centre` (reached it, not the centres).
@@ -55,10 +57,14 @@ class TestWatch:
         *,
         route_of: RouteOf,
         complete_within_ms: int,
+        period_ms: int | None = None,
+        devices: Callable[[], Iterable[str]] = tuple,
         clock_ms: Callable[[], int] | None = None,
         on_event: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
+        self._period_ms = period_ms  # None: scheduled tests are not expected
+        self._devices = devices
         self._downlink = downlink
         self._route_of = route_of
         self._within_ms = complete_within_ms
@@ -66,6 +72,8 @@ class TestWatch:
         self._on_event = on_event
         self._asked: dict[str, _Under] = {}  # device id -> a test asked for, not received
         self._kept: dict[str, _Under] = {}  # event id -> a test received, not delivered
+        self._started_ms = self._clock_ms()
+        self._last_test_ms: dict[str, int] = {}  # device id -> its last test seen (or missed)
         self.outcomes = Counter(
             "ansimi_test_presses_total",
             "Test presses that came through (passed) or stopped at a stage (link, centre)",
@@ -87,6 +95,7 @@ class TestWatch:
             if Alert.model_validate_json(item.body_json).trigger != "test":
                 continue
             self._asked.pop(item.device_id, None)
+            self._last_test_ms[item.device_id] = self._clock_ms()
             due = self._clock_ms() + self._within_ms
             self._kept[item.event_id] = _Under(item.device_id, due, item.event_id)
 
@@ -138,16 +147,30 @@ class TestWatch:
             *((t, "link") for t in self._asked.values() if t.due_ms <= now),
             *((t, "centre") for t in self._kept.values() if t.due_ms <= now),
         ]
+        late += ((t, "link") for t in self._missed(now))
         told = False
         for test, stage in late:
             # forgotten first: a store that fails must not report the same test every tick
             if test.event_id is None:
-                del self._asked[test.device_id]
+                self._asked.pop(test.device_id, None)
             else:
                 del self._kept[test.event_id]
             told |= await self._report(test, stage)
         if told and self._on_event is not None:
             self._on_event()
+
+    def _missed(self, now: int) -> list[_Under]:
+        """Devices whose scheduled test has not come within a period and the deadline."""
+        if self._period_ms is None:
+            return []
+        late_after = self._period_ms + self._within_ms
+        missed = []
+        for device_id in self._devices():
+            last = self._last_test_ms.get(device_id, self._started_ms)
+            if now - last >= late_after and device_id not in self._asked:
+                self._last_test_ms[device_id] = now  # told once per period missed
+                missed.append(_Under(device_id, now, None))
+        return missed
 
     async def _report(self, test: _Under, stage: TestStage) -> bool:
         self.outcomes.labels(stage).inc()

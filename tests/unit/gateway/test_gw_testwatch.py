@@ -17,7 +17,7 @@ WITHIN_MS = 600_000
 TEST = Alert(bell="emergency", trigger="test")
 
 
-def watched(env: Env) -> tuple[Intake, TestWatch]:
+def watched(env: Env, period_ms: int | None = None) -> tuple[Intake, TestWatch]:
     """The env's intake again, telling a test watch what it keeps (as the service does)."""
 
     def route(device_id: str) -> tuple[str, ...] | None:
@@ -30,6 +30,8 @@ def watched(env: Env) -> tuple[Intake, TestWatch]:
         env.metrics,
         route_of=route,
         complete_within_ms=WITHIN_MS,
+        period_ms=period_ms,
+        devices=env.registry.device_ids,
         clock_ms=env.clock,
         on_event=lambda: env.woken.append(-1),
     )
@@ -145,3 +147,20 @@ async def test_an_admin_asks_a_bell_for_a_test_press_through_the_api(env: Env) -
     (command,) = [m for m in env.published() if isinstance(m, CommandMessage)]
     assert (command.device, command.body.name) == ("bell-0001", "test_press")
     assert watch.under_way() == 1
+
+
+async def test_a_bell_whose_scheduled_test_never_comes_stopped_at_the_link(env: Env) -> None:
+    week = 7 * 86_400_000
+    intake, watch = watched(env, period_ms=week)
+    env.clock.ms += week // 2
+    await intake.process([env.message(TEST, device="bell-0002")])  # bell-0002 tests
+    env.clock.ms += week // 2 + WITHIN_MS - 1
+    await watch.tick()
+    # bell-0002's test was never delivered: that one is at the centre
+    assert [m.device for m in failed(env) if m.body.stage == "link"] == []
+    env.clock.ms += 1
+    await watch.tick()
+    await watch.tick()  # told once per period missed
+    link = {m.id: m.device for m in failed(env) if m.body.stage == "link"}
+    # bell-0001 sent none; bell-0003 is revoked; bell-0002's came half a week ago
+    assert list(link.values()) == ["bell-0001"]  # one event (for each of mapo's centres)
