@@ -112,6 +112,7 @@ _URGENCY = {
     "power_loss": 3,
     "tamper_cleared": 4,
     "power_restored": 4,
+    "test": 5,  # a bell proving its path: shown as a test, never an active alert
 }
 ACTIVE_TRIGGERS = frozenset(t for t, u in _URGENCY.items() if u <= 3)
 

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ansimi import sdnotify
 from ansimi.logs import DECISION
-from device.behaviour import Behaviour, BehaviourError, Effect, Send, Show, SmsProgress
+from device.behaviour import BELL_OF, Behaviour, BehaviourError, Effect, Send, Show, SmsProgress
 from device.config import DeviceConfig
 from device.hal import Hardware
 from device.hal.ports import HalError, InputEvent, Pattern
@@ -36,6 +36,7 @@ from device.link import Link
 from device.observer import AgentObserver
 from device.outbox import OUTBOX_BODIES, Entry, Outbox
 from device.sms import UNDELIVERED_FILE, SmsFallback
+from device.testpress import TestPresses
 from protocol.clock import Clock, wall_ms
 from protocol.ids import new_message_id
 from protocol.jws import Signer
@@ -153,6 +154,14 @@ class Agent:
         # who else hears of each kept message and verified ack (the control socket)
         self.on_sent: list[Callable[[str, Alert | Cancel | Health], None]] = []
         self.on_ack: list[Callable[[Ack], None]] = []
+        self.test_presses = TestPresses(
+            self.device_id,
+            BELL_OF[config.device.kind],
+            config.test_press,
+            now_ms=self.now_ms,
+            send=lambda alert, message_id: self._keep_and_send(alert, message_id),
+            busy=lambda: self.behaviour.incident is not None,
+        )
 
     def now_ms(self) -> int:
         """The agent's clock: the system's, corrected by the gateway's last sync."""
@@ -343,6 +352,7 @@ class Agent:
                 # for a message already forgotten, is not news)
                 log.info("device %s: %s %s", self.device_id, ack.ref, STAGE_TEXT[ack.stage])
             self._apply(self.behaviour.on_ack(ack))
+            self.test_presses.on_ack(ack)
             for listener in self.on_ack:
                 listener(ack)
         elif isinstance(message, CommandMessage):
@@ -385,6 +395,8 @@ class Agent:
             # until restart: device.toml holds the lasting setting
             self.behaviour.set_silent(silent)
             log.warning("device %s: silent mode %s by command", self.device_id, silent)
+        elif name == "test_press":
+            self.test_presses.press("command")
         elif name == "selftest":
             self._spawn(self.selftest(), "selftest")
         elif name in ("video_start", "video_stop") and self.video is not None:
@@ -434,6 +446,7 @@ class Agent:
                 tasks.create_task(self._resend_loop(), name="resend")
                 tasks.create_task(self._heartbeat_loop(), name="heartbeat")
                 tasks.create_task(self.sms.run(), name="sms")
+                tasks.create_task(self.test_presses.run(), name="test press")
                 if self.video is not None:
                     tasks.create_task(self.video.run(), name="video")
                 tasks.create_task(sdnotify.watchdog_pings(), name="watchdog")

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ansimi.config import broker_address
+from ansimi.testpress import TestPressSchedule
 from device.hal.config import HardwareConfig
 from device.video.config import VideoConfig
 from protocol.ids import DeviceId
@@ -149,6 +150,7 @@ class DeviceConfig(_Section):
     sms: SmsSection = SmsSection()
     hardware: HardwareConfig = HardwareConfig()
     video: VideoConfig = VideoConfig()
+    test_press: TestPressSchedule = TestPressSchedule()
 
     @model_validator(mode="after")
     def _store_bells_stay_silent(self) -> DeviceConfig:

@@ -458,6 +458,24 @@ class IncidentsConfig(_Section):
         return {**DEFAULT_PROCEDURES, **configured}
 
 
+class TestPressConfig(_Section):
+    # a bell's test press not `received` (asked for) or not `delivered` within this long
+    # becomes a test_failed maintenance event for its district (gateway/testwatch.py)
+    complete_within_s: Annotated[float, Field(gt=0)] = 600.0
+    # the devices' [test_press] every_days: a bell with no test for this long (and the time
+    # above) is a test_failed at the link; 0: scheduled tests are not expected
+    every_days: Annotated[int, Field(ge=0, le=28)] = 7
+
+
+class FleetConfig(_Section):
+    # a device whose heartbeat clock is this far off the gateway's is flagged (gateway/
+    # fleethealth.py); below [intake] window_s, so it is found before its messages are
+    clock_drift_flag_s: Annotated[float, Field(gt=0)] = 60.0
+    # a certificate (device, site CA, the gateway's) this close to expiry and not renewed is
+    # a cert_expiring event (gateway/certwatch.py; needs [enrol] site_dir)
+    cert_warn_days: Annotated[float, Field(gt=0)] = 30.0
+
+
 class GatewayConfig(_Section):
     id: DeviceId = "gw-local"
     signing_key: Path = Path("/var/lib/ansimi/gateway/signing.key")
@@ -482,8 +500,20 @@ class GatewayConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     health: HealthConfig = HealthConfig()
     incidents: IncidentsConfig = IncidentsConfig()
+    test_press: TestPressConfig = TestPressConfig()
+    fleet: FleetConfig = FleetConfig()
     centres: list[Centre] = []
     sia: list[SiaReceiver] = []
+
+    @model_validator(mode="after")
+    def _drift_flagged_inside_the_window(self) -> GatewayConfig:
+        if self.fleet.clock_drift_flag_s >= self.intake.window_s:
+            raise ValueError(
+                f"[fleet] clock_drift_flag_s ({self.fleet.clock_drift_flag_s}) must be below"
+                f" [intake] window_s ({self.intake.window_s}): a drift is flagged before the"
+                " device's messages leave the replay window"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_store(self) -> GatewayConfig:

@@ -124,6 +124,10 @@ class Registry:
         # bumped by refresh(): a reload that started before it must not undo it
         self._generation = 0
 
+    def device_ids(self) -> list[str]:
+        """Every device known and not revoked, as last loaded."""
+        return [d for d, device in self._devices.items() if not device.revoked]
+
     async def reload(self) -> None:
         self._swap(self._parsed(await self._store.devices()))
 
@@ -231,6 +235,7 @@ class Intake:
         on_rtc: Callable[[str, Rtc], None] | None = None,
         secondary: SecondaryPathWatch | None = None,
         on_probe: Callable[[MqttMessage], bool] | None = None,
+        on_heartbeats: Callable[[list[Incoming]], None] | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -249,6 +254,8 @@ class Intake:
         self._secondary = secondary
         # the gateway's intake probes (gateway/health.py): True when it took the message
         self._on_probe = on_probe
+        # each device's last health and clock drift (gateway/fleethealth.py)
+        self._on_heartbeats = on_heartbeats
         self._queue: list[MqttMessage] = []
         self._wake = asyncio.Event()
         # at queue_max messages waiting, on_backlog(True) (the gateway stops reading from
@@ -426,6 +433,10 @@ class Intake:
             except Exception:
                 # like supervision: its failure (the store full, say) must not stop intake
                 log.exception("intake: secondary path supervision failed")
+        if self._on_heartbeats is not None:
+            kept_beats = [k.item for k in kept if k.item.type == "heartbeat"]
+            if kept_beats:
+                self._on_heartbeats(kept_beats)
         if forwarded and self._on_kept is not None:
             self._on_kept(forwarded)
 

@@ -41,10 +41,11 @@ LOAD_LIMIT: Final = 100_000
 
 
 def gateway_status_event(
-    downlink: Downlink, device_id: str, state: StatusState, centres: tuple[str, ...]
+    downlink: Downlink, device_id: str, state: StatusState | Status, centres: tuple[str, ...]
 ) -> Incoming:
     """A status event about `device_id` made and signed by this gateway, ready to keep."""
-    message, token = downlink.sealed(device_id, Status(state=state))
+    status = state if isinstance(state, Status) else Status(state=state)
+    message, token = downlink.sealed(device_id, status)
     return Incoming(
         event_id=message.id,
         device_id=device_id,

@@ -9,6 +9,7 @@ disk low is degraded (200, reported). The rule for each path is written there.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -19,10 +20,12 @@ from ansimi import sdnotify
 from ansimi.config import broker_address
 from ansimi.mqtt import Message, Session, Settings, TlsFiles
 from gateway.api import Api, tls_context
+from gateway.certwatch import CertWatch, site_certificates
 from gateway.config import Centre, GatewayConfig, SiaReceiver
 from gateway.deliveries import DeliveryRoutes
 from gateway.downlink import Downlink
 from gateway.enrol import attach_if_site
+from gateway.fleethealth import FleetHealth
 from gateway.forward import Forwarder
 from gateway.health import DiskState, DiskWatch, Health, IntakeProbe
 from gateway.incident_api import IncidentRoutes
@@ -33,6 +36,7 @@ from gateway.private import PrivateRoutes, Vault, open_vault
 from gateway.secondary import SecondaryPathWatch
 from gateway.store import Delivery, Incoming, Store, open_store
 from gateway.supervise import Supervisor
+from gateway.testwatch import TestWatch
 from gateway.transports import build_transports
 from gateway.uplink import AmqpUplink, MqttUplink, Uplink
 from protocol.jws import Signer
@@ -130,6 +134,33 @@ class Gateway:
             route_of=self._route_of,
             on_event=self.forwarder.wake,
         )
+        self.fleet = FleetHealth(
+            self.metrics,
+            district_of=self._district_of,
+            drift_flag_ms=int(config.fleet.clock_drift_flag_s * 1000),
+            clock_ms=clock_ms,
+        )
+        self.tests = TestWatch(
+            self.store,
+            self.downlink,
+            self.metrics,
+            route_of=self._route_of,
+            complete_within_ms=int(config.test_press.complete_within_s * 1000),
+            period_ms=config.test_press.every_days * 86_400_000 or None,
+            devices=self.registry.device_ids,
+            on_event=self.forwarder.wake,
+        )
+        self.certs = CertWatch(
+            self.store,
+            self.downlink,
+            self.metrics,
+            gateway_id=config.id,
+            route_of=self._route_of,
+            district_of=self._district_of,
+            site_centres=tuple(c.name for c in config.centres),
+            warn_days=config.fleet.cert_warn_days,
+            on_event=self.forwarder.wake,
+        )
         # the video hub only when video is on: aiortc and PyAV are imported only then
         self.video: VideoHub | None = None
         if config.video.enabled:
@@ -182,11 +213,12 @@ class Gateway:
             batch_max=config.intake.batch_max,
             queue_max=config.intake.queue_max,
             on_backlog=self._on_backlog,
-            on_kept=lambda _items: self.forwarder.wake(),
+            on_kept=self._on_kept,
             supervisor=self.supervisor,
             secondary=self.secondary,
             on_rtc=self.video.on_rtc if self.video is not None else None,
             on_probe=self.probe.offer,
+            on_heartbeats=self.fleet.heartbeats,
         )
         self.api = Api(
             self.store,
@@ -220,6 +252,8 @@ class Gateway:
         )
         # deliveries a centre has not accepted: listed, and refused ones sent again
         self.api.add_routes(DeliveryRoutes(self.store, self.forwarder.wake).routes())
+        self.api.add_routes(self.tests.routes())
+        self.api.add_routes(self.certs.routes())
         if self.video is not None:
             from gateway.video import playback, whep
 
@@ -276,9 +310,14 @@ class Gateway:
         device = self.registry.device(device_id)
         return device.district if device is not None else ""
 
+    def _on_kept(self, items: list[Incoming]) -> None:
+        self.tests.kept(items)
+        self.forwarder.wake()
+
     def _on_first_delivery(self, delivery: Delivery) -> None:
         if delivery.type == "alert":
             self.downlink.ack(delivery.device_id, delivery.event_id, "delivered")
+            self.tests.delivered(delivery.event_id)
 
     def _site_event(self, state: DiskState) -> Incoming | None:
         """A status event about the gateway itself, signed by it, as supervision makes a
@@ -321,6 +360,11 @@ class Gateway:
                 await self.secondary.load_from(self.store)
                 tasks.create_task(self.supervisor.run(), name="supervise")
                 tasks.create_task(self.escalator.run(), name="escalation")
+                tasks.create_task(self.tests.run(), name="test presses")
+                site_dir, api_cert = self.config.enrol.site_dir, self.config.api.cert_file
+                if site_dir is not None:
+                    read = functools.partial(site_certificates, site_dir, api_cert)
+                    tasks.create_task(self.certs.run(read), name="certificates")
                 if self.config.intake.registry_reload_s > 0:
                     reload_s = self.config.intake.registry_reload_s
                     tasks.create_task(self.registry.watch(reload_s), name="registry")

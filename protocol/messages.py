@@ -59,6 +59,9 @@ class Alert(_Model):
         "duress",
         "power_loss",
         "power_restored",
+        # a test press (scheduled or asked for by the gateway): travels the whole path to the
+        # centres and back as `delivered`, marked as a test everywhere, never escalated
+        "test",
     ]
     silent: bool = False
     urgent: bool = False
@@ -130,7 +133,15 @@ StatusState = Literal[
     "disk_ok",
     "district_outage",
     "district_restored",
+    # maintenance: the device's test press did not complete; `stage` says where it stopped
+    "test_failed",
+    # a certificate (the device's, or the site CA's / the gateway's own, about the gateway)
+    # within the warning days of expiry and not renewed (gateway/certwatch.py)
+    "cert_expiring",
 ]
+# where a test press stopped: `link` no `received` (device, network, broker, gateway intake),
+# `centre` received but not `delivered` (routing or the centres)
+TestStage = Literal["link", "centre"]
 
 
 # at most this many device ids in one district event: the signed token must stay under
@@ -154,9 +165,12 @@ class Status(_Model):
     district: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     count: UInt63 | None = None
     offline: Annotated[list[DeviceId], Field(max_length=MAX_LISTED_DEVICES)] | None = None
+    stage: TestStage | None = None
 
     @model_validator(mode="after")
     def _fields_fit_state(self) -> Status:
+        if (self.state == "test_failed") != (self.stage is not None):
+            raise ValueError("a status test_failed, and only it, carries the stage it stopped at")
         grouped = (self.district, self.count, self.offline)
         if self.state not in _GROUPED_STATES and any(f is not None for f in grouped):
             raise ValueError(f"a status {self.state} carries no district, count or list")
@@ -176,6 +190,8 @@ GATEWAY_STATES: Final[tuple[str, ...]] = (
     "disk_ok",
     "district_outage",
     "district_restored",
+    "test_failed",
+    "cert_expiring",
 )
 
 
@@ -230,7 +246,7 @@ ArgName = Annotated[str, StringConstraints(min_length=1, max_length=32)]
 
 
 class Command(_Model):
-    name: Literal["video_start", "video_stop", "selftest", "set_silent", "ping"]
+    name: Literal["video_start", "video_stop", "selftest", "set_silent", "ping", "test_press"]
     args: Annotated[dict[ArgName, ArgValue], Field(max_length=16)] = Field(default_factory=dict)
 
 

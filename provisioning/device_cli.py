@@ -442,6 +442,28 @@ def _print_revocation(console: Console, result: ops.Revoked) -> None:
         console.print(f"[yellow]Warning:[/] {w}")
 
 
+@device_group.command("test-press")
+@click.argument("device_id")
+@site_dir_option
+@gateway_options
+def test_press_command(
+    device_id: str,
+    site_dir: Path | None,
+    gateway: GatewayAccess,
+    as_json: bool,
+) -> None:
+    """Ask a bell for a test press now: a test alert over the whole path to its centres. One
+    that does not come back delivered in time becomes a test_failed event for its district."""
+    with _errors(as_json):
+        known = gateway.client(site_dir).test_press(device_id)
+    if not known:
+        _fail(f"no device {device_id} at this gateway: `ansimi provision device list`", 3, as_json)
+    if as_json:
+        _print_json({"ok": True, "device_id": device_id, "asked": True})
+        return
+    click.echo(f"{device_id}: test press asked; watch for its delivered ack or a test_failed event")
+
+
 @device_group.command("decommission")
 @click.argument("device_id")
 @required_site_dir_option

@@ -208,6 +208,11 @@ class AdminClient:
         answer = self.ok("POST", f"/admin/devices/{_segment(device_id)}/revoke", allow=(404,))
         return answer.status != 404
 
+    def test_press(self, device_id: str) -> bool:
+        """Ask the bell for a test press now; False if the gateway does not know it."""
+        path = f"/admin/devices/{_segment(device_id)}/test-press"
+        return self.ok("POST", path, allow=(404,)).status != 404
+
     def decommission_device(self, device_id: str) -> bool:
         """Revoke and wipe the device's personal data at the gateway; False if unknown."""
         path = f"/admin/devices/{_segment(device_id)}/decommission"

@@ -227,6 +227,9 @@ class Worker:
                 ),
                 # a made-up number per agent: the fake modem only records it
                 "sms": SmsSection(after_s=s.sms_after_s, numbers=[sms_number]),
+                # a scenario's alerts are the ones it plans: a weekly slot falling inside a run
+                # would be an alert its accounting never planned
+                "test_press": {"enabled": False},
             }
         )
         inputs = FakeInputs(s.hold_repeat_s)

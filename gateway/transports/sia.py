@@ -70,6 +70,9 @@ ALERT_EVENTS: Final[dict[str, SiaEvent]] = {
     "tamper_cleared": SiaEvent("TR", "R", 137),
     "power_loss": SiaEvent("AT", "E", 301),  # AC loss
     "power_restored": SiaEvent("AR", "R", 301),
+    # a bell's own test press: manual test (SIA RX, Contact ID 601), so a receiver files it
+    # as a test and never dispatches on it
+    "test": SiaEvent("RX", "E", 601),
 }
 CANCEL_EVENT: Final = SiaEvent("OC", "E", 406)  # cancel by user
 OFFLINE_EVENT: Final = SiaEvent("YC", "E", 350)  # communication trouble
@@ -80,6 +83,11 @@ STATUS_EVENTS: Final[dict[str, SiaEvent]] = {
     "online": ONLINE_EVENT,
     "secondary_path_down": SiaEvent("LT", "E", 352),  # line trouble; telco 2 fault
     "secondary_path_up": SiaEvent("LR", "R", 352),  # line restoral
+    # a bell whose own test did not come through: communications trouble / failure to
+    # communicate an event
+    "test_failed": SiaEvent("YS", "E", 354),
+    # service required, on the device's account: a renewal to see to before it goes dark
+    "cert_expiring": SiaEvent("YX", "E", 300),
 }
 
 

@@ -140,3 +140,24 @@ async def test_a_forged_ack_leaves_the_alert_in_the_outbox(
             down_topic("bell-0001", "ack"), seal(forged, gateway_signer).encode()
         )
         await eventually(lambda: agent.outbox.depth() == 0)
+
+
+async def test_a_test_press_asked_for_travels_to_the_centre_and_back_as_delivered(
+    site: Site,
+) -> None:
+    acks: list[Ack] = []
+    site.agent.on_ack.append(acks.append)
+    assert site.gateway.tests.request("bell-0001")
+    await eventually(lambda: site.receiver.events.count() == 1)
+    (event_id,) = site.receiver.events.ids()
+    received = site.receiver.events.get(event_id)
+    assert received is not None and received.body["trigger"] == "test"
+    # the bell got `delivered` for the very alert the centre holds
+    await eventually(lambda: Ack(ref=event_id, stage="delivered") in acks)
+    assert site.agent.test_presses.in_flight is None
+    registry = site.gateway.metrics.registry
+    passed = registry.get_sample_value("ansimi_test_presses_total", {"outcome": "passed"})
+    assert passed == 1.0 and site.gateway.tests.under_way() == 0
+    # nothing shown at the door (the start's "off" only): a test is not an incident
+    assert {p for p, _ in site.indicator.history} <= {Pattern.OFF}
+    assert site.agent.behaviour.incident is None

@@ -435,3 +435,15 @@ async def test_a_cancel_marks_only_its_own_devices_alert_cancelled(tmp_path: Pat
         own = delivery(Cancel(alert_id=press["event_id"]), seq=2)
         assert (await d.deliver(own))[0] == 200
         assert await cancelled()
+
+
+def test_a_test_press_is_shown_below_news_and_never_as_an_active_alert() -> None:
+    from console.receiver import ReceivedEvent
+    from console.web import is_active_alert, urgency
+
+    def alert(trigger: str) -> ReceivedEvent:
+        body = {"bell": "emergency", "trigger": trigger}
+        return ReceivedEvent("e1", "bell-1", "mapo", "alert", 0, body, "jws", 0)
+
+    assert not is_active_alert(alert("test"))
+    assert urgency(alert("test")) > urgency(alert("power_restored")) > urgency(alert("press"))

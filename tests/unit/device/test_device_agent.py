@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from device.hal.ports import InputEvent, Pattern
 from device.observer import AgentObserver
 from device.outbox import Outbox
 from device.sms import csq_percent
+from device.testpress import BUSY_RETRY_MS
 from protocol.jws import Signer
 from protocol.keys import generate_key
-from protocol.messages import Ack, build_message
+from protocol.messages import Ack, Command, build_message
 
 
 def agent(tmp_path: Path, seed: int = 7) -> Agent:
@@ -168,3 +170,69 @@ async def test_an_agent_restarted_between_received_and_delivered_still_sends_the
     (sms,) = modem.sent
     assert alert_id in sms.text
     b.outbox.close()
+
+
+def agent_with_test_press(tmp_path: Path, clock: Clock) -> Agent:
+    config = DeviceConfig.model_validate(
+        {
+            "device": {"id": "bell-0001", "state_dir": tmp_path},
+            "test_press": {"every_days": 1, "from_hour": 0, "until_hour": 24},
+        }
+    )
+    gateway = Signer("gw-test", generate_key())
+    return Agent(
+        config,
+        signer=Signer("bell-0001", generate_key()),
+        gateway_key=gateway.public_key,
+        hardware=Hardware(FakeInputs(), FakeIndicator(), None, None),
+        outbox=Outbox(":memory:"),
+        clock_ms=clock,
+    )
+
+
+async def test_a_scheduled_test_press_is_kept_sent_and_proven_by_delivered(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    a = agent_with_test_press(tmp_path, clock)
+    due = a.test_presses.next_at_ms
+    assert due is not None and clock.now < due <= clock.now + 86_400_000
+    clock.now = due - 1
+    a.test_presses.tick()
+    assert a.outbox.pending() == []
+    clock.now = due
+    a.test_presses.tick()
+    (entry,) = a.outbox.pending()
+    assert json.loads(entry.body_json)["trigger"] == "test" and a.behaviour.incident is None
+    assert a.test_presses.next_at_ms == due + 86_400_000  # the next day's slot
+    a.test_presses.on_ack(Ack(ref=entry.id, stage="received"))
+    assert a.test_presses.in_flight == entry.id
+    a.test_presses.on_ack(Ack(ref=entry.id, stage="delivered"))
+    assert a.test_presses.in_flight is None
+    a.outbox.close()
+
+
+async def test_a_test_press_waits_while_an_incident_is_open(tmp_path: Path) -> None:
+    clock = Clock()
+    a = agent_with_test_press(tmp_path, clock)
+    a.on_input(InputEvent("emergency", "pressed"))
+    (press,) = a.outbox.pending()
+    a.on_command(Command(name="test_press"))  # asked for by the gateway: not now either
+    due = a.test_presses.next_at_ms
+    assert due is not None
+    clock.now = due
+    a.test_presses.tick()
+    assert [e.id for e in a.outbox.pending()] == [press.id]
+    assert a.test_presses.next_at_ms == due + BUSY_RETRY_MS
+    a.outbox.close()
+
+
+async def test_a_test_press_asked_for_by_command_goes_at_once(tmp_path: Path) -> None:
+    clock = Clock()
+    a = agent_with_test_press(tmp_path, clock)
+    a.on_command(Command(name="test_press"))
+    (entry,) = a.outbox.pending()
+    assert entry.id == a.test_presses.in_flight
+    body = json.loads(entry.body_json)
+    assert (body["bell"], body["trigger"]) == ("emergency", "test")
+    a.outbox.close()

@@ -84,6 +84,7 @@ def test_every_alert_trigger_and_the_other_events_have_a_code() -> None:
         "tamper": "TA",
         "power_loss": "AT",
         "power_restored": "AR",
+        "test": "RX",
     }
     for trigger, code in triggers.items():
         event = sia_event("alert", {"trigger": trigger})
@@ -155,3 +156,13 @@ def test_a_sia_receiver_is_routed_like_a_centre_and_its_key_is_checked() -> None
             centres=[Centre(name="xyz", url="https://127.0.0.1/", secret="s" * 16)],
             sia=[SiaReceiver(name="xyz", port=1, account="123")],
         )
+
+
+def test_every_alert_trigger_reaches_a_receiver_and_a_test_press_is_filed_as_a_test() -> None:
+    from protocol.messages import Alert
+
+    triggers = get_args(Alert.model_fields["trigger"].annotation)
+    assert set(triggers) == set(ALERT_EVENTS)
+    test = sia_event("alert", {"trigger": "test"})
+    # DC-09 RX / Contact ID 601: a receiver files it as a manual test, never as an alarm
+    assert test is not None and (test.sia_code, test.cid_event) == ("RX", 601)

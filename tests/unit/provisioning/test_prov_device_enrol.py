@@ -268,3 +268,10 @@ def test_an_offline_key_with_a_relative_state_dir_is_refused_naming_the_device_p
     )  # fmt: skip
     assert result.exit_code == 2 and "--state-dir state is relative" in result.output
     assert "/var/lib/ansimi/device" in result.output and not (tmp_path / "sd").exists()
+
+
+def test_test_press_asks_the_gateway_and_says_when_it_cannot() -> None:
+    url = f"https://127.0.0.1:{free_port()}"
+    token = {"ANSIMI_ADMIN_TOKEN": "t" * 32}
+    code, out = _provision("test-press", "bell-0001", "--gateway", url, "--json", env=token)
+    assert code == 4 and "cannot reach the gateway" in json.loads(out)["error"]

@@ -1,0 +1,92 @@
+"""Each device's last heartbeat as metrics by district; a drifting clock flagged in time."""
+
+from __future__ import annotations
+
+import pytest
+from gw_testkit import DISTRICTS, ROUTES, WINDOW_MS, Env, make_env
+from pydantic import ValidationError
+
+from gateway.config import GatewayConfig
+from gateway.fleethealth import FleetHealth
+from gateway.intake import Intake
+from protocol.messages import Heartbeat
+
+FLAG_MS = WINDOW_MS // 5
+
+
+def watched(env: Env) -> tuple[Intake, FleetHealth]:
+    """The env's intake again, telling a fleet view its heartbeats (as the service does)."""
+    fleet = FleetHealth(
+        env.metrics,
+        district_of=lambda d: DISTRICTS.get(d),
+        drift_flag_ms=FLAG_MS,
+        clock_ms=env.clock,
+    )
+    intake = Intake(
+        env.store,
+        env.registry,
+        env.downlink,
+        env.metrics,
+        route=ROUTES.__getitem__,
+        window_ms=WINDOW_MS,
+        clock_ms=env.clock,
+        on_heartbeats=fleet.heartbeats,
+    )
+    return intake, fleet
+
+
+def gauge(env: Env, name: str, device: str = "bell-0001", **extra: str) -> float | None:
+    labels = {"device": device, "district": DISTRICTS[device], **extra}
+    return env.metrics.registry.get_sample_value(name, labels)
+
+
+@pytest.fixture
+async def env() -> Env:
+    return await make_env()
+
+
+async def test_the_last_heartbeat_of_each_device_is_a_metric_with_its_district(env: Env) -> None:
+    intake, fleet = watched(env)
+    first = Heartbeat(uptime_s=5, power="mains", firmware="1.0", link_quality=70)
+    later = Heartbeat(uptime_s=65, power="battery", battery_pct=81, firmware="1.1", outbox_depth=3)
+    await intake.process([env.message(first)])
+    env.clock.ms += 60_000
+    await intake.process([env.message(later)])
+    assert fleet.last["bell-0001"].heartbeat == later
+    assert gauge(env, "ansimi_device_on_battery") == 1.0
+    assert gauge(env, "ansimi_device_battery_percent") == 81.0
+    assert gauge(env, "ansimi_device_link_quality_percent") == 70.0  # not in the later beat
+    assert gauge(env, "ansimi_device_outbox_depth") == 3.0
+    assert gauge(env, "ansimi_device_uptime_seconds") == 65.0
+    # one firmware series per device: the old version's is gone
+    assert gauge(env, "ansimi_device_firmware_info", firmware="1.1") == 1.0
+    assert gauge(env, "ansimi_device_firmware_info", firmware="1.0") is None
+
+
+async def test_a_drifting_clock_is_flagged_once_before_the_window_and_cleared(env: Env) -> None:
+    intake, fleet = watched(env)
+    beat = Heartbeat(uptime_s=1, power="mains", firmware="1.0")
+
+    async def at_drift(drift_ms: int) -> None:
+        env.clock.ms += 10_000
+        await intake.process([env.message(beat, ts=env.clock.ms + drift_ms)])
+
+    await at_drift(FLAG_MS - 1)
+    assert fleet.drifting == set() and gauge(env, "ansimi_device_clock_drifting") == 0.0
+    assert gauge(env, "ansimi_device_clock_drift_ms") == FLAG_MS - 1
+    await at_drift(-FLAG_MS)  # behind counts as much as ahead; still inside the window
+    await at_drift(-FLAG_MS - 5)
+    assert fleet.drifting == {"bell-0001"} and gauge(env, "ansimi_device_clock_drifting") == 1.0
+    assert env.metrics.registry.get_sample_value("ansimi_clock_drift_flags_total") == 1.0
+    assert env.metrics.registry.get_sample_value("ansimi_clock_skewed_total") == 0.0
+    await at_drift(FLAG_MS // 2)  # hovering near the flag is not cleared
+    assert fleet.drifting == {"bell-0001"}
+    await at_drift(FLAG_MS // 2 - 1)
+    assert fleet.drifting == set() and gauge(env, "ansimi_device_clock_drifting") == 0.0
+
+
+def test_the_drift_flag_must_sit_inside_the_replay_window() -> None:
+    with pytest.raises(ValidationError, match="clock_drift_flag_s"):
+        GatewayConfig.model_validate(
+            {"intake": {"window_s": 60}, "fleet": {"clock_drift_flag_s": 60}}
+        )
