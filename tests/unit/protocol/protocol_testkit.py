@@ -31,6 +31,7 @@ from protocol.messages import (
     SecondaryPath,
     SimState,
     StatusState,
+    TestStage,
 )
 
 DEVICE = "bell-0001"
@@ -83,15 +84,19 @@ heartbeats = st.builds(
         numbers=st.integers(0, 8),
     ),
 )
+# states that carry more than the state: a district's list, a failed test's stage
 _GROUPED = ("district_outage", "district_restored")
-statuses = st.builds(
-    Status, state=st.sampled_from([s for s in get_args(StatusState) if s not in _GROUPED])
-) | st.builds(
-    Status,
-    state=st.sampled_from(_GROUPED),
-    district=st.sampled_from(["mapo", "gangnam"]),
-    count=st.integers(0, 10_000),
-    offline=st.lists(device_ids, max_size=5),
+_PLAIN = [s for s in get_args(StatusState) if s not in (*_GROUPED, "test_failed")]
+statuses = (
+    st.builds(Status, state=st.sampled_from(_PLAIN))
+    | st.builds(Status, state=st.just("test_failed"), stage=st.sampled_from(get_args(TestStage)))
+    | st.builds(
+        Status,
+        state=st.sampled_from(_GROUPED),
+        district=st.sampled_from(["mapo", "gangnam"]),
+        count=st.integers(0, 10_000),
+        offline=st.lists(device_ids, max_size=5),
+    )
 )
 sdps = st.text(max_size=300)
 reasons = st.none() | st.text(max_size=200)
