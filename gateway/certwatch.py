@@ -29,10 +29,12 @@ from prometheus_client import Gauge
 from gateway.api import TOKEN_KEY, ApiRoute, _op
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
-from gateway.secondary import gateway_status_event
 from gateway.store import Incoming
 from gateway.supervise import RouteOf
+from protocol.messages import Status
 
+# what the centres get about a certificate near its end (the subject is the envelope's)
+EXPIRING = Status(state="cert_expiring")
 log = logging.getLogger(__name__)
 
 DAY_MS: Final = 86_400_000
@@ -158,14 +160,12 @@ class CertWatch:
             centres = self._route_of(cert.subject)
             if not centres:
                 return False  # revoked or routed nowhere: nobody to tell
-            event = gateway_status_event(self._downlink, cert.subject, "cert_expiring", centres)
+            event = self._downlink.event(cert.subject, EXPIRING, centres)
             await self._store.add_event(event, now)
             return True
         if not self._site_centres:
             return False
-        event = gateway_status_event(
-            self._downlink, self._gateway_id, "cert_expiring", self._site_centres
-        )
+        event = self._downlink.event(self._gateway_id, EXPIRING, self._site_centres)
         await self._store.add_site_event(event, now)
         return True
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
+from gateway.store import Incoming
 from protocol.envelope import seal
 from protocol.jws import Signer
 from protocol.messages import Ack, AckStage, Body, Command, Message, Rtc, Sync, build_message
@@ -57,6 +58,23 @@ class Downlink:
         """
         message = build_message(body, device=device_id, seq=self._next_seq(), ts=self._clock_ms())
         return message, seal(message, self._signer)
+
+    def event(self, about: str, body: Body, centres: tuple[str, ...]) -> Incoming:
+        """An event this gateway makes and signs itself (a bell offline, its SMS path down,
+        a failed test, its own disk low), about `about` (a device, or the gateway's own
+        id), ready to keep and forward to `centres`: the one way every such event is made."""
+        message, token = self.sealed(about, body)
+        return Incoming(
+            event_id=message.id,
+            device_id=about,
+            seq=message.seq,
+            type=message.type,
+            ts_ms=message.ts,
+            body_json=message.body.model_dump_json(),
+            jws=token,
+            centres=centres,
+            kept=True,
+        )
 
     def send(self, device_id: str, body: Ack | Command | Rtc | Sync) -> asyncio.Future[None]:
         message, token = self.sealed(device_id, body)

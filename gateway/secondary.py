@@ -28,7 +28,7 @@ from typing import Final
 
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
-from gateway.store import Event, Incoming, SupervisionStore
+from gateway.store import Event, SupervisionStore
 from gateway.supervise import RouteOf
 from protocol.messages import Heartbeat, Status, StatusState
 
@@ -38,25 +38,6 @@ DOWN: Final = "secondary_path_down"
 UP: Final = "secondary_path_up"
 # status events read at start-up to find the devices left down
 LOAD_LIMIT: Final = 100_000
-
-
-def gateway_status_event(
-    downlink: Downlink, device_id: str, state: StatusState | Status, centres: tuple[str, ...]
-) -> Incoming:
-    """A status event about `device_id` made and signed by this gateway, ready to keep."""
-    status = state if isinstance(state, Status) else Status(state=state)
-    message, token = downlink.sealed(device_id, status)
-    return Incoming(
-        event_id=message.id,
-        device_id=device_id,
-        seq=message.seq,
-        type=message.type,
-        ts_ms=message.ts,
-        body_json=message.body.model_dump_json(),
-        jws=token,
-        centres=centres,
-        kept=True,
-    )
 
 
 class SecondaryPathWatch:
@@ -127,7 +108,7 @@ class SecondaryPathWatch:
         centres = self._route_of(device_id)
         if centres is None:
             return False  # revoked or gone since the heartbeat: nobody to tell
-        event = gateway_status_event(self._downlink, device_id, state, centres)
+        event = self._downlink.event(device_id, Status(state=state), centres)
         await self._store.add_event(event, self._clock_ms())
         if state == DOWN:
             self._down.add(device_id)

@@ -326,18 +326,7 @@ class Gateway:
         centres = tuple(c.name for c in self.config.centres)
         if not centres:
             return None
-        message, token = self.downlink.sealed(self.config.id, Status(state=state))
-        return Incoming(
-            event_id=message.id,
-            device_id=self.config.id,
-            seq=message.seq,
-            type=message.type,
-            ts_ms=message.ts,
-            body_json=message.body.model_dump_json(),
-            jws=token,
-            centres=centres,
-            kept=True,
-        )
+        return self.downlink.event(self.config.id, Status(state=state), centres)
 
     def _escalated(self, _incident: Incident, centre: str) -> None:
         self.metrics.escalations.labels(centre).inc()

@@ -295,18 +295,7 @@ class Supervisor:
             return None
         if quiet:
             centres = tuple(c for c in centres if c in self._per_account)
-        message, token = self._downlink.sealed(device_id, status)
-        return Incoming(
-            event_id=message.id,
-            device_id=device_id,
-            seq=message.seq,
-            type=message.type,
-            ts_ms=message.ts,
-            body_json=message.body.model_dump_json(),
-            jws=token,
-            centres=centres,
-            kept=True,
-        )
+        return self._downlink.event(device_id, status, centres)
 
     async def _mark_offline(
         self,

@@ -29,7 +29,6 @@ from prometheus_client import Counter
 from gateway.api import TOKEN_KEY, ApiRoute, _error, _op, _path_param
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
-from gateway.secondary import gateway_status_event
 from gateway.store import Incoming, SupervisionStore
 from gateway.supervise import RouteOf
 from protocol.messages import Alert, Command, Status, TestStage
@@ -184,7 +183,7 @@ class TestWatch:
         if not centres:
             return False  # revoked or routed nowhere: nobody to tell
         status = Status(state="test_failed", stage=stage)
-        event = gateway_status_event(self._downlink, test.device_id, status, centres)
+        event = self._downlink.event(test.device_id, status, centres)
         await self._store.add_event(event, self._clock_ms())
         return True
 
