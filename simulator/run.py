@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
+from ansimi.privacy import create_key_file
 from ansimi.tomlwrite import render_toml
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
@@ -295,6 +296,15 @@ class Simulation:
                 except Exception:
                     log.exception("simulator: cannot unmount %s", disk.path)
 
+    def _data_key(self) -> Path:
+        """The run's own data key (0600), made once: without one the gateway records no
+        video (gateway/video/hub.py), and the run's recordings are part of what it checks."""
+        path = self.state / "gateway" / "privacy.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            create_key_file(path)
+        return path
+
     def _gateway_toml(self) -> str:
         assert self.sink is not None
         host, port = self.broker_addr
@@ -315,6 +325,8 @@ class Simulation:
                 "loopback_candidates": True,
                 "recordings_dir": self.state / "recordings",
             },
+            # the data key: video is personal data, recorded only encrypted under it
+            "privacy": {"key_file": self._data_key()},
             "supervise": {
                 "heartbeat_s": self.scenario.device.heartbeat_s,
                 "missed": g.missed,

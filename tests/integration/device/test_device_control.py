@@ -40,7 +40,7 @@ async def ansimi(*args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "ansimi",
+        "ansimi_edge",
         *args,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
