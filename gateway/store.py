@@ -53,7 +53,14 @@ from gateway.enrolments import (
     new_token,
 )
 from gateway.errors import GatewayError
-from gateway.incidents import HistoryEntry, Incident, Priorities, classify, json_object
+from gateway.incidents import (
+    EscalationStore,
+    HistoryEntry,
+    Incident,
+    Priorities,
+    classify,
+    json_object,
+)
 
 # re-exported: the store's callers name the kind from here
 from protocol.messages import DeviceKind as DeviceKind
@@ -446,7 +453,7 @@ class ForwardStore(Protocol):
     async def refused_by_centre(self) -> dict[str, int]: ...
 
 
-class IncidentStore(DeviceReader, Protocol):
+class IncidentStore(DeviceReader, EscalationStore, Protocol):
     """Incidents (docs/incidents.md): the operator API's reads and moves, and escalation.
     The store opens them and attaches events itself, as it keeps each event."""
 
@@ -463,15 +470,6 @@ class IncidentStore(DeviceReader, Protocol):
     ) -> bool: ...
     async def tick_procedure(
         self, incident_id: str, step: str, now_ms: int, actor: str
-    ) -> bool: ...
-    async def escalation_candidates(self, max_level: int) -> list[Incident]: ...
-    async def escalate(
-        self,
-        incident_id: str,
-        level: int,
-        to: str,
-        event: tuple[str, int, int, str, str],
-        now_ms: int,
     ) -> bool: ...
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Annotated, Any, Final, Literal, TypeAlias, overload
+from typing import Annotated, Any, Final, Literal, TypeAlias, get_args, overload
 
 from pydantic import (
     BaseModel,
@@ -183,15 +183,11 @@ class Status(_Model):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-GATEWAY_STATES: Final[tuple[str, ...]] = (
-    "secondary_path_down",
-    "secondary_path_up",
-    "disk_low",
-    "disk_ok",
-    "district_outage",
-    "district_restored",
-    "test_failed",
-    "cert_expiring",
+# what a device may say about itself (its last will); every other state is the gateway's,
+# derived so that a state added to StatusState is refused from devices by default
+DEVICE_STATES: Final[tuple[str, ...]] = ("online", "offline")
+GATEWAY_STATES: Final[tuple[str, ...]] = tuple(
+    s for s in get_args(StatusState) if s not in DEVICE_STATES
 )
 
 
