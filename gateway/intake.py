@@ -61,7 +61,7 @@ from gateway.downlink import Downlink
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.secondary import SecondaryPathWatch
-from gateway.store import Device, DeviceReader, Incoming, IntakeStore
+from gateway.store import Device, DeviceReader, Incoming, IntakeStore, StoreDown
 from gateway.supervise import Supervisor
 from protocol.envelope import Opened, open_from_device
 from protocol.errors import Oversized, ProtocolError, Replay, Stale, UnknownSigner
@@ -341,6 +341,12 @@ class Intake:
             if c.last_will and last_heard[c.device.device_id] == i
         ]
         kept = [c for c in checked if not c.last_will]
+        if self._supervisor is not None:
+            # Signed by the device: it is alive, whether or not the store can keep the message
+            # (a full disk must not turn every bell whose heartbeats it could not write into
+            # an offline report once it can write again).
+            for c in kept:
+                self._supervisor.heard(c.device.device_id, now_ms)
         if kept:
             # the heartbeats' bodies as parsed, so nothing downstream parses them again
             beats = {
@@ -391,8 +397,6 @@ class Intake:
         with self._downlink.batch():
             for one in kept:
                 item = one.item
-                if self._supervisor is not None:
-                    self._supervisor.heard(item.device_id, now_ms)  # signed by it: it is alive
                 if one.refused is not None:
                     self._refuse(
                         item.device_id,
@@ -456,6 +460,16 @@ class Intake:
         """
         try:
             done = await self._store.accept_batch(incoming, now_ms)
+        except StoreDown as exc:
+            # The store as a whole cannot write: one by one would fail alike, each with a
+            # traceback (200,000 log lines in a minute of full disk, on that same disk).
+            self._metrics.store_errors.inc()
+            self._metrics.rejected.labels(exc.reason).inc(len(incoming))
+            quiet = self._quiet(("(store)", exc.reason), len(incoming))
+            if quiet is not None:
+                more = f" (and {quiet} more since the last report)" if quiet else ""
+                log.error("intake: cannot keep %d messages: %s%s", len(incoming), exc, more)
+            return [], []
         except Exception:
             self._metrics.store_errors.inc()
             log.exception("intake: group commit of %d messages failed; one by one", len(incoming))
@@ -605,18 +619,25 @@ class Intake:
     def _refuse(self, device: str, reason: str, detail: str) -> None:
         """Count a refusal; log it, at most once per device and reason an interval."""
         self._metrics.rejected.labels(reason).inc()
-        key = (device, reason)
-        now_ms = self._clock_ms()
-        last, quiet = self._logged.get(key, (None, 0))
-        if last is not None and now_ms - last < LOG_EVERY_MS:
-            self._logged[key] = (last, quiet + 1)  # counted in the metric, not logged
+        quiet = self._quiet((device, reason), 1)
+        if quiet is None:
             return
-        if len(self._logged) >= LOG_KEYS_MAX:
-            self._logged.clear()
-        self._logged[key] = (now_ms, 0)
         more = f" (and {quiet} more since the last report)" if quiet else ""
         log.warning("intake: refused a message from %s: %s%s", device, reason, more)
         log.debug("intake: refusal detail for %s: %s", device, detail)
+
+    def _quiet(self, key: tuple[str, str], count: int) -> int | None:
+        """None while `key` was logged within the interval (`count` more kept quiet), else
+        how many were kept quiet since its last line: log now."""
+        now_ms = self._clock_ms()
+        last, quiet = self._logged.get(key, (None, 0))
+        if last is not None and now_ms - last < LOG_EVERY_MS:
+            self._logged[key] = (last, quiet + count)  # counted in the metric, not logged
+            return None
+        if len(self._logged) >= LOG_KEYS_MAX:
+            self._logged.clear()
+        self._logged[key] = (now_ms, 0)
+        return quiet
 
 
 def _stage(stage: str | None) -> AckStage | None:

@@ -6,6 +6,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from protocol.errors import REASONS
 
+# the store could not write at all: what the intake could not keep (devices resend it)
+STORE_DOWN = ("store_full", "store_unavailable", "store_locked", "store_down")
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -16,7 +19,7 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        for reason in (*REASONS, "revoked", "unknown_device", "internal"):
+        for reason in (*REASONS, "revoked", "unknown_device", "internal", *STORE_DOWN):
             self.rejected.labels(reason)
         self.accepted = Counter(
             "ansimi_accepted_total",

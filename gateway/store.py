@@ -264,22 +264,35 @@ class StoreError(GatewayError):
     """Root of the store's errors: no engine's own error reaches a caller."""
 
 
-class StoreFull(StoreError, OSError):
+class StoreDown(StoreError):
+    """The store as a whole cannot write now (not one bad row): every call fails alike until
+    it recovers. `reason` labels what the intake could not keep because of it."""
+
+    reason = "store_down"
+
+
+class StoreFull(StoreDown, OSError):
     """The disk under the store is full: nothing was written (the transaction rolled back)."""
 
+    reason = "store_full"
 
-class StoreLocked(StoreError, TimeoutError):
+
+class StoreLocked(StoreDown, TimeoutError):
     """Another writer held the store longer than the store waits (`BUSY_TIMEOUT_S`)."""
+
+    reason = "store_locked"
 
 
 class StoreVersionError(StoreError, RuntimeError):
     """The database was migrated by a newer gateway than this one."""
 
 
-class StoreUnavailable(StoreError, ConnectionError):
+class StoreUnavailable(StoreDown, ConnectionError):
     """No connection to the database server (lost, refused, or not the primary any more):
     nothing was kept, or a commit's outcome is unknown. Every store call is safe to repeat;
     the store reconnects by itself."""
+
+    reason = "store_unavailable"
 
 
 class BadStoreUrl(StoreError, ValueError):

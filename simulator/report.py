@@ -412,7 +412,8 @@ def _offline_per_outage(o: Observed) -> dict[str, Any]:
     counts: dict[tuple[str, int], int] = defaultdict(int)
     false: list[str] = []
     for device, state, at in o.sink.statuses:
-        if state != "offline":
+        if state != "offline" or at >= o.end > 0:
+            # once the run is over the simulator stops every agent itself: those are true
             continue
         # the latest outage that had started: one that follows closely ends the previous
         mine = windows.get(device, [])

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
-from gw_testkit import ALERT, NOW, WINDOW_MS, Env, due, heartbeat, make_env
+from gw_testkit import ALERT, NOW, TIMEOUT_MS, WINDOW_MS, Env, due, heartbeat, make_env
 
 from ansimi.mqtt import Message as MqttMessage
 from gateway.store import Accepted, Incoming, SqliteStore, StoreError, StoreFull
@@ -372,6 +372,50 @@ async def test_a_failing_supervision_step_does_not_stop_intake(env: Env) -> None
     await env.feed(env.message(Status(state="offline"), seq=1))  # raises nothing
     await env.feed(env.message(ALERT, id="after-failure"))
     assert env.acks()[-1] == ("bell-0001", "after-failure", "received")
+
+
+async def test_a_heartbeat_the_store_cannot_keep_still_proves_the_bell_alive(env: Env) -> None:
+    """A full disk fails the commit, not the bell: supervision must not later report as
+    offline every bell whose heartbeats the gateway itself could not write."""
+    await _online(env)
+    first_deadline = env.supervisor.deadline("bell-0001")
+    assert first_deadline is not None
+
+    class Full(SqliteStore):
+        async def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
+            raise StoreFull("database or disk is full")
+
+    env.store.__class__ = Full
+    env.clock.ms += TIMEOUT_MS - 1_000
+    await env.feed(env.message(heartbeat()))
+    # not kept (nothing written), but heard: a full timeout from now
+    assert env.supervisor.deadline("bell-0001") == env.clock.ms + TIMEOUT_MS
+    env.store.__class__ = SqliteStore
+    env.clock.ms += 2_000  # past the first deadline
+    assert await env.supervisor.tick(env.clock.ms) == []
+    assert env.store.database.device("bell-0001").online  # type: ignore[union-attr]
+
+
+async def test_a_full_store_costs_one_log_line_not_one_traceback_per_message(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The whole store cannot write: trying each message alone fails alike; each batch is
+    counted in full under the reason and logged at most once an interval."""
+    tried: list[int] = []
+
+    class Full(SqliteStore):
+        async def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
+            tried.append(len(batch))
+            raise StoreFull("database or disk is full")
+
+    env.store.__class__ = Full
+    for _ in range(3):
+        await env.feed(*(env.message(ALERT) for _ in range(4)))
+    assert tried == [4, 4, 4]  # never one by one
+    assert env.rejected("store_full") == 12
+    assert env.acks() == []  # nothing kept, nothing acked: the bells send again
+    lines = [r for r in caplog.records if "cannot keep" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
 
 
 async def test_the_backlog_shows_in_a_metric(env: Env) -> None:

@@ -25,7 +25,8 @@ def observed(tmp_path: Path, thresholds: Thresholds) -> Observed:
     o = Observed(scenario, plan(scenario))
     o.sink = Sink("a-secret-of-enough-length", tmp_path / "centre.db")
     now = time.time()
-    o.t0, o.end = now - 5, now
+    # the run ends after the tests' reports, which arrive "now"
+    o.t0, o.end = now - 5, now + 60
     device = o.plan.devices[0].id
     for n in range(3):
         o.records[f"msg-0000{n}"] = Record(
@@ -237,6 +238,25 @@ def test_a_reset_the_device_recovered_from_within_the_grace_is_no_outage(
     flaps = summarise(o)["offline_per_outage"]
     assert flaps["false_ids"] == [short]
     assert flaps["outages_reported"] == 1
+
+
+def test_offline_reports_after_the_run_are_the_simulators_own_stop_not_false(
+    tmp_path: Path,
+) -> None:
+    """Once the run is over the simulator stops every agent: a silence report then is true,
+    while the same report during the run, in no outage, is false."""
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    assert o.sink is not None
+    during, after = o.plan.devices[0].id, o.plan.devices[1].id
+    o.end = time.time() - 5
+    status(o.sink, during, {"state": "offline"}, 1)
+    status(o.sink, after, {"state": "offline"}, 2)
+    o.sink.statuses[:] = [
+        (during, "offline", o.end - 1),
+        (after, "offline", o.end + 2),
+    ]
+    flaps = summarise(o)["offline_per_outage"]
+    assert flaps["false_ids"] == [during]
 
 
 # ---- the report for QA ---------------------------------------------------------------------
