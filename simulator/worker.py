@@ -314,14 +314,17 @@ class Worker:
             state_dir = self.watched[device_id].agent.config.device.state_dir
             await asyncio.to_thread(damage_outbox, state_dir / "outbox.db", mode)
         await asyncio.sleep(down_s)
-        self.stopped -= set(device_ids)
         for device_id in device_ids:
+            # pressable again only once its new agent runs (they start 0.1 s apart: a press
+            # meanwhile went to the stopped agent and was never sent)
+            self.stopped.discard(device_id)
             kind, district, port, sms_number = self._made[device_id]
             old = self.watched[device_id]
             try:
                 w = self._make(device_id, kind, district, port, self._gateway_key, sms_number)
             except Exception:
-                # as a service that will not start: counted, and the bell stays dead
+                # as a service that will not start: counted, and the bell stays dead (a press
+                # on it is lost and fails the run)
                 self.tally.errors += 1
                 log.exception("agent %s cannot start after its outbox was %sd", device_id, mode)
                 continue
