@@ -389,9 +389,10 @@ def _offline_per_outage(o: Observed) -> dict[str, Any]:
     A device's outages are the partitions it was in, the times its agent was stopped (a
     report may follow their end by the silence timeout, the tick and forwarding) and the
     times its own link was down for at least the gateway's will grace (reported at once
-    by its last will). A report belongs to the outage that had started last; more than
-    one there is flapping. A report in no outage is false: the gateway reported a device
-    that was there all along, or one back within the grace (a reset it recovered from).
+    by its last will). A report belongs to the earliest outage around it that has none
+    yet; a second one where all have one is flapping. A report in no outage is false: the
+    gateway reported a device that was there all along, or one back within the grace (a
+    reset it recovered from).
     """
     assert o.sink is not None
     s = o.scenario
@@ -411,17 +412,20 @@ def _offline_per_outage(o: Observed) -> dict[str, Any]:
             windows[device].append((start, end))
     counts: dict[tuple[str, int], int] = defaultdict(int)
     false: list[str] = []
-    for device, state, at in o.sink.statuses:
+    for device, state, at in sorted(o.sink.statuses, key=lambda s: s[2]):
         if state != "offline" or at >= o.end > 0:
             # once the run is over the simulator stops every agent itself: those are true
             continue
-        # the latest outage that had started: one that follows closely ends the previous
+        # The earliest outage around it not yet reported, else the latest around it (a
+        # second report there is flapping). Not simply the latest: a report the centre got
+        # late (forwarding backs off under load) may arrive once the next outage has begun.
         mine = windows.get(device, [])
-        n = bisect.bisect_right([start for start, _ in mine], at) - 1
-        if n >= 0 and at <= mine[n][1]:
-            counts[(device, n)] += 1
-        else:
+        around = [n for n, (start, end) in enumerate(mine) if start <= at <= end]
+        if not around:
             false.append(device)
+            continue
+        n = next((n for n in around if (device, n) not in counts), around[-1])
+        counts[(device, n)] += 1
     flapping = sorted({d for (d, _), c in counts.items() if c > 1})
     return {
         "outages_reported": len(counts),

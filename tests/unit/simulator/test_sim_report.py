@@ -240,6 +240,26 @@ def test_a_reset_the_device_recovered_from_within_the_grace_is_no_outage(
     assert flaps["outages_reported"] == 1
 
 
+def test_a_report_that_reached_the_centre_late_is_its_own_outages_not_flapping(
+    tmp_path: Path,
+) -> None:
+    """Stopped twice 4 s apart: the first report, forwarded late, arrives after the second
+    stop began; one report per outage all the same. A third there is flapping."""
+    o = observed(tmp_path, Thresholds(max_lost=1))
+    assert o.sink is not None
+    device = o.plan.devices[0].id
+    now = time.time()
+    o.stops += [(now - 30, now - 29, [device]), (now - 26, now - 24, [device])]
+    for n in range(2):
+        status(o.sink, device, {"state": "offline"}, n)
+    o.sink.statuses[:] = [(device, "offline", now - 25.5), (device, "offline", now - 22)]
+    flaps = summarise(o)["offline_per_outage"]
+    assert (flaps["outages_reported"], flaps["flapping_devices"]) == (2, 0)
+    o.sink.statuses.append((device, "offline", now - 21))
+    flaps = summarise(o)["offline_per_outage"]
+    assert (flaps["outages_reported"], flaps["flapping_ids"]) == (2, [device])
+
+
 def test_offline_reports_after_the_run_are_the_simulators_own_stop_not_false(
     tmp_path: Path,
 ) -> None:
