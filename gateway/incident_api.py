@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, get_args
 
@@ -33,6 +32,7 @@ from gateway.incidents import (
 )
 from gateway.metrics import Metrics
 from gateway.store import OperatorStore
+from protocol.clock import wall_ms
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class IncidentRoutes:
         self._metrics = metrics
         self._procedures = procedures
         self._next_escalation_ms = next_escalation_ms
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
 
     def routes(self) -> list[ApiRoute]:
         incident_id = _path_param("incident_id", "the incident's id")

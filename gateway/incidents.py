@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, get_args
 
+from protocol.clock import wall_ms
 from protocol.messages import AckStage, Body, Escalation, Message
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class Escalator:
         self._sealer = sealer
         self._chain = tuple(chain)
         self._after_s = after_s
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._on_step = on_step
 
     def due_ms(self, incident: Incident) -> int | None:

@@ -12,7 +12,6 @@ import json
 import os
 import sqlite3
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from gateway.config import (
 )
 from gateway.service import Gateway
 from gateway.store import Incoming
+from protocol.clock import wall_ms
 from protocol.jws import Signer
 from protocol.keys import load_private_key, public_key_from_b64
 from siteca import pki
@@ -228,7 +228,7 @@ async def test_an_expired_token_is_refused_and_nothing_is_written(rig: Rig) -> N
     with sqlite3.connect(rig.gateway.config.database) as db:
         db.execute(
             "UPDATE enrolments SET expires_ms = ? WHERE device_id = 'bell-0002'",
-            (time.time_ns() // 1_000_000 - 1000,),
+            (wall_ms() - 1000,),
         )
     device_dir = rig.tmp / "device"
     code, out, err = await rig.enroll(str(added["token"]), device_dir)
