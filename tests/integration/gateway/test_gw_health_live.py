@@ -189,7 +189,10 @@ async def test_a_broker_restart_that_forgets_the_shared_subscription_is_repaired
             sink(tmp_path) as centre,
             gateway(fleet, centre.url) as gw,
         ):
-            await asyncio.sleep(1.5)  # past the broker's first autosave
+            # the broker's autosave after the gateway subscribed: its session is on disk
+            saved = tmp_path / "broker" / "mosquitto.db"
+            subscribed_at = time.time()
+            await eventually(lambda: saved.exists() and saved.stat().st_mtime > subscribed_at)
             await asyncio.to_thread(broker.stop)  # SIGTERM: a `systemctl restart`
             await asyncio.to_thread(broker.start)
             async with agents_running(fleet):
