@@ -849,6 +849,57 @@ def check_completion(pending: Pending, revoked: bool | None) -> None:
         raise DuplicateEnrolment(pending.device_id, "is already registered")
 
 
+def opened_enrolment(row: Sequence[Any] | None, device_id: str | None, now_ms: int) -> Pending:
+    """The pending enrolment a token's row opens, on every engine, or TokenRefused saying
+    why not; `device_id`: the device that must be asking (None: whichever it names)."""
+    if row is None:
+        raise TokenRefused("unknown")
+    pending = pending_from_row(tuple(row))
+    if device_id is not None and pending.device_id != device_id:
+        raise TokenRefused("wrong-device")
+    state = pending.state(now_ms)
+    if state != "pending":  # used (another request got there first), cancelled or expired
+        raise TokenRefused(state)
+    return pending
+
+
+def issued_enrolment(
+    device_id: str, chosen: tuple[DeviceKind, str, str], *, rotate: bool, now_ms: int, ttl_s: int
+) -> Pending:
+    """The record of a token just issued for `device_id` ((kind, district, label) as
+    `enrolment_for` chose them)."""
+    kind, district, label = chosen
+    expires_ms = now_ms + ttl_s * 1000
+    return Pending(device_id, kind, district, label, rotate, now_ms, expires_ms, None, None, None)
+
+
+def incidents_with_stages(
+    rows: Sequence[Sequence[Any]], stage_rows: Iterable[Sequence[Any]]
+) -> list[Incident]:
+    """Incident rows (`INCIDENT_COLUMNS`) with their stages' rows (incident_id, stage,
+    at_ms, actor; oldest first), on every engine."""
+    stages: dict[str, dict[str, tuple[int, str]]] = {str(r[0]): {} for r in rows}
+    for incident_id, stage, at_ms, actor in stage_rows:
+        stages[str(incident_id)][str(stage)] = (int(at_ms), str(actor))
+    return [incident_from_row(tuple(r), stages[str(r[0])]) for r in rows]
+
+
+def history_from_rows(rows: Iterable[Sequence[Any]]) -> list[HistoryEntry]:
+    """incident_history rows (at_ms, what, actor, event_id, detail) as entries."""
+    return [HistoryEntry(int(a), w, str(who), e, json.loads(d)) for a, w, who, e, d in rows]
+
+
+def ticks_from_rows(rows: Iterable[Sequence[Any]]) -> dict[str, tuple[int, str]]:
+    """incident_ticks rows (step, at_ms, actor) by step."""
+    return {str(s): (int(a), str(who)) for s, a, who in rows}
+
+
+def events_behind(attached: Iterable[Sequence[Any]], stage: str) -> list[str]:
+    """Of an incident's (event_id, state) rows, the events not yet at `stage`: they follow
+    the incident there, so the per-event views (/alerts) agree with it."""
+    return [str(e) for e, state in attached if STAGE_ORDER[state] < STAGE_ORDER[stage]]
+
+
 class SqliteDatabase:
     """The blocking SQLite work beneath `SqliteStore`; one-shot commands with no event loop
     (`ansimi gateway purge`, the demo's and simulator's device registration) use it as is."""
@@ -1162,16 +1213,17 @@ class SqliteDatabase:
         return self._with_stages(rows)
 
     def _with_stages(self, rows: list[tuple[Any, ...]]) -> list[Incident]:
-        stages: dict[str, dict[str, tuple[int, str]]] = {str(r[0]): {} for r in rows}
-        if rows:
-            marks = ", ".join("?" * len(stages))
-            for incident_id, stage, at_ms, actor in self._query(
-                f"SELECT incident_id, stage, at_ms, actor FROM incident_stages"  # noqa: S608
-                f" WHERE incident_id IN ({marks}) ORDER BY at_ms",
-                stages,
-            ):
-                stages[str(incident_id)][str(stage)] = (int(at_ms), str(actor))
-        return [incident_from_row(r, stages[str(r[0])]) for r in rows]
+        ids = [str(r[0]) for r in rows]
+        stage_rows = (
+            self._query(
+                "SELECT incident_id, stage, at_ms, actor FROM incident_stages"  # noqa: S608
+                f" WHERE incident_id IN ({', '.join('?' * len(ids))}) ORDER BY at_ms",
+                ids,
+            )
+            if ids
+            else []
+        )
+        return incidents_with_stages(rows, stage_rows)
 
     def incident(self, incident_id: str) -> Incident | None:
         rows = self._query(f"SELECT {INCIDENT_COLUMNS} WHERE i.incident_id = ?", (incident_id,))
@@ -1191,13 +1243,13 @@ class SqliteDatabase:
             " WHERE incident_id = ? ORDER BY at_ms, rowid",
             (incident_id,),
         )
-        return [HistoryEntry(int(a), w, str(who), e, json.loads(d)) for a, w, who, e, d in rows]
+        return history_from_rows(rows)
 
     def incident_ticks(self, incident_id: str) -> dict[str, tuple[int, str]]:
         rows = self._query(
             "SELECT step, at_ms, actor FROM incident_ticks WHERE incident_id = ?", (incident_id,)
         )
-        return {str(s): (int(a), str(who)) for s, a, who in rows}
+        return ticks_from_rows(rows)
 
     def move_incident(
         self, incident_id: str, stage: str, now_ms: int, actor: str, outcome: str | None = None
@@ -1223,13 +1275,12 @@ class SqliteDatabase:
             )
             extra = {"outcome": outcome} if outcome is not None else {}
             _history(db, incident_id, now_ms, "stage", actor, None, stage=stage, **extra)
-            # its events follow, so the per-event views (/alerts) agree with the incident
             attached = db.execute(
                 "SELECT e.event_id, e.state FROM incident_events ie JOIN events e"
                 " USING (event_id) WHERE ie.incident_id = ?",
                 (incident_id,),
             ).fetchall()
-            events = [str(e) for e, st in attached if STAGE_ORDER[st] < STAGE_ORDER[stage]]
+            events = events_behind(attached, stage)
             db.executemany(
                 "UPDATE events SET state = ? WHERE event_id = ?", [(stage, e) for e in events]
             )
@@ -1727,7 +1778,7 @@ class SqliteDatabase:
                 " AND cancelled_ms IS NULL AND expires_ms > ?",
                 (device_id, now_ms),
             ).fetchone()
-            kind, district, label = enrolment_for(
+            chosen = enrolment_for(
                 device_id,
                 None if row is None else (row[1], row[2], row[3], bool(row[4])),
                 live is not None,
@@ -1742,24 +1793,12 @@ class SqliteDatabase:
                     " AND used_ms IS NULL AND cancelled_ms IS NULL",
                     (now_ms, device_id),
                 )
+            pending = issued_enrolment(device_id, chosen, rotate=rotate, now_ms=now_ms, ttl_s=ttl_s)
             db.execute(
                 "INSERT INTO enrolments (token_hash, device_id, kind, district, label, rotate,"
                 " created_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    hash_token(token),
-                    device_id,
-                    kind,
-                    district,
-                    label,
-                    int(rotate),
-                    now_ms,
-                    now_ms + ttl_s * 1000,
-                ),
+                (hash_token(token), device_id, *chosen, int(rotate), now_ms, pending.expires_ms),
             )
-        expires_ms = now_ms + ttl_s * 1000
-        pending = Pending(
-            device_id, kind, district, label, rotate, now_ms, expires_ms, None, None, None
-        )
         return token, pending
 
     def check_enrolment(self, token: str, device_id: str, now_ms: int) -> Pending:
@@ -1768,15 +1807,7 @@ class SqliteDatabase:
             f"SELECT {self._ENROLMENT_COLUMNS} FROM enrolments WHERE token_hash = ?",  # noqa: S608
             (hash_token(token),),
         )
-        if not rows:
-            raise TokenRefused("unknown")
-        pending = self._pending(rows[0])
-        if pending.device_id != device_id:
-            raise TokenRefused("wrong-device")
-        state = pending.state(now_ms)
-        if state != "pending":
-            raise TokenRefused(state)
-        return pending
+        return opened_enrolment(rows[0] if rows else None, device_id, now_ms)
 
     def complete_enrolment(
         self, token: str, public_key_b64: str, serial: str, now_ms: int
@@ -1787,12 +1818,7 @@ class SqliteDatabase:
                 f"SELECT {self._ENROLMENT_COLUMNS} FROM enrolments WHERE token_hash = ?",  # noqa: S608
                 (hash_token(token),),
             ).fetchone()
-            if row is None:
-                raise TokenRefused("unknown")
-            pending = self._pending(row)
-            state = pending.state(now_ms)
-            if state != "pending":  # another request got there first, or time ran out
-                raise TokenRefused(state)
+            pending = opened_enrolment(row, None, now_ms)
             db.execute(
                 "UPDATE enrolments SET used_ms = ?, serial = ? WHERE token_hash = ?",
                 (now_ms, serial, hash_token(token)),
