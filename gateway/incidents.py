@@ -21,6 +21,7 @@ from protocol.messages import AckStage, Body, Escalation, Message
 
 log = logging.getLogger(__name__)
 
+# worst first: the default priorities are these positions, 1 = highest
 IncidentKind = Literal[
     "duress",
     "store_robbery",
@@ -32,18 +33,7 @@ IncidentKind = Literal[
     "offline",
     "doorbell_ring",
 ]
-# worst first: the default priorities are these positions, 1 = highest
-KINDS: Final[tuple[IncidentKind, ...]] = (
-    "duress",
-    "store_robbery",
-    "stalking_urgent",
-    "stalking",
-    "doorbell_emergency",
-    "tamper",
-    "power_lost",
-    "offline",
-    "doorbell_ring",
-)
+KINDS: Final[tuple[IncidentKind, ...]] = get_args(IncidentKind)
 DEFAULT_PRIORITIES: Final[Mapping[str, int]] = {k: i + 1 for i, k in enumerate(KINDS)}
 
 IncidentState = Literal["new", "acknowledged", "dispatched", "closed"]
