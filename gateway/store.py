@@ -849,6 +849,27 @@ def check_completion(pending: Pending, revoked: bool | None) -> None:
         raise DuplicateEnrolment(pending.device_id, "is already registered")
 
 
+# a new device, as every engine inserts it: these columns, `new_device_values` in order
+NEW_DEVICE_COLUMNS: Final = "device_id, public_key, kind, district, label, revoked, created_ms"
+
+
+def new_device_values(device: Device, now_ms: int) -> tuple[object, ...]:
+    return (
+        device.device_id,
+        device.public_key,
+        device.kind,
+        device.district,
+        device.label,
+        device.revoked,
+        now_ms,
+    )
+
+
+def enrolled_device(pending: Pending, public_key_b64: str) -> Device:
+    """The device a completed (not rotating) enrolment registers."""
+    return Device(pending.device_id, public_key_b64, pending.kind, pending.district, pending.label)
+
+
 def opened_enrolment(row: Sequence[Any] | None, device_id: str | None, now_ms: int) -> Pending:
     """The pending enrolment a token's row opens, on every engine, or TokenRefused saying
     why not; `device_id`: the device that must be asking (None: whichever it names)."""
@@ -972,17 +993,8 @@ class SqliteDatabase:
             if self._device_row(db, device.device_id) is not None:
                 raise DuplicateDevice(device.device_id)
             db.execute(
-                "INSERT INTO devices (device_id, public_key, kind, district, label,"
-                " revoked, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    device.device_id,
-                    device.public_key,
-                    device.kind,
-                    device.district,
-                    device.label,
-                    int(device.revoked),
-                    now_ms,
-                ),
+                f"INSERT INTO devices ({NEW_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                new_device_values(device, now_ms),
             )
 
     _DEVICE_COLUMNS = (
@@ -1832,16 +1844,8 @@ class SqliteDatabase:
                 )
             else:
                 db.execute(
-                    "INSERT INTO devices (device_id, public_key, kind, district, label,"
-                    " revoked, created_ms) VALUES (?, ?, ?, ?, ?, 0, ?)",
-                    (
-                        pending.device_id,
-                        public_key_b64,
-                        pending.kind,
-                        pending.district,
-                        pending.label,
-                        now_ms,
-                    ),
+                    f"INSERT INTO devices ({NEW_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    new_device_values(enrolled_device(pending, public_key_b64), now_ms),
                 )
         return pending
 

@@ -50,6 +50,7 @@ from gateway.store import (
     FOREIGN_REF,
     INCIDENT_COLUMNS,
     INCIDENT_STAGE_ORDER,
+    NEW_DEVICE_COLUMNS,
     PURGE_BATCH,
     STAGE_ORDER,
     Accepted,
@@ -72,6 +73,7 @@ from gateway.store import (
     delivery_filter,
     delivery_from_row,
     device_from_row,
+    enrolled_device,
     enrolment_for,
     event_from_row,
     events_behind,
@@ -79,6 +81,7 @@ from gateway.store import (
     history_from_rows,
     incidents_with_stages,
     issued_enrolment,
+    new_device_values,
     opened_enrolment,
     pending_from_row,
     ticks_from_rows,
@@ -701,15 +704,9 @@ class PostgresStore:
     async def add_device(self, device: Device, now_ms: int) -> None:
         async def work(db: asyncpg.Connection) -> None:
             status = await db.execute(
-                "INSERT INTO devices (device_id, public_key, kind, district, label, revoked,"
-                " created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                device.device_id,
-                device.public_key,
-                device.kind,
-                device.district,
-                device.label,
-                device.revoked,
-                now_ms,
+                f"INSERT INTO devices ({NEW_DEVICE_COLUMNS})"  # noqa: S608
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                *new_device_values(device, now_ms),
             )
             if _count(status) == 0:
                 raise DuplicateDevice(device.device_id)
@@ -1587,14 +1584,9 @@ class PostgresStore:
                 )
             else:
                 await db.execute(
-                    "INSERT INTO devices (device_id, public_key, kind, district, label,"
-                    " revoked, created_ms) VALUES ($1, $2, $3, $4, $5, FALSE, $6)",
-                    pending.device_id,
-                    public_key_b64,
-                    pending.kind,
-                    pending.district,
-                    pending.label,
-                    now_ms,
+                    f"INSERT INTO devices ({NEW_DEVICE_COLUMNS})"  # noqa: S608
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    *new_device_values(enrolled_device(pending, public_key_b64), now_ms),
                 )
             return pending
 
