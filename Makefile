@@ -23,10 +23,11 @@ system-deps:
 test: venv system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The fast tier, while editing: unit tests only (no broker, no browser, no child processes
-# to wait for), under a minute. `make test` is still what CI runs and what a change must pass.
-test-fast: venv
-	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+# The fast tier, while editing: the unit tests (no broker, no browser) and the adversarial
+# ones (one real site per module: mosquitto, gateway, console), about a minute on an idle
+# machine. `make test` is still what CI runs and what a change must pass.
+test-fast: venv system-deps
+	$(PY) -m pytest -q tests/unit tests/adversarial $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -56,6 +56,7 @@ from nacl.bindings import crypto_sign_open  # noqa: E402
 
 from ansimi.broker import Mosquitto, MosquittoConfig  # noqa: E402
 from ansimi.mqtt import Message, Session, Settings  # noqa: E402
+from protocol.clock import wall_ms  # noqa: E402
 from protocol.envelope import open_for_device, seal  # noqa: E402
 from protocol.jws import Signer  # noqa: E402
 from protocol.keys import public_key_to_b64  # noqa: E402
@@ -272,7 +273,7 @@ class Load:
         self.devices = devices
         self.gateway_key = key_for(GATEWAY_ID).public_key()
         # sign everything first: the device's own signing (~20 us) is not what is measured
-        now = time.time_ns() // 1_000_000
+        now = wall_ms()
         self.tokens: dict[str, list[tuple[str, bytes]]] = {}
         for device in devices:
             signer = Signer(device, key_for(device))
@@ -412,7 +413,7 @@ class Load:
 
 def sealed_heartbeats(devices: list[str]) -> list[tuple[str, bytes]]:
     """One signed heartbeat per device, as an agent sends it (seq 1, the time now)."""
-    now = time.time_ns() // 1_000_000
+    now = wall_ms()
     beat = Heartbeat(uptime_s=3600, power="mains", link_quality=80, firmware="bench")
     return [
         (d, seal(build_message(beat, device=d, seq=1, ts=now), Signer(d, key_for(d))).encode())

@@ -32,6 +32,7 @@ from typing import Any
 
 from ansimi.districts import UnknownDistrict, check_district
 from console.errors import ConsoleError
+from protocol.clock import wall_ms
 
 SCRYPT_N = 2**14
 SCRYPT_R = 8
@@ -165,7 +166,7 @@ class Operators:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._migrate()
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
 
     def _migrate(self) -> None:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(operators)")}

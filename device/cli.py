@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import errno
 import logging
 import shutil
 import signal
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from protocol.messages import ACK_STAGES
 if TYPE_CHECKING:
     from device.agent import Agent
     from device.hal.ports import Camera, Modem
+    from device.outbox import OutboxError
     from protocol.jws import Signer
 
 log = logging.getLogger(__name__)
@@ -104,28 +103,23 @@ def run(config_path: Path) -> None:
     asyncio.run(_run(config, signer, gateway_key))
 
 
-def outbox_fix(exc: OSError | sqlite3.Error) -> str:
+def outbox_fix(exc: OutboxError) -> str:
     """What to do about an outbox that cannot be opened, said from what actually failed."""
-    from device.outbox import OutboxUnusable  # late, like the rest of the agent
+    from device import outbox  # late, like the rest of the agent
 
-    cause = exc.__cause__ if isinstance(exc, OutboxUnusable) else exc
-    if getattr(cause, "errno", None) == errno.ENOSPC or str(
-        getattr(cause, "sqlite_errorname", "")
-    ).startswith("SQLITE_FULL"):
+    if isinstance(exc, outbox.OutboxFull):
         return (
             "free space on the disk that holds `device.state_dir` (df -h); systemd starts "
             "the agent again, and it opens or creates its outbox once there is room"
         )
-    if isinstance(exc, OutboxUnusable):
+    if isinstance(exc, outbox.OutboxDamaged):
         return (
             "let the service user write `device.state_dir` so the damaged file can be "
             "moved aside, or move it aside by hand; the agent then starts a fresh outbox"
         )
-    if getattr(cause, "errno", None) == errno.EIO or str(
-        getattr(cause, "sqlite_errorname", "")
-    ).startswith("SQLITE_IOERR"):
+    if isinstance(exc, outbox.OutboxStorageFailed):
         return "the storage under `device.state_dir` fails to read or write: check it (dmesg)"
-    if "locked" in str(exc):
+    if isinstance(exc, outbox.OutboxBusy):
         return (
             "another agent is running with this state_dir (stop it: systemctl stop "
             "ansimi-device), or give each agent its own `device.state_dir`"
@@ -137,7 +131,7 @@ async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicK
     from device.agent import Agent
     from device.control import ControlServer, socket_path
     from device.hal import HalError, build_hardware
-    from device.outbox import Outbox
+    from device.outbox import Outbox, OutboxError
 
     loop = asyncio.get_running_loop()
     try:
@@ -146,7 +140,7 @@ async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicK
         raise click.ClickException(f"hardware: {exc}") from None
     try:
         outbox = Outbox(config.device.state_dir / "outbox.db")
-    except (OSError, sqlite3.Error) as exc:
+    except OutboxError as exc:
         await hardware.aclose()
         raise click.ClickException(
             f"cannot open the outbox in {config.device.state_dir}: {exc}. Fix: {outbox_fix(exc)}"

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -133,8 +134,48 @@ class Recovery:
     salvaged: int  # entries imported into the fresh outbox
 
 
-class OutboxUnusable(DeviceError, OSError):
+class OutboxError(DeviceError, OSError):
+    """The outbox cannot be opened or read. Each kind below has its own fix; SQLite's own
+    error is the `__cause__`, never what a caller has to catch."""
+
+
+class OutboxBusy(OutboxError):
+    """Another agent holds this outbox (it keeps the lock for as long as it runs)."""
+
+
+class OutboxFull(OutboxError):
+    """No room on the disk for the outbox."""
+
+
+class OutboxStorageFailed(OutboxError):
+    """The storage under the outbox fails to read or write (an I/O error)."""
+
+
+class OutboxUnwritable(OutboxError, PermissionError):
+    """The outbox's folder or file cannot be created or written (permissions, read-only)."""
+
+
+class OutboxDamaged(OutboxError):
     """The outbox is damaged and could not even be moved aside: a person must step in."""
+
+
+def _outbox_error(
+    exc: sqlite3.Error | OSError, message: str, otherwise: type[OutboxError]
+) -> OutboxError:
+    """`exc` as the kind of outbox error its fix depends on; `otherwise` when it is none
+    of the kinds a storage error can name."""
+    name = str(getattr(exc, "sqlite_errorname", ""))
+    code = getattr(exc, "errno", None)
+    kind = otherwise
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        kind = OutboxBusy
+    elif name.startswith("SQLITE_FULL") or code == errno.ENOSPC:
+        kind = OutboxFull
+    elif name.startswith("SQLITE_IOERR") or code == errno.EIO:
+        kind = OutboxStorageFailed
+    error = kind(message)
+    error.__cause__ = exc
+    return error
 
 
 class _Damaged(Exception):
@@ -174,6 +215,16 @@ class Outbox:
         # acked entries the disk still has (their delete failed): hidden, deleted later
         self._acked: set[str] = set()
         self._failure: str | None = None  # what failed, while storage is failing
+        try:
+            self._open(path, power_safe=power_safe)
+        except OutboxError:
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            raise _outbox_error(
+                exc, f"cannot open the outbox {path}: {exc}", OutboxUnwritable
+            ) from exc
+
+    def _open(self, path: Path | str, *, power_safe: bool) -> None:
         in_memory = str(path) == ":memory:"
         if in_memory:
             self._db = self._connect(str(path))
@@ -188,7 +239,7 @@ class Outbox:
                 problem, wal_found = exc.problem, exc.wal
             except sqlite3.DatabaseError as exc:
                 if not _is_corruption(exc):
-                    raise  # locked, or not writable: the caller says which
+                    raise  # locked, or not writable: `__init__` says which
                 problem = str(exc)
             if problem is not None:
                 self.recovery = self._recover(path, problem, wal_found)
@@ -301,8 +352,10 @@ class Outbox:
                 Path(f"{aside}-wal").write_bytes(wal_found)
             _fsync_dir(path.resolve().parent)
         except OSError as exc:
-            raise OutboxUnusable(
-                f"the outbox {path} is damaged ({problem}) and cannot be moved aside: {exc}"
+            raise _outbox_error(
+                exc,
+                f"the outbox {path} is damaged ({problem}) and cannot be moved aside: {exc}",
+                OutboxDamaged,
             ) from exc
         rows, counters = _salvage(aside)
         self._db = self._connect(str(path))
@@ -333,6 +386,15 @@ class Outbox:
         if self._failure is not None:
             self._catch_up()
         return count
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of a query; storage that cannot even be read is an `OutboxError`."""
+        try:
+            return [tuple(row) for row in self._db.execute(sql, args).fetchall()]
+        except sqlite3.Error as exc:
+            raise _outbox_error(
+                exc, f"the outbox cannot be read: {exc}", OutboxStorageFailed
+            ) from exc
 
     def _failed(self, exc: sqlite3.Error) -> None:
         if self._failure is not None:
@@ -370,11 +432,12 @@ class Outbox:
 
     def _hold_stored(self, message_id: str, **changes: int) -> None:
         """Take an entry the disk holds but cannot update into memory, with `changes`."""
-        row = self._db.execute(
+        rows = self._read(
             f"SELECT {_ENTRY_COLUMNS}, sms FROM outbox WHERE id = ?",  # noqa: S608
             (message_id,),
-        ).fetchone()
-        if row is not None and message_id not in self._acked:
+        )
+        if rows and message_id not in self._acked:
+            row = rows[0]
             held = _Held(Entry(*row[:-1]), changes.pop("sms", row[-1]))
             held.change(**changes)
             self._held[message_id] = held
@@ -382,8 +445,8 @@ class Outbox:
     # ---- counters ----------------------------------------------------------------------
 
     def _counter(self, name: str) -> int:
-        row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
-        return int(row[0]) if row else 0
+        rows = self._read("SELECT value FROM counters WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else 0
 
     def _set_counter(self, name: str, value: int) -> None:
         self._db.execute(
@@ -504,11 +567,11 @@ class Outbox:
 
     def sms_due(self, created_before_ms: int) -> list[Entry]:
         """Messages that want the SMS fallback, not yet done, older than the cut-off."""
-        rows = self._db.execute(
+        rows = self._read(
             f"SELECT {_ENTRY_COLUMNS} FROM outbox"  # noqa: S608
             " WHERE sms = 1 AND created_ms <= ? ORDER BY created_ms",
             (created_before_ms,),
-        ).fetchall()
+        )
         entries = [Entry(*row) for row in rows if self._on_disk_only(row[0])]
         entries += [
             h.entry
@@ -533,9 +596,7 @@ class Outbox:
         return message_id not in self._held and message_id not in self._acked
 
     def pending(self) -> list[Entry]:
-        rows = self._db.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM outbox ORDER BY created_ms"  # noqa: S608
-        ).fetchall()
+        rows = self._read(f"SELECT {_ENTRY_COLUMNS} FROM outbox ORDER BY created_ms")  # noqa: S608
         if not self._held and not self._acked:
             return [Entry(*row) for row in rows]
         entries = [Entry(*row) for row in rows if self._on_disk_only(row[0])]
@@ -546,8 +607,8 @@ class Outbox:
         """When the earliest pending entry is next due; None when the outbox is empty."""
         if self._held or self._acked:
             return min((e.next_attempt_ms for e in self.pending()), default=None)
-        row = self._db.execute("SELECT MIN(next_attempt_ms) FROM outbox").fetchone()
-        return None if row[0] is None else int(row[0])
+        (earliest,) = self._read("SELECT MIN(next_attempt_ms) FROM outbox")[0]
+        return None if earliest is None else int(earliest)
 
     def due(self, now_ms: int) -> list[Entry]:
         return [e for e in self.pending() if e.next_attempt_ms <= now_ms]
@@ -565,12 +626,10 @@ class Outbox:
         )
         if done is None:
             # not updated on disk: held in memory, or it would be due again at once
-            row = self._db.execute(
-                "SELECT attempts FROM outbox WHERE id = ?", (message_id,)
-            ).fetchone()
-            if row is not None:
+            rows = self._read("SELECT attempts FROM outbox WHERE id = ?", (message_id,))
+            if rows:
                 self._hold_stored(
-                    message_id, attempts=int(row[0]) + 1, next_attempt_ms=next_attempt_ms
+                    message_id, attempts=int(rows[0][0]) + 1, next_attempt_ms=next_attempt_ms
                 )
 
     def shift_times(self, delta_ms: int) -> None:
@@ -602,18 +661,16 @@ class Outbox:
         deleted = self._write("DELETE FROM outbox WHERE id = ?", (message_id,))
         if deleted is None:
             # still on disk: hidden now, deleted once storage works again
-            on_disk = self._db.execute(
-                "SELECT 1 FROM outbox WHERE id = ?", (message_id,)
-            ).fetchone()
+            on_disk = bool(self._read("SELECT 1 FROM outbox WHERE id = ?", (message_id,)))
             if on_disk:
                 self._acked.add(message_id)
-            return held or bool(on_disk)
+            return held or on_disk
         return held or deleted == 1
 
     def depth(self) -> int:
         if self._held or self._acked:
             return len(self.pending())
-        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        return int(self._read("SELECT COUNT(*) FROM outbox")[0][0])
 
     def close(self) -> None:
         if self._syncer is not None:

@@ -28,7 +28,6 @@ import hmac
 import json
 import logging
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from gateway.incidents import OperatorStage, move_incident
 from gateway.intake import Registry
 from gateway.metrics import Metrics
 from gateway.store import Device, DeviceKind, DuplicateDevice, Event, EventState, OperatorStore
+from protocol.clock import wall_ms
 from protocol.errors import Malformed
 from protocol.ids import DeviceId
 from protocol.keys import public_key_from_b64
@@ -170,7 +170,7 @@ class Api:
         # (HTTP status, body) of every path's health (gateway/health.py), with the details
         # or not; without it, the broker connection alone
         self._health = health
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._routes: list[ApiRoute] = []
         self._roles: dict[tuple[str, str], Role] = {}
         self.port: int | None = None  # the bound port, once serving

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from gateway.downlink import Downlink
 from gateway.metrics import Metrics
 from gateway.store import Incoming
 from gateway.supervise import RouteOf
+from protocol.clock import wall_ms
 from protocol.messages import Status
 
 # what the centres get about a certificate near its end (the subject is the envelope's)
@@ -119,7 +119,7 @@ class CertWatch:
         self._district_of = district_of
         self._site_centres = site_centres
         self._warn_ms = int(warn_days * DAY_MS)
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._on_event = on_event
         self._told: set[str] = set()  # serials already alarmed
         self.known: list[CertExpiry] = []

@@ -15,6 +15,7 @@ from ansimi import sdnotify
 from ansimi.config import ConfigError, load_config
 from gateway.config import GatewayConfig
 from gateway.store import Store, StoreError, open_store
+from protocol.clock import wall_ms
 from protocol.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ def purge(config_path: Path, days: float | None, dry_run: bool) -> None:
     if keep_days == 0:
         click.echo("privacy.closed_events_days is 0: events are kept forever; no event purged")
     else:
-        cutoff_ms = time.time_ns() // 1_000_000 - int(keep_days * 86_400_000)
+        cutoff_ms = wall_ms() - int(keep_days * 86_400_000)
         try:
             count = _with_store(
                 config, lambda store: store.purge_closed(cutoff_ms, dry_run=dry_run)

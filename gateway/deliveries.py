@@ -11,7 +11,6 @@ districts: a desk sees and retries only its own districts' deliveries.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import TypeVar
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from gateway.api import TOKEN_KEY, ApiRoute, _error, _int_query, _op
 from gateway.config import ApiToken
 from gateway.store import OperatorStore
+from protocol.clock import wall_ms
 from protocol.ids import DEVICE_ID_RE, DeviceId, MessageId
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class DeliveryRoutes:
     ) -> None:
         self._store = store
         self._wake = wake  # the forwarder: look at the outbox now
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
 
     def routes(self) -> list[ApiRoute]:
         json_body = {"content": {"application/json": {"schema": {"type": "object"}}}}

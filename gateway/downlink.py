@@ -9,6 +9,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from gateway.store import Incoming
+from protocol.clock import wall_ms
 from protocol.envelope import seal
 from protocol.jws import Signer
 from protocol.messages import Ack, AckStage, Body, Command, Message, Rtc, Sync, build_message
@@ -35,7 +36,7 @@ class Downlink:
     ) -> None:
         self._signer = signer
         self._publish = publish
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._batched_writes = batched_writes
         self._last_seq = 0
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +68,7 @@ from gateway.enrolments import (
 )
 from gateway.intake import Registry
 from gateway.store import DeviceKind, EnrolmentStore
+from protocol.clock import wall_ms
 from protocol.ids import DeviceId
 from protocol.keys import public_key_to_b64
 
@@ -201,7 +201,7 @@ class Enrolment:
         self._info = info
         # the gateway's registry caches devices: told when one is added or re-keyed
         self._refresh = refresh
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         # one enrolment at a time: two requests with one token must not both be signed
         self._lock = asyncio.Lock()
 

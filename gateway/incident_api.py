@@ -10,10 +10,10 @@ operator the console signed in (`X-Ansimi-Operator`) after a slash.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, get_args
 
 from aiohttp import web
@@ -33,6 +33,7 @@ from gateway.incidents import (
 )
 from gateway.metrics import Metrics
 from gateway.store import OperatorStore
+from protocol.clock import wall_ms
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ OPERATOR_HEADER: Final = "X-Ansimi-Operator"
 OPERATOR_RE: Final = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 STATE_FILTERS: Final = ("open", *INCIDENT_STATES)
 STAGES: Final[tuple[OperatorStage, ...]] = get_args(OperatorStage)
+
+
+# a route's work on the incident its path names, by the actor the request names
+IncidentAction = Callable[[web.Request, Incident, str], Awaitable[web.Response]]
 
 
 class CloseRequest(BaseModel):
@@ -100,7 +105,7 @@ class IncidentRoutes:
         self._metrics = metrics
         self._procedures = procedures
         self._next_escalation_ms = next_escalation_ms
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
 
     def routes(self) -> list[ApiRoute]:
         incident_id = _path_param("incident_id", "the incident's id")
@@ -124,7 +129,7 @@ class IncidentRoutes:
             ApiRoute(
                 "GET",
                 "/incidents/{incident_id}",
-                self.one,
+                self._about_incident(self.one, acting=False),
                 "operator",
                 _op(
                     "one incident with its history and procedure",
@@ -135,7 +140,7 @@ class IncidentRoutes:
             ApiRoute(
                 "POST",
                 "/incidents/{incident_id}/procedure/{step}",
-                self.tick,
+                self._about_incident(self.tick),
                 "operator",
                 _op(
                     "tick a step of the incident's procedure (audited)",
@@ -149,7 +154,7 @@ class IncidentRoutes:
                 ApiRoute(
                     "POST",
                     f"/incidents/{{incident_id}}/{stage}",
-                    self._stage_handler(stage),
+                    self._about_incident(functools.partial(self.move, stage=stage)),
                     "operator",
                     _op(
                         f"move the incident to {stage} and tell the bell"
@@ -161,6 +166,28 @@ class IncidentRoutes:
                 )
             )
         return routes
+
+    def _about_incident(
+        self, action: IncidentAction, *, acting: bool = True
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """A route's handler: `action` on the incident its path names, by the actor the
+        request names (when `acting`). What every incident route refuses is refused here:
+        a malformed operator name (400) and an unknown incident (404). The id's grammar
+        and the token's districts are the API's scope middleware's."""
+
+        async def handle(request: web.Request) -> web.Response:
+            actor = ""
+            if acting:
+                try:
+                    actor = self._actor(request)
+                except _BadOperator as exc:
+                    return self._refuse(request, "bad_operator", str(exc))
+            incident = await self._store.incident(request.match_info["incident_id"])
+            if incident is None:
+                return _error(404, "no such incident")
+            return await action(request, incident, actor)
+
+        return handle
 
     def _actor(self, request: web.Request) -> str:
         token = request[TOKEN_KEY].name
@@ -221,23 +248,12 @@ class IncidentRoutes:
             "procedure": procedure,
         }
 
-    async def one(self, request: web.Request) -> web.Response:
-        incident = await self._store.incident(request.match_info["incident_id"])
-        if incident is None:
-            return _error(404, "no such incident")
+    async def one(self, request: web.Request, incident: Incident, _actor: str) -> web.Response:
         return web.json_response(await self._full(incident))
 
-    def _stage_handler(self, stage: OperatorStage) -> Callable[..., Any]:
-        async def handle(request: web.Request) -> web.Response:
-            return await self.move(request, stage)
-
-        return handle
-
-    async def move(self, request: web.Request, stage: OperatorStage) -> web.Response:
-        try:
-            actor = self._actor(request)
-        except _BadOperator as exc:
-            return self._refuse(request, "bad_operator", str(exc))
+    async def move(
+        self, request: web.Request, incident: Incident, actor: str, *, stage: OperatorStage
+    ) -> web.Response:
         outcome = None
         if stage == "closed":
             try:
@@ -248,9 +264,6 @@ class IncidentRoutes:
                     "bad_outcome",
                     f'closing needs {{"outcome": one of {", ".join(get_args(Outcome))}}}',
                 )
-        incident = await self._store.incident(request.match_info["incident_id"])
-        if incident is None:
-            return _error(404, "no such incident")
         moved = await move_incident(
             self._store, self._downlink, incident, stage, self._clock_ms(), actor, outcome
         )
@@ -260,14 +273,7 @@ class IncidentRoutes:
         assert current is not None  # incidents are never deleted
         return web.json_response(incident_json(current, self._next_escalation_ms(current)))
 
-    async def tick(self, request: web.Request) -> web.Response:
-        try:
-            actor = self._actor(request)
-        except _BadOperator as exc:
-            return self._refuse(request, "bad_operator", str(exc))
-        incident = await self._store.incident(request.match_info["incident_id"])
-        if incident is None:
-            return _error(404, "no such incident")
+    async def tick(self, request: web.Request, incident: Incident, actor: str) -> web.Response:
         step = request.match_info["step"]
         if step not in {s.step for s in self._procedures.get(incident.kind, ())}:
             return _error(404, f"the procedure for {incident.kind} has no step {step}")

@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, get_args
 
+from protocol.clock import wall_ms
 from protocol.messages import AckStage, Body, Escalation, Message
 
 log = logging.getLogger(__name__)
 
+# worst first: the default priorities are these positions, 1 = highest
 IncidentKind = Literal[
     "duress",
     "store_robbery",
@@ -32,18 +33,7 @@ IncidentKind = Literal[
     "offline",
     "doorbell_ring",
 ]
-# worst first: the default priorities are these positions, 1 = highest
-KINDS: Final[tuple[IncidentKind, ...]] = (
-    "duress",
-    "store_robbery",
-    "stalking_urgent",
-    "stalking",
-    "doorbell_emergency",
-    "tamper",
-    "power_lost",
-    "offline",
-    "doorbell_ring",
-)
+KINDS: Final[tuple[IncidentKind, ...]] = get_args(IncidentKind)
 DEFAULT_PRIORITIES: Final[Mapping[str, int]] = {k: i + 1 for i, k in enumerate(KINDS)}
 
 IncidentState = Literal["new", "acknowledged", "dispatched", "closed"]
@@ -202,7 +192,7 @@ class Escalator:
         self._sealer = sealer
         self._chain = tuple(chain)
         self._after_s = after_s
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._on_step = on_step
 
     def due_ms(self, incident: Incident) -> int | None:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from gateway.metrics import Metrics
 from gateway.secondary import SecondaryPathWatch
 from gateway.store import Device, DeviceReader, Incoming, IntakeStore, StoreDown
 from gateway.supervise import Supervisor
+from protocol.clock import wall_ms
 from protocol.envelope import Opened, open_from_device
 from protocol.errors import Oversized, ProtocolError, Replay, Stale, UnknownSigner
 from protocol.jws import MAX_TOKEN_BYTES
@@ -245,7 +245,7 @@ class Intake:
         self._window_ms = window_ms
         self._max_bytes = max_bytes
         self._batch_max = batch_max
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._on_kept = on_kept
         self._supervisor = supervisor
         # the video hub: rtc offers and byes, once checked and their high-water mark kept

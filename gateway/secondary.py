@@ -22,7 +22,6 @@ shared subscription hands it, so two instances may both report the same change.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from typing import Final
 
@@ -30,6 +29,7 @@ from gateway.downlink import Downlink
 from gateway.metrics import Metrics
 from gateway.store import Event, SupervisionStore
 from gateway.supervise import RouteOf
+from protocol.clock import wall_ms
 from protocol.messages import Heartbeat, Status, StatusState
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class SecondaryPathWatch:
         self._metrics = metrics
         self._route_of = route_of
         self._confirm = confirm
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._on_event = on_event
         self._down: set[str] = set()  # told to the centres as down
         self._changing: dict[str, int] = {}  # heartbeats in a row that disagree with that

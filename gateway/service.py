@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,7 @@ from gateway.supervise import Supervisor
 from gateway.testwatch import TestWatch
 from gateway.transports import build_transports
 from gateway.uplink import AmqpUplink, MqttUplink, Uplink
+from protocol.clock import wall_ms
 from protocol.jws import Signer
 from protocol.keys import load_private_key
 from protocol.messages import Status
@@ -103,7 +103,7 @@ class Gateway:
         )
         # personal data: sealed with the site's data key; without one the routes say 503
         self.vault: Vault = open_vault(self.store, config.privacy)
-        clock_ms = lambda: time.time_ns() // 1_000_000  # noqa: E731
+        clock_ms = wall_ms
         centres: list[Centre | SiaReceiver] = [*config.centres, *config.sia]
         self.forwarder = Forwarder(
             self.store,
@@ -292,7 +292,7 @@ class Gateway:
             self.uplink.resume_reading()
 
     def _on_connect(self, session_present: bool) -> None:
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = wall_ms()
         self.supervisor.resume(now_ms)
         self.probe.connection_up(now_ms)
 
@@ -345,7 +345,7 @@ class Gateway:
                 tasks.create_task(self.uplink.run(), name="uplink")
                 tasks.create_task(self.intake.run(), name="intake")
                 tasks.create_task(self.forwarder.run(), name="forward")
-                self.supervisor.load(await self.store.devices(), time.time_ns() // 1_000_000)
+                self.supervisor.load(await self.store.devices(), wall_ms())
                 await self.secondary.load_from(self.store)
                 tasks.create_task(self.supervisor.run(), name="supervise")
                 tasks.create_task(self.escalator.run(), name="escalation")
@@ -367,7 +367,7 @@ class Gateway:
                     tasks.create_task(self.api.serve(api.host, api.port, self.api_tls), name="api")
                 await self.session.wait_connected()
                 await self.uplink.start()
-                self.probe.start(time.time_ns() // 1_000_000)
+                self.probe.start(wall_ms())
                 tasks.create_task(self.probe.run(), name="probe")
                 self.ready.set()
                 sdnotify.notify("READY=1")

@@ -34,13 +34,24 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar
+from typing import (
+    Any,
+    Concatenate,
+    Final,
+    Generic,
+    Literal,
+    ParamSpec,
+    Protocol,
+    Self,
+    TypeVar,
+    overload,
+)
 
 from gateway.enrolments import (
     DEFAULT_TTL_S,
@@ -851,6 +862,78 @@ def check_completion(pending: Pending, revoked: bool | None) -> None:
         raise DuplicateEnrolment(pending.device_id, "is already registered")
 
 
+# a new device, as every engine inserts it: these columns, `new_device_values` in order
+NEW_DEVICE_COLUMNS: Final = "device_id, public_key, kind, district, label, revoked, created_ms"
+
+
+def new_device_values(device: Device, now_ms: int) -> tuple[object, ...]:
+    return (
+        device.device_id,
+        device.public_key,
+        device.kind,
+        device.district,
+        device.label,
+        device.revoked,
+        now_ms,
+    )
+
+
+def enrolled_device(pending: Pending, public_key_b64: str) -> Device:
+    """The device a completed (not rotating) enrolment registers."""
+    return Device(pending.device_id, public_key_b64, pending.kind, pending.district, pending.label)
+
+
+def opened_enrolment(row: Sequence[Any] | None, device_id: str | None, now_ms: int) -> Pending:
+    """The pending enrolment a token's row opens, on every engine, or TokenRefused saying
+    why not; `device_id`: the device that must be asking (None: whichever it names)."""
+    if row is None:
+        raise TokenRefused("unknown")
+    pending = pending_from_row(tuple(row))
+    if device_id is not None and pending.device_id != device_id:
+        raise TokenRefused("wrong-device")
+    state = pending.state(now_ms)
+    if state != "pending":  # used (another request got there first), cancelled or expired
+        raise TokenRefused(state)
+    return pending
+
+
+def issued_enrolment(
+    device_id: str, chosen: tuple[DeviceKind, str, str], *, rotate: bool, now_ms: int, ttl_s: int
+) -> Pending:
+    """The record of a token just issued for `device_id` ((kind, district, label) as
+    `enrolment_for` chose them)."""
+    kind, district, label = chosen
+    expires_ms = now_ms + ttl_s * 1000
+    return Pending(device_id, kind, district, label, rotate, now_ms, expires_ms, None, None, None)
+
+
+def incidents_with_stages(
+    rows: Sequence[Sequence[Any]], stage_rows: Iterable[Sequence[Any]]
+) -> list[Incident]:
+    """Incident rows (`INCIDENT_COLUMNS`) with their stages' rows (incident_id, stage,
+    at_ms, actor; oldest first), on every engine."""
+    stages: dict[str, dict[str, tuple[int, str]]] = {str(r[0]): {} for r in rows}
+    for incident_id, stage, at_ms, actor in stage_rows:
+        stages[str(incident_id)][str(stage)] = (int(at_ms), str(actor))
+    return [incident_from_row(tuple(r), stages[str(r[0])]) for r in rows]
+
+
+def history_from_rows(rows: Iterable[Sequence[Any]]) -> list[HistoryEntry]:
+    """incident_history rows (at_ms, what, actor, event_id, detail) as entries."""
+    return [HistoryEntry(int(a), w, str(who), e, json.loads(d)) for a, w, who, e, d in rows]
+
+
+def ticks_from_rows(rows: Iterable[Sequence[Any]]) -> dict[str, tuple[int, str]]:
+    """incident_ticks rows (step, at_ms, actor) by step."""
+    return {str(s): (int(a), str(who)) for s, a, who in rows}
+
+
+def events_behind(attached: Iterable[Sequence[Any]], stage: str) -> list[str]:
+    """Of an incident's (event_id, state) rows, the events not yet at `stage`: they follow
+    the incident there, so the per-event views (/alerts) agree with it."""
+    return [str(e) for e, state in attached if STAGE_ORDER[state] < STAGE_ORDER[stage]]
+
+
 class SqliteDatabase:
     """The blocking SQLite work beneath `SqliteStore`; one-shot commands with no event loop
     (`ansimi gateway purge`, the demo's and simulator's device registration) use it as is."""
@@ -923,17 +1006,8 @@ class SqliteDatabase:
             if self._device_row(db, device.device_id) is not None:
                 raise DuplicateDevice(device.device_id)
             db.execute(
-                "INSERT INTO devices (device_id, public_key, kind, district, label,"
-                " revoked, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    device.device_id,
-                    device.public_key,
-                    device.kind,
-                    device.district,
-                    device.label,
-                    int(device.revoked),
-                    now_ms,
-                ),
+                f"INSERT INTO devices ({NEW_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                new_device_values(device, now_ms),
             )
 
     _DEVICE_COLUMNS = (
@@ -1164,16 +1238,17 @@ class SqliteDatabase:
         return self._with_stages(rows)
 
     def _with_stages(self, rows: list[tuple[Any, ...]]) -> list[Incident]:
-        stages: dict[str, dict[str, tuple[int, str]]] = {str(r[0]): {} for r in rows}
-        if rows:
-            marks = ", ".join("?" * len(stages))
-            for incident_id, stage, at_ms, actor in self._query(
-                f"SELECT incident_id, stage, at_ms, actor FROM incident_stages"  # noqa: S608
-                f" WHERE incident_id IN ({marks}) ORDER BY at_ms",
-                stages,
-            ):
-                stages[str(incident_id)][str(stage)] = (int(at_ms), str(actor))
-        return [incident_from_row(r, stages[str(r[0])]) for r in rows]
+        ids = [str(r[0]) for r in rows]
+        stage_rows = (
+            self._query(
+                "SELECT incident_id, stage, at_ms, actor FROM incident_stages"  # noqa: S608
+                f" WHERE incident_id IN ({', '.join('?' * len(ids))}) ORDER BY at_ms",
+                ids,
+            )
+            if ids
+            else []
+        )
+        return incidents_with_stages(rows, stage_rows)
 
     def incident(self, incident_id: str) -> Incident | None:
         rows = self._query(f"SELECT {INCIDENT_COLUMNS} WHERE i.incident_id = ?", (incident_id,))
@@ -1193,13 +1268,13 @@ class SqliteDatabase:
             " WHERE incident_id = ? ORDER BY at_ms, rowid",
             (incident_id,),
         )
-        return [HistoryEntry(int(a), w, str(who), e, json.loads(d)) for a, w, who, e, d in rows]
+        return history_from_rows(rows)
 
     def incident_ticks(self, incident_id: str) -> dict[str, tuple[int, str]]:
         rows = self._query(
             "SELECT step, at_ms, actor FROM incident_ticks WHERE incident_id = ?", (incident_id,)
         )
-        return {str(s): (int(a), str(who)) for s, a, who in rows}
+        return ticks_from_rows(rows)
 
     def move_incident(
         self, incident_id: str, stage: str, now_ms: int, actor: str, outcome: str | None = None
@@ -1225,13 +1300,12 @@ class SqliteDatabase:
             )
             extra = {"outcome": outcome} if outcome is not None else {}
             _history(db, incident_id, now_ms, "stage", actor, None, stage=stage, **extra)
-            # its events follow, so the per-event views (/alerts) agree with the incident
             attached = db.execute(
                 "SELECT e.event_id, e.state FROM incident_events ie JOIN events e"
                 " USING (event_id) WHERE ie.incident_id = ?",
                 (incident_id,),
             ).fetchall()
-            events = [str(e) for e, st in attached if STAGE_ORDER[st] < STAGE_ORDER[stage]]
+            events = events_behind(attached, stage)
             db.executemany(
                 "UPDATE events SET state = ? WHERE event_id = ?", [(stage, e) for e in events]
             )
@@ -1729,7 +1803,7 @@ class SqliteDatabase:
                 " AND cancelled_ms IS NULL AND expires_ms > ?",
                 (device_id, now_ms),
             ).fetchone()
-            kind, district, label = enrolment_for(
+            chosen = enrolment_for(
                 device_id,
                 None if row is None else (row[1], row[2], row[3], bool(row[4])),
                 live is not None,
@@ -1744,24 +1818,12 @@ class SqliteDatabase:
                     " AND used_ms IS NULL AND cancelled_ms IS NULL",
                     (now_ms, device_id),
                 )
+            pending = issued_enrolment(device_id, chosen, rotate=rotate, now_ms=now_ms, ttl_s=ttl_s)
             db.execute(
                 "INSERT INTO enrolments (token_hash, device_id, kind, district, label, rotate,"
                 " created_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    hash_token(token),
-                    device_id,
-                    kind,
-                    district,
-                    label,
-                    int(rotate),
-                    now_ms,
-                    now_ms + ttl_s * 1000,
-                ),
+                (hash_token(token), device_id, *chosen, int(rotate), now_ms, pending.expires_ms),
             )
-        expires_ms = now_ms + ttl_s * 1000
-        pending = Pending(
-            device_id, kind, district, label, rotate, now_ms, expires_ms, None, None, None
-        )
         return token, pending
 
     def check_enrolment(self, token: str, device_id: str, now_ms: int) -> Pending:
@@ -1770,15 +1832,7 @@ class SqliteDatabase:
             f"SELECT {self._ENROLMENT_COLUMNS} FROM enrolments WHERE token_hash = ?",  # noqa: S608
             (hash_token(token),),
         )
-        if not rows:
-            raise TokenRefused("unknown")
-        pending = self._pending(rows[0])
-        if pending.device_id != device_id:
-            raise TokenRefused("wrong-device")
-        state = pending.state(now_ms)
-        if state != "pending":
-            raise TokenRefused(state)
-        return pending
+        return opened_enrolment(rows[0] if rows else None, device_id, now_ms)
 
     def complete_enrolment(
         self, token: str, public_key_b64: str, serial: str, now_ms: int
@@ -1789,12 +1843,7 @@ class SqliteDatabase:
                 f"SELECT {self._ENROLMENT_COLUMNS} FROM enrolments WHERE token_hash = ?",  # noqa: S608
                 (hash_token(token),),
             ).fetchone()
-            if row is None:
-                raise TokenRefused("unknown")
-            pending = self._pending(row)
-            state = pending.state(now_ms)
-            if state != "pending":  # another request got there first, or time ran out
-                raise TokenRefused(state)
+            pending = opened_enrolment(row, None, now_ms)
             db.execute(
                 "UPDATE enrolments SET used_ms = ?, serial = ? WHERE token_hash = ?",
                 (now_ms, serial, hash_token(token)),
@@ -1808,16 +1857,8 @@ class SqliteDatabase:
                 )
             else:
                 db.execute(
-                    "INSERT INTO devices (device_id, public_key, kind, district, label,"
-                    " revoked, created_ms) VALUES (?, ?, ?, ?, ?, 0, ?)",
-                    (
-                        pending.device_id,
-                        public_key_b64,
-                        pending.kind,
-                        pending.district,
-                        pending.label,
-                        now_ms,
-                    ),
+                    f"INSERT INTO devices ({NEW_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    new_device_values(enrolled_device(pending, public_key_b64), now_ms),
                 )
         return pending
 
@@ -1838,6 +1879,36 @@ class SqliteDatabase:
             (device_id, device_id),
         )
         return [self._pending(r) for r in rows]
+
+
+class _OnStoreThread(Generic[P, T]):
+    """A `SqliteDatabase` method as a `SqliteStore` coroutine method, run on the store's one
+    thread. Typed from the method it names, so mypy checks the store against the role
+    protocols as if each were written out; looked up by name on the store's database at each
+    call, so a database handed in (a test's that fails on purpose) is the one that runs."""
+
+    def __init__(self, method: Callable[Concatenate[SqliteDatabase, P], T]) -> None:
+        self._name = method.__name__
+
+    @overload
+    def __get__(self, store: None, owner: type[object]) -> Self: ...
+
+    @overload
+    def __get__(
+        self, store: SqliteStore, owner: type[object]
+    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+    def __get__(self, store: SqliteStore | None, owner: type[object]) -> Any:
+        if store is None:
+            return self
+        name = self._name
+
+        async def on_store_thread(*args: P.args, **kwargs: P.kwargs) -> T:
+            method: Callable[P, T] = getattr(store.database, name)
+            return await store._run(method, *args, **kwargs)
+
+        on_store_thread.__name__ = on_store_thread.__qualname__ = name
+        return on_store_thread
 
 
 class SqliteStore:
@@ -1868,217 +1939,67 @@ class SqliteStore:
         self._thread.shutdown(wait=False)
 
     # devices
-    async def add_device(self, device: Device, now_ms: int) -> None:
-        await self._run(self.database.add_device, device, now_ms)
-
-    async def device(self, device_id: str) -> Device | None:
-        return await self._run(self.database.device, device_id)
-
-    async def devices(self) -> list[Device]:
-        return await self._run(self.database.devices)
-
-    async def revoke(self, device_id: str, now_ms: int) -> bool:
-        return await self._run(self.database.revoke, device_id, now_ms)
+    add_device = _OnStoreThread(SqliteDatabase.add_device)
+    device = _OnStoreThread(SqliteDatabase.device)
+    devices = _OnStoreThread(SqliteDatabase.devices)
+    revoke = _OnStoreThread(SqliteDatabase.revoke)
 
     # intake and supervision
-    async def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
-        return await self._run(self.database.accept_batch, batch, now_ms)
-
-    async def add_event(self, item: Incoming, now_ms: int) -> None:
-        await self._run(self.database.add_event, item, now_ms)
-
-    async def mark_offline(
-        self, items: Sequence[Incoming], silent_since_ms: int, now_ms: int
-    ) -> list[bool]:
-        return await self._run(self.database.mark_offline, items, silent_since_ms, now_ms)
+    accept_batch = _OnStoreThread(SqliteDatabase.accept_batch)
+    add_event = _OnStoreThread(SqliteDatabase.add_event)
+    mark_offline = _OnStoreThread(SqliteDatabase.mark_offline)
 
     # forwarding
-    async def due_for(self, centre: str, now_ms: int, limit: int) -> list[Delivery]:
-        return await self._run(self.database.due_for, centre, now_ms, limit)
-
-    async def delivered_many(self, done: Sequence[tuple[str, str]], now_ms: int) -> list[bool]:
-        return await self._run(self.database.delivered_many, done, now_ms)
-
-    async def failed(self, event_id: str, centre: str, next_attempt_ms: int, error: str) -> None:
-        await self._run(self.database.failed, event_id, centre, next_attempt_ms, error)
-
-    async def refused(self, event_id: str, centre: str, now_ms: int, error: str) -> None:
-        await self._run(self.database.refused, event_id, centre, now_ms, error)
-
-    async def reroute(self, route: Callable[[str], Sequence[str]], now_ms: int) -> int:
-        return await self._run(self.database.reroute, route, now_ms)
-
-    async def retry_refused(
-        self,
-        now_ms: int,
-        *,
-        centre: str | None = None,
-        event_id: str | None = None,
-        districts: Sequence[str] | None = None,
-    ) -> int:
-        return await self._run(
-            self.database.retry_refused,
-            now_ms,
-            centre=centre,
-            event_id=event_id,
-            districts=districts,
-        )
-
-    async def waiting_by_centre(self) -> dict[str, int]:
-        return await self._run(self.database.waiting_by_centre)
-
-    async def refused_by_centre(self) -> dict[str, int]:
-        return await self._run(self.database.refused_by_centre)
-
-    async def waiting_count(self) -> int:
-        return await self._run(self.database.waiting_count)
-
-    async def waiting(
-        self,
-        limit: int,
-        *,
-        centre: str | None = None,
-        refused: bool | None = None,
-        districts: Sequence[str] | None = None,
-    ) -> list[Waiting]:
-        return await self._run(
-            self.database.waiting, limit, centre=centre, refused=refused, districts=districts
-        )
+    due_for = _OnStoreThread(SqliteDatabase.due_for)
+    delivered_many = _OnStoreThread(SqliteDatabase.delivered_many)
+    failed = _OnStoreThread(SqliteDatabase.failed)
+    refused = _OnStoreThread(SqliteDatabase.refused)
+    reroute = _OnStoreThread(SqliteDatabase.reroute)
+    retry_refused = _OnStoreThread(SqliteDatabase.retry_refused)
+    waiting_by_centre = _OnStoreThread(SqliteDatabase.waiting_by_centre)
+    refused_by_centre = _OnStoreThread(SqliteDatabase.refused_by_centre)
+    waiting_count = _OnStoreThread(SqliteDatabase.waiting_count)
+    waiting = _OnStoreThread(SqliteDatabase.waiting)
 
     # operator stages
-    async def event(self, event_id: str) -> Event | None:
-        return await self._run(self.database.event, event_id)
-
-    async def events(
-        self, state: EventState | None, limit: int, *, type: str | None = None
-    ) -> list[Event]:
-        return await self._run(self.database.events, state, limit, type=type)
-
-    async def stages(self, event_id: str) -> list[tuple[str, int, str]]:
-        return await self._run(self.database.stages, event_id)
-
-    async def set_stage(self, event_id: str, stage: EventState, now_ms: int, actor: str) -> bool:
-        return await self._run(self.database.set_stage, event_id, stage, now_ms, actor)
+    event = _OnStoreThread(SqliteDatabase.event)
+    events = _OnStoreThread(SqliteDatabase.events)
+    stages = _OnStoreThread(SqliteDatabase.stages)
+    set_stage = _OnStoreThread(SqliteDatabase.set_stage)
 
     # enrolment
-    async def issue_enrolment(
-        self,
-        device_id: str,
-        kind: DeviceKind,
-        district: str,
-        label: str,
-        *,
-        now_ms: int,
-        ttl_s: int = DEFAULT_TTL_S,
-        rotate: bool = False,
-        serves: Callable[[str], bool] = lambda _district: True,
-    ) -> tuple[str, Pending]:
-        return await self._run(
-            self.database.issue_enrolment,
-            device_id,
-            kind,
-            district,
-            label,
-            now_ms=now_ms,
-            ttl_s=ttl_s,
-            rotate=rotate,
-            serves=serves,
-        )
-
-    async def check_enrolment(self, token: str, device_id: str, now_ms: int) -> Pending:
-        return await self._run(self.database.check_enrolment, token, device_id, now_ms)
-
-    async def complete_enrolment(
-        self, token: str, public_key_b64: str, serial: str, now_ms: int
-    ) -> Pending:
-        return await self._run(
-            self.database.complete_enrolment, token, public_key_b64, serial, now_ms
-        )
-
-    async def cancel_enrolments(self, device_id: str, now_ms: int) -> int:
-        return await self._run(self.database.cancel_enrolments, device_id, now_ms)
-
-    async def enrolments(self, device_id: str | None = None) -> list[Pending]:
-        return await self._run(self.database.enrolments, device_id)
+    issue_enrolment = _OnStoreThread(SqliteDatabase.issue_enrolment)
+    check_enrolment = _OnStoreThread(SqliteDatabase.check_enrolment)
+    complete_enrolment = _OnStoreThread(SqliteDatabase.complete_enrolment)
+    cancel_enrolments = _OnStoreThread(SqliteDatabase.cancel_enrolments)
+    enrolments = _OnStoreThread(SqliteDatabase.enrolments)
 
     # personal data
-    async def set_private(self, device_id: str, sealed: str, now_ms: int) -> bool:
-        return await self._run(self.database.set_private, device_id, sealed, now_ms)
-
-    async def private(self, device_id: str) -> str | None:
-        return await self._run(self.database.private, device_id)
-
-    async def reseal_private(self, reseal: Callable[[str, str], str]) -> int:
-        return await self._run(self.database.reseal_private, reseal)
-
-    async def decommission(self, device_id: str, now_ms: int) -> bool:
-        return await self._run(self.database.decommission, device_id, now_ms)
-
-    async def purge_closed(self, closed_before_ms: int, *, dry_run: bool) -> int:
-        return await self._run(self.database.purge_closed, closed_before_ms, dry_run=dry_run)
+    set_private = _OnStoreThread(SqliteDatabase.set_private)
+    private = _OnStoreThread(SqliteDatabase.private)
+    reseal_private = _OnStoreThread(SqliteDatabase.reseal_private)
+    decommission = _OnStoreThread(SqliteDatabase.decommission)
+    purge_closed = _OnStoreThread(SqliteDatabase.purge_closed)
 
     # health and the gateway's own events
-    async def add_site_event(self, item: Incoming, now_ms: int) -> None:
-        await self._run(self.database.add_site_event, item, now_ms)
-
-    async def free_bytes(self) -> int | None:
-        return await self._run(self.database.free_bytes)
+    add_site_event = _OnStoreThread(SqliteDatabase.add_site_event)
+    free_bytes = _OnStoreThread(SqliteDatabase.free_bytes)
 
     # incidents
-    async def incidents(
-        self, state: str | None, limit: int, districts: Sequence[str] | None = None
-    ) -> list[Incident]:
-        return await self._run(self.database.incidents, state, limit, districts)
-
-    async def incident(self, incident_id: str) -> Incident | None:
-        return await self._run(self.database.incident, incident_id)
-
-    async def incident_of(self, event_id: str) -> str | None:
-        return await self._run(self.database.incident_of, event_id)
-
-    async def incident_history(self, incident_id: str) -> list[HistoryEntry]:
-        return await self._run(self.database.incident_history, incident_id)
-
-    async def incident_ticks(self, incident_id: str) -> dict[str, tuple[int, str]]:
-        return await self._run(self.database.incident_ticks, incident_id)
-
-    async def move_incident(
-        self, incident_id: str, stage: str, now_ms: int, actor: str, outcome: str | None = None
-    ) -> bool:
-        return await self._run(
-            self.database.move_incident, incident_id, stage, now_ms, actor, outcome
-        )
-
-    async def tick_procedure(self, incident_id: str, step: str, now_ms: int, actor: str) -> bool:
-        return await self._run(self.database.tick_procedure, incident_id, step, now_ms, actor)
-
-    async def escalation_candidates(self, max_level: int) -> list[Incident]:
-        return await self._run(self.database.escalation_candidates, max_level)
-
-    async def escalate(
-        self,
-        incident_id: str,
-        level: int,
-        to: str,
-        event: tuple[str, int, int, str, str],
-        now_ms: int,
-    ) -> bool:
-        return await self._run(self.database.escalate, incident_id, level, to, event, now_ms)
-
-    async def checkpoint(self) -> None:
-        await self._run(self.database.checkpoint)
-
-    async def claim_stream(self, device_id: str, holder: str, session: str, now_ms: int) -> None:
-        await self._run(self.database.claim_stream, device_id, holder, session, now_ms)
-
-    async def release_stream(self, device_id: str, holder: str, session: str) -> bool:
-        return await self._run(self.database.release_stream, device_id, holder, session)
-
-    async def release_streams_of(self, holder: str) -> int:
-        return await self._run(self.database.release_streams_of, holder)
-
-    async def stream_holder(self, device_id: str) -> str | None:
-        return await self._run(self.database.stream_holder, device_id)
+    incidents = _OnStoreThread(SqliteDatabase.incidents)
+    incident = _OnStoreThread(SqliteDatabase.incident)
+    incident_of = _OnStoreThread(SqliteDatabase.incident_of)
+    incident_history = _OnStoreThread(SqliteDatabase.incident_history)
+    incident_ticks = _OnStoreThread(SqliteDatabase.incident_ticks)
+    move_incident = _OnStoreThread(SqliteDatabase.move_incident)
+    tick_procedure = _OnStoreThread(SqliteDatabase.tick_procedure)
+    escalation_candidates = _OnStoreThread(SqliteDatabase.escalation_candidates)
+    escalate = _OnStoreThread(SqliteDatabase.escalate)
+    checkpoint = _OnStoreThread(SqliteDatabase.checkpoint)
+    claim_stream = _OnStoreThread(SqliteDatabase.claim_stream)
+    release_stream = _OnStoreThread(SqliteDatabase.release_stream)
+    release_streams_of = _OnStoreThread(SqliteDatabase.release_streams_of)
+    stream_holder = _OnStoreThread(SqliteDatabase.stream_holder)
 
 
 # row shapes shared with the PostgreSQL store (gateway/store_pg.py): same columns, same order

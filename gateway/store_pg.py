@@ -24,7 +24,6 @@ test_gw_store_contract.py runs both), on asyncpg:
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import socket
@@ -42,7 +41,6 @@ from gateway.enrolments import (
     DEFAULT_TTL_S,
     EnrolmentError,
     Pending,
-    TokenRefused,
     hash_token,
     new_token,
 )
@@ -52,6 +50,7 @@ from gateway.store import (
     FOREIGN_REF,
     INCIDENT_COLUMNS,
     INCIDENT_STAGE_ORDER,
+    NEW_DEVICE_COLUMNS,
     PURGE_BATCH,
     STAGE_ORDER,
     Accepted,
@@ -74,11 +73,18 @@ from gateway.store import (
     delivery_filter,
     delivery_from_row,
     device_from_row,
+    enrolled_device,
     enrolment_for,
     event_from_row,
+    events_behind,
     history_detail,
-    incident_from_row,
+    history_from_rows,
+    incidents_with_stages,
+    issued_enrolment,
+    new_device_values,
+    opened_enrolment,
     pending_from_row,
+    ticks_from_rows,
 )
 
 T = TypeVar("T")
@@ -698,15 +704,9 @@ class PostgresStore:
     async def add_device(self, device: Device, now_ms: int) -> None:
         async def work(db: asyncpg.Connection) -> None:
             status = await db.execute(
-                "INSERT INTO devices (device_id, public_key, kind, district, label, revoked,"
-                " created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                device.device_id,
-                device.public_key,
-                device.kind,
-                device.district,
-                device.label,
-                device.revoked,
-                now_ms,
+                f"INSERT INTO devices ({NEW_DEVICE_COLUMNS})"  # noqa: S608
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                *new_device_values(device, now_ms),
             )
             if _count(status) == 0:
                 raise DuplicateDevice(device.device_id)
@@ -969,15 +969,17 @@ class PostgresStore:
         return await self._with_stages(rows)
 
     async def _with_stages(self, rows: Sequence[asyncpg.Record]) -> list[Incident]:
-        stages: dict[str, dict[str, tuple[int, str]]] = {str(r[0]): {} for r in rows}
-        if rows:
-            for incident_id, stage, at_ms, actor in await self._fetch(
+        ids = [str(r[0]) for r in rows]
+        stage_rows = (
+            await self._fetch(
                 "SELECT incident_id, stage, at_ms, actor FROM incident_stages"
                 " WHERE incident_id = ANY($1::text[]) ORDER BY at_ms",
-                list(stages),
-            ):
-                stages[str(incident_id)][str(stage)] = (int(at_ms), str(actor))
-        return [incident_from_row(tuple(r), stages[str(r[0])]) for r in rows]
+                ids,
+            )
+            if ids
+            else []
+        )
+        return incidents_with_stages(rows, stage_rows)
 
     async def incident(self, incident_id: str) -> Incident | None:
         rows = await self._fetch(
@@ -999,13 +1001,13 @@ class PostgresStore:
             " WHERE incident_id = $1 ORDER BY at_ms, kept_order",
             incident_id,
         )
-        return [HistoryEntry(int(a), w, str(who), e, json.loads(d)) for a, w, who, e, d in rows]
+        return history_from_rows(rows)
 
     async def incident_ticks(self, incident_id: str) -> dict[str, tuple[int, str]]:
         rows = await self._fetch(
             "SELECT step, at_ms, actor FROM incident_ticks WHERE incident_id = $1", incident_id
         )
-        return {str(s): (int(a), str(who)) for s, a, who in rows}
+        return ticks_from_rows(rows)
 
     async def move_incident(
         self, incident_id: str, stage: str, now_ms: int, actor: str, outcome: str | None = None
@@ -1038,16 +1040,13 @@ class PostgresStore:
             )
             extra = {"outcome": outcome} if outcome is not None else {}
             await _history(db, incident_id, now_ms, "stage", actor, None, stage=stage, **extra)
-            # its events follow, so the per-event views (/alerts) agree with the incident;
             # locked in event id order, as delivered_many locks them, so neither deadlocks
             attached = await db.fetch(
                 "SELECT e.event_id, e.state FROM incident_events ie JOIN events e"
                 " USING (event_id) WHERE ie.incident_id = $1 ORDER BY e.event_id FOR UPDATE OF e",
                 incident_id,
             )
-            events = [
-                str(r["event_id"]) for r in attached if STAGE_ORDER[r["state"]] < STAGE_ORDER[stage]
-            ]
+            events = events_behind(attached, stage)
             await db.execute(
                 "UPDATE events SET state = $1 WHERE event_id = ANY($2::text[])", stage, events
             )
@@ -1546,35 +1545,15 @@ class PostgresStore:
             )
             return chosen
 
-        kept_kind, kept_district, kept_label = await self._tx(work)
-        pending = Pending(
-            device_id,
-            kept_kind,
-            kept_district,
-            kept_label,
-            rotate,
-            now_ms,
-            now_ms + ttl_s * 1000,
-            None,
-            None,
-            None,
-        )
-        return token, pending
+        chosen = await self._tx(work)
+        return token, issued_enrolment(device_id, chosen, rotate=rotate, now_ms=now_ms, ttl_s=ttl_s)
 
     async def check_enrolment(self, token: str, device_id: str, now_ms: int) -> Pending:
         rows = await self._fetch(
             f"SELECT {_ENROLMENT_COLUMNS} FROM enrolments WHERE token_hash = $1",  # noqa: S608
             hash_token(token),
         )
-        if not rows:
-            raise TokenRefused("unknown")
-        pending = pending_from_row(tuple(rows[0]))
-        if pending.device_id != device_id:
-            raise TokenRefused("wrong-device")
-        state = pending.state(now_ms)
-        if state != "pending":
-            raise TokenRefused(state)
-        return pending
+        return opened_enrolment(rows[0] if rows else None, device_id, now_ms)
 
     async def complete_enrolment(
         self, token: str, public_key_b64: str, serial: str, now_ms: int
@@ -1585,13 +1564,8 @@ class PostgresStore:
                 " FOR UPDATE",
                 hash_token(token),
             )
-            if row is None:
-                raise TokenRefused("unknown")
-            pending = pending_from_row(tuple(row))
+            pending = opened_enrolment(row, None, now_ms)
             await self._lock_device(db, pending.device_id)
-            state = pending.state(now_ms)
-            if state != "pending":
-                raise TokenRefused(state)
             await db.execute(
                 "UPDATE enrolments SET used_ms = $1, serial = $2 WHERE token_hash = $3",
                 now_ms,
@@ -1610,14 +1584,9 @@ class PostgresStore:
                 )
             else:
                 await db.execute(
-                    "INSERT INTO devices (device_id, public_key, kind, district, label,"
-                    " revoked, created_ms) VALUES ($1, $2, $3, $4, $5, FALSE, $6)",
-                    pending.device_id,
-                    public_key_b64,
-                    pending.kind,
-                    pending.district,
-                    pending.label,
-                    now_ms,
+                    f"INSERT INTO devices ({NEW_DEVICE_COLUMNS})"  # noqa: S608
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    *new_device_values(enrolled_device(pending, public_key_b64), now_ms),
                 )
             return pending
 

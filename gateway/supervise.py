@@ -57,7 +57,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
@@ -65,6 +64,7 @@ from gateway.config import OutageRule
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
 from gateway.store import Device, Incoming, SupervisionStore
+from protocol.clock import wall_ms
 from protocol.errors import Oversized
 from protocol.messages import MAX_LISTED_DEVICES, Status
 
@@ -118,7 +118,7 @@ class Supervisor:
         self.will_grace_ms = will_grace_ms
         self._rule = outages
         self._tick_s = tick_s
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._on_event = on_event
         self._deadline: dict[str, int] = {}  # watched device -> when it is overdue
         self._heap: list[tuple[int, str]] = []

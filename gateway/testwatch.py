@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -31,6 +30,7 @@ from gateway.downlink import Downlink
 from gateway.metrics import Metrics
 from gateway.store import Incoming, SupervisionStore
 from gateway.supervise import RouteOf
+from protocol.clock import wall_ms
 from protocol.messages import Alert, Command, Status, TestStage
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class TestWatch:
         self._downlink = downlink
         self._route_of = route_of
         self._within_ms = complete_within_ms
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._on_event = on_event
         self._asked: dict[str, _Under] = {}  # device id -> a test asked for, not received
         self._kept: dict[str, _Under] = {}  # event id -> a test received, not delivered

@@ -30,6 +30,7 @@ from typing import Any, Final
 import segno
 
 from ansimi.districts import UnknownDistrict, check_district
+from protocol.clock import wall_ms
 from protocol.ids import check_id
 from protocol.messages import DeviceKind
 from provisioning.gateway_admin import AdminClient
@@ -357,7 +358,7 @@ def finish_rotation(
     broker: BrokerControl | None,
     broker_address: tuple[str, int] | None = None,
     wait_s: float = 60.0,
-    clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    clock_ms: Callable[[], int] = wall_ms,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Finished:
     """Once the gateway has heard from the device since its rotation, revoke its older

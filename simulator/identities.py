@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.store import Device, SqliteDatabase
+from protocol.clock import wall_ms
 from protocol.keys import public_key_to_b64
 from simulator.scenario import SimDevice
 
@@ -38,7 +38,7 @@ def register(database: Path, devices: Iterable[SimDevice], run_secret: str) -> i
     """Put every device, with its public key, kind and district, into the gateway's store."""
     database.parent.mkdir(parents=True, exist_ok=True)
     store = SqliteDatabase(database)
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = wall_ms()
     count = 0
     try:
         for d in devices:

@@ -44,6 +44,7 @@ from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
 from device.observer import AgentObserver
 from device.outbox import Outbox
 from device.video.config import VideoConfig
+from protocol.clock import wall_ms
 from protocol.jws import Signer
 from protocol.keys import public_key_from_b64
 from protocol.messages import AckStage, Alert, Body, Cancel, Heartbeat
@@ -264,7 +265,7 @@ class Worker:
 
     def _clock_for(self, device_id: str) -> Callable[[], int]:
         skew = self.skew_ms
-        return lambda: time.time_ns() // 1_000_000 + skew.get(device_id, 0)
+        return lambda: wall_ms() + skew.get(device_id, 0)
 
     def heal(self, device_ids: list[str]) -> None:
         """The link works again: a press the agent never found dead is counted as such."""

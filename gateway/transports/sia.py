@@ -30,7 +30,6 @@ import json
 import logging
 import re
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -41,6 +40,7 @@ from gateway.config import SiaReceiver
 from gateway.errors import GatewayError
 from gateway.store import Delivery
 from gateway.transports.base import DELIVERED, Outcome
+from protocol.clock import wall_ms
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class SiaBridge:
         pad: Callable[[int], str] | None = None,
     ) -> None:
         self.config = config
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self._pad = pad
         self._key = config.aes_key
         self._seq = 0

@@ -29,6 +29,7 @@ from typing import Any
 from ansimi.broker import Mosquitto, MosquittoConfig, free_port
 from console.operators import Operators
 from gateway.store import Device, SqliteDatabase
+from protocol.clock import wall_ms
 from protocol.envelope import seal
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
@@ -160,7 +161,7 @@ def _alert(root: Path, broker: Mosquitto, device_id: str, signer: Signer) -> str
         Alert(bell="emergency", trigger="press"),
         device=device_id,
         seq=1,
-        ts=time.time_ns() // 1_000_000,
+        ts=wall_ms(),
     )
     payload = root / f"{device_id}.jws"
     payload.write_text(seal(message, signer))

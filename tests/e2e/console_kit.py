@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from gateway.config import (
 from gateway.service import Gateway
 from gateway.store import Device
 from gateway.video.config import VideoConfig as GatewayVideo
+from protocol.clock import wall_ms
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
 
@@ -76,7 +76,7 @@ OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "e2e"
 
 
 def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return wall_ms()
 
 
 @dataclass

@@ -97,7 +97,9 @@ async def test_session_reconnects_and_resubscribes_after_broker_restart(
         mosquitto.start()
         await sub.wait_connected(10)
         await pub.wait_connected(10)
-        await asyncio.sleep(0.2)  # the resubscribe is sent from the CONNACK callback
+        # sub's SUBSCRIBE went out in its CONNACK callback, ahead of this PUBLISH on the
+        # same connection: once the broker acks this, it has the subscription
+        await asyncio.wait_for(sub.publish("t/resubscribed", b""), 5)
         await asyncio.wait_for(pub.publish("t/restart", b"after"), 5)
         got = await asyncio.wait_for(inbox.messages.get(), 5)
         assert got.payload == b"after"

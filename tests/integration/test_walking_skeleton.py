@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from device.hal.ports import Pattern
 from gateway.config import Centre, GatewayConfig, MqttConfig
 from gateway.service import Gateway
 from gateway.store import Device
+from protocol.clock import wall_ms
 from protocol.envelope import seal
 from protocol.jws import Signer, verify
 from protocol.keys import generate_key, public_key_to_b64
@@ -130,7 +130,7 @@ async def test_a_forged_ack_leaves_the_alert_in_the_outbox(
             Ack(ref=entry.id, stage="received"),
             device="bell-0001",
             seq=2**40,
-            ts=time.time_ns() // 1_000_000,
+            ts=wall_ms(),
         )
         await attacker.publish(down_topic("bell-0001", "ack"), seal(forged, forger).encode())
         await eventually(lambda: agent.link.rejected.get("bad_signature", 0) == 1)

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from device.hal.fakes import FakeIndicator, FakeInputs
 from gateway.config import Centre, GatewayConfig, MqttConfig
 from gateway.service import Gateway
 from gateway.store import Device
+from protocol.clock import wall_ms
 from protocol.envelope import seal
 from protocol.jws import Signer, verify
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
@@ -121,7 +121,7 @@ def make_agent(
 
 
 def down_token(signer: Signer, body: Ack | Command, seq: int, device: str = DEVICE_ID) -> bytes:
-    message = build_message(body, device=device, seq=seq, ts=time.time_ns() // 1_000_000)
+    message = build_message(body, device=device, seq=seq, ts=wall_ms())
     return seal(message, signer).encode()
 
 

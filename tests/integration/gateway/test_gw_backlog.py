@@ -13,6 +13,7 @@ from gw_itkit import WAIT_S, Fleet, gateway_running
 from ansimi.broker import Mosquitto
 from ansimi.mqtt import Message, Session, Settings
 from gateway.store import Device
+from protocol.clock import wall_ms
 from protocol.envelope import open_for_device, seal
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
@@ -31,7 +32,7 @@ async def test_a_flood_onto_a_slow_store_stays_bounded_and_every_alert_is_acked(
     key = generate_key()
     fleet.register(Device(DEVICE, public_key_to_b64(key.public_key()), "bell", "mapo"))
     device = Signer(DEVICE, key)
-    now = time.time_ns() // 1_000_000
+    now = wall_ms()
     alerts = [
         build_message(Alert(bell="emergency", trigger="press"), device=DEVICE, seq=n, ts=now)
         for n in range(1, FLOOD + 1)

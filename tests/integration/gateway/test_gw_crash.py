@@ -151,14 +151,24 @@ async def test_a_broker_outage_is_not_reported_as_every_bell_going_offline(
         # silent for two heartbeats (2 s) is offline: a short test
         supervise = config.supervise.model_copy(update={"missed": 2})
         config = config.model_copy(update={"supervise": supervise})
-        timeout_s = config.supervise.timeout_ms / 1000
         async with gateway_running(config) as gateway, agents_running(fleet):
             await eventually(lambda: gateway.supervisor.watched() == 3)
             mosquitto.kill()
             await eventually(lambda: not gateway.session.connected)
-            # longer than any bell may stay silent: had supervision not paused with the
-            # gateway's own link, every bell would be reported offline by now
-            await asyncio.sleep(timeout_s + 1)
+            # a tick past every bell's deadline: had supervision not paused with the
+            # gateway's own link, every bell would be reported offline by it
+            supervisor = gateway.supervisor
+            deadlines = [supervisor.deadline(agent.config.device.id) for agent in fleet.agents]
+            last_deadline = max(d for d in deadlines if d is not None)
+            ticked: list[int] = []
+            tick = supervisor.tick
+
+            async def recorded_tick(now_ms: int) -> list[str]:
+                ticked.append(now_ms)
+                return await tick(now_ms)
+
+            supervisor.tick = recorded_tick  # type: ignore[method-assign]
+            await eventually(lambda: bool(ticked) and ticked[-1] > last_deadline)
             offline = gateway.metrics.registry.get_sample_value(
                 "ansimi_supervision_events_total", {"event": "offline"}
             )

@@ -11,7 +11,6 @@ import contextlib
 import datetime as dt
 import ipaddress
 import ssl
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from gateway.config import Centre, ForwardConfig, GatewayConfig, MqttConfig, Sia
 from gateway.service import Gateway
 from gateway.store import Delivery, Device
 from gateway.transports.https import HttpsCentre, delivery_body
+from protocol.clock import wall_ms
 from protocol.envelope import open_for_device, seal
 from protocol.forwarding import (
     IDEMPOTENCY_HEADER,
@@ -141,7 +141,7 @@ class Phone:
             Alert(bell="emergency", trigger="press"),
             device=DEVICE,
             seq=self.seq,
-            ts=time.time_ns() // 1_000_000,
+            ts=wall_ms(),
         )
         await self.session.publish(up_topic(DEVICE, "alert"), seal(msg, self.signer).encode())
         return msg.id

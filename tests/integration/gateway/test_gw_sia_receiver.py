@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import random
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from gateway.forward import Forwarder
 from gateway.metrics import Metrics
 from gateway.store import Delivery, Device, Incoming, SqliteStore
 from gateway.transports.sia import SiaBridge, frame
+from protocol.clock import wall_ms
 
 ACCOUNT = "1234"
 KEY = "0123456789ABCDEF"  # pysiaalarm takes the characters as the AES-128 key bytes
@@ -52,7 +52,7 @@ async def pysia_receiver(port: int) -> AsyncIterator[list[SIAEvent]]:
 
 
 def keep(store: SqliteStore, items: list[tuple[str, str, dict[str, Any]]]) -> None:
-    now = time.time_ns() // 1_000_000
+    now = wall_ms()
     store.database.accept_batch(
         [
             Incoming(
@@ -146,7 +146,7 @@ async def test_a_nak_for_our_clock_is_answered_with_the_receivers_time() -> None
     port = free_port()
     receiver = SiaReceiver(name="monitoring", port=port, account=ACCOUNT, key=KEY)
     # our clock is two minutes slow: outside pysiaalarm's window (40 s back, 20 s ahead)
-    bridge = SiaBridge(receiver, clock_ms=lambda: time.time_ns() // 1_000_000 - 120_000)
+    bridge = SiaBridge(receiver, clock_ms=lambda: wall_ms() - 120_000)
     delivery = Delivery(
         "ev0001", "monitoring", 0, "bell-0001", "alert", 0, json.dumps(alert("press")), "x"
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from console.receiver import EventLog, Receiver
 from gateway.config import Centre, ForwardConfig, GatewayConfig, MqttConfig
 from gateway.service import Gateway
 from gateway.store import Device, SqliteDatabase
+from protocol.clock import wall_ms
 from protocol.envelope import open_for_device, seal
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
@@ -39,7 +39,7 @@ GATEWAY_ID = "gw-test"
 
 
 def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return wall_ms()
 
 
 @dataclass

@@ -23,6 +23,9 @@ class Client:
     drops: int = 0
 
     async def nothing_more(self, within_s: float = 0.5) -> None:
+        """Nothing arrives within `within_s`: only where no later message can reach this
+        client (a revoked identity reads nothing). Elsewhere, send a message after what must
+        not arrive and check it comes first: the broker keeps one subscriber's order."""
         with contextlib.suppress(TimeoutError):
             extra = await asyncio.wait_for(self.inbox.get(), within_s)
             raise AssertionError(f"unexpected message on {extra.topic}: {extra.payload!r}")

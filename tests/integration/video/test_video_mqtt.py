@@ -7,7 +7,6 @@ import io
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -23,6 +22,7 @@ from gateway.video.config import VideoConfig as GatewayVideo
 from gateway.video.encrypted import check, decrypt_to
 from gateway.video.evidence import SealBroken, verify_seal
 from gateway.video.hub import VideoHub
+from protocol.clock import wall_ms
 from protocol.envelope import seal
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
@@ -132,7 +132,7 @@ async def test_offers_from_unknown_or_revoked_devices_never_reach_the_hub(
                     Rtc(kind="offer", session="intruder-session", sdp=sdp),
                     device=device_id,
                     seq=1,
-                    ts=time.time_ns() // 1_000_000,
+                    ts=wall_ms(),
                 )
                 await intruder.publish(
                     up_topic(device_id, "rtc"), seal(message, Signer(device_id, key)).encode()

@@ -7,7 +7,6 @@ Keys are fixed, so failures reproduce byte for byte.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from console.gateway_client import GatewayClient
 from console.operators import Operators
 from console.receiver import EventLog, Receiver
 from console.web import ConsoleApp
+from protocol.clock import wall_ms
 from protocol.envelope import seal
 from protocol.forwarding import (
     IDEMPOTENCY_HEADER,
@@ -44,7 +44,7 @@ PRESS = Alert(bell="emergency", trigger="press")
 
 
 def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return wall_ms()
 
 
 def registry_entry(device_id: str = "bell-0001", **extra: Any) -> dict[str, Any]:

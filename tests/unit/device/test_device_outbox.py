@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from device.outbox import SEQ_BLOCK, Outbox
+from device.outbox import SEQ_BLOCK, Outbox, OutboxBusy
 
 
 def test_put_schedules_the_first_resend_in_the_same_commit(tmp_path: Path) -> None:
@@ -105,7 +105,7 @@ def test_a_second_agent_on_the_same_outbox_is_refused(tmp_path: Path) -> None:
     # two agents sharing a state_dir would hand out the same sequence numbers
     path = tmp_path / "outbox.db"
     first = Outbox(path)
-    with pytest.raises(sqlite3.OperationalError, match="locked"):
+    with pytest.raises(OutboxBusy, match="locked"):
         Outbox(path)
     first.close()
     Outbox(path).close()  # free again once the first has let go

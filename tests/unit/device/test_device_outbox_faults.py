@@ -12,11 +12,21 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from device_faults_kit import FullDisk
 
-from device.outbox import SEQ_BLOCK, Outbox, OutboxUnusable
+from device.outbox import (
+    SEQ_BLOCK,
+    Outbox,
+    OutboxBusy,
+    OutboxDamaged,
+    OutboxError,
+    OutboxFull,
+    OutboxStorageFailed,
+    OutboxUnwritable,
+)
 from protocol.messages import Alert
 
 BODY = Alert(bell="emergency", trigger="press").model_dump_json()
@@ -158,7 +168,7 @@ def test_an_outbox_that_cannot_be_moved_aside_says_so(
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(OutboxUnusable, match=r"damaged .*not a database.* cannot be moved aside"):
+    with pytest.raises(OutboxDamaged, match=r"damaged .*not a database.* cannot be moved aside"):
         Outbox(path)
 
 
@@ -233,26 +243,36 @@ def test_a_raised_counter_is_on_disk_before_its_first_number_goes_out(tmp_path: 
 # ---- what the agent's command says when the outbox cannot be opened ---------------------------
 
 
-def test_a_full_disk_at_start_is_not_blamed_on_permissions(tmp_path: Path) -> None:
+def test_a_full_disk_at_start_is_not_blamed_on_permissions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from device.cli import outbox_fix
 
-    # a real SQLITE_FULL: the database may not grow past one page
-    db = sqlite3.connect(str(tmp_path / "small.db"))
-    db.execute("PRAGMA max_page_count = 1")
-    with pytest.raises(sqlite3.OperationalError) as full:
-        db.execute("CREATE TABLE t (x)")
-        db.execute("CREATE TABLE u (x)")
-    db.close()
+    # a real SQLITE_FULL: the new outbox may not grow past its first page
+    connect = sqlite3.connect
+
+    def one_page(path: str, **options: Any) -> sqlite3.Connection:
+        db: sqlite3.Connection = connect(path, **options)
+        db.execute("PRAGMA max_page_count = 1")
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", one_page)
+    with pytest.raises(OutboxFull) as full:
+        Outbox(tmp_path / "outbox.db")
+    assert not isinstance(full.value, sqlite3.Error)
     assert "free space" in outbox_fix(full.value)
+    monkeypatch.undo()
     # damaged, and the copy of its log could not be written aside for want of room
-    try:
-        raise OutboxUnusable("damaged and cannot be moved aside") from OSError(
-            errno.ENOSPC, "No space left on device"
-        )
-    except OutboxUnusable as exc:
-        assert "free space" in outbox_fix(exc)
-    assert "state_dir" in outbox_fix(OSError(errno.EIO, "Input/output error"))
-    assert "check it" in outbox_fix(OSError(errno.EIO, "Input/output error"))
+    path = tmp_path / "damaged.db"
+    path.write_bytes(b"garbage" * 100)
+    monkeypatch.setattr(os, "replace", _fail_with(errno.ENOSPC))
+    with pytest.raises(OutboxFull, match="damaged") as damaged_full:
+        Outbox(path)
+    assert "free space" in outbox_fix(damaged_full.value)
+    monkeypatch.setattr(os, "replace", _fail_with(errno.EIO))
+    with pytest.raises(OutboxStorageFailed) as failing:
+        Outbox(path)
+    assert "check it" in outbox_fix(failing.value)
 
 
 def test_an_outbox_that_cannot_be_moved_aside_is_told_to_be_moved(
@@ -262,14 +282,61 @@ def test_an_outbox_that_cannot_be_moved_aside_is_told_to_be_moved(
 
     path = tmp_path / "outbox.db"
     path.write_bytes(b"garbage" * 100)
-    monkeypatch.setattr(os, "replace", _refuse)
-    with pytest.raises(OutboxUnusable) as unusable:
+    monkeypatch.setattr(os, "replace", _fail_with(errno.EACCES))
+    with pytest.raises(OutboxDamaged) as unusable:
         Outbox(path)
     fix = outbox_fix(unusable.value)
     assert "moved aside" in fix and "free space" not in fix
-    # a plain permissions problem is one
-    assert "can write" in outbox_fix(PermissionError(errno.EACCES, "Permission denied"))
 
 
-def _refuse(src: object, dst: object) -> None:
-    raise PermissionError(errno.EACCES, "Permission denied")
+def test_a_state_dir_that_cannot_be_a_folder_is_unwritable(tmp_path: Path) -> None:
+    from device.cli import outbox_fix
+
+    # (a file where the folder should be: refused to root as well, unlike permissions)
+    (tmp_path / "state").write_text("")
+    with pytest.raises(OutboxUnwritable) as unwritable:
+        Outbox(tmp_path / "state" / "outbox.db")
+    assert isinstance(unwritable.value, PermissionError)
+    assert not isinstance(unwritable.value.__cause__, OutboxError)
+    assert "can write" in outbox_fix(unwritable.value)
+
+
+def test_a_second_agent_is_told_to_stop_the_first(tmp_path: Path) -> None:
+    from device.cli import outbox_fix
+
+    first = Outbox(tmp_path / "outbox.db")
+    with pytest.raises(OutboxBusy) as busy:
+        Outbox(tmp_path / "outbox.db")
+    first.close()
+    assert not isinstance(busy.value, sqlite3.Error)
+    assert "another agent" in outbox_fix(busy.value)
+
+
+def test_storage_that_cannot_be_read_is_an_outbox_error(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox.db")
+    box.put("alert-0001", "alert", BODY, 5)
+    real = box._db
+    box._db = _Unreadable(real)  # type: ignore[assignment]
+    for read in (box.pending, box.depth, box.next_attempt_ms, lambda: box.sms_due(10)):
+        with pytest.raises(OutboxStorageFailed, match="cannot be read"):
+            read()
+    box._db = real
+    box.close()
+    assert issubclass(OutboxStorageFailed, OutboxError)
+
+
+class _Unreadable:
+    """The outbox's connection on storage that fails every read."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, args: object = ()) -> sqlite3.Cursor:
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+def _fail_with(code: int) -> object:
+    def fail(src: object, dst: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    return fail

@@ -7,8 +7,12 @@ uses. Keys are fixed, so failures reproduce byte for byte.
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+import pytest
 from ansimi_testkit import CENTRAL_TOML  # noqa: F401  (re-exported for the gateway tests)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -19,7 +23,7 @@ from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
 from gateway.store import Delivery, Device, SqliteStore
 from gateway.supervise import Supervisor
-from protocol.envelope import open_for_device, seal
+from protocol.envelope import open_envelope, open_for_device, seal
 from protocol.jws import Signer
 from protocol.keys import public_key_to_b64
 from protocol.messages import (
@@ -28,6 +32,7 @@ from protocol.messages import (
     Body,
     Heartbeat,
     Message,
+    StatusMessage,
     SyncMessage,
     build_message,
 )
@@ -147,6 +152,47 @@ class Env:
     def event_count(self) -> int:
         return len(self.store.database.events(None, 100_000))
 
+    def route_of(self, device_id: str) -> tuple[str, ...] | None:
+        """The centres of an enrolled, unrevoked device (as the service routes its events)."""
+        return route_in(self.registry, device_id)
+
+    def intake_with(self, **hooks: Any) -> Intake:
+        """An intake on this env's store, registry and clock that tells `hooks` (a watcher's
+        `on_kept`, `on_heartbeats`, `secondary`, ...) what it keeps, as the service wires it."""
+        return Intake(
+            self.store,
+            self.registry,
+            self.downlink,
+            self.metrics,
+            route=ROUTES.__getitem__,
+            window_ms=WINDOW_MS,
+            clock_ms=self.clock,
+            **hooks,
+        )
+
+    def gateway_statuses(self, deliveries: Iterable[Delivery], state: str) -> list[StatusMessage]:
+        """The gateway-signed status messages of `state` among `deliveries`."""
+        found = []
+        for delivery in deliveries:
+            if delivery.type != "status":
+                continue
+            opened = open_envelope(delivery.jws, {GATEWAY: GATEWAY_KEY.public_key()}.__getitem__)
+            message = opened.message
+            if isinstance(message, StatusMessage) and message.body.state == state:
+                found.append(message)
+        return found
+
+
+@pytest.fixture
+async def env() -> Env:
+    """A gateway's insides, fresh for each test (import it into the test module)."""
+    return await make_env()
+
+
+def route_in(registry: Registry, device_id: str) -> tuple[str, ...] | None:
+    device = registry.device(device_id)
+    return None if device is None or device.revoked else ROUTES[device.district]
+
 
 def due(store: SqliteStore, now_ms: int, limit: int = 100_000) -> list[Delivery]:
     """Every delivery due by `now_ms`, whatever its centre (the forwarder asks per centre)."""
@@ -179,15 +225,11 @@ async def make_env(
 
     downlink = Downlink(Signer(GATEWAY, GATEWAY_KEY), publish, clock_ms=clock)
 
-    def route_of(device_id: str) -> tuple[str, ...] | None:
-        device = registry.device(device_id)
-        return None if device is None or device.revoked else ROUTES[device.district]
-
     supervisor = Supervisor(
         store,
         downlink,
         metrics,
-        route_of=route_of,
+        route_of=functools.partial(route_in, registry),
         timeout_ms=TIMEOUT_MS,
         will_grace_ms=will_grace_ms,
         clock_ms=clock,

@@ -8,13 +8,11 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
-from gw_testkit import DISTRICTS, GATEWAY, GATEWAY_KEY, ROUTES, Env, make_env
+from gw_testkit import DISTRICTS, GATEWAY, ROUTES, Env
 
 from gateway.api import Api
 from gateway.certwatch import DAY_MS, CertWatch, site_certificates
 from gateway.config import ApiToken
-from protocol.envelope import open_envelope
-from protocol.messages import StatusMessage
 from siteca import pki
 from siteca.site import Site, init_site
 
@@ -45,23 +43,14 @@ def alarms(env: Env) -> list[tuple[str, str]]:
     found = []
     centres = sorted({*SITE_CENTRES, *(c for r in ROUTES.values() for c in r)})
     # asked per centre, as the forwarder does: the gateway's own events name no device
-    for d in (d for c in centres for d in env.store.database.due_for(c, env.clock.ms, 1000)):
-        if d.type != "status":
-            continue
-        opened = open_envelope(d.jws, {GATEWAY: GATEWAY_KEY.public_key()}.__getitem__)
-        message = opened.message
-        if isinstance(message, StatusMessage) and message.body.state == "cert_expiring":
-            found.append((message.device, d.centre))
+    for centre in centres:
+        due = env.store.database.due_for(centre, env.clock.ms, 1000)
+        found += [(m.device, centre) for m in env.gateway_statuses(due, "cert_expiring")]
     return found
 
 
 def _cn(cert: x509.Certificate) -> str:
     return str(cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
-
-
-@pytest.fixture
-async def env() -> Env:
-    return await make_env()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from gw_testkit import DISTRICTS, ROUTES, WINDOW_MS, Env, make_env
+from gw_testkit import DISTRICTS, WINDOW_MS, Env
 from pydantic import ValidationError
 
 from gateway.config import GatewayConfig
@@ -22,27 +22,12 @@ def watched(env: Env) -> tuple[Intake, FleetHealth]:
         drift_flag_ms=FLAG_MS,
         clock_ms=env.clock,
     )
-    intake = Intake(
-        env.store,
-        env.registry,
-        env.downlink,
-        env.metrics,
-        route=ROUTES.__getitem__,
-        window_ms=WINDOW_MS,
-        clock_ms=env.clock,
-        on_heartbeats=fleet.heartbeats,
-    )
-    return intake, fleet
+    return env.intake_with(on_heartbeats=fleet.heartbeats), fleet
 
 
 def gauge(env: Env, name: str, device: str = "bell-0001", **extra: str) -> float | None:
     labels = {"device": device, "district": DISTRICTS[device], **extra}
     return env.metrics.registry.get_sample_value(name, labels)
-
-
-@pytest.fixture
-async def env() -> Env:
-    return await make_env()
 
 
 async def test_the_last_heartbeat_of_each_device_is_a_metric_with_its_district(env: Env) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from ansimi_testkit import notified, notify_socket
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from gw_testkit import ALERT, GATEWAY, GATEWAY_KEY, ROUTES, WINDOW_MS, Clock, Env, make_env
+from gw_testkit import ALERT, GATEWAY, GATEWAY_KEY, Clock, Env, make_env
 
 from ansimi import sdnotify
 from ansimi.mqtt import Message as MqttMessage
@@ -113,16 +113,7 @@ async def hearing(r: Rig, ms: int) -> None:
 
 
 def intake_of(env: Env, on_probe: Callable[[MqttMessage], bool] | None = None) -> Intake:
-    return Intake(
-        env.store,
-        env.registry,
-        env.downlink,
-        env.metrics,
-        route=ROUTES.__getitem__,
-        window_ms=WINDOW_MS,
-        clock_ms=env.clock,
-        on_probe=on_probe,
-    )
+    return env.intake_with(on_probe=on_probe)
 
 
 async def test_a_probe_is_heard_back_and_is_neither_kept_nor_refused() -> None:

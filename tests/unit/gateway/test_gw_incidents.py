@@ -263,6 +263,30 @@ async def test_procedure_ticks_are_audited_with_operator_and_time(desk: Desk) ->
     assert (await desk.call("GET", "/incidents?state=shut"))[0] == 400
 
 
+async def test_every_incident_route_refuses_an_unknown_incident_and_a_bad_operator(
+    desk: Desk,
+) -> None:
+    await desk.env.feed(desk.env.message(ALERT))
+    _, listed = await desk.call("GET", "/incidents")
+    known = listed["incidents"][0]["id"]
+    unknown = "alert-unknown-0001"
+    bad_operator = {"X-Ansimi-Operator": "lee\u00e9 desk"}
+    paths = [
+        (r.method, r.path.replace("{step}", "call_victim"))
+        for r in IncidentRoutes(desk.env.store, desk.env.downlink, desk.env.metrics, {}).routes()
+        if "{incident_id}" in r.path
+    ]
+    assert len(paths) == 5  # one, procedure, and the three stages
+    for method, path in paths:
+        # the central token serves every district: the route itself says it is unknown
+        status, answer = await desk.call(method, path.format(incident_id=unknown))
+        assert (status, answer) == (404, {"error": "no such incident"}), path
+        status, _ = await desk.call(method, path.format(incident_id=known), headers=bad_operator)
+        # a read names no actor: only the routes that act check the operator's name
+        assert status == (200 if method == "GET" else 400), path
+    assert desk.refused("bad_operator") == 4
+
+
 async def test_an_unacknowledged_incident_escalates_along_the_chain(desk: Desk) -> None:
     env = desk.env
     await env.feed(env.message(ALERT))  # stalking: priority 4, 60 s a step

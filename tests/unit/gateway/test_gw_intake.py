@@ -6,16 +6,11 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
-from gw_testkit import ALERT, NOW, TIMEOUT_MS, WINDOW_MS, Env, due, heartbeat, make_env
+from gw_testkit import ALERT, NOW, TIMEOUT_MS, WINDOW_MS, Env, due, heartbeat
 
 from ansimi.mqtt import Message as MqttMessage
 from gateway.store import Accepted, Incoming, SqliteStore, StoreError, StoreFull
 from protocol.messages import Alert, Cancel, Status
-
-
-@pytest.fixture
-async def env() -> Env:
-    return await make_env()
 
 
 async def test_a_good_alert_is_kept_acked_and_routed_to_its_district(env: Env) -> None:

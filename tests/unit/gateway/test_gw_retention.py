@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from gateway.cli import gateway
 from gateway.config import PrivacyConfig
 from gateway.private import PrivateData, PrivateRoutes, open_vault
 from gateway.store import Incoming, SqliteDatabase
+from protocol.clock import wall_ms
 
 DAY_MS = 86_400_000
 
@@ -77,7 +77,7 @@ def test_purge_command_dry_run_then_for_real(tmp_path: Path) -> None:
     env = asyncio.run(make_env())
     for device in env.store.database.devices():
         store.add_device(device, now_ms=0)
-    now = time.time_ns() // 1_000_000
+    now = wall_ms()
     for event_id, closed_days_ago in (("closed-long-ago", 31), ("closed-yesterday", 1)):
         store.add_event(env_incoming(event_id), now_ms=now)
         store.set_stage(event_id, "closed", now - closed_days_ago * DAY_MS, "central")

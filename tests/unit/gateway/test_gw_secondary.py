@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-from gw_testkit import GATEWAY, GATEWAY_KEY, ROUTES, WINDOW_MS, Env, due, make_env
+from gw_testkit import GATEWAY, GATEWAY_KEY, ROUTES, Env, due
 
 from gateway.intake import Intake
 from gateway.secondary import DOWN, UP, SecondaryPathWatch
@@ -18,32 +17,16 @@ NO_NUMBERS = SecondaryPath(modem=True, sim="ready", registered=True, signal=60, 
 
 def watched(env: Env, *, confirm: int = 2) -> tuple[Intake, SecondaryPathWatch]:
     """The env's intake again, with a secondary path watch hooked in."""
-
-    def route(device_id: str) -> tuple[str, ...] | None:
-        device = env.registry.device(device_id)
-        return None if device is None or device.revoked else ROUTES[device.district]
-
     watch = SecondaryPathWatch(
         env.store,
         env.downlink,
         env.metrics,
-        route_of=route,
+        route_of=env.route_of,
         confirm=confirm,
         clock_ms=env.clock,
         on_event=lambda: env.woken.append(-1),
     )
-    intake = Intake(
-        env.store,
-        env.registry,
-        env.downlink,
-        env.metrics,
-        route=ROUTES.__getitem__,
-        window_ms=WINDOW_MS,
-        clock_ms=env.clock,
-        supervisor=env.supervisor,
-        secondary=watch,
-    )
-    return intake, watch
+    return env.intake_with(supervisor=env.supervisor, secondary=watch), watch
 
 
 def beat(health: SecondaryPath | None) -> Heartbeat:
@@ -63,11 +46,6 @@ def secondary_events(env: Env) -> list[Event]:
 
 def states(env: Env) -> list[str]:
     return [e.body_json.split('"')[3] for e in secondary_events(env)]
-
-
-@pytest.fixture
-async def env() -> Env:
-    return await make_env()
 
 
 async def test_one_down_and_one_up_per_outage(env: Env) -> None:

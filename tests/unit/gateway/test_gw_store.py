@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gw_testkit import CENTRAL_TOML
@@ -285,6 +287,41 @@ async def test_no_sqlite_error_leaks_even_from_below_the_translation(tmp_path: P
         await store.devices()
     assert not isinstance(broken.value, sqlite3.Error)
     assert str(tmp_path) in str(broken.value)  # says which file
+    await store.close()
+
+
+async def test_every_store_call_runs_the_databases_method_on_the_store_thread(
+    tmp_path: Path,
+) -> None:
+    class Recording(SqliteDatabase):
+        """Records where each of its public methods ran, then runs it."""
+
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self.ran: dict[str, str] = {}
+
+        def __getattribute__(self, name: str) -> Any:
+            found = super().__getattribute__(name)
+            if name.startswith("_") or name == "ran" or not callable(found):
+                return found
+
+            def recorded(*args: Any, **kwargs: Any) -> Any:
+                self.ran[name] = threading.current_thread().name
+                return found(*args, **kwargs)
+
+            return recorded
+
+    database = Recording(tmp_path / "gateway.db")
+    store = SqliteStore(database)
+    device = Device("bell-0001", "key", "bell", "mapo")
+    await store.add_device(device, now_ms=1)
+    found = await store.device("bell-0001")
+    assert found is not None and found.device_id == "bell-0001"
+    assert [d.device_id for d in await store.devices()] == ["bell-0001"]
+    assert await store.revoke("bell-0001", 2) is True
+    assert await store.waiting(10, centre="central") == []
+    for name in ("add_device", "device", "devices", "revoke", "waiting"):
+        assert database.ran[name].startswith("store"), name
     await store.close()
 
 

@@ -16,11 +16,6 @@ from protocol.keys import generate_key, public_key_to_b64
 from protocol.messages import Status, StatusMessage
 
 
-@pytest.fixture
-async def env() -> Env:
-    return await make_env()
-
-
 def status_events(env: Env) -> list[Event]:
     return [e for e in reversed(env.store.database.events(None, 100_000)) if e.type == "status"]
 

@@ -38,11 +38,6 @@ from protocol.topics import up_topic
 TEN_MINUTES_MS = 600_000
 
 
-@pytest.fixture
-async def env() -> Env:
-    return await make_env()
-
-
 def skew_metric(env: Env) -> float:
     return env.metrics.registry.get_sample_value("ansimi_clock_skewed_total") or 0.0
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from gw_testkit import GATEWAY, GATEWAY_KEY, ROUTES, WINDOW_MS, Env, due, make_env
+from gw_testkit import ROUTES, Env, due
 
 from gateway.api import Api
 from gateway.config import ApiToken
 from gateway.intake import Intake
 from gateway.testwatch import TestWatch
-from protocol.envelope import open_envelope
 from protocol.messages import Alert, CommandMessage, Status, StatusMessage
 
 WITHIN_MS = 600_000
@@ -19,54 +17,26 @@ TEST = Alert(bell="emergency", trigger="test")
 
 def watched(env: Env, period_ms: int | None = None) -> tuple[Intake, TestWatch]:
     """The env's intake again, telling a test watch what it keeps (as the service does)."""
-
-    def route(device_id: str) -> tuple[str, ...] | None:
-        device = env.registry.device(device_id)
-        return None if device is None or device.revoked else ROUTES[device.district]
-
     watch = TestWatch(
         env.store,
         env.downlink,
         env.metrics,
-        route_of=route,
+        route_of=env.route_of,
         complete_within_ms=WITHIN_MS,
         period_ms=period_ms,
         devices=env.registry.device_ids,
         clock_ms=env.clock,
         on_event=lambda: env.woken.append(-1),
     )
-    intake = Intake(
-        env.store,
-        env.registry,
-        env.downlink,
-        env.metrics,
-        route=ROUTES.__getitem__,
-        window_ms=WINDOW_MS,
-        clock_ms=env.clock,
-        on_kept=watch.kept,
-    )
-    return intake, watch
+    return env.intake_with(on_kept=watch.kept), watch
 
 
 def failed(env: Env) -> list[StatusMessage]:
-    found = []
-    for delivery in due(env.store, env.clock.ms):
-        if delivery.type != "status":
-            continue  # the device's own alert, signed by it
-        opened = open_envelope(delivery.jws, {GATEWAY: GATEWAY_KEY.public_key()}.__getitem__)
-        message = opened.message
-        if isinstance(message, StatusMessage) and message.body.state == "test_failed":
-            found.append(message)
-    return found
+    return env.gateway_statuses(due(env.store, env.clock.ms), "test_failed")
 
 
 def outcome(env: Env, name: str) -> float | None:
     return env.metrics.registry.get_sample_value("ansimi_test_presses_total", {"outcome": name})
-
-
-@pytest.fixture
-async def env() -> Env:
-    return await make_env()
 
 
 async def test_a_test_delivered_in_time_passes_and_tells_nobody(env: Env) -> None:
