@@ -6,9 +6,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from pg_testkit import PgServer, new_postgres
 
 from ansimi.broker import Mosquitto, MosquittoConfig, mosquitto_path
+
+# Property tests check what comes out, not how fast: hypothesis's 200 ms deadline per example
+# failed a round-trip test on a loaded CI machine. Speed lives in bench/.
+settings.register_profile("ansimi", deadline=None)
+settings.load_profile("ansimi")
 
 
 @pytest.fixture
