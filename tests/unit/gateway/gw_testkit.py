@@ -159,15 +159,8 @@ class Env:
     def intake_with(self, **hooks: Any) -> Intake:
         """An intake on this env's store, registry and clock that tells `hooks` (a watcher's
         `on_kept`, `on_heartbeats`, `secondary`, ...) what it keeps, as the service wires it."""
-        return Intake(
-            self.store,
-            self.registry,
-            self.downlink,
-            self.metrics,
-            route=ROUTES.__getitem__,
-            window_ms=WINDOW_MS,
-            clock_ms=self.clock,
-            **hooks,
+        return intake_on(
+            self.store, self.registry, self.downlink, self.metrics, self.clock, **hooks
         )
 
     def gateway_statuses(self, deliveries: Iterable[Delivery], state: str) -> list[StatusMessage]:
@@ -187,6 +180,27 @@ class Env:
 async def env() -> Env:
     """A gateway's insides, fresh for each test (import it into the test module)."""
     return await make_env()
+
+
+def intake_on(
+    store: SqliteStore,
+    registry: Registry,
+    downlink: Downlink,
+    metrics: Metrics,
+    clock: Clock,
+    **hooks: Any,
+) -> Intake:
+    """The intake on these parts, routing by district, with `hooks`."""
+    return Intake(
+        store,
+        registry,
+        downlink,
+        metrics,
+        route=ROUTES.__getitem__,
+        window_ms=WINDOW_MS,
+        clock_ms=clock,
+        **hooks,
+    )
 
 
 def route_in(registry: Registry, device_id: str) -> tuple[str, ...] | None:
@@ -235,14 +249,12 @@ async def make_env(
         clock_ms=clock,
         on_event=lambda: woken.append(1),
     )
-    intake = Intake(
+    intake = intake_on(
         store,
         registry,
         downlink,
         metrics,
-        route=ROUTES.__getitem__,
-        window_ms=WINDOW_MS,
-        clock_ms=clock,
+        clock,
         on_kept=lambda items: woken.append(len(items)),
         supervisor=supervisor,
     )
