@@ -816,7 +816,7 @@ def enrolment_for(
     if not serves(asked[1]):
         raise OtherDistrict(asked[1])
     if device is not None:
-        raise DuplicateEnrolment(device_id, "is already registered")
+        raise DuplicateEnrolment(device_id, "is already registered", registered=True)
     if live:
         raise DuplicateEnrolment(
             device_id,
