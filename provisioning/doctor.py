@@ -135,13 +135,26 @@ def _broker(site: Site, timeout_s: float) -> Check:
             # and knock the running gateway off
             tls.sendall(_MQTT_PROBE)
             answer = tls.recv(4)
-    except (OSError, ssl.SSLError) as exc:
+    except ConnectionRefusedError as exc:
         return Check(name, False, f"{exc}: start it with `mosquitto -c {layout.broker_conf}`")
+    except (OSError, ssl.SSLError) as exc:
+        # something answered, but not with this site's certificate or not over TLS
+        return Check(name, False, _not_ours(host, port, f"{exc}", layout.broker_conf))
     if answer[:1] != b"\x20":
-        return Check(name, False, "the broker did not answer MQTT: is it the site's broker?")
+        return Check(name, False, _not_ours(host, port, "no MQTT answer", layout.broker_conf))
     if answer[3:4] != _UNACCEPTABLE_VERSION:
-        return Check(name, False, f"unexpected CONNACK {answer.hex()}: is it the site's broker?")
+        why = f"unexpected CONNACK {answer.hex()}"
+        return Check(name, False, _not_ours(host, port, why, layout.broker_conf))
     return Check(name, True, "TLS both ways, and the broker answers MQTT")
+
+
+def _not_ours(host: str, port: int, why: str, broker_conf: Path) -> str:
+    """A port the site's broker should have, held by another program (or an old broker)."""
+    return (
+        f"something listens on {host}:{port} but is not this site's broker ({why}): "
+        f"`ss -ltnp 'sport = :{port}'` names it; stop it, then start the site's with "
+        f"`mosquitto -c {broker_conf}` (it keeps this port: enrolled devices use it)"
+    )
 
 
 # an MQTT CONNECT at protocol level 0x7F (none), which the broker answers with CONNACK

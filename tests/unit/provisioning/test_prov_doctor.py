@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from click.testing import CliRunner
 from ansimi.broker import free_port
 from provisioning.cli import provision
 from provisioning.doctor import check_site
-from siteca.site import init_site
+from siteca.site import Site, init_site
 
 
 @pytest.fixture
@@ -60,3 +62,22 @@ def test_a_certificate_near_expiry_fails_naming_the_renewal(site_dir: Path) -> N
 def test_no_site_is_one_failed_check_naming_init_site(tmp_path: Path) -> None:
     (only,) = check_site(tmp_path / "nowhere")
     assert not only.ok and "ansimi provision init-site" in only.detail
+
+
+def test_another_program_on_the_broker_port_is_named_not_taken_for_a_stopped_broker(
+    site_dir: Path,
+) -> None:
+    # issue 19: a port taken by another program is not fixed by "start it"
+    site = Site.open(site_dir)
+    host, port = site.local_broker_address()
+    server = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        (broker,) = [c for c in check_site(site_dir, timeout_s=2.0) if c.name.startswith("broker")]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not broker.ok
+    assert f"something listens on {host}:{port} but is not this site's broker" in broker.detail
+    assert f"ss -ltnp 'sport = :{port}'" in broker.detail
