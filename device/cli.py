@@ -402,8 +402,10 @@ async def _check_keys(config: DeviceConfig, config_path: Path) -> tuple[Outcome,
         _gateway_key(config, config_path)
     except click.ClickException as exc:
         return "fail", exc.message
-    # the data key is made on first use: absent is fine, readable by others is not
-    for secret in (config.device.key_file, config.device.data_key_file):
+    # the data key and the outbox are made on first use: absent is fine, readable by others
+    # is not (the outbox holds pending alerts)
+    outbox = config.device.state_dir / "outbox.db"
+    for secret in (config.device.key_file, config.device.data_key_file, outbox):
         if secret.exists() and (mode := stat.S_IMODE(secret.stat().st_mode)) & 0o077:
             return "fail", f"{secret} is {mode:04o}, readable by others: chmod 600 {secret}"
     return "pass", f"device key {config.device.key_file} and gateway key readable"

@@ -42,6 +42,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar
 
+from ansimi.files import create_private
 from gateway.enrolments import (
     DEFAULT_TTL_S,
     DuplicateEnrolment,
@@ -849,10 +850,7 @@ class SqliteDatabase:
         with _translated(self.path):
             if str(path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                # personal data and every alert live here: made 0600 before SQLite opens it
-                # (which would make it 0644 under the usual umask); SQLite gives the -wal
-                # and -shm files the database's mode. An existing file keeps its own.
-                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+                create_private(self.path)  # personal data and every alert live here
             # One connection, serialised by a lock: SQLite allows one writer anyway.
             # Several gateway instances on one machine share this file: a writer waits for
             # another's commit (an fsync, milliseconds) rather than failing after 5 s under load.
