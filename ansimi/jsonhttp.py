@@ -20,6 +20,9 @@ from typing import Any, Final
 from ansimi.errors import AnsimiError
 
 CHECK_THE_URL: Final = "check the network and the URL"
+NOTHING_LISTENS: Final = (
+    "nothing listens on that port: start the service, or check the port in the URL"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +50,7 @@ def fix_for(cause: object) -> str:
     mistakes with a URL (the wrong port, https to a plain HTTP server, a typo in the
     host) each have their own."""
     if isinstance(cause, ConnectionRefusedError):
-        return "nothing listens on that port: start the service, or check the port in the URL"
+        return NOTHING_LISTENS
     if isinstance(cause, socket.gaierror):
         return "the host name does not resolve: check its spelling, or give an IP address"
     reason = getattr(cause, "reason", None) or ""

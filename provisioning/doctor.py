@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from ansimi.jsonhttp import Unreachable, request_json
+from ansimi.jsonhttp import NOTHING_LISTENS, Unreachable, request_json
 from siteca import pki
 from siteca.errors import ProvisioningError
 from siteca.site import DIAGNOSTIC_PREFIX, Site
@@ -175,10 +175,17 @@ def _api(site: Site, config: dict[str, Any], timeout_s: float) -> Check:
     try:
         answer = request_json("GET", url, context=context, timeout_s=timeout_s)
     except Unreachable as exc:
+        start = f"start it with `ansimi gateway run --config {site.layout.gateway_config}`"
+        if exc.fix == NOTHING_LISTENS:
+            return Check(f"gateway API {url}", False, f"{exc}: {start}")
+        # something answered, but not with this site's certificate, or not over HTTPS
+        port = urllib.parse.urlsplit(url).port
         return Check(
             f"gateway API {url}",
             False,
-            f"{exc}: start it with `ansimi gateway run --config {site.layout.gateway_config}`",
+            f"something listens on port {port} but is not this site's gateway API ({exc.reason}):"
+            f" `ss -ltnp 'sport = :{port}'` names it; stop it and {start}, or move the API"
+            f" ([api] port in {site.layout.gateway_config})",
         )
     state = answer.body.get("status", "?")
     failing = ", ".join(map(str, answer.body.get("failing", [])))

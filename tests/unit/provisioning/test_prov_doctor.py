@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -70,14 +72,26 @@ def test_another_program_on_the_broker_port_is_named_not_taken_for_a_stopped_bro
     # issue 19: a port taken by another program is not fixed by "start it"
     site = Site.open(site_dir)
     host, port = site.local_broker_address()
+    api_port = site.info.api_port
+    with another_program(host, port), another_program("127.0.0.1", api_port):
+        checks = {c.name.split(" ")[0]: c for c in check_site(site_dir, timeout_s=2.0)}
+    broker, api = checks["broker"], checks["gateway"]
+    assert not broker.ok
+    assert f"something listens on {host}:{port} but is not this site's broker" in broker.detail
+    assert f"ss -ltnp 'sport = :{port}'" in broker.detail
+    assert not api.ok
+    assert f"something listens on port {api_port} but is not this site's gateway API" in api.detail
+    assert f"ss -ltnp 'sport = :{api_port}'" in api.detail and "[api] port" in api.detail
+
+
+@contextlib.contextmanager
+def another_program(host: str, port: int) -> Iterator[None]:
+    """A plain HTTP server on host:port, as another program on the machine might be."""
     server = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        (broker,) = [c for c in check_site(site_dir, timeout_s=2.0) if c.name.startswith("broker")]
+        yield
     finally:
         server.shutdown()
         server.server_close()
-    assert not broker.ok
-    assert f"something listens on {host}:{port} but is not this site's broker" in broker.detail
-    assert f"ss -ltnp 'sport = :{port}'" in broker.detail
