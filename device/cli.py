@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -211,6 +211,7 @@ def press(config_path: Path, gesture: str | None, until: str, timeout_s: float) 
     config = _load(config_path)
     path = socket_path(config.device.state_dir)
     waiting: dict[str, str] = {}  # message id -> the stage it must reach
+    reached: dict[str, str] = {}  # message id -> the last stage it reached
     started: list[int] = []
 
     def on_line(line: dict[str, Any]) -> bool:
@@ -234,6 +235,7 @@ def press(config_path: Path, gesture: str | None, until: str, timeout_s: float) 
         elif event == "stage":
             stage = str(line.get("stage"))
             click.echo(f"{_clock(t_ms)} {elapsed}  {stage:<13} {message_id}")
+            reached[message_id] = stage
             wanted = waiting.get(message_id)
             if wanted is not None and STAGE_RANK.get(stage, -1) >= STAGE_RANK[wanted]:
                 del waiting[message_id]
@@ -248,12 +250,26 @@ def press(config_path: Path, gesture: str | None, until: str, timeout_s: float) 
     except ControlUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     except TimeoutError:
+        stages = [reached.get(m, "sent") for m in waiting] or ["sent"]
+        stuck = min(stages, key=lambda stage: STAGE_RANK.get(stage, -1))
         raise click.ClickException(
-            f"not every alert reached `{until}` within {timeout_s:g} s: see "
-            "`ansimi device status` (link, outbox) and the gateway's log"
+            f"not every alert reached `{until}` within {timeout_s:g} s: "
+            + _STUCK_AT.get(stuck, f"it stopped at `{stuck}`")
         ) from None
     if waiting:
         raise click.ClickException("the agent closed the connection before every stage came")
+
+
+# where a press that did not reach --until stopped, and where to look
+_STUCK_AT: Final = {
+    "sent": "no ack from the gateway: see `ansimi device status` (link, outbox) and the "
+    "gateway's log",
+    "received": "the gateway has it, but no control centre took it: check the gateway's "
+    "[[centres]] (`ansimi provision doctor` on the gateway says which one does not answer)",
+    "delivered": "a control centre has it; no operator acknowledged it yet: acknowledge it "
+    "at the console, or test without an operator with --until delivered",
+    "acknowledged": "an operator acknowledged it; no dispatch was reported yet",
+}
 
 
 def _clock(t_ms: int) -> str:

@@ -193,15 +193,16 @@ async def spying(broker: Mosquitto, keys: Keys) -> AsyncIterator[tuple[Spy, Sess
 
 @contextlib.asynccontextmanager
 async def gateway_site(
-    tmp_path: Path, broker: Mosquitto, keys: Keys
+    tmp_path: Path, broker: Mosquitto, keys: Keys, *, centre_url: str | None = None
 ) -> AsyncIterator[tuple[Gateway, Receiver]]:
-    """The real gateway and a control-centre receiver, with the device enrolled."""
+    """The real gateway and a control-centre receiver, with the device enrolled;
+    `centre_url`: the gateway forwards there instead (one that does not answer, say)."""
     async with centre(tmp_path) as (receiver, url):
         config = GatewayConfig(
             id=keys.gateway.kid,
             database=tmp_path / "gateway" / "gateway.db",
             mqtt=MqttConfig(host=broker.host, port=broker.port),
-            centres=[Centre(name="central", url=url, secret=SECRET)],
+            centres=[Centre(name="central", url=centre_url or url, secret=SECRET)],
         )
         gateway = Gateway(config, signer=keys.gateway)
         await gateway.store.add_device(

@@ -230,3 +230,34 @@ async def test_a_press_that_gets_no_ack_in_time_says_where_to_look(tmp_path: Pat
     assert " sent " in text and " received " not in text
     assert "not every alert reached `acknowledged` within 1 s" in text
     assert "`ansimi device status`" in text
+
+
+@pytest.mark.parametrize(
+    ("centre_answers", "stuck_at", "says"),
+    [
+        (False, "received", "no control centre took it: check the gateway's [[centres]]"),
+        (True, "delivered", "no operator acknowledged it yet: acknowledge it at the console"),
+    ],
+    ids=["centre down", "no operator"],
+)
+async def test_a_press_stuck_after_the_gateway_says_where_it_stopped(
+    tmp_path: Path, mosquitto: Mosquitto, centre_answers: bool, stuck_at: str, says: str
+) -> None:
+    # issue 19: an installer at the door learns which side to look at, not just "not in time"
+    keys = Keys.new()
+    config = write_device_config(tmp_path, mosquitto, keys)
+    nowhere = None if centre_answers else f"http://127.0.0.1:{free_port()}/events"
+    async with gateway_site(tmp_path, mosquitto, keys, centre_url=nowhere):
+        agent = spawn_agent(config, tmp_path / "agent.log")
+        try:
+            await eventually(socket_path(tmp_path / "device").exists)
+            press = await ansimi("device", "press", "--config", str(config), "--timeout", "4")
+            async with asyncio.timeout(WAIT_S):
+                output, _ = await press.communicate()
+        finally:
+            stop(agent)
+    text = output.decode()
+    assert press.returncode == 1, text
+    stages = [line.split()[2] for line in text.splitlines() if line[:2].isdigit()]
+    assert stages[-1] == stuck_at, text
+    assert says in text.replace("\n", " "), text
