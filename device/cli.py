@@ -157,7 +157,7 @@ async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicK
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, task.cancel)
     _desk_controls(agent, loop)
-    log.warning("device %s: agent starting (%s)", config.device.id, config.device.kind)
+    log.info("device %s: agent starting (%s)", config.device.id, config.device.kind)
     control = ControlServer(agent, agent.on_input, socket_path(config.device.state_dir))
     with contextlib.suppress(asyncio.CancelledError):
         async with control:

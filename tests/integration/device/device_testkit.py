@@ -126,7 +126,10 @@ def down_token(signer: Signer, body: Ack | Command, seq: int, device: str = DEVI
 
 
 def spawn_agent(
-    config_path: Path, log_path: Path, env: dict[str, str] | None = None
+    config_path: Path,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    verbosity: tuple[str, ...] = ("-v",),
 ) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:
         return subprocess.Popen(
@@ -134,7 +137,7 @@ def spawn_agent(
                 sys.executable,
                 "-m",
                 "ansimi_edge",
-                "-v",
+                *verbosity,
                 "device",
                 "run",
                 "--config",
