@@ -686,3 +686,15 @@ async def test_a_device_enrolled_again_under_its_id_is_told_to_rotate_and_that_w
     code, out, err = await rig.enroll(json.loads(out)["token"], new_board, "--force")
     assert code == 0, out + err
     assert load_config(new_board / "device.toml", DeviceConfig).device.id == "bell-0020"
+
+
+async def test_an_admin_token_the_gateway_does_not_know_names_the_file_to_use(rig: Rig) -> None:
+    wrong = rig.tmp / "old-admin.token"
+    wrong.write_text("an-admin-token-of-another-site-0123")
+    code, _out, err = await rig.ansimi(
+        "provision", "device", "list", "--gateway", rig.url, "--dir", str(rig.site.layout.root),
+        "--admin-token-file", str(wrong),
+    )  # fmt: skip
+    assert code == 3, err
+    assert "the gateway does not know this admin token" in err
+    assert "gateway/tokens/admin.token" in err and 'role = "admin"' in err
