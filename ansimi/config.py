@@ -6,9 +6,12 @@ Input should be greater than 0 (got -1). Fix: set a positive number of seconds."
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
@@ -27,7 +30,37 @@ class ConfigError(AnsimiError, ValueError):
         super().__init__(f"{path}: " + "\n  ".join(problems))
 
 
-def _describe(error: ErrorDetails) -> str:
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds: itself, or inside a list, an Optional or Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for inner in typing.get_args(annotation):
+        found = _model_in(inner)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys_at(model: type[BaseModel], path: Sequence[int | str]) -> list[str]:
+    """The keys the table at `path` (a list's items by index) accepts; [] if not known."""
+    current: type[BaseModel] | None = model
+    for part in path:
+        if isinstance(part, int):
+            continue  # an item of an array of tables: the field's model already
+        field = current.model_fields.get(part) if current is not None else None
+        current = _model_in(field.annotation) if field is not None else None
+    return list(current.model_fields) if current is not None else []
+
+
+def _unknown_key_fix(model: type[BaseModel], loc: Sequence[int | str]) -> str:
+    unknown = str(loc[-1])
+    near = difflib.get_close_matches(unknown, _keys_at(model, loc[:-1]), n=1, cutoff=0.6)
+    if near:
+        return f"did you mean `{near[0]}`? Rename it, or remove it (see the example file)"
+    return "remove it, or check its spelling against the example file"
+
+
+def _describe(error: ErrorDetails, model: type[BaseModel]) -> str:
     location = ".".join(str(part) for part in error["loc"] if part != "__root__")
     kind = error["type"]
     message = error["msg"]
@@ -36,7 +69,7 @@ def _describe(error: ErrorDetails) -> str:
         where = f"key `{location}`" if location else "top level"
         return f"{where}: {message.removeprefix('Value error, ')}"
     if kind == "extra_forbidden":
-        fix = "remove it, or check its spelling against the example file"
+        fix = _unknown_key_fix(model, error["loc"])
     elif kind == "missing":
         fix = "add it (see the example file for its meaning)"
     else:
@@ -55,7 +88,7 @@ def parse_config(text: str, model: type[Model], path: Path) -> Model:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(path, [_describe(e) for e in exc.errors()]) from None
+        raise ConfigError(path, [_describe(e, model) for e in exc.errors()]) from None
 
 
 def load_config(path: Path, model: type[Model], *, missing_ok: bool = False) -> Model:

@@ -20,6 +20,22 @@ class Owner:
     gid: int
 
 
+def create_private(path: Path) -> None:
+    """Create `path`, empty, readable by its owner only, unless it exists (an existing file
+    keeps its mode). For an SQLite database before it is opened: SQLite would create it
+    0644 under the usual umask, and gives its -wal and -shm files the database's mode."""
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+def private_database(path: Path | str) -> str:
+    """`path` as sqlite3.connect takes it, the file made by create_private first (nothing
+    for an in-memory database)."""
+    name = str(path)
+    if name != ":memory:":
+        create_private(Path(name))
+    return name
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a directory's entries: a rename in it is only durable after this."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

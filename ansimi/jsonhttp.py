@@ -9,14 +9,20 @@ caller turns it into its own error with the fix for its user.
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from ansimi.errors import AnsimiError
+
+CHECK_THE_URL: Final = "check the network and the URL"
+NOTHING_LISTENS: Final = (
+    "nothing listens on that port: start the service, or check the port in the URL"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,11 +35,39 @@ class JsonAnswer:
 class Unreachable(AnsimiError, ConnectionError):
     """No answer: the network, the address, or a certificate we do not trust."""
 
-    def __init__(self, url: str, reason: str, *, untrusted: bool = False) -> None:
+    def __init__(
+        self, url: str, reason: str, *, untrusted: bool = False, fix: str = CHECK_THE_URL
+    ) -> None:
         super().__init__(f"cannot reach {url}: {reason}")
         self.url = url
         self.reason = reason
         self.untrusted = untrusted  # TLS verification failed: the CA is missing or wrong
+        self.fix = fix  # what the person who typed the URL can do, from what went wrong
+
+
+def fix_for(cause: object) -> str:
+    """What to do about a request that got no answer, by what stopped it: the common
+    mistakes with a URL (the wrong port, https to a plain HTTP server, a typo in the
+    host) each have their own."""
+    if isinstance(cause, ConnectionRefusedError):
+        return NOTHING_LISTENS
+    if isinstance(cause, socket.gaierror):
+        return "the host name does not resolve: check its spelling, or give an IP address"
+    reason = getattr(cause, "reason", None) or ""
+    # a server wanting a client certificate (the MQTT broker) ends TLS 1.3 after the
+    # handshake: with an alert, or, as timing has it, by closing the connection
+    if "CERTIFICATE_REQUIRED" in reason or isinstance(
+        cause, ssl.SSLEOFError | ConnectionResetError
+    ):
+        return (
+            "the server on that port ended the TLS connection, as the MQTT broker does without "
+            "a client certificate: it is not the HTTPS API; check the port in the URL"
+        )
+    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"):
+        return "the server on that port does not speak HTTPS: check the port in the URL"
+    if isinstance(cause, TimeoutError):
+        return "no answer in time: check the network (and any firewall) and the URL"
+    return CHECK_THE_URL
 
 
 def _json_object(data: bytes) -> dict[str, Any]:
@@ -72,6 +106,6 @@ def request_json(
         reason = exc.reason
         if isinstance(reason, ssl.SSLCertVerificationError):
             raise Unreachable(url, str(reason.verify_message), untrusted=True) from None
-        raise Unreachable(url, str(reason)) from None
+        raise Unreachable(url, str(reason), fix=fix_for(reason)) from None
     except OSError as exc:  # a timeout too
-        raise Unreachable(url, str(exc)) from None
+        raise Unreachable(url, str(exc), fix=fix_for(exc)) from None

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -34,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ansimi.broker import Mosquitto, MosquittoConfig, free_port, mosquitto_path, wait_for_port
+from ansimi.broker import Mosquitto, MosquittoConfig, free_port, mosquitto_path
+from ansimi.listen import PortTaken, check_free
 
 if TYPE_CHECKING:  # imported when the demo runs: `ansimi --help` stays light
     from device.agent import Agent
@@ -42,6 +42,10 @@ if TYPE_CHECKING:  # imported when the demo runs: `ansimi --help` stays light
     from protocol.messages import DeviceKind
 
 log = logging.getLogger(__name__)
+
+
+class DemoError(click.ClickException):
+    """The demo cannot go on; the message says why and what to do."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +314,7 @@ async def run_demo(
         tasks: list[asyncio.Task[None]] = []
         pressed = 0
         try:
-            await wait_for_port("127.0.0.1", console_port, 20)
+            await _console_up(console, console_port, state / "console.log")
             # presses before the gateway subscribes would wait out a device resend delay
             await _gateway_ready(api_port, 60)
             admin = AdminClient(f"http://127.0.0.1:{api_port}", admin_token)
@@ -325,6 +329,9 @@ async def run_demo(
             # the bells start once the gateway knows them: it refuses unknown devices
             tasks = [asyncio.create_task(a.run(), name=a.device_id) for a in agents]
             await asyncio.gather(*(asyncio.wait_for(a.ready.wait(), 20) for a in agents))
+            # another program that took the port after the check answers there too: the
+            # console itself must still be running for the address below to be its own
+            _console_alive(console, console_port, state / "console.log")
             click.echo(
                 f"[demo] console: open http://127.0.0.1:{console_port}/ and sign in as "
                 f"demo / {operator_password}"
@@ -368,6 +375,33 @@ async def run_demo(
             click.echo(f"[demo] some alerts did not arrive: see {state}/gateway.log", err=True)
             return 1
         return 0
+
+
+CONSOLE_PORT_FIX = "choose another with --port N, or a free one with --port 0 (make demo PORT=0)"
+
+
+async def _console_up(console: subprocess.Popen[bytes], port: int, log_file: Path) -> None:
+    """Until the console answers on `port`; DemoError naming its own error if it stopped."""
+    async with asyncio.timeout(20):
+        while True:
+            _console_alive(console, port, log_file)
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                return
+            await asyncio.sleep(0.1)
+
+
+def _console_alive(console: subprocess.Popen[bytes], port: int, log_file: Path) -> None:
+    if console.poll() is None:
+        return
+    try:  # another program took the port after usable_port() found it free
+        check_free("the demo's console", "127.0.0.1", port, CONSOLE_PORT_FIX)
+    except PortTaken as exc:
+        raise DemoError(str(exc)) from None
+    lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    cause = lines[-1].removeprefix("Error: ") if lines else f"exit code {console.returncode}"
+    raise DemoError(f"the console stopped: {cause} (its log: {log_file})")
 
 
 async def _gateway_ready(api_port: int, timeout_s: float) -> None:
@@ -416,17 +450,10 @@ def usable_port(port: int) -> int:
     port stops the demo before it starts anything, saying what to do."""
     if port == 0:
         return free_port()
-    with socket.socket() as probe:
-        # as the console's server binds (SO_REUSEADDR): a port in TIME_WAIT is not "taken"
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise click.ClickException(
-                f"port {port} on 127.0.0.1 is taken ({exc.strerror}): stop the program that "
-                f"listens there (`ss -ltnp 'sport = :{port}'` names it), choose another with "
-                "--port N, or let the demo pick a free one with --port 0 (make demo PORT=0)"
-            ) from None
+    try:
+        check_free("the demo's console", "127.0.0.1", port, CONSOLE_PORT_FIX)
+    except PortTaken as exc:
+        raise click.ClickException(str(exc)) from None
     return port
 
 

@@ -24,6 +24,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ansimi.httpguard import READ_TIMEOUT_S
+from ansimi.listen import PortTaken, start_site
 from console.directory import Directory
 from console.gateway_client import GatewayClient
 from console.operators import OperatorError, Operators
@@ -49,7 +50,14 @@ async def _serve(
 ) -> None:
     runner = web.AppRunner(console.app(), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
-    await web.TCPSite(runner, host, port, ssl_context=tls).start()
+    await start_site(
+        runner,
+        host,
+        port,
+        ssl_context=tls,
+        what="the console",
+        fix="choose another with --listen HOST:PORT (and the gateway's [[centres]] url with it)",
+    )
     scheme = "https" if tls else "http"
     click.echo(f"[centre] receiving events at {scheme}://{host}:{port}/events")
     click.echo(f"[centre] console page at {scheme}://{host}:{port}/")
@@ -206,7 +214,10 @@ def console(
             f"[centre] no operators yet: `ansimi console add-operator NAME --db {db}`", err=True
         )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(host or "127.0.0.1", int(port), app, tls))
+        try:
+            asyncio.run(_serve(host or "127.0.0.1", int(port), app, tls))
+        except PortTaken as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 def check_tile_url(tile_url: str) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ansimi.files import private_database
 from protocol.errors import Malformed
 from protocol.keys import public_key_from_b64
 
@@ -85,7 +86,7 @@ class Directory:
         every_s: float = 30.0,
         min_refresh_gap_s: float = 2.0,
     ) -> None:
-        self._db = sqlite3.connect(str(db_path), isolation_level=None)
+        self._db = sqlite3.connect(private_database(db_path), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS directory (device_id TEXT PRIMARY KEY, data TEXT)"

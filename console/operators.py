@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ansimi.districts import UnknownDistrict, check_district
+from ansimi.files import private_database
 from console.errors import ConsoleError
 from protocol.clock import wall_ms
 
@@ -162,7 +163,7 @@ def _sha(token: str) -> str:
 
 class Operators:
     def __init__(self, path: Path | str, *, clock_ms: Callable[[], int] | None = None) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db = sqlite3.connect(private_database(path), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._migrate()

@@ -33,6 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ansimi.files import private_database
 from console.directory import Directory
 from console.errors import ConsoleError
 from protocol.clock import Clock, wall_ms
@@ -100,7 +101,8 @@ class EventLog:
     """Events this centre has accepted, each once."""
 
     def __init__(self, path: Path | str) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None)
+        # every alert, and the addresses shown beside them: the owner's only
+        self._db = sqlite3.connect(private_database(path), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(

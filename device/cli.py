@@ -14,7 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -151,7 +151,7 @@ async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicK
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, task.cancel)
     _desk_controls(agent, loop)
-    log.warning("device %s: agent starting (%s)", config.device.id, config.device.kind)
+    log.info("device %s: agent starting (%s)", config.device.id, config.device.kind)
     control = ControlServer(agent, agent.on_input, socket_path(config.device.state_dir))
     with contextlib.suppress(asyncio.CancelledError):
         async with control:
@@ -205,6 +205,7 @@ def press(config_path: Path, gesture: str | None, until: str, timeout_s: float) 
     config = _load(config_path)
     path = socket_path(config.device.state_dir)
     waiting: dict[str, str] = {}  # message id -> the stage it must reach
+    reached: dict[str, str] = {}  # message id -> the last stage it reached
     started: list[int] = []
 
     def on_line(line: dict[str, Any]) -> bool:
@@ -228,6 +229,7 @@ def press(config_path: Path, gesture: str | None, until: str, timeout_s: float) 
         elif event == "stage":
             stage = str(line.get("stage"))
             click.echo(f"{_clock(t_ms)} {elapsed}  {stage:<13} {message_id}")
+            reached[message_id] = stage
             wanted = waiting.get(message_id)
             if wanted is not None and STAGE_RANK.get(stage, -1) >= STAGE_RANK[wanted]:
                 del waiting[message_id]
@@ -242,12 +244,26 @@ def press(config_path: Path, gesture: str | None, until: str, timeout_s: float) 
     except ControlUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     except TimeoutError:
+        stages = [reached.get(m, "sent") for m in waiting] or ["sent"]
+        stuck = min(stages, key=lambda stage: STAGE_RANK.get(stage, -1))
         raise click.ClickException(
-            f"not every alert reached `{until}` within {timeout_s:g} s: see "
-            "`ansimi device status` (link, outbox) and the gateway's log"
+            f"not every alert reached `{until}` within {timeout_s:g} s: "
+            + _STUCK_AT.get(stuck, f"it stopped at `{stuck}`")
         ) from None
     if waiting:
         raise click.ClickException("the agent closed the connection before every stage came")
+
+
+# where a press that did not reach --until stopped, and where to look
+_STUCK_AT: Final = {
+    "sent": "no ack from the gateway: see `ansimi device status` (link, outbox) and the "
+    "gateway's log",
+    "received": "the gateway has it, but no control centre took it: check the gateway's "
+    "[[centres]] (`ansimi provision doctor` on the gateway says which one does not answer)",
+    "delivered": "a control centre has it; no operator acknowledged it yet: acknowledge it "
+    "at the console, or test without an operator with --until delivered",
+    "acknowledged": "an operator acknowledged it; no dispatch was reported yet",
+}
 
 
 def _clock(t_ms: int) -> str:
@@ -396,8 +412,10 @@ async def _check_keys(config: DeviceConfig, config_path: Path) -> tuple[Outcome,
         _gateway_key(config, config_path)
     except click.ClickException as exc:
         return "fail", exc.message
-    # the data key is made on first use: absent is fine, readable by others is not
-    for secret in (config.device.key_file, config.device.data_key_file):
+    # the data key and the outbox are made on first use: absent is fine, readable by others
+    # is not (the outbox holds pending alerts)
+    outbox = config.device.state_dir / "outbox.db"
+    for secret in (config.device.key_file, config.device.data_key_file, outbox):
         if secret.exists() and (mode := stat.S_IMODE(secret.stat().st_mode)) & 0o077:
             return "fail", f"{secret} is {mode:04o}, readable by others: chmod 600 {secret}"
     return "pass", f"device key {config.device.key_file} and gateway key readable"

@@ -155,7 +155,8 @@ def _request(
                 EXIT_UNREACHABLE,
             ) from None
         raise EnrollError(
-            f"cannot reach the gateway at {url}: {exc.reason}. Check the network and the URL",
+            f"cannot reach the gateway at {url}: {exc.reason}. Fix: {exc.fix} (the gateway's "
+            "URL is the one `ansimi provision device add` printed, its [api] port)",
             EXIT_UNREACHABLE,
         ) from None
     return answer.status, answer.body, answer.headers
@@ -290,9 +291,10 @@ def enroll(
     """`model`: the board's (board_model() when None), which picks the driver."""
     gateway = gateway.rstrip("/")
     if not gateway.startswith("https://") and not insecure_http:
+        secure = "https://" + (gateway.partition("://")[2] or gateway)
         raise EnrollError(
             f"--gateway {gateway!r} must be an https:// URL: the token and the certificate "
-            "travel in it",
+            f"travel in it. Fix: --gateway {secure} (the gateway's API is HTTPS only)",
             2,
         )
     token = token.strip()

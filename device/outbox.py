@@ -52,6 +52,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
+from ansimi.files import create_private
 from device.errors import DeviceError
 from protocol.ids import MESSAGE_ID_RE
 from protocol.messages import Alert, Cancel, Health
@@ -233,8 +234,11 @@ class Outbox:
             path.parent.mkdir(parents=True, exist_ok=True)
             problem: str | None = None
             wal_found: bytes | None = None
+            existed = path.exists()
+            # pending alerts (and what they say about the household) live here
+            create_private(path)
             try:
-                self._db = self._connect(str(path), check_existing=path.exists())
+                self._db = self._connect(str(path), check_existing=existed)
             except _Damaged as exc:
                 problem, wal_found = exc.problem, exc.wal
             except sqlite3.DatabaseError as exc:
@@ -358,6 +362,7 @@ class Outbox:
                 OutboxDamaged,
             ) from exc
         rows, counters = _salvage(aside)
+        create_private(path)
         self._db = self._connect(str(path))
         self._db.execute("BEGIN")
         self._db.executemany(_STORE_ENTRY, rows)

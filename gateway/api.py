@@ -45,6 +45,7 @@ from ansimi.httpguard import (
     check_app_routes,
     route_template,
 )
+from ansimi.listen import start_site
 from gateway.config import ApiToken
 from gateway.downlink import Downlink
 from gateway.errors import GatewayError
@@ -233,8 +234,14 @@ class Api:
         runner = web.AppRunner(self.app(), access_log=None)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port, ssl_context=tls).start()
-            self.port = int(runner.addresses[0][1])  # the real one when `port` is 0
+            self.port = await start_site(  # the real port when `port` is 0
+                runner,
+                host,
+                port,
+                ssl_context=tls,
+                what="the gateway's API",
+                fix="set another in [api] port (and give installers and consoles the new URL)",
+            )
             log.info("api: listening on %s:%s", host, self.port)
             await self.guard.watch(runner)
         finally:

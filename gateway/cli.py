@@ -13,6 +13,7 @@ import click
 
 from ansimi import sdnotify
 from ansimi.config import ConfigError, load_config
+from ansimi.listen import port_taken_in
 from gateway.config import GatewayConfig
 from gateway.store import Store, StoreError, open_store
 from protocol.clock import wall_ms
@@ -62,7 +63,14 @@ def run(config_path: Path) -> None:
             f"{config_path}: cannot open the database {config.store_url}: {exc}. Fix: make "
             "its folder writable by the service user, or set `store` to another path"
         ) from None
-    asyncio.run(_serve(service))
+    try:
+        asyncio.run(_serve(service))
+    except Exception as exc:
+        # found by the API's task inside the gateway's task group: one line, not a traceback
+        taken = port_taken_in(exc)
+        if taken is None:
+            raise
+        raise click.ClickException(f"{config_path}: {taken}") from None
 
 
 async def _serve(service: Gateway) -> None:

@@ -21,14 +21,20 @@ DEFAULT_TTL_S: Final = 24 * 3600
 
 Refusal = Literal["unknown", "expired", "used", "cancelled", "wrong-device", "revoked"]
 
+# a device that must enrol again under its own id (a new board, a wiped card): a new token
+_ANOTHER_ONE: Final = (
+    "ask for a new one on the installer's machine: `ansimi provision device rotate "
+    "DEVICE_ID --dir SITE` for an enrolled device (then `ansimi device enrol --force` with "
+    "its token), `ansimi provision device add` for a device never enrolled"
+)
+
 # what an installer (or the device's CLI, which shows it) can do about each refusal
 _REFUSALS: Final[dict[str, str]] = {
     "unknown": "this enrolment token is not known here: check it was copied whole, and that "
     "this is the gateway that issued it",
-    "expired": "this enrolment token has expired: ask for a new one "
-    "(`ansimi provision device add`, or `rotate` for an enrolled device)",
-    "used": "this enrolment token was used already: each token enrols once; ask for a new one",
-    "cancelled": "this enrolment token was cancelled: ask for a new one",
+    "expired": f"this enrolment token has expired: {_ANOTHER_ONE}",
+    "used": f"this enrolment token was used already (each token enrols once): {_ANOTHER_ONE}",
+    "cancelled": f"this enrolment token was cancelled: {_ANOTHER_ONE}",
     "wrong-device": "this enrolment token is for another device id: check the id on the label",
     "revoked": "this device is revoked: it cannot be enrolled again under the same id",
 }
@@ -54,8 +60,14 @@ class TokenRefused(EnrolmentError, PermissionError):
 class DuplicateEnrolment(EnrolmentError, ValueError):
     status = 409
 
-    def __init__(self, device_id: str, why: str) -> None:
-        super().__init__(f"device {device_id} {why}: choose another --id", "duplicate")
+    def __init__(self, device_id: str, why: str, *, registered: bool = False) -> None:
+        again = (
+            f"; to enrol this device again (a new board, a wiped card): `ansimi provision "
+            f"device rotate {device_id}`"
+            if registered
+            else ""
+        )
+        super().__init__(f"device {device_id} {why}: choose another --id{again}", "duplicate")
 
 
 class NotEnrolled(EnrolmentError, LookupError):

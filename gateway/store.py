@@ -53,6 +53,7 @@ from typing import (
     overload,
 )
 
+from ansimi.files import create_private
 from gateway.enrolments import (
     DEFAULT_TTL_S,
     DuplicateEnrolment,
@@ -840,7 +841,7 @@ def enrolment_for(
     if not serves(asked[1]):
         raise OtherDistrict(asked[1])
     if device is not None:
-        raise DuplicateEnrolment(device_id, "is already registered")
+        raise DuplicateEnrolment(device_id, "is already registered", registered=True)
     if live:
         raise DuplicateEnrolment(
             device_id,
@@ -945,10 +946,7 @@ class SqliteDatabase:
         with _translated(self.path):
             if str(path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                # personal data and every alert live here: made 0600 before SQLite opens it
-                # (which would make it 0644 under the usual umask); SQLite gives the -wal
-                # and -shm files the database's mode. An existing file keeps its own.
-                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+                create_private(self.path)  # personal data and every alert live here
             # One connection, serialised by a lock: SQLite allows one writer anyway.
             # Several gateway instances on one machine share this file: a writer waits for
             # another's commit (an fsync, milliseconds) rather than failing after 5 s under load.

@@ -18,6 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from ansimi.listen import PortTaken, check_free
 from protocol.errors import ProtocolError
 from provisioning.rabbitmq_cli import rabbitmq as _rabbitmq_group
 from provisioning.revoke import (
@@ -118,8 +119,9 @@ def init_site_command(
             system=system,
             api_port=api_port,
         )
+    taken = _ports_taken(result) if result.created else []
     if as_json:
-        _print_json(_init_json(result))
+        _print_json({**_init_json(result), "ports_taken": taken})
         return
     console = Console()
     info = result.site
@@ -137,6 +139,24 @@ def init_site_command(
         console.print(f"[yellow]Nothing changed:[/] {result.notes[0]}")
     for note in result.notes[1:] if not result.created else result.notes:
         console.print(f"- {note}", markup=False)  # notes name [[centres]], not markup
+    for warning in taken:
+        click.echo(f"WARNING: {warning}", err=True)
+
+
+def _ports_taken(result: InitResult) -> list[str]:
+    """The new site's ports another program holds now: its broker or its API would not
+    start there. Said now, while a rebuild costs nothing (no device is enrolled yet)."""
+    info = result.site
+    taken = []
+    for what, host, port, option in (
+        ("the site's broker", info.listen_host, info.listen_port, "--port"),
+        ("the gateway's API", "127.0.0.1", info.api_port, "--api-port"),
+    ):
+        try:
+            check_free(what, host, port, f"run init-site again with {option} N --force")
+        except PortTaken as exc:
+            taken.append(str(exc))
+    return taken
 
 
 def _init_json(result: InitResult) -> dict[str, Any]:

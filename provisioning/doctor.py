@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from ansimi.jsonhttp import Unreachable, request_json
+from ansimi.jsonhttp import NOTHING_LISTENS, Unreachable, request_json
 from siteca import pki
 from siteca.errors import ProvisioningError
 from siteca.site import DIAGNOSTIC_PREFIX, Site
@@ -135,13 +135,26 @@ def _broker(site: Site, timeout_s: float) -> Check:
             # and knock the running gateway off
             tls.sendall(_MQTT_PROBE)
             answer = tls.recv(4)
-    except (OSError, ssl.SSLError) as exc:
+    except ConnectionRefusedError as exc:
         return Check(name, False, f"{exc}: start it with `mosquitto -c {layout.broker_conf}`")
+    except (OSError, ssl.SSLError) as exc:
+        # something answered, but not with this site's certificate or not over TLS
+        return Check(name, False, _not_ours(host, port, f"{exc}", layout.broker_conf))
     if answer[:1] != b"\x20":
-        return Check(name, False, "the broker did not answer MQTT: is it the site's broker?")
+        return Check(name, False, _not_ours(host, port, "no MQTT answer", layout.broker_conf))
     if answer[3:4] != _UNACCEPTABLE_VERSION:
-        return Check(name, False, f"unexpected CONNACK {answer.hex()}: is it the site's broker?")
+        why = f"unexpected CONNACK {answer.hex()}"
+        return Check(name, False, _not_ours(host, port, why, layout.broker_conf))
     return Check(name, True, "TLS both ways, and the broker answers MQTT")
+
+
+def _not_ours(host: str, port: int, why: str, broker_conf: Path) -> str:
+    """A port the site's broker should have, held by another program (or an old broker)."""
+    return (
+        f"something listens on {host}:{port} but is not this site's broker ({why}): "
+        f"`ss -ltnp 'sport = :{port}'` names it; stop it, then start the site's with "
+        f"`mosquitto -c {broker_conf}` (it keeps this port: enrolled devices use it)"
+    )
 
 
 # an MQTT CONNECT at protocol level 0x7F (none), which the broker answers with CONNACK
@@ -162,10 +175,17 @@ def _api(site: Site, config: dict[str, Any], timeout_s: float) -> Check:
     try:
         answer = request_json("GET", url, context=context, timeout_s=timeout_s)
     except Unreachable as exc:
+        start = f"start it with `ansimi gateway run --config {site.layout.gateway_config}`"
+        if exc.fix == NOTHING_LISTENS:
+            return Check(f"gateway API {url}", False, f"{exc}: {start}")
+        # something answered, but not with this site's certificate, or not over HTTPS
+        port = urllib.parse.urlsplit(url).port
         return Check(
             f"gateway API {url}",
             False,
-            f"{exc}: start it with `ansimi gateway run --config {site.layout.gateway_config}`",
+            f"something listens on port {port} but is not this site's gateway API ({exc.reason}):"
+            f" `ss -ltnp 'sport = :{port}'` names it; stop it and {start}, or move the API"
+            f" ([api] port in {site.layout.gateway_config})",
         )
     state = answer.body.get("status", "?")
     failing = ", ".join(map(str, answer.body.get("failing", [])))

@@ -126,7 +126,7 @@ class AdminClient:
                     "--ca-file with the site's ca/ca.crt"
                 ) from None
             raise GatewayUnreachable(
-                f"cannot reach the gateway at {self.base_url}: {exc.reason}"
+                f"cannot reach the gateway at {self.base_url}: {exc.reason}. Fix: {exc.fix}"
             ) from None
         return Answer(answer.status, answer.body, answer.headers)
 
@@ -142,7 +142,13 @@ class AdminClient:
         if answer.status >= 400 and answer.status not in allow:
             message = str(answer.body.get("error") or f"HTTP {answer.status}")
             if answer.status == 401:
-                message += f": the {self.role} token is not one the gateway knows"
+                # the gateway says the same for no token and an unknown one: a token was sent
+                message = (
+                    f"the gateway does not know this {self.role} token: use the token_file of "
+                    f'an [[api.tokens]] entry with role = "{self.role}" in its gateway.toml'
+                )
+                if self.role == "admin":
+                    message += " (init-site wrote gateway/tokens/admin.token; --dir SITE reads it)"
             elif answer.status == 403 and not answer.body.get("reason"):
                 message += f': use a token with role = "{self.role}"'
             raise GatewayRefused(answer.status, message, str(answer.body.get("reason", "")))

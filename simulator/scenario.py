@@ -343,7 +343,7 @@ def load_scenario(path: Path, **overrides: Any) -> Scenario:
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(path, [_describe(e) for e in exc.errors()]) from None
+        raise ConfigError(path, [_describe(e, Scenario) for e in exc.errors()]) from None
 
 
 # ---- the plan ----------------------------------------------------------------------------

@@ -56,7 +56,10 @@ def test_bad_value_names_file_key_and_fix(tmp_path: Path) -> None:
 def test_unknown_key_is_refused_with_spelling_hint(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text('idd = "gw-1"\n')
-    with pytest.raises(ConfigError, match=r"key `idd`.*remove it, or check its spelling"):
+    with pytest.raises(ConfigError, match=r"key `idd`.*did you mean `id`\?"):
+        load_config(path, GatewayConfig)
+    path.write_text("[video]\nnothing_like_it = 1\n")
+    with pytest.raises(ConfigError, match=r"`video.nothing_like_it`.*check its spelling"):
         load_config(path, GatewayConfig)
 
 

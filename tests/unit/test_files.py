@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from ansimi.files import write_atomic
+from ansimi.files import create_private, write_atomic
 from ansimi.privacy import DataKey, Keyring
+from console.directory import Directory
+from console.operators import Operators
+from console.receiver import EventLog
+from device.outbox import Outbox
 from gateway.video.encrypted import ChunkWriter
 from gateway.video.evidence import seal_path, seal_recording
 from protocol.jws import Signer
@@ -85,3 +89,38 @@ def test_an_evidence_seal_is_on_disk_when_sealed(tmp_path: Path, flushed: list[P
     assert sealed == seal_path(recording) and sealed.exists()
     assert flushed[-1] == tmp_path
     assert any(p.name.startswith(f".{sealed.name}.") for p in flushed)
+
+
+@pytest.mark.parametrize(
+    "open_database",
+    [
+        lambda path: Outbox(path).close(),
+        lambda path: EventLog(path),
+        lambda path: Operators(path),
+        lambda path: Directory(path, None),
+    ],
+    ids=["device outbox", "console events", "console operators", "console directory"],
+)
+def test_a_database_is_created_readable_by_its_owner_only(
+    tmp_path: Path, open_database: Callable[[Path], object]
+) -> None:
+    # issue 19: databases were created 0644 under the usual umask; the gateway's store
+    # is checked in tests/unit/gateway/test_gw_store.py
+    old_umask = os.umask(0o022)
+    try:
+        open_database(tmp_path / "made.db")
+    finally:
+        os.umask(old_umask)
+    made = [p for p in tmp_path.iterdir() if p.name.startswith("made.db")]
+    assert made and {p.name: stat.S_IMODE(p.stat().st_mode) for p in made} == {
+        p.name: 0o600 for p in made
+    }
+
+
+def test_an_existing_file_keeps_its_mode(tmp_path: Path) -> None:
+    # an operator who chose 0640 for a backup group keeps it
+    path = tmp_path / "console.db"
+    path.write_bytes(b"")
+    path.chmod(0o640)
+    create_private(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640

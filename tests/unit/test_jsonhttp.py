@@ -69,3 +69,18 @@ def test_nobody_listening_is_unreachable_not_untrusted() -> None:
     with pytest.raises(Unreachable) as caught:
         request_json("GET", f"http://127.0.0.1:{free_port()}/healthz", timeout_s=5)
     assert not caught.value.untrusted and "refused" in caught.value.reason.lower()
+    assert "nothing listens on that port" in caught.value.fix
+
+
+def test_https_to_a_plain_http_server_says_the_port_does_not_speak_https(base_url: str) -> None:
+    # issue 19: a wrong gateway URL gets the fix for its own mistake
+    with pytest.raises(Unreachable) as caught:
+        request_json("GET", base_url.replace("http://", "https://") + "/healthz", timeout_s=5)
+    assert "does not speak HTTPS" in caught.value.fix
+
+
+def test_a_host_name_that_does_not_resolve_says_so() -> None:
+    # .invalid never resolves (RFC 6761)
+    with pytest.raises(Unreachable) as caught:
+        request_json("GET", "https://gateway.invalid:8480/healthz", timeout_s=5)
+    assert "does not resolve" in caught.value.fix

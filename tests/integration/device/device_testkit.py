@@ -126,7 +126,10 @@ def down_token(signer: Signer, body: Ack | Command, seq: int, device: str = DEVI
 
 
 def spawn_agent(
-    config_path: Path, log_path: Path, env: dict[str, str] | None = None
+    config_path: Path,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    verbosity: tuple[str, ...] = ("-v",),
 ) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:
         return subprocess.Popen(
@@ -134,7 +137,7 @@ def spawn_agent(
                 sys.executable,
                 "-m",
                 "ansimi_edge",
-                "-v",
+                *verbosity,
                 "device",
                 "run",
                 "--config",
@@ -193,15 +196,16 @@ async def spying(broker: Mosquitto, keys: Keys) -> AsyncIterator[tuple[Spy, Sess
 
 @contextlib.asynccontextmanager
 async def gateway_site(
-    tmp_path: Path, broker: Mosquitto, keys: Keys
+    tmp_path: Path, broker: Mosquitto, keys: Keys, *, centre_url: str | None = None
 ) -> AsyncIterator[tuple[Gateway, Receiver]]:
-    """The real gateway and a control-centre receiver, with the device enrolled."""
+    """The real gateway and a control-centre receiver, with the device enrolled;
+    `centre_url`: the gateway forwards there instead (one that does not answer, say)."""
     async with centre(tmp_path) as (receiver, url):
         config = GatewayConfig(
             id=keys.gateway.kid,
             database=tmp_path / "gateway" / "gateway.db",
             mqtt=MqttConfig(host=broker.host, port=broker.port),
-            centres=[Centre(name="central", url=url, secret=SECRET)],
+            centres=[Centre(name="central", url=centre_url or url, secret=SECRET)],
         )
         gateway = Gateway(config, signer=keys.gateway)
         await gateway.store.add_device(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ from device_testkit import Keys, write_device_config
 
 import device.cli
 from ansimi.broker import Mosquitto, free_port
+from ansimi.config import load_config
 from ansimi_edge.cli import cli
+from device.config import DeviceConfig
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -120,3 +123,20 @@ def test_a_bad_phone_number_is_refused_without_repeating_it(tmp_path: Path) -> N
     assert code == 1
     assert "`sms`" in output and "entry 2 of 2" in output and "Fix:" in output
     assert "9876" not in output and "12345678" not in output
+
+
+def test_selftest_fails_on_an_outbox_readable_by_others(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    # issue 19: the pending alerts are the household's business
+    from device.outbox import Outbox
+
+    path = write_device_config(tmp_path, mosquitto, Keys.new())
+    outbox = tmp_path / "device" / "outbox.db"
+    Outbox(outbox).close()
+    outbox.chmod(0o644)
+    code, output = invoke("device", "selftest", "--config", str(path))
+    assert code == 1, output
+    config = load_config(path, DeviceConfig)
+    (keys,) = [c for c in asyncio.run(device.cli.run_selftest(config, path)) if c.name == "keys"]
+    assert keys.outcome == "fail" and f"chmod 600 {outbox}" in keys.detail

@@ -214,19 +214,52 @@ def test_a_socket_left_by_a_killed_agent_says_to_start_it(
     assert "systemctl start ansimi-device" in result.output
 
 
-async def test_a_press_that_gets_no_ack_in_time_says_where_to_look(tmp_path: Path) -> None:
-    broker = Mosquitto(MosquittoConfig(state_dir=tmp_path / "broker", port=free_port()))
-    config = write_device_config(tmp_path, broker, Keys.new())  # never started: link down
+async def press_on_a_running_agent(
+    tmp_path: Path, config: Path, *, timeout_s: float
+) -> tuple[int, str]:
+    """`ansimi device press --timeout` on an agent process started for it: (exit, output)."""
     agent = spawn_agent(config, tmp_path / "agent.log")
     try:
         await eventually(socket_path(tmp_path / "device").exists)
-        press = await ansimi("device", "press", "--config", str(config), "--timeout", "1")
+        press = await ansimi(
+            "device", "press", "--config", str(config), "--timeout", f"{timeout_s}"
+        )
         async with asyncio.timeout(WAIT_S):
             output, _ = await press.communicate()
     finally:
         stop(agent)
-    text = output.decode()
-    assert press.returncode == 1, text
+    assert press.returncode is not None
+    return press.returncode, output.decode()
+
+
+async def test_a_press_that_gets_no_ack_in_time_says_where_to_look(tmp_path: Path) -> None:
+    broker = Mosquitto(MosquittoConfig(state_dir=tmp_path / "broker", port=free_port()))
+    config = write_device_config(tmp_path, broker, Keys.new())  # never started: link down
+    code, text = await press_on_a_running_agent(tmp_path, config, timeout_s=1)
+    assert code == 1, text
     assert " sent " in text and " received " not in text
     assert "not every alert reached `acknowledged` within 1 s" in text
     assert "`ansimi device status`" in text
+
+
+@pytest.mark.parametrize(
+    ("centre_answers", "stuck_at", "says"),
+    [
+        (False, "received", "no control centre took it: check the gateway's [[centres]]"),
+        (True, "delivered", "no operator acknowledged it yet: acknowledge it at the console"),
+    ],
+    ids=["centre down", "no operator"],
+)
+async def test_a_press_stuck_after_the_gateway_says_where_it_stopped(
+    tmp_path: Path, mosquitto: Mosquitto, centre_answers: bool, stuck_at: str, says: str
+) -> None:
+    # issue 19: an installer at the door learns which side to look at, not just "not in time"
+    keys = Keys.new()
+    config = write_device_config(tmp_path, mosquitto, keys)
+    nowhere = None if centre_answers else f"http://127.0.0.1:{free_port()}/events"
+    async with gateway_site(tmp_path, mosquitto, keys, centre_url=nowhere):
+        code, text = await press_on_a_running_agent(tmp_path, config, timeout_s=4)
+    assert code == 1, text
+    stages = [line.split()[2] for line in text.splitlines() if line[:2].isdigit()]
+    assert stages[-1] == stuck_at, text
+    assert says in text.replace("\n", " "), text

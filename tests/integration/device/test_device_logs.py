@@ -10,11 +10,22 @@ from pathlib import Path
 import pytest
 from ansimi_testkit import eventually
 from click.testing import CliRunner
-from device_testkit import DEVICE_ID, Keys, down_token, make_agent, running, spying
+from device_testkit import (
+    DEVICE_ID,
+    Keys,
+    down_token,
+    make_agent,
+    running,
+    spawn_agent,
+    spying,
+    stop,
+    write_device_config,
+)
 
 from ansimi.broker import Mosquitto
 from ansimi.logs import DECISION, OWN_PACKAGES, WIRE, WIRE_LIBRARIES, configure
 from ansimi_edge.cli import cli
+from device.control import socket_path
 from device.hal.fakes import FakeInputs
 from protocol.messages import Ack
 from protocol.topics import down_topic
@@ -98,3 +109,17 @@ def test_the_wire_logger_named_opens_the_media_detail() -> None:
     assert _heard(WIRE, logging.DEBUG)
     assert _heard("aiortc.rtcrtpsender", logging.DEBUG)
     assert not _heard("device.behaviour", DECISION)  # nothing else got louder
+
+
+async def test_a_start_is_told_at_info_not_as_a_warning(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    # issue 19: WARNING is for what needs a person; an agent starting does not
+    config = write_device_config(tmp_path, mosquitto, Keys.new())
+    log = tmp_path / "agent.log"
+    agent = spawn_agent(config, log, verbosity=())  # the default level
+    try:
+        await eventually(socket_path(tmp_path / "device").exists)
+    finally:
+        stop(agent)
+    assert f"INFO device.cli: device {DEVICE_ID}: agent starting (bell)" in log.read_text()

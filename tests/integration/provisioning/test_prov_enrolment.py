@@ -42,7 +42,7 @@ from protocol.clock import wall_ms
 from protocol.jws import Signer
 from protocol.keys import load_private_key, public_key_from_b64
 from siteca import pki
-from siteca.site import Site
+from siteca.site import Site, init_site
 
 ADMIN = "admin-token-for-tests-0123456789"
 OPERATOR = "mapo-desk-token-for-tests-012345"
@@ -247,7 +247,7 @@ async def test_an_expired_token_is_refused_and_nothing_is_written(rig: Rig) -> N
     device_dir = rig.tmp / "device"
     code, out, err = await rig.enroll(str(added["token"]), device_dir)
     assert code == 3, out + err
-    assert "expired" in err
+    assert "expired" in err and "ansimi provision device add" in err
     assert not (device_dir / "device.key").exists()
     assert not (device_dir / "device.toml").exists()
 
@@ -264,6 +264,7 @@ async def test_a_used_token_cannot_be_used_again(rig: Rig) -> None:
     assert code == 0, out + err
     code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "second")
     assert code == 3 and "used already" in err
+    assert "ansimi provision device rotate DEVICE_ID" in err  # how to get a new one
     assert not (rig.tmp / "second" / "device.key").exists()
     # and the first device's key is the one the gateway holds
     device = rig.gateway.store.database.device("bell-0003")
@@ -630,3 +631,85 @@ async def test_a_doorbell_enrolled_with_a_relative_state_dir_passes_its_selftest
 
     (keys,) = [c for c in await run_selftest(config, where / "device.toml") if c.name == "keys"]
     assert keys.outcome == "fail" and f"chmod 600 {config.device.key_file}" in keys.detail
+
+
+async def test_a_wrong_token_is_refused_naming_what_to_check(rig: Rig) -> None:
+    # issue 19: each installer's mistake gets a message that names the fix
+    token = str((await rig.add("bell-0018"))["token"])
+    device_id, _, code_part = token.partition(".")
+    where = rig.tmp / "d18"
+    for wrong in (f"{device_id}.{code_part[:-4]}AAAA", f"bell-9999.{code_part}"):
+        code, out, err = await rig.enroll(wrong, where)
+        assert code == 3, out + err
+        assert "not known here" in err and "copied whole" in err
+        assert not where.exists()
+    code, out, err = await rig.enroll(token, where)
+    assert code == 0, out + err
+
+
+async def test_a_wrong_gateway_url_says_which_part_to_fix(rig: Rig) -> None:
+    token = str((await rig.add("bell-0019"))["token"])
+    where = rig.tmp / "d19"
+    api_port = rig.gateway.api.port
+
+    async def enrol_at(url: str, ca: Path = rig.site.layout.ca_cert) -> tuple[int, str]:
+        code, _out, err = await rig.ansimi(
+            "device", "enrol", "--gateway", url, "--token", token, "--ca-file", str(ca),
+            "--state-dir", str(where), "--config-out", str(where / "device.toml"),
+        )  # fmt: skip
+        return code, err
+
+    code, err = await enrol_at(f"http://127.0.0.1:{api_port}")
+    assert code == 2 and f"Fix: --gateway https://127.0.0.1:{api_port}" in err, err
+    code, err = await enrol_at(f"https://127.0.0.1:{free_port()}")
+    assert code == 4 and "nothing listens on that port" in err, err
+    # the broker's port instead of the API's: mosquitto wants a client certificate
+    code, err = await enrol_at(f"https://127.0.0.1:{rig.broker.port}")
+    assert code == 4 and "it is not the HTTPS API; check the port" in err, err
+    # the CA of another site: the gateway's certificate is not trusted
+    init_site(rig.tmp / "other", site="other", listen_host="127.0.0.1", port=free_port())
+    code, err = await enrol_at(rig.url, ca=Site.open(rig.tmp / "other").layout.ca_cert)
+    assert code == 4 and "not trusted" in err and "--ca-file with the site CA" in err, err
+    assert not where.exists()
+    code, err = await enrol_at(rig.url)  # none of them spent the token
+    assert code == 0, err
+
+
+async def test_a_device_enrolled_again_under_its_id_is_told_to_rotate_and_that_works(
+    rig: Rig,
+) -> None:
+    # issue 19: a bell's board replaced (or its card wiped) must enrol again as the same id
+    added = await rig.add("bell-0020")
+    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "old-board")
+    assert code == 0, out + err
+    site = str(rig.site.layout.root)
+    code, out, err = await rig.ansimi(
+        "provision", "device", "add", "--type", "bell", "--district", "mapo", "--id",
+        "bell-0020", "--gateway", rig.url, "--dir", site, "--qr-dir", str(rig.tmp / "labels"),
+        "--force-label",
+    )  # fmt: skip
+    assert code == 3 and "`ansimi provision device rotate bell-0020`" in err, err
+    new_board = rig.tmp / "new-board"
+    code, out, err = await rig.enroll(str(added["token"]), new_board)
+    assert code == 3 and "used already" in err and "provision device rotate" in err, err
+    # what the messages say: a rotation token, enrolled on the new board with --force
+    code, out, err = await rig.ansimi(
+        "provision", "device", "rotate", "bell-0020", "--dir", site, "--gateway", rig.url,
+        "--json",
+    )  # fmt: skip
+    assert code == 6, out + err  # a rotation done by hand: `--finish` is still to come
+    code, out, err = await rig.enroll(json.loads(out)["token"], new_board, "--force")
+    assert code == 0, out + err
+    assert load_config(new_board / "device.toml", DeviceConfig).device.id == "bell-0020"
+
+
+async def test_an_admin_token_the_gateway_does_not_know_names_the_file_to_use(rig: Rig) -> None:
+    wrong = rig.tmp / "old-admin.token"
+    wrong.write_text("an-admin-token-of-another-site-0123")
+    code, _out, err = await rig.ansimi(
+        "provision", "device", "list", "--gateway", rig.url, "--dir", str(rig.site.layout.root),
+        "--admin-token-file", str(wrong),
+    )  # fmt: skip
+    assert code == 3, err
+    assert "the gateway does not know this admin token" in err
+    assert "gateway/tokens/admin.token" in err and 'role = "admin"' in err

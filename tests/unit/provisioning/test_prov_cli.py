@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -90,3 +91,25 @@ def test_diagnostic_issues_a_read_only_identity_that_a_revocation_keeps_in_the_a
     text = acl.read_text()
     assert "topic read ansimi/v1/bell-0001/#" not in text
     assert "user diag-kim\ntopic deny #" in text
+
+
+def test_init_site_warns_when_its_ports_are_taken_now(tmp_path: Path) -> None:
+    # issue 19: said while a rebuild costs nothing, not when the broker will not start
+    with socket.socket() as broker_port, socket.socket() as api_port:
+        for held in (broker_port, api_port):
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+        ports = [str(s.getsockname()[1]) for s in (broker_port, api_port)]
+        result = CliRunner().invoke(
+            cli,
+            ["provision", "init-site", "--dir", str(tmp_path / "alpha"), "--listen", "127.0.0.1",
+             "--port", ports[0], "--api-port", ports[1]],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        for port, option in zip(ports, ("--port", "--api-port"), strict=True):
+            (warning,) = [w for w in result.stderr.splitlines() if f"port {port} " in w]
+            assert warning.startswith("WARNING:") and f"ss -ltnp 'sport = :{port}'" in warning
+            assert f"{option} N --force" in warning
+        code, out = _run("init-site", "--dir", str(tmp_path / "beta"), "--json",
+                         "--listen", "127.0.0.1", "--port", ports[0])  # fmt: skip
+        assert code == 0 and f"port {ports[0]} " in json.loads(out)["ports_taken"][0]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,7 @@ from click.testing import CliRunner
 from ansimi.broker import free_port
 from provisioning.cli import provision
 from provisioning.doctor import check_site
-from siteca.site import init_site
+from siteca.site import Site, init_site
 
 
 @pytest.fixture
@@ -60,3 +64,34 @@ def test_a_certificate_near_expiry_fails_naming_the_renewal(site_dir: Path) -> N
 def test_no_site_is_one_failed_check_naming_init_site(tmp_path: Path) -> None:
     (only,) = check_site(tmp_path / "nowhere")
     assert not only.ok and "ansimi provision init-site" in only.detail
+
+
+def test_another_program_on_the_broker_port_is_named_not_taken_for_a_stopped_broker(
+    site_dir: Path,
+) -> None:
+    # issue 19: a port taken by another program is not fixed by "start it"
+    site = Site.open(site_dir)
+    host, port = site.local_broker_address()
+    api_port = site.info.api_port
+    with another_program(host, port), another_program("127.0.0.1", api_port):
+        checks = {c.name.split(" ")[0]: c for c in check_site(site_dir, timeout_s=2.0)}
+    broker, api = checks["broker"], checks["gateway"]
+    assert not broker.ok
+    assert f"something listens on {host}:{port} but is not this site's broker" in broker.detail
+    assert f"ss -ltnp 'sport = :{port}'" in broker.detail
+    assert not api.ok
+    assert f"something listens on port {api_port} but is not this site's gateway API" in api.detail
+    assert f"ss -ltnp 'sport = :{api_port}'" in api.detail and "[api] port" in api.detail
+
+
+@contextlib.contextmanager
+def another_program(host: str, port: int) -> Iterator[None]:
+    """A plain HTTP server on host:port, as another program on the machine might be."""
+    server = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
