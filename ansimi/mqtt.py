@@ -428,6 +428,16 @@ class Session:
             return []
         return await self._send_subscribe(list(self._subscriptions))
 
+    def retarget(self, settings: Settings) -> None:
+        """Connect again at once with `settings` (another broker, keepalive or ack timeout);
+        the client id, TLS files and will stay those the session was made with."""
+        self._stop_watch()
+        self.settings = settings
+        self._addresses = [(settings.host, settings.port), *settings.other_addresses]
+        self._address_index = 0
+        self._watch = LinkWatch(settings.ack_timeout_s, settings.keepalive_s)
+        self.reconnect()
+
     def reconnect(self) -> None:
         """Drop the connection and connect again at once, without the backoff delay.
 

@@ -140,6 +140,13 @@ class SmsSection(_Section):
         return self
 
 
+class RemoteConfigSection(_Section):
+    """How a config sent by the gateway is tried (`device/remote_config.py`)."""
+
+    # a new remote config whose heartbeat has no PUBACK within this long is undone
+    confirm_within_s: Annotated[float, Field(gt=0)] = 120.0
+
+
 class DeviceConfig(_Section):
     device: DeviceSection = DeviceSection()
     gateway: GatewaySection = GatewaySection()
@@ -151,6 +158,7 @@ class DeviceConfig(_Section):
     hardware: HardwareConfig = HardwareConfig()
     video: VideoConfig = VideoConfig()
     test_press: TestPressSchedule = TestPressSchedule()
+    remote_config: RemoteConfigSection = RemoteConfigSection()
 
     @model_validator(mode="after")
     def _store_bells_stay_silent(self) -> DeviceConfig:
