@@ -28,27 +28,12 @@ from pydantic import ValidationError
 from ansimi.files import write_atomic
 from device.config import DeviceConfig
 from device.errors import DeviceError
-from protocol.remote_config import CONFIG_PATCH, config_hash
+from protocol.remote_config import CONFIG_PATCH, config_hash, refused_key
 
 log = logging.getLogger(__name__)
 
 STATE_FILE: Final = "remote-config.json"
 
-# What the gateway may set, by section. Not the device's identity, keys, state folder or
-# hardware (a wrong pin is a visit), nor the SMS numbers (sealed with a key only the device
-# has). The broker's address is here on purpose: moving a fleet to another broker is the
-# change a rollback exists for.
-REMOTE_KEYS: Final[dict[str, frozenset[str]]] = {
-    "device": frozenset({"silent", "discreet_led"}),
-    "mqtt": frozenset({"host", "port", "heartbeat_s"}),
-    "link": frozenset({"ack_timeout_s", "other_brokers"}),
-    "outbox": frozenset({"resend_min_s", "resend_max_s"}),
-    "behaviour": frozenset({"long_press_s", "cancel_hold_s", "duress_hold_s", "ring_link_s"}),
-    "sms": frozenset({"after_s", "undelivered_after_s", "mode"}),
-    "test_press": frozenset(
-        {"enabled", "every_days", "from_hour", "until_hour", "timezone", "complete_within_s"}
-    ),
-}
 # sections whose change needs the MQTT link made again with the new settings
 LINK_SECTIONS: Final = frozenset({"mqtt", "link"})
 
@@ -61,13 +46,9 @@ class ConfigRefused(DeviceError, ValueError):
 
 def overlay(base: DeviceConfig, patch: Patch) -> DeviceConfig:
     """`base` with `patch` laid over it, checked by the config model; raises ConfigRefused."""
-    for section, keys in patch.items():
-        allowed = REMOTE_KEYS.get(section)
-        if allowed is None:
-            raise ConfigRefused(f"[{section}] cannot be set remotely")
-        for key in keys:
-            if key not in allowed:
-                raise ConfigRefused(f"[{section}] {key} cannot be set remotely")
+    why_not = refused_key(patch)
+    if why_not is not None:
+        raise ConfigRefused(why_not)
     merged = base.model_dump(mode="json")
     for section, keys in patch.items():
         merged[section] = {**merged[section], **keys}

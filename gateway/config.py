@@ -474,6 +474,9 @@ class FleetConfig(_Section):
     # a certificate (device, site CA, the gateway's) this close to expiry and not renewed is
     # a cert_expiring event (gateway/certwatch.py; needs [enrol] site_dir)
     cert_warn_days: Annotated[float, Field(gt=0)] = 30.0
+    # a device that reports another config than the one desired is sent it again at most
+    # this often (gateway/remote_config.py): one that rolls it back is not pushed in a loop
+    config_resend_after_s: Annotated[float, Field(gt=0)] = 3600.0
 
 
 class GatewayConfig(_Section):

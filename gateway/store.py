@@ -175,6 +175,24 @@ CREATE TABLE IF NOT EXISTS video_streams (
 );
 """
 
+_REMOTE_CONFIG = """
+-- remote configuration (gateway/remote_config.py): the layers of what devices should run,
+-- scope 'site' (name ''), 'district' or 'device', each a JSON patch; and what each device
+-- last said it runs (the hash in its heartbeat), written only when it changes
+CREATE TABLE IF NOT EXISTS config_layers (
+    scope       TEXT NOT NULL CHECK (scope IN ('site', 'district', 'device')),
+    name        TEXT NOT NULL,
+    patch_json  TEXT NOT NULL,
+    updated_ms  INTEGER NOT NULL,
+    PRIMARY KEY (scope, name)
+);
+CREATE TABLE IF NOT EXISTS config_reported (
+    device_id    TEXT PRIMARY KEY,
+    config_hash  TEXT NOT NULL,
+    reported_ms  INTEGER NOT NULL
+);
+"""
+
 _ENROLMENTS = """
 CREATE TABLE IF NOT EXISTS enrolments (
     token_hash   TEXT PRIMARY KEY,      -- SHA-256 of the token, hex; never the token itself
@@ -561,7 +579,32 @@ class StreamStore(Protocol):
     async def stream_holder(self, device_id: str) -> str | None: ...
 
 
+ConfigScope = Literal["site", "district", "device"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigLayer:
+    """One layer of remote config: the site's (name ""), a district's or a device's."""
+
+    scope: ConfigScope
+    name: str
+    patch_json: str
+    updated_ms: int
+
+
+class ConfigStore(Protocol):
+    """Remote configuration: desired layers and what devices report (gateway/remote_config.py)."""
+
+    async def set_config_layer(
+        self, scope: ConfigScope, name: str, patch_json: str | None, now_ms: int
+    ) -> None: ...
+    async def config_layers(self) -> list[ConfigLayer]: ...
+    async def report_config(self, device_id: str, config_hash: str, now_ms: int) -> None: ...
+    async def reported_configs(self) -> dict[str, tuple[str, int]]: ...
+
+
 class Store(
+    ConfigStore,
     IntakeStore,
     SupervisionStore,
     ForwardStore,
@@ -762,6 +805,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], .
     (4, "enrolment tokens", _script(_ENROLMENTS)),
     (5, "which instance holds which live video stream", _script(_VIDEO_STREAMS)),
     (6, "incidents, their events, stages, procedure ticks and history", _script(_INCIDENTS)),
+    (7, "remote configuration: desired layers, reported hashes", _script(_REMOTE_CONFIG)),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -1656,6 +1700,40 @@ class SqliteDatabase:
         rows = self._query("SELECT holder FROM video_streams WHERE device_id = ?", (device_id,))
         return str(rows[0][0]) if rows else None
 
+    # ---- remote configuration -------------------------------------------------------------
+
+    def set_config_layer(
+        self, scope: ConfigScope, name: str, patch_json: str | None, now_ms: int
+    ) -> None:
+        """Replace a layer; None removes it."""
+        with self._tx() as db:
+            if patch_json is None:
+                db.execute("DELETE FROM config_layers WHERE scope = ? AND name = ?", (scope, name))
+            else:
+                db.execute(
+                    "INSERT INTO config_layers VALUES (?, ?, ?, ?) ON CONFLICT (scope, name)"
+                    " DO UPDATE SET patch_json = excluded.patch_json,"
+                    " updated_ms = excluded.updated_ms",
+                    (scope, name, patch_json, now_ms),
+                )
+
+    def config_layers(self) -> list[ConfigLayer]:
+        rows = self._query("SELECT scope, name, patch_json, updated_ms FROM config_layers", ())
+        return [ConfigLayer(str(a), str(b), str(c), int(d)) for a, b, c, d in rows]  # type: ignore[arg-type]
+
+    def report_config(self, device_id: str, config_hash: str, now_ms: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO config_reported VALUES (?, ?, ?) ON CONFLICT (device_id)"
+                " DO UPDATE SET config_hash = excluded.config_hash,"
+                " reported_ms = excluded.reported_ms",
+                (device_id, config_hash, now_ms),
+            )
+
+    def reported_configs(self) -> dict[str, tuple[str, int]]:
+        rows = self._query("SELECT device_id, config_hash, reported_ms FROM config_reported", ())
+        return {str(a): (str(b), int(c)) for a, b, c in rows}
+
     def close(self) -> None:
         with self._lock, _translated(self.path):
             self._db.close()
@@ -2063,6 +2141,20 @@ class SqliteStore:
 
     async def release_streams_of(self, holder: str) -> int:
         return await self._run(self.database.release_streams_of, holder)
+
+    async def set_config_layer(
+        self, scope: ConfigScope, name: str, patch_json: str | None, now_ms: int
+    ) -> None:
+        await self._run(self.database.set_config_layer, scope, name, patch_json, now_ms)
+
+    async def config_layers(self) -> list[ConfigLayer]:
+        return await self._run(self.database.config_layers)
+
+    async def report_config(self, device_id: str, config_hash: str, now_ms: int) -> None:
+        await self._run(self.database.report_config, device_id, config_hash, now_ms)
+
+    async def reported_configs(self) -> dict[str, tuple[str, int]]:
+        return await self._run(self.database.reported_configs)
 
     async def stream_holder(self, device_id: str) -> str | None:
         return await self._run(self.database.stream_holder, device_id)

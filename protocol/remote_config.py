@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from typing import Annotated, TypeAlias
+from typing import Annotated, Final, TypeAlias
 
 from pydantic import BeforeValidator, Field, StringConstraints, TypeAdapter
 
@@ -40,6 +40,36 @@ ConfigPatch: TypeAlias = Annotated[
     Field(max_length=12),
 ]
 CONFIG_PATCH: TypeAdapter[dict[str, dict[str, ConfigValue]]] = TypeAdapter(ConfigPatch)
+
+
+# What the gateway may set, by section: part of the contract, so the gateway refuses at once
+# what every device would. Not the device's identity, keys, state folder or hardware (a wrong
+# pin is a visit), nor the SMS numbers (sealed with a key only the device has). The broker's
+# address is here on purpose: moving a fleet to another broker is the change a rollback
+# exists for. The values are the device's config model's to judge.
+REMOTE_KEYS: Final[dict[str, frozenset[str]]] = {
+    "device": frozenset({"silent", "discreet_led"}),
+    "mqtt": frozenset({"host", "port", "heartbeat_s"}),
+    "link": frozenset({"ack_timeout_s", "other_brokers"}),
+    "outbox": frozenset({"resend_min_s", "resend_max_s"}),
+    "behaviour": frozenset({"long_press_s", "cancel_hold_s", "duress_hold_s", "ring_link_s"}),
+    "sms": frozenset({"after_s", "undelivered_after_s", "mode"}),
+    "test_press": frozenset(
+        {"enabled", "every_days", "from_hour", "until_hour", "timezone", "complete_within_s"}
+    ),
+}
+
+
+def refused_key(patch: Mapping[str, Mapping[str, object]]) -> str | None:
+    """Why `patch` names a key that cannot be set remotely, or None."""
+    for section, keys in patch.items():
+        allowed = REMOTE_KEYS.get(section)
+        if allowed is None:
+            return f"[{section}] cannot be set remotely"
+        for key in keys:
+            if key not in allowed:
+                return f"[{section}] {key} cannot be set remotely"
+    return None
 
 
 def merge_layers(

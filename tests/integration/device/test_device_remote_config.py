@@ -9,7 +9,16 @@ import time
 from pathlib import Path
 
 from ansimi_testkit import eventually
-from device_testkit import DEVICE_ID, Keys, Spy, down_token, make_agent, running, spying
+from device_testkit import (
+    DEVICE_ID,
+    Keys,
+    Spy,
+    down_token,
+    gateway_site,
+    make_agent,
+    running,
+    spying,
+)
 
 from ansimi.broker import Mosquitto, free_port
 from ansimi.mqtt import Session
@@ -156,3 +165,35 @@ async def test_an_agent_restarted_during_a_trial_starts_on_the_last_good_config(
             health(spy, "config_rolled_back")[0].id
         }
     assert again.remote.abandoned is None
+
+
+async def test_the_gateway_s_district_layer_reaches_the_bell_and_drift_clears(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    keys = Keys.new()
+    agent = make_agent(
+        tmp_path,
+        mosquitto,
+        keys,
+        mqtt={"host": mosquitto.host, "port": mosquitto.port, "heartbeat_s": 0.5},
+    )
+    wanted = {"behaviour": {"ring_link_s": 45.0}, "test_press": {"every_days": 14}}
+    async with (
+        gateway_site(tmp_path, mosquitto, keys) as (gateway, _receiver),
+        running(agent.run()),
+    ):
+        await agent.ready.wait()
+
+        def state() -> str:
+            (row,) = gateway.configs.drift()
+            return row.state
+
+        await eventually(lambda: state() == "in_sync")  # nothing desired, nothing run
+        assert await gateway.configs.set_layer("district", "mapo", wanted) == 1
+        await eventually(lambda: agent.remote.good == wanted)
+        assert agent.config.test_press.every_days == 14
+        await eventually(lambda: state() == "in_sync")
+        (row,) = gateway.configs.drift()
+        assert row.reported_hash == config_hash(wanted)
+        stored = await gateway.store.reported_configs()
+        assert stored[DEVICE_ID][0] == config_hash(wanted)

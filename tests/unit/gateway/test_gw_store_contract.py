@@ -541,3 +541,35 @@ async def test_a_stream_is_its_newest_claimants_until_that_one_releases_it(store
     # an instance starting again drops what it held before it died
     assert await store.release_streams_of("http://a") == 1
     assert await store.stream_holder("bell-0002") is None
+
+
+# ---- remote configuration ----------------------------------------------------------------
+
+
+async def test_config_layers_are_replaced_removed_and_kept_per_scope(store: Store) -> None:
+    await store.set_config_layer("site", "", '{"mqtt":{"heartbeat_s":30.0}}', 10)
+    await store.set_config_layer("district", "mapo", '{"behaviour":{"ring_link_s":60}}', 11)
+    await store.set_config_layer("device", "bell-0001", '{"device":{"silent":true}}', 12)
+    # the same name in another scope is another layer; a second write replaces the first
+    await store.set_config_layer("device", "mapo", "{}", 13)
+    await store.set_config_layer("district", "mapo", '{"behaviour":{"ring_link_s":30}}', 14)
+    layers = {(x.scope, x.name): (x.patch_json, x.updated_ms) for x in await store.config_layers()}
+    assert layers == {
+        ("site", ""): ('{"mqtt":{"heartbeat_s":30.0}}', 10),
+        ("district", "mapo"): ('{"behaviour":{"ring_link_s":30}}', 14),
+        ("device", "bell-0001"): ('{"device":{"silent":true}}', 12),
+        ("device", "mapo"): ("{}", 13),
+    }
+    await store.set_config_layer("device", "mapo", None, 15)
+    assert ("device", "mapo") not in {(x.scope, x.name) for x in await store.config_layers()}
+
+
+async def test_reported_config_hashes_keep_the_latest_per_device(store: Store) -> None:
+    assert await store.reported_configs() == {}
+    await store.report_config("bell-0001", "a" * 64, 100)
+    await store.report_config("bell-0002", "b" * 64, 101)
+    await store.report_config("bell-0001", "c" * 64, 102)
+    assert await store.reported_configs() == {
+        "bell-0001": ("c" * 64, 102),
+        "bell-0002": ("b" * 64, 101),
+    }
