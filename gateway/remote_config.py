@@ -242,6 +242,13 @@ class RemoteConfigs:
             ),
             ApiRoute(
                 "GET",
+                "/admin/config/drift",
+                self.drift_listing,
+                "admin",
+                _op("the same for the installer's CLI (own districts)", [200, 401, 403]),
+            ),
+            ApiRoute(
+                "GET",
                 "/admin/config",
                 self.layer_listing,
                 "admin",

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 from aiohttp.test_utils import TestClient, TestServer
+from click.testing import CliRunner
 from gw_testkit import ADMIN, CENTRAL, GANGNAM, PRIVACY_TOKENS, Env, heartbeat, make_env
 
+from ansimi_edge.cli import cli
 from gateway.api import Api
 from gateway.remote_config import RemoteConfigs
 from gateway.store import Device, Incoming
@@ -147,3 +152,42 @@ async def test_the_api_sets_layers_within_the_token_s_districts_and_refuses_bad_
                 "hash": config_hash({"behaviour": {"ring_link_s": 30}}),
             }
         ]
+
+
+async def test_the_cli_sets_a_layer_from_toml_shows_it_and_exits_5_on_drift(
+    tmp_path: Path,
+) -> None:
+    env = await make_env()
+    remote = configs(env)
+    await remote.load()
+    api = Api(
+        env.store, env.registry, env.downlink, env.metrics, PRIVACY_TOKENS, connected=lambda: True
+    )
+    api.add_routes(remote.routes())
+    layer = tmp_path / "mapo.toml"
+    layer.write_text("[behaviour]\nring_link_s = 30.0\n\n[device]\nsilent = true\n")
+    async with TestClient(TestServer(api.app())) as client:
+        url = str(client.make_url("")).rstrip("/")
+
+        async def provision(*args: str) -> tuple[int, str]:
+            argv = ["provision", "config", *args, "--gateway", url]
+            env_vars = {"ANSIMI_ADMIN_TOKEN": ADMIN}
+            # the CLI blocks on its HTTP request: off the loop that serves the answer
+            result = await asyncio.to_thread(CliRunner().invoke, cli, argv, env=env_vars)
+            return result.exit_code, result.output
+
+        code, out = await provision("set", "--district", "mapo", str(layer))
+        wanted = {"behaviour": {"ring_link_s": 30.0}, "device": {"silent": True}}
+        assert code == 0 and "1 devices sent their config" in out
+        assert commands(env) == [("bell-0001", wanted)]
+        code, out = await provision("show")
+        assert code == 0 and "# district mapo" in out and "silent = true" in out
+        # bell-0001 says it runs nothing yet: drift, and the exit code says so
+        remote.heartbeats([beat(env, "bell-0001", {}), beat(env, "bell-0002", {})])
+        await remote.flush()
+        code, out = await provision("drift")
+        assert code == 5 and "1 drifting" in out
+        code, out = await provision("drift", "--district", "gangnam")
+        assert code == 0 and "bell-0002" in out and "bell-0001" not in out
+        code, out = await provision("set", "--district", "mapo", "--clear")
+        assert code == 0 and commands(env)[-1] == ("bell-0001", {})
