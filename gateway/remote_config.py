@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from ansimi.districts import UnknownDistrict, check_district
 from gateway.api import TOKEN_KEY, ApiRoute, _error, _op, _path_param
 from gateway.downlink import Downlink
+from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.store import ConfigScope, ConfigStore, Device, Incoming
 from protocol.messages import Command, Heartbeat
@@ -37,7 +38,7 @@ DriftState = Literal["in_sync", "drift", "unknown"]
 Patch = dict[str, dict[str, Any]]
 
 
-class BadConfig(ValueError):
+class BadConfig(GatewayError, ValueError):
     """A layer the API refuses; the message says which key and why."""
 
 
