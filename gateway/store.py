@@ -59,6 +59,7 @@ from gateway.incidents import (
     Incident,
     Priorities,
     classify,
+    is_test_press,
     json_object,
 )
 
@@ -1116,8 +1117,8 @@ class SqliteDatabase:
         In the transaction that keeps the event: an event acked to its bell is always on
         its incident. The gateway's own `escalation` events are attached by `escalate`.
         """
-        if item.type == "escalation":
-            return None
+        if item.type == "escalation" or is_test_press(item.type, item.body_json):
+            return None  # a test joins no incident, not even one open on its bell
         row = db.execute("SELECT kind FROM devices WHERE device_id = ?", (item.device_id,))
         device = row.fetchone()
         if device is None:

@@ -46,7 +46,14 @@ from gateway.enrolments import (
     hash_token,
     new_token,
 )
-from gateway.incidents import HistoryEntry, Incident, Priorities, classify, json_object
+from gateway.incidents import (
+    HistoryEntry,
+    Incident,
+    Priorities,
+    classify,
+    is_test_press,
+    json_object,
+)
 from gateway.store import (
     FOREIGN_ID,
     FOREIGN_REF,
@@ -425,6 +432,8 @@ def _decide_incidents(
         device_kind = device_kinds.get(item.device_id)
         if device_kind is None:
             continue  # an event about the gateway itself (disk_low): no bell, no incident
+        if is_test_press(item.type, item.body_json):
+            continue  # a test joins no incident, not even one open on its bell
         kind = classify(device_kind, item.type, item.body_json)
         body = json_object(item.body_json)
         connection = body.get("state") if item.type == "status" else None

@@ -573,3 +573,16 @@ async def test_reported_config_hashes_keep_the_latest_per_device(store: Store) -
         "bell-0001": ("c" * 64, 102),
         "bell-0002": ("b" * 64, 101),
     }
+
+
+async def test_a_test_press_opens_no_incident_and_joins_none(store: Store) -> None:
+    # a test is never escalated: escalation works on incidents, and a test is in none
+    await store.accept_batch([item("alert-0001", body=alert_body("test"))], 100)
+    assert await store.incidents(None, 10) == []
+    assert await store.incident_of("alert-0001") is None
+    # not even one open on its bell (a gateway's incident outlives the bell's own)
+    await store.accept_batch([item("alert-0002", seq=2, body=alert_body())], 200)
+    await store.accept_batch([item("alert-0003", seq=3, body=alert_body("test"))], 300)
+    (incident,) = await store.incidents("open", 10)
+    assert incident.events == 1 and await store.incident_of("alert-0003") is None
+    assert [i.incident_id for i in await store.escalation_candidates(3)] == ["alert-0002"]
