@@ -593,6 +593,51 @@ class ConfigLayer:
     updated_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class TestRecord:
+    """A test press (alert, trigger test) or a failed test (status test_failed) kept in a
+    period, for the monthly report (gateway/report.py)."""
+
+    __test__ = False  # not a pytest class
+
+    event_id: str
+    device_id: str
+    district: str
+    type: str
+    ts_ms: int  # the device's clock at the press (the gateway's for a test_failed)
+    received_ms: int
+    body_json: str
+    delivered_ms: int | None  # when a centre first accepted it
+
+
+class ReportStore(Protocol):
+    async def test_records(self, start_ms: int, end_ms: int) -> list[TestRecord]: ...
+
+
+# the rows a test report reads: test presses and failed tests received in [start, end);
+# the LIKEs narrow the scan (any spacing), `test_records_of` checks each body exactly
+TEST_RECORDS_SQL = (
+    "SELECT e.event_id, e.device_id, d.district, e.type, e.ts_ms, e.received_ms, e.body,"
+    " (SELECT MIN(s.at_ms) FROM stages s WHERE s.event_id = e.event_id"
+    " AND s.stage = 'delivered')"
+    " FROM events e JOIN devices d ON d.device_id = e.device_id"
+    " WHERE e.received_ms >= {start} AND e.received_ms < {end}"
+    " AND ((e.type = 'alert' AND e.body LIKE '%\"test\"%')"
+    " OR (e.type = 'status' AND e.body LIKE '%\"test_failed\"%'))"
+    " ORDER BY e.received_ms"
+)
+
+
+def test_records_of(rows: Iterable[Sequence[Any]]) -> list[TestRecord]:
+    records = []
+    for a, b, c, d, e, f, g, h in rows:
+        body = json_object(str(g))
+        if is_test_press(str(d), str(g)) or (d == "status" and body.get("state") == "test_failed"):
+            at = None if h is None else int(h)
+            records.append(TestRecord(str(a), str(b), str(c), str(d), int(e), int(f), str(g), at))
+    return records
+
+
 class ConfigStore(Protocol):
     """Remote configuration: desired layers and what devices report (gateway/remote_config.py)."""
 
@@ -605,6 +650,7 @@ class ConfigStore(Protocol):
 
 
 class Store(
+    ReportStore,
     ConfigStore,
     IntakeStore,
     SupervisionStore,
@@ -1735,6 +1781,10 @@ class SqliteDatabase:
         rows = self._query("SELECT device_id, config_hash, reported_ms FROM config_reported", ())
         return {str(a): (str(b), int(c)) for a, b, c in rows}
 
+    def test_records(self, start_ms: int, end_ms: int) -> list[TestRecord]:
+        sql = TEST_RECORDS_SQL.format(start="?", end="?")
+        return test_records_of(self._query(sql, (start_ms, end_ms)))
+
     def close(self) -> None:
         with self._lock, _translated(self.path):
             self._db.close()
@@ -2156,6 +2206,9 @@ class SqliteStore:
 
     async def reported_configs(self) -> dict[str, tuple[str, int]]:
         return await self._run(self.database.reported_configs)
+
+    async def test_records(self, start_ms: int, end_ms: int) -> list[TestRecord]:
+        return await self._run(self.database.test_records, start_ms, end_ms)
 
     async def stream_holder(self, device_id: str) -> str | None:
         return await self._run(self.database.stream_holder, device_id)

@@ -61,6 +61,7 @@ from gateway.store import (
     INCIDENT_STAGE_ORDER,
     PURGE_BATCH,
     STAGE_ORDER,
+    TEST_RECORDS_SQL,
     Accepted,
     BadStoreUrl,
     ConfigLayer,
@@ -77,6 +78,7 @@ from gateway.store import (
     StoreLocked,
     StoreUnavailable,
     StoreVersionError,
+    TestRecord,
     UnknownEvent,
     Waiting,
     check_completion,
@@ -88,6 +90,7 @@ from gateway.store import (
     history_detail,
     incident_from_row,
     pending_from_row,
+    test_records_of,
 )
 
 T = TypeVar("T")
@@ -1742,3 +1745,7 @@ class PostgresStore:
     async def reported_configs(self) -> dict[str, tuple[str, int]]:
         rows = await self._fetch("SELECT device_id, config_hash, reported_ms FROM config_reported")
         return {str(r[0]): (str(r[1]), int(r[2])) for r in rows}
+
+    async def test_records(self, start_ms: int, end_ms: int) -> list[TestRecord]:
+        sql = TEST_RECORDS_SQL.format(start="$1", end="$2")
+        return test_records_of(tuple(r) for r in await self._fetch(sql, start_ms, end_ms))

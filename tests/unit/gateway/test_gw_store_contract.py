@@ -586,3 +586,21 @@ async def test_a_test_press_opens_no_incident_and_joins_none(store: Store) -> No
     (incident,) = await store.incidents("open", 10)
     assert incident.events == 1 and await store.incident_of("alert-0003") is None
     assert [i.incident_id for i in await store.escalation_candidates(3)] == ["alert-0002"]
+
+
+async def test_test_records_are_a_period_s_test_presses_and_failed_tests(store: Store) -> None:
+    test = alert_body("test")
+    failed = '{"state":"test_failed","stage":"link"}'
+    await store.add_event(item("alert-0001", body=test), 1_000)
+    await store.add_event(item("alert-0002", "bell-0002", body=test), 2_000)
+    await store.add_event(item("alert-0003", seq=2, body=alert_body()), 2_500)  # a real press
+    await store.add_event(item("status-0001", seq=3, type="status", body=failed), 3_000)
+    await store.add_event(item("alert-0004", seq=4, body=test), 9_000)  # the next period
+    assert await store.delivered_many([("alert-0001", "central")], 1_700) == [True]
+    records = await store.test_records(1_000, 9_000)
+    assert [(r.event_id, r.district, r.type, r.delivered_ms) for r in records] == [
+        ("alert-0001", "mapo", "alert", 1_700),
+        ("alert-0002", "gangnam", "alert", None),
+        ("status-0001", "mapo", "status", None),
+    ]
+    assert (records[0].ts_ms, records[0].received_ms) == (1_000, 1_000)
