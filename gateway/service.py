@@ -26,6 +26,7 @@ from gateway.deliveries import DeliveryRoutes
 from gateway.downlink import Downlink
 from gateway.enrol import attach_if_site
 from gateway.fleethealth import FleetHealth
+from gateway.fleetview import FleetView, VisitRules
 from gateway.forward import Forwarder
 from gateway.health import DiskState, DiskWatch, Health, IntakeProbe
 from gateway.incident_api import IncidentRoutes
@@ -264,6 +265,19 @@ class Gateway:
         self.api.add_routes(self.tests.routes())
         self.api.add_routes(self.certs.routes())
         self.api.add_routes(self.configs.routes())
+        self.fleet_view = FleetView(
+            devices=self._known_devices,
+            health=self.fleet,
+            failed_tests=self.tests.failed,
+            certs=lambda: self.certs.known,
+            config_states=lambda: {r.device_id: r.state for r in self.configs.drift()},
+            rules=VisitRules(
+                cert_warn_ms=int(config.fleet.cert_warn_days * 86_400_000),
+                low_battery_pct=config.fleet.low_battery_pct,
+                outbox_backlog=config.fleet.outbox_backlog,
+            ),
+        )
+        self.api.add_routes(self.fleet_view.routes())
         if self.video is not None:
             from gateway.video import playback, whep
 
