@@ -45,6 +45,7 @@ class FleetView:
         self,
         *,
         devices: Callable[[], Iterable[Device]],
+        supervised: Callable[[str], bool],
         health: FleetHealth,
         failed_tests: Mapping[str, str],
         certs: Callable[[], Iterable[CertExpiry]],
@@ -53,6 +54,7 @@ class FleetView:
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self._devices = devices
+        self._supervised = supervised  # heard within its heartbeat timeout (supervise.py)
         self._health = health
         self._failed_tests = failed_tests
         self._certs = certs
@@ -79,8 +81,13 @@ class FleetView:
         last = self._health.last.get(device.device_id)
         beat = None if last is None else last.heartbeat
         failed = self._failed_tests.get(device.device_id)
+        # online: the supervisor watches it now; offline: known once, not watched any more
+        # (the registry's copy of the store's flag may be minutes old); None: never heard
+        online = self._supervised(device.device_id) or (
+            None if device.online is None and device.last_seen_ms is None else False
+        )
         reasons = []
-        if device.online is False:
+        if online is False:
             reasons.append("offline")
         if failed is not None:
             reasons.append("test_failed")
@@ -99,7 +106,7 @@ class FleetView:
             "device_id": device.device_id,
             "district": device.district,
             "kind": device.kind,
-            "online": device.online,
+            "online": online,
             "last_seen_ms": device.last_seen_ms,
             "power": None if beat is None else beat.power,
             "battery_pct": None if beat is None else beat.battery_pct,

@@ -267,6 +267,7 @@ class Gateway:
         self.api.add_routes(self.configs.routes())
         self.fleet_view = FleetView(
             devices=self._known_devices,
+            supervised=lambda device_id: self.supervisor.deadline(device_id) is not None,
             health=self.fleet,
             failed_tests=self.tests.failed,
             certs=lambda: self.certs.known,

@@ -14,10 +14,12 @@ from gateway.store import Device, Incoming
 
 DEVICES = [
     Device("bell-0001", "k", "bell", "mapo", online=True),
-    Device("bell-0002", "k", "bell", "gangnam", online=False),
+    # the registry still says online (read at start): the supervisor no longer watches it
+    Device("bell-0002", "k", "bell", "gangnam", online=True, last_seen_ms=NOW - 60_000),
     Device("bell-0004", "k", "bell", "mapo", online=True),
-    Device("bell-0005", "k", "store", "mapo", online=True),
+    Device("bell-0005", "k", "store", "mapo"),  # never heard from
 ]
+SUPERVISED = {"bell-0001", "bell-0004"}
 
 
 def beat(device_id: str, *, drift_ms: int = 0, **fields: object) -> Incoming:
@@ -40,6 +42,7 @@ def make_view() -> tuple[FleetView, FleetHealth, dict[str, str]]:
     ]
     view = FleetView(
         devices=lambda: DEVICES,
+        supervised=SUPERVISED.__contains__,
         health=health,
         failed_tests=failed,
         certs=lambda: certs,
@@ -66,8 +69,8 @@ def test_each_reason_for_a_visit_comes_from_what_the_gateway_knows() -> None:
     assert rows["bell-0004"]["test_failed_at"] == "centre"
     assert rows["bell-0004"]["config"] == "drift"
     assert rows["bell-0002"]["needs_visit"] == ["offline"]
-    # never heard a heartbeat from, online, nothing known against it
-    assert rows["bell-0005"]["needs_visit"] == [] and rows["bell-0005"]["battery_pct"] is None
+    # never heard from: nothing known against it
+    assert rows["bell-0005"]["needs_visit"] == [] and rows["bell-0005"]["online"] is None
     assert rows["bell-0005"]["config"] == "unknown"
 
 
