@@ -36,6 +36,7 @@ from device.link import Link
 from device.observer import AgentObserver
 from device.outbox import OUTBOX_BODIES, Entry, Outbox
 from device.remote_config import ConfigRefused, RemoteConfig
+from device.renew import Renewal, RenewalFailed, Renewed
 from device.sms import UNDELIVERED_FILE, SmsFallback
 from device.testpress import TestPresses
 from protocol.clock import Clock, wall_ms
@@ -162,6 +163,7 @@ class Agent:
         # who else hears of each kept message and verified ack (the control socket)
         self.on_sent: list[Callable[[str, Alert | Cancel | Health], None]] = []
         self.on_ack: list[Callable[[Ack], None]] = []
+        self.renewal = Renewal(config, signer, now_ms=self.now_ms)
         self.test_presses = TestPresses(
             self.device_id,
             BELL_OF[config.device.kind],
@@ -415,6 +417,24 @@ class Agent:
         if link:
             self.link.retarget(config)
 
+    async def renew_certificate(self) -> Renewed | None:
+        """Renew the certificate if it is due; then connect again with the new one."""
+        if not self.renewal.due():
+            return None
+        try:
+            renewed = await asyncio.to_thread(self.renewal.renew)
+        except (RenewalFailed, OSError) as exc:
+            # the old certificate still works until it expires: tried again at the next look
+            log.warning("device %s: certificate renewal failed: %s", self.device_id, exc)
+            return None
+        self.link.session.reload_tls()
+        return renewed
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await self.renew_certificate()
+            await asyncio.sleep(self.config.renew.check_every_s)
+
     async def _config_trial_loop(self) -> None:
         while True:
             self._config_changed.clear()
@@ -547,6 +567,8 @@ class Agent:
                 tasks.create_task(self.sms.run(), name="sms")
                 tasks.create_task(self.test_presses.run(), name="test press")
                 tasks.create_task(self._config_trial_loop(), name="config trial")
+                if self.renewal.enabled:
+                    tasks.create_task(self._renew_loop(), name="certificate renewal")
                 if self.video is not None:
                     tasks.create_task(self.video.run(), name="video")
                 tasks.create_task(sdnotify.watchdog_pings(), name="watchdog")

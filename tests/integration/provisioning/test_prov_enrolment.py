@@ -615,3 +615,65 @@ async def test_a_doorbell_enrolled_with_a_relative_state_dir_passes_its_selftest
 
     (keys,) = [c for c in await run_selftest(config, where / "device.toml") if c.name == "keys"]
     assert keys.outcome == "fail" and f"chmod 600 {config.device.key_file}" in keys.detail
+
+
+async def test_a_device_renews_its_certificate_before_expiry_and_connects_with_it(
+    rig: Rig,
+) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from device.enrol import make_csr
+    from device.renew import Renewal, RenewalFailed
+    from protocol.keys import generate_key
+
+    added = await rig.add("bell-0009")
+    device_dir = rig.tmp / "device"
+    code, out, err = await rig.enroll(str(added["token"]), device_dir)
+    assert code == 0, out + err
+    config = load_config(device_dir / "device.toml", DeviceConfig)
+    assert config.renew.gateway_url == rig.url  # enrolment says where to renew
+    # a certificate for 40 days instead of years, so the renewal point (30 days before)
+    # is 10 days ahead
+    assert config.mqtt.cert_file is not None
+    key = load_private_key(config.device.key_file)
+    short = rig.site.sign_csr(make_csr(key, "bell-0009").encode(), "bell-0009", days=40)
+    config.mqtt.cert_file.write_bytes(short.public_bytes(serialization.Encoding.PEM))
+    clock = [time.time_ns() // 1_000_000]
+    # the gateway's time moves with the device's: both clocks agree, as NTP keeps them
+    assert rig.gateway.enrolment is not None
+    rig.gateway.enrolment._clock_ms = lambda: clock[0]
+    agent = Agent(
+        config,
+        signer=Signer("bell-0009", key),
+        gateway_key=public_key_from_b64(config.gateway.public_key),
+        hardware=Hardware(FakeInputs(), FakeIndicator(), camera=None, modem=None),
+        clock_ms=lambda: clock[0],
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        await asyncio.wait_for(agent.ready.wait(), 10)
+        assert await agent.renew_certificate() is None  # 40 days left: not yet
+        clock[0] += 11 * 86_400_000  # past the renewal point
+        renewed = await agent.renew_certificate()
+        assert renewed is not None and renewed.serial != f"{short.serial_number:X}"
+        on_disk = x509.load_pem_x509_certificate(config.mqtt.cert_file.read_bytes())
+        assert f"{on_disk.serial_number:X}" == renewed.serial
+        assert on_disk.public_key() == key.public_key()  # the same key, a new certificate
+        assert not agent.renewal.due()
+        # the session connected again, with the new certificate, to the running broker
+        connects = agent.connects
+        await eventually(lambda: agent.connects > connects and agent.link.connected)
+        # the site knows it: certificate expiry watching sees the newer one
+        issued = {f"{c.serial_number:X}" for c in rig.site.issued()}
+        assert renewed.serial in issued
+        # a renewal signed by another key is refused, and changes nothing
+        stranger = Signer("bell-0009", generate_key())
+        forged = Renewal(config, stranger, now_ms=lambda: clock[0])
+        with pytest.raises(RenewalFailed, match="proof is refused"):
+            await asyncio.to_thread(forged.renew)
+        assert x509.load_pem_x509_certificate(config.mqtt.cert_file.read_bytes()) == on_disk
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
