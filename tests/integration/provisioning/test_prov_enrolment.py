@@ -13,7 +13,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +146,9 @@ async def rig(site: Site, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Ri
 
 
 @contextlib.asynccontextmanager
-async def agent_from(config_path: Path) -> AsyncIterator[Agent]:
+async def agent_from(
+    config_path: Path, clock_ms: Callable[[], int] | None = None
+) -> AsyncIterator[Agent]:
     """The real agent, configured only by what `ansimi device enrol` wrote."""
     config = load_config(config_path, DeviceConfig)
     agent = Agent(
@@ -154,6 +156,7 @@ async def agent_from(config_path: Path) -> AsyncIterator[Agent]:
         signer=Signer(config.device.id, load_private_key(config.device.key_file)),
         gateway_key=public_key_from_b64(config.gateway.public_key),
         hardware=Hardware(FakeInputs(), FakeIndicator(), camera=None, modem=None),
+        clock_ms=clock_ms,
     )
     task = asyncio.create_task(agent.run())
     try:
@@ -643,18 +646,11 @@ async def test_a_device_renews_its_certificate_before_expiry_and_connects_with_i
     # the gateway's time moves with the device's: both clocks agree, as NTP keeps them
     assert rig.gateway.enrolment is not None
     rig.gateway.enrolment._clock_ms = lambda: clock[0]
-    agent = Agent(
-        config,
-        signer=Signer("bell-0009", key),
-        gateway_key=public_key_from_b64(config.gateway.public_key),
-        hardware=Hardware(FakeInputs(), FakeIndicator(), camera=None, modem=None),
-        clock_ms=lambda: clock[0],
-    )
-    task = asyncio.create_task(agent.run())
-    try:
+    async with agent_from(device_dir / "device.toml", lambda: clock[0]) as agent:
         await asyncio.wait_for(agent.ready.wait(), 10)
         assert await agent.renew_certificate() is None  # 40 days left: not yet
         clock[0] += 11 * 86_400_000  # past the renewal point
+        connects = agent.connects
         renewed = await agent.renew_certificate()
         assert renewed is not None and renewed.serial != f"{short.serial_number:X}"
         on_disk = x509.load_pem_x509_certificate(config.mqtt.cert_file.read_bytes())
@@ -662,7 +658,6 @@ async def test_a_device_renews_its_certificate_before_expiry_and_connects_with_i
         assert on_disk.public_key() == key.public_key()  # the same key, a new certificate
         assert not agent.renewal.due()
         # the session connected again, with the new certificate, to the running broker
-        connects = agent.connects
         await eventually(lambda: agent.connects > connects and agent.link.connected)
         # the site knows it: certificate expiry watching sees the newer one
         issued = {f"{c.serial_number:X}" for c in rig.site.issued()}
@@ -673,7 +668,3 @@ async def test_a_device_renews_its_certificate_before_expiry_and_connects_with_i
         with pytest.raises(RenewalFailed, match="proof is refused"):
             await asyncio.to_thread(forged.renew)
         assert x509.load_pem_x509_certificate(config.mqtt.cert_file.read_bytes()) == on_disk
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

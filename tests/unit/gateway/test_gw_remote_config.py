@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
@@ -32,6 +33,18 @@ def configs(env: Env) -> RemoteConfigs:
         resend_after_ms=RESEND_MS,
         clock_ms=env.clock,
     )
+
+
+async def served() -> tuple[Env, RemoteConfigs, TestClient[Any, Any]]:
+    """A gateway's insides with the remote config routes on its API, not yet started."""
+    env = await make_env()
+    remote = configs(env)
+    await remote.load()
+    api = Api(
+        env.store, env.registry, env.downlink, env.metrics, PRIVACY_TOKENS, connected=lambda: True
+    )
+    api.add_routes(remote.routes())
+    return env, remote, TestClient(TestServer(api.app()))
 
 
 def commands(env: Env) -> list[tuple[str, dict[str, dict[str, object]] | None]]:
@@ -103,14 +116,8 @@ async def test_drift_is_reported_hash_against_desired_and_resent_at_most_once_a_
 
 
 async def test_the_api_sets_layers_within_the_token_s_districts_and_refuses_bad_keys() -> None:
-    env = await make_env()
-    remote = configs(env)
-    await remote.load()
-    api = Api(
-        env.store, env.registry, env.downlink, env.metrics, PRIVACY_TOKENS, connected=lambda: True
-    )
-    api.add_routes(remote.routes())
-    async with TestClient(TestServer(api.app())) as client:
+    env, _remote, client = await served()
+    async with client:
 
         def auth(token: str) -> dict[str, str]:
             return {"Authorization": f"Bearer {token}"}
@@ -157,16 +164,10 @@ async def test_the_api_sets_layers_within_the_token_s_districts_and_refuses_bad_
 async def test_the_cli_sets_a_layer_from_toml_shows_it_and_exits_5_on_drift(
     tmp_path: Path,
 ) -> None:
-    env = await make_env()
-    remote = configs(env)
-    await remote.load()
-    api = Api(
-        env.store, env.registry, env.downlink, env.metrics, PRIVACY_TOKENS, connected=lambda: True
-    )
-    api.add_routes(remote.routes())
+    env, remote, client = await served()
     layer = tmp_path / "mapo.toml"
     layer.write_text("[behaviour]\nring_link_s = 30.0\n\n[device]\nsilent = true\n")
-    async with TestClient(TestServer(api.app())) as client:
+    async with client:
         url = str(client.make_url("")).rstrip("/")
 
         async def provision(*args: str) -> tuple[int, str]:
