@@ -35,7 +35,7 @@ from device.hal.ports import HalError, InputEvent, Pattern
 from device.link import Link
 from device.observer import AgentObserver
 from device.outbox import OUTBOX_BODIES, Entry, Outbox
-from device.remote_config import ConfigRefused, RemoteConfig
+from device.remote_config import ConfigRefused, RemoteConfig, touches_link
 from device.renew import Renewal, RenewalFailed, Renewed
 from device.sms import UNDELIVERED_FILE, SmsFallback
 from device.testpress import TestPresses
@@ -396,6 +396,9 @@ class Agent:
         now = self.now_ms()
         if not self.remote.overdue(now, confirm_s):
             return (trial.started_ms + confirm_s * 1000 - now) / 1000
+        # back from the trial's link settings to the good ones' (a trial that kept an
+        # earlier trial's broker changed nothing itself, but its rollback does)
+        link_changed = touches_link(trial.patch, self.remote.good)
         config = self.remote.rollback()
         log.warning(
             "device %s: config not proven within %g s: back to %s",
@@ -403,7 +406,7 @@ class Agent:
             confirm_s,
             self.remote.hash[:12],
         )
-        self._reconfigure(config, link=trial.link_changed)
+        self._reconfigure(config, link=link_changed)
         self.report(Health(event="config_rolled_back", detail=f"back to {self.remote.hash}"))
         return None
 
