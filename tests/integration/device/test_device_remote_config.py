@@ -5,6 +5,7 @@ The trial's clock is injected: the test moves it past `confirm_within_s` instead
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -195,5 +196,12 @@ async def test_the_gateway_s_district_layer_reaches_the_bell_and_drift_clears(
         await eventually(lambda: state() == "in_sync")
         (row,) = gateway.configs.drift()
         assert row.reported_hash == config_hash(wanted)
-        stored = await gateway.store.reported_configs()
-        assert stored[DEVICE_ID][0] == config_hash(wanted)
+
+        # kept in the store too, a moment after (written by the gateway's own task)
+        async def stored() -> str | None:
+            found = await gateway.store.reported_configs()
+            return found[DEVICE_ID][0] if DEVICE_ID in found else None
+
+        async with asyncio.timeout(20):
+            while await stored() != config_hash(wanted):
+                await asyncio.sleep(0.05)
