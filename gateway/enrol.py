@@ -68,6 +68,7 @@ from gateway.enrolments import (
     Pending,
 )
 from gateway.intake import Registry
+from gateway.metrics import Metrics
 from gateway.store import Device, DeviceKind, EnrolmentStore
 from protocol.errors import ProtocolError
 from protocol.ids import DeviceId
@@ -208,8 +209,10 @@ class Enrolment:
         *,
         refresh: Callable[[str], Awaitable[None]] | None = None,
         device: Callable[[str], Device | None] | None = None,
+        metrics: Metrics | None = None,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         # the registry's device, for renewals (signed with the key it holds); None: no renewal
         self._device = device
@@ -354,9 +357,14 @@ class Enrolment:
     async def renew(self, request: web.Request) -> web.Response:
         """A new certificate for a device's current key, before its old one expires."""
         try:
-            body = RenewRequest.model_validate_json(await request.read())
+            response = await self._renewed(RenewRequest.model_validate_json(await request.read()))
         except ValidationError as exc:
-            return _bad_body(exc)
+            response = _bad_body(exc)
+        if response.status != 200 and self._metrics is not None:
+            self._metrics.api_refused.labels("renewal").inc()
+        return response
+
+    async def _renewed(self, body: RenewRequest) -> web.Response:
         device = self._device(body.device_id) if self._device is not None else None
         if device is None or device.revoked:
             log.warning("renew: refused %s: unknown or revoked", body.device_id)
@@ -445,6 +453,7 @@ def attach(
     store: EnrolmentStore,
     site_dir: Path,
     *,
+    metrics: Metrics | None = None,
     clock_ms: Callable[[], int] | None = None,
 ) -> Enrolment:
     """Add the enrolment routes to a gateway's API, signing with the CA in `site_dir`.
@@ -458,6 +467,7 @@ def attach(
         EnrolmentInfo.from_site(site_dir),
         refresh=registry.refresh,
         device=registry.device,
+        metrics=metrics,
         clock_ms=clock_ms,
     )
     api.add_routes(enrolment.routes())
@@ -465,7 +475,11 @@ def attach(
 
 
 def attach_if_site(
-    api: Api, registry: Registry, store: EnrolmentStore, config: GatewayConfig
+    api: Api,
+    registry: Registry,
+    store: EnrolmentStore,
+    config: GatewayConfig,
+    metrics: Metrics | None = None,
 ) -> Enrolment | None:
     """The gateway service's hook: serve enrolment when `[enrol] site_dir` names a site
     and the API is on. Its CA key must be readable by the gateway's user (see the
@@ -487,6 +501,6 @@ def attach_if_site(
             "enrol: the API has no api.cert_file: devices enrol only over HTTPS, so none can "
             "enrol until it has one"
         )
-    enrolment = attach(api, registry, store, site_dir)
+    enrolment = attach(api, registry, store, site_dir, metrics=metrics)
     log.info("enrol: POST /enrol on, signing with the CA of %s", site_dir)
     return enrolment

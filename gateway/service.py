@@ -296,7 +296,7 @@ class Gateway:
                 )
             )
         # POST /enrol and its admin routes, when this gateway runs from a provisioning site
-        self.enrolment = attach_if_site(self.api, self.registry, self.store, config)
+        self.enrolment = attach_if_site(self.api, self.registry, self.store, config, self.metrics)
         # loaded now, so a bad certificate stops start-up with its name, not a task later
         api = config.api
         self.api_tls = None

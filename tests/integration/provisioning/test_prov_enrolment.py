@@ -668,3 +668,6 @@ async def test_a_device_renews_its_certificate_before_expiry_and_connects_with_i
         with pytest.raises(RenewalFailed, match="proof is refused"):
             await asyncio.to_thread(forged.renew)
         assert x509.load_pem_x509_certificate(config.mqtt.cert_file.read_bytes()) == on_disk
+        refused = {"reason": "renewal"}
+        registry = rig.gateway.metrics.registry
+        assert registry.get_sample_value("ansimi_api_refused_total", refused) == 1
