@@ -35,7 +35,7 @@ from device.hal.ports import HalError, InputEvent, Pattern
 from device.link import Link
 from device.observer import AgentObserver
 from device.outbox import OUTBOX_BODIES, Entry, Outbox
-from device.remote_config import ConfigRefused, RemoteConfig, touches_link
+from device.remote_config import ConfigFailedBefore, ConfigRefused, RemoteConfig, touches_link
 from device.renew import Renewal, RenewalFailed, Renewed
 from device.sms import UNDELIVERED_FILE, SmsFallback
 from device.testpress import TestPresses
@@ -361,6 +361,9 @@ class Agent:
             return
         try:
             config = self.remote.begin(patch, now_ms=self.now_ms(), connects=self.connects)
+        except ConfigFailedBefore as exc:
+            log.info("device %s: set_config ignored: %s", self.device_id, exc)  # said once
+            return
         except (ConfigRefused, ValueError) as exc:
             self.configs_refused += 1
             log.warning("device %s: set_config refused: %s", self.device_id, exc)

@@ -44,6 +44,11 @@ class ConfigRefused(DeviceError, ValueError):
     """A remote config this device will not run; the message says which key and why."""
 
 
+class ConfigFailedBefore(ConfigRefused):
+    """The very config this device rolled back last: not tried again (the gateway sends a
+    drifting device its config now and then; a broken one must not cut the bell each time)."""
+
+
 def overlay(base: DeviceConfig, patch: Patch) -> DeviceConfig:
     """`base` with `patch` laid over it, checked by the config model; raises ConfigRefused."""
     why_not = refused_key(patch)
@@ -84,6 +89,7 @@ class RemoteConfig:
         self._durable = durable
         self.good: Patch = {}
         self.trial: Trial | None = None
+        self.failed: str | None = None  # the hash of the last config rolled back
         # a trial found at start-up (the agent stopped during it): undone, to be reported
         self.abandoned: Patch | None = None
         self._load()
@@ -104,6 +110,8 @@ class RemoteConfig:
         """Check `patch`, keep it as the trial and return the config to run; a trial still
         open is dropped for the new one (the last good stays what a rollback returns to)."""
         patch = CONFIG_PATCH.validate_python(patch)
+        if config_hash(patch) == self.failed:
+            raise ConfigFailedBefore(f"config {self.failed[:12]} was rolled back here before")
         config = overlay(self.base, patch)
         self.trial = Trial(patch, now_ms, connects, touches_link(self.patch, patch))
         self._save()
@@ -116,7 +124,8 @@ class RemoteConfig:
 
     def commit(self) -> None:
         if self.trial is not None:
-            self.good, self.trial = self.trial.patch, None
+            # another config proven: the one that failed may be tried again when sent
+            self.good, self.trial, self.failed = self.trial.patch, None, None
             self._save()
 
     def overdue(self, now_ms: int, confirm_within_s: float) -> bool:
@@ -125,6 +134,8 @@ class RemoteConfig:
 
     def rollback(self) -> DeviceConfig:
         """Back to the last good patch; returns its config."""
+        if self.trial is not None:
+            self.failed = config_hash(self.trial.patch)
         self.trial = None
         self._save()
         return self.effective()
@@ -137,6 +148,8 @@ class RemoteConfig:
             self.good = CONFIG_PATCH.validate_python(raw.get("good", {}))
             overlay(self.base, self.good)
             trial = raw.get("trial")
+            failed = raw.get("failed")
+            self.failed = failed if isinstance(failed, str) else None
         except FileNotFoundError:
             return
         except (ValueError, AttributeError, ConfigRefused) as exc:
@@ -152,11 +165,13 @@ class RemoteConfig:
             return
         if trial is not None:
             self.abandoned = trial
+            self.failed = config_hash(trial) if isinstance(trial, dict) else None
             self._save()
 
     def _save(self) -> None:
         trial = None
         if self.trial is not None:
             trial = self.trial.patch
-        data = json.dumps({"good": self.good, "trial": trial}, sort_keys=True).encode()
+        state = {"good": self.good, "trial": trial, "failed": self.failed}
+        data = json.dumps(state, sort_keys=True).encode()
         write_atomic(self._path, data, mode=0o600, durable=self._durable)

@@ -475,8 +475,8 @@ class FleetConfig(_Section):
     # a cert_expiring event (gateway/certwatch.py; needs [enrol] site_dir)
     cert_warn_days: Annotated[float, Field(gt=0)] = 30.0
     # a device that reports another config than the one desired is sent it again at most
-    # this often (gateway/remote_config.py): one that rolls it back is not pushed in a loop
-    config_resend_after_s: Annotated[float, Field(gt=0)] = 3600.0
+    # this often (gateway/remote_config.py); one that rolled that config back ignores it
+    config_resend_after_s: Annotated[float, Field(gt=0)] = 600.0
     # the fleet view (GET /fleet) says a bell needs a visit below this battery charge
     low_battery_pct: Annotated[int, Field(ge=0, le=100)] = 20
     # ... or with this many messages waiting in its outbox (not received by the gateway)

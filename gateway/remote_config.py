@@ -102,10 +102,13 @@ class RemoteConfigs:
         self.reported: dict[str, tuple[str, int]] = {}
         self._sent_ms: dict[str, int] = {}  # when each device was last sent its config
         self._changed: dict[str, tuple[str, int]] = {}  # reported, not yet in the store
+        self._check: set[str] = set()  # reported something else than desired, last we knew
+        self._desired_hash: dict[str, str] = {}  # device -> its desired hash, until load()
         self._wake = asyncio.Event()
         self.sent = 0
 
     async def load(self) -> None:
+        self._desired_hash.clear()
         self._layers = {
             (layer.scope, layer.name): json.loads(layer.patch_json)
             for layer in await self._store.config_layers()
@@ -169,33 +172,48 @@ class RemoteConfigs:
     # ---- what devices report ---------------------------------------------------------------
 
     def heartbeats(self, items: Iterable[Incoming]) -> None:
-        """Kept messages just checked: a heartbeat with a new hash is news (written by run)."""
+        """Kept messages just checked: a heartbeat with a new hash is news to keep, and one
+        that is not the desired config is looked at by `flush` (run's task)."""
         for item in items:
             if item.type != "heartbeat":
                 continue
             reported = Heartbeat.model_validate_json(item.body_json).config_hash
             if reported is None:
                 continue  # an agent from before remote config: nothing to judge
-            known = self.reported.get(item.device_id)
+            device_id = item.device_id
+            known = self.reported.get(device_id)
             if known is None or known[0] != reported:
-                self.reported[item.device_id] = self._changed[item.device_id] = (
+                self.reported[device_id] = self._changed[device_id] = (
                     reported,
                     self._clock_ms(),
                 )
                 self._wake.set()
+            if self._desired_hash.get(device_id) != reported:
+                self._check.add(device_id)
+                self._wake.set()
 
     async def flush(self) -> None:
-        """Write the hashes that changed; send their config again to devices that drift."""
+        """Write the hashes that changed; send devices that drift their config again, each
+        at most once per `resend_after_ms` (one offline when it was sent gets it on its
+        return; one that rolled it back ignores it: device/remote_config.py)."""
         changed, self._changed = self._changed, {}
-        now = self._clock_ms()
-        by_id = {d.device_id: d for d in self._devices()}
+        check, self._check = self._check, set()
         for device_id, (reported, at_ms) in changed.items():
             await self._store.report_config(device_id, reported, at_ms)
+        if not check:
+            return
+        now = self._clock_ms()
+        by_id = {d.device_id: d for d in self._devices()}
+        for device_id in check:
             device = by_id.get(device_id)
-            if device is None or reported == config_hash(self.desired(device)):
-                continue
+            if device is None:
+                continue  # revoked or gone since
+            desired = self._desired_hash.get(device_id)
+            if desired is None:
+                desired = self._desired_hash[device_id] = config_hash(self.desired(device))
+            reported = self.reported[device_id][0]
             last = self._sent_ms.get(device_id)
-            if last is None or now - last >= self._resend_after_ms:
+            if reported != desired and (last is None or now - last >= self._resend_after_ms):
                 log.warning(
                     "device %s: runs config %s, not the one desired: sent again",
                     device_id,

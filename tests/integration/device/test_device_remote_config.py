@@ -123,6 +123,16 @@ async def test_a_config_that_breaks_the_link_rolls_back_and_says_so(
         assert health(spy, "config_rolled_back")[0].body.detail == f"back to {config_hash(good)}"
         await agent.send_heartbeat()
         await eventually(lambda: beats(spy)[-1].body.config_hash == config_hash(good))
+        # the gateway sends a drifting bell its config again now and then: the one that
+        # broke this bell's link is not tried again, and not reported again either
+        await send_config(session, keys, clock, broken, seq=3)
+        await send_config(session, keys, clock, {"behaviour": {"ring_link_s": 50.0}}, seq=4)
+        await eventually(lambda: agent.config.behaviour.ring_link_s == 50.0)
+        assert agent.link.session.address == (mosquitto.host, mosquitto.port)
+        assert {m.id for m in health(spy, "config_rolled_back")} == {
+            health(spy, "config_rolled_back")[0].id
+        }
+        assert health(spy, "config_refused") == []
 
 
 async def test_a_config_the_device_model_refuses_is_reported_and_changes_nothing(
