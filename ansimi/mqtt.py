@@ -287,6 +287,7 @@ class Session:
         # the descriptor the loop watches for writability, if any (see _write_or_watch)
         self._write_watched: int | None = None
         self._connect_result: asyncio.Future[None] | None = None
+        self._tls_context: ssl.SSLContext | None = None
         self._client = self._make_client()
 
     # ---- public API -------------------------------------------------------------------
@@ -428,6 +429,26 @@ class Session:
             return []
         return await self._send_subscribe(list(self._subscriptions))
 
+    def reload_tls(self) -> None:
+        """Read the certificate and key files again (a renewed certificate) and connect
+        again with them; the TLS context stays the one paho was given."""
+        tls = self.settings.tls
+        if tls is None or self._tls_context is None or tls.cert_file is None:
+            return
+        key = str(tls.key_file) if tls.key_file else None
+        self._tls_context.load_cert_chain(str(tls.cert_file), key)
+        self.reconnect()
+
+    def retarget(self, settings: Settings) -> None:
+        """Connect again at once with `settings` (another broker, keepalive or ack timeout);
+        the client id, TLS files and will stay those the session was made with."""
+        self._stop_watch()
+        self.settings = settings
+        self._addresses = [(settings.host, settings.port), *settings.other_addresses]
+        self._address_index = 0
+        self._watch = LinkWatch(settings.ack_timeout_s, settings.keepalive_s)
+        self.reconnect()
+
     def reconnect(self) -> None:
         """Drop the connection and connect again at once, without the backoff delay.
 
@@ -471,7 +492,8 @@ class Session:
         if s.username:
             client.username_pw_set(s.username)
         if s.tls is not None:
-            client.tls_set_context(s.tls.context())
+            self._tls_context = s.tls.context()
+            client.tls_set_context(self._tls_context)
         if s.will is not None:
             client.will_set(s.will.topic, s.will.payload, qos=s.will.qos, retain=s.will.retain)
         client.on_connect = self._handle_connect

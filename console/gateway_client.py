@@ -151,6 +151,14 @@ class GatewayClient:
             raise GatewayError(502, "GET /incidents: no list in the answer")
         return [i for i in found if isinstance(i, dict)]
 
+    async def fleet(self) -> list[dict[str, Any]]:
+        """Every bell of the console's districts with why it needs a visit (`GET /fleet`)."""
+        found = await self._call("GET", ("fleet",))
+        devices = found.get("devices") if isinstance(found, dict) else None
+        if not isinstance(devices, list):
+            raise GatewayError(502, "GET /fleet: no devices list in the answer")
+        return [d for d in devices if isinstance(d, dict)]
+
     async def incident(self, incident_id: str) -> dict[str, Any]:
         """One incident with its history and procedure (checklist)."""
         found = await self._call("GET", ("incidents", incident_id))

@@ -228,6 +228,8 @@ class ConsoleApp:
         app.add_routes(
             [
                 web.get("/", self.index),
+                web.get("/fleet", self.fleet_page),
+                web.get("/api/fleet", self.fleet),
                 web.static("/static", STATIC, append_version=False),
                 web.post("/api/login", self.login),
                 web.post("/api/logout", self.logout),
@@ -369,6 +371,21 @@ class ConsoleApp:
 
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html")
+
+    async def fleet_page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "fleet.html")
+
+    async def fleet(self, request: web.Request) -> web.Response:
+        """The fleet view (the gateway's `GET /fleet`), within the operator's districts."""
+        if self.gateway is None:
+            return web.json_response({"error": "no gateway configured"}, status=404)
+        try:
+            devices = await self.gateway.fleet()
+        except GatewayError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        session = request[SESSION_KEY]
+        seen = [d for d in devices if session.sees(str(d.get("district", "")))]
+        return web.json_response({"devices": seen})
 
     async def login(self, request: web.Request) -> web.Response:
         try:

@@ -35,6 +35,8 @@ from device.hal.ports import HalError, InputEvent, Pattern
 from device.link import Link
 from device.observer import AgentObserver
 from device.outbox import OUTBOX_BODIES, Entry, Outbox
+from device.remote_config import ConfigFailedBefore, ConfigRefused, RemoteConfig, touches_link
+from device.renew import Renewal, RenewalFailed, Renewed
 from device.sms import UNDELIVERED_FILE, SmsFallback
 from device.testpress import TestPresses
 from protocol.clock import Clock, wall_ms
@@ -56,6 +58,7 @@ from protocol.messages import (
     SecondaryPath,
     SyncMessage,
 )
+from protocol.remote_config import config_hash
 
 if TYPE_CHECKING:
     from device.video.session import VideoManager
@@ -91,6 +94,9 @@ class Agent:
         rng: random.Random | None = None,
         observer: AgentObserver | None = None,
     ) -> None:
+        # device.toml with the gateway's last good remote config laid over it
+        self.remote = RemoteConfig(config)
+        config = self.remote.effective()
         self.config = config
         self.device_id = config.device.id
         self.hardware = hardware
@@ -151,9 +157,13 @@ class Agent:
         self._background: set[asyncio.Task[None]] = set()
         self._secondary: SecondaryPath | None = None  # the SMS path, as last probed
         self.ready = asyncio.Event()  # set once connected to the broker
+        self.connects = 0  # connections made so far: a link change proves itself on a new one
+        self.configs_refused = 0  # set_config commands refused (no metrics endpoint here)
+        self._config_changed = asyncio.Event()  # a trial began or ended: its timer looks again
         # who else hears of each kept message and verified ack (the control socket)
         self.on_sent: list[Callable[[str, Alert | Cancel | Health], None]] = []
         self.on_ack: list[Callable[[Ack], None]] = []
+        self.renewal = Renewal(config, signer, now_ms=self.now_ms)
         self.test_presses = TestPresses(
             self.device_id,
             BELL_OF[config.device.kind],
@@ -305,6 +315,9 @@ class Agent:
 
     def _link_up(self) -> None:
         self.ready.set()
+        self.connects += 1
+        if self.remote.trial is not None:
+            self._spawn(self.send_heartbeat(), "config proof")  # the trial's proof, at once
         self._resend_all = True
         self._wake_resend.set()
         self._tell(self._observer.link_up)
@@ -327,12 +340,114 @@ class Agent:
             firmware=self.config.device.firmware,
             outbox_depth=self.outbox.depth(),
             secondary=self._secondary,
+            config_hash=self.remote.hash,
         )
 
     async def send_heartbeat(self) -> None:
         self._secondary = await self.sms.health()
         if self.link.connected:
-            self.send(self.heartbeat())
+            trial = self.remote.trial if self.remote.proven(connects=self.connects) else None
+            published = self.send(self.heartbeat())
+            if trial is not None:
+                published.add_done_callback(lambda done: self._heartbeat_acked(done, trial))
+
+    # ---- remote configuration (device/remote_config.py) ---------------------------------
+
+    def set_config(self, patch: dict[str, dict[str, Any]]) -> None:
+        """Try the gateway's config: check, keep, apply; proven by a heartbeat's PUBACK."""
+        if self.remote.trial is None and config_hash(patch) == self.remote.hash:
+            # the gateway sends again what it sees drift on: this one runs already
+            log.info("device %s: config %s runs already", self.device_id, self.remote.hash[:12])
+            return
+        try:
+            config = self.remote.begin(patch, now_ms=self.now_ms(), connects=self.connects)
+        except ConfigFailedBefore as exc:
+            log.info("device %s: set_config ignored: %s", self.device_id, exc)  # said once
+            return
+        except (ConfigRefused, ValueError) as exc:
+            self.configs_refused += 1
+            log.warning("device %s: set_config refused: %s", self.device_id, exc)
+            self.report(Health(event="config_refused", detail=str(exc)[:200]))
+            return
+        trial = self.remote.trial
+        assert trial is not None  # begin() made it
+        log.warning(
+            "device %s: config %s on trial for %g s",
+            self.device_id,
+            self.remote.hash[:12],
+            config.remote_config.confirm_within_s,
+        )
+        self._reconfigure(config, link=trial.link_changed)
+        self._config_changed.set()
+        if not trial.link_changed:
+            self._spawn(self.send_heartbeat(), "config proof")
+
+    def _heartbeat_acked(self, published: asyncio.Future[None], trial: object) -> None:
+        if published.cancelled() or published.exception() is not None:
+            return
+        if self.remote.trial is trial:
+            self.remote.commit()
+            self._config_changed.set()
+            log.warning("device %s: config %s confirmed", self.device_id, self.remote.hash[:12])
+
+    def check_config_trial(self) -> float | None:
+        """Undo a trial not proven in time; the seconds until it is due, or None if none."""
+        trial = self.remote.trial
+        if trial is None:
+            return None
+        confirm_s = self.config.remote_config.confirm_within_s
+        now = self.now_ms()
+        if not self.remote.overdue(now, confirm_s):
+            return (trial.started_ms + confirm_s * 1000 - now) / 1000
+        # back from the trial's link settings to the good ones' (a trial that kept an
+        # earlier trial's broker changed nothing itself, but its rollback does)
+        link_changed = touches_link(trial.patch, self.remote.good)
+        config = self.remote.rollback()
+        log.warning(
+            "device %s: config not proven within %g s: back to %s",
+            self.device_id,
+            confirm_s,
+            self.remote.hash[:12],
+        )
+        self._reconfigure(config, link=link_changed)
+        self.report(Health(event="config_rolled_back", detail=f"back to {self.remote.hash}"))
+        return None
+
+    def _reconfigure(self, config: DeviceConfig, *, link: bool) -> None:
+        """Run `config` from now on; `link`: its broker or timings changed, connect again."""
+        self.config = config
+        self.behaviour.rules = config.behaviour
+        self.behaviour.set_silent(config.device.is_silent)
+        self.sms.reconfigure(config)
+        self.test_presses.reschedule(config.test_press)
+        if link:
+            self.link.retarget(config)
+
+    async def renew_certificate(self) -> Renewed | None:
+        """Renew the certificate if it is due; then connect again with the new one."""
+        if not self.renewal.due():
+            return None
+        try:
+            renewed = await asyncio.to_thread(self.renewal.renew)
+        except (RenewalFailed, OSError) as exc:
+            # the old certificate still works until it expires: tried again at the next look
+            log.warning("device %s: certificate renewal failed: %s", self.device_id, exc)
+            return None
+        self.link.session.reload_tls()
+        return renewed
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await self.renew_certificate()
+            await asyncio.sleep(self.config.renew.check_every_s)
+
+    async def _config_trial_loop(self) -> None:
+        while True:
+            self._config_changed.clear()
+            due_s = self.check_config_trial()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if due_s is None else max(due_s, 0.05)):
+                    await self._config_changed.wait()
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -397,6 +512,8 @@ class Agent:
             log.warning("device %s: silent mode %s by command", self.device_id, silent)
         elif name == "test_press":
             self.test_presses.press("command")
+        elif name == "set_config":
+            self.set_config(command.config or {})
         elif name == "selftest":
             self._spawn(self.selftest(), "selftest")
         elif name in ("video_start", "video_stop") and self.video is not None:
@@ -437,8 +554,16 @@ class Agent:
                 )
             )
 
+    def report_abandoned_config(self) -> None:
+        """A trial the agent stopped during: it starts on the last good config instead."""
+        if self.remote.abandoned is not None:
+            log.warning("device %s: restarted during a config trial: undone", self.device_id)
+            self.report(Health(event="config_rolled_back", detail=f"back to {self.remote.hash}"))
+            self.remote.abandoned = None
+
     async def run(self) -> None:
         self.report_outbox_recovery()
+        self.report_abandoned_config()
         self.hardware.inputs.start(self.on_input)
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -447,6 +572,9 @@ class Agent:
                 tasks.create_task(self._heartbeat_loop(), name="heartbeat")
                 tasks.create_task(self.sms.run(), name="sms")
                 tasks.create_task(self.test_presses.run(), name="test press")
+                tasks.create_task(self._config_trial_loop(), name="config trial")
+                if self.renewal.enabled:
+                    tasks.create_task(self._renew_loop(), name="certificate renewal")
                 if self.video is not None:
                     tasks.create_task(self.video.run(), name="video")
                 tasks.create_task(sdnotify.watchdog_pings(), name="watchdog")

@@ -140,6 +140,24 @@ class SmsSection(_Section):
         return self
 
 
+class RenewSection(_Section):
+    """Certificate self-renewal (`device/renew.py`)."""
+
+    # the gateway's HTTPS API (`ansimi device enrol` writes it); empty: no self-renewal
+    gateway_url: Annotated[str, Field(max_length=200)] = ""
+    # renew this many days before the certificate expires
+    before_days: Annotated[float, Field(gt=0)] = 30.0
+    # look this often; a failed renewal is tried again at the next look
+    check_every_s: Annotated[float, Field(gt=0)] = 21_600.0
+
+
+class RemoteConfigSection(_Section):
+    """How a config sent by the gateway is tried (`device/remote_config.py`)."""
+
+    # a new remote config whose heartbeat has no PUBACK within this long is undone
+    confirm_within_s: Annotated[float, Field(gt=0)] = 120.0
+
+
 class DeviceConfig(_Section):
     device: DeviceSection = DeviceSection()
     gateway: GatewaySection = GatewaySection()
@@ -151,6 +169,8 @@ class DeviceConfig(_Section):
     hardware: HardwareConfig = HardwareConfig()
     video: VideoConfig = VideoConfig()
     test_press: TestPressSchedule = TestPressSchedule()
+    remote_config: RemoteConfigSection = RemoteConfigSection()
+    renew: RenewSection = RenewSection()
 
     @model_validator(mode="after")
     def _store_bells_stay_silent(self) -> DeviceConfig:

@@ -354,6 +354,8 @@ def enroll(
                 "cert_file": str(paths.cert(here=False)),
                 "key_file": str(paths.key(here=False)),
             },
+            # where the device renews its certificate before it expires (device/renew.py)
+            "renew": {"gateway_url": gateway},
         }
         if existing is None:
             # a rotation keeps the wiring the installer has; a new device gets its kind's

@@ -71,25 +71,8 @@ class Link:
         self._window_ms = window_ms
         self.rejected: dict[str, int] = {}
         self._recent: deque[str] = deque(maxlen=RECENT_IDS)  # ids signed lately, oldest first
-        m = config.mqtt
-        tls = TlsFiles(m.ca_file, m.cert_file, m.key_file) if m.ca_file is not None else None
         self.session = Session(
-            Settings(
-                host=m.host,
-                port=m.port,
-                client_id=self._device_id,
-                version=m.version,
-                # The keepalive follows the heartbeat: quiet for a heartbeat and the time its
-                # PUBACK may take, the link is probed, and found dead ack_timeout_s later
-                # (16 s with the defaults: within two heartbeats). Not the heartbeat alone:
-                # the broker drops a client quiet for 1.5 keepalives, too tight for a 1 s
-                # heartbeat on a slow link.
-                keepalive_s=math.ceil(m.heartbeat_s + config.link.ack_timeout_s),
-                ack_timeout_s=config.link.ack_timeout_s,
-                other_addresses=config.link.other_addresses(),
-                tls=tls,
-                will=Will(*self._sealed(Status(state="offline"))),
-            ),
+            self._settings(config, Will(*self._sealed(Status(state="offline")))),
             self._on_message,
             on_connect=self._connected,
             on_disconnect=on_disconnect,
@@ -104,6 +87,32 @@ class Link:
     @property
     def window_ms(self) -> int:
         return self._window_ms
+
+    def _settings(self, config: DeviceConfig, will: Will | None) -> Settings:
+        m = config.mqtt
+        tls = TlsFiles(m.ca_file, m.cert_file, m.key_file) if m.ca_file is not None else None
+        return Settings(
+            host=m.host,
+            port=m.port,
+            client_id=self._device_id,
+            version=m.version,
+            # The keepalive follows the heartbeat: quiet for a heartbeat and the time its
+            # PUBACK may take, the link is probed, and found dead ack_timeout_s later
+            # (16 s with the defaults: within two heartbeats). Not the heartbeat alone:
+            # the broker drops a client quiet for 1.5 keepalives, too tight for a 1 s
+            # heartbeat on a slow link.
+            keepalive_s=math.ceil(m.heartbeat_s + config.link.ack_timeout_s),
+            ack_timeout_s=config.link.ack_timeout_s,
+            other_addresses=config.link.other_addresses(),
+            tls=tls,
+            will=will,
+        )
+
+    def retarget(self, config: DeviceConfig) -> None:
+        """Connect again with `config`'s broker and timings (a remote config changed them)."""
+        self._config = config
+        # the will made at start stays: the session's client was made with it
+        self.session.retarget(self._settings(config, self.session.settings.will))
 
     def _sealed(self, body: Body, message_id: str | None = None) -> tuple[str, bytes]:
         """The topic and signed bytes for `body`, with the next sequence number."""

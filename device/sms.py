@@ -106,10 +106,8 @@ class SmsFallback:
         # simulator's thousands of agents on one disk, like its outboxes (power_safe=False)
         self.power_safe = True
         self._device_id = config.device.id
-        self._after_ms = int(config.sms.after_s * 1000)
-        self._undelivered_after_ms = int(config.sms.undelivered_after_s * 1000)
         self._numbers = list(config.sms.numbers)
-        self._mode = config.sms.mode
+        self.reconfigure(config)
         self._modem = modem
         self._outbox = outbox
         self._clock_ms = clock_ms
@@ -124,6 +122,12 @@ class SmsFallback:
         self._last_health: SecondaryPath | None = None
         self.sent = 0
         self.failed = 0
+
+    def reconfigure(self, config: DeviceConfig) -> None:
+        """Take `config`'s timings and mode (a remote config); the numbers stay."""
+        self._after_ms = int(config.sms.after_s * 1000)
+        self._undelivered_after_ms = int(config.sms.undelivered_after_s * 1000)
+        self._mode = config.sms.mode
 
     @property
     def enabled(self) -> bool:

@@ -9,6 +9,7 @@ door would alarm the street) and opens no incident. It proves the path when it c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Final, Literal
@@ -44,15 +45,22 @@ class TestPresses:
     ) -> None:
         self._device_id = device_id
         self._bell = bell
-        self._schedule = schedule
         self._now_ms = now_ms
         self._send = send
         self._busy = busy
         self._new_id = new_id
         self.in_flight: str | None = None
-        self.next_at_ms: int | None = (
-            next_test_at_ms(device_id, now_ms(), schedule) if schedule.enabled else None
+        self.next_at_ms: int | None = None
+        self._rescheduled = asyncio.Event()
+        self.reschedule(schedule)
+
+    def reschedule(self, schedule: TestPressSchedule) -> None:
+        """Follow a new schedule (a remote config): the next test is drawn again."""
+        self._schedule = schedule
+        self.next_at_ms = (
+            next_test_at_ms(self._device_id, self._now_ms(), schedule) if schedule.enabled else None
         )
+        self._rescheduled.set()
 
     def press(self, why: Why) -> str | None:
         """Send a test now; the id sent, or None while an incident is open."""
@@ -84,7 +92,11 @@ class TestPresses:
 
     async def run(self) -> None:
         while True:
+            self._rescheduled.clear()
             wait_ms = self.tick()
-            if wait_ms is None:
-                return  # scheduled tests are off; a test asked for by command still goes
-            await asyncio.sleep(max(wait_ms, 50) / 1000)
+            # scheduled tests off: only a new schedule wakes it (a test asked for by command
+            # still goes)
+            timeout_s = None if wait_ms is None else max(wait_ms, 50) / 1000
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._rescheduled.wait()

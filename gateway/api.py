@@ -49,7 +49,7 @@ from ansimi.listen import start_site
 from gateway.config import ApiToken
 from gateway.downlink import Downlink
 from gateway.errors import GatewayError
-from gateway.incidents import OperatorStage, move_incident
+from gateway.incidents import OperatorStage, is_test_press, move_incident
 from gateway.intake import Registry
 from gateway.metrics import Metrics
 from gateway.store import Device, DeviceKind, DuplicateDevice, Event, EventState, OperatorStore
@@ -419,8 +419,9 @@ class Api:
                     self._stage_handler(stage),
                     "operator",
                     _op(
-                        f"move the alert to {stage} and tell the bell",
-                        [200, 401, 403, 404],
+                        f"move the alert to {stage} and tell the bell"
+                        + (" (never a test press: 409)" if stage == "dispatched" else ""),
+                        [200, 401, 403, 404, *([409] if stage == "dispatched" else [])],
                         parameters=[event_id],
                     ),
                 )
@@ -539,6 +540,10 @@ class Api:
         event = await self._store.event(event_id)
         if event is None:
             return _error(404, f"no alert {event_id}")
+        if stage == "dispatched" and is_test_press(event.type, event.body_json):
+            self._metrics.api_refused.labels("test_dispatch").inc()
+            log.warning("api: %s refused dispatching test press %s", actor, event_id)
+            return _error(409, "a test press is never dispatched: acknowledge or close it")
         incident_id = await self._store.incident_of(event_id)
         incident = await self._store.incident(incident_id) if incident_id is not None else None
         if incident is not None:

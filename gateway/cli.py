@@ -200,6 +200,41 @@ def purge(config_path: Path, days: float | None, dry_run: bool) -> None:
 
 
 @gateway.command()
+@_config_option
+@click.option("--month", required=True, help="the calendar month, YYYY-MM")
+@click.option(
+    "--format", "form", type=click.Choice(["csv", "html"]), default="csv", show_default=True
+)
+@click.option(
+    "--timezone", default="Asia/Seoul", show_default=True, help="where the month begins and ends"
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="[default: stdout]")
+def report(config_path: Path, month: str, form: str, timezone: str, out: Path | None) -> None:
+    """The month's test presses per district: transmission time percentiles and availability
+    (gateway/report.py says how each is counted)."""
+    from zoneinfo import ZoneInfoNotFoundError
+
+    from gateway.report import BadMonth, month_bounds, monthly_rows, to_csv, to_html
+
+    config = _config_or_exit(config_path)
+    try:
+        start_ms, end_ms = month_bounds(month, timezone)
+    except (BadMonth, ZoneInfoNotFoundError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        records = _with_store(config, lambda store: store.test_records(start_ms, end_ms))
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    rows = monthly_rows(records)
+    text = to_csv(rows) if form == "csv" else to_html(rows, month, config.id)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        click.echo(f"{len(rows)} district(s) written to {out}")
+
+
+@gateway.command()
 @click.argument("recording", type=click.Path(path_type=Path))
 @click.option("--by", required=True, help="who orders the hold (case or officer reference)")
 @click.option("--reason", required=True, help="why it must be kept")

@@ -474,6 +474,13 @@ class FleetConfig(_Section):
     # a certificate (device, site CA, the gateway's) this close to expiry and not renewed is
     # a cert_expiring event (gateway/certwatch.py; needs [enrol] site_dir)
     cert_warn_days: Annotated[float, Field(gt=0)] = 30.0
+    # a device that reports another config than the one desired is sent it again at most
+    # this often (gateway/remote_config.py); one that rolled that config back ignores it
+    config_resend_after_s: Annotated[float, Field(gt=0)] = 600.0
+    # the fleet view (GET /fleet) says a bell needs a visit below this battery charge
+    low_battery_pct: Annotated[int, Field(ge=0, le=100)] = 20
+    # ... or with this many messages waiting in its outbox (not received by the gateway)
+    outbox_backlog: Annotated[int, Field(ge=1)] = 5
 
 
 class GatewayConfig(_Section):

@@ -67,18 +67,32 @@ from gateway.enrolments import (
     Pending,
 )
 from gateway.intake import Registry
-from gateway.store import DeviceKind, EnrolmentStore
+from gateway.metrics import Metrics
+from gateway.store import Device, DeviceKind, EnrolmentStore
 from protocol.clock import wall_ms
+from protocol.errors import ProtocolError
 from protocol.ids import DeviceId
-from protocol.keys import public_key_to_b64
+from protocol.keys import public_key_from_b64, public_key_to_b64
+from protocol.renewal import RenewRequest, check_renew_request
 
 log = logging.getLogger(__name__)
 
 MAX_TTL_S: Final = 14 * 24 * 3600
 MAX_CSR_BYTES: Final = 8 * 1024
+# a renewal's proof is this fresh or refused (the gateway's default replay window)
+RENEW_WINDOW_MS: Final = 300_000
 
 
 # ---- signing -------------------------------------------------------------------------------
+
+
+class RenewalRefused(EnrolmentError, PermissionError):
+    """A renewal not signed by the device's registered key, or for a device not enrolled."""
+
+    status = 403
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "renewal-refused")
 
 
 class CsrSigner(Protocol):
@@ -194,9 +208,14 @@ class Enrolment:
         info: EnrolmentInfo,
         *,
         refresh: Callable[[str], Awaitable[None]] | None = None,
+        device: Callable[[str], Device | None] | None = None,
+        metrics: Metrics | None = None,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
+        self._metrics = metrics
         self._store = store
+        # the registry's device, for renewals (signed with the key it holds); None: no renewal
+        self._device = device
         self._signer = signer
         self._info = info
         # the gateway's registry caches devices: told when one is added or re-keyed
@@ -241,6 +260,18 @@ class Enrolment:
                 op(
                     "trade a one-time token and a CSR for a certificate",
                     ["200", "400", "403", "409", "422"],
+                    requestBody=json_body,
+                ),
+            ),
+            ApiRoute(
+                "POST",
+                "/renew",
+                self.renew,
+                # the device's signature over its CSR (protocol/renewal.py) is the credential
+                "public",
+                op(
+                    "a device renews its certificate: a CSR for its current key, signed by it",
+                    ["200", "400", "403", "422"],
                     requestBody=json_body,
                 ),
             ),
@@ -323,6 +354,53 @@ class Enrolment:
             }
         )
 
+    async def renew(self, request: web.Request) -> web.Response:
+        """A new certificate for a device's current key, before its old one expires."""
+        try:
+            response = await self._renewed(RenewRequest.model_validate_json(await request.read()))
+        except ValidationError as exc:
+            response = _bad_body(exc)
+        if response.status != 200 and self._metrics is not None:
+            self._metrics.api_refused.labels("renewal").inc()
+        return response
+
+    async def _renewed(self, body: RenewRequest) -> web.Response:
+        device = self._device(body.device_id) if self._device is not None else None
+        if device is None or device.revoked:
+            log.warning("renew: refused %s: unknown or revoked", body.device_id)
+            why = "revoked" if device is not None else "not enrolled"
+            return _error(RenewalRefused(f"device {body.device_id} is {why}: enrol it again"))
+        registered = public_key_from_b64(device.public_key)
+        try:
+            check_renew_request(body, lambda _kid: registered, self._clock_ms(), RENEW_WINDOW_MS)
+            _check_csr_key(body.csr_pem)
+            csr_key = x509.load_pem_x509_csr(body.csr_pem.encode()).public_key()
+            if (
+                not isinstance(csr_key, Ed25519PublicKey)
+                or public_key_to_b64(csr_key) != device.public_key
+            ):
+                raise CsrRefused("a renewal keeps the device's key: a new key is a rotation")
+        except ProtocolError as exc:
+            log.warning("renew: refused %s: %s", body.device_id, exc.reason)
+            return _error(RenewalRefused(f"the renewal's proof is refused ({exc.reason})"))
+        except ValueError as exc:  # an unreadable CSR, or CsrRefused
+            log.warning("renew: refused %s: %s", body.device_id, exc)
+            return _error(exc if isinstance(exc, CsrRefused) else CsrRefused(str(exc)))
+        try:
+            cert = await asyncio.to_thread(self._signer.sign, body.csr_pem.encode(), body.device_id)
+        except ValueError as exc:
+            return _error(CsrRefused(str(exc)))
+        serial = f"{cert.serial_number:X}"
+        log.info("renew: %s renewed, certificate %s", body.device_id, serial)
+        return web.json_response(
+            {
+                "device_id": body.device_id,
+                "cert_pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+                "serial": serial,
+                "not_after_ms": int(cert.not_valid_after_utc.timestamp() * 1000),
+            }
+        )
+
     async def create(self, request: web.Request) -> web.Response:
         try:
             new = NewEnrolment.model_validate_json(await request.read())
@@ -375,6 +453,7 @@ def attach(
     store: EnrolmentStore,
     site_dir: Path,
     *,
+    metrics: Metrics | None = None,
     clock_ms: Callable[[], int] | None = None,
 ) -> Enrolment:
     """Add the enrolment routes to a gateway's API, signing with the CA in `site_dir`.
@@ -387,6 +466,8 @@ def attach(
         SiteSigner(site_dir),
         EnrolmentInfo.from_site(site_dir),
         refresh=registry.refresh,
+        device=registry.device,
+        metrics=metrics,
         clock_ms=clock_ms,
     )
     api.add_routes(enrolment.routes())
@@ -394,7 +475,11 @@ def attach(
 
 
 def attach_if_site(
-    api: Api, registry: Registry, store: EnrolmentStore, config: GatewayConfig
+    api: Api,
+    registry: Registry,
+    store: EnrolmentStore,
+    config: GatewayConfig,
+    metrics: Metrics | None = None,
 ) -> Enrolment | None:
     """The gateway service's hook: serve enrolment when `[enrol] site_dir` names a site
     and the API is on. Its CA key must be readable by the gateway's user (see the
@@ -416,6 +501,6 @@ def attach_if_site(
             "enrol: the API has no api.cert_file: devices enrol only over HTTPS, so none can "
             "enrol until it has one"
         )
-    enrolment = attach(api, registry, store, site_dir)
+    enrolment = attach(api, registry, store, site_dir, metrics=metrics)
     log.info("enrol: POST /enrol on, signing with the CA of %s", site_dir)
     return enrolment

@@ -62,6 +62,12 @@ def json_object(text: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def is_test_press(event_type: str, body_json: str) -> bool:
+    """A bell proving its path (`trigger = "test"`): kept, forwarded and acked like any
+    alert, but never part of an incident, so never escalated, and never dispatched."""
+    return event_type == "alert" and json_object(body_json).get("trigger") == "test"
+
+
 def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind | None:
     """The incident kind an event opens, or None for an event that only attaches.
 
@@ -84,7 +90,7 @@ def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind 
         return "tamper"
     if trigger == "power_loss":
         return "power_lost"
-    if trigger in ("tamper_cleared", "power_restored"):
+    if trigger in ("tamper_cleared", "power_restored", "test"):
         return None
     if bell == "doorbell":
         # a ring made urgent on the bell is a visitor who became an emergency

@@ -25,6 +25,7 @@ from gateway.deliveries import DeliveryRoutes
 from gateway.downlink import Downlink
 from gateway.enrol import attach_if_site
 from gateway.fleethealth import FleetHealth
+from gateway.fleetview import FleetView, VisitRules
 from gateway.forward import Forwarder
 from gateway.health import DiskState, DiskWatch, Health, IntakeProbe
 from gateway.incident_api import IncidentRoutes
@@ -32,8 +33,9 @@ from gateway.incidents import Escalator, Incident
 from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
 from gateway.private import PrivateRoutes, Vault, open_vault
+from gateway.remote_config import RemoteConfigs
 from gateway.secondary import SecondaryPathWatch
-from gateway.store import Delivery, Incoming, Store, open_store
+from gateway.store import Delivery, Device, Incoming, Store, open_store
 from gateway.supervise import Supervisor
 from gateway.testwatch import TestWatch
 from gateway.transports import build_transports
@@ -140,6 +142,14 @@ class Gateway:
             drift_flag_ms=int(config.fleet.clock_drift_flag_s * 1000),
             clock_ms=clock_ms,
         )
+        self.configs = RemoteConfigs(
+            self.store,
+            self.downlink,
+            self.metrics,
+            devices=self._known_devices,
+            resend_after_ms=int(config.fleet.config_resend_after_s * 1000),
+            clock_ms=clock_ms,
+        )
         self.tests = TestWatch(
             self.store,
             self.downlink,
@@ -218,7 +228,7 @@ class Gateway:
             secondary=self.secondary,
             on_rtc=self.video.on_rtc if self.video is not None else None,
             on_probe=self.probe.offer,
-            on_heartbeats=self.fleet.heartbeats,
+            on_heartbeats=self._on_heartbeats,
         )
         self.api = Api(
             self.store,
@@ -254,6 +264,21 @@ class Gateway:
         self.api.add_routes(DeliveryRoutes(self.store, self.forwarder.wake).routes())
         self.api.add_routes(self.tests.routes())
         self.api.add_routes(self.certs.routes())
+        self.api.add_routes(self.configs.routes())
+        self.fleet_view = FleetView(
+            devices=self._known_devices,
+            supervised=lambda device_id: self.supervisor.deadline(device_id) is not None,
+            health=self.fleet,
+            failed_tests=self.tests.failed,
+            certs=lambda: self.certs.known,
+            config_states=lambda: {r.device_id: r.state for r in self.configs.drift()},
+            rules=VisitRules(
+                cert_warn_ms=int(config.fleet.cert_warn_days * 86_400_000),
+                low_battery_pct=config.fleet.low_battery_pct,
+                outbox_backlog=config.fleet.outbox_backlog,
+            ),
+        )
+        self.api.add_routes(self.fleet_view.routes())
         if self.video is not None:
             from gateway.video import playback, whep
 
@@ -271,7 +296,7 @@ class Gateway:
                 )
             )
         # POST /enrol and its admin routes, when this gateway runs from a provisioning site
-        self.enrolment = attach_if_site(self.api, self.registry, self.store, config)
+        self.enrolment = attach_if_site(self.api, self.registry, self.store, config, self.metrics)
         # loaded now, so a bad certificate stops start-up with its name, not a task later
         api = config.api
         self.api_tls = None
@@ -305,6 +330,15 @@ class Gateway:
         if device is None or device.revoked:
             return None
         return self.config.centres_for(device.district)
+
+    def _known_devices(self) -> list[Device]:
+        """Every device known and not revoked."""
+        found = (self.registry.device(d) for d in self.registry.device_ids())
+        return [d for d in found if d is not None]
+
+    def _on_heartbeats(self, items: list[Incoming]) -> None:
+        self.fleet.heartbeats(items)
+        self.configs.heartbeats(items)
 
     def _district_of(self, device_id: str) -> str:
         device = self.registry.device(device_id)
@@ -350,6 +384,7 @@ class Gateway:
                 tasks.create_task(self.supervisor.run(), name="supervise")
                 tasks.create_task(self.escalator.run(), name="escalation")
                 tasks.create_task(self.tests.run(), name="test presses")
+                tasks.create_task(self.configs.run(), name="remote config")
                 site_dir, api_cert = self.config.enrol.site_dir, self.config.api.cert_file
                 if site_dir is not None:
                     read = functools.partial(site_certificates, site_dir, api_cert)

@@ -71,6 +71,7 @@ from gateway.incidents import (
     Incident,
     Priorities,
     classify,
+    is_test_press,
     json_object,
 )
 
@@ -184,6 +185,24 @@ CREATE TABLE IF NOT EXISTS video_streams (
     holder      TEXT NOT NULL,
     session     TEXT NOT NULL,
     since_ms    INTEGER NOT NULL
+);
+"""
+
+_REMOTE_CONFIG = """
+-- remote configuration (gateway/remote_config.py): the layers of what devices should run,
+-- scope 'site' (name ''), 'district' or 'device', each a JSON patch; and what each device
+-- last said it runs (the hash in its heartbeat), written only when it changes
+CREATE TABLE IF NOT EXISTS config_layers (
+    scope       TEXT NOT NULL CHECK (scope IN ('site', 'district', 'device')),
+    name        TEXT NOT NULL,
+    patch_json  TEXT NOT NULL,
+    updated_ms  INTEGER NOT NULL,
+    PRIMARY KEY (scope, name)
+);
+CREATE TABLE IF NOT EXISTS config_reported (
+    device_id    TEXT PRIMARY KEY,
+    config_hash  TEXT NOT NULL,
+    reported_ms  INTEGER NOT NULL
 );
 """
 
@@ -586,7 +605,78 @@ class StreamStore(Protocol):
     async def stream_holder(self, device_id: str) -> str | None: ...
 
 
+ConfigScope = Literal["site", "district", "device"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigLayer:
+    """One layer of remote config: the site's (name ""), a district's or a device's."""
+
+    scope: ConfigScope
+    name: str
+    patch_json: str
+    updated_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TestRecord:
+    """A test press (alert, trigger test) or a failed test (status test_failed) kept in a
+    period, for the monthly report (gateway/report.py)."""
+
+    __test__ = False  # not a pytest class
+
+    event_id: str
+    device_id: str
+    district: str
+    type: str
+    ts_ms: int  # the device's clock at the press (the gateway's for a test_failed)
+    received_ms: int
+    body_json: str
+    delivered_ms: int | None  # when a centre first accepted it
+
+
+class ReportStore(Protocol):
+    async def test_records(self, start_ms: int, end_ms: int) -> list[TestRecord]: ...
+
+
+# the rows a test report reads: test presses and failed tests received in [start, end);
+# the LIKEs narrow the scan (any spacing), `test_records_of` checks each body exactly
+TEST_RECORDS_SQL = (
+    "SELECT e.event_id, e.device_id, d.district, e.type, e.ts_ms, e.received_ms, e.body,"
+    " (SELECT MIN(s.at_ms) FROM stages s WHERE s.event_id = e.event_id"
+    " AND s.stage = 'delivered')"
+    " FROM events e JOIN devices d ON d.device_id = e.device_id"
+    " WHERE e.received_ms >= {start} AND e.received_ms < {end}"
+    " AND ((e.type = 'alert' AND e.body LIKE '%\"test\"%')"
+    " OR (e.type = 'status' AND e.body LIKE '%\"test_failed\"%'))"
+    " ORDER BY e.received_ms"
+)
+
+
+def test_records_of(rows: Iterable[Sequence[Any]]) -> list[TestRecord]:
+    records = []
+    for a, b, c, d, e, f, g, h in rows:
+        body = json_object(str(g))
+        if is_test_press(str(d), str(g)) or (d == "status" and body.get("state") == "test_failed"):
+            at = None if h is None else int(h)
+            records.append(TestRecord(str(a), str(b), str(c), str(d), int(e), int(f), str(g), at))
+    return records
+
+
+class ConfigStore(Protocol):
+    """Remote configuration: desired layers and what devices report (gateway/remote_config.py)."""
+
+    async def set_config_layer(
+        self, scope: ConfigScope, name: str, patch_json: str | None, now_ms: int
+    ) -> None: ...
+    async def config_layers(self) -> list[ConfigLayer]: ...
+    async def report_config(self, device_id: str, config_hash: str, now_ms: int) -> None: ...
+    async def reported_configs(self) -> dict[str, tuple[str, int]]: ...
+
+
 class Store(
+    ReportStore,
+    ConfigStore,
     IntakeStore,
     SupervisionStore,
     ForwardStore,
@@ -787,6 +877,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], .
     (4, "enrolment tokens", _script(_ENROLMENTS)),
     (5, "which instance holds which live video stream", _script(_VIDEO_STREAMS)),
     (6, "incidents, their events, stages, procedure ticks and history", _script(_INCIDENTS)),
+    (7, "remote configuration: desired layers, reported hashes", _script(_REMOTE_CONFIG)),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -1157,8 +1248,8 @@ class SqliteDatabase:
         In the transaction that keeps the event: an event acked to its bell is always on
         its incident. The gateway's own `escalation` events are attached by `escalate`.
         """
-        if item.type == "escalation":
-            return None
+        if item.type == "escalation" or is_test_press(item.type, item.body_json):
+            return None  # a test joins no incident, not even one open on its bell
         row = db.execute("SELECT kind FROM devices WHERE device_id = ?", (item.device_id,))
         device = row.fetchone()
         if device is None:
@@ -1741,6 +1832,44 @@ class SqliteDatabase:
         rows = self._query("SELECT holder FROM video_streams WHERE device_id = ?", (device_id,))
         return str(rows[0][0]) if rows else None
 
+    # ---- remote configuration -------------------------------------------------------------
+
+    def set_config_layer(
+        self, scope: ConfigScope, name: str, patch_json: str | None, now_ms: int
+    ) -> None:
+        """Replace a layer; None removes it."""
+        with self._tx() as db:
+            if patch_json is None:
+                db.execute("DELETE FROM config_layers WHERE scope = ? AND name = ?", (scope, name))
+            else:
+                db.execute(
+                    "INSERT INTO config_layers VALUES (?, ?, ?, ?) ON CONFLICT (scope, name)"
+                    " DO UPDATE SET patch_json = excluded.patch_json,"
+                    " updated_ms = excluded.updated_ms",
+                    (scope, name, patch_json, now_ms),
+                )
+
+    def config_layers(self) -> list[ConfigLayer]:
+        rows = self._query("SELECT scope, name, patch_json, updated_ms FROM config_layers", ())
+        return [ConfigLayer(str(a), str(b), str(c), int(d)) for a, b, c, d in rows]  # type: ignore[arg-type]
+
+    def report_config(self, device_id: str, config_hash: str, now_ms: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO config_reported VALUES (?, ?, ?) ON CONFLICT (device_id)"
+                " DO UPDATE SET config_hash = excluded.config_hash,"
+                " reported_ms = excluded.reported_ms",
+                (device_id, config_hash, now_ms),
+            )
+
+    def reported_configs(self) -> dict[str, tuple[str, int]]:
+        rows = self._query("SELECT device_id, config_hash, reported_ms FROM config_reported", ())
+        return {str(a): (str(b), int(c)) for a, b, c in rows}
+
+    def test_records(self, start_ms: int, end_ms: int) -> list[TestRecord]:
+        sql = TEST_RECORDS_SQL.format(start="?", end="?")
+        return test_records_of(self._query(sql, (start_ms, end_ms)))
+
     def close(self) -> None:
         with self._lock, _translated(self.path):
             self._db.close()
@@ -1998,6 +2127,11 @@ class SqliteStore:
     release_stream = _OnStoreThread(SqliteDatabase.release_stream)
     release_streams_of = _OnStoreThread(SqliteDatabase.release_streams_of)
     stream_holder = _OnStoreThread(SqliteDatabase.stream_holder)
+    set_config_layer = _OnStoreThread(SqliteDatabase.set_config_layer)
+    config_layers = _OnStoreThread(SqliteDatabase.config_layers)
+    report_config = _OnStoreThread(SqliteDatabase.report_config)
+    reported_configs = _OnStoreThread(SqliteDatabase.reported_configs)
+    test_records = _OnStoreThread(SqliteDatabase.test_records)
 
 
 # row shapes shared with the PostgreSQL store (gateway/store_pg.py): same columns, same order

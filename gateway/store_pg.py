@@ -44,7 +44,14 @@ from gateway.enrolments import (
     hash_token,
     new_token,
 )
-from gateway.incidents import HistoryEntry, Incident, Priorities, classify, json_object
+from gateway.incidents import (
+    HistoryEntry,
+    Incident,
+    Priorities,
+    classify,
+    is_test_press,
+    json_object,
+)
 from gateway.store import (
     FOREIGN_ID,
     FOREIGN_REF,
@@ -53,8 +60,11 @@ from gateway.store import (
     NEW_DEVICE_COLUMNS,
     PURGE_BATCH,
     STAGE_ORDER,
+    TEST_RECORDS_SQL,
     Accepted,
     BadStoreUrl,
+    ConfigLayer,
+    ConfigScope,
     Delivery,
     Device,
     DeviceKind,
@@ -67,6 +77,7 @@ from gateway.store import (
     StoreLocked,
     StoreUnavailable,
     StoreVersionError,
+    TestRecord,
     UnknownEvent,
     Waiting,
     check_completion,
@@ -84,6 +95,7 @@ from gateway.store import (
     new_device_values,
     opened_enrolment,
     pending_from_row,
+    test_records_of,
     ticks_from_rows,
 )
 
@@ -249,6 +261,21 @@ CREATE TABLE video_streams (
 );
 """
 
+_REMOTE_CONFIG = """
+CREATE TABLE config_layers (
+    scope       TEXT NOT NULL CHECK (scope IN ('site', 'district', 'device')),
+    name        TEXT NOT NULL,
+    patch_json  TEXT NOT NULL,
+    updated_ms  BIGINT NOT NULL,
+    PRIMARY KEY (scope, name)
+);
+CREATE TABLE config_reported (
+    device_id    TEXT PRIMARY KEY,
+    config_hash  TEXT NOT NULL,
+    reported_ms  BIGINT NOT NULL
+);
+"""
+
 # Numbered like SQLite's MIGRATIONS (never edit one that has shipped: add the next). Version 1
 # is SQLite's version 4 in PostgreSQL's types: no PostgreSQL store predates it.
 PG_MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
@@ -256,6 +283,7 @@ PG_MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (2, "forwarding claims shared by the instances", _CLAIMS),
     (3, "incidents", _INCIDENTS),
     (4, "live video stream claims", _VIDEO_STREAMS),
+    (5, "remote configuration (SQLite's version 7)", _REMOTE_CONFIG),
 )
 PG_SCHEMA_VERSION: Final = PG_MIGRATIONS[-1][0]
 
@@ -413,6 +441,8 @@ def _decide_incidents(
         device_kind = device_kinds.get(item.device_id)
         if device_kind is None:
             continue  # an event about the gateway itself (disk_low): no bell, no incident
+        if is_test_press(item.type, item.body_json):
+            continue  # a test joins no incident, not even one open on its bell
         kind = classify(device_kind, item.type, item.body_json)
         body = json_object(item.body_json)
         connection = body.get("state") if item.type == "status" else None
@@ -1640,3 +1670,51 @@ class PostgresStore:
     async def stream_holder(self, device_id: str) -> str | None:
         rows = await self._fetch("SELECT holder FROM video_streams WHERE device_id = $1", device_id)
         return str(rows[0][0]) if rows else None
+
+    # ---- remote configuration -------------------------------------------------------------
+
+    async def set_config_layer(
+        self, scope: ConfigScope, name: str, patch_json: str | None, now_ms: int
+    ) -> None:
+        async def work(db: asyncpg.Connection) -> None:
+            if patch_json is None:
+                await db.execute(
+                    "DELETE FROM config_layers WHERE scope = $1 AND name = $2", scope, name
+                )
+            else:
+                await db.execute(
+                    "INSERT INTO config_layers VALUES ($1, $2, $3, $4) ON CONFLICT (scope, name)"
+                    " DO UPDATE SET patch_json = excluded.patch_json,"
+                    " updated_ms = excluded.updated_ms",
+                    scope,
+                    name,
+                    patch_json,
+                    now_ms,
+                )
+
+        await self._tx(work)
+
+    async def config_layers(self) -> list[ConfigLayer]:
+        rows = await self._fetch("SELECT scope, name, patch_json, updated_ms FROM config_layers")
+        return [ConfigLayer(r[0], str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+    async def report_config(self, device_id: str, config_hash: str, now_ms: int) -> None:
+        async def work(db: asyncpg.Connection) -> None:
+            await db.execute(
+                "INSERT INTO config_reported VALUES ($1, $2, $3) ON CONFLICT (device_id)"
+                " DO UPDATE SET config_hash = excluded.config_hash,"
+                " reported_ms = excluded.reported_ms",
+                device_id,
+                config_hash,
+                now_ms,
+            )
+
+        await self._tx(work)
+
+    async def reported_configs(self) -> dict[str, tuple[str, int]]:
+        rows = await self._fetch("SELECT device_id, config_hash, reported_ms FROM config_reported")
+        return {str(r[0]): (str(r[1]), int(r[2])) for r in rows}
+
+    async def test_records(self, start_ms: int, end_ms: int) -> list[TestRecord]:
+        sql = TEST_RECORDS_SQL.format(start="$1", end="$2")
+        return test_records_of(tuple(r) for r in await self._fetch(sql, start_ms, end_ms))

@@ -73,6 +73,8 @@ class TestWatch:
         self._kept: dict[str, _Under] = {}  # event id -> a test received, not delivered
         self._started_ms = self._clock_ms()
         self._last_test_ms: dict[str, int] = {}  # device id -> its last test seen (or missed)
+        # device id -> where its last test stopped, until a test of it comes through
+        self.failed: dict[str, TestStage] = {}
         self.outcomes = Counter(
             "ansimi_test_presses_total",
             "Test presses that came through (passed) or stopped at a stage (link, centre)",
@@ -102,6 +104,7 @@ class TestWatch:
         """The first centre took the event: a test among them has proven the path."""
         test = self._kept.pop(event_id, None)
         if test is not None:
+            self.failed.pop(test.device_id, None)
             self.outcomes.labels("passed").inc()
             log.info("test press of %s (%s) delivered: path proven", test.device_id, event_id)
 
@@ -173,6 +176,7 @@ class TestWatch:
 
     async def _report(self, test: _Under, stage: TestStage) -> bool:
         self.outcomes.labels(stage).inc()
+        self.failed[test.device_id] = stage
         log.warning(
             "test press of %s stopped at the %s (%s): maintenance needed",
             test.device_id,

@@ -41,6 +41,8 @@ PATH_ID_GRAMMARS: Final[dict[str, re.Pattern[str]]] = {
     "viewer_id": MESSAGE_ID_RE,
     "incident_id": MESSAGE_ID_RE,
     "step": STEP_NAME_RE,
+    # a district's code (ansimi/districts.py checks it is one)
+    "district": STEP_NAME_RE,
 }
 
 

@@ -27,6 +27,7 @@ from pydantic_core import ErrorDetails
 
 from protocol.errors import Malformed
 from protocol.ids import DeviceId, MessageId, new_message_id
+from protocol.remote_config import ConfigPatch
 
 PROTOCOL_VERSION: Final = 1
 
@@ -108,6 +109,9 @@ class SecondaryPath(_Model):
         return tuple(faults)
 
 
+ConfigHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
 class Heartbeat(_Model):
     uptime_s: UInt63
     power: Literal["mains", "battery"]
@@ -118,6 +122,8 @@ class Heartbeat(_Model):
     # Absent from agents that predate it (the gateway then judges nothing), and left out of
     # the JSON when None, so their heartbeats serialise to exactly the bytes they signed.
     secondary: SecondaryPath | None = Field(default=None, exclude_if=lambda v: v is None)
+    # the hash of the remote config it runs (protocol/remote_config.py); absent as above
+    config_hash: ConfigHash | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 # A device signs online/offline (its last will). The gateway signs the others about what it
@@ -242,8 +248,13 @@ ArgName = Annotated[str, StringConstraints(min_length=1, max_length=32)]
 
 
 class Command(_Model):
-    name: Literal["video_start", "video_stop", "selftest", "set_silent", "ping", "test_press"]
+    name: Literal[
+        "video_start", "video_stop", "selftest", "set_silent", "ping", "test_press", "set_config"
+    ]
     args: Annotated[dict[ArgName, ArgValue], Field(max_length=16)] = Field(default_factory=dict)
+    # set_config: the whole remote part of the device's config (not a delta of the last one),
+    # left out of the JSON when None so other commands keep the bytes they always had
+    config: ConfigPatch | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class Health(_Model):
@@ -252,7 +263,16 @@ class Health(_Model):
     Kept by the device until `received`, kept and forwarded by the gateway like an alert.
     """
 
-    event: Literal["clock_corrected", "outbox_recovered", "storage_failed", "storage_restored"]
+    event: Literal[
+        "clock_corrected",
+        "outbox_recovered",
+        "storage_failed",
+        "storage_restored",
+        # a set_config the device refused (detail: why), or took and then undid because its
+        # link did not prove itself with it (detail: the hash it went back to)
+        "config_refused",
+        "config_rolled_back",
+    ]
     # clock_corrected: the device's clock minus the gateway's, before the correction
     skew_ms: Int64 | None = None
     # outbox_recovered: entries imported from the damaged outbox (the rest were unreadable)

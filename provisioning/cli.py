@@ -366,6 +366,10 @@ from provisioning.device_cli import device_group  # noqa: E402 - its own module
 
 provision.add_command(device_group)
 
+from provisioning.config_cli import config_group  # noqa: E402 - its own module
+
+provision.add_command(config_group)
+
 
 # the RabbitMQ cluster's side: its own module (provisioning/rabbitmq_cli.py)
 provision.add_command(_rabbitmq_group)

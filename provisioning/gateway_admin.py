@@ -219,6 +219,26 @@ class AdminClient:
         path = f"/admin/devices/{_segment(device_id)}/test-press"
         return self.ok("POST", path, allow=(404,)).status != 404
 
+    def set_config_layer(
+        self, district: str | None, device_id: str | None, config: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Replace (None: remove) the site's, a district's or a device's remote config layer."""
+        if device_id is not None:
+            path = f"/admin/devices/{_segment(device_id)}/config"
+        elif district is not None:
+            path = f"/admin/config/district/{_segment(district)}"
+        else:
+            path = "/admin/config/site"
+        if config is None:
+            return self.ok("DELETE", path).body
+        return self.ok("PUT", path, config).body
+
+    def config_layers(self) -> list[dict[str, Any]]:
+        return list(self.ok("GET", "/admin/config").body.get("layers", []))
+
+    def config_drift(self) -> list[dict[str, Any]]:
+        return list(self.ok("GET", "/admin/config/drift").body.get("devices", []))
+
     def decommission_device(self, device_id: str) -> bool:
         """Revoke and wipe the device's personal data at the gateway; False if unknown."""
         path = f"/admin/devices/{_segment(device_id)}/decommission"

@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +148,9 @@ async def rig(site: Site, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Ri
 
 @contextlib.asynccontextmanager
 async def agent_from(
-    config_path: Path, observer: AgentObserver | None = None
+    config_path: Path,
+    observer: AgentObserver | None = None,
+    clock_ms: Callable[[], int] | None = None,
 ) -> AsyncIterator[Agent]:
     """The real agent, configured only by what `ansimi device enrol` wrote."""
     config = load_config(config_path, DeviceConfig)
@@ -158,6 +160,7 @@ async def agent_from(
         gateway_key=public_key_from_b64(config.gateway.public_key),
         hardware=Hardware(FakeInputs(), FakeIndicator(), camera=None, modem=None),
         observer=observer,
+        clock_ms=clock_ms,
     )
     task = asyncio.create_task(agent.run())
     try:
@@ -713,3 +716,56 @@ async def test_an_admin_token_the_gateway_does_not_know_names_the_file_to_use(ri
     assert code == 3, err
     assert "the gateway does not know this admin token" in err
     assert "gateway/tokens/admin.token" in err and 'role = "admin"' in err
+
+
+async def test_a_device_renews_its_certificate_before_expiry_and_connects_with_it(
+    rig: Rig,
+) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from device.enrol import make_csr
+    from device.renew import Renewal, RenewalFailed
+    from protocol.keys import generate_key
+
+    added = await rig.add("bell-0009")
+    device_dir = rig.tmp / "device"
+    code, out, err = await rig.enroll(str(added["token"]), device_dir)
+    assert code == 0, out + err
+    config = load_config(device_dir / "device.toml", DeviceConfig)
+    assert config.renew.gateway_url == rig.url  # enrolment says where to renew
+    # a certificate for 40 days instead of years, so the renewal point (30 days before)
+    # is 10 days ahead
+    assert config.mqtt.cert_file is not None
+    key = load_private_key(config.device.key_file)
+    short = rig.site.sign_csr(make_csr(key, "bell-0009").encode(), "bell-0009", days=40)
+    config.mqtt.cert_file.write_bytes(short.public_bytes(serialization.Encoding.PEM))
+    clock = [wall_ms()]
+    # the gateway's time moves with the device's: both clocks agree, as NTP keeps them
+    assert rig.gateway.enrolment is not None
+    rig.gateway.enrolment._clock_ms = lambda: clock[0]
+    async with agent_from(device_dir / "device.toml", clock_ms=lambda: clock[0]) as agent:
+        await asyncio.wait_for(agent.ready.wait(), 10)
+        assert await agent.renew_certificate() is None  # 40 days left: not yet
+        clock[0] += 11 * 86_400_000  # past the renewal point
+        connects = agent.connects
+        renewed = await agent.renew_certificate()
+        assert renewed is not None and renewed.serial != f"{short.serial_number:X}"
+        on_disk = x509.load_pem_x509_certificate(config.mqtt.cert_file.read_bytes())
+        assert f"{on_disk.serial_number:X}" == renewed.serial
+        assert on_disk.public_key() == key.public_key()  # the same key, a new certificate
+        assert not agent.renewal.due()
+        # the session connected again, with the new certificate, to the running broker
+        await eventually(lambda: agent.connects > connects and agent.link.connected)
+        # the site knows it: certificate expiry watching sees the newer one
+        issued = {f"{c.serial_number:X}" for c in rig.site.issued()}
+        assert renewed.serial in issued
+        # a renewal signed by another key is refused, and changes nothing
+        stranger = Signer("bell-0009", generate_key())
+        forged = Renewal(config, stranger, now_ms=lambda: clock[0])
+        with pytest.raises(RenewalFailed, match="proof is refused"):
+            await asyncio.to_thread(forged.renew)
+        assert x509.load_pem_x509_certificate(config.mqtt.cert_file.read_bytes()) == on_disk
+        refused = {"reason": "renewal"}
+        registry = rig.gateway.metrics.registry
+        assert registry.get_sample_value("ansimi_api_refused_total", refused) == 1

@@ -236,3 +236,32 @@ async def test_a_test_press_asked_for_by_command_goes_at_once(tmp_path: Path) ->
     body = json.loads(entry.body_json)
     assert (body["bell"], body["trigger"]) == ("emergency", "test")
     a.outbox.close()
+
+
+async def test_a_rollback_returns_to_the_good_broker_even_past_two_trials(tmp_path: Path) -> None:
+    clock = Clock()
+    config = DeviceConfig.model_validate(
+        {
+            "device": {"id": "bell-0001", "state_dir": tmp_path},
+            "mqtt": {"host": "127.0.0.1", "port": 8883},
+            "remote_config": {"confirm_within_s": 60},
+        }
+    )
+    a = Agent(
+        config,
+        signer=Signer("bell-0001", generate_key()),
+        gateway_key=Signer("gw-test", generate_key()).public_key,
+        hardware=Hardware(FakeInputs(), FakeIndicator(), None, None),
+        outbox=Outbox(":memory:"),
+        clock_ms=clock,
+    )
+    # trial one moves the broker; trial two, before one is proven, keeps that broker
+    a.set_config({"mqtt": {"port": 9883}})
+    a.set_config({"mqtt": {"port": 9883}, "behaviour": {"ring_link_s": 5.0}})
+    assert a.link.session.address == ("127.0.0.1", 9883)
+    clock.now += 60_000
+    assert a.check_config_trial() is None
+    # undone to the good config's broker, not left on the one the trials moved to
+    assert a.link.session.address == ("127.0.0.1", 8883)
+    assert a.config.behaviour.ring_link_s == 120.0 and a.remote.good == {}
+    await a.link.close()

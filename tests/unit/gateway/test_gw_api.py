@@ -13,6 +13,7 @@ from gw_testkit import ALERT, KEYS, Env, make_env
 from gateway.api import Api, ApiRoute
 from gateway.config import ApiToken
 from protocol.keys import public_key_to_b64
+from protocol.messages import Alert
 
 OPERATOR = "operator-token-0123456789"
 ADMIN = "admin-token-0123456789abc"
@@ -96,6 +97,20 @@ async def test_openapi_describes_every_route_and_nothing_else(site: Site) -> Non
     for operations in spec["paths"].values():
         for operation in operations.values():
             assert operation["summary"] and operation["responses"]
+
+
+async def test_a_test_press_is_acknowledged_but_never_dispatched(site: Site) -> None:
+    env = site.env
+    await env.feed(env.message(Alert(bell="emergency", trigger="test"), id="alert-test-01"))
+    env.sent.clear()
+    status, body = await site.call("POST", "/alerts/alert-test-01/dispatched")
+    assert status == 409 and "never dispatched" in body["error"]
+    refused = {"reason": "test_dispatch"}
+    assert env.metrics.registry.get_sample_value("ansimi_api_refused_total", refused) == 1
+    assert env.acks() == []  # the bell is told nothing
+    status, body = await site.call("POST", "/alerts/alert-test-01/acknowledged")
+    assert status == 200 and body["state"] == "acknowledged"
+    assert env.acks() == [("bell-0001", "alert-test-01", "acknowledged")]
 
 
 async def test_every_protected_route_refuses_a_missing_or_wrong_token(site: Site) -> None:

@@ -541,3 +541,66 @@ async def test_a_stream_is_its_newest_claimants_until_that_one_releases_it(store
     # an instance starting again drops what it held before it died
     assert await store.release_streams_of("http://a") == 1
     assert await store.stream_holder("bell-0002") is None
+
+
+# ---- remote configuration ----------------------------------------------------------------
+
+
+async def test_config_layers_are_replaced_removed_and_kept_per_scope(store: Store) -> None:
+    await store.set_config_layer("site", "", '{"mqtt":{"heartbeat_s":30.0}}', 10)
+    await store.set_config_layer("district", "mapo", '{"behaviour":{"ring_link_s":60}}', 11)
+    await store.set_config_layer("device", "bell-0001", '{"device":{"silent":true}}', 12)
+    # the same name in another scope is another layer; a second write replaces the first
+    await store.set_config_layer("device", "mapo", "{}", 13)
+    await store.set_config_layer("district", "mapo", '{"behaviour":{"ring_link_s":30}}', 14)
+    layers = {(x.scope, x.name): (x.patch_json, x.updated_ms) for x in await store.config_layers()}
+    assert layers == {
+        ("site", ""): ('{"mqtt":{"heartbeat_s":30.0}}', 10),
+        ("district", "mapo"): ('{"behaviour":{"ring_link_s":30}}', 14),
+        ("device", "bell-0001"): ('{"device":{"silent":true}}', 12),
+        ("device", "mapo"): ("{}", 13),
+    }
+    await store.set_config_layer("device", "mapo", None, 15)
+    assert ("device", "mapo") not in {(x.scope, x.name) for x in await store.config_layers()}
+
+
+async def test_reported_config_hashes_keep_the_latest_per_device(store: Store) -> None:
+    assert await store.reported_configs() == {}
+    await store.report_config("bell-0001", "a" * 64, 100)
+    await store.report_config("bell-0002", "b" * 64, 101)
+    await store.report_config("bell-0001", "c" * 64, 102)
+    assert await store.reported_configs() == {
+        "bell-0001": ("c" * 64, 102),
+        "bell-0002": ("b" * 64, 101),
+    }
+
+
+async def test_a_test_press_opens_no_incident_and_joins_none(store: Store) -> None:
+    # a test is never escalated: escalation works on incidents, and a test is in none
+    await store.accept_batch([item("alert-0001", body=alert_body("test"))], 100)
+    assert await store.incidents(None, 10) == []
+    assert await store.incident_of("alert-0001") is None
+    # not even one open on its bell (a gateway's incident outlives the bell's own)
+    await store.accept_batch([item("alert-0002", seq=2, body=alert_body())], 200)
+    await store.accept_batch([item("alert-0003", seq=3, body=alert_body("test"))], 300)
+    (incident,) = await store.incidents("open", 10)
+    assert incident.events == 1 and await store.incident_of("alert-0003") is None
+    assert [i.incident_id for i in await store.escalation_candidates(3)] == ["alert-0002"]
+
+
+async def test_test_records_are_a_period_s_test_presses_and_failed_tests(store: Store) -> None:
+    test = alert_body("test")
+    failed = '{"state":"test_failed","stage":"link"}'
+    await store.add_event(item("alert-0001", body=test), 1_000)
+    await store.add_event(item("alert-0002", "bell-0002", body=test), 2_000)
+    await store.add_event(item("alert-0003", seq=2, body=alert_body()), 2_500)  # a real press
+    await store.add_event(item("status-0001", seq=3, type="status", body=failed), 3_000)
+    await store.add_event(item("alert-0004", seq=4, body=test), 9_000)  # the next period
+    assert await store.delivered_many([("alert-0001", "central")], 1_700) == [True]
+    records = await store.test_records(1_000, 9_000)
+    assert [(r.event_id, r.district, r.type, r.delivered_ms) for r in records] == [
+        ("alert-0001", "mapo", "alert", 1_700),
+        ("alert-0002", "gangnam", "alert", None),
+        ("status-0001", "mapo", "status", None),
+    ]
+    assert (records[0].ts_ms, records[0].received_ms) == (1_000, 1_000)

@@ -66,6 +66,12 @@ async def test_a_test_received_and_never_delivered_stopped_at_the_centre(env: En
     assert messages[0].device == "bell-0001"
     assert messages[0].body == Status(state="test_failed", stage="centre")
     assert outcome(env, "centre") == 1.0 and -1 in env.woken
+    # the fleet view says so until a test of the bell comes through
+    assert watch.failed == {"bell-0001": "centre"}
+    await intake.process([env.message(TEST)])
+    (test_id,) = watch._kept
+    watch.delivered(test_id)
+    assert watch.failed == {}
 
 
 async def test_a_test_asked_for_and_never_received_stopped_at_the_link(env: Env) -> None:

@@ -1,0 +1,177 @@
+"""Remote configuration on the device: check, keep, try, then confirm or roll back.
+
+The gateway's signed `set_config` command carries the whole remote part of the config (a
+patch of sections and keys, protocol/remote_config.py). The device
+
+1. refuses a key it does not take remotely, or a patch its own config model refuses once
+   laid over device.toml (the same pydantic model that checks device.toml at start-up);
+2. keeps the patch as a *trial* beside the last good one (`remote-config.json` in the state
+   folder, written atomically) and applies it;
+3. confirms it once a heartbeat sent under it has the broker's PUBACK (on a connection made
+   after the change, when the change touched the link), or rolls back to the last good
+   patch when none has within `[remote_config] confirm_within_s`. An agent that restarts
+   during a trial starts on the last good patch: the trial may be why it stopped.
+
+device.toml stays the installer's; the patch lies over it at every start. This module does
+no I/O but its one file, and takes time as an argument (`now_ms`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from ansimi.files import write_atomic
+from device.config import DeviceConfig
+from device.errors import DeviceError
+from protocol.remote_config import CONFIG_PATCH, config_hash, refused_key
+
+log = logging.getLogger(__name__)
+
+STATE_FILE: Final = "remote-config.json"
+
+# sections whose change needs the MQTT link made again with the new settings
+LINK_SECTIONS: Final = frozenset({"mqtt", "link"})
+
+Patch = dict[str, dict[str, Any]]
+
+
+class ConfigRefused(DeviceError, ValueError):
+    """A remote config this device will not run; the message says which key and why."""
+
+
+class ConfigFailedBefore(ConfigRefused):
+    """The very config this device rolled back last: not tried again (the gateway sends a
+    drifting device its config now and then; a broken one must not cut the bell each time)."""
+
+
+def overlay(base: DeviceConfig, patch: Patch) -> DeviceConfig:
+    """`base` with `patch` laid over it, checked by the config model; raises ConfigRefused."""
+    why_not = refused_key(patch)
+    if why_not is not None:
+        raise ConfigRefused(why_not)
+    merged = base.model_dump(mode="json")
+    for section, keys in patch.items():
+        merged[section] = {**merged[section], **keys}
+    try:
+        return DeviceConfig.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        # the message only: pydantic's `input` could be an SMS number in another section
+        raise ConfigRefused(f"{where}: {first['msg']}") from None
+
+
+def touches_link(old: Patch, new: Patch) -> bool:
+    return any(old.get(section) != new.get(section) for section in LINK_SECTIONS)
+
+
+@dataclass(frozen=True)
+class Trial:
+    patch: Patch
+    started_ms: int
+    # the agent's count of connections when it began: a link change is proven only on a
+    # connection made after it
+    connects: int
+    link_changed: bool
+
+
+class RemoteConfig:
+    """The device's remote config: the last good patch and the one on trial, if any."""
+
+    def __init__(self, base: DeviceConfig, *, durable: bool = True) -> None:
+        self.base = base  # device.toml, as loaded
+        self._path = base.device.state_dir / STATE_FILE
+        self._durable = durable
+        self.good: Patch = {}
+        self.trial: Trial | None = None
+        self.failed: str | None = None  # the hash of the last config rolled back
+        # a trial found at start-up (the agent stopped during it): undone, to be reported
+        self.abandoned: Patch | None = None
+        self._load()
+
+    @property
+    def patch(self) -> Patch:
+        """The patch running now."""
+        return self.trial.patch if self.trial is not None else self.good
+
+    @property
+    def hash(self) -> str:
+        return config_hash(self.patch)
+
+    def effective(self) -> DeviceConfig:
+        return overlay(self.base, self.patch)
+
+    def begin(self, patch: Patch, *, now_ms: int, connects: int) -> DeviceConfig:
+        """Check `patch`, keep it as the trial and return the config to run; a trial still
+        open is dropped for the new one (the last good stays what a rollback returns to)."""
+        patch = CONFIG_PATCH.validate_python(patch)
+        if config_hash(patch) == self.failed:
+            raise ConfigFailedBefore(f"config {self.failed[:12]} was rolled back here before")
+        config = overlay(self.base, patch)
+        self.trial = Trial(patch, now_ms, connects, touches_link(self.patch, patch))
+        self._save()
+        return config
+
+    def proven(self, *, connects: int) -> bool:
+        """A heartbeat sent now with `connects` connections so far would prove the trial."""
+        trial = self.trial
+        return trial is not None and (not trial.link_changed or connects > trial.connects)
+
+    def commit(self) -> None:
+        if self.trial is not None:
+            # another config proven: the one that failed may be tried again when sent
+            self.good, self.trial, self.failed = self.trial.patch, None, None
+            self._save()
+
+    def overdue(self, now_ms: int, confirm_within_s: float) -> bool:
+        trial = self.trial
+        return trial is not None and now_ms - trial.started_ms >= confirm_within_s * 1000
+
+    def rollback(self) -> DeviceConfig:
+        """Back to the last good patch; returns its config."""
+        if self.trial is not None:
+            self.failed = config_hash(self.trial.patch)
+        self.trial = None
+        self._save()
+        return self.effective()
+
+    # ---- the file -------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        try:
+            raw = json.loads(self._path.read_bytes())
+            self.good = CONFIG_PATCH.validate_python(raw.get("good", {}))
+            overlay(self.base, self.good)
+            trial = raw.get("trial")
+            failed = raw.get("failed")
+            self.failed = failed if isinstance(failed, str) else None
+        except FileNotFoundError:
+            return
+        except (ValueError, AttributeError, ConfigRefused) as exc:
+            # device.toml may have changed under it, or the file is damaged: run device.toml
+            log.warning(
+                "device %s: %s unusable (%s): running device.toml alone until the gateway "
+                "sends the config again",
+                self.base.device.id,
+                self._path,
+                exc,
+            )
+            self.good = {}
+            return
+        if trial is not None:
+            self.abandoned = trial
+            self.failed = config_hash(trial) if isinstance(trial, dict) else None
+            self._save()
+
+    def _save(self) -> None:
+        trial = None
+        if self.trial is not None:
+            trial = self.trial.patch
+        state = {"good": self.good, "trial": trial, "failed": self.failed}
+        data = json.dumps(state, sort_keys=True).encode()
+        write_atomic(self._path, data, mode=0o600, durable=self._durable)

@@ -1,0 +1,198 @@
+"""Remote config at the gateway: layers merged per device, sent signed, drift, the API."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+from click.testing import CliRunner
+from gw_testkit import ADMIN, CENTRAL, GANGNAM, PRIVACY_TOKENS, Env, heartbeat, make_env
+
+from ansimi_edge.cli import cli
+from gateway.api import Api
+from gateway.remote_config import RemoteConfigs
+from gateway.store import Device, Incoming
+from protocol.messages import CommandMessage
+from protocol.remote_config import config_hash
+
+RESEND_MS = 600_000
+
+
+def configs(env: Env) -> RemoteConfigs:
+    def devices() -> list[Device]:
+        found = (env.registry.device(d) for d in env.registry.device_ids())
+        return [d for d in found if d is not None]
+
+    return RemoteConfigs(
+        env.store,
+        env.downlink,
+        env.metrics,
+        devices=devices,
+        resend_after_ms=RESEND_MS,
+        clock_ms=env.clock,
+    )
+
+
+async def served() -> tuple[Env, RemoteConfigs, TestClient[Any, Any]]:
+    """A gateway's insides with the remote config routes on its API, not yet started."""
+    env = await make_env()
+    remote = configs(env)
+    await remote.load()
+    api = Api(
+        env.store, env.registry, env.downlink, env.metrics, PRIVACY_TOKENS, connected=lambda: True
+    )
+    api.add_routes(remote.routes())
+    return env, remote, TestClient(TestServer(api.app()))
+
+
+def commands(env: Env) -> list[tuple[str, dict[str, dict[str, object]] | None]]:
+    return [
+        (m.device, m.body.config)
+        for m in env.published()
+        if isinstance(m, CommandMessage) and m.body.name == "set_config"
+    ]
+
+
+def beat(env: Env, device_id: str, patch: dict[str, dict[str, object]]) -> Incoming:
+    body = heartbeat().model_copy(update={"config_hash": config_hash(patch)})
+    return Incoming(
+        "e-" + device_id, device_id, 1, "heartbeat", env.clock.ms, body.model_dump_json(), "", ()
+    )
+
+
+async def test_each_device_is_sent_the_site_then_district_then_device_layers() -> None:
+    env = await make_env()
+    remote = configs(env)
+    await remote.load()
+    assert await remote.set_layer("site", "", {"mqtt": {"heartbeat_s": 30.0}}) == 2
+    await remote.set_layer("district", "mapo", {"mqtt": {"heartbeat_s": 20.0}})
+    await remote.set_layer("device", "bell-0002", {"behaviour": {"ring_link_s": 5.0}})
+    # the site's layer went to both live bells (bell-0003 is revoked); then mapo's to mapo's
+    # one; then bell-0002's own: each time the whole merged config, not the layer alone
+    assert commands(env) == [
+        ("bell-0001", {"mqtt": {"heartbeat_s": 30.0}}),
+        ("bell-0002", {"mqtt": {"heartbeat_s": 30.0}}),
+        ("bell-0001", {"mqtt": {"heartbeat_s": 20.0}}),
+        ("bell-0002", {"mqtt": {"heartbeat_s": 30.0}, "behaviour": {"ring_link_s": 5.0}}),
+    ]
+    # kept: a gateway started again on the same store knows the same
+    again = configs(env)
+    await again.load()
+    assert [r.desired_hash for r in again.drift()] == [r.desired_hash for r in remote.drift()]
+    await remote.set_layer("district", "mapo", None)
+    assert commands(env)[-1] == ("bell-0001", {"mqtt": {"heartbeat_s": 30.0}})
+
+
+async def test_drift_is_reported_hash_against_desired_and_resent_at_most_once_a_period() -> None:
+    env = await make_env()
+    remote = configs(env)
+    await remote.load()
+    wanted = {"behaviour": {"ring_link_s": 60.0}}
+    await remote.set_layer("district", "mapo", wanted)
+    assert [(r.device_id, r.state) for r in remote.drift()] == [
+        ("bell-0001", "unknown"),
+        ("bell-0002", "unknown"),
+    ]
+    sent = len(commands(env))
+    remote.heartbeats([beat(env, "bell-0001", wanted), beat(env, "bell-0002", {})])
+    await remote.flush()
+    assert {r.device_id: r.state for r in remote.drift()} == {
+        "bell-0001": "in_sync",
+        "bell-0002": "in_sync",  # nothing desired for gangnam: the empty config is right
+    }
+    # bell-0001 rolled the config back: drift; sent just now, so not sent again yet
+    remote.heartbeats([beat(env, "bell-0001", {})])
+    await remote.flush()
+    assert {r.device_id: r.state for r in remote.drift()}["bell-0001"] == "drift"
+    assert len(commands(env)) == sent
+    assert (await env.store.reported_configs())["bell-0001"] == (config_hash({}), env.clock.ms)
+    # a period later, its next heartbeat, the same hash again (offline when the config was
+    # sent, say), is answered with the config again, once
+    env.clock.ms += RESEND_MS
+    remote.heartbeats([beat(env, "bell-0001", {}), beat(env, "bell-0001", {})])
+    await remote.flush()
+    assert commands(env)[sent:] == [("bell-0001", wanted)]
+    remote.heartbeats([beat(env, "bell-0001", {})])
+    await remote.flush()
+    assert commands(env)[sent:] == [("bell-0001", wanted)]
+
+
+async def test_the_api_sets_layers_within_the_token_s_districts_and_refuses_bad_keys() -> None:
+    env, _remote, client = await served()
+    async with client:
+
+        def auth(token: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {token}"}
+
+        put = await client.put(
+            "/admin/config/district/mapo",
+            json={"behaviour": {"ring_link_s": 30}},
+            headers=auth(ADMIN),
+        )
+        assert put.status == 200
+        assert (await put.json())["devices_sent"] == 1
+        refused = await client.put(
+            "/admin/devices/bell-0001/config",
+            json={"device": {"id": "bell-9"}},
+            headers=auth(ADMIN),
+        )
+        assert refused.status == 400
+        assert (await refused.json())["error"] == "[device] id cannot be set remotely"
+        bad = "ansimi_api_refused_total"
+        assert env.metrics.registry.get_sample_value(bad, {"reason": "bad_config"}) == 1
+        unknown = await client.put("/admin/config/district/mapoo", json={}, headers=auth(ADMIN))
+        assert unknown.status == 400 and "mapo" in (await unknown.json())["error"]
+        missing = await client.put("/admin/devices/bell-0404/config", json={}, headers=auth(ADMIN))
+        assert missing.status == 404
+        # operators read drift, each desk its own districts; they cannot set layers
+        drift = await client.get("/config/drift", headers=auth(GANGNAM))
+        assert [r["device_id"] for r in (await drift.json())["devices"]] == ["bell-0002"]
+        drift = await client.get("/config/drift", headers=auth(CENTRAL))
+        rows = {r["device_id"]: r for r in (await drift.json())["devices"]}
+        assert rows["bell-0001"]["desired_hash"] == config_hash({"behaviour": {"ring_link_s": 30}})
+        denied = await client.put("/admin/config/site", json={}, headers=auth(CENTRAL))
+        assert denied.status == 403
+        layers = await client.get("/admin/config", headers=auth(ADMIN))
+        assert (await layers.json())["layers"] == [
+            {
+                "scope": "district",
+                "name": "mapo",
+                "config": {"behaviour": {"ring_link_s": 30}},
+                "hash": config_hash({"behaviour": {"ring_link_s": 30}}),
+            }
+        ]
+
+
+async def test_the_cli_sets_a_layer_from_toml_shows_it_and_exits_5_on_drift(
+    tmp_path: Path,
+) -> None:
+    env, remote, client = await served()
+    layer = tmp_path / "mapo.toml"
+    layer.write_text("[behaviour]\nring_link_s = 30.0\n\n[device]\nsilent = true\n")
+    async with client:
+        url = str(client.make_url("")).rstrip("/")
+
+        async def provision(*args: str) -> tuple[int, str]:
+            argv = ["provision", "config", *args, "--gateway", url]
+            env_vars = {"ANSIMI_ADMIN_TOKEN": ADMIN}
+            # the CLI blocks on its HTTP request: off the loop that serves the answer
+            result = await asyncio.to_thread(CliRunner().invoke, cli, argv, env=env_vars)
+            return result.exit_code, result.output
+
+        code, out = await provision("set", "--district", "mapo", str(layer))
+        wanted = {"behaviour": {"ring_link_s": 30.0}, "device": {"silent": True}}
+        assert code == 0 and "1 devices sent their config" in out
+        assert commands(env) == [("bell-0001", wanted)]
+        code, out = await provision("show")
+        assert code == 0 and "# district mapo" in out and "silent = true" in out
+        # bell-0001 says it runs nothing yet: drift, and the exit code says so
+        remote.heartbeats([beat(env, "bell-0001", {}), beat(env, "bell-0002", {})])
+        await remote.flush()
+        code, out = await provision("drift")
+        assert code == 5 and "1 drifting" in out
+        code, out = await provision("drift", "--district", "gangnam")
+        assert code == 0 and "bell-0002" in out and "bell-0001" not in out
+        code, out = await provision("set", "--district", "mapo", "--clear")
+        assert code == 0 and commands(env)[-1] == ("bell-0001", {})
