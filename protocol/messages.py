@@ -242,7 +242,10 @@ ArgName = Annotated[str, StringConstraints(min_length=1, max_length=32)]
 
 
 class Command(_Model):
-    name: Literal["video_start", "video_stop", "selftest", "set_silent", "ping", "test_press"]
+    # update: args `version` and `url` of a release bundle (device/update.py)
+    name: Literal[
+        "video_start", "video_stop", "selftest", "set_silent", "ping", "test_press", "update"
+    ]
     args: Annotated[dict[ArgName, ArgValue], Field(max_length=16)] = Field(default_factory=dict)
 
 
@@ -252,7 +255,17 @@ class Health(_Model):
     Kept by the device until `received`, kept and forwarded by the gateway like an alert.
     """
 
-    event: Literal["clock_corrected", "outbox_recovered", "storage_failed", "storage_restored"]
+    event: Literal[
+        "clock_corrected",
+        "outbox_recovered",
+        "storage_failed",
+        "storage_restored",
+        # agent updates (device/update.py): a new version runs (detail: the version) and
+        # is proving itself; an update that failed or rolled back (detail: version reason:
+        # what happened)
+        "update_installed",
+        "update_failed",
+    ]
     # clock_corrected: the device's clock minus the gateway's, before the correction
     skew_ms: Int64 | None = None
     # outbox_recovered: entries imported from the damaged outbox (the rest were unreadable)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import shutil
 import zipfile
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from ansimi.bundle import build_bundle
@@ -74,3 +77,29 @@ def running_version(root: Path) -> str:
     """The version the launcher would start: read from the folder `current` names."""
     text = (root / "current" / "site" / PROBE / "__init__.py").read_text()
     return text.split('"')[1]
+
+
+def file_fetch(
+    source: Path, checkpoint: Callable[[str], None]
+) -> Callable[[str, Path], Awaitable[None]]:
+    """Copy `source` as a download would, resuming, with a checkpoint halfway through."""
+
+    async def fetch(url: str, part: Path) -> None:
+        data = source.read_bytes()
+        have = part.stat().st_size if part.exists() else 0
+        with part.open("ab") as out:
+            half = max(have, len(data) // 2)
+            out.write(data[have:half])
+            out.flush()
+            os.fsync(out.fileno())
+            checkpoint("fetch_half")
+            out.write(data[half:])
+
+    return fetch
+
+
+async def unzip_install(wheels: Sequence[Path], target: Path) -> None:
+    """What `pip install --target` does with a pure wheel, without pip's second of start-up."""
+    target.mkdir()
+    for wheel in wheels:
+        shutil.unpack_archive(wheel, target, "zip")

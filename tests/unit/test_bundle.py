@@ -7,10 +7,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from release_kit import make_bundle, make_wheel, release_signer
 
 from ansimi.bundle import MANIFEST_NAME, extract_wheels, read_bundle
 from protocol.release import Manifest, ReleaseRefused, check_replaces, sign_manifest
-from tests.release_kit import make_bundle, make_wheel, release_signer
 
 
 def _rewrite(bundle: Path, change: dict[str, bytes | None], add: dict[str, bytes] | None = None):
