@@ -140,6 +140,23 @@ class SmsSection(_Section):
         return self
 
 
+class UpdateSection(_Section):
+    # empty: this device takes no agent updates (an `update` command is ignored)
+    root: Path | None = None
+    release_public_key: str = ""
+    trial_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    max_trial_boots: Annotated[int, Field(ge=1, le=20)] = 3
+
+    @model_validator(mode="after")
+    def _key_with_root(self) -> UpdateSection:
+        if self.root is not None and not self.release_public_key:
+            raise ValueError(
+                "[update] root is set but release_public_key is empty: set it to the site's "
+                "release public key (`ansimi provision release key init` prints it)"
+            )
+        return self
+
+
 class DeviceConfig(_Section):
     device: DeviceSection = DeviceSection()
     gateway: GatewaySection = GatewaySection()
@@ -151,6 +168,7 @@ class DeviceConfig(_Section):
     hardware: HardwareConfig = HardwareConfig()
     video: VideoConfig = VideoConfig()
     test_press: TestPressSchedule = TestPressSchedule()
+    update: UpdateSection = UpdateSection()
 
     @model_validator(mode="after")
     def _store_bells_stay_silent(self) -> DeviceConfig:

@@ -480,11 +480,11 @@ class UpdateService:
     async def _prove(self, journal: Journal) -> None:
         assert journal.deadline_ms is not None
         left_s = max(0.0, (journal.deadline_ms - self.updater.clock_ms()) / 1000)
-        stage = "connect to the broker"
+        stage = "connection to the broker"
         try:
             async with asyncio.timeout(left_s):
                 await self.agent.ready.wait()
-                stage = "an acknowledged report"
+                stage = "acknowledged report"
                 report_id = new_message_id()
                 self.agent.report(
                     Health(event="update_installed", detail=journal.version), report_id
