@@ -68,6 +68,8 @@ STEPS: Final[dict[Step, Step | None]] = {
     "trial": None,  # the launcher counts starts; the agent commits or rolls back
     "rolled_back": None,  # the old version runs again: report update_failed, then forget
 }
+# the steps an offer of the same version resumes rather than refuses
+STEPS_BEFORE_TRIAL: Final = ("downloading", "downloaded", "installed")
 
 
 class UpdateFailed(DeviceError, RuntimeError):
@@ -201,6 +203,8 @@ class Updater:
         """Begin an update to ``version`` from ``url``; refuse if one is under way."""
         ongoing = self.journal()
         if ongoing is not None:
+            if ongoing.step in STEPS_BEFORE_TRIAL and ongoing.version == version:
+                return ongoing  # offered again (it was quiet): resume it, keep its download
             raise UpdateFailed(
                 "busy", f"an update to {ongoing.version} is at step {ongoing.step} already"
             )

@@ -10,7 +10,6 @@ enrolment and trusts nothing else. No I/O here.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Annotated, Final
 
@@ -19,20 +18,18 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from protocol import jws
 from protocol.errors import ProtocolError, clip
+from protocol.ids import VERSION_PATTERN, VERSION_RE
 from protocol.jws import Signer
 
-# dotted numbers only (1.4.2): ordered without a version library, and safe as a folder name
-VERSION_PATTERN: Final = r"^[0-9]{1,6}(\.[0-9]{1,6}){0,3}$"
 # a wheel's file name, safe as a tar member and a file name (no folder, no dot start)
 WHEEL_NAME_PATTERN: Final = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}\.whl$"
 MAX_MANIFEST_BYTES: Final = 16 * 1024
 MAX_FILES: Final = 64
 
+# dotted numbers only (1.4.2): ordered without a version library, and safe as a folder name
 Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]
 WheelName = Annotated[str, StringConstraints(pattern=WHEEL_NAME_PATTERN)]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-
-_VERSION_RE: Final = re.compile(VERSION_PATTERN)
 
 
 class ReleaseRefused(ProtocolError, ValueError):
@@ -63,7 +60,7 @@ class Manifest(BaseModel):
 
 def version_key(version: str) -> tuple[int, ...]:
     """``"1.10.2"`` -> ``(1, 10, 2)``: versions compare as numbers, not as text."""
-    if not _VERSION_RE.match(version):
+    if not VERSION_RE.fullmatch(version):
         raise ReleaseRefused("malformed", f"version {clip(version)} is not dotted numbers")
     return tuple(int(part) for part in version.split("."))
 

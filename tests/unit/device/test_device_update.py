@@ -155,10 +155,12 @@ async def test_a_bundle_refused_after_download_leaves_the_device_as_it_was(
     assert _leftovers(root) == []
 
 
-async def test_a_second_update_is_refused_while_one_is_under_way(site) -> None:
+async def test_another_update_is_refused_while_one_is_under_way_and_the_same_one_resumed(site) -> None:
     root, bundle, signer = site
     updater = _updater(root, bundle, signer)
-    updater.start("2.0", "https://gateway.test/bundle")
+    first = updater.start("2.0", "https://gateway.test/bundle")
+    # the same offer again (the gateway heard nothing for a while): resumed, not refused
+    assert updater.start("2.0", "https://gateway.test/bundle") == first
     with pytest.raises(UpdateFailed) as caught:
         updater.start("3.0", "https://gateway.test/other")
     assert caught.value.reason == "busy"
