@@ -155,7 +155,7 @@ async def test_a_bundle_refused_after_download_leaves_the_device_as_it_was(
     assert _leftovers(root) == []
 
 
-async def test_another_update_is_refused_while_one_is_under_way_and_the_same_one_resumed(site) -> None:
+async def test_another_update_is_refused_while_one_is_under_way_the_same_resumed(site) -> None:
     root, bundle, signer = site
     updater = _updater(root, bundle, signer)
     first = updater.start("2.0", "https://gateway.test/bundle")
