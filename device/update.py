@@ -409,9 +409,9 @@ class RestartRequested(DeviceError, RuntimeError):
 class UpdateService:
     """Takes `update` commands, runs the steps, and proves (or fails) a trial after a start.
 
-    The health check of a trial: connected to the broker, a kept message (the
-    `update_installed` report) acknowledged `received` by the gateway, so the whole signed
-    path up and down works, and the self-test passing; all before the journal's deadline.
+    The health check of a trial, all before the journal's deadline: connected to the broker,
+    the self-test passing, then a kept message (the `update_installed` report) acknowledged
+    `received` by the gateway, so the whole signed path up and down works.
     """
 
     def __init__(
@@ -488,6 +488,11 @@ class UpdateService:
         try:
             async with asyncio.timeout(left_s):
                 await self.agent.ready.wait()
+                stage = "self-test result"
+                if not await self.agent.selftest():
+                    raise UpdateFailed("selftest", "the self-test failed")
+                # last, so that the gateway hearing it means all the rest passed: it counts
+                # the device as updated; its acknowledgement proves the path both ways
                 stage = "acknowledged report"
                 report_id = new_message_id()
                 self.agent.report(
@@ -496,9 +501,6 @@ class UpdateService:
                 while report_id not in self._acked:
                     self._ack_seen.clear()
                     await self._ack_seen.wait()
-                stage = "the self-test"
-                if not await self.agent.selftest():
-                    raise UpdateFailed("selftest", "the self-test failed")
         except (TimeoutError, UpdateFailed) as exc:
             why = str(exc) if isinstance(exc, UpdateFailed) else f"no {stage} in time"
             self.updater.roll_back(journal, f"health check failed: {why}")

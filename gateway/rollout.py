@@ -8,7 +8,9 @@ secret; aiohttp's FileResponse answers `Range`, so a device resumes a cut downlo
 chosen by a hash of the version and the device id (widening it keeps the devices already
 chosen), each offered a signed `update` command, never while it has an open incident, and
 offered again if it said nothing for `reoffer_s`. A device's reports (health events
-`update_installed`, `update_failed`, see device/update.py) move it on; the rollout pauses
+`update_installed`, sent once its health check passed, and `update_failed`, see
+device/update.py) move it on; a failure after `installed` (its acknowledgement lost, the
+device rolled back) still counts. The rollout pauses
 by itself once failures reach `pause_failed_pct` of its devices. State is one JSON file
 beside the bundles, written atomically: one gateway instance runs rollouts (see
 docs/fleet.md for a cluster).
@@ -332,7 +334,8 @@ class Rollouts:
     def _pause_if_failing(self, rollout: Rollout) -> None:
         failed = rollout.counts()["failed"]
         limit = max(1, math.ceil(len(rollout.devices) * self._pause_failed_pct / 100))
-        if rollout.state == "running" and failed >= limit:
+        # a done rollout too: a device that failed after reporting installed needs a look
+        if rollout.state in ("running", "done") and failed >= limit:
             rollout.state = "paused"
             rollout.paused_because = f"{failed} devices failed (pauses at {limit})"
             log.error("rollout %s paused: %s", rollout.id, rollout.paused_because)

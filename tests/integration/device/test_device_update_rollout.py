@@ -1,0 +1,200 @@
+"""A rollout end to end: mosquitto, the gateway (API, releases, rollouts) and three real
+agents, each started again by a stand-in for systemd and the launcher. A good release is
+downloaded from the gateway, installed and committed on every bell; a release whose
+self-test fails rolls back on every bell by itself, and the rollout pauses."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from ansimi_testkit import eventually, nowhere_centre, running
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from release_kit import (
+    PROBE,
+    install_factory,
+    make_bundle,
+    release_signer,
+    running_version,
+    unzip_install,
+)
+
+from ansimi.broker import Mosquitto, free_port
+from device.agent import Agent
+from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection
+from device.hal import Hardware
+from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
+from device.update import RestartRequested, Updater, http_fetch
+from gateway.config import ApiConfig, ApiToken, GatewayConfig, MqttConfig, UpdatesConfig
+from gateway.service import Gateway
+from gateway.store import Device
+from protocol.jws import Signer
+from protocol.keys import generate_key, public_key_to_b64
+
+ADMIN = "admin-token-0123456789abc"
+BELLS = ("bell-0001", "bell-0002", "bell-0003")
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def fetch(url: str, path: Path) -> None:
+    async with aiohttp.ClientSession() as session:
+        await http_fetch(session, timeout_s=30)(url, path)
+
+
+@dataclass
+class Bell:
+    signer: Signer
+    root: Path
+    state: Path
+
+
+async def under_systemd(
+    bell: Bell,
+    broker: Mosquitto,
+    gateway: Signer,
+    release_key: Ed25519PublicKey,
+    starts: Counter[str],
+) -> None:
+    """The launcher's boot, then the agent; again after each exit for a restart. The version
+    `current` names decides the self-test: a release marked broken fails it (its modem)."""
+    device_id = bell.signer.kid
+    while True:
+        updater = Updater(
+            bell.root, release_key, fetch=fetch, install=unzip_install, clock_ms=wall_ms, trial_s=20
+        )
+        updater.boot()
+        starts[device_id] += 1
+        code = (bell.root / "current" / "site" / PROBE / "__init__.py").read_text()
+        config = DeviceConfig(
+            device=DeviceSection(id=device_id, kind="bell", state_dir=bell.state),
+            gateway=GatewaySection(
+                id=gateway.kid, public_key=public_key_to_b64(gateway.public_key)
+            ),
+            mqtt=MqttSection(host=broker.host, port=broker.port, heartbeat_s=1),
+        )
+        modem = FakeModem(sim_ready="BROKEN = True" not in code)
+        agent = Agent(
+            config,
+            signer=bell.signer,
+            gateway_key=gateway.public_key,
+            hardware=Hardware(FakeInputs(), FakeIndicator(), None, modem),
+            updater=updater,
+        )
+        try:
+            await agent.run()
+        except* RestartRequested:
+            pass  # exit 75: systemd starts the launcher again
+
+
+async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_everywhere(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    release = release_signer()
+    good = make_bundle(tmp_path / "good", release, "2.0", min_version="1.0")
+    bad = make_bundle(tmp_path / "bad", release, "3.0", min_version="1.0", extra="BROKEN = True")
+    port = free_port()
+    gateway_signer = Signer("gw-test", generate_key())
+    config = GatewayConfig(
+        id="gw-test",
+        database=tmp_path / "gateway" / "gateway.db",
+        mqtt=MqttConfig(host=mosquitto.host, port=mosquitto.port),
+        centres=[nowhere_centre()],
+        api=ApiConfig(
+            enabled=True, port=port, tokens=[ApiToken(name="installer", role="admin", token=ADMIN)]
+        ),
+        updates=UpdatesConfig(
+            release_public_key=public_key_to_b64(release.public_key),
+            dir=tmp_path / "gateway" / "releases",
+            public_url=f"http://127.0.0.1:{port}",
+            pause_failed_pct=10.0,
+        ),
+    )
+    gateway = Gateway(config, signer=gateway_signer)
+    bells = []
+    for device_id in BELLS:
+        bell = Bell(
+            Signer(device_id, generate_key()),
+            tmp_path / device_id / "opt",
+            tmp_path / device_id / "state",
+        )
+        bell.root.mkdir(parents=True)
+        install_factory(bell.root, "1.0")
+        public = public_key_to_b64(bell.signer.public_key)
+        await gateway.store.add_device(Device(device_id, public, "bell", "mapo"), now_ms=0)
+        bells.append(bell)
+    await gateway.registry.reload()
+    starts: Counter[str] = Counter()
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+
+    async def admin(session: aiohttp.ClientSession, method: str, path: str, **kw: Any) -> Any:
+        async with session.request(method, base + path, headers=headers, **kw) as response:
+            body = await response.json()
+            assert response.status < 300, body
+            return body
+
+    lives = [under_systemd(b, mosquitto, gateway_signer, release.public_key, starts) for b in bells]
+    async with running(gateway.run(), *lives), aiohttp.ClientSession() as session:
+        await eventually(lambda: gateway.ready.is_set() and gateway.api.port is not None, 15)
+        for bundle in (good, bad):
+            await admin(session, "POST", "/admin/releases", data=bundle.read_bytes())
+
+        # a good release: on every bell, proven, committed
+        await admin(
+            session,
+            "POST",
+            "/admin/rollouts",
+            json={"version": "2.0", "district": "mapo", "percent": 100},
+        )
+        status: dict[str, Any] = {}
+
+        async def rollout_is(state: str) -> bool:
+            status.update(await admin(session, "GET", "/admin/rollouts"))
+            return status["current"]["state"] == state
+
+        await _until(lambda: rollout_is("done"), 60)
+        assert {p["state"] for p in status["current"]["devices"].values()} == {"installed"}
+        await eventually(lambda: all((b.root / "update.json").exists() is False for b in bells), 30)
+        assert [running_version(b.root) for b in bells] == ["2.0"] * 3
+        assert all(starts[d] == 2 for d in BELLS)  # one restart into 2.0 each
+
+        # a release whose self-test fails: each bell switches back by itself; the rollout pauses
+        await admin(
+            session,
+            "POST",
+            "/admin/rollouts",
+            json={"version": "3.0", "district": "mapo", "percent": 100},
+        )
+        await _until(lambda: rollout_is("paused"), 60)
+        await eventually(
+            lambda: all(
+                running_version(b.root) == "2.0" and not (b.root / "update.json").exists()
+                for b in bells
+            ),
+            60,
+        )
+        await _until(lambda: _all_failed(status, session, admin), 30)
+        for b in bells:
+            assert sorted(p.name for p in (b.root / "versions").iterdir()) == ["1.0", "2.0"]
+        assert all(starts[d] == 4 for d in BELLS)  # into 3.0, and back to 2.0
+
+
+async def _all_failed(status: dict[str, Any], session: aiohttp.ClientSession, admin: Any) -> bool:
+    status.update(await admin(session, "GET", "/admin/rollouts"))
+    devices = status["current"]["devices"].values()
+    return all(p["state"] == "failed" and "rolled_back" in p["reason"] for p in devices)
+
+
+async def _until(check: Any, timeout_s: float) -> None:
+    import asyncio
+
+    async with asyncio.timeout(timeout_s):
+        while not await check():
+            await asyncio.sleep(0.2)
