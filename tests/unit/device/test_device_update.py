@@ -24,7 +24,7 @@ from release_kit import (
 )
 from update_child import CLOCK_MS
 
-from device.update import UpdateFailed, Updater, http_fetch, pip_install
+from device.update import UpdateFailed, Updater, http_fetch, launch_environment, pip_install
 from protocol.jws import Signer
 from protocol.keys import public_key_to_b64
 
@@ -259,3 +259,11 @@ async def test_a_download_resumes_where_it_stopped(site, tmp_path: Path) -> None
     finally:
         await runner.cleanup()
     assert ranges == ["bytes=1000-", f"bytes={len(data)}-"]
+
+
+def test_the_launcher_puts_the_current_version_first_on_the_path(site) -> None:
+    root, _, _ = site
+    env = launch_environment(root / "current", {"PYTHONPATH": "/elsewhere", "HOME": "/root"})
+    first, rest = env["PYTHONPATH"].split(os.pathsep)
+    assert first == str((root / "versions" / "1.0" / "site").resolve())
+    assert rest == "/elsewhere" and env["HOME"] == "/root"
