@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from ansimi.bundle import build_bundle, read_bundle
+from ansimi.files import write_atomic
 from protocol.jws import Signer
 from protocol.keys import generate_key, load_private_key, public_key_to_b64, save_private_key
 from provisioning.device_cli import (
@@ -32,6 +33,7 @@ from provisioning.device_cli import (
     gateway_options,
     site_dir_option,
 )
+from siteca.site import SiteLayout
 
 RELEASE_KID = "release"
 DIR_OPTION = click.option(
@@ -43,13 +45,11 @@ DIR_OPTION = click.option(
 )
 
 
-def release_key_path(site_dir: Path) -> Path:
-    return site_dir / "release" / "release.key"
-
-
 def _signer(site_dir: Path) -> Signer:
     key = load_private_key(
-        release_key_path(site_dir), hint="run `ansimi provision release key init --dir SITE`"
+        SiteLayout(site_dir).release_key,
+        hint="run `ansimi provision release key init --dir SITE` (or copy the site's "
+        "release.key there on the machine that builds releases)",
     )
     return Signer(RELEASE_KID, key)
 
@@ -69,8 +69,10 @@ def key_group() -> None:
 @click.option("--force", is_flag=True, help="replace it: devices then refuse every new bundle")
 @click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
 def key_init(site_dir: Path, force: bool, as_json: bool) -> None:
-    """Make the release key; print its public key for device.toml and gateway.toml."""
-    path = release_key_path(site_dir)
+    """Make the release key; print its public key for device.toml and gateway.toml.
+    Enrolment hands the public key (release/release.pub) to every device it enrols."""
+    layout = SiteLayout(site_dir)
+    path = layout.release_key
     if path.exists() and not force:
         _fail(
             f"{path} exists: devices pin its public key; --force makes a new one (and "
@@ -82,6 +84,7 @@ def key_init(site_dir: Path, force: bool, as_json: bool) -> None:
     key = generate_key()
     save_private_key(path, key)
     public = public_key_to_b64(key.public_key())
+    write_atomic(layout.release_pub, public.encode() + b"\n")
     if as_json:
         _print_json({"ok": True, "key_file": str(path), "public_key": public})
         return
