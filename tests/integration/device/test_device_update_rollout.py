@@ -28,6 +28,7 @@ from device.agent import Agent
 from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
+from device.hal.ports import InputEvent
 from device.update import RestartRequested, Updater, http_fetch
 from gateway.config import ApiConfig, ApiToken, GatewayConfig, MqttConfig, UpdatesConfig
 from gateway.service import Gateway
@@ -36,6 +37,7 @@ from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
 
 ADMIN = "admin-token-0123456789abc"
+OPERATOR = "operator-token-0123456789"
 BELLS = ("bell-0001", "bell-0002", "bell-0003")
 
 
@@ -61,6 +63,7 @@ async def under_systemd(
     gateway: Signer,
     release_key: Ed25519PublicKey,
     starts: Counter[str],
+    agents: dict[str, Agent],
 ) -> None:
     """The launcher's boot, then the agent; again after each exit for a restart. The version
     `current` names decides the self-test: a release marked broken fails it (its modem)."""
@@ -87,6 +90,7 @@ async def under_systemd(
             hardware=Hardware(FakeInputs(), FakeIndicator(), None, modem),
             updater=updater,
         )
+        agents[device_id] = agent
         try:
             await agent.run()
         except* RestartRequested:
@@ -107,13 +111,19 @@ async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_ever
         mqtt=MqttConfig(host=mosquitto.host, port=mosquitto.port),
         centres=[nowhere_centre()],
         api=ApiConfig(
-            enabled=True, port=port, tokens=[ApiToken(name="installer", role="admin", token=ADMIN)]
+            enabled=True,
+            port=port,
+            tokens=[
+                ApiToken(name="installer", role="admin", token=ADMIN),
+                ApiToken(name="desk", role="operator", token=OPERATOR),
+            ],
         ),
         updates=UpdatesConfig(
             release_public_key=public_key_to_b64(release.public_key),
             dir=tmp_path / "gateway" / "releases",
             public_url=f"http://127.0.0.1:{port}",
-            pause_failed_pct=10.0,
+            # pauses once all three failed: the last one waits for its incident first
+            pause_failed_pct=100.0,
         ),
     )
     gateway = Gateway(config, signer=gateway_signer)
@@ -132,15 +142,21 @@ async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_ever
     await gateway.registry.reload()
     starts: Counter[str] = Counter()
     base = f"http://127.0.0.1:{port}"
-    headers = {"Authorization": f"Bearer {ADMIN}"}
 
-    async def admin(session: aiohttp.ClientSession, method: str, path: str, **kw: Any) -> Any:
+    async def admin(
+        session: aiohttp.ClientSession, method: str, path: str, token: str = ADMIN, **kw: Any
+    ) -> Any:
+        headers = {"Authorization": f"Bearer {token}"}
         async with session.request(method, base + path, headers=headers, **kw) as response:
             body = await response.json()
             assert response.status < 300, body
             return body
 
-    lives = [under_systemd(b, mosquitto, gateway_signer, release.public_key, starts) for b in bells]
+    agents: dict[str, Agent] = {}
+    lives = [
+        under_systemd(b, mosquitto, gateway_signer, release.public_key, starts, agents)
+        for b in bells
+    ]
     async with running(gateway.run(), *lives), aiohttp.ClientSession() as session:
         await eventually(lambda: gateway.ready.is_set() and gateway.api.port is not None, 15)
         for bundle in (good, bad):
@@ -165,13 +181,25 @@ async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_ever
         assert [running_version(b.root) for b in bells] == ["2.0"] * 3
         assert all(starts[d] == 2 for d in BELLS)  # one restart into 2.0 each
 
-        # a release whose self-test fails: each bell switches back by itself; the rollout pauses
+        # a release whose self-test fails, while bell-0001 has an alert open: the others roll
+        # back by themselves; bell-0001 is offered nothing until its incident is closed
+        first = agents["bell-0001"]
+        first.on_input(InputEvent("emergency", "pressed"))
+        first.on_input(InputEvent("emergency", "released", 0.2))
+        await eventually(lambda: not first.outbox.pending(), 15)  # kept by the gateway
         await admin(
             session,
             "POST",
             "/admin/rollouts",
             json={"version": "3.0", "district": "mapo", "percent": 100},
         )
+        await _until(lambda: _states(status, session, admin, "failed", "failed"), 60)
+        assert status["current"]["devices"]["bell-0001"]["state"] == "pending"
+        assert status["current"]["state"] == "running"
+        assert running_version(bells[0].root) == "2.0" and starts["bell-0001"] == 2
+        (alert,) = (await admin(session, "GET", "/alerts", token=OPERATOR))["alerts"]
+        assert alert["device_id"] == "bell-0001"  # the press during the rollout arrived
+        await admin(session, "POST", f"/alerts/{alert['event_id']}/closed", token=OPERATOR)
         await _until(lambda: rollout_is("paused"), 60)
         await eventually(
             lambda: all(
@@ -180,16 +208,20 @@ async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_ever
             ),
             60,
         )
-        await _until(lambda: _all_failed(status, session, admin), 30)
+        devices = status["current"]["devices"].values()
+        assert all(p["state"] == "failed" and "rolled_back" in p["reason"] for p in devices)
         for b in bells:
             assert sorted(p.name for p in (b.root / "versions").iterdir()) == ["1.0", "2.0"]
         assert all(starts[d] == 4 for d in BELLS)  # into 3.0, and back to 2.0
 
 
-async def _all_failed(status: dict[str, Any], session: aiohttp.ClientSession, admin: Any) -> bool:
+async def _states(
+    status: dict[str, Any], session: aiohttp.ClientSession, admin: Any, *wanted: str
+) -> bool:
+    """bell-0002 and bell-0003 have reached the states `wanted`."""
     status.update(await admin(session, "GET", "/admin/rollouts"))
-    devices = status["current"]["devices"].values()
-    return all(p["state"] == "failed" and "rolled_back" in p["reason"] for p in devices)
+    devices = status["current"]["devices"]
+    return [devices[d]["state"] for d in BELLS[1:]] == list(wanted)
 
 
 async def _until(check: Any, timeout_s: float) -> None:
