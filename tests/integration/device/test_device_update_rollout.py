@@ -5,6 +5,7 @@ self-test fails rolls back on every bell by itself, and the rollout pauses."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -38,7 +39,12 @@ from protocol.keys import generate_key, public_key_to_b64
 
 ADMIN = "admin-token-0123456789abc"
 OPERATOR = "operator-token-0123456789"
-BELLS = ("bell-0001", "bell-0002", "bell-0003")
+# three bells in CI; the issue's full size by command: ANSIMI_ROLLOUT_BELLS=200 pytest this file
+BELLS = tuple(
+    f"bell-{n:04d}" for n in range(1, int(os.environ.get("ANSIMI_ROLLOUT_BELLS", "3")) + 1)
+)
+# waits grow with the fleet: every bell downloads, installs and restarts twice
+WAIT_S = 60 + len(BELLS) * 0.5
 
 
 def wall_ms() -> int:
@@ -175,10 +181,10 @@ async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_ever
             status.update(await admin(session, "GET", "/admin/rollouts"))
             return status["current"]["state"] == state
 
-        await _until(lambda: rollout_is("done"), 60)
+        await _until(lambda: rollout_is("done"), WAIT_S)
         assert {p["state"] for p in status["current"]["devices"].values()} == {"installed"}
-        await eventually(lambda: all((b.root / "update.json").exists() is False for b in bells), 30)
-        assert [running_version(b.root) for b in bells] == ["2.0"] * 3
+        await eventually(lambda: not any((b.root / "update.json").exists() for b in bells), WAIT_S)
+        assert {running_version(b.root) for b in bells} == {"2.0"}
         assert all(starts[d] == 2 for d in BELLS)  # one restart into 2.0 each
 
         # a release whose self-test fails, while bell-0001 has an alert open: the others roll
@@ -193,20 +199,20 @@ async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_ever
             "/admin/rollouts",
             json={"version": "3.0", "district": "mapo", "percent": 100},
         )
-        await _until(lambda: _states(status, session, admin, "failed", "failed"), 60)
+        await _until(lambda: _others_are(status, session, admin, "failed"), WAIT_S)
         assert status["current"]["devices"]["bell-0001"]["state"] == "pending"
         assert status["current"]["state"] == "running"
         assert running_version(bells[0].root) == "2.0" and starts["bell-0001"] == 2
         (alert,) = (await admin(session, "GET", "/alerts", token=OPERATOR))["alerts"]
         assert alert["device_id"] == "bell-0001"  # the press during the rollout arrived
         await admin(session, "POST", f"/alerts/{alert['event_id']}/closed", token=OPERATOR)
-        await _until(lambda: rollout_is("paused"), 60)
+        await _until(lambda: rollout_is("paused"), WAIT_S)
         await eventually(
             lambda: all(
                 running_version(b.root) == "2.0" and not (b.root / "update.json").exists()
                 for b in bells
             ),
-            60,
+            WAIT_S,
         )
         devices = status["current"]["devices"].values()
         assert all(p["state"] == "failed" and "rolled_back" in p["reason"] for p in devices)
@@ -215,13 +221,13 @@ async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_ever
         assert all(starts[d] == 4 for d in BELLS)  # into 3.0, and back to 2.0
 
 
-async def _states(
-    status: dict[str, Any], session: aiohttp.ClientSession, admin: Any, *wanted: str
+async def _others_are(
+    status: dict[str, Any], session: aiohttp.ClientSession, admin: Any, wanted: str
 ) -> bool:
-    """bell-0002 and bell-0003 have reached the states `wanted`."""
+    """Every bell but bell-0001 has reached the state `wanted`."""
     status.update(await admin(session, "GET", "/admin/rollouts"))
     devices = status["current"]["devices"]
-    return [devices[d]["state"] for d in BELLS[1:]] == list(wanted)
+    return all(devices[d]["state"] == wanted for d in BELLS[1:])
 
 
 async def _until(check: Any, timeout_s: float) -> None:
