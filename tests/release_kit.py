@@ -73,6 +73,26 @@ def install_factory(root: Path, version: str) -> None:
     (root / "current").symlink_to(f"versions/{version}")
 
 
+def factory_and_bundle(tmp: Path, *, new: str = "2.0") -> tuple[Path, Path, Signer]:
+    """A device at version 1.0 (its update root), a bundle of `new` and the key signing it."""
+    signer = release_signer()
+    bundle = make_bundle(tmp, signer, new, min_version="1.0")
+    root = tmp / "opt"
+    root.mkdir()
+    install_factory(root, "1.0")
+    return root, bundle, signer
+
+
+class Clock:
+    """An injected wall clock in milliseconds: tests move `ms`."""
+
+    def __init__(self, ms: int = 1_700_000_000_000) -> None:
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+
 def running_version(root: Path) -> str:
     """The version the launcher would start: read from the folder `current` names."""
     text = (root / "current" / "site" / PROBE / "__init__.py").read_text()

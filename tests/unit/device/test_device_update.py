@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from release_kit import (
+    Clock,
+    factory_and_bundle,
     file_fetch,
     install_factory,
     make_bundle,
@@ -42,21 +44,13 @@ FORWARD_POINTS = [
 ]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.ms = CLOCK_MS
-
-    def __call__(self) -> int:
-        return self.ms
-
-
 def _updater(root: Path, bundle: Path, signer: Signer, clock: Clock | None = None) -> Updater:
     return Updater(
         root,
         signer.public_key,
         fetch=file_fetch(bundle, lambda _name: None),
         install=unzip_install,
-        clock_ms=clock or Clock(),
+        clock_ms=clock or Clock(CLOCK_MS),
         trial_s=60.0,
         max_trial_boots=3,
     )
@@ -64,12 +58,7 @@ def _updater(root: Path, bundle: Path, signer: Signer, clock: Clock | None = Non
 
 @pytest.fixture
 def site(tmp_path: Path) -> tuple[Path, Path, Signer]:
-    signer = release_signer()
-    bundle = make_bundle(tmp_path, signer, "2.0", min_version="1.0")
-    root = tmp_path / "opt"
-    root.mkdir()
-    install_factory(root, "1.0")
-    return root, bundle, signer
+    return factory_and_bundle(tmp_path)
 
 
 async def _switched(updater: Updater) -> None:
@@ -101,7 +90,7 @@ async def test_an_update_installs_beside_the_current_version_and_commits(site) -
 
 async def test_a_trial_past_its_deadline_switches_back_at_the_next_start(site) -> None:
     root, bundle, signer = site
-    clock = Clock()
+    clock = Clock(CLOCK_MS)
     updater = _updater(root, bundle, signer, clock)
     await _switched(updater)
     updater.boot()

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 from release_kit import (
+    Clock,
+    factory_and_bundle,
     file_fetch,
-    install_factory,
-    make_bundle,
-    release_signer,
     running_version,
     unzip_install,
 )
@@ -32,22 +31,9 @@ DEVICE = Signer("bell-0001", generate_key())
 UPDATE = Command(name="update", args={"version": "2.0", "url": "https://gw.test/r/2.0"})
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.ms = 1_700_000_000_000
-
-    def __call__(self) -> int:
-        return self.ms
-
-
 @pytest.fixture
 def opt(tmp_path: Path) -> tuple[Path, Path, Signer]:
-    signer = release_signer()
-    bundle = make_bundle(tmp_path, signer, "2.0", min_version="1.0")
-    root = tmp_path / "opt"
-    root.mkdir()
-    install_factory(root, "1.0")
-    return root, bundle, signer
+    return factory_and_bundle(tmp_path)
 
 
 def _agent(tmp_path: Path, opt: tuple[Path, Path, Signer], clock: Clock, trial_s: float) -> Agent:
