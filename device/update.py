@@ -106,9 +106,10 @@ def _no_checkpoint(_name: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What `Updater.advance` left: nothing to do, a restart to make, or a failure to report."""
+    """What `Updater.advance` left: nothing to do, a version ready to switch to, or a
+    failure to report."""
 
-    restart: bool = False
+    ready: bool = False
     failed: UpdateFailed | None = None
 
 
@@ -216,18 +217,16 @@ class Updater:
         return journal
 
     async def advance(self) -> Outcome:
-        """Run the journal's steps up to the switch; a failure before it drops the update."""
+        """Run the journal's steps up to `installed`; a failure on the way drops the update.
+        The switch is `switch()`'s, so the agent can choose its moment (no open incident)."""
         while (journal := self.journal()) is not None:
             try:
                 if journal.step == "downloading":
                     await self._download(journal)
                 elif journal.step == "downloaded":
                     await self._install_version(journal)
-                elif journal.step == "installed":
-                    self._switch(journal)
-                    return Outcome(restart=True)
                 else:
-                    return Outcome()
+                    return Outcome(ready=journal.step == "installed")
             except UpdateFailed as exc:
                 log.warning("update to %s failed at %s: %s", journal.version, journal.step, exc)
                 self._drop(journal)
@@ -279,13 +278,18 @@ class Updater:
             self._sync(versions)
         self._write(journal.model_copy(update={"step": "installed"}))
 
-    def _switch(self, journal: Journal) -> None:
+    def switch(self) -> Journal:
+        """Journal the trial and point `current` at the installed version; restart next."""
+        journal = self.journal()
+        if journal is None or journal.step != "installed":
+            raise UpdateFailed("not_installed", f"no installed update to switch to: {journal}")
         # the journal first: a crash before the link changes leaves a trial the launcher
         # completes (it points `current` at the version the journal names)
         deadline = self.clock_ms() + int(self.trial_s * 1000)
         self._write(journal.model_copy(update={"step": "trial", "deadline_ms": deadline}))
         self._point_current_at(journal.version)
         self._checkpoint("switched")
+        return journal
 
     def _drop(self, journal: Journal) -> None:
         shutil.rmtree(self.root / VERSIONS_DIR / f".{journal.version}.partial", ignore_errors=True)
@@ -445,6 +449,10 @@ class UpdateService:
         if self.agent.behaviour.incident is not None:
             self._failed(version, "incident_open", "an incident is open: offer it again later")
             return
+        if self.updater.journal() is None and version == self.updater.installed_version():
+            # a late offer of what runs already (its report crossed it): nothing to do
+            log.info("device %s: update %s runs already", self.agent.device_id, version)
+            return
         try:
             self.updater.start(version, url)
         except (UpdateFailed, ValidationError) as exc:
@@ -470,16 +478,19 @@ class UpdateService:
         journal = self.updater.journal()
         if journal is None:
             return
-        if journal.step == "installed":
-            # never switch under an open incident: the restart would interrupt it. The
-            # behaviour has no event for an incident's end; a look a second costs nothing
-            while self.agent.behaviour.incident is not None:  # noqa: ASYNC110
-                await asyncio.sleep(self._busy_poll_s)
         outcome = await self.updater.advance()
         if outcome.failed is not None:
             self._failed(journal.version, outcome.failed.reason, str(outcome.failed))
-        if outcome.restart:
+        if outcome.ready:
+            await self._idle()
+            self.updater.switch()
             raise RestartRequested(f"switched to {journal.version}: restarting into it")
+
+    async def _idle(self) -> None:
+        """Until no incident is open: a restart now would interrupt what the person sees.
+        The behaviour has no event for an incident's end; a look a second costs nothing."""
+        while self.agent.behaviour.incident is not None:  # noqa: ASYNC110
+            await asyncio.sleep(self._busy_poll_s)
 
     async def _prove(self, journal: Journal) -> None:
         assert journal.deadline_ms is not None
@@ -504,5 +515,6 @@ class UpdateService:
         except (TimeoutError, UpdateFailed) as exc:
             why = str(exc) if isinstance(exc, UpdateFailed) else f"no {stage} in time"
             self.updater.roll_back(journal, f"health check failed: {why}")
+            await self._idle()
             raise RestartRequested(f"rolled back from {journal.version}") from None
         self.updater.commit(journal)

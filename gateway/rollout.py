@@ -322,6 +322,8 @@ class Rollouts:
         if health.event != "update_failed":
             return False
         reason = rest.split(":", 1)[0]
+        if reason in NOT_NOW and progress.state == "installed":
+            return False  # a late offer crossed the device's report: it is updated
         if reason in NOT_NOW:
             progress.state, progress.at_ms = "pending", now  # again at a later tick
             self._metrics.update_reports.labels("not_now").inc()

@@ -24,7 +24,7 @@ from device.hal.ports import InputEvent
 from device.update import RestartRequested, Updater
 from protocol.jws import Signer
 from protocol.keys import generate_key
-from protocol.messages import Ack, Command
+from protocol.messages import Ack, Command, build_message
 
 GATEWAY = Signer("gw-test", generate_key())
 DEVICE = Signer("bell-0001", generate_key())
@@ -131,3 +131,38 @@ async def test_a_trial_without_its_acknowledgement_rolls_back_and_says_why(
     assert sorted(p.name for p in (opt[0] / "versions").iterdir()) == ["1.0"]
     task.cancel()
     after.outbox.close()
+
+
+async def test_the_switch_waits_for_an_open_incident_to_close(tmp_path: Path, opt) -> None:
+    agent = _agent(tmp_path, opt, Clock(), 60.0)
+    assert agent.updates is not None
+    agent.updates._busy_poll_s = 0.01
+    agent.on_command(UPDATE)  # offered while idle: taken
+    agent.on_input(InputEvent("emergency", "pressed"))  # then someone presses
+    (alert_id,) = [e.id for e in agent.outbox.pending() if e.type == "alert"]
+    run = asyncio.create_task(agent.updates.run())
+    updater = agent.updates.updater
+    await _until(lambda: getattr(updater.journal(), "step", None) == "installed")
+    await asyncio.sleep(0.1)
+    assert not run.done() and running_version(opt[0]) == "1.0"  # installed, not switched
+    closed = Ack(ref=alert_id, stage="closed")  # the desk closed it
+    agent._on_down(build_message(closed, device="bell-0001", seq=1, ts=1))
+    with pytest.raises(RestartRequested):
+        async with asyncio.timeout(10):
+            await run
+    agent.outbox.close()
+    updater.boot()
+    assert running_version(opt[0]) == "2.0"
+
+
+async def test_a_late_offer_of_the_running_version_is_ignored(tmp_path: Path, opt) -> None:
+    clock = Clock()
+    await _switch(tmp_path, opt, clock, 60.0)
+    agent = _agent(tmp_path, opt, clock, 60.0)
+    assert agent.updates is not None
+    journal = agent.updates.updater.journal()
+    assert journal is not None
+    agent.updates.updater.commit(journal)
+    agent.on_command(UPDATE)
+    assert _health(agent) == [] and agent.updates.updater.journal() is None
+    agent.outbox.close()

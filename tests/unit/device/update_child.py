@@ -48,7 +48,8 @@ async def main(root: Path, bundle: Path, key_b64: str, kill_at: str, mode: str) 
     going = updater(root, bundle, key_b64, forward)
     going.start("2.0", "https://gateway.test/bundle")
     outcome = await going.advance()
-    assert outcome.restart, outcome
+    assert outcome.ready, outcome
+    going.switch()
     going.boot()
     if mode == "back":
         back = updater(root, bundle, key_b64, die_at(kill_at))

@@ -240,3 +240,11 @@ async def test_rollouts_through_the_admin_routes(http: Http) -> None:
     assert status == 200 and len(body["current"]["devices"]) == 10
     status, body = await http.call("POST", "/admin/rollouts/abort")
     assert status == 200 and body["state"] == "aborted"
+
+
+async def test_a_not_now_answer_after_installed_leaves_the_device_installed(rig: Rig) -> None:
+    await rig.rollouts.start("2.0", "mapo", 100)
+    await rig.rollouts.tick()
+    rig.report("bell-0001", "update_installed", "2.0")
+    rig.report("bell-0001", "update_failed", "2.0 busy: an update to 2.0 is at step trial")
+    assert rig.state("bell-0001") == "installed"
