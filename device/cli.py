@@ -169,7 +169,9 @@ def launch(config_path: Path) -> None:
 
     config = _load(config_path)
     updater = _updater(config, config_path)
-    command = [sys.executable, "-m", "ansimi_edge", "device", "run", "--config", str(config_path)]
+    # -P: the working folder never comes before the version's code on the path
+    command = [sys.executable, "-P", "-m", "ansimi_edge", "device", "run"]
+    command += ["--config", str(config_path)]
     if updater is None:
         os.execv(sys.executable, command)  # noqa: S606 (a fixed argv of our own)
     current = updater.boot()
