@@ -104,6 +104,14 @@ def _no_checkpoint(_name: str) -> None:
     pass
 
 
+# set by the launcher (`launch_environment`): the version folder the agent runs from
+VERSION_ENV: Final = "ANSIMI_AGENT_VERSION"
+
+
+def launched_version() -> str | None:
+    return os.environ.get(VERSION_ENV)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What `Updater.advance` left: nothing to do, a version ready to switch to, or a
@@ -128,8 +136,12 @@ class Updater:
         max_trial_boots: int = 3,
         checkpoint: Checkpoint = _no_checkpoint,
         durable: bool = True,
+        running: Callable[[], str | None] = launched_version,
     ) -> None:
         self.root = root
+        # the version whose code this process runs (None: not started by the launcher);
+        # only that version's trial may be committed by it
+        self.running = running
         self.release_key = release_key
         self._fetch = fetch
         self._install = install
@@ -394,11 +406,14 @@ async def pip_install(wheels: Sequence[Path], target: Path) -> None:
 
 
 def launch_environment(current: Path, environ: dict[str, str]) -> dict[str, str]:
-    """The environment the agent starts in: the current version's folder first on the path."""
-    site = str(current.resolve() / "site")
+    """The environment the agent starts in: the current version's folder first on the
+    path, and its version named, so a trial commits only the version that really ran."""
+    version_dir = current.resolve()
+    site = str(version_dir / "site")
     path = environ.get("PYTHONPATH")
     env = dict(environ)
     env["PYTHONPATH"] = site if not path else f"{site}{os.pathsep}{path}"
+    env[VERSION_ENV] = version_dir.name
     return env
 
 
@@ -494,10 +509,20 @@ class UpdateService:
 
     async def _prove(self, journal: Journal) -> None:
         assert journal.deadline_ms is not None
-        left_s = max(0.0, (journal.deadline_ms - self.updater.clock_ms()) / 1000)
+        # capped: a clock set back (a Pi without a clock of its own, before NTP) must not
+        # stretch the trial
+        left_ms = min(journal.deadline_ms - self.updater.clock_ms(), self.updater.trial_s * 1000)
         stage = "connection to the broker"
         try:
-            async with asyncio.timeout(left_s):
+            if self.updater.running() != journal.version:
+                # started some other way than by the launcher: what runs is not the new
+                # version, so passing the check would commit code that never ran
+                raise UpdateFailed(
+                    "not_launched",
+                    f"the agent runs {self.updater.running() or 'unknown code'}, not "
+                    f"{journal.version}: start it with `ansimi device launch` (systemd unit)",
+                )
+            async with asyncio.timeout(max(0.0, left_ms / 1000)):
                 await self.agent.ready.wait()
                 stage = "self-test result"
                 if not await self.agent.selftest():

@@ -33,7 +33,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ansimi.bundle import MAX_BUNDLE_BYTES, read_bundle
+from ansimi.bundle import MAX_BUNDLE_BYTES, read_bundle, sha256_file
 from ansimi.districts import check_district
 from ansimi.files import write_atomic
 from gateway.api import TOKEN_KEY, ApiRoute, _error, _op, _path_param
@@ -126,7 +126,7 @@ class Releases:
         """Check an uploaded file and keep it under its version; raise ReleaseRefused if bad."""
         manifest = read_bundle(upload, self.release_key).manifest
         target = self.path(manifest.version)
-        if target.exists() and target.read_bytes() != upload.read_bytes():
+        if target.exists() and sha256_file(target) != sha256_file(upload):
             # a version names one set of wheels for ever: devices may hold half of the old
             raise ReleaseRefused(
                 "not_newer", f"release {manifest.version} is here already, with other content"

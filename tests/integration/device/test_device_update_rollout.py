@@ -76,7 +76,13 @@ async def under_systemd(
     device_id = bell.signer.kid
     while True:
         updater = Updater(
-            bell.root, release_key, fetch=fetch, install=unzip_install, clock_ms=wall_ms, trial_s=20
+            bell.root,
+            release_key,
+            fetch=fetch,
+            install=unzip_install,
+            clock_ms=wall_ms,
+            trial_s=20,
+            running=lambda: running_version(bell.root),  # what the launcher started
         )
         updater.boot()
         starts[device_id] += 1

@@ -21,7 +21,8 @@ def _version(root: Path, version: str) -> None:
     package = root / "versions" / version / "site" / "ansimi_edge"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "__main__.py").write_text(f"import sys\nprint('{version}', *sys.argv[1:])\n")
+    main = "import os, sys\nprint(os.environ['ANSIMI_AGENT_VERSION'], *sys.argv[1:])\n"
+    (package / "__main__.py").write_text(main)
 
 
 def _launch(tmp_path: Path, root: Path) -> str:

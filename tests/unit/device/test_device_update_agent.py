@@ -46,6 +46,7 @@ def _agent(tmp_path: Path, opt: tuple[Path, Path, Signer], clock: Clock, trial_s
         install=unzip_install,
         clock_ms=clock,
         trial_s=trial_s,
+        running=lambda: running_version(root),  # what the launcher would have started
     )
     hardware = Hardware(FakeInputs(on_mains=True), FakeIndicator(), None, None)
     return Agent(
@@ -165,4 +166,23 @@ async def test_a_late_offer_of_the_running_version_is_ignored(tmp_path: Path, op
     agent.updates.updater.commit(journal)
     agent.on_command(UPDATE)
     assert _health(agent) == [] and agent.updates.updater.journal() is None
+    agent.outbox.close()
+
+
+async def test_a_trial_is_not_committed_by_code_the_launcher_did_not_start(
+    tmp_path: Path, opt
+) -> None:
+    clock = Clock()
+    await _switch(tmp_path, opt, clock, 60.0)
+    agent = _agent(tmp_path, opt, clock, 60.0)
+    assert agent.updates is not None
+    agent.updates.updater.running = lambda: "1.0"  # `ansimi device run` by hand: the old code
+    agent.ready.set()
+    with pytest.raises(RestartRequested):
+        async with asyncio.timeout(10):
+            await agent.updates.run()
+    journal = agent.updates.updater.journal()
+    assert journal is not None and journal.step == "rolled_back"
+    assert "ansimi device launch" in (journal.reason or "")
+    assert running_version(opt[0]) == "1.0"
     agent.outbox.close()

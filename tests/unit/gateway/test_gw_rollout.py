@@ -248,3 +248,13 @@ async def test_a_not_now_answer_after_installed_leaves_the_device_installed(rig:
     rig.report("bell-0001", "update_installed", "2.0")
     rig.report("bell-0001", "update_failed", "2.0 busy: an update to 2.0 is at step trial")
     assert rig.state("bell-0001") == "installed"
+
+
+async def test_a_version_names_one_set_of_wheels_for_good(http: Http) -> None:
+    again = make_bundle(http.rig.tmp / "again", http.rig.signer, "2.0", min_version="1.0",
+                        extra="CHANGED = True")  # fmt: skip
+    status, body = await http.call("POST", "/admin/releases", data=again.read_bytes())
+    assert status == 409 and body["reason"] == "not_newer"
+    same = http.rig.rollouts.releases.path("2.0").read_bytes()
+    status, _ = await http.call("POST", "/admin/releases", data=same)
+    assert status == 201  # the same bundle again is no change
