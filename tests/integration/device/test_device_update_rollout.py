@@ -6,36 +6,21 @@ self-test fails rolls back on every bell by itself, and the rollout pauses."""
 from __future__ import annotations
 
 import os
-import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from ansimi_testkit import eventually, nowhere_centre, running
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from release_kit import (
-    PROBE,
-    install_factory,
-    make_bundle,
-    release_signer,
-    running_version,
-    unzip_install,
-)
+from release_kit import make_bundle, release_signer
 
 from ansimi.broker import Mosquitto, free_port
-from device.agent import Agent
-from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection
-from device.hal import Hardware
-from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
 from device.hal.ports import InputEvent
-from device.update import RestartRequested, Updater, http_fetch
 from gateway.config import ApiConfig, ApiToken, GatewayConfig, MqttConfig, UpdatesConfig
 from gateway.service import Gateway
 from gateway.store import Device
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
+from simulator.updates import UpdatingBell, probe_bundle, running_version, under_systemd
 
 ADMIN = "admin-token-0123456789abc"
 OPERATOR = "operator-token-0123456789"
@@ -47,74 +32,12 @@ BELLS = tuple(
 WAIT_S = 60 + len(BELLS) * 0.5
 
 
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-async def fetch(url: str, path: Path) -> None:
-    async with aiohttp.ClientSession() as session:
-        await http_fetch(session, timeout_s=30)(url, path)
-
-
-@dataclass
-class Bell:
-    signer: Signer
-    root: Path
-    state: Path
-
-
-async def under_systemd(
-    bell: Bell,
-    broker: Mosquitto,
-    gateway: Signer,
-    release_key: Ed25519PublicKey,
-    starts: Counter[str],
-    agents: dict[str, Agent],
-) -> None:
-    """The launcher's boot, then the agent; again after each exit for a restart. The version
-    `current` names decides the self-test: a release marked broken fails it (its modem)."""
-    device_id = bell.signer.kid
-    while True:
-        updater = Updater(
-            bell.root,
-            release_key,
-            fetch=fetch,
-            install=unzip_install,
-            clock_ms=wall_ms,
-            trial_s=20,
-            running=lambda: running_version(bell.root),  # what the launcher started
-        )
-        updater.boot()
-        starts[device_id] += 1
-        code = (bell.root / "current" / "site" / PROBE / "__init__.py").read_text()
-        config = DeviceConfig(
-            device=DeviceSection(id=device_id, kind="bell", state_dir=bell.state),
-            gateway=GatewaySection(
-                id=gateway.kid, public_key=public_key_to_b64(gateway.public_key)
-            ),
-            mqtt=MqttSection(host=broker.host, port=broker.port, heartbeat_s=1),
-        )
-        modem = FakeModem(sim_ready="BROKEN = True" not in code)
-        agent = Agent(
-            config,
-            signer=bell.signer,
-            gateway_key=gateway.public_key,
-            hardware=Hardware(FakeInputs(), FakeIndicator(), None, modem),
-            updater=updater,
-        )
-        agents[device_id] = agent
-        try:
-            await agent.run()
-        except* RestartRequested:
-            pass  # exit 75: systemd starts the launcher again
-
-
 async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_everywhere(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     release = release_signer()
     good = make_bundle(tmp_path / "good", release, "2.0", min_version="1.0")
-    bad = make_bundle(tmp_path / "bad", release, "3.0", min_version="1.0", extra="BROKEN = True")
+    bad = probe_bundle(tmp_path / "bad", release, "3.0", min_version="1.0", selftest_fails=True)
     port = free_port()
     gateway_signer = Signer("gw-test", generate_key())
     config = GatewayConfig(
@@ -139,20 +62,11 @@ async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_ever
         ),
     )
     gateway = Gateway(config, signer=gateway_signer)
-    bells = []
-    for device_id in BELLS:
-        bell = Bell(
-            Signer(device_id, generate_key()),
-            tmp_path / device_id / "opt",
-            tmp_path / device_id / "state",
-        )
-        bell.root.mkdir(parents=True)
-        install_factory(bell.root, "1.0")
+    bells = {d: UpdatingBell.at(tmp_path / d, Signer(d, generate_key()), "1.0") for d in BELLS}
+    for device_id, bell in bells.items():
         public = public_key_to_b64(bell.signer.public_key)
         await gateway.store.add_device(Device(device_id, public, "bell", "mapo"), now_ms=0)
-        bells.append(bell)
     await gateway.registry.reload()
-    starts: Counter[str] = Counter()
     base = f"http://127.0.0.1:{port}"
 
     async def admin(
@@ -164,10 +78,10 @@ async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_ever
             assert response.status < 300, body
             return body
 
-    agents: dict[str, Agent] = {}
+    broker = (mosquitto.host, mosquitto.port)
     lives = [
-        under_systemd(b, mosquitto, gateway_signer, release.public_key, starts, agents)
-        for b in bells
+        under_systemd(b, broker=broker, gateway=gateway_signer, release_key=release.public_key)
+        for b in bells.values()
     ]
     async with running(gateway.run(), *lives), aiohttp.ClientSession() as session:
         await eventually(lambda: gateway.ready.is_set() and gateway.api.port is not None, 15)
@@ -189,13 +103,16 @@ async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_ever
 
         await _until(lambda: rollout_is("done"), WAIT_S)
         assert {p["state"] for p in status["current"]["devices"].values()} == {"installed"}
-        await eventually(lambda: not any((b.root / "update.json").exists() for b in bells), WAIT_S)
-        assert {running_version(b.root) for b in bells} == {"2.0"}
-        assert all(starts[d] == 2 for d in BELLS)  # one restart into 2.0 each
+        await eventually(
+            lambda: not any((b.root / "update.json").exists() for b in bells.values()), WAIT_S
+        )
+        assert {running_version(b.root) for b in bells.values()} == {"2.0"}
+        assert all(b.starts == 2 for b in bells.values())  # one restart into 2.0 each
 
         # a release whose self-test fails, while bell-0001 has an alert open: the others roll
         # back by themselves; bell-0001 is offered nothing until its incident is closed
-        first = agents["bell-0001"]
+        first = bells["bell-0001"].agent
+        assert first is not None
         first.on_input(InputEvent("emergency", "pressed"))
         first.on_input(InputEvent("emergency", "released", 0.2))
         await eventually(lambda: not first.outbox.pending(), 15)  # kept by the gateway
@@ -208,7 +125,8 @@ async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_ever
         await _until(lambda: _others_are(status, session, admin, "failed"), WAIT_S)
         assert status["current"]["devices"]["bell-0001"]["state"] == "pending"
         assert status["current"]["state"] == "running"
-        assert running_version(bells[0].root) == "2.0" and starts["bell-0001"] == 2
+        assert running_version(bells["bell-0001"].root) == "2.0"
+        assert bells["bell-0001"].starts == 2
         (alert,) = (await admin(session, "GET", "/alerts", token=OPERATOR))["alerts"]
         assert alert["device_id"] == "bell-0001"  # the press during the rollout arrived
         await admin(session, "POST", f"/alerts/{alert['event_id']}/closed", token=OPERATOR)
@@ -216,15 +134,15 @@ async def test_a_rollout_updates_a_district_and_a_broken_release_rolls_back_ever
         await eventually(
             lambda: all(
                 running_version(b.root) == "2.0" and not (b.root / "update.json").exists()
-                for b in bells
+                for b in bells.values()
             ),
             WAIT_S,
         )
         devices = status["current"]["devices"].values()
         assert all(p["state"] == "failed" and "rolled_back" in p["reason"] for p in devices)
-        for b in bells:
+        for b in bells.values():
             assert sorted(p.name for p in (b.root / "versions").iterdir()) == ["1.0", "2.0"]
-        assert all(starts[d] == 4 for d in BELLS)  # into 3.0, and back to 2.0
+        assert all(b.starts == 4 for b in bells.values())  # into 3.0, and back to 2.0
 
 
 async def _others_are(
