@@ -233,7 +233,12 @@ class Rollouts:
             rollout.devices.setdefault(device_id, Progress())
 
     async def resume(self, percent: float | None = None) -> Rollout:
-        rollout = self._need_current(("running", "paused"))
+        """Resume a paused rollout; with `percent`, widen it (a done step too: the next one)."""
+        rollout = self._need_current(("running", "paused", "done"))
+        if rollout.state == "done" and (percent is None or percent <= rollout.percent):
+            raise RolloutRefused(
+                400, f"rollout {rollout.id} is done at {rollout.percent:g}%: widen it (--percent)"
+            )
         if percent is not None:
             if percent < rollout.percent:
                 raise RolloutRefused(400, f"percent {percent} is below the {rollout.percent} done")
@@ -255,7 +260,7 @@ class Rollouts:
     def _need_current(self, states: tuple[str, ...]) -> Rollout:
         rollout = self.current
         if rollout is None or rollout.state not in states:
-            raise RolloutRefused(404, "no rollout running or paused")
+            raise RolloutRefused(404, f"no rollout {' or '.join(states)}")
         return rollout
 
     # ---- offering, and the devices' reports ----------------------------------------------

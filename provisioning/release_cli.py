@@ -203,7 +203,7 @@ def status(site_dir: Path | None, gateway: GatewayAccess, as_json: bool) -> None
 def resume(
     percent: float | None, site_dir: Path | None, gateway: GatewayAccess, as_json: bool
 ) -> None:
-    """Resume a paused rollout, or widen a running one (--percent)."""
+    """Resume a paused rollout, or widen it to the next step (--percent), done or not."""
     with _errors(as_json):
         summary = gateway.client(site_dir).resume_rollout(percent)
     _show(summary, as_json)

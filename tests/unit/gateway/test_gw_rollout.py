@@ -162,8 +162,12 @@ async def test_a_rollout_is_done_when_every_device_installed_and_survives_a_rest
         item = Health(event="update_installed", detail="2.0").model_dump_json()
         again.kept([Incoming(f"ok-{device_id}", device_id, 1, "health", 0, item, "j", ())])
     assert again.current.state == "done"
-    with pytest.raises(RolloutRefused):  # a done rollout is not resumed: start the next one
-        await again.resume(50)
+    with pytest.raises(RolloutRefused):  # done: nothing to resume, only to widen
+        await again.resume()
+    widened = await again.resume(50)  # the next step
+    assert widened.state == "running" and len(widened.devices) == 10
+    assert set(first) <= set(widened.devices)
+    assert [widened.devices[d].state for d in first] == ["installed"] * len(first)
 
 
 # ---- the routes ------------------------------------------------------------------------
