@@ -37,7 +37,7 @@ from device.observer import AgentObserver
 from device.outbox import OUTBOX_BODIES, Entry, Outbox
 from device.sms import UNDELIVERED_FILE, SmsFallback
 from device.testpress import TestPresses
-from device.update import Updater, UpdateService
+from device.update import Updater, UpdateService, refused_update
 from protocol.clock import Clock, wall_ms
 from protocol.ids import new_message_id
 from protocol.jws import Signer
@@ -405,6 +405,9 @@ class Agent:
             self._spawn(self._selftest_command(), "selftest")
         elif name == "update" and self.updates is not None:
             self.updates.offer(command.args.get("version"), command.args.get("url"))
+        elif name == "update":
+            # said, not ignored: the rollout would offer it again for ever
+            self.report(refused_update(command.args.get("version"), "not_set_up"))
         elif name in ("video_start", "video_stop") and self.video is not None:
             self.video.on_command(command)
         else:

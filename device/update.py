@@ -420,6 +420,16 @@ def launch_environment(current: Path, environ: dict[str, str]) -> dict[str, str]
 # ---- the agent's side: the `update` command, the trial's health check ----------------------
 
 
+NOT_SET_UP_TEXT: Final = "no [update] root in device.toml: this device takes no updates"
+
+
+def refused_update(version: object, reason: str, text: str = NOT_SET_UP_TEXT) -> Health:
+    """The `update_failed` report: `<version> <reason>: <what happened>` (the gateway reads
+    the version and the reason; the rest is for people)."""
+    shown = version if isinstance(version, str) else "?"
+    return Health(event="update_failed", detail=f"{shown} {reason}: {text}"[:200])
+
+
 class RestartRequested(DeviceError, RuntimeError):
     """Raised out of the agent's task group: the CLI exits RESTART_EXIT_CODE and systemd
     starts the launcher again, which runs whatever `current` now names."""
@@ -454,7 +464,7 @@ class UpdateService:
             self._ack_seen.set()
 
     def _failed(self, version: str, reason: str, text: str) -> None:
-        self.agent.report(Health(event="update_failed", detail=f"{version} {reason}: {text}"[:200]))
+        self.agent.report(refused_update(version, reason, text))
 
     def offer(self, version: object, url: object) -> None:
         """The gateway's `update` command. Refused during an incident or another update."""

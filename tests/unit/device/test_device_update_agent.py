@@ -186,3 +186,14 @@ async def test_a_trial_is_not_committed_by_code_the_launcher_did_not_start(
     assert "ansimi device launch" in (journal.reason or "")
     assert running_version(opt[0]) == "1.0"
     agent.outbox.close()
+
+
+async def test_a_device_not_set_up_for_updates_says_so(tmp_path: Path) -> None:
+    config = DeviceConfig.model_validate({"device": {"id": "bell-0001", "state_dir": tmp_path}})
+    hardware = Hardware(FakeInputs(on_mains=True), FakeIndicator(), None, None)
+    agent = Agent(config, signer=DEVICE, gateway_key=GATEWAY.public_key, hardware=hardware)
+    agent.on_command(UPDATE)
+    (report,) = _health(agent)
+    assert report["event"] == "update_failed"
+    assert report["detail"].startswith("2.0 not_set_up:")
+    agent.outbox.close()
