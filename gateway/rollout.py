@@ -37,6 +37,7 @@ from ansimi.bundle import MAX_BUNDLE_BYTES, read_bundle, sha256_file
 from ansimi.districts import check_district
 from ansimi.files import write_atomic
 from gateway.api import TOKEN_KEY, ApiRoute, _error, _op, _path_param
+from gateway.errors import GatewayError
 from gateway.incidents import Incident
 from gateway.metrics import Metrics
 from gateway.store import Device, Incoming
@@ -99,7 +100,7 @@ class _State(BaseModel):
     history: list[Rollout] = []
 
 
-class RolloutRefused(ValueError):
+class RolloutRefused(GatewayError, ValueError):
     """A rollout request that cannot be done now; `status` is its HTTP answer."""
 
     def __init__(self, status: int, message: str) -> None:
