@@ -98,6 +98,8 @@ async def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[
             release_public_key=public_key_to_b64(release.public_key),
             dir=work / "gateway" / "releases",
             public_url=f"http://127.0.0.1:{port}",
+            # an offer lost on a busy machine (a bell reconnecting) is made again soon
+            reoffer_s=args.reoffer,
         ),
     )
     gateway = Gateway(config, signer=gateway_signer)
@@ -128,11 +130,14 @@ async def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[
     ]
     steps: list[dict[str, Any]] = []
     started = time.monotonic()
+    connected_s = None
+    timed_out = False
+    percent = 0.0
+    cpu, at = cpu_s(), time.monotonic()
     try:
         async with asyncio.timeout(args.limit):
             await until(lambda: all(b.agent is not None and b.agent.ready.is_set() for b in bells))
             connected_s = time.monotonic() - started
-            percent = 0.0
             while percent < 100:
                 percent = min(100.0, percent + args.step)
                 cpu, at = cpu_s(), time.monotonic()
@@ -143,19 +148,15 @@ async def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[
                 await until(lambda: getattr(rollouts.current, "state", None) != "running")
                 current = rollouts.current
                 assert current is not None
-                steps.append(
-                    {
-                        "percent": percent,
-                        "devices": len(current.devices),
-                        "seconds": round(time.monotonic() - at, 2),
-                        "cpu_s": round(cpu_s() - cpu, 2),
-                        "state": current.state,
-                        "counts": current.counts(),
-                    }
-                )
+                steps.append(_step(current, percent, time.monotonic() - at, cpu_s() - cpu))
                 print(json.dumps(steps[-1]), flush=True)
                 if current.state != "done":
                     break
+    except TimeoutError:
+        timed_out = True  # said in the result, with the step it stopped in
+        unfinished = not steps or steps[-1]["percent"] < percent
+        if rollouts.current is not None and percent and unfinished:
+            steps.append(_step(rollouts.current, percent, time.monotonic() - at, cpu_s() - cpu))
     finally:
         for task in tasks:
             task.cancel()
@@ -167,13 +168,27 @@ async def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[
         "bench": "rollout",
         "devices": args.devices,
         "step_percent": args.step,
-        "connect_s": round(connected_s, 1),
+        "connect_s": None if connected_s is None else round(connected_s, 1),
+        "timed_out": timed_out,
         "rollout_s": round(total, 1),
         "steps": len(steps),
         "all_updated": bool(steps) and steps[-1]["state"] == "done" and steps[-1]["percent"] == 100,
         "per_step": steps,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+    }
+
+
+def _step(rollout: Any, percent: float, seconds: float, cpu: float) -> dict[str, Any]:
+    return {
+        "percent": percent,
+        "devices": len(rollout.devices),
+        "seconds": round(seconds, 2),
+        "cpu_s": round(cpu, 2),
+        "state": rollout.state,
+        "counts": rollout.counts(),
+        # more than one per device: offers lost (a bell reconnecting) and made again
+        "offers": sum(p.offers for p in rollout.devices.values()),
     }
 
 
@@ -184,6 +199,7 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, default=10.0, help="bells' heartbeat_s")
     parser.add_argument("--trial", type=float, default=120.0, help="bells' trial_s")
     parser.add_argument("--limit", type=float, default=900.0, help="seconds in all, at most")
+    parser.add_argument("--reoffer", type=float, default=30.0, help="gateway's reoffer_s")
     args = parser.parse_args()
     # a thousand agents tell each start and stop: only errors here
     logging.basicConfig(level=logging.ERROR)
