@@ -88,10 +88,24 @@ async def _switch(tmp_path: Path, opt, clock: Clock, trial_s: float) -> None:  #
     assert running_version(opt[0]) == "2.0"
 
 
+async def _in_trial(tmp_path: Path, opt, clock: Clock, trial_s: float) -> Agent:  # type: ignore[no-untyped-def]
+    """An update switched to and restarted into: the agent of the new version's first start."""
+    await _switch(tmp_path, opt, clock, trial_s)
+    agent = _agent(tmp_path, opt, clock, trial_s)
+    assert agent.updates is not None
+    return agent
+
+
+async def _until_restart(agent: Agent) -> None:
+    assert agent.updates is not None
+    with pytest.raises(RestartRequested):
+        async with asyncio.timeout(10):
+            await agent.updates.run()
+
+
 async def test_a_trial_commits_once_its_report_is_acknowledged(tmp_path: Path, opt) -> None:
     clock = Clock()
-    await _switch(tmp_path, opt, clock, 60.0)
-    agent = _agent(tmp_path, opt, clock, 60.0)
+    agent = await _in_trial(tmp_path, opt, clock, 60.0)
     assert agent.updates is not None
     agent.ready.set()  # connected
     task = asyncio.create_task(agent.updates.run())
@@ -111,13 +125,10 @@ async def test_a_trial_without_its_acknowledgement_rolls_back_and_says_why(
     tmp_path: Path, opt
 ) -> None:
     clock = Clock()
-    await _switch(tmp_path, opt, clock, 0.2)
-    agent = _agent(tmp_path, opt, clock, 0.2)
+    agent = await _in_trial(tmp_path, opt, clock, 0.2)
     assert agent.updates is not None
     agent.ready.set()
-    with pytest.raises(RestartRequested):
-        async with asyncio.timeout(10):
-            await agent.updates.run()
+    await _until_restart(agent)
     assert running_version(opt[0]) == "1.0"
     agent.outbox.close()
     # the previous version starts again and reports the rollback with the reason
@@ -158,8 +169,7 @@ async def test_the_switch_waits_for_an_open_incident_to_close(tmp_path: Path, op
 
 async def test_a_late_offer_of_the_running_version_is_ignored(tmp_path: Path, opt) -> None:
     clock = Clock()
-    await _switch(tmp_path, opt, clock, 60.0)
-    agent = _agent(tmp_path, opt, clock, 60.0)
+    agent = await _in_trial(tmp_path, opt, clock, 60.0)
     assert agent.updates is not None
     journal = agent.updates.updater.journal()
     assert journal is not None
@@ -173,14 +183,11 @@ async def test_a_trial_is_not_committed_by_code_the_launcher_did_not_start(
     tmp_path: Path, opt
 ) -> None:
     clock = Clock()
-    await _switch(tmp_path, opt, clock, 60.0)
-    agent = _agent(tmp_path, opt, clock, 60.0)
+    agent = await _in_trial(tmp_path, opt, clock, 60.0)
     assert agent.updates is not None
     agent.updates.updater.running = lambda: "1.0"  # `ansimi device run` by hand: the old code
     agent.ready.set()
-    with pytest.raises(RestartRequested):
-        async with asyncio.timeout(10):
-            await agent.updates.run()
+    await _until_restart(agent)
     journal = agent.updates.updater.journal()
     assert journal is not None and journal.step == "rolled_back"
     assert "ansimi device launch" in (journal.reason or "")
