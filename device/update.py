@@ -193,9 +193,10 @@ class Updater:
         write_atomic(self.journal_path, journal.model_dump_json().encode(), durable=self._durable)
         self._checkpoint(journal.step)
 
-    def _forget(self) -> None:
+    def _forget(self, *, keep_download: bool = False) -> None:
         self.journal_path.unlink(missing_ok=True)
-        shutil.rmtree(self.root / DOWNLOAD_DIR, ignore_errors=True)
+        if not keep_download:
+            shutil.rmtree(self.root / DOWNLOAD_DIR, ignore_errors=True)
         self._sync(self.root)
 
     def _sync(self, folder: Path) -> None:
@@ -241,7 +242,8 @@ class Updater:
                     return Outcome(ready=journal.step == "installed")
             except UpdateFailed as exc:
                 log.warning("update to %s failed at %s: %s", journal.version, journal.step, exc)
-                self._drop(journal)
+                # a cut download stays: the next offer resumes it (a bad one was deleted)
+                self._drop(journal, keep_download=exc.reason == "download_failed")
                 return Outcome(failed=exc)
         return Outcome()
 
@@ -303,11 +305,11 @@ class Updater:
         self._checkpoint("switched")
         return journal
 
-    def _drop(self, journal: Journal) -> None:
+    def _drop(self, journal: Journal, *, keep_download: bool = False) -> None:
         shutil.rmtree(self.root / VERSIONS_DIR / f".{journal.version}.partial", ignore_errors=True)
         if journal.version != self.installed_version():
             shutil.rmtree(self.version_dir(journal.version), ignore_errors=True)
-        self._forget()
+        self._forget(keep_download=keep_download)
 
     # ---- the launcher's part: each start, before the agent's code is imported -----------
 

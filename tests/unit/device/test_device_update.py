@@ -259,3 +259,29 @@ def test_the_launcher_puts_the_current_version_first_on_the_path(site) -> None:
     first, rest = env["PYTHONPATH"].split(os.pathsep)
     assert first == str((root / "versions" / "1.0" / "site").resolve())
     assert rest == "/elsewhere" and env["HOME"] == "/root"
+
+
+async def test_a_cut_download_is_reported_and_resumed_by_the_next_offer(site) -> None:
+    root, bundle, signer = site
+    sizes: list[int] = []
+
+    def cut(name: str) -> None:
+        if name == "fetch_half":
+            raise ConnectionResetError("link lost")
+
+    async def fetch(url: str, part: Path) -> None:
+        sizes.append(part.stat().st_size if part.exists() else 0)
+        await file_fetch(bundle, cut if len(sizes) == 1 else lambda _n: None)(url, part)
+
+    updater = Updater(
+        root, signer.public_key, fetch=fetch, install=unzip_install, clock_ms=Clock(CLOCK_MS)
+    )
+    updater.start("2.0", "https://gateway.test/bundle")
+    outcome = await updater.advance()
+    assert outcome.failed is not None and outcome.failed.reason == "download_failed"
+    assert updater.journal() is None  # reported; the gateway offers it again later
+    updater.start("2.0", "https://gateway.test/bundle")
+    outcome = await updater.advance()
+    assert outcome.ready
+    # the second fetch began where the first stopped
+    assert sizes == [0, bundle.stat().st_size // 2]
