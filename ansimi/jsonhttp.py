@@ -87,12 +87,15 @@ def request_json(
     headers: Mapping[str, str] | None = None,
     context: ssl.SSLContext | None = None,
     timeout_s: float,
+    raw: bytes | None = None,
 ) -> JsonAnswer:
-    """Send `body` as JSON (if any) and read a JSON object back. The caller has checked
-    that `url` is http(s)."""
+    """Send `body` as JSON (if any), or `raw` bytes (a file), and read a JSON object back.
+    The caller has checked that `url` is http(s)."""
     sent = {"Accept": "application/json", **(headers or {})}
-    data = None
-    if body is not None:
+    data = raw
+    if raw is not None:
+        sent["Content-Type"] = "application/octet-stream"
+    elif body is not None:
         data = json.dumps(body).encode()
         sent["Content-Type"] = "application/json"
     request = urllib.request.Request(url, data=data, method=method, headers=sent)  # noqa: S310 - http(s), checked by the caller

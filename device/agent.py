@@ -39,6 +39,7 @@ from device.remote_config import ConfigFailedBefore, ConfigRefused, RemoteConfig
 from device.renew import Renewal, RenewalFailed, Renewed
 from device.sms import UNDELIVERED_FILE, SmsFallback
 from device.testpress import TestPresses
+from device.update import Updater, UpdateService, refused_update
 from protocol.clock import Clock, wall_ms
 from protocol.ids import new_message_id
 from protocol.jws import Signer
@@ -93,6 +94,7 @@ class Agent:
         monotonic: Callable[[], float] | None = None,
         rng: random.Random | None = None,
         observer: AgentObserver | None = None,
+        updater: Updater | None = None,
     ) -> None:
         # device.toml with the gateway's last good remote config laid over it
         self.remote = RemoteConfig(config)
@@ -172,6 +174,8 @@ class Agent:
             send=lambda alert, message_id: self._keep_and_send(alert, message_id),
             busy=lambda: self.behaviour.incident is not None,
         )
+        # agent updates: only on a device installed for them (device/update.py)
+        self.updates = UpdateService(self, updater) if updater is not None else None
 
     def now_ms(self) -> int:
         """The agent's clock: the system's, corrected by the gateway's last sync."""
@@ -240,10 +244,10 @@ class Agent:
         if self.video is not None and isinstance(body, Alert):
             self.video.on_alert(body)
 
-    def report(self, health: Health) -> None:
+    def report(self, health: Health, message_id: str | None = None) -> None:
         """Tell the gateway (and through it the centres) about this bell itself."""
         log.warning("device %s: reporting %s", self.device_id, health.event)
-        self._keep_and_send(health, new_message_id())
+        self._keep_and_send(health, message_id or new_message_id())
 
     def _on_storage(self, problem: str | None) -> None:
         health = (
@@ -515,24 +519,37 @@ class Agent:
         elif name == "set_config":
             self.set_config(command.config or {})
         elif name == "selftest":
-            self._spawn(self.selftest(), "selftest")
+            self._spawn(self._selftest_command(), "selftest")
+        elif name == "update" and self.updates is not None:
+            self.updates.offer(command.args.get("version"), command.args.get("url"))
+        elif name == "update":
+            # said, not ignored: the rollout would offer it again for ever
+            self.report(refused_update(command.args.get("version"), "not_set_up"))
         elif name in ("video_start", "video_stop") and self.video is not None:
             self.video.on_command(command)
         else:
             log.warning("device %s: command %s is not supported yet; ignored", self.device_id, name)
 
-    async def selftest(self) -> None:
-        """The remote self-test: show it (unless an incident is showing), probe, report."""
+    async def selftest(self) -> bool:
+        """The remote self-test: show it (unless an incident is showing), probe, report.
+        True when every probe passed (an update's health check needs it)."""
         if self.behaviour.incident is None:
             self._show(Pattern.SELFTEST)
+        passed = True
         modem = self.hardware.modem
         if modem is not None:
             try:
                 info = await modem.probe()
+                passed = info.ok
                 log.warning("device %s: selftest: modem ok=%s", self.device_id, info.ok)
             except HalError as exc:
+                passed = False
                 log.warning("device %s: selftest: modem failed: %s", self.device_id, exc)
         await self.send_heartbeat()
+        return passed
+
+    async def _selftest_command(self) -> None:
+        await self.selftest()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"{self.device_id} {name}")
@@ -575,6 +592,8 @@ class Agent:
                 tasks.create_task(self._config_trial_loop(), name="config trial")
                 if self.renewal.enabled:
                     tasks.create_task(self._renew_loop(), name="certificate renewal")
+                if self.updates is not None:
+                    tasks.create_task(self.updates.run(), name="updates")
                 if self.video is not None:
                     tasks.create_task(self.video.run(), name="video")
                 tasks.create_task(sdnotify.watchdog_pings(), name="watchdog")

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from device.agent import Agent
     from device.hal.ports import Camera, Modem
     from device.outbox import OutboxError
+    from device.update import Fetch, Updater
     from protocol.jws import Signer
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,82 @@ def run(config_path: Path) -> None:
         raise click.ClickException(str(exc)) from None
     signer = Signer(config.device.id, key)
     gateway_key = _gateway_key(config, config_path)
-    asyncio.run(_run(config, signer, gateway_key))
+    updater = _updater(config, config_path)
+    from device.update import RESTART_EXIT_CODE, RestartRequested
+
+    try:
+        asyncio.run(_run(config, signer, gateway_key, updater))
+    except* RestartRequested as group:
+        log.warning("device %s: %s", config.device.id, group.exceptions[0])
+        sys.exit(RESTART_EXIT_CODE)  # systemd starts the launcher again (Restart=always)
+
+
+def _updater(config: DeviceConfig, config_path: Path) -> Updater | None:
+    """The update root this device was installed with, or None: it takes no updates."""
+    from device.update import Updater, pip_install
+    from protocol.clock import wall_ms
+    from protocol.errors import Malformed
+    from protocol.keys import public_key_from_b64
+
+    section = config.update
+    if section.root is None:
+        return None
+    try:
+        release_key = public_key_from_b64(section.release_public_key)
+    except Malformed as exc:
+        raise click.ClickException(
+            f"{config_path}: key `update.release_public_key`: {exc}. Fix: set it to the "
+            "site's release public key (`ansimi provision release key init` prints it)"
+        ) from None
+    return Updater(
+        section.root,
+        release_key,
+        fetch=_fetch_with_site_ca(config),
+        install=pip_install,
+        clock_ms=wall_ms,
+        trial_s=section.trial_s,
+        max_trial_boots=section.max_trial_boots,
+    )
+
+
+def _fetch_with_site_ca(config: DeviceConfig) -> Fetch:
+    """Bundles come from the gateway's HTTPS API, whose certificate the site CA signs."""
+    import ssl
+
+    import aiohttp
+
+    from device.update import http_fetch
+
+    async def fetch(url: str, path: Path) -> None:
+        context = ssl.create_default_context(
+            cafile=str(config.mqtt.ca_file) if config.mqtt.ca_file else None
+        )
+        connector = aiohttp.TCPConnector(ssl=context)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await http_fetch(session)(url, path)
+
+    return fetch
+
+
+@device.command()
+@config_option
+def launch(config_path: Path) -> None:
+    """systemd's entry point: settle an update's trial, then run the version `current` names."""
+    import os
+
+    from device.update import launch_environment
+
+    config = _load(config_path)
+    updater = _updater(config, config_path)
+    # -P: the working folder never comes before the version's code on the path
+    command = [sys.executable, "-P", "-m", "ansimi_edge", "device", "run"]
+    command += ["--config", str(config_path)]
+    if updater is None:
+        os.execv(sys.executable, command)  # noqa: S606 (a fixed argv of our own)
+    current = updater.boot()
+    # the same process (systemd's main PID, for READY=1 and the watchdog), the new code
+    environment = launch_environment(current, dict(os.environ))
+    os.execve(sys.executable, command, environment)  # noqa: S606 (a fixed argv of our own)
 
 
 def outbox_fix(exc: OutboxError) -> str:
@@ -127,7 +203,12 @@ def outbox_fix(exc: OutboxError) -> str:
     return "make `device.state_dir` a folder the service user can write (StateDirectory=)"
 
 
-async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicKey) -> None:
+async def _run(
+    config: DeviceConfig,
+    signer: Signer,
+    gateway_key: Ed25519PublicKey,
+    updater: Updater | None = None,
+) -> None:
     from device.agent import Agent
     from device.control import ControlServer, socket_path
     from device.hal import HalError, build_hardware
@@ -145,7 +226,14 @@ async def _run(config: DeviceConfig, signer: Signer, gateway_key: Ed25519PublicK
         raise click.ClickException(
             f"cannot open the outbox in {config.device.state_dir}: {exc}. Fix: {outbox_fix(exc)}"
         ) from None
-    agent = Agent(config, signer=signer, gateway_key=gateway_key, hardware=hardware, outbox=outbox)
+    agent = Agent(
+        config,
+        signer=signer,
+        gateway_key=gateway_key,
+        hardware=hardware,
+        outbox=outbox,
+        updater=updater,
+    )
     task = asyncio.current_task()
     assert task is not None
     for signum in (signal.SIGTERM, signal.SIGINT):

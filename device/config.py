@@ -158,6 +158,23 @@ class RemoteConfigSection(_Section):
     confirm_within_s: Annotated[float, Field(gt=0)] = 120.0
 
 
+class UpdateSection(_Section):
+    # empty: this device takes no agent updates (an `update` command is ignored)
+    root: Path | None = None
+    release_public_key: str = ""
+    trial_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    max_trial_boots: Annotated[int, Field(ge=1, le=20)] = 3
+
+    @model_validator(mode="after")
+    def _key_with_root(self) -> UpdateSection:
+        if self.root is not None and not self.release_public_key:
+            raise ValueError(
+                "[update] root is set but release_public_key is empty: set it to the site's "
+                "release public key (`ansimi provision release key init` prints it)"
+            )
+        return self
+
+
 class DeviceConfig(_Section):
     device: DeviceSection = DeviceSection()
     gateway: GatewaySection = GatewaySection()
@@ -171,6 +188,7 @@ class DeviceConfig(_Section):
     test_press: TestPressSchedule = TestPressSchedule()
     remote_config: RemoteConfigSection = RemoteConfigSection()
     renew: RenewSection = RenewSection()
+    update: UpdateSection = UpdateSection()
 
     @model_validator(mode="after")
     def _store_bells_stay_silent(self) -> DeviceConfig:

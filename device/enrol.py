@@ -357,6 +357,9 @@ def enroll(
             # where the device renews its certificate before it expires (device/renew.py)
             "renew": {"gateway_url": gateway},
         }
+        if answer.get("release_public_key"):
+            # pinned for agent updates; `[update] root` stays the installer's to set
+            sections["update"] = {"release_public_key": str(answer["release_public_key"])}
         if existing is None:
             # a rotation keeps the wiring the installer has; a new device gets its kind's
             sections["hardware"], warning = hardware_for(

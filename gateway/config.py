@@ -27,7 +27,9 @@ from ansimi.districts import SEOUL_DISTRICTS, check_district
 from gateway.incidents import DEFAULT_PROCEDURES, IncidentKind, ProcedureStep
 from gateway.store import check_store_url, sqlite_url
 from gateway.video.config import VideoConfig
+from protocol.errors import Malformed
 from protocol.ids import STEP_NAME_PATTERN, DeviceId
+from protocol.keys import public_key_from_b64
 
 
 class _Section(BaseModel):
@@ -483,6 +485,37 @@ class FleetConfig(_Section):
     outbox_backlog: Annotated[int, Field(ge=1)] = 5
 
 
+class UpdatesConfig(_Section):
+    # the site's release public key (raw, base64url): bundles signed by any other key are
+    # refused (gateway/rollout.py); empty: this gateway keeps no releases, runs no rollouts
+    release_public_key: str = ""
+    # where added bundles and the rollout's state are kept
+    dir: Path = Path("/var/lib/ansimi/gateway/releases")
+    # the API's address as devices reach it (https://host:port): the bundles' download URL
+    public_url: str = ""
+    # a rollout pauses by itself once this share of its devices failed (at least one)
+    pause_failed_pct: Annotated[float, Field(gt=0, le=100)] = 10.0
+    # a device offered the update that said nothing for this long is offered it again
+    reoffer_s: Annotated[float, Field(gt=0)] = 600.0
+
+    @model_validator(mode="after")
+    def _reachable(self) -> UpdatesConfig:
+        if self.release_public_key:
+            try:
+                public_key_from_b64(self.release_public_key)
+            except Malformed as exc:
+                raise ValueError(
+                    f"[updates] release_public_key: {exc}; set it to what `ansimi provision "
+                    "release key init` printed"
+                ) from None
+        if self.release_public_key and not self.public_url.startswith(("https://", "http://")):
+            raise ValueError(
+                "[updates] public_url: set it to the API's address as devices reach it "
+                "(https://<host>:<port>), or leave release_public_key empty for no updates"
+            )
+        return self
+
+
 class GatewayConfig(_Section):
     id: DeviceId = "gw-local"
     signing_key: Path = Path("/var/lib/ansimi/gateway/signing.key")
@@ -509,6 +542,7 @@ class GatewayConfig(_Section):
     incidents: IncidentsConfig = IncidentsConfig()
     test_press: TestPressConfig = TestPressConfig()
     fleet: FleetConfig = FleetConfig()
+    updates: UpdatesConfig = UpdatesConfig()
     centres: list[Centre] = []
     sia: list[SiaReceiver] = []
 

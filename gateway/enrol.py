@@ -123,6 +123,8 @@ class EnrolmentInfo:
     broker_host: str
     broker_port: int
     ca_pem: str
+    # the site's release public key, pinned by devices for agent updates ("" if none yet)
+    release_public_key: str = ""
 
     @classmethod
     def from_site(cls, site_dir: Path, *, broker_host: str | None = None) -> EnrolmentInfo:
@@ -138,6 +140,11 @@ class EnrolmentInfo:
             broker_host=host,
             broker_port=site.info.listen_port,
             ca_pem=site.layout.ca_cert.read_text(),
+            release_public_key=(
+                site.layout.release_pub.read_text().strip()
+                if site.layout.release_pub.exists()
+                else ""
+            ),
         )
 
 
@@ -351,6 +358,7 @@ class Enrolment:
                 "gateway_id": info.gateway_id,
                 "gateway_public_key": info.gateway_public_key,
                 "broker": {"host": info.broker_host, "port": info.broker_port},
+                "release_public_key": info.release_public_key,
             }
         )
 

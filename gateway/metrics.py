@@ -98,6 +98,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.update_reports = Counter(
+            "ansimi_update_reports_total",
+            "Devices' reports on a rollout's update: installed, failed, or not now (retried)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.escalations = Counter(
             "ansimi_incident_escalations_total",
             "Escalation steps taken for incidents nobody acknowledged in time, by centre",

@@ -34,6 +34,7 @@ from gateway.intake import Intake, Registry
 from gateway.metrics import Metrics
 from gateway.private import PrivateRoutes, Vault, open_vault
 from gateway.remote_config import RemoteConfigs
+from gateway.rollout import Releases, Rollouts
 from gateway.secondary import SecondaryPathWatch
 from gateway.store import Delivery, Device, Incoming, Store, open_store
 from gateway.supervise import Supervisor
@@ -42,7 +43,7 @@ from gateway.transports import build_transports
 from gateway.uplink import AmqpUplink, MqttUplink, Uplink
 from protocol.clock import wall_ms
 from protocol.jws import Signer
-from protocol.keys import load_private_key
+from protocol.keys import load_private_key, public_key_from_b64
 from protocol.messages import Status
 from protocol.topics import UP_FILTER, shared_up_filter
 
@@ -295,6 +296,10 @@ class Gateway:
                     )
                 )
             )
+        # agent releases and rollouts, when the site's release key is configured
+        self.rollouts = _rollouts(config, self.store, self.downlink, self.metrics)
+        if self.rollouts is not None:
+            self.api.add_routes(self.rollouts.routes())
         # POST /enrol and its admin routes, when this gateway runs from a provisioning site
         self.enrolment = attach_if_site(self.api, self.registry, self.store, config, self.metrics)
         # loaded now, so a bad certificate stops start-up with its name, not a task later
@@ -346,6 +351,8 @@ class Gateway:
 
     def _on_kept(self, items: list[Incoming]) -> None:
         self.tests.kept(items)
+        if self.rollouts is not None:
+            self.rollouts.kept(items)  # devices' update reports
         self.forwarder.wake()
 
     def _on_first_delivery(self, delivery: Delivery) -> None:
@@ -385,6 +392,8 @@ class Gateway:
                 tasks.create_task(self.escalator.run(), name="escalation")
                 tasks.create_task(self.tests.run(), name="test presses")
                 tasks.create_task(self.configs.run(), name="remote config")
+                if self.rollouts is not None:
+                    tasks.create_task(self.rollouts.run(), name="rollouts")
                 site_dir, api_cert = self.config.enrol.site_dir, self.config.api.cert_file
                 if site_dir is not None:
                     read = functools.partial(site_certificates, site_dir, api_cert)
@@ -429,3 +438,22 @@ def make_uplink(
         )
     group = config.mqtt.shared_group
     return MqttUplink(session, shared_up_filter(group) if group else UP_FILTER)
+
+
+def _rollouts(
+    config: GatewayConfig, store: Store, downlink: Downlink, metrics: Metrics
+) -> Rollouts | None:
+    updates = config.updates
+    if not updates.release_public_key:
+        return None
+    releases = Releases(updates.dir, public_key_from_b64(updates.release_public_key))
+    return Rollouts(
+        releases,
+        store,
+        downlink.send,
+        metrics,
+        public_url=updates.public_url,
+        pause_failed_pct=updates.pause_failed_pct,
+        reoffer_ms=int(updates.reoffer_s * 1000),
+        clock_ms=wall_ms,
+    )

@@ -23,6 +23,9 @@ DEVICE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{2,63}$"
 DEVICE_ID_RE: Final = re.compile(DEVICE_ID_PATTERN)
 MESSAGE_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{8,64}$"
 MESSAGE_ID_RE: Final = re.compile(MESSAGE_ID_PATTERN)
+# an agent release's version (protocol/release.py): dotted numbers, safe as a path segment
+VERSION_PATTERN: Final = r"^[0-9]{1,6}(\.[0-9]{1,6}){0,3}$"
+VERSION_RE: Final = re.compile(VERSION_PATTERN)
 # a procedure step's name (docs/incidents.md), as configured and as in a path
 STEP_NAME_PATTERN: Final = r"^[a-z][a-z0-9_]{0,31}$"
 STEP_NAME_RE: Final = re.compile(STEP_NAME_PATTERN)
@@ -43,6 +46,7 @@ PATH_ID_GRAMMARS: Final[dict[str, re.Pattern[str]]] = {
     "step": STEP_NAME_RE,
     # a district's code (ansimi/districts.py checks it is one)
     "district": STEP_NAME_RE,
+    "version": VERSION_RE,
 }
 
 

@@ -248,8 +248,16 @@ ArgName = Annotated[str, StringConstraints(min_length=1, max_length=32)]
 
 
 class Command(_Model):
+    # update: args `version` and `url` of a release bundle (device/update.py)
     name: Literal[
-        "video_start", "video_stop", "selftest", "set_silent", "ping", "test_press", "set_config"
+        "video_start",
+        "video_stop",
+        "selftest",
+        "set_silent",
+        "ping",
+        "test_press",
+        "set_config",
+        "update",
     ]
     args: Annotated[dict[ArgName, ArgValue], Field(max_length=16)] = Field(default_factory=dict)
     # set_config: the whole remote part of the device's config (not a delta of the last one),
@@ -272,6 +280,11 @@ class Health(_Model):
         # link did not prove itself with it (detail: the hash it went back to)
         "config_refused",
         "config_rolled_back",
+        # agent updates (device/update.py): a new version runs (detail: the version) and
+        # is proving itself; an update that failed or rolled back (detail: version reason:
+        # what happened)
+        "update_installed",
+        "update_failed",
     ]
     # clock_corrected: the device's clock minus the gateway's, before the correction
     skew_ms: Int64 | None = None

@@ -373,3 +373,9 @@ provision.add_command(config_group)
 
 # the RabbitMQ cluster's side: its own module (provisioning/rabbitmq_cli.py)
 provision.add_command(_rabbitmq_group)
+
+# agent releases and staged rollouts: their own module (provisioning/release_cli.py)
+from provisioning.release_cli import release_group, rollout_group  # noqa: E402
+
+provision.add_command(release_group)
+provision.add_command(rollout_group)

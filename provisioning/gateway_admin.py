@@ -22,6 +22,7 @@ from ansimi.jsonhttp import Unreachable, request_json
 from siteca.errors import ProvisioningError
 
 TIMEOUT_S: Final = 15.0
+UPLOAD_TIMEOUT_S: Final = 300.0
 TOKEN_ENV: Final = "ANSIMI_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
 TOKEN_FILE_ENV: Final = "ANSIMI_ADMIN_TOKEN_FILE"  # noqa: S105
 URL_ENV: Final = "ANSIMI_GATEWAY_URL"
@@ -109,7 +110,13 @@ class AdminClient:
         self.ca_file = ca_file
 
     def call(
-        self, method: str, path: str, body: Mapping[str, Any] | None = None, *, auth: bool = True
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        auth: bool = True,
+        raw: bytes | None = None,
     ) -> Answer:
         url = self.base_url + path
         if not url.startswith(("https://", "http://")):
@@ -117,7 +124,14 @@ class AdminClient:
         headers = {"Authorization": f"Bearer {self._token}"} if auth else {}
         try:
             answer = request_json(
-                method, url, body, headers=headers, context=self._context, timeout_s=TIMEOUT_S
+                method,
+                url,
+                body,
+                headers=headers,
+                context=self._context,
+                # a bundle is megabytes: give it time on a slow link
+                timeout_s=TIMEOUT_S if raw is None else UPLOAD_TIMEOUT_S,
+                raw=raw,
             )
         except Unreachable as exc:
             if exc.untrusted:
@@ -137,8 +151,9 @@ class AdminClient:
         body: Mapping[str, Any] | None = None,
         *,
         allow: tuple[int, ...] = (),
+        raw: bytes | None = None,
     ) -> Answer:
-        answer = self.call(method, path, body)
+        answer = self.call(method, path, body, raw=raw)
         if answer.status >= 400 and answer.status not in allow:
             message = str(answer.body.get("error") or f"HTTP {answer.status}")
             if answer.status == 401:
@@ -243,6 +258,25 @@ class AdminClient:
         """Revoke and wipe the device's personal data at the gateway; False if unknown."""
         path = f"/admin/devices/{_segment(device_id)}/decommission"
         return self.ok("POST", path, allow=(404,)).status != 404
+
+    # ---- agent releases and rollouts (gateway/rollout.py) ------------------------------
+
+    def add_release(self, bundle: bytes) -> dict[str, Any]:
+        return self.ok("POST", "/admin/releases", raw=bundle).body
+
+    def start_rollout(self, version: str, district: str, percent: float) -> dict[str, Any]:
+        body = {"version": version, "district": district, "percent": percent}
+        return self.ok("POST", "/admin/rollouts", body).body
+
+    def rollouts(self) -> dict[str, Any]:
+        return self.ok("GET", "/admin/rollouts").body
+
+    def resume_rollout(self, percent: float | None) -> dict[str, Any]:
+        body = {} if percent is None else {"percent": percent}
+        return self.ok("POST", "/admin/rollouts/resume", body).body
+
+    def abort_rollout(self) -> dict[str, Any]:
+        return self.ok("POST", "/admin/rollouts/abort").body
 
 
 def _segment(text: str) -> str:

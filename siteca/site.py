@@ -157,6 +157,16 @@ class SiteLayout:
     def gateway_cert(self) -> Path:
         return self.gateway_dir / "mqtt.crt"
 
+    # the release key signs agent bundles (docs/fleet.md); its private half belongs on the
+    # machine that builds releases, the public half is handed to devices at enrolment
+    @property
+    def release_key(self) -> Path:
+        return self.root / "release" / "release.key"
+
+    @property
+    def release_pub(self) -> Path:
+        return self.root / "release" / "release.pub"
+
     @property
     def gateway_tls_key(self) -> Path:
         return self.gateway_dir / "mqtt.key"

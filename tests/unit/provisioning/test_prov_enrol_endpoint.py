@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from ansimi_testkit import nowhere_centre
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ansimi_edge.cli import cli
 from gateway.api import Api
 from gateway.config import ApiToken
 from gateway.downlink import Downlink
@@ -327,3 +329,16 @@ async def test_an_admin_of_one_district_enrols_and_rotates_only_there(env: Env) 
     assert (await as_mapo("POST", "/admin/enrolments", {**new, "district": "mapo"}))[0] == 201
     status, listed = await as_mapo("GET", "/admin/enrolments")
     assert status == 200 and [r["device_id"] for r in listed["enrolments"]] == ["bell-0003"]
+
+
+async def test_enrolment_hands_out_the_release_public_key_once_the_site_has_one(
+    env: Env,
+) -> None:
+    status, body = await env.enrol(await env.add())
+    assert status == 200 and body["release_public_key"] == ""  # no release key yet: none pinned
+    root = env.site.layout.root
+    made = CliRunner().invoke(cli, ["provision", "release", "key", "init", "--dir", str(root)])
+    assert made.exit_code == 0, made.output
+    info = EnrolmentInfo.from_site(root)
+    assert info.release_public_key == env.site.layout.release_pub.read_text().strip()
+    assert info.release_public_key in made.output

@@ -1,0 +1,264 @@
+"""Releases and rollouts at the gateway: which devices, when offered, what their reports do,
+and the admin routes (a release added, served with Range; a rollout started, paused, resumed)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from gw_testkit import ALERT, Env, make_env
+from release_kit import make_bundle, release_signer
+
+from gateway.api import Api
+from gateway.config import ApiToken
+from gateway.rollout import Releases, RolloutRefused, Rollouts, chosen
+from gateway.store import Device, Incoming
+from protocol.jws import Signer
+from protocol.keys import generate_key, public_key_to_b64
+from protocol.messages import CommandMessage, Health
+
+ADMIN = "admin-token-0123456789abc"
+GANGNAM_ADMIN = "gangnam-admin-token-0123"
+TOKENS = [
+    ApiToken(name="installer", role="admin", token=ADMIN),
+    ApiToken(name="gangnam-admin", role="admin", token=GANGNAM_ADMIN, districts=["gangnam"]),
+]
+# bell-0001 (mapo, the test kit's) and these: 20 active bells in mapo
+MAPO = ["bell-0001", *(f"bell-{n:04d}" for n in range(100, 119))]
+REOFFER_MS = 600_000
+
+
+@dataclass
+class Rig:
+    env: Env
+    rollouts: Rollouts
+    signer: Signer
+    tmp: Path
+
+    def commands(self) -> list[tuple[str, dict[str, object]]]:
+        return [
+            (m.device, dict(m.body.args))
+            for m in self.env.published()
+            if isinstance(m, CommandMessage) and m.body.name == "update"
+        ]
+
+    def report(self, device_id: str, event: str, detail: str) -> None:
+        health = Health(event=event, detail=detail)  # type: ignore[arg-type]
+        item = Incoming(
+            f"rep-{device_id}-{len(detail)}-{event}", device_id, 1, "health",
+            self.env.clock.ms, health.model_dump_json(), "jws", ("central",),
+        )  # fmt: skip
+        self.rollouts.kept([item])
+
+    def state(self, device_id: str) -> str:
+        assert self.rollouts.current is not None
+        return self.rollouts.current.devices[device_id].state
+
+
+def _rollouts(env: Env, releases: Releases) -> Rollouts:
+    return Rollouts(
+        releases,
+        env.store,
+        env.downlink.send,
+        env.metrics,
+        public_url="https://gw.test:8480",
+        pause_failed_pct=10.0,
+        reoffer_ms=REOFFER_MS,
+        clock_ms=env.clock,
+    )
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> Rig:
+    env = await make_env()
+    for device_id in MAPO[1:]:
+        public = public_key_to_b64(generate_key().public_key())
+        env.store.database.add_device(Device(device_id, public, "bell", "mapo"), now_ms=0)
+    signer = release_signer()
+    releases = Releases(tmp_path / "releases", signer.public_key)
+    releases.add(make_bundle(tmp_path, signer, "2.0", min_version="1.0"))
+    return Rig(env, _rollouts(env, releases), signer, tmp_path)
+
+
+def test_the_share_chosen_is_stable_and_a_wider_step_keeps_the_first() -> None:
+    tenth = chosen(MAPO, "2.0", 10)
+    half = chosen(MAPO, "2.0", 50)
+    assert len(tenth) == 2 and len(half) == 10
+    assert set(tenth) <= set(half)
+    assert chosen(reversed(MAPO), "2.0", 10) == tenth  # not by the order the store lists
+    assert chosen(MAPO, "2.1", 50) != half  # each release spreads over other devices
+
+
+async def test_a_rollout_offers_a_signed_update_to_its_share_of_the_district(rig: Rig) -> None:
+    rollout = await rig.rollouts.start("2.0", "mapo", 25)
+    assert sorted(rollout.devices) == sorted(chosen(MAPO, "2.0", 25))  # 5 of 20
+    assert "bell-0003" not in rollout.devices  # revoked
+    assert await rig.rollouts.tick() == 5
+    url = "https://gw.test:8480/releases/2.0"
+    assert sorted(rig.commands()) == sorted(
+        (d, {"version": "2.0", "url": url}) for d in rollout.devices
+    )
+    assert await rig.rollouts.tick() == 0  # offered once, until the device says something
+    rig.env.clock.ms += REOFFER_MS
+    assert await rig.rollouts.tick() == 5  # silent devices (offline?) are offered again
+
+
+async def test_never_offered_to_a_device_with_an_open_incident(rig: Rig) -> None:
+    await rig.env.feed(rig.env.message(ALERT, "bell-0001"))  # an incident opens at bell-0001
+    await rig.rollouts.start("2.0", "mapo", 100)
+    await rig.rollouts.tick()
+    assert "bell-0001" not in [d for d, _ in rig.commands()]
+    assert rig.state("bell-0001") == "pending"
+    (incident,) = rig.env.store.database.incidents("open", 10, None)
+    await rig.env.store.move_incident(incident.incident_id, "closed", rig.env.clock.ms, "desk")
+    await rig.rollouts.tick()
+    assert "bell-0001" in [d for d, _ in rig.commands()]
+
+
+async def test_one_rollout_at_a_time(rig: Rig) -> None:
+    await rig.rollouts.start("2.0", "mapo", 10)
+    with pytest.raises(RolloutRefused) as caught:
+        await rig.rollouts.start("2.0", "gangnam", 10)
+    assert caught.value.status == 409
+    rig.rollouts.abort()
+    await rig.rollouts.start("2.0", "gangnam", 10)  # the aborted one goes to history
+
+
+async def test_reports_move_devices_and_failures_pause_the_rollout(rig: Rig) -> None:
+    await rig.rollouts.start("2.0", "mapo", 100)  # 20 devices: pauses at 2 failures
+    await rig.rollouts.tick()
+    a, b, c, d = MAPO[:4]
+    rig.report(a, "update_installed", "2.0")
+    rig.report(b, "update_failed", "2.0 incident_open: an incident is open")
+    rig.report(c, "update_failed", "2.0 rolled_back: health check failed: no acknowledged")
+    rig.report(d, "update_installed", "1.9")  # another version's news: not this rollout's
+    assert [rig.state(x) for x in (a, b, c, d)] == ["installed", "pending", "failed", "offered"]
+    assert rig.rollouts.current is not None and rig.rollouts.current.state == "running"
+    rig.report(d, "update_failed", "2.0 hash_mismatch: changed in transit")
+    assert rig.rollouts.current.state == "paused"
+    assert "2 devices failed" in (rig.rollouts.current.paused_because or "")
+    assert await rig.rollouts.tick() == 0  # b waits: nothing is offered while paused
+    await rig.rollouts.resume()
+    assert await rig.rollouts.tick() == 1  # b, offered again
+    value = rig.env.metrics.registry.get_sample_value(
+        "ansimi_update_reports_total", {"outcome": "failed"}
+    )
+    assert value == 2
+
+
+async def test_a_rollout_is_done_when_every_device_installed_and_survives_a_restart(
+    rig: Rig,
+) -> None:
+    await rig.rollouts.start("2.0", "mapo", 10)
+    await rig.rollouts.tick()
+    first = sorted(rig.rollouts.current.devices)  # type: ignore[union-attr]
+    again = _rollouts(rig.env, rig.rollouts.releases)  # a gateway restart reads the file
+    assert again.current is not None and sorted(again.current.devices) == first
+    for device_id in first:
+        item = Health(event="update_installed", detail="2.0").model_dump_json()
+        again.kept([Incoming(f"ok-{device_id}", device_id, 1, "health", 0, item, "j", ())])
+    assert again.current.state == "done"
+    with pytest.raises(RolloutRefused):  # done: nothing to resume, only to widen
+        await again.resume()
+    widened = await again.resume(50)  # the next step
+    assert widened.state == "running" and len(widened.devices) == 10
+    assert set(first) <= set(widened.devices)
+    assert [widened.devices[d].state for d in first] == ["installed"] * len(first)
+
+
+# ---- the routes ------------------------------------------------------------------------
+
+
+@dataclass
+class Http:
+    rig: Rig
+    client: TestClient[web.Request, web.Application]
+
+    async def call(self, method: str, path: str, token: str | None = ADMIN, **kw: object):  # type: ignore[no-untyped-def]
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers.update(kw.pop("headers", {}))  # type: ignore[arg-type]
+        async with self.client.request(method, path, headers=headers, **kw) as response:  # type: ignore[arg-type]
+            if response.content_type == "application/json":
+                return response.status, await response.json()
+            return response.status, await response.read()
+
+
+@pytest.fixture
+async def http(rig: Rig) -> AsyncIterator[Http]:
+    env = rig.env
+    api = Api(env.store, env.registry, env.downlink, env.metrics, TOKENS, clock_ms=env.clock)
+    api.add_routes(rig.rollouts.routes())
+    async with TestClient(TestServer(api.app())) as client:
+        yield Http(rig, client)
+
+
+async def test_a_release_is_added_checked_and_served_with_range(http: Http) -> None:
+    bundle = make_bundle(http.rig.tmp / "new", http.rig.signer, "2.1", min_version="1.0")
+    status, body = await http.call("POST", "/admin/releases", data=bundle.read_bytes())
+    assert status == 201 and body["version"] == "2.1"
+    status, body = await http.call("GET", "/admin/releases")
+    assert [r["version"] for r in body["releases"]] == ["2.0", "2.1"]
+    data = bundle.read_bytes()
+    status, tail = await http.call(
+        "GET", "/releases/2.1", token=None, headers={"Range": "bytes=100-"}
+    )
+    assert status == 206 and tail == data[100:]
+    status, _ = await http.call("GET", "/releases/9.9", token=None)
+    assert status == 404
+
+
+@pytest.mark.parametrize("wrong", ["key", "tampered"])
+async def test_a_bad_bundle_is_refused_and_counted(http: Http, wrong: str) -> None:
+    signer = release_signer() if wrong == "key" else http.rig.signer
+    bundle = make_bundle(http.rig.tmp / "bad", signer, "2.2", min_version="1.0")
+    data = bytearray(bundle.read_bytes())
+    if wrong == "tampered":
+        wheel = next((http.rig.tmp / "bad" / "wheels-2.2").iterdir()).read_bytes()
+        data[bytes(data).index(wheel) + len(wheel) // 2] ^= 0xFF  # inside the wheel
+    status, body = await http.call("POST", "/admin/releases", data=bytes(data))
+    assert status == 400, body
+    reason = {"key": "bad_signature", "tampered": "hash_mismatch"}[wrong]
+    assert body["reason"] == reason
+    assert http.rig.rollouts.releases.manifest("2.2") is None
+    counted = http.rig.env.metrics.registry.get_sample_value(
+        "ansimi_api_refused_total", {"reason": f"release_{reason}"}
+    )
+    assert counted == 1
+
+
+async def test_rollouts_through_the_admin_routes(http: Http) -> None:
+    start = {"version": "2.0", "district": "mapo", "percent": 10}
+    status, _ = await http.call("POST", "/admin/rollouts", token=GANGNAM_ADMIN, json=start)
+    assert status == 403  # not this token's district
+    status, body = await http.call("POST", "/admin/rollouts", json=start)
+    assert status == 201 and body["counts"]["pending"] == 2
+    status, _ = await http.call("POST", "/admin/rollouts", json=start)
+    assert status == 409
+    status, body = await http.call("POST", "/admin/rollouts/resume", json={"percent": 50})
+    assert status == 200 and body["counts"]["pending"] == 10
+    status, body = await http.call("GET", "/admin/rollouts")
+    assert status == 200 and len(body["current"]["devices"]) == 10
+    status, body = await http.call("POST", "/admin/rollouts/abort")
+    assert status == 200 and body["state"] == "aborted"
+
+
+async def test_a_not_now_answer_after_installed_leaves_the_device_installed(rig: Rig) -> None:
+    await rig.rollouts.start("2.0", "mapo", 100)
+    await rig.rollouts.tick()
+    rig.report("bell-0001", "update_installed", "2.0")
+    rig.report("bell-0001", "update_failed", "2.0 busy: an update to 2.0 is at step trial")
+    assert rig.state("bell-0001") == "installed"
+
+
+async def test_a_version_names_one_set_of_wheels_for_good(http: Http) -> None:
+    again = make_bundle(http.rig.tmp / "again", http.rig.signer, "2.0", min_version="1.0",
+                        extra="CHANGED = True")  # fmt: skip
+    status, body = await http.call("POST", "/admin/releases", data=again.read_bytes())
+    assert status == 409 and body["reason"] == "not_newer"
+    same = http.rig.rollouts.releases.path("2.0").read_bytes()
+    status, _ = await http.call("POST", "/admin/releases", data=same)
+    assert status == 201  # the same bundle again is no change
