@@ -94,7 +94,9 @@ def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind 
         return "tamper"
     if trigger == "power_loss":
         return "power_lost"
-    if trigger in ("tamper_cleared", "power_restored"):
+    if trigger in ("tamper_cleared", "power_restored", "test"):
+        # news, not trouble; a test press proves the bell's path (gateway/testwatch.py) and
+        # must never open an incident that would escalate to the police line
         return None
     if bell == "doorbell":
         # a ring made urgent on the bell is a visitor who became an emergency

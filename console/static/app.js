@@ -39,6 +39,7 @@ const TEXT = {
     t_power_loss: "정전", t_power_restored: "전원 복구", t_offline: "장치 오프라인",
     t_online: "장치 온라인", t_battery: "배터리 전원", t_mains: "상용 전원",
     t_cancel: "경보 취소", t_escalation: "상향 보고", urgent: "긴급", silent: "무음",
+    t_test: "시험 누름 (점검)",
     t_secondary_path_down: "예비 경로(SMS) 불가", t_secondary_path_up: "예비 경로(SMS) 복구",
     t_disk_low: "게이트웨이 디스크 부족", t_disk_ok: "게이트웨이 디스크 정상",
     t_district_outage: "구역 장애", t_district_restored: "구역 복구",
@@ -81,6 +82,7 @@ const TEXT = {
     t_power_loss: "Power lost", t_power_restored: "Power restored", t_offline: "Device offline",
     t_online: "Device online", t_battery: "On battery", t_mains: "On mains power",
     t_cancel: "Alert cancelled", t_escalation: "Escalation", urgent: "URGENT", silent: "silent",
+    t_test: "Test press (check)",
     t_secondary_path_down: "Backup path (SMS) down", t_secondary_path_up: "Backup path (SMS) back",
     t_disk_low: "Gateway disk low", t_disk_ok: "Gateway disk ok",
     t_district_outage: "District outage", t_district_restored: "District restored",
@@ -538,6 +540,8 @@ function addDeviceEvent(e) {
   li.className = "u" + e.urgency;
   li.dataset.type = e.type;
   li.dataset.deviceId = e.device_id;
+  // a bell proving its path: marked as a test, never an incident (docs/incidents.md)
+  if (e.type === "alert" && e.body.trigger === "test") li.classList.add("test");
   const time = document.createElement("time");
   time.textContent = timeOf(e.received_ms);
   const what = document.createElement("span");

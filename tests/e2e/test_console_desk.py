@@ -227,6 +227,20 @@ async def test_the_map_shows_an_incident_over_the_district_outlines(
     assert await page.locator("#map path.district-outline.hot").count() == 2  # mapo, gangnam
 
 
+async def test_a_test_press_shows_as_a_test_not_as_an_incident(
+    site: Desk, browser: BrowserContext
+) -> None:
+    page = await open_desk(browser, site)
+    await deliver_all(site)
+    # the gateway opens no incident for a test press (docs/incidents.md): none on it
+    await site.deliver(delivery(Alert(bell="emergency", trigger="test"), device=FAR, seq=2))
+    test = page.locator(f"#events li.test[data-device-id='{FAR}']")
+    await test.wait_for(timeout=20_000)
+    assert (await test.locator(".what").inner_text()).startswith("Test press")
+    await page.locator(f".incident[data-id='{RING}']").wait_for(timeout=20_000)
+    assert await cards(page) == [ROBBERY, STALKING, GANGNAM, RING]
+
+
 async def test_the_korean_desk_renders_in_korean(site: Desk, browser: BrowserContext) -> None:
     page = await open_desk(browser, site, english=False)
     await deliver_all(site)

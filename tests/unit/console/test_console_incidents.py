@@ -101,6 +101,20 @@ async def test_an_older_gateways_events_group_by_bell_until_closed(tmp_path: Pat
         assert card["id"] == again["event_id"] and card["events"] == 1
 
 
+async def test_a_test_press_is_a_device_event_marked_test_never_a_card(tmp_path: Path) -> None:
+    # an older gateway sends no incident: the console must not make the test a stalking card
+    async with desk(tmp_path, FakeGateway(has_incidents=False)) as d:
+        await d.sign_in()
+        test = delivery(Alert(bell="emergency", trigger="test"))
+        assert (await d.deliver(test))[0] == 200
+        found = await listed(d)
+    assert found["incidents"] == []
+    assert [(e["event_id"], e["body"]["trigger"]) for e in found["events"]] == [
+        (test["event_id"], "test")
+    ]
+    assert not found["events"][0]["active"]
+
+
 async def test_stages_go_to_the_incident_routes_naming_the_operator_and_closing_needs_an_outcome(
     tmp_path: Path,
 ) -> None:
