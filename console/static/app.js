@@ -118,6 +118,8 @@ const state = {
   map: null, // {map, layer, markers, districts}
   tileUrl: "",
   reloading: null,
+  rendering: null,
+  renderedAt: 0,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -273,6 +275,18 @@ async function reload() {
   updateAlarm();
 }
 
+function scheduleRender() {
+  // a desk of 200 incidents fetches 200 details and 200 cards' data on its first look:
+  // at most one full render per 50 ms for such a burst, not one per answer (quadratic);
+  // a lone answer is rendered at once
+  if (state.rendering) return;
+  const wait = Math.max(0, state.renderedAt + 50 - Date.now());
+  state.rendering = setTimeout(() => {
+    state.rendering = null;
+    renderIncidents();
+  }, wait);
+}
+
 function scheduleReload() {
   // a burst of events (three presses, an offline) is one fetch of the grouped list
   if (state.reloading) return;
@@ -349,6 +363,7 @@ function renderIncidents() {
   $("no-alerts").hidden = incidents.length > 0;
   tickTimers();
   drawMap();
+  state.renderedAt = Date.now();
 }
 
 function renderCard(template, i) {
@@ -521,7 +536,7 @@ function fetchDevice(deviceId) {
     const response = await fetch(`/api/devices/${encodeURIComponent(deviceId)}`,
       { credentials: "same-origin" });
     state.devices.set(deviceId, response.ok ? await response.json() : { address: null });
-    renderIncidents();
+    scheduleRender();
   });
 }
 
@@ -530,7 +545,7 @@ function fetchDetail(id) {
     const response = await fetch(`/api/incidents/${encodeURIComponent(id)}`,
       { credentials: "same-origin" });
     state.details.set(id, response.ok ? await response.json() : { history: [], procedure: [] });
-    renderIncidents();
+    scheduleRender();
   });
 }
 
