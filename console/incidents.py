@@ -24,8 +24,9 @@ DEFAULT_PRIORITIES: dict[str, int] = {
     "doorbell_emergency": 5,
     "tamper": 6,
     "power_lost": 7,
-    "offline": 8,
-    "doorbell_ring": 9,
+    "district_outage": 8,
+    "offline": 9,
+    "doorbell_ring": 10,
 }
 LOWEST_PRIORITY = max(DEFAULT_PRIORITIES.values()) + 1
 STAGE_ORDER = ("new", "acknowledged", "dispatched", "closed")

@@ -29,6 +29,7 @@ IncidentKind = Literal[
     "doorbell_emergency",
     "tamper",
     "power_lost",
+    "district_outage",
     "offline",
     "doorbell_ring",
 ]
@@ -41,6 +42,7 @@ KINDS: Final[tuple[IncidentKind, ...]] = (
     "doorbell_emergency",
     "tamper",
     "power_lost",
+    "district_outage",
     "offline",
     "doorbell_ring",
 )
@@ -80,7 +82,8 @@ def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind 
     """
     body = json_object(body_json)
     if event_type == "status":
-        return "offline" if body.get("state") == "offline" else None
+        state = body.get("state")
+        return state if state in ("offline", "district_outage") else None
     if event_type == "heartbeat":  # kept only when its power source changed
         return "power_lost" if body.get("power") == "battery" else None
     if event_type != "alert":
@@ -106,6 +109,29 @@ def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind 
     if bell == "store" and body.get("silent"):
         return "store_robbery"
     return "stalking_urgent" if urgent or trigger == "long_press" else "stalking"
+
+
+# What a status attached to an incident says of its bell's link: a district outage is its
+# bells offline, until the district is restored.
+_OFFLINE_OF_STATE: Final[Mapping[str, bool]] = {
+    "offline": True,
+    "online": False,
+    "district_outage": True,
+    "district_restored": False,
+}
+
+
+def offline_of(event_type: str, body: Mapping[str, Any]) -> bool | None:
+    """True or False when the event tells the bell's link is down or up; None if not."""
+    state = body.get("state") if event_type == "status" else None
+    return _OFFLINE_OF_STATE.get(state) if isinstance(state, str) else None
+
+
+def joins_outage(kind: IncidentKind | None) -> bool:
+    """A bell going offline while its district's outage is open joins the outage's incident
+    (gateway/supervise.py tells the outage before its bells' own offline events): one
+    incident for the district, not one per bell, and one escalation."""
+    return kind == "offline"
 
 
 class Priorities:

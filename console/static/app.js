@@ -33,6 +33,7 @@ const TEXT = {
     k_duress: "강압 신호", k_store_robbery: "매장 강도 (무음)", k_stalking_urgent: "스토킹 비상벨 (긴급)",
     k_stalking: "스토킹 비상벨", k_doorbell_emergency: "초인종 비상", k_tamper: "장치 훼손",
     k_power_lost: "정전", k_offline: "장치 오프라인", k_doorbell_ring: "초인종",
+    k_district_outage: "구역 장애 (여러 장치 오프라인)",
     h_event: "이벤트", h_stage: "단계", h_escalation: "상향 보고", h_procedure: "절차", h_kind: "유형 변경",
     t_press: "비상벨", t_long_press: "비상벨 (길게)", t_duress: "강압 신호",
     t_doorbell_ring: "초인종", t_tamper: "장치 훼손", t_tamper_cleared: "훼손 해제",
@@ -75,6 +76,7 @@ const TEXT = {
     k_stalking_urgent: "Stalking bell (urgent)", k_stalking: "Stalking bell",
     k_doorbell_emergency: "Doorbell emergency", k_tamper: "Tamper", k_power_lost: "Power lost",
     k_offline: "Bell offline", k_doorbell_ring: "Doorbell ring",
+    k_district_outage: "District outage (many bells offline)",
     h_event: "event", h_stage: "stage", h_escalation: "escalation", h_procedure: "procedure",
     h_kind: "kind changed",
     t_press: "Emergency bell", t_long_press: "Emergency bell (long press)", t_duress: "Duress",
@@ -93,6 +95,7 @@ const TEXT = {
 const ICONS = {
   duress: "⚠", store_robbery: "◆", stalking_urgent: "▲", stalking: "△",
   doorbell_emergency: "⌂!", tamper: "✂", power_lost: "⚡", offline: "⊘", doorbell_ring: "⌂",
+  district_outage: "⊘⊘",
 };
 // The alarm by priority: more urgent is higher, faster, more tones, repeated sooner.
 function soundOf(priority) {

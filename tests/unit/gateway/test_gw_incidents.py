@@ -197,7 +197,7 @@ async def test_a_ring_that_becomes_an_emergency_upgrades_and_a_cancel_attaches(d
     await env.feed(ring)
     _, (listed) = await desk.call("GET", "/incidents", token=GANGNAM)
     (incident,) = listed["incidents"]
-    assert (incident["kind"], incident["priority"]) == ("doorbell_ring", 9)
+    assert (incident["kind"], incident["priority"]) == ("doorbell_ring", 10)
     urgent = Alert(bell="doorbell", trigger="press", urgent=True, linked_to=incident["id"])
     await env.feed(env.message(urgent, "bell-0002"))
     await env.feed(env.message(Cancel(alert_id=incident["id"]), "bell-0002"))
