@@ -236,6 +236,14 @@ async def load_desk(page: Page, bells: Bells, n: int) -> None:
         arg=before + n,
         timeout=120_000,
     )
+    # the desk's first look at them done (every card's checklist fetched and drawn): the
+    # figures are the loaded desk's steady state, not the tail of loading it
+    await page.wait_for_function(
+        "() => [...document.querySelectorAll('.incident')]"
+        ".every((card) => card.querySelector('.procedure li'))",
+        timeout=120_000,
+    )
+    await page.evaluate("() => new Promise((done) => setTimeout(done, 1000))")
 
 
 # resolves with the page's clock when the incident's card shows its escalation mark

@@ -110,7 +110,7 @@ const state = {
   incidents: new Map(), // incident id -> summary (GET /api/incidents)
   details: new Map(), // incident id -> {history, procedure}, refetched when it changes
   devices: new Map(), // device id -> its card data (personal, audited): once per page load
-  closing: new Set(), // incident ids whose outcome form is open
+  closing: new Map(), // incident id -> the outcome chosen so far, while its form is open
   historyOpen: new Set(),
   source: null,
   audio: null,
@@ -408,12 +408,16 @@ function renderCard(template, i) {
   ack.addEventListener("click", () => act(i, "acknowledged", li));
   li.querySelector(".dispatch").addEventListener("click", () => act(i, "dispatched", li));
   const form = li.querySelector(".outcome");
+  const choice = form.querySelector("select");
   form.hidden = !state.closing.has(i.id);
+  // every render rebuilds the card: the operator's choice must survive it
+  choice.value = state.closing.get(i.id) || "";
+  choice.addEventListener("change", () => state.closing.set(i.id, choice.value));
   li.querySelector(".close").addEventListener("click", () => {
     // closing asks why: the outcome is the incident's record
-    state.closing.add(i.id);
+    if (!state.closing.has(i.id)) state.closing.set(i.id, "");
     form.hidden = false;
-    form.querySelector("select").focus();
+    choice.focus();
   });
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();

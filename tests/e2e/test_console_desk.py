@@ -203,6 +203,22 @@ async def test_checklist_ticks_and_the_outcome_are_in_the_audit_csv(
     assert (STALKING, "closed", "kim", "false_alarm") in site.gateway.incident_calls
 
 
+async def test_the_chosen_outcome_survives_the_desk_redrawing_itself(
+    site: Desk, browser: BrowserContext
+) -> None:
+    """The desk redraws every card when anything arrives (a detail, a bell's state, another
+    incident): an outcome chosen just before must still close the incident."""
+    page = await open_desk(browser, site)
+    await deliver_all(site)
+    card = page.locator(f".incident[data-id='{RING}']")
+    await card.locator("button.close").click()
+    await card.locator(".outcome select").select_option("false_alarm")
+    await page.evaluate("renderIncidents()")  # as an answer arriving now would
+    await card.locator("button.confirm-close").click()
+    await card.wait_for(state="detached", timeout=20_000)
+    assert (RING, "closed", "kim", "false_alarm") in site.gateway.incident_calls
+
+
 async def test_an_operator_sees_their_districts_incidents_only(
     site: Desk, browser: BrowserContext
 ) -> None:
