@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, Protocol, get_args
 
 from protocol.messages import AckStage, Body, Escalation, Message
@@ -206,6 +206,10 @@ class Sealer(Protocol):
     def sealed(self, device_id: str, body: Body) -> tuple[Message, str]: ...
 
 
+# the shortest the escalation loop sleeps between two ticks
+MIN_WAIT_S: Final = 0.02
+
+
 class Escalator:
     """Escalates incidents nobody acknowledged, one chain step per `after_s(priority)`.
 
@@ -232,6 +236,8 @@ class Escalator:
         self._after_s = after_s
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._on_step = on_step
+        # the earliest step still to come as the last tick saw it: `run` wakes for it
+        self.next_due_ms: int | None = None
 
     def due_ms(self, incident: Incident) -> int | None:
         """When its next step is due; None when the chain is used up."""
@@ -246,8 +252,11 @@ class Escalator:
             return 0
         now_ms = self._clock_ms()
         taken = 0
+        coming: list[int] = []
         for incident in await self._store.escalation_candidates(len(self._chain)):
             due = self.due_ms(incident)
+            if due is not None and due > now_ms:
+                coming.append(due)
             if due is None or due > now_ms:
                 continue
             level = incident.escalation_level + 1
@@ -265,6 +274,8 @@ class Escalator:
             event = (message.id, message.seq, message.ts, message.body.model_dump_json(), token)
             if await self._store.escalate(incident.incident_id, level, to, event, now_ms):
                 taken += 1
+                after = self.due_ms(replace(incident, escalation_level=level))
+                coming += [] if after is None else [after]
                 log.warning(
                     "incident %s (%s, %s) not acknowledged: escalated to %s (step %d)",
                     incident.incident_id,
@@ -275,16 +286,26 @@ class Escalator:
                 )
                 if self._on_step is not None:
                     self._on_step(incident, to)
+        self.next_due_ms = min(coming, default=None)
         return taken
 
     async def run(self, interval_s: float = 1.0) -> None:
-        """Tick every `interval_s` until cancelled; a failed tick waits for the next."""
+        """Tick every `interval_s`, and at the next step's due time when that is sooner (a
+        step then fires at its deadline, not up to `interval_s` after it), until cancelled;
+        a failed tick waits for the next. An incident opened since the last tick is due
+        after its whole first interval: a tick meanwhile learns it."""
         while True:
+            wait_s = interval_s
             try:
                 await self.tick()
             except Exception:
                 log.exception("escalation: a tick failed; trying again at the next")
-            await asyncio.sleep(interval_s)
+            else:
+                if self.next_due_ms is not None:
+                    until_due_s = (self.next_due_ms - self._clock_ms()) / 1000
+                    # never a busy loop, whatever the store answered
+                    wait_s = min(interval_s, max(MIN_WAIT_S, until_due_s))
+            await asyncio.sleep(wait_s)
 
 
 def _steps(*names: str) -> tuple[ProcedureStep, ...]:

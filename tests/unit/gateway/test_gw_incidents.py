@@ -270,8 +270,10 @@ async def test_an_unacknowledged_incident_escalates_along_the_chain(desk: Desk) 
     await env.feed(env.message(Alert(bell="emergency", trigger="duress"), "bell-0002"))  # 30 s
     env.clock.ms = NOW + 29_999
     assert await desk.escalator.tick() == 0
+    assert desk.escalator.next_due_ms == NOW + 30_000  # the loop wakes for it, not later
     env.clock.ms = NOW + 30_000
     assert await desk.escalator.tick() == 1
+    assert desk.escalator.next_due_ms == NOW + 60_000  # both: the press's, the duress's 2nd
     assert await desk.escalator.tick() == 0  # a step is taken once
     env.clock.ms = NOW + 60_000
     assert await desk.escalator.tick() == 2  # the duress's second, the press's first
