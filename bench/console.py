@@ -382,46 +382,57 @@ def main() -> None:
     print(f"took {time.monotonic() - started:.1f} s")
     print(
         json.dumps(
-            {
-                "bench": "console",
-                "figures": {
-                    "alert_page_p50_ms": round(alert_p50, 1),
-                    "alert_page_p95_ms": round(alert_p95, 1),
-                    "video_first_frame_p50_ms": round(video_p50, 1),
-                    "video_first_frame_p95_ms": round(video_p95, 1),
-                    "alerts": len(r["page"]),
-                    "videos": len(r["video"]),
-                    "alert_goal_ms": ALERT_GOAL_MS,
-                    "video_goal_ms": VIDEO_GOAL_MS,
-                    "open_incidents": args.open,
-                    "alert_page_loaded_p50_ms": round(loaded_p50, 1),
-                    "alert_page_loaded_p95_ms": round(loaded_p95, 1),
-                    "render_loaded_p50_ms": round(render_loaded, 2),
-                    "render_loaded_p95_ms": round(pct(r["render_loaded"], 95), 2),
-                    "escalation_step_late_p95_ms": round(step_p95, 1),
-                    "escalation_shown_late_p50_ms": round(shown_p50, 1),
-                    "escalation_shown_late_p95_ms": round(shown_p95, 1),
-                    "escalations": len(r["escalation_shown"]),
-                    "escalation_goal_ms": ESCALATION_GOAL_MS,
-                },
-                "baseline": {
-                    "press_to_receiver_p50_ms": round(arrive_p50, 1),
-                    "press_to_receiver_p95_ms": round(arrive_p95, 1),
-                    "press_to_hub_first_frame_p50_ms": round(pct(r["hub"], 50), 1),
-                    "render_empty_p50_ms": round(render_empty, 2),
-                },
-                # what the console and the browser add on top of the webhook's arrival
-                "ratio": round(alert_p50 / arrive_p50, 3) if arrive_p50 else None,
-                # what 200 open incidents cost, against the empty desk of the same run
-                "ratios": {
-                    "alert_page_loaded_to_empty_p95": _ratio(loaded_p95, alert_p95),
-                    "render_loaded_to_empty_p50": _ratio(render_loaded, render_empty),
-                    # the escalation's lateness on the page against a press's whole path
-                    "escalation_shown_p95_to_alert_page_p95": _ratio(shown_p95, alert_p95),
-                },
-            }
+            _no_nan(
+                {
+                    "bench": "console",
+                    "figures": {
+                        "alert_page_p50_ms": round(alert_p50, 1),
+                        "alert_page_p95_ms": round(alert_p95, 1),
+                        "video_first_frame_p50_ms": round(video_p50, 1),
+                        "video_first_frame_p95_ms": round(video_p95, 1),
+                        "alerts": len(r["page"]),
+                        "videos": len(r["video"]),
+                        "alert_goal_ms": ALERT_GOAL_MS,
+                        "video_goal_ms": VIDEO_GOAL_MS,
+                        "open_incidents": args.open,
+                        "alert_page_loaded_p50_ms": round(loaded_p50, 1),
+                        "alert_page_loaded_p95_ms": round(loaded_p95, 1),
+                        "render_loaded_p50_ms": round(render_loaded, 2),
+                        "render_loaded_p95_ms": round(pct(r["render_loaded"], 95), 2),
+                        "escalation_step_late_p95_ms": round(step_p95, 1),
+                        "escalation_shown_late_p50_ms": round(shown_p50, 1),
+                        "escalation_shown_late_p95_ms": round(shown_p95, 1),
+                        "escalations": len(r["escalation_shown"]),
+                        "escalation_goal_ms": ESCALATION_GOAL_MS,
+                    },
+                    "baseline": {
+                        "press_to_receiver_p50_ms": round(arrive_p50, 1),
+                        "press_to_receiver_p95_ms": round(arrive_p95, 1),
+                        "press_to_hub_first_frame_p50_ms": round(pct(r["hub"], 50), 1),
+                        "render_empty_p50_ms": round(render_empty, 2),
+                    },
+                    # what the console and the browser add on top of the webhook's arrival
+                    "ratio": round(alert_p50 / arrive_p50, 3) if arrive_p50 else None,
+                    # what 200 open incidents cost, against the empty desk of the same run
+                    "ratios": {
+                        "alert_page_loaded_to_empty_p95": _ratio(loaded_p95, alert_p95),
+                        "render_loaded_to_empty_p50": _ratio(render_loaded, render_empty),
+                        # the escalation's lateness on the page against a press's whole path
+                        "escalation_shown_p95_to_alert_page_p95": _ratio(shown_p95, alert_p95),
+                    },
+                }
+            )
         )
     )
+
+
+def _no_nan(value: Any) -> Any:
+    """NaN (a figure with no samples: --videos 0) as null: the line stays strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    return value
 
 
 if __name__ == "__main__":
