@@ -5,8 +5,12 @@ processes (`ansimi gateway run`, `ansimi console`), the bells as real device age
 fake hardware (doorbells with a synthetic camera). The console's page is at
 http://127.0.0.1:8080; the demo creates an operator `demo` with a fresh password it
 prints, and gives the console an operator token for the gateway's API, so acknowledging
-on the page lights the bell, and a doorbell's video plays in the page. Presses happen
-every few seconds; what each bell shows and what reaches the centre is printed.
+on the page lights the bell, and a doorbell's video plays in the page. First a tour, one
+step every few seconds, so a newcomer sees each kind on the desk (`TOUR`: a press, a silent
+store robbery, a doorbell ring that becomes an emergency, a long press, a duress code, a
+tamper, a power loss, a bell going offline and a test press, each on a bell of its own
+where there are enough); then a press every few seconds. What each bell shows and what
+reaches the centre is printed.
 Mosquitto where it is installed, else amqtt (MQTT 3.1.1 only, no shared subscriptions,
 so the gateway then uses a plain subscription).
 """
@@ -26,7 +30,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,14 +52,109 @@ class DemoError(click.ClickException):
     """The demo cannot go on; the message says why and what to do."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DemoBell:
     """A real agent and the fake buttons and LED it was built with, which the demo presses
     and watches."""
 
     agent: Agent
+    kind: DeviceKind
     inputs: FakeInputs
     indicator: FakeIndicator
+    task: asyncio.Task[None] | None = None  # its agent running; None once the tour stops it
+
+
+# Hold lengths shortened for the demo, so a long press and a duress code take seconds, not
+# the field's 3 and 15 (docs/behaviour.md); the gestures are the same.
+DEMO_HOLDS = {"long_press_s": 1.0, "cancel_hold_s": 2.0, "duress_hold_s": 3.0}
+# The demo's bells beat every 2 s and the gateway calls one offline after 3 missed: the
+# bell the tour stops shows offline within seconds.
+DEMO_HEARTBEAT_S = 2.0
+
+
+async def _press(bell: DemoBell) -> int:
+    bell.inputs.press("emergency")
+    bell.inputs.release("emergency")
+    return 1
+
+
+async def _long_press(bell: DemoBell) -> int:
+    await bell.inputs.hold("emergency", DEMO_HOLDS["long_press_s"] + 0.3)
+    return 1  # the press goes out on the edge; urgency follows as its update
+
+
+async def _ring_then_emergency(bell: DemoBell) -> int:
+    # a visitor's ring, held on: an emergency linked to the ring
+    await bell.inputs.hold("doorbell", DEMO_HOLDS["long_press_s"] + 0.3)
+    return 0
+
+
+async def _duress(bell: DemoBell) -> int:
+    # an incident, then the button held to the duress length: it looks like a cancel on
+    # the bell, and tells the centre the person is forced
+    await _press(bell)
+    await asyncio.sleep(1.0)
+    await bell.inputs.hold("emergency", DEMO_HOLDS["duress_hold_s"] + 0.3)
+    return 1
+
+
+async def _tamper(bell: DemoBell) -> int:
+    bell.inputs.open_tamper()
+    return 0
+
+
+async def _power_loss(bell: DemoBell) -> int:
+    bell.inputs.lose_power()
+    return 0
+
+
+async def _go_offline(bell: DemoBell) -> int:
+    task, bell.task = bell.task, None
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return 0
+
+
+async def _test_press(bell: DemoBell) -> int:
+    bell.agent.test_presses.press("command")
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class TourStep:
+    says: str  # what the demo prints; the desk shows it in its own words
+    device_kind: DeviceKind  # the kind of bell it prefers
+    act: Callable[[DemoBell], Coroutine[Any, Any, int]]  # does it; the plain presses it made
+
+
+# Every kind an operator meets, each on its own card (the test press shows among the device
+# events, marked as a test: it opens no incident).
+TOUR: tuple[TourStep, ...] = (
+    TourStep("button pressed (a stalking bell)", "bell", _press),
+    TourStep("button pressed (a store bell: a silent robbery)", "store", _press),
+    TourStep("doorbell rung, then held: an emergency", "doorbell", _ring_then_emergency),
+    TourStep("button held: a long press, urgent", "bell", _long_press),
+    TourStep("pressed, then held to the duress length: a duress code", "bell", _duress),
+    TourStep("case opened: tamper", "store", _tamper),
+    TourStep("mains power lost: on battery", "doorbell", _power_loss),
+    TourStep("stopped: the gateway will call it offline", "store", _go_offline),
+    TourStep("test press (asked for, as the gateway does on schedule)", "doorbell", _test_press),
+)
+
+
+def plan_tour(bells: list[DemoBell]) -> list[tuple[TourStep, DemoBell]]:
+    """Each step on a bell not used yet, of its kind where one is left; the tour ends when
+    every bell has had its step (a demo with few bells shows the first steps)."""
+    plan: list[tuple[TourStep, DemoBell]] = []
+    fresh = list(bells)
+    for step in TOUR:
+        if not fresh:
+            break
+        bell = next((b for b in fresh if b.kind == step.device_kind), fresh[0])
+        fresh.remove(bell)
+        plan.append((step, bell))
+    return plan
 
 
 @contextlib.asynccontextmanager
@@ -130,6 +229,10 @@ recordings_dir = "{state / "gateway" / "recordings"}"
 # gateway, doorbells and the browser all on this machine
 loopback_candidates = true
 
+# the demo's bells beat every {DEMO_HEARTBEAT_S:g} s: a stopped one shows offline within seconds
+[supervise]
+heartbeat_s = {DEMO_HEARTBEAT_S}
+
 [[centres]]
 name = "central"
 url = "{centre_url}"
@@ -203,7 +306,13 @@ async def run_demo(
 ) -> int:
     from ansimi.privacy import create_key_file
     from device.agent import Agent
-    from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection
+    from device.config import (
+        BehaviourSection,
+        DeviceConfig,
+        DeviceSection,
+        GatewaySection,
+        MqttSection,
+    )
     from device.hal import Hardware
     from device.hal.camera import SyntheticCamera
     from device.hal.fakes import FakeIndicator, FakeInputs
@@ -273,7 +382,8 @@ async def run_demo(
                 gateway=GatewaySection(
                     id="gw-demo", public_key=public_key_to_b64(gateway_signer.public_key)
                 ),
-                mqtt=MqttSection(port=mqtt_port, version=version),
+                mqtt=MqttSection(port=mqtt_port, version=version, heartbeat_s=DEMO_HEARTBEAT_S),
+                behaviour=BehaviourSection(**DEMO_HOLDS),
                 video=DeviceVideo(loopback_candidates=True),
             )
             # doorbells get a moving test picture: an emergency press starts their video
@@ -285,7 +395,7 @@ async def run_demo(
                 gateway_key=gateway_signer.public_key,
                 hardware=Hardware(inputs, indicator, camera, None),
             )
-            bells.append(DemoBell(agent, inputs, indicator))
+            bells.append(DemoBell(agent, kind, inputs, indicator))
         agents = [bell.agent for bell in bells]
 
         env = {"ANSIMI_CENTRE_SECRET": secret, "ANSIMI_CONSOLE_GATEWAY_TOKEN": api_token}
@@ -311,7 +421,7 @@ async def run_demo(
         gateway = spawn(
             ["-v", "gateway", "run", "--config", str(config_path)], state / "gateway.log", env
         )
-        tasks: list[asyncio.Task[None]] = []
+        steps: list[asyncio.Task[int]] = []
         pressed = 0
         try:
             await _console_up(console, console_port, state / "console.log")
@@ -327,7 +437,8 @@ async def run_demo(
                 click.echo(f"[demo] cannot register the bells: {exc}; see {state}/gateway.log")
                 return 1
             # the bells start once the gateway knows them: it refuses unknown devices
-            tasks = [asyncio.create_task(a.run(), name=a.device_id) for a in agents]
+            for bell in bells:
+                bell.task = asyncio.create_task(bell.agent.run(), name=bell.agent.device_id)
             await asyncio.gather(*(asyncio.wait_for(a.ready.wait(), 20) for a in agents))
             # another program that took the port after the check answers there too: the
             # console itself must still be running for the address below to be its own
@@ -340,21 +451,36 @@ async def run_demo(
                 "[demo] acknowledge an alert there and watch its bell here; a doorbell's "
                 "alert has a button for its live camera"
             )
-            click.echo(f"[demo] {devices} bells connected; pressing one every {press_every_s:g}s")
+            tour = plan_tour(bells)
+            click.echo(
+                f"[demo] {devices} bells connected; a tour of {len(tour)} kinds, then a press "
+                f"every {press_every_s:g}s (holds shortened: {_holds()})"
+            )
             deadline = time.monotonic() + duration_s if duration_s > 0 else float("inf")
             shown: dict[str, int] = {a.device_id: 0 for a in agents}
             next_press = time.monotonic() + 1.0
-            for bell in itertools.cycle(bells):
+            presses = itertools.cycle(bells)
+            while True:
                 while time.monotonic() < min(next_press, deadline):
                     _print_indicators(bells, shown)
                     await asyncio.sleep(0.1)
                 if time.monotonic() >= deadline:
                     break
-                bell.inputs.press("emergency")
-                bell.inputs.release("emergency")
-                pressed += 1
-                click.echo(f"[{bell.agent.device_id}] button pressed")
                 next_press = time.monotonic() + press_every_s
+                if tour:
+                    step, bell = tour.pop(0)
+                    click.echo(f"[{bell.agent.device_id}] {step.says}")
+                    # a hold takes seconds: the bells' lights are printed meanwhile
+                    steps.append(asyncio.create_task(step.act(bell)))
+                    continue
+                # the next bell still running (the tour stopped one)
+                pressing = next(
+                    (b for b in itertools.islice(presses, len(bells)) if b.task is not None), None
+                )
+                if pressing is not None:
+                    pressed += await _press(pressing)
+                    click.echo(f"[{pressing.agent.device_id}] button pressed")
+            pressed += sum(await asyncio.gather(*steps))
             # Let the last alerts land before counting.
             settle = time.monotonic() + 20
             while time.monotonic() < settle and _count(centre_db) < pressed:
@@ -362,6 +488,7 @@ async def run_demo(
                 await asyncio.sleep(0.1)
             _print_indicators(bells, shown)
         finally:
+            tasks = [*steps, *(b.task for b in bells if b.task is not None)]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -371,6 +498,8 @@ async def run_demo(
                     process.wait(5)
         arrived = _count(centre_db)
         click.echo(f"[demo] {pressed} presses, {arrived} alerts at the control centre")
+        by_kind = ", ".join(f"{kind} {n}" for kind, n in _kinds(centre_db).items())
+        click.echo(f"[demo] incidents at the control centre by kind: {by_kind or 'none'}")
         if pressed and arrived < pressed:
             click.echo(f"[demo] some alerts did not arrive: see {state}/gateway.log", err=True)
             return 1
@@ -445,6 +574,36 @@ def _count(centre_db: Path) -> int:
         return 0
 
 
+def _kinds(centre_db: Path) -> dict[str, int]:
+    """Incidents by their kind now (the gateway's word on each delivery; an upgraded one
+    counts as its worst), and test presses as `test`."""
+    try:
+        with contextlib.closing(sqlite3.connect(centre_db)) as db:
+            rows = db.execute(
+                "SELECT incident_id, kind, priority FROM events WHERE incident_id != ''"
+            ).fetchall()
+            tests = db.execute(
+                "SELECT COUNT(*) FROM events WHERE type = 'alert'"
+                " AND json_extract(body, '$.trigger') = 'test'"
+            ).fetchone()[0]
+    except sqlite3.Error:
+        return {}
+    worst: dict[str, tuple[int, str]] = {}
+    for incident_id, kind, priority in rows:
+        if incident_id not in worst or priority < worst[incident_id][0]:
+            worst[incident_id] = (priority, kind)
+    counted: dict[str, int] = {}
+    for _, kind in worst.values():
+        counted[kind] = counted.get(kind, 0) + 1
+    if tests:
+        counted["test"] = int(tests)
+    return counted
+
+
+def _holds() -> str:
+    return ", ".join(f"{k.removesuffix('_s')} {v:g}s" for k, v in DEMO_HOLDS.items())
+
+
 def usable_port(port: int) -> int:
     """The console's port: `port` if nothing listens there, a free one for 0. A taken
     port stops the demo before it starts anything, saying what to do."""
@@ -458,7 +617,12 @@ def usable_port(port: int) -> int:
 
 
 @click.command()
-@click.option("--devices", default=3, show_default=True, help="simulated bells")
+@click.option(
+    "--devices",
+    default=9,
+    show_default=True,
+    help="simulated bells (9: every kind of the tour on a bell of its own)",
+)
 @click.option("--duration", default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
 @click.option("--press-every", default=3.0, show_default=True, help="seconds between presses")
 @click.option(

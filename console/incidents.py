@@ -24,13 +24,15 @@ DEFAULT_PRIORITIES: dict[str, int] = {
     "doorbell_emergency": 5,
     "tamper": 6,
     "power_lost": 7,
-    "offline": 8,
-    "doorbell_ring": 9,
+    "district_outage": 8,
+    "offline": 9,
+    "doorbell_ring": 10,
 }
 LOWEST_PRIORITY = max(DEFAULT_PRIORITIES.values()) + 1
 STAGE_ORDER = ("new", "acknowledged", "dispatched", "closed")
-# alerts that are news, not trouble: they attach to an open incident, never open one
-_NEWS_TRIGGERS = frozenset({"tamper_cleared", "power_restored"})
+# alerts that are news, not trouble: they attach to an open incident, never open one (a
+# test press is a bell proving its path: shown as a test among the device events)
+_NEWS_TRIGGERS = frozenset({"tamper_cleared", "power_restored", "test"})
 
 
 def kind_of(event: ReceivedEvent, device_kind: str) -> str | None:

@@ -72,6 +72,11 @@ CSRF_HEADER = "X-CSRF-Token"
 RECENT_MS = 7 * 24 * 3600 * 1000
 RECENT_LIMIT = 2000  # events of the last RECENT_MS a page loads, of its operator's districts
 SSE_PING_S = 15.0
+# How long every district's incidents, grouped once, answer the lookups of one incident by
+# id (a card's detail, an action's district check) while no event came: a desk of 200
+# cards asks for 200 details at once, and each grouping reads every recent event and the
+# gateway's whole list. A stage moved at another desk shows within this.
+LOOKUP_MAX_AGE_MS = 1_000
 STAGE_ORDER = ("delivered", "acknowledged", "dispatched", "closed")
 # Sign-in failures of one name from one address: the first few are free, then each costs
 # a wait that doubles, up to a cap; a success forgets them.
@@ -216,6 +221,10 @@ class ConsoleApp:
         self._viewers: dict[str, _Viewer] = {}
         self._login_failures: dict[tuple[str, str], _Failures] = {}
         self.guard = SlowClientGuard(read_timeout_s)
+        # every district's incidents for lookups by id: (version, at_ms, incidents)
+        self._lookup: tuple[int, int, list[Incident]] | None = None
+        self._lookup_lock = asyncio.Lock()
+        self._version = 0  # moves with every event received and every stage set here
         receiver.listeners.append(self._on_event)
 
     # ---- the app ----------------------------------------------------------------------
@@ -324,6 +333,7 @@ class ConsoleApp:
     # ---- events -----------------------------------------------------------------------
 
     def _on_event(self, event: ReceivedEvent) -> None:
+        self._version += 1
         data = self.event_json(event, [])
         self.broadcast.publish("event", data, data["district"])
 
@@ -638,13 +648,27 @@ class ConsoleApp:
                         incident.move("closed", incident.opened_ms, "gateway")
         return [i for i in found if session.sees(i.district)], loose
 
+    async def _everyone(self, session: Session) -> list[Incident]:
+        """Every district's incidents, grouped once for a burst of lookups (one at a time:
+        the others wait and take its result), again after an event or a stage set here, or
+        LOOKUP_MAX_AGE_MS later."""
+        async with self._lookup_lock:
+            cached, now = self._lookup, self._clock_ms()
+            fresh = cached is not None and 0 <= now - cached[1] < LOOKUP_MAX_AGE_MS
+            if cached is not None and fresh and cached[0] == self._version:
+                return cached[2]
+            version = self._version
+            everyone, _ = await self._incidents(Session(session.operator, session.csrf))
+            self._lookup = (version, now, everyone)
+            return everyone
+
     async def _incident_of(self, request: web.Request, action: str) -> Incident | None:
         """The incident named in the path, if the operator serves its district (audited
         when not, and answered as unknown)."""
         session = request[SESSION_KEY]
         incident_id = request.match_info["incident_id"]
         # grouped over all districts: the operator's districts are checked next, audited
-        everyone, _ = await self._incidents(Session(session.operator, session.csrf))
+        everyone = await self._everyone(session)
         found = next((i for i in everyone if i.id == incident_id), None)
         if found is None:
             return None
@@ -720,6 +744,7 @@ class ConsoleApp:
             )
             return web.json_response({"error": str(exc)}, status=exc.status)
         at = self.operators.set_stage(found.id, stage, operator)
+        self._version += 1
         self.operators.audit(
             operator, stage, found.id, device=found.device_id, ok=True, outcome=outcome
         )

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, Protocol, get_args
 
 from protocol.clock import wall_ms
@@ -30,9 +30,11 @@ IncidentKind = Literal[
     "doorbell_emergency",
     "tamper",
     "power_lost",
+    "district_outage",
     "offline",
     "doorbell_ring",
 ]
+# worst first: the default priorities are these positions, 1 = highest
 KINDS: Final[tuple[IncidentKind, ...]] = get_args(IncidentKind)
 DEFAULT_PRIORITIES: Final[Mapping[str, int]] = {k: i + 1 for i, k in enumerate(KINDS)}
 
@@ -76,7 +78,8 @@ def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind 
     """
     body = json_object(body_json)
     if event_type == "status":
-        return "offline" if body.get("state") == "offline" else None
+        state = body.get("state")
+        return state if state in ("offline", "district_outage") else None
     if event_type == "heartbeat":  # kept only when its power source changed
         return "power_lost" if body.get("power") == "battery" else None
     if event_type != "alert":
@@ -91,6 +94,8 @@ def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind 
     if trigger == "power_loss":
         return "power_lost"
     if trigger in ("tamper_cleared", "power_restored", "test"):
+        # news, not trouble; a test press proves the bell's path (gateway/testwatch.py) and
+        # must never open an incident that would escalate to the police line
         return None
     if bell == "doorbell":
         # a ring made urgent on the bell is a visitor who became an emergency
@@ -100,6 +105,29 @@ def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind 
     if bell == "store" and body.get("silent"):
         return "store_robbery"
     return "stalking_urgent" if urgent or trigger == "long_press" else "stalking"
+
+
+# What a status attached to an incident says of its bell's link: a district outage is its
+# bells offline, until the district is restored.
+_OFFLINE_OF_STATE: Final[Mapping[str, bool]] = {
+    "offline": True,
+    "online": False,
+    "district_outage": True,
+    "district_restored": False,
+}
+
+
+def offline_of(event_type: str, body: Mapping[str, Any]) -> bool | None:
+    """True or False when the event tells the bell's link is down or up; None if not."""
+    state = body.get("state") if event_type == "status" else None
+    return _OFFLINE_OF_STATE.get(state) if isinstance(state, str) else None
+
+
+def joins_outage(kind: IncidentKind | None) -> bool:
+    """A bell going offline while its district's outage is open joins the outage's incident
+    (gateway/supervise.py tells the outage before its bells' own offline events): one
+    incident for the district, not one per bell, and one escalation."""
+    return kind == "offline"
 
 
 class Priorities:
@@ -174,6 +202,10 @@ class Sealer(Protocol):
     def sealed(self, device_id: str, body: Body) -> tuple[Message, str]: ...
 
 
+# the shortest the escalation loop sleeps between two ticks
+MIN_WAIT_S: Final = 0.02
+
+
 class Escalator:
     """Escalates incidents nobody acknowledged, one chain step per `after_s(priority)`.
 
@@ -200,6 +232,8 @@ class Escalator:
         self._after_s = after_s
         self._clock_ms = clock_ms or wall_ms
         self._on_step = on_step
+        # the earliest step still to come as the last tick saw it: `run` wakes for it
+        self.next_due_ms: int | None = None
 
     def due_ms(self, incident: Incident) -> int | None:
         """When its next step is due; None when the chain is used up."""
@@ -214,8 +248,11 @@ class Escalator:
             return 0
         now_ms = self._clock_ms()
         taken = 0
+        coming: list[int] = []
         for incident in await self._store.escalation_candidates(len(self._chain)):
             due = self.due_ms(incident)
+            if due is not None and due > now_ms:
+                coming.append(due)
             if due is None or due > now_ms:
                 continue
             level = incident.escalation_level + 1
@@ -233,6 +270,8 @@ class Escalator:
             event = (message.id, message.seq, message.ts, message.body.model_dump_json(), token)
             if await self._store.escalate(incident.incident_id, level, to, event, now_ms):
                 taken += 1
+                after = self.due_ms(replace(incident, escalation_level=level))
+                coming += [] if after is None else [after]
                 log.warning(
                     "incident %s (%s, %s) not acknowledged: escalated to %s (step %d)",
                     incident.incident_id,
@@ -243,16 +282,26 @@ class Escalator:
                 )
                 if self._on_step is not None:
                     self._on_step(incident, to)
+        self.next_due_ms = min(coming, default=None)
         return taken
 
     async def run(self, interval_s: float = 1.0) -> None:
-        """Tick every `interval_s` until cancelled; a failed tick waits for the next."""
+        """Tick every `interval_s`, and at the next step's due time when that is sooner (a
+        step then fires at its deadline, not up to `interval_s` after it), until cancelled;
+        a failed tick waits for the next. An incident opened since the last tick is due
+        after its whole first interval: a tick meanwhile learns it."""
         while True:
+            wait_s = interval_s
             try:
                 await self.tick()
             except Exception:
                 log.exception("escalation: a tick failed; trying again at the next")
-            await asyncio.sleep(interval_s)
+            else:
+                if self.next_due_ms is not None:
+                    until_due_s = (self.next_due_ms - self._clock_ms()) / 1000
+                    # never a busy loop, whatever the store answered
+                    wait_s = min(interval_s, max(MIN_WAIT_S, until_due_s))
+            await asyncio.sleep(wait_s)
 
 
 def _steps(*names: str) -> tuple[ProcedureStep, ...]:

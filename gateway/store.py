@@ -72,7 +72,9 @@ from gateway.incidents import (
     Priorities,
     classify,
     is_test_press,
+    joins_outage,
     json_object,
+    offline_of,
 )
 
 # re-exported: the store's callers name the kind from here
@@ -1250,20 +1252,30 @@ class SqliteDatabase:
         """
         if item.type == "escalation" or is_test_press(item.type, item.body_json):
             return None  # a test joins no incident, not even one open on its bell
-        row = db.execute("SELECT kind FROM devices WHERE device_id = ?", (item.device_id,))
+        row = db.execute(
+            "SELECT kind, district FROM devices WHERE device_id = ?", (item.device_id,)
+        )
         device = row.fetchone()
         if device is None:
             return None  # an event about the gateway itself (disk_low): no bell, no incident
         kind = classify(str(device[0]), item.type, item.body_json)
         body = json_object(item.body_json)
-        connection = body.get("state") if item.type == "status" else None
-        offline = {"offline": 1, "online": 0}.get(connection) if connection else None
+        link_down = offline_of(item.type, body)
+        offline = None if link_down is None else int(link_down)
         first_alert = item.event_id if item.type == "alert" else None
         found = db.execute(
             "SELECT incident_id, priority, state FROM incidents"
             " WHERE device_id = ? AND state != 'closed'",
             (item.device_id,),
         ).fetchone()
+        if found is None and joins_outage(kind):
+            found = db.execute(
+                "SELECT i.incident_id, i.priority, i.state FROM incidents i"
+                " JOIN devices d ON d.device_id = i.device_id"
+                " WHERE i.kind = 'district_outage' AND i.state != 'closed' AND i.offline = 1"
+                " AND d.district = ? ORDER BY i.opened_ms LIMIT 1",
+                (device[1],),
+            ).fetchone()
         priority = 0
         if found is None:
             if kind is None:

@@ -50,7 +50,9 @@ from gateway.incidents import (
     Priorities,
     classify,
     is_test_press,
+    joins_outage,
     json_object,
+    offline_of,
 )
 from gateway.store import (
     FOREIGN_ID,
@@ -433,10 +435,15 @@ def _decide_incidents(
     open_now: dict[str, _OpenIncident],
     priority: Callable[[str], int],
     now_ms: int,
+    districts: Mapping[str, str] | None = None,
+    outages: dict[str, _OpenIncident] | None = None,
 ) -> _Attached:
     """SqliteDatabase._attach, event after event, on the incidents read first: `open_now`
-    (by device) is changed as each event would change it, so the next sees it."""
+    (by device) and `outages` (open district outage incidents, by district) are changed as
+    each event would change them, so the next sees it."""
     done = _Attached()
+    districts = districts or {}
+    outages = {} if outages is None else outages
     for item in items:
         device_kind = device_kinds.get(item.device_id)
         if device_kind is None:
@@ -445,10 +452,13 @@ def _decide_incidents(
             continue  # a test joins no incident, not even one open on its bell
         kind = classify(device_kind, item.type, item.body_json)
         body = json_object(item.body_json)
-        connection = body.get("state") if item.type == "status" else None
-        offline = {"offline": True, "online": False}.get(connection) if connection else None
+        offline = offline_of(item.type, body)
         first_alert = item.event_id if item.type == "alert" else None
         found = open_now.get(item.device_id)
+        district = districts.get(item.device_id)
+        if found is None and joins_outage(kind) and district is not None:
+            outage = outages.get(district)
+            found = outage if outage is not None and outage.offline else None
         if found is None:
             if kind is None:
                 continue
@@ -464,6 +474,8 @@ def _decide_incidents(
                 first_alert,
                 bool(offline),
             )
+            if kind == "district_outage" and district is not None:
+                outages.setdefault(district, incident)
         else:
             incident = found
             incident.updated_ms = max(incident.updated_ms, now_ms)
@@ -910,14 +922,13 @@ class PostgresStore:
         items = [i for i in items if i.type != "escalation"]  # attached by `escalate`
         if not items:
             return
-        kinds = {
-            r["device_id"]: str(r["kind"])
-            for r in await db.fetch(
-                "SELECT device_id, kind FROM devices WHERE device_id = ANY($1::text[])"
-                " ORDER BY device_id FOR UPDATE",
-                sorted({i.device_id for i in items}),
-            )
-        }
+        devices = await db.fetch(
+            "SELECT device_id, kind, district FROM devices WHERE device_id = ANY($1::text[])"
+            " ORDER BY device_id FOR UPDATE",
+            sorted({i.device_id for i in items}),
+        )
+        kinds = {r["device_id"]: str(r["kind"]) for r in devices}
+        districts = {r["device_id"]: str(r["district"]) for r in devices}
         open_now = {
             r["device_id"]: _OpenIncident(**dict(r))
             for r in await db.fetch(
@@ -927,10 +938,26 @@ class PostgresStore:
                 list(kinds),
             )
         }
-        decided = _decide_incidents(items, kinds, open_now, self._priority, now_ms)
+        # the districts' open outages, which a bell going offline joins (`joins_outage`);
+        # the opener's row is its open incident too: one object for both
+        outages: dict[str, _OpenIncident] = {}
+        for r in await db.fetch(
+            "SELECT d.district, i.device_id, i.incident_id, i.kind, i.priority, i.state,"
+            " i.updated_ms, i.events, i.first_alert_id, i.last_alert_id, i.offline"
+            " FROM incidents i JOIN devices d ON d.device_id = i.device_id"
+            " WHERE i.kind = 'district_outage' AND i.state != 'closed' AND i.offline"
+            " AND d.district = ANY($1::text[]) ORDER BY i.opened_ms FOR UPDATE OF i",
+            sorted(set(districts.values())),
+        ):
+            row = {k: v for k, v in r.items() if k != "district"}
+            opener = open_now.setdefault(r["device_id"], _OpenIncident(**row))
+            outages.setdefault(str(r["district"]), opener)
+        decided = _decide_incidents(
+            items, kinds, open_now, self._priority, now_ms, districts, outages
+        )
         if caught_up is not None:
             caught_up.update(decided.caught_up)
-        touched = [i for i in open_now.values() if i.events_added]
+        touched = [i for i in open_now.values() if i.events_added]  # outages are in it
         rows = [
             (
                 i.incident_id,

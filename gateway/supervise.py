@@ -305,6 +305,12 @@ class Supervisor:
     ) -> list[str]:
         districts = await self._districts(now_ms) if self._rule is not None else {}
         grouped = self._grouped(due, districts, now_ms)
+        # An outage opening now is told before its bells' own offline events are kept: the
+        # store then attaches them to the outage's one incident (incidents.joins_outage),
+        # not one incident (and one escalation) per bell.
+        for district in sorted(grouped - self._outages.keys()):
+            going = [d for d in due if districts.get(d) == district]
+            await self._open_outage(district, going, now_ms)
         by_cutoff: dict[int, list[Incoming]] = {}
         for device_id, cutoff in due.items():
             quiet = districts.get(device_id) in grouped
@@ -323,6 +329,10 @@ class Supervisor:
             log.info("supervise: %s is offline (%s)", device_id, why)
         if self._rule is not None:
             await self._group(offline, districts, grouped, now_ms)
+        for device_id in refused:  # heard from after all: told as in an outage, but not
+            if (outage := self._outage_of(device_id)) is not None:
+                outage.members.discard(device_id)
+                outage.offline.discard(device_id)
         if refused:
             await self._rearm(refused)
         if offline:
@@ -355,6 +365,19 @@ class Supervisor:
                 grouped.add(district)
         return grouped
 
+    async def _open_outage(self, district: str, going: list[str], now_ms: int) -> None:
+        """Open `district`'s outage of the bells `going` offline now (and those reported
+        one by one just before: they belong to it too) and tell the centres."""
+        recent = self._recent.setdefault(district, {})
+        outage = _Outage(district, opener=going[0], told_ms=now_ms)
+        outage.members |= recent.keys() | set(going)
+        outage.offline |= recent.keys() | set(going)
+        outage.alone |= recent.keys()
+        recent.clear()
+        self._outages[district] = outage
+        log.warning("supervise: district %s outage, %d devices offline", district, len(going))
+        await self._tell(outage, "district_outage", now_ms)
+
     async def _group(
         self,
         offline: list[str],
@@ -362,35 +385,18 @@ class Supervisor:
         grouped: set[str],
         now_ms: int,
     ) -> None:
-        """Open the outages of `grouped` districts and tell the centres; note the others."""
-        opened: list[_Outage] = []
+        """Add the bells gone offline to their district's outage (opened before they were
+        kept, `_open_outage`); note the others, which may open one soon."""
         for device_id in offline:
             district = districts.get(device_id)
             if district is None:
                 continue
-            recent = self._recent.setdefault(district, {})
-            if district not in grouped:
-                recent[device_id] = now_ms
-                continue
-            outage = self._outages.get(district)
+            outage = self._outages.get(district) if district in grouped else None
             if outage is None:
-                outage = _Outage(district, opener=device_id, told_ms=now_ms)
-                # those reported one by one just before it belong to it too
-                outage.members |= recent.keys()
-                outage.offline |= recent.keys()
-                outage.alone |= recent.keys()
-                recent.clear()
-                self._outages[district] = outage
-                opened.append(outage)
+                self._recent.setdefault(district, {})[device_id] = now_ms
+                continue
             outage.members.add(device_id)
             outage.offline.add(device_id)
-        for outage in opened:
-            log.warning(
-                "supervise: district %s outage, %d devices offline",
-                outage.district,
-                len(outage.offline),
-            )
-            await self._tell(outage, "district_outage", now_ms)
 
     async def _tell_growth(self, now_ms: int) -> None:
         """An outage that grew since the centres last heard: at most once per `update_ms`."""

@@ -37,6 +37,7 @@ from gateway.config import (
     ApiToken,
     Centre,
     GatewayConfig,
+    IncidentsConfig,
     MqttConfig,
     PrivacyConfig,
     SuperviseConfig,
@@ -143,7 +144,10 @@ def _agent(
 
 
 @contextlib.asynccontextmanager
-async def console_site(state: Path, mqtt_port: int) -> AsyncIterator[ConsoleSite]:
+async def console_site(
+    state: Path, mqtt_port: int, incidents: IncidentsConfig | None = None
+) -> AsyncIterator[ConsoleSite]:
+    """The site; `incidents`: the gateway's [incidents] (the bench escalates to the console)."""
     gateway_signer = Signer("gw-e2e", generate_key())
     db = state / "console.db"
     # The console is bound first, on port 0, so its real port goes into the gateway's
@@ -179,6 +183,7 @@ async def console_site(state: Path, mqtt_port: int) -> AsyncIterator[ConsoleSite
             ),
             video=GatewayVideo(recordings_dir=state / "recordings", loopback_candidates=True),
             supervise=SuperviseConfig(heartbeat_s=HEARTBEAT_S, missed=3, tick_s=0.2),
+            incidents=incidents or IncidentsConfig(),
             centres=[
                 Centre(name="central", url=f"http://127.0.0.1:{console_port}/events", secret=SECRET)
             ],

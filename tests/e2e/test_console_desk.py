@@ -3,15 +3,19 @@ groups them (docs/incidents.md), on the console test kit's FakeGateway, which se
 incident routes as the contract says (the real gateway's side is built on its own branch;
 test_console_browser.py drives the real gateway, whose events the console groups itself).
 
-Screenshots, one Korean and one English, land in test-output/e2e/. They are not compared
-with a stored reference: the timers and times on the page change every second, and the
-fonts differ between machines, so a pixel comparison would fail for reasons that are not
-layout drift.
+Screenshots, one Korean and one English, land in test-output/e2e/, and the desk's layout is
+compared with a stored reference (tests/e2e/reference/): a fixed viewport, fixed data,
+what changes by itself masked (timers, times, "last heard"), animations off, and a tolerance for
+antialiasing. The reference holds for one Chromium and one set of fonts (Debian's chromium
+and fonts-noto-cjk, as scripts/system-deps.sh installs them); after a deliberate change of
+the layout, or of either package, delete the reference and run the test once: it writes a
+new one (and fails, so the new picture is looked at before it is committed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import io
 import re
@@ -20,7 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from console_kit import CHROMIUM, chromium, screenshot
+from console_kit import CHROMIUM, OUTPUT, chromium, screenshot
 from playwright.async_api import BrowserContext, Page
 
 # the console's own test kit (FakeGateway with the incident routes, signed deliveries):
@@ -199,6 +203,43 @@ async def test_checklist_ticks_and_the_outcome_are_in_the_audit_csv(
     assert (STALKING, "closed", "kim", "false_alarm") in site.gateway.incident_calls
 
 
+async def test_the_chosen_outcome_survives_the_desk_redrawing_itself(
+    site: Desk, browser: BrowserContext
+) -> None:
+    """The desk redraws every card when anything arrives (a detail, a bell's state, another
+    incident): an outcome chosen just before must still close the incident."""
+    page = await open_desk(browser, site)
+    await deliver_all(site)
+    card = page.locator(f".incident[data-id='{RING}']")
+    await card.locator("button.close").click()
+    await card.locator(".outcome select").select_option("false_alarm")
+    await page.evaluate("renderIncidents()")  # as an answer arriving now would
+    await card.locator("button.confirm-close").click()
+    await card.wait_for(state="detached", timeout=20_000)
+    assert (RING, "closed", "kim", "false_alarm") in site.gateway.incident_calls
+
+
+async def test_a_card_is_built_again_only_when_what_it_shows_changed(
+    site: Desk, browser: BrowserContext
+) -> None:
+    """Rebuilding every card for each arrival kept a desk of 200 seconds behind."""
+    page = await open_desk(browser, site)
+    await deliver_all(site)
+    await page.wait_for_function(
+        "() => document.querySelectorAll('.incident .procedure li').length >= 8"
+    )
+    mark = "(id) => { document.querySelector(`.incident[data-id='${id}']`).marked = id; }"
+    for incident_id in (ROBBERY, STALKING):
+        await page.evaluate(mark, incident_id)
+    # another press of the stalking bell: its card changes, the robbery's does not
+    await site.deliver(delivery(PRESS, device=BELL, seq=4, incident=(STALKING, "stalking", 4)))
+    stalking = page.locator(f".incident[data-id='{STALKING}']")
+    await stalking.locator(".what", has_text="4 presses").wait_for(timeout=20_000)
+    marked = "(id) => document.querySelector(`.incident[data-id='${id}']`).marked ?? null"
+    assert await page.evaluate(marked, ROBBERY) == ROBBERY
+    assert await page.evaluate(marked, STALKING) is None
+
+
 async def test_an_operator_sees_their_districts_incidents_only(
     site: Desk, browser: BrowserContext
 ) -> None:
@@ -225,6 +266,110 @@ async def test_the_map_shows_an_incident_over_the_district_outlines(
     assert await page.locator("#injected").count() == 0
     # the districts with an open incident stand out, with or without a location
     assert await page.locator("#map path.district-outline.hot").count() == 2  # mapo, gangnam
+
+
+async def test_a_test_press_shows_as_a_test_not_as_an_incident(
+    site: Desk, browser: BrowserContext
+) -> None:
+    page = await open_desk(browser, site)
+    await deliver_all(site)
+    # the gateway opens no incident for a test press (docs/incidents.md): none on it
+    await site.deliver(delivery(Alert(bell="emergency", trigger="test"), device=FAR, seq=2))
+    test = page.locator(f"#events li.test[data-device-id='{FAR}']")
+    await test.wait_for(timeout=20_000)
+    assert (await test.locator(".what").inner_text()).startswith("Test press")
+    await page.locator(f".incident[data-id='{RING}']").wait_for(timeout=20_000)
+    assert await cards(page) == [ROBBERY, STALKING, GANGNAM, RING]
+
+
+REFERENCE = Path(__file__).resolve().parent / "reference"
+VIEWPORT = {"width": 1280, "height": 1000}
+# a pixel differs when a channel moves by more than this; the page differs when more than
+# this share of its pixels do (antialiasing moves a few edge pixels between runs)
+PIXEL_TOLERANCE = 48
+SHARE_TOLERANCE = 0.005
+# compared in a blank page (no CSP): the share of pixels that differ, or the sizes
+_COMPARE = """async ([a, b, tolerance]) => {
+    const load = (src) => new Promise((ok, bad) => {
+        const image = new Image();
+        image.onload = () => ok(image);
+        image.onerror = bad;
+        image.src = src;
+    });
+    const [x, y] = await Promise.all([load(a), load(b)]);
+    if (x.width !== y.width || x.height !== y.height) {
+        return { sizes: [x.width, x.height, y.width, y.height] };
+    }
+    const pixels = (image) => {
+        const canvas = document.createElement("canvas");
+        canvas.width = image.width;
+        canvas.height = image.height;
+        const g = canvas.getContext("2d");
+        g.drawImage(image, 0, 0);
+        return g.getImageData(0, 0, image.width, image.height).data;
+    };
+    const p = pixels(x), q = pixels(y);
+    let differ = 0;
+    for (let k = 0; k < p.length; k += 4) {
+        if (Math.abs(p[k] - q[k]) > tolerance || Math.abs(p[k + 1] - q[k + 1]) > tolerance
+            || Math.abs(p[k + 2] - q[k + 2]) > tolerance) differ++;
+    }
+    return { share: differ / (p.length / 4) };
+}"""
+
+
+async def layout_shot(page: Page, name: str) -> bytes:
+    """The desk at a fixed size, with what changes by itself masked, once every card has
+    its checklist and the bell its address (the page has stopped fetching)."""
+    await page.set_viewport_size(VIEWPORT)
+    await page.wait_for_function(
+        "() => document.querySelectorAll('.incident .procedure li').length >= 8"
+    )
+    await page.locator(f".incident[data-id='{STALKING}'] .phones li").first.wait_for()
+    await page.evaluate("() => new Promise((done) => setTimeout(done, 200))")  # last render
+    shot = await page.screenshot(
+        animations="disabled",
+        caret="hide",
+        # the timers, the times, and the bell's "last heard" (a time in its words)
+        mask=[page.locator(s) for s in (".timer", "time", ".now", "#events")],
+        mask_color="#ff00ff",
+    )
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    (OUTPUT / f"{name}.png").write_bytes(shot)
+    return shot
+
+
+async def matches_reference(browser: BrowserContext, shot: bytes, name: str) -> None:
+    reference = REFERENCE / f"{name}.png"
+    if not reference.exists():
+        REFERENCE.mkdir(exist_ok=True)
+        reference.write_bytes(shot)
+        pytest.fail(f"no reference {reference}: written from this run; look at it, commit it")
+    blank = await browser.new_page()
+    try:
+        urls = [
+            "data:image/png;base64," + base64.b64encode(b).decode()
+            for b in (shot, reference.read_bytes())
+        ]
+        result = await blank.evaluate(_COMPARE, [*urls, PIXEL_TOLERANCE])
+    finally:
+        await blank.close()
+    assert "sizes" not in result, f"{name}: size changed {result['sizes']}"
+    assert result["share"] <= SHARE_TOLERANCE, (
+        f"{name}: {result['share']:.2%} of the pixels differ from {reference};"
+        f" this run's is {OUTPUT / name}.png"
+    )
+
+
+@pytest.mark.parametrize("lang", ["en", "ko"])
+async def test_the_desks_layout_matches_its_reference(
+    site: Desk, browser: BrowserContext, lang: str
+) -> None:
+    page = await open_desk(browser, site, english=lang == "en")
+    await deliver_all(site)
+    await page.locator(f".incident[data-id='{RING}']").wait_for(timeout=20_000)
+    shot = await layout_shot(page, f"desk-layout-{lang}")
+    await matches_reference(browser, shot, f"desk-layout-{lang}")
 
 
 async def test_the_korean_desk_renders_in_korean(site: Desk, browser: BrowserContext) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -59,6 +61,48 @@ def test_demo_presses_arrive_at_the_centre(tmp_path: Path, broker: str) -> None:
     # the address printed is the port the console listens on, not the 0 asked for
     shown = re.search(r"open http://127\.0\.0\.1:(\d+)/", result.stdout)
     assert shown is not None and int(shown.group(1)) > 0, result.stdout
+
+
+@pytest.mark.slow  # about 40 s: the tour, then the stopped bell's silence timeout
+def test_the_demos_tour_shows_every_kind_at_the_centre(tmp_path: Path) -> None:
+    """What a newcomer should meet on the desk: each kind once, on its own bell."""
+    state = tmp_path / "demo"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "ansimi_edge", "demo", "--duration", "20"),
+            *("--devices", "9", "--press-every", "1", "--port", "0", "--broker", "mosquitto"),
+            *("--state-dir", str(state)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # as the console kept them: the incident id and kind the gateway put on each delivery
+    with contextlib.closing(sqlite3.connect(state / "centre.db")) as db:
+        kinds = {k for (k,) in db.execute("SELECT DISTINCT kind FROM events WHERE kind != ''")}
+        (incidents,) = db.execute(
+            "SELECT COUNT(DISTINCT incident_id) FROM events WHERE incident_id != ''"
+        ).fetchone()
+        (tests,) = db.execute(
+            "SELECT COUNT(*) FROM events WHERE incident_id = ''"
+            " AND json_extract(body, '$.trigger') = 'test'"
+        ).fetchone()
+    assert kinds >= {
+        "stalking",
+        "store_robbery",
+        "doorbell_ring",
+        "doorbell_emergency",
+        "stalking_urgent",
+        "duress",
+        "tamper",
+        "power_lost",
+        "offline",
+    }, result.stdout
+    # each on its own card (one open incident a bell; the ring became the emergency)
+    assert incidents >= 8
+    assert tests == 1  # the test press: kept and shown, no incident
+    assert "incidents at the control centre by kind:" in result.stdout
 
 
 def test_a_taken_port_stops_the_demo_before_it_starts_naming_the_fix(tmp_path: Path) -> None:

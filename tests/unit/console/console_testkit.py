@@ -124,6 +124,7 @@ class FakeGateway:
     # False: a gateway older than incidents (its incident routes do not exist)
     has_incidents: bool = True
     listing_status: int = 200  # what GET /incidents answers (500: a gateway in trouble)
+    listings: int = 0  # GET /incidents answered
 
     def open_incident(
         self,
@@ -169,6 +170,7 @@ class FakeGateway:
             return {k: v for k, v in incident.items() if k not in ("history", "procedure")}
 
         async def listing(request: web.Request) -> web.Response:
+            self.listings += 1
             if self.listing_status != 200:
                 return web.json_response({"error": "trouble"}, status=self.listing_status)
             open_ = [summary(i) for i in self.incidents.values() if i["state"] != "closed"]

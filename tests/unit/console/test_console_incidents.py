@@ -3,6 +3,7 @@ ticked through the gateway's incident routes, for the operator's districts only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,48 @@ async def test_an_older_gateways_events_group_by_bell_until_closed(tmp_path: Pat
         await d.deliver(again)
         (card,) = (await listed(d))["incidents"]
         assert card["id"] == again["event_id"] and card["events"] == 1
+
+
+async def test_a_test_press_is_a_device_event_marked_test_never_a_card(tmp_path: Path) -> None:
+    # an older gateway sends no incident: the console must not make the test a stalking card
+    async with desk(tmp_path, FakeGateway(has_incidents=False)) as d:
+        await d.sign_in()
+        test = delivery(Alert(bell="emergency", trigger="test"))
+        assert (await d.deliver(test))[0] == 200
+        found = await listed(d)
+    assert found["incidents"] == []
+    assert [(e["event_id"], e["body"]["trigger"]) for e in found["events"]] == [
+        (test["event_id"], "test")
+    ]
+    assert not found["events"][0]["active"]
+
+
+async def test_a_burst_of_card_details_groups_the_incidents_once(tmp_path: Path) -> None:
+    """A desk of many cards asks for every card's detail at once: each lookup regrouping
+    every event and reading the gateway's whole list made that quadratic (4 s from a
+    press to its card with 200 open, bench/console.py)."""
+    bells = [f"bell-{n:04d}" for n in range(1, 21)]
+    gateway = FakeGateway(devices=[registry_entry(b) for b in bells])
+    for n, bell in enumerate(bells):
+        gateway.open_incident(f"inc-burst-{n:012d}", bell)
+    async with desk(tmp_path, gateway) as d:
+        await d.sign_in()
+        for n, bell in enumerate(bells):
+            incident = (f"inc-burst-{n:012d}", "stalking", 4)
+            await d.deliver(delivery(PRESS, device=bell, incident=incident))
+        before = gateway.listings
+
+        async def detail(incident_id: str) -> int:
+            async with d.client.get(f"/api/incidents/{incident_id}") as r:
+                return r.status
+
+        ids = [f"inc-burst-{n:012d}" for n in range(len(bells))]
+        assert await asyncio.gather(*(detail(i) for i in ids)) == [200] * len(ids)
+        assert gateway.listings - before == 1
+        # a new event is news: the next lookup groups again
+        await d.deliver(delivery(PRESS, device=bells[0], seq=2, incident=(ids[0], "stalking", 4)))
+        assert await detail(ids[0]) == 200
+        assert gateway.listings - before == 2
 
 
 async def test_stages_go_to_the_incident_routes_naming_the_operator_and_closing_needs_an_outcome(

@@ -92,6 +92,7 @@ def test_kinds_follow_the_bell_and_the_trigger() -> None:
     assert kind("bell", trigger="tamper") == "tamper"
     assert kind("bell", trigger="power_loss") == "power_lost"
     assert kind("bell", trigger="tamper_cleared") is None
+    assert kind("bell", trigger="test") is None
     assert classify("bell", "status", '{"state":"offline"}') == "offline"
     assert classify("bell", "heartbeat", '{"power":"battery"}') == "power_lost"
     assert classify("bell", "heartbeat", '{"power":"mains"}') is None
@@ -196,7 +197,7 @@ async def test_a_ring_that_becomes_an_emergency_upgrades_and_a_cancel_attaches(d
     await env.feed(ring)
     _, (listed) = await desk.call("GET", "/incidents", token=GANGNAM)
     (incident,) = listed["incidents"]
-    assert (incident["kind"], incident["priority"]) == ("doorbell_ring", 9)
+    assert (incident["kind"], incident["priority"]) == ("doorbell_ring", 10)
     urgent = Alert(bell="doorbell", trigger="press", urgent=True, linked_to=incident["id"])
     await env.feed(env.message(urgent, "bell-0002"))
     await env.feed(env.message(Cancel(alert_id=incident["id"]), "bell-0002"))
@@ -293,8 +294,10 @@ async def test_an_unacknowledged_incident_escalates_along_the_chain(desk: Desk) 
     await env.feed(env.message(Alert(bell="emergency", trigger="duress"), "bell-0002"))  # 30 s
     env.clock.ms = NOW + 29_999
     assert await desk.escalator.tick() == 0
+    assert desk.escalator.next_due_ms == NOW + 30_000  # the loop wakes for it, not later
     env.clock.ms = NOW + 30_000
     assert await desk.escalator.tick() == 1
+    assert desk.escalator.next_due_ms == NOW + 60_000  # both: the press's, the duress's 2nd
     assert await desk.escalator.tick() == 0  # a step is taken once
     env.clock.ms = NOW + 60_000
     assert await desk.escalator.tick() == 2  # the duress's second, the press's first
@@ -320,6 +323,19 @@ async def test_an_unacknowledged_incident_escalates_along_the_chain(desk: Desk) 
     assert await desk.escalator.tick() == 1  # the duress's last (police); the press's none
     _, listed = await desk.call("GET", "/incidents")
     assert [i["escalation_level"] for i in listed["incidents"]] == [3, 1]
+
+
+async def test_a_test_press_opens_no_incident_and_never_escalates(desk: Desk) -> None:
+    env = desk.env
+    await env.feed(env.message(Alert(bell="emergency", trigger="test"), id="alert-test-0001"))
+    env.clock.ms = NOW + 60 * 60_000  # far past every step of the chain
+    assert await desk.escalator.tick() == 0
+    assert (await desk.call("GET", "/incidents"))[1]["incidents"] == []
+    due = env.store.database.due_for("mapo", env.clock.ms, 100)
+    assert [d for d in due if d.type == "escalation"] == []
+    # kept and forwarded as any alert: the centre shows it as a test
+    _, alerts = await desk.call("GET", "/alerts")
+    assert [a["event_id"] for a in alerts["alerts"]] == ["alert-test-0001"]
 
 
 async def test_escalation_survives_a_gateway_restart(desk: Desk) -> None:

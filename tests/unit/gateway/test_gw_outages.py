@@ -135,6 +135,46 @@ async def test_a_district_going_dark_is_one_outage_and_one_restoration() -> None
     assert states(fleet.forwarded()) == ["district_outage", "district_restored", "online"]
 
 
+async def test_a_district_going_dark_is_one_incident_and_one_escalation() -> None:
+    fleet = Fleet({"mapo": 30, "jongno": 5})
+    mapo = fleet.districts["mapo"]
+    await fleet.hear(mapo + fleet.districts["jongno"])
+    fleet.silence(mapo[:20])
+    await fleet.advance(TIMEOUT_MS + 5_000)
+    # the operator's desk: one incident for the district, not twenty
+    (outage,) = await fleet.store.incidents("open", 100)
+    assert (outage.kind, outage.offline, outage.events) == ("district_outage", True, 21)
+    members = {await fleet.store.incident_of(e) for e in offline_events(fleet, mapo[:20])}
+    assert members == {outage.incident_id}
+    assert len(await fleet.store.escalation_candidates(3)) == 1
+    # more of it later join it
+    fleet.silence(mapo[20:25])
+    await fleet.advance(TIMEOUT_MS + RULE.update_ms)
+    (grown,) = await fleet.store.incidents("open", 100)
+    assert grown.incident_id == outage.incident_id and grown.events > 21
+    # restored, then a single bell going quiet is its own incident again
+    await fleet.hear(mapo[:25])
+    fleet.silence([mapo[29]])
+    await fleet.advance(TIMEOUT_MS + 5_000)
+    incidents = await fleet.store.incidents("open", 100)
+    assert sorted((i.kind, i.offline) for i in incidents) == [
+        ("district_outage", False),
+        ("offline", True),
+    ]
+
+
+def offline_events(fleet: Fleet, device_ids: list[str]) -> list[str]:
+    events = fleet.store.database.events(None, 100_000)
+    wanted = set(device_ids)
+    return [
+        e.event_id
+        for e in events
+        if e.device_id in wanted
+        and e.type == "status"
+        and json.loads(e.body_json)["state"] == "offline"
+    ]
+
+
 async def test_a_dc09_receiver_still_gets_each_bells_offline_inside_an_outage() -> None:
     """A SIA receiver works per account and cannot read a district event: the grouping is
     for the centres that can, and the alarm receiver keeps its per-bell trouble signals."""

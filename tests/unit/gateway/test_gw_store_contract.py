@@ -486,6 +486,46 @@ async def test_only_incident_worthy_events_open_one_and_offline_attaches(store: 
     assert incident.offline  # the last connection state attached; the alert is no status
 
 
+async def test_bells_going_offline_in_their_districts_outage_join_its_one_incident(
+    store: Store,
+) -> None:
+    mapo = ("bell-0001", "bell-0003", "bell-0004")
+    for device_id in mapo[1:]:
+        await store.add_device(Device(device_id, f"key-{device_id}", "bell", "mapo"), 0)
+    beats = [item(f"hb-{d}", d, type="heartbeat") for d in (*mapo, "bell-0002")]
+    await store.accept_batch(beats, 50)
+
+    def status(event_id: str, device_id: str, seq: int, **body: object) -> Incoming:
+        return item(event_id, device_id, seq, type="status", body=json.dumps(body))
+
+    # the supervisor tells the outage (about its first bell) before the bells' own events
+    told = {"district": "mapo", "count": 3, "offline": list(mapo)}
+    await store.add_event(
+        status("outage-0001", "bell-0001", 2, state="district_outage", **told), 100
+    )
+    gone = [status(f"off-{d}", d, 3, state="offline") for d in (*mapo, "bell-0002")]
+    assert await store.mark_offline(gone, 100, 100) == [True] * 4
+    outage, elsewhere = await store.incidents("open", 10)
+    assert (outage.kind, outage.device_id, outage.offline, outage.events) == (
+        "district_outage",
+        "bell-0001",
+        True,
+        4,
+    )
+    assert [await store.incident_of(f"off-{d}") for d in mapo] == [outage.incident_id] * 3
+    # another district's bell is its own incident; one escalation for the whole outage
+    assert (elsewhere.kind, elsewhere.device_id) == ("offline", "bell-0002")
+    assert len(await store.escalation_candidates(3)) == 2
+    # restored: a bell going offline after it is news of its own again
+    await store.add_event(status("restored-0001", "bell-0001", 4, state="district_restored"), 200)
+    await store.accept_batch([item("hb-again", "bell-0003", 5, type="heartbeat")], 220)
+    again = [status("off-again", "bell-0003", 6, state="offline")]
+    assert await store.mark_offline(again, 250, 300) == [True]
+    assert await store.incident_of("off-again") == "off-again"
+    (restored,) = [i for i in await store.incidents("open", 10) if i.kind == "district_outage"]
+    assert not restored.offline
+
+
 async def test_stages_only_go_forward_and_a_tick_is_kept_once(store: Store) -> None:
     await store.accept_batch([item("alert-0001", body=alert_body())], 100)
     assert await store.move_incident("alert-0001", "dispatched", 200, "desk")
