@@ -453,15 +453,30 @@ class Rollouts:
         return web.json_response(rollout.summary(), status=201)
 
     async def _status(self, request: web.Request) -> web.Response:
+        # a token sees the rollouts of its own districts only (their device ids included)
+        token = request[TOKEN_KEY]
         current = self.current
         return web.json_response(
             {
-                "current": None if current is None else current.model_dump(),
-                "history": [r.summary() for r in self._state.history],
+                "current": (
+                    current.model_dump()
+                    if current is not None and token.sees(current.district)
+                    else None
+                ),
+                "history": [r.summary() for r in self._state.history if token.sees(r.district)],
             }
         )
 
+    def _not_theirs(self, request: web.Request) -> web.Response | None:
+        """A 404 for a token that may not act on the current rollout's district."""
+        current = self.current
+        if current is not None and not request[TOKEN_KEY].sees(current.district):
+            return _error(404, "no rollout in this token's districts")
+        return None
+
     async def _resume(self, request: web.Request) -> web.Response:
+        if (refused := self._not_theirs(request)) is not None:
+            return refused
         body = await request.read()
         try:
             asked = _ResumeRequest.model_validate_json(body or b"{}")
@@ -473,6 +488,8 @@ class Rollouts:
         return web.json_response(rollout.summary())
 
     async def _abort(self, request: web.Request) -> web.Response:
+        if (refused := self._not_theirs(request)) is not None:
+            return refused
         try:
             rollout = self.abort()
         except RolloutRefused as exc:

@@ -49,6 +49,8 @@ def test_every_route_refuses_no_token_and_the_wrong_role(site: Site) -> None:
         # the bell's one alert opened its incident, which goes by that alert's id
         "incident_id": site.alerts[MAPO_BELL],
         "step": "call_victim",
+        "district": "mapo",
+        "version": "1.0.1",
     }
     checked = 0
     for method, path, operation in routes(site):
@@ -73,6 +75,8 @@ def test_no_route_lets_a_mapo_desk_see_or_touch_gangnam(site: Site) -> None:
         "viewer_id": VIEWER,
         "incident_id": site.alerts[GANGNAM_DOOR],
         "step": "view_camera",
+        "district": "gangnam",
+        "version": "1.0.1",
     }
     secrets_of_gangnam = [GANGNAM_DOOR, site.alerts[GANGNAM_DOOR]]
     before = site.state_of(site.alerts[GANGNAM_DOOR])

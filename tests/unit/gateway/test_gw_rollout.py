@@ -238,6 +238,12 @@ async def test_rollouts_through_the_admin_routes(http: Http) -> None:
     assert status == 201 and body["counts"]["pending"] == 2
     status, _ = await http.call("POST", "/admin/rollouts", json=start)
     assert status == 409
+    # another district's admin neither sees mapo's rollout (its device ids) nor moves it
+    status, body = await http.call("GET", "/admin/rollouts", token=GANGNAM_ADMIN)
+    assert status == 200 and body["current"] is None and "bell-" not in str(body)
+    for action in ("resume", "abort"):
+        status, _ = await http.call("POST", f"/admin/rollouts/{action}", token=GANGNAM_ADMIN)
+        assert status == 404
     status, body = await http.call("POST", "/admin/rollouts/resume", json={"percent": 50})
     assert status == 200 and body["counts"]["pending"] == 10
     status, body = await http.call("GET", "/admin/rollouts")
