@@ -222,6 +222,9 @@ class IntakeConfig(_Section):
     # re-read the device registry this often, to follow other instances' registrations,
     # revocations and high-water marks; 0: only at start and on this instance's admin calls
     registry_reload_s: Annotated[float, Field(ge=0)] = 10.0
+    # heartbeats are kept together at most this often (liveness only: alerts never wait);
+    # far below the silence timeout. 0: each in the batch it arrives in
+    heartbeat_flush_s: Annotated[float, Field(ge=0, le=10)] = 1.0
 
 
 @dataclass(frozen=True, slots=True)
