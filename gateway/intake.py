@@ -13,8 +13,9 @@ transaction (and its fsync) per wake-up is most of their cost. What waits is liv
 only: nobody waits for a heartbeat's ack (it has none), alerts are never held back, and a
 gateway that crashes loses at most one interval of heartbeats (last seen, a heartbeat's
 high-water mark, a power change or a return online the next heartbeat brings again).
-Supervision hears the device when the heartbeat is kept; the interval is far below the
-silence timeout, so no instance's supervisor takes a waiting heartbeat's device for silent.
+Supervision hears the device when the heartbeat is kept; the interval is at most half the
+silence timeout less one heartbeat (`GatewayConfig.heartbeat_flush_ms`), so no instance's
+supervisor takes a waiting heartbeat's device for silent.
 
 Exact duplicates (a QoS 1 redelivery, or a resend whose ack was lost) are kept once and
 acked every time: the device keeps an alert until it sees `received`.

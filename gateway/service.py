@@ -219,7 +219,7 @@ class Gateway:
             on_rtc=self.video.on_rtc if self.video is not None else None,
             on_probe=self.probe.offer,
             on_heartbeats=self.fleet.heartbeats,
-            heartbeat_flush_ms=int(config.intake.heartbeat_flush_s * 1000),
+            heartbeat_flush_ms=config.heartbeat_flush_ms,
         )
         self.api = Api(
             self.store,
