@@ -224,6 +224,9 @@ class IntakeConfig(_Section):
     # re-read the device registry this often, to follow other instances' registrations,
     # revocations and high-water marks; 0: only at start and on this instance's admin calls
     registry_reload_s: Annotated[float, Field(ge=0)] = 10.0
+    # heartbeats are kept together at most this often (liveness only: alerts never wait);
+    # at most half the silence timeout less one heartbeat. 0: each as it arrives
+    heartbeat_flush_s: Annotated[float, Field(ge=0, le=10)] = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -566,6 +569,15 @@ class GatewayConfig(_Section):
         if self.store:
             check_store_url(self.store)  # BadStoreUrl (a ValueError) names the fix
         return self
+
+    @property
+    def heartbeat_flush_ms(self) -> int:
+        """[intake] heartbeat_flush_s, at most half the silence timeout less one heartbeat:
+        the store's last-seen lags by up to this, and another instance's supervisor must not
+        find silent a device this one heard and has yet to keep (`missed = 1`: none wait)."""
+        s = self.supervise
+        room_ms = s.timeout_ms - int(s.heartbeat_s * 1000)
+        return min(int(self.intake.heartbeat_flush_s * 1000), max(0, room_ms // 2))
 
     @property
     def store_url(self) -> str:

@@ -6,6 +6,17 @@ message is counted by reason and logged with the device id only; nothing escapes
 
 Messages are processed in batches: one group commit per batch, then the `received` acks.
 
+Heartbeats may wait (`heartbeat_flush_ms`): they are kept together, in one transaction
+at most that often (or when `batch_max` of them wait), instead of in every batch they
+arrive in. At a city's scale heartbeats are the load and arrive a few at a time, so a
+transaction (and its fsync) per wake-up is most of their cost. What waits is liveness
+only: nobody waits for a heartbeat's ack (it has none), alerts are never held back, and a
+gateway that crashes loses at most one interval of heartbeats (last seen, a heartbeat's
+high-water mark, a power change or a return online the next heartbeat brings again).
+Supervision hears the device when the heartbeat is kept; the interval is at most half the
+silence timeout less one heartbeat (`GatewayConfig.heartbeat_flush_ms`), so no instance's
+supervisor takes a waiting heartbeat's device for silent.
+
 Exact duplicates (a QoS 1 redelivery, or a resend whose ack was lost) are kept once and
 acked every time: the device keeps an alert until it sees `received`.
 
@@ -236,6 +247,7 @@ class Intake:
         secondary: SecondaryPathWatch | None = None,
         on_probe: Callable[[MqttMessage], bool] | None = None,
         on_heartbeats: Callable[[list[Incoming]], None] | None = None,
+        heartbeat_flush_ms: int = 0,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -256,6 +268,12 @@ class Intake:
         self._on_probe = on_probe
         # each device's last health and clock drift (gateway/fleethealth.py)
         self._on_heartbeats = on_heartbeats
+        # heartbeats checked and waiting to be kept (see the module docstring); 0: none wait
+        self._heartbeat_flush_ms = heartbeat_flush_ms
+        self._waiting_beats: list[Incoming] = []
+        self._waiting_bodies: dict[str, Heartbeat] = {}
+        self._waiting_since_ms = 0
+        self._newest_beat_ms = 0
         self._queue: list[MqttMessage] = []
         self._wake = asyncio.Event()
         # at queue_max messages waiting, on_backlog(True) (the gateway stops reading from
@@ -296,17 +314,49 @@ class Intake:
             self._on_backlog(behind)
 
     async def run(self) -> None:
-        while True:
+        try:
+            while True:
+                if not await self._woken():
+                    await self.flush_heartbeats()  # nothing came within the interval
+                    continue
+                self._wake.clear()
+                while self._queue:
+                    batch = self._queue[: self._batch_max]
+                    del self._queue[: self._batch_max]
+                    self._metrics.intake_queue.set(len(self._queue))
+                    await self.process(batch)
+                    if self._behind and len(self._queue) <= self._queue_max // 2:
+                        self._set_behind(False)
+                self._metrics.intake_queue.set(0)
+        finally:
+            # a clean stop keeps what waits (the store closes after this task)
+            try:
+                await self.flush_heartbeats()
+            except Exception:
+                log.exception("intake: cannot keep the waiting heartbeats at stop")
+
+    async def _woken(self) -> bool:
+        """Wait for messages; False when heartbeats wait and the interval passed first."""
+        if not self._waiting_beats:
             await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                batch = self._queue[: self._batch_max]
-                del self._queue[: self._batch_max]
-                self._metrics.intake_queue.set(len(self._queue))
-                await self.process(batch)
-                if self._behind and len(self._queue) <= self._queue_max // 2:
-                    self._set_behind(False)
-            self._metrics.intake_queue.set(0)
+            return True
+        waited_ms = self._clock_ms() - self._waiting_since_ms
+        try:
+            async with asyncio.timeout(max(0, self._heartbeat_flush_ms - waited_ms) / 1000):
+                await self._wake.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def flush_heartbeats(self) -> None:
+        """Keep the heartbeats that wait, in one transaction."""
+        beats, bodies = self._waiting_beats, self._waiting_bodies
+        if not beats:
+            return
+        self._waiting_beats, self._waiting_bodies = [], {}
+        # last seen as of the newest: at most one interval late, never early (an early one
+        # could let another instance's supervisor take the device for silent)
+        await self._keep(beats, self._newest_beat_ms, bodies)
 
     async def process(self, batch: list[MqttMessage]) -> None:
         """Check, keep and ack one batch; never raises for anything a message contains."""
@@ -344,9 +394,12 @@ class Intake:
         if self._supervisor is not None:
             # Signed by the device: it is alive, whether or not the store can keep the message
             # (a full disk must not turn every bell whose heartbeats it could not write into
-            # an offline report once it can write again).
+            # an offline report once it can write again), and whether it is written now or
+            # with the next flush of heartbeats.
             for c in kept:
                 self._supervisor.heard(c.device.device_id, now_ms)
+        if self._heartbeat_flush_ms > 0:
+            kept = self._hold_heartbeats(kept, now_ms)
         if kept:
             # the heartbeats' bodies as parsed, so nothing downstream parses them again
             beats = {
@@ -355,9 +408,31 @@ class Intake:
                 if isinstance(c.opened.message, HeartbeatMessage)
             }
             await self._keep([self._incoming(c) for c in kept], now_ms, beats)
+        if self._waiting_beats and (
+            len(self._waiting_beats) >= self._batch_max
+            or now_ms - self._waiting_since_ms >= self._heartbeat_flush_ms
+            # a will comes after its device's waiting heartbeats: they must not cancel it
+            or wills
+        ):
+            await self.flush_heartbeats()
         if self._supervisor is not None and wills:
             await self._supervise(self._supervisor.last_will, wills)
         self._send_syncs(now_ms)
+
+    def _hold_heartbeats(self, checked: list[_Checked], now_ms: int) -> list[_Checked]:
+        """Put the heartbeats aside to be kept at the next flush; the rest, to keep now."""
+        rest = []
+        for c in checked:
+            msg = c.opened.message
+            if isinstance(msg, HeartbeatMessage):
+                if not self._waiting_beats:
+                    self._waiting_since_ms = now_ms
+                self._waiting_beats.append(self._incoming(c))
+                self._waiting_bodies[msg.id] = msg.body
+                self._newest_beat_ms = now_ms
+            else:
+                rest.append(c)
+        return rest
 
     async def _resent(
         self, maybe: list[tuple[MqttMessage, _MaybeResent]], now_ms: int

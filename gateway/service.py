@@ -230,6 +230,7 @@ class Gateway:
             on_rtc=self.video.on_rtc if self.video is not None else None,
             on_probe=self.probe.offer,
             on_heartbeats=self._on_heartbeats,
+            heartbeat_flush_ms=config.heartbeat_flush_ms,
         )
         self.api = Api(
             self.store,

@@ -215,7 +215,11 @@ def due(store: SqliteStore, now_ms: int, limit: int = 100_000) -> list[Delivery]
 
 
 async def make_env(
-    clock: Clock | None = None, store: SqliteStore | None = None, *, will_grace_ms: int = 0
+    clock: Clock | None = None,
+    store: SqliteStore | None = None,
+    *,
+    will_grace_ms: int = 0,
+    heartbeat_flush_ms: int = 0,
 ) -> Env:
     """A gateway's insides; given the `store` of an earlier one, a restart of that gateway."""
     clock = clock or Clock()
@@ -257,6 +261,7 @@ async def make_env(
         clock,
         on_kept=lambda items: woken.append(len(items)),
         supervisor=supervisor,
+        heartbeat_flush_ms=heartbeat_flush_ms,
     )
     return Env(clock, store, registry, metrics, downlink, supervisor, intake, sent, woken)
 

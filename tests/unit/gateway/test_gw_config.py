@@ -156,3 +156,24 @@ def test_a_growing_outage_is_updated_at_least_twice_a_heartbeat() -> None:
     rule = SuperviseConfig(heartbeat_s=1, outage_update_s=5).outage_rule()
     assert rule is not None and rule.update_ms == 500
     assert SuperviseConfig(group_outages=False).outage_rule() is None
+
+
+def test_heartbeats_wait_at_most_half_the_silence_timeout_less_one_heartbeat() -> None:
+    """The store's last-seen lags by the flush interval: it must stay well inside the time
+    another instance's supervisor gives a device before it finds it silent."""
+
+    def flush_ms(flush_s: float, heartbeat_s: float, missed: int) -> int:
+        return GatewayConfig.model_validate(
+            {
+                "intake": {"heartbeat_flush_s": flush_s},
+                "supervise": {"heartbeat_s": heartbeat_s, "missed": missed},
+                "centres": [
+                    {"name": "central", "url": "https://127.0.0.1/events", "secret": "s" * 24}
+                ],
+            }
+        ).heartbeat_flush_ms
+
+    assert flush_ms(1.0, 10, 3) == 1_000
+    assert flush_ms(1.0, 1, 2) == 500
+    assert flush_ms(5.0, 1, 3) == 1_000
+    assert flush_ms(1.0, 10, 1) == 0  # no room: each heartbeat kept as it arrives
