@@ -1,10 +1,11 @@
 """The video hub: one aiortc peer per device stream, recorded and relayed to viewers.
 
 Nothing is decoded or re-encoded here. The device's encoded frames are taken from the
-receiver (`ansimi.webrtc.tap_encoded`), written as they are to a crash-safe recording, and
-pushed into an `EncodedTrack` that `MediaRelay` fans out to each viewer's own peer
-connection (aiortc sends encoded packets without encoding). That is what lets one process
-carry dozens of streams (FIELD-NOTES: ~80 relayed pre-encoded streams vs ~32 re-encoded).
+receiver (`ansimi.webrtc.tap_encoded`), handed to the recording thread (muxing, encryption
+and disk writes off the loop: `recorder.RecordingThread`) and pushed straight into each
+viewer's own `EncodedTrack` (aiortc sends encoded packets without encoding). That is what
+lets one process carry dozens of streams (FIELD-NOTES: ~80 relayed pre-encoded streams vs
+~32 re-encoded); on the loop a frame costs a queue put per viewer and one for the recording.
 
 Signalling: a device's signed `rtc` offer reaches `on_rtc` after intake has checked it
 (signature, known and not revoked device, replay); the answer, or a refusal with a
@@ -40,7 +41,6 @@ from aiortc import (
     RTCRtpReceiver,
     RTCSessionDescription,
 )
-from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 
@@ -48,7 +48,6 @@ from ansimi.privacy import Keyring
 from ansimi.webrtc import (
     EncodedFrame,
     EncodedTrack,
-    KeyframeGate,
     VideoCodec,
     codec_of,
     enable_loopback_candidates,
@@ -65,7 +64,7 @@ from gateway.video.config import VideoConfig
 from gateway.video.encrypted import SUFFIX as ENCRYPTED
 from gateway.video.encrypted import RecordingBroken
 from gateway.video.evidence import SEAL_SUFFIX, seal_path, seal_recording
-from gateway.video.recorder import Recorder
+from gateway.video.recorder import Recorder, RecordingThread
 from gateway.video.retention import sweep
 from protocol.ids import new_message_id
 from protocol.jws import Signer
@@ -118,7 +117,7 @@ class Viewer:
     id: str
     device_id: str
     pc: RTCPeerConnection
-    track: KeyframeGate
+    track: EncodedTrack  # opens at the first keyframe
     answer: str
 
 
@@ -130,7 +129,7 @@ class Stream:
     receiver: RTCRtpReceiver
     codec: VideoCodec
     recorder: Recorder
-    source: EncodedTrack = field(default_factory=EncodedTrack)
+    writer: RecordingThread | None = None  # None: not recorded here (a relay)
     viewers: dict[str, Viewer] = field(default_factory=dict)
     channel: RTCDataChannel | None = None
     started: float = field(default_factory=time.monotonic)
@@ -151,16 +150,10 @@ class Stream:
     def on_frame(self, frame: EncodedFrame) -> None:
         self.frames += 1
         self.first_frame.set()
-        if not self.recorder.closed:
-            try:
-                self.recorder.write(frame)
-            except Exception:
-                # a full disk or a muxer error ends this recording, not the live stream
-                log.exception("video: recording %s failed; live video goes on", self.device_id)
-                with contextlib.suppress(Exception):
-                    self.recorder.close()
-        if self.viewers:
-            self.source.push(frame)
+        if self.writer is not None:
+            self.writer.write(self.recorder, frame)
+        for viewer in self.viewers.values():
+            viewer.track.push(frame)
 
 
 class VideoHub:
@@ -188,7 +181,7 @@ class VideoHub:
                 "never stored in clear). Fix: run `ansimi gateway privacy-key init`"
             )
         self._clock = clock
-        self._relay = MediaRelay()
+        self._recording = RecordingThread()
         self.streams: dict[str, Stream] = {}
         self._viewers: dict[str, Viewer] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -288,6 +281,7 @@ class VideoHub:
             receivers[0],
             codec,
             Recorder(stem, self._keyring),
+            self._recording,
             talk=talk,
         )
         stream_box.append(stream)
@@ -332,7 +326,6 @@ class VideoHub:
             del self.streams[stream.device_id]
         for viewer in list(stream.viewers.values()):
             await self._drop_viewer(viewer)
-        stream.source.stop()
         if stream.talk is not None:
             stream.talk.stop()
         await stream.pc.close()
@@ -344,7 +337,7 @@ class VideoHub:
             with contextlib.suppress(Exception):  # a stale claim only costs a failed relay
                 await self._holders.release_stream(stream.device_id, self._me, stream.session)
         try:
-            path = stream.recorder.close()
+            path = await self._recording.close(stream.recorder)
         except Exception:
             log.exception("video: finishing the recording of %s failed", stream.device_id)
             path = stream.recorder.path
@@ -408,7 +401,7 @@ class VideoHub:
                 f"device {device_id} already has {len(stream.viewers)} viewers (the cap)"
             )
         pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
-        track = KeyframeGate(self._relay.subscribe(stream.source))
+        track = EncodedTrack(from_keyframe=True)
         # the viewer's microphone, if its offer sends audio: heard only while it holds
         # push-to-talk (talk()), and drained all the time so nothing piles up
         voices: list[MediaStreamTrack] = []
@@ -701,6 +694,7 @@ class VideoHub:
                     Rtc(kind="bye", session=stream.session, reason="gateway stopping"),
                 )
             await self._end(stream, "gateway stopping")
+        self._recording.stop()
         for task in list(self._tasks):
             task.cancel()
 
@@ -710,6 +704,7 @@ class VideoHub:
             "viewers": len(self._viewers),
             "refused": dict(self.refused),
             "sealed": len(self.sealed),
+            "recording_frames_dropped": self._recording.dropped,
         }
 
 

@@ -19,10 +19,15 @@ before stays readable.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import logging
+import queue
 import struct
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Final
 
@@ -139,3 +144,78 @@ class Recorder:
                 if self._template is not None:
                     self._template.close()
         return self.path
+
+
+# frames waiting for the recording thread at most (about 2 s of 100 streams at 15 fps):
+# past that the disk cannot keep up, and frames are dropped (counted) rather than memory
+MAX_PENDING: Final = 3000
+
+
+class RecordingThread:
+    """Muxes, encrypts and writes every stream's recording on one thread, off the event loop.
+
+    On the loop, a frame costs one queue put: a disk that stalls (fsync, a full volume, a
+    slow SD card) stalls the recordings, never the live video, signalling or intake that
+    share the loop. Each recorder's frames and its close keep their order (one queue, one
+    thread). A recorder that fails is closed there, and its stream goes on live.
+    """
+
+    def __init__(self, max_pending: int = MAX_PENDING) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Recorder, EncodedFrame | Future[Path | None]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._max_pending = max_pending
+        self._thread: threading.Thread | None = None
+        self.dropped = 0  # frames not recorded because the thread fell behind
+
+    def write(self, recorder: Recorder, frame: EncodedFrame) -> None:
+        """Queue `frame` for `recorder` (from the loop)."""
+        if recorder.closed:
+            return
+        if self._jobs.qsize() >= self._max_pending:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error(
+                    "video: the disk does not keep up with the recordings: %d frames dropped "
+                    "so far (%d waiting). Fix: faster storage, or a lower [video] max_streams",
+                    self.dropped,
+                    self._max_pending,
+                )
+            return
+        self._submit((recorder, frame))
+
+    async def close(self, recorder: Recorder) -> Path | None:
+        """Finish `recorder` after the frames queued before; returns its path (`close()`)."""
+        done: Future[Path | None] = Future()
+        self._submit((recorder, done))
+        return await asyncio.wrap_future(done)
+
+    def stop(self) -> None:
+        """Let the thread end once it has done what is queued."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _submit(self, job: tuple[Recorder, EncodedFrame | Future[Path | None]]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="video-recording", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            recorder, item = job
+            if isinstance(item, Future):
+                try:
+                    item.set_result(recorder.close())
+                except Exception as exc:
+                    item.set_exception(exc)
+                continue
+            if recorder.closed:
+                continue
+            try:
+                recorder.write(item)
+            except Exception:
+                # a full disk or a muxer error ends this recording, not the live stream
+                log.exception("video: recording to %s failed; live video goes on", recorder.path)
+                with contextlib.suppress(Exception):
+                    recorder.close()

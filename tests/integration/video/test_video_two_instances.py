@@ -67,8 +67,8 @@ async def test_a_viewer_on_either_instance_sees_the_stream(tmp_path: Path) -> No
             serve(hub_b, port_b),
         ):
             r.command("video_start")
-            await eventually(lambda: DEVICE in r.hub.streams)
-            assert await store_b.stream_holder(DEVICE) == url_a
+            # the hub lists the stream before its claim is written: wait for the claim
+            await eventually(lambda: store_b.database.stream_holder(DEVICE) == url_a)
             on_a, _ = await watch(url_a)
             on_b, location_b = await watch(url_b)
             viewers += [on_a, on_b]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 from video_rig import DEVICE, Watcher, eventually, rig
 
+from ansimi.webrtc import EncodedFrame
 from gateway.video.config import VideoConfig
 from gateway.video.hub import TooManyViewers, VideoHub
+from gateway.video.recorder import Recorder, RecordingThread
 from protocol.jws import Signer
 from protocol.keys import generate_key
 from protocol.messages import Rtc
@@ -56,6 +59,57 @@ async def test_a_failing_recording_does_not_stop_live_video(tmp_path: Path) -> N
             await w.close()
         assert stream.recorder.closed
         assert DEVICE in r.hub.streams
+
+
+async def test_a_stalled_disk_stalls_the_recording_not_the_live_video(tmp_path: Path) -> None:
+    disk = threading.Event()  # set: the disk answers again
+    async with rig(tmp_path) as r:
+        r.command("video_start")
+        await eventually(lambda: DEVICE in r.hub.streams)
+        stream = r.hub.streams[DEVICE]
+        await eventually(lambda: stream.recorder.frames > 2)
+        real_write = stream.recorder.write
+
+        def stalled(frame: EncodedFrame) -> None:
+            disk.wait(timeout=30)  # as a write() into a full page cache on an SD card
+            real_write(frame)
+
+        stream.recorder.write = stalled  # type: ignore[method-assign]
+        w = Watcher()
+        try:
+            viewer = await r.hub.add_viewer(DEVICE, await w.offer())
+            await w.answer(viewer.answer)
+            # the viewer's frames flow while the recording waits for the disk
+            await eventually(lambda: w.frames >= 10)
+            assert not disk.is_set() and not stream.recorder.closed
+        finally:
+            disk.set()
+            await w.close()
+        recorded = stream.recorder.frames
+        await eventually(lambda: stream.recorder.frames > recorded)  # and it catches up
+
+
+async def test_frames_past_what_the_recording_thread_holds_are_dropped_and_counted(
+    tmp_path: Path,
+) -> None:
+    disk = threading.Event()
+    written: list[int] = []
+
+    class SlowRecorder(Recorder):
+        def write(self, frame: EncodedFrame) -> None:
+            disk.wait(timeout=30)
+            written.append(frame.timestamp)
+
+    recorder = SlowRecorder(tmp_path / "rec", None)
+    writer = RecordingThread(max_pending=5)
+    frames = [EncodedFrame("H264", b"x", i, False) for i in range(20)]
+    for frame in frames:
+        writer.write(recorder, frame)
+    assert writer.dropped >= 20 - 5 - 1  # the thread may hold one frame already
+    disk.set()
+    await writer.close(recorder)
+    assert len(written) == 20 - writer.dropped and written == sorted(written)
+    writer.stop()
 
 
 def test_retention_removes_only_old_files(tmp_path: Path) -> None:
