@@ -18,7 +18,11 @@ by its `[video] public_url`). A viewer who reaches an instance that does not hol
 device's stream is relayed: this instance becomes a WHEP viewer of the holder (passing on
 the viewer's own bearer token, so the holder checks the same rights) and fans that one
 upstream track out to its own viewers as it does a device's, without re-encoding. The
-relay ends with its last viewer or with the holder's stream.
+relay ends with its last viewer or with the holder's stream. Sound crosses the relay
+too: its upstream session carries one audio section both ways, so a viewer here who holds
+push-to-talk is heard at the door (the press is passed on to the holder, which checks the
+viewer's token, audits and grants it as for its own viewers), and the door's microphone,
+when the device sends it, reaches the listeners here.
 """
 
 from __future__ import annotations
@@ -392,7 +396,7 @@ class VideoHub:
             lock = self._locks.setdefault(device_id, asyncio.Lock())
             async with lock:  # one relay per device, however many viewers arrive at once
                 stream = self.streams.get(device_id) or await self._relay_from_holder(
-                    device_id, authorization
+                    device_id, authorization, operator
                 )
         if stream is None:
             raise DeviceOffline(f"device {device_id} has no live stream; send it video_start")
@@ -465,7 +469,9 @@ class VideoHub:
 
     # ---- relays from the instance holding a stream ----------------------------------
 
-    async def _relay_from_holder(self, device_id: str, authorization: str | None) -> Stream | None:
+    async def _relay_from_holder(
+        self, device_id: str, authorization: str | None, operator: str
+    ) -> Stream | None:
         """Become a WHEP viewer of the instance holding `device_id`'s stream; None if none."""
         if self._holders is None:
             return None
@@ -476,11 +482,19 @@ class VideoHub:
             raise TooManyViewers(f"this instance's cap of {self.config.max_streams} streams")
         pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
         receiver = pc.addTransceiver("video", direction="recvonly").receiver
+        # talk-back towards the holder (silent until a viewer here holds push-to-talk), and
+        # the door's microphone from it if the device sends one: one audio section
+        talk = TalkTrack()
+        pc.addTransceiver(talk, direction="sendrecv")
+        door: list[MediaStreamTrack] = []
+        pc.on("track", lambda t: door.append(t) if t.kind == "audio" else None)
         box: list[Stream] = []
         tap_encoded(receiver, lambda f: box[0].on_frame(f) if box else None)
         headers = {"Content-Type": "application/sdp"}
         if authorization:
             headers["Authorization"] = authorization
+        if operator:  # the holder audits who listens to the door through this relay
+            headers["X-Ansimi-Operator"] = operator
         try:
             await pc.setLocalDescription(await pc.createOffer())
             async with (
@@ -497,10 +511,12 @@ class VideoHub:
             await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
             codec = _negotiated_codec(answer)
         except DeviceOffline as exc:
+            talk.stop()
             await pc.close()
             log.warning("video: no relay of %s: %s", device_id, exc)
             return None
         except (OSError, TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            talk.stop()
             await pc.close()
             log.warning("video: no relay of %s from %s: %s", device_id, holder, exc)
             return None
@@ -513,9 +529,12 @@ class VideoHub:
             Recorder(Path(), None),  # the holder records; a relay never does
             relayed_from=f"{holder}{location}",
             authorization=authorization,
+            talk=talk,
         )
         box.append(stream)
         self.streams[device_id] = stream
+        if door:
+            self._spawn(self._fan_out_door(stream, door[0]))
 
         @pc.on("connectionstatechange")
         async def _on_state() -> None:
@@ -526,14 +545,8 @@ class VideoHub:
         return stream
 
     async def _leave_upstream(self, stream: Stream) -> None:
-        headers = {"Authorization": stream.authorization} if stream.authorization else {}
         with contextlib.suppress(OSError, TimeoutError, aiohttp.ClientError):
-            async with (
-                asyncio.timeout(RELAY_TIMEOUT_S),
-                aiohttp.ClientSession() as http,
-                http.delete(str(stream.relayed_from), headers=headers),
-            ):
-                pass
+            await _upstream("DELETE", str(stream.relayed_from), stream.authorization)
 
     # ---- talk-back ------------------------------------------------------------------
 
@@ -565,12 +578,20 @@ class VideoHub:
                     talk.offer(frame)  # type: ignore[arg-type]
 
     async def talk(
-        self, device_id: str, viewer_id: str, *, on: bool, operator: str, reason: str
+        self,
+        device_id: str,
+        viewer_id: str,
+        *,
+        on: bool,
+        operator: str,
+        reason: str,
+        authorization: str | None = None,
     ) -> None:
         """Push-to-talk: `viewer_id`'s microphone to the doorbell's speaker, or stop it.
 
         Each press is audited (operator, reason) before any sound passes. Raises
-        DeviceOffline, NoSuchViewer, TalkbackOff (the device has no talk-back).
+        DeviceOffline, NoSuchViewer, TalkbackOff (the device has no talk-back). On a relay
+        the press goes to the holder first, with the viewer's `authorization`.
         """
         stream = self.streams.get(device_id)
         if stream is None:
@@ -578,9 +599,9 @@ class VideoHub:
         if viewer_id not in stream.viewers:
             raise NoSuchViewer(f"viewer {viewer_id} does not watch {device_id}")
         if stream.talk is None:
-            raise TalkbackOff(
-                f"device {device_id} has talk-back off (its [video] talkback), or is relayed"
-            )
+            raise TalkbackOff(f"device {device_id} has talk-back off (its [video] talkback)")
+        if stream.relayed_from is not None:
+            await self._talk_upstream(stream, on, operator, reason, authorization)
         if not on:
             if stream.talker == viewer_id:
                 stream.talker, stream.talk_until = None, 0.0
@@ -597,6 +618,24 @@ class VideoHub:
         # one voice at a time: the latest press takes over
         stream.talker, stream.talk_until = viewer_id, time.monotonic() + TALK_GRANT_S
         log.info("video: talk-back to %s opened", device_id)
+
+    async def _talk_upstream(
+        self, stream: Stream, on: bool, operator: str, reason: str, authorization: str | None
+    ) -> None:
+        """Pass a push-to-talk press or release on to the instance holding the stream."""
+        url = f"{stream.relayed_from}/talk"
+        body = {"on": on, "operator": operator, "reason": reason}
+        try:
+            status, text = await _upstream("POST", url, authorization, body)
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            if not on:
+                return  # a release that does not arrive lapses there by itself
+            raise DeviceOffline(f"the holder of {stream.device_id} did not answer: {exc}") from None
+        if status == 409:
+            raise TalkbackOff(f"device {stream.device_id} has talk-back off (its holder says)")
+        if status != 200 and on:
+            log.warning("video: holder refused talk-back to %s: %s", stream.device_id, status)
+            raise DeviceOffline(f"the holder of {stream.device_id} answered {status}: {text}")
 
     async def remove_viewer(self, viewer_id: str, device_id: str | None = None) -> bool:
         viewer = self._viewers.get(viewer_id)
@@ -706,6 +745,19 @@ class VideoHub:
             "sealed": len(self.sealed),
             "recording_frames_dropped": self._recording.dropped,
         }
+
+
+async def _upstream(
+    method: str, url: str, authorization: str | None, body: dict[str, Any] | None = None
+) -> tuple[int, str]:
+    """One request to the instance holding a relayed stream: (status, body text)."""
+    headers = {"Authorization": authorization} if authorization else {}
+    async with (
+        asyncio.timeout(RELAY_TIMEOUT_S),
+        aiohttp.ClientSession() as http,
+        http.request(method, url, headers=headers, json=body) as resp,
+    ):
+        return resp.status, (await resp.text()).strip()
 
 
 def _audio_direction(sdp: str) -> str | None:
