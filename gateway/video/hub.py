@@ -291,7 +291,7 @@ class VideoHub:
         stream_box.append(stream)
         self.streams[device_id] = stream
         if door:
-            self._spawn(self._fan_out_door(stream, door[0]))
+            self._listen_to_door(stream, door[0])
 
         @pc.on("datachannel")
         def _on_channel(channel: RTCDataChannel) -> None:
@@ -534,7 +534,7 @@ class VideoHub:
         box.append(stream)
         self.streams[device_id] = stream
         if door:
-            self._spawn(self._fan_out_door(stream, door[0]))
+            self._listen_to_door(stream, door[0])
 
         @pc.on("connectionstatechange")
         async def _on_state() -> None:
@@ -555,10 +555,14 @@ class VideoHub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _listen_to_door(self, stream: Stream, door: MediaStreamTrack) -> None:
+        # set now, not in the task: the viewer that made a relay is added before it runs
+        stream.door_audio = True
+        self._spawn(self._fan_out_door(stream, door))
+
     async def _fan_out_door(self, stream: Stream, door: MediaStreamTrack) -> None:
         """The door's microphone to every viewer that listens; read always, so that
         nothing piles up while nobody does."""
-        stream.door_audio = True
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await door.recv()
