@@ -205,10 +205,18 @@ class RecordingThread:
         while (job := self._jobs.get()) is not None:
             recorder, item = job
             if isinstance(item, Future):
+                # the file is finished even if nobody waits any more (a cancelled stop)
+                waited = item.set_running_or_notify_cancel()
                 try:
-                    item.set_result(recorder.close())
+                    path = recorder.close()
                 except Exception as exc:
-                    item.set_exception(exc)
+                    if waited:
+                        item.set_exception(exc)
+                    else:
+                        log.exception("video: finishing %s failed", recorder.path)
+                else:
+                    if waited:
+                        item.set_result(path)
                 continue
             if recorder.closed:
                 continue

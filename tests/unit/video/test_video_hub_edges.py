@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from pathlib import Path
@@ -162,3 +163,33 @@ async def test_the_viewer_cap_refuses_one_more(tmp_path: Path) -> None:
         finally:
             await one.close()
             await two.close()
+
+
+async def test_a_recording_whose_close_nobody_awaits_any_more_is_still_finished(
+    tmp_path: Path,
+) -> None:
+    disk = threading.Event()
+    finished: list[bool] = []
+
+    class SlowRecorder(Recorder):
+        def write(self, frame: EncodedFrame) -> None:
+            disk.wait(timeout=30)
+
+        def close(self) -> Path | None:
+            finished.append(True)
+            return super().close()
+
+    writer = RecordingThread()
+    first, second = SlowRecorder(tmp_path / "one", None), SlowRecorder(tmp_path / "two", None)
+    writer.write(first, EncodedFrame("H264", b"x", 0, True))
+    closing = asyncio.ensure_future(writer.close(first))
+    await asyncio.sleep(0)
+    closing.cancel()  # the gateway stopping while the disk is slow
+    disk.set()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    # the thread finished the first recording and still serves the next
+    async with asyncio.timeout(10):  # a dead thread would never answer
+        assert await writer.close(second) is None
+    assert finished == [True, True]
+    writer.stop()
