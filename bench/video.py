@@ -399,12 +399,16 @@ async def capacity(state: Path) -> tuple[int, list[dict[str, Any]]]:
                         "min_recorded_fps": round(min(recorded, default=0), 2),
                         "min_viewer_fps": round(min(viewed), 2),
                         "gateway_cpu": round(cpu, 2),
+                        # a share of one core per stream: what the gateway itself costs,
+                        # whatever the devices and viewers in this process could keep up with
+                        "gateway_cpu_per_stream": round(cpu / n, 4),
                         "ok": ok,
                     }
                 )
                 print(
                     f"  {n:3} streams: recorded >= {min(recorded, default=0):5.2f} fps, "
                     f"viewers >= {min(viewed):5.2f} fps, gateway CPU {cpu * 100:4.0f} % "
+                    f"({cpu / n * 100:.2f} % a stream) "
                     f"{'ok' if ok else 'BELOW GOAL'}"
                 )
                 if not ok:
@@ -432,6 +436,13 @@ async def run(state: Path) -> dict[str, Any]:
     print(f"streams relayed and recorded at >= {GOAL_FPS:g} fps ({WIDTH}x{HEIGHT} {FPS} fps):")
     best, steps = await capacity(state)
     print(f"  {best} streams (goal >= 60)")
+    passed = [step for step in steps if step["ok"]]
+    # the gateway's own CPU at the largest passing step: streams one core could carry if
+    # that cost stays linear (an estimate; the ramp above is the measured figure)
+    per_stream = passed[-1]["gateway_cpu_per_stream"] if passed else None
+    per_core = round(1 / per_stream) if per_stream else None
+    if per_stream:
+        print(f"  gateway CPU {per_stream * 100:.2f} % of a core a stream: ~{per_core} a core")
     link = f"{LOSSY_LOSS:.0%} loss, {LOSSY_DELAY_S * 1000:.0f} ms delay per datagram"
     print(f"{LOSSY_STREAMS} live-encoded streams with a viewer each, clean loopback vs {link}:")
     clean = await lossy_link(state, shaped=False)
@@ -454,6 +465,8 @@ async def run(state: Path) -> dict[str, Any]:
             "press_to_first_frame_p95_s": round(p95, 3),
             "streams_relayed_and_recorded": best,
             "capacity_steps": steps,
+            "gateway_cpu_per_stream": per_stream,
+            "streams_per_gateway_core_estimate": per_core,
             "trials": TRIALS,
             "lossy_link": {"link": link, "clean": clean, "lossy": lossy},
             "encryption_cpu_share_per_stream": round(encryption, 5),

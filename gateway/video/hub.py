@@ -1,11 +1,11 @@
 """The video hub: one aiortc peer per device stream, recorded and relayed to viewers.
 
 Nothing is decoded or re-encoded here. The device's encoded frames are taken from the
-receiver (`ansimi.webrtc.tap_encoded`), handed to the recording thread (muxing, encryption
-and disk writes off the loop: `recorder.RecordingThread`) and pushed straight into each
-viewer's own `EncodedTrack` (aiortc sends encoded packets without encoding). That is what
-lets one process carry dozens of streams (FIELD-NOTES: ~80 relayed pre-encoded streams vs
-~32 re-encoded); on the loop a frame costs a queue put per viewer and one for the recording.
+receiver (`ansimi.webrtc.tap_encoded`), written as they are to a crash-safe recording (its
+disk writes on one thread, `encrypted.DiskThread`, so a stalled disk never stalls the loop)
+and pushed straight into each viewer's own `EncodedTrack` (aiortc sends encoded packets
+without encoding). That is what lets one process carry dozens of streams (FIELD-NOTES: ~80
+relayed pre-encoded streams vs ~32 re-encoded).
 
 Signalling: a device's signed `rtc` offer reaches `on_rtc` after intake has checked it
 (signature, known and not revoked device, replay); the answer, or a refusal with a
@@ -66,9 +66,9 @@ from gateway.store import StreamStore
 from gateway.video import audit
 from gateway.video.config import VideoConfig
 from gateway.video.encrypted import SUFFIX as ENCRYPTED
-from gateway.video.encrypted import RecordingBroken
+from gateway.video.encrypted import DiskThread, RecordingBroken
 from gateway.video.evidence import SEAL_SUFFIX, seal_path, seal_recording
-from gateway.video.recorder import Recorder, RecordingThread
+from gateway.video.recorder import Recorder
 from gateway.video.retention import sweep
 from protocol.ids import new_message_id
 from protocol.jws import Signer
@@ -133,7 +133,6 @@ class Stream:
     receiver: RTCRtpReceiver
     codec: VideoCodec
     recorder: Recorder
-    writer: RecordingThread | None = None  # None: not recorded here (a relay)
     viewers: dict[str, Viewer] = field(default_factory=dict)
     channel: RTCDataChannel | None = None
     started: float = field(default_factory=time.monotonic)
@@ -154,8 +153,14 @@ class Stream:
     def on_frame(self, frame: EncodedFrame) -> None:
         self.frames += 1
         self.first_frame.set()
-        if self.writer is not None:
-            self.writer.write(self.recorder, frame)
+        if not self.recorder.closed:
+            try:
+                self.recorder.write(frame)
+            except Exception:
+                # a full disk or a muxer error ends this recording, not the live stream
+                log.exception("video: recording %s failed; live video goes on", self.device_id)
+                with contextlib.suppress(Exception):
+                    self.recorder.close()
         for viewer in self.viewers.values():
             viewer.track.push(frame)
 
@@ -185,7 +190,7 @@ class VideoHub:
                 "never stored in clear). Fix: run `ansimi gateway privacy-key init`"
             )
         self._clock = clock
-        self._recording = RecordingThread()
+        self._disk = DiskThread()
         self.streams: dict[str, Stream] = {}
         self._viewers: dict[str, Viewer] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -284,8 +289,7 @@ class VideoHub:
             pc,
             receivers[0],
             codec,
-            Recorder(stem, self._keyring),
-            self._recording,
+            Recorder(stem, self._keyring, disk=self._disk),
             talk=talk,
         )
         stream_box.append(stream)
@@ -341,7 +345,8 @@ class VideoHub:
             with contextlib.suppress(Exception):  # a stale claim only costs a failed relay
                 await self._holders.release_stream(stream.device_id, self._me, stream.session)
         try:
-            path = await self._recording.close(stream.recorder)
+            path = stream.recorder.close()
+            await stream.recorder.finished()
         except Exception:
             log.exception("video: finishing the recording of %s failed", stream.device_id)
             path = stream.recorder.path
@@ -737,7 +742,7 @@ class VideoHub:
                     Rtc(kind="bye", session=stream.session, reason="gateway stopping"),
                 )
             await self._end(stream, "gateway stopping")
-        self._recording.stop()
+        self._disk.stop()
         for task in list(self._tasks):
             task.cancel()
 
@@ -747,7 +752,7 @@ class VideoHub:
             "viewers": len(self._viewers),
             "refused": dict(self.refused),
             "sealed": len(self.sealed),
-            "recording_frames_dropped": self._recording.dropped,
+            "recordings_cut_short_by_disk": self._disk.overflows,
         }
 
 

@@ -14,20 +14,17 @@ in-memory raw stream; frames before it are dropped (no decoder could use them an
 The muxer never writes to disk itself: it writes into an `encrypted.ChunkWriter`, and the
 recorder cuts an encrypted chunk after each second of video, so a crash loses about two
 seconds at most (the fragment being muxed and the chunk being filled) and every chunk
-before stays readable.
+before stays readable. In the gateway the chunks reach the disk through one
+`encrypted.DiskThread`, off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
-import queue
 import struct
-import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Final
 
@@ -36,7 +33,7 @@ import av
 from ansimi.privacy import Keyring
 from ansimi.webrtc import VIDEO_TIME_BASE, EncodedFrame, VideoCodec
 from gateway.video.encrypted import SUFFIX as ENCRYPTED
-from gateway.video.encrypted import ChunkWriter
+from gateway.video.encrypted import ChunkWriter, DiskThread
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +58,17 @@ def _ivf(frame: EncodedFrame) -> bytes:
 class Recorder:
     """Writes one stream to `path_stem` + .mp4.enc/.webm.enc; `close()` finishes the file."""
 
-    def __init__(self, path_stem: Path, keyring: Keyring | None) -> None:
-        """Without a data key (`keyring` None) nothing is recorded: never video in clear."""
+    def __init__(
+        self, path_stem: Path, keyring: Keyring | None, *, disk: DiskThread | None = None
+    ) -> None:
+        """Without a data key (`keyring` None) nothing is recorded: never video in clear.
+
+        With `disk`, the file writes happen on that thread: await `finished()` after
+        `close()` before reading the file back.
+        """
         self._stem = path_stem
         self._keyring = keyring
+        self._disk = disk
         self.path: Path | None = None
         self._sink: ChunkWriter | None = None
         self._last_cut = 0
@@ -113,7 +117,9 @@ class Recorder:
         assert self._keyring is not None
         plain_name = self._stem.with_suffix(SUFFIX[first.codec]).name
         self.path = self._stem.with_name(plain_name + ENCRYPTED)
-        self._sink = ChunkWriter(self.path, self._keyring, recording=plain_name, codec=first.codec)
+        self._sink = ChunkWriter(
+            self.path, self._keyring, recording=plain_name, codec=first.codec, disk=self._disk
+        )
         # every write reaches the chunk writer at once, so a cut holds all video muxed so far
         options = {"flush_packets": "1"}
         if first.codec == "H264":
@@ -145,85 +151,7 @@ class Recorder:
                     self._template.close()
         return self.path
 
-
-# frames waiting for the recording thread at most (about 2 s of 100 streams at 15 fps):
-# past that the disk cannot keep up, and frames are dropped (counted) rather than memory
-MAX_PENDING: Final = 3000
-
-
-class RecordingThread:
-    """Muxes, encrypts and writes every stream's recording on one thread, off the event loop.
-
-    On the loop, a frame costs one queue put: a disk that stalls (fsync, a full volume, a
-    slow SD card) stalls the recordings, never the live video, signalling or intake that
-    share the loop. Each recorder's frames and its close keep their order (one queue, one
-    thread). A recorder that fails is closed there, and its stream goes on live.
-    """
-
-    def __init__(self, max_pending: int = MAX_PENDING) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Recorder, EncodedFrame | Future[Path | None]] | None]
-        self._jobs = queue.SimpleQueue()
-        self._max_pending = max_pending
-        self._thread: threading.Thread | None = None
-        self.dropped = 0  # frames not recorded because the thread fell behind
-
-    def write(self, recorder: Recorder, frame: EncodedFrame) -> None:
-        """Queue `frame` for `recorder` (from the loop)."""
-        if recorder.closed:
-            return
-        if self._jobs.qsize() >= self._max_pending:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.error(
-                    "video: the disk does not keep up with the recordings: %d frames dropped "
-                    "so far (%d waiting). Fix: faster storage, or a lower [video] max_streams",
-                    self.dropped,
-                    self._max_pending,
-                )
-            return
-        self._submit((recorder, frame))
-
-    async def close(self, recorder: Recorder) -> Path | None:
-        """Finish `recorder` after the frames queued before; returns its path (`close()`)."""
-        done: Future[Path | None] = Future()
-        self._submit((recorder, done))
-        return await asyncio.wrap_future(done)
-
-    def stop(self) -> None:
-        """Let the thread end once it has done what is queued."""
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread = None
-
-    def _submit(self, job: tuple[Recorder, EncodedFrame | Future[Path | None]]) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="video-recording", daemon=True)
-            self._thread.start()
-        self._jobs.put(job)
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            recorder, item = job
-            if isinstance(item, Future):
-                # the file is finished even if nobody waits any more (a cancelled stop)
-                waited = item.set_running_or_notify_cancel()
-                try:
-                    path = recorder.close()
-                except Exception as exc:
-                    if waited:
-                        item.set_exception(exc)
-                    else:
-                        log.exception("video: finishing %s failed", recorder.path)
-                else:
-                    if waited:
-                        item.set_result(path)
-                continue
-            if recorder.closed:
-                continue
-            try:
-                recorder.write(item)
-            except Exception:
-                # a full disk or a muxer error ends this recording, not the live stream
-                log.exception("video: recording to %s failed; live video goes on", recorder.path)
-                with contextlib.suppress(Exception):
-                    recorder.close()
+    async def finished(self) -> None:
+        """Wait until the file is written and closed (at once without a disk thread)."""
+        if self._sink is not None and self._sink.finished is not None:
+            await asyncio.wrap_future(self._sink.finished)
