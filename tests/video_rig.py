@@ -20,6 +20,7 @@ from typing import Any
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError
 from ansimi_testkit import eventually
 
 from ansimi.privacy import DataKey, Keyring
@@ -42,6 +43,7 @@ __all__ = [
     "Tone",
     "Watcher",
     "eventually",
+    "listen",
     "loudness",
     "plaintext",
     "rig",
@@ -168,3 +170,11 @@ async def viewer_with_microphone() -> tuple[RTCPeerConnection, str]:
     pc.addTrack(Tone())
     await pc.setLocalDescription(await pc.createOffer())
     return pc, pc.localDescription.sdp
+
+
+async def listen(track: MediaStreamTrack, heard: list[float]) -> None:
+    """Append the loudness of each audio frame `track` brings until it ends."""
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            frame = await track.recv()
+            heard.append(loudness(frame.to_ndarray().tobytes()))  # type: ignore[union-attr]

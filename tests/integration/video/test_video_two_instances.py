@@ -13,9 +13,17 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
-from video_rig import DEVICE, Rig, Watcher, eventually, loudness, rig, viewer_with_microphone
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from video_rig import (
+    DEVICE,
+    Rig,
+    Watcher,
+    eventually,
+    listen,
+    loudness,
+    rig,
+    viewer_with_microphone,
+)
 
 from ansimi.broker import free_port
 from device.hal.audio import FakeAudioOutput, FakeMicrophone
@@ -176,19 +184,12 @@ async def test_an_operator_on_the_instance_without_the_stream_talks_to_the_door(
 
 async def test_the_door_is_heard_on_the_instance_without_the_stream(tmp_path: Path) -> None:
     heard: list[float] = []
-
-    async def listen(track: MediaStreamTrack) -> None:
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                frame = await track.recv()
-                heard.append(loudness(frame.to_ndarray().tobytes()))  # type: ignore[union-attr]
-
     device = DeviceVideo(microphone=True)
     async with two_instances(tmp_path, device=device, microphone=FakeMicrophone()) as two:
         await eventually(lambda: two.a.hub.streams[DEVICE].door_audio)
         pc, _ = await with_microphone(two.url_b, **{"X-Ansimi-Operator": "kim"})
         listening = [
-            asyncio.ensure_future(listen(r.track))
+            asyncio.ensure_future(listen(r.track, heard))
             for r in pc.getReceivers()
             if r.track.kind == "audio"
         ]

@@ -5,13 +5,11 @@ have it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 
 import pytest
-from aiortc import MediaStreamTrack, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
-from video_rig import DEVICE, eventually, loudness, rig, viewer_with_microphone
+from aiortc import RTCSessionDescription
+from video_rig import DEVICE, eventually, listen, loudness, rig, viewer_with_microphone
 
 from device.agent import Agent
 from device.config import DeviceConfig, DeviceSection
@@ -78,13 +76,6 @@ def test_a_store_bell_cannot_have_talkback() -> None:
 
 async def test_the_desk_hears_the_door_only_with_the_microphone_on(tmp_path: Path) -> None:
     heard: list[float] = []
-
-    async def listen(track: MediaStreamTrack) -> None:
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                frame = await track.recv()
-                heard.append(loudness(frame.to_ndarray().tobytes()))
-
     device = VideoConfig(talkback=True, microphone=True)
     speaker = FakeAudioOutput()
     async with rig(tmp_path, device=device, speaker=speaker, microphone=FakeMicrophone()) as r:
@@ -94,7 +85,9 @@ async def test_the_desk_hears_the_door_only_with_the_microphone_on(tmp_path: Pat
         tasks: list[asyncio.Task[None]] = []
         pc.on(
             "track",
-            lambda t: tasks.append(asyncio.ensure_future(listen(t))) if t.kind == "audio" else None,
+            lambda t: (
+                tasks.append(asyncio.ensure_future(listen(t, heard))) if t.kind == "audio" else None
+            ),
         )
         try:
             viewer = await r.hub.add_viewer(DEVICE, offer, operator="kim")
