@@ -49,7 +49,6 @@ __all__ = [
     "EncodedFrame",
     "EncodedTrack",
     "IceServer",
-    "KeyframeGate",
     "VideoCodec",
     "Watcher",
     "enable_loopback_candidates",
@@ -162,18 +161,27 @@ class EncodedTrack(MediaStreamTrack):
 
     Fed with `push()`; keeps at most `max_queue` frames (a slow consumer loses the oldest,
     never the loop's memory). `recv()` raises MediaStreamError once `stop()` was called.
+
+    `from_keyframe`: take nothing before the first keyframe. A viewer who joins mid-stream
+    would otherwise get P-frames it cannot decode; with pass-through the sender cannot make
+    a keyframe for it, so it waits for the next one.
     """
 
     kind = "video"
 
-    def __init__(self, max_queue: int = 60) -> None:
+    def __init__(self, max_queue: int = 60, *, from_keyframe: bool = False) -> None:
         super().__init__()
         self._queue: asyncio.Queue[EncodedFrame | None] = asyncio.Queue()
         self._max_queue = max_queue
+        self._open = not from_keyframe
 
     def push(self, frame: EncodedFrame) -> None:
         if self.readyState != "live":
             return
+        if not self._open:
+            if not frame.keyframe:
+                return
+            self._open = True
         while self._queue.qsize() >= self._max_queue:
             self._queue.get_nowait()
         self._queue.put_nowait(frame)
@@ -189,32 +197,6 @@ class EncodedTrack(MediaStreamTrack):
     def stop(self) -> None:
         if self.readyState == "live":
             self._queue.put_nowait(None)
-        super().stop()
-
-
-class KeyframeGate(MediaStreamTrack):
-    """Passes packets from `source` only from the first keyframe on.
-
-    A viewer who joins mid-stream would otherwise get P-frames it cannot decode; with
-    pass-through the sender cannot make a keyframe for it, so it waits for the next one.
-    """
-
-    kind = "video"
-
-    def __init__(self, source: MediaStreamTrack) -> None:
-        super().__init__()
-        self._source = source
-        self._open = False
-
-    async def recv(self) -> Any:
-        while True:
-            item = await self._source.recv()
-            if self._open or (isinstance(item, av.Packet) and item.is_keyframe):
-                self._open = True
-                return item
-
-    def stop(self) -> None:
-        self._source.stop()
         super().stop()
 
 

@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fractions
 import io
+import math
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import av
+import numpy as np
+from aiortc import MediaStreamTrack, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError
 from ansimi_testkit import eventually
 
 from ansimi.privacy import DataKey, Keyring
-from ansimi.webrtc import Watcher, enable_loopback_candidates
+from ansimi.webrtc import Watcher, enable_loopback_candidates, rtc_configuration
 from device.hal.camera import SyntheticCamera
 from device.hal.ports import AudioInput, AudioOutput
 from device.video.config import VideoConfig as DeviceVideo
@@ -30,7 +37,18 @@ from protocol.keys import generate_key
 from protocol.messages import Command, Rtc, build_message
 
 DEVICE = "doorbell-0001"
-__all__ = ["DEVICE", "Rig", "Watcher", "eventually", "plaintext", "rig"]
+__all__ = [
+    "DEVICE",
+    "Rig",
+    "Tone",
+    "Watcher",
+    "eventually",
+    "listen",
+    "loudness",
+    "plaintext",
+    "rig",
+    "viewer_with_microphone",
+]
 
 
 def plaintext(path: Path, keyring: Keyring) -> io.BytesIO:
@@ -108,3 +126,55 @@ async def rig(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+# ---- talk-back: an operator's microphone, and how loud the door's speaker played ----
+
+
+class Tone(MediaStreamTrack):
+    """A 440 Hz tone, as a browser's fake microphone sends it (48 kHz stereo, 20 ms)."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pts = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self._start is None:
+            self._start = time.monotonic()
+        wait = self._start + self._pts / 48_000 - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        t = (self._pts + np.arange(960)) / 48_000
+        wave = (8000 * np.sin(2 * math.pi * 440 * t)).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(
+            np.repeat(wave, 2).reshape(1, -1), format="s16", layout="stereo"
+        )
+        frame.sample_rate = 48_000
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, 48_000)
+        self._pts += 960
+        return frame
+
+
+def loudness(pcm: bytes) -> float:
+    samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float64)
+    return float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
+
+
+async def viewer_with_microphone() -> tuple[RTCPeerConnection, str]:
+    pc = RTCPeerConnection(rtc_configuration([]))
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTrack(Tone())
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+async def listen(track: MediaStreamTrack, heard: list[float]) -> None:
+    """Append the loudness of each audio frame `track` brings until it ends."""
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            frame = await track.recv()
+            heard.append(loudness(frame.to_ndarray().tobytes()))  # type: ignore[union-attr]

@@ -27,9 +27,13 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
+import queue
 import struct
+import threading
 from collections.abc import Generator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
@@ -40,6 +44,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ansimi.privacy import Keyring, SealError
 from gateway.errors import GatewayError
 
+log = logging.getLogger(__name__)
 MAGIC: Final = b"ANSIMI-VIDEO-1\n"
 SUFFIX: Final = ".enc"
 NONCE: Final = 12
@@ -48,6 +53,9 @@ TAG: Final = 16
 MAX_CHUNK: Final = 4 << 20
 _LENGTH = struct.Struct(">I")
 _RECORD = struct.Struct(">IB")
+# encrypted bytes waiting for the disk at most (all recordings together): past that the
+# disk does not keep up, and a recording that needs more is ended (incomplete) instead
+MAX_BACKLOG: Final = 64 << 20
 
 
 class RecordingBroken(GatewayError, ValueError):
@@ -83,15 +91,115 @@ def _header_bytes(header: dict[str, Any]) -> bytes:
     return MAGIC + _LENGTH.pack(len(body)) + body
 
 
+class DiskThread:
+    """Appends encrypted chunks to recording files on one thread, off the event loop.
+
+    Muxing and encryption stay on the loop (tens of microseconds a frame; AES-GCM releases
+    the GIL); only the file writes, flushes and the final fsync move here, once a chunk
+    (about a second of a stream): a disk that stalls (a full page cache on an SD card)
+    stalls the recordings, never the live video, signalling or intake sharing the loop.
+    One thread and one queue keep each file's writes in order.
+    """
+
+    def __init__(self, max_backlog: int = MAX_BACKLOG) -> None:
+        self._jobs: queue.SimpleQueue[tuple[IO[bytes], bytes | Future[None], bool] | None]
+        self._jobs = queue.SimpleQueue()
+        self._max_backlog = max_backlog
+        self._thread: threading.Thread | None = None
+        # bytes handed over (counted on the loop) and written (counted by the thread): one
+        # writer each, so their difference needs no lock
+        self._sent = 0
+        self._written = 0
+        self.overflows = 0  # recordings ended because the disk fell behind
+
+    def append(self, file: IO[bytes], data: bytes) -> bool:
+        """Queue `data` for `file`; False (nothing queued) when the backlog is full."""
+        if self._sent - self._written + len(data) > self._max_backlog:
+            self.overflows += 1
+            return False
+        self._sent += len(data)
+        self._put((file, data, False))
+        return True
+
+    def finish(self, file: IO[bytes], *, sync: bool) -> Future[None]:
+        """Close `file` after what was queued for it (fsync first if `sync`)."""
+        done: Future[None] = Future()
+        self._put((file, done, sync))
+        return done
+
+    def stop(self) -> None:
+        """Let the thread end once it has written what is queued."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _put(self, job: tuple[IO[bytes], bytes | Future[None], bool]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="video-disk", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        failed: set[int] = set()  # files whose write failed: the rest of theirs is skipped
+        while (job := self._jobs.get()) is not None:
+            file, item, sync = job
+            if isinstance(item, Future):
+                _close_file(file, sync and id(file) not in failed, item)
+                failed.discard(id(file))
+                continue
+            try:
+                if id(file) not in failed:
+                    file.write(item)
+                    file.flush()
+            except OSError:
+                # a full disk ends this recording (it reads as incomplete), not the others
+                log.exception("video: writing the recording %s failed", file.name)
+                failed.add(id(file))
+            finally:
+                self._written += len(item)
+
+
+def _close_file(file: IO[bytes], sync: bool, done: Future[None]) -> None:
+    # closed even if nobody waits any more (the gateway stopping): the file stays whole
+    waited = done.set_running_or_notify_cancel()
+    try:
+        try:
+            if sync:
+                os.fsync(file.fileno())
+        finally:
+            file.close()
+    except OSError as exc:
+        if waited:
+            done.set_exception(exc)
+        else:
+            log.exception("video: closing the recording %s failed", file.name)
+    else:
+        if waited:
+            done.set_result(None)
+
+
 class ChunkWriter:
     """A write-only file for the muxer: buffers, and on `cut()` appends one encrypted chunk.
 
     Not seekable on purpose: PyAV then writes the container front to back (fragmented MP4,
     live WebM), which is what lets each chunk be final the moment it is written.
+
+    With a `disk` thread the file writes happen there; `finished` is then done once the
+    file is closed (and, after `close()`, synced).
     """
 
-    def __init__(self, path: Path, keyring: Keyring, *, recording: str, codec: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        keyring: Keyring,
+        *,
+        recording: str,
+        codec: str,
+        disk: DiskThread | None = None,
+    ) -> None:
         self.path = path
+        self._disk = disk
+        self.finished: Future[None] | None = None
         self.recording = recording
         content_key = AESGCM.generate_key(bit_length=256)
         self._aead = AESGCM(content_key)
@@ -105,8 +213,18 @@ class ChunkWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         # exclusive: two streams never share a file, and an existing recording is never reset
         self._file: IO[bytes] = path.open("xb")
-        self._file.write(_header_bytes(header))
-        self._file.flush()
+        self._emit(_header_bytes(header))
+
+    def _emit(self, data: bytes) -> None:
+        if self._disk is None:
+            self._file.write(data)
+            self._file.flush()
+        elif not self._disk.append(self._file, data):
+            raise OSError(
+                f"{self.path}: the disk does not keep up with the recordings ({MAX_BACKLOG >> 20}"
+                " MB waiting); this recording ends here. Fix: faster storage, or a lower "
+                "[video] max_streams"
+            )
 
     # the file protocol PyAV uses
     def write(self, data: bytes) -> int:
@@ -132,8 +250,7 @@ class ChunkWriter:
             nonce, plaintext, _chunk_aad(self.recording, self.chunks, final)
         )
         record = _RECORD.pack(len(body), int(final)) + body
-        self._file.write(record)
-        self._file.flush()
+        self._emit(record)
         self._ciphertext.update(record)
         self._plaintext.update(plaintext)
         self.chunks += 1
@@ -144,15 +261,26 @@ class ChunkWriter:
             return
         try:
             self.cut(final=True)
-            os.fsync(self._file.fileno())
-        finally:
-            self.closed = True
-            self._file.close()
+        except BaseException:
+            self.abandon()
+            raise
+        self.closed = True
+        self._end_file(sync=True)
 
     def abandon(self) -> None:
         """Close without the final chunk (the recording failed): it reads as incomplete."""
         if not self.closed:
             self.closed = True
+            self._end_file(sync=False)
+
+    def _end_file(self, *, sync: bool) -> None:
+        if self._disk is not None:
+            self.finished = self._disk.finish(self._file, sync=sync)
+            return
+        try:
+            if sync:
+                os.fsync(self._file.fileno())
+        finally:
             self._file.close()
 
     def digests(self) -> tuple[str, str]:

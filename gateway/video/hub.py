@@ -1,10 +1,11 @@
 """The video hub: one aiortc peer per device stream, recorded and relayed to viewers.
 
 Nothing is decoded or re-encoded here. The device's encoded frames are taken from the
-receiver (`ansimi.webrtc.tap_encoded`), written as they are to a crash-safe recording, and
-pushed into an `EncodedTrack` that `MediaRelay` fans out to each viewer's own peer
-connection (aiortc sends encoded packets without encoding). That is what lets one process
-carry dozens of streams (FIELD-NOTES: ~80 relayed pre-encoded streams vs ~32 re-encoded).
+receiver (`ansimi.webrtc.tap_encoded`), written as they are to a crash-safe recording (its
+disk writes on one thread, `encrypted.DiskThread`, so a stalled disk never stalls the loop)
+and pushed straight into each viewer's own `EncodedTrack` (aiortc sends encoded packets
+without encoding). That is what lets one process carry dozens of streams (FIELD-NOTES: ~80
+relayed pre-encoded streams vs ~32 re-encoded).
 
 Signalling: a device's signed `rtc` offer reaches `on_rtc` after intake has checked it
 (signature, known and not revoked device, replay); the answer, or a refusal with a
@@ -17,7 +18,11 @@ by its `[video] public_url`). A viewer who reaches an instance that does not hol
 device's stream is relayed: this instance becomes a WHEP viewer of the holder (passing on
 the viewer's own bearer token, so the holder checks the same rights) and fans that one
 upstream track out to its own viewers as it does a device's, without re-encoding. The
-relay ends with its last viewer or with the holder's stream.
+relay ends with its last viewer or with the holder's stream. Sound crosses the relay
+too: its upstream session carries one audio section both ways, so a viewer here who holds
+push-to-talk is heard at the door (the press is passed on to the holder, which checks the
+viewer's token, audits and grants it as for its own viewers), and the door's microphone,
+when the device sends it, reaches the listeners here.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from aiortc import (
     RTCRtpReceiver,
     RTCSessionDescription,
 )
-from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 
@@ -48,7 +52,6 @@ from ansimi.privacy import Keyring
 from ansimi.webrtc import (
     EncodedFrame,
     EncodedTrack,
-    KeyframeGate,
     VideoCodec,
     codec_of,
     enable_loopback_candidates,
@@ -63,7 +66,7 @@ from gateway.store import StreamStore
 from gateway.video import audit
 from gateway.video.config import VideoConfig
 from gateway.video.encrypted import SUFFIX as ENCRYPTED
-from gateway.video.encrypted import RecordingBroken
+from gateway.video.encrypted import DiskThread, RecordingBroken
 from gateway.video.evidence import SEAL_SUFFIX, seal_path, seal_recording
 from gateway.video.recorder import Recorder
 from gateway.video.retention import sweep
@@ -118,7 +121,7 @@ class Viewer:
     id: str
     device_id: str
     pc: RTCPeerConnection
-    track: KeyframeGate
+    track: EncodedTrack  # opens at the first keyframe
     answer: str
 
 
@@ -130,7 +133,6 @@ class Stream:
     receiver: RTCRtpReceiver
     codec: VideoCodec
     recorder: Recorder
-    source: EncodedTrack = field(default_factory=EncodedTrack)
     viewers: dict[str, Viewer] = field(default_factory=dict)
     channel: RTCDataChannel | None = None
     started: float = field(default_factory=time.monotonic)
@@ -159,8 +161,8 @@ class Stream:
                 log.exception("video: recording %s failed; live video goes on", self.device_id)
                 with contextlib.suppress(Exception):
                     self.recorder.close()
-        if self.viewers:
-            self.source.push(frame)
+        for viewer in self.viewers.values():
+            viewer.track.push(frame)
 
 
 class VideoHub:
@@ -188,7 +190,7 @@ class VideoHub:
                 "never stored in clear). Fix: run `ansimi gateway privacy-key init`"
             )
         self._clock = clock
-        self._relay = MediaRelay()
+        self._disk = DiskThread()
         self.streams: dict[str, Stream] = {}
         self._viewers: dict[str, Viewer] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -287,13 +289,13 @@ class VideoHub:
             pc,
             receivers[0],
             codec,
-            Recorder(stem, self._keyring),
+            Recorder(stem, self._keyring, disk=self._disk),
             talk=talk,
         )
         stream_box.append(stream)
         self.streams[device_id] = stream
         if door:
-            self._spawn(self._fan_out_door(stream, door[0]))
+            self._listen_to_door(stream, door[0])
 
         @pc.on("datachannel")
         def _on_channel(channel: RTCDataChannel) -> None:
@@ -332,7 +334,6 @@ class VideoHub:
             del self.streams[stream.device_id]
         for viewer in list(stream.viewers.values()):
             await self._drop_viewer(viewer)
-        stream.source.stop()
         if stream.talk is not None:
             stream.talk.stop()
         await stream.pc.close()
@@ -345,6 +346,7 @@ class VideoHub:
                 await self._holders.release_stream(stream.device_id, self._me, stream.session)
         try:
             path = stream.recorder.close()
+            await stream.recorder.finished()
         except Exception:
             log.exception("video: finishing the recording of %s failed", stream.device_id)
             path = stream.recorder.path
@@ -399,7 +401,7 @@ class VideoHub:
             lock = self._locks.setdefault(device_id, asyncio.Lock())
             async with lock:  # one relay per device, however many viewers arrive at once
                 stream = self.streams.get(device_id) or await self._relay_from_holder(
-                    device_id, authorization
+                    device_id, authorization, operator
                 )
         if stream is None:
             raise DeviceOffline(f"device {device_id} has no live stream; send it video_start")
@@ -408,7 +410,7 @@ class VideoHub:
                 f"device {device_id} already has {len(stream.viewers)} viewers (the cap)"
             )
         pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
-        track = KeyframeGate(self._relay.subscribe(stream.source))
+        track = EncodedTrack(from_keyframe=True)
         # the viewer's microphone, if its offer sends audio: heard only while it holds
         # push-to-talk (talk()), and drained all the time so nothing piles up
         voices: list[MediaStreamTrack] = []
@@ -472,7 +474,9 @@ class VideoHub:
 
     # ---- relays from the instance holding a stream ----------------------------------
 
-    async def _relay_from_holder(self, device_id: str, authorization: str | None) -> Stream | None:
+    async def _relay_from_holder(
+        self, device_id: str, authorization: str | None, operator: str
+    ) -> Stream | None:
         """Become a WHEP viewer of the instance holding `device_id`'s stream; None if none."""
         if self._holders is None:
             return None
@@ -483,11 +487,19 @@ class VideoHub:
             raise TooManyViewers(f"this instance's cap of {self.config.max_streams} streams")
         pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))
         receiver = pc.addTransceiver("video", direction="recvonly").receiver
+        # talk-back towards the holder (silent until a viewer here holds push-to-talk), and
+        # the door's microphone from it if the device sends one: one audio section
+        talk = TalkTrack()
+        pc.addTransceiver(talk, direction="sendrecv")
+        door: list[MediaStreamTrack] = []
+        pc.on("track", lambda t: door.append(t) if t.kind == "audio" else None)
         box: list[Stream] = []
         tap_encoded(receiver, lambda f: box[0].on_frame(f) if box else None)
         headers = {"Content-Type": "application/sdp"}
         if authorization:
             headers["Authorization"] = authorization
+        if operator:  # the holder audits who listens to the door through this relay
+            headers["X-Ansimi-Operator"] = operator
         try:
             await pc.setLocalDescription(await pc.createOffer())
             async with (
@@ -504,10 +516,12 @@ class VideoHub:
             await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
             codec = _negotiated_codec(answer)
         except DeviceOffline as exc:
+            talk.stop()
             await pc.close()
             log.warning("video: no relay of %s: %s", device_id, exc)
             return None
         except (OSError, TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            talk.stop()
             await pc.close()
             log.warning("video: no relay of %s from %s: %s", device_id, holder, exc)
             return None
@@ -520,9 +534,12 @@ class VideoHub:
             Recorder(Path(), None),  # the holder records; a relay never does
             relayed_from=f"{holder}{location}",
             authorization=authorization,
+            talk=talk,
         )
         box.append(stream)
         self.streams[device_id] = stream
+        if door:
+            self._listen_to_door(stream, door[0])
 
         @pc.on("connectionstatechange")
         async def _on_state() -> None:
@@ -533,14 +550,8 @@ class VideoHub:
         return stream
 
     async def _leave_upstream(self, stream: Stream) -> None:
-        headers = {"Authorization": stream.authorization} if stream.authorization else {}
         with contextlib.suppress(OSError, TimeoutError, aiohttp.ClientError):
-            async with (
-                asyncio.timeout(RELAY_TIMEOUT_S),
-                aiohttp.ClientSession() as http,
-                http.delete(str(stream.relayed_from), headers=headers),
-            ):
-                pass
+            await _upstream("DELETE", str(stream.relayed_from), stream.authorization)
 
     # ---- talk-back ------------------------------------------------------------------
 
@@ -549,10 +560,14 @@ class VideoHub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _listen_to_door(self, stream: Stream, door: MediaStreamTrack) -> None:
+        # set now, not in the task: the viewer that made a relay is added before it runs
+        stream.door_audio = True
+        self._spawn(self._fan_out_door(stream, door))
+
     async def _fan_out_door(self, stream: Stream, door: MediaStreamTrack) -> None:
         """The door's microphone to every viewer that listens; read always, so that
         nothing piles up while nobody does."""
-        stream.door_audio = True
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await door.recv()
@@ -572,12 +587,20 @@ class VideoHub:
                     talk.offer(frame)  # type: ignore[arg-type]
 
     async def talk(
-        self, device_id: str, viewer_id: str, *, on: bool, operator: str, reason: str
+        self,
+        device_id: str,
+        viewer_id: str,
+        *,
+        on: bool,
+        operator: str,
+        reason: str,
+        authorization: str | None = None,
     ) -> None:
         """Push-to-talk: `viewer_id`'s microphone to the doorbell's speaker, or stop it.
 
         Each press is audited (operator, reason) before any sound passes. Raises
-        DeviceOffline, NoSuchViewer, TalkbackOff (the device has no talk-back).
+        DeviceOffline, NoSuchViewer, TalkbackOff (the device has no talk-back). On a relay
+        the press goes to the holder first, with the viewer's `authorization`.
         """
         stream = self.streams.get(device_id)
         if stream is None:
@@ -585,9 +608,9 @@ class VideoHub:
         if viewer_id not in stream.viewers:
             raise NoSuchViewer(f"viewer {viewer_id} does not watch {device_id}")
         if stream.talk is None:
-            raise TalkbackOff(
-                f"device {device_id} has talk-back off (its [video] talkback), or is relayed"
-            )
+            raise TalkbackOff(f"device {device_id} has talk-back off (its [video] talkback)")
+        if stream.relayed_from is not None:
+            await self._talk_upstream(stream, on, operator, reason, authorization)
         if not on:
             if stream.talker == viewer_id:
                 stream.talker, stream.talk_until = None, 0.0
@@ -604,6 +627,24 @@ class VideoHub:
         # one voice at a time: the latest press takes over
         stream.talker, stream.talk_until = viewer_id, time.monotonic() + TALK_GRANT_S
         log.info("video: talk-back to %s opened", device_id)
+
+    async def _talk_upstream(
+        self, stream: Stream, on: bool, operator: str, reason: str, authorization: str | None
+    ) -> None:
+        """Pass a push-to-talk press or release on to the instance holding the stream."""
+        url = f"{stream.relayed_from}/talk"
+        body = {"on": on, "operator": operator, "reason": reason}
+        try:
+            status, text = await _upstream("POST", url, authorization, body)
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            if not on:
+                return  # a release that does not arrive lapses there by itself
+            raise DeviceOffline(f"the holder of {stream.device_id} did not answer: {exc}") from None
+        if status == 409:
+            raise TalkbackOff(f"device {stream.device_id} has talk-back off (its holder says)")
+        if status != 200 and on:
+            log.warning("video: holder refused talk-back to %s: %s", stream.device_id, status)
+            raise DeviceOffline(f"the holder of {stream.device_id} answered {status}: {text}")
 
     async def remove_viewer(self, viewer_id: str, device_id: str | None = None) -> bool:
         viewer = self._viewers.get(viewer_id)
@@ -701,6 +742,7 @@ class VideoHub:
                     Rtc(kind="bye", session=stream.session, reason="gateway stopping"),
                 )
             await self._end(stream, "gateway stopping")
+        self._disk.stop()
         for task in list(self._tasks):
             task.cancel()
 
@@ -710,7 +752,21 @@ class VideoHub:
             "viewers": len(self._viewers),
             "refused": dict(self.refused),
             "sealed": len(self.sealed),
+            "recordings_cut_short_by_disk": self._disk.overflows,
         }
+
+
+async def _upstream(
+    method: str, url: str, authorization: str | None, body: dict[str, Any] | None = None
+) -> tuple[int, str]:
+    """One request to the instance holding a relayed stream: (status, body text)."""
+    headers = {"Authorization": authorization} if authorization else {}
+    async with (
+        asyncio.timeout(RELAY_TIMEOUT_S),
+        aiohttp.ClientSession() as http,
+        http.request(method, url, headers=headers, json=body) as resp,
+    ):
+        return resp.status, (await resp.text()).strip()
 
 
 def _audio_direction(sdp: str) -> str | None:

@@ -14,11 +14,13 @@ in-memory raw stream; frames before it are dropped (no decoder could use them an
 The muxer never writes to disk itself: it writes into an `encrypted.ChunkWriter`, and the
 recorder cuts an encrypted chunk after each second of video, so a crash loses about two
 seconds at most (the fragment being muxed and the chunk being filled) and every chunk
-before stays readable.
+before stays readable. In the gateway the chunks reach the disk through one
+`encrypted.DiskThread`, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import struct
@@ -31,7 +33,7 @@ import av
 from ansimi.privacy import Keyring
 from ansimi.webrtc import VIDEO_TIME_BASE, EncodedFrame, VideoCodec
 from gateway.video.encrypted import SUFFIX as ENCRYPTED
-from gateway.video.encrypted import ChunkWriter
+from gateway.video.encrypted import ChunkWriter, DiskThread
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,17 @@ def _ivf(frame: EncodedFrame) -> bytes:
 class Recorder:
     """Writes one stream to `path_stem` + .mp4.enc/.webm.enc; `close()` finishes the file."""
 
-    def __init__(self, path_stem: Path, keyring: Keyring | None) -> None:
-        """Without a data key (`keyring` None) nothing is recorded: never video in clear."""
+    def __init__(
+        self, path_stem: Path, keyring: Keyring | None, *, disk: DiskThread | None = None
+    ) -> None:
+        """Without a data key (`keyring` None) nothing is recorded: never video in clear.
+
+        With `disk`, the file writes happen on that thread: await `finished()` after
+        `close()` before reading the file back.
+        """
         self._stem = path_stem
         self._keyring = keyring
+        self._disk = disk
         self.path: Path | None = None
         self._sink: ChunkWriter | None = None
         self._last_cut = 0
@@ -108,7 +117,9 @@ class Recorder:
         assert self._keyring is not None
         plain_name = self._stem.with_suffix(SUFFIX[first.codec]).name
         self.path = self._stem.with_name(plain_name + ENCRYPTED)
-        self._sink = ChunkWriter(self.path, self._keyring, recording=plain_name, codec=first.codec)
+        self._sink = ChunkWriter(
+            self.path, self._keyring, recording=plain_name, codec=first.codec, disk=self._disk
+        )
         # every write reaches the chunk writer at once, so a cut holds all video muxed so far
         options = {"flush_packets": "1"}
         if first.codec == "H264":
@@ -139,3 +150,8 @@ class Recorder:
                 if self._template is not None:
                     self._template.close()
         return self.path
+
+    async def finished(self) -> None:
+        """Wait until the file is written and closed (at once without a disk thread)."""
+        if self._sink is not None and self._sink.finished is not None:
+            await asyncio.wrap_future(self._sink.finished)

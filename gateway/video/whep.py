@@ -144,6 +144,8 @@ class Whep:
                 on=on,
                 operator=operator,
                 reason=reason,
+                # on a relay, the holder checks this viewer's own rights
+                authorization=request.headers.get("Authorization"),
             )
         except (DeviceOffline, NoSuchViewer):
             return _text(404, "no such viewer of a live stream")

@@ -9,27 +9,44 @@ from aiortc.stats import RTCRemoteInboundRtpStreamStats, RTCStatsReport
 from video_rig import DEVICE, eventually, rig
 
 from device.hal.camera import SyntheticCamera
-from device.video.adapt import CALM_S, LinkState, adapt
+from device.video.adapt import CALM_S, HOLD_S, PROBE_S, LinkState, adapt
 from device.video.track import CameraTrack
 
 
-def test_loss_steps_down_to_the_floor_and_calm_steps_back_up_one_at_a_time() -> None:
-    state = LinkState()
-    state = adapt(state, 0.10, now=0)
-    assert state.divisor == 2
-    state = adapt(state, 0.10, now=1)
-    state = adapt(state, 0.10, now=2)
-    assert state.divisor == 3  # the floor: every third frame
-    state = adapt(state, 0.02, now=3)  # neither lossy nor calm: stay
-    assert state.divisor == 3
-    state = adapt(state, 0.0, now=4)
-    state = adapt(state, 0.0, now=4 + CALM_S - 1)
-    assert state.divisor == 3  # not calm for long enough yet
-    state = adapt(state, 0.0, now=4 + CALM_S)
-    assert state.divisor == 2
-    state = adapt(state, 0.0, now=4 + 2 * CALM_S)
-    assert state.divisor == 1
-    assert adapt(state, 0.0, now=10**6).divisor == 1
+def run(state: LinkState, losses: list[float], start: int = 0) -> tuple[LinkState, list[int]]:
+    """One receiver report a second from `start`; the state after, and the divisor after each."""
+    divisors = []
+    for now, loss in enumerate(losses, start):
+        state = adapt(state, loss, now=now)
+        divisors.append(state.divisor)
+    return state, divisors
+
+
+def test_loss_that_falls_when_sending_less_steps_down_to_the_floor_then_back_up() -> None:
+    trial = round(PROBE_S)
+    # a full uplink: the first lossy report steps down, the trial lowers the loss
+    state, divisors = run(LinkState(), [0.20] + [0.0] * trial)
+    assert divisors == [2] * (trial + 1)  # one step at a time, kept: it helped
+    state, divisors = run(state, [0.20] + [0.0] * trial, start=trial + 1)
+    assert divisors == [3] * (trial + 1)  # the floor, kept
+    state, divisors = run(state, [0.20, 0.20], start=2 * trial + 2)
+    assert divisors == [3, 3]  # no step below the floor
+    calm = 2 * trial + 4
+    state, divisors = run(state, [0.0] * round(CALM_S * 2 + 20), start=calm)
+    assert 2 in divisors and divisors[-1] == 1  # back up one step per calm spell
+    assert divisors.index(1) - divisors.index(2) >= CALM_S
+
+
+def test_loss_that_does_not_fall_when_sending_less_is_not_answered_with_fewer_frames() -> None:
+    # a weak radio: 5 % lost whatever the rate
+    seconds = round(HOLD_S + 3 * PROBE_S + 10)
+    _, divisors = run(LinkState(), [0.05] * seconds)
+    tried = divisors.index(2)  # a step down is tried...
+    undone = divisors.index(1, tried)  # ...and undone after its trial
+    assert undone - tried == PROBE_S and 3 not in divisors
+    again = divisors.index(2, undone)  # not tried again for HOLD_S
+    assert again - undone >= HOLD_S - 1
+    assert divisors.count(1) > 0.8 * len(divisors)  # the viewer keeps its frames
 
 
 async def test_the_camera_track_sends_every_nth_frame() -> None:

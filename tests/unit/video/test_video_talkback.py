@@ -5,20 +5,12 @@ have it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fractions
-import math
-import time
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
-from video_rig import DEVICE, eventually, rig
+from aiortc import RTCSessionDescription
+from video_rig import DEVICE, eventually, listen, loudness, rig, viewer_with_microphone
 
-from ansimi.webrtc import rtc_configuration
 from device.agent import Agent
 from device.config import DeviceConfig, DeviceSection
 from device.hal import Hardware
@@ -31,47 +23,6 @@ from gateway.video import audit
 from gateway.video.hub import TalkbackOff
 from protocol.jws import Signer
 from protocol.keys import generate_key
-
-
-class Tone(MediaStreamTrack):
-    """A 440 Hz tone, as a browser's fake microphone sends it (48 kHz stereo, 20 ms)."""
-
-    kind = "audio"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._pts = 0
-        self._start: float | None = None
-
-    async def recv(self) -> av.AudioFrame:
-        if self._start is None:
-            self._start = time.monotonic()
-        wait = self._start + self._pts / 48_000 - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        t = (self._pts + np.arange(960)) / 48_000
-        wave = (8000 * np.sin(2 * math.pi * 440 * t)).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(
-            np.repeat(wave, 2).reshape(1, -1), format="s16", layout="stereo"
-        )
-        frame.sample_rate = 48_000
-        frame.pts = self._pts
-        frame.time_base = fractions.Fraction(1, 48_000)
-        self._pts += 960
-        return frame
-
-
-def loudness(pcm: bytes) -> float:
-    samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float64)
-    return float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
-
-
-async def viewer_with_microphone() -> tuple[RTCPeerConnection, str]:
-    pc = RTCPeerConnection(rtc_configuration([]))
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTrack(Tone())
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, pc.localDescription.sdp
 
 
 async def test_the_operators_voice_plays_only_while_talking(tmp_path: Path) -> None:
@@ -125,13 +76,6 @@ def test_a_store_bell_cannot_have_talkback() -> None:
 
 async def test_the_desk_hears_the_door_only_with_the_microphone_on(tmp_path: Path) -> None:
     heard: list[float] = []
-
-    async def listen(track: MediaStreamTrack) -> None:
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                frame = await track.recv()
-                heard.append(loudness(frame.to_ndarray().tobytes()))
-
     device = VideoConfig(talkback=True, microphone=True)
     speaker = FakeAudioOutput()
     async with rig(tmp_path, device=device, speaker=speaker, microphone=FakeMicrophone()) as r:
@@ -141,7 +85,9 @@ async def test_the_desk_hears_the_door_only_with_the_microphone_on(tmp_path: Pat
         tasks: list[asyncio.Task[None]] = []
         pc.on(
             "track",
-            lambda t: tasks.append(asyncio.ensure_future(listen(t))) if t.kind == "audio" else None,
+            lambda t: (
+                tasks.append(asyncio.ensure_future(listen(t, heard))) if t.kind == "audio" else None
+            ),
         )
         try:
             viewer = await r.hub.add_viewer(DEVICE, offer, operator="kim")
