@@ -195,6 +195,10 @@ enabled = true
 port = {api_port}
 read_timeout_s = {READ_TIMEOUT_S}
 {tokens}
+[updates]
+release_public_key = "{public_key_to_b64(generate_key().public_key())}"
+dir = "{root}/gateway/releases"
+public_url = "https://127.0.0.1:{api_port}"
 [[centres]]
 name = "central"
 url = "http://127.0.0.1:{console_port}/events"

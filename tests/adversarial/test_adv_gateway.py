@@ -83,6 +83,8 @@ def test_no_route_lets_a_mapo_desk_see_or_touch_gangnam(site: Site) -> None:
     walked = {path for _, path, _ in routes(site)}
     # the personal-data and live-video routes are among those walked
     assert {"/devices/{device_id}/private", "/whep/{device_id}"} <= walked
+    # and the fleet's: remote config by district, rollouts
+    assert {"/admin/config/district/{district}", "/admin/rollouts/abort"} <= walked
     for method, path, operation in routes(site):
         role = role_of(operation)
         if role == "public":
