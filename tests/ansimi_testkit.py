@@ -52,24 +52,26 @@ async def running(*coros: Awaitable[None]) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """`app` on a free loopback port for the block; yields its `/events` URL."""
+async def serving(app: web.Application, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """`app` on a free port of `host` (loopback) for the block; yields its `/events` URL."""
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, host, port).start()
     try:
-        yield f"http://127.0.0.1:{port}/events"
+        yield f"http://{host}:{port}/events"
     finally:
         await runner.cleanup()
 
 
 @contextlib.asynccontextmanager
-async def centre(tmp_path: Path, secret: str = SECRET) -> AsyncIterator[tuple[Receiver, str]]:
+async def centre(
+    tmp_path: Path, secret: str = SECRET, host: str = "127.0.0.1"
+) -> AsyncIterator[tuple[Receiver, str]]:
     """The reference control-centre receiver on a free port; yields it and its URL."""
     receiver = Receiver(secret, EventLog(tmp_path / "centre.db"))
     try:
-        async with serving(receiver.app()) as url:
+        async with serving(receiver.app(), host) as url:
             yield receiver, url
     finally:
         receiver.events.close()

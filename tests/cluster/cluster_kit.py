@@ -13,14 +13,23 @@ from rabbit_kit import RabbitNode
 from ansimi.mqtt import Settings, TlsFiles
 from console.receiver import Receiver
 from device.agent import Agent
-from device.config import DeviceConfig, DeviceSection, GatewaySection, LinkSection, MqttSection
+from device.config import (
+    DeviceConfig,
+    DeviceSection,
+    GatewaySection,
+    LinkSection,
+    MqttSection,
+    OutboxSection,
+)
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
+from device.observer import AgentObserver
 from gateway.config import Centre, GatewayConfig, MqttConfig, UplinkConfig
 from gateway.service import Gateway
 from gateway.store import Device
 from protocol.jws import Signer
 from protocol.keys import generate_key, load_private_key, public_key_to_b64
+from protocol.messages import Alert, Body
 from provisioning.rabbitmq import rabbit_files, sync
 from siteca import pki
 from siteca.site import Site
@@ -48,20 +57,20 @@ def gateway_config(site: Site, nodes: Sequence[RabbitNode], url: str, db: Path) 
         store=f"sqlite:///{db}",
         # RabbitMQ 3.10: MQTT 3.1.1, and no $share (the uplink is the AMQP queue)
         mqtt=MqttConfig(
-            host="127.0.0.1",
+            host=first.host,
             port=first.mqtt_port,
             version=311,
             shared_group="",
             ca_file=lay.gateway_ca,
             cert_file=lay.gateway_cert,
             key_file=lay.gateway_tls_key,
-            other_brokers=[f"127.0.0.1:{n.mqtt_port}" for n in others],
+            other_brokers=[f"{n.host}:{n.mqtt_port}" for n in others],
         ),
         uplink=UplinkConfig(
             kind="amqp",
-            amqp_url=f"amqp://{site.gateway_id}@127.0.0.1:{first.amqp_port}/",
+            amqp_url=f"amqp://{site.gateway_id}@{first.host}:{first.amqp_port}/",
             password_file=rabbit_files(site).gateway_password,
-            other_nodes=[f"127.0.0.1:{n.amqp_port}" for n in others],
+            other_nodes=[f"{n.host}:{n.amqp_port}" for n in others],
         ),
         centres=[Centre(name="central", url=url, secret=SECRET)],
     )
@@ -75,7 +84,12 @@ class Bell:
 
 
 def make_bell(
-    site: Site, device_id: str, nodes: Sequence[RabbitNode], gateway_signer: Signer, tmp: Path
+    site: Site,
+    device_id: str,
+    nodes: Sequence[RabbitNode],
+    gateway_signer: Signer,
+    tmp: Path,
+    observer: AgentObserver | None = None,
 ) -> tuple[Bell, Device]:
     tls = tls_identity(site, device_id, tmp / "tls")
     key = generate_key()
@@ -86,7 +100,7 @@ def make_bell(
             id=gateway_signer.kid, public_key=public_key_to_b64(gateway_signer.public_key)
         ),
         mqtt=MqttSection(
-            host="127.0.0.1",
+            host=first.host,
             port=first.mqtt_port,
             version=311,
             ca_file=tls.ca_file,
@@ -94,7 +108,9 @@ def make_bell(
             key_file=tls.key_file,
             heartbeat_s=1,
         ),
-        link=LinkSection(other_brokers=[f"127.0.0.1:{n.mqtt_port}" for n in others]),
+        link=LinkSection(other_brokers=[f"{n.host}:{n.mqtt_port}" for n in others]),
+        # resends capped low: a test waits out the backoff after every fault
+        outbox=OutboxSection(resend_min_s=1.0, resend_max_s=5.0),
     )
     inputs, indicator = FakeInputs(), FakeIndicator()
     hardware = Hardware(inputs=inputs, indicator=indicator, camera=None, modem=None)
@@ -103,9 +119,21 @@ def make_bell(
         signer=Signer(device_id, key),
         gateway_key=gateway_signer.public_key,
         hardware=hardware,
+        observer=observer,
     )
     device = Device(device_id, public_key_to_b64(key.public_key()), "bell", "mapo", "test bell")
     return Bell(agent, inputs, indicator), device
+
+
+class AlertsSent(AgentObserver):
+    """Ids of every alert the agents publish (a resend is the same id again)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def sent(self, body: Body, message_id: str | None, published: asyncio.Future[None]) -> None:
+        if isinstance(body, Alert) and message_id is not None:
+            self.ids.add(message_id)
 
 
 def alert_ids(receiver: Receiver) -> list[str]:
@@ -152,7 +180,7 @@ async def site_running(
 def bell_settings(node: RabbitNode, client_id: str, tls: TlsFiles) -> Settings:
     """Fast reconnects, so a refused client retries (and is refused) many times per test."""
     return Settings(
-        host="127.0.0.1",
+        host=node.host,
         port=node.mqtt_port,
         client_id=client_id,
         version=311,
