@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Protocol
 
 from ansimi_testkit import SECRET, centre, running
 from rabbit_kit import RabbitNode
@@ -35,6 +36,19 @@ from siteca import pki
 from siteca.site import Site
 
 BELLS = ("bell-0001", "bell-0002", "bell-0003")
+
+
+class Broker(Protocol):
+    """Where bells dial: a RabbitMQ node, or a `BrokerAt` (mosquitto)."""
+
+    host: str
+    mqtt_port: int
+
+
+@dataclass
+class BrokerAt:
+    host: str
+    mqtt_port: int
 
 
 def tls_identity(site: Site, cn: str, where: Path) -> TlsFiles:
@@ -86,10 +100,11 @@ class Bell:
 def make_bell(
     site: Site,
     device_id: str,
-    nodes: Sequence[RabbitNode],
+    nodes: Sequence[Broker],
     gateway_signer: Signer,
     tmp: Path,
     observer: AgentObserver | None = None,
+    version: Literal[5, 311] = 311,
 ) -> tuple[Bell, Device]:
     tls = tls_identity(site, device_id, tmp / "tls")
     key = generate_key()
@@ -102,7 +117,7 @@ def make_bell(
         mqtt=MqttSection(
             host=first.host,
             port=first.mqtt_port,
-            version=311,
+            version=version,
             ca_file=tls.ca_file,
             cert_file=tls.cert_file,
             key_file=tls.key_file,
@@ -134,6 +149,64 @@ class AlertsSent(AgentObserver):
     def sent(self, body: Body, message_id: str | None, published: asyncio.Future[None]) -> None:
         if isinstance(body, Alert) and message_id is not None:
             self.ids.add(message_id)
+
+
+def gateway_toml(
+    site: Site,
+    name: str,
+    *,
+    store: str,
+    centre_url: str,
+    api: tuple[str, int],
+    brokers: Sequence[Broker],
+    amqp: Sequence[RabbitNode] = (),
+) -> str:
+    """gateway.toml of instance `name` (a process): MQTT to `brokers` in turn; the uplink
+    from the quorum queue on the `amqp` nodes (RabbitMQ, MQTT 3.1.1), else mosquitto's
+    shared subscription (MQTT 5)."""
+    lay = site.layout
+    first, *others = brokers
+    fallbacks = ", ".join(f'"{n.host}:{n.mqtt_port}"' for n in others)
+    text = f"""id = "{site.gateway_id}"
+signing_key = "{lay.gateway_key}"
+store = "{store}"
+[mqtt]
+host = "{first.host}"
+port = {first.mqtt_port}
+client_id = "{site.gateway_id}-{name}"
+ca_file = "{lay.gateway_ca}"
+cert_file = "{lay.gateway_cert}"
+key_file = "{lay.gateway_tls_key}"
+other_brokers = [{fallbacks}]
+"""
+    if amqp:
+        head, *rest = amqp
+        text += f"""version = 311
+shared_group = ""
+[uplink]
+kind = "amqp"
+amqp_url = "amqp://{site.gateway_id}@{head.host}:{head.amqp_port}/"
+password_file = "{rabbit_files(site).gateway_password}"
+other_nodes = [{", ".join(f'"{n.host}:{n.amqp_port}"' for n in rest)}]
+"""
+    return (
+        text
+        + f"""[forward]
+backoff_min_s = 0.2
+backoff_max_s = 2.0
+[api]
+enabled = true
+host = "{api[0]}"
+port = {api[1]}
+[[api.tokens]]
+name = "tests"
+token = "operator-token-for-cluster-tests"
+[[centres]]
+name = "central"
+url = "{centre_url}"
+secret = "{SECRET}"
+"""
+    )
 
 
 def alert_ids(receiver: Receiver) -> list[str]:

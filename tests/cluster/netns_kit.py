@@ -188,47 +188,49 @@ async def http_ok(url: str, timeout_s: float) -> None:
 
 
 class HostedGateway:
-    """`python -m ansimi_edge gateway run` on a Host, its API on the host's address."""
+    """`python -m ansimi_edge gateway run` on a Host (or this one: `on` None), its API on
+    the host's address."""
 
-    def __init__(self, on: Host, config: Path, api_port: int) -> None:
+    def __init__(self, config: Path, api_port: int, on: Host | None = None) -> None:
         self.on = on
         self.config = config
         self.api_port = api_port
         self.log = config.with_suffix(".log")
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def address(self) -> str:
+        return self.on.address if self.on else "127.0.0.1"
+
     def start(self) -> None:
+        command = [sys.executable, "-m", "ansimi_edge", "-v", "gateway", "run", "--config"]
+        command.append(str(self.config))
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                self.on.argv(
-                    sys.executable,
-                    "-m",
-                    "ansimi_edge",
-                    "-v",
-                    "gateway",
-                    "run",
-                    "--config",
-                    self.config,
-                ),
+                self.on.argv(*command) if self.on else command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
 
     async def ready(self, timeout_s: float = 90.0) -> None:
-        """Until /healthz answers 200 from across the network."""
+        """Until /healthz answers 200 (from across the network, for a Host)."""
         try:
-            await http_ok(f"http://{self.on.address}:{self.api_port}/healthz", timeout_s)
+            await http_ok(f"http://{self.address}:{self.api_port}/healthz", timeout_s)
         except TimeoutError:
             raise AssertionError(
-                f"{self.on.name} not ready: {self.log.read_text()[-3000:]}"
+                f"{self.config.stem} not ready: {self.log.read_text()[-3000:]}"
             ) from None
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def kill(self) -> None:
-        """The gateway's host loses every process at once."""
-        self.on.kill_all()
+        """SIGKILL: of every process on its Host, as when the host loses power."""
+        if self.on is not None:
+            self.on.kill_all()
+        elif self.alive():
+            assert self.process is not None
+            os.killpg(self.process.pid, signal.SIGKILL)
         if self.process is not None:
             self.process.wait(10)

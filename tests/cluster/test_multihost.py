@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
-from ansimi_testkit import SECRET, centre, eventually, running
-from cluster_kit import AlertsSent, Bell, alert_ids, make_bell, press
+from ansimi_testkit import centre, eventually, running
+from cluster_kit import AlertsSent, Bell, alert_ids, gateway_toml, make_bell, press
 from netns_kit import HostedGateway, HostedPg, Network, network
 from pg_testkit import PgServer, postgres_bin
 from rabbit_kit import RabbitNode, nodes_running, prepare_home
@@ -32,7 +32,7 @@ from console.receiver import Receiver
 from gateway.store import open_store
 from protocol.jws import Signer
 from protocol.keys import load_private_key
-from provisioning.rabbitmq import rabbit_files, sync
+from provisioning.rabbitmq import sync
 from siteca.site import Site, init_site
 
 pytestmark = [
@@ -123,50 +123,6 @@ def databases(net: Network) -> Iterator[Databases]:
                 server.remove()
 
 
-def gateway_toml(
-    site: Site, name: str, nodes: Sequence[RabbitNode], store: str, api_host: str, centre_url: str
-) -> str:
-    """An instance's gateway.toml: the three nodes for MQTT and AMQP, both database hosts."""
-    lay = site.layout
-    first, *others = nodes
-    rabbit = rabbit_files(site)
-    mqtt_others = ", ".join(f'"{n.host}:{n.mqtt_port}"' for n in others)
-    amqp_others = ", ".join(f'"{n.host}:{n.amqp_port}"' for n in others)
-    return f"""id = "{site.gateway_id}"
-signing_key = "{lay.gateway_key}"
-store = "{store}"
-[mqtt]
-host = "{first.host}"
-port = {first.mqtt_port}
-version = 311
-shared_group = ""
-client_id = "{site.gateway_id}-{name}"
-ca_file = "{lay.gateway_ca}"
-cert_file = "{lay.gateway_cert}"
-key_file = "{lay.gateway_tls_key}"
-other_brokers = [{mqtt_others}]
-[uplink]
-kind = "amqp"
-amqp_url = "amqp://{site.gateway_id}@{first.host}:{first.amqp_port}/"
-password_file = "{rabbit.gateway_password}"
-other_nodes = [{amqp_others}]
-[forward]
-backoff_min_s = 0.2
-backoff_max_s = 2.0
-[api]
-enabled = true
-host = "{api_host}"
-port = {API_PORT}
-[[api.tokens]]
-name = "tests"
-token = "operator-token-for-multihost"
-[[centres]]
-name = "central"
-url = "{centre_url}"
-secret = "{SECRET}"
-"""
-
-
 @dataclass
 class City:
     net: Network
@@ -232,7 +188,7 @@ async def city(
             host = net.hosts[name]
             config = tmp / f"{name}.toml"
             config.write_text(gateway_toml(site, name, brokers, databases.url, host.address, url))
-            gateways[name] = HostedGateway(host, config, API_PORT)
+            gateways[name] = HostedGateway(config, API_PORT, host)
         bells = [bell for bell, _ in made]
         try:
             for gateway in gateways.values():
@@ -277,6 +233,7 @@ async def test_sigkill_of_the_broker_node_the_bells_are_on(city: City) -> None:
 async def test_a_gateway_host_cut_off_for_a_minute(city: City) -> None:
     gw2 = city.gateways["gw2"]
     cut = gw2.on
+    assert cut is not None
     loop = asyncio.get_running_loop()
     cut_at = loop.time()
     try:
