@@ -187,7 +187,16 @@ async def city(
         for name in GATEWAYS:
             host = net.hosts[name]
             config = tmp / f"{name}.toml"
-            config.write_text(gateway_toml(site, name, brokers, databases.url, host.address, url))
+            text = gateway_toml(
+                site,
+                name,
+                store=databases.url,
+                centre_url=url,
+                api=(host.address, API_PORT),
+                brokers=brokers,
+                amqp=brokers,
+            )
+            config.write_text(text)
             gateways[name] = HostedGateway(config, API_PORT, host)
         bells = [bell for bell, _ in made]
         try:
