@@ -87,7 +87,11 @@ POSTGRES_SCHEMES: Final = ("postgresql", "postgres")
 # the systemd credential (LoadCredential=store-password:/etc/ansimi/credstore/store-password)
 PASSWORD_CREDENTIAL: Final = "store-password"  # noqa: S105  (a name, not a password)
 # how long a forwarding claim holds a delivery for its instance: longer than one attempt
-CLAIM_MS: Final = 60_000
+# (the forwarder claims only what it starts at once; its own next round renews what is
+# still in flight). It is also how long an alert claimed by an instance whose host died or
+# lost its network waits for another: three default attempts (forward.timeout_s, 5 s), not
+# a minute. A slower centre costs at worst a duplicate, which its idempotency key absorbs.
+CLAIM_MS: Final = 15_000
 # reconnecting: first wait, longest wait, and how long one call keeps trying before it
 # raises StoreUnavailable (the intake then retries its batch: it never drops one)
 RECONNECT_FIRST_S: Final = 0.05

@@ -33,7 +33,13 @@ from gateway.store import (
     StoreVersionError,
     open_store,
 )
-from gateway.store_pg import PG_SCHEMA_VERSION, PostgresStore, pg_error, read_password
+from gateway.store_pg import (
+    CLAIM_MS,
+    PG_SCHEMA_VERSION,
+    PostgresStore,
+    pg_error,
+    read_password,
+)
 from gateway.transports import DELIVERED, Outcome
 
 
@@ -181,8 +187,11 @@ async def test_a_claim_ends_with_the_outcome_or_lapses(
     await first.failed("alert-0001", "central", 500, "HTTP 503")
     assert [d.event_id for d in await second.due_for("central", 500, 10)] == ["alert-0001"]
     # the first instance dies holding alert-0002: after the claim lapses the second sends it
-    assert all(d.event_id != "alert-0002" for d in await second.due_for("central", 60_099, 10))
-    lapsed = await second.due_for("central", 60_100, 10)
+    lapses_ms = 100 + CLAIM_MS
+    assert all(
+        d.event_id != "alert-0002" for d in await second.due_for("central", lapses_ms - 1, 10)
+    )
+    lapsed = await second.due_for("central", lapses_ms, 10)
     assert "alert-0002" in {d.event_id for d in lapsed}
 
 
