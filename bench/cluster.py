@@ -50,9 +50,8 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path += [str(_HERE.parent / "tests"), str(_HERE.parent / "tests" / "cluster")]
 
-from ansimi_testkit import centre, eventually, running  # noqa: E402
+from ansimi_testkit import AlertsSent, centre, eventually, running  # noqa: E402
 from cluster_kit import (  # noqa: E402
-    AlertsSent,
     Bell,
     Broker,
     BrokerAt,

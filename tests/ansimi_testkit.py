@@ -14,7 +14,9 @@ from aiohttp import web
 
 from ansimi.broker import free_port
 from console.receiver import EventLog, Receiver
+from device.observer import AgentObserver
 from gateway.config import Centre
+from protocol.messages import Alert, Body
 
 SECRET = "centre-secret-for-tests"
 # Generous because two cores are shared by the broker, agents and other test runs; every
@@ -97,6 +99,17 @@ def notified(sock: socket.socket) -> list[bytes]:
         while True:
             got.append(sock.recv(4096))
     return got
+
+
+class AlertsSent(AgentObserver):
+    """Ids of every alert the agents publish, resends included (the same id again)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def sent(self, body: Body, message_id: str | None, published: asyncio.Future[None]) -> None:
+        if isinstance(body, Alert) and message_id is not None:
+            self.ids.add(message_id)
 
 
 # the one centre a gateway.toml needs so that every district has a destination

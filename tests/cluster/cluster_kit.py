@@ -30,7 +30,6 @@ from gateway.service import Gateway
 from gateway.store import Device
 from protocol.jws import Signer
 from protocol.keys import generate_key, load_private_key, public_key_to_b64
-from protocol.messages import Alert, Body
 from provisioning.rabbitmq import rabbit_files, sync
 from siteca import pki
 from siteca.site import Site
@@ -138,17 +137,6 @@ def make_bell(
     )
     device = Device(device_id, public_key_to_b64(key.public_key()), "bell", "mapo", "test bell")
     return Bell(agent, inputs, indicator), device
-
-
-class AlertsSent(AgentObserver):
-    """Ids of every alert the agents publish (a resend is the same id again)."""
-
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-
-    def sent(self, body: Body, message_id: str | None, published: asyncio.Future[None]) -> None:
-        if isinstance(body, Alert) and message_id is not None:
-            self.ids.add(message_id)
 
 
 def gateway_toml(

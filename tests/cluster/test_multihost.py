@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
-from ansimi_testkit import centre, eventually, running
-from cluster_kit import AlertsSent, Bell, alert_ids, gateway_toml, make_bell, press
+from ansimi_testkit import AlertsSent, centre, eventually, running
+from cluster_kit import Bell, alert_ids, gateway_toml, make_bell, press
 from netns_kit import HostedGateway, HostedPg, Network, network
 from pg_testkit import PgServer, postgres_bin
 from rabbit_kit import RabbitNode, nodes_running, prepare_home
