@@ -46,8 +46,8 @@ BROKERS = ("rmq1", "rmq2", "rmq3")
 GATEWAYS = ("gw1", "gw2")
 HOSTS = (*BROKERS, "db1", "db2", *GATEWAYS)
 BELLS = 12
-# The cut: longer than RabbitMQ's AMQP heartbeat (60 s) would be needed for the broker
-# to see the gateway gone; 60 s is what a pulled cable or a rebooting switch looks like.
+# The cut, kept whole: as long as RabbitMQ's AMQP heartbeat (60 s), so the broker and
+# the cut-off gateway each may decide the other is gone, and as long as a rebooting switch.
 LINK_DOWN_S = 60.0
 AMQP_PORT, MQTT_PORT, DIST_PORT, EPMD_PORT = 5672, 8883, 25672, 4369
 API_PORT = 8480
