@@ -107,7 +107,11 @@ POSTGRES_SCHEMES: Final = ("postgresql", "postgres")
 # the systemd credential (LoadCredential=store-password:/etc/ansimi/credstore/store-password)
 PASSWORD_CREDENTIAL: Final = "store-password"  # noqa: S105  (a name, not a password)
 # how long a forwarding claim holds a delivery for its instance: longer than one attempt
-CLAIM_MS: Final = 60_000
+# (the forwarder claims only what it starts at once; its own next round renews what is
+# still in flight). It is also how long an alert claimed by an instance whose host died or
+# lost its network waits for another: three default attempts (forward.timeout_s, 5 s), not
+# a minute. A slower centre costs at worst a duplicate, which its idempotency key absorbs.
+CLAIM_MS: Final = 15_000
 # reconnecting: first wait, longest wait, and how long one call keeps trying before it
 # raises StoreUnavailable (the intake then retries its batch: it never drops one)
 RECONNECT_FIRST_S: Final = 0.05
@@ -115,6 +119,11 @@ RECONNECT_MAX_S: Final = 2.0
 RECONNECT_BUDGET_S: Final = 5.0
 # a statement that gets no answer (a black-holed link) is given up after this
 COMMAND_TIMEOUT_S: Final = 30.0
+# The server ends a session left in an open transaction this long: an instance whose host
+# was cut off mid-transaction otherwise holds its row locks (an alert id it was inserting,
+# which the bell's resend to another instance then waits on) until TCP notices, hours later.
+# Our transactions only ever wait for their own statements, so 10 s idle means gone.
+IDLE_IN_TRANSACTION_S: Final = 10.0
 CONNECT_TIMEOUT_S: Final = 5.0
 # serialises migrations of gateways starting at once (any constant, the same for all)
 _MIGRATION_LOCK: Final = 0x616E73696D69  # "ansimi"
@@ -589,6 +598,7 @@ class PostgresStore:
         reconnect_budget_s: float = RECONNECT_BUDGET_S,
         pool_size: int = 4,
         clock: Callable[[], float] = time.monotonic,
+        idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S,
     ) -> None:
         check_postgres_url(url)
         self.url = url
@@ -599,6 +609,7 @@ class PostgresStore:
         self._reconnect_budget_s = reconnect_budget_s
         self._pool_size = pool_size
         self._clock = clock
+        self._idle_in_transaction_ms = str(round(idle_in_transaction_s * 1000))
         # reconnecting: since when the server has been unreachable (None: it is not), when
         # the next call may try again, and the backoff's next wait
         self._down_since: float | None = None
@@ -623,6 +634,9 @@ class PostgresStore:
                     max_size=self._pool_size,
                     command_timeout=COMMAND_TIMEOUT_S,
                     timeout=CONNECT_TIMEOUT_S,
+                    server_settings={
+                        "idle_in_transaction_session_timeout": self._idle_in_transaction_ms
+                    },
                 )
                 await pool
                 try:

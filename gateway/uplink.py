@@ -238,9 +238,17 @@ class AmqpUplink:
         old = self._channel
         self._consuming.clear()
         self._consumer_tag = None
-        await self._declare_and_consume()
+        try:
+            # a node whose network is gone answers nothing, and aio-pika hears of it only
+            # at the heartbeat (a minute or more): bounded, so the repair ladder goes on
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await self._declare_and_consume()
+        except TimeoutError:
+            log.warning("uplink: %s does not answer; dialling the next node", self._shown)
+            self._lost.set()  # run() closes this connection (bounded) and dials the next
+            return None
         if old is not None and not old.is_closed:
-            await old.close()
+            await _close(old)
         return None
 
     def reconnect(self) -> None:
@@ -276,8 +284,8 @@ def _setter(event: asyncio.Event) -> Callable[..., None]:
     return lambda *_: event.set()
 
 
-async def _close(connection: AbstractConnection) -> None:
-    """Close, bounded: a connection whose node is gone may never answer the close."""
+async def _close(connection: AbstractConnection | AbstractChannel) -> None:
+    """Close, bounded: a connection (or channel) whose node is gone may never answer."""
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             await connection.close()

@@ -14,7 +14,9 @@ from aiohttp import web
 
 from ansimi.broker import free_port
 from console.receiver import EventLog, Receiver
+from device.observer import AgentObserver
 from gateway.config import Centre
+from protocol.messages import Alert, Body
 
 SECRET = "centre-secret-for-tests"
 # Generous because two cores are shared by the broker, agents and other test runs; every
@@ -52,24 +54,26 @@ async def running(*coros: Awaitable[None]) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """`app` on a free loopback port for the block; yields its `/events` URL."""
+async def serving(app: web.Application, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """`app` on a free port of `host` (loopback) for the block; yields its `/events` URL."""
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, host, port).start()
     try:
-        yield f"http://127.0.0.1:{port}/events"
+        yield f"http://{host}:{port}/events"
     finally:
         await runner.cleanup()
 
 
 @contextlib.asynccontextmanager
-async def centre(tmp_path: Path, secret: str = SECRET) -> AsyncIterator[tuple[Receiver, str]]:
+async def centre(
+    tmp_path: Path, secret: str = SECRET, host: str = "127.0.0.1"
+) -> AsyncIterator[tuple[Receiver, str]]:
     """The reference control-centre receiver on a free port; yields it and its URL."""
     receiver = Receiver(secret, EventLog(tmp_path / "centre.db"))
     try:
-        async with serving(receiver.app()) as url:
+        async with serving(receiver.app(), host) as url:
             yield receiver, url
     finally:
         receiver.events.close()
@@ -95,6 +99,17 @@ def notified(sock: socket.socket) -> list[bytes]:
         while True:
             got.append(sock.recv(4096))
     return got
+
+
+class AlertsSent(AgentObserver):
+    """Ids of every alert the agents publish, resends included (the same id again)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def sent(self, body: Body, message_id: str | None, published: asyncio.Future[None]) -> None:
+        if isinstance(body, Alert) and message_id is not None:
+            self.ids.add(message_id)
 
 
 # the one centre a gateway.toml needs so that every district has a destination

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Protocol
 
 from ansimi_testkit import SECRET, centre, running
 from rabbit_kit import RabbitNode
@@ -13,9 +14,17 @@ from rabbit_kit import RabbitNode
 from ansimi.mqtt import Settings, TlsFiles
 from console.receiver import Receiver
 from device.agent import Agent
-from device.config import DeviceConfig, DeviceSection, GatewaySection, LinkSection, MqttSection
+from device.config import (
+    DeviceConfig,
+    DeviceSection,
+    GatewaySection,
+    LinkSection,
+    MqttSection,
+    OutboxSection,
+)
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
+from device.observer import AgentObserver
 from gateway.config import Centre, GatewayConfig, MqttConfig, UplinkConfig
 from gateway.service import Gateway
 from gateway.store import Device
@@ -26,6 +35,19 @@ from siteca import pki
 from siteca.site import Site
 
 BELLS = ("bell-0001", "bell-0002", "bell-0003")
+
+
+class Broker(Protocol):
+    """Where bells dial: a RabbitMQ node, or a `BrokerAt` (mosquitto)."""
+
+    host: str
+    mqtt_port: int
+
+
+@dataclass
+class BrokerAt:
+    host: str
+    mqtt_port: int
 
 
 def tls_identity(site: Site, cn: str, where: Path) -> TlsFiles:
@@ -48,20 +70,20 @@ def gateway_config(site: Site, nodes: Sequence[RabbitNode], url: str, db: Path) 
         store=f"sqlite:///{db}",
         # RabbitMQ 3.10: MQTT 3.1.1, and no $share (the uplink is the AMQP queue)
         mqtt=MqttConfig(
-            host="127.0.0.1",
+            host=first.host,
             port=first.mqtt_port,
             version=311,
             shared_group="",
             ca_file=lay.gateway_ca,
             cert_file=lay.gateway_cert,
             key_file=lay.gateway_tls_key,
-            other_brokers=[f"127.0.0.1:{n.mqtt_port}" for n in others],
+            other_brokers=[f"{n.host}:{n.mqtt_port}" for n in others],
         ),
         uplink=UplinkConfig(
             kind="amqp",
-            amqp_url=f"amqp://{site.gateway_id}@127.0.0.1:{first.amqp_port}/",
+            amqp_url=f"amqp://{site.gateway_id}@{first.host}:{first.amqp_port}/",
             password_file=rabbit_files(site).gateway_password,
-            other_nodes=[f"127.0.0.1:{n.amqp_port}" for n in others],
+            other_nodes=[f"{n.host}:{n.amqp_port}" for n in others],
         ),
         centres=[Centre(name="central", url=url, secret=SECRET)],
     )
@@ -75,7 +97,13 @@ class Bell:
 
 
 def make_bell(
-    site: Site, device_id: str, nodes: Sequence[RabbitNode], gateway_signer: Signer, tmp: Path
+    site: Site,
+    device_id: str,
+    nodes: Sequence[Broker],
+    gateway_signer: Signer,
+    tmp: Path,
+    observer: AgentObserver | None = None,
+    version: Literal[5, 311] = 311,
 ) -> tuple[Bell, Device]:
     tls = tls_identity(site, device_id, tmp / "tls")
     key = generate_key()
@@ -86,15 +114,17 @@ def make_bell(
             id=gateway_signer.kid, public_key=public_key_to_b64(gateway_signer.public_key)
         ),
         mqtt=MqttSection(
-            host="127.0.0.1",
+            host=first.host,
             port=first.mqtt_port,
-            version=311,
+            version=version,
             ca_file=tls.ca_file,
             cert_file=tls.cert_file,
             key_file=tls.key_file,
             heartbeat_s=1,
         ),
-        link=LinkSection(other_brokers=[f"127.0.0.1:{n.mqtt_port}" for n in others]),
+        link=LinkSection(other_brokers=[f"{n.host}:{n.mqtt_port}" for n in others]),
+        # resends capped low: a test waits out the backoff after every fault
+        outbox=OutboxSection(resend_min_s=1.0, resend_max_s=5.0),
     )
     inputs, indicator = FakeInputs(), FakeIndicator()
     hardware = Hardware(inputs=inputs, indicator=indicator, camera=None, modem=None)
@@ -103,9 +133,68 @@ def make_bell(
         signer=Signer(device_id, key),
         gateway_key=gateway_signer.public_key,
         hardware=hardware,
+        observer=observer,
     )
     device = Device(device_id, public_key_to_b64(key.public_key()), "bell", "mapo", "test bell")
     return Bell(agent, inputs, indicator), device
+
+
+def gateway_toml(
+    site: Site,
+    name: str,
+    *,
+    store: str,
+    centre_url: str,
+    api: tuple[str, int],
+    brokers: Sequence[Broker],
+    amqp: Sequence[RabbitNode] = (),
+) -> str:
+    """gateway.toml of instance `name` (a process): MQTT to `brokers` in turn; the uplink
+    from the quorum queue on the `amqp` nodes (RabbitMQ, MQTT 3.1.1), else mosquitto's
+    shared subscription (MQTT 5)."""
+    lay = site.layout
+    first, *others = brokers
+    fallbacks = ", ".join(f'"{n.host}:{n.mqtt_port}"' for n in others)
+    text = f"""id = "{site.gateway_id}"
+signing_key = "{lay.gateway_key}"
+store = "{store}"
+[mqtt]
+host = "{first.host}"
+port = {first.mqtt_port}
+client_id = "{site.gateway_id}-{name}"
+ca_file = "{lay.gateway_ca}"
+cert_file = "{lay.gateway_cert}"
+key_file = "{lay.gateway_tls_key}"
+other_brokers = [{fallbacks}]
+"""
+    if amqp:
+        head, *rest = amqp
+        text += f"""version = 311
+shared_group = ""
+[uplink]
+kind = "amqp"
+amqp_url = "amqp://{site.gateway_id}@{head.host}:{head.amqp_port}/"
+password_file = "{rabbit_files(site).gateway_password}"
+other_nodes = [{", ".join(f'"{n.host}:{n.amqp_port}"' for n in rest)}]
+"""
+    return (
+        text
+        + f"""[forward]
+backoff_min_s = 0.2
+backoff_max_s = 2.0
+[api]
+enabled = true
+host = "{api[0]}"
+port = {api[1]}
+[[api.tokens]]
+name = "tests"
+token = "operator-token-for-cluster-tests"
+[[centres]]
+name = "central"
+url = "{centre_url}"
+secret = "{SECRET}"
+"""
+    )
 
 
 def alert_ids(receiver: Receiver) -> list[str]:
@@ -152,7 +241,7 @@ async def site_running(
 def bell_settings(node: RabbitNode, client_id: str, tls: TlsFiles) -> Settings:
     """Fast reconnects, so a refused client retries (and is refused) many times per test."""
     return Settings(
-        host="127.0.0.1",
+        host=node.host,
         port=node.mqtt_port,
         client_id=client_id,
         version=311,

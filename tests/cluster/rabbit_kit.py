@@ -67,6 +67,10 @@ class RabbitNode:
     mqtt_port: int
     dist_port: int
     epmd_port: int
+    # the address every listener (epmd included) binds; another host's: name is rmq@<address>
+    host: str = "127.0.0.1"
+    # the network namespace standing for the node's host (tests/cluster/netns_kit.py)
+    netns: str | None = None
     process: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
@@ -75,7 +79,9 @@ class RabbitNode:
         return {
             "HOME": str(d),
             "RABBITMQ_NODENAME": self.name,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            # an address as the host part is a long name to Erlang (it has dots)
+            "RABBITMQ_USE_LONGNAME": "true" if self.netns else "false",
+            "RABBITMQ_NODE_IP_ADDRESS": self.host,
             "RABBITMQ_NODE_PORT": str(self.amqp_port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
@@ -83,23 +89,40 @@ class RabbitNode:
             "RABBITMQ_CONFIG_FILE": str(d / f"{short}.conf"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(d / f"{short}.pid"),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_EPMD_ADDRESS": self.host,
             "ERL_EPMD_PORT": str(self.epmd_port),
         }
 
+    def _in_host(self, program: str) -> list[str]:
+        """`program` run on the node's host: inside its network namespace, if it has one."""
+        return ["ip", "netns", "exec", self.netns, program] if self.netns else [program]
+
+    def _ctl_program(self) -> str:
+        """rabbitmqctl as one program name (RabbitCtl's form): a script entering the node's
+        namespace, since the CLI's own Erlang node must reach the server's epmd there."""
+        if not self.netns:
+            return str(SBIN / "rabbitmqctl")
+        short = self.name.split("@")[0]
+        script = self.home / f"{short}-rabbitmqctl"
+        script.write_text(
+            f'#!/bin/sh\nexec {" ".join(self._in_host(str(SBIN / "rabbitmqctl")))} "$@"\n'
+        )
+        script.chmod(0o755)
+        return str(script)
+
     def ctl(self) -> RabbitCtl:
-        return RabbitCtl(self.name, program=str(SBIN / "rabbitmqctl"), env=self.env())
+        return RabbitCtl(self.name, program=self._ctl_program(), env=self.env())
 
     @property
     def amqp_url(self) -> str:
-        return f"amqp://127.0.0.1:{self.amqp_port}/"
+        return f"amqp://{self.host}:{self.amqp_port}/"
 
     def start(self, conf: str) -> None:
         short = self.name.split("@")[0]
         (self.home / f"{short}.conf").write_text(conf + "log.console = false\n")
         out = (self.home / f"{short}.out").open("wb")
         self.process = subprocess.Popen(
-            [str(SBIN / "rabbitmq-server")],
+            self._in_host(str(SBIN / "rabbitmq-server")),
             env={**os.environ, **self.env()},
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -114,7 +137,7 @@ class RabbitNode:
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.name} exited: {self.log_tail()}")
             done = subprocess.run(
-                [str(SBIN / "rabbitmqctl"), "-q", "-n", self.name, "await_startup"],
+                [self._ctl_program(), "-q", "-n", self.name, "await_startup"],
                 env={**os.environ, **self.env()},
                 capture_output=True,
                 timeout=timeout_s,
@@ -147,16 +170,46 @@ class RabbitNode:
             self.kill()
 
 
-@contextlib.contextmanager
-def rabbit_cluster(site: Site, home: Path, count: int = 1) -> Iterator[Sequence[RabbitNode]]:
-    """`count` nodes running the site's provisioned rabbitmq.conf, clustered, then stopped
-    (and the epmd they shared ended)."""
+def prepare_home(home: Path) -> None:
+    """The nodes' shared HOME: a new Erlang cookie and the plugins to enable."""
     need_rabbitmq()
     home.mkdir(parents=True, exist_ok=True)
     cookie = home / ".erlang.cookie"
     cookie.write_text(f"ANSIMI-TEST-{random.getrandbits(64):x}")
     cookie.chmod(0o400)
     (home / "enabled_plugins").write_text(enabled_plugins())
+
+
+@contextlib.contextmanager
+def nodes_running(site: Site, nodes: Sequence[RabbitNode]) -> Iterator[Sequence[RabbitNode]]:
+    """`nodes` (made on a `prepare_home` folder) running the site's provisioned
+    rabbitmq.conf, clustered if more than one, until the block ends."""
+    names = [n.name for n in nodes] if len(nodes) > 1 else []
+    try:
+        for node in nodes:
+            node.start(
+                render_rabbitmq_conf(
+                    site,
+                    mqtt_host=node.host,
+                    mqtt_port=node.mqtt_port,
+                    amqp_host=node.host,
+                    amqp_port=node.amqp_port,
+                    cluster_nodes=names,
+                )
+            )
+        for node in nodes:
+            node.await_startup()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@contextlib.contextmanager
+def rabbit_cluster(site: Site, home: Path, count: int = 1) -> Iterator[Sequence[RabbitNode]]:
+    """`count` nodes on loopback running the site's provisioned rabbitmq.conf, clustered,
+    then stopped (and the epmd they shared ended)."""
+    prepare_home(home)
     ports = low_ports(1 + 3 * count)
     epmd_port = ports[0]
     nodes = [
@@ -170,24 +223,10 @@ def rabbit_cluster(site: Site, home: Path, count: int = 1) -> Iterator[Sequence[
         )
         for i in range(count)
     ]
-    names = [n.name for n in nodes] if count > 1 else []
     try:
-        for node in nodes:
-            node.start(
-                render_rabbitmq_conf(
-                    site,
-                    mqtt_host="127.0.0.1",
-                    mqtt_port=node.mqtt_port,
-                    amqp_port=node.amqp_port,
-                    cluster_nodes=names,
-                )
-            )
-        for node in nodes:
-            node.await_startup()
-        yield nodes
+        with nodes_running(site, nodes):
+            yield nodes
     finally:
-        for node in nodes:
-            node.stop()
         _stop_epmd(home, epmd_port)
 
 

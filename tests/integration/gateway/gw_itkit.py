@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from ansimi_testkit import SECRET
+from ansimi_testkit import SECRET, AlertsSent
 
 from ansimi.broker import Mosquitto
 from ansimi.config import load_config
@@ -28,13 +28,11 @@ from device.agent import Agent
 from device.config import DeviceConfig, DeviceSection, GatewaySection, MqttSection, OutboxSection
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
-from device.observer import AgentObserver
 from gateway.config import GatewayConfig
 from gateway.service import Gateway
 from gateway.store import Device, SqliteDatabase, open_store
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64, save_private_key
-from protocol.messages import Alert, Body
 
 TOKEN = "operator-token-for-tests"
 WAIT_S = 60.0  # generous: two cores shared with the broker, agents and other test runs
@@ -45,17 +43,6 @@ def centre_alerts(tmp_path: Path) -> list[tuple[str, str]]:
     with contextlib.closing(sqlite3.connect(tmp_path / "centre.db")) as db:
         rows = db.execute("SELECT event_id, device_id FROM events WHERE type = 'alert'")
         return [(str(a), str(b)) for a, b in rows]
-
-
-class AlertsSent(AgentObserver):
-    """Ids of every alert the agents publish, resends included (the same id again)."""
-
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-
-    def sent(self, body: Body, message_id: str | None, published: asyncio.Future[None]) -> None:
-        if isinstance(body, Alert) and message_id is not None:
-            self.ids.add(message_id)
 
 
 @dataclass
