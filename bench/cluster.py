@@ -39,7 +39,6 @@ import platform
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +65,7 @@ from rabbit_kit import RabbitNode, rabbit_cluster  # noqa: E402
 from ansimi.broker import BrokerTls, Mosquitto, MosquittoConfig  # noqa: E402
 from console.receiver import Receiver  # noqa: E402
 from gateway.store import open_store, sqlite_url  # noqa: E402
+from protocol.clock import wall_ms  # noqa: E402
 from protocol.jws import Signer  # noqa: E402
 from protocol.keys import load_private_key  # noqa: E402
 from provisioning.rabbitmq import sync  # noqa: E402
@@ -168,7 +168,7 @@ async def burst(deployment: Deployment, tmp: Path, store: str, instances: int, a
     A bell keeps one alert of an incident in flight: presses while it is out fold into the
     next report (device/behaviour.py), so the load is the number of bells, not of presses."""
     async with deployment.up(tmp, store, instances, args.bells) as (bells, receiver, sent):
-        started_ms = time.time() * 1000
+        started_ms = wall_ms()
         for _ in range(args.presses):
             for bell in bells:
                 press(bell)
@@ -213,10 +213,10 @@ async def failover(
             # steady: the trickle's alerts arrive before the kill
             await eventually(lambda: len(centre_alerts(receiver)) >= 10, READY_S)
             postmaster = int((primary.data / "postmaster.pid").read_text().split()[0])
-            killed_ms = time.time() * 1000
+            killed_ms = wall_ms()
             os.kill(postmaster, signal.SIGKILL)
             standby.promote()
-            promoted_ms = time.time() * 1000
+            promoted_ms = wall_ms()
 
             def after_kill() -> list[int]:
                 return [r for p, r in centre_alerts(receiver) if p > killed_ms]
