@@ -308,9 +308,21 @@ class Supervisor:
         # An outage opening now is told before its bells' own offline events are kept: the
         # store then attaches them to the outage's one incident (incidents.joins_outage),
         # not one incident (and one escalation) per bell.
+        # Only bells the store still finds silent count: with several instances, those another
+        # one heard are due here too (store.mark_offline refuses them), and an outage told of
+        # live bells (or opened on one, whose alerts would then join it) is a false alarm.
         for district in sorted(grouped - self._outages.keys()):
-            going = [d for d in due if districts.get(d) == district]
-            await self._open_outage(district, going, now_ms)
+            going = [
+                d
+                for d, cutoff in due.items()
+                if districts.get(d) == district and await self._still_silent(d, cutoff)
+            ]
+            size = sum(1 for home in districts.values() if home == district)
+            count = len(self._recent.get(district, {}).keys() | set(going))
+            if going and self._rule is not None and self._rule.trips(count, size):
+                await self._open_outage(district, going, now_ms)
+            else:
+                grouped.discard(district)
         by_cutoff: dict[int, list[Incoming]] = {}
         for device_id, cutoff in due.items():
             quiet = districts.get(device_id) in grouped
@@ -455,6 +467,11 @@ class Supervisor:
             districts = {d.device_id: d.district for d in devices if not d.revoked}
             self._census = (now_ms, districts)
         return self._census[1]
+
+    async def _still_silent(self, device_id: str, cutoff: int) -> bool:
+        """Whether store.mark_offline would report it now (online, not heard since `cutoff`)."""
+        device = await self._store.device(device_id)
+        return bool(device is not None and device.online and (device.last_seen_ms or 0) <= cutoff)
 
     async def _rearm(self, device_ids: list[str]) -> None:
         """Another instance heard these devices (or already reported them): watch on."""

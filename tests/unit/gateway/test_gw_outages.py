@@ -290,3 +290,28 @@ def test_the_rule_needs_a_count_or_a_share_of_at_least_three() -> None:
     assert not RULE.trips(9, 1_000)
     assert RULE.trips(3, 15)  # 20 %
     assert not RULE.trips(2, 3)  # two of three is not yet a pattern
+
+
+async def test_bells_another_instance_hears_are_no_outage() -> None:
+    # With several instances each supervisor watches every bell; those heard by another
+    # instance fall due here together and the shared store refuses them: no outage is told
+    # and none is opened on a live bell (whose alerts would join it).
+    fleet = Fleet({"mapo": 30})
+    mapo = fleet.districts["mapo"]
+    await fleet.hear(mapo)
+    gone: list[str] = []
+    for _ in range((TIMEOUT_MS + 5_000) // 1_000):
+        fleet.clock.ms += 1_000
+        if fleet.clock.ms % HEARTBEAT_MS == 0:  # kept by the other instance, not heard here
+            fleet._n += 1
+            beats = [
+                Incoming(
+                    f"hb-{fleet._n:06d}-{d}", d, fleet._n, "heartbeat", NOW, "{}", "", (), False
+                )
+                for d in mapo
+            ]
+            fleet.store.database.accept_batch(beats, fleet.clock.ms)
+        gone += await fleet.supervisor.tick(fleet.clock.ms)
+    assert gone == []
+    assert fleet.forwarded() == []
+    assert fleet.store.database.incidents("open", 100) == []
