@@ -305,6 +305,45 @@ class Supervisor:
     ) -> list[str]:
         districts = await self._districts(now_ms) if self._rule is not None else {}
         grouped = self._grouped(due, districts, now_ms)
+        offline: list[str] = []
+        refused: list[str] = []
+        try:
+            await self._report(due, districts, grouped, now_ms, offline, refused)
+        except Exception:
+            # The store failed (tick re-arms them all): those not marked offline are in no
+            # outage, or one opened of them would wait for ever for them to come online.
+            try:
+                for outage in self._not_offline(set(due) - set(offline)):
+                    await self._tell(outage, "district_restored", now_ms)
+            except Exception:
+                log.exception("supervise: cannot tell the end of an outage of no bell")
+            raise
+        for device_id in offline:
+            self._metrics.supervision.labels("offline").inc()
+            why = "last will" if device_id in wills else "silent"
+            log.info("supervise: %s is offline (%s)", device_id, why)
+        if self._rule is not None:
+            await self._group(offline, districts, grouped, now_ms)
+        # heard from after all: told as in an outage, but not in it
+        for outage in self._not_offline(refused):
+            await self._tell(outage, "district_restored", now_ms)
+        if refused:
+            await self._rearm(refused)
+        if offline:
+            self._notify()
+        return offline
+
+    async def _report(
+        self,
+        due: dict[str, int],
+        districts: dict[str, str],
+        grouped: set[str],
+        now_ms: int,
+        offline: list[str],
+        refused: list[str],
+    ) -> None:
+        """Open the outages of `grouped` districts, then mark `due` offline in the store: those
+        it marked into `offline`, those it refused into `refused`, as each is known."""
         # An outage opening now is told before its bells' own offline events are kept: the
         # store then attaches them to the outage's one incident (incidents.joins_outage),
         # not one incident (and one escalation) per bell.
@@ -329,27 +368,24 @@ class Supervisor:
             event = self._status_event(device_id, Status(state="offline"), quiet=quiet)
             if event is not None:
                 by_cutoff.setdefault(cutoff, []).append(event)
-        offline: list[str] = []
-        refused: list[str] = []
         for cutoff, events in by_cutoff.items():
             went = await self._store.mark_offline(events, cutoff, now_ms)
             for event, gone in zip(events, went, strict=True):
                 (offline if gone else refused).append(event.device_id)
-        for device_id in offline:
-            self._metrics.supervision.labels("offline").inc()
-            why = "last will" if device_id in wills else "silent"
-            log.info("supervise: %s is offline (%s)", device_id, why)
-        if self._rule is not None:
-            await self._group(offline, districts, grouped, now_ms)
-        for device_id in refused:  # heard from after all: told as in an outage, but not
+
+    def _not_offline(self, device_ids: Iterable[str]) -> list[_Outage]:
+        """These were put in an outage but the store did not mark them offline: out of it.
+        The outages left with none offline are over (ended here; returned, to be told)."""
+        ended: list[_Outage] = []
+        for device_id in device_ids:
             if (outage := self._outage_of(device_id)) is not None:
                 outage.members.discard(device_id)
                 outage.offline.discard(device_id)
-        if refused:
-            await self._rearm(refused)
-        if offline:
-            self._notify()
-        return offline
+                if not outage.offline and outage not in ended:
+                    ended.append(outage)
+        for outage in ended:
+            del self._outages[outage.district]
+        return ended
 
     def _grouped(self, due: dict[str, int], districts: dict[str, str], now_ms: int) -> set[str]:
         """Districts whose offline reports in this round join an outage (open or opening)."""

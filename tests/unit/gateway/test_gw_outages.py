@@ -10,7 +10,7 @@ from gw_testkit import NOW, TIMEOUT_MS, Clock, due
 from gateway.config import OutageRule
 from gateway.downlink import Downlink
 from gateway.metrics import Metrics
-from gateway.store import Device, Incoming, SqliteStore
+from gateway.store import Device, Incoming, SqliteStore, StoreFull
 from gateway.supervise import Supervisor
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
@@ -315,3 +315,29 @@ async def test_bells_another_instance_hears_are_no_outage() -> None:
     assert gone == []
     assert fleet.forwarded() == []
     assert fleet.store.database.incidents("open", 100) == []
+
+
+async def test_an_outage_whose_bells_the_store_could_not_mark_offline_ends() -> None:
+    # The store fails (a full disk) as a district goes dark: the outage was told, its bells
+    # not marked offline, so none of them will ever "come online"; they are back before
+    # their next deadline. The outage must end, not stay open for ever.
+    fleet = Fleet({"mapo": 30})
+    mapo = fleet.districts["mapo"]
+    await fleet.hear(mapo)
+    fleet.silence(mapo[:20])
+    real = fleet.store.mark_offline
+    failures = [StoreFull("disk full")]
+
+    async def failing_once(items: list[Incoming], silent_since_ms: int, now_ms: int) -> list[bool]:
+        if failures:
+            raise failures.pop()
+        return await real(items, silent_since_ms, now_ms)
+
+    fleet.store.mark_offline = failing_once  # type: ignore[method-assign]
+    with pytest.raises(StoreFull):
+        await fleet.advance(TIMEOUT_MS + 5_000)
+    await fleet.hear(mapo[:20])
+    assert await fleet.advance(TIMEOUT_MS * 2) == []
+    assert fleet.supervisor.outages() == {}
+    # told in the same millisecond: their order in the store is not theirs
+    assert sorted(states(fleet.forwarded())) == ["district_outage", "district_restored"]
