@@ -316,6 +316,14 @@ class StoreLocked(StoreDown, TimeoutError):
     reason = "store_locked"
 
 
+class StoreConflict(StoreError, TimeoutError):
+    """The database server aborted this transaction for another's sake (a deadlock, a
+    serialization failure, a lock not granted): this one only, not the store; the same
+    work again, now, succeeds (the intake keeps such a batch message by message)."""
+
+    reason = "store_conflict"
+
+
 class StoreVersionError(StoreError, RuntimeError):
     """The database was migrated by a newer gateway than this one."""
 

@@ -74,9 +74,9 @@ from gateway.store import (
     Event,
     EventState,
     Incoming,
+    StoreConflict,
     StoreError,
     StoreFull,
-    StoreLocked,
     StoreUnavailable,
     StoreVersionError,
     TestRecord,
@@ -524,7 +524,7 @@ def pg_error(exc: BaseException, where: str) -> StoreError | None:
         exc,
         asyncpg.DeadlockDetectedError | asyncpg.LockNotAvailableError | asyncpg.SerializationError,
     ):
-        return StoreLocked(f"{text}: another instance held the rows")
+        return StoreConflict(f"{text}: another instance held the rows")
     if isinstance(exc, _UNAVAILABLE):
         return StoreUnavailable(f"{text}. The store reconnects by itself")
     if isinstance(exc, asyncpg.PostgresError):

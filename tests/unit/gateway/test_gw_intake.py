@@ -462,3 +462,26 @@ async def test_a_backlog_pauses_reading_until_half_of_it_is_done(env: Env) -> No
     assert calls == [(True, 6), (False, 2)]
     assert env.metrics.registry.get_sample_value("ansimi_intake_paused") == 0.0
     assert [stage for _, _, stage in env.acks()] == ["received"] * 6  # nothing lost
+
+
+async def test_a_batch_another_instance_conflicted_with_is_kept_now(env: Env) -> None:
+    """PostgreSQL aborting a batch for another instance's transaction (a deadlock on a
+    district outage's incident, say) is not the store down: the alerts are kept and acked
+    now, not left for their bells to send again seconds later."""
+    asyncpg = pytest.importorskip("asyncpg")
+    from gateway.store_pg import pg_error
+
+    conflicts = [pg_error(asyncpg.DeadlockDetectedError("deadlock detected"), "accept_batch")]
+
+    class Conflicted(SqliteStore):
+        async def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
+            if conflicts:
+                raise conflicts.pop()  # type: ignore[misc]
+            return await super().accept_batch(batch, now_ms)
+
+    env.store.__class__ = Conflicted
+    await env.feed(env.message(ALERT, id="alert-000001"), env.message(ALERT, id="alert-000002"))
+    assert sorted(env.acks()) == [
+        ("bell-0001", "alert-000001", "received"),
+        ("bell-0001", "alert-000002", "received"),
+    ]
