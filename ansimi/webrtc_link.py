@@ -11,19 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import dataclass
 from typing import Any
 
 from aioice import ice
 
 
-def impose_link(loss: float, delay_s: float, rng: random.Random | None = None) -> None:
-    """From now on, this process's WebRTC datagrams see `loss` (0..1) and `delay_s`."""
+@dataclass
+class LinkCounts:
+    """What the imposed link did: datagrams offered to it, and those it dropped."""
+
+    sent: int = 0
+    dropped: int = 0
+
+
+def impose_link(loss: float, delay_s: float, rng: random.Random | None = None) -> LinkCounts:
+    """From now on, this process's WebRTC datagrams see `loss` (0..1) and `delay_s`; the
+    counts returned grow as they do."""
     if not 0 <= loss < 1 or delay_s < 0:
         raise ValueError(f"loss must be in [0, 1) and delay >= 0, not {loss}, {delay_s}")
     chance = rng or random.Random()
+    counts = LinkCounts()
 
     def later(protocol: Any, data: bytes, addr: tuple[str, int]) -> None:
+        counts.sent += 1
         if chance.random() < loss:
+            counts.dropped += 1
             return
         transport = protocol.transport
         if transport is None:
@@ -43,3 +56,4 @@ def impose_link(loss: float, delay_s: float, rng: random.Random | None = None) -
 
     ice.StunProtocol.send_data = send_data  # type: ignore[method-assign]
     ice.StunProtocol.send_stun = send_stun  # type: ignore[method-assign]
+    return counts

@@ -203,6 +203,9 @@ class Result(_Message):
     not_ready: int = 0
     rejected: int = 0  # downlink messages the agents refused
     sms_sent: int = 0
+    # the doorbells' WebRTC datagrams through the imposed video link, and those it dropped
+    video_datagrams: int = 0
+    video_dropped: int = 0
 
 
 WorkerLine = Annotated[Up | Progress | Result, Field(discriminator="kind")]

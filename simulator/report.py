@@ -319,7 +319,11 @@ def _no_video(o: Observed) -> list[dict[str, str]]:
 def _video(o: Observed) -> dict[str, Any]:
     """Doorbell streams: offered, connected, and from the emergency to a connected stream."""
     connected = [(v, v.connected_at) for v in o.video if v.connected_at is not None]
+    v = o.scenario.video
     return {
+        "link": f"{v.link_loss:.0%} loss, {v.link_delay_ms} ms delay on the doorbells' side",
+        "datagrams_through_link": o.video_datagrams,
+        "datagrams_dropped": o.video_dropped,
         "offered": len(o.video),
         "connected": len(connected),
         "offer_to_connected_s": distribution(at - v.offered_at for v, at in connected),

@@ -146,6 +146,8 @@ class Observed:
     video: list[VideoSeen] = field(default_factory=list)
     sms: dict[str, float] = field(default_factory=dict)  # alert id -> its SMS went out
     sms_sent: int = 0  # every SMS the fake modems sent
+    video_datagrams: int = 0  # the doorbells' WebRTC datagrams through the imposed link
+    video_dropped: int = 0  # ...and those it dropped
     # presses on a cut link: (device, pressed at, link declared dead at or None if never)
     link_dead: list[LinkDeadSeen] = field(default_factory=list)
 
@@ -524,6 +526,8 @@ class Simulation:
                 o.video += proc.result.video
                 o.not_ready += proc.result.not_ready
                 o.sms_sent += proc.result.sms_sent
+                o.video_datagrams += proc.result.video_datagrams
+                o.video_dropped += proc.result.video_dropped
         o.heartbeats = sum(w.heartbeats for w in self.workers)
         o.resends = sum(w.resends for w in self.workers)
         o.actions = sum(w.actions for w in self.workers)

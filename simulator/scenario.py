@@ -101,6 +101,10 @@ class Video(_Model):
     fps: Annotated[int, Field(ge=1, le=30)] = 10
     # the device stops streaming when nobody has watched this long
     idle_stop_s: Annotated[float, Field(gt=0)] = 5.0
+    # a poor radio link for the doorbells' video (ansimi/webrtc_link.py, in each worker
+    # process): this share of the datagrams they send is dropped, the rest sent this late
+    link_loss: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    link_delay_ms: Annotated[int, Field(ge=0, le=5000)] = 0
 
 
 class Operator(_Model):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ansimi.webrtc_link import LinkCounts, impose_link
 from device.agent import Agent
 from device.behaviour import SmsProgress
 from device.config import (
@@ -177,6 +178,13 @@ class Worker:
         self.stopped: set[str] = set()  # agents the simulator has stopped for a while
         self.down_since: dict[str, float] = {}  # device -> first sample its link was down
         self._gateway_key = public_key_from_b64(spec.gateway_public_key)
+        video = spec.video
+        # the whole process's WebRTC: this worker holds only doorbells, so their sending side
+        self.video_link: LinkCounts | None = (
+            impose_link(video.link_loss, video.link_delay_ms / 1000, random.Random(spec.seed))
+            if video.enabled and (video.link_loss or video.link_delay_ms)
+            else None
+        )
         proxied = set(spec.proxied)
         self._small_disk = set(spec.small_disk_devices)
         # what it takes to start an agent again (after its outbox was damaged)
@@ -477,6 +485,8 @@ class Worker:
             not_ready=sum(1 for w in self.watched.values() if not w.agent.ready.is_set()),
             rejected=sum(sum(w.agent.link.rejected.values()) for w in self.watched.values()),
             sms_sent=sum(len(w.modem.sent) for w in self.watched.values()),
+            video_datagrams=self.video_link.sent if self.video_link else 0,
+            video_dropped=self.video_link.dropped if self.video_link else 0,
         )
 
     async def stop(self) -> None:
