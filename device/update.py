@@ -39,7 +39,7 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from ansimi.bundle import extract_wheels, read_bundle
+from ansimi.bundle import MAX_BUNDLE_BYTES, extract_wheels, read_bundle
 from ansimi.files import fsync_dir, write_atomic
 from device.errors import DeviceError
 from protocol.ids import new_message_id
@@ -360,8 +360,11 @@ class Updater:
 # ---- the real fetch and install ------------------------------------------------------------
 
 
-def http_fetch(session: aiohttp.ClientSession, *, timeout_s: float = 600.0) -> Fetch:
-    """Fetch over HTTP(S) with `Range`, appending to what an earlier attempt left."""
+def http_fetch(
+    session: aiohttp.ClientSession, *, timeout_s: float = 600.0, max_bytes: int = MAX_BUNDLE_BYTES
+) -> Fetch:
+    """Fetch over HTTP(S) with `Range`, appending to what an earlier attempt left; a file
+    growing past `max_bytes` is deleted and refused (the disk also holds the outbox)."""
 
     async def fetch(url: str, path: Path) -> None:
         have = path.stat().st_size if path.exists() else 0
@@ -375,8 +378,14 @@ def http_fetch(session: aiohttp.ClientSession, *, timeout_s: float = 600.0) -> F
             response.raise_for_status()
             # 206: the rest; 200: a server that ignores Range sends it all again
             mode = "ab" if response.status == 206 else "wb"
+            size = have if mode == "ab" else 0
             with path.open(mode) as out:
                 async for chunk in response.content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        out.close()
+                        path.unlink(missing_ok=True)
+                        raise UpdateFailed("too_large", f"{url} sends over {max_bytes} bytes")
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())

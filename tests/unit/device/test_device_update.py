@@ -253,6 +253,45 @@ async def test_a_download_resumes_where_it_stopped(site, tmp_path: Path) -> None
     assert ranges == ["bytes=1000-", f"bytes={len(data)}-"]
 
 
+async def test_a_download_that_never_ends_is_cut_at_the_limit_and_deleted(site) -> None:
+    # a wrong `public_url`, or a stolen gateway, must not fill the disk the outbox is on
+    root, _, signer = site
+    limit = 256 * 1024
+    chunk = b"x" * 65536
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(64):  # 4 MB: bounded, far over the limit
+            await response.write(chunk)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/bundle", endless)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    server = web.TCPSite(runner, "127.0.0.1", 0)
+    await server.start()
+    port = runner.addresses[0][1]
+    try:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            updater = Updater(
+                root,
+                signer.public_key,
+                fetch=http_fetch(session, max_bytes=limit),
+                install=unzip_install,
+                clock_ms=Clock(CLOCK_MS),
+            )
+            updater.start("2.0", f"http://127.0.0.1:{port}/bundle")
+            outcome = await updater.advance()
+    finally:
+        await runner.cleanup()
+    assert outcome.failed is not None and outcome.failed.reason == "too_large"
+    assert updater.journal() is None and not (root / "download").exists()
+
+
 def test_the_launcher_puts_the_current_version_first_on_the_path(site) -> None:
     root, _, _ = site
     env = launch_environment(root / "current", {"PYTHONPATH": "/elsewhere", "HOME": "/root"})
