@@ -485,11 +485,11 @@ class UpdateService:
         if self.agent.behaviour.incident is not None:
             self._failed(version, "incident_open", "an incident is open: offer it again later")
             return
-        if self.updater.journal() is None and version == self.updater.installed_version():
-            # a late offer of what runs already (its report crossed it): nothing to do
-            log.info("device %s: update %s runs already", self.agent.device_id, version)
-            return
         try:
+            if self.updater.journal() is None and version == self.updater.installed_version():
+                # a late offer of what runs already (its report crossed it): nothing to do
+                log.info("device %s: update %s runs already", self.agent.device_id, version)
+                return
             self.updater.start(version, url)
         except (UpdateFailed, ValidationError) as exc:
             reason = exc.reason if isinstance(exc, UpdateFailed) else "malformed"

@@ -204,3 +204,14 @@ async def test_a_device_not_set_up_for_updates_says_so(tmp_path: Path) -> None:
     assert report["event"] == "update_failed"
     assert report["detail"].startswith("2.0 not_set_up:")
     agent.outbox.close()
+
+
+async def test_an_update_root_without_its_current_link_says_not_set_up(tmp_path: Path, opt) -> None:
+    # an [update] root the installer did not finish: said, or the rollout offers it for ever
+    agent = _agent(tmp_path, opt, Clock(), 60.0)
+    (opt[0] / "current").unlink()
+    agent.on_command(UPDATE)
+    (report,) = _health(agent)
+    assert report["event"] == "update_failed"
+    assert report["detail"].startswith("2.0 not_set_up:")
+    agent.outbox.close()
