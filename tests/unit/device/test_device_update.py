@@ -7,11 +7,14 @@ complete version to run and finish or undo the update.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from release_kit import (
@@ -222,6 +225,22 @@ async def test_pip_failing_is_an_install_failure(tmp_path: Path) -> None:
     assert caught.value.reason == "install_failed"
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """An HTTP server on loopback answering GET /bundle with `handler`; yields its URL."""
+    app = web.Application()
+    app.router.add_get("/bundle", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/bundle"
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_download_resumes_where_it_stopped(site, tmp_path: Path) -> None:
     _, bundle, _ = site
     ranges: list[str | None] = []
@@ -230,26 +249,14 @@ async def test_a_download_resumes_where_it_stopped(site, tmp_path: Path) -> None
         ranges.append(request.headers.get("Range"))
         return web.FileResponse(bundle)
 
-    app = web.Application()
-    app.router.add_get("/bundle", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    server = web.TCPSite(runner, "127.0.0.1", 0)
-    await server.start()
-    port = runner.addresses[0][1]
     data = bundle.read_bytes()
     part = tmp_path / "x.part"
     part.write_bytes(data[:1000])
-    try:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as session:
-            await http_fetch(session)(f"http://127.0.0.1:{port}/bundle", part)
-            assert part.read_bytes() == data
-            await http_fetch(session)(f"http://127.0.0.1:{port}/bundle", part)  # whole: 416
-            assert part.read_bytes() == data
-    finally:
-        await runner.cleanup()
+    async with serving(serve) as url, aiohttp.ClientSession() as session:
+        await http_fetch(session)(url, part)
+        assert part.read_bytes() == data
+        await http_fetch(session)(url, part)  # whole: 416
+        assert part.read_bytes() == data
     assert ranges == ["bytes=1000-", f"bytes={len(data)}-"]
 
 
@@ -266,28 +273,16 @@ async def test_a_download_that_never_ends_is_cut_at_the_limit_and_deleted(site) 
             await response.write(chunk)
         return response
 
-    app = web.Application()
-    app.router.add_get("/bundle", endless)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    server = web.TCPSite(runner, "127.0.0.1", 0)
-    await server.start()
-    port = runner.addresses[0][1]
-    try:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as session:
-            updater = Updater(
-                root,
-                signer.public_key,
-                fetch=http_fetch(session, max_bytes=limit),
-                install=unzip_install,
-                clock_ms=Clock(CLOCK_MS),
-            )
-            updater.start("2.0", f"http://127.0.0.1:{port}/bundle")
-            outcome = await updater.advance()
-    finally:
-        await runner.cleanup()
+    async with serving(endless) as url, aiohttp.ClientSession() as session:
+        updater = Updater(
+            root,
+            signer.public_key,
+            fetch=http_fetch(session, max_bytes=limit),
+            install=unzip_install,
+            clock_ms=Clock(CLOCK_MS),
+        )
+        updater.start("2.0", url)
+        outcome = await updater.advance()
     assert outcome.failed is not None and outcome.failed.reason == "too_large"
     assert updater.journal() is None and not (root / "download").exists()
 
