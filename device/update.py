@@ -25,6 +25,7 @@ while an incident is open (the agent's decision: `Agent.on_command`).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -70,6 +71,10 @@ STEPS: Final[dict[Step, Step | None]] = {
 }
 # the steps an offer of the same version resumes rather than refuses
 STEPS_BEFORE_TRIAL: Final = ("downloading", "downloaded", "installed")
+
+
+# a download cut by these is dropped, not kept for a resume
+_DISK_FULL: Final = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UpdateFailed(DeviceError, RuntimeError):
@@ -240,11 +245,18 @@ class Updater:
                     await self._install_version(journal)
                 else:
                     return Outcome(ready=journal.step == "installed")
-            except UpdateFailed as exc:
-                log.warning("update to %s failed at %s: %s", journal.version, journal.step, exc)
+            except (UpdateFailed, OSError) as exc:
+                # a full or failing disk too: raised out of the agent, the same step would
+                # fail again at every start and keep the bell from running at all
+                failed = (
+                    exc
+                    if isinstance(exc, UpdateFailed)
+                    else UpdateFailed("storage_failed", f"{type(exc).__name__}: {exc}")
+                )
+                log.warning("update to %s failed at %s: %s", journal.version, journal.step, failed)
                 # a cut download stays: the next offer resumes it (a bad one was deleted)
-                self._drop(journal, keep_download=exc.reason == "download_failed")
-                return Outcome(failed=exc)
+                self._drop(journal, keep_download=failed.reason == "download_failed")
+                return Outcome(failed=failed)
         return Outcome()
 
     async def _download(self, journal: Journal) -> None:
@@ -252,6 +264,9 @@ class Updater:
         try:
             await self._fetch(journal.url, part)
         except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                # not kept for a resume: the outbox needs that space more
+                raise UpdateFailed("storage_failed", f"fetching {journal.url}: {exc}") from None
             # the part stays: the next offer resumes it
             raise UpdateFailed("download_failed", f"fetching {journal.url}: {exc}") from None
         self._checkpoint("fetched")

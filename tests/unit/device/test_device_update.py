@@ -8,6 +8,7 @@ complete version to run and finish or undo the update.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -146,6 +147,49 @@ async def test_a_bundle_refused_after_download_leaves_the_device_as_it_was(
     assert running_version(root) == "1.0"
     assert [p.name for p in (root / "versions").iterdir()] == ["1.0"]
     assert _leftovers(root) == []
+
+
+async def test_a_full_disk_during_install_drops_the_update_instead_of_stopping_the_agent(
+    site,
+) -> None:
+    root, bundle, signer = site
+
+    async def disk_full(wheels: object, target: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    updater = Updater(
+        root,
+        signer.public_key,
+        fetch=file_fetch(bundle, lambda _name: None),
+        install=disk_full,
+        clock_ms=Clock(CLOCK_MS),
+    )
+    updater.start("2.0", "https://gateway.test/bundle")
+    outcome = await updater.advance()
+    assert outcome.failed is not None and outcome.failed.reason == "storage_failed"
+    # forgotten and cleaned up (the space freed): the next start runs 1.0 as before
+    assert updater.journal() is None and _leftovers(root) == []
+    assert running_version(root) == "1.0"
+
+
+async def test_a_download_cut_by_a_full_disk_is_deleted_not_kept_for_a_resume(site) -> None:
+    root, _, signer = site
+
+    async def fills_the_disk(url: str, part: Path) -> None:
+        part.write_bytes(b"x" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    updater = Updater(
+        root,
+        signer.public_key,
+        fetch=fills_the_disk,
+        install=unzip_install,
+        clock_ms=Clock(CLOCK_MS),
+    )
+    updater.start("2.0", "https://gateway.test/bundle")
+    outcome = await updater.advance()
+    assert outcome.failed is not None and outcome.failed.reason == "storage_failed"
+    assert updater.journal() is None and not (root / "download").exists()
 
 
 async def test_another_update_is_refused_while_one_is_under_way_the_same_resumed(site) -> None:
