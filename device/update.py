@@ -534,7 +534,17 @@ class UpdateService:
             self._failed(journal.version, outcome.failed.reason, str(outcome.failed))
         if outcome.ready:
             await self._idle()
-            self.updater.switch()
+            try:
+                self.updater.switch()
+            except OSError as exc:
+                after = self.updater.journal()
+                if after is None or after.step != "installed":
+                    raise  # the trial is journaled: the launcher finishes the switch
+                # the trial could not be journaled (a full disk): raised out of the agent,
+                # the switch would fail again at every start; dropped, it frees the space
+                self._failed(journal.version, "storage_failed", f"{type(exc).__name__}: {exc}")
+                self.updater.reported(after)
+                return
             raise RestartRequested(f"switched to {journal.version}: restarting into it")
 
     async def _idle(self) -> None:
