@@ -363,6 +363,12 @@ class Agent:
             # the gateway sends again what it sees drift on: this one runs already
             log.info("device %s: config %s runs already", self.device_id, self.remote.hash[:12])
             return
+        if self.behaviour.incident is not None:
+            # not while someone waits for help: a new broker cuts the link the incident's
+            # messages need, and a broken one mutes the bell for the trial. Not kept: the
+            # gateway sends a drifting bell its config again ([fleet] config_resend_after_s)
+            log.warning("device %s: set_config put off: an incident is open", self.device_id)
+            return
         try:
             config = self.remote.begin(patch, now_ms=self.now_ms(), connects=self.connects)
         except ConfigFailedBefore as exc:

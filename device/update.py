@@ -25,6 +25,7 @@ while an incident is open (the agent's decision: `Agent.on_command`).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -39,7 +40,7 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from ansimi.bundle import extract_wheels, read_bundle
+from ansimi.bundle import MAX_BUNDLE_BYTES, extract_wheels, read_bundle
 from ansimi.files import fsync_dir, write_atomic
 from device.errors import DeviceError
 from protocol.ids import new_message_id
@@ -70,6 +71,10 @@ STEPS: Final[dict[Step, Step | None]] = {
 }
 # the steps an offer of the same version resumes rather than refuses
 STEPS_BEFORE_TRIAL: Final = ("downloading", "downloaded", "installed")
+
+
+# a download cut by these is dropped, not kept for a resume
+_DISK_FULL: Final = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UpdateFailed(DeviceError, RuntimeError):
@@ -240,11 +245,18 @@ class Updater:
                     await self._install_version(journal)
                 else:
                     return Outcome(ready=journal.step == "installed")
-            except UpdateFailed as exc:
-                log.warning("update to %s failed at %s: %s", journal.version, journal.step, exc)
+            except (UpdateFailed, OSError) as exc:
+                # a full or failing disk too: raised out of the agent, the same step would
+                # fail again at every start and keep the bell from running at all
+                failed = (
+                    exc
+                    if isinstance(exc, UpdateFailed)
+                    else UpdateFailed("storage_failed", f"{type(exc).__name__}: {exc}")
+                )
+                log.warning("update to %s failed at %s: %s", journal.version, journal.step, failed)
                 # a cut download stays: the next offer resumes it (a bad one was deleted)
-                self._drop(journal, keep_download=exc.reason == "download_failed")
-                return Outcome(failed=exc)
+                self._drop(journal, keep_download=failed.reason == "download_failed")
+                return Outcome(failed=failed)
         return Outcome()
 
     async def _download(self, journal: Journal) -> None:
@@ -252,6 +264,9 @@ class Updater:
         try:
             await self._fetch(journal.url, part)
         except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                # not kept for a resume: the outbox needs that space more
+                raise UpdateFailed("storage_failed", f"fetching {journal.url}: {exc}") from None
             # the part stays: the next offer resumes it
             raise UpdateFailed("download_failed", f"fetching {journal.url}: {exc}") from None
         self._checkpoint("fetched")
@@ -360,8 +375,11 @@ class Updater:
 # ---- the real fetch and install ------------------------------------------------------------
 
 
-def http_fetch(session: aiohttp.ClientSession, *, timeout_s: float = 600.0) -> Fetch:
-    """Fetch over HTTP(S) with `Range`, appending to what an earlier attempt left."""
+def http_fetch(
+    session: aiohttp.ClientSession, *, timeout_s: float = 600.0, max_bytes: int = MAX_BUNDLE_BYTES
+) -> Fetch:
+    """Fetch over HTTP(S) with `Range`, appending to what an earlier attempt left; a file
+    growing past `max_bytes` is deleted and refused (the disk also holds the outbox)."""
 
     async def fetch(url: str, path: Path) -> None:
         have = path.stat().st_size if path.exists() else 0
@@ -375,8 +393,14 @@ def http_fetch(session: aiohttp.ClientSession, *, timeout_s: float = 600.0) -> F
             response.raise_for_status()
             # 206: the rest; 200: a server that ignores Range sends it all again
             mode = "ab" if response.status == 206 else "wb"
+            size = have if mode == "ab" else 0
             with path.open(mode) as out:
                 async for chunk in response.content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        out.close()
+                        path.unlink(missing_ok=True)
+                        raise UpdateFailed("too_large", f"{url} sends over {max_bytes} bytes")
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
@@ -476,11 +500,11 @@ class UpdateService:
         if self.agent.behaviour.incident is not None:
             self._failed(version, "incident_open", "an incident is open: offer it again later")
             return
-        if self.updater.journal() is None and version == self.updater.installed_version():
-            # a late offer of what runs already (its report crossed it): nothing to do
-            log.info("device %s: update %s runs already", self.agent.device_id, version)
-            return
         try:
+            if self.updater.journal() is None and version == self.updater.installed_version():
+                # a late offer of what runs already (its report crossed it): nothing to do
+                log.info("device %s: update %s runs already", self.agent.device_id, version)
+                return
             self.updater.start(version, url)
         except (UpdateFailed, ValidationError) as exc:
             reason = exc.reason if isinstance(exc, UpdateFailed) else "malformed"
@@ -510,7 +534,17 @@ class UpdateService:
             self._failed(journal.version, outcome.failed.reason, str(outcome.failed))
         if outcome.ready:
             await self._idle()
-            self.updater.switch()
+            try:
+                self.updater.switch()
+            except OSError as exc:
+                after = self.updater.journal()
+                if after is None or after.step != "installed":
+                    raise  # the trial is journaled: the launcher finishes the switch
+                # the trial could not be journaled (a full disk): raised out of the agent,
+                # the switch would fail again at every start; dropped, it frees the space
+                self._failed(journal.version, "storage_failed", f"{type(exc).__name__}: {exc}")
+                self.updater.reported(after)
+                return
             raise RestartRequested(f"switched to {journal.version}: restarting into it")
 
     async def _idle(self) -> None:

@@ -100,6 +100,10 @@ class CsrSigner(Protocol):
 
     def sign(self, csr_pem: bytes, device_id: str) -> x509.Certificate: ...
 
+    def renew(self, csr_pem: bytes, device_id: str) -> x509.Certificate:
+        """`sign`, for a device that holds an unrevoked certificate of the CSR's key."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class SiteSigner:
@@ -112,6 +116,26 @@ class SiteSigner:
         from siteca.site import Site
 
         return Site.open(self.site_dir).sign_csr(csr_pem, device_id)
+
+    def renew(self, csr_pem: bytes, device_id: str) -> x509.Certificate:
+        # the renewal is authenticated by the device's current certificate, not its key
+        # alone: one revoked (a stolen bell, `ansimi provision revoke`) must not get a new one
+        from siteca import pki
+        from siteca.site import Site
+
+        site = Site.open(self.site_dir)
+        key = x509.load_pem_x509_csr(csr_pem).public_key()
+        revoked = {r.serial for r in site.revocations().revoked}
+        if not any(
+            pki.common_name(cert) == device_id
+            and cert.public_key() == key
+            and cert.serial_number not in revoked
+            for cert in site.issued()
+        ):
+            raise RenewalRefused(
+                f"device {device_id} holds no unrevoked certificate for this key: enrol it again"
+            )
+        return site.sign_csr(csr_pem, device_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,7 +419,12 @@ class Enrolment:
             log.warning("renew: refused %s: %s", body.device_id, exc)
             return _error(exc if isinstance(exc, CsrRefused) else CsrRefused(str(exc)))
         try:
-            cert = await asyncio.to_thread(self._signer.sign, body.csr_pem.encode(), body.device_id)
+            cert = await asyncio.to_thread(
+                self._signer.renew, body.csr_pem.encode(), body.device_id
+            )
+        except RenewalRefused as exc:
+            log.warning("renew: refused %s: no unrevoked certificate", body.device_id)
+            return _error(exc)
         except ValueError as exc:
             return _error(CsrRefused(str(exc)))
         serial = f"{cert.serial_number:X}"

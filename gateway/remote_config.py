@@ -312,9 +312,15 @@ class RemoteConfigs:
         return web.json_response({"devices": [r.as_json() for r in rows]})
 
     async def layer_listing(self, request: web.Request) -> web.Response:
+        # a token sees the site's layer and its own districts' and devices' layers only: a
+        # device layer names a device id of its district
+        token = request[TOKEN_KEY]
+        district_of = {d.device_id: d.district for d in self._devices()}
         layers = [
             {"scope": scope, "name": name, "config": patch, "hash": config_hash(patch)}
             for scope, name, patch in self.layers()
+            if scope == "site"
+            or token.sees(name if scope == "district" else district_of.get(name, ""))
         ]
         return web.json_response({"layers": layers})
 

@@ -446,6 +446,14 @@ class Rollouts:
         token = request[TOKEN_KEY]
         if not token.sees(asked.district):
             return _error(403, f"district {asked.district} is not one of this token's")
+        ongoing = self.current
+        if (
+            ongoing is not None
+            and ongoing.state in ("running", "paused")
+            and not token.sees(ongoing.district)
+        ):
+            # said without naming it: another district's rollout is not this token's to see
+            return _error(409, "a rollout in another district is under way (one at a time)")
         try:
             rollout = await self.start(asked.version, asked.district, asked.percent)
         except RolloutRefused as exc:

@@ -265,3 +265,18 @@ async def test_a_rollback_returns_to_the_good_broker_even_past_two_trials(tmp_pa
     assert a.link.session.address == ("127.0.0.1", 8883)
     assert a.config.behaviour.ring_link_s == 120.0 and a.remote.good == {}
     await a.link.close()
+
+
+async def test_a_config_sent_during_an_open_incident_is_not_tried(tmp_path: Path) -> None:
+    clock = Clock()
+    a = agent_with_test_press(tmp_path, clock)
+    address = a.link.session.address
+    a.on_input(InputEvent("emergency", "pressed"))
+    assert a.behaviour.incident is not None
+    # a new broker now would cut the link the open incident's messages travel on
+    a.set_config({"mqtt": {"port": 9883}, "behaviour": {"ring_link_s": 5.0}})
+    assert a.remote.trial is None and a.remote.good == {}
+    assert a.link.session.address == address
+    assert a.config.behaviour.ring_link_s == 120.0
+    await a.link.close()
+    a.outbox.close()

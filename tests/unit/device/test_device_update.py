@@ -7,11 +7,15 @@ complete version to run and finish or undo the update.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from release_kit import (
@@ -145,6 +149,49 @@ async def test_a_bundle_refused_after_download_leaves_the_device_as_it_was(
     assert _leftovers(root) == []
 
 
+async def test_a_full_disk_during_install_drops_the_update_instead_of_stopping_the_agent(
+    site,
+) -> None:
+    root, bundle, signer = site
+
+    async def disk_full(wheels: object, target: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    updater = Updater(
+        root,
+        signer.public_key,
+        fetch=file_fetch(bundle, lambda _name: None),
+        install=disk_full,
+        clock_ms=Clock(CLOCK_MS),
+    )
+    updater.start("2.0", "https://gateway.test/bundle")
+    outcome = await updater.advance()
+    assert outcome.failed is not None and outcome.failed.reason == "storage_failed"
+    # forgotten and cleaned up (the space freed): the next start runs 1.0 as before
+    assert updater.journal() is None and _leftovers(root) == []
+    assert running_version(root) == "1.0"
+
+
+async def test_a_download_cut_by_a_full_disk_is_deleted_not_kept_for_a_resume(site) -> None:
+    root, _, signer = site
+
+    async def fills_the_disk(url: str, part: Path) -> None:
+        part.write_bytes(b"x" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    updater = Updater(
+        root,
+        signer.public_key,
+        fetch=fills_the_disk,
+        install=unzip_install,
+        clock_ms=Clock(CLOCK_MS),
+    )
+    updater.start("2.0", "https://gateway.test/bundle")
+    outcome = await updater.advance()
+    assert outcome.failed is not None and outcome.failed.reason == "storage_failed"
+    assert updater.journal() is None and not (root / "download").exists()
+
+
 async def test_another_update_is_refused_while_one_is_under_way_the_same_resumed(site) -> None:
     root, bundle, signer = site
     updater = _updater(root, bundle, signer)
@@ -222,6 +269,22 @@ async def test_pip_failing_is_an_install_failure(tmp_path: Path) -> None:
     assert caught.value.reason == "install_failed"
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """An HTTP server on loopback answering GET /bundle with `handler`; yields its URL."""
+    app = web.Application()
+    app.router.add_get("/bundle", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/bundle"
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_download_resumes_where_it_stopped(site, tmp_path: Path) -> None:
     _, bundle, _ = site
     ranges: list[str | None] = []
@@ -230,27 +293,42 @@ async def test_a_download_resumes_where_it_stopped(site, tmp_path: Path) -> None
         ranges.append(request.headers.get("Range"))
         return web.FileResponse(bundle)
 
-    app = web.Application()
-    app.router.add_get("/bundle", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    server = web.TCPSite(runner, "127.0.0.1", 0)
-    await server.start()
-    port = runner.addresses[0][1]
     data = bundle.read_bytes()
     part = tmp_path / "x.part"
     part.write_bytes(data[:1000])
-    try:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as session:
-            await http_fetch(session)(f"http://127.0.0.1:{port}/bundle", part)
-            assert part.read_bytes() == data
-            await http_fetch(session)(f"http://127.0.0.1:{port}/bundle", part)  # whole: 416
-            assert part.read_bytes() == data
-    finally:
-        await runner.cleanup()
+    async with serving(serve) as url, aiohttp.ClientSession() as session:
+        await http_fetch(session)(url, part)
+        assert part.read_bytes() == data
+        await http_fetch(session)(url, part)  # whole: 416
+        assert part.read_bytes() == data
     assert ranges == ["bytes=1000-", f"bytes={len(data)}-"]
+
+
+async def test_a_download_that_never_ends_is_cut_at_the_limit_and_deleted(site) -> None:
+    # a wrong `public_url`, or a stolen gateway, must not fill the disk the outbox is on
+    root, _, signer = site
+    limit = 256 * 1024
+    chunk = b"x" * 65536
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(64):  # 4 MB: bounded, far over the limit
+            await response.write(chunk)
+        return response
+
+    async with serving(endless) as url, aiohttp.ClientSession() as session:
+        updater = Updater(
+            root,
+            signer.public_key,
+            fetch=http_fetch(session, max_bytes=limit),
+            install=unzip_install,
+            clock_ms=Clock(CLOCK_MS),
+        )
+        updater.start("2.0", url)
+        outcome = await updater.advance()
+    assert outcome.failed is not None and outcome.failed.reason == "too_large"
+    assert updater.journal() is None and not (root / "download").exists()
 
 
 def test_the_launcher_puts_the_current_version_first_on_the_path(site) -> None:

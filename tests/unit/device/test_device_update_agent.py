@@ -4,6 +4,7 @@ restart, and a trial commits only once its report is acknowledged, else rolls ba
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from release_kit import (
     unzip_install,
 )
 
+from ansimi.files import write_atomic
+from device import update
 from device.agent import Agent
 from device.config import DeviceConfig
 from device.hal import Hardware
@@ -203,4 +206,39 @@ async def test_a_device_not_set_up_for_updates_says_so(tmp_path: Path) -> None:
     (report,) = _health(agent)
     assert report["event"] == "update_failed"
     assert report["detail"].startswith("2.0 not_set_up:")
+    agent.outbox.close()
+
+
+async def test_an_update_root_without_its_current_link_says_not_set_up(tmp_path: Path, opt) -> None:
+    # an [update] root the installer did not finish: said, or the rollout offers it for ever
+    agent = _agent(tmp_path, opt, Clock(), 60.0)
+    (opt[0] / "current").unlink()
+    agent.on_command(UPDATE)
+    (report,) = _health(agent)
+    assert report["event"] == "update_failed"
+    assert report["detail"].startswith("2.0 not_set_up:")
+    agent.outbox.close()
+
+
+async def test_a_switch_the_full_disk_cannot_journal_is_dropped_and_reported(
+    tmp_path: Path, opt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = _agent(tmp_path, opt, Clock(), 60.0)
+    assert agent.updates is not None
+
+    def full_at_the_trial(path: Path, data: bytes, **kw: object) -> None:
+        if b'"trial"' in data:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_atomic(path, data, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(update, "write_atomic", full_at_the_trial)
+    agent.on_command(UPDATE)
+    run = asyncio.create_task(agent.updates.run())
+    await _until(lambda: any(h["event"] == "update_failed" for h in _health(agent)))
+    assert not run.done()  # the agent runs on, on the version it had
+    run.cancel()
+    (report,) = _health(agent)
+    assert report["detail"].startswith("2.0 storage_failed:")
+    assert agent.updates.updater.journal() is None and running_version(opt[0]) == "1.0"
+    assert [p.name for p in (opt[0] / "versions").iterdir()] == ["1.0"]
     agent.outbox.close()

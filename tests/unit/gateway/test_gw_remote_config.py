@@ -12,6 +12,7 @@ from gw_testkit import ADMIN, CENTRAL, GANGNAM, PRIVACY_TOKENS, Env, heartbeat, 
 
 from ansimi_edge.cli import cli
 from gateway.api import Api
+from gateway.config import ApiToken
 from gateway.remote_config import RemoteConfigs
 from gateway.store import Device, Incoming
 from protocol.messages import CommandMessage
@@ -35,14 +36,14 @@ def configs(env: Env) -> RemoteConfigs:
     )
 
 
-async def served() -> tuple[Env, RemoteConfigs, TestClient[Any, Any]]:
+async def served(
+    tokens: list[ApiToken] = PRIVACY_TOKENS,
+) -> tuple[Env, RemoteConfigs, TestClient[Any, Any]]:
     """A gateway's insides with the remote config routes on its API, not yet started."""
     env = await make_env()
     remote = configs(env)
     await remote.load()
-    api = Api(
-        env.store, env.registry, env.downlink, env.metrics, PRIVACY_TOKENS, connected=lambda: True
-    )
+    api = Api(env.store, env.registry, env.downlink, env.metrics, tokens, connected=lambda: True)
     api.add_routes(remote.routes())
     return env, remote, TestClient(TestServer(api.app()))
 
@@ -163,6 +164,36 @@ async def test_the_api_sets_layers_within_the_token_s_districts_and_refuses_bad_
                 "hash": config_hash({"behaviour": {"ring_link_s": 30}}),
             }
         ]
+
+
+GANGNAM_ADMIN = "gangnam-admin-token-0123"
+
+
+async def test_an_admin_lists_only_the_layers_of_its_own_districts() -> None:
+    # a device layer names a device of another district (and shows its config)
+    tokens = [
+        *PRIVACY_TOKENS,
+        ApiToken(name="gangnam-admin", role="admin", token=GANGNAM_ADMIN, districts=["gangnam"]),
+    ]
+    _env, remote, client = await served(tokens)
+    async with client:
+        await remote.set_layer("site", "", {"behaviour": {"ring_link_s": 20}})
+        await remote.set_layer("district", "mapo", {"behaviour": {"ring_link_s": 30}})
+        await remote.set_layer("device", "bell-0001", {"device": {"silent": True}})
+        await remote.set_layer("district", "gangnam", {"behaviour": {"ring_link_s": 40}})
+        await remote.set_layer("device", "bell-0002", {"device": {"silent": True}})
+
+        async def listed(token: str) -> list[tuple[str, str]]:
+            answer = await client.get("/admin/config", headers={"Authorization": f"Bearer {token}"})
+            assert answer.status == 200
+            return [(layer["scope"], layer["name"]) for layer in (await answer.json())["layers"]]
+
+        assert await listed(GANGNAM_ADMIN) == [
+            ("device", "bell-0002"),
+            ("district", "gangnam"),
+            ("site", ""),
+        ]
+        assert len(await listed(ADMIN)) == 5
 
 
 async def test_the_cli_sets_a_layer_from_toml_shows_it_and_exits_5_on_drift(

@@ -244,6 +244,10 @@ async def test_rollouts_through_the_admin_routes(http: Http) -> None:
     for action in ("resume", "abort"):
         status, _ = await http.call("POST", f"/admin/rollouts/{action}", token=GANGNAM_ADMIN)
         assert status == 404
+    # nor learns of it (its district, version and id) by starting one of its own
+    own = {"version": "2.0", "district": "gangnam", "percent": 10}
+    status, body = await http.call("POST", "/admin/rollouts", token=GANGNAM_ADMIN, json=own)
+    assert status == 409 and "mapo" not in str(body)
     status, body = await http.call("POST", "/admin/rollouts/resume", json={"percent": 50})
     assert status == 200 and body["counts"]["pending"] == 10
     status, body = await http.call("GET", "/admin/rollouts")

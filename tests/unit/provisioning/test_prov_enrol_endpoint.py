@@ -28,6 +28,8 @@ from gateway.metrics import Metrics
 from gateway.store import SqliteStore
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
+from protocol.renewal import renew_request
+from provisioning.revoke import revoke_certificate
 from siteca import pki
 from siteca.site import Site, init_site
 
@@ -113,6 +115,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         SiteSigner(site.layout.root),
         EnrolmentInfo.from_site(site.layout.root),
         refresh=registry.refresh,
+        device=registry.device,
         clock_ms=clock,
     )
     api.add_routes(enrolment.routes())
@@ -342,3 +345,25 @@ async def test_enrolment_hands_out_the_release_public_key_once_the_site_has_one(
     info = EnrolmentInfo.from_site(root)
     assert info.release_public_key == env.site.layout.release_pub.read_text().strip()
     assert info.release_public_key in made.output
+
+
+async def test_a_device_whose_certificate_was_revoked_cannot_renew_it(env: Env) -> None:
+    key = generate_key()
+    status, body = await env.enrol(await env.add(), key=key)
+    assert status == 200, body
+
+    async def renew() -> tuple[int, Any]:
+        csr = pki.make_csr(key, "bell-0001").decode()
+        request = renew_request(Signer("bell-0001", key), csr, env.clock.ms)
+        answer = await env.client.post("/renew", json=request.model_dump())
+        return answer.status, await answer.json()
+
+    status, body = await renew()
+    assert status == 200, body
+    # revoked at the CA only (`ansimi provision revoke`): the broker refuses the certificate,
+    # and the key alone must not get the bell a new one the CRL does not name
+    revoke_certificate(env.site.layout.root, "cn:bell-0001")
+    issued = len(env.site.issued())
+    status, body = await renew()
+    assert status == 403, body
+    assert len(env.site.issued()) == issued
