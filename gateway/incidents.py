@@ -70,6 +70,20 @@ def is_test_press(event_type: str, body_json: str) -> bool:
     return event_type == "alert" and json_object(body_json).get("trigger") == "test"
 
 
+# A person in danger, as opposed to news about a bell (offline, an outage, power, tamper,
+# a visitor's ring).
+EMERGENCIES: Final[frozenset[str]] = frozenset(
+    {"duress", "store_robbery", "stalking_urgent", "stalking", "doorbell_emergency"}
+)
+
+
+def reopens(old_kind: str, new_kind: str | None) -> bool:
+    """An emergency arriving on an incident that was not one: what an operator acknowledged
+    (a bell offline, its district's outage, a ring) is not this, so the incident needs
+    acknowledging again, escalates again, and its bell is not told `acknowledged`."""
+    return new_kind in EMERGENCIES and old_kind not in EMERGENCIES
+
+
 def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind | None:
     """The incident kind an event opens, or None for an event that only attaches.
 

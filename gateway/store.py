@@ -75,6 +75,7 @@ from gateway.incidents import (
     joins_outage,
     json_object,
     offline_of,
+    reopens,
 )
 
 # re-exported: the store's callers name the kind from here
@@ -1317,6 +1318,7 @@ class SqliteDatabase:
         _add_to_incident(db, item.event_id, incident_id)
         actor = "device" if item.type in ("alert", "cancel", "health", "heartbeat") else "gateway"
         _history(db, incident_id, now_ms, "event", actor, item.event_id, type=item.type, body=body)
+        reopened = False
         if found is not None and kind is not None and self._priority(kind) < priority:
             # a worse event came (a ring that became an emergency, duress): the incident is it
             old = db.execute(
@@ -1326,8 +1328,28 @@ class SqliteDatabase:
                 "UPDATE incidents SET kind = ?, priority = ? WHERE incident_id = ?",
                 (kind, self._priority(kind), incident_id),
             )
-            _history(db, incident_id, now_ms, "kind", "gateway", item.event_id, from_=old, to=kind)
-        moved_on = found is not None and found[2] != "new"
+            reopened = found[2] != "new" and reopens(str(old), kind)
+            if reopened:
+                # acknowledged as something else: new again, its escalation from now
+                db.execute(
+                    "UPDATE incidents SET state = 'new', opened_ms = ?, escalation_level = 0,"
+                    " escalated_to = '[]' WHERE incident_id = ?",
+                    (now_ms, incident_id),
+                )
+                db.execute("DELETE FROM incident_stages WHERE incident_id = ?", (incident_id,))
+            extra = {"reopened": True} if reopened else {}
+            _history(
+                db,
+                incident_id,
+                now_ms,
+                "kind",
+                "gateway",
+                item.event_id,
+                from_=old,
+                to=kind,
+                **extra,
+            )
+        moved_on = found is not None and found[2] != "new" and not reopened
         return str(found[2]) if moved_on and item.type == "alert" else None
 
     def incidents(

@@ -53,6 +53,7 @@ from gateway.incidents import (
     joins_outage,
     json_object,
     offline_of,
+    reopens,
 )
 from gateway.store import (
     FOREIGN_ID,
@@ -428,6 +429,7 @@ class _OpenIncident:
     last_alert_id: str | None
     offline: bool
     events_added: int = 0  # by the events being attached now
+    reopened: bool = False  # acknowledged as something else, new again (`reopens`)
 
 
 @dataclass
@@ -499,11 +501,16 @@ def _decide_incidents(
         done.history.append((incident.incident_id, "event", actor, item.event_id, detail))
         if found is not None and kind is not None and priority(kind) < incident.priority:
             # a worse event came (a ring that became an emergency, duress): the incident is it
-            detail = history_detail({"from": incident.kind, "to": kind})
+            reopened = incident.state != "new" and reopens(incident.kind, kind)
+            extra = {"reopened": True} if reopened else {}
+            detail = history_detail({"from": incident.kind, "to": kind, **extra})
             done.history.append((incident.incident_id, "kind", "gateway", item.event_id, detail))
             incident.kind, incident.priority = kind, priority(kind)
-        if found is not None and found.state != "new" and item.type == "alert":
-            done.caught_up[item.event_id] = found.state
+            if reopened:
+                # acknowledged as something else: new again, its escalation from now
+                incident.state, incident.reopened = "new", True
+        if found is not None and incident.state != "new" and item.type == "alert":
+            done.caught_up[item.event_id] = incident.state
     return done
 
 
@@ -1000,6 +1007,17 @@ class PostgresStore:
             " last_alert_id = excluded.last_alert_id, offline = excluded.offline",
             *_columns(rows, 9),
         )
+        reopened = [i.incident_id for i in touched if i.reopened]
+        if reopened:
+            await db.execute(
+                "UPDATE incidents SET state = 'new', opened_ms = $2, escalation_level = 0,"
+                " escalated_to = '[]' WHERE incident_id = ANY($1::text[])",
+                reopened,
+                now_ms,
+            )
+            await db.execute(
+                "DELETE FROM incident_stages WHERE incident_id = ANY($1::text[])", reopened
+            )
         await db.execute(
             "INSERT INTO incident_events SELECT * FROM unnest($1::text[], $2::text[])"
             " ON CONFLICT DO NOTHING",

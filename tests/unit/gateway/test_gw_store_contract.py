@@ -486,6 +486,37 @@ async def test_only_incident_worthy_events_open_one_and_offline_attaches(store: 
     assert incident.offline  # the last connection state attached; the alert is no status
 
 
+async def test_an_emergency_on_an_incident_acknowledged_as_news_needs_acknowledging_again(
+    store: Store,
+) -> None:
+    """The desk acknowledged a bell going offline; then its victim presses: the press is
+    not what was acknowledged. New again (escalating from the press), and the bell is not
+    told `acknowledged` for it; a second press on the emergency is caught up as before."""
+    heard = item("alert-0000", body=alert_body("power_restored"))  # news: no incident
+    await store.accept_batch([heard], 50)
+    gone = item("status-0001", seq=2, type="status", body='{"state":"offline"}')
+    assert await store.mark_offline([gone], 100, 100) == [True]
+    assert await store.move_incident("status-0001", "acknowledged", 150, "desk")
+    pressed = await store.accept_batch([item("alert-0001", seq=3, body=alert_body())], 200)
+    assert pressed.caught_up == {}
+    incident = await store.incident("status-0001")
+    assert incident is not None
+    assert (incident.state, incident.kind, incident.opened_ms) == ("new", "stalking", 200)
+    assert (incident.escalation_level, incident.stages) == (0, {})
+    assert (await store.escalation_candidates(5)) == [incident]
+    assert (await store.incident_history("status-0001"))[-1].detail == {
+        "from": "offline",
+        "to": "stalking",
+        "reopened": True,
+    }
+    # acknowledged as the emergency now: a further press is caught up, nothing reopens
+    assert await store.move_incident("status-0001", "acknowledged", 250, "desk")
+    again = await store.accept_batch([item("alert-0002", seq=4, body=alert_body("duress"))], 300)
+    assert again.caught_up == {"alert-0002": "acknowledged"}
+    incident = await store.incident("status-0001")
+    assert incident is not None and (incident.state, incident.kind) == ("acknowledged", "duress")
+
+
 async def test_bells_going_offline_in_their_districts_outage_join_its_one_incident(
     store: Store,
 ) -> None:
