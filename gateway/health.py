@@ -54,7 +54,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import Counter, Gauge
@@ -408,6 +408,9 @@ class Report:
 _STATUS_LEVEL: dict[Status, int] = {"ok": 0, "degraded": 1, "failing": 2}
 
 
+STORE_DOWN_AFTER_MS: Final = 6_000
+
+
 class Health:
     """The gateway's paths put together: /healthz's answer, the watchdog's go, metrics."""
 
@@ -421,9 +424,11 @@ class Health:
         failing_centres: Callable[[], Mapping[str, Failing]],
         centre_down_after_ms: int,
         disk: DiskWatch | None = None,
+        store_stuck_since: Callable[[], int | None] = lambda: None,
         clock_ms: Clock = wall_ms,
     ) -> None:
         self._probe = probe
+        self._store_stuck_since = store_stuck_since
         self._connected = connected
         self._failing_centres = failing_centres
         self._centre_down_after_ms = centre_down_after_ms
@@ -474,8 +479,15 @@ class Health:
             failing.append("mqtt")
         if not self._probe.proven(now):
             failing.append("intake")
+        # the store keeping nothing this long (every commit failing, or one not coming back):
+        # alerts are not kept, nor acked, however well the broker delivers them
+        store_since = self._store_stuck_since()
+        store_down = store_since is not None and now - store_since >= STORE_DOWN_AFTER_MS
+        if store_down:
+            failing.append("store")
         heard = self._probe.heard_ms
         body: dict[str, Any] = {
+            "store": {"ok": not store_down, "stuck_since_ms": store_since},
             "mqtt": "connected" if connected else "disconnected",
             "intake": {
                 "ok": "intake" not in failing,

@@ -270,6 +270,10 @@ class Intake:
         self._on_heartbeats = on_heartbeats
         # heartbeats checked and waiting to be kept (see the module docstring); 0: none wait
         self._heartbeat_flush_ms = heartbeat_flush_ms
+        # since when nothing could be kept (every commit failed), and since when the commit
+        # in flight has been waiting: /healthz's store path (`store_stuck_since_ms`)
+        self._failing_since_ms: int | None = None
+        self._committing_since_ms: int | None = None
         self._waiting_beats: list[Incoming] = []
         self._waiting_bodies: dict[str, Heartbeat] = {}
         self._waiting_since_ms = 0
@@ -528,16 +532,32 @@ class Intake:
         except Exception:
             log.exception("intake: supervision of %s failed", ", ".join(device_ids[:5]))
 
+    def store_stuck_since_ms(self) -> int | None:
+        """Since when the store has kept nothing: every commit failed, or the one in flight
+        has not come back (a lock held for long, a database server gone silent)."""
+        times = [t for t in (self._failing_since_ms, self._committing_since_ms) if t is not None]
+        return min(times, default=None)
+
     async def _commit(self, incoming: list[Incoming], now_ms: int) -> tuple[list[_Kept], list[str]]:
         """One group commit; if it fails, each message alone, so one bad row costs one message.
 
         A message that cannot be kept is not acked: its device sends it again.
         """
+        self._committing_since_ms = self._clock_ms()
+        try:
+            return await self._commit_now(incoming, now_ms)
+        finally:
+            self._committing_since_ms = None
+
+    async def _commit_now(
+        self, incoming: list[Incoming], now_ms: int
+    ) -> tuple[list[_Kept], list[str]]:
         try:
             done = await self._store.accept_batch(incoming, now_ms)
         except StoreDown as exc:
             # The store as a whole cannot write: one by one would fail alike, each with a
             # traceback (200,000 log lines in a minute of full disk, on that same disk).
+            self._keeping(False, now_ms)
             self._metrics.store_errors.inc()
             self._metrics.rejected.labels(exc.reason).inc(len(incoming))
             quiet = self._quiet(("(store)", exc.reason), len(incoming))
@@ -549,6 +569,7 @@ class Intake:
             self._metrics.store_errors.inc()
             log.exception("intake: group commit of %d messages failed; one by one", len(incoming))
         else:
+            self._keeping(True, now_ms)
             kept = [
                 _Kept(item, fresh, fwd, refused, _stage(done.caught_up.get(item.event_id)))
                 for item, fresh, fwd, refused in zip(
@@ -570,7 +591,15 @@ class Intake:
                 _Kept(item, alone.fresh[0], alone.forwarded[0], alone.refused[0], caught_up)
             )
             came_online += [d for d in alone.came_online if d not in came_online]
+        self._keeping(bool(kept), now_ms)
         return kept, came_online
+
+    def _keeping(self, kept_any: bool, now_ms: int) -> None:
+        """The store kept something (or nothing at all) of a commit."""
+        if kept_any:
+            self._failing_since_ms = None
+        elif self._failing_since_ms is None:
+            self._failing_since_ms = now_ms
 
     def _check(self, message: MqttMessage, now_ms: int, in_batch: set[tuple[str, str]]) -> _Checked:
         if len(message.payload) > self._max_bytes:

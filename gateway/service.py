@@ -212,6 +212,7 @@ class Gateway:
             failing_centres=self.forwarder.failing,
             centre_down_after_ms=int(health.centre_down_s * 1000),
             disk=self.disk,
+            store_stuck_since=lambda: self.intake.store_stuck_since_ms(),
         )
         self.intake = Intake(
             self.store,

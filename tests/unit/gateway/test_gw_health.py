@@ -22,7 +22,7 @@ from ansimi import sdnotify
 from ansimi.mqtt import Message as MqttMessage
 from gateway.downlink import Downlink
 from gateway.forward import Failing
-from gateway.health import DiskState, DiskWatch, Health, IntakeProbe
+from gateway.health import STORE_DOWN_AFTER_MS, DiskState, DiskWatch, Health, IntakeProbe
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.store import Incoming, SqliteStore, StoreFull, transaction
@@ -308,7 +308,13 @@ async def test_a_siblings_probe_keeps_this_instance_alive() -> None:
 # ---- the report: one rule per path ---------------------------------------------------------
 
 
-def health(r: Rig, failing: dict[str, Failing], disk: DiskWatch | None = None) -> Health:
+def health(
+    r: Rig,
+    failing: dict[str, Failing],
+    disk: DiskWatch | None = None,
+    store_stuck_since: list[int | None] | None = None,
+) -> Health:
+    stuck = store_stuck_since or [None]
     return Health(
         r.probe,
         r.metrics,
@@ -317,8 +323,29 @@ def health(r: Rig, failing: dict[str, Failing], disk: DiskWatch | None = None) -
         failing_centres=lambda: failing,
         centre_down_after_ms=15_000,
         disk=disk,
+        store_stuck_since=lambda: stuck[0],
         clock_ms=r.clock,
     )
+
+
+async def test_a_store_that_keeps_nothing_is_503_naming_it_within_seconds() -> None:
+    """The broker delivers, the probe is heard, but every commit fails (a full disk, the
+    database gone) or hangs: nothing is kept or acked, and health must say so."""
+    r = rig()
+    stuck: list[int | None] = [None]
+    h = health(r, {}, store_stuck_since=stuck)
+    await tick(r)
+    r.heard_back()
+    assert h.report().status == "ok"
+    stuck[0] = r.clock.ms
+    r.clock.ms += STORE_DOWN_AFTER_MS - 1
+    assert h.report().status == "ok"  # one slow commit is not an outage
+    r.clock.ms += 1
+    report = h.report()
+    assert (report.http_status, report.body["failing"]) == (503, ["store"])
+    assert report.summary["failing"] == ["store"]
+    stuck[0] = None  # a commit went through
+    assert h.report().status == "ok"
 
 
 async def test_deaf_intake_is_503_naming_it() -> None:

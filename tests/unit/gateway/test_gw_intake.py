@@ -413,6 +413,49 @@ async def test_a_full_store_costs_one_log_line_not_one_traceback_per_message(
     assert len(lines) == 1 and lines[0].exc_info is None
 
 
+async def test_the_store_keeping_nothing_is_known_from_the_first_failure_or_hang(
+    env: Env,
+) -> None:
+    """/healthz's store path: since when the store kept nothing, failing or hanging."""
+    import asyncio
+
+    assert env.intake.store_stuck_since_ms() is None
+    full = True
+
+    class Sometimes(SqliteStore):
+        async def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
+            if full:
+                raise StoreFull("database or disk is full")
+            return await super().accept_batch(batch, now_ms)
+
+    env.store.__class__ = Sometimes
+    failed_at = env.clock.ms
+    await env.feed(env.message(ALERT))
+    env.clock.ms += 3_000
+    await env.feed(env.message(ALERT))
+    assert env.intake.store_stuck_since_ms() == failed_at  # from the first, not the last
+    full = False
+    await env.feed(env.message(ALERT))
+    assert env.intake.store_stuck_since_ms() is None
+    # a commit that does not come back counts from when it began
+    gate = asyncio.Event()
+
+    class Hanging(SqliteStore):
+        async def accept_batch(self, batch: Sequence[Incoming], now_ms: int) -> Accepted:
+            await gate.wait()
+            return await super().accept_batch(batch, now_ms)
+
+    env.store.__class__ = Hanging
+    began = env.clock.ms
+    feeding = asyncio.create_task(env.feed(env.message(ALERT)))
+    await asyncio.sleep(0)
+    env.clock.ms += 10_000
+    assert env.intake.store_stuck_since_ms() == began
+    gate.set()
+    await feeding
+    assert env.intake.store_stuck_since_ms() is None
+
+
 async def test_the_backlog_shows_in_a_metric(env: Env) -> None:
     import asyncio
 
