@@ -387,9 +387,21 @@ async def test_a_small_full_disk_keeps_alerts_says_disk_low_and_recovers_by_itse
             # once): the next alert cannot be kept, and the bell keeps it and resends
             fill(filler, 0)
             fleet.press_all()
-            for _ in range(30):
-                fill(filler, 0)
-                await asyncio.sleep(0.1)
+
+            async def kept_full() -> None:
+                while True:
+                    fill(filler, 0)
+                    await asyncio.sleep(0.1)
+
+            filling = asyncio.create_task(kept_full())
+            try:
+                # the broker delivers, the probe is heard, yet nothing is kept: red, naming it
+                took, body = await until(
+                    gw, lambda s, b: s == 503 and "store" in b["failing"], WAIT_S
+                )
+                assert body["intake"]["ok"] is True and took < 15, (took, body)
+            finally:
+                filling.cancel()
             assert fleet.pending() == 1
             # space freed: the gateway takes it by itself, no restart, and says so
             filler.unlink()
