@@ -60,10 +60,8 @@ from paho.mqtt.reasoncodes import ReasonCode  # noqa: E402
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[["Message"], None]
-# packets one session reads per readable event; the rest are read on the loop's next turn
+# packets one session reads per readable event; the socket stays readable for the rest
 READ_PACKETS_PER_WAKEUP = 64
-# bytes one recv asks the socket for (see _BufferedClient)
-READ_CHUNK_BYTES = 64 * 1024
 ConnectHandler = Callable[[bool], None]
 LinkDeadListener = Callable[["LinkDead"], None]
 # why a link was declared dead: an urgent publish's PUBACK, or a quiet link, then no PINGRESP
@@ -236,39 +234,6 @@ class LinkWatch:
         if self._probe_due is not None:
             return self._probe_due
         return min([min(self._last_in, self._last_out) + self.idle_s, *self._expected.values()])
-
-
-class _BufferedClient(paho.Client):
-    """paho reads a packet in three or more `recv` calls (its type, each byte of its length,
-    then the rest) and ends a burst with one more that fails: each a system call, and at
-    ~1,000 packets/s each way a gateway's largest cost after the cryptography
-    (bench/gateway.py). This one takes what the socket has, up to READ_CHUNK_BYTES, in one
-    call and hands paho its reads from that. Bytes read ahead belong to the socket they
-    came from: a new connection starts empty.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._read_ahead = b""
-        self._read_pos = 0
-        self._read_from: object = None
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._read_from is not self._sock:
-            self._read_ahead, self._read_pos, self._read_from = b"", 0, self._sock
-        pos = self._read_pos
-        if pos >= len(self._read_ahead):
-            data = super()._sock_recv(READ_CHUNK_BYTES)
-            if len(data) <= bufsize:
-                return data  # also b"" (closed): nothing kept
-            self._read_ahead, pos = data, 0
-        self._read_pos = pos + bufsize
-        return self._read_ahead[pos : pos + bufsize]
-
-    def read_ahead(self) -> bool:
-        """Bytes read from the socket and not yet handed to paho: the socket will not say
-        it is readable for them."""
-        return self._read_from is self._sock and self._read_pos < len(self._read_ahead)
 
 
 class Session:
@@ -511,10 +476,10 @@ class Session:
 
     # ---- paho plumbing ----------------------------------------------------------------
 
-    def _make_client(self) -> _BufferedClient:
+    def _make_client(self) -> paho.Client:
         s = self.settings
         v5 = s.version == 5
-        client = _BufferedClient(
+        client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
@@ -681,7 +646,6 @@ class Session:
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 client._loop_rc_handle(rc)
                 return
-        self._read_soon_if_read_ahead()
         # paho clears its ping time when a PINGRESP arrives: the probe has its answer
         if self._watch.probing and client._ping_t == 0 and self._loop is not None:
             self._watch.answered(self._loop.time())
@@ -703,13 +667,6 @@ class Session:
         sock = self._client.socket()
         if sock is not None and self._loop is not None:
             self._add_reader(sock)
-            self._read_soon_if_read_ahead()
-
-    def _read_soon_if_read_ahead(self) -> None:
-        """Packets already read from the socket (more than one wake-up's share, or held
-        while paused) are read on the loop's next turn: the socket would not wake us."""
-        if self._loop is not None and not self._reading_paused and self._client.read_ahead():
-            self._loop.call_soon(self._read)
 
     def _socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this just before it closes `sock`. Every close happens on the loop
