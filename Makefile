@@ -23,11 +23,11 @@ system-deps:
 test: venv system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The fast tier, while editing: the unit tests (no broker, no browser) and the adversarial
-# ones (one real site per module: mosquitto, gateway, console), about a minute on an idle
-# machine. `make test` is still what CI runs and what a change must pass.
+# The fast tier, while editing: the unit tests (no broker, no browser; PostgreSQL for the
+# store's contract suite) on every core, under a minute on an idle 2-core machine. `make
+# test` is still what CI runs and what a change must pass.
 test-fast: venv system-deps
-	$(PY) -m pytest -q tests/unit tests/adversarial $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto tests/unit $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
