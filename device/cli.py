@@ -53,7 +53,7 @@ config_option = click.option(
 @click.group(
     cls=LazyGroup,
     # enrolment needs X.509 and HTTP: ~1.5 MB a running agent would otherwise carry
-    lazy={"enrol": ("device.enrol:enroll_command", "enrol this device with the site")},
+    lazy={"enrol": ("device.enrol:enrol_command", "enrol this device with the site")},
     # the command's first spelling: scripts, labels and older installers' ssh still use it
     aliases={"enroll": "enrol"},
 )

@@ -74,7 +74,7 @@ EXIT_UNREACHABLE: Final = 4
 P = ParamSpec("P")
 
 
-class EnrollError(DeviceError, RuntimeError):
+class EnrolError(DeviceError, RuntimeError):
     """An enrolment that failed, with the exit code it means (see the module docstring)."""
 
     def __init__(self, message: str, exit_code: int = EXIT_LOCAL) -> None:
@@ -83,9 +83,9 @@ class EnrollError(DeviceError, RuntimeError):
 
 
 class _EnrollExit(click.ClickException):
-    """An EnrollError as click shows it and exits with it: the CLI edge."""
+    """An EnrolError as click shows it and exits with it: the CLI edge."""
 
-    def __init__(self, error: EnrollError) -> None:
+    def __init__(self, error: EnrolError) -> None:
         super().__init__(str(error))
         self.code = error.exit_code
 
@@ -102,7 +102,7 @@ def _at_the_cli_edge(command: Callable[P, None]) -> Callable[P, None]:
     def run(*args: P.args, **kwargs: P.kwargs) -> None:
         try:
             command(*args, **kwargs)
-        except EnrollError as exc:
+        except EnrolError as exc:
             raise _EnrollExit(exc) from exc
 
     return run
@@ -148,13 +148,13 @@ def _request(
         )
     except Unreachable as exc:
         if exc.untrusted:
-            raise EnrollError(
+            raise EnrolError(
                 f"the gateway at {url} is not trusted ({exc.reason}): pass "
                 "--ca-file with the site CA certificate (the site's ca/ca.crt, from the "
                 "installer)",
                 EXIT_UNREACHABLE,
             ) from None
-        raise EnrollError(
+        raise EnrolError(
             f"cannot reach the gateway at {url}: {exc.reason}. Fix: {exc.fix} (the gateway's "
             "URL is the one `ansimi provision device add` printed, its [api] port)",
             EXIT_UNREACHABLE,
@@ -179,7 +179,7 @@ def check_clock(headers: Mapping[str, str], now: dt.datetime, max_skew_s: float)
     if skew is None or abs(skew) <= max_skew_s:
         return
     way = "ahead of" if skew > 0 else "behind"
-    raise EnrollError(
+    raise EnrolError(
         f"this device's clock is {abs(skew):.0f} s {way} the gateway's (limit {max_skew_s:g} s): "
         "its messages would be refused. Set the time (`timedatectl set-ntp true`, or "
         f"`date -s '{headers.get('Date', '')}'`) and run this again; the token is still unused"
@@ -206,7 +206,7 @@ def render_config(config: DeviceConfig) -> str:
     )
     # what we write must read back as the same config, or the device would not start
     if DeviceConfig.model_validate(tomllib.loads(text)) != config:
-        raise EnrollError("internal error: the written config does not read back the same")
+        raise EnrolError("internal error: the written config does not read back the same")
     return text
 
 
@@ -233,7 +233,7 @@ def install(files: list[tuple[Path, bytes, int]]) -> None:
     except OSError as exc:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-        raise EnrollError(
+        raise EnrolError(
             f"cannot write {exc.filename}: {exc.strerror}. Nothing was changed"
         ) from None
     for tmp, path in staged:
@@ -276,7 +276,7 @@ def hardware_for(kind: str, model: str) -> tuple[dict[str, Any], str | None]:
     )
 
 
-def enroll(
+def enrol(
     gateway: str,
     token: str,
     paths: Paths,
@@ -292,7 +292,7 @@ def enroll(
     gateway = gateway.rstrip("/")
     if not gateway.startswith("https://") and not insecure_http:
         secure = "https://" + (gateway.partition("://")[2] or gateway)
-        raise EnrollError(
+        raise EnrolError(
             f"--gateway {gateway!r} must be an https:// URL: the token and the certificate "
             f"travel in it. Fix: --gateway {secure} (the gateway's API is HTTPS only)",
             2,
@@ -300,14 +300,14 @@ def enroll(
     token = token.strip()
     device_id = token.partition(".")[0]
     if not device_id or "." not in token:
-        raise EnrollError(
+        raise EnrolError(
             "this is not an enrolment token (expected <device-id>.<code>): copy it whole "
             "from `ansimi provision device add`",
             2,
         )
     key_path = paths.key()
     if key_path.exists() and not force:
-        raise EnrollError(
+        raise EnrolError(
             f"a device key already exists at {key_path}: this device is enrolled. To give it "
             "a new key (a rotation), run again with --force; the old key is kept until the "
             "new certificate arrives"
@@ -317,7 +317,7 @@ def enroll(
         try:
             existing = load_config(paths.config_out, DeviceConfig)
         except ConfigError as exc:
-            raise EnrollError(f"{exc}. Fix or remove it, then run again") from None
+            raise EnrolError(f"{exc}. Fix or remove it, then run again") from None
 
     context = _context(ca_pem)
     status, _, headers = _request(f"{gateway}/healthz", context)
@@ -331,7 +331,7 @@ def enroll(
     )
     if status != 200:
         message = answer.get("error") or f"HTTP {status}"
-        raise EnrollError(f"the gateway refused the enrolment: {message}", EXIT_REFUSED)
+        raise EnrolError(f"the gateway refused the enrolment: {message}", EXIT_REFUSED)
     warning = None
     try:
         cert_pem = str(answer["cert_pem"])
@@ -370,7 +370,7 @@ def enroll(
             base[name] = {**base[name], **values}
         config = DeviceConfig.model_validate(base)
     except (KeyError, TypeError, ValueError) as exc:
-        raise EnrollError(
+        raise EnrolError(
             f"the gateway's answer is incomplete ({exc}): is {gateway} an Ansimi gateway?",
             EXIT_REFUSED,
         ) from None
@@ -437,7 +437,7 @@ def split_label_url(url: str) -> tuple[str, str | None]:
 )
 @click.option("--max-clock-skew", type=float, default=MAX_SKEW_S, show_default=True)
 @_at_the_cli_edge
-def enroll_command(
+def enrol_command(
     gateway: str,
     token: str | None,
     ca_file: str | None,
@@ -465,12 +465,12 @@ def enroll_command(
     if ca_file == "-":
         ca_pem = stdin_text.strip() + "\n" if stdin_text.strip() else None
         if ca_pem is None:
-            raise EnrollError("--ca-file -: no CA certificate on stdin")
+            raise EnrolError("--ca-file -: no CA certificate on stdin")
     elif ca_file:
         try:
             ca_pem = Path(ca_file).read_text()
         except OSError as exc:
-            raise EnrollError(
+            raise EnrolError(
                 f"cannot read the CA certificate {ca_file}: {exc.strerror}. Copy the site's "
                 "ca/ca.crt there"
             ) from None
@@ -489,12 +489,12 @@ def enroll_command(
         try:
             done = subprocess.run(argv, input=feed.encode(), check=False, timeout=300)
         except FileNotFoundError:
-            raise EnrollError("ssh is not installed here", EXIT_UNREACHABLE) from None
+            raise EnrolError("ssh is not installed here", EXIT_UNREACHABLE) from None
         except subprocess.TimeoutExpired:
-            raise EnrollError(f"ssh {ssh_target}: no result in 300 s", EXIT_UNREACHABLE) from None
+            raise EnrolError(f"ssh {ssh_target}: no result in 300 s", EXIT_UNREACHABLE) from None
         # 255 is ssh's own failure (unreachable, refused key); the rest are ours, passed on
         if done.returncode == 255:
-            raise EnrollError(f"ssh to {ssh_target} failed (exit 255)", EXIT_UNREACHABLE)
+            raise EnrolError(f"ssh to {ssh_target} failed (exit 255)", EXIT_UNREACHABLE)
         sys.exit(done.returncode)
 
     if write_key_to is not None:
@@ -514,7 +514,7 @@ def enroll_command(
     else:
         # device.toml is read by a service whose working directory is not this one
         paths = Paths(state_dir.absolute(), state_dir.absolute(), config_out.absolute())
-    result = enroll(gateway, token, paths, ca_pem=ca_pem, force=force, max_skew_s=max_clock_skew)
+    result = enrol(gateway, token, paths, ca_pem=ca_pem, force=force, max_skew_s=max_clock_skew)
     what = "re-keyed (rotation)" if result.rotated else "enrolled"
     click.echo(f"{result.device_id} {what}: certificate {result.serial}")
     click.echo(f"config: {result.config_path}; key: {result.key_path} (0600)")

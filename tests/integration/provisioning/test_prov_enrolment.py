@@ -24,7 +24,7 @@ from ansimi.config import load_config
 from ansimi.privacy import create_key_file
 from device.agent import Agent
 from device.config import DeviceConfig
-from device.enrol import EnrollError, Paths, enroll
+from device.enrol import EnrolError, Paths, enrol
 from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs
 from device.observer import AgentObserver
@@ -89,7 +89,7 @@ class Rig:
         added: dict[str, object] = json.loads(out)
         return added
 
-    async def enroll(self, token: str, where: Path, *extra: str) -> tuple[int, str, str]:
+    async def enrol(self, token: str, where: Path, *extra: str) -> tuple[int, str, str]:
         return await self.ansimi(
             "device", "enrol", "--gateway", self.url, "--token", token,
             "--ca-file", str(self.site.layout.ca_cert), "--state-dir", str(where),
@@ -203,7 +203,7 @@ async def test_an_enrolled_device_connects_publishes_and_the_gateway_receives_it
     assert Path(str(added["qr_png"])).read_bytes()[:4] == b"\x89PNG"
     assert b"<svg" in Path(str(added["qr_svg"])).read_bytes()
     device_dir = rig.tmp / "device"
-    code, out, err = await rig.enroll(str(added["token"]), device_dir)
+    code, out, err = await rig.enrol(str(added["token"]), device_dir)
     assert code == 0, out + err
     assert (device_dir / "device.key").stat().st_mode & 0o777 == 0o600
 
@@ -248,7 +248,7 @@ async def test_an_expired_token_is_refused_and_nothing_is_written(rig: Rig) -> N
             (wall_ms() - 1000,),
         )
     device_dir = rig.tmp / "device"
-    code, out, err = await rig.enroll(str(added["token"]), device_dir)
+    code, out, err = await rig.enrol(str(added["token"]), device_dir)
     assert code == 3, out + err
     assert "expired" in err and "ansimi provision device add" in err
     assert not (device_dir / "device.key").exists()
@@ -265,7 +265,7 @@ async def test_a_used_token_cannot_be_used_again(rig: Rig) -> None:
         "--config-out", str(first / "device.toml"),
     )  # fmt: skip
     assert code == 0, out + err
-    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "second")
+    code, out, err = await rig.enrol(str(added["token"]), rig.tmp / "second")
     assert code == 3 and "used already" in err
     assert "ansimi provision device rotate DEVICE_ID" in err  # how to get a new one
     assert not (rig.tmp / "second" / "device.key").exists()
@@ -306,7 +306,7 @@ async def test_duplicate_ids_unknown_districts_and_a_missing_ca_are_explained(ri
     )  # fmt: skip
     assert code == 4 and "--ca-file" in err
     # nothing was used up: with the CA it works
-    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "d5")
+    code, out, err = await rig.enrol(str(added["token"]), rig.tmp / "d5")
     assert code == 0, out + err
 
 
@@ -319,22 +319,22 @@ async def test_a_device_clock_too_far_off_is_refused_before_the_token_is_spent(
     ca = rig.site.layout.ca_cert.read_text()
     # the Date header has whole seconds: 600 s ahead reads as 600 or 601
     late = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=10)
-    with pytest.raises(EnrollError, match=r"60[01] s ahead of the gateway"):
+    with pytest.raises(EnrolError, match=r"60[01] s ahead of the gateway"):
         await asyncio.to_thread(
-            enroll, rig.url, str(added["token"]), paths, ca_pem=ca, now=lambda: late
+            enrol, rig.url, str(added["token"]), paths, ca_pem=ca, now=lambda: late
         )
     assert not where.exists()
-    result = await asyncio.to_thread(enroll, rig.url, str(added["token"]), paths, ca_pem=ca)
+    result = await asyncio.to_thread(enrol, rig.url, str(added["token"]), paths, ca_pem=ca)
     assert result.device_id == "bell-0006"
 
 
 async def test_an_existing_key_is_kept_without_force(rig: Rig) -> None:
     where = rig.tmp / "d7"
-    code, out, err = await rig.enroll(str((await rig.add("bell-0007"))["token"]), where)
+    code, out, err = await rig.enrol(str((await rig.add("bell-0007"))["token"]), where)
     assert code == 0, out + err
     key_before = (where / "device.key").read_bytes()
     second = await rig.add("bell-0008")
-    code, out, err = await rig.enroll(str(second["token"]), where)
+    code, out, err = await rig.enrol(str(second["token"]), where)
     assert code == 1 and "--force" in err
     assert (where / "device.key").read_bytes() == key_before
 
@@ -395,7 +395,7 @@ async def test_offline_key_for_an_sd_card_warns_and_points_to_the_device_paths(
 async def test_provision_device_revoke_cuts_the_device_off_within_10s(rig: Rig) -> None:
     added = await rig.add("bell-0011")
     device_dir = rig.tmp / "device"
-    code, out, err = await rig.enroll(str(added["token"]), device_dir)
+    code, out, err = await rig.enrol(str(added["token"]), device_dir)
     assert code == 0, out + err
     database = rig.gateway.config.database
     async with agent_from(device_dir / "device.toml") as agent:
@@ -442,7 +442,7 @@ async def test_rotation_makes_a_new_key_on_the_device_and_then_revokes_the_old_c
 ) -> None:
     added = await rig.add("bell-0012")
     device_dir = rig.tmp / "device"
-    code, out, err = await rig.enroll(str(added["token"]), device_dir)
+    code, out, err = await rig.enrol(str(added["token"]), device_dir)
     assert code == 0, out + err
     old_key = (device_dir / "device.key").read_bytes()
     (old_cert,) = [c for c in rig.site.issued() if pki.common_name(c) == "bell-0012"]
@@ -513,7 +513,7 @@ async def test_rotation_makes_a_new_key_on_the_device_and_then_revokes_the_old_c
 
 async def test_a_revoke_the_broker_missed_says_so_and_finishes_when_run_again(rig: Rig) -> None:
     added = await rig.add("bell-0013")
-    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "d13")
+    code, out, err = await rig.enrol(str(added["token"]), rig.tmp / "d13")
     assert code == 0, out + err
     gone = rig.tmp / "gone.pid"
     gone.write_text("4194303\n")  # above any pid this kernel hands out by default
@@ -532,7 +532,7 @@ async def test_a_revoke_the_broker_missed_says_so_and_finishes_when_run_again(ri
 
 async def test_decommission_revokes_wipes_personal_data_and_keeps_the_events(rig: Rig) -> None:
     added = await rig.add("bell-0014")
-    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "device")
+    code, out, err = await rig.enrol(str(added["token"]), rig.tmp / "device")
     assert code == 0, out + err
     store = rig.gateway.store
     # an alert in its history, and personal data (the store only ever holds it sealed)
@@ -559,7 +559,7 @@ async def test_personal_data_goes_in_on_stdin_and_an_operator_of_the_district_re
     # issue 19: the victim's address and phones could only be set with curl to a route found
     # in /openapi.json; they must never be on a command line (shell history, ps)
     added = await rig.add("bell-0015")
-    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "device")
+    code, out, err = await rig.enrol(str(added["token"]), rig.tmp / "device")
     assert code == 0, out + err
     site = str(rig.site.layout.root)
     record = {
@@ -642,11 +642,11 @@ async def test_a_wrong_token_is_refused_naming_what_to_check(rig: Rig) -> None:
     device_id, _, code_part = token.partition(".")
     where = rig.tmp / "d18"
     for wrong in (f"{device_id}.{code_part[:-4]}AAAA", f"bell-9999.{code_part}"):
-        code, out, err = await rig.enroll(wrong, where)
+        code, out, err = await rig.enrol(wrong, where)
         assert code == 3, out + err
         assert "not known here" in err and "copied whole" in err
         assert not where.exists()
-    code, out, err = await rig.enroll(token, where)
+    code, out, err = await rig.enrol(token, where)
     assert code == 0, out + err
 
 
@@ -683,7 +683,7 @@ async def test_a_device_enrolled_again_under_its_id_is_told_to_rotate_and_that_w
 ) -> None:
     # issue 19: a bell's board replaced (or its card wiped) must enrol again as the same id
     added = await rig.add("bell-0020")
-    code, out, err = await rig.enroll(str(added["token"]), rig.tmp / "old-board")
+    code, out, err = await rig.enrol(str(added["token"]), rig.tmp / "old-board")
     assert code == 0, out + err
     site = str(rig.site.layout.root)
     code, out, err = await rig.ansimi(
@@ -693,7 +693,7 @@ async def test_a_device_enrolled_again_under_its_id_is_told_to_rotate_and_that_w
     )  # fmt: skip
     assert code == 3 and "`ansimi provision device rotate bell-0020`" in err, err
     new_board = rig.tmp / "new-board"
-    code, out, err = await rig.enroll(str(added["token"]), new_board)
+    code, out, err = await rig.enrol(str(added["token"]), new_board)
     assert code == 3 and "used already" in err and "provision device rotate" in err, err
     # what the messages say: a rotation token, enrolled on the new board with --force
     code, out, err = await rig.ansimi(
@@ -701,7 +701,7 @@ async def test_a_device_enrolled_again_under_its_id_is_told_to_rotate_and_that_w
         "--json",
     )  # fmt: skip
     assert code == 6, out + err  # a rotation done by hand: `--finish` is still to come
-    code, out, err = await rig.enroll(json.loads(out)["token"], new_board, "--force")
+    code, out, err = await rig.enrol(json.loads(out)["token"], new_board, "--force")
     assert code == 0, out + err
     assert load_config(new_board / "device.toml", DeviceConfig).device.id == "bell-0020"
 
@@ -730,7 +730,7 @@ async def test_a_device_renews_its_certificate_before_expiry_and_connects_with_i
 
     added = await rig.add("bell-0009")
     device_dir = rig.tmp / "device"
-    code, out, err = await rig.enroll(str(added["token"]), device_dir)
+    code, out, err = await rig.enrol(str(added["token"]), device_dir)
     assert code == 0, out + err
     config = load_config(device_dir / "device.toml", DeviceConfig)
     assert config.renew.gateway_url == rig.url  # enrolment says where to renew

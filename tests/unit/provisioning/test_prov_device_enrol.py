@@ -17,10 +17,10 @@ from ansimi.broker import free_port
 from ansimi_edge.cli import cli
 from device.config import DeviceConfig
 from device.enrol import (
-    EnrollError,
+    EnrolError,
     Paths,
     check_clock,
-    enroll,
+    enrol,
     render_config,
     split_label_url,
 )
@@ -55,36 +55,36 @@ def test_clock_checks_use_the_gateways_date_header() -> None:
     header = {"Date": "Tue, 24 Nov 2026 12:00:00 GMT"}
     check_clock(header, NOW + dt.timedelta(seconds=119), 120)
     check_clock({}, NOW + dt.timedelta(days=3), 120)  # no header: nothing to compare
-    with pytest.raises(EnrollError, match="300 s behind the gateway's") as caught:
+    with pytest.raises(EnrolError, match="300 s behind the gateway's") as caught:
         check_clock(header, NOW - dt.timedelta(seconds=300), 120)
     assert caught.value.exit_code == 1 and "timedatectl" in str(caught.value)
 
 
 def test_refusals_before_any_request(tmp_path: Path) -> None:
     paths = Paths(tmp_path, tmp_path, tmp_path / "device.toml")
-    with pytest.raises(EnrollError, match="https://") as caught:
-        enroll("http://gw:8443", "bell-0001.abc", paths)
+    with pytest.raises(EnrolError, match="https://") as caught:
+        enrol("http://gw:8443", "bell-0001.abc", paths)
     assert caught.value.exit_code == 2
-    with pytest.raises(EnrollError, match="not an enrolment token"):
-        enroll("https://gw:8443", "abc", paths)
+    with pytest.raises(EnrolError, match="not an enrolment token"):
+        enrol("https://gw:8443", "abc", paths)
     (tmp_path / "device.key").write_text("old key")
     # the unreachable gateway is never asked: the existing key stops it first
-    with pytest.raises(EnrollError, match="--force"):
-        enroll(f"https://127.0.0.1:{free_port()}", "bell-0001.abc", paths)
+    with pytest.raises(EnrolError, match="--force"):
+        enrol(f"https://127.0.0.1:{free_port()}", "bell-0001.abc", paths)
     assert (tmp_path / "device.key").read_text() == "old key"
 
 
 def test_an_unreachable_gateway_exits_4_and_writes_nothing(tmp_path: Path) -> None:
     paths = Paths(tmp_path / "d", tmp_path / "d", tmp_path / "d" / "device.toml")
-    with pytest.raises(EnrollError, match="cannot reach the gateway") as caught:
-        enroll(f"https://127.0.0.1:{free_port()}", "bell-0001.abc", paths)
+    with pytest.raises(EnrolError, match="cannot reach the gateway") as caught:
+        enrol(f"https://127.0.0.1:{free_port()}", "bell-0001.abc", paths)
     assert caught.value.exit_code == 4
     assert not (tmp_path / "d").exists()
 
 
-def test_the_enroll_command_turns_the_domain_error_into_its_exit_code(tmp_path: Path) -> None:
+def test_the_enrol_command_turns_the_domain_error_into_its_exit_code(tmp_path: Path) -> None:
     # the domain error is no click exception: the command converts it at its edge
-    assert not isinstance(EnrollError("x"), click.ClickException)
+    assert not isinstance(EnrolError("x"), click.ClickException)
     gateway = f"https://127.0.0.1:{free_port()}"
     args = ["--gateway", gateway, "--token", "bell-0001.abc", "--state-dir", str(tmp_path)]
     result = CliRunner().invoke(
@@ -92,7 +92,7 @@ def test_the_enroll_command_turns_the_domain_error_into_its_exit_code(tmp_path: 
     )
     assert result.exit_code == 4, result.output
     assert "cannot reach the gateway" in result.output
-    assert not isinstance(result.exception, EnrollError)
+    assert not isinstance(result.exception, EnrolError)
 
 
 def test_the_first_spelling_still_runs_the_command_but_is_not_listed() -> None:
