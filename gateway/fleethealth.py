@@ -9,6 +9,9 @@ A clock that drifts is flagged (logged once, counted, `ansimi_device_clock_drift
 once it is `drift_flag_ms` off, well before it leaves the replay window: past the window its
 messages are still kept but flagged, and each one costs a sync. A clock back within half the
 threshold is cleared (hysteresis: a drift hovering at the threshold is not news every beat).
+A drift is flagged only once it has lasted `DRIFT_CONFIRM_MS` of arrivals: heartbeats that
+waited in a broker's queue while this gateway was away arrive together, each as "late" as
+its wait, and the live ones after them show the clock was right all along.
 
 One series per device and field: about 8 per device, 80,000 for 10,000 bells, which
 Prometheus carries; a device revoked keeps its series until the gateway restarts.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client import Counter, Gauge
 
@@ -39,6 +43,10 @@ class DeviceHealth:
     at_ms: int  # when the gateway got it
 
 
+# how long a drift past the flag must last (by arrival) before it is flagged
+DRIFT_CONFIRM_MS: Final = 30_000
+
+
 class FleetHealth:
     def __init__(
         self,
@@ -53,6 +61,8 @@ class FleetHealth:
         self._clock_ms = clock_ms
         self.last: dict[str, DeviceHealth] = {}
         self.drifting: set[str] = set()
+        # device -> arrival of the first heartbeat of its current run past the flag
+        self._off_since: dict[str, int] = {}
         labels = ["device", "district"]
         registry = metrics.registry
         self._on_battery = Gauge(
@@ -128,11 +138,16 @@ class FleetHealth:
         if before is not None and before.heartbeat.firmware != beat.firmware:
             self._firmware.remove(*labels, before.heartbeat.firmware)
         self._firmware.labels(*labels, beat.firmware).set(1)
-        self._judge_drift(device_id, district, drift_ms)
+        self._judge_drift(device_id, district, drift_ms, now)
 
-    def _judge_drift(self, device_id: str, district: str, drift_ms: int) -> None:
+    def _judge_drift(self, device_id: str, district: str, drift_ms: int, now: int) -> None:
         off = abs(drift_ms)
-        if device_id not in self.drifting and off >= self._flag_ms:
+        if off >= self._flag_ms:
+            lasted = now - self._off_since.setdefault(device_id, now) >= DRIFT_CONFIRM_MS
+        else:
+            self._off_since.pop(device_id, None)
+            lasted = False
+        if device_id not in self.drifting and lasted:
             self.drifting.add(device_id)
             self.drift_flags.inc()
             log.warning(

@@ -7,7 +7,7 @@ from gw_testkit import DISTRICTS, WINDOW_MS, Env
 from pydantic import ValidationError
 
 from gateway.config import GatewayConfig
-from gateway.fleethealth import FleetHealth
+from gateway.fleethealth import DRIFT_CONFIRM_MS, FleetHealth
 from gateway.intake import Intake
 from protocol.messages import Heartbeat
 
@@ -60,6 +60,9 @@ async def test_a_drifting_clock_is_flagged_once_before_the_window_and_cleared(en
     assert fleet.drifting == set() and gauge(env, "ansimi_device_clock_drifting") == 0.0
     assert gauge(env, "ansimi_device_clock_drift_ms") == FLAG_MS - 1
     await at_drift(-FLAG_MS)  # behind counts as much as ahead; still inside the window
+    for _ in range(DRIFT_CONFIRM_MS // 10_000 - 1):
+        await at_drift(-FLAG_MS - 5)
+        assert fleet.drifting == set()  # not yet lasted
     await at_drift(-FLAG_MS - 5)
     assert fleet.drifting == {"bell-0001"} and gauge(env, "ansimi_device_clock_drifting") == 1.0
     assert env.metrics.registry.get_sample_value("ansimi_clock_drift_flags_total") == 1.0
@@ -68,6 +71,21 @@ async def test_a_drifting_clock_is_flagged_once_before_the_window_and_cleared(en
     assert fleet.drifting == {"bell-0001"}
     await at_drift(FLAG_MS // 2 - 1)
     assert fleet.drifting == set() and gauge(env, "ansimi_device_clock_drifting") == 0.0
+
+
+async def test_heartbeats_that_waited_in_a_queue_are_not_a_drifting_clock(env: Env) -> None:
+    """The gateway was away a minute: the bell's heartbeats of that minute arrive together,
+    each as late as its wait; the live ones after them are on time. No flag."""
+    intake, fleet = watched(env)
+    beat = Heartbeat(uptime_s=1, power="mains", firmware="1.0")
+    env.clock.ms += 90_000
+    for waited in range(90_000, 0, -10_000):  # the backlog, oldest first, in one burst
+        await intake.process([env.message(beat, ts=env.clock.ms - waited)])
+    for _ in range(4):  # then live, every 10 s
+        env.clock.ms += 10_000
+        await intake.process([env.message(beat, ts=env.clock.ms)])
+    assert fleet.drifting == set()
+    assert env.metrics.registry.get_sample_value("ansimi_clock_drift_flags_total") == 0.0
 
 
 def test_the_drift_flag_must_sit_inside_the_replay_window() -> None:

@@ -7,7 +7,7 @@ from gw_testkit import CENTRAL, GANGNAM, NOW, PRIVACY_TOKENS, heartbeat, make_en
 
 from gateway.api import Api
 from gateway.certwatch import DAY_MS, CertExpiry
-from gateway.fleethealth import FleetHealth
+from gateway.fleethealth import DRIFT_CONFIRM_MS, FleetHealth
 from gateway.fleetview import FleetView, VisitRules
 from gateway.metrics import Metrics
 from gateway.store import Device, Incoming
@@ -27,12 +27,17 @@ def beat(device_id: str, *, drift_ms: int = 0, **fields: object) -> Incoming:
     return Incoming("hb-" + device_id, device_id, 1, "heartbeat", NOW + drift_ms, body, "", ())
 
 
+# when heartbeats arrive at the fleet health (a drift is flagged once it has lasted)
+ARRIVAL = [NOW]
+
+
 def make_view() -> tuple[FleetView, FleetHealth, dict[str, str]]:
+    ARRIVAL[0] = NOW
     health = FleetHealth(
         Metrics(),
         district_of={d.device_id: d.district for d in DEVICES}.get,
         drift_flag_ms=60_000,
-        clock_ms=lambda: NOW,
+        clock_ms=lambda: ARRIVAL[0],
     )
     failed: dict[str, str] = {}
     certs = [
@@ -55,10 +60,13 @@ def make_view() -> tuple[FleetView, FleetHealth, dict[str, str]]:
 
 def test_each_reason_for_a_visit_comes_from_what_the_gateway_knows() -> None:
     view, health, failed = make_view()
+    drifting = beat("bell-0004", drift_ms=90_000, power="mains", battery_pct=10)
+    health.heartbeats([drifting])
+    ARRIVAL[0] += DRIFT_CONFIRM_MS  # still as far off: it lasted
     health.heartbeats(
         [
             beat("bell-0001", power="battery", battery_pct=15, outbox_depth=7),
-            beat("bell-0004", drift_ms=90_000, power="mains", battery_pct=10),
+            beat("bell-0004", drift_ms=90_000 + DRIFT_CONFIRM_MS, power="mains", battery_pct=10),
         ]
     )
     failed["bell-0004"] = "centre"
