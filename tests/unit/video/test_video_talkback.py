@@ -44,8 +44,10 @@ async def test_the_operators_voice_plays_only_while_talking(tmp_path: Path) -> N
             # frames already in flight (and the decoder's tail) play out, then only silence:
             # half a second of it in a row (25 frames of 20 ms)
             await eventually(
-                lambda: len(speaker.played) >= 25
-                and max(loudness(p) for p in speaker.played[-25:]) == 0.0,
+                lambda: (
+                    len(speaker.played) >= 25
+                    and max(loudness(p) for p in speaker.played[-25:]) == 0.0
+                ),
                 timeout_s=10,
             )
             (entry,) = audit.read(tmp_path / "recordings")
