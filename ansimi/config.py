@@ -11,9 +11,9 @@ import tomllib
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from pydantic_core import ErrorDetails
 
 from ansimi.errors import AnsimiError
@@ -118,3 +118,18 @@ def broker_address(text: str) -> tuple[str, int]:
     if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
     return host, int(port)
+
+
+def _all_broker_addresses(texts: list[str]) -> list[str]:
+    for text in texts:
+        broker_address(text)
+    return texts
+
+
+# further brokers, "host:port" each, tried in turn after the first (a cluster's nodes)
+BrokerAddresses = Annotated[list[str], Field(max_length=8), AfterValidator(_all_broker_addresses)]
+
+
+def broker_addresses(texts: list[str]) -> tuple[tuple[str, int], ...]:
+    """A checked `BrokerAddresses` list as (host, port) pairs."""
+    return tuple(broker_address(text) for text in texts)

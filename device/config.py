@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ansimi.config import broker_address
+from ansimi.config import BrokerAddresses, broker_addresses
 from ansimi.testpress import TestPressSchedule
 from device.hal.config import HardwareConfig
 from device.video.config import VideoConfig
@@ -66,17 +66,10 @@ class LinkSection(_Section):
     # (PINGREQ); no answer within as long again and it is dropped and connected again
     ack_timeout_s: Annotated[float, Field(gt=0)] = 3.0
     # further brokers, "host:port", tried in turn after [mqtt] host and port
-    other_brokers: Annotated[list[str], Field(max_length=8)] = []
-
-    @field_validator("other_brokers")
-    @classmethod
-    def _addresses_valid(cls, value: list[str]) -> list[str]:
-        for text in value:
-            broker_address(text)
-        return value
+    other_brokers: BrokerAddresses = []
 
     def other_addresses(self) -> tuple[tuple[str, int], ...]:
-        return tuple(broker_address(text) for text in self.other_brokers)
+        return broker_addresses(self.other_brokers)
 
 
 class OutboxSection(_Section):

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from ansimi.config import broker_address
+from ansimi.config import BrokerAddresses, broker_addresses
 from ansimi.districts import SEOUL_DISTRICTS, check_district
 from gateway.incidents import DEFAULT_PROCEDURES, IncidentKind, ProcedureStep
 from gateway.store import check_store_url, sqlite_url
@@ -54,17 +54,10 @@ class MqttConfig(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     # further brokers, "host:port", tried in turn after host and port (a cluster's nodes)
-    other_brokers: Annotated[list[str], Field(max_length=8)] = []
-
-    @field_validator("other_brokers")
-    @classmethod
-    def _addresses_valid(cls, value: list[str]) -> list[str]:
-        for text in value:
-            broker_address(text)
-        return value
+    other_brokers: BrokerAddresses = []
 
     def other_addresses(self) -> tuple[tuple[str, int], ...]:
-        return tuple(broker_address(text) for text in self.other_brokers)
+        return broker_addresses(self.other_brokers)
 
 
 class UplinkConfig(_Section):
@@ -77,19 +70,12 @@ class UplinkConfig(_Section):
     amqp_url: str = ""
     password_file: Path | None = None
     # further nodes, "host:port", tried in turn when amqp_url's node is lost (same user)
-    other_nodes: Annotated[list[str], Field(max_length=8)] = []
+    other_nodes: BrokerAddresses = []
     # the queue every instance consumes; one per site
     queue: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,200}$")] = "ansimi-uplink"
     # messages the broker hands this instance ahead of the intake
     prefetch: Annotated[int, Field(ge=1, le=10_000)] = 200
     _password: str = PrivateAttr(default="")
-
-    @field_validator("other_nodes")
-    @classmethod
-    def _nodes_valid(cls, value: list[str]) -> list[str]:
-        for text in value:
-            broker_address(text)
-        return value
 
     @model_validator(mode="after")
     def _amqp_complete(self) -> UplinkConfig:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ansimi import sdnotify
-from ansimi.config import broker_address
+from ansimi.config import broker_addresses
 from ansimi.mqtt import Message, Session, Settings, TlsFiles
 from gateway.api import Api, tls_context
 from gateway.certwatch import CertWatch, site_certificates
@@ -433,7 +433,7 @@ def make_uplink(
         return AmqpUplink(
             u.amqp_url,
             on_message,
-            other_nodes=[broker_address(n) for n in u.other_nodes],
+            other_nodes=list(broker_addresses(u.other_nodes)),
             password=u.password,
             queue=u.queue,
             prefetch=u.prefetch,

@@ -13,6 +13,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ansimi.config import ConfigError
+from ansimi.config import broker_address as parse_broker_address
 
 SHIPPED = Path(__file__).parent / "scenarios"
 
@@ -114,10 +115,10 @@ def run(
     display = Display(console, live if live is not None else console.is_terminal)
     broker = None
     if broker_address is not None:
-        host, _, port = broker_address.rpartition(":")
-        if not host or not port.isdigit():
-            raise click.BadParameter("expected HOST:PORT", param_hint="--broker")
-        broker = (host, int(port))
+        try:
+            broker = parse_broker_address(broker_address)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--broker") from None
     try:
         simulation = Simulation(scenario, report_dir, on_tick=display.update, broker=broker)
         with display:

@@ -95,3 +95,13 @@ def test_a_broker_restart_needs_the_simulators_own_broker(tmp_path: Path) -> Non
     )
     assert result.exit_code == 1
     assert "run it without --broker" in result.output
+
+
+@pytest.mark.parametrize("address", ["localhost", "127.0.0.1:port", "127.0.0.1:70000"])
+def test_a_broker_address_that_is_not_host_port_is_refused(tmp_path: Path, address: str) -> None:
+    result = CliRunner().invoke(
+        sim, ["run", "--scenario", "quiet-night", "--report", str(tmp_path), "--broker", address]
+    )
+    assert result.exit_code == 2
+    assert "--broker" in result.output
+    assert repr(address) in result.output
