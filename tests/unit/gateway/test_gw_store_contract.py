@@ -697,12 +697,17 @@ async def test_a_due_device_is_claimed_for_one_offer_never_during_an_open_incide
     assert await store.offer_rollout("r-1", 100, 1_000) == ["bell-0002"]
     assert await store.offer_rollout("r-1", 200, 1_000) == []  # offered: not again so soon
     assert await store.offer_rollout("r-1", 1_100, 1_000) == ["bell-0002"]  # silent since
-    assert await store.move_incident("alert-0001", "closed", 1_200, "desk", "false_alarm")
-    assert await store.offer_rollout("r-1", 1_300, 1_000) == ["bell-0001"]
+    # pressed after its offer: not offered again while its incident is open either
+    other = item("alert-0002", "bell-0002", body=alert_body(), centres=("central",))
+    await store.accept_batch([other], 1_150)
+    assert await store.offer_rollout("r-1", 2_200, 1_000) == []
+    assert await store.move_incident("alert-0001", "closed", 2_300, "desk", "false_alarm")
+    assert await store.move_incident("alert-0002", "closed", 2_300, "desk", "false_alarm")
+    assert sorted(await store.offer_rollout("r-1", 2_400, 1_000)) == ["bell-0001", "bell-0002"]
     progress = {
         d.device_id: (d.state, d.at_ms, d.offers) for d in await store.rollout_devices("r-1")
     }
-    assert progress == {"bell-0001": ("offered", 1_300, 1), "bell-0002": ("offered", 1_100, 2)}
+    assert progress == {"bell-0001": ("offered", 2_400, 1), "bell-0002": ("offered", 2_400, 3)}
     await store.move_rollout("r-1", ("running",), "paused", paused_because="x")
     assert await store.offer_rollout("r-1", 9_000, 1_000) == []  # nothing while paused
 
