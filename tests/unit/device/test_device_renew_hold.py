@@ -12,10 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509.oid import NameOID
 from release_kit import Clock
 
 from ansimi.broker import free_port
@@ -27,27 +24,20 @@ from device.hal.ports import InputEvent
 from device.renew import DAY_MS, RENEW_ANYWAY_MS
 from protocol.jws import Signer
 from protocol.keys import generate_key, save_private_key
+from siteca import pki
 
 GATEWAY = Signer("gw-test", generate_key())
 LIFETIME_MS = 40 * DAY_MS
 
 
 def certificate(key: Ed25519PrivateKey, not_after_ms: int) -> bytes:
-    """A certificate for the device's key, valid until `not_after_ms` (self-signed: only its
-    dates matter here)."""
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bell-0001")])
+    """A site CA's certificate for the device's key, valid until `not_after_ms`."""
     until = dt.datetime.fromtimestamp(not_after_ms / 1000, dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(until - dt.timedelta(milliseconds=LIFETIME_MS))
-        .not_valid_after(until)
-        .sign(key, None)
+    ca = pki.create_ca("test", now=until - dt.timedelta(days=365))
+    issued = pki.issue_client_cert(
+        ca, "bell-0001", key.public_key(), now=until, lifetime=dt.timedelta(0)
     )
-    return cert.public_bytes(serialization.Encoding.PEM)
+    return pki.cert_to_pem(issued)
 
 
 @pytest.fixture
