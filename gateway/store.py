@@ -827,8 +827,9 @@ OFFER_ROLLOUT_SQL = (
     " RETURNING device_id"
 )
 REPORT_UPDATE_SQL: Final[dict[str, str]] = {
+    # said again (to an offer made after its first report was lost) is no news
     "installed": "UPDATE rollout_devices SET state = 'installed', at_ms = $3, reason = NULL"
-    " WHERE rollout_id = $1 AND device_id = $2",
+    " WHERE rollout_id = $1 AND device_id = $2 AND state != 'installed'",
     # a late offer crossed the device's report of having installed: it stays installed
     "not_now": "UPDATE rollout_devices SET state = 'pending', at_ms = $3"
     " WHERE rollout_id = $1 AND device_id = $2 AND state != 'installed'",

@@ -716,6 +716,7 @@ async def test_reports_move_devices_and_the_rollout_is_done_once_none_waits(stor
     await store.start_rollout(rollout("r-1"), BOTH)
     await store.offer_rollout("r-1", 100, 1_000)
     assert await store.report_update("r-1", "bell-0001", "installed", None, 200)
+    assert not await store.report_update("r-1", "bell-0001", "installed", None, 205)  # again
     # a late offer's "not now" crossed the installed report: it stays installed
     assert not await store.report_update("r-1", "bell-0001", "not_now", None, 210)
     assert await store.report_update("r-1", "bell-0002", "not_now", None, 220)
