@@ -141,12 +141,14 @@ async def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[
             while percent < 100:
                 percent = min(100.0, percent + args.step)
                 cpu, at = cpu_s(), time.monotonic()
-                if rollouts.current is None:
+                if await rollouts.current() is None:
                     await rollouts.start("2.0", "mapo", percent)
                 else:
                     await rollouts.resume(percent)
-                await until(lambda: getattr(rollouts.current, "state", None) != "running")
-                current = rollouts.current
+                current = await rollouts.current()
+                while current is not None and current.state == "running":
+                    await asyncio.sleep(POLL_S)  # its state lives in the store: read it again
+                    current = await rollouts.current()
                 assert current is not None
                 steps.append(_step(current, percent, time.monotonic() - at, cpu_s() - cpu))
                 print(json.dumps(steps[-1]), flush=True)
@@ -155,8 +157,9 @@ async def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[
     except TimeoutError:
         timed_out = True  # said in the result, with the step it stopped in
         unfinished = not steps or steps[-1]["percent"] < percent
-        if rollouts.current is not None and percent and unfinished:
-            steps.append(_step(rollouts.current, percent, time.monotonic() - at, cpu_s() - cpu))
+        current = await rollouts.current()
+        if current is not None and percent and unfinished:
+            steps.append(_step(current, percent, time.monotonic() - at, cpu_s() - cpu))
     finally:
         for task in tasks:
             task.cancel()

@@ -36,7 +36,7 @@ from device.link import Link
 from device.observer import AgentObserver
 from device.outbox import OUTBOX_BODIES, Entry, Outbox
 from device.remote_config import ConfigFailedBefore, ConfigRefused, RemoteConfig, touches_link
-from device.renew import Renewal, RenewalFailed, Renewed
+from device.renew import BUSY_LOOK_S, Renewal, RenewalFailed, Renewed
 from device.sms import UNDELIVERED_FILE, SmsFallback
 from device.testpress import TestPresses
 from device.update import Updater, UpdateService, refused_update
@@ -166,6 +166,9 @@ class Agent:
         self.on_sent: list[Callable[[str, Alert | Cancel | Health], None]] = []
         self.on_ack: list[Callable[[Ack], None]] = []
         self.renewal = Renewal(config, signer, now_ms=self.now_ms)
+        self.renewal_held_by: str | None = None  # why a due renewal waits (an incident)
+        # renewed, not yet connected with (held): the new one, and the running one's expiry
+        self._renewed: tuple[Renewed, int | None] | None = None
         self.test_presses = TestPresses(
             self.device_id,
             BELL_OF[config.device.kind],
@@ -433,23 +436,47 @@ class Agent:
         if link:
             self.link.retarget(config)
 
+    def _reconnect_would_cut(self) -> str | None:
+        """What connecting again now would cut: the messages of an incident."""
+        if self.behaviour.incident is not None:
+            return "an incident is open"
+        waiting = sum(e.type in ("alert", "cancel") for e in self.outbox.pending())
+        return f"{waiting} alerts wait for the gateway's receipt" if waiting else None
+
+    def _renewal_held(self, not_after_ms: int | None = None) -> bool:
+        held_by = self.renewal.held_by(self._reconnect_would_cut(), not_after_ms)
+        if held_by is not None and held_by != self.renewal_held_by:
+            log.info("device %s: certificate renewal waits: %s", self.device_id, held_by)
+        self.renewal_held_by = held_by
+        return held_by is not None
+
     async def renew_certificate(self) -> Renewed | None:
-        """Renew the certificate if it is due; then connect again with the new one."""
-        if not self.renewal.due():
+        """Renew the certificate if it is due; then connect again with the new one. Not while
+        that would cut an incident's link (`renewal_held_by` says why; None is returned)."""
+        if self._renewed is None:
+            if not self.renewal.due() or self._renewal_held():
+                return None
+            running_until_ms = self.renewal.not_after_ms()
+            try:
+                renewed = await asyncio.to_thread(self.renewal.renew)
+            except (RenewalFailed, OSError) as exc:
+                # the old certificate still works until it expires: tried again at the next look
+                log.warning("device %s: certificate renewal failed: %s", self.device_id, exc)
+                return None
+            self._renewed = (renewed, running_until_ms)
+        renewed, running_until_ms = self._renewed
+        # a press during the request: the link keeps the old certificate until it is quiet
+        if self._renewal_held(running_until_ms):
             return None
-        try:
-            renewed = await asyncio.to_thread(self.renewal.renew)
-        except (RenewalFailed, OSError) as exc:
-            # the old certificate still works until it expires: tried again at the next look
-            log.warning("device %s: certificate renewal failed: %s", self.device_id, exc)
-            return None
+        self._renewed = None
         self.link.session.reload_tls()
         return renewed
 
     async def _renew_loop(self) -> None:
         while True:
             await self.renew_certificate()
-            await asyncio.sleep(self.config.renew.check_every_s)
+            held = self.renewal_held_by is not None
+            await asyncio.sleep(BUSY_LOOK_S if held else self.config.renew.check_every_s)
 
     async def _config_trial_loop(self) -> None:
         while True:

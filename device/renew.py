@@ -6,6 +6,11 @@ protocol/renewal.py), and sends it to the gateway's `POST /renew` over HTTPS, tr
 site CA only (`[mqtt] ca_file`). The new certificate replaces the file atomically (a power
 cut leaves the old or the new, both valid); the MQTT session then reads it again and
 connects with it. The broker needs nothing: it trusts the CA, not each certificate.
+
+Connecting again cuts the link for a moment, so it waits while that would cut an incident's
+messages (an open incident, or an alert or cancel the gateway has not yet received): the
+agent looks again every BUSY_LOOK_S. Within RENEW_ANYWAY_MS of the running certificate's
+expiry it goes ahead all the same: an expired certificate cuts the bell off for good.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_S: Final = 30.0
 DAY_MS: Final = 86_400_000
+# a renewal held back by an incident is looked at again this often
+BUSY_LOOK_S: Final = 30.0
+# ... and goes ahead anyway this close to the running certificate's expiry
+RENEW_ANYWAY_MS: Final = DAY_MS
 
 
 class RenewalFailed(DeviceError, ConnectionError):
@@ -72,6 +81,16 @@ class Renewal:
         not_after = self.not_after_ms()
         before_ms = self._config.renew.before_days * DAY_MS
         return self.enabled and not_after is not None and not_after - self._now_ms() <= before_ms
+
+    def held_by(self, busy: str | None, not_after_ms: int | None = None) -> str | None:
+        """Why connecting again must wait: `busy` (what it would cut), unless the running
+        certificate (`not_after_ms`; the file's by default) expires within RENEW_ANYWAY_MS."""
+        if busy is None:
+            return None
+        not_after = self.not_after_ms() if not_after_ms is None else not_after_ms
+        if not_after is not None and not_after - self._now_ms() <= RENEW_ANYWAY_MS:
+            return None
+        return busy
 
     def renew(self) -> Renewed:
         """Blocking (files, HTTPS): run it off the event loop."""

@@ -502,8 +502,10 @@ class UpdateService:
             return
         try:
             if self.updater.journal() is None and version == self.updater.installed_version():
-                # a late offer of what runs already (its report crossed it): nothing to do
+                # what runs already: the report crossed this offer, or was lost at the gateway
+                # (offered again after reoffer_s of silence); said again, so its rollout learns
                 log.info("device %s: update %s runs already", self.agent.device_id, version)
+                self.agent.report(Health(event="update_installed", detail=version))
                 return
             self.updater.start(version, url)
         except (UpdateFailed, ValidationError) as exc:

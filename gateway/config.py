@@ -478,7 +478,7 @@ class UpdatesConfig(_Section):
     # the site's release public key (raw, base64url): bundles signed by any other key are
     # refused (gateway/rollout.py); empty: this gateway keeps no releases, runs no rollouts
     release_public_key: str = ""
-    # where added bundles and the rollout's state are kept
+    # where added bundles are kept (rollouts are in the store; a rollout.json here is imported)
     dir: Path = Path("/var/lib/ansimi/gateway/releases")
     # the API's address as devices reach it (https://host:port): the bundles' download URL
     public_url: str = ""

@@ -11,9 +11,13 @@ offered again if it said nothing for `reoffer_s`. A device's reports (health eve
 `update_installed`, sent once its health check passed, and `update_failed`, see
 device/update.py) move it on; a failure after `installed` (its acknowledgement lost, the
 device rolled back) still counts. The rollout pauses
-by itself once failures reach `pause_failed_pct` of its devices. State is one JSON file
-beside the bundles, written atomically: one gateway instance runs rollouts (see
-docs/fleet.md for a cluster).
+by itself once failures reach `pause_failed_pct` of its devices.
+
+The state is in the store (`RolloutStore`), so every gateway instance on it sees the same
+rollout, takes its devices' reports and may offer: each offer is claimed in the store first
+(one transaction holding the rollout's row), so a device is offered by one instance once per
+`reoffer_s`, and never while its bell has an open incident. A `rollout.json` an older
+gateway kept beside the bundles is imported once, then renamed `rollout.json.imported`.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, Protocol
+from typing import Annotated, Any, Final, Literal
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -35,12 +39,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from ansimi.bundle import MAX_BUNDLE_BYTES, read_bundle, sha256_file
 from ansimi.districts import check_district
-from ansimi.files import write_atomic
 from gateway.api import TOKEN_KEY, ApiRoute, _error, _op, _path_param
 from gateway.errors import GatewayError
-from gateway.incidents import Incident
 from gateway.metrics import Metrics
-from gateway.store import Device, Incoming
+from gateway.store import (
+    DeviceUpdate,
+    Incoming,
+    RolloutRecord,
+    RolloutStore,
+    UpdateOutcome,
+)
 from protocol.messages import Command, Health
 from protocol.release import Manifest, ReleaseRefused, Version
 
@@ -53,13 +61,6 @@ NOT_NOW: Final = ("incident_open", "busy")
 
 DeviceState = Literal["pending", "offered", "installed", "failed"]
 RolloutState = Literal["running", "paused", "aborted", "done"]
-
-
-class RolloutStore(Protocol):
-    async def devices(self) -> list[Device]: ...
-    async def incidents(
-        self, state: str | None, limit: int, districts: Sequence[str] | None = None
-    ) -> list[Incident]: ...
 
 
 class Progress(BaseModel):
@@ -92,8 +93,45 @@ class Rollout(BaseModel):
     def summary(self) -> dict[str, Any]:
         return {**self.model_dump(exclude={"devices"}), "counts": self.counts()}
 
+    @classmethod
+    def of(cls, record: RolloutRecord, devices: Iterable[DeviceUpdate]) -> Rollout:
+        return cls(
+            id=record.rollout_id,
+            version=record.version,
+            district=record.district,
+            percent=record.percent,
+            state=record.state,
+            started_ms=record.started_ms,
+            paused_because=record.paused_because,
+            devices={
+                d.device_id: Progress(
+                    state=d.state, at_ms=d.at_ms, offers=d.offers, reason=d.reason
+                )
+                for d in devices
+            },
+        )
+
+    def record(self) -> RolloutRecord:
+        return RolloutRecord(
+            self.id,
+            self.version,
+            self.district,
+            self.percent,
+            self.state,
+            self.started_ms,
+            self.paused_because,
+        )
+
+    def device_updates(self) -> list[DeviceUpdate]:
+        return [
+            DeviceUpdate(device_id, p.state, p.at_ms, p.offers, p.reason)
+            for device_id, p in self.devices.items()
+        ]
+
 
 class _State(BaseModel):
+    """rollout.json as gateways before the store kept it (imported once)."""
+
     model_config = ConfigDict(extra="forbid")
 
     current: Rollout | None = None
@@ -173,37 +211,51 @@ class Rollouts:
         self._reoffer_ms = reoffer_ms
         self._clock_ms = clock_ms
         self._tick_s = tick_s
-        self._path = releases.folder / STATE_FILE
-        self._state = self._load()
+        self._file = releases.folder / STATE_FILE
+        self._imported = False
+        # devices' update reports the intake kept, written to the store by the loop
+        self._reports: list[tuple[str, Health]] = []
         self._wake = asyncio.Event()
 
-    def _load(self) -> _State:
+    async def current(self) -> Rollout | None:
+        """The newest rollout, as the store has it now (any instance may have changed it)."""
+        newest = await self._store.rollouts(1)
+        return await self._with_devices(newest[0]) if newest else None
+
+    async def history(self) -> list[Rollout]:
+        """The rollouts before the current one, newest first."""
+        earlier = (await self._store.rollouts(HISTORY_KEPT + 1))[1:]
+        return [await self._with_devices(record) for record in earlier]
+
+    async def _with_devices(self, record: RolloutRecord) -> Rollout:
+        return Rollout.of(record, await self._store.rollout_devices(record.rollout_id))
+
+    async def import_file(self) -> None:
+        """A rollout.json an older gateway kept: into the store once, then renamed, so a
+        restart (or another instance sharing the folder) does not import it again."""
         try:
-            return _State.model_validate_json(self._path.read_bytes())
+            raw = self._file.read_bytes()
         except FileNotFoundError:
-            return _State()
-        except (OSError, ValidationError) as exc:
+            return
+        try:
+            old = _State.model_validate_json(raw)
+        except ValidationError as exc:
             # written atomically: a damaged disk. No rollout is safer than a wrong one
-            log.error("rollout state %s unreadable (%s): no rollout running", self._path, exc)
-            return _State()
-
-    def _save(self) -> None:
-        write_atomic(self._path, self._state.model_dump_json().encode(), mode=0o600)
-
-    @property
-    def current(self) -> Rollout | None:
-        return self._state.current
+            log.error("rollout state %s unreadable (%s): not imported", self._file, exc)
+            old = _State()
+        if await self._store.rollouts(1):
+            log.warning("%s not imported: the store holds rollouts already", self._file)
+        else:
+            # oldest first: the newest is the current one
+            for rollout in [*reversed(old.history), *([old.current] if old.current else [])]:
+                await self._store.start_rollout(rollout.record(), rollout.device_updates())
+            log.warning("%s imported into the store", self._file)
+        os.replace(self._file, self._file.with_name(f"{STATE_FILE}.imported"))
 
     # ---- the admin's actions -------------------------------------------------------------
 
     async def start(self, version: str, district: str, percent: float) -> Rollout:
-        ongoing = self.current
-        if ongoing is not None and ongoing.state in ("running", "paused"):
-            raise RolloutRefused(
-                409,
-                f"rollout {ongoing.id} of {ongoing.version} to {ongoing.district} is "
-                f"{ongoing.state}: resume or abort it first (one rollout at a time)",
-            )
+        _refuse_if_live(await self.current())
         if self.releases.manifest(version) is None:
             raise RolloutRefused(404, f"no release {version}: `ansimi provision release add` it")
         now = self._clock_ms()
@@ -214,52 +266,66 @@ class Rollouts:
             percent=percent,
             started_ms=now,
         )
-        await self._choose(rollout)
+        rollout.devices = {d: Progress() for d in await self._chosen(rollout)}
         if not rollout.devices:
             raise RolloutRefused(404, f"no device in district {district}")
-        if ongoing is not None:
-            self._state.history = [ongoing, *self._state.history][:HISTORY_KEPT]
-        self._state.current = rollout
-        self._save()
+        if not await self._store.start_rollout(rollout.record(), rollout.device_updates()):
+            _refuse_if_live(await self.current())  # another instance's, started meanwhile
+            raise RolloutRefused(409, f"rollout {rollout.id} exists already: try again")
         log.warning(
             "rollout %s: %d devices of %s", rollout.id, len(rollout.devices), rollout.district
         )
         self._wake.set()
         return rollout
 
-    async def _choose(self, rollout: Rollout) -> None:
+    async def _chosen(self, rollout: Rollout) -> list[str]:
         devices = await self._store.devices()
         ids = [d.device_id for d in devices if d.district == rollout.district and not d.revoked]
-        for device_id in chosen(ids, rollout.version, rollout.percent):
-            rollout.devices.setdefault(device_id, Progress())
+        return chosen(ids, rollout.version, rollout.percent)
 
     async def resume(self, percent: float | None = None) -> Rollout:
         """Resume a paused rollout; with `percent`, widen it (a done step too: the next one)."""
-        rollout = self._need_current(("running", "paused", "done"))
+        rollout = await self._need_current(("running", "paused", "done"))
         if rollout.state == "done" and (percent is None or percent <= rollout.percent):
             raise RolloutRefused(
                 400, f"rollout {rollout.id} is done at {rollout.percent:g}%: widen it (--percent)"
             )
+        added: list[str] = []
         if percent is not None:
             if percent < rollout.percent:
                 raise RolloutRefused(400, f"percent {percent} is below the {rollout.percent} done")
             rollout.percent = percent
-            await self._choose(rollout)
-        rollout.state = "running"
-        rollout.paused_because = None
-        self._save()
+            added = [d for d in await self._chosen(rollout) if d not in rollout.devices]
+        await self._move(rollout, "running", percent=percent, add_devices=added)
         self._wake.set()
-        return rollout
+        return await self._with_devices(rollout.record())
 
-    def abort(self) -> Rollout:
+    async def abort(self) -> Rollout:
         """Stop offering; devices already updating finish (or roll back) on their own."""
-        rollout = self._need_current(("running", "paused"))
-        rollout.state = "aborted"
-        self._save()
-        return rollout
+        rollout = await self._need_current(("running", "paused"))
+        await self._move(rollout, "aborted")
+        return await self._with_devices(rollout.record())
 
-    def _need_current(self, states: tuple[str, ...]) -> Rollout:
-        rollout = self.current
+    async def _move(
+        self,
+        rollout: Rollout,
+        to_state: RolloutState,
+        *,
+        percent: float | None = None,
+        add_devices: list[str] | None = None,
+    ) -> None:
+        """From the state read, or refused: another instance changed it meanwhile."""
+        moved = await self._store.move_rollout(
+            rollout.id, (rollout.state,), to_state, percent=percent, add_devices=add_devices or ()
+        )
+        if not moved:
+            raise RolloutRefused(409, f"rollout {rollout.id} changed meanwhile: look again")
+        rollout.state = to_state
+        if to_state == "running":
+            rollout.paused_because = None
+
+    async def _need_current(self, states: tuple[str, ...]) -> Rollout:
+        rollout = await self.current()
         if rollout is None or rollout.state not in states:
             raise RolloutRefused(404, f"no rollout {' or '.join(states)}")
         return rollout
@@ -268,95 +334,89 @@ class Rollouts:
 
     async def tick(self) -> int:
         """Offer the update to the devices due an offer; return how many were offered."""
-        rollout = self.current
-        if rollout is None or rollout.state != "running":
+        newest = await self._store.rollouts(1)
+        if not newest or newest[0].state != "running":
             return 0
-        now = self._clock_ms()
-        due = [
-            device_id
-            for device_id, p in rollout.devices.items()
-            if p.state == "pending" or (p.state == "offered" and now - p.at_ms >= self._reoffer_ms)
-        ]
-        if not due:
-            self._finish_if_done(rollout)
-            return 0
-        incidents = await self._store.incidents("open", 100_000, [rollout.district])
-        busy = {incident.device_id for incident in incidents}
+        rollout = newest[0]
+        # claimed in the store first: another instance ticking now offers the others
+        due = await self._store.offer_rollout(
+            rollout.rollout_id, self._clock_ms(), self._reoffer_ms
+        )
         url = f"{self._public_url}/releases/{rollout.version}"
         command = Command(name="update", args={"version": rollout.version, "url": url})
-        offered = 0
         for device_id in due:
-            if device_id in busy:
-                continue  # never during an open incident: offered at a later tick
             self._send(device_id, command)
-            progress = rollout.devices[device_id]
-            progress.state, progress.at_ms, progress.offers = "offered", now, progress.offers + 1
-            offered += 1
-        if offered:
-            self._save()
-        return offered
+        return len(due)
 
     def kept(self, items: Iterable[Incoming]) -> None:
-        """Intake's kept events: a device's update reports move its progress."""
-        rollout = self.current
-        if rollout is None:
-            return
-        changed = False
+        """Intake's kept events: a device's update reports, written by `record_reports`."""
         for item in items:
-            progress = rollout.devices.get(item.device_id)
-            if item.type != "health" or progress is None:
+            if item.type != "health":
                 continue
             try:
                 health = Health.model_validate_json(item.body_json)
             except ValidationError:
                 continue  # intake parsed it already; nothing else to learn here
-            changed |= self._report(rollout, item.device_id, progress, health)
-        if changed:
-            self._pause_if_failing(rollout)
-            self._finish_if_done(rollout)
-            self._save()
+            if health.event in ("update_installed", "update_failed"):
+                self._reports.append((item.device_id, health))
+        if self._reports:
+            self._wake.set()
 
-    def _report(self, rollout: Rollout, device_id: str, progress: Progress, health: Health) -> bool:
+    async def record_reports(self) -> None:
+        """The reports `kept` heard move their devices in the current rollout."""
+        reports, self._reports = self._reports, []
+        if not reports:
+            return
+        try:
+            newest = await self._store.rollouts(1)
+            if not newest:
+                return  # no rollout: nobody's news
+            changed = False
+            while reports:
+                changed |= await self._report(newest[0], *reports[0])
+                reports.pop(0)
+            if changed:
+                await self._pause_if_failing(newest[0])
+        except BaseException:
+            self._reports[:0] = reports  # the store failed: tried again at the next round
+            raise
+
+    async def _report(self, rollout: RolloutRecord, device_id: str, health: Health) -> bool:
         version, _, rest = (health.detail or "").partition(" ")
         if version != rollout.version:
             return False
+        outcome: UpdateOutcome = "installed"
+        if health.event == "update_failed":
+            outcome = "not_now" if rest.split(":", 1)[0] in NOT_NOW else "failed"
+        reason = rest[:200] if outcome == "failed" else None
         now = self._clock_ms()
-        if health.event == "update_installed":
-            progress.state, progress.at_ms, progress.reason = "installed", now, None
-            self._metrics.update_reports.labels("installed").inc()
-            return True
-        if health.event != "update_failed":
-            return False
-        reason = rest.split(":", 1)[0]
-        if reason in NOT_NOW and progress.state == "installed":
-            return False  # a late offer crossed the device's report: it is updated
-        if reason in NOT_NOW:
-            progress.state, progress.at_ms = "pending", now  # again at a later tick
-            self._metrics.update_reports.labels("not_now").inc()
-        else:
-            progress.state, progress.at_ms, progress.reason = "failed", now, rest[:200]
-            self._metrics.update_reports.labels("failed").inc()
-            log.warning("rollout %s: %s failed: %s", rollout.id, device_id, rest[:200])
+        if not await self._store.report_update(rollout.rollout_id, device_id, outcome, reason, now):
+            return False  # not its device, or a late offer crossed its installed report
+        self._metrics.update_reports.labels(outcome).inc()
+        if outcome == "failed":
+            log.warning("rollout %s: %s failed: %s", rollout.rollout_id, device_id, reason)
         return True
 
-    def _pause_if_failing(self, rollout: Rollout) -> None:
-        failed = rollout.counts()["failed"]
-        limit = max(1, math.ceil(len(rollout.devices) * self._pause_failed_pct / 100))
+    async def _pause_if_failing(self, rollout: RolloutRecord) -> None:
+        devices = await self._store.rollout_devices(rollout.rollout_id)
+        failed = sum(d.state == "failed" for d in devices)
+        limit = max(1, math.ceil(len(devices) * self._pause_failed_pct / 100))
+        if failed < limit:
+            return
+        because = f"{failed} devices failed (pauses at {limit})"
         # a done rollout too: a device that failed after reporting installed needs a look
-        if rollout.state in ("running", "done") and failed >= limit:
-            rollout.state = "paused"
-            rollout.paused_because = f"{failed} devices failed (pauses at {limit})"
-            log.error("rollout %s paused: %s", rollout.id, rollout.paused_because)
-
-    def _finish_if_done(self, rollout: Rollout) -> None:
-        counts = rollout.counts()
-        if rollout.state == "running" and counts["pending"] == counts["offered"] == 0:
-            rollout.state = "done"
-            self._save()
+        if await self._store.move_rollout(
+            rollout.rollout_id, ("running", "done"), "paused", paused_because=because
+        ):
+            log.error("rollout %s paused: %s", rollout.rollout_id, because)
 
     async def run(self) -> None:
         while True:
             try:
+                if not self._imported:
+                    await self.import_file()
+                    self._imported = True
+                await self.record_reports()
                 await self.tick()
             except Exception:
                 # a store hiccup must not end the gateway's task group: try at the next tick
@@ -446,7 +506,7 @@ class Rollouts:
         token = request[TOKEN_KEY]
         if not token.sees(asked.district):
             return _error(403, f"district {asked.district} is not one of this token's")
-        ongoing = self.current
+        ongoing = await self.current()
         if (
             ongoing is not None
             and ongoing.state in ("running", "paused")
@@ -463,7 +523,8 @@ class Rollouts:
     async def _status(self, request: web.Request) -> web.Response:
         # a token sees the rollouts of its own districts only (their device ids included)
         token = request[TOKEN_KEY]
-        current = self.current
+        current = await self.current()
+        history = await self.history()
         return web.json_response(
             {
                 "current": (
@@ -471,19 +532,19 @@ class Rollouts:
                     if current is not None and token.sees(current.district)
                     else None
                 ),
-                "history": [r.summary() for r in self._state.history if token.sees(r.district)],
+                "history": [r.summary() for r in history if token.sees(r.district)],
             }
         )
 
-    def _not_theirs(self, request: web.Request) -> web.Response | None:
+    async def _not_theirs(self, request: web.Request) -> web.Response | None:
         """A 404 for a token that may not act on the current rollout's district."""
-        current = self.current
+        current = await self.current()
         if current is not None and not request[TOKEN_KEY].sees(current.district):
             return _error(404, "no rollout in this token's districts")
         return None
 
     async def _resume(self, request: web.Request) -> web.Response:
-        if (refused := self._not_theirs(request)) is not None:
+        if (refused := await self._not_theirs(request)) is not None:
             return refused
         body = await request.read()
         try:
@@ -496,10 +557,10 @@ class Rollouts:
         return web.json_response(rollout.summary())
 
     async def _abort(self, request: web.Request) -> web.Response:
-        if (refused := self._not_theirs(request)) is not None:
+        if (refused := await self._not_theirs(request)) is not None:
             return refused
         try:
-            rollout = self.abort()
+            rollout = await self.abort()
         except RolloutRefused as exc:
             return _error(exc.status, str(exc))
         return web.json_response(rollout.summary())
@@ -518,6 +579,15 @@ class _ResumeRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     percent: Annotated[float, Field(gt=0, le=100)] | None = None
+
+
+def _refuse_if_live(ongoing: Rollout | None) -> None:
+    if ongoing is not None and ongoing.state in ("running", "paused"):
+        raise RolloutRefused(
+            409,
+            f"rollout {ongoing.id} of {ongoing.version} to {ongoing.district} is "
+            f"{ongoing.state}: resume or abort it first (one rollout at a time)",
+        )
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -50,6 +50,7 @@ from typing import (
     Protocol,
     Self,
     TypeVar,
+    get_args,
     overload,
 )
 
@@ -206,6 +207,33 @@ CREATE TABLE IF NOT EXISTS config_reported (
     device_id    TEXT PRIMARY KEY,
     config_hash  TEXT NOT NULL,
     reported_ms  INTEGER NOT NULL
+);
+"""
+
+_ROLLOUTS = """
+-- staged agent rollouts (gateway/rollout.py), shared by every instance on the store: the
+-- newest is the current one; at most one running or paused at a time (the partial unique
+-- index: a second start loses, whichever instance made it)
+CREATE TABLE IF NOT EXISTS rollouts (
+    rollout_id      TEXT PRIMARY KEY,
+    version         TEXT NOT NULL,       -- the release offered
+    district        TEXT NOT NULL,
+    percent         REAL NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('running', 'paused', 'aborted', 'done')),
+    started_ms      INTEGER NOT NULL,
+    paused_because  TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS rollouts_one_live ON rollouts((1))
+    WHERE state IN ('running', 'paused');
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout_id  TEXT NOT NULL REFERENCES rollouts(rollout_id),
+    device_id   TEXT NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'offered', 'installed', 'failed')),
+    at_ms       INTEGER NOT NULL DEFAULT 0,
+    offers      INTEGER NOT NULL DEFAULT 0,
+    reason      TEXT,
+    PRIMARY KEY (rollout_id, device_id)
 );
 """
 
@@ -685,9 +713,173 @@ class ConfigStore(Protocol):
     async def reported_configs(self) -> dict[str, tuple[str, int]]: ...
 
 
+RolloutPhase = Literal["running", "paused", "aborted", "done"]
+UpdateStep = Literal["pending", "offered", "installed", "failed"]
+# what a device's report does to its step: installed; not now (pending again, unless it
+# installed already); failed (with its reason)
+UpdateOutcome = Literal["installed", "not_now", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutRecord:
+    rollout_id: str
+    version: str
+    district: str
+    percent: float
+    state: RolloutPhase
+    started_ms: int
+    paused_because: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceUpdate:
+    """One device's step in a rollout."""
+
+    device_id: str
+    state: UpdateStep = "pending"
+    at_ms: int = 0
+    offers: int = 0
+    reason: str | None = None
+
+
+class RolloutStore(DeviceReader, Protocol):
+    """Staged agent rollouts (gateway/rollout.py): every instance on the store sees the same
+    one, and each change is one transaction guarded by the state it changes from, so two
+    instances never both offer a device or undo each other's step."""
+
+    # False: another rollout is running or paused (or this id exists): nothing kept
+    async def start_rollout(
+        self, rollout: RolloutRecord, devices: Sequence[DeviceUpdate]
+    ) -> bool: ...
+    # newest first: the first is the current one
+    async def rollouts(self, limit: int) -> list[RolloutRecord]: ...
+    async def rollout_devices(self, rollout_id: str) -> list[DeviceUpdate]: ...
+    # only from one of `from_states`; False when it was in none (changed meanwhile)
+    async def move_rollout(
+        self,
+        rollout_id: str,
+        from_states: Sequence[RolloutPhase],
+        to_state: RolloutPhase,
+        *,
+        percent: float | None = None,
+        paused_because: str | None = None,
+        add_devices: Sequence[str] = (),
+    ) -> bool: ...
+    # claims the devices due an offer (pending, or offered `reoffer_ms` ago and silent since)
+    # that have no open incident, if the rollout is running; done once none waits
+    async def offer_rollout(self, rollout_id: str, now_ms: int, reoffer_ms: int) -> list[str]: ...
+    # False: the device is not in the rollout, or the report changes nothing
+    async def report_update(
+        self,
+        rollout_id: str,
+        device_id: str,
+        outcome: UpdateOutcome,
+        reason: str | None,
+        now_ms: int,
+    ) -> bool: ...
+
+
+# Rollout statements both engines run, in PostgreSQL's $n marks (SQLite: `sqlite_marks`).
+ROLLOUT_COLUMNS = "rollout_id, version, district, percent, state, started_ms, paused_because"
+START_ROLLOUT_SQL = (
+    "INSERT INTO rollouts (rollout_id, version, district, percent, state, started_ms,"
+    " paused_because) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"
+)
+ADD_ROLLOUT_DEVICE_SQL = (
+    "INSERT INTO rollout_devices (rollout_id, device_id, state, at_ms, offers, reason)"
+    " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+)
+ROLLOUT_DEVICES_SQL = (
+    "SELECT device_id, state, at_ms, offers, reason FROM rollout_devices"
+    " WHERE rollout_id = $1 ORDER BY device_id"
+)
+MOVE_ROLLOUT_SQL = (
+    "UPDATE rollouts SET state = $2, percent = COALESCE($3, percent),"
+    " paused_because = CASE WHEN $2 = 'running' THEN NULL ELSE COALESCE($4, paused_because) END"
+    " WHERE rollout_id = $1 AND state IN ({from_states})"
+)
+
+
+def move_rollout_sql(from_states: Sequence[RolloutPhase]) -> str:
+    """MOVE_ROLLOUT_SQL from these states (names checked here, so quoting them is safe)."""
+    phases = get_args(RolloutPhase)
+    if not from_states or any(state not in phases for state in from_states):
+        raise ValueError(f"rollout states must be some of {phases}, not {from_states}")
+    return MOVE_ROLLOUT_SQL.format(from_states=", ".join(f"'{s}'" for s in from_states))
+
+
+def report_update_args(
+    rollout_id: str, device_id: str, outcome: UpdateOutcome, reason: str | None, now_ms: int
+) -> tuple[str, tuple[object, ...]]:
+    """The statement of a device's report, and its arguments (its reason only if failed)."""
+    args: tuple[object, ...] = (rollout_id, device_id, now_ms)
+    return REPORT_UPDATE_SQL[outcome], (*args, reason) if outcome == "failed" else args
+
+
+# the bell's open incident is looked at in the same statement that claims it: never offered
+# during one (the device refuses one that opens after, gateway/update.py's incident_open)
+OFFER_ROLLOUT_SQL = (
+    "UPDATE rollout_devices SET state = 'offered', at_ms = $2, offers = offers + 1"
+    " WHERE rollout_id = $1"
+    " AND (state = 'pending' OR (state = 'offered' AND at_ms + $3 <= $2))"
+    " AND NOT EXISTS (SELECT 1 FROM incidents i"
+    " WHERE i.device_id = rollout_devices.device_id AND i.state != 'closed')"
+    " RETURNING device_id"
+)
+REPORT_UPDATE_SQL: Final[dict[str, str]] = {
+    # said again (to an offer made after its first report was lost) is no news
+    "installed": "UPDATE rollout_devices SET state = 'installed', at_ms = $3, reason = NULL"
+    " WHERE rollout_id = $1 AND device_id = $2 AND state != 'installed'",
+    # a late offer crossed the device's report of having installed: it stays installed
+    "not_now": "UPDATE rollout_devices SET state = 'pending', at_ms = $3"
+    " WHERE rollout_id = $1 AND device_id = $2 AND state != 'installed'",
+    "failed": "UPDATE rollout_devices SET state = 'failed', at_ms = $3, reason = $4"
+    " WHERE rollout_id = $1 AND device_id = $2",
+}
+SETTLE_ROLLOUT_SQL = (
+    "UPDATE rollouts SET state = 'done' WHERE rollout_id = $1 AND state = 'running'"
+    " AND NOT EXISTS (SELECT 1 FROM rollout_devices d"
+    " WHERE d.rollout_id = $1 AND d.state IN ('pending', 'offered'))"
+)
+
+
+def sqlite_marks(sql: str) -> str:
+    """A statement in PostgreSQL's marks ($1) in SQLite's numbered ones (?1)."""
+    return sql.replace("$", "?")
+
+
+def rollout_values(rollout: RolloutRecord) -> tuple[object, ...]:
+    r = rollout
+    return (r.rollout_id, r.version, r.district, r.percent, r.state, r.started_ms, r.paused_because)
+
+
+def rollout_from_row(row: Sequence[Any]) -> RolloutRecord:
+    rollout_id, version, district, percent, state, started_ms, because = row
+    return RolloutRecord(
+        str(rollout_id),
+        str(version),
+        str(district),
+        float(percent),
+        state,
+        int(started_ms),
+        because,
+    )
+
+
+def device_update_values(rollout_id: str, device: DeviceUpdate) -> tuple[object, ...]:
+    d = device
+    return (rollout_id, d.device_id, d.state, d.at_ms, d.offers, d.reason)
+
+
+def device_update_from_row(row: Sequence[Any]) -> DeviceUpdate:
+    device_id, state, at_ms, offers, reason = row
+    return DeviceUpdate(str(device_id), state, int(at_ms), int(offers), reason)
+
+
 class Store(
     ReportStore,
     ConfigStore,
+    RolloutStore,
     IntakeStore,
     SupervisionStore,
     ForwardStore,
@@ -889,6 +1081,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], .
     (5, "which instance holds which live video stream", _script(_VIDEO_STREAMS)),
     (6, "incidents, their events, stages, procedure ticks and history", _script(_INCIDENTS)),
     (7, "remote configuration: desired layers, reported hashes", _script(_REMOTE_CONFIG)),
+    (8, "agent rollouts and their devices' progress", _script(_ROLLOUTS)),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -1912,6 +2105,73 @@ class SqliteDatabase:
         sql = TEST_RECORDS_SQL.format(start="?", end="?")
         return test_records_of(self._query(sql, (start_ms, end_ms)))
 
+    # ---- agent rollouts (BEGIN IMMEDIATE: each change alone on the file) -------------------
+
+    def start_rollout(self, rollout: RolloutRecord, devices: Sequence[DeviceUpdate]) -> bool:
+        with self._tx() as db:
+            if db.execute(sqlite_marks(START_ROLLOUT_SQL), rollout_values(rollout)).rowcount == 0:
+                return False
+            db.executemany(
+                sqlite_marks(ADD_ROLLOUT_DEVICE_SQL),
+                [device_update_values(rollout.rollout_id, d) for d in devices],
+            )
+            return True
+
+    def rollouts(self, limit: int) -> list[RolloutRecord]:
+        rows = self._query(
+            f"SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY rowid DESC LIMIT ?",  # noqa: S608
+            (limit,),
+        )
+        return [rollout_from_row(row) for row in rows]
+
+    def rollout_devices(self, rollout_id: str) -> list[DeviceUpdate]:
+        rows = self._query(sqlite_marks(ROLLOUT_DEVICES_SQL), (rollout_id,))
+        return [device_update_from_row(row) for row in rows]
+
+    def move_rollout(
+        self,
+        rollout_id: str,
+        from_states: Sequence[RolloutPhase],
+        to_state: RolloutPhase,
+        *,
+        percent: float | None = None,
+        paused_because: str | None = None,
+        add_devices: Sequence[str] = (),
+    ) -> bool:
+        sql = sqlite_marks(move_rollout_sql(from_states))
+        with self._tx() as db:
+            if db.execute(sql, (rollout_id, to_state, percent, paused_because)).rowcount == 0:
+                return False
+            db.executemany(
+                sqlite_marks(ADD_ROLLOUT_DEVICE_SQL),
+                [device_update_values(rollout_id, DeviceUpdate(d)) for d in add_devices],
+            )
+            return True
+
+    def offer_rollout(self, rollout_id: str, now_ms: int, reoffer_ms: int) -> list[str]:
+        with self._tx() as db:
+            state = db.execute("SELECT state FROM rollouts WHERE rollout_id = ?", (rollout_id,))
+            if state.fetchone() != ("running",):
+                return []
+            offered = db.execute(sqlite_marks(OFFER_ROLLOUT_SQL), (rollout_id, now_ms, reoffer_ms))
+            device_ids = [str(row[0]) for row in offered.fetchall()]
+            db.execute(sqlite_marks(SETTLE_ROLLOUT_SQL), (rollout_id,))
+            return device_ids
+
+    def report_update(
+        self,
+        rollout_id: str,
+        device_id: str,
+        outcome: UpdateOutcome,
+        reason: str | None,
+        now_ms: int,
+    ) -> bool:
+        sql, args = report_update_args(rollout_id, device_id, outcome, reason, now_ms)
+        with self._tx() as db:
+            changed = db.execute(sqlite_marks(sql), args).rowcount > 0
+            db.execute(sqlite_marks(SETTLE_ROLLOUT_SQL), (rollout_id,))
+            return changed
+
     def close(self) -> None:
         with self._lock, _translated(self.path):
             self._db.close()
@@ -2174,6 +2434,12 @@ class SqliteStore:
     report_config = _OnStoreThread(SqliteDatabase.report_config)
     reported_configs = _OnStoreThread(SqliteDatabase.reported_configs)
     test_records = _OnStoreThread(SqliteDatabase.test_records)
+    start_rollout = _OnStoreThread(SqliteDatabase.start_rollout)
+    rollouts = _OnStoreThread(SqliteDatabase.rollouts)
+    rollout_devices = _OnStoreThread(SqliteDatabase.rollout_devices)
+    move_rollout = _OnStoreThread(SqliteDatabase.move_rollout)
+    offer_rollout = _OnStoreThread(SqliteDatabase.offer_rollout)
+    report_update = _OnStoreThread(SqliteDatabase.report_update)
 
 
 # row shapes shared with the PostgreSQL store (gateway/store_pg.py): same columns, same order

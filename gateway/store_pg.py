@@ -56,13 +56,19 @@ from gateway.incidents import (
     reopens,
 )
 from gateway.store import (
+    ADD_ROLLOUT_DEVICE_SQL,
     FOREIGN_ID,
     FOREIGN_REF,
     INCIDENT_COLUMNS,
     INCIDENT_STAGE_ORDER,
     NEW_DEVICE_COLUMNS,
+    OFFER_ROLLOUT_SQL,
     PURGE_BATCH,
+    ROLLOUT_COLUMNS,
+    ROLLOUT_DEVICES_SQL,
+    SETTLE_ROLLOUT_SQL,
     STAGE_ORDER,
+    START_ROLLOUT_SQL,
     TEST_RECORDS_SQL,
     Accepted,
     BadStoreUrl,
@@ -71,10 +77,13 @@ from gateway.store import (
     Delivery,
     Device,
     DeviceKind,
+    DeviceUpdate,
     DuplicateDevice,
     Event,
     EventState,
     Incoming,
+    RolloutPhase,
+    RolloutRecord,
     StoreConflict,
     StoreError,
     StoreFull,
@@ -82,11 +91,14 @@ from gateway.store import (
     StoreVersionError,
     TestRecord,
     UnknownEvent,
+    UpdateOutcome,
     Waiting,
     check_completion,
     delivery_filter,
     delivery_from_row,
     device_from_row,
+    device_update_from_row,
+    device_update_values,
     enrolled_device,
     enrolment_for,
     event_from_row,
@@ -95,9 +107,13 @@ from gateway.store import (
     history_from_rows,
     incidents_with_stages,
     issued_enrolment,
+    move_rollout_sql,
     new_device_values,
     opened_enrolment,
     pending_from_row,
+    report_update_args,
+    rollout_from_row,
+    rollout_values,
     test_records_of,
     ticks_from_rows,
 )
@@ -288,6 +304,31 @@ CREATE TABLE config_reported (
 );
 """
 
+# agent rollouts, as SQLite's migration 8; kept_order is SQLite's rowid (the newest is current)
+_ROLLOUTS = """
+CREATE TABLE rollouts (
+    rollout_id      TEXT PRIMARY KEY,
+    version         TEXT NOT NULL,
+    district        TEXT NOT NULL,
+    percent         DOUBLE PRECISION NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('running', 'paused', 'aborted', 'done')),
+    started_ms      BIGINT NOT NULL,
+    paused_because  TEXT,
+    kept_order      BIGINT GENERATED ALWAYS AS IDENTITY
+);
+CREATE UNIQUE INDEX rollouts_one_live ON rollouts((1)) WHERE state IN ('running', 'paused');
+CREATE TABLE rollout_devices (
+    rollout_id  TEXT NOT NULL REFERENCES rollouts(rollout_id),
+    device_id   TEXT NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'offered', 'installed', 'failed')),
+    at_ms       BIGINT NOT NULL DEFAULT 0,
+    offers      INTEGER NOT NULL DEFAULT 0,
+    reason      TEXT,
+    PRIMARY KEY (rollout_id, device_id)
+);
+"""
+
 # Numbered like SQLite's MIGRATIONS (never edit one that has shipped: add the next). Version 1
 # is SQLite's version 4 in PostgreSQL's types: no PostgreSQL store predates it.
 PG_MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
@@ -296,6 +337,7 @@ PG_MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (3, "incidents", _INCIDENTS),
     (4, "live video stream claims", _VIDEO_STREAMS),
     (5, "remote configuration (SQLite's version 7)", _REMOTE_CONFIG),
+    (6, "agent rollouts (SQLite's version 8)", _ROLLOUTS),
 )
 PG_SCHEMA_VERSION: Final = PG_MIGRATIONS[-1][0]
 
@@ -1777,3 +1819,88 @@ class PostgresStore:
     async def test_records(self, start_ms: int, end_ms: int) -> list[TestRecord]:
         sql = TEST_RECORDS_SQL.format(start="$1", end="$2")
         return test_records_of(tuple(r) for r in await self._fetch(sql, start_ms, end_ms))
+
+    # ---- agent rollouts (each change holds the rollout's row: one instance at a time) ---
+
+    async def start_rollout(self, rollout: RolloutRecord, devices: Sequence[DeviceUpdate]) -> bool:
+        async def work(db: asyncpg.Connection) -> bool:
+            if _count(await db.execute(START_ROLLOUT_SQL, *rollout_values(rollout))) == 0:
+                return False
+            await db.executemany(
+                ADD_ROLLOUT_DEVICE_SQL,
+                [device_update_values(rollout.rollout_id, d) for d in devices],
+            )
+            return True
+
+        return await self._tx(work)
+
+    async def rollouts(self, limit: int) -> list[RolloutRecord]:
+        rows = await self._fetch(
+            f"SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY kept_order DESC LIMIT $1",  # noqa: S608
+            limit,
+        )
+        return [rollout_from_row(tuple(row)) for row in rows]
+
+    async def rollout_devices(self, rollout_id: str) -> list[DeviceUpdate]:
+        rows = await self._fetch(ROLLOUT_DEVICES_SQL, rollout_id)
+        return [device_update_from_row(tuple(row)) for row in rows]
+
+    @staticmethod
+    async def _hold_rollout(db: asyncpg.Connection, rollout_id: str) -> str | None:
+        """Lock the rollout's row until the transaction ends; its state, None if none."""
+        state = await db.fetchval(
+            "SELECT state FROM rollouts WHERE rollout_id = $1 FOR UPDATE", rollout_id
+        )
+        return None if state is None else str(state)
+
+    async def move_rollout(
+        self,
+        rollout_id: str,
+        from_states: Sequence[RolloutPhase],
+        to_state: RolloutPhase,
+        *,
+        percent: float | None = None,
+        paused_because: str | None = None,
+        add_devices: Sequence[str] = (),
+    ) -> bool:
+        sql = move_rollout_sql(from_states)
+
+        async def work(db: asyncpg.Connection) -> bool:
+            await self._hold_rollout(db, rollout_id)
+            if _count(await db.execute(sql, rollout_id, to_state, percent, paused_because)) == 0:
+                return False
+            await db.executemany(
+                ADD_ROLLOUT_DEVICE_SQL,
+                [device_update_values(rollout_id, DeviceUpdate(d)) for d in add_devices],
+            )
+            return True
+
+        return await self._tx(work)
+
+    async def offer_rollout(self, rollout_id: str, now_ms: int, reoffer_ms: int) -> list[str]:
+        async def work(db: asyncpg.Connection) -> list[str]:
+            if await self._hold_rollout(db, rollout_id) != "running":
+                return []
+            rows = await db.fetch(OFFER_ROLLOUT_SQL, rollout_id, now_ms, reoffer_ms)
+            await db.execute(SETTLE_ROLLOUT_SQL, rollout_id)
+            return [str(row[0]) for row in rows]
+
+        return await self._tx(work)
+
+    async def report_update(
+        self,
+        rollout_id: str,
+        device_id: str,
+        outcome: UpdateOutcome,
+        reason: str | None,
+        now_ms: int,
+    ) -> bool:
+        sql, args = report_update_args(rollout_id, device_id, outcome, reason, now_ms)
+
+        async def work(db: asyncpg.Connection) -> bool:
+            await self._hold_rollout(db, rollout_id)
+            changed = _count(await db.execute(sql, *args)) > 0
+            await db.execute(SETTLE_ROLLOUT_SQL, rollout_id)
+            return changed
+
+        return await self._tx(work)

@@ -718,6 +718,54 @@ async def test_an_admin_token_the_gateway_does_not_know_names_the_file_to_use(ri
     assert "gateway/tokens/admin.token" in err and 'role = "admin"' in err
 
 
+async def test_a_renewal_asked_as_the_bell_is_pressed_connects_only_once_the_incident_closed(
+    rig: Rig,
+) -> None:
+    """Connecting with a new certificate cuts the link for a moment: not while an incident
+    needs it. A press while the renewal is on its way to the gateway: the new certificate is
+    kept, the link stays on the old one until the desk closes the incident."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from device.enrol import make_csr
+    from device.hal.ports import InputEvent
+
+    added = await rig.add("bell-0021")
+    device_dir = rig.tmp / "device"
+    code, out, err = await rig.enrol(str(added["token"]), device_dir)
+    assert code == 0, out + err
+    config = load_config(device_dir / "device.toml", DeviceConfig)
+    assert config.mqtt.cert_file is not None
+    key = load_private_key(config.device.key_file)
+    short = rig.site.sign_csr(make_csr(key, "bell-0021").encode(), "bell-0021", days=40)
+    config.mqtt.cert_file.write_bytes(short.public_bytes(serialization.Encoding.PEM))
+    clock = [wall_ms() + 11 * 86_400_000]  # 29 days left: the renewal is due
+    assert rig.gateway.enrolment is not None
+    rig.gateway.enrolment._clock_ms = lambda: clock[0]
+    async with agent_from(device_dir / "device.toml", clock_ms=lambda: clock[0]) as agent:
+        await asyncio.wait_for(agent.ready.wait(), 10)
+        connects = agent.connects
+        renewing = asyncio.create_task(agent.renew_certificate())
+        await asyncio.sleep(0)  # the request is on its way (on its own thread)
+        agent.on_input(InputEvent("emergency", "pressed"))
+        agent.on_input(InputEvent("emergency", "released"))
+        incident = agent.behaviour.incident
+        assert incident is not None
+        assert await renewing is None  # renewed, not connected with: the incident's link
+        assert agent.renewal_held_by == "an incident is open"
+        on_disk = x509.load_pem_x509_certificate(config.mqtt.cert_file.read_bytes())
+        assert on_disk.serial_number != short.serial_number
+        assert await agent.renew_certificate() is None  # still open: still held
+        # the desk closes it; the bell hears so
+        rig.gateway.downlink.ack("bell-0021", incident.alert_id, "closed")
+        await eventually(lambda: agent.behaviour.incident is None and agent.outbox.depth() == 0)
+        assert agent.connects == connects  # the link was never cut meanwhile
+        renewed = await agent.renew_certificate()
+        assert renewed is not None and renewed.serial == f"{on_disk.serial_number:X}"
+        assert agent.renewal_held_by is None
+        await eventually(lambda: agent.connects > connects and agent.link.connected)
+
+
 async def test_a_device_renews_its_certificate_before_expiry_and_connects_with_it(
     rig: Rig,
 ) -> None:

@@ -3,6 +3,7 @@ and the admin routes (a release added, served with Range; a rollout started, pau
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from release_kit import make_bundle, release_signer
 
 from gateway.api import Api
 from gateway.config import ApiToken
-from gateway.rollout import Releases, RolloutRefused, Rollouts, chosen
+from gateway.rollout import STATE_FILE, Releases, Rollout, RolloutRefused, Rollouts, chosen
 from gateway.store import Device, Incoming
 from protocol.jws import Signer
 from protocol.keys import generate_key, public_key_to_b64
@@ -46,17 +47,26 @@ class Rig:
             if isinstance(m, CommandMessage) and m.body.name == "update"
         ]
 
-    def report(self, device_id: str, event: str, detail: str) -> None:
+    async def report(
+        self, device_id: str, event: str, detail: str, rollouts: Rollouts | None = None
+    ) -> None:
+        """A device's report kept by this gateway's intake (or another instance's)."""
+        rollouts = rollouts or self.rollouts
         health = Health(event=event, detail=detail)  # type: ignore[arg-type]
         item = Incoming(
             f"rep-{device_id}-{len(detail)}-{event}", device_id, 1, "health",
             self.env.clock.ms, health.model_dump_json(), "jws", ("central",),
         )  # fmt: skip
-        self.rollouts.kept([item])
+        rollouts.kept([item])
+        await rollouts.record_reports()
 
-    def state(self, device_id: str) -> str:
-        assert self.rollouts.current is not None
-        return self.rollouts.current.devices[device_id].state
+    async def current(self) -> Rollout:
+        current = await self.rollouts.current()
+        assert current is not None
+        return current
+
+    async def state(self, device_id: str) -> str:
+        return (await self.current()).devices[device_id].state
 
 
 def _rollouts(env: Env, releases: Releases) -> Rollouts:
@@ -112,7 +122,7 @@ async def test_never_offered_to_a_device_with_an_open_incident(rig: Rig) -> None
     await rig.rollouts.start("2.0", "mapo", 100)
     await rig.rollouts.tick()
     assert "bell-0001" not in [d for d, _ in rig.commands()]
-    assert rig.state("bell-0001") == "pending"
+    assert await rig.state("bell-0001") == "pending"
     (incident,) = rig.env.store.database.incidents("open", 10, None)
     await rig.env.store.move_incident(incident.incident_id, "closed", rig.env.clock.ms, "desk")
     await rig.rollouts.tick()
@@ -124,23 +134,26 @@ async def test_one_rollout_at_a_time(rig: Rig) -> None:
     with pytest.raises(RolloutRefused) as caught:
         await rig.rollouts.start("2.0", "gangnam", 10)
     assert caught.value.status == 409
-    rig.rollouts.abort()
+    await rig.rollouts.abort()
     await rig.rollouts.start("2.0", "gangnam", 10)  # the aborted one goes to history
+    (earlier,) = await rig.rollouts.history()
+    assert (earlier.district, earlier.state) == ("mapo", "aborted")
 
 
 async def test_reports_move_devices_and_failures_pause_the_rollout(rig: Rig) -> None:
     await rig.rollouts.start("2.0", "mapo", 100)  # 20 devices: pauses at 2 failures
     await rig.rollouts.tick()
     a, b, c, d = MAPO[:4]
-    rig.report(a, "update_installed", "2.0")
-    rig.report(b, "update_failed", "2.0 incident_open: an incident is open")
-    rig.report(c, "update_failed", "2.0 rolled_back: health check failed: no acknowledged")
-    rig.report(d, "update_installed", "1.9")  # another version's news: not this rollout's
-    assert [rig.state(x) for x in (a, b, c, d)] == ["installed", "pending", "failed", "offered"]
-    assert rig.rollouts.current is not None and rig.rollouts.current.state == "running"
-    rig.report(d, "update_failed", "2.0 hash_mismatch: changed in transit")
-    assert rig.rollouts.current.state == "paused"
-    assert "2 devices failed" in (rig.rollouts.current.paused_because or "")
+    await rig.report(a, "update_installed", "2.0")
+    await rig.report(b, "update_failed", "2.0 incident_open: an incident is open")
+    await rig.report(c, "update_failed", "2.0 rolled_back: health check failed: no acknowledged")
+    await rig.report(d, "update_installed", "1.9")  # another version's news: not this rollout's
+    states = [await rig.state(x) for x in (a, b, c, d)]
+    assert states == ["installed", "pending", "failed", "offered"]
+    assert (await rig.current()).state == "running"
+    await rig.report(d, "update_failed", "2.0 hash_mismatch: changed in transit")
+    assert (await rig.current()).state == "paused"
+    assert "2 devices failed" in ((await rig.current()).paused_because or "")
     assert await rig.rollouts.tick() == 0  # b waits: nothing is offered while paused
     await rig.rollouts.resume()
     assert await rig.rollouts.tick() == 1  # b, offered again
@@ -155,19 +168,65 @@ async def test_a_rollout_is_done_when_every_device_installed_and_survives_a_rest
 ) -> None:
     await rig.rollouts.start("2.0", "mapo", 10)
     await rig.rollouts.tick()
-    first = sorted(rig.rollouts.current.devices)  # type: ignore[union-attr]
-    again = _rollouts(rig.env, rig.rollouts.releases)  # a gateway restart reads the file
-    assert again.current is not None and sorted(again.current.devices) == first
+    first = sorted((await rig.current()).devices)
+    again = _rollouts(rig.env, rig.rollouts.releases)  # a gateway restart: the store has it
+    current = await again.current()
+    assert current is not None and sorted(current.devices) == first
     for device_id in first:
-        item = Health(event="update_installed", detail="2.0").model_dump_json()
-        again.kept([Incoming(f"ok-{device_id}", device_id, 1, "health", 0, item, "j", ())])
-    assert again.current.state == "done"
+        await rig.report(device_id, "update_installed", "2.0", again)
+    assert (await rig.current()).state == "done"
     with pytest.raises(RolloutRefused):  # done: nothing to resume, only to widen
         await again.resume()
     widened = await again.resume(50)  # the next step
     assert widened.state == "running" and len(widened.devices) == 10
     assert set(first) <= set(widened.devices)
     assert [widened.devices[d].state for d in first] == ["installed"] * len(first)
+
+
+async def test_two_instances_on_one_store_run_one_rollout(rig: Rig) -> None:
+    """A second gateway instance on the same store: it sees the rollout the first started,
+    the devices' reports either one's intake keeps move it for both, a second start is
+    refused by either, and each device is offered by one of them once."""
+    other = _rollouts(rig.env, rig.rollouts.releases)
+    await rig.rollouts.start("2.0", "mapo", 100)
+    seen = await other.current()
+    assert seen is not None and sorted(seen.devices) == sorted(MAPO)
+    with pytest.raises(RolloutRefused) as caught:
+        await other.start("2.0", "mapo", 50)
+    assert caught.value.status == 409
+    offered = [await rig.rollouts.tick(), await other.tick()]
+    assert offered == [len(seen.devices), 0]  # claimed by the first: not offered twice
+    assert len(rig.commands()) == len(seen.devices)
+    await rig.report("bell-0001", "update_installed", "2.0", other)
+    assert await rig.state("bell-0001") == "installed"
+    await other.abort()
+    assert (await rig.current()).state == "aborted"
+    assert await rig.rollouts.tick() == 0
+
+
+async def test_an_older_gateways_rollout_file_is_imported_once(rig: Rig) -> None:
+    """rollout.json, as a gateway before the store kept rollouts wrote it: its current
+    rollout runs on from the store, its history is kept, the file is renamed."""
+    running = Rollout(
+        id="2.0-mapo-5", version="2.0", district="mapo", percent=10, started_ms=5,
+        devices={"bell-0001": {"state": "installed", "at_ms": 7, "offers": 1},
+                 "bell-0100": {"state": "offered", "at_ms": 6, "offers": 1}},
+    )  # fmt: skip
+    older = Rollout(
+        id="1.9-mapo-1", version="1.9", district="mapo", percent=100, state="done", started_ms=1
+    )
+    state = {"current": running.model_dump(), "history": [older.model_dump()]}
+    path = rig.rollouts.releases.folder / STATE_FILE
+    path.write_text(json.dumps(state))
+    await rig.rollouts.import_file()
+    assert (await rig.current()).model_dump() == running.model_dump()
+    assert [r.id for r in await rig.rollouts.history()] == ["1.9-mapo-1"]
+    assert not path.exists() and path.with_name("rollout.json.imported").exists()
+    rig.env.clock.ms += REOFFER_MS
+    assert await rig.rollouts.tick() == 1  # bell-0100, silent since the old gateway's offer
+    path.write_text(json.dumps(state))  # the file again (a backup restored): not imported
+    await rig.rollouts.import_file()
+    assert len(await rig.rollouts.history()) == 1
 
 
 # ---- the routes ------------------------------------------------------------------------
@@ -259,9 +318,9 @@ async def test_rollouts_through_the_admin_routes(http: Http) -> None:
 async def test_a_not_now_answer_after_installed_leaves_the_device_installed(rig: Rig) -> None:
     await rig.rollouts.start("2.0", "mapo", 100)
     await rig.rollouts.tick()
-    rig.report("bell-0001", "update_installed", "2.0")
-    rig.report("bell-0001", "update_failed", "2.0 busy: an update to 2.0 is at step trial")
-    assert rig.state("bell-0001") == "installed"
+    await rig.report("bell-0001", "update_installed", "2.0")
+    await rig.report("bell-0001", "update_failed", "2.0 busy: an update to 2.0 is at step trial")
+    assert await rig.state("bell-0001") == "installed"
 
 
 async def test_a_version_names_one_set_of_wheels_for_good(http: Http) -> None:

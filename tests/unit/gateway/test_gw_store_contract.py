@@ -18,8 +18,11 @@ from gateway.store import (
     FOREIGN_ID,
     FOREIGN_REF,
     Device,
+    DeviceUpdate,
     DuplicateDevice,
     Incoming,
+    RolloutPhase,
+    RolloutRecord,
     Store,
     UnknownEvent,
     open_store,
@@ -644,6 +647,89 @@ async def test_reported_config_hashes_keep_the_latest_per_device(store: Store) -
         "bell-0001": ("c" * 64, 102),
         "bell-0002": ("b" * 64, 101),
     }
+
+
+# ---- agent rollouts (every instance on the store sees the same one) -------------------------
+
+
+def rollout(rollout_id: str, state: RolloutPhase = "running") -> RolloutRecord:
+    return RolloutRecord(rollout_id, "2.0", "mapo", 50.0, state, 10)
+
+
+BOTH = [DeviceUpdate("bell-0001"), DeviceUpdate("bell-0002")]
+
+
+async def test_one_rollout_is_live_at_a_time_and_the_newest_is_current(store: Store) -> None:
+    assert await store.rollouts(5) == []
+    assert await store.start_rollout(rollout("r-1"), BOTH)
+    assert not await store.start_rollout(rollout("r-2", "paused"), BOTH)  # r-1 is live
+    assert not await store.start_rollout(rollout("r-1", "done"), [])  # the id is taken
+    assert [r.rollout_id for r in await store.rollouts(5)] == ["r-1"]
+    assert await store.move_rollout("r-1", ("running", "paused"), "paused", paused_because="2")
+    assert not await store.move_rollout("r-1", ("running",), "done")  # not from paused
+    assert await store.move_rollout("r-1", ("running", "paused"), "aborted")
+    assert await store.start_rollout(rollout("r-2"), BOTH[:1])
+    (newest, older) = await store.rollouts(5)
+    assert newest == rollout("r-2")
+    assert (older.rollout_id, older.state, older.paused_because) == ("r-1", "aborted", "2")
+    assert await store.rollout_devices("r-2") == [DeviceUpdate("bell-0001")]
+    with pytest.raises(ValueError, match="rollout states"):
+        await store.move_rollout("r-2", ("gone",), "done")  # type: ignore[arg-type]
+
+
+async def test_a_wider_step_adds_devices_and_resuming_clears_the_pause(store: Store) -> None:
+    await store.start_rollout(rollout("r-1"), BOTH[:1])
+    await store.move_rollout("r-1", ("running",), "paused", paused_because="1 device failed")
+    widened = await store.move_rollout(
+        "r-1", ("paused", "done"), "running", percent=100.0, add_devices=["bell-0001", "bell-0002"]
+    )
+    assert widened
+    (current,) = await store.rollouts(1)
+    assert (current.state, current.percent, current.paused_because) == ("running", 100.0, None)
+    assert [d.device_id for d in await store.rollout_devices("r-1")] == ["bell-0001", "bell-0002"]
+
+
+async def test_a_due_device_is_claimed_for_one_offer_never_during_an_open_incident(
+    store: Store,
+) -> None:
+    await store.accept_batch([item("alert-0001", body=alert_body())], 50)  # bell-0001's incident
+    await store.start_rollout(rollout("r-1"), BOTH)
+    assert await store.offer_rollout("r-1", 100, 1_000) == ["bell-0002"]
+    assert await store.offer_rollout("r-1", 200, 1_000) == []  # offered: not again so soon
+    assert await store.offer_rollout("r-1", 1_100, 1_000) == ["bell-0002"]  # silent since
+    # pressed after its offer: not offered again while its incident is open either
+    other = item("alert-0002", "bell-0002", body=alert_body(), centres=("central",))
+    await store.accept_batch([other], 1_150)
+    assert await store.offer_rollout("r-1", 2_200, 1_000) == []
+    assert await store.move_incident("alert-0001", "closed", 2_300, "desk", "false_alarm")
+    assert await store.move_incident("alert-0002", "closed", 2_300, "desk", "false_alarm")
+    assert sorted(await store.offer_rollout("r-1", 2_400, 1_000)) == ["bell-0001", "bell-0002"]
+    progress = {
+        d.device_id: (d.state, d.at_ms, d.offers) for d in await store.rollout_devices("r-1")
+    }
+    assert progress == {"bell-0001": ("offered", 2_400, 1), "bell-0002": ("offered", 2_400, 3)}
+    await store.move_rollout("r-1", ("running",), "paused", paused_because="x")
+    assert await store.offer_rollout("r-1", 9_000, 1_000) == []  # nothing while paused
+
+
+async def test_reports_move_devices_and_the_rollout_is_done_once_none_waits(store: Store) -> None:
+    await store.start_rollout(rollout("r-1"), BOTH)
+    await store.offer_rollout("r-1", 100, 1_000)
+    assert await store.report_update("r-1", "bell-0001", "installed", None, 200)
+    assert not await store.report_update("r-1", "bell-0001", "installed", None, 205)  # again
+    # a late offer's "not now" crossed the installed report: it stays installed
+    assert not await store.report_update("r-1", "bell-0001", "not_now", None, 210)
+    assert await store.report_update("r-1", "bell-0002", "not_now", None, 220)
+    assert not await store.report_update("r-1", "bell-0009", "installed", None, 230)  # not in it
+    assert (await store.rollouts(1))[0].state == "running"  # bell-0002 waits for an offer
+    assert await store.offer_rollout("r-1", 300, 1_000) == ["bell-0002"]
+    assert await store.report_update("r-1", "bell-0002", "failed", "rolled_back: no ack", 400)
+    assert (await store.rollouts(1))[0].state == "done"
+    progress = {d.device_id: d for d in await store.rollout_devices("r-1")}
+    assert progress["bell-0001"] == DeviceUpdate("bell-0001", "installed", 200, 1, None)
+    assert progress["bell-0002"] == DeviceUpdate(
+        "bell-0002", "failed", 400, 2, "rolled_back: no ack"
+    )
 
 
 async def test_a_test_press_opens_no_incident_and_joins_none(store: Store) -> None:

@@ -25,7 +25,9 @@ from gateway.store import (
     BadStoreUrl,
     Delivery,
     Device,
+    DeviceUpdate,
     Incoming,
+    RolloutRecord,
     StoreConflict,
     StoreError,
     StoreFull,
@@ -125,6 +127,44 @@ async def test_two_instances_open_one_incident_per_bell_and_take_each_step_once(
         assert sorted(taken) == [False, True]
         await stores[0].move_incident(incident.incident_id, "closed", 200, "desk", "test")
     assert len(await stores[0].due_for("police", 300, 100)) == 5
+
+
+async def test_two_instances_start_one_rollout_offer_each_device_once_and_settle_it(
+    two_instances: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Two gateway instances' rollout loops and intakes at once on one rollout: one start
+    wins, each device is claimed for its offer by one of them, and the last two reports,
+    kept by different instances at the same moment, still find the rollout done (each change
+    holds the rollout's row, so the second sees the first's report)."""
+    stores = two_instances
+    bells = [f"bell-{n:04d}" for n in range(1, 21)]
+    for device_id in bells[1:]:
+        await stores[0].add_device(Device(device_id, "key", "bell", "mapo"), 0)
+    for round_ in range(5):  # bounded: a few rounds to give the race its chances
+        devices = [DeviceUpdate(d) for d in bells]
+        records = [
+            RolloutRecord(f"r-{round_}-{i}", "2.0", "mapo", 100.0, "running", 10) for i in (0, 1)
+        ]
+        started = await asyncio.gather(
+            *(s.start_rollout(r, devices) for s, r in zip(stores, records, strict=True))
+        )
+        assert sorted(started) == [False, True]
+        (current, *_) = await stores[1].rollouts(1)
+        offered = await asyncio.gather(
+            *(s.offer_rollout(current.rollout_id, 100, 1_000) for s in stores)
+        )
+        assert not set(offered[0]) & set(offered[1])
+        assert sorted(offered[0] + offered[1]) == bells
+        for device_id in bells[2:]:
+            await stores[0].report_update(current.rollout_id, device_id, "installed", None, 200)
+        await asyncio.gather(
+            *(
+                s.report_update(current.rollout_id, d, "installed", None, 300)
+                for s, d in zip(stores, bells[:2], strict=True)
+            )
+        )
+        (current, *_) = await stores[0].rollouts(1)
+        assert current.state == "done"
 
 
 @dataclass
