@@ -39,7 +39,7 @@ from device.remote_config import ConfigFailedBefore, ConfigRefused, RemoteConfig
 from device.renew import Renewal, RenewalFailed, Renewed
 from device.sms import UNDELIVERED_FILE, SmsFallback
 from device.testpress import TestPresses
-from device.update import Updater, UpdateService, refused_update
+from device.update import Updater, UpdateService, agent_version, refused_update
 from protocol.clock import Clock, wall_ms
 from protocol.ids import new_message_id
 from protocol.jws import Signer
@@ -176,6 +176,7 @@ class Agent:
         )
         # agent updates: only on a device installed for them (device/update.py)
         self.updates = UpdateService(self, updater) if updater is not None else None
+        self.firmware = agent_version(updater)  # what heartbeats report: the code that runs
 
     def now_ms(self) -> int:
         """The agent's clock: the system's, corrected by the gateway's last sync."""
@@ -341,7 +342,7 @@ class Agent:
             uptime_s=max(0, int(self._monotonic() - self._started_at)),
             power="mains" if self.hardware.inputs.power_on_mains() else "battery",
             link_quality=None if self._secondary is None else self._secondary.signal,
-            firmware=self.config.device.firmware,
+            firmware=self.firmware,
             outbox_depth=self.outbox.depth(),
             secondary=self._secondary,
             config_hash=self.remote.hash,

@@ -36,7 +36,9 @@ class DeviceSection(_Section):
     silent: bool | None = None
     # in silent mode, may a dim LED confirm that help is coming?
     discreet_led: bool = False
-    firmware: Annotated[str, Field(max_length=64)] = "ansimi-edge 0.1.0"
+    # no longer read: heartbeats report the agent version that runs (device/update.py's
+    # agent_version); still accepted, so that a device.toml that sets it loads
+    firmware: Annotated[str, Field(max_length=64)] | None = None
 
     @property
     def is_silent(self) -> bool:
