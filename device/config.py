@@ -156,7 +156,8 @@ class RenewSection(_Section):
 class RemoteConfigSection(_Section):
     """How a config sent by the gateway is tried (`device/remote_config.py`)."""
 
-    # a new remote config whose heartbeat has no PUBACK within this long is undone
+    # a new remote config the gateway has not acknowledged (its config_applied report
+    # `received`) within this long is undone
     confirm_within_s: Annotated[float, Field(gt=0)] = 120.0
 
 

@@ -7,10 +7,16 @@ patch of sections and keys, protocol/remote_config.py). The device
    laid over device.toml (the same pydantic model that checks device.toml at start-up);
 2. keeps the patch as a *trial* beside the last good one (`remote-config.json` in the state
    folder, written atomically) and applies it;
-3. confirms it once a heartbeat sent under it has the broker's PUBACK (on a connection made
-   after the change, when the change touched the link), or rolls back to the last good
-   patch when none has within `[remote_config] confirm_within_s`. An agent that restarts
+3. confirms it once the gateway acknowledges (`received`) a `config_applied` report sent
+   under it (on a connection made after the change, when the change touched the link): the
+   broker's PUBACK would prove only that the broker heard the bell. Otherwise it rolls back
+   to the last good patch after `[remote_config] confirm_within_s`. An agent that restarts
    during a trial starts on the last good patch: the trial may be why it stopped.
+
+A failure (not confirmed in time, or a restart during the trial) may have nothing to do
+with the config (a power cut, the gateway away for a while), so a config is tried again
+when the gateway sends it again; after its second failure in a row it is refused
+(`MAX_FAILURES`) until another config is proven.
 
 device.toml stays the installer's; the patch lies over it at every start. This module does
 no I/O but its one file, and takes time as an argument (`now_ms`).
@@ -36,6 +42,8 @@ STATE_FILE: Final = "remote-config.json"
 
 # sections whose change needs the MQTT link made again with the new settings
 LINK_SECTIONS: Final = frozenset({"mqtt", "link"})
+# failures of one config before it is refused: one may be bad luck, two are the config
+MAX_FAILURES: Final = 2
 
 Patch = dict[str, dict[str, Any]]
 
@@ -45,8 +53,9 @@ class ConfigRefused(DeviceError, ValueError):
 
 
 class ConfigFailedBefore(ConfigRefused):
-    """The very config this device rolled back last: not tried again (the gateway sends a
-    drifting device its config now and then; a broken one must not cut the bell each time)."""
+    """A config that failed here `MAX_FAILURES` times in a row: not tried again (the gateway
+    sends a drifting device its config now and then; a broken one must not cut the bell
+    each time)."""
 
 
 def overlay(base: DeviceConfig, patch: Patch) -> DeviceConfig:
@@ -89,7 +98,8 @@ class RemoteConfig:
         self._durable = durable
         self.good: Patch = {}
         self.trial: Trial | None = None
-        self.failed: str | None = None  # the hash of the last config rolled back
+        self.failed: str | None = None  # the hash of the last config that failed
+        self.failures = 0  # how many times in a row it failed
         # a trial found at start-up (the agent stopped during it): undone, to be reported
         self.abandoned: Patch | None = None
         self._load()
@@ -110,22 +120,31 @@ class RemoteConfig:
         """Check `patch`, keep it as the trial and return the config to run; a trial still
         open is dropped for the new one (the last good stays what a rollback returns to)."""
         patch = CONFIG_PATCH.validate_python(patch)
-        if config_hash(patch) == self.failed:
-            raise ConfigFailedBefore(f"config {self.failed[:12]} was rolled back here before")
+        if self.blocked(config_hash(patch)):
+            raise ConfigFailedBefore(f"config {self.failed} failed here {self.failures} times")
         config = overlay(self.base, patch)
         self.trial = Trial(patch, now_ms, connects, touches_link(self.patch, patch))
         self._save()
         return config
 
+    def blocked(self, patch_hash: str) -> bool:
+        """The config failed too often here to be tried again."""
+        return patch_hash == self.failed and self.failures >= MAX_FAILURES
+
+    def _count_failure(self, patch: object) -> None:
+        patch_hash = config_hash(patch) if isinstance(patch, dict) else None
+        self.failures = self.failures + 1 if patch_hash == self.failed else 1
+        self.failed = patch_hash
+
     def proven(self, *, connects: int) -> bool:
-        """A heartbeat sent now with `connects` connections so far would prove the trial."""
+        """A report sent now with `connects` connections so far would prove the trial."""
         trial = self.trial
         return trial is not None and (not trial.link_changed or connects > trial.connects)
 
     def commit(self) -> None:
         if self.trial is not None:
             # another config proven: the one that failed may be tried again when sent
-            self.good, self.trial, self.failed = self.trial.patch, None, None
+            self.good, self.trial, self.failed, self.failures = self.trial.patch, None, None, 0
             self._save()
 
     def overdue(self, now_ms: int, confirm_within_s: float) -> bool:
@@ -135,7 +154,7 @@ class RemoteConfig:
     def rollback(self) -> DeviceConfig:
         """Back to the last good patch; returns its config."""
         if self.trial is not None:
-            self.failed = config_hash(self.trial.patch)
+            self._count_failure(self.trial.patch)
         self.trial = None
         self._save()
         return self.effective()
@@ -150,6 +169,8 @@ class RemoteConfig:
             trial = raw.get("trial")
             failed = raw.get("failed")
             self.failed = failed if isinstance(failed, str) else None
+            failures = raw.get("failures", 1)  # a file from before counting: one failure
+            self.failures = failures if isinstance(failures, int) and self.failed else 0
         except FileNotFoundError:
             return
         except (ValueError, AttributeError, ConfigRefused) as exc:
@@ -165,13 +186,18 @@ class RemoteConfig:
             return
         if trial is not None:
             self.abandoned = trial
-            self.failed = config_hash(trial) if isinstance(trial, dict) else None
+            self._count_failure(trial)
             self._save()
 
     def _save(self) -> None:
         trial = None
         if self.trial is not None:
             trial = self.trial.patch
-        state = {"good": self.good, "trial": trial, "failed": self.failed}
+        state = {
+            "good": self.good,
+            "trial": trial,
+            "failed": self.failed,
+            "failures": self.failures,
+        }
         data = json.dumps(state, sort_keys=True).encode()
         write_atomic(self._path, data, mode=0o600, durable=self._durable)
