@@ -520,8 +520,10 @@ class UpdateService:
             return
         try:
             if self.updater.journal() is None and version == self.updater.installed_version():
-                # a late offer of what runs already (its report crossed it): nothing to do
+                # runs already (installed before the rollout, or a late offer crossed the
+                # report): said, not ignored, or the rollout offers it again for ever
                 log.info("device %s: update %s runs already", self.agent.device_id, version)
+                self.agent.report(Health(event="update_installed", detail=version))
                 return
             self.updater.start(version, url)
         except (UpdateFailed, ValidationError) as exc:

@@ -188,7 +188,8 @@ async def test_the_switch_waits_for_an_open_incident_to_close(tmp_path: Path, op
     assert running_version(opt[0]) == "2.0"
 
 
-async def test_a_late_offer_of_the_running_version_is_ignored(tmp_path: Path, opt) -> None:
+async def test_an_offer_of_the_running_version_is_answered_installed(tmp_path: Path, opt) -> None:
+    """Not ignored: the rollout would offer it again for ever to a bell that runs it."""
     clock = Clock()
     agent = await _in_trial(tmp_path, opt, clock, 60.0)
     assert agent.updates is not None
@@ -196,7 +197,9 @@ async def test_a_late_offer_of_the_running_version_is_ignored(tmp_path: Path, op
     assert journal is not None
     agent.updates.updater.commit(journal)
     agent.on_command(UPDATE)
-    assert _health(agent) == [] and agent.updates.updater.journal() is None
+    (report,) = _health(agent)
+    assert (report["event"], report["detail"]) == ("update_installed", "2.0")
+    assert agent.updates.updater.journal() is None
     agent.outbox.close()
 
 
