@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ParamSpec
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ansimi import sdnotify
 from ansimi.logs import DECISION
@@ -101,9 +101,11 @@ class Agent:
         rng: random.Random | None = None,
         observer: AgentObserver | None = None,
         updater: Updater | None = None,
+        device_key: Ed25519PrivateKey | None = None,
     ) -> None:
-        # device.toml with the gateway's last good remote config laid over it
-        self.remote = RemoteConfig(config)
+        # device.toml with the gateway's last good remote config laid over it; `device_key`
+        # (the signer's) opens SMS numbers the gateway sealed for this device
+        self.remote = RemoteConfig(config, device_key=device_key)
         config = self.remote.effective()
         self.config = config
         self.device_id = config.device.id

@@ -29,12 +29,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Final
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from ansimi.files import write_atomic
 from device.config import DeviceConfig
 from device.errors import DeviceError
 from protocol.remote_config import CONFIG_PATCH, config_hash, refused_key
+from protocol.sealed_numbers import BadNumbers, open_numbers
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,11 @@ class ConfigFailedBefore(ConfigRefused):
     each time)."""
 
 
-def overlay(base: DeviceConfig, patch: Patch) -> DeviceConfig:
-    """`base` with `patch` laid over it, checked by the config model; raises ConfigRefused."""
+def overlay(
+    base: DeviceConfig, patch: Patch, device_key: Ed25519PrivateKey | None = None
+) -> DeviceConfig:
+    """`base` with `patch` laid over it, checked by the config model, the SMS numbers the
+    gateway sealed for this device opened with `device_key`; raises ConfigRefused."""
     why_not = refused_key(patch)
     if why_not is not None:
         raise ConfigRefused(why_not)
@@ -67,12 +72,23 @@ def overlay(base: DeviceConfig, patch: Patch) -> DeviceConfig:
     for section, keys in patch.items():
         merged[section] = {**merged[section], **keys}
     try:
-        return DeviceConfig.model_validate(merged)
+        config = DeviceConfig.model_validate(merged)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         # the message only: pydantic's `input` could be an SMS number in another section
         raise ConfigRefused(f"{where}: {first['msg']}") from None
+    sealed = config.sms.numbers_from_gateway
+    if not sealed:
+        return config
+    if device_key is None:
+        raise ConfigRefused("sms.numbers_from_gateway: no device key here to open them")
+    try:
+        numbers = open_numbers(sealed, device_key)
+    except BadNumbers as exc:
+        raise ConfigRefused(f"sms.numbers_from_gateway: {exc}") from None
+    # in memory only: the state file keeps the sealed value
+    return config.model_copy(update={"sms": config.sms.model_copy(update={"numbers": numbers})})
 
 
 def touches_link(old: Patch, new: Patch) -> bool:
@@ -92,8 +108,15 @@ class Trial:
 class RemoteConfig:
     """The device's remote config: the last good patch and the one on trial, if any."""
 
-    def __init__(self, base: DeviceConfig, *, durable: bool = True) -> None:
+    def __init__(
+        self,
+        base: DeviceConfig,
+        *,
+        durable: bool = True,
+        device_key: Ed25519PrivateKey | None = None,
+    ) -> None:
         self.base = base  # device.toml, as loaded
+        self._device_key = device_key  # opens the SMS numbers the gateway sealed for it
         self._path = base.device.state_dir / STATE_FILE
         self._durable = durable
         self.good: Patch = {}
@@ -114,7 +137,7 @@ class RemoteConfig:
         return config_hash(self.patch)
 
     def effective(self) -> DeviceConfig:
-        return overlay(self.base, self.patch)
+        return overlay(self.base, self.patch, self._device_key)
 
     def begin(self, patch: Patch, *, now_ms: int, connects: int) -> DeviceConfig:
         """Check `patch`, keep it as the trial and return the config to run; a trial still
@@ -122,7 +145,7 @@ class RemoteConfig:
         patch = CONFIG_PATCH.validate_python(patch)
         if self.blocked(config_hash(patch)):
             raise ConfigFailedBefore(f"config {self.failed} failed here {self.failures} times")
-        config = overlay(self.base, patch)
+        config = overlay(self.base, patch, self._device_key)
         self.trial = Trial(patch, now_ms, connects, touches_link(self.patch, patch))
         self._save()
         return config
@@ -165,7 +188,7 @@ class RemoteConfig:
         try:
             raw = json.loads(self._path.read_bytes())
             self.good = CONFIG_PATCH.validate_python(raw.get("good", {}))
-            overlay(self.base, self.good)
+            overlay(self.base, self.good, self._device_key)
             trial = raw.get("trial")
             failed = raw.get("failed")
             self.failed = failed if isinstance(failed, str) else None

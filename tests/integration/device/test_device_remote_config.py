@@ -30,6 +30,7 @@ from ansimi.broker import Mosquitto, free_port
 from ansimi.mqtt import Session
 from device.agent import Agent
 from device.remote_config import MAX_FAILURES, STATE_FILE
+from gateway.remote_config import checked_patch, seal_sms_numbers
 from protocol.clock import wall_ms
 from protocol.messages import Ack, Command, HealthMessage, HeartbeatMessage
 from protocol.remote_config import config_hash
@@ -257,7 +258,7 @@ async def test_an_agent_killed_during_a_trial_starts_on_the_good_config_and_trie
     }
 
 
-async def test_the_gateway_s_district_layer_reaches_the_bell_and_drift_clears(
+async def test_the_gateway_s_layers_reach_the_bell_its_sms_numbers_sealed_and_drift_clears(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     keys = Keys.new()
@@ -294,3 +295,14 @@ async def test_the_gateway_s_district_layer_reaches_the_bell_and_drift_clears(
         async with asyncio.timeout(20):
             while await stored() != config_hash(wanted):
                 await asyncio.sleep(0.05)
+
+        # the bell's own SMS numbers: sealed to its key at the gateway, opened at the bell
+        numbers = ["+821012345678", "+82212345678"]
+        own = checked_patch(
+            seal_sms_numbers({"sms": {"numbers": numbers}}, gateway.registry.device(DEVICE_ID))
+        )
+        assert await gateway.configs.set_layer("device", DEVICE_ID, own) == 1
+        await eventually(lambda: agent.remote.trial is None and "sms" in agent.remote.good)
+        assert agent.config.sms.numbers == numbers
+        assert agent.config.behaviour.ring_link_s == 45.0  # the district's layer still under it
+        await eventually(lambda: state() == "in_sync")
