@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ParamSpec
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ansimi import sdnotify
 from ansimi.logs import DECISION
@@ -35,11 +35,17 @@ from device.hal.ports import HalError, InputEvent, Pattern
 from device.link import Link
 from device.observer import AgentObserver
 from device.outbox import OUTBOX_BODIES, Entry, Outbox
-from device.remote_config import ConfigFailedBefore, ConfigRefused, RemoteConfig, touches_link
+from device.remote_config import (
+    ConfigFailedBefore,
+    ConfigRefused,
+    RemoteConfig,
+    Trial,
+    touches_link,
+)
 from device.renew import BUSY_LOOK_S, Renewal, RenewalFailed, Renewed
 from device.sms import UNDELIVERED_FILE, SmsFallback
 from device.testpress import TestPresses
-from device.update import Updater, UpdateService, refused_update
+from device.update import Updater, UpdateService, agent_version, refused_update
 from protocol.clock import Clock, wall_ms
 from protocol.ids import new_message_id
 from protocol.jws import Signer
@@ -95,9 +101,11 @@ class Agent:
         rng: random.Random | None = None,
         observer: AgentObserver | None = None,
         updater: Updater | None = None,
+        device_key: Ed25519PrivateKey | None = None,
     ) -> None:
-        # device.toml with the gateway's last good remote config laid over it
-        self.remote = RemoteConfig(config)
+        # device.toml with the gateway's last good remote config laid over it; `device_key`
+        # (the signer's) opens SMS numbers the gateway sealed for this device
+        self.remote = RemoteConfig(config, device_key=device_key)
         config = self.remote.effective()
         self.config = config
         self.device_id = config.device.id
@@ -162,6 +170,8 @@ class Agent:
         self.connects = 0  # connections made so far: a link change proves itself on a new one
         self.configs_refused = 0  # set_config commands refused (no metrics endpoint here)
         self._config_changed = asyncio.Event()  # a trial began or ended: its timer looks again
+        # the `config_applied` report that proves the trial once `received`, and its trial
+        self._config_proof: tuple[str, Trial] | None = None
         # who else hears of each kept message and verified ack (the control socket)
         self.on_sent: list[Callable[[str, Alert | Cancel | Health], None]] = []
         self.on_ack: list[Callable[[Ack], None]] = []
@@ -179,6 +189,7 @@ class Agent:
         )
         # agent updates: only on a device installed for them (device/update.py)
         self.updates = UpdateService(self, updater) if updater is not None else None
+        self.firmware = agent_version(updater)  # what heartbeats report: the code that runs
 
     def now_ms(self) -> int:
         """The agent's clock: the system's, corrected by the gateway's last sync."""
@@ -324,7 +335,8 @@ class Agent:
         self.ready.set()
         self.connects += 1
         if self.remote.trial is not None:
-            self._spawn(self.send_heartbeat(), "config proof")  # the trial's proof, at once
+            self._prove_config()  # a trial of new link settings proves itself on this link
+            self._spawn(self.send_heartbeat(), "config hash")  # the gateway's drift view
         self._resend_all = True
         self._wake_resend.set()
         self._tell(self._observer.link_up)
@@ -344,7 +356,7 @@ class Agent:
             uptime_s=max(0, int(self._monotonic() - self._started_at)),
             power="mains" if self.hardware.inputs.power_on_mains() else "battery",
             link_quality=None if self._secondary is None else self._secondary.signal,
-            firmware=self.config.device.firmware,
+            firmware=self.firmware,
             outbox_depth=self.outbox.depth(),
             secondary=self._secondary,
             config_hash=self.remote.hash,
@@ -353,15 +365,13 @@ class Agent:
     async def send_heartbeat(self) -> None:
         self._secondary = await self.sms.health()
         if self.link.connected:
-            trial = self.remote.trial if self.remote.proven(connects=self.connects) else None
-            published = self.send(self.heartbeat())
-            if trial is not None:
-                published.add_done_callback(lambda done: self._heartbeat_acked(done, trial))
+            self.send(self.heartbeat())
 
     # ---- remote configuration (device/remote_config.py) ---------------------------------
 
     def set_config(self, patch: dict[str, dict[str, Any]]) -> None:
-        """Try the gateway's config: check, keep, apply; proven by a heartbeat's PUBACK."""
+        """Try the gateway's config: check, keep, apply; proven by the gateway's `received`
+        for the `config_applied` report sent under it (a PUBACK proves only the broker)."""
         if self.remote.trial is None and config_hash(patch) == self.remote.hash:
             # the gateway sends again what it sees drift on: this one runs already
             log.info("device %s: config %s runs already", self.device_id, self.remote.hash[:12])
@@ -392,13 +402,29 @@ class Agent:
         )
         self._reconfigure(config, link=trial.link_changed)
         self._config_changed.set()
+        self._prove_config()  # a new link's proof waits for its first connection (_link_up)
         if not trial.link_changed:
-            self._spawn(self.send_heartbeat(), "config proof")
+            self._spawn(self.send_heartbeat(), "config hash")
 
-    def _heartbeat_acked(self, published: asyncio.Future[None], trial: object) -> None:
-        if published.cancelled() or published.exception() is not None:
+    def _prove_config(self) -> None:
+        """Report the trial's config as applied, once per trial, when a report sent now would
+        prove it: kept in the outbox and resent like any report until the gateway's
+        `received`, which confirms the trial (`_config_proof_acked`)."""
+        trial = self.remote.trial
+        if trial is None or not self.remote.proven(connects=self.connects):
             return
-        if self.remote.trial is trial:
+        if self._config_proof is not None and self._config_proof[1] is trial:
+            return  # reported already: the outbox resends it on every new connection
+        report_id = new_message_id()
+        self._config_proof = (report_id, trial)
+        self.report(Health(event="config_applied", detail=self.remote.hash), report_id)
+
+    def _config_proof_acked(self, ack: Ack) -> None:
+        proof = self._config_proof
+        if ack.stage != "received" or proof is None or ack.ref != proof[0]:
+            return
+        self._config_proof = None
+        if self.remote.trial is proof[1]:  # not a trial since replaced or rolled back
             self.remote.commit()
             self._config_changed.set()
             log.warning("device %s: config %s confirmed", self.device_id, self.remote.hash[:12])
@@ -415,16 +441,25 @@ class Agent:
         # back from the trial's link settings to the good ones' (a trial that kept an
         # earlier trial's broker changed nothing itself, but its rollback does)
         link_changed = touches_link(trial.patch, self.remote.good)
+        failed_hash = self.remote.hash
         config = self.remote.rollback()
+        self._config_proof = None
         log.warning(
-            "device %s: config not proven within %g s: back to %s",
+            "device %s: config not confirmed by the gateway within %g s: back to %s",
             self.device_id,
             confirm_s,
             self.remote.hash[:12],
         )
         self._reconfigure(config, link=link_changed)
-        self.report(Health(event="config_rolled_back", detail=f"back to {self.remote.hash}"))
+        self._report_config_failed(failed_hash, "not_confirmed")
         return None
+
+    def _report_config_failed(self, failed_hash: str, reason: str) -> None:
+        """`config_failed`: `<hash> <reason>: back to <hash>; ...` (the gateway's drift
+        resend tries it again, until it has failed `MAX_FAILURES` times in a row)."""
+        then = "not tried again" if self.remote.blocked(failed_hash) else "tried again if sent"
+        detail = f"{failed_hash} {reason}: back to {self.remote.hash}; {then}"
+        self.report(Health(event="config_failed", detail=detail))
 
     def _reconfigure(self, config: DeviceConfig, *, link: bool) -> None:
         """Run `config` from now on; `link`: its broker or timings changed, connect again."""
@@ -499,6 +534,7 @@ class Agent:
             ack = message.body
             self._tell(self._observer.acked, ack.ref, ack.stage)
             self.sms.on_ack(ack)  # before the outbox forgets it: it may still need an SMS
+            self._config_proof_acked(ack)
             if ack.stage != "received" or self.outbox.received(ack.ref):
                 # the alert's life for people: one line per stage (a repeated received ack,
                 # for a message already forgotten, is not news)
@@ -606,9 +642,10 @@ class Agent:
 
     def report_abandoned_config(self) -> None:
         """A trial the agent stopped during: it starts on the last good config instead."""
-        if self.remote.abandoned is not None:
+        abandoned = self.remote.abandoned
+        if abandoned is not None:
             log.warning("device %s: restarted during a config trial: undone", self.device_id)
-            self.report(Health(event="config_rolled_back", detail=f"back to {self.remote.hash}"))
+            self._report_config_failed(config_hash(abandoned), "restarted")
             self.remote.abandoned = None
 
     async def run(self) -> None:

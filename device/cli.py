@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import click
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ansimi.config import ConfigError, load_config
 from ansimi.lazygroup import LazyGroup
@@ -105,7 +105,7 @@ def run(config_path: Path) -> None:
     from device.update import RESTART_EXIT_CODE, RestartRequested
 
     try:
-        asyncio.run(_run(config, signer, gateway_key, updater))
+        asyncio.run(_run(config, signer, gateway_key, updater, device_key=key))
     except* RestartRequested as group:
         log.warning("device %s: %s", config.device.id, group.exceptions[0])
         sys.exit(RESTART_EXIT_CODE)  # systemd starts the launcher again (Restart=always)
@@ -208,6 +208,8 @@ async def _run(
     signer: Signer,
     gateway_key: Ed25519PublicKey,
     updater: Updater | None = None,
+    *,
+    device_key: Ed25519PrivateKey | None = None,
 ) -> None:
     from device.agent import Agent
     from device.control import ControlServer, socket_path
@@ -233,6 +235,7 @@ async def _run(
         hardware=hardware,
         outbox=outbox,
         updater=updater,
+        device_key=device_key,
     )
     task = asyncio.current_task()
     assert task is not None

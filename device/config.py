@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,6 +16,7 @@ from device.hal.config import HardwareConfig
 from device.video.config import VideoConfig
 from protocol.ids import DeviceId
 from protocol.messages import DeviceKind
+from protocol.sealed_numbers import PHONE_NUMBER, SEALED_CHARS
 
 
 class _Section(BaseModel):
@@ -36,7 +36,9 @@ class DeviceSection(_Section):
     silent: bool | None = None
     # in silent mode, may a dim LED confirm that help is coming?
     discreet_led: bool = False
-    firmware: Annotated[str, Field(max_length=64)] = "ansimi-edge 0.1.0"
+    # no longer read: heartbeats report the agent version that runs (device/update.py's
+    # agent_version); still accepted, so that a device.toml that sets it loads
+    firmware: Annotated[str, Field(max_length=64)] | None = None
 
     @property
     def is_silent(self) -> bool:
@@ -102,7 +104,6 @@ class BehaviourSection(_Section):
 
 
 # E.164-like, as the modem driver checks: an optional + and 3 to 16 digits.
-PHONE_NUMBER = re.compile(r"\+?[0-9]{3,16}")
 
 
 class SmsSection(_Section):
@@ -119,6 +120,9 @@ class SmsSection(_Section):
     # the same, sealed with device.data_key_file (`ansimi device set-sms-numbers` writes
     # it): the file then holds no number in clear. When set, it wins over `numbers`.
     numbers_sealed: Annotated[str, Field(max_length=4096)] = ""
+    # the numbers the gateway sealed to this device's key (a device's own config layer;
+    # protocol/sealed_numbers.py): opened in memory with device.key_file, they win over both
+    numbers_from_gateway: Annotated[str, Field(max_length=SEALED_CHARS)] = ""
 
     @model_validator(mode="after")
     def _numbers_valid(self) -> SmsSection:
@@ -147,7 +151,8 @@ class RenewSection(_Section):
 class RemoteConfigSection(_Section):
     """How a config sent by the gateway is tried (`device/remote_config.py`)."""
 
-    # a new remote config whose heartbeat has no PUBACK within this long is undone
+    # a new remote config the gateway has not acknowledged (its config_applied report
+    # `received`) within this long is undone
     confirm_within_s: Annotated[float, Field(gt=0)] = 120.0
 
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ansimi.privacy import Keyring, load_keyring, load_or_create
-from device.config import PHONE_NUMBER, DeviceConfig
+from device.config import DeviceConfig
 from device.errors import DeviceError
+from protocol import sealed_numbers
 
 PLACE_TABLE = "device.toml"
 PLACE_COLUMN = "sms.numbers"
@@ -36,16 +37,10 @@ def _place(config: DeviceConfig) -> dict[str, str]:
 
 def check_numbers(numbers: Sequence[str]) -> list[str]:
     """The numbers, stripped; an error names a bad one by position, never by value."""
-    cleaned = [n.strip() for n in numbers if n.strip()]
-    if len(cleaned) > 8:
-        raise DevicePrivacyError(f"{len(cleaned)} numbers: at most 8")
-    for position, number in enumerate(cleaned, start=1):
-        if not PHONE_NUMBER.fullmatch(number):
-            raise DevicePrivacyError(
-                f"number {position} of {len(cleaned)} is not in international form "
-                "(+ then 3 to 16 digits, no spaces)"
-            )
-    return cleaned
+    try:
+        return sealed_numbers.check_numbers([n.strip() for n in numbers if n.strip()])
+    except sealed_numbers.BadNumbers as exc:
+        raise DevicePrivacyError(str(exc)) from None
 
 
 def seal_numbers(config: DeviceConfig, numbers: Sequence[str], keyring: Keyring) -> DeviceConfig:

@@ -106,7 +106,6 @@ class SmsFallback:
         # simulator's thousands of agents on one disk, like its outboxes (power_safe=False)
         self.power_safe = True
         self._device_id = config.device.id
-        self._numbers = list(config.sms.numbers)
         self.reconfigure(config)
         self._modem = modem
         self._outbox = outbox
@@ -124,7 +123,11 @@ class SmsFallback:
         self.failed = 0
 
     def reconfigure(self, config: DeviceConfig) -> None:
-        """Take `config`'s timings and mode (a remote config); the numbers stay."""
+        """Take `config`'s timings, mode and numbers (a remote config may bring numbers the
+        gateway sealed for this device). A config is not tried during an incident; only its
+        rollback may come during one, and an alert's SMS then goes on by position in the new
+        list."""
+        self._numbers = list(config.sms.numbers)
         self._after_ms = int(config.sms.after_s * 1000)
         self._undelivered_after_ms = int(config.sms.undelivered_after_s * 1000)
         self._mode = config.sms.mode

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -115,6 +116,23 @@ VERSION_ENV: Final = "ANSIMI_AGENT_VERSION"
 
 def launched_version() -> str | None:
     return os.environ.get(VERSION_ENV)
+
+
+# the agent's distribution: its version is what a device without an update root runs
+DISTRIBUTION: Final = "ansimi-edge"
+
+
+def agent_version(updater: Updater | None) -> str:
+    """The agent version this process runs (the heartbeat's `firmware`): the version folder
+    the update launcher started it from, else the installed distribution's version. Read
+    once at start: `current` may name a newer version before the restart into it."""
+    launched = updater.running() if updater is not None else launched_version()
+    if launched:
+        return launched
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"  # run from a source tree that was never installed
 
 
 @dataclass(frozen=True, slots=True)

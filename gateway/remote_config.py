@@ -29,8 +29,10 @@ from gateway.downlink import Downlink
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.store import ConfigScope, ConfigStore, Device, Incoming
+from protocol.keys import public_key_from_b64
 from protocol.messages import Command, Heartbeat
 from protocol.remote_config import CONFIG_PATCH, config_hash, merge_layers, refused_key
+from protocol.sealed_numbers import BadNumbers, seal_numbers
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,29 @@ def checked_patch(raw: object) -> Patch:
     if why_not is not None:
         raise BadConfig(why_not)
     return patch
+
+
+def seal_sms_numbers(raw: object, device: Device | None) -> object:
+    """A layer with `[sms] numbers` in clear sealed to `device`'s key (`numbers_from_gateway`,
+    protocol/sealed_numbers.py): the gateway sees the numbers in the request only, and keeps
+    and sends them sealed. Only a device's own layer may carry numbers (`device` None: a site
+    or district layer), since one sealed value opens on one device only."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("sms"), dict):
+        return raw
+    sms = dict(raw["sms"])
+    given = [key for key in ("numbers", "numbers_from_gateway") if key in sms]
+    if given and device is None:
+        raise BadConfig(f"[sms] {given[0]}: only in a device's own layer (sealed to its key)")
+    if "numbers" not in sms or device is None:
+        return raw  # a sealed value given back as GET /admin/config shows it: kept as it is
+    numbers = sms.pop("numbers")
+    if not isinstance(numbers, list):
+        raise BadConfig("[sms] numbers: a list of phone numbers in international form")
+    try:
+        sms["numbers_from_gateway"] = seal_numbers(numbers, public_key_from_b64(device.public_key))
+    except BadNumbers as exc:
+        raise BadConfig(f"[sms] numbers: {exc}") from None
+    return {**raw, "sms": sms}
 
 
 class RemoteConfigs:
@@ -354,8 +379,11 @@ class RemoteConfigs:
         target = self._target(request)
         if isinstance(target, web.Response):
             return target
+        scope, name = target
+        device = next((d for d in self._devices() if d.device_id == name), None)
         try:
-            patch = checked_patch(await request.json())
+            raw = await request.json()
+            patch = checked_patch(seal_sms_numbers(raw, device if scope == "device" else None))
         except (BadConfig, ValueError) as exc:
             return self._refuse(request, str(exc))
         sent = await self.set_layer(*target, patch)

@@ -276,9 +276,14 @@ class Health(_Model):
         "outbox_recovered",
         "storage_failed",
         "storage_restored",
-        # a set_config the device refused (detail: why), or took and then undid because its
-        # link did not prove itself with it (detail: the hash it went back to)
+        # a set_config the device refused (detail: why); one it runs on trial (detail: its
+        # hash), confirmed once the gateway acknowledges this report `received`; one that
+        # failed its trial (detail: `<hash> <reason>: ...`, reason `not_confirmed` or
+        # `restarted`). `config_rolled_back` (detail: `back to <hash>`) is what agents sent
+        # for a failure before config_applied existed: still taken from them
         "config_refused",
+        "config_applied",
+        "config_failed",
         "config_rolled_back",
         # agent updates (device/update.py): a new version runs (detail: the version) and
         # is proving itself; an update that failed or rolled back (detail: version reason:

@@ -44,7 +44,8 @@ CONFIG_PATCH: TypeAdapter[dict[str, dict[str, ConfigValue]]] = TypeAdapter(Confi
 
 # What the gateway may set, by section: part of the contract, so the gateway refuses at once
 # what every device would. Not the device's identity, keys, state folder or hardware (a wrong
-# pin is a visit), nor the SMS numbers (sealed with a key only the device has). The broker's
+# pin is a visit), nor SMS numbers in clear: only sealed to the device by the gateway
+# (`numbers_from_gateway`, protocol/sealed_numbers.py). The broker's
 # address is here on purpose: moving a fleet to another broker is the change a rollback
 # exists for. The values are the device's config model's to judge.
 REMOTE_KEYS: Final[dict[str, frozenset[str]]] = {
@@ -53,7 +54,7 @@ REMOTE_KEYS: Final[dict[str, frozenset[str]]] = {
     "link": frozenset({"ack_timeout_s", "other_brokers"}),
     "outbox": frozenset({"resend_min_s", "resend_max_s"}),
     "behaviour": frozenset({"long_press_s", "cancel_hold_s", "duress_hold_s", "ring_link_s"}),
-    "sms": frozenset({"after_s", "undelivered_after_s", "mode"}),
+    "sms": frozenset({"after_s", "undelivered_after_s", "mode", "numbers_from_gateway"}),
     "test_press": frozenset(
         {"enabled", "every_days", "from_hour", "until_hour", "timezone", "complete_within_s"}
     ),

@@ -117,6 +117,7 @@ def make_agent(
         gateway_key=keys.gateway.public_key,
         hardware=hardware,
         clock_ms=clock_ms,
+        device_key=keys.device_key,
     )
 
 

@@ -7,6 +7,7 @@ centre; the CLI runs as its own process, as at the door.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import os
 import socket
@@ -86,7 +87,7 @@ async def test_a_press_from_the_cli_prints_every_stage_back_to_acknowledged(
             assert "link       up" in text
             assert f"acknowledged {alert_id}" in text
             assert "outbox     0 waiting" in text
-            assert "firmware   ansimi-edge" in text
+            assert f"firmware   {importlib.metadata.version('ansimi-edge')}" in text
         finally:
             stop(agent)
 

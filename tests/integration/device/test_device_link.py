@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import threading
 from pathlib import Path
@@ -61,7 +62,8 @@ async def test_heartbeat_carries_uptime_power_signal_firmware_and_outbox_depth(
         beat = heartbeats(spy)[0].body
         assert beat.power == "mains"
         assert beat.link_quality == round(20 * 100 / 31)
-        assert beat.firmware == agent.config.device.firmware
+        # the installed agent's version (no update launcher here), not a config value
+        assert beat.firmware == importlib.metadata.version("ansimi-edge")
         assert beat.outbox_depth == 0
         # no gateway acks: the alert stays in the outbox and the heartbeat says so
         inputs.lose_power()

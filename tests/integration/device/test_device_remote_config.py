@@ -1,11 +1,14 @@
-"""Remote configuration on a real broker: a set_config is tried, proven or rolled back.
+"""Remote configuration on a real broker: a set_config is tried, confirmed or rolled back.
 
 The trial's clock is injected: the test moves it past `confirm_within_s` instead of waiting.
+Where no gateway runs, the test plays its downlink (signed commands and `received` acks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 from pathlib import Path
 
 from ansimi_testkit import eventually
@@ -17,14 +20,19 @@ from device_testkit import (
     gateway_site,
     make_agent,
     running,
+    spawn_agent,
     spying,
+    stop,
+    write_device_config,
 )
 
 from ansimi.broker import Mosquitto, free_port
 from ansimi.mqtt import Session
 from device.agent import Agent
+from device.remote_config import MAX_FAILURES, STATE_FILE
+from gateway.remote_config import checked_patch, seal_sms_numbers
 from protocol.clock import wall_ms
-from protocol.messages import Command, HealthMessage, HeartbeatMessage
+from protocol.messages import Ack, Command, HealthMessage, HeartbeatMessage
 from protocol.remote_config import config_hash
 from protocol.topics import down_topic
 
@@ -41,22 +49,35 @@ class Clock:
         return self.now
 
 
-def rig(tmp_path: Path, mosquitto: Mosquitto, keys: Keys, clock: Clock) -> Agent:
+def rig(
+    tmp_path: Path, mosquitto: Mosquitto, keys: Keys, clock: Clock, heartbeat_s: float = 3600
+) -> Agent:
     return make_agent(
         tmp_path,
         mosquitto,
         keys,
         clock_ms=clock,
         remote_config={"confirm_within_s": CONFIRM_S},
+        mqtt={"host": mosquitto.host, "port": mosquitto.port, "heartbeat_s": heartbeat_s},
     )
 
 
-async def send_config(
-    session: Session, keys: Keys, clock: Clock, patch: dict[str, dict[str, object]], seq: int
-) -> None:
-    command = Command(name="set_config", config=patch)  # type: ignore[arg-type]
-    token = down_token(keys.gateway, command, seq=seq)
-    await session.publish(down_topic(DEVICE_ID, "command"), token)
+class Downlink:
+    """Plays the gateway's downlink over the spy's session: signed commands and acks."""
+
+    def __init__(self, session: Session, keys: Keys) -> None:
+        self.session, self.keys, self.seq = session, keys, 0
+
+    async def _send(self, body: Ack | Command, type_name: str) -> None:
+        self.seq += 1
+        token = down_token(self.keys.gateway, body, seq=self.seq)
+        await self.session.publish(down_topic(DEVICE_ID, type_name), token)
+
+    async def set_config(self, patch: dict[str, dict[str, object]]) -> None:
+        await self._send(Command(name="set_config", config=patch), "command")  # type: ignore[arg-type]
+
+    async def received(self, message: HealthMessage) -> None:
+        await self._send(Ack(ref=message.id, stage="received"), "ack")
 
 
 def beats(spy: Spy) -> list[HeartbeatMessage]:
@@ -68,20 +89,47 @@ def health(spy: Spy, event: str) -> list[HealthMessage]:
     return [m for m in found if m.body.event == event]
 
 
-async def test_a_config_is_applied_proven_by_a_heartbeat_reported_and_kept_across_restart(
+def reports(spy: Spy, event: str) -> list[HealthMessage]:
+    """One per report: a resend before `received` repeats its id."""
+    return list({m.id: m for m in reversed(health(spy, event))}.values())[::-1]
+
+
+async def confirmed(spy: Spy, gateway: Downlink, agent: Agent, patch: Patch) -> None:
+    """Acknowledge the trial's `config_applied` as the gateway does, and see it confirmed."""
+
+    def under_patch() -> list[HealthMessage]:
+        return [m for m in reports(spy, APPLIED) if m.body.detail == config_hash(patch)]
+
+    await eventually(lambda: bool(under_patch()))
+    (report,) = under_patch()
+    await gateway.received(report)
+    await eventually(lambda: agent.remote.trial is None and agent.remote.good == patch)
+
+
+APPLIED = "config_applied"
+Patch = dict[str, dict[str, object]]
+
+
+async def test_a_config_is_confirmed_by_the_gateway_s_received_not_by_the_broker_s_puback(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     keys, clock = Keys.new(), Clock()
-    agent = rig(tmp_path, mosquitto, keys, clock)
-    patch = {"behaviour": {"long_press_s": 2.5}, "device": {"silent": True}}
+    agent = rig(tmp_path, mosquitto, keys, clock, heartbeat_s=0.2)
+    patch: Patch = {"behaviour": {"long_press_s": 2.5}, "device": {"silent": True}}
     async with spying(mosquitto, keys) as (spy, session), running(agent.run()):
+        gateway = Downlink(session, keys)
         await agent.ready.wait()
-        await send_config(session, keys, clock, patch, seq=1)
-        # the proof is a heartbeat under the new config, sent at once and PUBACKed
-        await eventually(lambda: agent.remote.trial is None and agent.remote.good == patch)
+        await gateway.set_config(patch)
+        # applied at once; its report and three heartbeats under it heard by the broker
+        # (the first long PUBACKed by then): the broker's PUBACKs confirm nothing
+        await eventually(lambda: len(reports(spy, APPLIED)) == 1)
+        new_beats = lambda: [b for b in beats(spy) if b.body.config_hash == config_hash(patch)]  # noqa: E731
+        await eventually(lambda: len(new_beats()) >= 3)
+        assert agent.remote.trial is not None and agent.remote.good == {}
         assert agent.config.behaviour.long_press_s == 2.5
         assert agent.behaviour.rules.long_press_s == 2.5 and agent.behaviour.silent
-        assert any(b.body.config_hash == config_hash(patch) for b in beats(spy))
+        # the gateway's `received` for the report does
+        await confirmed(spy, gateway, agent, patch)
         # confirmed: the clock running past the window changes nothing any more
         clock.now += int(CONFIRM_S * 1000) * 2
         assert agent.check_config_trial() is None
@@ -91,47 +139,50 @@ async def test_a_config_is_applied_proven_by_a_heartbeat_reported_and_kept_acros
     assert again.heartbeat().config_hash == config_hash(patch)
 
 
-async def test_a_config_that_breaks_the_link_rolls_back_and_says_so(
+async def test_a_config_that_breaks_the_link_rolls_back_twice_then_is_refused(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     keys, clock = Keys.new(), Clock()
     agent = rig(tmp_path, mosquitto, keys, clock)
-    good = {"behaviour": {"ring_link_s": 60.0}}
+    good: Patch = {"behaviour": {"ring_link_s": 60.0}}
     nobody = free_port()  # no broker listens there: the new config cannot connect
-    broken = {"mqtt": {"port": nobody}, "behaviour": {"ring_link_s": 30.0}}
+    broken: Patch = {"mqtt": {"port": nobody}, "behaviour": {"ring_link_s": 30.0}}
     async with spying(mosquitto, keys) as (spy, session), running(agent.run()):
+        gateway = Downlink(session, keys)
         await agent.ready.wait()
-        await send_config(session, keys, clock, good, seq=1)
-        await eventually(lambda: agent.remote.good == good and agent.remote.trial is None)
-        connects = agent.connects
-        await send_config(session, keys, clock, broken, seq=2)
-        await eventually(lambda: agent.link.session.address == (mosquitto.host, nobody))
-        await eventually(lambda: agent.link.session.failed_connects > 0)
-        assert agent.remote.trial is not None  # not proven: no heartbeat can get out
-        assert agent.config.behaviour.ring_link_s == 30.0
-        # within the window it waits; past it, back to the last good config
-        clock.now += int(CONFIRM_S * 1000) - 1
-        assert agent.check_config_trial() is not None
-        clock.now += 1
-        assert agent.check_config_trial() is None
-        assert agent.remote.trial is None and agent.remote.good == good
-        assert agent.config.behaviour.ring_link_s == 60.0
-        await eventually(lambda: agent.connects > connects and agent.link.connected)
-        assert agent.link.session.address == (mosquitto.host, mosquitto.port)
-        # the gateway hears why its config is not running, and the hash it runs instead
-        await eventually(lambda: len(health(spy, "config_rolled_back")) >= 1)
-        assert health(spy, "config_rolled_back")[0].body.detail == f"back to {config_hash(good)}"
+        await gateway.set_config(good)
+        await confirmed(spy, gateway, agent, good)
+        for attempt in (1, 2):
+            connects = agent.connects
+            await gateway.set_config(broken)
+            await eventually(lambda: agent.link.session.address == (mosquitto.host, nobody))
+            await eventually(lambda: agent.link.session.failed_connects > 0)
+            assert agent.remote.trial is not None  # not proven: no report can get out
+            assert agent.config.behaviour.ring_link_s == 30.0
+            # within the window it waits; past it, back to the last good config
+            clock.now += int(CONFIRM_S * 1000) - 1
+            assert agent.check_config_trial() is not None
+            clock.now += 1
+            assert agent.check_config_trial() is None
+            assert agent.remote.trial is None and agent.remote.good == good
+            assert agent.config.behaviour.ring_link_s == 60.0
+            await eventually(lambda n=connects: agent.connects > n and agent.link.connected)
+            assert agent.link.session.address == (mosquitto.host, mosquitto.port)
+            # the gateway hears why its config is not running, and the hash it runs instead
+            await eventually(lambda n=attempt: len(reports(spy, "config_failed")) == n)
+            then = "tried again if sent" if attempt == 1 else "not tried again"
+            assert reports(spy, "config_failed")[-1].body.detail == (
+                f"{config_hash(broken)} not_confirmed: back to {config_hash(good)}; {then}"
+            )
         await agent.send_heartbeat()
         await eventually(lambda: beats(spy)[-1].body.config_hash == config_hash(good))
         # the gateway sends a drifting bell its config again now and then: the one that
-        # broke this bell's link is not tried again, and not reported again either
-        await send_config(session, keys, clock, broken, seq=3)
-        await send_config(session, keys, clock, {"behaviour": {"ring_link_s": 50.0}}, seq=4)
+        # broke this bell's link twice is not tried a third time, nor reported again
+        await gateway.set_config(broken)
+        await gateway.set_config({"behaviour": {"ring_link_s": 50.0}})
         await eventually(lambda: agent.config.behaviour.ring_link_s == 50.0)
         assert agent.link.session.address == (mosquitto.host, mosquitto.port)
-        assert {m.id for m in health(spy, "config_rolled_back")} == {
-            health(spy, "config_rolled_back")[0].id
-        }
+        assert len(reports(spy, "config_failed")) == 2
         assert health(spy, "config_refused") == []
 
 
@@ -141,11 +192,12 @@ async def test_a_config_the_device_model_refuses_is_reported_and_changes_nothing
     keys, clock = Keys.new(), Clock()
     agent = rig(tmp_path, mosquitto, keys, clock)
     async with spying(mosquitto, keys) as (spy, session), running(agent.run()):
+        gateway = Downlink(session, keys)
         await agent.ready.wait()
         # hold times must grow: the same validator as device.toml's refuses it
-        await send_config(session, keys, clock, {"behaviour": {"long_press_s": 20.0}}, seq=1)
+        await gateway.set_config({"behaviour": {"long_press_s": 20.0}})
         # a key the gateway may not set: the device's identity
-        await send_config(session, keys, clock, {"device": {"id": "bell-9999"}}, seq=2)
+        await gateway.set_config({"device": {"id": "bell-9999"}})
         # one event each (a resend before the gateway's `received` repeats its id)
         await eventually(lambda: len({m.id for m in health(spy, "config_refused")}) == 2)
         firsts = {m.id: m for m in reversed(health(spy, "config_refused"))}
@@ -157,28 +209,56 @@ async def test_a_config_the_device_model_refuses_is_reported_and_changes_nothing
         assert agent.config.behaviour.long_press_s == 3.0
 
 
-async def test_an_agent_restarted_during_a_trial_starts_on_the_last_good_config(
+async def test_an_agent_killed_during_a_trial_starts_on_the_good_config_and_tries_it_once_more(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    keys, clock = Keys.new(), Clock()
-    agent = rig(tmp_path, mosquitto, keys, clock)
-    # no broker session: the trial begins and the agent stops before any proof
-    agent.set_config({"behaviour": {"ring_link_s": 5.0}})
-    assert agent.remote.trial is not None
-    agent.outbox.close()
-    again = rig(tmp_path, mosquitto, keys, clock)
-    assert again.config.behaviour.ring_link_s == 120.0
-    assert again.remote.abandoned == {"behaviour": {"ring_link_s": 5.0}}
-    async with spying(mosquitto, keys) as (spy, _session), running(again.run()):
-        # sent before the link was up and again on connect: the same message id
-        await eventually(lambda: len(health(spy, "config_rolled_back")) >= 1)
-        assert {m.id for m in health(spy, "config_rolled_back")} == {
-            health(spy, "config_rolled_back")[0].id
-        }
-    assert again.remote.abandoned is None
+    keys = Keys.new()
+    config = write_device_config(tmp_path, mosquitto, keys)  # a heartbeat every 0.5 s
+    patch: Patch = {"behaviour": {"ring_link_s": 5.0}}
+    log = tmp_path / "agent.log"
+    async with spying(mosquitto, keys) as (spy, session):
+        gateway = Downlink(session, keys)
+
+        async def beats_after(count: int) -> None:
+            """`count` more heartbeats, each from device.toml's config alone (no patch)."""
+            seen = len(beats(spy))
+            await eventually(lambda: len(beats(spy)) >= seen + count)
+            assert {b.body.config_hash for b in beats(spy)[seen:]} == {config_hash({})}
+
+        for start in (1, 2, 3):
+            agent = spawn_agent(config, log)
+            try:
+                await beats_after(1)  # connected, on the last good config
+                failed = reports(spy, "config_failed")
+                assert len(failed) == start - 1
+                if start > 1:
+                    then = "tried again if sent" if start == 2 else "not tried again"
+                    assert failed[-1].body.detail == (
+                        f"{config_hash(patch)} restarted: back to {config_hash({})}; {then}"
+                    )
+                applied = len(reports(spy, APPLIED))
+                await gateway.set_config(patch)
+                if start < 3:
+                    # tried (again): on trial, and killed before anything confirms it
+                    await eventually(lambda n=applied: len(reports(spy, APPLIED)) == n + 1)
+                    agent.send_signal(signal.SIGKILL)
+                    agent.wait(10)
+                else:
+                    # killed during its trial twice: not tried a third time
+                    await beats_after(3)
+                    assert len(reports(spy, APPLIED)) == applied
+            finally:
+                stop(agent)
+    state = json.loads((tmp_path / "device" / STATE_FILE).read_text())
+    assert state == {
+        "good": {},
+        "trial": None,
+        "failed": config_hash(patch),
+        "failures": MAX_FAILURES,
+    }
 
 
-async def test_the_gateway_s_district_layer_reaches_the_bell_and_drift_clears(
+async def test_the_gateway_s_layers_reach_the_bell_its_sms_numbers_sealed_and_drift_clears(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     keys = Keys.new()
@@ -215,3 +295,14 @@ async def test_the_gateway_s_district_layer_reaches_the_bell_and_drift_clears(
         async with asyncio.timeout(20):
             while await stored() != config_hash(wanted):
                 await asyncio.sleep(0.05)
+
+        # the bell's own SMS numbers: sealed to its key at the gateway, opened at the bell
+        numbers = ["+821012345678", "+82212345678"]
+        own = checked_patch(
+            seal_sms_numbers({"sms": {"numbers": numbers}}, gateway.registry.device(DEVICE_ID))
+        )
+        assert await gateway.configs.set_layer("device", DEVICE_ID, own) == 1
+        await eventually(lambda: agent.remote.trial is None and "sms" in agent.remote.good)
+        assert agent.config.sms.numbers == numbers
+        assert agent.config.behaviour.ring_link_s == 45.0  # the district's layer still under it
+        await eventually(lambda: state() == "in_sync")

@@ -148,6 +148,24 @@ async def test_a_trial_without_its_acknowledgement_rolls_back_and_says_why(
     after.outbox.close()
 
 
+async def test_heartbeats_report_the_version_the_launcher_started(tmp_path: Path, opt) -> None:
+    """Not device.toml's `[device] firmware`: the fleet view and rollouts see what runs."""
+    clock = Clock()
+    before = _agent(tmp_path, opt, clock, 0.2)
+    assert before.heartbeat().firmware == "1.0"
+    before.outbox.close()
+    agent = await _in_trial(tmp_path, opt, clock, 0.2)
+    assert agent.heartbeat().firmware == "2.0"
+    assert agent.updates is not None
+    agent.ready.set()
+    await _until_restart(agent)  # nothing acknowledges its report: back to 1.0
+    agent.outbox.close()
+    agent.updates.updater.boot()
+    after = _agent(tmp_path, opt, clock, 0.2)
+    assert after.heartbeat().firmware == "1.0"
+    after.outbox.close()
+
+
 async def test_the_switch_waits_for_an_open_incident_to_close(tmp_path: Path, opt) -> None:
     agent = _agent(tmp_path, opt, Clock(), 60.0)
     assert agent.updates is not None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
-from gw_testkit import ADMIN, CENTRAL, GANGNAM, PRIVACY_TOKENS, Env, heartbeat, make_env
+from gw_testkit import ADMIN, CENTRAL, GANGNAM, KEYS, PRIVACY_TOKENS, Env, heartbeat, make_env
 
 from ansimi_edge.cli import cli
 from gateway.api import Api
@@ -17,6 +19,7 @@ from gateway.remote_config import RemoteConfigs
 from gateway.store import Device, Incoming
 from protocol.messages import CommandMessage
 from protocol.remote_config import config_hash
+from protocol.sealed_numbers import BadNumbers, open_numbers
 
 RESEND_MS = 600_000
 
@@ -164,6 +167,47 @@ async def test_the_api_sets_layers_within_the_token_s_districts_and_refuses_bad_
                 "hash": config_hash({"behaviour": {"ring_link_s": 30}}),
             }
         ]
+
+
+async def test_sms_numbers_are_sealed_to_the_device_and_never_kept_in_clear() -> None:
+    env, remote, client = await served()
+    numbers = ["+821012345678", "+82212345678"]
+    async with client:
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        put = await client.put(
+            "/admin/devices/bell-0001/config",
+            json={"sms": {"numbers": numbers, "after_s": 20.0}},
+            headers=auth,
+        )
+        assert put.status == 200, await put.text()
+        (layer,) = await env.store.config_layers()
+        assert all(n not in layer.patch_json for n in numbers)
+        ((device_id, sent),) = commands(env)
+        assert device_id == "bell-0001" and sent is not None
+        sealed = sent["sms"].pop("numbers_from_gateway")
+        assert sent == {"sms": {"after_s": 20.0}}
+        # only that device opens them; the hash the drift compares is the sealed value's
+        assert isinstance(sealed, str) and open_numbers(sealed, KEYS["bell-0001"]) == numbers
+        with pytest.raises(BadNumbers):
+            open_numbers(sealed, KEYS["bell-0002"])
+        assert remote.drift()[0].desired_hash == config_hash(json.loads(layer.patch_json))
+        # one sealed value opens on one device: never in a district's or the site's layer
+        district = await client.put(
+            "/admin/config/district/mapo", json={"sms": {"numbers": numbers}}, headers=auth
+        )
+        assert district.status == 400
+        assert "only in a device's own layer" in (await district.json())["error"]
+        copied = {"sms": {"numbers_from_gateway": sealed}}
+        site = await client.put("/admin/config/site", json=copied, headers=auth)
+        assert site.status == 400
+        bad = await client.put(
+            "/admin/devices/bell-0001/config",
+            json={"sms": {"numbers": ["+82 10 1234"]}},
+            headers=auth,
+        )
+        assert bad.status == 400
+        assert (await bad.json())["error"].startswith("[sms] numbers: number 1 of 1 is not")
+        assert len(commands(env)) == 1
 
 
 GANGNAM_ADMIN = "gangnam-admin-token-0123"
