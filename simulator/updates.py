@@ -100,6 +100,12 @@ def running_version(root: Path) -> str:
     return _probe_code(root).split('"')[1]
 
 
+def selftest_passes(root: Path) -> bool:
+    """Whether the version `current` names passes the agent's self-test (a broken release's
+    bell gets a modem whose SIM is not ready)."""
+    return SELFTEST_FAILS not in _probe_code(root)
+
+
 async def unzip_install(wheels: Sequence[Path], target: Path) -> None:
     """What `pip install --target` does with a pure wheel, without pip's second of start-up."""
     target.mkdir()
@@ -110,6 +116,23 @@ async def unzip_install(wheels: Sequence[Path], target: Path) -> None:
 async def fetch_over_http(url: str, path: Path) -> None:
     async with aiohttp.ClientSession() as session:
         await http_fetch(session, timeout_s=60)(url, path)
+
+
+def launch(root: Path, release_key: Ed25519PublicKey, *, trial_s: float) -> Updater:
+    """What the launcher does before each start of the agent (`ansimi device launch`):
+    settle the journal (count a trial's starts, switch back past its limits); then the
+    updater the agent is given, downloading over HTTP and installing without pip."""
+    updater = Updater(
+        root,
+        release_key,
+        fetch=fetch_over_http,
+        install=unzip_install,
+        clock_ms=wall_ms,
+        trial_s=trial_s,
+        running=lambda: running_version(root),  # what the launcher started
+    )
+    updater.boot()
+    return updater
 
 
 @dataclass
@@ -142,16 +165,7 @@ async def under_systemd(
     """The launcher's boot, then the agent; again after each exit for a restart, for good."""
     device_id = bell.signer.kid
     while True:
-        updater = Updater(
-            bell.root,
-            release_key,
-            fetch=fetch_over_http,
-            install=unzip_install,
-            clock_ms=wall_ms,
-            trial_s=trial_s,
-            running=lambda: running_version(bell.root),  # what the launcher started
-        )
-        updater.boot()
+        updater = launch(bell.root, release_key, trial_s=trial_s)
         config = DeviceConfig(
             device=DeviceSection(id=device_id, kind="bell", state_dir=bell.state),
             gateway=GatewaySection(
@@ -159,7 +173,7 @@ async def under_systemd(
             ),
             mqtt=MqttSection(host=broker[0], port=broker[1], heartbeat_s=heartbeat_s),
         )
-        modem = FakeModem(sim_ready=SELFTEST_FAILS not in _probe_code(bell.root))
+        modem = FakeModem(sim_ready=selftest_passes(bell.root))
         bell.agent = Agent(
             config,
             signer=bell.signer,
