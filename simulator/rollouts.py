@@ -418,7 +418,8 @@ def rollout_failures(summary: dict[str, Any], planned: list[Release]) -> list[st
         if r["presses_during"] < summary["min_presses"]:
             fails.append(
                 f"release {release.version}: {r['presses_during']} presses during its rollout "
-                f"(at least {summary['min_presses']}): lengthen the scenario's events"
+                f"(at least {summary['min_presses']}): press more "
+                "([rollout] presses_per_step, events)"
             )
     on_broken = _few(d for d, e in summary["not_as_expected"].items() if e["runs"] in broken)
     if on_broken:
