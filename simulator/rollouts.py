@@ -176,6 +176,9 @@ class RolloutDriver:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, token.encode() + b"\n", mode=0o600)
 
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
     def _gateway(self) -> list[str]:
         return ["--gateway", self.api_url, "--admin-token-file", str(self.token_file)]
 
@@ -262,7 +265,7 @@ class RolloutDriver:
     async def status(self) -> dict[str, Any] | None:
         """The current rollout from `GET /admin/rollouts` (polled: the CLI's start-up each
         half second would be the run's main load)."""
-        headers = {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
+        headers = {"Authorization": f"Bearer {self.token()}"}
         async with self.http.get(
             f"{self.api_url}/admin/rollouts",
             headers=headers,

@@ -349,6 +349,7 @@ class Simulation:
         assert self.sink is not None
         host, port = self.broker_addr
         g = self.scenario.gateway
+        tokens = [{"name": "sim-operator", "role": "operator", "token": self.operator_token}]
         config = {
             "id": GATEWAY_ID,
             "signing_key": self.state / "gateway" / "signing.key",
@@ -376,9 +377,7 @@ class Simulation:
                 "enabled": True,
                 "host": "127.0.0.1",
                 "port": self.api_port,
-                "tokens": [
-                    {"name": "sim-operator", "role": "operator", "token": self.operator_token}
-                ],
+                "tokens": tokens,
             },
             "centres": [
                 {"name": "central", "url": self.sink.url, "secret": self.secret, "districts": ["*"]}
@@ -393,8 +392,12 @@ class Simulation:
                 "pause_failed_pct": plan.pause_failed_pct,
                 "reoffer_s": plan.reoffer_s,
             }
-            installer = {"name": "sim-installer", "role": "admin", "token_file": driver.token_file}
-            config["api"]["tokens"].append(installer)  # type: ignore[index]
+            installer = {
+                "name": "sim-installer",
+                "role": "admin",
+                "token_file": str(driver.token_file),
+            }
+            tokens.append(installer)
         return render_toml(
             config,
             header=["written by `ansimi sim run`"],

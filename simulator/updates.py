@@ -4,11 +4,12 @@ the simulator's `[rollout]` scenarios.
 Each simulated bell has an update root of its own (device/update.py) and runs the real
 agent with the real `Updater`; `launch` is the launcher's part before each start, and
 `under_systemd` plays systemd and the launcher (boot, start, start again after exit 75;
-the simulator's worker does the same for its agents). Releases are tiny real wheels of one package, `ansimi_probe`,
-whose module says its version, and, for a release meant to fail, that its self-test fails:
-the bell then gets a modem whose SIM is not ready, so the agent's own self-test fails. The
-simulated bells run in one process (the agent's code cannot change under it), so "install"
-unpacks the pure-Python wheels as `pip install --target` would, without pip's start-up.
+the simulator's worker does the same for its agents). Releases are tiny real wheels of one
+package, `ansimi_probe`, whose module says its version, and, for a release meant to fail,
+that its self-test fails: the bell then gets a modem whose SIM is not ready, so the
+agent's own self-test fails. The simulated bells run in one process (the agent's code
+cannot change under it), so "install" unpacks the pure-Python wheels as `pip install
+--target` would, without pip's start-up.
 """
 
 from __future__ import annotations

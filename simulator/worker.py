@@ -389,7 +389,7 @@ class Worker:
             self.tally.errors += 1
             log.exception("agent %s stopped", w.agent.device_id)
             return False
-        return restart and w.boot is not None
+        return restart
 
     async def wait_connected(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
