@@ -17,6 +17,10 @@ Bounded: each phase ramps at `--rate` connections a second, then holds `--hold` 
 a ramp that stalls is cut at its deadline. Under three minutes in all at the defaults.
 
 Run: .venv/bin/python bench/fleet.py [--agents 10000]   (last line: one JSON object)
+
+The fleet-operations figures of issue 18 are benches of their own: bench/rollout.py (time
+to update 1,000 devices at 10 % steps) and bench/fleet_tests.py (the gateway's CPU for
+10,000 devices' weekly test presses).
 """
 
 from __future__ import annotations

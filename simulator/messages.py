@@ -2,7 +2,7 @@
 
 The run writes a `WorkerSpec` to a file and starts `python -m simulator.worker SPEC.json`.
 Then, one JSON object a line: `Command`s on the worker's stdin (start, cut, heal, damage,
-stop), `WorkerLine`s on its stdout (up, progress, result). Both ends parse with these
+press, stop), `WorkerLine`s on its stdout (up, progress, result). Both ends parse with these
 models, so a field one side renames or forgets fails at the first line, by name, instead
 of as a KeyError deep in a run (the fleet bench once sent a spec without `sms_after_s`).
 The many small records of a progress line are tuples (JSON arrays): a line can carry
@@ -53,6 +53,15 @@ class Skew(NamedTuple):
     skew_ms: int
 
 
+class UpdateSpec(_Message):
+    """Bells that update themselves: each gets an update root (`<state>/agent`) installed
+    at `installed`, and is started again, as systemd would, when its agent asks to be."""
+
+    release_public_key: str  # what device.toml's [update] pins
+    installed: str
+    trial_s: float
+
+
 class WorkerSpec(_Message):
     broker_host: str
     broker_port: int
@@ -75,6 +84,7 @@ class WorkerSpec(_Message):
     steps: list[Step] = []
     skews: list[Skew] = []
     connect_timeout_s: float
+    updates: UpdateSpec | None = None
 
 
 # ---- commands: the run to its worker (stdin) ------------------------------------------------
@@ -106,11 +116,18 @@ class Damage(_Message):
     device_ids: list[str]
 
 
+class Press(_Message):
+    """Press these bells now (the rollout presses bells it is updating)."""
+
+    kind: Literal["press"] = "press"
+    device_ids: list[str]
+
+
 class Stop(_Message):
     kind: Literal["stop"] = "stop"
 
 
-Command = Annotated[Start | Cut | Heal | Damage | Stop, Field(discriminator="kind")]
+Command = Annotated[Start | Cut | Heal | Damage | Press | Stop, Field(discriminator="kind")]
 COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
 
 
@@ -191,6 +208,7 @@ class Progress(_Message):
     at_risk: list[str] = []
     performed: list[Performed] = []
     gaps: list[Gap] = []
+    updating: int = 0  # bells with an update under way (a journal in their update root)
 
 
 class Result(_Message):
@@ -206,6 +224,11 @@ class Result(_Message):
     # the doorbells' WebRTC datagrams through the imposed video link, and those it dropped
     video_datagrams: int = 0
     video_dropped: int = 0
+    # bells that update themselves: the version each runs at the end, those with an update
+    # still under way (a journal left), and the agents' restarts (exit 75) in all
+    versions: dict[str, str] = {}
+    updating: list[str] = []
+    restarts: int = 0
 
 
 WorkerLine = Annotated[Up | Progress | Result, Field(discriminator="kind")]

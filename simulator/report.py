@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from simulator.rollouts import rollout_failures, rollout_summary
 from simulator.run import Observed
 
 
@@ -167,6 +168,10 @@ def summarise(o: Observed) -> dict[str, Any]:
         "todo": s.todo,
     }
     summary["planned_vs_sent"] = _planned_vs_sent(o, unheard)
+    if s.rollout is not None:
+        summary["rollout"] = rollout_summary(
+            s.rollout, o.rollouts, o.versions, o.updating_left, o.restarts, o.performed, o.t0
+        )
     summary["video"]["doorbells_without_video"] = _no_video(o)
     summary["checks"] = checks(summary, s)
     failures = verdict(summary, s)
@@ -525,6 +530,8 @@ def verdict(summary: dict[str, Any], s: Any) -> list[str]:
                     f"district {name}: availability {d['availability']:.4f} "
                     f"under {t.min_availability:g}"
                 )
+    if s.rollout is not None:
+        fails += rollout_failures(summary["rollout"], s.rollout.releases)
     return fails
 
 
@@ -663,6 +670,45 @@ def _few(d: dict[str, Any]) -> str:
     return f"p95/p99 of {n} samples: read as the worst few" if 0 < n < FEW_SAMPLES else ""
 
 
+def _rollout_html(r: dict[str, Any]) -> str:
+    steps = _table(
+        ["release", "step", "devices", "seconds", "state", "offers", "counts"],
+        (
+            [
+                f"{release['version']}{' (broken)' if release['selftest_fails'] else ''}",
+                f"{step['percent']:g}%",
+                step["devices"],
+                step["seconds"],
+                step["state"],
+                step["offers"],
+                " ".join(f"{k}={v}" for k, v in step["counts"].items()),
+            ]
+            for release in r["releases"]
+            for step in release["steps"]
+        ),
+    )
+    releases = _table(
+        ["release", "state", "seconds", "rolled back", "presses during it", "why paused"],
+        (
+            [
+                x["version"],
+                x["state"],
+                x["seconds"],
+                x["rolled_back"],
+                x["presses_during"],
+                x["paused_because"] or "",
+            ]
+            for x in r["releases"]
+        ),
+    )
+    running = " ".join(f"{v}: {n}" for v, n in r["running_at_end"].items())
+    return (
+        f"<h2>Rollouts to {html.escape(r['district'])} (installed {html.escape(r['installed'])})"
+        f"</h2>{releases}<h3>Steps</h3>{steps}<p>Running at the end: {html.escape(running)}; "
+        f"agent restarts: {r['agent_restarts']}.</p>"
+    )
+
+
 def _html(summary: dict[str, Any], plots: list[Path]) -> str:
     e = html.escape
     verdict_text = "PASSED" if summary["passed"] else "FAILED"
@@ -756,6 +802,7 @@ def _html(summary: dict[str, Any], plots: list[Path]) -> str:
     todo = "".join(f"<li>{e(t)}</li>" for t in summary["todo"])
     images = "".join(f'<p><img src="{e(p.name)}" alt="{e(p.stem)}"></p>' for p in plots)
     reconnect = _cell(summary["reconnect_after_broker_restart_s"]) or "no broker restart"
+    rollout = _rollout_html(summary["rollout"]) if "rollout" in summary else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Simulation: {e(summary["scenario"])}</title>
@@ -782,6 +829,7 @@ by design.</p>
 Presses on a black-holed link never found dead: {summary["dead_links_not_found"]}.</p>
 <h2>Districts (EN 50136 terms)</h2>{district_table}
 <h2>Faults</h2><ul>{faults or "<li>none</li>"}</ul>
+{rollout}
 {f"<h2>Not simulated yet</h2><ul>{todo}</ul>" if todo else ""}
 {images}
 </body></html>

@@ -46,6 +46,7 @@ from simulator.messages import (
     LinkDeadSeen,
     Member,
     Performed,
+    Press,
     Progress,
     Result,
     Skew,
@@ -53,11 +54,13 @@ from simulator.messages import (
     Step,
     Stop,
     Up,
+    UpdateSpec,
     VideoSeen,
     WorkerSpec,
     encode,
 )
 from simulator.proxy import FaultProxy
+from simulator.rollouts import Cli, ReleaseSeen, ReleaseSite, RolloutDriver
 from simulator.scenario import (
     PROXIED,
     BrokerRestart,
@@ -150,6 +153,12 @@ class Observed:
     video_dropped: int = 0  # ...and those it dropped
     # presses on a cut link: (device, pressed at, link declared dead at or None if never)
     link_dead: list[LinkDeadSeen] = field(default_factory=list)
+    # agent rollouts ([rollout]): each release as the gateway told it, then what the bells
+    # ran at the end, those left midway through an update, and the agents' restarts
+    rollouts: list[ReleaseSeen] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    updating_left: list[str] = field(default_factory=list)
+    restarts: int = 0
 
 
 class _WorkerProc:
@@ -162,6 +171,7 @@ class _WorkerProc:
         self.resends = 0
         self.actions = 0
         self.errors = 0
+        self.updating = 0  # its bells with an update under way
         self.up = asyncio.Event()
         self.result: Result | None = None
         self.finished = asyncio.Event()
@@ -214,6 +224,10 @@ class Simulation:
         self.gateway_disk: TmpDisk | None = None
         self.device_disk: TmpDisk | None = None
         self.database = self.state / "gateway" / "gateway.db"
+        # agent rollouts: the run's release site, and who rolls its releases out
+        self.release_site: ReleaseSite | None = None
+        self.rollout_driver: RolloutDriver | None = None
+        self._rollout_task: asyncio.Task[None] | None = None
 
     # ---- counts for the live display --------------------------------------------------------
 
@@ -260,8 +274,11 @@ class Simulation:
         self._http = aiohttp.ClientSession()
         try:
             self.api_port = free_port()
+            await self._prepare_releases()
             (self.state / "gateway.toml").write_text(self._gateway_toml())
             await self._start_gateway()
+            if self.rollout_driver is not None:
+                await self.rollout_driver.add_releases()
             if self.scenario.needs_proxy:
                 self.proxy = FaultProxy(*self.broker_addr, rng=random.Random(self.scenario.seed))
                 await self.proxy.start()
@@ -270,6 +287,27 @@ class Simulation:
         finally:
             await self._teardown()
         return self.observed
+
+    async def _prepare_releases(self) -> None:
+        """[rollout]: the release key and the bundles, made as an installer makes them."""
+        plan = self.scenario.rollout
+        if plan is None:
+            return
+        assert self._http is not None
+        cli = Cli(_child_env(), self.state / "provision.log")
+        self.release_site = ReleaseSite(self.state / "release-site", cli)
+        await self.release_site.prepare(plan)
+        token_file = self.state / "gateway" / "admin.token"
+        RolloutDriver.write_token(token_file, secrets.token_urlsafe(24))
+        self.rollout_driver = RolloutDriver(
+            plan,
+            self.release_site,
+            self._http,
+            f"http://127.0.0.1:{self.api_port}",
+            token_file,
+            press=self._press,
+            seed=self.scenario.seed,
+        )
 
     def _mount_disks(self) -> None:
         """Before anything writes there: the disk-full faults' small disks, mounted."""
@@ -311,6 +349,7 @@ class Simulation:
         assert self.sink is not None
         host, port = self.broker_addr
         g = self.scenario.gateway
+        tokens = [{"name": "sim-operator", "role": "operator", "token": self.operator_token}]
         config = {
             "id": GATEWAY_ID,
             "signing_key": self.state / "gateway" / "signing.key",
@@ -338,14 +377,27 @@ class Simulation:
                 "enabled": True,
                 "host": "127.0.0.1",
                 "port": self.api_port,
-                "tokens": [
-                    {"name": "sim-operator", "role": "operator", "token": self.operator_token}
-                ],
+                "tokens": tokens,
             },
             "centres": [
                 {"name": "central", "url": self.sink.url, "secret": self.secret, "districts": ["*"]}
             ],
         }
+        plan, driver, site = self.scenario.rollout, self.rollout_driver, self.release_site
+        if plan is not None and driver is not None and site is not None:
+            config["updates"] = {
+                "release_public_key": site.public_key,
+                "dir": self.state / "gateway" / "releases",
+                "public_url": f"http://127.0.0.1:{self.api_port}",
+                "pause_failed_pct": plan.pause_failed_pct,
+                "reoffer_s": plan.reoffer_s,
+            }
+            installer = {
+                "name": "sim-installer",
+                "role": "admin",
+                "token_file": str(driver.token_file),
+            }
+            tokens.append(installer)
         return render_toml(
             config,
             header=["written by `ansimi sim run`"],
@@ -461,6 +513,7 @@ class Simulation:
                 skews=skews[w],
                 connect_timeout_s=connect_timeout,
                 video=self.scenario.video,
+                updates=self._update_spec(),
             )
             path = self.state / f"worker-{w}.json"
             path.write_text(spec.model_dump_json())
@@ -489,6 +542,14 @@ class Simulation:
         except TimeoutError:
             raise SimError("worker processes did not report in time: see worker-*.log") from None
 
+    def _update_spec(self) -> UpdateSpec | None:
+        plan, site = self.scenario.rollout, self.release_site
+        if plan is None or site is None:
+            return None
+        return UpdateSpec(
+            release_public_key=site.public_key, installed=plan.installed, trial_s=plan.trial_s
+        )
+
     # ---- running ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -498,6 +559,8 @@ class Simulation:
         for proc in self.workers:
             await proc.send(Start(at=o.t0))
         self._faults = [self._spawn(self._fault(i, f)) for i, f in enumerate(s.faults)]
+        if self.rollout_driver is not None and s.rollout is not None:
+            self._rollout_task = self._spawn(self._roll_out(self.rollout_driver, s.rollout.start_s))
         self.phase = "scenario"
         end = o.t0 + s.scaled(s.duration_s)
         while time.time() < end:
@@ -528,6 +591,9 @@ class Simulation:
                 o.sms_sent += proc.result.sms_sent
                 o.video_datagrams += proc.result.video_datagrams
                 o.video_dropped += proc.result.video_dropped
+                o.versions.update(proc.result.versions)
+                o.updating_left += proc.result.updating
+                o.restarts += proc.result.restarts
         o.heartbeats = sum(w.heartbeats for w in self.workers)
         o.resends = sum(w.resends for w in self.workers)
         o.actions = sum(w.actions for w in self.workers)
@@ -541,6 +607,10 @@ class Simulation:
         assert self.sink is not None
         if any(not t.done() for t in self._faults):
             return False
+        if self._rollout_task is not None and not self._rollout_task.done():
+            return False
+        if any(w.updating for w in self.workers):
+            return False  # a bell midway through an update (committing, rolling back)
         for record in self.observed.records.values():
             if record.id not in self.sink.arrivals or "received" not in record.acks:
                 return False
@@ -573,6 +643,7 @@ class Simulation:
                     proc.resends = line.resends
                     proc.actions = line.actions
                     proc.errors = line.errors
+                    proc.updating = line.updating
                     for sent in line.sent:
                         records[sent.message_id] = Record(*sent)
                     self.observed.at_risk.update(line.at_risk)
@@ -678,6 +749,16 @@ class Simulation:
             o.marks.append(Mark(start, label, time.time()))
             o.stops.append((start, time.time(), sorted(targets)))
 
+    async def _roll_out(self, driver: RolloutDriver, start_s: float) -> None:
+        start = await self._at(start_s)
+        self.observed.rollouts = driver.seen
+        await driver.run()
+        versions = ", ".join(f"{r.version} {r.state}" for r in driver.seen)
+        self.observed.marks.append(Mark(start, f"rollouts: {versions}", time.time()))
+
+    async def _press(self, devices: list[str]) -> None:
+        await self._tell_owners(lambda mine: Press(device_ids=mine), set(devices))
+
     async def _tell_owners(
         self, command: Callable[[list[str]], Command], devices: set[str]
     ) -> None:
@@ -703,15 +784,20 @@ class Simulation:
     # ---- operators --------------------------------------------------------------------------
 
     def _on_centre_event(self, event: Any) -> None:
-        delay = self.scenario.operator.ack_after_s
-        if delay is None or event.type != "alert":
+        if event.type != "alert":
             return
-        self._spawn(self._operator_ack(event.event_id, delay))
+        operator = self.scenario.operator
+        for stage, delay in (
+            ("acknowledged", operator.ack_after_s),
+            ("closed", operator.close_after_s),
+        ):
+            if delay is not None:
+                self._spawn(self._operator_moves(event.event_id, stage, delay))
 
-    async def _operator_ack(self, event_id: str, delay: float) -> None:
+    async def _operator_moves(self, event_id: str, stage: str, delay: float) -> None:
         assert self._http is not None
         await asyncio.sleep(delay)
-        url = f"http://127.0.0.1:{self.api_port}/alerts/{event_id}/acknowledged"
+        url = f"http://127.0.0.1:{self.api_port}/alerts/{event_id}/{stage}"
         headers = {"Authorization": f"Bearer {self.operator_token}"}
         deadline = time.monotonic() + max(30.0, self.scenario.drain_s)
         while time.monotonic() < deadline:

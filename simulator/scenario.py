@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ansimi.config import ConfigError, _describe
 from device.config import BehaviourSection, MqttSection, OutboxSection, SmsSection
 from protocol.messages import DEVICE_KINDS, DeviceKind
+from protocol.release import Version, version_key
 
 Kind = DeviceKind
 KINDS = DEVICE_KINDS
@@ -110,6 +111,9 @@ class Video(_Model):
 class Operator(_Model):
     # an operator acknowledges each alert this long after it reaches the centre (unset: never)
     ack_after_s: Seconds | None = None
+    # ...and closes its incident this long after it reached the centre (unset: never). A bell
+    # with an open incident is offered no update and does not switch to one
+    close_after_s: Seconds | None = None
 
 
 Action = Literal[
@@ -288,6 +292,58 @@ class Thresholds(_Model):
     press_to_link_dead_p95_s: Seconds | None = None
 
 
+class Release(_Model):
+    """One agent release the rollout ships: a tiny real wheel (simulator/updates.py), signed
+    with the run's release key by `ansimi provision release build`."""
+
+    version: Version
+    # the rollout's steps, in percent of the district: started at the first, widened to
+    # each next one once the one before is done
+    steps: Annotated[list[Annotated[float, Field(gt=0, le=100)]], Field(min_length=1)] = [100.0]
+    # a broken release: its self-test fails on every bell, which must roll back by itself
+    selftest_fails: bool = False
+
+    @model_validator(mode="after")
+    def _widening(self) -> Release:
+        if self.steps != sorted(set(self.steps)):
+            raise ValueError(f"release {self.version}: steps must grow, e.g. [10, 50, 100]")
+        return self
+
+
+class Rollout(_Model):
+    """Agent updates during the run: every bell is installed at `installed` with an update
+    root of its own; the releases are rolled out one after the other to `district` through
+    the gateway's admin API (`ansimi provision release add`, `rollout start`, `resume`)."""
+
+    district: str = "mapo"
+    installed: Version = "1.0"
+    # the first rollout starts this long after the scenario's start (scaled)
+    start_s: Seconds = 0.0
+    releases: Annotated[list[Release], Field(min_length=1)]
+    # the bells' health-check deadline after a switch (device setting: not scaled)
+    trial_s: Annotated[float, Field(gt=0)] = 60.0
+    # the gateway's [updates]: pause at this share of failed devices; offer again after
+    pause_failed_pct: Annotated[float, Field(gt=0, le=100)] = 10.0
+    reoffer_s: Annotated[float, Field(gt=0)] = 30.0
+    # a step not done (or paused) this long after it began fails the run (not scaled)
+    step_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    # as each step begins, this many of the bells just offered the release are pressed
+    # (chosen with the seed): presses during their download, switch wait and trial
+    presses_per_step: Annotated[int, Field(ge=0)] = 2
+    # presses during each release's rollout, at least: fewer proves nothing about them
+    min_presses: Annotated[int, Field(ge=0)] = 1
+
+    @model_validator(mode="after")
+    def _versions(self) -> Rollout:
+        from ansimi.districts import check_district
+
+        check_district(self.district)
+        versions = [version_key(v) for v in (self.installed, *(r.version for r in self.releases))]
+        if versions != sorted(set(versions)):
+            raise ValueError("rollout: each release must be newer than the one before it")
+        return self
+
+
 class Broker(_Model):
     # mosquitto's snapshot period: a restart "after the first autosave" (which brings back
     # the persistent sessions, see FIELD-NOTES) needs the fault later than this (not scaled)
@@ -312,6 +368,7 @@ class Scenario(_Model):
     video: Video = Video()
     events: list[Event] = []
     faults: list[Fault] = []
+    rollout: Rollout | None = None
     thresholds: Thresholds = Thresholds()
     # things a scenario asks for that the simulator does not do yet (shown in the report)
     todo: list[str] = []

@@ -1,12 +1,15 @@
-"""Bells that update themselves, as a Pi does under systemd: for rollout tests and benches.
+"""Bells that update themselves, as a Pi does under systemd: for rollout tests, benches and
+the simulator's `[rollout]` scenarios.
 
 Each simulated bell has an update root of its own (device/update.py) and runs the real
-agent with the real `Updater`; `under_systemd` plays systemd and the launcher (boot, start,
-start again after exit 75). Releases are tiny real wheels of one package, `ansimi_probe`,
-whose module says its version, and, for a release meant to fail, that its self-test fails:
-the bell then gets a modem whose SIM is not ready, so the agent's own self-test fails. The
-simulated bells run in one process (the agent's code cannot change under it), so "install"
-unpacks the pure-Python wheels as `pip install --target` would, without pip's start-up.
+agent with the real `Updater`; `launch` is the launcher's part before each start, and
+`under_systemd` plays systemd and the launcher (boot, start, start again after exit 75;
+the simulator's worker does the same for its agents). Releases are tiny real wheels of one
+package, `ansimi_probe`, whose module says its version, and, for a release meant to fail,
+that its self-test fails: the bell then gets a modem whose SIM is not ready, so the
+agent's own self-test fails. The simulated bells run in one process (the agent's code
+cannot change under it), so "install" unpacks the pure-Python wheels as `pip install
+--target` would, without pip's start-up.
 """
 
 from __future__ import annotations
@@ -100,6 +103,12 @@ def running_version(root: Path) -> str:
     return _probe_code(root).split('"')[1]
 
 
+def selftest_passes(root: Path) -> bool:
+    """Whether the version `current` names passes the agent's self-test (a broken release's
+    bell gets a modem whose SIM is not ready)."""
+    return SELFTEST_FAILS not in _probe_code(root)
+
+
 async def unzip_install(wheels: Sequence[Path], target: Path) -> None:
     """What `pip install --target` does with a pure wheel, without pip's second of start-up."""
     target.mkdir()
@@ -110,6 +119,23 @@ async def unzip_install(wheels: Sequence[Path], target: Path) -> None:
 async def fetch_over_http(url: str, path: Path) -> None:
     async with aiohttp.ClientSession() as session:
         await http_fetch(session, timeout_s=60)(url, path)
+
+
+def launch(root: Path, release_key: Ed25519PublicKey, *, trial_s: float) -> Updater:
+    """What the launcher does before each start of the agent (`ansimi device launch`):
+    settle the journal (count a trial's starts, switch back past its limits); then the
+    updater the agent is given, downloading over HTTP and installing without pip."""
+    updater = Updater(
+        root,
+        release_key,
+        fetch=fetch_over_http,
+        install=unzip_install,
+        clock_ms=wall_ms,
+        trial_s=trial_s,
+        running=lambda: running_version(root),  # what the launcher started
+    )
+    updater.boot()
+    return updater
 
 
 @dataclass
@@ -142,16 +168,7 @@ async def under_systemd(
     """The launcher's boot, then the agent; again after each exit for a restart, for good."""
     device_id = bell.signer.kid
     while True:
-        updater = Updater(
-            bell.root,
-            release_key,
-            fetch=fetch_over_http,
-            install=unzip_install,
-            clock_ms=wall_ms,
-            trial_s=trial_s,
-            running=lambda: running_version(bell.root),  # what the launcher started
-        )
-        updater.boot()
+        updater = launch(bell.root, release_key, trial_s=trial_s)
         config = DeviceConfig(
             device=DeviceSection(id=device_id, kind="bell", state_dir=bell.state),
             gateway=GatewaySection(
@@ -159,7 +176,7 @@ async def under_systemd(
             ),
             mqtt=MqttSection(host=broker[0], port=broker[1], heartbeat_s=heartbeat_s),
         )
-        modem = FakeModem(sim_ready=SELFTEST_FAILS not in _probe_code(bell.root))
+        modem = FakeModem(sim_ready=selftest_passes(bell.root))
         bell.agent = Agent(
             config,
             signer=bell.signer,

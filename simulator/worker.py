@@ -2,7 +2,7 @@
 
 Started by the simulator as `python -m simulator.worker SPEC.json` (a `WorkerSpec`). It
 talks to the parent in JSON lines, typed in `simulator.messages`: commands on stdin (start,
-cut, heal, damage, stop), lines on stdout (`up` once the agents are connected, `progress`
+cut, heal, damage, press, stop), lines on stdout (`up` once the agents are connected, `progress`
 four times a second with what was sent and acked since the last line, `result` at the
 end). No thread per device: agents are tasks, and
 their MQTT sessions share the loop's socket callbacks (`ansimi.mqtt`).
@@ -44,6 +44,7 @@ from device.hal import Hardware
 from device.hal.fakes import FakeIndicator, FakeInputs, FakeModem
 from device.observer import AgentObserver
 from device.outbox import Outbox
+from device.update import CURRENT_NAME, JOURNAL_NAME, RestartRequested
 from device.video.config import VideoConfig
 from protocol.clock import wall_ms
 from protocol.jws import Signer
@@ -61,6 +62,7 @@ from simulator.messages import (
     Heal,
     LinkDeadSeen,
     Performed,
+    Press,
     Progress,
     Result,
     Sent,
@@ -72,6 +74,7 @@ from simulator.messages import (
     WorkerSpec,
     encode,
 )
+from simulator.updates import install_factory, launch, running_version, selftest_passes
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,10 @@ class Watched:
     district: str
     modem: FakeModem
     connected_samples: int = 0
+    # a bell that updates itself: its update root, and how to start its agent again on the
+    # same hardware, as systemd and the launcher do after the agent exits for a restart
+    root: Path | None = None
+    boot: Callable[[], Agent] | None = None
 
 
 @dataclass
@@ -176,6 +183,7 @@ class Worker:
         self._actions: set[asyncio.Task[None]] = set()
         self._running: dict[str, asyncio.Task[None]] = {}  # device -> its agent's task
         self.stopped: set[str] = set()  # agents the simulator has stopped for a while
+        self.restarts = 0  # agents started again after asking to be (an update's switch)
         self.down_since: dict[str, float] = {}  # device -> first sample its link was down
         self._gateway_key = public_key_from_b64(spec.gateway_public_key)
         video = spec.video
@@ -250,19 +258,37 @@ class Worker:
             camera = SyntheticCamera(video.width, video.height, video.fps)
         modem = FakeModem(port=f"fake-{device_id}")
         seed = int.from_bytes(hashlib.sha256(f"{self.spec.seed}:{device_id}".encode()).digest())
-        agent = Agent(
-            config,
-            signer=Signer(device_id, device_key(self.spec.run_secret, device_id)),
-            gateway_key=gateway_key,
-            hardware=Hardware(inputs, FakeIndicator(), camera, modem),
-            outbox=self._outbox(state_dir),
-            clock_ms=self._clock_for(device_id),
-            rng=random.Random(seed),
-            observer=Watcher(self, device_id),
-        )
-        # like the outbox: thousands of agents on one disk would spend the run on fsync
-        agent.sms.power_safe = False
-        return Watched(agent, inputs, district, modem)
+        updates = self.spec.updates
+        root = None
+        if updates is not None:
+            # beside the state, as /var/lib/ansimi/agent is on a bell
+            root = state_dir / "agent"
+            if not (root / CURRENT_NAME).exists():
+                install_factory(root, updates.installed)
+
+        def boot() -> Agent:
+            updater = None
+            if updates is not None and root is not None:
+                updater = launch(
+                    root, public_key_from_b64(updates.release_public_key), trial_s=updates.trial_s
+                )
+                modem.sim_ready = selftest_passes(root)
+            agent = Agent(
+                config,
+                signer=Signer(device_id, device_key(self.spec.run_secret, device_id)),
+                gateway_key=gateway_key,
+                hardware=Hardware(inputs, FakeIndicator(), camera, modem),
+                outbox=self._outbox(state_dir),
+                clock_ms=self._clock_for(device_id),
+                rng=random.Random(seed),
+                observer=Watcher(self, device_id),
+                updater=updater,
+            )
+            # like the outbox: thousands of agents on one disk would spend the run on fsync
+            agent.sms.power_safe = False
+            return agent
+
+        return Watched(boot(), inputs, district, modem, root=root, boot=boot)
 
     def _outbox(self, state_dir: Path) -> Outbox:
         if self.spec.outbox_in_memory:
@@ -342,13 +368,28 @@ class Worker:
             self._start(device_id, w)
 
     async def _run_agent(self, w: Watched) -> None:
+        while await self._run_until_exit(w):
+            assert w.boot is not None
+            # exit 75: systemd starts the launcher again, which starts what `current` names;
+            # the same buttons and modem, a new agent (its incident, in memory, is gone)
+            self.restarts += 1
+            w.agent = w.boot()
+
+    async def _run_until_exit(self, w: Watched) -> bool:
+        """Run the agent until it ends; True if it asked to be started again."""
+        restart = False
         try:
-            await w.agent.run()
+            try:
+                await w.agent.run()
+            except* RestartRequested:
+                restart = True
         except asyncio.CancelledError:
             raise
         except Exception:
             self.tally.errors += 1
             log.exception("agent %s stopped", w.agent.device_id)
+            return False
+        return restart
 
     async def wait_connected(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -363,12 +404,18 @@ class Worker:
             delay = t0 + at - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if device_id in self.stopped:
-                continue  # nobody presses a bell whose agent is not running: not counted
-            w = self.watched[device_id]
-            self.tally.actions += 1
-            self.tally.performed.append(Performed(device_id, action, time.time()))
-            self._spawn(self._perform(w, action, after_s, restore_s))
+            self.act(device_id, action, after_s, restore_s)
+
+    def act(
+        self, device_id: str, action: str, after_s: float = 1.0, restore_s: float = 5.0
+    ) -> None:
+        """A person does `action` to the device now (counted: its device must send)."""
+        if device_id in self.stopped:
+            return  # nobody presses a bell whose agent is not running: not counted
+        w = self.watched[device_id]
+        self.tally.actions += 1
+        self.tally.performed.append(Performed(device_id, action, time.time()))
+        self._spawn(self._perform(w, action, after_s, restore_s))
 
     async def _skew(self, when: float, device_ids: list[str], skew_ms: int) -> None:
         await asyncio.sleep(max(0.0, when - time.time()))
@@ -465,10 +512,17 @@ class Worker:
             at_risk=t.at_risk,
             performed=t.performed,
             gaps=t.gaps,
+            updating=len(self.updating()),
         )
         t.sent, t.acks, t.sms, t.link_dead = [], [], [], []
         t.at_risk, t.performed, t.gaps = [], [], []
         return line
+
+    def updating(self) -> list[str]:
+        """Bells with an update under way: a journal in their update root."""
+        return sorted(
+            d for d, w in self.watched.items() if w.root and (w.root / JOURNAL_NAME).exists()
+        )
 
     def result(self) -> Result:
         samples = max(self.samples, 1)
@@ -487,6 +541,9 @@ class Worker:
             sms_sent=sum(len(w.modem.sent) for w in self.watched.values()),
             video_datagrams=self.video_link.sent if self.video_link else 0,
             video_dropped=self.video_link.dropped if self.video_link else 0,
+            versions={d: running_version(w.root) for d, w in self.watched.items() if w.root},
+            updating=self.updating(),
+            restarts=self.restarts,
         )
 
     async def stop(self) -> None:
@@ -562,6 +619,9 @@ async def main(spec_path: Path) -> None:
                 worker.cut |= set(command.device_ids)
             elif isinstance(command, Heal):
                 worker.heal(command.device_ids)
+            elif isinstance(command, Press):
+                for device_id in command.device_ids:
+                    worker.act(device_id, "press")
             elif isinstance(command, Damage):
                 damaging.append(
                     asyncio.create_task(

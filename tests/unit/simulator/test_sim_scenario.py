@@ -88,6 +88,10 @@ def test_devices_override_the_fleet_size(tmp_path: Path) -> None:
         ('[[events]]\naction = "press"', "exactly one of count and rate_per_min"),
         ('[[faults]]\ntype = "meteor"\nat_s = 1', "faults.0"),
         ("duration_s = -1", "duration_s"),
+        ('[rollout]\nreleases = [{version = "2.0", steps = [50, 10]}]', "steps must grow"),
+        ('[rollout]\ninstalled = "2.0"\nreleases = [{version = "1.5"}]', "newer than the one"),
+        ('[rollout]\ndistrict = "mapoo"\nreleases = [{version = "2.0"}]', "mapo"),
+        ("[rollout]\nreleases = []", "rollout.releases"),
     ],
 )
 def test_a_bad_file_names_the_key(tmp_path: Path, change: str, says: str) -> None:
