@@ -273,9 +273,11 @@ class Worker:
                     root, public_key_from_b64(updates.release_public_key), trial_s=updates.trial_s
                 )
                 modem.sim_ready = selftest_passes(root)
+            key = device_key(self.spec.run_secret, device_id)
             agent = Agent(
                 config,
-                signer=Signer(device_id, device_key(self.spec.run_secret, device_id)),
+                signer=Signer(device_id, key),
+                device_key=key,  # opens SMS numbers a remote config seals for this bell
                 gateway_key=gateway_key,
                 hardware=Hardware(inputs, FakeIndicator(), camera, modem),
                 outbox=self._outbox(state_dir),
