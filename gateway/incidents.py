@@ -90,7 +90,11 @@ def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind 
     Never raises for what a body holds: the body was validated when kept, but a gateway's
     own event or an older row may leave fields out, which then take the protocol defaults.
     """
-    body = json_object(body_json)
+    return kind_of(device_kind, event_type, json_object(body_json))
+
+
+def kind_of(device_kind: str, event_type: str, body: Mapping[str, Any]) -> IncidentKind | None:
+    """`classify` of a body already parsed."""
     if event_type == "status":
         state = body.get("state")
         return state if state in ("offline", "district_outage") else None

@@ -21,7 +21,7 @@ from gateway.incident_api import IncidentRoutes
 from gateway.incidents import Escalator, classify
 from gateway.store import Device, Incoming, SqliteStore
 from gateway.transports.https import delivery_body
-from gateway.transports.sia import ALERT_EVENTS, sia_event
+from gateway.transports.sia import ALERT_EVENTS, STATUS_EVENTS, sia_event
 from protocol.envelope import open_envelope
 from protocol.keys import public_key_to_b64
 from protocol.messages import Alert, Cancel, EscalationMessage
@@ -355,10 +355,12 @@ async def test_escalation_survives_a_gateway_restart(desk: Desk) -> None:
     assert incident.escalated_to == ("mapo", "central")
 
 
-def test_an_escalation_reaches_a_dc09_receiver_as_a_panic_or_a_duress() -> None:
+def test_an_escalation_reaches_a_dc09_receiver_as_its_incidents_kind() -> None:
+    # every kind, as pysiaalarm decodes it: tests/integration/gateway/test_gw_sia_receiver.py
     step = {"incident": "a" * 26, "level": 1, "to": "monitoring", "priority": 4}
     assert sia_event("escalation", {**step, "kind": "stalking"}) == ALERT_EVENTS["press"]
     assert sia_event("escalation", {**step, "kind": "duress"}) == ALERT_EVENTS["duress"]
+    assert sia_event("escalation", {**step, "kind": "offline"}) == STATUS_EVENTS["offline"]
 
 
 def test_the_escalation_chain_names_configured_centres(tmp_path: Path) -> None:
