@@ -471,13 +471,16 @@ _STEP_TEXT: Final[Mapping[str, tuple[str, str]]] = {
     "request_dispatch": ("경찰 출동 요청하기", "Request dispatch"),
     "confirm_safe": ("안전 확인하기", "Confirm the person is safe"),
     "check_device": ("기기 상태 확인하기", "Check the bell's state"),
+    "check_district": ("구역 통신망·정전 여부 확인하기", "Check the district's network and power"),
+    "notify_district": ("구청 상황실에 알리기", "Tell the district office"),
 }
 _PERSON = _steps("call_victim", "call_guardian", "request_dispatch", "confirm_safe")
 # a duress press or a silent robbery: never call the phone first, it may give the victim away
 _SILENT = _steps("request_dispatch", "call_guardian", "confirm_safe")
 _DOOR = _steps("view_camera", "call_victim", "call_guardian", "request_dispatch", "confirm_safe")
 _DEVICE = _steps("check_device", "call_victim")
-# the checklist per kind when [[incidents.procedure]] does not name the kind
+# the checklist per kind when [[incidents.procedure]] does not name the kind; every kind
+# has one, or its card shows the operator nothing to do
 DEFAULT_PROCEDURES: Final[Mapping[str, tuple[ProcedureStep, ...]]] = {
     "duress": _SILENT,
     "store_robbery": _SILENT,
@@ -486,6 +489,8 @@ DEFAULT_PROCEDURES: Final[Mapping[str, tuple[ProcedureStep, ...]]] = {
     "doorbell_emergency": _DOOR,
     "tamper": _DEVICE,
     "power_lost": _DEVICE,
+    # many bells dark at once: their network or power, not one person to call
+    "district_outage": _steps("check_district", "notify_district"),
     "offline": _DEVICE,
     "doorbell_ring": _steps("view_camera"),
 }

@@ -18,7 +18,7 @@ from ansimi.config import ConfigError, load_config
 from gateway.api import Api
 from gateway.config import ApiToken, GatewayConfig, IncidentsConfig
 from gateway.incident_api import IncidentRoutes
-from gateway.incidents import Escalator, classify
+from gateway.incidents import KINDS, Escalator, classify
 from gateway.store import Device, Incoming, SqliteStore
 from gateway.transports.https import delivery_body
 from gateway.transports.sia import ALERT_EVENTS, STATUS_EVENTS, sia_event
@@ -416,3 +416,11 @@ async def test_an_outage_stays_the_districts_whatever_the_priorities_rank_above_
     assert await store.mark_offline(gone, 100, 100) == [True, True]
     (outage,) = await store.incidents("open", 10)
     assert (outage.incident_id, outage.kind, outage.events) == ("outage-0001", "district_outage", 3)
+
+
+def test_every_kind_has_a_checklist_in_both_languages() -> None:
+    # a card without one shows the operator nothing to do (a district outage had none)
+    procedures = IncidentsConfig().procedures()
+    for kind in KINDS:
+        assert procedures.get(kind), f"no checklist for {kind}"
+        assert all(step.ko and step.en for step in procedures[kind])
