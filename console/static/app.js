@@ -461,6 +461,12 @@ function renderCard(template, i) {
 }
 
 function showDevice(li, i) {
+  if (i.kind === "district_outage") {
+    // the district's incident, told about its first bell: not that bell's person, so no
+    // one's address or phones (fetching them would audit a view nobody needed)
+    li.querySelector(".address").textContent = `${t("k_district_outage")} · ${i.district || "—"}`;
+    return;
+  }
   const device = state.devices.get(i.device_id);
   if (device === undefined) {
     li.querySelector(".address").textContent = "…";

@@ -31,6 +31,7 @@ from playwright.async_api import BrowserContext, Page
 # one kit for the unit and the browser tests of the desk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "console"))
 from console_testkit import (
+    GATEWAY_KEY,
     PASSWORD,
     PRESS,
     Desk,
@@ -41,7 +42,7 @@ from console_testkit import (
     registry_entry,
 )
 
-from protocol.messages import Alert
+from protocol.messages import Alert, Status
 
 pytestmark = pytest.mark.slow
 
@@ -280,6 +281,31 @@ async def test_a_test_press_shows_as_a_test_not_as_an_incident(
     assert (await test.locator(".what").inner_text()).startswith("Test press")
     await page.locator(f".incident[data-id='{RING}']").wait_for(timeout=20_000)
     assert await cards(page) == [ROBBERY, STALKING, GANGNAM, RING]
+
+
+async def test_a_district_outage_card_shows_no_ones_personal_data(
+    tmp_path: Path, browser: BrowserContext
+) -> None:
+    """The outage is told about its district's first bell, but it is the district's: the
+    card shows no one's address nor phones (an operator would call that bell's victim about
+    a district gone dark), and no view of them is fetched, nor audited."""
+    gateway = site_gateway()
+    outage = "inc-outage-00000000005"
+    gateway.open_incident(outage, BELL, "district_outage", 8, procedure=("check_district",))
+    async with desk(tmp_path, gateway) as d:
+        page = await open_desk(browser, d)
+        told = Status(state="district_outage", district="mapo", count=2, offline=[BELL, STORE])
+        incident = (outage, "district_outage", 8)
+        await d.deliver(delivery(told, key=GATEWAY_KEY, kid="gw-test", incident=incident))
+        card = page.locator(f".incident[data-id='{outage}']")
+        await card.locator(".procedure li").first.wait_for(timeout=20_000)
+        assert await card.locator(".address").inner_text() == (
+            "District outage (many bells offline) · mapo"
+        )
+        assert await card.locator(".phones li").count() == 0
+        response = await page.request.get(str(d.client.make_url("/api/audit.csv")))
+        rows = list(csv.DictReader(io.StringIO(await response.text())))
+        assert [r for r in rows if r["action"] == "view_personal_data"] == []
 
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
