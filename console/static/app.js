@@ -787,11 +787,13 @@ function drawMap() {
     marker.remove();
     m.markers.delete(key);
   }
-  // the districts with an open incident stand out, located or not
+  // the districts with an open incident stand out, located or not; a district's code is
+  // its English name without "-gu" (ansimi/districts.py): a whole name, not a prefix, or
+  // Jung-gu's incident would light Jungnang-gu too
   m.districts.eachLayer((layer) => {
     const name = String(layer.feature.properties.name_eng || "").toLowerCase();
     const el = layer.getElement && layer.getElement();
-    if (el) el.classList.toggle("hot", [...hot].some((d) => d && name.startsWith(d)));
+    if (el) el.classList.toggle("hot", hot.has(name.replace(/-gu$/, "")));
   });
 }
 

@@ -269,6 +269,24 @@ async def test_the_map_shows_an_incident_over_the_district_outlines(
     assert await page.locator("#map path.district-outline.hot").count() == 2  # mapo, gangnam
 
 
+async def test_an_incident_in_jung_gu_lights_jung_gu_not_jungnang_gu(
+    tmp_path: Path, browser: BrowserContext
+) -> None:
+    # a district's code is a whole name: "jung" is no prefix of Jungnang-gu's
+    gateway = FakeGateway(devices=[registry_entry(BELL, district="jung", label="Jung flat 1")])
+    jung = "inc-jung-0000000000006"
+    gateway.open_incident(jung, BELL, "stalking", 4, district="jung")
+    async with desk(tmp_path, gateway) as d:
+        page = await open_desk(browser, d)
+        await d.deliver(
+            delivery(PRESS, device=BELL, district="jung", incident=(jung, "stalking", 4))
+        )
+        await page.locator("#map[data-fallback='1']").wait_for(timeout=20_000)
+        hot = page.locator("#map path.district-outline.hot")
+        await hot.first.wait_for(timeout=20_000)
+        assert await hot.count() == 1
+
+
 async def test_a_test_press_shows_as_a_test_not_as_an_incident(
     site: Desk, browser: BrowserContext
 ) -> None:
