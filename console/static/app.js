@@ -875,7 +875,8 @@ async function openRecording(eventId) {
   if (response.status !== 200) { status.textContent = body.error || `HTTP ${response.status}`; return; }
   for (const step of body.timeline) {
     const li = document.createElement("li");
-    li.textContent = `${new Date(step.at * 1000).toLocaleTimeString()} ${step.what} (${step.by})`;
+    // the page's language, not the browser's (one language per page)
+    li.textContent = `${timeOf(step.at * 1000)} ${step.what} (${step.by})`;
     timeline.append(li);
   }
   status.textContent = body.recordings.length ? "" : t("no_recording");
@@ -883,7 +884,7 @@ async function openRecording(eventId) {
     const button = document.createElement("button");
     button.type = "button";
     button.className = "play";
-    button.textContent = `${t("play")} ${new Date(r.started * 1000).toLocaleTimeString()}`;
+    button.textContent = `${t("play")} ${timeOf(r.started * 1000)}`;
     button.addEventListener("click", () => {
       const reason = $("recording-reason").value.trim();
       if (!reason) { status.textContent = t("play_need_reason"); return; }
