@@ -154,6 +154,15 @@ def joins_outage(kind: IncidentKind | None) -> bool:
 OUTAGE_STATES: Final[frozenset[str]] = frozenset({"district_outage", "district_restored"})
 
 
+def about_a_district(event_type: str, body_json: str, incident_kind: str | None) -> bool:
+    """Whether an event is about a district (its outage's statuses, its outage incident's
+    escalations) rather than the bell it is told about: it must not carry that bell's
+    address to a centre, nor show its person on a card."""
+    if incident_kind == "district_outage":
+        return True
+    return event_type == "status" and json_object(body_json).get("state") in OUTAGE_STATES
+
+
 class KeptEvent(Protocol):
     """What the decision reads of an event being kept (gateway/store.py's Incoming)."""
 
