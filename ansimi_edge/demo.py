@@ -9,8 +9,10 @@ on the page lights the bell, and a doorbell's video plays in the page. First a t
 step every few seconds, so a newcomer sees each kind on the desk (`TOUR`: a press, a silent
 store robbery, a doorbell ring that becomes an emergency, a long press, a duress code, a
 tamper, a power loss, a bell going offline and a test press, each on a bell of its own
-where there are enough); then a press every few seconds. What each bell shows and what
-reaches the centre is printed.
+where there are enough); then a press every few seconds on the bells whose card is a
+person in trouble (the tamper, power, offline and test cards stay as they are). An
+incident nobody acknowledges escalates every 30 s along the chain central -> police (both
+this console). What each bell shows and what reaches the centre is printed.
 Mosquitto where it is installed, else amqtt (MQTT 3.1.1 only, no shared subscriptions,
 so the gateway then uses a plain subscription).
 """
@@ -70,6 +72,9 @@ DEMO_HOLDS = {"long_press_s": 1.0, "cancel_hold_s": 2.0, "duress_hold_s": 3.0}
 # The demo's bells beat every 2 s and the gateway calls one offline after 3 missed: the
 # bell the tour stops shows offline within seconds.
 DEMO_HEARTBEAT_S = 2.0
+# An unacknowledged incident takes a step of the demo's chain this often (the field's 60 s
+# default would hide it from a newcomer who watches for a minute)
+DEMO_ESCALATE_AFTER_S = 30.0
 
 
 async def _press(bell: DemoBell) -> int:
@@ -126,6 +131,10 @@ class TourStep:
     says: str  # what the demo prints; the desk shows it in its own words
     device_kind: DeviceKind  # the kind of bell it prefers
     act: Callable[[DemoBell], Coroutine[Any, Any, int]]  # does it; the plain presses it made
+    # its card is a person in trouble: the presses after the tour may go to its bell. Not
+    # on the others: a press would make the tamper or power card an emergency (an incident
+    # takes its worst kind) and the newcomer would no longer see that kind on the desk
+    emergency: bool = True
 
 
 # Every kind an operator meets, each on its own card (the test press shows among the device
@@ -136,10 +145,15 @@ TOUR: tuple[TourStep, ...] = (
     TourStep("doorbell rung, then held: an emergency", "doorbell", _ring_then_emergency),
     TourStep("button held: a long press, urgent", "bell", _long_press),
     TourStep("pressed, then held to the duress length: a duress code", "bell", _duress),
-    TourStep("case opened: tamper", "store", _tamper),
-    TourStep("mains power lost: on battery", "doorbell", _power_loss),
-    TourStep("stopped: the gateway will call it offline", "store", _go_offline),
-    TourStep("test press (asked for, as the gateway does on schedule)", "doorbell", _test_press),
+    TourStep("case opened: tamper", "store", _tamper, emergency=False),
+    TourStep("mains power lost: on battery", "doorbell", _power_loss, emergency=False),
+    TourStep("stopped: the gateway will call it offline", "store", _go_offline, emergency=False),
+    TourStep(
+        "test press (asked for, as the gateway does on schedule)",
+        "doorbell",
+        _test_press,
+        emergency=False,
+    ),
 )
 
 
@@ -155,6 +169,15 @@ def plan_tour(bells: list[DemoBell]) -> list[tuple[TourStep, DemoBell]]:
         fresh.remove(bell)
         plan.append((step, bell))
     return plan
+
+
+def pressed_after_tour(
+    bells: list[DemoBell], tour: list[tuple[TourStep, DemoBell]]
+) -> list[DemoBell]:
+    """The bells the demo presses once the tour is done: those whose step was an emergency,
+    and those the tour did not reach (a demo with more bells than steps)."""
+    kept_as_shown = [bell for step, bell in tour if not step.emergency]
+    return [b for b in bells if not any(b is shown for shown in kept_as_shown)]
 
 
 @contextlib.asynccontextmanager
@@ -238,6 +261,19 @@ name = "central"
 url = "{centre_url}"
 secret = "{secret}"
 districts = ["*"]
+
+# the police request line: it gets an incident only when its escalation reaches it (the
+# demo's console stands in for it)
+[[centres]]
+name = "police"
+url = "{centre_url}"
+secret = "{secret}"
+districts = []
+
+# an incident nobody acknowledges escalates by itself, soon enough for a newcomer to see
+[incidents]
+escalate_after_s = {{ default = {DEMO_ESCALATE_AFTER_S} }}
+escalation = ["central", "police"]
 """
 
 
@@ -459,7 +495,8 @@ async def run_demo(
             deadline = time.monotonic() + duration_s if duration_s > 0 else float("inf")
             shown: dict[str, int] = {a.device_id: 0 for a in agents}
             next_press = time.monotonic() + 1.0
-            presses = itertools.cycle(bells)
+            after_tour = pressed_after_tour(bells, tour)
+            presses = itertools.cycle(after_tour)
             while True:
                 while time.monotonic() < min(next_press, deadline):
                     _print_indicators(bells, shown)
@@ -475,7 +512,8 @@ async def run_demo(
                     continue
                 # the next bell still running (the tour stopped one)
                 pressing = next(
-                    (b for b in itertools.islice(presses, len(bells)) if b.task is not None), None
+                    (b for b in itertools.islice(presses, len(after_tour)) if b.task is not None),
+                    None,
                 )
                 if pressing is not None:
                     pressed += await _press(pressing)

@@ -90,7 +90,11 @@ def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind 
     Never raises for what a body holds: the body was validated when kept, but a gateway's
     own event or an older row may leave fields out, which then take the protocol defaults.
     """
-    body = json_object(body_json)
+    return kind_of(device_kind, event_type, json_object(body_json))
+
+
+def kind_of(device_kind: str, event_type: str, body: Mapping[str, Any]) -> IncidentKind | None:
+    """`classify` of a body already parsed."""
     if event_type == "status":
         state = body.get("state")
         return state if state in ("offline", "district_outage") else None
@@ -142,6 +146,153 @@ def joins_outage(kind: IncidentKind | None) -> bool:
     (gateway/supervise.py tells the outage before its bells' own offline events): one
     incident for the district, not one per bell, and one escalation."""
     return kind == "offline"
+
+
+# The statuses about a district rather than its bell (gateway/supervise.py sends them about
+# the outage's first bell): they belong to the district's outage incident, never to that
+# bell's own.
+OUTAGE_STATES: Final[frozenset[str]] = frozenset({"district_outage", "district_restored"})
+
+
+def about_a_district(event_type: str, body_json: str, incident_kind: str | None) -> bool:
+    """Whether an event is about a district (its outage's statuses, its outage incident's
+    escalations) rather than the bell it is told about: it must not carry that bell's
+    address to a centre, nor show its person on a card."""
+    if incident_kind == "district_outage":
+        return True
+    return event_type == "status" and json_object(body_json).get("state") in OUTAGE_STATES
+
+
+class KeptEvent(Protocol):
+    """What the decision reads of an event being kept (gateway/store.py's Incoming)."""
+
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def body_json(self) -> str: ...
+
+
+@dataclass
+class OpenIncident:
+    """An open incident as a store reads it, changed as each decided event leaves it."""
+
+    device_id: str
+    incident_id: str
+    kind: str
+    priority: int
+    state: str
+    updated_ms: int
+    events: int
+    first_alert_id: str | None
+    last_alert_id: str | None
+    offline: bool
+    events_added: int = 0  # by the events being decided now (0: nothing to write)
+    reopened: bool = False  # acknowledged as something else, new again (`reopens`)
+
+    @property
+    def is_outage(self) -> bool:
+        return self.kind == "district_outage"
+
+
+@dataclass
+class Attached:
+    """What the decision tells a store to write, in order."""
+
+    attached: list[tuple[str, str]] = field(default_factory=list)  # (event id, incident id)
+    # (incident id, what, actor, event id, detail)
+    history: list[tuple[str, str, str, str, dict[str, Any]]] = field(default_factory=list)
+    caught_up: dict[str, str] = field(default_factory=dict)  # alert -> its incident's stage
+
+
+def decide_incidents(
+    items: Sequence[KeptEvent],
+    bells: Mapping[str, tuple[str, str]],
+    own: dict[str, OpenIncident],
+    outages: dict[str, OpenIncident],
+    priority: Callable[[str], int],
+    now_ms: int,
+) -> Attached:
+    """Which incident each event opens or joins, event after event, for every store engine.
+
+    `bells`: device -> (device kind, district) for the events' devices; `own`: each bell's
+    own open incident; `outages`: each district's open outage incident. Both are changed as
+    each event leaves them, so the next event sees it; the store writes those whose
+    `events_added` is not 0. One open incident per originator and kind of originator: a
+    bell's own, and its district's outage (about the outage's first bell, but not that
+    bell's: the bell pressed during the outage is a person in trouble, its own incident).
+    """
+    done = Attached()
+    for item in items:
+        bell = bells.get(item.device_id)
+        if bell is None:
+            continue  # an event about the gateway itself (disk_low): no bell, no incident
+        if item.type == "escalation" or is_test_press(item.type, item.body_json):
+            continue  # attached by the store's `escalate`; a test joins no incident
+        device_kind, district = bell
+        kind = classify(device_kind, item.type, item.body_json)
+        body = json_object(item.body_json)
+        offline = offline_of(item.type, body)
+        first_alert = item.event_id if item.type == "alert" else None
+        about_district = item.type == "status" and body.get("state") in OUTAGE_STATES
+        found: OpenIncident | None
+        if about_district:
+            found = outages.get(district)
+        else:
+            found = own.get(item.device_id)
+            outage = outages.get(district)
+            if found is None and joins_outage(kind) and outage is not None and outage.offline:
+                found = outage
+        if found is None:
+            if kind is None:
+                continue
+            incident = OpenIncident(
+                item.device_id,
+                item.event_id,
+                kind,
+                priority(kind),
+                "new",
+                now_ms,
+                0,
+                first_alert,
+                first_alert,
+                bool(offline),
+            )
+            if about_district:
+                outages[district] = incident
+            else:
+                own[item.device_id] = incident
+        else:
+            incident = found
+            incident.updated_ms = max(incident.updated_ms, now_ms)
+            incident.first_alert_id = incident.first_alert_id or first_alert
+            incident.last_alert_id = first_alert or incident.last_alert_id
+            incident.offline = incident.offline if offline is None else offline
+        incident.events += 1
+        incident.events_added += 1
+        done.attached.append((item.event_id, incident.incident_id))
+        actor = "device" if item.type in ("alert", "cancel", "health", "heartbeat") else "gateway"
+        done.history.append(
+            (incident.incident_id, "event", actor, item.event_id, {"type": item.type, "body": body})
+        )
+        # a worse event came (a ring that became an emergency, duress): the incident is it;
+        # an outage stays the district's, whatever the priorities say of a bell offline in it
+        joined = found is not None and not incident.is_outage
+        if joined and kind is not None and priority(kind) < incident.priority:
+            reopened = incident.state != "new" and reopens(incident.kind, kind)
+            detail: dict[str, Any] = {"from": incident.kind, "to": kind}
+            detail |= {"reopened": True} if reopened else {}
+            done.history.append((incident.incident_id, "kind", "gateway", item.event_id, detail))
+            incident.kind, incident.priority = kind, priority(kind)
+            if reopened:
+                # acknowledged as something else: new again, its escalation from now
+                incident.state, incident.reopened = "new", True
+        if found is not None and incident.state != "new" and item.type == "alert":
+            done.caught_up[item.event_id] = incident.state
+    return done
 
 
 class Priorities:
@@ -329,13 +480,16 @@ _STEP_TEXT: Final[Mapping[str, tuple[str, str]]] = {
     "request_dispatch": ("경찰 출동 요청하기", "Request dispatch"),
     "confirm_safe": ("안전 확인하기", "Confirm the person is safe"),
     "check_device": ("기기 상태 확인하기", "Check the bell's state"),
+    "check_district": ("구역 통신망·정전 여부 확인하기", "Check the district's network and power"),
+    "notify_district": ("구청 상황실에 알리기", "Tell the district office"),
 }
 _PERSON = _steps("call_victim", "call_guardian", "request_dispatch", "confirm_safe")
 # a duress press or a silent robbery: never call the phone first, it may give the victim away
 _SILENT = _steps("request_dispatch", "call_guardian", "confirm_safe")
 _DOOR = _steps("view_camera", "call_victim", "call_guardian", "request_dispatch", "confirm_safe")
 _DEVICE = _steps("check_device", "call_victim")
-# the checklist per kind when [[incidents.procedure]] does not name the kind
+# the checklist per kind when [[incidents.procedure]] does not name the kind; every kind
+# has one, or its card shows the operator nothing to do
 DEFAULT_PROCEDURES: Final[Mapping[str, tuple[ProcedureStep, ...]]] = {
     "duress": _SILENT,
     "store_robbery": _SILENT,
@@ -344,6 +498,8 @@ DEFAULT_PROCEDURES: Final[Mapping[str, tuple[ProcedureStep, ...]]] = {
     "doorbell_emergency": _DOOR,
     "tamper": _DEVICE,
     "power_lost": _DEVICE,
+    # many bells dark at once: their network or power, not one person to call
+    "district_outage": _steps("check_district", "notify_district"),
     "offline": _DEVICE,
     "doorbell_ring": _steps("view_camera"),
 }

@@ -70,13 +70,11 @@ from gateway.incidents import (
     EscalationStore,
     HistoryEntry,
     Incident,
+    OpenIncident,
     Priorities,
-    classify,
+    decide_incidents,
     is_test_press,
-    joins_outage,
     json_object,
-    offline_of,
-    reopens,
 )
 
 # re-exported: the store's callers name the kind from here
@@ -235,6 +233,17 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
     reason      TEXT,
     PRIMARY KEY (rollout_id, device_id)
 );
+"""
+
+# One open incident per originator: a bell's own, and beside it the district outage told
+# about it as its district's first bell (gateway/incidents.py decide_incidents). The same
+# statements on PostgreSQL.
+OPEN_INCIDENT_INDEXES = """
+DROP INDEX IF EXISTS incidents_one_open;
+CREATE UNIQUE INDEX IF NOT EXISTS incidents_one_open_per_bell ON incidents(device_id)
+    WHERE state != 'closed' AND kind != 'district_outage';
+CREATE UNIQUE INDEX IF NOT EXISTS incidents_one_open_outage_per_opener ON incidents(device_id)
+    WHERE state != 'closed' AND kind = 'district_outage';
 """
 
 _ENROLMENTS = """
@@ -823,7 +832,9 @@ OFFER_ROLLOUT_SQL = (
     " WHERE rollout_id = $1"
     " AND (state = 'pending' OR (state = 'offered' AND at_ms + $3 <= $2))"
     " AND NOT EXISTS (SELECT 1 FROM incidents i"
-    " WHERE i.device_id = rollout_devices.device_id AND i.state != 'closed')"
+    " WHERE i.device_id = rollout_devices.device_id AND i.state != 'closed'"
+    # a district outage is its district's, not the bell that told of it first
+    " AND i.kind != 'district_outage')"
     " RETURNING device_id"
 )
 REPORT_UPDATE_SQL: Final[dict[str, str]] = {
@@ -999,6 +1010,45 @@ def incident_from_row(row: tuple[Any, ...], stages: dict[str, tuple[int, str]]) 
     )
 
 
+# what `OpenIncident` is made of, in its order, and where from (both engines)
+OPEN_INCIDENT_COLUMNS: Final = (
+    "i.device_id, i.incident_id, i.kind, i.priority, i.state, i.updated_ms, i.events,"
+    " i.first_alert_id, i.last_alert_id, i.offline FROM incidents i"
+)
+
+
+def _write_incident(db: sqlite3.Connection, incident: OpenIncident, now_ms: int) -> None:
+    """Keep an incident as `decide_incidents` left it: opened, or joined (and upgraded)."""
+    db.execute(
+        "INSERT INTO incidents (device_id, incident_id, kind, priority, state, updated_ms, events,"
+        " first_alert_id, last_alert_id, offline, opened_ms)"
+        " VALUES (?, ?, ?, ?, 'new', ?, ?, ?, ?, ?, ?) ON CONFLICT (incident_id) DO UPDATE SET"
+        " kind = excluded.kind, priority = excluded.priority, updated_ms = excluded.updated_ms,"
+        " events = excluded.events, first_alert_id = excluded.first_alert_id,"
+        " last_alert_id = excluded.last_alert_id, offline = excluded.offline",
+        (
+            incident.device_id,
+            incident.incident_id,
+            incident.kind,
+            incident.priority,
+            incident.updated_ms,
+            incident.events,
+            incident.first_alert_id,
+            incident.last_alert_id,
+            int(incident.offline),
+            now_ms,
+        ),
+    )
+    if incident.reopened:
+        # acknowledged as something else: new again, its escalation from now
+        db.execute(
+            "UPDATE incidents SET state = 'new', opened_ms = ?, escalation_level = 0,"
+            " escalated_to = '[]' WHERE incident_id = ?",
+            (now_ms, incident.incident_id),
+        )
+        db.execute("DELETE FROM incident_stages WHERE incident_id = ?", (incident.incident_id,))
+
+
 def _add_to_incident(db: sqlite3.Connection, event_id: str, incident_id: str) -> None:
     db.execute("INSERT OR IGNORE INTO incident_events VALUES (?, ?)", (event_id, incident_id))
 
@@ -1082,6 +1132,11 @@ MIGRATIONS: Final[tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], .
     (6, "incidents, their events, stages, procedure ticks and history", _script(_INCIDENTS)),
     (7, "remote configuration: desired layers, reported hashes", _script(_REMOTE_CONFIG)),
     (8, "agent rollouts and their devices' progress", _script(_ROLLOUTS)),
+    (
+        9,
+        "a district outage open beside its first bell's own incident",
+        _script(OPEN_INCIDENT_INDEXES),
+    ),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -1446,104 +1501,43 @@ class SqliteDatabase:
     # ---- incidents --------------------------------------------------------------------------
 
     def _attach(self, db: sqlite3.Connection, item: Incoming, now_ms: int) -> str | None:
-        """Attach a new event to its bell's open incident, or open one if it is worth one;
-        for an alert joining an incident already acknowledged or dispatched, that stage.
+        """Attach a new event to its incident, or open one if it is worth one
+        (`decide_incidents`); for an alert joining an incident already acknowledged or
+        dispatched, that stage.
 
         In the transaction that keeps the event: an event acked to its bell is always on
         its incident. The gateway's own `escalation` events are attached by `escalate`.
         """
-        if item.type == "escalation" or is_test_press(item.type, item.body_json):
-            return None  # a test joins no incident, not even one open on its bell
-        row = db.execute(
+        device = db.execute(
             "SELECT kind, district FROM devices WHERE device_id = ?", (item.device_id,)
-        )
-        device = row.fetchone()
+        ).fetchone()
         if device is None:
             return None  # an event about the gateway itself (disk_low): no bell, no incident
-        kind = classify(str(device[0]), item.type, item.body_json)
-        body = json_object(item.body_json)
-        link_down = offline_of(item.type, body)
-        offline = None if link_down is None else int(link_down)
-        first_alert = item.event_id if item.type == "alert" else None
-        found = db.execute(
-            "SELECT incident_id, priority, state FROM incidents"
-            " WHERE device_id = ? AND state != 'closed'",
+        bell = (str(device[0]), str(device[1]))
+        mine = db.execute(
+            f"SELECT {OPEN_INCIDENT_COLUMNS} WHERE i.device_id = ? AND i.state != 'closed'"
+            " AND i.kind != 'district_outage'",
             (item.device_id,),
         ).fetchone()
-        if found is None and joins_outage(kind):
-            found = db.execute(
-                "SELECT i.incident_id, i.priority, i.state FROM incidents i"
-                " JOIN devices d ON d.device_id = i.device_id"
-                " WHERE i.kind = 'district_outage' AND i.state != 'closed' AND i.offline = 1"
-                " AND d.district = ? ORDER BY i.opened_ms LIMIT 1",
-                (device[1],),
-            ).fetchone()
-        priority = 0
-        if found is None:
-            if kind is None:
-                return None
-            incident_id = item.event_id
-            db.execute(
-                "INSERT INTO incidents (incident_id, device_id, kind, priority, opened_ms,"
-                " updated_ms, first_alert_id, last_alert_id, events, offline)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
-                (
-                    incident_id,
-                    item.device_id,
-                    kind,
-                    self._priority(kind),
-                    now_ms,
-                    now_ms,
-                    first_alert,
-                    first_alert,
-                    offline or 0,
-                ),
-            )
-        else:
-            incident_id, priority = str(found[0]), int(found[1])
-            db.execute(
-                "UPDATE incidents SET updated_ms = MAX(updated_ms, ?), events = events + 1,"
-                " first_alert_id = COALESCE(first_alert_id, ?),"
-                " last_alert_id = COALESCE(?, last_alert_id), offline = COALESCE(?, offline)"
-                " WHERE incident_id = ?",
-                (now_ms, first_alert, first_alert, offline, incident_id),
-            )
-        _add_to_incident(db, item.event_id, incident_id)
-        actor = "device" if item.type in ("alert", "cancel", "health", "heartbeat") else "gateway"
-        _history(db, incident_id, now_ms, "event", actor, item.event_id, type=item.type, body=body)
-        reopened = False
-        if found is not None and kind is not None and self._priority(kind) < priority:
-            # a worse event came (a ring that became an emergency, duress): the incident is it
-            old = db.execute(
-                "SELECT kind FROM incidents WHERE incident_id = ?", (incident_id,)
-            ).fetchone()[0]
-            db.execute(
-                "UPDATE incidents SET kind = ?, priority = ? WHERE incident_id = ?",
-                (kind, self._priority(kind), incident_id),
-            )
-            reopened = found[2] != "new" and reopens(str(old), kind)
-            if reopened:
-                # acknowledged as something else: new again, its escalation from now
-                db.execute(
-                    "UPDATE incidents SET state = 'new', opened_ms = ?, escalation_level = 0,"
-                    " escalated_to = '[]' WHERE incident_id = ?",
-                    (now_ms, incident_id),
-                )
-                db.execute("DELETE FROM incident_stages WHERE incident_id = ?", (incident_id,))
-            extra = {"reopened": True} if reopened else {}
-            _history(
-                db,
-                incident_id,
-                now_ms,
-                "kind",
-                "gateway",
-                item.event_id,
-                from_=old,
-                to=kind,
-                **extra,
-            )
-        moved_on = found is not None and found[2] != "new" and not reopened
-        return str(found[2]) if moved_on and item.type == "alert" else None
+        outage = db.execute(
+            f"SELECT {OPEN_INCIDENT_COLUMNS} JOIN devices d ON d.device_id = i.device_id"
+            " WHERE i.kind = 'district_outage' AND i.state != 'closed' AND d.district = ?"
+            " ORDER BY i.offline DESC, i.opened_ms LIMIT 1",
+            (bell[1],),
+        ).fetchone()
+        own = {} if mine is None else {item.device_id: OpenIncident(*mine)}
+        outages = {} if outage is None else {bell[1]: OpenIncident(*outage)}
+        decided = decide_incidents(
+            [item], {item.device_id: bell}, own, outages, self._priority, now_ms
+        )
+        for incident in (*own.values(), *outages.values()):
+            if incident.events_added:
+                _write_incident(db, incident, now_ms)
+        for event_id, incident_id in decided.attached:
+            _add_to_incident(db, event_id, incident_id)
+        for incident_id, what, actor, event_id, detail in decided.history:
+            _history(db, incident_id, now_ms, what, actor, event_id, **detail)
+        return decided.caught_up.get(item.event_id)
 
     def incidents(
         self, state: str | None, limit: int, districts: Sequence[str] | None = None

@@ -47,13 +47,9 @@ from gateway.enrolments import (
 from gateway.incidents import (
     HistoryEntry,
     Incident,
+    OpenIncident,
     Priorities,
-    classify,
-    is_test_press,
-    joins_outage,
-    json_object,
-    offline_of,
-    reopens,
+    decide_incidents,
 )
 from gateway.store import (
     ADD_ROLLOUT_DEVICE_SQL,
@@ -63,6 +59,8 @@ from gateway.store import (
     INCIDENT_STAGE_ORDER,
     NEW_DEVICE_COLUMNS,
     OFFER_ROLLOUT_SQL,
+    OPEN_INCIDENT_COLUMNS,
+    OPEN_INCIDENT_INDEXES,
     PURGE_BATCH,
     ROLLOUT_COLUMNS,
     ROLLOUT_DEVICES_SQL,
@@ -338,6 +336,7 @@ PG_MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (4, "live video stream claims", _VIDEO_STREAMS),
     (5, "remote configuration (SQLite's version 7)", _REMOTE_CONFIG),
     (6, "agent rollouts (SQLite's version 8)", _ROLLOUTS),
+    (7, "a district outage open beside its first bell's own (SQLite's 9)", OPEN_INCIDENT_INDEXES),
 )
 PG_SCHEMA_VERSION: Final = PG_MIGRATIONS[-1][0]
 
@@ -454,106 +453,6 @@ async def _history(
         event_id,
         history_detail(detail),
     )
-
-
-@dataclass
-class _OpenIncident:
-    """A bell's open incident as `_attach` reads it and as its events leave it."""
-
-    device_id: str
-    incident_id: str
-    kind: str
-    priority: int
-    state: str
-    updated_ms: int
-    events: int
-    first_alert_id: str | None
-    last_alert_id: str | None
-    offline: bool
-    events_added: int = 0  # by the events being attached now
-    reopened: bool = False  # acknowledged as something else, new again (`reopens`)
-
-
-@dataclass
-class _Attached:
-    attached: list[tuple[str, str]] = field(default_factory=list)  # (event id, incident id)
-    # (incident id, what, actor, event id, detail), in the order SQLite writes them
-    history: list[tuple[str, str, str, str, str]] = field(default_factory=list)
-    caught_up: dict[str, str] = field(default_factory=dict)
-
-
-def _decide_incidents(
-    items: Sequence[Incoming],
-    device_kinds: Mapping[str, str],
-    open_now: dict[str, _OpenIncident],
-    priority: Callable[[str], int],
-    now_ms: int,
-    districts: Mapping[str, str] | None = None,
-    outages: dict[str, _OpenIncident] | None = None,
-) -> _Attached:
-    """SqliteDatabase._attach, event after event, on the incidents read first: `open_now`
-    (by device) and `outages` (open district outage incidents, by district) are changed as
-    each event would change them, so the next sees it."""
-    done = _Attached()
-    districts = districts or {}
-    outages = {} if outages is None else outages
-    for item in items:
-        device_kind = device_kinds.get(item.device_id)
-        if device_kind is None:
-            continue  # an event about the gateway itself (disk_low): no bell, no incident
-        if is_test_press(item.type, item.body_json):
-            continue  # a test joins no incident, not even one open on its bell
-        kind = classify(device_kind, item.type, item.body_json)
-        body = json_object(item.body_json)
-        offline = offline_of(item.type, body)
-        first_alert = item.event_id if item.type == "alert" else None
-        found = open_now.get(item.device_id)
-        district = districts.get(item.device_id)
-        if found is None and joins_outage(kind) and district is not None:
-            outage = outages.get(district)
-            found = outage if outage is not None and outage.offline else None
-        if found is None:
-            if kind is None:
-                continue
-            incident = open_now[item.device_id] = _OpenIncident(
-                item.device_id,
-                item.event_id,
-                kind,
-                priority(kind),
-                "new",
-                now_ms,
-                0,
-                first_alert,
-                first_alert,
-                bool(offline),
-            )
-            if kind == "district_outage" and district is not None:
-                outages.setdefault(district, incident)
-        else:
-            incident = found
-            incident.updated_ms = max(incident.updated_ms, now_ms)
-            incident.first_alert_id = incident.first_alert_id or first_alert
-            incident.last_alert_id = first_alert or incident.last_alert_id
-            incident.offline = incident.offline if offline is None else offline
-        incident.events += 1
-        incident.events_added += 1
-        done.attached.append((item.event_id, incident.incident_id))
-        actor = "device" if item.type in ("alert", "cancel", "health", "heartbeat") else "gateway"
-        detail = history_detail({"type": item.type, "body": body})
-        done.history.append((incident.incident_id, "event", actor, item.event_id, detail))
-        if found is not None and kind is not None and priority(kind) < incident.priority:
-            # a worse event came (a ring that became an emergency, duress): the incident is it
-            reopened = incident.state != "new" and reopens(incident.kind, kind)
-            extra = {"reopened": True} if reopened else {}
-            detail = history_detail({"from": incident.kind, "to": kind, **extra})
-            done.history.append((incident.incident_id, "kind", "gateway", item.event_id, detail))
-            incident.kind, incident.priority = kind, priority(kind)
-            if reopened:
-                # acknowledged as something else: new again, its escalation from now
-                incident.state, incident.reopened = "new", True
-        if found is not None and incident.state != "new" and item.type == "alert":
-            done.caught_up[item.event_id] = incident.state
-    return done
 
 
 def _count(status: str) -> int:
@@ -980,7 +879,7 @@ class PostgresStore:
         """As `SqliteDatabase._attach` for each kept event in order, in the transaction that
         keeps them and in a fixed number of round trips: the bells' rows (locked, in one
         order: accept_batch holds them already) and open incidents are read first, the
-        events are decided one after another here (`_decide_incidents`), and what changed
+        events are decided one after another (`decide_incidents`, as on SQLite), and what changed
         is written in one statement a table."""
         items = [i for i in items if i.type != "escalation"]  # attached by `escalate`
         if not items:
@@ -990,37 +889,31 @@ class PostgresStore:
             " ORDER BY device_id FOR UPDATE",
             sorted({i.device_id for i in items}),
         )
-        kinds = {r["device_id"]: str(r["kind"]) for r in devices}
-        districts = {r["device_id"]: str(r["district"]) for r in devices}
-        open_now = {
-            r["device_id"]: _OpenIncident(**dict(r))
+        bells = {r["device_id"]: (str(r["kind"]), str(r["district"])) for r in devices}
+        own = {
+            r["device_id"]: OpenIncident(*r)
             for r in await db.fetch(
-                "SELECT device_id, incident_id, kind, priority, state, updated_ms, events,"
-                " first_alert_id, last_alert_id, offline FROM incidents"
-                " WHERE device_id = ANY($1::text[]) AND state != 'closed' FOR UPDATE",
-                list(kinds),
+                f"SELECT {OPEN_INCIDENT_COLUMNS}"
+                " WHERE i.device_id = ANY($1::text[]) AND i.state != 'closed'"
+                " AND i.kind != 'district_outage' FOR UPDATE",
+                list(bells),
             )
         }
-        # the districts' open outages, which a bell going offline joins (`joins_outage`);
-        # the opener's row is its open incident too: one object for both
-        outages: dict[str, _OpenIncident] = {}
+        # the districts' open outages (one each; one still dark first), which a bell going
+        # offline joins and the district's statuses attach to
+        outages: dict[str, OpenIncident] = {}
         for r in await db.fetch(
-            "SELECT d.district, i.device_id, i.incident_id, i.kind, i.priority, i.state,"
-            " i.updated_ms, i.events, i.first_alert_id, i.last_alert_id, i.offline"
-            " FROM incidents i JOIN devices d ON d.device_id = i.device_id"
-            " WHERE i.kind = 'district_outage' AND i.state != 'closed' AND i.offline"
-            " AND d.district = ANY($1::text[]) ORDER BY i.opened_ms FOR UPDATE OF i",
-            sorted(set(districts.values())),
+            f"SELECT d.district, {OPEN_INCIDENT_COLUMNS} JOIN devices d"
+            " ON d.device_id = i.device_id WHERE i.kind = 'district_outage'"
+            " AND i.state != 'closed' AND d.district = ANY($1::text[])"
+            " ORDER BY i.offline DESC, i.opened_ms FOR UPDATE OF i",
+            sorted({district for _, district in bells.values()}),
         ):
-            row = {k: v for k, v in r.items() if k != "district"}
-            opener = open_now.setdefault(r["device_id"], _OpenIncident(**row))
-            outages.setdefault(str(r["district"]), opener)
-        decided = _decide_incidents(
-            items, kinds, open_now, self._priority, now_ms, districts, outages
-        )
+            outages.setdefault(str(r["district"]), OpenIncident(*tuple(r)[1:]))
+        decided = decide_incidents(items, bells, own, outages, self._priority, now_ms)
         if caught_up is not None:
             caught_up.update(decided.caught_up)
-        touched = [i for i in open_now.values() if i.events_added]  # outages are in it
+        touched = [i for i in (*own.values(), *outages.values()) if i.events_added]
         rows = [
             (
                 i.incident_id,
@@ -1072,7 +965,7 @@ class PostgresStore:
             "  WITH ORDINALITY AS h(incident_id, what, actor, event_id, detail, n)"
             " ORDER BY h.n",
             now_ms,
-            *_columns(decided.history, 5),
+            *_columns([(*h[:4], history_detail(h[4])) for h in decided.history], 5),
         )
 
     async def incidents(

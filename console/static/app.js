@@ -461,6 +461,12 @@ function renderCard(template, i) {
 }
 
 function showDevice(li, i) {
+  if (i.kind === "district_outage") {
+    // the district's incident, told about its first bell: not that bell's person, so no
+    // one's address or phones (fetching them would audit a view nobody needed)
+    li.querySelector(".address").textContent = `${t("k_district_outage")} · ${i.district || "—"}`;
+    return;
+  }
   const device = state.devices.get(i.device_id);
   if (device === undefined) {
     li.querySelector(".address").textContent = "…";
@@ -781,11 +787,13 @@ function drawMap() {
     marker.remove();
     m.markers.delete(key);
   }
-  // the districts with an open incident stand out, located or not
+  // the districts with an open incident stand out, located or not; a district's code is
+  // its English name without "-gu" (ansimi/districts.py): a whole name, not a prefix, or
+  // Jung-gu's incident would light Jungnang-gu too
   m.districts.eachLayer((layer) => {
     const name = String(layer.feature.properties.name_eng || "").toLowerCase();
     const el = layer.getElement && layer.getElement();
-    if (el) el.classList.toggle("hot", [...hot].some((d) => d && name.startsWith(d)));
+    if (el) el.classList.toggle("hot", hot.has(name.replace(/-gu$/, "")));
   });
 }
 
@@ -867,7 +875,8 @@ async function openRecording(eventId) {
   if (response.status !== 200) { status.textContent = body.error || `HTTP ${response.status}`; return; }
   for (const step of body.timeline) {
     const li = document.createElement("li");
-    li.textContent = `${new Date(step.at * 1000).toLocaleTimeString()} ${step.what} (${step.by})`;
+    // the page's language, not the browser's (one language per page)
+    li.textContent = `${timeOf(step.at * 1000)} ${step.what} (${step.by})`;
     timeline.append(li);
   }
   status.textContent = body.recordings.length ? "" : t("no_recording");
@@ -875,7 +884,7 @@ async function openRecording(eventId) {
     const button = document.createElement("button");
     button.type = "button";
     button.className = "play";
-    button.textContent = `${t("play")} ${new Date(r.started * 1000).toLocaleTimeString()}`;
+    button.textContent = `${t("play")} ${timeOf(r.started * 1000)}`;
     button.addEventListener("click", () => {
       const reason = $("recording-reason").value.trim();
       if (!reason) { status.textContent = t("play_need_reason"); return; }

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from gateway.config import Centre, ForwardConfig
+from gateway.incidents import about_a_district
 from gateway.store import Delivery
 from gateway.transports.base import DELIVERED, Outcome
 from protocol.forwarding import (
@@ -92,7 +93,11 @@ class HttpsCentre:
 
     async def send(self, delivery: Delivery, district: str) -> Outcome:
         address = None
-        if self._address_of is not None:
+        kind = None if delivery.incident is None else delivery.incident[1]
+        # a district's outage is told about its first bell: not that bell's address
+        if self._address_of is not None and not about_a_district(
+            delivery.type, delivery.body_json, kind
+        ):
             address = await self._address_of(delivery.device_id)
         body = delivery_body(delivery, district, address)
         timestamp = str(self._clock_ms())

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gateway.config import SiaReceiver
 from gateway.errors import GatewayError
+from gateway.incidents import kind_of
 from gateway.store import Delivery
 from gateway.transports.base import DELIVERED, Outcome
 from protocol.clock import wall_ms
@@ -60,11 +61,17 @@ class SiaEvent:
     cid_event: int  # Contact ID event code: 120 panic, 121 duress...
 
 
-# alert triggers; every one maps, so every alert reaches the receiver
+PANIC: Final = SiaEvent("PA", "E", 120)
+DURESS: Final = SiaEvent("HA", "E", 121)  # hold-up / duress
+OFFLINE_EVENT: Final = SiaEvent("YC", "E", 350)  # communication trouble
+ONLINE_EVENT: Final = SiaEvent("YK", "R", 350)  # communication restored
+
+# alert triggers; every one maps, so every alert reaches the receiver (an alert that is an
+# incident kind takes the kind's code first: `KIND_EVENTS`)
 ALERT_EVENTS: Final[dict[str, SiaEvent]] = {
-    "press": SiaEvent("PA", "E", 120),  # panic
-    "long_press": SiaEvent("PA", "E", 120),
-    "duress": SiaEvent("HA", "E", 121),  # hold-up / duress
+    "press": PANIC,
+    "long_press": PANIC,
+    "duress": DURESS,
     "doorbell_ring": SiaEvent("UA", "E", 150),  # 24-hour non-burglary zone
     "tamper": SiaEvent("TA", "E", 137),
     "tamper_cleared": SiaEvent("TR", "R", 137),
@@ -74,9 +81,23 @@ ALERT_EVENTS: Final[dict[str, SiaEvent]] = {
     # as a test and never dispatches on it
     "test": SiaEvent("RX", "E", 601),
 }
+# Each incident kind as a receiver must file it, for the alert that is that kind and for the
+# incident's escalation alike: a bell offline or a district gone dark is communication
+# trouble, never a panic a receiver would dispatch the police on; a store's silent press a
+# silent hold-up (Contact ID 122).
+KIND_EVENTS: Final[dict[str, SiaEvent]] = {
+    "duress": DURESS,
+    "store_robbery": SiaEvent("HA", "E", 122),
+    "stalking_urgent": PANIC,
+    "stalking": PANIC,
+    "doorbell_emergency": PANIC,  # a ring that became an emergency too
+    "tamper": ALERT_EVENTS["tamper"],
+    "power_lost": ALERT_EVENTS["power_loss"],
+    "district_outage": OFFLINE_EVENT,
+    "offline": OFFLINE_EVENT,
+    "doorbell_ring": ALERT_EVENTS["doorbell_ring"],
+}
 CANCEL_EVENT: Final = SiaEvent("OC", "E", 406)  # cancel by user
-OFFLINE_EVENT: Final = SiaEvent("YC", "E", 350)  # communication trouble
-ONLINE_EVENT: Final = SiaEvent("YK", "R", 350)  # communication restored
 # the backup path (SMS) of a device, as a panel reports its second line (gateway/secondary.py)
 STATUS_EVENTS: Final[dict[str, SiaEvent]] = {
     "offline": OFFLINE_EVENT,
@@ -94,7 +115,8 @@ STATUS_EVENTS: Final[dict[str, SiaEvent]] = {
 def sia_event(type_: str, body: dict[str, object]) -> SiaEvent | None:
     """The SIA event for a kept event, or None for what an alarm receiver has no use for."""
     if type_ == "alert":
-        return ALERT_EVENTS.get(str(body.get("trigger")))
+        kind = kind_of("", type_, body)  # an alert names its bell
+        return KIND_EVENTS[kind] if kind is not None else ALERT_EVENTS.get(str(body.get("trigger")))
     if type_ == "cancel":
         return CANCEL_EVENT
     if type_ == "status":
@@ -102,7 +124,8 @@ def sia_event(type_: str, body: dict[str, object]) -> SiaEvent | None:
     if type_ == "heartbeat":  # kept only when the power source changed
         return ALERT_EVENTS["power_loss" if body.get("power") == "battery" else "power_restored"]
     if type_ == "escalation":  # an incident nobody acknowledged, on this receiver's desk now
-        return ALERT_EVENTS["duress" if body.get("kind") == "duress" else "press"]
+        # a kind a newer gateway made up: someone may be in trouble, so a panic
+        return KIND_EVENTS.get(str(body.get("kind")), PANIC)
     return None
 
 

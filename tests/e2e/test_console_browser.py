@@ -11,6 +11,7 @@ import array
 import asyncio
 import csv
 import io
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -232,6 +233,11 @@ async def test_the_alerts_recording_plays_on_the_desk_with_its_timeline(
     play = page.locator("#recording-list button.play")
     await play.wait_for(timeout=20_000)
     assert "alert" in await page.locator("#recording-timeline").inner_text()
+    # its times in the page's language, as every other time on it (en-GB: 24 hours), not
+    # in the browser's (en-US here: "11:12:53 PM")
+    assert re.fullmatch(r"Play \d\d:\d\d:\d\d", await play.inner_text())
+    first_step = await page.locator("#recording-timeline li").first.inner_text()
+    assert re.match(r"\d\d:\d\d:\d\d alert", first_step), first_step
     await page.fill("#recording-reason", "review for the police report")
     await play.click()
     async with asyncio.timeout(30):

@@ -59,6 +59,9 @@ async def test_the_demo_console_shows_an_alert_and_a_doorbells_video(tmp_path: P
             # the third simulated device is a doorbell (bell, store, doorbell, ...)
             card = page.locator(".alert[data-device-id='doorbell-0003']").first
             await card.wait_for(timeout=40_000)
+            # nobody acknowledges: the demo's chain escalates the first card by itself
+            escalated = page.locator(".alert .escalation:not([hidden])").first
+            await escalated.wait_for(timeout=45_000)
             await card.locator("button.watch").click()
             async with asyncio.timeout(30):
                 while not await page.evaluate("document.getElementById('video').videoWidth"):

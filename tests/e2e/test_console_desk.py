@@ -31,6 +31,7 @@ from playwright.async_api import BrowserContext, Page
 # one kit for the unit and the browser tests of the desk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "console"))
 from console_testkit import (
+    GATEWAY_KEY,
     PASSWORD,
     PRESS,
     Desk,
@@ -41,7 +42,7 @@ from console_testkit import (
     registry_entry,
 )
 
-from protocol.messages import Alert
+from protocol.messages import Alert, Status
 
 pytestmark = pytest.mark.slow
 
@@ -268,6 +269,24 @@ async def test_the_map_shows_an_incident_over_the_district_outlines(
     assert await page.locator("#map path.district-outline.hot").count() == 2  # mapo, gangnam
 
 
+async def test_an_incident_in_jung_gu_lights_jung_gu_not_jungnang_gu(
+    tmp_path: Path, browser: BrowserContext
+) -> None:
+    # a district's code is a whole name: "jung" is no prefix of Jungnang-gu's
+    gateway = FakeGateway(devices=[registry_entry(BELL, district="jung", label="Jung flat 1")])
+    jung = "inc-jung-0000000000006"
+    gateway.open_incident(jung, BELL, "stalking", 4, district="jung")
+    async with desk(tmp_path, gateway) as d:
+        page = await open_desk(browser, d)
+        await d.deliver(
+            delivery(PRESS, device=BELL, district="jung", incident=(jung, "stalking", 4))
+        )
+        await page.locator("#map[data-fallback='1']").wait_for(timeout=20_000)
+        hot = page.locator("#map path.district-outline.hot")
+        await hot.first.wait_for(timeout=20_000)
+        assert await hot.count() == 1
+
+
 async def test_a_test_press_shows_as_a_test_not_as_an_incident(
     site: Desk, browser: BrowserContext
 ) -> None:
@@ -280,6 +299,31 @@ async def test_a_test_press_shows_as_a_test_not_as_an_incident(
     assert (await test.locator(".what").inner_text()).startswith("Test press")
     await page.locator(f".incident[data-id='{RING}']").wait_for(timeout=20_000)
     assert await cards(page) == [ROBBERY, STALKING, GANGNAM, RING]
+
+
+async def test_a_district_outage_card_shows_no_ones_personal_data(
+    tmp_path: Path, browser: BrowserContext
+) -> None:
+    """The outage is told about its district's first bell, but it is the district's: the
+    card shows no one's address nor phones (an operator would call that bell's victim about
+    a district gone dark), and no view of them is fetched, nor audited."""
+    gateway = site_gateway()
+    outage = "inc-outage-00000000005"
+    gateway.open_incident(outage, BELL, "district_outage", 8, procedure=("check_district",))
+    async with desk(tmp_path, gateway) as d:
+        page = await open_desk(browser, d)
+        told = Status(state="district_outage", district="mapo", count=2, offline=[BELL, STORE])
+        incident = (outage, "district_outage", 8)
+        await d.deliver(delivery(told, key=GATEWAY_KEY, kid="gw-test", incident=incident))
+        card = page.locator(f".incident[data-id='{outage}']")
+        await card.locator(".procedure li").first.wait_for(timeout=20_000)
+        assert await card.locator(".address").inner_text() == (
+            "District outage (many bells offline) · mapo"
+        )
+        assert await card.locator(".phones li").count() == 0
+        response = await page.request.get(str(d.client.make_url("/api/audit.csv")))
+        rows = list(csv.DictReader(io.StringIO(await response.text())))
+        assert [r for r in rows if r["action"] == "view_personal_data"] == []
 
 
 REFERENCE = Path(__file__).resolve().parent / "reference"

@@ -23,6 +23,7 @@ from test_gw_forward_tls import eventually, gateway_and_phone
 from ansimi.broker import Mosquitto, free_port
 from gateway.config import ForwardConfig, SiaReceiver
 from gateway.forward import Forwarder
+from gateway.incidents import KINDS
 from gateway.metrics import Metrics
 from gateway.store import Delivery, Device, Incoming, SqliteStore
 from gateway.transports.sia import SiaBridge, frame
@@ -140,6 +141,67 @@ async def test_pysiaalarm_accepts_our_encrypted_messages_and_decodes_each_event(
     assert [e.sequence for e in received] == [f"{n:04d}" for n in range(1, 7)]
     # each event's first delivery is reported (the gateway acks the alerts among them)
     assert sorted(acked) == [f"ev{n:04d}" for n in range(6)]
+
+
+# Each incident kind: the event that opens it (None: a district outage, which a receiver
+# hears as each bell's own offline), then its escalation; what the receiver must file, as
+# SIA-DCS letters and as the Contact ID event pysiaalarm decodes from ADM-CID.
+KIND_CASES: list[tuple[str, dict[str, Any] | None, str, str]] = [
+    ("duress", alert("duress"), "HA", "121"),
+    ("store_robbery", {"bell": "store", "trigger": "press", "silent": True}, "HA", "122"),
+    ("stalking_urgent", alert("long_press"), "PA", "120"),
+    ("stalking", alert("press"), "PA", "120"),
+    (
+        "doorbell_emergency",
+        {"bell": "doorbell", "trigger": "doorbell_ring", "urgent": True},
+        "PA",
+        "120",
+    ),
+    ("tamper", alert("tamper"), "TA", "137"),
+    ("power_lost", alert("power_loss"), "AT", "301"),
+    ("district_outage", None, "YC", "350"),
+    ("offline", {"state": "offline"}, "YC", "350"),
+    ("doorbell_ring", {"bell": "doorbell", "trigger": "doorbell_ring"}, "UA", "150"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["SIA-DCS", "ADM-CID"])
+async def test_each_incident_kind_reaches_the_receiver_as_its_own_code_escalated_or_not(
+    fmt: str,
+) -> None:
+    """A bell offline escalated is communication trouble, not a panic the receiver would
+    dispatch on; a silent store robbery a silent hold-up; a duress a duress."""
+    assert {kind for kind, *_ in KIND_CASES} == set(KINDS)
+    port = free_port()
+    store = SqliteStore(":memory:")
+    store.database.add_device(Device("bell-0001", "k", "bell", "mapo"), now_ms=0)
+    events: list[tuple[str, str, dict[str, Any]]] = []
+    expected: list[tuple[str, str]] = []
+    for n, (kind, opening, code, cid) in enumerate(KIND_CASES):
+        if opening is not None:
+            events.append(("bell-0001", "status" if "state" in opening else "alert", opening))
+            expected.append((code, cid))
+        step = {"incident": f"incident{n:04d}", "level": 1, "to": "monitoring", "kind": kind}
+        events.append(("bell-0001", "escalation", {**step, "priority": n + 1}))
+        expected.append((code, cid))
+    keep(store, events)
+    receiver = SiaReceiver(
+        name="monitoring",
+        port=port,
+        format=fmt,
+        account=ACCOUNT,
+        key=KEY,  # type: ignore[arg-type]
+    )
+    fwd = forwarder(store, receiver, [])
+    async with pysia_receiver(port) as received:
+        while await fwd.pump():
+            pass
+        await fwd.aclose()
+    assert store.database.waiting_count() == 0  # every one ACKed: a code the receiver knows
+    if fmt == "SIA-DCS":
+        assert [e.code for e in received] == [code for code, _ in expected]
+    else:
+        assert [(e.code, e.event_type) for e in received] == expected
 
 
 async def test_a_nak_for_our_clock_is_answered_with_the_receivers_time() -> None:

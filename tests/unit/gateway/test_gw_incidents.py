@@ -18,10 +18,10 @@ from ansimi.config import ConfigError, load_config
 from gateway.api import Api
 from gateway.config import ApiToken, GatewayConfig, IncidentsConfig
 from gateway.incident_api import IncidentRoutes
-from gateway.incidents import Escalator, classify
-from gateway.store import Device, SqliteStore
+from gateway.incidents import KINDS, Escalator, classify
+from gateway.store import Device, Incoming, SqliteStore
 from gateway.transports.https import delivery_body
-from gateway.transports.sia import ALERT_EVENTS, sia_event
+from gateway.transports.sia import ALERT_EVENTS, STATUS_EVENTS, sia_event
 from protocol.envelope import open_envelope
 from protocol.keys import public_key_to_b64
 from protocol.messages import Alert, Cancel, EscalationMessage
@@ -355,10 +355,12 @@ async def test_escalation_survives_a_gateway_restart(desk: Desk) -> None:
     assert incident.escalated_to == ("mapo", "central")
 
 
-def test_an_escalation_reaches_a_dc09_receiver_as_a_panic_or_a_duress() -> None:
+def test_an_escalation_reaches_a_dc09_receiver_as_its_incidents_kind() -> None:
+    # every kind, as pysiaalarm decodes it: tests/integration/gateway/test_gw_sia_receiver.py
     step = {"incident": "a" * 26, "level": 1, "to": "monitoring", "priority": 4}
     assert sia_event("escalation", {**step, "kind": "stalking"}) == ALERT_EVENTS["press"]
     assert sia_event("escalation", {**step, "kind": "duress"}) == ALERT_EVENTS["duress"]
+    assert sia_event("escalation", {**step, "kind": "offline"}) == STATUS_EVENTS["offline"]
 
 
 def test_the_escalation_chain_names_configured_centres(tmp_path: Path) -> None:
@@ -393,3 +395,32 @@ async def test_configured_priorities_decide_the_kind_and_the_upgrade() -> None:
     await env.feed(env.message(ALERT))
     (incident,) = await store.incidents("open", 10)
     assert (incident.kind, incident.priority) == ("stalking", 1)
+
+
+async def test_an_outage_stays_the_districts_whatever_the_priorities_rank_above_it() -> None:
+    # a city that ranks a bell offline above its district's outage: the bells gone silent
+    # still join the one outage, which an offline bell never turns into its own incident
+    store = SqliteStore(":memory:", {"offline": 1})
+    mapo = ("bell-0001", "bell-0003")
+    for device_id in mapo:
+        store.database.add_device(Device(device_id, "key", "bell", "mapo"), 0)
+
+    def status(event_id: str, device_id: str, **body: object) -> Incoming:
+        return Incoming(event_id, device_id, 1, "status", NOW, json.dumps(body), "jws", ())
+
+    beats = [Incoming(f"hb-{d}", d, 1, "heartbeat", NOW, "{}", "jws", (), kept=False) for d in mapo]
+    await store.accept_batch(beats, 50)  # heard from: online until silent
+    told = status("outage-0001", "bell-0001", state="district_outage", district="mapo", count=2)
+    await store.add_event(told, 100)
+    gone = [status(f"off-{d}", d, state="offline") for d in mapo]
+    assert await store.mark_offline(gone, 100, 100) == [True, True]
+    (outage,) = await store.incidents("open", 10)
+    assert (outage.incident_id, outage.kind, outage.events) == ("outage-0001", "district_outage", 3)
+
+
+def test_every_kind_has_a_checklist_in_both_languages() -> None:
+    # a card without one shows the operator nothing to do (a district outage had none)
+    procedures = IncidentsConfig().procedures()
+    for kind in KINDS:
+        assert procedures.get(kind), f"no checklist for {kind}"
+        assert all(step.ko and step.en for step in procedures[kind])

@@ -36,7 +36,7 @@ from gateway.store import Delivery, Device, SqliteStore
 from gateway.transports import HttpsCentre
 from protocol.envelope import seal
 from protocol.keys import public_key_to_b64
-from protocol.messages import build_message
+from protocol.messages import Escalation, Status, build_message
 
 MAPO = "mapo-desk-token-01234567"
 TOKENS = [
@@ -224,6 +224,27 @@ async def test_only_centres_with_send_address_get_the_address(tmp_path: Path) ->
     press = build_message(ALERT, device="bell-0001", seq=1, ts=1)
     token = seal(press, signer("bell-0001"))
     delivery = Delivery(press.id, "central", 0, "bell-0001", "alert", 1, "{}", token)
+    # a district's outage, told about its first bell, and that incident's escalation
+    dark = Status(state="district_outage", district="mapo", count=1, offline=["bell-0001"])
+    told = build_message(dark, device="bell-0001", seq=2, ts=1)
+    outage = (told.id, "district_outage", 8)
+    step = Escalation(incident=told.id, level=1, to="central", kind="district_outage", priority=8)
+    escalated = build_message(step, device="bell-0001", seq=3, ts=1)
+    about_the_district = [
+        Delivery(
+            m.id,
+            "central",
+            0,
+            "bell-0001",
+            m.type,
+            1,
+            m.body.model_dump_json(),
+            token,
+            None,
+            outage,
+        )
+        for m in (told, escalated)
+    ]
     async with TestServer(app) as server:
         url = f"http://127.0.0.1:{server.port}/events"
         secret = "s" * 16
@@ -232,9 +253,17 @@ async def test_only_centres_with_send_address_get_the_address(tmp_path: Path) ->
             transport = HttpsCentre(centre, ForwardConfig(), lambda: 1, vault.address_of)
             assert (await transport.send(delivery, "mapo")).ok
             await transport.aclose()
-    with_address, without = received
+        # not that bell's person: no address, whatever the centre's send_address
+        centre = Centre(name="central", url=url, secret=secret, send_address=True)
+        transport = HttpsCentre(centre, ForwardConfig(), lambda: 1, vault.address_of)
+        for district_event in about_the_district:
+            assert (await transport.send(district_event, "mapo")).ok
+        await transport.aclose()
+    with_address, without, *districts = received
     assert with_address["address"] == {"address": SECRETS["address"], "floor": "4F-402"}
     assert "address" not in without
+    assert [d["type"] for d in districts] == ["status", "escalation"]
+    assert not any("address" in d for d in districts)
     assert "Kim Haneul" not in json.dumps(with_address)  # phones and notes never forwarded
     store.database.close()
 

@@ -560,6 +560,54 @@ async def test_bells_going_offline_in_their_districts_outage_join_its_one_incide
     assert not restored.offline
 
 
+async def test_a_press_from_an_outages_first_bell_is_its_own_incident_not_the_outages(
+    store: Store,
+) -> None:
+    """The outage is told about its district's first bell, but it is the district's: that
+    bell pressed (acknowledged outage or not) is a person in trouble beside it, and its
+    coming back online says nothing of the district, whose later silent bells still join."""
+    mapo = ("bell-0001", "bell-0003", "bell-0004")
+    for device_id in mapo[1:]:
+        await store.add_device(Device(device_id, f"key-{device_id}", "bell", "mapo"), 0)
+    await store.accept_batch([item(f"hb-{d}", d, type="heartbeat") for d in mapo], 50)
+
+    def status(event_id: str, device_id: str, seq: int, **body: object) -> Incoming:
+        return item(event_id, device_id, seq, type="status", body=json.dumps(body))
+
+    told = {"district": "mapo", "count": 2, "offline": list(mapo[:2])}
+    await store.add_event(
+        status("outage-0001", "bell-0001", 2, state="district_outage", **told), 100
+    )
+    gone = [status(f"off-{d}", d, 3, state="offline") for d in mapo[:2]]
+    assert await store.mark_offline(gone, 100, 100) == [True, True]
+    assert await store.move_incident("outage-0001", "acknowledged", 150, "desk")
+
+    pressed = await store.accept_batch([item("alert-0001", seq=4, body=alert_body())], 200)
+    assert pressed.caught_up == {}  # the bell is not told its press was acknowledged
+    assert await store.incident_of("alert-0001") == "alert-0001"
+    press, outage = await store.incidents("open", 10)
+    assert (press.kind, press.device_id, press.state) == ("stalking", "bell-0001", "new")
+    assert (outage.incident_id, outage.kind, outage.state) == (
+        "outage-0001",
+        "district_outage",
+        "acknowledged",
+    )
+    assert outage.offline and outage.first_alert_id is None
+    assert [i.incident_id for i in await store.escalation_candidates(3)] == ["alert-0001"]
+    # its bell back online is news for its own incident; the district is still dark
+    await store.add_event(status("on-0001", "bell-0001", 5, state="online"), 250)
+    assert await store.incident_of("on-0001") == "alert-0001"
+    later = [status("off-bell-0004", "bell-0004", 6, state="offline")]
+    assert await store.mark_offline(later, 300, 300) == [True]
+    assert await store.incident_of("off-bell-0004") == "outage-0001"
+    # the district's statuses are the outage's, whichever incident its first bell has
+    await store.add_event(status("restored-0001", "bell-0001", 7, state="district_restored"), 400)
+    assert await store.incident_of("restored-0001") == "outage-0001"
+    outage_now = await store.incident("outage-0001")
+    assert outage_now is not None and not outage_now.offline
+    assert (await store.incident("alert-0001")) == (await store.incidents("new", 10))[0]
+
+
 async def test_stages_only_go_forward_and_a_tick_is_kept_once(store: Store) -> None:
     await store.accept_batch([item("alert-0001", body=alert_body())], 100)
     assert await store.move_incident("alert-0001", "dispatched", 200, "desk")
