@@ -113,6 +113,8 @@ class EventLog:
         for column, declaration in _INCIDENT_COLUMNS.items():
             if column not in present:
                 self._db.execute(f"ALTER TABLE events ADD COLUMN {column} {declaration}")
+        # an incident's events are read each time one arrives (the desk's push, web.py)
+        self._db.execute("CREATE INDEX IF NOT EXISTS events_by_incident ON events (incident_id)")
 
     def add(self, event: ReceivedEvent) -> bool:
         """Keep the event; False if this centre already had it (a retry)."""
@@ -170,6 +172,15 @@ class EventLog:
             f"SELECT {_COLUMNS} FROM events WHERE device_id = ?"  # noqa: S608 (constant)
             " ORDER BY received_ms DESC LIMIT ?",
             (device_id, limit),
+        )
+        return [_row_event(r) for r in rows]
+
+    def of_incident(self, incident_id: str, limit: int = 2000) -> list[ReceivedEvent]:
+        """The events the gateway put in one incident, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM events WHERE incident_id = ?"  # noqa: S608 (constant)
+            " ORDER BY received_ms LIMIT ?",
+            (incident_id, limit),
         )
         return [_row_event(r) for r in rows]
 
