@@ -367,6 +367,10 @@ class ConsoleApp:
     def _on_event(self, event: ReceivedEvent) -> None:
         self._version += 1
         data = self.event_json(event, [])
+        # a gateway that has incidents puts every event of one in it: an event without is
+        # a device event for the list, not a change of the desk (an older gateway's
+        # events the console groups itself, and the page fetches the list again)
+        data["loose"] = not event.incident_id and self._summaries is not None
         self.broadcast.publish("event", data, data["district"])
         if event.incident_id:
             # the card as it is now, pushed: the pages update that one card instead of
@@ -427,10 +431,12 @@ class ConsoleApp:
             return GATEWAY_SYNC_S  # a gateway older than incidents: the events tell all
         now = self._clock_ms()
         by_id = {str(s.get("id")): s for s in summaries}
-        # compared with the last sync's, or with what the pages loaded before the first
+        # compared with the last sync's, or with what the pages loaded before the first;
+        # with neither, every one is pushed: the cards pushed so far lacked the gateway's
+        # part (its opening time, stages), and the queue's order rests on it
         previous = self._synced if self._synced is not None else self._summaries
         self._synced = self._summaries = by_id
-        changed = [] if previous is None else [i for i, s in by_id.items() if previous.get(i) != s]
+        changed = [i for i, s in by_id.items() if previous is None or previous.get(i) != s]
         gone = [] if previous is None else [i for i in previous if i not in by_id]
         for incident_id in changed + gone:
             incident = self._incident_now(incident_id)
@@ -736,7 +742,9 @@ class ConsoleApp:
         kinds, districts_of = self._registry_of({e.device_id for e in recent})
         ids = {e.incident_id or e.event_id for e in recent}
         found, loose = group(recent, kinds, self.operators.stages(sorted(ids)), districts_of)
-        if self.gateway is not None and any(not i.grouped_by_console for i in found):
+        # asked even with no card of the gateway's yet: what it answers is kept, and the
+        # cards pushed from then on carry its part (opening time, stages) from the start
+        if self.gateway is not None:
             try:
                 summaries = await self.gateway.incidents()
             except GatewayError as exc:

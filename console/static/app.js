@@ -344,8 +344,10 @@ function connect() {
   });
   source.addEventListener("event", (msg) => {
     // an incident's event comes with the incident itself (below); one outside any
-    // incident, or from a gateway older than incidents, needs the list grouped again
-    if (!JSON.parse(msg.data).incident_id) scheduleReload();
+    // incident joins the device events; an older gateway's needs the list grouped again
+    const e = JSON.parse(msg.data);
+    if (e.loose) addDeviceEvent(e);
+    else if (!e.incident_id) scheduleReload();
   });
   source.addEventListener("incident", (msg) => applyIncident(JSON.parse(msg.data)));
   source.addEventListener("incident_stage", (msg) => applyStage(JSON.parse(msg.data)));

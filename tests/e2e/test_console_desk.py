@@ -160,6 +160,8 @@ async def test_one_card_per_incident_in_priority_order_with_timer_escalation_and
     mark = stalking.locator(".escalation")
     await mark.wait_for(state="visible", timeout=20_000)
     assert "police" in await mark.inner_text()
+    # its history is fetched again (it has the step now) and the card drawn with it
+    await stalking.locator(".procedure li").first.wait_for(timeout=10_000)
     # Acknowledge is the first button, the largest, and the key A presses it for the top card
     first = stalking.locator(".actions button").first
     assert await first.get_attribute("data-stage") == "acknowledged"

@@ -360,15 +360,19 @@ async def test_an_incident_the_gateway_closed_elsewhere_leaves_the_desk(tmp_path
         assert (await listed(d))["incidents"] == []
 
 
-def pushed(queue: asyncio.Queue[Any]) -> list[tuple[str, dict[str, Any]]]:
-    """The `incident` frames published so far, each with its district."""
+def published(queue: asyncio.Queue[Any], kind: str) -> list[tuple[str, dict[str, Any]]]:
+    """The frames of `kind` published so far, each with its district."""
     frames = []
     while not queue.empty():
         district, text = queue.get_nowait()
-        kind, data = text.split("\n")[:2]
-        if kind == "event: incident":
+        event, data = text.split("\n")[:2]
+        if event == f"event: {kind}":
             frames.append((district, json.loads(data.removeprefix("data: "))))
     return frames
+
+
+def pushed(queue: asyncio.Queue[Any]) -> list[tuple[str, dict[str, Any]]]:
+    return published(queue, "incident")
 
 
 async def test_an_event_pushes_its_incident_as_the_card_shows_it(tmp_path: Path) -> None:
@@ -407,8 +411,13 @@ async def test_the_sync_pushes_what_changed_at_the_gateway_and_wakes_for_the_nex
         await d.deliver(delivery(PRESS, incident=(INCIDENT_A, "stalking", 4)))
         await d.deliver(delivery(PRESS, device="bell-0002", incident=(INCIDENT_B, "stalking", 4)))
         queue = d.console.broadcast.open()
-        assert await d.console.sync_gateway() == 2.0  # the first look: nothing due
-        assert pushed(queue) == []  # each page loaded the list itself
+        assert await d.console.sync_gateway() == 2.0  # nothing due
+        # the first look: every card with the gateway's part (opened when it opened there)
+        first = [(f["id"], f["state"], f["opened_ms"]) for _, f in pushed(queue)]
+        assert first == [
+            (INCIDENT_A, "new", acked_elsewhere["opened_ms"]),
+            (INCIDENT_B, "new", closed_elsewhere["opened_ms"]),
+        ]
         # another desk acknowledged A and closed B; unchanged, nothing is pushed again
         acked_elsewhere.update(
             state="acknowledged", stages={"acknowledged": {"at_ms": now, "actor": "c2/lee"}}
@@ -424,3 +433,22 @@ async def test_the_sync_pushes_what_changed_at_the_gateway_and_wakes_for_the_nex
         # a step due in 0.5 s (to a centre other than this console): asked right after it
         acked_elsewhere.update(state="new", next_escalation_ms=now + 500)
         assert await d.console.sync_gateway() == 0.6
+
+
+async def test_an_event_outside_any_incident_is_told_apart_from_an_older_gateways(
+    tmp_path: Path,
+) -> None:
+    """A gateway with incidents puts each of an incident's events in it: one without is a
+    device event the page lists (no reload of the desk). An older gateway's events all
+    come without, and the page fetches the list the console groups."""
+    heartbeat = Heartbeat(uptime_s=5, power="mains", firmware="1.0")
+
+    for gateway, expected in ((FakeGateway(), True), (FakeGateway(has_incidents=False), False)):
+        (tmp_path / str(expected)).mkdir()
+        async with desk(tmp_path / str(expected), gateway) as d:
+            await d.sign_in()
+            # as while a page is open: the console learns which gateway it has
+            await d.console.sync_gateway()
+            queue = d.console.broadcast.open()
+            await d.deliver(delivery(heartbeat))
+            assert [e["loose"] for _, e in published(queue, "event")] == [expected]
