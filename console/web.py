@@ -74,9 +74,9 @@ RECENT_MS = 7 * 24 * 3600 * 1000
 RECENT_LIMIT = 2000  # events of the last RECENT_MS a page loads, of its operator's districts
 SSE_PING_S = 15.0
 # How long every district's incidents, grouped once, answer the lookups of one incident by
-# id (a card's detail, an action's district check) while no event came: a desk of 200
-# cards asks for 200 details at once, and each grouping reads every recent event and the
-# gateway's whole list. A stage moved at another desk shows within this.
+# id that this console grouped itself (an older gateway's; the gateway's own incidents are
+# read one by one) while no event came: a desk of 200 cards asks for 200 details at once,
+# and each grouping reads every recent event.
 LOOKUP_MAX_AGE_MS = 1_000
 # While a page is open, how often the console asks the gateway what its events do not tell
 # (a stage set at another desk, a step to another centre, a close elsewhere) and pushes the
@@ -86,7 +86,8 @@ GATEWAY_SYNC_S = 2.0
 # after a step's due time, the gateway has taken it (it fires at its deadline, within
 # milliseconds): the sync asks then
 STEP_MARGIN_MS = 100
-MIN_SYNC_WAIT_S = 0.05
+# at most four syncs a second, however close together the steps of many incidents fall
+MIN_SYNC_WAIT_S = 0.25
 STAGE_ORDER = ("delivered", "acknowledged", "dispatched", "closed")
 # Sign-in failures of one name from one address: the first few are free, then each costs
 # a wait that doubles, up to a cap; a success forgets them.
