@@ -452,3 +452,22 @@ async def test_an_event_outside_any_incident_is_told_apart_from_an_older_gateway
             queue = d.console.broadcast.open()
             await d.deliver(delivery(heartbeat))
             assert [e["loose"] for _, e in published(queue, "event")] == [expected]
+
+
+async def test_a_pushed_incident_reaches_only_the_pages_of_its_district(tmp_path: Path) -> None:
+    gateway = two_bells()
+    gateway.open_incident(INCIDENT_A)
+    gateway.open_incident(INCIDENT_B, "door-0001", "doorbell_ring", 10, district="gangnam")
+    async with desk(tmp_path, gateway, districts={"lee": ["gangnam"]}) as d:
+        await d.sign_in("lee")
+        async with d.client.get("/api/stream") as stream:
+            await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 5)  # hello
+            await d.deliver(delivery(PRESS, incident=(INCIDENT_A, "stalking", 4)))
+            ring = (INCIDENT_B, "doorbell_ring", 10)
+            await d.deliver(delivery(RING, device="door-0001", district="gangnam", incident=ring))
+            frames = [
+                (await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 5)).decode()
+                for _ in range(2)  # the ring's event, then its incident
+            ]
+    assert frames[1].startswith("event: incident\n") and INCIDENT_B in frames[1]
+    assert not any(INCIDENT_A in f for f in frames)
