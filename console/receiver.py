@@ -113,6 +113,8 @@ class EventLog:
         for column, declaration in _INCIDENT_COLUMNS.items():
             if column not in present:
                 self._db.execute(f"ALTER TABLE events ADD COLUMN {column} {declaration}")
+        # an incident's events are read each time one arrives (the desk's push, web.py)
+        self._db.execute("CREATE INDEX IF NOT EXISTS events_by_incident ON events (incident_id)")
 
     def add(self, event: ReceivedEvent) -> bool:
         """Keep the event; False if this centre already had it (a retry)."""
@@ -156,20 +158,25 @@ class EventLog:
         name none (the caller places those by its registry), so that a busy district's
         events do not push a quiet one's out of `limit`."""
         wanted = None if districts is None else json.dumps(["", *districts])
-        rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM events WHERE received_ms >= ?"  # noqa: S608 (constant)
-            " AND (? IS NULL OR district IN"
-            " (SELECT value FROM json_each(?))) ORDER BY received_ms DESC LIMIT ?",
+        return self._where(
+            "received_ms >= ? AND (? IS NULL OR district IN (SELECT value FROM json_each(?)))"
+            " ORDER BY received_ms DESC LIMIT ?",
             (since_ms, wanted, wanted, limit),
         )
-        return [_row_event(r) for r in rows]
 
     def of_device(self, device_id: str, limit: int = 200) -> list[ReceivedEvent]:
         """A device's newest events, newest first (its state now: last heard, power)."""
+        return self._where("device_id = ? ORDER BY received_ms DESC LIMIT ?", (device_id, limit))
+
+    def of_incident(self, incident_id: str, limit: int = 2000) -> list[ReceivedEvent]:
+        """The events the gateway put in one incident, oldest first."""
+        return self._where("incident_id = ? ORDER BY received_ms LIMIT ?", (incident_id, limit))
+
+    def _where(self, condition: str, parameters: tuple[Any, ...]) -> list[ReceivedEvent]:
+        """The events that meet `condition` (this module's constant SQL, values as ?)."""
         rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM events WHERE device_id = ?"  # noqa: S608 (constant)
-            " ORDER BY received_ms DESC LIMIT ?",
-            (device_id, limit),
+            f"SELECT {_COLUMNS} FROM events WHERE {condition}",  # noqa: S608 (constants)
+            parameters,
         )
         return [_row_event(r) for r in rows]
 

@@ -10,7 +10,8 @@
                                        the gateway's incident routes
     POST /api/incidents/{id}/procedure/{step}   a checklist step ticked, audited
     GET  /api/alerts                   active alerts and recent device events (before incidents)
-    GET  /api/stream                   server-sent events: each new event, each stage change
+    GET  /api/stream                   server-sent events: each new event, each stage change,
+                                       each incident that changed (`incident`: its card)
     GET  /api/devices/{id}             a device's address, phones, notes, location (personal
                                        data, audited) and its state now
     POST /api/alerts/{id}/{stage}      acknowledged | dispatched | closed, via the gateway
@@ -73,10 +74,20 @@ RECENT_MS = 7 * 24 * 3600 * 1000
 RECENT_LIMIT = 2000  # events of the last RECENT_MS a page loads, of its operator's districts
 SSE_PING_S = 15.0
 # How long every district's incidents, grouped once, answer the lookups of one incident by
-# id (a card's detail, an action's district check) while no event came: a desk of 200
-# cards asks for 200 details at once, and each grouping reads every recent event and the
-# gateway's whole list. A stage moved at another desk shows within this.
+# id that this console grouped itself (an older gateway's; the gateway's own incidents are
+# read one by one) while no event came: a desk of 200 cards asks for 200 details at once,
+# and each grouping reads every recent event.
 LOOKUP_MAX_AGE_MS = 1_000
+# While a page is open, how often the console asks the gateway what its events do not tell
+# (a stage set at another desk, a step to another centre, a close elsewhere) and pushes the
+# incidents that changed; sooner when an escalation step falls due before it. One call per
+# console, not one per page or per event: a desk of 200 cards is not fetched again for each.
+GATEWAY_SYNC_S = 2.0
+# after a step's due time, the gateway has taken it (it fires at its deadline, within
+# milliseconds): the sync asks then
+STEP_MARGIN_MS = 100
+# at most four syncs a second, however close together the steps of many incidents fall
+MIN_SYNC_WAIT_S = 0.25
 STAGE_ORDER = ("delivered", "acknowledged", "dispatched", "closed")
 # Sign-in failures of one name from one address: the first few are free, then each costs
 # a wait that doubles, up to a cap; a success forgets them.
@@ -206,9 +217,12 @@ class ConsoleApp:
         clock_ms: Clock | None = None,
         read_timeout_s: float = READ_TIMEOUT_S,
         tile_url: str = "",
+        gateway_sync_s: float | None = GATEWAY_SYNC_S,
     ) -> None:
         """`tile_url`: the map's tile server ({z}/{x}/{y} template); empty: the map shows
-        the districts' outlines only (a city runs its own tile server, or has none)."""
+        the districts' outlines only (a city runs its own tile server, or has none).
+        `gateway_sync_s`: the longest between two syncs with the gateway while a page is
+        open (`sync_gateway`); None runs none (a test calls it itself)."""
         self.receiver = receiver
         self.tile_url = tile_url
         self.csp = content_policy(tile_url)
@@ -225,6 +239,13 @@ class ConsoleApp:
         self._lookup: tuple[int, int, list[Incident]] | None = None
         self._lookup_lock = asyncio.Lock()
         self._version = 0  # moves with every event received and every stage set here
+        # the gateway's open incidents by id as it last listed them (merged into what is
+        # pushed), and as the sync last compared them (what changed since is pushed)
+        self._summaries: dict[str, dict[str, Any]] | None = None
+        self._synced: dict[str, dict[str, Any]] | None = None
+        self._sync_failing = False
+        self._sync_s = gateway_sync_s
+        self._sync_task: asyncio.Task[None] | None = None
         receiver.listeners.append(self._on_event)
 
     # ---- the app ----------------------------------------------------------------------
@@ -259,12 +280,24 @@ class ConsoleApp:
                 web.get("/api/audit.csv", self.audit_csv),
             ]
         )
+        app.on_startup.append(self._start_sync)
         app.on_shutdown.append(self._close_streams)
+        app.on_cleanup.append(self._stop_sync)
         check_app_routes(app, also=ROUTE_WORDS)  # a route taking an id nobody checks: no start
         return app
 
     async def _close_streams(self, app: web.Application) -> None:
         self.broadcast.end_all()
+
+    async def _start_sync(self, app: web.Application) -> None:
+        if self.gateway is not None and self._sync_s is not None:
+            self._sync_task = asyncio.create_task(self._sync_loop(), name="gateway sync")
+
+    async def _stop_sync(self, app: web.Application) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -335,7 +368,92 @@ class ConsoleApp:
     def _on_event(self, event: ReceivedEvent) -> None:
         self._version += 1
         data = self.event_json(event, [])
+        # a gateway that has incidents puts every event of one in it: an event without is
+        # a device event for the list, not a change of the desk (an older gateway's
+        # events the console groups itself, and the page fetches the list again)
+        data["loose"] = not event.incident_id and self._summaries is not None
         self.broadcast.publish("event", data, data["district"])
+        if event.incident_id:
+            # the card as it is now, pushed: the pages update that one card instead of
+            # fetching and grouping the whole desk for each event
+            incident = self._incident_now(event.incident_id)
+            if incident is not None:
+                self._publish_incident(incident)
+
+    def _publish_incident(self, incident: Incident) -> None:
+        self.broadcast.publish("incident", incident.json(), incident.district)
+
+    def _incident_now(self, incident_id: str) -> Incident | None:
+        """One of the gateway's incidents as the desk shows it: from the events this
+        console received of it, the stages set here, and the gateway's last summary."""
+        events = self.receiver.events.of_incident(incident_id)
+        kinds, districts_of = self._registry_of({e.device_id for e in events})
+        found, _ = group(events, kinds, self.operators.stages([incident_id]), districts_of)
+        incident = next((i for i in found if i.id == incident_id), None)
+        summary = (self._summaries or {}).get(incident_id)
+        if incident is not None and summary is not None:
+            merge_gateway(incident, summary)
+        return incident
+
+    def _registry_of(self, device_ids: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """The kinds and districts of these devices, as the directory has them."""
+        kinds: dict[str, str] = {}
+        districts_of: dict[str, str] = {}
+        for device_id in device_ids:
+            info = self.directory.get(device_id) if self.directory is not None else None
+            if info is not None:
+                kinds[device_id], districts_of[device_id] = info.kind, info.district
+        return kinds, districts_of
+
+    async def _sync_loop(self) -> None:
+        assert self._sync_s is not None
+        while True:
+            wait_s = self._sync_s
+            if len(self.broadcast):  # nobody watching: nothing to push
+                try:
+                    wait_s = min(wait_s, await self.sync_gateway())
+                except Exception:
+                    log.exception("console: a sync with the gateway failed; trying again")
+            await asyncio.sleep(wait_s)
+
+    async def sync_gateway(self) -> float:
+        """Ask the gateway for its open incidents and push each one that changed since the
+        last sync (one that left the list was closed elsewhere); how long until the next."""
+        assert self.gateway is not None
+        try:
+            summaries = await self.gateway.incidents()
+        except GatewayError as exc:
+            if not self._sync_failing:  # once per outage, not every GATEWAY_SYNC_S
+                log.warning("console: the gateway's incidents are unavailable: %s", exc)
+            self._sync_failing = True
+            return GATEWAY_SYNC_S
+        self._sync_failing = False
+        if summaries is None:
+            return GATEWAY_SYNC_S  # a gateway older than incidents: the events tell all
+        now = self._clock_ms()
+        by_id = {str(s.get("id")): s for s in summaries}
+        # compared with the last sync's, or with what the pages loaded before the first;
+        # with neither, every one is pushed: the cards pushed so far lacked the gateway's
+        # part (its opening time, stages), and the queue's order rests on it
+        previous = self._synced if self._synced is not None else self._summaries
+        self._synced = self._summaries = by_id
+        changed = [i for i, s in by_id.items() if previous is None or previous.get(i) != s]
+        gone = [] if previous is None else [i for i in previous if i not in by_id]
+        for incident_id in changed + gone:
+            incident = self._incident_now(incident_id)
+            if incident is None:
+                continue  # none of its events reached this console (yet)
+            if incident_id in gone:
+                incident.move("closed", now, "gateway")
+            self._version += 1
+            self._publish_incident(incident)
+        # a step falls due sooner than the next sync: ask right after it
+        due = (s.get("next_escalation_ms") for s in summaries if s.get("state") == "new")
+        coming = [d for d in due if type(d) is int and d > now]
+        if not coming:
+            return GATEWAY_SYNC_S
+        until_s = (min(coming) + STEP_MARGIN_MS - now) / 1000
+        return min(GATEWAY_SYNC_S, max(MIN_SYNC_WAIT_S, until_s))
 
     def district_of(self, device_id: str, event: ReceivedEvent | None = None) -> str:
         """The district of a device (as its event was forwarded, else the registry's);
@@ -622,16 +740,12 @@ class ConsoleApp:
             for e in self.receiver.events.recent(since, RECENT_LIMIT, districts)
             if session.sees(self.district_of(e.device_id, e))
         ]
-        device_ids = {e.device_id for e in recent}
-        kinds: dict[str, str] = {}
-        districts_of: dict[str, str] = {}
-        for device_id in device_ids:
-            info = self.directory.get(device_id) if self.directory is not None else None
-            if info is not None:
-                kinds[device_id], districts_of[device_id] = info.kind, info.district
+        kinds, districts_of = self._registry_of({e.device_id for e in recent})
         ids = {e.incident_id or e.event_id for e in recent}
         found, loose = group(recent, kinds, self.operators.stages(sorted(ids)), districts_of)
-        if self.gateway is not None and any(not i.grouped_by_console for i in found):
+        # asked even with no card of the gateway's yet: what it answers is kept, and the
+        # cards pushed from then on carry its part (opening time, stages) from the start
+        if self.gateway is not None:
             try:
                 summaries = await self.gateway.incidents()
             except GatewayError as exc:
@@ -639,6 +753,7 @@ class ConsoleApp:
                 summaries = None
             if summaries is not None:
                 by_id = {str(s.get("id")): s for s in summaries}
+                self._summaries = by_id
                 for incident in found:
                     if incident.id in by_id:
                         merge_gateway(incident, by_id[incident.id])
@@ -667,9 +782,13 @@ class ConsoleApp:
         when not, and answered as unknown)."""
         session = request[SESSION_KEY]
         incident_id = request.match_info["incident_id"]
-        # grouped over all districts: the operator's districts are checked next, audited
-        everyone = await self._everyone(session)
-        found = next((i for i in everyone if i.id == incident_id), None)
+        # the gateway's incident from its own events (an indexed read); else one this
+        # console grouped (an older gateway), found among every district's. The
+        # operator's districts are checked next, audited.
+        found = self._incident_now(incident_id)
+        if found is None:
+            everyone = await self._everyone(session)
+            found = next((i for i in everyone if i.id == incident_id), None)
         if found is None:
             return None
         if self._outside_districts(session, action, incident_id, found.district):

@@ -264,7 +264,7 @@ async function reload() {
   state.incidents.clear();
   for (const i of data.incidents) {
     const was = previous.get(i.id);
-    i.shown_ms = was ? was.shown_ms : Date.now();
+    if (was) i.shown_ms = was.shown_ms; // a new card is stamped when it is drawn
     // what changed since the last look is fetched again: history, checklist
     if (!was || was.updated_ms !== i.updated_ms || was.state !== i.state
       || was.escalation_level !== i.escalation_level) state.details.delete(i.id);
@@ -276,6 +276,40 @@ async function reload() {
   renderIncidents();
   const fresh = data.incidents.filter((i) => !before.has(i.id));
   if (!first && fresh.length) announce(fresh[0]);
+  updateAlarm();
+}
+
+const STAGE_ORDER = ["new", "acknowledged", "dispatched", "closed"];
+
+function applyIncident(i) {
+  // one incident as it is now, pushed by the console when it changed: that card only,
+  // not the whole desk fetched again (200 open incidents made each event cost a reload)
+  const was = state.incidents.get(i.id);
+  if (was) {
+    i.shown_ms = was.shown_ms;
+    // stages only go forward: one applied here already (act) is not undone by a push
+    if (STAGE_ORDER.indexOf(was.state) > STAGE_ORDER.indexOf(i.state)) i.state = was.state;
+  }
+  if (i.state === "closed") state.incidents.delete(i.id);
+  else state.incidents.set(i.id, i);
+  if (!was || was.updated_ms !== i.updated_ms || was.state !== i.state
+    || was.escalation_level !== i.escalation_level) state.details.delete(i.id);
+  scheduleRender();
+  if (!was && i.state !== "closed") announce(i);
+  updateAlarm();
+}
+
+function applyStage(data) {
+  // a stage set at this console (by any of its pages)
+  const i = state.incidents.get(data.id);
+  if (!i) return;
+  if (STAGE_ORDER.indexOf(data.stage) > STAGE_ORDER.indexOf(i.state)) {
+    state.incidents.set(i.id, { ...i, state: data.stage,
+      stages: { ...i.stages, [data.stage]: { at_ms: data.at_ms, actor: data.operator } } });
+  }
+  if (data.stage === "closed") state.incidents.delete(i.id);
+  state.details.delete(i.id);
+  scheduleRender();
   updateAlarm();
 }
 
@@ -308,14 +342,20 @@ function connect() {
     setLink(true);
     document.body.dataset.live = "1";
   });
-  source.addEventListener("event", () => scheduleReload());
-  for (const kind of ["incident_stage", "incident_tick", "stage"]) {
-    source.addEventListener(kind, (msg) => {
-      const data = JSON.parse(msg.data);
-      if (data.id) state.details.delete(data.id);
-      scheduleReload();
-    });
-  }
+  source.addEventListener("event", (msg) => {
+    // an incident's event comes with the incident itself (below); one outside any
+    // incident joins the device events; an older gateway's needs the list grouped again
+    const e = JSON.parse(msg.data);
+    if (e.loose) addDeviceEvent(e);
+    else if (!e.incident_id) scheduleReload();
+  });
+  source.addEventListener("incident", (msg) => applyIncident(JSON.parse(msg.data)));
+  source.addEventListener("incident_stage", (msg) => applyStage(JSON.parse(msg.data)));
+  source.addEventListener("incident_tick", (msg) => {
+    state.details.delete(JSON.parse(msg.data).id); // its checklist is fetched again
+    scheduleRender();
+  });
+  source.addEventListener("stage", () => scheduleReload()); // an alert route's stage
   source.onerror = async () => {
     setLink(false);
     // it reconnects by itself; what happened meanwhile comes from a fresh list
@@ -365,6 +405,8 @@ function renderIncidents() {
   // arrival kept the desk of 200 open incidents seconds behind (bench/console.py)
   const cards = new Map();
   const items = incidents.map((i) => {
+    // stamped when its card is first drawn (bench/console.py reads it)
+    if (i.shown_ms === undefined) i.shown_ms = Date.now();
     const key = cardKey(i);
     const kept = state.cards.get(i.id);
     const li = kept && kept.key === key ? kept.li : renderCard(template, i);
@@ -372,12 +414,24 @@ function renderIncidents() {
     return li;
   });
   state.cards = cards;
-  list.replaceChildren(...items);
+  place(list, items);
   $("alert-count").textContent = String(incidents.length);
   $("no-alerts").hidden = incidents.length > 0;
   tickTimers();
   drawMap();
   state.renderedAt = Date.now();
+}
+
+function place(list, items) {
+  // the list made to hold `items` in order, touching only what moved, came or went: the
+  // cards that stay where they were are not moved (moving all 200 laid the desk out again)
+  const wanted = new Set(items);
+  for (const node of [...list.children]) if (!wanted.has(node)) node.remove();
+  let at = list.firstElementChild;
+  for (const li of items) {
+    if (li === at) at = at.nextElementSibling;
+    else list.insertBefore(li, at);
+  }
 }
 
 function cardKey(i) {
@@ -605,8 +659,12 @@ function tickTimers() {
     const s = Math.max(0, Math.floor((now - Number(el.dataset.ms)) / 1000));
     const hh = Math.floor(s / 3600), mm = Math.floor((s % 3600) / 60), ss = s % 60;
     const two = (n) => String(n).padStart(2, "0");
-    el.textContent = hh ? `${hh}:${two(mm)}:${two(ss)}` : `${two(mm)}:${two(ss)}`;
-    el.dateTime = `PT${s}S`;
+    const text = hh ? `${hh}:${two(mm)}:${two(ss)}` : `${two(mm)}:${two(ss)}`;
+    // written only when it changed: a render between two seconds leaves 200 timers alone
+    if (el.textContent !== text) {
+      el.textContent = text;
+      el.dateTime = `PT${s}S`;
+    }
   }
 }
 
@@ -628,11 +686,7 @@ async function act(incident, stage, li, body) {
   stopFlash();
   state.closing.delete(incident.id);
   // the stage also comes back over the stream (to every page); apply it here at once
-  incident.state = stage;
-  state.details.delete(incident.id);
-  renderIncidents();
-  updateAlarm();
-  scheduleReload();
+  applyStage({ id: incident.id, stage, at_ms: Date.now(), operator: document.body.dataset.operator });
 }
 
 async function tick(incident, step, li) {
@@ -763,20 +817,23 @@ function drawMap() {
     const device = state.devices.get(i.device_id);
     hot.add((i.district || "").toLowerCase());
     if (!device || typeof device.lat !== "number" || typeof device.lon !== "number") continue;
-    // an element, not a string: Leaflet puts a string in as HTML, and a label is not ours
-    const words = document.createElement("span");
-    words.textContent = `${ICONS[i.kind] || "●"} ${t("k_" + i.kind)} · ${device.label || i.device_id}`;
+    const text = `${ICONS[i.kind] || "●"} ${t("k_" + i.kind)} · ${device.label || i.device_id}`;
     const key = `${i.id}|${i.kind}`;
     wanted.add(key);
     const kept = m.markers.get(key);
     if (kept) {
-      kept.setTooltipContent(words);
+      // its label set again only when its words changed (the language): each set lays
+      // the label out again, 200 of them on every render
+      if (kept.words !== text) kept.setTooltipContent(labelOf(text));
+      kept.words = text;
       continue;
     }
+    const words = labelOf(text);
     const marker = L.circleMarker([device.lat, device.lon], {
       radius: 14 - Math.min(i.priority, 8), className: `marker k-${i.kind}`,
     });
     marker.bindTooltip(words, { permanent: true, direction: "right", className: "marker-label" });
+    marker.words = text;
     marker.addTo(m.map);
     const el = marker.getElement && marker.getElement();
     if (el) el.dataset.incident = i.id;
@@ -795,6 +852,13 @@ function drawMap() {
     const el = layer.getElement && layer.getElement();
     if (el) el.classList.toggle("hot", hot.has(name.replace(/-gu$/, "")));
   });
+}
+
+function labelOf(text) {
+  // an element, not a string: Leaflet puts a string in as HTML, and a label is not ours
+  const words = document.createElement("span");
+  words.textContent = text;
+  return words;
 }
 
 // ---- live video (WHEP through the console) -------------------------------------------------

@@ -99,7 +99,10 @@ async def deliver_all(d: Desk) -> None:
 
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Desk]:
-    async with desk(tmp_path, site_gateway(), districts={"lee": ["gangnam"]}) as d:
+    # the console's sync with the gateway runs as in service, often
+    async with desk(
+        tmp_path, site_gateway(), districts={"lee": ["gangnam"]}, gateway_sync_s=0.5
+    ) as d:
         yield d
 
 
@@ -152,12 +155,14 @@ async def test_one_card_per_incident_in_priority_order_with_timer_escalation_and
     address = await stalking.locator(".address").inner_text()
     assert address == "17 Seongmisan-ro 5-gil, Mapo-gu (floor 15)"
     assert await stalking.locator(".phones li").first.inner_text() == "victim Kim +821055512345"
-    # the gateway escalated it: the mark shows with the next refresh of the list
-    site.gateway.incidents[STALKING].update(escalation_level=1, escalated_to=["central"])
-    await site.deliver(delivery(PRESS, device=BELL, seq=4, incident=(STALKING, "stalking", 4)))
+    # the gateway escalated it to another centre: no event reaches this console, the
+    # console's sync with the gateway pushes the card and the mark shows
+    site.gateway.incidents[STALKING].update(escalation_level=1, escalated_to=["police"])
     mark = stalking.locator(".escalation")
     await mark.wait_for(state="visible", timeout=20_000)
-    assert "central" in await mark.inner_text()
+    assert "police" in await mark.inner_text()
+    # its history is fetched again (it has the step now) and the card drawn with it
+    await stalking.locator(".procedure li").first.wait_for(timeout=10_000)
     # Acknowledge is the first button, the largest, and the key A presses it for the top card
     first = stalking.locator(".actions button").first
     assert await first.get_attribute("data-stage") == "acknowledged"
@@ -223,7 +228,8 @@ async def test_the_chosen_outcome_survives_the_desk_redrawing_itself(
 async def test_a_card_is_built_again_only_when_what_it_shows_changed(
     site: Desk, browser: BrowserContext
 ) -> None:
-    """Rebuilding every card for each arrival kept a desk of 200 seconds behind."""
+    """Rebuilding every card, and fetching the whole desk, for each arrival kept a desk of
+    200 seconds behind."""
     page = await open_desk(browser, site)
     await deliver_all(site)
     await page.wait_for_function(
@@ -232,10 +238,14 @@ async def test_a_card_is_built_again_only_when_what_it_shows_changed(
     mark = "(id) => { document.querySelector(`.incident[data-id='${id}']`).marked = id; }"
     for incident_id in (ROBBERY, STALKING):
         await page.evaluate(mark, incident_id)
+    # the whole desk is not fetched again for an event: the console pushes its incident
+    lists: list[str] = []
+    page.on("request", lambda r: lists.append(r.url) if r.url.endswith("/api/incidents") else None)
     # another press of the stalking bell: its card changes, the robbery's does not
     await site.deliver(delivery(PRESS, device=BELL, seq=4, incident=(STALKING, "stalking", 4)))
     stalking = page.locator(f".incident[data-id='{STALKING}']")
     await stalking.locator(".what", has_text="4 presses").wait_for(timeout=20_000)
+    assert lists == []
     marked = "(id) => document.querySelector(`.incident[data-id='${id}']`).marked ?? null"
     assert await page.evaluate(marked, ROBBERY) == ROBBERY
     assert await page.evaluate(marked, STALKING) is None

@@ -281,9 +281,11 @@ async def desk(
     *,
     clock_ms: Callable[[], int] | None = None,
     districts: dict[str, list[str]] | None = None,
+    gateway_sync_s: float | None = None,
 ) -> AsyncIterator[Desk]:
     """A console on a fake gateway, with operator kim (all districts) and one operator per
-    entry of `districts` (name -> its districts), all with PASSWORD."""
+    entry of `districts` (name -> its districts), all with PASSWORD; without
+    `gateway_sync_s` the console syncs with the gateway only when a test calls it."""
     gateway = gateway or FakeGateway()
     async with TestServer(gateway.app()) as gateway_server:
         client_of_gateway = GatewayClient(str(gateway_server.make_url("")), TOKEN)
@@ -300,7 +302,12 @@ async def desk(
         for name, served in (districts or {}).items():
             operators.add(name, PASSWORD, served)
         console = ConsoleApp(
-            receiver, operators, directory=directory, gateway=client_of_gateway, clock_ms=clock_ms
+            receiver,
+            operators,
+            directory=directory,
+            gateway=client_of_gateway,
+            clock_ms=clock_ms,
+            gateway_sync_s=gateway_sync_s,
         )
         async with TestClient(TestServer(console.app())) as client:
             yield Desk(console, client, gateway)

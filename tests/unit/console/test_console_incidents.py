@@ -116,10 +116,13 @@ async def test_a_test_press_is_a_device_event_marked_test_never_a_card(tmp_path:
     assert not found["events"][0]["active"]
 
 
-async def test_a_burst_of_card_details_groups_the_incidents_once(tmp_path: Path) -> None:
+async def test_a_burst_of_card_details_reads_each_incident_not_the_whole_desk(
+    tmp_path: Path,
+) -> None:
     """A desk of many cards asks for every card's detail at once: each lookup regrouping
     every event and reading the gateway's whole list made that quadratic (4 s from a
-    press to its card with 200 open, bench/console.py)."""
+    press to its card with 200 open, bench/console.py). A lookup reads its incident's own
+    events; the gateway's list is never asked for it."""
     bells = [f"bell-{n:04d}" for n in range(1, 21)]
     gateway = FakeGateway(devices=[registry_entry(b) for b in bells])
     for n, bell in enumerate(bells):
@@ -129,19 +132,22 @@ async def test_a_burst_of_card_details_groups_the_incidents_once(tmp_path: Path)
         for n, bell in enumerate(bells):
             incident = (f"inc-burst-{n:012d}", "stalking", 4)
             await d.deliver(delivery(PRESS, device=bell, incident=incident))
-        before = gateway.listings
 
-        async def detail(incident_id: str) -> int:
+        async def detail(incident_id: str) -> dict[str, Any]:
             async with d.client.get(f"/api/incidents/{incident_id}") as r:
-                return r.status
+                assert r.status == 200
+                found: dict[str, Any] = await r.json()
+                return found
 
         ids = [f"inc-burst-{n:012d}" for n in range(len(bells))]
-        assert await asyncio.gather(*(detail(i) for i in ids)) == [200] * len(ids)
-        assert gateway.listings - before == 1
-        # a new event is news: the next lookup groups again
+        found = await asyncio.gather(*(detail(i) for i in ids))
+        assert [(f["id"], f["device_id"], f["events"]) for f in found] == [
+            (i, b, 1) for i, b in zip(ids, bells, strict=True)
+        ]
+        # a new event shows in the next lookup
         await d.deliver(delivery(PRESS, device=bells[0], seq=2, incident=(ids[0], "stalking", 4)))
-        assert await detail(ids[0]) == 200
-        assert gateway.listings - before == 2
+        assert (await detail(ids[0]))["presses"] == 2
+        assert gateway.listings == 0
 
 
 async def test_stages_go_to_the_incident_routes_naming_the_operator_and_closing_needs_an_outcome(
@@ -352,3 +358,116 @@ async def test_an_incident_the_gateway_closed_elsewhere_leaves_the_desk(tmp_path
         # another desk closed it at the gateway: no event reaches this console for that
         gateway.incidents[INCIDENT_A].update(state="closed", outcome="false_alarm")
         assert (await listed(d))["incidents"] == []
+
+
+def published(queue: asyncio.Queue[Any], kind: str) -> list[tuple[str, dict[str, Any]]]:
+    """The frames of `kind` published so far, each with its district."""
+    frames = []
+    while not queue.empty():
+        district, text = queue.get_nowait()
+        event, data = text.split("\n")[:2]
+        if event == f"event: {kind}":
+            frames.append((district, json.loads(data.removeprefix("data: "))))
+    return frames
+
+
+def pushed(queue: asyncio.Queue[Any]) -> list[tuple[str, dict[str, Any]]]:
+    return published(queue, "incident")
+
+
+async def test_an_event_pushes_its_incident_as_the_card_shows_it(tmp_path: Path) -> None:
+    """The page updates the one card an event changed, from the incident pushed with it,
+    instead of fetching the whole desk for each event."""
+    gateway = FakeGateway()
+    gateway.open_incident(INCIDENT_A)
+    async with desk(tmp_path, gateway) as d:
+        await d.sign_in()
+        queue = d.console.broadcast.open()
+        await d.deliver(delivery(PRESS, incident=(INCIDENT_A, "stalking", 4)))
+        await listed(d)  # the page's first look (the gateway's summary, kept)
+        await d.deliver(delivery(PRESS, seq=2, incident=(INCIDENT_A, "stalking", 4)))
+        await d.deliver(escalation_delivery("gw-test", GATEWAY_KEY))
+        frames = pushed(queue)
+        listing = (await listed(d))["incidents"]
+    assert [(district, f["id"], f["presses"], f["escalation_level"]) for district, f in frames] == [
+        ("mapo", INCIDENT_A, 1, 0),
+        ("mapo", INCIDENT_A, 2, 0),
+        ("mapo", INCIDENT_A, 2, 1),
+    ]
+    # the last push is the card the whole list shows
+    assert frames[-1][1] == listing[0]
+    assert gateway.listings == 2  # the lists above; the pushes asked the gateway nothing
+
+
+async def test_the_sync_pushes_what_changed_at_the_gateway_and_wakes_for_the_next_step(
+    tmp_path: Path,
+) -> None:
+    now = now_ms()
+    gateway = two_bells()
+    acked_elsewhere = gateway.open_incident(INCIDENT_A)
+    closed_elsewhere = gateway.open_incident(INCIDENT_B, "bell-0002")
+    async with desk(tmp_path, gateway, clock_ms=lambda: now) as d:
+        await d.sign_in()
+        await d.deliver(delivery(PRESS, incident=(INCIDENT_A, "stalking", 4)))
+        await d.deliver(delivery(PRESS, device="bell-0002", incident=(INCIDENT_B, "stalking", 4)))
+        queue = d.console.broadcast.open()
+        assert await d.console.sync_gateway() == 2.0  # nothing due
+        # the first look: every card with the gateway's part (opened when it opened there)
+        first = [(f["id"], f["state"], f["opened_ms"]) for _, f in pushed(queue)]
+        assert first == [
+            (INCIDENT_A, "new", acked_elsewhere["opened_ms"]),
+            (INCIDENT_B, "new", closed_elsewhere["opened_ms"]),
+        ]
+        # another desk acknowledged A and closed B; unchanged, nothing is pushed again
+        acked_elsewhere.update(
+            state="acknowledged", stages={"acknowledged": {"at_ms": now, "actor": "c2/lee"}}
+        )
+        closed_elsewhere.update(state="closed")
+        await d.console.sync_gateway()
+        assert [(f["id"], f["state"]) for _, f in pushed(queue)] == [
+            (INCIDENT_A, "acknowledged"),
+            (INCIDENT_B, "closed"),
+        ]
+        await d.console.sync_gateway()
+        assert pushed(queue) == []
+        # a step due in 0.5 s (to a centre other than this console): asked right after it
+        acked_elsewhere.update(state="new", next_escalation_ms=now + 500)
+        assert await d.console.sync_gateway() == 0.6
+
+
+async def test_an_event_outside_any_incident_is_told_apart_from_an_older_gateways(
+    tmp_path: Path,
+) -> None:
+    """A gateway with incidents puts each of an incident's events in it: one without is a
+    device event the page lists (no reload of the desk). An older gateway's events all
+    come without, and the page fetches the list the console groups."""
+    heartbeat = Heartbeat(uptime_s=5, power="mains", firmware="1.0")
+
+    for gateway, expected in ((FakeGateway(), True), (FakeGateway(has_incidents=False), False)):
+        (tmp_path / str(expected)).mkdir()
+        async with desk(tmp_path / str(expected), gateway) as d:
+            await d.sign_in()
+            # as while a page is open: the console learns which gateway it has
+            await d.console.sync_gateway()
+            queue = d.console.broadcast.open()
+            await d.deliver(delivery(heartbeat))
+            assert [e["loose"] for _, e in published(queue, "event")] == [expected]
+
+
+async def test_a_pushed_incident_reaches_only_the_pages_of_its_district(tmp_path: Path) -> None:
+    gateway = two_bells()
+    gateway.open_incident(INCIDENT_A)
+    gateway.open_incident(INCIDENT_B, "door-0001", "doorbell_ring", 10, district="gangnam")
+    async with desk(tmp_path, gateway, districts={"lee": ["gangnam"]}) as d:
+        await d.sign_in("lee")
+        async with d.client.get("/api/stream") as stream:
+            await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 5)  # hello
+            await d.deliver(delivery(PRESS, incident=(INCIDENT_A, "stalking", 4)))
+            ring = (INCIDENT_B, "doorbell_ring", 10)
+            await d.deliver(delivery(RING, device="door-0001", district="gangnam", incident=ring))
+            frames = [
+                (await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 5)).decode()
+                for _ in range(2)  # the ring's event, then its incident
+            ]
+    assert frames[1].startswith("event: incident\n") and INCIDENT_B in frames[1]
+    assert not any(INCIDENT_A in f for f in frames)
