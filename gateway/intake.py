@@ -62,7 +62,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -198,6 +198,15 @@ class Registry:
         return key
 
 
+class KeptHeartbeat(NamedTuple):
+    """A heartbeat kept, with its body as the intake parsed it: nothing after the intake
+    parses it again."""
+
+    device_id: str
+    ts_ms: int
+    body: Heartbeat
+
+
 @dataclass(frozen=True, slots=True)
 class _Checked:
     opened: Opened
@@ -246,7 +255,7 @@ class Intake:
         on_rtc: Callable[[str, Rtc], None] | None = None,
         secondary: SecondaryPathWatch | None = None,
         on_probe: Callable[[MqttMessage], bool] | None = None,
-        on_heartbeats: Callable[[list[Incoming]], None] | None = None,
+        on_heartbeats: Callable[[list[KeptHeartbeat]], None] | None = None,
         heartbeat_flush_ms: int = 0,
     ) -> None:
         self._store = store
@@ -505,21 +514,19 @@ class Intake:
             self._metrics.duplicates.inc(duplicates)
         if self._supervisor is not None and came_online:
             await self._supervise(self._supervisor.came_online, came_online)
+        beats = [
+            KeptHeartbeat(k.item.device_id, k.item.ts_ms, heartbeats[k.item.event_id])
+            for k in kept
+            if k.item.type == "heartbeat"
+        ]
         if self._secondary is not None:
-            beats = [
-                (k.item.device_id, heartbeats[k.item.event_id])
-                for k in kept
-                if k.item.type == "heartbeat"
-            ]
             try:
-                await self._secondary.heartbeats(beats)
+                await self._secondary.heartbeats([(b.device_id, b.body) for b in beats])
             except Exception:
                 # like supervision: its failure (the store full, say) must not stop intake
                 log.exception("intake: secondary path supervision failed")
-        if self._on_heartbeats is not None:
-            kept_beats = [k.item for k in kept if k.item.type == "heartbeat"]
-            if kept_beats:
-                self._on_heartbeats(kept_beats)
+        if self._on_heartbeats is not None and beats:
+            self._on_heartbeats(beats)
         if forwarded and self._on_kept is not None:
             self._on_kept(forwarded)
 
