@@ -3,7 +3,8 @@
 Per device, the last values of its health fields (power source, battery, link quality,
 outbox depth, firmware, uptime) and its clock drift (the heartbeat's timestamp minus the
 gateway's clock when it arrived), exposed as Prometheus gauges labelled with the device and
-its district, so a dashboard can ask "which bells in mapo are on battery".
+its district, so a dashboard can ask "which bells in mapo are on battery". The gauges are
+read from the table of last heartbeats when Prometheus scrapes, not set per heartbeat.
 
 A clock that drifts is flagged (logged once, counted, `ansimi_device_clock_drifting` = 1)
 once it is `drift_flag_ms` off, well before it leaves the replay window: past the window its
@@ -20,14 +21,15 @@ Prometheus carries; a device revoked keeps its series until the gateway restarts
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
 
+from gateway.intake import KeptHeartbeat
 from gateway.metrics import Metrics
-from gateway.store import Incoming
 from protocol.messages import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -41,10 +43,40 @@ class DeviceHealth:
     heartbeat: Heartbeat
     drift_ms: int  # the device's clock minus the gateway's
     at_ms: int  # when the gateway got it
+    district: str  # as the gateway knew it then: the label of the device's series
+    # the last charge and signal reported, by this heartbeat or an earlier one (both are
+    # optional in a heartbeat: one without them does not make the last known value unknown)
+    battery_pct: int | None = None
+    link_quality: int | None = None
 
 
 # how long a drift past the flag must last (by arrival) before it is flagged
 DRIFT_CONFIRM_MS: Final = 30_000
+
+_LABELS: Final = ("device", "district")
+# (name, help, the value of a device's series; None: no series)
+_GAUGES: Final[tuple[tuple[str, str, Callable[[DeviceHealth], float | None]], ...]] = (
+    (
+        "ansimi_device_on_battery",
+        "1 when the device runs on battery",
+        lambda h: 1 if h.heartbeat.power == "battery" else 0,
+    ),
+    ("ansimi_device_battery_percent", "Battery charge", lambda h: h.battery_pct),
+    ("ansimi_device_link_quality_percent", "Mobile signal", lambda h: h.link_quality),
+    (
+        "ansimi_device_outbox_depth",
+        "Messages waiting for `received`",
+        lambda h: h.heartbeat.outbox_depth,
+    ),
+    ("ansimi_device_uptime_seconds", "Since the agent started", lambda h: h.heartbeat.uptime_s),
+    (
+        "ansimi_device_clock_drift_ms",
+        "The device's clock minus the gateway's",
+        lambda h: h.drift_ms,
+    ),
+)
+_DRIFTING: Final = ("ansimi_device_clock_drifting", "1 while the device's clock is flagged")
+_FIRMWARE: Final = ("ansimi_device_firmware_info", "1 for the firmware the device reports")
 
 
 class FleetHealth:
@@ -63,81 +95,32 @@ class FleetHealth:
         self.drifting: set[str] = set()
         # device -> arrival of the first heartbeat of its current run past the flag
         self._off_since: dict[str, int] = {}
-        labels = ["device", "district"]
-        registry = metrics.registry
-        self._on_battery = Gauge(
-            "ansimi_device_on_battery",
-            "1 when the device runs on battery",
-            labels,
-            registry=registry,
-        )
-        self._battery = Gauge(
-            "ansimi_device_battery_percent", "Battery charge", labels, registry=registry
-        )
-        self._link = Gauge(
-            "ansimi_device_link_quality_percent", "Mobile signal", labels, registry=registry
-        )
-        self._outbox = Gauge(
-            "ansimi_device_outbox_depth",
-            "Messages waiting for `received`",
-            labels,
-            registry=registry,
-        )
-        self._uptime = Gauge(
-            "ansimi_device_uptime_seconds", "Since the agent started", labels, registry=registry
-        )
-        self._drift = Gauge(
-            "ansimi_device_clock_drift_ms",
-            "The device's clock minus the gateway's",
-            labels,
-            registry=registry,
-        )
-        self._drifting = Gauge(
-            "ansimi_device_clock_drifting",
-            "1 while the device's clock is flagged",
-            labels,
-            registry=registry,
-        )
-        self._firmware = Gauge(
-            "ansimi_device_firmware_info",
-            "1 for the firmware the device reports",
-            [*labels, "firmware"],
-            registry=registry,
-        )
+        # The per-device gauges are read from `last` when Prometheus scrapes (a scrape every
+        # 15 s or so), not set on every heartbeat: eight labelled `labels().set()` calls were
+        # most of a heartbeat's cost after its verify (bench/gateway.py, docs/performance.md).
+        metrics.registry.register(_DeviceGauges(self))
         self.drift_flags = Counter(
             "ansimi_clock_drift_flags_total",
             "Devices whose clock drifted past the flag threshold (before the replay window)",
-            registry=registry,
+            registry=metrics.registry,
         )
 
-    def heartbeats(self, items: Iterable[Incoming]) -> None:
-        """Incoming messages just checked; the heartbeats among them update the view."""
+    def heartbeats(self, beats: Iterable[KeptHeartbeat]) -> None:
+        """Heartbeats just kept, oldest first, with their bodies as the intake parsed them."""
         now = self._clock_ms()
-        for item in items:
-            if item.type == "heartbeat":
-                beat = Heartbeat.model_validate_json(item.body_json)
-                self._keep(item.device_id, beat, item.ts_ms - now, now)
+        for beat in beats:
+            self._keep(beat.device_id, beat.body, beat.ts_ms - now, now)
 
     def _keep(self, device_id: str, beat: Heartbeat, drift_ms: int, now: int) -> None:
         district = self._district_of(device_id)
         if not district:
             return  # gone since the heartbeat
         before = self.last.get(device_id)
-        self.last[device_id] = DeviceHealth(beat, drift_ms, now)
-        labels = (device_id, district)
-        self._on_battery.labels(*labels).set(1 if beat.power == "battery" else 0)
-        for gauge, value in (
-            (self._battery, beat.battery_pct),
-            (self._link, beat.link_quality),
-        ):
-            if value is not None:
-                gauge.labels(*labels).set(value)
-        self._outbox.labels(*labels).set(beat.outbox_depth)
-        self._uptime.labels(*labels).set(beat.uptime_s)
-        self._drift.labels(*labels).set(drift_ms)
-        if before is not None and before.heartbeat.firmware != beat.firmware:
-            self._firmware.remove(*labels, before.heartbeat.firmware)
-        self._firmware.labels(*labels, beat.firmware).set(1)
+        battery, link = beat.battery_pct, beat.link_quality
+        if before is not None:
+            battery = before.battery_pct if battery is None else battery
+            link = before.link_quality if link is None else link
+        self.last[device_id] = DeviceHealth(beat, drift_ms, now, district, battery, link)
         self._judge_drift(device_id, district, drift_ms, now)
 
     def _judge_drift(self, device_id: str, district: str, drift_ms: int, now: int) -> None:
@@ -161,4 +144,38 @@ class FleetHealth:
         elif device_id in self.drifting and off < self._flag_ms // 2:
             self.drifting.discard(device_id)
             log.info("device %s (%s): clock back within %d ms", device_id, district, off)
-        self._drifting.labels(device_id, district).set(1 if device_id in self.drifting else 0)
+
+
+class _DeviceGauges:
+    """A Prometheus collector: each device's gauges, from its last heartbeat, at scrape time."""
+
+    def __init__(self, health: FleetHealth) -> None:
+        self._health = health
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples: the registry checks names with these, so
+        registering does not collect."""
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._families()
+        *gauges, drifting, firmware = families
+        flagged = self._health.drifting
+        # a copy: a scrape served off the loop must not see the table change size under it
+        for device_id, health in list(self._health.last.items()):
+            labels = [device_id, health.district]
+            for family, (_, _, value_of) in zip(gauges, _GAUGES, strict=True):
+                value = value_of(health)
+                if value is not None:
+                    family.add_metric(labels, value)
+            drifting.add_metric(labels, 1 if device_id in flagged else 0)
+            firmware.add_metric([*labels, health.heartbeat.firmware], 1)
+        return iter(families)
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [
+            *(GaugeMetricFamily(name, doc, labels=_LABELS) for name, doc, _ in _GAUGES),
+            GaugeMetricFamily(*_DRIFTING, labels=_LABELS),
+            GaugeMetricFamily(*_FIRMWARE, labels=[*_LABELS, "firmware"]),
+        ]

@@ -62,7 +62,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -198,6 +198,15 @@ class Registry:
         return key
 
 
+class KeptHeartbeat(NamedTuple):
+    """A heartbeat kept, with its body as the intake parsed it: nothing after the intake
+    parses it again."""
+
+    device_id: str
+    ts_ms: int
+    body: Heartbeat
+
+
 @dataclass(frozen=True, slots=True)
 class _Checked:
     opened: Opened
@@ -246,7 +255,7 @@ class Intake:
         on_rtc: Callable[[str, Rtc], None] | None = None,
         secondary: SecondaryPathWatch | None = None,
         on_probe: Callable[[MqttMessage], bool] | None = None,
-        on_heartbeats: Callable[[list[Incoming]], None] | None = None,
+        on_heartbeats: Callable[[list[KeptHeartbeat]], None] | None = None,
         heartbeat_flush_ms: int = 0,
     ) -> None:
         self._store = store
@@ -278,6 +287,10 @@ class Intake:
         self._waiting_bodies: dict[str, Heartbeat] = {}
         self._waiting_since_ms = 0
         self._newest_beat_ms = 0
+        # set when the waiting heartbeats are due (their interval passed): one timer a flush,
+        # not one a wake-up (heartbeats arrive a few at a time, each few waking the intake)
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_due = False
         self._queue: list[MqttMessage] = []
         self._wake = asyncio.Event()
         # at queue_max messages waiting, on_backlog(True) (the gateway stops reading from
@@ -320,9 +333,7 @@ class Intake:
     async def run(self) -> None:
         try:
             while True:
-                if not await self._woken():
-                    await self.flush_heartbeats()  # nothing came within the interval
-                    continue
+                await self._wake.wait()
                 self._wake.clear()
                 while self._queue:
                     batch = self._queue[: self._batch_max]
@@ -332,6 +343,8 @@ class Intake:
                     if self._behind and len(self._queue) <= self._queue_max // 2:
                         self._set_behind(False)
                 self._metrics.intake_queue.set(0)
+                if self._flush_due:
+                    await self.flush_heartbeats()  # nothing flushed them within the interval
         finally:
             # a clean stop keeps what waits (the store closes after this task)
             try:
@@ -339,22 +352,17 @@ class Intake:
             except Exception:
                 log.exception("intake: cannot keep the waiting heartbeats at stop")
 
-    async def _woken(self) -> bool:
-        """Wait for messages; False when heartbeats wait and the interval passed first."""
-        if not self._waiting_beats:
-            await self._wake.wait()
-            return True
-        waited_ms = self._clock_ms() - self._waiting_since_ms
-        try:
-            async with asyncio.timeout(max(0, self._heartbeat_flush_ms - waited_ms) / 1000):
-                await self._wake.wait()
-        except TimeoutError:
-            return False
-        return True
+    def _heartbeats_due(self) -> None:
+        self._flush_due = True
+        self._wake.set()
 
     async def flush_heartbeats(self) -> None:
         """Keep the heartbeats that wait, in one transaction."""
         beats, bodies = self._waiting_beats, self._waiting_bodies
+        self._flush_due = False
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         if not beats:
             return
         self._waiting_beats, self._waiting_bodies = [], {}
@@ -431,6 +439,9 @@ class Intake:
             if isinstance(msg, HeartbeatMessage):
                 if not self._waiting_beats:
                     self._waiting_since_ms = now_ms
+                    self._flush_timer = asyncio.get_running_loop().call_later(
+                        self._heartbeat_flush_ms / 1000, self._heartbeats_due
+                    )
                 self._waiting_beats.append(self._incoming(c))
                 self._waiting_bodies[msg.id] = msg.body
                 self._newest_beat_ms = now_ms
@@ -505,21 +516,19 @@ class Intake:
             self._metrics.duplicates.inc(duplicates)
         if self._supervisor is not None and came_online:
             await self._supervise(self._supervisor.came_online, came_online)
+        beats = [
+            KeptHeartbeat(k.item.device_id, k.item.ts_ms, heartbeats[k.item.event_id])
+            for k in kept
+            if k.item.type == "heartbeat"
+        ]
         if self._secondary is not None:
-            beats = [
-                (k.item.device_id, heartbeats[k.item.event_id])
-                for k in kept
-                if k.item.type == "heartbeat"
-            ]
             try:
-                await self._secondary.heartbeats(beats)
+                await self._secondary.heartbeats([(b.device_id, b.body) for b in beats])
             except Exception:
                 # like supervision: its failure (the store full, say) must not stop intake
                 log.exception("intake: secondary path supervision failed")
-        if self._on_heartbeats is not None:
-            kept_beats = [k.item for k in kept if k.item.type == "heartbeat"]
-            if kept_beats:
-                self._on_heartbeats(kept_beats)
+        if self._on_heartbeats is not None and beats:
+            self._on_heartbeats(beats)
         if forwarded and self._on_kept is not None:
             self._on_kept(forwarded)
 
@@ -744,8 +753,12 @@ class Intake:
         return quiet
 
 
+_STAGE_OF: dict[str | None, AckStage] = {s: s for s in ACK_STAGES}
+
+
 def _stage(stage: str | None) -> AckStage | None:
-    return next((s for s in ACK_STAGES if s == stage), None)
+    """The store's stage as typed; None for most messages, which nothing caught up."""
+    return _STAGE_OF.get(stage)
 
 
 def _device_of(topic: str) -> str:

@@ -27,10 +27,11 @@ from ansimi.districts import UnknownDistrict, check_district
 from gateway.api import TOKEN_KEY, ApiRoute, _error, _op, _path_param
 from gateway.downlink import Downlink
 from gateway.errors import GatewayError
+from gateway.intake import KeptHeartbeat
 from gateway.metrics import Metrics
-from gateway.store import ConfigScope, ConfigStore, Device, Incoming
+from gateway.store import ConfigScope, ConfigStore, Device
 from protocol.keys import public_key_from_b64
-from protocol.messages import Command, Heartbeat
+from protocol.messages import Command
 from protocol.remote_config import CONFIG_PATCH, config_hash, merge_layers, refused_key
 from protocol.sealed_numbers import BadNumbers, seal_numbers
 
@@ -196,16 +197,14 @@ class RemoteConfigs:
 
     # ---- what devices report ---------------------------------------------------------------
 
-    def heartbeats(self, items: Iterable[Incoming]) -> None:
-        """Kept messages just checked: a heartbeat with a new hash is news to keep, and one
-        that is not the desired config is looked at by `flush` (run's task)."""
-        for item in items:
-            if item.type != "heartbeat":
-                continue
-            reported = Heartbeat.model_validate_json(item.body_json).config_hash
+    def heartbeats(self, beats: Iterable[KeptHeartbeat]) -> None:
+        """Heartbeats just kept: one with a new hash is news to keep, and one that is not
+        the desired config is looked at by `flush` (run's task)."""
+        for beat in beats:
+            reported = beat.body.config_hash
             if reported is None:
                 continue  # an agent from before remote config: nothing to judge
-            device_id = item.device_id
+            device_id = beat.device_id
             known = self.reported.get(device_id)
             if known is None or known[0] != reported:
                 self.reported[device_id] = self._changed[device_id] = (

@@ -30,7 +30,7 @@ from gateway.forward import Forwarder
 from gateway.health import DiskState, DiskWatch, Health, IntakeProbe
 from gateway.incident_api import IncidentRoutes
 from gateway.incidents import Escalator, Incident
-from gateway.intake import Intake, Registry
+from gateway.intake import Intake, KeptHeartbeat, Registry
 from gateway.metrics import Metrics
 from gateway.private import PrivateRoutes, Vault, open_vault
 from gateway.remote_config import RemoteConfigs
@@ -343,9 +343,9 @@ class Gateway:
         found = (self.registry.device(d) for d in self.registry.device_ids())
         return [d for d in found if d is not None]
 
-    def _on_heartbeats(self, items: list[Incoming]) -> None:
-        self.fleet.heartbeats(items)
-        self.configs.heartbeats(items)
+    def _on_heartbeats(self, beats: list[KeptHeartbeat]) -> None:
+        self.fleet.heartbeats(beats)
+        self.configs.heartbeats(beats)
 
     def _district_of(self, device_id: str) -> str:
         device = self.registry.device(device_id)

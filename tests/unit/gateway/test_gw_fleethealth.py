@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
-from gw_testkit import DISTRICTS, WINDOW_MS, Env
+from gw_testkit import DISTRICTS, WINDOW_MS, Env, heartbeat
+from prometheus_client import generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from pydantic import ValidationError
 
 from gateway.config import GatewayConfig
@@ -46,6 +51,43 @@ async def test_the_last_heartbeat_of_each_device_is_a_metric_with_its_district(e
     # one firmware series per device: the old version's is gone
     assert gauge(env, "ansimi_device_firmware_info", firmware="1.1") == 1.0
     assert gauge(env, "ansimi_device_firmware_info", firmware="1.0") is None
+    # as Prometheus reads them
+    text = generate_latest(env.metrics.registry).decode()
+    assert 'ansimi_device_on_battery{device="bell-0001",district="mapo"} 1.0' in text
+    assert "# TYPE ansimi_device_battery_percent gauge" in text
+
+
+def calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:
+    """One entry per call of `owner.name` from now on (still doing what it did)."""
+    seen: list[int] = []
+    original: Callable[..., Any] = getattr(owner, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        seen.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return seen
+
+
+async def test_a_heartbeat_is_parsed_once_and_looks_up_no_labelled_series(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The intake's parse is the only one, and the gauges are read when Prometheus scrapes:
+    a second parse and eight `labels().set()` a heartbeat were most of what a heartbeat cost
+    after its verify (docs/performance.md)."""
+    intake, fleet = watched(env)
+    parses = calls(monkeypatch, Heartbeat, "model_validate_json")
+    lookups = calls(monkeypatch, MetricWrapperBase, "labels")
+    await intake.process([env.message(heartbeat())])
+    one = len(lookups)
+    env.clock.ms += 10_000
+    await intake.process([env.message(heartbeat()) for _ in range(20)])
+    assert len(lookups) == 2 * one  # the batch's own counters, none a heartbeat
+    assert parses == []
+    assert fleet.last["bell-0001"].heartbeat == heartbeat()
+    assert gauge(env, "ansimi_device_uptime_seconds") == 1.0
+    assert gauge(env, "ansimi_device_clock_drifting") == 0.0
 
 
 async def test_a_drifting_clock_is_flagged_once_before_the_window_and_cleared(env: Env) -> None:

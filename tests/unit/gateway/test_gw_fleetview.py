@@ -9,8 +9,9 @@ from gateway.api import Api
 from gateway.certwatch import DAY_MS, CertExpiry
 from gateway.fleethealth import DRIFT_CONFIRM_MS, FleetHealth
 from gateway.fleetview import FleetView, VisitRules
+from gateway.intake import KeptHeartbeat
 from gateway.metrics import Metrics
-from gateway.store import Device, Incoming
+from gateway.store import Device
 
 DEVICES = [
     Device("bell-0001", "k", "bell", "mapo", online=True),
@@ -22,9 +23,8 @@ DEVICES = [
 SUPERVISED = {"bell-0001", "bell-0004"}
 
 
-def beat(device_id: str, *, drift_ms: int = 0, **fields: object) -> Incoming:
-    body = heartbeat().model_copy(update=fields).model_dump_json()
-    return Incoming("hb-" + device_id, device_id, 1, "heartbeat", NOW + drift_ms, body, "", ())
+def beat(device_id: str, *, drift_ms: int = 0, **fields: object) -> KeptHeartbeat:
+    return KeptHeartbeat(device_id, NOW + drift_ms, heartbeat().model_copy(update=fields))
 
 
 # when heartbeats arrive at the fleet health (a drift is flagged once it has lasted)

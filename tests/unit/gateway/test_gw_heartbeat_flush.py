@@ -4,7 +4,9 @@ wait one interval, an alert never does, and a crash loses at most the waiting li
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import pytest
 from gw_testkit import ALERT, NOW, Env, heartbeat, make_env
 
 from gateway.store import Accepted, Incoming
@@ -120,3 +122,33 @@ async def test_a_stopped_intake_keeps_what_waits() -> None:
     runner.cancel()
     await asyncio.gather(runner, return_exceptions=True)
     assert last_seen(env, "bell-0001") == NOW
+
+
+async def test_waiting_heartbeats_set_one_timer_a_flush_not_one_a_wake_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Heartbeats arrive a few at a time, and each few wake the intake: a timer set and
+    cancelled at every wake-up (3.5 us) cost more than the wait itself (0.07 us)."""
+    env = await make_env(heartbeat_flush_ms=60_000)
+    loop = asyncio.get_running_loop()
+    timers: list[float] = []
+    call_at = loop.call_at
+
+    def counted(when: float, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        timers.append(when)
+        return call_at(when, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", counted)
+    runner = asyncio.create_task(env.intake.run())
+    try:
+        for n in range(1, 6):
+            env.intake.submit(env.message(heartbeat()))
+            for _ in range(1_000):  # no sleep with a delay: that would be a timer too
+                if len(env.intake._waiting_beats) == n:
+                    break
+                await asyncio.sleep(0)
+            assert len(env.intake._waiting_beats) == n  # each woke the intake on its own
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert len(timers) == 1

@@ -15,8 +15,9 @@ from gw_testkit import ADMIN, CENTRAL, GANGNAM, KEYS, PRIVACY_TOKENS, Env, heart
 from ansimi_edge.cli import cli
 from gateway.api import Api
 from gateway.config import ApiToken
+from gateway.intake import KeptHeartbeat
 from gateway.remote_config import RemoteConfigs
-from gateway.store import Device, Incoming
+from gateway.store import Device
 from protocol.messages import CommandMessage
 from protocol.remote_config import config_hash
 from protocol.sealed_numbers import BadNumbers, open_numbers
@@ -59,11 +60,9 @@ def commands(env: Env) -> list[tuple[str, dict[str, dict[str, object]] | None]]:
     ]
 
 
-def beat(env: Env, device_id: str, patch: dict[str, dict[str, object]]) -> Incoming:
+def beat(env: Env, device_id: str, patch: dict[str, dict[str, object]]) -> KeptHeartbeat:
     body = heartbeat().model_copy(update={"config_hash": config_hash(patch)})
-    return Incoming(
-        "e-" + device_id, device_id, 1, "heartbeat", env.clock.ms, body.model_dump_json(), "", ()
-    )
+    return KeptHeartbeat(device_id, env.clock.ms, body)
 
 
 async def test_each_device_is_sent_the_site_then_district_then_device_layers() -> None:
