@@ -60,8 +60,10 @@ from paho.mqtt.reasoncodes import ReasonCode  # noqa: E402
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[["Message"], None]
-# packets one session reads per readable event; the socket stays readable for the rest
+# packets one session reads per readable event; the rest are read on the loop's next turn
 READ_PACKETS_PER_WAKEUP = 64
+# bytes one recv asks the socket for (see _BufferedClient)
+READ_CHUNK_BYTES = 64 * 1024
 ConnectHandler = Callable[[bool], None]
 LinkDeadListener = Callable[["LinkDead"], None]
 # why a link was declared dead: an urgent publish's PUBACK, or a quiet link, then no PINGRESP
@@ -234,6 +236,47 @@ class LinkWatch:
         if self._probe_due is not None:
             return self._probe_due
         return min([min(self._last_in, self._last_out) + self.idle_s, *self._expected.values()])
+
+
+class _BufferedClient(paho.Client):
+    """paho reads a packet in three or more `recv` calls (its type, each byte of its length,
+    then the rest) and ends a burst with one more that fails: each a system call, and at
+    ~1,000 packets/s each way a gateway's largest cost after the cryptography
+    (bench/gateway.py). This one takes what the socket has, up to READ_CHUNK_BYTES, in one
+    call and hands paho its reads from that.
+
+    Bytes read ahead belong to the socket they came from: a read from any other socket (the
+    next connection) drops them first, so nothing of a dead link is parsed on a new one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_ahead = b""
+        self._read_pos = 0
+        self._read_from: object = None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._read_from is not self._sock:
+            self._read_ahead, self._read_pos, self._read_from = b"", 0, self._sock
+        pos = self._read_pos
+        if pos >= len(self._read_ahead):
+            data = super()._sock_recv(READ_CHUNK_BYTES)
+            if len(data) <= bufsize:
+                return data  # also b"" (closed): nothing kept
+            self._read_ahead, pos = data, 0
+        self._read_pos = pos + bufsize
+        return self._read_ahead[pos : pos + bufsize]
+
+    def unread(self, sock: Any) -> bool:
+        """Bytes `sock` has given up that paho has not read yet: the socket will not say it
+        is readable for them. (Not in TLS's buffer: a recv of READ_CHUNK_BYTES takes a
+        whole record, at most 16 KiB.)"""
+        return (
+            sock is not None
+            and sock is self._sock
+            and self._read_from is sock
+            and self._read_pos < len(self._read_ahead)
+        )
 
 
 class Session:
@@ -476,10 +519,10 @@ class Session:
 
     # ---- paho plumbing ----------------------------------------------------------------
 
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> _BufferedClient:
         s = self.settings
         v5 = s.version == 5
-        client = paho.Client(
+        client = _BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
@@ -646,6 +689,7 @@ class Session:
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 client._loop_rc_handle(rc)
                 return
+        self._read_soon_if_unread()
         # paho clears its ping time when a PINGRESP arrives: the probe has its answer
         if self._watch.probing and client._ping_t == 0 and self._loop is not None:
             self._watch.answered(self._loop.time())
@@ -667,6 +711,20 @@ class Session:
         sock = self._client.socket()
         if sock is not None and self._loop is not None:
             self._add_reader(sock)
+            self._read_soon_if_unread()
+
+    def _read_soon_if_unread(self) -> None:
+        """Packets already taken from the socket (more than one wake-up's share, or held
+        while paused) are read on the loop's next turn: the socket would not wake us. The
+        turn is bound to this socket: by then it may be closed and another connecting on a
+        worker thread, whose socket is not ours to read until it is open (`_socket_open`)."""
+        sock = self._client.socket()
+        if self._loop is not None and not self._reading_paused and self._client.unread(sock):
+            self._loop.call_soon(self._read_unread, sock)
+
+    def _read_unread(self, sock: Any) -> None:
+        if self._client.socket() is sock:
+            self._read()
 
     def _socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this just before it closes `sock`. Every close happens on the loop
