@@ -238,6 +238,11 @@ class LinkWatch:
         return min([min(self._last_in, self._last_out) + self.idle_s, *self._expected.values()])
 
 
+# shared by every plain PUBACK (_BufferedClient._handle_pubackcomp); never changed
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+
+
 class _BufferedClient(paho.Client):
     """paho reads a packet in three or more `recv` calls (its type, each byte of its length,
     then the rest) and ends a burst with one more that fails: each a system call, and at
@@ -254,6 +259,9 @@ class _BufferedClient(paho.Client):
         self._read_ahead = b""
         self._read_pos = 0
         self._read_from: object = None
+        # the session's handler, given each PUBLISH without paho's MQTTMessage (see
+        # _handle_publish); None: paho's own path and on_message
+        self.deliver: Callable[[Message], None] | None = None
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._read_from is not self._sock:
@@ -266,6 +274,52 @@ class _BufferedClient(paho.Client):
             self._read_ahead, pos = data, 0
         self._read_pos = pos + bufsize
         return self._read_ahead[pos : pos + bufsize]
+
+    # ---- the two packets a gateway receives by the thousand -----------------------------
+    # paho decodes every PUBLISH into an MQTTMessage and every PUBACK (both MQTT versions)
+    # with a new MQTT 5 `Properties` object, whose constructor builds its name and type
+    # tables each time; a PUBLISH then walks the topic-callback matcher. For the plain
+    # cases (QoS 0 or 1, no MQTT 5 properties, a PUBACK with no reason code) these two
+    # read the few fixed fields here and hand everything else (the PUBACK sent back, the
+    # in-flight window, on_publish) to paho's own steps; any other packet goes to paho.
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        deliver = self.deliver
+        header = self._in_packet["command"]
+        packet = self._in_packet["packet"]
+        qos = (header & 0x06) >> 1
+        topic_end = 2 + int.from_bytes(packet[0:2], "big")
+        body = topic_end + (2 if qos else 0)
+        v5 = self._protocol == paho.MQTTv5
+        if (
+            deliver is None
+            or qos > 1
+            or self._manual_ack
+            or topic_end == 2  # an empty topic: an alias, or malformed
+            or len(packet) < body + v5
+            or (v5 and packet[body] != 0)  # MQTT 5 properties follow
+        ):
+            return super()._handle_publish()
+        try:
+            topic = packet[2:topic_end].decode()
+        except UnicodeDecodeError:
+            return super()._handle_publish()  # paho logs it, and the topic as hex
+        message = Message(topic, bytes(packet[body + v5 :]), qos, bool(header & 0x01))
+        with self._in_callback_mutex:  # as paho's callbacks: _write_now waits for it
+            deliver(message)
+        if qos == 0:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._send_puback(int.from_bytes(packet[topic_end:body], "big"))
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2:  # a reason code, maybe properties: paho's
+            return super()._handle_pubackcomp(cmd)
+        mid = int.from_bytes(packet, "big")
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def unread(self, sock: Any) -> bool:
         """Bytes `sock` has given up that paho has not read yet: the socket will not say it
@@ -542,6 +596,7 @@ class Session:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.deliver = self._deliver
         client.on_publish = self._handle_publish
         client.on_subscribe = self._handle_subscribe
         client.on_socket_open = self._socket_open
@@ -835,8 +890,11 @@ class Session:
             self._on_disconnect()
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._deliver(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+
+    def _deliver(self, message: Message) -> None:
         try:
-            self._on_message(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+            self._on_message(message)
         except Exception:
             # A handler bug must not take the connection down with it.
             log.exception("mqtt %s: message handler failed", self.settings.client_id)
