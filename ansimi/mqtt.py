@@ -64,6 +64,8 @@ MessageHandler = Callable[["Message"], None]
 READ_PACKETS_PER_WAKEUP = 64
 # bytes one recv asks the socket for (see _BufferedClient)
 READ_CHUNK_BYTES = 64 * 1024
+# queued packets joined into one send, up to about this many bytes (see _BufferedClient)
+WRITE_JOIN_BYTES = 64 * 1024
 ConnectHandler = Callable[[bool], None]
 LinkDeadListener = Callable[["LinkDead"], None]
 # why a link was declared dead: an urgent publish's PUBACK, or a quiet link, then no PINGRESP
@@ -243,6 +245,12 @@ _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
+def _unreported(packet: Any) -> bool:
+    """A queued packet whose complete sending paho acts on no further (see _packet_write)."""
+    kind = packet["command"] & 0xF0
+    return kind != paho.DISCONNECT and not (kind == paho.PUBLISH and packet["qos"] == 0)
+
+
 class _BufferedClient(paho.Client):
     """paho reads a packet in three or more `recv` calls (its type, each byte of its length,
     then the rest) and ends a burst with one more that fails: each a system call, and at
@@ -320,6 +328,35 @@ class _BufferedClient(paho.Client):
             if mid in self._out_messages:
                 return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_write(self) -> MQTTErrorCode:
+        """paho sends each queued packet with a send() of its own: a gateway's batch of
+        acks, and the PUBACK of each message it reads, a system call and a TCP segment
+        each. The queued packets at its head whose sending paho reports to no one (all but
+        a QoS 0 PUBLISH and DISCONNECT) are joined first, up to WRITE_JOIN_BYTES, and leave
+        together. Only the head, with popleft and appendleft as paho's own writes do: a
+        connect on a worker thread appends its CONNECT at the other end meanwhile."""
+        queue = self._out_packet
+        if len(queue) > 1 and queue[0]["pos"] == 0 and _unreported(queue[0]):
+            parts: list[bytes | bytearray] = []
+            size = 0
+            while queue and size < WRITE_JOIN_BYTES and _unreported(queue[0]):
+                part = queue.popleft()["packet"]
+                parts.append(part)
+                size += len(part)
+            joined = b"".join(parts)
+            queue.appendleft(
+                {
+                    "command": paho.PUBACK,  # a kind paho reports nothing for
+                    "mid": 0,
+                    "qos": 1,
+                    "pos": 0,
+                    "to_process": len(joined),
+                    "packet": joined,
+                    "info": None,
+                }
+            )
+        return super()._packet_write()
 
     def unread(self, sock: Any) -> bool:
         """Bytes `sock` has given up that paho has not read yet: the socket will not say it

@@ -121,3 +121,35 @@ async def test_a_handler_that_raises_is_logged_and_the_link_stays(
         assert session.connected
     assert got == [Message("t/p/x", b"good", 1, False)]
     assert "message handler failed" in caplog.text and "a handler bug" in caplog.text
+
+
+async def test_a_batch_of_publishes_leaves_in_one_send(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway's acks of one batch: one system call (paho sends packet by packet), and
+    each still reaches its subscriber whole."""
+    got: list[Message] = []
+    async with subscribed(mosquitto, 5, got):
+        pub = Session(Settings(mosquitto.host, mosquitto.port, "batch-pub"), lambda m: None)
+        task = asyncio.create_task(pub.run())
+        try:
+            await pub.wait_connected(5)
+            sends: list[int] = []
+            sock_send = pub._client._sock_send
+
+            def counted(buf: bytes | bytearray) -> int:
+                sends.append(len(buf))
+                return sock_send(buf)
+
+            monkeypatch.setattr(pub._client, "_sock_send", counted)
+            with pub.batched_writes():
+                sent = [pub.publish(f"t/p/batch/{i}", b"%d" % i) for i in range(20)]
+            assert len(sends) == 1
+            await asyncio.wait_for(asyncio.gather(*sent), 5)
+        finally:
+            await pub.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await eventually(lambda: len(got) == 20, 10)
+    assert got == [Message(f"t/p/batch/{i}", b"%d" % i, 1, False) for i in range(20)]
