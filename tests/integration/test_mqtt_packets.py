@@ -14,7 +14,7 @@ from typing import Any, cast
 import paho.mqtt.client as paho
 import paho.mqtt.publish as paho_publish
 import pytest
-from ansimi_testkit import eventually
+from ansimi_testkit import connected, eventually
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -43,17 +43,10 @@ async def subscribed(
         handler or got.append,
         subscriptions=[("t/p/#", 2)],
     )
-    task = asyncio.create_task(session.run())
-    try:
-        await session.wait_connected(5)
+    async with connected(session):
         # the SUBSCRIBE went out before this on the same connection: subscribed once acked
         await asyncio.wait_for(session.publish("t/sync", b""), 5)
         yield session
-    finally:
-        await session.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @pytest.mark.parametrize("version", [5, 311])
@@ -131,9 +124,7 @@ async def test_a_batch_of_publishes_leaves_in_one_send(
     got: list[Message] = []
     async with subscribed(mosquitto, 5, got):
         pub = Session(Settings(mosquitto.host, mosquitto.port, "batch-pub"), lambda m: None)
-        task = asyncio.create_task(pub.run())
-        try:
-            await pub.wait_connected(5)
+        async with connected(pub):
             sends: list[int] = []
             sock_send = pub._client._sock_send
 
@@ -146,10 +137,5 @@ async def test_a_batch_of_publishes_leaves_in_one_send(
                 sent = [pub.publish(f"t/p/batch/{i}", b"%d" % i) for i in range(20)]
             assert len(sends) == 1
             await asyncio.wait_for(asyncio.gather(*sent), 5)
-        finally:
-            await pub.close()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         await eventually(lambda: len(got) == 20, 10)
     assert got == [Message(f"t/p/batch/{i}", b"%d" % i, 1, False) for i in range(20)]

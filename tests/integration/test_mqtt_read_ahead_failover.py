@@ -5,14 +5,12 @@ it on the next broker's connection, and the subscription receives there (real mo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import select
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import paho.mqtt.publish as paho_publish
 import pytest
-from ansimi_testkit import eventually
+from ansimi_testkit import connected, eventually
 
 from ansimi.broker import Mosquitto, MosquittoConfig
 from ansimi.mqtt import Message, Session, Settings
@@ -36,16 +34,6 @@ async def publish_burst(broker: Mosquitto, where: str, count: int) -> None:
     )
 
 
-@contextlib.asynccontextmanager
-async def second_broker(tmp_path: Path) -> AsyncIterator[Mosquitto]:
-    broker = Mosquitto(MosquittoConfig(state_dir=tmp_path / "second"))
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
 @pytest.mark.parametrize("end", ["read_to_its_end", "dropped_with_bytes_unread"])
 async def test_a_broker_killed_mid_stream_leaves_nothing_for_the_next_one(
     mosquitto: Mosquitto, tmp_path: Path, end: str
@@ -59,7 +47,7 @@ async def test_a_broker_killed_mid_stream_leaves_nothing_for_the_next_one(
         if len(got) == 1:
             sub.pause_reading()  # after one packet: the rest of the chunk stays read ahead
 
-    async with second_broker(tmp_path) as second:
+    with Mosquitto(MosquittoConfig(state_dir=tmp_path / "second")) as second:
         sub = Session(
             Settings(
                 host=mosquitto.host,
@@ -75,9 +63,7 @@ async def test_a_broker_killed_mid_stream_leaves_nothing_for_the_next_one(
             on_connect=lambda _present: connects.append((sub.address, len(got))),
             subscriptions=[("t/ra/#", 0)],
         )
-        task = asyncio.create_task(sub.run())
-        try:
-            await sub.wait_connected(5)
+        async with connected(sub):
             # the SUBSCRIBE went out before this on the same connection: subscribed once acked
             await asyncio.wait_for(sub.publish("t/sync", b""), 5)
             sub.pause_reading()
@@ -97,11 +83,6 @@ async def test_a_broker_killed_mid_stream_leaves_nothing_for_the_next_one(
             await asyncio.wait_for(sub.publish("t/sync", b""), 5)
             await publish_burst(second, "second", 20)
             await eventually(lambda: sum(m.topic == "t/ra/second" for m in got) == 20, 10)
-        finally:
-            await sub.close()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     # one connection to each: nothing garbled on the second (a protocol error drops it)
     assert [address for address, _ in connects] == [(mosquitto.host, mosquitto.port), on_second]
