@@ -340,10 +340,16 @@ class _BufferedClient(paho.Client):
         if len(queue) > 1 and queue[0]["pos"] == 0 and _unreported(queue[0]):
             parts: list[bytes | bytearray] = []
             size = 0
-            while queue and size < WRITE_JOIN_BYTES and _unreported(queue[0]):
-                part = queue.popleft()["packet"]
-                parts.append(part)
-                size += len(part)
+            while size < WRITE_JOIN_BYTES:
+                try:
+                    head = queue.popleft()
+                except IndexError:
+                    break
+                if not _unreported(head):
+                    queue.appendleft(head)
+                    break
+                parts.append(head["packet"])
+                size += len(head["packet"])
             joined = b"".join(parts)
             queue.appendleft(
                 {
