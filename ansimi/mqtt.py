@@ -60,8 +60,12 @@ from paho.mqtt.reasoncodes import ReasonCode  # noqa: E402
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[["Message"], None]
-# packets one session reads per readable event; the socket stays readable for the rest
+# packets one session reads per readable event; the rest are read on the loop's next turn
 READ_PACKETS_PER_WAKEUP = 64
+# bytes one recv asks the socket for (see _BufferedClient)
+READ_CHUNK_BYTES = 64 * 1024
+# queued packets joined into one send, up to about this many bytes (see _BufferedClient)
+WRITE_JOIN_BYTES = 64 * 1024
 ConnectHandler = Callable[[bool], None]
 LinkDeadListener = Callable[["LinkDead"], None]
 # why a link was declared dead: an urgent publish's PUBACK, or a quiet link, then no PINGRESP
@@ -234,6 +238,142 @@ class LinkWatch:
         if self._probe_due is not None:
             return self._probe_due
         return min([min(self._last_in, self._last_out) + self.idle_s, *self._expected.values()])
+
+
+# shared by every plain PUBACK (_BufferedClient._handle_pubackcomp); never changed
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+
+
+def _unreported(packet: Any) -> bool:
+    """A queued packet whose complete sending paho acts on no further (see _packet_write)."""
+    kind = packet["command"] & 0xF0
+    return kind != paho.DISCONNECT and not (kind == paho.PUBLISH and packet["qos"] == 0)
+
+
+class _BufferedClient(paho.Client):
+    """paho reads a packet in three or more `recv` calls (its type, each byte of its length,
+    then the rest) and ends a burst with one more that fails: each a system call, and at
+    ~1,000 packets/s each way a gateway's largest cost after the cryptography
+    (bench/gateway.py). This one takes what the socket has, up to READ_CHUNK_BYTES, in one
+    call and hands paho its reads from that.
+
+    Bytes read ahead belong to the socket they came from: a read from any other socket (the
+    next connection) drops them first, so nothing of a dead link is parsed on a new one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_ahead = b""
+        self._read_pos = 0
+        self._read_from: object = None
+        # the session's handler, given each PUBLISH without paho's MQTTMessage (see
+        # _handle_publish); None: paho's own path and on_message
+        self.deliver: Callable[[Message], None] | None = None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._read_from is not self._sock:
+            self._read_ahead, self._read_pos, self._read_from = b"", 0, self._sock
+        pos = self._read_pos
+        if pos >= len(self._read_ahead):
+            data = super()._sock_recv(READ_CHUNK_BYTES)
+            if len(data) <= bufsize:
+                return data  # also b"" (closed): nothing kept
+            self._read_ahead, pos = data, 0
+        self._read_pos = pos + bufsize
+        return self._read_ahead[pos : pos + bufsize]
+
+    # ---- the two packets a gateway receives by the thousand -----------------------------
+    # paho decodes every PUBLISH into an MQTTMessage and every PUBACK (both MQTT versions)
+    # with a new MQTT 5 `Properties` object, whose constructor builds its name and type
+    # tables each time; a PUBLISH then walks the topic-callback matcher. For the plain
+    # cases (QoS 0 or 1, no MQTT 5 properties, a PUBACK with no reason code) these two
+    # read the few fixed fields here and hand everything else (the PUBACK sent back, the
+    # in-flight window, on_publish) to paho's own steps; any other packet goes to paho.
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        deliver = self.deliver
+        header = self._in_packet["command"]
+        packet = self._in_packet["packet"]
+        qos = (header & 0x06) >> 1
+        topic_end = 2 + int.from_bytes(packet[0:2], "big")
+        body = topic_end + (2 if qos else 0)
+        v5 = self._protocol == paho.MQTTv5
+        if (
+            deliver is None
+            or qos > 1
+            or self._manual_ack
+            or topic_end == 2  # an empty topic: an alias, or malformed
+            or len(packet) < body + v5
+            or (v5 and packet[body] != 0)  # MQTT 5 properties follow
+        ):
+            return super()._handle_publish()
+        try:
+            topic = packet[2:topic_end].decode()
+        except UnicodeDecodeError:
+            return super()._handle_publish()  # paho logs it, and the topic as hex
+        message = Message(topic, bytes(packet[body + v5 :]), qos, bool(header & 0x01))
+        with self._in_callback_mutex:  # as paho's callbacks: _write_now waits for it
+            deliver(message)
+        if qos == 0:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._send_puback(int.from_bytes(packet[topic_end:body], "big"))
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2:  # a reason code, maybe properties: paho's
+            return super()._handle_pubackcomp(cmd)
+        mid = int.from_bytes(packet, "big")
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_write(self) -> MQTTErrorCode:
+        """paho sends each queued packet with a send() of its own: a gateway's batch of
+        acks, and the PUBACK of each message it reads, a system call and a TCP segment
+        each. The queued packets at its head whose sending paho reports to no one (all but
+        a QoS 0 PUBLISH and DISCONNECT) are joined first, up to WRITE_JOIN_BYTES, and leave
+        together. Only the head, with popleft and appendleft as paho's own writes do: a
+        connect on a worker thread appends its CONNECT at the other end meanwhile."""
+        queue = self._out_packet
+        if len(queue) > 1 and queue[0]["pos"] == 0 and _unreported(queue[0]):
+            parts: list[bytes | bytearray] = []
+            size = 0
+            while size < WRITE_JOIN_BYTES:
+                try:
+                    head = queue.popleft()
+                except IndexError:
+                    break
+                if not _unreported(head):
+                    queue.appendleft(head)
+                    break
+                parts.append(head["packet"])
+                size += len(head["packet"])
+            joined = b"".join(parts)
+            queue.appendleft(
+                {
+                    "command": paho.PUBACK,  # a kind paho reports nothing for
+                    "mid": 0,
+                    "qos": 1,
+                    "pos": 0,
+                    "to_process": len(joined),
+                    "packet": joined,
+                    "info": None,
+                }
+            )
+        return super()._packet_write()
+
+    def unread(self, sock: Any) -> bool:
+        """Bytes `sock` has given up that paho has not read yet: the socket will not say it
+        is readable for them. (Not in TLS's buffer: a recv of READ_CHUNK_BYTES takes a
+        whole record, at most 16 KiB.)"""
+        return (
+            sock is not None
+            and sock is self._sock
+            and self._read_from is sock
+            and self._read_pos < len(self._read_ahead)
+        )
 
 
 class Session:
@@ -476,10 +616,10 @@ class Session:
 
     # ---- paho plumbing ----------------------------------------------------------------
 
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> _BufferedClient:
         s = self.settings
         v5 = s.version == 5
-        client = paho.Client(
+        client = _BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
@@ -499,6 +639,7 @@ class Session:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.deliver = self._deliver
         client.on_publish = self._handle_publish
         client.on_subscribe = self._handle_subscribe
         client.on_socket_open = self._socket_open
@@ -646,6 +787,7 @@ class Session:
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 client._loop_rc_handle(rc)
                 return
+        self._read_soon_if_unread()
         # paho clears its ping time when a PINGRESP arrives: the probe has its answer
         if self._watch.probing and client._ping_t == 0 and self._loop is not None:
             self._watch.answered(self._loop.time())
@@ -667,6 +809,20 @@ class Session:
         sock = self._client.socket()
         if sock is not None and self._loop is not None:
             self._add_reader(sock)
+            self._read_soon_if_unread()
+
+    def _read_soon_if_unread(self) -> None:
+        """Packets already taken from the socket (more than one wake-up's share, or held
+        while paused) are read on the loop's next turn: the socket would not wake us. The
+        turn is bound to this socket: by then it may be closed and another connecting on a
+        worker thread, whose socket is not ours to read until it is open (`_socket_open`)."""
+        sock = self._client.socket()
+        if self._loop is not None and not self._reading_paused and self._client.unread(sock):
+            self._loop.call_soon(self._read_unread, sock)
+
+    def _read_unread(self, sock: Any) -> None:
+        if self._client.socket() is sock:
+            self._read()
 
     def _socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this just before it closes `sock`. Every close happens on the loop
@@ -777,8 +933,11 @@ class Session:
             self._on_disconnect()
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._deliver(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+
+    def _deliver(self, message: Message) -> None:
         try:
-            self._on_message(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+            self._on_message(message)
         except Exception:
             # A handler bug must not take the connection down with it.
             log.exception("mqtt %s: message handler failed", self.settings.client_id)

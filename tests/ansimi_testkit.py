@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ansimi.broker import free_port
+from ansimi.mqtt import Session
 from console.receiver import EventLog, Receiver
 from device.observer import AgentObserver
 from gateway.config import Centre
@@ -51,6 +52,17 @@ async def running(*coros: Awaitable[None]) -> AsyncIterator[None]:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+
+@contextlib.asynccontextmanager
+async def connected(session: Session, timeout_s: float = 5.0) -> AsyncIterator[Session]:
+    """`session` running and connected for the block; closed (DISCONNECT sent) after it."""
+    async with running(session.run()):
+        try:
+            await session.wait_connected(timeout_s)
+            yield session
+        finally:
+            await session.close()
 
 
 @contextlib.asynccontextmanager
