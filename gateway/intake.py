@@ -284,7 +284,7 @@ class Intake:
         self._failing_since_ms: int | None = None
         self._committing_since_ms: int | None = None
         self._waiting_beats: list[Incoming] = []
-        self._waiting_bodies: dict[str, Heartbeat] = {}
+        self._waiting_bodies: dict[tuple[str, str], Heartbeat] = {}
         self._waiting_since_ms = 0
         self._newest_beat_ms = 0
         # set when the waiting heartbeats are due (their interval passed): one timer a flush,
@@ -415,7 +415,7 @@ class Intake:
         if kept:
             # the heartbeats' bodies as parsed, so nothing downstream parses them again
             beats = {
-                c.opened.message.id: c.opened.message.body
+                (c.opened.message.device, c.opened.message.id): c.opened.message.body
                 for c in kept
                 if isinstance(c.opened.message, HeartbeatMessage)
             }
@@ -443,7 +443,7 @@ class Intake:
                         self._heartbeat_flush_ms / 1000, self._heartbeats_due
                     )
                 self._waiting_beats.append(self._incoming(c))
-                self._waiting_bodies[msg.id] = msg.body
+                self._waiting_bodies[msg.device, msg.id] = msg.body
                 self._newest_beat_ms = now_ms
             else:
                 rest.append(c)
@@ -476,8 +476,14 @@ class Intake:
         return found
 
     async def _keep(
-        self, incoming: list[Incoming], now_ms: int, heartbeats: dict[str, Heartbeat]
+        self,
+        incoming: list[Incoming],
+        now_ms: int,
+        heartbeats: dict[tuple[str, str], Heartbeat],
     ) -> None:
+        """Commit and ack `incoming`; `heartbeats`: the bodies of its heartbeats by (device,
+        message id), since an id is the device's to choose and another device may send the
+        same one (the store refuses that one, but both are in the batch)."""
         kept, came_online = await self._commit(incoming, now_ms)
         self._metrics.intake_batch.observe(len(incoming))
         forwarded: list[Incoming] = []
@@ -517,7 +523,9 @@ class Intake:
         if self._supervisor is not None and came_online:
             await self._supervise(self._supervisor.came_online, came_online)
         beats = [
-            KeptHeartbeat(k.item.device_id, k.item.ts_ms, heartbeats[k.item.event_id])
+            KeptHeartbeat(
+                k.item.device_id, k.item.ts_ms, heartbeats[k.item.device_id, k.item.event_id]
+            )
             for k in kept
             if k.item.type == "heartbeat"
         ]

@@ -135,3 +135,31 @@ def test_the_drift_flag_must_sit_inside_the_replay_window() -> None:
         GatewayConfig.model_validate(
             {"intake": {"window_s": 60}, "fleet": {"clock_drift_flag_s": 60}}
         )
+
+
+@pytest.mark.parametrize("flush_ms", [0, 60_000], ids=["kept-at-once", "held-for-a-flush"])
+async def test_a_heartbeat_reusing_another_device_s_id_does_not_speak_for_that_device(
+    env: Env, flush_ms: int
+) -> None:
+    """Message ids are the device's to choose: one bell (its key taken, say) that reuses
+    another's id in the same batch or flush is refused by the store, and must not put its
+    own health in the other bell's place either."""
+    fleet = FleetHealth(
+        env.metrics,
+        district_of=lambda d: DISTRICTS.get(d),
+        drift_flag_ms=FLAG_MS,
+        clock_ms=env.clock,
+    )
+    intake = env.intake_with(on_heartbeats=fleet.heartbeats, heartbeat_flush_ms=flush_ms)
+    honest = Heartbeat(uptime_s=5, power="mains", firmware="1.0")
+    reused = Heartbeat(uptime_s=9, power="battery", battery_pct=3, firmware="6.6")
+    shared_id = "0123456789abcdef"
+    await intake.process(
+        [
+            env.message(honest, "bell-0001", id=shared_id),
+            env.message(reused, "bell-0002", id=shared_id),
+        ]
+    )
+    await intake.flush_heartbeats()
+    assert fleet.last["bell-0001"].heartbeat == honest
+    assert gauge(env, "ansimi_device_on_battery") == 0.0
