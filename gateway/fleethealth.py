@@ -109,7 +109,9 @@ class FleetHealth:
         """Heartbeats just kept, oldest first, with their bodies as the intake parsed them."""
         now = self._clock_ms()
         for beat in beats:
-            self._keep(beat.device_id, beat.body, beat.ts_ms - now, now)
+            # against the gateway's clock when it came: it may have waited for a flush
+            at = now if beat.arrived_ms is None else beat.arrived_ms
+            self._keep(beat.device_id, beat.body, beat.ts_ms - at, at)
 
     def _keep(self, device_id: str, beat: Heartbeat, drift_ms: int, now: int) -> None:
         district = self._district_of(device_id)

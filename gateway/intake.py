@@ -205,6 +205,9 @@ class KeptHeartbeat(NamedTuple):
     device_id: str
     ts_ms: int
     body: Heartbeat
+    # when the gateway got it (a heartbeat may wait up to heartbeat_flush_ms to be kept);
+    # None: just now
+    arrived_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +287,7 @@ class Intake:
         self._failing_since_ms: int | None = None
         self._committing_since_ms: int | None = None
         self._waiting_beats: list[Incoming] = []
-        self._waiting_bodies: dict[tuple[str, str], Heartbeat] = {}
+        self._waiting_bodies: dict[tuple[str, str], tuple[Heartbeat, int]] = {}
         self._waiting_since_ms = 0
         self._newest_beat_ms = 0
         # set when the waiting heartbeats are due (their interval passed): one timer a flush,
@@ -413,9 +416,10 @@ class Intake:
         if self._heartbeat_flush_ms > 0:
             kept = self._hold_heartbeats(kept, now_ms)
         if kept:
-            # the heartbeats' bodies as parsed, so nothing downstream parses them again
+            # the heartbeats' bodies as parsed, so nothing downstream parses them again, and
+            # when they came
             beats = {
-                (c.opened.message.device, c.opened.message.id): c.opened.message.body
+                (c.opened.message.device, c.opened.message.id): (c.opened.message.body, now_ms)
                 for c in kept
                 if isinstance(c.opened.message, HeartbeatMessage)
             }
@@ -443,7 +447,7 @@ class Intake:
                         self._heartbeat_flush_ms / 1000, self._heartbeats_due
                     )
                 self._waiting_beats.append(self._incoming(c))
-                self._waiting_bodies[msg.device, msg.id] = msg.body
+                self._waiting_bodies[msg.device, msg.id] = (msg.body, now_ms)
                 self._newest_beat_ms = now_ms
             else:
                 rest.append(c)
@@ -479,11 +483,11 @@ class Intake:
         self,
         incoming: list[Incoming],
         now_ms: int,
-        heartbeats: dict[tuple[str, str], Heartbeat],
+        heartbeats: dict[tuple[str, str], tuple[Heartbeat, int]],
     ) -> None:
-        """Commit and ack `incoming`; `heartbeats`: the bodies of its heartbeats by (device,
-        message id), since an id is the device's to choose and another device may send the
-        same one (the store refuses that one, but both are in the batch)."""
+        """Commit and ack `incoming`; `heartbeats`: the body and arrival of each of its
+        heartbeats by (device, message id), since an id is the device's to choose and another
+        device may send the same one (the store refuses that one, but both are in the batch)."""
         kept, came_online = await self._commit(incoming, now_ms)
         self._metrics.intake_batch.observe(len(incoming))
         forwarded: list[Incoming] = []
@@ -524,7 +528,7 @@ class Intake:
             await self._supervise(self._supervisor.came_online, came_online)
         beats = [
             KeptHeartbeat(
-                k.item.device_id, k.item.ts_ms, heartbeats[k.item.device_id, k.item.event_id]
+                k.item.device_id, k.item.ts_ms, *heartbeats[k.item.device_id, k.item.event_id]
             )
             for k in kept
             if k.item.type == "heartbeat"

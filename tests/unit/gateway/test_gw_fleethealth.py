@@ -163,3 +163,22 @@ async def test_a_heartbeat_reusing_another_device_s_id_does_not_speak_for_that_d
     await intake.flush_heartbeats()
     assert fleet.last["bell-0001"].heartbeat == honest
     assert gauge(env, "ansimi_device_on_battery") == 0.0
+
+
+async def test_a_heartbeat_held_for_a_flush_is_timed_by_its_arrival(env: Env) -> None:
+    """Heartbeats wait up to [intake] heartbeat_flush_s (10 s at most) to be kept together:
+    the drift is the device's clock against the gateway's when the heartbeat came, not
+    when the batch was written (a right clock read as seconds behind)."""
+    fleet = FleetHealth(
+        env.metrics,
+        district_of=lambda d: DISTRICTS.get(d),
+        drift_flag_ms=FLAG_MS,
+        clock_ms=env.clock,
+    )
+    intake = env.intake_with(on_heartbeats=fleet.heartbeats, heartbeat_flush_ms=10_000)
+    arrived = env.clock.ms
+    await intake.process([env.message(heartbeat(), ts=arrived)])  # a clock that is right
+    env.clock.ms += 9_000
+    await intake.flush_heartbeats()
+    assert gauge(env, "ansimi_device_clock_drift_ms") == 0.0
+    assert fleet.last["bell-0001"].at_ms == arrived
