@@ -19,15 +19,16 @@ from protocol.messages import Heartbeat
 FLAG_MS = WINDOW_MS // 5
 
 
-def watched(env: Env) -> tuple[Intake, FleetHealth]:
-    """The env's intake again, telling a fleet view its heartbeats (as the service does)."""
+def watched(env: Env, **hooks: Any) -> tuple[Intake, FleetHealth]:
+    """The env's intake again (with `hooks`), telling a fleet view its heartbeats (as the
+    service does)."""
     fleet = FleetHealth(
         env.metrics,
         district_of=lambda d: DISTRICTS.get(d),
         drift_flag_ms=FLAG_MS,
         clock_ms=env.clock,
     )
-    return env.intake_with(on_heartbeats=fleet.heartbeats), fleet
+    return env.intake_with(on_heartbeats=fleet.heartbeats, **hooks), fleet
 
 
 def gauge(env: Env, name: str, device: str = "bell-0001", **extra: str) -> float | None:
@@ -144,13 +145,7 @@ async def test_a_heartbeat_reusing_another_device_s_id_does_not_speak_for_that_d
     """Message ids are the device's to choose: one bell (its key taken, say) that reuses
     another's id in the same batch or flush is refused by the store, and must not put its
     own health in the other bell's place either."""
-    fleet = FleetHealth(
-        env.metrics,
-        district_of=lambda d: DISTRICTS.get(d),
-        drift_flag_ms=FLAG_MS,
-        clock_ms=env.clock,
-    )
-    intake = env.intake_with(on_heartbeats=fleet.heartbeats, heartbeat_flush_ms=flush_ms)
+    intake, fleet = watched(env, heartbeat_flush_ms=flush_ms)
     honest = Heartbeat(uptime_s=5, power="mains", firmware="1.0")
     reused = Heartbeat(uptime_s=9, power="battery", battery_pct=3, firmware="6.6")
     shared_id = "0123456789abcdef"
@@ -169,13 +164,7 @@ async def test_a_heartbeat_held_for_a_flush_is_timed_by_its_arrival(env: Env) ->
     """Heartbeats wait up to [intake] heartbeat_flush_s (10 s at most) to be kept together:
     the drift is the device's clock against the gateway's when the heartbeat came, not
     when the batch was written (a right clock read as seconds behind)."""
-    fleet = FleetHealth(
-        env.metrics,
-        district_of=lambda d: DISTRICTS.get(d),
-        drift_flag_ms=FLAG_MS,
-        clock_ms=env.clock,
-    )
-    intake = env.intake_with(on_heartbeats=fleet.heartbeats, heartbeat_flush_ms=10_000)
+    intake, fleet = watched(env, heartbeat_flush_ms=10_000)
     arrived = env.clock.ms
     await intake.process([env.message(heartbeat(), ts=arrived)])  # a clock that is right
     env.clock.ms += 9_000
