@@ -371,31 +371,36 @@ class Rollouts:
             newest = await self._store.rollouts(1)
             if not newest:
                 return  # no rollout: nobody's news
-            changed = False
+            # only a new failure pauses: a rollout the admin resumed past its failures is
+            # not paused again by the next device that installs
+            failed_now = False
             while reports:
-                changed |= await self._report(newest[0], *reports[0])
+                failed_now |= await self._report(newest[0], *reports[0]) == "failed"
                 reports.pop(0)
-            if changed:
+            if failed_now:
                 await self._pause_if_failing(newest[0])
         except BaseException:
             self._reports[:0] = reports  # the store failed: tried again at the next round
             raise
 
-    async def _report(self, rollout: RolloutRecord, device_id: str, health: Health) -> bool:
+    async def _report(
+        self, rollout: RolloutRecord, device_id: str, health: Health
+    ) -> UpdateOutcome | None:
+        """The outcome the report gave its device, None if it changed nothing."""
         version, _, rest = (health.detail or "").partition(" ")
         if version != rollout.version:
-            return False
+            return None
         outcome: UpdateOutcome = "installed"
         if health.event == "update_failed":
             outcome = "not_now" if rest.split(":", 1)[0] in NOT_NOW else "failed"
         reason = rest[:200] if outcome == "failed" else None
         now = self._clock_ms()
         if not await self._store.report_update(rollout.rollout_id, device_id, outcome, reason, now):
-            return False  # not its device, or a late offer crossed its installed report
+            return None  # not its device, or a late offer crossed its installed report
         self._metrics.update_reports.labels(outcome).inc()
         if outcome == "failed":
             log.warning("rollout %s: %s failed: %s", rollout.rollout_id, device_id, reason)
-        return True
+        return outcome
 
     async def _pause_if_failing(self, rollout: RolloutRecord) -> None:
         devices = await self._store.rollout_devices(rollout.rollout_id)

@@ -163,6 +163,23 @@ async def test_reports_move_devices_and_failures_pause_the_rollout(rig: Rig) -> 
     assert value == 2
 
 
+async def test_a_resumed_rollout_is_paused_again_by_a_new_failure_not_by_an_install(
+    rig: Rig,
+) -> None:
+    await rig.rollouts.start("2.0", "mapo", 100)  # 20 devices: pauses at 2 failures
+    await rig.rollouts.tick()
+    a, b, c, d = MAPO[:4]
+    for device_id in (a, b):
+        await rig.report(device_id, "update_failed", "2.0 rolled_back: health check failed")
+    assert (await rig.current()).state == "paused"
+    await rig.rollouts.resume()  # the admin looked at both failures and goes on
+    await rig.report(c, "update_installed", "2.0")
+    assert (await rig.current()).state == "running"
+    await rig.report(d, "update_failed", "2.0 rolled_back: health check failed")
+    assert (await rig.current()).state == "paused"
+    assert "3 devices failed" in ((await rig.current()).paused_because or "")
+
+
 async def test_a_rollout_is_done_when_every_device_installed_and_survives_a_restart(
     rig: Rig,
 ) -> None:
