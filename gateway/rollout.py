@@ -243,11 +243,16 @@ class Rollouts:
             # written atomically: a damaged disk. No rollout is safer than a wrong one
             log.error("rollout state %s unreadable (%s): not imported", self._file, exc)
             old = _State()
-        if await self._store.rollouts(1):
-            log.warning("%s not imported: the store holds rollouts already", self._file)
+        # oldest first: the newest is the current one
+        rollouts = [*reversed(old.history), *([old.current] if old.current else [])]
+        ids = {rollout.id for rollout in rollouts}
+        stored = await self._store.rollouts(len(ids) + 1)
+        if any(record.rollout_id not in ids for record in stored):
+            log.warning("%s not imported: the store holds other rollouts already", self._file)
         else:
-            # oldest first: the newest is the current one
-            for rollout in [*reversed(old.history), *([old.current] if old.current else [])]:
+            # none, or only this file's (an import cut short by a stop): the ones kept
+            # already are refused by their id, the rest follow in order
+            for rollout in rollouts:
                 await self._store.start_rollout(rollout.record(), rollout.device_updates())
             log.warning("%s imported into the store", self._file)
         os.replace(self._file, self._file.with_name(f"{STATE_FILE}.imported"))

@@ -246,6 +246,20 @@ async def test_an_older_gateways_rollout_file_is_imported_once(rig: Rig) -> None
     assert len(await rig.rollouts.history()) == 1
 
 
+async def test_a_rollout_file_import_cut_short_is_finished_at_the_next_start(rig: Rig) -> None:
+    running = Rollout(id="2.0-mapo-5", version="2.0", district="mapo", percent=10, started_ms=5)
+    older = Rollout(
+        id="1.9-mapo-1", version="1.9", district="mapo", percent=100, state="done", started_ms=1
+    )
+    state = {"current": running.model_dump(), "history": [older.model_dump()]}
+    (rig.rollouts.releases.folder / STATE_FILE).write_text(json.dumps(state))
+    # the gateway stopped after importing the history, before the current one
+    assert await rig.env.store.start_rollout(older.record(), older.device_updates())
+    await rig.rollouts.import_file()
+    assert (await rig.current()).id == "2.0-mapo-5"
+    assert [r.id for r in await rig.rollouts.history()] == ["1.9-mapo-1"]
+
+
 # ---- the routes ------------------------------------------------------------------------
 
 
