@@ -215,6 +215,10 @@ class Rollouts:
         self._imported = False
         # devices' update reports the intake kept, written to the store by the loop
         self._reports: list[tuple[str, Health]] = []
+        # a failure was recorded since the pause was last looked at (kept across a store
+        # failure): only a new failure pauses, so a rollout the admin resumed past its
+        # failures is not paused again by the next device that installs
+        self._failed_unchecked = False
         self._wake = asyncio.Event()
 
     async def current(self) -> Rollout | None:
@@ -376,14 +380,13 @@ class Rollouts:
             newest = await self._store.rollouts(1)
             if not newest:
                 return  # no rollout: nobody's news
-            # only a new failure pauses: a rollout the admin resumed past its failures is
-            # not paused again by the next device that installs
-            failed_now = False
             while reports:
-                failed_now |= await self._report(newest[0], *reports[0]) == "failed"
+                if await self._report(newest[0], *reports[0]) == "failed":
+                    self._failed_unchecked = True
                 reports.pop(0)
-            if failed_now:
+            if self._failed_unchecked:
                 await self._pause_if_failing(newest[0])
+                self._failed_unchecked = False
         except BaseException:
             self._reports[:0] = reports  # the store failed: tried again at the next round
             raise
