@@ -431,14 +431,14 @@ class ConsoleApp:
         if summaries is None:
             return GATEWAY_SYNC_S  # a gateway older than incidents: the events tell all
         now = self._clock_ms()
-        by_id = {str(s.get("id")): s for s in summaries}
         # compared with the last sync's, or with what the pages loaded before the first;
         # with neither, every one is pushed: the cards pushed so far lacked the gateway's
         # part (its opening time, stages), and the queue's order rests on it
         previous = self._synced if self._synced is not None else self._summaries
-        self._synced = self._summaries = by_id
+        by_id, listed_all = self._keep_summaries(summaries)
+        self._synced = self._summaries
         changed = [i for i, s in by_id.items() if previous is None or previous.get(i) != s]
-        gone = [] if previous is None else [i for i in previous if i not in by_id]
+        gone = [] if previous is None or not listed_all else [i for i in previous if i not in by_id]
         for incident_id in changed + gone:
             incident = self._incident_now(incident_id)
             if incident is None:
@@ -454,6 +454,18 @@ class ConsoleApp:
             return GATEWAY_SYNC_S
         until_s = (min(coming) + STEP_MARGIN_MS - now) / 1000
         return min(GATEWAY_SYNC_S, max(MIN_SYNC_WAIT_S, until_s))
+
+    def _keep_summaries(
+        self, summaries: list[dict[str, Any]]
+    ) -> tuple[dict[str, dict[str, Any]], bool]:
+        """The gateway's open incidents by id, kept to merge into the cards; and whether
+        that was all of them. One left out of a list cut at its limit (the least urgent)
+        is not closed: it keeps its last summary until a whole list tells."""
+        assert self.gateway is not None
+        by_id = {str(s.get("id")): s for s in summaries}
+        listed_all = self.gateway.listed_all(summaries)
+        self._summaries = by_id if listed_all else {**(self._summaries or {}), **by_id}
+        return by_id, listed_all
 
     def district_of(self, device_id: str, event: ReceivedEvent | None = None) -> str:
         """The district of a device (as its event was forwarded, else the registry's);
@@ -752,12 +764,11 @@ class ConsoleApp:
                 log.warning("console: the gateway's incidents are unavailable: %s", exc)
                 summaries = None
             if summaries is not None:
-                by_id = {str(s.get("id")): s for s in summaries}
-                self._summaries = by_id
+                by_id, listed_all = self._keep_summaries(summaries)
                 for incident in found:
                     if incident.id in by_id:
                         merge_gateway(incident, by_id[incident.id])
-                    elif not incident.grouped_by_console:
+                    elif listed_all and not incident.grouped_by_console:
                         # the gateway owns it and has it open no more: closed at another
                         # desk, or by the gateway itself
                         incident.move("closed", incident.opened_ms, "gateway")

@@ -215,6 +215,10 @@ class Rollouts:
         self._imported = False
         # devices' update reports the intake kept, written to the store by the loop
         self._reports: list[tuple[str, Health]] = []
+        # a failure was recorded since the pause was last looked at (kept across a store
+        # failure): only a new failure pauses, so a rollout the admin resumed past its
+        # failures is not paused again by the next device that installs
+        self._failed_unchecked = False
         self._wake = asyncio.Event()
 
     async def current(self) -> Rollout | None:
@@ -243,11 +247,16 @@ class Rollouts:
             # written atomically: a damaged disk. No rollout is safer than a wrong one
             log.error("rollout state %s unreadable (%s): not imported", self._file, exc)
             old = _State()
-        if await self._store.rollouts(1):
-            log.warning("%s not imported: the store holds rollouts already", self._file)
+        # oldest first: the newest is the current one
+        rollouts = [*reversed(old.history), *([old.current] if old.current else [])]
+        ids = {rollout.id for rollout in rollouts}
+        stored = await self._store.rollouts(len(ids) + 1)
+        if any(record.rollout_id not in ids for record in stored):
+            log.warning("%s not imported: the store holds other rollouts already", self._file)
         else:
-            # oldest first: the newest is the current one
-            for rollout in [*reversed(old.history), *([old.current] if old.current else [])]:
+            # none, or only this file's (an import cut short by a stop): the ones kept
+            # already are refused by their id, the rest follow in order
+            for rollout in rollouts:
                 await self._store.start_rollout(rollout.record(), rollout.device_updates())
             log.warning("%s imported into the store", self._file)
         os.replace(self._file, self._file.with_name(f"{STATE_FILE}.imported"))
@@ -371,31 +380,35 @@ class Rollouts:
             newest = await self._store.rollouts(1)
             if not newest:
                 return  # no rollout: nobody's news
-            changed = False
             while reports:
-                changed |= await self._report(newest[0], *reports[0])
+                if await self._report(newest[0], *reports[0]) == "failed":
+                    self._failed_unchecked = True
                 reports.pop(0)
-            if changed:
+            if self._failed_unchecked:
                 await self._pause_if_failing(newest[0])
+                self._failed_unchecked = False
         except BaseException:
             self._reports[:0] = reports  # the store failed: tried again at the next round
             raise
 
-    async def _report(self, rollout: RolloutRecord, device_id: str, health: Health) -> bool:
+    async def _report(
+        self, rollout: RolloutRecord, device_id: str, health: Health
+    ) -> UpdateOutcome | None:
+        """The outcome the report gave its device, None if it changed nothing."""
         version, _, rest = (health.detail or "").partition(" ")
         if version != rollout.version:
-            return False
+            return None
         outcome: UpdateOutcome = "installed"
         if health.event == "update_failed":
             outcome = "not_now" if rest.split(":", 1)[0] in NOT_NOW else "failed"
         reason = rest[:200] if outcome == "failed" else None
         now = self._clock_ms()
         if not await self._store.report_update(rollout.rollout_id, device_id, outcome, reason, now):
-            return False  # not its device, or a late offer crossed its installed report
+            return None  # not its device, or a late offer crossed its installed report
         self._metrics.update_reports.labels(outcome).inc()
         if outcome == "failed":
             log.warning("rollout %s: %s failed: %s", rollout.rollout_id, device_id, reason)
-        return True
+        return outcome
 
     async def _pause_if_failing(self, rollout: RolloutRecord) -> None:
         devices = await self._store.rollout_devices(rollout.rollout_id)

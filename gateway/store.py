@@ -825,6 +825,8 @@ def report_update_args(
     return REPORT_UPDATE_SQL[outcome], (*args, reason) if outcome == "failed" else args
 
 
+# A device revoked during its rollout never reports: it is offered nothing more (here), and
+# the rollout is done without it (`SETTLE_ROLLOUT_SQL`), not left running for ever.
 # the bell's open incident is looked at in the same statement that claims it: never offered
 # during one (the device refuses one that opens after, gateway/update.py's incident_open)
 OFFER_ROLLOUT_SQL = (
@@ -835,6 +837,7 @@ OFFER_ROLLOUT_SQL = (
     " WHERE i.device_id = rollout_devices.device_id AND i.state != 'closed'"
     # a district outage is its district's, not the bell that told of it first
     " AND i.kind != 'district_outage')"
+    " AND device_id IN (SELECT device_id FROM devices WHERE NOT revoked)"
     " RETURNING device_id"
 )
 REPORT_UPDATE_SQL: Final[dict[str, str]] = {
@@ -850,7 +853,8 @@ REPORT_UPDATE_SQL: Final[dict[str, str]] = {
 SETTLE_ROLLOUT_SQL = (
     "UPDATE rollouts SET state = 'done' WHERE rollout_id = $1 AND state = 'running'"
     " AND NOT EXISTS (SELECT 1 FROM rollout_devices d"
-    " WHERE d.rollout_id = $1 AND d.state IN ('pending', 'offered'))"
+    " WHERE d.rollout_id = $1 AND d.state IN ('pending', 'offered')"
+    " AND d.device_id IN (SELECT device_id FROM devices WHERE NOT revoked))"
 )
 
 

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from console.directory import Directory
-from console.gateway_client import GatewayClient
+from console.gateway_client import INCIDENTS_LISTED, GatewayClient
 from console.operators import Operators
 from console.receiver import EventLog, Receiver
 from console.web import ConsoleApp
@@ -125,6 +125,7 @@ class FakeGateway:
     has_incidents: bool = True
     listing_status: int = 200  # what GET /incidents answers (500: a gateway in trouble)
     listings: int = 0  # GET /incidents answered
+    listing_limit: int = 500  # what GET /incidents answers at most without ?limit=
 
     def open_incident(
         self,
@@ -173,8 +174,11 @@ class FakeGateway:
             self.listings += 1
             if self.listing_status != 200:
                 return web.json_response({"error": "trouble"}, status=self.listing_status)
+            # as the gateway lists them: the most urgent first, 500 unless told
             open_ = [summary(i) for i in self.incidents.values() if i["state"] != "closed"]
-            return web.json_response({"incidents": open_})
+            open_.sort(key=lambda i: (i["priority"], i["opened_ms"]))
+            limit = int(request.query.get("limit", self.listing_limit))
+            return web.json_response({"incidents": open_[:limit]})
 
         async def one(request: web.Request) -> web.Response:
             incident = self.incidents.get(request.match_info["incident_id"])
@@ -282,13 +286,16 @@ async def desk(
     clock_ms: Callable[[], int] | None = None,
     districts: dict[str, list[str]] | None = None,
     gateway_sync_s: float | None = None,
+    incidents_limit: int = INCIDENTS_LISTED,
 ) -> AsyncIterator[Desk]:
     """A console on a fake gateway, with operator kim (all districts) and one operator per
     entry of `districts` (name -> its districts), all with PASSWORD; without
     `gateway_sync_s` the console syncs with the gateway only when a test calls it."""
     gateway = gateway or FakeGateway()
     async with TestServer(gateway.app()) as gateway_server:
-        client_of_gateway = GatewayClient(str(gateway_server.make_url("")), TOKEN)
+        client_of_gateway = GatewayClient(
+            str(gateway_server.make_url("")), TOKEN, incidents_limit=incidents_limit
+        )
         directory = Directory(
             tmp_path / "console.db",
             client_of_gateway.devices,

@@ -20,6 +20,7 @@ from console_testkit import (
     registry_entry,
 )
 
+from console.gateway_client import INCIDENTS_LISTED
 from console.receiver import EventLog
 from protocol.jws import Signer
 from protocol.messages import Alert, Cancel, Heartbeat, Status
@@ -433,6 +434,35 @@ async def test_the_sync_pushes_what_changed_at_the_gateway_and_wakes_for_the_nex
         # a step due in 0.5 s (to a centre other than this console): asked right after it
         acked_elsewhere.update(state="new", next_escalation_ms=now + 500)
         assert await d.console.sync_gateway() == 0.6
+
+
+async def test_an_incident_a_cut_list_leaves_out_is_not_taken_for_closed(tmp_path: Path) -> None:
+    """The gateway lists the most urgent open incidents up to a limit (500 unless told): a
+    card pushed out of it by more urgent ones is still open, not closed elsewhere."""
+    for asked in (INCIDENTS_LISTED, 2):  # the console's own limit; a list cut even so
+        gateway = two_bells()
+        gateway.listing_limit = 2  # what the gateway answers when not told
+        gateway.open_incident(INCIDENT_A)
+        gateway.open_incident(INCIDENT_B, "bell-0002", "doorbell_ring", 10)
+        (tmp_path / str(asked)).mkdir()
+        async with desk(tmp_path / str(asked), gateway, incidents_limit=asked) as d:
+            await d.sign_in()
+            await d.deliver(delivery(PRESS, incident=(INCIDENT_A, "stalking", 4)))
+            await d.deliver(
+                delivery(PRESS, device="bell-0002", incident=(INCIDENT_B, "stalking", 4))
+            )
+            queue = d.console.broadcast.open()
+            await d.console.sync_gateway()
+            assert {f["id"]: f["state"] for _, f in pushed(queue)} == {
+                INCIDENT_A: "new",
+                INCIDENT_B: "new",
+            }
+            # a more urgent incident opens elsewhere: B, the least urgent, drops off a list of 2
+            gateway.open_incident("inc-cccccccccccc0003", "door-0001", "duress", 1)
+            await d.console.sync_gateway()
+            assert [f["state"] for _, f in pushed(queue)] == []
+            cards = {i["id"]: i["state"] for i in (await listed(d))["incidents"]}
+            assert cards[INCIDENT_B] == "new"
 
 
 async def test_an_event_outside_any_incident_is_told_apart_from_an_older_gateways(

@@ -163,6 +163,23 @@ async def test_reports_move_devices_and_failures_pause_the_rollout(rig: Rig) -> 
     assert value == 2
 
 
+async def test_a_resumed_rollout_is_paused_again_by_a_new_failure_not_by_an_install(
+    rig: Rig,
+) -> None:
+    await rig.rollouts.start("2.0", "mapo", 100)  # 20 devices: pauses at 2 failures
+    await rig.rollouts.tick()
+    a, b, c, d = MAPO[:4]
+    for device_id in (a, b):
+        await rig.report(device_id, "update_failed", "2.0 rolled_back: health check failed")
+    assert (await rig.current()).state == "paused"
+    await rig.rollouts.resume()  # the admin looked at both failures and goes on
+    await rig.report(c, "update_installed", "2.0")
+    assert (await rig.current()).state == "running"
+    await rig.report(d, "update_failed", "2.0 rolled_back: health check failed")
+    assert (await rig.current()).state == "paused"
+    assert "3 devices failed" in ((await rig.current()).paused_because or "")
+
+
 async def test_a_rollout_is_done_when_every_device_installed_and_survives_a_restart(
     rig: Rig,
 ) -> None:
@@ -227,6 +244,20 @@ async def test_an_older_gateways_rollout_file_is_imported_once(rig: Rig) -> None
     path.write_text(json.dumps(state))  # the file again (a backup restored): not imported
     await rig.rollouts.import_file()
     assert len(await rig.rollouts.history()) == 1
+
+
+async def test_a_rollout_file_import_cut_short_is_finished_at_the_next_start(rig: Rig) -> None:
+    running = Rollout(id="2.0-mapo-5", version="2.0", district="mapo", percent=10, started_ms=5)
+    older = Rollout(
+        id="1.9-mapo-1", version="1.9", district="mapo", percent=100, state="done", started_ms=1
+    )
+    state = {"current": running.model_dump(), "history": [older.model_dump()]}
+    (rig.rollouts.releases.folder / STATE_FILE).write_text(json.dumps(state))
+    # the gateway stopped after importing the history, before the current one
+    assert await rig.env.store.start_rollout(older.record(), older.device_updates())
+    await rig.rollouts.import_file()
+    assert (await rig.current()).id == "2.0-mapo-5"
+    assert [r.id for r in await rig.rollouts.history()] == ["1.9-mapo-1"]
 
 
 # ---- the routes ------------------------------------------------------------------------

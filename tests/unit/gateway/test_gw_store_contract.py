@@ -780,6 +780,19 @@ async def test_reports_move_devices_and_the_rollout_is_done_once_none_waits(stor
     )
 
 
+async def test_a_device_revoked_mid_rollout_is_not_offered_and_does_not_hold_it_open(
+    store: Store,
+) -> None:
+    await store.start_rollout(rollout("r-1"), BOTH)
+    assert sorted(await store.offer_rollout("r-1", 100, 1_000)) == ["bell-0001", "bell-0002"]
+    assert await store.revoke("bell-0002", 150)  # it will never report
+    assert await store.report_update("r-1", "bell-0001", "installed", None, 200)
+    assert (await store.rollouts(1))[0].state == "done"
+    await store.move_rollout("r-1", ("done",), "running", percent=100.0)
+    assert await store.offer_rollout("r-1", 2_000, 1_000) == []  # not offered again
+    assert (await store.rollouts(1))[0].state == "done"
+
+
 async def test_a_test_press_opens_no_incident_and_joins_none(store: Store) -> None:
     # a test is never escalated: escalation works on incidents, and a test is in none
     await store.accept_batch([item("alert-0001", body=alert_body("test"))], 100)
