@@ -62,7 +62,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -93,6 +93,8 @@ from protocol.messages import (
 )
 from protocol.replay import check_sequence, clock_skew_ms, sync_next_seq
 from protocol.topics import parse_topic
+
+_Told = TypeVar("_Told")  # what a consumer of kept messages is told
 
 log = logging.getLogger(__name__)
 
@@ -518,7 +520,7 @@ class Intake:
                     # cancel knows only this one)
                     self._downlink.ack(item.device_id, item.event_id, one.caught_up)
                 if item.type == "rtc" and one.fresh and self._on_rtc is not None:
-                    self._on_rtc(item.device_id, Rtc.model_validate_json(item.body_json))
+                    self._tell("rtc", self._hand_rtc, item)
         # counted once a batch: a labelled counter's lookup and lock cost per message
         for type_, n in accepted.items():
             self._metrics.accepted.labels(type_).inc(n)
@@ -540,9 +542,24 @@ class Intake:
                 # like supervision: its failure (the store full, say) must not stop intake
                 log.exception("intake: secondary path supervision failed")
         if self._on_heartbeats is not None and beats:
-            self._on_heartbeats(beats)
+            self._tell("heartbeats", self._on_heartbeats, beats)
         if forwarded and self._on_kept is not None:
-            self._on_kept(forwarded)
+            self._tell("kept", self._on_kept, forwarded)
+
+    def _tell(self, consumer: str, call: Callable[[_Told], object], told: _Told) -> None:
+        """Hand what was kept to its consumers (fleet health, remote config, rollouts, test
+        presses, video, the forwarder's wake-up). The messages are kept and acked already:
+        a consumer's bug costs its own view, never the intake (an exception here used to end
+        the intake's task, and with it every bell's alerts)."""
+        try:
+            call(told)
+        except Exception:
+            self._metrics.consumer_failures.labels(consumer).inc()
+            log.exception("intake: the %s consumer failed on what was kept", consumer)
+
+    def _hand_rtc(self, item: Incoming) -> None:
+        assert self._on_rtc is not None
+        self._on_rtc(item.device_id, Rtc.model_validate_json(item.body_json))
 
     async def _supervise(
         self, step: Callable[[list[str]], Awaitable[object]], device_ids: list[str]

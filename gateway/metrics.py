@@ -91,6 +91,13 @@ class Metrics:
             "Group commits that failed (their messages were retried one by one)",
             registry=self.registry,
         )
+        self.consumer_failures = Counter(
+            "ansimi_intake_consumer_failures_total",
+            "Kept messages a consumer (fleet health, remote config, rollouts, video) failed "
+            "on; the messages were kept and acked all the same",
+            ["consumer"],
+            registry=self.registry,
+        )
         self.api_refused = Counter(
             "ansimi_api_refused_total",
             "API requests refused before any handler: bad ids or numbers, slow clients, "

@@ -10,7 +10,8 @@ from gw_testkit import ALERT, NOW, TIMEOUT_MS, WINDOW_MS, Env, due, heartbeat
 
 from ansimi.mqtt import Message as MqttMessage
 from gateway.store import Accepted, Incoming, SqliteStore, StoreError, StoreFull
-from protocol.messages import Alert, Cancel, Status
+from protocol.ids import new_message_id
+from protocol.messages import Alert, Cancel, Rtc, Status
 
 
 async def test_a_good_alert_is_kept_acked_and_routed_to_its_district(env: Env) -> None:
@@ -528,3 +529,30 @@ async def test_a_batch_another_instance_conflicted_with_is_kept_now(env: Env) ->
         ("bell-0001", "alert-000001", "received"),
         ("bell-0001", "alert-000002", "received"),
     ]
+
+
+def _broken(*_told: object) -> None:
+    raise RuntimeError("a consumer's bug")
+
+
+async def test_a_consumer_that_fails_costs_its_own_view_never_the_intake(env: Env) -> None:
+    """Fleet health, remote config, rollouts, video: each told what was kept. One that raises
+    used to end the intake's task (every bell deaf), and an rtc consumer that raised skipped
+    the acks of the messages after the rtc in the same batch."""
+    intake = env.intake_with(on_rtc=_broken, on_heartbeats=_broken, on_kept=_broken)
+    rtc = env.message(Rtc(kind="bye", session="s" * 16), device="bell-0002")
+    after_rtc, later = new_message_id(), new_message_id()
+    batch = [rtc, env.message(ALERT, device="bell-0002", id=after_rtc), env.message(heartbeat())]
+    await intake.process(batch)
+    await intake.flush_heartbeats()
+    assert ("bell-0002", after_rtc, "received") in env.acks()
+    # the intake goes on: the next batch is kept and acked too
+    await intake.process([env.message(ALERT, id=later)])
+    assert ("bell-0001", later, "received") in env.acks()
+    failures = {
+        consumer: env.metrics.registry.get_sample_value(
+            "ansimi_intake_consumer_failures_total", {"consumer": consumer}
+        )
+        for consumer in ("rtc", "heartbeats", "kept")
+    }
+    assert failures == {"rtc": 1.0, "heartbeats": 1.0, "kept": 2.0}
