@@ -845,8 +845,10 @@ REPORT_UPDATE_SQL: Final[dict[str, str]] = {
     "installed": "UPDATE rollout_devices SET state = 'installed', at_ms = $3, reason = NULL"
     " WHERE rollout_id = $1 AND device_id = $2 AND state != 'installed'",
     # a late offer crossed the device's report of having installed: it stays installed
+    # (or its failure: a failed device is not offered again, and its failure keeps counting
+    # towards the pause)
     "not_now": "UPDATE rollout_devices SET state = 'pending', at_ms = $3"
-    " WHERE rollout_id = $1 AND device_id = $2 AND state != 'installed'",
+    " WHERE rollout_id = $1 AND device_id = $2 AND state = 'offered'",
     "failed": "UPDATE rollout_devices SET state = 'failed', at_ms = $3, reason = $4"
     " WHERE rollout_id = $1 AND device_id = $2",
 }

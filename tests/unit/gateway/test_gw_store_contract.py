@@ -773,6 +773,8 @@ async def test_reports_move_devices_and_the_rollout_is_done_once_none_waits(stor
     assert await store.offer_rollout("r-1", 300, 1_000) == ["bell-0002"]
     assert await store.report_update("r-1", "bell-0002", "failed", "rolled_back: no ack", 400)
     assert (await store.rollouts(1))[0].state == "done"
+    # a late offer's "not now" crossed the failure report: it stays failed
+    assert not await store.report_update("r-1", "bell-0002", "not_now", None, 450)
     progress = {d.device_id: d for d in await store.rollout_devices("r-1")}
     assert progress["bell-0001"] == DeviceUpdate("bell-0001", "installed", 200, 1, None)
     assert progress["bell-0002"] == DeviceUpdate(
