@@ -207,10 +207,9 @@ class RemoteConfigs:
             device_id = beat.device_id
             known = self.reported.get(device_id)
             if known is None or known[0] != reported:
-                self.reported[device_id] = self._changed[device_id] = (
-                    reported,
-                    self._clock_ms(),
-                )
+                # when it came, not when a held heartbeat was flushed (up to 10 s later)
+                at_ms = self._clock_ms() if beat.arrived_ms is None else beat.arrived_ms
+                self.reported[device_id] = self._changed[device_id] = (reported, at_ms)
                 self._wake.set()
             if self._desired_hash.get(device_id) != reported:
                 self._check.add(device_id)

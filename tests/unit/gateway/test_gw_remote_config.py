@@ -122,6 +122,18 @@ async def test_drift_is_reported_hash_against_desired_and_resent_at_most_once_a_
     assert commands(env)[sent:] == [("bell-0001", wanted)]
 
 
+async def test_a_held_heartbeat_s_hash_is_reported_as_of_its_arrival() -> None:
+    env = await make_env()
+    remote = configs(env)
+    await remote.load()
+    arrived = env.clock.ms
+    held = beat(env, "bell-0001", {})._replace(arrived_ms=arrived)
+    env.clock.ms += 9_000  # kept by the intake's heartbeat flush, 9 s later
+    remote.heartbeats([held])
+    await remote.flush()
+    assert (await env.store.reported_configs())["bell-0001"] == (config_hash({}), arrived)
+
+
 async def test_the_api_sets_layers_within_the_token_s_districts_and_refuses_bad_keys() -> None:
     env, _remote, client = await served()
     async with client:
