@@ -37,6 +37,7 @@ from gateway.fleethealth import FleetHealth  # noqa: E402
 from gateway.intake import Intake, Registry  # noqa: E402
 from gateway.metrics import Metrics  # noqa: E402
 from gateway.secondary import SecondaryPathWatch  # noqa: E402
+from gateway.service import settle_gc  # noqa: E402
 from gateway.store import Device, SqliteStore  # noqa: E402
 from gateway.supervise import Supervisor  # noqa: E402
 from protocol.envelope import seal  # noqa: E402
@@ -120,6 +121,7 @@ async def intake_us(n_devices: int, state: Path) -> list[float]:
         ).heartbeats,
         heartbeat_flush_ms=1_000,
     )
+    settle_gc()  # as the gateway does once it has started
     rounds = []
     for seq in (1, 2):
         sent_ms = clock[0] + (seq - 1) * HEARTBEAT_S * 1000
