@@ -16,6 +16,7 @@ from gateway.service import FULL_COLLECTION_EVERY
 @pytest.fixture
 def gc_restored() -> Iterator[None]:
     threshold = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)  # Python's defaults, whatever ran before
     yield
     gc.unfreeze()
     gc.set_threshold(*threshold)
