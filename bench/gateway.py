@@ -229,7 +229,7 @@ def prepare_gateway(
 def run_gateway(config_path: Path, profile: Path | None) -> None:
     from ansimi.config import load_config
     from gateway.config import GatewayConfig
-    from gateway.service import Gateway
+    from gateway.service import Gateway, settle_gc
 
     config = load_config(config_path, GatewayConfig)
 
@@ -237,6 +237,7 @@ def run_gateway(config_path: Path, profile: Path | None) -> None:
         gateway = Gateway(config)
         task = asyncio.create_task(gateway.run())
         await asyncio.wait_for(gateway.ready.wait(), 10)
+        settle_gc()  # as `ansimi gateway run` does
         print("ready", flush=True)
         # the parent closes our stdin when the run is over
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from ansimi.districts import check_district
@@ -474,7 +474,7 @@ class Api:
     async def metrics(self, request: web.Request) -> web.Response:
         waiting = await self._store.waiting_count()
         self._metrics.waiting.set(waiting)
-        body = generate_latest(self._metrics.registry)
+        body = await self._metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def devices(self, request: web.Request) -> web.Response:

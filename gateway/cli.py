@@ -80,11 +80,22 @@ async def _serve(service: Gateway) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, task.cancel)
+    ready = asyncio.create_task(service.ready.wait(), name="gc once ready")
+    ready.add_done_callback(_settle_gc_once_started)
     try:
         await service.run()
     except asyncio.CancelledError:
         sdnotify.notify("STOPPING=1")
         log.info("gateway: stopped")
+    finally:
+        ready.cancel()
+
+
+def _settle_gc_once_started(ready: asyncio.Task[bool]) -> None:
+    from gateway.service import settle_gc
+
+    if not ready.cancelled():
+        settle_gc()
 
 
 def _config_or_exit(config_path: Path) -> GatewayConfig:

@@ -27,6 +27,7 @@ from typing import Final
 
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 from gateway.intake import KeptHeartbeat
 from gateway.metrics import Metrics
@@ -157,27 +158,58 @@ class _DeviceGauges:
     def describe(self) -> Iterator[Metric]:
         """The families without samples: the registry checks names with these, so
         registering does not collect."""
-        return iter(self._families())
+        return iter(_Table([], frozenset()).families)
 
     def collect(self) -> Iterator[Metric]:
-        families = self._families()
-        *gauges, drifting, firmware = families
-        flagged = self._health.drifting
-        # a copy: a scrape served off the loop must not see the table change size under it
-        for device_id, health in list(self._health.last.items()):
+        # Called on the loop (`Metrics.render`): only a copy of the table, ~1 ms at 10,000
+        # devices; the ~80,000 samples are made from it when the text is written, in the
+        # scrape's thread (made here they held the loop 0.15-0.3 s a scrape)
+        health = self._health
+        return iter(_Table(list(health.last.items()), frozenset(health.drifting)).families)
+
+
+class _Table:
+    """The table of last heartbeats as a scrape found it, and its families, whose samples
+    are made from it when any of them is first read. What it holds does not change:
+    `DeviceHealth` and the heartbeats in it are frozen."""
+
+    def __init__(self, rows: list[tuple[str, DeviceHealth]], drifting: frozenset[str]) -> None:
+        self._rows = rows
+        self._drifting = drifting
+        self._made = False
+        self.families = [
+            *(_TableFamily(self, name, doc, _LABELS) for name, doc, _ in _GAUGES),
+            _TableFamily(self, *_DRIFTING, _LABELS),
+            _TableFamily(self, *_FIRMWARE, (*_LABELS, "firmware")),
+        ]
+
+    def make_samples(self) -> None:
+        if self._made:
+            return
+        self._made = True  # first: `add_metric` reads `samples`, which comes back here
+        *gauges, drifting, firmware = self.families
+        for device_id, health in self._rows:
             labels = [device_id, health.district]
             for family, (_, _, value_of) in zip(gauges, _GAUGES, strict=True):
                 value = value_of(health)
                 if value is not None:
                     family.add_metric(labels, value)
-            drifting.add_metric(labels, 1 if device_id in flagged else 0)
+            drifting.add_metric(labels, 1 if device_id in self._drifting else 0)
             firmware.add_metric([*labels, health.heartbeat.firmware], 1)
-        return iter(families)
 
-    @staticmethod
-    def _families() -> list[GaugeMetricFamily]:
-        return [
-            *(GaugeMetricFamily(name, doc, labels=_LABELS) for name, doc, _ in _GAUGES),
-            GaugeMetricFamily(*_DRIFTING, labels=_LABELS),
-            GaugeMetricFamily(*_FIRMWARE, labels=[*_LABELS, "firmware"]),
-        ]
+
+class _TableFamily(GaugeMetricFamily):
+    """One gauge family of a `_Table`: its samples made when first read."""
+
+    def __init__(self, table: _Table, name: str, doc: str, labels: tuple[str, ...]) -> None:
+        self._table = table
+        super().__init__(name, doc, labels=labels)
+
+    @property
+    def samples(self) -> list[Sample]:
+        self._table.make_samples()
+        return self._samples
+
+    @samples.setter
+    def samples(self, samples: list[Sample]) -> None:
+        self._samples = samples

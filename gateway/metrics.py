@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
 
 from protocol.errors import REASONS
 
@@ -123,3 +127,26 @@ class Metrics:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
             registry=self.registry,
         )
+
+    async def render(self) -> bytes:
+        """The Prometheus text of every metric, without holding the event loop for its writing.
+
+        Collected here, on the loop: every counter, gauge and `set_function` (some read the
+        gateway's state) at one instant, and fleet health's table copied (its samples are
+        made when read: gateway/fleethealth.py), ~2 ms at 10,000 devices. Written in a
+        thread: the text of those ~80,000 series, 0.3-0.5 s that the loop used to spend
+        taking no alert in. The thread reads only these families, which nothing else holds,
+        never a live metric.
+        """
+        families = list(self.registry.collect())
+        return await asyncio.to_thread(generate_latest, _Collected(families))
+
+
+class _Collected:
+    """Families collected already, as a collector for `generate_latest`."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)

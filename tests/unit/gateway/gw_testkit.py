@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ansimi.mqtt import Message as MqttMessage
 from gateway.config import ApiToken
 from gateway.downlink import Downlink
-from gateway.intake import Intake, Registry
+from gateway.fleethealth import FleetHealth
+from gateway.intake import Intake, KeptHeartbeat, Registry
 from gateway.metrics import Metrics
 from gateway.store import Delivery, Device, SqliteStore
 from gateway.supervise import Supervisor
@@ -268,3 +269,33 @@ async def make_env(
 
 def heartbeat(power: str = "mains") -> Heartbeat:
     return Heartbeat(uptime_s=1, power=power, firmware="1.0")  # type: ignore[arg-type]
+
+
+def large_fleet(metrics: Metrics, devices: int, clock: Clock) -> FleetHealth:
+    """Fleet health told one heartbeat from each of `devices` devices in two districts,
+    their fields varied (battery and signal sometimes unknown, one clock in 500 drifting)."""
+    fleet = FleetHealth(
+        metrics,
+        district_of=lambda d: "mapo" if d.endswith(("0", "2", "4", "6", "8")) else "gangnam",
+        drift_flag_ms=WINDOW_MS // 5,
+        clock_ms=clock,
+    )
+    beats = [
+        KeptHeartbeat(
+            f"bell-{n:05d}",
+            clock.ms + (WINDOW_MS // 2 if n % 500 == 0 else n % 1000),
+            Heartbeat(
+                uptime_s=n,
+                power="battery" if n % 3 == 0 else "mains",
+                battery_pct=None if n % 5 == 0 else n % 101,
+                link_quality=None if n % 4 == 0 else n % 97,
+                firmware=f"1.{n % 3}",
+                outbox_depth=n % 11,
+            ),
+        )
+        for n in range(devices)
+    ]
+    fleet.heartbeats(beats)
+    clock.ms += 60_000  # the drifting ones confirmed (DRIFT_CONFIRM_MS) by a second beat
+    fleet.heartbeats(beats)
+    return fleet

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from gw_testkit import ALERT, KEYS, Env, make_env
+from gw_testkit import ALERT, KEYS, Env, large_fleet, make_env
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 from gateway.api import Api, ApiRoute
 from gateway.config import ApiToken
@@ -202,6 +206,54 @@ async def test_metrics_and_devices(site: Site) -> None:
     assert set(devices) == {"bell-0001", "bell-0002", "bell-0003"}
     assert devices["bell-0003"]["revoked"] is True
     assert "public_key" not in devices["bell-0001"]
+
+
+class _Gate:
+    """A collector whose family, when its samples are read, waits (5 s at most) for the test
+    to take an alert in, and notes whether it could."""
+
+    def __init__(self) -> None:
+        self.reading = threading.Event()
+        self.alert_taken = threading.Event()
+        self.taken_while_writing: list[bool] = []
+
+    def collect(self) -> list[Metric]:
+        gate = self
+
+        class Family(GaugeMetricFamily):
+            @property
+            def samples(self) -> list[Sample]:
+                gate.reading.set()
+                gate.taken_while_writing.append(gate.alert_taken.wait(5))
+                return self._samples
+
+            @samples.setter
+            def samples(self, samples: list[Sample]) -> None:
+                self._samples = samples
+
+        family = Family("test_gate", "read last")
+        family._samples = [Sample("test_gate", {}, 1)]  # not `add_metric`: it reads `samples`
+        return [family]
+
+
+async def test_alerts_are_taken_in_while_a_large_fleet_is_scraped(site: Site) -> None:
+    """Writing the text of 10,000 devices' series takes ~0.5 s: off the loop, in a thread.
+    What the scrape shows was read on the loop at one instant, before the alert."""
+    env = site.env
+    large_fleet(env.metrics, 10_000, env.clock)
+    gate = _Gate()
+    env.metrics.registry.register(gate)
+    scrape = asyncio.create_task(site.call("GET", "/metrics"))
+    assert await asyncio.to_thread(gate.reading.wait, 10)
+    await env.feed(env.message(ALERT, id="alert-during-scrape"))
+    assert ("bell-0001", "alert-during-scrape", "received") in env.acks()
+    gate.alert_taken.set()
+    status, text = await scrape
+    assert status == 200 and gate.taken_while_writing == [True]
+    assert str(text).count("ansimi_device_on_battery{") == 10_000
+    assert 'ansimi_accepted_total{type="alert"}' not in str(text)  # counted after the read
+    _, after = await site.call("GET", "/metrics")
+    assert 'ansimi_accepted_total{type="alert"} 1.0' in str(after)
 
 
 async def test_admin_registers_and_revokes_with_immediate_effect(site: Site) -> None:

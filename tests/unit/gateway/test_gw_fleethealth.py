@@ -6,9 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from gw_testkit import DISTRICTS, WINDOW_MS, Env, heartbeat
+from gw_testkit import DISTRICTS, WINDOW_MS, Env, heartbeat, large_fleet
 from prometheus_client import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from gateway.config import GatewayConfig
@@ -171,3 +172,38 @@ async def test_a_heartbeat_held_for_a_flush_is_timed_by_its_arrival(env: Env) ->
     await intake.flush_heartbeats()
     assert gauge(env, "ansimi_device_clock_drift_ms") == 0.0
     assert fleet.last["bell-0001"].at_ms == arrived
+
+
+async def test_a_scrape_written_off_the_loop_has_every_device_as_the_table_holds_it(
+    env: Env,
+) -> None:
+    """`Metrics.render` copies the table on the loop and makes the samples in a thread: each
+    device's series as fleet health holds it, and the same text as the registry read and
+    written on the loop in one go."""
+    fleet = large_fleet(env.metrics, 2_000, env.clock)
+    text = (await env.metrics.render()).decode()
+    assert text == generate_latest(env.metrics.registry).decode()
+    read = {
+        (sample.name, sample.labels["device"], sample.labels.get("firmware")): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("ansimi_device_")
+        for sample in family.samples
+    }
+    expected: dict[tuple[str, str, str | None], float] = {}
+    for device_id, health in fleet.last.items():
+        beat = health.heartbeat
+        fields = {
+            "ansimi_device_on_battery": 1 if beat.power == "battery" else 0,
+            "ansimi_device_battery_percent": health.battery_pct,
+            "ansimi_device_link_quality_percent": health.link_quality,
+            "ansimi_device_outbox_depth": beat.outbox_depth,
+            "ansimi_device_uptime_seconds": beat.uptime_s,
+            "ansimi_device_clock_drift_ms": health.drift_ms,
+            "ansimi_device_clock_drifting": 1 if device_id in fleet.drifting else 0,
+        }
+        for name, value in fields.items():
+            if value is not None:
+                expected[name, device_id, None] = value
+        expected["ansimi_device_firmware_info", device_id, beat.firmware] = 1
+    assert read == expected
+    assert fleet.drifting and len(fleet.last) == 2_000
