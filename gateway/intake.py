@@ -296,6 +296,7 @@ class Intake:
         # not one a wake-up (heartbeats arrive a few at a time, each few waking the intake)
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flush_due = False
+        self._flushing: asyncio.Future[None] | None = None  # the flush being kept
         self._queue: list[MqttMessage] = []
         self._wake = asyncio.Event()
         # at queue_max messages waiting, on_backlog(True) (the gateway stops reading from
@@ -351,8 +352,11 @@ class Intake:
                 if self._flush_due:
                     await self.flush_heartbeats()  # nothing flushed them within the interval
         finally:
-            # a clean stop keeps what waits (the store closes after this task)
+            # a clean stop keeps what waits (the store closes after this task), and first
+            # lets a flush it interrupted finish
             try:
+                if self._flushing is not None and not self._flushing.done():
+                    await self._flushing
                 await self.flush_heartbeats()
             except Exception:
                 log.exception("intake: cannot keep the waiting heartbeats at stop")
@@ -373,7 +377,13 @@ class Intake:
         self._waiting_beats, self._waiting_bodies = [], {}
         # last seen as of the newest: at most one interval late, never early (an early one
         # could let another instance's supervisor take the device for silent)
-        await self._keep(beats, self._newest_beat_ms, bodies)
+        flushing = asyncio.ensure_future(self._keep(beats, self._newest_beat_ms, bodies))
+        # shielded: a stop that cancels the intake mid-commit must not cancel the commit (on
+        # PostgreSQL that rolled it back, and a clean stop lost the interval's liveness); run's
+        # `finally` waits for it
+        self._flushing = flushing
+        await asyncio.shield(flushing)
+        self._flushing = None
 
     async def process(self, batch: list[MqttMessage]) -> None:
         """Check, keep and ack one batch; never raises for anything a message contains."""

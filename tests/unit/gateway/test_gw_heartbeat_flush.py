@@ -124,6 +124,30 @@ async def test_a_stopped_intake_keeps_what_waits() -> None:
     assert last_seen(env, "bell-0001") == NOW
 
 
+async def test_a_stop_during_a_flush_s_commit_does_not_cut_it() -> None:
+    """The store's commit is held; the intake is stopped meanwhile. A commit that a
+    cancellation reaches before it is done (PostgreSQL's, held here before the SQLite one
+    starts) used to roll back, and the interval's liveness was lost on a clean stop."""
+    env = await make_env(heartbeat_flush_ms=50)
+    accept, entered, release = env.store.accept_batch, asyncio.Event(), asyncio.Event()
+
+    async def held(batch: list[Incoming], now_ms: int) -> Accepted:
+        entered.set()
+        await release.wait()
+        return await accept(batch, now_ms)
+
+    env.store.accept_batch = held  # type: ignore[method-assign]
+    runner = asyncio.create_task(env.intake.run())
+    env.intake.submit(env.message(heartbeat()))
+    async with asyncio.timeout(10):
+        await entered.wait()
+    runner.cancel()
+    await asyncio.sleep(0)  # the cancellation reaches the intake while the commit is held
+    release.set()
+    await asyncio.gather(runner, return_exceptions=True)
+    assert last_seen(env, "bell-0001") == NOW
+
+
 async def test_waiting_heartbeats_set_one_timer_a_flush_not_one_a_wake_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
