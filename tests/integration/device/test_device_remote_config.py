@@ -298,10 +298,11 @@ async def test_the_gateway_s_layers_reach_the_bell_its_sms_numbers_sealed_and_dr
 
         # the bell's own SMS numbers: sealed to its key at the gateway, opened at the bell
         numbers = ["+821012345678", "+82212345678"]
-        own = checked_patch(
-            seal_sms_numbers({"sms": {"numbers": numbers}}, gateway.registry.device(DEVICE_ID))
+        own, sealed_to = seal_sms_numbers(
+            {"sms": {"numbers": numbers}}, gateway.registry.device(DEVICE_ID)
         )
-        assert await gateway.configs.set_layer("device", DEVICE_ID, own) == 1
+        assert await gateway.configs.set_layer("device", DEVICE_ID, checked_patch(own), sealed_to)
+        assert sealed_to is not None
         await eventually(lambda: agent.remote.trial is None and "sms" in agent.remote.good)
         assert agent.config.sms.numbers == numbers
         assert agent.config.behaviour.ring_link_s == 45.0  # the district's layer still under it
