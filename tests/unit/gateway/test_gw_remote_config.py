@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
 from gw_testkit import ADMIN, CENTRAL, GANGNAM, KEYS, PRIVACY_TOKENS, Env, heartbeat, make_env
@@ -181,16 +182,21 @@ async def test_the_api_sets_layers_within_the_token_s_districts_and_refuses_bad_
         ]
 
 
+async def put_numbers(client: TestClient[Any, Any], numbers: list[str]) -> ClientResponse:
+    """bell-0001's own layer: these SMS numbers and a timing, as an admin sets them."""
+    return await client.put(
+        "/admin/devices/bell-0001/config",
+        json={"sms": {"numbers": numbers, "after_s": 20.0}},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+
+
 async def test_sms_numbers_are_sealed_to_the_device_and_never_kept_in_clear() -> None:
     env, remote, client = await served()
     numbers = ["+821012345678", "+82212345678"]
     async with client:
         auth = {"Authorization": f"Bearer {ADMIN}"}
-        put = await client.put(
-            "/admin/devices/bell-0001/config",
-            json={"sms": {"numbers": numbers, "after_s": 20.0}},
-            headers=auth,
-        )
+        put = await put_numbers(client, numbers)
         assert put.status == 200, await put.text()
         (layer,) = await env.store.config_layers()
         assert all(n not in layer.patch_json for n in numbers)
@@ -293,11 +299,7 @@ async def test_numbers_sealed_before_a_key_rotation_are_left_out_until_set_again
     numbers = ["+821012345678"]
     async with client:
         auth = {"Authorization": f"Bearer {ADMIN}"}
-        put = await client.put(
-            "/admin/devices/bell-0001/config",
-            json={"sms": {"numbers": numbers, "after_s": 20.0}},
-            headers=auth,
-        )
+        put = await put_numbers(client, numbers)
         assert put.status == 200, await put.text()
         await other.load()
         listed = await client.get("/admin/config", headers=auth)
@@ -346,11 +348,7 @@ async def test_numbers_sealed_before_a_key_rotation_are_left_out_until_set_again
         assert "1 need their SMS numbers set again" in result.output
 
         # set again: sealed to the new key, sent, and no longer needed
-        put = await client.put(
-            "/admin/devices/bell-0001/config",
-            json={"sms": {"numbers": numbers, "after_s": 20.0}},
-            headers=auth,
-        )
+        put = await put_numbers(client, numbers)
         assert put.status == 200
         sealed = commands(env)[-1][1]["sms"]["numbers_from_gateway"]  # type: ignore[index]
         assert isinstance(sealed, str) and open_numbers(sealed, new_key) == numbers
