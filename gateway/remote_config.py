@@ -182,17 +182,19 @@ class RemoteConfigs:
         """Its layer holds SMS numbers sealed to another key than the one it has now (its key
         was rotated since): it cannot open them and the gateway cannot seal them again (it
         never kept them), so an admin must give them again."""
-        sms = self._layers.get(("device", device.device_id), {}).get("sms", {})
-        sealed_to = self._sealed_to.get(device.device_id)
-        return "numbers_from_gateway" in sms and sealed_to != device.public_key
+        return (
+            self._sealed_value(device) is not None
+            and self._sealed_to.get(device.device_id) != device.public_key
+        )
 
     def sealed_numbers(self, device: Device) -> str | None:
         """The sealed value its layer holds for its present key, if any."""
-        if self.numbers_needed(device):
-            return None
-        value = self._layers.get(("device", device.device_id), {}).get("sms", {})
-        sealed = value.get("numbers_from_gateway")
-        return sealed if isinstance(sealed, str) else None
+        return None if self.numbers_needed(device) else self._sealed_value(device)
+
+    def _sealed_value(self, device: Device) -> str | None:
+        sms = self._layers.get(("device", device.device_id), {}).get("sms", {})
+        value = sms.get("numbers_from_gateway")
+        return value if isinstance(value, str) else None
 
     def layers(self) -> list[tuple[str, str, Patch]]:
         return [(scope, name, patch) for (scope, name), patch in sorted(self._layers.items())]
@@ -293,6 +295,14 @@ class RemoteConfigs:
             if cached is None or cached[0] != device.public_key:
                 cached = device.public_key, config_hash(self.desired(device))
                 self._desired_hash[device_id] = cached
+                if self.numbers_needed(device):
+                    log.warning(
+                        "device %s: its SMS numbers were sealed to a key it no longer has "
+                        "(rotated): left out of its config until set again with `ansimi "
+                        "provision config set --device %s`",
+                        device_id,
+                        device_id,
+                    )
             desired = cached[1]
             reported = self.reported[device_id][0]
             last = self._sent_ms.get(device_id)

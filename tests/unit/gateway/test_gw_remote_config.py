@@ -291,7 +291,9 @@ async def test_the_cli_sets_a_layer_from_toml_shows_it_and_exits_5_on_drift(
         assert code == 0 and commands(env)[-1] == ("bell-0001", {})
 
 
-async def test_numbers_sealed_before_a_key_rotation_are_left_out_until_set_again() -> None:
+async def test_numbers_sealed_before_a_key_rotation_are_left_out_until_set_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     env, remote, client = await served()
     # a second gateway instance on the same store, loaded before the rotation: it learns of
     # the new key only from its registry, as every instance does
@@ -330,6 +332,8 @@ async def test_numbers_sealed_before_a_key_rotation_are_left_out_until_set_again
         await remote.flush()
         assert len(commands(env)) == sent_before
         assert remote.drift()[0].state == "in_sync"
+        assert "device bell-0001: its SMS numbers were sealed to a key it no longer" in caplog.text
+        assert numbers[0] not in caplog.text
         listed = await client.get("/admin/config", headers=auth)
         (layer,) = (await listed.json())["layers"]
         assert layer["config"] == rest and layer["numbers_needed"] is True
