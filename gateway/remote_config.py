@@ -348,7 +348,8 @@ class RemoteConfigs:
                 self.drift_listing,
                 "operator",
                 _op(
-                    "each device's desired and reported config hash (own districts)",
+                    "each device's desired and reported config hash, and whether its SMS"
+                    " numbers must be set again after a key rotation (own districts)",
                     [200, 401, 403],
                 ),
             ),

@@ -89,6 +89,8 @@ def show_command(site_dir: Path | None, gateway: GatewayAccess, as_json: bool) -
     for layer in layers:
         name = f" {layer['name']}" if layer["name"] else ""
         click.echo(f"# {layer['scope']}{name} ({str(layer['hash'])[:12]})")
+        if layer.get("numbers_needed"):
+            click.echo("# SMS numbers sealed to its key before a rotation: add [sms] numbers")
         for section, keys in layer["config"].items():
             click.echo(f"[{section}]")
             for key, value in keys.items():

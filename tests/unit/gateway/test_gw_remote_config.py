@@ -350,6 +350,12 @@ async def test_numbers_sealed_before_a_key_rotation_are_left_out_until_set_again
         assert result.exit_code == 5, result.output
         assert "ansimi provision config set --device bell-0001 FILE" in result.output
         assert "1 need their SMS numbers set again" in result.output
+        argv = ["provision", "config", "show", "--gateway", url]
+        result = await asyncio.to_thread(
+            CliRunner().invoke, cli, argv, env={"ANSIMI_ADMIN_TOKEN": ADMIN}
+        )
+        assert result.exit_code == 0 and "add [sms] numbers" in result.output
+        assert "numbers_from_gateway" not in result.output
 
         # set again: sealed to the new key, sent, and no longer needed
         put = await put_numbers(client, numbers)
