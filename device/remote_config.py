@@ -35,7 +35,12 @@ from pydantic import ValidationError
 from ansimi.files import write_atomic
 from device.config import DeviceConfig
 from device.errors import DeviceError
-from protocol.remote_config import CONFIG_PATCH, config_hash, refused_key
+from protocol.remote_config import (
+    CONFIG_PATCH,
+    config_hash,
+    refused_key,
+    without_sealed_numbers,
+)
 from protocol.sealed_numbers import BadNumbers, open_numbers
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,11 @@ Patch = dict[str, dict[str, Any]]
 
 class ConfigRefused(DeviceError, ValueError):
     """A remote config this device will not run; the message says which key and why."""
+
+
+class SealedForAnotherKey(ConfigRefused):
+    """SMS numbers the gateway sealed to another key than this device's (or no key here to
+    open them)."""
 
 
 class ConfigFailedBefore(ConfigRefused):
@@ -82,11 +92,11 @@ def overlay(
     if not sealed:
         return config
     if device_key is None:
-        raise ConfigRefused("sms.numbers_from_gateway: no device key here to open them")
+        raise SealedForAnotherKey("sms.numbers_from_gateway: no device key here to open them")
     try:
         numbers = open_numbers(sealed, device_key)
     except BadNumbers as exc:
-        raise ConfigRefused(f"sms.numbers_from_gateway: {exc}") from None
+        raise SealedForAnotherKey(f"sms.numbers_from_gateway: {exc}") from None
     # in memory only: the state file keeps the sealed value
     return config.model_copy(update={"sms": config.sms.model_copy(update={"numbers": numbers})})
 
@@ -187,8 +197,7 @@ class RemoteConfig:
     def _load(self) -> None:
         try:
             raw = json.loads(self._path.read_bytes())
-            self.good = CONFIG_PATCH.validate_python(raw.get("good", {}))
-            overlay(self.base, self.good, self._device_key)
+            self.good = self._opened(CONFIG_PATCH.validate_python(raw.get("good", {})))
             trial = raw.get("trial")
             failed = raw.get("failed")
             self.failed = failed if isinstance(failed, str) else None
@@ -211,6 +220,27 @@ class RemoteConfig:
             self.abandoned = trial
             self._count_failure(trial)
             self._save()
+
+    def _opened(self, good: Patch) -> Patch:
+        """The last good patch, checked; its SMS numbers left out if this device's key no
+        longer opens them (`ansimi provision device rotate` gave it a new one). The rest of
+        it still runs: silent mode, timings and the broker are not the key's business. The
+        numbers are lost with the old key (the gateway never kept them either): the SMS
+        fallback uses device.toml's own until an admin sets them again, and the gateway,
+        seeing the new key, wants the same patch without them (its drift says
+        `numbers_needed`), so the two agree and nothing is resent."""
+        try:
+            overlay(self.base, good, self._device_key)
+        except SealedForAnotherKey:
+            good = without_sealed_numbers(good)
+            overlay(self.base, good, self._device_key)
+            log.warning(
+                "device %s: the SMS numbers the gateway sealed do not open with this "
+                "device's key (rotated?): running the rest of the remote config, and "
+                "device.toml's numbers, until the gateway sends them again",
+                self.base.device.id,
+            )
+        return good
 
     def _save(self) -> None:
         trial = None

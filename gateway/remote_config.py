@@ -32,7 +32,13 @@ from gateway.metrics import Metrics
 from gateway.store import ConfigScope, ConfigStore, Device
 from protocol.keys import public_key_from_b64
 from protocol.messages import Command
-from protocol.remote_config import CONFIG_PATCH, config_hash, merge_layers, refused_key
+from protocol.remote_config import (
+    CONFIG_PATCH,
+    config_hash,
+    merge_layers,
+    refused_key,
+    without_sealed_numbers,
+)
 from protocol.sealed_numbers import BadNumbers, seal_numbers
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,8 @@ class Drift:
     desired_hash: str
     reported_hash: str | None
     reported_ms: int | None
+    # its layer's SMS numbers were sealed to a key it no longer has (rotated): not sent
+    numbers_needed: bool = False
 
     @property
     def state(self) -> DriftState:
@@ -67,6 +75,7 @@ class Drift:
             "reported_hash": self.reported_hash,
             "reported_ms": self.reported_ms,
             "state": self.state,
+            "numbers_needed": self.numbers_needed,
         }
 
 
@@ -84,19 +93,31 @@ def checked_patch(raw: object) -> Patch:
     return patch
 
 
-def seal_sms_numbers(raw: object, device: Device | None) -> object:
+def seal_sms_numbers(
+    raw: object, device: Device | None, sealed_now: str | None = None
+) -> tuple[object, str | None]:
     """A layer with `[sms] numbers` in clear sealed to `device`'s key (`numbers_from_gateway`,
-    protocol/sealed_numbers.py): the gateway sees the numbers in the request only, and keeps
-    and sends them sealed. Only a device's own layer may carry numbers (`device` None: a site
-    or district layer), since one sealed value opens on one device only."""
+    protocol/sealed_numbers.py), and the public key they are sealed to: the gateway sees the
+    numbers in the request only, and keeps and sends them sealed. Only a device's own layer
+    may carry numbers (`device` None: a site or district layer), since one sealed value opens
+    on one device only. A sealed value given back (as GET /admin/config shows it) is kept
+    only if it is `sealed_now`, the one the device's layer holds for its present key: the
+    gateway cannot tell which key another one was sealed to."""
     if not isinstance(raw, dict) or not isinstance(raw.get("sms"), dict):
-        return raw
+        return raw, None
     sms = dict(raw["sms"])
     given = [key for key in ("numbers", "numbers_from_gateway") if key in sms]
     if given and device is None:
         raise BadConfig(f"[sms] {given[0]}: only in a device's own layer (sealed to its key)")
-    if "numbers" not in sms or device is None:
-        return raw  # a sealed value given back as GET /admin/config shows it: kept as it is
+    if device is None or not given:
+        return raw, None
+    if "numbers" not in sms:
+        if sms["numbers_from_gateway"] != sealed_now:
+            raise BadConfig(
+                "[sms] numbers_from_gateway: not the value sealed for this device's present "
+                "key: give [sms] numbers in clear"
+            )
+        return raw, device.public_key
     numbers = sms.pop("numbers")
     if not isinstance(numbers, list):
         raise BadConfig("[sms] numbers: a list of phone numbers in international form")
@@ -104,7 +125,7 @@ def seal_sms_numbers(raw: object, device: Device | None) -> object:
         sms["numbers_from_gateway"] = seal_numbers(numbers, public_key_from_b64(device.public_key))
     except BadNumbers as exc:
         raise BadConfig(f"[sms] numbers: {exc}") from None
-    return {**raw, "sms": sms}
+    return {**raw, "sms": sms}, device.public_key
 
 
 class RemoteConfigs:
@@ -125,29 +146,55 @@ class RemoteConfigs:
         self._resend_after_ms = resend_after_ms
         self._clock_ms = clock_ms
         self._layers: dict[tuple[str, str], Patch] = {}
+        # device id -> the public key its layer's SMS numbers were sealed to
+        self._sealed_to: dict[str, str | None] = {}
         self.reported: dict[str, tuple[str, int]] = {}
         self._sent_ms: dict[str, int] = {}  # when each device was last sent its config
         self._changed: dict[str, tuple[str, int]] = {}  # reported, not yet in the store
         self._check: set[str] = set()  # reported something else than desired, last we knew
-        self._desired_hash: dict[str, str] = {}  # device -> its desired hash, until load()
+        # device -> (its public key, its desired hash), until load(): a rotated key may
+        # change what it should run (numbers_needed)
+        self._desired_hash: dict[str, tuple[str, str]] = {}
         self._wake = asyncio.Event()
         self.sent = 0
 
     async def load(self) -> None:
         self._desired_hash.clear()
-        self._layers = {
-            (layer.scope, layer.name): json.loads(layer.patch_json)
-            for layer in await self._store.config_layers()
+        layers = await self._store.config_layers()
+        self._layers = {(layer.scope, layer.name): json.loads(layer.patch_json) for layer in layers}
+        self._sealed_to = {
+            layer.name: layer.sealed_to_key for layer in layers if layer.scope == "device"
         }
         self.reported = {**await self._store.reported_configs(), **self._changed}
 
     # ---- what each device should run -----------------------------------------------------
 
     def desired(self, device: Device) -> Patch:
-        return merge_layers(
+        merged = merge_layers(
             self._layers.get(key, {})
             for key in (("site", ""), ("district", device.district), ("device", device.device_id))
         )
+        # checked against the registry's key each time, not when a rotation completes: every
+        # instance sees the new key within its registry's reload, none sends a stale value
+        return without_sealed_numbers(merged) if self.numbers_needed(device) else merged
+
+    def numbers_needed(self, device: Device) -> bool:
+        """Its layer holds SMS numbers sealed to another key than the one it has now (its key
+        was rotated since): it cannot open them and the gateway cannot seal them again (it
+        never kept them), so an admin must give them again."""
+        return (
+            self._sealed_value(device) is not None
+            and self._sealed_to.get(device.device_id) != device.public_key
+        )
+
+    def sealed_numbers(self, device: Device) -> str | None:
+        """The sealed value its layer holds for its present key, if any."""
+        return None if self.numbers_needed(device) else self._sealed_value(device)
+
+    def _sealed_value(self, device: Device) -> str | None:
+        sms = self._layers.get(("device", device.device_id), {}).get("sms", {})
+        value = sms.get("numbers_from_gateway")
+        return value if isinstance(value, str) else None
 
     def layers(self) -> list[tuple[str, str, Patch]]:
         return [(scope, name, patch) for (scope, name), patch in sorted(self._layers.items())]
@@ -163,18 +210,30 @@ class RemoteConfigs:
                     config_hash(self.desired(device)),
                     None if reported is None else reported[0],
                     None if reported is None else reported[1],
+                    self.numbers_needed(device),
                 )
             )
         return rows
 
-    async def set_layer(self, scope: ConfigScope, name: str, patch: Patch | None) -> int:
+    async def set_layer(
+        self,
+        scope: ConfigScope,
+        name: str,
+        patch: Patch | None,
+        sealed_to_key: str | None = None,
+    ) -> int:
         """Keep a layer (None removes it) and send the devices it touches their config;
-        the number of devices sent one."""
+        the number of devices sent one. `sealed_to_key`: the public key a device layer's SMS
+        numbers were sealed to (`seal_sms_numbers`)."""
         if scope == "site":
             name = ""
         now = self._clock_ms()
         await self._store.set_config_layer(
-            scope, name, None if patch is None else json.dumps(patch, sort_keys=True), now
+            scope,
+            name,
+            None if patch is None else json.dumps(patch, sort_keys=True),
+            now,
+            sealed_to_key,
         )
         await self.load()
         touched = [
@@ -211,7 +270,8 @@ class RemoteConfigs:
                 at_ms = self._clock_ms() if beat.arrived_ms is None else beat.arrived_ms
                 self.reported[device_id] = self._changed[device_id] = (reported, at_ms)
                 self._wake.set()
-            if self._desired_hash.get(device_id) != reported:
+            desired = self._desired_hash.get(device_id)
+            if desired is None or desired[1] != reported:
                 self._check.add(device_id)
                 self._wake.set()
 
@@ -231,9 +291,19 @@ class RemoteConfigs:
             device = by_id.get(device_id)
             if device is None:
                 continue  # revoked or gone since
-            desired = self._desired_hash.get(device_id)
-            if desired is None:
-                desired = self._desired_hash[device_id] = config_hash(self.desired(device))
+            cached = self._desired_hash.get(device_id)
+            if cached is None or cached[0] != device.public_key:
+                cached = device.public_key, config_hash(self.desired(device))
+                self._desired_hash[device_id] = cached
+                if self.numbers_needed(device):
+                    log.warning(
+                        "device %s: its SMS numbers were sealed to a key it no longer has "
+                        "(rotated): left out of its config until set again with `ansimi "
+                        "provision config set --device %s`",
+                        device_id,
+                        device_id,
+                    )
+            desired = cached[1]
             reported = self.reported[device_id][0]
             last = self._sent_ms.get(device_id)
             if reported != desired and (last is None or now - last >= self._resend_after_ms):
@@ -278,7 +348,8 @@ class RemoteConfigs:
                 self.drift_listing,
                 "operator",
                 _op(
-                    "each device's desired and reported config hash (own districts)",
+                    "each device's desired and reported config hash, and whether its SMS"
+                    " numbers must be set again after a key rotation (own districts)",
                     [200, 401, 403],
                 ),
             ),
@@ -339,12 +410,20 @@ class RemoteConfigs:
         # device layer names a device id of its district
         token = request[TOKEN_KEY]
         district_of = {d.device_id: d.district for d in self._devices()}
-        layers = [
-            {"scope": scope, "name": name, "config": patch, "hash": config_hash(patch)}
-            for scope, name, patch in self.layers()
-            if scope == "site"
-            or token.sees(name if scope == "district" else district_of.get(name, ""))
-        ]
+        stale = {d.device_id for d in self._devices() if self.numbers_needed(d)}
+        layers = []
+        for scope, name, patch in self.layers():
+            if scope != "site" and not token.sees(
+                name if scope == "district" else district_of.get(name, "")
+            ):
+                continue
+            row: dict[str, Any] = {"scope": scope, "name": name}
+            if scope == "device" and name in stale:
+                # a value sealed to a key the device no longer has is not shown (nor given
+                # back by a copy of this listing)
+                patch = without_sealed_numbers(patch)
+                row["numbers_needed"] = True
+            layers.append({**row, "config": patch, "hash": config_hash(patch)})
         return web.json_response({"layers": layers})
 
     def _target(self, request: web.Request) -> tuple[ConfigScope, str] | web.Response:
@@ -379,12 +458,15 @@ class RemoteConfigs:
             return target
         scope, name = target
         device = next((d for d in self._devices() if d.device_id == name), None)
+        if scope != "device":
+            device = None
+        sealed_now = None if device is None else self.sealed_numbers(device)
         try:
-            raw = await request.json()
-            patch = checked_patch(seal_sms_numbers(raw, device if scope == "device" else None))
+            raw, sealed_to_key = seal_sms_numbers(await request.json(), device, sealed_now)
+            patch = checked_patch(raw)
         except (BadConfig, ValueError) as exc:
             return self._refuse(request, str(exc))
-        sent = await self.set_layer(*target, patch)
+        sent = await self.set_layer(*target, patch, sealed_to_key)
         log.warning(
             "api: %s set the %s config layer %r (%d devices sent it)",
             request[TOKEN_KEY].name,

@@ -664,6 +664,18 @@ class ConfigLayer:
     name: str
     patch_json: str
     updated_ms: int
+    # a device layer with `[sms] numbers_from_gateway`: the device public key (base64) they
+    # were sealed to, so a rotated key is noticed wherever the layer is read
+    sealed_to_key: str | None = None
+
+
+# both engines' migration, once the column is added: layers sealed before it was there were
+# sealed to the key the device has now (a device rotated since could not open them anyway)
+SEALED_TO_KEY_BACKFILL: Final = (
+    "UPDATE config_layers SET sealed_to_key ="
+    " (SELECT d.public_key FROM devices d WHERE d.device_id = config_layers.name)"
+    " WHERE scope = 'device' AND patch_json LIKE '%numbers_from_gateway%'"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -711,11 +723,33 @@ def test_records_of(rows: Iterable[Sequence[Any]]) -> list[TestRecord]:
     return records
 
 
+SET_CONFIG_LAYER_SQL: Final = (
+    "INSERT INTO config_layers (scope, name, patch_json, updated_ms, sealed_to_key)"
+    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (scope, name)"
+    " DO UPDATE SET patch_json = excluded.patch_json, updated_ms = excluded.updated_ms,"
+    " sealed_to_key = excluded.sealed_to_key"
+)
+CONFIG_LAYERS_SQL: Final = (
+    "SELECT scope, name, patch_json, updated_ms, sealed_to_key FROM config_layers"
+)
+
+
+def config_layer(row: Sequence[Any]) -> ConfigLayer:
+    scope, name, patch_json, updated_ms, sealed_to_key = row
+    key = None if sealed_to_key is None else str(sealed_to_key)
+    return ConfigLayer(scope, str(name), str(patch_json), int(updated_ms), key)
+
+
 class ConfigStore(Protocol):
     """Remote configuration: desired layers and what devices report (gateway/remote_config.py)."""
 
     async def set_config_layer(
-        self, scope: ConfigScope, name: str, patch_json: str | None, now_ms: int
+        self,
+        scope: ConfigScope,
+        name: str,
+        patch_json: str | None,
+        now_ms: int,
+        sealed_to_key: str | None = None,
     ) -> None: ...
     async def config_layers(self) -> list[ConfigLayer]: ...
     async def report_config(self, device_id: str, config_hash: str, now_ms: int) -> None: ...
@@ -1108,6 +1142,14 @@ def _migrate_added_columns(db: sqlite3.Connection) -> None:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
+def _migrate_sealed_to_key(db: sqlite3.Connection) -> None:
+    # a column added only if missing: a database from before versions may hold it already
+    present = {row[1] for row in db.execute("PRAGMA table_info(config_layers)")}
+    if "sealed_to_key" not in present:
+        db.execute("ALTER TABLE config_layers ADD COLUMN sealed_to_key TEXT")
+        db.execute(SEALED_TO_KEY_BACKFILL)
+
+
 def _migrate_event_ids(db: sqlite3.Connection) -> None:
     # idempotent: a database from before `event_ids` learns whose ids are whose
     db.execute(_BACKFILL_OWN_IDS)
@@ -1143,6 +1185,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], .
         "a district outage open beside its first bell's own incident",
         _script(OPEN_INCIDENT_INDEXES),
     ),
+    (10, "the key a device layer's SMS numbers were sealed to", _migrate_sealed_to_key),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -2070,7 +2113,12 @@ class SqliteDatabase:
     # ---- remote configuration -------------------------------------------------------------
 
     def set_config_layer(
-        self, scope: ConfigScope, name: str, patch_json: str | None, now_ms: int
+        self,
+        scope: ConfigScope,
+        name: str,
+        patch_json: str | None,
+        now_ms: int,
+        sealed_to_key: str | None = None,
     ) -> None:
         """Replace a layer; None removes it."""
         with self._tx() as db:
@@ -2078,15 +2126,13 @@ class SqliteDatabase:
                 db.execute("DELETE FROM config_layers WHERE scope = ? AND name = ?", (scope, name))
             else:
                 db.execute(
-                    "INSERT INTO config_layers VALUES (?, ?, ?, ?) ON CONFLICT (scope, name)"
-                    " DO UPDATE SET patch_json = excluded.patch_json,"
-                    " updated_ms = excluded.updated_ms",
-                    (scope, name, patch_json, now_ms),
+                    sqlite_marks(SET_CONFIG_LAYER_SQL),
+                    (scope, name, patch_json, now_ms, sealed_to_key),
                 )
 
     def config_layers(self) -> list[ConfigLayer]:
-        rows = self._query("SELECT scope, name, patch_json, updated_ms FROM config_layers", ())
-        return [ConfigLayer(str(a), str(b), str(c), int(d)) for a, b, c, d in rows]  # type: ignore[arg-type]
+        rows = self._query(CONFIG_LAYERS_SQL, ())
+        return [config_layer(row) for row in rows]
 
     def report_config(self, device_id: str, config_hash: str, now_ms: int) -> None:
         with self._tx() as db:

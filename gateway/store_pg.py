@@ -53,6 +53,7 @@ from gateway.incidents import (
 )
 from gateway.store import (
     ADD_ROLLOUT_DEVICE_SQL,
+    CONFIG_LAYERS_SQL,
     FOREIGN_ID,
     FOREIGN_REF,
     INCIDENT_COLUMNS,
@@ -64,6 +65,8 @@ from gateway.store import (
     PURGE_BATCH,
     ROLLOUT_COLUMNS,
     ROLLOUT_DEVICES_SQL,
+    SEALED_TO_KEY_BACKFILL,
+    SET_CONFIG_LAYER_SQL,
     SETTLE_ROLLOUT_SQL,
     STAGE_ORDER,
     START_ROLLOUT_SQL,
@@ -92,6 +95,7 @@ from gateway.store import (
     UpdateOutcome,
     Waiting,
     check_completion,
+    config_layer,
     delivery_filter,
     delivery_from_row,
     device_from_row,
@@ -327,6 +331,11 @@ CREATE TABLE rollout_devices (
 );
 """
 
+_SEALED_TO_KEY = f"""
+ALTER TABLE config_layers ADD COLUMN sealed_to_key TEXT;
+{SEALED_TO_KEY_BACKFILL};
+"""
+
 # Numbered like SQLite's MIGRATIONS (never edit one that has shipped: add the next). Version 1
 # is SQLite's version 4 in PostgreSQL's types: no PostgreSQL store predates it.
 PG_MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
@@ -337,6 +346,7 @@ PG_MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (5, "remote configuration (SQLite's version 7)", _REMOTE_CONFIG),
     (6, "agent rollouts (SQLite's version 8)", _ROLLOUTS),
     (7, "a district outage open beside its first bell's own (SQLite's 9)", OPEN_INCIDENT_INDEXES),
+    (8, "the key a device layer's SMS numbers were sealed to (SQLite's 10)", _SEALED_TO_KEY),
 )
 PG_SCHEMA_VERSION: Final = PG_MIGRATIONS[-1][0]
 
@@ -1668,7 +1678,12 @@ class PostgresStore:
     # ---- remote configuration -------------------------------------------------------------
 
     async def set_config_layer(
-        self, scope: ConfigScope, name: str, patch_json: str | None, now_ms: int
+        self,
+        scope: ConfigScope,
+        name: str,
+        patch_json: str | None,
+        now_ms: int,
+        sealed_to_key: str | None = None,
     ) -> None:
         async def work(db: asyncpg.Connection) -> None:
             if patch_json is None:
@@ -1677,20 +1692,13 @@ class PostgresStore:
                 )
             else:
                 await db.execute(
-                    "INSERT INTO config_layers VALUES ($1, $2, $3, $4) ON CONFLICT (scope, name)"
-                    " DO UPDATE SET patch_json = excluded.patch_json,"
-                    " updated_ms = excluded.updated_ms",
-                    scope,
-                    name,
-                    patch_json,
-                    now_ms,
+                    SET_CONFIG_LAYER_SQL, scope, name, patch_json, now_ms, sealed_to_key
                 )
 
         await self._tx(work)
 
     async def config_layers(self) -> list[ConfigLayer]:
-        rows = await self._fetch("SELECT scope, name, patch_json, updated_ms FROM config_layers")
-        return [ConfigLayer(r[0], str(r[1]), str(r[2]), int(r[3])) for r in rows]
+        return [config_layer(row) for row in await self._fetch(CONFIG_LAYERS_SQL)]
 
     async def report_config(self, device_id: str, config_hash: str, now_ms: int) -> None:
         async def work(db: asyncpg.Connection) -> None:

@@ -88,3 +88,23 @@ def config_hash(patch: Mapping[str, Mapping[str, object]]) -> str:
     """SHA-256 of the patch as canonical JSON (sorted keys, no spaces); {} for none."""
     canonical = json.dumps(patch, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# the key that carries SMS numbers sealed to one device's key (protocol/sealed_numbers.py)
+SEALED_NUMBERS: Final = ("sms", "numbers_from_gateway")
+
+
+def without_sealed_numbers(
+    patch: Mapping[str, Mapping[str, object]],
+) -> dict[str, dict[str, object]]:
+    """`patch` without `[sms] numbers_from_gateway` (a section left empty goes too): what a
+    device runs, and the gateway wants it to run, once its key was rotated after its numbers
+    were sealed. Both sides drop it the same way, so their hashes still agree."""
+    return merge_layers(
+        [
+            {
+                section: {k: v for k, v in keys.items() if (section, k) != SEALED_NUMBERS}
+                for section, keys in patch.items()
+            }
+        ]
+    )

@@ -89,6 +89,8 @@ def show_command(site_dir: Path | None, gateway: GatewayAccess, as_json: bool) -
     for layer in layers:
         name = f" {layer['name']}" if layer["name"] else ""
         click.echo(f"# {layer['scope']}{name} ({str(layer['hash'])[:12]})")
+        if layer.get("numbers_needed"):
+            click.echo("# SMS numbers sealed to its key before a rotation: add [sms] numbers")
         for section, keys in layer["config"].items():
             click.echo(f"[{section}]")
             for key, value in keys.items():
@@ -120,18 +122,31 @@ def drift_command(
     if district is not None:
         rows = [r for r in rows if r["district"] == district]
     drifting = [r for r in rows if r["state"] == "drift"]
+    # SMS numbers sealed to a key the device no longer has (rotated): only an admin can
+    # give them again, the gateway never kept them
+    needing = [r for r in rows if r.get("numbers_needed")]
     if as_json:
-        _print_json({"ok": not drifting, "devices": rows})
+        _print_json({"ok": not drifting and not needing, "devices": rows})
     else:
         for r in rows:
             reported = str(r["reported_hash"] or "-")[:12]
             click.echo(
                 f"{r['device_id']:<24} {r['district']:<14} {r['state']:<8} "
                 f"desired {str(r['desired_hash'])[:12]} reported {reported}"
+                + ("  numbers_needed" if r.get("numbers_needed") else "")
             )
         click.echo(f"{len(rows)} devices, {len(drifting)} drifting")
-    if drifting:
+        for r in needing:
+            click.echo(
+                f"{r['device_id']}: its SMS numbers were sealed to its key before a rotation "
+                "and are no longer sent. Fix: copy its layer from `ansimi provision config "
+                "show`, add [sms] numbers = [...], and run `ansimi provision config set "
+                f"--device {r['device_id']} FILE`"
+            )
+    if drifting or needing:
         if as_json:
             sys.exit(EXIT_CHECK_FAILED)
         message = f"{len(drifting)} devices run another config than the one desired"
+        if needing:
+            message += f"; {len(needing)} need their SMS numbers set again"
         _fail(message, EXIT_CHECK_FAILED, False)

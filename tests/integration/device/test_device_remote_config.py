@@ -32,6 +32,7 @@ from device.agent import Agent
 from device.remote_config import MAX_FAILURES, STATE_FILE
 from gateway.remote_config import checked_patch, seal_sms_numbers
 from protocol.clock import wall_ms
+from protocol.keys import generate_key, public_key_to_b64
 from protocol.messages import Ack, Command, HealthMessage, HeartbeatMessage
 from protocol.remote_config import config_hash
 from protocol.topics import down_topic
@@ -269,40 +270,70 @@ async def test_the_gateway_s_layers_reach_the_bell_its_sms_numbers_sealed_and_dr
         mqtt={"host": mosquitto.host, "port": mosquitto.port, "heartbeat_s": 0.5},
     )
     wanted = {"behaviour": {"ring_link_s": 45.0}, "test_press": {"every_days": 14}}
-    async with (
-        gateway_site(tmp_path, mosquitto, keys) as (gateway, _receiver),
-        running(agent.run()),
-    ):
-        await agent.ready.wait()
+    async with gateway_site(tmp_path, mosquitto, keys) as (gateway, _receiver):
+        async with running(agent.run()):
+            await agent.ready.wait()
 
-        def state() -> str:
+            def state() -> str:
+                (row,) = gateway.configs.drift()
+                return row.state
+
+            await eventually(lambda: state() == "in_sync")  # nothing desired, nothing run
+            assert await gateway.configs.set_layer("district", "mapo", wanted) == 1
+            await eventually(lambda: agent.remote.good == wanted)
+            assert agent.config.test_press.every_days == 14
+            await eventually(lambda: state() == "in_sync")
             (row,) = gateway.configs.drift()
-            return row.state
+            assert row.reported_hash == config_hash(wanted)
 
-        await eventually(lambda: state() == "in_sync")  # nothing desired, nothing run
-        assert await gateway.configs.set_layer("district", "mapo", wanted) == 1
-        await eventually(lambda: agent.remote.good == wanted)
-        assert agent.config.test_press.every_days == 14
-        await eventually(lambda: state() == "in_sync")
-        (row,) = gateway.configs.drift()
-        assert row.reported_hash == config_hash(wanted)
+            # kept in the store too, a moment after (written by the gateway's own task)
+            async def stored() -> str | None:
+                found = await gateway.store.reported_configs()
+                return found[DEVICE_ID][0] if DEVICE_ID in found else None
 
-        # kept in the store too, a moment after (written by the gateway's own task)
-        async def stored() -> str | None:
-            found = await gateway.store.reported_configs()
-            return found[DEVICE_ID][0] if DEVICE_ID in found else None
+            async with asyncio.timeout(20):
+                while await stored() != config_hash(wanted):
+                    await asyncio.sleep(0.05)
 
-        async with asyncio.timeout(20):
-            while await stored() != config_hash(wanted):
-                await asyncio.sleep(0.05)
+            # the bell's own SMS numbers: sealed to its key at the gateway, opened at the bell
+            numbers = ["+821012345678", "+82212345678"]
+            own, sealed_to = seal_sms_numbers(
+                {"sms": {"numbers": numbers}}, gateway.registry.device(DEVICE_ID)
+            )
+            assert await gateway.configs.set_layer(
+                "device", DEVICE_ID, checked_patch(own), sealed_to
+            )
+            assert sealed_to is not None
+            await eventually(lambda: agent.remote.trial is None and "sms" in agent.remote.good)
+            assert agent.config.sms.numbers == numbers
+            # the district's layer still under it
+            assert agent.config.behaviour.ring_link_s == 45.0
+            await eventually(lambda: state() == "in_sync")
 
-        # the bell's own SMS numbers: sealed to its key at the gateway, opened at the bell
-        numbers = ["+821012345678", "+82212345678"]
-        own = checked_patch(
-            seal_sms_numbers({"sms": {"numbers": numbers}}, gateway.registry.device(DEVICE_ID))
+        # `ansimi provision device rotate`: the bell gets a new key and its agent starts
+        # again on it; the numbers were sealed to the old one
+        new_keys = Keys(generate_key(), keys.gateway)
+        token, _ = await gateway.store.issue_enrolment(
+            DEVICE_ID, "bell", "", "", now_ms=wall_ms(), rotate=True
         )
-        assert await gateway.configs.set_layer("device", DEVICE_ID, own) == 1
-        await eventually(lambda: agent.remote.trial is None and "sms" in agent.remote.good)
-        assert agent.config.sms.numbers == numbers
-        assert agent.config.behaviour.ring_link_s == 45.0  # the district's layer still under it
-        await eventually(lambda: state() == "in_sync")
+        new_public = public_key_to_b64(new_keys.device_key.public_key())
+        await gateway.store.complete_enrolment(token, new_public, "serial-2", wall_ms())
+        await gateway.registry.reload()
+        sent = gateway.configs.sent
+        rotated = make_agent(
+            tmp_path,
+            mosquitto,
+            new_keys,
+            mqtt={"host": mosquitto.host, "port": mosquitto.port, "heartbeat_s": 0.5},
+        )
+        async with running(rotated.run()):
+            await rotated.ready.wait()
+            # the rest of its config runs, without the numbers, and the gateway wants the
+            # same: in sync, nothing sent, and the drift asks for the numbers
+            assert rotated.remote.good == wanted
+            assert rotated.config.sms.numbers == []
+            assert rotated.config.behaviour.ring_link_s == 45.0
+            await eventually(lambda: state() == "in_sync")  # its first heartbeat says so
+            (row,) = gateway.configs.drift()
+            assert row.numbers_needed and row.reported_hash == config_hash(wanted)
+            assert gateway.configs.sent == sent

@@ -18,7 +18,7 @@ from device.remote_config import (
     RemoteConfig,
 )
 from protocol.keys import generate_key
-from protocol.remote_config import config_hash
+from protocol.remote_config import config_hash, without_sealed_numbers
 from protocol.sealed_numbers import seal_numbers
 
 FAST = {"behaviour": {"ring_link_s": 5.0}}
@@ -86,3 +86,31 @@ def test_numbers_sealed_for_another_device_are_refused(tmp_path: Path) -> None:
         remote(tmp_path, key).begin(other, now_ms=0, connects=0)
     with pytest.raises(ConfigRefused, match="no device key here"):
         remote(tmp_path).begin(other, now_ms=0, connects=0)
+
+
+def test_after_a_key_rotation_the_rest_of_the_config_runs_without_the_sealed_numbers(
+    tmp_path: Path,
+) -> None:
+    # `ansimi provision device rotate`: the agent starts again with a new key, and the
+    # numbers its last good config carries were sealed to the old one
+    old, new = generate_key(), generate_key()
+    sealed = seal_numbers(NUMBERS, old.public_key())
+    good = {"device": {"silent": True}, "sms": {"after_s": 20.0, "numbers_from_gateway": sealed}}
+    before = remote(tmp_path, old)
+    before.begin(good, now_ms=0, connects=0)
+    before.commit()
+    assert before.effective().sms.numbers == NUMBERS
+    rotated = remote(tmp_path, new)
+    # silent mode and the timings stay: only the numbers it cannot open are left out, so
+    # the SMS fallback uses device.toml's own (none here)
+    assert rotated.good == {"device": {"silent": True}, "sms": {"after_s": 20.0}}
+    config = rotated.effective()
+    assert config.device.silent and config.sms.after_s == 20.0 and config.sms.numbers == []
+    # the hash the gateway wants once it sees the new key (gateway/remote_config.py)
+    assert rotated.hash == config_hash(without_sealed_numbers(good))
+    # a config that holds nothing but those numbers leaves nothing behind, not `[sms]`
+    (tmp_path / "only").mkdir()
+    only = remote(tmp_path / "only", old)
+    only.begin({"sms": {"numbers_from_gateway": sealed}}, now_ms=0, connects=0)
+    only.commit()
+    assert remote(tmp_path / "only", new).good == {}

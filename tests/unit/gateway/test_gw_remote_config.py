@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
 from gw_testkit import ADMIN, CENTRAL, GANGNAM, KEYS, PRIVACY_TOKENS, Env, heartbeat, make_env
@@ -18,6 +19,7 @@ from gateway.config import ApiToken
 from gateway.intake import KeptHeartbeat
 from gateway.remote_config import RemoteConfigs
 from gateway.store import Device
+from protocol.keys import generate_key, public_key_to_b64
 from protocol.messages import CommandMessage
 from protocol.remote_config import config_hash
 from protocol.sealed_numbers import BadNumbers, open_numbers
@@ -180,16 +182,21 @@ async def test_the_api_sets_layers_within_the_token_s_districts_and_refuses_bad_
         ]
 
 
+async def put_numbers(client: TestClient[Any, Any], numbers: list[str]) -> ClientResponse:
+    """bell-0001's own layer: these SMS numbers and a timing, as an admin sets them."""
+    return await client.put(
+        "/admin/devices/bell-0001/config",
+        json={"sms": {"numbers": numbers, "after_s": 20.0}},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+
+
 async def test_sms_numbers_are_sealed_to_the_device_and_never_kept_in_clear() -> None:
     env, remote, client = await served()
     numbers = ["+821012345678", "+82212345678"]
     async with client:
         auth = {"Authorization": f"Bearer {ADMIN}"}
-        put = await client.put(
-            "/admin/devices/bell-0001/config",
-            json={"sms": {"numbers": numbers, "after_s": 20.0}},
-            headers=auth,
-        )
+        put = await put_numbers(client, numbers)
         assert put.status == 200, await put.text()
         (layer,) = await env.store.config_layers()
         assert all(n not in layer.patch_json for n in numbers)
@@ -282,3 +289,85 @@ async def test_the_cli_sets_a_layer_from_toml_shows_it_and_exits_5_on_drift(
         assert code == 0 and "bell-0002" in out and "bell-0001" not in out
         code, out = await provision("set", "--district", "mapo", "--clear")
         assert code == 0 and commands(env)[-1] == ("bell-0001", {})
+
+
+async def test_numbers_sealed_before_a_key_rotation_are_left_out_until_set_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env, remote, client = await served()
+    # a second gateway instance on the same store, loaded before the rotation: it learns of
+    # the new key only from its registry, as every instance does
+    other = configs(env)
+    numbers = ["+821012345678"]
+    async with client:
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        put = await put_numbers(client, numbers)
+        assert put.status == 200, await put.text()
+        await other.load()
+        listed = await client.get("/admin/config", headers=auth)
+        old_layer = (await listed.json())["layers"][0]["config"]
+        assert "numbers_from_gateway" in old_layer["sms"]
+
+        # `ansimi provision device rotate bell-0001`: the enrolment gives it a new key
+        new_key = generate_key()
+        token, _ = await env.store.issue_enrolment(
+            "bell-0001", "bell", "", "", now_ms=env.clock.ms, rotate=True
+        )
+        await env.store.complete_enrolment(
+            token, public_key_to_b64(new_key.public_key()), "serial-2", env.clock.ms
+        )
+        await env.registry.reload()
+        device = env.registry.device("bell-0001")
+        assert device is not None
+        rest = {"sms": {"after_s": 20.0}}
+        for instance in (remote, other):
+            assert instance.desired(device) == rest  # never a value it cannot open
+            (row, _) = instance.drift()
+            assert row.numbers_needed and row.as_json()["numbers_needed"] is True
+            assert row.desired_hash == config_hash(rest)
+        # the agent, restarted with its new key, runs the rest (device/remote_config.py):
+        # in sync, nothing resent
+        sent_before = len(commands(env))
+        remote.heartbeats([beat(env, "bell-0001", rest)])
+        await remote.flush()
+        assert len(commands(env)) == sent_before
+        assert remote.drift()[0].state == "in_sync"
+        assert "device bell-0001: its SMS numbers were sealed to a key it no longer" in caplog.text
+        assert numbers[0] not in caplog.text
+        listed = await client.get("/admin/config", headers=auth)
+        (layer,) = (await listed.json())["layers"]
+        assert layer["config"] == rest and layer["numbers_needed"] is True
+        # the old value given back is refused: the gateway cannot tell it is stale otherwise
+        again = await client.put("/admin/devices/bell-0001/config", json=old_layer, headers=auth)
+        assert again.status == 400
+        assert "give [sms] numbers in clear" in (await again.json())["error"]
+
+        url = str(client.make_url("")).rstrip("/")
+        argv = ["provision", "config", "drift", "--gateway", url]
+        result = await asyncio.to_thread(
+            CliRunner().invoke, cli, argv, env={"ANSIMI_ADMIN_TOKEN": ADMIN}
+        )
+        assert result.exit_code == 5, result.output
+        assert "ansimi provision config set --device bell-0001 FILE" in result.output
+        assert "1 need their SMS numbers set again" in result.output
+        argv = ["provision", "config", "show", "--gateway", url]
+        result = await asyncio.to_thread(
+            CliRunner().invoke, cli, argv, env={"ANSIMI_ADMIN_TOKEN": ADMIN}
+        )
+        assert result.exit_code == 0 and "add [sms] numbers" in result.output
+        assert "numbers_from_gateway" not in result.output
+
+        # set again: sealed to the new key, sent, and no longer needed
+        put = await put_numbers(client, numbers)
+        assert put.status == 200
+        sealed = commands(env)[-1][1]["sms"]["numbers_from_gateway"]  # type: ignore[index]
+        assert isinstance(sealed, str) and open_numbers(sealed, new_key) == numbers
+        assert not remote.drift()[0].numbers_needed
+        # a value sealed to the present key given back as listed is kept as it is
+        listed = await client.get("/admin/config", headers=auth)
+        same = await client.put(
+            "/admin/devices/bell-0001/config",
+            json=(await listed.json())["layers"][0]["config"],
+            headers=auth,
+        )
+        assert same.status == 200 and not remote.drift()[0].numbers_needed

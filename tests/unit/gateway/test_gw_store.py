@@ -379,3 +379,30 @@ def test_a_new_database_and_its_journal_are_readable_by_the_service_alone(
         assert {p.name: p.stat().st_mode & 0o777 for p in made} == {p.name: 0o600 for p in made}
     finally:
         database.close()
+
+
+def test_layers_sealed_before_version_10_are_taken_as_sealed_to_the_device_s_key(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gateway.db"
+    SqliteDatabase(path).close()
+    with sqlite3.connect(path) as db:  # as a gateway of version 9 left it
+        db.execute("ALTER TABLE config_layers DROP COLUMN sealed_to_key")
+        db.execute("UPDATE schema_version SET version = 9")
+        db.execute(
+            "INSERT INTO devices (device_id, public_key, kind, district, created_ms)"
+            " VALUES ('bell-0001', 'key-1', 'bell', 'mapo', 0)"
+        )
+        for scope, name, patch in (
+            ("device", "bell-0001", '{"sms": {"numbers_from_gateway": "x"}}'),
+            ("device", "bell-0002", '{"device": {"silent": true}}'),
+            ("district", "mapo", "{}"),
+        ):
+            db.execute("INSERT INTO config_layers VALUES (?, ?, ?, 0)", (scope, name, patch))
+    upgraded = SqliteDatabase(path)
+    assert {(x.scope, x.name): x.sealed_to_key for x in upgraded.config_layers()} == {
+        ("device", "bell-0001"): "key-1",
+        ("device", "bell-0002"): None,
+        ("district", "mapo"): None,
+    }
+    upgraded.close()

@@ -17,6 +17,7 @@ from gateway.enrolments import DuplicateEnrolment, NotEnrolled, OtherDistrict, T
 from gateway.store import (
     FOREIGN_ID,
     FOREIGN_REF,
+    ConfigLayer,
     Device,
     DeviceUpdate,
     DuplicateDevice,
@@ -684,6 +685,23 @@ async def test_config_layers_are_replaced_removed_and_kept_per_scope(store: Stor
     }
     await store.set_config_layer("device", "mapo", None, 15)
     assert ("device", "mapo") not in {(x.scope, x.name) for x in await store.config_layers()}
+
+
+async def test_a_device_layer_keeps_the_key_its_numbers_were_sealed_to(store: Store) -> None:
+    sealed = '{"sms":{"numbers_from_gateway":"x"}}'
+    await store.set_config_layer("device", "bell-0001", sealed, 10, "key-a")
+    await store.set_config_layer("district", "mapo", "{}", 11)
+
+    def keys(layers: list[ConfigLayer]) -> dict[tuple[str, str], str | None]:
+        return {(x.scope, x.name): x.sealed_to_key for x in layers}
+
+    assert keys(await store.config_layers()) == {
+        ("device", "bell-0001"): "key-a",
+        ("district", "mapo"): None,
+    }
+    # a layer written again says again what it was sealed to (nothing: no numbers now)
+    await store.set_config_layer("device", "bell-0001", "{}", 12)
+    assert keys(await store.config_layers())[("device", "bell-0001")] is None
 
 
 async def test_reported_config_hashes_keep_the_latest_per_device(store: Store) -> None:

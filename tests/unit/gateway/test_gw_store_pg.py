@@ -282,6 +282,29 @@ async def test_migrations_are_recorded_and_a_newer_schema_is_refused(postgres: P
     await newer.close()
 
 
+async def test_layers_sealed_before_version_8_are_taken_as_sealed_to_the_device_s_key(
+    postgres: PgServer,
+) -> None:
+    url = postgres.new_database()
+    store = await opened(url)
+    await store.close()
+    database = url.rsplit("/", 1)[1]
+    # as a gateway of version 7 left it
+    postgres.psql(
+        "ALTER TABLE config_layers DROP COLUMN sealed_to_key;"
+        " UPDATE schema_version SET version = 7;"
+        " INSERT INTO config_layers VALUES"
+        " ('device', 'bell-0001', '{\"sms\": {\"numbers_from_gateway\": \"x\"}}', 0),"
+        " ('device', 'bell-0002', '{}', 0)",
+        database,
+    )
+    upgraded = PostgresStore(url)
+    layers = {(x.scope, x.name): x.sealed_to_key for x in await upgraded.config_layers()}
+    assert layers == {("device", "bell-0001"): "key", ("device", "bell-0002"): None}
+    assert await upgraded.schema_version() == PG_SCHEMA_VERSION
+    await upgraded.close()
+
+
 @pytest.fixture
 def own_server() -> Iterator[PgServer]:
     """A server of this test's own, to stop and start without disturbing the others."""
