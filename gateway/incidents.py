@@ -190,6 +190,9 @@ class OpenIncident:
     first_alert_id: str | None
     last_alert_id: str | None
     offline: bool
+    # an outage's district, as it opened (its first bell may move); the store holds one
+    # open outage per district, whichever instance told it (None for a bell's own)
+    district: str | None = None
     events_added: int = 0  # by the events being decided now (0: nothing to write)
     reopened: bool = False  # acknowledged as something else, new again (`reopens`)
 
@@ -260,6 +263,7 @@ def decide_incidents(
                 first_alert,
                 first_alert,
                 bool(offline),
+                district if about_district else None,
             )
             if about_district:
                 outages[district] = incident
