@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from console.receiver import ReceivedEvent
+from protocol.messages import LINK_DOWN_OF_STATE
 
 # docs/incidents.md's kinds, most urgent first, with their default priorities
 DEFAULT_PRIORITIES: dict[str, int] = {
@@ -83,6 +84,9 @@ class Incident:
     escalation_level: int = 0
     escalated_to: list[str] = field(default_factory=list)
     offline: bool = False
+    # the gateway's time of what set `offline`: the last connection state attached (its
+    # signed ts), or the gateway summary that told it (its updated_ms); the newer wins
+    offline_at_ms: int = -1
     cancelled: bool = False
     outcome: str | None = None
 
@@ -90,8 +94,12 @@ class Incident:
         self.events.append(event)
         if kind is not None and priority < self.priority:
             self.kind, self.priority = kind, priority  # upgraded, never downgraded
-        if event.type == "status" and event.body.get("state") in ("offline", "online"):
-            self.offline = event.body.get("state") == "offline"
+        state = event.body.get("state") if event.type == "status" else None
+        down = LINK_DOWN_OF_STATE.get(state) if isinstance(state, str) else None
+        # statuses are the gateway's (signed with its clock, as the summary's times are);
+        # one older than what the card shows already came late and tells nothing new
+        if down is not None and event.ts_ms >= self.offline_at_ms:
+            self.offline, self.offline_at_ms = down, event.ts_ms
         if event.type == "cancel":
             self.cancelled = True
         if event.type == "escalation":
@@ -225,8 +233,12 @@ def merge_gateway(incident: Incident, summary: Mapping[str, Any]) -> None:
     if type(level) is int and level > incident.escalation_level:
         incident.escalation_level = level
         incident.escalated_to = [str(c) for c in summary.get("escalated_to") or []]
-    if isinstance(summary.get("offline"), bool):
-        incident.offline = bool(summary["offline"])
+    # the summary the console last fetched may be older than a status received since (an
+    # outage restored in between): the mark is the newer one's, by the gateway's clock
+    updated = summary.get("updated_ms")
+    at_ms = updated if type(updated) is int else 0
+    if isinstance(summary.get("offline"), bool) and at_ms > incident.offline_at_ms:
+        incident.offline, incident.offline_at_ms = bool(summary["offline"]), at_ms
 
 
 def queue_order(incident: Incident) -> tuple[int, int]:

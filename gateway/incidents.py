@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, Protocol, get_args
 
 from protocol.clock import wall_ms
-from protocol.messages import AckStage, Body, Escalation, Message
+from protocol.messages import LINK_DOWN_OF_STATE, AckStage, Body, Escalation, Message
 
 log = logging.getLogger(__name__)
 
@@ -125,20 +125,10 @@ def kind_of(device_kind: str, event_type: str, body: Mapping[str, Any]) -> Incid
     return "stalking_urgent" if urgent or trigger == "long_press" else "stalking"
 
 
-# What a status attached to an incident says of its bell's link: a district outage is its
-# bells offline, until the district is restored.
-_OFFLINE_OF_STATE: Final[Mapping[str, bool]] = {
-    "offline": True,
-    "online": False,
-    "district_outage": True,
-    "district_restored": False,
-}
-
-
 def offline_of(event_type: str, body: Mapping[str, Any]) -> bool | None:
     """True or False when the event tells the bell's link is down or up; None if not."""
     state = body.get("state") if event_type == "status" else None
-    return _OFFLINE_OF_STATE.get(state) if isinstance(state, str) else None
+    return LINK_DOWN_OF_STATE.get(state) if isinstance(state, str) else None
 
 
 def joins_outage(kind: IncidentKind | None) -> bool:
@@ -190,6 +180,9 @@ class OpenIncident:
     first_alert_id: str | None
     last_alert_id: str | None
     offline: bool
+    # an outage's district, as it opened (its first bell may move); the store holds one
+    # open outage per district, whichever instance told it (None for a bell's own)
+    district: str | None = None
     events_added: int = 0  # by the events being decided now (0: nothing to write)
     reopened: bool = False  # acknowledged as something else, new again (`reopens`)
 
@@ -260,6 +253,7 @@ def decide_incidents(
                 first_alert,
                 first_alert,
                 bool(offline),
+                district if about_district else None,
             )
             if about_district:
                 outages[district] = incident

@@ -246,6 +246,29 @@ CREATE UNIQUE INDEX IF NOT EXISTS incidents_one_open_outage_per_opener ON incide
     WHERE state != 'closed' AND kind = 'district_outage';
 """
 
+# One open outage per district, whichever instance told it (migration 10; PostgreSQL 8):
+# each instance's supervisor groups its own bells and tells the outage about the first of
+# them, so a unique index per first bell let two instances open two for one district. The
+# outage keeps the district it opened in, and the index is on that. An outage two instances
+# opened before this keeps its district if it is the district's oldest open one; the others
+# stay open for an operator to close, but take no more of the district's events. The same
+# statements on PostgreSQL, after the column is added (`OUTAGE_DISTRICT_COLUMN`).
+OUTAGE_DISTRICT_COLUMN: Final = ("incidents", "district", "TEXT")
+OPEN_OUTAGE_PER_DISTRICT = """
+UPDATE incidents SET district = (
+    SELECT d.district FROM devices d WHERE d.device_id = incidents.device_id
+) WHERE kind = 'district_outage';
+UPDATE incidents SET district = NULL
+    WHERE kind = 'district_outage' AND state != 'closed' AND EXISTS (
+        SELECT 1 FROM incidents o
+        WHERE o.kind = 'district_outage' AND o.state != 'closed' AND o.district = incidents.district
+        AND (o.opened_ms < incidents.opened_ms
+             OR (o.opened_ms = incidents.opened_ms AND o.incident_id < incidents.incident_id)));
+DROP INDEX IF EXISTS incidents_one_open_outage_per_opener;
+CREATE UNIQUE INDEX IF NOT EXISTS incidents_one_open_outage_per_district ON incidents(district)
+    WHERE state != 'closed' AND kind = 'district_outage';
+"""
+
 _ENROLMENTS = """
 CREATE TABLE IF NOT EXISTS enrolments (
     token_hash   TEXT PRIMARY KEY,      -- SHA-256 of the token, hex; never the token itself
@@ -1053,7 +1076,7 @@ def incident_from_row(row: tuple[Any, ...], stages: dict[str, tuple[int, str]]) 
 # what `OpenIncident` is made of, in its order, and where from (both engines)
 OPEN_INCIDENT_COLUMNS: Final = (
     "i.device_id, i.incident_id, i.kind, i.priority, i.state, i.updated_ms, i.events,"
-    " i.first_alert_id, i.last_alert_id, i.offline FROM incidents i"
+    " i.first_alert_id, i.last_alert_id, i.offline, i.district FROM incidents i"
 )
 
 
@@ -1061,8 +1084,8 @@ def _write_incident(db: sqlite3.Connection, incident: OpenIncident, now_ms: int)
     """Keep an incident as `decide_incidents` left it: opened, or joined (and upgraded)."""
     db.execute(
         "INSERT INTO incidents (device_id, incident_id, kind, priority, state, updated_ms, events,"
-        " first_alert_id, last_alert_id, offline, opened_ms)"
-        " VALUES (?, ?, ?, ?, 'new', ?, ?, ?, ?, ?, ?) ON CONFLICT (incident_id) DO UPDATE SET"
+        " first_alert_id, last_alert_id, offline, opened_ms, district)"
+        " VALUES (?, ?, ?, ?, 'new', ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (incident_id) DO UPDATE SET"
         " kind = excluded.kind, priority = excluded.priority, updated_ms = excluded.updated_ms,"
         " events = excluded.events, first_alert_id = excluded.first_alert_id,"
         " last_alert_id = excluded.last_alert_id, offline = excluded.offline",
@@ -1077,6 +1100,7 @@ def _write_incident(db: sqlite3.Connection, incident: OpenIncident, now_ms: int)
             incident.last_alert_id,
             int(incident.offline),
             now_ms,
+            incident.district,
         ),
     )
     if incident.reopened:
@@ -1134,12 +1158,23 @@ def transaction(
             raise
 
 
+def _add_missing_columns(db: sqlite3.Connection, table: str, columns: Mapping[str, str]) -> None:
+    present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    for column, kind in columns.items():
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
 def _migrate_added_columns(db: sqlite3.Connection) -> None:
     for table, columns in _ADDED_COLUMNS.items():
-        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-        for column, kind in columns.items():
-            if column not in present:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        _add_missing_columns(db, table, columns)
+
+
+def _migrate_outage_district(db: sqlite3.Connection) -> None:
+    # the column only if missing: a database from before versions began runs every step
+    table, column, kind = OUTAGE_DISTRICT_COLUMN
+    _add_missing_columns(db, table, {column: kind})
+    _script(OPEN_OUTAGE_PER_DISTRICT)(db)
 
 
 def _migrate_sealed_to_key(db: sqlite3.Connection) -> None:
@@ -1186,6 +1221,11 @@ MIGRATIONS: Final[tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], .
         _script(OPEN_INCIDENT_INDEXES),
     ),
     (10, "the key a device layer's SMS numbers were sealed to", _migrate_sealed_to_key),
+    (
+        11,
+        "one open outage per district, whichever instance told it",
+        _migrate_outage_district,
+    ),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -1568,10 +1608,11 @@ class SqliteDatabase:
             " AND i.kind != 'district_outage'",
             (item.device_id,),
         ).fetchone()
+        # the write lock (BEGIN IMMEDIATE) is held: another instance on this file that told
+        # the district's outage has committed it, and this event finds it
         outage = db.execute(
-            f"SELECT {OPEN_INCIDENT_COLUMNS} JOIN devices d ON d.device_id = i.device_id"
-            " WHERE i.kind = 'district_outage' AND i.state != 'closed' AND d.district = ?"
-            " ORDER BY i.offline DESC, i.opened_ms LIMIT 1",
+            f"SELECT {OPEN_INCIDENT_COLUMNS}"
+            " WHERE i.kind = 'district_outage' AND i.state != 'closed' AND i.district = ?",
             (bell[1],),
         ).fetchone()
         own = {} if mine is None else {item.device_id: OpenIncident(*mine)}

@@ -49,6 +49,7 @@ from gateway.incidents import (
     Incident,
     OpenIncident,
     Priorities,
+    about_a_district,
     decide_incidents,
 )
 from gateway.store import (
@@ -62,6 +63,8 @@ from gateway.store import (
     OFFER_ROLLOUT_SQL,
     OPEN_INCIDENT_COLUMNS,
     OPEN_INCIDENT_INDEXES,
+    OPEN_OUTAGE_PER_DISTRICT,
+    OUTAGE_DISTRICT_COLUMN,
     PURGE_BATCH,
     ROLLOUT_COLUMNS,
     ROLLOUT_DEVICES_SQL,
@@ -146,6 +149,9 @@ IDLE_IN_TRANSACTION_S: Final = 10.0
 CONNECT_TIMEOUT_S: Final = 5.0
 # serialises migrations of gateways starting at once (any constant, the same for all)
 _MIGRATION_LOCK: Final = 0x616E73696D69  # "ansimi"
+# the first key of a district's lock (pg_advisory_xact_lock(key, hashtext(district))): the
+# two-key locks are apart from the one-key migration lock
+_OUTAGE_LOCK: Final = 0x6F757467  # "outg"
 
 _SCHEMA_1 = """
 CREATE TABLE devices (
@@ -347,6 +353,12 @@ PG_MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (6, "agent rollouts (SQLite's version 8)", _ROLLOUTS),
     (7, "a district outage open beside its first bell's own (SQLite's 9)", OPEN_INCIDENT_INDEXES),
     (8, "the key a device layer's SMS numbers were sealed to (SQLite's 10)", _SEALED_TO_KEY),
+    (
+        9,
+        "one open outage per district, whichever instance told it (SQLite's 11)",
+        "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {};".format(*OUTAGE_DISTRICT_COLUMN)
+        + OPEN_OUTAGE_PER_DISTRICT,
+    ),
 )
 PG_SCHEMA_VERSION: Final = PG_MIGRATIONS[-1][0]
 
@@ -755,9 +767,10 @@ class PostgresStore:
         async def work(db: asyncpg.Connection) -> Accepted:
             # every device row of the batch locked up front, in one order: two instances
             # taking batches of the same devices wait for each other instead of deadlocking
+            # (NO KEY: see `_attach`)
             rows = await db.fetch(
                 "SELECT device_id, online, power FROM devices WHERE device_id = ANY($1::text[])"
-                " ORDER BY device_id FOR UPDATE",
+                " ORDER BY device_id FOR NO KEY UPDATE",
                 sorted({item.device_id for item in batch}),
             )
             devices: dict[str, tuple[bool | None, str | None]] = {
@@ -894,12 +907,38 @@ class PostgresStore:
         items = [i for i in items if i.type != "escalation"]  # attached by `escalate`
         if not items:
             return
+        # Not FOR UPDATE: an incident row referring to a device (an outage, told about its
+        # district's first bell) that a transaction changes a second time has its reference
+        # checked again (PostgreSQL does for a row the transaction wrote itself) with a
+        # key-share lock on the device's row, which FOR UPDATE blocks: two instances marking
+        # their bells offline into one outage waited for each other, the one holding the
+        # outage's first bell and the one holding the outage. Nothing here changes a
+        # device's key, so NO KEY UPDATE serialises the same decisions.
         devices = await db.fetch(
             "SELECT device_id, kind, district FROM devices WHERE device_id = ANY($1::text[])"
-            " ORDER BY device_id FOR UPDATE",
+            " ORDER BY device_id FOR NO KEY UPDATE",
             sorted({i.device_id for i in items}),
         )
         bells = {r["device_id"]: (str(r["kind"]), str(r["district"])) for r in devices}
+        # Another instance may be telling the same district's outage now (each supervisor
+        # groups its own bells, about its own first bell): the district's statuses wait for
+        # each other here, so the second finds the first's outage committed and joins it
+        # instead of opening one the unique index would refuse. After the bells' rows, as
+        # every transaction takes them, and in one order: no deadlock.
+        told = sorted(
+            {
+                bells[i.device_id][1]
+                for i in items
+                if i.device_id in bells and about_a_district(i.type, i.body_json, None)
+            }
+        )
+        if told:
+            await db.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext(d))"
+                " FROM (SELECT unnest($2::text[]) AS d ORDER BY 1) AS told",
+                _OUTAGE_LOCK,
+                told,
+            )
         own = {
             r["device_id"]: OpenIncident(*r)
             for r in await db.fetch(
@@ -913,13 +952,11 @@ class PostgresStore:
         # offline joins and the district's statuses attach to
         outages: dict[str, OpenIncident] = {}
         for r in await db.fetch(
-            f"SELECT d.district, {OPEN_INCIDENT_COLUMNS} JOIN devices d"
-            " ON d.device_id = i.device_id WHERE i.kind = 'district_outage'"
-            " AND i.state != 'closed' AND d.district = ANY($1::text[])"
-            " ORDER BY i.offline DESC, i.opened_ms FOR UPDATE OF i",
+            f"SELECT {OPEN_INCIDENT_COLUMNS} WHERE i.kind = 'district_outage'"
+            " AND i.state != 'closed' AND i.district = ANY($1::text[]) FOR UPDATE",
             sorted({district for _, district in bells.values()}),
         ):
-            outages.setdefault(str(r["district"]), OpenIncident(*tuple(r)[1:]))
+            outages[str(r["district"])] = OpenIncident(*r)
         decided = decide_incidents(items, bells, own, outages, self._priority, now_ms)
         if caught_up is not None:
             caught_up.update(decided.caught_up)
@@ -935,22 +972,24 @@ class PostgresStore:
                 i.first_alert_id,
                 i.last_alert_id,
                 i.offline,
+                i.district,
             )
             for i in touched
         ]
         await db.execute(
             "INSERT INTO incidents (incident_id, device_id, kind, priority, opened_ms,"
-            " updated_ms, first_alert_id, last_alert_id, events, offline)"
+            " updated_ms, first_alert_id, last_alert_id, events, offline, district)"
             " SELECT u.incident_id, u.device_id, u.kind, u.priority, u.updated_ms, u.updated_ms,"
-            "  u.first_alert_id, u.last_alert_id, u.events, u.offline"
+            "  u.first_alert_id, u.last_alert_id, u.events, u.offline, u.district"
             " FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[],"
-            "  $6::int[], $7::text[], $8::text[], $9::boolean[]) AS u(incident_id, device_id,"
-            "  kind, priority, updated_ms, events, first_alert_id, last_alert_id, offline)"
+            "  $6::int[], $7::text[], $8::text[], $9::boolean[], $10::text[]) AS u(incident_id,"
+            "  device_id, kind, priority, updated_ms, events, first_alert_id, last_alert_id,"
+            "  offline, district)"
             " ON CONFLICT (incident_id) DO UPDATE SET kind = excluded.kind,"
             " priority = excluded.priority, updated_ms = excluded.updated_ms,"
             " events = excluded.events, first_alert_id = excluded.first_alert_id,"
             " last_alert_id = excluded.last_alert_id, offline = excluded.offline",
-            *_columns(rows, 9),
+            *_columns(rows, 10),
         )
         reopened = [i.incident_id for i in touched if i.reopened]
         if reopened:

@@ -196,6 +196,16 @@ GATEWAY_STATES: Final[tuple[str, ...]] = tuple(
     s for s in get_args(StatusState) if s not in DEVICE_STATES
 )
 
+# What a status tells of its bell's link, down (True) or up (False): a district outage is
+# its bells offline until the district is restored. The gateway's incidents and a
+# receiver's cards read it alike; the other states tell nothing of the link.
+LINK_DOWN_OF_STATE: Final[dict[str, bool]] = {
+    "offline": True,
+    "online": False,
+    "district_outage": True,
+    "district_restored": False,
+}
+
 
 class Rtc(_Model):
     kind: Literal["offer", "answer", "bye"]

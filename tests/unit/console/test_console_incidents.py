@@ -501,3 +501,41 @@ async def test_a_pushed_incident_reaches_only_the_pages_of_its_district(tmp_path
             ]
     assert frames[1].startswith("event: incident\n") and INCIDENT_B in frames[1]
     assert not any(INCIDENT_A in f for f in frames)
+
+
+async def test_an_outage_cards_offline_mark_is_the_newer_of_its_statuses_and_the_gateways(
+    tmp_path: Path,
+) -> None:
+    """A district outage's card is dark from its `district_outage` and lit by its
+    `district_restored`, pushed with each; the gateway's summary moves the mark only when
+    it is newer (by the gateway's clock) than the status that set it, so a new outage does
+    not first show lit, nor a restored one dark until the next sync."""
+    told_ms = now_ms()
+    gateway = FakeGateway()
+    summary = gateway.open_incident(
+        INCIDENT_A, kind="district_outage", priority=8, opened_ms=told_ms
+    )
+    summary.update(offline=True)
+    outage = (INCIDENT_A, "district_outage", 8)
+
+    def district(state: str, seq: int, at_ms: int, offline: list[str]) -> dict[str, Any]:
+        status = Status(state=state, district="mapo", count=len(offline), offline=offline)
+        return delivery(status, key=GATEWAY_KEY, kid="gw-test", seq=seq, ts=at_ms, incident=outage)
+
+    async with desk(tmp_path, gateway) as d:
+        await d.sign_in()
+        queue = d.console.broadcast.open()
+        dark = district("district_outage", 1, told_ms, ["bell-0001", "bell-0002"])
+        assert (await d.deliver(dark))[0] == 200
+        assert [f["offline"] for _, f in pushed(queue)] == [True]  # before any sync
+        await d.console.sync_gateway()  # the gateway's summary kept: dark as of told_ms
+        assert [f["offline"] for _, f in pushed(queue)] == [True]  # the first look
+        assert (await d.deliver(district("district_restored", 2, told_ms + 1_000, [])))[0] == 200
+        assert [f["offline"] for _, f in pushed(queue)] == [False]
+        await d.console.sync_gateway()  # the summary, older than the restore, changes nothing
+        assert pushed(queue) == []
+        assert [c["offline"] for c in (await listed(d))["incidents"]] == [False]
+        # dark again by a status not received here (yet): the gateway's newer summary wins
+        summary.update(updated_ms=told_ms + 2_000)
+        await d.console.sync_gateway()
+        assert [f["offline"] for _, f in pushed(queue)] == [True]

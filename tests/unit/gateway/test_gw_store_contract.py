@@ -6,6 +6,7 @@ server the session starts, a fresh database per test); every engine passes every
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -607,6 +608,55 @@ async def test_a_press_from_an_outages_first_bell_is_its_own_incident_not_the_ou
     outage_now = await store.incident("outage-0001")
     assert outage_now is not None and not outage_now.offline
     assert (await store.incident("alert-0001")) == (await store.incidents("new", 10))[0]
+
+
+async def test_two_writers_telling_one_districts_outage_at_once_open_one_incident(
+    store: Store,
+) -> None:
+    """Two gateway instances each group their own bells of a district and tell its outage,
+    each about its own first bell, at the same moment (on PostgreSQL, two connections
+    racing): the district has one open outage incident, the second status and both
+    instances' bells going offline join it. Closed, the next outage opens a new one."""
+    halves = (("bell-0001", "bell-0003"), ("bell-0004", "bell-0005"))
+    bells = [b for half in halves for b in half]
+    for device_id in bells[1:]:
+        await store.add_device(Device(device_id, f"key-{device_id}", "bell", "mapo"), 0)
+
+    def status(event_id: str, device_id: str, seq: int, **body: object) -> Incoming:
+        return item(event_id, device_id, seq, type="status", body=json.dumps(body))
+
+    for round_ in range(5):  # bounded: a few rounds to give the race its chances
+        at, seq = 1_000 * (round_ + 1), 10 * (round_ + 1)
+        beats = [item(f"hb-{round_}-{b}", b, seq, type="heartbeat") for b in bells]
+        await store.accept_batch(beats, at)
+        told = [
+            status(
+                f"outage-{round_}-{n}",
+                half[0],
+                seq + 1,
+                state="district_outage",
+                district="mapo",
+                count=2,
+                offline=list(half),
+            )
+            for n, half in enumerate(halves)
+        ]
+        await asyncio.gather(*(store.add_event(t, at + 100) for t in told))
+        gone = [
+            [status(f"off-{round_}-{b}", b, seq + 2, state="offline") for b in h] for h in halves
+        ]
+        went = await asyncio.gather(*(store.mark_offline(g, at + 50, at + 100) for g in gone))
+        assert went == [[True, True], [True, True]]
+        (outage,) = await store.incidents("open", 10)
+        assert (outage.kind, outage.district, outage.offline, outage.events) == (
+            "district_outage",
+            "mapo",
+            True,
+            6,
+        )
+        joined = [t.event_id for t in told] + [e.event_id for g in gone for e in g]
+        assert {await store.incident_of(e) for e in joined} == {outage.incident_id}
+        assert await store.move_incident(outage.incident_id, "closed", at + 200, "desk", "real")
 
 
 async def test_stages_only_go_forward_and_a_tick_is_kept_once(store: Store) -> None:

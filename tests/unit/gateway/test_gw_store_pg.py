@@ -22,6 +22,7 @@ from gateway.enrolments import TokenRefused
 from gateway.forward import Forwarder
 from gateway.metrics import Metrics
 from gateway.store import (
+    OPEN_OUTAGE_PER_DISTRICT,
     BadStoreUrl,
     Delivery,
     Device,
@@ -37,6 +38,7 @@ from gateway.store import (
 )
 from gateway.store_pg import (
     CLAIM_MS,
+    PG_MIGRATIONS,
     PG_SCHEMA_VERSION,
     PostgresStore,
     pg_error,
@@ -303,6 +305,48 @@ async def test_layers_sealed_before_version_8_are_taken_as_sealed_to_the_device_
     assert layers == {("device", "bell-0001"): "key", ("device", "bell-0002"): None}
     assert await upgraded.schema_version() == PG_SCHEMA_VERSION
     await upgraded.close()
+
+
+async def test_two_open_outages_of_a_district_from_before_the_index_migrate_to_one(
+    postgres: PgServer,
+) -> None:
+    """Before the outage's district was kept, two instances could open two outages for one
+    district. The migration keeps the oldest open one as the district's (its statuses join
+    it) and leaves the other open for an operator to close; the unique index is made."""
+    url = postgres.new_database()
+    step = next(v for v, _, sql in PG_MIGRATIONS if OPEN_OUTAGE_PER_DISTRICT in sql)
+    connection = await asyncpg.connect(url)
+    try:
+        async with connection.transaction():
+            await connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            for version, _what, sql in PG_MIGRATIONS:
+                if version < step:
+                    await connection.execute(sql)
+            await connection.execute("INSERT INTO schema_version VALUES ($1)", step - 1)
+            await connection.executemany(
+                "INSERT INTO devices (device_id, public_key, kind, district, created_ms)"
+                " VALUES ($1, 'key', 'bell', 'mapo', 0)",
+                [("bell-0001",), ("bell-0004",)],
+            )
+            await connection.executemany(
+                "INSERT INTO incidents (incident_id, device_id, kind, priority, opened_ms,"
+                " updated_ms, offline) VALUES ($1, $2, 'district_outage', 8, $3, $3, TRUE)",
+                [("outage-b", "bell-0004", 105), ("outage-a", "bell-0001", 100)],
+            )
+    finally:
+        await connection.close()
+    store = PostgresStore(url)
+    try:
+        assert await store.schema_version() == PG_SCHEMA_VERSION
+        body = '{"state":"district_restored","district":"mapo","count":0,"offline":[]}'
+        restored = Incoming("restored-1", "bell-0004", 2, "status", 1_000, body, "jws", ())
+        await store.add_event(restored, 200)
+        assert await store.incident_of("restored-1") == "outage-a"
+        by_id = {i.incident_id: i for i in await store.incidents("open", 10)}
+        assert sorted(by_id) == ["outage-a", "outage-b"]
+        assert not by_id["outage-a"].offline and by_id["outage-b"].offline
+    finally:
+        await store.close()
 
 
 @pytest.fixture
