@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 CLI_TIMEOUT_S: Final = 120.0  # one command: Python's start-up on a loaded machine, the upload
 POLL_S: Final = 0.5
+# a press the workers have not reported done by then is pressed again on another bell
+PRESS_SEEN_S: Final = 3.0
 # a device's report of a release it ran and went back from (device/update.py)
 ROLLED_BACK: Final = "rolled_back"
 
@@ -158,6 +160,7 @@ class RolloutDriver:
         token_file: Path,
         *,
         press: Callable[[list[str]], Awaitable[None]],
+        presses_since: Callable[[float], int],
         seed: int,
     ) -> None:
         self.plan = plan
@@ -166,6 +169,9 @@ class RolloutDriver:
         self.api_url = api_url
         self.token_file = token_file
         self.press = press  # has the simulated people press these bells now
+        # presses the workers report done at or after a time (a bell whose agent is
+        # restarting into or out of a release is not pressed: nobody is counted)
+        self.presses_since = presses_since
         self.seed = seed
         self.seen: list[ReleaseSeen] = []
 
@@ -241,15 +247,33 @@ class RolloutDriver:
                 return
 
     async def _press_some(self, release: Release, percent: float) -> None:
-        """Press a few of the bells this step has just offered the release to."""
-        current = await self.status()
-        if current is None or not self.plan.presses_per_step:
+        """Press a few of the bells this step has offered the release to, until a press is
+        done.
+
+        The gateway makes its offers after `rollout start` returns, and a bell offered
+        one may be restarting into it when the press comes (not pressed, not counted): on
+        a loaded machine either can leave a step without a press, so this presses again
+        (other offered bells) until the workers report one, the step ends, or its timeout.
+        """
+        if not self.plan.presses_per_step:
             return
-        offered = sorted(d for d, p in current["devices"].items() if p["state"] == "offered")
+        since = time.time()
         rng = random.Random(f"{self.seed}/{release.version}/{percent:g}")
-        chosen = rng.sample(offered, min(len(offered), self.plan.presses_per_step))
-        if chosen:
-            await self.press(chosen)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.plan.step_timeout_s):
+                while not self.presses_since(since):
+                    current = await self.status()
+                    if current is None or current["state"] != "running":
+                        return
+                    offered = sorted(
+                        d for d, p in current["devices"].items() if p["state"] == "offered"
+                    )
+                    chosen = rng.sample(offered, min(len(offered), self.plan.presses_per_step))
+                    if chosen:
+                        await self.press(chosen)
+                        await asyncio.sleep(PRESS_SEEN_S)  # the workers report each second
+                    else:
+                        await asyncio.sleep(POLL_S)
 
     async def _until_step_ends(self, release: Release) -> dict[str, Any]:
         """Until the step is done or paused; a broken release's also until every bell it

@@ -306,6 +306,7 @@ class Simulation:
             f"http://127.0.0.1:{self.api_port}",
             token_file,
             press=self._press,
+            presses_since=self._presses_since,
             seed=self.scenario.seed,
         )
 
@@ -755,6 +756,11 @@ class Simulation:
         await driver.run()
         versions = ", ".join(f"{r.version} {r.state}" for r in driver.seen)
         self.observed.marks.append(Mark(start, f"rollouts: {versions}", time.time()))
+
+    def _presses_since(self, since: float) -> int:
+        return sum(
+            1 for _, action, at in self.observed.performed if at >= since and action == "press"
+        )
 
     async def _press(self, devices: list[str]) -> None:
         await self._tell_owners(lambda mine: Press(device_ids=mine), set(devices))
