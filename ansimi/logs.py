@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TextIO
 
 DECISION = 15
@@ -44,3 +44,35 @@ def configure(
     for name in debug_loggers:
         if name != WIRE:
             logging.getLogger(name).setLevel(logging.DEBUG)
+
+
+class LogLimiter:
+    """At most one log line per key an interval: what refuses or fails by the thousand
+    (a flood of forged or replayed messages, a full disk) must not fill the disk it logs
+    to. The caller counts everything in its metrics; this only says when to write a line.
+    """
+
+    KEYS_MAX = 10_000  # then forgotten all at once: a flood of new keys stays bounded
+
+    def __init__(self, every_ms: int, clock_ms: Callable[[], int]) -> None:
+        self._every_ms = every_ms
+        self._clock_ms = clock_ms
+        self._logged: dict[Hashable, tuple[int, int]] = {}
+
+    def quiet(self, key: Hashable, count: int = 1) -> int | None:
+        """None while `key` was logged within the interval (`count` more kept quiet), else
+        how many were kept quiet since its last line: log now."""
+        now_ms = self._clock_ms()
+        last, quiet = self._logged.get(key, (None, 0))
+        if last is not None and now_ms - last < self._every_ms:
+            self._logged[key] = (last, quiet + count)
+            return None
+        if len(self._logged) >= self.KEYS_MAX:
+            self._logged.clear()
+        self._logged[key] = (now_ms, 0)
+        return quiet
+
+    @staticmethod
+    def more(quiet: int) -> str:
+        """The words a line adds for the ones kept quiet before it."""
+        return f" (and {quiet} more since the last report)" if quiet else ""

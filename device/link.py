@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ansimi.logs import LogLimiter
 from ansimi.mqtt import Message as MqttMessage
 from ansimi.mqtt import Session, Settings, TlsFiles, Will
 from device.config import DeviceConfig
@@ -70,6 +72,8 @@ class Link:
         self._clock_ms = clock_ms or wall_ms
         self._window_ms = window_ms
         self.rejected: dict[str, int] = {}
+        # refusals logged once per reason a minute; `rejected` counts them all
+        self._log_limit = LogLimiter(60_000, lambda: int(time.monotonic() * 1000))
         self._recent: deque[str] = deque(maxlen=RECENT_IDS)  # ids signed lately, oldest first
         self.session = Session(
             self._settings(config, Will(*self._sealed(Status(state="offline")))),
@@ -177,7 +181,17 @@ class Link:
                 check_window(msg.ts, self._clock_ms(), self._window_ms)
         except ProtocolError as exc:
             self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-            log.warning("link %s: ignored a downlink message: %s", self._device_id, exc.reason)
+            # a broker replaying a queue after a failover can hand us thousands of stale
+            # copies: a bell's SD card must not take a line each
+            quiet = self._log_limit.quiet(exc.reason)
+            if quiet is not None:
+                log.warning(
+                    "link %s: ignored a downlink message: %s%s",
+                    self._device_id,
+                    exc.reason,
+                    LogLimiter.more(quiet),
+                )
+            log.debug("link %s: ignored downlink detail: %s", self._device_id, exc)
             return
         self._outbox.set_down_high_water(msg.seq)
         self._on_down(msg)

@@ -66,6 +66,7 @@ from typing import Literal, NamedTuple, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ansimi.logs import LogLimiter
 from ansimi.mqtt import Message as MqttMessage
 from gateway.downlink import Downlink
 from gateway.errors import GatewayError
@@ -110,7 +111,6 @@ SyncSlot = Literal["clock", "sequence", "sequence-stale"]
 
 # Refusals are logged once per device and reason in this interval; the metric counts all.
 LOG_EVERY_MS = 60_000
-LOG_KEYS_MAX = 10_000
 
 
 class UnknownDevice(GatewayError, UnknownSigner):
@@ -309,9 +309,9 @@ class Intake:
         # syncs a batch calls for (device -> the message and why), sent once it is kept
         self._syncs: dict[tuple[str, SyncSlot], tuple[Message, SyncReason]] = {}
         self._last_sync_ms: dict[tuple[str, SyncSlot], int] = {}
-        # (device, reason) -> (last logged at, refusals not logged since): a device that
-        # floods us with bad messages must not flood the log too
-        self._logged: dict[tuple[str, str], tuple[int, int]] = {}
+        # per (device, reason): a device that floods us with bad messages must not flood
+        # the log too
+        self._log_limit = LogLimiter(LOG_EVERY_MS, lambda: self._clock_ms())
 
     def submit(self, message: MqttMessage) -> None:
         """Called for every uplink MQTT message, on the loop, without blocking."""
@@ -608,9 +608,9 @@ class Intake:
             self._keeping(False, now_ms)
             self._metrics.store_errors.inc()
             self._metrics.rejected.labels(exc.reason).inc(len(incoming))
-            quiet = self._quiet(("(store)", exc.reason), len(incoming))
+            quiet = self._log_limit.quiet(("(store)", exc.reason), len(incoming))
             if quiet is not None:
-                more = f" (and {quiet} more since the last report)" if quiet else ""
+                more = LogLimiter.more(quiet)
                 log.error("intake: cannot keep %d messages: %s%s", len(incoming), exc, more)
             return [], []
         except Exception:
@@ -771,25 +771,12 @@ class Intake:
     def _refuse(self, device: str, reason: str, detail: str) -> None:
         """Count a refusal; log it, at most once per device and reason an interval."""
         self._metrics.rejected.labels(reason).inc()
-        quiet = self._quiet((device, reason), 1)
+        quiet = self._log_limit.quiet((device, reason))
         if quiet is None:
             return
-        more = f" (and {quiet} more since the last report)" if quiet else ""
+        more = LogLimiter.more(quiet)
         log.warning("intake: refused a message from %s: %s%s", device, reason, more)
         log.debug("intake: refusal detail for %s: %s", device, detail)
-
-    def _quiet(self, key: tuple[str, str], count: int) -> int | None:
-        """None while `key` was logged within the interval (`count` more kept quiet), else
-        how many were kept quiet since its last line: log now."""
-        now_ms = self._clock_ms()
-        last, quiet = self._logged.get(key, (None, 0))
-        if last is not None and now_ms - last < LOG_EVERY_MS:
-            self._logged[key] = (last, quiet + count)  # counted in the metric, not logged
-            return None
-        if len(self._logged) >= LOG_KEYS_MAX:
-            self._logged.clear()
-        self._logged[key] = (now_ms, 0)
-        return quiet
 
 
 _STAGE_OF: dict[str | None, AckStage] = {s: s for s in ACK_STAGES}

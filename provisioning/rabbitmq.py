@@ -248,6 +248,23 @@ class RabbitCtl:
     def close_connection(self, pid: str, why: str) -> None:
         self.run("close_connection", pid, why)
 
+    def mqtt_client_id_trackers(self) -> set[str]:
+        """The nodes in the MQTT plugin's client-ID tracker (RabbitMQ 3.10's `mqtt_node`
+        Raft cluster), as this node sees it.
+
+        Every MQTT CONNECT registers its client id there, so the tracker needs a majority
+        of its own members: nodes started together can leave one out (its join refused
+        while the first leader was still being elected), and then losing one of the other
+        two refuses every MQTT connection in the cluster ("Server unavailable").
+        """
+        out = self.run(
+            "eval",
+            "case ra:members({mqtt_node, node()}) of "
+            '{ok, Members, _} -> string:join([atom_to_list(N) || {_, N} <- Members], " "); '
+            '_ -> "" end.',
+        )
+        return set(out.strip().strip('"').split())
+
 
 @dataclass(frozen=True, slots=True)
 class RabbitFiles:

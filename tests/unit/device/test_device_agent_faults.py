@@ -195,6 +195,21 @@ async def test_a_captured_sync_played_again_changes_nothing(tmp_path: Path) -> N
     assert again.agent.clock_offset_ms == 0
 
 
+async def test_a_broker_replaying_thousands_of_stale_copies_is_counted_and_logged_sparingly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a RabbitMQ failover handed two bells ~30,000 stale downlinks in two minutes: a line
+    # each would fill a bell's SD card
+    bell = Bell(tmp_path, clock_ms=GATEWAY_NOW)
+    bell.press()
+    stale = bell.down(Ack(ref=bell.alerts()[0].id, stage="received"))
+    for _ in range(3_000):
+        bell.agent.link._on_message(stale)
+    assert bell.link_rejected() == {"replay": 3_000}
+    lines = [r.getMessage() for r in caplog.records if "ignored a downlink" in r.getMessage()]
+    assert lines == [f"link {DEVICE}: ignored a downlink message: replay"]
+
+
 async def test_a_sync_for_the_counter_that_finds_the_clock_far_off_reports_it(
     tmp_path: Path,
 ) -> None:
