@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -30,11 +31,29 @@ class BrokerError(AnsimiError, RuntimeError):
     """The broker could not be started or stopped."""
 
 
+# Free ports are picked below Linux's ephemeral range (32768-60999). A port the kernel
+# picks for a bind to port 0 comes from that range, and between our check and the server's
+# bind it can become the source port of some outgoing connection (two gateway instances
+# in the crash tests failed to start on it); below the range only another server takes it.
+_PORTS_FROM, _PORTS_TO = 20000, 32000
+_ports_given: set[int] = set()  # never the same one twice to this process's servers
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port on `host` nobody listens on now, for a server of ours to bind."""
+    rng = random.SystemRandom()  # not the seeded `random` a test or simulation may own
+    for _ in range(1_000):
+        port = rng.randrange(_PORTS_FROM, _PORTS_TO)
+        if port in _ports_given:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _ports_given.add(port)
         return port
+    raise BrokerError(f"no free port on {host} between {_PORTS_FROM} and {_PORTS_TO}")
 
 
 def mosquitto_path() -> str | None:

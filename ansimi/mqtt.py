@@ -67,8 +67,9 @@ READ_PACKETS_PER_WAKEUP = 64
 WRITE_JOIN_BYTES = 64 * 1024
 ConnectHandler = Callable[[bool], None]
 LinkDeadListener = Callable[["LinkDead"], None]
-# why a link was declared dead: an urgent publish's PUBACK, or a quiet link, then no PINGRESP
-DeadReason = Literal["ack_timeout", "idle"]
+# why a link was declared dead: an urgent publish's PUBACK, or a quiet link, then no PINGRESP;
+# or an urgent publish without its PUBACK for `puback_give_up_s`, pings answered or not
+DeadReason = Literal["ack_timeout", "idle", "puback_stuck"]
 
 
 class MqttError(AnsimiError):
@@ -135,6 +136,11 @@ class Settings:
     # An urgent publish without its PUBACK this long makes the session probe the link; a
     # probe without its PINGRESP this long declares the link dead.
     ack_timeout_s: float = 3.0
+    # An urgent publish without its PUBACK this long declares the link dead even while the
+    # broker answers pings: RabbitMQ 3.10 after a node was killed kept bells' connections
+    # alive but never enqueued (nor acked) their alerts again (tests/cluster/test_multihost).
+    # A new connection's publishes went through. Far above a working broker's PUBACK.
+    puback_give_up_s: float = 15.0
     # Further brokers, tried in turn after (host, port) when a link is declared dead or a
     # connect fails; empty: always (host, port).
     other_addresses: tuple[tuple[str, int], ...] = ()
@@ -169,16 +175,22 @@ class LinkWatch:
       it, and forgives the PUBACKs that were late (a slow broker is not a dead link).
       Otherwise the link is dead: `ack_timeout_s` after the probe, so a quiet dead link
       is found within `idle_s + ack_timeout_s` of the last packet heard.
+    - Forgiven is not forgotten: an urgent publish still without its PUBACK
+      `give_up_s` after it went out on this connection makes the link dead anyway (a
+      broker that answers pings but never takes the alert is no use to a bell).
     """
 
-    def __init__(self, ack_timeout_s: float, idle_s: float) -> None:
+    def __init__(self, ack_timeout_s: float, idle_s: float, give_up_s: float = 15.0) -> None:
         if ack_timeout_s <= 0 or idle_s <= 0:
             raise ValueError(f"ack_timeout_s and idle_s must be > 0: {ack_timeout_s}, {idle_s}")
         # One bound for a PUBACK and a PINGRESP, even below a short keepalive: a slow but
         # working link (300 ms a packet, queued behind others) must have time to answer.
         self.ack_timeout_s = ack_timeout_s
         self.idle_s = idle_s
+        # never before a probe could have cleared it (a device's ack_timeout_s may be long)
+        self.give_up_s = max(give_up_s, 2 * ack_timeout_s)
         self._expected: dict[int, float] = {}  # mid -> PUBACK due by
+        self._give_up_at: dict[int, float] = {}  # mid -> the link is dead by then without it
         self._last_in = 0.0
         self._last_out = 0.0
         self._probe_due: float | None = None
@@ -192,14 +204,18 @@ class LinkWatch:
     def connected(self, now: float) -> None:
         self._last_in = self._last_out = now
         self._expected.clear()
+        self._give_up_at.clear()
         self._probe_due = None
 
     def expect(self, mid: int, now: float) -> None:
-        """An urgent publish went out: its PUBACK is due within the bound."""
+        """An urgent publish went out (or again, on a new connection): its PUBACK is due
+        within the bound."""
         self._expected[mid] = now + self.ack_timeout_s
+        self._give_up_at[mid] = now + self.give_up_s
 
     def acked(self, mid: int) -> None:
         self._expected.pop(mid, None)
+        self._give_up_at.pop(mid, None)
 
     def heard(self, now: float) -> None:
         self._last_in = max(self._last_in, now)
@@ -225,6 +241,8 @@ class LinkWatch:
             self._probe_due = max(self._probe_due, now + self.ack_timeout_s)
 
     def due(self, now: float) -> tuple[Literal["probe", "dead"], DeadReason] | None:
+        if self._give_up_at and min(self._give_up_at.values()) <= now:
+            return ("dead", "puback_stuck")
         if self._probe_due is not None:
             return ("dead", self._probe_reason) if now >= self._probe_due else None
         if any(due <= now for due in self._expected.values()):
@@ -234,9 +252,12 @@ class LinkWatch:
         return None
 
     def next_check(self) -> float:
+        give_up = min(self._give_up_at.values(), default=float("inf"))
         if self._probe_due is not None:
-            return self._probe_due
-        return min([min(self._last_in, self._last_out) + self.idle_s, *self._expected.values()])
+            return min(self._probe_due, give_up)
+        return min(
+            [min(self._last_in, self._last_out) + self.idle_s, *self._expected.values(), give_up]
+        )
 
 
 # shared by every plain PUBACK (_BufferedClient._handle_pubackcomp); never changed
@@ -384,7 +405,9 @@ class Session:
         # connection attempts that failed (refused, unreachable), since the session began:
         # what shows a client kept out (a revoked bell) is still trying and still refused
         self.failed_connects = 0
-        self._watch = LinkWatch(settings.ack_timeout_s, settings.keepalive_s)
+        self._watch = LinkWatch(
+            settings.ack_timeout_s, settings.keepalive_s, settings.puback_give_up_s
+        )
         self._watch_timer: asyncio.TimerHandle | None = None
         self._urgent: set[int] = set()  # mids of urgent publishes still without a PUBACK
         self._link_dead_listeners: list[LinkDeadListener] = []
@@ -558,7 +581,9 @@ class Session:
         self.settings = settings
         self._addresses = [(settings.host, settings.port), *settings.other_addresses]
         self._address_index = 0
-        self._watch = LinkWatch(settings.ack_timeout_s, settings.keepalive_s)
+        self._watch = LinkWatch(
+            settings.ack_timeout_s, settings.keepalive_s, settings.puback_give_up_s
+        )
         self.reconnect()
 
     def reconnect(self) -> None:
@@ -980,13 +1005,19 @@ class Session:
     def _declare_dead(self, reason: DeadReason, now: float) -> None:
         host, port = self.address
         event = LinkDead(at_s=now, wall_s=time.time(), reason=reason, address=f"{host}:{port}")
-        why = "an urgent publish had no PUBACK" if reason == "ack_timeout" else "a quiet link"
+        if reason == "puback_stuck":
+            why = (
+                f"an urgent publish had no PUBACK in {self._watch.give_up_s:g} s, "
+                "though the broker answered pings"
+            )
+        else:
+            first = "an urgent publish had no PUBACK" if reason == "ack_timeout" else "a quiet link"
+            why = f"{first}, then no PINGRESP within {self._watch.ack_timeout_s:g} s"
         log.warning(
-            "mqtt %s: link to %s declared dead (%s, then no PINGRESP within %g s): reconnecting",
+            "mqtt %s: link to %s declared dead (%s): reconnecting",
             self.settings.client_id,
             event.address,
             why,
-            self._watch.ack_timeout_s,
         )
         self._next_address()
         for listener in list(self._link_dead_listeners):

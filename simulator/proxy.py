@@ -82,6 +82,32 @@ async def read_connect(reader: asyncio.StreamReader) -> bytes:
     return header + length_bytes + await reader.readexactly(length)
 
 
+MQTT_PUBLISH = 3  # the packet type, in the high nibble of the first byte
+
+
+def without_publishes(buffer: bytes) -> tuple[bytes, bytes, int]:
+    """The whole MQTT packets at the head of `buffer` without its PUBLISH packets; the
+    bytes of a packet not complete yet, kept for the next read; how many were taken out."""
+    kept = bytearray()
+    pos = taken = 0
+    while pos < len(buffer):
+        try:
+            length, body = _varint(buffer, pos + 1)
+        except ProxyError:
+            if len(buffer) - pos < 5:
+                break  # the length field itself is not all here yet
+            raise
+        end = body + length
+        if end > len(buffer):
+            break
+        if buffer[pos] >> 4 == MQTT_PUBLISH:
+            taken += 1
+        else:
+            kept += buffer[pos:end]
+        pos = end
+    return bytes(kept), buffer[pos:], taken
+
+
 @dataclass(eq=False)
 class _Conn:
     device: str
@@ -108,6 +134,8 @@ class FaultProxy:
         self.delay_s: dict[str, float] = {}
         self.loss: dict[str, float] = {}
         self.lost = 0
+        self.swallowed: set[str] = set()
+        self.publishes_swallowed = 0
         self._rng = rng or random.Random()
         self.connections = 0
         self.refused = 0
@@ -144,6 +172,7 @@ class FaultProxy:
     def heal(self, devices: set[str]) -> None:
         self.dropped -= devices
         self.held -= devices
+        self.swallowed -= devices
         self._wake()
 
     def delay(self, devices: set[str], seconds: float) -> None:
@@ -160,6 +189,12 @@ class FaultProxy:
                 self.loss[device] = probability
             else:
                 self.loss.pop(device, None)
+
+    def swallow(self, devices: set[str]) -> None:
+        """These devices' PUBLISH packets vanish on the way to the broker; everything else
+        passes, so their pings are answered: a broker that keeps the link but never takes
+        (nor acknowledges) a message. `heal` ends it."""
+        self.swallowed |= devices
 
     def _wake(self) -> None:
         self._changed.set()
@@ -188,7 +223,7 @@ class FaultProxy:
             self.connections += 1
             up_writer.write(first)
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._pipe(reader, up_writer, conn))
+                tasks.create_task(self._pipe(reader, up_writer, conn, upstream=True))
                 tasks.create_task(self._pipe(up_reader, writer, conn))
         except (OSError, asyncio.IncompleteReadError, TimeoutError, ProxyError, ExceptionGroup):
             pass  # a connection ending is ordinary here: faults end connections on purpose
@@ -197,10 +232,22 @@ class FaultProxy:
             conn.abort()
 
     async def _pipe(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, conn: _Conn
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        conn: _Conn,
+        *,
+        upstream: bool = False,
     ) -> None:
+        partial = b""  # the start of a packet, while publishes are being swallowed
         try:
             while data := await src.read(65536):
+                if upstream and (partial or conn.device in self.swallowed):
+                    if conn.device in self.swallowed:
+                        data, partial, taken = without_publishes(partial + data)
+                        self.publishes_swallowed += taken
+                    else:
+                        data, partial = partial + data, b""
                 if conn.device in self.held:
                     self.holding += 1
                     try:

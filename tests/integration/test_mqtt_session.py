@@ -8,6 +8,7 @@ import logging
 import select
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -335,31 +336,71 @@ def watched_settings(port: int, client_id: str, **kw: object) -> Settings:
     return Settings(**values)
 
 
-async def test_an_urgent_publish_on_a_black_holed_link_declares_it_dead(
-    mosquitto: Mosquitto,
-) -> None:
+@dataclass
+class ProxiedBell:
+    proxy: FaultProxy
+    bell: Session
+    inbox: Inbox  # what a listener on the broker itself got on t/press
+    dead: list[LinkDead]
+
+    def press(self) -> tuple[float, asyncio.Future[None]]:
+        """An alert published as urgent: when, and its PUBACK to come."""
+        return asyncio.get_running_loop().time(), self.bell.publish(
+            "t/press", b"alert", urgent=True
+        )
+
+
+@contextlib.asynccontextmanager
+async def bell_behind_a_proxy(
+    mosquitto: Mosquitto, client_id: str, **kw: object
+) -> AsyncIterator[ProxiedBell]:
     inbox = Inbox()
-    dead: list[LinkDead] = []
     async with (
         proxied(mosquitto) as proxy,
         running(Session(settings(mosquitto, "listener"), inbox)) as listener,
-        running(Session(watched_settings(proxy.port, "bell-dead-1"), lambda m: None)) as bell,
+        running(Session(watched_settings(proxy.port, client_id, **kw), lambda m: None)) as bell,
     ):
+        dead: list[LinkDead] = []
         bell.add_link_dead_listener(dead.append)
         await listener.subscribe([("t/press", 1)])
-        proxy.hold({"bell-dead-1"})
-        pressed_at = asyncio.get_running_loop().time()
-        delivered = bell.publish("t/press", b"alert", urgent=True)
+        yield ProxiedBell(proxy, bell, inbox, dead)
+
+
+async def test_an_urgent_publish_on_a_black_holed_link_declares_it_dead(
+    mosquitto: Mosquitto,
+) -> None:
+    async with bell_behind_a_proxy(mosquitto, "bell-dead-1") as x:
+        x.proxy.hold({"bell-dead-1"})
+        pressed_at, delivered = x.press()
         # PUBACK missing for ack_timeout_s, then no PINGRESP for as long again
-        await eventually(lambda: bool(dead), timeout_s=15)
-        assert dead[0].reason == "ack_timeout"
-        assert dead[0].address == f"127.0.0.1:{proxy.port}"
-        assert dead[0].at_s - pressed_at >= 2 * 1.0
-        assert dead[0].at_s - pressed_at < 2 * 1.0 + 2.0
+        await eventually(lambda: bool(x.dead), timeout_s=15)
+        assert x.dead[0].reason == "ack_timeout"
+        assert x.dead[0].address == f"127.0.0.1:{x.proxy.port}"
+        assert x.dead[0].at_s - pressed_at >= 2 * 1.0
+        assert x.dead[0].at_s - pressed_at < 2 * 1.0 + 2.0
         assert not delivered.done()
-        proxy.heal({"bell-dead-1"})
+        x.proxy.heal({"bell-dead-1"})
         await asyncio.wait_for(delivered, 15)
-        assert (await asyncio.wait_for(inbox.messages.get(), 5)).payload == b"alert"
+        assert (await asyncio.wait_for(x.inbox.messages.get(), 5)).payload == b"alert"
+
+
+async def test_a_link_that_answers_pings_but_never_takes_the_alert_is_given_up(
+    mosquitto: Mosquitto,
+) -> None:
+    # RabbitMQ 3.10 after a node was killed kept bells' connections, answered their pings
+    # and never took their alerts; a new connection's went through (tests/cluster)
+    async with bell_behind_a_proxy(mosquitto, "bell-stuck-1", puback_give_up_s=4.0) as x:
+        # the next connection is a sound one
+        x.bell.add_link_dead_listener(lambda _: x.proxy.heal({"bell-stuck-1"}))
+        x.proxy.swallow({"bell-stuck-1"})
+        pressed_at, delivered = x.press()
+        await eventually(lambda: bool(x.dead), timeout_s=15)
+        assert x.dead[0].reason == "puback_stuck"
+        assert x.proxy.publishes_swallowed >= 1
+        assert x.bell.probes_answered >= 1  # the link looked alive all along
+        assert 4.0 <= x.dead[0].at_s - pressed_at < 4.0 + 2.0
+        await asyncio.wait_for(delivered, 15)
+        assert (await asyncio.wait_for(x.inbox.messages.get(), 5)).payload == b"alert"
 
 
 async def test_a_link_answering_its_probes_stays_up(mosquitto: Mosquitto) -> None:

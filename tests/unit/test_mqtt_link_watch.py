@@ -57,6 +57,37 @@ def test_a_probe_answered_clears_the_suspicion_and_forgives_the_late_puback() ->
     assert watch.due(107.0) == ("probe", "ack_timeout")
 
 
+def test_an_alert_never_acked_on_a_link_that_answers_pings_gives_the_link_up() -> None:
+    # RabbitMQ 3.10 after a node was killed: pings answered, the alert never taken
+    watch = LinkWatch(ACK_S, KEEPALIVE_S, give_up_s=15.0)
+    watch.connected(100.0)
+    watch.expect(mid=7, now=100.0)
+    assert watch.due(103.0) == ("probe", "ack_timeout")
+    watch.probe_sent(103.0, "ack_timeout")
+    watch.heard(103.1)
+    watch.answered(103.1)
+    assert watch.due(104.0) is None  # forgiven: a slow broker is not a dead link
+    watch.heard(110.0)
+    watch.sent(110.0)
+    assert watch.next_check() == 115.0
+    assert watch.due(114.9) is None
+    assert watch.due(115.0) == ("dead", "puback_stuck")
+    # a new connection gives what paho resends there a whole bound again
+    watch.connected(116.0)
+    watch.expect(mid=7, now=116.0)
+    watch.probe_sent(119.0, "ack_timeout")
+    watch.answered(119.1)
+    watch.heard(125.0)
+    watch.sent(125.0)
+    assert watch.due(130.9) is None
+    watch.acked(7)
+    assert watch.due(131.0) is None
+
+
+def test_the_give_up_bound_never_comes_before_a_probe_could_clear_the_link() -> None:
+    assert LinkWatch(ack_timeout_s=20.0, idle_s=60.0, give_up_s=15.0).give_up_s == 40.0
+
+
 def test_traffic_without_a_pingresp_does_not_answer_a_probe() -> None:
     # a link that still brings messages down but takes nothing up is not alive for us
     watch = watch_connected_at(100.0)
