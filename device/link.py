@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 # A sync must name one of this many messages sent last: enough for every message of a
 # long outage's resends, few enough that a sync from long ago names none of them.
 RECENT_IDS = 512
+# An alert or cancel sent again this many times on one connection, with nothing at all
+# heard on our downlink for this long: the broker takes what we send but delivers us
+# nothing (RabbitMQ 3.10 after the SIGKILL of a node kept bells' subscription queues
+# without a working consumer; tests/cluster/test_multihost.py), so connect again.
+DEAF_RESENDS = 3
+DOWNLINK_DEAF_S = 20.0
 
 
 class Link:
@@ -75,6 +81,11 @@ class Link:
         # refusals logged once per reason a minute; `rejected` counts them all
         self._log_limit = LogLimiter(60_000, lambda: int(time.monotonic() * 1000))
         self._recent: deque[str] = deque(maxlen=RECENT_IDS)  # ids signed lately, oldest first
+        self._monotonic = time.monotonic
+        # on this connection: urgent resends since anything arrived on our downlink, and when
+        # something last did (or the connection began)
+        self._resends_unheard = 0
+        self._down_heard_s = self._monotonic()
         self.session = Session(
             self._settings(config, Will(*self._sealed(Status(state="offline")))),
             self._on_message,
@@ -142,7 +153,30 @@ class Link:
         # An alert (duress included) or a cancel is someone in danger: a missing PUBACK
         # makes the session test the link at once instead of waiting for the keepalive.
         urgent = isinstance(body, Alert | Cancel)
+        if urgent and message_id is not None:
+            self._resent_urgent()
         return self.session.publish(topic, payload, retain=retain, urgent=urgent)
+
+    def _resent_urgent(self) -> None:
+        """A resend of an alert or cancel: the gateway has not answered it. If nothing at all
+        has come down this connection for a while either, it is the connection (see
+        DEAF_RESENDS), not the gateway: connect again."""
+        self._resends_unheard += 1
+        quiet_s = self._monotonic() - self._down_heard_s
+        if self._resends_unheard < DEAF_RESENDS or quiet_s < DOWNLINK_DEAF_S:
+            return
+        log.warning(
+            "link %s: %d resends and nothing on our downlink for %.0f s: connecting again",
+            self._device_id,
+            self._resends_unheard,
+            quiet_s,
+        )
+        self._heard_down()
+        self.session.reconnect()
+
+    def _heard_down(self) -> None:
+        self._resends_unheard = 0
+        self._down_heard_s = self._monotonic()
 
     async def run(self) -> None:
         await self.session.run()
@@ -151,6 +185,7 @@ class Link:
         await self.session.close()
 
     def _connected(self, session_present: bool) -> None:
+        self._heard_down()  # a new connection: its downlink has had no chance yet
         # The session has already sent the SUBSCRIBE for our `down` topic on this
         # connection, so no ack to what follows can overtake it.
         # Retained like the will, so the broker's retained state is the latest one, not
@@ -165,6 +200,7 @@ class Link:
         return self._gateway_key
 
     def _on_message(self, raw: MqttMessage) -> None:
+        self._heard_down()  # even a refused message: the broker delivers to us
         try:
             topic = parse_topic(raw.topic)
             opened = open_for_device(raw.payload, self._resolve, self._device_id, topic)

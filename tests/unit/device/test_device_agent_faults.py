@@ -210,6 +210,37 @@ async def test_a_broker_replaying_thousands_of_stale_copies_is_counted_and_logge
     assert lines == [f"link {DEVICE}: ignored a downlink message: replay"]
 
 
+async def test_resends_into_a_silent_downlink_connect_again(tmp_path: Path) -> None:
+    # RabbitMQ 3.10 after a node's SIGKILL took bells' alerts (PUBACK, at the centre) but
+    # never delivered the gateway's `received`: the bell resent for ever on that connection
+    bell = Bell(tmp_path, clock_ms=GATEWAY_NOW)
+    link = bell.agent.link
+    now = [1_000.0]
+    link._monotonic = lambda: now[0]
+    link._connected(session_present=True)
+    reconnects: list[float] = []
+    link.session.reconnect = lambda: reconnects.append(now[0])  # type: ignore[method-assign]
+    bell.press()
+    (entry,) = bell.agent.outbox.pending()
+
+    def resend_after(seconds: float) -> None:
+        now[0] += seconds
+        bell.agent._resend(entry)
+
+    for _ in range(3):
+        resend_after(4)  # three resends, but within 20 s of the connection: a slow gateway
+    assert reconnects == []
+    resend_after(10)
+    assert reconnects == [1_022.0]
+    # anything heard on the downlink, even refused, shows it works: no reconnect
+    for _ in range(2):
+        resend_after(10)
+    bell.down(Ack(ref="not-ours-000001", stage="received"))
+    for _ in range(2):
+        resend_after(10)
+    assert reconnects == [1_022.0]
+
+
 async def test_a_sync_for_the_counter_that_finds_the_clock_far_off_reports_it(
     tmp_path: Path,
 ) -> None:
