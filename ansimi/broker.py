@@ -35,7 +35,8 @@ class BrokerError(AnsimiError, RuntimeError):
 # picks for a bind to port 0 comes from that range, and between our check and the server's
 # bind it can become the source port of some outgoing connection (two gateway instances
 # in the crash tests failed to start on it); below the range only another server takes it.
-_PORTS_FROM, _PORTS_TO = 20000, 32000
+# 10000-19999: the cluster test kit takes its blocks of consecutive ports above that.
+_PORTS_FROM, _PORTS_TO = 10_000, 20_000
 _ports_given: set[int] = set()  # never the same one twice to this process's servers
 
 

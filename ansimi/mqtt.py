@@ -239,6 +239,8 @@ class LinkWatch:
         self._last_in = max(self._last_in, now)
         if self._probe_due is not None:
             self._probe_due = max(self._probe_due, now + self.ack_timeout_s)
+        for mid, at in self._give_up_at.items():  # a PUBACK may be among what went unread
+            self._give_up_at[mid] = max(at, now + self.ack_timeout_s)
 
     def due(self, now: float) -> tuple[Literal["probe", "dead"], DeadReason] | None:
         if self._give_up_at and min(self._give_up_at.values()) <= now:
@@ -1007,8 +1009,8 @@ class Session:
         event = LinkDead(at_s=now, wall_s=time.time(), reason=reason, address=f"{host}:{port}")
         if reason == "puback_stuck":
             why = (
-                f"an urgent publish had no PUBACK in {self._watch.give_up_s:g} s, "
-                "though the broker answered pings"
+                f"an urgent publish had no PUBACK in {self._watch.give_up_s:g} s "
+                "on this connection, whatever its pings"
             )
         else:
             first = "an urgent publish had no PUBACK" if reason == "ack_timeout" else "a quiet link"

@@ -59,10 +59,10 @@ from cluster_kit import (  # noqa: E402
     press,
 )
 from netns_kit import HostedGateway  # noqa: E402
-from pg_testkit import PgServer, free_low_port, postgres_bin  # noqa: E402
+from pg_testkit import PgServer, postgres_bin  # noqa: E402
 from rabbit_kit import RabbitNode, rabbit_cluster  # noqa: E402
 
-from ansimi.broker import BrokerTls, Mosquitto, MosquittoConfig  # noqa: E402
+from ansimi.broker import BrokerTls, Mosquitto, MosquittoConfig, free_port  # noqa: E402
 from console.receiver import Receiver  # noqa: E402
 from gateway.store import open_store, sqlite_url  # noqa: E402
 from protocol.clock import wall_ms  # noqa: E402
@@ -133,7 +133,7 @@ class Deployment:
         async with centre(tmp) as (receiver, url):
             gateways = []
             for n in range(instances):
-                api_port = free_low_port()
+                api_port = free_port()
                 config = tmp / f"gw{n + 1}.toml"
                 config.write_text(
                     gateway_toml(

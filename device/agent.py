@@ -205,10 +205,15 @@ class Agent:
             log.exception("device %s: observer failed at %s", self.device_id, event.__name__)
 
     def send(
-        self, body: Body, *, message_id: str | None = None, retain: bool = False
+        self,
+        body: Body,
+        *,
+        message_id: str | None = None,
+        retain: bool = False,
+        resend: bool = False,
     ) -> asyncio.Future[None]:
         """Everything the agent publishes goes here: the link signs and sends it."""
-        published = self.link.send(body, message_id=message_id, retain=retain)
+        published = self.link.send(body, message_id=message_id, retain=retain, resend=resend)
         self._tell(self._observer.sent, body, message_id, published)
         return published
 
@@ -306,7 +311,7 @@ class Agent:
             entry.id,
             entry.attempts + 1,
         )
-        self.send(body, message_id=entry.id)
+        self.send(body, message_id=entry.id, resend=True)
         self.outbox.attempted(entry.id, self._clock_ms() + self.resend_delay_ms(entry.attempts))
 
     async def _resend_loop(self) -> None:

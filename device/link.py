@@ -48,9 +48,12 @@ RECENT_IDS = 512
 # An alert or cancel sent again this many times on one connection, with nothing at all
 # heard on our downlink for this long: the broker takes what we send but delivers us
 # nothing (RabbitMQ 3.10 after the SIGKILL of a node kept bells' subscription queues
-# without a working consumer; tests/cluster/test_multihost.py), so connect again.
+# without a working consumer; tests/cluster/test_multihost.py), so connect again. The
+# same silence is what gateways that are all down look like: each such reconnect that
+# hears nothing after it doubles the wait before the next, up to DOWNLINK_DEAF_MAX_S.
 DEAF_RESENDS = 3
 DOWNLINK_DEAF_S = 20.0
+DOWNLINK_DEAF_MAX_S = 600.0
 
 
 class Link:
@@ -86,6 +89,7 @@ class Link:
         # something last did (or the connection began)
         self._resends_unheard = 0
         self._down_heard_s = self._monotonic()
+        self._deaf_after_s = DOWNLINK_DEAF_S
         self.session = Session(
             self._settings(config, Will(*self._sealed(Status(state="offline")))),
             self._on_message,
@@ -142,7 +146,12 @@ class Link:
         return up_topic(self._device_id, message.type), seal(message, self._signer).encode()
 
     def send(
-        self, body: Body, *, message_id: str | None = None, retain: bool = False
+        self,
+        body: Body,
+        *,
+        message_id: str | None = None,
+        retain: bool = False,
+        resend: bool = False,
     ) -> asyncio.Future[None]:
         """Sign with a fresh sequence number and publish at QoS 1.
 
@@ -153,7 +162,7 @@ class Link:
         # An alert (duress included) or a cancel is someone in danger: a missing PUBACK
         # makes the session test the link at once instead of waiting for the keepalive.
         urgent = isinstance(body, Alert | Cancel)
-        if urgent and message_id is not None:
+        if urgent and resend and self.session.connected:
             self._resent_urgent()
         return self.session.publish(topic, payload, retain=retain, urgent=urgent)
 
@@ -163,7 +172,7 @@ class Link:
         DEAF_RESENDS), not the gateway: connect again."""
         self._resends_unheard += 1
         quiet_s = self._monotonic() - self._down_heard_s
-        if self._resends_unheard < DEAF_RESENDS or quiet_s < DOWNLINK_DEAF_S:
+        if self._resends_unheard < DEAF_RESENDS or quiet_s < self._deaf_after_s:
             return
         log.warning(
             "link %s: %d resends and nothing on our downlink for %.0f s: connecting again",
@@ -171,12 +180,19 @@ class Link:
             self._resends_unheard,
             quiet_s,
         )
-        self._heard_down()
+        self._deaf_after_s = min(self._deaf_after_s * 2, DOWNLINK_DEAF_MAX_S)
+        self._new_connection()
         self.session.reconnect()
 
-    def _heard_down(self) -> None:
+    def _new_connection(self) -> None:
+        """A connection begins: its downlink has had no chance yet."""
         self._resends_unheard = 0
         self._down_heard_s = self._monotonic()
+
+    def _heard_down(self) -> None:
+        """Something arrived on our downlink: it works."""
+        self._new_connection()
+        self._deaf_after_s = DOWNLINK_DEAF_S
 
     async def run(self) -> None:
         await self.session.run()
@@ -185,7 +201,7 @@ class Link:
         await self.session.close()
 
     def _connected(self, session_present: bool) -> None:
-        self._heard_down()  # a new connection: its downlink has had no chance yet
+        self._new_connection()
         # The session has already sent the SUBSCRIBE for our `down` topic on this
         # connection, so no ack to what follows can overtake it.
         # Retained like the will, so the broker's retained state is the latest one, not

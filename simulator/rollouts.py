@@ -24,7 +24,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -160,7 +160,7 @@ class RolloutDriver:
         token_file: Path,
         *,
         press: Callable[[list[str]], Awaitable[None]],
-        presses_since: Callable[[float], int],
+        presses_since: Callable[[float, Collection[str]], int],
         seed: int,
     ) -> None:
         self.plan = plan
@@ -169,8 +169,8 @@ class RolloutDriver:
         self.api_url = api_url
         self.token_file = token_file
         self.press = press  # has the simulated people press these bells now
-        # presses the workers report done at or after a time (a bell whose agent is
-        # restarting into or out of a release is not pressed: nobody is counted)
+        # presses of these bells the workers report done at or after a time (a bell whose
+        # agent is restarting into or out of a release is not pressed: nobody is counted)
         self.presses_since = presses_since
         self.seed = seed
         self.seen: list[ReleaseSeen] = []
@@ -226,9 +226,9 @@ class RolloutDriver:
                 await self.site.cli(
                     "rollout", "resume", "--percent", f"{percent:g}", *self._gateway()
                 )
-            await self._press_some(release, percent)
             try:
                 async with asyncio.timeout(self.plan.step_timeout_s):
+                    await self._press_some(release, percent)
                     current = await self._until_step_ends(release)
             except TimeoutError:
                 current = (await self.status()) or {}
@@ -247,33 +247,31 @@ class RolloutDriver:
                 return
 
     async def _press_some(self, release: Release, percent: float) -> None:
-        """Press a few of the bells this step has offered the release to, until a press is
-        done.
+        """Press a few of the bells this step has offered the release to, until one of
+        those presses is done (within the step's own time limit, the caller's).
 
         The gateway makes its offers after `rollout start` returns, and a bell offered
         one may be restarting into it when the press comes (not pressed, not counted): on
         a loaded machine either can leave a step without a press, so this presses again
-        (other offered bells) until the workers report one, the step ends, or its timeout.
+        (other offered bells) until the workers report one, or the step ends.
         """
         if not self.plan.presses_per_step:
             return
         since = time.time()
         rng = random.Random(f"{self.seed}/{release.version}/{percent:g}")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.plan.step_timeout_s):
-                while not self.presses_since(since):
-                    current = await self.status()
-                    if current is None or current["state"] != "running":
-                        return
-                    offered = sorted(
-                        d for d, p in current["devices"].items() if p["state"] == "offered"
-                    )
-                    chosen = rng.sample(offered, min(len(offered), self.plan.presses_per_step))
-                    if chosen:
-                        await self.press(chosen)
-                        await asyncio.sleep(PRESS_SEEN_S)  # the workers report each second
-                    else:
-                        await asyncio.sleep(POLL_S)
+        pressed: set[str] = set()
+        while not self.presses_since(since, pressed):
+            current = await self.status()
+            if current is None or current["state"] != "running":
+                return
+            offered = sorted(d for d, p in current["devices"].items() if p["state"] == "offered")
+            chosen = rng.sample(offered, min(len(offered), self.plan.presses_per_step))
+            if chosen:
+                pressed.update(chosen)
+                await self.press(chosen)
+                await asyncio.sleep(PRESS_SEEN_S)  # the workers report every 0.25 s
+            else:
+                await asyncio.sleep(POLL_S)
 
     async def _until_step_ends(self, release: Release) -> dict[str, Any]:
         """Until the step is done or paused; a broken release's also until every bell it

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -757,9 +757,11 @@ class Simulation:
         versions = ", ".join(f"{r.version} {r.state}" for r in driver.seen)
         self.observed.marks.append(Mark(start, f"rollouts: {versions}", time.time()))
 
-    def _presses_since(self, since: float) -> int:
+    def _presses_since(self, since: float, devices: Collection[str]) -> int:
         return sum(
-            1 for _, action, at in self.observed.performed if at >= since and action == "press"
+            1
+            for device, action, at in self.observed.performed
+            if at >= since and action == "press" and device in devices
         )
 
     async def _press(self, devices: list[str]) -> None:

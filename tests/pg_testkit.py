@@ -10,7 +10,6 @@ import glob
 import os
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from ansimi.broker import free_port
 
 SUPERUSER = "ansimi"
 
@@ -29,20 +30,6 @@ def postgres_bin() -> Path | None:
         key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
     )
     return Path(found[-1]).parent if found else None
-
-
-def free_low_port() -> int:
-    """A free loopback port below the ephemeral range (32768+), where other tests' clients
-    take theirs."""
-    for _ in range(200):
-        port = random.randrange(20_000, 32_000)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port between 20000 and 32000 on 127.0.0.1")
 
 
 def new_postgres() -> PgServer:
@@ -82,7 +69,7 @@ class PgServer:
         folder = Path(tempfile.mkdtemp(prefix="ansimi-pg-", dir="/tmp"))
         if os.getuid() == 0:
             shutil.chown(folder, "postgres", "postgres")
-        server = cls(bin, folder, free_low_port())
+        server = cls(bin, folder, free_port())
         subprocess.run(
             _as_postgres(
                 bin / "initdb",
@@ -160,7 +147,7 @@ class PgServer:
         folder = Path(tempfile.mkdtemp(prefix="ansimi-pg-standby-", dir="/tmp"))
         if os.getuid() == 0:
             shutil.chown(folder, "postgres", "postgres")
-        standby = PgServer(self.bin, folder, free_low_port())
+        standby = PgServer(self.bin, folder, free_port())
         subprocess.run(
             _as_postgres(
                 self.bin / "pg_basebackup",

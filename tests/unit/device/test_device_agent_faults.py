@@ -217,28 +217,40 @@ async def test_resends_into_a_silent_downlink_connect_again(tmp_path: Path) -> N
     link = bell.agent.link
     now = [1_000.0]
     link._monotonic = lambda: now[0]
+    link.session._connected.set()
     link._connected(session_present=True)
     reconnects: list[float] = []
     link.session.reconnect = lambda: reconnects.append(now[0])  # type: ignore[method-assign]
-    bell.press()
+    bell.press()  # the first send is no resend
     (entry,) = bell.agent.outbox.pending()
 
-    def resend_after(seconds: float) -> None:
-        now[0] += seconds
-        bell.agent._resend(entry)
+    def resend_after(seconds: float, times: int = 1) -> None:
+        for _ in range(times):
+            now[0] += seconds
+            bell.agent._resend(entry)
 
-    for _ in range(3):
-        resend_after(4)  # three resends, but within 20 s of the connection: a slow gateway
+    resend_after(11, times=2)  # two resends, 22 s of silence: a slow gateway, maybe
     assert reconnects == []
-    resend_after(10)
-    assert reconnects == [1_022.0]
-    # anything heard on the downlink, even refused, shows it works: no reconnect
-    for _ in range(2):
-        resend_after(10)
+    resend_after(1)
+    assert reconnects == [1_023.0]
+    # still nothing after that reconnect: the silence must last twice as long next time
+    link._connected(session_present=True)
+    resend_after(13, times=3)
+    assert reconnects == [1_023.0]
+    resend_after(1)
+    assert reconnects == [1_023.0, 1_063.0]
+    # anything heard on the downlink, even refused, shows it works: the count starts again
+    link._connected(session_present=True)
+    resend_after(15, times=2)
     bell.down(Ack(ref="not-ours-000001", stage="received"))
-    for _ in range(2):
-        resend_after(10)
-    assert reconnects == [1_022.0]
+    resend_after(15, times=2)
+    assert reconnects == [1_023.0, 1_063.0]
+    resend_after(1)  # and the wait is back to 20 s
+    assert reconnects == [1_023.0, 1_063.0, 1_124.0]
+    # while disconnected, resends are not the connection's fault
+    link.session._connected.clear()
+    resend_after(60, times=5)
+    assert len(reconnects) == 3
 
 
 async def test_a_sync_for_the_counter_that_finds_the_clock_far_off_reports_it(
