@@ -250,10 +250,11 @@ class RolloutDriver:
         """Press a few of the bells this step has offered the release to, until one of
         those presses is done (within the step's own time limit, the caller's).
 
-        The gateway makes its offers after `rollout start` returns, and a bell offered
-        one may be restarting into it when the press comes (not pressed, not counted): on
-        a loaded machine either can leave a step without a press, so this presses again
-        (other offered bells) until the workers report one, or the step ends.
+        Bells still busy with the offer first; else bells it is over for (a broken release
+        fails everywhere in a fraction of a second here, and is paused before a first look
+        sees one offered). A bell restarting into or out of a release when the press comes
+        is not pressed (not counted): this presses again until the workers report a press
+        of the bells it chose.
         """
         if not self.plan.presses_per_step:
             return
@@ -262,10 +263,15 @@ class RolloutDriver:
         pressed: set[str] = set()
         while not self.presses_since(since, pressed):
             current = await self.status()
-            if current is None or current["state"] != "running":
+            if current is None or current.get("version") != release.version:
                 return
-            offered = sorted(d for d, p in current["devices"].items() if p["state"] == "offered")
-            chosen = rng.sample(offered, min(len(offered), self.plan.presses_per_step))
+            devices = current["devices"]
+            offered = sorted(d for d, p in devices.items() if p["state"] == "offered")
+            touched = sorted(d for d, p in devices.items() if p["state"] != "pending")
+            choice = offered or touched
+            if not choice and current["state"] != "running":
+                return  # over without offering it to anyone: nothing to press
+            chosen = rng.sample(choice, min(len(choice), self.plan.presses_per_step))
             if chosen:
                 pressed.update(chosen)
                 await self.press(chosen)
