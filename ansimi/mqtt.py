@@ -63,6 +63,7 @@ MessageHandler = Callable[["Message"], None]
 # packets one session reads per readable event; the rest are read on the loop's next turn
 READ_PACKETS_PER_WAKEUP = 64
 # bytes one recv asks the socket for (see _BufferedClient)
+READ_CHUNK_BYTES = 64 * 1024
 # queued packets joined into one send, up to about this many bytes (see _BufferedClient)
 WRITE_JOIN_BYTES = 64 * 1024
 ConnectHandler = Callable[[bool], None]
@@ -274,20 +275,36 @@ def _unreported(packet: Any) -> bool:
 
 
 class _BufferedClient(paho.Client):
-    """paho's client, with its two hottest packets read without its per-packet objects and
-    the packets queued at its head sent in one `send()`.
+    """paho reads a packet in three or more `recv` calls (its type, each byte of its length,
+    then the rest) and ends a burst with one more that fails: each a system call, and at
+    ~1,000 packets/s each way a gateway's largest cost after the cryptography
+    (bench/gateway.py). This one takes what the socket has, up to READ_CHUNK_BYTES, in one
+    call and hands paho its reads from that.
 
-    (Reading ahead, one `recv` of up to 64 KiB served to paho's small reads, cut the
-    gateway's `recv` calls from 7 to 0.5 a message but twice left bells refusing a storm of
-    stale downlinks after a RabbitMQ node was SIGKILLed in tests/cluster/test_multihost.py:
-    removed until that is understood; docs/performance.md.)
+    Bytes read ahead belong to the socket they came from: a read from any other socket (the
+    next connection) drops them first, so nothing of a dead link is parsed on a new one.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._read_ahead = b""
+        self._read_pos = 0
+        self._read_from: object = None
         # the session's handler, given each PUBLISH without paho's MQTTMessage (see
         # _handle_publish); None: paho's own path and on_message
         self.deliver: Callable[[Message], None] | None = None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._read_from is not self._sock:
+            self._read_ahead, self._read_pos, self._read_from = b"", 0, self._sock
+        pos = self._read_pos
+        if pos >= len(self._read_ahead):
+            data = super()._sock_recv(READ_CHUNK_BYTES)
+            if len(data) <= bufsize:
+                return data  # also b"" (closed): nothing kept
+            self._read_ahead, pos = data, 0
+        self._read_pos = pos + bufsize
+        return self._read_ahead[pos : pos + bufsize]
 
     # ---- the two packets a gateway receives by the thousand -----------------------------
     # paho decodes every PUBLISH into an MQTTMessage and every PUBACK (both MQTT versions)
@@ -369,6 +386,17 @@ class _BufferedClient(paho.Client):
                 }
             )
         return super()._packet_write()
+
+    def unread(self, sock: Any) -> bool:
+        """Bytes `sock` has given up that paho has not read yet: the socket will not say it
+        is readable for them. (Not in TLS's buffer: a recv of READ_CHUNK_BYTES takes a
+        whole record, at most 16 KiB.)"""
+        return (
+            sock is not None
+            and sock is self._sock
+            and self._read_from is sock
+            and self._read_pos < len(self._read_ahead)
+        )
 
 
 class Session:
@@ -786,6 +814,7 @@ class Session:
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 client._loop_rc_handle(rc)
                 return
+        self._read_soon_if_unread()
         # paho clears its ping time when a PINGRESP arrives: the probe has its answer
         if self._watch.probing and client._ping_t == 0 and self._loop is not None:
             self._watch.answered(self._loop.time())
@@ -807,6 +836,20 @@ class Session:
         sock = self._client.socket()
         if sock is not None and self._loop is not None:
             self._add_reader(sock)
+            self._read_soon_if_unread()
+
+    def _read_soon_if_unread(self) -> None:
+        """Packets already taken from the socket (more than one wake-up's share, or held
+        while paused) are read on the loop's next turn: the socket would not wake us. The
+        turn is bound to this socket: by then it may be closed and another connecting on a
+        worker thread, whose socket is not ours to read until it is open (`_socket_open`)."""
+        sock = self._client.socket()
+        if self._loop is not None and not self._reading_paused and self._client.unread(sock):
+            self._loop.call_soon(self._read_unread, sock)
+
+    def _read_unread(self, sock: Any) -> None:
+        if self._client.socket() is sock:
+            self._read()
 
     def _socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this just before it closes `sock`. Every close happens on the loop
