@@ -45,16 +45,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     rng = random.SystemRandom()  # not the seeded `random` a test or simulation may own
     for _ in range(1_000):
         port = rng.randrange(_PORTS_FROM, _PORTS_TO)
-        if port in _ports_given:
+        if port in _ports_given or not port_free(port, host):
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
         _ports_given.add(port)
         return port
     raise BrokerError(f"no free port on {host} between {_PORTS_FROM} and {_PORTS_TO}")
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nobody has `port` bound on `host` now (TCP)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def mosquitto_path() -> str | None:

@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from ansimi.broker import port_free
 from provisioning.rabbitmq import RabbitCtl, enabled_plugins, render_rabbitmq_conf
 from siteca.site import Site
 
@@ -40,21 +40,12 @@ def need_rabbitmq() -> None:
         )
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def low_ports(count: int) -> list[int]:
     """`count` consecutive free ports below 32768 (the ephemeral range starts there)."""
     for _ in range(200):
         base = random.randrange(20000, 32000 - count)
         ports = list(range(base, base + count))
-        if all(_free(p) for p in ports):
+        if all(port_free(p) for p in ports):
             return ports
     raise RuntimeError("no free block of ports below 32768")
 
