@@ -35,6 +35,8 @@ it has reached, to its next phase and what it means. docs/behaviour.md draws bot
   - still held at `duress_hold_s` (15 s): `duress` is sent, an alert linked to the
     incident. The device shows the cancel pattern at `cancel_hold_s` in both cases and
     nothing more afterwards, not even later acks: whoever forced the cancel sees a cancel.
+  - closed by the centre while the button is down: judged as a press (or urgent), it
+    opens a new incident; a press is never lost to a close that crossed it.
 - **Coalescing**: extra presses and urgency never open a new incident. They are counted,
   and one update is sent (a new alert with `presses` = total so far, `urgent`, and
   `linked_to` = the incident's first alert) once the previous message of the incident has
@@ -324,13 +326,26 @@ class Behaviour:
             return []  # its press came before a restart, or was already judged
         if event.kind == "released":
             del self._holds[name]
-        if hold.phase is Phase.DONE or self.incident is None:
-            return []  # e.g. an operator closed the incident while the button was down
+        if hold.phase is Phase.DONE:
+            return []
         step = GESTURES.get((hold.phase, self._mark(event)))
         if step is None:
             return []  # a hold that got shorter: not from a button (see GESTURES)
         hold.phase, gesture = step
+        if self.incident is None:
+            return self._after_close(gesture)
         return self._gesture(gesture, hold)
+
+    def _after_close(self, gesture: Gesture) -> list[Effect]:
+        """A press judged after the centre closed the incident it began in (the close
+        crossed the press). Asking for help, it opens a new incident: the person pressed
+        after whatever made the operator close. A cancel or duress has nothing to end."""
+        if gesture not in (Gesture.PRESS, Gesture.URGENT, Gesture.URGENT_PRESS):
+            return []
+        effects = self.alert(trigger="press")
+        if gesture is not Gesture.PRESS:
+            effects += self.more(urgent=True, presses=0)
+        return effects
 
     def _mark(self, event: InputEvent) -> Mark:
         r, held_for = self.rules, event.held_for

@@ -70,6 +70,11 @@ reached (`[behaviour]` in device.toml). After the arrow, what the press means.
 ```mermaid
 {gesture_chart()}
 ```
+
+When the centre closes the incident while the button is down (the close crossed the
+press), the press is still judged by this chart when it ends: a press or an urgent press
+then opens a new incident (its alert, and its urgency once that alert is `received`), and
+a cancel or duress has nothing left to end and sends nothing.
 """
 
 

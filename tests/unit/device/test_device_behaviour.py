@@ -115,6 +115,53 @@ def test_more_presses_coalesce_into_one_incident_and_the_centre_learns_the_count
     assert b.state is State.RECEIVED
 
 
+def test_a_press_the_centres_close_crossed_opens_a_new_incident() -> None:
+    # the simulator's rollout scenario: a press went down 5 ms before the centre's close
+    # came, and was released after it; it sent nothing and the person was never heard
+    b = machine()
+    (first,) = sends(hold(b, 0.1))
+    ack(b, first.message_id, "acknowledged")
+    assert press(b, now=4.0) == []  # during the incident: judged on release
+    ack(b, first.message_id, "closed")
+    assert b.incident is None
+    effects = b.on_input(InputEvent("emergency", "released", 0.1), 4.1)
+    (again,) = sends(effects)
+    assert again.body == Alert(bell="emergency", trigger="press")  # a new incident
+    assert again.sms and shows(effects) == [Pattern.SENDING]
+    assert b.incident is not None and b.incident.alert_id == again.message_id
+
+
+def test_a_long_press_the_centres_close_crossed_opens_a_new_urgent_incident() -> None:
+    b = machine()
+    (first,) = sends(hold(b, 0.1))
+    press(b, now=4.0)
+    ack(b, first.message_id, "closed")
+    (again,) = sends(b.on_input(InputEvent("emergency", "released", 4.0), 8.0))
+    assert again.body == Alert(bell="emergency", trigger="press")
+    # its urgency follows once the new alert is received, as for any incident
+    (urgent,) = sends(ack(b, again.message_id, "received"))
+    assert urgent.body == Alert(
+        bell="emergency", trigger="long_press", urgent=True, linked_to=again.message_id
+    )
+
+
+def test_a_cancel_the_centres_close_crossed_sends_nothing() -> None:
+    b = machine()
+    (first,) = sends(hold(b, 0.1))
+    press(b, now=4.0)
+    ack(b, first.message_id, "closed")
+    assert sends(hold_on(b, 11.0, since=4.0)) == []
+    assert b.incident is None
+
+
+def hold_on(b: Behaviour, seconds: float, *, since: float) -> list[Effect]:
+    """The `held` ticks and the release of a press already down since `since`."""
+    effects: list[Effect] = []
+    for tick in range(1, int(seconds) + 1):
+        effects += b.on_input(InputEvent("emergency", "held", float(tick)), since + tick)
+    return effects + b.on_input(InputEvent("emergency", "released", seconds), since + seconds)
+
+
 def test_holding_the_opening_press_marks_the_incident_urgent() -> None:
     b = machine()
     (first,) = sends(press(b))
