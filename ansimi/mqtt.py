@@ -452,6 +452,8 @@ class Session:
         # the descriptor the loop watches for writability, if any (see _write_or_watch)
         self._write_watched: int | None = None
         self._connect_result: asyncio.Future[None] | None = None
+        # the next connect begins a new session (start_afresh)
+        self._afresh = False
         self._tls_context: ssl.SSLContext | None = None
         self._client = self._make_client()
 
@@ -623,6 +625,19 @@ class Session:
         whose lock paho's disconnect path takes again."""
         self._bind_loop().call_soon(self._drop_connection)
 
+    def start_afresh(self) -> None:
+        """Connect again at once, to the next broker, in a new session: the broker discards
+        the one it kept for us, with its queue of messages to us. For a session whose
+        messages to us stopped coming while the broker still takes ours (device/link.py).
+
+        MQTT 5 begins the new session in the CONNECT itself (clean start). MQTT 3.1.1 has
+        no such flag: a clean session there ends with its connection. So the clean
+        connection is dropped at its CONNACK, before anyone uses it, and a persistent one
+        follows at once."""
+        self._afresh = True
+        self._next_address()
+        self.reconnect()
+
     async def close(self) -> None:
         """Disconnect cleanly (DISCONNECT sent: the broker drops our will), then let go."""
         self._closing = True
@@ -725,11 +740,15 @@ class Session:
 
     def _blocking_connect(self, address: tuple[str, int], properties: Properties | None) -> None:
         s = self.settings
+        clean = self._afresh or not s.persistent
+        if s.version != 5:
+            # 3.1.1's flag is fixed at paho's construction; its CONNECT reads this attribute
+            self._client._clean_session = clean
         self._client.connect(
             address[0],
             address[1],
             keepalive=s.keepalive_s,
-            clean_start=not s.persistent if s.version == 5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            clean_start=clean if s.version == 5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
         )
 
@@ -900,6 +919,15 @@ class Session:
                 host, port = self.address
                 result.set_exception(ConnectRefused(host, port, str(reason)))
             return
+        if self._afresh:
+            self._afresh = False
+            if self.settings.version != 5 and self.settings.persistent:
+                # the old session is gone; this clean one would end with the connection
+                log.info("mqtt %s: began a new session", self.settings.client_id)
+                if result is not None and not result.done():
+                    result.set_result(None)
+                self.reconnect()
+                return
         self._connected.set()
         self._disconnected.clear()
         if result is not None and not result.done():

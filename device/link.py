@@ -48,9 +48,13 @@ RECENT_IDS = 512
 # An alert or cancel sent again this many times on one connection, with nothing at all
 # heard on our downlink for this long: the broker takes what we send but delivers us
 # nothing (RabbitMQ 3.10 after the SIGKILL of a node kept bells' subscription queues
-# without a working consumer; tests/cluster/test_multihost.py), so connect again. The
-# same silence is what gateways that are all down look like: each such reconnect that
-# hears nothing after it doubles the wait before the next, up to DOWNLINK_DEAF_MAX_S.
+# without a working consumer, through reconnects to the same node and session;
+# tests/cluster/test_multihost.py), so begin a new session on the next broker. The same
+# silence is what gateways that are all down look like: each such reconnect that hears
+# nothing after it doubles the wait before the next, up to DOWNLINK_DEAF_MAX_S. What the
+# old session still held for us is lost with it, and nothing depends on it: an alert
+# unacknowledged is sent again (and acknowledged again), a command unanswered is offered
+# again.
 DEAF_RESENDS = 3
 DOWNLINK_DEAF_S = 20.0
 DOWNLINK_DEAF_MAX_S = 600.0
@@ -175,14 +179,15 @@ class Link:
         if self._resends_unheard < DEAF_RESENDS or quiet_s < self._deaf_after_s:
             return
         log.warning(
-            "link %s: %d resends and nothing on our downlink for %.0f s: connecting again",
+            "link %s: %d resends and nothing on our downlink for %.0f s: "
+            "a new session, on the next broker",
             self._device_id,
             self._resends_unheard,
             quiet_s,
         )
         self._deaf_after_s = min(self._deaf_after_s * 2, DOWNLINK_DEAF_MAX_S)
         self._new_connection()
-        self.session.reconnect()
+        self.session.start_afresh()
 
     def _new_connection(self) -> None:
         """A connection begins: its downlink has had no chance yet."""

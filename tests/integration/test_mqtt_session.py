@@ -403,6 +403,50 @@ async def test_a_link_that_answers_pings_but_never_takes_the_alert_is_given_up(
         assert (await asyncio.wait_for(x.inbox.messages.get(), 5)).payload == b"alert"
 
 
+@pytest.mark.parametrize("version", [5, 311])
+async def test_a_session_begun_afresh_drops_what_the_old_one_held_and_persists_again(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    # device/link.py begins afresh when nothing comes down a session any more; the broker
+    # must forget that session, and the new one must keep messages for us like the old
+    inbox = Inbox()
+    present: list[bool] = []
+    async with (
+        proxied(mosquitto) as proxy,
+        running(Session(settings(mosquitto, f"centre-{version}"), lambda m: None)) as centre,
+    ):
+        bell = Session(
+            Settings(
+                host="127.0.0.1",
+                port=proxy.port,
+                client_id=f"bell-afresh-{version}",
+                version=version,  # type: ignore[arg-type]
+                other_addresses=((mosquitto.host, mosquitto.port),),
+            ),
+            inbox,
+            on_connect=present.append,
+            subscriptions=[("t/down", 1)],
+        )
+        async with running(bell):
+            await eventually(lambda: present == [False], 5)
+            # a message the old session holds and cannot deliver: the proxy holds its link
+            proxy.hold({f"bell-afresh-{version}"})
+            await asyncio.wait_for(centre.publish("t/down", b"old", qos=1), 5)
+            bell.start_afresh()
+            await eventually(lambda: bell.connected and len(present) == 2, 10)
+            assert bell.address == (mosquitto.host, mosquitto.port)  # the next broker
+            assert present == [False, False]  # the old session is gone
+            await asyncio.wait_for(centre.publish("t/down", b"new", qos=1), 5)
+            got = await asyncio.wait_for(inbox.messages.get(), 5)
+            assert got.payload == b"new"  # subscribed again; "old" went with its session
+            # the new session is kept across a reconnect, like the first
+            proxy.heal({f"bell-afresh-{version}"})
+            bell.reconnect()
+            await eventually(lambda: bell.connected and len(present) == 3, 10)
+            assert present[2] is True
+            assert inbox.messages.empty()
+
+
 async def test_a_link_answering_its_probes_stays_up(mosquitto: Mosquitto) -> None:
     dead: list[LinkDead] = []
     async with running(

@@ -210,7 +210,7 @@ async def test_a_broker_replaying_thousands_of_stale_copies_is_counted_and_logge
     assert lines == [f"link {DEVICE}: ignored a downlink message: replay"]
 
 
-async def test_resends_into_a_silent_downlink_connect_again(tmp_path: Path) -> None:
+async def test_resends_into_a_silent_downlink_begin_a_new_session(tmp_path: Path) -> None:
     # RabbitMQ 3.10 after a node's SIGKILL took bells' alerts (PUBACK, at the centre) but
     # never delivered the gateway's `received`: the bell resent for ever on that connection
     bell = Bell(tmp_path, clock_ms=GATEWAY_NOW)
@@ -220,7 +220,7 @@ async def test_resends_into_a_silent_downlink_connect_again(tmp_path: Path) -> N
     link.session._connected.set()
     link._connected(session_present=True)
     reconnects: list[float] = []
-    link.session.reconnect = lambda: reconnects.append(now[0])  # type: ignore[method-assign]
+    link.session.start_afresh = lambda: reconnects.append(now[0])  # type: ignore[method-assign]
     bell.press()  # the first send is no resend
     (entry,) = bell.agent.outbox.pending()
 
