@@ -35,8 +35,9 @@ it has reached, to its next phase and what it means. docs/behaviour.md draws bot
   - still held at `duress_hold_s` (15 s): `duress` is sent, an alert linked to the
     incident. The device shows the cancel pattern at `cancel_hold_s` in both cases and
     nothing more afterwards, not even later acks: whoever forced the cancel sees a cancel.
-  - closed by the centre while the button is down: judged as a press (or urgent), it
-    opens a new incident; a press is never lost to a close that crossed it.
+  - closed by the centre while the button is down and the hold still short: judged as a
+    press (or urgent), it opens a new incident; a press is never lost to a close that
+    crossed it. A hold already long then is taken as a cancel on its way: nothing.
 - **Coalescing**: extra presses and urgency never open a new incident. They are counted,
   and one update is sent (a new alert with `presses` = total so far, `urgent`, and
   `linked_to` = the incident's first alert) once the previous message of the incident has
@@ -270,6 +271,10 @@ class Hold:
 
     phase: Phase  # OPENING: this press opened the incident (or rang the doorbell)
     looks_cancelled: bool = False  # the cancel pattern is showing (until the release)
+    held_s: float = 0.0  # the longest hold reported so far
+    # the centre closed the incident while this press (begun during it) was still short:
+    # judged, it asks anew (see _after_close)
+    crossed: bool = False
 
 
 class Behaviour:
@@ -326,6 +331,7 @@ class Behaviour:
             return []  # its press came before a restart, or was already judged
         if event.kind == "released":
             del self._holds[name]
+        hold.held_s = max(hold.held_s, event.held_for)
         if hold.phase is Phase.DONE:
             return []
         step = GESTURES.get((hold.phase, self._mark(event)))
@@ -333,17 +339,19 @@ class Behaviour:
             return []  # a hold that got shorter: not from a button (see GESTURES)
         hold.phase, gesture = step
         if self.incident is None:
-            return self._after_close(gesture)
+            # ended while the button was down: by the centre (a close that crossed this
+            # press), or by a cancel or duress of the other button
+            return self._after_close(gesture) if hold.crossed else []
         return self._gesture(gesture, hold)
 
     def _after_close(self, gesture: Gesture) -> list[Effect]:
-        """A press judged after the centre closed the incident it began in (the close
-        crossed the press). Asking for help, it opens a new incident: the person pressed
-        after whatever made the operator close. A cancel or duress has nothing to end."""
-        if gesture not in (Gesture.PRESS, Gesture.URGENT, Gesture.URGENT_PRESS):
+        """A press the centre's close crossed, judged. Asking for help (a press, or one held
+        long), it opens a new incident: the person pressed after whatever made the operator
+        close, and must be heard. Held to a cancel or duress, it has nothing left to end."""
+        if gesture not in (Gesture.PRESS, Gesture.URGENT_PRESS):
             return []
         effects = self.alert(trigger="press")
-        if gesture is not Gesture.PRESS:
+        if gesture is Gesture.URGENT_PRESS:
             effects += self.more(urgent=True, presses=0)
         return effects
 
@@ -454,6 +462,12 @@ class Behaviour:
         if ack.stage == "closed":
             self._fire(Event.CLOSED)
             self._end()
+            for hold in self._holds.values():
+                # a press of this incident still short: a new one, judged on its release.
+                # One held long already is on its way to a cancel (or is its opening
+                # press): it sends nothing more.
+                if hold.phase is Phase.DURING and hold.held_s < self.rules.long_press_s:
+                    hold.crossed = True
             return [*effects, Show(Pattern.OFF)]
         if _rank(ack.stage) <= _rank(self.state.value):
             return effects

@@ -71,10 +71,12 @@ reached (`[behaviour]` in device.toml). After the arrow, what the press means.
 {gesture_chart()}
 ```
 
-When the centre closes the incident while the button is down (the close crossed the
-press), the press is still judged by this chart when it ends: a press or an urgent press
-then opens a new incident (its alert, and its urgency once that alert is `received`), and
-a cancel or duress has nothing left to end and sends nothing.
+When the centre closes the incident while a press of it is down and still short of
+`long_press_s` (the close crossed the press), the press is still judged by this chart when
+it ends: a press or an urgent press then opens a new incident (its alert, and its urgency
+once that alert is `received`); a cancel or duress has nothing left to end and sends
+nothing. A press already held long when the close comes, or one that outlives a cancel or
+duress of the other button, sends nothing more.
 """
 
 

@@ -154,6 +154,39 @@ def test_a_cancel_the_centres_close_crossed_sends_nothing() -> None:
     assert b.incident is None
 
 
+def test_a_hold_already_long_when_the_centre_closes_sends_nothing() -> None:
+    # on its way to a cancel: the person sees the close (the pattern off) and lets go
+    b = machine()
+    (first,) = sends(hold(b, 0.1))
+    press(b, now=4.0)
+    for tick in range(1, 6):
+        b.on_input(InputEvent("emergency", "held", float(tick)), 4.0 + tick)
+    ack(b, first.message_id, "closed")
+    assert sends(b.on_input(InputEvent("emergency", "released", 7.0), 11.0)) == []
+    # nor the opening press, held long after its incident was closed: it was heard
+    (second,) = sends(press(b, now=20.0))
+    ack(b, second.message_id, "closed")
+    assert sends(hold_on(b, 4.0, since=20.0)) == []
+    assert b.incident is None
+
+
+def test_a_press_outliving_a_duress_of_the_other_button_sends_nothing() -> None:
+    # a bell's doorbell input wired as a second panic button: tapped while the emergency
+    # button is held to duress, let go after it; whoever forced the cancel sees a cancel
+    b = machine()
+    sends(hold(b, 0.1))
+    press(b, now=4.0)
+    effects: list[Effect] = []
+    for tick in range(1, 16):
+        if tick == 15:
+            press(b, "doorbell", now=18.8)
+        effects += b.on_input(InputEvent("emergency", "held", float(tick)), 4.0 + tick)
+    (duress,) = alerts(effects)
+    assert duress.trigger == "duress" and b.incident is None
+    after = b.on_input(InputEvent("doorbell", "released", 0.3), 19.1)
+    assert sends(after) == [] and shows(after) == []
+
+
 def hold_on(b: Behaviour, seconds: float, *, since: float) -> list[Effect]:
     """The `held` ticks and the release of a press already down since `since`."""
     effects: list[Effect] = []
