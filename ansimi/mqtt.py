@@ -152,6 +152,12 @@ class Settings:
     max_inflight: int = 1000
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
+    # A connection lost sooner than this after its CONNACK, not by our own doing, counts as
+    # a failed connect: the next broker is tried and the backoff keeps growing. RabbitMQ
+    # 3.10's MQTT plugin closed every connection whose publish it nacked (a quorum queue
+    # without a leader after a partition), and bells came back to that node 3 times a
+    # second for minutes (tests/cluster/test_multihost.py).
+    stable_after_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,6 +460,7 @@ class Session:
         self._connect_result: asyncio.Future[None] | None = None
         # the next connect begins a new session (start_afresh)
         self._afresh = False
+        self._connected_at: float | None = None  # the loop's time at the last CONNACK
         self._tls_context: ssl.SSLContext | None = None
         self._client = self._make_client()
 
@@ -489,8 +496,11 @@ class Session:
             self._retry_now.clear()
             try:
                 await self._connect_once()
-                delay = self.settings.backoff_min_s
                 await self._lost.wait()
+                if self._retry_now.is_set() or self._lasted_s() >= self.settings.stable_after_s:
+                    delay = self.settings.backoff_min_s
+                else:
+                    self._short_lived()
             except (OSError, ssl.SSLError, MqttError) as exc:
                 self.failed_connects += 1
                 host, port = self.address
@@ -700,6 +710,27 @@ class Session:
         for entry in filters:
             if entry not in self._subscriptions:
                 self._subscriptions.append(entry)
+
+    def _lasted_s(self) -> float:
+        """How long the connection just lost was up (0 if it never was)."""
+        if self._connected_at is None:
+            return 0.0
+        return self._bind_loop().time() - self._connected_at
+
+    def _short_lived(self) -> None:
+        """A connection the broker (or the way there) ended soon after it began: treated as
+        a failed connect, so a node that takes connections and then drops them does not
+        keep the session to itself."""
+        self.failed_connects += 1
+        host, port = self.address
+        log.warning(
+            "mqtt %s: the connection to %s:%s ended %.1f s after it began: trying the next broker",
+            self.settings.client_id,
+            host,
+            port,
+            self._lasted_s(),
+        )
+        self._next_address()
 
     def _next_address(self) -> None:
         self._address_index = (self._address_index + 1) % len(self._addresses)
@@ -922,11 +953,7 @@ class Session:
         if self._afresh:
             self._afresh = False
             if self.settings.version != 5 and self.settings.persistent:
-                # the old session is gone; this clean one would end with the connection
-                log.info("mqtt %s: began a new session", self.settings.client_id)
-                if result is not None and not result.done():
-                    result.set_result(None)
-                self.reconnect()
+                self._leave_clean_connection(result)
                 return
         self._connected.set()
         self._disconnected.clear()
@@ -935,6 +962,7 @@ class Session:
         loop = self._bind_loop()
         now = loop.time()
         self._watch.connected(now)
+        self._connected_at = now
         for mid in self._urgent:  # resent by paho now: their PUBACKs are due again
             self._watch.expect(mid, now)
         self._arm_watch()
@@ -952,6 +980,25 @@ class Session:
         session_present = bool(getattr(flags, "session_present", False))
         if self._on_connect is not None:
             self._on_connect(session_present)
+
+    def _leave_clean_connection(self, result: asyncio.Future[None] | None) -> None:
+        """3.1.1's clean connection of `start_afresh` has done its work (the old session is
+        gone) and would end its session with it: leave it with a DISCONNECT, so the broker
+        sends no will (an `offline` that could land after the next connection's `online`),
+        and connect again at once. Nobody was told of it: not connected, no on_connect."""
+        log.info("mqtt %s: began a new session", self.settings.client_id)
+        if result is not None and not result.done():
+            result.set_result(None)
+        self._retry_now.set()
+        self._client.disconnect()
+        # a DISCONNECT that cannot be written (the link died meanwhile) must not hold the
+        # session here: nothing watches this connection
+        sock = self._client.socket()
+        self._bind_loop().call_later(self.settings.ack_timeout_s, self._drop_if_still_on, sock)
+
+    def _drop_if_still_on(self, sock: Any) -> None:
+        if sock is not None and self._client.socket() is sock:
+            self._drop_connection()
 
     def _log_refused_subscriptions(
         self, filters: list[tuple[str, int]], waiter: asyncio.Future[list[int]]

@@ -136,6 +136,7 @@ class FaultProxy:
         self.lost = 0
         self.swallowed: set[str] = set()
         self.publishes_swallowed = 0
+        self.closing_on_publish: set[str] = set()
         self._rng = rng or random.Random()
         self.connections = 0
         self.refused = 0
@@ -173,6 +174,7 @@ class FaultProxy:
         self.dropped -= devices
         self.held -= devices
         self.swallowed -= devices
+        self.closing_on_publish -= devices
         self._wake()
 
     def delay(self, devices: set[str], seconds: float) -> None:
@@ -199,6 +201,12 @@ class FaultProxy:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def close_on_publish(self, devices: set[str]) -> None:
+        """These devices' connections are accepted and end at their first PUBLISH, before
+        the broker sees it: RabbitMQ 3.10's MQTT plugin closing every connection whose
+        publish it nacked. `heal` ends it."""
+        self.closing_on_publish |= devices
 
     async def _gate(self, device: str) -> None:
         while device in self.held:
@@ -239,12 +247,15 @@ class FaultProxy:
         *,
         upstream: bool = False,
     ) -> None:
-        partial = b""  # the start of a packet, while publishes are being swallowed
+        partial = b""  # the start of a packet, while publishes are looked for
         try:
             while data := await src.read(65536):
-                if upstream and (partial or conn.device in self.swallowed):
-                    if conn.device in self.swallowed:
+                parsed = conn.device in self.swallowed or conn.device in self.closing_on_publish
+                if upstream and (partial or parsed):
+                    if parsed:
                         data, partial, taken = without_publishes(partial + data)
+                        if taken and conn.device in self.closing_on_publish:
+                            break
                         self.publishes_swallowed += taken
                     else:
                         data, partial = partial + data, b""

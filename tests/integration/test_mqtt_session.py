@@ -17,7 +17,7 @@ import pytest
 from ansimi_testkit import eventually
 
 from ansimi.broker import Mosquitto, MosquittoConfig
-from ansimi.mqtt import LinkDead, Message, Session, Settings
+from ansimi.mqtt import LinkDead, Message, Session, Settings, Will
 from simulator.proxy import FaultProxy
 
 
@@ -409,12 +409,13 @@ async def test_a_session_begun_afresh_drops_what_the_old_one_held_and_persists_a
 ) -> None:
     # device/link.py begins afresh when nothing comes down a session any more; the broker
     # must forget that session, and the new one must keep messages for us like the old
-    inbox = Inbox()
+    inbox, wills = Inbox(), Inbox()
     present: list[bool] = []
     async with (
         proxied(mosquitto) as proxy,
-        running(Session(settings(mosquitto, f"centre-{version}"), lambda m: None)) as centre,
+        running(Session(settings(mosquitto, f"centre-{version}"), wills)) as centre,
     ):
+        await centre.subscribe([(f"t/will/{version}", 1)])
         bell = Session(
             Settings(
                 host="127.0.0.1",
@@ -422,6 +423,7 @@ async def test_a_session_begun_afresh_drops_what_the_old_one_held_and_persists_a
                 client_id=f"bell-afresh-{version}",
                 version=version,  # type: ignore[arg-type]
                 other_addresses=((mosquitto.host, mosquitto.port),),
+                will=Will(f"t/will/{version}", b"offline", retain=False),
             ),
             inbox,
             on_connect=present.append,
@@ -439,12 +441,38 @@ async def test_a_session_begun_afresh_drops_what_the_old_one_held_and_persists_a
             await asyncio.wait_for(centre.publish("t/down", b"new", qos=1), 5)
             got = await asyncio.wait_for(inbox.messages.get(), 5)
             assert got.payload == b"new"  # subscribed again; "old" went with its session
+            # the held connection's will, when the proxy lets it go; none from 3.1.1's
+            # clean connection, left with a DISCONNECT
+            await asyncio.sleep(0.5)
+            assert wills.messages.qsize() == 1
             # the new session is kept across a reconnect, like the first
             proxy.heal({f"bell-afresh-{version}"})
             bell.reconnect()
             await eventually(lambda: bell.connected and len(present) == 3, 10)
             assert present[2] is True
             assert inbox.messages.empty()
+
+
+async def test_a_broker_that_closes_each_connection_at_its_publish_is_left_for_the_next(
+    mosquitto: Mosquitto,
+) -> None:
+    # RabbitMQ 3.10 after a partition: connects accepted, then every publish nacked and the
+    # connection closed; the bells came back to the same node 3 times a second
+    async with proxied(mosquitto) as proxy:
+        proxy.close_on_publish({"bell-closed-1"})
+        bell = Session(
+            Settings(
+                host="127.0.0.1",
+                port=proxy.port,
+                client_id="bell-closed-1",
+                other_addresses=((mosquitto.host, mosquitto.port),),
+            ),
+            lambda m: None,
+        )
+        async with running(bell):
+            await asyncio.wait_for(bell.publish("t/closed", b"alert", urgent=True), 10)
+            assert bell.address == (mosquitto.host, mosquitto.port)
+            assert bell.failed_connects == 1 and proxy.connections == 1
 
 
 async def test_a_link_answering_its_probes_stays_up(mosquitto: Mosquitto) -> None:
