@@ -179,7 +179,14 @@ def render_rabbitmq_conf(
         "mqtt.durable_queue_type = quorum",
     ]
     if cluster_nodes:
-        lines += ["cluster_formation.peer_discovery_backend = classic_config"]
+        lines += [
+            "# A node cut off from the others stops (its bells and gateways move on) and",
+            "# rejoins by itself when it can see them again. The default, `ignore`, left both",
+            "# sides running after a cable pull and the cluster inconsistent once it was back:",
+            "# the next failover nacked every publish (docs/scale.md).",
+            "cluster_partition_handling = pause_minority",
+            "cluster_formation.peer_discovery_backend = classic_config",
+        ]
         lines += [
             f"cluster_formation.classic_config.nodes.{i} = {node}"
             for i, node in enumerate(cluster_nodes, 1)
@@ -247,6 +254,18 @@ class RabbitCtl:
 
     def close_connection(self, pid: str, why: str) -> None:
         self.run("close_connection", pid, why)
+
+    def cluster_state(self) -> tuple[set[str], set[str]]:
+        """The nodes running, and those this node has seen partitioned from it (empty once
+        the cluster is whole), as this node sees them."""
+        status = json.loads(self.run("cluster_status", "--formatter", "json"))
+        partitions = status.get("partitions") or {}
+        # a map of node to the nodes it saw partitioned (a list, in some versions' output)
+        seen = {str(node) for node in partitions}
+        if isinstance(partitions, dict):
+            for others in partitions.values():
+                seen |= {str(node) for node in others}
+        return {str(node) for node in status.get("running_nodes", [])}, seen
 
     def mqtt_client_id_trackers(self) -> set[str]:
         """The nodes in the MQTT plugin's client-ID tracker (RabbitMQ 3.10's `mqtt_node`

@@ -33,7 +33,7 @@ from console.receiver import Receiver
 from gateway.store import open_store
 from protocol.jws import Signer
 from protocol.keys import load_private_key
-from provisioning.rabbitmq import sync
+from provisioning.rabbitmq import RabbitError, sync
 from siteca.site import Site, init_site
 
 pytestmark = [
@@ -168,6 +168,26 @@ class City:
         await eventually(lambda: made <= self.centre_alerts(), timeout_s=WAIT_S)
         return made
 
+    async def brokers_whole(self) -> None:
+        """Each broker node running, seeing all the others running and no partition: a
+        cut-off node back in by itself (pause_minority), before the next fault."""
+        names = {node.name for node in self.brokers}
+
+        def whole() -> bool:
+            for node in self.brokers:
+                try:
+                    running, partitioned = node.ctl().cluster_state()
+                except RabbitError:
+                    return False  # paused, or starting again
+                if running != names or partitioned:
+                    return False
+            return True
+
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while not await asyncio.to_thread(whole):
+            assert asyncio.get_running_loop().time() < deadline, "the brokers are not whole"
+            await asyncio.sleep(1.0)
+
     async def all_recovered(self) -> None:
         """Bells on a broker with empty outboxes, both gateways healthy: by themselves."""
         for bell in self.bells:
@@ -262,6 +282,7 @@ async def test_the_cable_of_the_broker_host_the_bells_are_on_pulled_for_a_minute
         cut.link(up=True)
     await city.all_recovered()
     assert all(b.agent.link.session.address[0] != address for b in city.bells)
+    await city.brokers_whole()
 
 
 async def test_sigkill_of_the_broker_node_the_bells_are_on(city: City) -> None:
