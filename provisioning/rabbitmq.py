@@ -184,7 +184,7 @@ def render_rabbitmq_conf(
             "# rejoins by itself when it can see them again. The default, `ignore`, left both",
             "# sides running after a cable pull and the cluster inconsistent once it was back:",
             "# the next failover nacked every publish (docs/scale.md).",
-            "cluster_partition_handling = pause_minority",
+            f"cluster_partition_handling = {partition_handling(len(cluster_nodes))}",
             "cluster_formation.peer_discovery_backend = classic_config",
         ]
         lines += [
@@ -192,6 +192,13 @@ def render_rabbitmq_conf(
             for i, node in enumerate(cluster_nodes, 1)
         ]
     return "\n".join(lines) + "\n"
+
+
+def partition_handling(nodes: int) -> str:
+    """`pause_minority` needs a majority to survive a node's loss: three nodes or more.
+    Of two, the one left is no majority and would stop too; `autoheal` keeps it running
+    and restarts the losing side once the network is back."""
+    return "pause_minority" if nodes >= 3 else "autoheal"
 
 
 def enabled_plugins() -> str:

@@ -72,7 +72,12 @@ def test_the_conf_is_mutual_tls_with_cn_login_and_quorum_sessions(tmp_path: Path
     assert conf["mqtt.durable_queue_type"] == "quorum"
     assert conf["mqtt.listeners.tcp"] == "none"
     assert conf["cluster_formation.classic_config.nodes.2"] == "rabbit@b"
-    assert conf["cluster_partition_handling"] == "pause_minority"
+    # of two nodes, the one left after a loss is no majority: pause_minority would stop it
+    assert conf["cluster_partition_handling"] == "autoheal"
+    three = render_rabbitmq_conf(
+        Site.open(tmp_path / "site"), cluster_nodes=["rabbit@a", "rabbit@b", "rabbit@c"]
+    )
+    assert "cluster_partition_handling = pause_minority\n" in three
 
 
 def test_provision_rabbitmq_conf_writes_the_files_and_a_private_password(tmp_path: Path) -> None:
