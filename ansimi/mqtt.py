@@ -152,12 +152,6 @@ class Settings:
     max_inflight: int = 1000
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
-    # A connection lost sooner than this after its CONNACK, not by our own doing, counts as
-    # a failed connect: the next broker is tried and the backoff keeps growing. RabbitMQ
-    # 3.10's MQTT plugin closed every connection whose publish it nacked (a quorum queue
-    # without a leader after a partition), and bells came back to that node 3 times a
-    # second for minutes (tests/cluster/test_multihost.py).
-    stable_after_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +454,7 @@ class Session:
         self._connect_result: asyncio.Future[None] | None = None
         # the next connect begins a new session (start_afresh)
         self._afresh = False
-        self._connected_at: float | None = None  # the loop's time at the last CONNACK
+        self._pubacks_here = 0  # PUBACKs on the current (or last) connection
         self._tls_context: ssl.SSLContext | None = None
         self._client = self._make_client()
 
@@ -497,10 +491,10 @@ class Session:
             try:
                 await self._connect_once()
                 await self._lost.wait()
-                if self._retry_now.is_set() or self._lasted_s() >= self.settings.stable_after_s:
+                if self._retry_now.is_set() or self._pubacks_here or not self._pending:
                     delay = self.settings.backoff_min_s
                 else:
-                    self._short_lived()
+                    self._publishes_refused()
             except (OSError, ssl.SSLError, MqttError) as exc:
                 self.failed_connects += 1
                 host, port = self.address
@@ -711,24 +705,23 @@ class Session:
             if entry not in self._subscriptions:
                 self._subscriptions.append(entry)
 
-    def _lasted_s(self) -> float:
-        """How long the connection just lost was up (0 if it never was)."""
-        if self._connected_at is None:
-            return 0.0
-        return self._bind_loop().time() - self._connected_at
-
-    def _short_lived(self) -> None:
-        """A connection the broker (or the way there) ended soon after it began: treated as
-        a failed connect, so a node that takes connections and then drops them does not
-        keep the session to itself."""
+    def _publishes_refused(self) -> None:
+        """The connection ended with publishes waiting and not one PUBACK on it: the broker
+        takes connections but not messages. RabbitMQ 3.10's MQTT plugin closed every
+        connection whose publish it nacked (a partitioned cluster losing a node), and the
+        bells, their backoff reset by each CONNACK, came back to that node three times a
+        second for minutes (tests/cluster/test_multihost.py). Counted as a failed connect:
+        the next broker, and the backoff keeps growing. A link that drops now and then
+        while messages get through is not this."""
         self.failed_connects += 1
         host, port = self.address
         log.warning(
-            "mqtt %s: the connection to %s:%s ended %.1f s after it began: trying the next broker",
+            "mqtt %s: the connection to %s:%s ended with %d publishes and no PUBACK: "
+            "trying the next broker",
             self.settings.client_id,
             host,
             port,
-            self._lasted_s(),
+            len(self._pending),
         )
         self._next_address()
 
@@ -962,7 +955,7 @@ class Session:
         loop = self._bind_loop()
         now = loop.time()
         self._watch.connected(now)
-        self._connected_at = now
+        self._pubacks_here = 0
         for mid in self._urgent:  # resent by paho now: their PUBACKs are due again
             self._watch.expect(mid, now)
         self._arm_watch()
@@ -1051,7 +1044,10 @@ class Session:
             self._urgent.discard(mid)
             self._watch.acked(mid)
         done = self._pending.pop(mid, None)
-        if done is None or done.done():
+        if done is None:
+            return  # a QoS 0 publish, written
+        self._pubacks_here += 1
+        if done.done():
             return
         if reason.is_failure:
             done.set_exception(MqttError(f"broker rejected publish: {reason}"))

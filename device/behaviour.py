@@ -37,7 +37,8 @@ it has reached, to its next phase and what it means. docs/behaviour.md draws bot
     nothing more afterwards, not even later acks: whoever forced the cancel sees a cancel.
   - closed by the centre while the button is down and the hold still short: judged as a
     press (or urgent), it opens a new incident; a press is never lost to a close that
-    crossed it. A hold already long then is taken as a cancel on its way: nothing.
+    crossed it. A hold already long then is taken as a cancel on its way: nothing, unless
+    it reaches duress, which is sent whatever ended the incident.
 - **Coalescing**: extra presses and urgency never open a new incident. They are counted,
   and one update is sent (a new alert with `presses` = total so far, `urgent`, and
   `linked_to` = the incident's first alert) once the previous message of the incident has
@@ -271,7 +272,8 @@ class Hold:
 
     phase: Phase  # OPENING: this press opened the incident (or rang the doorbell)
     looks_cancelled: bool = False  # the cancel pattern is showing (until the release)
-    held_s: float = 0.0  # the longest hold reported so far
+    incident_id: str | None = None  # the incident a press during one began in
+    held_s: float = 0.0  # the longest hold reported so far (as of its last `held` tick)
     # the centre closed the incident while this press (begun during it) was still short:
     # judged, it asks anew (see _after_close)
     crossed: bool = False
@@ -324,7 +326,7 @@ class Behaviour:
             if self.incident is None:
                 self._holds[name] = Hold(Phase.OPENING)
                 return self.alert(trigger="press", linked_to=self._recent_ring(now))
-            self._holds[name] = Hold(Phase.DURING)
+            self._holds[name] = Hold(Phase.DURING, incident_id=self.incident.alert_id)
             return []
         hold = self._holds.get(name)
         if hold is None:
@@ -341,14 +343,20 @@ class Behaviour:
         if self.incident is None:
             # ended while the button was down: by the centre (a close that crossed this
             # press), or by a cancel or duress of the other button
-            return self._after_close(gesture) if hold.crossed else []
+            return self._after_close(gesture, hold)
         return self._gesture(gesture, hold)
 
-    def _after_close(self, gesture: Gesture) -> list[Effect]:
-        """A press the centre's close crossed, judged. Asking for help (a press, or one held
-        long), it opens a new incident: the person pressed after whatever made the operator
-        close, and must be heard. Held to a cancel or duress, it has nothing left to end."""
-        if gesture not in (Gesture.PRESS, Gesture.URGENT_PRESS):
+    def _after_close(self, gesture: Gesture, hold: Hold) -> list[Effect]:
+        """A press of an incident that ended while it was down, judged. Held to duress, the
+        duress alert goes out all the same, linked to that incident, showing nothing new:
+        the person is forced, whatever the centre did. A press the centre's close crossed
+        while it was short, asking for help (a press, or one held long), opens a new
+        incident: the person pressed after whatever made the operator close. Anything
+        else (a cancel; a press that outlived a cancel or duress of the other button) has
+        nothing left to do."""
+        if gesture is Gesture.DURESS and hold.incident_id is not None:
+            return [self._duress_alert(hold.incident_id)]
+        if not hold.crossed or gesture not in (Gesture.PRESS, Gesture.URGENT_PRESS):
             return []
         effects = self.alert(trigger="press")
         if gesture is Gesture.URGENT_PRESS:
@@ -441,12 +449,15 @@ class Behaviour:
         """Looks exactly like `cancel` here; tells the centre the person is under duress."""
         self._fire(Event.DURESS)
         incident = self._end()
+        effects: list[Effect] = [self._duress_alert(incident.alert_id)]
+        return effects if already_shown else [*effects, Show(Pattern.CANCELLED)]
+
+    def _duress_alert(self, incident_id: str) -> Send:
         # silent whatever the mode: whoever forced the cancel is standing next to the device
         body = Alert(
-            bell=self.bell, trigger="duress", silent=True, urgent=True, linked_to=incident.alert_id
+            bell=self.bell, trigger="duress", silent=True, urgent=True, linked_to=incident_id
         )
-        effects: list[Effect] = [Send(self._new_id(), body, sms=True)]
-        return effects if already_shown else [*effects, Show(Pattern.CANCELLED)]
+        return Send(self._new_id(), body, sms=True)
 
     # ---- acks and link --------------------------------------------------------------------
 
@@ -465,8 +476,8 @@ class Behaviour:
             for hold in self._holds.values():
                 # a press of this incident still short: a new one, judged on its release.
                 # One held long already is on its way to a cancel (or is its opening
-                # press): it sends nothing more.
-                if hold.phase is Phase.DURING and hold.held_s < self.rules.long_press_s:
+                # press): it sends nothing more, unless held on to duress.
+                if hold.incident_id == incident.alert_id and hold.held_s < self.rules.long_press_s:
                     hold.crossed = True
             return [*effects, Show(Pattern.OFF)]
         if _rank(ack.stage) <= _rank(self.state.value):

@@ -74,9 +74,10 @@ reached (`[behaviour]` in device.toml). After the arrow, what the press means.
 When the centre closes the incident while a press of it is down and still short of
 `long_press_s` (the close crossed the press), the press is still judged by this chart when
 it ends: a press or an urgent press then opens a new incident (its alert, and its urgency
-once that alert is `received`); a cancel or duress has nothing left to end and sends
-nothing. A press already held long when the close comes, or one that outlives a cancel or
-duress of the other button, sends nothing more.
+once that alert is `received`); a cancel has nothing left to end and sends nothing. A
+press already held long when the close comes, or one that outlives a cancel or duress of
+the other button, sends nothing more. Held on to `duress_hold_s`, any press of the ended
+incident still sends its duress alert, linked to it, showing nothing new.
 """
 
 

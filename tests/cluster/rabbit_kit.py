@@ -101,8 +101,10 @@ class RabbitNode:
         script.chmod(0o755)
         return str(script)
 
-    def ctl(self) -> RabbitCtl:
-        return RabbitCtl(self.name, program=self._ctl_program(), env=self.env())
+    def ctl(self, timeout_s: float = 120.0) -> RabbitCtl:
+        return RabbitCtl(
+            self.name, program=self._ctl_program(), env=self.env(), timeout_s=timeout_s
+        )
 
     @property
     def amqp_url(self) -> str:

@@ -176,8 +176,8 @@ class City:
         def whole() -> bool:
             for node in self.brokers:
                 try:
-                    running, partitioned = node.ctl().cluster_state()
-                except RabbitError:
+                    running, partitioned = node.ctl(timeout_s=20).cluster_state()
+                except (RabbitError, ValueError):
                     return False  # paused, or starting again
                 if running != names or partitioned:
                     return False

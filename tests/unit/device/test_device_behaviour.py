@@ -187,6 +187,24 @@ def test_a_press_outliving_a_duress_of_the_other_button_sends_nothing() -> None:
     assert sends(after) == [] and shows(after) == []
 
 
+def test_a_duress_the_centres_close_crossed_is_sent_all_the_same() -> None:
+    b = machine()
+    (first,) = sends(hold(b, 0.1))
+    press(b, now=4.0)
+    for tick in range(1, 6):
+        b.on_input(InputEvent("emergency", "held", float(tick)), 4.0 + tick)
+    ack(b, first.message_id, "closed")  # the operator closes; the person is forced on
+    effects: list[Effect] = []
+    for tick in range(6, 16):
+        effects += b.on_input(InputEvent("emergency", "held", float(tick)), 4.0 + tick)
+    (duress,) = sends(effects)
+    assert duress.body == Alert(
+        bell="emergency", trigger="duress", silent=True, urgent=True, linked_to=first.message_id
+    )
+    assert duress.sms and shows(effects) == []  # the close turned it off: nothing new
+    assert sends(b.on_input(InputEvent("emergency", "released", 16.0), 20.0)) == []
+
+
 def hold_on(b: Behaviour, seconds: float, *, since: float) -> list[Effect]:
     """The `held` ticks and the release of a press already down since `since`."""
     effects: list[Effect] = []
