@@ -159,8 +159,7 @@ def test_a_hold_already_long_when_the_centre_closes_sends_nothing() -> None:
     b = machine()
     (first,) = sends(hold(b, 0.1))
     press(b, now=4.0)
-    for tick in range(1, 6):
-        b.on_input(InputEvent("emergency", "held", float(tick)), 4.0 + tick)
+    ticks(b, range(1, 6), since=4.0)
     ack(b, first.message_id, "closed")
     assert sends(b.on_input(InputEvent("emergency", "released", 7.0), 11.0)) == []
     # nor the opening press, held long after its incident was closed: it was heard
@@ -191,12 +190,9 @@ def test_a_duress_the_centres_close_crossed_is_sent_all_the_same() -> None:
     b = machine()
     (first,) = sends(hold(b, 0.1))
     press(b, now=4.0)
-    for tick in range(1, 6):
-        b.on_input(InputEvent("emergency", "held", float(tick)), 4.0 + tick)
+    ticks(b, range(1, 6), since=4.0)
     ack(b, first.message_id, "closed")  # the operator closes; the person is forced on
-    effects: list[Effect] = []
-    for tick in range(6, 16):
-        effects += b.on_input(InputEvent("emergency", "held", float(tick)), 4.0 + tick)
+    effects = ticks(b, range(6, 16), since=4.0)
     (duress,) = sends(effects)
     assert duress.body == Alert(
         bell="emergency", trigger="duress", silent=True, urgent=True, linked_to=first.message_id
@@ -205,11 +201,17 @@ def test_a_duress_the_centres_close_crossed_is_sent_all_the_same() -> None:
     assert sends(b.on_input(InputEvent("emergency", "released", 16.0), 20.0)) == []
 
 
+def ticks(b: Behaviour, seconds: range, *, since: float) -> list[Effect]:
+    """The emergency button's `held` ticks at these seconds of a press down since `since`."""
+    effects: list[Effect] = []
+    for tick in seconds:
+        effects += b.on_input(InputEvent("emergency", "held", float(tick)), since + tick)
+    return effects
+
+
 def hold_on(b: Behaviour, seconds: float, *, since: float) -> list[Effect]:
     """The `held` ticks and the release of a press already down since `since`."""
-    effects: list[Effect] = []
-    for tick in range(1, int(seconds) + 1):
-        effects += b.on_input(InputEvent("emergency", "held", float(tick)), since + tick)
+    effects = ticks(b, range(1, int(seconds) + 1), since=since)
     return effects + b.on_input(InputEvent("emergency", "released", seconds), since + seconds)
 
 
