@@ -494,15 +494,12 @@ class Session:
                 if self._retry_now.is_set() or self._pubacks_here or not self._pending:
                     delay = self.settings.backoff_min_s
                 else:
-                    self._publishes_refused()
+                    # the broker takes connections but not messages (see _connect_failed)
+                    self._connect_failed(
+                        f"the connection ended with {len(self._pending)} publishes and no PUBACK"
+                    )
             except (OSError, ssl.SSLError, MqttError) as exc:
-                self.failed_connects += 1
-                host, port = self.address
-                log.warning(
-                    "mqtt %s: cannot connect to %s:%s: %s", self.settings.client_id, host, port, exc
-                )
-                # an unreachable broker: the next attempt goes to the next one, if any
-                self._next_address()
+                self._connect_failed(f"cannot connect: {exc}")
             if self._closing:
                 break
             if self._retry_now.is_set():
@@ -705,24 +702,18 @@ class Session:
             if entry not in self._subscriptions:
                 self._subscriptions.append(entry)
 
-    def _publishes_refused(self) -> None:
-        """The connection ended with publishes waiting and not one PUBACK on it: the broker
-        takes connections but not messages. RabbitMQ 3.10's MQTT plugin closed every
-        connection whose publish it nacked (a partitioned cluster losing a node), and the
-        bells, their backoff reset by each CONNACK, came back to that node three times a
-        second for minutes (tests/cluster/test_multihost.py). Counted as a failed connect:
-        the next broker, and the backoff keeps growing. A link that drops now and then
-        while messages get through is not this."""
+    def _connect_failed(self, why: str) -> None:
+        """A connect that failed (refused, unreachable), or a connection that ended with
+        publishes waiting and not one PUBACK on it. The latter is a broker that takes
+        connections but not messages: RabbitMQ 3.10's MQTT plugin closed every connection
+        whose publish it nacked (a partitioned cluster losing a node), and bells, their
+        backoff reset by each CONNACK, came back to that node three times a second for
+        minutes (tests/cluster/test_multihost.py); a link that drops now and then while
+        messages get through is not this. Either way the next attempt goes to the next
+        broker, if any, and the backoff keeps growing."""
         self.failed_connects += 1
         host, port = self.address
-        log.warning(
-            "mqtt %s: the connection to %s:%s ended with %d publishes and no PUBACK: "
-            "trying the next broker",
-            self.settings.client_id,
-            host,
-            port,
-            len(self._pending),
-        )
+        log.warning("mqtt %s: %s:%s: %s", self.settings.client_id, host, port, why)
         self._next_address()
 
     def _next_address(self) -> None:

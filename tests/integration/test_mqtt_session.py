@@ -403,6 +403,19 @@ async def test_a_link_that_answers_pings_but_never_takes_the_alert_is_given_up(
         assert (await asyncio.wait_for(x.inbox.messages.get(), 5)).payload == b"alert"
 
 
+def behind_then_direct(
+    proxy: FaultProxy, broker: Mosquitto, client_id: str, **kw: object
+) -> Settings:
+    """Settings for a session that dials `broker` through `proxy` first, then directly."""
+    return Settings(
+        host="127.0.0.1",
+        port=proxy.port,
+        client_id=client_id,
+        other_addresses=((broker.host, broker.port),),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
 @pytest.mark.parametrize("version", [5, 311])
 async def test_a_session_begun_afresh_drops_what_the_old_one_held_and_persists_again(
     mosquitto: Mosquitto, version: int
@@ -417,12 +430,11 @@ async def test_a_session_begun_afresh_drops_what_the_old_one_held_and_persists_a
     ):
         await centre.subscribe([(f"t/will/{version}", 1)])
         bell = Session(
-            Settings(
-                host="127.0.0.1",
-                port=proxy.port,
-                client_id=f"bell-afresh-{version}",
-                version=version,  # type: ignore[arg-type]
-                other_addresses=((mosquitto.host, mosquitto.port),),
+            behind_then_direct(
+                proxy,
+                mosquitto,
+                f"bell-afresh-{version}",
+                version=version,
                 will=Will(f"t/will/{version}", b"offline", retain=False),
             ),
             inbox,
@@ -460,15 +472,7 @@ async def test_a_broker_that_closes_each_connection_at_its_publish_is_left_for_t
     # connection closed; the bells came back to the same node 3 times a second
     async with proxied(mosquitto) as proxy:
         proxy.close_on_publish({"bell-closed-1"})
-        bell = Session(
-            Settings(
-                host="127.0.0.1",
-                port=proxy.port,
-                client_id="bell-closed-1",
-                other_addresses=((mosquitto.host, mosquitto.port),),
-            ),
-            lambda m: None,
-        )
+        bell = Session(behind_then_direct(proxy, mosquitto, "bell-closed-1"), lambda m: None)
         async with running(bell):
             await asyncio.wait_for(bell.publish("t/closed", b"alert", urgent=True), 10)
             assert bell.address == (mosquitto.host, mosquitto.port)
