@@ -274,6 +274,19 @@ class RabbitCtl:
                 seen |= {str(node) for node in others}
         return {str(node) for node in status.get("running_nodes", [])}, seen
 
+    def quorum_queues_short(self) -> list[str]:
+        """Quorum queues with a member not online (a rejoined node's still catching up):
+        losing another node now would take their quorum away."""
+        rows = json.loads(
+            self.run("list_queues", "name", "type", "members", "online", "--formatter", "json")
+        )
+        return [
+            str(r["name"])
+            for r in rows
+            if r.get("type") == "quorum"
+            and set(r.get("online") or []) != set(r.get("members") or [])
+        ]
+
     def mqtt_client_id_trackers(self) -> set[str]:
         """The nodes in the MQTT plugin's client-ID tracker (RabbitMQ 3.10's `mqtt_node`
         Raft cluster), as this node sees it.

@@ -181,7 +181,10 @@ class City:
                     return False  # paused, or starting again
                 if running != names or partitioned:
                     return False
-            return True
+            try:  # and every quorum queue with all its members online again
+                return not self.brokers[0].ctl(timeout_s=20).quorum_queues_short()
+            except (RabbitError, ValueError):
+                return False
 
         deadline = asyncio.get_running_loop().time() + WAIT_S
         while not await asyncio.to_thread(whole):
