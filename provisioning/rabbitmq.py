@@ -276,16 +276,16 @@ class RabbitCtl:
 
     def quorum_queues_short(self) -> list[str]:
         """Quorum queues with a member not online (a rejoined node's still catching up):
-        losing another node now would take their quorum away."""
-        rows = json.loads(
-            self.run("list_queues", "name", "type", "members", "online", "--formatter", "json")
-        )
-        return [
-            str(r["name"])
-            for r in rows
-            if r.get("type") == "quorum"
-            and set(r.get("online") or []) != set(r.get("members") or [])
-        ]
+        losing another node now would take their quorum away. Output of another shape
+        than 3.10.8's (`short_quorum_queues`) raises, never passes for a whole cluster."""
+        out = self.run("list_queues", "name", "type", "members", "online", "--formatter", "json")
+        try:
+            rows = json.loads(out)
+        except ValueError:
+            raise RabbitError(
+                f"rabbitmqctl list_queues on {self.node}: not JSON: {out.strip()[:300]!r}"
+            ) from None
+        return short_quorum_queues(rows)
 
     def mqtt_client_id_trackers(self) -> set[str]:
         """The nodes in the MQTT plugin's client-ID tracker (RabbitMQ 3.10's `mqtt_node`
@@ -303,6 +303,51 @@ class RabbitCtl:
             '_ -> "" end.',
         )
         return set(out.strip().strip('"').split())
+
+
+def short_quorum_queues(rows: object) -> list[str]:
+    """The quorum queues in `list_queues name type members online --formatter json` with a
+    member not online. Seen on RabbitMQ 3.10.8, a 3-node cluster with rmq1 stopped:
+
+        {"name":"ansimi-uplink","type":"quorum",
+         "members":["rmq1@localhost","rmq3@localhost","rmq2@localhost"],
+         "online":["rmq3@localhost","rmq2@localhost"]}
+
+    (classic queues: "type":"classic", "members":"", "online":""; streams: "stream", with
+    lists). Anything else raises RabbitError with what was seen: a misread field would
+    otherwise report every queue whole, always.
+    """
+
+    def unexpected(what: str, seen: object) -> RabbitError:
+        return RabbitError(
+            f"rabbitmqctl list_queues name type members online: {what}, saw {seen!r:.300}"
+        )
+
+    def nodes(value: object) -> list[str] | None:
+        if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
+            return None
+        return [str(n) for n in value]
+
+    if not isinstance(rows, list):
+        raise unexpected("expected a JSON list of queues", rows)
+    short: list[str] = []
+    for row in rows:
+        if not (
+            isinstance(row, dict)
+            and isinstance(row.get("name"), str)
+            and isinstance(row.get("type"), str)
+        ):
+            raise unexpected("expected a row with a name and a type", row)
+        if row["type"] != "quorum":
+            if "quorum" in row["type"].lower():
+                raise unexpected("a quorum queue's type is not 'quorum'", row)
+            continue
+        members, online = nodes(row.get("members")), nodes(row.get("online"))
+        if not members or online is None:
+            raise unexpected("expected members and online as lists of node names", row)
+        if set(members) - set(online):
+            short.append(row["name"])
+    return short
 
 
 @dataclass(frozen=True, slots=True)
