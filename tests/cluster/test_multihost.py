@@ -172,23 +172,30 @@ class City:
         """Each broker node running, seeing all the others running and no partition: a
         cut-off node back in by itself (pause_minority), before the next fault."""
         names = {node.name for node in self.brokers}
+        last = ""  # what the last look saw, for the failure's message
 
         def whole() -> bool:
+            nonlocal last
             for node in self.brokers:
                 try:
                     running, partitioned = node.ctl(timeout_s=20).cluster_state()
-                except (RabbitError, ValueError):
+                except (RabbitError, ValueError) as exc:
+                    last = f"{node.name}: {exc}"
                     return False  # paused, or starting again
                 if running != names or partitioned:
+                    last = f"{node.name} sees {sorted(running)} running, {sorted(partitioned)} cut"
                     return False
             try:  # and every quorum queue with all its members online again
-                return not self.brokers[0].ctl(timeout_s=20).quorum_queues_short()
-            except (RabbitError, ValueError):
+                short = self.brokers[0].ctl(timeout_s=20).quorum_queues_short()
+            except (RabbitError, ValueError) as exc:
+                last = f"quorum queues: {exc}"
                 return False
+            last = f"quorum queues short of a member: {short}"
+            return not short
 
         deadline = asyncio.get_running_loop().time() + WAIT_S
         while not await asyncio.to_thread(whole):
-            assert asyncio.get_running_loop().time() < deadline, "the brokers are not whole"
+            assert asyncio.get_running_loop().time() < deadline, f"not whole: {last}"
             await asyncio.sleep(1.0)
 
     async def all_recovered(self) -> None:

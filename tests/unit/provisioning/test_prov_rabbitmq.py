@@ -7,12 +7,16 @@ import hashlib
 import re
 from pathlib import Path
 
+import pytest
+
 from provisioning.rabbitmq import (
+    RabbitError,
     definitions,
     device_grant,
     gateway_grant,
     password_hash,
     render_rabbitmq_conf,
+    short_quorum_queues,
 )
 from siteca.site import Site, init_site
 
@@ -97,3 +101,38 @@ def test_provision_rabbitmq_conf_writes_the_files_and_a_private_password(tmp_pat
     first = files.gateway_password.read_text()
     CliRunner().invoke(provision, ["rabbitmq", "conf", "--dir", str(tmp_path / "site")])
     assert files.gateway_password.read_text() == first
+
+
+# rows as `rabbitmqctl list_queues name type members online --formatter json` gives them
+# (RabbitMQ 3.10.8, seen on a 3-node cluster: tests/cluster/test_rabbit_failover.py)
+_NODES = ["rmq1@localhost", "rmq3@localhost", "rmq2@localhost"]
+_CLASSIC = {"name": "old", "type": "classic", "members": "", "online": ""}
+
+
+def test_a_quorum_queue_missing_an_online_member_is_short_and_others_are_not() -> None:
+    rows = [
+        {"name": "whole", "type": "quorum", "members": _NODES, "online": _NODES[::-1]},
+        {"name": "behind", "type": "quorum", "members": _NODES, "online": _NODES[1:]},
+        {"name": "log", "type": "stream", "members": _NODES, "online": []},
+        _CLASSIC,
+    ]
+    assert short_quorum_queues(rows) == ["behind"]
+    assert short_quorum_queues([_CLASSIC]) == []
+
+
+@pytest.mark.parametrize(
+    ("rows", "said"),
+    [
+        ({"name": "q"}, "a JSON list of queues"),
+        ([{"name": "q", "members": _NODES}], "a row with a name and a type"),
+        ([{"name": "q", "type": "rabbit_quorum_queue"}], "type is not 'quorum'"),
+        ([{"name": "q", "type": "quorum", "members": [], "online": []}], "lists of node names"),
+        ([{"name": "q", "type": "quorum", "members": "", "online": ""}], "lists of node names"),
+        ([{"name": "q", "type": "quorum", "members": [{"node": "rmq1"}], "online": []}], "lists"),
+    ],
+)
+def test_a_list_queues_output_of_another_shape_is_an_error_not_all_whole(
+    rows: object, said: str
+) -> None:
+    with pytest.raises(RabbitError, match=re.escape(said)):
+        short_quorum_queues(rows)
