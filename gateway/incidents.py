@@ -67,7 +67,12 @@ def json_object(text: str) -> dict[str, Any]:
 def is_test_press(event_type: str, body_json: str) -> bool:
     """A bell proving its path (`trigger = "test"`): kept, forwarded and acked like any
     alert, but never part of an incident, so never escalated, and never dispatched."""
-    return event_type == "alert" and json_object(body_json).get("trigger") == "test"
+    return is_test_body(event_type, json_object(body_json))
+
+
+def is_test_body(event_type: str, body: Mapping[str, Any]) -> bool:
+    """`is_test_press` of a body already parsed."""
+    return event_type == "alert" and body.get("trigger") == "test"
 
 
 # A person in danger, as opposed to news about a bell (offline, an outage, power, tamper,
@@ -223,11 +228,13 @@ def decide_incidents(
         bell = bells.get(item.device_id)
         if bell is None:
             continue  # an event about the gateway itself (disk_low): no bell, no incident
-        if item.type == "escalation" or is_test_press(item.type, item.body_json):
-            continue  # attached by the store's `escalate`; a test joins no incident
+        if item.type == "escalation":
+            continue  # attached by the store's `escalate`
+        body = json_object(item.body_json)  # once: an alert is decided on the loop's core
+        if is_test_body(item.type, body):
+            continue  # a test joins no incident
         device_kind, district = bell
-        kind = classify(device_kind, item.type, item.body_json)
-        body = json_object(item.body_json)
+        kind = kind_of(device_kind, item.type, body)
         offline = offline_of(item.type, body)
         first_alert = item.event_id if item.type == "alert" else None
         about_district = item.type == "status" and body.get("state") in OUTAGE_STATES

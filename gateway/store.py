@@ -1524,9 +1524,10 @@ class SqliteDatabase:
         with self._tx() as db:
             for item in batch:
                 row = db.execute(
-                    "SELECT online, power FROM devices WHERE device_id = ?", (item.device_id,)
+                    "SELECT online, power, kind, district FROM devices WHERE device_id = ?",
+                    (item.device_id,),
                 ).fetchone()
-                was_online, old_power = row if row is not None else (None, None)
+                was_online, old_power, *bell = row if row is not None else (None, None)
                 db.execute(
                     "UPDATE devices SET high_water = MAX(COALESCE(high_water, -1), ?),"
                     " last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?), online = 1,"
@@ -1548,7 +1549,10 @@ class SqliteDatabase:
                 elif _foreign(db, (item.event_id,), item.device_id):
                     refusal = FOREIGN_ID
                 else:
-                    inserted = self._insert_event(db, item, now_ms, caught_up)
+                    # the bell as read above, so its event's incident needs no second read
+                    inserted = self._insert_event(
+                        db, item, now_ms, caught_up, (str(bell[0]), str(bell[1])) if bell else None
+                    )
                 fresh.append(inserted)
                 forwarded.append(inserted and bool(item.centres))
                 refused.append(refusal)
@@ -1560,7 +1564,10 @@ class SqliteDatabase:
         item: Incoming,
         now_ms: int,
         caught_up: dict[str, str] | None = None,
+        bell: tuple[str, str] | None = None,
     ) -> bool:
+        """Keep one event (False: its id is kept already); `bell`: its device's (kind,
+        district) if the caller has read them, else read here."""
         inserted = db.execute(
             "INSERT INTO events (event_id, device_id, seq, type, ts_ms, received_ms,"
             " body, jws, clock_skew_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -1582,14 +1589,20 @@ class SqliteDatabase:
                 [(item.event_id, centre, now_ms) for centre in item.centres],
             )
             _claim(db, (item.event_id, *item.refs), item.device_id)
-            stage = self._attach(db, item, now_ms)
+            stage = self._attach(db, item, now_ms, bell)
             if stage is not None and caught_up is not None:
                 caught_up[item.event_id] = stage
         return bool(inserted)
 
     # ---- incidents --------------------------------------------------------------------------
 
-    def _attach(self, db: sqlite3.Connection, item: Incoming, now_ms: int) -> str | None:
+    def _attach(
+        self,
+        db: sqlite3.Connection,
+        item: Incoming,
+        now_ms: int,
+        bell: tuple[str, str] | None = None,
+    ) -> str | None:
         """Attach a new event to its incident, or open one if it is worth one
         (`decide_incidents`); for an alert joining an incident already acknowledged or
         dispatched, that stage.
@@ -1597,12 +1610,13 @@ class SqliteDatabase:
         In the transaction that keeps the event: an event acked to its bell is always on
         its incident. The gateway's own `escalation` events are attached by `escalate`.
         """
-        device = db.execute(
-            "SELECT kind, district FROM devices WHERE device_id = ?", (item.device_id,)
-        ).fetchone()
-        if device is None:
-            return None  # an event about the gateway itself (disk_low): no bell, no incident
-        bell = (str(device[0]), str(device[1]))
+        if bell is None:
+            device = db.execute(
+                "SELECT kind, district FROM devices WHERE device_id = ?", (item.device_id,)
+            ).fetchone()
+            if device is None:
+                return None  # an event about the gateway itself (disk_low): no bell, no incident
+            bell = (str(device[0]), str(device[1]))
         mine = db.execute(
             f"SELECT {OPEN_INCIDENT_COLUMNS} WHERE i.device_id = ? AND i.state != 'closed'"
             " AND i.kind != 'district_outage'",
