@@ -179,6 +179,9 @@ class Agent:
         self.renewal_held_by: str | None = None  # why a due renewal waits (an incident)
         # renewed, not yet connected with (held): the new one, and the running one's expiry
         self._renewed: tuple[Renewed, int | None] | None = None
+        # one renewal at a time: the agent's own look and one asked for (the control socket)
+        # must not both ask the gateway, which would issue two certificates for one renewal
+        self._renewing = asyncio.Lock()
         self.test_presses = TestPresses(
             self.device_id,
             BELL_OF[config.device.kind],
@@ -493,6 +496,10 @@ class Agent:
     async def renew_certificate(self) -> Renewed | None:
         """Renew the certificate if it is due; then connect again with the new one. Not while
         that would cut an incident's link (`renewal_held_by` says why; None is returned)."""
+        async with self._renewing:
+            return await self._renew_certificate()
+
+    async def _renew_certificate(self) -> Renewed | None:
         if self._renewed is None:
             if not self.renewal.due() or self._renewal_held():
                 return None

@@ -719,11 +719,13 @@ async def test_an_admin_token_the_gateway_does_not_know_names_the_file_to_use(ri
 
 
 async def test_a_renewal_asked_as_the_bell_is_pressed_connects_only_once_the_incident_closed(
-    rig: Rig,
+    rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Connecting with a new certificate cuts the link for a moment: not while an incident
     needs it. A press while the renewal is on its way to the gateway: the new certificate is
-    kept, the link stays on the old one until the desk closes the incident."""
+    kept, the link stays on the old one until the desk closes the incident. The agent's own
+    look at start and the renewal asked here run one after the other: one certificate."""
+    caplog.set_level("INFO", logger="gateway.enrol")
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
@@ -756,6 +758,7 @@ async def test_a_renewal_asked_as_the_bell_is_pressed_connects_only_once_the_inc
         on_disk = x509.load_pem_x509_certificate(config.mqtt.cert_file.read_bytes())
         assert on_disk.serial_number != short.serial_number
         assert await agent.renew_certificate() is None  # still open: still held
+        assert agent.connects == connects  # the link was never cut while it was open
         # the desk closes it; the bell hears so
         rig.gateway.downlink.ack("bell-0021", incident.alert_id, "closed")
         await eventually(lambda: agent.behaviour.incident is None and agent.outbox.depth() == 0)
@@ -764,6 +767,7 @@ async def test_a_renewal_asked_as_the_bell_is_pressed_connects_only_once_the_inc
         assert renewed is not None and renewed.serial == f"{on_disk.serial_number:X}"
         assert agent.renewal_held_by is None
         await eventually(lambda: agent.connects > connects and agent.link.connected)
+        assert caplog.text.count("renew: bell-0021 renewed") == 1, caplog.text
 
 
 async def test_a_device_renews_its_certificate_before_expiry_and_connects_with_it(
