@@ -173,6 +173,21 @@ def prepare_home(home: Path) -> None:
     (home / "enabled_plugins").write_text(enabled_plugins())
 
 
+def start_provisioned(site: Site, node: RabbitNode, cluster_nodes: Sequence[str]) -> None:
+    """Start `node` on the site's provisioned rabbitmq.conf, clustered with `cluster_nodes`
+    (none: on its own)."""
+    node.start(
+        render_rabbitmq_conf(
+            site,
+            mqtt_host=node.host,
+            mqtt_port=node.mqtt_port,
+            amqp_host=node.host,
+            amqp_port=node.amqp_port,
+            cluster_nodes=list(cluster_nodes),
+        )
+    )
+
+
 @contextlib.contextmanager
 def nodes_running(site: Site, nodes: Sequence[RabbitNode]) -> Iterator[Sequence[RabbitNode]]:
     """`nodes` (made on a `prepare_home` folder) running the site's provisioned
@@ -183,16 +198,7 @@ def nodes_running(site: Site, nodes: Sequence[RabbitNode]) -> Iterator[Sequence[
         # MQTT client-ID tracker was refused now and then, and losing one of the other two
         # nodes then refused every bell (the multi-host test's cable pull failed on it).
         for n, node in enumerate(nodes):
-            node.start(
-                render_rabbitmq_conf(
-                    site,
-                    mqtt_host=node.host,
-                    mqtt_port=node.mqtt_port,
-                    amqp_host=node.host,
-                    amqp_port=node.amqp_port,
-                    cluster_nodes=names,
-                )
-            )
+            start_provisioned(site, node, names)
             node.await_startup()
             if names:
                 _await_tracker(nodes[0], {m.name for m in nodes[: n + 1]})

@@ -20,9 +20,9 @@ import aio_pika
 import pytest
 from ansimi_testkit import eventually
 from cluster_kit import BELLS, Running, alert_ids, press, site_running
-from rabbit_kit import RabbitNode, rabbit_cluster
+from rabbit_kit import RabbitNode, rabbit_cluster, start_provisioned
 
-from provisioning.rabbitmq import RabbitCtl, RabbitError, render_rabbitmq_conf
+from provisioning.rabbitmq import RabbitCtl, RabbitError
 from siteca.site import Site, init_site
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -93,16 +93,7 @@ async def test_a_quorum_queue_is_short_while_a_member_node_is_stopped_and_whole_
     try:
         await until(lambda: queue in (short_now(ctl) or []), timeout_s=30)
     finally:
-        stopped.start(
-            render_rabbitmq_conf(
-                site,
-                mqtt_host=stopped.host,
-                mqtt_port=stopped.mqtt_port,
-                amqp_host=stopped.host,
-                amqp_port=stopped.amqp_port,
-                cluster_nodes=[n.name for n in nodes],
-            )
-        )
+        start_provisioned(site, stopped, [n.name for n in nodes])
         await asyncio.to_thread(stopped.await_startup)
     await until(lambda: short_now(ctl) == [], timeout_s=60)
     # the SIGKILL test next needs the MQTT client-ID tracker whole again too
