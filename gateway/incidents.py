@@ -1,6 +1,6 @@
 """Incidents: one per bell in trouble, the unit an operator handles (docs/incidents.md).
 
-What this module decides, without any I/O: which kind of incident an event is (`classify`),
+What this module decides, without any I/O: which kind of incident an event is (`kind_of`),
 how urgent each kind is (`Priorities`), and when an unacknowledged incident takes its next
 escalation step (`Escalator`, driven by an injected clock). The store keeps incidents and
 attaches events to them in the same transaction that keeps the event (gateway/store.py), so
@@ -89,17 +89,13 @@ def reopens(old_kind: str, new_kind: str | None) -> bool:
     return new_kind in EMERGENCIES and old_kind not in EMERGENCIES
 
 
-def classify(device_kind: str, event_type: str, body_json: str) -> IncidentKind | None:
-    """The incident kind an event opens, or None for an event that only attaches.
+def kind_of(device_kind: str, event_type: str, body: Mapping[str, Any]) -> IncidentKind | None:
+    """The incident kind an event opens (its body parsed: `json_object`), or None for an
+    event that only attaches.
 
     Never raises for what a body holds: the body was validated when kept, but a gateway's
     own event or an older row may leave fields out, which then take the protocol defaults.
     """
-    return kind_of(device_kind, event_type, json_object(body_json))
-
-
-def kind_of(device_kind: str, event_type: str, body: Mapping[str, Any]) -> IncidentKind | None:
-    """`classify` of a body already parsed."""
     if event_type == "status":
         state = body.get("state")
         return state if state in ("offline", "district_outage") else None

@@ -73,7 +73,7 @@ from gateway.incidents import (
     OpenIncident,
     Priorities,
     decide_incidents,
-    is_test_press,
+    is_test_body,
     json_object,
 )
 
@@ -740,7 +740,7 @@ def test_records_of(rows: Iterable[Sequence[Any]]) -> list[TestRecord]:
     records = []
     for a, b, c, d, e, f, g, h in rows:
         body = json_object(str(g))
-        if is_test_press(str(d), str(g)) or (d == "status" and body.get("state") == "test_failed"):
+        if is_test_body(str(d), body) or (d == "status" and body.get("state") == "test_failed"):
             at = None if h is None else int(h)
             records.append(TestRecord(str(a), str(b), str(c), str(d), int(e), int(f), str(g), at))
     return records
@@ -1527,7 +1527,9 @@ class SqliteDatabase:
                     "SELECT online, power, kind, district FROM devices WHERE device_id = ?",
                     (item.device_id,),
                 ).fetchone()
-                was_online, old_power, *bell = row if row is not None else (None, None)
+                was_online, old_power = (None, None) if row is None else row[:2]
+                # kind and district, for the event's incident: read here once, not again there
+                bell = None if row is None else (str(row[2]), str(row[3]))
                 db.execute(
                     "UPDATE devices SET high_water = MAX(COALESCE(high_water, -1), ?),"
                     " last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?), online = 1,"
@@ -1549,10 +1551,7 @@ class SqliteDatabase:
                 elif _foreign(db, (item.event_id,), item.device_id):
                     refusal = FOREIGN_ID
                 else:
-                    # the bell as read above, so its event's incident needs no second read
-                    inserted = self._insert_event(
-                        db, item, now_ms, caught_up, (str(bell[0]), str(bell[1])) if bell else None
-                    )
+                    inserted = self._insert_event(db, item, now_ms, caught_up, bell)
                 fresh.append(inserted)
                 forwarded.append(inserted and bool(item.centres))
                 refused.append(refusal)

@@ -18,7 +18,7 @@ from ansimi.config import ConfigError, load_config
 from gateway.api import Api
 from gateway.config import ApiToken, GatewayConfig, IncidentsConfig
 from gateway.incident_api import IncidentRoutes
-from gateway.incidents import KINDS, Escalator, classify
+from gateway.incidents import KINDS, Escalator, kind_of
 from gateway.store import Device, Incoming, SqliteStore
 from gateway.transports.https import delivery_body
 from gateway.transports.sia import ALERT_EVENTS, STATUS_EVENTS, sia_event
@@ -78,7 +78,7 @@ async def desk() -> AsyncIterator[Desk]:
 def test_kinds_follow_the_bell_and_the_trigger() -> None:
     def kind(device: str, **alert: Any) -> str | None:
         body = {"bell": "emergency", "trigger": "press", **alert}
-        return classify(device, "alert", json.dumps(body))
+        return kind_of(device, "alert", body)
 
     assert kind("bell", trigger="duress") == "duress"
     assert kind("store", bell="store", silent=True) == "store_robbery"
@@ -93,10 +93,10 @@ def test_kinds_follow_the_bell_and_the_trigger() -> None:
     assert kind("bell", trigger="power_loss") == "power_lost"
     assert kind("bell", trigger="tamper_cleared") is None
     assert kind("bell", trigger="test") is None
-    assert classify("bell", "status", '{"state":"offline"}') == "offline"
-    assert classify("bell", "heartbeat", '{"power":"battery"}') == "power_lost"
-    assert classify("bell", "heartbeat", '{"power":"mains"}') is None
-    assert classify("bell", "cancel", '{"alert_id":"x"}') is None
+    assert kind_of("bell", "status", {"state": "offline"}) == "offline"
+    assert kind_of("bell", "heartbeat", {"power": "battery"}) == "power_lost"
+    assert kind_of("bell", "heartbeat", {"power": "mains"}) is None
+    assert kind_of("bell", "cancel", {"alert_id": "x"}) is None
 
 
 async def test_presses_make_one_incident_and_the_bell_one_ack_per_stage(desk: Desk) -> None:
