@@ -774,29 +774,32 @@ def main() -> None:
     # the same, less what the gateway spent over as long a time with nothing arriving
     idle_share = gw["idle_gateway_cpu_share"]
     net_beat_us = beat_us - idle_share * gw.get("heartbeat_s", 0) / beats * 1e6 if beats else 0
-    beat_floor_ratio = verify_us / beat_us if beats else float("nan")
+    unread = args.heartbeats_unread
+
+    def beat_ratio(cost_us: float) -> float:
+        # unread, the verify was not made: the best ratio an intake costing nothing beyond
+        # its verify could reach over this transport (a ceiling)
+        return verify_us / (verify_us + cost_us if unread else cost_us) if beats else float("nan")
+
+    beat_floor_ratio, beyond_idle_ratio = beat_ratio(beat_us), beat_ratio(net_beat_us)
     if beats:
         share = gw["heartbeat_gateway_cpu_s"] / gw["heartbeat_s"]
         print(
-            f"heartbeats{' left unread' if args.heartbeats_unread else ''}: {beats:,} devices,"
+            f"heartbeats{' left unread' if unread else ''}: {beats:,} devices,"
             f" one each in {HEARTBEAT_INTERVAL_S:.0f} s: gateway {beat_us:.0f} us each, {share:.0%}"
             f" of a core over {gw['heartbeat_s']:.1f} s (with {args.devices} sentinel alerts); "
             + (
-                # the verify is not made here: the best ratio an intake costing nothing beyond
-                # its verify could reach over this transport
-                f"an intake that cost only its verify would make the ratio at most "
-                f"{verify_us / (verify_us + beat_us):.2f}"
-                if args.heartbeats_unread
+                "an intake that cost only its verify would make the ratio at most "
+                f"{beat_floor_ratio:.2f}"
+                if unread
                 else f"crypto_floor_ratio {beat_floor_ratio:.2f} (goal >= 0.5)"
             )
         )
-        # unread: the ceiling, as above, beyond the background
-        net_cost_us = verify_us + net_beat_us if args.heartbeats_unread else net_beat_us
         print(
             f"  of which the gateway's background with this fleet and nothing arriving:"
             f" {idle_share:.1%} of a core ({beat_us - net_beat_us:.0f} us a heartbeat);"
             f" beyond it {net_beat_us:.0f} us a heartbeat, and the ratio"
-            f"{' at most' if args.heartbeats_unread else ''} {verify_us / net_cost_us:.2f}"
+            f"{' at most' if unread else ''} {beyond_idle_ratio:.2f}"
         )
     print(f"ratio (goal >= 0.5, 5,000 alerts/s, p99 <= 50 ms): {ratio:.3f}")
     # What the ratio goal leaves the gateway on this machine: the load and the broker share
@@ -852,20 +855,16 @@ def main() -> None:
                     "openssl_verify_us": round(openssl_verify_us, 1),
                     "alert_ratio": round(alert_floor_ratio, 3),
                     # with heartbeats unread, the verify was not made: no ratio, a ceiling
-                    "heartbeat_ratio": round(beat_floor_ratio, 3)
-                    if beats and not args.heartbeats_unread
-                    else None,
-                    "heartbeat_ratio_ceiling": round(verify_us / (verify_us + beat_us), 3)
-                    if beats and args.heartbeats_unread
+                    "heartbeat_ratio": round(beat_floor_ratio, 3) if beats and not unread else None,
+                    "heartbeat_ratio_ceiling": round(beat_floor_ratio, 3)
+                    if beats and unread
                     else None,
                     # both beyond the gateway's background (`heartbeats.idle_cpu_share`)
-                    "heartbeat_ratio_beyond_idle": round(verify_us / net_beat_us, 3)
-                    if beats and not args.heartbeats_unread
+                    "heartbeat_ratio_beyond_idle": round(beyond_idle_ratio, 3)
+                    if beats and not unread
                     else None,
-                    "heartbeat_ratio_ceiling_beyond_idle": round(
-                        verify_us / (verify_us + net_beat_us), 3
-                    )
-                    if beats and args.heartbeats_unread
+                    "heartbeat_ratio_ceiling_beyond_idle": round(beyond_idle_ratio, 3)
+                    if beats and unread
                     else None,
                 },
                 "heartbeats": beats
@@ -876,7 +875,7 @@ def main() -> None:
                     "gateway_cpu_share": round(share, 3),
                     "idle_cpu_share": round(idle_share, 4),
                     "cpu_us_per_heartbeat_beyond_idle": round(net_beat_us),
-                    "unread": args.heartbeats_unread,
+                    "unread": unread,
                 },
                 "machine_verify_per_s": round(speed),
             }
